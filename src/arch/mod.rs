@@ -1,0 +1,189 @@
+//! Architecture tables, kept as data (`tables/*.json`): where each adaptable projection lives in
+//! a checkpoint, and which canonical parts (q, k, v, o, gate, up, down) a fused projection holds.
+//! Adding an architecture is adding a JSON file here.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::io::checkpoint::{Checkpoint, ModelConfig};
+
+/// The canonical projections every decoder layer has, fused or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Part {
+    /// `(out, in)` of this projection for a model config.
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        match self {
+            Part::Q => (q, c.hidden_size),
+            Part::K | Part::V => (kv, c.hidden_size),
+            Part::O => (c.hidden_size, q),
+            Part::Gate | Part::Up => (c.intermediate_size, c.hidden_size),
+            Part::Down => (c.hidden_size, c.intermediate_size),
+        }
+    }
+
+    /// The unfused module name of this part (`q_proj`, ...), as used by `--modules`.
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Part::Q => "q_proj",
+            Part::K => "k_proj",
+            Part::V => "v_proj",
+            Part::O => "o_proj",
+            Part::Gate => "gate_proj",
+            Part::Up => "up_proj",
+            Part::Down => "down_proj",
+        }
+    }
+}
+
+/// One adaptable module type of an architecture (`q_proj`, or fused `qkv_proj`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModuleSpec {
+    #[serde(skip)]
+    pub name: String,
+    /// Path below the layer prefix, e.g. `self_attn.q_proj`.
+    pub key: String,
+    /// Canonical parts stacked along the output rows, in order.
+    pub parts: Vec<Part>,
+}
+
+impl ModuleSpec {
+    /// `(out, in)` of the whole (possibly fused) module.
+    pub fn shape(&self, c: &ModelConfig) -> (usize, usize) {
+        let n = self.parts[0].shape(c).1;
+        (self.parts.iter().map(|p| p.shape(c).0).sum(), n)
+    }
+
+    /// The output rows that belong to `part` inside this module.
+    pub fn rows_of(&self, part: Part, c: &ModelConfig) -> Option<Range<usize>> {
+        let mut start = 0;
+        for &p in &self.parts {
+            let len = p.shape(c).0;
+            if p == part {
+                return Some(start..start + len);
+            }
+            start += len;
+        }
+        None
+    }
+}
+
+/// An architecture table.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Arch {
+    pub name: String,
+    pub model_types: Vec<String>,
+    pub layer_prefixes: Vec<String>,
+    #[serde(deserialize_with = "modules_in_order")]
+    pub modules: Vec<ModuleSpec>,
+}
+
+fn modules_in_order<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<ModuleSpec>, D::Error> {
+    // serde_json keeps object order (preserve_order), so the table's order is the module order.
+    let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+    map.into_iter()
+        .map(|(name, v)| {
+            let mut spec: ModuleSpec = serde_json::from_value(v).map_err(serde::de::Error::custom)?;
+            spec.name = name;
+            Ok(spec)
+        })
+        .collect()
+}
+
+const TABLES: &[(&str, &str)] = &[
+    ("llama", include_str!("tables/llama.json")),
+    ("qwen2", include_str!("tables/qwen2.json")),
+    ("qwen3", include_str!("tables/qwen3.json")),
+    ("mistral", include_str!("tables/mistral.json")),
+    ("gemma", include_str!("tables/gemma.json")),
+    ("gemma2", include_str!("tables/gemma2.json")),
+    ("gemma3", include_str!("tables/gemma3.json")),
+    ("phi3", include_str!("tables/phi3.json")),
+];
+
+/// Every built-in table.
+pub fn all() -> &'static [Arch] {
+    static ARCHS: OnceLock<Vec<Arch>> = OnceLock::new();
+    ARCHS.get_or_init(|| {
+        TABLES
+            .iter()
+            .map(|(file, text)| {
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("built-in table {file}.json: {e}"))
+            })
+            .collect()
+    })
+}
+
+/// The table for a config's `model_type`, or an error naming the supported ones.
+pub fn for_config(config: &ModelConfig, path: &Path) -> Result<&'static Arch> {
+    all()
+        .iter()
+        .find(|a| a.model_types.iter().any(|t| t == &config.model_type))
+        .ok_or_else(|| Error::UnknownArchitecture {
+            path: path.to_path_buf(),
+            model_type: config.model_type.clone(),
+            supported: all()
+                .iter()
+                .flat_map(|a| a.model_types.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+impl Arch {
+    /// The module type of this name.
+    pub fn module(&self, name: &str) -> Option<&ModuleSpec> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// The module type holding `part`.
+    pub fn module_with(&self, part: Part) -> &ModuleSpec {
+        self.modules
+            .iter()
+            .find(|m| m.parts.contains(&part))
+            .expect("every table covers all seven parts")
+    }
+
+    /// The layer prefix this checkpoint uses (the first whose layer-0 weights exist).
+    pub fn detect_prefix(&self, ckpt: &Checkpoint) -> Result<&str> {
+        let first = &self.modules[0];
+        self.layer_prefixes
+            .iter()
+            .find(|p| ckpt.has(&format!("{p}.0.{}.weight", first.key)))
+            .map(String::as_str)
+            .ok_or_else(|| Error::MissingTensor {
+                path: ckpt.dir.clone(),
+                tensor: format!("{}.0.{}.weight", self.layer_prefixes[0], first.key),
+                hint: format!(" (the {} table expects it under one of: {})", self.name, self.layer_prefixes.join(", ")),
+            })
+    }
+
+    /// The PEFT module name of a module at a layer, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn module_path(&self, prefix: &str, layer: usize, module: &ModuleSpec) -> String {
+        format!("{prefix}.{layer}.{}", module.key)
+    }
+
+    /// Splits a module name into (layer, module type), if it is one of this table's modules.
+    pub fn parse_module(&self, prefix: &str, name: &str) -> Option<(usize, &ModuleSpec)> {
+        let rest = name.strip_prefix(prefix)?.strip_prefix('.')?;
+        let (layer, key) = rest.split_once('.')?;
+        let layer = layer.parse().ok()?;
+        self.modules.iter().find(|m| m.key == key).map(|m| (layer, m))
+    }
+}

@@ -1,0 +1,40 @@
+//! The CPU backend: faer inside a matrix, rayon across matrices (in the pipeline). It is the
+//! reference: every other backend's results are checked against it.
+
+pub mod factors;
+pub mod rsvd;
+
+use faer::MatRef;
+
+use super::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use crate::error::Result;
+use crate::timing::Timings;
+
+/// The reference backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings) -> Result<Basis> {
+        rsvd::truncated_svd(w, params, timings)
+    }
+
+    fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
+        factors::similarity(x, y)
+    }
+
+    fn transfer(
+        &self,
+        mode: Mode,
+        source: &Factors,
+        source_basis: Option<&Basis>,
+        target_basis: Option<&Basis>,
+        target_shape: (usize, usize),
+    ) -> Result<Factors> {
+        factors::transfer(mode, source, source_basis, target_basis, target_shape)
+    }
+}

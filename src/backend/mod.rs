@@ -1,0 +1,125 @@
+//! The compute backends. Every backend implements [`Backend`]; the CPU backend is the reference
+//! every other backend is tested against.
+
+pub mod cpu;
+
+use faer::{Mat, MatRef};
+
+use crate::error::Result;
+use crate::timing::Timings;
+
+/// Parameters of one randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvdParams {
+    /// Rank k of the result (already capped by the matrix sizes).
+    pub rank: usize,
+    /// Oversampling p: the sketch has `min(k + p, m, n)` columns.
+    pub oversample: usize,
+    /// Power (subspace) iterations q.
+    pub power_iters: usize,
+    /// Seed of Ω.
+    pub seed: u64,
+}
+
+/// A row-major `rows × cols` weight in f32, with the name that keys its Ω.
+#[derive(Debug, Clone, Copy)]
+pub struct Weight<'a> {
+    pub name: &'a str,
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Weight<'_> {
+    pub fn as_mat(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(self.data, self.rows, self.cols)
+    }
+}
+
+/// Top-k singular triplets, signs canonicalized (largest-magnitude entry of each u_i positive).
+#[derive(Debug, Clone)]
+pub struct Basis {
+    /// `m × k`, orthonormal columns.
+    pub u: Mat<f32>,
+    /// k singular values, non-increasing.
+    pub s: Vec<f32>,
+    /// `n × k`, orthonormal columns.
+    pub v: Mat<f32>,
+}
+
+/// LoRA factors of one module: ΔW = s·B·A.
+#[derive(Debug, Clone)]
+pub struct Factors {
+    /// `out × r`
+    pub b: Mat<f32>,
+    /// `r × in`
+    pub a: Mat<f32>,
+}
+
+/// How a module's adapter is carried over (DESIGN.md §2.4); `auto` is resolved before this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `project` where shapes match, `align` where they do not.
+    Auto,
+    /// B_t = B_s, A_t = A_s (same shape only).
+    Copy,
+    /// B_t = U_t U_tᵀ B_s, A_t = A_s V_t V_tᵀ (LoRA-X, same shape).
+    Project,
+    /// B_t = U_t U_sᵀ B_s, A_t = A_s V_s V_tᵀ (Cross-LoRA, any shape).
+    Align,
+    /// Like align, rotated by the polar factors of U_sᵀU_t and V_sᵀV_t (same shape).
+    Procrustes,
+    /// Nearest-index resampling of B's rows and A's columns (naive baseline, any shape).
+    Resample,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Copy => "copy",
+            Mode::Project => "project",
+            Mode::Align => "align",
+            Mode::Procrustes => "procrustes",
+            Mode::Resample => "resample",
+        }
+    }
+
+    /// True when the mode needs both matrices to have the same shape.
+    pub fn needs_same_shape(self) -> bool {
+        matches!(self, Mode::Copy | Mode::Project | Mode::Procrustes)
+    }
+
+    /// Which bases the factors need: (source, target).
+    pub fn needs_bases(self) -> (bool, bool) {
+        match self {
+            Mode::Project => (false, true),
+            Mode::Align | Mode::Procrustes => (true, true),
+            Mode::Auto | Mode::Copy | Mode::Resample => (false, false),
+        }
+    }
+}
+
+/// The per-module math. Implementations must agree with [`cpu::CpuBackend`] within the
+/// tolerances of their precision.
+pub trait Backend: Sync {
+    /// Short name for reports (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// Randomized truncated SVD of `w`, signs canonicalized.
+    fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings) -> Result<Basis>;
+
+    /// `‖Xᵀ Y‖_F² / k` for two `m × k` orthonormal bases: 1 for the same subspace.
+    fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32;
+
+    /// The target factors of `mode` (not `auto`) for a target of `target_shape` (out, in).
+    fn transfer(
+        &self,
+        mode: Mode,
+        source: &Factors,
+        source_basis: Option<&Basis>,
+        target_basis: Option<&Basis>,
+        target_shape: (usize, usize),
+    ) -> Result<Factors>;
+}

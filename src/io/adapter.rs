@@ -1,0 +1,317 @@
+//! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors`, read and written the
+//! way PEFT does (keys `base_model.model.<module>.lora_{A,B}.weight`, A `[r, in]`, B `[out, r]`,
+//! scale `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rslora, per-module `rank_pattern` and
+//! `alpha_pattern` regexes). Features whose update is not `s·B·A` are refused, never guessed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+
+use crate::error::{Error, Result};
+use crate::io::safetensors::{self as st, FloatType, OutTensor, TensorFile};
+
+/// The prefix PEFT puts in front of the base model's module names.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The parts of `adapter_config.json` that decide the math; `raw` keeps everything else.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub raw: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AdapterConfig {
+    /// Parses and checks a config; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+        let raw = value
+            .as_object()
+            .cloned()
+            .ok_or_else(|| Error::config(path, "adapter_config.json is not a JSON object"))?;
+        let unsupported = |reason: String| Error::UnsupportedAdapter {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if let Some(t) = raw.get("peft_type").and_then(|v| v.as_str()) {
+            if t != "LORA" {
+                return Err(unsupported(format!("peft_type is `{t}`; only LORA adapters can be transferred")));
+            }
+        }
+        let truthy = |key: &str| raw.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
+        if truthy("use_dora") {
+            return Err(unsupported("DoRA (use_dora = true): the magnitude vector has no subspace transfer".into()));
+        }
+        if truthy("lora_bias") {
+            return Err(unsupported("lora_bias = true: bias terms of lora_B are not transferred".into()));
+        }
+        if truthy("fan_in_fan_out") {
+            return Err(unsupported("fan_in_fan_out = true (Conv1D-style weights) is not supported".into()));
+        }
+        if let Some(b) = raw.get("bias").and_then(|v| v.as_str()) {
+            if b != "none" {
+                return Err(unsupported(format!("bias = `{b}`: trained biases cannot be transferred; use bias = \"none\"")));
+            }
+        }
+        if raw.get("modules_to_save").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
+            return Err(unsupported("modules_to_save holds full weight copies, which cannot be transferred".into()));
+        }
+        let r = raw
+            .get("r")
+            .and_then(|v| v.as_u64())
+            .filter(|&r| r > 0)
+            .ok_or_else(|| Error::config(path, "`r` must be a positive integer"))? as usize;
+        let lora_alpha = raw
+            .get("lora_alpha")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(8.0);
+        let use_rslora = truthy("use_rslora");
+        let rank_pattern = pattern_map(&raw, "rank_pattern", path, |v| {
+            v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
+        })?;
+        let alpha_pattern = pattern_map(&raw, "alpha_pattern", path, |v| v.as_f64())?;
+        Ok(AdapterConfig {
+            r,
+            lora_alpha,
+            use_rslora,
+            rank_pattern,
+            alpha_pattern,
+            raw,
+        })
+    }
+
+    /// Rank PEFT gives `module` (a module name such as `model.layers.3.self_attn.q_proj`).
+    pub fn rank_for(&self, module: &str) -> usize {
+        find_pattern(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// lora_alpha PEFT gives `module`.
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        find_pattern(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+    }
+
+    /// The scale s of ΔW = s·B·A for a module of rank `r` and alpha `alpha`.
+    pub fn scale(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// The alpha that gives scale `s` at rank `r` (inverse of [`scale`](Self::scale)).
+    pub fn alpha_for_scale(&self, r: usize, s: f64) -> f64 {
+        if self.use_rslora {
+            s * (r as f64).sqrt()
+        } else {
+            s * r as f64
+        }
+    }
+}
+
+fn pattern_map<T>(
+    raw: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    path: &Path,
+    value: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Vec<(String, T)>> {
+    let Some(obj) = raw.get(key).filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let obj = obj
+        .as_object()
+        .ok_or_else(|| Error::config(path, format!("`{key}` is not an object")))?;
+    obj.iter()
+        .map(|(k, v)| {
+            Regex::new(k)
+                .map_err(|e| Error::config(path, format!("`{key}` key `{k}` is not a regex: {e}")))?;
+            let v = value(v)
+                .ok_or_else(|| Error::config(path, format!("`{key}[{k}]` has an invalid value")))?;
+            Ok((k.clone(), v))
+        })
+        .collect()
+}
+
+/// PEFT's rule: the first pattern key `k` such that the module name matches `(^|.*\.)k$`.
+fn find_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+    patterns.iter().find_map(|(k, v)| {
+        let re = Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).ok()?;
+        re.is_match(module).then_some(*v)
+    })
+}
+
+/// One adapted module: the factors in f32 plus what is needed to write them back.
+#[derive(Debug, Clone)]
+pub struct LoraFactors {
+    /// `[r, in]`, row-major.
+    pub a: Vec<f32>,
+    /// `[out, r]`, row-major.
+    pub b: Vec<f32>,
+    pub r: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub alpha: f64,
+    pub ty: FloatType,
+}
+
+/// A loaded adapter: config plus factors keyed by module name (without the PEFT prefix).
+#[derive(Debug)]
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub config: AdapterConfig,
+    pub modules: BTreeMap<String, LoraFactors>,
+}
+
+impl Adapter {
+    /// Reads an adapter directory, checking every key, shape and value.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !config_path.is_file() {
+            return Err(Error::config(dir, format!("no {CONFIG_FILE} (expected a PEFT adapter directory)")));
+        }
+        if !weights_path.is_file() {
+            let reason = if dir.join("adapter_model.bin").is_file() {
+                "adapter_model.bin (pickle) adapters are not read; re-save the adapter with safetensors (PEFT's default)".to_string()
+            } else {
+                format!("no {WEIGHTS_FILE}")
+            };
+            return Err(Error::UnsupportedAdapter { path: dir.to_path_buf(), reason });
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| Error::io(&config_path, "cannot read", e))?;
+        let config = AdapterConfig::parse(&text, &config_path)?;
+        let file = TensorFile::open(&weights_path)?;
+        let modules = read_factors(&file, &config)?;
+        if modules.is_empty() {
+            return Err(Error::UnsupportedAdapter {
+                path: weights_path,
+                reason: "no lora_A / lora_B tensors".into(),
+            });
+        }
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            modules,
+        })
+    }
+}
+
+/// Splits a PEFT key into (module name, "A"/"B"), refusing keys this engine cannot transfer.
+fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
+    let unsupported = |reason: String| Error::UnsupportedAdapter {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if key.contains("lora_magnitude_vector") {
+        return Err(unsupported(format!("`{key}` is a DoRA magnitude vector")));
+    }
+    if key.contains("lora_embedding_") {
+        return Err(unsupported(format!("`{key}`: LoRA on embeddings is not transferred")));
+    }
+    let body = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+    for (part, which) in [(".lora_A.", 'A'), (".lora_B.", 'B')] {
+        if let Some(pos) = body.find(part) {
+            let rest = &body[pos + part.len()..];
+            // `weight`, or `<adapter name>.weight` as in some saved-by-hand adapters.
+            if rest == "weight" || (rest.ends_with(".weight") && !rest[..rest.len() - 7].contains('.')) {
+                return Ok((body[..pos].to_string(), which));
+            }
+            if rest.ends_with("bias") {
+                return Err(unsupported(format!("`{key}` is a lora bias")));
+            }
+        }
+    }
+    Err(unsupported(format!(
+        "`{key}` is not a lora_A/lora_B weight (modules_to_save or another PEFT method?)"
+    )))
+}
+
+fn read_factors(file: &TensorFile, config: &AdapterConfig) -> Result<BTreeMap<String, LoraFactors>> {
+    let path = file.path();
+    let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    for key in file.names() {
+        let (module, which) = parse_key(key, path)?;
+        pairs.entry(module).or_default()[(which == 'B') as usize] = Some(key.to_string());
+    }
+    let mut out = BTreeMap::new();
+    for (module, [a_key, b_key]) in pairs {
+        let missing = |which: &str| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: format!("{PEFT_PREFIX}{module}.{which}.weight"),
+            hint: " (every lora_A needs its lora_B)".into(),
+        };
+        let a_key = a_key.ok_or_else(|| missing("lora_A"))?;
+        let b_key = b_key.ok_or_else(|| missing("lora_B"))?;
+        let a_entry = file.entry(&a_key).expect("key listed by the file");
+        let b_entry = file.entry(&b_key).expect("key listed by the file");
+        let (&[r, n], &[m, rb]) = (a_entry.shape.as_slice(), b_entry.shape.as_slice()) else {
+            return Err(Error::bad_tensor(
+                path,
+                &a_key,
+                format!("lora_A {:?} and lora_B {:?} must both be 2-D", a_entry.shape, b_entry.shape),
+            ));
+        };
+        if r != rb || r == 0 {
+            return Err(Error::bad_tensor(
+                path,
+                &b_key,
+                format!("lora_B is [{m}, {rb}] but lora_A is [{r}, {n}]: ranks differ"),
+            ));
+        }
+        let expected = config.rank_for(&module);
+        if r != expected {
+            return Err(Error::bad_tensor(
+                path,
+                &a_key,
+                format!("rank {r}, but adapter_config.json gives this module r = {expected}"),
+            ));
+        }
+        let ty = FloatType::from_dtype(a_entry.dtype).ok_or_else(|| {
+            Error::bad_tensor(path, &a_key, format!("dtype {:?} is not bf16, f16 or f32", a_entry.dtype))
+        })?;
+        let a = file.read_f32(&a_key)?;
+        let b = file.read_f32(&b_key)?;
+        let alpha = config.alpha_for(&module);
+        out.insert(
+            module,
+            LoraFactors { a, b, r, in_features: n, out_features: m, alpha, ty },
+        );
+    }
+    Ok(out)
+}
+
+/// Writes an adapter into `dir` (which must exist): weights first, then the config.
+pub fn write_adapter(
+    dir: &Path,
+    config: &serde_json::Map<String, serde_json::Value>,
+    modules: &BTreeMap<String, LoraFactors>,
+) -> Result<()> {
+    let mut tensors = Vec::with_capacity(modules.len() * 2);
+    for (module, f) in modules {
+        tensors.push((
+            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+            OutTensor::from_f32(f.a.clone(), vec![f.r, f.in_features], f.ty),
+        ));
+        tensors.push((
+            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+            OutTensor::from_f32(f.b.clone(), vec![f.out_features, f.r], f.ty),
+        ));
+    }
+    st::write_file(&dir.join(WEIGHTS_FILE), &tensors, st::pt_metadata())?;
+    let text = serde_json::to_string_pretty(config).expect("JSON values always serialize");
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "cannot write", e))
+}
+
+/// Escapes a module name so that it can serve as an exact rank/alpha pattern key.
+pub fn exact_pattern(module: &str) -> String {
+    regex::escape(module)
+}

@@ -1,0 +1,247 @@
+//! A Hugging Face model directory: `config.json` plus `model.safetensors` or a sharded
+//! `model.safetensors.index.json`. Shards are mapped, never read whole.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::io::safetensors::{FloatType, TensorFile};
+
+/// The fields of `config.json` the engine uses (for multimodal configs, those of `text_config`).
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub architectures: Vec<String>,
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// The whole file, kept so that unknown fields survive a rewrite.
+    pub raw: serde_json::Value,
+}
+
+impl ModelConfig {
+    /// Parses a `config.json` text; `path` is for messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let raw: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+        let top = raw
+            .as_object()
+            .ok_or_else(|| Error::config(path, "config.json is not a JSON object"))?;
+        // Multimodal wrappers (Gemma 3 and others) keep the language model's fields in text_config.
+        let text = top
+            .get("text_config")
+            .and_then(|v| v.as_object())
+            .unwrap_or(top);
+        let model_type = top
+            .get("model_type")
+            .or_else(|| text.get("model_type"))
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::config(path, "no `model_type` field"))?
+            .to_string();
+        let architectures = top
+            .get("architectures")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let get = |key: &str| -> Result<usize> {
+            text.get(key)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| {
+                    Error::config(path, format!("missing or non-integer field `{key}`"))
+                })
+        };
+        let num_hidden_layers = get("num_hidden_layers")?;
+        let hidden_size = get("hidden_size")?;
+        let intermediate_size = get("intermediate_size")?;
+        let num_attention_heads = get("num_attention_heads")?;
+        let num_key_value_heads = get("num_key_value_heads").unwrap_or(num_attention_heads);
+        if num_attention_heads == 0 || num_hidden_layers == 0 || hidden_size == 0 {
+            return Err(Error::config(
+                path,
+                "num_hidden_layers, hidden_size and num_attention_heads must be positive",
+            ));
+        }
+        let head_dim = text
+            .get("head_dim")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(hidden_size / num_attention_heads);
+        Ok(ModelConfig {
+            model_type,
+            architectures,
+            num_hidden_layers,
+            hidden_size,
+            intermediate_size,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            raw,
+        })
+    }
+}
+
+/// A mapped checkpoint: config plus every shard, with one index from tensor name to shard.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    shards: Vec<TensorFile>,
+    index: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens a model directory and validates every shard header (no tensor data is read).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::config(dir, "not a directory (expected a Hugging Face model directory)"));
+        }
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| Error::io(&config_path, "cannot read", e))?;
+        let config = ModelConfig::parse(&text, &config_path)?;
+
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let (shards, index) = if index_path.is_file() {
+            open_sharded(dir, &index_path)?
+        } else if single.is_file() {
+            let file = TensorFile::open(&single)?;
+            let index = file.names().map(|n| (n.to_string(), 0)).collect();
+            (vec![file], index)
+        } else {
+            return Err(Error::config(
+                dir,
+                "no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)",
+            ));
+        };
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            index,
+        })
+    }
+
+    /// The shard holding `name`, if any.
+    pub fn file_of(&self, name: &str) -> Option<&TensorFile> {
+        self.index.get(name).map(|&i| &self.shards[i])
+    }
+
+    /// True when the checkpoint has a tensor of this name.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The shape of `name`, or a MissingTensor error naming the directory.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.file_of(name)
+            .and_then(|f| f.entry(name))
+            .map(|e| e.shape.as_slice())
+            .ok_or_else(|| self.missing(name))
+    }
+
+    /// The storage type of `name`, if it is a float tensor.
+    pub fn float_type(&self, name: &str) -> Option<FloatType> {
+        self.file_of(name)
+            .and_then(|f| f.entry(name))
+            .and_then(|e| FloatType::from_dtype(e.dtype))
+    }
+
+    /// Reads rows of a 2-D tensor as f32 (NaN/Inf refused, error names the shard and tensor).
+    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        self.file_of(name)
+            .ok_or_else(|| self.missing(name))?
+            .read_rows_f32(name, rows)
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor {
+            path: self.dir.clone(),
+            tensor: name.to_string(),
+            hint: format!(" (model_type `{}`)", self.config.model_type),
+        }
+    }
+}
+
+/// Opens every shard named by an index and checks that the index and the shards agree.
+fn open_sharded(
+    dir: &Path,
+    index_path: &Path,
+) -> Result<(Vec<TensorFile>, HashMap<String, usize>)> {
+    let text =
+        std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, "cannot read", e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(index_path, format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| Error::config(index_path, "no `weight_map` object"))?;
+    let mut shard_ids: HashMap<String, usize> = HashMap::new();
+    let mut shards = Vec::new();
+    let mut index = HashMap::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::config(index_path, format!("weight_map[`{tensor}`] is not a file name"))
+        })?;
+        if shard.contains('/') || shard.contains('\\') || shard == ".." {
+            return Err(Error::config(
+                index_path,
+                format!("weight_map[`{tensor}`] = `{shard}` is not a plain file name"),
+            ));
+        }
+        let id = match shard_ids.get(shard) {
+            Some(&id) => id,
+            None => {
+                let path = dir.join(shard);
+                if !path.is_file() {
+                    return Err(Error::config(
+                        index_path,
+                        format!("names shard `{shard}` (for `{tensor}`), which does not exist"),
+                    ));
+                }
+                shards.push(TensorFile::open(&path)?);
+                shard_ids.insert(shard.to_string(), shards.len() - 1);
+                shards.len() - 1
+            }
+        };
+        if shards[id].entry(tensor).is_none() {
+            return Err(Error::MissingTensor {
+                path: shards[id].path().to_path_buf(),
+                tensor: tensor.clone(),
+                hint: format!(" (the index {} places it there)", index_path.display()),
+            });
+        }
+        index.insert(tensor.clone(), id);
+    }
+    // A tensor stored in two shards makes the checkpoint ambiguous: refuse it.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (id, shard) in shards.iter().enumerate() {
+        for name in shard.names() {
+            if let Some(&other) = seen.get(name) {
+                return Err(Error::config(
+                    index_path,
+                    format!(
+                        "tensor `{name}` is stored twice, in {} and {}",
+                        shards[other].path().display(),
+                        shard.path().display()
+                    ),
+                ));
+            }
+            seen.insert(name, id);
+        }
+    }
+    Ok((shards, index))
+}

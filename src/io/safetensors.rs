@@ -1,0 +1,319 @@
+//! Memory-mapped safetensors files: header validation (the safetensors crate's own checks: header
+//! size cap, UTF-8 JSON, offsets that tile the data exactly, no overflow) and typed reads of single
+//! tensors. Nothing is read until a tensor is asked for; a whole model is never copied into memory.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::error::{Error, Result};
+
+/// Floating-point storage types the engine reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::Bf16 => 2,
+        }
+    }
+
+    /// The safetensors dtype tag.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            FloatType::F32 => Dtype::F32,
+            FloatType::F16 => Dtype::F16,
+            FloatType::Bf16 => Dtype::BF16,
+        }
+    }
+
+    /// The float type of a safetensors dtype, if it is one the engine handles.
+    pub fn from_dtype(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(FloatType::F32),
+            Dtype::F16 => Some(FloatType::F16),
+            Dtype::BF16 => Some(FloatType::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Parses `bf16`, `f16`, `f32` (also `float32`, `bfloat16`, `float16` as in HF's `torch_dtype`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "float" => Some(FloatType::F32),
+            "f16" | "float16" | "half" => Some(FloatType::F16),
+            "bf16" | "bfloat16" => Some(FloatType::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The name HF uses in `config.json` (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// Where one tensor lives inside its file.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the mapped file (header included in the offset).
+    start: usize,
+    end: usize,
+}
+
+/// One mapped safetensors file with its validated index.
+pub struct TensorFile {
+    path: PathBuf,
+    map: Mmap,
+    entries: HashMap<String, TensorEntry>,
+}
+
+impl std::fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorFile")
+            .field("path", &self.path)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+impl TensorFile {
+    /// Maps `path` and validates its header. The data itself is not touched.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+        // SAFETY: the map is read-only; a file truncated by another process while mapped would
+        // fault on access, which is the documented limitation of every mmap-based reader.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map", e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: describe_header_error(&e, map.len()),
+            })?;
+        let data_start = 8 + header_len;
+        let entries = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let entry = TensorEntry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + info.data_offsets.0,
+                    end: data_start + info.data_offsets.1,
+                };
+                (name, entry)
+            })
+            .collect();
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            map,
+            entries,
+        })
+    }
+
+    /// The file's path, for error messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The index entry of `name`, if present.
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.entries.get(name)
+    }
+
+    /// All tensor names (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Raw little-endian bytes of a tensor, straight from the map.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.entries.get(name).map(|e| &self.map[e.start..e.end])
+    }
+
+    /// Reads rows `rows` of a 2-D (or the whole of a 1-D) float tensor as f32, refusing NaN and Inf.
+    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            hint: String::new(),
+        })?;
+        let ty = FloatType::from_dtype(entry.dtype).ok_or_else(|| {
+            Error::bad_tensor(
+                &self.path,
+                name,
+                format!("dtype {:?} is not a float type (bf16, f16, f32)", entry.dtype),
+            )
+        })?;
+        let cols: usize = entry.shape.iter().skip(1).product();
+        let nrows = entry.shape.first().copied().unwrap_or(1);
+        if rows.end > nrows || rows.start > rows.end {
+            return Err(Error::bad_tensor(
+                &self.path,
+                name,
+                format!("rows {rows:?} out of range for shape {:?}", entry.shape),
+            ));
+        }
+        let row_bytes = cols * ty.size();
+        let start = entry.start + rows.start * row_bytes;
+        let end = entry.start + rows.end * row_bytes;
+        let values = decode_f32(&self.map[start..end], ty);
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let flat = rows.start * cols + i;
+            return Err(Error::bad_tensor(
+                &self.path,
+                name,
+                format!(
+                    "non-finite value {} at element {flat} (row {}, column {})",
+                    values[i],
+                    flat / cols.max(1),
+                    flat % cols.max(1)
+                ),
+            ));
+        }
+        Ok(values)
+    }
+
+    /// Reads a whole float tensor as f32 (NaN and Inf refused).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let rows = self
+            .entries
+            .get(name)
+            .map(|e| e.shape.first().copied().unwrap_or(1))
+            .unwrap_or(0);
+        self.read_rows_f32(name, 0..rows)
+    }
+}
+
+/// Turns the safetensors crate's error into a sentence with the numbers a user needs.
+fn describe_header_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!("file is {file_len} bytes, shorter than the 8-byte header length"),
+        E::InvalidHeaderLength => format!(
+            "header length runs past the end of the file ({file_len} bytes): truncated or not safetensors"
+        ),
+        E::HeaderTooLarge => "header length exceeds the 100 MB cap".to_string(),
+        E::MetadataIncompleteBuffer => format!(
+            "tensor offsets do not end at the end of the file ({file_len} bytes): truncated or padded"
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Decodes little-endian bf16/f16/f32 bytes (any alignment) to f32.
+pub fn decode_f32(bytes: &[u8], ty: FloatType) -> Vec<f32> {
+    match ty {
+        FloatType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        FloatType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+            .collect(),
+        FloatType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}
+
+/// Encodes f32 values as little-endian bytes of `ty` (round to nearest even).
+pub fn encode_f32(values: &[f32], ty: FloatType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * ty.size());
+    match ty {
+        FloatType::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        FloatType::Bf16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        FloatType::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+    }
+    out
+}
+
+/// A tensor to be written: its bytes are produced when the writer asks for them, so a writer
+/// of a large synthetic model holds one tensor at a time.
+pub struct OutTensor<'a> {
+    pub ty: FloatType,
+    pub shape: Vec<usize>,
+    produce: Box<dyn Fn() -> Vec<u8> + 'a>,
+}
+
+impl<'a> OutTensor<'a> {
+    /// A tensor from f32 values, stored as `ty`.
+    pub fn from_f32(values: Vec<f32>, shape: Vec<usize>, ty: FloatType) -> Self {
+        let bytes = encode_f32(&values, ty);
+        OutTensor {
+            ty,
+            shape,
+            produce: Box::new(move || bytes.clone()),
+        }
+    }
+
+    /// A tensor whose bytes are generated on demand by `produce` (called once per write).
+    pub fn lazy(ty: FloatType, shape: Vec<usize>, produce: impl Fn() -> Vec<u8> + 'a) -> Self {
+        OutTensor {
+            ty,
+            shape,
+            produce: Box::new(produce),
+        }
+    }
+}
+
+impl View for &OutTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.ty.dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned((self.produce)())
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.ty.size()
+    }
+}
+
+/// Writes `tensors` to `path` as one safetensors file (with `metadata`, e.g. `{"format": "pt"}`).
+pub fn write_file(
+    path: &Path,
+    tensors: &[(String, OutTensor<'_>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => Error::io(path, "cannot write", source),
+        other => Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// `{"format": "pt"}`, the metadata PyTorch-side loaders expect.
+pub fn pt_metadata() -> Option<HashMap<String, String>> {
+    Some(HashMap::from([("format".to_string(), "pt".to_string())]))
+}

@@ -1,0 +1,15 @@
+//! loraxfer: transfer a PEFT LoRA adapter from one base model to another without training, by
+//! projecting it through the singular subspaces of the two models' weights (LoRA-X, Cross-LoRA
+//! and relatives). See DESIGN in the repository's docs for the math.
+//!
+//! The pipeline: [`plan`] (pure: pairs modules, maps layers) → [`transfer`] (loads weights one
+//! module at a time, runs a [`backend::Backend`], writes atomically) → a PEFT adapter and a report.
+
+pub mod arch;
+pub mod backend;
+pub mod error;
+pub mod io;
+pub mod linalg;
+pub mod timing;
+
+pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Backend-independent numerical building blocks.
+
+pub mod philox;

@@ -1,0 +1,77 @@
+//! Per-phase timers shared by all worker threads. Phases that run on several threads at once add
+//! up their thread time, so their sum can exceed the wall time; `total` is wall time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// The pipeline's phases, in the order a transfer runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading config, adapter and headers; pairing modules.
+    Plan,
+    /// Reading weights from the map and converting them to f32.
+    Load,
+    /// Products with the weight: the sketch W·Ω, the power iterations and the core Qᵀ·W.
+    Sketch,
+    /// Orthonormalization of the sketches.
+    Orth,
+    /// The small SVD of the core matrix.
+    Eig,
+    /// Subspace similarity.
+    Similarity,
+    /// The factored projections of the adapter.
+    Project,
+    /// Writing the adapter and the report.
+    Write,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Plan,
+        Phase::Load,
+        Phase::Sketch,
+        Phase::Orth,
+        Phase::Eig,
+        Phase::Similarity,
+        Phase::Project,
+        Phase::Write,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Plan => "plan",
+            Phase::Load => "load",
+            Phase::Sketch => "sketch",
+            Phase::Orth => "orth",
+            Phase::Eig => "eig",
+            Phase::Similarity => "similarity",
+            Phase::Project => "project",
+            Phase::Write => "write",
+        }
+    }
+}
+
+/// Accumulated nanoseconds per phase.
+#[derive(Debug, Default)]
+pub struct Timings {
+    nanos: [AtomicU64; 8],
+}
+
+impl Timings {
+    /// Runs `f`, charging its time to `phase`.
+    pub fn time<T>(&self, phase: Phase, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.add(phase, start.elapsed().as_nanos() as u64);
+        out
+    }
+
+    pub fn add(&self, phase: Phase, nanos: u64) {
+        self.nanos[phase as usize].fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Milliseconds spent in `phase`.
+    pub fn ms(&self, phase: Phase) -> f64 {
+        self.nanos[phase as usize].load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
