@@ -10,6 +10,9 @@ pub mod backend;
 pub mod error;
 pub mod io;
 pub mod linalg;
+pub mod plan;
+pub mod synth;
 pub mod timing;
+pub mod transfer;
 
 pub use error::{Error, Result};

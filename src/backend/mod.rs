@@ -123,3 +123,26 @@ pub trait Backend: Sync {
         target_shape: (usize, usize),
     ) -> Result<Factors>;
 }
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA when a driver, a GPU and compiled kernels are all present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Picks the backend for `--device`, with a sentence saying which one and why.
+pub fn select(device: Device) -> Result<(Box<dyn Backend>, String)> {
+    match device {
+        Device::Cpu => Ok((Box::new(cpu::CpuBackend), "cpu (requested)".into())),
+        Device::Auto => Ok((
+            Box::new(cpu::CpuBackend),
+            "cpu (auto: this build has no CUDA backend)".into(),
+        )),
+        Device::Cuda => Err(crate::error::Error::Backend(
+            "--device cuda: this build has no CUDA backend (built without CUDA kernels); use --device cpu or auto".into(),
+        )),
+    }
+}

@@ -1,0 +1,128 @@
+//! Argument definitions and the commands behind them.
+
+mod demo;
+mod synth;
+mod transfer;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use loraxfer::backend::{Device, Mode};
+use loraxfer::Result;
+
+/// Transfer a PEFT LoRA adapter from one base model to another, without training.
+#[derive(Debug, Parser)]
+#[command(name = "loraxfer", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Transfer an adapter trained on --source-base onto --target-base.
+    Transfer(TransferArgs),
+    /// Show the subspace similarity of every module pair and the layer map of two base models.
+    Inspect(InspectArgs),
+    /// Write synthetic checkpoints and adapters (realistic shapes and spectra) for tests and demos.
+    #[command(subcommand)]
+    Synth(synth::SynthCommand),
+    /// Run the whole pipeline on a built-in demo pair: synthesize a small source, a derived
+    /// target and an adapter, then transfer.
+    Demo(demo::DemoArgs),
+    /// Print the version and the backends this build can use.
+    Info,
+}
+
+/// The SVD settings shared by transfer and inspect.
+#[derive(Debug, clap::Args)]
+pub struct SvdArgs {
+    /// Rank k of the truncated SVDs (capped per matrix at its sizes, and reported).
+    #[arg(long, default_value_t = 256)]
+    rank: usize,
+    /// Oversampling p of the randomized SVD.
+    #[arg(long, default_value_t = 16)]
+    oversample: usize,
+    /// Power iterations q of the randomized SVD.
+    #[arg(long, default_value_t = 2)]
+    power_iters: usize,
+    /// Seed of the random test matrices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TransferArgs {
+    /// Hugging Face directory of the model the adapter was trained on.
+    #[arg(long)]
+    source_base: PathBuf,
+    /// Hugging Face directory of the model to transfer onto.
+    #[arg(long)]
+    target_base: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory for the new adapter and transfer_report.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// How to carry the adapter over (auto = project for equal shapes, align otherwise).
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    #[command(flatten)]
+    svd: SvdArgs,
+    /// Modules whose subspace similarity is below this get B = 0 (skipped).
+    #[arg(long, default_value_t = 0.0)]
+    threshold: f32,
+    /// Transfer only these module types (e.g. q_proj,k_proj,v_proj,o_proj); others get B = 0.
+    #[arg(long, value_delimiter = ',')]
+    modules: Option<Vec<String>>,
+    /// JSON file {"<target layer>": <source layer>} overriding the default depth mapping.
+    #[arg(long)]
+    layer_map: Option<PathBuf>,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Print the time spent in each phase.
+    #[arg(long)]
+    timings: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    #[arg(long)]
+    source_base: PathBuf,
+    #[arg(long)]
+    target_base: PathBuf,
+    #[command(flatten)]
+    svd: SvdArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Transfer(args) => transfer::transfer(args),
+        Command::Inspect(args) => transfer::inspect(args),
+        Command::Synth(cmd) => synth::run(cmd),
+        Command::Demo(args) => demo::run(args),
+        Command::Info => {
+            info();
+            Ok(())
+        }
+    }
+}
+
+fn info() {
+    println!("loraxfer {}", env!("CARGO_PKG_VERSION"));
+    println!("backends: cpu (faer + rayon, {} threads)", rayon::current_num_threads());
+    println!("cuda: not built into this version");
+    println!("--device auto picks: cpu");
+    let archs: Vec<String> = loraxfer::arch::all().iter().flat_map(|a| a.model_types.clone()).collect();
+    println!("architectures: {}", archs.join(", "));
+}

@@ -1,0 +1,95 @@
+//! `transfer` and `inspect`.
+
+use loraxfer::backend;
+use loraxfer::io::checkpoint::Checkpoint;
+use loraxfer::plan::Options;
+use loraxfer::timing::Phase;
+use loraxfer::transfer::{self, inspect, report, Job};
+use loraxfer::{Error, Result};
+
+use super::{InspectArgs, SvdArgs, TransferArgs};
+
+fn options(svd: &SvdArgs) -> Result<Options> {
+    if svd.rank == 0 {
+        return Err(Error::arg("--rank", "must be at least 1"));
+    }
+    Ok(Options {
+        rank: svd.rank,
+        oversample: svd.oversample,
+        power_iters: svd.power_iters,
+        seed: svd.seed,
+        ..Options::default()
+    })
+}
+
+pub fn transfer(args: TransferArgs) -> Result<()> {
+    let mut opts = options(&args.svd)?;
+    opts.mode = args.mode;
+    opts.threshold = args.threshold;
+    opts.modules = args.modules.clone();
+    let job = Job {
+        source_base: args.source_base,
+        target_base: args.target_base,
+        adapter: args.adapter,
+        out: args.out,
+        options: opts,
+        layer_map_file: args.layer_map,
+        device: args.svd.device,
+        force: args.force,
+        progress: true,
+    };
+    let report = transfer::run(&job)?;
+    print_summary(&job, &report);
+    if args.timings {
+        eprintln!("{}", timings_table(&report));
+    }
+    Ok(())
+}
+
+fn print_summary(job: &Job, r: &report::Report) {
+    let s = &r.summary;
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
+    println!("{}", report::summary_table(&r.modules));
+    println!(
+        "transferred {} of {} modules ({} skipped), mean similarity {}, mean energy kept {}{}",
+        s.transferred,
+        s.transferred + s.skipped,
+        s.skipped,
+        f(s.mean_similarity),
+        f(s.mean_energy_kept),
+        if s.rank_capped > 0 { format!(", rank capped for {} (k above a matrix size)", s.rank_capped) } else { String::new() }
+    );
+    println!(
+        "mode {}, k {}, device {}, {:.2} s -> {}",
+        r.mode,
+        r.rank,
+        r.device,
+        r.timings_ms.get("total").copied().unwrap_or(0.0) / 1e3,
+        job.out.display()
+    );
+}
+
+fn timings_table(r: &report::Report) -> String {
+    let mut out = String::from("phase         ms (thread time; total is wall time)\n");
+    for p in Phase::ALL {
+        out += &format!("{:<12} {:>10.1}\n", p.name(), r.timings_ms.get(p.name()).copied().unwrap_or(0.0));
+    }
+    out += &format!("{:<12} {:>10.1}", "total", r.timings_ms.get("total").copied().unwrap_or(0.0));
+    out
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let opts = options(&args.svd)?;
+    let (backend, _) = backend::select(args.svd.device)?;
+    let source = Checkpoint::open(&args.source_base)?;
+    let target = Checkpoint::open(&args.target_base)?;
+    let ins = inspect::run(&source, &target, &opts, backend.as_ref(), true)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&ins).expect("serializable"));
+    } else {
+        print!("{}", inspect::table(&ins));
+        let map: Vec<String> = ins.layer_map.iter().map(|(j, i)| format!("{j}<-{i}")).collect();
+        println!("layer map (target<-source): {}", map.join(" "));
+    }
+    Ok(())
+}

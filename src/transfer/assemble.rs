@@ -1,0 +1,96 @@
+//! Turns unit outcomes into the output adapter: one PEFT module per target module, re-fused
+//! where the target fuses projections the source keeps apart (blockdiag B, stacked A, so the
+//! module's rank is the sum of its parts' ranks), and the adapter_config.json that describes it.
+
+use std::collections::BTreeMap;
+
+use faer::Mat;
+
+use crate::io::adapter::{exact_pattern, Adapter, LoraFactors};
+use crate::io::safetensors::FloatType;
+use crate::plan::{Plan, TargetModule};
+use crate::transfer::execute::Outcome;
+
+/// Builds one output module from its units' outcomes.
+pub fn assemble_module(module: &TargetModule, outcomes: &[Outcome], adapter: &Adapter) -> LoraFactors {
+    let (m, n) = module.shape;
+    let cfg = &adapter.config;
+    // Rank, alpha and scale of each contributing unit, from its source module.
+    let parts: Vec<(usize, &Outcome, usize, f64, f64, FloatType)> = module
+        .units
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(u, o)| {
+            let f = o.factors.as_ref()?;
+            let src = adapter.modules.get(u.source_module.as_ref()?)?;
+            Some((u.target_rows.start, o, f.a.nrows(), src.alpha, cfg.scale(src.r, src.alpha), src.ty))
+        })
+        .collect();
+    let default_ty = adapter.modules.values().next().map(|f| f.ty).unwrap_or(FloatType::F32);
+    let (rank, alpha, scale_t, ty) = match parts.as_slice() {
+        [] => (cfg.r, cfg.lora_alpha, 1.0, default_ty),
+        [(_, _, r, alpha, s, ty)] => (*r, *alpha, *s, *ty),
+        [first, ..] => {
+            let r: usize = parts.iter().map(|p| p.2).sum();
+            (r, cfg.alpha_for_scale(r, first.4), first.4, first.5)
+        }
+    };
+    let mut b = vec![0f32; m * rank];
+    let mut a = vec![0f32; rank * n];
+    let mut col = 0;
+    for (row0, outcome, r, _, s, _) in &parts {
+        let f = outcome.factors.as_ref().expect("filtered above");
+        // Parts fused under one scale keep their own update: fold s_part / s_module into B.
+        let ratio = (s / scale_t) as f32;
+        copy_block(&f.b, &mut b, rank, *row0, col, ratio);
+        copy_block(&f.a, &mut a, n, col, 0, 1.0);
+        col += r;
+    }
+    LoraFactors { a, b, r: rank, in_features: n, out_features: m, alpha, ty }
+}
+
+/// Writes `src` into the row-major `dst` (row length `stride`) at (row0, col0), times `scale`.
+fn copy_block(src: &Mat<f32>, dst: &mut [f32], stride: usize, row0: usize, col0: usize, scale: f32) {
+    for i in 0..src.nrows() {
+        for j in 0..src.ncols() {
+            dst[(row0 + i) * stride + col0 + j] = src[(i, j)] * scale;
+        }
+    }
+}
+
+/// The output adapter_config.json: the source's, with the target base, the target's module
+/// types, and per-module rank/alpha patterns wherever a module differs from the global r/alpha.
+pub fn output_config(
+    adapter: &Adapter,
+    plan: &Plan,
+    modules: &BTreeMap<String, LoraFactors>,
+    target_base: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let cfg = &adapter.config;
+    let mut raw = cfg.raw.clone();
+    raw.insert("base_model_name_or_path".into(), Value::String(target_base.to_string()));
+    if !plan.same_layout || !raw.contains_key("target_modules") {
+        let types: Vec<Value> = plan.target_types.iter().cloned().map(Value::String).collect();
+        raw.insert("target_modules".into(), Value::Array(types));
+    }
+    // Every target layer gets its module, so layer restrictions no longer apply.
+    for key in ["layers_to_transform", "layers_pattern"] {
+        if raw.contains_key(key) {
+            raw.insert(key.into(), Value::Null);
+        }
+    }
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    for (name, f) in modules {
+        if f.r != cfg.r {
+            rank_pattern.insert(exact_pattern(name), Value::from(f.r));
+        }
+        if f.alpha != cfg.lora_alpha {
+            alpha_pattern.insert(exact_pattern(name), Value::from(f.alpha));
+        }
+    }
+    raw.insert("rank_pattern".into(), Value::Object(rank_pattern));
+    raw.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
+    raw
+}

@@ -1,0 +1,129 @@
+//! Runs one unit of the plan: reads the two weights from the map (one at a time), decomposes
+//! them, measures their similarity and computes the target factors. Units run in parallel
+//! (rayon); each holds at most one f32 weight at a time, so memory is bounded by the thread count.
+
+use faer::Mat;
+
+use crate::backend::cpu::factors::update_norm;
+use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use crate::error::Result;
+use crate::io::adapter::LoraFactors;
+use crate::io::checkpoint::Checkpoint;
+use crate::plan::{Options, Unit};
+use crate::timing::{Phase, Timings};
+
+/// Everything a unit needs besides itself.
+pub struct Context<'a> {
+    pub source: &'a Checkpoint,
+    pub target: &'a Checkpoint,
+    pub backend: &'a dyn Backend,
+    pub options: &'a Options,
+    pub timings: &'a Timings,
+}
+
+/// What a unit produced: factors for its target rows (None when it was not transferred and has
+/// nothing to contribute) and its measurements.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub factors: Option<Factors>,
+    pub similarity_u: Option<f64>,
+    pub similarity_v: Option<f64>,
+    pub transferred: bool,
+    pub energy_kept: Option<f64>,
+    pub reason: Option<String>,
+}
+
+/// The source factors of a unit: rows `unit.source_rows` of B, and A.
+pub fn source_factors(unit: &Unit, f: &LoraFactors) -> Factors {
+    let r = f.r;
+    let rows = unit.source_rows.clone();
+    let b = Mat::from_fn(rows.len(), r, |i, j| f.b[(rows.start + i) * r + j]);
+    let a = Mat::from_fn(r, f.in_features, |i, j| f.a[i * f.in_features + j]);
+    Factors { b, a }
+}
+
+/// Decomposes rows `rows` of tensor `name` of `ckpt`.
+pub fn decompose(ctx: &Context<'_>, ckpt: &Checkpoint, name: &str, rows: std::ops::Range<usize>, rank: usize) -> Result<Basis> {
+    let full_rows = ckpt.shape(name)?[0];
+    let data = ctx.timings.time(Phase::Load, || ckpt.read_rows_f32(name, rows.clone()))?;
+    let cols = data.len() / rows.len().max(1);
+    // A slice of a fused tensor is its own matrix: key its Ω by the rows too.
+    let key = if rows.len() == full_rows { name.to_string() } else { format!("{name}[{}:{}]", rows.start, rows.end) };
+    let weight = Weight { name: &key, data: &data, rows: rows.len(), cols };
+    let params = SvdParams {
+        rank,
+        oversample: ctx.options.oversample,
+        power_iters: ctx.options.power_iters,
+        seed: ctx.options.seed,
+    };
+    ctx.backend.truncated_svd(&weight, &params, ctx.timings)
+}
+
+/// Runs one unit whose source module is `factors` (None when the adapter lacks it).
+pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -> Result<Outcome> {
+    let skipped = |reason: String| Outcome {
+        factors: None,
+        similarity_u: None,
+        similarity_v: None,
+        transferred: false,
+        energy_kept: None,
+        reason: Some(reason),
+    };
+    if let Some(reason) = &unit.skip {
+        return Ok(skipped(reason.clone()));
+    }
+    let Some(lora) = factors else {
+        return Ok(skipped("no source module".into()));
+    };
+    let src = source_factors(unit, lora);
+    let threshold = ctx.options.threshold;
+    let comparable = unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
+    // Similarity is always measured for the subspace modes; for copy/resample only to filter.
+    let want_bases = matches!(unit.mode, Mode::Project | Mode::Align | Mode::Procrustes) || (threshold > 0.0 && comparable);
+    let (bs, bt) = if want_bases {
+        let bs = decompose(ctx, ctx.source, &unit.source_tensor, unit.source_rows.clone(), unit.rank)?;
+        let bt = decompose(ctx, ctx.target, &unit.target_tensor, unit.target_rows.clone(), unit.rank)?;
+        (Some(bs), Some(bt))
+    } else {
+        (None, None)
+    };
+    let (mut sim_u, mut sim_v) = (None, None);
+    if let (Some(s), Some(t)) = (&bs, &bt) {
+        ctx.timings.time(Phase::Similarity, || {
+            if s.u.nrows() == t.u.nrows() {
+                sim_u = Some(ctx.backend.similarity(s.u.as_ref(), t.u.as_ref()) as f64);
+            }
+            if s.v.nrows() == t.v.nrows() {
+                sim_v = Some(ctx.backend.similarity(s.v.as_ref(), t.v.as_ref()) as f64);
+            }
+        });
+    }
+    let mut out = ctx.timings.time(Phase::Project, || {
+        ctx.backend.transfer(unit.mode, &src, bs.as_ref(), bt.as_ref(), unit.target_shape)
+    })?;
+    let similarity = match (sim_u, sim_v) {
+        (Some(u), Some(v)) => Some((u + v) / 2.0),
+        _ => None,
+    };
+    let mut transferred = true;
+    let mut reason = None;
+    if let Some(s) = similarity {
+        if threshold > 0.0 && (s as f32) < threshold {
+            out.b.fill(0.0);
+            transferred = false;
+            reason = Some(format!("similarity {s:.4} below threshold {threshold}"));
+        }
+    }
+    let energy_kept = ctx.timings.time(Phase::Project, || {
+        let before = update_norm(&src);
+        (before > 0.0).then(|| update_norm(&out) / before)
+    });
+    Ok(Outcome {
+        factors: Some(out),
+        similarity_u: sim_u,
+        similarity_v: sim_v,
+        transferred,
+        energy_kept,
+        reason,
+    })
+}

@@ -1,0 +1,176 @@
+//! The transfer pipeline: plan → execute (parallel over units) → assemble → write atomically.
+
+pub mod assemble;
+pub mod execute;
+pub mod inspect;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::backend::{self, Device};
+use crate::error::Result;
+use crate::io::adapter::{self, Adapter};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::output::{check_target, StagedDir};
+use crate::plan::{self, ModelSide, Options, SourceModule};
+use crate::timing::{Phase, Timings};
+use report::{ModuleRow, Report, Summary};
+
+/// One transfer, as the command line describes it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub source_base: PathBuf,
+    pub target_base: PathBuf,
+    pub adapter: PathBuf,
+    pub out: PathBuf,
+    pub options: Options,
+    /// A layer-map file (`{"<target layer>": <source layer>}`), read once the depths are known.
+    pub layer_map_file: Option<PathBuf>,
+    pub device: Device,
+    pub force: bool,
+    /// Draw a progress bar on stderr (only shown when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// The file name of the report inside the output directory.
+pub const REPORT_FILE: &str = "transfer_report.json";
+
+/// Runs a transfer and returns its report (also written next to the adapter).
+pub fn run(job: &Job) -> Result<Report> {
+    let wall = Instant::now();
+    let timings = Timings::default();
+    check_target(&job.out, job.force)?;
+    let (backend, device_note) = backend::select(job.device)?;
+
+    let (source, target, adapter, plan) = timings.time(Phase::Plan, || -> Result<_> {
+        let source = Checkpoint::open(&job.source_base)?;
+        let target = Checkpoint::open(&job.target_base)?;
+        let adapter = Adapter::open(&job.adapter)?;
+        let plan = {
+            let s = ModelSide::new(&source)?;
+            let t = ModelSide::new(&target)?;
+            let mut options = job.options.clone();
+            if let Some(path) = &job.layer_map_file {
+                options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
+            }
+            plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?
+        };
+        Ok((source, target, adapter, plan))
+    })?;
+
+    let ctx = execute::Context {
+        source: &source,
+        target: &target,
+        backend: backend.as_ref(),
+        options: &job.options,
+        timings: &timings,
+    };
+    let units: Vec<(usize, &plan::Unit)> =
+        plan.modules.iter().enumerate().flat_map(|(i, m)| m.units.iter().map(move |u| (i, u))).collect();
+    let bar = progress_bar(job.progress, units.len() as u64, "transfer");
+    let outcomes: Vec<execute::Outcome> = units
+        .par_iter()
+        .map(|(_, unit)| {
+            let factors = unit.source_module.as_ref().and_then(|m| adapter.modules.get(m));
+            let out = execute::run_unit(&ctx, unit, factors);
+            bar.inc(1);
+            out
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+
+    // Group outcomes back by module, build the output adapter and the report rows.
+    let mut rows = Vec::with_capacity(units.len());
+    let mut modules = BTreeMap::new();
+    let mut at = 0;
+    for module in &plan.modules {
+        let n = module.units.len();
+        let slice = &outcomes[at..at + n];
+        for (unit, o) in module.units.iter().zip(slice) {
+            let full_s = source.shape(&unit.source_tensor)?[0];
+            rows.push(ModuleRow::new(unit, &module.name, full_s, module.shape.0, o));
+        }
+        modules.insert(module.name.clone(), assemble::assemble_module(module, slice, &adapter));
+        at += n;
+    }
+    let target_name = job.target_base.to_string_lossy().into_owned();
+    let config = assemble::output_config(&adapter, &plan, &modules, &target_name);
+
+    let mut report = Report {
+        source_base: job.source_base.to_string_lossy().into_owned(),
+        target_base: target_name,
+        adapter: job.adapter.to_string_lossy().into_owned(),
+        mode: job.options.mode.name().to_string(),
+        rank: job.options.rank,
+        oversample: job.options.oversample,
+        power_iters: job.options.power_iters,
+        seed: job.options.seed,
+        threshold: job.options.threshold,
+        device: format!("{} — {device_note}", backend.name()),
+        layer_map: report::layer_map_json(&plan),
+        timings_ms: BTreeMap::new(),
+        summary: Summary::of(&rows),
+        modules: rows,
+    };
+    let write_start = Instant::now();
+    let staged = StagedDir::create(&job.out, job.force)?;
+    adapter::write_adapter(staged.path(), &config, &modules)?;
+    timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
+    report.timings_ms = timings_map(&timings, wall.elapsed().as_secs_f64() * 1e3);
+    write_json(&staged.path().join(REPORT_FILE), &report)?;
+    staged.commit()?;
+    Ok(report)
+}
+
+/// The names and shapes of the adapter's modules, as the plan wants them.
+pub fn source_modules(adapter: &Adapter) -> BTreeMap<String, SourceModule> {
+    adapter
+        .modules
+        .iter()
+        .map(|(name, f)| {
+            let m = SourceModule {
+                r: f.r,
+                in_features: f.in_features,
+                out_features: f.out_features,
+                scale: adapter.config.scale(f.r, f.alpha),
+            };
+            (name.clone(), m)
+        })
+        .collect()
+}
+
+/// Per-phase milliseconds plus the wall-clock total.
+pub fn timings_map(t: &Timings, total_ms: f64) -> BTreeMap<String, f64> {
+    let mut map: BTreeMap<String, f64> = Phase::ALL.iter().map(|p| (p.name().to_string(), round3(t.ms(*p)))).collect();
+    map.insert("total".into(), round3(total_ms));
+    map
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Writes pretty JSON.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("report values always serialize");
+    std::fs::write(path, text + "\n").map_err(|e| crate::error::Error::io(path, "cannot write", e))
+}
+
+/// A progress bar on stderr (indicatif hides it when stderr is not a terminal).
+pub fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} modules, {elapsed} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}

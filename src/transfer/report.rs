@@ -1,0 +1,155 @@
+//! `transfer_report.json`: what was done to every module, with the numbers to judge it, and the
+//! one-screen summary printed at the end of a run.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::plan::{Plan, Unit};
+use crate::transfer::execute::Outcome;
+
+/// One row per unit (a module, or one projection of a fused module).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleRow {
+    pub source_key: String,
+    pub target_key: String,
+    pub source_shape: [usize; 2],
+    pub target_shape: [usize; 2],
+    pub mode: String,
+    pub similarity_u: Option<f64>,
+    pub similarity_v: Option<f64>,
+    pub similarity: Option<f64>,
+    pub transferred: bool,
+    pub energy_kept: Option<f64>,
+    /// Module type (`q_proj`, ...).
+    pub module: String,
+    pub target_module: String,
+    pub source_module: Option<String>,
+    pub source_layer: usize,
+    pub target_layer: usize,
+    /// k_eff, the rank of the bases used.
+    pub rank: usize,
+    pub rank_capped: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_rows: Option<[usize; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_rows: Option<[usize; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl ModuleRow {
+    pub fn new(unit: &Unit, target_module: &str, full_source_rows: usize, full_target_rows: usize, o: &Outcome) -> Self {
+        let similarity = match (o.similarity_u, o.similarity_v) {
+            (Some(u), Some(v)) => Some((u + v) / 2.0),
+            _ => None,
+        };
+        let rows = |r: &std::ops::Range<usize>, full: usize| (r.len() != full).then_some([r.start, r.end]);
+        ModuleRow {
+            source_key: unit.source_tensor.clone(),
+            target_key: unit.target_tensor.clone(),
+            source_shape: [unit.source_shape.0, unit.source_shape.1],
+            target_shape: [unit.target_shape.0, unit.target_shape.1],
+            mode: unit.mode.name().to_string(),
+            similarity_u: o.similarity_u,
+            similarity_v: o.similarity_v,
+            similarity,
+            transferred: o.transferred,
+            energy_kept: o.energy_kept,
+            module: unit.label.clone(),
+            target_module: target_module.to_string(),
+            source_module: unit.source_module.clone(),
+            source_layer: unit.source_layer,
+            target_layer: unit.target_layer,
+            rank: unit.rank,
+            rank_capped: unit.rank_capped,
+            source_rows: rows(&unit.source_rows, full_source_rows),
+            target_rows: rows(&unit.target_rows, full_target_rows),
+            reason: o.reason.clone(),
+        }
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub source_base: String,
+    pub target_base: String,
+    pub adapter: String,
+    pub mode: String,
+    pub rank: usize,
+    pub oversample: usize,
+    pub power_iters: usize,
+    pub seed: u64,
+    pub threshold: f32,
+    pub device: String,
+    pub layer_map: BTreeMap<String, usize>,
+    pub timings_ms: BTreeMap<String, f64>,
+    pub summary: Summary,
+    pub modules: Vec<ModuleRow>,
+}
+
+/// Counts and means over the rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub transferred: usize,
+    pub skipped: usize,
+    pub mean_similarity: Option<f64>,
+    pub mean_energy_kept: Option<f64>,
+    pub rank_capped: usize,
+}
+
+impl Summary {
+    pub fn of(rows: &[ModuleRow]) -> Self {
+        let mean = |xs: Vec<f64>| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
+        Summary {
+            transferred: rows.iter().filter(|r| r.transferred).count(),
+            skipped: rows.iter().filter(|r| !r.transferred).count(),
+            mean_similarity: mean(rows.iter().filter_map(|r| r.similarity).collect()),
+            mean_energy_kept: mean(rows.iter().filter(|r| r.transferred).filter_map(|r| r.energy_kept).collect()),
+            rank_capped: rows.iter().filter(|r| r.rank_capped).count(),
+        }
+    }
+}
+
+/// Layer map with string keys, as JSON wants them.
+pub fn layer_map_json(plan: &Plan) -> BTreeMap<String, usize> {
+    // Zero-padded keys would sort numerically but read badly; BTreeMap<String> sorts "10" < "2",
+    // which JSON readers do not care about.
+    plan.layer_map.iter().map(|(j, i)| (j.to_string(), *i)).collect()
+}
+
+/// A per-module-type table for the terminal: count, transferred, mean similarity, mean energy.
+pub fn summary_table(rows: &[ModuleRow]) -> String {
+    let mut by_type: BTreeMap<&str, Vec<&ModuleRow>> = BTreeMap::new();
+    for r in rows {
+        by_type.entry(r.module.as_str()).or_default().push(r);
+    }
+    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "{:<12} {:>6} {:>11} {:>10} {:>10} {:>8}\n",
+        "module", "count", "transferred", "sim_u/v", "similarity", "energy"
+    );
+    for (ty, rs) in by_type {
+        let mean = |f: &dyn Fn(&ModuleRow) -> Option<f64>| {
+            let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        let su = mean(&|r| r.similarity_u);
+        let sv = mean(&|r| r.similarity_v);
+        let uv = match (su, sv) {
+            (None, None) => "-".to_string(),
+            _ => format!("{}/{}", su.map(|v| format!("{v:.2}")).unwrap_or("-".into()), sv.map(|v| format!("{v:.2}")).unwrap_or("-".into())),
+        };
+        out += &format!(
+            "{:<12} {:>6} {:>11} {:>10} {:>10} {:>8}\n",
+            ty,
+            rs.len(),
+            rs.iter().filter(|r| r.transferred).count(),
+            uv,
+            fmt(mean(&|r| r.similarity)),
+            fmt(mean(&|r| if r.transferred { r.energy_kept } else { None })),
+        );
+    }
+    out
+}
