@@ -1,0 +1,170 @@
+//! Helpers shared by the integration tests: seeded random matrices, planted spectra, exact SVDs,
+//! and small checkpoints and adapters written the way Hugging Face and PEFT write them.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use faer::Mat;
+use loraxfer::io::adapter::{write_adapter, LoraFactors};
+use loraxfer::io::safetensors::{pt_metadata, write_file, FloatType, OutTensor};
+use loraxfer::linalg::philox::gaussian4;
+
+/// A deterministic Gaussian `rows × cols` matrix (stream `stream` of `seed`).
+pub fn gaussian(rows: usize, cols: usize, seed: u64, stream: u64) -> Mat<f32> {
+    Mat::from_fn(rows, cols, |i, j| gaussian4(seed, stream, i as u32, (j / 4) as u32)[j % 4])
+}
+
+/// A random `n × k` matrix with orthonormal columns.
+pub fn orthonormal(n: usize, k: usize, seed: u64, stream: u64) -> Mat<f32> {
+    gaussian(n, k, seed, stream).qr().compute_thin_Q()
+}
+
+/// `a · b`.
+pub fn mm(a: faer::MatRef<'_, f32>, b: faer::MatRef<'_, f32>) -> Mat<f32> {
+    a * b
+}
+
+/// W = U diag(σ) Vᵀ with random orthonormal U, V and the given singular values.
+pub fn planted(m: usize, n: usize, sigma: &[f32], seed: u64) -> Mat<f32> {
+    let k = sigma.len();
+    let u = orthonormal(m, k, seed, 1);
+    let v = orthonormal(n, k, seed, 2);
+    let us = Mat::from_fn(m, k, |i, j| u[(i, j)] * sigma[j]);
+    mm(us.as_ref(), v.transpose())
+}
+
+/// Row-major copy of a matrix.
+pub fn row_major(m: &Mat<f32>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+    for i in 0..m.nrows() {
+        for j in 0..m.ncols() {
+            out.push(m[(i, j)]);
+        }
+    }
+    out
+}
+
+/// A matrix from row-major data.
+pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
+    Mat::from_fn(rows, cols, |i, j| data[i * cols + j])
+}
+
+/// Largest absolute entry of `a − b`.
+pub fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
+    assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()), "shapes differ");
+    let mut worst = 0f32;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            worst = worst.max((a[(i, j)] - b[(i, j)]).abs());
+        }
+    }
+    worst
+}
+
+/// Frobenius norm.
+pub fn fro(a: &Mat<f32>) -> f32 {
+    let mut s = 0f64;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            s += (a[(i, j)] as f64).powi(2);
+        }
+    }
+    s.sqrt() as f32
+}
+
+/// Exact thin SVD (faer), signs canonicalized like the engine: largest |u_i| entry positive.
+pub fn exact_svd(w: &Mat<f32>) -> (Mat<f32>, Vec<f32>, Mat<f32>) {
+    let svd = w.thin_svd().expect("svd converges");
+    let mut u = svd.U().to_owned();
+    let mut v = svd.V().to_owned();
+    let s: Vec<f32> = (0..u.ncols()).map(|i| svd.S().column_vector()[i]).collect();
+    for i in 0..u.ncols() {
+        let col = u.col(i);
+        let mut best = 0;
+        for r in 1..col.nrows() {
+            if col[r].abs() > col[best].abs() {
+                best = r;
+            }
+        }
+        if col[best] < 0.0 {
+            u.col_mut(i).iter_mut().for_each(|x| *x = -*x);
+            v.col_mut(i).iter_mut().for_each(|x| *x = -*x);
+        }
+    }
+    (u, s, v)
+}
+
+/// Layer-level description of a small checkpoint for [`write_checkpoint`].
+pub struct TinyModel {
+    pub model_type: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Writes config.json + model.safetensors with the given tensors (name → row-major data, shape).
+pub fn write_checkpoint(dir: &Path, model: &TinyModel, tensors: &BTreeMap<String, (Vec<f32>, Vec<usize>)>, ty: FloatType) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": model.model_type,
+        "architectures": ["TestForCausalLM"],
+        "hidden_size": model.hidden,
+        "intermediate_size": model.intermediate,
+        "num_hidden_layers": model.layers,
+        "num_attention_heads": model.heads,
+        "num_key_value_heads": model.kv_heads,
+        "head_dim": model.head_dim,
+        "vocab_size": 32,
+        "torch_dtype": ty.torch_name(),
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let out: Vec<(String, OutTensor)> = tensors
+        .iter()
+        .map(|(k, (data, shape))| (k.clone(), OutTensor::from_f32(data.clone(), shape.clone(), ty)))
+        .collect();
+    write_file(&dir.join("model.safetensors"), &out, pt_metadata()).unwrap();
+}
+
+/// Writes a PEFT adapter (config + weights) with per-module factors.
+pub fn write_peft(dir: &Path, base: &str, r: usize, alpha: f64, extra: serde_json::Value, modules: &BTreeMap<String, LoraFactors>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": modules.keys().map(|k| k.rsplit('.').next().unwrap().to_string()).collect::<std::collections::BTreeSet<_>>(),
+        "bias": "none",
+        "use_rslora": false,
+        "use_dora": false,
+        "fan_in_fan_out": false,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    if let serde_json::Value::Object(extra) = extra {
+        for (k, v) in extra {
+            config[k] = v;
+        }
+    }
+    write_adapter(dir, config.as_object().unwrap(), modules).unwrap();
+}
+
+/// Factors with seeded random A and B.
+pub fn random_factors(out: usize, inp: usize, r: usize, alpha: f64, seed: u64, ty: FloatType) -> LoraFactors {
+    let a = gaussian(r, inp, seed, 11);
+    let b = gaussian(out, r, seed, 12);
+    LoraFactors {
+        a: row_major(&a).iter().map(|x| x * 0.1).collect(),
+        b: row_major(&b).iter().map(|x| x * 0.01).collect(),
+        r,
+        in_features: inp,
+        out_features: out,
+        alpha,
+        ty,
+    }
+}
