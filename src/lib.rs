@@ -9,6 +9,12 @@ pub mod arch;
 pub mod backend;
 pub mod error;
 pub mod io;
+
+/// Kernel images compiled by build.rs from `kernels/*.cu` (empty when built without nvcc).
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
 pub mod linalg;
 pub mod plan;
 pub mod synth;

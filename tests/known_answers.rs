@@ -11,14 +11,34 @@ use loraxfer::timing::Timings;
 
 fn svd(w: &Mat<f32>, name: &str, k: usize, p: usize, q: usize) -> Basis {
     let data = row_major(w);
-    let weight = Weight { name, data: &data, rows: w.nrows(), cols: w.ncols() };
-    let params = SvdParams { rank: k, oversample: p, power_iters: q, seed: 42 };
-    CpuBackend.truncated_svd(&weight, &params, &Timings::default()).unwrap()
+    let weight = Weight {
+        name,
+        data: &data,
+        rows: w.nrows(),
+        cols: w.ncols(),
+    };
+    let params = SvdParams {
+        rank: k,
+        oversample: p,
+        power_iters: q,
+        seed: 42,
+    };
+    CpuBackend
+        .truncated_svd(&weight, &params, &Timings::default())
+        .unwrap()
 }
 
 /// A spectrum with a gap after `k`: 10, 9.5, ... for the top k, then 0.5 and below.
 fn gapped(k: usize, total: usize) -> Vec<f32> {
-    (0..total).map(|i| if i < k { 10.0 - 0.25 * i as f32 } else { 0.5 * 0.9f32.powi((i - k) as i32) }).collect()
+    (0..total)
+        .map(|i| {
+            if i < k {
+                10.0 - 0.25 * i as f32
+            } else {
+                0.5 * 0.9f32.powi((i - k) as i32)
+            }
+        })
+        .collect()
 }
 
 fn assert_orthonormal(x: &Mat<f32>, tol: f32) {
@@ -35,22 +55,37 @@ fn randomized_svd_recovers_planted_top_subspace() {
         let w = planted(m, n, &gapped(k, total), (m * n) as u64);
         let (ue, se, ve) = exact_svd(&w);
         let b = svd(&w, "w", k, 8, 2);
-        assert_eq!((b.u.nrows(), b.u.ncols(), b.v.nrows(), b.v.ncols()), (m, k, n, k));
+        assert_eq!(
+            (b.u.nrows(), b.u.ncols(), b.v.nrows(), b.v.ncols()),
+            (m, k, n, k)
+        );
         assert_orthonormal(&b.u, 1e-4);
         assert_orthonormal(&b.v, 1e-4);
         // Same subspace as the exact top-k singular vectors.
         let phi_u = factors::similarity(b.u.as_ref(), ue.subcols(0, k));
         let phi_v = factors::similarity(b.v.as_ref(), ve.subcols(0, k));
-        assert!(phi_u > 1.0 - 1e-4 && phi_v > 1.0 - 1e-4, "{m}x{n} k={k}: φ_U {phi_u}, φ_V {phi_v}");
+        assert!(
+            phi_u > 1.0 - 1e-4 && phi_v > 1.0 - 1e-4,
+            "{m}x{n} k={k}: φ_U {phi_u}, φ_V {phi_v}"
+        );
         // Singular values match, sorted and non-negative.
         for i in 0..k {
-            assert!((b.s[i] - se[i]).abs() < 1e-3 * se[0], "σ_{i}: {} vs exact {}", b.s[i], se[i]);
+            assert!(
+                (b.s[i] - se[i]).abs() < 1e-3 * se[0],
+                "σ_{i}: {} vs exact {}",
+                b.s[i],
+                se[i]
+            );
             assert!(b.s[i] >= 0.0 && (i == 0 || b.s[i] <= b.s[i - 1] + 1e-6));
         }
         // With a clear gap each vector matches the exact one, signs included (canonicalized).
         for i in 0..k.min(4) {
-            let du = (0..m).map(|r| (b.u[(r, i)] - ue[(r, i)]).abs()).fold(0f32, f32::max);
-            let dv = (0..n).map(|r| (b.v[(r, i)] - ve[(r, i)]).abs()).fold(0f32, f32::max);
+            let du = (0..m)
+                .map(|r| (b.u[(r, i)] - ue[(r, i)]).abs())
+                .fold(0f32, f32::max);
+            let dv = (0..n)
+                .map(|r| (b.v[(r, i)] - ve[(r, i)]).abs())
+                .fold(0f32, f32::max);
             assert!(du < 2e-2 && dv < 2e-2, "vector {i}: |Δu| {du}, |Δv| {dv}");
         }
         // ‖W − UΣVᵀ‖_F is bounded by the tail of the spectrum.
@@ -58,7 +93,10 @@ fn randomized_svd_recovers_planted_top_subspace() {
         let approx = mm(us.as_ref(), b.v.transpose());
         let tail: f32 = se[k..].iter().map(|s| s * s).sum::<f32>().sqrt();
         let err = fro(&(&w - &approx));
-        assert!(err <= tail * 1.05 + 1e-4, "residual {err} above the tail {tail}");
+        assert!(
+            err <= tail * 1.05 + 1e-4,
+            "residual {err} above the tail {tail}"
+        );
     }
 }
 
@@ -68,7 +106,10 @@ fn signs_are_canonical() {
     let b = svd(&w, "w", 6, 6, 1);
     for i in 0..6 {
         let col: Vec<f32> = (0..50).map(|r| b.u[(r, i)]).collect();
-        let big = col.iter().copied().fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
+        let big = col
+            .iter()
+            .copied()
+            .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
         assert!(big > 0.0, "u_{i}'s largest entry is negative");
     }
     // Flipping W's sign flips every v_i but leaves u_i canonical.
@@ -83,8 +124,14 @@ fn rank_above_the_sizes_is_capped_and_exact() {
     let w = gaussian(12, 7, 5, 5);
     let b = svd(&w, "w", 100, 10, 0);
     assert_eq!(b.u.ncols(), 7);
-    let approx = mm(Mat::from_fn(12, 7, |i, j| b.u[(i, j)] * b.s[j]).as_ref(), b.v.transpose());
-    assert!(max_abs_diff(&w, &approx) < 1e-4, "full-rank SVD must reproduce W");
+    let approx = mm(
+        Mat::from_fn(12, 7, |i, j| b.u[(i, j)] * b.s[j]).as_ref(),
+        b.v.transpose(),
+    );
+    assert!(
+        max_abs_diff(&w, &approx) < 1e-4,
+        "full-rank SVD must reproduce W"
+    );
 }
 
 #[test]
@@ -94,13 +141,31 @@ fn same_seed_same_result_other_seed_same_subspace() {
     let b = svd(&w, "layer.0", 5, 5, 1);
     assert_eq!(row_major(&a.u), row_major(&b.u));
     let data = row_major(&w);
-    let weight = Weight { name: "layer.0", data: &data, rows: 80, cols: 60 };
-    let c = rsvd::truncated_svd(&weight, &SvdParams { rank: 5, oversample: 5, power_iters: 1, seed: 7 }, &Timings::default()).unwrap();
+    let weight = Weight {
+        name: "layer.0",
+        data: &data,
+        rows: 80,
+        cols: 60,
+    };
+    let c = rsvd::truncated_svd(
+        &weight,
+        &SvdParams {
+            rank: 5,
+            oversample: 5,
+            power_iters: 1,
+            seed: 7,
+        },
+        &Timings::default(),
+    )
+    .unwrap();
     assert!(factors::similarity(a.u.as_ref(), c.u.as_ref()) > 0.9999);
 }
 
 fn lora(out: usize, inp: usize, r: usize, seed: u64) -> Factors {
-    Factors { b: gaussian(out, r, seed, 3), a: gaussian(r, inp, seed, 4) }
+    Factors {
+        b: gaussian(out, r, seed, 3),
+        a: gaussian(r, inp, seed, 4),
+    }
 }
 
 fn update(f: &Factors) -> Mat<f32> {
@@ -113,7 +178,9 @@ fn project_with_full_rank_on_the_same_square_model_is_the_identity() {
     let basis = svd(&w, "w", 48, 8, 1);
     let src = lora(48, 48, 4, 2);
     for mode in [Mode::Project, Mode::Align, Mode::Procrustes] {
-        let out = CpuBackend.transfer(mode, &src, Some(&basis), Some(&basis), (48, 48)).unwrap();
+        let out = CpuBackend
+            .transfer(mode, &src, Some(&basis), Some(&basis), (48, 48))
+            .unwrap();
         assert!(max_abs_diff(&out.b, &src.b) < 1e-3, "{mode:?} changed B");
         assert!(max_abs_diff(&out.a, &src.a) < 1e-3, "{mode:?} changed A");
     }
@@ -128,11 +195,23 @@ fn project_matches_the_dense_formula() {
     let (u, v) = (ue.subcols(0, k).to_owned(), ve.subcols(0, k).to_owned());
     let src = lora(m, n, 3, 8);
     let basis = svd(&wt, "t", k, 8, 2);
-    let out = CpuBackend.transfer(Mode::Project, &src, None, Some(&basis), (m, n)).unwrap();
+    let out = CpuBackend
+        .transfer(Mode::Project, &src, None, Some(&basis), (m, n))
+        .unwrap();
     assert_eq!((out.b.ncols(), out.a.nrows()), (3, 3), "rank must stay r");
-    let dense = mm(mm(mm(u.as_ref(), u.transpose()).as_ref(), update(&src).as_ref()).as_ref(), mm(v.as_ref(), v.transpose()).as_ref());
+    let dense = mm(
+        mm(
+            mm(u.as_ref(), u.transpose()).as_ref(),
+            update(&src).as_ref(),
+        )
+        .as_ref(),
+        mm(v.as_ref(), v.transpose()).as_ref(),
+    );
     let err = max_abs_diff(&update(&out), &dense);
-    assert!(err < 1e-3 * fro(&dense).max(1.0), "project differs from U Uᵀ ΔW V Vᵀ by {err}");
+    assert!(
+        err < 1e-3 * fro(&dense).max(1.0),
+        "project differs from U Uᵀ ΔW V Vᵀ by {err}"
+    );
 }
 
 #[test]
@@ -140,14 +219,24 @@ fn align_maps_a_permuted_copy_back() {
     // W_t = P W_s (rows permuted): the exact bases are U_t = P U_s, V_t = V_s, and align sends
     // an update inside the source's top-k subspaces to P ΔW_s.
     let (m, n, k) = (30, 20, 20);
-    let ws = planted(m, n, &(0..20).map(|i| 20.0 - i as f32).collect::<Vec<_>>(), 5);
+    let ws = planted(
+        m,
+        n,
+        &(0..20).map(|i| 20.0 - i as f32).collect::<Vec<_>>(),
+        5,
+    );
     let perm: Vec<usize> = (0..m).map(|i| (i * 7 + 3) % m).collect();
     let wt = Mat::from_fn(m, n, |i, j| ws[(perm[i], j)]);
     let bs = svd(&ws, "s", k, 4, 2);
     let bt = svd(&wt, "t", k, 4, 2);
     // An update that lives in the source's top-k subspaces.
-    let src = Factors { b: mm(bs.u.as_ref(), gaussian(k, 3, 1, 1).as_ref()), a: mm(gaussian(3, k, 1, 2).as_ref(), bs.v.transpose()) };
-    let out = CpuBackend.transfer(Mode::Align, &src, Some(&bs), Some(&bt), (m, n)).unwrap();
+    let src = Factors {
+        b: mm(bs.u.as_ref(), gaussian(k, 3, 1, 1).as_ref()),
+        a: mm(gaussian(3, k, 1, 2).as_ref(), bs.v.transpose()),
+    };
+    let out = CpuBackend
+        .transfer(Mode::Align, &src, Some(&bs), Some(&bt), (m, n))
+        .unwrap();
     let ds = update(&src);
     let expected = Mat::from_fn(m, n, |i, j| ds[(perm[i], j)]);
     let err = max_abs_diff(&update(&out), &expected);
@@ -156,11 +245,19 @@ fn align_maps_a_permuted_copy_back() {
 
 #[test]
 fn align_across_shapes_uses_index_matched_directions() {
-    let (ws, wt) = (planted(30, 20, &gapped(4, 15), 1), planted(44, 36, &gapped(4, 20), 2));
+    let (ws, wt) = (
+        planted(30, 20, &gapped(4, 15), 1),
+        planted(44, 36, &gapped(4, 20), 2),
+    );
     let (bs, bt) = (svd(&ws, "s", 4, 6, 2), svd(&wt, "t", 4, 6, 2));
     let src = lora(30, 20, 2, 3);
-    let out = CpuBackend.transfer(Mode::Align, &src, Some(&bs), Some(&bt), (44, 36)).unwrap();
-    let core = mm(mm(bs.u.transpose(), update(&src).as_ref()).as_ref(), bs.v.as_ref());
+    let out = CpuBackend
+        .transfer(Mode::Align, &src, Some(&bs), Some(&bt), (44, 36))
+        .unwrap();
+    let core = mm(
+        mm(bs.u.transpose(), update(&src).as_ref()).as_ref(),
+        bs.v.as_ref(),
+    );
     let expected = mm(mm(bt.u.as_ref(), core.as_ref()).as_ref(), bt.v.transpose());
     assert_eq!((out.b.nrows(), out.a.ncols()), (44, 36));
     assert!(max_abs_diff(&update(&out), &expected) < 1e-4);
@@ -175,13 +272,23 @@ fn procrustes_rotates_within_the_subspace() {
     let bs = svd(&ws, "s", k, 6, 2);
     let rot_u = orthonormal(k, k, 9, 1);
     let rot_v = orthonormal(k, k, 9, 2);
-    let bt = Basis { u: mm(bs.u.as_ref(), rot_u.as_ref()), s: bs.s.clone(), v: mm(bs.v.as_ref(), rot_v.as_ref()) };
+    let bt = Basis {
+        u: mm(bs.u.as_ref(), rot_u.as_ref()),
+        s: bs.s.clone(),
+        v: mm(bs.v.as_ref(), rot_v.as_ref()),
+    };
     let src = lora(m, n, 3, 5);
-    let out = CpuBackend.transfer(Mode::Procrustes, &src, Some(&bs), Some(&bt), (m, n)).unwrap();
-    let proj = CpuBackend.transfer(Mode::Project, &src, Some(&bs), Some(&bs), (m, n)).unwrap();
+    let out = CpuBackend
+        .transfer(Mode::Procrustes, &src, Some(&bs), Some(&bt), (m, n))
+        .unwrap();
+    let proj = CpuBackend
+        .transfer(Mode::Project, &src, Some(&bs), Some(&bs), (m, n))
+        .unwrap();
     assert!(max_abs_diff(&update(&out), &update(&proj)) < 1e-4);
     // Align would instead apply the rotation: its result differs.
-    let al = CpuBackend.transfer(Mode::Align, &src, Some(&bs), Some(&bt), (m, n)).unwrap();
+    let al = CpuBackend
+        .transfer(Mode::Align, &src, Some(&bs), Some(&bt), (m, n))
+        .unwrap();
     assert!(max_abs_diff(&update(&al), &update(&proj)) > 1e-3);
 }
 
@@ -200,15 +307,27 @@ fn similarity_is_one_for_equal_and_k_over_m_for_random_subspaces() {
 #[test]
 fn copy_and_resample() {
     let src = lora(10, 6, 2, 1);
-    let c = CpuBackend.transfer(Mode::Copy, &src, None, None, (10, 6)).unwrap();
+    let c = CpuBackend
+        .transfer(Mode::Copy, &src, None, None, (10, 6))
+        .unwrap();
     assert_eq!(row_major(&c.b), row_major(&src.b));
-    let r = CpuBackend.transfer(Mode::Resample, &src, None, None, (10, 6)).unwrap();
-    assert_eq!(row_major(&r.a), row_major(&src.a), "resampling onto the same size is the identity");
-    let r = CpuBackend.transfer(Mode::Resample, &src, None, None, (19, 11)).unwrap();
+    let r = CpuBackend
+        .transfer(Mode::Resample, &src, None, None, (10, 6))
+        .unwrap();
+    assert_eq!(
+        row_major(&r.a),
+        row_major(&src.a),
+        "resampling onto the same size is the identity"
+    );
+    let r = CpuBackend
+        .transfer(Mode::Resample, &src, None, None, (19, 11))
+        .unwrap();
     assert_eq!((r.b.nrows(), r.a.ncols()), (19, 11));
     assert_eq!(r.b[(18, 1)], src.b[(9, 1)]);
     assert_eq!(r.a[(0, 2)], src.a[(0, 1)]); // round(2·5/10) = 1
-    assert!(CpuBackend.transfer(Mode::Copy, &src, None, None, (11, 6)).is_err());
+    assert!(CpuBackend
+        .transfer(Mode::Copy, &src, None, None, (11, 6))
+        .is_err());
 }
 
 #[test]
@@ -222,9 +341,20 @@ fn energy_in_factored_form_matches_dense() {
 fn zero_adapter_transfers_to_zero() {
     let w = planted(20, 16, &gapped(4, 10), 1);
     let b = svd(&w, "w", 4, 4, 1);
-    let zero = Factors { b: Mat::zeros(20, 3), a: gaussian(3, 16, 1, 1) };
-    for mode in [Mode::Project, Mode::Align, Mode::Procrustes, Mode::Copy, Mode::Resample] {
-        let out = CpuBackend.transfer(mode, &zero, Some(&b), Some(&b), (20, 16)).unwrap();
+    let zero = Factors {
+        b: Mat::zeros(20, 3),
+        a: gaussian(3, 16, 1, 1),
+    };
+    for mode in [
+        Mode::Project,
+        Mode::Align,
+        Mode::Procrustes,
+        Mode::Copy,
+        Mode::Resample,
+    ] {
+        let out = CpuBackend
+            .transfer(mode, &zero, Some(&b), Some(&b), (20, 16))
+            .unwrap();
         assert_eq!(factors::update_norm(&out), 0.0, "{mode:?}");
     }
 }

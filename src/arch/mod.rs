@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::{Checkpoint, ModelConfig};
 
 /// The canonical projections every decoder layer has, fused or not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Part {
     Q,
@@ -94,12 +96,15 @@ pub struct Arch {
     pub modules: Vec<ModuleSpec>,
 }
 
-fn modules_in_order<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<ModuleSpec>, D::Error> {
+fn modules_in_order<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<ModuleSpec>, D::Error> {
     // serde_json keeps object order (preserve_order), so the table's order is the module order.
     let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
     map.into_iter()
         .map(|(name, v)| {
-            let mut spec: ModuleSpec = serde_json::from_value(v).map_err(serde::de::Error::custom)?;
+            let mut spec: ModuleSpec =
+                serde_json::from_value(v).map_err(serde::de::Error::custom)?;
             spec.name = name;
             Ok(spec)
         })
@@ -124,7 +129,8 @@ pub fn all() -> &'static [Arch] {
         TABLES
             .iter()
             .map(|(file, text)| {
-                serde_json::from_str(text).unwrap_or_else(|e| panic!("built-in table {file}.json: {e}"))
+                serde_json::from_str(text)
+                    .unwrap_or_else(|e| panic!("built-in table {file}.json: {e}"))
             })
             .collect()
     })
@@ -170,7 +176,11 @@ impl Arch {
             .ok_or_else(|| Error::MissingTensor {
                 path: ckpt.dir.clone(),
                 tensor: format!("{}.0.{}.weight", self.layer_prefixes[0], first.key),
-                hint: format!(" (the {} table expects it under one of: {})", self.name, self.layer_prefixes.join(", ")),
+                hint: format!(
+                    " (the {} table expects it under one of: {})",
+                    self.name,
+                    self.layer_prefixes.join(", ")
+                ),
             })
     }
 
@@ -184,6 +194,9 @@ impl Arch {
         let rest = name.strip_prefix(prefix)?.strip_prefix('.')?;
         let (layer, key) = rest.split_once('.')?;
         let layer = layer.parse().ok()?;
-        self.modules.iter().find(|m| m.key == key).map(|m| (layer, m))
+        self.modules
+            .iter()
+            .find(|m| m.key == key)
+            .map(|m| (layer, m))
     }
 }

@@ -57,7 +57,9 @@ pub struct Factors {
 }
 
 /// How a module's adapter is carried over (DESIGN.md §2.4); `auto` is resolved before this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// `project` where shapes match, `align` where they do not.
@@ -108,7 +110,8 @@ pub trait Backend: Sync {
     fn name(&self) -> &'static str;
 
     /// Randomized truncated SVD of `w`, signs canonicalized.
-    fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings) -> Result<Basis>;
+    fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings)
+        -> Result<Basis>;
 
     /// `‖Xᵀ Y‖_F² / k` for two `m × k` orthonormal bases: 1 for the same subspace.
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32;

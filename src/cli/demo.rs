@@ -41,24 +41,60 @@ pub fn run(args: DemoArgs) -> Result<()> {
 }
 
 fn steps(dir: &std::path::Path) -> Result<()> {
-    let (source, target, adapter, out) =
-        (dir.join("source"), dir.join("target"), dir.join("adapter"), dir.join("transferred"));
-    println!("1. source model: tiny-qwen2 (4 layers, hidden 64) -> {}", source.display());
-    let base = ModelSpec { dtype: FloatType::Bf16, seed: 1, ..ModelSpec::new(Preset::TinyQwen2) };
+    let (source, target, adapter, out) = (
+        dir.join("source"),
+        dir.join("target"),
+        dir.join("adapter"),
+        dir.join("transferred"),
+    );
+    println!(
+        "1. source model: tiny-qwen2 (4 layers, hidden 64) -> {}",
+        source.display()
+    );
+    let base = ModelSpec {
+        dtype: FloatType::Bf16,
+        seed: 1,
+        ..ModelSpec::new(Preset::TinyQwen2)
+    };
     super::synth::model(&base, &source, false)?;
-    println!("2. target model: a derivative of the source, weights drifted by 5% -> {}", target.display());
-    let derived = ModelSpec { derive_from: Some(source.clone()), drift: 0.05, seed: 2, ..base };
+    println!(
+        "2. target model: a derivative of the source, weights drifted by 5% -> {}",
+        target.display()
+    );
+    let derived = ModelSpec {
+        derive_from: Some(source.clone()),
+        drift: 0.05,
+        seed: 2,
+        ..base
+    };
     super::synth::model(&derived, &target, false)?;
-    println!("3. adapter for the source: r=16, alpha=32, all seven projections -> {}", adapter.display());
-    let spec = AdapterSpec { r: 16, alpha: 32.0, targets: Vec::new(), seed: 3, dtype: FloatType::F32 };
+    println!(
+        "3. adapter for the source: r=16, alpha=32, all seven projections -> {}",
+        adapter.display()
+    );
+    let spec = AdapterSpec {
+        r: 16,
+        alpha: 32.0,
+        targets: Vec::new(),
+        seed: 3,
+        dtype: FloatType::F32,
+    };
     super::synth::adapter(&source, &spec, &adapter, false)?;
-    println!("4. transfer (mode auto: project for equal shapes), k=16 -> {}\n", out.display());
+    println!(
+        "4. transfer (mode auto: project for equal shapes), k=16 -> {}\n",
+        out.display()
+    );
     let job = Job {
         source_base: source,
         target_base: target,
         adapter,
         out: out.clone(),
-        options: Options { mode: Mode::Auto, rank: 16, oversample: 8, ..Options::default() },
+        options: Options {
+            mode: Mode::Auto,
+            rank: 16,
+            oversample: 8,
+            ..Options::default()
+        },
         layer_map_file: None,
         device: Device::Auto,
         force: false,

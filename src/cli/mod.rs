@@ -120,9 +120,27 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn info() {
     println!("loraxfer {}", env!("CARGO_PKG_VERSION"));
-    println!("backends: cpu (faer + rayon, {} threads)", rayon::current_num_threads());
-    println!("cuda: not built into this version");
+    println!(
+        "backends: cpu (faer + rayon, {} threads)",
+        rayon::current_num_threads()
+    );
+    let k = loraxfer::kernels::FATBINS;
+    if k.is_empty() {
+        println!("kernels: built without CUDA kernels (no nvcc at build time)");
+    } else {
+        let names: Vec<&str> = k.iter().map(|(n, _)| *n).collect();
+        println!(
+            "kernels: {} ({}), compiled by nvcc {}",
+            names.join(", "),
+            loraxfer::kernels::TARGETS,
+            loraxfer::kernels::NVCC_VERSION
+        );
+    }
+    println!("cuda backend: not in this version (the CPU backend runs every transfer)");
     println!("--device auto picks: cpu");
-    let archs: Vec<String> = loraxfer::arch::all().iter().flat_map(|a| a.model_types.clone()).collect();
+    let archs: Vec<String> = loraxfer::arch::all()
+        .iter()
+        .flat_map(|a| a.model_types.clone())
+        .collect();
     println!("architectures: {}", archs.join(", "));
 }

@@ -77,7 +77,12 @@ pub fn run(cmd: SynthCommand) -> Result<()> {
             let preset = match (a.like, &a.derive_from) {
                 (Some(p), _) => p,
                 (None, Some(_)) => Preset::TinyQwen2, // ignored: the derivative copies its source
-                (None, None) => return Err(Error::arg("--like", "required unless --derive-from is given")),
+                (None, None) => {
+                    return Err(Error::arg(
+                        "--like",
+                        "required unless --derive-from is given",
+                    ))
+                }
             };
             let spec = ModelSpec {
                 layers: a.layers,

@@ -57,7 +57,14 @@ fn print_summary(job: &Job, r: &report::Report) {
         s.skipped,
         f(s.mean_similarity),
         f(s.mean_energy_kept),
-        if s.rank_capped > 0 { format!(", rank capped for {} (k above a matrix size)", s.rank_capped) } else { String::new() }
+        if s.rank_capped > 0 {
+            format!(
+                ", rank capped for {} (k above a matrix size)",
+                s.rank_capped
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "mode {}, k {}, device {}, {:.2} s -> {}",
@@ -72,9 +79,17 @@ fn print_summary(job: &Job, r: &report::Report) {
 fn timings_table(r: &report::Report) -> String {
     let mut out = String::from("phase         ms (thread time; total is wall time)\n");
     for p in Phase::ALL {
-        out += &format!("{:<12} {:>10.1}\n", p.name(), r.timings_ms.get(p.name()).copied().unwrap_or(0.0));
+        out += &format!(
+            "{:<12} {:>10.1}\n",
+            p.name(),
+            r.timings_ms.get(p.name()).copied().unwrap_or(0.0)
+        );
     }
-    out += &format!("{:<12} {:>10.1}", "total", r.timings_ms.get("total").copied().unwrap_or(0.0));
+    out += &format!(
+        "{:<12} {:>10.1}",
+        "total",
+        r.timings_ms.get("total").copied().unwrap_or(0.0)
+    );
     out
 }
 
@@ -85,10 +100,17 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let target = Checkpoint::open(&args.target_base)?;
     let ins = inspect::run(&source, &target, &opts, backend.as_ref(), true)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&ins).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&ins).expect("serializable")
+        );
     } else {
         print!("{}", inspect::table(&ins));
-        let map: Vec<String> = ins.layer_map.iter().map(|(j, i)| format!("{j}<-{i}")).collect();
+        let map: Vec<String> = ins
+            .layer_map
+            .iter()
+            .map(|(j, i)| format!("{j}<-{i}"))
+            .collect();
         println!("layer map (target<-source): {}", map.join(" "));
     }
     Ok(())

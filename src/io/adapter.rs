@@ -42,32 +42,48 @@ impl AdapterConfig {
         };
         if let Some(t) = raw.get("peft_type").and_then(|v| v.as_str()) {
             if t != "LORA" {
-                return Err(unsupported(format!("peft_type is `{t}`; only LORA adapters can be transferred")));
+                return Err(unsupported(format!(
+                    "peft_type is `{t}`; only LORA adapters can be transferred"
+                )));
             }
         }
         let truthy = |key: &str| raw.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
         if truthy("use_dora") {
-            return Err(unsupported("DoRA (use_dora = true): the magnitude vector has no subspace transfer".into()));
+            return Err(unsupported(
+                "DoRA (use_dora = true): the magnitude vector has no subspace transfer".into(),
+            ));
         }
         if truthy("lora_bias") {
-            return Err(unsupported("lora_bias = true: bias terms of lora_B are not transferred".into()));
+            return Err(unsupported(
+                "lora_bias = true: bias terms of lora_B are not transferred".into(),
+            ));
         }
         if truthy("fan_in_fan_out") {
-            return Err(unsupported("fan_in_fan_out = true (Conv1D-style weights) is not supported".into()));
+            return Err(unsupported(
+                "fan_in_fan_out = true (Conv1D-style weights) is not supported".into(),
+            ));
         }
         if let Some(b) = raw.get("bias").and_then(|v| v.as_str()) {
             if b != "none" {
-                return Err(unsupported(format!("bias = `{b}`: trained biases cannot be transferred; use bias = \"none\"")));
+                return Err(unsupported(format!(
+                    "bias = `{b}`: trained biases cannot be transferred; use bias = \"none\""
+                )));
             }
         }
-        if raw.get("modules_to_save").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(unsupported("modules_to_save holds full weight copies, which cannot be transferred".into()));
+        if raw
+            .get("modules_to_save")
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(unsupported(
+                "modules_to_save holds full weight copies, which cannot be transferred".into(),
+            ));
         }
         let r = raw
             .get("r")
             .and_then(|v| v.as_u64())
             .filter(|&r| r > 0)
-            .ok_or_else(|| Error::config(path, "`r` must be a positive integer"))? as usize;
+            .ok_or_else(|| Error::config(path, "`r` must be a positive integer"))?
+            as usize;
         let lora_alpha = raw
             .get("lora_alpha")
             .and_then(|v| v.as_f64())
@@ -130,8 +146,9 @@ fn pattern_map<T>(
         .ok_or_else(|| Error::config(path, format!("`{key}` is not an object")))?;
     obj.iter()
         .map(|(k, v)| {
-            Regex::new(k)
-                .map_err(|e| Error::config(path, format!("`{key}` key `{k}` is not a regex: {e}")))?;
+            Regex::new(k).map_err(|e| {
+                Error::config(path, format!("`{key}` key `{k}` is not a regex: {e}"))
+            })?;
             let v = value(v)
                 .ok_or_else(|| Error::config(path, format!("`{key}[{k}]` has an invalid value")))?;
             Ok((k.clone(), v))
@@ -175,7 +192,10 @@ impl Adapter {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
         if !config_path.is_file() {
-            return Err(Error::config(dir, format!("no {CONFIG_FILE} (expected a PEFT adapter directory)")));
+            return Err(Error::config(
+                dir,
+                format!("no {CONFIG_FILE} (expected a PEFT adapter directory)"),
+            ));
         }
         if !weights_path.is_file() {
             let reason = if dir.join("adapter_model.bin").is_file() {
@@ -183,7 +203,10 @@ impl Adapter {
             } else {
                 format!("no {WEIGHTS_FILE}")
             };
-            return Err(Error::UnsupportedAdapter { path: dir.to_path_buf(), reason });
+            return Err(Error::UnsupportedAdapter {
+                path: dir.to_path_buf(),
+                reason,
+            });
         }
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| Error::io(&config_path, "cannot read", e))?;
@@ -214,14 +237,18 @@ fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
         return Err(unsupported(format!("`{key}` is a DoRA magnitude vector")));
     }
     if key.contains("lora_embedding_") {
-        return Err(unsupported(format!("`{key}`: LoRA on embeddings is not transferred")));
+        return Err(unsupported(format!(
+            "`{key}`: LoRA on embeddings is not transferred"
+        )));
     }
     let body = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
     for (part, which) in [(".lora_A.", 'A'), (".lora_B.", 'B')] {
         if let Some(pos) = body.find(part) {
             let rest = &body[pos + part.len()..];
             // `weight`, or `<adapter name>.weight` as in some saved-by-hand adapters.
-            if rest == "weight" || (rest.ends_with(".weight") && !rest[..rest.len() - 7].contains('.')) {
+            if rest == "weight"
+                || (rest.ends_with(".weight") && !rest[..rest.len() - 7].contains('.'))
+            {
                 return Ok((body[..pos].to_string(), which));
             }
             if rest.ends_with("bias") {
@@ -234,7 +261,10 @@ fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
     )))
 }
 
-fn read_factors(file: &TensorFile, config: &AdapterConfig) -> Result<BTreeMap<String, LoraFactors>> {
+fn read_factors(
+    file: &TensorFile,
+    config: &AdapterConfig,
+) -> Result<BTreeMap<String, LoraFactors>> {
     let path = file.path();
     let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
     for key in file.names() {
@@ -256,7 +286,10 @@ fn read_factors(file: &TensorFile, config: &AdapterConfig) -> Result<BTreeMap<St
             return Err(Error::bad_tensor(
                 path,
                 &a_key,
-                format!("lora_A {:?} and lora_B {:?} must both be 2-D", a_entry.shape, b_entry.shape),
+                format!(
+                    "lora_A {:?} and lora_B {:?} must both be 2-D",
+                    a_entry.shape, b_entry.shape
+                ),
             ));
         };
         if r != rb || r == 0 {
@@ -275,14 +308,26 @@ fn read_factors(file: &TensorFile, config: &AdapterConfig) -> Result<BTreeMap<St
             ));
         }
         let ty = FloatType::from_dtype(a_entry.dtype).ok_or_else(|| {
-            Error::bad_tensor(path, &a_key, format!("dtype {:?} is not bf16, f16 or f32", a_entry.dtype))
+            Error::bad_tensor(
+                path,
+                &a_key,
+                format!("dtype {:?} is not bf16, f16 or f32", a_entry.dtype),
+            )
         })?;
         let a = file.read_f32(&a_key)?;
         let b = file.read_f32(&b_key)?;
         let alpha = config.alpha_for(&module);
         out.insert(
             module,
-            LoraFactors { a, b, r, in_features: n, out_features: m, alpha, ty },
+            LoraFactors {
+                a,
+                b,
+                r,
+                in_features: n,
+                out_features: m,
+                alpha,
+                ty,
+            },
         );
     }
     Ok(out)
@@ -314,4 +359,114 @@ pub fn write_adapter(
 /// Escapes a module name so that it can serve as an exact rank/alpha pattern key.
 pub fn exact_pattern(module: &str) -> String {
     regex::escape(module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<AdapterConfig> {
+        AdapterConfig::parse(json, Path::new("adapter_config.json"))
+    }
+
+    #[test]
+    fn scale_follows_alpha_over_r_or_sqrt_r() {
+        let c = parse(r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
+        assert_eq!(c.scale(16, 32.0), 2.0);
+        let c = parse(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
+        assert_eq!(c.scale(16, 32.0), 8.0);
+        for rs in [false, true] {
+            let c = AdapterConfig {
+                use_rslora: rs,
+                ..parse(r#"{"r": 4}"#).unwrap()
+            };
+            let a = c.alpha_for_scale(48, c.scale(16, 32.0));
+            assert!((c.scale(48, a) - c.scale(16, 32.0)).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn patterns_match_like_peft() {
+        let c = parse(
+            r#"{"r": 8, "lora_alpha": 16,
+                "rank_pattern": {"q_proj": 4, "model.layers.1.mlp.down_proj": 2},
+                "alpha_pattern": {"layers\\.[0-2]\\.self_attn\\.v_proj": 64}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rank_for("model.layers.3.self_attn.q_proj"), 4);
+        assert_eq!(
+            c.rank_for("model.layers.3.self_attn.qq_proj"),
+            8,
+            "suffix must start at a dot"
+        );
+        assert_eq!(c.rank_for("model.layers.1.mlp.down_proj"), 2);
+        assert_eq!(
+            c.rank_for("model.layers.11.mlp.down_proj"),
+            8,
+            "exact names do not match other layers"
+        );
+        assert_eq!(c.alpha_for("model.layers.2.self_attn.v_proj"), 64.0);
+        assert_eq!(c.alpha_for("model.layers.3.self_attn.v_proj"), 16.0);
+        // The escaped names the writer emits match only their own module.
+        let exact = AdapterConfig {
+            rank_pattern: vec![(exact_pattern("model.layers.1.mlp.up_proj"), 3)],
+            ..c
+        };
+        assert_eq!(exact.rank_for("model.layers.1.mlp.up_proj"), 3);
+        assert_eq!(exact.rank_for("model.layers.1xmlp.up_proj"), 8);
+    }
+
+    #[test]
+    fn refuses_what_is_not_plain_lora() {
+        for (json, word) in [
+            (r#"{"r": 8, "use_dora": true}"#, "DoRA"),
+            (r#"{"r": 8, "lora_bias": true}"#, "lora_bias"),
+            (r#"{"r": 8, "fan_in_fan_out": true}"#, "fan_in_fan_out"),
+            (r#"{"r": 8, "bias": "all"}"#, "bias"),
+            (r#"{"r": 8, "peft_type": "IA3"}"#, "IA3"),
+            (
+                r#"{"r": 8, "modules_to_save": ["lm_head"]}"#,
+                "modules_to_save",
+            ),
+            (r#"{"r": 0}"#, "r"),
+            (r#"{"r": 8, "rank_pattern": {"(": 2}}"#, "regex"),
+        ] {
+            let e = parse(json).unwrap_err().to_string();
+            assert!(
+                e.contains(word) && e.contains("adapter_config.json"),
+                "{json}: {e}"
+            );
+        }
+        assert!(parse(r#"{"r": 8, "modules_to_save": null, "bias": "none"}"#).is_ok());
+    }
+
+    #[test]
+    fn keys_are_parsed_and_foreign_keys_refused() {
+        let p = Path::new("w.safetensors");
+        assert_eq!(
+            parse_key(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                p
+            )
+            .unwrap(),
+            ("model.layers.0.self_attn.q_proj".to_string(), 'A')
+        );
+        assert_eq!(
+            parse_key(
+                "base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight",
+                p
+            )
+            .unwrap()
+            .1,
+            'B'
+        );
+        for key in [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
+            "base_model.model.lm_head.weight",
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+        ] {
+            assert!(parse_key(key, p).is_err(), "{key} accepted");
+        }
+    }
 }

@@ -54,9 +54,7 @@ impl ModelConfig {
             text.get(key)
                 .and_then(|v| v.as_u64())
                 .map(|v| v as usize)
-                .ok_or_else(|| {
-                    Error::config(path, format!("missing or non-integer field `{key}`"))
-                })
+                .ok_or_else(|| Error::config(path, format!("missing or non-integer field `{key}`")))
         };
         let num_hidden_layers = get("num_hidden_layers")?;
         let hidden_size = get("hidden_size")?;
@@ -101,7 +99,10 @@ impl Checkpoint {
     /// Opens a model directory and validates every shard header (no tensor data is read).
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::config(dir, "not a directory (expected a Hugging Face model directory)"));
+            return Err(Error::config(
+                dir,
+                "not a directory (expected a Hugging Face model directory)",
+            ));
         }
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
@@ -194,7 +195,10 @@ fn open_sharded(
     let mut index = HashMap::new();
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| {
-            Error::config(index_path, format!("weight_map[`{tensor}`] is not a file name"))
+            Error::config(
+                index_path,
+                format!("weight_map[`{tensor}`] is not a file name"),
+            )
         })?;
         if shard.contains('/') || shard.contains('\\') || shard == ".." {
             return Err(Error::config(

@@ -21,7 +21,12 @@ impl StagedDir {
         check_target(target, force)?;
         let name = target
             .file_name()
-            .ok_or_else(|| Error::arg("--out", format!("`{}` has no directory name", target.display())))?
+            .ok_or_else(|| {
+                Error::arg(
+                    "--out",
+                    format!("`{}` has no directory name", target.display()),
+                )
+            })?
             .to_string_lossy()
             .into_owned();
         let parent = parent_of(target);
@@ -51,7 +56,9 @@ impl StagedDir {
         if self.target.exists() {
             if !self.force {
                 // Someone created it while we were working: keep theirs, report it.
-                return Err(Error::OutputExists { path: self.target.clone() });
+                return Err(Error::OutputExists {
+                    path: self.target.clone(),
+                });
             }
             let old = self.temp.with_extension("old");
             std::fs::rename(&self.target, &old)
@@ -81,10 +88,15 @@ impl Drop for StagedDir {
 pub fn check_target(target: &Path, force: bool) -> Result<()> {
     if target.exists() {
         if !force {
-            return Err(Error::OutputExists { path: target.to_path_buf() });
+            return Err(Error::OutputExists {
+                path: target.to_path_buf(),
+            });
         }
         if !target.is_dir() {
-            return Err(Error::arg("--out", format!("`{}` exists and is not a directory", target.display())));
+            return Err(Error::arg(
+                "--out",
+                format!("`{}` exists and is not a directory", target.display()),
+            ));
         }
     }
     Ok(())

@@ -105,7 +105,7 @@ impl TensorFile {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
                 path: path.to_path_buf(),
-                reason: describe_header_error(&e, map.len()),
+                reason: describe_header_error(&e, &map),
             })?;
         let data_start = 8 + header_len;
         let entries = metadata
@@ -159,7 +159,10 @@ impl TensorFile {
             Error::bad_tensor(
                 &self.path,
                 name,
-                format!("dtype {:?} is not a float type (bf16, f16, f32)", entry.dtype),
+                format!(
+                    "dtype {:?} is not a float type (bf16, f16, f32)",
+                    entry.dtype
+                ),
             )
         })?;
         let cols: usize = entry.shape.iter().skip(1).product();
@@ -203,9 +206,13 @@ impl TensorFile {
 }
 
 /// Turns the safetensors crate's error into a sentence with the numbers a user needs.
-fn describe_header_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+fn describe_header_error(e: &safetensors::SafeTensorError, file: &[u8]) -> String {
     use safetensors::SafeTensorError as E;
+    let file_len = file.len();
     match e {
+        E::TensorInvalidInfo | E::ValidationOverflow => {
+            find_inconsistent_tensor(file).unwrap_or_else(|| e.to_string())
+        }
         E::HeaderTooSmall => format!("file is {file_len} bytes, shorter than the 8-byte header length"),
         E::InvalidHeaderLength => format!(
             "header length runs past the end of the file ({file_len} bytes): truncated or not safetensors"
@@ -216,6 +223,38 @@ fn describe_header_error(e: &safetensors::SafeTensorError, file_len: usize) -> S
         ),
         other => other.to_string(),
     }
+}
+
+/// Names the first tensor whose byte range disagrees with its shape and dtype (the safetensors
+/// crate reports that without the name).
+fn find_inconsistent_tensor(file: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(file.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(file.get(8..8usize.checked_add(n)?)?).ok()?;
+    for (name, info) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype: Dtype = serde_json::from_value(info.get("dtype")?.clone()).ok()?;
+        let shape: Vec<usize> = serde_json::from_value(info.get("shape")?.clone()).ok()?;
+        let offsets: (usize, usize) =
+            serde_json::from_value(info.get("data_offsets")?.clone()).ok()?;
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|numel| numel.checked_mul(dtype.bitsize()))
+            .map(|bits| bits.div_ceil(8));
+        let span = offsets.1.checked_sub(offsets.0);
+        if bytes.is_none() || span != bytes {
+            return Some(format!(
+                "tensor `{name}`: data_offsets {:?} span {} bytes, but shape {shape:?} of {dtype:?} needs {}",
+                offsets,
+                span.map_or("a negative number of".to_string(), |s| s.to_string()),
+                bytes.map_or("more than fits in memory".to_string(), |b| format!("{b} bytes")),
+            ));
+        }
+    }
+    None
 }
 
 /// Decodes little-endian bf16/f16/f32 bytes (any alignment) to f32.
@@ -310,7 +349,16 @@ pub fn write_file(
             path: path.to_path_buf(),
             reason: other.to_string(),
         },
-    })
+    })?;
+    // The writer goes through a private temporary file (mode 0600); give the result the usual
+    // permissions of a file the user created.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, "cannot set permissions of", e))?;
+    }
+    Ok(())
 }
 
 /// `{"format": "pt"}`, the metadata PyTorch-side loaders expect.

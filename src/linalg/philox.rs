@@ -36,7 +36,10 @@ pub fn uniform(x: u32) -> f32 {
 /// Box–Muller on pairs of uniforms.
 #[inline]
 pub fn gaussian4(seed: u64, id: u64, i: u32, g: u32) -> [f32; 4] {
-    let x = philox4x32_10([g, i, id as u32, (id >> 32) as u32], [seed as u32, (seed >> 32) as u32]);
+    let x = philox4x32_10(
+        [g, i, id as u32, (id >> 32) as u32],
+        [seed as u32, (seed >> 32) as u32],
+    );
     let (a0, a1) = box_muller(uniform(x[0]), uniform(x[1]));
     let (b0, b1) = box_muller(uniform(x[2]), uniform(x[3]));
     [a0, a1, b0, b1]
@@ -79,13 +82,19 @@ mod tests {
     /// Known-answer vectors of the Random123 reference implementation (kat_vectors, philox4x32_10).
     #[test]
     fn matches_random123_known_answers() {
-        assert_eq!(philox4x32_10([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32_10([0, 0, 0, 0], [0, 0]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }

@@ -12,7 +12,8 @@ pub fn default_layer_map(source_layers: usize, target_layers: usize) -> BTreeMap
             let i = if target_layers <= 1 || source_layers <= 1 {
                 0
             } else {
-                (j as f64 * (source_layers - 1) as f64 / (target_layers - 1) as f64).round() as usize
+                (j as f64 * (source_layers - 1) as f64 / (target_layers - 1) as f64).round()
+                    as usize
             };
             (j, i)
         })
@@ -39,9 +40,12 @@ pub fn parse_layer_map(
 ) -> Result<BTreeMap<usize, usize>> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| Error::config(path, "a layer map is a JSON object {\"<target layer>\": <source layer>}"))?;
+    let obj = value.as_object().ok_or_else(|| {
+        Error::config(
+            path,
+            "a layer map is a JSON object {\"<target layer>\": <source layer>}",
+        )
+    })?;
     let mut map = default_layer_map(source_layers, target_layers);
     for (key, v) in obj {
         let j: usize = key
@@ -54,10 +58,9 @@ pub fn parse_layer_map(
                 format!("target layer {j} does not exist (the target has {target_layers} layers)"),
             ));
         }
-        let i = v
-            .as_u64()
-            .ok_or_else(|| Error::config(path, format!("value for layer {j} is not a layer number")))?
-            as usize;
+        let i = v.as_u64().ok_or_else(|| {
+            Error::config(path, format!("value for layer {j} is not a layer number"))
+        })? as usize;
         if i >= source_layers {
             return Err(Error::config(
                 path,
@@ -103,9 +106,13 @@ mod tests {
         let p = Path::new("map.json");
         let m = parse_layer_map(r#"{"0": 3, "2": 1}"#, p, 4, 4).unwrap();
         assert_eq!((m[&0], m[&1], m[&2], m[&3]), (3, 1, 1, 3));
-        let e = parse_layer_map(r#"{"9": 0}"#, p, 4, 4).unwrap_err().to_string();
+        let e = parse_layer_map(r#"{"9": 0}"#, p, 4, 4)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("target layer 9"), "{e}");
-        let e = parse_layer_map(r#"{"0": 4}"#, p, 4, 4).unwrap_err().to_string();
+        let e = parse_layer_map(r#"{"0": 4}"#, p, 4, 4)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("source layer 4"), "{e}");
         assert!(parse_layer_map("[1,2]", p, 4, 4).is_err());
         assert!(parse_layer_map(r#"{"x": 1}"#, p, 4, 4).is_err());

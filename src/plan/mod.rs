@@ -65,14 +65,20 @@ impl<'a> ModelSide<'a> {
 
     /// The weight tensor of a module, checked against the shape the config implies.
     fn weight(&self, layer: usize, spec: &ModuleSpec) -> Result<(String, (usize, usize))> {
-        let name = format!("{}.weight", self.arch.module_path(&self.prefix, layer, spec));
+        let name = format!(
+            "{}.weight",
+            self.arch.module_path(&self.prefix, layer, spec)
+        );
         let shape = self.ckpt.shape(&name)?;
         let expected = spec.shape(&self.ckpt.config);
         if shape != [expected.0, expected.1] {
             return Err(Error::bad_tensor(
                 &self.ckpt.dir,
                 &name,
-                format!("shape {shape:?}, but config.json implies [{}, {}]", expected.0, expected.1),
+                format!(
+                    "shape {shape:?}, but config.json implies [{}, {}]",
+                    expected.0, expected.1
+                ),
             ));
         }
         Ok((name, expected))
@@ -171,28 +177,41 @@ pub fn build(
         return Err(Error::arg("--rank", "must be at least 1"));
     }
     if !(0.0..=1.0).contains(&options.threshold) {
-        return Err(Error::arg("--threshold", format!("{} is outside [0, 1]", options.threshold)));
+        return Err(Error::arg(
+            "--threshold",
+            format!("{} is outside [0, 1]", options.threshold),
+        ));
     }
     let filter = module_filter(options, source.arch, target.arch)?;
 
     // 1. Every adapter module must be a known module of the source, with matching shapes.
     let mut present: BTreeMap<(usize, &str), &str> = BTreeMap::new();
     for (name, m) in adapter {
-        let (layer, spec) = source.arch.parse_module(&source.prefix, name).ok_or_else(|| {
-            Error::UnsupportedAdapter {
+        let (layer, spec) = source
+            .arch
+            .parse_module(&source.prefix, name)
+            .ok_or_else(|| Error::UnsupportedAdapter {
                 path: adapter_path.to_path_buf(),
                 reason: format!(
                     "module `{name}` is not an adaptable {} module under `{}` (known: {})",
                     source.arch.name,
                     source.prefix,
-                    source.arch.modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                    source
+                        .arch
+                        .modules
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-            }
-        })?;
+            })?;
         if layer >= source.layers() {
             return Err(Error::UnsupportedAdapter {
                 path: adapter_path.to_path_buf(),
-                reason: format!("module `{name}` is in layer {layer}, but the source base has {} layers", source.layers()),
+                reason: format!(
+                    "module `{name}` is in layer {layer}, but the source base has {} layers",
+                    source.layers()
+                ),
             });
         }
         let (tensor, (out, inp)) = source.weight(layer, spec)?;
@@ -214,13 +233,27 @@ pub fn build(
     let same = same_layout(source.arch, target.arch);
     let covered: BTreeSet<Part> = source_types
         .iter()
-        .flat_map(|t| source.arch.module(t).expect("parsed above").parts.iter().copied())
+        .flat_map(|t| {
+            source
+                .arch
+                .module(t)
+                .expect("parsed above")
+                .parts
+                .iter()
+                .copied()
+        })
         .collect();
     let target_specs: Vec<&ModuleSpec> = target
         .arch
         .modules
         .iter()
-        .filter(|m| if same { source_types.contains(m.name.as_str()) } else { m.parts.iter().any(|p| covered.contains(p)) })
+        .filter(|m| {
+            if same {
+                source_types.contains(m.name.as_str())
+            } else {
+                m.parts.iter().any(|p| covered.contains(p))
+            }
+        })
         .collect();
 
     // 3. Layers.
@@ -240,29 +273,55 @@ pub fn build(
             let pieces: Vec<(Option<Part>, &ModuleSpec)> = if same {
                 vec![(None, source.arch.module(&spec.name).expect("same layout"))]
             } else {
-                spec.parts.iter().map(|&p| (Some(p), source.arch.module_with(p))).collect()
+                spec.parts
+                    .iter()
+                    .map(|&p| (Some(p), source.arch.module_with(p)))
+                    .collect()
             };
             for (part, src_spec) in pieces {
                 let (source_tensor, src_full) = source.weight(i, src_spec)?;
                 let src_rows = match part {
-                    Some(p) => src_spec.rows_of(p, &source.ckpt.config).expect("module holds part"),
+                    Some(p) => src_spec
+                        .rows_of(p, &source.ckpt.config)
+                        .expect("module holds part"),
                     None => 0..src_full.0,
                 };
                 let tgt_rows = match part {
-                    Some(p) => spec.rows_of(p, &target.ckpt.config).expect("module holds part"),
+                    Some(p) => spec
+                        .rows_of(p, &target.ckpt.config)
+                        .expect("module holds part"),
                     None => 0..shape.0,
                 };
                 let source_shape = (src_rows.len(), src_full.1);
                 let target_shape = (tgt_rows.len(), shape.1);
                 let label = match part {
-                    Some(p) if spec.parts.len() > 1 || src_spec.parts.len() > 1 => p.module_name().to_string(),
+                    Some(p) if spec.parts.len() > 1 || src_spec.parts.len() > 1 => {
+                        p.module_name().to_string()
+                    }
                     _ => spec.name.clone(),
                 };
-                let source_module = present.get(&(i, src_spec.name.as_str())).map(|s| s.to_string());
-                let mode = resolve_mode(options.mode, source_shape, target_shape, &label, source, target)?;
-                let cap = options.rank.min(source_shape.0).min(source_shape.1).min(target_shape.0).min(target_shape.1);
+                let source_module = present
+                    .get(&(i, src_spec.name.as_str()))
+                    .map(|s| s.to_string());
+                let mode = resolve_mode(
+                    options.mode,
+                    source_shape,
+                    target_shape,
+                    &label,
+                    source,
+                    target,
+                )?;
+                let cap = options
+                    .rank
+                    .min(source_shape.0)
+                    .min(source_shape.1)
+                    .min(target_shape.0)
+                    .min(target_shape.1);
                 let skip = if source_module.is_none() {
-                    Some(format!("the adapter has no {} in source layer {i}", src_spec.name))
+                    Some(format!(
+                        "the adapter has no {} in source layer {i}",
+                        src_spec.name
+                    ))
                 } else if !filter(&label, &spec.name, &src_spec.name) {
                     Some("not selected by --modules".to_string())
                 } else {
@@ -341,19 +400,39 @@ fn module_filter(
     let Some(list) = options.modules.clone() else {
         return Ok(Box::new(|_: &str, _: &str, _: &str| true));
     };
-    let mut known: BTreeSet<String> = source.modules.iter().chain(&target.modules).map(|m| m.name.clone()).collect();
+    let mut known: BTreeSet<String> = source
+        .modules
+        .iter()
+        .chain(&target.modules)
+        .map(|m| m.name.clone())
+        .collect();
     known.extend(
-        [Part::Q, Part::K, Part::V, Part::O, Part::Gate, Part::Up, Part::Down].map(|p| p.module_name().to_string()),
+        [
+            Part::Q,
+            Part::K,
+            Part::V,
+            Part::O,
+            Part::Gate,
+            Part::Up,
+            Part::Down,
+        ]
+        .map(|p| p.module_name().to_string()),
     );
     for name in &list {
         if !known.contains(name) {
             return Err(Error::arg(
                 "--modules",
-                format!("unknown module `{name}` (known: {})", known.iter().cloned().collect::<Vec<_>>().join(", ")),
+                format!(
+                    "unknown module `{name}` (known: {})",
+                    known.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
             ));
         }
     }
-    Ok(Box::new(move |label: &str, target_type: &str, source_type: &str| {
-        list.iter().any(|n| n == label || n == target_type || n == source_type)
-    }))
+    Ok(Box::new(
+        move |label: &str, target_type: &str, source_type: &str| {
+            list.iter()
+                .any(|n| n == label || n == target_type || n == source_type)
+        },
+    ))
 }

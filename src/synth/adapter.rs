@@ -51,7 +51,7 @@ impl Default for AdapterSpec {
 /// into `out_dir` (which must exist): every layer, every targeted module type.
 pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Result<()> {
     if spec.r == 0 {
-        return Err(Error::arg("--rank", "the LoRA rank must be at least 1"));
+        return Err(Error::arg("--r", "the LoRA rank must be at least 1"));
     }
     if !(spec.alpha.is_finite() && spec.alpha > 0.0) {
         return Err(Error::arg(
@@ -120,7 +120,12 @@ fn select_targets<'a>(all: &'a [ModuleSpec], names: &[String]) -> Result<Vec<&'a
 
 /// Factors of one module: A uniform in ±1/√in (`[r, in]`), B Gaussian with std [`B_STD`]
 /// (`[out, r]`), each from its own stream keyed by the module name.
-fn factors(spec: &AdapterSpec, module: &str, in_features: usize, out_features: usize) -> LoraFactors {
+fn factors(
+    spec: &AdapterSpec,
+    module: &str,
+    in_features: usize,
+    out_features: usize,
+) -> LoraFactors {
     let r = spec.r;
     let mut a = vec![0f32; r * in_features];
     fill_uniform_pm1(spec.seed, stream_id(&["lora_A", module]), 0, &mut a);

@@ -51,7 +51,12 @@ pub(crate) fn fill_uniform_pm1(seed: u64, id: u64, start: u64, out: &mut [f32]) 
         let block = k / 4;
         let lane = (k % 4) as usize;
         let bits = philox::philox4x32_10(
-            [block as u32, (block >> 32) as u32, id as u32, (id >> 32) as u32],
+            [
+                block as u32,
+                (block >> 32) as u32,
+                id as u32,
+                (id >> 32) as u32,
+            ],
             [seed as u32, (seed >> 32) as u32],
         );
         let take = (4 - lane).min(rest.len());

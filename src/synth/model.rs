@@ -168,9 +168,8 @@ pub(crate) fn spectrum(m: usize, n: usize, r: usize) -> (f32, Vec<f32>) {
     let (mf, nf) = (m as f64, n as f64);
     let edge = mf.sqrt() + nf.sqrt();
     let decay: Vec<f64> = (0..r).map(|j| ((j + 1) as f64).powf(-DECAY)).collect();
-    let planted_energy: f64 = decay.iter().map(|d| d * d).sum::<f64>()
-        * (TOP_OVER_EDGE * edge).powi(2)
-        / (mf * nf);
+    let planted_energy: f64 =
+        decay.iter().map(|d| d * d).sum::<f64>() * (TOP_OVER_EDGE * edge).powi(2) / (mf * nf);
     let s = TARGET_RMS / (1.0 + planted_energy).sqrt();
     let d = decay
         .iter()

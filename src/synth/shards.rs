@@ -195,7 +195,12 @@ mod tests {
             dir.path(),
             &tensors,
             300,
-            |t| Ok(st::encode_f32(&vec![t.name[1..].parse::<f32>().unwrap(); 32], t.ty)),
+            |t| {
+                Ok(st::encode_f32(
+                    &[t.name[1..].parse::<f32>().unwrap(); 32],
+                    t.ty,
+                ))
+            },
             |done, total| {
                 calls.set(calls.get() + 1);
                 assert!(done <= total && total == 640);
@@ -203,7 +208,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(calls.get(), 6);
-        assert!(dir.path().join("model-00003-of-00003.safetensors").is_file());
+        assert!(dir
+            .path()
+            .join("model-00003-of-00003.safetensors")
+            .is_file());
         let config = r#"{"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8,
             "intermediate_size": 8, "num_attention_heads": 1}"#;
         std::fs::write(dir.path().join("config.json"), config).unwrap();
@@ -214,6 +222,9 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.path().join(INDEX_FILE)).unwrap())
                 .unwrap();
         assert_eq!(index["metadata"]["total_size"], 640);
-        assert_eq!(index["weight_map"]["t4"], "model-00003-of-00003.safetensors");
+        assert_eq!(
+            index["weight_map"]["t4"],
+            "model-00003-of-00003.safetensors"
+        );
     }
 }

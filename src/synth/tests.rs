@@ -50,13 +50,25 @@ fn tiny_qwen2_round_trips_with_hf_names_and_shapes() {
     assert!(!ckpt.has("lm_head.weight"));
     let shape = |n: &str| ckpt.shape(n).unwrap().to_vec();
     assert_eq!(shape("model.embed_tokens.weight"), vec![256, 64]);
-    assert_eq!(shape("model.layers.3.self_attn.q_proj.weight"), vec![64, 64]);
-    assert_eq!(shape("model.layers.3.self_attn.k_proj.weight"), vec![32, 64]);
+    assert_eq!(
+        shape("model.layers.3.self_attn.q_proj.weight"),
+        vec![64, 64]
+    );
+    assert_eq!(
+        shape("model.layers.3.self_attn.k_proj.weight"),
+        vec![32, 64]
+    );
     assert_eq!(shape("model.layers.3.self_attn.v_proj.bias"), vec![32]);
-    assert_eq!(shape("model.layers.0.self_attn.o_proj.weight"), vec![64, 64]);
+    assert_eq!(
+        shape("model.layers.0.self_attn.o_proj.weight"),
+        vec![64, 64]
+    );
     assert_eq!(shape("model.layers.0.mlp.gate_proj.weight"), vec![176, 64]);
     assert_eq!(shape("model.layers.0.mlp.down_proj.weight"), vec![64, 176]);
-    assert_eq!(shape("model.layers.2.post_attention_layernorm.weight"), vec![64]);
+    assert_eq!(
+        shape("model.layers.2.post_attention_layernorm.weight"),
+        vec![64]
+    );
     assert_eq!(shape("model.norm.weight"), vec![64]);
     assert_eq!(
         ckpt.float_type("model.layers.0.mlp.up_proj.weight"),
@@ -75,10 +87,50 @@ fn tiny_qwen2_round_trips_with_hf_names_and_shapes() {
 #[test]
 fn real_preset_configs_parse_with_published_shapes() {
     let expected = [
-        (Preset::Qwen25_05b, "qwen2", 896, 4864, 24, 14, 2, 64, 151_936),
-        (Preset::Qwen25_15b, "qwen2", 1536, 8960, 28, 12, 2, 128, 151_936),
-        (Preset::Llama32_1b, "llama", 2048, 8192, 16, 32, 8, 64, 128_256),
-        (Preset::Llama32_3b, "llama", 3072, 8192, 28, 24, 8, 128, 128_256),
+        (
+            Preset::Qwen25_05b,
+            "qwen2",
+            896,
+            4864,
+            24,
+            14,
+            2,
+            64,
+            151_936,
+        ),
+        (
+            Preset::Qwen25_15b,
+            "qwen2",
+            1536,
+            8960,
+            28,
+            12,
+            2,
+            128,
+            151_936,
+        ),
+        (
+            Preset::Llama32_1b,
+            "llama",
+            2048,
+            8192,
+            16,
+            32,
+            8,
+            64,
+            128_256,
+        ),
+        (
+            Preset::Llama32_3b,
+            "llama",
+            3072,
+            8192,
+            28,
+            24,
+            8,
+            128,
+            128_256,
+        ),
         (Preset::TinyLlama, "llama", 96, 256, 6, 6, 2, 16, 256),
     ];
     for (preset, ty, h, f, l, heads, kv, hd, vocab) in expected {
@@ -106,7 +158,10 @@ fn real_preset_configs_parse_with_published_shapes() {
     for p in Preset::ALL {
         assert_eq!(p.to_possible_value().unwrap().get_name(), p.name());
     }
-    assert_eq!(Preset::from_str("llama-3.2-3b", false), Ok(Preset::Llama32_3b));
+    assert_eq!(
+        Preset::from_str("llama-3.2-3b", false),
+        Ok(Preset::Llama32_3b)
+    );
 }
 
 #[test]
@@ -169,7 +224,10 @@ fn derived_model_drifts_by_the_requested_amount() {
         let b = d.read_rows_f32(name, 0..rows).unwrap();
         let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| y - x).collect();
         let rel = frobenius(&diff) / frobenius(&a);
-        assert!((rel - drift as f64).abs() < 0.2 * drift as f64, "{name}: {rel}");
+        assert!(
+            (rel - drift as f64).abs() < 0.2 * drift as f64,
+            "{name}: {rel}"
+        );
     }
     // Drift 0 is an exact copy.
     let same = tempfile::tempdir().unwrap();
@@ -237,7 +295,15 @@ fn adapter_for_tiny_llama_loads_with_every_module() {
         .collect();
     assert_eq!(
         targets,
-        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+        [
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ]
     );
     let k = &adapter.modules["model.layers.5.self_attn.k_proj"];
     assert_eq!((k.r, k.in_features, k.out_features), (16, 96, 32));
@@ -283,16 +349,16 @@ fn adapter_targets_are_checked_and_selected() {
 
 #[test]
 fn streams_agree_whatever_the_slicing() {
-        let mut whole = vec![0f32; 23];
-        fill_normal(7, 3, 5, &mut whole);
-        let mut parts = vec![0f32; 23];
-        let (a, b) = parts.split_at_mut(6);
-        fill_normal(7, 3, 5, a);
-        fill_normal(7, 3, 11, b);
-        assert_eq!(whole, parts);
-        let mut u = vec![0f32; 1000];
-        fill_uniform_pm1(1, 2, 3, &mut u);
-        assert!(u.iter().all(|x| x.abs() < 1.0));
-        let mean = u.iter().sum::<f32>() / 1000.0;
-        assert!(mean.abs() < 0.1, "{mean}");
-    }
+    let mut whole = vec![0f32; 23];
+    fill_normal(7, 3, 5, &mut whole);
+    let mut parts = vec![0f32; 23];
+    let (a, b) = parts.split_at_mut(6);
+    fill_normal(7, 3, 5, a);
+    fill_normal(7, 3, 11, b);
+    assert_eq!(whole, parts);
+    let mut u = vec![0f32; 1000];
+    fill_uniform_pm1(1, 2, 3, &mut u);
+    assert!(u.iter().all(|x| x.abs() < 1.0));
+    let mean = u.iter().sum::<f32>() / 1000.0;
+    assert!(mean.abs() < 0.1, "{mean}");
+}

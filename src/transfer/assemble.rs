@@ -12,7 +12,11 @@ use crate::plan::{Plan, TargetModule};
 use crate::transfer::execute::Outcome;
 
 /// Builds one output module from its units' outcomes.
-pub fn assemble_module(module: &TargetModule, outcomes: &[Outcome], adapter: &Adapter) -> LoraFactors {
+pub fn assemble_module(
+    module: &TargetModule,
+    outcomes: &[Outcome],
+    adapter: &Adapter,
+) -> LoraFactors {
     let (m, n) = module.shape;
     let cfg = &adapter.config;
     // Rank, alpha and scale of each contributing unit, from its source module.
@@ -23,10 +27,22 @@ pub fn assemble_module(module: &TargetModule, outcomes: &[Outcome], adapter: &Ad
         .filter_map(|(u, o)| {
             let f = o.factors.as_ref()?;
             let src = adapter.modules.get(u.source_module.as_ref()?)?;
-            Some((u.target_rows.start, o, f.a.nrows(), src.alpha, cfg.scale(src.r, src.alpha), src.ty))
+            Some((
+                u.target_rows.start,
+                o,
+                f.a.nrows(),
+                src.alpha,
+                cfg.scale(src.r, src.alpha),
+                src.ty,
+            ))
         })
         .collect();
-    let default_ty = adapter.modules.values().next().map(|f| f.ty).unwrap_or(FloatType::F32);
+    let default_ty = adapter
+        .modules
+        .values()
+        .next()
+        .map(|f| f.ty)
+        .unwrap_or(FloatType::F32);
     let (rank, alpha, scale_t, ty) = match parts.as_slice() {
         [] => (cfg.r, cfg.lora_alpha, 1.0, default_ty),
         [(_, _, r, alpha, s, ty)] => (*r, *alpha, *s, *ty),
@@ -46,11 +62,26 @@ pub fn assemble_module(module: &TargetModule, outcomes: &[Outcome], adapter: &Ad
         copy_block(&f.a, &mut a, n, col, 0, 1.0);
         col += r;
     }
-    LoraFactors { a, b, r: rank, in_features: n, out_features: m, alpha, ty }
+    LoraFactors {
+        a,
+        b,
+        r: rank,
+        in_features: n,
+        out_features: m,
+        alpha,
+        ty,
+    }
 }
 
 /// Writes `src` into the row-major `dst` (row length `stride`) at (row0, col0), times `scale`.
-fn copy_block(src: &Mat<f32>, dst: &mut [f32], stride: usize, row0: usize, col0: usize, scale: f32) {
+fn copy_block(
+    src: &Mat<f32>,
+    dst: &mut [f32],
+    stride: usize,
+    row0: usize,
+    col0: usize,
+    scale: f32,
+) {
     for i in 0..src.nrows() {
         for j in 0..src.ncols() {
             dst[(row0 + i) * stride + col0 + j] = src[(i, j)] * scale;
@@ -69,9 +100,17 @@ pub fn output_config(
     use serde_json::Value;
     let cfg = &adapter.config;
     let mut raw = cfg.raw.clone();
-    raw.insert("base_model_name_or_path".into(), Value::String(target_base.to_string()));
+    raw.insert(
+        "base_model_name_or_path".into(),
+        Value::String(target_base.to_string()),
+    );
     if !plan.same_layout || !raw.contains_key("target_modules") {
-        let types: Vec<Value> = plan.target_types.iter().cloned().map(Value::String).collect();
+        let types: Vec<Value> = plan
+            .target_types
+            .iter()
+            .cloned()
+            .map(Value::String)
+            .collect();
         raw.insert("target_modules".into(), Value::Array(types));
     }
     // Every target layer gets its module, so layer restrictions no longer apply.

@@ -43,13 +43,30 @@ pub fn source_factors(unit: &Unit, f: &LoraFactors) -> Factors {
 }
 
 /// Decomposes rows `rows` of tensor `name` of `ckpt`.
-pub fn decompose(ctx: &Context<'_>, ckpt: &Checkpoint, name: &str, rows: std::ops::Range<usize>, rank: usize) -> Result<Basis> {
+pub fn decompose(
+    ctx: &Context<'_>,
+    ckpt: &Checkpoint,
+    name: &str,
+    rows: std::ops::Range<usize>,
+    rank: usize,
+) -> Result<Basis> {
     let full_rows = ckpt.shape(name)?[0];
-    let data = ctx.timings.time(Phase::Load, || ckpt.read_rows_f32(name, rows.clone()))?;
+    let data = ctx
+        .timings
+        .time(Phase::Load, || ckpt.read_rows_f32(name, rows.clone()))?;
     let cols = data.len() / rows.len().max(1);
     // A slice of a fused tensor is its own matrix: key its Ω by the rows too.
-    let key = if rows.len() == full_rows { name.to_string() } else { format!("{name}[{}:{}]", rows.start, rows.end) };
-    let weight = Weight { name: &key, data: &data, rows: rows.len(), cols };
+    let key = if rows.len() == full_rows {
+        name.to_string()
+    } else {
+        format!("{name}[{}:{}]", rows.start, rows.end)
+    };
+    let weight = Weight {
+        name: &key,
+        data: &data,
+        rows: rows.len(),
+        cols,
+    };
     let params = SvdParams {
         rank,
         oversample: ctx.options.oversample,
@@ -77,12 +94,26 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
     };
     let src = source_factors(unit, lora);
     let threshold = ctx.options.threshold;
-    let comparable = unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
+    let comparable =
+        unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
     // Similarity is always measured for the subspace modes; for copy/resample only to filter.
-    let want_bases = matches!(unit.mode, Mode::Project | Mode::Align | Mode::Procrustes) || (threshold > 0.0 && comparable);
+    let want_bases = matches!(unit.mode, Mode::Project | Mode::Align | Mode::Procrustes)
+        || (threshold > 0.0 && comparable);
     let (bs, bt) = if want_bases {
-        let bs = decompose(ctx, ctx.source, &unit.source_tensor, unit.source_rows.clone(), unit.rank)?;
-        let bt = decompose(ctx, ctx.target, &unit.target_tensor, unit.target_rows.clone(), unit.rank)?;
+        let bs = decompose(
+            ctx,
+            ctx.source,
+            &unit.source_tensor,
+            unit.source_rows.clone(),
+            unit.rank,
+        )?;
+        let bt = decompose(
+            ctx,
+            ctx.target,
+            &unit.target_tensor,
+            unit.target_rows.clone(),
+            unit.rank,
+        )?;
         (Some(bs), Some(bt))
     } else {
         (None, None)
@@ -99,7 +130,8 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         });
     }
     let mut out = ctx.timings.time(Phase::Project, || {
-        ctx.backend.transfer(unit.mode, &src, bs.as_ref(), bt.as_ref(), unit.target_shape)
+        ctx.backend
+            .transfer(unit.mode, &src, bs.as_ref(), bt.as_ref(), unit.target_shape)
     })?;
     let similarity = match (sim_u, sim_v) {
         (Some(u), Some(v)) => Some((u + v) / 2.0),

@@ -44,7 +44,13 @@ pub struct Inspection {
 }
 
 /// Measures every module pair. Pairs of different shapes get no similarity (null).
-pub fn run(source: &Checkpoint, target: &Checkpoint, options: &Options, backend: &dyn Backend, progress: bool) -> Result<Inspection> {
+pub fn run(
+    source: &Checkpoint,
+    target: &Checkpoint,
+    options: &Options,
+    backend: &dyn Backend,
+    progress: bool,
+) -> Result<Inspection> {
     let wall = Instant::now();
     let s = ModelSide::new(source)?;
     let t = ModelSide::new(target)?;
@@ -53,7 +59,12 @@ pub fn run(source: &Checkpoint, target: &Checkpoint, options: &Options, backend:
     for layer in 0..s.layers() {
         for spec in &s.arch.modules {
             let (out, inp) = spec.shape(&source.config);
-            let m = SourceModule { r: 1, in_features: inp, out_features: out, scale: 1.0 };
+            let m = SourceModule {
+                r: 1,
+                in_features: inp,
+                out_features: out,
+                scale: 1.0,
+            };
             all.insert(s.arch.module_path(&s.prefix, layer, spec), m);
         }
     }
@@ -61,16 +72,36 @@ pub fn run(source: &Checkpoint, target: &Checkpoint, options: &Options, backend:
     opts.mode = crate::backend::Mode::Auto;
     let plan = plan::build(&s, &t, &all, &source.dir, &opts)?;
     let timings = Timings::default();
-    let ctx = execute::Context { source, target, backend, options: &opts, timings: &timings };
+    let ctx = execute::Context {
+        source,
+        target,
+        backend,
+        options: &opts,
+        timings: &timings,
+    };
     let units: Vec<&plan::Unit> = plan.units().collect();
     let bar = super::progress_bar(progress, units.len() as u64, "inspect");
     let pairs = units
         .par_iter()
         .map(|u| {
-            let bs = execute::decompose(&ctx, source, &u.source_tensor, u.source_rows.clone(), u.rank)?;
-            let bt = execute::decompose(&ctx, target, &u.target_tensor, u.target_rows.clone(), u.rank)?;
-            let su = (bs.u.nrows() == bt.u.nrows()).then(|| backend.similarity(bs.u.as_ref(), bt.u.as_ref()) as f64);
-            let sv = (bs.v.nrows() == bt.v.nrows()).then(|| backend.similarity(bs.v.as_ref(), bt.v.as_ref()) as f64);
+            let bs = execute::decompose(
+                &ctx,
+                source,
+                &u.source_tensor,
+                u.source_rows.clone(),
+                u.rank,
+            )?;
+            let bt = execute::decompose(
+                &ctx,
+                target,
+                &u.target_tensor,
+                u.target_rows.clone(),
+                u.rank,
+            )?;
+            let su = (bs.u.nrows() == bt.u.nrows())
+                .then(|| backend.similarity(bs.u.as_ref(), bt.u.as_ref()) as f64);
+            let sv = (bs.v.nrows() == bt.v.nrows())
+                .then(|| backend.similarity(bs.v.as_ref(), bt.v.as_ref()) as f64);
             bar.inc(1);
             Ok(PairRow {
                 module: u.label.clone(),
@@ -105,8 +136,19 @@ pub fn table(ins: &Inspection) -> String {
     let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     let mut out = format!(
         "{} ({}) -> {} ({}), k = {}\n{:<10} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
-        ins.source_base, ins.source_arch, ins.target_base, ins.target_arch, ins.rank,
-        "module", "tgt", "src", "source", "target", "sim_u", "sim_v", "similarity"
+        ins.source_base,
+        ins.source_arch,
+        ins.target_base,
+        ins.target_arch,
+        ins.rank,
+        "module",
+        "tgt",
+        "src",
+        "source",
+        "target",
+        "sim_u",
+        "sim_v",
+        "similarity"
     );
     for p in &ins.pairs {
         out += &format!(

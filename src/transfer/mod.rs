@@ -55,7 +55,8 @@ pub fn run(job: &Job) -> Result<Report> {
             let t = ModelSide::new(&target)?;
             let mut options = job.options.clone();
             if let Some(path) = &job.layer_map_file {
-                options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
+                options.layer_map =
+                    Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
             }
             plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?
         };
@@ -69,13 +70,20 @@ pub fn run(job: &Job) -> Result<Report> {
         options: &job.options,
         timings: &timings,
     };
-    let units: Vec<(usize, &plan::Unit)> =
-        plan.modules.iter().enumerate().flat_map(|(i, m)| m.units.iter().map(move |u| (i, u))).collect();
+    let units: Vec<(usize, &plan::Unit)> = plan
+        .modules
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.units.iter().map(move |u| (i, u)))
+        .collect();
     let bar = progress_bar(job.progress, units.len() as u64, "transfer");
     let outcomes: Vec<execute::Outcome> = units
         .par_iter()
         .map(|(_, unit)| {
-            let factors = unit.source_module.as_ref().and_then(|m| adapter.modules.get(m));
+            let factors = unit
+                .source_module
+                .as_ref()
+                .and_then(|m| adapter.modules.get(m));
             let out = execute::run_unit(&ctx, unit, factors);
             bar.inc(1);
             out
@@ -92,9 +100,18 @@ pub fn run(job: &Job) -> Result<Report> {
         let slice = &outcomes[at..at + n];
         for (unit, o) in module.units.iter().zip(slice) {
             let full_s = source.shape(&unit.source_tensor)?[0];
-            rows.push(ModuleRow::new(unit, &module.name, full_s, module.shape.0, o));
+            rows.push(ModuleRow::new(
+                unit,
+                &module.name,
+                full_s,
+                module.shape.0,
+                o,
+            ));
         }
-        modules.insert(module.name.clone(), assemble::assemble_module(module, slice, &adapter));
+        modules.insert(
+            module.name.clone(),
+            assemble::assemble_module(module, slice, &adapter),
+        );
         at += n;
     }
     let target_name = job.target_base.to_string_lossy().into_owned();
@@ -145,7 +162,10 @@ pub fn source_modules(adapter: &Adapter) -> BTreeMap<String, SourceModule> {
 
 /// Per-phase milliseconds plus the wall-clock total.
 pub fn timings_map(t: &Timings, total_ms: f64) -> BTreeMap<String, f64> {
-    let mut map: BTreeMap<String, f64> = Phase::ALL.iter().map(|p| (p.name().to_string(), round3(t.ms(*p)))).collect();
+    let mut map: BTreeMap<String, f64> = Phase::ALL
+        .iter()
+        .map(|p| (p.name().to_string(), round3(t.ms(*p))))
+        .collect();
     map.insert("total".into(), round3(total_ms));
     map
 }
@@ -167,9 +187,11 @@ pub fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressB
     }
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} modules, {elapsed} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {pos}/{len} modules, {elapsed} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     bar

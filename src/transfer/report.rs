@@ -39,12 +39,19 @@ pub struct ModuleRow {
 }
 
 impl ModuleRow {
-    pub fn new(unit: &Unit, target_module: &str, full_source_rows: usize, full_target_rows: usize, o: &Outcome) -> Self {
+    pub fn new(
+        unit: &Unit,
+        target_module: &str,
+        full_source_rows: usize,
+        full_target_rows: usize,
+        o: &Outcome,
+    ) -> Self {
         let similarity = match (o.similarity_u, o.similarity_v) {
             (Some(u), Some(v)) => Some((u + v) / 2.0),
             _ => None,
         };
-        let rows = |r: &std::ops::Range<usize>, full: usize| (r.len() != full).then_some([r.start, r.end]);
+        let rows =
+            |r: &std::ops::Range<usize>, full: usize| (r.len() != full).then_some([r.start, r.end]);
         ModuleRow {
             source_key: unit.source_tensor.clone(),
             target_key: unit.target_tensor.clone(),
@@ -101,12 +108,18 @@ pub struct Summary {
 
 impl Summary {
     pub fn of(rows: &[ModuleRow]) -> Self {
-        let mean = |xs: Vec<f64>| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
+        let mean =
+            |xs: Vec<f64>| (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64);
         Summary {
             transferred: rows.iter().filter(|r| r.transferred).count(),
             skipped: rows.iter().filter(|r| !r.transferred).count(),
             mean_similarity: mean(rows.iter().filter_map(|r| r.similarity).collect()),
-            mean_energy_kept: mean(rows.iter().filter(|r| r.transferred).filter_map(|r| r.energy_kept).collect()),
+            mean_energy_kept: mean(
+                rows.iter()
+                    .filter(|r| r.transferred)
+                    .filter_map(|r| r.energy_kept)
+                    .collect(),
+            ),
             rank_capped: rows.iter().filter(|r| r.rank_capped).count(),
         }
     }
@@ -116,7 +129,10 @@ impl Summary {
 pub fn layer_map_json(plan: &Plan) -> BTreeMap<String, usize> {
     // Zero-padded keys would sort numerically but read badly; BTreeMap<String> sorts "10" < "2",
     // which JSON readers do not care about.
-    plan.layer_map.iter().map(|(j, i)| (j.to_string(), *i)).collect()
+    plan.layer_map
+        .iter()
+        .map(|(j, i)| (j.to_string(), *i))
+        .collect()
 }
 
 /// A per-module-type table for the terminal: count, transferred, mean similarity, mean energy.
@@ -139,7 +155,11 @@ pub fn summary_table(rows: &[ModuleRow]) -> String {
         let sv = mean(&|r| r.similarity_v);
         let uv = match (su, sv) {
             (None, None) => "-".to_string(),
-            _ => format!("{}/{}", su.map(|v| format!("{v:.2}")).unwrap_or("-".into()), sv.map(|v| format!("{v:.2}")).unwrap_or("-".into())),
+            _ => format!(
+                "{}/{}",
+                su.map(|v| format!("{v:.2}")).unwrap_or("-".into()),
+                sv.map(|v| format!("{v:.2}")).unwrap_or("-".into())
+            ),
         };
         out += &format!(
             "{:<12} {:>6} {:>11} {:>10} {:>10} {:>8}\n",

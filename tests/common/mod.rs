@@ -12,7 +12,9 @@ use loraxfer::linalg::philox::gaussian4;
 
 /// A deterministic Gaussian `rows × cols` matrix (stream `stream` of `seed`).
 pub fn gaussian(rows: usize, cols: usize, seed: u64, stream: u64) -> Mat<f32> {
-    Mat::from_fn(rows, cols, |i, j| gaussian4(seed, stream, i as u32, (j / 4) as u32)[j % 4])
+    Mat::from_fn(rows, cols, |i, j| {
+        gaussian4(seed, stream, i as u32, (j / 4) as u32)[j % 4]
+    })
 }
 
 /// A random `n × k` matrix with orthonormal columns.
@@ -52,7 +54,11 @@ pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
 
 /// Largest absolute entry of `a − b`.
 pub fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
-    assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()), "shapes differ");
+    assert_eq!(
+        (a.nrows(), a.ncols()),
+        (b.nrows(), b.ncols()),
+        "shapes differ"
+    );
     let mut worst = 0f32;
     for j in 0..a.ncols() {
         for i in 0..a.nrows() {
@@ -107,7 +113,12 @@ pub struct TinyModel {
 }
 
 /// Writes config.json + model.safetensors with the given tensors (name → row-major data, shape).
-pub fn write_checkpoint(dir: &Path, model: &TinyModel, tensors: &BTreeMap<String, (Vec<f32>, Vec<usize>)>, ty: FloatType) {
+pub fn write_checkpoint(
+    dir: &Path,
+    model: &TinyModel,
+    tensors: &BTreeMap<String, (Vec<f32>, Vec<usize>)>,
+    ty: FloatType,
+) {
     std::fs::create_dir_all(dir).unwrap();
     let config = serde_json::json!({
         "model_type": model.model_type,
@@ -121,16 +132,32 @@ pub fn write_checkpoint(dir: &Path, model: &TinyModel, tensors: &BTreeMap<String
         "vocab_size": 32,
         "torch_dtype": ty.torch_name(),
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
     let out: Vec<(String, OutTensor)> = tensors
         .iter()
-        .map(|(k, (data, shape))| (k.clone(), OutTensor::from_f32(data.clone(), shape.clone(), ty)))
+        .map(|(k, (data, shape))| {
+            (
+                k.clone(),
+                OutTensor::from_f32(data.clone(), shape.clone(), ty),
+            )
+        })
         .collect();
     write_file(&dir.join("model.safetensors"), &out, pt_metadata()).unwrap();
 }
 
 /// Writes a PEFT adapter (config + weights) with per-module factors.
-pub fn write_peft(dir: &Path, base: &str, r: usize, alpha: f64, extra: serde_json::Value, modules: &BTreeMap<String, LoraFactors>) {
+pub fn write_peft(
+    dir: &Path,
+    base: &str,
+    r: usize,
+    alpha: f64,
+    extra: serde_json::Value,
+    modules: &BTreeMap<String, LoraFactors>,
+) {
     std::fs::create_dir_all(dir).unwrap();
     let mut config = serde_json::json!({
         "peft_type": "LORA",
@@ -155,7 +182,14 @@ pub fn write_peft(dir: &Path, base: &str, r: usize, alpha: f64, extra: serde_jso
 }
 
 /// Factors with seeded random A and B.
-pub fn random_factors(out: usize, inp: usize, r: usize, alpha: f64, seed: u64, ty: FloatType) -> LoraFactors {
+pub fn random_factors(
+    out: usize,
+    inp: usize,
+    r: usize,
+    alpha: f64,
+    seed: u64,
+    ty: FloatType,
+) -> LoraFactors {
     let a = gaussian(r, inp, seed, 11);
     let b = gaussian(out, r, seed, 12);
     LoraFactors {

@@ -15,9 +15,15 @@ pub fn similarity(x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
     }
     let c = mm(x.transpose(), y);
     let sum: f64 = (0..c.ncols())
-        .flat_map(|j| c.col(j).iter().map(|&v| (v as f64) * (v as f64)).collect::<Vec<_>>())
+        .flat_map(|j| {
+            c.col(j)
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .collect::<Vec<_>>()
+        })
         .sum();
-    (sum / k as f64) as f32
+    // Rounding can push a full-rank overlap a few ulps past 1; the quantity itself lies in [0, 1].
+    (sum / k as f64).clamp(0.0, 1.0) as f32
 }
 
 /// The orthogonal polar factor X Yᵀ of `m` (from m = X Σ Yᵀ): the rotation nearest to `m`.
@@ -88,15 +94,24 @@ pub fn transfer(
         }
         Mode::Project => {
             let t = need(bt, mode, "target")?;
-            check(t.u.nrows() == m_s && t.v.nrows() == n_s, "project needs equal shapes")?;
+            check(
+                t.u.nrows() == m_s && t.v.nrows() == n_s,
+                "project needs equal shapes",
+            )?;
             let b = mm(t.u.as_ref(), mm(t.u.transpose(), src.b.as_ref()).as_ref());
             let a = mm(mm(src.a.as_ref(), t.v.as_ref()).as_ref(), t.v.transpose());
             Ok(Factors { b, a })
         }
         Mode::Align => {
             let (s, t) = (need(bs, mode, "source")?, need(bt, mode, "target")?);
-            check(s.u.nrows() == m_s && s.v.nrows() == n_s, "source basis vs adapter")?;
-            check(t.u.nrows() == m_t && t.v.nrows() == n_t, "target basis vs target shape")?;
+            check(
+                s.u.nrows() == m_s && s.v.nrows() == n_s,
+                "source basis vs adapter",
+            )?;
+            check(
+                t.u.nrows() == m_t && t.v.nrows() == n_t,
+                "target basis vs target shape",
+            )?;
             check(s.u.ncols() == t.u.ncols(), "bases of equal rank")?;
             let b = mm(t.u.as_ref(), mm(s.u.transpose(), src.b.as_ref()).as_ref());
             let a = mm(mm(src.a.as_ref(), s.v.as_ref()).as_ref(), t.v.transpose());
@@ -109,7 +124,10 @@ pub fn transfer(
             let o_u = polar(mm(s.u.transpose(), t.u.as_ref()).as_ref())?;
             let o_v = polar(mm(s.v.transpose(), t.v.as_ref()).as_ref())?;
             // B_t = U_t O_uᵀ (U_sᵀ B_s),  A_t = (A_s V_s) O_v V_tᵀ
-            let core_b = mm(o_u.transpose(), mm(s.u.transpose(), src.b.as_ref()).as_ref());
+            let core_b = mm(
+                o_u.transpose(),
+                mm(s.u.transpose(), src.b.as_ref()).as_ref(),
+            );
             let b = mm(t.u.as_ref(), core_b.as_ref());
             let core_a = mm(mm(src.a.as_ref(), s.v.as_ref()).as_ref(), o_v.as_ref());
             let a = mm(core_a.as_ref(), t.v.transpose());

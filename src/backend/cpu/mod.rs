@@ -19,7 +19,12 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings) -> Result<Basis> {
+    fn truncated_svd(
+        &self,
+        w: &Weight<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
         rsvd::truncated_svd(w, params, timings)
     }
 

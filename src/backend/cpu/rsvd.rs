@@ -48,7 +48,9 @@ pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<
         for j in 0..l {
             // Column j of Ω, contiguous in faer's column-major storage.
             let col = omega.col_mut(j);
-            let col = col.try_as_col_major_mut().expect("owned columns are contiguous");
+            let col = col
+                .try_as_col_major_mut()
+                .expect("owned columns are contiguous");
             for (i, x) in col.as_slice_mut().iter_mut().enumerate() {
                 *x = philox::gaussian4(params.seed, id, i as u32, (j / 4) as u32)[j % 4];
             }
@@ -64,10 +66,12 @@ pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<
     }
     // Bᵀ = Wᵀ Q (n × l); W ≈ Q B = (Q V_b) Σ U_bᵀ where Bᵀ = U_b Σ V_bᵀ.
     let bt = t.time(Phase::Sketch, || mm(wm.transpose(), q.as_ref()));
-    let svd = t.time(Phase::Eig, || bt.thin_svd()).map_err(|e| Error::Numerical {
-        context: w.name.to_string(),
-        reason: format!("SVD of the {n}x{l} core did not converge: {e:?}"),
-    })?;
+    let svd = t
+        .time(Phase::Eig, || bt.thin_svd())
+        .map_err(|e| Error::Numerical {
+            context: w.name.to_string(),
+            reason: format!("SVD of the {n}x{l} core did not converge: {e:?}"),
+        })?;
     let (u, s, v) = t.time(Phase::Eig, || {
         let u = mm(q.as_ref(), svd.V().subcols(0, k));
         let v = svd.U().subcols(0, k).to_owned();

@@ -1,0 +1,118 @@
+//! Compiles every `kernels/*.cu` into a fatbin (sm_90 SASS + compute_90 PTX) and embeds them.
+//! nvcc comes from `NVCC`, then `CUDA_HOME`/`CUDA_PATH`, then `PATH`. Without nvcc the crate still
+//! builds (no `loraxfer_cuda_kernels` cfg) and the CPU backend does everything; a kernel that
+//! fails to compile fails the build.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(loraxfer_cuda_kernels)");
+    println!("cargo::rerun-if-changed=kernels");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
+        .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
+    sources.sort();
+    for s in &sources {
+        println!("cargo::rerun-if-changed={}", s.display());
+    }
+
+    let mut entries = Vec::new();
+    let mut version = String::new();
+    match find_nvcc() {
+        Some(nvcc) => {
+            version = nvcc_version(&nvcc);
+            for src in &sources {
+                let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+                let fatbin = out_dir.join(format!("{stem}.fatbin"));
+                compile(&nvcc, src, &fatbin);
+                entries.push((stem, fatbin));
+            }
+            println!("cargo::rustc-cfg=loraxfer_cuda_kernels");
+        }
+        None => println!(
+            "cargo::warning=nvcc not found (set NVCC, or run scripts/setup-cuda.sh): building without CUDA kernels; the CPU backend is complete"
+        ),
+    }
+
+    let mut code = String::from("/// Embedded kernel images: (file stem, fatbin bytes).\npub const FATBINS: &[(&str, &[u8])] = &[\n");
+    for (stem, path) in &entries {
+        code += &format!(
+            "    ({stem:?}, include_bytes!({:?})),\n",
+            path.display().to_string()
+        );
+    }
+    code += "];\n";
+    code += &format!("/// The nvcc that compiled them (empty without kernels).\npub const NVCC_VERSION: &str = {version:?};\n");
+    code += "/// The GPU code each fatbin holds.\npub const TARGETS: &str = \"sm_90 SASS + compute_90 PTX\";\n";
+    std::fs::write(out_dir.join("kernels.rs"), code).expect("write kernels.rs");
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("NVCC") {
+        if !p.is_empty() {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                return Some(p);
+            }
+            panic!("NVCC={} does not exist", p.display());
+        }
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(home) = std::env::var(var) {
+            let p = Path::new(&home).join("bin").join("nvcc");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("nvcc"))
+        .find(|p| p.is_file())
+}
+
+fn nvcc_version(nvcc: &Path) -> String {
+    Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| l.contains("release"))
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn compile(nvcc: &Path, src: &Path, fatbin: &Path) {
+    let out = Command::new(nvcc)
+        .args(["-fatbin", "-O3", "-std=c++17"])
+        .args([
+            "-gencode",
+            "arch=compute_90,code=sm_90",
+            "-gencode",
+            "arch=compute_90,code=compute_90",
+        ])
+        .arg("-Ikernels")
+        .arg("-o")
+        .arg(fatbin)
+        .arg(src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    if !out.status.success() {
+        panic!(
+            "nvcc failed on {}:\n{}{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

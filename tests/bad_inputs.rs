@@ -1,0 +1,503 @@
+//! Every way a transfer's inputs can be broken must end the same way: a non-zero exit, one
+//! `error:` line on stderr that names the file (and the tensor, where there is one) and says what
+//! is wrong, and no output directory (not even a half-written hidden staging sibling).
+//!
+//! Fixtures are made with `loraxfer synth` itself (tiny models take milliseconds), then damaged
+//! byte by byte. The safetensors helpers below parse and re-serialize headers by hand, so the
+//! damage is exactly what each test says and does not depend on the crate's own writer.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Map, Value};
+use tempfile::TempDir;
+
+const Q_PROJ_0: &str = "model.layers.0.self_attn.q_proj.weight";
+const LORA_B_Q_0: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+
+fn loraxfer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loraxfer"))
+        .args(args)
+        .output()
+        .expect("the loraxfer binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn ok(args: &[&str]) {
+    let out = loraxfer(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+}
+
+/// `loraxfer synth KIND --out OUT EXTRA...`
+fn synth(kind: &str, out: &Path, extra: &[&str]) {
+    let mut args = vec!["synth", kind, "--out", s(out)];
+    args.extend_from_slice(extra);
+    ok(&args);
+}
+
+/// A tiny-qwen2 source, a 5% drifted derivative as target, and an adapter for the source, all in
+/// one temporary directory that also serves as the parent of `--out`.
+struct Fixtures {
+    root: TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    adapter: PathBuf,
+}
+
+impl Fixtures {
+    fn new() -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let source = root.path().join("source");
+        let target = root.path().join("target");
+        let adapter = root.path().join("adapter");
+        synth("model", &source, &["--like", "tiny-qwen2", "--seed", "1"]);
+        synth(
+            "model",
+            &target,
+            &["--derive-from", s(&source), "--drift", "0.05"],
+        );
+        synth("adapter", &adapter, &["--base", s(&source)]);
+        Fixtures {
+            root,
+            source,
+            target,
+            adapter,
+        }
+    }
+
+    /// Where every failing transfer writes; it must never appear.
+    fn out(&self) -> PathBuf {
+        self.root.path().join("out")
+    }
+
+    fn source_weights(&self) -> PathBuf {
+        self.source.join("model.safetensors")
+    }
+
+    fn adapter_weights(&self) -> PathBuf {
+        self.adapter.join("adapter_model.safetensors")
+    }
+
+    /// A transfer into `out()` from explicit inputs.
+    fn transfer_with(
+        &self,
+        source: &Path,
+        target: &Path,
+        adapter: &Path,
+        extra: &[&str],
+    ) -> Output {
+        let out = self.out();
+        let mut args = vec!["transfer", "--out", s(&out), "--adapter", s(adapter)];
+        args.extend(["--source-base", s(source), "--target-base", s(target)]);
+        args.extend_from_slice(extra);
+        loraxfer(&args)
+    }
+
+    /// A transfer between the standard fixtures.
+    fn transfer(&self, extra: &[&str]) -> Output {
+        self.transfer_with(&self.source, &self.target, &self.adapter, extra)
+    }
+
+    /// The contract of a refused run; `needles` are substrings the message must contain.
+    fn assert_refused(&self, out: &Output, needles: &[&str]) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "expected a failure, got success; stderr: {stderr}"
+        );
+        assert!(
+            stderr.starts_with("error:"),
+            "stderr does not start with `error:`: {stderr}"
+        );
+        for n in needles {
+            assert!(stderr.contains(n), "stderr lacks `{n}`: {stderr}");
+        }
+        assert!(!self.out().exists(), "--out was created by a failed run");
+        self.assert_no_staging_left();
+    }
+
+    /// The staging directory `.out.tmp-*` must be cleaned up whatever happened.
+    fn assert_no_staging_left(&self) {
+        let leftovers: Vec<String> = std::fs::read_dir(self.root.path())
+            .expect("read temp dir")
+            .map(|e| {
+                e.expect("dir entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .filter(|n| n.starts_with(".out.tmp-"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "staging directories left behind: {leftovers:?}"
+        );
+    }
+}
+
+/// A safetensors file split into its header JSON (key order kept) and its data section.
+struct Safetensors {
+    header: Map<String, Value>,
+    data: Vec<u8>,
+}
+
+impl Safetensors {
+    fn read(path: &Path) -> Self {
+        let bytes = std::fs::read(path).expect("read safetensors");
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header JSON");
+        Safetensors {
+            header,
+            data: bytes[8 + n..].to_vec(),
+        }
+    }
+
+    /// Writes the file back with a header length that matches the (possibly edited) header.
+    fn write(&self, path: &Path) {
+        let header = serde_json::to_vec(&self.header).unwrap();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&self.data);
+        std::fs::write(path, bytes).expect("write safetensors");
+    }
+
+    fn offsets(&self, name: &str) -> (usize, usize) {
+        let o = &self.header[name]["data_offsets"];
+        (
+            o[0].as_u64().unwrap() as usize,
+            o[1].as_u64().unwrap() as usize,
+        )
+    }
+
+    fn set_offsets(&mut self, name: &str, start: usize, end: usize) {
+        self.header[name]["data_offsets"] = json!([start, end]);
+    }
+
+    /// Tensor names ordered by where their data lies.
+    fn names_by_offset(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect();
+        names.sort_by_key(|n| self.offsets(n).0);
+        names
+    }
+
+    /// Drops a tensor and re-packs the data so the remaining offsets tile it exactly.
+    fn without(&self, drop: &str) -> Self {
+        let mut header = Map::new();
+        let mut data = Vec::new();
+        if let Some(meta) = self.header.get("__metadata__") {
+            header.insert("__metadata__".into(), meta.clone());
+        }
+        for name in self.names_by_offset().into_iter().filter(|n| n != drop) {
+            let (a, b) = self.offsets(&name);
+            let mut entry = self.header[&name].clone();
+            entry["data_offsets"] = json!([data.len(), data.len() + b - a]);
+            data.extend_from_slice(&self.data[a..b]);
+            header.insert(name, entry);
+        }
+        Safetensors { header, data }
+    }
+
+    /// Overwrites the first bytes of a tensor's data.
+    fn poke(&mut self, name: &str, bytes: &[u8]) {
+        let (a, _) = self.offsets(name);
+        self.data[a..a + bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+/// Reads a JSON file, lets `edit` change it, writes it back.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
+    let mut v: Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn edit_bytes(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    edit(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn truncated_checkpoint_is_refused() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    edit_bytes(&file, |b| b.truncate(b.len() / 2));
+    f.assert_refused(&f.transfer(&[]), &[s(&file), "truncated"]);
+}
+
+#[test]
+fn header_length_past_end_of_file_is_refused() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    // Just past the end (under the crate's size cap), then absurdly large.
+    let len = std::fs::metadata(&file).unwrap().len();
+    edit_bytes(&file, |b| {
+        b[..8].copy_from_slice(&(len + 1000).to_le_bytes())
+    });
+    f.assert_refused(
+        &f.transfer(&[]),
+        &[s(&file), "header length", "end of the file"],
+    );
+    edit_bytes(&file, |b| {
+        b[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes())
+    });
+    f.assert_refused(&f.transfer(&[]), &[s(&file), "header length"]);
+}
+
+#[test]
+fn corrupt_header_json_is_refused() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    let pristine = std::fs::read(&file).unwrap();
+    // A byte that is not UTF-8 inside the header...
+    edit_bytes(&file, |b| b[20] = 0xFF);
+    f.assert_refused(
+        &f.transfer(&[]),
+        &[s(&file), "not a valid safetensors file", "header"],
+    );
+    // ...and valid UTF-8 that is not JSON (the opening brace replaced).
+    std::fs::write(&file, &pristine).unwrap();
+    edit_bytes(&file, |b| b[8] = b'x');
+    f.assert_refused(
+        &f.transfer(&[]),
+        &[s(&file), "not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn tensor_range_beyond_the_data_is_refused() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    let mut st = Safetensors::read(&file);
+    // Move the last tensor's (correctly sized) range past the end of the data.
+    let last = st.names_by_offset().pop().unwrap();
+    let (a, b) = st.offsets(&last);
+    st.set_offsets(&last, a + (b - a), b + (b - a));
+    st.write(&file);
+    f.assert_refused(&f.transfer(&[]), &[s(&file), &last, "offset"]);
+}
+
+#[test]
+fn tensor_end_offset_beyond_the_data_names_the_tensor() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    let mut st = Safetensors::read(&file);
+    let (a, _) = st.offsets(Q_PROJ_0);
+    let end = st.data.len() + 4096;
+    st.set_offsets(Q_PROJ_0, a, end);
+    st.write(&file);
+    f.assert_refused(&f.transfer(&[]), &[s(&file), Q_PROJ_0, "offset"]);
+}
+
+#[test]
+fn missing_source_tensor_is_refused() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    Safetensors::read(&file).without(Q_PROJ_0).write(&file);
+    f.assert_refused(&f.transfer(&[]), &[s(&f.source), Q_PROJ_0, "missing"]);
+}
+
+#[test]
+fn adapter_of_another_model_is_refused() {
+    let f = Fixtures::new();
+    let llama = f.root.path().join("llama");
+    let llama_adapter = f.root.path().join("llama-adapter");
+    synth("model", &llama, &["--like", "tiny-llama"]);
+    synth("adapter", &llama_adapter, &["--base", s(&llama)]);
+    // A tiny-llama adapter claimed to be trained on tiny-qwen2.
+    let out = f.transfer_with(&f.source, &f.target, &llama_adapter, &[]);
+    let weights = llama_adapter.join("adapter_model.safetensors");
+    f.assert_refused(&out, &[s(&weights), "lora_B.weight", "another model"]);
+}
+
+#[test]
+fn unknown_architecture_is_refused() {
+    let f = Fixtures::new();
+    let config = f.source.join("config.json");
+    edit_json(&config, |c| {
+        c.insert("model_type".into(), json!("mamba"));
+    });
+    f.assert_refused(
+        &f.transfer(&[]),
+        &[s(&config), "mamba", "unknown architecture"],
+    );
+}
+
+#[test]
+fn unsupported_peft_features_are_refused() {
+    let f = Fixtures::new();
+    let config = f.adapter.join("adapter_config.json");
+    let pristine = std::fs::read(&config).unwrap();
+    for (key, named) in [
+        ("use_dora", "DoRA"),
+        ("lora_bias", "lora_bias"),
+        ("fan_in_fan_out", "fan_in_fan_out"),
+    ] {
+        std::fs::write(&config, &pristine).unwrap();
+        edit_json(&config, |c| {
+            c.insert(key.into(), json!(true));
+        });
+        f.assert_refused(
+            &f.transfer(&[]),
+            &[s(&config), "unsupported adapter", named],
+        );
+    }
+}
+
+#[test]
+fn pickle_only_adapter_is_refused() {
+    let f = Fixtures::new();
+    std::fs::remove_file(f.adapter_weights()).unwrap();
+    std::fs::write(
+        f.adapter.join("adapter_model.bin"),
+        b"PK\x03\x04 not really a pickle",
+    )
+    .unwrap();
+    f.assert_refused(&f.transfer(&[]), &[s(&f.adapter), "adapter_model.bin"]);
+}
+
+#[test]
+fn nan_in_a_base_weight_is_refused() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    let mut st = Safetensors::read(&file);
+    assert_eq!(
+        st.header[Q_PROJ_0]["dtype"], "BF16",
+        "the fixture's weights are bf16"
+    );
+    st.poke(Q_PROJ_0, &0x7FC0u16.to_le_bytes()); // a bf16 quiet NaN
+    st.write(&file);
+    f.assert_refused(&f.transfer(&[]), &[s(&file), Q_PROJ_0, "non-finite"]);
+}
+
+#[test]
+fn inf_in_an_adapter_factor_is_refused() {
+    let f = Fixtures::new();
+    let file = f.adapter_weights();
+    let mut st = Safetensors::read(&file);
+    assert_eq!(
+        st.header[LORA_B_Q_0]["dtype"], "F32",
+        "synthetic adapters are f32"
+    );
+    st.poke(LORA_B_Q_0, &0x7F80_0000u32.to_le_bytes()); // f32 +Inf
+    st.write(&file);
+    f.assert_refused(&f.transfer(&[]), &[s(&file), LORA_B_Q_0, "non-finite"]);
+}
+
+#[test]
+fn rank_zero_is_refused() {
+    let f = Fixtures::new();
+    f.assert_refused(&f.transfer(&["--rank", "0"]), &["--rank"]);
+}
+
+#[test]
+fn existing_output_needs_force() {
+    let f = Fixtures::new();
+    let out = f.out();
+    std::fs::create_dir(&out).unwrap();
+    let marker = out.join("marker");
+    std::fs::write(&marker, b"keep me").unwrap();
+
+    let refused = f.transfer(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "an existing --out was overwritten: {stderr}"
+    );
+    assert!(
+        stderr.starts_with("error:") && stderr.contains(s(&out)) && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&marker).unwrap(),
+        b"keep me",
+        "the existing output was touched"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "files were added to the existing output"
+    );
+    f.assert_no_staging_left();
+
+    let forced = f.transfer(&["--force"]);
+    assert!(
+        forced.status.success(),
+        "--force failed: {}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert!(
+        !marker.exists(),
+        "--force kept the old directory's contents"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(out.join("transfer_report.json").is_file());
+    f.assert_no_staging_left();
+}
+
+#[test]
+fn index_naming_a_missing_shard_is_refused() {
+    let f = Fixtures::new();
+    let (first, second) = (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    );
+    let st = Safetensors::read(&f.source_weights());
+    std::fs::rename(f.source_weights(), f.source.join(first)).unwrap();
+    // Every tensor is in the first shard except the last one, which the index sends to a shard
+    // that was never written.
+    let names = st.names_by_offset();
+    let weight_map: Map<String, Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.clone(),
+                json!(if i + 1 == names.len() { second } else { first }),
+            )
+        })
+        .collect();
+    let index = f.source.join("model.safetensors.index.json");
+    let body = json!({"metadata": {"total_size": st.data.len()}, "weight_map": weight_map});
+    std::fs::write(&index, serde_json::to_string_pretty(&body).unwrap()).unwrap();
+    f.assert_refused(&f.transfer(&[]), &[s(&index), second, "does not exist"]);
+}
+
+#[test]
+fn unknown_module_is_refused() {
+    let f = Fixtures::new();
+    f.assert_refused(
+        &f.transfer(&["--modules", "foo_proj"]),
+        &["--modules", "foo_proj"],
+    );
+}
+
+#[test]
+fn project_mode_between_different_shapes_is_refused() {
+    let f = Fixtures::new();
+    let llama = f.root.path().join("llama");
+    synth("model", &llama, &["--like", "tiny-llama"]);
+    let out = f.transfer_with(&f.source, &llama, &f.adapter, &["--mode", "project"]);
+    f.assert_refused(&out, &["--mode", "equal shapes"]);
+}
+
+#[test]
+fn layer_map_naming_a_missing_source_layer_is_refused() {
+    let f = Fixtures::new();
+    let map = f.root.path().join("layers.json");
+    std::fs::write(&map, r#"{"0": 9}"#).unwrap(); // tiny-qwen2 has layers 0..4
+    f.assert_refused(
+        &f.transfer(&["--layer-map", s(&map)]),
+        &[s(&map), "source layer 9"],
+    );
+}

@@ -1,0 +1,490 @@
+//! End-to-end runs of the `loraxfer` binary on synthetic models: what a user sees (exit status,
+//! stdout/stderr) and what lands on disk (the adapter and transfer_report.json), checked against
+//! the inputs by parsing the safetensors files by hand.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Map, Value};
+use tempfile::TempDir;
+
+const PEFT_PREFIX: &str = "base_model.model.";
+const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+fn loraxfer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loraxfer"))
+        .args(args)
+        .output()
+        .expect("the loraxfer binary runs")
+}
+
+/// Runs and insists on success; returns (stdout, stderr).
+fn ok(args: &[&str]) -> (String, String) {
+    let out = loraxfer(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?} failed:\n{stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+/// `loraxfer synth KIND --out OUT EXTRA...`
+fn synth(kind: &str, out: &Path, extra: &[&str]) {
+    let mut args = vec!["synth", kind, "--out", s(out)];
+    args.extend_from_slice(extra);
+    ok(&args);
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read JSON")).expect("valid JSON")
+}
+
+/// A tiny-qwen2 source, its 5% drifted derivative and an adapter (r=16, alpha=32, all seven
+/// projections) for the source.
+struct Fixtures {
+    root: TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    adapter: PathBuf,
+}
+
+impl Fixtures {
+    fn new() -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let source = root.path().join("source");
+        let target = root.path().join("target");
+        let adapter = root.path().join("adapter");
+        synth("model", &source, &["--like", "tiny-qwen2", "--seed", "1"]);
+        synth(
+            "model",
+            &target,
+            &["--derive-from", s(&source), "--drift", "0.05"],
+        );
+        synth("adapter", &adapter, &["--base", s(&source)]);
+        Fixtures {
+            root,
+            source,
+            target,
+            adapter,
+        }
+    }
+
+    /// A tiny-llama model (6 layers, hidden 96): a different architecture and different shapes.
+    fn llama(&self) -> PathBuf {
+        let dir = self.root.path().join("llama");
+        synth("model", &dir, &["--like", "tiny-llama"]);
+        dir
+    }
+
+    /// Transfers the fixture adapter from the source onto `target` into a new directory `name`;
+    /// returns the output directory and the command's (stdout, stderr).
+    fn transfer(&self, target: &Path, name: &str, extra: &[&str]) -> (PathBuf, String, String) {
+        let out = self.root.path().join(name);
+        let mut args = vec![
+            "transfer",
+            "--source-base",
+            s(&self.source),
+            "--target-base",
+            s(target),
+        ];
+        args.extend(["--adapter", s(&self.adapter), "--out", s(&out)]);
+        args.extend_from_slice(extra);
+        let (stdout, stderr) = ok(&args);
+        (out, stdout, stderr)
+    }
+}
+
+/// The parts of a safetensors file the tests compare: each tensor's dtype, shape and bytes.
+struct Safetensors {
+    header: Map<String, Value>,
+    data: Vec<u8>,
+}
+
+impl Safetensors {
+    fn read(path: &Path) -> Self {
+        let bytes = std::fs::read(path).expect("read safetensors");
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header JSON");
+        Safetensors {
+            header,
+            data: bytes[8 + n..].to_vec(),
+        }
+    }
+
+    fn names(&self) -> BTreeSet<String> {
+        self.header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect()
+    }
+
+    /// (dtype, shape) of a tensor.
+    fn info(&self, name: &str) -> (String, Vec<u64>) {
+        let e = &self.header[name];
+        let shape = e["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        (e["dtype"].as_str().unwrap().to_string(), shape)
+    }
+
+    fn bytes(&self, name: &str) -> &[u8] {
+        let o = &self.header[name]["data_offsets"];
+        &self.data[o[0].as_u64().unwrap() as usize..o[1].as_u64().unwrap() as usize]
+    }
+
+    /// The values of an f32 tensor.
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        assert_eq!(self.info(name).0, "F32", "{name}");
+        self.bytes(name)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn adapter_weights(dir: &Path) -> Safetensors {
+    Safetensors::read(&dir.join("adapter_model.safetensors"))
+}
+
+fn report(dir: &Path) -> Value {
+    read_json(&dir.join("transfer_report.json"))
+}
+
+fn rows(report: &Value) -> &Vec<Value> {
+    report["modules"].as_array().expect("modules is an array")
+}
+
+/// The lora_B key of a report row (its target module, as PEFT names it).
+fn lora_b_key(row: &Value) -> String {
+    format!(
+        "{PEFT_PREFIX}{}.lora_B.weight",
+        row["target_module"].as_str().unwrap()
+    )
+}
+
+/// Skipped modules must not change the model: their lora_B is all zeros.
+fn assert_skipped_with_zero_b(out: &Safetensors, row: &Value, reason_mentions: &str) {
+    assert_eq!(row["transferred"], false, "{row}");
+    let reason = row["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(reason_mentions),
+        "reason `{reason}` lacks `{reason_mentions}`"
+    );
+    let b = out.f32s(&lora_b_key(row));
+    assert!(
+        b.iter().all(|&v| v == 0.0),
+        "skipped module {} has a non-zero lora_B",
+        row["target_module"]
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("demo");
+    let (stdout, _) = ok(&["demo", "--out", s(&dir)]);
+    assert!(stdout.contains("transferred"), "{stdout}");
+    assert!(dir.join("transferred/adapter_model.safetensors").is_file());
+    let report = report(&dir.join("transferred"));
+    assert!(!rows(&report).is_empty(), "the demo report has no modules");
+}
+
+#[test]
+fn transfer_to_a_derivative_projects_every_module() {
+    let f = Fixtures::new();
+    let (out, stdout, _) = f.transfer(&f.target, "out", &[]);
+    assert!(stdout.contains("transferred 28 of 28"), "{stdout}");
+    let report = report(&out);
+
+    // The top-level keys a consumer relies on; `summary` is the only extra one allowed.
+    let wanted = [
+        "source_base",
+        "target_base",
+        "adapter",
+        "mode",
+        "rank",
+        "oversample",
+        "power_iters",
+        "seed",
+        "threshold",
+        "device",
+        "layer_map",
+        "timings_ms",
+        "modules",
+    ];
+    let keys: BTreeSet<&str> = report
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for k in wanted {
+        assert!(keys.contains(k), "report lacks `{k}`");
+    }
+    let extra: Vec<&&str> = keys
+        .iter()
+        .filter(|k| !wanted.contains(k) && **k != "summary")
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "unexpected top-level report keys: {extra:?}"
+    );
+    assert_eq!(report["target_base"], s(&f.target));
+
+    let rows = rows(&report);
+    assert_eq!(rows.len(), 28, "4 layers x 7 projections");
+    for row in rows {
+        for k in [
+            "source_key",
+            "target_key",
+            "source_shape",
+            "target_shape",
+            "mode",
+            "similarity_u",
+            "similarity_v",
+            "similarity",
+            "transferred",
+            "energy_kept",
+        ] {
+            assert!(row.get(k).is_some(), "row lacks `{k}`: {row}");
+        }
+        assert_eq!(
+            row["mode"], "project",
+            "equal shapes resolve auto to project: {row}"
+        );
+        assert_eq!(row["transferred"], true, "{row}");
+        let (u, v, sim) = (
+            row["similarity_u"].as_f64(),
+            row["similarity_v"].as_f64(),
+            row["similarity"].as_f64(),
+        );
+        let (u, v, sim) = (u.unwrap(), v.unwrap(), sim.unwrap());
+        assert!(
+            (sim - (u + v) / 2.0).abs() < 1e-9,
+            "similarity is not the mean of u and v: {row}"
+        );
+        // A 5% drift keeps the subspaces close; a similarity never exceeds 1.
+        assert!(
+            sim > 0.5 && sim <= 1.0,
+            "similarity {sim} outside (0.5, 1]: {row}"
+        );
+    }
+
+    let config = read_json(&out.join("adapter_config.json"));
+    let original = read_json(&f.adapter.join("adapter_config.json"));
+    assert_eq!(config["base_model_name_or_path"], s(&f.target));
+    assert_eq!(config["r"], original["r"]);
+    assert_eq!(config["lora_alpha"], original["lora_alpha"]);
+
+    // Same model shapes, so the new adapter is a drop-in replacement of the old one.
+    let (new, old) = (adapter_weights(&out), adapter_weights(&f.adapter));
+    assert_eq!(new.names(), old.names());
+    for name in old.names() {
+        assert_eq!(new.info(&name), old.info(&name), "{name}");
+    }
+}
+
+#[test]
+fn similarity_never_exceeds_one() {
+    let f = Fixtures::new();
+    let (out, _, _) = f.transfer(&f.target, "out", &[]);
+    for row in rows(&report(&out)) {
+        for k in ["similarity_u", "similarity_v", "similarity"] {
+            let x = row[k].as_f64().unwrap();
+            assert!(x <= 1.0, "{k} = {x} > 1 for {}", row["target_module"]);
+        }
+    }
+}
+
+#[test]
+fn cross_architecture_transfer_aligns_and_maps_layers() {
+    let f = Fixtures::new();
+    let llama = f.llama();
+    let (out, _, _) = f.transfer(&llama, "out", &[]);
+    let report = report(&out);
+
+    // 6 target layers from 4 source layers: j -> round(j * 3 / 5).
+    assert_eq!(
+        report["layer_map"],
+        json!({"0": 0, "1": 1, "2": 1, "3": 2, "4": 2, "5": 3})
+    );
+    let rows = rows(&report);
+    assert_eq!(rows.len(), 6 * 7);
+    for row in rows {
+        assert_eq!(
+            row["mode"], "align",
+            "different shapes resolve auto to align: {row}"
+        );
+        assert!(
+            row["similarity"].is_null(),
+            "no similarity between spaces of different sizes: {row}"
+        );
+    }
+
+    // Every target projection gets factors shaped for tiny-llama: B [out, r], A [r, in].
+    let base = Safetensors::read(&llama.join("model.safetensors"));
+    let new = adapter_weights(&out);
+    let r = read_json(&out.join("adapter_config.json"))["r"]
+        .as_u64()
+        .unwrap();
+    let mut expected = BTreeSet::new();
+    for weight in base.names().into_iter().filter(|n| {
+        PROJECTIONS
+            .iter()
+            .any(|p| n.ends_with(&format!("{p}.weight")))
+    }) {
+        let (_, shape) = base.info(&weight);
+        let module = weight.trim_end_matches(".weight");
+        let (a, b) = (
+            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+        );
+        assert_eq!(new.info(&a).1, vec![r, shape[1]], "{a}");
+        assert_eq!(new.info(&b).1, vec![shape[0], r], "{b}");
+        expected.extend([a, b]);
+    }
+    assert_eq!(expected.len(), 6 * 7 * 2);
+    assert_eq!(
+        new.names(),
+        expected,
+        "the output adapter has exactly the target's projections"
+    );
+}
+
+#[test]
+fn copy_mode_onto_the_same_model_keeps_the_factors() {
+    let f = Fixtures::new();
+    let (out, _, _) = f.transfer(&f.source, "out", &["--mode", "copy"]);
+    let (new, old) = (adapter_weights(&out), adapter_weights(&f.adapter));
+    assert_eq!(new.names(), old.names());
+    for name in old.names() {
+        assert_eq!(new.info(&name), old.info(&name), "{name}");
+        assert!(
+            new.bytes(&name) == old.bytes(&name),
+            "{name} changed in copy mode"
+        );
+    }
+}
+
+#[test]
+fn threshold_skips_dissimilar_modules() {
+    let f = Fixtures::new();
+    let (out, _, _) = f.transfer(&f.target, "out", &["--threshold", "0.999"]);
+    let report = report(&out);
+    let weights = adapter_weights(&out);
+    let skipped: Vec<&Value> = rows(&report)
+        .iter()
+        .filter(|r| r["transferred"] == false)
+        .collect();
+    assert!(
+        !skipped.is_empty(),
+        "a 5% drift puts some similarities below 0.999"
+    );
+    for row in &skipped {
+        assert_skipped_with_zero_b(&weights, row, "threshold");
+        assert!(row["similarity"].as_f64().unwrap() < 0.999, "{row}");
+    }
+    // Transferred modules are exactly those at or above the threshold.
+    for row in rows(&report).iter().filter(|r| r["transferred"] == true) {
+        assert!(row["similarity"].as_f64().unwrap() >= 0.999, "{row}");
+    }
+}
+
+#[test]
+fn modules_option_transfers_only_the_listed_types() {
+    let f = Fixtures::new();
+    let (out, _, _) = f.transfer(&f.target, "out", &["--modules", "q_proj,v_proj"]);
+    let report = report(&out);
+    let weights = adapter_weights(&out);
+    let mut transferred = BTreeMap::new();
+    for row in rows(&report) {
+        let module = row["module"].as_str().unwrap();
+        if module == "q_proj" || module == "v_proj" {
+            assert_eq!(row["transferred"], true, "{row}");
+            *transferred.entry(module.to_string()).or_insert(0) += 1;
+            assert!(
+                weights.f32s(&lora_b_key(row)).iter().any(|&v| v != 0.0),
+                "{row}"
+            );
+        } else {
+            assert_skipped_with_zero_b(&weights, row, "--modules");
+        }
+    }
+    assert_eq!(
+        transferred,
+        BTreeMap::from([("q_proj".to_string(), 4), ("v_proj".to_string(), 4)])
+    );
+}
+
+#[test]
+fn timings_are_printed_on_stderr() {
+    let f = Fixtures::new();
+    let (_, stdout, stderr) = f.transfer(&f.target, "out", &["--timings"]);
+    for phase in ["sketch", "orth", "eig", "total"] {
+        assert!(
+            stderr.contains(phase),
+            "stderr lacks phase `{phase}`:\n{stderr}"
+        );
+    }
+    assert!(
+        !stdout.contains("orth"),
+        "timings belong on stderr, not stdout"
+    );
+}
+
+#[test]
+fn inspect_json_lists_every_pair() {
+    let f = Fixtures::new();
+    let (stdout, _) = ok(&[
+        "inspect",
+        "--source-base",
+        s(&f.source),
+        "--target-base",
+        s(&f.target),
+        "--json",
+    ]);
+    let ins: Value = serde_json::from_str(&stdout).expect("inspect --json prints JSON only");
+    assert_eq!(ins["layer_map"], json!({"0": 0, "1": 1, "2": 2, "3": 3}));
+    let pairs = ins["pairs"].as_array().expect("pairs");
+    assert_eq!(pairs.len(), 28, "4 layers x 7 projections");
+    let modules: BTreeSet<&str> = pairs
+        .iter()
+        .map(|p| p["module"].as_str().unwrap())
+        .collect();
+    assert_eq!(modules, PROJECTIONS.into_iter().collect());
+    assert!(
+        pairs
+            .iter()
+            .all(|p| p["similarity"].as_f64().is_some_and(|x| x > 0.5)),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn transfers_are_deterministic() {
+    let f = Fixtures::new();
+    let (one, _, _) = f.transfer(&f.target, "one", &["--rank", "32"]);
+    let (two, _, _) = f.transfer(&f.target, "two", &["--rank", "32"]);
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        bytes(&one) == bytes(&two),
+        "two identical runs wrote different adapters"
+    );
+    // Timings differ between runs; the per-module numbers must not.
+    assert_eq!(report(&one)["modules"], report(&two)["modules"]);
+}
