@@ -166,18 +166,25 @@ impl Arch {
             .expect("every table covers all seven parts")
     }
 
-    /// The layer prefix this checkpoint uses (the first whose layer-0 weights exist).
+    /// The layer prefix this checkpoint uses: the first whose layer-0 modules (any of them, so a
+    /// checkpoint holding only some projections still works) exist.
     pub fn detect_prefix(&self, ckpt: &Checkpoint) -> Result<&str> {
-        let first = &self.modules[0];
         self.layer_prefixes
             .iter()
-            .find(|p| ckpt.has(&format!("{p}.0.{}.weight", first.key)))
+            .find(|p| {
+                self.modules
+                    .iter()
+                    .any(|m| ckpt.has(&format!("{p}.0.{}.weight", m.key)))
+            })
             .map(String::as_str)
             .ok_or_else(|| Error::MissingTensor {
                 path: ckpt.dir.clone(),
-                tensor: format!("{}.0.{}.weight", self.layer_prefixes[0], first.key),
+                tensor: format!(
+                    "{}.0.{}.weight",
+                    self.layer_prefixes[0], self.modules[0].key
+                ),
                 hint: format!(
-                    " (the {} table expects it under one of: {})",
+                    " (the {} table expects layer weights under one of: {})",
                     self.name,
                     self.layer_prefixes.join(", ")
                 ),

@@ -139,12 +139,18 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
     };
     let mut transferred = true;
     let mut reason = None;
-    if let Some(s) = similarity {
-        if threshold > 0.0 && (s as f32) < threshold {
+    match similarity {
+        Some(s) if threshold > 0.0 && (s as f32) < threshold => {
             out.b.fill(0.0);
             transferred = false;
             reason = Some(format!("similarity {s:.4} below threshold {threshold}"));
         }
+        None if threshold > 0.0 => {
+            // Subspaces of different sizes have no similarity to filter on: say so, keep the module.
+            reason =
+                Some("threshold not applied: shapes differ, so similarity is undefined".into());
+        }
+        _ => {}
     }
     let energy_kept = ctx.timings.time(Phase::Project, || {
         let before = update_norm(&src);

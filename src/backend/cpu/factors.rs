@@ -28,6 +28,7 @@ pub fn similarity(x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
 
 /// The orthogonal polar factor X Yᵀ of `m` (from m = X Σ Yᵀ): the rotation nearest to `m`.
 pub fn polar(m: MatRef<'_, f32>) -> Result<Mat<f32>> {
+    super::rsvd::sequential_faer();
     let svd = m.thin_svd().map_err(|e| Error::Numerical {
         context: "procrustes".into(),
         reason: format!("SVD of U_sᵀU_t did not converge: {e:?}"),

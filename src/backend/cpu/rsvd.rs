@@ -12,6 +12,12 @@ use crate::error::{Error, Result};
 use crate::linalg::philox;
 use crate::timing::{Phase, Timings};
 
+/// Makes faer's decompositions (QR, SVD) run on the calling thread. Parallelism is across
+/// matrices; inside one, a fixed sequential order keeps results independent of the thread count.
+pub fn sequential_faer() {
+    faer::set_global_parallelism(Par::Seq);
+}
+
 /// `a · b`, sequential.
 pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
@@ -31,6 +37,7 @@ pub fn sketch_width(rows: usize, cols: usize, params: &SvdParams) -> usize {
 
 /// Top-`params.rank` singular triplets of `w`, signs canonicalized.
 pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<Basis> {
+    sequential_faer();
     let (m, n) = (w.rows, w.cols);
     let k = params.rank.min(m).min(n);
     if k == 0 {
@@ -44,15 +51,14 @@ pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<
     let id = philox::matrix_id(w.name);
 
     let mut q = t.time(Phase::Sketch, || {
+        // One Philox call gives four columns of a row: fill Ω four columns at a time.
         let mut omega = Mat::<f32>::zeros(n, l);
-        for j in 0..l {
-            // Column j of Ω, contiguous in faer's column-major storage.
-            let col = omega.col_mut(j);
-            let col = col
-                .try_as_col_major_mut()
-                .expect("owned columns are contiguous");
-            for (i, x) in col.as_slice_mut().iter_mut().enumerate() {
-                *x = philox::gaussian4(params.seed, id, i as u32, (j / 4) as u32)[j % 4];
+        for g in 0..l.div_ceil(4) {
+            for i in 0..n {
+                let v = philox::gaussian4(params.seed, id, i as u32, g as u32);
+                for (t, &x) in v.iter().enumerate().take(l - 4 * g) {
+                    omega[(i, 4 * g + t)] = x;
+                }
             }
         }
         mm(wm, omega.as_ref())
