@@ -8,6 +8,7 @@ mod cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    loraxfer::io::output::install_signal_cleanup();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

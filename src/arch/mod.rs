@@ -136,6 +136,43 @@ pub fn all() -> &'static [Arch] {
     })
 }
 
+/// Parses and checks one table: at least one model type and layer prefix, and the seven
+/// canonical projections each held by exactly one module.
+pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
+    let arch: Arch = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if arch.model_types.is_empty() || arch.layer_prefixes.is_empty() {
+        return Err(format!(
+            "table `{}` needs model_types and layer_prefixes",
+            arch.name
+        ));
+    }
+    let mut parts: Vec<Part> = arch
+        .modules
+        .iter()
+        .flat_map(|m| m.parts.iter().copied())
+        .collect();
+    if arch
+        .modules
+        .iter()
+        .any(|m| m.parts.is_empty() || m.key.is_empty())
+    {
+        return Err(format!(
+            "table `{}`: every module needs a key and at least one part",
+            arch.name
+        ));
+    }
+    parts.sort();
+    let n = parts.len();
+    parts.dedup();
+    if n != 7 || parts.len() != 7 {
+        return Err(format!(
+            "table `{}` must hold each of q, k, v, o, gate, up, down exactly once",
+            arch.name
+        ));
+    }
+    Ok(arch)
+}
+
 /// The table for a config's `model_type`, or an error naming the supported ones.
 pub fn for_config(config: &ModelConfig, path: &Path) -> Result<&'static Arch> {
     all()

@@ -184,16 +184,22 @@ fn open_sharded(
 ) -> Result<(Vec<TensorFile>, HashMap<String, usize>)> {
     let text =
         std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, "cannot read", e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(index_path, format!("invalid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|v| v.as_object())
-        .ok_or_else(|| Error::config(index_path, "no `weight_map` object"))?;
+    let parsed: IndexFile = serde_json::from_str(&text)
+        .map_err(|e| Error::config(index_path, format!("invalid index: {e}")))?;
+    let map = parsed.weight_map.0;
+    let mut listed = std::collections::HashSet::new();
+    for (tensor, _) in &map {
+        if !listed.insert(tensor.as_str()) {
+            return Err(Error::config(
+                index_path,
+                format!("weight_map lists tensor `{tensor}` twice"),
+            ));
+        }
+    }
     let mut shard_ids: HashMap<String, usize> = HashMap::new();
     let mut shards = Vec::new();
     let mut index = HashMap::new();
-    for (tensor, shard) in map {
+    for (tensor, shard) in &map {
         let shard = shard.as_str().ok_or_else(|| {
             Error::config(
                 index_path,
@@ -248,4 +254,37 @@ fn open_sharded(
         }
     }
     Ok((shards, index))
+}
+
+/// `model.safetensors.index.json`; other fields (metadata) are ignored.
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: WeightMap,
+}
+
+/// `weight_map` read entry by entry, so that a tensor listed twice is caught (a JSON object
+/// parsed into a map keeps only the last entry).
+struct WeightMap(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for WeightMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WeightMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object mapping tensor names to shard file names")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<WeightMap, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    entries.push(entry);
+                }
+                Ok(WeightMap(entries))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }

@@ -1,10 +1,35 @@
 //! Atomic output directories: everything is written into a hidden temporary sibling of `--out`,
 //! which is renamed into place only when complete. An existing output is replaced only with
-//! `--force`, and then only after the new one is fully written.
+//! `--force`, and then only after the new one is fully written. A run interrupted by SIGINT,
+//! SIGTERM or SIGHUP removes its temporary directory; one killed outright leaves it behind, and
+//! the next run into the same parent removes it and says so.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
+
+/// Temporary directories of this process that a signal must remove.
+fn live_dirs() -> &'static Mutex<Vec<PathBuf>> {
+    static DIRS: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+    DIRS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Installs the SIGINT/SIGTERM/SIGHUP handler (once): remove live temporary directories, exit 130.
+pub fn install_signal_cleanup() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = ctrlc::set_handler(|| {
+            // Holding the lock until exit keeps a commit from renaming a directory we are removing.
+            let dirs = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
+            for d in dirs.iter() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            eprintln!("interrupted: no output written");
+            std::process::exit(130);
+        });
+    });
+}
 
 /// A temporary directory that becomes `target` on [`commit`](Self::commit) and disappears if dropped.
 #[derive(Debug)]
@@ -19,24 +44,20 @@ impl StagedDir {
     /// Checks `target` (refusing an existing one without `force`) and creates the staging directory.
     pub fn create(target: &Path, force: bool) -> Result<Self> {
         check_target(target, force)?;
-        let name = target
-            .file_name()
-            .ok_or_else(|| {
-                Error::arg(
-                    "--out",
-                    format!("`{}` has no directory name", target.display()),
-                )
-            })?
-            .to_string_lossy()
-            .into_owned();
+        let name = dir_name(target)?;
         let parent = parent_of(target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
+        remove_stale(&parent, &name);
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let temp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
-        std::fs::create_dir(&temp).map_err(|e| Error::io(&temp, "cannot create", e))?;
+        {
+            let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
+            std::fs::create_dir(&temp).map_err(|e| Error::io(&temp, "cannot create", e))?;
+            live.push(temp.clone());
+        }
         Ok(StagedDir {
             target: target.to_path_buf(),
             temp,
@@ -52,7 +73,8 @@ impl StagedDir {
 
     /// Moves the finished directory into place (replacing an old one only under `--force`).
     pub fn commit(mut self) -> Result<PathBuf> {
-        sync_dir(&self.temp);
+        sync_tree(&self.temp);
+        let live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
         if self.target.exists() {
             if !self.force {
                 // Someone created it while we were working: keep theirs, report it.
@@ -63,16 +85,34 @@ impl StagedDir {
             let old = self.temp.with_extension("old");
             std::fs::rename(&self.target, &old)
                 .map_err(|e| Error::io(&self.target, "cannot move aside the old output", e))?;
-            std::fs::rename(&self.temp, &self.target)
-                .map_err(|e| Error::io(&self.target, "cannot move the new output into place", e))?;
+            self.rename_into_place()?;
             remove_any(&old);
         } else {
-            std::fs::rename(&self.temp, &self.target)
-                .map_err(|e| Error::io(&self.target, "cannot move the new output into place", e))?;
+            self.rename_into_place()?;
         }
+        drop(live);
+        self.forget();
         sync_dir(&parent_of(&self.target));
         self.committed = true;
         Ok(self.target.clone())
+    }
+
+    fn rename_into_place(&self) -> Result<()> {
+        std::fs::rename(&self.temp, &self.target).map_err(|e| {
+            // rename(2) onto a non-empty directory fails: another run finished first.
+            if self.target.is_dir() && !self.force {
+                Error::OutputExists {
+                    path: self.target.clone(),
+                }
+            } else {
+                Error::io(&self.target, "cannot move the new output into place", e)
+            }
+        })
+    }
+
+    fn forget(&self) {
+        let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|d| d != &self.temp);
     }
 }
 
@@ -80,6 +120,7 @@ impl Drop for StagedDir {
     fn drop(&mut self) {
         if !self.committed {
             remove_any(&self.temp);
+            self.forget();
         }
     }
 }
@@ -102,6 +143,48 @@ pub fn check_target(target: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+fn dir_name(target: &Path) -> Result<String> {
+    target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| {
+            Error::arg(
+                "--out",
+                format!("`{}` has no directory name", target.display()),
+            )
+        })
+}
+
+/// Removes `.{name}.tmp-{pid}-*` siblings left by runs that were killed, when that process is
+/// gone, and says so on stderr.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            remove_any(&entry.path());
+            eprintln!(
+                "removed {}, left by an interrupted run (process {pid})",
+                entry.path().display()
+            );
+        }
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    // Where /proc is missing, assume alive: never remove another run's work in doubt.
+    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -117,7 +200,19 @@ fn remove_any(path: &Path) {
     }
 }
 
-/// Flushes a directory's entries so a rename survives a crash (best effort).
+/// Flushes the files of a directory and the directory itself, so that a rename after it
+/// publishes complete files even across a crash (best effort).
+fn sync_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(f) = std::fs::File::open(e.path()) {
+                let _ = f.sync_all();
+            }
+        }
+    }
+    sync_dir(dir);
+}
+
 fn sync_dir(path: &Path) {
     if let Ok(dir) = std::fs::File::open(path) {
         let _ = dir.sync_all();

@@ -102,25 +102,10 @@ impl TensorFile {
         // SAFETY: the map is read-only; a file truncated by another process while mapped would
         // fault on access, which is the documented limitation of every mmap-based reader.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map", e))?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
-                path: path.to_path_buf(),
-                reason: describe_header_error(&e, &map),
-            })?;
-        let data_start = 8 + header_len;
-        let entries = metadata
-            .tensors()
-            .into_iter()
-            .map(|(name, info)| {
-                let entry = TensorEntry {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: data_start + info.data_offsets.0,
-                    end: data_start + info.data_offsets.1,
-                };
-                (name, entry)
-            })
-            .collect();
+        let entries = index_header(&map).map_err(|reason| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         Ok(TensorFile {
             path: path.to_path_buf(),
             map,
@@ -203,6 +188,28 @@ impl TensorFile {
             .unwrap_or(0);
         self.read_rows_f32(name, 0..rows)
     }
+}
+
+/// Validates the header of a whole safetensors image (as the safetensors crate does: header size
+/// cap, UTF-8 JSON, offsets that tile the data, no overflow) and indexes its tensors by name. The
+/// fuzz targets call this directly.
+pub fn index_header(file: &[u8]) -> std::result::Result<HashMap<String, TensorEntry>, String> {
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(file).map_err(|e| describe_header_error(&e, file))?;
+    let data_start = 8 + header_len;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + info.data_offsets.0,
+                end: data_start + info.data_offsets.1,
+            };
+            (name, entry)
+        })
+        .collect())
 }
 
 /// Turns the safetensors crate's error into a sentence with the numbers a user needs.

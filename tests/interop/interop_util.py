@@ -1,0 +1,320 @@
+"""Helpers of the PEFT interoperability suite: tiny Hugging Face models built from configs, PEFT
+adapters saved by PEFT itself, the loraxfer command line, a strict PEFT loader, and a merge of an
+adapter into its base computed in numpy from the files alone (independent of PEFT and loraxfer)."""
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as np_load_file
+
+PEFT_PREFIX = "base_model.model."
+
+# Shapes shared by every tiny model: hidden 64, 4 heads / 2 kv heads of 16, MLP 176, vocab 256.
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# Depths differ so that cross-architecture transfers exercise the layer map.
+LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2}
+SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14}
+
+SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def _config(arch: str, layers: int):
+    import transformers as tf
+
+    if arch == "qwen2":
+        return tf.Qwen2Config(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
+    if arch == "llama":
+        return tf.LlamaConfig(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
+    if arch == "gemma3":
+        # Gemma 3 ties its embeddings (no lm_head.weight on disk), like the real checkpoints.
+        return tf.Gemma3TextConfig(
+            num_hidden_layers=layers, head_dim=16, sliding_window=32, query_pre_attn_scalar=16, **COMMON
+        )
+    if arch == "phi3":
+        return tf.Phi3Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
+    raise ValueError(arch)
+
+
+MODEL_CLASS = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED}
+MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3"}
+
+
+def build_model(arch: str, layers: int, seed: int):
+    """A randomly initialized tiny model of `arch` (f32, eager attention, eval mode)."""
+    import transformers as tf
+
+    config = _config(arch, layers)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(tf, MODEL_CLASS[arch])(config).eval()
+    assert model.config.model_type == MODEL_TYPE[arch]
+    return model
+
+
+def save_model(model, out: Path) -> Path:
+    with quiet():
+        model.save_pretrained(out)
+    assert (out / "model.safetensors").is_file(), sorted(p.name for p in out.iterdir())
+    return out
+
+
+def load_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    with quiet():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def twin_state_dict(src_sd: dict, dst_sd: dict) -> dict:
+    """`dst_sd` with every projection replaced by the same weights from `src_sd`, fused or split as
+    the destination stores them, and the embeddings, norms and head copied, so that the two models
+    compute the same function (q/k/v biases of the source must be zero)."""
+    out = {}
+    for key, value in dst_sd.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight", key)
+        if m is None:
+            out[key] = src_sd[key].clone()
+            continue
+        layer, block, proj = m.groups()
+        base = f"model.layers.{layer}.{block}."
+        if proj == "qkv_proj":
+            parts = [src_sd[base + p + ".weight"] for p in ("q_proj", "k_proj", "v_proj")]
+            out[key] = torch.cat(parts, 0).clone()
+        elif proj == "gate_up_proj":
+            parts = [src_sd[base + p + ".weight"] for p in ("gate_proj", "up_proj")]
+            out[key] = torch.cat(parts, 0).clone()
+        elif base + proj + ".weight" in src_sd:
+            out[key] = src_sd[base + proj + ".weight"].clone()
+        else:  # split a fused source projection
+            q, kv = COMMON["num_attention_heads"] * 16, COMMON["num_key_value_heads"] * 16
+            ff = COMMON["intermediate_size"]
+            rows = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, q + kv),
+                    "v_proj": ("qkv_proj", q + kv, q + 2 * kv),
+                    "gate_proj": ("gate_up_proj", 0, ff), "up_proj": ("gate_up_proj", ff, 2 * ff)}
+            fused, lo, hi = rows[proj]
+            out[key] = src_sd[base + fused + ".weight"][lo:hi].clone()
+        assert out[key].shape == value.shape, (key, out[key].shape, value.shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Quiet and strict loading
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silences the progress bars and info logs of transformers while loading."""
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+KEY_PROBLEM = re.compile(r"missing|unexpected|not initiali[sz]ed|mismatch|not used|ignored", re.I)
+
+
+@contextlib.contextmanager
+def no_key_complaints(what: str):
+    """Fails if, inside the block, a warning or a transformers/PEFT log record at WARNING or above
+    speaks of missing, unexpected, mismatched or ignored keys (deprecation warnings aside)."""
+    from transformers.utils import logging as tlog
+
+    handler = _Collect()
+    loggers = [tlog.get_logger("transformers"), logging.getLogger("peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_warning()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        tlog.set_verbosity(level)
+        for lg in loggers:
+            lg.removeHandler(handler)
+    messages = [f"{w.category.__name__}: {w.message}" for w in caught
+                if not issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    messages += handler.messages
+    bad = [m for m in messages if KEY_PROBLEM.search(m)]
+    assert not bad, f"complaints while {what}:\n" + "\n".join(bad)
+
+
+def load_peft_strict(model, adapter_dir: Path):
+    """PeftModel.from_pretrained, failing on any complaint about keys (see no_key_complaints), and
+    unless every adapter tensor landed in the model unchanged and every LoRA parameter came from
+    the file (PEFT itself does not warn about unexpected keys)."""
+    from peft import PeftModel
+
+    with no_key_complaints(f"PeftModel.from_pretrained(<model>, {adapter_dir})"):
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    check_lora_parameters(peft_model, adapter_dir)
+    return peft_model
+
+
+def check_lora_parameters(peft_model, adapter_dir: Path):
+    """Every tensor of the file is a LoRA parameter of the loaded model, with the same values, and
+    every LoRA parameter of the model comes from the file."""
+    params = {n: p for n, p in peft_model.named_parameters() if ".lora_" in n}
+    file = read_tensors(adapter_dir / "adapter_model.safetensors")
+    expected = {}
+    for key, value in file.items():
+        assert key.startswith(PEFT_PREFIX) and key.endswith(".weight"), key
+        expected[key[: -len(".weight")] + ".default.weight"] = value
+    assert sorted(expected) == sorted(params), (
+        f"file-only: {sorted(set(expected) - set(params))[:5]}, "
+        f"model-only: {sorted(set(params) - set(expected))[:5]}"
+    )
+    for name, value in expected.items():
+        got = params[name].detach().float().numpy()
+        assert got.shape == value.shape and np.array_equal(got, value.astype(np.float32)), name
+
+
+# --------------------------------------------------------------------------------------------
+# Files, merges and logits
+
+
+def read_tensors(path: Path) -> dict:
+    """A safetensors file as float numpy arrays: safetensors.numpy for f32/f16, and a direct
+    read of the format for bf16 (which numpy lacks): the upper half of an f32."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    dtypes = {v["dtype"] for v in header.values()}
+    if "BF16" not in dtypes:
+        return {k: v.astype(np.float64 if v.dtype == np.float64 else np.float32)
+                for k, v in np_load_file(str(path)).items()}
+    assert dtypes == {"BF16"}, dtypes
+    out = {}
+    for key, info in header.items():
+        lo, hi = info["data_offsets"]
+        bits = np.frombuffer(raw[8 + n + lo : 8 + n + hi], dtype="<u2").astype(np.uint32) << 16
+        out[key] = bits.view(np.float32).reshape(info["shape"]).copy()
+    return out
+
+
+def safetensors_dtypes(path: Path) -> set:
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key k, in order, such that
+    re.match(rf"(.*\\.)?({k})$", module) matches."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_updates(adapter_dir: Path) -> dict:
+    """{module name: s·B·A in float64}, from adapter_config.json and adapter_model.safetensors."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = read_tensors(adapter_dir / "adapter_model.safetensors")
+    updates = {}
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len(PEFT_PREFIX) : -len(".lora_A.weight")]
+        a = tensors[key].astype(np.float64)
+        b = tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].astype(np.float64)
+        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        assert a.shape[0] == r == b.shape[1], (module, a.shape, b.shape, r)
+        scale = alpha / np.sqrt(r) if config.get("use_rslora") else alpha / r
+        updates[module] = scale * (b @ a)
+    assert len(updates) * 2 == len(tensors), sorted(tensors)[:4]
+    return updates
+
+
+def merged_model(base_dir: Path, adapter_dir: Path):
+    """A fresh copy of the model in `base_dir` with W + s·B·A written into every adapted weight,
+    the merge computed in numpy from the checkpoint and adapter files."""
+    weights = np_load_file(str(base_dir / "model.safetensors"))
+    model = load_model(base_dir)
+    params = dict(model.named_parameters())
+    for module, delta in module_updates(adapter_dir).items():
+        w = weights[module + ".weight"]
+        assert w.shape == delta.shape, (module, w.shape, delta.shape)
+        merged = (w.astype(np.float64) + delta).astype(np.float32)
+        with torch.no_grad():
+            params[module + ".weight"].copy_(torch.from_numpy(merged))
+    return model
+
+
+INPUT_IDS = torch.randint(3, COMMON["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def logits(model) -> np.ndarray:
+    return model(input_ids=INPUT_IDS).logits.float().numpy().astype(np.float64)
+
+
+def max_rel_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| over max |want|."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def loraxfer(binary: Path, *args) -> subprocess.CompletedProcess:
+    cmd = [str(binary), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"loraxfer failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
