@@ -8,7 +8,7 @@ use faer::Mat;
 
 use crate::io::adapter::{exact_pattern, Adapter, LoraFactors};
 use crate::io::safetensors::FloatType;
-use crate::plan::{Plan, TargetModule};
+use crate::plan::{ModelSide, Plan, TargetModule};
 use crate::transfer::execute::Outcome;
 
 /// Builds one output module from its units' outcomes.
@@ -96,6 +96,7 @@ pub fn output_config(
     plan: &Plan,
     modules: &BTreeMap<String, LoraFactors>,
     target_base: &str,
+    target: &ModelSide<'_>,
 ) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::Value;
     let cfg = &adapter.config;
@@ -104,6 +105,17 @@ pub fn output_config(
         "base_model_name_or_path".into(),
         Value::String(target_base.to_string()),
     );
+    // PEFT's AutoPeftModel builds the class named here: it must be the target's, not the source's.
+    if raw.get("auto_mapping").is_some_and(|v| !v.is_null()) {
+        let mapping = target.ckpt.config.architectures.first().map(|class| {
+            let module = &target.arch.name;
+            serde_json::json!({
+                "base_model_class": class,
+                "parent_library": format!("transformers.models.{module}.modeling_{module}"),
+            })
+        });
+        raw.insert("auto_mapping".into(), mapping.unwrap_or(Value::Null));
+    }
     if !plan.same_layout || !raw.contains_key("target_modules") {
         let types: Vec<Value> = plan
             .target_types

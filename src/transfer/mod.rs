@@ -115,7 +115,13 @@ pub fn run(job: &Job) -> Result<Report> {
         at += n;
     }
     let target_name = job.target_base.to_string_lossy().into_owned();
-    let config = assemble::output_config(&adapter, &plan, &modules, &target_name);
+    let config = assemble::output_config(
+        &adapter,
+        &plan,
+        &modules,
+        &target_name,
+        &ModelSide::new(&target)?,
+    );
 
     let mut report = Report {
         source_base: job.source_base.to_string_lossy().into_owned(),
