@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod backend;
 pub mod error;
+pub mod fuzzing;
 pub mod io;
 
 /// Kernel images compiled by build.rs from `kernels/*.cu` (empty when built without nvcc).

@@ -61,6 +61,21 @@ impl ModelConfig {
         let intermediate_size = get("intermediate_size")?;
         let num_attention_heads = get("num_attention_heads")?;
         let num_key_value_heads = get("num_key_value_heads").unwrap_or(num_attention_heads);
+        // Limits far above any real model keep every product of sizes inside usize.
+        for (key, value, max) in [
+            ("num_hidden_layers", num_hidden_layers, 1 << 16),
+            ("hidden_size", hidden_size, 1 << 24),
+            ("intermediate_size", intermediate_size, 1 << 24),
+            ("num_attention_heads", num_attention_heads, 1 << 16),
+            ("num_key_value_heads", num_key_value_heads, 1 << 16),
+        ] {
+            if value > max {
+                return Err(Error::config(
+                    path,
+                    format!("`{key}` = {value} is beyond any supported model (max {max})"),
+                ));
+            }
+        }
         if num_attention_heads == 0 || num_hidden_layers == 0 || hidden_size == 0 {
             return Err(Error::config(
                 path,
@@ -72,6 +87,12 @@ impl ModelConfig {
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
             .unwrap_or(hidden_size / num_attention_heads);
+        if head_dim > 1 << 16 {
+            return Err(Error::config(
+                path,
+                format!("`head_dim` = {head_dim} is beyond any supported model (max 65536)"),
+            ));
+        }
         Ok(ModelConfig {
             model_type,
             architectures,
@@ -184,34 +205,12 @@ fn open_sharded(
 ) -> Result<(Vec<TensorFile>, HashMap<String, usize>)> {
     let text =
         std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, "cannot read", e))?;
-    let parsed: IndexFile = serde_json::from_str(&text)
-        .map_err(|e| Error::config(index_path, format!("invalid index: {e}")))?;
-    let map = parsed.weight_map.0;
-    let mut listed = std::collections::HashSet::new();
-    for (tensor, _) in &map {
-        if !listed.insert(tensor.as_str()) {
-            return Err(Error::config(
-                index_path,
-                format!("weight_map lists tensor `{tensor}` twice"),
-            ));
-        }
-    }
+    let map = parse_index(&text, index_path)?;
     let mut shard_ids: HashMap<String, usize> = HashMap::new();
     let mut shards = Vec::new();
     let mut index = HashMap::new();
     for (tensor, shard) in &map {
-        let shard = shard.as_str().ok_or_else(|| {
-            Error::config(
-                index_path,
-                format!("weight_map[`{tensor}`] is not a file name"),
-            )
-        })?;
-        if shard.contains('/') || shard.contains('\\') || shard == ".." {
-            return Err(Error::config(
-                index_path,
-                format!("weight_map[`{tensor}`] = `{shard}` is not a plain file name"),
-            ));
-        }
+        let shard = shard.as_str();
         let id = match shard_ids.get(shard) {
             Some(&id) => id,
             None => {
@@ -254,6 +253,39 @@ fn open_sharded(
         }
     }
     Ok((shards, index))
+}
+
+/// Parses `model.safetensors.index.json` into (tensor, shard file) pairs, refusing a tensor listed
+/// twice and shard names that are not plain file names. The fuzz targets call this directly.
+pub fn parse_index(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
+    let parsed: IndexFile = serde_json::from_str(text)
+        .map_err(|e| Error::config(path, format!("invalid index: {e}")))?;
+    let mut listed = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(parsed.weight_map.0.len());
+    for (tensor, shard) in parsed.weight_map.0 {
+        if !listed.insert(tensor.clone()) {
+            return Err(Error::config(
+                path,
+                format!("weight_map lists tensor `{tensor}` twice"),
+            ));
+        }
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::config(path, format!("weight_map[`{tensor}`] is not a file name"))
+        })?;
+        if shard.is_empty()
+            || shard.contains('/')
+            || shard.contains('\\')
+            || shard == "."
+            || shard == ".."
+        {
+            return Err(Error::config(
+                path,
+                format!("weight_map[`{tensor}`] = `{shard}` is not a plain file name"),
+            ));
+        }
+        out.push((tensor, shard.to_string()));
+    }
+    Ok(out)
 }
 
 /// `model.safetensors.index.json`; other fields (metadata) are ignored.

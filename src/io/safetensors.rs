@@ -79,6 +79,13 @@ pub struct TensorEntry {
     end: usize,
 }
 
+impl TensorEntry {
+    /// `(start, end)` byte offsets of the tensor's data inside the whole file.
+    pub fn byte_range(&self) -> (usize, usize) {
+        (self.start, self.end)
+    }
+}
+
 /// One mapped safetensors file with its validated index.
 pub struct TensorFile {
     path: PathBuf,

@@ -1,0 +1,87 @@
+//! Every input a fuzzer found to crash a check (kept in `fuzz/regressions/<target>/`), plus the
+//! real files each target is seeded with, run through the same checks as the fuzz targets.
+
+use std::path::Path;
+
+use loraxfer::fuzzing::TARGETS;
+
+fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions")
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn recorded_fuzz_findings_stay_fixed() {
+    let mut total = 0;
+    for (target, check) in TARGETS {
+        for (name, data) in inputs(target) {
+            let result = std::panic::catch_unwind(|| check(&data));
+            assert!(
+                result.is_ok(),
+                "fuzz/regressions/{target}/{name} fails the {target} check again"
+            );
+            total += 1;
+        }
+    }
+    eprintln!("{total} recorded inputs");
+}
+
+#[test]
+fn seeds_pass_every_check() {
+    // The built-in tables, a real config and adapter config, a layer map, an index, and a tiny
+    // safetensors image: each accepted input must satisfy its target's invariants.
+    for text in [
+        include_str!("../src/arch/tables/phi3.json"),
+        include_str!("../src/arch/tables/gemma3.json"),
+    ] {
+        assert!(loraxfer::arch::parse_table(text).is_ok());
+        loraxfer::fuzzing::arch_table(text.as_bytes());
+    }
+    let config = br#"{"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2}"#;
+    loraxfer::fuzzing::model_config(config);
+    loraxfer::fuzzing::adapter_config(
+        br#"{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}}"#,
+    );
+    loraxfer::fuzzing::layer_map(br#"{"0": 27, "23": 0}"#);
+    loraxfer::fuzzing::checkpoint_index(
+        br#"{"weight_map": {"a": "model-00001-of-00002.safetensors"}}"#,
+    );
+    let mut st = Vec::new();
+    let header = br#"{"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]}}"#;
+    st.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    st.extend_from_slice(header);
+    st.extend_from_slice(&[0u8; 12]);
+    assert_eq!(
+        loraxfer::io::safetensors::index_header(&st).unwrap().len(),
+        1
+    );
+    loraxfer::fuzzing::safetensors_header(&st);
+    // And the limits: sizes beyond any model are refused, not overflowed.
+    let huge = br#"{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 9223372036854775807, "intermediate_size": 8, "num_attention_heads": 1}"#;
+    assert!(loraxfer::io::checkpoint::ModelConfig::parse(
+        std::str::from_utf8(huge).unwrap(),
+        Path::new("c")
+    )
+    .is_err());
+    let overflow =
+        br#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}}"#;
+    let mut st = (overflow.len() as u64).to_le_bytes().to_vec();
+    st.extend_from_slice(overflow);
+    let e = loraxfer::io::safetensors::index_header(&st).unwrap_err();
+    assert!(e.contains('w') || e.contains("overflow"), "{e}");
+}
