@@ -12,7 +12,7 @@ use crate::io::safetensors::{decode_f32, index_header, FloatType};
 /// Safetensors header and offsets: refused, or tensors whose ranges lie inside the file and
 /// match their shape and dtype.
 pub fn safetensors_header(data: &[u8]) {
-    if let Ok(entries) = index_header(data) {
+    if let Ok((entries, _)) = index_header(data) {
         for entry in entries.values() {
             let (start, end) = entry.byte_range();
             assert!(start <= end && end <= data.len(), "range outside the file");

@@ -135,6 +135,7 @@ fn run_k(
         },
         layer_map_file: None,
         device: Device::Cpu,
+        cache_dir: None,
         force: false,
         progress: false,
     };

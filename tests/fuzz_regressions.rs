@@ -67,7 +67,10 @@ fn seeds_pass_every_check() {
     st.extend_from_slice(header);
     st.extend_from_slice(&[0u8; 12]);
     assert_eq!(
-        loraxfer::io::safetensors::index_header(&st).unwrap().len(),
+        loraxfer::io::safetensors::index_header(&st)
+            .unwrap()
+            .0
+            .len(),
         1
     );
     loraxfer::fuzzing::safetensors_header(&st);

@@ -294,3 +294,60 @@ fn an_immediate_interrupt_exits_promptly() {
         pair.leftovers(&out)
     );
 }
+
+#[test]
+fn the_basis_cache_reproduces_the_uncached_result_and_is_reused() {
+    let pair = Pair::new("tiny-qwen2", "4");
+    let cache = pair.path("cache");
+    let cache_arg = cache.to_string_lossy().into_owned();
+    let plain = pair.path("plain");
+    assert!(run(pair.transfer(&plain, &["--rank", "16"]))
+        .status
+        .success());
+    let mut reports = Vec::new();
+    for i in 0..2 {
+        let out = pair.path(&format!("cached{i}"));
+        let o = run(pair.transfer(&out, &["--rank", "16", "--cache-dir", &cache_arg]));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // Cached or not, the adapter is the same bytes.
+        assert!(
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+                == std::fs::read(plain.join("adapter_model.safetensors")).unwrap()
+        );
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("transfer_report.json")).unwrap(),
+        )
+        .unwrap();
+        reports.push(r["basis_cache"].clone());
+    }
+    // 28 module pairs, two bases each: all computed the first time, all found the second.
+    assert_eq!(reports[0]["misses"], 56);
+    assert_eq!(reports[0]["hits"], 0);
+    assert_eq!(reports[1]["hits"], 56);
+    assert_eq!(reports[1]["misses"], 0);
+    // A different k is a different key.
+    let o = run(pair.transfer(
+        &pair.path("k8"),
+        &["--rank", "8", "--cache-dir", &cache_arg],
+    ));
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pair.path("k8/transfer_report.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(o.status.success());
+    assert_eq!(r["basis_cache"]["hits"], 0);
+    // A corrupted entry is recomputed, not trusted.
+    for e in std::fs::read_dir(&cache).unwrap().flatten().take(3) {
+        std::fs::write(e.path(), b"garbage").unwrap();
+    }
+    let out = pair.path("after-corruption");
+    assert!(
+        run(pair.transfer(&out, &["--rank", "16", "--cache-dir", &cache_arg]))
+            .status
+            .success()
+    );
+    assert!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(plain.join("adapter_model.safetensors")).unwrap()
+    );
+}

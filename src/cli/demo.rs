@@ -97,6 +97,7 @@ fn steps(dir: &std::path::Path) -> Result<()> {
         },
         layer_map_file: None,
         device: Device::Auto,
+        cache_dir: None,
         force: false,
         progress: true,
     };

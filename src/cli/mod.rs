@@ -53,6 +53,10 @@ pub struct SvdArgs {
     /// Backend.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Keep the SVDs of base weights here and reuse them: a second adapter between the same
+    /// models then costs only the projections.
+    #[arg(long, env = "LORAXFER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

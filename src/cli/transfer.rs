@@ -35,6 +35,7 @@ pub fn transfer(args: TransferArgs) -> Result<()> {
         options: opts,
         layer_map_file: args.layer_map,
         device: args.svd.device,
+        cache_dir: args.svd.cache_dir.clone(),
         force: args.force,
         progress: true,
     };
@@ -98,7 +99,20 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let (backend, _) = backend::select(args.svd.device)?;
     let source = Checkpoint::open(&args.source_base)?;
     let target = Checkpoint::open(&args.target_base)?;
-    let ins = inspect::run(&source, &target, &opts, backend.as_ref(), true)?;
+    let cache = args
+        .svd
+        .cache_dir
+        .as_deref()
+        .map(loraxfer::transfer::cache::BasisCache::open)
+        .transpose()?;
+    let ins = inspect::run(
+        &source,
+        &target,
+        &opts,
+        backend.as_ref(),
+        cache.as_ref(),
+        true,
+    )?;
     if args.json {
         println!(
             "{}",

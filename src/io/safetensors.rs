@@ -91,6 +91,7 @@ pub struct TensorFile {
     path: PathBuf,
     map: Mmap,
     entries: HashMap<String, TensorEntry>,
+    metadata: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for TensorFile {
@@ -109,7 +110,7 @@ impl TensorFile {
         // SAFETY: the map is read-only; a file truncated by another process while mapped would
         // fault on access, which is the documented limitation of every mmap-based reader.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map", e))?;
-        let entries = index_header(&map).map_err(|reason| Error::Safetensors {
+        let (entries, metadata) = index_header(&map).map_err(|reason| Error::Safetensors {
             path: path.to_path_buf(),
             reason,
         })?;
@@ -117,12 +118,18 @@ impl TensorFile {
             path: path.to_path_buf(),
             map,
             entries,
+            metadata,
         })
     }
 
     /// The file's path, for error messages.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A value of the file's `__metadata__` header entry.
+    pub fn metadata_value(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// The index entry of `name`, if present.
@@ -199,12 +206,12 @@ impl TensorFile {
 
 /// Validates the header of a whole safetensors image (as the safetensors crate does: header size
 /// cap, UTF-8 JSON, offsets that tile the data, no overflow) and indexes its tensors by name. The
-/// fuzz targets call this directly.
-pub fn index_header(file: &[u8]) -> std::result::Result<HashMap<String, TensorEntry>, String> {
+/// fuzz targets call this directly. Returns the index and the `__metadata__` strings.
+pub fn index_header(file: &[u8]) -> std::result::Result<(Index, HashMap<String, String>), String> {
     let (header_len, metadata) =
         SafeTensors::read_metadata(file).map_err(|e| describe_header_error(&e, file))?;
     let data_start = 8 + header_len;
-    Ok(metadata
+    let entries = metadata
         .tensors()
         .into_iter()
         .map(|(name, info)| {
@@ -216,8 +223,12 @@ pub fn index_header(file: &[u8]) -> std::result::Result<HashMap<String, TensorEn
             };
             (name, entry)
         })
-        .collect())
+        .collect();
+    Ok((entries, metadata.metadata().clone().unwrap_or_default()))
 }
+
+/// Tensor name → where it lives.
+pub type Index = HashMap<String, TensorEntry>;
 
 /// Turns the safetensors crate's error into a sentence with the numbers a user needs.
 fn describe_header_error(e: &safetensors::SafeTensorError, file: &[u8]) -> String {

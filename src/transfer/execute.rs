@@ -11,6 +11,7 @@ use crate::io::adapter::LoraFactors;
 use crate::io::checkpoint::Checkpoint;
 use crate::plan::{Options, Unit};
 use crate::timing::{Phase, Timings};
+use crate::transfer::cache::BasisCache;
 
 /// Everything a unit needs besides itself.
 pub struct Context<'a> {
@@ -19,6 +20,8 @@ pub struct Context<'a> {
     pub backend: &'a dyn Backend,
     pub options: &'a Options,
     pub timings: &'a Timings,
+    /// Where decompositions are looked up and stored, if anywhere.
+    pub cache: Option<&'a BasisCache>,
 }
 
 /// What a unit produced: factors for its target rows (None when it was not transferred and has
@@ -51,6 +54,23 @@ pub fn decompose(
     rank: usize,
 ) -> Result<Basis> {
     let full_rows = ckpt.shape(name)?[0];
+    let params = SvdParams {
+        rank,
+        oversample: ctx.options.oversample,
+        power_iters: ctx.options.power_iters,
+        seed: ctx.options.seed,
+    };
+    let cached = match ctx.cache {
+        Some(cache) => {
+            let file = ckpt.file_of(name).expect("shape found it").path();
+            let key = BasisCache::key(file, name, &rows, &params)?;
+            if let Some(basis) = ctx.timings.time(Phase::Load, || cache.get(&key)) {
+                return Ok(basis);
+            }
+            Some((cache, key))
+        }
+        None => None,
+    };
     let data = ctx
         .timings
         .time(Phase::Load, || ckpt.read_rows_f32(name, rows.clone()))?;
@@ -67,13 +87,11 @@ pub fn decompose(
         rows: rows.len(),
         cols,
     };
-    let params = SvdParams {
-        rank,
-        oversample: ctx.options.oversample,
-        power_iters: ctx.options.power_iters,
-        seed: ctx.options.seed,
-    };
-    ctx.backend.truncated_svd(&weight, &params, ctx.timings)
+    let basis = ctx.backend.truncated_svd(&weight, &params, ctx.timings)?;
+    if let Some((cache, key)) = cached {
+        ctx.timings.time(Phase::Write, || cache.put(&key, &basis));
+    }
+    Ok(basis)
 }
 
 /// Runs one unit whose source module is `factors` (None when the adapter lacks it).

@@ -49,6 +49,7 @@ pub fn run(
     target: &Checkpoint,
     options: &Options,
     backend: &dyn Backend,
+    cache: Option<&super::cache::BasisCache>,
     progress: bool,
 ) -> Result<Inspection> {
     let wall = Instant::now();
@@ -78,6 +79,7 @@ pub fn run(
         backend,
         options: &opts,
         timings: &timings,
+        cache,
     };
     let units: Vec<&plan::Unit> = plan.units().collect();
     let bar = super::progress_bar(progress, units.len() as u64, "inspect");

@@ -1,6 +1,7 @@
 //! The transfer pipeline: plan → execute (parallel over units) → assemble → write atomically.
 
 pub mod assemble;
+pub mod cache;
 pub mod execute;
 pub mod inspect;
 pub mod report;
@@ -31,6 +32,8 @@ pub struct Job {
     /// A layer-map file (`{"<target layer>": <source layer>}`), read once the depths are known.
     pub layer_map_file: Option<PathBuf>,
     pub device: Device,
+    /// Basis cache directory (DESIGN.md §2.6), if any.
+    pub cache_dir: Option<PathBuf>,
     pub force: bool,
     /// Draw a progress bar on stderr (only shown when stderr is a terminal).
     pub progress: bool,
@@ -63,12 +66,18 @@ pub fn run(job: &Job) -> Result<Report> {
         Ok((source, target, adapter, plan))
     })?;
 
+    let cache = job
+        .cache_dir
+        .as_deref()
+        .map(cache::BasisCache::open)
+        .transpose()?;
     let ctx = execute::Context {
         source: &source,
         target: &target,
         backend: backend.as_ref(),
         options: &job.options,
         timings: &timings,
+        cache: cache.as_ref(),
     };
     let units: Vec<(usize, &plan::Unit)> = plan
         .modules
@@ -135,6 +144,16 @@ pub fn run(job: &Job) -> Result<Report> {
         threshold: job.options.threshold,
         device: format!("{} — {device_note}", backend.name()),
         layer_map: report::layer_map_json(&plan),
+        basis_cache: cache.as_ref().map(|c| report::CacheUse {
+            dir: job
+                .cache_dir
+                .as_ref()
+                .expect("cache implies dir")
+                .to_string_lossy()
+                .into_owned(),
+            hits: c.hits.load(std::sync::atomic::Ordering::Relaxed),
+            misses: c.misses.load(std::sync::atomic::Ordering::Relaxed),
+        }),
         timings_ms: BTreeMap::new(),
         summary: Summary::of(&rows),
         modules: rows,

@@ -91,9 +91,20 @@ pub struct Report {
     pub threshold: f32,
     pub device: String,
     pub layer_map: BTreeMap<String, usize>,
+    /// Basis cache use, when `--cache-dir` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub basis_cache: Option<CacheUse>,
     pub timings_ms: BTreeMap<String, f64>,
     pub summary: Summary,
     pub modules: Vec<ModuleRow>,
+}
+
+/// How the basis cache served a run: decompositions found and computed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheUse {
+    pub dir: String,
+    pub hits: usize,
+    pub misses: usize,
 }
 
 /// Counts and means over the rows.

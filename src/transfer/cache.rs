@@ -1,0 +1,152 @@
+//! The basis cache (DESIGN.md §2.6): the SVD of a base weight depends only on (the file, the
+//! tensor, its rows, k, p, q, seed), so it is stored once and reused; the second adapter between
+//! the same pair of models costs only the projections. One safetensors file per matrix (U, S, V
+//! in f32, the key in the metadata), written atomically; a file whose metadata does not match its
+//! key, or that cannot be read, is recomputed, never trusted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use faer::Mat;
+
+use crate::backend::{Basis, SvdParams};
+use crate::error::{Error, Result};
+use crate::io::safetensors::{write_file, FloatType, OutTensor, TensorFile};
+
+/// A cache directory and its hit/miss counters.
+#[derive(Debug)]
+pub struct BasisCache {
+    dir: PathBuf,
+    pub hits: AtomicUsize,
+    pub misses: AtomicUsize,
+}
+
+impl BasisCache {
+    /// Opens (creating) a cache directory.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(dir, "cannot create the cache directory", e))?;
+        Ok(BasisCache {
+            dir: dir.to_path_buf(),
+            hits: AtomicUsize::new(0),
+            misses: AtomicUsize::new(0),
+        })
+    }
+
+    /// The key of a matrix: which bytes of which file, and the SVD parameters. The file is known
+    /// by its canonical path, size and modification time, so a rewritten checkpoint misses.
+    pub fn key(
+        file: &Path,
+        tensor: &str,
+        rows: &std::ops::Range<usize>,
+        p: &SvdParams,
+    ) -> Result<String> {
+        let canon = file
+            .canonicalize()
+            .map_err(|e| Error::io(file, "cannot resolve", e))?;
+        let meta = std::fs::metadata(&canon).map_err(|e| Error::io(&canon, "cannot stat", e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Ok(format!(
+            "{}|{}|{}|{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v1",
+            canon.display(),
+            meta.len(),
+            mtime,
+            rows.start,
+            rows.end,
+            p.rank,
+            p.oversample,
+            p.power_iters,
+            p.seed
+        ))
+    }
+
+    fn path_of(&self, key: &str) -> PathBuf {
+        // FNV-1a over the key, twice with different offsets, for a 128-bit file name.
+        let h = |seed: u64| {
+            key.bytes()
+                .fold(seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+        };
+        self.dir.join(format!(
+            "{:016x}{:016x}.safetensors",
+            h(0xcbf2_9ce4_8422_2325),
+            h(0x8422_2325_cbf2_9ce4)
+        ))
+    }
+
+    /// The cached basis of `key`, if present and intact.
+    pub fn get(&self, key: &str) -> Option<Basis> {
+        let path = self.path_of(key);
+        let found = path.is_file().then(|| read_basis(&path, key)).flatten();
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Stores a basis (best effort: a cache that cannot be written only costs time).
+    pub fn put(&self, key: &str, basis: &Basis) {
+        let path = self.path_of(key);
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let col_major = |m: &Mat<f32>| -> Vec<f32> {
+            (0..m.ncols())
+                .flat_map(|j| m.col(j).iter().copied().collect::<Vec<_>>())
+                .collect()
+        };
+        let (k, m, n) = (basis.s.len(), basis.u.nrows(), basis.v.nrows());
+        let tensors = vec![
+            (
+                "u".to_string(),
+                OutTensor::from_f32(col_major(&basis.u), vec![k, m], FloatType::F32),
+            ),
+            (
+                "s".to_string(),
+                OutTensor::from_f32(basis.s.clone(), vec![k], FloatType::F32),
+            ),
+            (
+                "v".to_string(),
+                OutTensor::from_f32(col_major(&basis.v), vec![k, n], FloatType::F32),
+            ),
+        ];
+        let meta = HashMap::from([("key".to_string(), key.to_string())]);
+        if write_file(&tmp, &tensors, Some(meta)).is_ok() && std::fs::rename(&tmp, &path).is_ok() {
+            return;
+        }
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+fn read_basis(path: &Path, key: &str) -> Option<Basis> {
+    let file = TensorFile::open(path).ok()?;
+    if file.metadata_value("key")? != key {
+        return None;
+    }
+    let (ue, ve) = (
+        file.entry("u")?.shape.clone(),
+        file.entry("v")?.shape.clone(),
+    );
+    let (&[k, m], &[k2, n]) = (ue.as_slice(), ve.as_slice()) else {
+        return None;
+    };
+    let (u, s, v) = (
+        file.read_f32("u").ok()?,
+        file.read_f32("s").ok()?,
+        file.read_f32("v").ok()?,
+    );
+    if k != k2 || s.len() != k {
+        return None;
+    }
+    Some(Basis {
+        u: Mat::from_fn(m, k, |i, j| u[j * m + i]),
+        s,
+        v: Mat::from_fn(n, k, |i, j| v[j * n + i]),
+    })
+}
