@@ -42,7 +42,11 @@ pub fn lu_basis(y: MatRef<'_, f32>) -> Option<Mat<f32>> {
     let diag_max = (0..u.ncols().min(u.nrows()))
         .map(|j| u[(j, j)].abs())
         .fold(0f32, f32::max);
-    let deficient = (0..u.ncols().min(u.nrows())).any(|j| !(u[(j, j)].abs() > diag_max * 1e-5));
+    // NaN pivots count as deficient too: `is_nan() || <=`.
+    let deficient = (0..u.ncols().min(u.nrows())).any(|j| {
+        let p = u[(j, j)].abs();
+        p.is_nan() || p <= diag_max * 1e-5
+    });
     if deficient {
         return None;
     }
