@@ -276,6 +276,7 @@ fn procrustes_rotates_within_the_subspace() {
         u: mm(bs.u.as_ref(), rot_u.as_ref()),
         s: bs.s.clone(),
         v: mm(bs.v.as_ref(), rot_v.as_ref()),
+        next: bs.next,
     };
     let src = lora(m, n, 3, 5);
     let out = CpuBackend

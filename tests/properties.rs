@@ -48,6 +48,7 @@ fn flip(b: &Basis, signs: &[bool]) -> Basis {
         u: Mat::from_fn(b.u.nrows(), b.u.ncols(), |i, j| b.u[(i, j)] * s(j)),
         s: b.s.clone(),
         v: Mat::from_fn(b.v.nrows(), b.v.ncols(), |i, j| b.v[(i, j)] * s(j)),
+        next: b.next,
     }
 }
 

@@ -45,6 +45,17 @@ pub struct Basis {
     pub s: Vec<f32>,
     /// `n × k`, orthonormal columns.
     pub v: Mat<f32>,
+    /// The estimate of σ_{k+1} from the same sketch, when it had room for one (l > k): with
+    /// `s[k-1]` it tells how well the top-k subspace is determined.
+    pub next: Option<f32>,
+}
+
+impl Basis {
+    /// σ_{k+1} / σ_k: near 0 for a clear gap, near 1 when the k-th direction is barely resolved.
+    pub fn gap_ratio(&self) -> Option<f64> {
+        let last = *self.s.last()?;
+        self.next.filter(|_| last > 0.0).map(|n| (n / last) as f64)
+    }
 }
 
 /// LoRA factors of one module: ΔW = s·B·A.

@@ -67,6 +67,15 @@ fn print_summary(job: &Job, r: &report::Report) {
             String::new()
         }
     );
+    if s.weakly_resolved > 0 {
+        println!(
+            "note: {} modules have sigma_(k+1)/sigma_k above {} (gap_source/gap_target in the report): \
+             their top-k subspaces are weakly determined and vary with --seed; a smaller --rank or \
+             more --power-iters resolves them better",
+            s.weakly_resolved,
+            report::WEAK_GAP
+        );
+    }
     println!(
         "mode {}, k {}, device {}, {:.2} s -> {}",
         r.mode,

@@ -53,7 +53,7 @@ impl BasisCache {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         Ok(format!(
-            "{}|{}|{}|{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v1",
+            "{}|{}|{}|{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v2",
             canon.display(),
             meta.len(),
             mtime,
@@ -112,6 +112,14 @@ impl BasisCache {
                 OutTensor::from_f32(basis.s.clone(), vec![k], FloatType::F32),
             ),
             (
+                "next".to_string(),
+                OutTensor::from_f32(
+                    basis.next.into_iter().collect(),
+                    vec![basis.next.is_some() as usize],
+                    FloatType::F32,
+                ),
+            ),
+            (
                 "v".to_string(),
                 OutTensor::from_f32(col_major(&basis.v), vec![k, n], FloatType::F32),
             ),
@@ -141,6 +149,7 @@ fn read_basis(path: &Path, key: &str) -> Option<Basis> {
         file.read_f32("s").ok()?,
         file.read_f32("v").ok()?,
     );
+    let next = file.read_f32("next").ok()?.first().copied();
     if k != k2 || s.len() != k {
         return None;
     }
@@ -148,5 +157,6 @@ fn read_basis(path: &Path, key: &str) -> Option<Basis> {
         u: Mat::from_fn(m, k, |i, j| u[j * m + i]),
         s,
         v: Mat::from_fn(n, k, |i, j| v[j * n + i]),
+        next,
     })
 }

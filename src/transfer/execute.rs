@@ -34,6 +34,9 @@ pub struct Outcome {
     pub transferred: bool,
     pub energy_kept: Option<f64>,
     pub reason: Option<String>,
+    /// σ_{k+1}/σ_k of the source and target weights (how well their top-k subspaces are resolved).
+    pub gap_source: Option<f64>,
+    pub gap_target: Option<f64>,
 }
 
 /// The source factors of a unit: rows `unit.source_rows` of B, and A.
@@ -103,6 +106,8 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         transferred: false,
         energy_kept: None,
         reason: Some(reason),
+        gap_source: None,
+        gap_target: None,
     };
     if let Some(reason) = &unit.skip {
         return Ok(skipped(reason.clone()));
@@ -181,5 +186,7 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         transferred,
         energy_kept,
         reason,
+        gap_source: bs.as_ref().and_then(Basis::gap_ratio),
+        gap_target: bt.as_ref().and_then(Basis::gap_ratio),
     })
 }

@@ -21,6 +21,10 @@ pub struct ModuleRow {
     pub similarity: Option<f64>,
     pub transferred: bool,
     pub energy_kept: Option<f64>,
+    /// σ_{k+1}/σ_k of the source and target weights: near 1 means the top-k subspace is barely
+    /// determined, and results then depend on the seed.
+    pub gap_source: Option<f64>,
+    pub gap_target: Option<f64>,
     /// Module type (`q_proj`, ...).
     pub module: String,
     pub target_module: String,
@@ -63,6 +67,8 @@ impl ModuleRow {
             similarity,
             transferred: o.transferred,
             energy_kept: o.energy_kept,
+            gap_source: o.gap_source,
+            gap_target: o.gap_target,
             module: unit.label.clone(),
             target_module: target_module.to_string(),
             source_module: unit.source_module.clone(),
@@ -107,6 +113,9 @@ pub struct CacheUse {
     pub misses: usize,
 }
 
+/// σ_{k+1}/σ_k above this counts as a weakly resolved top-k subspace.
+pub const WEAK_GAP: f64 = 0.9;
+
 /// Counts and means over the rows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -115,6 +124,8 @@ pub struct Summary {
     pub mean_similarity: Option<f64>,
     pub mean_energy_kept: Option<f64>,
     pub rank_capped: usize,
+    /// Rows where σ_{k+1}/σ_k of either weight exceeds 0.9 (weakly resolved subspaces).
+    pub weakly_resolved: usize,
 }
 
 impl Summary {
@@ -132,6 +143,15 @@ impl Summary {
                     .collect(),
             ),
             rank_capped: rows.iter().filter(|r| r.rank_capped).count(),
+            weakly_resolved: rows
+                .iter()
+                .filter(|r| {
+                    [r.gap_source, r.gap_target]
+                        .into_iter()
+                        .flatten()
+                        .any(|g| g > WEAK_GAP)
+                })
+                .count(),
         }
     }
 }

@@ -122,7 +122,8 @@ pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<
         let s: Vec<f32> = (0..k).map(|i| svd.S().column_vector()[i]).collect();
         (u, s, v)
     });
-    let mut basis = Basis { u, s, v };
+    let next = (l > k).then(|| svd.S().column_vector()[k]);
+    let mut basis = Basis { u, s, v, next };
     canonicalize_signs(&mut basis);
     Ok(basis)
 }
