@@ -7,68 +7,17 @@
 //! damage is exactly what each test says and does not depend on the crate's own writer.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{json, Map, Value};
-use tempfile::TempDir;
+
+mod common;
+use common::cli::*;
 
 const Q_PROJ_0: &str = "model.layers.0.self_attn.q_proj.weight";
 const LORA_B_Q_0: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
 
-fn loraxfer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_loraxfer"))
-        .args(args)
-        .output()
-        .expect("the loraxfer binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn ok(args: &[&str]) {
-    let out = loraxfer(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{args:?} failed: {stderr}");
-}
-
-/// `loraxfer synth KIND --out OUT EXTRA...`
-fn synth(kind: &str, out: &Path, extra: &[&str]) {
-    let mut args = vec!["synth", kind, "--out", s(out)];
-    args.extend_from_slice(extra);
-    ok(&args);
-}
-
-/// A tiny-qwen2 source, a 5% drifted derivative as target, and an adapter for the source, all in
-/// one temporary directory that also serves as the parent of `--out`.
-struct Fixtures {
-    root: TempDir,
-    source: PathBuf,
-    target: PathBuf,
-    adapter: PathBuf,
-}
-
 impl Fixtures {
-    fn new() -> Self {
-        let root = tempfile::tempdir().expect("temp dir");
-        let source = root.path().join("source");
-        let target = root.path().join("target");
-        let adapter = root.path().join("adapter");
-        synth("model", &source, &["--like", "tiny-qwen2", "--seed", "1"]);
-        synth(
-            "model",
-            &target,
-            &["--derive-from", s(&source), "--drift", "0.05"],
-        );
-        synth("adapter", &adapter, &["--base", s(&source)]);
-        Fixtures {
-            root,
-            source,
-            target,
-            adapter,
-        }
-    }
-
     /// Where every failing transfer writes; it must never appear.
     fn out(&self) -> PathBuf {
         self.root.path().join("out")

@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::{json, Map, Value};
-use tempfile::TempDir;
+
+mod common;
+use common::cli::*;
 
 const PEFT_PREFIX: &str = "base_model.model.";
 const PROJECTIONS: [&str; 7] = [
@@ -20,66 +21,7 @@ const PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
-fn loraxfer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_loraxfer"))
-        .args(args)
-        .output()
-        .expect("the loraxfer binary runs")
-}
-
-/// Runs and insists on success; returns (stdout, stderr).
-fn ok(args: &[&str]) -> (String, String) {
-    let out = loraxfer(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{args:?} failed:\n{stderr}");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
-}
-
-/// `loraxfer synth KIND --out OUT EXTRA...`
-fn synth(kind: &str, out: &Path, extra: &[&str]) {
-    let mut args = vec!["synth", kind, "--out", s(out)];
-    args.extend_from_slice(extra);
-    ok(&args);
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read JSON")).expect("valid JSON")
-}
-
-/// A tiny-qwen2 source, its 5% drifted derivative and an adapter (r=16, alpha=32, all seven
-/// projections) for the source.
-struct Fixtures {
-    root: TempDir,
-    source: PathBuf,
-    target: PathBuf,
-    adapter: PathBuf,
-}
-
 impl Fixtures {
-    fn new() -> Self {
-        let root = tempfile::tempdir().expect("temp dir");
-        let source = root.path().join("source");
-        let target = root.path().join("target");
-        let adapter = root.path().join("adapter");
-        synth("model", &source, &["--like", "tiny-qwen2", "--seed", "1"]);
-        synth(
-            "model",
-            &target,
-            &["--derive-from", s(&source), "--drift", "0.05"],
-        );
-        synth("adapter", &adapter, &["--base", s(&source)]);
-        Fixtures {
-            root,
-            source,
-            target,
-            adapter,
-        }
-    }
-
     /// A tiny-llama model (6 layers, hidden 96): a different architecture and different shapes.
     fn llama(&self) -> PathBuf {
         let dir = self.root.path().join("llama");

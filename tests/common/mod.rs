@@ -2,6 +2,8 @@
 //! and small checkpoints and adapters written the way Hugging Face and PEFT write them.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
