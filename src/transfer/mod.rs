@@ -86,18 +86,33 @@ pub fn run(job: &Job) -> Result<Report> {
         .flat_map(|(i, m)| m.units.iter().map(move |u| (i, u)))
         .collect();
     let bar = progress_bar(job.progress, units.len() as u64, "transfer");
-    let outcomes: Vec<execute::Outcome> = units
+    // Largest matrices first, so that the threads finish together; results go back to plan order.
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&i| {
+        let u = units[i].1;
+        std::cmp::Reverse(u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1)
+    });
+    let done: Vec<(usize, execute::Outcome)> = order
         .par_iter()
-        .map(|(_, unit)| {
+        .map(|&i| {
+            let unit = units[i].1;
             let factors = unit
                 .source_module
                 .as_ref()
                 .and_then(|m| adapter.modules.get(m));
             let out = execute::run_unit(&ctx, unit, factors);
             bar.inc(1);
-            out
+            out.map(|o| (i, o))
         })
         .collect::<Result<_>>()?;
+    let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
+    for (i, o) in done {
+        outcomes[i] = Some(o);
+    }
+    let outcomes: Vec<execute::Outcome> = outcomes
+        .into_iter()
+        .map(|o| o.expect("every unit ran"))
+        .collect();
     bar.finish_and_clear();
 
     // Group outcomes back by module, build the output adapter and the report rows.
