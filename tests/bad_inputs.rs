@@ -88,23 +88,7 @@ impl Fixtures {
     }
 }
 
-/// A safetensors file split into its header JSON (key order kept) and its data section.
-struct Safetensors {
-    header: Map<String, Value>,
-    data: Vec<u8>,
-}
-
 impl Safetensors {
-    fn read(path: &Path) -> Self {
-        let bytes = std::fs::read(path).expect("read safetensors");
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header JSON");
-        Safetensors {
-            header,
-            data: bytes[8 + n..].to_vec(),
-        }
-    }
-
     /// Writes the file back with a header length that matches the (possibly edited) header.
     fn write(&self, path: &Path) {
         let header = serde_json::to_vec(&self.header).unwrap();

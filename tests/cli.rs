@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 mod common;
 use common::cli::*;
@@ -47,23 +47,7 @@ impl Fixtures {
     }
 }
 
-/// The parts of a safetensors file the tests compare: each tensor's dtype, shape and bytes.
-struct Safetensors {
-    header: Map<String, Value>,
-    data: Vec<u8>,
-}
-
 impl Safetensors {
-    fn read(path: &Path) -> Self {
-        let bytes = std::fs::read(path).expect("read safetensors");
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header JSON");
-        Safetensors {
-            header,
-            data: bytes[8 + n..].to_vec(),
-        }
-    }
-
     fn names(&self) -> BTreeSet<String> {
         self.header
             .keys()

@@ -10,22 +10,7 @@ use loraxfer::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
 use loraxfer::timing::Timings;
 
 fn svd(w: &Mat<f32>, name: &str, k: usize, p: usize, q: usize) -> Basis {
-    let data = row_major(w);
-    let weight = Weight {
-        name,
-        data: &data,
-        rows: w.nrows(),
-        cols: w.ncols(),
-    };
-    let params = SvdParams {
-        rank: k,
-        oversample: p,
-        power_iters: q,
-        seed: 42,
-    };
-    CpuBackend
-        .truncated_svd(&weight, &params, &Timings::default())
-        .unwrap()
+    rsvd_of(w, name, k, p, q, 42)
 }
 
 /// A spectrum with a gap after `k`: 10, 9.5, ... for the top k, then 0.5 and below.

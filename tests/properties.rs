@@ -5,12 +5,11 @@ mod common;
 
 use common::*;
 use faer::Mat;
-use loraxfer::backend::cpu::{factors, rsvd, CpuBackend};
-use loraxfer::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use loraxfer::backend::cpu::{factors, CpuBackend};
+use loraxfer::backend::{Backend, Basis, Factors, Mode};
 use loraxfer::io::safetensors::{
     decode_f32, encode_f32, pt_metadata, write_file, FloatType, OutTensor, TensorFile,
 };
-use loraxfer::timing::Timings;
 use proptest::prelude::*;
 
 fn dtype() -> impl Strategy<Value = FloatType> {
@@ -22,20 +21,7 @@ fn dtype() -> impl Strategy<Value = FloatType> {
 }
 
 fn svd_of(w: &Mat<f32>, k: usize, p: usize, q: usize, seed: u64) -> Basis {
-    let data = row_major(w);
-    let weight = Weight {
-        name: "w",
-        data: &data,
-        rows: w.nrows(),
-        cols: w.ncols(),
-    };
-    let params = SvdParams {
-        rank: k,
-        oversample: p,
-        power_iters: q,
-        seed,
-    };
-    rsvd::truncated_svd(&weight, &params, &Timings::default()).unwrap()
+    rsvd_of(w, "w", k, p, q, seed)
 }
 
 fn update(f: &Factors) -> Mat<f32> {

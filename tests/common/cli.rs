@@ -68,3 +68,22 @@ impl Fixtures {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("read JSON")).expect("valid JSON")
 }
+
+/// A safetensors file split into its header JSON (key order kept) and its data section.
+pub struct Safetensors {
+    pub header: serde_json::Map<String, serde_json::Value>,
+    pub data: Vec<u8>,
+}
+
+impl Safetensors {
+    /// Reads a whole file (8-byte length, header JSON, data).
+    pub fn read(path: &Path) -> Self {
+        let bytes = std::fs::read(path).expect("read safetensors");
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header JSON");
+        Safetensors {
+            header,
+            data: bytes[8 + n..].to_vec(),
+        }
+    }
+}

@@ -204,3 +204,33 @@ pub fn random_factors(
         ty,
     }
 }
+
+/// The CPU reference's randomized SVD of `w` (named `name` for its Ω).
+pub fn rsvd_of(
+    w: &Mat<f32>,
+    name: &str,
+    k: usize,
+    p: usize,
+    q: usize,
+    seed: u64,
+) -> loraxfer::backend::Basis {
+    let data = row_major(w);
+    let weight = loraxfer::backend::Weight {
+        name,
+        data: &data,
+        rows: w.nrows(),
+        cols: w.ncols(),
+    };
+    let params = loraxfer::backend::SvdParams {
+        rank: k,
+        oversample: p,
+        power_iters: q,
+        seed,
+    };
+    loraxfer::backend::cpu::rsvd::truncated_svd(
+        &weight,
+        &params,
+        &loraxfer::timing::Timings::default(),
+    )
+    .unwrap()
+}
