@@ -2,12 +2,19 @@
 //! nvcc comes from `NVCC`, then `CUDA_HOME`/`CUDA_PATH`, then `PATH`. Without nvcc the crate still
 //! builds (no `loraxfer_cuda_kernels` cfg) and the CPU backend does everything; a kernel that
 //! fails to compile fails the build.
+//!
+//! The same kernel sources are also compiled for the CPU emulator (kernels/emulate/, cfg
+//! `loraxfer_kernel_emulator`) with the system C++ compiler, so the kernels' logic is tested
+//! against the CPU reference on machines without a GPU. Without a C++20 compiler the emulator is
+//! left out with a warning and the tests that need it say they are skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(loraxfer_cuda_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(loraxfer_kernel_emulator)");
+    println!("cargo::rerun-if-env-changed=LORAXFER_NO_EMULATOR");
     println!("cargo::rerun-if-changed=kernels");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"] {
         println!("cargo::rerun-if-env-changed={var}");
@@ -38,6 +45,10 @@ fn main() {
         None => println!(
             "cargo::warning=nvcc not found (set NVCC, or run scripts/setup-cuda.sh): building without CUDA kernels; the CPU backend is complete"
         ),
+    }
+
+    if std::env::var_os("LORAXFER_NO_EMULATOR").is_none() {
+        build_emulator(&sources);
     }
 
     let mut code = String::from("/// Embedded kernel images: (file stem, fatbin bytes).\npub const FATBINS: &[(&str, &[u8])] = &[\n");
@@ -115,4 +126,36 @@ fn compile(nvcc: &Path, src: &Path, fatbin: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Compiles the kernels and kernels/emulate/launch.cpp as C++ for the CPU emulator.
+fn build_emulator(sources: &[PathBuf]) {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        .define("LORAXFER_EMULATE", None)
+        .include("kernels")
+        .flag_if_supported("-pthread")
+        .flag_if_supported("-Wno-unused-parameter")
+        .cargo_warnings(false);
+    // Probe first: a missing or too old C++ compiler leaves the emulator out, not the build.
+    let probe = build
+        .clone()
+        .cargo_metadata(false)
+        .file("kernels/emulate/launch.cpp")
+        .try_compile("loraxfer_emulate_probe");
+    if let Err(e) = probe {
+        println!("cargo::warning=no C++20 compiler for the kernel emulator ({e}); GPU-kernel tests will be skipped on this machine");
+        return;
+    }
+    // `.cu` is not a C++ extension to g++/clang: say the language before each file.
+    build.flag("-x").flag("c++");
+    for src in sources {
+        build.file(src);
+    }
+    build.file("kernels/emulate/launch.cpp");
+    build.compile("loraxfer_emulate");
+    println!("cargo::rustc-cfg=loraxfer_kernel_emulator");
 }

@@ -2,6 +2,7 @@
 // Variants: f32 output only. One thread per (row, group of four columns).
 // Used to check the device Philox against the CPU reference; the sketch kernels generate Ω in
 // registers with the same header instead of storing it.
+#include "api.h"
 #include "philox.cuh"
 
 extern "C" __global__ void philox_gaussian_f32(float* __restrict__ out, int rows, int cols,

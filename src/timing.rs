@@ -51,6 +51,14 @@ impl Phase {
     }
 }
 
+/// Whether libnvToolsExt can be loaded (looked for once; absent on most machines, and then
+/// ranges cost nothing).
+fn nvtx_enabled() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: only tries to dlopen the library.
+    *PRESENT.get_or_init(|| unsafe { cudarc::nvtx::sys::is_culib_present() })
+}
+
 /// Accumulated nanoseconds per phase.
 #[derive(Debug, Default)]
 pub struct Timings {
@@ -58,8 +66,10 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// Runs `f`, charging its time to `phase`.
+    /// Runs `f`, charging its time to `phase`, inside an NVTX range of the phase's name (so
+    /// `nsys profile` shows the pipeline's phases) when the NVTX library is loadable.
     pub fn time<T>(&self, phase: Phase, f: impl FnOnce() -> T) -> T {
+        let _range = nvtx_enabled().then(|| cudarc::nvtx::scoped_range(phase.name()));
         let start = Instant::now();
         let out = f();
         self.add(phase, start.elapsed().as_nanos() as u64);

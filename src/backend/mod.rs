@@ -2,10 +2,12 @@
 //! every other backend is tested against.
 
 pub mod cpu;
+pub mod cuda;
 
 use faer::{Mat, MatRef};
 
 use crate::error::Result;
+use crate::io::safetensors::{decode_f32, FloatType};
 use crate::timing::Timings;
 
 /// Parameters of one randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
@@ -34,6 +36,18 @@ impl Weight<'_> {
     pub fn as_mat(&self) -> MatRef<'_, f32> {
         MatRef::from_row_major_slice(self.data, self.rows, self.cols)
     }
+}
+
+/// A weight as stored: row-major `rows × cols` little-endian values of `ty`, straight from the
+/// mapped file (backends that read f16/bf16 themselves take this and skip the conversion).
+#[derive(Debug, Clone, Copy)]
+pub struct RawWeight<'a> {
+    /// Keys Ω, as [`Weight::name`].
+    pub name: &'a str,
+    pub bytes: &'a [u8],
+    pub ty: FloatType,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// Top-k singular triplets, signs canonicalized (largest-magnitude entry of each u_i positive).
@@ -124,6 +138,28 @@ pub trait Backend: Sync {
     fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings)
         -> Result<Basis>;
 
+    /// True when the backend wants weights in their stored dtype ([`Backend::truncated_svd_raw`]).
+    fn prefers_raw(&self) -> bool {
+        false
+    }
+
+    /// Randomized truncated SVD of a weight given as stored; by default converted to f32 first.
+    fn truncated_svd_raw(
+        &self,
+        w: &RawWeight<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
+        let data = timings.time(crate::timing::Phase::Load, || decode_f32(w.bytes, w.ty));
+        let weight = Weight {
+            name: w.name,
+            data: &data,
+            rows: w.rows,
+            cols: w.cols,
+        };
+        self.truncated_svd(&weight, params, timings)
+    }
+
     /// `‖Xᵀ Y‖_F² / k` for two `m × k` orthonormal bases: 1 for the same subspace.
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32;
 
@@ -145,18 +181,42 @@ pub enum Device {
     Auto,
     Cpu,
     Cuda,
+    /// The CUDA backend on the CPU emulator of its kernels (very slow; for tests).
+    #[value(hide = true)]
+    Emulator,
 }
 
 /// Picks the backend for `--device`, with a sentence saying which one and why.
 pub fn select(device: Device) -> Result<(Box<dyn Backend>, String)> {
     match device {
         Device::Cpu => Ok((Box::new(cpu::CpuBackend), "cpu (requested)".into())),
-        Device::Auto => Ok((
-            Box::new(cpu::CpuBackend),
-            "cpu (auto: this build has no CUDA backend)".into(),
-        )),
-        Device::Cuda => Err(crate::error::Error::Backend(
-            "--device cuda: this build has no CUDA backend (built without CUDA kernels); use --device cpu or auto".into(),
-        )),
+        Device::Cuda => {
+            if !cuda::kernels_compiled() {
+                return Err(crate::error::Error::Backend(
+                    "--device cuda: this build has no CUDA backend (built without CUDA kernels); use --device cpu or auto".into(),
+                ));
+            }
+            let backend = cuda::cuda_backend()
+                .map_err(|e| crate::error::Error::Backend(format!("--device cuda: {e}")))?;
+            let why = format!("cuda (requested): {}", backend.ops().gpu.describe());
+            Ok((Box::new(backend), why))
+        }
+        Device::Emulator => {
+            let backend = cuda::emulator_backend()?;
+            Ok((Box::new(backend), "emulator (requested)".into()))
+        }
+        Device::Auto => match cuda::unavailable_reason() {
+            Some(reason) => Ok((Box::new(cpu::CpuBackend), format!("cpu (auto: {reason})"))),
+            None => match cuda::cuda_backend() {
+                Ok(backend) => {
+                    let why = format!("cuda (auto): {}", backend.ops().gpu.describe());
+                    Ok((Box::new(backend), why))
+                }
+                Err(e) => Ok((
+                    Box::new(cpu::CpuBackend),
+                    format!("cpu (auto: the GPU could not be used: {e})"),
+                )),
+            },
+        },
     }
 }

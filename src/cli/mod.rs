@@ -1,6 +1,8 @@
 //! Argument definitions and the commands behind them.
 
 mod demo;
+mod info;
+mod selftest;
 mod synth;
 mod transfer;
 
@@ -31,8 +33,11 @@ enum Command {
     /// Run the whole pipeline on a built-in demo pair: synthesize a small source, a derived
     /// target and an adapter, then transfer.
     Demo(demo::DemoArgs),
-    /// Print the version and the backends this build can use.
+    /// Print the version, the kernels, the GPU (if any) and the backend --device auto picks.
     Info,
+    /// Check every CUDA kernel against the CPU reference on fresh random inputs; exits non-zero
+    /// on any mismatch.
+    Selftest(selftest::SelftestArgs),
 }
 
 /// The SVD settings shared by transfer and inspect.
@@ -116,35 +121,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(cmd) => synth::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Info => {
-            info();
+            info::print();
             Ok(())
         }
+        Command::Selftest(args) => selftest::run(args),
     }
-}
-
-fn info() {
-    println!("loraxfer {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "backends: cpu (faer + rayon, {} threads)",
-        rayon::current_num_threads()
-    );
-    let k = loraxfer::kernels::FATBINS;
-    if k.is_empty() {
-        println!("kernels: built without CUDA kernels (no nvcc at build time)");
-    } else {
-        let names: Vec<&str> = k.iter().map(|(n, _)| *n).collect();
-        println!(
-            "kernels: {} ({}), compiled by nvcc {}",
-            names.join(", "),
-            loraxfer::kernels::TARGETS,
-            loraxfer::kernels::NVCC_VERSION
-        );
-    }
-    println!("cuda backend: not in this version (the CPU backend runs every transfer)");
-    println!("--device auto picks: cpu");
-    let archs: Vec<String> = loraxfer::arch::all()
-        .iter()
-        .flat_map(|a| a.model_types.clone())
-        .collect();
-    println!("architectures: {}", archs.join(", "));
 }

@@ -189,6 +189,17 @@ impl Checkpoint {
             .read_rows_f32(name, rows)
     }
 
+    /// Rows of a 2-D tensor as stored: (bytes, type, row length); NaN/Inf refused.
+    pub fn rows_raw(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(&[u8], FloatType, usize)> {
+        self.file_of(name)
+            .ok_or_else(|| self.missing(name))?
+            .rows_raw(name, rows)
+    }
+
     fn missing(&self, name: &str) -> Error {
         Error::MissingTensor {
             path: self.dir.clone(),

@@ -147,8 +147,13 @@ impl TensorFile {
         self.entries.get(name).map(|e| &self.map[e.start..e.end])
     }
 
-    /// Reads rows `rows` of a 2-D (or the whole of a 1-D) float tensor as f32, refusing NaN and Inf.
-    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    /// Rows `rows` of a 2-D (or the whole of a 1-D) float tensor as stored — bytes straight from
+    /// the map, with their type and row length — refusing NaN and Inf.
+    pub fn rows_raw(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(&[u8], FloatType, usize)> {
         let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
@@ -176,21 +181,27 @@ impl TensorFile {
         let row_bytes = cols * ty.size();
         let start = entry.start + rows.start * row_bytes;
         let end = entry.start + rows.end * row_bytes;
-        let values = decode_f32(&self.map[start..end], ty);
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        let bytes = &self.map[start..end];
+        if let Some(i) = first_non_finite(bytes, ty) {
+            let value = decode_f32(&bytes[i * ty.size()..(i + 1) * ty.size()], ty)[0];
             let flat = rows.start * cols + i;
             return Err(Error::bad_tensor(
                 &self.path,
                 name,
                 format!(
-                    "non-finite value {} at element {flat} (row {}, column {})",
-                    values[i],
+                    "non-finite value {value} at element {flat} (row {}, column {})",
                     flat / cols.max(1),
                     flat % cols.max(1)
                 ),
             ));
         }
-        Ok(values)
+        Ok((bytes, ty, cols))
+    }
+
+    /// Reads rows `rows` of a 2-D (or the whole of a 1-D) float tensor as f32, refusing NaN and Inf.
+    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let (bytes, ty, _) = self.rows_raw(name, rows)?;
+        Ok(decode_f32(bytes, ty))
     }
 
     /// Reads a whole float tensor as f32 (NaN and Inf refused).
@@ -280,6 +291,22 @@ fn find_inconsistent_tensor(file: &[u8]) -> Option<String> {
         }
     }
     None
+}
+
+/// Index of the first NaN or infinity in little-endian `bytes` of `ty` (all-ones exponent),
+/// checked on the bits without converting.
+pub fn first_non_finite(bytes: &[u8], ty: FloatType) -> Option<usize> {
+    match ty {
+        FloatType::F32 => bytes.chunks_exact(4).position(|c| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        FloatType::F16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        FloatType::Bf16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+    }
 }
 
 /// Decodes little-endian bf16/f16/f32 bytes (any alignment) to f32. Aligned input (the usual

@@ -68,40 +68,33 @@ pub fn nearest_index(j: usize, len: usize, new_len: usize) -> usize {
     ((j as f64) * (len - 1) as f64 / (new_len - 1) as f64).round() as usize
 }
 
-/// The target factors of `mode` for a target of shape `(out, in)`.
-pub fn transfer(
+fn need<'b>(b: Option<&'b Basis>, mode: Mode, which: &str) -> Result<&'b Basis> {
+    b.ok_or_else(|| Error::Numerical {
+        context: "transfer".into(),
+        reason: format!("{} mode needs the {which} basis", mode.name()),
+    })
+}
+
+/// For `project` and `align`, which are both `B_t = U_x U_yᵀ B_s`, `A_t = A_s V_y V_xᵀ`: the
+/// bases (x, y) after checking every shape — (target, target) for project, (target, source)
+/// for align. Every backend computes these two modes from this.
+pub fn subspace_bases<'b>(
     mode: Mode,
     src: &Factors,
-    bs: Option<&Basis>,
-    bt: Option<&Basis>,
+    bs: Option<&'b Basis>,
+    bt: Option<&'b Basis>,
     target_shape: (usize, usize),
-) -> Result<Factors> {
+) -> Result<(&'b Basis, &'b Basis)> {
     let (m_t, n_t) = target_shape;
     let (m_s, n_s) = (src.b.nrows(), src.a.ncols());
-    fn need<'b>(b: Option<&'b Basis>, mode: Mode, which: &str) -> Result<&'b Basis> {
-        b.ok_or_else(|| Error::Numerical {
-            context: "transfer".into(),
-            reason: format!("{} mode needs the {which} basis", mode.name()),
-        })
-    }
     match mode {
-        Mode::Auto => Err(Error::Numerical {
-            context: "transfer".into(),
-            reason: "mode auto must be resolved before the transfer".into(),
-        }),
-        Mode::Copy => {
-            check((m_s, n_s) == (m_t, n_t), "copy needs equal shapes")?;
-            Ok(src.clone())
-        }
         Mode::Project => {
             let t = need(bt, mode, "target")?;
             check(
-                t.u.nrows() == m_s && t.v.nrows() == n_s,
+                t.u.nrows() == m_s && t.v.nrows() == n_s && (m_s, n_s) == (m_t, n_t),
                 "project needs equal shapes",
             )?;
-            let b = mm(t.u.as_ref(), mm(t.u.transpose(), src.b.as_ref()).as_ref());
-            let a = mm(mm(src.a.as_ref(), t.v.as_ref()).as_ref(), t.v.transpose());
-            Ok(Factors { b, a })
+            Ok((t, t))
         }
         Mode::Align => {
             let (s, t) = (need(bs, mode, "source")?, need(bt, mode, "target")?);
@@ -114,8 +107,39 @@ pub fn transfer(
                 "target basis vs target shape",
             )?;
             check(s.u.ncols() == t.u.ncols(), "bases of equal rank")?;
-            let b = mm(t.u.as_ref(), mm(s.u.transpose(), src.b.as_ref()).as_ref());
-            let a = mm(mm(src.a.as_ref(), s.v.as_ref()).as_ref(), t.v.transpose());
+            Ok((t, s))
+        }
+        _ => Err(Error::Numerical {
+            context: "transfer".into(),
+            reason: format!("{} is not a subspace product", mode.name()),
+        }),
+    }
+}
+
+/// The target factors of `mode` for a target of shape `(out, in)`.
+pub fn transfer(
+    mode: Mode,
+    src: &Factors,
+    bs: Option<&Basis>,
+    bt: Option<&Basis>,
+    target_shape: (usize, usize),
+) -> Result<Factors> {
+    let (m_t, n_t) = target_shape;
+    let (m_s, n_s) = (src.b.nrows(), src.a.ncols());
+    match mode {
+        Mode::Auto => Err(Error::Numerical {
+            context: "transfer".into(),
+            reason: "mode auto must be resolved before the transfer".into(),
+        }),
+        Mode::Copy => {
+            check((m_s, n_s) == (m_t, n_t), "copy needs equal shapes")?;
+            Ok(src.clone())
+        }
+        Mode::Project | Mode::Align => {
+            let (x, y) = subspace_bases(mode, src, bs, bt, target_shape)?;
+            // B_t = U_x (U_yᵀ B_s),  A_t = (A_s V_y) V_xᵀ
+            let b = mm(x.u.as_ref(), mm(y.u.transpose(), src.b.as_ref()).as_ref());
+            let a = mm(mm(src.a.as_ref(), y.v.as_ref()).as_ref(), x.v.transpose());
             Ok(Factors { b, a })
         }
         Mode::Procrustes => {

@@ -1,0 +1,105 @@
+// The CUDA vocabulary the kernels use, for running them on the CPU (kernels/emulate/launch.cpp).
+// A launch runs its blocks one after another; the threads of a block are fibers that yield at
+// __syncthreads. `__shared__` becomes `static`: one copy, used by one block at a time. Good for
+// checking kernel logic on small inputs, never for speed.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+namespace lx_emu {
+extern thread_local dim3 thread_idx;
+extern thread_local dim3 block_idx;
+extern dim3 block_dim;
+extern dim3 grid_dim;
+void sync_threads();
+void* dynamic_shared();
+}  // namespace lx_emu
+
+#define threadIdx (lx_emu::thread_idx)
+#define blockIdx (lx_emu::block_idx)
+#define blockDim (lx_emu::block_dim)
+#define gridDim (lx_emu::grid_dim)
+#define __syncthreads() lx_emu::sync_threads()
+#define LX_DYNAMIC_SHARED(T, name) T* name = (T*)lx_emu::dynamic_shared()
+
+inline uint32_t __umulhi(uint32_t a, uint32_t b) { return (uint32_t)(((uint64_t)a * b) >> 32); }
+using std::sqrt;
+using std::fmaf;
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+// IEEE binary16 and bfloat16 as 16-bit patterns, converted with round-to-nearest-even.
+struct __half {
+    uint16_t bits;
+};
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+    uint32_t s = (h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ff, out;
+    if (e == 0x1f) {
+        out = s | 0x7f800000u | (m << 13);
+    } else if (e == 0) {
+        if (m == 0) {
+            out = s;
+        } else {
+            float f = std::ldexp((float)m, -24);
+            std::memcpy(&out, &f, 4);
+            out |= s;
+        }
+    } else {
+        out = s | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &out, 4);
+    return f;
+}
+
+inline __half __float2half_rn(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    uint32_t s = (x >> 16) & 0x8000u;
+    uint32_t a = x & 0x7fffffffu;
+    __half h;
+    if (a > 0x7f800000u) { h.bits = (uint16_t)(s | 0x7e00u); return h; }
+    if (a >= 0x477ff000u) { h.bits = (uint16_t)(s | 0x7c00u); return h; }  // rounds to inf
+    if (a < 0x38800000u) {  // subnormal or zero: scale to units of 2^-24 and round
+        float v = std::fabs(f) * 16777216.0f;
+        h.bits = (uint16_t)(s | (uint32_t)std::nearbyint(v));
+        return h;
+    }
+    uint32_t e = ((a >> 23) - 112) << 10, m = (a >> 13) & 0x3ff, rest = a & 0x1fff;
+    uint32_t r = e | m;
+    if (rest > 0x1000u || (rest == 0x1000u && (m & 1))) r += 1;
+    h.bits = (uint16_t)(s | r);
+    return h;
+}
+
+inline float __bfloat162float(__nv_bfloat16 b) {
+    uint32_t x = (uint32_t)b.bits << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    __nv_bfloat16 b;
+    if ((x & 0x7fffffffu) > 0x7f800000u) { b.bits = (uint16_t)((x >> 16) | 0x40); return b; }
+    x += 0x7fffu + ((x >> 16) & 1);
+    b.bits = (uint16_t)(x >> 16);
+    return b;
+}

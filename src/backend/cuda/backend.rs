@@ -1,0 +1,235 @@
+//! [`CudaBackend`]: the [`Backend`] trait on a device — the randomized SVD, similarity and the
+//! subspace products (project, align) run as this project's kernels. copy and resample are index
+//! copies and procrustes needs the polar factor of a k×k matrix: those stay on the CPU reference,
+//! where they cost microseconds.
+
+use faer::{Mat, MatRef};
+
+use super::device::Gpu;
+use super::ops::{Ops, Panel};
+use super::rsvd::{truncated_svd_batch, RawMatrix};
+use crate::backend::cpu::{factors, CpuBackend};
+use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use crate::error::Result;
+use crate::io::safetensors::FloatType;
+use crate::timing::Timings;
+
+/// Row-major copy of a faer matrix (the kernels' layout).
+pub fn row_major(m: MatRef<'_, f32>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+    for i in 0..m.nrows() {
+        out.extend((0..m.ncols()).map(|j| m[(i, j)]));
+    }
+    out
+}
+
+/// A faer matrix from row-major values.
+pub fn from_row_major(v: &[f32], rows: usize, cols: usize) -> Mat<f32> {
+    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+}
+
+/// The backend on one device.
+pub struct CudaBackend {
+    ops: Ops,
+    name: &'static str,
+}
+
+impl CudaBackend {
+    /// `name` goes into reports: "cuda", or "emulator" for the CPU emulator.
+    pub fn new(gpu: Gpu, small_block: u32, name: &'static str) -> Self {
+        Self {
+            ops: Ops { gpu, small_block },
+            name,
+        }
+    }
+
+    pub fn ops(&self) -> &Ops {
+        &self.ops
+    }
+
+    /// The randomized SVD of weights given in their stored dtype (batched, one shape).
+    pub fn truncated_svd_raw_batch(
+        &self,
+        mats: &[RawMatrix<'_>],
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Vec<Basis>> {
+        truncated_svd_batch(&self.ops, mats, params, timings)
+    }
+
+    /// Similarity of many pairs of k-column bases of one shape in one launch.
+    pub fn similarity_batch(
+        &self,
+        pairs: &[(MatRef<'_, f32>, MatRef<'_, f32>)],
+    ) -> Result<Vec<f32>> {
+        let Some((x0, _)) = pairs.first() else {
+            return Ok(Vec::new());
+        };
+        let (m, k) = (x0.nrows(), x0.ncols());
+        if pairs
+            .iter()
+            .any(|(x, y)| x.nrows() != m || y.nrows() != m || x.ncols() != k || y.ncols() != k)
+            || k == 0
+        {
+            return Ok(pairs
+                .iter()
+                .map(|(x, y)| factors::similarity(*x, *y))
+                .collect());
+        }
+        let gpu = &self.ops.gpu;
+        let mut xs = Vec::with_capacity(pairs.len() * m * k);
+        let mut ys = Vec::with_capacity(pairs.len() * m * k);
+        for (x, y) in pairs {
+            xs.extend(row_major(*x));
+            ys.extend(row_major(*y));
+        }
+        let (x, y) = (gpu.upload(&xs, "bases")?, gpu.upload(&ys, "bases")?);
+        let p = gpu.zeros::<f32>(pairs.len() * k * k, "UᵀU products")?;
+        let out = gpu.zeros::<f32>(pairs.len(), "similarities")?;
+        self.ops.panel(
+            Panel::TN,
+            p.ptr(),
+            x.ptr(),
+            y.ptr(),
+            (k, k, m),
+            (k, k),
+            (m * k, m * k),
+            pairs.len(),
+        )?;
+        self.ops
+            .sum_squares(&out, &p, k * k, 1.0 / k as f64, pairs.len())?;
+        Ok(gpu
+            .download::<f32>(out.ptr(), pairs.len())?
+            .into_iter()
+            .map(|s| s.clamp(0.0, 1.0))
+            .collect())
+    }
+
+    /// B_t = U_x (U_yᵀ B_s), A_t = (A_s V_y) V_xᵀ on the device.
+    fn subspace_products(&self, src: &Factors, x: &Basis, y: &Basis) -> Result<Factors> {
+        let gpu = &self.ops.gpu;
+        let (m_s, r) = (src.b.nrows(), src.b.ncols());
+        let n_s = src.a.ncols();
+        let (m_t, n_t, k) = (x.u.nrows(), x.v.nrows(), x.u.ncols());
+        let up = |m: MatRef<'_, f32>, what: &str| gpu.upload(&row_major(m), what);
+        let (bs, as_) = (up(src.b.as_ref(), "B")?, up(src.a.as_ref(), "A")?);
+        let (ux, uy) = (up(x.u.as_ref(), "U_x")?, up(y.u.as_ref(), "U_y")?);
+        let (vx, vy) = (up(x.v.as_ref(), "V_x")?, up(y.v.as_ref(), "V_y")?);
+        let c1 = gpu.zeros::<f32>(k * r, "U_yᵀB")?;
+        let bt = gpu.zeros::<f32>(m_t * r, "B_t")?;
+        let c2 = gpu.zeros::<f32>(r * k, "A V_y")?;
+        let at = gpu.zeros::<f32>(r * n_t, "A_t")?;
+        let ops = &self.ops;
+        ops.panel(
+            Panel::TN,
+            c1.ptr(),
+            uy.ptr(),
+            bs.ptr(),
+            (k, r, m_s),
+            (k, r),
+            (0, 0),
+            1,
+        )?;
+        ops.panel(
+            Panel::NN,
+            bt.ptr(),
+            ux.ptr(),
+            c1.ptr(),
+            (m_t, r, k),
+            (k, r),
+            (0, 0),
+            1,
+        )?;
+        ops.panel(
+            Panel::NN,
+            c2.ptr(),
+            as_.ptr(),
+            vy.ptr(),
+            (r, k, n_s),
+            (n_s, k),
+            (0, 0),
+            1,
+        )?;
+        ops.panel(
+            Panel::NT,
+            at.ptr(),
+            c2.ptr(),
+            vx.ptr(),
+            (r, n_t, k),
+            (k, k),
+            (0, 0),
+            1,
+        )?;
+        Ok(Factors {
+            b: from_row_major(&gpu.download::<f32>(bt.ptr(), m_t * r)?, m_t, r),
+            a: from_row_major(&gpu.download::<f32>(at.ptr(), r * n_t)?, r, n_t),
+        })
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn truncated_svd(
+        &self,
+        w: &Weight<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
+        let raw = RawMatrix {
+            name: w.name,
+            bytes: bytemuck::cast_slice(w.data),
+            ty: FloatType::F32,
+            rows: w.rows,
+            cols: w.cols,
+        };
+        Ok(truncated_svd_batch(&self.ops, &[raw], params, timings)?.remove(0))
+    }
+
+    fn prefers_raw(&self) -> bool {
+        true
+    }
+
+    fn truncated_svd_raw(
+        &self,
+        w: &RawMatrix<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
+        Ok(truncated_svd_batch(&self.ops, std::slice::from_ref(w), params, timings)?.remove(0))
+    }
+
+    fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
+        // A device error here falls back to the reference: a similarity is a report figure,
+        // not worth failing a transfer over.
+        self.similarity_batch(&[(x, y)])
+            .ok()
+            .and_then(|v| v.first().copied())
+            .unwrap_or_else(|| factors::similarity(x, y))
+    }
+
+    fn transfer(
+        &self,
+        mode: Mode,
+        source: &Factors,
+        source_basis: Option<&Basis>,
+        target_basis: Option<&Basis>,
+        target_shape: (usize, usize),
+    ) -> Result<Factors> {
+        match mode {
+            Mode::Project | Mode::Align => {
+                let (x, y) = factors::subspace_bases(
+                    mode,
+                    source,
+                    source_basis,
+                    target_basis,
+                    target_shape,
+                )?;
+                self.subspace_products(source, x, y)
+            }
+            _ => CpuBackend.transfer(mode, source, source_basis, target_basis, target_shape),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Kernel timings on model-shaped batches (`loraxfer selftest --bench`, scripts/gpu-check.sh):
+//! per kernel the time per launch, the bytes it must move and the FLOPs it does, so achieved
+//! bandwidth and FLOP rate can be set against the device's ceilings. Host→device copy speed is
+//! measured too: for a whole transfer it is the floor (DESIGN.md §3, "the two numbers").
+
+use std::time::Instant;
+
+use super::backend::CudaBackend;
+use crate::error::Result;
+use crate::io::safetensors::FloatType;
+
+/// One timed kernel.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub kernel: String,
+    pub case: String,
+    pub ms: f64,
+    pub bytes: f64,
+    pub flops: f64,
+}
+
+impl Timing {
+    pub fn gbps(&self) -> f64 {
+        self.bytes / self.ms / 1e6
+    }
+    pub fn tflops(&self) -> f64 {
+        self.flops / self.ms / 1e9
+    }
+}
+
+fn time(backend: &CudaBackend, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up (module load, first-touch)
+    backend.ops().gpu.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    backend.ops().gpu.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
+/// Times every kernel family on `batch` bf16 matrices of `m × n` with sketch width `l`.
+pub fn run(
+    backend: &CudaBackend,
+    shapes: &[(usize, usize, usize)],
+    l: usize,
+    reps: usize,
+) -> Result<Vec<Timing>> {
+    let ops = backend.ops();
+    let gpu = &ops.gpu;
+    let mut out = Vec::new();
+    for &(m, n, batch) in shapes {
+        let case = format!("{batch}x {m}x{n} bf16, l={l}");
+        let ty = FloatType::Bf16;
+        let w = gpu.zeros::<u16>(batch * m * n, "weights")?;
+        // Fill W with small non-zero values (0x3c00 is 0.0078125 in bf16) so nothing is trivially zero.
+        gpu.0.write(
+            w.ptr(),
+            bytemuck::cast_slice(&vec![0x3c00u16; batch * m * n]),
+        )?;
+        let ids = gpu.upload(&(0..batch as u64).collect::<Vec<_>>(), "ids")?;
+        let y = gpu.zeros::<f32>(batch * m * l, "Y")?;
+        let z = gpu.zeros::<f32>(batch * n * l, "Z")?;
+        let wbytes = (batch * m * n * 2) as f64;
+        let prod_flops = 2.0 * (batch * m * n * l) as f64;
+        let mut push = |kernel: &str, ms: f64, bytes: f64, flops: f64| {
+            out.push(Timing {
+                kernel: kernel.into(),
+                case: case.clone(),
+                ms,
+                bytes,
+                flops,
+            })
+        };
+
+        let ms = time(backend, reps, || {
+            ops.sketch(&y, &w, ty, &ids, 0, m, n, l, batch)
+        })?;
+        push(
+            "sketch_bf16",
+            ms,
+            wbytes + (batch * m * l * 4) as f64,
+            prod_flops,
+        );
+        let ms = time(backend, reps, || ops.wt_mul(&z, &w, ty, &y, m, n, l, batch))?;
+        push(
+            "wt_mul_bf16",
+            ms,
+            wbytes + (batch * (m + n) * l * 4) as f64,
+            prod_flops,
+        );
+        let ms = time(backend, reps, || ops.w_mul(&y, &w, ty, &z, m, n, l, batch))?;
+        push(
+            "w_mul_bf16",
+            ms,
+            wbytes + (batch * (m + n) * l * 4) as f64,
+            prod_flops,
+        );
+        // Orthonormalize a well-conditioned panel: the sketch of a random-ish W.
+        ops.sketch(&y, &w, ty, &ids, 0, m, n, l, batch)?;
+        let g = gpu.zeros::<f64>(batch * l * l, "G")?;
+        let ms = time(backend, reps, || ops.gram(&g, y.ptr(), m, l, batch))?;
+        push(
+            "gram_f64",
+            ms,
+            (batch * m * l * 4) as f64,
+            2.0 * (batch * m * l * l) as f64,
+        );
+        // Re-orthonormalizing an orthonormal panel costs what the first pass does.
+        let ms = time(backend, reps, || {
+            ops.orthonormalize(&y, m, l, batch, 0).map(|_| ())
+        })?;
+        push(
+            "orthonormalize (CholeskyQR2)",
+            ms,
+            4.0 * (batch * m * l * 4) as f64,
+            4.0 * (batch * m * l * l) as f64,
+        );
+        ops.gram(&g, y.ptr(), m, l, batch)?;
+        let g0: Vec<f64> = gpu.download(g.ptr(), batch * l * l)?;
+        let ms = time(backend, reps.min(3), || {
+            let gg = gpu.upload(&g0, "G copy")?;
+            ops.eig(&gg, l, batch).map(|_| ())
+        })?;
+        // (includes re-uploading the Gram matrices, which the solver overwrites)
+        push("jacobi_eig_f64", ms, (batch * l * l * 8 * 2) as f64, 0.0);
+    }
+    // Host → device over the bus (pageable memory), the floor of a whole transfer.
+    let host = vec![1u8; 1 << 30];
+    let buf = gpu.zeros::<u8>(host.len(), "copy test")?;
+    let ms = time(backend, 3, || gpu.0.write(buf.ptr(), &host))?;
+    out.push(Timing {
+        kernel: "host→device copy".into(),
+        case: "1 GiB pageable".into(),
+        ms,
+        bytes: host.len() as f64,
+        flops: 0.0,
+    });
+    Ok(out)
+}

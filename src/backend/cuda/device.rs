@@ -1,0 +1,157 @@
+//! What the CUDA backend needs from a device, as a trait with two implementations: the CUDA
+//! driver (cudarc, [`super::driver`]) and the CPU emulator ([`super::emulator`]), which runs the
+//! very same kernels on the host so the host code and the kernels are tested on machines with no
+//! GPU. Memory is addressed by raw device pointers (host addresses under the emulator).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// One kernel argument, passed by value like a `cuLaunchKernel` parameter.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+}
+
+impl Arg {
+    /// The argument's bytes in an 8-byte slot (little-endian: a 4-byte parameter reads the low half).
+    pub fn slot(self) -> u64 {
+        match self {
+            Arg::Ptr(p) | Arg::U64(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::I64(v) => v as u64,
+            Arg::F64(v) => v.to_bits(),
+        }
+    }
+}
+
+/// A launch shape: grid and block sizes, dynamic shared memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchShape {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+impl LaunchShape {
+    pub fn new(grid: [u32; 3], block: [u32; 3]) -> Self {
+        Self {
+            grid,
+            block,
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A device that runs this project's kernels.
+pub trait Device: Send + Sync {
+    /// Name for reports and errors (e.g. "NVIDIA H200 (139 GiB)", "CPU emulator").
+    fn describe(&self) -> String;
+    /// `bytes` of zeroed device memory.
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// Releases memory from [`Device::alloc`].
+    fn free(&self, ptr: u64);
+    /// Host → device.
+    fn write(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Device → host (waits for the work before it).
+    fn read(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    /// Launches `kernel` (a name from [`super::kernels::NAMES`]).
+    fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()>;
+    /// Waits for all launched work (for timing).
+    fn synchronize(&self) -> Result<()>;
+    /// Free device memory in bytes, when the device can tell.
+    fn free_memory(&self) -> Option<usize>;
+}
+
+/// Device memory that is released when dropped.
+pub struct Buffer {
+    ptr: u64,
+    bytes: usize,
+    device: Arc<dyn Device>,
+}
+
+impl Buffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn arg(&self) -> Arg {
+        Arg::Ptr(self.ptr)
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The address `offset` bytes in.
+    pub fn at(&self, offset: usize) -> u64 {
+        debug_assert!(offset <= self.bytes);
+        self.ptr + offset as u64
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.device.free(self.ptr);
+    }
+}
+
+/// A shared handle on a device with typed helpers.
+#[derive(Clone)]
+pub struct Gpu(pub Arc<dyn Device>);
+
+impl Gpu {
+    pub fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    /// Zeroed memory for `count` values of `T`; `what` names it in an out-of-memory error.
+    pub fn zeros<T: bytemuck::Pod>(&self, count: usize, what: &str) -> Result<Buffer> {
+        let bytes = (count * std::mem::size_of::<T>()).max(1);
+        let ptr = self.0.alloc(bytes).map_err(|e| match e {
+            Error::Backend(msg) => Error::Backend(format!(
+                "{}: cannot allocate {:.1} MiB for {what}: {msg}",
+                self.describe(),
+                bytes as f64 / (1 << 20) as f64
+            )),
+            other => other,
+        })?;
+        Ok(Buffer {
+            ptr,
+            bytes,
+            device: self.0.clone(),
+        })
+    }
+
+    /// A buffer holding `values`.
+    pub fn upload<T: bytemuck::Pod>(&self, values: &[T], what: &str) -> Result<Buffer> {
+        let buf = self.zeros::<T>(values.len(), what)?;
+        self.0.write(buf.ptr, bytemuck::cast_slice(values))?;
+        Ok(buf)
+    }
+
+    /// Raw bytes into a new buffer.
+    pub fn upload_bytes(&self, bytes: &[u8], what: &str) -> Result<Buffer> {
+        self.upload::<u8>(bytes, what)
+    }
+
+    /// `count` values of `T` from `ptr`.
+    pub fn download<T: bytemuck::Pod + Default + Clone>(
+        &self,
+        ptr: u64,
+        count: usize,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); count];
+        self.0.read(ptr, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    pub fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()> {
+        self.0.launch(kernel, shape, args)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.synchronize()
+    }
+}

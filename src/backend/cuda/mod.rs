@@ -1,0 +1,95 @@
+//! The CUDA backend: this project's kernels (kernels/*.cu) driven from Rust.
+//!
+//! - [`device`]: what a device must do (allocate, copy, launch) — implemented by the CUDA driver
+//!   ([`driver`], cudarc with dynamic loading) and by the CPU emulator ([`emulator`], the same
+//!   kernel sources compiled for the host), so every kernel and all host code here are tested
+//!   against the CPU reference even on machines without a GPU.
+//! - [`ops`]: one typed launcher per kernel; [`rsvd`]: the batched randomized SVD;
+//!   [`backend`]: the [`crate::backend::Backend`] implementation; [`selftest`]: kernel checks.
+
+pub mod backend;
+pub mod bench;
+pub mod device;
+pub mod driver;
+#[cfg(loraxfer_kernel_emulator)]
+pub mod emulator;
+pub mod kernels;
+pub mod ops;
+pub mod rsvd;
+pub mod selftest;
+
+use std::sync::Arc;
+
+pub use backend::CudaBackend;
+use device::Gpu;
+
+use crate::error::Result;
+
+/// Whether this build carries the CPU emulator of the kernels (a C++20 compiler at build time).
+pub const fn emulator_available() -> bool {
+    cfg!(loraxfer_kernel_emulator)
+}
+
+/// Whether this build carries compiled CUDA kernels (nvcc at build time).
+pub const fn kernels_compiled() -> bool {
+    cfg!(loraxfer_cuda_kernels)
+}
+
+/// The backend on the CPU emulator (slow; for tests and `selftest --device emulator`).
+pub fn emulator_backend() -> Result<CudaBackend> {
+    #[cfg(loraxfer_kernel_emulator)]
+    {
+        // Small blocks: each emulated thread is an OS thread.
+        Ok(CudaBackend::new(
+            Gpu(Arc::new(emulator::Emulator::new())),
+            32,
+            "emulator",
+        ))
+    }
+    #[cfg(not(loraxfer_kernel_emulator))]
+    {
+        Err(crate::error::Error::Backend(
+            "this build has no kernel emulator (no C++20 compiler at build time)".into(),
+        ))
+    }
+}
+
+/// The backend on GPU 0.
+pub fn cuda_backend() -> Result<CudaBackend> {
+    let driver = driver::CudaDriver::open(0)?;
+    Ok(CudaBackend::new(Gpu(Arc::new(driver)), 256, "cuda"))
+}
+
+/// Why `--device auto` would not use CUDA here, or None when it would.
+pub fn unavailable_reason() -> Option<String> {
+    if !kernels_compiled() {
+        return Some("this build has no CUDA kernels".into());
+    }
+    if !driver::driver_present() {
+        return Some("no CUDA driver".into());
+    }
+    match driver::list_gpus() {
+        Ok(gpus) if gpus.is_empty() => Some("no GPU".into()),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(loraxfer_kernel_emulator)]
+    #[test]
+    fn emulator_and_host_list_the_same_kernels() {
+        let mut emu = super::emulator::kernel_names();
+        let mut host: Vec<String> = super::kernels::NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        emu.sort();
+        host.sort();
+        assert_eq!(
+            emu, host,
+            "kernels/api.h and src/backend/cuda/kernels.rs disagree"
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! Typed launchers, one per kernel family: the only place that knows each kernel's parameter
+//! list (kept in the order of kernels/api.h) and launch shape. Everything is batched: `batch`
+//! matrices of one shape laid out back to back in each buffer.
+
+use super::device::{Arg, Buffer, Gpu, LaunchShape};
+use crate::error::{Error, Result};
+use crate::io::safetensors::FloatType;
+
+/// Tile sizes of kernels/gemm.cuh.
+const TILE: u32 = 64;
+const GEMM_THREADS: u32 = 256;
+/// The largest sketch width the orthonormalization and eigen kernels take.
+pub const MAX_SKETCH: usize = 512;
+
+/// Which operand of a panel product is transposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Panel {
+    /// C = A·B
+    NN,
+    /// C = Aᵀ·B (A stored K×M)
+    TN,
+    /// C = A·Bᵀ (B stored N×K)
+    NT,
+}
+
+/// The kernels of one device.
+#[derive(Clone)]
+pub struct Ops {
+    pub gpu: Gpu,
+    /// Block size of the block-per-matrix kernels (a power of two ≤ 256): 256 on a GPU, fewer
+    /// under the emulator, where each device thread is an OS thread.
+    pub small_block: u32,
+}
+
+fn dtype_suffix(ty: FloatType) -> &'static str {
+    match ty {
+        FloatType::F32 => "f32",
+        FloatType::F16 => "f16",
+        FloatType::Bf16 => "bf16",
+    }
+}
+
+fn dim(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x)
+        .map_err(|_| Error::Backend(format!("{what} = {x} exceeds the kernels' 32-bit sizes")))
+}
+
+fn gemm_shape(rows: usize, cols: usize, batch: usize) -> LaunchShape {
+    LaunchShape::new(
+        [
+            (cols as u32).div_ceil(TILE),
+            (rows as u32).div_ceil(TILE),
+            batch as u32,
+        ],
+        [GEMM_THREADS, 1, 1],
+    )
+}
+
+impl Ops {
+    /// Y (m×l) = W (m×n, dtype `ty`) · Ω, Ω keyed by `ids` (one u64 per matrix).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sketch(
+        &self,
+        y: &Buffer,
+        w: &Buffer,
+        ty: FloatType,
+        ids: &Buffer,
+        seed: u64,
+        m: usize,
+        n: usize,
+        l: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let name = format!("sketch_{}", dtype_suffix(ty));
+        self.gpu.launch(
+            &name,
+            gemm_shape(m, l, batch),
+            &[
+                y.arg(),
+                w.arg(),
+                ids.arg(),
+                Arg::U64(seed),
+                Arg::I32(dim(m, "rows")?),
+                Arg::I32(dim(n, "cols")?),
+                Arg::I32(dim(l, "sketch width")?),
+            ],
+        )
+    }
+
+    /// C (m×l) = W (m×n) · P (n×l).
+    #[allow(clippy::too_many_arguments)]
+    pub fn w_mul(
+        &self,
+        c: &Buffer,
+        w: &Buffer,
+        ty: FloatType,
+        p: &Buffer,
+        m: usize,
+        n: usize,
+        l: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let name = format!("w_mul_{}", dtype_suffix(ty));
+        self.gpu.launch(
+            &name,
+            gemm_shape(m, l, batch),
+            &[
+                c.arg(),
+                w.arg(),
+                p.arg(),
+                Arg::I32(dim(m, "rows")?),
+                Arg::I32(dim(n, "cols")?),
+                Arg::I32(dim(l, "sketch width")?),
+            ],
+        )
+    }
+
+    /// C (n×l) = Wᵀ (n×m) · P (m×l).
+    #[allow(clippy::too_many_arguments)]
+    pub fn wt_mul(
+        &self,
+        c: &Buffer,
+        w: &Buffer,
+        ty: FloatType,
+        p: &Buffer,
+        m: usize,
+        n: usize,
+        l: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let name = format!("wt_mul_{}", dtype_suffix(ty));
+        self.gpu.launch(
+            &name,
+            gemm_shape(n, l, batch),
+            &[
+                c.arg(),
+                w.arg(),
+                p.arg(),
+                Arg::I32(dim(m, "rows")?),
+                Arg::I32(dim(n, "cols")?),
+                Arg::I32(dim(l, "sketch width")?),
+            ],
+        )
+    }
+
+    /// C (M×N, packed, batch stride M·N) = op(A)·op(B) for f32 panels at `a` and `b` (addresses,
+    /// so sub-panels can be used), with leading dimensions and batch strides in elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn panel(
+        &self,
+        kind: Panel,
+        c: u64,
+        a: u64,
+        b: u64,
+        mnk: (usize, usize, usize),
+        ld: (usize, usize),
+        strides: (usize, usize),
+        batch: usize,
+    ) -> Result<()> {
+        let (m, n, k) = mnk;
+        let name = match kind {
+            Panel::NN => "panel_nn",
+            Panel::TN => "panel_tn",
+            Panel::NT => "panel_nt",
+        };
+        self.gpu.launch(
+            name,
+            gemm_shape(m, n, batch),
+            &[
+                Arg::Ptr(c),
+                Arg::Ptr(a),
+                Arg::Ptr(b),
+                Arg::I32(dim(m, "M")?),
+                Arg::I32(dim(n, "N")?),
+                Arg::I32(dim(k, "K")?),
+                Arg::I32(dim(ld.0, "lda")?),
+                Arg::I32(dim(ld.1, "ldb")?),
+                Arg::I64(strides.0 as i64),
+                Arg::I64(strides.1 as i64),
+            ],
+        )
+    }
+
+    /// G (l×l f64 per matrix) = Yᵀ Y for `rows × l` panels.
+    pub fn gram(&self, g: &Buffer, y: u64, rows: usize, l: usize, batch: usize) -> Result<()> {
+        let tiles = (l as u32).div_ceil(16);
+        self.gpu.launch(
+            "gram_f64",
+            LaunchShape::new([tiles, tiles, batch as u32], [16, 16, 1]),
+            &[
+                g.arg(),
+                Arg::Ptr(y),
+                Arg::I32(dim(rows, "rows")?),
+                Arg::I32(dim(l, "sketch width")?),
+            ],
+        )
+    }
+
+    /// Orthonormalizes the columns of each `rows × l` panel in place: CholeskyQR2 in f64, with a
+    /// Gram–Schmidt fallback for rank-deficient panels. Returns how many took the fallback.
+    pub fn orthonormalize(
+        &self,
+        y: &Buffer,
+        rows: usize,
+        l: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Result<usize> {
+        if l > MAX_SKETCH || l > rows {
+            return Err(Error::Backend(format!(
+                "orthonormalize: {rows}x{l} panel (want l ≤ rows and l ≤ {MAX_SKETCH})"
+            )));
+        }
+        let g = self.gpu.zeros::<f64>(batch * l * l, "the Gram matrices")?;
+        let flags = self.gpu.zeros::<i32>(batch, "the fallback flags")?;
+        let (r, li) = (dim(rows, "rows")?, dim(l, "sketch width")?);
+        for shift in [1e-14, 0.0] {
+            self.gram(&g, y.ptr(), rows, l, batch)?;
+            self.gpu.launch(
+                "cholesky_f64",
+                LaunchShape::new([batch as u32, 1, 1], [self.small_block, 1, 1]),
+                &[g.arg(), flags.arg(), Arg::I32(li), Arg::F64(shift)],
+            )?;
+            self.gpu.launch(
+                "trsm_rows",
+                LaunchShape::new([(rows as u32).div_ceil(128), batch as u32, 1], [128, 1, 1]),
+                &[
+                    y.arg(),
+                    y.arg(),
+                    g.arg(),
+                    flags.arg(),
+                    Arg::I32(r),
+                    Arg::I32(li),
+                ],
+            )?;
+        }
+        self.gpu.launch(
+            "cgs2_fallback",
+            LaunchShape::new([batch as u32, 1, 1], [self.small_block, 1, 1]),
+            &[
+                y.arg(),
+                flags.arg(),
+                Arg::I32(r),
+                Arg::I32(li),
+                Arg::U64(seed),
+            ],
+        )?;
+        let flagged: Vec<i32> = self.gpu.download(flags.ptr(), batch)?;
+        Ok(flagged.iter().filter(|&&f| f != 0).count())
+    }
+
+    /// Eigen-decomposition of symmetric l×l f64 matrices (overwritten): returns sqrt of the
+    /// eigenvalues, non-increasing (l f32 per matrix), and the eigenvectors (l×l f32, columns).
+    pub fn eig(&self, g: &Buffer, l: usize, batch: usize) -> Result<(Buffer, Buffer)> {
+        if l > MAX_SKETCH {
+            return Err(Error::Backend(format!("eig: l = {l} > {MAX_SKETCH}")));
+        }
+        let v = self
+            .gpu
+            .zeros::<f64>(batch * l * l, "the eigenvector accumulators")?;
+        let s = self.gpu.zeros::<f32>(batch * l, "the singular values")?;
+        let vb = self.gpu.zeros::<f32>(batch * l * l, "the eigenvectors")?;
+        self.gpu.launch(
+            "jacobi_eig_f64",
+            LaunchShape::new([batch as u32, 1, 1], [self.small_block, 1, 1]),
+            &[
+                g.arg(),
+                v.arg(),
+                s.arg(),
+                vb.arg(),
+                Arg::I32(dim(l, "sketch width")?),
+                Arg::I32(30),
+            ],
+        )?;
+        Ok((s, vb))
+    }
+
+    /// X[:, j] /= S[j] for `rows × k` panels with leading dimension `ldx` (0 where S[j] = 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scale_columns(
+        &self,
+        x: &Buffer,
+        s: &Buffer,
+        rows: usize,
+        k: usize,
+        ldx: usize,
+        stride_x: usize,
+        lds: usize,
+        batch: usize,
+    ) -> Result<()> {
+        let count = (rows * k) as u32;
+        self.gpu.launch(
+            "scale_columns",
+            LaunchShape::new([count.div_ceil(256), batch as u32, 1], [256, 1, 1]),
+            &[
+                x.arg(),
+                s.arg(),
+                Arg::I32(dim(rows, "rows")?),
+                Arg::I32(dim(k, "rank")?),
+                Arg::I32(dim(ldx, "ldx")?),
+                Arg::I64(stride_x as i64),
+                Arg::I32(dim(lds, "lds")?),
+            ],
+        )
+    }
+
+    /// Sign convention of the CPU backend on U (m×k) and V (n×k).
+    pub fn canonical_signs(
+        &self,
+        u: &Buffer,
+        v: &Buffer,
+        m: usize,
+        n: usize,
+        k: usize,
+        batch: usize,
+    ) -> Result<()> {
+        self.gpu.launch(
+            "canonical_signs",
+            LaunchShape::new([k as u32, batch as u32, 1], [self.small_block, 1, 1]),
+            &[
+                u.arg(),
+                v.arg(),
+                Arg::I32(dim(m, "rows")?),
+                Arg::I32(dim(n, "cols")?),
+                Arg::I32(dim(k, "rank")?),
+            ],
+        )
+    }
+
+    /// out[b] = scale · Σ P[b]² over `count` values per matrix.
+    pub fn sum_squares(
+        &self,
+        out: &Buffer,
+        p: &Buffer,
+        count: usize,
+        scale: f64,
+        batch: usize,
+    ) -> Result<()> {
+        self.gpu.launch(
+            "sum_squares",
+            LaunchShape::new([batch as u32, 1, 1], [self.small_block, 1, 1]),
+            &[out.arg(), p.arg(), Arg::I64(count as i64), Arg::F64(scale)],
+        )
+    }
+
+    /// f32 → f16 or bf16 (`ty`); f32 is a plain copy on the host side, not a kernel.
+    pub fn cast(&self, out: &Buffer, input: &Buffer, count: usize, ty: FloatType) -> Result<()> {
+        let name = match ty {
+            FloatType::F16 => "cast_f32_f16",
+            FloatType::Bf16 => "cast_f32_bf16",
+            FloatType::F32 => return Err(Error::Backend("cast: f32 needs no kernel".into())),
+        };
+        self.gpu.launch(
+            name,
+            LaunchShape::new([(count as u32).div_ceil(256), 1, 1], [256, 1, 1]),
+            &[out.arg(), input.arg(), Arg::I64(count as i64)],
+        )
+    }
+
+    /// Ω for checking the device Philox: rows × cols, column-major.
+    pub fn philox(&self, out: &Buffer, rows: usize, cols: usize, seed: u64, id: u64) -> Result<()> {
+        self.gpu.launch(
+            "philox_gaussian_f32",
+            LaunchShape::new(
+                [(rows as u32).div_ceil(128), (cols as u32).div_ceil(4), 1],
+                [128, 1, 1],
+            ),
+            &[
+                out.arg(),
+                Arg::I32(dim(rows, "rows")?),
+                Arg::I32(dim(cols, "cols")?),
+                Arg::U64(seed),
+                Arg::U64(id),
+            ],
+        )
+    }
+}

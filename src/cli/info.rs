@@ -1,0 +1,61 @@
+//! `loraxfer info`: what this build can do on this machine. Probing for a GPU never panics: the
+//! driver library is looked for before any driver call.
+
+use loraxfer::backend::cuda::{self, driver};
+
+pub fn print() {
+    println!("loraxfer {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "backends: cpu (faer + rayon, {} threads), cuda",
+        rayon::current_num_threads()
+    );
+    let k = loraxfer::kernels::FATBINS;
+    if k.is_empty() {
+        println!("kernels: built without CUDA kernels (no nvcc at build time)");
+    } else {
+        let names: Vec<&str> = k.iter().map(|(n, _)| *n).collect();
+        println!(
+            "kernels: {} ({}), compiled by nvcc {}",
+            names.join(", "),
+            loraxfer::kernels::TARGETS,
+            loraxfer::kernels::NVCC_VERSION
+        );
+    }
+    println!(
+        "kernel emulator: {}",
+        if cuda::emulator_available() {
+            "yes (loraxfer selftest --device emulator checks the kernels on the CPU)"
+        } else {
+            "no (no C++20 compiler at build time)"
+        }
+    );
+    if !driver::driver_present() {
+        println!("cuda driver: not found (no libcuda on this machine)");
+    } else {
+        match driver::list_gpus() {
+            Ok(gpus) if gpus.is_empty() => println!("cuda driver: found, no GPU"),
+            Ok(gpus) => {
+                for g in gpus {
+                    println!(
+                        "gpu {}: {} ({:.1} GiB, compute capability {}.{})",
+                        g.ordinal,
+                        g.name,
+                        g.total_bytes as f64 / (1u64 << 30) as f64,
+                        g.compute_capability.0,
+                        g.compute_capability.1
+                    );
+                }
+            }
+            Err(e) => println!("cuda driver: found, but {e}"),
+        }
+    }
+    match cuda::unavailable_reason() {
+        None => println!("--device auto picks: cuda"),
+        Some(reason) => println!("--device auto picks: cpu ({reason})"),
+    }
+    let archs: Vec<String> = loraxfer::arch::all()
+        .iter()
+        .flat_map(|a| a.model_types.clone())
+        .collect();
+    println!("architectures: {}", archs.join(", "));
+}

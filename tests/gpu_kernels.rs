@@ -1,0 +1,116 @@
+//! The CUDA backend against the CPU reference. Every kernel runs twice here when it can: on the
+//! CPU emulator (the kernel sources compiled for the host, so this runs on every machine with a
+//! C++20 compiler) and on a real GPU when the machine has one; either skips, saying so, when it
+//! cannot run. The checks themselves are `loraxfer::backend::cuda::selftest`, the same code
+//! `loraxfer selftest` runs.
+
+mod common;
+
+use common::cli::{ok, s, Fixtures};
+use loraxfer::backend::cuda::{self, selftest};
+use loraxfer::io::safetensors::TensorFile;
+
+fn fresh_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn assert_all_pass(checks: &[selftest::Check], seed: u64, device: &str) {
+    assert!(checks.len() >= 30, "only {} checks ran", checks.len());
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| {
+            format!(
+                "{} {}: {:.3e} > {:.1e}",
+                c.kernel, c.case, c.error, c.tolerance
+            )
+        })
+        .collect();
+    assert!(failed.is_empty(), "{device}, seed {seed}: {failed:#?}");
+}
+
+#[test]
+fn every_kernel_matches_the_cpu_reference_on_the_emulator() {
+    if !cuda::emulator_available() {
+        eprintln!("skipped: this build has no kernel emulator (no C++20 compiler at build time)");
+        return;
+    }
+    let backend = cuda::emulator_backend().unwrap();
+    let seed = fresh_seed();
+    let checks = selftest::run(&backend, seed, false).unwrap();
+    assert_all_pass(&checks, seed, "emulator");
+}
+
+#[test]
+fn every_kernel_matches_the_cpu_reference_on_the_gpu() {
+    if let Some(reason) = cuda::unavailable_reason() {
+        eprintln!("skipped: no GPU to test ({reason})");
+        return;
+    }
+    let backend = cuda::cuda_backend().unwrap();
+    let seed = fresh_seed();
+    let checks = selftest::run(&backend, seed, false).unwrap();
+    assert_all_pass(&checks, seed, "cuda");
+}
+
+/// A whole transfer through the CUDA backend's host code and kernels (on the emulator) gives the
+/// CPU backend's adapter: raw bf16 weights read by the kernels, batched SVD, similarity and the
+/// subspace products, in the real pipeline.
+#[test]
+fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
+    if !cuda::emulator_available() {
+        eprintln!("skipped: this build has no kernel emulator");
+        return;
+    }
+    let f = Fixtures::new();
+    for mode in ["project", "align"] {
+        let out = |dev: &str| f.root.path().join(format!("{mode}-{dev}"));
+        for dev in ["cpu", "emulator"] {
+            ok(&[
+                "transfer",
+                "--source-base",
+                s(&f.source),
+                "--target-base",
+                s(&f.target),
+                "--adapter",
+                s(&f.adapter),
+                "--out",
+                s(&out(dev)),
+                "--mode",
+                mode,
+                "--rank",
+                "8",
+                "--device",
+                dev,
+                "--modules",
+                "q_proj,v_proj,down_proj",
+            ]);
+        }
+        let cpu = TensorFile::open(&out("cpu").join("adapter_model.safetensors")).unwrap();
+        let emu = TensorFile::open(&out("emulator").join("adapter_model.safetensors")).unwrap();
+        let mut names: Vec<&str> = cpu.names().collect();
+        names.sort();
+        assert!(!names.is_empty());
+        for name in names {
+            let (a, b) = (cpu.read_f32(name).unwrap(), emu.read_f32(name).unwrap());
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-3 * scale,
+                "{mode} {name}: emulator differs from cpu by {diff} (scale {scale})"
+            );
+        }
+        let report = common::cli::read_json(&out("emulator").join("transfer_report.json"));
+        let device = report["device"].as_str().unwrap_or_default();
+        assert!(
+            device.starts_with("emulator"),
+            "report says device {device:?}"
+        );
+    }
+}
