@@ -160,6 +160,29 @@ pub trait Backend: Sync {
         self.truncated_svd(&weight, params, timings)
     }
 
+    /// True when [`Backend::truncated_svd_raw_batch`] decomposes many matrices in one go (the
+    /// pipeline then schedules its decompositions in batches of one shape).
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// How many weights shaped like `w` one batched call may take (bounded by device memory).
+    fn batch_limit(&self, _w: &RawWeight<'_>, _params: &SvdParams) -> usize {
+        1
+    }
+
+    /// The SVDs of weights of one shape and dtype; by default one at a time.
+    fn truncated_svd_raw_batch(
+        &self,
+        ws: &[RawWeight<'_>],
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Vec<Basis>> {
+        ws.iter()
+            .map(|w| self.truncated_svd_raw(w, params, timings))
+            .collect()
+    }
+
     /// `‖Xᵀ Y‖_F² / k` for two `m × k` orthonormal bases: 1 for the same subspace.
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32;
 

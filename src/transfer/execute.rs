@@ -12,6 +12,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::plan::{Options, Unit};
 use crate::timing::{Phase, Timings};
 use crate::transfer::cache::BasisCache;
+use crate::transfer::schedule::{BasisKey, Prefetched};
 
 /// Everything a unit needs besides itself.
 pub struct Context<'a> {
@@ -22,6 +23,40 @@ pub struct Context<'a> {
     pub timings: &'a Timings,
     /// Where decompositions are looked up and stored, if anywhere.
     pub cache: Option<&'a BasisCache>,
+    /// Bases computed ahead in batches (backends that batch), taken before computing one.
+    pub prefetched: Option<&'a Prefetched>,
+}
+
+/// The randomized-SVD settings of a decomposition at `rank`.
+pub fn basis_params(ctx: &Context<'_>, rank: usize) -> SvdParams {
+    SvdParams {
+        rank,
+        oversample: ctx.options.oversample,
+        power_iters: ctx.options.power_iters,
+        seed: ctx.options.seed,
+    }
+}
+
+/// The name that keys a matrix's Ω: the tensor's, or for a slice of a fused tensor (its own
+/// matrix) the tensor's with the rows.
+pub fn omega_key(name: &str, rows: &std::ops::Range<usize>, full_rows: usize) -> String {
+    if rows.len() == full_rows {
+        name.to_string()
+    } else {
+        format!("{name}[{}:{}]", rows.start, rows.end)
+    }
+}
+
+/// Whether a unit decomposes its two weights: always for the subspace modes, for copy and
+/// resample only to filter on similarity; never for a skipped unit or one without factors.
+pub fn needs_bases(ctx: &Context<'_>, unit: &Unit, has_factors: bool) -> bool {
+    if unit.skip.is_some() || !has_factors {
+        return false;
+    }
+    let comparable =
+        unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
+    matches!(unit.mode, Mode::Project | Mode::Align | Mode::Procrustes)
+        || (ctx.options.threshold > 0.0 && comparable)
 }
 
 /// What a unit produced: factors for its target rows (None when it was not transferred and has
@@ -57,12 +92,13 @@ pub fn decompose(
     rank: usize,
 ) -> Result<Basis> {
     let full_rows = ckpt.shape(name)?[0];
-    let params = SvdParams {
-        rank,
-        oversample: ctx.options.oversample,
-        power_iters: ctx.options.power_iters,
-        seed: ctx.options.seed,
-    };
+    let params = basis_params(ctx, rank);
+    if let Some(pre) = ctx.prefetched {
+        let target = std::ptr::eq(ckpt, ctx.target);
+        if let Some(basis) = pre.take(&BasisKey::new(target, name, &rows, rank)) {
+            return Ok(basis);
+        }
+    }
     let cached = match ctx.cache {
         Some(cache) => {
             let file = ckpt.file_of(name).expect("shape found it").path();
@@ -74,12 +110,7 @@ pub fn decompose(
         }
         None => None,
     };
-    // A slice of a fused tensor is its own matrix: key its Ω by the rows too.
-    let key = if rows.len() == full_rows {
-        name.to_string()
-    } else {
-        format!("{name}[{}:{}]", rows.start, rows.end)
-    };
+    let key = omega_key(name, &rows, full_rows);
     let basis = if ctx.backend.prefers_raw() {
         // Straight from the map in the stored dtype: the device converts as it reads.
         let (bytes, ty, cols) = ctx
@@ -133,11 +164,7 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
     };
     let src = source_factors(unit, lora);
     let threshold = ctx.options.threshold;
-    let comparable =
-        unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
-    // Similarity is always measured for the subspace modes; for copy/resample only to filter.
-    let want_bases = matches!(unit.mode, Mode::Project | Mode::Align | Mode::Procrustes)
-        || (threshold > 0.0 && comparable);
+    let want_bases = needs_bases(ctx, unit, true);
     let (bs, bt) = if want_bases {
         let bs = decompose(
             ctx,

@@ -80,6 +80,7 @@ pub fn run(
         options: &opts,
         timings: &timings,
         cache,
+        prefetched: None,
     };
     let units: Vec<&plan::Unit> = plan.units().collect();
     let bar = super::progress_bar(progress, units.len() as u64, "inspect");

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod execute;
 pub mod inspect;
 pub mod report;
+pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,7 @@ pub fn run(job: &Job) -> Result<Report> {
         .as_deref()
         .map(cache::BasisCache::open)
         .transpose()?;
+    let prefetched = schedule::Prefetched::default();
     let ctx = execute::Context {
         source: &source,
         target: &target,
@@ -78,6 +80,7 @@ pub fn run(job: &Job) -> Result<Report> {
         options: &job.options,
         timings: &timings,
         cache: cache.as_ref(),
+        prefetched: Some(&prefetched),
     };
     let units: Vec<(usize, &plan::Unit)> = plan
         .modules
@@ -86,25 +89,53 @@ pub fn run(job: &Job) -> Result<Report> {
         .flat_map(|(i, m)| m.units.iter().map(move |u| (i, u)))
         .collect();
     let bar = progress_bar(job.progress, units.len() as u64, "transfer");
-    // Largest matrices first, so that the threads finish together; results go back to plan order.
-    let mut order: Vec<usize> = (0..units.len()).collect();
-    order.sort_by_key(|&i| {
-        let u = units[i].1;
-        std::cmp::Reverse(u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1)
-    });
-    let done: Vec<(usize, execute::Outcome)> = order
-        .par_iter()
-        .map(|&i| {
-            let unit = units[i].1;
-            let factors = unit
-                .source_module
-                .as_ref()
-                .and_then(|m| adapter.modules.get(m));
-            let out = execute::run_unit(&ctx, unit, factors);
-            bar.inc(1);
-            out.map(|o| (i, o))
-        })
-        .collect::<Result<_>>()?;
+    let factors_of = |unit: &plan::Unit| {
+        unit.source_module
+            .as_ref()
+            .and_then(|m| adapter.modules.get(m))
+    };
+    let run_units = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
+        idx.par_iter()
+            .map(|&i| {
+                let unit = units[i].1;
+                let out = execute::run_unit(&ctx, unit, factors_of(unit));
+                bar.inc(1);
+                out.map(|o| (i, o))
+            })
+            .collect()
+    };
+    let done: Vec<(usize, execute::Outcome)> = if backend.batches() {
+        // Chunks in plan order; each chunk's decompositions go to the backend in batches of one
+        // shape before its units run.
+        let all: Vec<usize> = (0..units.len()).collect();
+        let mut done = Vec::with_capacity(units.len());
+        for chunk in all.chunks(schedule::UNITS_PER_CHUNK) {
+            let wanted: Vec<(&plan::Unit, bool)> = chunk
+                .iter()
+                .map(|&i| {
+                    let unit = units[i].1;
+                    (
+                        unit,
+                        execute::needs_bases(&ctx, unit, factors_of(unit).is_some()),
+                    )
+                })
+                .collect();
+            schedule::prefetch(&ctx, &wanted, &prefetched)?;
+            done.extend(run_units(chunk)?);
+        }
+        done
+    } else {
+        // Largest matrices first, so that the threads finish together; results go back to plan
+        // order.
+        let mut order: Vec<usize> = (0..units.len()).collect();
+        order.sort_by_key(|&i| {
+            let u = units[i].1;
+            std::cmp::Reverse(
+                u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1,
+            )
+        });
+        run_units(&order)?
+    };
     let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
     for (i, o) in done {
         outcomes[i] = Some(o);

@@ -7,7 +7,7 @@ use faer::{Mat, MatRef};
 
 use super::device::Gpu;
 use super::ops::{Ops, Panel};
-use super::rsvd::{truncated_svd_batch, RawMatrix};
+use super::rsvd::{bytes_per_matrix, truncated_svd_batch, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
 use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
 use crate::error::Result;
@@ -45,16 +45,6 @@ impl CudaBackend {
 
     pub fn ops(&self) -> &Ops {
         &self.ops
-    }
-
-    /// The randomized SVD of weights given in their stored dtype (batched, one shape).
-    pub fn truncated_svd_raw_batch(
-        &self,
-        mats: &[RawMatrix<'_>],
-        params: &SvdParams,
-        timings: &Timings,
-    ) -> Result<Vec<Basis>> {
-        truncated_svd_batch(&self.ops, mats, params, timings)
     }
 
     /// Similarity of many pairs of k-column bases of one shape in one launch.
@@ -199,6 +189,28 @@ impl Backend for CudaBackend {
         timings: &Timings,
     ) -> Result<Basis> {
         Ok(truncated_svd_batch(&self.ops, std::slice::from_ref(w), params, timings)?.remove(0))
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    fn batch_limit(&self, w: &RawMatrix<'_>, params: &SvdParams) -> usize {
+        let l = (params.rank + params.oversample).min(w.rows).min(w.cols);
+        let need = bytes_per_matrix(w.rows, w.cols, w.ty, l);
+        // Leave room for the rest of the process and the driver; without a figure (emulator),
+        // assume a modest 1 GiB.
+        let free = self.ops.gpu.0.free_memory().unwrap_or(1 << 30);
+        (free / 10 * 6 / need.max(1)).clamp(1, 64)
+    }
+
+    fn truncated_svd_raw_batch(
+        &self,
+        ws: &[RawMatrix<'_>],
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Vec<Basis>> {
+        truncated_svd_batch(&self.ops, ws, params, timings)
     }
 
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
