@@ -4,7 +4,8 @@
 
 Prints, per module type: how many modules, how many were transferred, and the minimum, median
 and maximum of the subspace similarity (where defined: equal shapes) and of the energy of the
-source update kept by the transfer.
+source update kept by the transfer, and the median σ_{k+1}/σ_k of the target weights (near 1: the
+top-k subspace is weakly determined).
 """
 
 import argparse
@@ -20,20 +21,25 @@ def spread(values):
     return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
 
+def median(values):
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.3f}" if values else "—"
+
+
 def summarize(path, label=None):
     report = json.load(open(path))
     rows = defaultdict(list)
     for m in report["modules"]:
-        rows[m["target_module"]].append(m)
+        rows[m["module"]].append(m)
     title = label or path
     print(f"{title}: mode {report['mode']}, k={report['rank']}, threshold {report['threshold']}, "
           f"{report['summary']['transferred']} transferred, {report['summary']['skipped']} skipped")
-    print("| module | n | transferred | similarity min / median / max | energy kept min / median / max |")
-    print("|---|---:|---:|---|---|")
+    print("| module | n | transferred | similarity min / median / max | energy kept min / median / max | σ_k+1/σ_k (target) median |")
+    print("|---|---:|---:|---|---|---:|")
     for module in sorted(rows):
         ms = rows[module]
         print(f"| {module} | {len(ms)} | {sum(m['transferred'] for m in ms)} | "
-              f"{spread(m['similarity'] for m in ms)} | {spread(m['energy_kept'] for m in ms)} |")
+              f"{spread(m['similarity'] for m in ms)} | {spread(m['energy_kept'] for m in ms)} | {median(m.get('gap_target') for m in ms)} |")
 
 
 def main():
