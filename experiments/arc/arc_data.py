@@ -56,6 +56,26 @@ def _item(question, texts, labels, key):
     return {"query": f"Question: {question}\nAnswer:", "choices": list(texts), "gold": labels.index(key)}
 
 
+def publish(out, write):
+    """Calls write(folder) on a fresh folder beside `out`, then renames it to `out` (replacing an
+    old one), so an interrupted run never leaves a half-written model or adapter behind."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+    try:
+        write(staging)
+        os.chmod(staging, 0o755)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def training_items(data_dir):
     """ARC-Easy validation (570) + OpenBookQA validation (500), in the OLMES prompt format."""
     root = os.path.join(data_dir, "hf_datasets")

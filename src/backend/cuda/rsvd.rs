@@ -78,13 +78,19 @@ pub fn truncated_svd_batch(
     })?;
     for _ in 0..params.power_iters {
         t.time(Phase::Orth, || ops.orthonormalize(&y, m, l, batch, seed))?;
-        t.time(Phase::Sketch, || ops.wt_mul(&z, &w, ty, &y, m, n, l, batch))?;
+        t.time(Phase::Sketch, || {
+            ops.w_product(true, &z, &w, ty, &y, (m, n, l), batch)
+        })?;
         t.time(Phase::Orth, || ops.orthonormalize(&z, n, l, batch, seed))?;
-        t.time(Phase::Sketch, || ops.w_mul(&y, &w, ty, &z, m, n, l, batch))?;
+        t.time(Phase::Sketch, || {
+            ops.w_product(false, &y, &w, ty, &z, (m, n, l), batch)
+        })?;
     }
     t.time(Phase::Orth, || ops.orthonormalize(&y, m, l, batch, seed))?;
     // The core Bᵀ = WᵀQ (n×l) into z; BBᵀ = (Bᵀ)ᵀBᵀ is its Gram matrix.
-    t.time(Phase::Sketch, || ops.wt_mul(&z, &w, ty, &y, m, n, l, batch))?;
+    t.time(Phase::Sketch, || {
+        ops.w_product(true, &z, &w, ty, &y, (m, n, l), batch)
+    })?;
     drop(w);
     let (s, vb) = t.time(Phase::Eig, || -> Result<(Buffer, Buffer)> {
         let g = gpu.zeros::<f64>(batch * l * l, "the core's Gram matrices")?;

@@ -154,51 +154,23 @@ impl Runner<'_> {
             1e-5,
         );
 
-        let z_in = gaussian_rm(batch * n, l, self.seed, 20);
-        let z = ops.gpu.upload(&z_in, "Z")?;
-        let c = self.poisoned(batch * m * l, "W·Z")?;
-        ops.w_mul(&c, &w, ty, &z, m, n, l, batch)?;
-        let got: Vec<f32> = ops.gpu.download(c.ptr(), batch * m * l)?;
-        let want: Vec<f64> = (0..batch)
-            .flat_map(|b| {
-                reference_product(
-                    &ws[b],
-                    &z_in[b * n * l..(b + 1) * n * l],
-                    (m, l, n),
-                    false,
-                    false,
-                )
-            })
-            .collect();
-        self.push(
-            &format!("w_mul_{}", suffix(ty)),
-            case.clone(),
-            rel_err(&got, &want),
-            1e-5,
-        );
-
-        let q_in = gaussian_rm(batch * m, l, self.seed, 21);
-        let q = ops.gpu.upload(&q_in, "Q")?;
-        let c = self.poisoned(batch * n * l, "Wᵀ·Q")?;
-        ops.wt_mul(&c, &w, ty, &q, m, n, l, batch)?;
-        let got: Vec<f32> = ops.gpu.download(c.ptr(), batch * n * l)?;
-        let want: Vec<f64> = (0..batch)
-            .flat_map(|b| {
-                reference_product(
-                    &ws[b],
-                    &q_in[b * m * l..(b + 1) * m * l],
-                    (n, l, m),
-                    true,
-                    false,
-                )
-            })
-            .collect();
-        self.push(
-            &format!("wt_mul_{}", suffix(ty)),
-            case,
-            rel_err(&got, &want),
-            1e-5,
-        );
+        // W·Z (m×l from n×l) and Wᵀ·Q (n×l from m×l).
+        for (transposed, kernel) in [(false, "w_mul"), (true, "wt_mul")] {
+            let (rows_in, rows_out) = if transposed { (m, n) } else { (n, m) };
+            let p_in = gaussian_rm(batch * rows_in, l, self.seed, 20 + transposed as u64);
+            let p = ops.gpu.upload(&p_in, "panel")?;
+            let c = self.poisoned(batch * rows_out * l, "product")?;
+            ops.w_product(transposed, &c, &w, ty, &p, (m, n, l), batch)?;
+            let got: Vec<f32> = ops.gpu.download(c.ptr(), batch * rows_out * l)?;
+            let want: Vec<f64> = (0..batch)
+                .flat_map(|b| {
+                    let panel = &p_in[b * rows_in * l..(b + 1) * rows_in * l];
+                    reference_product(&ws[b], panel, (rows_out, l, rows_in), transposed, false)
+                })
+                .collect();
+            let name = format!("{kernel}_{}", suffix(ty));
+            self.push(&name, case.clone(), rel_err(&got, &want), 1e-5);
+        }
         Ok(())
     }
 
