@@ -83,14 +83,14 @@ extern "C" __global__ void trsm_rows(float* Q, const float* Y, const double* G, 
     const double* R = G + (size_t)b * l * l;
     const float* y = Y + (size_t)b * rows * l + (size_t)r * l;
     float* q = Q + (size_t)b * rows * l + (size_t)r * l;
-    double x[MAX_L];
-    // Solve x R = y for the row x (R upper triangular): forward substitution over columns.
+    // Solve q R = y for the row q (R upper triangular): forward substitution over columns, sums
+    // in f64, each q_j stored as soon as it is known (no per-thread array, so no local-memory
+    // reservation). In place (Q == Y) is fine: y_j is read before q_j is written.
     for (int j = 0; j < l; ++j) {
         double s = y[j];
-        for (int i = 0; i < j; ++i) s -= x[i] * R[(size_t)i * l + j];
-        x[j] = s / R[(size_t)j * l + j];
+        for (int i = 0; i < j; ++i) s -= (double)q[i] * R[(size_t)i * l + j];
+        q[j] = (float)(s / R[(size_t)j * l + j]);
     }
-    for (int j = 0; j < l; ++j) q[j] = (float)x[j];
 }
 
 // Block-wide sum of one value per thread (blockDim.x ≤ 1024, a power of two).
