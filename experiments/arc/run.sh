@@ -33,6 +33,9 @@ for d in "$source_dir" "$target_dir"; do
   [[ -f $d/config.json ]] || { echo "run.sh: $d: no config.json (want a Hugging Face model folder)" >&2; exit 2; }
 done
 [[ -f $adapter/adapter_config.json ]] || { echo "run.sh: $adapter: no adapter_config.json" >&2; exit 2; }
+# Absolute paths: the evaluation runs from experiments/arc.
+source_dir="$(cd "$source_dir" && pwd)" target_dir="$(cd "$target_dir" && pwd)" adapter="$(cd "$adapter" && pwd)"
+[[ -z $direct ]] || direct="$(cd "$direct" && pwd)"
 
 arc_python
 arc_loraxfer
@@ -46,7 +49,7 @@ say "loraxfer transfer --mode $mode --rank $rank --threshold $threshold -> $out/
   --out "$out/adapter" --mode "$mode" --rank "$rank" --threshold "$threshold" --force --timings
 "$PY" "$arc_dir/similarity.py" "$out/adapter/transfer_report.json" --label "$name" | tee "$out/similarity.md"
 
-adapters=(--adapter "transferred ($mode, k=$rank)=$out/adapter")
+adapters=(--adapter "transferred-$mode-k$rank=$out/adapter")
 [[ -n $direct ]] && adapters+=(--adapter "direct=$direct")
 say "evaluating on ARC-Challenge test (limit $limit)"
 (cd "$arc_dir" && "$PY" evaluate.py --model "$target_dir" "${adapters[@]}" --data "$DATA" \
