@@ -138,11 +138,6 @@ pub trait Backend: Sync {
     fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings)
         -> Result<Basis>;
 
-    /// True when the backend wants weights in their stored dtype ([`Backend::truncated_svd_raw`]).
-    fn prefers_raw(&self) -> bool {
-        false
-    }
-
     /// Randomized truncated SVD of a weight given as stored; by default converted to f32 first.
     fn truncated_svd_raw(
         &self,

@@ -5,7 +5,7 @@
 use faer::Mat;
 
 use crate::backend::cpu::factors::update_norm;
-use crate::backend::{Backend, Basis, Factors, Mode, RawWeight, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, Mode, RawWeight, SvdParams};
 use crate::error::Result;
 use crate::io::adapter::LoraFactors;
 use crate::io::checkpoint::Checkpoint;
@@ -111,33 +111,21 @@ pub fn decompose(
         None => None,
     };
     let key = omega_key(name, &rows, full_rows);
-    let basis = if ctx.backend.prefers_raw() {
-        // Straight from the map in the stored dtype: the device converts as it reads.
-        let (bytes, ty, cols) = ctx
-            .timings
-            .time(Phase::Load, || ckpt.rows_raw(name, rows.clone()))?;
-        let weight = RawWeight {
-            name: &key,
-            bytes,
-            ty,
-            rows: rows.len(),
-            cols,
-        };
-        ctx.backend
-            .truncated_svd_raw(&weight, &params, ctx.timings)?
-    } else {
-        let data = ctx
-            .timings
-            .time(Phase::Load, || ckpt.read_rows_f32(name, rows.clone()))?;
-        let cols = data.len() / rows.len().max(1);
-        let weight = Weight {
-            name: &key,
-            data: &data,
-            rows: rows.len(),
-            cols,
-        };
-        ctx.backend.truncated_svd(&weight, &params, ctx.timings)?
+    // Straight from the map in the stored dtype: a device backend converts as it reads, the
+    // CPU backend converts first (the trait's default).
+    let (bytes, ty, cols) = ctx
+        .timings
+        .time(Phase::Load, || ckpt.rows_raw(name, rows.clone()))?;
+    let weight = RawWeight {
+        name: &key,
+        bytes,
+        ty,
+        rows: rows.len(),
+        cols,
     };
+    let basis = ctx
+        .backend
+        .truncated_svd_raw(&weight, &params, ctx.timings)?;
     if let Some((cache, key)) = cached {
         ctx.timings.time(Phase::Write, || cache.put(&key, &basis));
     }

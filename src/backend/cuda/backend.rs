@@ -178,10 +178,6 @@ impl Backend for CudaBackend {
         Ok(truncated_svd_batch(&self.ops, &[raw], params, timings)?.remove(0))
     }
 
-    fn prefers_raw(&self) -> bool {
-        true
-    }
-
     fn truncated_svd_raw(
         &self,
         w: &RawMatrix<'_>,

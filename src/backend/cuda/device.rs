@@ -70,7 +70,6 @@ pub trait Device: Send + Sync {
 /// Device memory that is released when dropped.
 pub struct Buffer {
     ptr: u64,
-    bytes: usize,
     device: Arc<dyn Device>,
 }
 
@@ -80,14 +79,6 @@ impl Buffer {
     }
     pub fn arg(&self) -> Arg {
         Arg::Ptr(self.ptr)
-    }
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-    /// The address `offset` bytes in.
-    pub fn at(&self, offset: usize) -> u64 {
-        debug_assert!(offset <= self.bytes);
-        self.ptr + offset as u64
     }
 }
 
@@ -119,7 +110,6 @@ impl Gpu {
         })?;
         Ok(Buffer {
             ptr,
-            bytes,
             device: self.0.clone(),
         })
     }
