@@ -160,7 +160,8 @@ extern "C" __global__ void canonical_signs(float* U, float* V, int m, int n, int
     // Decide once, before anyone flips: a thread reading the entry after another thread has
     // flipped it would decide the opposite.
     __shared__ int flip;
-    if (threadIdx.x == 0) flip = Ub[(size_t)best_row[0] * k + j] < 0.0f;
+    // No row found: the column is all NaN (the host reports non-finite results); leave it.
+    if (threadIdx.x == 0) flip = best_row[0] < m && Ub[(size_t)best_row[0] * k + j] < 0.0f;
     __syncthreads();
     if (!flip) return;
     for (int r = threadIdx.x; r < m; r += blockDim.x) Ub[(size_t)r * k + j] = -Ub[(size_t)r * k + j];

@@ -161,12 +161,8 @@ pub trait Backend: Sync {
         false
     }
 
-    /// How many weights shaped like `w` one batched call may take (bounded by device memory).
-    fn batch_limit(&self, _w: &RawWeight<'_>, _params: &SvdParams) -> usize {
-        1
-    }
-
-    /// The SVDs of weights of one shape and dtype; by default one at a time.
+    /// The SVDs of any number of weights of one shape and dtype; by default one at a time.
+    /// Batching backends bound their memory themselves.
     fn truncated_svd_raw_batch(
         &self,
         ws: &[RawWeight<'_>],

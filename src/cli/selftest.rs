@@ -86,7 +86,19 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             (8960, 1536, 28),
             (1536, 8960, 28),
         ];
-        let timings = loraxfer::backend::cuda::bench::run(&backend, &shapes, 272, 5)?;
+        let mut timings = loraxfer::backend::cuda::bench::run(&backend, &shapes, 272, 5)?;
+        // The whole SVD of the 28 gate_proj, with and without copy/compute overlap.
+        let params = loraxfer::backend::SvdParams {
+            rank: 256,
+            oversample: 16,
+            power_iters: 2,
+            seed,
+        };
+        timings.extend(loraxfer::backend::cuda::bench::pipeline(
+            &backend,
+            (8960, 1536, 28),
+            &params,
+        )?);
         println!(
             "\n{:<30} {:<32} {:>10} {:>10} {:>10}",
             "kernel", "case", "ms", "GB/s", "TFLOP/s"

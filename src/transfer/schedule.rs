@@ -1,7 +1,8 @@
 //! Batching for backends that decompose many matrices in one launch (the CUDA backend): the
 //! units are taken in plan order, a chunk at a time; the decompositions a chunk needs are grouped
 //! by shape, dtype and rank and computed as batches before its units run, which then find their
-//! bases ready. Memory stays bounded by the chunk (host) and by the backend's batch limit (device).
+//! bases ready. Memory stays bounded by the chunk (host: the weights stay in the mapped files)
+//! and by the backend, which splits a group to fit its device memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -119,22 +120,17 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                 cols,
             })
         };
-        let limit = ctx.backend.batch_limit(&raw(0)?, &params).max(1);
-        for start in (0..todo.len()).step_by(limit) {
-            let end = (start + limit).min(todo.len());
-            let weights = ctx.timings.time(Phase::Load, || {
-                (start..end).map(raw).collect::<Result<Vec<_>>>()
-            })?;
-            let bases = ctx
-                .backend
-                .truncated_svd_raw_batch(&weights, &params, ctx.timings)?;
-            for (key, basis) in todo[start..end].iter().zip(bases) {
-                if let Some(cache) = ctx.cache {
-                    let ck = cache_key(ctx, key)?;
-                    ctx.timings.time(Phase::Write, || cache.put(&ck, &basis));
-                }
-                into.put(key.clone(), basis);
+        // Read from the mapped files as the backend uploads them; it bounds its device memory.
+        let weights = (0..todo.len()).map(raw).collect::<Result<Vec<_>>>()?;
+        let bases = ctx
+            .backend
+            .truncated_svd_raw_batch(&weights, &params, ctx.timings)?;
+        for (key, basis) in todo.iter().zip(bases) {
+            if let Some(cache) = ctx.cache {
+                let ck = cache_key(ctx, key)?;
+                ctx.timings.time(Phase::Write, || cache.put(&ck, &basis));
             }
+            into.put(key.clone(), basis);
         }
     }
     Ok(())

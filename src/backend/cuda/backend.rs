@@ -3,11 +3,13 @@
 //! copies and procrustes needs the polar factor of a k×k matrix: those stay on the CPU reference,
 //! where they cost microseconds.
 
+use std::ops::Range;
+
 use faer::{Mat, MatRef};
 
 use super::device::Gpu;
 use super::ops::{Ops, Panel};
-use super::rsvd::{bytes_per_matrix, truncated_svd_batch, RawMatrix};
+use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, Pending, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
 use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
 use crate::error::Result;
@@ -32,14 +34,51 @@ pub fn from_row_major(v: &[f32], rows: usize, cols: usize) -> Mat<f32> {
 pub struct CudaBackend {
     ops: Ops,
     name: &'static str,
+    /// The most weight bytes one submitted batch takes ([`CudaBackend::pieces`]).
+    piece_bytes: usize,
 }
 
+/// Weight bytes per submitted batch on a GPU: large enough that one launch keeps every SM busy
+/// (all 28 q_proj of a 1.5B model), small enough that the first batch's upload, which nothing
+/// overlaps, is short.
+pub const PIECE_BYTES: usize = 256 << 20;
+
 impl CudaBackend {
-    /// `name` goes into reports: "cuda", or "emulator" for the CPU emulator.
-    pub fn new(gpu: Gpu, small_block: u32, name: &'static str) -> Self {
+    /// `name` goes into reports: "cuda", or "emulator" for the CPU emulator; `piece_bytes` bounds
+    /// the weight bytes of one submitted batch.
+    pub fn new(gpu: Gpu, small_block: u32, name: &'static str, piece_bytes: usize) -> Self {
         Self {
             ops: Ops { gpu, small_block },
             name,
+            piece_bytes,
+        }
+    }
+
+    /// Splits `n` matrices shaped like `w` into consecutive pieces, each within
+    /// `piece_bytes` of weights and within half the device memory this may use (two pieces are
+    /// on the device at once: one computing, the next uploading).
+    pub fn pieces(&self, n: usize, w: &RawMatrix<'_>, params: &SvdParams) -> Vec<Range<usize>> {
+        let l = (params.rank + params.oversample).min(w.rows).min(w.cols);
+        let need = bytes_per_matrix(w.rows, w.cols, w.ty, l).max(1);
+        let weight = (w.rows * w.cols * w.ty.size()).max(1);
+        // Leave room for the rest of the process and the driver; without a figure (emulator),
+        // assume a modest 1 GiB.
+        let free = self.ops.gpu.0.free_memory().unwrap_or(1 << 30);
+        let per_piece = (free / 10 * 3 / need)
+            .min(self.piece_bytes / weight)
+            .clamp(1, 64);
+        (0..n)
+            .step_by(per_piece)
+            .map(|s| s..(s + per_piece).min(n))
+            .collect()
+    }
+
+    /// The same device with another piece size (tests and benchmarks of the pipeline).
+    pub fn with_piece_bytes(&self, piece_bytes: usize) -> Self {
+        Self {
+            ops: self.ops.clone(),
+            name: self.name,
+            piece_bytes,
         }
     }
 
@@ -191,22 +230,29 @@ impl Backend for CudaBackend {
         true
     }
 
-    fn batch_limit(&self, w: &RawMatrix<'_>, params: &SvdParams) -> usize {
-        let l = (params.rank + params.oversample).min(w.rows).min(w.cols);
-        let need = bytes_per_matrix(w.rows, w.cols, w.ty, l);
-        // Leave room for the rest of the process and the driver; without a figure (emulator),
-        // assume a modest 1 GiB.
-        let free = self.ops.gpu.0.free_memory().unwrap_or(1 << 30);
-        (free / 10 * 6 / need.max(1)).clamp(1, 64)
-    }
-
+    /// Any number of matrices of one shape: submitted piece by piece, each piece's upload
+    /// overlapping the previous piece's kernels, at most two pieces on the device at once.
     fn truncated_svd_raw_batch(
         &self,
         ws: &[RawMatrix<'_>],
         params: &SvdParams,
         timings: &Timings,
     ) -> Result<Vec<Basis>> {
-        truncated_svd_batch(&self.ops, ws, params, timings)
+        let Some(first) = ws.first() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(ws.len());
+        let mut in_flight: Option<Pending> = None;
+        for piece in self.pieces(ws.len(), first, params) {
+            let next = submit(&self.ops, &ws[piece], params, timings)?;
+            if let Some(done) = in_flight.replace(next) {
+                out.extend(done.finish(&self.ops, timings)?);
+            }
+        }
+        if let Some(done) = in_flight {
+            out.extend(done.finish(&self.ops, timings)?);
+        }
+        Ok(out)
     }
 
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {

@@ -2,6 +2,13 @@
 //! driver (cudarc, [`super::driver`]) and the CPU emulator ([`super::emulator`]), which runs the
 //! very same kernels on the host so the host code and the kernels are tested on machines with no
 //! GPU. Memory is addressed by raw device pointers (host addresses under the emulator).
+//!
+//! Work runs on two queues (CUDA streams on a GPU). The compute queue takes every launch,
+//! allocation, free, small write and read, in order. The copy queue takes the weights:
+//! [`Device::stage`] copies a matrix from the mapped file through pinned staging buffers while
+//! the compute queue is busy with the previous batch, and [`Device::fence`] makes the launches
+//! after it wait for every staged copy before it. The emulator runs staged copies only at the
+//! fence, so a missing fence reads poisoned memory in the tests instead of racing on a GPU.
 
 use std::sync::Arc;
 
@@ -51,17 +58,26 @@ impl LaunchShape {
 pub trait Device: Send + Sync {
     /// Name for reports and errors (e.g. "NVIDIA H200 (139 GiB)", "CPU emulator").
     fn describe(&self) -> String;
-    /// `bytes` of zeroed device memory.
+    /// `bytes` of zeroed device memory, usable by the compute queue.
     fn alloc(&self, bytes: usize) -> Result<u64>;
-    /// Releases memory from [`Device::alloc`].
+    /// `bytes` of device memory for the copy queue to fill ([`Device::stage`]); its contents are
+    /// undefined until then (poisoned under the emulator).
+    fn alloc_for_upload(&self, bytes: usize) -> Result<u64>;
+    /// Releases memory from either alloc, after the compute work queued before.
     fn free(&self, ptr: u64);
-    /// Host → device.
+    /// Host → device on the compute queue; `src` may be reused when it returns. For small data.
     fn write(&self, dst: u64, src: &[u8]) -> Result<()>;
-    /// Device → host (waits for the work before it).
+    /// Host → device on the copy queue, through pinned staging; `src` may be reused when it
+    /// returns, but the device memory is filled only for launches after the next
+    /// [`Device::fence`].
+    fn stage(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Launches after this wait for every [`Device::stage`] before it.
+    fn fence(&self) -> Result<()>;
+    /// Device → host (waits for the compute work before it).
     fn read(&self, src: u64, dst: &mut [u8]) -> Result<()>;
-    /// Launches `kernel` (a name from [`super::kernels::NAMES`]).
+    /// Launches `kernel` (a name from [`super::kernels::NAMES`]) on the compute queue.
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()>;
-    /// Waits for all launched work (for timing).
+    /// Waits for all work on both queues (for timing).
     fn synchronize(&self) -> Result<()>;
     /// Free device memory in bytes, when the device can tell.
     fn free_memory(&self) -> Option<usize>;
@@ -100,7 +116,29 @@ impl Gpu {
     /// Zeroed memory for `count` values of `T`; `what` names it in an out-of-memory error.
     pub fn zeros<T: bytemuck::Pod>(&self, count: usize, what: &str) -> Result<Buffer> {
         let bytes = (count * std::mem::size_of::<T>()).max(1);
-        let ptr = self.0.alloc(bytes).map_err(|e| match e {
+        self.allocated(self.0.alloc(bytes), bytes, what)
+    }
+
+    /// A buffer filled, on the copy queue, with `parts` back to back; launches see it after the
+    /// next [`Gpu::fence`].
+    pub fn stage_parts(&self, parts: &[&[u8]], what: &str) -> Result<Buffer> {
+        let bytes: usize = parts.iter().map(|p| p.len()).sum();
+        let buf = self.allocated(self.0.alloc_for_upload(bytes.max(1)), bytes, what)?;
+        let mut offset = 0;
+        for part in parts {
+            self.0.stage(buf.ptr + offset as u64, part)?;
+            offset += part.len();
+        }
+        Ok(buf)
+    }
+
+    /// Later launches wait for the staged copies.
+    pub fn fence(&self) -> Result<()> {
+        self.0.fence()
+    }
+
+    fn allocated(&self, ptr: Result<u64>, bytes: usize, what: &str) -> Result<Buffer> {
+        let ptr = ptr.map_err(|e| match e {
             Error::Backend(msg) => Error::Backend(format!(
                 "{}: cannot allocate {:.1} MiB for {what}: {msg}",
                 self.describe(),

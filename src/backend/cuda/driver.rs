@@ -1,12 +1,20 @@
 //! The CUDA driver as a [`Device`], through cudarc's dynamically loaded driver API: the binary
 //! needs no CUDA library to build or to start, and looks for libcuda only when asked for a GPU.
 //! The kernels come from the fatbins build.rs embedded (sm_90 SASS + compute_90 PTX); all are
-//! loaded at start so a missing kernel is reported before any work. Calls are serialized on the
-//! context's default stream (the pipeline may call from several threads).
+//! loaded at start so a missing kernel is reported before any work.
+//!
+//! Two non-blocking streams: `compute` takes launches, allocations (stream-ordered, so a free
+//! never stalls the device), small copies and reads; `copy` takes the weights, which go
+//! mapped file → pinned staging buffer → device. Two staging buffers alternate: the host fills
+//! one (reading the file) while the DMA engine empties the other, and neither waits for the
+//! kernels of the batch before. Pinning the mapped file itself (cuMemHostRegister) would fault
+//! in and lock the whole checkpoint; staging keeps pinned memory at 2 × [`STAGE_BYTES`].
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
+
+use rayon::prelude::*;
 
 use cudarc::driver::{result, sys};
 
@@ -65,15 +73,32 @@ pub fn list_gpus() -> Result<Vec<GpuInfo>> {
         .collect()
 }
 
+/// Bytes per pinned staging buffer.
+pub const STAGE_BYTES: usize = 32 << 20;
+
+/// Two pinned host buffers, each with the event recorded after the copy out of it.
+struct Staging {
+    buffers: [*mut u8; 2],
+    emptied: [sys::CUevent; 2],
+    next: usize,
+}
+
 /// One GPU with this project's kernels loaded.
 pub struct CudaDriver {
     ctx: sys::CUcontext,
     info: GpuInfo,
     functions: HashMap<&'static str, sys::CUfunction>,
+    compute: sys::CUstream,
+    copy: sys::CUstream,
+    /// Recorded on `copy` and waited for on `compute` by [`Device::fence`].
+    staged: sys::CUevent,
+    /// Allocated at the first staged copy (commands that never upload weights pin nothing).
+    staging: Mutex<Option<Staging>>,
     lock: Mutex<()>,
 }
 
-// SAFETY: the raw handles are only used under `lock`, with the context made current first.
+// SAFETY: driver calls are made with the context current on the calling thread (`current`);
+// the staging buffers are only touched under `staging`'s lock.
 unsafe impl Send for CudaDriver {}
 unsafe impl Sync for CudaDriver {}
 
@@ -126,10 +151,19 @@ impl CudaDriver {
             })?;
             functions.insert(*name, f);
         }
+        let stream = || {
+            result::stream::create(result::stream::StreamKind::NonBlocking)
+                .map_err(|e| driver_error("cuStreamCreate", e))
+        };
+        let (compute, copy) = (stream()?, stream()?);
         Ok(Self {
             ctx,
             info,
             functions,
+            compute,
+            copy,
+            staged: event()?,
+            staging: Mutex::new(None),
             lock: Mutex::new(()),
         })
     }
@@ -138,12 +172,70 @@ impl CudaDriver {
         &self.info
     }
 
+    fn out_of_memory(&self, e: result::DriverError) -> Error {
+        let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
+        Error::Backend(format!(
+            "out of device memory? {e:?} ({:.1} MiB free)",
+            free as f64 / (1 << 20) as f64
+        ))
+    }
+
+    fn new_staging(&self) -> Result<Staging> {
+        let _g = self.current()?;
+        let mut buffers = [std::ptr::null_mut(); 2];
+        for b in &mut buffers {
+            // SAFETY: plain pinned allocation, freed in Drop.
+            *b = unsafe { result::malloc_host(STAGE_BYTES, 0) }.map_err(|e| {
+                driver_error(
+                    &format!("cuMemHostAlloc of {} MiB pinned staging", STAGE_BYTES >> 20),
+                    e,
+                )
+            })? as *mut u8;
+        }
+        Ok(Staging {
+            buffers,
+            emptied: [event()?, event()?],
+            next: 0,
+        })
+    }
+
     fn current(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: ctx is the retained primary context.
         unsafe { result::ctx::set_current(self.ctx) }
             .map_err(|e| driver_error("cuCtxSetCurrent", e))?;
         Ok(guard)
+    }
+}
+
+fn event() -> Result<sys::CUevent> {
+    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+        .map_err(|e| driver_error("cuEventCreate", e))
+}
+
+impl Drop for CudaDriver {
+    fn drop(&mut self) {
+        let staging = self
+            .staging
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Ok(_g) = self.current() {
+            // SAFETY: everything below was created by this driver and is released once, after
+            // the device has finished with it.
+            unsafe {
+                let _ = result::ctx::synchronize();
+                if let Some(st) = staging {
+                    for (b, e) in st.buffers.iter().zip(st.emptied) {
+                        let _ = result::free_host(*b as *mut c_void);
+                        let _ = result::event::destroy(e);
+                    }
+                }
+                let _ = result::event::destroy(self.staged);
+                let _ = result::stream::destroy(self.compute);
+                let _ = result::stream::destroy(self.copy);
+            }
+        }
     }
 }
 
@@ -158,37 +250,95 @@ impl Device for CudaDriver {
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
         let _g = self.current()?;
-        // SAFETY: plain allocation and memset of the new block.
-        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
-            let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
-            Error::Backend(format!(
-                "out of device memory? {e:?} ({:.1} MiB free)",
-                free as f64 / (1 << 20) as f64
-            ))
-        })?;
-        unsafe { result::memset_d8_sync(ptr, 0, bytes) }
-            .map_err(|e| driver_error("cuMemsetD8", e))?;
+        // SAFETY: a stream-ordered allocation, zeroed in the same stream before any use.
+        let ptr = unsafe { result::malloc_async(self.compute, bytes) }
+            .map_err(|e| self.out_of_memory(e))?;
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.compute) }
+            .map_err(|e| driver_error("cuMemsetD8Async", e))?;
         Ok(ptr)
+    }
+
+    fn alloc_for_upload(&self, bytes: usize) -> Result<u64> {
+        let _g = self.current()?;
+        // SAFETY: ordered on the copy stream, which fills it; the compute stream uses it only
+        // after a fence.
+        unsafe { result::malloc_async(self.copy, bytes) }.map_err(|e| self.out_of_memory(e))
     }
 
     fn free(&self, ptr: u64) {
         if let Ok(_g) = self.current() {
-            // SAFETY: ptr came from alloc and is freed once (Buffer's Drop).
-            let _ = unsafe { result::free_sync(ptr) };
+            // SAFETY: ptr came from an alloc and is freed once (Buffer's Drop), after the
+            // compute work queued so far; copies into it were fenced before any launch used it.
+            let _ = unsafe { result::free_async(ptr, self.compute) };
         }
     }
 
     fn write(&self, dst: u64, src: &[u8]) -> Result<()> {
         let _g = self.current()?;
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| driver_error("cuMemcpyHtoD", e))
+        // SAFETY: from pageable memory the driver copies `src` out before returning.
+        unsafe { result::memcpy_htod_async(dst, src, self.compute) }
+            .map_err(|e| driver_error("cuMemcpyHtoDAsync", e))
+    }
+
+    fn stage(&self, dst: u64, src: &[u8]) -> Result<()> {
+        let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if staging.is_none() {
+            *staging = Some(self.new_staging()?);
+        }
+        let st = staging.as_mut().expect("set above");
+        for (i, chunk) in src.chunks(STAGE_BYTES).enumerate() {
+            let slot = st.next;
+            st.next ^= 1;
+            {
+                let _g = self.current()?;
+                // SAFETY: a live event (a never-recorded one is complete).
+                unsafe { result::event::synchronize(st.emptied[slot]) }
+                    .map_err(|e| driver_error("cuEventSynchronize (staging)", e))?;
+            }
+            // SAFETY: STAGE_BYTES of pinned memory that no copy reads any more (the event).
+            let buffer = unsafe { std::slice::from_raw_parts_mut(st.buffers[slot], chunk.len()) };
+            // Reading the mapped file is the slow half (page faults): spread it over the cores.
+            buffer
+                .par_chunks_mut(1 << 20)
+                .zip(chunk.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            let _g = self.current()?;
+            let at = dst + (i * STAGE_BYTES) as u64;
+            // SAFETY: pinned source kept untouched until `emptied[slot]` completes.
+            unsafe {
+                result::memcpy_htod_async(at, &*buffer, self.copy)
+                    .map_err(|e| driver_error("cuMemcpyHtoDAsync (staged)", e))?;
+                result::event::record(st.emptied[slot], self.copy)
+                    .map_err(|e| driver_error("cuEventRecord", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fence(&self) -> Result<()> {
+        let _g = self.current()?;
+        // SAFETY: live event and streams; the wait takes the event's state at this call.
+        unsafe {
+            result::event::record(self.staged, self.copy)
+                .map_err(|e| driver_error("cuEventRecord", e))?;
+            result::stream::wait_event(
+                self.compute,
+                self.staged,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(|e| driver_error("cuStreamWaitEvent", e))
+        }
     }
 
     fn read(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         let _g = self.current()?;
-        // Synchronous copies on the legacy default stream wait for the kernels before them, and
-        // report their errors.
-        unsafe { result::memcpy_dtoh_sync(dst, src) }
-            .map_err(|e| driver_error("cuMemcpyDtoH (or a kernel before it)", e))
+        // Ordered after the compute work before it; errors of those kernels surface here.
+        unsafe {
+            result::memcpy_dtoh_async(dst, src, self.compute)
+                .map_err(|e| driver_error("cuMemcpyDtoHAsync (or a kernel before it)", e))?;
+            result::stream::synchronize(self.compute)
+                .map_err(|e| driver_error("cuStreamSynchronize (or a kernel before it)", e))
+        }
     }
 
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()> {
@@ -211,7 +361,7 @@ impl Device for CudaDriver {
                 (gx, gy, gz),
                 (bx, by, bz),
                 shape.shared_bytes,
-                std::ptr::null_mut(),
+                self.compute,
                 &mut params,
             )
         }

@@ -42,7 +42,13 @@ pub fn kernel_names() -> Vec<String> {
 #[derive(Default)]
 pub struct Emulator {
     blocks: Mutex<HashMap<u64, Box<[u64]>>>,
+    /// Staged copies waiting for a fence: the copy queue, run as late as a GPU may run it.
+    staged: Mutex<Vec<(u64, Vec<u8>)>>,
 }
+
+/// What memory for uploads holds until the copy lands: all-ones bytes, a NaN in f32, f16 and
+/// bf16, so a launch that misses its fence gives NaNs the checks catch.
+pub const POISON: u8 = 0xff;
 
 impl Emulator {
     pub fn new() -> Self {
@@ -62,8 +68,35 @@ impl Device for Emulator {
         Ok(ptr)
     }
 
+    fn alloc_for_upload(&self, bytes: usize) -> Result<u64> {
+        let poison = u64::from_ne_bytes([POISON; 8]);
+        let block = vec![poison; bytes.div_ceil(8).max(1)].into_boxed_slice();
+        let ptr = block.as_ptr() as u64;
+        self.blocks.lock().unwrap().insert(ptr, block);
+        Ok(ptr)
+    }
+
     fn free(&self, ptr: u64) {
-        self.blocks.lock().unwrap().remove(&ptr);
+        if let Some(block) = self.blocks.lock().unwrap().remove(&ptr) {
+            // A GPU would still run copies into it before the free; here they are dropped.
+            let end = ptr + 8 * block.len() as u64;
+            self.staged
+                .lock()
+                .unwrap()
+                .retain(|(dst, _)| !(ptr..end).contains(dst));
+        }
+    }
+
+    fn stage(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.staged.lock().unwrap().push((dst, src.to_vec()));
+        Ok(())
+    }
+
+    fn fence(&self) -> Result<()> {
+        for (dst, bytes) in self.staged.lock().unwrap().drain(..) {
+            self.write(dst, &bytes)?;
+        }
+        Ok(())
     }
 
     fn write(&self, dst: u64, src: &[u8]) -> Result<()> {
@@ -109,10 +142,42 @@ impl Device for Emulator {
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(()) // launches return when done
+        self.fence() // launches return when done; staged copies land now
     }
 
     fn free_memory(&self) -> Option<usize> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulator's copy queue runs at the fence, not before: host code that forgets the
+    /// fence reads poison in the tests.
+    #[test]
+    fn staged_copies_land_at_the_fence() {
+        let emu = Emulator::new();
+        let dst = emu.alloc_for_upload(16).unwrap();
+        let data: Vec<u8> = (1..=16).collect();
+        emu.stage(dst, &data[..8]).unwrap();
+        emu.stage(dst + 8, &data[8..]).unwrap();
+        let mut seen = vec![0u8; 16];
+        emu.read(dst, &mut seen).unwrap();
+        assert_eq!(
+            seen,
+            vec![POISON; 16],
+            "a staged copy landed before the fence"
+        );
+        emu.fence().unwrap();
+        emu.read(dst, &mut seen).unwrap();
+        assert_eq!(seen, data);
+        emu.free(dst);
+        // A copy staged into memory freed before its fence is dropped, not written.
+        let dst = emu.alloc_for_upload(8).unwrap();
+        emu.stage(dst, &data[..8]).unwrap();
+        emu.free(dst);
+        assert!(emu.staged.lock().unwrap().is_empty());
     }
 }

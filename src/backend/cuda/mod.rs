@@ -39,11 +39,13 @@ pub const fn kernels_compiled() -> bool {
 pub fn emulator_backend() -> Result<CudaBackend> {
     #[cfg(loraxfer_kernel_emulator)]
     {
-        // Small blocks: each emulated thread is an OS thread.
+        // Small blocks: each emulated thread is a fiber. Small pieces: the test models' few
+        // matrices of a shape still go through the pipeline in several pieces.
         Ok(CudaBackend::new(
             Gpu(Arc::new(emulator::Emulator::new())),
             32,
             "emulator",
+            64 << 10,
         ))
     }
     #[cfg(not(loraxfer_kernel_emulator))]
@@ -57,7 +59,12 @@ pub fn emulator_backend() -> Result<CudaBackend> {
 /// The backend on GPU 0.
 pub fn cuda_backend() -> Result<CudaBackend> {
     let driver = driver::CudaDriver::open(0)?;
-    Ok(CudaBackend::new(Gpu(Arc::new(driver)), 256, "cuda"))
+    Ok(CudaBackend::new(
+        Gpu(Arc::new(driver)),
+        256,
+        "cuda",
+        backend::PIECE_BYTES,
+    ))
 }
 
 /// Why `--device auto` would not use CUDA here, or None when it would.

@@ -3,6 +3,10 @@
 //! Bᵀ = WᵀQ — with CholeskyQR2 for every orthonormalization and a Jacobi eigensolver on BBᵀ for
 //! the core's SVD. All matrices of a batch share one shape and dtype and go through each step in
 //! one launch; W is uploaded in its own dtype and read as such by the kernels.
+//!
+//! [`submit`] queues a batch (weights on the copy queue, kernels on the compute queue) and
+//! returns at once; [`Pending::finish`] waits for it and reads the bases back. Submitting the
+//! next batch before finishing this one overlaps its upload with this one's kernels.
 
 use faer::Mat;
 
@@ -28,8 +32,33 @@ pub fn truncated_svd_batch(
     params: &SvdParams,
     t: &Timings,
 ) -> Result<Vec<Basis>> {
-    let Some(first) = mats.first() else {
+    if mats.is_empty() {
         return Ok(Vec::new());
+    }
+    submit(ops, mats, params, t)?.finish(ops, t)
+}
+
+/// A batch queued on the device: its results, and what is needed to read them back.
+pub struct Pending {
+    u: Buffer,
+    v: Buffer,
+    s: Buffer,
+    names: Vec<String>,
+    m: usize,
+    n: usize,
+    k: usize,
+    l: usize,
+}
+
+/// Queues the SVDs of `mats` (one shape, one dtype) without waiting for them.
+pub fn submit(
+    ops: &Ops,
+    mats: &[RawMatrix<'_>],
+    params: &SvdParams,
+    t: &Timings,
+) -> Result<Pending> {
+    let Some(first) = mats.first() else {
+        return Err(Error::Backend("an empty batch".into()));
     };
     let (m, n, ty) = (first.rows, first.cols, first.ty);
     if let Some(odd) = mats.iter().find(|x| (x.rows, x.cols, x.ty) != (m, n, ty)) {
@@ -46,28 +75,26 @@ pub fn truncated_svd_batch(
             reason: format!("rank 0 requested for a {m}x{n} matrix"),
         });
     }
+    if let Some(x) = mats.iter().find(|x| x.bytes.len() != m * n * ty.size()) {
+        return Err(Error::Backend(format!(
+            "{}: {} bytes for a {m}x{n} {:?} matrix",
+            x.name,
+            x.bytes.len(),
+            ty
+        )));
+    }
     let batch = mats.len();
     let gpu = &ops.gpu;
     let what = format!("{batch} matrices of {m}x{n}");
 
+    // The weights go straight from the mapped file to the device (copy queue).
     let (w, ids) = t.time(Phase::Load, || -> Result<(Buffer, Buffer)> {
-        let mut bytes = Vec::with_capacity(batch * m * n * ty.size());
-        for x in mats {
-            if x.bytes.len() != m * n * ty.size() {
-                return Err(Error::Backend(format!(
-                    "{}: {} bytes for a {m}x{n} {:?} matrix",
-                    x.name,
-                    x.bytes.len(),
-                    ty
-                )));
-            }
-            bytes.extend_from_slice(x.bytes);
-        }
+        let parts: Vec<&[u8]> = mats.iter().map(|x| x.bytes).collect();
+        let w = gpu.stage_parts(&parts, &format!("the weights ({what})"))?;
         let ids: Vec<u64> = mats.iter().map(|x| philox::matrix_id(x.name)).collect();
-        Ok((
-            gpu.upload_bytes(&bytes, &format!("the weights ({what})"))?,
-            gpu.upload(&ids, "the Ω keys")?,
-        ))
+        let ids = gpu.upload(&ids, "the Ω keys")?;
+        gpu.fence()?;
+        Ok((w, ids))
     })?;
 
     let y = gpu.zeros::<f32>(batch * m * l, "the sketch")?;
@@ -126,38 +153,65 @@ pub fn truncated_svd_batch(
         Ok((u, v))
     })?;
 
-    let (us, vs, ss) = t.time(Phase::Eig, || -> Result<_> {
-        Ok((
-            gpu.download::<f32>(u.ptr(), batch * m * k)?,
-            gpu.download::<f32>(v.ptr(), batch * n * k)?,
-            gpu.download::<f32>(s.ptr(), batch * l)?,
-        ))
-    })?;
-    let mut out = Vec::with_capacity(batch);
-    for b in 0..batch {
-        let (ub, vb, sb) = (
-            &us[b * m * k..(b + 1) * m * k],
-            &vs[b * n * k..(b + 1) * n * k],
-            &ss[b * l..(b + 1) * l],
-        );
-        let basis = Basis {
-            u: Mat::from_fn(m, k, |i, j| ub[i * k + j]),
-            s: sb[..k].to_vec(),
-            v: Mat::from_fn(n, k, |i, j| vb[i * k + j]),
-            next: (l > k).then(|| sb[k]),
-        };
-        if basis
-            .s
-            .iter()
-            .chain(basis.next.iter())
-            .any(|x| !x.is_finite())
-        {
-            return Err(Error::Numerical {
-                context: mats[b].name.to_string(),
-                reason: "non-finite singular values on the device".into(),
-            });
+    Ok(Pending {
+        u,
+        v,
+        s,
+        names: mats.iter().map(|x| x.name.to_string()).collect(),
+        m,
+        n,
+        k,
+        l,
+    })
+}
+
+impl Pending {
+    /// Waits for the batch and returns its bases, in the order submitted.
+    pub fn finish(self, ops: &Ops, t: &Timings) -> Result<Vec<Basis>> {
+        let Pending {
+            u,
+            v,
+            s,
+            names,
+            m,
+            n,
+            k,
+            l,
+        } = self;
+        let (gpu, batch) = (&ops.gpu, names.len());
+        let (us, vs, ss) = t.time(Phase::Eig, || -> Result<_> {
+            Ok((
+                gpu.download::<f32>(u.ptr(), batch * m * k)?,
+                gpu.download::<f32>(v.ptr(), batch * n * k)?,
+                gpu.download::<f32>(s.ptr(), batch * l)?,
+            ))
+        })?;
+        let mut out = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let (ub, vb, sb) = (
+                &us[b * m * k..(b + 1) * m * k],
+                &vs[b * n * k..(b + 1) * n * k],
+                &ss[b * l..(b + 1) * l],
+            );
+            let basis = Basis {
+                u: Mat::from_fn(m, k, |i, j| ub[i * k + j]),
+                s: sb[..k].to_vec(),
+                v: Mat::from_fn(n, k, |i, j| vb[i * k + j]),
+                next: (l > k).then(|| sb[k]),
+            };
+            if basis
+                .s
+                .iter()
+                .chain(basis.next.iter())
+                .any(|x| !x.is_finite())
+            {
+                return Err(Error::Numerical {
+                    context: names[b].clone(),
+                    reason: "non-finite singular values on the device".into(),
+                });
+            }
+            out.push(basis);
         }
-        out.push(basis);
+        Ok(out)
     }
-    Ok(out)
 }

@@ -7,7 +7,7 @@ use faer::Mat;
 
 use super::backend::{from_row_major, row_major, CudaBackend};
 use super::ops::Panel;
-use super::rsvd::RawMatrix;
+use super::rsvd::{truncated_svd_batch, RawMatrix};
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
 use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
 use crate::error::Result;
@@ -381,6 +381,64 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// Many matrices submitted in pieces (uploads on the copy queue overlapping the kernels of
+    /// the piece before) give what one batch gives: the pipeline's ordering and offsets.
+    fn pipeline(&mut self, count: usize, m: usize, n: usize, rank: usize) -> Result<()> {
+        let ty = FloatType::Bf16;
+        let sigma: Vec<f32> = (0..m.min(n)).map(|i| 10.0 / (1.0 + i as f32)).collect();
+        let bytes: Vec<Vec<u8>> = (0..count)
+            .map(|b| encode_f32(&planted(m, n, &sigma, self.seed + b as u64), ty))
+            .collect();
+        let names: Vec<String> = (0..count).map(|b| format!("pipeline.{b}.weight")).collect();
+        let mats: Vec<RawMatrix<'_>> = (0..count)
+            .map(|b| RawMatrix {
+                name: &names[b],
+                bytes: &bytes[b],
+                ty,
+                rows: m,
+                cols: n,
+            })
+            .collect();
+        let params = SvdParams {
+            rank,
+            oversample: 4,
+            power_iters: 2,
+            seed: self.seed,
+        };
+        let t = Timings::default();
+        // One matrix per piece.
+        let piecewise = self.backend.with_piece_bytes(m * n * ty.size());
+        let pieces = piecewise.pieces(count, &mats[0], &params).len();
+        let got = piecewise.truncated_svd_raw_batch(&mats, &params, &t)?;
+        let want = truncated_svd_batch(self.backend.ops(), &mats, &params, &t)?;
+        // f64::max drops NaN; a NaN anywhere must fail the check.
+        let worst = |a: f64, b: f64| {
+            if a.is_nan() || b.is_nan() {
+                f64::NAN
+            } else {
+                a.max(b)
+            }
+        };
+        let mut err = if got.len() == want.len() && pieces == count {
+            0.0
+        } else {
+            f64::NAN
+        };
+        for (g, w) in got.iter().zip(&want) {
+            let s_want: Vec<f64> = w.s.iter().map(|&x| x as f64).collect();
+            err = worst(err, rel_err(&g.s, &s_want));
+            err = worst(err, basis_err(&g.u, &w.u));
+            err = worst(err, basis_err(&g.v, &w.v));
+        }
+        self.push(
+            "truncated_svd pipeline",
+            format!("{count}x {m}x{n} {ty:?} k={rank}: {pieces} pieces vs one batch"),
+            err,
+            1e-6,
+        );
+        Ok(())
+    }
+
     fn similarity_and_transfer(&mut self, m: usize, n: usize, k: usize, r: usize) -> Result<()> {
         let ortho = |rows, stream| -> Mat<f32> {
             let g = gaussian_rm(rows, k, self.seed, stream);
@@ -528,6 +586,7 @@ pub fn run(backend: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<Check>> 
         r.rsvd(FloatType::F32, 301, 129, 24, 8)?;
         r.rsvd(FloatType::Bf16, 96, 515, 40, 16)?;
     }
+    r.pipeline(5, 70, 50, 6)?;
     r.similarity_and_transfer(53, 31, 7, 4)?;
     r.casts(100)?;
     Ok(r.checks)
