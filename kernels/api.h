@@ -9,12 +9,18 @@
     X(sketch_f32, (float*, const float*, const unsigned long long*, unsigned long long, int, int, int)) \
     X(sketch_f16, (float*, const __half*, const unsigned long long*, unsigned long long, int, int, int)) \
     X(sketch_bf16, (float*, const __nv_bfloat16*, const unsigned long long*, unsigned long long, int, int, int)) \
+    X(sketch_tc_f16, (float*, const __half*, const unsigned long long*, unsigned long long, int, int, int)) \
+    X(sketch_tc_bf16, (float*, const __nv_bfloat16*, const unsigned long long*, unsigned long long, int, int, int)) \
     X(w_mul_f32, (float*, const float*, const float*, int, int, int))                                  \
     X(w_mul_f16, (float*, const __half*, const float*, int, int, int))                                 \
     X(w_mul_bf16, (float*, const __nv_bfloat16*, const float*, int, int, int))                         \
     X(wt_mul_f32, (float*, const float*, const float*, int, int, int))                                 \
     X(wt_mul_f16, (float*, const __half*, const float*, int, int, int))                                \
     X(wt_mul_bf16, (float*, const __nv_bfloat16*, const float*, int, int, int))                        \
+    X(w_mul_tc_f16, (float*, const __half*, const float*, int, int, int))                              \
+    X(w_mul_tc_bf16, (float*, const __nv_bfloat16*, const float*, int, int, int))                      \
+    X(wt_mul_tc_f16, (float*, const __half*, const float*, int, int, int))                             \
+    X(wt_mul_tc_bf16, (float*, const __nv_bfloat16*, const float*, int, int, int))                     \
     X(panel_nn, (float*, const float*, const float*, int, int, int, int, int, long long, long long))   \
     X(panel_tn, (float*, const float*, const float*, int, int, int, int, int, long long, long long))   \
     X(panel_nt, (float*, const float*, const float*, int, int, int, int, int, long long, long long))   \

@@ -1,7 +1,8 @@
 // Shared by every kernel file: element types, loads that widen to f32, and the few macros that
 // let the same source run under the CPU emulator (kernels/emulate/, used by the tests on machines
-// without a GPU). Kernels use no warp intrinsics and no tensor-core instructions, so the emulator
-// runs them exactly as written; block-wide cooperation is shared memory + __syncthreads only.
+// without a GPU). Kernels use no warp intrinsics, so the emulator runs them as written;
+// block-wide cooperation is shared memory + __syncthreads only. Tensor cores are used through
+// WMMA only (gemm_tc.cuh), which the emulator implements for whole tiles (emulate/shim.h).
 #pragma once
 #include <stdint.h>
 #include <stddef.h>

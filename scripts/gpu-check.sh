@@ -9,7 +9,7 @@
 # 2. loraxfer selftest --device cuda --bench: every kernel against the CPU reference on fresh
 #    random inputs, then kernel timings on Qwen2.5-1.5B-shaped batches
 # 3. a transfer between Qwen2.5-1.5B- and Llama-3.2-3B-shaped synthetic checkpoints (4 layers;
-#    --full: all 28) on CPU and on GPU, comparing the two reports and adapters
+#    --full: all 28) on CPU, on GPU, and on GPU without tensor cores, comparing reports and adapters
 # 4. the same GPU transfer under nsys, when nsys is installed
 # Everything goes under $OUT (default ./gpu-check-out); a short table is printed last.
 set -uo pipefail
@@ -38,13 +38,16 @@ note "selftest (cuda, fresh seed)" "$(grep '^selftest:' "$OUT/selftest.txt" | ta
 "$BIN" synth model --like qwen2.5-1.5b --layers $layers --out "$W/src" >/dev/null
 "$BIN" synth model --like llama-3.2-3b --layers $layers --out "$W/tgt" --seed 1 >/dev/null
 "$BIN" synth adapter --base "$W/src" --out "$W/ad" >/dev/null
-for dev in cpu cuda; do
-  /usr/bin/time -v "$BIN" transfer --source-base "$W/src" --target-base "$W/tgt" --adapter "$W/ad" \
-    --out "$OUT/transfer-$dev" --device $dev --mode align --rank 256 --timings --force \
-    >"$OUT/transfer-$dev.txt" 2>&1
-  note "transfer $dev (${layers} layers, align, k=256)" "rc=$? $(grep -E 'Elapsed \(wall' "$OUT/transfer-$dev.txt" | awk '{print $NF}') wall, peak RSS $(grep 'Maximum resident' "$OUT/transfer-$dev.txt" | awk '{print $NF}') KiB"
+for run in cpu cuda cuda-no-tc; do
+  dev=${run%%-*}
+  settings=()
+  [[ $run == cuda-no-tc ]] && settings=(LORAXFER_NO_TENSOR_CORES=1)
+  env "${settings[@]}" /usr/bin/time -v "$BIN" transfer --source-base "$W/src" --target-base "$W/tgt" --adapter "$W/ad" \
+    --out "$OUT/transfer-$run" --device $dev --mode align --rank 256 --timings --force \
+    >"$OUT/transfer-$run.txt" 2>&1
+  note "transfer $run (${layers} layers, align, k=256)" "rc=$? $(grep -E 'Elapsed \(wall' "$OUT/transfer-$run.txt" | awk '{print $NF}') wall, peak RSS $(grep 'Maximum resident' "$OUT/transfer-$run.txt" | awk '{print $NF}') KiB"
 done
-python3 - "$OUT/transfer-cpu" "$OUT/transfer-cuda" >"$OUT/compare.txt" 2>&1 <<'PY'
+cat >"$W/compare.py" <<'PY'
 import json, sys
 from safetensors.numpy import load_file
 a, b = (load_file(f"{d}/adapter_model.safetensors") for d in sys.argv[1:3])
@@ -52,10 +55,13 @@ ra, rb = (json.load(open(f"{d}/transfer_report.json")) for d in sys.argv[1:3])
 worst = max((abs(a[k].astype("f8") - b[k].astype("f8")).max() / (abs(a[k].astype("f8")).max() + 1e-30), k) for k in a)
 gaps = [abs((x["gap_target"] or 0) - (y["gap_target"] or 0)) for x, y in zip(ra["modules"], rb["modules"])]
 print(f"tensors {len(a)} (same keys: {sorted(a) == sorted(b)}); worst relative difference {worst[0]:.2e} ({worst[1]})")
-print(f"report rows {len(ra['modules'])}; largest |gap_target cpu - cuda| {max(gaps):.2e}")
-print("timings_ms cpu ", ra["timings_ms"]); print("timings_ms cuda", rb["timings_ms"])
+print(f"report rows {len(ra['modules'])}; largest |gap_target difference| {max(gaps):.2e}")
+print("timings_ms", sys.argv[1], ra["timings_ms"]); print("timings_ms", sys.argv[2], rb["timings_ms"])
 PY
+python3 "$W/compare.py" "$OUT/transfer-cpu" "$OUT/transfer-cuda" >"$OUT/compare.txt" 2>&1
+python3 "$W/compare.py" "$OUT/transfer-cpu" "$OUT/transfer-cuda-no-tc" >"$OUT/compare-no-tc.txt" 2>&1
 note "cpu vs cuda adapters" "$(head -1 "$OUT/compare.txt")"
+note "cpu vs cuda (no tensor cores) adapters" "$(head -1 "$OUT/compare-no-tc.txt")"
 
 if command -v nsys >/dev/null; then
   nsys profile -o "$OUT/transfer-cuda" --trace cuda,nvtx --force-overwrite true \

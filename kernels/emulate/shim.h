@@ -13,6 +13,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -103,3 +104,91 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     b.bits = (uint16_t)(x >> 16);
     return b;
 }
+
+// WMMA (tensor cores) for whole tiles. On a GPU a fragment is spread over the 32 threads of a
+// warp in an unspecified layout; here every thread holds the whole tile and does the whole
+// warp's work, which gives the same tile as long as kernels touch fragments only through these
+// calls and element-wise loops over x[0..num_elements) (what gemm_tc.cuh does). mma_sync reads
+// only the TF32 bits of its inputs, as the hardware does, so a kernel that forgets to split or
+// convert an f32 operand loses precision here too.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major };
+
+template <class Use, int M, int N, int K>
+struct tile_shape;
+template <int M, int N, int K>
+struct tile_shape<matrix_a, M, N, K> {
+    static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct tile_shape<matrix_b, M, N, K> {
+    static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct tile_shape<accumulator, M, N, K> {
+    static constexpr int rows = M, cols = N;
+};
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+    static constexpr int rows = tile_shape<Use, M, N, K>::rows, cols = tile_shape<Use, M, N, K>::cols;
+    static constexpr int num_elements = rows * cols;
+    float x[rows * cols];
+};
+
+template <class F>
+inline void fill_fragment(F& f, float v) {
+    for (int i = 0; i < F::num_elements; ++i) f.x[i] = v;
+}
+
+template <class F>
+inline void load_matrix_sync(F& f, const float* p, unsigned ldm) {
+    for (int r = 0; r < F::rows; ++r)
+        for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[(size_t)r * ldm + c];
+}
+
+template <class F>
+inline void store_matrix_sync(float* p, const F& f, unsigned ldm, layout_t) {
+    for (int r = 0; r < F::rows; ++r)
+        for (int c = 0; c < F::cols; ++c) p[(size_t)r * ldm + c] = f.x[r * F::cols + c];
+}
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
+inline float __float_to_tf32(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+inline float tf32_bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u &= 0xffffe000u;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+template <class D, class A, class B, class C>
+inline void mma_sync(D& d, const A& a, const B& b, const C& c) {
+    float out[D::num_elements];
+    for (int i = 0; i < D::rows; ++i)
+        for (int j = 0; j < D::cols; ++j) {
+            float s = c.x[i * D::cols + j];
+            for (int k = 0; k < A::cols; ++k)
+                s = std::fmaf(tf32_bits(a.x[i * A::cols + k]), tf32_bits(b.x[k * B::cols + j]), s);
+            out[i * D::cols + j] = s;
+        }
+    std::memcpy(d.x, out, sizeof out);
+}
+}  // namespace wmma
+}  // namespace nvcuda

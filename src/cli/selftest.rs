@@ -87,6 +87,7 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             (1536, 8960, 28),
         ];
         let mut timings = loraxfer::backend::cuda::bench::run(&backend, &shapes, 272, 5)?;
+        timings.extend(loraxfer::backend::cuda::bench::copies(&backend, 1 << 30)?);
         // The whole SVD of the 28 gate_proj, with and without copy/compute overlap.
         let params = loraxfer::backend::SvdParams {
             rank: 256,

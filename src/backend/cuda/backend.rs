@@ -48,7 +48,11 @@ impl CudaBackend {
     /// the weight bytes of one submitted batch.
     pub fn new(gpu: Gpu, small_block: u32, name: &'static str, piece_bytes: usize) -> Self {
         Self {
-            ops: Ops { gpu, small_block },
+            ops: Ops {
+                gpu,
+                small_block,
+                tensor_cores: super::ops::tensor_cores_enabled(),
+            },
             name,
             piece_bytes,
         }

@@ -30,6 +30,15 @@ pub struct Ops {
     /// Block size of the block-per-matrix kernels (a power of two ≤ 256): 256 on a GPU, fewer
     /// under the emulator, where each device thread is an OS thread.
     pub small_block: u32,
+    /// Products with an f16/bf16 weight on tensor cores (the `_tc_` kernels, 2xTF32); f32
+    /// weights always use the CUDA-core kernels.
+    pub tensor_cores: bool,
+}
+
+/// Whether the `_tc_` kernels are used: yes unless `LORAXFER_NO_TENSOR_CORES` is set (to
+/// compare, or to rule them out when a GPU's selftest flags them).
+pub fn tensor_cores_enabled() -> bool {
+    std::env::var_os("LORAXFER_NO_TENSOR_CORES").is_none()
 }
 
 fn dtype_suffix(ty: FloatType) -> &'static str {
@@ -57,6 +66,20 @@ fn gemm_shape(rows: usize, cols: usize, batch: usize) -> LaunchShape {
 }
 
 impl Ops {
+    /// "tc_" when products with a `ty` weight run on tensor cores.
+    fn variant(&self, ty: FloatType) -> &'static str {
+        if self.tensor_cores && ty != FloatType::F32 {
+            "tc_"
+        } else {
+            ""
+        }
+    }
+
+    /// The kernel of product `op` ("sketch", "w_mul", "wt_mul") for a `ty` weight.
+    pub fn product_kernel(&self, op: &str, ty: FloatType) -> String {
+        format!("{op}_{}{}", self.variant(ty), dtype_suffix(ty))
+    }
+
     /// Y (m×l) = W (m×n, dtype `ty`) · Ω, Ω keyed by `ids` (one u64 per matrix).
     #[allow(clippy::too_many_arguments)]
     pub fn sketch(
@@ -71,7 +94,7 @@ impl Ops {
         l: usize,
         batch: usize,
     ) -> Result<()> {
-        let name = format!("sketch_{}", dtype_suffix(ty));
+        let name = self.product_kernel("sketch", ty);
         self.gpu.launch(
             &name,
             gemm_shape(m, l, batch),
@@ -99,11 +122,12 @@ impl Ops {
         (m, n, l): (usize, usize, usize),
         batch: usize,
     ) -> Result<()> {
-        let (name, rows) = if transposed {
-            (format!("wt_mul_{}", dtype_suffix(ty)), n)
+        let (op, rows) = if transposed {
+            ("wt_mul", n)
         } else {
-            (format!("w_mul_{}", dtype_suffix(ty)), m)
+            ("w_mul", m)
         };
+        let name = self.product_kernel(op, ty);
         self.gpu.launch(
             &name,
             gemm_shape(rows, l, batch),

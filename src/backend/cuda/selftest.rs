@@ -6,7 +6,7 @@
 use faer::Mat;
 
 use super::backend::{from_row_major, row_major, CudaBackend};
-use super::ops::Panel;
+use super::ops::{Ops, Panel};
 use super::rsvd::{truncated_svd_batch, RawMatrix};
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
 use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
@@ -119,9 +119,31 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// sketch, w_mul and wt_mul for one dtype and shape, batch of two.
+    /// sketch, w_mul and wt_mul for one dtype and shape, batch of two, on CUDA cores and (for
+    /// f16/bf16) on tensor cores.
     fn products(&mut self, ty: FloatType, m: usize, n: usize, l: usize) -> Result<()> {
-        let ops = self.backend.ops();
+        let mut variants = vec![false];
+        if ty != FloatType::F32 {
+            variants.push(true);
+        }
+        for tensor_cores in variants {
+            let ops = Ops {
+                tensor_cores,
+                ..self.backend.ops().clone()
+            };
+            self.products_on(&ops, ty, m, n, l)?;
+        }
+        Ok(())
+    }
+
+    fn products_on(
+        &mut self,
+        ops: &Ops,
+        ty: FloatType,
+        m: usize,
+        n: usize,
+        l: usize,
+    ) -> Result<()> {
         let batch = 2;
         let mut bytes = Vec::new();
         let mut ws = Vec::new();
@@ -148,7 +170,7 @@ impl Runner<'_> {
             want.extend(reference_product(wb, &omega, (m, l, n), false, false));
         }
         self.push(
-            &format!("sketch_{}", suffix(ty)),
+            &ops.product_kernel("sketch", ty),
             case.clone(),
             rel_err(&got, &want),
             1e-5,
@@ -168,7 +190,7 @@ impl Runner<'_> {
                     reference_product(&ws[b], panel, (rows_out, l, rows_in), transposed, false)
                 })
                 .collect();
-            let name = format!("{kernel}_{}", suffix(ty));
+            let name = ops.product_kernel(kernel, ty);
             self.push(&name, case.clone(), rel_err(&got, &want), 1e-5);
         }
         Ok(())

@@ -1,0 +1,91 @@
+// Tensor-core twin of gemm_tiles (gemm.cuh) for the products that read a 16-bit weight: the
+// sketch W·Ω, W·Z and Wᵀ·Q with W in f16 or bf16. Same grid, block, tiles and loaders; the
+// 64×64 tile is computed by the 8 warps with WMMA TF32 (m16n16k8), each warp a 16×32 strip.
+//
+// Accuracy: f16 and bf16 values have at most 11 significant bits, so A (the weight) is exact in
+// TF32. B (Ω or an f32 panel) is split B = B_hi + B_lo, both TF32, and both halves are
+// multiplied ("2xTF32"): what is lost is B_lo's rounding, about 2^-22 of |B|, so the result
+// matches the f32 kernel to f32 rounding. An f32 weight would need a split of A too; those
+// products stay on gemm_tiles.
+#pragma once
+#include "gemm.cuh"
+#ifndef LORAXFER_EMULATE
+#include <mma.h>
+#endif
+
+namespace loraxfer {
+
+namespace wmma = nvcuda::wmma;
+
+template <class LA, class LB>
+__device__ void gemm_tiles_tc(float* __restrict__ C, LA A, LB B, int M, int N, int K, long long strideC) {
+    // Row strides of 20 and 68 floats keep every fragment pointer 32-byte aligned and ldm a
+    // multiple of 4, as WMMA requires.
+    constexpr int LDA = TILE_K + 4, LDB = TILE_N + 4, LDC = TILE_N + 4;
+    __shared__ __align__(32) float As[TILE_M][LDA];
+    __shared__ __align__(32) float Bs[TILE_K][LDB];
+    __shared__ __align__(32) float Cs[TILE_M][LDC];
+    const int b = blockIdx.z;
+    const int row0 = blockIdx.y * TILE_M, col0 = blockIdx.x * TILE_N;
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int strip = (warp / 2) * 16, cols = (warp % 2) * 32;  // this warp's 16×32 of the tile
+
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+
+    // Loading as in gemm_tiles: one 1×4 strip of A and one of B per thread.
+    const int a_row = tid / 4, a_k = (tid % 4) * 4;
+    const int b_k = tid / 16, b_col = (tid % 16) * 4;
+    for (int k0 = 0; k0 < K; k0 += TILE_K) {
+        float va[4], vb[4];
+        const int ar = row0 + a_row;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) va[t] = (ar < M && k0 + a_k + t < K) ? A.at(b, ar, k0 + a_k + t) : 0.0f;
+        const int bk = k0 + b_k;
+        if (bk < K && col0 + b_col < N) {
+            B.row4(b, bk, col0 + b_col, N, vb);
+        } else {
+#pragma unroll
+            for (int t = 0; t < 4; ++t) vb[t] = 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            As[a_row][a_k + t] = va[t];
+            Bs[b_k][b_col + t] = vb[t];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TILE_K; kk += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, &As[strip][kk], LDA);
+            // Exact already (16-bit weights); the conversion is what the API asks for.
+            for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> hi, lo;
+                wmma::load_matrix_sync(hi, &Bs[kk][cols + 16 * t], LDB);
+                for (int i = 0; i < hi.num_elements; ++i) {
+                    const float x = hi.x[i];
+                    hi.x[i] = wmma::__float_to_tf32(x);
+                    lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
+                }
+                wmma::mma_sync(acc[t], fa, lo, acc[t]);
+                wmma::mma_sync(acc[t], fa, hi, acc[t]);
+            }
+        }
+        __syncthreads();
+    }
+    // Through shared memory, so edge tiles are written with bounds checks.
+    wmma::store_matrix_sync(&Cs[strip][cols], acc[0], LDC, wmma::mem_row_major);
+    wmma::store_matrix_sync(&Cs[strip][cols + 16], acc[1], LDC, wmma::mem_row_major);
+    __syncthreads();
+    float* Cb = C + (size_t)b * strideC;
+    for (int e = tid; e < TILE_M * TILE_N; e += GEMM_THREADS) {
+        const int r = row0 + e / TILE_N, c = col0 + e % TILE_N;
+        if (r < M && c < N) Cb[(size_t)r * N + c] = Cs[e / TILE_N][e % TILE_N];
+    }
+}
+
+}  // namespace loraxfer
