@@ -114,3 +114,70 @@ fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
         );
     }
 }
+
+/// Weights as large as the device stream through it: on an emulated device of 192 KiB, twelve
+/// 16 KiB matrices (192 KiB, plus their workspace and bases) are decomposed piece by piece with the same result as in one batch
+/// on an unbounded device; a device too small for even one matrix fails with an error that says
+/// what could not be allocated.
+#[test]
+fn weights_larger_than_device_memory_stream_through() {
+    use loraxfer::backend::cuda::rsvd::{truncated_svd_batch, RawMatrix};
+    use loraxfer::backend::{Backend, SvdParams};
+    use loraxfer::io::safetensors::{encode_f32, FloatType};
+    use loraxfer::timing::Timings;
+    if !cuda::emulator_available() {
+        eprintln!("skipped: this build has no kernel emulator");
+        return;
+    }
+    let (m, n, count) = (64, 128, 12);
+    let seed = fresh_seed();
+    let bytes: Vec<Vec<u8>> = (0..count)
+        .map(|b| {
+            let w: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    loraxfer::linalg::philox::gaussian4(seed, b, (i / n) as u32, (i % n) as u32 / 4)
+                        [i % 4]
+                })
+                .collect();
+            encode_f32(&w, FloatType::Bf16)
+        })
+        .collect();
+    let names: Vec<String> = (0..count).map(|b| format!("m.{b}.weight")).collect();
+    let mats: Vec<RawMatrix<'_>> = (0..count as usize)
+        .map(|b| RawMatrix {
+            name: &names[b],
+            bytes: &bytes[b],
+            ty: FloatType::Bf16,
+            rows: m,
+            cols: n,
+        })
+        .collect();
+    let params = SvdParams {
+        rank: 8,
+        oversample: 4,
+        power_iters: 1,
+        seed,
+    };
+    let t = Timings::default();
+    let small = cuda::emulator_backend_with_memory(192 << 10).unwrap();
+    assert!(small.pieces(mats.len(), &mats[0], &params).len() > 1);
+    let streamed = small.truncated_svd_raw_batch(&mats, &params, &t).unwrap();
+    let big = cuda::emulator_backend().unwrap();
+    let whole = truncated_svd_batch(big.ops(), &mats, &params, &t).unwrap();
+    assert_eq!(streamed.len(), whole.len());
+    for (a, b) in streamed.iter().zip(&whole) {
+        assert_eq!(a.s, b.s, "seed {seed}");
+        assert_eq!(a.u, b.u, "seed {seed}");
+        assert_eq!(a.v, b.v, "seed {seed}");
+    }
+
+    let tiny = cuda::emulator_backend_with_memory(8 << 10).unwrap();
+    let err = tiny
+        .truncated_svd_raw_batch(&mats, &params, &t)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot allocate") && err.contains("weights") && err.contains("out of memory"),
+        "{err}"
+    );
+}

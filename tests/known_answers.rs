@@ -262,6 +262,7 @@ fn procrustes_rotates_within_the_subspace() {
         s: bs.s.clone(),
         v: mm(bs.v.as_ref(), rot_v.as_ref()),
         next: bs.next,
+        resident: None,
     };
     let src = lora(m, n, 3, 5);
     let out = CpuBackend

@@ -35,6 +35,7 @@ fn flip(b: &Basis, signs: &[bool]) -> Basis {
         s: b.s.clone(),
         v: Mat::from_fn(b.v.nrows(), b.v.ncols(), |i, j| b.v[(i, j)] * s(j)),
         next: b.next,
+        resident: None,
     }
 }
 

@@ -4,6 +4,9 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::any::Any;
+use std::sync::Arc;
+
 use faer::{Mat, MatRef};
 
 use crate::error::Result;
@@ -62,6 +65,27 @@ pub struct Basis {
     /// The estimate of σ_{k+1} from the same sketch, when it had room for one (l > k): with
     /// `s[k-1]` it tells how well the top-k subspace is determined.
     pub next: Option<f32>,
+    /// A copy the backend that computed it keeps in its own memory (the CUDA backend: U and V
+    /// on the device, so similarity and projection do not upload them again); None elsewhere.
+    pub resident: Option<Resident>,
+}
+
+/// A backend's own copy of a basis, opaque to everyone else; dropping the last handle releases
+/// it.
+#[derive(Clone)]
+pub struct Resident(pub Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Resident {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resident(..)")
+    }
+}
+
+/// Which side of a basis: the output space (U) or the input space (V).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    U,
+    V,
 }
 
 impl Basis {
@@ -176,6 +200,15 @@ pub trait Backend: Sync {
 
     /// `‖Xᵀ Y‖_F² / k` for two `m × k` orthonormal bases: 1 for the same subspace.
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32;
+
+    /// [`Backend::similarity`] of one side of two bases (backends may use their resident
+    /// copies).
+    fn basis_similarity(&self, x: &Basis, y: &Basis, side: Side) -> f32 {
+        match side {
+            Side::U => self.similarity(x.u.as_ref(), y.u.as_ref()),
+            Side::V => self.similarity(x.v.as_ref(), y.v.as_ref()),
+        }
+    }
 
     /// The target factors of `mode` (not `auto`) for a target of `target_shape` (out, in).
     fn transfer(

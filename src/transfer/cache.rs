@@ -158,5 +158,6 @@ fn read_basis(path: &Path, key: &str) -> Option<Basis> {
         s,
         v: Mat::from_fn(n, k, |i, j| v[j * n + i]),
         next,
+        resident: None,
     })
 }

@@ -5,7 +5,7 @@
 use faer::Mat;
 
 use crate::backend::cpu::factors::update_norm;
-use crate::backend::{Backend, Basis, Factors, Mode, RawWeight, SvdParams};
+use crate::backend::{Backend, Basis, Factors, Mode, RawWeight, Side, SvdParams};
 use crate::error::Result;
 use crate::io::adapter::LoraFactors;
 use crate::io::checkpoint::Checkpoint;
@@ -176,10 +176,10 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
     if let (Some(s), Some(t)) = (&bs, &bt) {
         ctx.timings.time(Phase::Similarity, || {
             if s.u.nrows() == t.u.nrows() {
-                sim_u = Some(ctx.backend.similarity(s.u.as_ref(), t.u.as_ref()) as f64);
+                sim_u = Some(ctx.backend.basis_similarity(s, t, Side::U) as f64);
             }
             if s.v.nrows() == t.v.nrows() {
-                sim_v = Some(ctx.backend.similarity(s.v.as_ref(), t.v.as_ref()) as f64);
+                sim_v = Some(ctx.backend.basis_similarity(s, t, Side::V) as f64);
             }
         });
     }

@@ -123,7 +123,13 @@ pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<
         (u, s, v)
     });
     let next = (l > k).then(|| svd.S().column_vector()[k]);
-    let mut basis = Basis { u, s, v, next };
+    let mut basis = Basis {
+        u,
+        s,
+        v,
+        next,
+        resident: None,
+    };
     canonicalize_signs(&mut basis);
     Ok(basis)
 }

@@ -7,11 +7,11 @@ use std::ops::Range;
 
 use faer::{Mat, MatRef};
 
-use super::device::Gpu;
+use super::device::{Buffer, Gpu};
 use super::ops::{Ops, Panel};
-use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, Pending, RawMatrix};
+use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, DeviceBasis, Pending, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
-use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, Mode, Side, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::FloatType;
 use crate::timing::Timings;
@@ -60,15 +60,19 @@ impl CudaBackend {
 
     /// Splits `n` matrices shaped like `w` into consecutive pieces, each within
     /// `piece_bytes` of weights and within half the device memory this may use (two pieces are
-    /// on the device at once: one computing, the next uploading).
+    /// on the device at once: one computing, the next uploading), after the U and V of all `n`,
+    /// which stay on the device with their bases.
     pub fn pieces(&self, n: usize, w: &RawMatrix<'_>, params: &SvdParams) -> Vec<Range<usize>> {
         let l = (params.rank + params.oversample).min(w.rows).min(w.cols);
+        let k = params.rank.min(w.rows).min(w.cols);
         let need = bytes_per_matrix(w.rows, w.cols, w.ty, l).max(1);
         let weight = (w.rows * w.cols * w.ty.size()).max(1);
-        // Leave room for the rest of the process and the driver; without a figure (emulator),
-        // assume a modest 1 GiB.
+        let resident = n * 4 * (w.rows + w.cols) * k;
+        // Use 60 % of what is free, leaving room for the driver and the rest of the process;
+        // without a figure (emulator), assume a modest 1 GiB.
         let free = self.ops.gpu.0.free_memory().unwrap_or(1 << 30);
-        let per_piece = (free / 10 * 3 / need)
+        let budget = (free / 10 * 6).saturating_sub(resident);
+        let per_piece = (budget / 2 / need)
             .min(self.piece_bytes / weight)
             .clamp(1, 64);
         (0..n)
@@ -138,6 +142,41 @@ impl CudaBackend {
             .collect())
     }
 
+    /// One side of a basis on this device: the copy left there by the SVD, or else an upload
+    /// (returned, to be held while the address is used).
+    fn on_device(&self, basis: &Basis, side: Side, what: &str) -> Result<(u64, Option<Buffer>)> {
+        if let Some(address) = DeviceBasis::address(basis, side, &self.ops.gpu) {
+            return Ok((address, None));
+        }
+        let host = match side {
+            Side::U => basis.u.as_ref(),
+            Side::V => basis.v.as_ref(),
+        };
+        let buf = self.ops.gpu.upload(&row_major(host), what)?;
+        Ok((buf.ptr(), Some(buf)))
+    }
+
+    /// The similarity of one side of two bases, from their device copies when they have them.
+    pub fn pair_similarity(&self, x: &Basis, y: &Basis, side: Side) -> Result<f32> {
+        let (xm, ym) = match side {
+            Side::U => (x.u.as_ref(), y.u.as_ref()),
+            Side::V => (x.v.as_ref(), y.v.as_ref()),
+        };
+        let (m, k) = (xm.nrows(), xm.ncols());
+        if (ym.nrows(), ym.ncols()) != (m, k) || k == 0 {
+            return Ok(factors::similarity(xm, ym));
+        }
+        let (xa, _held_x) = self.on_device(x, side, "basis")?;
+        let (ya, _held_y) = self.on_device(y, side, "basis")?;
+        let gpu = &self.ops.gpu;
+        let p = gpu.zeros::<f32>(k * k, "UᵀU product")?;
+        let out = gpu.zeros::<f32>(1, "similarity")?;
+        self.ops
+            .panel(Panel::TN, p.ptr(), xa, ya, (k, k, m), (k, k), (0, 0), 1)?;
+        self.ops.sum_squares(&out, &p, k * k, 1.0 / k as f64, 1)?;
+        Ok(gpu.download::<f32>(out.ptr(), 1)?[0].clamp(0.0, 1.0))
+    }
+
     /// B_t = U_x (U_yᵀ B_s), A_t = (A_s V_y) V_xᵀ on the device.
     fn subspace_products(&self, src: &Factors, x: &Basis, y: &Basis) -> Result<Factors> {
         let gpu = &self.ops.gpu;
@@ -146,8 +185,10 @@ impl CudaBackend {
         let (m_t, n_t, k) = (x.u.nrows(), x.v.nrows(), x.u.ncols());
         let up = |m: MatRef<'_, f32>, what: &str| gpu.upload(&row_major(m), what);
         let (bs, as_) = (up(src.b.as_ref(), "B")?, up(src.a.as_ref(), "A")?);
-        let (ux, uy) = (up(x.u.as_ref(), "U_x")?, up(y.u.as_ref(), "U_y")?);
-        let (vx, vy) = (up(x.v.as_ref(), "V_x")?, up(y.v.as_ref(), "V_y")?);
+        let (ux, _held_ux) = self.on_device(x, Side::U, "U_x")?;
+        let (uy, _held_uy) = self.on_device(y, Side::U, "U_y")?;
+        let (vx, _held_vx) = self.on_device(x, Side::V, "V_x")?;
+        let (vy, _held_vy) = self.on_device(y, Side::V, "V_y")?;
         let c1 = gpu.zeros::<f32>(k * r, "U_yᵀB")?;
         let bt = gpu.zeros::<f32>(m_t * r, "B_t")?;
         let c2 = gpu.zeros::<f32>(r * k, "A V_y")?;
@@ -156,7 +197,7 @@ impl CudaBackend {
         ops.panel(
             Panel::TN,
             c1.ptr(),
-            uy.ptr(),
+            uy,
             bs.ptr(),
             (k, r, m_s),
             (k, r),
@@ -166,7 +207,7 @@ impl CudaBackend {
         ops.panel(
             Panel::NN,
             bt.ptr(),
-            ux.ptr(),
+            ux,
             c1.ptr(),
             (m_t, r, k),
             (k, r),
@@ -177,7 +218,7 @@ impl CudaBackend {
             Panel::NN,
             c2.ptr(),
             as_.ptr(),
-            vy.ptr(),
+            vy,
             (r, k, n_s),
             (n_s, k),
             (0, 0),
@@ -187,7 +228,7 @@ impl CudaBackend {
             Panel::NT,
             at.ptr(),
             c2.ptr(),
-            vx.ptr(),
+            vx,
             (r, n_t, k),
             (k, k),
             (0, 0),
@@ -257,6 +298,15 @@ impl Backend for CudaBackend {
             out.extend(done.finish(&self.ops, timings)?);
         }
         Ok(out)
+    }
+
+    fn basis_similarity(&self, x: &Basis, y: &Basis, side: Side) -> f32 {
+        // As in `similarity`: a device error falls back to the reference.
+        self.pair_similarity(x, y, side)
+            .unwrap_or_else(|_| match side {
+                Side::U => factors::similarity(x.u.as_ref(), y.u.as_ref()),
+                Side::V => factors::similarity(x.v.as_ref(), y.v.as_ref()),
+            })
     }
 
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {

@@ -96,6 +96,10 @@ impl Buffer {
     pub fn arg(&self) -> Arg {
         Arg::Ptr(self.ptr)
     }
+    /// True when this memory belongs to `gpu`'s device.
+    pub fn on(&self, gpu: &Gpu) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.device), Arc::as_ptr(&gpu.0))
+    }
 }
 
 impl Drop for Buffer {

@@ -90,6 +90,8 @@ pub struct CudaDriver {
     functions: HashMap<&'static str, sys::CUfunction>,
     compute: sys::CUstream,
     copy: sys::CUstream,
+    /// The device's default pool, which the stream-ordered allocations draw from.
+    pool: sys::CUmemoryPool,
     /// Recorded on `copy` and waited for on `compute` by [`Device::fence`].
     staged: sys::CUevent,
     /// Allocated at the first staged copy (commands that never upload weights pin nothing).
@@ -156,12 +158,27 @@ impl CudaDriver {
                 .map_err(|e| driver_error("cuStreamCreate", e))
         };
         let (compute, copy) = (stream()?, stream()?);
+        // Keep freed memory in the pool instead of returning it at every synchronization: each
+        // piece of a batch allocates what the previous one freed. (`free_memory` counts it.)
+        // SAFETY: dev is valid; the attribute takes a cuuint64_t.
+        let pool = unsafe { result::device::get_default_mem_pool(dev) }
+            .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+        let mut keep = u64::MAX;
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut c_void,
+            )
+        }
+        .map_err(|e| driver_error("cuMemPoolSetAttribute", e))?;
         Ok(Self {
             ctx,
             info,
             functions,
             compute,
             copy,
+            pool,
             staged: event()?,
             staging: Mutex::new(None),
             lock: Mutex::new(()),
@@ -384,6 +401,19 @@ impl Device for CudaDriver {
 
     fn free_memory(&self) -> Option<usize> {
         let _g = self.current().ok()?;
-        result::mem_get_info().ok().map(|(free, _)| free)
+        let (free, _) = result::mem_get_info().ok()?;
+        // Memory the pool holds but nothing uses is free to this process too.
+        let pool = |attr| {
+            let mut v = 0u64;
+            // SAFETY: a live pool; these attributes take a cuuint64_t.
+            unsafe {
+                result::mem_pool::get_attribute(self.pool, attr, &mut v as *mut u64 as *mut c_void)
+            }
+            .ok()
+            .map(|_| v as usize)
+        };
+        let reserved = pool(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        let used = pool(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Some(free + reserved.saturating_sub(used))
     }
 }

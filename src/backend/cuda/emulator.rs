@@ -38,10 +38,12 @@ pub fn kernel_names() -> Vec<String> {
     }
 }
 
-/// Host memory standing in for device memory; allocations are u64-aligned boxes.
+/// Host memory standing in for device memory; allocations are u64-aligned boxes, optionally
+/// within a capacity (to test that work streams through a device smaller than the model).
 #[derive(Default)]
 pub struct Emulator {
     blocks: Mutex<HashMap<u64, Box<[u64]>>>,
+    capacity: Option<usize>,
     /// Staged copies waiting for a fence: the copy queue, run as late as a GPU may run it.
     staged: Mutex<Vec<(u64, Vec<u8>)>>,
 }
@@ -54,6 +56,34 @@ impl Emulator {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// An emulated device with `bytes` of memory: allocations past it fail as on a full GPU.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            capacity: Some(bytes),
+            ..Self::default()
+        }
+    }
+
+    fn used(blocks: &HashMap<u64, Box<[u64]>>) -> usize {
+        blocks.values().map(|b| 8 * b.len()).sum()
+    }
+
+    fn insert(&self, block: Box<[u64]>) -> Result<u64> {
+        let mut blocks = self.blocks.lock().unwrap();
+        if let Some(cap) = self.capacity {
+            let used = Self::used(&blocks);
+            if used + 8 * block.len() > cap {
+                return Err(Error::Backend(format!(
+                    "out of memory ({} of {cap} bytes in use)",
+                    used
+                )));
+            }
+        }
+        let ptr = block.as_ptr() as u64;
+        blocks.insert(ptr, block);
+        Ok(ptr)
+    }
 }
 
 impl Device for Emulator {
@@ -62,18 +92,12 @@ impl Device for Emulator {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
-        let block = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
-        let ptr = block.as_ptr() as u64;
-        self.blocks.lock().unwrap().insert(ptr, block);
-        Ok(ptr)
+        self.insert(vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice())
     }
 
     fn alloc_for_upload(&self, bytes: usize) -> Result<u64> {
         let poison = u64::from_ne_bytes([POISON; 8]);
-        let block = vec![poison; bytes.div_ceil(8).max(1)].into_boxed_slice();
-        let ptr = block.as_ptr() as u64;
-        self.blocks.lock().unwrap().insert(ptr, block);
-        Ok(ptr)
+        self.insert(vec![poison; bytes.div_ceil(8).max(1)].into_boxed_slice())
     }
 
     fn free(&self, ptr: u64) {
@@ -146,7 +170,8 @@ impl Device for Emulator {
     }
 
     fn free_memory(&self) -> Option<usize> {
-        None
+        let cap = self.capacity?;
+        Some(cap.saturating_sub(Self::used(&self.blocks.lock().unwrap())))
     }
 }
 

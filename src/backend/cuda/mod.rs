@@ -56,6 +56,24 @@ pub fn emulator_backend() -> Result<CudaBackend> {
     }
 }
 
+/// The backend on an emulated device of `bytes` memory (tests of bounded device memory).
+pub fn emulator_backend_with_memory(bytes: usize) -> Result<CudaBackend> {
+    #[cfg(loraxfer_kernel_emulator)]
+    {
+        Ok(CudaBackend::new(
+            Gpu(Arc::new(emulator::Emulator::with_capacity(bytes))),
+            32,
+            "emulator",
+            backend::PIECE_BYTES,
+        ))
+    }
+    #[cfg(not(loraxfer_kernel_emulator))]
+    {
+        let _ = bytes;
+        emulator_backend()
+    }
+}
+
 /// The backend on GPU 0.
 pub fn cuda_backend() -> Result<CudaBackend> {
     let driver = driver::CudaDriver::open(0)?;

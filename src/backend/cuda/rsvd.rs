@@ -8,11 +8,13 @@
 //! returns at once; [`Pending::finish`] waits for it and reads the bases back. Submitting the
 //! next batch before finishing this one overlaps its upload with this one's kernels.
 
+use std::sync::Arc;
+
 use faer::Mat;
 
-use super::device::Buffer;
+use super::device::{Buffer, Gpu};
 use super::ops::{Ops, Panel};
-use crate::backend::{Basis, SvdParams};
+use crate::backend::{Basis, Resident, Side, SvdParams};
 use crate::error::{Error, Result};
 use crate::io::safetensors::FloatType;
 use crate::linalg::philox;
@@ -36,6 +38,27 @@ pub fn truncated_svd_batch(
         return Ok(Vec::new());
     }
     submit(ops, mats, params, t)?.finish(ops, t)
+}
+
+/// A basis's U and V where they were computed: element offsets into the batch's buffers
+/// (row-major `m × k` and `n × k` f32, as [`Basis::u`] and [`Basis::v`]).
+pub struct DeviceBasis {
+    u: Arc<Buffer>,
+    u_at: usize,
+    v: Arc<Buffer>,
+    v_at: usize,
+}
+
+impl DeviceBasis {
+    /// The device address of U or V, when `basis` was computed on `gpu`.
+    pub fn address(basis: &Basis, side: Side, gpu: &Gpu) -> Option<u64> {
+        let me = basis.resident.as_ref()?.0.downcast_ref::<DeviceBasis>()?;
+        let (buf, at) = match side {
+            Side::U => (&me.u, me.u_at),
+            Side::V => (&me.v, me.v_at),
+        };
+        buf.on(gpu).then(|| buf.ptr() + 4 * at as u64)
+    }
 }
 
 /// A batch queued on the device: its results, and what is needed to read them back.
@@ -179,6 +202,7 @@ impl Pending {
             l,
         } = self;
         let (gpu, batch) = (&ops.gpu, names.len());
+        let (u, v) = (Arc::new(u), Arc::new(v));
         let (us, vs, ss) = t.time(Phase::Eig, || -> Result<_> {
             Ok((
                 gpu.download::<f32>(u.ptr(), batch * m * k)?,
@@ -198,6 +222,13 @@ impl Pending {
                 s: sb[..k].to_vec(),
                 v: Mat::from_fn(n, k, |i, j| vb[i * k + j]),
                 next: (l > k).then(|| sb[k]),
+                // U and V stay on the device while any basis of the batch is alive.
+                resident: Some(Resident(Arc::new(DeviceBasis {
+                    u: u.clone(),
+                    u_at: b * m * k,
+                    v: v.clone(),
+                    v_at: b * n * k,
+                }))),
             };
             if basis
                 .s

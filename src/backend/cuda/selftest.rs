@@ -9,7 +9,7 @@ use super::backend::{from_row_major, row_major, CudaBackend};
 use super::ops::{Ops, Panel};
 use super::rsvd::{truncated_svd_batch, RawMatrix};
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
-use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, Mode, Side, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::linalg::philox::{fill_gaussian, gaussian4, matrix_id};
@@ -458,6 +458,53 @@ impl Runner<'_> {
             err,
             1e-6,
         );
+
+        // Similarity and projection read the bases where the SVD left them on the device; the
+        // same bases uploaded from the host must give the same figures.
+        let host_copy = |b: &Basis| Basis {
+            resident: None,
+            ..b.clone()
+        };
+        // From the one batch, so the bases sit at different offsets of shared buffers.
+        let (x, y) = (&want[1], &want[2]);
+        let (hx, hy) = (host_copy(x), host_copy(y));
+        let r = 3;
+        let src = Factors {
+            b: from_row_major(&gaussian_rm(m, r, self.seed, 66), m, r),
+            a: from_row_major(&gaussian_rm(r, n, self.seed, 67), r, n),
+        };
+        let mut err = if x.resident.is_some() && y.resident.is_some() {
+            0.0
+        } else {
+            f64::NAN
+        };
+        for side in [Side::U, Side::V] {
+            let a = self.backend.pair_similarity(x, y, side)? as f64;
+            let b = self.backend.pair_similarity(&hx, &hy, side)? as f64;
+            err = worst(err, (a - b).abs());
+        }
+        let on_device = self
+            .backend
+            .transfer(Mode::Align, &src, Some(x), Some(y), (m, n))?;
+        let from_host = self
+            .backend
+            .transfer(Mode::Align, &src, Some(&hx), Some(&hy), (m, n))?;
+        let want: Vec<f64> = row_major(from_host.b.as_ref())
+            .into_iter()
+            .chain(row_major(from_host.a.as_ref()))
+            .map(|v| v as f64)
+            .collect();
+        let gotv: Vec<f32> = row_major(on_device.b.as_ref())
+            .into_iter()
+            .chain(row_major(on_device.a.as_ref()))
+            .collect();
+        err = worst(err, rel_err(&gotv, &want));
+        self.push(
+            "resident bases",
+            format!("similarity and align {m}x{n} k={rank}: device copies vs uploads"),
+            err,
+            1e-6,
+        );
         Ok(())
     }
 
@@ -471,6 +518,7 @@ impl Runner<'_> {
             s: vec![1.0; k],
             v: ortho(n, sv),
             next: None,
+            resident: None,
         };
         let (bs, bt) = (basis(60, 61), basis(62, 63));
         let got = self.backend.similarity_batch(&[
