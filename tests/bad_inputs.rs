@@ -311,6 +311,13 @@ fn nan_in_a_base_weight_is_refused() {
     st.poke(Q_PROJ_0, &0x7FC0u16.to_le_bytes()); // a bf16 quiet NaN
     st.write(&file);
     f.assert_refused(&f.transfer(&[]), &[s(&file), Q_PROJ_0, "non-finite"]);
+    // The batching (CUDA) path checks as it uploads: the same refusal, on the kernel emulator.
+    if loraxfer::backend::cuda::emulator_available() {
+        f.assert_refused(
+            &f.transfer(&["--device", "emulator"]),
+            &[s(&file), Q_PROJ_0, "non-finite", "row 0, column 0"],
+        );
+    }
 }
 
 #[test]

@@ -150,6 +150,7 @@ fn weights_larger_than_device_memory_stream_through() {
             ty: FloatType::Bf16,
             rows: m,
             cols: n,
+            unchecked: None,
         })
         .collect();
     let params = SvdParams {

@@ -51,6 +51,34 @@ pub struct RawWeight<'a> {
     pub ty: FloatType,
     pub rows: usize,
     pub cols: usize,
+    /// Set when the bytes have not been checked for NaN/Inf yet: whoever reads them calls
+    /// [`RawWeight::check_finite`] first (so the scan is the read, not an extra pass).
+    pub unchecked: Option<Origin<'a>>,
+}
+
+/// Where a weight's bytes come from, for the error that names a non-finite value.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub path: &'a std::path::Path,
+    pub tensor: &'a str,
+    pub first_row: usize,
+}
+
+impl RawWeight<'_> {
+    /// Refuses NaN/Inf in unchecked bytes, naming file, tensor, row and column.
+    pub fn check_finite(&self) -> Result<()> {
+        match self.unchecked {
+            Some(o) => crate::io::safetensors::check_finite(
+                o.path,
+                o.tensor,
+                self.bytes,
+                self.ty,
+                o.first_row,
+                self.cols,
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Top-k singular triplets, signs canonicalized (largest-magnitude entry of each u_i positive).
@@ -169,6 +197,7 @@ pub trait Backend: Sync {
         params: &SvdParams,
         timings: &Timings,
     ) -> Result<Basis> {
+        timings.time(crate::timing::Phase::Load, || w.check_finite())?;
         let data = timings.time(crate::timing::Phase::Load, || decode_f32(w.bytes, w.ty));
         let weight = Weight {
             name: w.name,

@@ -200,6 +200,18 @@ impl Checkpoint {
             .rows_raw(name, rows)
     }
 
+    /// [`Checkpoint::rows_raw`] without the NaN/Inf scan, with the shard's path for
+    /// [`crate::io::safetensors::check_finite`] when the caller reads the bytes.
+    pub fn rows_raw_unchecked(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(&[u8], FloatType, usize, &std::path::Path)> {
+        let file = self.file_of(name).ok_or_else(|| self.missing(name))?;
+        let (bytes, ty, cols) = file.rows_raw_unchecked(name, rows)?;
+        Ok((bytes, ty, cols, file.path()))
+    }
+
     fn missing(&self, name: &str) -> Error {
         Error::MissingTensor {
             path: self.dir.clone(),

@@ -154,6 +154,18 @@ impl TensorFile {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(&[u8], FloatType, usize)> {
+        let (bytes, ty, cols) = self.rows_raw_unchecked(name, rows.clone())?;
+        check_finite(&self.path, name, bytes, ty, rows.start, cols)?;
+        Ok((bytes, ty, cols))
+    }
+
+    /// [`TensorFile::rows_raw`] without reading the bytes: the caller checks them with
+    /// [`check_finite`] when it reads them anyway (the CUDA backend, just before uploading).
+    pub fn rows_raw_unchecked(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(&[u8], FloatType, usize)> {
         let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
@@ -182,19 +194,6 @@ impl TensorFile {
         let start = entry.start + rows.start * row_bytes;
         let end = entry.start + rows.end * row_bytes;
         let bytes = &self.map[start..end];
-        if let Some(i) = first_non_finite(bytes, ty) {
-            let value = decode_f32(&bytes[i * ty.size()..(i + 1) * ty.size()], ty)[0];
-            let flat = rows.start * cols + i;
-            return Err(Error::bad_tensor(
-                &self.path,
-                name,
-                format!(
-                    "non-finite value {value} at element {flat} (row {}, column {})",
-                    flat / cols.max(1),
-                    flat % cols.max(1)
-                ),
-            ));
-        }
         Ok((bytes, ty, cols))
     }
 
@@ -295,6 +294,45 @@ fn find_inconsistent_tensor(file: &[u8]) -> Option<String> {
 
 /// Index of the first NaN or infinity in little-endian `bytes` of `ty` (all-ones exponent),
 /// checked on the bits without converting.
+/// Refuses NaN and Inf in `bytes` (rows from `first_row` of `cols` values of tensor `name` in
+/// `path`), naming the first one's element, row and column. Large inputs are scanned in parallel
+/// (this is the pass that reads a mapped tensor from disk).
+pub fn check_finite(
+    path: &Path,
+    name: &str,
+    bytes: &[u8],
+    ty: FloatType,
+    first_row: usize,
+    cols: usize,
+) -> Result<()> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 4 << 20; // a multiple of every element size
+    let found = if bytes.len() <= CHUNK {
+        first_non_finite(bytes, ty)
+    } else {
+        bytes
+            .par_chunks(CHUNK)
+            .enumerate()
+            .find_map_first(|(c, part)| {
+                first_non_finite(part, ty).map(|i| c * CHUNK / ty.size() + i)
+            })
+    };
+    let Some(i) = found else {
+        return Ok(());
+    };
+    let value = decode_f32(&bytes[i * ty.size()..(i + 1) * ty.size()], ty)[0];
+    let flat = first_row * cols + i;
+    Err(Error::bad_tensor(
+        path,
+        name,
+        format!(
+            "non-finite value {value} at element {flat} (row {}, column {})",
+            flat / cols.max(1),
+            flat % cols.max(1)
+        ),
+    ))
+}
+
 pub fn first_non_finite(bytes: &[u8], ty: FloatType) -> Option<usize> {
     match ty {
         FloatType::F32 => bytes.chunks_exact(4).position(|c| {

@@ -122,6 +122,7 @@ pub fn decompose(
         ty,
         rows: rows.len(),
         cols,
+        unchecked: None,
     };
     let basis = ctx
         .backend

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use super::execute::{basis_params, omega_key, Context};
-use crate::backend::{Basis, RawWeight};
+use crate::backend::{Basis, Origin, RawWeight};
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::plan::Unit;
@@ -109,18 +109,26 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                 ))
             })
             .collect::<Result<_>>()?;
+        // Not read here: the backend checks each weight for NaN/Inf as it uploads it, so reading
+        // the file overlaps the device's work on the weights before.
         let raw = |i: usize| -> Result<RawWeight<'_>> {
             let k = &todo[i];
-            let (bytes, ty, cols) = side(ctx, k.target).rows_raw(&k.tensor, k.rows.0..k.rows.1)?;
+            let (bytes, ty, cols, path) =
+                side(ctx, k.target).rows_raw_unchecked(&k.tensor, k.rows.0..k.rows.1)?;
             Ok(RawWeight {
                 name: &names[i],
                 bytes,
                 ty,
                 rows: k.rows.1 - k.rows.0,
                 cols,
+                unchecked: Some(Origin {
+                    path,
+                    tensor: &k.tensor,
+                    first_row: k.rows.0,
+                }),
             })
         };
-        // Read from the mapped files as the backend uploads them; it bounds its device memory.
+        // The backend bounds its device memory itself.
         let weights = (0..todo.len()).map(raw).collect::<Result<Vec<_>>>()?;
         let bases = ctx
             .backend

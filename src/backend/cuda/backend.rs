@@ -258,6 +258,7 @@ impl Backend for CudaBackend {
             ty: FloatType::F32,
             rows: w.rows,
             cols: w.cols,
+            unchecked: None,
         };
         Ok(truncated_svd_batch(&self.ops, &[raw], params, timings)?.remove(0))
     }

@@ -199,6 +199,7 @@ pub fn pipeline(
             ty: FloatType::Bf16,
             rows: m,
             cols: n,
+            unchecked: None,
         })
         .collect();
     let t = Timings::default();

@@ -110,8 +110,12 @@ pub fn submit(
     let gpu = &ops.gpu;
     let what = format!("{batch} matrices of {m}x{n}");
 
-    // The weights go straight from the mapped file to the device (copy queue).
+    // The weights go straight from the mapped file to the device (copy queue); the NaN/Inf
+    // scan is the pass that reads them from disk, while the device works on the batch before.
     let (w, ids) = t.time(Phase::Load, || -> Result<(Buffer, Buffer)> {
+        for x in mats {
+            x.check_finite()?;
+        }
         let parts: Vec<&[u8]> = mats.iter().map(|x| x.bytes).collect();
         let w = gpu.stage_parts(&parts, &format!("the weights ({what})"))?;
         let ids: Vec<u64> = mats.iter().map(|x| philox::matrix_id(x.name)).collect();

@@ -364,6 +364,7 @@ impl Runner<'_> {
             ty,
             rows: m,
             cols: n,
+            unchecked: None,
         };
         let got = self.backend.truncated_svd_raw(&raw, &params, &t)?;
         let want = cpu_rsvd::truncated_svd(
@@ -419,6 +420,7 @@ impl Runner<'_> {
                 ty,
                 rows: m,
                 cols: n,
+                unchecked: None,
             })
             .collect();
         let params = SvdParams {
