@@ -41,6 +41,27 @@ struct Omega {
     }
 };
 
+// This thread's share of the operand tiles at k0: a 1×4 strip of A (row a_row, columns
+// a_k..a_k+3 of the K range) and of B (row b_k, columns b_col..b_col+3), zero outside the matrix.
+// Shared by gemm_tiles and gemm_tiles_tc (gemm_tc.cuh).
+template <class LA, class LB>
+__device__ __forceinline__ void load_strips(const LA& A, const LB& B, int b, int row0, int col0, int k0, int M,
+                                            int N, int K, float va[4], float vb[4]) {
+    const int tid = threadIdx.x;
+    const int a_row = tid / 4, a_k = (tid % 4) * 4;
+    const int b_k = tid / 16, b_col = (tid % 16) * 4;
+    const int ar = row0 + a_row;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) va[t] = (ar < M && k0 + a_k + t < K) ? A.at(b, ar, k0 + a_k + t) : 0.0f;
+    const int bk = k0 + b_k;
+    if (bk < K && col0 + b_col < N) {
+        B.row4(b, bk, col0 + b_col, N, vb);
+    } else {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) vb[t] = 0.0f;
+    }
+}
+
 template <class LA, class LB>
 __device__ void gemm_tiles(float* __restrict__ C, LA A, LB B, int M, int N, int K, long long strideC) {
     __shared__ float As[TILE_K][TILE_M + 4];
@@ -57,21 +78,7 @@ __device__ void gemm_tiles(float* __restrict__ C, LA A, LB B, int M, int N, int 
     const int b_k = tid / 16, b_col = (tid % 16) * 4;
     for (int k0 = 0; k0 < K; k0 += TILE_K) {
         float va[4], vb[4];
-        const int ar = row0 + a_row;
-        if (ar < M) {
-#pragma unroll
-            for (int t = 0; t < 4; ++t) va[t] = (k0 + a_k + t < K) ? A.at(b, ar, k0 + a_k + t) : 0.0f;
-        } else {
-#pragma unroll
-            for (int t = 0; t < 4; ++t) va[t] = 0.0f;
-        }
-        const int bk = k0 + b_k;
-        if (bk < K && col0 + b_col < N) {
-            B.row4(b, bk, col0 + b_col, N, vb);
-        } else {
-#pragma unroll
-            for (int t = 0; t < 4; ++t) vb[t] = 0.0f;
-        }
+        load_strips(A, B, b, row0, col0, k0, M, N, K, va, vb);
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
             As[a_k + t][a_row] = va[t];

@@ -35,21 +35,12 @@ __device__ void gemm_tiles_tc(float* __restrict__ C, LA A, LB B, int M, int N, i
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
 
-    // Loading as in gemm_tiles: one 1×4 strip of A and one of B per thread.
+    // Loading as in gemm_tiles: one 1×4 strip of A and one of B per thread (load_strips).
     const int a_row = tid / 4, a_k = (tid % 4) * 4;
     const int b_k = tid / 16, b_col = (tid % 16) * 4;
     for (int k0 = 0; k0 < K; k0 += TILE_K) {
         float va[4], vb[4];
-        const int ar = row0 + a_row;
-#pragma unroll
-        for (int t = 0; t < 4; ++t) va[t] = (ar < M && k0 + a_k + t < K) ? A.at(b, ar, k0 + a_k + t) : 0.0f;
-        const int bk = k0 + b_k;
-        if (bk < K && col0 + b_col < N) {
-            B.row4(b, bk, col0 + b_col, N, vb);
-        } else {
-#pragma unroll
-            for (int t = 0; t < 4; ++t) vb[t] = 0.0f;
-        }
+        load_strips(A, B, b, row0, col0, k0, M, N, K, va, vb);
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
             As[a_row][a_k + t] = va[t];

@@ -8,40 +8,26 @@
 
 using namespace loraxfer;
 
-template <class T>
+template <bool TENSOR_CORES, class T>
 __device__ void sketch(float* Y, const T* W, const unsigned long long* ids, unsigned long long seed,
                        int m, int n, int l) {
     Dense<T, false> a{W, n, (long long)m * n};
     Omega b{ids, seed};
-    gemm_tiles(Y, a, b, m, l, n, (long long)m * l);
+    if constexpr (TENSOR_CORES) {
+        gemm_tiles_tc(Y, a, b, m, l, n, (long long)m * l);
+    } else {
+        gemm_tiles(Y, a, b, m, l, n, (long long)m * l);
+    }
 }
 
-extern "C" __global__ void sketch_f32(float* Y, const float* W, const unsigned long long* ids,
-                                      unsigned long long seed, int m, int n, int l) {
-    sketch(Y, W, ids, seed, m, n, l);
-}
-extern "C" __global__ void sketch_f16(float* Y, const __half* W, const unsigned long long* ids,
-                                      unsigned long long seed, int m, int n, int l) {
-    sketch(Y, W, ids, seed, m, n, l);
-}
-extern "C" __global__ void sketch_bf16(float* Y, const __nv_bfloat16* W, const unsigned long long* ids,
-                                       unsigned long long seed, int m, int n, int l) {
-    sketch(Y, W, ids, seed, m, n, l);
-}
+#define SKETCH(NAME, TENSOR_CORES, T)                                                              \
+    extern "C" __global__ void NAME(float* Y, const T* W, const unsigned long long* ids,           \
+                                    unsigned long long seed, int m, int n, int l) {                \
+        sketch<TENSOR_CORES>(Y, W, ids, seed, m, n, l);                                            \
+    }
 
-template <class T>
-__device__ void sketch_tc(float* Y, const T* W, const unsigned long long* ids, unsigned long long seed,
-                          int m, int n, int l) {
-    Dense<T, false> a{W, n, (long long)m * n};
-    Omega b{ids, seed};
-    gemm_tiles_tc(Y, a, b, m, l, n, (long long)m * l);
-}
-
-extern "C" __global__ void sketch_tc_f16(float* Y, const __half* W, const unsigned long long* ids,
-                                         unsigned long long seed, int m, int n, int l) {
-    sketch_tc(Y, W, ids, seed, m, n, l);
-}
-extern "C" __global__ void sketch_tc_bf16(float* Y, const __nv_bfloat16* W, const unsigned long long* ids,
-                                          unsigned long long seed, int m, int n, int l) {
-    sketch_tc(Y, W, ids, seed, m, n, l);
-}
+SKETCH(sketch_f32, false, float)
+SKETCH(sketch_f16, false, __half)
+SKETCH(sketch_bf16, false, __nv_bfloat16)
+SKETCH(sketch_tc_f16, true, __half)
+SKETCH(sketch_tc_bf16, true, __nv_bfloat16)

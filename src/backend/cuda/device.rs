@@ -75,6 +75,13 @@ pub trait Device: Send + Sync {
     fn fence(&self) -> Result<()>;
     /// Device → host (waits for the compute work before it).
     fn read(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    /// Marks the compute work queued so far, for [`Device::read_after`].
+    fn record(&self) -> Result<u64>;
+    /// Device → host once the work before `mark` is done, without waiting for compute work
+    /// queued after it (the next batch's kernels).
+    fn read_after(&self, mark: u64, src: u64, dst: &mut [u8]) -> Result<()>;
+    /// Releases a mark.
+    fn forget(&self, mark: u64);
     /// Launches `kernel` (a name from [`super::kernels::NAMES`]) on the compute queue.
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()>;
     /// Waits for all work on both queues (for timing).
@@ -105,6 +112,18 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         self.device.free(self.ptr);
+    }
+}
+
+/// A point in the compute queue ([`Gpu::mark`]), released when dropped.
+pub struct Mark {
+    id: u64,
+    device: Arc<dyn Device>,
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        self.device.forget(self.id);
     }
 }
 
@@ -176,6 +195,27 @@ impl Gpu {
     ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); count];
         self.0.read(ptr, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// A mark after the compute work queued so far.
+    pub fn mark(&self) -> Result<Mark> {
+        Ok(Mark {
+            id: self.0.record()?,
+            device: self.0.clone(),
+        })
+    }
+
+    /// [`Gpu::download`] once the work before `mark` is done, not waiting for work after it.
+    pub fn download_after<T: bytemuck::Pod + Default + Clone>(
+        &self,
+        mark: &Mark,
+        ptr: u64,
+        count: usize,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); count];
+        self.0
+            .read_after(mark.id, ptr, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
 

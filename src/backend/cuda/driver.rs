@@ -10,7 +10,7 @@
 //! kernels of the batch before. Pinning the mapped file itself (cuMemHostRegister) would fault
 //! in and lock the whole checkpoint; staging keeps pinned memory at 2 × [`STAGE_BYTES`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
 
@@ -83,6 +83,14 @@ struct Staging {
     next: usize,
 }
 
+/// The staging buffers: made at the first staged copy, taken out of the slot while a copy uses
+/// them (no lock is held while the host fills them, which runs on rayon's threads).
+enum StagingSlot {
+    NotYet,
+    Idle(Staging),
+    InUse,
+}
+
 /// One GPU with this project's kernels loaded.
 pub struct CudaDriver {
     ctx: sys::CUcontext,
@@ -90,12 +98,18 @@ pub struct CudaDriver {
     functions: HashMap<&'static str, sys::CUfunction>,
     compute: sys::CUstream,
     copy: sys::CUstream,
+    /// Reads of finished work ([`Device::read_after`]), so they do not queue behind the kernels
+    /// of the next batch on `compute`.
+    readback: sys::CUstream,
     /// The device's default pool, which the stream-ordered allocations draw from.
     pool: sys::CUmemoryPool,
     /// Recorded on `copy` and waited for on `compute` by [`Device::fence`].
     staged: sys::CUevent,
     /// Allocated at the first staged copy (commands that never upload weights pin nothing).
-    staging: Mutex<Option<Staging>>,
+    staging: Mutex<StagingSlot>,
+    /// Upload buffers that no fence has ordered before `compute` yet: freeing one waits for its
+    /// copies first (an error between staging and fence).
+    unfenced: Mutex<HashSet<u64>>,
     lock: Mutex<()>,
 }
 
@@ -157,7 +171,7 @@ impl CudaDriver {
             result::stream::create(result::stream::StreamKind::NonBlocking)
                 .map_err(|e| driver_error("cuStreamCreate", e))
         };
-        let (compute, copy) = (stream()?, stream()?);
+        let (compute, copy, readback) = (stream()?, stream()?, stream()?);
         // Keep freed memory in the pool instead of returning it at every synchronization: each
         // piece of a batch allocates what the previous one freed. (`free_memory` counts it.)
         // SAFETY: dev is valid; the attribute takes a cuuint64_t.
@@ -172,15 +186,28 @@ impl CudaDriver {
             )
         }
         .map_err(|e| driver_error("cuMemPoolSetAttribute", e))?;
+        // Nor may an upload on `copy` reuse a block that `compute` has not finished freeing: the
+        // pool would make the copy wait for the kernels, undoing the overlap.
+        let mut no = 0i32;
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                &mut no as *mut i32 as *mut c_void,
+            )
+        }
+        .map_err(|e| driver_error("cuMemPoolSetAttribute", e))?;
         Ok(Self {
             ctx,
             info,
             functions,
             compute,
             copy,
+            readback,
             pool,
             staged: event()?,
-            staging: Mutex::new(None),
+            staging: Mutex::new(StagingSlot::NotYet),
+            unfenced: Mutex::new(HashSet::new()),
             lock: Mutex::new(()),
         })
     }
@@ -216,6 +243,58 @@ impl CudaDriver {
         })
     }
 
+    /// Makes the context current on this thread without taking the lock: for calls that block
+    /// (event and stream synchronization), which must not hold up other threads' launches.
+    fn bind(&self) -> Result<()> {
+        // SAFETY: ctx is the retained primary context.
+        unsafe { result::ctx::set_current(self.ctx) }
+            .map_err(|e| driver_error("cuCtxSetCurrent", e))
+    }
+
+    /// Copies `src` through `st`'s two pinned buffers on the copy stream.
+    fn stage_with(&self, st: &mut Staging, dst: u64, src: &[u8]) -> Result<()> {
+        for (i, chunk) in src.chunks(STAGE_BYTES).enumerate() {
+            let slot = st.next;
+            st.next ^= 1;
+            self.bind()?;
+            // SAFETY: a live event (a never-recorded one is complete).
+            unsafe { result::event::synchronize(st.emptied[slot]) }
+                .map_err(|e| driver_error("cuEventSynchronize (staging)", e))?;
+            // SAFETY: STAGE_BYTES of pinned memory that no copy reads any more (the event).
+            let buffer = unsafe { std::slice::from_raw_parts_mut(st.buffers[slot], chunk.len()) };
+            // Reading the mapped file is the slow half (page faults): spread it over the cores.
+            buffer
+                .par_chunks_mut(1 << 20)
+                .zip(chunk.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            let _g = self.current()?;
+            let at = dst + (i * STAGE_BYTES) as u64;
+            // SAFETY: pinned source kept untouched until `emptied[slot]` completes.
+            unsafe {
+                result::memcpy_htod_async(at, &*buffer, self.copy)
+                    .map_err(|e| driver_error("cuMemcpyHtoDAsync (staged)", e))?;
+                result::event::record(st.emptied[slot], self.copy)
+                    .map_err(|e| driver_error("cuEventRecord", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Orders `compute` after every copy queued on `copy` so far.
+    fn fence_locked(&self) -> Result<()> {
+        // SAFETY: live event and streams; the wait takes the event's state at this call.
+        unsafe {
+            result::event::record(self.staged, self.copy)
+                .map_err(|e| driver_error("cuEventRecord", e))?;
+            result::stream::wait_event(
+                self.compute,
+                self.staged,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(|e| driver_error("cuStreamWaitEvent", e))
+        }
+    }
+
     fn current(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: ctx is the retained primary context.
@@ -232,11 +311,13 @@ fn event() -> Result<sys::CUevent> {
 
 impl Drop for CudaDriver {
     fn drop(&mut self) {
-        let staging = self
-            .staging
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let staging = match std::mem::replace(
+            self.staging.get_mut().unwrap_or_else(|p| p.into_inner()),
+            StagingSlot::NotYet,
+        ) {
+            StagingSlot::Idle(st) => Some(st),
+            _ => None,
+        };
         if let Ok(_g) = self.current() {
             // SAFETY: everything below was created by this driver and is released once, after
             // the device has finished with it.
@@ -251,6 +332,9 @@ impl Drop for CudaDriver {
                 let _ = result::event::destroy(self.staged);
                 let _ = result::stream::destroy(self.compute);
                 let _ = result::stream::destroy(self.copy);
+                let _ = result::stream::destroy(self.readback);
+                // Hand back what the pool kept (its release threshold is "never").
+                let _ = result::mem_pool::trim_to(self.pool, 0);
             }
         }
     }
@@ -279,13 +363,29 @@ impl Device for CudaDriver {
         let _g = self.current()?;
         // SAFETY: ordered on the copy stream, which fills it; the compute stream uses it only
         // after a fence.
-        unsafe { result::malloc_async(self.copy, bytes) }.map_err(|e| self.out_of_memory(e))
+        let ptr =
+            unsafe { result::malloc_async(self.copy, bytes) }.map_err(|e| self.out_of_memory(e))?;
+        self.unfenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ptr);
+        Ok(ptr)
     }
 
     fn free(&self, ptr: u64) {
+        let unfenced = self
+            .unfenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ptr);
         if let Ok(_g) = self.current() {
+            // An upload buffer freed before its fence (an error on the way): order the free
+            // after its copies, or the pool could hand it out while the DMA still writes.
+            if unfenced && self.fence_locked().is_err() {
+                return; // leak it rather than risk the race
+            }
             // SAFETY: ptr came from an alloc and is freed once (Buffer's Drop), after the
-            // compute work queued so far; copies into it were fenced before any launch used it.
+            // compute work queued so far, which is ordered after any copy into it.
             let _ = unsafe { result::free_async(ptr, self.compute) };
         }
     }
@@ -298,64 +398,89 @@ impl Device for CudaDriver {
     }
 
     fn stage(&self, dst: u64, src: &[u8]) -> Result<()> {
-        let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
-        if staging.is_none() {
-            *staging = Some(self.new_staging()?);
-        }
-        let st = staging.as_mut().expect("set above");
-        for (i, chunk) in src.chunks(STAGE_BYTES).enumerate() {
-            let slot = st.next;
-            st.next ^= 1;
-            {
-                let _g = self.current()?;
-                // SAFETY: a live event (a never-recorded one is complete).
-                unsafe { result::event::synchronize(st.emptied[slot]) }
-                    .map_err(|e| driver_error("cuEventSynchronize (staging)", e))?;
+        let mut st = {
+            let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+            match std::mem::replace(&mut *slot, StagingSlot::InUse) {
+                StagingSlot::Idle(st) => st,
+                StagingSlot::NotYet => match self.new_staging() {
+                    Ok(st) => st,
+                    Err(e) => {
+                        *slot = StagingSlot::NotYet;
+                        return Err(e);
+                    }
+                },
+                StagingSlot::InUse => {
+                    // Another upload holds the pinned buffers (another thread, or this one
+                    // re-entered while rayon filled them): copy from pageable memory, which the
+                    // driver takes out of `src` before returning.
+                    drop(slot);
+                    let _g = self.current()?;
+                    // SAFETY: dst is an upload buffer of at least src.len() bytes.
+                    return unsafe { result::memcpy_htod_async(dst, src, self.copy) }
+                        .map_err(|e| driver_error("cuMemcpyHtoDAsync (pageable)", e));
+                }
             }
-            // SAFETY: STAGE_BYTES of pinned memory that no copy reads any more (the event).
-            let buffer = unsafe { std::slice::from_raw_parts_mut(st.buffers[slot], chunk.len()) };
-            // Reading the mapped file is the slow half (page faults): spread it over the cores.
-            buffer
-                .par_chunks_mut(1 << 20)
-                .zip(chunk.par_chunks(1 << 20))
-                .for_each(|(d, s)| d.copy_from_slice(s));
-            let _g = self.current()?;
-            let at = dst + (i * STAGE_BYTES) as u64;
-            // SAFETY: pinned source kept untouched until `emptied[slot]` completes.
-            unsafe {
-                result::memcpy_htod_async(at, &*buffer, self.copy)
-                    .map_err(|e| driver_error("cuMemcpyHtoDAsync (staged)", e))?;
-                result::event::record(st.emptied[slot], self.copy)
-                    .map_err(|e| driver_error("cuEventRecord", e))?;
-            }
-        }
-        Ok(())
+        };
+        let done = self.stage_with(&mut st, dst, src);
+        *self.staging.lock().unwrap_or_else(|p| p.into_inner()) = StagingSlot::Idle(st);
+        done
     }
 
     fn fence(&self) -> Result<()> {
         let _g = self.current()?;
-        // SAFETY: live event and streams; the wait takes the event's state at this call.
-        unsafe {
-            result::event::record(self.staged, self.copy)
-                .map_err(|e| driver_error("cuEventRecord", e))?;
-            result::stream::wait_event(
-                self.compute,
-                self.staged,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(|e| driver_error("cuStreamWaitEvent", e))
+        self.fence_locked()?;
+        self.unfenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
+    }
+
+    fn record(&self) -> Result<u64> {
+        let _g = self.current()?;
+        let ev = event()?;
+        // SAFETY: a new event on a live stream.
+        unsafe { result::event::record(ev, self.compute) }
+            .map_err(|e| driver_error("cuEventRecord", e))?;
+        Ok(ev as u64)
+    }
+
+    fn read_after(&self, mark: u64, src: u64, dst: &mut [u8]) -> Result<()> {
+        let ev = mark as sys::CUevent;
+        self.bind()?;
+        // SAFETY: `mark` is a live event from `record`; waiting needs no lock.
+        unsafe { result::event::synchronize(ev) }
+            .map_err(|e| driver_error("cuEventSynchronize (or a kernel before it)", e))?;
+        {
+            let _g = self.current()?;
+            // SAFETY: src holds finished results (the event); dst is pageable host memory.
+            unsafe { result::memcpy_dtoh_async(dst, src, self.readback) }
+                .map_err(|e| driver_error("cuMemcpyDtoHAsync", e))?;
+        }
+        self.bind()?;
+        // SAFETY: a live stream.
+        unsafe { result::stream::synchronize(self.readback) }
+            .map_err(|e| driver_error("cuStreamSynchronize (readback)", e))
+    }
+
+    fn forget(&self, mark: u64) {
+        if let Ok(_g) = self.current() {
+            // SAFETY: an event from `record`, destroyed once (Mark's Drop).
+            let _ = unsafe { result::event::destroy(mark as sys::CUevent) };
         }
     }
 
     fn read(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        // Wait for the compute work first without the lock (a copy into pageable memory returns
+        // only when done, and would hold it); errors of those kernels surface here.
+        self.bind()?;
+        // SAFETY: a live stream.
+        unsafe { result::stream::synchronize(self.compute) }
+            .map_err(|e| driver_error("cuStreamSynchronize (or a kernel before it)", e))?;
         let _g = self.current()?;
-        // Ordered after the compute work before it; errors of those kernels surface here.
-        unsafe {
-            result::memcpy_dtoh_async(dst, src, self.compute)
-                .map_err(|e| driver_error("cuMemcpyDtoHAsync (or a kernel before it)", e))?;
-            result::stream::synchronize(self.compute)
-                .map_err(|e| driver_error("cuStreamSynchronize (or a kernel before it)", e))
-        }
+        // SAFETY: ordered after the compute work queued before it.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.compute) }
+            .map_err(|e| driver_error("cuMemcpyDtoHAsync (or a kernel before it)", e))
     }
 
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()> {

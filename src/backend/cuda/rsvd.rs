@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use faer::Mat;
 
-use super::device::{Buffer, Gpu};
+use super::device::{Buffer, Gpu, Mark};
 use super::ops::{Ops, Panel};
 use crate::backend::{Basis, Resident, Side, SvdParams};
 use crate::error::{Error, Result};
@@ -63,6 +63,9 @@ impl DeviceBasis {
 
 /// A batch queued on the device: its results, and what is needed to read them back.
 pub struct Pending {
+    /// After the batch's last kernel: its results are read back without waiting for the
+    /// kernels of the batch submitted after it.
+    done: Mark,
     u: Buffer,
     v: Buffer,
     s: Buffer,
@@ -181,6 +184,7 @@ pub fn submit(
     })?;
 
     Ok(Pending {
+        done: gpu.mark()?,
         u,
         v,
         s,
@@ -196,6 +200,7 @@ impl Pending {
     /// Waits for the batch and returns its bases, in the order submitted.
     pub fn finish(self, ops: &Ops, t: &Timings) -> Result<Vec<Basis>> {
         let Pending {
+            done,
             u,
             v,
             s,
@@ -209,9 +214,9 @@ impl Pending {
         let (u, v) = (Arc::new(u), Arc::new(v));
         let (us, vs, ss) = t.time(Phase::Eig, || -> Result<_> {
             Ok((
-                gpu.download::<f32>(u.ptr(), batch * m * k)?,
-                gpu.download::<f32>(v.ptr(), batch * n * k)?,
-                gpu.download::<f32>(s.ptr(), batch * l)?,
+                gpu.download_after::<f32>(&done, u.ptr(), batch * m * k)?,
+                gpu.download_after::<f32>(&done, v.ptr(), batch * n * k)?,
+                gpu.download_after::<f32>(&done, s.ptr(), batch * l)?,
             ))
         })?;
         let mut out = Vec::with_capacity(batch);
