@@ -122,7 +122,7 @@ fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
 #[test]
 fn weights_larger_than_device_memory_stream_through() {
     use loraxfer::backend::cuda::rsvd::{truncated_svd_batch, RawMatrix};
-    use loraxfer::backend::{Backend, SvdParams};
+    use loraxfer::backend::SvdParams;
     use loraxfer::io::safetensors::{encode_f32, FloatType};
     use loraxfer::timing::Timings;
     if !cuda::emulator_available() {
@@ -161,8 +161,8 @@ fn weights_larger_than_device_memory_stream_through() {
     };
     let t = Timings::default();
     let small = cuda::emulator_backend_with_memory(192 << 10).unwrap();
-    assert!(small.pieces(mats.len(), &mats[0], &params).len() > 1);
-    let streamed = small.truncated_svd_raw_batch(&mats, &params, &t).unwrap();
+    assert!(small.pieces(mats.len(), &mats[0], &params, 0).len() > 1);
+    let streamed = small.svd_pipelined(&mats, &params, &t).unwrap();
     let big = cuda::emulator_backend().unwrap();
     let whole = truncated_svd_batch(big.ops(), &mats, &params, &t).unwrap();
     assert_eq!(streamed.len(), whole.len());
@@ -174,7 +174,7 @@ fn weights_larger_than_device_memory_stream_through() {
 
     let tiny = cuda::emulator_backend_with_memory(8 << 10).unwrap();
     let err = tiny
-        .truncated_svd_raw_batch(&mats, &params, &t)
+        .svd_pipelined(&mats, &params, &t)
         .unwrap_err()
         .to_string();
     assert!(

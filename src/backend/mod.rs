@@ -56,6 +56,13 @@ pub struct RawWeight<'a> {
     pub unchecked: Option<Origin<'a>>,
 }
 
+/// Weights of one shape and dtype decomposed with the same parameters.
+#[derive(Debug, Clone)]
+pub struct RawBatch<'a> {
+    pub weights: Vec<RawWeight<'a>>,
+    pub params: SvdParams,
+}
+
 /// Where a weight's bytes come from, for the error that names a non-finite value.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
@@ -208,22 +215,29 @@ pub trait Backend: Sync {
         self.truncated_svd(&weight, params, timings)
     }
 
-    /// True when [`Backend::truncated_svd_raw_batch`] decomposes many matrices in one go (the
+    /// True when [`Backend::truncated_svd_raw_batches`] decomposes many matrices in one go (the
     /// pipeline then schedules its decompositions in batches of one shape).
     fn batches(&self) -> bool {
         false
     }
 
-    /// The SVDs of any number of weights of one shape and dtype; by default one at a time.
-    /// Batching backends bound their memory themselves.
-    fn truncated_svd_raw_batch(
+    /// The SVDs of several batches (each: weights of one shape and dtype, one set of
+    /// parameters), results in the same order; by default one weight at a time. Batching
+    /// backends bound their memory themselves and may overlap one batch's upload with the
+    /// previous one's compute.
+    fn truncated_svd_raw_batches(
         &self,
-        ws: &[RawWeight<'_>],
-        params: &SvdParams,
+        batches: &[RawBatch<'_>],
         timings: &Timings,
-    ) -> Result<Vec<Basis>> {
-        ws.iter()
-            .map(|w| self.truncated_svd_raw(w, params, timings))
+    ) -> Result<Vec<Vec<Basis>>> {
+        batches
+            .iter()
+            .map(|b| {
+                b.weights
+                    .iter()
+                    .map(|w| self.truncated_svd_raw(w, &b.params, timings))
+                    .collect()
+            })
             .collect()
     }
 

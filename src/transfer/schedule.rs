@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use super::execute::{basis_params, omega_key, Context};
-use crate::backend::{Basis, Origin, RawWeight};
+use crate::backend::{Basis, Origin, RawBatch, RawWeight, SvdParams};
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::plan::Unit;
@@ -85,20 +85,20 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
             }
         }
     }
+    // What is not in the disk cache, per group: (params, keys, Ω names).
+    let mut todo: Vec<(SvdParams, Vec<BasisKey>, Vec<String>)> = Vec::new();
     for ((_, _, _, rank), keys) in groups {
-        let params = basis_params(ctx, rank);
-        // Bases already in the disk cache are not recomputed.
-        let mut todo = Vec::new();
+        let mut missing = Vec::new();
         for key in keys {
             match cached(ctx, &key)? {
                 Some(basis) => into.put(key, basis),
-                None => todo.push(key),
+                None => missing.push(key),
             }
         }
-        if todo.is_empty() {
+        if missing.is_empty() {
             continue;
         }
-        let names: Vec<String> = todo
+        let names: Vec<String> = missing
             .iter()
             .map(|k| {
                 let ckpt = side(ctx, k.target);
@@ -109,31 +109,48 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                 ))
             })
             .collect::<Result<_>>()?;
-        // Not read here: the backend checks each weight for NaN/Inf as it uploads it, so reading
-        // the file overlaps the device's work on the weights before.
-        let raw = |i: usize| -> Result<RawWeight<'_>> {
-            let k = &todo[i];
-            let (bytes, ty, cols, path) =
-                side(ctx, k.target).rows_raw_unchecked(&k.tensor, k.rows.0..k.rows.1)?;
-            Ok(RawWeight {
-                name: &names[i],
-                bytes,
-                ty,
-                rows: k.rows.1 - k.rows.0,
-                cols,
-                unchecked: Some(Origin {
-                    path,
-                    tensor: &k.tensor,
-                    first_row: k.rows.0,
-                }),
+        todo.push((basis_params(ctx, rank), missing, names));
+    }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    // Not read here: the backend checks each weight for NaN/Inf as it uploads it, so reading
+    // the file overlaps the device's work on the weights before.
+    let batches = todo
+        .iter()
+        .map(|(params, keys, names)| {
+            let weights = keys
+                .iter()
+                .zip(names)
+                .map(|(k, name)| {
+                    let (bytes, ty, cols, path) =
+                        side(ctx, k.target).rows_raw_unchecked(&k.tensor, k.rows.0..k.rows.1)?;
+                    Ok(RawWeight {
+                        name,
+                        bytes,
+                        ty,
+                        rows: k.rows.1 - k.rows.0,
+                        cols,
+                        unchecked: Some(Origin {
+                            path,
+                            tensor: &k.tensor,
+                            first_row: k.rows.0,
+                        }),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(RawBatch {
+                weights,
+                params: *params,
             })
-        };
-        // The backend bounds its device memory itself.
-        let weights = (0..todo.len()).map(raw).collect::<Result<Vec<_>>>()?;
-        let bases = ctx
-            .backend
-            .truncated_svd_raw_batch(&weights, &params, ctx.timings)?;
-        for (key, basis) in todo.iter().zip(bases) {
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // One call for the whole chunk: the backend pipelines across groups and bounds its memory.
+    let bases = ctx
+        .backend
+        .truncated_svd_raw_batches(&batches, ctx.timings)?;
+    for ((_, keys, _), group) in todo.iter().zip(bases) {
+        for (key, basis) in keys.iter().zip(group) {
             if let Some(cache) = ctx.cache {
                 let ck = cache_key(ctx, key)?;
                 ctx.timings.time(Phase::Write, || cache.put(&ck, &basis));

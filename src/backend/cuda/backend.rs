@@ -11,7 +11,7 @@ use super::device::{Buffer, Gpu};
 use super::ops::{Ops, Panel};
 use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, DeviceBasis, Pending, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
-use crate::backend::{Backend, Basis, Factors, Mode, Side, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, Mode, RawBatch, Side, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::FloatType;
 use crate::timing::Timings;
@@ -38,6 +38,12 @@ pub struct CudaBackend {
     piece_bytes: usize,
 }
 
+/// Device bytes that the U and V of `n` bases of matrices shaped like `w` keep.
+pub fn resident_bytes(n: usize, w: &RawMatrix<'_>, params: &SvdParams) -> usize {
+    let k = params.rank.min(w.rows).min(w.cols);
+    n * 4 * (w.rows + w.cols) * k
+}
+
 /// Weight bytes per submitted batch on a GPU: large enough that one launch keeps every SM busy
 /// (all 28 q_proj of a 1.5B model), small enough that the first batch's upload, which nothing
 /// overlaps, is short.
@@ -60,18 +66,22 @@ impl CudaBackend {
 
     /// Splits `n` matrices shaped like `w` into consecutive pieces, each within
     /// `piece_bytes` of weights and within half the device memory this may use (two pieces are
-    /// on the device at once: one computing, the next uploading), after the U and V of all `n`,
-    /// which stay on the device with their bases.
-    pub fn pieces(&self, n: usize, w: &RawMatrix<'_>, params: &SvdParams) -> Vec<Range<usize>> {
+    /// on the device at once: one computing, the next uploading), after `reserved` bytes (the U
+    /// and V that the bases of the whole call will keep on the device, [`resident_bytes`]).
+    pub fn pieces(
+        &self,
+        n: usize,
+        w: &RawMatrix<'_>,
+        params: &SvdParams,
+        reserved: usize,
+    ) -> Vec<Range<usize>> {
         let l = (params.rank + params.oversample).min(w.rows).min(w.cols);
-        let k = params.rank.min(w.rows).min(w.cols);
         let need = bytes_per_matrix(w.rows, w.cols, w.ty, l).max(1);
         let weight = (w.rows * w.cols * w.ty.size()).max(1);
-        let resident = n * 4 * (w.rows + w.cols) * k;
         // Use 60 % of what is free, leaving room for the driver and the rest of the process;
         // without a figure (emulator), assume a modest 1 GiB.
         let free = self.ops.gpu.0.free_memory().unwrap_or(1 << 30);
-        let budget = (free / 10 * 6).saturating_sub(resident);
+        let budget = (free / 10 * 6).saturating_sub(reserved);
         let per_piece = (budget / 2 / need)
             .min(self.piece_bytes / weight)
             .clamp(1, 64);
@@ -79,6 +89,21 @@ impl CudaBackend {
             .step_by(per_piece)
             .map(|s| s..(s + per_piece).min(n))
             .collect()
+    }
+
+    /// One batch through the pipeline: [`Backend::truncated_svd_raw_batches`] of one.
+    pub fn svd_pipelined(
+        &self,
+        ws: &[RawMatrix<'_>],
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Vec<Basis>> {
+        let batch = RawBatch {
+            weights: ws.to_vec(),
+            params: *params,
+        };
+        let mut out = self.truncated_svd_raw_batches(std::slice::from_ref(&batch), timings)?;
+        Ok(out.pop().unwrap_or_default())
     }
 
     /// The same device with another piece size (tests and benchmarks of the pipeline).
@@ -276,27 +301,44 @@ impl Backend for CudaBackend {
         true
     }
 
-    /// Any number of matrices of one shape: submitted piece by piece, each piece's upload
-    /// overlapping the previous piece's kernels, at most two pieces on the device at once.
-    fn truncated_svd_raw_batch(
+    /// Every piece of every batch submitted in turn, each piece's upload overlapping the
+    /// previous piece's kernels (across batches too), at most two pieces on the device at once.
+    fn truncated_svd_raw_batches(
         &self,
-        ws: &[RawMatrix<'_>],
-        params: &SvdParams,
+        batches: &[RawBatch<'_>],
         timings: &Timings,
-    ) -> Result<Vec<Basis>> {
-        let Some(first) = ws.first() else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::with_capacity(ws.len());
-        let mut in_flight: Option<Pending> = None;
-        for piece in self.pieces(ws.len(), first, params) {
-            let next = submit(&self.ops, &ws[piece], params, timings)?;
-            if let Some(done) = in_flight.replace(next) {
-                out.extend(done.finish(&self.ops, timings)?);
+    ) -> Result<Vec<Vec<Basis>>> {
+        let reserved: usize = batches
+            .iter()
+            .filter_map(|b| {
+                Some(resident_bytes(
+                    b.weights.len(),
+                    b.weights.first()?,
+                    &b.params,
+                ))
+            })
+            .sum();
+        let mut work = Vec::new();
+        for (i, b) in batches.iter().enumerate() {
+            if let Some(first) = b.weights.first() {
+                let pieces = self.pieces(b.weights.len(), first, &b.params, reserved);
+                work.extend(pieces.into_iter().map(|r| (i, r)));
             }
         }
-        if let Some(done) = in_flight {
-            out.extend(done.finish(&self.ops, timings)?);
+        let mut out: Vec<Vec<Basis>> = batches
+            .iter()
+            .map(|b| Vec::with_capacity(b.weights.len()))
+            .collect();
+        let mut in_flight: Option<(usize, Pending)> = None;
+        for (i, range) in work {
+            let b = &batches[i];
+            let next = submit(&self.ops, &b.weights[range], &b.params, timings)?;
+            if let Some((j, done)) = in_flight.replace((i, next)) {
+                out[j].extend(done.finish(&self.ops, timings)?);
+            }
+        }
+        if let Some((j, done)) = in_flight {
+            out[j].extend(done.finish(&self.ops, timings)?);
         }
         Ok(out)
     }

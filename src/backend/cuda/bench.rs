@@ -5,10 +5,10 @@
 
 use std::time::Instant;
 
-use super::backend::CudaBackend;
+use super::backend::{resident_bytes, CudaBackend};
 use super::ops::Ops;
 use super::rsvd::{truncated_svd_batch, RawMatrix};
-use crate::backend::{Backend, SvdParams};
+use crate::backend::SvdParams;
 use crate::error::Result;
 use crate::io::safetensors::FloatType;
 use crate::timing::Timings;
@@ -204,12 +204,11 @@ pub fn pipeline(
         .collect();
     let t = Timings::default();
     let overlapped = time(backend, 2, || {
-        backend
-            .truncated_svd_raw_batch(&mats, params, &t)
-            .map(|_| ())
+        backend.svd_pipelined(&mats, params, &t).map(|_| ())
     })?;
     let serial = time(backend, 2, || {
-        for piece in backend.pieces(count, &mats[0], params) {
+        let reserved = resident_bytes(count, &mats[0], params);
+        for piece in backend.pieces(count, &mats[0], params, reserved) {
             truncated_svd_batch(backend.ops(), &mats[piece], params, &t)?;
         }
         Ok(())

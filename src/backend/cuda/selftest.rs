@@ -5,7 +5,7 @@
 
 use faer::Mat;
 
-use super::backend::{from_row_major, row_major, CudaBackend};
+use super::backend::{from_row_major, resident_bytes, row_major, CudaBackend};
 use super::ops::{Ops, Panel};
 use super::rsvd::{truncated_svd_batch, RawMatrix};
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
@@ -432,8 +432,15 @@ impl Runner<'_> {
         let t = Timings::default();
         // One matrix per piece.
         let piecewise = self.backend.with_piece_bytes(m * n * ty.size());
-        let pieces = piecewise.pieces(count, &mats[0], &params).len();
-        let got = piecewise.truncated_svd_raw_batch(&mats, &params, &t)?;
+        let pieces = piecewise
+            .pieces(
+                count,
+                &mats[0],
+                &params,
+                resident_bytes(count, &mats[0], &params),
+            )
+            .len();
+        let got = piecewise.svd_pipelined(&mats, &params, &t)?;
         let want = truncated_svd_batch(self.backend.ops(), &mats, &params, &t)?;
         // f64::max drops NaN; a NaN anywhere must fail the check.
         let worst = |a: f64, b: f64| {
