@@ -38,13 +38,28 @@ note "selftest (cuda, fresh seed)" "$(grep '^selftest:' "$OUT/selftest.txt" | ta
 "$BIN" synth model --like qwen2.5-1.5b --layers $layers --out "$W/src" >/dev/null
 "$BIN" synth model --like llama-3.2-3b --layers $layers --out "$W/tgt" --seed 1 >/dev/null
 "$BIN" synth adapter --base "$W/src" --out "$W/ad" >/dev/null
+# Wall time and peak RSS: /usr/bin/time when the machine has it, else the wall time alone.
+TIME_BIN="${TIME_BIN:-/usr/bin/time}"
+measured() {
+  local log=$1; shift
+  if [[ -x $TIME_BIN ]]; then
+    "$TIME_BIN" -v "$@" >"$log" 2>&1
+  else
+    local t0 rc
+    t0=$(date +%s%N)
+    "$@" >"$log" 2>&1; rc=$?
+    local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    printf 'Elapsed (wall clock) time: %d.%03ds\n' $((ms / 1000)) $((ms % 1000)) >>"$log"
+    return $rc
+  fi
+}
 for run in cpu cuda cuda-no-tc; do
   dev=${run%%-*}
   settings=()
   [[ $run == cuda-no-tc ]] && settings=(LORAXFER_NO_TENSOR_CORES=1)
-  env "${settings[@]}" /usr/bin/time -v "$BIN" transfer --source-base "$W/src" --target-base "$W/tgt" --adapter "$W/ad" \
-    --out "$OUT/transfer-$run" --device $dev --mode align --rank 256 --timings --force \
-    >"$OUT/transfer-$run.txt" 2>&1
+  measured "$OUT/transfer-$run.txt" env "${settings[@]}" "$BIN" transfer --source-base "$W/src" \
+    --target-base "$W/tgt" --adapter "$W/ad" --out "$OUT/transfer-$run" --device $dev --mode align \
+    --rank 256 --timings --force
   note "transfer $run (${layers} layers, align, k=256)" "rc=$? $(grep -E 'Elapsed \(wall' "$OUT/transfer-$run.txt" | awk '{print $NF}') wall, peak RSS $(grep 'Maximum resident' "$OUT/transfer-$run.txt" | awk '{print $NF}') KiB"
 done
 cat >"$W/compare.py" <<'PY'
