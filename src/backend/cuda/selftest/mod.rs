@@ -3,13 +3,15 @@
 //! outputs poisoned with NaN before each launch so an element a kernel fails to write cannot
 //! pass. Used by `loraxfer selftest` and by tests/gpu_kernels.rs (on the emulator without a GPU).
 
+mod pipeline;
+
 use faer::Mat;
 
-use super::backend::{from_row_major, resident_bytes, row_major, CudaBackend};
+use super::backend::{from_row_major, row_major, CudaBackend};
 use super::ops::{Ops, Panel};
-use super::rsvd::{truncated_svd_batch, RawMatrix};
+use super::rsvd::RawMatrix;
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
-use crate::backend::{Backend, Basis, Factors, Mode, Side, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::linalg::philox::{fill_gaussian, gaussian4, matrix_id};
@@ -400,119 +402,6 @@ impl Runner<'_> {
             format!("{case}: V"),
             basis_err(&got.v, &want.v),
             5e-4,
-        );
-        Ok(())
-    }
-
-    /// Many matrices submitted in pieces (uploads on the copy queue overlapping the kernels of
-    /// the piece before) give what one batch gives: the pipeline's ordering and offsets.
-    fn pipeline(&mut self, count: usize, m: usize, n: usize, rank: usize) -> Result<()> {
-        let ty = FloatType::Bf16;
-        let sigma: Vec<f32> = (0..m.min(n)).map(|i| 10.0 / (1.0 + i as f32)).collect();
-        let bytes: Vec<Vec<u8>> = (0..count)
-            .map(|b| encode_f32(&planted(m, n, &sigma, self.seed + b as u64), ty))
-            .collect();
-        let names: Vec<String> = (0..count).map(|b| format!("pipeline.{b}.weight")).collect();
-        let mats: Vec<RawMatrix<'_>> = (0..count)
-            .map(|b| RawMatrix {
-                name: &names[b],
-                bytes: &bytes[b],
-                ty,
-                rows: m,
-                cols: n,
-                unchecked: None,
-            })
-            .collect();
-        let params = SvdParams {
-            rank,
-            oversample: 4,
-            power_iters: 2,
-            seed: self.seed,
-        };
-        let t = Timings::default();
-        // One matrix per piece.
-        let piecewise = self.backend.with_piece_bytes(m * n * ty.size());
-        let pieces = piecewise
-            .pieces(
-                count,
-                &mats[0],
-                &params,
-                resident_bytes(count, &mats[0], &params),
-            )
-            .len();
-        let got = piecewise.svd_pipelined(&mats, &params, &t)?;
-        let want = truncated_svd_batch(self.backend.ops(), &mats, &params, &t)?;
-        // f64::max drops NaN; a NaN anywhere must fail the check.
-        let worst = |a: f64, b: f64| {
-            if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.max(b)
-            }
-        };
-        let mut err = if got.len() == want.len() && pieces == count {
-            0.0
-        } else {
-            f64::NAN
-        };
-        for (g, w) in got.iter().zip(&want) {
-            let s_want: Vec<f64> = w.s.iter().map(|&x| x as f64).collect();
-            err = worst(err, rel_err(&g.s, &s_want));
-            err = worst(err, basis_err(&g.u, &w.u));
-            err = worst(err, basis_err(&g.v, &w.v));
-        }
-        self.push(
-            "truncated_svd pipeline",
-            format!("{count}x {m}x{n} {ty:?} k={rank}: {pieces} pieces vs one batch"),
-            err,
-            1e-6,
-        );
-
-        // Similarity and projection read the bases where the SVD left them on the device; the
-        // same bases uploaded from the host must give the same figures.
-        let host_copy = |b: &Basis| Basis {
-            resident: None,
-            ..b.clone()
-        };
-        // From the one batch, so the bases sit at different offsets of shared buffers.
-        let (x, y) = (&want[1], &want[2]);
-        let (hx, hy) = (host_copy(x), host_copy(y));
-        let r = 3;
-        let src = Factors {
-            b: from_row_major(&gaussian_rm(m, r, self.seed, 66), m, r),
-            a: from_row_major(&gaussian_rm(r, n, self.seed, 67), r, n),
-        };
-        let mut err = if x.resident.is_some() && y.resident.is_some() {
-            0.0
-        } else {
-            f64::NAN
-        };
-        for side in [Side::U, Side::V] {
-            let a = self.backend.pair_similarity(x, y, side)? as f64;
-            let b = self.backend.pair_similarity(&hx, &hy, side)? as f64;
-            err = worst(err, (a - b).abs());
-        }
-        let on_device = self
-            .backend
-            .transfer(Mode::Align, &src, Some(x), Some(y), (m, n))?;
-        let from_host = self
-            .backend
-            .transfer(Mode::Align, &src, Some(&hx), Some(&hy), (m, n))?;
-        let want: Vec<f64> = row_major(from_host.b.as_ref())
-            .into_iter()
-            .chain(row_major(from_host.a.as_ref()))
-            .map(|v| v as f64)
-            .collect();
-        let gotv: Vec<f32> = row_major(on_device.b.as_ref())
-            .into_iter()
-            .chain(row_major(on_device.a.as_ref()))
-            .collect();
-        err = worst(err, rel_err(&gotv, &want));
-        self.push(
-            "resident bases",
-            format!("similarity and align {m}x{n} k={rank}: device copies vs uploads"),
-            err,
-            1e-6,
         );
         Ok(())
     }
