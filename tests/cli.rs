@@ -414,3 +414,32 @@ fn transfers_are_deterministic() {
     // Timings differ between runs; the per-module numbers must not.
     assert_eq!(report(&one)["modules"], report(&two)["modules"]);
 }
+
+/// `loraxfer info` says what this build and machine can do, and why `auto` picks what it picks.
+#[test]
+fn info_reports_kernels_driver_and_the_auto_choice() {
+    let info = |no_tensor_cores: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loraxfer"));
+        cmd.arg("info").env_remove("LORAXFER_NO_TENSOR_CORES");
+        if no_tensor_cores {
+            cmd.env("LORAXFER_NO_TENSOR_CORES", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = info(false);
+    assert!(out.starts_with("loraxfer "), "{out}");
+    assert!(out.contains("backends: cpu"), "{out}");
+    assert!(out.contains("--device auto picks: "), "{out}");
+    if loraxfer::backend::cuda::kernels_compiled() {
+        assert!(out.contains("compiled by nvcc"), "{out}");
+        assert!(out.contains("tensor cores: on"), "{out}");
+        assert!(info(true).contains("tensor cores: off"));
+    } else {
+        assert!(out.contains("built without CUDA kernels"), "{out}");
+    }
+    if loraxfer::backend::cuda::unavailable_reason().is_some() {
+        assert!(out.contains("--device auto picks: cpu ("), "{out}");
+    }
+}

@@ -20,6 +20,11 @@ pub fn print() {
             loraxfer::kernels::TARGETS,
             loraxfer::kernels::NVCC_VERSION
         );
+        println!(
+            "tensor cores: {} (f16/bf16 weights; LORAXFER_NO_TENSOR_CORES=1 turns them off); weights staged through 2 x {} MiB pinned buffers",
+            if cuda::ops::tensor_cores_enabled() { "on" } else { "off" },
+            driver::STAGE_BYTES >> 20
+        );
     }
     println!(
         "kernel emulator: {}",
