@@ -41,26 +41,30 @@ struct Omega {
     }
 };
 
-// This thread's share of the operand tiles at k0: a 1×4 strip of A (row a_row, columns
-// a_k..a_k+3 of the K range) and of B (row b_k, columns b_col..b_col+3), zero outside the matrix.
-// Shared by gemm_tiles and gemm_tiles_tc (gemm_tc.cuh).
-template <class LA, class LB>
-__device__ __forceinline__ void load_strips(const LA& A, const LB& B, int b, int row0, int col0, int k0, int M,
-                                            int N, int K, float va[4], float vb[4]) {
-    const int tid = threadIdx.x;
-    const int a_row = tid / 4, a_k = (tid % 4) * 4;
-    const int b_k = tid / 16, b_col = (tid % 16) * 4;
-    const int ar = row0 + a_row;
+// This thread's share of the operand tiles: a 1×4 strip of A (row a_row, k a_k..a_k+3) and one
+// of B (row b_k, columns b_col..b_col+3); 256 threads cover a 64×16 and a 16×64 tile. Shared by
+// gemm_tiles and gemm_tiles_tc (gemm_tc.cuh), which differ only in how they store and multiply.
+struct Strips {
+    int a_row, a_k, b_k, b_col;
+    __device__ explicit Strips(int tid)
+        : a_row(tid / 4), a_k((tid % 4) * 4), b_k(tid / 16), b_col((tid % 16) * 4) {}
+
+    // The two strips at k0, zero outside the matrix.
+    template <class LA, class LB>
+    __device__ __forceinline__ void load(const LA& A, const LB& B, int b, int row0, int col0, int k0, int M, int N,
+                                         int K, float va[4], float vb[4]) const {
+        const int ar = row0 + a_row;
 #pragma unroll
-    for (int t = 0; t < 4; ++t) va[t] = (ar < M && k0 + a_k + t < K) ? A.at(b, ar, k0 + a_k + t) : 0.0f;
-    const int bk = k0 + b_k;
-    if (bk < K && col0 + b_col < N) {
-        B.row4(b, bk, col0 + b_col, N, vb);
-    } else {
+        for (int t = 0; t < 4; ++t) va[t] = (ar < M && k0 + a_k + t < K) ? A.at(b, ar, k0 + a_k + t) : 0.0f;
+        const int bk = k0 + b_k;
+        if (bk < K && col0 + b_col < N) {
+            B.row4(b, bk, col0 + b_col, N, vb);
+        } else {
 #pragma unroll
-        for (int t = 0; t < 4; ++t) vb[t] = 0.0f;
+            for (int t = 0; t < 4; ++t) vb[t] = 0.0f;
+        }
     }
-}
+};
 
 template <class LA, class LB>
 __device__ void gemm_tiles(float* __restrict__ C, LA A, LB B, int M, int N, int K, long long strideC) {
@@ -72,17 +76,14 @@ __device__ void gemm_tiles(float* __restrict__ C, LA A, LB B, int M, int N, int 
     const int tr = tid / 16, tc = tid % 16;  // this thread's 4×4 block of the tile
     float acc[4][4] = {};
 
-    // Loading: each thread brings one 1×4 strip of A (row, 4 consecutive k) and one of B
-    // (k, 4 consecutive columns).
-    const int a_row = tid / 4, a_k = (tid % 4) * 4;
-    const int b_k = tid / 16, b_col = (tid % 16) * 4;
+    const Strips st(tid);
     for (int k0 = 0; k0 < K; k0 += TILE_K) {
         float va[4], vb[4];
-        load_strips(A, B, b, row0, col0, k0, M, N, K, va, vb);
+        st.load(A, B, b, row0, col0, k0, M, N, K, va, vb);
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
-            As[a_k + t][a_row] = va[t];
-            Bs[b_k][b_col + t] = vb[t];
+            As[st.a_k + t][st.a_row] = va[t];  // A transposed: rows of As are k
+            Bs[st.b_k][st.b_col + t] = vb[t];
         }
         __syncthreads();
 #pragma unroll

@@ -35,16 +35,14 @@ __device__ void gemm_tiles_tc(float* __restrict__ C, LA A, LB B, int M, int N, i
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
 
-    // Loading as in gemm_tiles: one 1×4 strip of A and one of B per thread (load_strips).
-    const int a_row = tid / 4, a_k = (tid % 4) * 4;
-    const int b_k = tid / 16, b_col = (tid % 16) * 4;
+    const Strips st(tid);  // loading as in gemm_tiles
     for (int k0 = 0; k0 < K; k0 += TILE_K) {
         float va[4], vb[4];
-        load_strips(A, B, b, row0, col0, k0, M, N, K, va, vb);
+        st.load(A, B, b, row0, col0, k0, M, N, K, va, vb);
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
-            As[a_row][a_k + t] = va[t];
-            Bs[b_k][b_col + t] = vb[t];
+            As[st.a_row][st.a_k + t] = va[t];  // A row-major, as WMMA reads it
+            Bs[st.b_k][st.b_col + t] = vb[t];
         }
         __syncthreads();
 #pragma unroll

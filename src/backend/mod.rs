@@ -124,6 +124,14 @@ pub enum Side {
 }
 
 impl Basis {
+    /// U or V.
+    pub fn side(&self, side: Side) -> MatRef<'_, f32> {
+        match side {
+            Side::U => self.u.as_ref(),
+            Side::V => self.v.as_ref(),
+        }
+    }
+
     /// σ_{k+1} / σ_k: near 0 for a clear gap, near 1 when the k-th direction is barely resolved.
     pub fn gap_ratio(&self) -> Option<f64> {
         let last = *self.s.last()?;
@@ -247,10 +255,7 @@ pub trait Backend: Sync {
     /// [`Backend::similarity`] of one side of two bases (backends may use their resident
     /// copies).
     fn basis_similarity(&self, x: &Basis, y: &Basis, side: Side) -> f32 {
-        match side {
-            Side::U => self.similarity(x.u.as_ref(), y.u.as_ref()),
-            Side::V => self.similarity(x.v.as_ref(), y.v.as_ref()),
-        }
+        self.similarity(x.side(side), y.side(side))
     }
 
     /// The target factors of `mode` (not `auto`) for a target of `target_shape` (out, in).

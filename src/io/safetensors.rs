@@ -292,8 +292,6 @@ fn find_inconsistent_tensor(file: &[u8]) -> Option<String> {
     None
 }
 
-/// Index of the first NaN or infinity in little-endian `bytes` of `ty` (all-ones exponent),
-/// checked on the bits without converting.
 /// Refuses NaN and Inf in `bytes` (rows from `first_row` of `cols` values of tensor `name` in
 /// `path`), naming the first one's element, row and column. Large inputs are scanned in parallel
 /// (this is the pass that reads a mapped tensor from disk).
@@ -333,6 +331,8 @@ pub fn check_finite(
     ))
 }
 
+/// Index of the first NaN or infinity in little-endian `bytes` of `ty` (all-ones exponent),
+/// checked on the bits without converting.
 pub fn first_non_finite(bytes: &[u8], ty: FloatType) -> Option<usize> {
     match ty {
         FloatType::F32 => bytes.chunks_exact(4).position(|c| {

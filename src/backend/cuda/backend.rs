@@ -146,22 +146,35 @@ impl CudaBackend {
             ys.extend(row_major(*y));
         }
         let (x, y) = (gpu.upload(&xs, "bases")?, gpu.upload(&ys, "bases")?);
-        let p = gpu.zeros::<f32>(pairs.len() * k * k, "UᵀU products")?;
-        let out = gpu.zeros::<f32>(pairs.len(), "similarities")?;
+        self.similarities_at(x.ptr(), y.ptr(), (m, k), pairs.len())
+    }
+
+    /// `‖XᵀY‖_F² / k` for `batch` pairs of `m × k` row-major bases stored back to back at the
+    /// device addresses `x` and `y`.
+    fn similarities_at(
+        &self,
+        x: u64,
+        y: u64,
+        (m, k): (usize, usize),
+        batch: usize,
+    ) -> Result<Vec<f32>> {
+        let gpu = &self.ops.gpu;
+        let p = gpu.zeros::<f32>(batch * k * k, "UᵀU products")?;
+        let out = gpu.zeros::<f32>(batch, "similarities")?;
         self.ops.panel(
             Panel::TN,
             p.ptr(),
-            x.ptr(),
-            y.ptr(),
+            x,
+            y,
             (k, k, m),
             (k, k),
             (m * k, m * k),
-            pairs.len(),
+            batch,
         )?;
         self.ops
-            .sum_squares(&out, &p, k * k, 1.0 / k as f64, pairs.len())?;
+            .sum_squares(&out, &p, k * k, 1.0 / k as f64, batch)?;
         Ok(gpu
-            .download::<f32>(out.ptr(), pairs.len())?
+            .download::<f32>(out.ptr(), batch)?
             .into_iter()
             .map(|s| s.clamp(0.0, 1.0))
             .collect())
@@ -173,33 +186,20 @@ impl CudaBackend {
         if let Some(address) = DeviceBasis::address(basis, side, &self.ops.gpu) {
             return Ok((address, None));
         }
-        let host = match side {
-            Side::U => basis.u.as_ref(),
-            Side::V => basis.v.as_ref(),
-        };
-        let buf = self.ops.gpu.upload(&row_major(host), what)?;
+        let buf = self.ops.gpu.upload(&row_major(basis.side(side)), what)?;
         Ok((buf.ptr(), Some(buf)))
     }
 
     /// The similarity of one side of two bases, from their device copies when they have them.
     pub fn pair_similarity(&self, x: &Basis, y: &Basis, side: Side) -> Result<f32> {
-        let (xm, ym) = match side {
-            Side::U => (x.u.as_ref(), y.u.as_ref()),
-            Side::V => (x.v.as_ref(), y.v.as_ref()),
-        };
+        let (xm, ym) = (x.side(side), y.side(side));
         let (m, k) = (xm.nrows(), xm.ncols());
         if (ym.nrows(), ym.ncols()) != (m, k) || k == 0 {
             return Ok(factors::similarity(xm, ym));
         }
         let (xa, _held_x) = self.on_device(x, side, "basis")?;
         let (ya, _held_y) = self.on_device(y, side, "basis")?;
-        let gpu = &self.ops.gpu;
-        let p = gpu.zeros::<f32>(k * k, "UᵀU product")?;
-        let out = gpu.zeros::<f32>(1, "similarity")?;
-        self.ops
-            .panel(Panel::TN, p.ptr(), xa, ya, (k, k, m), (k, k), (0, 0), 1)?;
-        self.ops.sum_squares(&out, &p, k * k, 1.0 / k as f64, 1)?;
-        Ok(gpu.download::<f32>(out.ptr(), 1)?[0].clamp(0.0, 1.0))
+        Ok(self.similarities_at(xa, ya, (m, k), 1)?[0])
     }
 
     /// B_t = U_x (U_yᵀ B_s), A_t = (A_s V_y) V_xᵀ on the device.
@@ -346,10 +346,7 @@ impl Backend for CudaBackend {
     fn basis_similarity(&self, x: &Basis, y: &Basis, side: Side) -> f32 {
         // As in `similarity`: a device error falls back to the reference.
         self.pair_similarity(x, y, side)
-            .unwrap_or_else(|_| match side {
-                Side::U => factors::similarity(x.u.as_ref(), y.u.as_ref()),
-                Side::V => factors::similarity(x.v.as_ref(), y.v.as_ref()),
-            })
+            .unwrap_or_else(|_| factors::similarity(x.side(side), y.side(side)))
     }
 
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {

@@ -3,11 +3,11 @@
 //! The kernels come from the fatbins build.rs embedded (sm_90 SASS + compute_90 PTX); all are
 //! loaded at start so a missing kernel is reported before any work.
 //!
-//! Two non-blocking streams: `compute` takes launches, allocations (stream-ordered, so a free
+//! Three non-blocking streams: `compute` takes launches, allocations (stream-ordered, so a free
 //! never stalls the device), small copies and reads; `copy` takes the weights, which go
-//! mapped file → pinned staging buffer → device. Two staging buffers alternate: the host fills
-//! one (reading the file) while the DMA engine empties the other, and neither waits for the
-//! kernels of the batch before. Pinning the mapped file itself (cuMemHostRegister) would fault
+//! mapped file → pinned staging buffer → device; `readback` reads finished batches. Two staging
+//! buffers alternate: the host fills one (reading the file) while the DMA engine empties the
+//! other, and neither waits for the kernels of the batch before. Pinning the mapped file itself (cuMemHostRegister) would fault
 //! in and lock the whole checkpoint; staging keeps pinned memory at 2 × [`STAGE_BYTES`].
 
 use std::collections::{HashMap, HashSet};
@@ -172,31 +172,20 @@ impl CudaDriver {
                 .map_err(|e| driver_error("cuStreamCreate", e))
         };
         let (compute, copy, readback) = (stream()?, stream()?, stream()?);
-        // Keep freed memory in the pool instead of returning it at every synchronization: each
-        // piece of a batch allocates what the previous one freed. (`free_memory` counts it.)
-        // SAFETY: dev is valid; the attribute takes a cuuint64_t.
+        // SAFETY: dev is valid.
         let pool = unsafe { result::device::get_default_mem_pool(dev) }
             .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
-        let mut keep = u64::MAX;
-        unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut keep as *mut u64 as *mut c_void,
-            )
-        }
-        .map_err(|e| driver_error("cuMemPoolSetAttribute", e))?;
+        use sys::CUmemPool_attribute::*;
+        // Keep freed memory in the pool instead of returning it at every synchronization: each
+        // piece of a batch allocates what the previous one freed. (`free_memory` counts it.)
+        set_pool_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
         // Nor may an upload on `copy` reuse a block that `compute` has not finished freeing: the
         // pool would make the copy wait for the kernels, undoing the overlap.
-        let mut no = 0i32;
-        unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
-                &mut no as *mut i32 as *mut c_void,
-            )
-        }
-        .map_err(|e| driver_error("cuMemPoolSetAttribute", e))?;
+        set_pool_attribute(
+            pool,
+            CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            0i32,
+        )?;
         Ok(Self {
             ctx,
             info,
@@ -297,11 +286,20 @@ impl CudaDriver {
 
     fn current(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: ctx is the retained primary context.
-        unsafe { result::ctx::set_current(self.ctx) }
-            .map_err(|e| driver_error("cuCtxSetCurrent", e))?;
+        self.bind()?;
         Ok(guard)
     }
+}
+
+/// Sets a pool attribute; `T` must be the attribute's C type (cuuint64_t or int).
+fn set_pool_attribute<T>(
+    pool: sys::CUmemoryPool,
+    attr: sys::CUmemPool_attribute,
+    mut value: T,
+) -> Result<()> {
+    // SAFETY: a live pool; `value` has the type the attribute takes (the callers above).
+    unsafe { result::mem_pool::set_attribute(pool, attr, &mut value as *mut T as *mut c_void) }
+        .map_err(|e| driver_error("cuMemPoolSetAttribute", e))
 }
 
 fn event() -> Result<sys::CUevent> {
