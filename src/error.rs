@@ -66,9 +66,17 @@ pub enum Error {
     #[error("{context}: numerical failure: {reason}")]
     Numerical { context: String, reason: String },
 
-    /// A backend that cannot run here (for example CUDA without a GPU).
+    /// A backend that cannot run here (no GPU, no driver, a build without kernels).
     #[error("backend unavailable: {0}")]
-    Backend(String),
+    Unavailable(String),
+
+    /// The device or its driver failed at run time (out of memory, a failed launch or copy).
+    #[error("device error: {0}")]
+    Device(String),
+
+    /// A broken internal invariant (a programming error, not bad input): please report it.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -100,6 +108,11 @@ impl Error {
             tensor: tensor.into(),
             reason: reason.into(),
         }
+    }
+
+    /// Shorthand for an internal error (a broken invariant).
+    pub fn internal(what: impl Into<String>) -> Self {
+        Error::Internal(what.into())
     }
 
     /// Shorthand for an invalid command-line value.

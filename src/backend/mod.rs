@@ -287,12 +287,12 @@ pub fn select(device: Device) -> Result<(Box<dyn Backend>, String)> {
         Device::Cpu => Ok((Box::new(cpu::CpuBackend), "cpu (requested)".into())),
         Device::Cuda => {
             if !cuda::kernels_compiled() {
-                return Err(crate::error::Error::Backend(
+                return Err(crate::error::Error::Unavailable(
                     "--device cuda: this build has no CUDA backend (built without CUDA kernels); use --device cpu or auto".into(),
                 ));
             }
             let backend = cuda::cuda_backend()
-                .map_err(|e| crate::error::Error::Backend(format!("--device cuda: {e}")))?;
+                .map_err(|e| crate::error::Error::Unavailable(format!("--device cuda: {e}")))?;
             let why = format!("cuda (requested): {}", backend.ops().gpu.describe());
             Ok((Box::new(backend), why))
         }

@@ -75,8 +75,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     );
     if args.bench {
         if args.device == SelftestDevice::Emulator {
-            return Err(Error::Backend(
-                "--bench times the GPU; the emulator's times mean nothing".into(),
+            return Err(Error::arg(
+                "--bench",
+                "it times the GPU; the emulator's times mean nothing",
             ));
         }
         // Qwen2.5-1.5B: 28 layers of q/o, k/v, gate/up, down; k = 256, p = 16.
@@ -116,7 +117,7 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         }
     }
     if failed > 0 {
-        return Err(Error::Backend(format!(
+        return Err(Error::Device(format!(
             "selftest: {failed} of {} checks mismatched the CPU reference (seed {seed})",
             checks.len()
         )));

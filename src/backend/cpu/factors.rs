@@ -53,10 +53,7 @@ fn check(cond: bool, what: &str) -> Result<()> {
     if cond {
         Ok(())
     } else {
-        Err(Error::Numerical {
-            context: "transfer".into(),
-            reason: format!("shape mismatch: {what}"),
-        })
+        Err(Error::Internal(format!("transfer: shape mismatch: {what}")))
     }
 }
 
@@ -69,9 +66,11 @@ pub fn nearest_index(j: usize, len: usize, new_len: usize) -> usize {
 }
 
 fn need<'b>(b: Option<&'b Basis>, mode: Mode, which: &str) -> Result<&'b Basis> {
-    b.ok_or_else(|| Error::Numerical {
-        context: "transfer".into(),
-        reason: format!("{} mode needs the {which} basis", mode.name()),
+    b.ok_or_else(|| {
+        Error::Internal(format!(
+            "transfer: {} mode needs the {which} basis",
+            mode.name()
+        ))
     })
 }
 
@@ -109,10 +108,10 @@ pub fn subspace_bases<'b>(
             check(s.u.ncols() == t.u.ncols(), "bases of equal rank")?;
             Ok((t, s))
         }
-        _ => Err(Error::Numerical {
-            context: "transfer".into(),
-            reason: format!("{} is not a subspace product", mode.name()),
-        }),
+        _ => Err(Error::Internal(format!(
+            "transfer: {} is not a subspace product",
+            mode.name()
+        ))),
     }
 }
 
@@ -127,10 +126,9 @@ pub fn transfer(
     let (m_t, n_t) = target_shape;
     let (m_s, n_s) = (src.b.nrows(), src.a.ncols());
     match mode {
-        Mode::Auto => Err(Error::Numerical {
-            context: "transfer".into(),
-            reason: "mode auto must be resolved before the transfer".into(),
-        }),
+        Mode::Auto => Err(Error::internal(
+            "transfer: mode auto must be resolved before the transfer",
+        )),
         Mode::Copy => {
             check((m_s, n_s) == (m_t, n_t), "copy needs equal shapes")?;
             Ok(src.clone())

@@ -77,10 +77,10 @@ pub fn truncated_svd(w: &Weight<'_>, params: &SvdParams, t: &Timings) -> Result<
     let (m, n) = (w.rows, w.cols);
     let k = params.rank.min(m).min(n);
     if k == 0 {
-        return Err(Error::Numerical {
-            context: w.name.to_string(),
-            reason: format!("rank 0 requested for a {m}x{n} matrix"),
-        });
+        return Err(Error::Internal(format!(
+            "{}: rank 0 requested for a {m}x{n} matrix",
+            w.name
+        )));
     }
     let l = sketch_width(m, n, params);
     let wm = w.as_mat();

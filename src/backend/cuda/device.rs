@@ -162,7 +162,7 @@ impl Gpu {
 
     fn allocated(&self, ptr: Result<u64>, bytes: usize, what: &str) -> Result<Buffer> {
         let ptr = ptr.map_err(|e| match e {
-            Error::Backend(msg) => Error::Backend(format!(
+            Error::Device(msg) => Error::Device(format!(
                 "{}: cannot allocate {:.1} MiB for {what}: {msg}",
                 self.describe(),
                 bytes as f64 / (1 << 20) as f64

@@ -23,7 +23,7 @@ use super::kernels::NAMES;
 use crate::error::{Error, Result};
 
 fn driver_error(what: &str, e: result::DriverError) -> Error {
-    Error::Backend(format!("CUDA driver: {what}: {e:?}"))
+    Error::Device(format!("CUDA driver: {what}: {e:?}"))
 }
 
 /// True when libcuda can be loaded (never panics, unlike the first driver call without it).
@@ -44,7 +44,7 @@ pub struct GpuInfo {
 /// The GPUs the driver sees (an error when there is no driver or it fails to initialize).
 pub fn list_gpus() -> Result<Vec<GpuInfo>> {
     if !driver_present() {
-        return Err(Error::Backend(
+        return Err(Error::Unavailable(
             "no CUDA driver (libcuda.so) on this machine".into(),
         ));
     }
@@ -122,14 +122,14 @@ impl CudaDriver {
     /// Opens GPU `ordinal` and loads every kernel.
     pub fn open(ordinal: i32) -> Result<Self> {
         if crate::kernels::FATBINS.is_empty() {
-            return Err(Error::Backend("this binary was built without CUDA kernels (no nvcc at build time; see scripts/setup-cuda.sh)".into()));
+            return Err(Error::Unavailable("this binary was built without CUDA kernels (no nvcc at build time; see scripts/setup-cuda.sh)".into()));
         }
         let info = list_gpus()?
             .into_iter()
             .find(|g| g.ordinal == ordinal)
-            .ok_or_else(|| Error::Backend(format!("no CUDA GPU with ordinal {ordinal}")))?;
+            .ok_or_else(|| Error::Unavailable(format!("no CUDA GPU with ordinal {ordinal}")))?;
         if info.compute_capability.0 < 9 {
-            return Err(Error::Backend(format!(
+            return Err(Error::Unavailable(format!(
                 "{} has compute capability {}.{}; the kernels are built for sm_90 (Hopper) and newer",
                 info.name, info.compute_capability.0, info.compute_capability.1
             )));
@@ -161,7 +161,7 @@ impl CudaDriver {
                 .iter()
                 .find_map(|m| unsafe { result::module::get_function(*m, c.clone()) }.ok());
             let f = found.ok_or_else(|| {
-                Error::Backend(format!(
+                Error::Internal(format!(
                     "kernel {name} is missing from the embedded fatbins"
                 ))
             })?;
@@ -207,7 +207,7 @@ impl CudaDriver {
 
     fn out_of_memory(&self, e: result::DriverError) -> Error {
         let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
-        Error::Backend(format!(
+        Error::Device(format!(
             "out of device memory? {e:?} ({:.1} MiB free)",
             free as f64 / (1 << 20) as f64
         ))
@@ -485,7 +485,7 @@ impl Device for CudaDriver {
         let f = *self
             .functions
             .get(kernel)
-            .ok_or_else(|| Error::Backend(format!("no kernel named {kernel}")))?;
+            .ok_or_else(|| Error::Internal(format!("no kernel named {kernel}")))?;
         let _g = self.current()?;
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         let mut params: Vec<*mut c_void> = slots

@@ -74,7 +74,7 @@ impl Emulator {
         if let Some(cap) = self.capacity {
             let used = Self::used(&blocks);
             if used + 8 * block.len() > cap {
-                return Err(Error::Backend(format!(
+                return Err(Error::Device(format!(
                     "out of memory ({} of {cap} bytes in use)",
                     used
                 )));
@@ -165,10 +165,10 @@ impl Device for Emulator {
         };
         match rc {
             0 => Ok(()),
-            1 => Err(Error::Backend(format!(
+            1 => Err(Error::Internal(format!(
                 "emulator: no kernel named {kernel}"
             ))),
-            _ => Err(Error::Backend(format!(
+            _ => Err(Error::Internal(format!(
                 "emulator: bad block size {:?} for {kernel}",
                 shape.block
             ))),

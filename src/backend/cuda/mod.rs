@@ -50,7 +50,7 @@ pub fn emulator_backend() -> Result<CudaBackend> {
     }
     #[cfg(not(loraxfer_kernel_emulator))]
     {
-        Err(crate::error::Error::Backend(
+        Err(crate::error::Error::Unavailable(
             "this build has no kernel emulator (no C++20 compiler at build time)".into(),
         ))
     }

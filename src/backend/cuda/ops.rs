@@ -51,7 +51,7 @@ fn dtype_suffix(ty: FloatType) -> &'static str {
 
 fn dim(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x)
-        .map_err(|_| Error::Backend(format!("{what} = {x} exceeds the kernels' 32-bit sizes")))
+        .map_err(|_| Error::Device(format!("{what} = {x} exceeds the kernels' 32-bit sizes")))
 }
 
 fn gemm_shape(rows: usize, cols: usize, batch: usize) -> LaunchShape {
@@ -206,7 +206,7 @@ impl Ops {
         seed: u64,
     ) -> Result<usize> {
         if l > MAX_SKETCH || l > rows {
-            return Err(Error::Backend(format!(
+            return Err(Error::Internal(format!(
                 "orthonormalize: {rows}x{l} panel (want l ≤ rows and l ≤ {MAX_SKETCH})"
             )));
         }
@@ -252,7 +252,7 @@ impl Ops {
     /// eigenvalues, non-increasing (l f32 per matrix), and the eigenvectors (l×l f32, columns).
     pub fn eig(&self, g: &Buffer, l: usize, batch: usize) -> Result<(Buffer, Buffer)> {
         if l > MAX_SKETCH {
-            return Err(Error::Backend(format!("eig: l = {l} > {MAX_SKETCH}")));
+            return Err(Error::Internal(format!("eig: l = {l} > {MAX_SKETCH}")));
         }
         let v = self
             .gpu
@@ -347,7 +347,7 @@ impl Ops {
         let name = match ty {
             FloatType::F16 => "cast_f32_f16",
             FloatType::Bf16 => "cast_f32_bf16",
-            FloatType::F32 => return Err(Error::Backend("cast: f32 needs no kernel".into())),
+            FloatType::F32 => return Err(Error::internal("cast: f32 needs no kernel")),
         };
         self.gpu.launch(
             name,

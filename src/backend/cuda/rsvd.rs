@@ -84,11 +84,11 @@ pub fn submit(
     t: &Timings,
 ) -> Result<Pending> {
     let Some(first) = mats.first() else {
-        return Err(Error::Backend("an empty batch".into()));
+        return Err(Error::internal("an empty batch"));
     };
     let (m, n, ty) = (first.rows, first.cols, first.ty);
     if let Some(odd) = mats.iter().find(|x| (x.rows, x.cols, x.ty) != (m, n, ty)) {
-        return Err(Error::Backend(format!(
+        return Err(Error::Internal(format!(
             "batch mixes {}x{} {:?} with {} ({}x{} {:?})",
             m, n, ty, odd.name, odd.rows, odd.cols, odd.ty
         )));
@@ -96,13 +96,13 @@ pub fn submit(
     let k = params.rank.min(m).min(n);
     let l = (params.rank + params.oversample).min(m).min(n);
     if k == 0 {
-        return Err(Error::Numerical {
-            context: first.name.to_string(),
-            reason: format!("rank 0 requested for a {m}x{n} matrix"),
-        });
+        return Err(Error::Internal(format!(
+            "{}: rank 0 requested for a {m}x{n} matrix",
+            first.name
+        )));
     }
     if let Some(x) = mats.iter().find(|x| x.bytes.len() != m * n * ty.size()) {
-        return Err(Error::Backend(format!(
+        return Err(Error::Internal(format!(
             "{}: {} bytes for a {m}x{n} {:?} matrix",
             x.name,
             x.bytes.len(),
