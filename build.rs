@@ -20,6 +20,7 @@ fn main() {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    arch_tables(&out_dir);
     let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
         .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -158,4 +159,29 @@ fn build_emulator(sources: &[PathBuf]) {
     build.file("kernels/emulate/launch.cpp");
     build.compile("loraxfer_emulate");
     println!("cargo::rustc-cfg=loraxfer_kernel_emulator");
+}
+
+/// Writes `OUT_DIR/arch_tables.rs`: every `src/arch/tables/*.json`, by file stem, embedded with
+/// `include_str!`, so that adding an architecture is adding a JSON file.
+fn arch_tables(out_dir: &std::path::Path) {
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+        .join("src/arch/tables");
+    println!("cargo::rerun-if-changed={}", dir.display());
+    let mut tables: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    tables.sort();
+    let mut code = String::from("/// Every architecture table: (file stem, JSON text).\npub const TABLES: &[(&str, &str)] = &[\n");
+    for t in &tables {
+        println!("cargo::rerun-if-changed={}", t.display());
+        let stem = t.file_stem().unwrap().to_string_lossy();
+        code += &format!(
+            "    ({stem:?}, include_str!({:?})),\n",
+            t.display().to_string()
+        );
+    }
+    code += "];\n";
+    std::fs::write(out_dir.join("arch_tables.rs"), code).expect("cannot write arch_tables.rs");
 }

@@ -4,9 +4,11 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use faer::Mat;
 use loraxfer::backend::cpu::{factors, rsvd};
-use loraxfer::backend::{Factors, Mode, SvdParams, Weight};
+use loraxfer::backend::{Factors, SvdParams, Weight};
 use loraxfer::io::safetensors::{decode_f32, encode_f32, FloatType};
+use loraxfer::linalg::mm;
 use loraxfer::linalg::philox::gaussian4;
+use loraxfer::modes::Mode;
 use loraxfer::timing::Timings;
 
 fn weight(m: usize, n: usize) -> Vec<f32> {
@@ -54,14 +56,14 @@ fn bench(c: &mut Criterion) {
             gaussian4(0, 9, i as u32, (j / 4) as u32)[j % 4]
         });
         group.bench_function(BenchmarkId::new("sketch", &id), |b| {
-            b.iter(|| rsvd::mm(w.as_mat(), omega.as_ref()))
+            b.iter(|| mm(w.as_mat(), omega.as_ref()))
         });
-        let y = rsvd::mm(w.as_mat(), omega.as_ref());
+        let y = mm(w.as_mat(), omega.as_ref());
         group.bench_function(BenchmarkId::new("orth", &id), |b| {
             b.iter(|| rsvd::orthonormalize(y.as_ref()))
         });
         let q = rsvd::orthonormalize(y.as_ref());
-        let bt = rsvd::mm(w.as_mat().transpose(), q.as_ref());
+        let bt = mm(w.as_mat().transpose(), q.as_ref());
         group.bench_function(BenchmarkId::new("eig", &id), |b| {
             b.iter(|| bt.thin_svd().unwrap())
         });

@@ -1,6 +1,6 @@
 //! loraxfer: transfer a PEFT LoRA adapter from one base model to another without training, by
 //! projecting it through the singular subspaces of the two models' weights (LoRA-X, Cross-LoRA
-//! and relatives). See DESIGN in the repository's docs for the math.
+//! and relatives). docs/METHOD.md holds the math and every choice the papers leave open.
 //!
 //! The pipeline: [`plan`] (pure: pairs modules, maps layers) → [`transfer`] (loads weights one
 //! module at a time, runs a [`backend::Backend`], writes atomically) → a PEFT adapter and a report.
@@ -17,6 +17,7 @@ pub mod kernels {
 }
 
 pub mod linalg;
+pub mod modes;
 pub mod plan;
 pub mod synth;
 pub mod timing;

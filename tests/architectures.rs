@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use common::*;
 use faer::Mat;
 use loraxfer::arch;
-use loraxfer::backend::{Device, Mode};
+use loraxfer::backend::Device;
 use loraxfer::io::adapter::{Adapter, LoraFactors};
 use loraxfer::io::checkpoint::{Checkpoint, ModelConfig};
 use loraxfer::io::safetensors::FloatType;
+use loraxfer::modes::Mode;
 use loraxfer::plan::Options;
 use loraxfer::transfer::{self, Job};
 
@@ -226,6 +227,49 @@ fn every_table_loads_and_round_trips_module_names() {
         parts.dedup();
         assert_eq!(parts.len(), 7, "{}", a.name);
     }
+}
+
+#[test]
+fn every_table_file_is_found_and_validated() {
+    let sources = arch::table_sources();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/arch/tables");
+    let on_disk = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "json")
+        })
+        .count();
+    assert_eq!(
+        sources.len(),
+        on_disk,
+        "every JSON file in {dir:?} is built in"
+    );
+    let mut model_types = std::collections::BTreeMap::new();
+    for (stem, text) in sources {
+        let table = arch::parse_table(text).unwrap_or_else(|e| panic!("{stem}.json: {e}"));
+        assert_eq!(
+            &table.name, stem,
+            "{stem}.json names itself `{}`",
+            table.name
+        );
+        for t in &table.model_types {
+            if let Some(other) = model_types.insert(t.clone(), table.name.clone()) {
+                panic!(
+                    "model_type `{t}` is claimed by both {other} and {}",
+                    table.name
+                );
+            }
+        }
+    }
+    assert_eq!(arch::all().len(), sources.len());
+    // The checks reject a broken table.
+    let bad = r#"{"name":"x","model_types":["x"],"layer_prefixes":["model.layers"],
+        "modules":{"q_proj":{"key":"self_attn.q_proj","parts":["q","k","v","o","gate","up"]}}}"#;
+    assert!(arch::parse_table(bad).is_err());
 }
 
 #[test]

@@ -308,6 +308,44 @@ fn copy_mode_onto_the_same_model_keeps_the_factors() {
 }
 
 #[test]
+fn rotate_keeps_the_whole_update_on_a_drifted_target_and_gives_it_back_on_the_same_model() {
+    let f = Fixtures::new();
+    let (out, _, _) = f.transfer(&f.target, "rotated", &["--mode", "rotate", "--rank", "16"]);
+    let report = report(&out);
+    for row in rows(&report) {
+        assert_eq!(row["mode"], "rotate", "{row}");
+        let kept = row["energy_kept"].as_f64().unwrap();
+        assert!((kept - 1.0).abs() < 1e-5, "rotate lost energy: {row}");
+    }
+    // It moves the update (a drifted target is not the source) ...
+    let (new, old) = (adapter_weights(&out), adapter_weights(&f.adapter));
+    let moved = old
+        .names()
+        .iter()
+        .filter(|n| n.contains("lora_B"))
+        .filter(|n| {
+            let (a, b) = (new.f32s(n), old.f32s(n));
+            a.iter()
+                .zip(&b)
+                .any(|(x, y)| (x - y).abs() > 1e-4 * y.abs().max(1e-2))
+        })
+        .count();
+    assert!(moved > 0, "rotate onto a drifted target changed nothing");
+    // ... and onto the source itself it is the copy, to rounding.
+    let (same, _, _) = f.transfer(&f.source, "same", &["--mode", "rotate", "--rank", "16"]);
+    let same = adapter_weights(&same);
+    for name in old.names() {
+        let (a, b) = (same.f32s(&name), old.f32s(&name));
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-4 * scale, "{name} moved by {err} (scale {scale})");
+    }
+}
+
+#[test]
 fn threshold_skips_dissimilar_modules() {
     let f = Fixtures::new();
     let (out, _, _) = f.transfer(&f.target, "out", &["--threshold", "0.999"]);

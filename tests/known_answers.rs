@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use faer::Mat;
 use loraxfer::backend::cpu::{factors, rsvd, CpuBackend};
-use loraxfer::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use loraxfer::backend::{Backend, Basis, Factors, SvdParams, Weight};
+use loraxfer::modes::{self, Mode};
 use loraxfer::timing::Timings;
 
 fn svd(w: &Mat<f32>, name: &str, k: usize, p: usize, q: usize) -> Basis {
@@ -321,7 +322,7 @@ fn copy_and_resample() {
 fn energy_in_factored_form_matches_dense() {
     let f = lora(25, 17, 4, 6);
     let dense = fro(&update(&f)) as f64;
-    assert!((factors::update_norm(&f) - dense).abs() < 1e-4 * dense);
+    assert!((modes::update_norm(&f) - dense).abs() < 1e-4 * dense);
 }
 
 #[test]
@@ -342,6 +343,6 @@ fn zero_adapter_transfers_to_zero() {
         let out = CpuBackend
             .transfer(mode, &zero, Some(&b), Some(&b), (20, 16))
             .unwrap();
-        assert_eq!(factors::update_norm(&out), 0.0, "{mode:?}");
+        assert_eq!(modes::update_norm(&out), 0.0, "{mode:?}");
     }
 }

@@ -5,11 +5,12 @@ mod common;
 
 use common::*;
 use faer::Mat;
-use loraxfer::backend::cpu::{factors, CpuBackend};
-use loraxfer::backend::{Backend, Basis, Factors, Mode};
+use loraxfer::backend::cpu::CpuBackend;
+use loraxfer::backend::{Backend, Basis, Factors};
 use loraxfer::io::safetensors::{
     decode_f32, encode_f32, pt_metadata, write_file, FloatType, OutTensor, TensorFile,
 };
+use loraxfer::modes::{self, Mode};
 use proptest::prelude::*;
 
 fn dtype() -> impl Strategy<Value = FloatType> {
@@ -113,7 +114,7 @@ proptest! {
         let zero = Factors { b: Mat::zeros(m, 2), a: gaussian(2, n, seed, 5) };
         for mode in [Mode::Copy, Mode::Project, Mode::Align, Mode::Procrustes, Mode::Resample] {
             let out = CpuBackend.transfer(mode, &zero, Some(&bs), Some(&bt), (m, n)).unwrap();
-            prop_assert_eq!(factors::update_norm(&out), 0.0);
+            prop_assert_eq!(modes::update_norm(&out), 0.0);
         }
     }
 }

@@ -94,6 +94,26 @@ pub struct Arch {
     pub layer_prefixes: Vec<String>,
     #[serde(deserialize_with = "modules_in_order")]
     pub modules: Vec<ModuleSpec>,
+    /// Where the residual stream's anchors and norm gains live (the `map` mode reads them).
+    pub residual: Residual,
+}
+
+/// The residual stream's conventions: the embedding, the norm before each block, and how the
+/// family scales them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Residual {
+    /// The embedding, below the layer prefix's parent (`model.layers` → `model.embed_tokens.weight`).
+    pub embed: String,
+    /// The norm whose output the attention projections (q, k, v) read, below the layer.
+    pub attn_norm: String,
+    /// The norm whose output the MLP's gate and up read, below the layer.
+    pub mlp_norm: String,
+    /// Added to a stored norm weight to get its gain (Gemma stores g − 1).
+    pub gain_offset: f32,
+    /// The embedding is multiplied by √hidden_size before the first layer (Gemma).
+    pub embed_scale_sqrt_hidden: bool,
+    /// o and down outputs are normalized again before they join the residual (Gemma 2/3).
+    pub output_norms: bool,
 }
 
 fn modules_in_order<'de, D: serde::Deserializer<'de>>(
@@ -111,29 +131,26 @@ fn modules_in_order<'de, D: serde::Deserializer<'de>>(
         .collect()
 }
 
-const TABLES: &[(&str, &str)] = &[
-    ("llama", include_str!("tables/llama.json")),
-    ("qwen2", include_str!("tables/qwen2.json")),
-    ("qwen3", include_str!("tables/qwen3.json")),
-    ("mistral", include_str!("tables/mistral.json")),
-    ("gemma", include_str!("tables/gemma.json")),
-    ("gemma2", include_str!("tables/gemma2.json")),
-    ("gemma3", include_str!("tables/gemma3.json")),
-    ("phi3", include_str!("tables/phi3.json")),
-];
+// `TABLES`: every file of `tables/`, found by build.rs.
+include!(concat!(env!("OUT_DIR"), "/arch_tables.rs"));
 
-/// Every built-in table.
+/// Every built-in table, each checked by [`parse_table`] (a broken one is a build defect, caught
+/// by the test that loads them all).
 pub fn all() -> &'static [Arch] {
     static ARCHS: OnceLock<Vec<Arch>> = OnceLock::new();
     ARCHS.get_or_init(|| {
         TABLES
             .iter()
             .map(|(file, text)| {
-                serde_json::from_str(text)
-                    .unwrap_or_else(|e| panic!("built-in table {file}.json: {e}"))
+                parse_table(text).unwrap_or_else(|e| panic!("built-in table {file}.json: {e}"))
             })
             .collect()
     })
+}
+
+/// The built-in tables' file stems and texts, for checks of the files themselves.
+pub fn table_sources() -> &'static [(&'static str, &'static str)] {
+    TABLES
 }
 
 /// Parses and checks one table: at least one model type and layer prefix, and the seven
@@ -160,6 +177,11 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             "table `{}`: every module needs a key and at least one part",
             arch.name
         ));
+    }
+    let mut keys: Vec<&str> = arch.modules.iter().map(|m| m.key.as_str()).collect();
+    keys.sort();
+    if keys.windows(2).any(|w| w[0] == w[1]) {
+        return Err(format!("table `{}`: two modules share a key", arch.name));
     }
     parts.sort();
     let n = parts.len();
@@ -231,6 +253,16 @@ impl Arch {
     /// The PEFT module name of a module at a layer, e.g. `model.layers.3.self_attn.q_proj`.
     pub fn module_path(&self, prefix: &str, layer: usize, module: &ModuleSpec) -> String {
         format!("{prefix}.{layer}.{}", module.key)
+    }
+
+    /// The embedding tensor's name for a layer prefix.
+    pub fn embed_name(&self, prefix: &str) -> String {
+        let parent = prefix.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+        if parent.is_empty() {
+            self.residual.embed.clone()
+        } else {
+            format!("{parent}.{}", self.residual.embed)
+        }
     }
 
     /// Splits a module name into (layer, module type), if it is one of this table's modules.

@@ -11,6 +11,7 @@ use faer::{Mat, MatRef};
 
 use crate::error::Result;
 use crate::io::safetensors::{decode_f32, FloatType};
+use crate::modes::Mode;
 use crate::timing::Timings;
 
 /// Parameters of one randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
@@ -148,53 +149,6 @@ pub struct Factors {
     pub a: Mat<f32>,
 }
 
-/// How a module's adapter is carried over (DESIGN.md §2.4); `auto` is resolved before this.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// `project` where shapes match, `align` where they do not.
-    Auto,
-    /// B_t = B_s, A_t = A_s (same shape only).
-    Copy,
-    /// B_t = U_t U_tᵀ B_s, A_t = A_s V_t V_tᵀ (LoRA-X, same shape).
-    Project,
-    /// B_t = U_t U_sᵀ B_s, A_t = A_s V_s V_tᵀ (Cross-LoRA, any shape).
-    Align,
-    /// Like align, rotated by the polar factors of U_sᵀU_t and V_sᵀV_t (same shape).
-    Procrustes,
-    /// Nearest-index resampling of B's rows and A's columns (naive baseline, any shape).
-    Resample,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Auto => "auto",
-            Mode::Copy => "copy",
-            Mode::Project => "project",
-            Mode::Align => "align",
-            Mode::Procrustes => "procrustes",
-            Mode::Resample => "resample",
-        }
-    }
-
-    /// True when the mode needs both matrices to have the same shape.
-    pub fn needs_same_shape(self) -> bool {
-        matches!(self, Mode::Copy | Mode::Project | Mode::Procrustes)
-    }
-
-    /// Which bases the factors need: (source, target).
-    pub fn needs_bases(self) -> (bool, bool) {
-        match self {
-            Mode::Project => (false, true),
-            Mode::Align | Mode::Procrustes => (true, true),
-            Mode::Auto | Mode::Copy | Mode::Resample => (false, false),
-        }
-    }
-}
-
 /// The per-module math. Implementations must agree with [`cpu::CpuBackend`] within the
 /// tolerances of their precision.
 pub trait Backend: Sync {
@@ -256,6 +210,38 @@ pub trait Backend: Sync {
     /// copies).
     fn basis_similarity(&self, x: &Basis, y: &Basis, side: Side) -> f32 {
         self.similarity(x.side(side), y.side(side))
+    }
+
+    /// `Xᵀ·M` for one side of a basis (`k × r` from `m × k` and `m × r`): the heavy product
+    /// of the whole-update modes. Backends may use their resident copy of the basis.
+    fn basis_t_mul(&self, basis: &Basis, side: Side, m: MatRef<'_, f32>) -> Result<Mat<f32>> {
+        Ok(crate::linalg::mm(basis.side(side).transpose(), m))
+    }
+
+    /// `M + X·G + Y·H` for one side of two bases (`m × r`).
+    fn basis_mul_add(
+        &self,
+        m: MatRef<'_, f32>,
+        x: &Basis,
+        g: MatRef<'_, f32>,
+        y: &Basis,
+        h: MatRef<'_, f32>,
+        side: Side,
+    ) -> Result<Mat<f32>> {
+        let mut out = m.to_owned();
+        let add = |out: &mut Mat<f32>, b: MatRef<'_, f32>, c: MatRef<'_, f32>| {
+            faer::linalg::matmul::matmul(
+                out.as_mut(),
+                faer::Accum::Add,
+                b,
+                c,
+                1.0f32,
+                faer::Par::Seq,
+            )
+        };
+        add(&mut out, x.side(side), g);
+        add(&mut out, y.side(side), h);
+        Ok(out)
     }
 
     /// The target factors of `mode` (not `auto`) for a target of `target_shape` (out, in).

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-use loraxfer::backend::{Device, Mode};
+use loraxfer::backend::Device;
 use loraxfer::io::output::check_target;
 use loraxfer::io::safetensors::FloatType;
+use loraxfer::modes::Mode;
 use loraxfer::plan::Options;
 use loraxfer::synth::{AdapterSpec, ModelSpec, Preset};
 use loraxfer::transfer::{self, report, Job};

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use loraxfer::backend::{Device, Mode};
+use loraxfer::backend::Device;
+use loraxfer::modes::Mode;
 use loraxfer::Result;
 
 /// Transfer a PEFT LoRA adapter from one base model to another, without training.
@@ -44,13 +45,13 @@ enum Command {
 #[derive(Debug, clap::Args)]
 pub struct SvdArgs {
     /// Rank k of the truncated SVDs (capped per matrix at its sizes, and reported).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = loraxfer::plan::DEFAULT_RANK)]
     rank: usize,
     /// Oversampling p of the randomized SVD.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = loraxfer::plan::DEFAULT_OVERSAMPLE)]
     oversample: usize,
     /// Power iterations q of the randomized SVD.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = loraxfer::plan::DEFAULT_POWER_ITERS)]
     power_iters: usize,
     /// Seed of the random test matrices.
     #[arg(long, default_value_t = 0)]

@@ -5,25 +5,23 @@ use loraxfer::io::checkpoint::Checkpoint;
 use loraxfer::plan::Options;
 use loraxfer::timing::Phase;
 use loraxfer::transfer::{self, inspect, report, Job};
-use loraxfer::{Error, Result};
+use loraxfer::Result;
 
 use super::{InspectArgs, SvdArgs, TransferArgs};
 
-fn options(svd: &SvdArgs) -> Result<Options> {
-    if svd.rank == 0 {
-        return Err(Error::arg("--rank", "must be at least 1"));
-    }
-    Ok(Options {
+/// The SVD settings as plan options; `plan::build` validates them.
+fn options(svd: &SvdArgs) -> Options {
+    Options {
         rank: svd.rank,
         oversample: svd.oversample,
         power_iters: svd.power_iters,
         seed: svd.seed,
         ..Options::default()
-    })
+    }
 }
 
 pub fn transfer(args: TransferArgs) -> Result<()> {
-    let mut opts = options(&args.svd)?;
+    let mut opts = options(&args.svd);
     opts.mode = args.mode;
     opts.threshold = args.threshold;
     opts.modules = args.modules.clone();
@@ -104,7 +102,7 @@ fn timings_table(r: &report::Report) -> String {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
-    let opts = options(&args.svd)?;
+    let opts = options(&args.svd);
     let (backend, _) = backend::select(args.svd.device)?;
     let source = Checkpoint::open(&args.source_base)?;
     let target = Checkpoint::open(&args.target_base)?;

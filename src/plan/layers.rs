@@ -1,4 +1,5 @@
-//! Depth mapping: which source layer each target layer takes its adapter from (DESIGN.md §2.5).
+//! Depth mapping: which source layer each target layer takes its adapter from
+//! (docs/METHOD.md, "Modules, layers and fused projections").
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -9,9 +9,9 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::arch::{Arch, ModuleSpec, Part};
-use crate::backend::Mode;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
+use crate::modes::Mode;
 
 /// The user's choices for a transfer.
 #[derive(Debug, Clone)]
@@ -30,18 +30,39 @@ pub struct Options {
     pub layer_map: Option<BTreeMap<usize, usize>>,
 }
 
+/// The default SVD rank k, oversampling p and power iterations q (the command line's too).
+pub const DEFAULT_RANK: usize = 256;
+pub const DEFAULT_OVERSAMPLE: usize = 16;
+pub const DEFAULT_POWER_ITERS: usize = 2;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
             mode: Mode::Auto,
-            rank: 256,
-            oversample: 16,
-            power_iters: 2,
+            rank: DEFAULT_RANK,
+            oversample: DEFAULT_OVERSAMPLE,
+            power_iters: DEFAULT_POWER_ITERS,
             seed: 0,
             threshold: 0.0,
             modules: None,
             layer_map: None,
         }
+    }
+}
+
+impl Options {
+    /// Refuses values no transfer can use (checked once, here, for every caller).
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::arg("--rank", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(Error::arg(
+                "--threshold",
+                format!("{} is outside [0, 1]", self.threshold),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -173,19 +194,44 @@ pub fn build(
     adapter_path: &Path,
     options: &Options,
 ) -> Result<Plan> {
-    if options.rank == 0 {
-        return Err(Error::arg("--rank", "must be at least 1"));
-    }
-    if !(0.0..=1.0).contains(&options.threshold) {
-        return Err(Error::arg(
-            "--threshold",
-            format!("{} is outside [0, 1]", options.threshold),
-        ));
-    }
+    options.validate()?;
     let filter = module_filter(options, source.arch, target.arch)?;
+    let present = adapter_modules(source, adapter, adapter_path)?;
+    let same = same_layout(source.arch, target.arch);
+    let target_specs = target_specs(source, target, &present, same);
+    let layer_map = layer_map(source, target, options);
+    let mut modules = Vec::new();
+    for (&j, &i) in &layer_map {
+        for spec in &target_specs {
+            let pair = LayerPair {
+                source,
+                target,
+                source_layer: i,
+                target_layer: j,
+                same_layout: same,
+            };
+            modules.push(pair.module(spec, &present, options, &filter)?);
+        }
+    }
+    Ok(Plan {
+        modules,
+        layer_map,
+        target_types: target_specs.iter().map(|s| s.name.clone()).collect(),
+        same_layout: same,
+    })
+}
 
-    // 1. Every adapter module must be a known module of the source, with matching shapes.
-    let mut present: BTreeMap<(usize, &str), &str> = BTreeMap::new();
+/// (source layer, module type) → adapter module name, for every module of the adapter.
+type Present<'a> = BTreeMap<(usize, &'a str), &'a str>;
+
+/// Checks that every adapter module is an adaptable module of the source, in a layer it has, with
+/// the shape of the source's weight; returns where each one sits.
+fn adapter_modules<'a>(
+    source: &ModelSide<'_>,
+    adapter: &'a BTreeMap<String, SourceModule>,
+    adapter_path: &Path,
+) -> Result<Present<'a>> {
+    let mut present = Present::new();
     for (name, m) in adapter {
         let (layer, spec) = source
             .arch
@@ -225,25 +271,35 @@ pub fn build(
                 ),
             ));
         }
-        present.insert((layer, spec.name.as_str()), name.as_str());
+        // The spec's name lives in the static table, so the key outlives the adapter map.
+        let spec_name: &'static str = spec.name.as_str();
+        present.insert((layer, spec_name), name.as_str());
     }
-    let source_types: BTreeSet<&str> = present.keys().map(|(_, t)| *t).collect();
+    Ok(present)
+}
 
-    // 2. Which target module types the output adapter has.
-    let same = same_layout(source.arch, target.arch);
+/// The target module types the output adapter has: those the adapter's module types cover (by
+/// name when the layouts agree, by canonical part otherwise), in the target table's order.
+fn target_specs(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    present: &Present<'_>,
+    same: bool,
+) -> Vec<&'static ModuleSpec> {
+    let source_types: BTreeSet<&str> = present.keys().map(|(_, t)| *t).collect();
     let covered: BTreeSet<Part> = source_types
         .iter()
         .flat_map(|t| {
             source
                 .arch
                 .module(t)
-                .expect("parsed above")
+                .expect("parsed from the table")
                 .parts
                 .iter()
                 .copied()
         })
         .collect();
-    let target_specs: Vec<&ModuleSpec> = target
+    target
         .arch
         .modules
         .iter()
@@ -254,110 +310,148 @@ pub fn build(
                 m.parts.iter().any(|p| covered.contains(p))
             }
         })
-        .collect();
+        .collect()
+}
 
-    // 3. Layers.
-    let mut layer_map = layers::default_layer_map(source.layers(), target.layers());
+/// Target layer → source layer: the depth map, with the user's overrides.
+fn layer_map(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    options: &Options,
+) -> BTreeMap<usize, usize> {
+    let mut map = layers::default_layer_map(source.layers(), target.layers());
     if let Some(overrides) = &options.layer_map {
         for (&j, &i) in overrides {
-            layer_map.insert(j, i);
+            map.insert(j, i);
         }
+    }
+    map
+}
+
+/// One target layer and the source layer it takes its adapter from.
+struct LayerPair<'p, 'a> {
+    source: &'p ModelSide<'a>,
+    target: &'p ModelSide<'a>,
+    source_layer: usize,
+    target_layer: usize,
+    same_layout: bool,
+}
+
+impl LayerPair<'_, '_> {
+    /// The output module of target type `spec` in this layer, with the units that fill its rows:
+    /// the whole module when the layouts agree, else one unit per canonical part.
+    fn module(
+        &self,
+        spec: &ModuleSpec,
+        present: &Present<'_>,
+        options: &Options,
+        filter: &ModuleFilter,
+    ) -> Result<TargetModule> {
+        let (source, target) = (self.source, self.target);
+        let (target_tensor, shape) = target.weight(self.target_layer, spec)?;
+        let pieces: Vec<(Option<Part>, &ModuleSpec)> = if self.same_layout {
+            vec![(None, source.arch.module(&spec.name).expect("same layout"))]
+        } else {
+            spec.parts
+                .iter()
+                .map(|&p| (Some(p), source.arch.module_with(p)))
+                .collect()
+        };
+        let mut units = Vec::new();
+        for (part, src_spec) in pieces {
+            units.push(self.unit(
+                spec,
+                (&target_tensor, shape),
+                part,
+                src_spec,
+                present,
+                options,
+                filter,
+            )?);
+        }
+        Ok(TargetModule {
+            name: target
+                .arch
+                .module_path(&target.prefix, self.target_layer, spec),
+            module_type: spec.name.clone(),
+            shape,
+            units,
+        })
     }
 
-    // 4. Units.
-    let mut modules = Vec::new();
-    for (&j, &i) in &layer_map {
-        for spec in &target_specs {
-            let (target_tensor, shape) = target.weight(j, spec)?;
-            let mut units = Vec::new();
-            let pieces: Vec<(Option<Part>, &ModuleSpec)> = if same {
-                vec![(None, source.arch.module(&spec.name).expect("same layout"))]
-            } else {
-                spec.parts
-                    .iter()
-                    .map(|&p| (Some(p), source.arch.module_with(p)))
-                    .collect()
-            };
-            for (part, src_spec) in pieces {
-                let (source_tensor, src_full) = source.weight(i, src_spec)?;
-                let src_rows = match part {
-                    Some(p) => src_spec
-                        .rows_of(p, &source.ckpt.config)
-                        .expect("module holds part"),
-                    None => 0..src_full.0,
-                };
-                let tgt_rows = match part {
-                    Some(p) => spec
-                        .rows_of(p, &target.ckpt.config)
-                        .expect("module holds part"),
-                    None => 0..shape.0,
-                };
-                let source_shape = (src_rows.len(), src_full.1);
-                let target_shape = (tgt_rows.len(), shape.1);
-                let label = match part {
-                    Some(p) if spec.parts.len() > 1 || src_spec.parts.len() > 1 => {
-                        p.module_name().to_string()
-                    }
-                    _ => spec.name.clone(),
-                };
-                let source_module = present
-                    .get(&(i, src_spec.name.as_str()))
-                    .map(|s| s.to_string());
-                let mode = resolve_mode(
-                    options.mode,
-                    source_shape,
-                    target_shape,
-                    &label,
-                    source,
-                    target,
-                )?;
-                let cap = options
-                    .rank
-                    .min(source_shape.0)
-                    .min(source_shape.1)
-                    .min(target_shape.0)
-                    .min(target_shape.1);
-                let skip = if source_module.is_none() {
-                    Some(format!(
-                        "the adapter has no {} in source layer {i}",
-                        src_spec.name
-                    ))
-                } else if !filter(&label, &spec.name, &src_spec.name) {
-                    Some("not selected by --modules".to_string())
-                } else {
-                    None
-                };
-                units.push(Unit {
-                    label,
-                    target_layer: j,
-                    source_layer: i,
-                    source_module,
-                    source_tensor,
-                    source_rows: src_rows,
-                    source_shape,
-                    target_tensor: target_tensor.clone(),
-                    target_rows: tgt_rows,
-                    target_shape,
-                    mode,
-                    rank: cap,
-                    rank_capped: cap < options.rank,
-                    skip,
-                });
+    /// The unit of `part` (None: the whole module) of target module `spec`.
+    #[allow(clippy::too_many_arguments)]
+    fn unit(
+        &self,
+        spec: &ModuleSpec,
+        (target_tensor, shape): (&str, (usize, usize)),
+        part: Option<Part>,
+        src_spec: &ModuleSpec,
+        present: &Present<'_>,
+        options: &Options,
+        filter: &ModuleFilter,
+    ) -> Result<Unit> {
+        let (source, target) = (self.source, self.target);
+        let (i, j) = (self.source_layer, self.target_layer);
+        let (source_tensor, src_full) = source.weight(i, src_spec)?;
+        let rows_in = |s: &ModuleSpec, side: &ModelSide<'_>, full: usize| match part {
+            Some(p) => s.rows_of(p, &side.ckpt.config).expect("module holds part"),
+            None => 0..full,
+        };
+        let src_rows = rows_in(src_spec, source, src_full.0);
+        let tgt_rows = rows_in(spec, target, shape.0);
+        let source_shape = (src_rows.len(), src_full.1);
+        let target_shape = (tgt_rows.len(), shape.1);
+        let label = match part {
+            Some(p) if spec.parts.len() > 1 || src_spec.parts.len() > 1 => {
+                p.module_name().to_string()
             }
-            modules.push(TargetModule {
-                name: target.arch.module_path(&target.prefix, j, spec),
-                module_type: spec.name.clone(),
-                shape,
-                units,
-            });
-        }
+            _ => spec.name.clone(),
+        };
+        let source_module = present
+            .get(&(i, src_spec.name.as_str()))
+            .map(|s| s.to_string());
+        let mode = resolve_mode(
+            options.mode,
+            source_shape,
+            target_shape,
+            &label,
+            source,
+            target,
+        )?;
+        let cap = options
+            .rank
+            .min(source_shape.0)
+            .min(source_shape.1)
+            .min(target_shape.0)
+            .min(target_shape.1);
+        let skip = if source_module.is_none() {
+            Some(format!(
+                "the adapter has no {} in source layer {i}",
+                src_spec.name
+            ))
+        } else if !filter(&label, &spec.name, &src_spec.name) {
+            Some("not selected by --modules".to_string())
+        } else {
+            None
+        };
+        Ok(Unit {
+            label,
+            target_layer: j,
+            source_layer: i,
+            source_module,
+            source_tensor,
+            source_rows: src_rows,
+            source_shape,
+            target_tensor: target_tensor.to_string(),
+            target_rows: tgt_rows,
+            target_shape,
+            mode,
+            rank: cap,
+            rank_capped: cap < options.rank,
+            skip,
+        })
     }
-    Ok(Plan {
-        modules,
-        layer_map,
-        target_types: target_specs.iter().map(|s| s.name.clone()).collect(),
-        same_layout: same,
-    })
 }
 
 /// Resolves `auto` and refuses same-shape modes on pairs of different shapes.
@@ -389,14 +483,12 @@ fn resolve_mode(
     }
 }
 
+/// Whether a unit (label, target module type, source module type) is selected by `--modules`.
+type ModuleFilter = Box<dyn Fn(&str, &str, &str) -> bool>;
+
 /// The `--modules` test: a unit is selected when its label, its target module type or its source
 /// module type is listed. Unknown names are refused so a typo does not silently skip everything.
-#[allow(clippy::type_complexity)]
-fn module_filter(
-    options: &Options,
-    source: &Arch,
-    target: &Arch,
-) -> Result<Box<dyn Fn(&str, &str, &str) -> bool>> {
+fn module_filter(options: &Options, source: &Arch, target: &Arch) -> Result<ModuleFilter> {
     let Some(list) = options.modules.clone() else {
         return Ok(Box::new(|_: &str, _: &str, _: &str| true));
     };

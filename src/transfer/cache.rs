@@ -1,7 +1,7 @@
-//! The basis cache (DESIGN.md §2.6): the SVD of a base weight depends only on (the file, the
-//! tensor, its rows, k, p, q, seed), so it is stored once and reused; the second adapter between
-//! the same pair of models costs only the projections. One safetensors file per matrix (U, S, V
-//! in f32, the key in the metadata), written atomically; a file whose metadata does not match its
+//! The basis cache (docs/METHOD.md, "Basis cache"): the SVD of a base weight depends only on
+//! (the file, the tensor, its rows, k, p, q, seed), so it is stored once and reused; the second
+//! adapter between the same pair of models costs only the projections. One safetensors file per
+//! matrix (U, S, V in f32, the key in the metadata), written atomically; a file whose metadata does not match its
 //! key, or that cannot be read, is recomputed, never trusted.
 
 use std::collections::HashMap;

@@ -4,15 +4,15 @@
 
 use faer::Mat;
 
-use crate::backend::cpu::factors::update_norm;
-use crate::backend::{Backend, Basis, Factors, Mode, RawWeight, Side, SvdParams};
+use crate::backend::{Backend, Basis, Factors};
 use crate::error::Result;
 use crate::io::adapter::LoraFactors;
 use crate::io::checkpoint::Checkpoint;
+use crate::modes::update_norm;
 use crate::plan::{Options, Unit};
 use crate::timing::{Phase, Timings};
+use crate::transfer::basis::{self, BasisKey, Prefetched, Role};
 use crate::transfer::cache::BasisCache;
-use crate::transfer::schedule::{BasisKey, Prefetched};
 
 /// Everything a unit needs besides itself.
 pub struct Context<'a> {
@@ -27,26 +27,6 @@ pub struct Context<'a> {
     pub prefetched: Option<&'a Prefetched>,
 }
 
-/// The randomized-SVD settings of a decomposition at `rank`.
-pub fn basis_params(ctx: &Context<'_>, rank: usize) -> SvdParams {
-    SvdParams {
-        rank,
-        oversample: ctx.options.oversample,
-        power_iters: ctx.options.power_iters,
-        seed: ctx.options.seed,
-    }
-}
-
-/// The name that keys a matrix's Ω: the tensor's, or for a slice of a fused tensor (its own
-/// matrix) the tensor's with the rows.
-pub fn omega_key(name: &str, rows: &std::ops::Range<usize>, full_rows: usize) -> String {
-    if rows.len() == full_rows {
-        name.to_string()
-    } else {
-        format!("{name}[{}:{}]", rows.start, rows.end)
-    }
-}
-
 /// Whether a unit decomposes its two weights: always for the subspace modes, for copy and
 /// resample only to filter on similarity; never for a skipped unit or one without factors.
 pub fn needs_bases(ctx: &Context<'_>, unit: &Unit, has_factors: bool) -> bool {
@@ -55,8 +35,7 @@ pub fn needs_bases(ctx: &Context<'_>, unit: &Unit, has_factors: bool) -> bool {
     }
     let comparable =
         unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
-    matches!(unit.mode, Mode::Project | Mode::Align | Mode::Procrustes)
-        || (ctx.options.threshold > 0.0 && comparable)
+    unit.mode.needs_bases() != (false, false) || (ctx.options.threshold > 0.0 && comparable)
 }
 
 /// What a unit produced: factors for its target rows (None when it was not transferred and has
@@ -83,56 +62,6 @@ pub fn source_factors(unit: &Unit, f: &LoraFactors) -> Factors {
     Factors { b, a }
 }
 
-/// Decomposes rows `rows` of tensor `name` of `ckpt`.
-pub fn decompose(
-    ctx: &Context<'_>,
-    ckpt: &Checkpoint,
-    name: &str,
-    rows: std::ops::Range<usize>,
-    rank: usize,
-) -> Result<Basis> {
-    let full_rows = ckpt.shape(name)?[0];
-    let params = basis_params(ctx, rank);
-    if let Some(pre) = ctx.prefetched {
-        let target = std::ptr::eq(ckpt, ctx.target);
-        if let Some(basis) = pre.take(&BasisKey::new(target, name, &rows, rank)) {
-            return Ok(basis);
-        }
-    }
-    let cached = match ctx.cache {
-        Some(cache) => {
-            let file = ckpt.file_of(name).expect("shape found it").path();
-            let key = BasisCache::key(file, name, &rows, &params)?;
-            if let Some(basis) = ctx.timings.time(Phase::Load, || cache.get(&key)) {
-                return Ok(basis);
-            }
-            Some((cache, key))
-        }
-        None => None,
-    };
-    let key = omega_key(name, &rows, full_rows);
-    // Straight from the map in the stored dtype: a device backend converts as it reads, the
-    // CPU backend converts first (the trait's default).
-    let (bytes, ty, cols) = ctx
-        .timings
-        .time(Phase::Load, || ckpt.rows_raw(name, rows.clone()))?;
-    let weight = RawWeight {
-        name: &key,
-        bytes,
-        ty,
-        rows: rows.len(),
-        cols,
-        unchecked: None,
-    };
-    let basis = ctx
-        .backend
-        .truncated_svd_raw(&weight, &params, ctx.timings)?;
-    if let Some((cache, key)) = cached {
-        ctx.timings.time(Phase::Write, || cache.put(&key, &basis));
-    }
-    Ok(basis)
-}
-
 /// Runs one unit whose source module is `factors` (None when the adapter lacks it).
 pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -> Result<Outcome> {
     let skipped = |reason: String| Outcome {
@@ -155,35 +84,18 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
     let threshold = ctx.options.threshold;
     let want_bases = needs_bases(ctx, unit, true);
     let (bs, bt) = if want_bases {
-        let bs = decompose(
-            ctx,
-            ctx.source,
-            &unit.source_tensor,
-            unit.source_rows.clone(),
-            unit.rank,
-        )?;
-        let bt = decompose(
-            ctx,
-            ctx.target,
-            &unit.target_tensor,
-            unit.target_rows.clone(),
-            unit.rank,
-        )?;
+        let bs = basis::decompose(ctx, &BasisKey::of_unit(unit, Role::Source))?;
+        let bt = basis::decompose(ctx, &BasisKey::of_unit(unit, Role::Target))?;
         (Some(bs), Some(bt))
     } else {
         (None, None)
     };
-    let (mut sim_u, mut sim_v) = (None, None);
-    if let (Some(s), Some(t)) = (&bs, &bt) {
-        ctx.timings.time(Phase::Similarity, || {
-            if s.u.nrows() == t.u.nrows() {
-                sim_u = Some(ctx.backend.basis_similarity(s, t, Side::U) as f64);
-            }
-            if s.v.nrows() == t.v.nrows() {
-                sim_v = Some(ctx.backend.basis_similarity(s, t, Side::V) as f64);
-            }
-        });
-    }
+    let (sim_u, sim_v) = match (&bs, &bt) {
+        (Some(s), Some(t)) => ctx
+            .timings
+            .time(Phase::Similarity, || basis::similarities(ctx.backend, s, t)),
+        _ => (None, None),
+    };
     let mut out = ctx.timings.time(Phase::Project, || {
         ctx.backend
             .transfer(unit.mode, &src, bs.as_ref(), bt.as_ref(), unit.target_shape)

@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::plan::{self, ModelSide, Options, SourceModule};
 use crate::timing::Timings;
+use crate::transfer::basis::{self, BasisKey, Role};
 use crate::transfer::execute;
 
 /// One module pair.
@@ -70,7 +71,7 @@ pub fn run(
         }
     }
     let mut opts = options.clone();
-    opts.mode = crate::backend::Mode::Auto;
+    opts.mode = crate::modes::Mode::Auto;
     let plan = plan::build(&s, &t, &all, &source.dir, &opts)?;
     let timings = Timings::default();
     let ctx = execute::Context {
@@ -87,24 +88,9 @@ pub fn run(
     let pairs = units
         .par_iter()
         .map(|u| {
-            let bs = execute::decompose(
-                &ctx,
-                source,
-                &u.source_tensor,
-                u.source_rows.clone(),
-                u.rank,
-            )?;
-            let bt = execute::decompose(
-                &ctx,
-                target,
-                &u.target_tensor,
-                u.target_rows.clone(),
-                u.rank,
-            )?;
-            let su = (bs.u.nrows() == bt.u.nrows())
-                .then(|| backend.similarity(bs.u.as_ref(), bt.u.as_ref()) as f64);
-            let sv = (bs.v.nrows() == bt.v.nrows())
-                .then(|| backend.similarity(bs.v.as_ref(), bt.v.as_ref()) as f64);
+            let bs = basis::decompose(&ctx, &BasisKey::of_unit(u, Role::Source))?;
+            let bt = basis::decompose(&ctx, &BasisKey::of_unit(u, Role::Target))?;
+            let (su, sv) = basis::similarities(backend, &bs, &bt);
             bar.inc(1);
             Ok(PairRow {
                 module: u.label.clone(),

@@ -1,6 +1,7 @@
 //! The transfer pipeline: plan → execute (parallel over units) → assemble → write atomically.
 
 pub mod assemble;
+pub mod basis;
 pub mod cache;
 pub mod execute;
 pub mod inspect;
@@ -33,7 +34,7 @@ pub struct Job {
     /// A layer-map file (`{"<target layer>": <source layer>}`), read once the depths are known.
     pub layer_map_file: Option<PathBuf>,
     pub device: Device,
-    /// Basis cache directory (DESIGN.md §2.6), if any.
+    /// Basis cache directory (docs/METHOD.md, "Basis cache"), if any.
     pub cache_dir: Option<PathBuf>,
     pub force: bool,
     /// Draw a progress bar on stderr (only shown when stderr is a terminal).
@@ -43,141 +44,48 @@ pub struct Job {
 /// The file name of the report inside the output directory.
 pub const REPORT_FILE: &str = "transfer_report.json";
 
+/// The inputs of a transfer, opened, and its plan.
+struct Opened {
+    source: Checkpoint,
+    target: Checkpoint,
+    adapter: Adapter,
+    plan: plan::Plan,
+}
+
 /// Runs a transfer and returns its report (also written next to the adapter).
 pub fn run(job: &Job) -> Result<Report> {
     let wall = Instant::now();
     let timings = Timings::default();
     check_target(&job.out, job.force)?;
     let (backend, device_note) = backend::select(job.device)?;
-
-    let (source, target, adapter, plan) = timings.time(Phase::Plan, || -> Result<_> {
-        let source = Checkpoint::open(&job.source_base)?;
-        let target = Checkpoint::open(&job.target_base)?;
-        let adapter = Adapter::open(&job.adapter)?;
-        let plan = {
-            let s = ModelSide::new(&source)?;
-            let t = ModelSide::new(&target)?;
-            let mut options = job.options.clone();
-            if let Some(path) = &job.layer_map_file {
-                options.layer_map =
-                    Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
-            }
-            plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?
-        };
-        Ok((source, target, adapter, plan))
-    })?;
+    let opened = timings.time(Phase::Plan, || open_and_plan(job))?;
 
     let cache = job
         .cache_dir
         .as_deref()
         .map(cache::BasisCache::open)
         .transpose()?;
-    let prefetched = schedule::Prefetched::default();
+    let prefetched = basis::Prefetched::default();
     let ctx = execute::Context {
-        source: &source,
-        target: &target,
+        source: &opened.source,
+        target: &opened.target,
         backend: backend.as_ref(),
         options: &job.options,
         timings: &timings,
         cache: cache.as_ref(),
         prefetched: Some(&prefetched),
     };
-    let units: Vec<(usize, &plan::Unit)> = plan
-        .modules
-        .iter()
-        .enumerate()
-        .flat_map(|(i, m)| m.units.iter().map(move |u| (i, u)))
-        .collect();
-    let bar = progress_bar(job.progress, units.len() as u64, "transfer");
-    let factors_of = |unit: &plan::Unit| {
-        unit.source_module
-            .as_ref()
-            .and_then(|m| adapter.modules.get(m))
-    };
-    let run_units = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
-        idx.par_iter()
-            .map(|&i| {
-                let unit = units[i].1;
-                let out = execute::run_unit(&ctx, unit, factors_of(unit));
-                bar.inc(1);
-                out.map(|o| (i, o))
-            })
-            .collect()
-    };
-    let done: Vec<(usize, execute::Outcome)> = if backend.batches() {
-        // Chunks in plan order; each chunk's decompositions go to the backend in batches of one
-        // shape before its units run.
-        let all: Vec<usize> = (0..units.len()).collect();
-        let mut done = Vec::with_capacity(units.len());
-        for chunk in all.chunks(schedule::UNITS_PER_CHUNK) {
-            let wanted: Vec<(&plan::Unit, bool)> = chunk
-                .iter()
-                .map(|&i| {
-                    let unit = units[i].1;
-                    (
-                        unit,
-                        execute::needs_bases(&ctx, unit, factors_of(unit).is_some()),
-                    )
-                })
-                .collect();
-            schedule::prefetch(&ctx, &wanted, &prefetched)?;
-            done.extend(run_units(chunk)?);
-        }
-        done
-    } else {
-        // Largest matrices first, so that the threads finish together; results go back to plan
-        // order.
-        let mut order: Vec<usize> = (0..units.len()).collect();
-        order.sort_by_key(|&i| {
-            let u = units[i].1;
-            std::cmp::Reverse(
-                u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1,
-            )
-        });
-        run_units(&order)?
-    };
-    let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
-    for (i, o) in done {
-        outcomes[i] = Some(o);
-    }
-    let outcomes: Vec<execute::Outcome> = outcomes
-        .into_iter()
-        .map(|o| o.expect("every unit ran"))
-        .collect();
-    bar.finish_and_clear();
+    let outcomes = run_units(&ctx, &opened, job.progress)?;
+    let (rows, modules) = collect(&opened, &outcomes)?;
 
-    // Group outcomes back by module, build the output adapter and the report rows.
-    let mut rows = Vec::with_capacity(units.len());
-    let mut modules = BTreeMap::new();
-    let mut at = 0;
-    for module in &plan.modules {
-        let n = module.units.len();
-        let slice = &outcomes[at..at + n];
-        for (unit, o) in module.units.iter().zip(slice) {
-            let full_s = source.shape(&unit.source_tensor)?[0];
-            rows.push(ModuleRow::new(
-                unit,
-                &module.name,
-                full_s,
-                module.shape.0,
-                o,
-            ));
-        }
-        modules.insert(
-            module.name.clone(),
-            assemble::assemble_module(module, slice, &adapter),
-        );
-        at += n;
-    }
     let target_name = job.target_base.to_string_lossy().into_owned();
     let config = assemble::output_config(
-        &adapter,
-        &plan,
+        &opened.adapter,
+        &opened.plan,
         &modules,
         &target_name,
-        &ModelSide::new(&target)?,
+        &ModelSide::new(&opened.target)?,
     );
-
     let mut report = Report {
         source_base: job.source_base.to_string_lossy().into_owned(),
         target_base: target_name,
@@ -189,7 +97,7 @@ pub fn run(job: &Job) -> Result<Report> {
         seed: job.options.seed,
         threshold: job.options.threshold,
         device: format!("{} — {device_note}", backend.name()),
-        layer_map: report::layer_map_json(&plan),
+        layer_map: report::layer_map_json(&opened.plan),
         basis_cache: cache.as_ref().map(|c| report::CacheUse {
             dir: job
                 .cache_dir
@@ -212,6 +120,122 @@ pub fn run(job: &Job) -> Result<Report> {
     write_json(&staged.path().join(REPORT_FILE), &report)?;
     staged.commit()?;
     Ok(report)
+}
+
+/// Opens the two checkpoints and the adapter and builds the plan.
+fn open_and_plan(job: &Job) -> Result<Opened> {
+    let source = Checkpoint::open(&job.source_base)?;
+    let target = Checkpoint::open(&job.target_base)?;
+    let adapter = Adapter::open(&job.adapter)?;
+    let plan = {
+        let s = ModelSide::new(&source)?;
+        let t = ModelSide::new(&target)?;
+        let mut options = job.options.clone();
+        if let Some(path) = &job.layer_map_file {
+            options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
+        }
+        plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?
+    };
+    Ok(Opened {
+        source,
+        target,
+        adapter,
+        plan,
+    })
+}
+
+/// Runs every unit of the plan and returns their outcomes in plan order. A batching backend
+/// takes the units a chunk at a time, its decompositions computed in batches of one shape
+/// before the chunk's units run; otherwise the units run largest first, so that the threads
+/// finish together.
+fn run_units(
+    ctx: &execute::Context<'_>,
+    opened: &Opened,
+    progress: bool,
+) -> Result<Vec<execute::Outcome>> {
+    let units: Vec<&plan::Unit> = opened.plan.units().collect();
+    let bar = progress_bar(progress, units.len() as u64, "transfer");
+    let factors_of = |unit: &plan::Unit| {
+        unit.source_module
+            .as_ref()
+            .and_then(|m| opened.adapter.modules.get(m))
+    };
+    let run = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
+        idx.par_iter()
+            .map(|&i| {
+                let out = execute::run_unit(ctx, units[i], factors_of(units[i]));
+                bar.inc(1);
+                out.map(|o| (i, o))
+            })
+            .collect()
+    };
+    let done: Vec<(usize, execute::Outcome)> = if ctx.backend.batches() {
+        let prefetched = ctx.prefetched.expect("the pipeline prefetches");
+        let all: Vec<usize> = (0..units.len()).collect();
+        let mut done = Vec::with_capacity(units.len());
+        for chunk in all.chunks(schedule::UNITS_PER_CHUNK) {
+            let wanted: Vec<(&plan::Unit, bool)> = chunk
+                .iter()
+                .map(|&i| {
+                    let unit = units[i];
+                    let needs = execute::needs_bases(ctx, unit, factors_of(unit).is_some());
+                    (unit, needs)
+                })
+                .collect();
+            schedule::prefetch(ctx, &wanted, prefetched)?;
+            done.extend(run(chunk)?);
+        }
+        done
+    } else {
+        let mut order: Vec<usize> = (0..units.len()).collect();
+        order.sort_by_key(|&i| {
+            let u = units[i];
+            std::cmp::Reverse(
+                u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1,
+            )
+        });
+        run(&order)?
+    };
+    bar.finish_and_clear();
+    let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
+    for (i, o) in done {
+        outcomes[i] = Some(o);
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every unit ran"))
+        .collect())
+}
+
+/// Groups the outcomes (in plan order) back by module: the report rows and the output
+/// adapter's modules.
+fn collect(
+    opened: &Opened,
+    outcomes: &[execute::Outcome],
+) -> Result<(Vec<ModuleRow>, BTreeMap<String, adapter::LoraFactors>)> {
+    let mut rows = Vec::with_capacity(outcomes.len());
+    let mut modules = BTreeMap::new();
+    let mut at = 0;
+    for module in &opened.plan.modules {
+        let n = module.units.len();
+        let slice = &outcomes[at..at + n];
+        for (unit, o) in module.units.iter().zip(slice) {
+            let full_s = opened.source.shape(&unit.source_tensor)?[0];
+            rows.push(ModuleRow::new(
+                unit,
+                &module.name,
+                full_s,
+                module.shape.0,
+                o,
+            ));
+        }
+        modules.insert(
+            module.name.clone(),
+            assemble::assemble_module(module, slice, &opened.adapter),
+        );
+        at += n;
+    }
+    Ok((rows, modules))
 }
 
 /// The names and shapes of the adapter's modules, as the plan wants them.

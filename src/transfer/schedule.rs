@@ -4,52 +4,16 @@
 //! bases ready. Memory stays bounded by the chunk (host: the weights stay in the mapped files)
 //! and by the backend, which splits a group to fit its device memory.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 
-use super::execute::{basis_params, omega_key, Context};
-use crate::backend::{Basis, Origin, RawBatch, RawWeight, SvdParams};
+use super::basis::{self, BasisKey, Prefetched, Role};
+use super::execute::Context;
+use crate::backend::{Origin, RawBatch, RawWeight, SvdParams};
 use crate::error::Result;
-use crate::io::checkpoint::Checkpoint;
 use crate::plan::Unit;
-use crate::timing::Phase;
 
 /// Units per chunk: about eight layers of seven projections.
 pub const UNITS_PER_CHUNK: usize = 56;
-
-/// Which decomposition: the model side, the tensor and its rows, the rank.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BasisKey {
-    pub target: bool,
-    pub tensor: String,
-    pub rows: (usize, usize),
-    pub rank: usize,
-}
-
-impl BasisKey {
-    pub fn new(target: bool, tensor: &str, rows: &Range<usize>, rank: usize) -> Self {
-        Self {
-            target,
-            tensor: tensor.to_string(),
-            rows: (rows.start, rows.end),
-            rank,
-        }
-    }
-}
-
-/// Bases computed ahead of their units; each is taken once.
-#[derive(Default)]
-pub struct Prefetched(Mutex<HashMap<BasisKey, Basis>>);
-
-impl Prefetched {
-    pub fn take(&self, key: &BasisKey) -> Option<Basis> {
-        self.0.lock().unwrap().remove(key)
-    }
-    fn put(&self, key: BasisKey, basis: Basis) {
-        self.0.lock().unwrap().insert(key, basis);
-    }
-}
 
 /// Computes, in batches, the bases that `units` (those with `needs_bases`) will ask for.
 pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -> Result<()> {
@@ -59,26 +23,16 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
         if !needs_bases {
             continue;
         }
-        let sides = [
-            (
-                false,
-                &unit.source_tensor,
-                &unit.source_rows,
-                unit.source_shape,
-            ),
-            (
-                true,
-                &unit.target_tensor,
-                &unit.target_rows,
-                unit.target_shape,
-            ),
-        ];
-        for (target, tensor, rows, shape) in sides {
-            let ckpt = side(ctx, target);
-            let dtype = format!("{:?}", ckpt.float_type(tensor));
-            let key = BasisKey::new(target, tensor, rows, unit.rank);
+        for role in [Role::Source, Role::Target] {
+            let key = BasisKey::of_unit(unit, role);
+            let ckpt = key.checkpoint(ctx);
+            let dtype = format!("{:?}", ckpt.float_type(&key.tensor));
+            let cols = match role {
+                Role::Source => unit.source_shape.1,
+                Role::Target => unit.target_shape.1,
+            };
             let group = groups
-                .entry((shape.0, shape.1, dtype, unit.rank))
+                .entry((key.row_count(), cols, dtype, unit.rank))
                 .or_default();
             if !group.contains(&key) {
                 group.push(key);
@@ -87,10 +41,10 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
     }
     // What is not in the disk cache, per group: (params, keys, Ω names).
     let mut todo: Vec<(SvdParams, Vec<BasisKey>, Vec<String>)> = Vec::new();
-    for ((_, _, _, rank), keys) in groups {
+    for keys in groups.into_values() {
         let mut missing = Vec::new();
         for key in keys {
-            match cached(ctx, &key)? {
+            match basis::cached(ctx, &key)? {
                 Some(basis) => into.put(key, basis),
                 None => missing.push(key),
             }
@@ -100,16 +54,9 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
         }
         let names: Vec<String> = missing
             .iter()
-            .map(|k| {
-                let ckpt = side(ctx, k.target);
-                Ok(omega_key(
-                    &k.tensor,
-                    &(k.rows.0..k.rows.1),
-                    ckpt.shape(&k.tensor)?[0],
-                ))
-            })
+            .map(|k| k.omega_name(ctx))
             .collect::<Result<_>>()?;
-        todo.push((basis_params(ctx, rank), missing, names));
+        todo.push((missing[0].params(ctx), missing, names));
     }
     if todo.is_empty() {
         return Ok(());
@@ -123,13 +70,14 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                 .iter()
                 .zip(names)
                 .map(|(k, name)| {
-                    let (bytes, ty, cols, path) =
-                        side(ctx, k.target).rows_raw_unchecked(&k.tensor, k.rows.0..k.rows.1)?;
+                    let (bytes, ty, cols, path) = k
+                        .checkpoint(ctx)
+                        .rows_raw_unchecked(&k.tensor, k.row_range())?;
                     Ok(RawWeight {
                         name,
                         bytes,
                         ty,
-                        rows: k.rows.1 - k.rows.0,
+                        rows: k.row_count(),
                         cols,
                         unchecked: Some(Origin {
                             path,
@@ -151,43 +99,9 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
         .truncated_svd_raw_batches(&batches, ctx.timings)?;
     for ((_, keys, _), group) in todo.iter().zip(bases) {
         for (key, basis) in keys.iter().zip(group) {
-            if let Some(cache) = ctx.cache {
-                let ck = cache_key(ctx, key)?;
-                ctx.timings.time(Phase::Write, || cache.put(&ck, &basis));
-            }
+            basis::store(ctx, key, &basis)?;
             into.put(key.clone(), basis);
         }
     }
     Ok(())
-}
-
-fn side<'a>(ctx: &Context<'a>, target: bool) -> &'a Checkpoint {
-    if target {
-        ctx.target
-    } else {
-        ctx.source
-    }
-}
-
-/// The disk cache's name for a decomposition.
-fn cache_key(ctx: &Context<'_>, key: &BasisKey) -> Result<String> {
-    let file = side(ctx, key.target)
-        .file_of(&key.tensor)
-        .expect("planned tensors exist")
-        .path();
-    crate::transfer::cache::BasisCache::key(
-        file,
-        &key.tensor,
-        &(key.rows.0..key.rows.1),
-        &basis_params(ctx, key.rank),
-    )
-}
-
-/// The disk cache's copy of a basis, if there is a cache and it has one.
-fn cached(ctx: &Context<'_>, key: &BasisKey) -> Result<Option<Basis>> {
-    let Some(cache) = ctx.cache else {
-        return Ok(None);
-    };
-    let ck = cache_key(ctx, key)?;
-    Ok(ctx.timings.time(Phase::Load, || cache.get(&ck)))
 }

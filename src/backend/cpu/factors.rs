@@ -1,11 +1,12 @@
-//! The transfer modes of DESIGN.md §2.4 in factored form: no `m × n` matrix is ever formed and
-//! the rank of the adapter stays r. Every product here is `(big × k)·(k × r)` or smaller.
+//! The transfer modes (docs/METHOD.md, "Transfer modes") in factored form: no `m × n` matrix is
+//! ever formed and the rank of the adapter stays r. Every product here is `(big × k)·(k × r)` or smaller.
 
 use faer::{Mat, MatRef};
 
-use super::rsvd::mm;
-use crate::backend::{Basis, Factors, Mode};
+use crate::backend::{Basis, Factors};
 use crate::error::{Error, Result};
+use crate::linalg::mm;
+use crate::modes::{check, nearest_index, need, subspace_bases, Mode};
 
 /// `‖Xᵀ Y‖_F² / k` (k = columns): the mean squared cosine of the principal angles.
 pub fn similarity(x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
@@ -34,85 +35,6 @@ pub fn polar(m: MatRef<'_, f32>) -> Result<Mat<f32>> {
         reason: format!("SVD of U_sᵀU_t did not converge: {e:?}"),
     })?;
     Ok(mm(svd.U(), svd.V().transpose()))
-}
-
-/// ‖s·B·A‖_F / s = sqrt(Σ (BᵀB) ∘ (AAᵀ)), from two r × r Gram matrices.
-pub fn update_norm(f: &Factors) -> f64 {
-    let gb = mm(f.b.transpose(), f.b.as_ref());
-    let ga = mm(f.a.as_ref(), f.a.transpose());
-    let mut sum = 0f64;
-    for j in 0..gb.ncols() {
-        for i in 0..gb.nrows() {
-            sum += gb[(i, j)] as f64 * ga[(i, j)] as f64;
-        }
-    }
-    sum.max(0.0).sqrt()
-}
-
-fn check(cond: bool, what: &str) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Internal(format!("transfer: shape mismatch: {what}")))
-    }
-}
-
-/// Nearest-index resampling of `len` source positions onto `new_len` target positions.
-pub fn nearest_index(j: usize, len: usize, new_len: usize) -> usize {
-    if new_len <= 1 || len <= 1 {
-        return 0;
-    }
-    ((j as f64) * (len - 1) as f64 / (new_len - 1) as f64).round() as usize
-}
-
-fn need<'b>(b: Option<&'b Basis>, mode: Mode, which: &str) -> Result<&'b Basis> {
-    b.ok_or_else(|| {
-        Error::Internal(format!(
-            "transfer: {} mode needs the {which} basis",
-            mode.name()
-        ))
-    })
-}
-
-/// For `project` and `align`, which are both `B_t = U_x U_yᵀ B_s`, `A_t = A_s V_y V_xᵀ`: the
-/// bases (x, y) after checking every shape — (target, target) for project, (target, source)
-/// for align. Every backend computes these two modes from this.
-pub fn subspace_bases<'b>(
-    mode: Mode,
-    src: &Factors,
-    bs: Option<&'b Basis>,
-    bt: Option<&'b Basis>,
-    target_shape: (usize, usize),
-) -> Result<(&'b Basis, &'b Basis)> {
-    let (m_t, n_t) = target_shape;
-    let (m_s, n_s) = (src.b.nrows(), src.a.ncols());
-    match mode {
-        Mode::Project => {
-            let t = need(bt, mode, "target")?;
-            check(
-                t.u.nrows() == m_s && t.v.nrows() == n_s && (m_s, n_s) == (m_t, n_t),
-                "project needs equal shapes",
-            )?;
-            Ok((t, t))
-        }
-        Mode::Align => {
-            let (s, t) = (need(bs, mode, "source")?, need(bt, mode, "target")?);
-            check(
-                s.u.nrows() == m_s && s.v.nrows() == n_s,
-                "source basis vs adapter",
-            )?;
-            check(
-                t.u.nrows() == m_t && t.v.nrows() == n_t,
-                "target basis vs target shape",
-            )?;
-            check(s.u.ncols() == t.u.ncols(), "bases of equal rank")?;
-            Ok((t, s))
-        }
-        _ => Err(Error::Internal(format!(
-            "transfer: {} is not a subspace product",
-            mode.name()
-        ))),
-    }
 }
 
 /// The target factors of `mode` for a target of shape `(out, in)`.
@@ -155,6 +77,9 @@ pub fn transfer(
             let core_a = mm(mm(src.a.as_ref(), s.v.as_ref()).as_ref(), o_v.as_ref());
             let a = mm(core_a.as_ref(), t.v.transpose());
             Ok(Factors { b, a })
+        }
+        Mode::Rotate => {
+            crate::modes::rotate::transfer(&super::CpuBackend, src, bs, bt, target_shape)
         }
         Mode::Resample => {
             let r = src.a.nrows();

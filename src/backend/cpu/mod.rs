@@ -6,8 +6,9 @@ pub mod rsvd;
 
 use faer::MatRef;
 
-use super::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use super::{Backend, Basis, Factors, SvdParams, Weight};
 use crate::error::Result;
+use crate::modes::Mode;
 use crate::timing::Timings;
 
 /// The reference backend.

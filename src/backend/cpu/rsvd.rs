@@ -5,25 +5,17 @@
 //! Everything runs sequentially inside one matrix (`Par::Seq`) so results do not depend on the
 //! number of threads; parallelism is across matrices.
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Mat, MatRef, Par};
 
 use crate::backend::{Basis, SvdParams, Weight};
 use crate::error::{Error, Result};
-use crate::linalg::philox;
+use crate::linalg::{mm, philox};
 use crate::timing::{Phase, Timings};
 
 /// Makes faer's decompositions (QR, SVD) run on the calling thread. Parallelism is across
 /// matrices; inside one, a fixed sequential order keeps results independent of the thread count.
 pub fn sequential_faer() {
     faer::set_global_parallelism(Par::Seq);
-}
-
-/// `a · b`, sequential.
-pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
-    let mut out = Mat::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0f32, Par::Seq);
-    out
 }
 
 /// An orthonormal basis of the column space of `y` (thin Householder QR; robust to rank deficiency).

@@ -11,9 +11,10 @@ use super::device::{Buffer, Gpu};
 use super::ops::{Ops, Panel};
 use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, DeviceBasis, Pending, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
-use crate::backend::{Backend, Basis, Factors, Mode, RawBatch, Side, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, RawBatch, Side, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::FloatType;
+use crate::modes::{self, Mode};
 use crate::timing::Timings;
 
 /// Row-major copy of a faer matrix (the kernels' layout).
@@ -368,14 +369,13 @@ impl Backend for CudaBackend {
     ) -> Result<Factors> {
         match mode {
             Mode::Project | Mode::Align => {
-                let (x, y) = factors::subspace_bases(
-                    mode,
-                    source,
-                    source_basis,
-                    target_basis,
-                    target_shape,
-                )?;
+                let (x, y) =
+                    modes::subspace_bases(mode, source, source_basis, target_basis, target_shape)?;
                 self.subspace_products(source, x, y)
+            }
+            // The heavy products go through this backend's basis products.
+            Mode::Rotate => {
+                modes::rotate::transfer(self, source, source_basis, target_basis, target_shape)
             }
             _ => CpuBackend.transfer(mode, source, source_basis, target_basis, target_shape),
         }

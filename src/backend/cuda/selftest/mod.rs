@@ -11,10 +11,11 @@ use super::backend::{from_row_major, row_major, CudaBackend};
 use super::ops::{Ops, Panel};
 use super::rsvd::RawMatrix;
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
-use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
+use crate::backend::{Backend, Basis, Factors, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::linalg::philox::{fill_gaussian, gaussian4, matrix_id};
+use crate::modes::Mode;
 use crate::timing::Timings;
 
 /// One comparison: `error` (a relative or absolute error, or a count) against `tolerance`.

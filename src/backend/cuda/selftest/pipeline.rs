@@ -5,9 +5,10 @@
 use super::super::backend::{from_row_major, resident_bytes, row_major};
 use super::super::rsvd::{truncated_svd_batch, RawMatrix};
 use super::{basis_err, gaussian_rm, planted, rel_err, Runner};
-use crate::backend::{Backend, Basis, Factors, Mode, Side, SvdParams};
+use crate::backend::{Backend, Basis, Factors, Side, SvdParams};
 use crate::error::Result;
 use crate::io::safetensors::{encode_f32, FloatType};
+use crate::modes::Mode;
 use crate::timing::Timings;
 
 impl Runner<'_> {

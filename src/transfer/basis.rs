@@ -1,0 +1,169 @@
+//! Getting the basis (truncated SVD) of one base weight, by one path whatever asks for it: a
+//! unit of the transfer, the batch schedule or `inspect`. A [`BasisKey`] names the decomposition
+//! (which model, tensor, rows, rank); from it come the Ω name, the SVD settings and the disk-cache
+//! key, so the three can never disagree. The basis is taken from the batch prefetch, else the
+//! disk cache, else computed (and stored in the cache).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+
+use super::cache::BasisCache;
+use super::execute::Context;
+use crate::backend::{Backend, Basis, RawWeight, Side, SvdParams};
+use crate::error::Result;
+use crate::io::checkpoint::Checkpoint;
+use crate::plan::Unit;
+use crate::timing::Phase;
+
+/// Which base model a weight belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Source,
+    Target,
+}
+
+/// Which decomposition: the model, the tensor and its rows, the rank.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BasisKey {
+    pub role: Role,
+    pub tensor: String,
+    pub rows: (usize, usize),
+    pub rank: usize,
+}
+
+impl BasisKey {
+    pub fn new(role: Role, tensor: &str, rows: &Range<usize>, rank: usize) -> Self {
+        Self {
+            role,
+            tensor: tensor.to_string(),
+            rows: (rows.start, rows.end),
+            rank,
+        }
+    }
+
+    /// The decomposition one side of a unit needs.
+    pub fn of_unit(unit: &Unit, role: Role) -> Self {
+        match role {
+            Role::Source => Self::new(role, &unit.source_tensor, &unit.source_rows, unit.rank),
+            Role::Target => Self::new(role, &unit.target_tensor, &unit.target_rows, unit.rank),
+        }
+    }
+
+    pub fn row_range(&self) -> Range<usize> {
+        self.rows.0..self.rows.1
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.rows.1 - self.rows.0
+    }
+
+    /// The checkpoint the tensor is read from.
+    pub fn checkpoint<'a>(&self, ctx: &Context<'a>) -> &'a Checkpoint {
+        match self.role {
+            Role::Source => ctx.source,
+            Role::Target => ctx.target,
+        }
+    }
+
+    /// The randomized-SVD settings of this decomposition.
+    pub fn params(&self, ctx: &Context<'_>) -> SvdParams {
+        SvdParams {
+            rank: self.rank,
+            oversample: ctx.options.oversample,
+            power_iters: ctx.options.power_iters,
+            seed: ctx.options.seed,
+        }
+    }
+
+    /// The name that keys the matrix's Ω: the tensor's, or for a slice of a fused tensor (its
+    /// own matrix) the tensor's with the rows.
+    pub fn omega_name(&self, ctx: &Context<'_>) -> Result<String> {
+        let full_rows = self.checkpoint(ctx).shape(&self.tensor)?[0];
+        Ok(if self.row_count() == full_rows {
+            self.tensor.clone()
+        } else {
+            format!("{}[{}:{}]", self.tensor, self.rows.0, self.rows.1)
+        })
+    }
+
+    /// The disk cache's name for this decomposition.
+    pub fn cache_key(&self, ctx: &Context<'_>) -> Result<String> {
+        let file = self
+            .checkpoint(ctx)
+            .file_of(&self.tensor)
+            .expect("planned tensors exist")
+            .path();
+        BasisCache::key(file, &self.tensor, &self.row_range(), &self.params(ctx))
+    }
+}
+
+/// Bases computed ahead of their units; each is taken once.
+#[derive(Default)]
+pub struct Prefetched(Mutex<HashMap<BasisKey, Basis>>);
+
+impl Prefetched {
+    pub fn take(&self, key: &BasisKey) -> Option<Basis> {
+        self.0.lock().unwrap().remove(key)
+    }
+    pub fn put(&self, key: BasisKey, basis: Basis) {
+        self.0.lock().unwrap().insert(key, basis);
+    }
+}
+
+/// The disk cache's copy of a basis, if there is a cache and it has one.
+pub fn cached(ctx: &Context<'_>, key: &BasisKey) -> Result<Option<Basis>> {
+    let Some(cache) = ctx.cache else {
+        return Ok(None);
+    };
+    let ck = key.cache_key(ctx)?;
+    Ok(ctx.timings.time(Phase::Load, || cache.get(&ck)))
+}
+
+/// Stores a freshly computed basis in the disk cache, if there is one.
+pub fn store(ctx: &Context<'_>, key: &BasisKey, basis: &Basis) -> Result<()> {
+    if let Some(cache) = ctx.cache {
+        let ck = key.cache_key(ctx)?;
+        ctx.timings.time(Phase::Write, || cache.put(&ck, basis));
+    }
+    Ok(())
+}
+
+/// The basis of `key`: prefetched, cached, or computed now (and cached).
+pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
+    if let Some(basis) = ctx.prefetched.and_then(|pre| pre.take(key)) {
+        return Ok(basis);
+    }
+    if let Some(basis) = cached(ctx, key)? {
+        return Ok(basis);
+    }
+    let omega = key.omega_name(ctx)?;
+    // Straight from the map in the stored dtype: a device backend converts as it reads, the
+    // CPU backend converts first (the trait's default).
+    let (bytes, ty, cols) = ctx.timings.time(Phase::Load, || {
+        key.checkpoint(ctx).rows_raw(&key.tensor, key.row_range())
+    })?;
+    let weight = RawWeight {
+        name: &omega,
+        bytes,
+        ty,
+        rows: key.row_count(),
+        cols,
+        unchecked: None,
+    };
+    let basis = ctx
+        .backend
+        .truncated_svd_raw(&weight, &key.params(ctx), ctx.timings)?;
+    store(ctx, key, &basis)?;
+    Ok(basis)
+}
+
+/// The similarities (φ_U, φ_V) of two bases: each where that side's sizes agree (else None).
+/// Backends may use their device-resident copies of the bases.
+pub fn similarities(backend: &dyn Backend, s: &Basis, t: &Basis) -> (Option<f64>, Option<f64>) {
+    let side = |side: Side| {
+        (s.side(side).nrows() == t.side(side).nrows())
+            .then(|| backend.basis_similarity(s, t, side) as f64)
+    };
+    (side(Side::U), side(Side::V))
+}
