@@ -17,6 +17,7 @@ pub mod kernels {
 }
 
 pub mod linalg;
+pub mod map;
 pub mod modes;
 pub mod plan;
 pub mod synth;

@@ -21,12 +21,14 @@ pub enum Phase {
     Similarity,
     /// The factored projections of the adapter.
     Project,
+    /// Building the map mode's model map (residual fit, matchings).
+    Map,
     /// Writing the adapter and the report.
     Write,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Plan,
         Phase::Load,
         Phase::Sketch,
@@ -34,6 +36,7 @@ impl Phase {
         Phase::Eig,
         Phase::Similarity,
         Phase::Project,
+        Phase::Map,
         Phase::Write,
     ];
 
@@ -46,6 +49,7 @@ impl Phase {
             Phase::Eig => "eig",
             Phase::Similarity => "similarity",
             Phase::Project => "project",
+            Phase::Map => "map",
             Phase::Write => "write",
         }
     }
@@ -62,7 +66,7 @@ fn nvtx_enabled() -> bool {
 /// Accumulated nanoseconds per phase.
 #[derive(Debug, Default)]
 pub struct Timings {
-    nanos: [AtomicU64; 8],
+    nanos: [AtomicU64; 9],
 }
 
 impl Timings {

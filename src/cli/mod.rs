@@ -80,6 +80,7 @@ pub struct TransferArgs {
     #[arg(long)]
     out: PathBuf,
     /// How to carry the adapter over (auto = project for equal shapes, align otherwise).
+    /// Whole-update modes: rotate (equal shapes) and map (any shapes and tokenizers).
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     #[command(flatten)]
@@ -99,6 +100,15 @@ pub struct TransferArgs {
     /// Print the time spent in each phase.
     #[arg(long)]
     timings: bool,
+    /// map mode: how the residual streams are paired (identity = ablation of the token map).
+    #[arg(long, value_enum, default_value_t = loraxfer::map::ResidualFit::Tokens)]
+    map_residual: loraxfer::map::ResidualFit,
+    /// map mode: do not fold the norm gains into the maps (ablation).
+    #[arg(long)]
+    no_norm_fold: bool,
+    /// map mode: how heads and neurons are paired (index = ablation of the matching).
+    #[arg(long, value_enum, default_value_t = loraxfer::map::InnerMatch::Match)]
+    map_inner: loraxfer::map::InnerMatch,
 }
 
 #[derive(Debug, clap::Args)]

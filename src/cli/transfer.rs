@@ -25,6 +25,12 @@ pub fn transfer(args: TransferArgs) -> Result<()> {
     opts.mode = args.mode;
     opts.threshold = args.threshold;
     opts.modules = args.modules.clone();
+    opts.map = loraxfer::map::MapOptions {
+        residual: args.map_residual,
+        fold_norms: !args.no_norm_fold,
+        inner: args.map_inner,
+        seed: args.svd.seed,
+    };
     let job = Job {
         source_base: args.source_base,
         target_base: args.target_base,

@@ -30,6 +30,10 @@ pub enum Mode {
     /// ΔW_t = R_U ΔW_s R_Vᵀ, R the direct rotation taking span(U_s) onto span(U_t): keeps the
     /// whole update (same shape).
     Rotate,
+    /// Through a map between the two models built from their weights: residual stream from
+    /// the shared tokens' embeddings, norm gains folded, heads and neurons matched (any shapes
+    /// and tokenizers).
+    Map,
     /// Nearest-index resampling of B's rows and A's columns (naive baseline, any shape).
     Resample,
 }
@@ -43,6 +47,7 @@ impl Mode {
             Mode::Align => "align",
             Mode::Procrustes => "procrustes",
             Mode::Rotate => "rotate",
+            Mode::Map => "map",
             Mode::Resample => "resample",
         }
     }
@@ -60,7 +65,7 @@ impl Mode {
         match self {
             Mode::Project => (false, true),
             Mode::Align | Mode::Procrustes | Mode::Rotate => (true, true),
-            Mode::Auto | Mode::Copy | Mode::Resample => (false, false),
+            Mode::Auto | Mode::Copy | Mode::Map | Mode::Resample => (false, false),
         }
     }
 }

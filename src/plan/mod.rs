@@ -28,6 +28,8 @@ pub struct Options {
     pub modules: Option<Vec<String>>,
     /// Explicit target-layer → source-layer overrides.
     pub layer_map: Option<BTreeMap<usize, usize>>,
+    /// The map mode's switches (its ablations).
+    pub map: crate::map::MapOptions,
 }
 
 /// The default SVD rank k, oversampling p and power iterations q (the command line's too).
@@ -46,6 +48,7 @@ impl Default for Options {
             threshold: 0.0,
             modules: None,
             layer_map: None,
+            map: crate::map::MapOptions::default(),
         }
     }
 }

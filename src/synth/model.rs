@@ -89,6 +89,10 @@ pub fn write_model(spec: &ModelSpec, out_dir: &Path, progress: impl Fn(u64, u64)
         &out_dir.join("config.json"),
         &shape.config_json(layers, spec.dtype),
     )?;
+    write_json(
+        &out_dir.join("tokenizer.json"),
+        &tokenizer_json(shape.vocab),
+    )?;
     let tensors = model_tensors(&shape, layers, spec.dtype);
     let preset = spec.preset.name();
     write_tensors(
@@ -98,6 +102,20 @@ pub fn write_model(spec: &ModelSpec, out_dir: &Path, progress: impl Fn(u64, u64)
         |t| Ok(generate(spec.seed, preset, t)),
         progress,
     )
+}
+
+/// A word-level `tokenizer.json` of `vocab` tokens (`t0`, `t1`, …), so that synthetic models
+/// have a vocabulary for the map mode to pair (two presets share the tokens of their smaller
+/// vocabulary, with the same ids).
+pub fn tokenizer_json(vocab: usize) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = (0..vocab)
+        .map(|i| (format!("t{i}"), serde_json::Value::from(i)))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [],
+        "model": {"type": "WordLevel", "vocab": map, "unk_token": "t0"},
+    })
 }
 
 /// The tensors of a model of this shape with `layers` layers, in Hugging Face's names and

@@ -8,8 +8,9 @@ use crate::backend::{Backend, Basis, Factors};
 use crate::error::Result;
 use crate::io::adapter::LoraFactors;
 use crate::io::checkpoint::Checkpoint;
-use crate::modes::update_norm;
-use crate::plan::{Options, Unit};
+use crate::map::ModelMap;
+use crate::modes::{update_norm, Mode};
+use crate::plan::{ModelSide, Options, Unit};
 use crate::timing::{Phase, Timings};
 use crate::transfer::basis::{self, BasisKey, Prefetched, Role};
 use crate::transfer::cache::BasisCache;
@@ -25,6 +26,15 @@ pub struct Context<'a> {
     pub cache: Option<&'a BasisCache>,
     /// Bases computed ahead in batches (backends that batch), taken before computing one.
     pub prefetched: Option<&'a Prefetched>,
+    /// The map between the two models, when a unit uses the map mode.
+    pub map: Option<&'a MapContext<'a>>,
+}
+
+/// The model map and the two models as the plan sees them.
+pub struct MapContext<'a> {
+    pub map: ModelMap,
+    pub source: ModelSide<'a>,
+    pub target: ModelSide<'a>,
 }
 
 /// Whether a unit decomposes its two weights: always for the subspace modes, for copy and
@@ -51,6 +61,9 @@ pub struct Outcome {
     /// σ_{k+1}/σ_k of the source and target weights (how well their top-k subspaces are resolved).
     pub gap_source: Option<f64>,
     pub gap_target: Option<f64>,
+    /// map mode: the residual fit and the mean matched similarity.
+    pub residual_fit: Option<f64>,
+    pub matched_similarity: Option<f64>,
 }
 
 /// The source factors of a unit: rows `unit.source_rows` of B, and A.
@@ -73,6 +86,8 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         reason: Some(reason),
         gap_source: None,
         gap_target: None,
+        residual_fit: None,
+        matched_similarity: None,
     };
     if let Some(reason) = &unit.skip {
         return Ok(skipped(reason.clone()));
@@ -81,6 +96,9 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         return Ok(skipped("no source module".into()));
     };
     let src = source_factors(unit, lora);
+    if unit.mode == Mode::Map {
+        return run_mapped(ctx, unit, src);
+    }
     let threshold = ctx.options.threshold;
     let want_bases = needs_bases(ctx, unit, true);
     let (bs, bt) = if want_bases {
@@ -132,5 +150,44 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         reason,
         gap_source: bs.as_ref().and_then(Basis::gap_ratio),
         gap_target: bt.as_ref().and_then(Basis::gap_ratio),
+        residual_fit: None,
+        matched_similarity: None,
+    })
+}
+
+/// A map-mode unit: its factors through the model map; `--threshold` gates on the matched
+/// similarity of the heads or neurons it follows.
+fn run_mapped(ctx: &Context<'_>, unit: &Unit, src: Factors) -> Result<Outcome> {
+    let mc = ctx
+        .map
+        .ok_or_else(|| crate::error::Error::internal("map mode without a model map"))?;
+    let mapped = ctx.timings.time(Phase::Project, || {
+        mc.map.apply(unit, &src, &mc.source, &mc.target)
+    })?;
+    let mut out = mapped.factors;
+    let threshold = ctx.options.threshold;
+    let (mut transferred, mut reason) = (true, None);
+    if let Some(s) = mapped.matched_similarity {
+        if threshold > 0.0 && (s as f32) < threshold {
+            out.b.fill(0.0);
+            transferred = false;
+            reason = Some(format!(
+                "matched similarity {s:.4} below threshold {threshold}"
+            ));
+        }
+    }
+    let before = update_norm(&src);
+    let energy_kept = (before > 0.0).then(|| update_norm(&out) / before);
+    Ok(Outcome {
+        factors: Some(out),
+        similarity_u: None,
+        similarity_v: None,
+        transferred,
+        energy_kept,
+        reason,
+        gap_source: None,
+        gap_target: None,
+        residual_fit: mc.map.residual.relative_residual,
+        matched_similarity: mapped.matched_similarity,
     })
 }

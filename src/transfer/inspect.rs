@@ -82,6 +82,7 @@ pub fn run(
         timings: &timings,
         cache,
         prefetched: None,
+        map: None,
     };
     let units: Vec<&plan::Unit> = plan.units().collect();
     let bar = super::progress_bar(progress, units.len() as u64, "inspect");

@@ -19,6 +19,7 @@ use crate::error::Result;
 use crate::io::adapter::{self, Adapter};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::output::{check_target, StagedDir};
+use crate::modes::Mode;
 use crate::plan::{self, ModelSide, Options, SourceModule};
 use crate::timing::{Phase, Timings};
 use report::{ModuleRow, Report, Summary};
@@ -66,6 +67,15 @@ pub fn run(job: &Job) -> Result<Report> {
         .map(cache::BasisCache::open)
         .transpose()?;
     let prefetched = basis::Prefetched::default();
+    let map = if opened
+        .plan
+        .units()
+        .any(|u| u.mode == Mode::Map && u.skip.is_none())
+    {
+        Some(timings.time(Phase::Map, || model_map(&opened, &job.options))?)
+    } else {
+        None
+    };
     let ctx = execute::Context {
         source: &opened.source,
         target: &opened.target,
@@ -74,6 +84,7 @@ pub fn run(job: &Job) -> Result<Report> {
         timings: &timings,
         cache: cache.as_ref(),
         prefetched: Some(&prefetched),
+        map: map.as_ref(),
     };
     let outcomes = run_units(&ctx, &opened, job.progress)?;
     let (rows, modules) = collect(&opened, &outcomes)?;
@@ -120,6 +131,20 @@ pub fn run(job: &Job) -> Result<Report> {
     write_json(&staged.path().join(REPORT_FILE), &report)?;
     staged.commit()?;
     Ok(report)
+}
+
+/// The model map of a map-mode transfer, for the layers of the plan.
+fn model_map<'a>(opened: &'a Opened, options: &Options) -> Result<execute::MapContext<'a>> {
+    let source = ModelSide::new(&opened.source)?;
+    let target = ModelSide::new(&opened.target)?;
+    let mut map_options = options.map;
+    map_options.seed = options.seed;
+    let map = crate::map::ModelMap::build(&source, &target, &opened.plan.layer_map, map_options)?;
+    Ok(execute::MapContext {
+        map,
+        source,
+        target,
+    })
 }
 
 /// Opens the two checkpoints and the adapter and builds the plan.

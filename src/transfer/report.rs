@@ -34,6 +34,12 @@ pub struct ModuleRow {
     /// k_eff, the rank of the bases used.
     pub rank: usize,
     pub rank_capped: bool,
+    /// map mode: relative residual of the residual-stream fit on the shared tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual_fit: Option<f64>,
+    /// map mode: mean similarity of the matched heads or neurons this module follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_similarity: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_rows: Option<[usize; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,6 +82,8 @@ impl ModuleRow {
             target_layer: unit.target_layer,
             rank: unit.rank,
             rank_capped: unit.rank_capped,
+            residual_fit: o.residual_fit,
+            matched_similarity: o.matched_similarity,
             source_rows: rows(&unit.source_rows, full_source_rows),
             target_rows: rows(&unit.target_rows, full_target_rows),
             reason: o.reason.clone(),

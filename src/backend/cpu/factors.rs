@@ -81,6 +81,9 @@ pub fn transfer(
         Mode::Rotate => {
             crate::modes::rotate::transfer(&super::CpuBackend, src, bs, bt, target_shape)
         }
+        Mode::Map => Err(Error::internal(
+            "transfer: map mode runs through the model map, not a backend product",
+        )),
         Mode::Resample => {
             let r = src.a.nrows();
             let b = Mat::from_fn(m_t, r, |i, j| src.b[(nearest_index(i, m_s, m_t), j)]);

@@ -1,0 +1,149 @@
+//! The residual-stream map between two models, from the embedding rows of the tokens both
+//! vocabularies spell the same way. Fitted as a scaled orthogonal (or, between widths,
+//! semi-orthogonal) Procrustes map on centered, normalized rows: orthogonal because a model's
+//! residual coordinates are defined up to rotation, and no inversion, so the rounding noise in
+//! the directions a narrower model never uses is not amplified into the map.
+
+use faer::Mat;
+
+use crate::error::{Error, Result};
+
+/// `h_t ≈ M h_s` between the residual streams, and the map of the normalized inputs the blocks
+/// read.
+#[derive(Debug, Clone)]
+pub struct ResidualMap {
+    /// `d_t × d_s`: where a source residual vector lands in the target (writers: B_t = M B_s).
+    pub m: Mat<f32>,
+    /// `d_s × d_t`: the pseudo-inverse of the normalized-input map, RMSNorm's width factor
+    /// included (readers: A_t = A_s diag(g_s) P diag(g_t)⁻¹).
+    pub p: Mat<f32>,
+    /// Anchors the fit used (0 for the identity ablation).
+    pub shared_tokens: usize,
+    /// ‖E_t − E_s Mᵀ‖_F / ‖E_t‖_F on the centered anchors (None for the identity ablation).
+    pub relative_residual: Option<f64>,
+}
+
+impl ResidualMap {
+    /// The identity on the first min(d_s, d_t) coordinates (the ablation without a residual map).
+    pub fn identity(d_s: usize, d_t: usize) -> Self {
+        let m = Mat::from_fn(d_t, d_s, |i, j| if i == j { 1.0 } else { 0.0 });
+        ResidualMap {
+            p: m.transpose().to_owned(),
+            m,
+            shared_tokens: 0,
+            relative_residual: None,
+        }
+    }
+
+    /// Fits the map on paired anchor rows `e_s` (`n × d_s`) and `e_t` (`n × d_t`).
+    pub fn fit(e_s: &Mat<f32>, e_t: &Mat<f32>) -> Result<Self> {
+        let (n, d_s, d_t) = (e_s.nrows(), e_s.ncols(), e_t.ncols());
+        if n < d_s.min(d_t) {
+            return Err(Error::Numerical {
+                context: "map: residual map".into(),
+                reason: format!(
+                    "{n} shared tokens cannot fix a map between widths {d_s} and {d_t}"
+                ),
+            });
+        }
+        let xs = centered(e_s);
+        let xt = centered(e_t);
+        // Orientation from row-normalized anchors (every token counts alike), scale from the
+        // raw ones.
+        let (ns, nt) = (normalized_rows(&xs), normalized_rows(&xt));
+        let cross = ns.transpose() * &nt; // d_s × d_t
+        let svd = cross.thin_svd().map_err(|e| Error::Numerical {
+            context: "map: residual map".into(),
+            reason: format!("SVD of the anchors' cross-covariance did not converge: {e:?}"),
+        })?;
+        let q_t = svd.U() * svd.V().transpose(); // d_s × d_t: Qᵀ
+        let rotated = &xs * &q_t; // n × d_t
+        let num: f64 = zip_sum(&rotated, &xt);
+        let den: f64 = zip_sum(&rotated, &rotated);
+        let mu = if den > 0.0 { num / den } else { 1.0 };
+        let resid = {
+            let mut e = 0.0;
+            let mut t = 0.0;
+            for j in 0..d_t {
+                for i in 0..n {
+                    let d = xt[(i, j)] - mu * rotated[(i, j)];
+                    e += d * d;
+                    t += xt[(i, j)] * xt[(i, j)];
+                }
+            }
+            (e / t.max(f64::MIN_POSITIVE)).sqrt()
+        };
+        let width = (d_s as f64 / d_t as f64).sqrt();
+        Ok(ResidualMap {
+            m: Mat::from_fn(d_t, d_s, |i, j| (mu * q_t[(j, i)]) as f32),
+            p: Mat::from_fn(d_s, d_t, |i, j| (width * q_t[(i, j)]) as f32),
+            shared_tokens: n,
+            relative_residual: Some(resid),
+        })
+    }
+}
+
+fn centered(x: &Mat<f32>) -> Mat<f64> {
+    let n = x.nrows().max(1) as f64;
+    let mean: Vec<f64> = (0..x.ncols())
+        .map(|j| (0..x.nrows()).map(|i| x[(i, j)] as f64).sum::<f64>() / n)
+        .collect();
+    Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] as f64 - mean[j])
+}
+
+fn normalized_rows(x: &Mat<f64>) -> Mat<f64> {
+    let norms: Vec<f64> = (0..x.nrows())
+        .map(|i| {
+            (0..x.ncols())
+                .map(|j| x[(i, j)] * x[(i, j)])
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
+        if norms[i] > 0.0 {
+            x[(i, j)] / norms[i]
+        } else {
+            0.0
+        }
+    })
+}
+
+fn zip_sum(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    let mut s = 0.0;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            s += a[(i, j)] * b[(i, j)];
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linalg::philox::gaussian4;
+
+    fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
+        Mat::from_fn(rows, cols, |i, j| {
+            gaussian4(7, stream, i as u32, (j / 4) as u32)[j % 4]
+        })
+    }
+
+    #[test]
+    fn a_rotated_and_wider_embedding_is_recovered() {
+        let (n, d_s, d_t) = (300, 12, 20);
+        let e_s = gaussian(n, d_s, 1);
+        let q = gaussian(d_t, d_s, 2).qr().compute_thin_Q(); // d_t × d_s, QᵀQ = I
+        let e_t = &e_s * q.transpose() * faer::Scale(3.0f32);
+        let map = ResidualMap::fit(&e_s, &e_t).unwrap();
+        let want = &q * faer::Scale(3.0f32);
+        let err = (&map.m - &want).norm_max();
+        assert!(err < 1e-4, "M off by {err}");
+        assert!(map.relative_residual.unwrap() < 1e-5);
+        // P undoes the normalized-input map √(d_t/d_s)·Q.
+        let n_map = &q * faer::Scale((d_t as f32 / d_s as f32).sqrt());
+        let eye = &map.p * &n_map;
+        assert!((&eye - Mat::<f32>::identity(d_s, d_s)).norm_max() < 1e-4);
+    }
+}
