@@ -94,7 +94,9 @@ fn model(hidden: usize, inter: usize) -> TinyModel {
 }
 
 /// Writes the source model, and a twin of width `d_t` with `extra` dead neurons.
-fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
+/// The source model's tensors and its norm gains (by "layer.norm").
+#[allow(clippy::type_complexity)]
+fn source_model(seed: u64) -> (BTreeMap<String, Mat<f32>>, BTreeMap<String, Vec<f32>>) {
     let mut src = BTreeMap::new();
     src.insert(
         "model.embed_tokens.weight".to_string(),
@@ -129,6 +131,11 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
             );
         }
     }
+    (src, gains)
+}
+
+fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
+    let (src, gains) = source_model(seed);
     let q = gaussian(d_t, D, seed, 2).qr().compute_thin_Q();
     let c = (D as f32 / d_t as f32).sqrt();
     let group = perm(KV, seed + 1);
@@ -367,4 +374,110 @@ fn each_part_of_the_map_is_needed_on_the_twin() {
             "{ablation:?} still gives the exact adapter ({worst})"
         );
     }
+}
+
+/// A pruned sibling: residual dimensions, one query head per KV group and a quarter of the MLP
+/// neurons dropped (known index sets, no healing). `map` must find which units were kept.
+#[test]
+fn map_recovers_the_correspondence_of_a_pruned_sibling() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = 9;
+    let (src, _) = source_model(seed);
+    let mut keep_d: Vec<usize> = perm(D, seed + 1)[..28].to_vec();
+    keep_d.sort();
+    let mut keep_n: Vec<usize> = perm(INTER, seed + 2)[..36].to_vec();
+    keep_n.sort();
+    let per_group = HEADS / KV;
+    // Group g keeps query head g·per_group + kept[g].
+    let kept: Vec<usize> = (0..KV).map(|g| (g + seed as usize) % per_group).collect();
+    let keep_q: Vec<usize> = (0..KV).map(|g| g * per_group + kept[g]).collect();
+    let rows = |w: &Mat<f32>, units: &[usize], size: usize| {
+        Mat::from_fn(units.len() * size, w.ncols(), |i, j| {
+            w[(units[i / size] * size + i % size, j)]
+        })
+    };
+    let cols =
+        |w: &Mat<f32>, idx: &[usize]| Mat::from_fn(w.nrows(), idx.len(), |i, j| w[(i, idx[j])]);
+    let all_kv: Vec<usize> = (0..KV).collect();
+    let mut tgt = BTreeMap::new();
+    for (name, w) in &src {
+        let t = if name.ends_with("norm.weight") || name.contains("embed_tokens") {
+            cols(w, &keep_d)
+        } else {
+            let p = PROJ.iter().find(|p| name.contains(*p)).unwrap();
+            match *p {
+                "q_proj" => cols(&rows(w, &keep_q, HD), &keep_d),
+                "k_proj" | "v_proj" => cols(&rows(w, &all_kv, HD), &keep_d),
+                "gate_proj" | "up_proj" => cols(&rows(w, &keep_n, 1), &keep_d),
+                "o_proj" => rows(
+                    &cols(
+                        w,
+                        &(0..HEADS * HD)
+                            .filter(|c| keep_q.contains(&(c / HD)))
+                            .collect::<Vec<_>>(),
+                    ),
+                    &keep_d,
+                    1,
+                ),
+                _ => rows(&cols(w, &keep_n), &keep_d, 1),
+            }
+        };
+        tgt.insert(name.clone(), t);
+    }
+    let (sd, td) = (dir.path().join("source"), dir.path().join("target"));
+    write_checkpoint(&sd, &model(D, INTER), &tensors_of(&src), FloatType::F32);
+    let mut small = model(28, 36);
+    small.heads = KV;
+    write_checkpoint(&td, &small, &tensors_of(&tgt), FloatType::F32);
+    tokenizer(&sd, &|i| i);
+    tokenizer(&td, &|i| i);
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        for p in PROJ {
+            let w = &src[&format!("{}.weight", key(l, p))];
+            modules.insert(
+                key(l, p),
+                random_factors(w.nrows(), w.ncols(), 4, 8.0, seed, FloatType::F32),
+            );
+        }
+    }
+    let adapter = dir.path().join("adapter");
+    write_peft(&adapter, "source", 4, 8.0, serde_json::json!({}), &modules);
+    let out = dir.path().join("out");
+    ok(&[
+        "transfer",
+        "--source-base",
+        s(&sd),
+        "--target-base",
+        s(&td),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&out),
+        "--mode",
+        "map",
+        "--device",
+        "cpu",
+    ]);
+    let report = read_json(&out.join("transfer_report.json"));
+    let (mut hits, mut total) = (0, 0);
+    for layer in report["map"]["layers"].as_array().unwrap() {
+        let got =
+            |k: &str| -> Vec<Option<usize>> { serde_json::from_value(layer[k].clone()).unwrap() };
+        for (truth, k) in [
+            (&keep_q, "q_heads"),
+            (&all_kv, "kv_heads"),
+            (&keep_n, "neurons"),
+        ] {
+            for (g, t) in got(k).iter().zip(truth.iter()) {
+                total += 1;
+                hits += usize::from(*g == Some(*t));
+            }
+        }
+    }
+    let fraction = hits as f64 / total as f64;
+    assert!(
+        fraction >= 0.95,
+        "map recovered {hits} of {total} units ({fraction:.3})"
+    );
 }

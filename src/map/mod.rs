@@ -110,6 +110,52 @@ impl ModelMap {
     }
 }
 
+/// What the report says of the model map.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapReport {
+    pub options: MapOptions,
+    /// Tokens spelled alike in both vocabularies that anchored the residual map.
+    pub shared_tokens: usize,
+    /// Relative residual of the residual map on those anchors.
+    pub residual_fit: Option<f64>,
+    pub layers: Vec<LayerReport>,
+}
+
+/// One target layer's matchings: for each target unit, its source unit (null: unmatched).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerReport {
+    pub target_layer: usize,
+    pub source_layer: usize,
+    pub head_similarity: Option<f64>,
+    pub neuron_similarity: Option<f64>,
+    pub q_heads: Vec<Option<usize>>,
+    pub kv_heads: Vec<Option<usize>>,
+    pub neurons: Vec<Option<usize>>,
+}
+
+impl ModelMap {
+    pub fn report(&self) -> MapReport {
+        MapReport {
+            options: self.options,
+            shared_tokens: self.residual.shared_tokens,
+            residual_fit: self.residual.relative_residual,
+            layers: self
+                .layers
+                .iter()
+                .map(|(&j, l)| LayerReport {
+                    target_layer: j,
+                    source_layer: l.source_layer,
+                    head_similarity: l.q_heads.mean_similarity(),
+                    neuron_similarity: l.neurons.mean_similarity(),
+                    q_heads: l.q_heads.source_of.clone(),
+                    kv_heads: l.kv_heads.source_of.clone(),
+                    neurons: l.neurons.source_of.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The residual map from the shared tokens' embedding rows (scaled as each family scales them).
 fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<ResidualMap> {
     let vs = vocab::Vocab::open(&source.ckpt.dir)?;

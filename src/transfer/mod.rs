@@ -119,6 +119,7 @@ pub fn run(job: &Job) -> Result<Report> {
             hits: c.hits.load(std::sync::atomic::Ordering::Relaxed),
             misses: c.misses.load(std::sync::atomic::Ordering::Relaxed),
         }),
+        map: map.as_ref().map(|m| m.map.report()),
         timings_ms: BTreeMap::new(),
         summary: Summary::of(&rows),
         modules: rows,

@@ -108,6 +108,9 @@ pub struct Report {
     /// Basis cache use, when `--cache-dir` is given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub basis_cache: Option<CacheUse>,
+    /// The map mode's model map: its settings, the residual fit and every layer's matchings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map: Option<crate::map::MapReport>,
     pub timings_ms: BTreeMap<String, f64>,
     pub summary: Summary,
     pub modules: Vec<ModuleRow>,
