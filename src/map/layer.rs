@@ -17,6 +17,7 @@ use super::matching::{assign, cosine, Assignment};
 use super::{read_matrix, InnerMatch, MapOptions, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::error::Result;
+use crate::linalg::mm_parallel;
 use crate::linalg::philox::gaussian4;
 use crate::plan::ModelSide;
 
@@ -102,7 +103,7 @@ impl Side<'_, '_> {
 /// `w diag(g) X`: rows of a reading weight in sketched target coordinates.
 fn reading(w: &Mat<f32>, g: &[f32], x: &Mat<f32>) -> Mat<f32> {
     let scaled = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)] * g[j]);
-    scaled * x
+    mm_parallel(scaled.as_ref(), x.as_ref())
 }
 
 impl LayerMap {
@@ -176,8 +177,8 @@ fn match_neurons(
         });
     }
     // Down's columns are the neurons' writes: Rᵀ·M·c (source), Rᵀ·c (target).
-    let ds = s.weight(Part::Down)?.transpose() * &sketch.mtr;
-    let dt = t.weight(Part::Down)?.transpose() * &sketch.r;
+    let ds = mm_parallel(s.weight(Part::Down)?.transpose(), sketch.mtr.as_ref());
+    let dt = mm_parallel(t.weight(Part::Down)?.transpose(), sketch.r.as_ref());
     let total = sim.expect("two parts") + cosine(&dt, &ds);
     assign(&Mat::from_fn(total.nrows(), total.ncols(), |i, j| {
         total[(i, j)] / 3.0

@@ -1,6 +1,15 @@
 //! Which target unit (attention head, MLP neuron) corresponds to which source unit: a maximum-
-//! weight assignment on their similarities (Jonker–Volgenant, the `lapjv` crate), partial when
-//! the counts differ — unmatched target units get nothing from the adapter.
+//! weight assignment on their similarities, partial when the counts differ — unmatched target
+//! units get nothing from the adapter. Up to [`DENSE_LIMIT`] units the assignment is exact
+//! (Jonker–Volgenant, the `lapjv` crate, on the dense cost matrix); above it (MLP widths of
+//! thousands, where the dense problem takes minutes) each target keeps its [`CANDIDATES`] most
+//! similar sources and the edges are taken greedily, best first — optimal whenever each true
+//! pair is the most similar one of both its units, which is what a correspondence looks like.
+
+/// Largest side solved exactly.
+pub const DENSE_LIMIT: usize = 1024;
+/// Candidate sources kept per target on the sparse path.
+pub const CANDIDATES: usize = 32;
 
 use faer::Mat;
 
@@ -53,6 +62,9 @@ impl Assignment {
 pub fn assign(sim: &Mat<f32>) -> Result<Assignment> {
     let (t, s) = (sim.nrows(), sim.ncols());
     let n = t.max(s);
+    if n > DENSE_LIMIT {
+        return Ok(greedy_candidates(sim));
+    }
     if n == 0 {
         return Ok(Assignment {
             source_of: vec![],
@@ -86,6 +98,42 @@ pub fn assign(sim: &Mat<f32>) -> Result<Assignment> {
     })
 }
 
+/// The sparse path: each target's best [`CANDIDATES`] sources, edges taken best first.
+fn greedy_candidates(sim: &Mat<f32>) -> Assignment {
+    use rayon::prelude::*;
+    let (t, s) = (sim.nrows(), sim.ncols());
+    let keep = CANDIDATES.min(s);
+    let mut edges: Vec<(f32, usize, usize)> = (0..t)
+        .into_par_iter()
+        .flat_map_iter(|i| {
+            let mut row: Vec<(f32, usize, usize)> = (0..s)
+                .map(|j| (sim[(i, j)], i, j))
+                .filter(|e| e.0 > 0.0)
+                .collect();
+            if row.len() > keep {
+                row.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
+                row.truncate(keep);
+            }
+            row
+        })
+        .collect();
+    edges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut source_of = vec![None; t];
+    let mut similarity = vec![0.0; t];
+    let mut taken = vec![false; s];
+    for (x, i, j) in edges {
+        if source_of[i].is_none() && !taken[j] {
+            source_of[i] = Some(j);
+            similarity[i] = x;
+            taken[j] = true;
+        }
+    }
+    Assignment {
+        source_of,
+        similarity,
+    }
+}
+
 /// Cosine similarities of the rows of `a` (targets) and `b` (sources).
 pub fn cosine(a: &Mat<f32>, b: &Mat<f32>) -> Mat<f32> {
     let unit = |x: &Mat<f32>| {
@@ -94,7 +142,7 @@ pub fn cosine(a: &Mat<f32>, b: &Mat<f32>) -> Mat<f32> {
             .collect();
         Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] / norms[i])
     };
-    unit(a) * unit(b).transpose()
+    crate::linalg::mm_parallel(unit(a).as_ref(), unit(b).transpose())
 }
 
 #[cfg(test)]
@@ -117,6 +165,27 @@ mod tests {
         assert_eq!(a.source_of, want);
         assert_eq!(a.agreement(&want), 1.0);
         assert!((a.mean_similarity().unwrap() - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_sparse_path_recovers_a_large_noisy_permutation() {
+        let (n, extra) = (DENSE_LIMIT + 300, 40);
+        let perm: Vec<usize> = (0..n).map(|i| (i * 7919) % n).collect();
+        // True pairs at 0.6, everything else noise in ±0.3; extra targets have no partner.
+        let noise = |i: usize, j: usize| {
+            let h = (i as u64 * 0x9e37_79b9 ^ j as u64 * 0x85eb_ca6b).wrapping_mul(0xc2b2_ae35);
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
+        };
+        let sim = Mat::from_fn(n + extra, n, |i, j| {
+            if i < n && perm[i] == j {
+                0.6
+            } else {
+                noise(i, j)
+            }
+        });
+        let a = assign(&sim).unwrap();
+        let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
+        assert_eq!(a.agreement(&truth), 1.0);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use faer::Mat;
 
 use crate::error::{Error, Result};
+use crate::linalg::mm_parallel;
 
 /// `h_t ≈ M h_s` between the residual streams, and the map of the normalized inputs the blocks
 /// read.
@@ -50,56 +51,51 @@ impl ResidualMap {
         let xt = centered(e_t);
         // Orientation from row-normalized anchors (every token counts alike), scale from the
         // raw ones.
-        let (ns, nt) = (normalized_rows(&xs), normalized_rows(&xt));
-        let cross = ns.transpose() * &nt; // d_s × d_t
+        let cross = mm_parallel(
+            normalized_rows(&xs).transpose(),
+            normalized_rows(&xt).as_ref(),
+        );
+        let cross = Mat::<f64>::from_fn(d_s, d_t, |i, j| cross[(i, j)] as f64);
         let svd = cross.thin_svd().map_err(|e| Error::Numerical {
             context: "map: residual map".into(),
             reason: format!("SVD of the anchors' cross-covariance did not converge: {e:?}"),
         })?;
-        let q_t = svd.U() * svd.V().transpose(); // d_s × d_t: Qᵀ
-        let rotated = &xs * &q_t; // n × d_t
-        let num: f64 = zip_sum(&rotated, &xt);
-        let den: f64 = zip_sum(&rotated, &rotated);
+        let q_t64 = svd.U() * svd.V().transpose(); // d_s × d_t: Qᵀ
+        let q_t = Mat::<f32>::from_fn(d_s, d_t, |i, j| q_t64[(i, j)] as f32);
+        let rotated = mm_parallel(xs.as_ref(), q_t.as_ref()); // n × d_t
+        let num = zip_sum(&rotated, &xt);
+        let den = zip_sum(&rotated, &rotated);
         let mu = if den > 0.0 { num / den } else { 1.0 };
-        let resid = {
-            let mut e = 0.0;
-            let mut t = 0.0;
-            for j in 0..d_t {
-                for i in 0..n {
-                    let d = xt[(i, j)] - mu * rotated[(i, j)];
-                    e += d * d;
-                    t += xt[(i, j)] * xt[(i, j)];
-                }
+        let (mut err, mut total) = (0.0, 0.0);
+        for j in 0..d_t {
+            for i in 0..n {
+                let d = xt[(i, j)] as f64 - mu * rotated[(i, j)] as f64;
+                err += d * d;
+                total += (xt[(i, j)] as f64).powi(2);
             }
-            (e / t.max(f64::MIN_POSITIVE)).sqrt()
-        };
+        }
         let width = (d_s as f64 / d_t as f64).sqrt();
         Ok(ResidualMap {
-            m: Mat::from_fn(d_t, d_s, |i, j| (mu * q_t[(j, i)]) as f32),
-            p: Mat::from_fn(d_s, d_t, |i, j| (width * q_t[(i, j)]) as f32),
+            m: Mat::from_fn(d_t, d_s, |i, j| (mu * q_t64[(j, i)]) as f32),
+            p: Mat::from_fn(d_s, d_t, |i, j| (width * q_t64[(i, j)]) as f32),
             shared_tokens: n,
-            relative_residual: Some(resid),
+            relative_residual: Some((err / total.max(f64::MIN_POSITIVE)).sqrt()),
         })
     }
 }
 
-fn centered(x: &Mat<f32>) -> Mat<f64> {
+fn centered(x: &Mat<f32>) -> Mat<f32> {
     let n = x.nrows().max(1) as f64;
     let mean: Vec<f64> = (0..x.ncols())
         .map(|j| (0..x.nrows()).map(|i| x[(i, j)] as f64).sum::<f64>() / n)
         .collect();
-    Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] as f64 - mean[j])
+    Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
+        (x[(i, j)] as f64 - mean[j]) as f32
+    })
 }
 
-fn normalized_rows(x: &Mat<f64>) -> Mat<f64> {
-    let norms: Vec<f64> = (0..x.nrows())
-        .map(|i| {
-            (0..x.ncols())
-                .map(|j| x[(i, j)] * x[(i, j)])
-                .sum::<f64>()
-                .sqrt()
-        })
-        .collect();
+fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
+    let norms: Vec<f32> = (0..x.nrows()).map(|i| x.row(i).norm_l2()).collect();
     Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
         if norms[i] > 0.0 {
             x[(i, j)] / norms[i]
@@ -109,16 +105,15 @@ fn normalized_rows(x: &Mat<f64>) -> Mat<f64> {
     })
 }
 
-fn zip_sum(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+fn zip_sum(a: &Mat<f32>, b: &Mat<f32>) -> f64 {
     let mut s = 0.0;
     for j in 0..a.ncols() {
         for i in 0..a.nrows() {
-            s += a[(i, j)] * b[(i, j)];
+            s += a[(i, j)] as f64 * b[(i, j)] as f64;
         }
     }
     s
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
