@@ -293,6 +293,45 @@ fn cross_architecture_transfer_aligns_and_maps_layers() {
 }
 
 #[test]
+fn map_mode_crosses_families_and_needs_both_vocabularies() {
+    let f = Fixtures::new();
+    let llama = f.llama();
+    let (out, _, _) = f.transfer(&llama, "mapped", &["--mode", "map"]);
+    let report = report(&out);
+    let map = &report["map"];
+    assert!(map["shared_tokens"].as_u64().unwrap() > 0, "{map}");
+    assert_eq!(map["layers"].as_array().unwrap().len(), 6);
+    for row in rows(&report) {
+        assert_eq!(row["mode"], "map", "{row}");
+        assert!(row["residual_fit"].as_f64().is_some(), "{row}");
+        assert!(row["matched_similarity"].as_f64().is_some(), "{row}");
+        assert!(row["energy_kept"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // The output loads as an adapter of the target's shapes.
+    let weights = adapter_weights(&out);
+    assert_eq!(weights.names().len(), 6 * 7 * 2);
+    // Without a vocabulary there is nothing to pair the residual streams on.
+    std::fs::remove_file(llama.join("tokenizer.json")).unwrap();
+    let failed = loraxfer(&[
+        "transfer",
+        "--source-base",
+        s(&f.source),
+        "--target-base",
+        s(&llama),
+        "--adapter",
+        s(&f.adapter),
+        "--out",
+        s(&f.root.path().join("no-vocab")),
+        "--mode",
+        "map",
+    ]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+    assert!(!f.root.path().join("no-vocab").exists());
+}
+
+#[test]
 fn copy_mode_onto_the_same_model_keeps_the_factors() {
     let f = Fixtures::new();
     let (out, _, _) = f.transfer(&f.source, "out", &["--mode", "copy"]);
