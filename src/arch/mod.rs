@@ -27,6 +27,17 @@ pub enum Part {
 }
 
 impl Part {
+    /// Every part, in the order of a decoder layer.
+    pub const ALL: [Part; 7] = [
+        Part::Q,
+        Part::K,
+        Part::V,
+        Part::O,
+        Part::Gate,
+        Part::Up,
+        Part::Down,
+    ];
+
     /// `(out, in)` of this projection for a model config.
     pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
         let q = c.num_attention_heads * c.head_dim;

@@ -27,17 +27,9 @@ fn parts_of(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
 ) -> Vec<(Part, std::ops::Range<usize>, std::ops::Range<usize>)> {
-    let single = [
-        Part::Q,
-        Part::K,
-        Part::V,
-        Part::O,
-        Part::Gate,
-        Part::Up,
-        Part::Down,
-    ]
-    .into_iter()
-    .find(|p| p.module_name() == unit.label);
+    let single = Part::ALL
+        .into_iter()
+        .find(|p| p.module_name() == unit.label);
     if let Some(p) = single {
         return vec![(p, 0..unit.source_shape.0, 0..unit.target_shape.0)];
     }

@@ -173,7 +173,7 @@ mod tests {
         let perm: Vec<usize> = (0..n).map(|i| (i * 7919) % n).collect();
         // True pairs at 0.6, everything else noise in ±0.3; extra targets have no partner.
         let noise = |i: usize, j: usize| {
-            let h = (i as u64 * 0x9e37_79b9 ^ j as u64 * 0x85eb_ca6b).wrapping_mul(0xc2b2_ae35);
+            let h = ((i as u64 * 0x9e37_79b9) ^ (j as u64 * 0x85eb_ca6b)).wrapping_mul(0xc2b2_ae35);
             ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
         };
         let sim = Mat::from_fn(n + extra, n, |i, j| {

@@ -501,18 +501,7 @@ fn module_filter(options: &Options, source: &Arch, target: &Arch) -> Result<Modu
         .chain(&target.modules)
         .map(|m| m.name.clone())
         .collect();
-    known.extend(
-        [
-            Part::Q,
-            Part::K,
-            Part::V,
-            Part::O,
-            Part::Gate,
-            Part::Up,
-            Part::Down,
-        ]
-        .map(|p| p.module_name().to_string()),
-    );
+    known.extend(Part::ALL.map(|p| p.module_name().to_string()));
     for name in &list {
         if !known.contains(name) {
             return Err(Error::arg(

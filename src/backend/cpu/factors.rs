@@ -6,7 +6,7 @@ use faer::{Mat, MatRef};
 use crate::backend::{Basis, Factors};
 use crate::error::{Error, Result};
 use crate::linalg::mm;
-use crate::modes::{check, nearest_index, need, subspace_bases, Mode};
+use crate::modes::{check, nearest_index, same_shape_bases, subspace_bases, Mode};
 
 /// `‖Xᵀ Y‖_F² / k` (k = columns): the mean squared cosine of the principal angles.
 pub fn similarity(x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
@@ -63,9 +63,7 @@ pub fn transfer(
             Ok(Factors { b, a })
         }
         Mode::Procrustes => {
-            let (s, t) = (need(bs, mode, "source")?, need(bt, mode, "target")?);
-            check((m_s, n_s) == (m_t, n_t), "procrustes needs equal shapes")?;
-            check(s.u.ncols() == t.u.ncols(), "bases of equal rank")?;
+            let (s, t) = same_shape_bases(mode, src, bs, bt, target_shape)?;
             let o_u = polar(mm(s.u.transpose(), t.u.as_ref()).as_ref())?;
             let o_v = polar(mm(s.v.transpose(), t.v.as_ref()).as_ref())?;
             // B_t = U_t O_uᵀ (U_sᵀ B_s),  A_t = (A_s V_s) O_v V_tᵀ
