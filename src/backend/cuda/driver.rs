@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use cudarc::driver::{result, sys};
 
 use super::device::{Arg, Device, LaunchShape};
-use super::kernels::NAMES;
+use super::kernels::{self, check_launch};
 use crate::error::{Error, Result};
 
 fn driver_error(what: &str, e: result::DriverError) -> Error {
@@ -155,8 +155,8 @@ impl CudaDriver {
             modules.push(module);
         }
         let mut functions = HashMap::new();
-        for name in NAMES {
-            let c = CString::new(*name).expect("no NUL in kernel names");
+        for name in kernels::names() {
+            let c = CString::new(name).expect("no NUL in kernel names");
             let found = modules
                 .iter()
                 .find_map(|m| unsafe { result::module::get_function(*m, c.clone()) }.ok());
@@ -165,7 +165,7 @@ impl CudaDriver {
                     "kernel {name} is missing from the embedded fatbins"
                 ))
             })?;
-            functions.insert(*name, f);
+            functions.insert(name, f);
         }
         let stream = || {
             result::stream::create(result::stream::StreamKind::NonBlocking)
@@ -482,6 +482,7 @@ impl Device for CudaDriver {
     }
 
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()> {
+        check_launch(kernel, args)?;
         let f = *self
             .functions
             .get(kernel)
@@ -494,7 +495,9 @@ impl Device for CudaDriver {
             .collect();
         let [gx, gy, gz] = shape.grid;
         let [bx, by, bz] = shape.block;
-        // SAFETY: the launchers in ops.rs pass arguments in the order and sizes of kernels/api.h.
+        // SAFETY: check_launch above has matched the arguments' count and kinds against the
+        // kernel's parameters in kernels/api.h, and each slot holds its argument in the low bytes
+        // of 8, as wide as any parameter; the slots outlive the call, which copies them.
         unsafe {
             result::launch_kernel(
                 f,

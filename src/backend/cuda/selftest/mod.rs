@@ -8,7 +8,7 @@ mod pipeline;
 use faer::Mat;
 
 use super::backend::{from_row_major, row_major, CudaBackend};
-use super::ops::{Ops, Panel};
+use super::ops::{Ops, Panel, PanelProduct};
 use super::rsvd::RawMatrix;
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
 use crate::backend::{Backend, Basis, Factors, Mode, SvdParams, Weight};
@@ -210,16 +210,20 @@ impl Runner<'_> {
             let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
             let (abuf, bbuf) = (ops.gpu.upload(&a, "A")?, ops.gpu.upload(&b, "B")?);
             let c = self.poisoned(m * n, "C")?;
-            ops.panel(
+            ops.panel(&PanelProduct {
                 kind,
-                c.ptr(),
-                abuf.ptr(),
-                bbuf.ptr(),
-                (m, n, k),
-                (lda, ldb),
-                (0, 0),
-                1,
-            )?;
+                c: c.ptr(),
+                a: abuf.ptr(),
+                b: bbuf.ptr(),
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                stride_a: 0,
+                stride_b: 0,
+                batch: 1,
+            })?;
             let got: Vec<f32> = ops.gpu.download(c.ptr(), m * n)?;
             self.push(
                 name,
