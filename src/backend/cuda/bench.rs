@@ -1,7 +1,7 @@
 //! Kernel timings on model-shaped batches (`loraxfer selftest --bench`, scripts/gpu-check.sh):
 //! per kernel the time per launch, the bytes it must move and the FLOPs it does, so achieved
 //! bandwidth and FLOP rate can be set against the device's ceilings. Host→device copy speed is
-//! measured too: for a whole transfer it is the floor (DESIGN.md §3, "the two numbers").
+//! measured too: for a whole transfer it is the floor (docs/PERFORMANCE.md, "The two numbers").
 
 use std::time::Instant;
 
