@@ -50,8 +50,11 @@ extern "C" __global__ void cholesky_f64(double* G, int* flags, int l, double shi
         failed = flags[blockIdx.x];
     }
     __syncthreads();
-    for (int j = 0; j < l && !failed; ++j) {
-        if (threadIdx.x == 0) {
+    for (int j = 0; j < l; ++j) {
+        // Only thread 0 writes `failed`, and only here, between the barriers that end one
+        // iteration and the one below; every thread reads it after that barrier into a register,
+        // so all agree on leaving the loop and no barrier is left waiting for the others.
+        if (threadIdx.x == 0 && !failed) {
             double d = A[(size_t)j * l + j];
             // A pivot this small (or NaN) means Y is rank-deficient to working precision.
             if (!(d > 1e-12 * max_diag) || max_diag == 0.0) {
@@ -62,7 +65,8 @@ extern "C" __global__ void cholesky_f64(double* G, int* flags, int l, double shi
             A[(size_t)j * l + j] = pivot;
         }
         __syncthreads();
-        if (failed) break;
+        const bool stop = failed;
+        if (stop) break;
         for (int c = j + 1 + threadIdx.x; c < l; c += blockDim.x) A[(size_t)j * l + c] /= pivot;
         __syncthreads();
         const int t = l - j - 1;
