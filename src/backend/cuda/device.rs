@@ -102,6 +102,11 @@ pub trait Device: Send + Sync {
     fn synchronize(&self) -> Result<()>;
     /// Free device memory in bytes, when the device can tell.
     fn free_memory(&self) -> Option<usize>;
+    /// How this device allocates memory and uploads weights, for `loraxfer info` (and whether it
+    /// fell back from stream-ordered pools or pinned staging).
+    fn memory_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Device memory that is released when dropped.

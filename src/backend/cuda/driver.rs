@@ -9,6 +9,11 @@
 //! buffers alternate: the host fills one (reading the file) while the DMA engine empties the
 //! other, and neither waits for the kernels of the batch before. Pinning the mapped file itself (cuMemHostRegister) would fault
 //! in and lock the whole checkpoint; staging keeps pinned memory at 2 × [`STAGE_BYTES`].
+//!
+//! Two fallbacks keep a device without these features usable, and `loraxfer info` names them:
+//! without stream-ordered memory pools (`CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED` = 0) memory
+//! comes from `cuMemAlloc` and goes back through `cuMemFree` after the device is idle; when pinned
+//! host memory cannot be allocated, uploads copy from pageable memory.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_void, CString};
@@ -89,6 +94,8 @@ enum StagingSlot {
     NotYet,
     Idle(Staging),
     InUse,
+    /// Pinned memory could not be allocated (the reason): uploads copy from pageable memory.
+    Pageable(String),
 }
 
 /// One GPU with this project's kernels loaded.
@@ -101,8 +108,9 @@ pub struct CudaDriver {
     /// Reads of finished work ([`Device::read_after`]), so they do not queue behind the kernels
     /// of the next batch on `compute`.
     readback: sys::CUstream,
-    /// The device's default pool, which the stream-ordered allocations draw from.
-    pool: sys::CUmemoryPool,
+    /// The device's default pool, which the stream-ordered allocations draw from; None when the
+    /// device has no memory pools (then cuMemAlloc / cuMemFree).
+    pool: Option<sys::CUmemoryPool>,
     /// Recorded on `copy` and waited for on `compute` by [`Device::fence`].
     staged: sys::CUevent,
     /// Allocated at the first staged copy (commands that never upload weights pin nothing).
@@ -173,19 +181,32 @@ impl CudaDriver {
         };
         let (compute, copy, readback) = (stream()?, stream()?, stream()?);
         // SAFETY: dev is valid.
-        let pool = unsafe { result::device::get_default_mem_pool(dev) }
-            .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
-        use sys::CUmemPool_attribute::*;
-        // Keep freed memory in the pool instead of returning it at every synchronization: each
-        // piece of a batch allocates what the previous one freed. (`free_memory` counts it.)
-        set_pool_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
-        // Nor may an upload on `copy` reuse a block that `compute` has not finished freeing: the
-        // pool would make the copy wait for the kernels, undoing the overlap.
-        set_pool_attribute(
-            pool,
-            CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
-            0i32,
-        )?;
+        let pools = unsafe {
+            result::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+            )
+        }
+        .map_err(|e| driver_error("cuDeviceGetAttribute (memory pools)", e))?;
+        let pool = if pools == 0 {
+            None
+        } else {
+            // SAFETY: dev is valid.
+            let pool = unsafe { result::device::get_default_mem_pool(dev) }
+                .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+            use sys::CUmemPool_attribute::*;
+            // Keep freed memory in the pool instead of returning it at every synchronization:
+            // each piece of a batch allocates what the previous one freed (`free_memory` counts it).
+            set_pool_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
+            // Nor may an upload on `copy` reuse a block that `compute` has not finished freeing:
+            // the pool would make the copy wait for the kernels, undoing the overlap.
+            set_pool_attribute(
+                pool,
+                CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                0i32,
+            )?;
+            Some(pool)
+        };
         Ok(Self {
             ctx,
             info,
@@ -203,6 +224,35 @@ impl CudaDriver {
 
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// Allocates on `stream` from the pool, or with cuMemAlloc on a device without pools.
+    fn device_alloc(&self, bytes: usize, stream: sys::CUstream) -> Result<u64> {
+        // SAFETY: plain allocations; the caller initializes the memory before any read.
+        match self.pool {
+            Some(_) => unsafe { result::malloc_async(stream, bytes) },
+            None => unsafe { result::malloc_sync(bytes) },
+        }
+        .map_err(|e| self.out_of_memory(e))
+    }
+
+    /// Pinned staging buffers, or the reason there are none (then uploads copy from pageable
+    /// memory); allocated at the first staged copy, or by [`Device::memory_notes`].
+    fn staging_ready(&self) -> std::result::Result<(), String> {
+        let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if let StagingSlot::NotYet = *slot {
+            *slot = match self.new_staging() {
+                Ok(st) => StagingSlot::Idle(st),
+                Err(e) => {
+                    eprintln!("loraxfer: {e}; weights are copied from pageable memory instead");
+                    StagingSlot::Pageable(e.to_string())
+                }
+            };
+        }
+        match &*slot {
+            StagingSlot::Pageable(reason) => Err(reason.clone()),
+            _ => Ok(()),
+        }
     }
 
     fn out_of_memory(&self, e: result::DriverError) -> Error {
@@ -269,6 +319,15 @@ impl CudaDriver {
         Ok(())
     }
 
+    /// Host → device on the copy stream straight from pageable memory (no staging buffer).
+    fn copy_pageable(&self, dst: u64, src: &[u8]) -> Result<()> {
+        let _g = self.current()?;
+        // SAFETY: dst is an upload buffer of at least src.len() bytes; from pageable memory the
+        // driver takes the bytes out of `src` before returning.
+        unsafe { result::memcpy_htod_async(dst, src, self.copy) }
+            .map_err(|e| driver_error("cuMemcpyHtoDAsync (pageable)", e))
+    }
+
     /// Orders `compute` after every copy queued on `copy` so far.
     fn fence_locked(&self) -> Result<()> {
         // SAFETY: live event and streams; the wait takes the event's state at this call.
@@ -332,7 +391,9 @@ impl Drop for CudaDriver {
                 let _ = result::stream::destroy(self.copy);
                 let _ = result::stream::destroy(self.readback);
                 // Hand back what the pool kept (its release threshold is "never").
-                let _ = result::mem_pool::trim_to(self.pool, 0);
+                if let Some(pool) = self.pool {
+                    let _ = result::mem_pool::trim_to(pool, 0);
+                }
             }
         }
     }
@@ -349,9 +410,8 @@ impl Device for CudaDriver {
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
         let _g = self.current()?;
-        // SAFETY: a stream-ordered allocation, zeroed in the same stream before any use.
-        let ptr = unsafe { result::malloc_async(self.compute, bytes) }
-            .map_err(|e| self.out_of_memory(e))?;
+        let ptr = self.device_alloc(bytes, self.compute)?;
+        // SAFETY: a live allocation of `bytes`, zeroed on the compute stream before any use.
         unsafe { result::memset_d8_async(ptr, 0, bytes, self.compute) }
             .map_err(|e| driver_error("cuMemsetD8Async", e))?;
         Ok(ptr)
@@ -359,10 +419,8 @@ impl Device for CudaDriver {
 
     fn alloc_for_upload(&self, bytes: usize) -> Result<u64> {
         let _g = self.current()?;
-        // SAFETY: ordered on the copy stream, which fills it; the compute stream uses it only
-        // after a fence.
-        let ptr =
-            unsafe { result::malloc_async(self.copy, bytes) }.map_err(|e| self.out_of_memory(e))?;
+        // Ordered on the copy stream, which fills it; the compute stream uses it only after a fence.
+        let ptr = self.device_alloc(bytes, self.copy)?;
         self.unfenced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -382,9 +440,19 @@ impl Device for CudaDriver {
             if unfenced && self.fence_locked().is_err() {
                 return; // leak it rather than risk the race
             }
-            // SAFETY: ptr came from an alloc and is freed once (Buffer's Drop), after the
-            // compute work queued so far, which is ordered after any copy into it.
-            let _ = unsafe { result::free_async(ptr, self.compute) };
+            match self.pool {
+                // SAFETY: ptr came from an alloc and is freed once (Buffer's Drop), after the
+                // compute work queued so far, which is ordered after any copy into it.
+                Some(_) => {
+                    let _ = unsafe { result::free_async(ptr, self.compute) };
+                }
+                // cuMemFree is not stream-ordered: wait until nothing can still use the memory.
+                None => unsafe {
+                    if result::ctx::synchronize().is_ok() {
+                        let _ = result::free_sync(ptr);
+                    }
+                },
+            }
         }
     }
 
@@ -400,22 +468,26 @@ impl Device for CudaDriver {
             let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
             match std::mem::replace(&mut *slot, StagingSlot::InUse) {
                 StagingSlot::Idle(st) => st,
-                StagingSlot::NotYet => match self.new_staging() {
-                    Ok(st) => st,
-                    Err(e) => {
-                        *slot = StagingSlot::NotYet;
-                        return Err(e);
+                StagingSlot::NotYet => {
+                    *slot = StagingSlot::NotYet;
+                    drop(slot);
+                    // Allocates them, or records why not and copies from pageable memory.
+                    if self.staging_ready().is_err() {
+                        return self.copy_pageable(dst, src);
                     }
-                },
+                    return self.stage(dst, src);
+                }
+                StagingSlot::Pageable(reason) => {
+                    *slot = StagingSlot::Pageable(reason);
+                    drop(slot);
+                    return self.copy_pageable(dst, src);
+                }
                 StagingSlot::InUse => {
                     // Another upload holds the pinned buffers (another thread, or this one
                     // re-entered while rayon filled them): copy from pageable memory, which the
                     // driver takes out of `src` before returning.
                     drop(slot);
-                    let _g = self.current()?;
-                    // SAFETY: dst is an upload buffer of at least src.len() bytes.
-                    return unsafe { result::memcpy_htod_async(dst, src, self.copy) }
-                        .map_err(|e| driver_error("cuMemcpyHtoDAsync (pageable)", e));
+                    return self.copy_pageable(dst, src);
                 }
             }
         };
@@ -525,15 +597,35 @@ impl Device for CudaDriver {
             .map_err(|e| driver_error("cuCtxSynchronize (or a kernel before it)", e))
     }
 
+    fn memory_notes(&self) -> Vec<String> {
+        let memory = match self.pool {
+            Some(_) => "device memory: stream-ordered pool (cuMemAllocAsync / cuMemFreeAsync)".into(),
+            None => "device memory: cuMemAlloc / cuMemFree (the device has no memory pools: \
+                     CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED = 0; a free waits for the device)"
+                .into(),
+        };
+        let staging = match self.staging_ready() {
+            Ok(()) => format!(
+                "weight uploads: through 2 x {} MiB pinned staging buffers",
+                STAGE_BYTES >> 20
+            ),
+            Err(reason) => format!("weight uploads: from pageable memory (no pinned memory: {reason})"),
+        };
+        vec![memory, staging]
+    }
+
     fn free_memory(&self) -> Option<usize> {
         let _g = self.current().ok()?;
         let (free, _) = result::mem_get_info().ok()?;
+        let Some(pool) = self.pool else {
+            return Some(free);
+        };
         // Memory the pool holds but nothing uses is free to this process too.
         let pool = |attr| {
             let mut v = 0u64;
             // SAFETY: a live pool; these attributes take a cuuint64_t.
             unsafe {
-                result::mem_pool::get_attribute(self.pool, attr, &mut v as *mut u64 as *mut c_void)
+                result::mem_pool::get_attribute(pool, attr, &mut v as *mut u64 as *mut c_void)
             }
             .ok()
             .map(|_| v as usize)
