@@ -59,6 +59,27 @@ fn every_kernel_matches_the_cpu_reference_on_the_emulator() {
     assert_all_pass(&checks, seed, "emulator");
 }
 
+/// The kernels with a GPU's block size (256 threads in the block-per-matrix kernels: their
+/// reductions and barriers over the whole width), on the emulator, where the default is 32.
+#[test]
+#[cfg_attr(
+    not(loraxfer_kernel_emulator),
+    ignore = "no C++20 compiler at build time: kernel emulator not built"
+)]
+fn the_kernels_pass_with_the_gpu_block_size_on_the_emulator() {
+    if emulator_missing() {
+        return;
+    }
+    let backend = cuda::emulator_backend_with_block(cuda::GPU_BLOCK).unwrap();
+    assert_eq!(backend.ops().small_block, 256);
+    let seed = fresh_seed();
+    let checks = selftest::run(&backend, seed, true).unwrap();
+    assert!(checks.len() >= 30, "only {} checks ran", checks.len());
+    assert_all_pass(&checks, seed, "emulator, block 256");
+    // What `loraxfer info` runs first on a GPU.
+    assert!(selftest::first_light(&backend).unwrap() <= 1e-5);
+}
+
 #[test]
 #[cfg_attr(
     not(loraxfer_cuda_kernels),
