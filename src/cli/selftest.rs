@@ -48,13 +48,21 @@ macro_rules! say {
 
 pub fn run(args: SelftestArgs) -> Result<()> {
     if args.block_size.is_some() && args.device != SelftestDevice::Emulator {
-        return Err(Error::arg("--block-size", "only the emulator's block size can be chosen"));
+        return Err(Error::arg(
+            "--block-size",
+            "only the emulator's block size can be chosen",
+        ));
     }
     if args.bench && args.device == SelftestDevice::Emulator {
-        return Err(Error::arg("--bench", "it times the GPU; the emulator's times mean nothing"));
+        return Err(Error::arg(
+            "--bench",
+            "it times the GPU; the emulator's times mean nothing",
+        ));
     }
     let backend = match args.device {
-        SelftestDevice::Emulator => cuda::emulator_backend_with_block(args.block_size.unwrap_or(32))?,
+        SelftestDevice::Emulator => {
+            cuda::emulator_backend_with_block(args.block_size.unwrap_or(32))?
+        }
         SelftestDevice::Cuda => cuda::cuda_backend()?,
         SelftestDevice::Auto => match cuda::unavailable_reason() {
             None => cuda::cuda_backend()?,
@@ -82,7 +90,13 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         if args.quick { ", quick" } else { "" }
     );
     let start = std::time::Instant::now();
-    say!("{:<22} {:<48} {:>11} {:>9}  result", "kernel", "case", "error", "tolerance");
+    say!(
+        "{:<22} {:<48} {:>11} {:>9}  result",
+        "kernel",
+        "case",
+        "error",
+        "tolerance"
+    );
     let checks = selftest::run_reporting(&backend, seed, options, &mut |event| match event {
         Event::Check(c) => say!(
             "{:<22} {:<48} {:>11.3e} {:>9.1e}  {}",
@@ -126,9 +140,21 @@ fn print_timing(t: &bench::Timing) {
 /// Kernel timings on Qwen2.5-1.5B shapes, each row printed as it is measured; a part that fails
 /// is reported and the rest still runs.
 fn benchmark(backend: &CudaBackend, seed: u64) {
-    say!("\n{:<30} {:<32} {:>10} {:>10} {:>10}", "kernel", "case", "ms", "GB/s", "TFLOP/s");
+    say!(
+        "\n{:<30} {:<32} {:>10} {:>10} {:>10}",
+        "kernel",
+        "case",
+        "ms",
+        "GB/s",
+        "TFLOP/s"
+    );
     // Qwen2.5-1.5B: 28 layers of q/o, k/v, gate/up, down; k = 256, p = 16.
-    let shapes = [(1536, 1536, 28), (256, 1536, 28), (8960, 1536, 28), (1536, 8960, 28)];
+    let shapes = [
+        (1536, 1536, 28),
+        (256, 1536, 28),
+        (8960, 1536, 28),
+        (1536, 8960, 28),
+    ];
     bench::run(backend, &shapes, 272, 5, &mut |row| match row {
         Row::Timed(t) => print_timing(t),
         Row::Skipped(case, e) => say!("skipped: {case}: {e}"),

@@ -55,14 +55,21 @@ pub enum Row<'a> {
 /// Philox-Gaussian entries (full rank, so orthonormalization stays on CholeskyQR2) with column
 /// `j` scaled by 1/(1 + j/64), a decaying spectrum (so the core's eigenproblem is not a near
 /// identity). Generated and cast on the device: no host copy of a 770 MB batch.
-pub fn gaussian_weights(ops: &Ops, (m, n, batch): (usize, usize, usize), seed: u64) -> Result<Buffer> {
+pub fn gaussian_weights(
+    ops: &Ops,
+    (m, n, batch): (usize, usize, usize),
+    seed: u64,
+) -> Result<Buffer> {
     let gpu = &ops.gpu;
     let w32 = gpu.zeros::<f32>(batch * m * n, "f32 weights")?;
     for b in 0..batch {
         // Ω's layout is column-major rows × cols: with rows = n it is W row-major m × n.
         gpu.launch(
             "philox_gaussian_f32",
-            LaunchShape::new([(n as u32).div_ceil(128), (m as u32).div_ceil(4), 1], [128, 1, 1]),
+            LaunchShape::new(
+                [(n as u32).div_ceil(128), (m as u32).div_ceil(4), 1],
+                [128, 1, 1],
+            ),
             &[
                 Arg::Ptr(w32.ptr() + (b * m * n * 4) as u64),
                 Arg::I32(n as i32),

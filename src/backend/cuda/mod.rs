@@ -13,6 +13,7 @@ pub mod device;
 pub mod driver;
 #[cfg(loraxfer_kernel_emulator)]
 pub mod emulator;
+mod gpus;
 pub mod kernels;
 pub mod ops;
 pub mod rsvd;
