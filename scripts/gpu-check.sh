@@ -7,9 +7,10 @@
 #   Run (there, in the repository root, with target/release/loraxfer carried):
 #     OUT=/some/dir scripts/gpu-check.sh [--quick]
 #
-# Every step runs under `timeout` and a failing step does not stop the others. Default run: at
-# most about 7 minutes of step limits (about 420 s, typically far less on an H200 with 16 cores);
-# --quick: about 2 minutes (1-layer models, no kernel timings, no k = 256 transfers, no nsys).
+# Every step runs under `timeout` and a failing step does not stop the others. Default run: step
+# limits summing to about 420 s (typically far less on an H200 with 16 cores; a failing selftest
+# adds two reruns of at most 45 s);
+# --quick: about 2 minutes (1-layer models; no kernel timings, k = 256 transfers, racecheck or nsys).
 #  1. loraxfer info: driver, GPU, memory path, and one kernel run against the CPU
 #  2. selftest --device cuda: every kernel against the CPU reference, fresh seed, including the
 #     production-size SVD; on a failure it is rerun with CUDA_LAUNCH_BLOCKING=1 (so the failing
@@ -21,6 +22,7 @@
 #     the comparison is informative only. The PyTorch baseline (bench/torch_transfer.py, torch
 #     and safetensors only) runs on the same GPU and inputs, side by side.
 #  5. compute-sanitizer synccheck and racecheck on selftest --quick, and nsys, when installed
+# Exits 1 when a selftest or a pass/fail comparison failed (every step still ran).
 # $OUT gets at most 8 files: summary.txt, info.txt, selftest.txt, bench.txt, logs.tar.gz (all
 # other logs and reports). Models and transfer outputs go to $WORK (a temporary directory).
 set -uo pipefail
@@ -41,6 +43,7 @@ summary="$OUT/summary.txt"
 note() { printf '%-46s %s\n' "$1" "$2" | tee -a "$summary"; }
 [[ -x $BIN ]] || { echo "gpu-check.sh: no binary at $BIN" >&2; exit 2; }
 t_start=$(date +%s)
+failed_checks=0  # failed selftests and pass/fail comparisons: the exit status
 
 # step SECONDS LOG CMD...: runs CMD under timeout into LOG; sets $rc and $secs.
 step() {
@@ -53,15 +56,16 @@ step() {
 }
 status() { case $rc in 0) echo ok;; 124|137) echo "TIMEOUT";; *) echo "FAILED rc=$rc";; esac; }
 
-step 30 "$OUT/info.txt" "$BIN" info
+step 20 "$OUT/info.txt" "$BIN" info
 note "info ($(status), ${secs}s)" "$(grep -E '^gpu 0|cuda driver' "$OUT/info.txt" | head -1)"
 note "first kernel" "$(grep '^first kernel' "$OUT/info.txt" | sed 's/^first kernel on the gpu: //')"
 note "memory" "$(grep -E '^device memory|^weight uploads' "$OUT/info.txt" | tr '\n' ';')"
 
 st_args=(selftest --device cuda); ((quick)) && st_args+=(--quick)
-step 70 "$OUT/selftest.txt" "$BIN" "${st_args[@]}"
+step 65 "$OUT/selftest.txt" "$BIN" "${st_args[@]}"
 note "selftest ($(status), ${secs}s)" "$(grep '^selftest:' "$OUT/selftest.txt" | tail -1)"
 if [[ $rc != 0 ]]; then
+  failed_checks=$((failed_checks + 1))
   grep -E 'MISMATCH|failed:' "$OUT/selftest.txt" | head -5 | while read -r line; do note "  mismatch" "$line"; done
   step 45 "$L/selftest-blocking.txt" env CUDA_LAUNCH_BLOCKING=1 "$BIN" selftest --device cuda --quick
   note "  rerun CUDA_LAUNCH_BLOCKING=1 ($(status))" "$(grep -E 'MISMATCH|failed:|^Error|error:' "$L/selftest-blocking.txt" | head -1)"
@@ -72,11 +76,11 @@ fi
 if ((quick)); then
   echo "not run with --quick" >"$OUT/bench.txt"
 else
-  step 60 "$OUT/bench.txt" "$BIN" selftest --device cuda --quick --bench
+  step 50 "$OUT/bench.txt" "$BIN" selftest --device cuda --quick --bench
   note "bench ($(status), ${secs}s)" "$(grep -c '' "$OUT/bench.txt") lines, $(grep -c '^skipped' "$OUT/bench.txt") skipped"
 fi
 
-step 45 "$L/synth.txt" bash -c "'$BIN' synth model --like qwen2.5-1.5b --layers $layers --out '$W/src' &&
+step 40 "$L/synth.txt" bash -c "'$BIN' synth model --like qwen2.5-1.5b --layers $layers --out '$W/src' &&
   '$BIN' synth model --like llama-3.2-3b --layers $layers --out '$W/tgt' --seed 1 &&
   '$BIN' synth adapter --base '$W/src' --out '$W/ad'"
 note "synthetic models ($(status), ${secs}s)" "$layers layers"
@@ -114,7 +118,10 @@ compare() {
   local a=$1 b=$2 tol=$3 what=$4
   python3 "$W/compare.py" "$W/$a" "$W/$b" "$tol" >"$L/compare-$a-$b.txt" 2>&1; local r=$?
   local verdict="informative"
-  [[ $what == pass/fail ]] && verdict=$([[ $r == 0 ]] && echo PASS || echo "FAIL (tol $tol)")
+  if [[ $what == pass/fail ]]; then
+    verdict=PASS
+    [[ $r == 0 ]] || { verdict="FAIL (tol $tol)"; failed_checks=$((failed_checks + 1)); }
+  fi
   # The figures when it ran, else the error it ended with.
   note "$a vs $b: $verdict" "$(if grep -q '^worst' "$L/compare-$a-$b.txt"; then head -1 "$L/compare-$a-$b.txt"; else tail -1 "$L/compare-$a-$b.txt"; fi)"
 }
@@ -133,7 +140,8 @@ if ((!quick)); then
 fi
 
 if command -v compute-sanitizer >/dev/null; then
-  for tool in synccheck racecheck; do
+  tools=(synccheck racecheck); ((quick)) && tools=(synccheck)  # racecheck is the slow one
+  for tool in "${tools[@]}"; do
     step 25 "$L/sanitizer-$tool.txt" compute-sanitizer --tool "$tool" "$BIN" selftest --device cuda --quick
     note "compute-sanitizer $tool ($(status), ${secs}s)" "$(grep -E 'ERROR SUMMARY|hazard' "$L/sanitizer-$tool.txt" | tail -1)"
   done
@@ -141,10 +149,14 @@ else
   note "compute-sanitizer" "not installed"
 fi
 if ((!quick)) && command -v nsys >/dev/null; then
-  step 20 "$L/nsys.txt" nsys profile -o "$L/transfer-cuda" --trace cuda,nvtx --force-overwrite true \
+  step 15 "$L/nsys.txt" nsys profile -o "$L/transfer-cuda" --trace cuda,nvtx --force-overwrite true \
     "$BIN" transfer --source-base "$W/src" --target-base "$W/tgt" --adapter "$W/ad" \
     --out "$W/nsys-out" --device cuda --mode align --rank 256 --force
-  note "nsys profile ($(status))" "in logs.tar.gz"
+  note "nsys profile ($(status))" "${secs}s"
+  # The report itself is large: bring back its kernel and copy summaries instead.
+  step 10 "$L/nsys-stats.txt" nsys stats --report cuda_gpu_kern_sum --report cuda_gpu_mem_time_sum \
+    "$L/transfer-cuda.nsys-rep"
+  note "nsys stats ($(status))" "logs/nsys-stats.txt"
 else
   note "nsys profile" "not run (--quick, or nsys not installed)"
 fi
@@ -154,7 +166,8 @@ for d in "$W"/transfer-* "$W"/torch-*; do
   [[ -f $d/transfer_report.json ]] && cp "$d/transfer_report.json" "$L/report-$(basename "$d").json"
 done
 note "total" "$(( $(date +%s) - t_start ))s"
-tar -czf "$OUT/logs.tar.gz" -C "$W" logs
+tar -czf "$OUT/logs.tar.gz" --exclude='*.nsys-rep' --exclude='*.sqlite' -C "$W" logs
 echo "== gpu-check summary (details under $OUT) =="
 cat "$summary"
 sed -n '/^kernel .*TFLOP/,$p' "$OUT/bench.txt"
+exit $((failed_checks > 0))
