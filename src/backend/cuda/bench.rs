@@ -122,81 +122,79 @@ fn time_shape(
 ) -> Result<()> {
     let ops = backend.ops();
     let gpu = &ops.gpu;
-    {
-        let ty = FloatType::Bf16;
-        let w = gaussian_weights(ops, (m, n, batch), 7)?;
-        let ids = gpu.upload(&(0..batch as u64).collect::<Vec<_>>(), "ids")?;
-        let y = gpu.zeros::<f32>(batch * m * l, "Y")?;
-        let z = gpu.zeros::<f32>(batch * n * l, "Z")?;
-        let wbytes = (batch * m * n * 2) as f64;
-        let prod_flops = 2.0 * (batch * m * n * l) as f64;
-        let mut push = |kernel: &str, ms: f64, bytes: f64, flops: f64| {
-            push(Timing {
-                kernel: kernel.into(),
-                case: case.to_string(),
-                ms,
-                bytes,
-                flops,
-            })
-        };
+    let ty = FloatType::Bf16;
+    let w = gaussian_weights(ops, (m, n, batch), 7)?;
+    let ids = gpu.upload(&(0..batch as u64).collect::<Vec<_>>(), "ids")?;
+    let y = gpu.zeros::<f32>(batch * m * l, "Y")?;
+    let z = gpu.zeros::<f32>(batch * n * l, "Z")?;
+    let wbytes = (batch * m * n * 2) as f64;
+    let prod_flops = 2.0 * (batch * m * n * l) as f64;
+    let mut push = |kernel: &str, ms: f64, bytes: f64, flops: f64| {
+        push(Timing {
+            kernel: kernel.into(),
+            case: case.to_string(),
+            ms,
+            bytes,
+            flops,
+        })
+    };
 
-        // The three products with W, on CUDA cores and on tensor cores, side by side.
-        for tensor_cores in [false, true] {
-            let ops = Ops {
-                tensor_cores,
-                ..ops.clone()
-            };
+    // The three products with W, on CUDA cores and on tensor cores, side by side.
+    for tensor_cores in [false, true] {
+        let ops = Ops {
+            tensor_cores,
+            ..ops.clone()
+        };
+        let ms = time(backend, reps, || {
+            ops.sketch(&y, &w, ty, &ids, 0, m, n, l, batch)
+        })?;
+        push(
+            &ops.product_kernel("sketch", ty),
+            ms,
+            wbytes + (batch * m * l * 4) as f64,
+            prod_flops,
+        );
+        for (transposed, op) in [(true, "wt_mul"), (false, "w_mul")] {
+            let (c, p) = if transposed { (&z, &y) } else { (&y, &z) };
             let ms = time(backend, reps, || {
-                ops.sketch(&y, &w, ty, &ids, 0, m, n, l, batch)
+                ops.w_product(transposed, c, &w, ty, p, (m, n, l), batch)
             })?;
             push(
-                &ops.product_kernel("sketch", ty),
+                &ops.product_kernel(op, ty),
                 ms,
-                wbytes + (batch * m * l * 4) as f64,
+                wbytes + (batch * (m + n) * l * 4) as f64,
                 prod_flops,
             );
-            for (transposed, op) in [(true, "wt_mul"), (false, "w_mul")] {
-                let (c, p) = if transposed { (&z, &y) } else { (&y, &z) };
-                let ms = time(backend, reps, || {
-                    ops.w_product(transposed, c, &w, ty, p, (m, n, l), batch)
-                })?;
-                push(
-                    &ops.product_kernel(op, ty),
-                    ms,
-                    wbytes + (batch * (m + n) * l * 4) as f64,
-                    prod_flops,
-                );
-            }
         }
-        // Orthonormalize a well-conditioned panel: the sketch of a random-ish W.
-        ops.sketch(&y, &w, ty, &ids, 0, m, n, l, batch)?;
-        let g = gpu.zeros::<f64>(batch * l * l, "G")?;
-        let ms = time(backend, reps, || ops.gram(&g, y.ptr(), m, l, batch))?;
-        push(
-            "gram_f64",
-            ms,
-            (batch * m * l * 4) as f64,
-            2.0 * (batch * m * l * l) as f64,
-        );
-        // Re-orthonormalizing an orthonormal panel costs what the first pass does.
-        let ms = time(backend, reps, || {
-            ops.orthonormalize(&y, m, l, batch, 0).map(|_| ())
-        })?;
-        push(
-            "orthonormalize (CholeskyQR2)",
-            ms,
-            4.0 * (batch * m * l * 4) as f64,
-            4.0 * (batch * m * l * l) as f64,
-        );
-        ops.gram(&g, y.ptr(), m, l, batch)?;
-        let g0: Vec<f64> = gpu.download(g.ptr(), batch * l * l)?;
-        let ms = time(backend, reps.min(3), || {
-            let gg = gpu.upload(&g0, "G copy")?;
-            ops.eig(&gg, l, batch).map(|_| ())
-        })?;
-        // (includes re-uploading the Gram matrices, which the solver overwrites)
-        push("jacobi_eig_f64", ms, (batch * l * l * 8 * 2) as f64, 0.0);
     }
+    // Orthonormalize a well-conditioned panel: the sketch of a random-ish W.
+    ops.sketch(&y, &w, ty, &ids, 0, m, n, l, batch)?;
+    let g = gpu.zeros::<f64>(batch * l * l, "G")?;
+    let ms = time(backend, reps, || ops.gram(&g, y.ptr(), m, l, batch))?;
+    push(
+        "gram_f64",
+        ms,
+        (batch * m * l * 4) as f64,
+        2.0 * (batch * m * l * l) as f64,
+    );
+    // Re-orthonormalizing an orthonormal panel costs what the first pass does.
+    let ms = time(backend, reps, || {
+        ops.orthonormalize(&y, m, l, batch, 0).map(|_| ())
+    })?;
+    push(
+        "orthonormalize (CholeskyQR2)",
+        ms,
+        4.0 * (batch * m * l * 4) as f64,
+        4.0 * (batch * m * l * l) as f64,
+    );
+    ops.gram(&g, y.ptr(), m, l, batch)?;
+    let g0: Vec<f64> = gpu.download(g.ptr(), batch * l * l)?;
+    let ms = time(backend, reps.min(3), || {
+        let gg = gpu.upload(&g0, "G copy")?;
+        ops.eig(&gg, l, batch).map(|_| ())
+    })?;
+    // (includes re-uploading the Gram matrices, which the solver overwrites)
+    push("jacobi_eig_f64", ms, (batch * l * l * 8 * 2) as f64, 0.0);
     Ok(())
 }
 
