@@ -9,8 +9,11 @@
 mod common;
 
 use common::cli::{ok, s, Fixtures};
+use loraxfer::backend::cuda::rsvd::{truncated_svd_batch, RawMatrix};
 use loraxfer::backend::cuda::{self, selftest};
-use loraxfer::io::safetensors::TensorFile;
+use loraxfer::backend::SvdParams;
+use loraxfer::io::safetensors::{encode_f32, FloatType, TensorFile};
+use loraxfer::timing::Timings;
 
 fn fresh_seed() -> u64 {
     std::time::SystemTime::now()
@@ -44,40 +47,47 @@ fn emulator_missing() -> bool {
     true
 }
 
-#[test]
-#[cfg_attr(
-    not(loraxfer_kernel_emulator),
-    ignore = "no C++20 compiler at build time: kernel emulator not built"
-)]
-fn every_kernel_matches_the_cpu_reference_on_the_emulator() {
-    if emulator_missing() {
-        return;
-    }
-    let backend = cuda::emulator_backend().unwrap();
-    let seed = fresh_seed();
-    let checks = selftest::run(&backend, seed, false).unwrap();
-    assert_all_pass(&checks, seed, "emulator");
+/// A test that needs the kernel emulator: reported as ignored, with the reason, in a build
+/// without it, and saying "skipped" if run there anyway (`--ignored`).
+macro_rules! emulator_test {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        #[cfg_attr(
+            not(loraxfer_kernel_emulator),
+            ignore = "no C++20 compiler at build time: kernel emulator not built"
+        )]
+        fn $name() {
+            if emulator_missing() {
+                return;
+            }
+            $body
+        }
+    };
 }
 
-/// The kernels with a GPU's block size (256 threads in the block-per-matrix kernels: their
-/// reductions and barriers over the whole width), on the emulator, where the default is 32.
-#[test]
-#[cfg_attr(
-    not(loraxfer_kernel_emulator),
-    ignore = "no C++20 compiler at build time: kernel emulator not built"
-)]
-fn the_kernels_pass_with_the_gpu_block_size_on_the_emulator() {
-    if emulator_missing() {
-        return;
+emulator_test! {
+    fn every_kernel_matches_the_cpu_reference_on_the_emulator() {
+        let backend = cuda::emulator_backend().unwrap();
+        let seed = fresh_seed();
+        let checks = selftest::run(&backend, seed, false).unwrap();
+        assert_all_pass(&checks, seed, "emulator");
     }
-    let backend = cuda::emulator_backend_with_block(cuda::GPU_BLOCK).unwrap();
-    assert_eq!(backend.ops().small_block, 256);
-    let seed = fresh_seed();
-    let checks = selftest::run(&backend, seed, true).unwrap();
-    assert!(checks.len() >= 30, "only {} checks ran", checks.len());
-    assert_all_pass(&checks, seed, "emulator, block 256");
-    // What `loraxfer info` runs first on a GPU.
-    assert!(selftest::first_light(&backend).unwrap() <= 1e-5);
+}
+
+emulator_test! {
+    /// The kernels with a GPU's block size (256 threads in the block-per-matrix kernels: their
+    /// reductions and barriers over the whole width), on the emulator, where the default is 32.
+    fn the_kernels_pass_with_the_gpu_block_size_on_the_emulator() {
+        let backend = cuda::emulator_backend_with_block(cuda::GPU_BLOCK).unwrap();
+        assert_eq!(backend.ops().small_block, 256);
+        let seed = fresh_seed();
+        let checks = selftest::run(&backend, seed, true).unwrap();
+        assert!(checks.len() >= 30, "only {} checks ran", checks.len());
+        assert_all_pass(&checks, seed, "emulator, block 256");
+        // What `loraxfer info` runs first on a GPU.
+        assert!(selftest::first_light(&backend).unwrap() <= 1e-5);
+    }
 }
 
 #[test]
@@ -96,135 +106,119 @@ fn every_kernel_matches_the_cpu_reference_on_the_gpu() {
     assert_all_pass(&checks, seed, "cuda");
 }
 
-/// A whole transfer through the CUDA backend's host code and kernels (on the emulator) gives the
-/// CPU backend's adapter: raw bf16 weights read by the kernels, batched SVD, similarity and the
-/// subspace products, in the real pipeline.
-#[test]
-#[cfg_attr(
-    not(loraxfer_kernel_emulator),
-    ignore = "no C++20 compiler at build time: kernel emulator not built"
-)]
-fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
-    if emulator_missing() {
-        return;
-    }
-    let f = Fixtures::new();
-    for mode in ["project", "align"] {
-        let out = |dev: &str| f.root.path().join(format!("{mode}-{dev}"));
-        for dev in ["cpu", "emulator"] {
-            ok(&[
-                "transfer",
-                "--source-base",
-                s(&f.source),
-                "--target-base",
-                s(&f.target),
-                "--adapter",
-                s(&f.adapter),
-                "--out",
-                s(&out(dev)),
-                "--mode",
-                mode,
-                "--rank",
-                "8",
-                "--device",
-                dev,
-                "--modules",
-                "q_proj,v_proj,down_proj",
-            ]);
-        }
-        let cpu = TensorFile::open(&out("cpu").join("adapter_model.safetensors")).unwrap();
-        let emu = TensorFile::open(&out("emulator").join("adapter_model.safetensors")).unwrap();
-        let mut names: Vec<&str> = cpu.names().collect();
-        names.sort();
-        assert!(!names.is_empty());
-        for name in names {
-            let (a, b) = (cpu.read_f32(name).unwrap(), emu.read_f32(name).unwrap());
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-            let diff = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+emulator_test! {
+    /// A whole transfer through the CUDA backend's host code and kernels (on the emulator) gives the
+    /// CPU backend's adapter: raw bf16 weights read by the kernels, batched SVD, similarity and the
+    /// subspace products, in the real pipeline.
+    fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
+        let f = Fixtures::new();
+        for mode in ["project", "align"] {
+            let out = |dev: &str| f.root.path().join(format!("{mode}-{dev}"));
+            for dev in ["cpu", "emulator"] {
+                ok(&[
+                    "transfer",
+                    "--source-base",
+                    s(&f.source),
+                    "--target-base",
+                    s(&f.target),
+                    "--adapter",
+                    s(&f.adapter),
+                    "--out",
+                    s(&out(dev)),
+                    "--mode",
+                    mode,
+                    "--rank",
+                    "8",
+                    "--device",
+                    dev,
+                    "--modules",
+                    "q_proj,v_proj,down_proj",
+                ]);
+            }
+            let cpu = TensorFile::open(&out("cpu").join("adapter_model.safetensors")).unwrap();
+            let emu = TensorFile::open(&out("emulator").join("adapter_model.safetensors")).unwrap();
+            let mut names: Vec<&str> = cpu.names().collect();
+            names.sort();
+            assert!(!names.is_empty());
+            for name in names {
+                let (a, b) = (cpu.read_f32(name).unwrap(), emu.read_f32(name).unwrap());
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-3 * scale,
+                    "{mode} {name}: emulator differs from cpu by {diff} (scale {scale})"
+                );
+            }
+            let report = common::cli::read_json(&out("emulator").join("transfer_report.json"));
+            let device = report["device"].as_str().unwrap_or_default();
             assert!(
-                diff <= 1e-3 * scale,
-                "{mode} {name}: emulator differs from cpu by {diff} (scale {scale})"
+                device.starts_with("emulator"),
+                "report says device {device:?}"
             );
         }
-        let report = common::cli::read_json(&out("emulator").join("transfer_report.json"));
-        let device = report["device"].as_str().unwrap_or_default();
-        assert!(
-            device.starts_with("emulator"),
-            "report says device {device:?}"
-        );
     }
 }
 
-/// Weights as large as the device stream through it: on an emulated device of 192 KiB, twelve
-/// 16 KiB matrices (192 KiB, plus their workspace and bases) are decomposed piece by piece with the same result as in one batch
-/// on an unbounded device; a device too small for even one matrix fails with an error that says
-/// what could not be allocated.
-#[test]
-#[cfg_attr(
-    not(loraxfer_kernel_emulator),
-    ignore = "no C++20 compiler at build time: kernel emulator not built"
-)]
-fn weights_larger_than_device_memory_stream_through() {
-    use loraxfer::backend::cuda::rsvd::{truncated_svd_batch, RawMatrix};
-    use loraxfer::backend::SvdParams;
-    use loraxfer::io::safetensors::{encode_f32, FloatType};
-    use loraxfer::timing::Timings;
-    if emulator_missing() {
-        return;
-    }
-    let (m, n, count) = (64, 128, 12);
-    let seed = fresh_seed();
-    let bytes: Vec<Vec<u8>> = (0..count)
-        .map(|b| {
-            let w: Vec<f32> = (0..m * n)
-                .map(|i| {
-                    loraxfer::linalg::philox::gaussian4(seed, b, (i / n) as u32, (i % n) as u32 / 4)
-                        [i % 4]
-                })
-                .collect();
-            encode_f32(&w, FloatType::Bf16)
-        })
-        .collect();
-    let names: Vec<String> = (0..count).map(|b| format!("m.{b}.weight")).collect();
-    let mats: Vec<RawMatrix<'_>> = (0..count as usize)
-        .map(|b| RawMatrix {
-            name: &names[b],
-            bytes: &bytes[b],
-            ty: FloatType::Bf16,
-            rows: m,
-            cols: n,
-            unchecked: None,
-        })
-        .collect();
-    let params = SvdParams {
-        rank: 8,
-        oversample: 4,
-        power_iters: 1,
-        seed,
-    };
-    let t = Timings::default();
-    let small = cuda::emulator_backend_with_memory(192 << 10).unwrap();
-    assert!(small.pieces(mats.len(), &mats[0], &params, 0).len() > 1);
-    let streamed = small.svd_pipelined(&mats, &params, &t).unwrap();
-    let big = cuda::emulator_backend().unwrap();
-    let whole = truncated_svd_batch(big.ops(), &mats, &params, &t).unwrap();
-    assert_eq!(streamed.len(), whole.len());
-    for (a, b) in streamed.iter().zip(&whole) {
-        assert_eq!(a.s, b.s, "seed {seed}");
-        assert_eq!(a.u, b.u, "seed {seed}");
-        assert_eq!(a.v, b.v, "seed {seed}");
-    }
+emulator_test! {
+    /// Weights as large as the device stream through it: on an emulated device of 192 KiB, twelve
+    /// 16 KiB matrices (192 KiB, plus their workspace and bases) are decomposed piece by piece with the same result as in one batch
+    /// on an unbounded device; a device too small for even one matrix fails with an error that says
+    /// what could not be allocated.
+    fn weights_larger_than_device_memory_stream_through() {
+        let (m, n, count) = (64, 128, 12);
+        let seed = fresh_seed();
+        let bytes: Vec<Vec<u8>> = (0..count)
+            .map(|b| {
+                let w: Vec<f32> = (0..m * n)
+                    .map(|i| {
+                        loraxfer::linalg::philox::gaussian4(seed, b, (i / n) as u32, (i % n) as u32 / 4)
+                            [i % 4]
+                    })
+                    .collect();
+                encode_f32(&w, FloatType::Bf16)
+            })
+            .collect();
+        let names: Vec<String> = (0..count).map(|b| format!("m.{b}.weight")).collect();
+        let mats: Vec<RawMatrix<'_>> = (0..count as usize)
+            .map(|b| RawMatrix {
+                name: &names[b],
+                bytes: &bytes[b],
+                ty: FloatType::Bf16,
+                rows: m,
+                cols: n,
+                unchecked: None,
+            })
+            .collect();
+        let params = SvdParams {
+            rank: 8,
+            oversample: 4,
+            power_iters: 1,
+            seed,
+        };
+        let t = Timings::default();
+        let small = cuda::emulator_backend_with_memory(192 << 10).unwrap();
+        assert!(small.pieces(mats.len(), &mats[0], &params, 0).len() > 1);
+        let streamed = small.svd_pipelined(&mats, &params, &t).unwrap();
+        let big = cuda::emulator_backend().unwrap();
+        let whole = truncated_svd_batch(big.ops(), &mats, &params, &t).unwrap();
+        assert_eq!(streamed.len(), whole.len());
+        for (a, b) in streamed.iter().zip(&whole) {
+            assert_eq!(a.s, b.s, "seed {seed}");
+            assert_eq!(a.u, b.u, "seed {seed}");
+            assert_eq!(a.v, b.v, "seed {seed}");
+        }
 
-    let tiny = cuda::emulator_backend_with_memory(8 << 10).unwrap();
-    let err = tiny
-        .svd_pipelined(&mats, &params, &t)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("cannot allocate") && err.contains("weights") && err.contains("out of memory"),
-        "{err}"
-    );
+        let tiny = cuda::emulator_backend_with_memory(8 << 10).unwrap();
+        let err = tiny
+            .svd_pipelined(&mats, &params, &t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot allocate") && err.contains("weights") && err.contains("out of memory"),
+            "{err}"
+        );
+    }
 }
