@@ -6,7 +6,12 @@
 //! The same kernel sources are also compiled for the CPU emulator (kernels/emulate/, cfg
 //! `loraxfer_kernel_emulator`) with the system C++ compiler, so the kernels' logic is tested
 //! against the CPU reference on machines without a GPU. Without a C++20 compiler the emulator is
-//! left out with a warning and the tests that need it say they are skipped.
+//! left out with a warning and the tests that need it say they are skipped (cfg
+//! `loraxfer_kernel_emulator` unset: they are reported as ignored).
+//!
+//! kernels/api.h is parsed into the host's launch signatures (`kernel_signatures.rs`, included
+//! by src/backend/cuda/kernels.rs): every kernel's name and parameters, so a launch with a wrong
+//! name, count or kind of argument is refused before it reaches the driver or the emulator.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +52,10 @@ fn main() {
             "cargo::warning=nvcc not found (set NVCC, or run scripts/setup-cuda.sh): building without CUDA kernels; the CPU backend is complete"
         ),
     }
+
+    let api = std::fs::read_to_string("kernels/api.h").expect("read kernels/api.h");
+    std::fs::write(out_dir.join("kernel_signatures.rs"), signatures_rs(&api))
+        .expect("write kernel_signatures.rs");
 
     if std::env::var_os("LORAXFER_NO_EMULATOR").is_none() {
         build_emulator(&sources);
@@ -184,4 +193,139 @@ fn arch_tables(out_dir: &std::path::Path) {
     }
     code += "];\n";
     std::fs::write(out_dir.join("arch_tables.rs"), code).expect("cannot write arch_tables.rs");
+}
+
+/// One kernel of `LX_KERNELS`: its name and its parameters as (name, C type).
+struct KernelDecl {
+    name: String,
+    params: Vec<(String, String)>,
+}
+
+/// The `LX_KERNELS(X)` list of kernels/api.h, entry by entry. Panics (failing the build) on
+/// anything it cannot read, so the list and the host's signatures never drift apart silently.
+fn parse_kernel_list(api: &str) -> Vec<KernelDecl> {
+    let start = api
+        .find("#define LX_KERNELS(X)")
+        .expect("kernels/api.h has no #define LX_KERNELS(X)");
+    // The macro body: continuation lines up to the first line without a trailing backslash.
+    let mut body = String::new();
+    for line in api[start..].lines().skip(1) {
+        let line = line.trim_end();
+        match line.strip_suffix('\\') {
+            Some(l) => body += l,
+            None => {
+                body += line;
+                break;
+            }
+        }
+        body.push(' ');
+    }
+    let mut kernels = Vec::new();
+    let mut rest = body.trim();
+    while !rest.is_empty() {
+        let entry = rest
+            .strip_prefix("X(")
+            .unwrap_or_else(|| panic!("kernels/api.h: expected X(name, (params)) at {rest:?}"));
+        let comma = entry
+            .find(',')
+            .expect("kernels/api.h: X(name, ...) without a comma");
+        let name = entry[..comma].trim().to_string();
+        let after = entry[comma + 1..].trim_start();
+        let inner = after
+            .strip_prefix('(')
+            .unwrap_or_else(|| panic!("kernels/api.h: {name}: parameters must be in parentheses"));
+        let close = inner
+            .find(')')
+            .unwrap_or_else(|| panic!("kernels/api.h: {name}: unclosed parameter list"));
+        let params = inner[..close]
+            .split(',')
+            .map(|p| split_param(&name, p.trim()))
+            .collect();
+        let tail = inner[close + 1..].trim_start();
+        rest = tail
+            .strip_prefix(')')
+            .unwrap_or_else(|| panic!("kernels/api.h: {name}: expected `)` closing X(...)"))
+            .trim_start();
+        kernels.push(KernelDecl { name, params });
+    }
+    assert!(
+        !kernels.is_empty(),
+        "kernels/api.h: LX_KERNELS lists no kernel"
+    );
+    kernels
+}
+
+/// "const float* Y" -> ("Y", "const float*"); a parameter must be named.
+fn split_param(kernel: &str, param: &str) -> (String, String) {
+    let cut = param
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map_or(0, |i| i + 1);
+    let (ty, name) = (param[..cut].trim(), &param[cut..]);
+    if ty.is_empty() || name.is_empty() {
+        panic!("kernels/api.h: {kernel}: parameter {param:?} needs a type and a name");
+    }
+    (name.to_string(), ty.to_string())
+}
+
+/// The launch argument kind (`ArgKind` in src/backend/cuda/kernels.rs) of a C parameter type.
+fn arg_kind(kernel: &str, c_type: &str) -> &'static str {
+    if c_type.ends_with('*') {
+        return "Ptr";
+    }
+    match c_type
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .as_str()
+    {
+        "int" => "I32",
+        "long long" => "I64",
+        "unsigned long long" => "U64",
+        "double" => "F64",
+        other => panic!(
+            "kernels/api.h: {kernel}: no launch argument kind for C type `{other}` (add one to \
+             ArgKind in src/backend/cuda/kernels.rs and to build.rs)"
+        ),
+    }
+}
+
+/// The value of `#define NAME <integer>` in `src`.
+fn define_value(src: &str, name: &str) -> usize {
+    let key = format!("#define {name} ");
+    let line = src
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&key))
+        .unwrap_or_else(|| panic!("kernels/api.h has no {key}"));
+    line.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("kernels/api.h: {name} is not an integer: {line:?}"))
+}
+
+/// kernel_signatures.rs: the kernels' signatures and the constants the host shares with them.
+fn signatures_rs(api: &str) -> String {
+    let mut code = String::from(
+        "// Generated by build.rs from kernels/api.h.\n\
+         /// Every kernel's launch signature, in the order of `LX_KERNELS`.\n\
+         pub const SIGNATURES: &[Signature] = &[\n",
+    );
+    for k in parse_kernel_list(api) {
+        code += &format!(
+            "    Signature {{\n        name: {:?},\n        params: &[\n",
+            k.name
+        );
+        for (name, ty) in &k.params {
+            code += &format!(
+                "            Param {{ name: {name:?}, c_type: {ty:?}, kind: ArgKind::{} }},\n",
+                arg_kind(&k.name, ty)
+            );
+        }
+        code += "        ],\n    },\n";
+    }
+    code += "];\n";
+    code += &format!(
+        "/// `LX_MAX_SKETCH`: the largest sketch width the orthonormalization and eigen kernels take.\n\
+         pub const MAX_SKETCH: usize = {};\n",
+        define_value(api, "LX_MAX_SKETCH")
+    );
+    code
 }

@@ -26,4 +26,30 @@ __device__ __forceinline__ void from_f32(float x, float* out) { *out = x; }
 __device__ __forceinline__ void from_f32(float x, __half* out) { *out = __float2half_rn(x); }
 __device__ __forceinline__ void from_f32(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
 
+// Block-wide reduction of one value per thread with `op` (associative): a tree over shared
+// memory, so every kernel reduces in the same order and the result is the same on every run.
+// Every thread of the block must call it (it holds barriers) and gets the result; blockDim.x
+// must be a power of two ≤ 1024, `scratch` must hold blockDim.x values, and it may be reused as
+// soon as the call returns.
+template <class T, class Op>
+__device__ T block_reduce(T v, T* scratch, Op op) {
+    scratch[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s /= 2) {
+        if ((int)threadIdx.x < s) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + s]);
+        __syncthreads();
+    }
+    const T total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+struct Plus {
+    template <class T>
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+
+// Block-wide sum in f64 (see block_reduce).
+__device__ __forceinline__ double block_sum(double v, double* scratch) { return block_reduce(v, scratch, Plus{}); }
+
 }  // namespace loraxfer

@@ -4,29 +4,32 @@
 //       Jacobi (round-robin pairing: l/2 disjoint rotations per step); V accumulates the
 //       rotations. Out: S (l, f32) = sqrt of the eigenvalues in non-increasing order, Vb
 //       (l×l row-major f32) the matching eigenvectors as columns.
-//   scale_columns(X, S, rows, k, ldx)       grid (ceil(rows·k/256), batch), block 256: X[:, j] /= S[j]
+//   scale_columns(X, S, rows, k, ldx, strideX, ldS)   grid (ceil(rows·k/256), batch), block 256:
+//       X[:, j] /= S[j] (0 where S[j] = 0) for the rows×k panel with leading dimension ldx of each
+//       matrix (strideX apart), S holding ldS values per matrix.
 //   canonical_signs(U, V, m, n, k)          grid (k, batch), block 256: flips (u_j, v_j) so the
 //       largest-magnitude entry of u_j (the first on ties) is positive, as the CPU backend does.
-// l ≤ 512; block sizes are powers of two ≤ 256 (the reductions assume it).
+// l ≤ LX_MAX_SKETCH (api.h); block sizes are powers of two ≤ 256 (the reductions' scratch).
 #include "api.h"
 #include "common.cuh"
 
-constexpr int EIG_MAX_L = 512;
+using namespace loraxfer;
 
 extern "C" __global__ void jacobi_eig_f64(double* G, double* V, float* S, float* Vb, int l, int sweeps) {
-    __shared__ double cs[EIG_MAX_L / 2], sn[EIG_MAX_L / 2];
-    __shared__ int pp[EIG_MAX_L / 2], qq[EIG_MAX_L / 2];
-    __shared__ int order[EIG_MAX_L + 1];
-    __shared__ double red_off[256], red_diag[256];
-    __shared__ int done;
+    __shared__ double cs[LX_MAX_SKETCH / 2], sn[LX_MAX_SKETCH / 2];
+    __shared__ int pp[LX_MAX_SKETCH / 2], qq[LX_MAX_SKETCH / 2];
+    __shared__ int order[LX_MAX_SKETCH + 1];
+    __shared__ double scratch[256];
     double* A = G + (size_t)blockIdx.x * l * l;
     double* Vm = V + (size_t)blockIdx.x * l * l;
     const int players = l + (l & 1);  // an odd l gets a dummy player: pairs with it are skipped
     const int half = players / 2;
     for (int idx = threadIdx.x; idx < l * l; idx += blockDim.x) Vm[idx] = (idx / l == idx % l) ? 1.0 : 0.0;
     for (int i = threadIdx.x; i < players; i += blockDim.x) order[i] = i;
-    if (threadIdx.x == 0) done = 0;
     __syncthreads();
+    // Every thread computes the same convergence test from the same block-wide sums, so `done`
+    // is uniform and the barriers inside the sweep loop are reached by all threads or none.
+    bool done = false;
 
     for (int sweep = 0; sweep < sweeps && !done; ++sweep) {
         for (int step = 0; step < players - 1; ++step) {
@@ -84,18 +87,9 @@ extern "C" __global__ void jacobi_eig_f64(double* G, double* V, float* S, float*
             const double v = A[idx];
             if (idx / l == idx % l) diag += v * v; else off += v * v;
         }
-        red_off[threadIdx.x] = off;
-        red_diag[threadIdx.x] = diag;
-        __syncthreads();
-        for (int h = blockDim.x / 2; h > 0; h /= 2) {
-            if ((int)threadIdx.x < h) {
-                red_off[threadIdx.x] += red_off[threadIdx.x + h];
-                red_diag[threadIdx.x] += red_diag[threadIdx.x + h];
-            }
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) done = red_off[0] <= 1e-28 * red_diag[0] || red_diag[0] == 0.0;
-        __syncthreads();
+        off = block_sum(off, scratch);
+        diag = block_sum(diag, scratch);
+        done = off <= 1e-28 * diag || diag == 0.0;
     }
 
     // Order the eigenvalues (non-increasing) and write sqrt(λ) and the eigenvectors in f32.
@@ -131,9 +125,19 @@ extern "C" __global__ void scale_columns(float* X, const float* S, int rows, int
     *x = s > 0.0f ? *x / s : 0.0f;
 }
 
+// The largest |entry| of a column and its row; of two equal ones the smaller row wins.
+struct AbsRow {
+    float abs;
+    int row;
+};
+struct LargerFirst {
+    __device__ AbsRow operator()(AbsRow x, AbsRow y) const {
+        return (y.abs > x.abs || (y.abs == x.abs && y.row < x.row)) ? y : x;
+    }
+};
+
 extern "C" __global__ void canonical_signs(float* U, float* V, int m, int n, int k) {
-    __shared__ float best_abs[256];
-    __shared__ int best_row[256];
+    __shared__ AbsRow scratch[256];
     const int b = blockIdx.y, j = blockIdx.x;
     float* Ub = U + (size_t)b * m * k;
     float* Vbm = V + (size_t)b * n * k;
@@ -143,25 +147,12 @@ extern "C" __global__ void canonical_signs(float* U, float* V, int m, int n, int
         const float a = fabsf(Ub[(size_t)r * k + j]);
         if (a > ba) { ba = a; br = r; }  // rows visited in increasing order: first wins ties
     }
-    best_abs[threadIdx.x] = ba;
-    best_row[threadIdx.x] = br;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s /= 2) {
-        if ((int)threadIdx.x < s) {
-            const float a = best_abs[threadIdx.x + s];
-            const int r = best_row[threadIdx.x + s];
-            if (a > best_abs[threadIdx.x] || (a == best_abs[threadIdx.x] && r < best_row[threadIdx.x])) {
-                best_abs[threadIdx.x] = a;
-                best_row[threadIdx.x] = r;
-            }
-        }
-        __syncthreads();
-    }
+    const AbsRow best = block_reduce(AbsRow{ba, br}, scratch, LargerFirst{});
     // Decide once, before anyone flips: a thread reading the entry after another thread has
     // flipped it would decide the opposite.
     __shared__ int flip;
     // No row found: the column is all NaN (the host reports non-finite results); leave it.
-    if (threadIdx.x == 0) flip = best_row[0] < m && Ub[(size_t)best_row[0] * k + j] < 0.0f;
+    if (threadIdx.x == 0) flip = best.row < m && Ub[(size_t)best.row * k + j] < 0.0f;
     __syncthreads();
     if (!flip) return;
     for (int r = threadIdx.x; r < m; r += blockDim.x) Ub[(size_t)r * k + j] = -Ub[(size_t)r * k + j];

@@ -6,14 +6,12 @@
 //   cholesky_f64(G, flags, l, shift_rel)   grid (batch), any block size; G -> R (upper) in place
 //   trsm_rows(Q, Y, G, flags, rows, l)     grid (ceil(rows/128), batch), block 128; Q = Y R⁻¹
 //   cgs2_fallback(Y, flags, rows, l, seed) grid (batch), block 256; orthonormalizes flagged Y in place
-// l ≤ 512 (the sketch width k + p).
+// l ≤ LX_MAX_SKETCH (api.h; the sketch width k + p).
 #include "api.h"
 #include "common.cuh"
 #include "philox.cuh"
 
 using namespace loraxfer;
-
-constexpr int MAX_L = 512;
 
 extern "C" __global__ void gram_f64(double* G, const float* Y, int rows, int l) {
     __shared__ float yi[16][17];
@@ -52,8 +50,11 @@ extern "C" __global__ void cholesky_f64(double* G, int* flags, int l, double shi
         failed = flags[blockIdx.x];
     }
     __syncthreads();
-    for (int j = 0; j < l && !failed; ++j) {
-        if (threadIdx.x == 0) {
+    for (int j = 0; j < l; ++j) {
+        // Only thread 0 writes `failed`, and only here, between the barriers that end one
+        // iteration and the one below; every thread reads it after that barrier into a register,
+        // so all agree on leaving the loop and no barrier is left waiting for the others.
+        if (threadIdx.x == 0 && !failed) {
             double d = A[(size_t)j * l + j];
             // A pivot this small (or NaN) means Y is rank-deficient to working precision.
             if (!(d > 1e-12 * max_diag) || max_diag == 0.0) {
@@ -64,7 +65,8 @@ extern "C" __global__ void cholesky_f64(double* G, int* flags, int l, double shi
             A[(size_t)j * l + j] = pivot;
         }
         __syncthreads();
-        if (failed) break;
+        const bool stop = failed;
+        if (stop) break;
         for (int c = j + 1 + threadIdx.x; c < l; c += blockDim.x) A[(size_t)j * l + c] /= pivot;
         __syncthreads();
         const int t = l - j - 1;
@@ -93,22 +95,9 @@ extern "C" __global__ void trsm_rows(float* Q, const float* Y, const double* G, 
     }
 }
 
-// Block-wide sum of one value per thread (blockDim.x ≤ 1024, a power of two).
-__device__ double block_sum(double v, double* scratch) {
-    scratch[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s /= 2) {
-        if ((int)threadIdx.x < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
-        __syncthreads();
-    }
-    double total = scratch[0];
-    __syncthreads();
-    return total;
-}
-
 extern "C" __global__ void cgs2_fallback(float* Y, const int* flags, int rows, int l, unsigned long long seed) {
     __shared__ double scratch[1024];
-    __shared__ double coef[MAX_L];
+    __shared__ double coef[LX_MAX_SKETCH];
     const int b = blockIdx.x;
     if (!flags[b]) return;
     float* A = Y + (size_t)b * rows * l;

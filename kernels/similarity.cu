@@ -5,16 +5,13 @@
 #include "api.h"
 #include "common.cuh"
 
+using namespace loraxfer;
+
 extern "C" __global__ void sum_squares(float* out, const float* P, long long count, double scale) {
-    __shared__ double part[256];
+    __shared__ double scratch[256];
     const float* p = P + (size_t)blockIdx.x * count;
     double s = 0.0;
     for (long long i = threadIdx.x; i < count; i += blockDim.x) s += (double)p[i] * p[i];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int h = blockDim.x / 2; h > 0; h /= 2) {
-        if ((int)threadIdx.x < h) part[threadIdx.x] += part[threadIdx.x + h];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[blockIdx.x] = (float)(part[0] * scale);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)(s * scale);
 }

@@ -1,91 +1,173 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (no cargo there: build here with NVCC set, carry the binary).
+# The one script for a GPU machine (no cargo there: build here, carry the binary).
 #
-#   NVCC=$(scripts/setup-cuda.sh | sed -n 's/^NVCC=//p') cargo build --release
-#   # on the GPU machine, in the repository root, with target/release/loraxfer carried:
-#   OUT=/some/dir scripts/gpu-check.sh [--full]
+#   Build (here, with nvcc; no debug info, stripped, so the binary is small to carry):
+#     NVCC=$(scripts/setup-cuda.sh | sed -n 's/^NVCC=//p') CARGO_PROFILE_RELEASE_DEBUG=0 \
+#       cargo build --release && strip target/release/loraxfer
+#   Run (there, in the repository root, with target/release/loraxfer carried):
+#     OUT=/some/dir scripts/gpu-check.sh [--quick]
 #
-# 1. loraxfer info (driver, GPU, kernels)
-# 2. loraxfer selftest --device cuda --bench: every kernel against the CPU reference on fresh
-#    random inputs, then kernel timings on Qwen2.5-1.5B-shaped batches
-# 3. a transfer between Qwen2.5-1.5B- and Llama-3.2-3B-shaped synthetic checkpoints (4 layers;
-#    --full: all 28) on CPU, on GPU, and on GPU without tensor cores, comparing reports and adapters
-# 4. the same GPU transfer under nsys, when nsys is installed
-# Everything goes under $OUT (default ./gpu-check-out); a short table is printed last.
+# Every step runs under `timeout` and a failing step does not stop the others. Default run: step
+# limits summing to about 420 s (typically far less on an H200 with 16 cores; a failing selftest
+# adds two reruns of at most 45 s);
+# --quick: about 2 minutes (1-layer models; no kernel timings, k = 256 transfers, racecheck or nsys).
+#  1. loraxfer info: driver, GPU, memory path, and one kernel run against the CPU
+#  2. selftest --device cuda: every kernel against the CPU reference, fresh seed, including the
+#     production-size SVD; on a failure it is rerun with CUDA_LAUNCH_BLOCKING=1 (so the failing
+#     kernel is named) and once with LORAXFER_NO_TENSOR_CORES=1
+#  3. selftest --bench: kernel timings on Qwen2.5-1.5B-shaped batches
+#  4. Qwen2.5-1.5B -> Llama-3.2-3B-shaped synthetic transfers (4 layers, --quick 1): pass/fail of
+#     GPU (with and without tensor cores) against CPU at k = 16, q = 12, where the subspaces are
+#     resolved; at k = 256 (no gap in synthetic spectra: differences of 1e-3..1e-1 are expected)
+#     the comparison is informative only. The PyTorch baseline (bench/torch_transfer.py, torch
+#     and safetensors only) runs on the same GPU and inputs, side by side.
+#  5. compute-sanitizer synccheck and racecheck on selftest --quick, and nsys, when installed
+# Exits 1 when a selftest or a pass/fail comparison failed (every step still ran).
+# $OUT gets at most 8 files: summary.txt, info.txt, selftest.txt, bench.txt, logs.tar.gz (all
+# other logs and reports). Models and transfer outputs go to $WORK (a temporary directory).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${LORAXFER_BIN:-$root/target/release/loraxfer}"
 OUT="${OUT:-$root/gpu-check-out}"
-layers=4
-[[ ${1:-} == --full ]] && layers=28
+TOL="${TOL:-1e-3}"
+quick=0
+[[ ${1:-} == --quick ]] && quick=1
+layers=$((quick ? 1 : 4))
 mkdir -p "$OUT"
-W="$(mktemp -d)"
-trap 'rm -rf "$W"' EXIT
+W="${WORK:-$(mktemp -d)}"
+[[ -n ${WORK:-} ]] || trap 'rm -rf "$W"' EXIT
+L="$W/logs"
+mkdir -p "$L"
 summary="$OUT/summary.txt"
 : >"$summary"
-note() { printf '%-44s %s\n' "$1" "$2" | tee -a "$summary" >/dev/null; }
+note() { printf '%-46s %s\n' "$1" "$2" | tee -a "$summary"; }
 [[ -x $BIN ]] || { echo "gpu-check.sh: no binary at $BIN" >&2; exit 2; }
+t_start=$(date +%s)
+failed_checks=0  # failed selftests and pass/fail comparisons: the exit status
 
-"$BIN" info >"$OUT/info.txt" 2>&1
-note "info" "$(grep -E '^gpu 0|driver' "$OUT/info.txt" | head -1)"
-grep -q "auto picks: cuda" "$OUT/info.txt" && note "--device auto" "cuda" || note "--device auto" "NOT cuda: $(grep 'auto picks' "$OUT/info.txt")"
-
-start=$(date +%s)
-"$BIN" selftest --device cuda --bench >"$OUT/selftest.txt" 2>&1
-rc=$?
-note "selftest (cuda, fresh seed)" "$(grep '^selftest:' "$OUT/selftest.txt" | tail -1) rc=$rc, $(( $(date +%s) - start )) s"
-
-"$BIN" synth model --like qwen2.5-1.5b --layers $layers --out "$W/src" >/dev/null
-"$BIN" synth model --like llama-3.2-3b --layers $layers --out "$W/tgt" --seed 1 >/dev/null
-"$BIN" synth adapter --base "$W/src" --out "$W/ad" >/dev/null
-# Wall time and peak RSS: /usr/bin/time when the machine has it, else the wall time alone.
-TIME_BIN="${TIME_BIN:-/usr/bin/time}"
-measured() {
-  local log=$1; shift
-  if [[ -x $TIME_BIN ]]; then
-    "$TIME_BIN" -v "$@" >"$log" 2>&1
-  else
-    local t0 rc
-    t0=$(date +%s%N)
-    "$@" >"$log" 2>&1; rc=$?
-    local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-    printf 'Elapsed (wall clock) time: %d.%03ds\n' $((ms / 1000)) $((ms % 1000)) >>"$log"
-    return $rc
-  fi
+# step SECONDS LOG CMD...: runs CMD under timeout into LOG; sets $rc and $secs.
+step() {
+  local limit=$1 log=$2; shift 2
+  local t0; t0=$(date +%s%N)
+  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
+  secs=$(awk -v n="$(( $(date +%s%N) - t0 ))" 'BEGIN { printf "%.1f", n / 1e9 }')
+  [[ $rc == 124 || $rc == 137 ]] && echo "gpu-check.sh: timed out after ${limit}s" >>"$log"
+  return $rc
 }
-for run in cpu cuda cuda-no-tc; do
-  dev=${run%%-*}
-  settings=()
-  [[ $run == cuda-no-tc ]] && settings=(LORAXFER_NO_TENSOR_CORES=1)
-  measured "$OUT/transfer-$run.txt" env "${settings[@]}" "$BIN" transfer --source-base "$W/src" \
-    --target-base "$W/tgt" --adapter "$W/ad" --out "$OUT/transfer-$run" --device $dev --mode align \
-    --rank 256 --timings --force
-  note "transfer $run (${layers} layers, align, k=256)" "rc=$? $(grep -E 'Elapsed \(wall' "$OUT/transfer-$run.txt" | awk '{print $NF}') wall, peak RSS $(grep 'Maximum resident' "$OUT/transfer-$run.txt" | awk '{print $NF}') KiB"
-done
+status() { case $rc in 0) echo ok;; 124|137) echo "TIMEOUT";; *) echo "FAILED rc=$rc";; esac; }
+
+step 20 "$OUT/info.txt" "$BIN" info
+note "info ($(status), ${secs}s)" "$(grep -E '^gpu 0|cuda driver' "$OUT/info.txt" | head -1)"
+note "first kernel" "$(grep '^first kernel' "$OUT/info.txt" | sed 's/^first kernel on the gpu: //')"
+note "memory" "$(grep -E '^device memory|^weight uploads' "$OUT/info.txt" | tr '\n' ';')"
+
+st_args=(selftest --device cuda); ((quick)) && st_args+=(--quick)
+step 65 "$OUT/selftest.txt" "$BIN" "${st_args[@]}"
+note "selftest ($(status), ${secs}s)" "$(grep '^selftest:' "$OUT/selftest.txt" | tail -1)"
+if [[ $rc != 0 ]]; then
+  failed_checks=$((failed_checks + 1))
+  grep -E 'MISMATCH|failed:' "$OUT/selftest.txt" | head -5 | while read -r line; do note "  mismatch" "$line"; done
+  step 45 "$L/selftest-blocking.txt" env CUDA_LAUNCH_BLOCKING=1 "$BIN" selftest --device cuda --quick
+  note "  rerun CUDA_LAUNCH_BLOCKING=1 ($(status))" "$(grep -E 'MISMATCH|failed:|^Error|error:' "$L/selftest-blocking.txt" | head -1)"
+  step 45 "$L/selftest-no-tc.txt" env LORAXFER_NO_TENSOR_CORES=1 "$BIN" selftest --device cuda --quick
+  note "  rerun LORAXFER_NO_TENSOR_CORES=1 ($(status))" "$(grep '^selftest:' "$L/selftest-no-tc.txt" | tail -1)"
+fi
+
+if ((quick)); then
+  echo "not run with --quick" >"$OUT/bench.txt"
+else
+  step 50 "$OUT/bench.txt" "$BIN" selftest --device cuda --quick --bench
+  note "bench ($(status), ${secs}s)" "$(grep -c '' "$OUT/bench.txt") lines, $(grep -c '^skipped' "$OUT/bench.txt") skipped"
+fi
+
+step 40 "$L/synth.txt" bash -c "'$BIN' synth model --like qwen2.5-1.5b --layers $layers --out '$W/src' &&
+  '$BIN' synth model --like llama-3.2-3b --layers $layers --out '$W/tgt' --seed 1 &&
+  '$BIN' synth adapter --base '$W/src' --out '$W/ad'"
+note "synthetic models ($(status), ${secs}s)" "$layers layers"
+
 cat >"$W/compare.py" <<'PY'
 import json, sys
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 a, b = (load_file(f"{d}/adapter_model.safetensors") for d in sys.argv[1:3])
 ra, rb = (json.load(open(f"{d}/transfer_report.json")) for d in sys.argv[1:3])
-worst = max((abs(a[k].astype("f8") - b[k].astype("f8")).max() / (abs(a[k].astype("f8")).max() + 1e-30), k) for k in a)
+def rel(k):
+    x, y = a[k].double(), b[k].double()
+    return ((x - y).abs().max() / (x.abs().max() + 1e-30)).item()
+worst = max((rel(k), k) for k in a if k in b)
 gaps = [abs((x["gap_target"] or 0) - (y["gap_target"] or 0)) for x, y in zip(ra["modules"], rb["modules"])]
-print(f"tensors {len(a)} (same keys: {sorted(a) == sorted(b)}); worst relative difference {worst[0]:.2e} ({worst[1]})")
-print(f"report rows {len(ra['modules'])}; largest |gap_target difference| {max(gaps):.2e}")
-print("timings_ms", sys.argv[1], ra["timings_ms"]); print("timings_ms", sys.argv[2], rb["timings_ms"])
+print(f"worst relative difference {worst[0]:.2e} ({worst[1]}); tensors {len(a)}, same keys {sorted(a) == sorted(b)}; largest gap_target difference {max(gaps, default=0):.2e}")
+print("timings_ms", sys.argv[1], ra.get("timings_ms")); print("timings_ms", sys.argv[2], rb.get("timings_ms"))
+sys.exit(0 if sorted(a) == sorted(b) and worst[0] <= float(sys.argv[3]) else 1)
 PY
-python3 "$W/compare.py" "$OUT/transfer-cpu" "$OUT/transfer-cuda" >"$OUT/compare.txt" 2>&1
-python3 "$W/compare.py" "$OUT/transfer-cpu" "$OUT/transfer-cuda-no-tc" >"$OUT/compare-no-tc.txt" 2>&1
-note "cpu vs cuda adapters" "$(head -1 "$OUT/compare.txt")"
-note "cpu vs cuda (no tensor cores) adapters" "$(head -1 "$OUT/compare-no-tc.txt")"
-
-if command -v nsys >/dev/null; then
-  nsys profile -o "$OUT/transfer-cuda" --trace cuda,nvtx --force-overwrite true \
-    "$BIN" transfer --source-base "$W/src" --target-base "$W/tgt" --adapter "$W/ad" \
-    --out "$W/nsys-out" --device cuda --mode align --rank 256 >"$OUT/nsys.txt" 2>&1
-  note "nsys profile" "rc=$? -> transfer-cuda.nsys-rep"
-else
-  note "nsys profile" "nsys not installed"
+# transfer NAME DEVICE RANK POWER_ITERS SECONDS [ENV...]
+transfer() {
+  local name=$1 dev=$2 rank=$3 q=$4 limit=$5; shift 5
+  step "$limit" "$L/transfer-$name.txt" env "$@" "$BIN" transfer --source-base "$W/src" \
+    --target-base "$W/tgt" --adapter "$W/ad" --out "$W/transfer-$name" --device "$dev" \
+    --mode align --rank "$rank" --power-iters "$q" --timings --force
+  note "transfer $name ($(status))" "${secs}s wall"
+}
+torch_baseline() {
+  local name=$1 rank=$2 q=$3 limit=$4
+  step "$limit" "$L/torch-$name.txt" python3 "$root/bench/torch_transfer.py" --source-base "$W/src" \
+    --target-base "$W/tgt" --adapter "$W/ad" --out "$W/torch-$name" --device cuda --mode align \
+    --rank "$rank" --power-iters "$q" --force
+  note "torch baseline $name, cuda ($(status))" "${secs}s wall"
+}
+compare() {
+  local a=$1 b=$2 tol=$3 what=$4
+  python3 "$W/compare.py" "$W/$a" "$W/$b" "$tol" >"$L/compare-$a-$b.txt" 2>&1; local r=$?
+  local verdict="informative"
+  if [[ $what == pass/fail ]]; then
+    verdict=PASS
+    [[ $r == 0 ]] || { verdict="FAIL (tol $tol)"; failed_checks=$((failed_checks + 1)); }
+  fi
+  # The figures when it ran, else the error it ended with.
+  note "$a vs $b: $verdict" "$(if grep -q '^worst' "$L/compare-$a-$b.txt"; then head -1 "$L/compare-$a-$b.txt"; else tail -1 "$L/compare-$a-$b.txt"; fi)"
+}
+transfer k16-cpu cpu 16 12 25
+transfer k16-cuda cuda 16 12 15
+transfer k16-cuda-no-tc cuda 16 12 15 LORAXFER_NO_TENSOR_CORES=1
+compare transfer-k16-cpu transfer-k16-cuda "$TOL" pass/fail
+compare transfer-k16-cpu transfer-k16-cuda-no-tc "$TOL" pass/fail
+torch_baseline k16 16 12 30
+compare transfer-k16-cuda torch-k16 "$TOL" informative
+if ((!quick)); then
+  transfer k256-cpu cpu 256 2 50
+  transfer k256-cuda cuda 256 2 15
+  compare transfer-k256-cpu transfer-k256-cuda 1 informative
+  torch_baseline k256 256 2 30
 fi
+
+if command -v compute-sanitizer >/dev/null; then
+  tools=(synccheck racecheck); ((quick)) && tools=(synccheck)  # racecheck is the slow one
+  for tool in "${tools[@]}"; do
+    step 25 "$L/sanitizer-$tool.txt" compute-sanitizer --tool "$tool" "$BIN" selftest --device cuda --quick
+    note "compute-sanitizer $tool ($(status), ${secs}s)" "$(grep -E 'ERROR SUMMARY|hazard' "$L/sanitizer-$tool.txt" | tail -1)"
+  done
+else
+  note "compute-sanitizer" "not installed"
+fi
+if ((!quick)) && command -v nsys >/dev/null; then
+  step 15 "$L/nsys.txt" nsys profile -o "$L/transfer-cuda" --trace cuda,nvtx --force-overwrite true \
+    "$BIN" transfer --source-base "$W/src" --target-base "$W/tgt" --adapter "$W/ad" \
+    --out "$W/nsys-out" --device cuda --mode align --rank 256 --force
+  note "nsys profile ($(status))" "${secs}s"
+  # The report itself is large: bring back its kernel and copy summaries instead.
+  step 10 "$L/nsys-stats.txt" nsys stats --report cuda_gpu_kern_sum --report cuda_gpu_mem_time_sum \
+    "$L/transfer-cuda.nsys-rep"
+  note "nsys stats ($(status))" "logs/nsys-stats.txt"
+else
+  note "nsys profile" "not run (--quick, or nsys not installed)"
+fi
+
+# Reports of every transfer, beside the logs; the adapters themselves stay in $WORK.
+for d in "$W"/transfer-* "$W"/torch-*; do
+  [[ -f $d/transfer_report.json ]] && cp "$d/transfer_report.json" "$L/report-$(basename "$d").json"
+done
+note "total" "$(( $(date +%s) - t_start ))s"
+tar -czf "$OUT/logs.tar.gz" --exclude='*.nsys-rep' --exclude='*.sqlite' -C "$W" logs
 echo "== gpu-check summary (details under $OUT) =="
 cat "$summary"
-sed -n '/^kernel .*TFLOP/,$p' "$OUT/selftest.txt"
+sed -n '/^kernel .*TFLOP/,$p' "$OUT/bench.txt"
+exit $((failed_checks > 0))

@@ -54,6 +54,7 @@ pub fn print() {
             Err(e) => println!("cuda driver: found, but {e}"),
         }
     }
+    first_light();
     match cuda::unavailable_reason() {
         None => println!("--device auto picks: cuda"),
         Some(reason) => println!("--device auto picks: cpu ({reason})"),
@@ -63,4 +64,30 @@ pub fn print() {
         .flat_map(|a| a.model_types.clone())
         .collect();
     println!("architectures: {}", archs.join(", "));
+}
+
+/// Opens GPU 0 and runs one tiny kernel against the CPU, so the first step of a GPU run already
+/// proves the driver path (context, module loading, allocation, launch, copies); says why not
+/// where it cannot.
+fn first_light() {
+    if let Some(reason) = cuda::unavailable_reason() {
+        println!("first kernel on the gpu: not run ({reason})");
+        return;
+    }
+    let backend = match cuda::cuda_backend() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("first kernel on the gpu: could not open gpu 0: {e}");
+            return;
+        }
+    };
+    for note in backend.ops().gpu.0.memory_notes() {
+        println!("{note}");
+    }
+    match cuda::selftest::first_light(&backend) {
+        Ok(worst) => println!(
+            "first kernel on the gpu: philox_gaussian_f32 (64 values) matches the CPU Philox (largest difference {worst:.1e})"
+        ),
+        Err(e) => println!("first kernel on the gpu: FAILED: {e}"),
+    }
 }

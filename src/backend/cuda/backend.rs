@@ -8,7 +8,7 @@ use std::ops::Range;
 use faer::{Mat, MatRef};
 
 use super::device::{Buffer, Gpu};
-use super::ops::{Ops, Panel};
+use super::ops::{Ops, Panel, PanelProduct};
 use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, DeviceBasis, Pending, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
 use crate::backend::{Backend, Basis, Factors, RawBatch, Side, SvdParams, Weight};
@@ -162,16 +162,20 @@ impl CudaBackend {
         let gpu = &self.ops.gpu;
         let p = gpu.zeros::<f32>(batch * k * k, "UᵀU products")?;
         let out = gpu.zeros::<f32>(batch, "similarities")?;
-        self.ops.panel(
-            Panel::TN,
-            p.ptr(),
-            x,
-            y,
-            (k, k, m),
-            (k, k),
-            (m * k, m * k),
+        self.ops.panel(&PanelProduct {
+            kind: Panel::TN,
+            c: p.ptr(),
+            a: x,
+            b: y,
+            m: k,
+            n: k,
+            k: m,
+            lda: k,
+            ldb: k,
+            stride_a: m * k,
+            stride_b: m * k,
             batch,
-        )?;
+        })?;
         self.ops
             .sum_squares(&out, &p, k * k, 1.0 / k as f64, batch)?;
         Ok(gpu
@@ -220,46 +224,53 @@ impl CudaBackend {
         let c2 = gpu.zeros::<f32>(r * k, "A V_y")?;
         let at = gpu.zeros::<f32>(r * n_t, "A_t")?;
         let ops = &self.ops;
-        ops.panel(
+        // One matrix each: the batch strides do not matter.
+        let single = |kind, c, a, b, (m, n, inner), (lda, ldb)| PanelProduct {
+            kind,
+            c,
+            a,
+            b,
+            m,
+            n,
+            k: inner,
+            lda,
+            ldb,
+            stride_a: 0,
+            stride_b: 0,
+            batch: 1,
+        };
+        ops.panel(&single(
             Panel::TN,
             c1.ptr(),
             uy,
             bs.ptr(),
             (k, r, m_s),
             (k, r),
-            (0, 0),
-            1,
-        )?;
-        ops.panel(
+        ))?;
+        ops.panel(&single(
             Panel::NN,
             bt.ptr(),
             ux,
             c1.ptr(),
             (m_t, r, k),
             (k, r),
-            (0, 0),
-            1,
-        )?;
-        ops.panel(
+        ))?;
+        ops.panel(&single(
             Panel::NN,
             c2.ptr(),
             as_.ptr(),
             vy,
             (r, k, n_s),
             (n_s, k),
-            (0, 0),
-            1,
-        )?;
-        ops.panel(
+        ))?;
+        ops.panel(&single(
             Panel::NT,
             at.ptr(),
             c2.ptr(),
             vx,
             (r, n_t, k),
             (k, k),
-            (0, 0),
-            1,
-        )?;
+        ))?;
         Ok(Factors {
             b: from_row_major(&gpu.download::<f32>(bt.ptr(), m_t * r)?, m_t, r),
             a: from_row_major(&gpu.download::<f32>(at.ptr(), r * n_t)?, r, n_t),

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use super::kernels::ArgKind;
 use crate::error::{Error, Result};
 
 /// One kernel argument, passed by value like a `cuLaunchKernel` parameter.
@@ -25,6 +26,17 @@ pub enum Arg {
 }
 
 impl Arg {
+    /// How this argument is passed, to check it against the kernel's parameter.
+    pub fn kind(self) -> ArgKind {
+        match self {
+            Arg::Ptr(_) => ArgKind::Ptr,
+            Arg::I32(_) => ArgKind::I32,
+            Arg::I64(_) => ArgKind::I64,
+            Arg::U64(_) => ArgKind::U64,
+            Arg::F64(_) => ArgKind::F64,
+        }
+    }
+
     /// The argument's bytes in an 8-byte slot (little-endian: a 4-byte parameter reads the low half).
     pub fn slot(self) -> u64 {
         match self {
@@ -82,12 +94,19 @@ pub trait Device: Send + Sync {
     fn read_after(&self, mark: u64, src: u64, dst: &mut [u8]) -> Result<()>;
     /// Releases a mark.
     fn forget(&self, mark: u64);
-    /// Launches `kernel` (a name from [`super::kernels::NAMES`]) on the compute queue.
+    /// Launches `kernel` (a kernel of kernels/api.h) on the compute queue; refuses, as an
+    /// internal error, a launch that does not match the kernel's signature
+    /// ([`super::kernels::check_launch`]).
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()>;
     /// Waits for all work on both queues (for timing).
     fn synchronize(&self) -> Result<()>;
     /// Free device memory in bytes, when the device can tell.
     fn free_memory(&self) -> Option<usize>;
+    /// How this device allocates memory and uploads weights, for `loraxfer info` (and whether it
+    /// fell back from stream-ordered pools or pinned staging).
+    fn memory_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Device memory that is released when dropped.

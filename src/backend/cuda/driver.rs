@@ -9,6 +9,11 @@
 //! buffers alternate: the host fills one (reading the file) while the DMA engine empties the
 //! other, and neither waits for the kernels of the batch before. Pinning the mapped file itself (cuMemHostRegister) would fault
 //! in and lock the whole checkpoint; staging keeps pinned memory at 2 × [`STAGE_BYTES`].
+//!
+//! Two fallbacks keep a device without these features usable, and `loraxfer info` names them:
+//! without stream-ordered memory pools (`CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED` = 0) memory
+//! comes from `cuMemAlloc` and goes back through `cuMemFree` after the device is idle; when pinned
+//! host memory cannot be allocated, uploads copy from pageable memory.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_void, CString};
@@ -19,59 +24,11 @@ use rayon::prelude::*;
 use cudarc::driver::{result, sys};
 
 use super::device::{Arg, Device, LaunchShape};
-use super::kernels::NAMES;
+use super::kernels::{self, check_launch};
 use crate::error::{Error, Result};
 
-fn driver_error(what: &str, e: result::DriverError) -> Error {
-    Error::Device(format!("CUDA driver: {what}: {e:?}"))
-}
-
-/// True when libcuda can be loaded (never panics, unlike the first driver call without it).
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the library names.
-    unsafe { sys::is_culib_present() }
-}
-
-/// Facts about one GPU, for `loraxfer info`.
-#[derive(Debug, Clone)]
-pub struct GpuInfo {
-    pub ordinal: i32,
-    pub name: String,
-    pub total_bytes: usize,
-    pub compute_capability: (i32, i32),
-}
-
-/// The GPUs the driver sees (an error when there is no driver or it fails to initialize).
-pub fn list_gpus() -> Result<Vec<GpuInfo>> {
-    if !driver_present() {
-        return Err(Error::Unavailable(
-            "no CUDA driver (libcuda.so) on this machine".into(),
-        ));
-    }
-    result::init().map_err(|e| driver_error("cuInit", e))?;
-    let count = result::device::get_count().map_err(|e| driver_error("cuDeviceGetCount", e))?;
-    (0..count)
-        .map(|ordinal| {
-            let dev = result::device::get(ordinal).map_err(|e| driver_error("cuDeviceGet", e))?;
-            let name =
-                result::device::get_name(dev).map_err(|e| driver_error("cuDeviceGetName", e))?;
-            // SAFETY: dev comes from cuDeviceGet.
-            let total_bytes = unsafe { result::device::total_mem(dev) }
-                .map_err(|e| driver_error("cuDeviceTotalMem", e))?;
-            let attr = |a| unsafe { result::device::get_attribute(dev, a) }.unwrap_or(0);
-            let compute_capability = (
-                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
-                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
-            );
-            Ok(GpuInfo {
-                ordinal,
-                name,
-                total_bytes,
-                compute_capability,
-            })
-        })
-        .collect()
-}
+use super::gpus::driver_error;
+pub use super::gpus::{driver_present, list_gpus, GpuInfo};
 
 /// Bytes per pinned staging buffer.
 pub const STAGE_BYTES: usize = 32 << 20;
@@ -89,6 +46,8 @@ enum StagingSlot {
     NotYet,
     Idle(Staging),
     InUse,
+    /// Pinned memory could not be allocated (the reason): uploads copy from pageable memory.
+    Pageable(String),
 }
 
 /// One GPU with this project's kernels loaded.
@@ -101,8 +60,9 @@ pub struct CudaDriver {
     /// Reads of finished work ([`Device::read_after`]), so they do not queue behind the kernels
     /// of the next batch on `compute`.
     readback: sys::CUstream,
-    /// The device's default pool, which the stream-ordered allocations draw from.
-    pool: sys::CUmemoryPool,
+    /// The device's default pool, which the stream-ordered allocations draw from; None when the
+    /// device has no memory pools (then cuMemAlloc / cuMemFree).
+    pool: Option<sys::CUmemoryPool>,
     /// Recorded on `copy` and waited for on `compute` by [`Device::fence`].
     staged: sys::CUevent,
     /// Allocated at the first staged copy (commands that never upload weights pin nothing).
@@ -155,8 +115,8 @@ impl CudaDriver {
             modules.push(module);
         }
         let mut functions = HashMap::new();
-        for name in NAMES {
-            let c = CString::new(*name).expect("no NUL in kernel names");
+        for name in kernels::names() {
+            let c = CString::new(name).expect("no NUL in kernel names");
             let found = modules
                 .iter()
                 .find_map(|m| unsafe { result::module::get_function(*m, c.clone()) }.ok());
@@ -165,7 +125,7 @@ impl CudaDriver {
                     "kernel {name} is missing from the embedded fatbins"
                 ))
             })?;
-            functions.insert(*name, f);
+            functions.insert(name, f);
         }
         let stream = || {
             result::stream::create(result::stream::StreamKind::NonBlocking)
@@ -173,19 +133,32 @@ impl CudaDriver {
         };
         let (compute, copy, readback) = (stream()?, stream()?, stream()?);
         // SAFETY: dev is valid.
-        let pool = unsafe { result::device::get_default_mem_pool(dev) }
-            .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
-        use sys::CUmemPool_attribute::*;
-        // Keep freed memory in the pool instead of returning it at every synchronization: each
-        // piece of a batch allocates what the previous one freed. (`free_memory` counts it.)
-        set_pool_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
-        // Nor may an upload on `copy` reuse a block that `compute` has not finished freeing: the
-        // pool would make the copy wait for the kernels, undoing the overlap.
-        set_pool_attribute(
-            pool,
-            CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
-            0i32,
-        )?;
+        let pools = unsafe {
+            result::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+            )
+        }
+        .map_err(|e| driver_error("cuDeviceGetAttribute (memory pools)", e))?;
+        let pool = if pools == 0 {
+            None
+        } else {
+            // SAFETY: dev is valid.
+            let pool = unsafe { result::device::get_default_mem_pool(dev) }
+                .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+            use sys::CUmemPool_attribute::*;
+            // Keep freed memory in the pool instead of returning it at every synchronization:
+            // each piece of a batch allocates what the previous one freed (`free_memory` counts it).
+            set_pool_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
+            // Nor may an upload on `copy` reuse a block that `compute` has not finished freeing:
+            // the pool would make the copy wait for the kernels, undoing the overlap.
+            set_pool_attribute(
+                pool,
+                CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                0i32,
+            )?;
+            Some(pool)
+        };
         Ok(Self {
             ctx,
             info,
@@ -203,6 +176,35 @@ impl CudaDriver {
 
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// Allocates on `stream` from the pool, or with cuMemAlloc on a device without pools.
+    fn device_alloc(&self, bytes: usize, stream: sys::CUstream) -> Result<u64> {
+        // SAFETY: plain allocations; the caller initializes the memory before any read.
+        match self.pool {
+            Some(_) => unsafe { result::malloc_async(stream, bytes) },
+            None => unsafe { result::malloc_sync(bytes) },
+        }
+        .map_err(|e| self.out_of_memory(e))
+    }
+
+    /// Pinned staging buffers, or the reason there are none (then uploads copy from pageable
+    /// memory); allocated at the first staged copy, or by [`Device::memory_notes`].
+    fn staging_ready(&self) -> std::result::Result<(), String> {
+        let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if let StagingSlot::NotYet = *slot {
+            *slot = match self.new_staging() {
+                Ok(st) => StagingSlot::Idle(st),
+                Err(e) => {
+                    eprintln!("loraxfer: {e}; weights are copied from pageable memory instead");
+                    StagingSlot::Pageable(e.to_string())
+                }
+            };
+        }
+        match &*slot {
+            StagingSlot::Pageable(reason) => Err(reason.clone()),
+            _ => Ok(()),
+        }
     }
 
     fn out_of_memory(&self, e: result::DriverError) -> Error {
@@ -269,6 +271,15 @@ impl CudaDriver {
         Ok(())
     }
 
+    /// Host → device on the copy stream straight from pageable memory (no staging buffer).
+    fn copy_pageable(&self, dst: u64, src: &[u8]) -> Result<()> {
+        let _g = self.current()?;
+        // SAFETY: dst is an upload buffer of at least src.len() bytes; from pageable memory the
+        // driver takes the bytes out of `src` before returning.
+        unsafe { result::memcpy_htod_async(dst, src, self.copy) }
+            .map_err(|e| driver_error("cuMemcpyHtoDAsync (pageable)", e))
+    }
+
     /// Orders `compute` after every copy queued on `copy` so far.
     fn fence_locked(&self) -> Result<()> {
         // SAFETY: live event and streams; the wait takes the event's state at this call.
@@ -332,7 +343,9 @@ impl Drop for CudaDriver {
                 let _ = result::stream::destroy(self.copy);
                 let _ = result::stream::destroy(self.readback);
                 // Hand back what the pool kept (its release threshold is "never").
-                let _ = result::mem_pool::trim_to(self.pool, 0);
+                if let Some(pool) = self.pool {
+                    let _ = result::mem_pool::trim_to(pool, 0);
+                }
             }
         }
     }
@@ -349,9 +362,8 @@ impl Device for CudaDriver {
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
         let _g = self.current()?;
-        // SAFETY: a stream-ordered allocation, zeroed in the same stream before any use.
-        let ptr = unsafe { result::malloc_async(self.compute, bytes) }
-            .map_err(|e| self.out_of_memory(e))?;
+        let ptr = self.device_alloc(bytes, self.compute)?;
+        // SAFETY: a live allocation of `bytes`, zeroed on the compute stream before any use.
         unsafe { result::memset_d8_async(ptr, 0, bytes, self.compute) }
             .map_err(|e| driver_error("cuMemsetD8Async", e))?;
         Ok(ptr)
@@ -359,10 +371,8 @@ impl Device for CudaDriver {
 
     fn alloc_for_upload(&self, bytes: usize) -> Result<u64> {
         let _g = self.current()?;
-        // SAFETY: ordered on the copy stream, which fills it; the compute stream uses it only
-        // after a fence.
-        let ptr =
-            unsafe { result::malloc_async(self.copy, bytes) }.map_err(|e| self.out_of_memory(e))?;
+        // Ordered on the copy stream, which fills it; the compute stream uses it only after a fence.
+        let ptr = self.device_alloc(bytes, self.copy)?;
         self.unfenced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -382,9 +392,19 @@ impl Device for CudaDriver {
             if unfenced && self.fence_locked().is_err() {
                 return; // leak it rather than risk the race
             }
-            // SAFETY: ptr came from an alloc and is freed once (Buffer's Drop), after the
-            // compute work queued so far, which is ordered after any copy into it.
-            let _ = unsafe { result::free_async(ptr, self.compute) };
+            match self.pool {
+                // SAFETY: ptr came from an alloc and is freed once (Buffer's Drop), after the
+                // compute work queued so far, which is ordered after any copy into it.
+                Some(_) => {
+                    let _ = unsafe { result::free_async(ptr, self.compute) };
+                }
+                // cuMemFree is not stream-ordered: wait until nothing can still use the memory.
+                None => unsafe {
+                    if result::ctx::synchronize().is_ok() {
+                        let _ = result::free_sync(ptr);
+                    }
+                },
+            }
         }
     }
 
@@ -400,22 +420,26 @@ impl Device for CudaDriver {
             let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
             match std::mem::replace(&mut *slot, StagingSlot::InUse) {
                 StagingSlot::Idle(st) => st,
-                StagingSlot::NotYet => match self.new_staging() {
-                    Ok(st) => st,
-                    Err(e) => {
-                        *slot = StagingSlot::NotYet;
-                        return Err(e);
+                StagingSlot::NotYet => {
+                    *slot = StagingSlot::NotYet;
+                    drop(slot);
+                    // Allocates them, or records why not and copies from pageable memory.
+                    if self.staging_ready().is_err() {
+                        return self.copy_pageable(dst, src);
                     }
-                },
+                    return self.stage(dst, src);
+                }
+                StagingSlot::Pageable(reason) => {
+                    *slot = StagingSlot::Pageable(reason);
+                    drop(slot);
+                    return self.copy_pageable(dst, src);
+                }
                 StagingSlot::InUse => {
                     // Another upload holds the pinned buffers (another thread, or this one
                     // re-entered while rayon filled them): copy from pageable memory, which the
                     // driver takes out of `src` before returning.
                     drop(slot);
-                    let _g = self.current()?;
-                    // SAFETY: dst is an upload buffer of at least src.len() bytes.
-                    return unsafe { result::memcpy_htod_async(dst, src, self.copy) }
-                        .map_err(|e| driver_error("cuMemcpyHtoDAsync (pageable)", e));
+                    return self.copy_pageable(dst, src);
                 }
             }
         };
@@ -482,6 +506,7 @@ impl Device for CudaDriver {
     }
 
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()> {
+        check_launch(kernel, args)?;
         let f = *self
             .functions
             .get(kernel)
@@ -494,7 +519,9 @@ impl Device for CudaDriver {
             .collect();
         let [gx, gy, gz] = shape.grid;
         let [bx, by, bz] = shape.block;
-        // SAFETY: the launchers in ops.rs pass arguments in the order and sizes of kernels/api.h.
+        // SAFETY: check_launch above has matched the arguments' count and kinds against the
+        // kernel's parameters in kernels/api.h, and each slot holds its argument in the low bytes
+        // of 8, as wide as any parameter; the slots outlive the call, which copies them.
         unsafe {
             result::launch_kernel(
                 f,
@@ -522,15 +549,39 @@ impl Device for CudaDriver {
             .map_err(|e| driver_error("cuCtxSynchronize (or a kernel before it)", e))
     }
 
+    fn memory_notes(&self) -> Vec<String> {
+        let memory = match self.pool {
+            Some(_) => {
+                "device memory: stream-ordered pool (cuMemAllocAsync / cuMemFreeAsync)".into()
+            }
+            None => "device memory: cuMemAlloc / cuMemFree (the device has no memory pools: \
+                     CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED = 0; a free waits for the device)"
+                .into(),
+        };
+        let staging = match self.staging_ready() {
+            Ok(()) => format!(
+                "weight uploads: through 2 x {} MiB pinned staging buffers",
+                STAGE_BYTES >> 20
+            ),
+            Err(reason) => {
+                format!("weight uploads: from pageable memory (no pinned memory: {reason})")
+            }
+        };
+        vec![memory, staging]
+    }
+
     fn free_memory(&self) -> Option<usize> {
         let _g = self.current().ok()?;
         let (free, _) = result::mem_get_info().ok()?;
+        let Some(pool) = self.pool else {
+            return Some(free);
+        };
         // Memory the pool holds but nothing uses is free to this process too.
         let pool = |attr| {
             let mut v = 0u64;
             // SAFETY: a live pool; these attributes take a cuuint64_t.
             unsafe {
-                result::mem_pool::get_attribute(self.pool, attr, &mut v as *mut u64 as *mut c_void)
+                result::mem_pool::get_attribute(pool, attr, &mut v as *mut u64 as *mut c_void)
             }
             .ok()
             .map(|_| v as usize)

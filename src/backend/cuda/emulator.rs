@@ -3,11 +3,12 @@
 //! device thread); it exists so that every kernel and the host code around it are checked
 //! against the CPU reference on machines without a GPU.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CString};
 use std::sync::Mutex;
 
 use super::device::{Arg, Device, LaunchShape};
+use super::kernels::{check_launch, ArgKind};
 use crate::error::{Error, Result};
 
 extern "C" {
@@ -38,11 +39,20 @@ pub fn kernel_names() -> Vec<String> {
     }
 }
 
-/// Host memory standing in for device memory; allocations are u64-aligned boxes, optionally
-/// within a capacity (to test that work streams through a device smaller than the model).
+/// One allocation: u64-aligned host memory, and the bytes asked for (the bounds of every access).
+struct Allocation {
+    data: Box<[u64]>,
+    bytes: usize,
+}
+
+/// Host memory standing in for device memory, optionally within a capacity (to test that work
+/// streams through a device smaller than the model). Every copy and every pointer argument of a
+/// launch must lie inside a live allocation: a stray address is an error here, where on a GPU it
+/// would be a fault or silent corruption.
 #[derive(Default)]
 pub struct Emulator {
-    blocks: Mutex<HashMap<u64, Box<[u64]>>>,
+    /// Live allocations by start address.
+    blocks: Mutex<BTreeMap<u64, Allocation>>,
     capacity: Option<usize>,
     /// Staged copies waiting for a fence: the copy queue, run as late as a GPU may run it.
     staged: Mutex<Vec<(u64, Vec<u8>)>>,
@@ -65,24 +75,52 @@ impl Emulator {
         }
     }
 
-    fn used(blocks: &HashMap<u64, Box<[u64]>>) -> usize {
-        blocks.values().map(|b| 8 * b.len()).sum()
+    fn used(blocks: &BTreeMap<u64, Allocation>) -> usize {
+        blocks.values().map(|b| 8 * b.data.len()).sum()
     }
 
-    fn insert(&self, block: Box<[u64]>) -> Result<u64> {
+    fn insert(&self, fill: u64, bytes: usize) -> Result<u64> {
+        let data = vec![fill; bytes.div_ceil(8).max(1)].into_boxed_slice();
         let mut blocks = self.blocks.lock().unwrap();
         if let Some(cap) = self.capacity {
             let used = Self::used(&blocks);
-            if used + 8 * block.len() > cap {
+            if used + 8 * data.len() > cap {
                 return Err(Error::Device(format!(
                     "out of memory ({} of {cap} bytes in use)",
                     used
                 )));
             }
         }
-        let ptr = block.as_ptr() as u64;
-        blocks.insert(ptr, block);
+        let ptr = data.as_ptr() as u64;
+        blocks.insert(ptr, Allocation { data, bytes });
         Ok(ptr)
+    }
+
+    /// Checks that `len` bytes at `ptr` lie inside one live allocation (`what` names the access).
+    /// A zero-length access must still point into (or at the end of) an allocation.
+    fn check_range(&self, ptr: u64, len: usize, what: &str) -> Result<()> {
+        let blocks = self.blocks.lock().unwrap();
+        let Some((&start, block)) = blocks.range(..=ptr).next_back() else {
+            return Err(Error::Internal(format!(
+                "emulator: {what}: address {ptr:#x} is in no live allocation"
+            )));
+        };
+        let end = start + block.bytes as u64;
+        if ptr > end || (len > 0 && ptr == end) {
+            return Err(Error::Internal(format!(
+                "emulator: {what}: address {ptr:#x} is in no live allocation (the nearest below, \
+                 {start:#x}, holds {} bytes)",
+                block.bytes
+            )));
+        }
+        if ptr + len as u64 > end {
+            return Err(Error::Internal(format!(
+                "emulator: {what}: {len} bytes at offset {} overrun an allocation of {} bytes",
+                ptr - start,
+                block.bytes
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -92,18 +130,18 @@ impl Device for Emulator {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
-        self.insert(vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice())
+        self.insert(0, bytes)
     }
 
     fn alloc_for_upload(&self, bytes: usize) -> Result<u64> {
         let poison = u64::from_ne_bytes([POISON; 8]);
-        self.insert(vec![poison; bytes.div_ceil(8).max(1)].into_boxed_slice())
+        self.insert(poison, bytes)
     }
 
     fn free(&self, ptr: u64) {
         if let Some(block) = self.blocks.lock().unwrap().remove(&ptr) {
             // A GPU would still run copies into it before the free; here they are dropped.
-            let end = ptr + 8 * block.len() as u64;
+            let end = ptr + 8 * block.data.len() as u64;
             self.staged
                 .lock()
                 .unwrap()
@@ -112,6 +150,7 @@ impl Device for Emulator {
     }
 
     fn stage(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.check_range(dst, src.len(), "staged copy to the device")?;
         self.staged.lock().unwrap().push((dst, src.to_vec()));
         Ok(())
     }
@@ -124,13 +163,15 @@ impl Device for Emulator {
     }
 
     fn write(&self, dst: u64, src: &[u8]) -> Result<()> {
-        // SAFETY: dst lies inside a live allocation of this emulator (Buffer keeps it alive).
+        self.check_range(dst, src.len(), "copy to the device")?;
+        // SAFETY: checked just above: dst..dst+len lies inside a live allocation of this emulator.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
 
     fn read(&self, src: u64, dst: &mut [u8]) -> Result<()> {
-        // SAFETY: as in write.
+        self.check_range(src, dst.len(), "copy from the device")?;
+        // SAFETY: checked just above: src..src+len lies inside a live allocation.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
@@ -146,14 +187,25 @@ impl Device for Emulator {
     fn forget(&self, _mark: u64) {}
 
     fn launch(&self, kernel: &str, shape: LaunchShape, args: &[Arg]) -> Result<()> {
+        let sig = check_launch(kernel, args)?;
+        for (i, (arg, param)) in args.iter().zip(sig.params).enumerate() {
+            if param.kind == ArgKind::Ptr {
+                let what = format!(
+                    "launch of {kernel}, argument {i} ({} {})",
+                    param.c_type, param.name
+                );
+                self.check_range(arg.slot(), 0, &what)?;
+            }
+        }
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         let mut params: Vec<*mut c_void> = slots
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
         let name = CString::new(kernel).expect("kernel names have no NUL");
-        // SAFETY: params point at live slots typed as the kernel's parameters (checked by the
-        // launchers in ops.rs, which mirror kernels/api.h); pointers address emulator memory.
+        // SAFETY: check_launch matched the arguments' count and kinds against the kernel's
+        // parameters in kernels/api.h, each slot holds its argument in the low bytes of 8, and
+        // every pointer argument was checked above to point into a live emulator allocation.
         let rc = unsafe {
             lx_emu_launch(
                 name.as_ptr(),
@@ -214,5 +266,70 @@ mod tests {
         emu.stage(dst, &data[..8]).unwrap();
         emu.free(dst);
         assert!(emu.staged.lock().unwrap().is_empty());
+    }
+
+    fn internal(r: Result<()>) -> String {
+        match r {
+            Err(Error::Internal(msg)) => msg,
+            other => panic!("want an internal error, got {other:?}"),
+        }
+    }
+
+    /// A launch that does not match kernels/api.h never reaches the kernel.
+    #[test]
+    fn a_mismatched_launch_is_refused() {
+        let emu = Emulator::new();
+        let (out, p) = (emu.alloc(4).unwrap(), emu.alloc(16).unwrap());
+        let shape = LaunchShape::new([1, 1, 1], [32, 1, 1]);
+        let good = [Arg::Ptr(out), Arg::Ptr(p), Arg::I64(4), Arg::F64(1.0)];
+        emu.launch("sum_squares", shape, &good).unwrap();
+        let err = internal(emu.launch("sum_squares", shape, &good[..3]));
+        assert!(
+            err.contains("sum_squares") && err.contains("takes 4"),
+            "{err}"
+        );
+        let wrong_kind = [Arg::Ptr(out), Arg::Ptr(p), Arg::I32(4), Arg::F64(1.0)];
+        let err = internal(emu.launch("sum_squares", shape, &wrong_kind));
+        assert!(err.contains("argument 2") && err.contains("count"), "{err}");
+        let err = internal(emu.launch("no_such_kernel", shape, &good));
+        assert!(err.contains("no_such_kernel"), "{err}");
+    }
+
+    /// Copies and pointer arguments outside the live allocations are errors, not corruption.
+    #[test]
+    fn accesses_outside_the_allocations_are_refused() {
+        let emu = Emulator::new();
+        let buf = emu.alloc(12).unwrap();
+        emu.write(buf, &[1u8; 12]).unwrap();
+        emu.write(buf + 4, &[2u8; 8]).unwrap();
+        let err = internal(emu.write(buf + 4, &[0u8; 9]));
+        assert!(err.contains("overrun") && err.contains("12 bytes"), "{err}");
+        let mut back = [0u8; 13];
+        let err = internal(emu.read(buf, &mut back));
+        assert!(
+            err.contains("copy from the device") && err.contains("overrun"),
+            "{err}"
+        );
+        let err = internal(emu.stage(buf + 8, &[0u8; 8]));
+        assert!(err.contains("staged copy"), "{err}");
+        let err = internal(emu.write(8, &[0u8; 1]));
+        assert!(err.contains("no live allocation"), "{err}");
+
+        let p = emu.alloc(16).unwrap();
+        let shape = LaunchShape::new([1, 1, 1], [32, 1, 1]);
+        let args = |out: u64| [Arg::Ptr(out), Arg::Ptr(p), Arg::I64(4), Arg::F64(1.0)];
+        let err = internal(emu.launch("sum_squares", shape, &args(buf + 13)));
+        assert!(
+            err.contains("argument 0") && err.contains("out") && err.contains("no live allocation"),
+            "{err}"
+        );
+        emu.free(buf);
+        let err = internal(emu.launch("sum_squares", shape, &args(buf)));
+        assert!(
+            err.contains("no live allocation"),
+            "a freed buffer was accepted: {err}"
+        );
+        let err = internal(emu.read(buf, &mut back[..4]));
+        assert!(err.contains("no live allocation"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ pub mod device;
 pub mod driver;
 #[cfg(loraxfer_kernel_emulator)]
 pub mod emulator;
+mod gpus;
 pub mod kernels;
 pub mod ops;
 pub mod rsvd;
@@ -37,13 +38,29 @@ pub const fn kernels_compiled() -> bool {
 
 /// The backend on the CPU emulator (slow; for tests and `selftest --device emulator`).
 pub fn emulator_backend() -> Result<CudaBackend> {
+    // Small blocks: each emulated thread is a fiber.
+    emulator_backend_with_block(32)
+}
+
+/// The block size of the block-per-matrix kernels on a GPU ([`ops::Ops::small_block`]).
+pub const GPU_BLOCK: u32 = 256;
+
+/// The backend on the CPU emulator with `small_block` threads in the block-per-matrix kernels
+/// ([`GPU_BLOCK`] runs their reductions and barriers as a GPU does; a power of two ≤ 256).
+pub fn emulator_backend_with_block(small_block: u32) -> Result<CudaBackend> {
+    if !small_block.is_power_of_two() || small_block > GPU_BLOCK {
+        return Err(crate::error::Error::arg(
+            "--block-size",
+            "a power of two no larger than 256",
+        ));
+    }
     #[cfg(loraxfer_kernel_emulator)]
     {
-        // Small blocks: each emulated thread is a fiber. Small pieces: the test models' few
-        // matrices of a shape still go through the pipeline in several pieces.
+        // Small pieces: the test models' few matrices of a shape still go through the pipeline
+        // in several pieces.
         Ok(CudaBackend::new(
             Gpu(Arc::new(emulator::Emulator::new())),
-            32,
+            small_block,
             "emulator",
             64 << 10,
         ))
@@ -79,7 +96,7 @@ pub fn cuda_backend() -> Result<CudaBackend> {
     let driver = driver::CudaDriver::open(0)?;
     Ok(CudaBackend::new(
         Gpu(Arc::new(driver)),
-        256,
+        GPU_BLOCK,
         "cuda",
         backend::PIECE_BYTES,
     ))
@@ -106,15 +123,12 @@ mod tests {
     #[test]
     fn emulator_and_host_list_the_same_kernels() {
         let mut emu = super::emulator::kernel_names();
-        let mut host: Vec<String> = super::kernels::NAMES
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut host: Vec<String> = super::kernels::names().map(String::from).collect();
         emu.sort();
         host.sort();
         assert_eq!(
             emu, host,
-            "kernels/api.h and src/backend/cuda/kernels.rs disagree"
+            "the emulator's table and the signatures build.rs parsed from kernels/api.h disagree"
         );
     }
 }

@@ -9,8 +9,9 @@ use crate::io::safetensors::FloatType;
 /// Tile sizes of kernels/gemm.cuh.
 const TILE: u32 = 64;
 const GEMM_THREADS: u32 = 256;
-/// The largest sketch width the orthonormalization and eigen kernels take.
-pub const MAX_SKETCH: usize = 512;
+/// The largest sketch width the orthonormalization and eigen kernels take (`LX_MAX_SKETCH` of
+/// kernels/api.h, which sizes their shared memory).
+pub use super::kernels::MAX_SKETCH;
 
 /// Which operand of a panel product is transposed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,33 @@ pub enum Panel {
     TN,
     /// C = A·Bᵀ (B stored N×K)
     NT,
+}
+
+/// One batched product of f32 panels, C = op(A)·op(B), for [`Ops::panel`]. Operands are device
+/// addresses (so sub-panels can be used); dimensions, leading dimensions and strides count
+/// elements.
+#[derive(Debug, Clone, Copy)]
+pub struct PanelProduct {
+    pub kind: Panel,
+    /// The output, M×N row-major and packed: leading dimension N, batch stride M·N.
+    pub c: u64,
+    pub a: u64,
+    pub b: u64,
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// Leading dimension of A as stored (K for NN/NT, M for TN).
+    pub lda: usize,
+    /// Leading dimension of B as stored (N for NN/TN, K for NT).
+    pub ldb: usize,
+    /// From one matrix of the batch to the next in A (0: every matrix uses the same A).
+    pub stride_a: usize,
+    /// The same for B.
+    pub stride_b: usize,
+    pub batch: usize,
 }
 
 /// The kernels of one device.
@@ -142,40 +170,27 @@ impl Ops {
         )
     }
 
-    /// C (M×N, packed, batch stride M·N) = op(A)·op(B) for f32 panels at `a` and `b` (addresses,
-    /// so sub-panels can be used), with leading dimensions and batch strides in elements.
-    #[allow(clippy::too_many_arguments)]
-    pub fn panel(
-        &self,
-        kind: Panel,
-        c: u64,
-        a: u64,
-        b: u64,
-        mnk: (usize, usize, usize),
-        ld: (usize, usize),
-        strides: (usize, usize),
-        batch: usize,
-    ) -> Result<()> {
-        let (m, n, k) = mnk;
-        let name = match kind {
+    /// C = op(A)·op(B) for a batch of f32 panels ([`PanelProduct`]).
+    pub fn panel(&self, p: &PanelProduct) -> Result<()> {
+        let name = match p.kind {
             Panel::NN => "panel_nn",
             Panel::TN => "panel_tn",
             Panel::NT => "panel_nt",
         };
         self.gpu.launch(
             name,
-            gemm_shape(m, n, batch),
+            gemm_shape(p.m, p.n, p.batch),
             &[
-                Arg::Ptr(c),
-                Arg::Ptr(a),
-                Arg::Ptr(b),
-                Arg::I32(dim(m, "M")?),
-                Arg::I32(dim(n, "N")?),
-                Arg::I32(dim(k, "K")?),
-                Arg::I32(dim(ld.0, "lda")?),
-                Arg::I32(dim(ld.1, "ldb")?),
-                Arg::I64(strides.0 as i64),
-                Arg::I64(strides.1 as i64),
+                Arg::Ptr(p.c),
+                Arg::Ptr(p.a),
+                Arg::Ptr(p.b),
+                Arg::I32(dim(p.m, "M")?),
+                Arg::I32(dim(p.n, "N")?),
+                Arg::I32(dim(p.k, "K")?),
+                Arg::I32(dim(p.lda, "lda")?),
+                Arg::I32(dim(p.ldb, "ldb")?),
+                Arg::I64(p.stride_a as i64),
+                Arg::I64(p.stride_b as i64),
             ],
         )
     }

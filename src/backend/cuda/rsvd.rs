@@ -13,7 +13,7 @@ use std::sync::Arc;
 use faer::Mat;
 
 use super::device::{Buffer, Gpu, Mark};
-use super::ops::{Ops, Panel};
+use super::ops::{Ops, Panel, PanelProduct};
 use crate::backend::{Basis, Resident, Side, SvdParams};
 use crate::error::{Error, Result};
 use crate::io::safetensors::FloatType;
@@ -158,26 +158,22 @@ pub fn submit(
         let u = gpu.zeros::<f32>(batch * m * k, "U")?;
         let v = gpu.zeros::<f32>(batch * n * k, "V")?;
         // U = Q·Vb[:, :k]; V = Bᵀ·Vb[:, :k]·Σ⁻¹.
-        ops.panel(
-            Panel::NN,
-            u.ptr(),
-            y.ptr(),
-            vb.ptr(),
-            (m, k, l),
-            (l, l),
-            (m * l, l * l),
+        let leading_columns_of_vb = |c: u64, a: u64, rows: usize| PanelProduct {
+            kind: Panel::NN,
+            c,
+            a,
+            b: vb.ptr(),
+            m: rows,
+            n: k,
+            k: l,
+            lda: l,
+            ldb: l,
+            stride_a: rows * l,
+            stride_b: l * l,
             batch,
-        )?;
-        ops.panel(
-            Panel::NN,
-            v.ptr(),
-            z.ptr(),
-            vb.ptr(),
-            (n, k, l),
-            (l, l),
-            (n * l, l * l),
-            batch,
-        )?;
+        };
+        ops.panel(&leading_columns_of_vb(u.ptr(), y.ptr(), m))?;
+        ops.panel(&leading_columns_of_vb(v.ptr(), z.ptr(), n))?;
         ops.scale_columns(&v, &s, n, k, k, n * k, l, batch)?;
         ops.canonical_signs(&u, &v, m, n, k, batch)?;
         Ok((u, v))

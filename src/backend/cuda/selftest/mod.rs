@@ -2,13 +2,19 @@
 //! tall and wide, k capped by the matrix, f32/f16/bf16 weights, rank-deficient panels), with
 //! outputs poisoned with NaN before each launch so an element a kernel fails to write cannot
 //! pass. Used by `loraxfer selftest` and by tests/gpu_kernels.rs (on the emulator without a GPU).
+//! Each check is reported as soon as it is known, and a step whose launches fail is a failed
+//! check naming the step, not the end of the run: on a GPU, one broken kernel must not hide the
+//! results of the others.
 
 mod pipeline;
+mod run;
+
+pub use run::{first_light, run, run_reporting, Event, Options};
 
 use faer::Mat;
 
 use super::backend::{from_row_major, row_major, CudaBackend};
-use super::ops::{Ops, Panel};
+use super::ops::{Ops, Panel, PanelProduct};
 use super::rsvd::RawMatrix;
 use crate::backend::cpu::{factors, rsvd as cpu_rsvd};
 use crate::backend::{Backend, Basis, Factors, SvdParams, Weight};
@@ -88,16 +94,27 @@ struct Runner<'a> {
     backend: &'a CudaBackend,
     seed: u64,
     checks: Vec<Check>,
+    report: &'a mut dyn FnMut(Event<'_>),
 }
 
 impl Runner<'_> {
     fn push(&mut self, kernel: &str, case: String, error: f64, tolerance: f64) {
-        self.checks.push(Check {
+        let check = Check {
             kernel: kernel.into(),
             case,
             error,
             tolerance,
-        });
+        };
+        (self.report)(Event::Check(&check));
+        self.checks.push(check);
+    }
+
+    /// Runs one step; an error (a launch or a copy that failed) becomes a failed check named
+    /// after the step, and the next step runs.
+    fn step(&mut self, what: &str, f: impl FnOnce(&mut Self) -> Result<()>) {
+        if let Err(e) = f(self) {
+            self.push(what, format!("failed: {e}"), f64::NAN, 0.0);
+        }
     }
 
     fn poisoned(&self, count: usize, what: &str) -> Result<super::device::Buffer> {
@@ -211,16 +228,20 @@ impl Runner<'_> {
             let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
             let (abuf, bbuf) = (ops.gpu.upload(&a, "A")?, ops.gpu.upload(&b, "B")?);
             let c = self.poisoned(m * n, "C")?;
-            ops.panel(
+            ops.panel(&PanelProduct {
                 kind,
-                c.ptr(),
-                abuf.ptr(),
-                bbuf.ptr(),
-                (m, n, k),
-                (lda, ldb),
-                (0, 0),
-                1,
-            )?;
+                c: c.ptr(),
+                a: abuf.ptr(),
+                b: bbuf.ptr(),
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                stride_a: 0,
+                stride_b: 0,
+                batch: 1,
+            })?;
             let got: Vec<f32> = ops.gpu.download(c.ptr(), m * n)?;
             self.push(
                 name,
@@ -335,6 +356,7 @@ impl Runner<'_> {
         n: usize,
         rank: usize,
         oversample: usize,
+        vector_tolerance: f64,
     ) -> Result<()> {
         let r = m.min(n);
         // Evenly spaced singular values from 10 down to 2 past k, then a floor at 0.1: every
@@ -396,13 +418,13 @@ impl Runner<'_> {
             "truncated_svd",
             format!("{case}: U"),
             basis_err(&got.u, &want.u),
-            5e-4,
+            vector_tolerance,
         );
         self.push(
             "truncated_svd",
             format!("{case}: V"),
             basis_err(&got.v, &want.v),
-            5e-4,
+            vector_tolerance,
         );
         Ok(())
     }
@@ -523,40 +545,4 @@ fn planted(m: usize, n: usize, sigma: &[f32], seed: u64) -> Vec<f32> {
         .compute_thin_Q();
     let us = Mat::from_fn(m, k, |i, j| u[(i, j)] * sigma[j]);
     row_major((us * v.transpose()).as_ref())
-}
-
-/// Runs every check; `quick` uses fewer and smaller cases (the emulator in `cargo test`).
-pub fn run(backend: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<Check>> {
-    let mut r = Runner {
-        backend,
-        seed,
-        checks: Vec::new(),
-    };
-    r.philox()?;
-    for ty in [FloatType::F32, FloatType::F16, FloatType::Bf16] {
-        r.products(ty, 67, 45, 13)?;
-        if !quick {
-            r.products(ty, 45, 130, 21)?;
-            r.products(ty, 257, 193, 72)?;
-        }
-    }
-    r.panels(37, 19, 70)?;
-    r.orthonormalize(90, 13)?;
-    if !quick {
-        r.orthonormalize(1031, 72)?;
-    }
-    r.eig(40, 17)?;
-    if !quick {
-        r.eig(300, 144)?;
-    }
-    r.rsvd(FloatType::Bf16, 75, 41, 6, 4)?;
-    r.rsvd(FloatType::F16, 20, 63, 30, 4)?;
-    if !quick {
-        r.rsvd(FloatType::F32, 301, 129, 24, 8)?;
-        r.rsvd(FloatType::Bf16, 96, 515, 40, 16)?;
-    }
-    r.pipeline(5, 70, 50, 6)?;
-    r.similarity_and_transfer(53, 31, 7, 4)?;
-    r.casts(100)?;
-    Ok(r.checks)
 }

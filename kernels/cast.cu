@@ -1,6 +1,6 @@
-// The projections of DESIGN.md §2.4 are products of small panels (panel_tn / panel_nn /
-// panel_nt in tsgemm.cu); this file holds what is left: writing the factors in the adapter's
-// dtype.
+// Writing the transferred factors in the adapter's dtype. The transfer modes themselves
+// (docs/METHOD.md, "Transfer modes") are products of small panels: panel_tn / panel_nn /
+// panel_nt in tsgemm.cu.
 //   cast_f32_f16(out, in, count), cast_f32_bf16(out, in, count)   grid (ceil(count/256)), block 256
 #include "api.h"
 #include "common.cuh"
