@@ -13,7 +13,7 @@
 
 use faer::Mat;
 
-use super::matching::{assign, cosine, Assignment};
+use super::matching::{assign, assign_features, unit_rows, Assignment};
 use super::{read_matrix, InnerMatch, MapOptions, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::error::Result;
@@ -160,29 +160,43 @@ impl LayerMap {
     }
 }
 
+/// Columns of the sketch used to find candidates on the sparse path.
+const COARSE: usize = 64;
+
 fn match_neurons(
     s: &Side<'_, '_>,
     t: &Side<'_, '_>,
     gain: &(Vec<f32>, Vec<f32>),
     sketch: &Sketch,
 ) -> Result<Assignment> {
-    let mut sim: Option<Mat<f32>> = None;
-    for part in [Part::Gate, Part::Up] {
-        let ws = reading(&s.weight(part)?, &gain.0, &sketch.pr);
-        let wt = reading(&t.weight(part)?, &gain.1, &sketch.r);
-        let c = cosine(&wt, &ws);
-        sim = Some(match sim {
-            Some(acc) => acc + c,
-            None => c,
-        });
-    }
-    // Down's columns are the neurons' writes: Rᵀ·M·c (source), Rᵀ·c (target).
-    let ds = mm_parallel(s.weight(Part::Down)?.transpose(), sketch.mtr.as_ref());
-    let dt = mm_parallel(t.weight(Part::Down)?.transpose(), sketch.r.as_ref());
-    let total = sim.expect("two parts") + cosine(&dt, &ds);
-    assign(&Mat::from_fn(total.nrows(), total.ncols(), |i, j| {
-        total[(i, j)] / 3.0
-    }))
+    // Per side, the three views of each neuron in sketched target coordinates: gate and up rows
+    // (reads), down's column (its write: Rᵀ·M·c for the source, Rᵀ·c for the target).
+    let views = |side: &Side<'_, '_>, g: &[f32], read: &Mat<f32>, write: &Mat<f32>| {
+        Ok::<_, crate::error::Error>([
+            reading(&side.weight(Part::Gate)?, g, read),
+            reading(&side.weight(Part::Up)?, g, read),
+            mm_parallel(side.weight(Part::Down)?.transpose(), write.as_ref()),
+        ])
+    };
+    let vs = views(s, &gain.0, &sketch.pr, &sketch.mtr)?;
+    let vt = views(t, &gain.1, &sketch.r, &sketch.r)?;
+    // Features whose dot product is the mean of the three cosines.
+    let features = |v: &[Mat<f32>; 3], width: usize| {
+        let width = width.min(v[0].ncols());
+        let parts: Vec<Mat<f32>> = v
+            .iter()
+            .map(|x| unit_rows(&x.subcols(0, width).to_owned()))
+            .collect();
+        let scale = 1.0 / 3f32.sqrt();
+        Mat::from_fn(v[0].nrows(), 3 * width, |i, j| {
+            parts[j / width][(i, j % width)] * scale
+        })
+    };
+    let k = vs[0].ncols();
+    assign_features(
+        (&features(&vt, COARSE), &features(&vs, COARSE)),
+        (&features(&vt, k), &features(&vs, k)),
+    )
 }
 
 /// Per head: the sketched rows of q (hd × K), and for its KV head k and v, and o's columns.
@@ -240,21 +254,22 @@ fn match_heads(
     let hs = heads(s, &gain.0, &sketch.pr, &sketch.mtr)?;
     let ht = heads(t, &gain.1, &sketch.r, &sketch.r)?;
     // Circuit norms, for cosines. The OV circuit O·V = (Oᵀ)ᵀ·V.
-    let qk_norm = |h: &Heads, i: usize| {
-        let g = i / h.per_group;
-        circuit_dot(&h.q[i], &h.k[g], &h.q[i], &h.k[g]).sqrt()
+    let norms = |h: &Heads| -> (Vec<f64>, Vec<f64>) {
+        (0..h.q.len())
+            .map(|i| {
+                let g = i / h.per_group;
+                let qk = circuit_dot(&h.q[i], &h.k[g], &h.q[i], &h.k[g]).sqrt();
+                let ov = circuit_dot(&h.o[i], &h.v[g], &h.o[i], &h.v[g]).sqrt();
+                (qk.max(f64::MIN_POSITIVE), ov.max(f64::MIN_POSITIVE))
+            })
+            .unzip()
     };
-    let ov_norm = |h: &Heads, i: usize| {
-        let g = i / h.per_group;
-        circuit_dot(&h.o[i], &h.v[g], &h.o[i], &h.v[g]).sqrt()
-    };
+    let ((qk_s, ov_s), (qk_t, ov_t)) = (norms(&hs), norms(&ht));
     let (nq_s, nq_t) = (hs.q.len(), ht.q.len());
     let head_sim = Mat::from_fn(nq_t, nq_s, |b, a| {
         let (ga, gb) = (a / hs.per_group, b / ht.per_group);
-        let qk = circuit_dot(&hs.q[a], &hs.k[ga], &ht.q[b], &ht.k[gb])
-            / (qk_norm(&hs, a) * qk_norm(&ht, b)).max(f64::MIN_POSITIVE);
-        let ov = circuit_dot(&hs.o[a], &hs.v[ga], &ht.o[b], &ht.v[gb])
-            / (ov_norm(&hs, a) * ov_norm(&ht, b)).max(f64::MIN_POSITIVE);
+        let qk = circuit_dot(&hs.q[a], &hs.k[ga], &ht.q[b], &ht.k[gb]) / (qk_s[a] * qk_t[b]);
+        let ov = circuit_dot(&hs.o[a], &hs.v[ga], &ht.o[b], &ht.v[gb]) / (ov_s[a] * ov_t[b]);
         ((qk + ov) / 2.0) as f32
     });
     // Groups: the value of the best matching of their query heads.

@@ -102,21 +102,34 @@ pub fn assign(sim: &Mat<f32>) -> Result<Assignment> {
 fn greedy_candidates(sim: &Mat<f32>) -> Assignment {
     use rayon::prelude::*;
     let (t, s) = (sim.nrows(), sim.ncols());
-    let keep = CANDIDATES.min(s);
-    let mut edges: Vec<(f32, usize, usize)> = (0..t)
+    let edges: Vec<(f32, usize, usize)> = (0..t)
         .into_par_iter()
         .flat_map_iter(|i| {
-            let mut row: Vec<(f32, usize, usize)> = (0..s)
-                .map(|j| (sim[(i, j)], i, j))
-                .filter(|e| e.0 > 0.0)
-                .collect();
-            if row.len() > keep {
-                row.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
-                row.truncate(keep);
-            }
-            row
+            let row: Vec<f32> = (0..s).map(|j| sim[(i, j)]).collect();
+            best_of(&row).into_iter().map(move |(x, j)| (x, i, j))
         })
         .collect();
+    greedy(edges, t, s)
+}
+
+/// The [`CANDIDATES`] largest positive entries of `sims`: (similarity, index).
+fn best_of(sims: &[f32]) -> Vec<(f32, usize)> {
+    let keep = CANDIDATES.min(sims.len());
+    let mut row: Vec<(f32, usize)> = sims
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x > 0.0)
+        .map(|(j, &x)| (x, j))
+        .collect();
+    if row.len() > keep {
+        row.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
+        row.truncate(keep);
+    }
+    row
+}
+
+/// Edges (similarity, target, source) taken best first, each unit once.
+fn greedy(mut edges: Vec<(f32, usize, usize)>, t: usize, s: usize) -> Assignment {
     edges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let mut source_of = vec![None; t];
     let mut similarity = vec![0.0; t];
@@ -134,15 +147,54 @@ fn greedy_candidates(sim: &Mat<f32>) -> Assignment {
     }
 }
 
-/// Cosine similarities of the rows of `a` (targets) and `b` (sources).
-pub fn cosine(a: &Mat<f32>, b: &Mat<f32>) -> Mat<f32> {
-    let unit = |x: &Mat<f32>| {
-        let norms: Vec<f32> = (0..x.nrows())
-            .map(|i| x.row(i).norm_l2().max(f32::MIN_POSITIVE))
-            .collect();
-        Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] / norms[i])
-    };
-    crate::linalg::mm_parallel(unit(a).as_ref(), unit(b).transpose())
+/// The assignment on the similarities `fine_t · fine_sᵀ` (rows are feature vectors whose dot
+/// products are the similarities). Above [`DENSE_LIMIT`] units the candidates come from the
+/// cheaper `coarse_t · coarse_sᵀ` (a narrower sketch of the same features) and are re-scored on
+/// the fine features, so the full similarity matrix is never formed at the fine width.
+pub fn assign_features(
+    (coarse_t, coarse_s): (&Mat<f32>, &Mat<f32>),
+    (fine_t, fine_s): (&Mat<f32>, &Mat<f32>),
+) -> Result<Assignment> {
+    use rayon::prelude::*;
+    let (t, s) = (fine_t.nrows(), fine_s.nrows());
+    if t.max(s) <= DENSE_LIMIT {
+        return assign(&crate::linalg::mm_parallel(
+            fine_t.as_ref(),
+            fine_s.transpose(),
+        ));
+    }
+    // Sources × targets, so that a target's similarities are one contiguous column (faer is
+    // column-major), and the fine features as columns likewise.
+    let coarse = crate::linalg::mm_parallel(coarse_s.as_ref(), coarse_t.transpose());
+    let (ft, fs) = (fine_t.transpose().to_owned(), fine_s.transpose().to_owned());
+    let column = |m: &Mat<f32>, j: usize| -> Vec<f32> { m.col(j).iter().copied().collect() };
+    let edges: Vec<(f32, usize, usize)> = (0..t)
+        .into_par_iter()
+        .flat_map_iter(|i| {
+            let target = column(&ft, i);
+            best_of(&column(&coarse, i))
+                .into_iter()
+                .map(|(_, j)| {
+                    let x: f32 = target
+                        .iter()
+                        .zip(fs.col(j).iter())
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    (x, i, j)
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|e| e.0 > 0.0)
+        .collect();
+    Ok(greedy(edges, t, s))
+}
+
+/// Rows scaled to unit length (zero rows stay zero).
+pub fn unit_rows(x: &Mat<f32>) -> Mat<f32> {
+    let norms: Vec<f32> = (0..x.nrows())
+        .map(|i| x.row(i).norm_l2().max(f32::MIN_POSITIVE))
+        .collect();
+    Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] / norms[i])
 }
 
 #[cfg(test)]
@@ -186,6 +238,28 @@ mod tests {
         let a = assign(&sim).unwrap();
         let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
         assert_eq!(a.agreement(&truth), 1.0);
+    }
+
+    #[test]
+    fn candidates_from_a_coarse_sketch_find_a_large_permutation() {
+        use crate::linalg::philox::gaussian4;
+        let (n, width) = (DENSE_LIMIT + 76, 96);
+        let g = |rows: usize, stream: u64| {
+            Mat::from_fn(rows, width, |i, j| {
+                gaussian4(3, stream, i as u32, (j / 4) as u32)[j % 4]
+            })
+        };
+        let fs = unit_rows(&g(n, 1));
+        let noise = g(n, 2);
+        let perm: Vec<usize> = (0..n).map(|i| (i * 7919) % n).collect();
+        let ft = unit_rows(&Mat::from_fn(n, width, |i, j| {
+            fs[(perm[i], j)] + 0.02 * noise[(i, j)]
+        }));
+        let coarse = |x: &Mat<f32>| x.subcols(0, 24).to_owned();
+        let a = assign_features((&coarse(&ft), &coarse(&fs)), (&ft, &fs)).unwrap();
+        let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
+        assert_eq!(a.agreement(&truth), 1.0);
+        assert!(a.mean_similarity().unwrap() > 0.9);
     }
 
     #[test]

@@ -92,7 +92,19 @@ impl ModelMap {
                 source.ckpt.config.hidden_size,
                 target.ckpt.config.hidden_size,
             ),
-            ResidualFit::Tokens => fit_residual(source, target)?,
+            ResidualFit::Tokens => {
+                // Built before any unit runs: the fit's decompositions may use every core (the
+                // small products of the matchings and the units stay sequential).
+                struct Sequential;
+                impl Drop for Sequential {
+                    fn drop(&mut self) {
+                        faer::set_global_parallelism(faer::Par::Seq);
+                    }
+                }
+                let _restore = Sequential;
+                faer::set_global_parallelism(faer::Par::rayon(0));
+                fit_residual(source, target)?
+            }
         };
         let sketch = layer::Sketch::new(&residual, options.seed);
         let mut layers = BTreeMap::new();
