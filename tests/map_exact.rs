@@ -253,6 +253,27 @@ fn dense(f: &LoraFactors) -> Mat<f32> {
     b * a
 }
 
+/// `loraxfer transfer --mode map` on the CPU, with `extra` options.
+fn map_transfer(source: &Path, target: &Path, adapter: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "transfer",
+        "--source-base",
+        s(source),
+        "--target-base",
+        s(target),
+        "--adapter",
+        s(adapter),
+        "--out",
+        s(out),
+        "--mode",
+        "map",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+}
+
 /// Checks a map transfer onto the twin against the source adapter in the twin's coordinates.
 fn check_twin(d_t: usize, extra: usize, seed: u64) {
     let worst = twin_error(d_t, extra, seed, &[]);
@@ -269,23 +290,7 @@ fn twin_error(d_t: usize, extra: usize, seed: u64, extra_args: &[&str]) -> f32 {
     let out = dir.path().join("out");
     let (source, target) = (dir.path().join("source"), dir.path().join("target"));
     let adapter = dir.path().join("adapter");
-    let mut args = vec![
-        "transfer",
-        "--source-base",
-        s(&source),
-        "--target-base",
-        s(&target),
-        "--adapter",
-        s(&adapter),
-        "--out",
-        s(&out),
-        "--mode",
-        "map",
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra_args);
-    ok(&args);
+    map_transfer(&source, &target, &adapter, &out, extra_args);
     let mut worst = 0f32;
     let src = Adapter::open(&dir.path().join("adapter")).unwrap();
     let got = Adapter::open(&out).unwrap();
@@ -444,21 +449,7 @@ fn map_recovers_the_correspondence_of_a_pruned_sibling() {
     let adapter = dir.path().join("adapter");
     write_peft(&adapter, "source", 4, 8.0, serde_json::json!({}), &modules);
     let out = dir.path().join("out");
-    ok(&[
-        "transfer",
-        "--source-base",
-        s(&sd),
-        "--target-base",
-        s(&td),
-        "--adapter",
-        s(&adapter),
-        "--out",
-        s(&out),
-        "--mode",
-        "map",
-        "--device",
-        "cpu",
-    ]);
+    map_transfer(&sd, &td, &adapter, &out, &[]);
     let report = read_json(&out.join("transfer_report.json"));
     let (mut hits, mut total) = (0, 0);
     for layer in report["map"]["layers"].as_array().unwrap() {
