@@ -9,17 +9,9 @@ use serde_json::{json, Value};
 
 mod common;
 use common::cli::*;
+use common::PROJECTIONS;
 
 const PEFT_PREFIX: &str = "base_model.model.";
-const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 impl Fixtures {
     /// A tiny-llama model (6 layers, hidden 96): a different architecture and different shapes.

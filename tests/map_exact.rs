@@ -22,15 +22,6 @@ const HD: usize = 8;
 const INTER: usize = 48;
 const LAYERS: usize = 2;
 const VOCAB: usize = 200;
-const PROJ: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 fn key(l: usize, p: &str) -> String {
     let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
@@ -117,7 +108,7 @@ fn source_model(seed: u64) -> (BTreeMap<String, Mat<f32>>, BTreeMap<String, Vec<
             gains.insert(format!("{l}.{norm}"), (0..D).map(|j| g[(0, j)]).collect());
             src.insert(format!("model.layers.{l}.{norm}.weight"), g);
         }
-        for (i, p) in PROJ.iter().enumerate() {
+        for (i, p) in PROJECTIONS.iter().enumerate() {
             let (o, inp) = match *p {
                 "q_proj" => (HEADS * HD, D),
                 "k_proj" | "v_proj" => (KV * HD, D),
@@ -175,7 +166,7 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
                 Mat::from_fn(1, d_t, |_, _| c),
             );
         }
-        for p in PROJ {
+        for p in PROJECTIONS {
             let w = &src[&format!("{}.weight", key(l, p))];
             let norm = if matches!(p, "gate_proj" | "up_proj") {
                 "post_attention_layernorm"
@@ -212,32 +203,7 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
     );
     tokenizer(&sd, &|i| i);
     tokenizer(&td, &|i| tok[i]);
-    // An adapter on every projection.
-    let mut modules = BTreeMap::new();
-    for l in 0..LAYERS {
-        for p in PROJ {
-            let w = &src[&format!("{}.weight", key(l, p))];
-            modules.insert(
-                key(l, p),
-                random_factors(
-                    w.nrows(),
-                    w.ncols(),
-                    4,
-                    8.0,
-                    seed + l as u64,
-                    FloatType::F32,
-                ),
-            );
-        }
-    }
-    write_peft(
-        &root.join("adapter"),
-        "source",
-        4,
-        8.0,
-        serde_json::json!({}),
-        &modules,
-    );
+    write_source_adapter(&src, &root.join("adapter"), |l| seed + l as u64);
     Twin {
         q,
         q_heads,
@@ -245,6 +211,23 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
         neurons,
         gains,
     }
+}
+
+/// A PEFT adapter (r = 4, alpha = 8) on every projection of the source, seeded per layer.
+fn write_source_adapter(
+    src: &BTreeMap<String, Mat<f32>>,
+    dir: &Path,
+    seed_of: impl Fn(usize) -> u64,
+) {
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        for p in PROJECTIONS {
+            let w = &src[&format!("{}.weight", key(l, p))];
+            let f = random_factors(w.nrows(), w.ncols(), 4, 8.0, seed_of(l), FloatType::F32);
+            modules.insert(key(l, p), f);
+        }
+    }
+    write_peft(dir, "source", 4, 8.0, serde_json::json!({}), &modules);
 }
 
 fn dense(f: &LoraFactors) -> Mat<f32> {
@@ -295,7 +278,7 @@ fn twin_error(d_t: usize, extra: usize, seed: u64, extra_args: &[&str]) -> f32 {
     let src = Adapter::open(&dir.path().join("adapter")).unwrap();
     let got = Adapter::open(&out).unwrap();
     for l in 0..LAYERS {
-        for p in PROJ {
+        for p in PROJECTIONS {
             let k = key(l, p);
             let ds = dense(&src.modules[&k]);
             let norm = if matches!(p, "gate_proj" | "up_proj") {
@@ -409,7 +392,7 @@ fn map_recovers_the_correspondence_of_a_pruned_sibling() {
         let t = if name.ends_with("norm.weight") || name.contains("embed_tokens") {
             cols(w, &keep_d)
         } else {
-            let p = PROJ.iter().find(|p| name.contains(*p)).unwrap();
+            let p = PROJECTIONS.iter().find(|p| name.contains(*p)).unwrap();
             match *p {
                 "q_proj" => cols(&rows(w, &keep_q, HD), &keep_d),
                 "k_proj" | "v_proj" => cols(&rows(w, &all_kv, HD), &keep_d),
@@ -436,18 +419,8 @@ fn map_recovers_the_correspondence_of_a_pruned_sibling() {
     write_checkpoint(&td, &small, &tensors_of(&tgt), FloatType::F32);
     tokenizer(&sd, &|i| i);
     tokenizer(&td, &|i| i);
-    let mut modules = BTreeMap::new();
-    for l in 0..LAYERS {
-        for p in PROJ {
-            let w = &src[&format!("{}.weight", key(l, p))];
-            modules.insert(
-                key(l, p),
-                random_factors(w.nrows(), w.ncols(), 4, 8.0, seed, FloatType::F32),
-            );
-        }
-    }
     let adapter = dir.path().join("adapter");
-    write_peft(&adapter, "source", 4, 8.0, serde_json::json!({}), &modules);
+    write_source_adapter(&src, &adapter, |_| seed);
     let out = dir.path().join("out");
     map_transfer(&sd, &td, &adapter, &out, &[]);
     let report = read_json(&out.join("transfer_report.json"));

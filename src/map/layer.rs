@@ -81,11 +81,13 @@ impl Side<'_, '_> {
                 .arch
                 .module_path(&self.model.prefix, self.layer, spec)
         );
-        let whole = read_matrix(self.model.ckpt, &name)?;
+        // Only the part's rows of a fused tensor are read.
         let rows = spec
             .rows_of(part, &self.model.ckpt.config)
             .expect("the module holds the part");
-        Ok(whole.subrows(rows.start, rows.len()).to_owned())
+        let cols = self.model.ckpt.shape(&name)?[1];
+        let data = self.model.ckpt.read_rows_f32(&name, rows.clone())?;
+        Ok(Mat::from_fn(rows.len(), cols, |i, j| data[i * cols + j]))
     }
 
     fn gain(&self, norm: &str, fold: bool) -> Result<Vec<f32>> {
@@ -112,7 +114,6 @@ impl LayerMap {
         target: &ModelSide<'_>,
         source_layer: usize,
         target_layer: usize,
-        _residual: &ResidualMap,
         sketch: &Sketch,
         options: MapOptions,
     ) -> Result<Self> {
@@ -124,8 +125,7 @@ impl LayerMap {
             model: target,
             layer: target_layer,
         };
-        let res = |side: &Side<'_, '_>| side.model.arch.residual.clone();
-        let (rs, rt) = (res(&s), res(&t));
+        let (rs, rt) = (&source.arch.residual, &target.arch.residual);
         let attn_gain = (
             s.gain(&rs.attn_norm, options.fold_norms)?,
             t.gain(&rt.attn_norm, options.fold_norms)?,
@@ -222,7 +222,7 @@ fn heads(
     let q = reading(&side.weight(Part::Q)?, gain, read_x);
     let k = reading(&side.weight(Part::K)?, gain, read_x);
     let v = reading(&side.weight(Part::V)?, gain, read_x);
-    let o = side.weight(Part::O)?.transpose() * write_x; // (heads·hd) × K
+    let o = mm_parallel(side.weight(Part::O)?.transpose(), write_x.as_ref()); // (heads·hd) × K
     Ok(Heads {
         q: split(&q, c.num_attention_heads),
         k: split(&k, c.num_key_value_heads),

@@ -98,7 +98,7 @@ impl ModelMap {
                 struct Sequential;
                 impl Drop for Sequential {
                     fn drop(&mut self) {
-                        faer::set_global_parallelism(faer::Par::Seq);
+                        crate::backend::cpu::rsvd::sequential_faer();
                     }
                 }
                 let _restore = Sequential;
@@ -109,10 +109,7 @@ impl ModelMap {
         let sketch = layer::Sketch::new(&residual, options.seed);
         let mut layers = BTreeMap::new();
         for (&j, &i) in layer_map {
-            layers.insert(
-                j,
-                LayerMap::build(source, target, i, j, &residual, &sketch, options)?,
-            );
+            layers.insert(j, LayerMap::build(source, target, i, j, &sketch, options)?);
         }
         Ok(ModelMap {
             residual,

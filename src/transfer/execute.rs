@@ -38,9 +38,10 @@ pub struct MapContext<'a> {
 }
 
 /// Whether a unit decomposes its two weights: always for the subspace modes, for copy and
-/// resample only to filter on similarity; never for a skipped unit or one without factors.
+/// resample only to filter on similarity; never for map, a skipped unit or one without factors.
 pub fn needs_bases(ctx: &Context<'_>, unit: &Unit, has_factors: bool) -> bool {
-    if unit.skip.is_some() || !has_factors {
+    // Map-mode units gate on their matched similarity and need no subspaces.
+    if unit.skip.is_some() || !has_factors || unit.mode == Mode::Map {
         return false;
     }
     let comparable =

@@ -12,6 +12,17 @@ use loraxfer::io::adapter::{write_adapter, LoraFactors};
 use loraxfer::io::safetensors::{pt_metadata, write_file, FloatType, OutTensor};
 use loraxfer::linalg::philox::gaussian4;
 
+/// The seven adaptable projections of a decoder layer, unfused.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// A deterministic Gaussian `rows × cols` matrix (stream `stream` of `seed`).
 pub fn gaussian(rows: usize, cols: usize, seed: u64, stream: u64) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| {
