@@ -48,6 +48,43 @@ struct Twin {
     kv_heads: Vec<usize>,
     neurons: Vec<Option<usize>>,
     gains: BTreeMap<String, Vec<f32>>,
+    /// Inside each head (hd_t × HD, orthonormal columns): of q and k rows, and of v rows (o's
+    /// columns follow v's). The identity when the head sizes agree.
+    n_qk: Mat<f32>,
+    n_v: Mat<f32>,
+}
+
+/// The shape of a twin: residual width, dead neurons added, head size.
+#[derive(Clone, Copy)]
+struct Shape {
+    d_t: usize,
+    extra: usize,
+    hd_t: usize,
+    /// Noise added to the target's embeddings (relative): a token map that no longer fits.
+    noise: f32,
+}
+
+/// Rows of `w` unit by unit: target unit u holds `n ·` the rows of source unit `map(u)` (`size`
+/// rows each), zeros where it has none.
+fn units_by(
+    w: &Mat<f32>,
+    map: &dyn Fn(usize) -> Option<usize>,
+    units: usize,
+    n: &Mat<f32>,
+) -> Mat<f32> {
+    let (size_t, size_s) = (n.nrows(), n.ncols());
+    let mut out = Mat::<f32>::zeros(units * size_t, w.ncols());
+    for u in 0..units {
+        if let Some(src) = map(u) {
+            let moved = n * w.subrows(src * size_s, size_s);
+            out.subrows_mut(u * size_t, size_t).copy_from(&moved);
+        }
+    }
+    out
+}
+
+fn one() -> Mat<f32> {
+    Mat::<f32>::identity(1, 1)
 }
 
 fn tokenizer(dir: &Path, id_of: &dyn Fn(usize) -> usize) {
@@ -125,8 +162,22 @@ fn source_model(seed: u64) -> (BTreeMap<String, Mat<f32>>, BTreeMap<String, Vec<
     (src, gains)
 }
 
-fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
+fn write_pair(root: &Path, shape: Shape, seed: u64) -> Twin {
+    let Shape {
+        d_t,
+        extra,
+        hd_t,
+        noise,
+    } = shape;
     let (src, gains) = source_model(seed);
+    let semi = |stream: u64| {
+        if hd_t == HD {
+            Mat::<f32>::identity(HD, HD)
+        } else {
+            gaussian(hd_t, HD, seed, stream).qr().compute_thin_Q()
+        }
+    };
+    let (n_qk, n_v) = (semi(30), semi(31));
     let q = gaussian(d_t, D, seed, 2).qr().compute_thin_Q();
     let c = (D as f32 / d_t as f32).sqrt();
     let group = perm(KV, seed + 1);
@@ -141,7 +192,7 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
     let tok = perm(VOCAB, seed + 6);
     let mut tgt = BTreeMap::new();
     let e = &src["model.embed_tokens.weight"];
-    let et = e * q.transpose();
+    let et = e * q.transpose() + gaussian(VOCAB, d_t, seed, 40) * faer::Scale(noise);
     tgt.insert(
         "model.embed_tokens.weight".to_string(),
         Mat::from_fn(VOCAB, d_t, |t, j| {
@@ -153,12 +204,6 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
         "model.norm.weight".to_string(),
         Mat::from_fn(1, d_t, |_, _| c),
     );
-    let rows_by = |w: &Mat<f32>, map: &dyn Fn(usize) -> Option<usize>, n: usize, size: usize| {
-        Mat::from_fn(n * size, w.ncols(), |i, j| match map(i / size) {
-            Some(s) => w[(s * size + i % size, j)],
-            None => 0.0,
-        })
-    };
     for l in 0..LAYERS {
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             tgt.insert(
@@ -178,16 +223,29 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
                 Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)] * g[j]) * q.transpose()
             };
             let t = match p {
-                "q_proj" => read(&rows_by(w, &|u| Some(q_heads[u]), HEADS, HD)),
-                "k_proj" | "v_proj" => read(&rows_by(w, &|u| Some(group[u]), KV, HD)),
-                "gate_proj" | "up_proj" => read(&rows_by(w, &|u| neurons[u], INTER + extra, 1)),
+                "q_proj" => read(&units_by(w, &|u| Some(q_heads[u]), HEADS, &n_qk)),
+                "k_proj" => read(&units_by(w, &|u| Some(group[u]), KV, &n_qk)),
+                "v_proj" => read(&units_by(w, &|u| Some(group[u]), KV, &n_v)),
+                "gate_proj" | "up_proj" => {
+                    read(&units_by(w, &|u| neurons[u], INTER + extra, &one()))
+                }
                 "o_proj" => {
-                    &q * rows_by(&w.transpose().to_owned(), &|u| Some(q_heads[u]), HEADS, HD)
-                        .transpose()
+                    &q * units_by(
+                        &w.transpose().to_owned(),
+                        &|u| Some(q_heads[u]),
+                        HEADS,
+                        &n_v,
+                    )
+                    .transpose()
                 }
                 _ => {
-                    &q * rows_by(&w.transpose().to_owned(), &|u| neurons[u], INTER + extra, 1)
-                        .transpose()
+                    &q * units_by(
+                        &w.transpose().to_owned(),
+                        &|u| neurons[u],
+                        INTER + extra,
+                        &one(),
+                    )
+                    .transpose()
                 }
             };
             tgt.insert(format!("{}.weight", key(l, p)), t);
@@ -195,12 +253,9 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
     }
     let (sd, td) = (root.join("source"), root.join("target"));
     write_checkpoint(&sd, &model(D, INTER), &tensors_of(&src), FloatType::F32);
-    write_checkpoint(
-        &td,
-        &model(d_t, INTER + extra),
-        &tensors_of(&tgt),
-        FloatType::F32,
-    );
+    let mut twin_model = model(d_t, INTER + extra);
+    twin_model.head_dim = hd_t;
+    write_checkpoint(&td, &twin_model, &tensors_of(&tgt), FloatType::F32);
     tokenizer(&sd, &|i| i);
     tokenizer(&td, &|i| tok[i]);
     write_source_adapter(&src, &root.join("adapter"), |l| seed + l as u64);
@@ -210,6 +265,8 @@ fn write_pair(root: &Path, d_t: usize, extra: usize, seed: u64) -> Twin {
         kv_heads: group,
         neurons,
         gains,
+        n_qk,
+        n_v,
     }
 }
 
@@ -258,18 +315,29 @@ fn map_transfer(source: &Path, target: &Path, adapter: &Path, out: &Path, extra:
 }
 
 /// Checks a map transfer onto the twin against the source adapter in the twin's coordinates.
-fn check_twin(d_t: usize, extra: usize, seed: u64) {
-    let worst = twin_error(d_t, extra, seed, &[]);
+fn check_twin(shape: Shape, seed: u64, args: &[&str]) {
+    let worst = twin_error(shape, seed, args);
     assert!(
         worst < 1e-4,
-        "relative error {worst} (d_t {d_t}, {extra} dead neurons)"
+        "relative error {worst} (d_t {}, {} dead neurons, head_dim {}, {args:?})",
+        shape.d_t,
+        shape.extra,
+        shape.hd_t
     );
 }
 
+const EQUAL: Shape = Shape {
+    d_t: D,
+    extra: 0,
+    hd_t: HD,
+    noise: 0.0,
+};
+
 /// The largest relative error of any module of a map transfer onto the twin, with `extra_args`.
-fn twin_error(d_t: usize, extra: usize, seed: u64, extra_args: &[&str]) -> f32 {
+fn twin_error(shape: Shape, seed: u64, extra_args: &[&str]) -> f32 {
+    let extra = shape.extra;
     let dir = tempfile::tempdir().unwrap();
-    let twin = write_pair(dir.path(), d_t, extra, seed);
+    let twin = write_pair(dir.path(), shape, seed);
     let out = dir.path().join("out");
     let (source, target) = (dir.path().join("source"), dir.path().join("target"));
     let adapter = dir.path().join("adapter");
@@ -287,41 +355,29 @@ fn twin_error(d_t: usize, extra: usize, seed: u64, extra_args: &[&str]) -> f32 {
                 "input_layernorm"
             };
             let g = &twin.gains[&format!("{l}.{norm}")];
-            let gather =
-                |m: &Mat<f32>, map: &dyn Fn(usize) -> Option<usize>, n: usize, size: usize| {
-                    Mat::from_fn(n * size, m.ncols(), |i, j| match map(i / size) {
-                        Some(s) => m[(s * size + i % size, j)],
-                        None => 0.0,
-                    })
-                };
             let read = |m: &Mat<f32>| {
                 Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * g[j]) * twin.q.transpose()
             };
+            let dst = ds.transpose().to_owned();
             let want = match p {
-                "q_proj" => read(&gather(&ds, &|u| Some(twin.q_heads[u]), HEADS, HD)),
-                "k_proj" | "v_proj" => read(&gather(&ds, &|u| Some(twin.kv_heads[u]), KV, HD)),
+                "q_proj" => read(&units_by(
+                    &ds,
+                    &|u| Some(twin.q_heads[u]),
+                    HEADS,
+                    &twin.n_qk,
+                )),
+                "k_proj" => read(&units_by(&ds, &|u| Some(twin.kv_heads[u]), KV, &twin.n_qk)),
+                "v_proj" => read(&units_by(&ds, &|u| Some(twin.kv_heads[u]), KV, &twin.n_v)),
                 "gate_proj" | "up_proj" => {
-                    read(&gather(&ds, &|u| twin.neurons[u], INTER + extra, 1))
+                    read(&units_by(&ds, &|u| twin.neurons[u], INTER + extra, &one()))
                 }
                 "o_proj" => {
                     &twin.q
-                        * gather(
-                            &ds.transpose().to_owned(),
-                            &|u| Some(twin.q_heads[u]),
-                            HEADS,
-                            HD,
-                        )
-                        .transpose()
+                        * units_by(&dst, &|u| Some(twin.q_heads[u]), HEADS, &twin.n_v).transpose()
                 }
                 _ => {
                     &twin.q
-                        * gather(
-                            &ds.transpose().to_owned(),
-                            &|u| twin.neurons[u],
-                            INTER + extra,
-                            1,
-                        )
-                        .transpose()
+                        * units_by(&dst, &|u| twin.neurons[u], INTER + extra, &one()).transpose()
                 }
             };
             let have = dense(&got.modules[&k]);
@@ -340,12 +396,83 @@ fn twin_error(d_t: usize, extra: usize, seed: u64, extra_args: &[&str]) -> f32 {
 
 #[test]
 fn map_recovers_the_adapter_in_rotated_and_permuted_coordinates() {
-    check_twin(D, 0, 3);
+    check_twin(EQUAL, 3, &[]);
+}
+
+#[test]
+fn the_inner_fit_and_the_token_map_alone_are_exact_on_the_twin_too() {
+    check_twin(EQUAL, 6, &["--map-inner", "fit"]);
+    check_twin(EQUAL, 7, &["--map-residual", "tokens"]);
+}
+
+#[test]
+fn the_per_layer_refit_repairs_a_token_map_that_does_not_fit() {
+    // Noisy target embeddings: the shared tokens give a rotated, blurred map; the layers'
+    // weights still correspond exactly, and refitting on them recovers most of the loss.
+    let noisy = Shape {
+        noise: 0.6,
+        ..EQUAL
+    };
+    let tokens = twin_error(noisy, 11, &["--map-residual", "tokens"]);
+    let layers = twin_error(noisy, 11, &["--map-residual", "layers"]);
+    assert!(
+        tokens > 0.05,
+        "the noise should spoil the token map ({tokens})"
+    );
+    assert!(
+        layers < 0.5 * tokens,
+        "refit {layers} vs tokens alone {tokens}"
+    );
+}
+
+#[test]
+fn map_fits_inside_heads_of_a_different_size() {
+    // Each head embedded in a larger one by a semi-orthogonal map (q·k and o·v unchanged).
+    let shape = Shape {
+        d_t: 40,
+        extra: 4,
+        hd_t: 12,
+        noise: 0.0,
+    };
+    check_twin(shape, 8, &[]);
+    // Moving heads as wholes cannot map between sizes: a clear error, not a wrong adapter.
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), shape, 8);
+    let p = |n: &str| dir.path().join(n);
+    let out = loraxfer(&[
+        "transfer",
+        "--source-base",
+        s(&p("source")),
+        "--target-base",
+        s(&p("target")),
+        "--adapter",
+        s(&p("adapter")),
+        "--out",
+        s(&p("out")),
+        "--mode",
+        "map",
+        "--map-inner",
+        "index",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("head_dim 8") && err.contains("12"), "{err}");
 }
 
 #[test]
 fn map_recovers_the_adapter_on_a_wider_twin_with_dead_neurons() {
-    check_twin(40, 8, 4);
+    check_twin(
+        Shape {
+            d_t: 40,
+            extra: 8,
+            hd_t: HD,
+            noise: 0.0,
+        },
+        4,
+        &[],
+    );
 }
 
 #[test]
@@ -356,7 +483,7 @@ fn each_part_of_the_map_is_needed_on_the_twin() {
         &["--no-norm-fold"][..],
         &["--map-residual", "identity"][..],
     ] {
-        let worst = twin_error(D, 0, 5, ablation);
+        let worst = twin_error(EQUAL, 5, ablation);
         assert!(
             worst > 0.1,
             "{ablation:?} still gives the exact adapter ({worst})"

@@ -123,8 +123,33 @@ pub struct Residual {
     pub gain_offset: f32,
     /// The embedding is multiplied by √hidden_size before the first layer (Gemma).
     pub embed_scale_sqrt_hidden: bool,
-    /// o and down outputs are normalized again before they join the residual (Gemma 2/3).
-    pub output_norms: bool,
+    /// The norms o's and down's outputs pass through before they join the residual (Gemma 2/3).
+    #[serde(default)]
+    pub output_norms: Option<OutputNorms>,
+    /// The per-head norms of queries and keys (Qwen3, Gemma 3), below the layer.
+    #[serde(default)]
+    pub head_norms: Option<HeadNorms>,
+    /// The final norm before the output embedding, below the layer prefix's parent.
+    #[serde(default = "default_final_norm")]
+    pub final_norm: String,
+}
+
+fn default_final_norm() -> String {
+    "norm.weight".into()
+}
+
+/// Norms applied to a block's output before it joins the residual, below the layer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OutputNorms {
+    pub attn: String,
+    pub mlp: String,
+}
+
+/// Per-head RMSNorms of queries and keys (one gain vector of head_dim), below the layer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeadNorms {
+    pub q: String,
+    pub k: String,
 }
 
 fn modules_in_order<'de, D: serde::Deserializer<'de>>(
@@ -268,11 +293,16 @@ impl Arch {
 
     /// The embedding tensor's name for a layer prefix.
     pub fn embed_name(&self, prefix: &str) -> String {
+        self.top_level_name(prefix, &self.residual.embed)
+    }
+
+    /// A tensor next to the embedding (below the layer prefix's parent), e.g. the final norm.
+    pub fn top_level_name(&self, prefix: &str, below: &str) -> String {
         let parent = prefix.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
         if parent.is_empty() {
-            self.residual.embed.clone()
+            below.to_string()
         } else {
-            format!("{parent}.{}", self.residual.embed)
+            format!("{parent}.{below}")
         }
     }
 

@@ -100,15 +100,21 @@ pub struct TransferArgs {
     /// Print the time spent in each phase.
     #[arg(long)]
     timings: bool,
-    /// map mode: how the residual streams are paired (identity = ablation of the token map).
-    #[arg(long, value_enum, default_value_t = loraxfer::map::ResidualFit::Tokens)]
+    /// map mode: how the residual streams are paired: the shared-token map refined per layer
+    /// (layers), the shared-token map alone (tokens) or the identity (ablations).
+    #[arg(long, value_enum, default_value_t = loraxfer::map::ResidualFit::Layers)]
     map_residual: loraxfer::map::ResidualFit,
     /// map mode: do not fold the norm gains into the maps (ablation).
     #[arg(long)]
     no_norm_fold: bool,
-    /// map mode: how heads and neurons are paired (index = ablation of the matching).
+    /// map mode: how heads and neurons are paired: matched (heads of different sizes fitted
+    /// inside), matched then fitted inside every head (fit), or by index (ablation).
     #[arg(long, value_enum, default_value_t = loraxfer::map::InnerMatch::Match)]
     map_inner: loraxfer::map::InnerMatch,
+    /// map mode, depths differ: pair layers by the similarity of their weights (similarity)
+    /// or spread them evenly (linear, ablation). A --layer-map file overrides both.
+    #[arg(long, value_enum, default_value_t = loraxfer::map::DepthFit::Similarity)]
+    map_depth: loraxfer::map::DepthFit,
 }
 
 #[derive(Debug, clap::Args)]

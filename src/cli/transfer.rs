@@ -29,6 +29,7 @@ pub fn transfer(args: TransferArgs) -> Result<()> {
         residual: args.map_residual,
         fold_norms: !args.no_norm_fold,
         inner: args.map_inner,
+        depth: args.map_depth,
         seed: args.svd.seed,
     };
     let job = Job {

@@ -49,21 +49,35 @@ fn parts_of(
         .collect()
 }
 
-/// Rows of `b` gathered unit by unit: target unit u (of `size_t` rows) takes the rows of its
-/// source unit (of `size_s` rows); unmatched units get zeros.
-fn gather_rows(
+/// Rows of `b` moved unit by unit: target unit u (of `size_t` rows) takes `block(u, src, rows)`
+/// of the rows of its source unit (of `size_s` rows); unmatched units get zeros.
+fn move_rows(
     b: faer::MatRef<'_, f32>,
     assignment: &Assignment,
     (size_s, size_t): (usize, usize),
+    block: &dyn Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32>,
 ) -> Mat<f32> {
-    let out_rows = assignment.source_of.len() * size_t;
-    Mat::from_fn(out_rows, b.ncols(), |i, j| {
-        let (u, within) = (i / size_t, i % size_t);
-        match assignment.source_of[u] {
-            Some(src) if within < size_s => b[(src * size_s + within, j)],
-            _ => 0.0,
+    let mut out = Mat::<f32>::zeros(assignment.source_of.len() * size_t, b.ncols());
+    for (u, src) in assignment.source_of.iter().enumerate() {
+        if let Some(src) = src {
+            let moved = block(u, b.subrows(src * size_s, size_s));
+            out.subrows_mut(u * size_t, size_t).copy_from(&moved);
         }
-    })
+    }
+    out
+}
+
+/// The rows themselves, as many as fit (a plain gather).
+fn same_rows(size_t: usize) -> impl Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32> {
+    move |_, rows| {
+        Mat::from_fn(size_t, rows.ncols(), |i, j| {
+            if i < rows.nrows() {
+                rows[(i, j)]
+            } else {
+                0.0
+            }
+        })
+    }
 }
 
 impl ModelMap {
@@ -85,19 +99,21 @@ impl ModelMap {
         let reads = parts[0].0 != Part::O && parts[0].0 != Part::Down;
         if reads {
             let gains = if matches!(parts[0].0, Part::Gate | Part::Up) {
-                &layer.mlp_gain
+                &layer.gains.mlp
             } else {
-                &layer.attn_gain
+                &layer.gains.attn
             };
-            let a = self.read_side(src, gains);
+            let a = read_side(layer, src, gains);
             let mut blocks = Vec::new();
             let mut sims = Vec::new();
             for (part, rs, _) in &parts {
                 let (assignment, sizes) = inner(layer, *part, unit)?;
-                blocks.push(gather_rows(
-                    src.b.subrows(rs.start, rs.len()),
+                let rows = src.b.subrows(rs.start, rs.len());
+                blocks.push(move_rows(
+                    rows,
                     assignment,
                     sizes,
+                    &reader_block(layer, *part, sizes),
                 ));
                 sims.extend(assignment.mean_similarity());
             }
@@ -113,9 +129,21 @@ impl ModelMap {
                 matched_similarity: mean(&sims),
             })
         } else {
-            let (assignment, sizes) = inner(layer, parts[0].0, unit)?;
-            let b = &self.residual.m * &src.b;
-            let a = gather_rows(src.a.transpose(), assignment, sizes)
+            let part = parts[0].0;
+            let (assignment, sizes) = inner(layer, part, unit)?;
+            let writer = if part == Part::O {
+                &layer.writers.0
+            } else {
+                &layer.writers.1
+            };
+            let b = writer.write(&layer.residual, src.b.as_ref());
+            // o's columns inside matched heads: A_t[:, b] = A_s[:, a] U_b.
+            let fit = layer.head_fit.as_ref().filter(|_| part == Part::O);
+            let block = |u: usize, rows: faer::MatRef<'_, f32>| match fit {
+                Some(f) => f.o[u].as_ref().expect("matched head").transpose() * rows,
+                None => same_rows(sizes.1)(u, rows),
+            };
+            let a = move_rows(src.a.transpose(), assignment, sizes, &block)
                 .transpose()
                 .to_owned();
             Ok(Mapped {
@@ -124,20 +152,62 @@ impl ModelMap {
             })
         }
     }
+}
 
-    /// `A_s diag(g_s) P diag(g_t)⁻¹`.
-    fn read_side(&self, src: &Factors, (g_s, g_t): &(Vec<f32>, Vec<f32>)) -> Mat<f32> {
-        let scaled = Mat::from_fn(src.a.nrows(), src.a.ncols(), |i, j| src.a[(i, j)] * g_s[j]);
-        let mapped = scaled * &self.residual.p;
-        Mat::from_fn(mapped.nrows(), mapped.ncols(), |i, j| {
-            let g = g_t[j];
-            if g != 0.0 {
-                mapped[(i, j)] / g
-            } else {
-                0.0
+/// How a reading part's rows move inside a matched unit: through the head fit's N (with the
+/// head norms' gains around it for q and k), by the head norms' gain ratio alone, or as they are.
+fn reader_block<'l>(
+    layer: &'l LayerMap,
+    part: Part,
+    (_, size_t): (usize, usize),
+) -> impl Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32> + 'l {
+    let gains = match part {
+        Part::Q => Some(&layer.gains.q),
+        Part::K => Some(&layer.gains.k),
+        _ => None,
+    };
+    let fit = layer.head_fit.as_ref().and_then(|f| match part {
+        Part::Q => Some(&f.q),
+        Part::K => Some(&f.k),
+        Part::V => Some(&f.v),
+        _ => None,
+    });
+    move |u, rows| {
+        let scaled = match gains {
+            Some((g_s, _)) => {
+                Mat::from_fn(rows.nrows(), rows.ncols(), |i, j| rows[(i, j)] * g_s[i])
             }
-        })
+            None => rows.to_owned(),
+        };
+        let moved = match fit {
+            Some(n) => n[u].as_ref().expect("matched head") * &scaled,
+            None => same_rows(size_t)(u, scaled.as_ref()),
+        };
+        match gains {
+            Some((_, g_t)) => Mat::from_fn(moved.nrows(), moved.ncols(), |i, j| {
+                if g_t[i] != 0.0 {
+                    moved[(i, j)] / g_t[i]
+                } else {
+                    0.0
+                }
+            }),
+            None => moved,
+        }
     }
+}
+
+/// `A_s diag(g_s) P diag(g_t)⁻¹`.
+fn read_side(layer: &LayerMap, src: &Factors, (g_s, g_t): &(Vec<f32>, Vec<f32>)) -> Mat<f32> {
+    let scaled = Mat::from_fn(src.a.nrows(), src.a.ncols(), |i, j| src.a[(i, j)] * g_s[j]);
+    let mapped = layer.residual.read(scaled.as_ref());
+    Mat::from_fn(mapped.nrows(), mapped.ncols(), |i, j| {
+        let g = g_t[j];
+        if g != 0.0 {
+            mapped[(i, j)] / g
+        } else {
+            0.0
+        }
+    })
 }
 
 /// The matching a part's inner side follows, and the unit sizes (source, target) in rows.
@@ -148,11 +218,11 @@ fn inner<'l>(
 ) -> Result<(&'l Assignment, (usize, usize))> {
     let (hs, ht) = layer.head_dim;
     let heads = |a: &'l Assignment| -> Result<(&'l Assignment, (usize, usize))> {
-        if hs != ht {
+        if hs != ht && layer.head_fit.is_none() {
             return Err(Error::arg(
-                "--mode",
+                "--map-inner",
                 format!(
-                    "map: {} has head_dim {hs} in the source and {ht} in the target; mapping inside heads of different sizes is not supported yet (use --mode align or resample for these modules, or --modules to leave attention out)",
+                    "map: {} has head_dim {hs} in the source and {ht} in the target; heads of different sizes are mapped by the inner fit, which `--map-inner index` leaves out (use match or fit)",
                     unit.label
                 ),
             ));

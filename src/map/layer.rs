@@ -1,20 +1,23 @@
-//! One layer of the map: the norm gains on both sides, and which target head and neuron takes
-//! which source one. Units are compared in the target's coordinates, through one random sketch
-//! of the target residual (K columns): a reading weight row w (source, normalized-input
-//! coordinates) becomes `w diag(g_s) P R`, a writing column c becomes `Rᵀ M c`, and the target's
-//! own rows `w diag(g_t) R` and columns `Rᵀ c`. The sketch keeps inner products to about 1/√K,
-//! which is plenty to tell a matching unit (similarity near 1 on a model in other coordinates)
-//! from the others, at a fraction of the cost.
+//! One layer of the map: the norm gains on both sides, the layer's own residual map (refined from
+//! its weights, [`super::refine`]), and which target head and neuron takes which source one.
+//! Units are compared in the target's coordinates, through one random sketch of the target
+//! residual (K columns): a reading weight row w (source, normalized-input coordinates) becomes
+//! `w diag(g_s) P R`, a writing column c becomes `Rᵀ W c` (W: the block's writer map), and the
+//! target's own rows `w diag(g_t) R` and columns `Rᵀ c`. The sketch keeps inner products to about
+//! 1/√K, which is plenty to tell a matching unit (similarity near 1 on a model in other
+//! coordinates) from the others, at a fraction of the cost.
 //!
-//! Neurons: the mean of the cosines of their gate rows, up rows and down columns. Heads: the
-//! cosines of their QK circuits (W_qᵀW_k) and OV circuits (W_oW_v), from hd × hd Gram products
-//! (`⟨A₁ᵀB₁, A₂ᵀB₂⟩ = Σ (A₁A₂ᵀ) ∘ (B₁B₂ᵀ)`), which do not depend on the coordinates inside a
-//! head; KV groups first (by the best within-group matching), then query heads inside them.
+//! Neurons: the mean of the cosines of their gate rows, up rows and down columns. Heads: see
+//! [`super::heads`].
+
+use std::sync::Arc;
 
 use faer::Mat;
 
-use super::matching::{assign, assign_features, unit_rows, Assignment};
-use super::{read_matrix, InnerMatch, MapOptions, ResidualMap};
+use super::heads::{self, HeadFit};
+use super::matching::{assign_features, unit_rows, Assignment};
+use super::refine;
+use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::error::Result;
 use crate::linalg::mm_parallel;
@@ -22,40 +25,127 @@ use crate::linalg::philox::gaussian4;
 use crate::plan::ModelSide;
 
 /// Sketch width of the comparisons.
-const SKETCH: usize = 256;
+pub const SKETCH: usize = 256;
+/// Columns of the sketch used to find candidates on the sparse path.
+const COARSE: usize = 64;
+/// At most this many re-fits of a layer's residual map, each followed by a new matching (the
+/// loop stops as soon as a matching no longer changes).
+const MAX_REFITS: usize = 3;
 
-/// The random sketch R of the target residual, and the source's view of it.
+/// The random sketch R of the target residual.
 pub struct Sketch {
     /// `d_t × K`
-    r: Mat<f32>,
-    /// `d_s × K`: P·R, for source reading rows.
-    pr: Mat<f32>,
-    /// `d_s × K`: Mᵀ·R, for source writing columns.
-    mtr: Mat<f32>,
+    pub r: Mat<f32>,
 }
 
 impl Sketch {
-    pub fn new(residual: &ResidualMap, seed: u64) -> Self {
-        let d_t = residual.m.nrows();
+    pub fn new(d_t: usize, seed: u64) -> Self {
         let k = SKETCH.min(d_t);
-        let r = Mat::from_fn(d_t, k, |i, j| {
-            gaussian4(seed, 0x6d61_7073, i as u32, (j / 4) as u32)[j % 4] / (k as f32).sqrt()
-        });
         Sketch {
-            pr: &residual.p * &r,
-            mtr: residual.m.transpose() * &r,
-            r,
+            r: Mat::from_fn(d_t, k, |i, j| {
+                gaussian4(seed, 0x6d61_7073, i as u32, (j / 4) as u32)[j % 4] / (k as f32).sqrt()
+            }),
         }
     }
+}
+
+/// How a block's output (o's or down's columns, B of those modules) moves into the target
+/// residual. Without output norms it is the residual map M. With them (Gemma 2/3) the output
+/// is normalized and scaled by a gain before it joins the residual, so what must correspond is
+/// `g ⊙ y` in the two streams: `W = κ diag(g_t)⁻¹ Q diag(g_s)`, with κ the ratio of the two
+/// weights' sizes through it (the norm removes any scale of its input; κ keeps the update's
+/// size relative to the weight it perturbs).
+#[derive(Debug, Clone)]
+pub struct WriterMap {
+    /// Output-norm gains (source, target), when the family has output norms.
+    pub gains: Option<(Vec<f32>, Vec<f32>)>,
+    pub kappa: f64,
+}
+
+impl WriterMap {
+    /// `W x` for the columns of `x` (`d_s × r` → `d_t × r`).
+    pub fn write(&self, residual: &ResidualMap, x: faer::MatRef<'_, f32>) -> Mat<f32> {
+        let Some((g_s, g_t)) = &self.gains else {
+            return residual.write(x);
+        };
+        let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g_s[i]);
+        let y = residual.qt.transpose() * scaled;
+        let k = self.kappa as f32;
+        Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * safe_div(y[(i, j)], g_t[i]))
+    }
+
+    /// `Wᵀ R` (`d_s × K`): sketched target coordinates of a written source column c are
+    /// `cᵀ (Wᵀ R)`.
+    fn sketch_t(&self, residual: &ResidualMap, r: &Mat<f32>) -> Mat<f32> {
+        let Some((g_s, g_t)) = &self.gains else {
+            return &residual.qt * r * faer::Scale(residual.scale as f32);
+        };
+        let r_scaled = Mat::from_fn(r.nrows(), r.ncols(), |i, j| safe_div(r[(i, j)], g_t[i]));
+        let y = &residual.qt * r_scaled;
+        let k = self.kappa as f32;
+        Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * g_s[i] * y[(i, j)])
+    }
+}
+
+fn safe_div(x: f32, g: f32) -> f32 {
+    if g != 0.0 {
+        x / g
+    } else {
+        0.0
+    }
+}
+
+/// The source's view of the sketch through one layer's maps.
+pub(crate) struct SourceView {
+    /// `d_s × K`: P·R, for source reading rows.
+    pub read: Mat<f32>,
+    /// `d_s × K`: Wᵀ·R for the columns o and down write.
+    pub write_attn: Mat<f32>,
+    pub write_mlp: Mat<f32>,
+}
+
+impl SourceView {
+    fn new(sketch: &Sketch, residual: &ResidualMap, writers: &(WriterMap, WriterMap)) -> Self {
+        SourceView {
+            read: &residual.qt * &sketch.r * faer::Scale(residual.width as f32),
+            write_attn: writers.0.sketch_t(residual, &sketch.r),
+            write_mlp: writers.1.sketch_t(residual, &sketch.r),
+        }
+    }
+}
+
+/// A layer's seven projection weights, as stored (only a fused tensor's part rows).
+pub(crate) struct Weights {
+    pub q: Mat<f32>,
+    pub k: Mat<f32>,
+    pub v: Mat<f32>,
+    pub o: Mat<f32>,
+    pub gate: Mat<f32>,
+    pub up: Mat<f32>,
+    pub down: Mat<f32>,
+}
+
+/// The gains a layer applies (effective: offset added), source then target; ones where a side
+/// has no such norm or folding is off.
+#[derive(Debug, Clone)]
+pub struct Gains {
+    /// Before attention and before the MLP (`d` each).
+    pub attn: (Vec<f32>, Vec<f32>),
+    pub mlp: (Vec<f32>, Vec<f32>),
+    /// Per-head query and key norms (`head_dim` each).
+    pub q: (Vec<f32>, Vec<f32>),
+    pub k: (Vec<f32>, Vec<f32>),
 }
 
 /// One target layer's map.
 #[derive(Debug, Clone)]
 pub struct LayerMap {
     pub source_layer: usize,
-    /// Effective gains (offset applied) of the norms before attention and MLP, or ones.
-    pub attn_gain: (Vec<f32>, Vec<f32>),
-    pub mlp_gain: (Vec<f32>, Vec<f32>),
+    /// This layer's residual map (shared with the other layers when it is not refined).
+    pub residual: Arc<ResidualMap>,
+    pub gains: Gains,
+    /// How o's and down's outputs move into the target residual.
+    pub writers: (WriterMap, WriterMap),
     /// Target query head → source query head.
     pub q_heads: Assignment,
     /// Target KV head → source KV head.
@@ -64,12 +154,18 @@ pub struct LayerMap {
     pub neurons: Assignment,
     /// head_dim of (source, target).
     pub head_dim: (usize, usize),
+    /// Least-squares maps inside matched heads (with `--map-inner fit`, or where head_dim
+    /// differs); None: heads move as wholes.
+    pub head_fit: Option<HeadFit>,
+    /// Mean cosine of the layer's matched MLP weight vectors under the starting map and under
+    /// this layer's refined one (None when not refined).
+    pub weight_fit: Option<(f64, f64)>,
 }
 
 /// A side's view of one layer.
-struct Side<'p, 'a> {
-    model: &'p ModelSide<'a>,
-    layer: usize,
+pub(crate) struct Side<'p, 'a> {
+    pub model: &'p ModelSide<'a>,
+    pub layer: usize,
 }
 
 impl Side<'_, '_> {
@@ -90,11 +186,23 @@ impl Side<'_, '_> {
         Ok(Mat::from_fn(rows.len(), cols, |i, j| data[i * cols + j]))
     }
 
-    fn gain(&self, norm: &str, fold: bool) -> Result<Vec<f32>> {
-        let d = self.model.ckpt.config.hidden_size;
-        if !fold {
-            return Ok(vec![1.0; d]);
-        }
+    fn weights(&self) -> Result<Weights> {
+        Ok(Weights {
+            q: self.weight(Part::Q)?,
+            k: self.weight(Part::K)?,
+            v: self.weight(Part::V)?,
+            o: self.weight(Part::O)?,
+            gate: self.weight(Part::Gate)?,
+            up: self.weight(Part::Up)?,
+            down: self.weight(Part::Down)?,
+        })
+    }
+
+    /// The effective gain of the norm `norm` (below the layer), or ones of width `n`.
+    pub(crate) fn gain(&self, norm: Option<&str>, n: usize, fold: bool) -> Result<Vec<f32>> {
+        let Some(norm) = norm.filter(|_| fold) else {
+            return Ok(vec![1.0; n]);
+        };
         let name = format!("{}.{}.{norm}", self.model.prefix, self.layer);
         let g = read_matrix(self.model.ckpt, &name)?;
         let offset = self.model.arch.residual.gain_offset;
@@ -103,17 +211,85 @@ impl Side<'_, '_> {
 }
 
 /// `w diag(g) X`: rows of a reading weight in sketched target coordinates.
-fn reading(w: &Mat<f32>, g: &[f32], x: &Mat<f32>) -> Mat<f32> {
+pub(crate) fn reading(w: &Mat<f32>, g: &[f32], x: &Mat<f32>) -> Mat<f32> {
     let scaled = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)] * g[j]);
     mm_parallel(scaled.as_ref(), x.as_ref())
 }
 
+impl Gains {
+    fn read(s: &Side<'_, '_>, t: &Side<'_, '_>, fold: bool) -> Result<Self> {
+        let pair =
+            |pick: &dyn Fn(&crate::arch::Residual) -> Option<String>,
+             width: &dyn Fn(&crate::io::checkpoint::ModelConfig) -> usize| {
+                let one = |side: &Side<'_, '_>| {
+                    let res = &side.model.arch.residual;
+                    side.gain(pick(res).as_deref(), width(&side.model.ckpt.config), fold)
+                };
+                Ok::<_, crate::error::Error>((one(s)?, one(t)?))
+            };
+        let hidden = |c: &crate::io::checkpoint::ModelConfig| c.hidden_size;
+        let head = |c: &crate::io::checkpoint::ModelConfig| c.head_dim;
+        Ok(Gains {
+            attn: pair(&|r| Some(r.attn_norm.clone()), &hidden)?,
+            mlp: pair(&|r| Some(r.mlp_norm.clone()), &hidden)?,
+            q: pair(&|r| r.head_norms.as_ref().map(|h| h.q.clone()), &head)?,
+            k: pair(&|r| r.head_norms.as_ref().map(|h| h.k.clone()), &head)?,
+        })
+    }
+}
+
+/// The writer maps of a layer's two blocks under `residual`.
+fn writer_maps(
+    s: &Side<'_, '_>,
+    t: &Side<'_, '_>,
+    (ws, wt): (&Weights, &Weights),
+    residual: &ResidualMap,
+    sketch: &Sketch,
+    fold: bool,
+) -> Result<(WriterMap, WriterMap)> {
+    let one =
+        |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &Mat<f32>, w_t: &Mat<f32>| {
+            let norms = |side: &Side<'_, '_>| side.model.arch.residual.output_norms.clone();
+            let (Some(ns), Some(nt)) = (norms(s), norms(t)) else {
+                return Ok::<_, crate::error::Error>(WriterMap {
+                    gains: None,
+                    kappa: 1.0,
+                });
+            };
+            let (d_s, d_t) = (residual.qt.nrows(), residual.qt.ncols());
+            let gains = (
+                s.gain(Some(&pick(&ns)), d_s, fold)?,
+                t.gain(Some(&pick(&nt)), d_t, fold)?,
+            );
+            let unit = WriterMap {
+                gains: Some(gains),
+                kappa: 1.0,
+            };
+            // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
+            let mapped = mm_parallel(w_s.transpose(), unit.sketch_t(residual, &sketch.r).as_ref());
+            let own = mm_parallel(w_t.transpose(), sketch.r.as_ref());
+            let (a, b) = (own.norm_l2() as f64, mapped.norm_l2() as f64);
+            Ok(WriterMap {
+                kappa: if b > 0.0 { a / b } else { 1.0 },
+                ..unit
+            })
+        };
+    Ok((
+        one(&|n| n.attn.clone(), &ws.o, &wt.o)?,
+        one(&|n| n.mlp.clone(), &ws.down, &wt.down)?,
+    ))
+}
+
 impl LayerMap {
+    /// Builds target layer `target_layer`'s map from source layer `source_layer`, starting from
+    /// the residual map `start` (the layer below's, or the shared-token one).
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         source: &ModelSide<'_>,
         target: &ModelSide<'_>,
         source_layer: usize,
         target_layer: usize,
+        start: &Arc<ResidualMap>,
         sketch: &Sketch,
         options: MapOptions,
     ) -> Result<Self> {
@@ -125,61 +301,83 @@ impl LayerMap {
             model: target,
             layer: target_layer,
         };
-        let (rs, rt) = (&source.arch.residual, &target.arch.residual);
-        let attn_gain = (
-            s.gain(&rs.attn_norm, options.fold_norms)?,
-            t.gain(&rt.attn_norm, options.fold_norms)?,
-        );
-        let mlp_gain = (
-            s.gain(&rs.mlp_norm, options.fold_norms)?,
-            t.gain(&rt.mlp_norm, options.fold_norms)?,
-        );
+        let gains = Gains::read(&s, &t, options.fold_norms)?;
+        let (ws, wt) = (s.weights()?, t.weights()?);
         let (cs, ct) = (&source.ckpt.config, &target.ckpt.config);
         let head_dim = (cs.head_dim, ct.head_dim);
-        let (q_heads, kv_heads, neurons) = match options.inner {
-            InnerMatch::Index => (
-                Assignment::by_index(ct.num_attention_heads, cs.num_attention_heads),
-                Assignment::by_index(ct.num_key_value_heads, cs.num_key_value_heads),
-                Assignment::by_index(ct.intermediate_size, cs.intermediate_size),
-            ),
-            InnerMatch::Match => {
-                let neurons = match_neurons(&s, &t, &mlp_gain, sketch)?;
-                let (q, kv) = match_heads(&s, &t, &attn_gain, sketch)?;
-                (q, kv, neurons)
+        let mut residual = start.clone();
+        let mut writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, options.fold_norms)?;
+        if options.inner == InnerMatch::Index {
+            return Ok(LayerMap {
+                source_layer,
+                residual,
+                gains,
+                writers,
+                q_heads: Assignment::by_index(ct.num_attention_heads, cs.num_attention_heads),
+                kv_heads: Assignment::by_index(ct.num_key_value_heads, cs.num_key_value_heads),
+                neurons: Assignment::by_index(ct.intermediate_size, cs.intermediate_size),
+                head_dim,
+                head_fit: None,
+                weight_fit: None,
+            });
+        }
+        let mut view = SourceView::new(sketch, &residual, &writers);
+        let mut neurons = match_neurons((&ws, &wt), &gains.mlp, &view, sketch)?;
+        let mut weight_fit = None;
+        if options.residual == ResidualFit::Layers {
+            for _ in 0..MAX_REFITS {
+                let refit = refine::refit((&ws, &wt), &gains.mlp, &neurons, &residual, start)?;
+                weight_fit = Some((
+                    weight_fit.map_or(refit.start_agreement, |(s, _)| s),
+                    refit.agreement,
+                ));
+                residual = Arc::new(refit.map);
+                writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, options.fold_norms)?;
+                view = SourceView::new(sketch, &residual, &writers);
+                let again = match_neurons((&ws, &wt), &gains.mlp, &view, sketch)?;
+                let settled = again.source_of == neurons.source_of;
+                neurons = again;
+                if settled {
+                    break;
+                }
             }
-        };
+        }
+        let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct));
+        let (q_heads, kv_heads) = heads::match_heads(&views)?;
+        let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
+            .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
         Ok(LayerMap {
             source_layer,
-            attn_gain,
-            mlp_gain,
+            residual,
+            gains,
+            writers,
             q_heads,
             kv_heads,
             neurons,
             head_dim,
+            head_fit,
+            weight_fit,
         })
     }
 }
 
-/// Columns of the sketch used to find candidates on the sparse path.
-const COARSE: usize = 64;
-
 fn match_neurons(
-    s: &Side<'_, '_>,
-    t: &Side<'_, '_>,
+    (ws, wt): (&Weights, &Weights),
     gain: &(Vec<f32>, Vec<f32>),
+    view: &SourceView,
     sketch: &Sketch,
 ) -> Result<Assignment> {
     // Per side, the three views of each neuron in sketched target coordinates: gate and up rows
-    // (reads), down's column (its write: Rᵀ·M·c for the source, Rᵀ·c for the target).
-    let views = |side: &Side<'_, '_>, g: &[f32], read: &Mat<f32>, write: &Mat<f32>| {
-        Ok::<_, crate::error::Error>([
-            reading(&side.weight(Part::Gate)?, g, read),
-            reading(&side.weight(Part::Up)?, g, read),
-            mm_parallel(side.weight(Part::Down)?.transpose(), write.as_ref()),
-        ])
+    // (reads), down's column (its write: cᵀ·Wᵀ·R for the source, cᵀ·R for the target).
+    let views = |w: &Weights, g: &[f32], read: &Mat<f32>, write: &Mat<f32>| {
+        [
+            reading(&w.gate, g, read),
+            reading(&w.up, g, read),
+            mm_parallel(w.down.transpose(), write.as_ref()),
+        ]
     };
-    let vs = views(s, &gain.0, &sketch.pr, &sketch.mtr)?;
-    let vt = views(t, &gain.1, &sketch.r, &sketch.r)?;
+    let vs = views(ws, &gain.0, &view.read, &view.write_mlp);
+    let vt = views(wt, &gain.1, &sketch.r, &sketch.r);
     // Features whose dot product is the mean of the three cosines.
     let features = |v: &[Mat<f32>; 3], width: usize| {
         let width = width.min(v[0].ncols());
@@ -197,114 +395,4 @@ fn match_neurons(
         (&features(&vt, COARSE), &features(&vs, COARSE)),
         (&features(&vt, k), &features(&vs, k)),
     )
-}
-
-/// Per head: the sketched rows of q (hd × K), and for its KV head k and v, and o's columns.
-struct Heads {
-    q: Vec<Mat<f32>>,
-    k: Vec<Mat<f32>>,
-    v: Vec<Mat<f32>>,
-    o: Vec<Mat<f32>>,
-    per_group: usize,
-}
-
-fn heads(
-    side: &Side<'_, '_>,
-    gain: &[f32],
-    read_x: &Mat<f32>,
-    write_x: &Mat<f32>,
-) -> Result<Heads> {
-    let c = &side.model.ckpt.config;
-    let hd = c.head_dim;
-    let split = |m: &Mat<f32>, n: usize| -> Vec<Mat<f32>> {
-        (0..n).map(|h| m.subrows(h * hd, hd).to_owned()).collect()
-    };
-    let q = reading(&side.weight(Part::Q)?, gain, read_x);
-    let k = reading(&side.weight(Part::K)?, gain, read_x);
-    let v = reading(&side.weight(Part::V)?, gain, read_x);
-    let o = mm_parallel(side.weight(Part::O)?.transpose(), write_x.as_ref()); // (heads·hd) × K
-    Ok(Heads {
-        q: split(&q, c.num_attention_heads),
-        k: split(&k, c.num_key_value_heads),
-        v: split(&v, c.num_key_value_heads),
-        o: split(&o, c.num_attention_heads),
-        per_group: c.num_attention_heads / c.num_key_value_heads.max(1),
-    })
-}
-
-/// `Σ (A₁A₂ᵀ) ∘ (B₁B₂ᵀ)` = ⟨A₁ᵀB₁, A₂ᵀB₂⟩_F.
-fn circuit_dot(a1: &Mat<f32>, b1: &Mat<f32>, a2: &Mat<f32>, b2: &Mat<f32>) -> f64 {
-    let x = a1 * a2.transpose();
-    let y = b1 * b2.transpose();
-    let mut s = 0.0f64;
-    for j in 0..x.ncols() {
-        for i in 0..x.nrows() {
-            s += x[(i, j)] as f64 * y[(i, j)] as f64;
-        }
-    }
-    s
-}
-
-fn match_heads(
-    s: &Side<'_, '_>,
-    t: &Side<'_, '_>,
-    gain: &(Vec<f32>, Vec<f32>),
-    sketch: &Sketch,
-) -> Result<(Assignment, Assignment)> {
-    let hs = heads(s, &gain.0, &sketch.pr, &sketch.mtr)?;
-    let ht = heads(t, &gain.1, &sketch.r, &sketch.r)?;
-    // Circuit norms, for cosines. The OV circuit O·V = (Oᵀ)ᵀ·V.
-    let norms = |h: &Heads| -> (Vec<f64>, Vec<f64>) {
-        (0..h.q.len())
-            .map(|i| {
-                let g = i / h.per_group;
-                let qk = circuit_dot(&h.q[i], &h.k[g], &h.q[i], &h.k[g]).sqrt();
-                let ov = circuit_dot(&h.o[i], &h.v[g], &h.o[i], &h.v[g]).sqrt();
-                (qk.max(f64::MIN_POSITIVE), ov.max(f64::MIN_POSITIVE))
-            })
-            .unzip()
-    };
-    let ((qk_s, ov_s), (qk_t, ov_t)) = (norms(&hs), norms(&ht));
-    let (nq_s, nq_t) = (hs.q.len(), ht.q.len());
-    let head_sim = Mat::from_fn(nq_t, nq_s, |b, a| {
-        let (ga, gb) = (a / hs.per_group, b / ht.per_group);
-        let qk = circuit_dot(&hs.q[a], &hs.k[ga], &ht.q[b], &ht.k[gb]) / (qk_s[a] * qk_t[b]);
-        let ov = circuit_dot(&hs.o[a], &hs.v[ga], &ht.o[b], &ht.v[gb]) / (ov_s[a] * ov_t[b]);
-        ((qk + ov) / 2.0) as f32
-    });
-    // Groups: the value of the best matching of their query heads.
-    let (g_s, g_t) = (hs.k.len(), ht.k.len());
-    let within = |gb: usize, ga: usize| -> Result<Assignment> {
-        let sub = Mat::from_fn(ht.per_group, hs.per_group, |b, a| {
-            head_sim[(gb * ht.per_group + b, ga * hs.per_group + a)]
-        });
-        assign(&sub)
-    };
-    let mut group_sim = Mat::<f32>::zeros(g_t, g_s);
-    for gb in 0..g_t {
-        for ga in 0..g_s {
-            let a = within(gb, ga)?;
-            group_sim[(gb, ga)] = a.similarity.iter().sum::<f32>() / ht.per_group.max(1) as f32;
-        }
-    }
-    let kv = assign(&group_sim)?;
-    let mut source_of = vec![None; nq_t];
-    let mut similarity = vec![0.0; nq_t];
-    for (gb, ga) in kv.source_of.iter().enumerate() {
-        let Some(ga) = *ga else { continue };
-        let a = within(gb, ga)?;
-        for (b, src) in a.source_of.iter().enumerate() {
-            if let Some(src) = src {
-                source_of[gb * ht.per_group + b] = Some(ga * hs.per_group + src);
-                similarity[gb * ht.per_group + b] = a.similarity[b];
-            }
-        }
-    }
-    Ok((
-        Assignment {
-            source_of,
-            similarity,
-        },
-        kv,
-    ))
 }

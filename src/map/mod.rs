@@ -3,23 +3,29 @@
 //! mode"). Three parts, each of which can be switched off to measure what it buys:
 //!
 //! 1. the residual stream, from the embedding rows of the tokens both vocabularies spell alike
-//!    ([`residual`], [`vocab`]);
+//!    ([`residual`], [`vocab`]), then refined layer by layer from the weights ([`refine`]);
 //! 2. the norm gains the blocks apply to the residual before reading it, folded into the map of
 //!    each reading module's A;
 //! 3. attention heads (within the GQA structure) and MLP neurons matched by the similarity of
 //!    their mapped weights ([`layer`], [`matching`]), so B's rows and A's columns on the inner
-//!    side move with the units they belong to.
+//!    side move with the units they belong to; inside matched heads, optionally (and always
+//!    between heads of different sizes) a least-squares map ([`heads`]);
+//! 4. when depths differ, the depth map chosen by the similarity of the layers ([`depth`]).
 //!
 //! The whole map is built once per transfer, before the units run ([`ModelMap::build`]); each
 //! unit then only gathers rows and multiplies its small factors ([`apply`]).
 
 pub mod apply;
+pub mod depth;
+pub mod heads;
 pub mod layer;
 pub mod matching;
+pub mod refine;
 pub mod residual;
 pub mod vocab;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use faer::Mat;
 
@@ -33,7 +39,10 @@ pub use residual::ResidualMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResidualFit {
-    /// Scaled (semi-)orthogonal Procrustes on the shared tokens' embeddings.
+    /// The shared tokens' map, refined layer by layer on each layer's matched MLP weights.
+    Layers,
+    /// Scaled (semi-)orthogonal Procrustes on the shared tokens' embeddings, for every layer
+    /// (ablation of the per-layer refinement).
     Tokens,
     /// The identity on the shared coordinates (ablation).
     Identity,
@@ -45,8 +54,20 @@ pub enum ResidualFit {
 pub enum InnerMatch {
     /// Assignment on the similarity of the mapped weights.
     Match,
+    /// Matching, then a least-squares map inside each matched head.
+    Fit,
     /// Target unit i takes source unit i (ablation).
     Index,
+}
+
+/// How target layers are paired with source layers when the depths differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DepthFit {
+    /// A monotone dynamic program over the layers' weight similarities.
+    Similarity,
+    /// round(j·(L_s−1)/(L_t−1)) (ablation).
+    Linear,
 }
 
 /// The map mode's switches.
@@ -56,6 +77,7 @@ pub struct MapOptions {
     /// Fold the norm gains into the reading modules' maps.
     pub fold_norms: bool,
     pub inner: InnerMatch,
+    pub depth: DepthFit,
     /// Seed of the random sketch the matchings compare weights through.
     pub seed: u64,
 }
@@ -63,58 +85,86 @@ pub struct MapOptions {
 impl Default for MapOptions {
     fn default() -> Self {
         MapOptions {
-            residual: ResidualFit::Tokens,
+            residual: ResidualFit::Layers,
             fold_norms: true,
             inner: InnerMatch::Match,
+            depth: DepthFit::Similarity,
             seed: 0,
         }
     }
 }
 
-/// The map between two models: the residual map and, per target layer, its matchings.
+/// The map between two models: the shared-token residual map and, per target layer, its own
+/// map and matchings.
 #[derive(Debug, Clone)]
 pub struct ModelMap {
-    pub residual: ResidualMap,
+    pub residual: Arc<ResidualMap>,
     pub layers: BTreeMap<usize, LayerMap>,
     pub options: MapOptions,
+    /// The depth map chosen by similarity, when the depths differ and it was asked for.
+    pub depth: Option<depth::DepthMap>,
+}
+
+/// The residual map the options ask for at the bottom of the models: the shared-token fit, or
+/// the identity ablation.
+pub fn bottom_residual(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    options: &MapOptions,
+) -> Result<ResidualMap> {
+    if options.residual == ResidualFit::Identity {
+        return Ok(ResidualMap::identity(
+            source.ckpt.config.hidden_size,
+            target.ckpt.config.hidden_size,
+        ));
+    }
+    with_all_cores(|| fit_residual(source, target))
+}
+
+/// Runs `f` with faer on every core, then puts faer back to sequential: the map is built before
+/// any unit runs, so its decompositions may take the whole machine (the small products of the
+/// units stay sequential, one unit per thread).
+fn with_all_cores<T>(f: impl FnOnce() -> T) -> T {
+    struct Sequential;
+    impl Drop for Sequential {
+        fn drop(&mut self) {
+            crate::backend::cpu::rsvd::sequential_faer();
+        }
+    }
+    let _restore = Sequential;
+    faer::set_global_parallelism(faer::Par::rayon(0));
+    f()
 }
 
 impl ModelMap {
-    /// Builds the map for the target layers of `layer_map` (target layer → source layer).
+    /// Builds the map for the target layers of `layer_map` (target layer → source layer), from
+    /// the bottom residual map; with [`ResidualFit::Layers`] each layer starts from the one
+    /// below it.
     pub fn build(
         source: &ModelSide<'_>,
         target: &ModelSide<'_>,
+        residual: ResidualMap,
         layer_map: &BTreeMap<usize, usize>,
         options: MapOptions,
+        depth: Option<depth::DepthMap>,
     ) -> Result<Self> {
-        let residual = match options.residual {
-            ResidualFit::Identity => ResidualMap::identity(
-                source.ckpt.config.hidden_size,
-                target.ckpt.config.hidden_size,
-            ),
-            ResidualFit::Tokens => {
-                // Built before any unit runs: the fit's decompositions may use every core (the
-                // small products of the matchings and the units stay sequential).
-                struct Sequential;
-                impl Drop for Sequential {
-                    fn drop(&mut self) {
-                        crate::backend::cpu::rsvd::sequential_faer();
-                    }
-                }
-                let _restore = Sequential;
-                faer::set_global_parallelism(faer::Par::rayon(0));
-                fit_residual(source, target)?
-            }
-        };
-        let sketch = layer::Sketch::new(&residual, options.seed);
+        let residual = Arc::new(residual);
+        let sketch = layer::Sketch::new(target.ckpt.config.hidden_size, options.seed);
+        let mut start = residual.clone();
         let mut layers = BTreeMap::new();
         for (&j, &i) in layer_map {
-            layers.insert(j, LayerMap::build(source, target, i, j, &sketch, options)?);
+            let layer =
+                with_all_cores(|| LayerMap::build(source, target, i, j, &start, &sketch, options))?;
+            if options.residual == ResidualFit::Layers {
+                start = layer.residual.clone();
+            }
+            layers.insert(j, layer);
         }
         Ok(ModelMap {
             residual,
             layers,
             options,
+            depth,
         })
     }
 }
@@ -127,6 +177,9 @@ pub struct MapReport {
     pub shared_tokens: usize,
     /// Relative residual of the residual map on those anchors.
     pub residual_fit: Option<f64>,
+    /// The depth map by similarity, with the scores it was chosen on (None: depths equal,
+    /// `--map-depth linear` or a `--layer-map` file).
+    pub depth: Option<depth::DepthMap>,
     pub layers: Vec<LayerReport>,
 }
 
@@ -137,6 +190,16 @@ pub struct LayerReport {
     pub source_layer: usize,
     pub head_similarity: Option<f64>,
     pub neuron_similarity: Option<f64>,
+    /// Mean cosine of the layer's matched MLP weight vectors under the map it started from
+    /// and under its own refined map (`--map-residual layers`).
+    pub weight_fit_start: Option<f64>,
+    pub weight_fit: Option<f64>,
+    /// The scale of the layer's writes, μ (target residual over source residual).
+    pub residual_scale: f64,
+    /// Heads mapped inside by the least-squares fit (else moved as wholes).
+    pub head_fit: bool,
+    /// κ of the output-norm writer maps (attention, MLP), for families with output norms.
+    pub writer_kappa: Option<(f64, f64)>,
     pub q_heads: Vec<Option<usize>>,
     pub kv_heads: Vec<Option<usize>>,
     pub neurons: Vec<Option<usize>>,
@@ -148,6 +211,7 @@ impl ModelMap {
             options: self.options,
             shared_tokens: self.residual.shared_tokens,
             residual_fit: self.residual.relative_residual,
+            depth: self.depth.clone(),
             layers: self
                 .layers
                 .iter()
@@ -156,6 +220,16 @@ impl ModelMap {
                     source_layer: l.source_layer,
                     head_similarity: l.q_heads.mean_similarity(),
                     neuron_similarity: l.neurons.mean_similarity(),
+                    weight_fit_start: l.weight_fit.map(|f| f.0),
+                    weight_fit: l.weight_fit.map(|f| f.1),
+                    residual_scale: l.residual.scale,
+                    head_fit: l.head_fit.is_some(),
+                    writer_kappa: l
+                        .writers
+                        .0
+                        .gains
+                        .as_ref()
+                        .map(|_| (l.writers.0.kappa, l.writers.1.kappa)),
                     q_heads: l.q_heads.source_of.clone(),
                     kv_heads: l.kv_heads.source_of.clone(),
                     neurons: l.neurons.source_of.clone(),
@@ -193,9 +267,13 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
             ),
         ));
     }
-    let gather = |side: &ModelSide<'_>, name: &str, pick: &dyn Fn(&(usize, usize)) -> usize| {
+    let gather = |side: &ModelSide<'_>,
+                  name: &str,
+                  pick: &dyn Fn(&(usize, usize)) -> usize,
+                  gain: Option<&[f32]>| {
         let d = side.ckpt.config.hidden_size;
-        let scale = if side.arch.residual.embed_scale_sqrt_hidden {
+        // Embedding rows are scaled as the family scales them; output rows by the final gains.
+        let scale = if gain.is_none() && side.arch.residual.embed_scale_sqrt_hidden {
             (d as f32).sqrt()
         } else {
             1.0
@@ -205,14 +283,49 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
             let id = pick(p);
             let row = side.ckpt.read_rows_f32(name, id..id + 1)?;
             for (c, x) in row.iter().enumerate() {
-                out[(r, c)] = x * scale;
+                out[(r, c)] = x * scale * gain.map_or(1.0, |g| g[c]);
             }
         }
         Ok::<_, Error>(out)
     };
-    let e_s = gather(source, &es_name, &|p| p.0)?;
-    let e_t = gather(target, &et_name, &|p| p.1)?;
-    ResidualMap::fit(&e_s, &e_t)
+    let e_s = gather(source, &es_name, &|p| p.0, None)?;
+    let e_t = gather(target, &et_name, &|p| p.1, None)?;
+    // Untied output embeddings are a second anchor set: their rows read the final norm's output,
+    // so its gains are folded in like a block's.
+    let lm = |side: &ModelSide<'_>| -> Option<(String, String)> {
+        let name = side.arch.top_level_name(&side.prefix, "lm_head.weight");
+        let name = if side.ckpt.has(&name) {
+            name
+        } else {
+            "lm_head.weight".to_string()
+        };
+        side.ckpt.has(&name).then(|| {
+            (
+                name,
+                side.arch
+                    .top_level_name(&side.prefix, &side.arch.residual.final_norm),
+            )
+        })
+    };
+    let second = match (lm(source), lm(target)) {
+        (Some((ls, ns)), Some((lt, nt))) => {
+            let gain = |side: &ModelSide<'_>, norm: &str| -> Result<Option<Vec<f32>>> {
+                if !side.ckpt.has(norm) {
+                    return Ok(None);
+                }
+                let g = read_matrix(side.ckpt, norm)?;
+                let offset = side.arch.residual.gain_offset;
+                Ok(Some((0..g.ncols()).map(|j| g[(0, j)] + offset).collect()))
+            };
+            let (gs, gt) = (gain(source, &ns)?, gain(target, &nt)?);
+            Some((
+                gather(source, &ls, &|p| p.0, gs.as_deref())?,
+                gather(target, &lt, &|p| p.1, gt.as_deref())?,
+            ))
+        }
+        _ => None,
+    };
+    ResidualMap::fit(&e_s, &e_t, second.as_ref().map(|(a, b)| (a, b)))
 }
 
 /// A whole tensor as a matrix (a 1-D tensor as one row).

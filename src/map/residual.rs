@@ -9,15 +9,18 @@ use faer::Mat;
 use crate::error::{Error, Result};
 use crate::linalg::mm_parallel;
 
-/// `h_t ≈ M h_s` between the residual streams, and the map of the normalized inputs the blocks
-/// read.
+/// `h_t ≈ M h_s` between the residual streams, `M = μ·Q` with Q (semi-)orthogonal, and the map
+/// of the normalized inputs the blocks read, `P = √(d_s/d_t)·Qᵀ` (RMSNorm's width factor
+/// included: readers take `A_t = A_s diag(g_s) P diag(g_t)⁻¹`, writers `B_t = M B_s`). Only Qᵀ is
+/// stored: with one map per layer, M and P as well would triple the memory.
 #[derive(Debug, Clone)]
 pub struct ResidualMap {
-    /// `d_t × d_s`: where a source residual vector lands in the target (writers: B_t = M B_s).
-    pub m: Mat<f32>,
-    /// `d_s × d_t`: the pseudo-inverse of the normalized-input map, RMSNorm's width factor
-    /// included (readers: A_t = A_s diag(g_s) P diag(g_t)⁻¹).
-    pub p: Mat<f32>,
+    /// `d_s × d_t`: Qᵀ.
+    pub qt: Mat<f32>,
+    /// The residual streams' scale ratio μ: `|h_t| ≈ μ |h_s|`.
+    pub scale: f64,
+    /// The reading map's factor: √(d_s/d_t) after a fit, 1 for the identity ablation.
+    pub width: f64,
     /// Anchors the fit used (0 for the identity ablation).
     pub shared_tokens: usize,
     /// ‖E_t − E_s Mᵀ‖_F / ‖E_t‖_F on the centered anchors (None for the identity ablation).
@@ -27,17 +30,41 @@ pub struct ResidualMap {
 impl ResidualMap {
     /// The identity on the first min(d_s, d_t) coordinates (the ablation without a residual map).
     pub fn identity(d_s: usize, d_t: usize) -> Self {
-        let m = Mat::from_fn(d_t, d_s, |i, j| if i == j { 1.0 } else { 0.0 });
+        let qt = Mat::from_fn(d_s, d_t, |i, j| if i == j { 1.0 } else { 0.0 });
+        let mut map = Self::from_orientation(qt, 1.0);
+        map.width = 1.0;
+        map
+    }
+
+    /// The map of orientation `qt` (Qᵀ, `d_s × d_t`) and scale μ; no fit measured yet.
+    pub fn from_orientation(qt: Mat<f32>, scale: f64) -> Self {
+        let width = (qt.nrows() as f64 / qt.ncols() as f64).sqrt();
         ResidualMap {
-            p: m.transpose().to_owned(),
-            m,
+            qt,
+            scale,
+            width,
             shared_tokens: 0,
             relative_residual: None,
         }
     }
 
-    /// Fits the map on paired anchor rows `e_s` (`n × d_s`) and `e_t` (`n × d_t`).
-    pub fn fit(e_s: &Mat<f32>, e_t: &Mat<f32>) -> Result<Self> {
+    /// `M x` for the columns of `x` (`d_s × r` → `d_t × r`).
+    pub fn write(&self, x: faer::MatRef<'_, f32>) -> Mat<f32> {
+        self.qt.transpose() * x * faer::Scale(self.scale as f32)
+    }
+
+    /// `x P` for the rows of `x` (`r × d_s` → `r × d_t`).
+    pub fn read(&self, x: faer::MatRef<'_, f32>) -> Mat<f32> {
+        x * &self.qt * faer::Scale(self.width as f32)
+    }
+
+    /// Fits the map on paired anchor rows `e_s` (`n × d_s`) and `e_t` (`n × d_t`); a second
+    /// anchor set (the untied output embeddings' rows) adds to the orientation's evidence.
+    pub fn fit(
+        e_s: &Mat<f32>,
+        e_t: &Mat<f32>,
+        second: Option<(&Mat<f32>, &Mat<f32>)>,
+    ) -> Result<Self> {
         let (n, d_s, d_t) = (e_s.nrows(), e_s.ncols(), e_t.ncols());
         if n < d_s.min(d_t) {
             return Err(Error::Numerical {
@@ -51,13 +78,14 @@ impl ResidualMap {
         let xt = centered(e_t);
         // Orientation from row-normalized anchors (every token counts alike), scale from the
         // raw ones.
-        let cross = mm_parallel(
-            normalized_rows(&xs).transpose(),
-            normalized_rows(&xt).as_ref(),
-        );
-        let cross = Mat::<f64>::from_fn(d_s, d_t, |i, j| cross[(i, j)] as f64);
-        let q_t64 = polar(&cross)?; // d_s × d_t: Qᵀ
-        let q_t = Mat::<f32>::from_fn(d_s, d_t, |i, j| q_t64[(i, j)] as f32);
+        let mut cross = cross_of(&normalized_rows(&xs), &normalized_rows(&xt));
+        if let Some((l_s, l_t)) = second {
+            cross += cross_of(
+                &normalized_rows(&centered(l_s)),
+                &normalized_rows(&centered(l_t)),
+            );
+        }
+        let q_t = orientation(&cross)?; // d_s × d_t: Qᵀ
         let rotated = mm_parallel(xs.as_ref(), q_t.as_ref()); // n × d_t
         let num = zip_sum(&rotated, &xt);
         let den = zip_sum(&rotated, &rotated);
@@ -70,14 +98,25 @@ impl ResidualMap {
                 total += (xt[(i, j)] as f64).powi(2);
             }
         }
-        let width = (d_s as f64 / d_t as f64).sqrt();
-        Ok(ResidualMap {
-            m: Mat::from_fn(d_t, d_s, |i, j| (mu * q_t64[(j, i)]) as f32),
-            p: Mat::from_fn(d_s, d_t, |i, j| (width * q_t64[(i, j)]) as f32),
-            shared_tokens: n,
-            relative_residual: Some((err / total.max(f64::MIN_POSITIVE)).sqrt()),
-        })
+        let mut map = Self::from_orientation(q_t, mu);
+        map.shared_tokens = n;
+        map.relative_residual = Some((err / total.max(f64::MIN_POSITIVE)).sqrt());
+        Ok(map)
     }
+}
+
+/// `Σ x_s x_tᵀ` over paired rows (`d_s × d_t`, f64).
+pub(crate) fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f64> {
+    let c = mm_parallel(xs.transpose(), xt.as_ref());
+    Mat::<f64>::from_fn(c.nrows(), c.ncols(), |i, j| c[(i, j)] as f64)
+}
+
+/// The orthogonal (or semi-orthogonal) factor of a cross-covariance, as f32.
+pub(crate) fn orientation(cross: &Mat<f64>) -> Result<Mat<f32>> {
+    let q = polar(cross)?;
+    Ok(Mat::<f32>::from_fn(q.nrows(), q.ncols(), |i, j| {
+        q[(i, j)] as f32
+    }))
 }
 
 /// The polar factor `X Yᵀ` of `c = X Σ Yᵀ`, from the eigendecomposition of the smaller Gram
@@ -120,7 +159,7 @@ fn centered(x: &Mat<f32>) -> Mat<f32> {
     })
 }
 
-fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
+pub(crate) fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
     let norms: Vec<f32> = (0..x.nrows()).map(|i| x.row(i).norm_l2()).collect();
     Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
         if norms[i] > 0.0 {
@@ -157,14 +196,15 @@ mod tests {
         let e_s = gaussian(n, d_s, 1);
         let q = gaussian(d_t, d_s, 2).qr().compute_thin_Q(); // d_t × d_s, QᵀQ = I
         let e_t = &e_s * q.transpose() * faer::Scale(3.0f32);
-        let map = ResidualMap::fit(&e_s, &e_t).unwrap();
+        let map = ResidualMap::fit(&e_s, &e_t, None).unwrap();
         let want = &q * faer::Scale(3.0f32);
-        let err = (&map.m - &want).norm_max();
+        let m = map.write(Mat::<f32>::identity(d_s, d_s).as_ref());
+        let err = (&m - &want).norm_max();
         assert!(err < 1e-4, "M off by {err}");
         assert!(map.relative_residual.unwrap() < 1e-5);
         // P undoes the normalized-input map √(d_t/d_s)·Q.
         let n_map = &q * faer::Scale((d_t as f32 / d_s as f32).sqrt());
-        let eye = &map.p * &n_map;
+        let eye = map.read(Mat::<f32>::identity(d_s, d_s).as_ref()) * &n_map;
         assert!((&eye - Mat::<f32>::identity(d_s, d_s)).norm_max() < 1e-4);
     }
 }

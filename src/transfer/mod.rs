@@ -51,6 +51,9 @@ struct Opened {
     target: Checkpoint,
     adapter: Adapter,
     plan: plan::Plan,
+    /// map mode: the bottom residual map and the depth map by similarity, built before the
+    /// plan (the depth map decides the plan's layers).
+    map_start: Option<(crate::map::ResidualMap, Option<crate::map::depth::DepthMap>)>,
 }
 
 /// Runs a transfer and returns its report (also written next to the adapter).
@@ -59,7 +62,7 @@ pub fn run(job: &Job) -> Result<Report> {
     let timings = Timings::default();
     check_target(&job.out, job.force)?;
     let (backend, device_note) = backend::select(job.device)?;
-    let opened = timings.time(Phase::Plan, || open_and_plan(job))?;
+    let opened = open_and_plan(job, &timings)?;
 
     let cache = job
         .cache_dir
@@ -67,14 +70,16 @@ pub fn run(job: &Job) -> Result<Report> {
         .map(cache::BasisCache::open)
         .transpose()?;
     let prefetched = basis::Prefetched::default();
-    let map = if opened
-        .plan
-        .units()
-        .any(|u| u.mode == Mode::Map && u.skip.is_none())
-    {
-        Some(timings.time(Phase::Map, || model_map(&opened, &job.options))?)
-    } else {
-        None
+    let map = match &opened.map_start {
+        Some(start)
+            if opened
+                .plan
+                .units()
+                .any(|u| u.mode == Mode::Map && u.skip.is_none()) =>
+        {
+            Some(timings.time(Phase::Map, || model_map(&opened, start, &job.options))?)
+        }
+        _ => None,
     };
     let ctx = execute::Context {
         source: &opened.source,
@@ -135,12 +140,21 @@ pub fn run(job: &Job) -> Result<Report> {
 }
 
 /// The model map of a map-mode transfer, for the layers of the plan.
-fn model_map<'a>(opened: &'a Opened, options: &Options) -> Result<execute::MapContext<'a>> {
+fn model_map<'a>(
+    opened: &'a Opened,
+    (residual, depth): &(crate::map::ResidualMap, Option<crate::map::depth::DepthMap>),
+    options: &Options,
+) -> Result<execute::MapContext<'a>> {
     let source = ModelSide::new(&opened.source)?;
     let target = ModelSide::new(&opened.target)?;
-    let mut map_options = options.map;
-    map_options.seed = options.seed;
-    let map = crate::map::ModelMap::build(&source, &target, &opened.plan.layer_map, map_options)?;
+    let map = crate::map::ModelMap::build(
+        &source,
+        &target,
+        residual.clone(),
+        &opened.plan.layer_map,
+        map_options(options),
+        depth.clone(),
+    )?;
     Ok(execute::MapContext {
         map,
         source,
@@ -148,25 +162,64 @@ fn model_map<'a>(opened: &'a Opened, options: &Options) -> Result<execute::MapCo
     })
 }
 
-/// Opens the two checkpoints and the adapter and builds the plan.
-fn open_and_plan(job: &Job) -> Result<Opened> {
+/// The map options with the transfer's seed.
+fn map_options(options: &Options) -> crate::map::MapOptions {
+    crate::map::MapOptions {
+        seed: options.seed,
+        ..options.map
+    }
+}
+
+/// Opens the two checkpoints and the adapter and builds the plan (in map mode, after the
+/// bottom residual map and, when the depths differ, the depth map by similarity).
+fn open_and_plan(job: &Job, timings: &Timings) -> Result<Opened> {
+    let plan_start = Instant::now();
     let source = Checkpoint::open(&job.source_base)?;
     let target = Checkpoint::open(&job.target_base)?;
     let adapter = Adapter::open(&job.adapter)?;
-    let plan = {
-        let s = ModelSide::new(&source)?;
-        let t = ModelSide::new(&target)?;
-        let mut options = job.options.clone();
-        if let Some(path) = &job.layer_map_file {
-            options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
+    let s = ModelSide::new(&source)?;
+    let t = ModelSide::new(&target)?;
+    let mut options = job.options.clone();
+    if let Some(path) = &job.layer_map_file {
+        options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
+    }
+    timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
+    let mut map_start = None;
+    if options.mode == Mode::Map {
+        let map_options = map_options(&options);
+        let start = timings.time(Phase::Map, || -> Result<_> {
+            let residual = crate::map::bottom_residual(&s, &t, &map_options)?;
+            let by_similarity = s.layers() != t.layers()
+                && options.layer_map.is_none()
+                && map_options.depth == crate::map::DepthFit::Similarity;
+            let depth = if by_similarity {
+                Some(crate::map::depth::by_similarity(
+                    &s,
+                    &t,
+                    &residual,
+                    map_options.seed,
+                    map_options.fold_norms,
+                )?)
+            } else {
+                None
+            };
+            Ok((residual, depth))
+        })?;
+        if let Some(depth) = &start.1 {
+            options.layer_map = Some(depth.map.clone());
         }
-        plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?
-    };
+        map_start = Some(start);
+    }
+    let plan_start = Instant::now();
+    let plan = plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?;
+    timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
+    drop((s, t));
     Ok(Opened {
         source,
         target,
         adapter,
         plan,
+        map_start,
     })
 }
 

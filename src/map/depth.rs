@@ -1,0 +1,243 @@
+//! Depth by similarity: when the two models have different depths, which source layer each
+//! target layer takes its adapter from is chosen by a monotone dynamic program over weight-only
+//! layer similarities, instead of spreading the layers evenly (round(j·(L_s−1)/(L_t−1))).
+//!
+//! A layer's signature is what it reads and writes, in sketched target coordinates (through the
+//! shared-token residual map for the source): four K × K Gram matrices — of its attention
+//! inputs (q, k and v rows), its MLP inputs (gate and up rows, norm gains folded in), and of the
+//! columns o and down write — each with its isotropic part removed and scaled to unit size.
+//! Grams do not depend on the coordinates inside heads or on the order of neurons, so no
+//! matching is needed to compare any two layers. Rows and columns are sampled evenly (at most
+//! [`SAMPLED`] per weight): a Gram of a few hundred of them is already a stable estimate.
+//!
+//! The program maximizes the summed similarity over maps that never go back in depth and pin
+//! the first and last layers to each other.
+
+use std::collections::BTreeMap;
+
+use faer::Mat;
+
+use super::layer::{Side, Sketch};
+use super::ResidualMap;
+use crate::arch::Part;
+use crate::error::Result;
+use crate::linalg::mm_parallel;
+use crate::plan::ModelSide;
+
+/// Sketch width of the signatures.
+const SIGNATURE_SKETCH: usize = 64;
+/// Rows (reads) or columns (writes) sampled per weight.
+pub const SAMPLED: usize = 512;
+
+/// The chosen depth map and the similarities it was chosen on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DepthMap {
+    /// Target layer → source layer.
+    pub map: BTreeMap<usize, usize>,
+    /// `similarity[j][i]`: target layer j against source layer i.
+    pub similarity: Vec<Vec<f32>>,
+    /// Mean similarity along the chosen map, and along the evenly spread one.
+    pub chosen_score: f64,
+    pub linear_score: f64,
+}
+
+/// A layer's four normalized Gram matrices.
+struct Signature([Mat<f32>; 4]);
+
+/// `n` evenly spaced indices of `0..len`.
+fn spaced(len: usize, n: usize) -> Vec<usize> {
+    let n = n.min(len);
+    (0..n).map(|i| i * len / n.max(1)).collect()
+}
+
+fn signature(
+    side: &Side<'_, '_>,
+    (read_x, write_x): (&Mat<f32>, &Mat<f32>),
+    fold: bool,
+) -> Result<Signature> {
+    let model = side.model;
+    let d = model.ckpt.config.hidden_size;
+    let res = &model.arch.residual;
+    let (g_attn, g_mlp) = (
+        side.gain(Some(&res.attn_norm), d, fold)?,
+        side.gain(Some(&res.mlp_norm), d, fold)?,
+    );
+    let name_rows = |part: Part| -> Result<(String, std::ops::Range<usize>)> {
+        let spec = model.arch.module_with(part);
+        let name = format!(
+            "{}.weight",
+            model.arch.module_path(&model.prefix, side.layer, spec)
+        );
+        let rows = spec
+            .rows_of(part, &model.ckpt.config)
+            .expect("the module holds the part");
+        Ok((name, rows))
+    };
+    // Sampled reading rows of the parts, gained and sketched: their Gram.
+    let reads = |parts: &[Part], g: &[f32]| -> Result<Mat<f32>> {
+        let mut gram = Mat::<f32>::zeros(read_x.ncols(), read_x.ncols());
+        for &part in parts {
+            let (name, rows) = name_rows(part)?;
+            let picked = spaced(rows.len(), SAMPLED);
+            let mut w = Mat::<f32>::zeros(picked.len(), d);
+            for (r, &i) in picked.iter().enumerate() {
+                let row = model
+                    .ckpt
+                    .read_rows_f32(&name, rows.start + i..rows.start + i + 1)?;
+                for j in 0..d {
+                    w[(r, j)] = row[j] * g[j];
+                }
+            }
+            let y = mm_parallel(w.as_ref(), read_x.as_ref());
+            gram += y.transpose() * &y;
+        }
+        Ok(gram)
+    };
+    // Sampled written columns: their Gram.
+    let writes = |part: Part| -> Result<Mat<f32>> {
+        let (name, rows) = name_rows(part)?;
+        let cols = model.ckpt.shape(&name)?[1];
+        let data = model.ckpt.read_rows_f32(&name, rows.clone())?;
+        let picked = spaced(cols, SAMPLED);
+        let c = Mat::from_fn(picked.len(), rows.len(), |r, i| data[i * cols + picked[r]]);
+        let y = mm_parallel(c.as_ref(), write_x.as_ref());
+        Ok(y.transpose() * &y)
+    };
+    Ok(Signature([
+        normalized(reads(&[Part::Q, Part::K, Part::V], &g_attn)?),
+        normalized(reads(&[Part::Gate, Part::Up], &g_mlp)?),
+        normalized(writes(Part::O)?),
+        normalized(writes(Part::Down)?),
+    ]))
+}
+
+/// `G − (tr G / K) I`, scaled to unit Frobenius norm.
+fn normalized(mut g: Mat<f32>) -> Mat<f32> {
+    let k = g.nrows();
+    let mean = (0..k).map(|i| g[(i, i)]).sum::<f32>() / k.max(1) as f32;
+    for i in 0..k {
+        g[(i, i)] -= mean;
+    }
+    let n = g.norm_l2();
+    if n > 0.0 {
+        g * faer::Scale(1.0 / n)
+    } else {
+        g
+    }
+}
+
+fn similarity(a: &Signature, b: &Signature) -> f32 {
+    let dot = |x: &Mat<f32>, y: &Mat<f32>| -> f32 {
+        let mut s = 0.0;
+        for j in 0..x.ncols() {
+            for i in 0..x.nrows() {
+                s += x[(i, j)] * y[(i, j)];
+            }
+        }
+        s
+    };
+    a.0.iter().zip(&b.0).map(|(x, y)| dot(x, y)).sum::<f32>() / 4.0
+}
+
+/// The depth map of target layers onto source layers by the similarity of their weights,
+/// compared through `residual` (the shared-token map).
+pub fn by_similarity(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    residual: &ResidualMap,
+    seed: u64,
+    fold: bool,
+) -> Result<DepthMap> {
+    let sketch = Sketch::new(target.ckpt.config.hidden_size, seed);
+    let k = SIGNATURE_SKETCH.min(sketch.r.ncols());
+    let r = sketch.r.subcols(0, k).to_owned();
+    let qr = &residual.qt * &r;
+    let source_x = (
+        &qr * faer::Scale(residual.width as f32),
+        &qr * faer::Scale(residual.scale as f32),
+    );
+    let signatures = |side: &ModelSide<'_>, x: (&Mat<f32>, &Mat<f32>)| -> Result<Vec<Signature>> {
+        (0..side.layers())
+            .map(|layer| signature(&Side { model: side, layer }, x, fold))
+            .collect()
+    };
+    let ss = signatures(source, (&source_x.0, &source_x.1))?;
+    let st = signatures(target, (&r, &r))?;
+    let sim: Vec<Vec<f32>> = st
+        .iter()
+        .map(|t| ss.iter().map(|s| similarity(s, t)).collect())
+        .collect();
+    let chosen = monotone(&sim);
+    let linear = crate::plan::layers::default_layer_map(ss.len(), st.len());
+    let score = |f: &dyn Fn(usize) -> usize| -> f64 {
+        (0..st.len()).map(|j| sim[j][f(j)] as f64).sum::<f64>() / st.len().max(1) as f64
+    };
+    Ok(DepthMap {
+        chosen_score: score(&|j| chosen[j]),
+        linear_score: score(&|j| linear[&j]),
+        map: chosen.into_iter().enumerate().collect(),
+        similarity: sim,
+    })
+}
+
+/// The non-decreasing map j → f(j) with f(0) = 0 and f(last) = last that maximizes
+/// Σ sim[j][f(j)] (one target layer: its most similar source layer).
+pub fn monotone(sim: &[Vec<f32>]) -> Vec<usize> {
+    let (lt, ls) = (sim.len(), sim.first().map_or(0, |r| r.len()));
+    if lt == 0 || ls == 0 {
+        return vec![0; lt];
+    }
+    if lt == 1 {
+        let best = (0..ls)
+            .max_by(|&a, &b| sim[0][a].total_cmp(&sim[0][b]))
+            .unwrap_or(0);
+        return vec![best];
+    }
+    // best[j][i]: the best sum of rows 0..=j with f(j) = i; from[j][i]: the f(j−1) behind it.
+    let mut best = vec![vec![f64::NEG_INFINITY; ls]; lt];
+    let mut from = vec![vec![0usize; ls]; lt];
+    best[0][0] = sim[0][0] as f64;
+    for j in 1..lt {
+        let (mut run, mut arg) = (f64::NEG_INFINITY, 0);
+        for i in 0..ls {
+            if best[j - 1][i] > run {
+                run = best[j - 1][i];
+                arg = i;
+            }
+            best[j][i] = run + sim[j][i] as f64;
+            from[j][i] = arg;
+        }
+    }
+    let mut f = vec![0; lt];
+    f[lt - 1] = ls - 1;
+    for j in (1..lt).rev() {
+        f[j - 1] = from[j][f[j]];
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_follows_the_similarity_and_never_goes_back() {
+        // 4 target layers, 6 source layers; the truth is 0, 2, 3, 5.
+        let truth = [0, 2, 3, 5];
+        let sim: Vec<Vec<f32>> = (0..4)
+            .map(|j| {
+                (0..6)
+                    .map(|i| if i == truth[j] { 0.9 } else { 0.1 })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(monotone(&sim), truth);
+        // A lure behind the previous choice is not taken.
+        let mut lure = sim.clone();
+        lure[2][1] = 0.95;
+        lure[2][3] = 0.2;
+        let f = monotone(&lure);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
+        assert_eq!((f[0], f[3]), (0, 5));
+    }
+}

@@ -1,0 +1,178 @@
+//! The map mode's depth program on a model whose layers are known: the target is the source with
+//! some layers dropped (and its residual stream rotated), so the right depth map is the kept
+//! layers, which the evenly spread default gets wrong.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::cli::*;
+use common::*;
+use faer::Mat;
+use loraxfer::io::safetensors::FloatType;
+
+const D: usize = 32;
+const INTER: usize = 48;
+const VOCAB: usize = 200;
+
+fn model(layers: usize) -> TinyModel {
+    TinyModel {
+        model_type: "llama",
+        hidden: D,
+        intermediate: INTER,
+        layers,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    }
+}
+
+fn tokenizer(dir: &Path) {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..VOCAB).map(|i| (format!("w{i}"), i.into())).collect();
+    let json =
+        serde_json::json!({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+}
+
+fn shapes(p: &str) -> (usize, usize) {
+    match p {
+        "q_proj" => (32, D),
+        "k_proj" | "v_proj" => (16, D),
+        "o_proj" => (D, 32),
+        "down_proj" => (D, INTER),
+        _ => (INTER, D),
+    }
+}
+
+fn key(l: usize, p: &str) -> String {
+    let block = if p.ends_with("gate_proj") || p.ends_with("up_proj") || p == "down_proj" {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{l}.{block}.{p}")
+}
+
+/// Writes the source (`layers` layers) and the target (the source's layers `kept`, rotated).
+fn write_pair(root: &Path, layers: usize, kept: &[usize], seed: u64) {
+    let q = orthonormal(D, D, seed, 3);
+    let mut src = BTreeMap::new();
+    let mut tgt = BTreeMap::new();
+    let put = |m: &mut BTreeMap<String, (Vec<f32>, Vec<usize>)>, k: String, w: &Mat<f32>| {
+        let shape = if w.nrows() == 1 {
+            vec![w.ncols()]
+        } else {
+            vec![w.nrows(), w.ncols()]
+        };
+        m.insert(k, (row_major(w), shape));
+    };
+    let e = gaussian(VOCAB, D, seed, 1);
+    put(&mut src, "model.embed_tokens.weight".into(), &e);
+    put(
+        &mut tgt,
+        "model.embed_tokens.weight".into(),
+        &(&e * q.transpose()),
+    );
+    let ones = Mat::from_fn(1, D, |_, _| 1.0f32);
+    for m in [&mut src, &mut tgt] {
+        put(m, "model.norm.weight".into(), &ones);
+    }
+    let mut modules = BTreeMap::new();
+    for l in 0..layers {
+        for (i, p) in PROJECTIONS.iter().enumerate() {
+            let (o, inp) = shapes(p);
+            let w = gaussian(o, inp, seed, 10 * (l as u64 + 1) + i as u64);
+            put(&mut src, format!("{}.weight", key(l, p)), &w);
+            let f = random_factors(o, inp, 4, 8.0, seed + l as u64, FloatType::F32);
+            modules.insert(key(l, p), f);
+            if let Some(j) = kept.iter().position(|&k| k == l) {
+                let t = if matches!(*p, "o_proj" | "down_proj") {
+                    &q * &w
+                } else {
+                    &w * q.transpose()
+                };
+                put(&mut tgt, format!("{}.weight", key(j, p)), &t);
+            }
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            put(&mut src, format!("model.layers.{l}.{norm}.weight"), &ones);
+            if let Some(j) = kept.iter().position(|&k| k == l) {
+                put(&mut tgt, format!("model.layers.{j}.{norm}.weight"), &ones);
+            }
+        }
+    }
+    let (sd, td) = (root.join("source"), root.join("target"));
+    write_checkpoint(&sd, &model(layers), &src, FloatType::F32);
+    write_checkpoint(&td, &model(kept.len()), &tgt, FloatType::F32);
+    tokenizer(&sd);
+    tokenizer(&td);
+    write_peft(
+        &root.join("adapter"),
+        "source",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+}
+
+fn transfer(root: &Path, out: &str, extra: &[&str]) -> serde_json::Value {
+    let [source, target, adapter, out] = ["source", "target", "adapter", out].map(|n| root.join(n));
+    let mut args = vec![
+        "transfer",
+        "--source-base",
+        s(&source),
+        "--target-base",
+        s(&target),
+        "--adapter",
+        s(&adapter),
+        "--mode",
+        "map",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(&["--out", s(&out)]);
+    args.extend_from_slice(extra);
+    ok(&args);
+    read_json(&out.join("transfer_report.json"))
+}
+
+fn layer_map(report: &serde_json::Value) -> Vec<u64> {
+    let m = report["layer_map"].as_object().unwrap();
+    (0..m.len())
+        .map(|j| m[&j.to_string()].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_depth_program_finds_the_kept_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = [0, 2, 3, 4];
+    write_pair(dir.path(), 5, &kept, 21);
+    let report = transfer(dir.path(), "out", &[]);
+    assert_eq!(layer_map(&report), vec![0, 2, 3, 4]);
+    let depth = &report["map"]["depth"];
+    let (chosen, linear) = (
+        depth["chosen_score"].as_f64().unwrap(),
+        depth["linear_score"].as_f64().unwrap(),
+    );
+    assert!(chosen > 0.99 && chosen > linear + 0.05, "{depth}");
+    // The kept layers correspond exactly, so their matchings are exact too.
+    for layer in report["map"]["layers"].as_array().unwrap() {
+        assert!(
+            layer["neuron_similarity"].as_f64().unwrap() > 0.99,
+            "{layer}"
+        );
+    }
+    // The ablation spreads the layers evenly (round(j·4/3): 0, 1, 3, 4), and a layer-map file
+    // overrides the program.
+    let linear_report = transfer(dir.path(), "out-linear", &["--map-depth", "linear"]);
+    assert_eq!(layer_map(&linear_report), vec![0, 1, 3, 4]);
+    assert!(linear_report["map"]["depth"].is_null());
+    let file = dir.path().join("layers.json");
+    std::fs::write(&file, r#"{"1": 1}"#).unwrap();
+    let forced = transfer(dir.path(), "out-file", &["--layer-map", s(&file)]);
+    assert_eq!(layer_map(&forced), vec![0, 1, 3, 4]);
+}
