@@ -1,8 +1,11 @@
 //! A unit's factors through the map. Modules that read the normalized residual (q, k, v, gate,
 //! up) see `g ⊙ h/rms(h)`, so their A maps as `A_t = A_s diag(g_s) P diag(g_t)⁻¹`, and their B's
-//! rows (heads, neurons) move with the matching; modules that write into the residual (o, down)
-//! map their B as `B_t = M B_s`, and their A's columns move with the matching. Unmatched target
-//! units get zero rows (or columns): they take nothing from the adapter.
+//! rows (heads, neurons) move with the matching — inside heads through the head fit's N where
+//! there is one, with the head norms' gains around it; modules that write into the residual (o,
+//! down) map their B through the block's writer map (`M`, or with output norms
+//! `κ diag(g_t)⁻¹ Q diag(g_s)`), and their A's columns move with the matching (o's inside heads
+//! through U). All maps are the unit's own layer's. Unmatched target units get zero rows (or
+//! columns): they take nothing from the adapter.
 
 use faer::Mat;
 

@@ -60,7 +60,7 @@ impl Heads {
         let q = reading(&w.q, attn, read_x);
         let k = reading(&w.k, attn, read_x);
         let v = reading(&w.v, attn, read_x);
-        let o = mm_parallel(w.o.transpose(), write_x.as_ref()); // (heads·hd) × K
+        let o = mm_parallel(w.o.view().transpose(), write_x.as_ref()); // (heads·hd) × K
         Heads {
             q: split(&q, c.num_attention_heads, Some(q_gain)),
             k: split(&k, c.num_key_value_heads, Some(k_gain)),

@@ -20,17 +20,17 @@ use super::refine;
 use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::error::Result;
-use crate::linalg::mm_parallel;
 use crate::linalg::philox::gaussian4;
+use crate::linalg::{mm_parallel, RowMajor};
 use crate::plan::ModelSide;
 
 /// Sketch width of the comparisons.
-pub const SKETCH: usize = 256;
+pub const SKETCH: usize = 128;
 /// Columns of the sketch used to find candidates on the sparse path.
 const COARSE: usize = 64;
 /// At most this many re-fits of a layer's residual map, each followed by a new matching (the
-/// loop stops as soon as a matching no longer changes).
-const MAX_REFITS: usize = 3;
+/// loop stops as soon as a matching no longer changes, or a refit does not hold out).
+const MAX_REFITS: usize = 2;
 
 /// The random sketch R of the target residual.
 pub struct Sketch {
@@ -116,13 +116,13 @@ impl SourceView {
 
 /// A layer's seven projection weights, as stored (only a fused tensor's part rows).
 pub(crate) struct Weights {
-    pub q: Mat<f32>,
-    pub k: Mat<f32>,
-    pub v: Mat<f32>,
-    pub o: Mat<f32>,
-    pub gate: Mat<f32>,
-    pub up: Mat<f32>,
-    pub down: Mat<f32>,
+    pub q: RowMajor,
+    pub k: RowMajor,
+    pub v: RowMajor,
+    pub o: RowMajor,
+    pub gate: RowMajor,
+    pub up: RowMajor,
+    pub down: RowMajor,
 }
 
 /// The gains a layer applies (effective: offset added), source then target; ones where a side
@@ -157,9 +157,23 @@ pub struct LayerMap {
     /// Least-squares maps inside matched heads (with `--map-inner fit`, or where head_dim
     /// differs); None: heads move as wholes.
     pub head_fit: Option<HeadFit>,
-    /// Mean cosine of the layer's matched MLP weight vectors under the starting map and under
+    /// Mean cosine of held-out matched MLP weight vectors under the starting map and under
     /// this layer's refined one (None when not refined).
     pub weight_fit: Option<(f64, f64)>,
+    /// Milliseconds spent per step (load, neurons, refit, heads), for the report.
+    pub times: Vec<(&'static str, f64)>,
+}
+
+/// Runs `f` and adds its milliseconds to `times[step]`.
+fn timed<T>(times: &mut Vec<(&'static str, f64)>, step: &'static str, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let out = f();
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    match times.iter_mut().find(|(s, _)| *s == step) {
+        Some(entry) => entry.1 += ms,
+        None => times.push((step, ms)),
+    }
+    out
 }
 
 /// A side's view of one layer.
@@ -169,7 +183,7 @@ pub(crate) struct Side<'p, 'a> {
 }
 
 impl Side<'_, '_> {
-    fn weight(&self, part: Part) -> Result<Mat<f32>> {
+    fn weight(&self, part: Part) -> Result<RowMajor> {
         let spec: &ModuleSpec = self.model.arch.module_with(part);
         let name = format!(
             "{}.weight",
@@ -183,7 +197,11 @@ impl Side<'_, '_> {
             .expect("the module holds the part");
         let cols = self.model.ckpt.shape(&name)?[1];
         let data = self.model.ckpt.read_rows_f32(&name, rows.clone())?;
-        Ok(Mat::from_fn(rows.len(), cols, |i, j| data[i * cols + j]))
+        Ok(RowMajor {
+            data,
+            rows: rows.len(),
+            cols,
+        })
     }
 
     fn weights(&self) -> Result<Weights> {
@@ -210,10 +228,11 @@ impl Side<'_, '_> {
     }
 }
 
-/// `w diag(g) X`: rows of a reading weight in sketched target coordinates.
-pub(crate) fn reading(w: &Mat<f32>, g: &[f32], x: &Mat<f32>) -> Mat<f32> {
-    let scaled = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)] * g[j]);
-    mm_parallel(scaled.as_ref(), x.as_ref())
+/// `w diag(g) X`: rows of a reading weight in sketched target coordinates (the gains scale the
+/// small X, not the weight).
+pub(crate) fn reading(w: &RowMajor, g: &[f32], x: &Mat<f32>) -> Mat<f32> {
+    let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g[i]);
+    mm_parallel(w.view(), scaled.as_ref())
 }
 
 impl Gains {
@@ -248,7 +267,7 @@ fn writer_maps(
     fold: bool,
 ) -> Result<(WriterMap, WriterMap)> {
     let one =
-        |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &Mat<f32>, w_t: &Mat<f32>| {
+        |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &RowMajor, w_t: &RowMajor| {
             let norms = |side: &Side<'_, '_>| side.model.arch.residual.output_norms.clone();
             let (Some(ns), Some(nt)) = (norms(s), norms(t)) else {
                 return Ok::<_, crate::error::Error>(WriterMap {
@@ -266,8 +285,11 @@ fn writer_maps(
                 kappa: 1.0,
             };
             // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
-            let mapped = mm_parallel(w_s.transpose(), unit.sketch_t(residual, &sketch.r).as_ref());
-            let own = mm_parallel(w_t.transpose(), sketch.r.as_ref());
+            let mapped = mm_parallel(
+                w_s.view().transpose(),
+                unit.sketch_t(residual, &sketch.r).as_ref(),
+            );
+            let own = mm_parallel(w_t.view().transpose(), sketch.r.as_ref());
             let (a, b) = (own.norm_l2() as f64, mapped.norm_l2() as f64);
             Ok(WriterMap {
                 kappa: if b > 0.0 { a / b } else { 1.0 },
@@ -301,8 +323,11 @@ impl LayerMap {
             model: target,
             layer: target_layer,
         };
+        let mut times = Vec::new();
         let gains = Gains::read(&s, &t, options.fold_norms)?;
-        let (ws, wt) = (s.weights()?, t.weights()?);
+        let (ws, wt) = timed(&mut times, "load", || -> Result<_> {
+            Ok((s.weights()?, t.weights()?))
+        })?;
         let (cs, ct) = (&source.ckpt.config, &target.ckpt.config);
         let head_dim = (cs.head_dim, ct.head_dim);
         let mut residual = start.clone();
@@ -319,22 +344,33 @@ impl LayerMap {
                 head_dim,
                 head_fit: None,
                 weight_fit: None,
+                times,
             });
         }
         let mut view = SourceView::new(sketch, &residual, &writers);
-        let mut neurons = match_neurons((&ws, &wt), &gains.mlp, &view, sketch)?;
+        let (target_neurons, mut neurons) = timed(&mut times, "neurons", || {
+            let target = NeuronFeatures::new(&wt, &gains.mlp.1, &sketch.r, &sketch.r);
+            let neurons = match_neurons(&ws, &target, &gains.mlp.0, &view)?;
+            Ok::<_, crate::error::Error>((target, neurons))
+        })?;
         let mut weight_fit = None;
         if options.residual == ResidualFit::Layers {
             for _ in 0..MAX_REFITS {
-                let refit = refine::refit((&ws, &wt), &gains.mlp, &neurons, &residual, start)?;
+                let refit = timed(&mut times, "refit", || {
+                    refine::refit((&ws, &wt), &gains.mlp, &neurons, &residual, start)
+                })?;
                 weight_fit = Some((
                     weight_fit.map_or(refit.start_agreement, |(s, _)| s),
                     refit.agreement,
                 ));
-                residual = Arc::new(refit.map);
+                // A refit that does not carry to held-out neurons fits noise: keep the map.
+                let Some(map) = refit.map else { break };
+                residual = Arc::new(map);
                 writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, options.fold_norms)?;
                 view = SourceView::new(sketch, &residual, &writers);
-                let again = match_neurons((&ws, &wt), &gains.mlp, &view, sketch)?;
+                let again = timed(&mut times, "neurons", || {
+                    match_neurons(&ws, &target_neurons, &gains.mlp.0, &view)
+                })?;
                 let settled = again.source_of == neurons.source_of;
                 neurons = again;
                 if settled {
@@ -342,10 +378,13 @@ impl LayerMap {
                 }
             }
         }
-        let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct));
-        let (q_heads, kv_heads) = heads::match_heads(&views)?;
-        let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
-            .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
+        let (q_heads, kv_heads, head_fit) = timed(&mut times, "heads", || -> Result<_> {
+            let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct));
+            let (q_heads, kv_heads) = heads::match_heads(&views)?;
+            let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
+                .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
+            Ok((q_heads, kv_heads, head_fit))
+        })?;
         Ok(LayerMap {
             source_layer,
             residual,
@@ -357,42 +396,56 @@ impl LayerMap {
             head_dim,
             head_fit,
             weight_fit,
+            times,
         })
     }
 }
 
-fn match_neurons(
-    (ws, wt): (&Weights, &Weights),
-    gain: &(Vec<f32>, Vec<f32>),
-    view: &SourceView,
-    sketch: &Sketch,
-) -> Result<Assignment> {
-    // Per side, the three views of each neuron in sketched target coordinates: gate and up rows
-    // (reads), down's column (its write: cᵀ·Wᵀ·R for the source, cᵀ·R for the target).
-    let views = |w: &Weights, g: &[f32], read: &Mat<f32>, write: &Mat<f32>| {
-        [
+/// Neuron features in sketched target coordinates, coarse (the first [`COARSE`] sketch
+/// columns) and fine: rows whose dot products are the mean of the cosines of the gate rows, up
+/// rows and down columns of two neurons.
+pub(crate) struct NeuronFeatures {
+    coarse: Mat<f32>,
+    fine: Mat<f32>,
+}
+
+impl NeuronFeatures {
+    /// Reads are `w diag(g) X_read`, writes `cᵀ X_write` (down's columns).
+    fn new(w: &Weights, g: &[f32], read: &Mat<f32>, write: &Mat<f32>) -> Self {
+        let views = [
             reading(&w.gate, g, read),
             reading(&w.up, g, read),
-            mm_parallel(w.down.transpose(), write.as_ref()),
-        ]
-    };
-    let vs = views(ws, &gain.0, &view.read, &view.write_mlp);
-    let vt = views(wt, &gain.1, &sketch.r, &sketch.r);
-    // Features whose dot product is the mean of the three cosines.
-    let features = |v: &[Mat<f32>; 3], width: usize| {
-        let width = width.min(v[0].ncols());
-        let parts: Vec<Mat<f32>> = v
-            .iter()
-            .map(|x| unit_rows(&x.subcols(0, width).to_owned()))
-            .collect();
-        let scale = 1.0 / 3f32.sqrt();
-        Mat::from_fn(v[0].nrows(), 3 * width, |i, j| {
-            parts[j / width][(i, j % width)] * scale
-        })
-    };
-    let k = vs[0].ncols();
+            mm_parallel(w.down.view().transpose(), write.as_ref()),
+        ];
+        let features = |width: usize| {
+            let width = width.min(views[0].ncols());
+            let parts: Vec<Mat<f32>> = views
+                .iter()
+                .map(|x| unit_rows(&x.subcols(0, width).to_owned()))
+                .collect();
+            let scale = 1.0 / 3f32.sqrt();
+            Mat::from_fn(views[0].nrows(), 3 * width, |i, j| {
+                parts[j / width][(i, j % width)] * scale
+            })
+        };
+        NeuronFeatures {
+            coarse: features(COARSE),
+            fine: features(views[0].ncols()),
+        }
+    }
+}
+
+/// Matches the target's neurons (features computed once per layer) with the source's under
+/// the current view.
+fn match_neurons(
+    ws: &Weights,
+    target: &NeuronFeatures,
+    g_s: &[f32],
+    view: &SourceView,
+) -> Result<Assignment> {
+    let source = NeuronFeatures::new(ws, g_s, &view.read, &view.write_mlp);
     assign_features(
-        (&features(&vt, COARSE), &features(&vs, COARSE)),
-        (&features(&vt, k), &features(&vs, k)),
+        (&target.coarse, &source.coarse),
+        (&target.fine, &source.fine),
     )
 }

@@ -191,10 +191,23 @@ pub fn assign_features(
 
 /// Rows scaled to unit length (zero rows stay zero).
 pub fn unit_rows(x: &Mat<f32>) -> Mat<f32> {
-    let norms: Vec<f32> = (0..x.nrows())
-        .map(|i| x.row(i).norm_l2().max(f32::MIN_POSITIVE))
+    let norms: Vec<f32> = row_norms(x)
+        .into_iter()
+        .map(|n| n.max(f32::MIN_POSITIVE))
         .collect();
     Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] / norms[i])
+}
+
+/// The Euclidean norm of each row, accumulated column by column (faer is column-major, so a
+/// row is strided).
+pub fn row_norms(x: &Mat<f32>) -> Vec<f32> {
+    let mut sq = vec![0f32; x.nrows()];
+    for j in 0..x.ncols() {
+        for (s, v) in sq.iter_mut().zip(x.col(j).iter()) {
+            *s += v * v;
+        }
+    }
+    sq.into_iter().map(f32::sqrt).collect()
 }
 
 #[cfg(test)]

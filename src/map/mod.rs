@@ -103,6 +103,8 @@ pub struct ModelMap {
     pub options: MapOptions,
     /// The depth map chosen by similarity, when the depths differ and it was asked for.
     pub depth: Option<depth::DepthMap>,
+    /// Milliseconds per step of building the map (summed over layers).
+    pub times: BTreeMap<String, f64>,
 }
 
 /// The residual map the options ask for at the bottom of the models: the shared-token fit, or
@@ -160,11 +162,18 @@ impl ModelMap {
             }
             layers.insert(j, layer);
         }
+        let mut times = BTreeMap::new();
+        for layer in layers.values() {
+            for (step, ms) in &layer.times {
+                *times.entry(step.to_string()).or_insert(0.0) += ms;
+            }
+        }
         Ok(ModelMap {
             residual,
             layers,
             options,
             depth,
+            times,
         })
     }
 }
@@ -180,6 +189,9 @@ pub struct MapReport {
     /// The depth map by similarity, with the scores it was chosen on (None: depths equal,
     /// `--map-depth linear` or a `--layer-map` file).
     pub depth: Option<depth::DepthMap>,
+    /// Milliseconds per step: the bottom residual fit, the depth program, and summed over the
+    /// layers loading their weights, matching neurons, refitting and matching heads.
+    pub time_ms: BTreeMap<String, f64>,
     pub layers: Vec<LayerReport>,
 }
 
@@ -212,6 +224,7 @@ impl ModelMap {
             shared_tokens: self.residual.shared_tokens,
             residual_fit: self.residual.relative_residual,
             depth: self.depth.clone(),
+            time_ms: self.times.clone(),
             layers: self
                 .layers
                 .iter()
@@ -239,8 +252,10 @@ impl ModelMap {
     }
 }
 
-/// At most this many shared tokens anchor the residual map.
-pub const MAX_ANCHORS: usize = 16384;
+/// Shared tokens anchoring the residual map, per dimension of the wider stream (at least
+/// [`MIN_ANCHORS`]): a few times the width fixes the map as well as a hundred thousand do.
+pub const ANCHORS_PER_WIDTH: usize = 3;
+pub const MIN_ANCHORS: usize = 4096;
 
 /// The residual map from the shared tokens' embedding rows (scaled as each family scales them).
 fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<ResidualMap> {
@@ -254,9 +269,14 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
         |side: &ModelSide<'_>, name: &str| -> Result<usize> { Ok(side.ckpt.shape(name)?[0]) };
     let all_pairs =
         vocab::shared_tokens(&vs, &vt, (rows(source, &es_name)?, rows(target, &et_name)?));
-    // Evenly spaced over the source ids: a few thousand anchors fix a map between widths of a
-    // few thousand as well as a hundred thousand do, at a fraction of the cost.
-    let step = all_pairs.len().div_ceil(MAX_ANCHORS).max(1);
+    // Evenly spaced over the source ids.
+    let width = source
+        .ckpt
+        .config
+        .hidden_size
+        .max(target.ckpt.config.hidden_size);
+    let anchors = (ANCHORS_PER_WIDTH * width).max(MIN_ANCHORS);
+    let step = all_pairs.len().div_ceil(anchors).max(1);
     let pairs: Vec<(usize, usize)> = all_pairs.iter().step_by(step).copied().collect();
     if pairs.is_empty() {
         return Err(Error::config(
@@ -344,5 +364,5 @@ pub(crate) fn read_matrix(ckpt: &Checkpoint, name: &str) -> Result<Mat<f32>> {
     };
     // A vector's "rows" are its elements.
     let data = ckpt.read_rows_f32(name, 0..shape[0])?;
-    Ok(Mat::from_fn(rows, cols, |i, j| data[i * cols + j]))
+    Ok(crate::linalg::from_row_major(&data, rows, cols))
 }

@@ -9,6 +9,9 @@ use faer::Mat;
 use crate::error::{Error, Result};
 use crate::linalg::mm_parallel;
 
+/// Anchors that measure the map's scale and its fit.
+const SCALE_ANCHORS: usize = 1024;
+
 /// `h_t ≈ M h_s` between the residual streams, `M = μ·Q` with Q (semi-)orthogonal, and the map
 /// of the normalized inputs the blocks read, `P = √(d_s/d_t)·Qᵀ` (RMSNorm's width factor
 /// included: readers take `A_t = A_s diag(g_s) P diag(g_t)⁻¹`, writers `B_t = M B_s`). Only Qᵀ is
@@ -86,13 +89,18 @@ impl ResidualMap {
             );
         }
         let q_t = orientation(&cross)?; // d_s × d_t: Qᵀ
-        let rotated = mm_parallel(xs.as_ref(), q_t.as_ref()); // n × d_t
+                                        // The scale and the fit are two numbers: evenly spaced anchors measure them well.
+        let step = n.div_ceil(SCALE_ANCHORS).max(1);
+        let picked: Vec<usize> = (0..n).step_by(step).collect();
+        let pick = |x: &Mat<f32>| Mat::from_fn(picked.len(), x.ncols(), |i, j| x[(picked[i], j)]);
+        let (xs, xt) = (pick(&xs), pick(&xt));
+        let rotated = mm_parallel(xs.as_ref(), q_t.as_ref()); // picked × d_t
         let num = zip_sum(&rotated, &xt);
         let den = zip_sum(&rotated, &rotated);
         let mu = if den > 0.0 { num / den } else { 1.0 };
         let (mut err, mut total) = (0.0, 0.0);
         for j in 0..d_t {
-            for i in 0..n {
+            for i in 0..picked.len() {
                 let d = xt[(i, j)] as f64 - mu * rotated[(i, j)] as f64;
                 err += d * d;
                 total += (xt[(i, j)] as f64).powi(2);
@@ -105,30 +113,28 @@ impl ResidualMap {
     }
 }
 
-/// `Σ x_s x_tᵀ` over paired rows (`d_s × d_t`, f64).
-pub(crate) fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f64> {
-    let c = mm_parallel(xs.transpose(), xt.as_ref());
-    Mat::<f64>::from_fn(c.nrows(), c.ncols(), |i, j| c[(i, j)] as f64)
+/// `Σ x_s x_tᵀ` over paired rows (`d_s × d_t`).
+pub(crate) fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f32> {
+    mm_parallel(xs.transpose(), xt.as_ref())
 }
 
-/// The orthogonal (or semi-orthogonal) factor of a cross-covariance, as f32.
-pub(crate) fn orientation(cross: &Mat<f64>) -> Result<Mat<f32>> {
-    let q = polar(cross)?;
-    Ok(Mat::<f32>::from_fn(q.nrows(), q.ncols(), |i, j| {
-        q[(i, j)] as f32
-    }))
-}
+/// Gram eigenvalues below this fraction of the largest are left out of the polar factor: below
+/// it an f32 Gram matrix holds rounding, and inverting it would put noise into the map.
+const POLAR_CUTOFF: f64 = 1e-6;
 
-/// The polar factor `X Yᵀ` of `c = X Σ Yᵀ`, from the eigendecomposition of the smaller Gram
-/// matrix (`(c cᵀ)^{-1/2} c`): several times cheaper than the SVD of a wide `c`. Directions with
-/// no weight (rank deficiency) are left out rather than divided by zero.
-fn polar(c: &Mat<f64>) -> Result<Mat<f64>> {
+/// The orthogonal (or semi-orthogonal) factor `X Yᵀ` of a cross-covariance `c = X Σ Yᵀ`, as
+/// `(c cᵀ)^{-1/2} c` from the eigendecomposition of the smaller Gram matrix: several times
+/// cheaper than the SVD of a wide `c`. The products are f32 (all cores), the small
+/// eigendecomposition f64. Directions with (next to) no weight are left out rather than divided
+/// by zero.
+pub(crate) fn orientation(c: &Mat<f32>) -> Result<Mat<f32>> {
     let wide = c.nrows() <= c.ncols();
     let gram = if wide {
-        c * c.transpose()
+        mm_parallel(c.as_ref(), c.transpose())
     } else {
-        c.transpose() * c
+        mm_parallel(c.transpose(), c.as_ref())
     };
+    let gram = Mat::<f64>::from_fn(gram.nrows(), gram.ncols(), |i, j| gram[(i, j)] as f64);
     let evd = gram
         .self_adjoint_eigen(faer::Side::Lower)
         .map_err(|e| Error::Numerical {
@@ -137,16 +143,23 @@ fn polar(c: &Mat<f64>) -> Result<Mat<f64>> {
         })?;
     let (u, lambda) = (evd.U(), evd.S().column_vector());
     let top = (0..lambda.nrows()).map(|i| lambda[i]).fold(0.0, f64::max);
-    let inv_sqrt = Mat::from_fn(u.ncols(), u.ncols(), |i, j| {
-        let l = lambda[i];
-        if i == j && l > top * 1e-14 {
-            1.0 / l.sqrt()
+    let scaled = Mat::from_fn(u.nrows(), u.ncols(), |i, j| {
+        let l = lambda[j];
+        if l > top * POLAR_CUTOFF {
+            u[(i, j)] / l.sqrt()
         } else {
             0.0
         }
     });
-    let root = u * inv_sqrt * u.transpose();
-    Ok(if wide { root * c } else { c * root })
+    let to32 = |m: faer::MatRef<'_, f64>| {
+        Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
+    };
+    let root = mm_parallel(to32(scaled.as_ref()).as_ref(), to32(u).transpose());
+    Ok(if wide {
+        mm_parallel(root.as_ref(), c.as_ref())
+    } else {
+        mm_parallel(c.as_ref(), root.as_ref())
+    })
 }
 
 fn centered(x: &Mat<f32>) -> Mat<f32> {
@@ -160,7 +173,7 @@ fn centered(x: &Mat<f32>) -> Mat<f32> {
 }
 
 pub(crate) fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
-    let norms: Vec<f32> = (0..x.nrows()).map(|i| x.row(i).norm_l2()).collect();
+    let norms = super::matching::row_norms(x);
     Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
         if norms[i] > 0.0 {
             x[(i, j)] / norms[i]

@@ -53,7 +53,14 @@ struct Opened {
     plan: plan::Plan,
     /// map mode: the bottom residual map and the depth map by similarity, built before the
     /// plan (the depth map decides the plan's layers).
-    map_start: Option<(crate::map::ResidualMap, Option<crate::map::depth::DepthMap>)>,
+    map_start: Option<MapStart>,
+}
+
+/// The parts of the model map built before the plan, and their milliseconds.
+struct MapStart {
+    residual: crate::map::ResidualMap,
+    depth: Option<crate::map::depth::DepthMap>,
+    times: BTreeMap<String, f64>,
 }
 
 /// Runs a transfer and returns its report (also written next to the adapter).
@@ -142,19 +149,20 @@ pub fn run(job: &Job) -> Result<Report> {
 /// The model map of a map-mode transfer, for the layers of the plan.
 fn model_map<'a>(
     opened: &'a Opened,
-    (residual, depth): &(crate::map::ResidualMap, Option<crate::map::depth::DepthMap>),
+    start: &MapStart,
     options: &Options,
 ) -> Result<execute::MapContext<'a>> {
     let source = ModelSide::new(&opened.source)?;
     let target = ModelSide::new(&opened.target)?;
-    let map = crate::map::ModelMap::build(
+    let mut map = crate::map::ModelMap::build(
         &source,
         &target,
-        residual.clone(),
+        start.residual.clone(),
         &opened.plan.layer_map,
         map_options(options),
-        depth.clone(),
+        start.depth.clone(),
     )?;
+    map.times.extend(start.times.clone());
     Ok(execute::MapContext {
         map,
         source,
@@ -188,7 +196,11 @@ fn open_and_plan(job: &Job, timings: &Timings) -> Result<Opened> {
     if options.mode == Mode::Map {
         let map_options = map_options(&options);
         let start = timings.time(Phase::Map, || -> Result<_> {
+            let clock = Instant::now();
             let residual = crate::map::bottom_residual(&s, &t, &map_options)?;
+            let mut times = BTreeMap::new();
+            times.insert("residual".to_string(), clock.elapsed().as_secs_f64() * 1e3);
+            let clock = Instant::now();
             let by_similarity = s.layers() != t.layers()
                 && options.layer_map.is_none()
                 && map_options.depth == crate::map::DepthFit::Similarity;
@@ -203,9 +215,16 @@ fn open_and_plan(job: &Job, timings: &Timings) -> Result<Opened> {
             } else {
                 None
             };
-            Ok((residual, depth))
+            if depth.is_some() {
+                times.insert("depth".to_string(), clock.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(MapStart {
+                residual,
+                depth,
+                times,
+            })
         })?;
-        if let Some(depth) = &start.1 {
+        if let Some(depth) = &start.depth {
             options.layer_map = Some(depth.map.clone());
         }
         map_start = Some(start);
