@@ -1,0 +1,254 @@
+//! The map mode on a Gemma 3 twin: its embeddings scaled by √d, norm gains stored as g − 1,
+//! per-head query/key norms, and output norms after o and down. The target is the source with
+//! its residual stream in other coordinates (a signed permutation, which the output norms'
+//! gains can follow), heads and neurons permuted, gains permuted with the stream, and o and down
+//! scaled by constants the output norms remove. The adapter `map` writes must be the source's in
+//! those coordinates: readers `ΔW_s Qᵀ`, writers `c·Q ΔW_s`. The embeddings give μ = 1 and o
+//! and down are scaled differently, so only the output norms' κ can give both writers' c.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::cli::*;
+use common::*;
+use faer::Mat;
+use loraxfer::io::adapter::{Adapter, LoraFactors};
+use loraxfer::io::safetensors::FloatType;
+
+const D: usize = 32;
+const HEADS: usize = 4;
+const KV: usize = 2;
+const HD: usize = 8;
+const INTER: usize = 48;
+const LAYERS: usize = 2;
+const VOCAB: usize = 200;
+/// The scales of o and down in the target (removed by the output norms).
+const C_ATTN: f32 = 2.5;
+const C_MLP: f32 = 0.4;
+
+fn key(l: usize, p: &str) -> String {
+    let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{l}.{block}.{p}")
+}
+
+fn perm(n: usize, seed: u64) -> Vec<usize> {
+    let g = gaussian(n, 1, seed, 77);
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| g[(a, 0)].partial_cmp(&g[(b, 0)]).unwrap());
+    idx
+}
+
+/// Target unit u holds the rows of source unit `map[u]` (`size` rows each).
+fn units(w: &Mat<f32>, map: &[usize], size: usize) -> Mat<f32> {
+    Mat::from_fn(map.len() * size, w.ncols(), |i, j| {
+        w[(map[i / size] * size + i % size, j)]
+    })
+}
+
+struct Twin {
+    /// `d × d` signed permutation: h_t = Q h_s.
+    q: Mat<f32>,
+    q_heads: Vec<usize>,
+    kv_heads: Vec<usize>,
+    neurons: Vec<usize>,
+}
+
+fn tokenizer(dir: &Path) {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..VOCAB).map(|i| (format!("w{i}"), i.into())).collect();
+    let json =
+        serde_json::json!({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+}
+
+fn write_pair(root: &Path, seed: u64) -> Twin {
+    let pi = perm(D, seed + 1);
+    let signs: Vec<f32> = (0..D)
+        .map(|i| {
+            if (i * 7 + seed as usize) % 3 == 0 {
+                -1.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let q = Mat::from_fn(D, D, |r, c| if r == pi[c] { signs[c] } else { 0.0 });
+    let group = perm(KV, seed + 2);
+    let mut q_heads = Vec::new();
+    for (b, &a) in group.iter().enumerate() {
+        let within = perm(HEADS / KV, seed + 3 + b as u64);
+        q_heads.extend(within.iter().map(|&w| a * (HEADS / KV) + w));
+    }
+    let neurons = perm(INTER, seed + 6);
+    let (mut src, mut tgt) = (BTreeMap::new(), BTreeMap::new());
+    let vector = |w: &Mat<f32>| (row_major(w), vec![w.ncols()]);
+    let matrix = |w: &Mat<f32>| (row_major(w), vec![w.nrows(), w.ncols()]);
+    let e = gaussian(VOCAB, D, seed, 1);
+    src.insert("model.embed_tokens.weight".to_string(), matrix(&e));
+    tgt.insert(
+        "model.embed_tokens.weight".to_string(),
+        matrix(&(&e * q.transpose())),
+    );
+    // A stored residual-width gain (g − 1) and the target's, permuted with the stream.
+    let gain = |stream: u64| {
+        let g = gaussian(1, D, seed, stream);
+        let s = Mat::from_fn(1, D, |_, j| 0.3 * g[(0, j)]);
+        let t = Mat::from_fn(1, D, |_, j| {
+            s[(0, pi.iter().position(|&p| p == j).unwrap())]
+        });
+        (s, t)
+    };
+    let (ns, nt) = gain(90);
+    src.insert("model.norm.weight".to_string(), vector(&ns));
+    tgt.insert("model.norm.weight".to_string(), vector(&nt));
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        for (n, norm) in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (s, t) = gain(100 + 4 * l as u64 + n as u64);
+            src.insert(format!("model.layers.{l}.{norm}.weight"), vector(&s));
+            tgt.insert(format!("model.layers.{l}.{norm}.weight"), vector(&t));
+        }
+        for (n, norm) in ["q_norm", "k_norm"].iter().enumerate() {
+            let g = gaussian(1, HD, seed, 200 + 2 * l as u64 + n as u64);
+            let g = Mat::from_fn(1, HD, |_, j| 0.3 * g[(0, j)]);
+            for m in [&mut src, &mut tgt] {
+                m.insert(
+                    format!("model.layers.{l}.self_attn.{norm}.weight"),
+                    vector(&g),
+                );
+            }
+        }
+        for (i, p) in PROJECTIONS.iter().enumerate() {
+            let (o, inp) = match *p {
+                "q_proj" => (HEADS * HD, D),
+                "k_proj" | "v_proj" => (KV * HD, D),
+                "o_proj" => (D, HEADS * HD),
+                "down_proj" => (D, INTER),
+                _ => (INTER, D),
+            };
+            let w = gaussian(o, inp, seed, 10 * (l as u64 + 1) + i as u64);
+            let cols = |w: &Mat<f32>, map: &[usize], size: usize| {
+                units(&w.transpose().to_owned(), map, size)
+                    .transpose()
+                    .to_owned()
+            };
+            let t = match *p {
+                "q_proj" => units(&w, &q_heads, HD) * q.transpose(),
+                "k_proj" | "v_proj" => units(&w, &group, HD) * q.transpose(),
+                "gate_proj" | "up_proj" => units(&w, &neurons, 1) * q.transpose(),
+                "o_proj" => &q * cols(&w, &q_heads, HD) * faer::Scale(C_ATTN),
+                _ => &q * cols(&w, &neurons, 1) * faer::Scale(C_MLP),
+            };
+            src.insert(format!("{}.weight", key(l, p)), matrix(&w));
+            tgt.insert(format!("{}.weight", key(l, p)), matrix(&t));
+            let f = random_factors(
+                o,
+                inp,
+                4,
+                8.0,
+                seed + l as u64 * 7 + i as u64,
+                FloatType::F32,
+            );
+            modules.insert(key(l, p), f);
+        }
+    }
+    let model = TinyModel {
+        model_type: "gemma3_text",
+        hidden: D,
+        intermediate: INTER,
+        layers: LAYERS,
+        heads: HEADS,
+        kv_heads: KV,
+        head_dim: HD,
+    };
+    for (dir, tensors) in [("source", &src), ("target", &tgt)] {
+        write_checkpoint(&root.join(dir), &model, tensors, FloatType::F32);
+        tokenizer(&root.join(dir));
+    }
+    write_peft(
+        &root.join("adapter"),
+        "source",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    Twin {
+        q,
+        q_heads,
+        kv_heads: group,
+        neurons,
+    }
+}
+
+fn dense(f: &LoraFactors) -> Mat<f32> {
+    from_row_major(&f.b, f.out_features, f.r) * from_row_major(&f.a, f.r, f.in_features)
+}
+
+#[test]
+fn map_carries_the_adapter_through_gemma3_norms() {
+    let dir = tempfile::tempdir().unwrap();
+    let twin = write_pair(dir.path(), 12);
+    let [source, target, adapter, out] =
+        ["source", "target", "adapter", "out"].map(|n| dir.path().join(n));
+    ok(&[
+        "transfer",
+        "--source-base",
+        s(&source),
+        "--target-base",
+        s(&target),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&out),
+        "--mode",
+        "map",
+        "--device",
+        "cpu",
+    ]);
+    let src = Adapter::open(&adapter).unwrap();
+    let got = Adapter::open(&out).unwrap();
+    for l in 0..LAYERS {
+        for p in PROJECTIONS {
+            let ds = dense(&src.modules[&key(l, p)]);
+            let cols = |w: &Mat<f32>, map: &[usize], size: usize| {
+                units(&w.transpose().to_owned(), map, size)
+                    .transpose()
+                    .to_owned()
+            };
+            let want = match p {
+                "q_proj" => units(&ds, &twin.q_heads, HD) * twin.q.transpose(),
+                "k_proj" | "v_proj" => units(&ds, &twin.kv_heads, HD) * twin.q.transpose(),
+                "gate_proj" | "up_proj" => units(&ds, &twin.neurons, 1) * twin.q.transpose(),
+                "o_proj" => &twin.q * cols(&ds, &twin.q_heads, HD) * faer::Scale(C_ATTN),
+                _ => &twin.q * cols(&ds, &twin.neurons, 1) * faer::Scale(C_MLP),
+            };
+            let have = dense(&got.modules[&key(l, p)]);
+            let err = fro(&(&have - &want)) / fro(&want);
+            assert!(err < 1e-4, "layer {l} {p}: relative error {err}");
+        }
+    }
+    let report = read_json(&out.join("transfer_report.json"));
+    for layer in report["map"]["layers"].as_array().unwrap() {
+        let kappa = layer["writer_kappa"].as_array().unwrap();
+        let (a, m) = (kappa[0].as_f64().unwrap(), kappa[1].as_f64().unwrap());
+        assert!(
+            (a - C_ATTN as f64).abs() < 1e-3 && (m - C_MLP as f64).abs() < 1e-3,
+            "{layer}"
+        );
+    }
+}
