@@ -109,10 +109,11 @@ fn every_kernel_matches_the_cpu_reference_on_the_gpu() {
 emulator_test! {
     /// A whole transfer through the CUDA backend's host code and kernels (on the emulator) gives the
     /// CPU backend's adapter: raw bf16 weights read by the kernels, batched SVD, similarity and the
-    /// subspace products, in the real pipeline.
+    /// subspace products, rotate's basis products and the map's weight products, in the real
+    /// pipeline.
     fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
         let f = Fixtures::new();
-        for mode in ["project", "align"] {
+        for mode in ["project", "align", "rotate", "map"] {
             let out = |dev: &str| f.root.path().join(format!("{mode}-{dev}"));
             for dev in ["cpu", "emulator"] {
                 ok(&[

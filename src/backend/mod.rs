@@ -212,6 +212,13 @@ pub trait Backend: Sync {
         self.similarity(x.side(side), y.side(side))
     }
 
+    /// `a · b` for dense f32 matrices: the heavy products of the map mode (weights times a
+    /// sketch, cross-covariances). The CPU uses every core (the map is built before the units
+    /// run); a device backend runs it on the device.
+    fn product(&self, a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Result<Mat<f32>> {
+        Ok(crate::linalg::mm_parallel(a, b))
+    }
+
     /// `Xᵀ·M` for one side of a basis (`k × r` from `m × k` and `m × r`): the heavy product
     /// of the whole-update modes. Backends may use their resident copy of the basis.
     fn basis_t_mul(&self, basis: &Basis, side: Side, m: MatRef<'_, f32>) -> Result<Mat<f32>> {

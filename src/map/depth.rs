@@ -20,8 +20,8 @@ use faer::Mat;
 use super::layer::{Side, Sketch};
 use super::ResidualMap;
 use crate::arch::Part;
+use crate::backend::Backend;
 use crate::error::Result;
-use crate::linalg::mm_parallel;
 use crate::plan::ModelSide;
 
 /// Sketch width of the signatures.
@@ -54,6 +54,7 @@ fn signature(
     side: &Side<'_, '_>,
     (read_x, write_x): (&Mat<f32>, &Mat<f32>),
     fold: bool,
+    backend: &dyn Backend,
 ) -> Result<Signature> {
     let model = side.model;
     let d = model.ckpt.config.hidden_size;
@@ -88,7 +89,7 @@ fn signature(
                     w[(r, j)] = row[j] * g[j];
                 }
             }
-            let y = mm_parallel(w.as_ref(), read_x.as_ref());
+            let y = backend.product(w.as_ref(), read_x.as_ref())?;
             gram += y.transpose() * &y;
         }
         Ok(gram)
@@ -100,7 +101,7 @@ fn signature(
         let data = model.ckpt.read_rows_f32(&name, rows.clone())?;
         let picked = spaced(cols, SAMPLED);
         let c = Mat::from_fn(picked.len(), rows.len(), |r, i| data[i * cols + picked[r]]);
-        let y = mm_parallel(c.as_ref(), write_x.as_ref());
+        let y = backend.product(c.as_ref(), write_x.as_ref())?;
         Ok(y.transpose() * &y)
     };
     Ok(Signature([
@@ -147,8 +148,9 @@ pub fn by_similarity(
     residual: &ResidualMap,
     seed: u64,
     fold: bool,
+    backend: &dyn Backend,
 ) -> Result<DepthMap> {
-    let sketch = Sketch::new(target.ckpt.config.hidden_size, seed);
+    let sketch = Sketch::new(target.ckpt.config.hidden_size, seed, backend);
     let k = SIGNATURE_SKETCH.min(sketch.r.ncols());
     let r = sketch.r.subcols(0, k).to_owned();
     let qr = &residual.qt * &r;
@@ -158,7 +160,7 @@ pub fn by_similarity(
     );
     let signatures = |side: &ModelSide<'_>, x: (&Mat<f32>, &Mat<f32>)| -> Result<Vec<Signature>> {
         (0..side.layers())
-            .map(|layer| signature(&Side { model: side, layer }, x, fold))
+            .map(|layer| signature(&Side { model: side, layer }, x, fold, backend))
             .collect()
     };
     let ss = signatures(source, (&source_x.0, &source_x.1))?;

@@ -13,9 +13,9 @@ use faer::Mat;
 
 use super::layer::{reading, Gains, Sketch, SourceView, Weights};
 use super::matching::{assign, Assignment};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::checkpoint::ModelConfig;
-use crate::linalg::mm_parallel;
 
 /// Ridge of the inner fits, relative to the mean eigenvalue of the source Gram matrix: small
 /// enough to leave an exact correspondence exact to f32 rounding, large enough that directions
@@ -45,7 +45,8 @@ impl Heads {
         read_x: &Mat<f32>,
         write_x: &Mat<f32>,
         c: &ModelConfig,
-    ) -> Self {
+        backend: &dyn Backend,
+    ) -> Result<Self> {
         let hd = c.head_dim;
         let split = |m: &Mat<f32>, n: usize, g: Option<&[f32]>| -> Vec<Mat<f32>> {
             (0..n)
@@ -57,17 +58,17 @@ impl Heads {
                 })
                 .collect()
         };
-        let q = reading(&w.q, attn, read_x);
-        let k = reading(&w.k, attn, read_x);
-        let v = reading(&w.v, attn, read_x);
-        let o = mm_parallel(w.o.view().transpose(), write_x.as_ref()); // (heads·hd) × K
-        Heads {
+        let q = reading(&w.q, attn, read_x, backend)?;
+        let k = reading(&w.k, attn, read_x, backend)?;
+        let v = reading(&w.v, attn, read_x, backend)?;
+        let o = backend.product(w.o.view().transpose(), write_x.as_ref())?; // (heads·hd) × K
+        Ok(Heads {
             q: split(&q, c.num_attention_heads, Some(q_gain)),
             k: split(&k, c.num_key_value_heads, Some(k_gain)),
             v: split(&v, c.num_key_value_heads, None),
             o: split(&o, c.num_attention_heads, None),
             per_group: c.num_attention_heads / c.num_key_value_heads.max(1),
-        }
+        })
     }
 }
 
@@ -78,23 +79,25 @@ impl HeadViews {
         view: &SourceView,
         sketch: &Sketch,
         (cs, ct): (&ModelConfig, &ModelConfig),
-    ) -> Self {
-        HeadViews {
+    ) -> Result<Self> {
+        Ok(HeadViews {
             source: Heads::new(
                 ws,
                 (&gains.attn.0, &gains.q.0, &gains.k.0),
                 &view.read,
                 &view.write_attn,
                 cs,
-            ),
+                sketch.backend,
+            )?,
             target: Heads::new(
                 wt,
                 (&gains.attn.1, &gains.q.1, &gains.k.1),
                 &sketch.r,
                 &sketch.r,
                 ct,
-            ),
-        }
+                sketch.backend,
+            )?,
+        })
     }
 }
 

@@ -19,9 +19,10 @@ use super::matching::{assign_features, unit_rows, Assignment};
 use super::refine;
 use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::linalg::philox::gaussian4;
-use crate::linalg::{mm_parallel, RowMajor};
+use crate::linalg::RowMajor;
 use crate::plan::ModelSide;
 
 /// Sketch width of the comparisons.
@@ -32,16 +33,18 @@ const COARSE: usize = 64;
 /// loop stops as soon as a matching no longer changes, or a refit does not hold out).
 const MAX_REFITS: usize = 2;
 
-/// The random sketch R of the target residual.
-pub struct Sketch {
+/// The random sketch R of the target residual, and the backend that multiplies weights by it.
+pub struct Sketch<'b> {
     /// `d_t × K`
     pub r: Mat<f32>,
+    pub backend: &'b dyn Backend,
 }
 
-impl Sketch {
-    pub fn new(d_t: usize, seed: u64) -> Self {
+impl<'b> Sketch<'b> {
+    pub fn new(d_t: usize, seed: u64, backend: &'b dyn Backend) -> Self {
         let k = SKETCH.min(d_t);
         Sketch {
+            backend,
             r: Mat::from_fn(d_t, k, |i, j| {
                 gaussian4(seed, 0x6d61_7073, i as u32, (j / 4) as u32)[j % 4] / (k as f32).sqrt()
             }),
@@ -230,9 +233,14 @@ impl Side<'_, '_> {
 
 /// `w diag(g) X`: rows of a reading weight in sketched target coordinates (the gains scale the
 /// small X, not the weight).
-pub(crate) fn reading(w: &RowMajor, g: &[f32], x: &Mat<f32>) -> Mat<f32> {
+pub(crate) fn reading(
+    w: &RowMajor,
+    g: &[f32],
+    x: &Mat<f32>,
+    backend: &dyn Backend,
+) -> Result<Mat<f32>> {
     let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g[i]);
-    mm_parallel(w.view(), scaled.as_ref())
+    backend.product(w.view(), scaled.as_ref())
 }
 
 impl Gains {
@@ -285,11 +293,13 @@ fn writer_maps(
                 kappa: 1.0,
             };
             // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
-            let mapped = mm_parallel(
+            let mapped = sketch.backend.product(
                 w_s.view().transpose(),
                 unit.sketch_t(residual, &sketch.r).as_ref(),
-            );
-            let own = mm_parallel(w_t.view().transpose(), sketch.r.as_ref());
+            )?;
+            let own = sketch
+                .backend
+                .product(w_t.view().transpose(), sketch.r.as_ref())?;
             let (a, b) = (own.norm_l2() as f64, mapped.norm_l2() as f64);
             Ok(WriterMap {
                 kappa: if b > 0.0 { a / b } else { 1.0 },
@@ -349,8 +359,9 @@ impl LayerMap {
         }
         let mut view = SourceView::new(sketch, &residual, &writers);
         let (target_neurons, mut neurons) = timed(&mut times, "neurons", || {
-            let target = NeuronFeatures::new(&wt, &gains.mlp.1, &sketch.r, &sketch.r);
-            let neurons = match_neurons(&ws, &target, &gains.mlp.0, &view)?;
+            let target =
+                NeuronFeatures::new(&wt, &gains.mlp.1, (&sketch.r, &sketch.r), sketch.backend)?;
+            let neurons = match_neurons(&ws, &target, &gains.mlp.0, &view, sketch.backend)?;
             Ok::<_, crate::error::Error>((target, neurons))
         })?;
         let mut weight_fit = None;
@@ -369,7 +380,7 @@ impl LayerMap {
                 writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, options.fold_norms)?;
                 view = SourceView::new(sketch, &residual, &writers);
                 let again = timed(&mut times, "neurons", || {
-                    match_neurons(&ws, &target_neurons, &gains.mlp.0, &view)
+                    match_neurons(&ws, &target_neurons, &gains.mlp.0, &view, sketch.backend)
                 })?;
                 let settled = again.source_of == neurons.source_of;
                 neurons = again;
@@ -379,7 +390,7 @@ impl LayerMap {
             }
         }
         let (q_heads, kv_heads, head_fit) = timed(&mut times, "heads", || -> Result<_> {
-            let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct));
+            let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct))?;
             let (q_heads, kv_heads) = heads::match_heads(&views)?;
             let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
                 .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
@@ -411,11 +422,16 @@ pub(crate) struct NeuronFeatures {
 
 impl NeuronFeatures {
     /// Reads are `w diag(g) X_read`, writes `cᵀ X_write` (down's columns).
-    fn new(w: &Weights, g: &[f32], read: &Mat<f32>, write: &Mat<f32>) -> Self {
+    fn new(
+        w: &Weights,
+        g: &[f32],
+        (read, write): (&Mat<f32>, &Mat<f32>),
+        backend: &dyn Backend,
+    ) -> Result<Self> {
         let views = [
-            reading(&w.gate, g, read),
-            reading(&w.up, g, read),
-            mm_parallel(w.down.view().transpose(), write.as_ref()),
+            reading(&w.gate, g, read, backend)?,
+            reading(&w.up, g, read, backend)?,
+            backend.product(w.down.view().transpose(), write.as_ref())?,
         ];
         let features = |width: usize| {
             let width = width.min(views[0].ncols());
@@ -428,10 +444,10 @@ impl NeuronFeatures {
                 parts[j / width][(i, j % width)] * scale
             })
         };
-        NeuronFeatures {
+        Ok(NeuronFeatures {
             coarse: features(COARSE),
             fine: features(views[0].ncols()),
-        }
+        })
     }
 }
 
@@ -442,8 +458,9 @@ fn match_neurons(
     target: &NeuronFeatures,
     g_s: &[f32],
     view: &SourceView,
+    backend: &dyn Backend,
 ) -> Result<Assignment> {
-    let source = NeuronFeatures::new(ws, g_s, &view.read, &view.write_mlp);
+    let source = NeuronFeatures::new(ws, g_s, (&view.read, &view.write_mlp), backend)?;
     assign_features(
         (&target.coarse, &source.coarse),
         (&target.fine, &source.fine),

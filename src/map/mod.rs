@@ -149,9 +149,10 @@ impl ModelMap {
         layer_map: &BTreeMap<usize, usize>,
         options: MapOptions,
         depth: Option<depth::DepthMap>,
+        backend: &dyn crate::backend::Backend,
     ) -> Result<Self> {
         let residual = Arc::new(residual);
-        let sketch = layer::Sketch::new(target.ckpt.config.hidden_size, options.seed);
+        let sketch = layer::Sketch::new(target.ckpt.config.hidden_size, options.seed, backend);
         let mut start = residual.clone();
         let mut layers = BTreeMap::new();
         for (&j, &i) in layer_map {

@@ -69,7 +69,7 @@ pub fn run(job: &Job) -> Result<Report> {
     let timings = Timings::default();
     check_target(&job.out, job.force)?;
     let (backend, device_note) = backend::select(job.device)?;
-    let opened = open_and_plan(job, &timings)?;
+    let opened = open_and_plan(job, &timings, backend.as_ref())?;
 
     let cache = job
         .cache_dir
@@ -84,7 +84,9 @@ pub fn run(job: &Job) -> Result<Report> {
                 .units()
                 .any(|u| u.mode == Mode::Map && u.skip.is_none()) =>
         {
-            Some(timings.time(Phase::Map, || model_map(&opened, start, &job.options))?)
+            Some(timings.time(Phase::Map, || {
+                model_map(&opened, start, &job.options, backend.as_ref())
+            })?)
         }
         _ => None,
     };
@@ -151,6 +153,7 @@ fn model_map<'a>(
     opened: &'a Opened,
     start: &MapStart,
     options: &Options,
+    backend: &dyn backend::Backend,
 ) -> Result<execute::MapContext<'a>> {
     let source = ModelSide::new(&opened.source)?;
     let target = ModelSide::new(&opened.target)?;
@@ -161,6 +164,7 @@ fn model_map<'a>(
         &opened.plan.layer_map,
         map_options(options),
         start.depth.clone(),
+        backend,
     )?;
     map.times.extend(start.times.clone());
     Ok(execute::MapContext {
@@ -180,7 +184,7 @@ fn map_options(options: &Options) -> crate::map::MapOptions {
 
 /// Opens the two checkpoints and the adapter and builds the plan (in map mode, after the
 /// bottom residual map and, when the depths differ, the depth map by similarity).
-fn open_and_plan(job: &Job, timings: &Timings) -> Result<Opened> {
+fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -> Result<Opened> {
     let plan_start = Instant::now();
     let source = Checkpoint::open(&job.source_base)?;
     let target = Checkpoint::open(&job.target_base)?;
@@ -211,6 +215,7 @@ fn open_and_plan(job: &Job, timings: &Timings) -> Result<Opened> {
                     &residual,
                     map_options.seed,
                     map_options.fold_norms,
+                    backend,
                 )?)
             } else {
                 None

@@ -12,7 +12,7 @@ use super::ops::{Ops, Panel, PanelProduct};
 use super::rsvd::{bytes_per_matrix, submit, truncated_svd_batch, DeviceBasis, Pending, RawMatrix};
 use crate::backend::cpu::{factors, CpuBackend};
 use crate::backend::{Backend, Basis, Factors, RawBatch, Side, SvdParams, Weight};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::safetensors::FloatType;
 use crate::modes::{self, Mode};
 use crate::timing::Timings;
@@ -281,6 +281,60 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn product(&self, a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Result<Mat<f32>> {
+        let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+        if b.nrows() != k {
+            return Err(Error::internal(format!(
+                "product of a {m}×{k} and a {}×{n} matrix",
+                b.nrows()
+            )));
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(Mat::zeros(m, n));
+        }
+        let gpu = &self.ops.gpu;
+        let (da, db) = (
+            gpu.upload(&row_major(a), "product A")?,
+            gpu.upload(&row_major(b), "product B")?,
+        );
+        let c = gpu.zeros::<f32>(m * n, "product C")?;
+        self.ops.panel(&PanelProduct {
+            kind: Panel::NN,
+            c: c.ptr(),
+            a: da.ptr(),
+            b: db.ptr(),
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: n,
+            stride_a: 0,
+            stride_b: 0,
+            batch: 1,
+        })?;
+        Ok(from_row_major(&gpu.download::<f32>(c.ptr(), m * n)?, m, n))
+    }
+
+    fn basis_t_mul(&self, basis: &Basis, side: Side, m: MatRef<'_, f32>) -> Result<Mat<f32>> {
+        self.product(basis.side(side).transpose(), m)
+    }
+
+    fn basis_mul_add(
+        &self,
+        m: MatRef<'_, f32>,
+        x: &Basis,
+        g: MatRef<'_, f32>,
+        y: &Basis,
+        h: MatRef<'_, f32>,
+        side: Side,
+    ) -> Result<Mat<f32>> {
+        let xg = self.product(x.side(side), g)?;
+        let yh = self.product(y.side(side), h)?;
+        Ok(Mat::from_fn(m.nrows(), m.ncols(), |i, j| {
+            m[(i, j)] + xg[(i, j)] + yh[(i, j)]
+        }))
     }
 
     fn truncated_svd(

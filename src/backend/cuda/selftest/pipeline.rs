@@ -125,3 +125,23 @@ impl Runner<'_> {
         Ok(())
     }
 }
+
+impl Runner<'_> {
+    /// The backend's dense product (the map mode's weights times a sketch, rotate's basis
+    /// products) on a transposed, strided operand against an f64 reference.
+    pub(super) fn dense_product(&mut self, m: usize, n: usize, k: usize) -> Result<()> {
+        let a_t = gaussian_rm(k, m, self.seed, 60); // A stored transposed: the product reads Aᵀᵀ
+        let b = gaussian_rm(k, n, self.seed, 61);
+        let a_view = from_row_major(&a_t, k, m);
+        let b_view = from_row_major(&b, k, n);
+        let got = self.backend.product(a_view.transpose(), b_view.as_ref())?;
+        let want = super::reference_product(&a_t, &b, (m, n, k), true, false);
+        self.push(
+            "product",
+            format!("{m}x{n}, K={k}, A transposed"),
+            rel_err(&row_major(got.as_ref()), &want),
+            1e-5,
+        );
+        Ok(())
+    }
+}

@@ -121,6 +121,7 @@ pub fn run_reporting(
         ));
     }
     r.step("svd pipeline", |r| r.pipeline(5, 70, 50, 6));
+    r.step("dense product", |r| r.dense_product(83, 29, 131));
     r.step("similarity and transfer", |r| {
         r.similarity_and_transfer(53, 31, 7, 4)
     });
