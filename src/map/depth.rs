@@ -11,7 +11,10 @@
 //! [`SAMPLED`] per weight): a Gram of a few hundred of them is already a stable estimate.
 //!
 //! The program maximizes the summed similarity over maps that never go back in depth and pin
-//! the first and last layers to each other.
+//! the first and last layers to each other, less a small cost for leaving the evenly spread map
+//! ([`LINEAR_PRIOR`] per full depth of deviation): between models whose layers do not resemble
+//! each other (similarities that differ by noise), the map stays near the linear one instead of
+//! following the noise; a layer that clearly matches another pays it easily.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +31,9 @@ use crate::plan::ModelSide;
 const SIGNATURE_SKETCH: usize = 64;
 /// Rows (reads) or columns (writes) sampled per weight.
 pub const SAMPLED: usize = 512;
+/// The cost, in similarity, of a target layer taking a source layer the whole source depth away
+/// from where the linear map puts it (linear in the distance).
+pub const LINEAR_PRIOR: f32 = 0.05;
 
 /// The chosen depth map and the similarities it was chosen on.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -169,8 +175,19 @@ pub fn by_similarity(
         .iter()
         .map(|t| ss.iter().map(|s| similarity(s, t)).collect())
         .collect();
-    let chosen = monotone(&sim);
     let linear = crate::plan::layers::default_layer_map(ss.len(), st.len());
+    let span = (ss.len().max(2) - 1) as f32;
+    let scored: Vec<Vec<f32>> = sim
+        .iter()
+        .enumerate()
+        .map(|(j, row)| {
+            row.iter()
+                .enumerate()
+                .map(|(i, &x)| x - LINEAR_PRIOR * (i as f32 - linear[&j] as f32).abs() / span)
+                .collect()
+        })
+        .collect();
+    let chosen = monotone(&scored);
     let score = |f: &dyn Fn(usize) -> usize| -> f64 {
         (0..st.len()).map(|j| sim[j][f(j)] as f64).sum::<f64>() / st.len().max(1) as f64
     };

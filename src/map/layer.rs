@@ -57,7 +57,8 @@ impl<'b> Sketch<'b> {
 /// is normalized and scaled by a gain before it joins the residual, so what must correspond is
 /// `g ⊙ y` in the two streams: `W = κ diag(g_t)⁻¹ Q diag(g_s)`, with κ the ratio of the two
 /// weights' sizes through it (the norm removes any scale of its input; κ keeps the update's
-/// size relative to the weight it perturbs).
+/// size relative to the weight it perturbs). When only one side has output norms the other's
+/// gains are ones and κ still comes from the sizes.
 #[derive(Debug, Clone)]
 pub struct WriterMap {
     /// Output-norm gains (source, target), when the family has output norms.
@@ -277,16 +278,19 @@ fn writer_maps(
     let one =
         |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &RowMajor, w_t: &RowMajor| {
             let norms = |side: &Side<'_, '_>| side.model.arch.residual.output_norms.clone();
-            let (Some(ns), Some(nt)) = (norms(s), norms(t)) else {
+            let (ns, nt) = (norms(s), norms(t));
+            if ns.is_none() && nt.is_none() {
                 return Ok::<_, crate::error::Error>(WriterMap {
                     gains: None,
                     kappa: 1.0,
                 });
-            };
+            }
+            // A side without output norms writes its output as it is: gains of one, and the
+            // norm on the other side still makes the scale a matter of the weights' sizes.
             let (d_s, d_t) = (residual.qt.nrows(), residual.qt.ncols());
             let gains = (
-                s.gain(Some(&pick(&ns)), d_s, fold)?,
-                t.gain(Some(&pick(&nt)), d_t, fold)?,
+                s.gain(ns.as_ref().map(|n| pick(n)).as_deref(), d_s, fold)?,
+                t.gain(nt.as_ref().map(|n| pick(n)).as_deref(), d_t, fold)?,
             );
             let unit = WriterMap {
                 gains: Some(gains),
