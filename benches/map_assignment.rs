@@ -9,7 +9,7 @@ use faer::Mat;
 use loraxfer::backend::cpu::rsvd;
 use loraxfer::backend::{SvdParams, Weight};
 use loraxfer::linalg::philox::gaussian4;
-use loraxfer::map::matching::{assign_features, unit_rows};
+use loraxfer::map::matching::{assign_features, joint_features};
 use loraxfer::timing::Timings;
 
 const SOURCE: usize = 18944;
@@ -21,19 +21,6 @@ const COARSE: usize = 64;
 fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| {
         gaussian4(11, stream, i as u32, (j / 4) as u32)[j % 4]
-    })
-}
-
-/// Three unit-length views per neuron side by side, scaled so that dot products are the mean
-/// of the three cosines (as the map builds them), at `width` columns per view.
-fn features(views: &[Mat<f32>; 3], width: usize) -> Mat<f32> {
-    let parts: Vec<Mat<f32>> = views
-        .iter()
-        .map(|v| unit_rows(&v.subcols(0, width).to_owned()))
-        .collect();
-    let scale = 1.0 / 3f32.sqrt();
-    Mat::from_fn(views[0].nrows(), 3 * width, |i, j| {
-        parts[j / width][(i, j % width)] * scale
     })
 }
 
@@ -54,8 +41,11 @@ fn bench(c: &mut Criterion) {
             source[v][(truth[i], j)] + noise[(i, j)]
         })
     });
-    let coarse = (features(&target, COARSE), features(&source, COARSE));
-    let fine = (features(&target, FINE), features(&source, FINE));
+    let coarse = (
+        joint_features(&target, COARSE),
+        joint_features(&source, COARSE),
+    );
+    let fine = (joint_features(&target, FINE), joint_features(&source, FINE));
     let found = assign_features((&coarse.0, &coarse.1), (&fine.0, &fine.1)).unwrap();
     let hits = found
         .source_of

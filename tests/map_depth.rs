@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::cli::*;
-use common::*;
+use common::{projection_key as key, *};
 use faer::Mat;
 use loraxfer::io::safetensors::FloatType;
 
@@ -29,11 +29,7 @@ fn model(layers: usize) -> TinyModel {
 }
 
 fn tokenizer(dir: &Path) {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..VOCAB).map(|i| (format!("w{i}"), i.into())).collect();
-    let json =
-        serde_json::json!({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    word_level_tokenizer(dir, VOCAB, &|i| i);
 }
 
 fn shapes(p: &str) -> (usize, usize) {
@@ -44,15 +40,6 @@ fn shapes(p: &str) -> (usize, usize) {
         "down_proj" => (D, INTER),
         _ => (INTER, D),
     }
-}
-
-fn key(l: usize, p: &str) -> String {
-    let block = if p.ends_with("gate_proj") || p.ends_with("up_proj") || p == "down_proj" {
-        "mlp"
-    } else {
-        "self_attn"
-    };
-    format!("model.layers.{l}.{block}.{p}")
 }
 
 /// Writes the source (`layers` layers) and the target (the source's layers `kept`, rotated).

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::cli::*;
-use common::*;
+use common::{projection_key as key, *};
 use faer::Mat;
 use loraxfer::io::adapter::{Adapter, LoraFactors};
 use loraxfer::io::safetensors::FloatType;
@@ -27,22 +27,6 @@ const VOCAB: usize = 200;
 /// The scales of o and down in the target (removed by the output norms).
 const C_ATTN: f32 = 2.5;
 const C_MLP: f32 = 0.4;
-
-fn key(l: usize, p: &str) -> String {
-    let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
-        "mlp"
-    } else {
-        "self_attn"
-    };
-    format!("model.layers.{l}.{block}.{p}")
-}
-
-fn perm(n: usize, seed: u64) -> Vec<usize> {
-    let g = gaussian(n, 1, seed, 77);
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.sort_by(|&a, &b| g[(a, 0)].partial_cmp(&g[(b, 0)]).unwrap());
-    idx
-}
 
 /// Target unit u holds the rows of source unit `map[u]` (`size` rows each).
 fn units(w: &Mat<f32>, map: &[usize], size: usize) -> Mat<f32> {
@@ -60,11 +44,7 @@ struct Twin {
 }
 
 fn tokenizer(dir: &Path) {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..VOCAB).map(|i| (format!("w{i}"), i.into())).collect();
-    let json =
-        serde_json::json!({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    word_level_tokenizer(dir, VOCAB, &|i| i);
 }
 
 fn write_pair(root: &Path, seed: u64) -> Twin {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use faer::Mat;
 
 use super::heads::{self, HeadFit};
-use super::matching::{assign_features, unit_rows, Assignment};
+use super::matching::{assign_features, joint_features, Assignment};
 use super::refine;
 use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
@@ -289,8 +289,8 @@ fn writer_maps(
             // norm on the other side still makes the scale a matter of the weights' sizes.
             let (d_s, d_t) = (residual.qt.nrows(), residual.qt.ncols());
             let gains = (
-                s.gain(ns.as_ref().map(|n| pick(n)).as_deref(), d_s, fold)?,
-                t.gain(nt.as_ref().map(|n| pick(n)).as_deref(), d_t, fold)?,
+                s.gain(ns.as_ref().map(pick).as_deref(), d_s, fold)?,
+                t.gain(nt.as_ref().map(pick).as_deref(), d_t, fold)?,
             );
             let unit = WriterMap {
                 gains: Some(gains),
@@ -437,20 +437,9 @@ impl NeuronFeatures {
             reading(&w.up, g, read, backend)?,
             backend.product(w.down.view().transpose(), write.as_ref())?,
         ];
-        let features = |width: usize| {
-            let width = width.min(views[0].ncols());
-            let parts: Vec<Mat<f32>> = views
-                .iter()
-                .map(|x| unit_rows(&x.subcols(0, width).to_owned()))
-                .collect();
-            let scale = 1.0 / 3f32.sqrt();
-            Mat::from_fn(views[0].nrows(), 3 * width, |i, j| {
-                parts[j / width][(i, j % width)] * scale
-            })
-        };
         Ok(NeuronFeatures {
-            coarse: features(COARSE),
-            fine: features(views[0].ncols()),
+            coarse: joint_features(&views, COARSE),
+            fine: joint_features(&views, views[0].ncols()),
         })
     }
 }

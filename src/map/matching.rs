@@ -189,6 +189,21 @@ pub fn assign_features(
     Ok(greedy(edges, t, s))
 }
 
+/// Several views of each unit (rows), each cut to its first `width` columns and scaled to unit
+/// length, side by side and scaled by 1/√views: the dot product of two such rows is the mean of
+/// the views' cosines.
+pub fn joint_features(views: &[Mat<f32>], width: usize) -> Mat<f32> {
+    let width = width.min(views[0].ncols());
+    let parts: Vec<Mat<f32>> = views
+        .iter()
+        .map(|x| unit_rows(&x.subcols(0, width).to_owned()))
+        .collect();
+    let scale = 1.0 / (views.len() as f32).sqrt();
+    Mat::from_fn(views[0].nrows(), views.len() * width, |i, j| {
+        parts[j / width][(i, j % width)] * scale
+    })
+}
+
 /// Rows scaled to unit length (zero rows stay zero).
 pub fn unit_rows(x: &Mat<f32>) -> Mat<f32> {
     let norms: Vec<f32> = row_norms(x)

@@ -23,6 +23,35 @@ pub const PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
+/// The PEFT module name of projection `p` (`q_proj`, …, `down_proj`) in layer `l` of a Llama-
+/// style model.
+pub fn projection_key(l: usize, p: &str) -> String {
+    let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{l}.{block}.{p}")
+}
+
+/// A permutation of 0..n from a seed.
+pub fn perm(n: usize, seed: u64) -> Vec<usize> {
+    let g = gaussian(n, 1, seed, 77);
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| g[(a, 0)].partial_cmp(&g[(b, 0)]).unwrap());
+    idx
+}
+
+/// A WordLevel `tokenizer.json` in `dir`: token `w{i}` has id `id_of(i)`, for i < vocab.
+pub fn word_level_tokenizer(dir: &Path, vocab: usize, id_of: &dyn Fn(usize) -> usize) {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab)
+        .map(|i| (format!("w{i}"), id_of(i).into()))
+        .collect();
+    let json =
+        serde_json::json!({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+}
+
 /// A deterministic Gaussian `rows × cols` matrix (stream `stream` of `seed`).
 pub fn gaussian(rows: usize, cols: usize, seed: u64, stream: u64) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| {

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::common::cli::*;
 use crate::common::*;
+pub use crate::common::{perm, projection_key as key};
 use faer::Mat;
 use loraxfer::io::adapter::{Adapter, LoraFactors};
 use loraxfer::io::safetensors::FloatType;
@@ -16,23 +17,6 @@ pub const HD: usize = 8;
 pub const INTER: usize = 48;
 pub const LAYERS: usize = 2;
 pub const VOCAB: usize = 200;
-
-pub fn key(l: usize, p: &str) -> String {
-    let block = if matches!(p, "gate_proj" | "up_proj" | "down_proj") {
-        "mlp"
-    } else {
-        "self_attn"
-    };
-    format!("model.layers.{l}.{block}.{p}")
-}
-
-/// A permutation of 0..n from a seed.
-pub fn perm(n: usize, seed: u64) -> Vec<usize> {
-    let g = gaussian(n, 1, seed, 77);
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.sort_by(|&a, &b| g[(a, 0)].partial_cmp(&g[(b, 0)]).unwrap());
-    idx
-}
 
 pub struct Twin {
     /// d_t × d_s, orthonormal columns.
@@ -84,12 +68,7 @@ pub fn one() -> Mat<f32> {
 }
 
 pub fn tokenizer(dir: &Path, id_of: &dyn Fn(usize) -> usize) {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB)
-        .map(|i| (format!("w{i}"), id_of(i).into()))
-        .collect();
-    let json =
-        serde_json::json!({"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    word_level_tokenizer(dir, VOCAB, id_of);
 }
 
 pub fn tensors_of(m: &BTreeMap<String, Mat<f32>>) -> BTreeMap<String, (Vec<f32>, Vec<usize>)> {
