@@ -124,6 +124,7 @@ fn run_k(
     rank: usize,
 ) -> transfer::report::Report {
     let job = Job {
+        hub: Default::default(),
         source_base: source.to_path_buf(),
         target_base: target.to_path_buf(),
         adapter: adapter.to_path_buf(),

@@ -86,6 +86,7 @@ fn steps(dir: &std::path::Path) -> Result<()> {
         out.display()
     );
     let job = Job {
+        hub: Default::default(),
         source_base: source,
         target_base: target,
         adapter,

@@ -67,13 +67,15 @@ pub struct SvdArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct TransferArgs {
-    /// Hugging Face directory of the model the adapter was trained on.
+    /// The model the adapter was trained on: a Hugging Face directory, or a hub name
+    /// (`org/name[@revision]`) in the local Hugging Face cache.
     #[arg(long)]
     source_base: PathBuf,
-    /// Hugging Face directory of the model to transfer onto.
+    /// The model to transfer onto (a directory or a cached hub name).
     #[arg(long)]
     target_base: PathBuf,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// PEFT adapter (adapter_config.json + adapter_model.safetensors): a directory or a cached
+    /// hub name.
     #[arg(long)]
     adapter: PathBuf,
     /// Output directory for the new adapter and transfer_report.json.
@@ -119,8 +121,10 @@ pub struct TransferArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
+    /// The first model: a Hugging Face directory or a cached hub name (`org/name[@revision]`).
     #[arg(long)]
     source_base: PathBuf,
+    /// The second model (a directory or a cached hub name).
     #[arg(long)]
     target_base: PathBuf,
     #[command(flatten)]

@@ -2,6 +2,7 @@
 
 use loraxfer::backend;
 use loraxfer::io::checkpoint::Checkpoint;
+use loraxfer::io::hub::{self, Kind};
 use loraxfer::plan::Options;
 use loraxfer::timing::Phase;
 use loraxfer::transfer::{self, inspect, report, Job};
@@ -32,10 +33,23 @@ pub fn transfer(args: TransferArgs) -> Result<()> {
         depth: args.map_depth,
         seed: args.svd.seed,
     };
+    let mut hub_names = std::collections::BTreeMap::new();
+    let mut resolve =
+        |arg: &std::path::Path, role: &str, kind: Kind| -> Result<std::path::PathBuf> {
+            let (dir, name) = hub::resolve(arg, kind)?;
+            if let Some(name) = name {
+                hub_names.insert(role.to_string(), name);
+            }
+            Ok(dir)
+        };
+    let source_base = resolve(&args.source_base, "source_base", Kind::Model)?;
+    let target_base = resolve(&args.target_base, "target_base", Kind::Model)?;
+    let adapter = resolve(&args.adapter, "adapter", Kind::Adapter)?;
     let job = Job {
-        source_base: args.source_base,
-        target_base: args.target_base,
-        adapter: args.adapter,
+        hub: hub_names,
+        source_base,
+        target_base,
+        adapter,
         out: args.out,
         options: opts,
         layer_map_file: args.layer_map,
@@ -111,8 +125,8 @@ fn timings_table(r: &report::Report) -> String {
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let opts = options(&args.svd);
     let (backend, _) = backend::select(args.svd.device)?;
-    let source = Checkpoint::open(&args.source_base)?;
-    let target = Checkpoint::open(&args.target_base)?;
+    let source = Checkpoint::open(&hub::resolve(&args.source_base, Kind::Model)?.0)?;
+    let target = Checkpoint::open(&hub::resolve(&args.target_base, Kind::Model)?.0)?;
     let cache = args
         .svd
         .cache_dir

@@ -40,6 +40,8 @@ pub struct Job {
     pub force: bool,
     /// Draw a progress bar on stderr (only shown when stderr is a terminal).
     pub progress: bool,
+    /// The directory arguments that were hub names, by argument (`source_base`, …).
+    pub hub: BTreeMap<String, crate::io::hub::HubModel>,
 }
 
 /// The file name of the report inside the output directory.
@@ -123,6 +125,7 @@ pub fn run(job: &Job) -> Result<Report> {
         threshold: job.options.threshold,
         device: format!("{} — {device_note}", backend.name()),
         layer_map: report::layer_map_json(&opened.plan),
+        hub: job.hub.clone(),
         basis_cache: cache.as_ref().map(|c| report::CacheUse {
             dir: job
                 .cache_dir

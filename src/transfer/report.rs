@@ -105,6 +105,10 @@ pub struct Report {
     pub threshold: f32,
     pub device: String,
     pub layer_map: BTreeMap<String, usize>,
+    /// The arguments given as hub names (`source_base`, `target_base`, `adapter`), with the
+    /// revision and the cache snapshot each resolved to.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub hub: BTreeMap<String, crate::io::hub::HubModel>,
     /// Basis cache use, when `--cache-dir` is given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub basis_cache: Option<CacheUse>,
