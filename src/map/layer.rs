@@ -67,6 +67,12 @@ pub struct WriterMap {
 }
 
 impl WriterMap {
+    /// The residual map itself: no output norms on either side.
+    const PLAIN: WriterMap = WriterMap {
+        gains: None,
+        kappa: 1.0,
+    };
+
     /// `W x` for the columns of `x` (`d_s × r` → `d_t × r`).
     pub fn write(&self, residual: &ResidualMap, x: faer::MatRef<'_, f32>) -> Mat<f32> {
         let Some((g_s, g_t)) = &self.gains else {
@@ -280,10 +286,7 @@ fn writer_maps(
             let norms = |side: &Side<'_, '_>| side.model.arch.residual.output_norms.clone();
             let (ns, nt) = (norms(s), norms(t));
             if ns.is_none() && nt.is_none() {
-                return Ok::<_, crate::error::Error>(WriterMap {
-                    gains: None,
-                    kappa: 1.0,
-                });
+                return Ok::<_, crate::error::Error>(WriterMap::PLAIN);
             }
             // A side without output norms writes its output as it is: gains of one, and the
             // norm on the other side still makes the scale a matter of the weights' sizes.
@@ -339,14 +342,25 @@ impl LayerMap {
         };
         let mut times = Vec::new();
         let gains = Gains::read(&s, &t, options.fold_norms)?;
-        let (ws, wt) = timed(&mut times, "load", || -> Result<_> {
-            Ok((s.weights()?, t.weights()?))
-        })?;
         let (cs, ct) = (&source.ckpt.config, &target.ckpt.config);
         let head_dim = (cs.head_dim, ct.head_dim);
         let mut residual = start.clone();
-        let mut writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, options.fold_norms)?;
-        if options.inner == InnerMatch::Index {
+        let output_norms = [source, target]
+            .iter()
+            .any(|side| side.arch.residual.output_norms.is_some());
+        // The index ablation reads weights only for the output norms' κ.
+        let weights = if options.inner == InnerMatch::Index && !output_norms {
+            None
+        } else {
+            Some(timed(&mut times, "load", || -> Result<_> {
+                Ok((s.weights()?, t.weights()?))
+            })?)
+        };
+        let mut writers = match &weights {
+            Some((ws, wt)) => writer_maps(&s, &t, (ws, wt), &residual, sketch, options.fold_norms)?,
+            None => (WriterMap::PLAIN, WriterMap::PLAIN),
+        };
+        let Some((ws, wt)) = weights.filter(|_| options.inner != InnerMatch::Index) else {
             return Ok(LayerMap {
                 source_layer,
                 residual,
@@ -360,7 +374,7 @@ impl LayerMap {
                 weight_fit: None,
                 times,
             });
-        }
+        };
         let mut view = SourceView::new(sketch, &residual, &writers);
         let (target_neurons, mut neurons) = timed(&mut times, "neurons", || {
             let target =

@@ -314,19 +314,14 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
     // Untied output embeddings are a second anchor set: their rows read the final norm's output,
     // so its gains are folded in like a block's.
     let lm = |side: &ModelSide<'_>| -> Option<(String, String)> {
-        let name = side.arch.top_level_name(&side.prefix, "lm_head.weight");
-        let name = if side.ckpt.has(&name) {
-            name
-        } else {
-            "lm_head.weight".to_string()
-        };
-        side.ckpt.has(&name).then(|| {
-            (
-                name,
-                side.arch
-                    .top_level_name(&side.prefix, &side.arch.residual.final_norm),
-            )
-        })
+        let nested = side.arch.top_level_name(&side.prefix, "lm_head.weight");
+        let name = [nested, "lm_head.weight".to_string()]
+            .into_iter()
+            .find(|n| side.ckpt.has(n))?;
+        let norm = side
+            .arch
+            .top_level_name(&side.prefix, &side.arch.residual.final_norm);
+        Some((name, norm))
     };
     let second = match (lm(source), lm(target)) {
         (Some((ls, ns)), Some((lt, nt))) => {

@@ -26,10 +26,7 @@ pub fn row_major(m: MatRef<'_, f32>) -> Vec<f32> {
     out
 }
 
-/// A faer matrix from row-major values.
-pub fn from_row_major(v: &[f32], rows: usize, cols: usize) -> Mat<f32> {
-    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
-}
+pub use crate::linalg::from_row_major;
 
 /// The backend on one device.
 pub struct CudaBackend {
