@@ -6,17 +6,17 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use faer::Mat;
-use loraxfer::backend::cpu::rsvd;
+use loraxfer::backend::cpu::{rsvd, CpuBackend};
 use loraxfer::backend::{SvdParams, Weight};
 use loraxfer::linalg::philox::gaussian4;
+use loraxfer::map::layer::{COARSE, SKETCH};
 use loraxfer::map::matching::{assign_features, joint_features};
 use loraxfer::timing::Timings;
 
 const SOURCE: usize = 18944;
 const TARGET: usize = 14336;
-/// Sketch columns per view (the map's fine features) and the coarse ones.
-const FINE: usize = 128;
-const COARSE: usize = 64;
+/// Sketch columns per view (the map's fine features) and the coarse ones, as the map uses them.
+const FINE: usize = SKETCH;
 
 fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| {
@@ -46,7 +46,7 @@ fn bench(c: &mut Criterion) {
         joint_features(&source, COARSE),
     );
     let fine = (joint_features(&target, FINE), joint_features(&source, FINE));
-    let found = assign_features((&coarse.0, &coarse.1), (&fine.0, &fine.1)).unwrap();
+    let found = assign_features((&coarse.0, &coarse.1), (&fine.0, &fine.1), &CpuBackend).unwrap();
     let hits = found
         .source_of
         .iter()
@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
         .count();
     eprintln!("assignment {SOURCE} -> {TARGET}: {hits} of {TARGET} planted pairs recovered");
     group.bench_function("assign_18944x14336", |b| {
-        b.iter(|| assign_features((&coarse.0, &coarse.1), (&fine.0, &fine.1)).unwrap())
+        b.iter(|| assign_features((&coarse.0, &coarse.1), (&fine.0, &fine.1), &CpuBackend).unwrap())
     });
     // The yardstick: one randomized SVD of a Llama-3.1-8B MLP weight.
     let (m, n) = (4096, 14336);

@@ -75,6 +75,14 @@ pub fn matrix_id(name: &str) -> u64 {
     })
 }
 
+/// A `rows × cols` matrix of standard normals from (`seed`, `stream`), for tests.
+#[cfg(test)]
+pub(crate) fn gaussian_matrix(seed: u64, stream: u64, rows: usize, cols: usize) -> faer::Mat<f32> {
+    faer::Mat::from_fn(rows, cols, |i, j| {
+        gaussian4(seed, stream, i as u32, (j / 4) as u32)[j % 4]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,8 +27,10 @@ use crate::plan::ModelSide;
 
 /// Sketch width of the comparisons.
 pub const SKETCH: usize = 128;
-/// Columns of the sketch used to find candidates on the sparse path.
-const COARSE: usize = 64;
+/// Columns of the sketch (per view) used to find candidates on the sparse path: the
+/// candidates are re-scored on all [`SKETCH`] columns, so this only needs to put a unit's
+/// partner among its best [`super::matching::CANDIDATES`].
+pub const COARSE: usize = 32;
 /// At most this many re-fits of a layer's residual map, each followed by a new matching (the
 /// loop stops as soon as a matching no longer changes, or a refit does not hold out).
 const MAX_REFITS: usize = 2;
@@ -353,7 +355,9 @@ impl LayerMap {
             None
         } else {
             Some(timed(&mut times, "load", || -> Result<_> {
-                Ok((s.weights()?, t.weights()?))
+                // The two sides decode on two threads (the reads are memory-bound).
+                let (ws, wt) = rayon::join(|| s.weights(), || t.weights());
+                Ok((ws?, wt?))
             })?)
         };
         let mut writers = match &weights {
@@ -386,7 +390,14 @@ impl LayerMap {
         if options.residual == ResidualFit::Layers {
             for _ in 0..MAX_REFITS {
                 let refit = timed(&mut times, "refit", || {
-                    refine::refit((&ws, &wt), &gains.mlp, &neurons, &residual, start)
+                    refine::refit(
+                        (&ws, &wt),
+                        &gains.mlp,
+                        &neurons,
+                        &residual,
+                        start,
+                        sketch.backend,
+                    )
                 })?;
                 weight_fit = Some((
                     weight_fit.map_or(refit.start_agreement, |(s, _)| s),
@@ -471,5 +482,6 @@ fn match_neurons(
     assign_features(
         (&target.coarse, &source.coarse),
         (&target.fine, &source.fine),
+        backend,
     )
 }

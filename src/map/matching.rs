@@ -13,6 +13,7 @@ pub const CANDIDATES: usize = 32;
 
 use faer::Mat;
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// For each target unit, its source unit (None: unmatched), and the similarity of each match.
@@ -106,26 +107,12 @@ fn greedy_candidates(sim: &Mat<f32>) -> Assignment {
         .into_par_iter()
         .flat_map_iter(|i| {
             let row: Vec<f32> = (0..s).map(|j| sim[(i, j)]).collect();
-            best_of(&row).into_iter().map(move |(x, j)| (x, i, j))
+            let mut best = Vec::new();
+            top_candidates(&row, &mut best);
+            best.into_iter().map(move |(x, j)| (x, i, j))
         })
         .collect();
     greedy(edges, t, s)
-}
-
-/// The [`CANDIDATES`] largest positive entries of `sims`: (similarity, index).
-fn best_of(sims: &[f32]) -> Vec<(f32, usize)> {
-    let keep = CANDIDATES.min(sims.len());
-    let mut row: Vec<(f32, usize)> = sims
-        .iter()
-        .enumerate()
-        .filter(|(_, &x)| x > 0.0)
-        .map(|(j, &x)| (x, j))
-        .collect();
-    if row.len() > keep {
-        row.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
-        row.truncate(keep);
-    }
-    row
 }
 
 /// Edges (similarity, target, source) taken best first, each unit once.
@@ -147,46 +134,87 @@ fn greedy(mut edges: Vec<(f32, usize, usize)>, t: usize, s: usize) -> Assignment
     }
 }
 
+/// Targets whose coarse similarities are formed at once on the sparse path: the block's
+/// `sources × BLOCK` matrix stays a few tens of MB even at 7B/8B MLP widths, where the whole one
+/// would be a gigabyte.
+const BLOCK: usize = 1024;
+
 /// The assignment on the similarities `fine_t · fine_sᵀ` (rows are feature vectors whose dot
 /// products are the similarities). Above [`DENSE_LIMIT`] units the candidates come from the
-/// cheaper `coarse_t · coarse_sᵀ` (a narrower sketch of the same features) and are re-scored on
-/// the fine features, so the full similarity matrix is never formed at the fine width.
+/// cheaper `coarse_t · coarse_sᵀ` (a narrower sketch of the same features), a block of targets
+/// at a time (the products through `backend`), and are re-scored on the fine features, so no
+/// similarity matrix is ever formed whole.
 pub fn assign_features(
     (coarse_t, coarse_s): (&Mat<f32>, &Mat<f32>),
     (fine_t, fine_s): (&Mat<f32>, &Mat<f32>),
+    backend: &dyn Backend,
 ) -> Result<Assignment> {
     use rayon::prelude::*;
     let (t, s) = (fine_t.nrows(), fine_s.nrows());
     if t.max(s) <= DENSE_LIMIT {
-        return assign(&crate::linalg::mm_parallel(
-            fine_t.as_ref(),
-            fine_s.transpose(),
-        ));
+        return assign(&backend.product(fine_t.as_ref(), fine_s.transpose())?);
     }
-    // Sources × targets, so that a target's similarities are one contiguous column (faer is
-    // column-major), and the fine features as columns likewise.
-    let coarse = crate::linalg::mm_parallel(coarse_s.as_ref(), coarse_t.transpose());
+    // Features as columns, so that a unit's features (and, in the block's sources × targets
+    // product, a target's similarities) are contiguous: faer is column-major.
     let (ft, fs) = (fine_t.transpose().to_owned(), fine_s.transpose().to_owned());
-    let column = |m: &Mat<f32>, j: usize| -> Vec<f32> { m.col(j).iter().copied().collect() };
-    let edges: Vec<(f32, usize, usize)> = (0..t)
-        .into_par_iter()
-        .flat_map_iter(|i| {
-            let target = column(&ft, i);
-            best_of(&column(&coarse, i))
-                .into_iter()
-                .map(|(_, j)| {
-                    let x: f32 = target
-                        .iter()
-                        .zip(fs.col(j).iter())
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    (x, i, j)
-                })
-                .collect::<Vec<_>>()
-        })
-        .filter(|e| e.0 > 0.0)
-        .collect();
+    let mut edges: Vec<(f32, usize, usize)> = Vec::with_capacity(t * CANDIDATES);
+    for start in (0..t).step_by(BLOCK) {
+        let width = BLOCK.min(t - start);
+        let sims = backend.product(
+            coarse_s.as_ref(),
+            coarse_t.subrows(start, width).transpose(),
+        )?;
+        let block: Vec<(f32, usize, usize)> = (0..width)
+            .into_par_iter()
+            .map_init(Vec::new, |buffer, c| {
+                let i = start + c;
+                let target = column(&ft, i);
+                top_candidates(column(&sims, c), buffer);
+                buffer
+                    .iter()
+                    .map(|&(_, j)| {
+                        let x: f32 = target.iter().zip(column(&fs, j)).map(|(a, b)| a * b).sum();
+                        (x, i, j)
+                    })
+                    .filter(|e| e.0 > 0.0)
+                    .collect::<Vec<_>>()
+            })
+            .flatten_iter()
+            .collect();
+        edges.extend(block);
+    }
     Ok(greedy(edges, t, s))
+}
+
+/// Column `j` of a column-major matrix as a slice.
+fn column(m: &Mat<f32>, j: usize) -> &[f32] {
+    m.col(j)
+        .try_as_col_major()
+        .expect("an owned matrix's columns are contiguous")
+        .as_slice()
+}
+
+/// The [`CANDIDATES`] largest positive entries of `sims` into `best` as (similarity, index),
+/// in one pass: entries go into a buffer of twice that many, which is cut back to the best
+/// half (and the admission bar raised to its least) whenever it fills.
+fn top_candidates(sims: &[f32], best: &mut Vec<(f32, usize)>) {
+    let keep = CANDIDATES;
+    best.clear();
+    let mut bar = 0.0f32;
+    for (j, &x) in sims.iter().enumerate() {
+        if x > bar {
+            best.push((x, j));
+            if best.len() == 2 * keep {
+                best.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
+                best.truncate(keep);
+                bar = best.iter().map(|e| e.0).fold(f32::INFINITY, f32::min);
+            }
+        }
+    }
+    if best.len() > keep {
+        best.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
+        best.truncate(keep);
+    }
 }
 
 /// Several views of each unit (rows), each cut to its first `width` columns and scaled to unit
@@ -284,10 +312,42 @@ mod tests {
             fs[(perm[i], j)] + 0.02 * noise[(i, j)]
         }));
         let coarse = |x: &Mat<f32>| x.subcols(0, 24).to_owned();
-        let a = assign_features((&coarse(&ft), &coarse(&fs)), (&ft, &fs)).unwrap();
+        let a = assign_features(
+            (&coarse(&ft), &coarse(&fs)),
+            (&ft, &fs),
+            &crate::backend::cpu::CpuBackend,
+        )
+        .unwrap();
         let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
         assert_eq!(a.agreement(&truth), 1.0);
         assert!(a.mean_similarity().unwrap() > 0.9);
+    }
+
+    #[test]
+    fn one_pass_candidates_are_the_largest_positive_entries() {
+        use crate::linalg::philox::gaussian4;
+        for (n, stream) in [
+            (10usize, 1u64),
+            (CANDIDATES, 2),
+            (3 * CANDIDATES + 5, 3),
+            (5000, 4),
+        ] {
+            let sims: Vec<f32> = (0..n)
+                .map(|j| gaussian4(4, stream, j as u32, 0)[0])
+                .collect();
+            let mut found = Vec::new();
+            top_candidates(&sims, &mut found);
+            let mut want: Vec<(f32, usize)> = sims
+                .iter()
+                .enumerate()
+                .filter(|(_, &x)| x > 0.0)
+                .map(|(j, &x)| (x, j))
+                .collect();
+            want.sort_by(|a, b| b.0.total_cmp(&a.0));
+            want.truncate(CANDIDATES);
+            found.sort_by(|a, b| b.0.total_cmp(&a.0));
+            assert_eq!(found, want, "{n} entries");
+        }
     }
 
     #[test]

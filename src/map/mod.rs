@@ -20,6 +20,7 @@ pub mod depth;
 pub mod heads;
 pub mod layer;
 pub mod matching;
+mod polar;
 pub mod refine;
 pub mod residual;
 pub mod vocab;

@@ -17,13 +17,16 @@ use faer::Mat;
 
 use super::layer::Weights;
 use super::matching::Assignment;
-use super::residual::{cross_of, normalized_rows, orientation};
+use super::polar::{column_dots, NearPolar};
+use super::residual::orientation;
 use super::ResidualMap;
+use crate::backend::Backend;
 use crate::error::Result;
 
-/// The best-matched neurons whose weights refit the map (three vectors each): a few times the
-/// width suffices, and the cost grows with it.
-pub const REFIT_NEURONS: usize = 768;
+/// The best-matched neurons whose weights refit the map (three vectors each). The fit's cost
+/// grows with them (its eigendecomposition is 2 × 3 × this / 2 wide, see [`super::polar`]), and
+/// its evidence is validated on half of them.
+pub const REFIT_NEURONS: usize = 256;
 /// The prior's weight against the layer's evidence (both normalized to a unit nuclear norm).
 pub const PRIOR_WEIGHT: f64 = 0.05;
 /// The least part of the gap to a perfect fit (held-out mean cosine 1) a refit must close to
@@ -39,6 +42,102 @@ pub struct Refit {
     pub agreement: f64,
 }
 
+/// A candidate orientation in the frame where the prior has orthonormal rows: factored when the
+/// prior is orthonormal, else a full matrix (`d_a × d_b`).
+enum Trial {
+    Near(NearPolar),
+    Full(Mat<f32>),
+}
+
+impl Trial {
+    fn fit(
+        q0: faer::MatRef<'_, f32>,
+        (y_a, y_b): (&Mat<f32>, &Mat<f32>),
+        (weight, factored): (f32, bool),
+        backend: &dyn Backend,
+    ) -> Result<Self> {
+        let inv_h = 1.0 / y_a.ncols().max(1) as f32;
+        if factored {
+            return Ok(Trial::Near(NearPolar::fit(
+                q0,
+                (y_a, y_b),
+                weight,
+                inv_h,
+                backend,
+            )?));
+        }
+        let evidence = backend.product(y_a.as_ref(), y_b.transpose())?;
+        let c = evidence * faer::Scale(inv_h) + q0 * faer::Scale(weight);
+        Ok(Trial::Full(orientation(&c)?))
+    }
+
+    /// Mean agreement of the pairs `(y_a, y_b)` (`q0_yb` = Q0·y_b).
+    fn agreement(
+        &self,
+        (y_a, y_b): (&Mat<f32>, &Mat<f32>),
+        q0_yb: &Mat<f32>,
+        backend: &dyn Backend,
+    ) -> Result<f64> {
+        Ok(match self {
+            Trial::Near(near) => near.agreement((y_a, y_b), q0_yb),
+            Trial::Full(q) => {
+                let mapped = backend.product(q.as_ref(), y_b.as_ref())?;
+                column_dots(y_a, &mapped) / y_a.ncols().max(1) as f64
+            }
+        })
+    }
+
+    fn into_matrix(self, q0: faer::MatRef<'_, f32>, backend: &dyn Backend) -> Result<Mat<f32>> {
+        match self {
+            Trial::Near(near) => near.materialize(q0, backend),
+            Trial::Full(q) => Ok(q),
+        }
+    }
+}
+
+/// The pairs' vectors of one side as columns (`d × 3·pairs`): per neuron its gate and up rows
+/// (gains folded in, the reads) and its down column (the write), each scaled to unit length.
+fn columns(w: &Weights, g: &[f32], units: &[usize]) -> Mat<f32> {
+    let d = g.len();
+    let mut x = Mat::<f32>::zeros(d, 3 * units.len());
+    for (r, &u) in units.iter().enumerate() {
+        let (gate, up) = (w.gate.row(u), w.up.row(u));
+        for j in 0..d {
+            x[(j, 3 * r)] = gate[j] * g[j];
+            x[(j, 3 * r + 1)] = up[j] * g[j];
+            x[(j, 3 * r + 2)] = w.down.data[j * w.down.cols + u];
+        }
+    }
+    for c in 0..x.ncols() {
+        let norm = x.col(c).norm_l2();
+        if norm > 0.0 {
+            x.col_mut(c).iter_mut().for_each(|v| *v /= norm);
+        }
+    }
+    x
+}
+
+/// The summed squares of the down columns of `units` (the writes' size).
+fn write_size(w: &Weights, units: &[usize]) -> f64 {
+    let mut s = 0.0;
+    for j in 0..w.down.rows {
+        let row = w.down.row(j);
+        s += units.iter().map(|&u| (row[u] as f64).powi(2)).sum::<f64>();
+    }
+    s
+}
+
+/// `[x, y]`.
+fn side_by_side(x: &Mat<f32>, y: &Mat<f32>) -> Mat<f32> {
+    Mat::from_fn(x.nrows(), x.ncols() + y.ncols(), |i, j| {
+        if j < x.ncols() {
+            x[(i, j)]
+        } else {
+            y[(i, j - x.ncols())]
+        }
+    })
+}
+
 /// Refits `current` on the neurons matched by `neurons`, with `prior`'s orientation as prior.
 pub(crate) fn refit(
     (ws, wt): (&Weights, &Weights),
@@ -46,6 +145,7 @@ pub(crate) fn refit(
     neurons: &Assignment,
     current: &ResidualMap,
     prior: &ResidualMap,
+    backend: &dyn Backend,
 ) -> Result<Refit> {
     let mut pairs: Vec<(f32, usize, usize)> = neurons
         .source_of
@@ -56,68 +156,75 @@ pub(crate) fn refit(
         .collect();
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0));
     pairs.truncate(REFIT_NEURONS);
+    if pairs.len() < 2 {
+        return Ok(Refit {
+            map: None,
+            start_agreement: 0.0,
+            agreement: 0.0,
+        });
+    }
     let (d_s, d_t) = (current.qt.nrows(), current.qt.ncols());
-    let n = pairs.len();
-    // Rows: gate, up (gained reads), down's column (write), per pair.
-    let stack = |w: &Weights, g: &[f32], d: usize, pick: &dyn Fn(&(f32, usize, usize)) -> usize| {
-        let mut x = Mat::<f32>::zeros(3 * n, d);
-        for (r, p) in pairs.iter().enumerate() {
-            let u = pick(p);
-            let (gate, up) = (w.gate.row(u), w.up.row(u));
-            for j in 0..d {
-                x[(3 * r, j)] = gate[j] * g[j];
-                x[(3 * r + 1, j)] = up[j] * g[j];
-                x[(3 * r + 2, j)] = w.down.data[j * w.down.cols + u];
-            }
-        }
-        x
-    };
-    let xs = stack(ws, g_s, d_s, &|p| p.2);
-    let xt = stack(wt, g_t, d_t, &|p| p.1);
     // The writes' scale: the ratio of the matched down columns' sizes.
-    let size = |x: &Mat<f32>| -> f64 {
-        (0..n)
-            .map(|r| (x.row(3 * r + 2).norm_l2() as f64).powi(2))
-            .sum()
-    };
-    let (size_s, size_t) = (size(&xs), size(&xt));
+    let source_units: Vec<usize> = pairs.iter().map(|p| p.2).collect();
+    let target_units: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+    let (size_s, size_t) = (write_size(ws, &source_units), write_size(wt, &target_units));
     let scale = if size_s > 0.0 && size_t > 0.0 {
         (size_t / size_s).sqrt()
     } else {
         current.scale
     };
-    // Evidence of the two halves (alternate pairs, so both have good and weak matches).
-    let (xs, xt) = (normalized_rows(&xs), normalized_rows(&xt));
-    let half = |parity: usize| {
-        let rows: Vec<usize> = (0..3 * n).filter(|r| (r / 3) % 2 == parity).collect();
-        let pick = |x: &Mat<f32>| Mat::from_fn(rows.len(), x.ncols(), |i, j| x[(rows[i], j)]);
-        let c = cross_of(&pick(&xs), &pick(&xt)) * faer::Scale(1.0 / rows.len().max(1) as f32);
-        (c, rows.len())
+    // The two halves: alternate pairs, so both have good and weak matches.
+    let half = |units: &[usize], parity: usize| -> Vec<usize> {
+        units.iter().skip(parity).step_by(2).copied().collect()
     };
-    let ((fit_half, n_fit), (held_out, n_held)) = (half(0), half(1));
-    let weight = (PRIOR_WEIGHT / d_s.min(d_t).max(1) as f64) as f32;
-    let with_prior = |evidence: &Mat<f32>| evidence + &prior.qt * faer::Scale(weight);
-    // Σ_pairs ⟨x_s Qᵀ, x_t⟩ / count = ⟨Qᵀ, evidence⟩_F.
-    let agreement = |q: &Mat<f32>, evidence: &Mat<f32>| -> f64 {
-        let mut s = 0.0;
-        for j in 0..d_t {
-            for i in 0..d_s {
-                s += q[(i, j)] as f64 * evidence[(i, j)] as f64;
-            }
+    let (fit_s, held_s) = (
+        columns(ws, g_s, &half(&source_units, 0)),
+        columns(ws, g_s, &half(&source_units, 1)),
+    );
+    let (fit_t, held_t) = (
+        columns(wt, g_t, &half(&target_units, 0)),
+        columns(wt, g_t, &half(&target_units, 1)),
+    );
+    // Work where the prior has orthonormal rows: a = the narrower side.
+    let s_is_a = d_s <= d_t;
+    let (fit, held) = if s_is_a {
+        ((fit_s, fit_t), (held_s, held_t))
+    } else {
+        ((fit_t, fit_s), (held_t, held_s))
+    };
+    fn frame(m: &ResidualMap, s_is_a: bool) -> faer::MatRef<'_, f32> {
+        if s_is_a {
+            m.qt.as_ref()
+        } else {
+            m.qt.transpose()
         }
-        s
+    }
+    let q0 = frame(prior, s_is_a);
+    let options = (
+        (PRIOR_WEIGHT / d_s.min(d_t).max(1) as f64) as f32,
+        prior.orthonormal,
+    );
+    let trial = Trial::fit(q0, (&fit.0, &fit.1), options, backend)?;
+    let q0_held = backend.product(q0, held.1.as_ref())?;
+    let refined = trial.agreement((&held.0, &held.1), &q0_held, backend)?;
+    let h = held.0.ncols() as f64;
+    let start_agreement = if std::ptr::eq(current, prior) {
+        column_dots(&held.0, &q0_held) / h
+    } else {
+        column_dots(
+            &held.0,
+            &backend.product(frame(current, s_is_a), held.1.as_ref())?,
+        ) / h
     };
-    let trial = orientation(&with_prior(&fit_half))?;
-    let start_agreement = agreement(&current.qt, &held_out);
-    let refined = agreement(&trial, &held_out);
-    let map = if n_held > 0 && refined - start_agreement > MIN_GAIN * (1.0 - start_agreement) {
-        let total = n_fit + n_held;
-        let (wf, wh) = (n_fit as f32 / total as f32, n_held as f32 / total as f32);
-        let all = &fit_half * faer::Scale(wf) + &held_out * faer::Scale(wh);
-        let mut map = ResidualMap::from_orientation(orientation(&with_prior(&all))?, scale);
+    let map = if refined - start_agreement > MIN_GAIN * (1.0 - start_agreement) {
+        let all = (side_by_side(&fit.0, &held.0), side_by_side(&fit.1, &held.1));
+        let q = Trial::fit(q0, (&all.0, &all.1), options, backend)?.into_matrix(q0, backend)?;
+        let qt = if s_is_a { q } else { q.transpose().to_owned() };
+        let mut map = ResidualMap::from_orientation(qt, scale);
         map.width = current.width;
         map.shared_tokens = current.shared_tokens;
         map.relative_residual = current.relative_residual;
+        map.orthonormal = prior.orthonormal;
         Some(map)
     } else {
         None
@@ -132,13 +239,12 @@ pub(crate) fn refit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::linalg::philox::gaussian4;
+    use crate::backend::cpu::CpuBackend;
+    use crate::linalg::philox::gaussian_matrix;
     use crate::linalg::RowMajor;
 
     fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
-        Mat::from_fn(rows, cols, |i, j| {
-            gaussian4(5, stream, i as u32, (j / 4) as u32)[j % 4]
-        })
+        gaussian_matrix(5, stream, rows, cols)
     }
 
     fn row_major(m: &Mat<f32>) -> RowMajor {
@@ -191,18 +297,95 @@ mod tests {
         };
         let ones = (vec![1.0; d], vec![1.0; d]);
         let start = ResidualMap::identity(d, d);
-        let kept = refit((&source, &rotated), &ones, &neurons, &start, &start).unwrap();
+        let run = |target: &Weights| {
+            refit(
+                (&source, target),
+                &ones,
+                &neurons,
+                &start,
+                &start,
+                &CpuBackend,
+            )
+            .unwrap()
+        };
+        let kept = run(&rotated);
         let map = kept.map.expect("the rotation holds out");
         // With the identity as prior the fit is pulled a little towards it, but not far.
         let err = (&map.qt - q.transpose()).norm_l2() / q.norm_l2();
         assert!(err < 0.1, "orientation off by {err}");
         assert!(kept.agreement > 0.9 && kept.start_agreement < 0.3);
-        let refused = refit((&source, &unrelated), &ones, &neurons, &start, &start).unwrap();
+        let refused = run(&unrelated);
         assert!(
             refused.map.is_none(),
             "{} vs {}",
             refused.agreement,
             refused.start_agreement
         );
+    }
+
+    #[test]
+    fn the_factored_refit_is_the_full_one_between_widths() {
+        let inter = 300;
+        for (d_s, d_t) in [(24, 40), (40, 24)] {
+            let (gate, up, down) = (
+                gaussian(inter, d_s, 11),
+                gaussian(inter, d_s, 12),
+                gaussian(d_s, inter, 13),
+            );
+            // q: the narrower side's coordinates inside the wider one (orthonormal columns).
+            let q = gaussian(d_s.max(d_t), d_s.min(d_t), 14)
+                .qr()
+                .compute_thin_Q();
+            let noise = |rows, cols, stream| gaussian(rows, cols, stream) * faer::Scale(0.3f32);
+            // Reads move by the map's transpose, writes by the map.
+            let (read, write) = if d_t > d_s {
+                (q.transpose(), q.as_ref())
+            } else {
+                (q.as_ref(), q.transpose())
+            };
+            let target = weights(
+                &(&gate * read + noise(inter, d_t, 15)),
+                &(&up * read + noise(inter, d_t, 16)),
+                &(write * &down + noise(d_t, inter, 17)),
+            );
+            let source = weights(&gate, &up, &down);
+            let neurons = Assignment {
+                source_of: (0..inter).map(Some).collect(),
+                similarity: vec![0.5; inter],
+            };
+            let gains = (vec![1.0; d_s], vec![1.0; d_t]);
+            let factored = ResidualMap::identity(d_s, d_t);
+            let mut full = factored.clone();
+            full.orthonormal = false;
+            let run = |start: &ResidualMap| {
+                refit(
+                    (&source, &target),
+                    &gains,
+                    &neurons,
+                    start,
+                    start,
+                    &CpuBackend,
+                )
+                .unwrap()
+            };
+            let (a, b) = (run(&factored), run(&full));
+            assert!(
+                (a.agreement - b.agreement).abs() < 1e-4,
+                "{d_s}→{d_t}: held-out agreement {} vs {}",
+                a.agreement,
+                b.agreement
+            );
+            let (a, b) = (a.map.expect("kept"), b.map.expect("kept"));
+            let err = (&a.qt - &b.qt).norm_max();
+            assert!(err < 1e-3, "{d_s}→{d_t}: refitted maps differ by {err}");
+            // And the refit found the planted map.
+            let want = if d_t > d_s {
+                q.transpose().to_owned()
+            } else {
+                q.clone()
+            };
+            let off = (&a.qt - &want).norm_l2() / want.norm_l2();
+            assert!(off < 0.2, "{d_s}→{d_t}: orientation off by {off}");
+        }
     }
 }

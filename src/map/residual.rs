@@ -28,6 +28,9 @@ pub struct ResidualMap {
     pub shared_tokens: usize,
     /// ‖E_t − E_s Mᵀ‖_F / ‖E_t‖_F on the centered anchors (None for the identity ablation).
     pub relative_residual: Option<f64>,
+    /// Whether Qᵀ is orthonormal on its smaller side (no direction was left out of the polar
+    /// factor): the layer refits take the factored path ([`super::polar`]) only then.
+    pub orthonormal: bool,
 }
 
 impl ResidualMap {
@@ -48,6 +51,7 @@ impl ResidualMap {
             width,
             shared_tokens: 0,
             relative_residual: None,
+            orthonormal: true,
         }
     }
 
@@ -88,8 +92,9 @@ impl ResidualMap {
                 &normalized_rows(&centered(l_t)),
             );
         }
-        let q_t = orientation(&cross)?; // d_s × d_t: Qᵀ
-                                        // The scale and the fit are two numbers: evenly spaced anchors measure them well.
+        let polar = polar_parts(&cross, 0.0)?;
+        let q_t = polar.factor; // d_s × d_t: Qᵀ
+                                // The scale and the fit are two numbers: evenly spaced anchors measure them well.
         let step = n.div_ceil(SCALE_ANCHORS).max(1);
         let picked: Vec<usize> = (0..n).step_by(step).collect();
         let pick = |x: &Mat<f32>| Mat::from_fn(picked.len(), x.ncols(), |i, j| x[(picked[i], j)]);
@@ -107,6 +112,7 @@ impl ResidualMap {
             }
         }
         let mut map = Self::from_orientation(q_t, mu);
+        map.orthonormal = polar.dropped == 0;
         map.shared_tokens = n;
         map.relative_residual = Some((err / total.max(f64::MIN_POSITIVE)).sqrt());
         Ok(map)
@@ -120,14 +126,28 @@ pub(crate) fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f32> {
 
 /// Gram eigenvalues below this fraction of the largest are left out of the polar factor: below
 /// it an f32 Gram matrix holds rounding, and inverting it would put noise into the map.
-const POLAR_CUTOFF: f64 = 1e-6;
+pub(crate) const POLAR_CUTOFF: f64 = 1e-6;
 
-/// The orthogonal (or semi-orthogonal) factor `X Yᵀ` of a cross-covariance `c = X Σ Yᵀ`, as
-/// `(c cᵀ)^{-1/2} c` from the eigendecomposition of the smaller Gram matrix: several times
-/// cheaper than the SVD of a wide `c`. The products are f32 (all cores), the small
-/// eigendecomposition f64. Directions with (next to) no weight are left out rather than divided
-/// by zero.
+/// A polar factor, the largest eigenvalue of the Gram it came from, and how many directions
+/// were left out under the cutoff.
+pub(crate) struct Polar {
+    pub factor: Mat<f32>,
+    pub top: f64,
+    pub dropped: usize,
+}
+
+/// The orthogonal (or semi-orthogonal) factor `X Yᵀ` of a cross-covariance `c = X Σ Yᵀ`.
 pub(crate) fn orientation(c: &Mat<f32>) -> Result<Mat<f32>> {
+    Ok(polar_parts(c, 0.0)?.factor)
+}
+
+/// The polar factor as `(c cᵀ)^{-1/2} c` from the eigendecomposition of the smaller Gram matrix:
+/// several times cheaper than the SVD of a wide `c`. The products are f32 (all cores), the small
+/// eigendecomposition f64. Directions with (next to) no weight, Gram eigenvalues below
+/// [`POLAR_CUTOFF`] times the largest (or times `top_floor`, when `c` is part of a larger
+/// matrix whose other singular values reach √top_floor), are left out rather than divided by
+/// zero.
+pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     let wide = c.nrows() <= c.ncols();
     let gram = if wide {
         mm_parallel(c.as_ref(), c.transpose())
@@ -143,9 +163,11 @@ pub(crate) fn orientation(c: &Mat<f32>) -> Result<Mat<f32>> {
         })?;
     let (u, lambda) = (evd.U(), evd.S().column_vector());
     let top = (0..lambda.nrows()).map(|i| lambda[i]).fold(0.0, f64::max);
+    let bar = top.max(top_floor) * POLAR_CUTOFF;
+    let dropped = (0..lambda.nrows()).filter(|&j| lambda[j] <= bar).count();
     let scaled = Mat::from_fn(u.nrows(), u.ncols(), |i, j| {
         let l = lambda[j];
-        if l > top * POLAR_CUTOFF {
+        if l > bar {
             u[(i, j)] / l.sqrt()
         } else {
             0.0
@@ -155,10 +177,15 @@ pub(crate) fn orientation(c: &Mat<f32>) -> Result<Mat<f32>> {
         Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
     };
     let root = mm_parallel(to32(scaled.as_ref()).as_ref(), to32(u).transpose());
-    Ok(if wide {
+    let factor = if wide {
         mm_parallel(root.as_ref(), c.as_ref())
     } else {
         mm_parallel(c.as_ref(), root.as_ref())
+    };
+    Ok(Polar {
+        factor,
+        top,
+        dropped,
     })
 }
 
@@ -195,12 +222,10 @@ fn zip_sum(a: &Mat<f32>, b: &Mat<f32>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::linalg::philox::gaussian4;
+    use crate::linalg::philox::gaussian_matrix;
 
     fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
-        Mat::from_fn(rows, cols, |i, j| {
-            gaussian4(7, stream, i as u32, (j / 4) as u32)[j % 4]
-        })
+        gaussian_matrix(7, stream, rows, cols)
     }
 
     #[test]

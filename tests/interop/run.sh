@@ -30,7 +30,8 @@ want="$(sha256sum "$req" | cut -d' ' -f1) $("$venv/bin/python" -c 'import platfo
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
   echo "tests/interop/run.sh: installing $req into .venv/ (first run: a few minutes)" >&2
   rm -f "$stamp"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$req"
+  # --no-cache-dir: the wheels (torch's CUDA libraries, ~3 GiB) are not kept a second time.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-cache-dir -r "$req"
   echo "$want" >"$stamp"
 fi
 
