@@ -32,14 +32,9 @@ fn tokenizer(dir: &Path) {
     word_level_tokenizer(dir, VOCAB, &|i| i);
 }
 
+/// Four query heads and two key-value heads of 8.
 fn shapes(p: &str) -> (usize, usize) {
-    match p {
-        "q_proj" => (32, D),
-        "k_proj" | "v_proj" => (16, D),
-        "o_proj" => (D, 32),
-        "down_proj" => (D, INTER),
-        _ => (INTER, D),
-    }
+    projection_shape(p, D, (4, 2, 8), INTER)
 }
 
 /// Writes the source (`layers` layers) and the target (the source's layers `kept`, rotated).

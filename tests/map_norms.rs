@@ -113,13 +113,7 @@ fn write_pair(root: &Path, seed: u64) -> Twin {
             }
         }
         for (i, p) in PROJECTIONS.iter().enumerate() {
-            let (o, inp) = match *p {
-                "q_proj" => (HEADS * HD, D),
-                "k_proj" | "v_proj" => (KV * HD, D),
-                "o_proj" => (D, HEADS * HD),
-                "down_proj" => (D, INTER),
-                _ => (INTER, D),
-            };
+            let (o, inp) = projection_shape(p, D, (HEADS, KV, HD), INTER);
             let w = gaussian(o, inp, seed, 10 * (l as u64 + 1) + i as u64);
             let cols = |w: &Mat<f32>, map: &[usize], size: usize| {
                 units(&w.transpose().to_owned(), map, size)

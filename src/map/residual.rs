@@ -120,7 +120,7 @@ impl ResidualMap {
 }
 
 /// `Σ x_s x_tᵀ` over paired rows (`d_s × d_t`).
-pub(crate) fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f32> {
+fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f32> {
     mm_parallel(xs.transpose(), xt.as_ref())
 }
 
@@ -199,7 +199,7 @@ fn centered(x: &Mat<f32>) -> Mat<f32> {
     })
 }
 
-pub(crate) fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
+fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
     let norms = super::matching::row_norms(x);
     Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
         if norms[i] > 0.0 {

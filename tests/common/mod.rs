@@ -34,6 +34,23 @@ pub fn projection_key(l: usize, p: &str) -> String {
     format!("model.layers.{l}.{block}.{p}")
 }
 
+/// The weight shape (out, in) of projection `p` in a layer of width `d` with `heads` query and
+/// `kv` key-value heads of size `hd` and an MLP of width `inter`.
+pub fn projection_shape(
+    p: &str,
+    d: usize,
+    (heads, kv, hd): (usize, usize, usize),
+    inter: usize,
+) -> (usize, usize) {
+    match p {
+        "q_proj" => (heads * hd, d),
+        "k_proj" | "v_proj" => (kv * hd, d),
+        "o_proj" => (d, heads * hd),
+        "down_proj" => (d, inter),
+        _ => (inter, d),
+    }
+}
+
 /// A permutation of 0..n from a seed.
 pub fn perm(n: usize, seed: u64) -> Vec<usize> {
     let g = gaussian(n, 1, seed, 77);

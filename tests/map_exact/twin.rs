@@ -121,13 +121,7 @@ pub fn source_model(seed: u64) -> (BTreeMap<String, Mat<f32>>, BTreeMap<String, 
             src.insert(format!("model.layers.{l}.{norm}.weight"), g);
         }
         for (i, p) in PROJECTIONS.iter().enumerate() {
-            let (o, inp) = match *p {
-                "q_proj" => (HEADS * HD, D),
-                "k_proj" | "v_proj" => (KV * HD, D),
-                "o_proj" => (D, HEADS * HD),
-                "down_proj" => (D, INTER),
-                _ => (INTER, D),
-            };
+            let (o, inp) = projection_shape(p, D, (HEADS, KV, HD), INTER);
             src.insert(
                 format!("{}.weight", key(l, p)),
                 gaussian(o, inp, seed, 10 * (l as u64 + 1) + i as u64),
