@@ -37,6 +37,8 @@ pub(crate) struct NearPolar {
     core: Mat<f32>,
     /// Whether the prior's complement part (singular values w) is above the cutoff.
     keep_prior: bool,
+    /// Whether no direction was left out (the factor has orthonormal rows).
+    complete: bool,
 }
 
 impl NearPolar {
@@ -74,12 +76,20 @@ impl NearPolar {
         });
         let prior_gram = (w as f64).powi(2);
         let core = polar_parts(&core_in, prior_gram)?;
+        let keep_prior = prior_gram > core.top * POLAR_CUTOFF;
         Ok(NearPolar {
             b_a,
             b_perp,
             core: core.factor,
-            keep_prior: prior_gram > core.top * POLAR_CUTOFF,
+            keep_prior,
+            complete: keep_prior && core.dropped == 0,
         })
+    }
+
+    /// Whether the polar factor has orthonormal rows (no direction fell under the cutoff), so
+    /// that a refit starting from it may take this path again.
+    pub fn orthonormal(&self) -> bool {
+        self.complete
     }
 
     /// `(1/h) Σ_r y_a[:, r]ᵀ Q y_b[:, r]`, Q the polar factor, for other pairs (`q0_yb` = Q0·y_b):
@@ -197,6 +207,8 @@ mod tests {
             let q = near.materialize(q0.as_ref(), &CpuBackend).unwrap();
             let err = (&q - &full).norm_max();
             assert!(err < 2e-4, "w {w}: factored polar off by {err}");
+            // Dropping the prior's complement leaves directions out of the factor.
+            assert_eq!(near.orthonormal(), w > 0.1, "w {w}");
             // Held-out agreement without forming Q equals the one through it.
             let (x_a, x_b) = (gaussian(d_a, 7, stream + 5), gaussian(d_b, 7, stream + 6));
             let direct = column_dots(&x_a, &(&q * &x_b)) / 7.0;

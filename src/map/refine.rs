@@ -18,7 +18,7 @@ use faer::Mat;
 use super::layer::Weights;
 use super::matching::Assignment;
 use super::polar::{column_dots, NearPolar};
-use super::residual::orientation;
+use super::residual::polar_parts;
 use super::ResidualMap;
 use crate::backend::Backend;
 use crate::error::Result;
@@ -43,10 +43,10 @@ pub struct Refit {
 }
 
 /// A candidate orientation in the frame where the prior has orthonormal rows: factored when the
-/// prior is orthonormal, else a full matrix (`d_a × d_b`).
+/// prior is orthonormal, else a full matrix (`d_a × d_b`) and whether it is orthonormal.
 enum Trial {
     Near(NearPolar),
-    Full(Mat<f32>),
+    Full(Mat<f32>, bool),
 }
 
 impl Trial {
@@ -68,7 +68,8 @@ impl Trial {
         }
         let evidence = backend.product(y_a.as_ref(), y_b.transpose())?;
         let c = evidence * faer::Scale(inv_h) + q0 * faer::Scale(weight);
-        Ok(Trial::Full(orientation(&c)?))
+        let polar = polar_parts(&c, 0.0)?;
+        Ok(Trial::Full(polar.factor, polar.dropped == 0))
     }
 
     /// Mean agreement of the pairs `(y_a, y_b)` (`q0_yb` = Q0·y_b).
@@ -80,17 +81,22 @@ impl Trial {
     ) -> Result<f64> {
         Ok(match self {
             Trial::Near(near) => near.agreement((y_a, y_b), q0_yb),
-            Trial::Full(q) => {
+            Trial::Full(q, _) => {
                 let mapped = backend.product(q.as_ref(), y_b.as_ref())?;
                 column_dots(y_a, &mapped) / y_a.ncols().max(1) as f64
             }
         })
     }
 
-    fn into_matrix(self, q0: faer::MatRef<'_, f32>, backend: &dyn Backend) -> Result<Mat<f32>> {
+    /// The orientation as a matrix, and whether it has orthonormal rows.
+    fn into_matrix(
+        self,
+        q0: faer::MatRef<'_, f32>,
+        backend: &dyn Backend,
+    ) -> Result<(Mat<f32>, bool)> {
         match self {
-            Trial::Near(near) => near.materialize(q0, backend),
-            Trial::Full(q) => Ok(q),
+            Trial::Near(near) => Ok((near.materialize(q0, backend)?, near.orthonormal())),
+            Trial::Full(q, orthonormal) => Ok((q, orthonormal)),
         }
     }
 }
@@ -218,13 +224,14 @@ pub(crate) fn refit(
     };
     let map = if refined - start_agreement > MIN_GAIN * (1.0 - start_agreement) {
         let all = (side_by_side(&fit.0, &held.0), side_by_side(&fit.1, &held.1));
-        let q = Trial::fit(q0, (&all.0, &all.1), options, backend)?.into_matrix(q0, backend)?;
+        let (q, orthonormal) =
+            Trial::fit(q0, (&all.0, &all.1), options, backend)?.into_matrix(q0, backend)?;
         let qt = if s_is_a { q } else { q.transpose().to_owned() };
         let mut map = ResidualMap::from_orientation(qt, scale);
         map.width = current.width;
         map.shared_tokens = current.shared_tokens;
         map.relative_residual = current.relative_residual;
-        map.orthonormal = prior.orthonormal;
+        map.orthonormal = orthonormal;
         Some(map)
     } else {
         None

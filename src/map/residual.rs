@@ -136,12 +136,8 @@ pub(crate) struct Polar {
     pub dropped: usize,
 }
 
-/// The orthogonal (or semi-orthogonal) factor `X Yᵀ` of a cross-covariance `c = X Σ Yᵀ`.
-pub(crate) fn orientation(c: &Mat<f32>) -> Result<Mat<f32>> {
-    Ok(polar_parts(c, 0.0)?.factor)
-}
-
-/// The polar factor as `(c cᵀ)^{-1/2} c` from the eigendecomposition of the smaller Gram matrix:
+/// The orthogonal (or semi-orthogonal) factor `X Yᵀ` of a cross-covariance `c = X Σ Yᵀ`, as
+/// `(c cᵀ)^{-1/2} c` from the eigendecomposition of the smaller Gram matrix:
 /// several times cheaper than the SVD of a wide `c`. The products are f32 (all cores), the small
 /// eigendecomposition f64. Directions with (next to) no weight, Gram eigenvalues below
 /// [`POLAR_CUTOFF`] times the largest (or times `top_floor`, when `c` is part of a larger
