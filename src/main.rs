@@ -6,6 +6,12 @@ use clap::Parser;
 
 mod cli;
 
+// mimalloc keeps freed pages for reuse: with the system allocator every weight decoded, every
+// buffer of tens of MB, is faulted in and zeroed by the kernel afresh, which doubled the time
+// spent reading weights on a full-depth transfer.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     loraxfer::io::output::install_signal_cleanup();

@@ -219,6 +219,18 @@ pub trait Backend: Sync {
         Ok(crate::linalg::mm_parallel(a, b))
     }
 
+    /// [`Backend::product`] into `out` (`a.nrows() × b.ncols()`), for loops that form many
+    /// products of one shape: on the CPU a fresh output of tens of MB costs as much to fault in
+    /// as the product costs to compute.
+    fn product_into(
+        &self,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        out: faer::MatMut<'_, f32>,
+    ) -> Result<()> {
+        crate::linalg::mm_into(a, b, out)
+    }
+
     /// `Xᵀ·M` for one side of a basis (`k × r` from `m × k` and `m × r`): the heavy product
     /// of the whole-update modes. Backends may use their resident copy of the basis.
     fn basis_t_mul(&self, basis: &Basis, side: Side, m: MatRef<'_, f32>) -> Result<Mat<f32>> {

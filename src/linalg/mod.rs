@@ -13,6 +13,27 @@ pub fn mm_parallel(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
+/// `out = a · b` on every core, checking the shapes (the output is the caller's buffer).
+pub fn mm_into(
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    out: faer::MatMut<'_, f32>,
+) -> crate::error::Result<()> {
+    if a.ncols() != b.nrows() || out.nrows() != a.nrows() || out.ncols() != b.ncols() {
+        return Err(crate::error::Error::internal(format!(
+            "product of a {}×{} and a {}×{} matrix into a {}×{} one",
+            a.nrows(),
+            a.ncols(),
+            b.nrows(),
+            b.ncols(),
+            out.nrows(),
+            out.ncols()
+        )));
+    }
+    matmul(out, Accum::Replace, a, b, 1.0f32, Par::rayon(0));
+    Ok(())
+}
+
 /// A matrix from row-major data (as safetensors store it), copied in cache-friendly blocks.
 pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
     MatRef::from_row_major_slice(data, rows, cols).to_owned()

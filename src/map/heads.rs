@@ -10,6 +10,7 @@
 //! correspond exactly, and the only choice when their sizes differ.
 
 use faer::Mat;
+use rayon::prelude::*;
 
 use super::layer::{reading, Gains, Sketch, SourceView, Weights};
 use super::matching::{assign, Assignment};
@@ -58,9 +59,9 @@ impl Heads {
                 })
                 .collect()
         };
-        let q = reading(&w.q, attn, read_x, backend)?;
-        let k = reading(&w.k, attn, read_x, backend)?;
-        let v = reading(&w.v, attn, read_x, backend)?;
+        let q = reading(&w.q, attn, read_x.as_ref(), backend)?;
+        let k = reading(&w.k, attn, read_x.as_ref(), backend)?;
+        let v = reading(&w.v, attn, read_x.as_ref(), backend)?;
         let o = backend.product(w.o.view().transpose(), write_x.as_ref())?; // (heads·hd) × K
         Ok(Heads {
             q: split(&q, c.num_attention_heads, Some(q_gain)),
@@ -103,8 +104,11 @@ impl HeadViews {
 
 /// `Σ (A₁A₂ᵀ) ∘ (B₁B₂ᵀ)` = ⟨A₁ᵀB₁, A₂ᵀB₂⟩_F.
 fn circuit_dot(a1: &Mat<f32>, b1: &Mat<f32>, a2: &Mat<f32>, b2: &Mat<f32>) -> f64 {
-    let x = a1 * a2.transpose();
-    let y = b1 * b2.transpose();
+    frobenius(&(a1 * a2.transpose()), &(b1 * b2.transpose()))
+}
+
+/// `Σ x ∘ y`.
+fn frobenius(x: &Mat<f32>, y: &Mat<f32>) -> f64 {
     let mut s = 0.0f64;
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
@@ -112,6 +116,14 @@ fn circuit_dot(a1: &Mat<f32>, b1: &Mat<f32>, a2: &Mat<f32>, b2: &Mat<f32>) -> f6
         }
     }
     s
+}
+
+/// `x[a] y[b]ᵀ` for every pair, indexed `[b][a]`: the KV heads' halves of the circuit dots,
+/// which every query head of a group pair shares.
+fn cross_grams(x: &[Mat<f32>], y: &[Mat<f32>]) -> Vec<Vec<Mat<f32>>> {
+    y.iter()
+        .map(|yb| x.iter().map(|xa| xa * yb.transpose()).collect())
+        .collect()
 }
 
 /// (query heads, KV heads): target → source.
@@ -130,12 +142,18 @@ pub(crate) fn match_heads(views: &HeadViews) -> Result<(Assignment, Assignment)>
     };
     let ((qk_s, ov_s), (qk_t, ov_t)) = (norms(hs), norms(ht));
     let (nq_s, nq_t) = (hs.q.len(), ht.q.len());
-    let head_sim = Mat::from_fn(nq_t, nq_s, |b, a| {
-        let (ga, gb) = (a / hs.per_group, b / ht.per_group);
-        let qk = circuit_dot(&hs.q[a], &hs.k[ga], &ht.q[b], &ht.k[gb]) / (qk_s[a] * qk_t[b]);
-        let ov = circuit_dot(&hs.o[a], &hs.v[ga], &ht.o[b], &ht.v[gb]) / (ov_s[a] * ov_t[b]);
-        ((qk + ov) / 2.0) as f32
-    });
+    let (k_grams, v_grams) = (cross_grams(&hs.k, &ht.k), cross_grams(&hs.v, &ht.v));
+    let sims: Vec<f32> = (0..nq_t * nq_s)
+        .into_par_iter()
+        .map(|index| {
+            let (b, a) = (index / nq_s, index % nq_s);
+            let (ga, gb) = (a / hs.per_group, b / ht.per_group);
+            let qk = frobenius(&(&hs.q[a] * ht.q[b].transpose()), &k_grams[gb][ga]);
+            let ov = frobenius(&(&hs.o[a] * ht.o[b].transpose()), &v_grams[gb][ga]);
+            ((qk / (qk_s[a] * qk_t[b]) + ov / (ov_s[a] * ov_t[b])) / 2.0) as f32
+        })
+        .collect();
+    let head_sim = Mat::from_fn(nq_t, nq_s, |b, a| sims[b * nq_s + a]);
     // Groups: the value of the best matching of their query heads.
     let (g_s, g_t) = (hs.k.len(), ht.k.len());
     let within = |gb: usize, ga: usize| -> Result<Assignment> {

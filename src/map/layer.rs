@@ -28,9 +28,13 @@ use crate::plan::ModelSide;
 /// Sketch width of the comparisons.
 pub const SKETCH: usize = 128;
 /// Columns of the sketch (per view) used to find candidates on the sparse path: the
-/// candidates are re-scored on all [`SKETCH`] columns, so this only needs to put a unit's
+/// candidates are re-scored on all [`NEURON_SKETCH`] columns, so this only needs to put a unit's
 /// partner among its best [`super::matching::CANDIDATES`].
 pub const COARSE: usize = 32;
+/// Sketch columns the neuron features use (the first of the [`SKETCH`]): the neurons' products
+/// are the map's largest, and 3 views of this many columns tell partners apart as well as the
+/// heads' [`SKETCH`] columns do for one circuit (their inner fits need K ≥ head_dim).
+pub const NEURON_SKETCH: usize = 64;
 /// At most this many re-fits of a layer's residual map, each followed by a new matching (the
 /// loop stops as soon as a matching no longer changes, or a refit does not hold out).
 const MAX_REFITS: usize = 2;
@@ -245,7 +249,7 @@ impl Side<'_, '_> {
 pub(crate) fn reading(
     w: &RowMajor,
     g: &[f32],
-    x: &Mat<f32>,
+    x: faer::MatRef<'_, f32>,
     backend: &dyn Backend,
 ) -> Result<Mat<f32>> {
     let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g[i]);
@@ -457,10 +461,12 @@ impl NeuronFeatures {
         (read, write): (&Mat<f32>, &Mat<f32>),
         backend: &dyn Backend,
     ) -> Result<Self> {
+        let width = NEURON_SKETCH.min(read.ncols());
+        let (read, write) = (read.subcols(0, width), write.subcols(0, width));
         let views = [
             reading(&w.gate, g, read, backend)?,
             reading(&w.up, g, read, backend)?,
-            backend.product(w.down.view().transpose(), write.as_ref())?,
+            backend.product(w.down.view().transpose(), write)?,
         ];
         Ok(NeuronFeatures {
             coarse: joint_features(&views, COARSE),

@@ -158,24 +158,28 @@ pub fn assign_features(
     // product, a target's similarities) are contiguous: faer is column-major.
     let (ft, fs) = (fine_t.transpose().to_owned(), fine_s.transpose().to_owned());
     let mut edges: Vec<(f32, usize, usize)> = Vec::with_capacity(t * CANDIDATES);
+    // One buffer for every block's similarities: a fresh one per block costs as much as its
+    // product.
+    let mut sims_buffer = Mat::<f32>::zeros(s, BLOCK.min(t));
     for start in (0..t).step_by(BLOCK) {
         let width = BLOCK.min(t - start);
-        let sims = backend.product(
+        // The block's features side by side (contiguous, as the product packs them anyway).
+        let block_t = coarse_t.subrows(start, width).transpose().to_owned();
+        backend.product_into(
             coarse_s.as_ref(),
-            coarse_t.subrows(start, width).transpose(),
+            block_t.as_ref(),
+            sims_buffer.as_mut().subcols_mut(0, width),
         )?;
+        let sims = sims_buffer.as_ref().subcols(0, width);
         let block: Vec<(f32, usize, usize)> = (0..width)
             .into_par_iter()
             .map_init(Vec::new, |buffer, c| {
                 let i = start + c;
-                let target = column(&ft, i);
-                top_candidates(column(&sims, c), buffer);
+                let target = column(ft.as_ref(), i);
+                top_candidates(column(sims, c), buffer);
                 buffer
                     .iter()
-                    .map(|&(_, j)| {
-                        let x: f32 = target.iter().zip(column(&fs, j)).map(|(a, b)| a * b).sum();
-                        (x, i, j)
-                    })
+                    .map(|&(_, j)| (dot(target, column(fs.as_ref(), j)), i, j))
                     .filter(|e| e.0 > 0.0)
                     .collect::<Vec<_>>()
             })
@@ -186,12 +190,31 @@ pub fn assign_features(
     Ok(greedy(edges, t, s))
 }
 
-/// Column `j` of a column-major matrix as a slice.
-fn column(m: &Mat<f32>, j: usize) -> &[f32] {
+/// Column `j` of a column-major matrix (an owned one, or a column range of one) as a slice.
+fn column<'m>(m: faer::MatRef<'m, f32>, j: usize) -> &'m [f32] {
     m.col(j)
         .try_as_col_major()
         .expect("an owned matrix's columns are contiguous")
         .as_slice()
+}
+
+/// `⟨a, b⟩` in eight running sums, which the compiler keeps in one vector register (a single
+/// running sum is a chain of dependent additions).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The [`CANDIDATES`] largest positive entries of `sims` into `best` as (similarity, index),

@@ -280,6 +280,26 @@ impl Backend for CudaBackend {
         self.name
     }
 
+    fn product_into(
+        &self,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        mut out: faer::MatMut<'_, f32>,
+    ) -> Result<()> {
+        let c = self.product(a, b)?;
+        if (out.nrows(), out.ncols()) != (c.nrows(), c.ncols()) {
+            return Err(Error::internal(format!(
+                "a {}×{} product into a {}×{} matrix",
+                c.nrows(),
+                c.ncols(),
+                out.nrows(),
+                out.ncols()
+            )));
+        }
+        out.copy_from(&c);
+        Ok(())
+    }
+
     fn product(&self, a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Result<Mat<f32>> {
         let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
         if b.nrows() != k {
