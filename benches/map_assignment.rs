@@ -9,14 +9,16 @@ use faer::Mat;
 use loraxfer::backend::cpu::{rsvd, CpuBackend};
 use loraxfer::backend::{SvdParams, Weight};
 use loraxfer::linalg::philox::gaussian4;
-use loraxfer::map::layer::{COARSE, SKETCH};
+use loraxfer::map::layer::COARSE;
 use loraxfer::map::matching::{assign_features, joint_features};
+use loraxfer::map::sketch::{fold, NEURON_SKETCH};
 use loraxfer::timing::Timings;
 
 const SOURCE: usize = 18944;
 const TARGET: usize = 14336;
-/// Sketch columns per view (the map's fine features) and the coarse ones, as the map uses them.
-const FINE: usize = SKETCH;
+/// Sketch columns per view of the map's fine features (the coarse ones are folded from them,
+/// as the map folds them).
+const FINE: usize = NEURON_SKETCH;
 
 fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| {
@@ -41,9 +43,10 @@ fn bench(c: &mut Criterion) {
             source[v][(truth[i], j)] + noise[(i, j)]
         })
     });
+    let folded = |views: &[Mat<f32>; 3]| views.each_ref().map(|v| fold(v, COARSE));
     let coarse = (
-        joint_features(&target, COARSE),
-        joint_features(&source, COARSE),
+        joint_features(&folded(&target), COARSE),
+        joint_features(&folded(&source), COARSE),
     );
     let fine = (joint_features(&target, FINE), joint_features(&source, FINE));
     let found = assign_features((&coarse.0, &coarse.1), (&fine.0, &fine.1), &CpuBackend).unwrap();

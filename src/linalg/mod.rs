@@ -57,6 +57,17 @@ impl RowMajor {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.cols..(i + 1) * self.cols]
     }
+
+    /// A copy of `m` in row-major order.
+    pub fn from_mat(m: &Mat<f32>) -> Self {
+        RowMajor {
+            data: (0..m.nrows())
+                .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
+                .collect(),
+            rows: m.nrows(),
+            cols: m.ncols(),
+        }
+    }
 }
 
 /// `a · b`, sequential (parallelism is across matrices, so results do not depend on threads).

@@ -158,7 +158,9 @@ pub fn by_similarity(
 ) -> Result<DepthMap> {
     let sketch = Sketch::new(target.ckpt.config.hidden_size, seed, backend);
     let k = SIGNATURE_SKETCH.min(sketch.r.ncols());
-    let r = sketch.r.subcols(0, k).to_owned();
+    // Folded: the sign sketch of k buckets (its first k columns would see a part of the
+    // coordinates only).
+    let r = super::sketch::fold(&sketch.r, k);
     let qr = &residual.qt * &r;
     let source_x = (
         &qr * faer::Scale(residual.width as f32),

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::layer::{reading, Gains, Sketch, SourceView, Weights};
 use super::matching::{assign, Assignment};
+use super::sketch::SignSketch;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::checkpoint::ModelConfig;
@@ -39,15 +40,45 @@ pub(crate) struct HeadViews {
     target: Heads,
 }
 
-impl Heads {
-    fn new(
+/// One side's q, k, v rows and o's columns in sketched target coordinates
+/// (`(heads·hd) × K` each).
+struct Sketched {
+    q: Mat<f32>,
+    k: Mat<f32>,
+    v: Mat<f32>,
+    o: Mat<f32>,
+}
+
+impl Sketched {
+    /// The source's: through the map's view of the sketch (products).
+    fn source(
         w: &Weights,
-        (attn, q_gain, k_gain): (&[f32], &[f32], &[f32]),
-        read_x: &Mat<f32>,
-        write_x: &Mat<f32>,
-        c: &ModelConfig,
+        attn: &[f32],
+        (read_x, write_x): (&Mat<f32>, &Mat<f32>),
         backend: &dyn Backend,
     ) -> Result<Self> {
+        Ok(Sketched {
+            q: reading(&w.q, attn, read_x.as_ref(), backend)?,
+            k: reading(&w.k, attn, read_x.as_ref(), backend)?,
+            v: reading(&w.v, attn, read_x.as_ref(), backend)?,
+            o: backend.product(w.o.view().transpose(), write_x.as_ref())?,
+        })
+    }
+
+    /// The target's: its own weights through the sign sketch (one pass over each).
+    fn target(w: &Weights, attn: &[f32], sketch: &SignSketch) -> Self {
+        Sketched {
+            q: sketch.rows(&w.q, attn),
+            k: sketch.rows(&w.k, attn),
+            v: sketch.rows(&w.v, attn),
+            o: sketch.columns(&w.o),
+        }
+    }
+}
+
+impl Heads {
+    /// Split per head, the per-head query and key gains applied.
+    fn new(x: Sketched, (q_gain, k_gain): (&[f32], &[f32]), c: &ModelConfig) -> Self {
         let hd = c.head_dim;
         let split = |m: &Mat<f32>, n: usize, g: Option<&[f32]>| -> Vec<Mat<f32>> {
             (0..n)
@@ -59,17 +90,13 @@ impl Heads {
                 })
                 .collect()
         };
-        let q = reading(&w.q, attn, read_x.as_ref(), backend)?;
-        let k = reading(&w.k, attn, read_x.as_ref(), backend)?;
-        let v = reading(&w.v, attn, read_x.as_ref(), backend)?;
-        let o = backend.product(w.o.view().transpose(), write_x.as_ref())?; // (heads·hd) × K
-        Ok(Heads {
-            q: split(&q, c.num_attention_heads, Some(q_gain)),
-            k: split(&k, c.num_key_value_heads, Some(k_gain)),
-            v: split(&v, c.num_key_value_heads, None),
-            o: split(&o, c.num_attention_heads, None),
+        Heads {
+            q: split(&x.q, c.num_attention_heads, Some(q_gain)),
+            k: split(&x.k, c.num_key_value_heads, Some(k_gain)),
+            v: split(&x.v, c.num_key_value_heads, None),
+            o: split(&x.o, c.num_attention_heads, None),
             per_group: c.num_attention_heads / c.num_key_value_heads.max(1),
-        })
+        }
     }
 }
 
@@ -81,23 +108,19 @@ impl HeadViews {
         sketch: &Sketch,
         (cs, ct): (&ModelConfig, &ModelConfig),
     ) -> Result<Self> {
+        let source = Sketched::source(
+            ws,
+            &gains.attn.0,
+            (&view.read, &view.write_attn),
+            sketch.backend,
+        )?;
         Ok(HeadViews {
-            source: Heads::new(
-                ws,
-                (&gains.attn.0, &gains.q.0, &gains.k.0),
-                &view.read,
-                &view.write_attn,
-                cs,
-                sketch.backend,
-            )?,
+            source: Heads::new(source, (&gains.q.0, &gains.k.0), cs),
             target: Heads::new(
-                wt,
-                (&gains.attn.1, &gains.q.1, &gains.k.1),
-                &sketch.r,
-                &sketch.r,
+                Sketched::target(wt, &gains.attn.1, &sketch.heads),
+                (&gains.q.1, &gains.k.1),
                 ct,
-                sketch.backend,
-            )?,
+            ),
         })
     }
 }

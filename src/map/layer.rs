@@ -1,9 +1,10 @@
 //! One layer of the map: the norm gains on both sides, the layer's own residual map (refined from
 //! its weights, [`super::refine`]), and which target head and neuron takes which source one.
-//! Units are compared in the target's coordinates, through one random sketch of the target
-//! residual (K columns): a reading weight row w (source, normalized-input coordinates) becomes
-//! `w diag(g_s) P R`, a writing column c becomes `Rᵀ W c` (W: the block's writer map), and the
-//! target's own rows `w diag(g_t) R` and columns `Rᵀ c`. The sketch keeps inner products to about
+//! Units are compared in the target's coordinates, through a random sketch R of the target
+//! residual ([`super::sketch`]: a Gaussian one for heads, a SignSketch for neurons): a reading
+//! weight row w (source, normalized-input coordinates) becomes `w diag(g_s) P R`, a writing
+//! column c becomes `Rᵀ W c` (W: the block's writer map), and the target's own rows
+//! `w diag(g_t) R` and columns `Rᵀ c`. A sketch of K columns keeps inner products to about
 //! 1/√K, which is plenty to tell a matching unit (similarity near 1 on a model in other
 //! coordinates) from the others, at a fraction of the cost.
 //!
@@ -17,46 +18,22 @@ use faer::Mat;
 use super::heads::{self, HeadFit};
 use super::matching::{assign_features, joint_features, Assignment};
 use super::refine;
+use super::sketch::{fold, SignSketch};
+pub use super::sketch::{Sketch, NEURON_SKETCH, SKETCH};
 use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::linalg::philox::gaussian4;
 use crate::linalg::RowMajor;
 use crate::plan::ModelSide;
 
-/// Sketch width of the comparisons.
-pub const SKETCH: usize = 128;
-/// Columns of the sketch (per view) used to find candidates on the sparse path: the
-/// candidates are re-scored on all [`NEURON_SKETCH`] columns, so this only needs to put a unit's
-/// partner among its best [`super::matching::CANDIDATES`].
+/// Buckets of the neurons' coarse features, folded from their [`NEURON_SKETCH`] (see
+/// [`super::sketch::fold`]): the candidates are re-scored on all of them, so this only needs to
+/// put a unit's partner among its best [`super::matching::CANDIDATES`].
 pub const COARSE: usize = 32;
-/// Sketch columns the neuron features use (the first of the [`SKETCH`]): the neurons' products
-/// are the map's largest, and 3 views of this many columns tell partners apart as well as the
-/// heads' [`SKETCH`] columns do for one circuit (their inner fits need K ≥ head_dim).
-pub const NEURON_SKETCH: usize = 64;
 /// At most this many re-fits of a layer's residual map, each followed by a new matching (the
 /// loop stops as soon as a matching no longer changes, or a refit does not hold out).
 const MAX_REFITS: usize = 2;
-
-/// The random sketch R of the target residual, and the backend that multiplies weights by it.
-pub struct Sketch<'b> {
-    /// `d_t × K`
-    pub r: Mat<f32>,
-    pub backend: &'b dyn Backend,
-}
-
-impl<'b> Sketch<'b> {
-    pub fn new(d_t: usize, seed: u64, backend: &'b dyn Backend) -> Self {
-        let k = SKETCH.min(d_t);
-        Sketch {
-            backend,
-            r: Mat::from_fn(d_t, k, |i, j| {
-                gaussian4(seed, 0x6d61_7073, i as u32, (j / 4) as u32)[j % 4] / (k as f32).sqrt()
-            }),
-        }
-    }
-}
 
 /// How a block's output (o's or down's columns, B of those modules) moves into the target
 /// residual. Without output norms it is the residual map M. With them (Gemma 2/3) the output
@@ -111,21 +88,25 @@ fn safe_div(x: f32, g: f32) -> f32 {
     }
 }
 
-/// The source's view of the sketch through one layer's maps.
+/// The source's view of the sketches through one layer's maps.
 pub(crate) struct SourceView {
-    /// `d_s × K`: P·R, for source reading rows.
+    /// `d_s × K`: P·R, for source reading rows (heads).
     pub read: Mat<f32>,
-    /// `d_s × K`: Wᵀ·R for the columns o and down write.
+    /// `d_s × K`: Wᵀ·R for the columns o writes.
     pub write_attn: Mat<f32>,
+    /// The same through the neurons' sketch R_n: P·R_n for gate and up, Wᵀ·R_n for down.
+    pub read_mlp: Mat<f32>,
     pub write_mlp: Mat<f32>,
 }
 
 impl SourceView {
     fn new(sketch: &Sketch, residual: &ResidualMap, writers: &(WriterMap, WriterMap)) -> Self {
+        let width = faer::Scale(residual.width as f32);
         SourceView {
-            read: &residual.qt * &sketch.r * faer::Scale(residual.width as f32),
+            read: &residual.qt * &sketch.r * width,
             write_attn: writers.0.sketch_t(residual, &sketch.r),
-            write_mlp: writers.1.sketch_t(residual, &sketch.r),
+            read_mlp: &residual.qt * &sketch.r_neurons * width,
+            write_mlp: writers.1.sketch_t(residual, &sketch.r_neurons),
         }
     }
 }
@@ -310,9 +291,7 @@ fn writer_maps(
                 w_s.view().transpose(),
                 unit.sketch_t(residual, &sketch.r).as_ref(),
             )?;
-            let own = sketch
-                .backend
-                .product(w_t.view().transpose(), sketch.r.as_ref())?;
+            let own = sketch.heads.columns(w_t);
             let (a, b) = (own.norm_l2() as f64, mapped.norm_l2() as f64);
             Ok(WriterMap {
                 kappa: if b > 0.0 { a / b } else { 1.0 },
@@ -385,8 +364,7 @@ impl LayerMap {
         };
         let mut view = SourceView::new(sketch, &residual, &writers);
         let (target_neurons, mut neurons) = timed(&mut times, "neurons", || {
-            let target =
-                NeuronFeatures::new(&wt, &gains.mlp.1, (&sketch.r, &sketch.r), sketch.backend)?;
+            let target = NeuronFeatures::target(&wt, &gains.mlp.1, &sketch.neurons);
             let neurons = match_neurons(&ws, &target, &gains.mlp.0, &view, sketch.backend)?;
             Ok::<_, crate::error::Error>((target, neurons))
         })?;
@@ -445,33 +423,46 @@ impl LayerMap {
     }
 }
 
-/// Neuron features in sketched target coordinates, coarse (the first [`COARSE`] sketch
-/// columns) and fine: rows whose dot products are the mean of the cosines of the gate rows, up
-/// rows and down columns of two neurons.
+/// Neuron features in sketched target coordinates, coarse ([`COARSE`] buckets) and fine (the
+/// [`NEURON_SKETCH`] of the neurons' SignSketch): rows whose dot products are the mean of the
+/// cosines of the gate rows, up rows and down columns of two neurons.
 pub(crate) struct NeuronFeatures {
     coarse: Mat<f32>,
     fine: Mat<f32>,
 }
 
 impl NeuronFeatures {
-    /// Reads are `w diag(g) X_read`, writes `cᵀ X_write` (down's columns).
-    fn new(
+    /// From the views gate rows, up rows, down columns (units × buckets).
+    fn from_views(views: [Mat<f32>; 3]) -> Self {
+        let coarse = views.each_ref().map(|v| fold(v, COARSE));
+        NeuronFeatures {
+            coarse: joint_features(&coarse, COARSE),
+            fine: joint_features(&views, views[0].ncols()),
+        }
+    }
+
+    /// The target's: its own weights through the SignSketch, one pass over each.
+    fn target(w: &Weights, g: &[f32], sketch: &SignSketch) -> Self {
+        Self::from_views([
+            sketch.rows(&w.gate, g),
+            sketch.rows(&w.up, g),
+            sketch.columns(&w.down),
+        ])
+    }
+
+    /// The source's: reads are `w diag(g) X_read`, writes `cᵀ X_write` (down's columns), with X
+    /// the map's view of the sketch.
+    fn source(
         w: &Weights,
         g: &[f32],
         (read, write): (&Mat<f32>, &Mat<f32>),
         backend: &dyn Backend,
     ) -> Result<Self> {
-        let width = NEURON_SKETCH.min(read.ncols());
-        let (read, write) = (read.subcols(0, width), write.subcols(0, width));
-        let views = [
-            reading(&w.gate, g, read, backend)?,
-            reading(&w.up, g, read, backend)?,
-            backend.product(w.down.view().transpose(), write)?,
-        ];
-        Ok(NeuronFeatures {
-            coarse: joint_features(&views, COARSE),
-            fine: joint_features(&views, views[0].ncols()),
-        })
+        Ok(Self::from_views([
+            reading(&w.gate, g, read.as_ref(), backend)?,
+            reading(&w.up, g, read.as_ref(), backend)?,
+            backend.product(w.down.view().transpose(), write.as_ref())?,
+        ]))
     }
 }
 
@@ -484,10 +475,62 @@ fn match_neurons(
     view: &SourceView,
     backend: &dyn Backend,
 ) -> Result<Assignment> {
-    let source = NeuronFeatures::new(ws, g_s, (&view.read, &view.write_mlp), backend)?;
+    let source = NeuronFeatures::source(ws, g_s, (&view.read_mlp, &view.write_mlp), backend)?;
     assign_features(
         (&target.coarse, &source.coarse),
         (&target.fine, &source.fine),
         backend,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::linalg::philox::gaussian_matrix;
+
+    /// The neurons' whole path at a width above the dense limit (sign sketch, folded coarse
+    /// candidates, re-scoring): a target whose MLP is the source's with its residual rotated,
+    /// its neurons permuted and noise added (partners' cosines about 0.7).
+    #[test]
+    fn neurons_are_matched_through_the_sign_sketch_in_rotated_coordinates() {
+        let (d, inter) = (96, super::super::matching::DENSE_LIMIT + 300);
+        let g = |rows, cols, stream| gaussian_matrix(21, stream, rows, cols);
+        let (gate, up, down) = (g(inter, d, 1), g(inter, d, 2), g(d, inter, 3));
+        let q = g(d, d, 4).qr().compute_thin_Q(); // h_t = Q h_s
+        let perm: Vec<usize> = (0..inter).map(|i| (i * 7919 + 11) % inter).collect();
+        let noisy = |m: Mat<f32>, stream| &m + g(m.nrows(), m.ncols(), stream);
+        let rows_of = |m: &Mat<f32>| Mat::from_fn(inter, d, |i, j| m[(perm[i], j)]);
+        let empty = RowMajor::from_mat(&Mat::zeros(0, 0));
+        let weights = |gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>| Weights {
+            q: empty.clone(),
+            k: empty.clone(),
+            v: empty.clone(),
+            o: empty.clone(),
+            gate: RowMajor::from_mat(gate),
+            up: RowMajor::from_mat(up),
+            down: RowMajor::from_mat(down),
+        };
+        let source = weights(&gate, &up, &down);
+        let down_t = &q * Mat::from_fn(d, inter, |i, j| down[(i, perm[j])]);
+        let target = weights(
+            &noisy(rows_of(&gate) * q.transpose(), 5),
+            &noisy(rows_of(&up) * q.transpose(), 6),
+            &noisy(down_t, 7),
+        );
+        let gains = vec![1.0; d];
+        let sketch = Sketch::new(d, 3, &CpuBackend);
+        let residual = ResidualMap::from_orientation(q.transpose().to_owned(), 1.0);
+        let view = SourceView::new(&sketch, &residual, &(WriterMap::PLAIN, WriterMap::PLAIN));
+        let features = NeuronFeatures::target(&target, &gains, &sketch.neurons);
+        let a = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
+        let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
+        assert!(a.agreement(&truth) > 0.99, "{}", a.agreement(&truth));
+        // Unrelated targets find nothing like it.
+        let unrelated = weights(&g(inter, d, 8), &g(inter, d, 9), &g(d, inter, 10));
+        let features = NeuronFeatures::target(&unrelated, &gains, &sketch.neurons);
+        let b = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
+        assert!(b.agreement(&truth) < 0.01);
+        assert!(a.mean_similarity().unwrap() > 0.6 && b.mean_similarity().unwrap() < 0.4);
+    }
 }

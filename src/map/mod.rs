@@ -23,6 +23,7 @@ pub mod matching;
 mod polar;
 pub mod refine;
 pub mod residual;
+pub mod sketch;
 pub mod vocab;
 
 use std::collections::BTreeMap;

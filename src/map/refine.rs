@@ -9,9 +9,12 @@
 //!
 //! A Procrustes fit of a few thousand vector pairs in a space of a few thousand dimensions
 //! finds agreement even between unrelated weights (about √(d/n) by chance). So the fit is
-//! validated: fitted on half of the pairs, it must agree better than the starting map with the
-//! other half, closing at least [`MIN_GAIN`] of the gap to a perfect fit; only then is the map
-//! refitted on all of them and kept.
+//! validated first: fitted on half of the best [`TRIAL_NEURONS`] pairs, it must agree better
+//! than the starting map with the other half, closing at least [`MIN_GAIN`] of the gap to a
+//! perfect fit; only then is the map refitted on all [`REFIT_NEURONS`] and kept. The trial is
+//! the smaller of the two because it runs on every layer, and between unrelated weights it is
+//! all that runs (its cost grows with the cube of its pairs); the full fit runs only where the
+//! evidence held out.
 
 use faer::Mat;
 
@@ -24,9 +27,10 @@ use crate::backend::Backend;
 use crate::error::Result;
 
 /// The best-matched neurons whose weights refit the map (three vectors each). The fit's cost
-/// grows with them (its eigendecomposition is 2 × 3 × this / 2 wide, see [`super::polar`]), and
-/// its evidence is validated on half of them.
+/// grows with them (its eigendecomposition is 2 × 3 × this wide, see [`super::polar`]).
 pub const REFIT_NEURONS: usize = 256;
+/// The best-matched neurons of the validation trial: fitted on one half, held out on the other.
+pub const TRIAL_NEURONS: usize = 128;
 /// The prior's weight against the layer's evidence (both normalized to a unit nuclear norm).
 pub const PRIOR_WEIGHT: f64 = 0.05;
 /// The least part of the gap to a perfect fit (held-out mean cosine 1) a refit must close to
@@ -183,13 +187,15 @@ pub(crate) fn refit(
     let half = |units: &[usize], parity: usize| -> Vec<usize> {
         units.iter().skip(parity).step_by(2).copied().collect()
     };
+    let trial_len = TRIAL_NEURONS.min(pairs.len());
+    let (trial_s, trial_t) = (&source_units[..trial_len], &target_units[..trial_len]);
     let (fit_s, held_s) = (
-        columns(ws, g_s, &half(&source_units, 0)),
-        columns(ws, g_s, &half(&source_units, 1)),
+        columns(ws, g_s, &half(trial_s, 0)),
+        columns(ws, g_s, &half(trial_s, 1)),
     );
     let (fit_t, held_t) = (
-        columns(wt, g_t, &half(&target_units, 0)),
-        columns(wt, g_t, &half(&target_units, 1)),
+        columns(wt, g_t, &half(trial_t, 0)),
+        columns(wt, g_t, &half(trial_t, 1)),
     );
     // Work where the prior has orthonormal rows: a = the narrower side.
     let s_is_a = d_s <= d_t;
@@ -223,7 +229,18 @@ pub(crate) fn refit(
         ) / h
     };
     let map = if refined - start_agreement > MIN_GAIN * (1.0 - start_agreement) {
-        let all = (side_by_side(&fit.0, &held.0), side_by_side(&fit.1, &held.1));
+        // All the pairs: the trial's two halves, then the rest.
+        let rest = |w: &Weights, g: &[f32], units: &[usize]| columns(w, g, &units[trial_len..]);
+        let (rest_s, rest_t) = (rest(ws, g_s, &source_units), rest(wt, g_t, &target_units));
+        let rest = if s_is_a {
+            (rest_s, rest_t)
+        } else {
+            (rest_t, rest_s)
+        };
+        let all = (
+            side_by_side(&side_by_side(&fit.0, &held.0), &rest.0),
+            side_by_side(&side_by_side(&fit.1, &held.1), &rest.1),
+        );
         let (q, orthonormal) =
             Trial::fit(q0, (&all.0, &all.1), options, backend)?.into_matrix(q0, backend)?;
         let qt = if s_is_a { q } else { q.transpose().to_owned() };
@@ -254,27 +271,17 @@ mod tests {
         gaussian_matrix(5, stream, rows, cols)
     }
 
-    fn row_major(m: &Mat<f32>) -> RowMajor {
-        RowMajor {
-            data: (0..m.nrows())
-                .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-                .collect(),
-            rows: m.nrows(),
-            cols: m.ncols(),
-        }
-    }
-
     /// MLP weights (gate, up: inter × d; down: d × inter); attention left empty.
     fn weights(gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>) -> Weights {
-        let empty = row_major(&Mat::zeros(0, 0));
+        let empty = RowMajor::from_mat(&Mat::zeros(0, 0));
         Weights {
             q: empty.clone(),
             k: empty.clone(),
             v: empty.clone(),
             o: empty,
-            gate: row_major(gate),
-            up: row_major(up),
-            down: row_major(down),
+            gate: RowMajor::from_mat(gate),
+            up: RowMajor::from_mat(up),
+            down: RowMajor::from_mat(down),
         }
     }
 
