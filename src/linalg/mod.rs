@@ -13,11 +13,11 @@ pub fn mm_parallel(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
-/// `out = a · b` on every core, checking the shapes (the output is the caller's buffer).
-pub fn mm_into(
+/// That `a · b` fits into `out` (for the backends' products into a caller's buffer).
+pub fn check_product_into(
     a: MatRef<'_, f32>,
     b: MatRef<'_, f32>,
-    out: faer::MatMut<'_, f32>,
+    out: &faer::MatMut<'_, f32>,
 ) -> crate::error::Result<()> {
     if a.ncols() != b.nrows() || out.nrows() != a.nrows() || out.ncols() != b.ncols() {
         return Err(crate::error::Error::internal(format!(
@@ -30,6 +30,16 @@ pub fn mm_into(
             out.ncols()
         )));
     }
+    Ok(())
+}
+
+/// `out = a · b` on every core, checking the shapes (the output is the caller's buffer).
+pub fn mm_into(
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    out: faer::MatMut<'_, f32>,
+) -> crate::error::Result<()> {
+    check_product_into(a, b, &out)?;
     matmul(out, Accum::Replace, a, b, 1.0f32, Par::rayon(0));
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! One layer of the map: the norm gains on both sides, the layer's own residual map (refined from
 //! its weights, [`super::refine`]), and which target head and neuron takes which source one.
 //! Units are compared in the target's coordinates, through a random sketch R of the target
-//! residual ([`super::sketch`]: a Gaussian one for heads, a SignSketch for neurons): a reading
+//! residual ([`super::sketch`]: a sparse sign sketch, 128 buckets for heads, 64 for neurons): a reading
 //! weight row w (source, normalized-input coordinates) becomes `w diag(g_s) P R`, a writing
 //! column c becomes `Rᵀ W c` (W: the block's writer map), and the target's own rows
 //! `w diag(g_t) R` and columns `Rᵀ c`. A sketch of K columns keeps inner products to about

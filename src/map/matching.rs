@@ -200,7 +200,7 @@ fn column<'m>(m: faer::MatRef<'m, f32>, j: usize) -> &'m [f32] {
 
 /// `⟨a, b⟩` in eight running sums, which the compiler keeps in one vector register (a single
 /// running sum is a chain of dependent additions).
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

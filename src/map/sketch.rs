@@ -24,8 +24,8 @@ pub struct Sketch<'b> {
     /// The heads' sketch, and it as a dense matrix (`d_t × K`) for the source side's products.
     pub heads: SignSketch,
     pub r: Mat<f32>,
-    /// The neurons' sketch (the heads' folded: the same signs, bucket i mod NEURON_SKETCH) and
-    /// it as a dense matrix.
+    /// The neurons' sketch (the heads' signs, bucket i mod NEURON_SKETCH: the heads' folded
+    /// when NEURON_SKETCH divides their width) and it as a dense matrix.
     pub neurons: SignSketch,
     pub r_neurons: Mat<f32>,
     pub backend: &'b dyn Backend,
@@ -75,10 +75,6 @@ impl SignSketch {
             sign,
             width: width.max(1),
         }
-    }
-
-    pub fn width(&self) -> usize {
-        self.width
     }
 
     /// R as a dense matrix, for the products on the source side (where the map comes first).

@@ -286,17 +286,8 @@ impl Backend for CudaBackend {
         b: MatRef<'_, f32>,
         mut out: faer::MatMut<'_, f32>,
     ) -> Result<()> {
-        let c = self.product(a, b)?;
-        if (out.nrows(), out.ncols()) != (c.nrows(), c.ncols()) {
-            return Err(Error::internal(format!(
-                "a {}×{} product into a {}×{} matrix",
-                c.nrows(),
-                c.ncols(),
-                out.nrows(),
-                out.ncols()
-            )));
-        }
-        out.copy_from(&c);
+        crate::linalg::check_product_into(a, b, &out)?;
+        out.copy_from(&self.product(a, b)?);
         Ok(())
     }
 
