@@ -88,7 +88,10 @@ def training_items(data_dir):
 
 
 def arc_challenge_test(data_dir, limit=0, seed=1234):
-    """ARC-Challenge test items (1172), or a seeded sample of `limit` of them (same for every run)."""
+    """ARC-Challenge test items (1172), or a seeded sample of `limit` of them (same for every run).
+
+    The requests file holds every item twice (doc ids n and 1000000 + n, the same document):
+    items are keyed by the document's own id, and two copies that differ are an error."""
     path = os.path.join(data_dir, "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz")
     docs = {}
     with gzip.open(path, "rt") as f:
@@ -96,7 +99,15 @@ def arc_challenge_test(data_dir, limit=0, seed=1234):
             req = json.loads(line)
             doc = req["doc"]
             docs.setdefault(req["doc_id"], {"id": doc["id"], "query": doc["query"], "choices": doc["choices"], "gold": doc["gold"]})
-    items = [docs[k] for k in sorted(docs)]
+    items, seen = [], {}
+    for k in sorted(docs):
+        it = docs[k]
+        if it["id"] in seen:
+            if seen[it["id"]] != it:
+                raise ValueError(f"{path}: item {it['id']} appears twice with different contents")
+            continue
+        seen[it["id"]] = it
+        items.append(it)
     if limit and limit < len(items):
         idx = sorted(random.Random(seed).sample(range(len(items)), limit))
         items = [items[i] for i in idx]

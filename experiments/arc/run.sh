@@ -3,7 +3,7 @@
 # and (when given) a LoRA trained directly on the target, all on the same items.
 #
 #   experiments/arc/run.sh --source DIR --target DIR --adapter DIR [--direct DIR]
-#                          [--mode auto|copy|project|align|procrustes|resample] [--rank K]
+#                          [--mode auto|copy|project|align|procrustes|rotate|map|resample] [--rank K]
 #                          [--threshold T] [--limit N] [--name NAME]
 #
 # --limit N evaluates a seeded sample of N of the 1172 test items (0, the default, means all).

@@ -5,7 +5,8 @@
 Prints, per module type: how many modules, how many were transferred, and the minimum, median
 and maximum of the subspace similarity (where defined: equal shapes) and of the energy of the
 source update kept by the transfer, and the median σ_{k+1}/σ_k of the target weights (near 1: the
-top-k subspace is weakly determined).
+top-k subspace is weakly determined). For map transfers also the medians of the residual map's
+fit on the layer (relative residual; 0 is exact) and of the matched units' similarity.
 """
 
 import argparse
@@ -34,12 +35,14 @@ def summarize(path, label=None):
     title = label or path
     print(f"{title}: mode {report['mode']}, k={report['rank']}, threshold {report['threshold']}, "
           f"{report['summary']['transferred']} transferred, {report['summary']['skipped']} skipped")
-    print("| module | n | transferred | similarity min / median / max | energy kept min / median / max | σ_k+1/σ_k (target) median |")
-    print("|---|---:|---:|---|---|---:|")
+    print("| module | n | transferred | similarity min / median / max | energy kept min / median / max "
+          "| σ_k+1/σ_k (target) median | residual fit median | matched similarity median |")
+    print("|---|---:|---:|---|---|---:|---:|---:|")
     for module in sorted(rows):
         ms = rows[module]
         print(f"| {module} | {len(ms)} | {sum(m['transferred'] for m in ms)} | "
-              f"{spread(m['similarity'] for m in ms)} | {spread(m['energy_kept'] for m in ms)} | {median(m.get('gap_target') for m in ms)} |")
+              f"{spread(m['similarity'] for m in ms)} | {spread(m['energy_kept'] for m in ms)} | {median(m.get('gap_target') for m in ms)} | "
+              f"{median(m.get('residual_fit') for m in ms)} | {median(m.get('matched_similarity') for m in ms)} |")
 
 
 def main():
