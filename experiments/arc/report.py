@@ -1,6 +1,6 @@
 """The tables of docs/EXPERIMENTS.md, from the per-item results in experiments/arc/results.
 
-    python report.py --results DIR [--transfers DIR] [--models DIR] [--times FILE]
+    python report.py --results DIR [--transfers DIR] [--times FILE]
 
 Per target model: the headline table on all 1172 ARC-Challenge items (the rows evaluated on
 all of them) and the table of every row on the seeded 500-item sample (rows evaluated on all
@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 
 from table import print_table
 
@@ -90,11 +91,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", required=True)
     ap.add_argument("--transfers")
-    ap.add_argument("--models")
     ap.add_argument("--times")
     args = ap.parse_args()
-    tmp = os.path.join(args.results, ".tables")
-    os.makedirs(tmp, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tables(args, tmp)
+    if args.times and os.path.exists(args.times):
+        print("\n### wall times (2 cores)\n\n| step | s |\n|---|---:|")
+        for line in open(args.times):
+            label, secs = line.rstrip("\n").split("\t")
+            print(f"| {label} | {secs} |")
+
+
+def tables(args, tmp):
     for model in sorted(d for d in os.listdir(args.results) if os.path.isdir(os.path.join(args.results, d)) and d[0] != "."):
         folder = os.path.join(args.results, model)
         full = rows_of(os.path.join(folder, "all"))
@@ -129,11 +137,6 @@ def main():
                 r = load(cached)
                 cells = ", ".join(f"{k} {v * 100:.0f} %" for k, v in r.items() if v is not None)
                 print(f"True correspondence recovered ({name}): {cells}\n")
-    if args.times and os.path.exists(args.times):
-        print("\n### wall times (2 cores)\n\n| step | s |\n|---|---:|")
-        for line in open(args.times):
-            label, secs = line.rstrip("\n").split("\t")
-            print(f"| {label} | {secs} |")
 
 
 if __name__ == "__main__":

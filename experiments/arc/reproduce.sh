@@ -35,7 +35,7 @@ W="$ARC_WORK"
 M="$W/models" A="$W/adapters" T="$W/transfers" RES="$arc_dir/results"
 mkdir -p "$M" "$A" "$T" "$RES"
 cd "$arc_dir"
-tables() { "$PY" report.py --results "$RES" --transfers "$T" --models "$M" --times "$RES/times.tsv" | tee "$RES/tables.md"; }
+tables() { "$PY" report.py --results "$RES" --transfers "$T" --times "$RES/times.tsv" | tee "$RES/tables.md"; }
 if [[ $tables_only == 1 ]]; then tables; exit; fi
 arc_loraxfer
 arc_data
