@@ -125,7 +125,7 @@ fn demo_runs_end_to_end() {
 #[test]
 fn transfer_to_a_derivative_projects_every_module() {
     let f = Fixtures::new();
-    let (out, stdout, _) = f.transfer(&f.target, "out", &[]);
+    let (out, stdout, _) = f.transfer(&f.target, "out", &["--mode", "project"]);
     assert!(stdout.contains("transferred 28 of 28"), "{stdout}");
     let report = report(&out);
 
@@ -181,10 +181,7 @@ fn transfer_to_a_derivative_projects_every_module() {
         ] {
             assert!(row.get(k).is_some(), "row lacks `{k}`: {row}");
         }
-        assert_eq!(
-            row["mode"], "project",
-            "equal shapes resolve auto to project: {row}"
-        );
+        assert_eq!(row["mode"], "project", "every module projected: {row}");
         assert_eq!(row["transferred"], true, "{row}");
         let (u, v, sim) = (
             row["similarity_u"].as_f64(),
@@ -220,7 +217,7 @@ fn transfer_to_a_derivative_projects_every_module() {
 #[test]
 fn similarity_never_exceeds_one() {
     let f = Fixtures::new();
-    let (out, _, _) = f.transfer(&f.target, "out", &[]);
+    let (out, _, _) = f.transfer(&f.target, "out", &["--mode", "project"]);
     for row in rows(&report(&out)) {
         for k in ["similarity_u", "similarity_v", "similarity"] {
             let x = row[k].as_f64().unwrap();
@@ -233,7 +230,7 @@ fn similarity_never_exceeds_one() {
 fn cross_architecture_transfer_aligns_and_maps_layers() {
     let f = Fixtures::new();
     let llama = f.llama();
-    let (out, _, _) = f.transfer(&llama, "out", &[]);
+    let (out, _, _) = f.transfer(&llama, "out", &["--mode", "align"]);
     let report = report(&out);
 
     // 6 target layers from 4 source layers: j -> round(j * 3 / 5).
@@ -244,10 +241,7 @@ fn cross_architecture_transfer_aligns_and_maps_layers() {
     let rows = rows(&report);
     assert_eq!(rows.len(), 6 * 7);
     for row in rows {
-        assert_eq!(
-            row["mode"], "align",
-            "different shapes resolve auto to align: {row}"
-        );
+        assert_eq!(row["mode"], "align", "every module aligned: {row}");
         assert!(
             row["similarity"].is_null(),
             "no similarity between spaces of different sizes: {row}"
@@ -321,6 +315,37 @@ fn map_mode_crosses_families_and_needs_both_vocabularies() {
     assert!(!failed.status.success());
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
     assert!(!f.root.path().join("no-vocab").exists());
+}
+
+/// `auto` picks one mode for the pair: rotate for equal shapes, map across shapes, align when a
+/// vocabulary is missing; the report and the output say which and why.
+#[test]
+fn auto_rotates_equal_shapes_maps_across_shapes_and_aligns_without_a_vocabulary() {
+    let f = Fixtures::new();
+    let llama = f.llama();
+    for (target, mode, why) in [
+        (&f.target, "rotate", "equal depths"),
+        (&llama, "map", "depths differ"),
+    ] {
+        let (out, stdout, _) = f.transfer(target, mode, &[]);
+        let report = report(&out);
+        assert_eq!(report["mode"], mode, "{stdout}");
+        let reason = report["auto_reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{reason}");
+        assert!(stdout.contains(&format!("auto chose {mode}: ")), "{stdout}");
+        let rows = rows(&report);
+        assert!(!rows.is_empty());
+        assert!(rows.iter().all(|row| row["mode"] == mode), "{rows:?}");
+    }
+    std::fs::remove_file(llama.join("tokenizer.json")).unwrap();
+    let (out, _, _) = f.transfer(&llama, "aligned", &[]);
+    let aligned = report(&out);
+    assert_eq!(aligned["mode"], "align");
+    let reason = aligned["auto_reason"].as_str().unwrap();
+    assert!(reason.contains("tokenizer.json"), "{reason}");
+    // A named mode is not second-guessed and records no reason.
+    let (out, _, _) = f.transfer(&f.target, "named", &["--mode", "copy"]);
+    assert!(report(&out).get("auto_reason").is_none());
 }
 
 #[test]

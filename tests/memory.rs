@@ -84,6 +84,8 @@ fn qwen_1_5b_to_llama_3b_shapes_stay_under_2_gib_anonymous() {
             &p("out"),
             "--rank",
             "256",
+            "--mode",
+            "align",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -122,16 +122,24 @@ evaluate() {
 direct() { # target: its own LoRA (the ceiling a transfer is measured against)
   [[ -d $A/$1 ]] || timed "train-$1" "$PY" train_lora.py --model "$M/$1" --out "$A/$1" --data "$DATA"
 }
+# Gemma3's heads are 256 wide against SmolLM2's 64: heads of different sizes can only be paired
+# by the inner fit, so the index ablation (inner maps by position) does not apply there.
+has_inner_index() { [[ $1 != gemma ]]; }
 map_ablations() { # prefix, target, [extra flags]: map and each of its parts switched off in turn
   local p=$1 t=$2; shift 2
   transfer "$p-map" "$t" --mode map "$@"
   transfer "$p-map-residual-tokens" "$t" --mode map --map-residual tokens "$@"
   transfer "$p-map-residual-identity" "$t" --mode map --map-residual identity "$@"
   transfer "$p-map-no-norm-fold" "$t" --mode map --no-norm-fold "$@"
-  transfer "$p-map-inner-index" "$t" --mode map --map-inner index "$@"
+  transfer "$p-map-no-gain-floor" "$t" --mode map --map-gain-floor 0 "$@"
+  if has_inner_index "$p"; then transfer "$p-map-inner-index" "$t" --mode map --map-inner index "$@"; fi
   transfer "$p-map-inner-fit" "$t" --mode map --map-inner fit "$@"
 }
-ablation_rows() { echo "$1-map $1-map-residual-tokens $1-map-residual-identity $1-map-no-norm-fold $1-map-inner-index $1-map-inner-fit"; }
+ablation_rows() {
+  echo "$1-map $1-map-residual-tokens $1-map-residual-identity $1-map-no-norm-fold $1-map-no-gain-floor"
+  if has_inner_index "$1"; then echo "$1-map-inner-index"; fi
+  echo "$1-map-inner-fit"
+}
 
 for pair in ${pairs//,/ }; do
   case $pair in

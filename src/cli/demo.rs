@@ -82,7 +82,7 @@ fn steps(dir: &std::path::Path) -> Result<()> {
     };
     super::synth::adapter(&source, &spec, &adapter, false)?;
     println!(
-        "4. transfer (mode auto: project for equal shapes), k=16 -> {}\n",
+        "4. transfer (mode auto: rotate for equal shapes), k=16 -> {}\n",
         out.display()
     );
     let job = Job {

@@ -81,8 +81,9 @@ pub struct TransferArgs {
     /// Output directory for the new adapter and transfer_report.json.
     #[arg(long)]
     out: PathBuf,
-    /// How to carry the adapter over (auto = project for equal shapes, align otherwise).
-    /// Whole-update modes: rotate (equal shapes) and map (any shapes and tokenizers).
+    /// How to carry the adapter over. auto picks one mode for the pair: rotate when the depths
+    /// and every module's shapes are equal, else map (both models need a tokenizer.json), else
+    /// align; rotate and map keep the whole update (docs/EXPERIMENTS.md has the evidence).
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     #[command(flatten)]
@@ -109,6 +110,10 @@ pub struct TransferArgs {
     /// map mode: do not fold the norm gains into the maps (ablation).
     #[arg(long)]
     no_norm_fold: bool,
+    /// map mode: target gains below this fraction of their RMS count as switching their
+    /// channel off where a fold divides by them (0: divide by every nonzero gain).
+    #[arg(long, default_value_t = loraxfer::map::GAIN_FLOOR)]
+    map_gain_floor: f32,
     /// map mode: how heads and neurons are paired: matched (heads of different sizes fitted
     /// inside), matched then fitted inside every head (fit), or by index (ablation).
     #[arg(long, value_enum, default_value_t = loraxfer::map::InnerMatch::Match)]

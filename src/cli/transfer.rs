@@ -29,6 +29,7 @@ pub fn transfer(args: TransferArgs) -> Result<()> {
     opts.map = loraxfer::map::MapOptions {
         residual: args.map_residual,
         fold_norms: !args.no_norm_fold,
+        gain_floor: args.map_gain_floor,
         inner: args.map_inner,
         depth: args.map_depth,
         seed: args.svd.seed,
@@ -94,6 +95,9 @@ fn print_summary(job: &Job, r: &report::Report) {
             s.weakly_resolved,
             report::WEAK_GAP
         );
+    }
+    if let Some(reason) = &r.auto_reason {
+        println!("auto chose {}: {reason}", r.mode);
     }
     println!(
         "mode {}, k {}, device {}, {:.2} s -> {}",

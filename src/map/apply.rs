@@ -9,6 +9,7 @@
 
 use faer::Mat;
 
+use super::gains::mapped_gains;
 use super::matching::Assignment;
 use super::{LayerMap, ModelMap};
 use crate::arch::Part;
@@ -182,34 +183,36 @@ fn reader_block<'l>(
             }
             None => rows.to_owned(),
         };
-        let moved = match fit {
-            Some(n) => n[u].as_ref().expect("matched head") * &scaled,
+        let n = fit.map(|n| n[u].as_ref().expect("matched head"));
+        let moved = match n {
+            Some(n) => n * &scaled,
             None => same_rows(size_t)(u, scaled.as_ref()),
         };
         match gains {
-            Some((_, g_t)) => Mat::from_fn(moved.nrows(), moved.ncols(), |i, j| {
-                if g_t[i] != 0.0 {
-                    moved[(i, j)] / g_t[i]
-                } else {
-                    0.0
-                }
-            }),
+            Some((g_s, g_t)) => {
+                // What the source's gains become in each target coordinate: through N, or as
+                // they are between heads of one size.
+                let mapped = match n {
+                    Some(n) => mapped_gains(n.transpose(), g_s),
+                    None => g_s.iter().map(|g| g.abs()).collect(),
+                };
+                let inv = layer.gains.inverse(g_t, &mapped);
+                Mat::from_fn(moved.nrows(), moved.ncols(), |i, j| moved[(i, j)] * inv[i])
+            }
             None => moved,
         }
     }
 }
 
-/// `A_s diag(g_s) P diag(g_t)⁻¹`.
+/// `A_s diag(g_s) P diag(g_t)⁻¹` (the inverse guarded: `gains::inverse_gains`).
 fn read_side(layer: &LayerMap, src: &Factors, (g_s, g_t): &(Vec<f32>, Vec<f32>)) -> Mat<f32> {
     let scaled = Mat::from_fn(src.a.nrows(), src.a.ncols(), |i, j| src.a[(i, j)] * g_s[j]);
     let mapped = layer.residual.read(scaled.as_ref());
+    let inv = layer
+        .gains
+        .inverse(g_t, &mapped_gains(layer.residual.qt.as_ref(), g_s));
     Mat::from_fn(mapped.nrows(), mapped.ncols(), |i, j| {
-        let g = g_t[j];
-        if g != 0.0 {
-            mapped[(i, j)] / g
-        } else {
-            0.0
-        }
+        mapped[(i, j)] * inv[j]
     })
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use faer::Mat;
 
+use super::gains::{inverse_gains, mapped_gains};
 use super::heads::{self, HeadFit};
 use super::matching::{assign_features, joint_features, Assignment};
 use super::refine;
@@ -47,6 +48,8 @@ pub struct WriterMap {
     /// Output-norm gains (source, target), when the family has output norms.
     pub gains: Option<(Vec<f32>, Vec<f32>)>,
     pub kappa: f64,
+    /// The target gains' floor (`MapOptions::gain_floor`).
+    pub floor: f32,
 }
 
 impl WriterMap {
@@ -54,6 +57,7 @@ impl WriterMap {
     const PLAIN: WriterMap = WriterMap {
         gains: None,
         kappa: 1.0,
+        floor: 0.0,
     };
 
     /// `W x` for the columns of `x` (`d_s × r` → `d_t × r`).
@@ -64,7 +68,8 @@ impl WriterMap {
         let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g_s[i]);
         let y = residual.qt.transpose() * scaled;
         let k = self.kappa as f32;
-        Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * safe_div(y[(i, j)], g_t[i]))
+        let inv = inverse_gains(g_t, &mapped_gains(residual.qt.as_ref(), g_s), self.floor);
+        Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * y[(i, j)] * inv[i])
     }
 
     /// `Wᵀ R` (`d_s × K`): sketched target coordinates of a written source column c are
@@ -73,18 +78,11 @@ impl WriterMap {
         let Some((g_s, g_t)) = &self.gains else {
             return &residual.qt * r * faer::Scale(residual.scale as f32);
         };
-        let r_scaled = Mat::from_fn(r.nrows(), r.ncols(), |i, j| safe_div(r[(i, j)], g_t[i]));
+        let inv = inverse_gains(g_t, &mapped_gains(residual.qt.as_ref(), g_s), self.floor);
+        let r_scaled = Mat::from_fn(r.nrows(), r.ncols(), |i, j| r[(i, j)] * inv[i]);
         let y = &residual.qt * r_scaled;
         let k = self.kappa as f32;
         Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * g_s[i] * y[(i, j)])
-    }
-}
-
-fn safe_div(x: f32, g: f32) -> f32 {
-    if g != 0.0 {
-        x / g
-    } else {
-        0.0
     }
 }
 
@@ -123,7 +121,7 @@ pub(crate) struct Weights {
 }
 
 /// The gains a layer applies (effective: offset added), source then target; ones where a side
-/// has no such norm or folding is off.
+/// has no such norm or folding is off. Folds divide by the target's through [`Gains::inverse`].
 #[derive(Debug, Clone)]
 pub struct Gains {
     /// Before attention and before the MLP (`d` each).
@@ -132,6 +130,8 @@ pub struct Gains {
     /// Per-head query and key norms (`head_dim` each).
     pub q: (Vec<f32>, Vec<f32>),
     pub k: (Vec<f32>, Vec<f32>),
+    /// The target gains' floor (`MapOptions::gain_floor`).
+    pub floor: f32,
 }
 
 /// One target layer's map.
@@ -238,7 +238,13 @@ pub(crate) fn reading(
 }
 
 impl Gains {
-    fn read(s: &Side<'_, '_>, t: &Side<'_, '_>, fold: bool) -> Result<Self> {
+    /// The guarded inverse of a target gain vector of this layer, `mapped` the source's gains
+    /// in the target's coordinates (`inverse_gains`).
+    pub fn inverse(&self, g_t: &[f32], mapped: &[f32]) -> Vec<f32> {
+        inverse_gains(g_t, mapped, self.floor)
+    }
+
+    fn read(s: &Side<'_, '_>, t: &Side<'_, '_>, fold: bool, floor: f32) -> Result<Self> {
         let pair =
             |pick: &dyn Fn(&crate::arch::Residual) -> Option<String>,
              width: &dyn Fn(&crate::io::checkpoint::ModelConfig) -> usize| {
@@ -255,6 +261,7 @@ impl Gains {
             mlp: pair(&|r| Some(r.mlp_norm.clone()), &hidden)?,
             q: pair(&|r| r.head_norms.as_ref().map(|h| h.q.clone()), &head)?,
             k: pair(&|r| r.head_norms.as_ref().map(|h| h.k.clone()), &head)?,
+            floor,
         })
     }
 }
@@ -266,7 +273,7 @@ fn writer_maps(
     (ws, wt): (&Weights, &Weights),
     residual: &ResidualMap,
     sketch: &Sketch,
-    fold: bool,
+    (fold, floor): (bool, f32),
 ) -> Result<(WriterMap, WriterMap)> {
     let one =
         |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &RowMajor, w_t: &RowMajor| {
@@ -285,6 +292,7 @@ fn writer_maps(
             let unit = WriterMap {
                 gains: Some(gains),
                 kappa: 1.0,
+                floor,
             };
             // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
             let mapped = sketch.backend.product(
@@ -326,7 +334,8 @@ impl LayerMap {
             layer: target_layer,
         };
         let mut times = Vec::new();
-        let gains = Gains::read(&s, &t, options.fold_norms)?;
+        let gains = Gains::read(&s, &t, options.fold_norms, options.gain_floor)?;
+        let fold = (options.fold_norms, options.gain_floor);
         let (cs, ct) = (&source.ckpt.config, &target.ckpt.config);
         let head_dim = (cs.head_dim, ct.head_dim);
         let mut residual = start.clone();
@@ -344,7 +353,7 @@ impl LayerMap {
             })?)
         };
         let mut writers = match &weights {
-            Some((ws, wt)) => writer_maps(&s, &t, (ws, wt), &residual, sketch, options.fold_norms)?,
+            Some((ws, wt)) => writer_maps(&s, &t, (ws, wt), &residual, sketch, fold)?,
             None => (WriterMap::PLAIN, WriterMap::PLAIN),
         };
         let Some((ws, wt)) = weights.filter(|_| options.inner != InnerMatch::Index) else {
@@ -388,7 +397,7 @@ impl LayerMap {
                 // A refit that does not carry to held-out neurons fits noise: keep the map.
                 let Some(map) = refit.map else { break };
                 residual = Arc::new(map);
-                writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, options.fold_norms)?;
+                writers = writer_maps(&s, &t, (&ws, &wt), &residual, sketch, fold)?;
                 view = SourceView::new(sketch, &residual, &writers);
                 let again = timed(&mut times, "neurons", || {
                     match_neurons(&ws, &target_neurons, &gains.mlp.0, &view, sketch.backend)

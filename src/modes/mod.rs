@@ -17,7 +17,9 @@ use crate::linalg::mm;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// `project` where shapes match, `align` where they do not.
+    /// One mode for the pair, chosen by `transfer::auto`: `rotate` for equal shapes, `map`
+    /// across shapes, `align` when a vocabulary is missing. (A plan built with `auto` itself,
+    /// as `inspect` does, resolves it unit by unit: `project` where shapes match, else `align`.)
     Auto,
     /// B_t = B_s, A_t = A_s (same shape only).
     Copy,

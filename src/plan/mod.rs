@@ -65,6 +65,13 @@ impl Options {
                 format!("{} is outside [0, 1]", self.threshold),
             ));
         }
+        let floor = self.map.gain_floor;
+        if !(0.0..1.0).contains(&floor) {
+            return Err(Error::arg(
+                "--map-gain-floor",
+                format!("{floor} is outside [0, 1)"),
+            ));
+        }
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The transfer pipeline: plan → execute (parallel over units) → assemble → write atomically.
 
 pub mod assemble;
+pub mod auto;
 pub mod basis;
 pub mod cache;
 pub mod execute;
@@ -53,6 +54,10 @@ struct Opened {
     target: Checkpoint,
     adapter: Adapter,
     plan: plan::Plan,
+    /// The mode every unit was planned with (`auto` resolved).
+    mode: Mode,
+    /// What `auto` chose and why, when the mode was `auto`.
+    auto: Option<auto::Choice>,
     /// map mode: the bottom residual map and the depth map by similarity, built before the
     /// plan (the depth map decides the plan's layers).
     map_start: Option<MapStart>,
@@ -117,7 +122,8 @@ pub fn run(job: &Job) -> Result<Report> {
         source_base: job.source_base.to_string_lossy().into_owned(),
         target_base: target_name,
         adapter: job.adapter.to_string_lossy().into_owned(),
-        mode: job.options.mode.name().to_string(),
+        mode: opened.mode.name().to_string(),
+        auto_reason: opened.auto.as_ref().map(|c| c.reason.clone()),
         rank: job.options.rank,
         oversample: job.options.oversample,
         power_iters: job.options.power_iters,
@@ -185,8 +191,9 @@ fn map_options(options: &Options) -> crate::map::MapOptions {
     }
 }
 
-/// Opens the two checkpoints and the adapter and builds the plan (in map mode, after the
-/// bottom residual map and, when the depths differ, the depth map by similarity).
+/// Opens the two checkpoints and the adapter, resolves `auto` (see [`auto`]) and builds the plan
+/// (in map mode, after the bottom residual map and, when the depths differ, the depth map by
+/// similarity).
 fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -> Result<Opened> {
     let plan_start = Instant::now();
     let source = Checkpoint::open(&job.source_base)?;
@@ -198,6 +205,14 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     if let Some(path) = &job.layer_map_file {
         options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
     }
+    let adapter_modules = source_modules(&adapter);
+    let auto = if options.mode == Mode::Auto {
+        let choice = auto::choose(&s, &t, &adapter_modules, &job.adapter, &options)?;
+        options.mode = choice.mode;
+        Some(choice)
+    } else {
+        None
+    };
     timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
     let mut map_start = None;
     if options.mode == Mode::Map {
@@ -238,7 +253,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         map_start = Some(start);
     }
     let plan_start = Instant::now();
-    let plan = plan::build(&s, &t, &source_modules(&adapter), &job.adapter, &options)?;
+    let plan = plan::build(&s, &t, &adapter_modules, &job.adapter, &options)?;
     timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
     drop((s, t));
     Ok(Opened {
@@ -246,6 +261,8 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         target,
         adapter,
         plan,
+        mode: options.mode,
+        auto,
         map_start,
     })
 }

@@ -97,7 +97,11 @@ pub struct Report {
     pub source_base: String,
     pub target_base: String,
     pub adapter: String,
+    /// The mode every module was transferred with (`auto` resolved).
     pub mode: String,
+    /// Why `--mode auto` chose `mode` (absent when a mode was named).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_reason: Option<String>,
     pub rank: usize,
     pub oversample: usize,
     pub power_iters: usize,

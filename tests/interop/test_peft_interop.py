@@ -98,7 +98,7 @@ def test_numpy_merge_matches_peft_on_peft_adapters(zoo, variant):
 
 
 # --------------------------------------------------------------------------------------------
-# Same architecture, a 5%-drifted "next release": auto means project everywhere.
+# Same architecture, a 5%-drifted "next release": auto means rotate everywhere.
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3", "phi3"])
@@ -106,8 +106,9 @@ def test_same_architecture_derived_target(zoo, arch):
     adapter, target = zoo.adapter(arch), zoo.derived(arch)
     out = same_arch_output(zoo, arch)
     check_config(out, adapter, target)
-    report = check_report(out, "project", LAYERS[arch])
-    assert report["mode"] == "auto"
+    report = check_report(out, "rotate", LAYERS[arch])
+    assert report["mode"] == "rotate"
+    assert "equal depths" in report["auto_reason"], report["auto_reason"]
     # A 5% drift leaves the top subspaces nearly where they were.
     assert report["summary"]["mean_similarity"] > 0.8, report["summary"]
     assert adapter_modules(out) == expected_modules(arch, LAYERS[arch])
@@ -115,12 +116,13 @@ def test_same_architecture_derived_target(zoo, arch):
 
 
 # --------------------------------------------------------------------------------------------
-# Across architectures (independent random targets of another depth).
+# Across architectures (independent random targets of another depth). The zoo's models have no
+# tokenizer.json, so auto cannot build map's residual map and falls back to align.
 
 CROSS = [
-    ("qwen2", "llama", "auto", "project"),
+    ("qwen2", "llama", "auto", "align"),
     ("llama", "gemma3", "align", "align"),
-    ("qwen2", "phi3", "auto", "project"),  # q/k/v and gate/up re-fused
+    ("qwen2", "phi3", "auto", "align"),  # q/k/v and gate/up re-fused
     ("phi3", "llama", "procrustes", "procrustes"),  # qkv_proj and gate_up_proj split
 ]
 
