@@ -116,13 +116,13 @@ def test_same_architecture_derived_target(zoo, arch):
 
 
 # --------------------------------------------------------------------------------------------
-# Across architectures (independent random targets of another depth). The zoo's models have no
-# tokenizer.json, so auto cannot build map's residual map and falls back to align.
+# Across architectures (independent random targets). Where depth and shapes match, auto rotates;
+# elsewhere the zoo's models have no tokenizer.json for map's residual map, so auto aligns.
 
 CROSS = [
     ("qwen2", "llama", "auto", "align"),
     ("llama", "gemma3", "align", "align"),
-    ("qwen2", "phi3", "auto", "align"),  # q/k/v and gate/up re-fused
+    ("qwen2", "phi3", "auto", "rotate"),  # q/k/v and gate/up re-fused; same depth and shapes
     ("phi3", "llama", "procrustes", "procrustes"),  # qkv_proj and gate_up_proj split
 ]
 
@@ -197,7 +197,7 @@ def test_bf16_adapter(zoo, dst):
     target = zoo.derived("qwen2") if dst == "qwen2" else zoo.base(dst)
     out = zoo.transfer(adapter, zoo.base("qwen2"), target, *RANK)
     check_config(out, adapter, target)
-    check_report(out, "project", LAYERS[dst])
+    check_report(out, "rotate", LAYERS[dst])  # auto: equal depths and shapes
     assert iu.safetensors_dtypes(out / "adapter_model.safetensors") == {"BF16"}
     check_merge(target, out, TOL_BF16)
 
@@ -209,7 +209,7 @@ def test_rank_alpha_patterns_and_rslora(zoo, dst):
     out = zoo.transfer(adapter, zoo.base("qwen2"), target, *RANK)
     cfg = check_config(out, adapter, target)
     assert cfg["use_rslora"] is True
-    check_report(out, "project", LAYERS[dst])
+    check_report(out, "rotate", LAYERS[dst])  # auto: equal depths and shapes
     tensors = iu.read_tensors(out / "adapter_model.safetensors")
     ranks = {m: tensors[f"{iu.PEFT_PREFIX}{m}.lora_A.weight"].shape[0] for m in adapter_modules(out)}
     if dst == "qwen2":
