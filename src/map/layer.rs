@@ -42,14 +42,15 @@ const MAX_REFITS: usize = 2;
 /// `g ⊙ y` in the two streams: `W = κ diag(g_t)⁻¹ Q diag(g_s)`, with κ the ratio of the two
 /// weights' sizes through it (the norm removes any scale of its input; κ keeps the update's
 /// size relative to the weight it perturbs). When only one side has output norms the other's
-/// gains are ones and κ still comes from the sizes.
+/// gains are ones and κ still comes from the sizes. A writer belongs to the residual map it
+/// was built with (its gains' inverse is guarded through it); `writer_maps` rebuilds both
+/// writers whenever the refit replaces that map.
 #[derive(Debug, Clone)]
 pub struct WriterMap {
-    /// Output-norm gains (source, target), when the family has output norms.
+    /// Output-norm gains, when the family has output norms: the source's, and the guarded
+    /// inverse of the target's through this writer's residual map (`gains::inverse_gains`).
     pub gains: Option<(Vec<f32>, Vec<f32>)>,
     pub kappa: f64,
-    /// The target gains' floor (`MapOptions::gain_floor`).
-    pub floor: f32,
 }
 
 impl WriterMap {
@@ -57,28 +58,25 @@ impl WriterMap {
     const PLAIN: WriterMap = WriterMap {
         gains: None,
         kappa: 1.0,
-        floor: 0.0,
     };
 
     /// `W x` for the columns of `x` (`d_s × r` → `d_t × r`).
     pub fn write(&self, residual: &ResidualMap, x: faer::MatRef<'_, f32>) -> Mat<f32> {
-        let Some((g_s, g_t)) = &self.gains else {
+        let Some((g_s, inv)) = &self.gains else {
             return residual.write(x);
         };
         let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g_s[i]);
         let y = residual.qt.transpose() * scaled;
         let k = self.kappa as f32;
-        let inv = inverse_gains(g_t, &mapped_gains(residual.qt.as_ref(), g_s), self.floor);
         Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * y[(i, j)] * inv[i])
     }
 
     /// `Wᵀ R` (`d_s × K`): sketched target coordinates of a written source column c are
     /// `cᵀ (Wᵀ R)`.
     fn sketch_t(&self, residual: &ResidualMap, r: &Mat<f32>) -> Mat<f32> {
-        let Some((g_s, g_t)) = &self.gains else {
+        let Some((g_s, inv)) = &self.gains else {
             return &residual.qt * r * faer::Scale(residual.scale as f32);
         };
-        let inv = inverse_gains(g_t, &mapped_gains(residual.qt.as_ref(), g_s), self.floor);
         let r_scaled = Mat::from_fn(r.nrows(), r.ncols(), |i, j| r[(i, j)] * inv[i]);
         let y = &residual.qt * r_scaled;
         let k = self.kappa as f32;
@@ -285,14 +283,12 @@ fn writer_maps(
             // A side without output norms writes its output as it is: gains of one, and the
             // norm on the other side still makes the scale a matter of the weights' sizes.
             let (d_s, d_t) = (residual.qt.nrows(), residual.qt.ncols());
-            let gains = (
-                s.gain(ns.as_ref().map(pick).as_deref(), d_s, fold)?,
-                t.gain(nt.as_ref().map(pick).as_deref(), d_t, fold)?,
-            );
+            let g_s = s.gain(ns.as_ref().map(pick).as_deref(), d_s, fold)?;
+            let g_t = t.gain(nt.as_ref().map(pick).as_deref(), d_t, fold)?;
+            let inv = inverse_gains(&g_t, &mapped_gains(residual.qt.as_ref(), &g_s), floor);
             let unit = WriterMap {
-                gains: Some(gains),
+                gains: Some((g_s, inv)),
                 kappa: 1.0,
-                floor,
             };
             // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
             let mapped = sketch.backend.product(
