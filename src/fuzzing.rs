@@ -25,6 +25,32 @@ pub fn safetensors_header(data: &[u8]) {
     }
 }
 
+/// GGUF header: refused, or tensors whose byte ranges lie inside the file, hold whole blocks of
+/// their type, and dequantize (the small ones, to keep each run fast) without a panic.
+pub fn gguf_header(data: &[u8]) {
+    use crate::io::gguf::{header, quant};
+    if let Ok(h) = header::parse(data) {
+        for t in &h.tensors {
+            assert!(
+                t.start <= t.end && t.end <= data.len(),
+                "range outside the file"
+            );
+            if let Some((elems, size)) = t.ty.block() {
+                assert_eq!(t.dims[0] % elems, 0, "rows of partial blocks");
+                assert_eq!(
+                    t.end - t.start,
+                    t.numel() / elems * size,
+                    "range does not match"
+                );
+                if t.numel() <= 1 << 16 {
+                    let mut out = vec![0f32; t.numel()];
+                    quant::dequantize(t.ty, &data[t.start..t.end], &mut out);
+                }
+            }
+        }
+    }
+}
+
 /// `adapter_config.json`: parse, then ranks, alphas and scales of typical module names.
 pub fn adapter_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -107,6 +133,7 @@ pub type Check = fn(&[u8]);
 /// Every check by its fuzz-target name.
 pub const TARGETS: &[(&str, Check)] = &[
     ("safetensors_header", safetensors_header),
+    ("gguf_header", gguf_header),
     ("adapter_config", adapter_config),
     ("model_config", model_config),
     ("checkpoint_index", checkpoint_index),

@@ -1,5 +1,6 @@
 //! Argument definitions and the commands behind them.
 
+mod convert;
 mod demo;
 mod info;
 mod selftest;
@@ -34,6 +35,9 @@ enum Command {
     /// Run the whole pipeline on a built-in demo pair: synthesize a small source, a derived
     /// target and an adapter, then transfer.
     Demo(demo::DemoArgs),
+    /// Write a GGUF base model as the engine reads it: a safetensors checkpoint under the
+    /// Hugging Face names (dequantized), its config.json and its vocabulary.
+    Convert(convert::ConvertArgs),
     /// Print the version, the kernels, the GPU (if any) and the backend --device auto picks.
     Info,
     /// Check every CUDA kernel against the CPU reference on fresh random inputs; exits non-zero
@@ -146,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => transfer::inspect(args),
         Command::Synth(cmd) => synth::run(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Info => {
             info::print();
             Ok(())

@@ -4,8 +4,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
+use crate::io::gguf::{self, GgufModel};
 use crate::io::safetensors::{FloatType, TensorFile};
+use crate::map::vocab::{Vocab, TOKENIZER_FILE};
 
 /// The fields of `config.json` the engine uses (for multimodal configs, those of `text_config`).
 #[derive(Debug, Clone)]
@@ -107,25 +111,44 @@ impl ModelConfig {
     }
 }
 
-/// A mapped checkpoint: config plus every shard, with one index from tensor name to shard.
+/// A mapped checkpoint: a Hugging Face directory (config plus every shard, with one index from
+/// tensor name to shard) or a GGUF file read under the Hugging Face names.
 #[derive(Debug)]
 pub struct Checkpoint {
+    /// The directory, or the `.gguf` file.
     pub dir: PathBuf,
     pub config: ModelConfig,
-    shards: Vec<TensorFile>,
-    index: HashMap<String, usize>,
+    storage: Storage,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Safetensors {
+        shards: Vec<TensorFile>,
+        index: HashMap<String, usize>,
+    },
+    Gguf(Box<GgufModel>),
 }
 
 impl Checkpoint {
-    /// Opens a model directory and validates every shard header (no tensor data is read).
+    /// Opens a model directory (safetensors, or one `.gguf` file when there is no
+    /// `config.json`) or a `.gguf` file, and validates every header (no tensor data is read).
     pub fn open(dir: &Path) -> Result<Self> {
+        if gguf::is_gguf(dir) {
+            return Self::open_gguf(dir);
+        }
         if !dir.is_dir() {
             return Err(Error::config(
                 dir,
-                "not a directory (expected a Hugging Face model directory)",
+                "neither a directory nor a .gguf file (expected a Hugging Face model directory or a GGUF model)",
             ));
         }
         let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            if let Some(file) = gguf::find_in(dir)? {
+                return Self::open_gguf(&file);
+            }
+        }
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| Error::io(&config_path, "cannot read", e))?;
         let config = ModelConfig::parse(&text, &config_path)?;
@@ -141,75 +164,175 @@ impl Checkpoint {
         } else {
             return Err(Error::config(
                 dir,
-                "no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)",
+                "no model.safetensors or model.safetensors.index.json (safetensors checkpoints and GGUF files are read)",
             ));
         };
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
-            shards,
-            index,
+            storage: Storage::Safetensors { shards, index },
         })
     }
 
-    /// The shard holding `name`, if any.
-    pub fn file_of(&self, name: &str) -> Option<&TensorFile> {
-        self.index.get(name).map(|&i| &self.shards[i])
+    fn open_gguf(file: &Path) -> Result<Self> {
+        let model = GgufModel::open(file)?;
+        let text = model.config_json().to_string();
+        let config = ModelConfig::parse(&text, file)?;
+        Ok(Checkpoint {
+            dir: file.to_path_buf(),
+            config,
+            storage: Storage::Gguf(Box::new(model)),
+        })
+    }
+
+    /// The GGUF model behind this checkpoint, if it is one.
+    pub fn gguf(&self) -> Option<&GgufModel> {
+        match &self.storage {
+            Storage::Gguf(g) => Some(g),
+            Storage::Safetensors { .. } => None,
+        }
+    }
+
+    /// Where the config comes from (for messages): `config.json`, or the GGUF file's metadata.
+    pub fn config_path(&self) -> PathBuf {
+        match &self.storage {
+            Storage::Gguf(_) => self.dir.clone(),
+            Storage::Safetensors { .. } => self.dir.join("config.json"),
+        }
+    }
+
+    /// Where the vocabulary comes from, if the checkpoint has one: `tokenizer.json`, or the
+    /// GGUF file's `tokenizer.ggml.tokens`.
+    pub fn vocab_source(&self) -> Option<PathBuf> {
+        match &self.storage {
+            Storage::Gguf(g) => g.has_vocab().then(|| self.dir.clone()),
+            Storage::Safetensors { .. } => {
+                Some(self.dir.join(TOKENIZER_FILE)).filter(|p| p.is_file())
+            }
+        }
+    }
+
+    /// The vocabulary (see [`Checkpoint::vocab_source`]).
+    pub fn vocab(&self) -> Result<Vocab> {
+        match &self.storage {
+            Storage::Gguf(g) => g.vocab(),
+            Storage::Safetensors { .. } => Vocab::open(&self.dir),
+        }
+    }
+
+    /// The file holding `name`, if any (a shard, or the GGUF file).
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        match &self.storage {
+            Storage::Safetensors { shards, index } => index.get(name).map(|&i| shards[i].path()),
+            Storage::Gguf(g) => g.has(name).then(|| g.path()),
+        }
+    }
+
+    fn shard_of(&self, name: &str) -> Option<&TensorFile> {
+        match &self.storage {
+            Storage::Safetensors { shards, index } => index.get(name).map(|&i| &shards[i]),
+            Storage::Gguf(_) => None,
+        }
     }
 
     /// True when the checkpoint has a tensor of this name.
     pub fn has(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.storage {
+            Storage::Safetensors { index, .. } => index.contains_key(name),
+            Storage::Gguf(g) => g.has(name),
+        }
     }
 
     /// All tensor names.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
+    pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.storage {
+            Storage::Safetensors { index, .. } => Box::new(index.keys().map(String::as_str)),
+            Storage::Gguf(g) => Box::new(g.names()),
+        }
     }
 
     /// The shape of `name`, or a MissingTensor error naming the directory.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
-        self.file_of(name)
-            .and_then(|f| f.entry(name))
-            .map(|e| e.shape.as_slice())
-            .ok_or_else(|| self.missing(name))
+        let shape = match &self.storage {
+            Storage::Safetensors { .. } => self
+                .shard_of(name)
+                .and_then(|f| f.entry(name))
+                .map(|e| e.shape.as_slice()),
+            Storage::Gguf(g) => g.shape(name),
+        };
+        shape.ok_or_else(|| self.missing(name))
     }
 
-    /// The storage type of `name`, if it is a float tensor.
+    /// The type rows of `name` are read in, if it is a float tensor (a GGUF tensor that is
+    /// dequantized reads as f32).
     pub fn float_type(&self, name: &str) -> Option<FloatType> {
-        self.file_of(name)
-            .and_then(|f| f.entry(name))
-            .and_then(|e| FloatType::from_dtype(e.dtype))
+        match &self.storage {
+            Storage::Safetensors { .. } => self
+                .shard_of(name)
+                .and_then(|f| f.entry(name))
+                .and_then(|e| FloatType::from_dtype(e.dtype)),
+            Storage::Gguf(g) => g.float_type(name),
+        }
+    }
+
+    /// True when [`Checkpoint::rows_raw`] borrows the rows of `name` from the map; false when
+    /// it builds them (a dequantized GGUF tensor), so that batch schedulers read those one at a
+    /// time instead of holding a whole batch of copies.
+    pub fn borrows(&self, name: &str) -> bool {
+        match &self.storage {
+            Storage::Safetensors { .. } => true,
+            Storage::Gguf(g) => g.as_stored(name),
+        }
     }
 
     /// Reads rows of a 2-D tensor as f32 (NaN/Inf refused, error names the shard and tensor).
     pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        self.file_of(name)
-            .ok_or_else(|| self.missing(name))?
-            .read_rows_f32(name, rows)
+        match &self.storage {
+            Storage::Safetensors { .. } => self
+                .shard_of(name)
+                .ok_or_else(|| self.missing(name))?
+                .read_rows_f32(name, rows),
+            Storage::Gguf(g) => g.read_rows_f32(name, rows),
+        }
     }
 
-    /// Rows of a 2-D tensor as stored: (bytes, type, row length); NaN/Inf refused.
+    /// Rows of a 2-D tensor as stored: (bytes, type, row length); NaN/Inf refused. A GGUF's
+    /// quantized (or permuted) tensors come dequantized, as f32.
     pub fn rows_raw(
         &self,
         name: &str,
         rows: std::ops::Range<usize>,
-    ) -> Result<(&[u8], FloatType, usize)> {
-        self.file_of(name)
-            .ok_or_else(|| self.missing(name))?
-            .rows_raw(name, rows)
+    ) -> Result<(Cow<'_, [u8]>, FloatType, usize)> {
+        match &self.storage {
+            Storage::Safetensors { .. } => {
+                let (bytes, ty, cols) = self
+                    .shard_of(name)
+                    .ok_or_else(|| self.missing(name))?
+                    .rows_raw(name, rows)?;
+                Ok((Cow::Borrowed(bytes), ty, cols))
+            }
+            Storage::Gguf(g) => g.rows_raw(name, rows, false),
+        }
     }
 
-    /// [`Checkpoint::rows_raw`] without the NaN/Inf scan, with the shard's path for
-    /// [`crate::io::safetensors::check_finite`] when the caller reads the bytes.
+    /// [`Checkpoint::rows_raw`] without the NaN/Inf scan of borrowed bytes, with the file's
+    /// path for [`crate::io::safetensors::check_finite`] when the caller reads the bytes.
     pub fn rows_raw_unchecked(
         &self,
         name: &str,
         rows: std::ops::Range<usize>,
-    ) -> Result<(&[u8], FloatType, usize, &std::path::Path)> {
-        let file = self.file_of(name).ok_or_else(|| self.missing(name))?;
-        let (bytes, ty, cols) = file.rows_raw_unchecked(name, rows)?;
-        Ok((bytes, ty, cols, file.path()))
+    ) -> Result<(Cow<'_, [u8]>, FloatType, usize, &std::path::Path)> {
+        match &self.storage {
+            Storage::Safetensors { .. } => {
+                let file = self.shard_of(name).ok_or_else(|| self.missing(name))?;
+                let (bytes, ty, cols) = file.rows_raw_unchecked(name, rows)?;
+                Ok((Cow::Borrowed(bytes), ty, cols, file.path()))
+            }
+            Storage::Gguf(g) => {
+                let (bytes, ty, cols) = g.rows_raw(name, rows, true)?;
+                Ok((bytes, ty, cols, g.path()))
+            }
+        }
     }
 
     fn missing(&self, name: &str) -> Error {

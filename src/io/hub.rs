@@ -85,7 +85,28 @@ pub fn resolve_in(arg: &Path, kind: Kind, cache: &Path) -> Result<(PathBuf, Opti
         let dir = repo_dir.join("snapshots").join(revision);
         (revision.len() == 40 && dir.join(kind.marker()).exists()).then_some(dir)
     };
-    match by_ref.or_else(by_commit) {
+    // A GGUF repository has no config.json: a model snapshot holding a .gguf file counts too.
+    let gguf_snapshot = || {
+        if kind != Kind::Model {
+            return None;
+        }
+        let commit = if revision.len() == 40 {
+            revision.to_string()
+        } else {
+            std::fs::read_to_string(repo_dir.join("refs").join(revision))
+                .ok()?
+                .trim()
+                .to_string()
+        };
+        let dir = repo_dir.join("snapshots").join(commit);
+        let has_gguf = std::fs::read_dir(&dir).ok()?.flatten().any(|e| {
+            Path::new(&e.file_name())
+                .extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+        });
+        has_gguf.then_some(dir)
+    };
+    match by_ref.or_else(by_commit).or_else(gguf_snapshot) {
         Some(snapshot) => Ok((
             snapshot.clone(),
             Some(HubModel {

@@ -273,8 +273,8 @@ pub const MIN_ANCHORS: usize = 4096;
 
 /// The residual map from the shared tokens' embedding rows (scaled as each family scales them).
 fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<ResidualMap> {
-    let vs = vocab::Vocab::open(&source.ckpt.dir)?;
-    let vt = vocab::Vocab::open(&target.ckpt.dir)?;
+    let vs = source.ckpt.vocab()?;
+    let vt = target.ckpt.vocab()?;
     let (es_name, et_name) = (
         source.arch.embed_name(&source.prefix),
         target.arch.embed_name(&target.prefix),

@@ -116,6 +116,27 @@ impl Vocab {
         })
     }
 
+    /// A vocabulary given token by token (a GGUF's `tokenizer.ggml.tokens`): None for special
+    /// tokens; `byte_level` for GPT-2-style spellings, else SentencePiece's.
+    pub fn from_tokens(tokens: &[Option<&str>], byte_level: bool, path: &Path) -> Self {
+        let surfaces = tokens
+            .iter()
+            .map(|t| {
+                t.map(|t| {
+                    if byte_level {
+                        byte_level_bytes(t)
+                    } else {
+                        sentencepiece_bytes(t)
+                    }
+                })
+            })
+            .collect();
+        Vocab {
+            path: path.to_path_buf(),
+            surfaces,
+        }
+    }
+
     /// Surface → token id (the lowest id when two tokens spell the same bytes).
     pub fn index(&self) -> HashMap<&[u8], usize> {
         let mut map = HashMap::new();

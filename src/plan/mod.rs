@@ -85,7 +85,7 @@ pub struct ModelSide<'a> {
 
 impl<'a> ModelSide<'a> {
     pub fn new(ckpt: &'a Checkpoint) -> Result<Self> {
-        let arch = crate::arch::for_config(&ckpt.config, &ckpt.dir.join("config.json"))?;
+        let arch = crate::arch::for_config(&ckpt.config, &ckpt.config_path())?;
         let prefix = arch.detect_prefix(ckpt)?.to_string();
         Ok(ModelSide { arch, prefix, ckpt })
     }

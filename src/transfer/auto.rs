@@ -60,9 +60,11 @@ pub fn choose(
     };
     let missing: Vec<String> = [source, target]
         .iter()
-        .map(|side| side.ckpt.dir.join(TOKENIZER_FILE))
-        .filter(|path| !path.is_file())
-        .map(|path| path.display().to_string())
+        .filter(|side| side.ckpt.vocab_source().is_none())
+        .map(|side| match side.ckpt.gguf() {
+            Some(_) => format!("the vocabulary of {}", side.ckpt.dir.display()),
+            None => side.ckpt.dir.join(TOKENIZER_FILE).display().to_string(),
+        })
         .collect();
     if missing.is_empty() {
         Ok(Choice {

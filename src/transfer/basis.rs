@@ -92,8 +92,7 @@ impl BasisKey {
         let file = self
             .checkpoint(ctx)
             .file_of(&self.tensor)
-            .expect("planned tensors exist")
-            .path();
+            .expect("planned tensors exist");
         BasisCache::key(file, &self.tensor, &self.row_range(), &self.params(ctx))
     }
 }
@@ -145,7 +144,7 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
     })?;
     let weight = RawWeight {
         name: &omega,
-        bytes,
+        bytes: &bytes,
         ty,
         rows: key.row_count(),
         cols,

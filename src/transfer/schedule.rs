@@ -26,6 +26,11 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
         for role in [Role::Source, Role::Target] {
             let key = BasisKey::of_unit(unit, role);
             let ckpt = key.checkpoint(ctx);
+            // A weight that is built when it is read (a dequantized GGUF tensor) is decomposed
+            // with its unit, one at a time, rather than held in host memory with its batch.
+            if !ckpt.borrows(&key.tensor) {
+                continue;
+            }
             let dtype = format!("{:?}", ckpt.float_type(&key.tensor));
             let cols = match role {
                 Role::Source => unit.source_shape.1,
@@ -73,6 +78,12 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                     let (bytes, ty, cols, path) = k
                         .checkpoint(ctx)
                         .rows_raw_unchecked(&k.tensor, k.row_range())?;
+                    let std::borrow::Cow::Borrowed(bytes) = bytes else {
+                        return Err(crate::error::Error::internal(format!(
+                            "{} is built when read, but was batched",
+                            k.tensor
+                        )));
+                    };
                     Ok(RawWeight {
                         name,
                         bytes,

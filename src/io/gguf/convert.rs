@@ -1,0 +1,99 @@
+//! A GGUF model written out as the engine reads it: a safetensors checkpoint under the Hugging
+//! Face names (dequantized, Q/K rows and Gemma norms restored), the `config.json` its metadata
+//! gives, and a `tokenizer.json` holding its vocabulary (tokens, merges, special tokens) — enough
+//! for this engine and for checking the reader against others, not a replacement for the
+//! model's own tokenizer files.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value as Json};
+
+use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::gguf::header::Value;
+use crate::io::gguf::GgufModel;
+use crate::io::safetensors::{encode_f32, pt_metadata, write_file, FloatType, OutTensor};
+
+/// Writes `model` into the (fresh, staged) directory `dir`, weights stored as `ty`; returns the
+/// number of tensors written.
+pub fn write_checkpoint(ckpt: &Checkpoint, dir: &Path, ty: FloatType) -> Result<usize> {
+    let model = ckpt
+        .gguf()
+        .ok_or_else(|| Error::config(&ckpt.dir, "not a GGUF model"))?;
+    let mut names: Vec<&str> = ckpt.names().collect();
+    names.sort();
+    let tensors: Vec<(String, OutTensor<'_>)> = names
+        .iter()
+        .map(|&name| {
+            let shape = ckpt.shape(name)?.to_vec();
+            let rows = shape[0];
+            let out = OutTensor::lazy(ty, shape, move || {
+                // Errors were ruled out below: every tensor is read once before writing.
+                let values = ckpt.read_rows_f32(name, 0..rows).expect("read before");
+                encode_f32(&values, ty)
+            });
+            Ok((name.to_string(), out))
+        })
+        .collect::<Result<_>>()?;
+    // Read each tensor once first, so that a bad block is an error here, not a panic inside
+    // the writer.
+    for &name in &names {
+        let rows = ckpt.shape(name)?[0];
+        ckpt.read_rows_f32(name, 0..rows)?;
+    }
+    write_file(&dir.join("model.safetensors"), &tensors, pt_metadata())?;
+    let mut config = model.config_json().clone();
+    config["torch_dtype"] = ty.torch_name().into();
+    write_json(&dir.join("config.json"), &config)?;
+    if model.has_vocab() {
+        write_json(&dir.join("tokenizer.json"), &tokenizer_json(model)?)?;
+    }
+    Ok(tensors.len())
+}
+
+/// A `tokenizer.json` of the GGUF's vocabulary: a BPE model with its tokens and merges, control
+/// tokens as special added tokens, byte-level pre-tokenization for `gpt2` vocabularies.
+fn tokenizer_json(model: &GgufModel) -> Result<Json> {
+    let meta = model.metadata();
+    let strings = |key: &str| -> Vec<&str> {
+        meta.get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    };
+    let tokens = strings("tokenizer.ggml.tokens");
+    let types: Vec<u64> = meta
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let mut vocab = Map::new();
+    let mut added = Vec::new();
+    for (id, &token) in tokens.iter().enumerate() {
+        vocab.entry(token.to_string()).or_insert(id.into());
+        let ty = types.get(id).copied().unwrap_or(1);
+        if matches!(ty, 2 | 3 | 5) {
+            added.push(json!({"id": id, "content": token, "special": true}));
+        }
+    }
+    let byte_level = meta.get("tokenizer.ggml.model").and_then(Value::as_str) == Some("gpt2");
+    let mut out = json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "model": {
+            "type": "BPE",
+            "vocab": vocab,
+            "merges": strings("tokenizer.ggml.merges"),
+        },
+    });
+    if byte_level {
+        out["pre_tokenizer"] = json!({"type": "ByteLevel", "add_prefix_space": false});
+        out["decoder"] = json!({"type": "ByteLevel"});
+    }
+    Ok(out)
+}
+
+fn write_json(path: &Path, value: &Json) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, "cannot write", e))
+}

@@ -1,0 +1,388 @@
+//! A llama.cpp GGUF file read as a Hugging Face checkpoint: the file is mapped, its header
+//! validated ([`header`]), its tensors presented under their Hugging Face names with the
+//! converter's changes undone ([`names`]), and each weight dequantized ([`quant`]) when it is
+//! read, in parallel, into the f32 rows the SVD and the map take. Plain float tensors whose rows
+//! need no change are handed out straight from the map, as safetensors are.
+//!
+//! The format and the dequantization are written here rather than taken from a crate: see
+//! docs/METHOD.md, "GGUF base models", for the comparison.
+
+pub mod convert;
+pub mod header;
+pub mod names;
+pub mod quant;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::io::safetensors::{check_finite, FloatType};
+use crate::map::vocab::Vocab;
+use header::{Header, TensorInfo, Value};
+use names::Family;
+use quant::GgmlType;
+
+/// Elements dequantized per parallel task.
+const CHUNK_ELEMS: usize = 1 << 16;
+
+/// A mapped GGUF model.
+pub struct GgufModel {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+    family: &'static Family,
+    /// Hugging Face name → the tensor's index in the header.
+    by_name: HashMap<String, usize>,
+    /// Hugging Face shapes (the GGML dimensions reversed).
+    shapes: HashMap<String, Vec<usize>>,
+    heads: usize,
+    kv_heads: usize,
+    config: serde_json::Value,
+}
+
+impl std::fmt::Debug for GgufModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufModel")
+            .field("path", &self.path)
+            .field("architecture", &self.family.gguf)
+            .field("tensors", &self.by_name.len())
+            .finish()
+    }
+}
+
+impl GgufModel {
+    /// Maps and validates a `.gguf` file (no tensor data is read).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+        // SAFETY: the map is read-only; the file is treated as immutable while mapped, as
+        // every model reader does.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map", e))?;
+        let header = header::parse(&map).map_err(|reason| Error::config(path, reason))?;
+        let arch = header
+            .metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(path, "no `general.architecture` in the metadata"))?;
+        let family = names::family_of(arch).ok_or_else(|| {
+            Error::config(
+                path,
+                format!(
+                    "GGUF architecture `{arch}` is not supported (supported: {})",
+                    names::FAMILIES
+                        .iter()
+                        .map(|f| f.gguf)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        let mut by_name = HashMap::new();
+        let mut shapes = HashMap::new();
+        let mut by_gguf = HashMap::new();
+        for (i, t) in header.tensors.iter().enumerate() {
+            by_gguf.insert(t.name.clone(), t.clone());
+            if let Some(hf) = names::hf_name(family, &t.name) {
+                shapes.insert(hf.clone(), t.dims.iter().rev().copied().collect());
+                by_name.insert(hf, i);
+            }
+        }
+        let config = names::config_json(family, &header.metadata, &by_gguf)
+            .map_err(|reason| Error::config(path, reason))?;
+        let count = |key: &str| config.get(key).and_then(|v| v.as_u64()).unwrap_or(1) as usize;
+        let heads = count("num_attention_heads").max(1);
+        let kv_heads = count("num_key_value_heads").max(1);
+        let model = GgufModel {
+            path: path.to_path_buf(),
+            map,
+            header,
+            family,
+            by_name,
+            shapes,
+            heads,
+            kv_heads,
+            config,
+        };
+        model.check_permuted_shapes()?;
+        Ok(model)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `config.json` the metadata gives.
+    pub fn config_json(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// The metadata key–value pairs.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.header.metadata
+    }
+
+    /// The GGUF architecture (`general.architecture`).
+    pub fn architecture(&self) -> &'static str {
+        self.family.gguf
+    }
+
+    /// Every tensor the engine can read, by Hugging Face name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The Hugging Face shape of `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.shapes.get(name).map(Vec::as_slice)
+    }
+
+    /// The GGML type `name` is stored in.
+    pub fn stored_type(&self, name: &str) -> Option<GgmlType> {
+        self.info(name).map(|t| t.ty)
+    }
+
+    /// The type [`GgufModel::rows_raw`] hands out: the stored one when the bytes are used as
+    /// they are, f32 when they are dequantized or changed.
+    pub fn float_type(&self, name: &str) -> Option<FloatType> {
+        let t = self.info(name)?;
+        if !self.as_stored(name) {
+            return t.ty.block().map(|_| FloatType::F32);
+        }
+        Some(match t.ty {
+            GgmlType::F16 => FloatType::F16,
+            GgmlType::Bf16 => FloatType::Bf16,
+            _ => FloatType::F32,
+        })
+    }
+
+    /// True when the rows of `name` are handed out as stored (a plain float tensor whose rows
+    /// and values need no change), so borrowing them costs no copy.
+    pub fn as_stored(&self, name: &str) -> bool {
+        self.info(name).is_some_and(|t| t.ty.is_float())
+            && self.permuted(name).is_none()
+            && self.shift(name) == 0.0
+    }
+
+    /// Rows of `name` as (bytes, type, row length): borrowed from the map when
+    /// [`GgufModel::as_stored`], else dequantized to f32. NaN and Inf are refused unless
+    /// `unchecked` (then the caller checks them as it reads).
+    pub fn rows_raw(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+        unchecked: bool,
+    ) -> Result<(Cow<'_, [u8]>, FloatType, usize)> {
+        let t = self.info(name).ok_or_else(|| self.missing(name))?;
+        let shape = &self.shapes[name];
+        let nrows = shape[0];
+        let cols: usize = shape.iter().skip(1).product();
+        if rows.end > nrows || rows.start > rows.end {
+            return Err(Error::bad_tensor(
+                &self.path,
+                name,
+                format!("rows {rows:?} out of range for shape {shape:?}"),
+            ));
+        }
+        let (elems, size) = t.ty.block().ok_or_else(|| {
+            Error::bad_tensor(
+                &self.path,
+                name,
+                format!(
+                    "stored as {}, which this reader does not dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K are read)",
+                    t.ty.name()
+                ),
+            )
+        })?;
+        let ty = self.float_type(name).expect("a sized type");
+        if self.as_stored(name) {
+            let row_bytes = cols / elems * size;
+            let bytes = &self.map[t.start + rows.start * row_bytes..t.start + rows.end * row_bytes];
+            if !unchecked {
+                check_finite(&self.path, name, bytes, ty, rows.start, cols)?;
+            }
+            return Ok((Cow::Borrowed(bytes), ty, cols));
+        }
+        let mut values = match self.permuted(name) {
+            None => self.dequantize_range(t, rows.start * cols..rows.end * cols),
+            Some(heads) => {
+                let mut out = vec![0f32; rows.len() * cols];
+                out.par_chunks_mut(cols.max(1))
+                    .zip(rows.clone())
+                    .for_each(|(o, row)| {
+                        let stored = names::stored_row(row, nrows, heads);
+                        o.copy_from_slice(
+                            &self.dequantize_range(t, stored * cols..(stored + 1) * cols),
+                        );
+                    });
+                out
+            }
+        };
+        let shift = self.shift(name);
+        if shift != 0.0 {
+            values.iter_mut().for_each(|v| *v -= shift);
+        }
+        let bytes: Vec<u8> = bytemuck::cast_slice(&values).to_vec();
+        check_finite(&self.path, name, &bytes, FloatType::F32, rows.start, cols)?;
+        Ok((Cow::Owned(bytes), FloatType::F32, cols))
+    }
+
+    /// Rows of `name` as f32 (NaN and Inf refused).
+    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let (bytes, ty, _) = self.rows_raw(name, rows, false)?;
+        Ok(crate::io::safetensors::decode_f32(&bytes, ty))
+    }
+
+    /// True when the metadata has a vocabulary (`tokenizer.ggml.tokens`).
+    pub fn has_vocab(&self) -> bool {
+        self.header.metadata.contains_key("tokenizer.ggml.tokens")
+    }
+
+    /// The vocabulary of `tokenizer.ggml.tokens`, control and unused tokens left out.
+    pub fn vocab(&self) -> Result<Vocab> {
+        let meta = &self.header.metadata;
+        let bad = |why: String| Error::config(&self.path, why);
+        let tokens = meta
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                bad(
+                    "no `tokenizer.ggml.tokens` (the map mode pairs the models' tokens through it)"
+                        .into(),
+                )
+            })?;
+        let model = meta
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .unwrap_or("llama");
+        let byte_level = match model {
+            "gpt2" => true,
+            "llama" => false,
+            other => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.model `{other}` is not supported (gpt2 and llama are)"
+                )))
+            }
+        };
+        let types = meta
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array);
+        let mut kept = Vec::with_capacity(tokens.len());
+        for (id, token) in tokens.iter().enumerate() {
+            let text = token
+                .as_str()
+                .ok_or_else(|| bad(format!("tokenizer.ggml.tokens[{id}] is not a string")))?;
+            // 1 normal, 4 user-defined and 6 byte tokens spell text; 2 unknown, 3 control and 5
+            // unused do not (special tokens, as in tokenizer.json).
+            let ty = types
+                .and_then(|t| t.get(id))
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
+            kept.push(matches!(ty, 1 | 4 | 6).then_some(text));
+        }
+        Ok(Vocab::from_tokens(&kept, byte_level, &self.path))
+    }
+
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.header.tensors[i])
+    }
+
+    fn permuted(&self, name: &str) -> Option<usize> {
+        names::permuted_heads(self.family, name, self.heads, self.kv_heads)
+    }
+
+    fn shift(&self, name: &str) -> f32 {
+        if name.ends_with("norm.weight") {
+            self.family.norm_shift
+        } else {
+            0.0
+        }
+    }
+
+    /// Permuted tensors must split into heads of an even number of rows.
+    fn check_permuted_shapes(&self) -> Result<()> {
+        for name in self.by_name.keys() {
+            if let Some(heads) = self.permuted(name) {
+                let rows = self.shapes[name][0];
+                if rows % (2 * heads) != 0 {
+                    return Err(Error::bad_tensor(
+                        &self.path,
+                        name,
+                        format!("{rows} rows do not split into {heads} heads of an even size"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements `range` of a tensor (row-major, Hugging Face order of storage), dequantized.
+    fn dequantize_range(&self, t: &TensorInfo, range: std::ops::Range<usize>) -> Vec<f32> {
+        let (elems, size) = t.ty.block().expect("checked by the caller");
+        let (b0, b1) = (range.start / elems, range.end.div_ceil(elems));
+        let bytes = &self.map[t.start + b0 * size..t.start + b1 * size];
+        let mut out = vec![0f32; (b1 - b0) * elems];
+        let per_task = (CHUNK_ELEMS / elems).max(1);
+        if out.len() > CHUNK_ELEMS {
+            out.par_chunks_mut(per_task * elems)
+                .zip(bytes.par_chunks(per_task * size))
+                .for_each(|(o, b)| quant::dequantize(t.ty, b, o));
+        } else {
+            quant::dequantize(t.ty, bytes, &mut out);
+        }
+        let skip = range.start - b0 * elems;
+        out.drain(..skip);
+        out.truncate(range.len());
+        out
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            hint: format!(" (GGUF architecture `{}`)", self.family.gguf),
+        }
+    }
+}
+
+/// The one `.gguf` file in `dir`, if there is exactly one; an error names them when there are
+/// several.
+pub fn find_in(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, "cannot list", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_gguf(p))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(Error::config(
+            dir,
+            format!(
+                "holds {} GGUF files ({}); name the one to read",
+                found.len(),
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+/// True for a `.gguf` file name.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && path.is_file()
+}

@@ -1,0 +1,303 @@
+//! What llama.cpp's conversion changed, undone: GGUF tensor names back to the Hugging Face ones,
+//! the row order of Q and K (llama-family converters interleave the two halves of each head for
+//! their rotary kernel), the `+ 1` Gemma's converters add to every norm weight, and a
+//! `config.json` rebuilt from the metadata.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value as Json};
+
+use crate::io::gguf::header::{TensorInfo, Value};
+
+/// How one GGUF architecture was converted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Family {
+    /// `general.architecture`.
+    pub gguf: &'static str,
+    /// The Hugging Face `model_type` and model class.
+    pub model_type: &'static str,
+    pub class: &'static str,
+    /// Q and K rows were permuted for the rotary kernel (llama.cpp's `LlamaModel.permute`).
+    pub permuted_qk: bool,
+    /// Added to every `*norm.weight` by the converter (Gemma stores g − 1; its GGUF stores g).
+    pub norm_shift: f32,
+    /// Gemma 2/3: `ffn_norm` is the pre-feed-forward norm and `post_attention_norm` the norm of
+    /// the attention output; elsewhere `ffn_norm` is `post_attention_layernorm`.
+    pub sandwich_norms: bool,
+    /// Phi-3: `attn_qkv` and `ffn_up` hold the fused `qkv_proj` and `gate_up_proj`.
+    pub fused: bool,
+}
+
+/// Every architecture a GGUF base model may have here (Mistral models convert to `llama`).
+pub const FAMILIES: &[Family] = &[
+    family(
+        "llama",
+        "llama",
+        "LlamaForCausalLM",
+        true,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "qwen2",
+        "qwen2",
+        "Qwen2ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "qwen3",
+        "qwen3",
+        "Qwen3ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "gemma",
+        "gemma",
+        "GemmaForCausalLM",
+        false,
+        1.0,
+        false,
+        false,
+    ),
+    family(
+        "gemma2",
+        "gemma2",
+        "Gemma2ForCausalLM",
+        false,
+        1.0,
+        true,
+        false,
+    ),
+    family(
+        "gemma3",
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        false,
+        1.0,
+        true,
+        false,
+    ),
+    family("phi3", "phi3", "Phi3ForCausalLM", false, 0.0, false, true),
+];
+
+const fn family(
+    gguf: &'static str,
+    model_type: &'static str,
+    class: &'static str,
+    permuted_qk: bool,
+    norm_shift: f32,
+    sandwich_norms: bool,
+    fused: bool,
+) -> Family {
+    Family {
+        gguf,
+        model_type,
+        class,
+        permuted_qk,
+        norm_shift,
+        sandwich_norms,
+        fused,
+    }
+}
+
+/// The family of a `general.architecture` value.
+pub fn family_of(arch: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.gguf == arch)
+}
+
+/// The Hugging Face name of a GGUF tensor, or None for tensors the engine does not read
+/// (rotary tables, …).
+pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_qkv" if f.fused => "self_attn.qkv_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" if f.fused => "mlp.gate_up_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "ffn_norm" if f.sandwich_norms => "pre_feedforward_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if f.sandwich_norms => "post_attention_layernorm",
+        "post_ffw_norm" if f.sandwich_norms => "post_feedforward_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Heads whose rows the converter permuted in this tensor (Q: attention heads, K: key-value
+/// heads), or None when its rows are stored in Hugging Face order.
+pub fn permuted_heads(f: &Family, hf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+    if !f.permuted_qk {
+        return None;
+    }
+    if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+        Some(heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
+        Some(kv_heads)
+    } else {
+        None
+    }
+}
+
+/// The stored row of Hugging Face row `row` in a tensor of `rows` rows whose `heads` heads were
+/// permuted: each head's rows `[first half; second half]` were interleaved as
+/// `(h, i, j) ← (h, j, i)`, i.e. HF row `h·d + j·d/2 + i` is stored at `h·d + 2i + j`.
+pub fn stored_row(row: usize, rows: usize, heads: usize) -> usize {
+    let d = rows / heads;
+    let (h, r) = (row / d, row % d);
+    let (j, i) = (r / (d / 2), r % (d / 2));
+    h * d + 2 * i + j
+}
+
+/// A `config.json` for the engine, from the metadata and tensor shapes (the fields
+/// [`crate::io::checkpoint::ModelConfig`] reads, plus the ones a reader of the report expects).
+pub fn config_json(
+    f: &Family,
+    metadata: &HashMap<String, Value>,
+    tensors: &HashMap<String, TensorInfo>,
+) -> Result<Json, String> {
+    let key = |k: &str| format!("{}.{k}", f.gguf);
+    let int = |k: &str| -> Result<u64, String> {
+        let name = key(k);
+        match metadata.get(&name) {
+            Some(v) => v
+                .as_u64()
+                .or_else(|| {
+                    // Some files give a per-layer array; the engine needs one value.
+                    let a = v.as_array()?;
+                    let first = a.first()?.as_u64()?;
+                    a.iter().all(|x| x.as_u64() == Some(first)).then_some(first)
+                })
+                .ok_or_else(|| format!("metadata `{name}` is not a single integer ({v:?})")),
+            None => Err(format!("metadata `{name}` is missing")),
+        }
+    };
+    let layers = int("block_count")?;
+    let hidden = int("embedding_length")?;
+    let heads = int("attention.head_count")?;
+    let mut config = json!({
+        "model_type": f.model_type,
+        "architectures": [f.class],
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": int("feed_forward_length")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int("attention.head_count_kv").unwrap_or(heads),
+        "tie_word_embeddings": !tensors.contains_key("output.weight"),
+        "torch_dtype": "float32",
+    });
+    let obj = config.as_object_mut().expect("an object");
+    if let Ok(d) = int("attention.key_length") {
+        obj.insert("head_dim".into(), d.into());
+    }
+    if let Some(embed) = tensors.get("token_embd.weight") {
+        obj.insert("vocab_size".into(), (*embed.dims.last().unwrap()).into());
+    }
+    if let Ok(n) = int("context_length") {
+        obj.insert("max_position_embeddings".into(), n.into());
+    }
+    for (field, k) in [
+        ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+        ("rope_theta", "rope.freq_base"),
+    ] {
+        if let Some(v) = metadata.get(&key(k)).and_then(Value::as_f64) {
+            obj.insert(field.into(), v.into());
+        }
+    }
+    for (field, k) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+    ] {
+        if let Some(v) = metadata.get(k).and_then(Value::as_u64) {
+            obj.insert(field.into(), v.into());
+        }
+    }
+    if let Some(name) = metadata.get("general.name").and_then(Value::as_str) {
+        obj.insert("_name_or_path".into(), name.into());
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_per_family() {
+        let llama = family_of("llama").unwrap();
+        let gemma3 = family_of("gemma3").unwrap();
+        let phi3 = family_of("phi3").unwrap();
+        assert_eq!(
+            hf_name(llama, "blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name(llama, "blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name(gemma3, "blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name(gemma3, "blk.1.post_ffw_norm.weight").unwrap(),
+            "model.layers.1.post_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name(phi3, "blk.2.ffn_up.weight").unwrap(),
+            "model.layers.2.mlp.gate_up_proj.weight"
+        );
+        assert_eq!(
+            hf_name(llama, "blk.2.attn_q.bias").unwrap(),
+            "model.layers.2.self_attn.q_proj.bias"
+        );
+        assert_eq!(hf_name(llama, "rope_freqs.weight"), None);
+        assert_eq!(hf_name(llama, "blk.x.attn_q.weight"), None);
+    }
+
+    /// The inverse of llama.cpp's `permute`: reshape(heads, 2, d/2, ·).swapaxes(1, 2).
+    #[test]
+    fn stored_rows_invert_the_converters_permutation() {
+        let (heads, d) = (3, 8);
+        let rows = heads * d;
+        // The converter's permutation of HF rows 0..rows, written as numpy would.
+        let mut permuted = vec![0; rows];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    // HF (h, j, i) goes to position (h, i, j).
+                    permuted[h * d + i * 2 + j] = h * d + j * (d / 2) + i;
+                }
+            }
+        }
+        for row in 0..rows {
+            assert_eq!(permuted[stored_row(row, rows, heads)], row);
+        }
+    }
+}
