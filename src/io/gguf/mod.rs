@@ -83,15 +83,13 @@ impl GgufModel {
         })?;
         let mut by_name = HashMap::new();
         let mut shapes = HashMap::new();
-        let mut by_gguf = HashMap::new();
         for (i, t) in header.tensors.iter().enumerate() {
-            by_gguf.insert(t.name.clone(), t.clone());
             if let Some(hf) = names::hf_name(family, &t.name) {
                 shapes.insert(hf.clone(), t.dims.iter().rev().copied().collect());
                 by_name.insert(hf, i);
             }
         }
-        let config = names::config_json(family, &header.metadata, &by_gguf)
+        let config = names::config_json(family, &header.metadata, &header.tensors)
             .map_err(|reason| Error::config(path, reason))?;
         let count = |key: &str| config.get(key).and_then(|v| v.as_u64()).unwrap_or(1) as usize;
         let heads = count("num_attention_heads").max(1);
@@ -181,27 +179,7 @@ impl GgufModel {
         rows: std::ops::Range<usize>,
         unchecked: bool,
     ) -> Result<(Cow<'_, [u8]>, FloatType, usize)> {
-        let t = self.info(name).ok_or_else(|| self.missing(name))?;
-        let shape = &self.shapes[name];
-        let nrows = shape[0];
-        let cols: usize = shape.iter().skip(1).product();
-        if rows.end > nrows || rows.start > rows.end {
-            return Err(Error::bad_tensor(
-                &self.path,
-                name,
-                format!("rows {rows:?} out of range for shape {shape:?}"),
-            ));
-        }
-        let (elems, size) = t.ty.block().ok_or_else(|| {
-            Error::bad_tensor(
-                &self.path,
-                name,
-                format!(
-                    "stored as {}, which this reader does not dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K are read)",
-                    t.ty.name()
-                ),
-            )
-        })?;
+        let (t, (elems, size), cols) = self.rows_raw_shape(name, &rows)?;
         let ty = self.float_type(name).expect("a sized type");
         if self.as_stored(name) {
             let row_bytes = cols / elems * size;
@@ -211,6 +189,65 @@ impl GgufModel {
             }
             return Ok((Cow::Borrowed(bytes), ty, cols));
         }
+        // Built rows are scanned here; their copy as bytes only crosses the Cow.
+        let values = self.dequantized_rows(name, t, rows, cols)?;
+        Ok((
+            Cow::Owned(bytemuck::cast_slice(&values).to_vec()),
+            FloatType::F32,
+            cols,
+        ))
+    }
+
+    /// Rows of `name` as f32 (NaN and Inf refused).
+    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        if self.as_stored(name) {
+            let (bytes, ty, _) = self.rows_raw(name, rows, false)?;
+            return Ok(crate::io::safetensors::decode_f32(&bytes, ty));
+        }
+        let (t, _, cols) = self.rows_raw_shape(name, &rows)?;
+        self.dequantized_rows(name, t, rows, cols)
+    }
+
+    /// The tensor, its block layout and its row length, once `rows` is checked against its
+    /// shape and its type is one this reader dequantizes.
+    fn rows_raw_shape(
+        &self,
+        name: &str,
+        rows: &std::ops::Range<usize>,
+    ) -> Result<(&TensorInfo, (usize, usize), usize)> {
+        let t = self.info(name).ok_or_else(|| self.missing(name))?;
+        let shape = &self.shapes[name];
+        let cols: usize = shape.iter().skip(1).product();
+        if rows.end > shape[0] || rows.start > rows.end {
+            return Err(Error::bad_tensor(
+                &self.path,
+                name,
+                format!("rows {rows:?} out of range for shape {shape:?}"),
+            ));
+        }
+        let block = t.ty.block().ok_or_else(|| {
+            Error::bad_tensor(
+                &self.path,
+                name,
+                format!(
+                    "stored as {}, which this reader does not dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K are read)",
+                    t.ty.name()
+                ),
+            )
+        })?;
+        Ok((t, block, cols))
+    }
+
+    /// Rows of a tensor that is not read as stored: dequantized, in Hugging Face row order, the
+    /// converter's norm shift undone, NaN and Inf refused.
+    fn dequantized_rows(
+        &self,
+        name: &str,
+        t: &TensorInfo,
+        rows: std::ops::Range<usize>,
+        cols: usize,
+    ) -> Result<Vec<f32>> {
+        let nrows = self.shapes[name][0];
         let mut values = match self.permuted(name) {
             None => self.dequantize_range(t, rows.start * cols..rows.end * cols),
             Some(heads) => {
@@ -230,15 +267,9 @@ impl GgufModel {
         if shift != 0.0 {
             values.iter_mut().for_each(|v| *v -= shift);
         }
-        let bytes: Vec<u8> = bytemuck::cast_slice(&values).to_vec();
-        check_finite(&self.path, name, &bytes, FloatType::F32, rows.start, cols)?;
-        Ok((Cow::Owned(bytes), FloatType::F32, cols))
-    }
-
-    /// Rows of `name` as f32 (NaN and Inf refused).
-    pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        let (bytes, ty, _) = self.rows_raw(name, rows, false)?;
-        Ok(crate::io::safetensors::decode_f32(&bytes, ty))
+        let bytes: &[u8] = bytemuck::cast_slice(&values);
+        check_finite(&self.path, name, bytes, FloatType::F32, rows.start, cols)?;
+        Ok(values)
     }
 
     /// True when the metadata has a vocabulary (`tokenizer.ggml.tokens`).

@@ -180,7 +180,7 @@ pub fn stored_row(row: usize, rows: usize, heads: usize) -> usize {
 pub fn config_json(
     f: &Family,
     metadata: &HashMap<String, Value>,
-    tensors: &HashMap<String, TensorInfo>,
+    tensors: &[TensorInfo],
 ) -> Result<Json, String> {
     let key = |k: &str| format!("{}.{k}", f.gguf);
     let int = |k: &str| -> Result<u64, String> {
@@ -209,14 +209,14 @@ pub fn config_json(
         "intermediate_size": int("feed_forward_length")?,
         "num_attention_heads": heads,
         "num_key_value_heads": int("attention.head_count_kv").unwrap_or(heads),
-        "tie_word_embeddings": !tensors.contains_key("output.weight"),
+        "tie_word_embeddings": !tensors.iter().any(|t| t.name == "output.weight"),
         "torch_dtype": "float32",
     });
     let obj = config.as_object_mut().expect("an object");
     if let Ok(d) = int("attention.key_length") {
         obj.insert("head_dim".into(), d.into());
     }
-    if let Some(embed) = tensors.get("token_embd.weight") {
+    if let Some(embed) = tensors.iter().find(|t| t.name == "token_embd.weight") {
         obj.insert("vocab_size".into(), (*embed.dims.last().unwrap()).into());
     }
     if let Ok(n) = int("context_length") {
