@@ -58,6 +58,10 @@ pub enum Error {
     #[error("invalid argument {name}: {reason}")]
     InvalidArgument { name: &'static str, reason: String },
 
+    /// Options that do not parse (an unknown flag, a value of the wrong kind): clap's message.
+    #[error("{0}")]
+    Flags(String),
+
     /// The output directory exists and `--force` was not given.
     #[error("{path}: output already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
@@ -74,12 +78,38 @@ pub enum Error {
     #[error("device error: {0}")]
     Device(String),
 
+    /// The caller stopped the job (a progress callback raised, or Ctrl-C in Python); nothing
+    /// was written.
+    #[error("cancelled: no output written")]
+    Cancelled,
+
     /// A broken internal invariant (a programming error, not bad input): please report it.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl Error {
+    /// The variant as a stable snake_case word (the `kind` of the Python module's exceptions).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::Safetensors { .. } => "safetensors",
+            Error::Config { .. } => "config",
+            Error::MissingTensor { .. } => "missing_tensor",
+            Error::BadTensor { .. } => "bad_tensor",
+            Error::UnknownArchitecture { .. } => "unknown_architecture",
+            Error::UnsupportedAdapter { .. } => "unsupported_adapter",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::Flags(_) => "flags",
+            Error::OutputExists { .. } => "output_exists",
+            Error::Numerical { .. } => "numerical",
+            Error::Unavailable(_) => "unavailable",
+            Error::Device(_) => "device",
+            Error::Cancelled => "cancelled",
+            Error::Internal(_) => "internal",
+        }
+    }
+
     /// Shorthand for an I/O error on a path.
     pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
         Error::Io {

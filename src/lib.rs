@@ -6,6 +6,7 @@
 //! module at a time, runs a [`backend::Backend`], writes atomically) → a PEFT adapter and a report.
 
 pub mod arch;
+pub mod args;
 pub mod backend;
 pub mod error;
 pub mod fuzzing;
@@ -20,6 +21,7 @@ pub mod linalg;
 pub mod map;
 pub mod modes;
 pub mod plan;
+pub mod progress;
 pub mod synth;
 pub mod timing;
 pub mod transfer;

@@ -139,7 +139,7 @@ fn run_k(
         device: Device::Cpu,
         cache_dir: None,
         force: false,
-        progress: false,
+        progress: Default::default(),
     };
     transfer::run(&job).unwrap()
 }

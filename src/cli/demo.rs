@@ -101,7 +101,7 @@ fn steps(dir: &std::path::Path) -> Result<()> {
         device: Device::Auto,
         cache_dir: None,
         force: false,
-        progress: true,
+        progress: loraxfer::progress::Progress::bar(),
     };
     let r = transfer::run(&job)?;
     println!("{}", report::summary_table(&r.modules));

@@ -114,7 +114,14 @@ pub fn run(cmd: SynthCommand) -> Result<()> {
 /// Writes a synthetic model atomically, with a progress bar.
 pub fn model(spec: &ModelSpec, out: &Path, force: bool) -> Result<PathBuf> {
     let staged = StagedDir::create(out, force)?;
-    let bar = loraxfer::transfer::progress_bar(true, 1, "synth");
+    let bar = indicatif::ProgressBar::new(1).with_prefix("synth");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {bytes}/{total_bytes}, {elapsed} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
     synth::write_model(spec, staged.path(), |done, total| {
         bar.set_length(total);
         bar.set_position(done);

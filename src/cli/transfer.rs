@@ -1,64 +1,13 @@
 //! `transfer` and `inspect`.
 
-use loraxfer::backend;
-use loraxfer::io::checkpoint::Checkpoint;
-use loraxfer::io::hub::{self, Kind};
-use loraxfer::plan::Options;
+use loraxfer::args::{InspectArgs, TransferArgs};
+use loraxfer::progress::Progress;
 use loraxfer::timing::Phase;
 use loraxfer::transfer::{self, inspect, report, Job};
 use loraxfer::Result;
 
-use super::{InspectArgs, SvdArgs, TransferArgs};
-
-/// The SVD settings as plan options; `plan::build` validates them.
-fn options(svd: &SvdArgs) -> Options {
-    Options {
-        rank: svd.rank,
-        oversample: svd.oversample,
-        power_iters: svd.power_iters,
-        seed: svd.seed,
-        ..Options::default()
-    }
-}
-
 pub fn transfer(args: TransferArgs) -> Result<()> {
-    let mut opts = options(&args.svd);
-    opts.mode = args.mode;
-    opts.threshold = args.threshold;
-    opts.modules = args.modules.clone();
-    opts.map = loraxfer::map::MapOptions {
-        residual: args.map_residual,
-        fold_norms: !args.no_norm_fold,
-        gain_floor: args.map_gain_floor,
-        inner: args.map_inner,
-        depth: args.map_depth,
-        seed: args.svd.seed,
-    };
-    let mut hub_names = std::collections::BTreeMap::new();
-    let mut resolve =
-        |arg: &std::path::Path, role: &str, kind: Kind| -> Result<std::path::PathBuf> {
-            let (dir, name) = hub::resolve(arg, kind)?;
-            if let Some(name) = name {
-                hub_names.insert(role.to_string(), name);
-            }
-            Ok(dir)
-        };
-    let source_base = resolve(&args.source_base, "source_base", Kind::Model)?;
-    let target_base = resolve(&args.target_base, "target_base", Kind::Model)?;
-    let adapter = resolve(&args.adapter, "adapter", Kind::Adapter)?;
-    let job = Job {
-        hub: hub_names,
-        source_base,
-        target_base,
-        adapter,
-        out: args.out,
-        options: opts,
-        layer_map_file: args.layer_map,
-        device: args.svd.device,
-        cache_dir: args.svd.cache_dir.clone(),
-        force: args.force,
-        progress: true,
-    };
+    let job = args.job(Progress::bar())?;
     let report = transfer::run(&job)?;
     print_summary(&job, &report);
     if args.timings {
@@ -127,24 +76,7 @@ fn timings_table(r: &report::Report) -> String {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
-    let opts = options(&args.svd);
-    let (backend, _) = backend::select(args.svd.device)?;
-    let source = Checkpoint::open(&hub::resolve(&args.source_base, Kind::Model)?.0)?;
-    let target = Checkpoint::open(&hub::resolve(&args.target_base, Kind::Model)?.0)?;
-    let cache = args
-        .svd
-        .cache_dir
-        .as_deref()
-        .map(loraxfer::transfer::cache::BasisCache::open)
-        .transpose()?;
-    let ins = inspect::run(
-        &source,
-        &target,
-        &opts,
-        backend.as_ref(),
-        cache.as_ref(),
-        true,
-    )?;
+    let ins = args.run(&Progress::bar())?;
     if args.json {
         println!(
             "{}",

@@ -51,7 +51,7 @@ pub fn run(
     options: &Options,
     backend: &dyn Backend,
     cache: Option<&super::cache::BasisCache>,
-    progress: bool,
+    progress: &crate::progress::Progress,
 ) -> Result<Inspection> {
     let wall = Instant::now();
     let s = ModelSide::new(source)?;
@@ -85,14 +85,15 @@ pub fn run(
         map: None,
     };
     let units: Vec<&plan::Unit> = plan.units().collect();
-    let bar = super::progress_bar(progress, units.len() as u64, "inspect");
+    let bar = progress.start("inspect", units.len() as u64);
     let pairs = units
         .par_iter()
         .map(|u| {
+            bar.check()?;
             let bs = basis::decompose(&ctx, &BasisKey::of_unit(u, Role::Source))?;
             let bt = basis::decompose(&ctx, &BasisKey::of_unit(u, Role::Target))?;
             let (su, sv) = basis::similarities(backend, &bs, &bt);
-            bar.inc(1);
+            bar.step();
             Ok(PairRow {
                 module: u.label.clone(),
                 source_key: u.source_tensor.clone(),
@@ -108,7 +109,7 @@ pub fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(Inspection {
         source_base: source.dir.to_string_lossy().into_owned(),
         target_base: target.dir.to_string_lossy().into_owned(),

@@ -39,8 +39,8 @@ pub struct Job {
     /// Basis cache directory (docs/METHOD.md, "Basis cache"), if any.
     pub cache_dir: Option<PathBuf>,
     pub force: bool,
-    /// Draw a progress bar on stderr (only shown when stderr is a terminal).
-    pub progress: bool,
+    /// How progress is shown and the job cancelled.
+    pub progress: crate::progress::Progress,
     /// The directory arguments that were hub names, by argument (`source_base`, …).
     pub hub: BTreeMap<String, crate::io::hub::HubModel>,
 }
@@ -107,7 +107,7 @@ pub fn run(job: &Job) -> Result<Report> {
         prefetched: Some(&prefetched),
         map: map.as_ref(),
     };
-    let outcomes = run_units(&ctx, &opened, job.progress)?;
+    let outcomes = run_units(&ctx, &opened, &job.progress)?;
     let (rows, modules) = collect(&opened, &outcomes)?;
 
     let target_name = job.target_base.to_string_lossy().into_owned();
@@ -153,6 +153,9 @@ pub fn run(job: &Job) -> Result<Report> {
     timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
     report.timings_ms = timings_map(&timings, wall.elapsed().as_secs_f64() * 1e3);
     write_json(&staged.path().join(REPORT_FILE), &report)?;
+    // Cancelled (by a progress callback that raised, say) after the last unit: the staged
+    // directory is dropped, and with it everything written.
+    job.progress.confirm()?;
     staged.commit()?;
     Ok(report)
 }
@@ -274,10 +277,10 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
 fn run_units(
     ctx: &execute::Context<'_>,
     opened: &Opened,
-    progress: bool,
+    progress: &crate::progress::Progress,
 ) -> Result<Vec<execute::Outcome>> {
     let units: Vec<&plan::Unit> = opened.plan.units().collect();
-    let bar = progress_bar(progress, units.len() as u64, "transfer");
+    let bar = progress.start("transfer", units.len() as u64);
     let factors_of = |unit: &plan::Unit| {
         unit.source_module
             .as_ref()
@@ -286,8 +289,9 @@ fn run_units(
     let run = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
         idx.par_iter()
             .map(|&i| {
+                bar.check()?;
                 let out = execute::run_unit(ctx, units[i], factors_of(units[i]));
-                bar.inc(1);
+                bar.step();
                 out.map(|o| (i, o))
             })
             .collect()
@@ -305,6 +309,7 @@ fn run_units(
                     (unit, needs)
                 })
                 .collect();
+            bar.check()?;
             schedule::prefetch(ctx, &wanted, prefetched)?;
             done.extend(run(chunk)?);
         }
@@ -319,7 +324,7 @@ fn run_units(
         });
         run(&order)?
     };
-    bar.finish_and_clear();
+    bar.finish();
     let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
     for (i, o) in done {
         outcomes[i] = Some(o);
@@ -396,21 +401,4 @@ fn round3(x: f64) -> f64 {
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("report values always serialize");
     std::fs::write(path, text + "\n").map_err(|e| crate::error::Error::io(path, "cannot write", e))
-}
-
-/// A progress bar on stderr (indicatif hides it when stderr is not a terminal).
-pub fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:40}] {pos}/{len} modules, {elapsed} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(what.to_string());
-    bar
 }

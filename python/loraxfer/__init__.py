@@ -1,0 +1,125 @@
+"""loraxfer: transfer a PEFT LoRA adapter from one base model to another, without training.
+
+    import loraxfer
+    report = loraxfer.transfer("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-0.5B", "my-lora", "out")
+    print(report["mode"], report["summary"])
+
+`transfer` and `inspect` are the command line's `loraxfer transfer` and `loraxfer inspect`:
+the same options (flags with underscores: `--power-iters` is `power_iters`), the same defaults,
+the same checks and the same error messages, raised as `LoraxferError` (or one of its
+subclasses). Models and adapters are directories, `.gguf` files, or hub names (`org/name`,
+`org/name@revision`) already in the local Hugging Face cache. The engine runs with the GIL
+released; `progress(stage, done, total)`, if given, is called on the calling thread after each
+module, and a callback that raises (or Ctrl-C) stops the job with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Sequence, Union
+
+from . import _native
+from ._errors import (
+    InputError,
+    InvalidArgumentError,
+    LoraxferError,
+    OutputExistsError,
+)
+
+__all__ = [
+    "transfer",
+    "inspect",
+    "LoraxferError",
+    "InvalidArgumentError",
+    "OutputExistsError",
+    "InputError",
+]
+__version__ = _native.__version__
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[str, int, int], object]
+
+
+def transfer(
+    source_base: PathLike,
+    target_base: PathLike,
+    adapter: PathLike,
+    out: PathLike,
+    mode: str = "auto",
+    rank: int = 256,
+    *,
+    oversample: int = 16,
+    power_iters: int = 2,
+    seed: int = 0,
+    device: str = "auto",
+    cache_dir: Optional[PathLike] = None,
+    threshold: float = 0.0,
+    modules: Optional[Sequence[str]] = None,
+    layer_map: Optional[PathLike] = None,
+    force: bool = False,
+    map_residual: str = "layers",
+    no_norm_fold: bool = False,
+    map_gain_floor: float = 0.1,
+    map_inner: str = "match",
+    map_depth: str = "similarity",
+    progress: Optional[ProgressCallback] = None,
+) -> dict:
+    """Transfers `adapter` (trained on `source_base`) onto `target_base` and writes the new
+    adapter and its transfer_report.json to `out` (atomically; an existing `out` only with
+    `force=True`). Returns the report as a dict.
+
+    mode: auto, copy, project, align, procrustes, rotate, map or resample (`loraxfer
+    transfer --help` says what each does; auto picks rotate for equal shapes, else map,
+    else align).
+    rank, oversample, power_iters, seed: the randomized truncated SVD.
+    device: auto, cpu or cuda. cache_dir: keep and reuse base-model SVDs there (the
+    LORAXFER_CACHE_DIR environment variable, as on the command line, when None).
+    threshold, modules, layer_map, map_*: as the command line's flags of the same names.
+    progress: called as progress(stage, done, total) on this thread after each module.
+    """
+    values = dict(locals())
+    callback = values.pop("progress")
+    return json.loads(_native.transfer(_flags(values), callback))
+
+
+def inspect(
+    source_base: PathLike,
+    target_base: PathLike,
+    rank: int = 256,
+    *,
+    oversample: int = 16,
+    power_iters: int = 2,
+    seed: int = 0,
+    device: str = "auto",
+    cache_dir: Optional[PathLike] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> dict:
+    """The subspace similarity of every module pair of two models and their layer map (what
+    `loraxfer inspect --json` prints), as a dict."""
+    values = dict(locals())
+    callback = values.pop("progress")
+    return json.loads(_native.inspect(_flags(values), callback))
+
+
+def options(command: str) -> list:
+    """The options of `transfer` or `inspect` as the command line defines them: name, default
+    (as the command line prints it), switch, required, choices and help."""
+    return json.loads(_native.options(command))
+
+
+def _flags(values: dict) -> list:
+    """Keyword arguments as command-line flags: `rank=16` is `--rank=16`, `force=True` is
+    `--force`, a sequence is comma-joined, None and False are left out (the default holds)."""
+    flags = []
+    for name, value in values.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            flags.append(f"{flag}={','.join(str(v) for v in value)}")
+        else:
+            flags.append(f"{flag}={os.fspath(value) if isinstance(value, os.PathLike) else value}")
+    return flags

@@ -1,0 +1,40 @@
+"""The exceptions of the engine, one class per kind of fault (`LoraxferError.kind` names it).
+
+Their messages are the command line's: what `loraxfer` prints after "error: "."""
+
+
+class LoraxferError(Exception):
+    """Any fault the engine reports: a bad input, a refused output, an unusable device.
+
+    `kind` is the engine's word for it: io, safetensors, config, missing_tensor, bad_tensor,
+    unknown_architecture, unsupported_adapter, invalid_argument, flags, output_exists,
+    numerical, unavailable, device or internal."""
+
+    def __init__(self, message: str, kind: str = "internal"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class InvalidArgumentError(LoraxferError, ValueError):
+    """An option that cannot be used: a value of the wrong type, out of range or not a choice."""
+
+
+class OutputExistsError(LoraxferError, FileExistsError):
+    """`out` exists; pass `force=True` to replace it."""
+
+
+class InputError(LoraxferError, OSError):
+    """A file that cannot be read or written (missing, unreadable, not a model or adapter)."""
+
+
+_BY_KIND = {
+    "invalid_argument": InvalidArgumentError,
+    "flags": InvalidArgumentError,
+    "output_exists": OutputExistsError,
+    "io": InputError,
+}
+
+
+def error_class(kind: str) -> type:
+    """The class of an engine error of this kind (called by the native module)."""
+    return _BY_KIND.get(kind, LoraxferError)

@@ -1,0 +1,217 @@
+//! How a long job tells its caller where it is, and how the caller stops it.
+//!
+//! The command line draws a bar on stderr; the Python module hands every step to a callback and
+//! cancels the job when that callback raises (or Ctrl-C arrives). Both go through [`Progress`],
+//! which a job turns into one [`Tracker`] per stage.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// One step of a stage: `done` of `total` units (module pairs) finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step<'a> {
+    /// The stage: `transfer` or `inspect`.
+    pub stage: &'a str,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Receives every step, from whichever thread finished it.
+pub type Sink = Arc<dyn Fn(Step<'_>) + Send + Sync>;
+
+/// Asked once, just before the output is renamed into place: `false` cancels the job. The
+/// Python module answers it after every step before it has reached its callback, so a
+/// callback that raises on the last step still leaves nothing behind.
+pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How a job reports progress and learns that it should stop.
+#[derive(Clone, Default)]
+pub struct Progress {
+    /// Draw a bar on stderr (indicatif shows it only when stderr is a terminal).
+    pub bar: bool,
+    /// Called with the first step (0 done) and after every unit.
+    pub sink: Option<Sink>,
+    /// Set from outside to stop the job: units not yet started are not run, and the job returns
+    /// [`Error::Cancelled`] before it writes anything.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// See [`Gate`].
+    pub gate: Option<Gate>,
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress")
+            .field("bar", &self.bar)
+            .field("sink", &self.sink.as_ref().map(|_| "callback"))
+            .field("cancel", &self.cancel)
+            .field("gate", &self.gate.as_ref().map(|_| "callback"))
+            .finish()
+    }
+}
+
+impl Progress {
+    /// A bar on stderr, nothing else (the command line).
+    pub fn bar() -> Self {
+        Progress {
+            bar: true,
+            ..Progress::default()
+        }
+    }
+
+    /// Nothing shown, never cancelled.
+    pub fn hidden() -> Self {
+        Progress::default()
+    }
+
+    /// Starts a stage of `total` units: draws the bar and reports step 0.
+    pub fn start(&self, stage: &'static str, total: u64) -> Tracker {
+        let bar = if self.bar {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:40}] {pos}/{len} modules, {elapsed} (eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(stage);
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let tracker = Tracker {
+            stage,
+            total,
+            done: Mutex::new(0),
+            bar,
+            sink: self.sink.clone(),
+            cancel: self.cancel.clone(),
+        };
+        tracker.report(0);
+        tracker
+    }
+
+    /// [`Error::Cancelled`] once the cancel flag is set.
+    pub fn check(&self) -> Result<()> {
+        check(self.cancel.as_deref())
+    }
+
+    /// The last word before the output is committed: the cancel flag, then the [`Gate`].
+    pub fn confirm(&self) -> Result<()> {
+        self.check()?;
+        match &self.gate {
+            Some(gate) if !gate() => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check(cancel: Option<&AtomicBool>) -> Result<()> {
+    match cancel {
+        Some(flag) if flag.load(Ordering::Relaxed) => Err(Error::Cancelled),
+        _ => Ok(()),
+    }
+}
+
+/// The progress of one stage; shared by the threads that run its units.
+pub struct Tracker {
+    stage: &'static str,
+    total: u64,
+    /// Held while a step is reported, so the sink sees 1, 2, 3, … in order whichever thread
+    /// finishes first.
+    done: Mutex<u64>,
+    bar: indicatif::ProgressBar,
+    sink: Option<Sink>,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Tracker {
+    /// Before a unit starts: [`Error::Cancelled`] if the job was told to stop.
+    pub fn check(&self) -> Result<()> {
+        check(self.cancel.as_deref())
+    }
+
+    /// After a unit: advances the bar and tells the sink.
+    pub fn step(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        *done += 1;
+        self.bar.inc(1);
+        self.report(*done);
+    }
+
+    fn report(&self, done: u64) {
+        if let Some(sink) = &self.sink {
+            sink(Step {
+                stage: self.stage,
+                done,
+                total: self.total,
+            });
+        }
+    }
+
+    /// Clears the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_reach_the_sink_and_cancel_stops() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let sink_seen = seen.clone();
+        let progress = Progress {
+            bar: false,
+            sink: Some(Arc::new(move |s: Step<'_>| {
+                sink_seen
+                    .lock()
+                    .unwrap()
+                    .push((s.stage.to_string(), s.done, s.total))
+            })),
+            cancel: Some(cancel.clone()),
+            gate: Some(Arc::new(|| false)),
+        };
+        assert!(matches!(progress.confirm(), Err(Error::Cancelled)));
+        assert!(Progress::bar().confirm().is_ok());
+        let t = progress.start("transfer", 2);
+        assert!(t.check().is_ok());
+        t.step();
+        t.step();
+        t.finish();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("transfer".to_string(), 0, 2),
+                ("transfer".to_string(), 1, 2),
+                ("transfer".to_string(), 2, 2)
+            ]
+        );
+        cancel.store(true, Ordering::Relaxed);
+        assert!(matches!(t.check(), Err(Error::Cancelled)));
+        assert!(matches!(progress.check(), Err(Error::Cancelled)));
+        assert!(Progress::hidden().check().is_ok());
+    }
+
+    #[test]
+    fn steps_from_many_threads_arrive_in_order() {
+        use rayon::prelude::*;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink_seen = seen.clone();
+        let progress = Progress {
+            sink: Some(Arc::new(move |s: Step<'_>| {
+                sink_seen.lock().unwrap().push(s.done)
+            })),
+            ..Progress::default()
+        };
+        let t = progress.start("inspect", 2000);
+        (0..2000).into_par_iter().for_each(|_| t.step());
+        assert_eq!(*seen.lock().unwrap(), (0..=2000).collect::<Vec<u64>>());
+    }
+}

@@ -1,0 +1,205 @@
+"""The Python module (`pip install .`): a transfer from Python that PEFT loads and that equals the
+command line's, bit for bit; the command line's defaults and error messages, raised as
+exceptions; progress on the calling thread, a raising callback that stops the job with nothing
+written; the GIL released while the engine runs."""
+
+import inspect as pyinspect
+import json
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import interop_util as iu
+
+loraxfer = pytest.importorskip("loraxfer", reason="the module is installed by tests/interop/run.sh")
+
+ARCH = "qwen2"
+FAST = dict(rank=8, oversample=4)  # the zoo's models are tiny; keep every call quick
+
+
+def cli_error(binary, *args) -> str:
+    """What the command line prints after `error: ` when it fails."""
+    proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("error: "))
+    return line[len("error: "):]
+
+
+def test_transfer_from_python_loads_in_peft_and_equals_the_cli(zoo, tmp_path):
+    adapter, source, target = zoo.adapter(ARCH), zoo.base(ARCH), zoo.derived(ARCH)
+    steps = []
+    report = loraxfer.transfer(source, target, adapter, tmp_path / "py", mode="rotate",
+                               progress=lambda *s: steps.append(s), **FAST)
+    cli = zoo.transfer(adapter, source, target, "--mode", "rotate", "--rank", "8",
+                       "--oversample", "4")
+
+    # The report is the file the command line writes, as a dict.
+    on_disk = json.loads((tmp_path / "py" / "transfer_report.json").read_text())
+    assert report == on_disk
+    assert report["mode"] == "rotate" and report["rank"] == 8
+    assert report["summary"]["transferred"] == len(report["modules"]) > 0
+
+    # Progress: step 0, then one per module, in order, on this thread.
+    total = len(report["modules"])
+    assert steps == [("transfer", i, total) for i in range(total + 1)]
+
+    # The same adapter as the command line's, every tensor bit for bit, and the same config.
+    got = iu.read_tensors(tmp_path / "py" / "adapter_model.safetensors")
+    want = iu.read_tensors(cli / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+    assert json.loads((tmp_path / "py" / "adapter_config.json").read_text()) == \
+        json.loads((cli / "adapter_config.json").read_text())
+
+    # PEFT loads it onto the target with every tensor in place.
+    peft_model = iu.load_peft_strict(iu.load_model(target), tmp_path / "py")
+    assert np.isfinite(iu.logits(peft_model)).all()
+
+
+def test_signature_has_the_command_lines_options_and_defaults():
+    for name, func, cli_only in [("transfer", loraxfer.transfer, {"timings"}),
+                                 ("inspect", loraxfer.inspect, {"json"})]:
+        specs = {o["name"]: o for o in loraxfer.options(name)}
+        params = pyinspect.signature(func).parameters
+        assert set(params) - {"progress"} == set(specs) - cli_only, name
+        for opt, spec in specs.items():
+            if opt in cli_only:
+                continue
+            default = params[opt].default
+            if spec["required"]:
+                assert default is pyinspect.Parameter.empty, opt
+            elif spec["switch"]:
+                assert default is False, opt
+            elif spec["default"] is None:
+                assert default is None, opt
+            elif isinstance(default, (int, float)):
+                assert default == type(default)(spec["default"]), (opt, default, spec["default"])
+            else:
+                assert default == spec["default"], (opt, default, spec["default"])
+                if spec["choices"]:
+                    assert default in spec["choices"], opt
+
+
+def test_errors_are_exceptions_with_the_cli_messages(zoo, binary, tmp_path):
+    adapter, source, target = zoo.adapter(ARCH), zoo.base(ARCH), zoo.derived(ARCH)
+
+    # A missing model: the message names the path and where it looked.
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(loraxfer.LoraxferError) as err:
+        loraxfer.transfer(missing, target, adapter, tmp_path / "a")
+    assert str(err.value) == cli_error(binary, "transfer", "--source-base", missing,
+                                       "--target-base", target, "--adapter", adapter,
+                                       "--out", tmp_path / "a")
+    assert str(missing) in str(err.value)
+    assert not (tmp_path / "a").exists()
+
+    # An existing output without force: FileExistsError too; force=True replaces it.
+    (tmp_path / "b").mkdir()
+    with pytest.raises(loraxfer.OutputExistsError) as err:
+        loraxfer.transfer(source, target, adapter, tmp_path / "b", **FAST)
+    assert isinstance(err.value, FileExistsError) and err.value.kind == "output_exists"
+    assert str(err.value) == cli_error(binary, "transfer", "--source-base", source,
+                                       "--target-base", target, "--adapter", adapter,
+                                       "--out", tmp_path / "b")
+    loraxfer.transfer(source, target, adapter, tmp_path / "b", force=True, **FAST)
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+
+    # A value the command line refuses: ValueError with clap's message.
+    with pytest.raises(loraxfer.InvalidArgumentError) as err:
+        loraxfer.transfer(source, target, adapter, tmp_path / "c", mode="sideways")
+    assert isinstance(err.value, ValueError)
+    assert "invalid value 'sideways' for '--mode <MODE>'" in str(err.value)
+    assert "possible values: auto, copy" in str(err.value)
+    assert cli_error(binary, "transfer", "--source-base", source, "--target-base", target,
+                     "--adapter", adapter, "--out", tmp_path / "c", "--mode", "sideways") \
+        in str(err.value)
+
+    # A value the engine refuses after parsing (rank 0).
+    with pytest.raises(loraxfer.InvalidArgumentError) as err:
+        loraxfer.transfer(source, target, adapter, tmp_path / "d", rank=0)
+    assert str(err.value) == cli_error(binary, "transfer", "--source-base", source,
+                                       "--target-base", target, "--adapter", adapter,
+                                       "--out", tmp_path / "d", "--rank", "0")
+
+    # An unknown keyword is Python's own TypeError.
+    with pytest.raises(TypeError):
+        loraxfer.transfer(source, target, adapter, tmp_path / "e", sideways=True)
+    assert not any((tmp_path / n).exists() for n in "cde")
+
+
+def test_a_raising_callback_stops_the_job_and_writes_nothing(zoo, tmp_path):
+    adapter, source, target = zoo.adapter(ARCH), zoo.base(ARCH), zoo.derived(ARCH)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def callback(stage, done, total):
+        seen.append(done)
+        if done == 2:
+            raise Stop("enough")
+
+    with pytest.raises(Stop, match="enough"):
+        loraxfer.transfer(source, target, adapter, tmp_path / "out", progress=callback, **FAST)
+    assert seen[-1] == 2, seen  # not called again once it raised
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def wide_pair(binary, tmp_path_factory):
+    """A 2-layer Qwen2 of hidden 512 and MLP 2048, its 5%-drifted derivative and an adapter:
+    wide enough that a rank-256 transfer computes for a second or so."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("wide")
+    config = tf.Qwen2Config(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=64, num_hidden_layers=2,
+                            vocab_size=256, tie_word_embeddings=False)
+    source = iu.save_model(tf.Qwen2ForCausalLM(config), root / "source")
+    iu.loraxfer(binary, "synth", "model", "--derive-from", source, "--drift", "0.05",
+                "--out", root / "target")
+    iu.loraxfer(binary, "synth", "adapter", "--base", source, "--out", root / "adapter")
+    return source, root / "target", root / "adapter"
+
+
+def test_the_gil_is_released_while_the_engine_runs(wide_pair, tmp_path):
+    """A Python thread that wakes every millisecond keeps running while a transfer computes. Were
+    the GIL held, it would run only in the instants the progress callback runs."""
+    source, target, adapter = wide_pair
+    stamps, stop = [], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            stamps.append(time.monotonic())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    try:
+        start = time.monotonic()
+        loraxfer.transfer(source, target, adapter, tmp_path / "out", power_iters=4)
+        end = time.monotonic()
+    finally:
+        stop.set()
+        thread.join()
+    inside = [t for t in stamps if start <= t <= end]
+    # The time covered by gaps of at most 20 ms (a scheduler's slice on a busy machine).
+    covered = sum(b - a for a, b in zip(inside, inside[1:]) if b - a <= 0.02)
+    assert end - start > 0.2, f"the transfer took {end - start:.3f} s: too short to tell"
+    assert covered > 0.5 * (end - start), (covered, end - start)
+
+
+def test_inspect_equals_the_cli(zoo, binary):
+    source, target = zoo.base(ARCH), zoo.derived(ARCH)
+    got = loraxfer.inspect(source, target, rank=8, oversample=4)
+    proc = iu.loraxfer(binary, "inspect", "--source-base", source, "--target-base", target,
+                       "--rank", "8", "--oversample", "4", "--json")
+    want = json.loads(proc.stdout)
+    got.pop("total_ms"), want.pop("total_ms")
+    assert got == want
+    assert len(got["pairs"]) == 7 * iu.LAYERS[ARCH]
