@@ -3,6 +3,7 @@ command line's, bit for bit; the command line's defaults and error messages, rai
 exceptions; progress on the calling thread, a raising callback that stops the job with nothing
 written; the GIL released while the engine runs."""
 
+import _thread
 import inspect as pyinspect
 import json
 import subprocess
@@ -192,6 +193,23 @@ def test_the_gil_is_released_while_the_engine_runs(wide_pair, tmp_path):
     covered = sum(b - a for a, b in zip(inside, inside[1:]) if b - a <= 0.02)
     assert end - start > 0.2, f"the transfer took {end - start:.3f} s: too short to tell"
     assert covered > 0.5 * (end - start), (covered, end - start)
+
+
+def test_ctrl_c_stops_the_job_and_writes_nothing(wide_pair, tmp_path):
+    """SIGINT during a transfer (as a notebook's interrupt sends it) raises KeyboardInterrupt
+    within the 100 ms the waiting thread polls, leaving no output and no staging directory."""
+    source, target, adapter = wide_pair
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loraxfer.transfer(source, target, adapter, tmp_path / "out", power_iters=4)
+    finally:
+        timer.cancel()
+    # The engine stops at the next unit; the whole transfer takes over a second.
+    assert time.monotonic() - start < 1.0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_inspect_equals_the_cli(zoo, binary):
