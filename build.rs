@@ -19,6 +19,7 @@ use std::process::Command;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(loraxfer_cuda_kernels)");
     println!("cargo::rustc-check-cfg=cfg(loraxfer_kernel_emulator)");
+    println!("cargo::rustc-check-cfg=cfg(loraxfer_emulator_fma)");
     println!("cargo::rerun-if-env-changed=LORAXFER_NO_EMULATOR");
     println!("cargo::rerun-if-changed=kernels");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH"] {
@@ -150,6 +151,15 @@ fn build_emulator(sources: &[PathBuf]) {
         .flag_if_supported("-pthread")
         .flag_if_supported("-Wno-unused-parameter")
         .cargo_warnings(false);
+    // Fused multiply-adds as instructions. Without them `fmaf` is a library call, one per
+    // multiply-add of every emulated thread (the tensor-core emulation is nothing else), and the
+    // emulator runs ~90x slower. Only where the build machine has FMA (x86_64 since 2013), which
+    // the host side checks again at run time (`emulator::check_cpu`); fmaf is an instruction
+    // on aarch64 anyway.
+    if emulator_fma() {
+        build.flag("-mfma");
+        println!("cargo::rustc-cfg=loraxfer_emulator_fma");
+    }
     // Probe first: a missing or too old C++ compiler leaves the emulator out, not the build.
     let probe = build
         .clone()
@@ -168,6 +178,23 @@ fn build_emulator(sources: &[PathBuf]) {
     build.file("kernels/emulate/launch.cpp");
     build.compile("loraxfer_emulate");
     println!("cargo::rustc-cfg=loraxfer_kernel_emulator");
+}
+
+/// Whether the emulator is built with FMA instructions: building for x86_64 on a machine that
+/// has them (the emulator runs where it was built: tests, `--device emulator`).
+fn emulator_fma() -> bool {
+    let target = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    if target != "x86_64" || std::env::var("HOST") != std::env::var("TARGET") {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Writes `OUT_DIR/arch_tables.rs`: every `src/arch/tables/*.json`, by file stem, embedded with

@@ -90,6 +90,36 @@ emulator_test! {
     }
 }
 
+emulator_test! {
+    /// Launches from different OS threads run side by side on the emulator, each with its own
+    /// launch state and `__shared__` memory: the same checks with the same seed on two threads at
+    /// once pass and give bit-identical errors (a block that saw another thread's shared memory or
+    /// block size would differ, or fail).
+    fn concurrent_launches_on_the_emulator_do_not_interfere() {
+        let seed = fresh_seed();
+        let run = move || {
+            let backend = cuda::emulator_backend().unwrap();
+            selftest::run(&backend, seed, true).unwrap()
+        };
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(run);
+            let b = scope.spawn(run);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_all_pass(&a, seed, "emulator, thread 1");
+        assert_all_pass(&b, seed, "emulator, thread 2");
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                (x.case.as_str(), x.error.to_bits()),
+                (y.case.as_str(), y.error.to_bits()),
+                "seed {seed}: {} differs between the threads",
+                x.kernel
+            );
+        }
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(loraxfer_cuda_kernels),

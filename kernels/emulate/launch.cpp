@@ -1,15 +1,25 @@
 // Runs the kernels on the CPU, for tests on machines without a GPU (src/backend/cuda/emulator.rs).
 // lx_emu_launch takes what cuLaunchKernel takes: a kernel name, grid, block, dynamic shared
 // bytes and an array of pointers to the arguments. Blocks run one after another. The threads of a
-// block are fibers (ucontext) on the calling OS thread: each runs until it reaches __syncthreads
-// or returns, then the next one runs, so after one round every live thread stands at the same
-// barrier — the CUDA semantics, with a thread that returned counting as arrived. One launch at a
-// time (kernel statics are the shared memory).
+// block are fibers on the calling OS thread: each runs until it reaches __syncthreads or returns,
+// then the next one runs, so after one round every live thread stands at the same barrier — the
+// CUDA semantics, with a thread that returned counting as arrived.
+//
+// Every piece of launch state is per OS thread (thread_local, and `__shared__` is `static
+// thread_local` in shim.h), so launches from different threads run side by side, each on its own
+// core, and never see each other's shared memory.
+//
+// Switching fibers is _setjmp/_longjmp: swapcontext saves and restores the signal mask with a
+// system call at every switch, and kernels with a barrier per few multiply-adds spent ~90% of
+// their time in it. ucontext only gives each fiber its stack, once (makecontext, setcontext).
+// Fortified longjmp refuses to jump to another stack, which is the whole point here.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstddef>
 #include <cstring>
-#include <mutex>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -20,56 +30,77 @@
 namespace lx_emu {
 thread_local dim3 thread_idx;
 thread_local dim3 block_idx;
-dim3 block_dim;
-dim3 grid_dim;
-static std::vector<unsigned char> shared_bytes;
+thread_local dim3 block_dim;
+thread_local dim3 grid_dim;
+static thread_local std::vector<unsigned char> shared_bytes;
 
+// A device thread. Fibers live as long as their OS thread and are reused by every block and
+// every launch: between blocks each one waits in `fiber_main`'s loop, its kernel frame gone.
 struct Fiber {
-    ucontext_t ctx;
+    std::vector<char> stack;
+    ucontext_t start;  // used once, to enter fiber_main on `stack`
+    jmp_buf resume;    // where it stopped: a barrier, or the end of its kernel
+    bool started = false;
+    bool done = false;
     dim3 tid;
-    bool done;
 };
-static ucontext_t scheduler;
-static std::vector<Fiber> fibers;
-static std::vector<std::vector<char>> stacks;
-static std::size_t current = 0;
-static void (*kernel_body)(void**) = nullptr;
-static void** kernel_params = nullptr;
+// unique_ptr: a ucontext_t points into itself and must not move when the pool grows.
+static thread_local std::vector<std::unique_ptr<Fiber>> fibers;
+static thread_local jmp_buf scheduler;
+static thread_local std::size_t current = 0;
+static thread_local void (*kernel_body)(void**) = nullptr;
+static thread_local void** kernel_params = nullptr;
 constexpr std::size_t STACK_BYTES = 256 * 1024;
 
-void sync_threads() {
-    // Back to the scheduler; it resumes this fiber in the next round.
-    swapcontext(&fibers[current].ctx, &scheduler);
+// Stops the running fiber where it is and goes back to the scheduler, which resumes it next round.
+static void park() {
+    if (_setjmp(fibers[current]->resume) == 0) _longjmp(scheduler, 1);
 }
+
+void sync_threads() { park(); }
 void* dynamic_shared() { return shared_bytes.data(); }
 
-static void fiber_main() {
-    kernel_body(kernel_params);
-    fibers[current].done = true;
-    // Returning switches to uc_link, the scheduler.
+[[noreturn]] static void fiber_main() {
+    for (;;) {
+        kernel_body(kernel_params);
+        fibers[current]->done = true;
+        park();
+    }
+}
+
+// Runs fiber t until it parks.
+static void resume(std::size_t t) {
+    current = t;
+    Fiber& f = *fibers[t];
+    thread_idx = f.tid;
+    if (_setjmp(scheduler) != 0) return;
+    if (f.started) _longjmp(f.resume, 1);
+    f.started = true;
+    setcontext(&f.start);
 }
 
 static void run_block(unsigned threads) {
-    fibers.resize(threads);
-    while (stacks.size() < threads) stacks.emplace_back(STACK_BYTES);
+    while (fibers.size() < threads) {
+        auto f = std::make_unique<Fiber>();
+        f->stack.resize(STACK_BYTES);
+        getcontext(&f->start);
+        f->start.uc_stack.ss_sp = f->stack.data();
+        f->start.uc_stack.ss_size = STACK_BYTES;
+        f->start.uc_link = nullptr;  // fiber_main never returns
+        makecontext(&f->start, fiber_main, 0);
+        fibers.push_back(std::move(f));
+    }
     for (unsigned t = 0; t < threads; ++t) {
-        Fiber& f = fibers[t];
-        f.done = false;
-        f.tid = dim3{t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stacks[t].data();
-        f.ctx.uc_stack.ss_size = STACK_BYTES;
-        f.ctx.uc_link = &scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        fibers[t]->done = false;
+        fibers[t]->tid =
+            dim3{t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
     }
     for (bool live = true; live;) {
         live = false;
         for (unsigned t = 0; t < threads; ++t) {
-            if (fibers[t].done) continue;
-            current = t;
-            thread_idx = fibers[t].tid;
-            swapcontext(&scheduler, &fibers[t].ctx);
-            live = live || !fibers[t].done;
+            if (fibers[t]->done) continue;
+            resume(t);
+            live = live || !fibers[t]->done;
         }
     }
 }
@@ -106,8 +137,6 @@ extern "C" int lx_emu_launch(const char* name, const unsigned grid[3], const uns
     if (!entry) return 1;
     const unsigned threads = block[0] * block[1] * block[2];
     if (threads == 0 || threads > 1024) return 2;
-    static std::mutex one_launch;
-    std::lock_guard<std::mutex> lock(one_launch);
     lx_emu::grid_dim = dim3{grid[0], grid[1], grid[2]};
     lx_emu::block_dim = dim3{block[0], block[1], block[2]};
     lx_emu::kernel_body = entry->invoke;

@@ -1,7 +1,8 @@
 // The CUDA vocabulary the kernels use, for running them on the CPU (kernels/emulate/launch.cpp).
 // A launch runs its blocks one after another; the threads of a block are fibers that yield at
-// __syncthreads. `__shared__` becomes `static`: one copy, used by one block at a time. Good for
-// checking kernel logic on small inputs, never for speed.
+// __syncthreads. `__shared__` becomes `static thread_local`: one copy per OS thread, used by one
+// block at a time (launches on different OS threads run side by side). Good for checking kernel
+// logic, never for speed.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -12,7 +13,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static
+#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
@@ -22,8 +23,8 @@ struct dim3 {
 namespace lx_emu {
 extern thread_local dim3 thread_idx;
 extern thread_local dim3 block_idx;
-extern dim3 block_dim;
-extern dim3 grid_dim;
+extern thread_local dim3 block_dim;
+extern thread_local dim3 grid_dim;
 void sync_threads();
 void* dynamic_shared();
 }  // namespace lx_emu

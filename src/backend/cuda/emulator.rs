@@ -1,7 +1,8 @@
 //! The CPU emulator as a [`Device`]: memory is host memory, launches run the kernels compiled
-//! for the host by build.rs (kernels/emulate/launch.cpp). Slow by design (one OS thread per
-//! device thread); it exists so that every kernel and the host code around it are checked
-//! against the CPU reference on machines without a GPU.
+//! for the host by build.rs (kernels/emulate/launch.cpp): the blocks of a launch one after
+//! another, the threads of a block as fibers on the calling thread (launches from different
+//! threads run side by side). Slow next to a GPU; it exists so that every kernel and the host code
+//! around it are checked against the CPU reference on machines without a GPU.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CString};
@@ -37,6 +38,21 @@ pub fn kernel_names() -> Vec<String> {
                 .into_owned(),
         );
     }
+}
+
+/// Whether this CPU can run the emulator as built: where the build machine had FMA, the kernels
+/// were compiled with FMA instructions (build.rs), and a binary moved to a CPU without them would
+/// die of an illegal instruction in the first launch instead of saying so.
+pub fn check_cpu() -> Result<()> {
+    #[cfg(all(loraxfer_emulator_fma, target_arch = "x86_64"))]
+    if !std::arch::is_x86_feature_detected!("fma") {
+        return Err(Error::Unavailable(
+            "this build's kernel emulator uses FMA instructions, which this CPU lacks (rebuild \
+             here to get one without them)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// One allocation: u64-aligned host memory, and the bytes asked for (the bounds of every access).

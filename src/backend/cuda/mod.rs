@@ -58,6 +58,7 @@ pub fn emulator_backend_with_block(small_block: u32) -> Result<CudaBackend> {
     {
         // Small pieces: the test models' few matrices of a shape still go through the pipeline
         // in several pieces.
+        emulator::check_cpu()?;
         Ok(CudaBackend::new(
             Gpu(Arc::new(emulator::Emulator::new())),
             small_block,
@@ -77,6 +78,7 @@ pub fn emulator_backend_with_block(small_block: u32) -> Result<CudaBackend> {
 pub fn emulator_backend_with_memory(bytes: usize) -> Result<CudaBackend> {
     #[cfg(loraxfer_kernel_emulator)]
     {
+        emulator::check_cpu()?;
         Ok(CudaBackend::new(
             Gpu(Arc::new(emulator::Emulator::with_capacity(bytes))),
             32,
