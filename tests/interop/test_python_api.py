@@ -6,6 +6,7 @@ written; the GIL released while the engine runs."""
 import _thread
 import inspect as pyinspect
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -200,9 +201,12 @@ def test_ctrl_c_stops_the_job_and_writes_nothing(wide_pair, tmp_path):
     within the 100 ms the waiting thread polls, leaving no output and no staging directory. The
     interrupt comes from another thread 10 ms after the first module is done, so that it lands
     mid-job however fast or slow the machine (a fixed delay from the call's start lost the race
-    on a busy machine)."""
+    on a busy machine). Python's own SIGINT handler is installed for the test: started from a
+    background job of a non-interactive shell, the process inherits SIGINT ignored, Python then
+    installs no handler, and an interrupt does nothing."""
     source, target, adapter = wide_pair
     sent, seen = [], []
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupt():
         sent.append(time.monotonic())
@@ -222,6 +226,7 @@ def test_ctrl_c_stops_the_job_and_writes_nothing(wide_pair, tmp_path):
             pytest.fail(f"the transfer ran to its end: interrupt sent at {sent}, steps {seen}")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     # The engine stops at the next unit; the units still computing finish first.
     assert sent and time.monotonic() - sent[0] < 1.0, (sent, seen)
     assert seen[-1][1] < seen[-1][2], seen
