@@ -38,13 +38,11 @@ static thread_local std::vector<unsigned char> shared_bytes;
 // every launch: between blocks each one waits in `fiber_main`'s loop, its kernel frame gone.
 struct Fiber {
     std::vector<char> stack;
-    ucontext_t start;  // used once, to enter fiber_main on `stack`
-    jmp_buf resume;    // where it stopped: a barrier, or the end of its kernel
-    bool started = false;
+    jmp_buf resume;  // where it stopped: a barrier, or the top of fiber_main's loop
     bool done = false;
     dim3 tid;
 };
-// unique_ptr: a ucontext_t points into itself and must not move when the pool grows.
+// unique_ptr: a parked fiber's jmp_buf stays where it was saved when the pool grows.
 static thread_local std::vector<std::unique_ptr<Fiber>> fibers;
 static thread_local jmp_buf scheduler;
 static thread_local std::size_t current = 0;
@@ -62,34 +60,37 @@ void* dynamic_shared() { return shared_bytes.data(); }
 
 [[noreturn]] static void fiber_main() {
     for (;;) {
+        park();  // until the scheduler gives this fiber a thread of a block
         kernel_body(kernel_params);
         fibers[current]->done = true;
-        park();
     }
+}
+
+// A new fiber on its own stack, entered once (the only use of ucontext) and parked at the top
+// of fiber_main's loop.
+static void add_fiber() {
+    current = fibers.size();
+    fibers.push_back(std::make_unique<Fiber>());
+    Fiber& f = *fibers.back();
+    f.stack.resize(STACK_BYTES);
+    ucontext_t start;
+    getcontext(&start);
+    start.uc_stack.ss_sp = f.stack.data();
+    start.uc_stack.ss_size = STACK_BYTES;
+    start.uc_link = nullptr;  // fiber_main never returns
+    makecontext(&start, fiber_main, 0);
+    if (_setjmp(scheduler) == 0) setcontext(&start);
 }
 
 // Runs fiber t until it parks.
 static void resume(std::size_t t) {
     current = t;
-    Fiber& f = *fibers[t];
-    thread_idx = f.tid;
-    if (_setjmp(scheduler) != 0) return;
-    if (f.started) _longjmp(f.resume, 1);
-    f.started = true;
-    setcontext(&f.start);
+    thread_idx = fibers[t]->tid;
+    if (_setjmp(scheduler) == 0) _longjmp(fibers[t]->resume, 1);
 }
 
 static void run_block(unsigned threads) {
-    while (fibers.size() < threads) {
-        auto f = std::make_unique<Fiber>();
-        f->stack.resize(STACK_BYTES);
-        getcontext(&f->start);
-        f->start.uc_stack.ss_sp = f->stack.data();
-        f->start.uc_stack.ss_size = STACK_BYTES;
-        f->start.uc_link = nullptr;  // fiber_main never returns
-        makecontext(&f->start, fiber_main, 0);
-        fibers.push_back(std::move(f));
-    }
+    while (fibers.size() < threads) add_fiber();
     for (unsigned t = 0; t < threads; ++t) {
         fibers[t]->done = false;
         fibers[t]->tid =
