@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
-/// One step of a stage: `done` of `total` units (module pairs) finished.
+/// One step of a stage: `done` of `total` units finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Step<'a> {
-    /// The stage: `transfer` or `inspect`.
+    /// The stage: `transfer` or `inspect` (units: module pairs); in map mode, before the
+    /// transfer, `depth` (units: the layers of both models whose signatures the depth map
+    /// compares, when depths differ) and `map` (units: target layers).
     pub stage: &'a str,
     pub done: u64,
     pub total: u64,
@@ -66,14 +68,15 @@ impl Progress {
         Progress::default()
     }
 
-    /// Starts a stage of `total` units: draws the bar and reports step 0.
-    pub fn start(&self, stage: &'static str, total: u64) -> Tracker {
+    /// Starts a stage of `total` units (`unit` names them on the bar: "modules", "layers"):
+    /// draws the bar and reports step 0.
+    pub fn start(&self, stage: &'static str, unit: &str, total: u64) -> Tracker {
         let bar = if self.bar {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:40}] {pos}/{len} modules, {elapsed} (eta {eta})",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{prefix}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{elapsed}} (eta {{eta}})"
+                ))
                 .expect("valid template")
                 .progress_chars("=> "),
             );
@@ -180,7 +183,7 @@ mod tests {
         };
         assert!(matches!(progress.confirm(), Err(Error::Cancelled)));
         assert!(Progress::bar().confirm().is_ok());
-        let t = progress.start("transfer", 2);
+        let t = progress.start("transfer", "modules", 2);
         assert!(t.check().is_ok());
         t.step();
         t.step();
@@ -210,7 +213,7 @@ mod tests {
             })),
             ..Progress::default()
         };
-        let t = progress.start("inspect", 2000);
+        let t = progress.start("inspect", "modules", 2000);
         (0..2000).into_par_iter().for_each(|_| t.step());
         assert_eq!(*seen.lock().unwrap(), (0..=2000).collect::<Vec<u64>>());
     }

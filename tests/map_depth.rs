@@ -158,3 +158,107 @@ fn the_depth_program_finds_the_kept_layers() {
     let forced = transfer(dir.path(), "out-file", &["--layer-map", s(&file)]);
     assert_eq!(layer_map(&forced), vec![0, 1, 3, 4]);
 }
+
+/// Runs a map transfer of the pair through the library with a progress sink that records every
+/// step and, when `stop_at` is reached, sets the cancel flag (as a raising Python callback or
+/// Ctrl-C does).
+fn map_job(
+    root: &Path,
+    out: &str,
+    stop_at: Option<(&'static str, u64)>,
+) -> (
+    loraxfer::error::Result<loraxfer::transfer::report::Report>,
+    Vec<(String, u64, u64)>,
+) {
+    use loraxfer::progress::{Progress, Step};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (sink_seen, sink_cancel) = (seen.clone(), cancel.clone());
+    let progress = Progress {
+        sink: Some(Arc::new(move |s: Step<'_>| {
+            sink_seen
+                .lock()
+                .unwrap()
+                .push((s.stage.to_string(), s.done, s.total));
+            if stop_at == Some((s.stage, s.done)) {
+                sink_cancel.store(true, Ordering::Relaxed);
+            }
+        })),
+        cancel: Some(cancel),
+        ..Progress::default()
+    };
+    let job = loraxfer::transfer::Job {
+        hub: Default::default(),
+        source_base: root.join("source"),
+        target_base: root.join("target"),
+        adapter: root.join("adapter"),
+        out: root.join(out),
+        options: loraxfer::plan::Options {
+            mode: loraxfer::modes::Mode::Map,
+            rank: 8,
+            oversample: 4,
+            ..Default::default()
+        },
+        layer_map_file: None,
+        device: loraxfer::backend::Device::Cpu,
+        cache_dir: None,
+        force: false,
+        progress,
+    };
+    let report = loraxfer::transfer::run(&job);
+    let seen = seen.lock().unwrap().clone();
+    (report, seen)
+}
+
+/// The steps of one stage, in the order they arrived.
+fn stage(seen: &[(String, u64, u64)], name: &str) -> Vec<(u64, u64)> {
+    seen.iter()
+        .filter(|s| s.0 == name)
+        .map(|s| (s.1, s.2))
+        .collect()
+}
+
+#[test]
+fn the_map_stages_report_progress_and_stop_when_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), 5, &[0, 2, 3, 4], 21);
+    // Depth: the signatures of 5 source and 4 target layers; map: the 4 target layers; then the
+    // 28 modules. Stages arrive in that order, each from 0 to its total.
+    let (report, seen) = map_job(dir.path(), "out", None);
+    report.unwrap();
+    let order: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+    let first = |name: &str| order.iter().position(|s| *s == name).unwrap();
+    assert!(first("depth") < first("map") && first("map") < first("transfer"));
+    assert_eq!(
+        stage(&seen, "depth"),
+        (0..=9).map(|d| (d, 9)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        stage(&seen, "map"),
+        (0..=4).map(|d| (d, 4)).collect::<Vec<_>>()
+    );
+    assert_eq!(stage(&seen, "transfer").last(), Some(&(28, 28)));
+
+    // Cancelled inside each map stage: the job stops at the next layer, before any module,
+    // and writes nothing.
+    for (at, out) in [(("depth", 3), "cancel-depth"), (("map", 1), "cancel-map")] {
+        let (report, seen) = map_job(dir.path(), out, Some(at));
+        assert!(
+            matches!(report, Err(loraxfer::error::Error::Cancelled)),
+            "{at:?}: {report:?}"
+        );
+        assert_eq!(
+            stage(&seen, at.0).last().map(|s| s.0),
+            Some(at.1),
+            "{seen:?}"
+        );
+        assert!(stage(&seen, "transfer").is_empty(), "{seen:?}");
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(out)));
+    }
+}

@@ -10,7 +10,9 @@ the same checks and the same error messages, raised as `LoraxferError` (or one o
 subclasses). Models and adapters are directories, `.gguf` files, or hub names (`org/name`,
 `org/name@revision`) already in the local Hugging Face cache. The engine runs with the GIL
 released; `progress(stage, done, total)`, if given, is called on the calling thread after each
-module, and a callback that raises (or Ctrl-C) stops the job with nothing written.
+unit of a stage (stages: `depth` and `map`, counting layers, in map mode; then `transfer` or
+`inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
+written.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def transfer(
     device: auto, cpu or cuda. cache_dir: keep and reuse base-model SVDs there (the
     LORAXFER_CACHE_DIR environment variable, as on the command line, when None).
     threshold, modules, layer_map, map_*: as the command line's flags of the same names.
-    progress: called as progress(stage, done, total) on this thread after each module.
+    progress: called as progress(stage, done, total) on this thread after each unit: the
+    layers of the map stages `depth` and `map` (map mode), then the modules of `transfer`.
     """
     values = dict(locals())
     callback = values.pop("progress")

@@ -26,6 +26,7 @@ use crate::arch::Part;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::plan::ModelSide;
+use crate::progress::Progress;
 
 /// Sketch width of the signatures.
 const SIGNATURE_SKETCH: usize = 64;
@@ -155,6 +156,7 @@ pub fn by_similarity(
     seed: u64,
     fold: bool,
     backend: &dyn Backend,
+    progress: &Progress,
 ) -> Result<DepthMap> {
     let sketch = Sketch::new(target.ckpt.config.hidden_size, seed, backend);
     let k = SIGNATURE_SKETCH.min(sketch.r.ncols());
@@ -166,13 +168,26 @@ pub fn by_similarity(
         &qr * faer::Scale(residual.width as f32),
         &qr * faer::Scale(residual.scale as f32),
     );
+    // One step per layer signature, source then target: on large models each reads a layer's
+    // weights, so this is the long part, and a cancelled job stops between layers.
+    let bar = progress.start(
+        "depth",
+        "layers",
+        (source.layers() + target.layers()) as u64,
+    );
     let signatures = |side: &ModelSide<'_>, x: (&Mat<f32>, &Mat<f32>)| -> Result<Vec<Signature>> {
         (0..side.layers())
-            .map(|layer| signature(&Side { model: side, layer }, x, fold, backend))
+            .map(|layer| {
+                bar.check()?;
+                let s = signature(&Side { model: side, layer }, x, fold, backend)?;
+                bar.step();
+                Ok(s)
+            })
             .collect()
     };
     let ss = signatures(source, (&source_x.0, &source_x.1))?;
     let st = signatures(target, (&r, &r))?;
+    bar.finish();
     let sim: Vec<Vec<f32>> = st
         .iter()
         .map(|t| ss.iter().map(|s| similarity(s, t)).collect())

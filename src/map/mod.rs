@@ -163,19 +163,27 @@ impl ModelMap {
         options: MapOptions,
         depth: Option<depth::DepthMap>,
         backend: &dyn crate::backend::Backend,
+        progress: &crate::progress::Progress,
     ) -> Result<Self> {
         let residual = Arc::new(residual);
         let sketch = layer::Sketch::new(target.ckpt.config.hidden_size, options.seed, backend);
         let mut start = residual.clone();
         let mut layers = BTreeMap::new();
+        // A step per target layer (on a 3B pair each takes about a second): the bar moves
+        // through what is otherwise a long silence before the first module, and a cancelled
+        // job stops between layers.
+        let bar = progress.start("map", "layers", layer_map.len() as u64);
         for (&j, &i) in layer_map {
+            bar.check()?;
             let layer =
                 with_all_cores(|| LayerMap::build(source, target, i, j, &start, &sketch, options))?;
             if options.residual == ResidualFit::Layers {
                 start = layer.residual.clone();
             }
             layers.insert(j, layer);
+            bar.step();
         }
+        bar.finish();
         let mut times = BTreeMap::new();
         for layer in layers.values() {
             for (step, ms) in &layer.times {

@@ -85,7 +85,7 @@ pub fn run(
         map: None,
     };
     let units: Vec<&plan::Unit> = plan.units().collect();
-    let bar = progress.start("inspect", units.len() as u64);
+    let bar = progress.start("inspect", "modules", units.len() as u64);
     let pairs = units
         .par_iter()
         .map(|u| {

@@ -92,7 +92,7 @@ pub fn run(job: &Job) -> Result<Report> {
                 .any(|u| u.mode == Mode::Map && u.skip.is_none()) =>
         {
             Some(timings.time(Phase::Map, || {
-                model_map(&opened, start, &job.options, backend.as_ref())
+                model_map(&opened, start, job, backend.as_ref())
             })?)
         }
         _ => None,
@@ -164,7 +164,7 @@ pub fn run(job: &Job) -> Result<Report> {
 fn model_map<'a>(
     opened: &'a Opened,
     start: &MapStart,
-    options: &Options,
+    job: &Job,
     backend: &dyn backend::Backend,
 ) -> Result<execute::MapContext<'a>> {
     let source = ModelSide::new(&opened.source)?;
@@ -174,9 +174,10 @@ fn model_map<'a>(
         &target,
         start.residual.clone(),
         &opened.plan.layer_map,
-        map_options(options),
+        map_options(&job.options),
         start.depth.clone(),
         backend,
+        &job.progress,
     )?;
     map.times.extend(start.times.clone());
     Ok(execute::MapContext {
@@ -223,6 +224,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         let start = timings.time(Phase::Map, || -> Result<_> {
             let clock = Instant::now();
             let residual = crate::map::bottom_residual(&s, &t, &map_options)?;
+            job.progress.check()?;
             let mut times = BTreeMap::new();
             times.insert("residual".to_string(), clock.elapsed().as_secs_f64() * 1e3);
             let clock = Instant::now();
@@ -237,6 +239,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
                     map_options.seed,
                     map_options.fold_norms,
                     backend,
+                    &job.progress,
                 )?)
             } else {
                 None
@@ -280,7 +283,7 @@ fn run_units(
     progress: &crate::progress::Progress,
 ) -> Result<Vec<execute::Outcome>> {
     let units: Vec<&plan::Unit> = opened.plan.units().collect();
-    let bar = progress.start("transfer", units.len() as u64);
+    let bar = progress.start("transfer", "modules", units.len() as u64);
     let factors_of = |unit: &plan::Unit| {
         unit.source_module
             .as_ref()
