@@ -6,6 +6,10 @@
 #       cargo build --release && strip target/release/loraxfer
 #   Run (there, in the repository root, with target/release/loraxfer carried):
 #     OUT=/some/dir scripts/gpu-check.sh [--quick]
+#   Rehearse (here, without a GPU: the --quick run with every device step on the kernel emulator
+#   and PyTorch on the CPU, so the script itself, its comparisons and the baseline are exercised
+#   before the GPU window; PYTHON names an interpreter with torch and safetensors):
+#     PYTHON=.venv/bin/python OUT=/some/dir scripts/gpu-check.sh --rehearse
 #
 # Every step runs under `timeout` and a failing step does not stop the others. Default run: step
 # limits summing to about 420 s (typically far less on an H200 with 16 cores; a failing selftest
@@ -30,8 +34,18 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${LORAXFER_BIN:-$root/target/release/loraxfer}"
 OUT="${OUT:-$root/gpu-check-out}"
 TOL="${TOL:-1e-3}"
-quick=0
-[[ ${1:-} == --quick ]] && quick=1
+PY="${PYTHON:-python3}"
+quick=0 rehearse=0
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    --rehearse) quick=1 rehearse=1 ;;
+    *) echo "usage: scripts/gpu-check.sh [--quick | --rehearse]" >&2; exit 2 ;;
+  esac
+done
+# The device the steps run on, PyTorch's, and how much longer than on a GPU each step may take.
+dev=cuda torch_dev=cuda slow=1
+((rehearse)) && dev=emulator torch_dev=cpu slow=8
 layers=$((quick ? 1 : 4))
 mkdir -p "$OUT"
 W="${WORK:-$(mktemp -d)}"
@@ -47,7 +61,7 @@ failed_checks=0  # failed selftests and pass/fail comparisons: the exit status
 
 # step SECONDS LOG CMD...: runs CMD under timeout into LOG; sets $rc and $secs.
 step() {
-  local limit=$1 log=$2; shift 2
+  local limit=$(($1 * slow)) log=$2; shift 2
   local t0; t0=$(date +%s%N)
   timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
   secs=$(awk -v n="$(( $(date +%s%N) - t0 ))" 'BEGIN { printf "%.1f", n / 1e9 }')
@@ -61,15 +75,15 @@ note "info ($(status), ${secs}s)" "$(grep -E '^gpu 0|cuda driver' "$OUT/info.txt
 note "first kernel" "$(grep '^first kernel' "$OUT/info.txt" | sed 's/^first kernel on the gpu: //')"
 note "memory" "$(grep -E '^device memory|^weight uploads' "$OUT/info.txt" | tr '\n' ';')"
 
-st_args=(selftest --device cuda); ((quick)) && st_args+=(--quick)
+st_args=(selftest --device "$dev"); ((quick)) && st_args+=(--quick)
 step 65 "$OUT/selftest.txt" "$BIN" "${st_args[@]}"
 note "selftest ($(status), ${secs}s)" "$(grep '^selftest:' "$OUT/selftest.txt" | tail -1)"
 if [[ $rc != 0 ]]; then
   failed_checks=$((failed_checks + 1))
   grep -E 'MISMATCH|failed:' "$OUT/selftest.txt" | head -5 | while read -r line; do note "  mismatch" "$line"; done
-  step 45 "$L/selftest-blocking.txt" env CUDA_LAUNCH_BLOCKING=1 "$BIN" selftest --device cuda --quick
+  step 45 "$L/selftest-blocking.txt" env CUDA_LAUNCH_BLOCKING=1 "$BIN" selftest --device "$dev" --quick
   note "  rerun CUDA_LAUNCH_BLOCKING=1 ($(status))" "$(grep -E 'MISMATCH|failed:|^Error|error:' "$L/selftest-blocking.txt" | head -1)"
-  step 45 "$L/selftest-no-tc.txt" env LORAXFER_NO_TENSOR_CORES=1 "$BIN" selftest --device cuda --quick
+  step 45 "$L/selftest-no-tc.txt" env LORAXFER_NO_TENSOR_CORES=1 "$BIN" selftest --device "$dev" --quick
   note "  rerun LORAXFER_NO_TENSOR_CORES=1 ($(status))" "$(grep '^selftest:' "$L/selftest-no-tc.txt" | tail -1)"
 fi
 
@@ -109,14 +123,14 @@ transfer() {
 }
 torch_baseline() {
   local name=$1 rank=$2 q=$3 limit=$4
-  step "$limit" "$L/torch-$name.txt" python3 "$root/bench/torch_transfer.py" --source-base "$W/src" \
-    --target-base "$W/tgt" --adapter "$W/ad" --out "$W/torch-$name" --device cuda --mode align \
+  step "$limit" "$L/torch-$name.txt" "$PY" "$root/bench/torch_transfer.py" --source-base "$W/src" \
+    --target-base "$W/tgt" --adapter "$W/ad" --out "$W/torch-$name" --device "$torch_dev" --mode align \
     --rank "$rank" --power-iters "$q" --force
-  note "torch baseline $name, cuda ($(status))" "${secs}s wall"
+  note "torch baseline $name, $torch_dev ($(status))" "${secs}s wall"
 }
 compare() {
   local a=$1 b=$2 tol=$3 what=$4
-  python3 "$W/compare.py" "$W/$a" "$W/$b" "$tol" >"$L/compare-$a-$b.txt" 2>&1; local r=$?
+  "$PY" "$W/compare.py" "$W/$a" "$W/$b" "$tol" >"$L/compare-$a-$b.txt" 2>&1; local r=$?
   local verdict="informative"
   if [[ $what == pass/fail ]]; then
     verdict=PASS
@@ -126,20 +140,20 @@ compare() {
   note "$a vs $b: $verdict" "$(if grep -q '^worst' "$L/compare-$a-$b.txt"; then head -1 "$L/compare-$a-$b.txt"; else tail -1 "$L/compare-$a-$b.txt"; fi)"
 }
 transfer k16-cpu cpu 16 12 25
-transfer k16-cuda cuda 16 12 15
-transfer k16-cuda-no-tc cuda 16 12 15 LORAXFER_NO_TENSOR_CORES=1
+transfer k16-cuda "$dev" 16 12 15
+transfer k16-cuda-no-tc "$dev" 16 12 15 LORAXFER_NO_TENSOR_CORES=1
 compare transfer-k16-cpu transfer-k16-cuda "$TOL" pass/fail
 compare transfer-k16-cpu transfer-k16-cuda-no-tc "$TOL" pass/fail
 torch_baseline k16 16 12 30
 compare transfer-k16-cuda torch-k16 "$TOL" informative
 if ((!quick)); then
   transfer k256-cpu cpu 256 2 50
-  transfer k256-cuda cuda 256 2 15
+  transfer k256-cuda "$dev" 256 2 15
   compare transfer-k256-cpu transfer-k256-cuda 1 informative
   torch_baseline k256 256 2 30
 fi
 
-if command -v compute-sanitizer >/dev/null; then
+if ((!rehearse)) && command -v compute-sanitizer >/dev/null; then
   tools=(synccheck racecheck); ((quick)) && tools=(synccheck)  # racecheck is the slow one
   for tool in "${tools[@]}"; do
     step 25 "$L/sanitizer-$tool.txt" compute-sanitizer --tool "$tool" "$BIN" selftest --device cuda --quick

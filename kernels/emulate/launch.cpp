@@ -33,6 +33,7 @@ thread_local dim3 block_idx;
 thread_local dim3 block_dim;
 thread_local dim3 grid_dim;
 static thread_local std::vector<unsigned char> shared_bytes;
+static thread_local const char* first_fault = nullptr;
 
 // A device thread. Fibers live as long as their OS thread and are reused by every block and
 // every launch: between blocks each one waits in `fiber_main`'s loop, its kernel frame gone.
@@ -57,6 +58,9 @@ static void park() {
 
 void sync_threads() { park(); }
 void* dynamic_shared() { return shared_bytes.data(); }
+void fault(const char* what) {
+    if (!first_fault) first_fault = what;
+}
 
 [[noreturn]] static void fiber_main() {
     for (;;) {
@@ -130,6 +134,14 @@ const Entry table[] = {LX_KERNELS(LX_ENTRY)};
 
 }  // namespace
 
+// The launch limits of compute capability 9.0 that cuLaunchKernel enforces (CUDA C++
+// Programming Guide, "Technical Specifications per Compute Capability"): the emulator refuses
+// what the GPU would refuse, so a launcher that exceeds one fails under test first.
+constexpr unsigned MAX_THREADS = 1024, MAX_BLOCK_Z = 64, MAX_GRID_YZ = 65535;
+constexpr unsigned MAX_DYNAMIC_SHARED = 48 * 1024;  // without cuFuncSetAttribute, which we never call
+
+// 0: ran; 1: no such kernel; 2: a launch limit exceeded (nothing ran); 3: the kernel broke a
+// hardware rule (lx_emu_fault_message says which).
 extern "C" int lx_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3],
                              unsigned shared, void** params) {
     const Entry* entry = nullptr;
@@ -137,7 +149,11 @@ extern "C" int lx_emu_launch(const char* name, const unsigned grid[3], const uns
         if (std::strcmp(e.name, name) == 0) entry = &e;
     if (!entry) return 1;
     const unsigned threads = block[0] * block[1] * block[2];
-    if (threads == 0 || threads > 1024) return 2;
+    if (threads == 0 || threads > MAX_THREADS || block[2] > MAX_BLOCK_Z) return 2;
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[1] > MAX_GRID_YZ ||
+        grid[2] > MAX_GRID_YZ || shared > MAX_DYNAMIC_SHARED)
+        return 2;
+    lx_emu::first_fault = nullptr;
     lx_emu::grid_dim = dim3{grid[0], grid[1], grid[2]};
     lx_emu::block_dim = dim3{block[0], block[1], block[2]};
     lx_emu::kernel_body = entry->invoke;
@@ -148,8 +164,28 @@ extern "C" int lx_emu_launch(const char* name, const unsigned grid[3], const uns
                 lx_emu::shared_bytes.assign(shared, 0);
                 lx_emu::block_idx = dim3{x, y, z};
                 lx_emu::run_block(threads);
+                if (lx_emu::first_fault) return 3;
             }
     return 0;
+}
+
+// The rule the last launch on this OS thread broke (return 3), or null.
+extern "C" const char* lx_emu_fault_message() { return lx_emu::first_fault; }
+
+// For the host's test of the WMMA rules: loads a tf32 fragment `offset` floats into a 256-bit
+// aligned buffer with row stride `ldm`, then stores it back, and says whether a rule was broken.
+extern "C" int lx_emu_wmma_rule_probe(unsigned offset, unsigned ldm) {
+    namespace wmma = nvcuda::wmma;
+    alignas(32) static thread_local float buf[16 * 64 + 64];
+    lx_emu::first_fault = nullptr;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> f;
+    wmma::load_matrix_sync(f, buf + offset, ldm);
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::store_matrix_sync(buf + offset, acc, ldm, wmma::mem_row_major);
+    const bool broken = lx_emu::first_fault != nullptr;
+    lx_emu::first_fault = nullptr;
+    return broken;
 }
 
 // The names this build can launch, for the host's consistency test.

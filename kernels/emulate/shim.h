@@ -27,6 +27,9 @@ extern thread_local dim3 block_dim;
 extern thread_local dim3 grid_dim;
 void sync_threads();
 void* dynamic_shared();
+// Records the first broken hardware rule of the running launch (a message with static storage);
+// the launch then fails with it instead of computing what the GPU would refuse or get wrong.
+void fault(const char* what);
 }  // namespace lx_emu
 
 #define threadIdx (lx_emu::thread_idx)
@@ -150,14 +153,26 @@ inline void fill_fragment(F& f, float v) {
     for (int i = 0; i < F::num_elements; ++i) f.x[i] = v;
 }
 
+// What the hardware requires of every fragment load and store (CUDA C++ Programming Guide,
+// "Warp Matrix Functions"): a 256-bit aligned pointer and, for 32-bit elements, a row stride that
+// is a multiple of 4 elements. The GPU gives wrong tiles or a misaligned-address fault otherwise;
+// here it is a failed launch.
+inline void check_fragment_pointer(const float* p, unsigned ldm) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+        lx_emu::fault("wmma load/store_matrix_sync: pointer not 256-bit aligned");
+    if (ldm % 4 != 0) lx_emu::fault("wmma load/store_matrix_sync: ldm not a multiple of 4 floats");
+}
+
 template <class F>
 inline void load_matrix_sync(F& f, const float* p, unsigned ldm) {
+    check_fragment_pointer(p, ldm);
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[(size_t)r * ldm + c];
 }
 
 template <class F>
 inline void store_matrix_sync(float* p, const F& f, unsigned ldm, layout_t) {
+    check_fragment_pointer(p, ldm);
     for (int r = 0; r < F::rows; ++r)
         for (int c = 0; c < F::cols; ++c) p[(size_t)r * ldm + c] = f.x[r * F::cols + c];
 }

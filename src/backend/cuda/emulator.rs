@@ -21,6 +21,9 @@ extern "C" {
         params: *mut *mut c_void,
     ) -> i32;
     fn lx_emu_kernel_name(i: u32) -> *const c_char;
+    fn lx_emu_fault_message() -> *const c_char;
+    #[cfg(test)]
+    fn lx_emu_wmma_rule_probe(offset: u32, ldm: u32) -> i32;
 }
 
 /// The names in the emulator's launch table (built from kernels/api.h).
@@ -236,10 +239,24 @@ impl Device for Emulator {
             1 => Err(Error::Internal(format!(
                 "emulator: no kernel named {kernel}"
             ))),
-            _ => Err(Error::Internal(format!(
-                "emulator: bad block size {:?} for {kernel}",
-                shape.block
+            2 => Err(Error::Internal(format!(
+                "emulator: launch of {kernel} exceeds a limit of compute capability 9.0 \
+                 (grid {:?}, block {:?}, {} bytes of dynamic shared memory)",
+                shape.grid, shape.block, shape.shared_bytes
             ))),
+            _ => {
+                // SAFETY: a static NUL-terminated string (or null), set by this thread's launch.
+                let p = unsafe { lx_emu_fault_message() };
+                let what = if p.is_null() {
+                    "unknown fault".into()
+                } else {
+                    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy()
+                };
+                Err(Error::Internal(format!(
+                    "emulator: {kernel} (grid {:?}, block {:?}) broke a hardware rule: {what}",
+                    shape.grid, shape.block
+                )))
+            }
         }
     }
 
@@ -309,6 +326,40 @@ mod tests {
         assert!(err.contains("argument 2") && err.contains("count"), "{err}");
         let err = internal(emu.launch("no_such_kernel", shape, &good));
         assert!(err.contains("no_such_kernel"), "{err}");
+    }
+
+    /// What a GPU refuses, the emulator refuses: launches beyond compute capability 9.0's
+    /// limits, and WMMA fragment pointers that are not 256-bit aligned or whose row stride is
+    /// not a multiple of 4 floats (the tensor-core kernels keep both; this checks the check).
+    #[test]
+    fn hardware_rules_are_enforced() {
+        let emu = Emulator::new();
+        let (out, p) = (emu.alloc(4).unwrap(), emu.alloc(16).unwrap());
+        let args = [Arg::Ptr(out), Arg::Ptr(p), Arg::I64(4), Arg::F64(1.0)];
+        for (grid, block) in [
+            ([1, 65536, 1], [32, 1, 1]),
+            ([1, 1, 65536], [32, 1, 1]),
+            ([1, 1, 1], [2048, 1, 1]),
+            ([1, 1, 1], [1, 1, 128]),
+            ([0, 1, 1], [32, 1, 1]),
+        ] {
+            let err = internal(emu.launch("sum_squares", LaunchShape::new(grid, block), &args));
+            assert!(err.contains("exceeds a limit"), "{grid:?} {block:?}: {err}");
+        }
+        let mut shared = LaunchShape::new([1, 1, 1], [32, 1, 1]);
+        shared.shared_bytes = 48 * 1024 + 4;
+        assert!(internal(emu.launch("sum_squares", shared, &args)).contains("dynamic shared"));
+        emu.launch(
+            "sum_squares",
+            LaunchShape::new([1, 1, 1], [1024, 1, 1]),
+            &args,
+        )
+        .unwrap();
+        // SAFETY: the probe touches only its own buffer, which offset + 16 rows of ldm fit.
+        let probe = |offset, ldm| unsafe { lx_emu_wmma_rule_probe(offset, ldm) } != 0;
+        assert!(!probe(0, 20) && !probe(8, 68) && !probe(16, 64));
+        assert!(probe(1, 20) && probe(4, 20), "misaligned pointers");
+        assert!(probe(0, 18) && probe(0, 66), "strides not a multiple of 4");
     }
 
     /// Copies and pointer arguments outside the live allocations are errors, not corruption.
