@@ -114,7 +114,8 @@ pub struct ModelMap {
     pub residual: Arc<ResidualMap>,
     pub layers: BTreeMap<usize, LayerMap>,
     pub options: MapOptions,
-    /// The depth map chosen by similarity, when the depths differ and it was asked for.
+    /// The depth map chosen by similarity, when the depths differ and it was asked for (built
+    /// before the plan, which it decides; the caller sets it here for the report).
     pub depth: Option<depth::DepthMap>,
     /// Milliseconds per step of building the map (summed over layers).
     pub times: BTreeMap<String, f64>,
@@ -161,7 +162,6 @@ impl ModelMap {
         residual: ResidualMap,
         layer_map: &BTreeMap<usize, usize>,
         options: MapOptions,
-        depth: Option<depth::DepthMap>,
         backend: &dyn crate::backend::Backend,
         progress: &crate::progress::Progress,
     ) -> Result<Self> {
@@ -194,7 +194,7 @@ impl ModelMap {
             residual,
             layers,
             options,
-            depth,
+            depth: None,
             times,
         })
     }

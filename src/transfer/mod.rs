@@ -175,10 +175,10 @@ fn model_map<'a>(
         start.residual.clone(),
         &opened.plan.layer_map,
         map_options(&job.options),
-        start.depth.clone(),
         backend,
         &job.progress,
     )?;
+    map.depth = start.depth.clone();
     map.times.extend(start.times.clone());
     Ok(execute::MapContext {
         map,
