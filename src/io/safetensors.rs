@@ -347,46 +347,55 @@ pub fn first_non_finite(bytes: &[u8], ty: FloatType) -> Option<usize> {
     }
 }
 
-/// Decodes little-endian bf16/f16/f32 bytes (any alignment) to f32. Aligned input (the usual
-/// case: safetensors data starts 8-byte aligned in a page-aligned map) is reinterpreted in place,
-/// which lets the compiler vectorize the conversion; misaligned input goes byte by byte.
+/// Decodes little-endian bf16/f16/f32 bytes (any alignment) to f32.
 pub fn decode_f32(bytes: &[u8], ty: FloatType) -> Vec<f32> {
+    let n = bytes.len() / ty.size();
+    let mut out = vec![0f32; n];
+    decode_into(&bytes[..n * ty.size()], ty, &mut out);
+    out
+}
+
+/// Decodes little-endian bf16/f16/f32 bytes (any alignment) into `out`, which holds exactly
+/// `bytes.len() / ty.size()` values. Aligned input (the usual case: safetensors data starts
+/// 8-byte aligned in a page-aligned map) is reinterpreted in place, which lets the compiler
+/// vectorize the conversion; misaligned input goes byte by byte.
+pub fn decode_into(bytes: &[u8], ty: FloatType, out: &mut [f32]) {
+    assert_eq!(bytes.len(), out.len() * ty.size(), "decode_into: sizes");
     #[cfg(target_endian = "little")]
     match ty {
         FloatType::F32 => {
             if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
-                return v.to_vec();
+                out.copy_from_slice(v);
+                return;
             }
         }
         FloatType::Bf16 => {
             if let Ok(v) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
-                return v
-                    .iter()
-                    .map(|&x| f32::from_bits((x as u32) << 16))
-                    .collect();
+                for (o, &x) in out.iter_mut().zip(v) {
+                    *o = f32::from_bits((x as u32) << 16);
+                }
+                return;
             }
         }
         FloatType::F16 => {
             if let Ok(v) = bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
-                let mut out = vec![0f32; v.len()];
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(v, &mut out);
-                return out;
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(v, out);
+                return;
             }
         }
     }
+    let values = bytes.chunks_exact(ty.size());
     match ty {
-        FloatType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        FloatType::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-            .collect(),
-        FloatType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+        FloatType::F32 => out
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        FloatType::Bf16 => out.iter_mut().zip(values).for_each(|(o, c)| {
+            *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
+        }),
+        FloatType::F16 => out.iter_mut().zip(values).for_each(|(o, c)| {
+            *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()
+        }),
     }
 }
 

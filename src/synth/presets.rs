@@ -1,8 +1,9 @@
 //! The model shapes `synth` can produce, and the `config.json` Hugging Face would write for each.
 //!
-//! The four real presets copy the published shapes of Qwen2.5-0.5B/1.5B and Llama-3.2-1B/3B, so
-//! that transfers between synthetic models exercise the same matrix sizes, GQA ratios, biases and
-//! tied embeddings as the real checkpoints. The two tiny presets keep the same structure at a
+//! The real presets copy the published shapes of Qwen2.5-0.5B/1.5B, Llama-3.2-1B/3B and
+//! Llama-3.1-8B/70B, so that transfers between synthetic models exercise the same matrix sizes,
+//! GQA ratios, biases and (un)tied embeddings as the real checkpoints (the large ones with
+//! `--layers`, to measure time and memory at their widths). The two tiny presets keep the same structure at a
 //! size that unit tests and CI can generate in milliseconds.
 
 use serde_json::{json, Map, Value};
@@ -24,6 +25,12 @@ pub enum Preset {
     /// Llama-3.2-3B: 28 layers, hidden 3072, 24/8 heads, tied embeddings.
     #[value(name = "llama-3.2-3b")]
     Llama32_3b,
+    /// Llama-3.1-8B: 32 layers, hidden 4096, MLP 14336, 32/8 heads, untied embeddings.
+    #[value(name = "llama-3.1-8b")]
+    Llama31_8b,
+    /// Llama-3.1-70B: 80 layers, hidden 8192, MLP 28672, 64/8 heads, untied embeddings.
+    #[value(name = "llama-3.1-70b")]
+    Llama31_70b,
     /// A 4-layer Qwen2 (hidden 64) for tests.
     #[value(name = "tiny-qwen2")]
     TinyQwen2,
@@ -59,17 +66,20 @@ pub struct Shape {
     pub rms_norm_eps: f64,
     pub bos: u64,
     pub eos: u64,
-    /// Llama 3.2's `rope_scaling` (`rope_type: llama3`, factor 32) as in the real configs.
-    pub llama3_rope: bool,
+    /// The factor of Llama 3's `rope_scaling` (`rope_type: llama3`: 8 in 3.1, 32 in 3.2), as in
+    /// the real configs.
+    pub llama3_rope: Option<f64>,
 }
 
 impl Preset {
     /// Every preset, in `--help` order.
-    pub const ALL: [Preset; 6] = [
+    pub const ALL: [Preset; 8] = [
         Preset::Qwen25_05b,
         Preset::Qwen25_15b,
         Preset::Llama32_1b,
         Preset::Llama32_3b,
+        Preset::Llama31_8b,
+        Preset::Llama31_70b,
         Preset::TinyQwen2,
         Preset::TinyLlama,
     ];
@@ -82,6 +92,8 @@ impl Preset {
             Preset::Qwen25_15b => "qwen2.5-1.5b",
             Preset::Llama32_1b => "llama-3.2-1b",
             Preset::Llama32_3b => "llama-3.2-3b",
+            Preset::Llama31_8b => "llama-3.1-8b",
+            Preset::Llama31_70b => "llama-3.1-70b",
             Preset::TinyQwen2 => "tiny-qwen2",
             Preset::TinyLlama => "tiny-llama",
         }
@@ -105,7 +117,7 @@ impl Preset {
             rms_norm_eps: 1e-6,
             bos: 151_643,
             eos: 151_643,
-            llama3_rope: false,
+            llama3_rope: None,
         };
         let llama = |hidden, intermediate, layers, heads, kv_heads, head_dim| Shape {
             family: Family::Llama,
@@ -123,7 +135,14 @@ impl Preset {
             rms_norm_eps: 1e-5,
             bos: 128_000,
             eos: 128_001,
-            llama3_rope: true,
+            llama3_rope: Some(32.0),
+        };
+        // Llama 3.1: untied, its own end-of-text id and rope factor.
+        let llama31 = |s: Shape| Shape {
+            tied: false,
+            eos: 128_009,
+            llama3_rope: Some(8.0),
+            ..s
         };
         // Tiny models: a 256-token vocabulary, so the special ids must be small too.
         let tiny = |s: Shape| Shape {
@@ -131,7 +150,7 @@ impl Preset {
             max_position: 2048,
             bos: 1,
             eos: 2,
-            llama3_rope: false,
+            llama3_rope: None,
             ..s
         };
         match self {
@@ -139,6 +158,8 @@ impl Preset {
             Preset::Qwen25_15b => qwen(1536, 8960, 28, 12, 2, 128),
             Preset::Llama32_1b => llama(2048, 8192, 16, 32, 8, 64),
             Preset::Llama32_3b => llama(3072, 8192, 28, 24, 8, 128),
+            Preset::Llama31_8b => llama31(llama(4096, 14336, 32, 32, 8, 128)),
+            Preset::Llama31_70b => llama31(llama(8192, 28672, 80, 64, 8, 128)),
             Preset::TinyQwen2 => tiny(qwen(64, 176, 4, 4, 2, 16)),
             Preset::TinyLlama => tiny(llama(96, 256, 6, 6, 2, 16)),
         }
@@ -187,9 +208,9 @@ impl Shape {
                 set("attention_bias", json!(self.qkv_bias));
                 set("mlp_bias", json!(false));
                 set("pretraining_tp", json!(1));
-                let scaling = if self.llama3_rope {
+                let scaling = if let Some(factor) = self.llama3_rope {
                     json!({
-                        "factor": 32.0,
+                        "factor": factor,
                         "high_freq_factor": 4.0,
                         "low_freq_factor": 1.0,
                         "original_max_position_embeddings": 8192,

@@ -131,6 +131,28 @@ fn real_preset_configs_parse_with_published_shapes() {
             128,
             128_256,
         ),
+        (
+            Preset::Llama31_8b,
+            "llama",
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            128,
+            128_256,
+        ),
+        (
+            Preset::Llama31_70b,
+            "llama",
+            8192,
+            28672,
+            80,
+            64,
+            8,
+            128,
+            128_256,
+        ),
         (Preset::TinyLlama, "llama", 96, 256, 6, 6, 2, 16, 256),
     ];
     for (preset, ty, h, f, l, heads, kv, hd, vocab) in expected {
@@ -147,11 +169,20 @@ fn real_preset_configs_parse_with_published_shapes() {
             (heads, kv, hd)
         );
         assert_eq!(c.raw["vocab_size"], vocab);
-        assert_eq!(c.raw["tie_word_embeddings"], true);
+        // Llama 3.1 has its own output embedding (lm_head) and rope factor 8.
+        let v31 = matches!(preset, Preset::Llama31_8b | Preset::Llama31_70b);
+        assert_eq!(c.raw["tie_word_embeddings"], !v31);
+        if ty == "llama" && vocab > 256 {
+            let factor = if v31 { 8.0 } else { 32.0 };
+            assert_eq!(c.raw["rope_scaling"]["factor"], factor);
+        }
         assert!(c.raw["bos_token_id"].as_u64().unwrap() < vocab as u64);
+        assert!(c.raw["eos_token_id"].as_u64().unwrap() < vocab as u64);
         assert_eq!(shape.qkv_bias, ty == "qwen2");
         let names = model_tensors(&shape, 2, FloatType::Bf16);
-        assert_eq!(names.len(), 2 + 2 * if shape.qkv_bias { 12 } else { 9 });
+        let per_layer = if shape.qkv_bias { 12 } else { 9 };
+        assert_eq!(names.len(), 2 + 2 * per_layer + usize::from(v31));
+        assert_eq!(names.iter().any(|t| t.name == "lm_head.weight"), v31);
     }
     // Value names on the command line.
     use clap::ValueEnum;

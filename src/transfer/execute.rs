@@ -1,6 +1,7 @@
 //! Runs one unit of the plan: reads the two weights from the map (one at a time), decomposes
 //! them, measures their similarity and computes the target factors. Units run in parallel
-//! (rayon); each holds at most one f32 weight at a time, so memory is bounded by the thread count.
+//! (rayon); each decomposes one weight at a time, read a band of rows at a time on the CPU, so
+//! memory is bounded by the thread count, not the model (docs/METHOD.md, "Memory").
 
 use faer::Mat;
 

@@ -6,7 +6,7 @@ pub mod rsvd;
 
 use faer::MatRef;
 
-use super::{Backend, Basis, Factors, SvdParams, Weight};
+use super::{Backend, Basis, Factors, RawWeight, SvdParams, Weight};
 use crate::error::Result;
 use crate::modes::Mode;
 use crate::timing::Timings;
@@ -27,6 +27,18 @@ impl Backend for CpuBackend {
         timings: &Timings,
     ) -> Result<Basis> {
         rsvd::truncated_svd(w, params, timings)
+    }
+
+    /// Read band by band from the stored bytes (rsvd's [`rsvd::Rows`]): no f32 copy of the
+    /// whole weight, so memory per thread does not grow with the matrix.
+    fn truncated_svd_raw(
+        &self,
+        w: &RawWeight<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
+        timings.time(crate::timing::Phase::Load, || w.check_finite())?;
+        rsvd::truncated_svd_raw(w, params, timings)
     }
 
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
