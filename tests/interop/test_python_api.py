@@ -242,3 +242,34 @@ def test_inspect_equals_the_cli(zoo, binary):
     got.pop("total_ms"), want.pop("total_ms")
     assert got == want
     assert len(got["pairs"]) == 7 * iu.LAYERS[ARCH]
+
+
+def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
+    """Across depths (tiny Qwen2, 4 layers → tiny Llama, 6) the map mode first compares the
+    layers of both models (stage `depth`) and builds each target layer's map (stage `map`), then
+    runs the modules (`transfer`); a callback that raises inside the map stage stops the job
+    there, before any module, with nothing written."""
+    for like, out in [("tiny-qwen2", "source"), ("tiny-llama", "target")]:
+        iu.loraxfer(binary, "synth", "model", "--like", like, "--out", tmp_path / out)
+    iu.loraxfer(binary, "synth", "adapter", "--base", tmp_path / "source", "--out",
+                tmp_path / "adapter")
+    args = (tmp_path / "source", tmp_path / "target", tmp_path / "adapter")
+    seen = []
+    loraxfer.transfer(*args, tmp_path / "out", mode="map", progress=lambda *s: seen.append(s),
+                      **FAST)
+    stages = [s[0] for s in seen]
+    assert stages == sorted(stages, key=["depth", "map", "transfer"].index), stages
+    assert [s for s in seen if s[0] == "depth"] == [("depth", i, 10) for i in range(11)]
+    assert [s for s in seen if s[0] == "map"] == [("map", i, 6) for i in range(7)]
+    assert seen[-1] == ("transfer", 6 * 7, 6 * 7)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_map(stage, done, total):
+        if stage == "map" and done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        loraxfer.transfer(*args, tmp_path / "stopped", mode="map", progress=stop_in_map, **FAST)
+    assert not any(p.name.startswith((".stopped", "stopped")) for p in tmp_path.iterdir())
