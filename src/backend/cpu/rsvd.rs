@@ -5,9 +5,10 @@
 //! Everything runs sequentially inside one matrix (`Par::Seq`) so results do not depend on the
 //! number of threads; parallelism is across matrices.
 //!
-//! The products with W read it a band of rows at a time ([`Rows`]): a weight stored in 16 bits
-//! is decoded band by band into one reused buffer, never whole, so a decomposition holds at most
-//! [`BAND_ELEMENTS`] of W in f32 whatever the matrix (a 70B model's MLP weight would be 940 MB).
+//! The products with W read it a band of rows at a time ([`Bands`]): a weight stored in 16 bits
+//! is decoded band by band into one reused buffer, never whole, so a decomposition holds one band
+//! of W in f32 ([`BAND_ELEMENTS`] values, or [`MIN_BAND_ROWS`] rows of a very wide weight)
+//! whatever the matrix (a 70B model's MLP weight would be 940 MB).
 
 use std::ops::Range;
 
