@@ -10,7 +10,7 @@ use std::sync::Arc;
 use faer::{Mat, MatRef};
 
 use crate::error::Result;
-use crate::io::safetensors::{decode_f32, FloatType};
+use crate::io::safetensors::FloatType;
 use crate::modes::Mode;
 use crate::timing::Timings;
 
@@ -159,23 +159,16 @@ pub trait Backend: Sync {
     fn truncated_svd(&self, w: &Weight<'_>, params: &SvdParams, timings: &Timings)
         -> Result<Basis>;
 
-    /// Randomized truncated SVD of a weight given as stored; by default converted to f32 first.
+    /// Randomized truncated SVD of a weight given as stored (bf16/f16/f32 bytes), read without
+    /// an f32 copy of the whole weight: the CPU backend decodes it a band of rows at a time, the
+    /// CUDA backend converts it as its kernels read it. No default, so no backend falls back to
+    /// holding a whole weight in f32 (940 MB for one 70B MLP weight).
     fn truncated_svd_raw(
         &self,
         w: &RawWeight<'_>,
         params: &SvdParams,
         timings: &Timings,
-    ) -> Result<Basis> {
-        timings.time(crate::timing::Phase::Load, || w.check_finite())?;
-        let data = timings.time(crate::timing::Phase::Load, || decode_f32(w.bytes, w.ty));
-        let weight = Weight {
-            name: w.name,
-            data: &data,
-            rows: w.rows,
-            cols: w.cols,
-        };
-        self.truncated_svd(&weight, params, timings)
-    }
+    ) -> Result<Basis>;
 
     /// True when [`Backend::truncated_svd_raw_batches`] decomposes many matrices in one go (the
     /// pipeline then schedules its decompositions in batches of one shape).

@@ -29,8 +29,8 @@ impl Backend for CpuBackend {
         rsvd::truncated_svd(w, params, timings)
     }
 
-    /// Read band by band from the stored bytes (rsvd's [`rsvd::Rows`]): no f32 copy of the
-    /// whole weight, so memory per thread does not grow with the matrix.
+    /// Finite values checked, then read band by band from the stored bytes (rsvd's
+    /// [`rsvd::Bands`]): memory per thread does not grow with the matrix.
     fn truncated_svd_raw(
         &self,
         w: &RawWeight<'_>,
