@@ -42,6 +42,9 @@ struct Fiber {
     jmp_buf resume;  // where it stopped: a barrier, or the top of fiber_main's loop
     bool done = false;
     dim3 tid;
+    // mma_sync calls this thread made in the round `mma_round` (see warp_mma).
+    unsigned long mma_round = 0;
+    std::size_t mma_calls = 0;
 };
 // unique_ptr: a parked fiber's jmp_buf stays where it was saved when the pool grows.
 static thread_local std::vector<std::unique_ptr<Fiber>> fibers;
@@ -56,7 +59,83 @@ static void park() {
     if (_setjmp(fibers[current]->resume) == 0) _longjmp(scheduler, 1);
 }
 
-void sync_threads() { park(); }
+// A round is one sweep of the scheduler over a block's live threads: each runs once, from one
+// barrier to the next (or to its end). The counter only grows, so a record stamped with an
+// older round is stale whatever block or launch wrote it.
+static thread_local unsigned long round_no = 0;
+
+// What a warp's mma_sync calls of this round computed: the first lane to make its n-th call
+// records operands and result in records[n]; the lanes after it compare and copy.
+struct MmaRecord {
+    std::vector<float> operands, out;
+};
+struct WarpLog {
+    unsigned long round = 0;
+    std::size_t used = 0;  // records[0..used) belong to `round`
+    std::vector<MmaRecord> records;
+    unsigned long calls_round = 0;  // the round whose first finished lane set `calls`
+    std::size_t calls = 0;
+};
+static thread_local std::vector<WarpLog> warp_logs;
+
+static WarpLog& warp_log() {
+    const dim3& t = thread_idx;
+    return warp_logs[(t.x + block_dim.x * (t.y + block_dim.y * t.z)) / 32];
+}
+
+float* warp_mma(const float* const operands[3], const int sizes[3], int out_size, bool* computed) {
+    Fiber& f = *fibers[current];
+    if (f.mma_round != round_no) {
+        f.mma_round = round_no;
+        f.mma_calls = 0;
+    }
+    WarpLog& log = warp_log();
+    if (log.round != round_no) {
+        log.round = round_no;
+        log.used = 0;
+    }
+    const std::size_t n = f.mma_calls++;
+    if (n < log.used) {  // an earlier lane of this warp made this call: same operands, same tile
+        MmaRecord& r = log.records[n];
+        bool same = r.out.size() == (std::size_t)out_size &&
+                    r.operands.size() == (std::size_t)(sizes[0] + sizes[1] + sizes[2]);
+        for (std::size_t i = 0, at = 0; i < 3 && same; at += sizes[i], ++i)
+            same = std::memcmp(r.operands.data() + at, operands[i], sizeof(float) * sizes[i]) == 0;
+        if (!same)
+            fault("wmma mma_sync: lanes of a warp hold different operands (a fragment was changed "
+                  "in a lane-dependent way)");
+        *computed = true;
+        return r.out.data();
+    }
+    // The first lane to get here (n == used: every lane makes its calls in order).
+    if (log.records.size() <= n) log.records.resize(n + 1);
+    MmaRecord& r = log.records[n];
+    r.operands.clear();
+    for (int i = 0; i < 3; ++i) r.operands.insert(r.operands.end(), operands[i], operands[i] + sizes[i]);
+    r.out.resize(out_size);
+    log.used = n + 1;
+    *computed = false;
+    return r.out.data();
+}
+
+// At the end of a thread's part of a round (a barrier, or its return): every lane of a warp
+// must have made as many mma_sync calls as the first one did, as the hardware requires.
+static void end_of_segment() {
+    const Fiber& f = *fibers[current];
+    const std::size_t calls = f.mma_round == round_no ? f.mma_calls : 0;
+    WarpLog& log = warp_log();
+    if (log.calls_round != round_no) {
+        log.calls_round = round_no;
+        log.calls = calls;
+    } else if (log.calls != calls) {
+        fault("wmma mma_sync: lanes of a warp made different numbers of calls (divergent code)");
+    }
+}
+
+void sync_threads() {
+    end_of_segment();
+    park();
+}
 void* dynamic_shared() { return shared_bytes.data(); }
 void fault(const char* what) {
     if (!first_fault) first_fault = what;
@@ -66,6 +145,7 @@ void fault(const char* what) {
     for (;;) {
         park();  // until the scheduler gives this fiber a thread of a block
         kernel_body(kernel_params);
+        end_of_segment();
         fibers[current]->done = true;
     }
 }
@@ -95,6 +175,7 @@ static void resume(std::size_t t) {
 
 static void run_block(unsigned threads) {
     while (fibers.size() < threads) add_fiber();
+    if (warp_logs.size() < (threads + 31) / 32) warp_logs.resize((threads + 31) / 32);
     for (unsigned t = 0; t < threads; ++t) {
         fibers[t]->done = false;
         fibers[t]->tid =
@@ -102,6 +183,7 @@ static void run_block(unsigned threads) {
     }
     for (bool live = true; live;) {
         live = false;
+        ++round_no;
         for (unsigned t = 0; t < threads; ++t) {
             if (fibers[t]->done) continue;
             resume(t);
@@ -186,6 +268,57 @@ extern "C" int lx_emu_wmma_rule_probe(unsigned offset, unsigned ldm) {
     const bool broken = lx_emu::first_fault != nullptr;
     lx_emu::first_fault = nullptr;
     return broken;
+}
+
+// For the host's test of the warp-shared mma_sync: one block of 64 threads (two warps), each
+// multiplying the same 16×8 and 8×16 tiles twice, separated by a barrier. `mode` 0: as a kernel
+// must; 1: thread 37 changes one operand element; 2: thread 5 skips its second call. Returns 0
+// when nothing was flagged and every thread's tiles match a product computed here, 1 when a
+// rule was flagged, 2 when nothing was flagged but a tile is wrong.
+namespace {
+thread_local int lane_probe_mode = 0;
+thread_local float lane_probe_out[64][2][256];
+void lane_probe_body(void**) {
+    namespace wmma = nvcuda::wmma;
+    const unsigned t = lx_emu::thread_idx.x;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    for (int i = 0; i < a.num_elements; ++i) a.x[i] = 0.25f * (float)(i % 7) - 0.5f;
+    for (int i = 0; i < b.num_elements; ++i) b.x[i] = 0.125f * (float)(i % 5) + 0.0625f;  // exact in TF32
+    if (lane_probe_mode == 1 && t == 37) a.x[3] += 1.0f;
+    for (int round = 0; round < 2; ++round) {
+        wmma::fill_fragment(acc, (float)round);
+        if (!(lane_probe_mode == 2 && t == 5 && round == 1)) wmma::mma_sync(acc, a, b, acc);
+        std::memcpy(lane_probe_out[t][round], acc.x, sizeof acc.x);
+        __syncthreads();
+    }
+}
+}  // namespace
+
+extern "C" int lx_emu_wmma_lane_probe(int mode) {
+    lane_probe_mode = mode;
+    lx_emu::first_fault = nullptr;
+    lx_emu::grid_dim = dim3{1, 1, 1};
+    lx_emu::block_dim = dim3{64, 1, 1};
+    lx_emu::block_idx = dim3{0, 0, 0};
+    lx_emu::kernel_body = lane_probe_body;
+    lx_emu::kernel_params = nullptr;
+    lx_emu::run_block(64);
+    const bool flagged = lx_emu::first_fault != nullptr;
+    lx_emu::first_fault = nullptr;
+    if (flagged) return 1;
+    for (int t = 0; t < 64; ++t)
+        for (int round = 0; round < 2; ++round)
+            for (int i = 0; i < 16; ++i)
+                for (int j = 0; j < 16; ++j) {
+                    float s = (float)round;
+                    for (int k = 0; k < 8; ++k)
+                        s = std::fmaf(0.25f * (float)((i * 8 + k) % 7) - 0.5f,
+                                      0.125f * (float)((k * 16 + j) % 5) + 0.0625f, s);
+                    if (lane_probe_out[t][round][i * 16 + j] != s) return 2;
+                }
+    return 0;
 }
 
 // The names this build can launch, for the host's consistency test.

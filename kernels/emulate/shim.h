@@ -30,6 +30,10 @@ void* dynamic_shared();
 // Records the first broken hardware rule of the running launch (a message with static storage);
 // the launch then fails with it instead of computing what the GPU would refuse or get wrong.
 void fault(const char* what);
+// The warp's record of its mma_sync calls (launch.cpp): returns where the result of this lane's
+// next call goes, and whether an earlier lane of the warp already computed it from the same
+// operands (then the caller only copies it). Lanes whose operands differ are a fault.
+float* warp_mma(const float* const operands[3], const int sizes[3], int out_size, bool* computed);
 }  // namespace lx_emu
 
 #define threadIdx (lx_emu::thread_idx)
@@ -110,11 +114,14 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 }
 
 // WMMA (tensor cores) for whole tiles. On a GPU a fragment is spread over the 32 threads of a
-// warp in an unspecified layout; here every thread holds the whole tile and does the whole
-// warp's work, which gives the same tile as long as kernels touch fragments only through these
-// calls and element-wise loops over x[0..num_elements) (what gemm_tc.cuh does). mma_sync reads
-// only the TF32 bits of its inputs, as the hardware does, so a kernel that forgets to split or
-// convert an f32 operand loses precision here too.
+// warp in an unspecified layout; here every thread holds the whole tile, which gives the same
+// tile as long as kernels touch fragments only through these calls and element-wise loops over
+// x[0..num_elements) (what gemm_tc.cuh does). mma_sync is the warp's one product: the first lane
+// to reach a call computes it, the others check that they hold the same operands and copy the
+// result (computing it in every lane made the tensor-core products 32 times the work, and they
+// were nearly all of a production-size check's time). mma_sync reads only the TF32 bits of its
+// inputs, as the hardware does, so a kernel that forgets to split or convert an f32 operand
+// loses precision here too.
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -196,15 +203,20 @@ inline float tf32_bits(float x) {
 
 template <class D, class A, class B, class C>
 inline void mma_sync(D& d, const A& a, const B& b, const C& c) {
-    float out[D::num_elements];
-    for (int i = 0; i < D::rows; ++i)
-        for (int j = 0; j < D::cols; ++j) {
-            float s = c.x[i * D::cols + j];
-            for (int k = 0; k < A::cols; ++k)
-                s = std::fmaf(tf32_bits(a.x[i * A::cols + k]), tf32_bits(b.x[k * B::cols + j]), s);
-            out[i * D::cols + j] = s;
-        }
-    std::memcpy(d.x, out, sizeof out);
+    const float* const operands[3] = {a.x, b.x, c.x};
+    const int sizes[3] = {A::num_elements, B::num_elements, C::num_elements};
+    bool computed = false;
+    float* out = lx_emu::warp_mma(operands, sizes, D::num_elements, &computed);
+    if (!computed) {
+        for (int i = 0; i < D::rows; ++i)
+            for (int j = 0; j < D::cols; ++j) {
+                float s = c.x[i * D::cols + j];
+                for (int k = 0; k < A::cols; ++k)
+                    s = std::fmaf(tf32_bits(a.x[i * A::cols + k]), tf32_bits(b.x[k * B::cols + j]), s);
+                out[i * D::cols + j] = s;
+            }
+    }
+    std::memcpy(d.x, out, sizeof(float) * D::num_elements);
 }
 }  // namespace wmma
 }  // namespace nvcuda

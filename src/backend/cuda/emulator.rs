@@ -24,6 +24,8 @@ extern "C" {
     fn lx_emu_fault_message() -> *const c_char;
     #[cfg(test)]
     fn lx_emu_wmma_rule_probe(offset: u32, ldm: u32) -> i32;
+    #[cfg(test)]
+    fn lx_emu_wmma_lane_probe(mode: i32) -> i32;
 }
 
 /// The names in the emulator's launch table (built from kernels/api.h).
@@ -360,6 +362,19 @@ mod tests {
         assert!(!probe(0, 20) && !probe(8, 68) && !probe(16, 64));
         assert!(probe(1, 20) && probe(4, 20), "misaligned pointers");
         assert!(probe(0, 18) && probe(0, 66), "strides not a multiple of 4");
+    }
+
+    /// mma_sync is computed once per warp and copied to the other lanes: every lane still gets
+    /// the right tile, and lanes that disagree (different operands, or a call one lane skips)
+    /// are a fault, as they are undefined on the hardware.
+    #[test]
+    fn mma_sync_is_one_product_per_warp() {
+        // SAFETY: the probe runs one emulated block on this thread and touches only its own state.
+        let probe = |mode| unsafe { lx_emu_wmma_lane_probe(mode) };
+        assert_eq!(probe(0), 0, "every lane's tile matches the product");
+        assert_eq!(probe(1), 1, "a lane with other operands is flagged");
+        assert_eq!(probe(2), 1, "a lane that skips a call is flagged");
+        assert_eq!(probe(0), 0, "the warps' records do not outlive a launch");
     }
 
     /// Copies and pointer arguments outside the live allocations are errors, not corruption.
