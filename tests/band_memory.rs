@@ -1,7 +1,11 @@
-//! The CPU backend decomposes a weight without an f32 copy of it: its products read the stored
-//! bf16 bytes a band of rows at a time (docs/METHOD.md, "Memory"). Measured with a counting
-//! allocator: the heap a decomposition adds at its peak stays far below the weight's f32 size
-//! (128 MiB here), and equals what a weight twice as tall adds (a band, the sketches, the bases).
+//! The CPU paths never hold a weight in f32 whole (docs/METHOD.md, "Memory"), measured with a
+//! counting allocator:
+//! - a decomposition reads the stored bf16 bytes a band of rows at a time: the heap it adds at
+//!   its peak stays far below the weight's f32 size (128 MiB here), and equals what a weight
+//!   twice as tall adds (a band, the sketches, the bases);
+//! - the map mode's products with a stored weight do the same, a band per task;
+//! - the map's bottom residual fit holds one anchor set at a time, centered and normalized in
+//!   place.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use loraxfer::backend::cpu::CpuBackend;
 use loraxfer::backend::{Backend, RawWeight, SvdParams};
 use loraxfer::io::safetensors::{encode_f32, FloatType};
+use loraxfer::linalg::stored::Stored;
+use loraxfer::map::AnchorFit;
 use loraxfer::timing::Timings;
 
 struct Counting;
@@ -34,6 +40,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// The count is process-wide: the tests of this file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Heap bytes `f` adds at its peak above what was live when it started.
 fn peak_added(f: impl FnOnce()) -> usize {
     let start = LIVE.load(Ordering::Relaxed);
@@ -44,6 +57,7 @@ fn peak_added(f: impl FnOnce()) -> usize {
 
 #[test]
 fn a_decomposition_never_holds_its_weight_in_f32() {
+    let _turn = one_at_a_time();
     let n = 8192;
     let params = SvdParams {
         rank: 8,
@@ -102,5 +116,92 @@ fn a_decomposition_never_holds_its_weight_in_f32() {
     assert!(
         added[1] < added[0] + (1 << 20),
         "peak grew with the weight: {added:?}"
+    );
+}
+
+/// Cheap, varied values (what is measured is memory, not accuracy).
+fn cheap_matrix(rows: usize, cols: usize, stream: usize) -> faer::Mat<f32> {
+    faer::Mat::from_fn(rows, cols, |i, j| {
+        let e = (i * cols + j)
+            .wrapping_mul(2654435761)
+            .wrapping_add(stream * 40503);
+        ((e % 2001) as f32 - 1000.0) * 1e-3
+    })
+}
+
+/// On a pool of two threads, as on the machines this is measured on: each task decodes one band.
+fn on_two_threads<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn the_map_products_never_hold_a_weight_in_f32() {
+    let _turn = one_at_a_time();
+    let (m, n, l) = (4096, 8192, 16);
+    let values: Vec<f32> = (0..m * n)
+        .map(|e: usize| ((e.wrapping_mul(2654435761) % 2001) as f32 - 1000.0) * 1e-3)
+        .collect();
+    let w = Stored::new(
+        encode_f32(&values, FloatType::Bf16).into(),
+        FloatType::Bf16,
+        m,
+        n,
+    );
+    drop(values);
+    let (x, y) = (cheap_matrix(n, l, 1), cheap_matrix(m, l, 2));
+    // The GEMM workspace, reserved on the first product, is not what is measured.
+    on_two_threads(|| w.mul(x.as_ref()));
+    let f32_bytes = m * n * 4;
+    for transpose in [false, true] {
+        let mut out = None;
+        let peak = peak_added(|| {
+            out = Some(on_two_threads(|| {
+                if transpose {
+                    w.mul_t(y.as_ref())
+                } else {
+                    w.mul(x.as_ref())
+                }
+            }))
+        });
+        let out = out.unwrap();
+        assert!(out.norm_l2() > 0.0);
+        // A band here is 256 rows (8 MiB in f32), one per thread.
+        assert!(
+            peak < f32_bytes / 4,
+            "transpose {transpose}: the product added {peak} bytes; the weight in f32 is {f32_bytes}"
+        );
+    }
+}
+
+#[test]
+fn the_residual_fit_holds_one_anchor_set_at_a_time() {
+    let _turn = one_at_a_time();
+    let (anchors, d) = (4096, 512);
+    let set = |stream| {
+        (
+            cheap_matrix(anchors, d, stream),
+            cheap_matrix(anchors, d, stream + 1),
+        )
+    };
+    let fit = || {
+        let (e_s, e_t) = set(1);
+        let mut fit = AnchorFit::new(e_s, e_t).unwrap();
+        let (l_s, l_t) = set(3);
+        fit.add(l_s, l_t);
+        fit.finish().unwrap()
+    };
+    fit(); // the GEMM workspace, as above
+    let mut map = None;
+    let peak = peak_added(|| map = Some(fit()));
+    assert!(map.unwrap().relative_residual.unwrap().is_finite());
+    // Both sets and their centered and normalized copies would be 8 matrices; one set is 2.
+    let set_bytes = 2 * anchors * d * 4;
+    assert!(
+        peak < 2 * set_bytes,
+        "the fit added {peak} bytes at its peak; one anchor set is {set_bytes}"
     );
 }

@@ -11,6 +11,7 @@ use faer::{Mat, MatRef};
 
 use crate::error::Result;
 use crate::io::safetensors::FloatType;
+use crate::linalg::stored::Stored;
 use crate::modes::Mode;
 use crate::timing::Timings;
 
@@ -210,6 +211,18 @@ pub trait Backend: Sync {
     /// run); a device backend runs it on the device.
     fn product(&self, a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Result<Mat<f32>> {
         Ok(crate::linalg::mm_parallel(a, b))
+    }
+
+    /// `W·X`, or `Wᵀ·X` with `transpose`, for a weight as the checkpoint stores it: the map
+    /// mode's products with the layers' weights. The CPU decodes W a band of rows at a time on
+    /// every core, never whole; a device backend may take it dense.
+    fn stored_product(
+        &self,
+        w: &Stored<'_>,
+        x: MatRef<'_, f32>,
+        transpose: bool,
+    ) -> Result<Mat<f32>> {
+        Ok(if transpose { w.mul_t(x) } else { w.mul(x) })
     }
 
     /// [`Backend::product`] into `out` (`a.nrows() × b.ncols()`), for loops that form many

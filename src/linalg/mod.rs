@@ -1,6 +1,7 @@
 //! Backend-independent numerical building blocks.
 
 pub mod philox;
+pub mod stored;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
@@ -47,37 +48,6 @@ pub fn mm_into(
 /// A matrix from row-major data (as safetensors store it), copied in cache-friendly blocks.
 pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
     MatRef::from_row_major_slice(data, rows, cols).to_owned()
-}
-
-/// A matrix kept in the row-major layout it was read in: products take it as a strided view,
-/// so a weight is never copied into column-major order.
-#[derive(Debug, Clone)]
-pub struct RowMajor {
-    pub data: Vec<f32>,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl RowMajor {
-    pub fn view(&self) -> MatRef<'_, f32> {
-        MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
-    }
-
-    /// Row `i` as a slice.
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.cols..(i + 1) * self.cols]
-    }
-
-    /// A copy of `m` in row-major order.
-    pub fn from_mat(m: &Mat<f32>) -> Self {
-        RowMajor {
-            data: (0..m.nrows())
-                .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
-                .collect(),
-            rows: m.nrows(),
-            cols: m.ncols(),
-        }
-    }
 }
 
 /// `a · b`, sequential (parallelism is across matrices, so results do not depend on threads).

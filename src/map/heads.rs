@@ -52,7 +52,7 @@ struct Sketched {
 impl Sketched {
     /// The source's: through the map's view of the sketch (products).
     fn source(
-        w: &Weights,
+        w: &Weights<'_>,
         attn: &[f32],
         (read_x, write_x): (&Mat<f32>, &Mat<f32>),
         backend: &dyn Backend,
@@ -61,12 +61,12 @@ impl Sketched {
             q: reading(&w.q, attn, read_x.as_ref(), backend)?,
             k: reading(&w.k, attn, read_x.as_ref(), backend)?,
             v: reading(&w.v, attn, read_x.as_ref(), backend)?,
-            o: backend.product(w.o.view().transpose(), write_x.as_ref())?,
+            o: backend.stored_product(&w.o, write_x.as_ref(), true)?,
         })
     }
 
     /// The target's: its own weights through the sign sketch (one pass over each).
-    fn target(w: &Weights, attn: &[f32], sketch: &SignSketch) -> Self {
+    fn target(w: &Weights<'_>, attn: &[f32], sketch: &SignSketch) -> Self {
         Sketched {
             q: sketch.rows(&w.q, attn),
             k: sketch.rows(&w.k, attn),
@@ -102,7 +102,7 @@ impl Heads {
 
 impl HeadViews {
     pub(crate) fn new(
-        (ws, wt): (&Weights, &Weights),
+        (ws, wt): (&Weights<'_>, &Weights<'_>),
         gains: &Gains,
         view: &SourceView,
         sketch: &Sketch,

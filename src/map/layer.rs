@@ -25,7 +25,7 @@ use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::linalg::RowMajor;
+use crate::linalg::stored::Stored;
 use crate::plan::ModelSide;
 
 /// Buckets of the neurons' coarse features, folded from their [`NEURON_SKETCH`] (see
@@ -107,15 +107,17 @@ impl SourceView {
     }
 }
 
-/// A layer's seven projection weights, as stored (only a fused tensor's part rows).
-pub(crate) struct Weights {
-    pub q: RowMajor,
-    pub k: RowMajor,
-    pub v: RowMajor,
-    pub o: RowMajor,
-    pub gate: RowMajor,
-    pub up: RowMajor,
-    pub down: RowMajor,
+/// A layer's seven projection weights, as stored (only a fused tensor's part rows): borrowed
+/// from the memory-mapped checkpoint, never copied to f32 whole (a GGUF's quantized tensors come
+/// dequantized).
+pub(crate) struct Weights<'a> {
+    pub q: Stored<'a>,
+    pub k: Stored<'a>,
+    pub v: Stored<'a>,
+    pub o: Stored<'a>,
+    pub gate: Stored<'a>,
+    pub up: Stored<'a>,
+    pub down: Stored<'a>,
 }
 
 /// The gains a layer applies (effective: offset added), source then target; ones where a side
@@ -177,8 +179,8 @@ pub(crate) struct Side<'p, 'a> {
     pub layer: usize,
 }
 
-impl Side<'_, '_> {
-    fn weight(&self, part: Part) -> Result<RowMajor> {
+impl<'a> Side<'_, 'a> {
+    fn weight(&self, part: Part) -> Result<Stored<'a>> {
         let spec: &ModuleSpec = self.model.arch.module_with(part);
         let name = format!(
             "{}.weight",
@@ -190,16 +192,12 @@ impl Side<'_, '_> {
         let rows = spec
             .rows_of(part, &self.model.ckpt.config)
             .expect("the module holds the part");
-        let cols = self.model.ckpt.shape(&name)?[1];
-        let data = self.model.ckpt.read_rows_f32(&name, rows.clone())?;
-        Ok(RowMajor {
-            data,
-            rows: rows.len(),
-            cols,
-        })
+        let count = rows.len();
+        let (bytes, ty, cols) = self.model.ckpt.rows_raw(&name, rows)?;
+        Ok(Stored::new(bytes, ty, count, cols))
     }
 
-    fn weights(&self) -> Result<Weights> {
+    fn weights(&self) -> Result<Weights<'a>> {
         Ok(Weights {
             q: self.weight(Part::Q)?,
             k: self.weight(Part::K)?,
@@ -226,13 +224,13 @@ impl Side<'_, '_> {
 /// `w diag(g) X`: rows of a reading weight in sketched target coordinates (the gains scale the
 /// small X, not the weight).
 pub(crate) fn reading(
-    w: &RowMajor,
+    w: &Stored<'_>,
     g: &[f32],
     x: faer::MatRef<'_, f32>,
     backend: &dyn Backend,
 ) -> Result<Mat<f32>> {
     let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g[i]);
-    backend.product(w.view(), scaled.as_ref())
+    backend.stored_product(w, scaled.as_ref(), false)
 }
 
 impl Gains {
@@ -268,13 +266,13 @@ impl Gains {
 fn writer_maps(
     s: &Side<'_, '_>,
     t: &Side<'_, '_>,
-    (ws, wt): (&Weights, &Weights),
+    (ws, wt): (&Weights<'_>, &Weights<'_>),
     residual: &ResidualMap,
     sketch: &Sketch,
     (fold, floor): (bool, f32),
 ) -> Result<(WriterMap, WriterMap)> {
     let one =
-        |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &RowMajor, w_t: &RowMajor| {
+        |pick: &dyn Fn(&crate::arch::OutputNorms) -> String, w_s: &Stored<'_>, w_t: &Stored<'_>| {
             let norms = |side: &Side<'_, '_>| side.model.arch.residual.output_norms.clone();
             let (ns, nt) = (norms(s), norms(t));
             if ns.is_none() && nt.is_none() {
@@ -291,9 +289,10 @@ fn writer_maps(
                 kappa: 1.0,
             };
             // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
-            let mapped = sketch.backend.product(
-                w_s.view().transpose(),
+            let mapped = sketch.backend.stored_product(
+                w_s,
                 unit.sketch_t(residual, &sketch.r).as_ref(),
+                true,
             )?;
             let own = sketch.heads.columns(w_t);
             let (a, b) = (own.norm_l2() as f64, mapped.norm_l2() as f64);
@@ -447,7 +446,7 @@ impl NeuronFeatures {
     }
 
     /// The target's: its own weights through the SignSketch, one pass over each.
-    fn target(w: &Weights, g: &[f32], sketch: &SignSketch) -> Self {
+    fn target(w: &Weights<'_>, g: &[f32], sketch: &SignSketch) -> Self {
         Self::from_views([
             sketch.rows(&w.gate, g),
             sketch.rows(&w.up, g),
@@ -458,7 +457,7 @@ impl NeuronFeatures {
     /// The source's: reads are `w diag(g) X_read`, writes `cᵀ X_write` (down's columns), with X
     /// the map's view of the sketch.
     fn source(
-        w: &Weights,
+        w: &Weights<'_>,
         g: &[f32],
         (read, write): (&Mat<f32>, &Mat<f32>),
         backend: &dyn Backend,
@@ -466,7 +465,7 @@ impl NeuronFeatures {
         Ok(Self::from_views([
             reading(&w.gate, g, read.as_ref(), backend)?,
             reading(&w.up, g, read.as_ref(), backend)?,
-            backend.product(w.down.view().transpose(), write.as_ref())?,
+            backend.stored_product(&w.down, write.as_ref(), true)?,
         ]))
     }
 }
@@ -474,7 +473,7 @@ impl NeuronFeatures {
 /// Matches the target's neurons (features computed once per layer) with the source's under
 /// the current view.
 fn match_neurons(
-    ws: &Weights,
+    ws: &Weights<'_>,
     target: &NeuronFeatures,
     g_s: &[f32],
     view: &SourceView,
@@ -492,6 +491,7 @@ fn match_neurons(
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+    use crate::io::safetensors::FloatType;
     use crate::linalg::philox::gaussian_matrix;
 
     /// The neurons' whole path at a width above the dense limit (sign sketch, folded coarse
@@ -506,15 +506,16 @@ mod tests {
         let perm: Vec<usize> = (0..inter).map(|i| (i * 7919 + 11) % inter).collect();
         let noisy = |m: Mat<f32>, stream| &m + g(m.nrows(), m.ncols(), stream);
         let rows_of = |m: &Mat<f32>| Mat::from_fn(inter, d, |i, j| m[(perm[i], j)]);
-        let empty = RowMajor::from_mat(&Mat::zeros(0, 0));
+        let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::Bf16);
+        let empty = stored(&Mat::zeros(0, 0));
         let weights = |gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>| Weights {
             q: empty.clone(),
             k: empty.clone(),
             v: empty.clone(),
             o: empty.clone(),
-            gate: RowMajor::from_mat(gate),
-            up: RowMajor::from_mat(up),
-            down: RowMajor::from_mat(down),
+            gate: stored(gate),
+            up: stored(up),
+            down: stored(down),
         };
         let source = weights(&gate, &up, &down);
         let down_t = &q * Mat::from_fn(d, inter, |i, j| down[(i, perm[j])]);

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::plan::ModelSide;
 pub use layer::LayerMap;
-pub use residual::ResidualMap;
+pub use residual::{AnchorFit, ResidualMap};
 
 /// How the residual stream is mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -330,8 +330,11 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
         }
         Ok::<_, Error>(out)
     };
-    let e_s = gather(source, &es_name, &|p| p.0, None)?;
-    let e_t = gather(target, &et_name, &|p| p.1, None)?;
+    // One anchor set at a time: each is folded into the fit and dropped before the next is read.
+    let mut fit = AnchorFit::new(
+        gather(source, &es_name, &|p| p.0, None)?,
+        gather(target, &et_name, &|p| p.1, None)?,
+    )?;
     // Untied output embeddings are a second anchor set: their rows read the final norm's output,
     // so its gains are folded in like a block's.
     let lm = |side: &ModelSide<'_>| -> Option<(String, String)> {
@@ -344,25 +347,22 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
             .top_level_name(&side.prefix, &side.arch.residual.final_norm);
         Some((name, norm))
     };
-    let second = match (lm(source), lm(target)) {
-        (Some((ls, ns)), Some((lt, nt))) => {
-            let gain = |side: &ModelSide<'_>, norm: &str| -> Result<Option<Vec<f32>>> {
-                if !side.ckpt.has(norm) {
-                    return Ok(None);
-                }
-                let g = read_matrix(side.ckpt, norm)?;
-                let offset = side.arch.residual.gain_offset;
-                Ok(Some((0..g.ncols()).map(|j| g[(0, j)] + offset).collect()))
-            };
-            let (gs, gt) = (gain(source, &ns)?, gain(target, &nt)?);
-            Some((
-                gather(source, &ls, &|p| p.0, gs.as_deref())?,
-                gather(target, &lt, &|p| p.1, gt.as_deref())?,
-            ))
-        }
-        _ => None,
-    };
-    ResidualMap::fit(&e_s, &e_t, second.as_ref().map(|(a, b)| (a, b)))
+    if let (Some((ls, ns)), Some((lt, nt))) = (lm(source), lm(target)) {
+        let gain = |side: &ModelSide<'_>, norm: &str| -> Result<Option<Vec<f32>>> {
+            if !side.ckpt.has(norm) {
+                return Ok(None);
+            }
+            let g = read_matrix(side.ckpt, norm)?;
+            let offset = side.arch.residual.gain_offset;
+            Ok(Some((0..g.ncols()).map(|j| g[(0, j)] + offset).collect()))
+        };
+        let (gs, gt) = (gain(source, &ns)?, gain(target, &nt)?);
+        fit.add(
+            gather(source, &ls, &|p| p.0, gs.as_deref())?,
+            gather(target, &lt, &|p| p.1, gt.as_deref())?,
+        );
+    }
+    fit.finish()
 }
 
 /// A whole tensor as a matrix (a 1-D tensor as one row).

@@ -107,15 +107,24 @@ impl Trial {
 
 /// The pairs' vectors of one side as columns (`d × 3·pairs`): per neuron its gate and up rows
 /// (gains folded in, the reads) and its down column (the write), each scaled to unit length.
-fn columns(w: &Weights, g: &[f32], units: &[usize]) -> Mat<f32> {
+fn columns(w: &Weights<'_>, g: &[f32], units: &[usize]) -> Mat<f32> {
     let d = g.len();
     let mut x = Mat::<f32>::zeros(d, 3 * units.len());
+    let (mut gate, mut up) = (vec![0f32; d], vec![0f32; d]);
     for (r, &u) in units.iter().enumerate() {
-        let (gate, up) = (w.gate.row(u), w.up.row(u));
+        w.gate.row_into(u, &mut gate);
+        w.up.row_into(u, &mut up);
         for j in 0..d {
             x[(j, 3 * r)] = gate[j] * g[j];
             x[(j, 3 * r + 1)] = up[j] * g[j];
-            x[(j, 3 * r + 2)] = w.down.data[j * w.down.cols + u];
+        }
+    }
+    // down's columns: a pass over its rows, each decoded once.
+    let mut row = vec![0f32; w.down.ncols()];
+    for j in 0..d {
+        w.down.row_into(j, &mut row);
+        for (r, &u) in units.iter().enumerate() {
+            x[(j, 3 * r + 2)] = row[u];
         }
     }
     for c in 0..x.ncols() {
@@ -128,10 +137,11 @@ fn columns(w: &Weights, g: &[f32], units: &[usize]) -> Mat<f32> {
 }
 
 /// The summed squares of the down columns of `units` (the writes' size).
-fn write_size(w: &Weights, units: &[usize]) -> f64 {
+fn write_size(w: &Weights<'_>, units: &[usize]) -> f64 {
     let mut s = 0.0;
-    for j in 0..w.down.rows {
-        let row = w.down.row(j);
+    let mut row = vec![0f32; w.down.ncols()];
+    for j in 0..w.down.nrows() {
+        w.down.row_into(j, &mut row);
         s += units.iter().map(|&u| (row[u] as f64).powi(2)).sum::<f64>();
     }
     s
@@ -150,7 +160,7 @@ fn side_by_side(x: &Mat<f32>, y: &Mat<f32>) -> Mat<f32> {
 
 /// Refits `current` on the neurons matched by `neurons`, with `prior`'s orientation as prior.
 pub(crate) fn refit(
-    (ws, wt): (&Weights, &Weights),
+    (ws, wt): (&Weights<'_>, &Weights<'_>),
     (g_s, g_t): &(Vec<f32>, Vec<f32>),
     neurons: &Assignment,
     current: &ResidualMap,
@@ -230,7 +240,7 @@ pub(crate) fn refit(
     };
     let map = if refined - start_agreement > MIN_GAIN * (1.0 - start_agreement) {
         // All the pairs: the trial's two halves, then the rest.
-        let rest = |w: &Weights, g: &[f32], units: &[usize]| columns(w, g, &units[trial_len..]);
+        let rest = |w: &Weights<'_>, g: &[f32], units: &[usize]| columns(w, g, &units[trial_len..]);
         let (rest_s, rest_t) = (rest(ws, g_s, &source_units), rest(wt, g_t, &target_units));
         let rest = if s_is_a {
             (rest_s, rest_t)
@@ -264,24 +274,26 @@ pub(crate) fn refit(
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+    use crate::io::safetensors::FloatType;
     use crate::linalg::philox::gaussian_matrix;
-    use crate::linalg::RowMajor;
+    use crate::linalg::stored::Stored;
 
     fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
         gaussian_matrix(5, stream, rows, cols)
     }
 
     /// MLP weights (gate, up: inter × d; down: d × inter); attention left empty.
-    fn weights(gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>) -> Weights {
-        let empty = RowMajor::from_mat(&Mat::zeros(0, 0));
+    fn weights(gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>) -> Weights<'static> {
+        let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::F32);
+        let empty = stored(&Mat::zeros(0, 0));
         Weights {
             q: empty.clone(),
             k: empty.clone(),
             v: empty.clone(),
             o: empty,
-            gate: RowMajor::from_mat(gate),
-            up: RowMajor::from_mat(up),
-            down: RowMajor::from_mat(down),
+            gate: stored(gate),
+            up: stored(up),
+            down: stored(down),
         }
     }
 
@@ -311,7 +323,7 @@ mod tests {
         };
         let ones = (vec![1.0; d], vec![1.0; d]);
         let start = ResidualMap::identity(d, d);
-        let run = |target: &Weights| {
+        let run = |target: &Weights<'_>| {
             refit(
                 (&source, target),
                 &ones,

@@ -65,13 +65,36 @@ impl ResidualMap {
         x * &self.qt * faer::Scale(self.width as f32)
     }
 
-    /// Fits the map on paired anchor rows `e_s` (`n × d_s`) and `e_t` (`n × d_t`); a second
-    /// anchor set (the untied output embeddings' rows) adds to the orientation's evidence.
-    pub fn fit(
-        e_s: &Mat<f32>,
-        e_t: &Mat<f32>,
-        second: Option<(&Mat<f32>, &Mat<f32>)>,
-    ) -> Result<Self> {
+    /// Fits the map on paired anchor rows `e_s` (`n × d_s`) and `e_t` (`n × d_t`), and
+    /// optionally a second anchor set ([`AnchorFit`] does it a set at a time).
+    #[cfg(test)]
+    pub fn fit(e_s: Mat<f32>, e_t: Mat<f32>, second: Option<(Mat<f32>, Mat<f32>)>) -> Result<Self> {
+        let mut fit = AnchorFit::new(e_s, e_t)?;
+        if let Some((l_s, l_t)) = second {
+            fit.add(l_s, l_t);
+        }
+        fit.finish()
+    }
+}
+
+/// The evidence for a [`ResidualMap`], gathered one anchor set at a time: a set's rows are
+/// centered and normalized in place and folded into the cross-covariance, then dropped. At
+/// Llama-3.1-70B widths a set is two 21,376 × 8192 matrices (1.4 GB in f32); holding both sets
+/// and their centered and normalized copies at once took 7 GB.
+pub struct AnchorFit {
+    /// `Σ x_s x_tᵀ` over the normalized rows of every set so far (`d_s × d_t`).
+    cross: Mat<f32>,
+    /// Evenly spaced centered (not normalized) rows of the first set: the scale and the fit
+    /// are two numbers, and [`SCALE_ANCHORS`] rows measure them well.
+    picked: (Mat<f32>, Mat<f32>),
+    /// Anchors of the first set.
+    n: usize,
+}
+
+impl AnchorFit {
+    /// The first set, which also measures the map's scale and fit: the embedding rows of the
+    /// shared tokens.
+    pub fn new(mut e_s: Mat<f32>, mut e_t: Mat<f32>) -> Result<Self> {
         let (n, d_s, d_t) = (e_s.nrows(), e_s.ncols(), e_t.ncols());
         if n < d_s.min(d_t) {
             return Err(Error::Numerical {
@@ -81,39 +104,54 @@ impl ResidualMap {
                 ),
             });
         }
-        let xs = centered(e_s);
-        let xt = centered(e_t);
-        // Orientation from row-normalized anchors (every token counts alike), scale from the
-        // raw ones.
-        let mut cross = cross_of(&normalized_rows(&xs), &normalized_rows(&xt));
-        if let Some((l_s, l_t)) = second {
-            cross += cross_of(
-                &normalized_rows(&centered(l_s)),
-                &normalized_rows(&centered(l_t)),
-            );
-        }
-        let polar = polar_parts(&cross, 0.0)?;
-        let q_t = polar.factor; // d_s × d_t: Qᵀ
-                                // The scale and the fit are two numbers: evenly spaced anchors measure them well.
+        center(&mut e_s);
+        center(&mut e_t);
         let step = n.div_ceil(SCALE_ANCHORS).max(1);
         let picked: Vec<usize> = (0..n).step_by(step).collect();
         let pick = |x: &Mat<f32>| Mat::from_fn(picked.len(), x.ncols(), |i, j| x[(picked[i], j)]);
-        let (xs, xt) = (pick(&xs), pick(&xt));
+        let picked = (pick(&e_s), pick(&e_t));
+        // Orientation from row-normalized anchors (every token counts alike), scale from the
+        // raw ones.
+        normalize_rows(&mut e_s);
+        normalize_rows(&mut e_t);
+        Ok(AnchorFit {
+            cross: cross_of(&e_s, &e_t),
+            picked,
+            n,
+        })
+    }
+
+    /// Another set that adds to the orientation's evidence (the untied output embeddings'
+    /// rows).
+    pub fn add(&mut self, mut l_s: Mat<f32>, mut l_t: Mat<f32>) {
+        center(&mut l_s);
+        center(&mut l_t);
+        normalize_rows(&mut l_s);
+        normalize_rows(&mut l_t);
+        self.cross += cross_of(&l_s, &l_t);
+    }
+
+    /// The map: the polar factor of the cross-covariance, scaled to the first set.
+    pub fn finish(self) -> Result<ResidualMap> {
+        let polar = polar_parts(&self.cross, 0.0)?;
+        drop(self.cross);
+        let q_t = polar.factor; // d_s × d_t: Qᵀ
+        let (xs, xt) = self.picked;
         let rotated = mm_parallel(xs.as_ref(), q_t.as_ref()); // picked × d_t
         let num = zip_sum(&rotated, &xt);
         let den = zip_sum(&rotated, &rotated);
         let mu = if den > 0.0 { num / den } else { 1.0 };
         let (mut err, mut total) = (0.0, 0.0);
-        for j in 0..d_t {
-            for i in 0..picked.len() {
+        for j in 0..xt.ncols() {
+            for i in 0..xt.nrows() {
                 let d = xt[(i, j)] as f64 - mu * rotated[(i, j)] as f64;
                 err += d * d;
                 total += (xt[(i, j)] as f64).powi(2);
             }
         }
-        let mut map = Self::from_orientation(q_t, mu);
+        let mut map = ResidualMap::from_orientation(q_t, mu);
         map.orthonormal = polar.dropped == 0;
-        map.shared_tokens = n;
+        map.shared_tokens = self.n;
         map.relative_residual = Some((err / total.max(f64::MIN_POSITIVE)).sqrt());
         Ok(map)
     }
@@ -185,25 +223,25 @@ pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     })
 }
 
-fn centered(x: &Mat<f32>) -> Mat<f32> {
+/// Subtracts each column's mean (taken in f64).
+fn center(x: &mut Mat<f32>) {
     let n = x.nrows().max(1) as f64;
-    let mean: Vec<f64> = (0..x.ncols())
-        .map(|j| (0..x.nrows()).map(|i| x[(i, j)] as f64).sum::<f64>() / n)
-        .collect();
-    Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
-        (x[(i, j)] as f64 - mean[j]) as f32
-    })
+    for j in 0..x.ncols() {
+        let mean = x.col(j).iter().map(|&v| v as f64).sum::<f64>() / n;
+        x.col_mut(j)
+            .iter_mut()
+            .for_each(|v| *v = (*v as f64 - mean) as f32);
+    }
 }
 
-fn normalized_rows(x: &Mat<f32>) -> Mat<f32> {
+/// Scales each row to unit length (a zero row stays zero).
+fn normalize_rows(x: &mut Mat<f32>) {
     let norms = super::matching::row_norms(x);
-    Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
-        if norms[i] > 0.0 {
-            x[(i, j)] / norms[i]
-        } else {
-            0.0
+    for j in 0..x.ncols() {
+        for (v, &norm) in x.col_mut(j).iter_mut().zip(&norms) {
+            *v = if norm > 0.0 { *v / norm } else { 0.0 };
         }
-    })
+    }
 }
 
 fn zip_sum(a: &Mat<f32>, b: &Mat<f32>) -> f64 {
@@ -230,7 +268,7 @@ mod tests {
         let e_s = gaussian(n, d_s, 1);
         let q = gaussian(d_t, d_s, 2).qr().compute_thin_Q(); // d_t × d_s, QᵀQ = I
         let e_t = &e_s * q.transpose() * faer::Scale(3.0f32);
-        let map = ResidualMap::fit(&e_s, &e_t, None).unwrap();
+        let map = ResidualMap::fit(e_s, e_t, None).unwrap();
         let want = &q * faer::Scale(3.0f32);
         let m = map.write(Mat::<f32>::identity(d_s, d_s).as_ref());
         let err = (&m - &want).norm_max();

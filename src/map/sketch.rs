@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::backend::Backend;
 use crate::linalg::philox::philox4x32_10;
-use crate::linalg::RowMajor;
+use crate::linalg::stored::Stored;
 
 /// Sketch width of the head comparisons.
 pub const SKETCH: usize = 128;
@@ -88,35 +88,40 @@ impl SignSketch {
 
     /// `w diag(g) R` for a reading weight `w` (`n × d`): per row, its entries (signed, scaled by
     /// their gains) summed a bucket-wide stretch at a time.
-    pub fn rows(&self, w: &RowMajor, g: &[f32]) -> Mat<f32> {
-        assert_eq!(w.cols, self.sign.len(), "sketch width");
+    pub fn rows(&self, w: &Stored<'_>, g: &[f32]) -> Mat<f32> {
+        assert_eq!(w.ncols(), self.sign.len(), "sketch width");
         let signed: Vec<f32> = self.sign.iter().zip(g).map(|(s, g)| s * g).collect();
         let k = self.width;
-        let mut out = vec![0f32; w.rows * k];
-        out.par_chunks_mut(k).enumerate().for_each(|(r, acc)| {
-            for (x, s) in w.row(r).chunks(k).zip(signed.chunks(k)) {
-                for ((a, &x), &s) in acc.iter_mut().zip(x).zip(s) {
-                    *a += x * s;
+        let mut out = vec![0f32; w.nrows() * k];
+        out.par_chunks_mut(k).enumerate().for_each_init(
+            || vec![0f32; w.ncols()],
+            |row, (r, acc)| {
+                w.row_into(r, row);
+                for (x, s) in row.chunks(k).zip(signed.chunks(k)) {
+                    for ((a, &x), &s) in acc.iter_mut().zip(x).zip(s) {
+                        *a += x * s;
+                    }
                 }
-            }
-        });
-        Mat::from_fn(w.rows, k, |i, j| out[i * k + j])
+            },
+        );
+        Mat::from_fn(w.nrows(), k, |i, j| out[i * k + j])
     }
 
     /// `wᵀ R` for a writing weight `w` (`d × n`), whose columns are the units: each row of w,
     /// signed, added into its bucket, a chunk of units at a time.
-    pub fn columns(&self, w: &RowMajor) -> Mat<f32> {
-        assert_eq!(w.rows, self.sign.len(), "sketch width");
-        let n = w.cols;
+    pub fn columns(&self, w: &Stored<'_>) -> Mat<f32> {
+        assert_eq!(w.nrows(), self.sign.len(), "sketch width");
+        let n = w.ncols();
         let chunks: Vec<Vec<f32>> = (0..n.div_ceil(COLUMN_CHUNK))
             .into_par_iter()
             .map(|c| {
                 let (start, len) = (c * COLUMN_CHUNK, COLUMN_CHUNK.min(n - c * COLUMN_CHUNK));
                 let mut acc = vec![0f32; self.width * len]; // bucket-major
+                let mut row = vec![0f32; len];
                 for (i, &s) in self.sign.iter().enumerate() {
-                    let (row, b) = (&w.row(i)[start..start + len], i % self.width);
-                    let dst = &mut acc[b * len..(b + 1) * len];
-                    for (d, &x) in dst.iter_mut().zip(row) {
+                    w.row_part_into(i, start..start + len, &mut row);
+                    let dst = &mut acc[(i % self.width) * len..(i % self.width + 1) * len];
+                    for (d, &x) in dst.iter_mut().zip(&row) {
                         *d += s * x;
                     }
                 }
@@ -147,8 +152,10 @@ pub fn fold(x: &Mat<f32>, width: usize) -> Mat<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::safetensors::FloatType;
     use crate::linalg::philox::gaussian_matrix;
 
+    /// On bf16 weights, read as stored a row (or a row's stretch) at a time.
     #[test]
     fn the_one_pass_sketches_are_the_dense_products() {
         // Widths that leave partial chunks and stretches.
@@ -164,16 +171,16 @@ mod tests {
             assert_eq!(row.len(), 1);
             assert_eq!(row[0].abs(), 1.0);
         }
-        let reads = gaussian_matrix(3, 1, n, d);
+        let reads = Stored::from_mat(gaussian_matrix(3, 1, n, d).as_ref(), FloatType::Bf16);
         let gains: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
         let scaled = Mat::from_fn(d, width, |i, j| gains[i] * r[(i, j)]);
-        let want = &reads * &scaled;
-        let got = sketch.rows(&RowMajor::from_mat(&reads), &gains);
+        let want = reads.to_mat() * &scaled;
+        let got = sketch.rows(&reads, &gains);
         let err = (&got - &want).norm_max() / want.norm_max();
         assert!(err < 1e-5, "rows off by {err}");
-        let writes = gaussian_matrix(3, 2, d, n);
-        let want = writes.transpose() * &r;
-        let got = sketch.columns(&RowMajor::from_mat(&writes));
+        let writes = Stored::from_mat(gaussian_matrix(3, 2, d, n).as_ref(), FloatType::Bf16);
+        let want = writes.to_mat().transpose() * &r;
+        let got = sketch.columns(&writes);
         let err = (&got - &want).norm_max() / want.norm_max();
         assert!(err < 1e-5, "columns off by {err}");
     }

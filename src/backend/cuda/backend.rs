@@ -329,6 +329,17 @@ impl Backend for CudaBackend {
         self.product(basis.side(side).transpose(), m)
     }
 
+    /// Dense on the device: W is decoded for the one product and dropped after it.
+    fn stored_product(
+        &self,
+        w: &crate::linalg::stored::Stored<'_>,
+        x: MatRef<'_, f32>,
+        transpose: bool,
+    ) -> Result<Mat<f32>> {
+        let w = w.to_mat();
+        self.product(if transpose { w.transpose() } else { w.as_ref() }, x)
+    }
+
     fn basis_mul_add(
         &self,
         m: MatRef<'_, f32>,
