@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Step<'a> {
     /// The stage: `transfer` or `inspect` (units: module pairs); in map mode, before the
-    /// transfer, `depth` (units: the layers of both models whose signatures the depth map
+    /// transfer, `residual` (units: the bottom residual map's anchor sets, then its polar
+    /// factor), `depth` (units: the layers of both models whose signatures the depth map
     /// compares, when depths differ) and `map` (units: target layers).
     pub stage: &'a str,
     pub done: u64,

@@ -224,13 +224,19 @@ fn stage(seen: &[(String, u64, u64)], name: &str) -> Vec<(u64, u64)> {
 fn the_map_stages_report_progress_and_stop_when_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     write_pair(dir.path(), 5, &[0, 2, 3, 4], 21);
-    // Depth: the signatures of 5 source and 4 target layers; map: the 4 target layers; then the
+    // Residual: the embeddings' anchor set (no untied output embeddings), then the polar factor;
+    // depth: the signatures of 5 source and 4 target layers; map: the 4 target layers; then the
     // 28 modules. Stages arrive in that order, each from 0 to its total.
     let (report, seen) = map_job(dir.path(), "out", None);
     report.unwrap();
     let order: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
     let first = |name: &str| order.iter().position(|s| *s == name).unwrap();
+    assert!(first("residual") < first("depth"));
     assert!(first("depth") < first("map") && first("map") < first("transfer"));
+    assert_eq!(
+        stage(&seen, "residual"),
+        (0..=2).map(|d| (d, 2)).collect::<Vec<_>>()
+    );
     assert_eq!(
         stage(&seen, "depth"),
         (0..=9).map(|d| (d, 9)).collect::<Vec<_>>()
@@ -241,9 +247,13 @@ fn the_map_stages_report_progress_and_stop_when_cancelled() {
     );
     assert_eq!(stage(&seen, "transfer").last(), Some(&(28, 28)));
 
-    // Cancelled inside each map stage: the job stops at the next layer, before any module,
+    // Cancelled inside each map stage: the job stops at the next step, before any module,
     // and writes nothing.
-    for (at, out) in [(("depth", 3), "cancel-depth"), (("map", 1), "cancel-map")] {
+    for (at, out) in [
+        (("residual", 1), "cancel-residual"),
+        (("depth", 3), "cancel-depth"),
+        (("map", 1), "cancel-map"),
+    ] {
         let (report, seen) = map_job(dir.path(), out, Some(at));
         assert!(
             matches!(report, Err(loraxfer::error::Error::Cancelled)),

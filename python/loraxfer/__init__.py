@@ -10,7 +10,8 @@ the same checks and the same error messages, raised as `LoraxferError` (or one o
 subclasses). Models and adapters are directories, `.gguf` files, or hub names (`org/name`,
 `org/name@revision`) already in the local Hugging Face cache. The engine runs with the GIL
 released; `progress(stage, done, total)`, if given, is called on the calling thread after each
-unit of a stage (stages: `depth` and `map`, counting layers, in map mode; then `transfer` or
+unit of a stage (stages, in map mode: `residual`, counting the residual map's steps, then `depth`
+and `map`, counting layers; then `transfer` or
 `inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
 written.
 """
@@ -79,7 +80,8 @@ def transfer(
     LORAXFER_CACHE_DIR environment variable, as on the command line, when None).
     threshold, modules, layer_map, map_*: as the command line's flags of the same names.
     progress: called as progress(stage, done, total) on this thread after each unit: the
-    layers of the map stages `depth` and `map` (map mode), then the modules of `transfer`.
+    steps of the map stage `residual`, the layers of `depth` and `map` (map mode), then the
+    modules of `transfer`.
     """
     values = dict(locals())
     callback = values.pop("progress")

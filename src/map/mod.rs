@@ -127,6 +127,7 @@ pub fn bottom_residual(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     options: &MapOptions,
+    progress: &crate::progress::Progress,
 ) -> Result<ResidualMap> {
     if options.residual == ResidualFit::Identity {
         return Ok(ResidualMap::identity(
@@ -134,7 +135,7 @@ pub fn bottom_residual(
             target.ckpt.config.hidden_size,
         ));
     }
-    with_all_cores(|| fit_residual(source, target))
+    with_all_cores(|| fit_residual(source, target, progress))
 }
 
 /// Runs `f` with faer on every core, then puts faer back to sequential: the map is built before
@@ -280,7 +281,15 @@ pub const ANCHORS_PER_WIDTH: usize = 3;
 pub const MIN_ANCHORS: usize = 4096;
 
 /// The residual map from the shared tokens' embedding rows (scaled as each family scales them).
-fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<ResidualMap> {
+///
+/// Progress: stage `residual`, one step per anchor set folded in and one for the polar factor
+/// (at Llama-3.1-70B widths two minutes on two cores, most of it the polar factor); a cancelled
+/// job stops between steps.
+fn fit_residual(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    progress: &crate::progress::Progress,
+) -> Result<ResidualMap> {
     let vs = source.ckpt.vocab()?;
     let vt = target.ckpt.vocab()?;
     let (es_name, et_name) = (
@@ -330,11 +339,6 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
         }
         Ok::<_, Error>(out)
     };
-    // One anchor set at a time: each is folded into the fit and dropped before the next is read.
-    let mut fit = AnchorFit::new(
-        gather(source, &es_name, &|p| p.0, None)?,
-        gather(target, &et_name, &|p| p.1, None)?,
-    )?;
     // Untied output embeddings are a second anchor set: their rows read the final norm's output,
     // so its gains are folded in like a block's.
     let lm = |side: &ModelSide<'_>| -> Option<(String, String)> {
@@ -347,7 +351,17 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
             .top_level_name(&side.prefix, &side.arch.residual.final_norm);
         Some((name, norm))
     };
-    if let (Some((ls, ns)), Some((lt, nt))) = (lm(source), lm(target)) {
+    let second = lm(source).zip(lm(target));
+    let bar = progress.start("residual", "steps", 2 + second.is_some() as u64);
+    // One anchor set at a time: each is folded into the fit and dropped before the next is read.
+    bar.check()?;
+    let mut fit = AnchorFit::new(
+        gather(source, &es_name, &|p| p.0, None)?,
+        gather(target, &et_name, &|p| p.1, None)?,
+    )?;
+    bar.step();
+    if let Some(((ls, ns), (lt, nt))) = second {
+        bar.check()?;
         let gain = |side: &ModelSide<'_>, norm: &str| -> Result<Option<Vec<f32>>> {
             if !side.ckpt.has(norm) {
                 return Ok(None);
@@ -361,8 +375,13 @@ fn fit_residual(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Residu
             gather(source, &ls, &|p| p.0, gs.as_deref())?,
             gather(target, &lt, &|p| p.1, gt.as_deref())?,
         );
+        bar.step();
     }
-    fit.finish()
+    bar.check()?;
+    let map = fit.finish()?;
+    bar.step();
+    bar.finish();
+    Ok(map)
 }
 
 /// A whole tensor as a matrix (a 1-D tensor as one row).

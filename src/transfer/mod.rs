@@ -223,7 +223,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         let map_options = map_options(&options);
         let start = timings.time(Phase::Map, || -> Result<_> {
             let clock = Instant::now();
-            let residual = crate::map::bottom_residual(&s, &t, &map_options)?;
+            let residual = crate::map::bottom_residual(&s, &t, &map_options, &job.progress)?;
             job.progress.check()?;
             let mut times = BTreeMap::new();
             times.insert("residual".to_string(), clock.elapsed().as_secs_f64() * 1e3);

@@ -245,8 +245,9 @@ def test_inspect_equals_the_cli(zoo, binary):
 
 
 def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
-    """Across depths (tiny Qwen2, 4 layers → tiny Llama, 6) the map mode first compares the
-    layers of both models (stage `depth`) and builds each target layer's map (stage `map`), then
+    """Across depths (tiny Qwen2, 4 layers → tiny Llama, 6) the map mode first fits the residual
+    map on the shared tokens (stage `residual`: its anchor sets, then the polar factor), compares
+    the layers of both models (stage `depth`) and builds each target layer's map (stage `map`), then
     runs the modules (`transfer`); a callback that raises inside the map stage stops the job
     there, before any module, with nothing written."""
     for like, out in [("tiny-qwen2", "source"), ("tiny-llama", "target")]:
@@ -258,7 +259,10 @@ def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
     loraxfer.transfer(*args, tmp_path / "out", mode="map", progress=lambda *s: seen.append(s),
                       **FAST)
     stages = [s[0] for s in seen]
-    assert stages == sorted(stages, key=["depth", "map", "transfer"].index), stages
+    assert stages == sorted(stages, key=["residual", "depth", "map", "transfer"].index), stages
+    residual = [s for s in seen if s[0] == "residual"]
+    assert residual[0][2] in (2, 3)
+    assert residual == [("residual", i, residual[0][2]) for i in range(residual[0][2] + 1)]
     assert [s for s in seen if s[0] == "depth"] == [("depth", i, 10) for i in range(11)]
     assert [s for s in seen if s[0] == "map"] == [("map", i, 6) for i in range(7)]
     assert seen[-1] == ("transfer", 6 * 7, 6 * 7)
