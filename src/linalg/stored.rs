@@ -60,10 +60,6 @@ impl<'a> Stored<'a> {
         self.cols
     }
 
-    pub fn float_type(&self) -> FloatType {
-        self.ty
-    }
-
     /// The bytes of rows `r`.
     fn row_bytes(&self, r: Range<usize>) -> &[u8] {
         let width = self.cols * self.ty.size();
@@ -80,13 +76,6 @@ impl<'a> Stored<'a> {
     /// Row `i`, decoded into `out` (`cols` values).
     pub fn row_into(&self, i: usize, out: &mut [f32]) {
         self.row_part_into(i, 0..self.cols, out);
-    }
-
-    /// Entry `(i, j)`.
-    pub fn get(&self, i: usize, j: usize) -> f32 {
-        let mut v = [0f32];
-        self.row_part_into(i, j..j + 1, &mut v);
-        v[0]
     }
 
     /// Rows `r` as the banded products read them.
@@ -112,13 +101,18 @@ impl<'a> Stored<'a> {
         out
     }
 
+    /// The row ranges of the bands, as the CPU decomposition cuts them (they depend on the
+    /// shape alone).
+    fn bands(&self) -> Vec<Range<usize>> {
+        self.rows_of(0..self.rows)
+            .bands(BAND_ELEMENTS, MIN_BAND_ROWS)
+            .collect()
+    }
+
     /// `W·X` on every core: each band of rows decoded and multiplied by one task.
     pub fn mul(&self, x: MatRef<'_, f32>) -> Mat<f32> {
         assert_eq!(x.nrows(), self.cols, "W·X shapes");
-        let bands: Vec<Range<usize>> = self
-            .rows_of(0..self.rows)
-            .bands(BAND_ELEMENTS, MIN_BAND_ROWS)
-            .collect();
+        let bands = self.bands();
         let parts: Vec<Mat<f32>> = bands
             .par_iter()
             .map(|r| Bands::new(self.rows_of(r.clone())).mul(x))
@@ -134,11 +128,8 @@ impl<'a> Stored<'a> {
     /// the partials then summed in order.
     pub fn mul_t(&self, x: MatRef<'_, f32>) -> Mat<f32> {
         assert_eq!(x.nrows(), self.rows, "Wᵀ·X shapes");
-        let bands: Vec<Range<usize>> = self
-            .rows_of(0..self.rows)
-            .bands(BAND_ELEMENTS, MIN_BAND_ROWS)
-            .collect();
-        let groups: Vec<Range<usize>> = bands
+        let groups: Vec<Range<usize>> = self
+            .bands()
             .chunks(BANDS_PER_PARTIAL)
             .map(|g| g[0].start..g[g.len() - 1].end)
             .collect();
@@ -163,8 +154,8 @@ mod tests {
     use crate::linalg::philox::gaussian_matrix;
 
     /// The parallel banded products equal the dense ones on the decoded matrix (4 bands at
-    /// 1100 × 3000; 11 bands in two partials at 2600 × 4096), for every stored type, and a matrix's entries,
-    /// rows and parts read back as stored.
+    /// 1100 × 3000; 11 bands in two partials at 2600 × 4096), for every stored type, and a
+    /// matrix's rows and row parts read back as stored.
     #[test]
     fn stored_products_match_dense_products() {
         for (rows, cols, ty) in [
@@ -194,7 +185,7 @@ mod tests {
             assert!((0..cols).all(|j| row[j] == dense[(rows - 1, j)]));
             let mut part = vec![0f32; 5];
             w.row_part_into(2, 7..12, &mut part);
-            assert!((0..5).all(|j| part[j] == dense[(2, 7 + j)] && part[j] == w.get(2, 7 + j)));
+            assert!((0..5).all(|j| part[j] == dense[(2, 7 + j)]));
         }
     }
 
