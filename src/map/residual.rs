@@ -183,34 +183,39 @@ pub(crate) struct Polar {
 /// zero.
 pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     let wide = c.nrows() <= c.ncols();
-    let gram = if wide {
-        mm_parallel(c.as_ref(), c.transpose())
-    } else {
-        mm_parallel(c.transpose(), c.as_ref())
+    // Each intermediate is dropped as soon as the next exists: at 8192 wide each is 256 MB in
+    // f32 and 512 MB in f64.
+    let gram = {
+        let gram = if wide {
+            mm_parallel(c.as_ref(), c.transpose())
+        } else {
+            mm_parallel(c.transpose(), c.as_ref())
+        };
+        Mat::<f64>::from_fn(gram.nrows(), gram.ncols(), |i, j| gram[(i, j)] as f64)
     };
-    let gram = Mat::<f64>::from_fn(gram.nrows(), gram.ncols(), |i, j| gram[(i, j)] as f64);
     let evd = gram
         .self_adjoint_eigen(faer::Side::Lower)
         .map_err(|e| Error::Numerical {
             context: "map: residual map".into(),
             reason: format!("eigendecomposition of the anchors' Gram matrix failed: {e:?}"),
         })?;
+    drop(gram);
     let (u, lambda) = (evd.U(), evd.S().column_vector());
     let top = (0..lambda.nrows()).map(|i| lambda[i]).fold(0.0, f64::max);
     let bar = top.max(top_floor) * POLAR_CUTOFF;
     let dropped = (0..lambda.nrows()).filter(|&j| lambda[j] <= bar).count();
-    let scaled = Mat::from_fn(u.nrows(), u.ncols(), |i, j| {
+    let scaled = Mat::<f32>::from_fn(u.nrows(), u.ncols(), |i, j| {
         let l = lambda[j];
         if l > bar {
-            u[(i, j)] / l.sqrt()
+            (u[(i, j)] / l.sqrt()) as f32
         } else {
             0.0
         }
     });
-    let to32 = |m: faer::MatRef<'_, f64>| {
-        Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
-    };
-    let root = mm_parallel(to32(scaled.as_ref()).as_ref(), to32(u).transpose());
+    let u32 = Mat::<f32>::from_fn(u.nrows(), u.ncols(), |i, j| u[(i, j)] as f32);
+    drop(evd);
+    let root = mm_parallel(scaled.as_ref(), u32.transpose());
+    drop((scaled, u32));
     let factor = if wide {
         mm_parallel(root.as_ref(), c.as_ref())
     } else {
