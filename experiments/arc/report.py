@@ -6,7 +6,9 @@ Per target model: the headline table on all 1172 ARC-Challenge items (the rows e
 all of them) and the table of every row on the seeded 500-item sample (rows evaluated on all
 items enter it restricted to the sample's items), each against the base and the LoRA trained
 directly on that target; then each row's per-module-type summary beside its accuracy, and for
-the pruned sibling how much of the true correspondence each map transfer recovered. Transfer
+the pruned sibling how much of the true correspondence each map transfer recovered; where a
+second direct LoRA (another seed) was evaluated, each row's agreement and KL with the direct
+LoRA against that seed's: the noise floor of "closer to the direct LoRA". Transfer
 reports are read from --transfers when they are there; what is computed from them is kept in
 the results folder, so the tables can be printed again without them.
 """
@@ -14,11 +16,12 @@ the results folder, so the tables can be printed again without them.
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import tempfile
 
-from table import print_table
+from table import choice_distribution, paired_interval, predictions, print_table
 
 ROWS_FIRST = ("direct", "copy", "rotate", "map")
 
@@ -68,6 +71,38 @@ def table(model, rows, tmp):
     print_table(paths, baseline=base, reference=ref)
 
 
+def item_kl(ref, r):
+    """Per item: KL(reference ‖ row) of the choice distributions."""
+    out = []
+    for a, b in zip(ref["logprobs"], r["logprobs"]):
+        p, q = choice_distribution(a), choice_distribution(b)
+        out.append(sum(x * (math.log(x) - math.log(max(y, 1e-300))) for x, y in zip(p, q) if x > 0))
+    return out
+
+
+def noise_floor(model, rows):
+    """How far each row is from the direct LoRA, against how far the same training with another
+    seed is: per item, agreement with the direct LoRA's prediction and KL(direct ‖ row), each
+    row minus the other seed, with paired bootstrap intervals (negative agreement, positive KL:
+    farther from the direct LoRA than retraining is)."""
+    ref = rows.get(model + "+direct")
+    seeds = sorted(n for n in rows if n.startswith(model + "+direct-seed"))
+    if ref is None or not seeds:
+        return
+    floor = rows[seeds[0]]
+    agree = lambda r: [float(a == b) for a, b in zip(predictions(r), predictions(ref))]
+    floor_agree, floor_kl = agree(floor), item_kl(ref, floor)
+    print(f"\n#### {model}: against the noise floor ({seeds[0].split('+', 1)[1]} vs direct)\n")
+    print("| row | agrees with direct | − the other seed's (95 % CI) | KL(direct ‖ row) | − the other seed's (95 % CI) |")
+    print("|---|---:|---|---:|---|")
+    for name in order([n for n in rows if n not in (model, model + "+direct", *seeds)], model):
+        r = rows[name]
+        a, k = agree(r), item_kl(ref, r)
+        da, dk = paired_interval(a, floor_agree), paired_interval(k, floor_kl)
+        print(f"| {name} | {sum(a) / len(a):.3f} | {da[0]:+.3f} ({da[1]:+.3f}, {da[2]:+.3f}) "
+              f"| {sum(k) / len(k):.4f} | {dk[0]:+.4f} ({dk[1]:+.4f}, {dk[2]:+.4f}) |")
+
+
 def recovery(report, truth):
     """Shares of the pruned sibling's true correspondence a map transfer found."""
     layers = truth["layers"]
@@ -112,6 +147,7 @@ def tables(args, tmp):
         if full:
             print(f"\n### {model}: all 1172 ARC-Challenge test items\n")
             table(model, {n: load(p) for n, p in full.items()}, tmp)
+            noise_floor(model, {n: load(p) for n, p in full.items()})
         if sample:
             ids = load(next(iter(sample.values())))["ids"]
             rows = {n: restrict(load(p), ids) for n, p in full.items()}

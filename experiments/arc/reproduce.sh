@@ -9,7 +9,8 @@
 #      and the activation-fitted upper bound (activation_map.py)
 #   5. ARC-Challenge test: every row on a seeded 500-item sample; base, direct LoRA, copy and
 #      each pair's best mode on all 1172 items
-#   6. LoRAs trained directly on each target, and the tables
+#   6. LoRAs trained directly on each target (on the next release a second one, seed 1: the
+#      noise floor of agreement and KL with the direct LoRA), and the tables
 # Each step is skipped when its output exists, so an interrupted run resumes. Evaluations are
 # kept in experiments/arc/results (per item, so any later table can be recomputed); models,
 # adapters and transfers go under $ARC_WORK (default experiments/arc/work).
@@ -113,6 +114,7 @@ evaluate() {
   for label in "$@"; do
     local path="$T/$label"
     [[ $label == direct || $label == lora ]] && path="$A/$model"
+    [[ $label == direct-seed* ]] && path="$A/$model-${label#direct-}"
     [[ -f $dir/$model+$label.json || -f $all/$model+$label.json ]] || args+=(--adapter "$label=$path")
   done
   [[ ${#args[@]} -gt 0 || ${#base[@]} == 0 ]] || return 0
@@ -121,6 +123,10 @@ evaluate() {
 }
 direct() { # target: its own LoRA (the ceiling a transfer is measured against)
   [[ -d $A/$1 ]] || timed "train-$1" "$PY" train_lora.py --model "$M/$1" --out "$A/$1" --data "$DATA"
+}
+direct_seed() { # target, seed: another direct LoRA, whose distance to the first is the noise floor
+  [[ -d $A/$1-seed$2 ]] || timed "train-$1-seed$2" "$PY" train_lora.py --model "$M/$1" --out "$A/$1-seed$2" \
+    --data "$DATA" --seed "$2"
 }
 # Gemma3's heads are 256 wide against SmolLM2's 64: heads of different sizes can only be paired
 # by the inner fit, so the index ablation (inner maps by position) does not apply there.
@@ -157,6 +163,9 @@ for pair in ${pairs//,/ }; do
       evaluate $t 500 next-rotate $(ablation_rows next) next-project-k256 next-align-k256
       direct $t
       evaluate $t "$((headline ? 0 : 500))" direct
+      # The noise floor of "closer to the direct LoRA": the same training with another seed.
+      direct_seed $t 1
+      evaluate $t "$((headline ? 0 : 500))" direct-seed1
       activation next-activation $t
       evaluate $t 500 next-activation
       ;;
