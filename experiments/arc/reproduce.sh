@@ -9,8 +9,8 @@
 #      and the activation-fitted upper bound (activation_map.py)
 #   5. ARC-Challenge test: every row on a seeded 500-item sample; base, direct LoRA, copy and
 #      each pair's best mode on all 1172 items
-#   6. LoRAs trained directly on each target (on the next release a second one, seed 1: the
-#      noise floor of agreement and KL with the direct LoRA), and the tables
+#   6. LoRAs trained directly on each target (on the next release and Gemma3 a second one, seed
+#      1: the noise floor of agreement and KL with the direct LoRA), and the tables
 # Each step is skipped when its output exists, so an interrupted run resumes. Evaluations are
 # kept in experiments/arc/results (per item, so any later table can be recomputed); models,
 # adapters and transfers go under $ARC_WORK (default experiments/arc/work).
@@ -182,6 +182,8 @@ for pair in ${pairs//,/ }; do
       evaluate $t 500 $(ablation_rows gemma) gemma-map-depth-linear
       direct $t
       evaluate $t "$((headline ? 0 : 500))" direct
+      direct_seed $t 1
+      evaluate $t "$((headline ? 0 : 500))" direct-seed1
       activation gemma-activation $t "$(layer_map_of gemma-map)"
       evaluate $t 500 gemma-align-k256 gemma-resample gemma-activation
       ;;
