@@ -253,3 +253,38 @@ emulator_test! {
         );
     }
 }
+
+emulator_test! {
+    /// The map mode's products with a weight as stored, on the device (its W·Z and Wᵀ·Q kernels,
+    /// tensor cores for the 16-bit types): the CPU's banded products to f32 rounding, for every
+    /// stored type, both directions, on shapes that leave partial tiles, and a shape mismatch is
+    /// an error.
+    fn stored_products_on_the_emulator_match_the_cpu() {
+        use loraxfer::backend::Backend;
+        use loraxfer::linalg::stored::Stored;
+        let seed = fresh_seed();
+        let backend = cuda::emulator_backend().unwrap();
+        let gaussian = |rows: usize, cols: usize, stream: u64| {
+            faer::Mat::from_fn(rows, cols, |i, j| {
+                loraxfer::linalg::philox::gaussian4(seed, stream, i as u32, j as u32 / 4)[j % 4]
+            })
+        };
+        for (ty, (m, n, l)) in [
+            (FloatType::Bf16, (130, 75, 17)),
+            (FloatType::F16, (67, 140, 33)),
+            (FloatType::F32, (96, 50, 8)),
+        ] {
+            let w = Stored::from_mat(gaussian(m, n, 1).as_ref(), ty);
+            for transpose in [false, true] {
+                let x = gaussian(if transpose { m } else { n }, l, 2);
+                let want = if transpose { w.mul_t(x.as_ref()) } else { w.mul(x.as_ref()) };
+                let got = backend.stored_product(&w, x.as_ref(), transpose).unwrap();
+                let err = (&got - &want).norm_max() / want.norm_max();
+                assert!(err < 1e-5, "{ty:?} {m}x{n} transpose {transpose}: {err} (seed {seed})");
+            }
+            let wrong = gaussian(n + 1, l, 3);
+            let err = backend.stored_product(&w, wrong.as_ref(), false).unwrap_err().to_string();
+            assert!(err.contains(&format!("{m}×{n} weight")), "{err}");
+        }
+    }
+}

@@ -60,6 +60,11 @@ impl<'a> Stored<'a> {
         self.cols
     }
 
+    /// The bytes and their type, as stored (what a device uploads).
+    pub fn raw(&self) -> (&[u8], FloatType) {
+        (&self.bytes, self.ty)
+    }
+
     /// The bytes of rows `r`.
     fn row_bytes(&self, r: Range<usize>) -> &[u8] {
         let width = self.cols * self.ty.size();

@@ -329,15 +329,38 @@ impl Backend for CudaBackend {
         self.product(basis.side(side).transpose(), m)
     }
 
-    /// Dense on the device: W is decoded for the one product and dropped after it.
+    /// W goes to the device as stored (half the bytes of f32 for a 16-bit weight) and the
+    /// decomposition's W·Z / Wᵀ·Q kernels multiply it: on tensor cores for f16 and bf16 weights.
     fn stored_product(
         &self,
         w: &crate::linalg::stored::Stored<'_>,
         x: MatRef<'_, f32>,
         transpose: bool,
     ) -> Result<Mat<f32>> {
-        let w = w.to_mat();
-        self.product(if transpose { w.transpose() } else { w.as_ref() }, x)
+        let (m, n, l) = (w.nrows(), w.ncols(), x.ncols());
+        let (inner, rows) = if transpose { (m, n) } else { (n, m) };
+        if x.nrows() != inner {
+            return Err(Error::internal(format!(
+                "product of a {m}×{n} weight{} and a {}×{l} matrix",
+                if transpose { " (transposed)" } else { "" },
+                x.nrows()
+            )));
+        }
+        if m == 0 || n == 0 || l == 0 {
+            return Ok(Mat::zeros(rows, l));
+        }
+        let gpu = &self.ops.gpu;
+        let (bytes, ty) = w.raw();
+        let dw = gpu.upload_bytes(bytes, "a weight of the map")?;
+        let dx = gpu.upload(&row_major(x), "a panel of the map")?;
+        let c = gpu.zeros::<f32>(rows * l, "a product of the map")?;
+        self.ops
+            .w_product(transpose, &c, &dw, ty, &dx, (m, n, l), 1)?;
+        Ok(from_row_major(
+            &gpu.download::<f32>(c.ptr(), rows * l)?,
+            rows,
+            l,
+        ))
     }
 
     fn basis_mul_add(
