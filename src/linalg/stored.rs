@@ -1,8 +1,8 @@
 //! A weight as the checkpoint stores it (bf16, f16 or f32 bytes, row-major), read where it lies:
 //! the map mode holds a layer's fourteen projection weights (seven per model) while it builds
-//! that layer's map, and as f32 copies they were most of its memory (8.7 GB at Llama-3.1-70B
-//! widths). Borrowed from a memory-mapped safetensors file they cost no anonymous memory at all;
-//! the products decode them a band of rows at a time ([`crate::backend::cpu::rsvd::Bands`]).
+//! that layer's map, and as f32 copies they are 6.8 GB at Llama-3.1-70B widths. Borrowed from a
+//! memory-mapped safetensors file they cost no anonymous memory at all; the products decode them
+//! a band of rows at a time ([`crate::backend::cpu::rsvd::Bands`]).
 
 use std::borrow::Cow;
 use std::ops::Range;
