@@ -215,7 +215,7 @@ pub trait Backend: Sync {
 
     /// `W·X`, or `Wᵀ·X` with `transpose`, for a weight as the checkpoint stores it: the map
     /// mode's products with the layers' weights. The CPU decodes W a band of rows at a time on
-    /// every core, never whole; a device backend may take it dense.
+    /// every core, never whole; the CUDA backend uploads the bytes as stored.
     fn stored_product(
         &self,
         w: &Stored<'_>,

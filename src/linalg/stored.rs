@@ -93,7 +93,8 @@ impl<'a> Stored<'a> {
         }
     }
 
-    /// The whole matrix in f32 (for backends that take dense operands).
+    /// The whole matrix in f32: the dense reference of the tests.
+    #[cfg(test)]
     pub fn to_mat(&self) -> Mat<f32> {
         let mut row = vec![0f32; self.cols];
         let mut out = Mat::zeros(self.rows, self.cols);

@@ -342,7 +342,8 @@ impl LayerMap {
             None
         } else {
             Some(timed(&mut times, "load", || -> Result<_> {
-                // The two sides decode on two threads (the reads are memory-bound).
+                // The weights are borrowed as stored; their NaN/Inf scans (a pass over the bytes) run
+                // on two threads, one per side.
                 let (ws, wt) = rayon::join(|| s.weights(), || t.weights());
                 Ok((ws?, wt?))
             })?)
