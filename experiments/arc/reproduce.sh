@@ -3,25 +3,28 @@
 #   1. SmolLM2-135M-Instruct and Gemma3-270M: GGUF -> HF safetensors (bf16)
 #   2. the targets made from SmolLM2: a "next release" (a short continued fine-tune on BoolQ
 #      passages) and a pruned sibling (20 of 30 layers, 2 of 3 KV groups, 1024 of 1536 neurons,
-#      384 of 576 channels, healed by distillation; prune.py), whose true correspondence is known
+#      384 of 576 channels, healed by distillation; prune.py), whose true correspondence is known,
+#      and a milder one that can still learn the task (26 layers, 3 KV groups, 1280 neurons,
+#      504 channels, 300 healing steps)
 #   3. a LoRA trained on SmolLM2 for multiple-choice QA (ARC-Easy + OpenBookQA validation)
 #   4. loraxfer transfers of it to each target: every mode that fits the shapes, map's ablations,
 #      and the activation-fitted upper bound (activation_map.py)
 #   5. ARC-Challenge test: every row on a seeded 500-item sample; base, direct LoRA, copy and
 #      each pair's best mode on all 1172 items
-#   6. LoRAs trained directly on each target (on the next release and Gemma3 a second one, seed
-#      1: the noise floor of agreement and KL with the direct LoRA), and the tables
+#   6. LoRAs trained directly on each target (on the next release, Gemma3 and the milder sibling
+#      a second one, seed 1: the noise floor of agreement and KL with the direct LoRA), and the
+#      tables
 # Each step is skipped when its output exists, so an interrupted run resumes. Evaluations are
 # kept in experiments/arc/results (per item, so any later table can be recomputed); models,
 # adapters and transfers go under $ARC_WORK (default experiments/arc/work).
 #
-#   experiments/arc/reproduce.sh [--pairs next,gemma,pruned] [--no-headline] [--tables]
+#   experiments/arc/reproduce.sh [--pairs next,gemma,pruned,slim] [--no-headline] [--tables]
 #
-# --pairs: which pairs to run (default all three, in this order). --no-headline skips the
+# --pairs: which pairs to run (default all four, in this order). --no-headline skips the
 # 1172-item rows. --tables only prints the tables from the results there are.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-pairs=next,gemma,pruned headline=1 tables_only=0
+pairs=next,gemma,pruned,slim headline=1 tables_only=0
 while [[ $# -gt 0 ]]; do
   case $1 in
     --pairs) pairs=$2; shift 2 ;;
@@ -94,10 +97,11 @@ transfer() {
     "$PY" similarity.py "$T/$name/transfer_report.json" --label "$name" >"$RES/$target/$name.similarity.md"
 }
 # The activation-fitted upper bound, paired layers from a JSON file (or by index/evenly).
-activation() { # name, target, [layer map]
+activation() { # name, target, [layer map], [activation_map.py flags]
   local name=$1 target=$2
   [[ -d $T/$name ]] || timed "transfer-$name" "$PY" activation_map.py --source-base "$M/smollm2-135m" \
-    --target-base "$M/$target" --adapter "$A/smollm2-135m" --out "$T/$name" --data "$DATA" ${3:+--layer-map "$3"}
+    --target-base "$M/$target" --adapter "$A/smollm2-135m" --out "$T/$name" --data "$DATA" ${3:+--layer-map "$3"} \
+    "${@:4}"
 }
 # A map transfer's chosen depth pairing as a --layer-map file.
 layer_map_of() { "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['layer_map']))" "$T/$1/transfer_report.json" >"$T/$1.layers.json"; echo "$T/$1.layers.json"; }
@@ -147,6 +151,36 @@ ablation_rows() {
   echo "$1-map-inner-fit"
 }
 
+# A sibling pruned from the source (prune.py, its flags after the target's name), whose true
+# correspondence is known: every mode that fits other widths and depths, map's ablations, map
+# with the true layer pairing, and the activation-fitted bound.
+sibling() { # prefix, target, [prune.py flags]
+  local p=$1 t=$2; shift 2
+  [[ -d $M/$t ]] || timed "prune-$p" "$PY" prune.py --model "$M/smollm2-135m" --out "$M/$t" --data "$DATA" "$@"
+  mkdir -p "$RES/$t"
+  cp "$M/$t/pruning.json" "$RES/$t/pruning.json"
+  "$PY" -c "import json,sys; print(json.dumps({str(j): i for j, i in enumerate(json.load(open(sys.argv[1]))['truth']['layers'])}))" \
+    "$M/$t/pruning.json" >"$T/$p-true-layers.json"
+  # The direct LoRA first: whether the sibling can learn the task at all decides what the rows mean.
+  direct "$t"
+  evaluate "$t" "$((headline ? 0 : 500))" direct
+  transfer "$p-align-k256" "$t" --mode align --rank 256
+  transfer "$p-resample" "$t" --mode resample
+  map_ablations "$p" "$t"
+  transfer "$p-map-depth-linear" "$t" --mode map --map-depth linear
+  transfer "$p-map-true-layers" "$t" --mode map --layer-map "$T/$p-true-layers.json"
+  activation "$p-activation" "$t" "$T/$p-true-layers.json"
+  [[ $headline == 1 ]] && evaluate "$t" 0 "$p-map" "$p-align-k256" "$p-resample"
+  # shellcheck disable=SC2046
+  evaluate "$t" 500 $(ablation_rows "$p") "$p-map-depth-linear" "$p-map-true-layers" "$p-activation" \
+    "$p-align-k256" "$p-resample"
+  # The noise floor of "closer to the direct LoRA", where the sibling's direct LoRA moves it.
+  if [[ $p == slim ]]; then
+    direct_seed "$t" 1
+    evaluate "$t" "$((headline ? 0 : 500))" direct-seed1
+  fi
+}
+
 for pair in ${pairs//,/ }; do
   case $pair in
     next)
@@ -185,29 +219,15 @@ for pair in ${pairs//,/ }; do
       direct_seed $t 1
       evaluate $t "$((headline ? 0 : 500))" direct-seed1
       activation gemma-activation $t "$(layer_map_of gemma-map)"
-      evaluate $t 500 gemma-align-k256 gemma-resample gemma-activation
+      # The non-orthogonal bound: least-squares maps on the same activations.
+      activation gemma-activation-lstsq $t "$(layer_map_of gemma-map)" --fit lstsq
+      evaluate $t 500 gemma-align-k256 gemma-resample gemma-activation gemma-activation-lstsq
       ;;
-    pruned)
-      t=smollm2-135m-pruned
-      [[ -d $M/$t ]] || timed prune "$PY" prune.py --model "$M/smollm2-135m" --out "$M/$t" --data "$DATA"
-      mkdir -p "$RES/$t"
-      cp "$M/$t/pruning.json" "$RES/$t/pruning.json"
-      "$PY" -c "import json,sys; print(json.dumps({str(j): i for j, i in enumerate(json.load(open(sys.argv[1]))['truth']['layers'])}))" \
-        "$M/$t/pruning.json" >"$T/pruned-true-layers.json"
-      transfer pruned-align-k256 $t --mode align --rank 256
-      transfer pruned-resample $t --mode resample
-      map_ablations pruned $t
-      transfer pruned-map-depth-linear $t --mode map --map-depth linear
-      transfer pruned-map-true-layers $t --mode map --layer-map "$T/pruned-true-layers.json"
-      activation pruned-activation $t "$T/pruned-true-layers.json"
-      [[ $headline == 1 ]] && evaluate $t 0 pruned-map
-      # shellcheck disable=SC2046
-      evaluate $t 500 $(ablation_rows pruned) pruned-map-depth-linear pruned-map-true-layers pruned-activation \
-        pruned-align-k256 pruned-resample
-      direct $t
-      evaluate $t "$((headline ? 0 : 500))" direct
-      ;;
-    *) echo "reproduce.sh: unknown pair $pair (want next, gemma, pruned)" >&2; exit 2 ;;
+    pruned) sibling pruned smollm2-135m-pruned ;;
+    # A milder sibling that can still learn the task: 26 of 30 layers, every KV group, 1280 of
+    # 1536 neurons, 504 of 576 channels (a multiple of the 9 query heads), three times the healing.
+    slim) sibling slim smollm2-135m-slim --layers 26 --kv-groups 3 --intermediate 1280 --hidden 504 --steps 300 ;;
+    *) echo "reproduce.sh: unknown pair $pair (want next, gemma, pruned, slim)" >&2; exit 2 ;;
   esac
 done
 
