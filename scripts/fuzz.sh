@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fuzzing campaign: seeds each target's corpus with real files written by `loraxfer synth` and the
-# built-in tables, then runs every target for RUNS executions (default 1000000) with libFuzzer.
+# Fuzzing campaign: seeds each target's corpus with real files written by `loraxfer synth`, the
+# built-in tables and the GGUF models in fuzz/seeds/, then runs every target for RUNS executions
+# (default 1000000) with libFuzzer.
 # Needs cargo-fuzz (`cargo install cargo-fuzz`); stable Rust is used with RUSTC_BOOTSTRAP=1, since
 # libFuzzer's instrumentation flags are nightly-only. Crashes land in fuzz/artifacts/<target>/:
 # copy each into fuzz/regressions/<target>/ (tests/fuzz_regressions.rs replays them) and fix it.
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-1000000}"; shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors_header adapter_config model_config checkpoint_index arch_table layer_map)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors_header gguf_header adapter_config model_config checkpoint_index arch_table layer_map)
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || { echo "scripts/fuzz.sh: cargo-fuzz not installed (cargo install cargo-fuzz)" >&2; exit 2; }
 
@@ -20,7 +21,8 @@ bin=target/debug/loraxfer
 "$bin" synth model --like tiny-qwen2 --out "$seed/m" --seed 1 >/dev/null
 "$bin" synth model --like tiny-llama --out "$seed/l" --seed 2 --dtype f16 >/dev/null
 "$bin" synth adapter --base "$seed/m" --out "$seed/a" --r 2 --targets q_proj >/dev/null
-mkdir -p fuzz/corpus/{safetensors_header,adapter_config,model_config,checkpoint_index,arch_table,layer_map}
+mkdir -p fuzz/corpus/{safetensors_header,gguf_header,adapter_config,model_config,checkpoint_index,arch_table,layer_map}
+cp fuzz/seeds/gguf_header/*.gguf fuzz/corpus/gguf_header/  # whole small models: fuzz/make_gguf_seeds.py
 cp "$seed/a/adapter_model.safetensors" fuzz/corpus/safetensors_header/adapter
 head -c 4096 "$seed/m/model.safetensors" > fuzz/corpus/safetensors_header/model-head
 cp "$seed/a/adapter_config.json" fuzz/corpus/adapter_config/

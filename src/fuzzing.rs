@@ -25,28 +25,66 @@ pub fn safetensors_header(data: &[u8]) {
     }
 }
 
-/// GGUF header: refused, or tensors whose byte ranges lie inside the file, hold whole blocks of
-/// their type, and dequantize (the small ones, to keep each run fast) without a panic.
+/// A GGUF file, read as the engine reads one: refused, or a header whose tensors lie inside the
+/// file and hold whole blocks of their type, then (if the metadata describes a model) a
+/// checkpoint whose config passes `config.json`'s checks, whose small tensors read back with the
+/// lengths their shapes give (NaN and Inf refused, never a panic), and whose vocabulary is
+/// refused or read.
 pub fn gguf_header(data: &[u8]) {
-    use crate::io::gguf::{header, quant};
-    if let Ok(h) = header::parse(data) {
-        for t in &h.tensors {
-            assert!(
-                t.start <= t.end && t.end <= data.len(),
-                "range outside the file"
+    use crate::io::gguf::{header, quant, GgufModel};
+    let Ok(h) = header::parse(data) else {
+        return;
+    };
+    for t in &h.tensors {
+        assert!(
+            t.start <= t.end && t.end <= data.len(),
+            "range outside the file"
+        );
+        if let Some((elems, size)) = t.ty.block() {
+            assert_eq!(t.dims[0] % elems, 0, "rows of partial blocks");
+            assert_eq!(
+                t.end - t.start,
+                t.numel() / elems * size,
+                "range does not match"
             );
-            if let Some((elems, size)) = t.ty.block() {
-                assert_eq!(t.dims[0] % elems, 0, "rows of partial blocks");
-                assert_eq!(
-                    t.end - t.start,
-                    t.numel() / elems * size,
-                    "range does not match"
-                );
-                if t.numel() <= 1 << 16 {
-                    let mut out = vec![0f32; t.numel()];
-                    quant::dequantize(t.ty, &data[t.start..t.end], &mut out);
-                }
+            if t.numel() <= 1 << 16 {
+                let mut out = vec![0f32; t.numel()];
+                quant::dequantize(t.ty, &data[t.start..t.end], &mut out);
             }
+        }
+    }
+    let path = Path::new("fuzz.gguf");
+    let Ok(model) = GgufModel::from_vec(path, data.to_vec()) else {
+        return;
+    };
+    let _ = model.vocab();
+    let Ok(ckpt) = crate::io::checkpoint::Checkpoint::from_gguf(model) else {
+        return;
+    };
+    if let Ok(arch) = crate::arch::for_config(&ckpt.config, path) {
+        for m in &arch.modules {
+            let (out, inp) = m.shape(&ckpt.config);
+            assert!(out.checked_mul(inp).is_some());
+        }
+    }
+    let mut names: Vec<String> = ckpt.names().map(str::to_string).collect();
+    names.sort();
+    for name in names {
+        let shape = ckpt
+            .shape(&name)
+            .expect("a listed tensor has a shape")
+            .to_vec();
+        let numel: usize = shape.iter().product();
+        if numel > 1 << 16 {
+            continue;
+        }
+        let rows = shape[0];
+        if let Ok(values) = ckpt.read_rows_f32(&name, 0..rows) {
+            assert_eq!(values.len(), numel, "{name}: rows read");
+        }
+        if let Ok((bytes, ty, cols)) = ckpt.rows_raw(&name, 0..rows) {
+            assert_eq!(cols * rows, numel, "{name}: row length");
+            assert_eq!(bytes.len(), numel * ty.size(), "{name}: bytes read");
         }
     }
 }

@@ -1,15 +1,21 @@
 //! Every input a fuzzer found to crash a check (kept in `fuzz/regressions/<target>/`), plus the
-//! real files each target is seeded with, run through the same checks as the fuzz targets.
+//! real files each target is seeded with (`fuzz/seeds/<target>/` and inline), run through the
+//! same checks as the fuzz targets.
 
 use std::path::Path;
 
 use loraxfer::fuzzing::TARGETS;
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/regressions")
-        .join(target);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    files_in(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions")
+            .join(target),
+    )
+}
+
+fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut out: Vec<_> = entries
@@ -39,6 +45,62 @@ fn recorded_fuzz_findings_stay_fixed() {
         }
     }
     eprintln!("{total} recorded inputs");
+}
+
+/// The seed files of `target` (`fuzz/seeds/<target>/`, see fuzz/make_gguf_seeds.py).
+fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+    files_in(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds")
+            .join(target),
+    )
+}
+
+#[test]
+fn gguf_seeds_are_whole_models_and_pass_the_check() {
+    use loraxfer::io::checkpoint::Checkpoint;
+    use loraxfer::io::gguf::GgufModel;
+    let files = seeds("gguf_header");
+    assert_eq!(files.len(), 3, "fuzz/seeds/gguf_header: {files:?}");
+    for (name, data) in &files {
+        loraxfer::fuzzing::gguf_header(data);
+        if name == "kquants.gguf" {
+            let h = loraxfer::io::gguf::header::parse(data).unwrap();
+            assert_eq!(h.tensors.len(), 5);
+            continue;
+        }
+        // The model seeds must reach the deepest reads, or the fuzzer starts too shallow.
+        let path = Path::new(name);
+        let model = GgufModel::from_vec(path, data.clone()).unwrap();
+        assert_eq!(
+            model.vocab().unwrap().index().len(),
+            46,
+            "{name}: the vocabulary"
+        );
+        let ckpt = Checkpoint::from_gguf(model).unwrap();
+        assert_eq!(ckpt.config.hidden_size, 64);
+        loraxfer::arch::for_config(&ckpt.config, path).unwrap();
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(ckpt.shape(q).unwrap(), &[64, 64]);
+        assert_eq!(ckpt.read_rows_f32(q, 0..64).unwrap().len(), 64 * 64);
+    }
+}
+
+#[test]
+fn a_gguf_claiming_absurd_head_counts_is_refused_naming_the_tensor() {
+    // Found by reading the reader against the fuzz check: 2⁶³ heads overflowed the split of
+    // the permuted q_proj rows into heads.
+    let (name, data) = inputs("gguf_header")
+        .into_iter()
+        .find(|(n, _)| n == "absurd-head-count.gguf")
+        .expect("the recorded input");
+    let e = loraxfer::io::gguf::GgufModel::from_vec(Path::new(&name), data)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.weight") && e.contains("heads"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -175,11 +175,17 @@ impl Checkpoint {
     }
 
     fn open_gguf(file: &Path) -> Result<Self> {
-        let model = GgufModel::open(file)?;
+        Self::from_gguf(GgufModel::open(file)?)
+    }
+
+    /// The checkpoint a GGUF model presents: its metadata's config, checked as a
+    /// `config.json` is.
+    pub fn from_gguf(model: GgufModel) -> Result<Self> {
+        let file = model.path().to_path_buf();
         let text = model.config_json().to_string();
-        let config = ModelConfig::parse(&text, file)?;
+        let config = ModelConfig::parse(&text, &file)?;
         Ok(Checkpoint {
-            dir: file.to_path_buf(),
+            dir: file,
             config,
             storage: Storage::Gguf(Box::new(model)),
         })

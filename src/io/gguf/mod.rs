@@ -30,10 +30,26 @@ use quant::GgmlType;
 /// Elements dequantized per parallel task.
 const CHUNK_ELEMS: usize = 1 << 16;
 
+/// The bytes of a GGUF file: mapped, or (an image built or fuzzed in memory) owned.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A mapped GGUF model.
 pub struct GgufModel {
     path: PathBuf,
-    map: Mmap,
+    map: Bytes,
     header: Header,
     family: &'static Family,
     /// Hugging Face name → the tensor's index in the header.
@@ -62,6 +78,16 @@ impl GgufModel {
         // SAFETY: the map is read-only; the file is treated as immutable while mapped, as
         // every model reader does.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map", e))?;
+        Self::from_bytes(path, Bytes::Mapped(map))
+    }
+
+    /// A GGUF image held in memory, validated as [`GgufModel::open`] validates a file; `path`
+    /// names it in messages. The fuzz checks read their inputs through it.
+    pub fn from_vec(path: &Path, data: Vec<u8>) -> Result<Self> {
+        Self::from_bytes(path, Bytes::Owned(data))
+    }
+
+    fn from_bytes(path: &Path, map: Bytes) -> Result<Self> {
         let header = header::parse(&map).map_err(|reason| Error::config(path, reason))?;
         let arch = header
             .metadata
@@ -343,7 +369,8 @@ impl GgufModel {
         for name in self.by_name.keys() {
             if let Some(heads) = self.permuted(name) {
                 let rows = self.shapes[name][0];
-                if rows % (2 * heads) != 0 {
+                // Checked: the head count is the metadata's, and a file may claim any u64.
+                if heads.checked_mul(2).is_none_or(|pair| rows % pair != 0) {
                     return Err(Error::bad_tensor(
                         &self.path,
                         name,
