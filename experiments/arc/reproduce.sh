@@ -97,9 +97,15 @@ transfer() {
     "$PY" similarity.py "$T/$name/transfer_report.json" --label "$name" >"$RES/$target/$name.similarity.md"
 }
 # The activation-fitted upper bound, paired layers from a JSON file (or by index/evenly).
+# Whether a row's evaluation is kept (model, label, limit: 500, or 0 = all items), as evaluate()
+# decides: then the adapter behind it need not be made again (training and activation maps take
+# minutes; the loraxfer transfers are remade, since the tables also read their reports).
+kept() {
+  [[ -f $RES/$1/all/$1+$2.json || ($3 != 0 && -f $RES/$1/limit$3/$1+$2.json) ]]
+}
 activation() { # name, target, [layer map], [activation_map.py flags]
   local name=$1 target=$2
-  [[ -d $T/$name ]] || timed "transfer-$name" "$PY" activation_map.py --source-base "$M/smollm2-135m" \
+  kept "$target" "$name" 500 || [[ -d $T/$name ]] || timed "transfer-$name" "$PY" activation_map.py --source-base "$M/smollm2-135m" \
     --target-base "$M/$target" --adapter "$A/smollm2-135m" --out "$T/$name" --data "$DATA" ${3:+--layer-map "$3"} \
     "${@:4}"
 }
@@ -126,10 +132,10 @@ evaluate() {
     --results "$dir" "${base[@]}" "${args[@]}" >/dev/null
 }
 direct() { # target: its own LoRA (the ceiling a transfer is measured against)
-  [[ -d $A/$1 ]] || timed "train-$1" "$PY" train_lora.py --model "$M/$1" --out "$A/$1" --data "$DATA"
+  kept "$1" direct "$((headline ? 0 : 500))" || [[ -d $A/$1 ]] || timed "train-$1" "$PY" train_lora.py --model "$M/$1" --out "$A/$1" --data "$DATA"
 }
 direct_seed() { # target, seed: another direct LoRA, whose distance to the first is the noise floor
-  [[ -d $A/$1-seed$2 ]] || timed "train-$1-seed$2" "$PY" train_lora.py --model "$M/$1" --out "$A/$1-seed$2" \
+  kept "$1" "direct-seed$2" "$((headline ? 0 : 500))" || [[ -d $A/$1-seed$2 ]] || timed "train-$1-seed$2" "$PY" train_lora.py --model "$M/$1" --out "$A/$1-seed$2" \
     --data "$DATA" --seed "$2"
 }
 # Gemma3's heads are 256 wide against SmolLM2's 64: heads of different sizes can only be paired
