@@ -6,16 +6,23 @@ use std::path::Path;
 
 use loraxfer::fuzzing::TARGETS;
 
+/// The recorded findings of `target` (`fuzz/regressions/<target>/`).
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
-    files_in(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/regressions")
-            .join(target),
-    )
+    files("regressions", target)
 }
 
-fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// The seed files of `target` (`fuzz/seeds/<target>/`, see fuzz/make_gguf_seeds.py).
+fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+    files("seeds", target)
+}
+
+/// The files of `fuzz/<folder>/<target>/`, by name.
+fn files(folder: &str, target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join(folder)
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
     let mut out: Vec<_> = entries
@@ -45,15 +52,6 @@ fn recorded_fuzz_findings_stay_fixed() {
         }
     }
     eprintln!("{total} recorded inputs");
-}
-
-/// The seed files of `target` (`fuzz/seeds/<target>/`, see fuzz/make_gguf_seeds.py).
-fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
-    files_in(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/seeds")
-            .join(target),
-    )
 }
 
 #[test]

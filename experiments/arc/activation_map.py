@@ -9,14 +9,14 @@ are fitted per paired layer:
     P: source output → target output (y_t ≈ c_P · P y_s)
 
 and the update is carried as ΔW_t = P ΔW_s Q, i.e. B_t = c_P · P B_s and A_t = c_Q · A_s Q: the
-adapter keeps its rank and all of its energy. With --fit lstsq the maps are the (ridge) least-
-squares ones instead, Q = (Σ x_s x_tᵀ)(Σ x_t x_tᵀ + λI)⁻¹ and P = (Σ y_t y_sᵀ)(Σ y_s y_sᵀ + λI)⁻¹,
+adapter keeps its rank and all of its energy. With --fit lstsq the maps are the (ridge)
+least-squares ones instead, Q = (Σ x_s x_tᵀ)(Σ x_t x_tᵀ + λI)⁻¹ and P = (Σ y_t y_sᵀ)(Σ y_s y_sᵀ + λI)⁻¹,
 with λ = 1e-3 of the Gram's mean eigenvalue: not orthogonal, so they can stretch, shrink and mix
-directions that carry different amounts of signal in the two models. The maps see the norms, the heads' and neurons'
-order and the residual stream's basis as they are in the activations, so what this row gains
-over `map` is what the weights alone did not reveal. Layers are paired by a --layer-map JSON
-{"target layer": source layer} (a map transfer's report, or a pruning's truth), else by index
-(equal depths) or spread evenly.
+directions that carry different amounts of signal in the two models. The maps see the norms,
+the heads' and neurons' order and the residual stream's basis as they are in the activations,
+so what this row gains over `map` is what the weights alone did not reveal. Layers are paired
+by a --layer-map JSON {"target layer": source layer} (a map transfer's report, or a pruning's
+truth), else by index (equal depths) or spread evenly.
 
     python activation_map.py --source-base DIR --target-base DIR --adapter DIR --out DIR
                              [--layer-map FILE.json] [--passages 256] [--seq 128]
