@@ -9,7 +9,7 @@
 
 // The largest sketch width (k + p) of the orthonormalization and eigen kernels: their shared
 // memory is sized for it. build.rs exports it to the host as `MAX_SKETCH`.
-#define LX_MAX_SKETCH 512
+#define LX_MAX_SKETCH 1024
 
 #define LX_KERNELS(X)                                                                              \
     X(philox_gaussian_f32, (float* out, int rows, int cols, unsigned long long seed,                \

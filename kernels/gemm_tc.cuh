@@ -4,9 +4,17 @@
 //
 // Accuracy: f16 and bf16 values have at most 11 significant bits, so A (the weight) is exact in
 // TF32. B (Ω or an f32 panel) is split B = B_hi + B_lo, both TF32, and both halves are
-// multiplied ("2xTF32"): what is lost is B_lo's rounding, about 2^-22 of |B|, so the result
-// matches the f32 kernel to f32 rounding. An f32 weight would need a split of A too; those
-// products stay on gemm_tiles.
+// multiplied ("2xTF32"): what is lost is B_lo's rounding, about 2^-22 of |B|. An f32 weight would
+// need a split of A too; those products stay on gemm_tiles.
+//
+// The tensor cores' own additions truncate (round toward zero: Fasi et al. 2021 for TF32 on the
+// A100; Hopper's FP8 accumulation needs the same care, DeepGEMM's promotion every 128 values), so
+// an accumulator carried through a whole K of 8960 or 128256 loses about 2^-24 of itself at each
+// of its 2K/8 updates, all in one direction: ~1e-4 to ~1e-3. Each CHUNK_K values are therefore
+// summed into a fresh fragment that is then added into the running one element by element (both
+// are accumulator fragments of one type, so their elements correspond), in f32 with rounding to
+// nearest: the truncation is bounded by 2·CHUNK_K/8 updates, and the result matches the f32
+// kernel to f32 rounding.
 #pragma once
 #include "gemm.cuh"
 #ifndef LORAXFER_EMULATE
@@ -31,9 +39,12 @@ __device__ void gemm_tiles_tc(float* __restrict__ C, LA A, LB B, int M, int N, i
     const int warp = tid / 32;
     const int strip = (warp / 2) * 16, cols = (warp % 2) * 32;  // this warp's 16×32 of the tile
 
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.0f);
-    wmma::fill_fragment(acc[1], 0.0f);
+    constexpr int CHUNK_K = 128;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2], part[2];
+    for (int t = 0; t < 2; ++t) {
+        wmma::fill_fragment(acc[t], 0.0f);
+        wmma::fill_fragment(part[t], 0.0f);
+    }
 
     const Strips st(tid);  // loading as in gemm_tiles
     for (int k0 = 0; k0 < K; k0 += TILE_K) {
@@ -60,11 +71,18 @@ __device__ void gemm_tiles_tc(float* __restrict__ C, LA A, LB B, int M, int N, i
                     hi.x[i] = wmma::__float_to_tf32(x);
                     lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
                 }
-                wmma::mma_sync(acc[t], fa, lo, acc[t]);
-                wmma::mma_sync(acc[t], fa, hi, acc[t]);
+                wmma::mma_sync(part[t], fa, lo, part[t]);
+                wmma::mma_sync(part[t], fa, hi, part[t]);
             }
         }
         __syncthreads();
+        // Uniform across the block (k0 and K are), as every barrier above needs.
+        if ((k0 + TILE_K) % CHUNK_K == 0 || k0 + TILE_K >= K) {
+            for (int t = 0; t < 2; ++t) {
+                for (int i = 0; i < acc[t].num_elements; ++i) acc[t].x[i] += part[t].x[i];
+                wmma::fill_fragment(part[t], 0.0f);
+            }
+        }
     }
     // Through shared memory, so edge tiles are written with bounds checks.
     wmma::store_matrix_sync(&Cs[strip][cols], acc[0], LDC, wmma::mem_row_major);

@@ -360,10 +360,7 @@ fn unfused_to_fused_refuses_parts_into_blocks_with_their_scales() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(targets, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
-    assert_eq!(
-        cfg["rank_pattern"][r"model\.layers\.0\.self_attn\.qkv_proj"],
-        16
-    );
+    assert_eq!(cfg["rank_pattern"]["model.layers.0.self_attn.qkv_proj"], 16);
 }
 
 #[test]

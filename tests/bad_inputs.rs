@@ -6,87 +6,16 @@
 //! byte by byte. The safetensors helpers below parse and re-serialize headers by hand, so the
 //! damage is exactly what each test says and does not depend on the crate's own writer.
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
 mod common;
 use common::cli::*;
+use common::refusals::*;
 
 const Q_PROJ_0: &str = "model.layers.0.self_attn.q_proj.weight";
 const LORA_B_Q_0: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-
-impl Fixtures {
-    /// Where every failing transfer writes; it must never appear.
-    fn out(&self) -> PathBuf {
-        self.root.path().join("out")
-    }
-
-    fn source_weights(&self) -> PathBuf {
-        self.source.join("model.safetensors")
-    }
-
-    fn adapter_weights(&self) -> PathBuf {
-        self.adapter.join("adapter_model.safetensors")
-    }
-
-    /// A transfer into `out()` from explicit inputs.
-    fn transfer_with(
-        &self,
-        source: &Path,
-        target: &Path,
-        adapter: &Path,
-        extra: &[&str],
-    ) -> Output {
-        let out = self.out();
-        let mut args = vec!["transfer", "--out", s(&out), "--adapter", s(adapter)];
-        args.extend(["--source-base", s(source), "--target-base", s(target)]);
-        args.extend_from_slice(extra);
-        loraxfer(&args)
-    }
-
-    /// A transfer between the standard fixtures.
-    fn transfer(&self, extra: &[&str]) -> Output {
-        self.transfer_with(&self.source, &self.target, &self.adapter, extra)
-    }
-
-    /// The contract of a refused run; `needles` are substrings the message must contain.
-    fn assert_refused(&self, out: &Output, needles: &[&str]) {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "expected a failure, got success; stderr: {stderr}"
-        );
-        assert!(
-            stderr.starts_with("error:"),
-            "stderr does not start with `error:`: {stderr}"
-        );
-        for n in needles {
-            assert!(stderr.contains(n), "stderr lacks `{n}`: {stderr}");
-        }
-        assert!(!self.out().exists(), "--out was created by a failed run");
-        self.assert_no_staging_left();
-    }
-
-    /// The staging directory `.out.tmp-*` must be cleaned up whatever happened.
-    fn assert_no_staging_left(&self) {
-        let leftovers: Vec<String> = std::fs::read_dir(self.root.path())
-            .expect("read temp dir")
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .filter(|n| n.starts_with(".out.tmp-"))
-            .collect();
-        assert!(
-            leftovers.is_empty(),
-            "staging directories left behind: {leftovers:?}"
-        );
-    }
-}
 
 impl Safetensors {
     /// Writes the file back with a header length that matches the (possibly edited) header.
@@ -144,14 +73,6 @@ impl Safetensors {
         let (a, _) = self.offsets(name);
         self.data[a..a + bytes.len()].copy_from_slice(bytes);
     }
-}
-
-/// Reads a JSON file, lets `edit` change it, writes it back.
-fn edit_json(path: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
-    let mut v: Map<String, Value> =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
 
 fn edit_bytes(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
@@ -358,6 +279,17 @@ fn existing_output_needs_force() {
         stderr.starts_with("error:") && stderr.contains(s(&out)) && stderr.contains("--force"),
         "{stderr}"
     );
+    // Nor with --force: the directory holds something no loraxfer output holds.
+    let forced = f.transfer(&["--force"]);
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(
+        !forced.status.success(),
+        "--force replaced other work: {stderr}"
+    );
+    assert!(
+        stderr.starts_with("error:") && stderr.contains("marker") && stderr.contains(s(&out)),
+        "{stderr}"
+    );
     assert_eq!(
         std::fs::read(&marker).unwrap(),
         b"keep me",
@@ -370,19 +302,50 @@ fn existing_output_needs_force() {
     );
     f.assert_no_staging_left();
 
+    // An earlier output is replaced under --force, and only once the new one is complete.
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::remove_dir(&out).unwrap();
+    assert!(f.transfer(&[]).status.success());
+    let report = out.join("transfer_report.json");
+    std::fs::write(&report, b"an old report").unwrap();
     let forced = f.transfer(&["--force"]);
     assert!(
         forced.status.success(),
         "--force failed: {}",
         String::from_utf8_lossy(&forced.stderr)
     );
-    assert!(
-        !marker.exists(),
-        "--force kept the old directory's contents"
-    );
+    assert_ne!(std::fs::read(&report).unwrap(), b"an old report");
     assert!(out.join("adapter_model.safetensors").is_file());
-    assert!(out.join("transfer_report.json").is_file());
     f.assert_no_staging_left();
+}
+
+#[test]
+fn force_never_replaces_an_input() {
+    let f = Fixtures::new();
+    // --out naming the target base, then the directory holding every input.
+    for out in [f.target.clone(), f.root.path().to_path_buf()] {
+        let mut args = vec![
+            "transfer",
+            "--out",
+            s(&out),
+            "--force",
+            "--adapter",
+            s(&f.adapter),
+        ];
+        args.extend(["--source-base", s(&f.source), "--target-base", s(&f.target)]);
+        let run = loraxfer(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success(),
+            "--out {} was replaced",
+            out.display()
+        );
+        assert!(
+            stderr.starts_with("error:") && stderr.contains("input"),
+            "{stderr}"
+        );
+        assert!(f.target.join("config.json").is_file() && f.adapter_weights().is_file());
+    }
 }
 
 #[test]
@@ -439,5 +402,118 @@ fn layer_map_naming_a_missing_source_layer_is_refused() {
     f.assert_refused(
         &f.transfer(&["--layer-map", s(&map)]),
         &[s(&map), "source layer 9"],
+    );
+}
+
+#[test]
+fn impossible_model_configs_are_refused() {
+    let f = Fixtures::new();
+    let config = f.target.join("config.json");
+    let pristine = std::fs::read(&config).unwrap();
+    // tiny-qwen2: 4 attention heads over 2 key/value heads, 176 neurons, head_dim 16.
+    for (key, value, named) in [
+        (
+            "num_key_value_heads",
+            json!(3),
+            "not a multiple of `num_key_value_heads` = 3",
+        ),
+        ("num_key_value_heads", json!(0), "must be positive"),
+        ("intermediate_size", json!(0), "must be positive"),
+        ("head_dim", json!(0), "`head_dim` = 0"),
+    ] {
+        std::fs::write(&config, &pristine).unwrap();
+        edit_json(&config, |c| {
+            c.insert(key.into(), value.clone());
+        });
+        f.assert_refused(&f.transfer(&[]), &[s(&config), named]);
+    }
+}
+
+#[test]
+fn sketch_sizes_beyond_any_use_are_refused() {
+    let f = Fixtures::new();
+    for (flag, value) in [
+        ("--oversample", "18446744073709551615"),
+        ("--power-iters", "1000"),
+        ("--rank", "18446744073709551615"),
+    ] {
+        f.assert_refused(&f.transfer(&[flag, value]), &[flag, "above the limit"]);
+    }
+}
+
+#[test]
+fn norms_and_embeddings_of_the_wrong_width_are_refused_by_the_map() {
+    let f = Fixtures::new();
+    let file = f.source_weights();
+    let pristine = std::fs::read(&file).unwrap();
+    // Same bytes, another shape: the header alone is wrong (the embedding is 256 × 64).
+    for (name, shape) in [
+        ("model.layers.0.input_layernorm.weight", json!([32, 2])),
+        ("model.embed_tokens.weight", json!([512, 32])),
+    ] {
+        std::fs::write(&file, &pristine).unwrap();
+        let mut st = Safetensors::read(&file);
+        st.header[name]["shape"] = shape;
+        st.write(&file);
+        let out = f.transfer(&["--mode", "map"]);
+        f.assert_refused(&out, &[s(&file), name, "expected"]);
+    }
+}
+
+#[test]
+fn adapter_configs_that_would_change_the_update_are_refused() {
+    let f = Fixtures::new();
+    let config = f.adapter.join("adapter_config.json");
+    let pristine = std::fs::read(&config).unwrap();
+    for (key, value, named) in [
+        // Loose types PEFT never writes, which would silently scale the update or drop a flag.
+        ("lora_alpha", json!("32"), "`lora_alpha` is \"32\""),
+        ("use_dora", json!("true"), "`use_dora` is \"true\""),
+        ("use_rslora", json!(1), "`use_rslora` is 1"),
+        // Updates that are not s·B·A over the published base.
+        ("init_lora_weights", json!("pissa_niter_4"), "pissa_niter_4"),
+        ("init_lora_weights", json!("olora"), "olora"),
+        ("use_qalora", json!(true), "QA-LoRA"),
+        (
+            "layer_replication",
+            json!([[0, 2], [1, 3]]),
+            "layer_replication",
+        ),
+        (
+            "alora_invocation_tokens",
+            json!([27, 91]),
+            "alora_invocation_tokens",
+        ),
+        (
+            "target_parameters",
+            json!(["mlp.experts.down_proj"]),
+            "target_parameters",
+        ),
+    ] {
+        std::fs::write(&config, &pristine).unwrap();
+        edit_json(&config, |c| {
+            c.insert(key.into(), value.clone());
+        });
+        f.assert_refused(&f.transfer(&[]), &[s(&config), named]);
+    }
+}
+
+#[test]
+fn two_adapters_in_one_file_are_refused() {
+    let f = Fixtures::new();
+    let file = f.adapter_weights();
+    let mut st = Safetensors::read(&file);
+    // A second adapter's lora_B for the same module, appended after the data.
+    let (a, b) = st.offsets(LORA_B_Q_0);
+    let copy = st.data[a..b].to_vec();
+    let other = LORA_B_Q_0.replace("lora_B.weight", "lora_B.other.weight");
+    let mut entry = st.header[LORA_B_Q_0].clone();
+    entry["data_offsets"] = json!([st.data.len(), st.data.len() + copy.len()]);
+    st.data.extend_from_slice(&copy);
+    st.header.insert(other.clone(), entry);
+    st.write(&file);
+    f.assert_refused(
+        &f.transfer(&[]),
+        &[s(&file), "lora_B", "one adapter per file"],
     );
 }

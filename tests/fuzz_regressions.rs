@@ -51,6 +51,11 @@ fn recorded_fuzz_findings_stay_fixed() {
             total += 1;
         }
     }
+    // At least the recorded GGUF finding: a missing folder must not pass as "nothing regressed".
+    assert!(
+        total >= 1,
+        "no recorded inputs found under fuzz/regressions/"
+    );
     eprintln!("{total} recorded inputs");
 }
 

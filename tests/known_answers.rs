@@ -67,11 +67,11 @@ fn randomized_svd_recovers_planted_top_subspace() {
         // With a clear gap each vector matches the exact one, signs included (canonicalized).
         for i in 0..k.min(4) {
             let du = (0..m)
-                .map(|r| (b.u[(r, i)] - ue[(r, i)]).abs())
-                .fold(0f32, f32::max);
+                .map(|r| (b.u[(r, i)] - ue[(r, i)]).abs() as f64)
+                .fold(0.0, worst);
             let dv = (0..n)
-                .map(|r| (b.v[(r, i)] - ve[(r, i)]).abs())
-                .fold(0f32, f32::max);
+                .map(|r| (b.v[(r, i)] - ve[(r, i)]).abs() as f64)
+                .fold(0.0, worst);
             assert!(du < 2e-2 && dv < 2e-2, "vector {i}: |Δu| {du}, |Δv| {dv}");
         }
         // ‖W − UΣVᵀ‖_F is bounded by the tail of the spectrum.

@@ -98,11 +98,11 @@ fn rotate_matches_the_dense_direct_rotation() {
         let err_b = (0..m)
             .flat_map(|i| (0..r).map(move |j| (i, j)))
             .map(|(i, j)| (out.b[(i, j)] as f64 - want_b[(i, j)]).abs())
-            .fold(0.0, f64::max);
+            .fold(0.0, worst);
         let err_a = (0..r)
             .flat_map(|i| (0..n).map(move |j| (i, j)))
             .map(|(i, j)| (out.a[(i, j)] as f64 - want_a[(i, j)]).abs())
-            .fold(0.0, f64::max);
+            .fold(0.0, worst);
         assert!(
             err_b < 2e-5 && err_a < 2e-5,
             "B off by {err_b}, A by {err_a}"

@@ -208,12 +208,18 @@ inline void mma_sync(D& d, const A& a, const B& b, const C& c) {
     bool computed = false;
     float* out = lx_emu::warp_mma(operands, sizes, D::num_elements, &computed);
     if (!computed) {
+        // Products exact (TF32 × TF32 fits a double), their sum with c rounded toward zero to
+        // f32 once per call: the tensor cores' additions truncate rather than round to nearest
+        // (gemm_tc.cuh), and a kernel that carries one accumulator through a long K must show
+        // the drift here as it would on the GPU.
         for (int i = 0; i < D::rows; ++i)
             for (int j = 0; j < D::cols; ++j) {
-                float s = c.x[i * D::cols + j];
+                double s = c.x[i * D::cols + j];
                 for (int k = 0; k < A::cols; ++k)
-                    s = std::fmaf(tf32_bits(a.x[i * A::cols + k]), tf32_bits(b.x[k * B::cols + j]), s);
-                out[i * D::cols + j] = s;
+                    s += (double)tf32_bits(a.x[i * A::cols + k]) * (double)tf32_bits(b.x[k * B::cols + j]);
+                float f = (float)s;
+                if (std::fabs((double)f) > std::fabs(s)) f = std::nextafterf(f, 0.0f);
+                out[i * D::cols + j] = f;
             }
     }
     std::memcpy(d.x, out, sizeof(float) * D::num_elements);

@@ -35,7 +35,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         ));
     };
     let arch = model.architecture();
-    let staged = StagedDir::create(&args.out, args.force)?;
+    let staged = StagedDir::create(&args.out, args.force, &[&path])?;
     let n = write_checkpoint(&ckpt, staged.path(), args.dtype)?;
     let out = staged.commit()?;
     println!(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use loraxfer::backend::Device;
-use loraxfer::io::output::check_target;
+use loraxfer::io::output::{check_only_outputs, check_target};
 use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
 use loraxfer::plan::Options;
@@ -22,12 +22,18 @@ pub struct DemoArgs {
     force: bool,
 }
 
+/// The demo directory's parts: source model, target model, adapter, transferred adapter.
+const PARTS: [&str; 4] = ["source", "target", "adapter", "transferred"];
+
 pub fn run(args: DemoArgs) -> Result<()> {
     let dir = match &args.out {
         Some(d) => {
-            check_target(d, args.force)?;
-            if d.exists() {
+            if d.exists() && args.force && d.is_dir() {
+                // An earlier demo: its four directories, each an output, and nothing else.
+                check_only_outputs(d, &PARTS)?;
                 std::fs::remove_dir_all(d).map_err(|e| Error::io(d, "cannot replace", e))?;
+            } else {
+                check_target(d, args.force, &[])?;
             }
             d.clone()
         }
@@ -42,12 +48,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 }
 
 fn steps(dir: &std::path::Path) -> Result<()> {
-    let (source, target, adapter, out) = (
-        dir.join("source"),
-        dir.join("target"),
-        dir.join("adapter"),
-        dir.join("transferred"),
-    );
+    let [source, target, adapter, out] = PARTS.map(|part| dir.join(part));
     println!(
         "1. source model: tiny-qwen2 (4 layers, hidden 64) -> {}",
         source.display()

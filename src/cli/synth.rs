@@ -113,7 +113,11 @@ pub fn run(cmd: SynthCommand) -> Result<()> {
 
 /// Writes a synthetic model atomically, with a progress bar.
 pub fn model(spec: &ModelSpec, out: &Path, force: bool) -> Result<PathBuf> {
-    let staged = StagedDir::create(out, force)?;
+    let staged = StagedDir::create(
+        out,
+        force,
+        &spec.derive_from.as_deref().into_iter().collect::<Vec<_>>(),
+    )?;
     let bar = indicatif::ProgressBar::new(1).with_prefix("synth");
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -132,7 +136,7 @@ pub fn model(spec: &ModelSpec, out: &Path, force: bool) -> Result<PathBuf> {
 
 /// Writes a synthetic adapter atomically.
 pub fn adapter(base: &Path, spec: &AdapterSpec, out: &Path, force: bool) -> Result<PathBuf> {
-    let staged = StagedDir::create(out, force)?;
+    let staged = StagedDir::create(out, force, &[base])?;
     synth::write_adapter(base, spec, staged.path())?;
     staged.commit()
 }

@@ -47,18 +47,34 @@ impl AdapterConfig {
                 )));
             }
         }
-        let truthy = |key: &str| raw.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
-        if truthy("use_dora") {
+        // A flag given as "true" or 1 must not read as false: a present, non-null key has the
+        // JSON type PEFT writes, or the config is refused.
+        let flag = |key: &str| -> Result<bool> {
+            match raw.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(false),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    Error::config(path, format!("`{key}` is {v}, not true or false"))
+                }),
+            }
+        };
+        let (use_dora, lora_bias, fan_in_fan_out, use_rslora, use_qalora) = (
+            flag("use_dora")?,
+            flag("lora_bias")?,
+            flag("fan_in_fan_out")?,
+            flag("use_rslora")?,
+            flag("use_qalora")?,
+        );
+        if use_dora {
             return Err(unsupported(
                 "DoRA (use_dora = true): the magnitude vector has no subspace transfer".into(),
             ));
         }
-        if truthy("lora_bias") {
+        if lora_bias {
             return Err(unsupported(
                 "lora_bias = true: bias terms of lora_B are not transferred".into(),
             ));
         }
-        if truthy("fan_in_fan_out") {
+        if fan_in_fan_out {
             return Err(unsupported(
                 "fan_in_fan_out = true (Conv1D-style weights) is not supported".into(),
             ));
@@ -78,17 +94,58 @@ impl AdapterConfig {
                 "modules_to_save holds full weight copies, which cannot be transferred".into(),
             ));
         }
+        // Updates that are not s·B·A over the base as it is published.
+        if let Some(init) = raw.get("init_lora_weights").and_then(|v| v.as_str()) {
+            let lower = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "loftq"]
+                .iter()
+                .any(|m| lower.starts_with(m))
+            {
+                return Err(unsupported(format!(
+                    "init_lora_weights = `{init}`: the adapter is relative to a base whose \
+                     principal part it took over; save it converted to a plain LoRA (PEFT's \
+                     save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+                )));
+            }
+        }
+        if use_qalora {
+            return Err(unsupported(
+                "use_qalora = true: QA-LoRA pools the input of a quantized base".into(),
+            ));
+        }
+        for (key, why) in [
+            (
+                "layer_replication",
+                "the adapter's layers are replicas of the base's, stacked anew",
+            ),
+            (
+                "alora_invocation_tokens",
+                "activated LoRA is keyed to the source tokenizer's ids",
+            ),
+            (
+                "target_parameters",
+                "LoRA on parameters (not modules) is not transferred",
+            ),
+        ] {
+            let present = raw
+                .get(key)
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()));
+            if present {
+                return Err(unsupported(format!("{key} is set: {why}")));
+            }
+        }
         let r = raw
             .get("r")
             .and_then(|v| v.as_u64())
             .filter(|&r| r > 0)
             .ok_or_else(|| Error::config(path, "`r` must be a positive integer"))?
             as usize;
-        let lora_alpha = raw
-            .get("lora_alpha")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(8.0);
-        let use_rslora = truthy("use_rslora");
+        let lora_alpha = match raw.get("lora_alpha") {
+            None | Some(serde_json::Value::Null) => 8.0, // PEFT's default
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::config(path, format!("`lora_alpha` is {v}, not a number")))?,
+        };
         let rank_pattern = pattern_map(&raw, "rank_pattern", path, |v| {
             v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
         })?;
@@ -269,7 +326,19 @@ fn read_factors(
     let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
     for key in file.names() {
         let (module, which) = parse_key(key, path)?;
-        pairs.entry(module).or_default()[(which == 'B') as usize] = Some(key.to_string());
+        let slot = &mut pairs.entry(module.clone()).or_default()[(which == 'B') as usize];
+        // Two adapters saved into one file (`lora_A.default.weight` and `lora_A.other.weight`)
+        // would otherwise be mixed in whatever order the names come.
+        if let Some(first) = slot {
+            return Err(Error::UnsupportedAdapter {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`{first}` and `{key}` are both lora_{which} of `{module}`: one adapter per \
+                     file (save each adapter of a multi-adapter model on its own)"
+                ),
+            });
+        }
+        *slot = Some(key.to_string());
     }
     let mut out = BTreeMap::new();
     for (module, [a_key, b_key]) in pairs {
@@ -356,9 +425,12 @@ pub fn write_adapter(
     std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "cannot write", e))
 }
 
-/// Escapes a module name so that it can serve as an exact rank/alpha pattern key.
+/// A module's full name as its rank/alpha pattern key, unescaped: PEFT since 0.14 reads a key as
+/// the regex `(.*\.)?(key)$`, which a full name matches (its dots match themselves, and no other
+/// module's name), while earlier versions fall back to looking the full name up as it is, which an
+/// escaped key would miss.
 pub fn exact_pattern(module: &str) -> String {
-    regex::escape(module)
+    module.to_string()
 }
 
 #[cfg(test)]
@@ -407,13 +479,20 @@ mod tests {
         );
         assert_eq!(c.alpha_for("model.layers.2.self_attn.v_proj"), 64.0);
         assert_eq!(c.alpha_for("model.layers.3.self_attn.v_proj"), 16.0);
-        // The escaped names the writer emits match only their own module.
+        // The full names the writer emits match only their own module among a model's modules.
         let exact = AdapterConfig {
             rank_pattern: vec![(exact_pattern("model.layers.1.mlp.up_proj"), 3)],
             ..c
         };
         assert_eq!(exact.rank_for("model.layers.1.mlp.up_proj"), 3);
-        assert_eq!(exact.rank_for("model.layers.1xmlp.up_proj"), 8);
+        for other in [
+            "model.layers.11.mlp.up_proj",
+            "model.layers.21.mlp.up_proj",
+            "model.layers.1.mlp.gate_up_proj",
+            "model.layers.1.mlp.down_proj",
+        ] {
+            assert_eq!(exact.rank_for(other), 8, "{other}");
+        }
     }
 
     #[test]

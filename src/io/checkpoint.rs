@@ -80,10 +80,26 @@ impl ModelConfig {
                 ));
             }
         }
-        if num_attention_heads == 0 || num_hidden_layers == 0 || hidden_size == 0 {
+        if num_attention_heads == 0
+            || num_hidden_layers == 0
+            || hidden_size == 0
+            || intermediate_size == 0
+            || num_key_value_heads == 0
+        {
             return Err(Error::config(
                 path,
-                "num_hidden_layers, hidden_size and num_attention_heads must be positive",
+                "num_hidden_layers, hidden_size, intermediate_size, num_attention_heads and \
+                 num_key_value_heads must be positive",
+            ));
+        }
+        // Grouped-query attention: each key/value head serves a whole group of query heads.
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`num_attention_heads` = {num_attention_heads} is not a multiple of \
+                     `num_key_value_heads` = {num_key_value_heads}"
+                ),
             ));
         }
         let head_dim = text
@@ -91,10 +107,10 @@ impl ModelConfig {
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
             .unwrap_or(hidden_size / num_attention_heads);
-        if head_dim > 1 << 16 {
+        if head_dim == 0 || head_dim > 1 << 16 {
             return Err(Error::config(
                 path,
-                format!("`head_dim` = {head_dim} is beyond any supported model (max 65536)"),
+                format!("`head_dim` = {head_dim} must be between 1 and 65536"),
             ));
         }
         Ok(ModelConfig {

@@ -1,6 +1,8 @@
 //! Atomic output directories: everything is written into a hidden temporary sibling of `--out`,
 //! which is renamed into place only when complete. An existing output is replaced only with
-//! `--force`, and then only after the new one is fully written. A run interrupted by SIGINT,
+//! `--force`, only when it holds nothing but the files a loraxfer output holds (never a directory
+//! of other work, never one of the run's inputs or a directory above one), and then only after
+//! the new one is fully written. A run interrupted by SIGINT,
 //! SIGTERM or SIGHUP removes its temporary directory; one killed outright leaves it behind, and
 //! the next run into the same parent removes it and says so.
 
@@ -41,9 +43,9 @@ pub struct StagedDir {
 }
 
 impl StagedDir {
-    /// Checks `target` (refusing an existing one without `force`) and creates the staging directory.
-    pub fn create(target: &Path, force: bool) -> Result<Self> {
-        check_target(target, force)?;
+    /// Checks `target` ([`check_target`]) and creates the staging directory.
+    pub fn create(target: &Path, force: bool, inputs: &[&Path]) -> Result<Self> {
+        check_target(target, force, inputs)?;
         let name = dir_name(target)?;
         let parent = parent_of(target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
@@ -82,10 +84,18 @@ impl StagedDir {
                     path: self.target.clone(),
                 });
             }
-            let old = self.temp.with_extension("old");
+            // Named after this run's staging directory, so that a run killed between the two
+            // renames leaves a `.{name}.tmp-{pid}-…` sibling the next run cleans up.
+            let mut old = self.temp.clone().into_os_string();
+            old.push(".old");
+            let old = PathBuf::from(old);
             std::fs::rename(&self.target, &old)
                 .map_err(|e| Error::io(&self.target, "cannot move aside the old output", e))?;
-            self.rename_into_place()?;
+            if let Err(e) = self.rename_into_place() {
+                // Put the old output back: a failed replacement must lose nothing.
+                let _ = std::fs::rename(&old, &self.target);
+                return Err(e);
+            }
             remove_any(&old);
         } else {
             self.rename_into_place()?;
@@ -125,18 +135,85 @@ impl Drop for StagedDir {
     }
 }
 
-/// Refuses an existing output without `force`, and an output that is a file rather than a directory.
-pub fn check_target(target: &Path, force: bool) -> Result<()> {
-    if target.exists() {
-        if !force {
-            return Err(Error::OutputExists {
-                path: target.to_path_buf(),
-            });
+/// Refuses an existing output without `force`; with it, refuses an output that is a file rather
+/// than a directory, one that is or holds any of `inputs`, and one holding anything a loraxfer
+/// output does not (a subdirectory, a file of another name): `--force` replaces an earlier
+/// output, never other work.
+pub fn check_target(target: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+    if !target.exists() {
+        return Ok(());
+    }
+    if !force {
+        return Err(Error::OutputExists {
+            path: target.to_path_buf(),
+        });
+    }
+    if !target.is_dir() {
+        return Err(Error::arg(
+            "--out",
+            format!("`{}` exists and is not a directory", target.display()),
+        ));
+    }
+    check_not_above_inputs(target, inputs)?;
+    check_only_outputs(target, &[])
+}
+
+/// The files loraxfer writes into an output directory: adapters, their reports, and models (whole
+/// or sharded, with their config, and the tokenizer files a derived model copies).
+pub fn is_output_file(name: &str) -> bool {
+    matches!(
+        name,
+        "adapter_config.json"
+            | "adapter_model.safetensors"
+            | "transfer_report.json"
+            | "config.json"
+            | "model.safetensors"
+            | "model.safetensors.index.json"
+    ) || (name.starts_with("model-") && name.ends_with(".safetensors"))
+        || crate::synth::derive::COPIED_FILES.contains(&name)
+}
+
+/// Refuses `target` when it is, or lies above, one of `inputs` (replacing it would delete them).
+fn check_not_above_inputs(target: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(target) else {
+        return Ok(());
+    };
+    for input in inputs {
+        if let Ok(input) = std::fs::canonicalize(input) {
+            if input.starts_with(&out) {
+                return Err(Error::arg(
+                    "--out",
+                    format!(
+                        "`{}` {} the input `{}`: --force would delete it",
+                        target.display(),
+                        if input == out { "is" } else { "holds" },
+                        input.display()
+                    ),
+                ));
+            }
         }
-        if !target.is_dir() {
+    }
+    Ok(())
+}
+
+/// Refuses `dir` unless every entry is an output file ([`is_output_file`]), or one of `subdirs`
+/// holding only output files (the demo's models, adapter and result).
+pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, "cannot list", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(true);
+        if is_dir && subdirs.contains(&name.as_str()) {
+            check_only_outputs(&entry.path(), &[])?;
+        } else if is_dir || !is_output_file(&name) {
             return Err(Error::arg(
                 "--out",
-                format!("`{}` exists and is not a directory", target.display()),
+                format!(
+                    "`{}` holds `{name}`, which is not part of a loraxfer output: --force replaces \
+                     only an earlier output; move or remove the directory yourself",
+                    dir.display()
+                ),
             ));
         }
     }

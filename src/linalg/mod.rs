@@ -56,3 +56,25 @@ pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0f32, Par::Seq);
     out
 }
+
+/// Largest |a − b| entry for tests, NaN when any difference is not finite: faer's `norm_max`
+/// (a SIMD max) and `f32::max` may skip a NaN, and a test must fail on one.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
+    assert_eq!(
+        (a.nrows(), a.ncols()),
+        (b.nrows(), b.ncols()),
+        "shapes differ"
+    );
+    let mut worst = 0f32;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            let d = (a[(i, j)] - b[(i, j)]).abs();
+            if !d.is_finite() {
+                return f32::NAN;
+            }
+            worst = worst.max(d);
+        }
+    }
+    worst
+}

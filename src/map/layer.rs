@@ -21,7 +21,7 @@ use super::matching::{assign_features, joint_features, Assignment};
 use super::refine;
 use super::sketch::{fold, SignSketch};
 pub use super::sketch::{Sketch, NEURON_SKETCH, SKETCH};
-use super::{read_matrix, InnerMatch, MapOptions, ResidualFit, ResidualMap};
+use super::{read_gain, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
 use crate::backend::Backend;
 use crate::error::Result;
@@ -215,9 +215,8 @@ impl<'a> Side<'_, 'a> {
             return Ok(vec![1.0; n]);
         };
         let name = format!("{}.{}.{norm}", self.model.prefix, self.layer);
-        let g = read_matrix(self.model.ckpt, &name)?;
         let offset = self.model.arch.residual.gain_offset;
-        Ok((0..g.ncols()).map(|j| g[(0, j)] + offset).collect())
+        read_gain(self.model.ckpt, &name, n, offset)
     }
 }
 

@@ -296,8 +296,9 @@ fn fit_residual(
         source.arch.embed_name(&source.prefix),
         target.arch.embed_name(&target.prefix),
     );
-    let rows =
-        |side: &ModelSide<'_>, name: &str| -> Result<usize> { Ok(side.ckpt.shape(name)?[0]) };
+    let rows = |side: &ModelSide<'_>, name: &str| -> Result<usize> {
+        rows_of_width(side.ckpt, name, side.ckpt.config.hidden_size)
+    };
     let all_pairs =
         vocab::shared_tokens(&vs, &vt, (rows(source, &es_name)?, rows(target, &et_name)?));
     // Evenly spaced over the source ids.
@@ -362,13 +363,15 @@ fn fit_residual(
     bar.step();
     if let Some(((ls, ns), (lt, nt))) = second {
         bar.check()?;
+        rows(source, &ls)?;
+        rows(target, &lt)?;
         let gain = |side: &ModelSide<'_>, norm: &str| -> Result<Option<Vec<f32>>> {
             if !side.ckpt.has(norm) {
                 return Ok(None);
             }
-            let g = read_matrix(side.ckpt, norm)?;
+            let d = side.ckpt.config.hidden_size;
             let offset = side.arch.residual.gain_offset;
-            Ok(Some((0..g.ncols()).map(|j| g[(0, j)] + offset).collect()))
+            Ok(Some(read_gain(side.ckpt, norm, d, offset)?))
         };
         let (gs, gt) = (gain(source, &ns)?, gain(target, &nt)?);
         fit.add(
@@ -382,6 +385,38 @@ fn fit_residual(
     bar.step();
     bar.finish();
     Ok(map)
+}
+
+/// The rows of a `rows × width` matrix (an embedding, an output head), refusing another shape
+/// with an error naming the tensor and its file.
+pub(crate) fn rows_of_width(ckpt: &Checkpoint, name: &str, width: usize) -> Result<usize> {
+    match ckpt.shape(name)? {
+        [rows, cols] if *cols == width && *rows > 0 => Ok(*rows),
+        shape => Err(Error::bad_tensor(
+            ckpt.file_of(name).unwrap_or(&ckpt.dir),
+            name,
+            format!("shape {shape:?}: expected [rows, {width}] (the config's hidden_size)"),
+        )),
+    }
+}
+
+/// A norm's effective gains (`offset` added: 1 for the families that store `g − 1`), refusing a
+/// norm whose width is not `width`.
+pub(crate) fn read_gain(
+    ckpt: &Checkpoint,
+    name: &str,
+    width: usize,
+    offset: f32,
+) -> Result<Vec<f32>> {
+    let g = read_matrix(ckpt, name)?;
+    if g.nrows() != 1 || g.ncols() != width {
+        return Err(Error::bad_tensor(
+            ckpt.file_of(name).unwrap_or(&ckpt.dir),
+            name,
+            format!("shape {:?}: expected [{width}]", ckpt.shape(name)?),
+        ));
+    }
+    Ok((0..width).map(|j| g[(0, j)] + offset).collect())
 }
 
 /// A whole tensor as a matrix (a 1-D tensor as one row).

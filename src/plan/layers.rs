@@ -80,6 +80,7 @@ mod tests {
     #[test]
     fn equal_depths_map_identically() {
         let m = default_layer_map(28, 28);
+        assert_eq!(m.len(), 28);
         assert!(m.iter().all(|(j, i)| i == j));
     }
 

@@ -59,6 +59,20 @@ impl Options {
         if self.rank == 0 {
             return Err(Error::arg("--rank", "must be at least 1"));
         }
+        // Far above any useful value (a sketch is k + p wide, each power iteration two passes
+        // over the weight); they keep k + p from overflowing and a typo from running for days.
+        for (flag, value, max) in [
+            ("--rank", self.rank, 1 << 20),
+            ("--oversample", self.oversample, 1 << 20),
+            ("--power-iters", self.power_iters, 100),
+        ] {
+            if value > max {
+                return Err(Error::arg(
+                    flag,
+                    format!("{value} is above the limit of {max}"),
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::arg(
                 "--threshold",
@@ -176,8 +190,6 @@ pub struct Plan {
     pub layer_map: BTreeMap<usize, usize>,
     /// The target's module types, in table order (for `target_modules`).
     pub target_types: Vec<String>,
-    /// True when source and target tables name and fuse modules identically.
-    pub same_layout: bool,
 }
 
 impl Plan {
@@ -227,7 +239,6 @@ pub fn build(
         modules,
         layer_map,
         target_types: target_specs.iter().map(|s| s.name.clone()).collect(),
-        same_layout: same,
     })
 }
 
@@ -272,9 +283,11 @@ fn adapter_modules<'a>(
         }
         let (tensor, (out, inp)) = source.weight(layer, spec)?;
         if (m.out_features, m.in_features) != (out, inp) {
+            // lora_B carries the output width, lora_A the input width: name the one that is off.
+            let factor = if m.out_features != out { "B" } else { "A" };
             return Err(Error::bad_tensor(
                 adapter_path.join(crate::io::adapter::WEIGHTS_FILE),
-                format!("{}{name}.lora_B.weight", crate::io::adapter::PEFT_PREFIX),
+                format!("{}{name}.lora_{factor}.weight", crate::io::adapter::PEFT_PREFIX),
                 format!(
                     "adapter update is {}x{} but the source base's `{tensor}` is {out}x{inp}: was the adapter trained on another model?",
                     m.out_features, m.in_features

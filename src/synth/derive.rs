@@ -19,7 +19,7 @@ const BLOCK_ELEMS: usize = 1 << 18;
 
 /// Small files of a model directory that are copied as they are, so that a derived copy of a real
 /// model keeps its tokenizer and generation defaults.
-const COPIED_FILES: &[&str] = &[
+pub(crate) const COPIED_FILES: &[&str] = &[
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",

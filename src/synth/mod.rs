@@ -10,7 +10,7 @@
 //! generator, so the same spec gives byte-identical files on any thread count.
 
 mod adapter;
-mod derive;
+pub(crate) mod derive;
 mod model;
 mod presets;
 mod shards;

@@ -89,21 +89,35 @@ fn copy_block(
     }
 }
 
-/// The output adapter_config.json: the source's, with the target base, the target's module
-/// types, and per-module rank/alpha patterns wherever a module differs from the global r/alpha.
+/// The target base as the output config names it.
+pub struct BaseName {
+    /// A hub name (`org/name`) or the directory as given.
+    pub name: String,
+    /// The hub revision, for a hub name.
+    pub revision: Option<String>,
+}
+
+/// The output adapter_config.json: the source's, with the target base (and its revision: the
+/// source's would load the target at a commit of another repository), the target's module types
+/// written, and per-module rank/alpha patterns wherever a module differs from the global r/alpha.
 pub fn output_config(
     adapter: &Adapter,
     plan: &Plan,
     modules: &BTreeMap<String, LoraFactors>,
-    target_base: &str,
+    base: &BaseName,
     target: &ModelSide<'_>,
 ) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::Value;
     let cfg = &adapter.config;
     let mut raw = cfg.raw.clone();
+    raw.insert("peft_type".into(), Value::String("LORA".into()));
     raw.insert(
         "base_model_name_or_path".into(),
-        Value::String(target_base.to_string()),
+        Value::String(base.name.clone()),
+    );
+    raw.insert(
+        "revision".into(),
+        base.revision.clone().map_or(Value::Null, Value::String),
     );
     // PEFT's AutoPeftModel builds the class named here: it must be the target's, not the source's.
     if raw.get("auto_mapping").is_some_and(|v| !v.is_null()) {
@@ -116,17 +130,18 @@ pub fn output_config(
         });
         raw.insert("auto_mapping".into(), mapping.unwrap_or(Value::Null));
     }
-    if !plan.same_layout || !raw.contains_key("target_modules") {
-        let types: Vec<Value> = plan
-            .target_types
-            .iter()
-            .cloned()
-            .map(Value::String)
-            .collect();
-        raw.insert("target_modules".into(), Value::Array(types));
-    }
+    // The module types written, always: the source's own list, regex or `null` (PEFT's default
+    // list for the architecture) may name layers or modules the target does not have, or miss
+    // some it now has, and PEFT silently drops weights no target module matches.
+    let types: Vec<Value> = plan
+        .target_types
+        .iter()
+        .cloned()
+        .map(Value::String)
+        .collect();
+    raw.insert("target_modules".into(), Value::Array(types));
     // Every target layer gets its module, so layer restrictions no longer apply.
-    for key in ["layers_to_transform", "layers_pattern"] {
+    for key in ["layers_to_transform", "layers_pattern", "exclude_modules"] {
         if raw.contains_key(key) {
             raw.insert(key.into(), Value::Null);
         }

@@ -45,6 +45,20 @@ pub struct Job {
     pub hub: BTreeMap<String, crate::io::hub::HubModel>,
 }
 
+impl Job {
+    /// The paths the job reads, which `--out` must never replace.
+    fn inputs(&self) -> Vec<&Path> {
+        let mut paths = vec![
+            self.source_base.as_path(),
+            self.target_base.as_path(),
+            self.adapter.as_path(),
+        ];
+        paths.extend(self.layer_map_file.as_deref());
+        paths.extend(self.cache_dir.as_deref());
+        paths
+    }
+}
+
 /// The file name of the report inside the output directory.
 pub const REPORT_FILE: &str = "transfer_report.json";
 
@@ -74,7 +88,7 @@ struct MapStart {
 pub fn run(job: &Job) -> Result<Report> {
     let wall = Instant::now();
     let timings = Timings::default();
-    check_target(&job.out, job.force)?;
+    check_target(&job.out, job.force, &job.inputs())?;
     let (backend, device_note) = backend::select(job.device)?;
     let opened = open_and_plan(job, &timings, backend.as_ref())?;
 
@@ -111,11 +125,23 @@ pub fn run(job: &Job) -> Result<Report> {
     let (rows, modules) = collect(&opened, &outcomes)?;
 
     let target_name = job.target_base.to_string_lossy().into_owned();
+    // A hub model is named as the hub names it (and at its revision), so that PEFT and
+    // AutoPeftModel load the same base elsewhere; a directory as it was given.
+    let base = match job.hub.get("target_base") {
+        Some(hub) => assemble::BaseName {
+            name: hub.name.clone(),
+            revision: Some(hub.revision.clone()),
+        },
+        None => assemble::BaseName {
+            name: target_name.clone(),
+            revision: None,
+        },
+    };
     let config = assemble::output_config(
         &opened.adapter,
         &opened.plan,
         &modules,
-        &target_name,
+        &base,
         &ModelSide::new(&opened.target)?,
     );
     let mut report = Report {
@@ -148,7 +174,7 @@ pub fn run(job: &Job) -> Result<Report> {
         modules: rows,
     };
     let write_start = Instant::now();
-    let staged = StagedDir::create(&job.out, job.force)?;
+    let staged = StagedDir::create(&job.out, job.force, &job.inputs())?;
     adapter::write_adapter(staged.path(), &config, &modules)?;
     timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
     report.timings_ms = timings_map(&timings, wall.elapsed().as_secs_f64() * 1e3);

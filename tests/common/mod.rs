@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod refusals;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -111,7 +112,8 @@ pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| data[i * cols + j])
 }
 
-/// Largest absolute entry of `a − b`.
+/// Largest absolute entry of `a − b`; NaN when any entry of either is NaN or infinite, so a
+/// `< tolerance` assertion fails on it (`f32::max` would silently skip a NaN).
 pub fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
     assert_eq!(
         (a.nrows(), a.ncols()),
@@ -121,10 +123,24 @@ pub fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
     let mut worst = 0f32;
     for j in 0..a.ncols() {
         for i in 0..a.nrows() {
-            worst = worst.max((a[(i, j)] - b[(i, j)]).abs());
+            let d = (a[(i, j)] - b[(i, j)]).abs();
+            if !d.is_finite() {
+                return f32::NAN;
+            }
+            worst = worst.max(d);
         }
     }
     worst
+}
+
+/// The larger of two errors, NaN if either is (`f64::max` returns the other operand when one is
+/// NaN, so a fold over it would let a NaN pass): `.fold(0.0, worst)`.
+pub fn worst(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// Frobenius norm.

@@ -182,18 +182,26 @@ def test_the_gil_is_released_while_the_engine_runs(wide_pair, tmp_path):
 
     thread = threading.Thread(target=tick)
     thread.start()
+    spans = []
     try:
-        start = time.monotonic()
-        loraxfer.transfer(source, target, adapter, tmp_path / "out", power_iters=4)
-        end = time.monotonic()
+        # Transfers until the engine has run long enough to tell (one on a slow machine, more on
+        # a fast one), rather than a bound on how long one takes.
+        while sum(b - a for a, b in spans) < 0.3 and len(spans) < 50:
+            start = time.monotonic()
+            loraxfer.transfer(source, target, adapter, tmp_path / f"out{len(spans)}",
+                              power_iters=4)
+            spans.append((start, time.monotonic()))
     finally:
         stop.set()
         thread.join()
-    inside = [t for t in stamps if start <= t <= end]
-    # The time covered by gaps of at most 20 ms (a scheduler's slice on a busy machine).
-    covered = sum(b - a for a, b in zip(inside, inside[1:]) if b - a <= 0.02)
-    assert end - start > 0.2, f"the transfer took {end - start:.3f} s: too short to tell"
-    assert covered > 0.5 * (end - start), (covered, end - start)
+    total = sum(b - a for a, b in spans)
+    assert total >= 0.3, f"50 transfers took {total:.3f} s: too short to tell"
+    covered = 0.0
+    for start, end in spans:
+        inside = [t for t in stamps if start <= t <= end]
+        # The time covered by gaps of at most 20 ms (a scheduler's slice on a busy machine).
+        covered += sum(b - a for a, b in zip(inside, inside[1:]) if b - a <= 0.02)
+    assert covered > 0.5 * total, (covered, total)
 
 
 def test_ctrl_c_stops_the_job_and_writes_nothing(wide_pair, tmp_path):
@@ -227,8 +235,9 @@ def test_ctrl_c_stops_the_job_and_writes_nothing(wide_pair, tmp_path):
     finally:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)
-    # The engine stops at the next unit; the units still computing finish first.
-    assert sent and time.monotonic() - sent[0] < 1.0, (sent, seen)
+    # The engine stops at the next unit, before the job's end (how soon is the poll's 100 ms and
+    # the units in flight: not asserted, the machine's speed would decide it).
+    assert sent, seen
     assert seen[-1][1] < seen[-1][2], seen
     assert list(tmp_path.iterdir()) == []
 

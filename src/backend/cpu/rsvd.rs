@@ -191,7 +191,11 @@ fn power_basis(y: MatRef<'_, f32>) -> Mat<f32> {
 
 /// The sketch size l = min(k + p, m, n).
 pub fn sketch_width(rows: usize, cols: usize, params: &SvdParams) -> usize {
-    (params.rank + params.oversample).min(rows).min(cols)
+    params
+        .rank
+        .saturating_add(params.oversample)
+        .min(rows)
+        .min(cols)
 }
 
 /// Top-`params.rank` singular triplets of `w`, signs canonicalized.
@@ -297,6 +301,7 @@ pub fn canonicalize_signs(basis: &mut Basis) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linalg::max_abs_diff;
 
     fn gaussian(m: usize, n: usize, id: u64) -> Mat<f32> {
         Mat::from_fn(m, n, |i, j| {
@@ -314,13 +319,7 @@ mod tests {
         let w = gaussian(m, n, 7);
         let (x, xt) = (gaussian(n, l, 8), gaussian(m, l, 9));
         let values: Vec<f32> = (0..m * n).map(|e| w[(e / n, e % n)]).collect();
-        let rel = |a: &Mat<f32>, b: &Mat<f32>| {
-            let d = (0..a.ncols())
-                .flat_map(|j| (0..a.nrows()).map(move |i| (i, j)))
-                .map(|(i, j)| (a[(i, j)] - b[(i, j)]).abs())
-                .fold(0f32, f32::max);
-            d / b.norm_max()
-        };
+        let rel = |a: &Mat<f32>, b: &Mat<f32>| max_abs_diff(a, b) / b.norm_max();
         for ty in [FloatType::F32, FloatType::Bf16, FloatType::F16] {
             let bytes = encode_f32(&values, ty);
             let mut shifted = vec![0u8; bytes.len() + 1];
@@ -409,10 +408,7 @@ mod tests {
             let b = lu_basis(y.as_ref()).expect("full-rank sketch");
             // Projecting the LU basis onto span(Q) leaves it unchanged.
             let back = mm(q.as_ref(), mm(q.transpose(), b.as_ref()).as_ref());
-            let err = (0..l)
-                .flat_map(|j| (0..m).map(move |i| (i, j)))
-                .map(|(i, j)| (back[(i, j)] - b[(i, j)]).abs())
-                .fold(0f32, f32::max);
+            let err = max_abs_diff(&back, &b);
             assert!(err < 1e-4, "{m}x{l}: LU basis leaves span(Y) by {err}");
             assert!(
                 (0..l).all(|j| b.col(j).iter().all(|x| x.abs() <= 1.0 + 1e-6)),
@@ -427,7 +423,12 @@ mod tests {
         y.col_mut(3).fill(0.0);
         assert!(lu_basis(y.as_ref()).is_none());
         let b = power_basis(y.as_ref());
-        assert!(b.col(0).iter().all(|x| x.is_finite()));
+        // An orthonormal basis of span(Y) (five non-zero columns).
+        let gram = mm(b.transpose(), b.as_ref());
+        let eye = Mat::<f32>::identity(gram.nrows(), gram.ncols());
+        assert!(max_abs_diff(&gram, &eye) < 1e-5, "QᵀQ ≠ I");
+        let back = mm(b.as_ref(), mm(b.transpose(), y.as_ref()).as_ref());
+        assert!(max_abs_diff(&back, &y) < 1e-4, "Y leaves span(Q)");
         // A zero weight still decomposes (to zero singular values), never NaN.
         let zero = vec![0f32; 12 * 8];
         let w = Weight {

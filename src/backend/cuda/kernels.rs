@@ -108,7 +108,7 @@ mod tests {
             ArgKind::U64
         );
         assert!(names().count() >= 29);
-        assert_eq!(MAX_SKETCH, 512);
+        assert_eq!(MAX_SKETCH, 1024);
     }
 
     #[test]

@@ -211,7 +211,8 @@ impl Ops {
     }
 
     /// Orthonormalizes the columns of each `rows × l` panel in place: CholeskyQR2 in f64, with a
-    /// Gram–Schmidt fallback for rank-deficient panels. Returns how many took the fallback.
+    /// Gram–Schmidt fallback for rank-deficient panels. Returns how many took the fallback, so it
+    /// waits for the device: the pipeline queues [`Ops::orthonormalize_queued`] instead.
     pub fn orthonormalize(
         &self,
         y: &Buffer,
@@ -220,6 +221,22 @@ impl Ops {
         batch: usize,
         seed: u64,
     ) -> Result<usize> {
+        let flags = self.orthonormalize_queued(y, rows, l, batch, seed)?;
+        let flagged: Vec<i32> = self.gpu.download(flags.ptr(), batch)?;
+        Ok(flagged.iter().filter(|&&f| f != 0).count())
+    }
+
+    /// [`Ops::orthonormalize`] queued on the compute stream without waiting for it (a host read
+    /// here would stall the next piece's upload behind this one's kernels); returns the per-panel
+    /// fallback flags, set once the kernels have run.
+    pub fn orthonormalize_queued(
+        &self,
+        y: &Buffer,
+        rows: usize,
+        l: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Result<Buffer> {
         if l > MAX_SKETCH || l > rows {
             return Err(Error::Internal(format!(
                 "orthonormalize: {rows}x{l} panel (want l ≤ rows and l ≤ {MAX_SKETCH})"
@@ -259,8 +276,7 @@ impl Ops {
                 Arg::U64(seed),
             ],
         )?;
-        let flagged: Vec<i32> = self.gpu.download(flags.ptr(), batch)?;
-        Ok(flagged.iter().filter(|&&f| f != 0).count())
+        Ok(flags)
     }
 
     /// Eigen-decomposition of symmetric l×l f64 matrices (overwritten): returns sqrt of the

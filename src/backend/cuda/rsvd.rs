@@ -95,6 +95,19 @@ pub fn submit(
     }
     let k = params.rank.min(m).min(n);
     let l = (params.rank + params.oversample).min(m).min(n);
+    if l > super::ops::MAX_SKETCH {
+        return Err(Error::arg(
+            "--rank",
+            format!(
+                "{}: a sketch of {l} columns (--rank {} + --oversample {}) is wider than the \
+                 CUDA kernels take ({}); lower them, or use --device cpu",
+                first.name,
+                params.rank,
+                params.oversample,
+                super::ops::MAX_SKETCH
+            ),
+        ));
+    }
     if k == 0 {
         return Err(Error::Internal(format!(
             "{}: rank 0 requested for a {m}x{n} matrix",
@@ -134,16 +147,22 @@ pub fn submit(
         ops.sketch(&y, &w, ty, &ids, seed, m, n, l, batch)
     })?;
     for _ in 0..params.power_iters {
-        t.time(Phase::Orth, || ops.orthonormalize(&y, m, l, batch, seed))?;
+        t.time(Phase::Orth, || {
+            ops.orthonormalize_queued(&y, m, l, batch, seed)
+        })?;
         t.time(Phase::Sketch, || {
             ops.w_product(true, &z, &w, ty, &y, (m, n, l), batch)
         })?;
-        t.time(Phase::Orth, || ops.orthonormalize(&z, n, l, batch, seed))?;
+        t.time(Phase::Orth, || {
+            ops.orthonormalize_queued(&z, n, l, batch, seed)
+        })?;
         t.time(Phase::Sketch, || {
             ops.w_product(false, &y, &w, ty, &z, (m, n, l), batch)
         })?;
     }
-    t.time(Phase::Orth, || ops.orthonormalize(&y, m, l, batch, seed))?;
+    t.time(Phase::Orth, || {
+        ops.orthonormalize_queued(&y, m, l, batch, seed)
+    })?;
     // The core Bᵀ = WᵀQ (n×l) into z; BBᵀ = (Bᵀ)ᵀBᵀ is its Gram matrix.
     t.time(Phase::Sketch, || {
         ops.w_product(true, &z, &w, ty, &y, (m, n, l), batch)

@@ -150,14 +150,24 @@ impl<'a> Cursor<'a> {
                 }
                 let elem = self.u32(what)?;
                 let count = self.u64(what)?;
-                // Every element takes at least one byte: a count beyond the bytes left is a lie.
+                // Every element takes at least its smallest encoding: a count beyond what the
+                // bytes left can hold is a lie.
+                let smallest = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8, // a string starts with its u64 length
+                    9 => 12,          // a nested array: its element type and count
+                    _ => 1,           // refused at the first element
+                };
                 let left = (self.data.len() - self.at) as u64;
-                if count > left {
+                if count > left / smallest {
                     return Err(format!(
                         "{what}: array of {count} elements, but only {left} bytes are left"
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                // Grown as read past the first 65536: a parsed value is larger than its bytes.
+                let mut items = Vec::with_capacity(count.min(1 << 16) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem, what, depth + 1)?);
                 }

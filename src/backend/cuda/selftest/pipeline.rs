@@ -4,7 +4,7 @@
 
 use super::super::backend::{from_row_major, resident_bytes, row_major};
 use super::super::rsvd::{truncated_svd_batch, RawMatrix};
-use super::{basis_err, gaussian_rm, planted, rel_err, Runner};
+use super::{basis_err, gaussian_rm, planted, rel_err, worst, Runner};
 use crate::backend::{Backend, Basis, Factors, Side, SvdParams};
 use crate::error::Result;
 use crate::io::safetensors::{encode_f32, FloatType};
@@ -50,14 +50,6 @@ impl Runner<'_> {
             .len();
         let got = piecewise.svd_pipelined(&mats, &params, &t)?;
         let want = truncated_svd_batch(self.backend.ops(), &mats, &params, &t)?;
-        // f64::max drops NaN; a NaN anywhere must fail the check.
-        let worst = |a: f64, b: f64| {
-            if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.max(b)
-            }
-        };
         let mut err = if got.len() == want.len() && pieces == count {
             0.0
         } else {

@@ -35,20 +35,16 @@ pub fn first_light(backend: &CudaBackend) -> Result<f64> {
     let got: Vec<f32> = ops.gpu.download(out.ptr(), rows * cols)?;
     let mut want = vec![0f32; rows * cols];
     fill_gaussian(0x5eed, id, rows, cols, &mut want);
-    let worst = got.iter().zip(&want).fold(0f64, |e, (a, b)| {
-        let d = (a - b).abs() as f64;
-        if d.is_nan() {
-            f64::NAN
-        } else {
-            e.max(d)
-        }
-    });
-    if worst.is_nan() || worst > 1e-5 {
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f64, |e, (a, b)| super::worst(e, (a - b).abs() as f64));
+    if err.is_nan() || err > 1e-5 {
         return Err(crate::Error::Device(format!(
-            "philox_gaussian_f32 differs from the CPU Philox by {worst:.3e}"
+            "philox_gaussian_f32 differs from the CPU Philox by {err:.3e}"
         )));
     }
-    Ok(worst)
+    Ok(err)
 }
 
 /// Runs every check; `quick` uses fewer and smaller cases (the emulator in `cargo test`).
@@ -82,9 +78,16 @@ pub fn run_reporting(
         }
         for (m, n, l) in shapes {
             r.step(&format!("products {ty:?} {m}x{n}"), |r| {
-                r.products(ty, m, n, l)
+                r.products(ty, (m, n, l), false)
             });
         }
+    }
+    // Long sums (K = 8192 inner values: about a 7B/8B model's width; 128256 for an output head)
+    // of one sign, for the products that read a weight: W·Z and the sketch sum over n, Wᵀ·Q over m.
+    for (m, n) in [(64, 8192), (8192, 64)] {
+        r.step(&format!("products Bf16 {m}x{n} positive"), |r| {
+            r.products(FloatType::Bf16, (m, n, 16), true)
+        });
     }
     r.step("panel products", |r| r.panels(37, 19, 70));
     r.step("cholesky_qr2", |r| r.orthonormalize(90, 13));
