@@ -217,15 +217,7 @@ fn transfer_to_a_derivative_projects_every_module() {
     // The module types written, whatever the source's config said.
     assert_eq!(
         config["target_modules"],
-        serde_json::json!([
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj"
-        ])
+        serde_json::json!(common::PROJECTIONS)
     );
     assert_eq!(config["r"], original["r"]);
     assert_eq!(config["lora_alpha"], original["lora_alpha"]);

@@ -57,10 +57,10 @@ pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
-/// Largest |a − b| entry for tests, NaN when any difference is not finite: faer's `norm_max`
-/// (a SIMD max) and `f32::max` may skip a NaN, and a test must fail on one.
-#[cfg(test)]
-pub(crate) fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
+/// Largest |a − b| entry, NaN when any difference is not finite: faer's `norm_max` (a SIMD max)
+/// and `f32::max` may skip a NaN, and a comparison with a tolerance must fail on one. For checks
+/// and tests.
+pub fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
     assert_eq!(
         (a.nrows(), a.ncols()),
         (b.nrows(), b.ncols()),

@@ -112,26 +112,9 @@ pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| data[i * cols + j])
 }
 
-/// Largest absolute entry of `a − b`; NaN when any entry of either is NaN or infinite, so a
-/// `< tolerance` assertion fails on it (`f32::max` would silently skip a NaN).
-pub fn max_abs_diff(a: &Mat<f32>, b: &Mat<f32>) -> f32 {
-    assert_eq!(
-        (a.nrows(), a.ncols()),
-        (b.nrows(), b.ncols()),
-        "shapes differ"
-    );
-    let mut worst = 0f32;
-    for j in 0..a.ncols() {
-        for i in 0..a.nrows() {
-            let d = (a[(i, j)] - b[(i, j)]).abs();
-            if !d.is_finite() {
-                return f32::NAN;
-            }
-            worst = worst.max(d);
-        }
-    }
-    worst
-}
+/// Largest absolute entry of `a − b`, NaN when any is not finite (the library's own check).
+#[allow(unused_imports)] // not every test binary compares matrices
+pub use loraxfer::linalg::max_abs_diff;
 
 /// The larger of two errors, NaN if either is (`f64::max` returns the other operand when one is
 /// NaN, so a fold over it would let a NaN pass): `.fold(0.0, worst)`.
