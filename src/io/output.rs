@@ -17,6 +17,9 @@ fn live_dirs() -> &'static Mutex<Vec<PathBuf>> {
     DIRS.get_or_init(|| Mutex::new(Vec::new()))
 }
 
+/// Set (under the lock of [`live_dirs`]) once an output has been renamed into place.
+static PUBLISHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Installs the SIGINT/SIGTERM/SIGHUP handler (once): remove live temporary directories, exit 130.
 pub fn install_signal_cleanup() {
     static ONCE: OnceLock<()> = OnceLock::new();
@@ -27,7 +30,15 @@ pub fn install_signal_cleanup() {
             for d in dirs.iter() {
                 let _ = std::fs::remove_dir_all(d);
             }
-            eprintln!("interrupted: no output written");
+            // A signal that waited for a commit to finish comes after a complete output (and
+            // the demo commits several).
+            if PUBLISHED.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!(
+                    "interrupted: outputs completed before it are kept, nothing else written"
+                );
+            } else {
+                eprintln!("interrupted: no output written");
+            }
             std::process::exit(130);
         });
     });
@@ -76,7 +87,7 @@ impl StagedDir {
     /// Moves the finished directory into place (replacing an old one only under `--force`).
     pub fn commit(mut self) -> Result<PathBuf> {
         sync_tree(&self.temp);
-        let live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
         if self.target.exists() {
             if !self.force {
                 // Someone created it while we were working: keep theirs, report it.
@@ -100,8 +111,11 @@ impl StagedDir {
         } else {
             self.rename_into_place()?;
         }
+        // Still under the lock: a signal handled after it sees a published output and no
+        // staging directory.
+        live.retain(|d| d != &self.temp);
+        PUBLISHED.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(live);
-        self.forget();
         sync_dir(&parent_of(&self.target));
         self.committed = true;
         Ok(self.target.clone())
