@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (no cargo there: build here, carry the binary).
+# The one script for a GPU machine (it needs no cargo: build with nvcc on any machine, then carry
+# the binary).
 #
-#   Build (here, with nvcc; no debug info, stripped, so the binary is small to carry):
+#   Build (with nvcc; no debug info, stripped, so the binary is small to carry):
 #     NVCC=$(scripts/setup-cuda.sh | sed -n 's/^NVCC=//p') CARGO_PROFILE_RELEASE_DEBUG=0 \
 #       cargo build --release && strip target/release/loraxfer
-#   Run (there, in the repository root, with target/release/loraxfer carried):
+#   Run (on the GPU machine, in the repository root, with target/release/loraxfer carried):
 #     OUT=/some/dir scripts/gpu-check.sh [--quick]
-#   Rehearse (here, without a GPU: the --quick run with every device step on the kernel emulator
-#   and PyTorch on the CPU, so the script itself, its comparisons and the baseline are exercised
-#   before the GPU window; PYTHON names an interpreter with torch and safetensors):
+#   Rehearse (without a GPU: the --quick run with every device step on the kernel emulator and
+#   PyTorch on the CPU, so the script itself, its comparisons and the baseline are exercised
+#   before a GPU run; PYTHON names an interpreter with torch and safetensors):
 #     PYTHON=.venv/bin/python OUT=/some/dir scripts/gpu-check.sh --rehearse
 #
 # Every step runs under `timeout` and a failing step does not stop the others. The whole run keeps
@@ -26,12 +27,12 @@
 #     GPU (with and without tensor cores) against CPU at k = 16, q = 12, where the subspaces are
 #     resolved. The PyTorch baseline (bench/torch_transfer.py, torch and safetensors only) runs on
 #     the same GPU and inputs, side by side.
-#  4. selftest --bench: kernel timings on Qwen2.5-1.5B-shaped batches
+#  4. selftest --quick --no-production --bench: kernel timings on Qwen2.5-1.5B-shaped batches
 #  5. the same at k = 256 (no gap in synthetic spectra: differences of 1e-3..1e-1 are expected, so
 #     the comparisons are informative only), then nsys on the k = 256 GPU transfer
 #  6. compute-sanitizer synccheck and racecheck on selftest --quick --no-production, when installed
 # Exits 1 when a selftest or a pass/fail comparison failed (every step still ran).
-# $OUT gets at most 8 files: summary.txt, probe.txt, info.txt, selftest.txt, bench.txt,
+# $OUT gets 6 files: summary.txt, probe.txt, info.txt, selftest.txt, bench.txt,
 # logs.tar.gz (all other logs and reports). Models and transfer outputs go to $WORK (a temporary
 # directory).
 set -uo pipefail

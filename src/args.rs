@@ -58,8 +58,8 @@ pub struct TransferArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// How to carry the adapter over. auto picks one mode for the pair: rotate when the depths
-    /// and every module's shapes are equal, else map (both models need a tokenizer.json), else
-    /// align; rotate and map keep the whole update (docs/EXPERIMENTS.md has the evidence).
+    /// and every module's shapes are equal, else map (both models need a vocabulary: a
+    /// tokenizer.json, or a GGUF's own), else align; rotate and map keep the whole update (docs/EXPERIMENTS.md has the evidence).
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
     #[command(flatten)]

@@ -58,6 +58,18 @@ def evaluate(model, tokenizer, items, batch, label):
     }
 
 
+# The repository root: result files name models and adapters relative to it, so they read the
+# same on every machine.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def repo_path(path):
+    """`path` relative to the repository root when it lies inside it, else absolute."""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full, ROOT)
+    return full if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="base model directory (HF safetensors)")
@@ -91,7 +103,7 @@ def main():
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
         model.eval()
         result = evaluate(model, tokenizer, items, args.batch, label)
-        result.update(model_dir=os.path.abspath(args.model), adapter_dir=path and os.path.abspath(path))
+        result.update(model_dir=repo_path(args.model), adapter_dir=path and repo_path(path))
         out = os.path.join(args.results, label.replace(" + ", "+").replace("/", "_").replace(" ", "_") + ".json")
         with open(out + ".tmp", "w") as f:
             json.dump(result, f)

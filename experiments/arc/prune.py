@@ -220,7 +220,11 @@ def main():
         student.to(saved_dtype).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "pruning.json"), "w") as f:
-            json.dump({"args": vars(args), "source": os.path.abspath(args.model), "truth": truth,
+            # Paths relative to the repository (as evaluate.py writes them), so results move.
+            here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            rel = lambda p: os.path.relpath(os.path.abspath(p), here) if os.path.abspath(p).startswith(here + os.sep) else p
+            shown = {k: rel(v) if k in ("model", "out", "data") and isinstance(v, str) else v for k, v in vars(args).items()}
+            json.dump({"args": shown, "source": rel(args.model), "truth": truth,
                        "block_influence": [round(x, 5) for x in bi.tolist()], "kl": losses,
                        "seconds": round(time.time() - start, 1)}, f)
 

@@ -7,8 +7,9 @@
 `transfer` and `inspect` are the command line's `loraxfer transfer` and `loraxfer inspect`:
 the same options (flags with underscores: `--power-iters` is `power_iters`), the same defaults,
 the same checks and the same error messages, raised as `LoraxferError` (or one of its
-subclasses). Models and adapters are directories, `.gguf` files, or hub names (`org/name`,
-`org/name@revision`) already in the local Hugging Face cache. The engine runs with the GIL
+subclasses). Models are directories, `.gguf` files, or hub names (`org/name`,
+`org/name@revision`) already in the local Hugging Face cache; adapters are PEFT directories (or
+hub names of them). The engine runs with the GIL
 released; `progress(stage, done, total)`, if given, is called on the calling thread after each
 unit of a stage (stages, in map mode: `residual`, counting the residual map's steps, then `depth`
 and `map`, counting layers; then `transfer` or
@@ -33,6 +34,7 @@ from ._errors import (
 __all__ = [
     "transfer",
     "inspect",
+    "options",
     "LoraxferError",
     "InvalidArgumentError",
     "OutputExistsError",

@@ -8,7 +8,7 @@ class LoraxferError(Exception):
 
     `kind` is the engine's word for it: io, safetensors, config, missing_tensor, bad_tensor,
     unknown_architecture, unsupported_adapter, invalid_argument, flags, output_exists,
-    numerical, unavailable, device or internal."""
+    numerical, unavailable, device, cancelled or internal."""
 
     def __init__(self, message: str, kind: str = "internal"):
         super().__init__(message)
@@ -24,7 +24,11 @@ class OutputExistsError(LoraxferError, FileExistsError):
 
 
 class InputError(LoraxferError, OSError):
-    """A file that cannot be read or written (missing, unreadable, not a model or adapter)."""
+    """The operating system refused a read or a write (kind `io`, the only kind raised as this
+    class): a file that could not be opened, read or written, such as the config.json of a model
+    directory. A path that does not exist, or an adapter directory without adapter_config.json,
+    is a `config` error, and an adapter without its weights an `unsupported_adapter` one: both
+    raise `LoraxferError` itself."""
 
 
 _BY_KIND = {

@@ -1,5 +1,6 @@
 //! `demo`: the embedded default. Synthesizes a small Qwen2-shaped source, a derivative of it (the
-//! "next release") and an adapter, then transfers the adapter in project mode and shows the report.
+//! "next release") and an adapter, then transfers the adapter with mode auto (rotate: the shapes
+//! are equal) and shows the report.
 
 use std::path::PathBuf;
 

@@ -32,7 +32,7 @@ def test_the_gpu_check_rehearses_on_the_emulator(binary, tmp_path):
     # The baseline comparison ran to its figures (it once died on the baseline's report).
     line = next(v for k, v in lines.items() if k.startswith("transfer-k16-cuda vs torch-k16"))
     assert "worst relative difference" in line and "same keys True" in line, line
-    # At most 8 files come back from a GPU machine; the logs hold every report.
+    # At most 8 files come back from a GPU machine (the script leaves 6); the logs hold every report.
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and "logs.tar.gz" in files, files
     with tarfile.open(out / "logs.tar.gz") as tar:

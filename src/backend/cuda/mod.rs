@@ -69,7 +69,9 @@ pub fn emulator_backend_with_block(small_block: u32) -> Result<CudaBackend> {
     #[cfg(not(loraxfer_kernel_emulator))]
     {
         Err(crate::error::Error::Unavailable(
-            "this build has no kernel emulator (no C++20 compiler at build time)".into(),
+            "this build has no kernel emulator (no C++20 compiler at build time, or \
+             LORAXFER_NO_EMULATOR set)"
+                .into(),
         ))
     }
 }
