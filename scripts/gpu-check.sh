@@ -75,16 +75,21 @@ deadline=$((t_start + budget * slow))
 failed_checks=0  # failed selftests and pass/fail comparisons: the exit status
 
 # Everything but the profile itself, into $OUT: after every step, so nothing finished is lost.
-pack() { tar -czf "$OUT/logs.tar.gz" --exclude='*.nsys-rep' --exclude='*.sqlite' -C "$W" logs 2>/dev/null; }
+# Written aside and renamed, so a run killed mid-tar still leaves the previous whole archive.
+pack() {
+  tar -czf "$OUT/.logs.tar.gz.part" --exclude='*.nsys-rep' --exclude='*.sqlite' -C "$W" logs 2>/dev/null &&
+    mv -f "$OUT/.logs.tar.gz.part" "$OUT/logs.tar.gz"
+}
 # step SECONDS LOG CMD...: runs CMD under timeout into LOG, the limit cut to what is left of the
 # deadline (skipped, rc 125, when under 5 s are); sets $rc and $secs.
 step() {
   local limit=$(($1 * slow)) log=$2; shift 2
   local left=$((deadline - $(date +%s) - 5))
   ((left < limit)) && limit=$left
+  skipped=0
   if ((limit < 5)); then
     echo "gpu-check.sh: skipped, the run's ${budget}s budget is spent" >"$log"
-    rc=125 secs=0
+    rc=125 secs=0 skipped=1
     return $rc
   fi
   local t0; t0=$(date +%s%N)
@@ -94,7 +99,10 @@ step() {
   pack
   return $rc
 }
-status() { case $rc in 0) echo ok;; 124|137) echo "TIMEOUT";; 125) echo "SKIPPED (budget)";; *) echo "FAILED rc=$rc";; esac; }
+status() {
+  ((skipped)) && { echo "SKIPPED (budget)"; return; }
+  case $rc in 0) echo ok;; 124|137) echo "TIMEOUT";; *) echo "FAILED rc=$rc";; esac
+}
 
 # What machine this is: the card and its driver (the kernels are built by nvcc 13.0 and need a
 # driver that runs CUDA 13), the C library the binary needs (glibc 2.34 or later), the tools.
@@ -116,9 +124,10 @@ if [[ $rc != 0 ]]; then
   grep -E 'MISMATCH|failed:' "$OUT/selftest.txt" | head -5 | while read -r line; do note "  mismatch" "$line"; done
   # The same inputs again: a mismatch that depends on the seed must show again.
   seed=$(sed -n 's/.*(seed \([0-9]*\).*/\1/p' "$OUT/selftest.txt" | head -1)
-  step 45 "$L/selftest-blocking.txt" env CUDA_LAUNCH_BLOCKING=1 "$BIN" selftest --device "$dev" --quick ${seed:+--seed "$seed"}
+  # The same checks too (the first run's flags): a failure only the full run has must show again.
+  step 45 "$L/selftest-blocking.txt" env CUDA_LAUNCH_BLOCKING=1 "$BIN" "${st_args[@]}" ${seed:+--seed "$seed"}
   note "  rerun CUDA_LAUNCH_BLOCKING=1 ($(status))" "$(grep -E 'MISMATCH|failed:|^Error|error:' "$L/selftest-blocking.txt" | head -1)"
-  step 45 "$L/selftest-no-tc.txt" env LORAXFER_NO_TENSOR_CORES=1 "$BIN" selftest --device "$dev" --quick ${seed:+--seed "$seed"}
+  step 45 "$L/selftest-no-tc.txt" env LORAXFER_NO_TENSOR_CORES=1 "$BIN" "${st_args[@]}" ${seed:+--seed "$seed"}
   note "  rerun LORAXFER_NO_TENSOR_CORES=1 ($(status))" "$(grep -E '^selftest:|^error:' "$L/selftest-no-tc.txt" | tail -1)"
 fi
 
@@ -161,6 +170,19 @@ torch_baseline() {
 }
 compare() {
   local a=$1 b=$2 tol=$3 what=$4
+  # A missing output (its log is $L/<name>.txt): skipped for the budget, nothing to compare;
+  # otherwise its step failed, and a pass/fail comparison fails with it.
+  local x
+  for x in "$a" "$b"; do
+    [[ -f $W/$x/adapter_model.safetensors ]] && continue
+    if grep -q "budget is spent" "$L/$x.txt" 2>/dev/null || [[ $what != pass/fail ]]; then
+      note "$a vs $b: not compared" "no $x output (see its step)"
+    else
+      failed_checks=$((failed_checks + 1))
+      note "$a vs $b: FAIL" "no $x output (see its step)"
+    fi
+    return
+  done
   timeout -k 5 60 "$PY" "$W/compare.py" "$W/$a" "$W/$b" "$tol" >"$L/compare-$a-$b.txt" 2>&1; local r=$?
   local verdict="informative"
   if [[ $what == pass/fail ]]; then

@@ -320,6 +320,31 @@ fn existing_output_needs_force() {
 }
 
 #[test]
+fn force_never_replaces_weights_another_tool_wrote() {
+    let f = Fixtures::new();
+    let out = f.out();
+    std::fs::create_dir(&out).unwrap();
+    // A model directory saved elsewhere: the names of an output, but not loraxfer's weights.
+    let mut st = Safetensors::read(&f.source_weights());
+    st.header
+        .insert("__metadata__".into(), json!({"format": "pt"}));
+    st.write(&out.join("model.safetensors"));
+    std::fs::copy(f.source.join("config.json"), out.join("config.json")).unwrap();
+    let run = f.transfer(&["--force"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success(),
+        "--force replaced another tool's model"
+    );
+    assert!(
+        stderr.contains("did not write") && stderr.contains("model.safetensors"),
+        "{stderr}"
+    );
+    assert!(out.join("model.safetensors").is_file());
+    f.assert_no_staging_left();
+}
+
+#[test]
 fn force_never_replaces_an_input() {
     let f = Fixtures::new();
     // --out naming the target base, then the directory holding every input.

@@ -214,11 +214,25 @@ fn transfer_to_a_derivative_projects_every_module() {
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(config["revision"], serde_json::Value::Null);
     assert_eq!(config["exclude_modules"], serde_json::Value::Null);
-    // The module types written, whatever the source's config said.
-    assert_eq!(
-        config["target_modules"],
-        serde_json::json!(common::PROJECTIONS)
-    );
+    // The modules written, by full name, whatever the source's config said: 4 layers × 7.
+    let mut targets: Vec<String> = (0..4)
+        .flat_map(|l| {
+            common::PROJECTIONS.iter().enumerate().map(move |(i, p)| {
+                // q, k, v, o in self_attn; gate, up, down in mlp.
+                let block = if i < 4 { "self_attn" } else { "mlp" };
+                format!("model.layers.{l}.{block}.{p}")
+            })
+        })
+        .collect();
+    let mut written: Vec<String> = config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    written.sort();
+    targets.sort();
+    assert_eq!(written, targets);
     assert_eq!(config["r"], original["r"]);
     assert_eq!(config["lora_alpha"], original["lora_alpha"]);
 

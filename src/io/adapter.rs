@@ -97,7 +97,7 @@ impl AdapterConfig {
         // Updates that are not s·B·A over the base as it is published.
         if let Some(init) = raw.get("init_lora_weights").and_then(|v| v.as_str()) {
             let lower = init.to_ascii_lowercase();
-            if ["pissa", "olora", "corda", "loftq"]
+            if ["pissa", "olora", "corda", "loftq", "lora_ga"]
                 .iter()
                 .any(|m| lower.starts_with(m))
             {

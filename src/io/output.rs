@@ -95,16 +95,22 @@ impl StagedDir {
                     path: self.target.clone(),
                 });
             }
-            // Named after this run's staging directory, so that a run killed between the two
-            // renames leaves a `.{name}.tmp-{pid}-…` sibling the next run cleans up.
-            let mut old = self.temp.clone().into_os_string();
-            old.push(".old");
-            let old = PathBuf::from(old);
+            // `.{name}.old-{pid}-…`: unique, and not a staging directory, so that no later run
+            // removes it (a run killed between the two renames leaves it for the user).
+            let file = self.temp.file_name().unwrap_or_default().to_string_lossy();
+            let old = self.temp.with_file_name(file.replacen(".tmp-", ".old-", 1));
             std::fs::rename(&self.target, &old)
                 .map_err(|e| Error::io(&self.target, "cannot move aside the old output", e))?;
             if let Err(e) = self.rename_into_place() {
                 // Put the old output back: a failed replacement must lose nothing.
-                let _ = std::fs::rename(&old, &self.target);
+                if let Err(back) = std::fs::rename(&old, &self.target) {
+                    eprintln!("error: {e}");
+                    return Err(Error::io(
+                        &old,
+                        "could not put back the old output, which is kept at",
+                        back,
+                    ));
+                }
                 return Err(e);
             }
             remove_any(&old);
@@ -211,8 +217,22 @@ fn check_not_above_inputs(target: &Path, inputs: &[&Path]) -> Result<()> {
 }
 
 /// Refuses `dir` unless every entry is an output file ([`is_output_file`]), or one of `subdirs`
-/// holding only output files (the demo's models, adapter and result).
+/// holding only output files (the demo's models, adapter and result), and unless its weights
+/// say loraxfer wrote them (the producer mark of [`pt_metadata`]): file names alone would let a
+/// model or adapter saved by other tools pass for an earlier output.
+///
+/// [`pt_metadata`]: crate::io::safetensors::pt_metadata
 pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
+    let refuse = |why: String| {
+        Error::arg(
+            "--out",
+            format!(
+                "`{}` {why}: --force replaces only an earlier loraxfer output; move or remove \
+                 the directory yourself",
+                dir.display()
+            ),
+        )
+    };
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, "cannot list", e))?;
@@ -221,14 +241,15 @@ pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
         if is_dir && subdirs.contains(&name.as_str()) {
             check_only_outputs(&entry.path(), &[])?;
         } else if is_dir || !is_output_file(&name) {
-            return Err(Error::arg(
-                "--out",
-                format!(
-                    "`{}` holds `{name}`, which is not part of a loraxfer output: --force replaces \
-                     only an earlier output; move or remove the directory yourself",
-                    dir.display()
-                ),
-            ));
+            return Err(refuse(format!(
+                "holds `{name}`, which is not part of a loraxfer output"
+            )));
+        } else if name.ends_with(".safetensors")
+            && !crate::io::safetensors::written_by_loraxfer(&entry.path())
+        {
+            return Err(refuse(format!(
+                "holds `{name}`, which loraxfer did not write"
+            )));
         }
     }
     Ok(())

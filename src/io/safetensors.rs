@@ -474,6 +474,7 @@ pub fn write_file(
             reason: other.to_string(),
         },
     })?;
+    sort_header(path)?;
     // The writer goes through a private temporary file (mode 0600); give the result the usual
     // permissions of a file the user created.
     #[cfg(unix)]
@@ -485,9 +486,98 @@ pub fn write_file(
     Ok(())
 }
 
-/// `{"format": "pt"}`, the metadata PyTorch-side loaders expect.
+/// Rewrites the header of a file just written with its keys in sorted order. The writer keeps
+/// `__metadata__` in a `HashMap`, whose order changes from run to run once it has two keys, and a
+/// file of the same tensors must be the same bytes. The sorted header has the same length (the
+/// same compact JSON, reordered), so it is written in place over the old one.
+fn sort_header(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, "cannot reopen", e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| Error::io(path, "cannot read back", e))?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, "cannot read back", e))?;
+    let value: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        Error::internal(format!(
+            "{}: header written unreadable: {e}",
+            path.display()
+        ))
+    })?;
+    // This crate's serde_json keeps insertion order: sort the two maps the writer fills (the
+    // tensors' own entries are written in a fixed order).
+    let sort = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => {
+            let mut entries: Vec<_> = m.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().collect())
+        }
+        other => other,
+    };
+    let mut value = sort(value);
+    if let Some(meta) = value.get_mut("__metadata__") {
+        *meta = sort(meta.take());
+    }
+    let mut sorted = serde_json::to_vec(&value).expect("JSON values always serialize");
+    if sorted.len() > header.len() {
+        return Err(Error::internal(format!(
+            "{}: sorted header longer than written",
+            path.display()
+        )));
+    }
+    sorted.resize(header.len(), b' '); // the writer's padding to 8-byte alignment
+    file.seek(SeekFrom::Start(8))
+        .and_then(|_| file.write_all(&sorted))
+        .map_err(|e| Error::io(path, "cannot write", e))
+}
+
+/// The metadata of every file loraxfer writes: `{"format": "pt"}`, which PyTorch-side loaders
+/// expect, and `{"producer": "loraxfer"}`, by which `--force` knows an earlier output.
 pub fn pt_metadata() -> Option<HashMap<String, String>> {
-    Some(HashMap::from([("format".to_string(), "pt".to_string())]))
+    Some(HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (PRODUCER_KEY.to_string(), PRODUCER.to_string()),
+    ]))
+}
+
+/// The metadata key and value that mark a file as written by loraxfer.
+pub const PRODUCER_KEY: &str = "producer";
+pub const PRODUCER: &str = "loraxfer";
+
+/// True when `path` is a safetensors file whose metadata says loraxfer wrote it (read from its
+/// header alone).
+pub fn written_by_loraxfer(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    // Our headers are small; a large one is not ours (and is not read into memory).
+    if len > 1 << 26 {
+        return false;
+    }
+    let mut header = vec![0u8; len as usize];
+    if file.read_exact(&mut header).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|h| {
+            h.get("__metadata__")?
+                .get(PRODUCER_KEY)?
+                .as_str()
+                .map(|p| p == PRODUCER)
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -188,8 +188,6 @@ pub struct TargetModule {
 pub struct Plan {
     pub modules: Vec<TargetModule>,
     pub layer_map: BTreeMap<usize, usize>,
-    /// The target's module types, in table order (for `target_modules`).
-    pub target_types: Vec<String>,
 }
 
 impl Plan {
@@ -235,11 +233,7 @@ pub fn build(
             modules.push(pair.module(spec, &present, options, &filter)?);
         }
     }
-    Ok(Plan {
-        modules,
-        layer_map,
-        target_types: target_specs.iter().map(|s| s.name.clone()).collect(),
-    })
+    Ok(Plan { modules, layer_map })
 }
 
 /// (source layer, module type) → adapter module name, for every module of the adapter.

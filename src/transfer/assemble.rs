@@ -8,7 +8,7 @@ use faer::Mat;
 
 use crate::io::adapter::{exact_pattern, Adapter, LoraFactors};
 use crate::io::safetensors::FloatType;
-use crate::plan::{ModelSide, Plan, TargetModule};
+use crate::plan::{ModelSide, TargetModule};
 use crate::transfer::execute::Outcome;
 
 /// Builds one output module from its units' outcomes.
@@ -102,7 +102,6 @@ pub struct BaseName {
 /// written, and per-module rank/alpha patterns wherever a module differs from the global r/alpha.
 pub fn output_config(
     adapter: &Adapter,
-    plan: &Plan,
     modules: &BTreeMap<String, LoraFactors>,
     base: &BaseName,
     target: &ModelSide<'_>,
@@ -130,16 +129,14 @@ pub fn output_config(
         });
         raw.insert("auto_mapping".into(), mapping.unwrap_or(Value::Null));
     }
-    // The module types written, always: the source's own list, regex or `null` (PEFT's default
-    // list for the architecture) may name layers or modules the target does not have, or miss
-    // some it now has, and PEFT silently drops weights no target module matches.
-    let types: Vec<Value> = plan
-        .target_types
-        .iter()
-        .cloned()
-        .map(Value::String)
-        .collect();
-    raw.insert("target_modules".into(), Value::Array(types));
+    // The modules written, by full name, always: the source's own list, regex or `null` (PEFT's
+    // default list for the architecture) may name layers or modules the target does not have, or
+    // miss some it now has, and PEFT silently drops weights no target module matches; bare type
+    // names would also give LoRA layers to modules left out (a vision tower's attention, types
+    // filtered by --modules), which a source config with `init_lora_weights: false` would fill
+    // with random updates.
+    let names: Vec<Value> = modules.keys().cloned().map(Value::String).collect();
+    raw.insert("target_modules".into(), Value::Array(names));
     // Every target layer gets its module, so layer restrictions no longer apply.
     for key in ["layers_to_transform", "layers_pattern", "exclude_modules"] {
         if raw.contains_key(key) {

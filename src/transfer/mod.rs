@@ -139,7 +139,6 @@ pub fn run(job: &Job) -> Result<Report> {
     };
     let config = assemble::output_config(
         &opened.adapter,
-        &opened.plan,
         &modules,
         &base,
         &ModelSide::new(&opened.target)?,

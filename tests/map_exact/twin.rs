@@ -354,7 +354,7 @@ pub fn twin_error(shape: Shape, seed: u64, extra_args: &[&str]) -> f32 {
             let have = dense(&got.modules[&k]);
             let err = fro(&(&have - &want)) / fro(&want);
             // A NaN must fail the caller's tolerance, which `f32::max` would skip.
-            worst = if err.is_nan() {
+            worst = if err.is_nan() || worst.is_nan() {
                 f32::NAN
             } else {
                 worst.max(err)
