@@ -549,35 +549,10 @@ pub fn pt_metadata() -> Option<HashMap<String, String>> {
 pub const PRODUCER_KEY: &str = "producer";
 pub const PRODUCER: &str = "loraxfer";
 
-/// True when `path` is a safetensors file whose metadata says loraxfer wrote it (read from its
-/// header alone).
+/// True when `path` is a safetensors file whose metadata says loraxfer wrote it (its header is
+/// read, no tensor data).
 pub fn written_by_loraxfer(path: &Path) -> bool {
-    use std::io::Read;
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut len = [0u8; 8];
-    if file.read_exact(&mut len).is_err() {
-        return false;
-    }
-    let len = u64::from_le_bytes(len);
-    // Our headers are small; a large one is not ours (and is not read into memory).
-    if len > 1 << 26 {
-        return false;
-    }
-    let mut header = vec![0u8; len as usize];
-    if file.read_exact(&mut header).is_err() {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(&header)
-        .ok()
-        .and_then(|h| {
-            h.get("__metadata__")?
-                .get(PRODUCER_KEY)?
-                .as_str()
-                .map(|p| p == PRODUCER)
-        })
-        .unwrap_or(false)
+    TensorFile::open(path).is_ok_and(|f| f.metadata_value(PRODUCER_KEY) == Some(PRODUCER))
 }
 
 #[cfg(test)]

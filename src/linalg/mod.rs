@@ -57,6 +57,17 @@ pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
+/// The larger of two errors, NaN if either is: `f64::max` returns the other operand when one is
+/// NaN, so a fold over it (`.fold(0.0, worst)`) would forget a NaN as soon as a finite value
+/// follows, and an element a kernel never wrote would pass.
+pub fn worst(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// Largest |a − b| entry, NaN when any difference is not finite: faer's `norm_max` (a SIMD max)
 /// and `f32::max` may skip a NaN, and a comparison with a tolerance must fail on one. For checks
 /// and tests.

@@ -21,6 +21,7 @@ use crate::backend::{Backend, Basis, Factors, SvdParams, Weight};
 use crate::error::Result;
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::linalg::philox::{fill_gaussian, gaussian4, matrix_id};
+use crate::linalg::worst;
 use crate::modes::Mode;
 use crate::timing::Timings;
 
@@ -61,17 +62,6 @@ fn rel_err(a: &[f32], b: &[f64]) -> f64 {
         .zip(b)
         .fold(0f64, |e, (x, y)| worst(e, (*x as f64 - y).abs()))
         / scale
-}
-
-/// The larger of two errors, NaN if either is: `f64::max` returns the other operand when one is
-/// NaN, so a fold over it forgets a NaN (an element a kernel never wrote) as soon as a finite
-/// difference follows.
-pub(super) fn worst(a: f64, b: f64) -> f64 {
-    if a.is_nan() || b.is_nan() {
-        f64::NAN
-    } else {
-        a.max(b)
-    }
 }
 
 /// C = op(A)·op(B) in f64 from row-major data.
