@@ -357,4 +357,26 @@ fn the_basis_cache_reproduces_the_uncached_result_and_is_reused() {
         std::fs::read(out.join("adapter_model.safetensors")).unwrap()
             == std::fs::read(plain.join("adapter_model.safetensors")).unwrap()
     );
+    // Damage the key cannot see: one value's bits flipped, the header intact (the checksum
+    // catches it), and a temporary file of a run that was killed (removed at the next open).
+    for entry in std::fs::read_dir(&cache).unwrap().flatten() {
+        let mut bytes = std::fs::read(entry.path()).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x40; // the exponent of V's last value
+        std::fs::write(entry.path(), bytes).unwrap();
+    }
+    let stale = cache.join("0123456789abcdef.tmp-4000000000-0");
+    std::fs::write(&stale, b"half a basis").unwrap();
+    let out = pair.path("after-bit-flip");
+    let o = run(pair.transfer(&out, &["--rank", "16", "--cache-dir", &cache_arg]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("transfer_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["basis_cache"]["misses"], 56, "{}", r["basis_cache"]);
+    assert_eq!(r["basis_cache"]["hits"], 0, "{}", r["basis_cache"]);
+    assert!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(plain.join("adapter_model.safetensors")).unwrap()
+    );
+    assert!(!stale.exists(), "a killed run's temporary file was kept");
 }

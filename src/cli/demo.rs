@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use loraxfer::backend::Device;
-use loraxfer::io::output::{check_only_outputs, check_target};
+use loraxfer::io::output::{check_only_outputs, check_target, resolve_links};
 use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
 use loraxfer::plan::Options;
@@ -28,7 +28,9 @@ const PARTS: [&str; 4] = ["source", "target", "adapter", "transferred"];
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let dir = match &args.out {
-        Some(d) => {
+        Some(given) => {
+            // Through a symbolic link, to where it points (the link stays).
+            let d = &resolve_links(given)?;
             if d.exists() && args.force && d.is_dir() {
                 // An earlier demo: its four directories, each an output, and nothing else.
                 check_only_outputs(d, &PARTS)?;

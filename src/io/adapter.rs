@@ -376,13 +376,22 @@ fn read_factors(
                 format!("rank {r}, but adapter_config.json gives this module r = {expected}"),
             ));
         }
-        let ty = FloatType::from_dtype(a_entry.dtype).ok_or_else(|| {
-            Error::bad_tensor(
-                path,
-                &a_key,
-                format!("dtype {:?} is not bf16, f16 or f32", a_entry.dtype),
-            )
-        })?;
+        let float_type = |key: &str, dtype| {
+            FloatType::from_dtype(dtype).ok_or_else(|| {
+                Error::bad_tensor(
+                    path,
+                    key,
+                    format!("dtype {dtype:?} is not bf16, f16 or f32"),
+                )
+            })
+        };
+        let (ty_a, ty_b) = (
+            float_type(&a_key, a_entry.dtype)?,
+            float_type(&b_key, b_entry.dtype)?,
+        );
+        // One type for both factors of the output: the one that holds both exactly (f32 when
+        // they differ), so that neither factor loses precision it came with.
+        let ty = if ty_a == ty_b { ty_a } else { FloatType::F32 };
         let a = file.read_f32(&a_key)?;
         let b = file.read_f32(&b_key)?;
         let alpha = config.alpha_for(&module);

@@ -4,7 +4,9 @@
 //! of other work, never one of the run's inputs or a directory above one), and then only after
 //! the new one is fully written. A run interrupted by SIGINT,
 //! SIGTERM or SIGHUP removes its temporary directory; one killed outright leaves it behind, and
-//! the next run into the same parent removes it and says so.
+//! the next run into the same parent removes it and says so. An `--out` that is a symbolic link
+//! names where the link points: the output is written there (the link kept), so a link to a
+//! directory on another disk, or to one not made yet, works as a user expects.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -47,18 +49,24 @@ pub fn install_signal_cleanup() {
 /// A temporary directory that becomes `target` on [`commit`](Self::commit) and disappears if dropped.
 #[derive(Debug)]
 pub struct StagedDir {
+    /// `--out` as given (what the caller reports).
+    given: PathBuf,
+    /// `--out` with its symbolic links followed (what is written).
     target: PathBuf,
     temp: PathBuf,
     force: bool,
+    /// The run's inputs, checked again at the commit (see [`check_target`]).
+    inputs: Vec<PathBuf>,
     committed: bool,
 }
 
 impl StagedDir {
     /// Checks `target` ([`check_target`]) and creates the staging directory.
-    pub fn create(target: &Path, force: bool, inputs: &[&Path]) -> Result<Self> {
-        check_target(target, force, inputs)?;
-        let name = dir_name(target)?;
-        let parent = parent_of(target);
+    pub fn create(given: &Path, force: bool, inputs: &[&Path]) -> Result<Self> {
+        check_target(given, force, inputs)?;
+        let target = resolve_links(given)?;
+        let name = dir_name(&target)?;
+        let parent = parent_of(&target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
         remove_stale(&parent, &name);
         let stamp = std::time::SystemTime::now()
@@ -72,9 +80,11 @@ impl StagedDir {
             live.push(temp.clone());
         }
         Ok(StagedDir {
-            target: target.to_path_buf(),
+            given: given.to_path_buf(),
+            target,
             temp,
             force,
+            inputs: inputs.iter().map(|p| p.to_path_buf()).collect(),
             committed: false,
         })
     }
@@ -84,7 +94,9 @@ impl StagedDir {
         &self.temp
     }
 
-    /// Moves the finished directory into place (replacing an old one only under `--force`).
+    /// Moves the finished directory into place (replacing an old one only under `--force`, and
+    /// only when it still passes [`check_target`]: a directory made at `--out` while this run
+    /// worked is checked like one that was there at the start). Returns `--out` as given.
     pub fn commit(mut self) -> Result<PathBuf> {
         sync_tree(&self.temp);
         let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
@@ -92,9 +104,11 @@ impl StagedDir {
             if !self.force {
                 // Someone created it while we were working: keep theirs, report it.
                 return Err(Error::OutputExists {
-                    path: self.target.clone(),
+                    path: self.given.clone(),
                 });
             }
+            let inputs: Vec<&Path> = self.inputs.iter().map(PathBuf::as_path).collect();
+            check_target(&self.target, true, &inputs)?;
             // `.{name}.old-{pid}-…`: unique, and not a staging directory, so that no later run
             // removes it (a run killed between the two renames leaves it for the user).
             let file = self.temp.file_name().unwrap_or_default().to_string_lossy();
@@ -124,7 +138,7 @@ impl StagedDir {
         drop(live);
         sync_dir(&parent_of(&self.target));
         self.committed = true;
-        Ok(self.target.clone())
+        Ok(self.given.clone())
     }
 
     fn rename_into_place(&self) -> Result<()> {
@@ -132,7 +146,7 @@ impl StagedDir {
             // rename(2) onto a non-empty directory fails: another run finished first.
             if self.target.is_dir() && !self.force {
                 Error::OutputExists {
-                    path: self.target.clone(),
+                    path: self.given.clone(),
                 }
             } else {
                 Error::io(&self.target, "cannot move the new output into place", e)
@@ -158,14 +172,15 @@ impl Drop for StagedDir {
 /// Refuses an existing output without `force`; with it, refuses an output that is a file rather
 /// than a directory, one that is or holds any of `inputs`, and one holding anything a loraxfer
 /// output does not (a subdirectory, a file of another name): `--force` replaces an earlier
-/// output, never other work.
-pub fn check_target(target: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+/// output, never other work. A symbolic link is judged by what it points to.
+pub fn check_target(given: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+    let target = &resolve_links(given)?;
     if !target.exists() {
         return Ok(());
     }
     if !force {
         return Err(Error::OutputExists {
-            path: target.to_path_buf(),
+            path: given.to_path_buf(),
         });
     }
     if !target.is_dir() {
@@ -238,6 +253,11 @@ pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
         let entry = entry.map_err(|e| Error::io(dir, "cannot list", e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(true);
+        if is_dir && staging_pid(&name).is_some_and(|pid| !process_alive(pid)) {
+            // Left by a run killed while writing one of `subdirs` (a demo killed outright):
+            // its own partial output, which goes with the directory.
+            continue;
+        }
         if is_dir && subdirs.contains(&name.as_str()) {
             check_only_outputs(&entry.path(), &[])?;
         } else if is_dir || !is_output_file(&name) {
@@ -276,13 +296,13 @@ fn remove_stale(parent: &Path, name: &str) {
     };
     for entry in entries.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = file.strip_prefix(&prefix) else {
+        if !file.starts_with(&prefix) {
+            continue;
+        }
+        let Some(pid) = staging_pid(&file) else {
             continue;
         };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !process_alive(pid) {
+        if !process_alive(pid) {
             remove_any(&entry.path());
             eprintln!(
                 "removed {}, left by an interrupted run (process {pid})",
@@ -292,9 +312,43 @@ fn remove_stale(parent: &Path, name: &str) {
     }
 }
 
-fn process_alive(pid: u32) -> bool {
-    // Where /proc is missing, assume alive: never remove another run's work in doubt.
-    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
+/// The process that made a staging directory `.{name}.tmp-{pid}-{stamp}`, from its name.
+fn staging_pid(file: &str) -> Option<u32> {
+    let (_, rest) = file.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    let (pid, stamp) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(pid) && digits(stamp)).then(|| pid.parse().ok())?
+}
+
+pub(crate) fn process_alive(pid: u32) -> bool {
+    // Our own directories are live; where /proc is missing, assume alive: never remove another
+    // run's work in doubt.
+    pid == std::process::id()
+        || !Path::new("/proc/self").exists()
+        || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `path` with its symbolic links followed to the end of the chain (the chain may end at a path
+/// that does not exist yet: the output is made there). Only the last component is followed; the
+/// directories above are left as given, and a chain that loops is an error.
+pub fn resolve_links(path: &Path) -> Result<PathBuf> {
+    let mut current = path.to_path_buf();
+    for _ in 0..40 {
+        let is_link = std::fs::symlink_metadata(&current).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            return Ok(current);
+        }
+        let next = std::fs::read_link(&current)
+            .map_err(|e| Error::io(&current, "cannot read the symbolic link", e))?;
+        current = parent_of(&current).join(next);
+    }
+    Err(Error::arg(
+        "--out",
+        format!(
+            "`{}` is a symbolic link that loops (or a chain of more than 40)",
+            path.display()
+        ),
+    ))
 }
 
 fn parent_of(path: &Path) -> PathBuf {
@@ -328,5 +382,59 @@ fn sync_tree(dir: &Path) {
 fn sync_dir(path: &Path) {
     if let Ok(dir) = std::fs::File::open(path) {
         let _ = dir.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_names_give_their_process() {
+        assert_eq!(staging_pid(".out.tmp-123-456"), Some(123));
+        assert_eq!(staging_pid(".my.tmp-dir.tmp-7-8"), Some(7));
+        for not_staging in [
+            "out.tmp-123-456",
+            ".out.old-123-456",
+            ".out.tmp-123",
+            ".out.tmp--456",
+            ".out.tmp-12a-456",
+            ".out.tmp-123-45x",
+        ] {
+            assert_eq!(staging_pid(not_staging), None, "{not_staging}");
+        }
+    }
+
+    #[test]
+    fn commit_checks_again_a_directory_made_while_working() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("out");
+        let input = root.path().join("input");
+        std::fs::create_dir(&input).unwrap();
+        for (made, why) in [
+            ("notes.txt", "not part of a loraxfer output"),
+            ("input", "input"),
+        ] {
+            let staged = StagedDir::create(&target, true, &[&input]).unwrap();
+            std::fs::write(staged.path().join("transfer_report.json"), b"{}").unwrap();
+            // Another process makes --out meanwhile: other work, or a link to an input.
+            if made == "input" {
+                std::os::unix::fs::symlink(&input, &target).unwrap();
+            } else {
+                std::fs::create_dir(&target).unwrap();
+                std::fs::write(target.join(made), b"keep me").unwrap();
+            }
+            let temp = staged.path().to_path_buf();
+            let err = staged.commit().unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+            assert!(!temp.exists(), "the staging directory was left");
+            if made == "input" {
+                assert!(input.is_dir());
+                std::fs::remove_file(&target).unwrap();
+            } else {
+                assert_eq!(std::fs::read(target.join(made)).unwrap(), b"keep me");
+                std::fs::remove_dir_all(&target).unwrap();
+            }
+        }
     }
 }

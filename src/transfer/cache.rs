@@ -1,8 +1,10 @@
 //! The basis cache (docs/METHOD.md, "Basis cache"): the SVD of a base weight depends only on
 //! (the file, the tensor, its rows, k, p, q, seed), so it is stored once and reused; the second
 //! adapter between the same pair of models costs only the projections. One safetensors file per
-//! matrix (U, S, V in f32, the key in the metadata), written atomically; a file whose metadata does not match its
-//! key, or that cannot be read, is recomputed, never trusted.
+//! matrix (U, S, V in f32; the key and a checksum of the values in the metadata), flushed to
+//! disk before it is renamed into place; a file whose key or checksum does not match, or that
+//! cannot be read, is recomputed, never trusted. Temporary files of runs that were killed are
+//! removed when the cache is next opened.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ impl BasisCache {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(dir, "cannot create the cache directory", e))?;
+        remove_stale_temporaries(dir);
         Ok(BasisCache {
             dir: dir.to_path_buf(),
             hits: AtomicUsize::new(0),
@@ -94,18 +97,30 @@ impl BasisCache {
 
     /// Stores a basis (best effort: a cache that cannot be written only costs time).
     pub fn put(&self, key: &str, basis: &Basis) {
+        // Unique per process and call: two threads may store the same key.
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
         let path = self.path_of(key);
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let tmp = path.with_extension(format!(
+            "tmp-{}-{}",
+            std::process::id(),
+            CALLS.fetch_add(1, Ordering::Relaxed)
+        ));
         let col_major = |m: &Mat<f32>| -> Vec<f32> {
             (0..m.ncols())
                 .flat_map(|j| m.col(j).iter().copied().collect::<Vec<_>>())
                 .collect()
         };
         let (k, m, n) = (basis.s.len(), basis.u.nrows(), basis.v.nrows());
+        let (u, v) = (col_major(&basis.u), col_major(&basis.v));
+        let next: Vec<f32> = basis.next.into_iter().collect();
+        let meta = HashMap::from([
+            ("key".to_string(), key.to_string()),
+            ("checksum".to_string(), checksum(&[&u, &basis.s, &next, &v])),
+        ]);
         let tensors = vec![
             (
                 "u".to_string(),
-                OutTensor::from_f32(col_major(&basis.u), vec![k, m], FloatType::F32),
+                OutTensor::from_f32(u, vec![k, m], FloatType::F32),
             ),
             (
                 "s".to_string(),
@@ -113,22 +128,53 @@ impl BasisCache {
             ),
             (
                 "next".to_string(),
-                OutTensor::from_f32(
-                    basis.next.into_iter().collect(),
-                    vec![basis.next.is_some() as usize],
-                    FloatType::F32,
-                ),
+                OutTensor::from_f32(next, vec![basis.next.is_some() as usize], FloatType::F32),
             ),
             (
                 "v".to_string(),
-                OutTensor::from_f32(col_major(&basis.v), vec![k, n], FloatType::F32),
+                OutTensor::from_f32(v, vec![k, n], FloatType::F32),
             ),
         ];
-        let meta = HashMap::from([("key".to_string(), key.to_string())]);
-        if write_file(&tmp, &tensors, Some(meta)).is_ok() && std::fs::rename(&tmp, &path).is_ok() {
+        // Flushed before the rename: after a crash the name holds the whole file or nothing,
+        // never a file of the right size whose data never reached the disk.
+        let flushed = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all()).is_ok();
+        if write_file(&tmp, &tensors, Some(meta)).is_ok()
+            && flushed(&tmp)
+            && std::fs::rename(&tmp, &path).is_ok()
+        {
+            let _ = flushed(&self.dir);
             return;
         }
         let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// FNV-1a over the bits of the values, 32 bits at a time, as 16 hex digits: catches a file
+/// whose data was damaged after its header (a torn write, a bad disk), which the key cannot.
+fn checksum(parts: &[&[f32]]) -> String {
+    let hash = parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    format!("{hash:016x}")
+}
+
+/// Removes `{hash}.tmp-{pid}-{n}` files whose process is gone (a run killed while storing).
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, rest)) = name.split_once(".tmp-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !crate::io::output::process_alive(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -149,10 +195,12 @@ fn read_basis(path: &Path, key: &str) -> Option<Basis> {
         file.read_f32("s").ok()?,
         file.read_f32("v").ok()?,
     );
-    let next = file.read_f32("next").ok()?.first().copied();
-    if k != k2 || s.len() != k {
+    let next = file.read_f32("next").ok()?;
+    if k != k2 || s.len() != k || file.metadata_value("checksum")? != checksum(&[&u, &s, &next, &v])
+    {
         return None;
     }
+    let next = next.first().copied();
     Some(Basis {
         u: Mat::from_fn(m, k, |i, j| u[j * m + i]),
         s,
