@@ -9,19 +9,12 @@
 mod common;
 
 use common::cli::{ok, s, Fixtures};
-use common::max_abs_diff;
+use common::{fresh_seed, max_abs_diff};
 use loraxfer::backend::cuda::rsvd::{truncated_svd_batch, RawMatrix};
 use loraxfer::backend::cuda::{self, selftest};
 use loraxfer::backend::SvdParams;
 use loraxfer::io::safetensors::{encode_f32, FloatType, TensorFile};
 use loraxfer::timing::Timings;
-
-fn fresh_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 /// Kernels checked inside a composition rather than by their own name: the three steps of
 /// CholeskyQR2, and the last two of the decomposition.

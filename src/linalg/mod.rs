@@ -57,6 +57,23 @@ pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
+/// A seed for a check's random inputs: `LORAXFER_TEST_SEED` when set (to rerun a failure), else
+/// fresh from the clock, so that every run checks new inputs. Printed, so a failing check's
+/// output names the seed that reproduces it. For tests.
+pub fn fresh_seed() -> u64 {
+    let seed = std::env::var("LORAXFER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+    eprintln!("seed {seed} (rerun with LORAXFER_TEST_SEED={seed})");
+    seed
+}
+
 /// The larger of two errors, NaN if either is: `f64::max` returns the other operand when one is
 /// NaN, so a fold over it (`.fold(0.0, worst)`) would forget a NaN as soon as a finite value
 /// follows, and an element a kernel never wrote would pass.

@@ -182,12 +182,10 @@ mod tests {
     use crate::linalg::max_abs_diff;
     use crate::linalg::philox::gaussian_matrix;
 
-    fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
-        gaussian_matrix(9, stream, rows, cols)
-    }
-
     #[test]
     fn the_factored_polar_factor_is_the_full_one() {
+        let seed = crate::linalg::fresh_seed();
+        let gaussian = |rows, cols, stream| gaussian_matrix(seed, stream, rows, cols);
         let (d_a, d_b, h) = (40, 64, 12);
         // w = 0.5 keeps the prior's singular values within a factor of ~20 of the evidence's (an f32
         // Gram loses the square of that ratio); w = 1e-6 drops the prior's complement.

@@ -77,6 +77,10 @@ pub fn gaussian(rows: usize, cols: usize, seed: u64, stream: u64) -> Mat<f32> {
     })
 }
 
+/// A fresh seed for a test's random inputs, printed (`LORAXFER_TEST_SEED` repeats one).
+#[allow(unused_imports)] // not every test binary draws its own inputs
+pub use loraxfer::linalg::fresh_seed;
+
 /// A random `n × k` matrix with orthonormal columns.
 pub fn orthonormal(n: usize, k: usize, seed: u64, stream: u64) -> Mat<f32> {
     gaussian(n, k, seed, stream).qr().compute_thin_Q()
