@@ -43,11 +43,12 @@ pub struct SvdArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct TransferArgs {
-    /// The model the adapter was trained on: a Hugging Face directory, or a hub name
-    /// (`org/name[@revision]`) in the local Hugging Face cache.
+    /// The model the adapter was trained on: a Hugging Face directory, a GGUF file (or a
+    /// directory holding one), or a hub name (`org/name[@revision]`) in the local Hugging Face
+    /// cache.
     #[arg(long)]
     pub source_base: PathBuf,
-    /// The model to transfer onto (a directory or a cached hub name).
+    /// The model to transfer onto (a directory, a GGUF file or a cached hub name).
     #[arg(long)]
     pub target_base: PathBuf,
     /// PEFT adapter (adapter_config.json + adapter_model.safetensors): a directory or a cached
@@ -64,19 +65,21 @@ pub struct TransferArgs {
     pub mode: Mode,
     #[command(flatten)]
     pub svd: SvdArgs,
-    /// Modules whose subspace similarity is below this get B = 0 (skipped).
-    #[arg(long, default_value_t = 0.0)]
+    /// Modules whose subspace similarity (in map mode: matched similarity) is below this, in
+    /// [0, 1], are skipped (B = 0).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub threshold: f32,
     /// Transfer only these module types (e.g. q_proj,k_proj,v_proj,o_proj); others get B = 0.
     #[arg(long, value_delimiter = ',')]
     pub modules: Option<Vec<String>>,
-    /// JSON file {"<target layer>": <source layer>} overriding the default depth mapping.
+    /// JSON file {"<target layer>": <source layer>} overriding the default depth mapping
+    /// (target layers it leaves out take the linear map).
     #[arg(long)]
     pub layer_map: Option<PathBuf>,
     /// Replace --out if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Print the time spent in each phase.
+    /// Print the time spent in each phase (on stderr).
     #[arg(long)]
     pub timings: bool,
     /// map mode: how the residual streams are paired: the shared-token map refined per layer
@@ -88,7 +91,7 @@ pub struct TransferArgs {
     pub no_norm_fold: bool,
     /// map mode: target gains below this fraction of their RMS count as switching their
     /// channel off where a fold divides by them (0: divide by every nonzero gain).
-    #[arg(long, default_value_t = crate::map::GAIN_FLOOR)]
+    #[arg(long, default_value_t = crate::map::GAIN_FLOOR, allow_negative_numbers = true)]
     pub map_gain_floor: f32,
     /// map mode: how heads and neurons are paired: matched (heads of different sizes fitted
     /// inside), matched then fitted inside every head (fit), or by index (ablation).
@@ -102,10 +105,11 @@ pub struct TransferArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// The first model: a Hugging Face directory or a cached hub name (`org/name[@revision]`).
+    /// The first model: a Hugging Face directory, a GGUF file or a cached hub name
+    /// (`org/name[@revision]`).
     #[arg(long)]
     pub source_base: PathBuf,
-    /// The second model (a directory or a cached hub name).
+    /// The second model (a directory, a GGUF file or a cached hub name).
     #[arg(long)]
     pub target_base: PathBuf,
     #[command(flatten)]

@@ -13,6 +13,15 @@ mod cli;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing to a closed pipe (`loraxfer selftest | head -1`) panics;
+    // with the default action the process ends quietly, as other command-line tools do. Only
+    // stdout and stderr are pipes here: outputs are files, and nothing is printed while an
+    // output is being staged.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_DFL before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     loraxfer::io::output::install_signal_cleanup();
     match cli::run(args) {

@@ -408,6 +408,15 @@ fn unknown_module_is_refused() {
         &f.transfer(&["--modules", "foo_proj"]),
         &["--modules", "foo_proj"],
     );
+    // Known, but not adapted: the output would be all zeros.
+    let only_q = f.root.path().join("only-q");
+    synth(
+        "adapter",
+        &only_q,
+        &["--base", s(&f.source), "--targets", "q_proj"],
+    );
+    let run = f.transfer_with(&f.source, &f.target, &only_q, &["--modules", "k_proj"]);
+    f.assert_refused(&run, &["--modules", "k_proj", "adapts q_proj"]);
 }
 
 #[test]
@@ -472,16 +481,31 @@ fn norms_and_embeddings_of_the_wrong_width_are_refused_by_the_map() {
     let file = f.source_weights();
     let pristine = std::fs::read(&file).unwrap();
     // Same bytes, another shape: the header alone is wrong (the embedding is 256 × 64).
-    for (name, shape) in [
-        ("model.layers.0.input_layernorm.weight", json!([32, 2])),
-        ("model.embed_tokens.weight", json!([512, 32])),
+    let weights = s(&file);
+    for (name, shape, named) in [
+        (
+            "model.layers.0.input_layernorm.weight",
+            json!([32, 2]),
+            [weights, "expected"],
+        ),
+        (
+            "model.embed_tokens.weight",
+            json!([512, 32]),
+            [weights, "expected"],
+        ),
+        // A projection the adapter does not touch, which the map reads all the same.
+        (
+            "model.layers.1.mlp.gate_proj.weight",
+            json!([352, 32]),
+            [s(&f.source), "config.json implies"],
+        ),
     ] {
         std::fs::write(&file, &pristine).unwrap();
         let mut st = Safetensors::read(&file);
         st.header[name]["shape"] = shape;
         st.write(&file);
-        let out = f.transfer(&["--mode", "map"]);
-        f.assert_refused(&out, &[s(&file), name, "expected"]);
+        let out = f.transfer(&["--mode", "map", "--modules", "q_proj"]);
+        f.assert_refused(&out, &[name, named[0], named[1]]);
     }
 }
 

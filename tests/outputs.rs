@@ -171,3 +171,45 @@ impl KeepingOut for Fixtures {
         self.assert_no_staging_left();
     }
 }
+
+#[test]
+fn the_base_model_is_named_by_an_absolute_path() {
+    // Given relative to the working directory, the target is written absolute, so the adapter
+    // loads (PEFT's AutoPeftModel reads base_model_name_or_path) from anywhere.
+    let f = Fixtures::new();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_loraxfer"))
+        .current_dir(f.root.path())
+        .args(["transfer", "--out", "out", "--adapter", "adapter"])
+        .args(["--source-base", "source", "--target-base", "./target"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let config = read_json(&f.out().join("adapter_config.json"));
+    let named = config["base_model_name_or_path"].as_str().unwrap();
+    assert!(Path::new(named).is_absolute(), "{named}");
+    assert_eq!(
+        std::fs::canonicalize(named).unwrap(),
+        std::fs::canonicalize(&f.target).unwrap()
+    );
+}
+
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    // `loraxfer info | head -0`: the reader is gone before the first line.
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_loraxfer"))
+        .arg("info")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.signal(),
+        Some(13),
+        "{:?}: {}",
+        run.status,
+        stderr(&run)
+    );
+    assert!(!stderr(&run).contains("panicked"), "{}", stderr(&run));
+}

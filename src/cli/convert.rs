@@ -17,7 +17,7 @@ pub struct ConvertArgs {
     /// Output directory: model.safetensors, config.json, tokenizer.json.
     #[arg(long)]
     out: PathBuf,
-    /// Storage type of the written weights.
+    /// Storage type of the written weights: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = crate::cli::synth::parse_dtype)]
     dtype: FloatType,
     /// Replace --out if it exists.

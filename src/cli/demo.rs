@@ -38,16 +38,38 @@ pub fn run(args: DemoArgs) -> Result<()> {
             } else {
                 check_target(d, args.force, &[])?;
             }
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, "cannot create", e))?;
             d.clone()
         }
-        None => std::env::temp_dir().join(format!("loraxfer-demo-{}", std::process::id())),
+        None => fresh_temp_dir()?,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "cannot create", e))?;
     let result = steps(&dir);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// A new directory under the system's temporary directory, never one that exists (a pid is
+/// reused, and a directory of that name may be someone else's).
+fn fresh_temp_dir() -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let base = std::env::temp_dir();
+    for attempt in 0u32.. {
+        let dir = base.join(format!(
+            "loraxfer-demo-{}-{stamp}-{attempt}",
+            std::process::id()
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => continue,
+            Err(e) => return Err(Error::io(&dir, "cannot create", e)),
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 fn steps(dir: &std::path::Path) -> Result<()> {

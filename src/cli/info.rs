@@ -5,11 +5,12 @@ use loraxfer::backend::cuda::{self, driver};
 
 pub fn print() {
     println!("loraxfer {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "backends: cpu (faer + rayon, {} threads), cuda",
-        rayon::current_num_threads()
-    );
     let k = loraxfer::kernels::FATBINS;
+    println!(
+        "backends: cpu (faer + rayon, {} threads){}",
+        rayon::current_num_threads(),
+        if k.is_empty() { "" } else { ", cuda" }
+    );
     if k.is_empty() {
         println!("kernels: built without CUDA kernels (no nvcc at build time)");
     } else {

@@ -27,16 +27,18 @@ pub struct ModelArgs {
     /// Number of layers (default: the real model's).
     #[arg(long)]
     layers: Option<usize>,
-    /// Storage type of the weights.
+    /// Storage type of the weights: bf16, f16 or f32.
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     dtype: FloatType,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Make a "fine-tuned derivative" of this synthetic model (same shapes, drifted weights).
-    #[arg(long, requires = "drift")]
+    /// Make a "fine-tuned derivative" of this synthetic model (same shapes, layers and dtype as
+    /// it, drifted weights).
+    #[arg(long, requires = "drift", conflicts_with_all = ["like", "layers", "dtype"])]
     derive_from: Option<PathBuf>,
-    /// Relative drift of the derivative: RMS of the change over RMS of the weight.
-    #[arg(long)]
+    /// Relative drift of the derivative: RMS of the change over RMS of the weight (only with
+    /// --derive-from).
+    #[arg(long, allow_negative_numbers = true)]
     drift: Option<f32>,
     /// Replace --out if it exists.
     #[arg(long)]
@@ -59,7 +61,7 @@ pub struct AdapterArgs {
     targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Storage type of the factors.
+    /// Storage type of the factors: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: FloatType,
     /// Replace --out if it exists.
@@ -74,6 +76,10 @@ pub fn parse_dtype(s: &str) -> std::result::Result<FloatType, String> {
 pub fn run(cmd: SynthCommand) -> Result<()> {
     match cmd {
         SynthCommand::Model(a) => {
+            // Checked here: clap waives `requires` when a conflicting flag (--like) is given.
+            if a.drift.is_some() && a.derive_from.is_none() {
+                return Err(Error::arg("--drift", "applies only with --derive-from"));
+            }
             let preset = match (a.like, &a.derive_from) {
                 (Some(p), _) => p,
                 (None, Some(_)) => Preset::TinyQwen2, // ignored: the derivative copies its source

@@ -45,6 +45,15 @@ fn print_summary(job: &Job, r: &report::Report) {
             report::WEAK_GAP
         );
     }
+    if s.emptied > 0 {
+        println!(
+            "warning: {} transferred modules came out zero from a non-zero source update \
+             (energy_kept below {} in the report): the target's weights (or the map between the \
+             models) give them no direction to carry it",
+            s.emptied,
+            report::EMPTIED
+        );
+    }
     if let Some(reason) = &r.auto_reason {
         println!("auto chose {}: {reason}", r.mode);
     }

@@ -30,6 +30,15 @@ impl FloatType {
         }
     }
 
+    /// The largest finite value of the type.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            FloatType::F32 => f32::MAX,
+            FloatType::F16 => 65504.0,
+            FloatType::Bf16 => 3.389_531_4e38,
+        }
+    }
+
     /// The safetensors dtype tag.
     pub fn dtype(self) -> Dtype {
         match self {

@@ -182,12 +182,7 @@ pub(crate) struct Side<'p, 'a> {
 impl<'a> Side<'_, 'a> {
     fn weight(&self, part: Part) -> Result<Stored<'a>> {
         let spec: &ModuleSpec = self.model.arch.module_with(part);
-        let name = format!(
-            "{}.weight",
-            self.model
-                .arch
-                .module_path(&self.model.prefix, self.layer, spec)
-        );
+        let (name, _) = self.model.weight(self.layer, spec)?;
         // Only the part's rows of a fused tensor are read.
         let rows = spec
             .rows_of(part, &self.model.ckpt.config)

@@ -267,13 +267,15 @@ pub fn unit_rows(x: &Mat<f32>) -> Mat<f32> {
 /// The Euclidean norm of each row, accumulated column by column (faer is column-major, so a
 /// row is strided).
 pub fn row_norms(x: &Mat<f32>) -> Vec<f32> {
-    let mut sq = vec![0f32; x.nrows()];
+    // Squares summed in f64: rows of large (finite) weights would overflow an f32 sum to Inf,
+    // and the row would then be treated as empty.
+    let mut sq = vec![0f64; x.nrows()];
     for j in 0..x.ncols() {
-        for (s, v) in sq.iter_mut().zip(x.col(j).iter()) {
-            *s += v * v;
+        for (s, &v) in sq.iter_mut().zip(x.col(j).iter()) {
+            *s += v as f64 * v as f64;
         }
     }
-    sq.into_iter().map(f32::sqrt).collect()
+    sq.into_iter().map(|s| s.sqrt() as f32).collect()
 }
 
 #[cfg(test)]

@@ -285,13 +285,62 @@ pub const MIN_ANCHORS: usize = 4096;
 /// Progress: stage `residual`, one step per anchor set folded in and one for the polar factor
 /// (at Llama-3.1-70B widths two minutes on two cores, most of it the polar factor); a cancelled
 /// job stops between steps.
+/// The anchors of the residual map: (source id, target id) of tokens both vocabularies spell
+/// alike and both embeddings hold, evenly spaced over the source ids. `auto` asks whether there
+/// are enough before it picks map.
+pub struct Anchors {
+    pub pairs: Vec<(usize, usize)>,
+    /// Why they cannot fix a map (fewer than the smaller width), naming both vocabularies.
+    pub shortfall: Option<Error>,
+}
+
+impl Anchors {
+    /// The pairs, or the shortfall as the error.
+    pub fn require(self) -> Result<Vec<(usize, usize)>> {
+        match self.shortfall {
+            Some(e) => Err(e),
+            None => Ok(self.pairs),
+        }
+    }
+}
+
+/// The [`Anchors`] of a pair of models (an error only for unreadable vocabularies or
+/// embeddings).
+pub fn anchors(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Anchors> {
+    let vs = source.ckpt.vocab()?;
+    let vt = target.ckpt.vocab()?;
+    let rows = |side: &ModelSide<'_>| -> Result<usize> {
+        let name = side.arch.embed_name(&side.prefix);
+        rows_of_width(side.ckpt, &name, side.ckpt.config.hidden_size)
+    };
+    let all_pairs = vocab::shared_tokens(&vs, &vt, (rows(source)?, rows(target)?));
+    let (d_s, d_t) = (
+        source.ckpt.config.hidden_size,
+        target.ckpt.config.hidden_size,
+    );
+    let anchors = (ANCHORS_PER_WIDTH * d_s.max(d_t)).max(MIN_ANCHORS);
+    let step = all_pairs.len().div_ceil(anchors).max(1);
+    let pairs: Vec<(usize, usize)> = all_pairs.iter().step_by(step).copied().collect();
+    let needed = d_s.min(d_t);
+    let shortfall = (pairs.len() < needed).then(|| {
+        Error::config(
+            &vt.path,
+            format!(
+                "{} tokens are spelled alike in {} and this vocabulary, fewer than the {needed} \
+                 the residual map between widths {d_s} and {d_t} needs (--mode align needs none)",
+                pairs.len(),
+                vs.path.display(),
+            ),
+        )
+    });
+    Ok(Anchors { pairs, shortfall })
+}
+
 fn fit_residual(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     progress: &crate::progress::Progress,
 ) -> Result<ResidualMap> {
-    let vs = source.ckpt.vocab()?;
-    let vt = target.ckpt.vocab()?;
     let (es_name, et_name) = (
         source.arch.embed_name(&source.prefix),
         target.arch.embed_name(&target.prefix),
@@ -299,28 +348,10 @@ fn fit_residual(
     let rows = |side: &ModelSide<'_>, name: &str| -> Result<usize> {
         rows_of_width(side.ckpt, name, side.ckpt.config.hidden_size)
     };
-    let all_pairs =
-        vocab::shared_tokens(&vs, &vt, (rows(source, &es_name)?, rows(target, &et_name)?));
-    // Evenly spaced over the source ids.
-    let width = source
-        .ckpt
-        .config
-        .hidden_size
-        .max(target.ckpt.config.hidden_size);
-    let anchors = (ANCHORS_PER_WIDTH * width).max(MIN_ANCHORS);
-    let step = all_pairs.len().div_ceil(anchors).max(1);
-    let pairs: Vec<(usize, usize)> = all_pairs.iter().step_by(step).copied().collect();
-    if pairs.is_empty() {
-        return Err(Error::config(
-            &vt.path,
-            format!(
-                "no token is spelled alike in {} and this vocabulary: the residual map has no anchors",
-                vs.path.display()
-            ),
-        ));
-    }
+    let pairs = anchors(source, target)?.require()?;
     let gather = |side: &ModelSide<'_>,
                   name: &str,
+                  pairs: &[(usize, usize)],
                   pick: &dyn Fn(&(usize, usize)) -> usize,
                   gain: Option<&[f32]>| {
         let d = side.ckpt.config.hidden_size;
@@ -357,14 +388,20 @@ fn fit_residual(
     // One anchor set at a time: each is folded into the fit and dropped before the next is read.
     bar.check()?;
     let mut fit = AnchorFit::new(
-        gather(source, &es_name, &|p| p.0, None)?,
-        gather(target, &et_name, &|p| p.1, None)?,
+        gather(source, &es_name, &pairs, &|p| p.0, None)?,
+        gather(target, &et_name, &pairs, &|p| p.1, None)?,
     )?;
     bar.step();
     if let Some(((ls, ns), (lt, nt))) = second {
         bar.check()?;
-        rows(source, &ls)?;
-        rows(target, &lt)?;
+        // An output head may have fewer rows than the embedding (padding rows differ): only
+        // the pairs both heads hold.
+        let (rows_s, rows_t) = (rows(source, &ls)?, rows(target, &lt)?);
+        let held: Vec<(usize, usize)> = pairs
+            .iter()
+            .filter(|p| p.0 < rows_s && p.1 < rows_t)
+            .copied()
+            .collect();
         let gain = |side: &ModelSide<'_>, norm: &str| -> Result<Option<Vec<f32>>> {
             if !side.ckpt.has(norm) {
                 return Ok(None);
@@ -375,13 +412,23 @@ fn fit_residual(
         };
         let (gs, gt) = (gain(source, &ns)?, gain(target, &nt)?);
         fit.add(
-            gather(source, &ls, &|p| p.0, gs.as_deref())?,
-            gather(target, &lt, &|p| p.1, gt.as_deref())?,
+            gather(source, &ls, &held, &|p| p.0, gs.as_deref())?,
+            gather(target, &lt, &held, &|p| p.1, gt.as_deref())?,
         );
         bar.step();
     }
     bar.check()?;
-    let map = fit.finish()?;
+    let map = fit.finish().map_err(|e| match e {
+        Error::Numerical { reason, .. } => Error::Numerical {
+            context: format!(
+                "map: residual map between {es_name} of {} and {et_name} of {}",
+                source.ckpt.dir.display(),
+                target.ckpt.dir.display()
+            ),
+            reason,
+        },
+        other => other,
+    })?;
     bar.step();
     bar.finish();
     Ok(map)

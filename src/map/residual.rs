@@ -134,7 +134,18 @@ impl AnchorFit {
     /// The map: the polar factor of the cross-covariance, scaled to the first set.
     pub fn finish(self) -> Result<ResidualMap> {
         let polar = polar_parts(&self.cross, 0.0)?;
+        let directions = self.cross.nrows().min(self.cross.ncols());
         drop(self.cross);
+        if polar.dropped == directions {
+            // Constant (or zero) rows on one side: centered, nothing is left to align, and the
+            // map would send every update to zero.
+            return Err(Error::Numerical {
+                context: "map: residual map".into(),
+                reason: "the anchor rows of one model carry no direction (after centering they \
+                         are zero): no map can be fitted"
+                    .into(),
+            });
+        }
         let q_t = polar.factor; // d_s × d_t: Qᵀ
         let (xs, xt) = self.picked;
         let rotated = mm_parallel(xs.as_ref(), q_t.as_ref()); // picked × d_t

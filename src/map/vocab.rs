@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+/// The largest vocabulary a tokenizer may claim (16 Mi tokens; the largest released is about
+/// 256 Ki).
+const MAX_VOCAB: usize = 16 << 20;
+
 /// The file name of the vocabulary inside a model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
@@ -95,10 +99,13 @@ impl Vocab {
         }
         let byte_level = mentions_byte_level(json.get("pre_tokenizer"))
             || mentions_byte_level(json.get("decoder"));
-        let len = tokens.iter().map(|(id, _)| id + 1).max().unwrap_or(0);
-        if len > 16 << 20 {
-            return Err(bad(format!("absurd vocabulary size {len}")));
+        // Ids index a table: refuse an absurd one by name before it sizes (or overflows) it.
+        if let Some((id, token)) = tokens.iter().find(|(id, _)| *id >= MAX_VOCAB) {
+            return Err(bad(format!(
+                "token {token:?} has id {id}, beyond any vocabulary (at most {MAX_VOCAB})"
+            )));
         }
+        let len = tokens.iter().map(|(id, _)| id + 1).max().unwrap_or(0);
         let mut surfaces = vec![None; len];
         for (id, token) in tokens {
             if special.contains(&id) {
@@ -271,5 +278,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("m/tokenizer.json"), "{err}");
+        // Ids that would size (or overflow) the table, in the vocabulary or the added tokens.
+        for vocab in [
+            json!({"model": {"type": "BPE", "vocab": {"a": 0, "zz": u64::MAX}}}),
+            json!({"model": {"type": "BPE", "vocab": {"a": 0}},
+                   "added_tokens": [{"id": 1u64 << 40, "content": "zz", "special": false}]}),
+        ] {
+            let err = Vocab::from_json(&vocab, Path::new("m/tokenizer.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("m/tokenizer.json") && err.contains("\"zz\""),
+                "{err}"
+            );
+        }
     }
 }

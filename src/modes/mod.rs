@@ -17,9 +17,10 @@ use crate::linalg::mm;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// One mode for the pair, chosen by `transfer::auto`: `rotate` for equal shapes, `map`
-    /// across shapes, `align` when a vocabulary is missing. (A plan built with `auto` itself,
-    /// as `inspect` does, resolves it unit by unit: `project` where shapes match, else `align`.)
+    /// One mode for the pair: rotate for equal shapes, map across shapes, align when a
+    /// vocabulary is missing or the two share too few tokens.
+    // Chosen by `transfer::auto`. A plan built with `auto` itself, as `inspect` does, resolves
+    // it unit by unit: `project` where shapes match, else `align`.
     Auto,
     /// B_t = B_s, A_t = A_s (same shape only).
     Copy,

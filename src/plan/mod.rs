@@ -108,8 +108,14 @@ impl<'a> ModelSide<'a> {
         self.ckpt.config.num_hidden_layers
     }
 
-    /// The weight tensor of a module, checked against the shape the config implies.
-    fn weight(&self, layer: usize, spec: &ModuleSpec) -> Result<(String, (usize, usize))> {
+    /// The weight tensor of a module, checked against the shape the config implies (every
+    /// reader of a base weight goes through it: a tensor of another shape would be read out of
+    /// bounds, or sliced at the wrong rows).
+    pub(crate) fn weight(
+        &self,
+        layer: usize,
+        spec: &ModuleSpec,
+    ) -> Result<(String, (usize, usize))> {
         let name = format!(
             "{}.weight",
             self.arch.module_path(&self.prefix, layer, spec)
@@ -233,7 +239,25 @@ pub fn build(
             modules.push(pair.module(spec, &present, options, &filter)?);
         }
     }
-    Ok(Plan { modules, layer_map })
+    let plan = Plan { modules, layer_map };
+    if let Some(list) = &options.modules {
+        // A list that selects nothing the adapter adapts would write an all-zero adapter.
+        if !plan
+            .units()
+            .any(|u| u.source_module.is_some() && u.skip.is_none())
+        {
+            let adapted: BTreeSet<&str> = present.keys().map(|(_, t)| *t).collect();
+            return Err(Error::arg(
+                "--modules",
+                format!(
+                    "{} selects no module the adapter adapts (it adapts {})",
+                    list.join(","),
+                    adapted.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(plan)
 }
 
 /// (source layer, module type) → adapter module name, for every module of the adapter.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use faer::Mat;
 
+use crate::error::{Error, Result};
 use crate::io::adapter::{exact_pattern, Adapter, LoraFactors};
 use crate::io::safetensors::FloatType;
 use crate::plan::{ModelSide, TargetModule};
@@ -16,7 +17,7 @@ pub fn assemble_module(
     module: &TargetModule,
     outcomes: &[Outcome],
     adapter: &Adapter,
-) -> LoraFactors {
+) -> Result<LoraFactors> {
     let (m, n) = module.shape;
     let cfg = &adapter.config;
     // Rank, alpha and scale of each contributing unit, from its source module.
@@ -62,7 +63,8 @@ pub fn assemble_module(
         copy_block(&f.a, &mut a, n, col, 0, 1.0);
         col += r;
     }
-    LoraFactors {
+    fit_in_type(&module.name, &mut b, &mut a, ty)?;
+    Ok(LoraFactors {
         a,
         b,
         r: rank,
@@ -70,7 +72,47 @@ pub fn assemble_module(
         out_features: m,
         alpha,
         ty,
+    })
+}
+
+/// Makes the factors representable in the output type. A mapped update can be larger than the
+/// source's (a map that scales up), and an f16 factor past 65504 would be written as Inf. B·c and
+/// A/c give the same update, so when a factor would overflow both are rescaled to the same
+/// largest magnitude; only when even that does not fit is it an error. Factors that fit are left
+/// untouched (the output stays byte-identical).
+fn fit_in_type(module: &str, b: &mut [f32], a: &mut [f32], ty: FloatType) -> Result<()> {
+    let largest = |x: &[f32]| x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (max_b, max_a) = (largest(b), largest(a));
+    if b.iter().chain(a.iter()).any(|v| !v.is_finite()) {
+        return Err(Error::Numerical {
+            context: module.to_string(),
+            reason: "the transferred factors hold NaN or Inf".into(),
+        });
     }
+    let limit = ty.max_finite();
+    if max_b <= limit && max_a <= limit {
+        return Ok(());
+    }
+    if max_b == 0.0 || max_a == 0.0 {
+        // A zero update: whatever the other factor holds, zeros write it exactly.
+        b.fill(0.0);
+        a.fill(0.0);
+        return Ok(());
+    }
+    let balanced = (max_b as f64 * max_a as f64).sqrt();
+    if balanced > limit as f64 {
+        return Err(Error::Numerical {
+            context: module.to_string(),
+            reason: format!(
+                "the transferred update does not fit in {ty:?}: its factors need values of \
+                 {balanced:.3e} at the least (the largest {ty:?} is {limit:e})"
+            ),
+        });
+    }
+    let c = (max_a as f64 / max_b as f64).sqrt();
+    b.iter_mut().for_each(|v| *v = (*v as f64 * c) as f32);
+    a.iter_mut().for_each(|v| *v = (*v as f64 / c) as f32);
+    Ok(())
 }
 
 /// Writes `src` into the row-major `dst` (row length `stride`) at (row0, col0), times `scale`.
@@ -156,4 +198,34 @@ pub fn output_config(
     raw.insert("rank_pattern".into(), Value::Object(rank_pattern));
     raw.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
     raw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factors_past_the_type_are_balanced_keeping_the_update() {
+        // B·A = 120000 · 0.25 = 30000 fits in f16, B alone does not.
+        let (mut b, mut a) = (vec![120_000.0, -3.0], vec![0.25, 0.5]);
+        fit_in_type("m", &mut b, &mut a, FloatType::F16).unwrap();
+        let limit = FloatType::F16.max_finite();
+        assert!(b.iter().chain(&a).all(|v| v.abs() <= limit), "{b:?} {a:?}");
+        for (i, want) in [(0, 120_000.0 * 0.25), (1, -3.0 * 0.5)] {
+            let got = b[i] * a[i];
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
+        }
+        // Factors that fit are not touched, bit for bit.
+        let (mut b2, mut a2) = (vec![60_000.0f32, 1.0], vec![0.3f32, 7.0]);
+        fit_in_type("m", &mut b2, &mut a2, FloatType::F16).unwrap();
+        assert_eq!((b2, a2), (vec![60_000.0, 1.0], vec![0.3, 7.0]));
+        // An update too large for the type, and a zero one.
+        let err = fit_in_type("m", &mut [1e6], &mut [1e4], FloatType::F16).unwrap_err();
+        assert!(err.to_string().contains("does not fit in F16"), "{err}");
+        let (mut zb, mut za) = (vec![0.0f32; 2], vec![1e6f32, 2.0]);
+        fit_in_type("m", &mut zb, &mut za, FloatType::F16).unwrap();
+        assert!(zb.iter().chain(&za).all(|v| *v == 0.0));
+        let nan = fit_in_type("m", &mut [f32::NAN], &mut [1.0], FloatType::F32).unwrap_err();
+        assert!(nan.to_string().contains("NaN"), "{nan}");
+    }
 }

@@ -49,7 +49,9 @@ pub fn choose(
         return Ok(Choice {
             mode: Mode::Rotate,
             reason: format!(
-                "equal depths ({ls} layers) and equal module shapes: rotate keeps the whole update"
+                "equal depths ({ls} layer{}) and equal module shapes: rotate keeps the whole \
+                 update",
+                if ls == 1 { "" } else { "s" }
             ),
         });
     }
@@ -67,6 +69,16 @@ pub fn choose(
         })
         .collect();
     if missing.is_empty() {
+        // Too few shared tokens to anchor the map (a different family's tokenizer, a tiny
+        // vocabulary): align, saying why, rather than a map that cannot be fitted.
+        if let Some(why) = crate::map::anchors(source, target)?.shortfall {
+            return Ok(Choice {
+                mode: Mode::Align,
+                reason: format!(
+                    "{what_differs}, and map cannot anchor its residual map ({why}): align"
+                ),
+            });
+        }
         Ok(Choice {
             mode: Mode::Map,
             reason: format!(

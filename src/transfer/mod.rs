@@ -126,14 +126,18 @@ pub fn run(job: &Job) -> Result<Report> {
 
     let target_name = job.target_base.to_string_lossy().into_owned();
     // A hub model is named as the hub names it (and at its revision), so that PEFT and
-    // AutoPeftModel load the same base elsewhere; a directory as it was given.
+    // AutoPeftModel load the same base elsewhere; a directory by its absolute path, so that the
+    // adapter loads from any working directory.
     let base = match job.hub.get("target_base") {
         Some(hub) => assemble::BaseName {
             name: hub.name.clone(),
             revision: Some(hub.revision.clone()),
         },
         None => assemble::BaseName {
-            name: target_name.clone(),
+            name: std::path::absolute(&job.target_base)
+                .unwrap_or_else(|_| job.target_base.clone())
+                .to_string_lossy()
+                .into_owned(),
             revision: None,
         },
     };
@@ -154,7 +158,8 @@ pub fn run(job: &Job) -> Result<Report> {
         power_iters: job.options.power_iters,
         seed: job.options.seed,
         threshold: job.options.threshold,
-        device: format!("{} — {device_note}", backend.name()),
+        selected_modules: job.options.modules.clone(),
+        device: device_note,
         layer_map: report::layer_map_json(&opened.plan),
         hub: job.hub.clone(),
         basis_cache: cache.as_ref().map(|c| report::CacheUse {
@@ -387,7 +392,7 @@ fn collect(
         }
         modules.insert(
             module.name.clone(),
-            assemble::assemble_module(module, slice, &opened.adapter),
+            assemble::assemble_module(module, slice, &opened.adapter)?,
         );
         at += n;
     }

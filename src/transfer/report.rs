@@ -107,6 +107,10 @@ pub struct Report {
     pub power_iters: usize,
     pub seed: u64,
     pub threshold: f32,
+    /// `--modules`, when given: the module types transferred (the others are skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selected_modules: Option<Vec<String>>,
+    /// The backend and why it was picked (`cpu (auto: no GPU)`, `cuda (requested): …`).
     pub device: String,
     pub layer_map: BTreeMap<String, usize>,
     /// The arguments given as hub names (`source_base`, `target_base`, `adapter`), with the
@@ -145,7 +149,14 @@ pub struct Summary {
     pub rank_capped: usize,
     /// Rows where σ_{k+1}/σ_k of either weight exceeds 0.9 (weakly resolved subspaces).
     pub weakly_resolved: usize,
+    /// Transferred rows whose update came out (next to) zero from a source update that was not
+    /// (energy kept below [`EMPTIED`]): a map or a basis that sent it to nothing, e.g. target
+    /// weights with no direction.
+    pub emptied: usize,
 }
+
+/// Energy kept below this counts as an update sent to nothing.
+pub const EMPTIED: f64 = 1e-6;
 
 impl Summary {
     pub fn of(rows: &[ModuleRow]) -> Self {
@@ -170,6 +181,10 @@ impl Summary {
                         .flatten()
                         .any(|g| g > WEAK_GAP)
                 })
+                .count(),
+            emptied: rows
+                .iter()
+                .filter(|r| r.transferred && r.energy_kept.is_some_and(|e| e < EMPTIED))
                 .count(),
         }
     }
@@ -217,7 +232,8 @@ pub fn summary_table(rows: &[ModuleRow]) -> String {
             rs.len(),
             rs.iter().filter(|r| r.transferred).count(),
             uv,
-            fmt(mean(&|r| r.similarity)),
+            // In map mode the similarity a threshold compares is the matched one.
+            fmt(mean(&|r| r.similarity.or(r.matched_similarity))),
             fmt(mean(&|r| if r.transferred { r.energy_kept } else { None })),
         );
     }
