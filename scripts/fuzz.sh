@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-1000000}"; shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors_header gguf_header adapter_config model_config checkpoint_index arch_table layer_map)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors_header gguf_header adapter_config model_config checkpoint_index arch_table layer_map tokenizer)
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || { echo "scripts/fuzz.sh: cargo-fuzz not installed (cargo install cargo-fuzz)" >&2; exit 2; }
 
@@ -21,7 +21,7 @@ bin=target/debug/loraxfer
 "$bin" synth model --like tiny-qwen2 --out "$seed/m" --seed 1 >/dev/null
 "$bin" synth model --like tiny-llama --out "$seed/l" --seed 2 --dtype f16 >/dev/null
 "$bin" synth adapter --base "$seed/m" --out "$seed/a" --r 2 --targets q_proj >/dev/null
-mkdir -p fuzz/corpus/{safetensors_header,gguf_header,adapter_config,model_config,checkpoint_index,arch_table,layer_map}
+mkdir -p fuzz/corpus/{safetensors_header,gguf_header,adapter_config,model_config,checkpoint_index,arch_table,layer_map,tokenizer}
 cp fuzz/seeds/gguf_header/*.gguf fuzz/corpus/gguf_header/  # whole small models: fuzz/make_gguf_seeds.py
 cp "$seed/a/adapter_model.safetensors" fuzz/corpus/safetensors_header/adapter
 head -c 4096 "$seed/m/model.safetensors" > fuzz/corpus/safetensors_header/model-head
@@ -31,6 +31,9 @@ cp "$seed/l/config.json" fuzz/corpus/model_config/llama.json
 echo '{"metadata": {"total_size": 8}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}' > fuzz/corpus/checkpoint_index/index.json
 cp src/arch/tables/*.json fuzz/corpus/arch_table/
 echo '{"0": 3, "5": 27, "23": 0}' > fuzz/corpus/layer_map/map.json
+cp "$seed/m/tokenizer.json" fuzz/corpus/tokenizer/word-level.json
+echo '{"model": {"type": "BPE", "vocab": {"Ġthe": 0, "cat": 1, "Ċ": 2}}, "added_tokens": [{"id": 3, "content": "<|endoftext|>", "special": true}], "pre_tokenizer": {"type": "ByteLevel"}}' > fuzz/corpus/tokenizer/byte-level.json
+echo '{"model": {"type": "Unigram", "vocab": [["<eos>", 0.0], ["▁the", -1.0], ["<0x0A>", -3.0]]}, "added_tokens": [{"id": 0, "content": "<eos>", "special": true}]}' > fuzz/corpus/tokenizer/unigram.json
 
 printf '%-20s %12s %10s %8s %s\n' target executions seconds exec/s result > fuzz/last-campaign.txt
 for t in "${targets[@]}"; do

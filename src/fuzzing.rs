@@ -165,6 +165,29 @@ pub fn layer_map(data: &[u8]) {
     }
 }
 
+/// `tokenizer.json` files, read as the map mode reads one: refused (naming the file), or a
+/// vocabulary of a sane size whose spellings pair with themselves, token for token.
+pub fn tokenizer(data: &[u8]) {
+    use crate::map::vocab::{shared_tokens, Vocab};
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let path = Path::new("m/tokenizer.json");
+    match Vocab::from_json(&json, path) {
+        Err(e) => assert!(e.to_string().contains("m/tokenizer.json"), "{e}"),
+        Ok(vocab) => {
+            let n = vocab.surfaces.len();
+            assert!(n <= 16 << 20, "a vocabulary of {n} tokens was accepted");
+            // Paired with itself, each spelled token meets its own id or a twin spelled alike.
+            let rows = n.min(4096);
+            for (s, t) in shared_tokens(&vocab, &vocab, (rows, rows)) {
+                assert!(s < rows && t < rows);
+                assert_eq!(vocab.surfaces[s], vocab.surfaces[t]);
+            }
+        }
+    }
+}
+
 /// A fuzz check: arbitrary bytes in, a panic only on a defect.
 pub type Check = fn(&[u8]);
 
@@ -177,4 +200,5 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("checkpoint_index", checkpoint_index),
     ("arch_table", arch_table),
     ("layer_map", layer_map),
+    ("tokenizer", tokenizer),
 ];

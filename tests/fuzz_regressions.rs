@@ -123,6 +123,12 @@ fn seeds_pass_every_check() {
         br#"{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}}"#,
     );
     loraxfer::fuzzing::layer_map(br#"{"0": 27, "23": 0}"#);
+    loraxfer::fuzzing::tokenizer(
+        r#"{"model": {"type": "BPE", "vocab": {"Ġthe": 0, "cat": 1, "Ċ": 2}},
+            "added_tokens": [{"id": 3, "content": "<|endoftext|>", "special": true}],
+            "pre_tokenizer": {"type": "ByteLevel"}}"#
+            .as_bytes(),
+    );
     loraxfer::fuzzing::checkpoint_index(
         br#"{"weight_map": {"a": "model-00001-of-00002.safetensors"}}"#,
     );

@@ -126,6 +126,10 @@ fn hub_names_resolve_in_the_local_cache() {
     let hub = &report["hub"];
     assert_eq!(hub["source_base"]["name"], "acme/src");
     assert_eq!(hub["target_base"]["revision"], "v2");
+    // The adapter names its base at the commit, not the tag, which may move on.
+    let config = read_json(&by_name.join("adapter_config.json"));
+    assert_eq!(config["base_model_name_or_path"], "acme/tgt");
+    assert_eq!(config["revision"], c2.as_str(), "{config}");
     assert!(
         hub["adapter"]["snapshot"].as_str().unwrap().ends_with(&c3),
         "{hub}"

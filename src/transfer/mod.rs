@@ -125,13 +125,19 @@ pub fn run(job: &Job) -> Result<Report> {
     let (rows, modules) = collect(&opened, &outcomes)?;
 
     let target_name = job.target_base.to_string_lossy().into_owned();
-    // A hub model is named as the hub names it (and at its revision), so that PEFT and
-    // AutoPeftModel load the same base elsewhere; a directory by its absolute path, so that the
-    // adapter loads from any working directory.
+    // A hub model is named as the hub names it, at the commit its snapshot holds (a branch
+    // moves on; the commit is the base the adapter was made for), so that PEFT and AutoPeftModel
+    // load the same base elsewhere; a directory by its absolute path, so that the adapter loads
+    // from any working directory.
     let base = match job.hub.get("target_base") {
         Some(hub) => assemble::BaseName {
             name: hub.name.clone(),
-            revision: Some(hub.revision.clone()),
+            revision: Some(
+                hub.snapshot
+                    .file_name()
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| hub.revision.clone()),
+            ),
         },
         None => assemble::BaseName {
             name: std::path::absolute(&job.target_base)
