@@ -254,7 +254,7 @@ fn flag_error(e: clap::Error) -> Error {
 pub struct OptionSpec {
     /// The flag without dashes, with underscores (`power_iters`).
     pub name: String,
-    /// The default as the command line prints it (`None`: no default; flags default to "false").
+    /// The default as the command line prints it (`None`: no default, and for a switch).
     pub default: Option<String>,
     /// A flag that takes no value.
     pub switch: bool,

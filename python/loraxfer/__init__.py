@@ -14,13 +14,14 @@ released; `progress(stage, done, total)`, if given, is called on the calling thr
 unit of a stage (stages, in map mode: `residual`, counting the residual map's steps, then `depth`
 and `map`, counting layers; then `transfer` or
 `inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
-written.
+written to `out` (a cache directory keeps the decompositions finished before the stop).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 from . import _native
@@ -80,14 +81,27 @@ def transfer(
     rank, oversample, power_iters, seed: the randomized truncated SVD.
     device: auto, cpu or cuda. cache_dir: keep and reuse base-model SVDs there (the
     LORAXFER_CACHE_DIR environment variable, as on the command line, when None).
-    threshold, modules, layer_map, map_*: as the command line's flags of the same names.
+    threshold, modules, layer_map, map_*: as the command line's flags of the same names
+    (`modules`: any iterable of module types). `--timings` is the command line's only: the
+    report's `timings_ms` has the same figures.
     progress: called as progress(stage, done, total) on this thread after each unit: the
     steps of the map stage `residual`, the layers of `depth` and `map` (map mode), then the
     modules of `transfer`.
+    A warning (UserWarning) says when modules came out zero from a non-zero update (the
+    report's summary `emptied`), as the command line does.
     """
     values = dict(locals())
     callback = values.pop("progress")
-    return json.loads(_native.transfer(_flags(values), callback))
+    report = json.loads(_native.transfer(_flags(values), callback))
+    emptied = report.get("summary", {}).get("emptied", 0)
+    if emptied:
+        warnings.warn(
+            f"{emptied} transferred modules came out zero from a non-zero source update "
+            "(energy_kept near 0 in the report): the target's weights (or the map between the "
+            "models) give them no direction to carry it",
+            stacklevel=2,
+        )
+    return report
 
 
 def inspect(
@@ -103,7 +117,7 @@ def inspect(
     progress: Optional[ProgressCallback] = None,
 ) -> dict:
     """The subspace similarity of every module pair of two models and their layer map (what
-    `loraxfer inspect --json` prints), as a dict."""
+    `loraxfer inspect --json` prints), as a dict. Options as `transfer`'s."""
     values = dict(locals())
     callback = values.pop("progress")
     return json.loads(_native.inspect(_flags(values), callback))
@@ -111,22 +125,51 @@ def inspect(
 
 def options(command: str) -> list:
     """The options of `transfer` or `inspect` as the command line defines them: name, default
-    (as the command line prints it), switch, required, choices and help."""
+    (as the command line prints it; None for a switch and for an option without a default),
+    switch, required, choices and help. `timings` and `json` are the command line's alone."""
     return json.loads(_native.options(command))
+
+
+# The switches (flags without a value), the options that name files, and those whose default
+# is "not given" (None).
+_SWITCHES = {"force", "no_norm_fold"}
+_PATHS = {"source_base", "target_base", "adapter", "out", "cache_dir", "layer_map"}
+_OPTIONAL = {"cache_dir", "modules", "layer_map"}
 
 
 def _flags(values: dict) -> list:
     """Keyword arguments as command-line flags: `rank=16` is `--rank=16`, `force=True` is
-    `--force`, a sequence is comma-joined, None and False are left out (the default holds)."""
+    `--force`, `modules` (any iterable of names) is comma-joined, paths are str or os.PathLike
+    (`~` expanded, as a shell would). None leaves out an option whose default is None and is an
+    error elsewhere, as is a bool given for a value (`rank=False` is not a rank)."""
     flags = []
     for name, value in values.items():
-        if value is None or value is False:
-            continue
         flag = "--" + name.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif isinstance(value, (list, tuple)):
-            flags.append(f"{flag}={','.join(str(v) for v in value)}")
+        if value is None:
+            if name in _OPTIONAL:
+                continue
+            raise TypeError(f"{name}=None: give a value, or leave {name} out for its default")
+        if name in _SWITCHES:
+            if isinstance(value, (str, bytes, os.PathLike)):
+                raise TypeError(f"{name} is a switch: give True or False, not {value!r}")
+            if value:
+                flags.append(flag)
+            continue
+        if isinstance(value, bool):
+            raise TypeError(f"{name}={value}: {name} takes a value, not a bool")
+        if name in _PATHS:
+            if isinstance(value, bytes):
+                value = os.fsdecode(value)
+            if not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a str or os.PathLike, not {type(value).__name__}")
+            flags.append(f"{flag}={os.path.expanduser(os.fspath(value))}")
+        elif name == "modules":
+            if isinstance(value, (str, bytes)):
+                value = [value] if isinstance(value, str) else [os.fsdecode(value)]
+            names = [str(v) for v in value]
+            if not names:
+                raise ValueError("modules=[] names no module: leave modules out for all")
+            flags.append(f"{flag}={','.join(names)}")
         else:
-            flags.append(f"{flag}={os.fspath(value) if isinstance(value, os.PathLike) else value}")
+            flags.append(f"{flag}={value}")
     return flags

@@ -253,7 +253,10 @@ pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
         let entry = entry.map_err(|e| Error::io(dir, "cannot list", e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(true);
-        if is_dir && staging_pid(&name).is_some_and(|pid| !process_alive(pid)) {
+        let staging_of_a_subdir = subdirs
+            .iter()
+            .any(|s| name.starts_with(&format!(".{s}.tmp-")));
+        if is_dir && staging_of_a_subdir && staging_pid(&name).is_some_and(|p| !process_alive(p)) {
             // Left by a run killed while writing one of `subdirs` (a demo killed outright):
             // its own partial output, which goes with the directory.
             continue;

@@ -495,22 +495,19 @@ pub fn write_file(
     Ok(())
 }
 
-/// The process's umask, read from /proc (Linux 4.7 and later) rather than with umask(2), which
-/// can only be read by setting it and so races with other threads creating files; 022 where
-/// /proc does not say.
+/// The process's umask now (a Python session may change it between jobs), read from /proc
+/// (Linux 4.7 and later) rather than with umask(2), which can only be read by setting it and so
+/// races with other threads creating files; 022 where /proc does not say.
 #[cfg(unix)]
 fn umask() -> u32 {
-    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *UMASK.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
-                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
-            })
-            .unwrap_or(0o022)
-            & 0o777
-    })
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o022)
+        & 0o777
 }
 
 /// Rewrites the header of a file just written with its keys in sorted order. The writer keeps

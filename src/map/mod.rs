@@ -280,11 +280,6 @@ impl ModelMap {
 pub const ANCHORS_PER_WIDTH: usize = 3;
 pub const MIN_ANCHORS: usize = 4096;
 
-/// The residual map from the shared tokens' embedding rows (scaled as each family scales them).
-///
-/// Progress: stage `residual`, one step per anchor set folded in and one for the polar factor
-/// (at Llama-3.1-70B widths two minutes on two cores, most of it the polar factor); a cancelled
-/// job stops between steps.
 /// The anchors of the residual map: (source id, target id) of tokens both vocabularies spell
 /// alike and both embeddings hold, evenly spaced over the source ids. `auto` asks whether there
 /// are enough before it picks map.
@@ -336,6 +331,11 @@ pub fn anchors(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Anchors
     Ok(Anchors { pairs, shortfall })
 }
 
+/// The residual map from the shared tokens' embedding rows (scaled as each family scales them).
+///
+/// Progress: stage `residual`, one step per anchor set folded in and one for the polar factor
+/// (at Llama-3.1-70B widths two minutes on two cores, most of it the polar factor); a cancelled
+/// job stops between steps.
 fn fit_residual(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,

@@ -133,6 +133,45 @@ def test_errors_are_exceptions_with_the_cli_messages(zoo, binary, tmp_path):
     assert not any((tmp_path / n).exists() for n in "cde")
 
 
+def test_arguments_are_checked_as_python_types(binary, tmp_path, monkeypatch):
+    q, a = tmp_path / "q", tmp_path / "a"
+    iu.loraxfer(binary, "synth", "model", "--like", "tiny-qwen2", "--seed", "1", "--out", q)
+    iu.loraxfer(binary, "synth", "adapter", "--base", q, "--out", a)
+    out = tmp_path / "never"
+    for kwargs, error in [({"rank": False}, TypeError), ({"rank": None}, TypeError),
+                          ({"mode": None}, TypeError), ({"force": "yes"}, TypeError),
+                          ({"modules": []}, ValueError)]:
+        with pytest.raises(error):
+            loraxfer.transfer(q, q, a, out, **kwargs)
+    with pytest.raises(TypeError):
+        loraxfer.transfer(5, q, a, out)
+    assert not out.exists()
+    # modules: any iterable of names; `~` expanded as a shell would.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    report = loraxfer.transfer(q, q, a, "~/mine", modules={"q_proj"}, rank=8)
+    assert (tmp_path / "mine" / "adapter_model.safetensors").is_file()
+    assert report["selected_modules"] == ["q_proj"]
+    assert {r["module"] for r in report["modules"] if r["transferred"]} == {"q_proj"}
+
+
+def test_modules_that_come_out_zero_are_warned_about(binary, tmp_path):
+    # Map mode onto a target whose layer 1 has all-zero weights: its modules have nowhere to go.
+    from safetensors.numpy import load_file, save_file
+    q, t, a = tmp_path / "q", tmp_path / "t", tmp_path / "a"
+    iu.loraxfer(binary, "synth", "model", "--like", "tiny-qwen2", "--seed", "1", "--out", q)
+    iu.loraxfer(binary, "synth", "model", "--like", "tiny-llama", "--seed", "2", "--dtype", "f32",
+                "--out", t)
+    iu.loraxfer(binary, "synth", "adapter", "--base", q, "--out", a)
+    weights = load_file(t / "model.safetensors")
+    for name in weights:
+        if name.startswith("model.layers.1.") and name.endswith("_proj.weight"):
+            weights[name] = np.zeros_like(weights[name])
+    save_file(weights, t / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="came out zero"):
+        report = loraxfer.transfer(q, t, a, tmp_path / "out", mode="map", rank=8)
+    assert report["summary"]["emptied"] >= 7
+
+
 def test_a_raising_callback_stops_the_job_and_writes_nothing(zoo, tmp_path):
     adapter, source, target = zoo.adapter(ARCH), zoo.base(ARCH), zoo.derived(ARCH)
     seen = []
