@@ -379,6 +379,15 @@ fn copy_mode_onto_the_same_model_keeps_the_factors() {
             "{name} changed in copy mode"
         );
     }
+    // No bases are computed, so the default k = 256 above the 64-wide weights caps nothing;
+    // with a threshold copy decomposes to filter, and then k is capped.
+    assert_eq!(report(&out)["summary"]["rank_capped"], 0);
+    let (out, _, _) = f.transfer(
+        &f.source,
+        "filtered",
+        &["--mode", "copy", "--threshold", "0.5"],
+    );
+    assert_eq!(report(&out)["summary"]["rank_capped"], 28);
 }
 
 #[test]

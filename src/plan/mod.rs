@@ -466,6 +466,11 @@ impl LayerPair<'_, '_> {
             .min(source_shape.1)
             .min(target_shape.0)
             .min(target_shape.1);
+        // Capping is only news where bases are computed: the subspace modes, and copy or
+        // resample filtering on similarity (as `execute::needs_bases` decides).
+        let comparable = source_shape.0 == target_shape.0 || source_shape.1 == target_shape.1;
+        let decomposes = mode != Mode::Map
+            && (mode.needs_bases() != (false, false) || (options.threshold > 0.0 && comparable));
         let skip = if source_module.is_none() {
             Some(format!(
                 "the adapter has no {} in source layer {i}",
@@ -489,7 +494,7 @@ impl LayerPair<'_, '_> {
             target_shape,
             mode,
             rank: cap,
-            rank_capped: cap < options.rank,
+            rank_capped: decomposes && cap < options.rank,
             skip,
         })
     }

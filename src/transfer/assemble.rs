@@ -49,7 +49,13 @@ pub fn assemble_module(
         [(_, _, r, alpha, s, ty)] => (*r, *alpha, *s, *ty),
         [first, ..] => {
             let r: usize = parts.iter().map(|p| p.2).sum();
-            (r, cfg.alpha_for_scale(r, first.4), first.4, first.5)
+            // Parts stored in different types are written in the one that holds them all.
+            let ty = if parts.iter().all(|p| p.5 == first.5) {
+                first.5
+            } else {
+                FloatType::F32
+            };
+            (r, cfg.alpha_for_scale(r, first.4), first.4, ty)
         }
     };
     let mut b = vec![0f32; m * rank];
