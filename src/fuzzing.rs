@@ -168,7 +168,7 @@ pub fn layer_map(data: &[u8]) {
 /// `tokenizer.json` files, read as the map mode reads one: refused (naming the file), or a
 /// vocabulary of a sane size whose spellings pair with themselves, token for token.
 pub fn tokenizer(data: &[u8]) {
-    use crate::map::vocab::{shared_tokens, Vocab};
+    use crate::map::vocab::{shared_tokens, Vocab, MAX_VOCAB};
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
@@ -177,7 +177,7 @@ pub fn tokenizer(data: &[u8]) {
         Err(e) => assert!(e.to_string().contains("m/tokenizer.json"), "{e}"),
         Ok(vocab) => {
             let n = vocab.surfaces.len();
-            assert!(n <= 16 << 20, "a vocabulary of {n} tokens was accepted");
+            assert!(n <= MAX_VOCAB, "a vocabulary of {n} tokens was accepted");
             // Paired with itself, each spelled token meets its own id or a twin spelled alike.
             let rows = n.min(4096);
             for (s, t) in shared_tokens(&vocab, &vocab, (rows, rows)) {

@@ -15,8 +15,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Rust ignores SIGPIPE, so printing to a closed pipe (`loraxfer selftest | head -1`) panics;
     // with the default action the process ends quietly, as other command-line tools do. Only
-    // stdout and stderr are pipes here: outputs are files, and nothing is printed while an
-    // output is being staged.
+    // stdout and stderr are pipes here, and outputs are files: a stop while one is staged is a
+    // kill, whose staging directory the next run removes (a demo stopped between its steps
+    // leaves its finished parts, which `demo --force` replaces).
     #[cfg(unix)]
     // SAFETY: setting a signal's disposition to SIG_DFL before any thread starts.
     unsafe {

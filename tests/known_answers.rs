@@ -49,8 +49,9 @@ fn randomized_svd_recovers_planted_top_subspace() {
             (b.u.nrows(), b.u.ncols(), b.v.nrows(), b.v.ncols()),
             (m, k, n, k)
         );
-        // Tolerances: about 8× the largest of 300 fresh runs (f32 rounding; the gap after k
-        // makes the sketch's own error (σ_k+1/σ_k)^(2q+1) ≈ 1e-6 or less).
+        // Tolerances are f32 rounding (ε = 1.2e-7) grown by the products' lengths, with room
+        // to spare on any CPU's kernels: the gap after k makes the sketch's own error
+        // (σ_k+1/σ_k)^(2q+1) ≈ 1e-6 or less.
         assert_orthonormal(&b.u, 2e-5);
         assert_orthonormal(&b.v, 2e-5);
         // Same subspace as the exact top-k singular vectors.
@@ -200,7 +201,7 @@ fn project_with_full_rank_on_the_same_square_model_is_the_identity() {
         let out = CpuBackend
             .transfer(mode, &src, Some(&basis), Some(&basis), (48, 48))
             .unwrap();
-        // Entries of order 1: 10× the largest of 300 fresh runs.
+        // Entries of order 1, so about 800 ε: rounding through two 48-wide bases and back.
         assert!(max_abs_diff(&out.b, &src.b) < 1e-4, "{mode:?} changed B");
         assert!(max_abs_diff(&out.a, &src.a) < 1e-4, "{mode:?} changed A");
     }
@@ -284,7 +285,7 @@ fn align_across_shapes_uses_index_matched_directions() {
     let expected = mm(mm(bt.u.as_ref(), core.as_ref()).as_ref(), bt.v.transpose());
     assert_eq!((out.b.nrows(), out.a.ncols()), (44, 36));
     let err = max_abs_diff(&update(&out), &expected);
-    assert!(err < 1e-6 * fro(&expected), "align across shapes: {err}");
+    assert!(err < 1e-5 * fro(&expected), "align across shapes: {err}");
 }
 
 #[test]
@@ -313,7 +314,7 @@ fn procrustes_rotates_within_the_subspace() {
         .unwrap();
     let scale = fro(&update(&proj));
     let err = max_abs_diff(&update(&out), &update(&proj));
-    assert!(err < 2e-6 * scale, "procrustes left the rotation: {err}");
+    assert!(err < 2e-5 * scale, "procrustes left the rotation: {err}");
     // Align would instead apply the rotation: its result differs.
     let al = CpuBackend
         .transfer(Mode::Align, &src, Some(&bs), Some(&bt), (m, n))
@@ -364,7 +365,7 @@ fn copy_and_resample() {
 fn energy_in_factored_form_matches_dense() {
     let f = lora(25, 17, 4, fresh_seed());
     let dense = fro(&update(&f)) as f64;
-    assert!((modes::update_norm(&f) - dense).abs() < 1e-6 * dense);
+    assert!((modes::update_norm(&f) - dense).abs() < 1e-5 * dense);
 }
 
 #[test]

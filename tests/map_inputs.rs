@@ -190,4 +190,9 @@ fn an_output_head_shorter_than_the_embedding_anchors_on_the_rows_it_has() {
     let (run, out) = p.transfer("map", &["--mode", "map"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(out.join("adapter_model.safetensors").is_file());
+    // The map was fitted on every shared token of the embeddings (the heads add their 200).
+    let map = &common::cli::read_json(&out.join("transfer_report.json"))["map"];
+    assert_eq!(map["shared_tokens"], 256, "{map}");
+    let fit = map["residual_fit"].as_f64().unwrap();
+    assert!(fit.is_finite() && (0.0..=1.5).contains(&fit), "{fit}");
 }

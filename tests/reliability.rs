@@ -364,8 +364,11 @@ fn the_basis_cache_reproduces_the_uncached_result_and_is_reused() {
         *bytes.last_mut().unwrap() ^= 0x40; // the exponent of V's last value
         std::fs::write(entry.path(), bytes).unwrap();
     }
-    let stale = cache.join("0123456789abcdef.tmp-4000000000-0");
+    let stale = cache.join("0123456789abcdef0123456789abcdef.tmp-4000000000-0");
     std::fs::write(&stale, b"half a basis").unwrap();
+    // A file of the user's that only looks alike is not the cache's to remove.
+    let theirs = cache.join("notes.tmp-2024-01");
+    std::fs::write(&theirs, b"mine").unwrap();
     let out = pair.path("after-bit-flip");
     let o = run(pair.transfer(&out, &["--rank", "16", "--cache-dir", &cache_arg]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -379,4 +382,8 @@ fn the_basis_cache_reproduces_the_uncached_result_and_is_reused() {
             == std::fs::read(plain.join("adapter_model.safetensors")).unwrap()
     );
     assert!(!stale.exists(), "a killed run's temporary file was kept");
+    assert!(
+        theirs.exists(),
+        "a file the cache did not write was removed"
+    );
 }

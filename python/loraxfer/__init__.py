@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable, Iterable, Optional, Union
 
 from . import _native
 from ._errors import (
@@ -61,7 +62,7 @@ def transfer(
     device: str = "auto",
     cache_dir: Optional[PathLike] = None,
     threshold: float = 0.0,
-    modules: Optional[Sequence[str]] = None,
+    modules: Optional[Iterable[str]] = None,
     layer_map: Optional[PathLike] = None,
     force: bool = False,
     map_residual: str = "layers",
@@ -130,11 +131,12 @@ def options(command: str) -> list:
     return json.loads(_native.options(command))
 
 
-# The switches (flags without a value), the options that name files, and those whose default
-# is "not given" (None).
-_SWITCHES = {"force", "no_norm_fold"}
+# The switches (flags without a value) and the options whose default is "not given" (None), as
+# the command line defines them; and the options that name files.
+_SPECS = [o for command in ("transfer", "inspect") for o in json.loads(_native.options(command))]
+_SWITCHES = {o["name"] for o in _SPECS if o["switch"]}
+_OPTIONAL = {o["name"] for o in _SPECS if not o["switch"] and not o["required"] and o["default"] is None}
 _PATHS = {"source_base", "target_base", "adapter", "out", "cache_dir", "layer_map"}
-_OPTIONAL = {"cache_dir", "modules", "layer_map"}
 
 
 def _flags(values: dict) -> list:
@@ -167,6 +169,8 @@ def _flags(values: dict) -> list:
             if isinstance(value, (str, bytes)):
                 value = [value] if isinstance(value, str) else [os.fsdecode(value)]
             names = [str(v) for v in value]
+            if not isinstance(value, Sequence):
+                names.sort()  # a set has no order: the report lists them the same every run
             if not names:
                 raise ValueError("modules=[] names no module: leave modules out for all")
             flags.append(f"{flag}={','.join(names)}")

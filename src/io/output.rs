@@ -232,7 +232,8 @@ fn check_not_above_inputs(target: &Path, inputs: &[&Path]) -> Result<()> {
 }
 
 /// Refuses `dir` unless every entry is an output file ([`is_output_file`]), or one of `subdirs`
-/// holding only output files (the demo's models, adapter and result), and unless its weights
+/// holding only output files (the demo's models, adapter and result) or the staging directory of
+/// one of them left by a process that is gone, and unless its weights
 /// say loraxfer wrote them (the producer mark of [`pt_metadata`]): file names alone would let a
 /// model or adapter saved by other tools pass for an earlier output.
 ///
@@ -335,7 +336,9 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 /// that does not exist yet: the output is made there). Only the last component is followed; the
 /// directories above are left as given, and a chain that loops is an error.
 pub fn resolve_links(path: &Path) -> Result<PathBuf> {
-    let mut current = path.to_path_buf();
+    // Without a trailing separator (`out/` as shells complete it): with one, the link itself
+    // would be followed by every call below and never seen as a link.
+    let mut current: PathBuf = path.components().collect();
     for _ in 0..40 {
         let is_link = std::fs::symlink_metadata(&current).is_ok_and(|m| m.file_type().is_symlink());
         if !is_link {
@@ -416,7 +419,7 @@ mod tests {
         std::fs::create_dir(&input).unwrap();
         for (made, why) in [
             ("notes.txt", "not part of a loraxfer output"),
-            ("input", "input"),
+            ("input", "is the input"),
         ] {
             let staged = StagedDir::create(&target, true, &[&input]).unwrap();
             std::fs::write(staged.path().join("transfer_report.json"), b"{}").unwrap();

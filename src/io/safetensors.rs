@@ -39,6 +39,15 @@ impl FloatType {
         }
     }
 
+    /// The smallest positive normal value of the type (below it precision is lost, and below
+    /// its subnormals values round to zero).
+    pub fn min_normal(self) -> f32 {
+        match self {
+            FloatType::F16 => 6.103_515_6e-5,
+            FloatType::F32 | FloatType::Bf16 => f32::MIN_POSITIVE,
+        }
+    }
+
     /// The safetensors dtype tag.
     pub fn dtype(self) -> Dtype {
         match self {

@@ -60,6 +60,7 @@ pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
 /// A seed for a check's random inputs: `LORAXFER_TEST_SEED` when set (to rerun a failure), else
 /// fresh from the clock, so that every run checks new inputs. Printed, so a failing check's
 /// output names the seed that reproduces it. For tests.
+#[doc(hidden)]
 pub fn fresh_seed() -> u64 {
     let seed = std::env::var("LORAXFER_TEST_SEED")
         .ok()

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 
 /// The largest vocabulary a tokenizer may claim (16 Mi tokens; the largest released is about
 /// 256 Ki).
-const MAX_VOCAB: usize = 16 << 20;
+pub(crate) const MAX_VOCAB: usize = 16 << 20;
 
 /// The file name of the vocabulary inside a model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";

@@ -466,11 +466,8 @@ impl LayerPair<'_, '_> {
             .min(source_shape.1)
             .min(target_shape.0)
             .min(target_shape.1);
-        // Capping is only news where bases are computed: the subspace modes, and copy or
-        // resample filtering on similarity (as `execute::needs_bases` decides).
-        let comparable = source_shape.0 == target_shape.0 || source_shape.1 == target_shape.1;
-        let decomposes = mode != Mode::Map
-            && (mode.needs_bases() != (false, false) || (options.threshold > 0.0 && comparable));
+        // Capping is only news where bases are computed.
+        let decomposes = decomposes(mode, source_shape, target_shape, options.threshold);
         let skip = if source_module.is_none() {
             Some(format!(
                 "the adapter has no {} in source layer {i}",
@@ -498,6 +495,19 @@ impl LayerPair<'_, '_> {
             skip,
         })
     }
+}
+
+/// Whether a unit of this mode and these shapes decomposes its two weights: always for the
+/// subspace modes, for copy and resample only to filter on similarity (which needs a side of
+/// equal size), never for map (its units gate on their matched similarity).
+pub fn decomposes(
+    mode: Mode,
+    source_shape: (usize, usize),
+    target_shape: (usize, usize),
+    threshold: f32,
+) -> bool {
+    let comparable = source_shape.0 == target_shape.0 || source_shape.1 == target_shape.1;
+    mode != Mode::Map && (mode.needs_bases() != (false, false) || (threshold > 0.0 && comparable))
 }
 
 /// Resolves `auto` and refuses same-shape modes on pairs of different shapes.

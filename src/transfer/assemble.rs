@@ -8,7 +8,7 @@ use faer::Mat;
 
 use crate::error::{Error, Result};
 use crate::io::adapter::{exact_pattern, Adapter, LoraFactors};
-use crate::io::safetensors::FloatType;
+use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::plan::{ModelSide, TargetModule};
 use crate::transfer::execute::Outcome;
 
@@ -82,10 +82,11 @@ pub fn assemble_module(
 }
 
 /// Makes the factors representable in the output type. A mapped update can be larger than the
-/// source's (a map that scales up), and an f16 factor past 65504 would be written as Inf. B·c and
-/// A/c give the same update, so when a factor would overflow both are rescaled to the same
-/// largest magnitude; only when even that does not fit is it an error. Factors that fit are left
-/// untouched (the output stays byte-identical).
+/// source's (a map that scales up), and an f16 factor past 65504 would be written as Inf; or one
+/// factor can be tiny while the other is large, and f16 would flush it to zero. B·c and A/c give
+/// the same update, so when a factor's largest value is past the type's largest or below its
+/// smallest normal, both are rescaled to the same largest magnitude; only when that overflows
+/// is it an error. Factors within range are left untouched (the output stays byte-identical).
 fn fit_in_type(module: &str, b: &mut [f32], a: &mut [f32], ty: FloatType) -> Result<()> {
     let largest = |x: &[f32]| x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let (max_b, max_a) = (largest(b), largest(a));
@@ -95,8 +96,13 @@ fn fit_in_type(module: &str, b: &mut [f32], a: &mut [f32], ty: FloatType) -> Res
             reason: "the transferred factors hold NaN or Inf".into(),
         });
     }
-    let limit = ty.max_finite();
-    if max_b <= limit && max_a <= limit {
+    let (limit, small) = (ty.max_finite(), ty.min_normal());
+    // Below the normals only values the type cannot hold are at risk: a factor read from a file
+    // of this type holds none, and a copy stays byte-identical.
+    let exact = |x: &[f32]| decode_f32(&encode_f32(x, ty), ty) == x;
+    let fits =
+        |m: f32, x: &[f32]| m == 0.0 || (small..=limit).contains(&m) || (m < small && exact(x));
+    if fits(max_b, b) && fits(max_a, a) {
         return Ok(());
     }
     if max_b == 0.0 || max_a == 0.0 {
@@ -221,6 +227,23 @@ mod tests {
             let got = b[i] * a[i];
             assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
         }
+        // A factor below f16's normals beside a large one: balanced, not flushed to zero.
+        let (mut b3, mut a3) = (vec![1e-7f32, -2e-8], vec![900.0f32, 30.0]);
+        fit_in_type("m", &mut b3, &mut a3, FloatType::F16).unwrap();
+        assert!(b3
+            .iter()
+            .chain(&a3)
+            .all(|v| v.abs() >= FloatType::F16.min_normal()));
+        assert!(
+            (b3[0] * a3[0] - 9e-5).abs() <= 1e-5 * 9e-5,
+            "{}",
+            b3[0] * a3[0]
+        );
+        // Tiny values the type holds exactly (an f16 adapter's own subnormals) are not touched.
+        let held = decode_f32(&encode_f32(&[3e-6, -1e-7], FloatType::F16), FloatType::F16);
+        let (mut b4, mut a4) = (held.clone(), vec![0.5f32, 2.0]);
+        fit_in_type("m", &mut b4, &mut a4, FloatType::F16).unwrap();
+        assert_eq!((b4, a4), (held, vec![0.5, 2.0]));
         // Factors that fit are not touched, bit for bit.
         let (mut b2, mut a2) = (vec![60_000.0f32, 1.0], vec![0.3f32, 7.0]);
         fit_in_type("m", &mut b2, &mut a2, FloatType::F16).unwrap();

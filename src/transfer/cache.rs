@@ -161,21 +161,27 @@ fn checksum(parts: &[&[f32]]) -> String {
     format!("{hash:016x}")
 }
 
-/// Removes `{hash}.tmp-{pid}-{n}` files whose process is gone (a run killed while storing).
+/// Removes `{hash}.tmp-{pid}[-{n}]` files (exactly the names [`BasisCache::put`] gives: the
+/// directory may hold other files) whose process is gone (a run killed while storing).
 fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((_, rest)) = name.split_once(".tmp-") else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !crate::io::output::process_alive(pid)) {
+        if temporary_pid(&name).is_some_and(|pid| !crate::io::output::process_alive(pid)) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// The process that wrote the temporary file `name`, if it is one of ours.
+fn temporary_pid(name: &str) -> Option<u32> {
+    let (hash, rest) = name.split_once(".tmp-")?;
+    let hex = hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (pid, n) = rest.split_once('-').unwrap_or((rest, "0"));
+    (hex && digits(pid) && digits(n)).then(|| pid.parse().ok())?
 }
 
 fn read_basis(path: &Path, key: &str) -> Option<Basis> {

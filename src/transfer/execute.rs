@@ -38,16 +38,17 @@ pub struct MapContext<'a> {
     pub target: ModelSide<'a>,
 }
 
-/// Whether a unit decomposes its two weights: always for the subspace modes, for copy and
-/// resample only to filter on similarity; never for map, a skipped unit or one without factors.
+/// Whether a unit decomposes its two weights ([`crate::plan::decomposes`]); never a skipped
+/// unit or one without factors.
 pub fn needs_bases(ctx: &Context<'_>, unit: &Unit, has_factors: bool) -> bool {
-    // Map-mode units gate on their matched similarity and need no subspaces.
-    if unit.skip.is_some() || !has_factors || unit.mode == Mode::Map {
-        return false;
-    }
-    let comparable =
-        unit.source_shape.0 == unit.target_shape.0 || unit.source_shape.1 == unit.target_shape.1;
-    unit.mode.needs_bases() != (false, false) || (ctx.options.threshold > 0.0 && comparable)
+    unit.skip.is_none()
+        && has_factors
+        && crate::plan::decomposes(
+            unit.mode,
+            unit.source_shape,
+            unit.target_shape,
+            ctx.options.threshold,
+        )
 }
 
 /// What a unit produced: factors for its target rows (None when it was not transferred and has

@@ -165,7 +165,12 @@ impl Summary {
         Summary {
             transferred: rows.iter().filter(|r| r.transferred).count(),
             skipped: rows.iter().filter(|r| !r.transferred).count(),
-            mean_similarity: mean(rows.iter().filter_map(|r| r.similarity).collect()),
+            // In map mode the similarity a threshold compares is the matched one.
+            mean_similarity: mean(
+                rows.iter()
+                    .filter_map(|r| r.similarity.or(r.matched_similarity))
+                    .collect(),
+            ),
             mean_energy_kept: mean(
                 rows.iter()
                     .filter(|r| r.transferred)
