@@ -216,3 +216,23 @@ fn printing_into_a_closed_pipe_ends_quietly() {
     );
     assert!(!stderr(&run).contains("panicked"), "{}", stderr(&run));
 }
+
+#[test]
+fn a_symbolic_link_out_with_a_trailing_slash_is_followed_too() {
+    // `--out link/` as shells complete it; the link is relative, into another directory.
+    let f = Fixtures::new();
+    std::fs::create_dir(f.root.path().join("disk")).unwrap();
+    std::os::unix::fs::symlink("disk/result", f.out()).unwrap();
+    let out = format!("{}/", s(&f.out()));
+    for extra in [&[][..], &["--force"][..]] {
+        let mut args = vec!["transfer", "--out", &out, "--adapter", s(&f.adapter)];
+        args.extend(["--source-base", s(&f.source), "--target-base", s(&f.target)]);
+        args.extend_from_slice(extra);
+        let run = loraxfer(&args);
+        assert!(run.status.success(), "{extra:?}: {}", stderr(&run));
+    }
+    let meta = std::fs::symlink_metadata(f.out()).unwrap();
+    assert!(meta.file_type().is_symlink(), "--out was replaced");
+    let result = f.root.path().join("disk/result");
+    assert!(result.join("adapter_model.safetensors").is_file());
+}
