@@ -271,12 +271,16 @@ def main():
             elif mode in SAME_SHAPE and (ms, ns) != (mt, nt):
                 die(f"--mode {mode} needs equal shapes, but {mtype} is {ms}x{ns} and {mt}x{nt}")
             k = min(args.rank, ms, ns, mt, nt)
+            # As loraxfer reports it: capping counts only where bases are computed (copy and
+            # resample compute them only to filter on similarity, on a side of equal size).
+            decomposes = mode not in ("copy", "resample") or (
+                args.threshold > 0 and (ms == mt or ns == nt))
             s_module = present.get((i, mtype))
             row = dict(source_key=s_tensor, target_key=t_tensor, source_shape=[ms, ns],
                        target_shape=[mt, nt], mode=mode, similarity_u=None, similarity_v=None,
                        similarity=None, transferred=False, energy_kept=None, module=mtype,
                        target_module=t_module, source_module=s_module, source_layer=i,
-                       target_layer=j, rank=k, rank_capped=k < args.rank)
+                       target_layer=j, rank=k, rank_capped=decomposes and k < args.rank)
             rows.append(row)
             if s_module is None:
                 row["reason"] = f"the adapter has no {mtype} in source layer {i}"
@@ -358,7 +362,9 @@ def main():
             mean_similarity=mean([r["similarity"] for r in rows if r["similarity"] is not None]),
             mean_energy_kept=mean([r["energy_kept"] for r in rows
                                    if r["transferred"] and r["energy_kept"] is not None]),
-            rank_capped=sum(r["rank_capped"] for r in rows)),
+            rank_capped=sum(r["rank_capped"] for r in rows),
+            emptied=sum(r["transferred"] and r["energy_kept"] is not None
+                        and r["energy_kept"] < 1e-6 for r in rows)),
         modules=rows)
     report["timings_ms"]["total"] = round((time.perf_counter() - wall) * 1e3, 3)
     (staged / "transfer_report.json").write_text(json.dumps(report, indent=2) + "\n")
