@@ -4,6 +4,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+/// Nanoseconds since the Unix epoch (0 on a clock set before it): fresh seeds and unique
+/// directory names.
+pub fn epoch_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
 /// The pipeline's phases, in the order a transfer runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

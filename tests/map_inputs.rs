@@ -8,8 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::cli::*;
-use common::word_level_tokenizer;
-use loraxfer::io::safetensors::{pt_metadata, write_file, FloatType, OutTensor, TensorFile};
+use common::{rewrite, word_level_tokenizer, Tensor};
 
 struct Pair {
     root: tempfile::TempDir,
@@ -55,48 +54,13 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// One tensor of a checkpoint, as values.
-struct Tensor {
-    name: String,
-    values: Vec<f32>,
-    shape: Vec<usize>,
-    ty: FloatType,
-}
-
-/// Rewrites `dir/model.safetensors` through `edit` on its tensors.
-fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<Tensor>)) {
-    let path = dir.join("model.safetensors");
-    let file = TensorFile::open(&path).unwrap();
-    let mut tensors: Vec<Tensor> = file
-        .names()
-        .map(|n| {
-            let entry = file.entry(n).unwrap();
-            Tensor {
-                name: n.to_string(),
-                values: file.read_f32(n).unwrap(),
-                shape: entry.shape.clone(),
-                ty: FloatType::from_dtype(entry.dtype).unwrap(),
-            }
-        })
-        .collect();
-    drop(file);
-    edit(&mut tensors);
-    let out: Vec<(String, OutTensor<'_>)> = tensors
-        .into_iter()
-        .map(|t| (t.name, OutTensor::from_f32(t.values, t.shape, t.ty)))
-        .collect();
-    let tmp = dir.join("edited.safetensors");
-    write_file(&tmp, &out, pt_metadata()).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-}
-
 /// An untied output head: the embedding's first `rows` rows, halved.
 fn untie(dir: &Path, rows: usize) {
     let config = dir.join("config.json");
     let mut c = read_json(&config);
     c["tie_word_embeddings"] = false.into();
     std::fs::write(&config, c.to_string()).unwrap();
-    rewrite(dir, |tensors| {
+    rewrite(&dir.join("model.safetensors"), |tensors| {
         let embed = tensors
             .iter()
             .find(|t| t.name == "model.embed_tokens.weight")
@@ -161,7 +125,7 @@ fn embeddings_with_no_direction_are_refused_naming_them() {
     let p = Pair::new();
     // Every row the same: centered, the anchors are zero and no map can be fitted (the update
     // would be sent to zero without a word).
-    rewrite(&p.target, |tensors| {
+    rewrite(&p.target.join("model.safetensors"), |tensors| {
         for t in tensors
             .iter_mut()
             .filter(|t| t.name == "model.embed_tokens.weight")

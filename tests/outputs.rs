@@ -4,11 +4,12 @@
 
 use std::path::Path;
 
-use loraxfer::io::safetensors::{pt_metadata, write_file, FloatType, OutTensor, TensorFile};
+use loraxfer::io::safetensors::{FloatType, TensorFile};
 
 mod common;
 use common::cli::*;
 use common::refusals::*;
+use common::rewrite;
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -95,28 +96,11 @@ fn factors_of_two_types_are_written_in_the_type_that_holds_both() {
         &["--base", s(&f.source), "--dtype", "bf16"],
     );
     // lora_B of every module stored in f32 (values still bf16-exact), lora_A left in bf16.
-    let weights = adapter.join("adapter_model.safetensors");
-    let file = TensorFile::open(&weights).unwrap();
-    let names: Vec<String> = file.names().map(String::from).collect();
-    let tensors: Vec<(String, OutTensor<'_>)> = names
-        .iter()
-        .map(|n| {
-            let ty = if n.contains("lora_B") {
-                FloatType::F32
-            } else {
-                FloatType::Bf16
-            };
-            let shape = file.entry(n).unwrap().shape.clone();
-            (
-                n.clone(),
-                OutTensor::from_f32(file.read_f32(n).unwrap(), shape, ty),
-            )
-        })
-        .collect();
-    let mixed = f.root.path().join("mixed.safetensors");
-    write_file(&mixed, &tensors, pt_metadata()).unwrap();
-    drop(file);
-    std::fs::rename(&mixed, &weights).unwrap();
+    rewrite(&adapter.join("adapter_model.safetensors"), |tensors| {
+        for t in tensors.iter_mut().filter(|t| t.name.contains("lora_B")) {
+            t.ty = FloatType::F32;
+        }
+    });
 
     let run = f.transfer_with(&f.source, &f.target, &adapter, &[]);
     assert!(run.status.success(), "{}", stderr(&run));

@@ -53,10 +53,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 /// A new directory under the system's temporary directory, never one that exists (a pid is
 /// reused, and a directory of that name may be someone else's).
 fn fresh_temp_dir() -> Result<PathBuf> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let stamp = loraxfer::timing::epoch_nanos();
     let base = std::env::temp_dir();
     for attempt in 0u32.. {
         let dir = base.join(format!(

@@ -77,12 +77,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             }
         },
     };
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    });
+    let seed = args
+        .seed
+        .unwrap_or_else(|| loraxfer::timing::epoch_nanos() as u64);
     let on_emulator = args.device == SelftestDevice::Emulator;
     let options = Options {
         quick: args.quick,

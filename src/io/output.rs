@@ -69,10 +69,7 @@ impl StagedDir {
         let parent = parent_of(&target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
         remove_stale(&parent, &name);
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let stamp = crate::timing::epoch_nanos();
         let temp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
         {
             let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());

@@ -57,6 +57,17 @@ pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
+/// FNV-1a's usual offset basis.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `words` (bytes, or wider values a word at a time) from `offset`: the stable hash
+/// of tensor names (Ω's ids), basis-cache file names and the cache's checksums.
+pub fn fnv1a(offset: u64, words: impl IntoIterator<Item = u64>) -> u64 {
+    words
+        .into_iter()
+        .fold(offset, |h, w| (h ^ w).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// A seed for a check's random inputs: `LORAXFER_TEST_SEED` when set (to rerun a failure), else
 /// fresh from the clock, so that every run checks new inputs. Printed, so a failing check's
 /// output names the seed that reproduces it. For tests.
@@ -65,12 +76,7 @@ pub fn fresh_seed() -> u64 {
     let seed = std::env::var("LORAXFER_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        });
+        .unwrap_or_else(|| crate::timing::epoch_nanos() as u64);
     eprintln!("seed {seed} (rerun with LORAXFER_TEST_SEED={seed})");
     seed
 }

@@ -70,9 +70,7 @@ pub fn fill_gaussian(seed: u64, id: u64, rows: usize, cols: usize, out: &mut [f3
 
 /// A stable 64-bit id for a tensor name (FNV-1a), so Ω depends on the tensor, not on run order.
 pub fn matrix_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    super::fnv1a(super::FNV_OFFSET, name.bytes().map(u64::from))
 }
 
 /// A `rows × cols` matrix of standard normals from (`seed`, `stream`), for tests.

@@ -15,6 +15,7 @@ use faer::Mat;
 use crate::backend::{Basis, SvdParams};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_file, FloatType, OutTensor, TensorFile};
+use crate::linalg::{fnv1a, FNV_OFFSET};
 
 /// A cache directory and its hit/miss counters.
 #[derive(Debug)]
@@ -71,13 +72,10 @@ impl BasisCache {
 
     fn path_of(&self, key: &str) -> PathBuf {
         // FNV-1a over the key, twice with different offsets, for a 128-bit file name.
-        let h = |seed: u64| {
-            key.bytes()
-                .fold(seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
-        };
+        let h = |offset: u64| fnv1a(offset, key.bytes().map(u64::from));
         self.dir.join(format!(
             "{:016x}{:016x}.safetensors",
-            h(0xcbf2_9ce4_8422_2325),
+            h(FNV_OFFSET),
             h(0x8422_2325_cbf2_9ce4)
         ))
     }
@@ -152,13 +150,11 @@ impl BasisCache {
 /// FNV-1a over the bits of the values, 32 bits at a time, as 16 hex digits: catches a file
 /// whose data was damaged after its header (a torn write, a bad disk), which the key cannot.
 fn checksum(parts: &[&[f32]]) -> String {
-    let hash = parts
+    let bits = parts
         .iter()
         .flat_map(|p| p.iter())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-            (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
-        });
-    format!("{hash:016x}")
+        .map(|x| u64::from(x.to_bits()));
+    format!("{:016x}", fnv1a(FNV_OFFSET, bits))
 }
 
 /// Removes `{hash}.tmp-{pid}[-{n}]` files (exactly the names [`BasisCache::put`] gives: the

@@ -288,3 +288,38 @@ pub fn rsvd_of(
     )
     .unwrap()
 }
+
+/// One tensor of a checkpoint, as values.
+pub struct Tensor {
+    pub name: String,
+    pub values: Vec<f32>,
+    pub shape: Vec<usize>,
+    pub ty: FloatType,
+}
+
+/// Rewrites the safetensors file `path` through `edit` on its tensors (as values, each written
+/// back in its `ty`).
+pub fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Tensor>)) {
+    let file = loraxfer::io::safetensors::TensorFile::open(path).unwrap();
+    let mut tensors: Vec<Tensor> = file
+        .names()
+        .map(|n| {
+            let entry = file.entry(n).unwrap();
+            Tensor {
+                name: n.to_string(),
+                values: file.read_f32(n).unwrap(),
+                shape: entry.shape.clone(),
+                ty: FloatType::from_dtype(entry.dtype).unwrap(),
+            }
+        })
+        .collect();
+    drop(file);
+    edit(&mut tensors);
+    let out: Vec<(String, OutTensor<'_>)> = tensors
+        .into_iter()
+        .map(|t| (t.name, OutTensor::from_f32(t.values, t.shape, t.ty)))
+        .collect();
+    let tmp = path.with_extension("edited");
+    write_file(&tmp, &out, pt_metadata()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
