@@ -404,6 +404,12 @@ fn fused_to_unfused_and_back_keeps_every_update() {
             max_abs_diff(&a, &b) < 1e-5 * fro(&a).max(1e-3),
             "{name} changed in the round trip"
         );
+        // The fused module's B is block-diagonal: each part keeps only its own block's ranks,
+        // not the other parts' zero columns (the update above shows its alpha kept its scale).
+        assert_eq!(
+            back.modules[name].r, src.modules[name].r,
+            "{name}: rank after the round trip"
+        );
     }
     // Phi-3 → Phi-3 keeps the fused modules whole: the same tensors.
     run(

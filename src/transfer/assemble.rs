@@ -12,6 +12,20 @@ use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::plan::{ModelSide, TargetModule};
 use crate::transfer::execute::Outcome;
 
+/// A unit that contributes to an output module.
+struct Part<'a> {
+    /// Its first row in the module.
+    row0: usize,
+    outcome: &'a Outcome,
+    /// Its rank, and its source module's.
+    r: usize,
+    source_r: usize,
+    /// Its source module's alpha, scale and stored type.
+    alpha: f64,
+    scale: f64,
+    ty: FloatType,
+}
+
 /// Builds one output module from its units' outcomes.
 pub fn assemble_module(
     module: &TargetModule,
@@ -20,22 +34,23 @@ pub fn assemble_module(
 ) -> Result<LoraFactors> {
     let (m, n) = module.shape;
     let cfg = &adapter.config;
-    // Rank, alpha and scale of each contributing unit, from its source module.
-    let parts: Vec<(usize, &Outcome, usize, f64, f64, FloatType)> = module
+    // Each contributing unit with its rank, and its source module's alpha, scale and type.
+    let parts: Vec<Part> = module
         .units
         .iter()
         .zip(outcomes)
         .filter_map(|(u, o)| {
             let f = o.factors.as_ref()?;
             let src = adapter.modules.get(u.source_module.as_ref()?)?;
-            Some((
-                u.target_rows.start,
-                o,
-                f.a.nrows(),
-                src.alpha,
-                cfg.scale(src.r, src.alpha),
-                src.ty,
-            ))
+            Some(Part {
+                row0: u.target_rows.start,
+                outcome: o,
+                r: f.a.nrows(),
+                source_r: src.r,
+                alpha: src.alpha,
+                scale: cfg.scale(src.r, src.alpha),
+                ty: src.ty,
+            })
         })
         .collect();
     let default_ty = adapter
@@ -46,28 +61,31 @@ pub fn assemble_module(
         .unwrap_or(FloatType::F32);
     let (rank, alpha, scale_t, ty) = match parts.as_slice() {
         [] => (cfg.r, cfg.lora_alpha, 1.0, default_ty),
-        [(_, _, r, alpha, s, ty)] => (*r, *alpha, *s, *ty),
+        // A part of a fused source that dropped zero columns has fewer ranks than its module:
+        // the alpha that keeps its scale.
+        [p] if p.r != p.source_r => (p.r, cfg.alpha_for_scale(p.r, p.scale), p.scale, p.ty),
+        [p] => (p.r, p.alpha, p.scale, p.ty),
         [first, ..] => {
-            let r: usize = parts.iter().map(|p| p.2).sum();
+            let r: usize = parts.iter().map(|p| p.r).sum();
             // Parts stored in different types are written in the one that holds them all.
-            let ty = if parts.iter().all(|p| p.5 == first.5) {
-                first.5
+            let ty = if parts.iter().all(|p| p.ty == first.ty) {
+                first.ty
             } else {
                 FloatType::F32
             };
-            (r, cfg.alpha_for_scale(r, first.4), first.4, ty)
+            (r, cfg.alpha_for_scale(r, first.scale), first.scale, ty)
         }
     };
     let mut b = vec![0f32; m * rank];
     let mut a = vec![0f32; rank * n];
     let mut col = 0;
-    for (row0, outcome, r, _, s, _) in &parts {
-        let f = outcome.factors.as_ref().expect("filtered above");
+    for p in &parts {
+        let f = p.outcome.factors.as_ref().expect("filtered above");
         // Parts fused under one scale keep their own update: fold s_part / s_module into B.
-        let ratio = (s / scale_t) as f32;
-        copy_block(&f.b, &mut b, rank, *row0, col, ratio);
+        let ratio = (p.scale / scale_t) as f32;
+        copy_block(&f.b, &mut b, rank, p.row0, col, ratio);
         copy_block(&f.a, &mut a, n, col, 0, 1.0);
-        col += r;
+        col += p.r;
     }
     fit_in_type(&module.name, &mut b, &mut a, ty)?;
     Ok(LoraFactors {

@@ -69,12 +69,25 @@ pub struct Outcome {
     pub matched_similarity: Option<f64>,
 }
 
-/// The source factors of a unit: rows `unit.source_rows` of B, and A.
+/// The source factors of a unit: rows `unit.source_rows` of B, and A. A unit that takes part of
+/// a fused module's rows drops the columns of B that are zero in those rows, with their rows of
+/// A: they add nothing to its update, and a module this project fused (blockdiag B) would
+/// otherwise carry every other part's rank into each part, and, fused again, sum them.
 pub fn source_factors(unit: &Unit, f: &LoraFactors) -> Factors {
     let r = f.r;
     let rows = unit.source_rows.clone();
-    let b = Mat::from_fn(rows.len(), r, |i, j| f.b[(rows.start + i) * r + j]);
-    let a = Mat::from_fn(r, f.in_features, |i, j| f.a[i * f.in_features + j]);
+    let b_at = |i: usize, j: usize| f.b[(rows.start + i) * r + j];
+    let mut kept: Vec<usize> = (0..r)
+        .filter(|&j| (0..rows.len()).any(|i| b_at(i, j) != 0.0))
+        .collect();
+    if rows.len() == f.out_features || kept.is_empty() {
+        // A whole module, or a part with no update at all: its factors as they are.
+        kept = (0..r).collect();
+    }
+    let b = Mat::from_fn(rows.len(), kept.len(), |i, j| b_at(i, kept[j]));
+    let a = Mat::from_fn(kept.len(), f.in_features, |i, j| {
+        f.a[kept[i] * f.in_features + j]
+    });
     Factors { b, a }
 }
 
