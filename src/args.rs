@@ -39,6 +39,9 @@ pub struct SvdArgs {
     /// models then costs only the projections.
     #[arg(long, env = "LORAXFER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Use no SVD cache, even where --cache-dir or LORAXFER_CACHE_DIR names one.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,8 +134,13 @@ impl SvdArgs {
         }
     }
 
+    /// The cache directory in use: none under `--no-cache`.
+    fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache_dir.clone().filter(|_| !self.no_cache)
+    }
+
     fn cache(&self) -> Result<Option<crate::transfer::cache::BasisCache>> {
-        self.cache_dir
+        self.cache_dir()
             .as_deref()
             .map(crate::transfer::cache::BasisCache::open)
             .transpose()
@@ -174,7 +182,7 @@ impl TransferArgs {
             options: opts,
             layer_map_file: self.layer_map.clone(),
             device: self.svd.device,
-            cache_dir: self.svd.cache_dir.clone(),
+            cache_dir: self.svd.cache_dir(),
             force: self.force,
             progress,
         })

@@ -332,6 +332,22 @@ fn the_basis_cache_reproduces_the_uncached_result_and_is_reused() {
     assert_eq!(reports[0]["hits"], 0);
     assert_eq!(reports[1]["hits"], 56);
     assert_eq!(reports[1]["misses"], 0);
+    // LORAXFER_CACHE_DIR names the same cache; --no-cache sets it aside.
+    let report_of = |extra: &[&str], name: &str| {
+        let out = pair.path(name);
+        let mut c = pair.transfer(&out, extra);
+        c.env("LORAXFER_CACHE_DIR", &cache);
+        let o = run(c);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("transfer_report.json")).unwrap(),
+        )
+        .unwrap();
+        r["basis_cache"].clone()
+    };
+    assert_eq!(report_of(&["--rank", "16"], "env")["hits"], 56);
+    let unused = report_of(&["--rank", "16", "--no-cache"], "no-cache");
+    assert!(unused.is_null(), "--no-cache used the cache: {unused}");
     // A different k is a different key.
     let o = run(pair.transfer(
         &pair.path("k8"),

@@ -61,6 +61,7 @@ def transfer(
     seed: int = 0,
     device: str = "auto",
     cache_dir: Optional[PathLike] = None,
+    no_cache: bool = False,
     threshold: float = 0.0,
     modules: Optional[Iterable[str]] = None,
     layer_map: Optional[PathLike] = None,
@@ -81,7 +82,8 @@ def transfer(
     else align).
     rank, oversample, power_iters, seed: the randomized truncated SVD.
     device: auto, cpu or cuda. cache_dir: keep and reuse base-model SVDs there (the
-    LORAXFER_CACHE_DIR environment variable, as on the command line, when None).
+    LORAXFER_CACHE_DIR environment variable, as on the command line, when None); no_cache=True
+    uses none, whatever the environment says.
     threshold, modules, layer_map, map_*: as the command line's flags of the same names
     (`modules`: any iterable of module types). `--timings` is the command line's only: the
     report's `timings_ms` has the same figures.
@@ -115,6 +117,7 @@ def inspect(
     seed: int = 0,
     device: str = "auto",
     cache_dir: Optional[PathLike] = None,
+    no_cache: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> dict:
     """The subspace similarity of every module pair of two models and their layer map (what

@@ -10,9 +10,18 @@ class LoraxferError(Exception):
     unknown_architecture, unsupported_adapter, invalid_argument, flags, output_exists,
     numerical, unavailable, device, cancelled or internal."""
 
-    def __init__(self, message: str, kind: str = "internal"):
+    def __init__(self, message: str, kind: str = "internal", errno=None, filename=None):
         super().__init__(message)
         self.kind = kind
+        if isinstance(self, OSError):
+            # What `except OSError as e` code reads: the system's error number and the path.
+            # Set after construction so that the message stays the command line's.
+            self.errno = errno
+            self.filename = filename
+            self.strerror = _strerror(errno) if errno is not None else None
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class InvalidArgumentError(LoraxferError, ValueError):
@@ -20,7 +29,13 @@ class InvalidArgumentError(LoraxferError, ValueError):
 
 
 class OutputExistsError(LoraxferError, FileExistsError):
-    """`out` exists; pass `force=True` to replace it."""
+    """`out` exists; pass `force=True` to replace it. `errno` is `errno.EEXIST` and `filename`
+    the output's path."""
+
+    def __init__(self, message: str, kind: str = "output_exists", errno=None, filename=None):
+        import errno as codes
+
+        super().__init__(message, kind, codes.EEXIST if errno is None else errno, filename)
 
 
 class InputError(LoraxferError, OSError):
@@ -28,7 +43,8 @@ class InputError(LoraxferError, OSError):
     class): a file that could not be opened, read or written, such as the config.json of a model
     directory. A path that does not exist, or an adapter directory without adapter_config.json,
     is a `config` error, and an adapter without its weights an `unsupported_adapter` one: both
-    raise `LoraxferError` itself."""
+    raise `LoraxferError` itself. `errno` is the system's error number (None where the system
+    gave none) and `filename` the path that was being read or written."""
 
 
 _BY_KIND = {
@@ -37,6 +53,12 @@ _BY_KIND = {
     "output_exists": OutputExistsError,
     "io": InputError,
 }
+
+
+def _strerror(number: int) -> str:
+    import os
+
+    return os.strerror(number)
 
 
 def error_class(kind: str) -> type:

@@ -132,10 +132,24 @@ fn run_released<T: Send + 'static>(
 /// The engine's error as the exception class python/loraxfer/_errors.py gives its kind, with
 /// the command line's message.
 fn to_python(py: Python<'_>, e: loraxfer::Error) -> PyErr {
+    // An OSError's errno and filename, for the kinds raised as OSError subclasses (an existing
+    // output's EEXIST is filled in by its class).
+    let (errno, filename) = match &e {
+        loraxfer::Error::Io { path, source, .. } => (source.raw_os_error(), Some(path)),
+        loraxfer::Error::OutputExists { path } => (None, Some(path)),
+        _ => (None, None),
+    };
     let made = (|| -> PyResult<PyErr> {
         let errors = py.import("loraxfer._errors")?;
         let class = errors.getattr("error_class")?.call1((e.kind(),))?;
-        Ok(PyErr::from_value(class.call1((e.to_string(), e.kind()))?))
+        let details = pyo3::types::PyDict::new(py);
+        details.set_item("errno", errno)?;
+        details.set_item(
+            "filename",
+            filename.map(|p| p.to_string_lossy().into_owned()),
+        )?;
+        let args = (e.to_string(), e.kind());
+        Ok(PyErr::from_value(class.call(args, Some(&details))?))
     })();
     made.unwrap_or_else(|import_failed| import_failed)
 }

@@ -3,6 +3,7 @@ command line's, bit for bit; the command line's defaults and error messages, rai
 exceptions; progress on the calling thread, a raising callback that stops the job with nothing
 written; the GIL released while the engine runs."""
 
+import errno
 import _thread
 import inspect as pyinspect
 import json
@@ -104,11 +105,24 @@ def test_errors_are_exceptions_with_the_cli_messages(zoo, binary, tmp_path):
     with pytest.raises(loraxfer.OutputExistsError) as err:
         loraxfer.transfer(source, target, adapter, tmp_path / "b", **FAST)
     assert isinstance(err.value, FileExistsError) and err.value.kind == "output_exists"
+    assert (err.value.errno, err.value.filename) == (errno.EEXIST, str(tmp_path / "b"))
     assert str(err.value) == cli_error(binary, "transfer", "--source-base", source,
                                        "--target-base", target, "--adapter", adapter,
                                        "--out", tmp_path / "b")
     loraxfer.transfer(source, target, adapter, tmp_path / "b", force=True, **FAST)
     assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+
+    # A file the system will not read: an OSError with its errno and path, the CLI's message.
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "config.json").mkdir(parents=True)
+    with pytest.raises(loraxfer.InputError) as err:
+        loraxfer.transfer(unreadable, target, adapter, tmp_path / "e")
+    assert isinstance(err.value, OSError) and err.value.kind == "io"
+    assert err.value.errno == errno.EISDIR
+    assert err.value.filename == str(unreadable / "config.json")
+    assert str(err.value) == cli_error(binary, "transfer", "--source-base", unreadable,
+                                       "--target-base", target, "--adapter", adapter,
+                                       "--out", tmp_path / "e")
 
     # A value the command line refuses: ValueError with clap's message.
     with pytest.raises(loraxfer.InvalidArgumentError) as err:
