@@ -135,6 +135,8 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: ModelConfig,
     storage: Storage,
+    /// The vocabulary, read on first use (auto mode's choice and the map both read it).
+    vocab: std::sync::OnceLock<Vocab>,
 }
 
 #[derive(Debug)]
@@ -187,6 +189,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             config,
             storage: Storage::Safetensors { shards, index },
+            vocab: Default::default(),
         })
     }
 
@@ -204,6 +207,7 @@ impl Checkpoint {
             dir: file,
             config,
             storage: Storage::Gguf(Box::new(model)),
+            vocab: Default::default(),
         })
     }
 
@@ -234,12 +238,16 @@ impl Checkpoint {
         }
     }
 
-    /// The vocabulary (see [`Checkpoint::vocab_source`]).
-    pub fn vocab(&self) -> Result<Vocab> {
-        match &self.storage {
+    /// The vocabulary (see [`Checkpoint::vocab_source`]), read once.
+    pub fn vocab(&self) -> Result<&Vocab> {
+        if let Some(v) = self.vocab.get() {
+            return Ok(v);
+        }
+        let read = match &self.storage {
             Storage::Gguf(g) => g.vocab(),
             Storage::Safetensors { .. } => Vocab::open(&self.dir),
-        }
+        }?;
+        Ok(self.vocab.get_or_init(|| read))
     }
 
     /// The file holding `name`, if any (a shard, or the GGUF file).

@@ -308,7 +308,7 @@ pub fn anchors(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<Anchors
         let name = side.arch.embed_name(&side.prefix);
         rows_of_width(side.ckpt, &name, side.ckpt.config.hidden_size)
     };
-    let all_pairs = vocab::shared_tokens(&vs, &vt, (rows(source)?, rows(target)?));
+    let all_pairs = vocab::shared_tokens(vs, vt, (rows(source)?, rows(target)?));
     let (d_s, d_t) = (
         source.ckpt.config.hidden_size,
         target.ckpt.config.hidden_size,
