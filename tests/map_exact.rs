@@ -244,4 +244,43 @@ fn map_recovers_the_correspondence_of_a_pruned_sibling() {
         fraction >= 0.95,
         "map recovered {hits} of {total} units ({fraction:.3})"
     );
+    // Every unit of the smaller target has a source unit.
+    let counts = |report: &serde_json::Value, key: &str| -> Vec<[usize; 2]> {
+        let rows = report["modules"].as_array().unwrap();
+        rows.iter()
+            .map(|r| serde_json::from_value(r[key].clone()).unwrap_or([0, 0]))
+            .collect()
+    };
+    assert_eq!(report["summary"]["matched_heads"], 1.0);
+    assert_eq!(report["summary"]["matched_neurons"], 1.0);
+    // Back from the pruned model: the units it lacks have no source and take no update, which
+    // the report counts per module and the summary (and a note) says.
+    let back = dir.path().join("back");
+    let stdout = map_transfer(&td, &sd, &out, &back, &[]);
+    let report = read_json(&back.join("transfer_report.json"));
+    for (row, (heads, neurons)) in report["modules"].as_array().unwrap().iter().zip(
+        counts(&report, "matched_heads")
+            .into_iter()
+            .zip(counts(&report, "matched_neurons")),
+    ) {
+        let (module, expected) = match row["module"].as_str().unwrap() {
+            m @ ("q_proj" | "o_proj") => (m, (heads, [KV, HEADS])),
+            m @ ("k_proj" | "v_proj") => (m, (heads, [KV, KV])),
+            m => (m, (neurons, [36, INTER])),
+        };
+        assert_eq!(expected.0, expected.1, "{module}: matched units");
+    }
+    let share = |k: &str| report["summary"][k].as_f64().unwrap();
+    // Per layer: q and o follow KV of HEADS query heads, k and v all KV groups.
+    let heads = (2 * KV + 2 * KV) as f64 / (2 * HEADS + 2 * KV) as f64;
+    assert!(
+        (share("matched_heads") - heads).abs() < 1e-12,
+        "{}",
+        share("matched_heads")
+    );
+    assert!((share("matched_neurons") - 36.0 / INTER as f64).abs() < 1e-12);
+    assert!(
+        stdout.contains("note: the map matched 67% of the target's attention heads and 75% of the target's MLP neurons"),
+        "{stdout}"
+    );
 }

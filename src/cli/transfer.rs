@@ -54,6 +54,9 @@ fn print_summary(job: &Job, r: &report::Report) {
             report::EMPTIED
         );
     }
+    if let Some(note) = report::unmatched_note(s) {
+        println!("note: {note}");
+    }
     if let Some(reason) = &r.auto_reason {
         println!("auto chose {}: {reason}", r.mode);
     }

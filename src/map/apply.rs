@@ -23,6 +23,28 @@ pub struct Mapped {
     pub factors: Factors,
     /// Mean similarity of the matched inner units this module's rows or columns follow.
     pub matched_similarity: Option<f64>,
+    /// The target's inner units this module's rows or columns follow, and how many of them
+    /// are matched: the unmatched ones take no update.
+    pub matched_units: MatchedUnits,
+}
+
+/// How many of a module's target heads or neurons are matched to a source unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatchedUnits {
+    /// Neurons (the MLP's modules), or attention heads.
+    pub neurons: bool,
+    pub matched: usize,
+    pub all: usize,
+}
+
+impl MatchedUnits {
+    fn of(part: Part, (matched, all): (usize, usize)) -> Self {
+        MatchedUnits {
+            neurons: matches!(part, Part::Gate | Part::Up | Part::Down),
+            matched,
+            all,
+        }
+    }
 }
 
 /// The canonical parts a unit's rows hold, with their row ranges in the unit (source, target).
@@ -110,6 +132,7 @@ impl ModelMap {
             let a = read_side(layer, src, gains);
             let mut blocks = Vec::new();
             let mut sims = Vec::new();
+            let mut units = (0, 0);
             for (part, rs, _) in &parts {
                 let (assignment, sizes) = inner(layer, *part, unit)?;
                 let rows = src.b.subrows(rs.start, rs.len());
@@ -120,6 +143,8 @@ impl ModelMap {
                     &reader_block(layer, *part, sizes),
                 ));
                 sims.extend(assignment.mean_similarity());
+                let (matched, all) = assignment.coverage();
+                units = (units.0 + matched, units.1 + all);
             }
             let rows: usize = blocks.iter().map(|b| b.nrows()).sum();
             let mut b = Mat::<f32>::zeros(rows, src.b.ncols());
@@ -131,6 +156,7 @@ impl ModelMap {
             Ok(Mapped {
                 factors: Factors { b, a },
                 matched_similarity: mean(&sims),
+                matched_units: MatchedUnits::of(parts[0].0, units),
             })
         } else {
             let part = parts[0].0;
@@ -153,6 +179,7 @@ impl ModelMap {
             Ok(Mapped {
                 factors: Factors { b, a },
                 matched_similarity: assignment.mean_similarity(),
+                matched_units: MatchedUnits::of(part, assignment.coverage()),
             })
         }
     }

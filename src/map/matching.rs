@@ -44,6 +44,12 @@ impl Assignment {
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     }
 
+    /// (matched, all) target units: the ones that take an update, of all.
+    pub fn coverage(&self) -> (usize, usize) {
+        let matched = self.source_of.iter().filter(|s| s.is_some()).count();
+        (matched, self.source_of.len())
+    }
+
     /// The fraction of target units matched to `truth` (for tests and reports on models whose
     /// correspondence is known).
     pub fn agreement(&self, truth: &[Option<usize>]) -> f64 {

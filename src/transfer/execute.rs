@@ -67,6 +67,8 @@ pub struct Outcome {
     /// map mode: the residual fit and the mean matched similarity.
     pub residual_fit: Option<f64>,
     pub matched_similarity: Option<f64>,
+    /// map mode: how many of the target's heads or neurons the module follows are matched.
+    pub matched_units: Option<crate::map::apply::MatchedUnits>,
 }
 
 /// The source factors of a unit: rows `unit.source_rows` of B, and A. A unit that takes part of
@@ -104,6 +106,7 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         gap_target: None,
         residual_fit: None,
         matched_similarity: None,
+        matched_units: None,
     };
     if let Some(reason) = &unit.skip {
         return Ok(skipped(reason.clone()));
@@ -168,6 +171,7 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
         gap_target: bt.as_ref().and_then(Basis::gap_ratio),
         residual_fit: None,
         matched_similarity: None,
+        matched_units: None,
     })
 }
 
@@ -205,5 +209,6 @@ fn run_mapped(ctx: &Context<'_>, unit: &Unit, src: Factors) -> Result<Outcome> {
         gap_target: None,
         residual_fit: mc.map.residual.relative_residual,
         matched_similarity: mapped.matched_similarity,
+        matched_units: Some(mapped.matched_units),
     })
 }

@@ -40,6 +40,12 @@ pub struct ModuleRow {
     /// map mode: mean similarity of the matched heads or neurons this module follows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matched_similarity: Option<f64>,
+    /// map mode: [matched, all] of the target's attention heads (or MLP neurons) this module's
+    /// rows or columns follow; the unmatched ones take no update.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_heads: Option<[usize; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_neurons: Option<[usize; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_rows: Option<[usize; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,6 +90,14 @@ impl ModuleRow {
             rank_capped: unit.rank_capped,
             residual_fit: o.residual_fit,
             matched_similarity: o.matched_similarity,
+            matched_heads: o
+                .matched_units
+                .filter(|u| !u.neurons)
+                .map(|u| [u.matched, u.all]),
+            matched_neurons: o
+                .matched_units
+                .filter(|u| u.neurons)
+                .map(|u| [u.matched, u.all]),
             source_rows: rows(&unit.source_rows, full_source_rows),
             target_rows: rows(&unit.target_rows, full_target_rows),
             reason: o.reason.clone(),
@@ -153,6 +167,12 @@ pub struct Summary {
     /// (energy kept below [`EMPTIED`]): a map or a basis that sent it to nothing, e.g. target
     /// weights with no direction.
     pub emptied: usize,
+    /// map mode: the share of the target's attention heads and of its MLP neurons that take an
+    /// update (matched to a source unit), over the transferred modules; the rest take none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_heads: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_neurons: Option<f64>,
 }
 
 /// Energy kept below this counts as an update sent to nothing.
@@ -191,8 +211,44 @@ impl Summary {
                 .iter()
                 .filter(|r| r.transferred && r.energy_kept.is_some_and(|e| e < EMPTIED))
                 .count(),
+            matched_heads: matched_share(rows.iter().map(|r| (r, r.matched_heads))),
+            matched_neurons: matched_share(rows.iter().map(|r| (r, r.matched_neurons))),
         }
     }
+}
+
+/// What map mode left out, when it left anything: the shares of the target's heads and neurons
+/// that no source unit was matched to (the source has fewer, or its similar ones are taken), and
+/// which therefore take no update.
+pub fn unmatched_note(s: &Summary) -> Option<String> {
+    let pct = |x: f64| format!("{:.0}%", 100.0 * x);
+    let parts: Vec<String> = [
+        (s.matched_heads, "attention heads"),
+        (s.matched_neurons, "MLP neurons"),
+    ]
+    .into_iter()
+    .filter_map(|(share, what)| share.filter(|&x| x < 1.0).map(|x| (x, what)))
+    .map(|(x, what)| format!("{} of the target's {what}", pct(x)))
+    .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "the map matched {} to a source unit (summary matched_heads / matched_neurons; \
+             per module matched_heads / matched_neurons in the report): the unmatched ones take \
+             no update",
+            parts.join(" and ")
+        )
+    })
+}
+
+/// The share of matched units over the transferred rows that count them.
+fn matched_share<'a>(
+    rows: impl Iterator<Item = (&'a ModuleRow, Option<[usize; 2]>)>,
+) -> Option<f64> {
+    let (matched, all) = rows
+        .filter(|(r, _)| r.transferred)
+        .filter_map(|(_, units)| units)
+        .fold((0, 0), |(m, a), [x, y]| (m + x, a + y));
+    (all > 0).then(|| matched as f64 / all as f64)
 }
 
 /// Layer map with string keys, as JSON wants them.

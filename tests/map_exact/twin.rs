@@ -264,7 +264,14 @@ pub fn dense(f: &LoraFactors) -> Mat<f32> {
 }
 
 /// `loraxfer transfer --mode map` on the CPU, with `extra` options.
-pub fn map_transfer(source: &Path, target: &Path, adapter: &Path, out: &Path, extra: &[&str]) {
+/// A map-mode transfer on the CPU that must succeed; its standard output.
+pub fn map_transfer(
+    source: &Path,
+    target: &Path,
+    adapter: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> String {
     let mut args = vec![
         "transfer",
         "--source-base",
@@ -281,7 +288,7 @@ pub fn map_transfer(source: &Path, target: &Path, adapter: &Path, out: &Path, ex
         "cpu",
     ];
     args.extend_from_slice(extra);
-    ok(&args);
+    ok(&args).0
 }
 
 /// Checks a map transfer onto the twin against the source adapter in the twin's coordinates.
