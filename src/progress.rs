@@ -1,14 +1,21 @@
 //! How a long job tells its caller where it is, and how the caller stops it.
 //!
-//! The command line draws a bar on stderr; the Python module hands every step to a callback and
+//! The command line draws a bar on stderr, or, where stderr is not a terminal (a batch job's
+//! log), writes a line when a stage starts, at most every [`LOG_EVERY`] while it runs and when it
+//! ends; the Python module hands every step to a callback and
 //! cancels the job when that callback raises (or Ctrl-C arrives). Both go through [`Progress`],
 //! which a job turns into one [`Tracker`] per stage.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+
+/// How often a stage's progress is written as a line where stderr is not a terminal.
+pub const LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// One step of a stage: `done` of `total` units finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +40,7 @@ pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
 /// How a job reports progress and learns that it should stop.
 #[derive(Clone, Default)]
 pub struct Progress {
-    /// Draw a bar on stderr (indicatif shows it only when stderr is a terminal).
+    /// Show progress on stderr: a bar on a terminal, else lines (see the module's comment).
     pub bar: bool,
     /// Called with the first step (0 done) and after every unit.
     pub sink: Option<Sink>,
@@ -72,7 +79,13 @@ impl Progress {
     /// Starts a stage of `total` units (`unit` names them on the bar: "modules", "layers"):
     /// draws the bar and reports step 0.
     pub fn start(&self, stage: &'static str, unit: &str, total: u64) -> Tracker {
-        let bar = if self.bar {
+        let terminal = std::io::stderr().is_terminal();
+        let log = (self.bar && !terminal).then(|| LineLog {
+            unit: unit.to_string(),
+            started: Instant::now(),
+            last: Mutex::new(None),
+        });
+        let bar = if self.bar && terminal {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(&format!(
@@ -82,6 +95,8 @@ impl Progress {
                 .progress_chars("=> "),
             );
             bar.set_prefix(stage);
+            // Redrawn every second, so elapsed time and eta move during long steps too.
+            bar.enable_steady_tick(Duration::from_secs(1));
             bar
         } else {
             indicatif::ProgressBar::hidden()
@@ -91,11 +106,20 @@ impl Progress {
             total,
             done: Mutex::new(0),
             bar,
+            log,
             sink: self.sink.clone(),
             cancel: self.cancel.clone(),
         };
         tracker.report(0);
         tracker
+    }
+
+    /// A line on stderr where progress is shown (what a long job decided before its stages,
+    /// such as the mode `auto` chose).
+    pub fn note(&self, text: &str) {
+        if self.bar {
+            eprintln!("{text}");
+        }
     }
 
     /// [`Error::Cancelled`] once the cancel flag is set.
@@ -128,8 +152,35 @@ pub struct Tracker {
     /// finishes first.
     done: Mutex<u64>,
     bar: indicatif::ProgressBar,
+    log: Option<LineLog>,
     sink: Option<Sink>,
     cancel: Option<Arc<AtomicBool>>,
+}
+
+/// Progress as lines on stderr, for logs.
+struct LineLog {
+    unit: String,
+    started: Instant,
+    /// When the last line was written (None: not yet).
+    last: Mutex<Option<Instant>>,
+}
+
+impl LineLog {
+    /// Writes `stage: done/total unit, elapsed` at the start, at the end, and otherwise at most
+    /// every [`LOG_EVERY`].
+    fn write(&self, stage: &str, done: u64, total: u64) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let due = match *last {
+            None => true,
+            Some(t) => done == total || now.duration_since(t) >= LOG_EVERY,
+        };
+        if due {
+            *last = Some(now);
+            let secs = now.duration_since(self.started).as_secs_f64();
+            eprintln!("{stage}: {done}/{total} {}, {secs:.0} s", self.unit);
+        }
+    }
 }
 
 impl Tracker {
@@ -147,6 +198,9 @@ impl Tracker {
     }
 
     fn report(&self, done: u64) {
+        if let Some(log) = &self.log {
+            log.write(self.stage, done, self.total);
+        }
         if let Some(sink) = &self.sink {
             sink(Step {
                 stage: self.stage,

@@ -115,8 +115,18 @@ fn assert_skipped_with_zero_b(out: &Safetensors, row: &Value, reason_mentions: &
 fn demo_runs_end_to_end() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("demo");
-    let (stdout, _) = ok(&["demo", "--out", s(&dir)]);
+    let (stdout, stderr) = ok(&["demo", "--out", s(&dir)]);
     assert!(stdout.contains("transferred"), "{stdout}");
+    // Progress where stderr is not a terminal (a batch log): the choice of auto as soon as it is
+    // made, then a line at the start and the end of each stage.
+    let lines: Vec<&str> = stderr.lines().collect();
+    let at = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix));
+    let (chose, first, last) = (
+        at("auto chose rotate: "),
+        at("transfer: 0/28 modules, "),
+        at("transfer: 28/28 modules, "),
+    );
+    assert!(chose.is_some() && chose < first && first < last, "{stderr}");
     assert!(dir.join("transferred/adapter_model.safetensors").is_file());
     let report = report(&dir.join("transferred"));
     assert!(!rows(&report).is_empty(), "the demo report has no modules");

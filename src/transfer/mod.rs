@@ -249,6 +249,9 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     let auto = if options.mode == Mode::Auto {
         let choice = auto::choose(&s, &t, &adapter_modules, &job.adapter, &options)?;
         options.mode = choice.mode;
+        let mode = choice.mode.name();
+        job.progress
+            .note(&format!("auto chose {mode}: {}", choice.reason));
         Some(choice)
     } else {
         None
