@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::backend::{resident_bytes, CudaBackend};
 use super::device::{Arg, Buffer, LaunchShape};
-use super::ops::Ops;
+use super::ops::{blocks, dim, Ops};
 use super::rsvd::{truncated_svd_batch, RawMatrix};
 use crate::backend::SvdParams;
 use crate::error::Result;
@@ -67,13 +67,17 @@ pub fn gaussian_weights(
         gpu.launch(
             "philox_gaussian_f32",
             LaunchShape::new(
-                [(n as u32).div_ceil(128), (m as u32).div_ceil(4), 1],
+                [
+                    blocks(n, 128, "philox_gaussian_f32")?,
+                    blocks(m, 4, "philox_gaussian_f32")?,
+                    1,
+                ],
                 [128, 1, 1],
             ),
             &[
                 Arg::Ptr(w32.ptr() + (b * m * n * 4) as u64),
-                Arg::I32(n as i32),
-                Arg::I32(m as i32),
+                Arg::I32(dim(n, "cols")?),
+                Arg::I32(dim(m, "rows")?),
                 Arg::U64(seed),
                 Arg::U64(b as u64),
             ],

@@ -67,9 +67,10 @@ pub struct CudaDriver {
     staged: sys::CUevent,
     /// Allocated at the first staged copy (commands that never upload weights pin nothing).
     staging: Mutex<StagingSlot>,
-    /// Upload buffers that no fence has ordered before `compute` yet: freeing one waits for its
-    /// copies first (an error between staging and fence).
-    unfenced: Mutex<HashSet<u64>>,
+    /// Live upload buffers (filled on `copy`). Freeing one first orders `compute` after every
+    /// copy queued so far: a fence made by another thread may have come before some of this
+    /// buffer's copies, and an error can drop it before its own fence.
+    uploads: Mutex<HashSet<u64>>,
     lock: Mutex<()>,
 }
 
@@ -169,7 +170,7 @@ impl CudaDriver {
             pool,
             staged: event()?,
             staging: Mutex::new(StagingSlot::NotYet),
-            unfenced: Mutex::new(HashSet::new()),
+            uploads: Mutex::new(HashSet::new()),
             lock: Mutex::new(()),
         })
     }
@@ -373,7 +374,7 @@ impl Device for CudaDriver {
         let _g = self.current()?;
         // Ordered on the copy stream, which fills it; the compute stream uses it only after a fence.
         let ptr = self.device_alloc(bytes, self.copy)?;
-        self.unfenced
+        self.uploads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(ptr);
@@ -381,15 +382,15 @@ impl Device for CudaDriver {
     }
 
     fn free(&self, ptr: u64) {
-        let unfenced = self
-            .unfenced
+        let upload = self
+            .uploads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ptr);
         if let Ok(_g) = self.current() {
-            // An upload buffer freed before its fence (an error on the way): order the free
-            // after its copies, or the pool could hand it out while the DMA still writes.
-            if unfenced && self.fence_locked().is_err() {
+            // An upload buffer: order the free after every copy queued so far (one event), or
+            // the pool could hand it out while the DMA still writes into it.
+            if upload && self.fence_locked().is_err() {
                 return; // leak it rather than risk the race
             }
             match self.pool {
@@ -450,12 +451,7 @@ impl Device for CudaDriver {
 
     fn fence(&self) -> Result<()> {
         let _g = self.current()?;
-        self.fence_locked()?;
-        self.unfenced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        Ok(())
+        self.fence_locked()
     }
 
     fn record(&self) -> Result<u64> {

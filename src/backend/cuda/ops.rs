@@ -77,9 +77,22 @@ fn dtype_suffix(ty: FloatType) -> &'static str {
     }
 }
 
-fn dim(x: usize, what: &str) -> Result<i32> {
+pub(crate) fn dim(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x)
         .map_err(|_| Error::Device(format!("{what} = {x} exceeds the kernels' 32-bit sizes")))
+}
+
+/// The blocks of `per` threads that cover `count` elements, as a grid's x size (at most
+/// 2³¹ − 1 on every GPU): an error, not a wrapped grid that would leave elements unwritten.
+pub(crate) fn blocks(count: usize, per: usize, what: &str) -> Result<u32> {
+    u32::try_from(count.div_ceil(per))
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::Device(format!(
+                "{what}: {count} elements are too many for one launch"
+            ))
+        })
 }
 
 fn gemm_shape(rows: usize, cols: usize, batch: usize) -> LaunchShape {
@@ -318,10 +331,10 @@ impl Ops {
         lds: usize,
         batch: usize,
     ) -> Result<()> {
-        let count = (rows * k) as u32;
+        let grid = blocks(rows * k, 256, "scale_columns")?;
         self.gpu.launch(
             "scale_columns",
-            LaunchShape::new([count.div_ceil(256), batch as u32, 1], [256, 1, 1]),
+            LaunchShape::new([grid, batch as u32, 1], [256, 1, 1]),
             &[
                 x.arg(),
                 s.arg(),
@@ -382,7 +395,7 @@ impl Ops {
         };
         self.gpu.launch(
             name,
-            LaunchShape::new([(count as u32).div_ceil(256), 1, 1], [256, 1, 1]),
+            LaunchShape::new([blocks(count, 256, name)?, 1, 1], [256, 1, 1]),
             &[out.arg(), input.arg(), Arg::I64(count as i64)],
         )
     }
@@ -392,7 +405,11 @@ impl Ops {
         self.gpu.launch(
             "philox_gaussian_f32",
             LaunchShape::new(
-                [(rows as u32).div_ceil(128), (cols as u32).div_ceil(4), 1],
+                [
+                    blocks(rows, 128, "philox_gaussian_f32")?,
+                    blocks(cols, 4, "philox_gaussian_f32")?,
+                    1,
+                ],
                 [128, 1, 1],
             ),
             &[
@@ -403,5 +420,23 @@ impl Ops {
                 Arg::U64(id),
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_cover_the_elements_or_are_refused() {
+        assert_eq!(blocks(0, 256, "x").unwrap(), 0);
+        assert_eq!(blocks(1000, 256, "x").unwrap(), 4);
+        assert_eq!(blocks(1024, 256, "x").unwrap(), 4);
+        // 28 × 28672 × 8192 values (a 70B model's MLP weights of one batch) wraps a u32 count.
+        let huge = 28 * 28672 * 8192;
+        assert_eq!(blocks(huge, 256, "x").unwrap() as usize, huge.div_ceil(256));
+        let err = blocks(1 << 40, 256, "cast_f32_bf16").unwrap_err().to_string();
+        assert!(err.contains("cast_f32_bf16") && err.contains("too many"), "{err}");
+        assert!(dim(1 << 31, "rows").is_err());
     }
 }
