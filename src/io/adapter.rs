@@ -417,15 +417,17 @@ pub fn write_adapter(
     config: &serde_json::Map<String, serde_json::Value>,
     modules: &BTreeMap<String, LoraFactors>,
 ) -> Result<()> {
+    // Each tensor is encoded as it is written: one encoded tensor at a time, not the adapter
+    // (a 70B model's all-linear adapter at r = 64 is 1.7 GB in bf16).
     let mut tensors = Vec::with_capacity(modules.len() * 2);
     for (module, f) in modules {
         tensors.push((
             format!("{PEFT_PREFIX}{module}.lora_A.weight"),
-            OutTensor::from_f32(f.a.clone(), vec![f.r, f.in_features], f.ty),
+            OutTensor::lazy(f.ty, vec![f.r, f.in_features], || st::encode_f32(&f.a, f.ty)),
         ));
         tensors.push((
             format!("{PEFT_PREFIX}{module}.lora_B.weight"),
-            OutTensor::from_f32(f.b.clone(), vec![f.out_features, f.r], f.ty),
+            OutTensor::lazy(f.ty, vec![f.out_features, f.r], || st::encode_f32(&f.b, f.ty)),
         ));
     }
     st::write_file(&dir.join(WEIGHTS_FILE), &tensors, st::pt_metadata())?;

@@ -57,6 +57,9 @@ fn spaced(len: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| i * len / n.max(1)).collect()
 }
 
+/// Rows read at a time where only some columns are kept.
+const BAND_ROWS: usize = 64;
+
 fn signature(
     side: &Side<'_, '_>,
     (read_x, write_x): (&Mat<f32>, &Mat<f32>),
@@ -102,9 +105,9 @@ fn signature(
     let writes = |part: Part| -> Result<Mat<f32>> {
         let (name, rows) = name_rows(part)?;
         let cols = model.ckpt.shape(&name)?[1];
-        let data = model.ckpt.read_rows_f32(&name, rows.clone())?;
         let picked = spaced(cols, SAMPLED);
-        let c = Mat::from_fn(picked.len(), rows.len(), |r, i| data[i * cols + picked[r]]);
+        let read = |r: std::ops::Range<usize>| model.ckpt.read_rows_f32(&name, r);
+        let c = sampled_columns(&read, rows, cols, &picked, BAND_ROWS)?;
         let y = backend.product(c.as_ref(), write_x.as_ref())?;
         Ok(y.transpose() * &y)
     };
@@ -114,6 +117,29 @@ fn signature(
         normalized(writes(Part::O)?),
         normalized(writes(Part::Down)?),
     ]))
+}
+
+/// Columns `picked` of the rows `rows` of a weight `cols` wide, transposed (`picked × rows`),
+/// read `band` rows at a time: the whole weight in f32 would be most of a gigabyte at 70B
+/// widths, for 512 of its columns.
+fn sampled_columns(
+    read: &dyn Fn(std::ops::Range<usize>) -> Result<Vec<f32>>,
+    rows: std::ops::Range<usize>,
+    cols: usize,
+    picked: &[usize],
+    band: usize,
+) -> Result<Mat<f32>> {
+    let mut c = Mat::<f32>::zeros(picked.len(), rows.len());
+    for start in (0..rows.len()).step_by(band.max(1)) {
+        let end = (start + band.max(1)).min(rows.len());
+        let values = read(rows.start + start..rows.start + end)?;
+        for i in start..end {
+            for (r, &col) in picked.iter().enumerate() {
+                c[(r, i)] = values[(i - start) * cols + col];
+            }
+        }
+    }
+    Ok(c)
 }
 
 /// `G − (tr G / K) I`, scaled to unit Frobenius norm.
@@ -252,6 +278,25 @@ pub fn monotone(sim: &[Vec<f32>]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampled_columns_are_the_same_whatever_the_band() {
+        let seed = crate::linalg::fresh_seed();
+        let (m, n) = (23, 17);
+        let w: Vec<f32> = (0..m * n)
+            .map(|e| crate::linalg::philox::gaussian4(seed, 3, e as u32, 0)[0])
+            .collect();
+        let read = |r: std::ops::Range<usize>| Ok(w[r.start * n..r.end * n].to_vec());
+        let picked = spaced(n, 5);
+        let rows = 4..21;
+        let whole = Mat::from_fn(picked.len(), rows.len(), |r, i| {
+            w[(rows.start + i) * n + picked[r]]
+        });
+        for band in [1, 3, 7, 17, 64] {
+            let got = sampled_columns(&read, rows.clone(), n, &picked, band).unwrap();
+            assert!(got == whole, "band {band}");
+        }
+    }
 
     #[test]
     fn the_program_follows_the_similarity_and_never_goes_back() {
