@@ -423,11 +423,15 @@ pub fn write_adapter(
     for (module, f) in modules {
         tensors.push((
             format!("{PEFT_PREFIX}{module}.lora_A.weight"),
-            OutTensor::lazy(f.ty, vec![f.r, f.in_features], || st::encode_f32(&f.a, f.ty)),
+            OutTensor::lazy(f.ty, vec![f.r, f.in_features], || {
+                st::encode_f32(&f.a, f.ty)
+            }),
         ));
         tensors.push((
             format!("{PEFT_PREFIX}{module}.lora_B.weight"),
-            OutTensor::lazy(f.ty, vec![f.out_features, f.r], || st::encode_f32(&f.b, f.ty)),
+            OutTensor::lazy(f.ty, vec![f.out_features, f.r], || {
+                st::encode_f32(&f.b, f.ty)
+            }),
         ));
     }
     st::write_file(&dir.join(WEIGHTS_FILE), &tensors, st::pt_metadata())?;

@@ -69,12 +69,15 @@ impl Refusals for Fixtures {
             !out.status.success(),
             "expected a failure, got success; stderr: {stderr}"
         );
-        assert!(
-            stderr.starts_with("error:"),
-            "stderr does not start with `error:`: {stderr}"
-        );
+        // Progress lines may come first; the error is the rest.
+        let error = stderr
+            .lines()
+            .skip_while(|l| !l.starts_with("error:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!error.is_empty(), "stderr has no `error:` line: {stderr}");
         for n in needles {
-            assert!(stderr.contains(n), "stderr lacks `{n}`: {stderr}");
+            assert!(error.contains(n), "the error lacks `{n}`: {stderr}");
         }
         assert!(!self.out().exists(), "--out was created by a failed run");
         self.assert_no_staging_left();

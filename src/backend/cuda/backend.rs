@@ -408,10 +408,7 @@ impl Backend for CudaBackend {
         params: &SvdParams,
         timings: &Timings,
     ) -> Result<Basis> {
-        let _turn = self
-            .one_at_a_time
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _turn = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
         Ok(truncated_svd_batch(&self.ops, std::slice::from_ref(w), params, timings)?.remove(0))
     }
 

@@ -435,8 +435,13 @@ mod tests {
         // 28 × 28672 × 8192 values (a 70B model's MLP weights of one batch) wraps a u32 count.
         let huge = 28 * 28672 * 8192;
         assert_eq!(blocks(huge, 256, "x").unwrap() as usize, huge.div_ceil(256));
-        let err = blocks(1 << 40, 256, "cast_f32_bf16").unwrap_err().to_string();
-        assert!(err.contains("cast_f32_bf16") && err.contains("too many"), "{err}");
+        let err = blocks(1 << 40, 256, "cast_f32_bf16")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cast_f32_bf16") && err.contains("too many"),
+            "{err}"
+        );
         assert!(dim(1 << 31, "rows").is_err());
     }
 }
