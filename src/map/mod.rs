@@ -209,6 +209,10 @@ pub struct MapReport {
     pub shared_tokens: usize,
     /// Relative residual of the residual map on those anchors.
     pub residual_fit: Option<f64>,
+    /// Directions of the residual map's polar factor too weak for its Gram matrix (singular
+    /// values under 1e-3 of the largest), completed from the anchors' cross-covariance, and
+    /// left out (nothing in the anchors holds them: the map sends them to zero).
+    pub residual_weak_directions: [usize; 2],
     /// The depth map by similarity, with the scores it was chosen on (None: depths equal,
     /// `--map-depth linear` or a `--layer-map` file).
     pub depth: Option<depth::DepthMap>,
@@ -246,6 +250,10 @@ impl ModelMap {
             options: self.options,
             shared_tokens: self.residual.shared_tokens,
             residual_fit: self.residual.relative_residual,
+            residual_weak_directions: [
+                self.residual.weak_directions.0,
+                self.residual.weak_directions.1,
+            ],
             depth: self.depth.clone(),
             time_ms: self.times.clone(),
             layers: self

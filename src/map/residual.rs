@@ -31,6 +31,9 @@ pub struct ResidualMap {
     /// Whether Qᵀ is orthonormal on its smaller side (no direction was left out of the polar
     /// factor): the layer refits take the factored path ([`super::polar`]) only then.
     pub orthonormal: bool,
+    /// Of the fit's polar factor: directions too weak for its Gram, completed from the
+    /// cross-covariance itself, and directions left out (nothing in the anchors holds them).
+    pub weak_directions: (usize, usize),
 }
 
 impl ResidualMap {
@@ -52,6 +55,7 @@ impl ResidualMap {
             shared_tokens: 0,
             relative_residual: None,
             orthonormal: true,
+            weak_directions: (0, 0),
         }
     }
 
@@ -162,6 +166,7 @@ impl AnchorFit {
         }
         let mut map = ResidualMap::from_orientation(q_t, mu);
         map.orthonormal = polar.dropped == 0;
+        map.weak_directions = (polar.completed, polar.dropped);
         map.shared_tokens = self.n;
         map.relative_residual = Some((err / total.max(f64::MIN_POSITIVE)).sqrt());
         Ok(map)
@@ -177,11 +182,11 @@ fn cross_of(xs: &Mat<f32>, xt: &Mat<f32>) -> Mat<f32> {
 /// it an f32 Gram matrix holds rounding, and inverting it would put noise into the map.
 pub(crate) const POLAR_CUTOFF: f64 = 1e-6;
 
-/// A polar factor, the largest eigenvalue of the Gram it came from, and how many directions
-/// were left out under the cutoff.
+/// A polar factor, how many directions its Gram could not resolve and were completed, and how
+/// many were left out (with next to nothing in `c`).
 pub(crate) struct Polar {
     pub factor: Mat<f32>,
-    pub top: f64,
+    pub completed: usize,
     pub dropped: usize,
 }
 
@@ -214,7 +219,10 @@ pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     let (u, lambda) = (evd.U(), evd.S().column_vector());
     let top = (0..lambda.nrows()).map(|i| lambda[i]).fold(0.0, f64::max);
     let bar = top.max(top_floor) * POLAR_CUTOFF;
-    let dropped = (0..lambda.nrows()).filter(|&j| lambda[j] <= bar).count();
+    let weak: Vec<Vec<f64>> = (0..lambda.nrows())
+        .filter(|&j| lambda[j] <= bar)
+        .map(|j| u.col(j).iter().copied().collect())
+        .collect();
     let scaled = Mat::<f32>::from_fn(u.nrows(), u.ncols(), |i, j| {
         let l = lambda[j];
         if l > bar {
@@ -227,16 +235,131 @@ pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     drop(evd);
     let root = mm_parallel(scaled.as_ref(), u32.transpose());
     drop((scaled, u32));
-    let factor = if wide {
+    let mut factor = if wide {
         mm_parallel(root.as_ref(), c.as_ref())
     } else {
         mm_parallel(c.as_ref(), root.as_ref())
     };
+    let dropped = complete(&mut factor, c, &weak, top.max(top_floor).sqrt(), wide);
     Ok(Polar {
         factor,
-        top,
+        completed: weak.len() - dropped,
         dropped,
     })
+}
+
+/// Singular values below this fraction of the largest count as none: the direction is not
+/// completed (a dimension no anchor or weight uses, exactly zero in `c`).
+const COMPLETE_FLOOR: f64 = 1e-6;
+
+/// Completes the polar factor on the directions its Gram could not resolve (`weak`: unit
+/// eigenvectors of the smaller Gram with eigenvalues under the cutoff, orthonormal). The Gram
+/// squares the singular values, so an f32 Gram loses those below 1e-3 of the largest; but `c`
+/// itself still holds them: the polar factor of `c` on the weak subspace W is `W·polar(Wᵀc)`,
+/// with `Wᵀc` only `|W|` rows, formed in f64 (after removing what the factor already covers)
+/// and decomposed directly. A map between models of one width meets a few such directions (a
+/// square cross-covariance's weakest singular values are about 1/(2d) of its largest), and
+/// without them the map would not be orthonormal, and would send updates along them to zero.
+/// Returns how many stay out: those with (next to) nothing in `c`.
+fn complete(
+    factor: &mut Mat<f32>,
+    c: &Mat<f32>,
+    weak: &[Vec<f64>],
+    scale: f64,
+    wide: bool,
+) -> usize {
+    if weak.is_empty() {
+        return 0;
+    }
+    // The Gram's side (W's columns' length) and the other side's: wide, the factor's columns
+    // are d_a long and its rows d_b; tall, the other way round.
+    let inner = weak[0].len();
+    let outer = if wide { c.ncols() } else { c.nrows() };
+    // M = cᵀW (wide) or cW (tall), one column per weak direction, in f64.
+    let mut m = Mat::<f64>::zeros(outer, weak.len());
+    for (k, u) in weak.iter().enumerate() {
+        if wide {
+            for j in 0..outer {
+                m[(j, k)] = c.col(j).iter().zip(u).map(|(&x, &y)| x as f64 * y).sum();
+            }
+        } else {
+            for (j, &uj) in u.iter().enumerate() {
+                for (i, &x) in c.col(j).iter().enumerate() {
+                    m[(i, k)] += x as f64 * uj;
+                }
+            }
+        }
+    }
+    // Twice against the factor's span (its rows, wide; its columns, tall): rounding leaks the
+    // strong directions into W, and those are in the factor already.
+    for _ in 0..2 {
+        for k in 0..weak.len() {
+            let v = m.col(k).to_owned();
+            let mut p = vec![0f64; inner];
+            if wide {
+                for j in 0..outer {
+                    for (pi, &f) in p.iter_mut().zip(factor.col(j).iter()) {
+                        *pi += f as f64 * v[j];
+                    }
+                }
+                for j in 0..outer {
+                    let back: f64 = factor
+                        .col(j)
+                        .iter()
+                        .zip(&p)
+                        .map(|(&f, &y)| f as f64 * y)
+                        .sum();
+                    m[(j, k)] -= back;
+                }
+            } else {
+                for (j, pj) in p.iter_mut().enumerate() {
+                    *pj = factor
+                        .col(j)
+                        .iter()
+                        .zip(v.iter())
+                        .map(|(&f, &y)| f as f64 * y)
+                        .sum();
+                }
+                for (j, &pj) in p.iter().enumerate() {
+                    for (i, &f) in factor.col(j).iter().enumerate() {
+                        m[(i, k)] -= f as f64 * pj;
+                    }
+                }
+            }
+        }
+    }
+    let Ok(svd) = m.thin_svd() else {
+        return weak.len();
+    };
+    let (p, sigma, r) = (svd.U(), svd.S().column_vector(), svd.V());
+    let mut dropped = 0;
+    for k in 0..weak.len() {
+        // NaN counts as nothing too.
+        if sigma[k].is_nan() || sigma[k] <= COMPLETE_FLOOR * scale {
+            dropped += 1;
+            continue;
+        }
+        // a = W r_k, on the Gram's side.
+        let a: Vec<f64> = (0..inner)
+            .map(|i| weak.iter().enumerate().map(|(l, u)| u[i] * r[(l, k)]).sum())
+            .collect();
+        // wide: factor += a p_kᵀ; tall: factor += p_k aᵀ.
+        for j in 0..factor.ncols() {
+            let col = factor.col_mut(j);
+            if wide {
+                let s = p[(j, k)];
+                col.iter_mut()
+                    .zip(&a)
+                    .for_each(|(f, &ai)| *f = (*f as f64 + ai * s) as f32);
+            } else {
+                let s = a[j];
+                col.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, f)| *f = (*f as f64 + p[(i, k)] * s) as f32);
+            }
+        }
+    }
+    dropped
 }
 
 /// Subtracts each column's mean (taken in f64).
@@ -277,6 +400,48 @@ mod tests {
 
     fn gaussian(rows: usize, cols: usize, stream: u64) -> Mat<f32> {
         gaussian_matrix(7, stream, rows, cols)
+    }
+
+    /// A square cross-covariance whose weakest singular values an f32 Gram cannot resolve (1e-4
+    /// of the largest: 1e-8 in the Gram), and one direction with nothing at all: the factor is
+    /// the exact polar factor on every direction that holds something, both ways round, to what
+    /// c's f32 entries hold of the weak directions (their rounding, ε·‖c‖, against 1e-4).
+    #[test]
+    fn directions_the_gram_cannot_resolve_are_completed() {
+        let seed = crate::linalg::fresh_seed();
+        let d = 24;
+        let orth = |stream| gaussian_matrix(seed, stream, d, d).qr().compute_thin_Q();
+        let (x, y) = (orth(1), orth(2));
+        let sigma: Vec<f32> = (0..d)
+            .map(|i| match i {
+                0 => 0.0,
+                1..=3 => 1e-4,
+                _ => 1.0 + i as f32 / d as f32,
+            })
+            .collect();
+        let c = &x * Mat::from_fn(d, d, |i, j| if i == j { sigma[i] } else { 0.0 }) * y.transpose();
+        for tall in [false, true] {
+            // The tall path: one more row than columns, holding nothing.
+            let c = if tall {
+                Mat::from_fn(d + 1, d, |i, j| if i < d { c[(i, j)] } else { 0.0 })
+            } else {
+                c.clone()
+            };
+            let polar = polar_parts(&c, 0.0).unwrap();
+            assert_eq!(
+                polar.dropped, 1,
+                "tall {tall}: only the empty direction stays out"
+            );
+            // X Yᵀ without the empty direction.
+            let expected = Mat::from_fn(c.nrows(), d, |i, j| {
+                if i >= d {
+                    return 0.0;
+                }
+                (1..d).map(|k| x[(i, k)] * y[(j, k)]).sum::<f32>()
+            });
+            let err = max_abs_diff(&polar.factor, &expected);
+            assert!(err < 1e-3, "tall {tall}: off by {err}");
+        }
     }
 
     #[test]
