@@ -146,7 +146,7 @@ fn the_map_products_never_hold_a_weight_in_f32() {
         .map(|e: usize| ((e.wrapping_mul(2654435761) % 2001) as f32 - 1000.0) * 1e-3)
         .collect();
     let w = Stored::new(
-        encode_f32(&values, FloatType::Bf16).into(),
+        encode_f32(&values, FloatType::Bf16),
         FloatType::Bf16,
         m,
         n,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use std::borrow::Cow;
+use crate::io::RawBytes;
 
 use crate::error::{Error, Result};
 use crate::io::gguf::{self, GgufModel};
@@ -332,14 +332,14 @@ impl Checkpoint {
         &self,
         name: &str,
         rows: std::ops::Range<usize>,
-    ) -> Result<(Cow<'_, [u8]>, FloatType, usize)> {
+    ) -> Result<(RawBytes<'_>, FloatType, usize)> {
         match &self.storage {
             Storage::Safetensors { .. } => {
                 let (bytes, ty, cols) = self
                     .shard_of(name)
                     .ok_or_else(|| self.missing(name))?
                     .rows_raw(name, rows)?;
-                Ok((Cow::Borrowed(bytes), ty, cols))
+                Ok((RawBytes::Borrowed(bytes), ty, cols))
             }
             Storage::Gguf(g) => g.rows_raw(name, rows, false),
         }
@@ -351,12 +351,12 @@ impl Checkpoint {
         &self,
         name: &str,
         rows: std::ops::Range<usize>,
-    ) -> Result<(Cow<'_, [u8]>, FloatType, usize, &std::path::Path)> {
+    ) -> Result<(RawBytes<'_>, FloatType, usize, &std::path::Path)> {
         match &self.storage {
             Storage::Safetensors { .. } => {
                 let file = self.shard_of(name).ok_or_else(|| self.missing(name))?;
                 let (bytes, ty, cols) = file.rows_raw_unchecked(name, rows)?;
-                Ok((Cow::Borrowed(bytes), ty, cols, file.path()))
+                Ok((RawBytes::Borrowed(bytes), ty, cols, file.path()))
             }
             Storage::Gguf(g) => {
                 let (bytes, ty, cols) = g.rows_raw(name, rows, true)?;

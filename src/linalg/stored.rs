@@ -4,7 +4,7 @@
 //! memory-mapped safetensors file they cost no anonymous memory at all; the products decode them
 //! a band of rows at a time ([`crate::backend::cpu::rsvd::Bands`]).
 
-use std::borrow::Cow;
+use crate::io::RawBytes;
 use std::ops::Range;
 
 use faer::{Mat, MatRef};
@@ -21,7 +21,7 @@ const BANDS_PER_PARTIAL: usize = 8;
 /// A row-major `rows × cols` matrix as stored: little-endian values of type `ty`.
 #[derive(Debug, Clone)]
 pub struct Stored<'a> {
-    bytes: Cow<'a, [u8]>,
+    bytes: RawBytes<'a>,
     ty: FloatType,
     rows: usize,
     cols: usize,
@@ -29,7 +29,8 @@ pub struct Stored<'a> {
 
 impl<'a> Stored<'a> {
     /// `bytes` must hold exactly `rows × cols` values of `ty`.
-    pub fn new(bytes: Cow<'a, [u8]>, ty: FloatType, rows: usize, cols: usize) -> Self {
+    pub fn new(bytes: impl Into<RawBytes<'a>>, ty: FloatType, rows: usize, cols: usize) -> Self {
+        let bytes = bytes.into();
         assert_eq!(bytes.len(), rows * cols * ty.size(), "stored matrix size");
         Stored {
             bytes,
@@ -45,7 +46,7 @@ impl<'a> Stored<'a> {
             .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
             .collect();
         Stored::new(
-            Cow::Owned(encode_f32(&values, ty)),
+            RawBytes::Owned(encode_f32(&values, ty)),
             ty,
             m.nrows(),
             m.ncols(),

@@ -78,7 +78,7 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
                     let (bytes, ty, cols, path) = k
                         .checkpoint(ctx)
                         .rows_raw_unchecked(&k.tensor, k.row_range())?;
-                    let std::borrow::Cow::Borrowed(bytes) = bytes else {
+                    let crate::io::RawBytes::Borrowed(bytes) = bytes else {
                         return Err(crate::error::Error::internal(format!(
                             "{} is built when read, but was batched",
                             k.tensor

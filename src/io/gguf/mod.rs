@@ -12,7 +12,7 @@ pub mod header;
 pub mod names;
 pub mod quant;
 
-use std::borrow::Cow;
+use crate::io::RawBytes;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -204,7 +204,7 @@ impl GgufModel {
         name: &str,
         rows: std::ops::Range<usize>,
         unchecked: bool,
-    ) -> Result<(Cow<'_, [u8]>, FloatType, usize)> {
+    ) -> Result<(RawBytes<'_>, FloatType, usize)> {
         let (t, (elems, size), cols) = self.rows_raw_shape(name, &rows)?;
         let ty = self.float_type(name).expect("a sized type");
         if self.as_stored(name) {
@@ -213,15 +213,11 @@ impl GgufModel {
             if !unchecked {
                 check_finite(&self.path, name, bytes, ty, rows.start, cols)?;
             }
-            return Ok((Cow::Borrowed(bytes), ty, cols));
+            return Ok((RawBytes::Borrowed(bytes), ty, cols));
         }
-        // Built rows are scanned here; their copy as bytes only crosses the Cow.
+        // Built rows are scanned here.
         let values = self.dequantized_rows(name, t, rows, cols)?;
-        Ok((
-            Cow::Owned(bytemuck::cast_slice(&values).to_vec()),
-            FloatType::F32,
-            cols,
-        ))
+        Ok((RawBytes::Decoded(values), FloatType::F32, cols))
     }
 
     /// Rows of `name` as f32 (NaN and Inf refused).
