@@ -145,12 +145,7 @@ fn the_map_products_never_hold_a_weight_in_f32() {
     let values: Vec<f32> = (0..m * n)
         .map(|e: usize| ((e.wrapping_mul(2654435761) % 2001) as f32 - 1000.0) * 1e-3)
         .collect();
-    let w = Stored::new(
-        encode_f32(&values, FloatType::Bf16),
-        FloatType::Bf16,
-        m,
-        n,
-    );
+    let w = Stored::new(encode_f32(&values, FloatType::Bf16), FloatType::Bf16, m, n);
     drop(values);
     let (x, y) = (cheap_matrix(n, l, 1), cheap_matrix(m, l, 2));
     // The GEMM workspace, reserved on the first product, is not what is measured.

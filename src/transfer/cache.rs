@@ -57,7 +57,7 @@ impl BasisCache {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         Ok(format!(
-            "{}|{}|{}|{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v2",
+            "{}|{}|{}|{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v3",
             canon.display(),
             meta.len(),
             mtime,

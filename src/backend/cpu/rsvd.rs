@@ -233,6 +233,11 @@ fn truncated_svd_of(
     let id = philox::matrix_id(name);
 
     let mut q = t.time(Phase::Sketch, || {
+        if l == n {
+            // A full-width sketch: Ω = I, so Y = W and the basis spans W's columns to rounding.
+            // A square Gaussian Ω would find them only to ε·cond(Ω), now and then far worse.
+            return w.mul(Mat::<f32>::identity(n, n).as_ref());
+        }
         // One Philox call gives four columns of a row: fill Ω four columns at a time.
         let mut omega = Mat::<f32>::zeros(n, l);
         for g in 0..l.div_ceil(4) {

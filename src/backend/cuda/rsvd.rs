@@ -144,6 +144,14 @@ pub fn submit(
     let z = gpu.zeros::<f32>(batch * n * l, "the co-sketch")?;
     let seed = params.seed;
     t.time(Phase::Sketch, || {
+        if l == n {
+            // A full-width sketch: Ω = I, as the CPU reference takes it (Y = W).
+            let eye: Vec<f32> = (0..batch * n * n)
+                .map(|e| if (e / n) % n == e % n { 1.0 } else { 0.0 })
+                .collect();
+            let eye = gpu.upload(&eye, "Ω = I")?;
+            return ops.w_product(false, &y, &w, ty, &eye, (m, n, l), batch);
+        }
         ops.sketch(&y, &w, ty, &ids, seed, m, n, l, batch)
     })?;
     for _ in 0..params.power_iters {

@@ -101,6 +101,8 @@ pub fn run_reporting(
     let mut svds = vec![
         (FloatType::Bf16, 75, 41, 6, 4),
         (FloatType::F16, 20, 63, 30, 4),
+        // Tall and full width (l = n): Ω = I on both sides.
+        (FloatType::Bf16, 50, 12, 8, 8),
     ];
     if !quick {
         svds.extend([
