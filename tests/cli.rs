@@ -304,6 +304,21 @@ fn cross_architecture_transfer_aligns_and_maps_layers() {
         expected,
         "the output adapter has exactly the target's projections"
     );
+
+    // Source layers 1 and 2 serve two target layers each: their bases are computed once and
+    // held for the second (a fresh cache sees each distinct decomposition once, and is never
+    // asked again), and the adapter is the same.
+    let cache = f.root.path().join("cache");
+    let (cached, _, _) = f.transfer(
+        &llama,
+        "cached",
+        &["--mode", "align", "--cache-dir", s(&cache)],
+    );
+    let use_of = read_json(&cached.join("transfer_report.json"))["basis_cache"].clone();
+    assert_eq!(use_of["misses"], 4 * 7 + 6 * 7, "{use_of}");
+    assert_eq!(use_of["hits"], 0, "{use_of}");
+    let again = adapter_weights(&cached);
+    assert!(again.header == new.header && again.data == new.data);
 }
 
 #[test]

@@ -97,16 +97,58 @@ impl BasisKey {
     }
 }
 
-/// Bases computed ahead of their units; each is taken once.
+/// Bases computed ahead of their units (batched on a device), and bases more than one unit
+/// asks for (a source layer that several target layers are paired with, when depths differ):
+/// each is held until its last unit has taken it, so it is computed once per run.
 #[derive(Default)]
-pub struct Prefetched(Mutex<HashMap<BasisKey, Basis>>);
+pub struct Prefetched(Mutex<Held>);
+
+#[derive(Default)]
+struct Held {
+    bases: HashMap<BasisKey, Basis>,
+    /// Units still to ask for each key (from [`Prefetched::expect`]).
+    remaining: HashMap<BasisKey, usize>,
+}
 
 impl Prefetched {
-    pub fn take(&self, key: &BasisKey) -> Option<Basis> {
-        self.0.lock().unwrap().remove(key)
+    /// One more unit will ask for `key`.
+    pub fn expect(&self, key: BasisKey) {
+        *self.lock().remaining.entry(key).or_insert(0) += 1;
     }
+
+    /// The held basis of `key`, if any: the last unit to ask takes it, the others a copy.
+    pub fn take(&self, key: &BasisKey) -> Option<Basis> {
+        let mut held = self.lock();
+        let left = held.remaining.get_mut(key).map(|r| {
+            *r = r.saturating_sub(1);
+            *r
+        });
+        match left {
+            Some(0) | None => held.bases.remove(key),
+            Some(_) => held.bases.get(key).cloned(),
+        }
+    }
+
+    /// Holds a basis computed ahead of its units.
     pub fn put(&self, key: BasisKey, basis: Basis) {
-        self.0.lock().unwrap().insert(key, basis);
+        self.lock().bases.insert(key, basis);
+    }
+
+    /// Holds a basis just computed for a unit if other units will still ask for it.
+    pub fn keep(&self, key: &BasisKey, basis: &Basis) {
+        let mut held = self.lock();
+        if held.remaining.get(key).is_some_and(|&r| r > 0) && !held.bases.contains_key(key) {
+            held.bases.insert(key.clone(), basis.clone());
+        }
+    }
+
+    /// Whether `key`'s basis is held.
+    pub fn holds(&self, key: &BasisKey) -> bool {
+        self.lock().bases.contains_key(key)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -154,6 +196,9 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
         .backend
         .truncated_svd_raw(&weight, &key.params(ctx), ctx.timings)?;
     store(ctx, key, &basis)?;
+    if let Some(pre) = ctx.prefetched {
+        pre.keep(key, &basis);
+    }
     Ok(basis)
 }
 

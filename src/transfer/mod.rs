@@ -328,6 +328,17 @@ fn run_units(
             .as_ref()
             .and_then(|m| opened.adapter.modules.get(m))
     };
+    // How many units will ask for each basis, so that one asked for by several (a source layer
+    // paired with several target layers) is computed once and held until its last unit.
+    if let Some(pre) = ctx.prefetched {
+        for unit in &units {
+            if unit.skip.is_none() && execute::needs_bases(ctx, unit, factors_of(unit).is_some()) {
+                for role in [basis::Role::Source, basis::Role::Target] {
+                    pre.expect(basis::BasisKey::of_unit(unit, role));
+                }
+            }
+        }
+    }
     let run = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
         idx.par_iter()
             .map(|&i| {

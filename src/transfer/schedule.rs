@@ -28,7 +28,7 @@ pub fn prefetch(ctx: &Context<'_>, units: &[(&Unit, bool)], into: &Prefetched) -
             let ckpt = key.checkpoint(ctx);
             // A weight that is built when it is read (a dequantized GGUF tensor) is decomposed
             // with its unit, one at a time, rather than held in host memory with its batch.
-            if !ckpt.borrows(&key.tensor) {
+            if !ckpt.borrows(&key.tensor) || into.holds(&key) {
                 continue;
             }
             let dtype = format!("{:?}", ckpt.float_type(&key.tensor));
