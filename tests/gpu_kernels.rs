@@ -162,15 +162,26 @@ emulator_test! {
     /// pipeline.
     fn a_transfer_on_the_emulator_writes_the_cpu_adapter() {
         let f = Fixtures::new();
-        for mode in ["project", "align", "rotate", "map"] {
-            let out = |dev: &str| f.root.path().join(format!("{mode}-{dev}"));
+        // The last: onto a deeper model, where source layers serve two target layers each and
+        // their bases, batched once, are held for the second.
+        let deeper = f.root.path().join("deeper");
+        common::cli::synth("model", &deeper, &["--like", "tiny-qwen2", "--layers", "6"]);
+        let cases = [
+            ("project", &f.target, "project"),
+            ("align", &f.target, "align"),
+            ("rotate", &f.target, "rotate"),
+            ("map", &f.target, "map"),
+            ("align", &deeper, "align-deeper"),
+        ];
+        for (mode, target, label) in cases {
+            let out = |dev: &str| f.root.path().join(format!("{label}-{dev}"));
             for dev in ["cpu", "emulator"] {
                 ok(&[
                     "transfer",
                     "--source-base",
                     s(&f.source),
                     "--target-base",
-                    s(&f.target),
+                    s(target),
                     "--adapter",
                     s(&f.adapter),
                     "--out",
