@@ -73,12 +73,11 @@ impl WriterMap {
 
     /// `Wᵀ R` (`d_s × K`): sketched target coordinates of a written source column c are
     /// `cᵀ (Wᵀ R)`.
-    fn sketch_t(&self, residual: &ResidualMap, r: &Mat<f32>) -> Mat<f32> {
+    fn sketch_t(&self, residual: &ResidualMap, r: &SignSketch) -> Mat<f32> {
         let Some((g_s, inv)) = &self.gains else {
-            return &residual.qt * r * faer::Scale(residual.scale as f32);
+            return r.right_of(&residual.qt, None) * faer::Scale(residual.scale as f32);
         };
-        let r_scaled = Mat::from_fn(r.nrows(), r.ncols(), |i, j| r[(i, j)] * inv[i]);
-        let y = &residual.qt * r_scaled;
+        let y = r.right_of(&residual.qt, Some(inv));
         let k = self.kappa as f32;
         Mat::from_fn(y.nrows(), y.ncols(), |i, j| k * g_s[i] * y[(i, j)])
     }
@@ -99,10 +98,10 @@ impl SourceView {
     fn new(sketch: &Sketch, residual: &ResidualMap, writers: &(WriterMap, WriterMap)) -> Self {
         let width = faer::Scale(residual.width as f32);
         SourceView {
-            read: &residual.qt * &sketch.r * width,
-            write_attn: writers.0.sketch_t(residual, &sketch.r),
-            read_mlp: &residual.qt * &sketch.r_neurons * width,
-            write_mlp: writers.1.sketch_t(residual, &sketch.r_neurons),
+            read: sketch.heads.right_of(&residual.qt, None) * width,
+            write_attn: writers.0.sketch_t(residual, &sketch.heads),
+            read_mlp: sketch.neurons.right_of(&residual.qt, None) * width,
+            write_mlp: writers.1.sketch_t(residual, &sketch.neurons),
         }
     }
 }
@@ -285,7 +284,7 @@ fn writer_maps(
             // κ from the sketched sizes: ‖Rᵀ W_t‖ / ‖Rᵀ W W_s‖.
             let mapped = sketch.backend.stored_product(
                 w_s,
-                unit.sketch_t(residual, &sketch.r).as_ref(),
+                unit.sketch_t(residual, &sketch.heads).as_ref(),
                 true,
             )?;
             let own = sketch.heads.columns(w_t);
