@@ -280,7 +280,7 @@ fn map_recovers_the_correspondence_of_a_pruned_sibling() {
     );
     assert!((share("matched_neurons") - 36.0 / INTER as f64).abs() < 1e-12);
     assert!(
-        stdout.contains("note: the map matched 67% of the target's attention heads and 75% of the target's MLP neurons"),
+        stdout.contains("note: the map matched 66.6% of the target's attention heads and 75.0% of the target's MLP neurons"),
         "{stdout}"
     );
 }

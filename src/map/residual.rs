@@ -252,6 +252,13 @@ pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
 /// completed (a dimension no anchor or weight uses, exactly zero in `c`).
 const COMPLETE_FLOOR: f64 = 1e-6;
 
+/// At most this many weak directions are completed. A cross-covariance has a few (the weakest
+/// singular values of a square one); a layer refit's full polar factor, whose prior enters with
+/// a weight of 0.05/d, has thousands at large widths, where completing them would cost more than
+/// the factor itself: they are left out as before (the refit is then not orthonormal, and the
+/// next layer takes the full path too).
+const MAX_COMPLETED: usize = 256;
+
 /// Completes the polar factor on the directions its Gram could not resolve (`weak`: unit
 /// eigenvectors of the smaller Gram with eigenvalues under the cutoff, orthonormal). The Gram
 /// squares the singular values, so an f32 Gram loses those below 1e-3 of the largest; but `c`
@@ -268,8 +275,8 @@ fn complete(
     scale: f64,
     wide: bool,
 ) -> usize {
-    if weak.is_empty() {
-        return 0;
+    if weak.is_empty() || weak.len() > MAX_COMPLETED {
+        return weak.len();
     }
     // The Gram's side (W's columns' length) and the other side's: wide, the factor's columns
     // are d_a long and its rows d_b; tall, the other way round.

@@ -169,7 +169,6 @@ mod tests {
     use crate::linalg::max_abs_diff;
     use crate::linalg::philox::gaussian_matrix;
 
-    /// On bf16 weights, read as stored a row (or a row's stretch) at a time.
     /// The map's view of a sketch, summed bucket by bucket, is the product with the dense R.
     #[test]
     fn right_of_is_the_product_with_the_dense_sketch() {
@@ -188,6 +187,7 @@ mod tests {
         }
     }
 
+    /// On bf16 weights, read as stored a row (or a row's stretch) at a time.
     #[test]
     fn the_one_pass_sketches_are_the_dense_products() {
         // Widths that leave partial chunks and stretches.

@@ -221,7 +221,8 @@ impl Summary {
 /// that no source unit was matched to (the source has fewer, or its similar ones are taken), and
 /// which therefore take no update.
 pub fn unmatched_note(s: &Summary) -> Option<String> {
-    let pct = |x: f64| format!("{:.0}%", 100.0 * x);
+    // Rounded down: a share just under 1 is not shown as 100%.
+    let pct = |x: f64| format!("{:.1}%", (1000.0 * x).floor() / 10.0);
     let parts: Vec<String> = [
         (s.matched_heads, "attention heads"),
         (s.matched_neurons, "MLP neurons"),

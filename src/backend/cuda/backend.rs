@@ -34,10 +34,6 @@ pub struct CudaBackend {
     name: &'static str,
     /// The most weight bytes one submitted batch takes ([`CudaBackend::pieces`]).
     piece_bytes: usize,
-    /// Held by a single decomposition ([`Backend::truncated_svd_raw`]): weights decoded on
-    /// the host (GGUF) come one at a time from many threads, and one working set at a time on
-    /// the device keeps their memory bounded (the device runs them one after another anyway).
-    one_at_a_time: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// Device bytes that the U and V of `n` bases of matrices shaped like `w` keep.
@@ -63,7 +59,6 @@ impl CudaBackend {
             },
             name,
             piece_bytes,
-            one_at_a_time: Default::default(),
         }
     }
 
@@ -115,7 +110,6 @@ impl CudaBackend {
             ops: self.ops.clone(),
             name: self.name,
             piece_bytes,
-            one_at_a_time: self.one_at_a_time.clone(),
         }
     }
 
@@ -408,7 +402,6 @@ impl Backend for CudaBackend {
         params: &SvdParams,
         timings: &Timings,
     ) -> Result<Basis> {
-        let _turn = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
         Ok(truncated_svd_batch(&self.ops, std::slice::from_ref(w), params, timings)?.remove(0))
     }
 
