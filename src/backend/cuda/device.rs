@@ -85,6 +85,8 @@ pub trait Device: Send + Sync {
     fn stage(&self, dst: u64, src: &[u8]) -> Result<()>;
     /// Launches after this wait for every [`Device::stage`] before it.
     fn fence(&self) -> Result<()>;
+    /// Every copy into the upload buffer `ptr` is queued: a later fence orders them all.
+    fn filled(&self, _ptr: u64) {}
     /// Device → host (waits for the compute work before it).
     fn read(&self, src: u64, dst: &mut [u8]) -> Result<()>;
     /// Marks the compute work queued so far, for [`Device::read_after`].
@@ -171,6 +173,7 @@ impl Gpu {
             self.0.stage(buf.ptr + offset as u64, part)?;
             offset += part.len();
         }
+        self.0.filled(buf.ptr);
         Ok(buf)
     }
 

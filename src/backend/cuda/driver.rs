@@ -15,7 +15,7 @@
 //! comes from `cuMemAlloc` and goes back through `cuMemFree` after the device is idle; when pinned
 //! host memory cannot be allocated, uploads copy from pageable memory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
 
@@ -67,10 +67,11 @@ pub struct CudaDriver {
     staged: sys::CUevent,
     /// Allocated at the first staged copy (commands that never upload weights pin nothing).
     staging: Mutex<StagingSlot>,
-    /// Live upload buffers (filled on `copy`). Freeing one first orders `compute` after every
-    /// copy queued so far: a fence made by another thread may have come before some of this
-    /// buffer's copies, and an error can drop it before its own fence.
-    uploads: Mutex<HashSet<u64>>,
+    /// Upload buffers (filled on `copy`) that no fence has ordered before `compute` yet, and
+    /// whether all their copies are queued. A fence orders only the filled ones: another
+    /// thread's fence can come while a buffer is still being filled. Freeing one still listed
+    /// (an error between staging and fence) first orders `compute` after its copies.
+    uploads: Mutex<HashMap<u64, bool>>,
     lock: Mutex<()>,
 }
 
@@ -170,7 +171,7 @@ impl CudaDriver {
             pool,
             staged: event()?,
             staging: Mutex::new(StagingSlot::NotYet),
-            uploads: Mutex::new(HashSet::new()),
+            uploads: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
         })
     }
@@ -377,20 +378,21 @@ impl Device for CudaDriver {
         self.uploads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(ptr);
+            .insert(ptr, false);
         Ok(ptr)
     }
 
     fn free(&self, ptr: u64) {
-        let upload = self
+        let unfenced = self
             .uploads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&ptr);
+            .remove(&ptr)
+            .is_some();
         if let Ok(_g) = self.current() {
-            // An upload buffer: order the free after every copy queued so far (one event), or
-            // the pool could hand it out while the DMA still writes into it.
-            if upload && self.fence_locked().is_err() {
+            // An upload buffer freed before a fence ordered its copies: order the free after
+            // them, or the pool could hand it out while the DMA still writes into it.
+            if unfenced && self.fence_locked().is_err() {
                 return; // leak it rather than risk the race
             }
             match self.pool {
@@ -449,9 +451,34 @@ impl Device for CudaDriver {
         done
     }
 
+    fn filled(&self, ptr: u64) {
+        if let Some(f) = self
+            .uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&ptr)
+        {
+            *f = true;
+        }
+    }
+
     fn fence(&self) -> Result<()> {
         let _g = self.current()?;
-        self.fence_locked()
+        // Filled before this fence: its event covers all their copies.
+        let filled: Vec<u64> = {
+            let uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+            uploads
+                .iter()
+                .filter(|(_, &f)| f)
+                .map(|(&p, _)| p)
+                .collect()
+        };
+        self.fence_locked()?;
+        let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        for ptr in filled {
+            uploads.remove(&ptr);
+        }
+        Ok(())
     }
 
     fn record(&self) -> Result<u64> {
