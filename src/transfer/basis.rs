@@ -99,117 +99,40 @@ impl BasisKey {
 
 /// Bases computed ahead of their units (batched on a device), and bases more than one unit
 /// asks for (a source layer that several target layers are paired with, when depths differ):
-/// each is held until its last unit has taken it, so it is computed once per run. A unit that
-/// asks while another thread computes it waits for that result ([`Prefetched::claim`]).
+/// each is held until its last unit has taken it, so it is computed once per run. (Units that
+/// share a basis run one after another in one task, `run_units`, so none waits for another.)
 #[derive(Default)]
-pub struct Prefetched {
-    held: Mutex<Held>,
-    /// Signalled when a claimed computation ends.
-    done: std::sync::Condvar,
-}
+pub struct Prefetched(Mutex<Held>);
 
 #[derive(Default)]
 struct Held {
     bases: HashMap<BasisKey, Basis>,
     /// Units still to ask for each key (from [`Prefetched::expect`]).
     remaining: HashMap<BasisKey, usize>,
-    /// Keys more than one unit asks for.
-    shared: std::collections::HashSet<BasisKey>,
-    /// Keys being computed, for other units that will ask for them, and how many units wait.
-    in_flight: std::collections::HashSet<BasisKey>,
-    waiting: HashMap<BasisKey, usize>,
-}
-
-impl Held {
-    /// The held basis for a unit that has counted itself out of `remaining`: the last one to
-    /// want it (none remaining, none waiting) takes it, the others a copy.
-    fn hand_out(&mut self, key: &BasisKey) -> Option<Basis> {
-        let left = self.remaining.get(key).copied().unwrap_or(0);
-        let waiting = self.waiting.get(key).copied().unwrap_or(0);
-        if left == 0 && waiting == 0 {
-            self.bases.remove(key)
-        } else {
-            self.bases.get(key).cloned()
-        }
-    }
-}
-
-thread_local! {
-    /// Claims this thread holds: a thread inside a claimed computation never waits for another
-    /// (it may have taken up another unit while its own computation waited on parallel work),
-    /// so a waiting thread holds no claim and no two threads can wait for each other.
-    static CLAIMS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// What [`Prefetched::claim`] found: the basis, or the caller's turn to compute it (with the
-/// claim, released when dropped, if other units will ask for it).
-pub enum Claim<'a> {
-    Ready(Basis),
-    Compute(Option<ClaimGuard<'a>>),
-}
-
-/// Releases a claim (the basis kept or not) and wakes the units waiting for it.
-pub struct ClaimGuard<'a> {
-    pre: &'a Prefetched,
-    key: BasisKey,
-}
-
-impl Drop for ClaimGuard<'_> {
-    fn drop(&mut self) {
-        self.pre.lock().in_flight.remove(&self.key);
-        CLAIMS.with(|c| c.set(c.get().saturating_sub(1)));
-        self.pre.done.notify_all();
-    }
 }
 
 impl Prefetched {
     /// One more unit will ask for `key`.
     pub fn expect(&self, key: BasisKey) {
-        let mut held = self.lock();
-        let count = held.remaining.entry(key.clone()).or_insert(0);
-        *count += 1;
-        if *count == 2 {
-            held.shared.insert(key);
-        }
+        *self.lock().remaining.entry(key).or_insert(0) += 1;
+    }
+
+    /// How many units were said to ask for `key` and have not yet.
+    pub fn expected(&self, key: &BasisKey) -> usize {
+        self.lock().remaining.get(key).copied().unwrap_or(0)
     }
 
     /// The held basis of `key`, if any: the last unit to ask takes it, the others a copy.
     pub fn take(&self, key: &BasisKey) -> Option<Basis> {
         let mut held = self.lock();
-        if let Some(r) = held.remaining.get_mut(key) {
+        let left = held.remaining.get_mut(key).map(|r| {
             *r = r.saturating_sub(1);
+            *r
+        });
+        match left {
+            Some(0) | None => held.bases.remove(key),
+            Some(_) => held.bases.get(key).cloned(),
         }
-        held.hand_out(key)
-    }
-
-    /// After [`take`](Self::take) found nothing: waits while another thread computes `key`
-    /// (then returns its basis), or gives the caller the turn to compute it, claimed when other
-    /// units will still ask for it.
-    pub fn claim(&self, key: &BasisKey) -> Claim<'_> {
-        let mut held = self.lock();
-        if CLAIMS.with(|c| c.get()) == 0 && held.in_flight.contains(key) {
-            *held.waiting.entry(key.clone()).or_insert(0) += 1;
-            while held.in_flight.contains(key) {
-                held = self.done.wait(held).unwrap_or_else(|p| p.into_inner());
-            }
-            if let Some(w) = held.waiting.get_mut(key) {
-                *w -= 1;
-                if *w == 0 {
-                    held.waiting.remove(key);
-                }
-            }
-            if let Some(basis) = held.hand_out(key) {
-                return Claim::Ready(basis);
-            }
-        }
-        if held.shared.contains(key) && held.in_flight.insert(key.clone()) {
-            CLAIMS.with(|c| c.set(c.get() + 1));
-            return Claim::Compute(Some(ClaimGuard {
-                pre: self,
-                key: key.clone(),
-            }));
-        }
-        Claim::Compute(None)
     }
 
     /// Holds a basis computed ahead of its units.
@@ -217,12 +140,11 @@ impl Prefetched {
         self.lock().bases.insert(key, basis);
     }
 
-    /// Holds a basis just computed for a unit if other units will still ask for it, or wait.
+    /// Holds a basis just computed (or read from the disk cache) for a unit if other units
+    /// will still ask for it.
     pub fn keep(&self, key: &BasisKey, basis: &Basis) {
         let mut held = self.lock();
-        let wanted = held.remaining.get(key).is_some_and(|&r| r > 0)
-            || held.waiting.get(key).is_some_and(|&w| w > 0);
-        if wanted && !held.bases.contains_key(key) {
+        if held.remaining.get(key).is_some_and(|&r| r > 0) && !held.bases.contains_key(key) {
             held.bases.insert(key.clone(), basis.clone());
         }
     }
@@ -233,7 +155,7 @@ impl Prefetched {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -260,12 +182,6 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
     if let Some(basis) = ctx.prefetched.and_then(|pre| pre.take(key)) {
         return Ok(basis);
     }
-    // Held until the basis is kept (or the computation fails): units asking meanwhile wait.
-    let _claim = match ctx.prefetched.map(|pre| pre.claim(key)) {
-        Some(Claim::Ready(basis)) => return Ok(basis),
-        Some(Claim::Compute(guard)) => guard,
-        None => None,
-    };
     if let Some(basis) = cached(ctx, key)? {
         if let Some(pre) = ctx.prefetched {
             pre.keep(key, &basis);

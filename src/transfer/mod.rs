@@ -9,7 +9,7 @@ pub mod inspect;
 pub mod report;
 pub mod schedule;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -339,15 +339,17 @@ fn run_units(
             }
         }
     }
+    let one = |i: usize| -> Result<(usize, execute::Outcome)> {
+        bar.check()?;
+        let out = execute::run_unit(ctx, units[i], factors_of(units[i]));
+        bar.step();
+        out.map(|o| (i, o))
+    };
+    let run_in_turn = |idx: &Vec<usize>| -> Result<Vec<(usize, execute::Outcome)>> {
+        idx.iter().map(|&i| one(i)).collect()
+    };
     let run = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
-        idx.par_iter()
-            .map(|&i| {
-                bar.check()?;
-                let out = execute::run_unit(ctx, units[i], factors_of(units[i]));
-                bar.step();
-                out.map(|o| (i, o))
-            })
-            .collect()
+        idx.par_iter().map(|&i| one(i)).collect()
     };
     let done: Vec<(usize, execute::Outcome)> = if ctx.backend.batches() {
         let prefetched = ctx.prefetched.expect("the pipeline prefetches");
@@ -368,14 +370,16 @@ fn run_units(
         }
         done
     } else {
-        let mut order: Vec<usize> = (0..units.len()).collect();
-        order.sort_by_key(|&i| {
-            let u = units[i];
-            std::cmp::Reverse(
-                u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1,
-            )
-        });
-        run(&order)?
+        // Units that share a basis form one task, run in turn (the first computes it, the others
+        // take it held); the tasks run in parallel, largest first.
+        let size = |u: &plan::Unit| {
+            u.source_shape.0 * u.source_shape.1 + u.target_shape.0 * u.target_shape.1
+        };
+        let mut tasks = tasks_sharing_bases(&units, ctx.prefetched);
+        tasks.sort_by_key(|t| std::cmp::Reverse(t.iter().map(|&i| size(units[i])).max()));
+        let done: Vec<Vec<(usize, execute::Outcome)>> =
+            tasks.par_iter().map(run_in_turn).collect::<Result<_>>()?;
+        done.into_iter().flatten().collect()
     };
     bar.finish();
     let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
@@ -386,6 +390,33 @@ fn run_units(
         .into_iter()
         .map(|o| o.expect("every unit ran"))
         .collect())
+}
+
+/// The units in tasks: those that share a basis (held in `prefetched` for more than one unit)
+/// together, in plan order; the others alone.
+fn tasks_sharing_bases(
+    units: &[&plan::Unit],
+    prefetched: Option<&basis::Prefetched>,
+) -> Vec<Vec<usize>> {
+    let mut task_of_key: HashMap<basis::BasisKey, usize> = HashMap::new();
+    let mut tasks: Vec<Vec<usize>> = Vec::new();
+    for (i, unit) in units.iter().enumerate() {
+        let shared: Vec<basis::BasisKey> = [basis::Role::Source, basis::Role::Target]
+            .into_iter()
+            .map(|role| basis::BasisKey::of_unit(unit, role))
+            .filter(|k| prefetched.is_some_and(|p| p.expected(k) > 1))
+            .collect();
+        let task = shared.iter().find_map(|k| task_of_key.get(k).copied());
+        let task = task.unwrap_or_else(|| {
+            tasks.push(Vec::new());
+            tasks.len() - 1
+        });
+        tasks[task].push(i);
+        for k in shared {
+            task_of_key.entry(k).or_insert(task);
+        }
+    }
+    tasks
 }
 
 /// Groups the outcomes (in plan order) back by module: the report rows and the output
