@@ -32,15 +32,6 @@ impl From<Vec<u8>> for RawBytes<'_> {
     }
 }
 
-impl<'a> From<std::borrow::Cow<'a, [u8]>> for RawBytes<'a> {
-    fn from(bytes: std::borrow::Cow<'a, [u8]>) -> Self {
-        match bytes {
-            std::borrow::Cow::Borrowed(b) => RawBytes::Borrowed(b),
-            std::borrow::Cow::Owned(v) => RawBytes::Owned(v),
-        }
-    }
-}
-
 impl std::ops::Deref for RawBytes<'_> {
     type Target = [u8];
 

@@ -328,14 +328,16 @@ fn run_units(
             .as_ref()
             .and_then(|m| opened.adapter.modules.get(m))
     };
+    let needs: Vec<bool> = units
+        .iter()
+        .map(|u| execute::needs_bases(ctx, u, factors_of(u).is_some()))
+        .collect();
     // How many units will ask for each basis, so that one asked for by several (a source layer
     // paired with several target layers) is computed once and held until its last unit.
     if let Some(pre) = ctx.prefetched {
-        for unit in &units {
-            if unit.skip.is_none() && execute::needs_bases(ctx, unit, factors_of(unit).is_some()) {
-                for role in [basis::Role::Source, basis::Role::Target] {
-                    pre.expect(basis::BasisKey::of_unit(unit, role));
-                }
+        for (unit, _) in units.iter().zip(&needs).filter(|(_, &n)| n) {
+            for role in [basis::Role::Source, basis::Role::Target] {
+                pre.expect(basis::BasisKey::of_unit(unit, role));
             }
         }
     }
@@ -356,14 +358,8 @@ fn run_units(
         let all: Vec<usize> = (0..units.len()).collect();
         let mut done = Vec::with_capacity(units.len());
         for chunk in all.chunks(schedule::UNITS_PER_CHUNK) {
-            let wanted: Vec<(&plan::Unit, bool)> = chunk
-                .iter()
-                .map(|&i| {
-                    let unit = units[i];
-                    let needs = execute::needs_bases(ctx, unit, factors_of(unit).is_some());
-                    (unit, needs)
-                })
-                .collect();
+            let wanted: Vec<(&plan::Unit, bool)> =
+                chunk.iter().map(|&i| (units[i], needs[i])).collect();
             bar.check()?;
             schedule::prefetch(ctx, &wanted, prefetched)?;
             done.extend(run(chunk)?);
@@ -420,9 +416,8 @@ fn tasks_sharing_bases(
 }
 
 /// Groups the outcomes (in plan order) back by module: the report rows and the output
-/// adapter's modules.
-/// Takes the outcomes, so that each module's are dropped once it is assembled: the factors are
-/// held about once, not twice, on the way to the file.
+/// adapter's modules. It takes the outcomes, so that each module's are dropped once it is
+/// assembled: the factors are held about once, not twice, on the way to the file.
 fn collect(
     opened: &Opened,
     outcomes: Vec<execute::Outcome>,

@@ -464,20 +464,13 @@ impl Device for CudaDriver {
 
     fn fence(&self) -> Result<()> {
         let _g = self.current()?;
-        // Filled before this fence: its event covers all their copies.
-        let filled: Vec<u64> = {
-            let uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
-            uploads
-                .iter()
-                .filter(|(_, &f)| f)
-                .map(|(&p, _)| p)
-                .collect()
-        };
         self.fence_locked()?;
-        let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
-        for ptr in filled {
-            uploads.remove(&ptr);
-        }
+        // Copies are queued under the lock held here, so every buffer marked filled by now had
+        // all its copies queued before the event: it is ordered.
+        self.uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, filled| !*filled);
         Ok(())
     }
 
