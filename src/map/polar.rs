@@ -18,7 +18,6 @@
 
 use faer::Mat;
 
-use super::residual::polar_parts;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
@@ -74,8 +73,7 @@ impl NearPolar {
                 right[(i, j - r_a)] * inv_h
             }
         });
-        let prior_gram = (w as f64).powi(2);
-        let core = polar_parts(&core_in, prior_gram)?;
+        let (core, dropped) = core_polar(&core_in)?;
         // The complement's singular values are all w and its factor is Q0 itself: nothing there
         // is divided by a rounded value, so it is kept however small w is against the evidence
         // (at 8192 wide w is 6e-6; leaving it out would leave a map of rank r_a).
@@ -83,9 +81,9 @@ impl NearPolar {
         Ok(NearPolar {
             b_a,
             b_perp,
-            core: core.factor,
+            core,
             keep_prior,
-            complete: keep_prior && core.dropped == 0,
+            complete: keep_prior && dropped == 0,
         })
     }
 
@@ -139,6 +137,45 @@ impl NearPolar {
     }
 }
 
+/// Gram eigenvalues below this fraction of the largest count as none in [`core_polar`]: an f64
+/// Gram of a few thousand columns holds rounding of about 1e-13 of its largest.
+const CORE_CUTOFF: f64 = 1e-12;
+
+/// The polar factor of the core `C` (`r_a × (r_a + r_⊥)`, wide), and how many directions it
+/// leaves out (next to nothing in `C`), wholly in f64. Its singular values run from the
+/// evidence's down to the prior's weight w (about 1e-5 at 4096 wide, against evidence of 1e-2):
+/// an f32 Gram squares that ratio below its own rounding, and a full refit's core has up to h
+/// such directions (768), too many to complete one by one; left out, each kept refit sent that
+/// many directions of the residual to zero, and the next layer's refit, starting from a map
+/// that was not orthonormal, fell back to the full path. The core is small, so its Gram and the
+/// products are f64.
+fn core_polar(c: &Mat<f32>) -> Result<(Mat<f32>, usize)> {
+    let c = Mat::<f64>::from_fn(c.nrows(), c.ncols(), |i, j| c[(i, j)] as f64);
+    let gram = &c * c.transpose();
+    let evd = gram
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| Error::Numerical {
+            context: "map: layer refit".into(),
+            reason: format!("eigendecomposition of the refit's core Gram failed: {e:?}"),
+        })?;
+    let (u, lambda) = (evd.U(), evd.S().column_vector());
+    let top = (0..lambda.nrows()).map(|i| lambda[i]).fold(0.0, f64::max);
+    let bar = top * CORE_CUTOFF;
+    let scaled = Mat::<f64>::from_fn(u.nrows(), u.ncols(), |i, j| {
+        if lambda[j] > bar {
+            u[(i, j)] / lambda[j].sqrt()
+        } else {
+            0.0
+        }
+    });
+    let factor = scaled * (u.transpose() * &c);
+    let dropped = (0..lambda.nrows()).filter(|&j| lambda[j] <= bar).count();
+    Ok((
+        Mat::from_fn(factor.nrows(), factor.ncols(), |i, j| factor[(i, j)] as f32),
+        dropped,
+    ))
+}
+
 /// `Σ_r ⟨x[:, r], y[:, r]⟩`.
 pub(crate) fn column_dots(x: &Mat<f32>, y: &Mat<f32>) -> f64 {
     let mut s = 0.0;
@@ -189,12 +226,16 @@ mod tests {
     fn the_factored_polar_factor_is_the_full_one() {
         let seed = crate::linalg::fresh_seed();
         let gaussian = |rows, cols, stream| gaussian_matrix(seed, stream, rows, cols);
-        let (d_a, d_b, h) = (40, 64, 12);
         // w = 0.5 keeps the prior's singular values within a factor of ~20 of the evidence's;
         // w = 1e-4 puts them far under what an f32 Gram resolves (it loses the square of the
         // ratio), as the prior's weight 0.05/d does at real widths: the complement is kept, and
-        // the core's weak directions are completed, so the factor is whole either way.
-        for (w, stream) in [(0.5f32, 0u64), (1e-4, 10)] {
+        // the core is resolved in f64, so the factor is whole either way. With h = 300 the core
+        // has about 300 such directions, as a full refit (h = 768) has hundreds.
+        for (d_a, d_b, h, w, stream) in [
+            (40, 64, 12, 0.5f32, 0u64),
+            (40, 64, 12, 1e-4, 10),
+            (640, 700, 300, 1e-4, 20),
+        ] {
             // Q0: orthonormal rows; the evidence partly inside Q0's range, partly outside.
             let q0 = gaussian(d_b, d_a, stream + 1)
                 .qr()

@@ -72,7 +72,7 @@ impl Trial {
         }
         let evidence = backend.product(y_a.as_ref(), y_b.transpose())?;
         let c = evidence * faer::Scale(inv_h) + q0 * faer::Scale(weight);
-        let polar = polar_parts(&c, 0.0)?;
+        let polar = polar_parts(&c)?;
         Ok(Trial::Full(polar.factor, polar.dropped == 0))
     }
 

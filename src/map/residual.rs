@@ -137,7 +137,7 @@ impl AnchorFit {
 
     /// The map: the polar factor of the cross-covariance, scaled to the first set.
     pub fn finish(self) -> Result<ResidualMap> {
-        let polar = polar_parts(&self.cross, 0.0)?;
+        let polar = polar_parts(&self.cross)?;
         let directions = self.cross.nrows().min(self.cross.ncols());
         drop(self.cross);
         if polar.dropped == directions {
@@ -193,11 +193,10 @@ pub(crate) struct Polar {
 /// The orthogonal (or semi-orthogonal) factor `X Yᵀ` of a cross-covariance `c = X Σ Yᵀ`, as
 /// `(c cᵀ)^{-1/2} c` from the eigendecomposition of the smaller Gram matrix:
 /// several times cheaper than the SVD of a wide `c`. The products are f32 (all cores), the small
-/// eigendecomposition f64. Directions with (next to) no weight, Gram eigenvalues below
-/// [`POLAR_CUTOFF`] times the largest (or times `top_floor`, when `c` is part of a larger
-/// matrix whose other singular values reach √top_floor), are left out rather than divided by
-/// zero.
-pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
+/// eigendecomposition f64. Directions the Gram cannot resolve, eigenvalues below
+/// [`POLAR_CUTOFF`] times the largest, are completed from `c` itself where there are few
+/// ([`complete`]), else left out rather than divided by zero.
+pub(crate) fn polar_parts(c: &Mat<f32>) -> Result<Polar> {
     let wide = c.nrows() <= c.ncols();
     // Each intermediate is dropped as soon as the next exists: at 8192 wide each is 256 MB in
     // f32 and 512 MB in f64.
@@ -218,7 +217,7 @@ pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     drop(gram);
     let (u, lambda) = (evd.U(), evd.S().column_vector());
     let top = (0..lambda.nrows()).map(|i| lambda[i]).fold(0.0, f64::max);
-    let bar = top.max(top_floor) * POLAR_CUTOFF;
+    let bar = top * POLAR_CUTOFF;
     let weak: Vec<Vec<f64>> = (0..lambda.nrows())
         .filter(|&j| lambda[j] <= bar)
         .map(|j| u.col(j).iter().copied().collect())
@@ -240,7 +239,7 @@ pub(crate) fn polar_parts(c: &Mat<f32>, top_floor: f64) -> Result<Polar> {
     } else {
         mm_parallel(c.as_ref(), root.as_ref())
     };
-    let dropped = complete(&mut factor, c, &weak, top.max(top_floor).sqrt(), wide);
+    let dropped = complete(&mut factor, c, &weak, top.sqrt(), wide);
     Ok(Polar {
         factor,
         completed: weak.len() - dropped,
@@ -434,7 +433,7 @@ mod tests {
             } else {
                 c.clone()
             };
-            let polar = polar_parts(&c, 0.0).unwrap();
+            let polar = polar_parts(&c).unwrap();
             assert_eq!(
                 polar.dropped, 1,
                 "tall {tall}: only the empty direction stays out"
