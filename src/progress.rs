@@ -22,8 +22,10 @@ pub const LOG_EVERY: Duration = Duration::from_secs(30);
 pub struct Step<'a> {
     /// The stage: `transfer` or `inspect` (units: module pairs); in map mode, before the
     /// transfer, `residual` (units: the bottom residual map's anchor sets, then its polar
-    /// factor), `depth` (units: the layers of both models whose signatures the depth map
-    /// compares, when depths differ) and `map` (units: target layers).
+    /// factor) and `depth` (units: the layers of both models whose signatures the depth map
+    /// compares, when depths differ), then `map` (units: target layers, each counted once its
+    /// map is built) together with `transfer`, whose modules run a layer at a time on their
+    /// layer's map.
     pub stage: &'a str,
     pub done: u64,
     pub total: u64,
@@ -86,7 +88,7 @@ impl Progress {
             last: Mutex::new(None),
         });
         let bar = if self.bar && terminal {
-            let bar = indicatif::ProgressBar::new(total);
+            let bar = bars().add(indicatif::ProgressBar::new(total));
             bar.set_style(
                 indicatif::ProgressStyle::with_template(&format!(
                     "{{prefix}} [{{bar:40}}] {{pos}}/{{len}} {unit}, {{elapsed}} (eta {{eta}})"
@@ -135,6 +137,13 @@ impl Progress {
             _ => Ok(()),
         }
     }
+}
+
+/// The bars on stderr, drawn together: a map-mode transfer's `map` and `transfer` stages run
+/// at once (one stderr per process, so one set of bars).
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(indicatif::MultiProgress::new)
 }
 
 fn check(cancel: Option<&AtomicBool>) -> Result<()> {

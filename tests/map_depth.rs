@@ -225,8 +225,9 @@ fn the_map_stages_report_progress_and_stop_when_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     write_pair(dir.path(), 5, &[0, 2, 3, 4], 21);
     // Residual: the embeddings' anchor set (no untied output embeddings), then the polar factor;
-    // depth: the signatures of 5 source and 4 target layers; map: the 4 target layers; then the
-    // 28 modules. Stages arrive in that order, each from 0 to its total.
+    // depth: the signatures of 5 source and 4 target layers; then map: the 4 target layers, and
+    // with them the 28 modules, a layer's 7 once its map is built. Each stage counts from 0 to
+    // its total.
     let (report, seen) = map_job(dir.path(), "out", None);
     report.unwrap();
     let order: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
@@ -245,10 +246,25 @@ fn the_map_stages_report_progress_and_stop_when_cancelled() {
         stage(&seen, "map"),
         (0..=4).map(|d| (d, 4)).collect::<Vec<_>>()
     );
-    assert_eq!(stage(&seen, "transfer").last(), Some(&(28, 28)));
+    assert_eq!(
+        stage(&seen, "transfer"),
+        (0..=28).map(|d| (d, 28)).collect::<Vec<_>>()
+    );
+    // Layer by layer: the modules of a layer run after its map is built, before the next one.
+    let at = |name: &str, done: u64| {
+        seen.iter()
+            .position(|s| s.0 == name && s.1 == done)
+            .unwrap()
+    };
+    for layer in 1..=4u64 {
+        assert!(at("map", layer) < at("transfer", 7 * (layer - 1) + 1));
+        if layer < 4 {
+            assert!(at("transfer", 7 * layer) < at("map", layer + 1));
+        }
+    }
 
-    // Cancelled inside each map stage: the job stops at the next step, before any module,
-    // and writes nothing.
+    // Cancelled inside each map stage: the job stops at the next step, before any module has
+    // run, and writes nothing.
     for (at, out) in [
         (("residual", 1), "cancel-residual"),
         (("depth", 3), "cancel-depth"),
@@ -264,7 +280,10 @@ fn the_map_stages_report_progress_and_stop_when_cancelled() {
             Some(at.1),
             "{seen:?}"
         );
-        assert!(stage(&seen, "transfer").is_empty(), "{seen:?}");
+        assert!(
+            stage(&seen, "transfer").iter().all(|s| s.0 == 0),
+            "{seen:?}"
+        );
         assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
             .unwrap()
             .file_name()

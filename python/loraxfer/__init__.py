@@ -12,8 +12,8 @@ subclasses). Models are directories, `.gguf` files, or hub names (`org/name`,
 hub names of them). The engine runs with the GIL
 released; `progress(stage, done, total)`, if given, is called on the calling thread after each
 unit of a stage (stages, in map mode: `residual`, counting the residual map's steps, then `depth`
-and `map`, counting layers; then `transfer` or
-`inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
+and `map`, counting layers, the modules of `transfer` running a layer at a time as `map` builds
+each; else `transfer` or `inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
 written to `out` (a cache directory keeps the decompositions finished before the stop).
 """
 
@@ -88,8 +88,9 @@ def transfer(
     (`modules`: any iterable of module types). `--timings` is the command line's only: the
     report's `timings_ms` has the same figures.
     progress: called as progress(stage, done, total) on this thread after each unit: the
-    steps of the map stage `residual`, the layers of `depth` and `map` (map mode), then the
-    modules of `transfer`.
+    steps of the map stage `residual`, the layers of `depth` (map mode), then the modules of
+    `transfer`; in map mode interleaved with the layers of `map`, a layer's modules running
+    once its map is built.
     A warning (UserWarning) says when modules came out zero from a non-zero update (the
     report's summary `emptied`), as the command line does.
     """

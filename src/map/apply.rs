@@ -11,7 +11,7 @@ use faer::Mat;
 
 use super::gains::mapped_gains;
 use super::matching::Assignment;
-use super::{LayerMap, ModelMap};
+use super::LayerMap;
 use crate::arch::Part;
 use crate::backend::Factors;
 use crate::error::{Error, Result};
@@ -106,8 +106,9 @@ fn same_rows(size_t: usize) -> impl Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32>
     }
 }
 
-impl ModelMap {
-    /// The target factors of `unit` from the source factors `src` (B rows of the unit, A).
+impl LayerMap {
+    /// The target factors of `unit` (a unit of this target layer) from the source factors
+    /// `src` (B rows of the unit, A).
     pub fn apply(
         &self,
         unit: &Unit,
@@ -115,12 +116,13 @@ impl ModelMap {
         source: &ModelSide<'_>,
         target: &ModelSide<'_>,
     ) -> Result<Mapped> {
-        let layer = self.layers.get(&unit.target_layer).ok_or_else(|| {
-            Error::internal(format!(
-                "map: no layer map for target layer {}",
-                unit.target_layer
-            ))
-        })?;
+        if unit.target_layer != self.target_layer {
+            return Err(Error::internal(format!(
+                "map: a unit of target layer {} given the map of layer {}",
+                unit.target_layer, self.target_layer
+            )));
+        }
+        let layer = self;
         let parts = parts_of(unit, source, target);
         let reads = parts[0].0 != Part::O && parts[0].0 != Part::Down;
         if reads {

@@ -136,6 +136,7 @@ pub struct Gains {
 /// One target layer's map.
 #[derive(Debug, Clone)]
 pub struct LayerMap {
+    pub target_layer: usize,
     pub source_layer: usize,
     /// This layer's residual map (shared with the other layers when it is not refined).
     pub residual: Arc<ResidualMap>,
@@ -347,6 +348,7 @@ impl LayerMap {
         };
         let Some((ws, wt)) = weights.filter(|_| options.inner != InnerMatch::Index) else {
             return Ok(LayerMap {
+                target_layer,
                 source_layer,
                 residual,
                 gains,
@@ -406,6 +408,7 @@ impl LayerMap {
             Ok((q_heads, kv_heads, head_fit))
         })?;
         Ok(LayerMap {
+            target_layer,
             source_layer,
             residual,
             gains,

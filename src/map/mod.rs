@@ -12,8 +12,8 @@
 //!    between heads of different sizes) a least-squares map ([`heads`]);
 //! 4. when depths differ, the depth map chosen by the similarity of the layers ([`depth`]).
 //!
-//! The whole map is built once per transfer, before the units run ([`ModelMap::build`]); each
-//! unit then only gathers rows and multiplies its small factors ([`apply`]).
+//! The map is built a target layer at a time ([`LayerByLayer`]); the layer's units then only
+//! gather rows and multiply their small factors ([`apply`]), and the layer's map is dropped.
 
 pub mod apply;
 pub mod depth;
@@ -107,20 +107,6 @@ impl Default for MapOptions {
     }
 }
 
-/// The map between two models: the shared-token residual map and, per target layer, its own
-/// map and matchings.
-#[derive(Debug, Clone)]
-pub struct ModelMap {
-    pub residual: Arc<ResidualMap>,
-    pub layers: BTreeMap<usize, LayerMap>,
-    pub options: MapOptions,
-    /// The depth map chosen by similarity, when the depths differ and it was asked for (built
-    /// before the plan, which it decides; the caller sets it here for the report).
-    pub depth: Option<depth::DepthMap>,
-    /// Milliseconds per step of building the map (summed over layers).
-    pub times: BTreeMap<String, f64>,
-}
-
 /// The residual map the options ask for at the bottom of the models: the shared-token fit, or
 /// the identity ablation.
 pub fn bottom_residual(
@@ -153,51 +139,68 @@ fn with_all_cores<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-impl ModelMap {
-    /// Builds the map for the target layers of `layer_map` (target layer → source layer), from
-    /// the bottom residual map; with [`ResidualFit::Layers`] each layer starts from the one
-    /// below it.
-    pub fn build(
-        source: &ModelSide<'_>,
-        target: &ModelSide<'_>,
-        residual: ResidualMap,
-        layer_map: &BTreeMap<usize, usize>,
+/// Builds the model map one target layer at a time, for the units of that layer to run on and
+/// then drop: a refined layer's residual map is `d_s × d_t` floats (256 MB at 8192 wide), so
+/// holding every layer's until the units ran would take 21 GB on an 80-layer pair. Each layer
+/// starts from the map of the one built before it (with [`ResidualFit::Layers`]), so layers are
+/// built in ascending order; what the report says of each is kept.
+pub struct LayerByLayer<'m, 'a> {
+    source: &'m ModelSide<'a>,
+    target: &'m ModelSide<'a>,
+    sketch: layer::Sketch<'m>,
+    start: Arc<ResidualMap>,
+    options: MapOptions,
+    report: MapReport,
+}
+
+impl<'m, 'a> LayerByLayer<'m, 'a> {
+    /// Starts from the bottom residual map; `depth` and `times` are those of the steps before
+    /// (the depth map by similarity, when it was built), for the report.
+    pub fn new(
+        (source, target): (&'m ModelSide<'a>, &'m ModelSide<'a>),
+        residual: Arc<ResidualMap>,
         options: MapOptions,
-        backend: &dyn crate::backend::Backend,
-        progress: &crate::progress::Progress,
-    ) -> Result<Self> {
-        let residual = Arc::new(residual);
-        let sketch = layer::Sketch::new(target.ckpt.config.hidden_size, options.seed, backend);
-        let mut start = residual.clone();
-        let mut layers = BTreeMap::new();
-        // A step per target layer (on a 3B pair each takes about a second): the bar moves
-        // through what is otherwise a long silence before the first module, and a cancelled
-        // job stops between layers.
-        let bar = progress.start("map", "layers", layer_map.len() as u64);
-        for (&j, &i) in layer_map {
-            bar.check()?;
-            let layer =
-                with_all_cores(|| LayerMap::build(source, target, i, j, &start, &sketch, options))?;
-            if options.residual == ResidualFit::Layers {
-                start = layer.residual.clone();
-            }
-            layers.insert(j, layer);
-            bar.step();
-        }
-        bar.finish();
-        let mut times = BTreeMap::new();
-        for layer in layers.values() {
-            for (step, ms) in &layer.times {
-                *times.entry(step.to_string()).or_insert(0.0) += ms;
-            }
-        }
-        Ok(ModelMap {
-            residual,
-            layers,
+        (depth, times): (Option<depth::DepthMap>, BTreeMap<String, f64>),
+        backend: &'m dyn crate::backend::Backend,
+    ) -> Self {
+        let report = MapReport {
             options,
-            depth: None,
-            times,
-        })
+            shared_tokens: residual.shared_tokens,
+            residual_fit: residual.relative_residual,
+            residual_weak_directions: [residual.weak_directions.0, residual.weak_directions.1],
+            depth,
+            time_ms: times,
+            layers: Vec::new(),
+        };
+        LayerByLayer {
+            source,
+            target,
+            sketch: layer::Sketch::new(target.ckpt.config.hidden_size, options.seed, backend),
+            start: residual,
+            options,
+            report,
+        }
+    }
+
+    /// Target layer `j`'s map, from source layer `i`; the next layer starts from it.
+    pub fn build(&mut self, j: usize, i: usize) -> Result<LayerMap> {
+        let (source, target, sketch) = (self.source, self.target, &self.sketch);
+        let (start, options) = (&self.start, self.options);
+        let layer =
+            with_all_cores(|| LayerMap::build(source, target, i, j, start, sketch, options))?;
+        if self.options.residual == ResidualFit::Layers {
+            self.start = layer.residual.clone();
+        }
+        for (step, ms) in &layer.times {
+            *self.report.time_ms.entry(step.to_string()).or_insert(0.0) += ms;
+        }
+        self.report.layers.push(layer.report());
+        Ok(layer)
+    }
+
+    /// What the report says of the map: the bottom fit and every layer built.
+    pub fn finish(self) -> MapReport {
+        self.report
     }
 }
 
@@ -244,41 +247,27 @@ pub struct LayerReport {
     pub neurons: Vec<Option<usize>>,
 }
 
-impl ModelMap {
-    pub fn report(&self) -> MapReport {
-        MapReport {
-            options: self.options,
-            shared_tokens: self.residual.shared_tokens,
-            residual_fit: self.residual.relative_residual,
-            residual_weak_directions: [
-                self.residual.weak_directions.0,
-                self.residual.weak_directions.1,
-            ],
-            depth: self.depth.clone(),
-            time_ms: self.times.clone(),
-            layers: self
-                .layers
-                .iter()
-                .map(|(&j, l)| LayerReport {
-                    target_layer: j,
-                    source_layer: l.source_layer,
-                    head_similarity: l.q_heads.mean_similarity(),
-                    neuron_similarity: l.neurons.mean_similarity(),
-                    weight_fit_start: l.weight_fit.map(|f| f.0),
-                    weight_fit: l.weight_fit.map(|f| f.1),
-                    residual_scale: l.residual.scale,
-                    head_fit: l.head_fit.is_some(),
-                    writer_kappa: l
-                        .writers
-                        .0
-                        .gains
-                        .as_ref()
-                        .map(|_| (l.writers.0.kappa, l.writers.1.kappa)),
-                    q_heads: l.q_heads.source_of.clone(),
-                    kv_heads: l.kv_heads.source_of.clone(),
-                    neurons: l.neurons.source_of.clone(),
-                })
-                .collect(),
+impl LayerMap {
+    /// What the report says of this layer.
+    fn report(&self) -> LayerReport {
+        LayerReport {
+            target_layer: self.target_layer,
+            source_layer: self.source_layer,
+            head_similarity: self.q_heads.mean_similarity(),
+            neuron_similarity: self.neurons.mean_similarity(),
+            weight_fit_start: self.weight_fit.map(|f| f.0),
+            weight_fit: self.weight_fit.map(|f| f.1),
+            residual_scale: self.residual.scale,
+            head_fit: self.head_fit.is_some(),
+            writer_kappa: self
+                .writers
+                .0
+                .gains
+                .as_ref()
+                .map(|_| (self.writers.0.kappa, self.writers.1.kappa)),
+            q_heads: self.q_heads.source_of.clone(),
+            kv_heads: self.kv_heads.source_of.clone(),
+            neurons: self.neurons.source_of.clone(),
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::backend::{Backend, Basis, Factors};
 use crate::error::Result;
 use crate::io::adapter::LoraFactors;
 use crate::io::checkpoint::Checkpoint;
-use crate::map::ModelMap;
+use crate::map::LayerMap;
 use crate::modes::{update_norm, Mode};
 use crate::plan::{ModelSide, Options, Unit};
 use crate::timing::{Phase, Timings};
@@ -17,6 +17,7 @@ use crate::transfer::basis::{self, BasisKey, Prefetched, Role};
 use crate::transfer::cache::BasisCache;
 
 /// Everything a unit needs besides itself.
+#[derive(Clone, Copy)]
 pub struct Context<'a> {
     pub source: &'a Checkpoint,
     pub target: &'a Checkpoint,
@@ -27,15 +28,17 @@ pub struct Context<'a> {
     pub cache: Option<&'a BasisCache>,
     /// Bases computed ahead in batches (backends that batch), taken before computing one.
     pub prefetched: Option<&'a Prefetched>,
-    /// The map between the two models, when a unit uses the map mode.
+    /// The map of the units' target layer, when they use the map mode.
     pub map: Option<&'a MapContext<'a>>,
 }
 
-/// The model map and the two models as the plan sees them.
+/// A target layer's map and the two models as the plan sees them.
 pub struct MapContext<'a> {
-    pub map: ModelMap,
-    pub source: ModelSide<'a>,
-    pub target: ModelSide<'a>,
+    pub layer: &'a LayerMap,
+    /// The bottom residual map's relative residual on its anchors (for the report's rows).
+    pub residual_fit: Option<f64>,
+    pub source: &'a ModelSide<'a>,
+    pub target: &'a ModelSide<'a>,
 }
 
 /// Whether a unit decomposes its two weights ([`crate::plan::decomposes`]); never a skipped
@@ -178,11 +181,14 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
 /// A map-mode unit: its factors through the model map; `--threshold` gates on the matched
 /// similarity of the heads or neurons it follows.
 fn run_mapped(ctx: &Context<'_>, unit: &Unit, src: Factors) -> Result<Outcome> {
-    let mc = ctx
-        .map
-        .ok_or_else(|| crate::error::Error::internal("map mode without a model map"))?;
+    let mc = ctx.map.ok_or_else(|| {
+        crate::error::Error::internal(format!(
+            "map mode without a map for target layer {}",
+            unit.target_layer
+        ))
+    })?;
     let mapped = ctx.timings.time(Phase::Project, || {
-        mc.map.apply(unit, &src, &mc.source, &mc.target)
+        mc.layer.apply(unit, &src, mc.source, mc.target)
     })?;
     let mut out = mapped.factors;
     let threshold = ctx.options.threshold;
@@ -207,7 +213,7 @@ fn run_mapped(ctx: &Context<'_>, unit: &Unit, src: Factors) -> Result<Outcome> {
         reason,
         gap_source: None,
         gap_target: None,
-        residual_fit: mc.map.residual.relative_residual,
+        residual_fit: mc.residual_fit,
         matched_similarity: mapped.matched_similarity,
         matched_units: Some(mapped.matched_units),
     })

@@ -6,6 +6,7 @@ pub mod basis;
 pub mod cache;
 pub mod execute;
 pub mod inspect;
+mod layered;
 pub mod report;
 pub mod schedule;
 
@@ -79,7 +80,7 @@ struct Opened {
 
 /// The parts of the model map built before the plan, and their milliseconds.
 struct MapStart {
-    residual: crate::map::ResidualMap,
+    residual: std::sync::Arc<crate::map::ResidualMap>,
     depth: Option<crate::map::depth::DepthMap>,
     times: BTreeMap<String, f64>,
 }
@@ -98,19 +99,6 @@ pub fn run(job: &Job) -> Result<Report> {
         .map(cache::BasisCache::open)
         .transpose()?;
     let prefetched = basis::Prefetched::default();
-    let map = match &opened.map_start {
-        Some(start)
-            if opened
-                .plan
-                .units()
-                .any(|u| u.mode == Mode::Map && u.skip.is_none()) =>
-        {
-            Some(timings.time(Phase::Map, || {
-                model_map(&opened, start, job, backend.as_ref())
-            })?)
-        }
-        _ => None,
-    };
     let ctx = execute::Context {
         source: &opened.source,
         target: &opened.target,
@@ -119,9 +107,15 @@ pub fn run(job: &Job) -> Result<Report> {
         timings: &timings,
         cache: cache.as_ref(),
         prefetched: Some(&prefetched),
-        map: map.as_ref(),
+        map: None,
     };
-    let outcomes = run_units(&ctx, &opened, &job.progress)?;
+    let (outcomes, map) = match &opened.map_start {
+        Some(start) if layered::has_mapped_units(&opened) => {
+            let (outcomes, map) = layered::run_units_by_layer(&ctx, &opened, start, job)?;
+            (outcomes, Some(map))
+        }
+        _ => (run_units(&ctx, &opened, &job.progress)?, None),
+    };
     let (rows, modules) = collect(&opened, outcomes)?;
 
     let target_name = job.target_base.to_string_lossy().into_owned();
@@ -178,7 +172,7 @@ pub fn run(job: &Job) -> Result<Report> {
             hits: c.hits.load(std::sync::atomic::Ordering::Relaxed),
             misses: c.misses.load(std::sync::atomic::Ordering::Relaxed),
         }),
-        map: map.as_ref().map(|m| m.map.report()),
+        map,
         timings_ms: BTreeMap::new(),
         summary: Summary::of(&rows),
         modules: rows,
@@ -194,33 +188,6 @@ pub fn run(job: &Job) -> Result<Report> {
     job.progress.confirm()?;
     staged.commit()?;
     Ok(report)
-}
-
-/// The model map of a map-mode transfer, for the layers of the plan.
-fn model_map<'a>(
-    opened: &'a Opened,
-    start: &MapStart,
-    job: &Job,
-    backend: &dyn backend::Backend,
-) -> Result<execute::MapContext<'a>> {
-    let source = ModelSide::new(&opened.source)?;
-    let target = ModelSide::new(&opened.target)?;
-    let mut map = crate::map::ModelMap::build(
-        &source,
-        &target,
-        start.residual.clone(),
-        &opened.plan.layer_map,
-        map_options(&job.options),
-        backend,
-        &job.progress,
-    )?;
-    map.depth = start.depth.clone();
-    map.times.extend(start.times.clone());
-    Ok(execute::MapContext {
-        map,
-        source,
-        target,
-    })
 }
 
 /// The map options with the transfer's seed.
@@ -287,7 +254,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
                 times.insert("depth".to_string(), clock.elapsed().as_secs_f64() * 1e3);
             }
             Ok(MapStart {
-                residual,
+                residual: std::sync::Arc::new(residual),
                 depth,
                 times,
             })

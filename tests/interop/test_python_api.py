@@ -309,9 +309,9 @@ def test_inspect_equals_the_cli(zoo, binary):
 def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
     """Across depths (tiny Qwen2, 4 layers → tiny Llama, 6) the map mode first fits the residual
     map on the shared tokens (stage `residual`: its anchor sets, then the polar factor), compares
-    the layers of both models (stage `depth`) and builds each target layer's map (stage `map`), then
-    runs the modules (`transfer`); a callback that raises inside the map stage stops the job
-    there, before any module, with nothing written."""
+    the layers of both models (stage `depth`), then builds each target layer's map (stage `map`)
+    and runs that layer's modules (`transfer`) before the next; a callback that raises inside the
+    map stage stops the job there, before any module has run, with nothing written."""
     for like, out in [("tiny-qwen2", "source"), ("tiny-llama", "target")]:
         iu.loraxfer(binary, "synth", "model", "--like", like, "--out", tmp_path / out)
     iu.loraxfer(binary, "synth", "adapter", "--base", tmp_path / "source", "--out",
@@ -321,13 +321,20 @@ def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
     loraxfer.transfer(*args, tmp_path / "out", mode="map", progress=lambda *s: seen.append(s),
                       **FAST)
     stages = [s[0] for s in seen]
-    assert stages == sorted(stages, key=["residual", "depth", "map", "transfer"].index), stages
+    first_mapped = stages.index("map")
+    assert stages[:first_mapped] == sorted(stages[:first_mapped], key=["residual", "depth"].index)
+    assert set(stages[first_mapped:]) == {"map", "transfer"}, stages
+    # A layer's 7 modules run after its map is built and before the next layer's.
+    for layer in range(1, 7):
+        built = seen.index(("map", layer, 6))
+        assert seen[built + 1:built + 8] == [("transfer", 7 * (layer - 1) + i, 42)
+                                             for i in range(1, 8)], seen
     residual = [s for s in seen if s[0] == "residual"]
     assert residual[0][2] in (2, 3)
     assert residual == [("residual", i, residual[0][2]) for i in range(residual[0][2] + 1)]
     assert [s for s in seen if s[0] == "depth"] == [("depth", i, 10) for i in range(11)]
     assert [s for s in seen if s[0] == "map"] == [("map", i, 6) for i in range(7)]
-    assert seen[-1] == ("transfer", 6 * 7, 6 * 7)
+    assert [s for s in seen if s[0] == "transfer"] == [("transfer", i, 42) for i in range(43)]
 
     class Stop(Exception):
         pass

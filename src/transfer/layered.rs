@@ -1,0 +1,107 @@
+//! A map-mode transfer's units, run a target layer at a time as the model map is built: each
+//! layer's map is built (on every core), its units run on it (in parallel, each small), and it
+//! is dropped before the next layer's is built. A refined layer map holds a `d_s × d_t` residual
+//! map (256 MB at 8192 wide): built all first, an 80-layer pair held 21 GB of them.
+//!
+//! Progress: the stages `map` (target layers, each counted once its map is built) and
+//! `transfer` (modules) advance together.
+
+use rayon::prelude::*;
+
+use super::execute::{self, Context, MapContext, Outcome};
+use super::{map_options, Job, MapStart, Opened};
+use crate::error::Result;
+use crate::map::{LayerByLayer, LayerMap, MapReport};
+use crate::modes::Mode;
+use crate::plan::{self, ModelSide};
+use crate::timing::Phase;
+
+/// Whether a plan has a unit that the map mode transfers (else no map is built).
+pub(super) fn has_mapped_units(opened: &Opened) -> bool {
+    opened
+        .plan
+        .units()
+        .any(|u| u.mode == Mode::Map && u.skip.is_none())
+}
+
+/// Runs every unit of the plan, building the model map a layer at a time from `start`; returns
+/// the outcomes in plan order and what the report says of the map.
+pub(super) fn run_units_by_layer(
+    ctx: &Context<'_>,
+    opened: &Opened,
+    start: &MapStart,
+    job: &Job,
+) -> Result<(Vec<Outcome>, MapReport)> {
+    let source = ModelSide::new(&opened.source)?;
+    let target = ModelSide::new(&opened.target)?;
+    let mut builder = ctx.timings.time(Phase::Map, || {
+        LayerByLayer::new(
+            (&source, &target),
+            std::sync::Arc::clone(&start.residual),
+            map_options(&job.options),
+            (start.depth.clone(), start.times.clone()),
+            ctx.backend,
+        )
+    });
+    let units: Vec<&plan::Unit> = opened.plan.units().collect();
+    let layers = job
+        .progress
+        .start("map", "layers", opened.plan.layer_map.len() as u64);
+    let modules = job
+        .progress
+        .start("transfer", "modules", units.len() as u64);
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; units.len()];
+    let residual_fit = start.residual.relative_residual;
+    // The units of `idx`, in parallel, on `layer`'s map (None: units that use no map).
+    let run = |idx: &[usize], layer: Option<&LayerMap>| -> Result<Vec<(usize, Outcome)>> {
+        let mc = layer.map(|layer| MapContext {
+            layer,
+            residual_fit,
+            source: &source,
+            target: &target,
+        });
+        let ctx = Context {
+            map: mc.as_ref(),
+            ..*ctx
+        };
+        idx.par_iter()
+            .map(|&i| {
+                modules.check()?;
+                let factors = units[i]
+                    .source_module
+                    .as_ref()
+                    .and_then(|m| opened.adapter.modules.get(m));
+                let out = execute::run_unit(&ctx, units[i], factors)?;
+                modules.step();
+                Ok((i, out))
+            })
+            .collect()
+    };
+    let mapped = |i: usize| units[i].mode == Mode::Map && units[i].skip.is_none();
+    // Every layer of the plan is built, with units or not: each starts from the one below.
+    for (&j, &i) in &opened.plan.layer_map {
+        layers.check()?;
+        let layer = ctx.timings.time(Phase::Map, || builder.build(j, i))?;
+        layers.step();
+        let of_layer: Vec<usize> = (0..units.len())
+            .filter(|&u| mapped(u) && units[u].target_layer == j)
+            .collect();
+        for (u, o) in run(&of_layer, Some(&layer))? {
+            outcomes[u] = Some(o);
+        }
+    }
+    layers.finish();
+    // The rest (skipped units, units without a source module) need no map.
+    let rest: Vec<usize> = (0..units.len())
+        .filter(|&u| outcomes[u].is_none())
+        .collect();
+    for (u, o) in run(&rest, None)? {
+        outcomes[u] = Some(o);
+    }
+    modules.finish();
+    let outcomes = outcomes
+        .into_iter()
+        .map(|o| o.expect("every unit ran"))
+        .collect();
+    Ok((outcomes, builder.finish()))
+}
