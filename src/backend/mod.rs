@@ -171,6 +171,29 @@ pub trait Backend: Sync {
         timings: &Timings,
     ) -> Result<Basis>;
 
+    /// The SVD of a weight whose rows are decoded as they are read (a GGUF's quantized tensor),
+    /// its Ω keyed by `name`. The CPU reads it a band at a time; by default it is decoded whole
+    /// and handed to [`Backend::truncated_svd_raw`].
+    fn truncated_svd_decoded(
+        &self,
+        name: &str,
+        rows: &crate::io::gguf::QuantizedRows<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
+        let (m, n) = rows.shape();
+        let values = timings.time(crate::timing::Phase::Load, || rows.decode_all());
+        let weight = RawWeight {
+            name,
+            bytes: bytemuck::cast_slice(&values),
+            ty: FloatType::F32,
+            rows: m,
+            cols: n,
+            unchecked: None,
+        };
+        self.truncated_svd_raw(&weight, params, timings)
+    }
+
     /// True when [`Backend::truncated_svd_raw_batches`] decomposes many matrices in one go (the
     /// pipeline then schedules its decompositions in batches of one shape).
     fn batches(&self) -> bool {

@@ -345,6 +345,20 @@ impl Checkpoint {
         }
     }
 
+    /// Rows of a 2-D tensor to be decoded as they are read (a GGUF's quantized or permuted
+    /// tensor, NaN/Inf refused first), so that a decomposition never holds it whole in f32; None
+    /// where [`Checkpoint::rows_raw`] borrows them as stored.
+    pub fn row_decoder(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Option<crate::io::gguf::QuantizedRows<'_>>> {
+        match &self.storage {
+            Storage::Safetensors { .. } => Ok(None),
+            Storage::Gguf(g) => g.row_decoder(name, rows),
+        }
+    }
+
     /// [`Checkpoint::rows_raw`] without the NaN/Inf scan of borrowed bytes, with the file's
     /// path for [`crate::io::safetensors::check_finite`] when the caller reads the bytes.
     pub fn rows_raw_unchecked(

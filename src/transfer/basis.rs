@@ -189,22 +189,32 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
         return Ok(basis);
     }
     let omega = key.omega_name(ctx)?;
-    // Straight from the map in the stored dtype: a device backend converts as it reads, the
-    // CPU backend converts first (the trait's default).
-    let (bytes, ty, cols) = ctx.timings.time(Phase::Load, || {
-        key.checkpoint(ctx).rows_raw(&key.tensor, key.row_range())
+    let checkpoint = key.checkpoint(ctx);
+    let params = key.params(ctx);
+    // A GGUF's quantized tensor is decoded a band at a time as the products read it, not whole.
+    let decoder = ctx.timings.time(Phase::Load, || {
+        checkpoint.row_decoder(&key.tensor, key.row_range())
     })?;
-    let weight = RawWeight {
-        name: &omega,
-        bytes: &bytes,
-        ty,
-        rows: key.row_count(),
-        cols,
-        unchecked: None,
+    let basis = if let Some(rows) = decoder {
+        ctx.backend
+            .truncated_svd_decoded(&omega, &rows, &params, ctx.timings)?
+    } else {
+        // Straight from the map in the stored dtype: a device backend converts as it reads,
+        // the CPU backend a band at a time.
+        let (bytes, ty, cols) = ctx.timings.time(Phase::Load, || {
+            checkpoint.rows_raw(&key.tensor, key.row_range())
+        })?;
+        let weight = RawWeight {
+            name: &omega,
+            bytes: &bytes,
+            ty,
+            rows: key.row_count(),
+            cols,
+            unchecked: None,
+        };
+        ctx.backend
+            .truncated_svd_raw(&weight, &params, ctx.timings)?
     };
-    let basis = ctx
-        .backend
-        .truncated_svd_raw(&weight, &key.params(ctx), ctx.timings)?;
     store(ctx, key, &basis)?;
     if let Some(pre) = ctx.prefetched {
         pre.keep(key, &basis);

@@ -41,6 +41,16 @@ impl Backend for CpuBackend {
         rsvd::truncated_svd_raw(w, params, timings)
     }
 
+    fn truncated_svd_decoded(
+        &self,
+        name: &str,
+        rows: &crate::io::gguf::QuantizedRows<'_>,
+        params: &SvdParams,
+        timings: &Timings,
+    ) -> Result<Basis> {
+        rsvd::truncated_svd_decoded(name, rows, params, timings)
+    }
+
     fn similarity(&self, x: MatRef<'_, f32>, y: MatRef<'_, f32>) -> f32 {
         factors::similarity(x, y)
     }

@@ -17,6 +17,7 @@ use faer::{Accum, Mat, MatRef, Par};
 
 use crate::backend::{Basis, RawWeight, SvdParams, Weight};
 use crate::error::{Error, Result};
+use crate::io::gguf::QuantizedRows;
 use crate::io::safetensors::{decode_into, FloatType};
 use crate::linalg::{mm, philox};
 use crate::timing::{Phase, Timings};
@@ -46,6 +47,8 @@ pub enum Rows<'a> {
         rows: usize,
         cols: usize,
     },
+    /// A GGUF tensor decoded as read: a band is decoded into the same buffer.
+    Decoded(QuantizedRows<'a>),
 }
 
 impl Rows<'_> {
@@ -53,6 +56,7 @@ impl Rows<'_> {
         match *self {
             Rows::F32(w) => (w.nrows(), w.ncols()),
             Rows::Stored { rows, cols, .. } => (rows, cols),
+            Rows::Decoded(q) => q.shape(),
         }
     }
 
@@ -96,21 +100,25 @@ impl<'a> Bands<'a> {
 
     /// The rows `r` as f32: a view of the weight, or of the buffer after decoding into it.
     fn band(&mut self, r: Range<usize>) -> MatRef<'_, f32> {
-        match self.rows {
-            Rows::F32(w) => w.subrows(r.start, r.len()),
-            Rows::Stored {
-                bytes, ty, cols, ..
-            } => {
-                let len = r.len() * cols;
-                if self.held.as_ref() != Some(&r) {
-                    self.buf.resize(len, 0.0);
-                    let at = r.start * cols * ty.size();
-                    decode_into(&bytes[at..at + len * ty.size()], ty, &mut self.buf[..len]);
-                    self.held = Some(r.clone());
-                }
-                MatRef::from_row_major_slice(&self.buf[..len], r.len(), cols)
-            }
+        if let Rows::F32(w) = self.rows {
+            return w.subrows(r.start, r.len());
         }
+        let cols = self.rows.shape().1;
+        let len = r.len() * cols;
+        if self.held.as_ref() != Some(&r) {
+            self.buf.resize(len, 0.0);
+            let buf = &mut self.buf[..len];
+            match self.rows {
+                Rows::Stored { bytes, ty, .. } => {
+                    let at = r.start * cols * ty.size();
+                    decode_into(&bytes[at..at + len * ty.size()], ty, buf);
+                }
+                Rows::Decoded(q) => q.decode(r.clone(), buf),
+                Rows::F32(_) => unreachable!("a view, returned above"),
+            }
+            self.held = Some(r.clone());
+        }
+        MatRef::from_row_major_slice(&self.buf[..len], r.len(), cols)
     }
 
     /// W·X, band by band into the rows of the product.
@@ -212,6 +220,17 @@ pub fn truncated_svd_raw(w: &RawWeight<'_>, params: &SvdParams, t: &Timings) -> 
         cols: w.cols,
     };
     truncated_svd_of(w.name, Bands::new(rows), params, t)
+}
+
+/// [`truncated_svd_raw`] for a weight decoded as read (a GGUF's quantized tensor): a band at a
+/// time, through the same buffer, never whole.
+pub fn truncated_svd_decoded(
+    name: &str,
+    rows: &QuantizedRows<'_>,
+    params: &SvdParams,
+    t: &Timings,
+) -> Result<Basis> {
+    truncated_svd_of(name, Bands::new(Rows::Decoded(*rows)), params, t)
 }
 
 /// Top-`params.rank` singular triplets of the weight `name` (which keys its Ω).
@@ -399,6 +418,17 @@ mod tests {
         });
         assert!(from_f32.u == from_bytes.u && from_f32.v == from_bytes.v);
         assert_eq!(from_f32.s, from_bytes.s);
+        // Decoded as read (the path of a GGUF's quantized tensors; BF16 here, whose values are
+        // the same): the same bits.
+        let decoded = of(Rows::Decoded(QuantizedRows::new(
+            &bytes,
+            crate::io::gguf::quant::GgmlType::Bf16,
+            (m, n),
+            0..m,
+            (None, 0.0),
+        )));
+        assert!(from_f32.u == decoded.u && from_f32.v == decoded.v);
+        assert_eq!(from_f32.s, decoded.s);
         // And the bands are a summation order, not a different answer: the singular values
         // match the one-band decomposition's to f32 rounding.
         let one_band = truncated_svd_of(

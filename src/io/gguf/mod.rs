@@ -11,6 +11,9 @@ pub mod convert;
 pub mod header;
 pub mod names;
 pub mod quant;
+mod rows;
+
+pub use rows::QuantizedRows;
 
 use crate::io::RawBytes;
 use std::collections::HashMap;
@@ -18,7 +21,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::io::safetensors::{check_finite, FloatType};
@@ -26,9 +28,6 @@ use crate::map::vocab::Vocab;
 use header::{Header, TensorInfo, Value};
 use names::Family;
 use quant::GgmlType;
-
-/// Elements dequantized per parallel task.
-const CHUNK_ELEMS: usize = 1 << 16;
 
 /// The bytes of a GGUF file: mapped, or (an image built or fuzzed in memory) owned.
 enum Bytes {
@@ -216,7 +215,7 @@ impl GgufModel {
             return Ok((RawBytes::Borrowed(bytes), ty, cols));
         }
         // Built rows are scanned here.
-        let values = self.dequantized_rows(name, t, rows, cols)?;
+        let values = self.decoded(name, t, rows, cols).to_vec(&self.path, name)?;
         Ok((RawBytes::Decoded(values), FloatType::F32, cols))
     }
 
@@ -227,7 +226,24 @@ impl GgufModel {
             return Ok(crate::io::safetensors::decode_f32(&bytes, ty));
         }
         let (t, _, cols) = self.rows_raw_shape(name, &rows)?;
-        self.dequantized_rows(name, t, rows, cols)
+        self.decoded(name, t, rows, cols).to_vec(&self.path, name)
+    }
+
+    /// Rows of `name` to be decoded as they are read, when they are not handed out as stored
+    /// (None: [`GgufModel::rows_raw`] borrows them); NaN and Inf refused first, in a pass that
+    /// keeps nothing.
+    pub fn row_decoder(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Option<QuantizedRows<'_>>> {
+        if self.as_stored(name) {
+            return Ok(None);
+        }
+        let (t, _, cols) = self.rows_raw_shape(name, &rows)?;
+        let decoder = self.decoded(name, t, rows, cols);
+        decoder.check_finite(&self.path, name)?;
+        Ok(Some(decoder))
     }
 
     /// The tensor, its block layout and its row length, once `rows` is checked against its
@@ -262,36 +278,21 @@ impl GgufModel {
 
     /// Rows of a tensor that is not read as stored: dequantized, in Hugging Face row order, the
     /// converter's norm shift undone, NaN and Inf refused.
-    fn dequantized_rows(
+    /// Rows `rows` of `name` (tensor `t`, rows of `cols` values), decoded on request.
+    fn decoded(
         &self,
         name: &str,
         t: &TensorInfo,
         rows: std::ops::Range<usize>,
         cols: usize,
-    ) -> Result<Vec<f32>> {
-        let nrows = self.shapes[name][0];
-        let mut values = match self.permuted(name) {
-            None => self.dequantize_range(t, rows.start * cols..rows.end * cols),
-            Some(heads) => {
-                let mut out = vec![0f32; rows.len() * cols];
-                out.par_chunks_mut(cols.max(1))
-                    .zip(rows.clone())
-                    .for_each(|(o, row)| {
-                        let stored = names::stored_row(row, nrows, heads);
-                        o.copy_from_slice(
-                            &self.dequantize_range(t, stored * cols..(stored + 1) * cols),
-                        );
-                    });
-                out
-            }
-        };
-        let shift = self.shift(name);
-        if shift != 0.0 {
-            values.iter_mut().for_each(|v| *v -= shift);
-        }
-        let bytes: &[u8] = bytemuck::cast_slice(&values);
-        check_finite(&self.path, name, bytes, FloatType::F32, rows.start, cols)?;
-        Ok(values)
+    ) -> QuantizedRows<'_> {
+        QuantizedRows::new(
+            &self.map[t.start..t.end],
+            t.ty,
+            (self.shapes[name][0], cols),
+            rows,
+            (self.permuted(name), self.shift(name)),
+        )
     }
 
     /// True when the metadata has a vocabulary (`tokenizer.ggml.tokens`).
@@ -379,25 +380,6 @@ impl GgufModel {
     }
 
     /// Elements `range` of a tensor (row-major, Hugging Face order of storage), dequantized.
-    fn dequantize_range(&self, t: &TensorInfo, range: std::ops::Range<usize>) -> Vec<f32> {
-        let (elems, size) = t.ty.block().expect("checked by the caller");
-        let (b0, b1) = (range.start / elems, range.end.div_ceil(elems));
-        let bytes = &self.map[t.start + b0 * size..t.start + b1 * size];
-        let mut out = vec![0f32; (b1 - b0) * elems];
-        let per_task = (CHUNK_ELEMS / elems).max(1);
-        if out.len() > CHUNK_ELEMS {
-            out.par_chunks_mut(per_task * elems)
-                .zip(bytes.par_chunks(per_task * size))
-                .for_each(|(o, b)| quant::dequantize(t.ty, b, o));
-        } else {
-            quant::dequantize(t.ty, bytes, &mut out);
-        }
-        let skip = range.start - b0 * elems;
-        out.drain(..skip);
-        out.truncate(range.len());
-        out
-    }
-
     fn missing(&self, name: &str) -> Error {
         Error::MissingTensor {
             path: self.path.clone(),

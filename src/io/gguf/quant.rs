@@ -277,11 +277,13 @@ fn q4_k(b: &[u8], o: &mut [f32]) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let (sc, mn) = scale_min_k4(&b[4..16]);
     let qs = &b[16..144];
-    for (e, v) in o.iter_mut().enumerate() {
-        let (c, s, l) = (e / 64, (e / 32) % 2, e % 32);
-        let q = (qs[32 * c + l] >> (4 * s)) & 0x0F;
-        let j = e / 32;
-        *v = (d * sc[j] as f32) * q as f32 - dmin * mn[j] as f32;
+    // A sub-block (32 elements, one scale and min) at a time: the inner loop vectorizes.
+    for (j, out) in o.chunks_exact_mut(32).enumerate() {
+        let (scale, min) = (d * sc[j] as f32, dmin * mn[j] as f32);
+        let (q, shift) = (&qs[32 * (j / 2)..32 * (j / 2) + 32], 4 * (j % 2));
+        for (v, &byte) in out.iter_mut().zip(q) {
+            *v = scale * ((byte >> shift) & 0x0F) as f32 - min;
+        }
     }
 }
 
@@ -290,13 +292,13 @@ fn q5_k(b: &[u8], o: &mut [f32]) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let (sc, mn) = scale_min_k4(&b[4..16]);
     let (qh, qs) = (&b[16..48], &b[48..176]);
-    for (e, v) in o.iter_mut().enumerate() {
-        let (c, s, l) = (e / 64, (e / 32) % 2, e % 32);
-        let low = (qs[32 * c + l] >> (4 * s)) & 0x0F;
-        let high = (qh[l] >> (e / 32)) & 1;
-        let q = low | (high << 4);
-        let j = e / 32;
-        *v = (d * sc[j] as f32) * q as f32 - dmin * mn[j] as f32;
+    for (j, out) in o.chunks_exact_mut(32).enumerate() {
+        let (scale, min) = (d * sc[j] as f32, dmin * mn[j] as f32);
+        let (q, shift) = (&qs[32 * (j / 2)..32 * (j / 2) + 32], 4 * (j % 2));
+        for ((v, &byte), &high) in out.iter_mut().zip(q).zip(qh) {
+            let q = ((byte >> shift) & 0x0F) | (((high >> j) & 1) << 4);
+            *v = scale * q as f32 - min;
+        }
     }
 }
 
@@ -305,13 +307,23 @@ fn q5_k(b: &[u8], o: &mut [f32]) {
 fn q6_k(b: &[u8], o: &mut [f32]) {
     let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = half_at(b, 208);
-    for (e, v) in o.iter_mut().enumerate() {
-        let (h, s, l) = (e / 128, (e / 64) % 2, e % 64);
-        let low = (ql[64 * h + l] >> (4 * s)) & 0x0F;
-        let t = (e % 128) / 32;
-        let high = (qh[32 * h + e % 32] >> (2 * t)) & 3;
-        let q = ((low | (high << 4)) as i8) - 32;
-        *v = (d * (scales[e / 16] as i8) as f32) * q as f32;
+    // 32 elements at a time: e = 128h + 32k + i, so s = k / 2, l = 32(k % 2) + i, t = k.
+    for (chunk, out) in o.chunks_exact_mut(32).enumerate() {
+        let (h, k) = (chunk / 4, chunk % 4);
+        let low = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
+        let high = &qh[32 * h..32 * h + 32];
+        for (half, out) in out.chunks_exact_mut(16).enumerate() {
+            let scale = d * (scales[2 * chunk + half] as i8) as f32;
+            let at = 16 * half;
+            for ((v, &lo), &hi) in out
+                .iter_mut()
+                .zip(&low[at..at + 16])
+                .zip(&high[at..at + 16])
+            {
+                let q = (((lo >> (4 * (k / 2))) & 0x0F) | (((hi >> (2 * k)) & 3) << 4)) as i8 - 32;
+                *v = scale * q as f32;
+            }
+        }
     }
 }
 

@@ -1,0 +1,252 @@
+//! The rows of a GGUF tensor that cannot be handed out as stored (quantized, or with permuted
+//! rows or shifted values), decoded on request. The CPU's products read a weight a band of rows
+//! at a time, so through [`QuantizedRows`] a quantized weight is never decoded whole: a 70B
+//! model's MLP weight is 940 MB in f32, once per thread decomposing one.
+
+use std::ops::Range;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::names;
+use super::quant::{self, GgmlType};
+use crate::error::Result;
+use crate::io::safetensors::{check_finite, FloatType};
+
+/// Values decoded per parallel task.
+const CHUNK_ELEMS: usize = 1 << 16;
+
+/// Rows `first..first + rows` of a tensor, decoded to f32 on request.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedRows<'a> {
+    /// The tensor's bytes as stored.
+    data: &'a [u8],
+    ty: GgmlType,
+    /// The whole tensor's rows (the heads' permutation runs over them) and row length.
+    all_rows: usize,
+    cols: usize,
+    first: usize,
+    rows: usize,
+    /// Heads whose rows the file stores permuted (Llama's q and k), if any.
+    heads: Option<usize>,
+    /// Subtracted from every value (norm gains stored as g + shift).
+    shift: f32,
+}
+
+impl<'a> QuantizedRows<'a> {
+    /// `data`: the tensor's bytes, of a type with a block layout (checked by the caller).
+    pub(crate) fn new(
+        data: &'a [u8],
+        ty: GgmlType,
+        (all_rows, cols): (usize, usize),
+        rows: Range<usize>,
+        (heads, shift): (Option<usize>, f32),
+    ) -> Self {
+        QuantizedRows {
+            data,
+            ty,
+            all_rows,
+            cols,
+            first: rows.start,
+            rows: rows.len(),
+            heads,
+            shift,
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Rows `r` of these rows (0 is the first) into `out`, row-major (`r.len() × cols`).
+    pub fn decode(&self, r: Range<usize>, out: &mut [f32]) {
+        let cols = self.cols;
+        assert_eq!(out.len(), r.len() * cols, "a band's values");
+        match self.heads {
+            // Consecutive rows are consecutive in the file: one span.
+            None => {
+                let start = (self.first + r.start) * cols;
+                self.decode_span(start..start + r.len() * cols, out);
+            }
+            Some(heads) => {
+                for (i, o) in r.zip(out.chunks_exact_mut(cols.max(1))) {
+                    let stored = names::stored_row(self.first + i, self.all_rows, heads);
+                    self.decode_span(stored * cols..(stored + 1) * cols, o);
+                }
+            }
+        }
+        if self.shift != 0.0 {
+            out.iter_mut().for_each(|v| *v -= self.shift);
+        }
+    }
+
+    /// Elements `span` of the tensor into `out`: straight from the bytes when the span starts
+    /// and ends on block boundaries (every row does when the row length is a multiple of the
+    /// block, as GGUF writers make it), else through the blocks that hold it.
+    fn decode_span(&self, span: Range<usize>, out: &mut [f32]) {
+        let (elems, size) = self.ty.block().expect("checked by the caller");
+        let (b0, b1) = (span.start / elems, span.end.div_ceil(elems));
+        let bytes = &self.data[b0 * size..b1 * size];
+        if span.start % elems == 0 && span.end % elems == 0 {
+            quant::dequantize(self.ty, bytes, out);
+            return;
+        }
+        let mut blocks = vec![0f32; (b1 - b0) * elems];
+        quant::dequantize(self.ty, bytes, &mut blocks);
+        let skip = span.start - b0 * elems;
+        out.copy_from_slice(&blocks[skip..skip + span.len()]);
+    }
+
+    /// Rows per parallel task: about [`CHUNK_ELEMS`] values, at least one row.
+    fn rows_per_task(&self) -> usize {
+        (CHUNK_ELEMS / self.cols.max(1)).max(1)
+    }
+
+    /// Every row, decoded on every core.
+    pub fn decode_all(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let per_task = self.rows_per_task();
+        out.par_chunks_mut((per_task * self.cols).max(1))
+            .enumerate()
+            .for_each(|(k, o)| {
+                let start = k * per_task;
+                self.decode(start..start + o.len() / self.cols.max(1), o)
+            });
+        out
+    }
+
+    /// Every row, decoded on every core; NaN and Inf refused (the error names `path`, `name`,
+    /// the row and the column).
+    pub fn to_vec(&self, path: &Path, name: &str) -> Result<Vec<f32>> {
+        let out = self.decode_all();
+        check_finite(
+            path,
+            name,
+            bytemuck::cast_slice(&out),
+            FloatType::F32,
+            self.first,
+            self.cols,
+        )?;
+        Ok(out)
+    }
+
+    /// Refuses NaN and Inf as [`QuantizedRows::to_vec`] does, decoding a task's rows at a time
+    /// and keeping nothing: the check before the rows are handed out to be decoded as read.
+    pub fn check_finite(&self, path: &Path, name: &str) -> Result<()> {
+        let per_task = self.rows_per_task();
+        let tasks = self.rows.div_ceil(per_task);
+        (0..tasks)
+            .into_par_iter()
+            .try_for_each_init(Vec::new, |buf, k| {
+                let r = k * per_task..((k + 1) * per_task).min(self.rows);
+                buf.resize(r.len() * self.cols, 0.0);
+                self.decode(r.clone(), buf);
+                check_finite(
+                    path,
+                    name,
+                    bytemuck::cast_slice(buf.as_slice()),
+                    FloatType::F32,
+                    self.first + r.start,
+                    self.cols,
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linalg::philox::gaussian_matrix;
+
+    /// Q8_0 blocks of `values` (a multiple of 32): per block an f16 scale, then 32 int8.
+    fn q8_0(values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for block in values.chunks(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = half::f16::from_f32(amax / 127.0);
+            let inv = if d.to_f32() > 0.0 {
+                1.0 / d.to_f32()
+            } else {
+                0.0
+            };
+            out.extend_from_slice(&d.to_bits().to_le_bytes());
+            out.extend(
+                block
+                    .iter()
+                    .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn bands_decode_as_the_whole_tensor_does() {
+        let seed = crate::linalg::fresh_seed();
+        // Rows of 96 values (3 blocks) and of 40 (rows straddle blocks); 8 heads of 6 rows.
+        for (cols, stream) in [(96usize, 0u64), (40, 1)] {
+            let all_rows = 48;
+            let m = gaussian_matrix(seed, stream, all_rows, cols);
+            let values: Vec<f32> = (0..all_rows)
+                .flat_map(|i| (0..cols).map(move |j| (i, j)))
+                .map(|(i, j)| m[(i, j)])
+                .collect();
+            let data = q8_0(&values);
+            let mut whole = vec![0f32; values.len()];
+            quant::dequantize(GgmlType::Q8_0, &data, &mut whole);
+            for (heads, shift) in [(None, 0.0f32), (Some(8), 0.0), (None, 1.0)] {
+                let rows = 5..41;
+                let q = QuantizedRows::new(
+                    &data,
+                    GgmlType::Q8_0,
+                    (all_rows, cols),
+                    rows.clone(),
+                    (heads, shift),
+                );
+                // The reference: stored row of each wanted row, from the whole tensor.
+                let want = |i: usize| -> Vec<f32> {
+                    let row = rows.start + i;
+                    let stored = heads.map_or(row, |h| names::stored_row(row, all_rows, h));
+                    whole[stored * cols..(stored + 1) * cols]
+                        .iter()
+                        .map(|v| v - shift)
+                        .collect()
+                };
+                let all = q.decode_all();
+                for (i, got) in all.chunks(cols).enumerate() {
+                    assert_eq!(got, want(i).as_slice(), "row {i} of {heads:?}, {cols}");
+                }
+                for band in [0..1, 3..17, 30..36] {
+                    let mut out = vec![0f32; band.len() * cols];
+                    q.decode(band.clone(), &mut out);
+                    assert_eq!(out, all[band.start * cols..band.end * cols]);
+                }
+                assert!(q.check_finite(Path::new("m.gguf"), "w").is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_scale_is_refused_naming_its_row() {
+        let values = vec![0.5f32; 10 * 64];
+        let mut data = q8_0(&values);
+        // Row 7's second block: its scale becomes +Inf.
+        let block = 7 * 2 + 1;
+        data[block * 34..block * 34 + 2]
+            .copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
+        let q = QuantizedRows::new(&data, GgmlType::Q8_0, (10, 64), 2..10, (None, 0.0));
+        let err = q
+            .check_finite(Path::new("m.gguf"), "blk.0.w")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.gguf") && err.contains("blk.0.w") && err.contains("row 7"),
+            "{err}"
+        );
+        assert_eq!(
+            q.to_vec(Path::new("m.gguf"), "blk.0.w")
+                .unwrap_err()
+                .to_string(),
+            err
+        );
+    }
+}
