@@ -2,29 +2,38 @@
 //! the map mode holds a layer's fourteen projection weights (seven per model) while it builds
 //! that layer's map, and as f32 copies they are 6.8 GB at Llama-3.1-70B widths. Borrowed from a
 //! memory-mapped safetensors file they cost no anonymous memory at all; the products decode them
-//! a band of rows at a time ([`crate::backend::cpu::rsvd::Bands`]).
+//! a band of rows at a time ([`crate::backend::cpu::rsvd::Bands`]), and a GGUF's quantized ones
+//! are dequantized the same way, a band or a row at a time as they are read.
 
-use crate::io::RawBytes;
+use std::borrow::Cow;
 use std::ops::Range;
 
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
 use crate::backend::cpu::rsvd::{Bands, Rows, BAND_ELEMENTS, MIN_BAND_ROWS};
+use crate::io::gguf::QuantizedRows;
 use crate::io::safetensors::{decode_into, encode_f32, FloatType};
+use crate::io::RawBytes;
 
 /// Bands summed into one partial result of `Wᵀ·X` by one task: the partials (`cols × l` each)
 /// are few enough to hold at once, and the grouping depends on the shape alone, so the sum does
 /// not depend on the thread count.
 const BANDS_PER_PARTIAL: usize = 8;
 
-/// A row-major `rows × cols` matrix as stored: little-endian values of type `ty`.
+/// A row-major `rows × cols` matrix as stored: little-endian values of type `ty`, or a GGUF's
+/// quantized tensor, decoded a band (or a row) at a time as it is read.
 #[derive(Debug, Clone)]
 pub struct Stored<'a> {
-    bytes: RawBytes<'a>,
-    ty: FloatType,
+    data: Data<'a>,
     rows: usize,
     cols: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Data<'a> {
+    Bytes(RawBytes<'a>, FloatType),
+    Decoded(QuantizedRows<'a>),
 }
 
 impl<'a> Stored<'a> {
@@ -33,10 +42,19 @@ impl<'a> Stored<'a> {
         let bytes = bytes.into();
         assert_eq!(bytes.len(), rows * cols * ty.size(), "stored matrix size");
         Stored {
-            bytes,
-            ty,
+            data: Data::Bytes(bytes, ty),
             rows,
             cols,
+        }
+    }
+
+    /// A quantized tensor's rows, decoded as they are read.
+    pub fn decoded(rows: QuantizedRows<'a>) -> Self {
+        let (r, c) = rows.shape();
+        Stored {
+            data: Data::Decoded(rows),
+            rows: r,
+            cols: c,
         }
     }
 
@@ -61,22 +79,28 @@ impl<'a> Stored<'a> {
         self.cols
     }
 
-    /// The bytes and their type, as stored (what a device uploads).
-    pub fn raw(&self) -> (&[u8], FloatType) {
-        (&self.bytes, self.ty)
-    }
-
-    /// The bytes of rows `r`.
-    fn row_bytes(&self, r: Range<usize>) -> &[u8] {
-        let width = self.cols * self.ty.size();
-        &self.bytes[r.start * width..r.end * width]
+    /// The bytes and their type, as stored (what a device uploads); a quantized tensor's
+    /// decoded whole, as f32.
+    pub fn raw(&self) -> (Cow<'_, [u8]>, FloatType) {
+        match &self.data {
+            Data::Bytes(bytes, ty) => (Cow::Borrowed(&bytes[..]), *ty),
+            Data::Decoded(q) => (
+                Cow::Owned(bytemuck::cast_slice(&q.decode_all()).to_vec()),
+                FloatType::F32,
+            ),
+        }
     }
 
     /// Columns `c` of row `i`, decoded into `out` (`c.len()` values).
     pub fn row_part_into(&self, i: usize, c: Range<usize>, out: &mut [f32]) {
-        let size = self.ty.size();
-        let at = (i * self.cols + c.start) * size;
-        decode_into(&self.bytes[at..at + c.len() * size], self.ty, out);
+        match &self.data {
+            Data::Bytes(bytes, ty) => {
+                let size = ty.size();
+                let at = (i * self.cols + c.start) * size;
+                decode_into(&bytes[at..at + c.len() * size], *ty, out);
+            }
+            Data::Decoded(q) => q.decode_part(i, c, out),
+        }
     }
 
     /// Row `i`, decoded into `out` (`cols` values).
@@ -86,11 +110,17 @@ impl<'a> Stored<'a> {
 
     /// Rows `r` as the banded products read them.
     fn rows_of(&self, r: Range<usize>) -> Rows<'_> {
-        Rows::Stored {
-            bytes: self.row_bytes(r.clone()),
-            ty: self.ty,
-            rows: r.len(),
-            cols: self.cols,
+        match &self.data {
+            Data::Bytes(bytes, ty) => {
+                let width = self.cols * ty.size();
+                Rows::Stored {
+                    bytes: &bytes[r.start * width..r.end * width],
+                    ty: *ty,
+                    rows: r.len(),
+                    cols: self.cols,
+                }
+            }
+            Data::Decoded(q) => Rows::Decoded(q.subrows(r)),
         }
     }
 
@@ -196,6 +226,42 @@ mod tests {
             w.row_part_into(2, 7..12, &mut part);
             assert!((0..5).all(|j| part[j] == dense[(2, 7 + j)]));
         }
+    }
+
+    /// A quantized tensor decoded as read gives what its decoded values stored as bytes give:
+    /// the same rows, row parts and products, bit for bit (BF16 through the GGUF decoder here,
+    /// whose values are the same).
+    #[test]
+    fn decoded_rows_read_as_their_bytes() {
+        let seed = crate::linalg::fresh_seed();
+        let (rows, cols) = (1100, 3000);
+        let bytes = Stored::from_mat(
+            gaussian_matrix(seed, 1, rows, cols).as_ref(),
+            FloatType::Bf16,
+        );
+        let (raw, _) = bytes.raw();
+        let decoded = Stored::decoded(QuantizedRows::new(
+            &raw,
+            crate::io::gguf::quant::GgmlType::Bf16,
+            (rows, cols),
+            0..rows,
+            (None, 0.0),
+        ));
+        let (x, y) = (
+            gaussian_matrix(seed, 2, cols, 17),
+            gaussian_matrix(seed, 3, rows, 9),
+        );
+        assert!(bytes.mul(x.as_ref()) == decoded.mul(x.as_ref()));
+        assert!(bytes.mul_t(y.as_ref()) == decoded.mul_t(y.as_ref()));
+        let (mut a, mut b) = (vec![0f32; 300], vec![0f32; 300]);
+        bytes.row_part_into(1000, 2500..2800, &mut a);
+        decoded.row_part_into(1000, 2500..2800, &mut b);
+        assert_eq!(a, b);
+        // What a device uploads: the values, as f32.
+        let (whole, ty) = decoded.raw();
+        assert_eq!(ty, FloatType::F32);
+        use crate::io::safetensors::decode_f32;
+        assert_eq!(decode_f32(&whole, ty), decode_f32(&raw, FloatType::Bf16));
     }
 
     /// Results depend on the shape alone: the same bits on one thread and on four.

@@ -188,6 +188,10 @@ impl<'a> Side<'_, 'a> {
             .rows_of(part, &self.model.ckpt.config)
             .expect("the module holds the part");
         let count = rows.len();
+        // A GGUF's quantized weight is decoded as it is read, never held whole in f32.
+        if let Some(decoder) = self.model.ckpt.row_decoder(&name, rows.clone())? {
+            return Ok(Stored::decoded(decoder));
+        }
         let (bytes, ty, cols) = self.model.ckpt.rows_raw(&name, rows)?;
         Ok(Stored::new(bytes, ty, count, cols))
     }

@@ -351,7 +351,7 @@ impl Backend for CudaBackend {
         }
         let gpu = &self.ops.gpu;
         let (bytes, ty) = w.raw();
-        let dw = gpu.upload_bytes(bytes, "a weight of the map")?;
+        let dw = gpu.upload_bytes(&bytes, "a weight of the map")?;
         let dx = gpu.upload(&row_major(x), "a panel of the map")?;
         let c = gpu.zeros::<f32>(rows * l, "a product of the map")?;
         self.ops

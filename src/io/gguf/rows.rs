@@ -58,23 +58,48 @@ impl<'a> QuantizedRows<'a> {
         (self.rows, self.cols)
     }
 
+    /// Rows `r` of these rows, as rows of their own.
+    pub fn subrows(&self, r: Range<usize>) -> Self {
+        assert!(r.end <= self.rows, "rows {r:?} of {}", self.rows);
+        QuantizedRows {
+            first: self.first + r.start,
+            rows: r.len(),
+            ..*self
+        }
+    }
+
+    /// Where row `i` of these rows lies in the file, in rows.
+    fn stored_row(&self, i: usize) -> usize {
+        let row = self.first + i;
+        self.heads
+            .map_or(row, |heads| names::stored_row(row, self.all_rows, heads))
+    }
+
     /// Rows `r` of these rows (0 is the first) into `out`, row-major (`r.len() × cols`).
     pub fn decode(&self, r: Range<usize>, out: &mut [f32]) {
         let cols = self.cols;
         assert_eq!(out.len(), r.len() * cols, "a band's values");
-        match self.heads {
+        if self.heads.is_none() {
             // Consecutive rows are consecutive in the file: one span.
-            None => {
-                let start = (self.first + r.start) * cols;
-                self.decode_span(start..start + r.len() * cols, out);
-            }
-            Some(heads) => {
-                for (i, o) in r.zip(out.chunks_exact_mut(cols.max(1))) {
-                    let stored = names::stored_row(self.first + i, self.all_rows, heads);
-                    self.decode_span(stored * cols..(stored + 1) * cols, o);
-                }
+            let start = (self.first + r.start) * cols;
+            self.decode_span(start..start + r.len() * cols, out);
+        } else {
+            for (i, o) in r.zip(out.chunks_exact_mut(cols.max(1))) {
+                let stored = self.stored_row(i);
+                self.decode_span(stored * cols..(stored + 1) * cols, o);
             }
         }
+        self.unshift(out);
+    }
+
+    /// Columns `c` of row `i` into `out` (`c.len()` values).
+    pub fn decode_part(&self, i: usize, c: Range<usize>, out: &mut [f32]) {
+        let start = self.stored_row(i) * self.cols;
+        self.decode_span(start + c.start..start + c.end, out);
+        self.unshift(out);
+    }
+
+    fn unshift(&self, out: &mut [f32]) {
         if self.shift != 0.0 {
             out.iter_mut().for_each(|v| *v -= self.shift);
         }
@@ -219,7 +244,11 @@ mod tests {
                     let mut out = vec![0f32; band.len() * cols];
                     q.decode(band.clone(), &mut out);
                     assert_eq!(out, all[band.start * cols..band.end * cols]);
+                    assert_eq!(q.subrows(band.clone()).decode_all(), out);
                 }
+                let mut part = vec![0f32; 13];
+                q.decode_part(9, 27..40, &mut part);
+                assert_eq!(part, all[9 * cols + 27..9 * cols + 40]);
                 assert!(q.check_finite(Path::new("m.gguf"), "w").is_ok());
             }
         }
