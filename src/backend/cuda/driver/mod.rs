@@ -19,9 +19,9 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
 
-use rayon::prelude::*;
-
 use cudarc::driver::{result, sys};
+
+mod staging;
 
 use super::device::{Arg, Device, LaunchShape};
 use super::kernels::{self, check_launch};
@@ -29,26 +29,8 @@ use crate::error::{Error, Result};
 
 use super::gpus::driver_error;
 pub use super::gpus::{driver_present, list_gpus, GpuInfo};
-
-/// Bytes per pinned staging buffer.
-pub const STAGE_BYTES: usize = 32 << 20;
-
-/// Two pinned host buffers, each with the event recorded after the copy out of it.
-struct Staging {
-    buffers: [*mut u8; 2],
-    emptied: [sys::CUevent; 2],
-    next: usize,
-}
-
-/// The staging buffers: made at the first staged copy, taken out of the slot while a copy uses
-/// them (no lock is held while the host fills them, which runs on rayon's threads).
-enum StagingSlot {
-    NotYet,
-    Idle(Staging),
-    InUse,
-    /// Pinned memory could not be allocated (the reason): uploads copy from pageable memory.
-    Pageable(String),
-}
+use staging::StagingSlot;
+pub use staging::STAGE_BYTES;
 
 /// One GPU with this project's kernels loaded.
 pub struct CudaDriver {
@@ -190,25 +172,6 @@ impl CudaDriver {
         .map_err(|e| self.out_of_memory(e))
     }
 
-    /// Pinned staging buffers, or the reason there are none (then uploads copy from pageable
-    /// memory); allocated at the first staged copy, or by [`Device::memory_notes`].
-    fn staging_ready(&self) -> std::result::Result<(), String> {
-        let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
-        if let StagingSlot::NotYet = *slot {
-            *slot = match self.new_staging() {
-                Ok(st) => StagingSlot::Idle(st),
-                Err(e) => {
-                    eprintln!("loraxfer: {e}; weights are copied from pageable memory instead");
-                    StagingSlot::Pageable(e.to_string())
-                }
-            };
-        }
-        match &*slot {
-            StagingSlot::Pageable(reason) => Err(reason.clone()),
-            _ => Ok(()),
-        }
-    }
-
     fn out_of_memory(&self, e: result::DriverError) -> Error {
         let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
         Error::Device(format!(
@@ -217,69 +180,12 @@ impl CudaDriver {
         ))
     }
 
-    fn new_staging(&self) -> Result<Staging> {
-        let _g = self.current()?;
-        let mut buffers = [std::ptr::null_mut(); 2];
-        for b in &mut buffers {
-            // SAFETY: plain pinned allocation, freed in Drop.
-            *b = unsafe { result::malloc_host(STAGE_BYTES, 0) }.map_err(|e| {
-                driver_error(
-                    &format!("cuMemHostAlloc of {} MiB pinned staging", STAGE_BYTES >> 20),
-                    e,
-                )
-            })? as *mut u8;
-        }
-        Ok(Staging {
-            buffers,
-            emptied: [event()?, event()?],
-            next: 0,
-        })
-    }
-
     /// Makes the context current on this thread without taking the lock: for calls that block
     /// (event and stream synchronization), which must not hold up other threads' launches.
     fn bind(&self) -> Result<()> {
         // SAFETY: ctx is the retained primary context.
         unsafe { result::ctx::set_current(self.ctx) }
             .map_err(|e| driver_error("cuCtxSetCurrent", e))
-    }
-
-    /// Copies `src` through `st`'s two pinned buffers on the copy stream.
-    fn stage_with(&self, st: &mut Staging, dst: u64, src: &[u8]) -> Result<()> {
-        for (i, chunk) in src.chunks(STAGE_BYTES).enumerate() {
-            let slot = st.next;
-            st.next ^= 1;
-            self.bind()?;
-            // SAFETY: a live event (a never-recorded one is complete).
-            unsafe { result::event::synchronize(st.emptied[slot]) }
-                .map_err(|e| driver_error("cuEventSynchronize (staging)", e))?;
-            // SAFETY: STAGE_BYTES of pinned memory that no copy reads any more (the event).
-            let buffer = unsafe { std::slice::from_raw_parts_mut(st.buffers[slot], chunk.len()) };
-            // Reading the mapped file is the slow half (page faults): spread it over the cores.
-            buffer
-                .par_chunks_mut(1 << 20)
-                .zip(chunk.par_chunks(1 << 20))
-                .for_each(|(d, s)| d.copy_from_slice(s));
-            let _g = self.current()?;
-            let at = dst + (i * STAGE_BYTES) as u64;
-            // SAFETY: pinned source kept untouched until `emptied[slot]` completes.
-            unsafe {
-                result::memcpy_htod_async(at, &*buffer, self.copy)
-                    .map_err(|e| driver_error("cuMemcpyHtoDAsync (staged)", e))?;
-                result::event::record(st.emptied[slot], self.copy)
-                    .map_err(|e| driver_error("cuEventRecord", e))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Host → device on the copy stream straight from pageable memory (no staging buffer).
-    fn copy_pageable(&self, dst: u64, src: &[u8]) -> Result<()> {
-        let _g = self.current()?;
-        // SAFETY: dst is an upload buffer of at least src.len() bytes; from pageable memory the
-        // driver takes the bytes out of `src` before returning.
-        unsafe { result::memcpy_htod_async(dst, src, self.copy) }
-            .map_err(|e| driver_error("cuMemcpyHtoDAsync (pageable)", e))
     }
 
     /// Orders `compute` after every copy queued on `copy` so far.
@@ -322,23 +228,14 @@ fn event() -> Result<sys::CUevent> {
 
 impl Drop for CudaDriver {
     fn drop(&mut self) {
-        let staging = match std::mem::replace(
-            self.staging.get_mut().unwrap_or_else(|p| p.into_inner()),
-            StagingSlot::NotYet,
-        ) {
-            StagingSlot::Idle(st) => Some(st),
-            _ => None,
-        };
+        let staging = self.take_staging();
         if let Ok(_g) = self.current() {
             // SAFETY: everything below was created by this driver and is released once, after
             // the device has finished with it.
             unsafe {
                 let _ = result::ctx::synchronize();
                 if let Some(st) = staging {
-                    for (b, e) in st.buffers.iter().zip(st.emptied) {
-                        let _ = result::free_host(*b as *mut c_void);
-                        let _ = result::event::destroy(e);
-                    }
+                    st.release();
                 }
                 let _ = result::event::destroy(self.staged);
                 let _ = result::stream::destroy(self.compute);
@@ -419,36 +316,7 @@ impl Device for CudaDriver {
     }
 
     fn stage(&self, dst: u64, src: &[u8]) -> Result<()> {
-        let mut st = {
-            let mut slot = self.staging.lock().unwrap_or_else(|p| p.into_inner());
-            match std::mem::replace(&mut *slot, StagingSlot::InUse) {
-                StagingSlot::Idle(st) => st,
-                StagingSlot::NotYet => {
-                    *slot = StagingSlot::NotYet;
-                    drop(slot);
-                    // Allocates them, or records why not and copies from pageable memory.
-                    if self.staging_ready().is_err() {
-                        return self.copy_pageable(dst, src);
-                    }
-                    return self.stage(dst, src);
-                }
-                StagingSlot::Pageable(reason) => {
-                    *slot = StagingSlot::Pageable(reason);
-                    drop(slot);
-                    return self.copy_pageable(dst, src);
-                }
-                StagingSlot::InUse => {
-                    // Another upload holds the pinned buffers (another thread, or this one
-                    // re-entered while rayon filled them): copy from pageable memory, which the
-                    // driver takes out of `src` before returning.
-                    drop(slot);
-                    return self.copy_pageable(dst, src);
-                }
-            }
-        };
-        let done = self.stage_with(&mut st, dst, src);
-        *self.staging.lock().unwrap_or_else(|p| p.into_inner()) = StagingSlot::Idle(st);
-        done
+        self.stage_upload(dst, src)
     }
 
     fn filled(&self, ptr: u64) {
