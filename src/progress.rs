@@ -225,6 +225,13 @@ impl Tracker {
     }
 }
 
+impl Drop for Tracker {
+    /// A stage left by an error or a cancel clears its bar too (two may be drawn at once).
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

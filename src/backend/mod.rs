@@ -171,9 +171,17 @@ pub trait Backend: Sync {
         timings: &Timings,
     ) -> Result<Basis>;
 
+    /// Whether this backend reads a weight decoded as read ([`Backend::truncated_svd_decoded`],
+    /// [`Stored::decoded`]) a band at a time. Else a GGUF's quantized weight is decoded whole
+    /// once, where it is read, and handed over as f32.
+    fn decodes_bands(&self) -> bool {
+        false
+    }
+
     /// The SVD of a weight whose rows are decoded as they are read (a GGUF's quantized tensor),
-    /// its Ω keyed by `name`. The CPU reads it a band at a time; by default it is decoded whole
-    /// and handed to [`Backend::truncated_svd_raw`].
+    /// its Ω keyed by `name`, for a backend that [`Backend::decodes_bands`]. The CPU reads it a
+    /// band at a time; by default it is decoded whole and handed to
+    /// [`Backend::truncated_svd_raw`].
     fn truncated_svd_decoded(
         &self,
         name: &str,
@@ -230,8 +238,8 @@ pub trait Backend: Sync {
     }
 
     /// `a · b` for dense f32 matrices: the heavy products of the map mode (weights times a
-    /// sketch, cross-covariances). The CPU uses every core (the map is built before the units
-    /// run); a device backend runs it on the device.
+    /// sketch, cross-covariances). The CPU uses every core (no unit runs while a layer's map is
+    /// built); a device backend runs it on the device.
     fn product(&self, a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Result<Mat<f32>> {
         Ok(crate::linalg::mm_parallel(a, b))
     }

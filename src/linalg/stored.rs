@@ -5,7 +5,6 @@
 //! a band of rows at a time ([`crate::backend::cpu::rsvd::Bands`]), and a GGUF's quantized ones
 //! are dequantized the same way, a band or a row at a time as they are read.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 use faer::{Mat, MatRef};
@@ -81,13 +80,10 @@ impl<'a> Stored<'a> {
 
     /// The bytes and their type, as stored (what a device uploads); a quantized tensor's
     /// decoded whole, as f32.
-    pub fn raw(&self) -> (Cow<'_, [u8]>, FloatType) {
+    pub fn raw(&self) -> (RawBytes<'_>, FloatType) {
         match &self.data {
-            Data::Bytes(bytes, ty) => (Cow::Borrowed(&bytes[..]), *ty),
-            Data::Decoded(q) => (
-                Cow::Owned(bytemuck::cast_slice(&q.decode_all()).to_vec()),
-                FloatType::F32,
-            ),
+            Data::Bytes(bytes, ty) => (RawBytes::Borrowed(bytes), *ty),
+            Data::Decoded(q) => (RawBytes::Decoded(q.decode_all()), FloatType::F32),
         }
     }
 

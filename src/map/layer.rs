@@ -180,7 +180,9 @@ pub(crate) struct Side<'p, 'a> {
 }
 
 impl<'a> Side<'_, 'a> {
-    fn weight(&self, part: Part) -> Result<Stored<'a>> {
+    /// Part `part`'s weight; with `as_read`, a GGUF's quantized weight is decoded as it is read
+    /// (a backend whose products read bands), else decoded whole once.
+    fn weight(&self, part: Part, as_read: bool) -> Result<Stored<'a>> {
         let spec: &ModuleSpec = self.model.arch.module_with(part);
         let (name, _) = self.model.weight(self.layer, spec)?;
         // Only the part's rows of a fused tensor are read.
@@ -188,23 +190,25 @@ impl<'a> Side<'_, 'a> {
             .rows_of(part, &self.model.ckpt.config)
             .expect("the module holds the part");
         let count = rows.len();
-        // A GGUF's quantized weight is decoded as it is read, never held whole in f32.
-        if let Some(decoder) = self.model.ckpt.row_decoder(&name, rows.clone())? {
-            return Ok(Stored::decoded(decoder));
+        if as_read {
+            if let Some(decoder) = self.model.ckpt.row_decoder(&name, rows.clone())? {
+                return Ok(Stored::decoded(decoder));
+            }
         }
         let (bytes, ty, cols) = self.model.ckpt.rows_raw(&name, rows)?;
         Ok(Stored::new(bytes, ty, count, cols))
     }
 
-    fn weights(&self) -> Result<Weights<'a>> {
+    fn weights(&self, as_read: bool) -> Result<Weights<'a>> {
+        let weight = |part| self.weight(part, as_read);
         Ok(Weights {
-            q: self.weight(Part::Q)?,
-            k: self.weight(Part::K)?,
-            v: self.weight(Part::V)?,
-            o: self.weight(Part::O)?,
-            gate: self.weight(Part::Gate)?,
-            up: self.weight(Part::Up)?,
-            down: self.weight(Part::Down)?,
+            q: weight(Part::Q)?,
+            k: weight(Part::K)?,
+            v: weight(Part::V)?,
+            o: weight(Part::O)?,
+            gate: weight(Part::Gate)?,
+            up: weight(Part::Up)?,
+            down: weight(Part::Down)?,
         })
     }
 
@@ -342,7 +346,8 @@ impl LayerMap {
             Some(timed(&mut times, "load", || -> Result<_> {
                 // The weights are borrowed as stored; their NaN/Inf scans (a pass over the bytes) run
                 // on two threads, one per side.
-                let (ws, wt) = rayon::join(|| s.weights(), || t.weights());
+                let as_read = sketch.backend.decodes_bands();
+                let (ws, wt) = rayon::join(|| s.weights(as_read), || t.weights(as_read));
                 Ok((ws?, wt?))
             })?)
         };

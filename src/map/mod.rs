@@ -124,9 +124,9 @@ pub fn bottom_residual(
     with_all_cores(|| fit_residual(source, target, progress))
 }
 
-/// Runs `f` with faer on every core, then puts faer back to sequential: the map is built before
-/// any unit runs, so its decompositions may take the whole machine (the small products of the
-/// units stay sequential, one unit per thread).
+/// Runs `f` with faer on every core, then puts faer back to sequential: no unit runs while a
+/// layer's map (or the bottom residual map) is built, so its decompositions may take the whole
+/// machine (the small products of the units stay sequential, one unit per thread).
 fn with_all_cores<T>(f: impl FnOnce() -> T) -> T {
     struct Sequential;
     impl Drop for Sequential {

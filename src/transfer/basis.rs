@@ -191,10 +191,15 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
     let omega = key.omega_name(ctx)?;
     let checkpoint = key.checkpoint(ctx);
     let params = key.params(ctx);
-    // A GGUF's quantized tensor is decoded a band at a time as the products read it, not whole.
-    let decoder = ctx.timings.time(Phase::Load, || {
-        checkpoint.row_decoder(&key.tensor, key.row_range())
-    })?;
+    // A GGUF's quantized tensor is decoded a band at a time as the products read it, not whole
+    // (where the backend reads bands; else `rows_raw` decodes it once, whole).
+    let decoder = if ctx.backend.decodes_bands() {
+        ctx.timings.time(Phase::Load, || {
+            checkpoint.row_decoder(&key.tensor, key.row_range())
+        })?
+    } else {
+        None
+    };
     let basis = if let Some(rows) = decoder {
         ctx.backend
             .truncated_svd_decoded(&omega, &rows, &params, ctx.timings)?

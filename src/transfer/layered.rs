@@ -91,7 +91,7 @@ pub(super) fn run_units_by_layer(
         }
     }
     layers.finish();
-    // The rest (skipped units, units without a source module) need no map.
+    // The rest (skipped units, and any the plan left outside map mode) need no map.
     let rest: Vec<usize> = (0..units.len())
         .filter(|&u| outcomes[u].is_none())
         .collect();

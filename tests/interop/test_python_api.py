@@ -311,7 +311,7 @@ def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
     map on the shared tokens (stage `residual`: its anchor sets, then the polar factor), compares
     the layers of both models (stage `depth`), then builds each target layer's map (stage `map`)
     and runs that layer's modules (`transfer`) before the next; a callback that raises inside the
-    map stage stops the job there, before any module has run, with nothing written."""
+    map stage stops the job there, before the next layer's modules, with nothing written."""
     for like, out in [("tiny-qwen2", "source"), ("tiny-llama", "target")]:
         iu.loraxfer(binary, "synth", "model", "--like", like, "--out", tmp_path / out)
     iu.loraxfer(binary, "synth", "adapter", "--base", tmp_path / "source", "--out",

@@ -41,6 +41,10 @@ impl Backend for CpuBackend {
         rsvd::truncated_svd_raw(w, params, timings)
     }
 
+    fn decodes_bands(&self) -> bool {
+        true
+    }
+
     fn truncated_svd_decoded(
         &self,
         name: &str,

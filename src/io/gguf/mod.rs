@@ -276,9 +276,9 @@ impl GgufModel {
         Ok((t, block, cols))
     }
 
-    /// Rows of a tensor that is not read as stored: dequantized, in Hugging Face row order, the
-    /// converter's norm shift undone, NaN and Inf refused.
-    /// Rows `rows` of `name` (tensor `t`, rows of `cols` values), decoded on request.
+    /// Rows `rows` of `name` (tensor `t`, rows of `cols` values) of a tensor that is not read as
+    /// stored, to be decoded on request: dequantized, in Hugging Face row order, the converter's
+    /// norm shift undone (nothing is checked yet).
     fn decoded(
         &self,
         name: &str,
@@ -379,7 +379,6 @@ impl GgufModel {
         Ok(())
     }
 
-    /// Elements `range` of a tensor (row-major, Hugging Face order of storage), dequantized.
     fn missing(&self, name: &str) -> Error {
         Error::MissingTensor {
             path: self.path.clone(),

@@ -160,9 +160,11 @@ impl<'a> QuantizedRows<'a> {
     pub fn check_finite(&self, path: &Path, name: &str) -> Result<()> {
         let per_task = self.rows_per_task();
         let tasks = self.rows.div_ceil(per_task);
-        (0..tasks)
+        // Every task's verdict, so the error names the first bad value whatever the thread
+        // count, as `to_vec`'s does.
+        let verdicts: Vec<Result<()>> = (0..tasks)
             .into_par_iter()
-            .try_for_each_init(Vec::new, |buf, k| {
+            .map_init(Vec::new, |buf, k| {
                 let r = k * per_task..((k + 1) * per_task).min(self.rows);
                 buf.resize(r.len() * self.cols, 0.0);
                 self.decode(r.clone(), buf);
@@ -175,6 +177,8 @@ impl<'a> QuantizedRows<'a> {
                     self.cols,
                 )
             })
+            .collect();
+        verdicts.into_iter().collect()
     }
 }
 
