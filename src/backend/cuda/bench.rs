@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::backend::{resident_bytes, CudaBackend};
 use super::device::{Arg, Buffer, LaunchShape};
-use super::ops::{blocks, dim, Ops};
+use super::ops::{blocks, blocks_y, dim, Ops};
 use super::rsvd::{truncated_svd_batch, RawMatrix};
 use crate::backend::SvdParams;
 use crate::error::Result;
@@ -69,7 +69,7 @@ pub fn gaussian_weights(
             LaunchShape::new(
                 [
                     blocks(n, 128, "philox_gaussian_f32")?,
-                    blocks(m, 4, "philox_gaussian_f32")?,
+                    blocks_y(m, 4, "philox_gaussian_f32")?,
                     1,
                 ],
                 [128, 1, 1],

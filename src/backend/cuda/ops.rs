@@ -95,6 +95,17 @@ pub(crate) fn blocks(count: usize, per: usize, what: &str) -> Result<u32> {
         })
 }
 
+/// [`blocks`] as a grid's y size, which GPUs cap at 65535.
+pub(crate) fn blocks_y(count: usize, per: usize, what: &str) -> Result<u32> {
+    let b = blocks(count, per, what)?;
+    if b > 65535 {
+        return Err(Error::Device(format!(
+            "{what}: {count} elements need {b} blocks along y, more than the 65535 a grid allows"
+        )));
+    }
+    Ok(b)
+}
+
 fn gemm_shape(rows: usize, cols: usize, batch: usize) -> LaunchShape {
     LaunchShape::new(
         [
@@ -407,7 +418,7 @@ impl Ops {
             LaunchShape::new(
                 [
                     blocks(rows, 128, "philox_gaussian_f32")?,
-                    blocks(cols, 4, "philox_gaussian_f32")?,
+                    blocks_y(cols, 4, "philox_gaussian_f32")?,
                     1,
                 ],
                 [128, 1, 1],
@@ -443,5 +454,13 @@ mod tests {
             "{err}"
         );
         assert!(dim(1 << 31, "rows").is_err());
+        assert_eq!(blocks_y(4 * 65535, 4, "y").unwrap(), 65535);
+        let err = blocks_y(4 * 65535 + 1, 4, "philox_gaussian_f32")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("philox_gaussian_f32") && err.contains("65535"),
+            "{err}"
+        );
     }
 }
