@@ -182,10 +182,11 @@ pub fn by_similarity(
     progress: &Progress,
 ) -> Result<DepthMap> {
     let sketch = Sketch::new(target.ckpt.config.hidden_size, seed, backend);
-    let k = SIGNATURE_SKETCH.min(sketch.r.ncols());
+    let dense = sketch.heads.dense();
+    let k = SIGNATURE_SKETCH.min(dense.ncols());
     // Folded: the sign sketch of k buckets (its first k columns would see a part of the
     // coordinates only).
-    let r = super::sketch::fold(&sketch.r, k);
+    let r = super::sketch::fold(&dense, k);
     let qr = &residual.qt * &r;
     let source_x = (
         &qr * faer::Scale(residual.width as f32),

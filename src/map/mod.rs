@@ -167,7 +167,7 @@ impl<'m, 'a> LayerByLayer<'m, 'a> {
             options,
             shared_tokens: residual.shared_tokens,
             residual_fit: residual.relative_residual,
-            residual_weak_directions: [residual.weak_directions.0, residual.weak_directions.1],
+            residual_weak_directions: residual.weak_directions,
             depth,
             time_ms: times,
             layers: Vec::new(),

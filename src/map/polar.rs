@@ -34,8 +34,6 @@ pub(crate) struct NearPolar {
     b_perp: Mat<f32>,
     /// `polar(C)`: `r_a × (r_a + r_⊥)`.
     core: Mat<f32>,
-    /// Whether the prior's complement part (singular values w) is kept: whenever w > 0.
-    keep_prior: bool,
     /// Whether no direction was left out (the factor has orthonormal rows).
     complete: bool,
 }
@@ -77,13 +75,12 @@ impl NearPolar {
         // The complement's singular values are all w and its factor is Q0 itself: nothing there
         // is divided by a rounded value, so it is kept however small w is against the evidence
         // (at 8192 wide w is 6e-6; leaving it out would leave a map of rank r_a).
-        let keep_prior = w > 0.0;
+        debug_assert!(w > 0.0, "the prior's weight");
         Ok(NearPolar {
             b_a,
             b_perp,
             core,
-            keep_prior,
-            complete: keep_prior && dropped == 0,
+            complete: dropped == 0,
         })
     }
 
@@ -104,19 +101,10 @@ impl NearPolar {
         let u = self.b_a.transpose() * y_a; // r_a × h
         let v1 = self.b_a.transpose() * q0_yb; // Bₐᵀ Q0 y_b
         let v2 = self.b_perp.transpose() * y_b;
-        // Q = Q0 + Bₐ((P₁ − I) Bₐᵀ Q0 + P₂ B_⊥ᵀ) with the prior's complement, Bₐ(P₁ Bₐᵀ Q0 + P₂ B_⊥ᵀ)
-        // without it.
-        let mut moved = core_a * &v1 + core_perp * &v2; // r_a × h
-        if self.keep_prior {
-            moved -= &v1;
-        }
+        // Q = Q0 + Bₐ((P₁ − I) Bₐᵀ Q0 + P₂ B_⊥ᵀ).
+        let moved = core_a * &v1 + core_perp * &v2 - &v1; // r_a × h
         let h = y_a.ncols().max(1) as f64;
-        let base = if self.keep_prior {
-            column_dots(y_a, q0_yb)
-        } else {
-            0.0
-        };
-        (base + column_dots(&u, &moved)) / h
+        (column_dots(y_a, q0_yb) + column_dots(&u, &moved)) / h
     }
 
     /// The polar factor as a `d_a × d_b` matrix.
@@ -127,12 +115,9 @@ impl NearPolar {
     ) -> Result<Mat<f32>> {
         let r_a = self.b_a.ncols();
         let g = backend.product(self.b_a.transpose(), q0)?; // r_a × d_b
-        let mut inner = self.core.subcols(0, r_a) * &g
-            + self.core.subcols(r_a, self.b_perp.ncols()) * self.b_perp.transpose();
-        if !self.keep_prior {
-            return backend.product(self.b_a.as_ref(), inner.as_ref());
-        }
-        inner -= &g;
+        let inner = self.core.subcols(0, r_a) * &g
+            + self.core.subcols(r_a, self.b_perp.ncols()) * self.b_perp.transpose()
+            - &g;
         Ok(q0.to_owned() + backend.product(self.b_a.as_ref(), inner.as_ref())?)
     }
 }

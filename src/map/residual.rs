@@ -33,7 +33,7 @@ pub struct ResidualMap {
     pub orthonormal: bool,
     /// Of the fit's polar factor: directions too weak for its Gram, completed from the
     /// cross-covariance itself, and directions left out (nothing in the anchors holds them).
-    pub weak_directions: (usize, usize),
+    pub weak_directions: [usize; 2],
 }
 
 impl ResidualMap {
@@ -55,7 +55,7 @@ impl ResidualMap {
             shared_tokens: 0,
             relative_residual: None,
             orthonormal: true,
-            weak_directions: (0, 0),
+            weak_directions: [0, 0],
         }
     }
 
@@ -166,7 +166,7 @@ impl AnchorFit {
         }
         let mut map = ResidualMap::from_orientation(q_t, mu);
         map.orthonormal = polar.dropped == 0;
-        map.weak_directions = (polar.completed, polar.dropped);
+        map.weak_directions = [polar.completed, polar.dropped];
         map.shared_tokens = self.n;
         map.relative_residual = Some((err / total.max(f64::MIN_POSITIVE)).sqrt());
         Ok(map)

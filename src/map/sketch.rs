@@ -21,9 +21,8 @@ pub const NEURON_SKETCH: usize = 64;
 
 /// The sketches of the target residual, and the backend that multiplies weights by them.
 pub struct Sketch<'b> {
-    /// The heads' sketch, and it as a dense matrix (`d_t × K`) for the depth signatures.
+    /// The heads' sketch.
     pub heads: SignSketch,
-    pub r: Mat<f32>,
     /// The neurons' sketch (the heads' signs, bucket i mod NEURON_SKETCH: the heads' folded
     /// when NEURON_SKETCH divides their width).
     pub neurons: SignSketch,
@@ -35,7 +34,6 @@ impl<'b> Sketch<'b> {
         let heads = SignSketch::new(d_t, SKETCH.min(d_t), seed);
         let neurons = SignSketch::new(d_t, NEURON_SKETCH.min(d_t), seed);
         Sketch {
-            r: heads.dense(),
             heads,
             neurons,
             backend,

@@ -182,12 +182,22 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
     if let Some(basis) = ctx.prefetched.and_then(|pre| pre.take(key)) {
         return Ok(basis);
     }
-    if let Some(basis) = cached(ctx, key)? {
-        if let Some(pre) = ctx.prefetched {
-            pre.keep(key, &basis);
+    let basis = match cached(ctx, key)? {
+        Some(basis) => basis,
+        None => {
+            let basis = compute(ctx, key)?;
+            store(ctx, key, &basis)?;
+            basis
         }
-        return Ok(basis);
+    };
+    if let Some(pre) = ctx.prefetched {
+        pre.keep(key, &basis);
     }
+    Ok(basis)
+}
+
+/// The basis of `key`, computed from its weight.
+fn compute(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
     let omega = key.omega_name(ctx)?;
     let checkpoint = key.checkpoint(ctx);
     let params = key.params(ctx);
@@ -200,31 +210,25 @@ pub fn decompose(ctx: &Context<'_>, key: &BasisKey) -> Result<Basis> {
     } else {
         None
     };
-    let basis = if let Some(rows) = decoder {
-        ctx.backend
-            .truncated_svd_decoded(&omega, &rows, &params, ctx.timings)?
-    } else {
-        // Straight from the map in the stored dtype: a device backend converts as it reads,
-        // the CPU backend a band at a time.
-        let (bytes, ty, cols) = ctx.timings.time(Phase::Load, || {
-            checkpoint.rows_raw(&key.tensor, key.row_range())
-        })?;
-        let weight = RawWeight {
-            name: &omega,
-            bytes: &bytes,
-            ty,
-            rows: key.row_count(),
-            cols,
-            unchecked: None,
-        };
-        ctx.backend
-            .truncated_svd_raw(&weight, &params, ctx.timings)?
-    };
-    store(ctx, key, &basis)?;
-    if let Some(pre) = ctx.prefetched {
-        pre.keep(key, &basis);
+    if let Some(rows) = decoder {
+        return ctx
+            .backend
+            .truncated_svd_decoded(&omega, &rows, &params, ctx.timings);
     }
-    Ok(basis)
+    // Straight from the map in the stored dtype: a device backend converts as it reads, the CPU
+    // backend a band at a time.
+    let (bytes, ty, cols) = ctx.timings.time(Phase::Load, || {
+        checkpoint.rows_raw(&key.tensor, key.row_range())
+    })?;
+    let weight = RawWeight {
+        name: &omega,
+        bytes: &bytes,
+        ty,
+        rows: key.row_count(),
+        cols,
+        unchecked: None,
+    };
+    ctx.backend.truncated_svd_raw(&weight, &params, ctx.timings)
 }
 
 /// The similarities (φ_U, φ_V) of two bases: each where that side's sizes agree (else None).

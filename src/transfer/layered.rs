@@ -16,12 +16,14 @@ use crate::modes::Mode;
 use crate::plan::{self, ModelSide};
 use crate::timing::Phase;
 
+/// Whether the map mode transfers `unit` (on its layer's map).
+fn mapped(unit: &plan::Unit) -> bool {
+    unit.mode == Mode::Map && unit.skip.is_none()
+}
+
 /// Whether a plan has a unit that the map mode transfers (else no map is built).
 pub(super) fn has_mapped_units(opened: &Opened) -> bool {
-    opened
-        .plan
-        .units()
-        .any(|u| u.mode == Mode::Map && u.skip.is_none())
+    opened.plan.units().any(mapped)
 }
 
 /// Runs every unit of the plan, building the model map a layer at a time from `start`; returns
@@ -67,24 +69,19 @@ pub(super) fn run_units_by_layer(
         idx.par_iter()
             .map(|&i| {
                 modules.check()?;
-                let factors = units[i]
-                    .source_module
-                    .as_ref()
-                    .and_then(|m| opened.adapter.modules.get(m));
-                let out = execute::run_unit(&ctx, units[i], factors)?;
+                let out = execute::run_unit(&ctx, units[i], opened.factors_of(units[i]))?;
                 modules.step();
                 Ok((i, out))
             })
             .collect()
     };
-    let mapped = |i: usize| units[i].mode == Mode::Map && units[i].skip.is_none();
     // Every layer of the plan is built, with units or not: each starts from the one below.
     for (&j, &i) in &opened.plan.layer_map {
         layers.check()?;
         let layer = ctx.timings.time(Phase::Map, || builder.build(j, i))?;
         layers.step();
         let of_layer: Vec<usize> = (0..units.len())
-            .filter(|&u| mapped(u) && units[u].target_layer == j)
+            .filter(|&u| mapped(units[u]) && units[u].target_layer == j)
             .collect();
         for (u, o) in run(&of_layer, Some(&layer))? {
             outcomes[u] = Some(o);

@@ -78,6 +78,15 @@ struct Opened {
     map_start: Option<MapStart>,
 }
 
+impl Opened {
+    /// The adapter's factors for `unit`'s source module (None when it has none).
+    fn factors_of(&self, unit: &plan::Unit) -> Option<&adapter::LoraFactors> {
+        unit.source_module
+            .as_ref()
+            .and_then(|m| self.adapter.modules.get(m))
+    }
+}
+
 /// The parts of the model map built before the plan, and their milliseconds.
 struct MapStart {
     residual: std::sync::Arc<crate::map::ResidualMap>,
@@ -290,14 +299,9 @@ fn run_units(
 ) -> Result<Vec<execute::Outcome>> {
     let units: Vec<&plan::Unit> = opened.plan.units().collect();
     let bar = progress.start("transfer", "modules", units.len() as u64);
-    let factors_of = |unit: &plan::Unit| {
-        unit.source_module
-            .as_ref()
-            .and_then(|m| opened.adapter.modules.get(m))
-    };
     let needs: Vec<bool> = units
         .iter()
-        .map(|u| execute::needs_bases(ctx, u, factors_of(u).is_some()))
+        .map(|u| execute::needs_bases(ctx, u, opened.factors_of(u).is_some()))
         .collect();
     // How many units will ask for each basis, so that one asked for by several (a source layer
     // paired with several target layers) is computed once and held until its last unit.
@@ -310,7 +314,7 @@ fn run_units(
     }
     let one = |i: usize| -> Result<(usize, execute::Outcome)> {
         bar.check()?;
-        let out = execute::run_unit(ctx, units[i], factors_of(units[i]));
+        let out = execute::run_unit(ctx, units[i], opened.factors_of(units[i]));
         bar.step();
         out.map(|o| (i, o))
     };
