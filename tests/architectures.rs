@@ -11,7 +11,7 @@ use common::*;
 use faer::Mat;
 use loraxfer::arch;
 use loraxfer::backend::Device;
-use loraxfer::io::adapter::{Adapter, LoraFactors};
+use loraxfer::io::adapter::{Adapter, LoraTensors};
 use loraxfer::io::checkpoint::{Checkpoint, ModelConfig};
 use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
@@ -146,7 +146,7 @@ fn run_k(
 
 /// s·B·A of a module as PEFT would compute it from the written files.
 fn delta(adapter: &Adapter, module: &str) -> Mat<f32> {
-    let f = &adapter.modules[module];
+    let f = adapter.factors(module).unwrap();
     let s = adapter.config.scale(f.r, f.alpha) as f32;
     let b = from_row_major(&f.b, f.out_features, f.r);
     let a = from_row_major(&f.a, f.r, f.in_features);
@@ -421,9 +421,14 @@ fn fused_to_unfused_and_back_keeps_every_update() {
     );
     let phi = Adapter::open(&f.root.join("phi")).unwrap();
     let same = Adapter::open(&f.root.join("same")).unwrap();
-    for (name, m) in &phi.modules {
-        assert_eq!(m.b, same.modules[name].b);
-        assert_eq!(m.a, same.modules[name].a);
+    let (phi, same) = (phi.read_all().unwrap(), same.read_all().unwrap());
+    assert_eq!(
+        phi.keys().collect::<Vec<_>>(),
+        same.keys().collect::<Vec<_>>()
+    );
+    for (name, m) in &phi {
+        assert_eq!(m.b, same[name].b, "{name}");
+        assert_eq!(m.a, same[name].a, "{name}");
     }
 }
 
@@ -516,7 +521,7 @@ fn gemma3_nested_prefix_is_detected_and_used() {
     assert!(
         out.modules
             .values()
-            .all(|m: &LoraFactors| m.ty == FloatType::Bf16),
+            .all(|m: &LoraTensors| m.ty == FloatType::Bf16),
         "dtype kept"
     );
 }

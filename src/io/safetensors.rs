@@ -434,23 +434,24 @@ pub fn encode_f32(values: &[f32], ty: FloatType) -> Vec<u8> {
     out
 }
 
-/// A tensor to be written: its bytes are produced when the writer asks for them, so a writer
-/// of a large synthetic model holds one tensor at a time.
+/// A tensor to be written: its bytes are borrowed, or produced when the writer asks for them
+/// (so that a writer of a large synthetic model holds one tensor at a time).
 pub struct OutTensor<'a> {
     pub ty: FloatType,
     pub shape: Vec<usize>,
-    produce: Box<dyn Fn() -> Vec<u8> + 'a>,
+    data: OutData<'a>,
+}
+
+enum OutData<'a> {
+    Borrowed(&'a [u8]),
+    Produced(Box<dyn Fn() -> Vec<u8> + 'a>),
 }
 
 impl<'a> OutTensor<'a> {
     /// A tensor from f32 values, stored as `ty`.
     pub fn from_f32(values: Vec<f32>, shape: Vec<usize>, ty: FloatType) -> Self {
         let bytes = encode_f32(&values, ty);
-        OutTensor {
-            ty,
-            shape,
-            produce: Box::new(move || bytes.clone()),
-        }
+        Self::lazy(ty, shape, move || bytes.clone())
     }
 
     /// A tensor whose bytes are generated on demand by `produce` (called once per write).
@@ -458,7 +459,16 @@ impl<'a> OutTensor<'a> {
         OutTensor {
             ty,
             shape,
-            produce: Box::new(produce),
+            data: OutData::Produced(Box::new(produce)),
+        }
+    }
+
+    /// A tensor of bytes already encoded as `ty`.
+    pub fn borrowed(ty: FloatType, shape: Vec<usize>, bytes: &'a [u8]) -> Self {
+        OutTensor {
+            ty,
+            shape,
+            data: OutData::Borrowed(bytes),
         }
     }
 }
@@ -471,14 +481,16 @@ impl View for &OutTensor<'_> {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned((self.produce)())
+        match &self.data {
+            OutData::Borrowed(bytes) => Cow::Borrowed(bytes),
+            OutData::Produced(produce) => Cow::Owned(produce()),
+        }
     }
     fn data_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.ty.size()
     }
 }
 
-/// Writes `tensors` to `path` as one safetensors file (with `metadata`, e.g. `{"format": "pt"}`).
 pub fn write_file(
     path: &Path,
     tensors: &[(String, OutTensor<'_>)],

@@ -80,7 +80,7 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
                 }
             };
             let factors = factors(spec, &name, in_features, out_features);
-            modules.insert(name, factors);
+            modules.insert(name, factors.encode());
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use faer::Mat;
 
 use crate::error::{Error, Result};
-use crate::io::adapter::{exact_pattern, Adapter, LoraFactors};
+use crate::io::adapter::{exact_pattern, Adapter, LoraFactors, LoraModule};
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::plan::{ModelSide, TargetModule};
 use crate::transfer::execute::Outcome;
@@ -172,9 +172,9 @@ pub struct BaseName {
 /// The output adapter_config.json: the source's, with the target base (and its revision: the
 /// source's would load the target at a commit of another repository), the target's module types
 /// written, and per-module rank/alpha patterns wherever a module differs from the global r/alpha.
-pub fn output_config(
+pub fn output_config<T>(
     adapter: &Adapter,
-    modules: &BTreeMap<String, LoraFactors>,
+    modules: &BTreeMap<String, LoraModule<T>>,
     base: &BaseName,
     target: &ModelSide<'_>,
 ) -> serde_json::Map<String, serde_json::Value> {

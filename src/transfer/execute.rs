@@ -96,8 +96,9 @@ pub fn source_factors(unit: &Unit, f: &LoraFactors) -> Factors {
     Factors { b, a }
 }
 
-/// Runs one unit whose source module is `factors` (None when the adapter lacks it).
-pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -> Result<Outcome> {
+/// Runs one unit on its source factors ([`source_factors`]; None when the adapter lacks its
+/// source module).
+pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<Factors>) -> Result<Outcome> {
     let skipped = |reason: String| Outcome {
         factors: None,
         similarity_u: None,
@@ -114,10 +115,9 @@ pub fn run_unit(ctx: &Context<'_>, unit: &Unit, factors: Option<&LoraFactors>) -
     if let Some(reason) = &unit.skip {
         return Ok(skipped(reason.clone()));
     }
-    let Some(lora) = factors else {
+    let Some(src) = factors else {
         return Ok(skipped("no source module".into()));
     };
-    let src = source_factors(unit, lora);
     if unit.mode == Mode::Map {
         return run_mapped(ctx, unit, src);
     }

@@ -8,7 +8,8 @@
 
 use rayon::prelude::*;
 
-use super::execute::{self, Context, MapContext, Outcome};
+use super::collect::Collector;
+use super::execute::{Context, MapContext};
 use super::{map_options, Job, MapStart, Opened};
 use crate::error::Result;
 use crate::map::{LayerByLayer, LayerMap, MapReport};
@@ -26,14 +27,15 @@ pub(super) fn has_mapped_units(opened: &Opened) -> bool {
     opened.plan.units().any(mapped)
 }
 
-/// Runs every unit of the plan, building the model map a layer at a time from `start`; returns
-/// the outcomes in plan order and what the report says of the map.
+/// Runs every unit of the plan, building the model map a layer at a time from `start`, and hands
+/// each outcome to `collector`; returns what the report says of the map.
 pub(super) fn run_units_by_layer(
     ctx: &Context<'_>,
     opened: &Opened,
     start: &MapStart,
     job: &Job,
-) -> Result<(Vec<Outcome>, MapReport)> {
+    collector: &Collector<'_>,
+) -> Result<MapReport> {
     let source = ModelSide::new(&opened.source)?;
     let target = ModelSide::new(&opened.target)?;
     let mut builder = ctx.timings.time(Phase::Map, || {
@@ -52,10 +54,10 @@ pub(super) fn run_units_by_layer(
     let modules = job
         .progress
         .start("transfer", "modules", units.len() as u64);
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; units.len()];
+    let mut ran = vec![false; units.len()];
     let residual_fit = start.residual.relative_residual;
     // The units of `idx`, in parallel, on `layer`'s map (None: units that use no map).
-    let run = |idx: &[usize], layer: Option<&LayerMap>| -> Result<Vec<(usize, Outcome)>> {
+    let run = |idx: &[usize], layer: Option<&LayerMap>| -> Result<()> {
         let mc = layer.map(|layer| MapContext {
             layer,
             residual_fit,
@@ -66,14 +68,12 @@ pub(super) fn run_units_by_layer(
             map: mc.as_ref(),
             ..*ctx
         };
-        idx.par_iter()
-            .map(|&i| {
-                modules.check()?;
-                let out = execute::run_unit(&ctx, units[i], opened.factors_of(units[i]))?;
-                modules.step();
-                Ok((i, out))
-            })
-            .collect()
+        idx.par_iter().try_for_each(|&i| {
+            modules.check()?;
+            let outcome = opened.run_unit(&ctx, units[i])?;
+            modules.step();
+            collector.add(i, outcome)
+        })
     };
     // Every layer of the plan is built, with units or not: each starts from the one below.
     for (&j, &i) in &opened.plan.layer_map {
@@ -83,22 +83,13 @@ pub(super) fn run_units_by_layer(
         let of_layer: Vec<usize> = (0..units.len())
             .filter(|&u| mapped(units[u]) && units[u].target_layer == j)
             .collect();
-        for (u, o) in run(&of_layer, Some(&layer))? {
-            outcomes[u] = Some(o);
-        }
+        run(&of_layer, Some(&layer))?;
+        of_layer.iter().for_each(|&u| ran[u] = true);
     }
     layers.finish();
     // The rest (skipped units, and any the plan left outside map mode) need no map.
-    let rest: Vec<usize> = (0..units.len())
-        .filter(|&u| outcomes[u].is_none())
-        .collect();
-    for (u, o) in run(&rest, None)? {
-        outcomes[u] = Some(o);
-    }
+    let rest: Vec<usize> = (0..units.len()).filter(|&u| !ran[u]).collect();
+    run(&rest, None)?;
     modules.finish();
-    let outcomes = outcomes
-        .into_iter()
-        .map(|o| o.expect("every unit ran"))
-        .collect();
-    Ok((outcomes, builder.finish()))
+    Ok(builder.finish())
 }

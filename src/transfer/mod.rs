@@ -4,6 +4,7 @@ pub mod assemble;
 pub mod auto;
 pub mod basis;
 pub mod cache;
+mod collect;
 pub mod execute;
 pub mod inspect;
 mod layered;
@@ -24,7 +25,7 @@ use crate::io::output::{check_target, StagedDir};
 use crate::modes::Mode;
 use crate::plan::{self, ModelSide, Options, SourceModule};
 use crate::timing::{Phase, Timings};
-use report::{ModuleRow, Report, Summary};
+use report::{Report, Summary};
 
 /// One transfer, as the command line describes it.
 #[derive(Debug, Clone)]
@@ -79,11 +80,24 @@ struct Opened {
 }
 
 impl Opened {
-    /// The adapter's factors for `unit`'s source module (None when it has none).
-    fn factors_of(&self, unit: &plan::Unit) -> Option<&adapter::LoraFactors> {
+    /// Whether the adapter has `unit`'s source module.
+    fn has_factors(&self, unit: &plan::Unit) -> bool {
         unit.source_module
             .as_ref()
-            .and_then(|m| self.adapter.modules.get(m))
+            .is_some_and(|m| self.adapter.modules.contains_key(m))
+    }
+
+    /// Runs `unit` on its rows of the adapter's factors for its source module, read for it and
+    /// dropped as soon as its rows are taken (None when the adapter has no such module, or the
+    /// plan skips the unit).
+    fn run_unit(&self, ctx: &execute::Context<'_>, unit: &plan::Unit) -> Result<execute::Outcome> {
+        let factors = match &unit.source_module {
+            Some(m) if unit.skip.is_none() && self.adapter.modules.contains_key(m) => {
+                Some(execute::source_factors(unit, &self.adapter.factors(m)?))
+            }
+            _ => None,
+        };
+        execute::run_unit(ctx, unit, factors)
     }
 }
 
@@ -118,14 +132,17 @@ pub fn run(job: &Job) -> Result<Report> {
         prefetched: Some(&prefetched),
         map: None,
     };
-    let (outcomes, map) = match &opened.map_start {
-        Some(start) if layered::has_mapped_units(&opened) => {
-            let (outcomes, map) = layered::run_units_by_layer(&ctx, &opened, start, job)?;
-            (outcomes, Some(map))
+    let collector = collect::Collector::new(&opened);
+    let map = match &opened.map_start {
+        Some(start) if layered::has_mapped_units(&opened) => Some(layered::run_units_by_layer(
+            &ctx, &opened, start, job, &collector,
+        )?),
+        _ => {
+            run_units(&ctx, &opened, &job.progress, &collector)?;
+            None
         }
-        _ => (run_units(&ctx, &opened, &job.progress)?, None),
     };
-    let (rows, modules) = collect(&opened, outcomes)?;
+    let (rows, modules) = collector.finish();
 
     let target_name = job.target_base.to_string_lossy().into_owned();
     // A hub model is named as the hub names it, at the commit its snapshot holds (a branch
@@ -288,7 +305,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     })
 }
 
-/// Runs every unit of the plan and returns their outcomes in plan order. A batching backend
+/// Runs every unit of the plan, handing each outcome to `collector`. A batching backend
 /// takes the units a chunk at a time, its decompositions computed in batches of one shape
 /// before the chunk's units run; otherwise the units run largest first, so that the threads
 /// finish together.
@@ -296,12 +313,13 @@ fn run_units(
     ctx: &execute::Context<'_>,
     opened: &Opened,
     progress: &crate::progress::Progress,
-) -> Result<Vec<execute::Outcome>> {
+    collector: &collect::Collector<'_>,
+) -> Result<()> {
     let units: Vec<&plan::Unit> = opened.plan.units().collect();
     let bar = progress.start("transfer", "modules", units.len() as u64);
     let needs: Vec<bool> = units
         .iter()
-        .map(|u| execute::needs_bases(ctx, u, opened.factors_of(u).is_some()))
+        .map(|u| execute::needs_bases(ctx, u, opened.has_factors(u)))
         .collect();
     // How many units will ask for each basis, so that one asked for by several (a source layer
     // paired with several target layers) is computed once and held until its last unit.
@@ -312,30 +330,23 @@ fn run_units(
             }
         }
     }
-    let one = |i: usize| -> Result<(usize, execute::Outcome)> {
+    let one = |i: usize| -> Result<()> {
         bar.check()?;
-        let out = execute::run_unit(ctx, units[i], opened.factors_of(units[i]));
+        let outcome = opened.run_unit(ctx, units[i])?;
         bar.step();
-        out.map(|o| (i, o))
+        collector.add(i, outcome)
     };
-    let run_in_turn = |idx: &Vec<usize>| -> Result<Vec<(usize, execute::Outcome)>> {
-        idx.iter().map(|&i| one(i)).collect()
-    };
-    let run = |idx: &[usize]| -> Result<Vec<(usize, execute::Outcome)>> {
-        idx.par_iter().map(|&i| one(i)).collect()
-    };
-    let done: Vec<(usize, execute::Outcome)> = if ctx.backend.batches() {
+    let run_in_turn = |idx: &Vec<usize>| -> Result<()> { idx.iter().try_for_each(|&i| one(i)) };
+    if ctx.backend.batches() {
         let prefetched = ctx.prefetched.expect("the pipeline prefetches");
         let all: Vec<usize> = (0..units.len()).collect();
-        let mut done = Vec::with_capacity(units.len());
         for chunk in all.chunks(schedule::UNITS_PER_CHUNK) {
             let wanted: Vec<(&plan::Unit, bool)> =
                 chunk.iter().map(|&i| (units[i], needs[i])).collect();
             bar.check()?;
             schedule::prefetch(ctx, &wanted, prefetched)?;
-            done.extend(run(chunk)?);
+            chunk.par_iter().try_for_each(|&i| one(i))?;
         }
-        done
     } else {
         // Units that share a basis form one task, run in turn (the first computes it, the others
         // take it held); the tasks run in parallel, largest first.
@@ -344,19 +355,10 @@ fn run_units(
         };
         let mut tasks = tasks_sharing_bases(&units, ctx.prefetched);
         tasks.sort_by_key(|t| std::cmp::Reverse(t.iter().map(|&i| size(units[i])).max()));
-        let done: Vec<Vec<(usize, execute::Outcome)>> =
-            tasks.par_iter().map(run_in_turn).collect::<Result<_>>()?;
-        done.into_iter().flatten().collect()
-    };
-    bar.finish();
-    let mut outcomes: Vec<Option<execute::Outcome>> = vec![None; units.len()];
-    for (i, o) in done {
-        outcomes[i] = Some(o);
+        tasks.par_iter().try_for_each(run_in_turn)?;
     }
-    Ok(outcomes
-        .into_iter()
-        .map(|o| o.expect("every unit ran"))
-        .collect())
+    bar.finish();
+    Ok(())
 }
 
 /// The units in tasks: those that share a basis (held in `prefetched` for more than one unit)
@@ -384,37 +386,6 @@ fn tasks_sharing_bases(
         }
     }
     tasks
-}
-
-/// Groups the outcomes (in plan order) back by module: the report rows and the output
-/// adapter's modules. It takes the outcomes, so that each module's are dropped once it is
-/// assembled: the factors are held about once, not twice, on the way to the file.
-fn collect(
-    opened: &Opened,
-    outcomes: Vec<execute::Outcome>,
-) -> Result<(Vec<ModuleRow>, BTreeMap<String, adapter::LoraFactors>)> {
-    let mut rows = Vec::with_capacity(outcomes.len());
-    let mut modules = BTreeMap::new();
-    let mut outcomes = outcomes.into_iter();
-    for module in &opened.plan.modules {
-        let n = module.units.len();
-        let slice: Vec<execute::Outcome> = outcomes.by_ref().take(n).collect();
-        for (unit, o) in module.units.iter().zip(&slice) {
-            let full_s = opened.source.shape(&unit.source_tensor)?[0];
-            rows.push(ModuleRow::new(
-                unit,
-                &module.name,
-                full_s,
-                module.shape.0,
-                o,
-            ));
-        }
-        modules.insert(
-            module.name.clone(),
-            assemble::assemble_module(module, &slice, &opened.adapter)?,
-        );
-    }
-    Ok((rows, modules))
 }
 
 /// The names and shapes of the adapter's modules, as the plan wants them.

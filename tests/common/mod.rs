@@ -234,7 +234,11 @@ pub fn write_peft(
             config[k] = v;
         }
     }
-    write_adapter(dir, config.as_object().unwrap(), modules).unwrap();
+    let encoded = modules
+        .iter()
+        .map(|(k, f)| (k.clone(), f.encode()))
+        .collect();
+    write_adapter(dir, config.as_object().unwrap(), &encoded).unwrap();
 }
 
 /// Factors with seeded random A and B.

@@ -326,7 +326,7 @@ pub fn twin_error(shape: Shape, seed: u64, extra_args: &[&str]) -> f32 {
     for l in 0..LAYERS {
         for p in PROJECTIONS {
             let k = key(l, p);
-            let ds = dense(&src.modules[&k]);
+            let ds = dense(&src.factors(&k).unwrap());
             let norm = if matches!(p, "gate_proj" | "up_proj") {
                 "post_attention_layernorm"
             } else {
@@ -358,7 +358,7 @@ pub fn twin_error(shape: Shape, seed: u64, extra_args: &[&str]) -> f32 {
                         * units_by(&dst, &|u| twin.neurons[u], INTER + extra, &one()).transpose()
                 }
             };
-            let have = dense(&got.modules[&k]);
+            let have = dense(&got.factors(&k).unwrap());
             let err = fro(&(&have - &want)) / fro(&want);
             // A NaN must fail the caller's tolerance, which `f32::max` would skip.
             worst = if err.is_nan() || worst.is_nan() {

@@ -1,0 +1,330 @@
+//! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors`, read and written the
+//! way PEFT does (keys `base_model.model.<module>.lora_{A,B}.weight`, A `[r, in]`, B `[out, r]`,
+//! scale `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rslora, per-module `rank_pattern` and
+//! `alpha_pattern` regexes). Features whose update is not `s·B·A` are refused, never guessed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::io::safetensors::{self as st, FloatType, OutTensor, TensorFile};
+
+/// The prefix PEFT puts in front of the base model's module names.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+mod config;
+pub use config::{exact_pattern, AdapterConfig};
+
+/// One adapted module: its factors A `[r, in]` and B `[out, r]` (row-major) as `T` — where they
+/// lie in the adapter file ([`LoraTensors`]), their values ([`LoraFactors`]) or the bytes to be
+/// written ([`EncodedFactors`]) — with its rank, shape, alpha and stored type.
+#[derive(Debug, Clone)]
+pub struct LoraModule<T> {
+    pub a: T,
+    pub b: T,
+    pub r: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub alpha: f64,
+    /// The type its factors are stored in.
+    pub ty: FloatType,
+}
+
+/// A module as an adapter file holds it: the names of its lora_A and lora_B tensors.
+pub type LoraTensors = LoraModule<String>;
+/// A module's factors in f32.
+pub type LoraFactors = LoraModule<Vec<f32>>;
+/// A module's factors encoded in its type, as the output file will hold them (half the memory of
+/// f32 for bf16 and f16 adapters).
+pub type EncodedFactors = LoraModule<Vec<u8>>;
+
+impl<T> LoraModule<T> {
+    /// The same module with other factors.
+    pub fn with<U>(&self, a: U, b: U) -> LoraModule<U> {
+        LoraModule {
+            a,
+            b,
+            r: self.r,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            alpha: self.alpha,
+            ty: self.ty,
+        }
+    }
+}
+
+impl LoraFactors {
+    /// The factors encoded in their type (round to nearest even).
+    pub fn encode(&self) -> EncodedFactors {
+        self.with(
+            st::encode_f32(&self.a, self.ty),
+            st::encode_f32(&self.b, self.ty),
+        )
+    }
+}
+
+/// An opened adapter: its config, and its modules keyed by name (without the PEFT prefix), every
+/// key, shape and value checked. The factors stay in the (memory-mapped) file until a module is
+/// read with [`factors`](Self::factors): a transfer holds one module's at a time, not the
+/// adapter's (3.3 GB in f32 for a 70B model's all-linear adapter at r = 64).
+#[derive(Debug)]
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub config: AdapterConfig,
+    pub modules: BTreeMap<String, LoraTensors>,
+    file: TensorFile,
+}
+
+impl Adapter {
+    /// Opens an adapter directory, checking every key, shape and value.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !config_path.is_file() {
+            return Err(Error::config(
+                dir,
+                format!("no {CONFIG_FILE} (expected a PEFT adapter directory)"),
+            ));
+        }
+        if !weights_path.is_file() {
+            let reason = if dir.join("adapter_model.bin").is_file() {
+                "adapter_model.bin (pickle) adapters are not read; re-save the adapter with safetensors (PEFT's default)".to_string()
+            } else {
+                format!("no {WEIGHTS_FILE}")
+            };
+            return Err(Error::UnsupportedAdapter {
+                path: dir.to_path_buf(),
+                reason,
+            });
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| Error::io(&config_path, "cannot read", e))?;
+        let config = AdapterConfig::parse(&text, &config_path)?;
+        let file = TensorFile::open(&weights_path)?;
+        let modules = index_modules(&file, &config)?;
+        if modules.is_empty() {
+            return Err(Error::UnsupportedAdapter {
+                path: weights_path,
+                reason: "no lora_A / lora_B tensors".into(),
+            });
+        }
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            modules,
+            file,
+        })
+    }
+
+    /// The factors of `module`, read from the file in f32.
+    pub fn factors(&self, module: &str) -> Result<LoraFactors> {
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.file.path().to_path_buf(),
+                tensor: format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+                hint: " (the adapter has no such module)".into(),
+            })?;
+        Ok(m.with(self.file.read_f32(&m.a)?, self.file.read_f32(&m.b)?))
+    }
+
+    /// Every module's factors, in f32 (the whole adapter in memory: for tests and small tools).
+    pub fn read_all(&self) -> Result<BTreeMap<String, LoraFactors>> {
+        self.modules
+            .keys()
+            .map(|name| Ok((name.clone(), self.factors(name)?)))
+            .collect()
+    }
+}
+
+/// Splits a PEFT key into (module name, "A"/"B"), refusing keys this engine cannot transfer.
+fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
+    let unsupported = |reason: String| Error::UnsupportedAdapter {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if key.contains("lora_magnitude_vector") {
+        return Err(unsupported(format!("`{key}` is a DoRA magnitude vector")));
+    }
+    if key.contains("lora_embedding_") {
+        return Err(unsupported(format!(
+            "`{key}`: LoRA on embeddings is not transferred"
+        )));
+    }
+    let body = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+    for (part, which) in [(".lora_A.", 'A'), (".lora_B.", 'B')] {
+        if let Some(pos) = body.find(part) {
+            let rest = &body[pos + part.len()..];
+            // `weight`, or `<adapter name>.weight` as in some saved-by-hand adapters.
+            if rest == "weight"
+                || (rest.ends_with(".weight") && !rest[..rest.len() - 7].contains('.'))
+            {
+                return Ok((body[..pos].to_string(), which));
+            }
+            if rest.ends_with("bias") {
+                return Err(unsupported(format!("`{key}` is a lora bias")));
+            }
+        }
+    }
+    Err(unsupported(format!(
+        "`{key}` is not a lora_A/lora_B weight (modules_to_save or another PEFT method?)"
+    )))
+}
+
+/// Pairs every module's lora_A and lora_B and checks their shapes, types and values against
+/// each other and the config (the values on their bits, nothing decoded or kept).
+fn index_modules(
+    file: &TensorFile,
+    config: &AdapterConfig,
+) -> Result<BTreeMap<String, LoraTensors>> {
+    let path = file.path();
+    let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    for key in file.names() {
+        let (module, which) = parse_key(key, path)?;
+        let slot = &mut pairs.entry(module.clone()).or_default()[(which == 'B') as usize];
+        // Two adapters saved into one file (`lora_A.default.weight` and `lora_A.other.weight`)
+        // would otherwise be mixed in whatever order the names come.
+        if let Some(first) = slot {
+            return Err(Error::UnsupportedAdapter {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`{first}` and `{key}` are both lora_{which} of `{module}`: one adapter per \
+                     file (save each adapter of a multi-adapter model on its own)"
+                ),
+            });
+        }
+        *slot = Some(key.to_string());
+    }
+    let mut out = BTreeMap::new();
+    for (module, [a_key, b_key]) in pairs {
+        let missing = |which: &str| Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: format!("{PEFT_PREFIX}{module}.{which}.weight"),
+            hint: " (every lora_A needs its lora_B)".into(),
+        };
+        let a_key = a_key.ok_or_else(|| missing("lora_A"))?;
+        let b_key = b_key.ok_or_else(|| missing("lora_B"))?;
+        let a_entry = file.entry(&a_key).expect("key listed by the file");
+        let b_entry = file.entry(&b_key).expect("key listed by the file");
+        let (&[r, n], &[m, rb]) = (a_entry.shape.as_slice(), b_entry.shape.as_slice()) else {
+            return Err(Error::bad_tensor(
+                path,
+                &a_key,
+                format!(
+                    "lora_A {:?} and lora_B {:?} must both be 2-D",
+                    a_entry.shape, b_entry.shape
+                ),
+            ));
+        };
+        if r != rb || r == 0 {
+            return Err(Error::bad_tensor(
+                path,
+                &b_key,
+                format!("lora_B is [{m}, {rb}] but lora_A is [{r}, {n}]: ranks differ"),
+            ));
+        }
+        let expected = config.rank_for(&module);
+        if r != expected {
+            return Err(Error::bad_tensor(
+                path,
+                &a_key,
+                format!("rank {r}, but adapter_config.json gives this module r = {expected}"),
+            ));
+        }
+        let float_type = |key: &str, dtype| {
+            FloatType::from_dtype(dtype).ok_or_else(|| {
+                Error::bad_tensor(
+                    path,
+                    key,
+                    format!("dtype {dtype:?} is not bf16, f16 or f32"),
+                )
+            })
+        };
+        let (ty_a, ty_b) = (
+            float_type(&a_key, a_entry.dtype)?,
+            float_type(&b_key, b_entry.dtype)?,
+        );
+        // One type for both factors of the output: the one that holds both exactly (f32 when
+        // they differ), so that neither factor loses precision it came with.
+        let ty = if ty_a == ty_b { ty_a } else { FloatType::F32 };
+        // NaN and Inf are refused now, on the bits, rather than after the work before the
+        // module is read.
+        file.rows_raw(&a_key, 0..r)?;
+        file.rows_raw(&b_key, 0..m)?;
+        let alpha = config.alpha_for(&module);
+        out.insert(
+            module,
+            LoraModule {
+                a: a_key,
+                b: b_key,
+                r,
+                in_features: n,
+                out_features: m,
+                alpha,
+                ty,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Writes an adapter into `dir` (which must exist): weights first, then the config.
+pub fn write_adapter(
+    dir: &Path,
+    config: &serde_json::Map<String, serde_json::Value>,
+    modules: &BTreeMap<String, EncodedFactors>,
+) -> Result<()> {
+    let mut tensors = Vec::with_capacity(modules.len() * 2);
+    for (module, f) in modules {
+        tensors.push((
+            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+            OutTensor::borrowed(f.ty, vec![f.r, f.in_features], &f.a),
+        ));
+        tensors.push((
+            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+            OutTensor::borrowed(f.ty, vec![f.out_features, f.r], &f.b),
+        ));
+    }
+    st::write_file(&dir.join(WEIGHTS_FILE), &tensors, st::pt_metadata())?;
+    let text = serde_json::to_string_pretty(config).expect("JSON values always serialize");
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "cannot write", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_parsed_and_foreign_keys_refused() {
+        let p = Path::new("w.safetensors");
+        assert_eq!(
+            parse_key(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                p
+            )
+            .unwrap(),
+            ("model.layers.0.self_attn.q_proj".to_string(), 'A')
+        );
+        assert_eq!(
+            parse_key(
+                "base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight",
+                p
+            )
+            .unwrap()
+            .1,
+            'B'
+        );
+        for key in [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
+            "base_model.model.lm_head.weight",
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+        ] {
+            assert!(parse_key(key, p).is_err(), "{key} accepted");
+        }
+    }
+}
