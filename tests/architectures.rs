@@ -211,7 +211,7 @@ fn fixture() -> Fixture {
 fn every_table_loads_and_round_trips_module_names() {
     let names: Vec<&str> = arch::all().iter().map(|a| a.name.as_str()).collect();
     for expected in [
-        "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3",
+        "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "smollm3",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }
@@ -283,6 +283,7 @@ fn config_model_types_select_tables() {
         ("gemma2", "gemma2"),
         ("gemma3_text", "gemma3"),
         ("phi3", "phi3"),
+        ("smollm3", "smollm3"),
     ] {
         let text = format!(
             r#"{{"model_type": "{mt}", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}}"#

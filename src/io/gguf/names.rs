@@ -85,6 +85,16 @@ pub const FAMILIES: &[Family] = &[
         false,
     ),
     family("phi3", "phi3", "Phi3ForCausalLM", false, 0.0, false, true),
+    // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
+    family(
+        "smollm3",
+        "smollm3",
+        "SmolLM3ForCausalLM",
+        true,
+        0.0,
+        false,
+        false,
+    ),
 ];
 
 const fn family(
@@ -247,6 +257,18 @@ pub fn config_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_family_has_its_architecture_table() {
+        for f in FAMILIES {
+            let table = crate::arch::all()
+                .iter()
+                .find(|a| a.model_types.iter().any(|t| t == f.model_type));
+            let table = table.unwrap_or_else(|| panic!("no table for {}", f.model_type));
+            // The table's name is the transformers module PEFT's auto_mapping names.
+            assert_eq!(table.name, f.model_type.trim_end_matches("_text"), "{}", f.gguf);
+        }
+    }
 
     #[test]
     fn names_map_per_family() {
