@@ -82,6 +82,10 @@ pub struct TransferArgs {
     /// Replace --out if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Also write the adapter as a llama.cpp LoRA for the target base (`adapter_model.gguf`,
+    /// for `llama-cli --lora` or Ollama's `ADAPTER`).
+    #[arg(long)]
+    pub gguf_adapter: bool,
     /// Print the time spent in each phase (on stderr).
     #[arg(long)]
     pub timings: bool,
@@ -184,6 +188,7 @@ impl TransferArgs {
             device: self.svd.device,
             cache_dir: self.svd.cache_dir(),
             force: self.force,
+            gguf_adapter: self.gguf_adapter,
             progress,
         })
     }

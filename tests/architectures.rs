@@ -139,6 +139,7 @@ fn run_k(
         device: Device::Cpu,
         cache_dir: None,
         force: false,
+        gguf_adapter: false,
         progress: Default::default(),
     };
     transfer::run(&job).unwrap()

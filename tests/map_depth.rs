@@ -205,6 +205,7 @@ fn map_job(
         device: loraxfer::backend::Device::Cpu,
         cache_dir: None,
         force: false,
+        gguf_adapter: false,
         progress,
     };
     let report = loraxfer::transfer::run(&job);

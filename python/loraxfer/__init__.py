@@ -66,6 +66,7 @@ def transfer(
     modules: Optional[Iterable[str]] = None,
     layer_map: Optional[PathLike] = None,
     force: bool = False,
+    gguf_adapter: bool = False,
     map_residual: str = "layers",
     no_norm_fold: bool = False,
     map_gain_floor: float = 0.1,
@@ -75,7 +76,8 @@ def transfer(
 ) -> dict:
     """Transfers `adapter` (trained on `source_base`) onto `target_base` and writes the new
     adapter and its transfer_report.json to `out` (atomically; an existing `out` only with
-    `force=True`). Returns the report as a dict.
+    `force=True`). Returns the report as a dict. gguf_adapter=True also writes the adapter as a
+    llama.cpp LoRA, `out/adapter_model.gguf`, for the target base.
 
     mode: auto, copy, project, align, procrustes, rotate, map or resample (`loraxfer
     transfer --help` says what each does; auto picks rotate for equal shapes, else map,

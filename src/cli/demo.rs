@@ -124,6 +124,7 @@ fn steps(dir: &std::path::Path) -> Result<()> {
         device: Device::Auto,
         cache_dir: None,
         force: false,
+        gguf_adapter: false,
         progress: loraxfer::progress::Progress::bar(),
     };
     let r = transfer::run(&job)?;

@@ -2,6 +2,7 @@
 
 mod convert;
 mod demo;
+mod export;
 mod info;
 mod selftest;
 mod synth;
@@ -35,6 +36,9 @@ enum Command {
     /// Write a GGUF base model as the engine reads it: a safetensors checkpoint under the
     /// Hugging Face names (dequantized), its config.json and its vocabulary.
     Convert(convert::ConvertArgs),
+    /// Write a PEFT adapter as a llama.cpp LoRA (GGUF) for its base model, as llama.cpp's
+    /// convert_lora_to_gguf.py does, with per-module and rslora scales folded in.
+    ExportGguf(export::ExportGgufArgs),
     /// Print the version, the kernels, the GPU (if any) and the backend --device auto picks.
     Info,
     /// Check every CUDA kernel against the CPU reference on fresh random inputs; exits non-zero
@@ -50,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(cmd) => synth::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::ExportGguf(args) => export::run(args),
         Command::Info => {
             info::print();
             Ok(())

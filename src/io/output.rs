@@ -30,7 +30,7 @@ pub fn install_signal_cleanup() {
             // Holding the lock until exit keeps a commit from renaming a directory we are removing.
             let dirs = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
             for d in dirs.iter() {
-                let _ = std::fs::remove_dir_all(d);
+                remove_any(d);
             }
             // A signal that waited for a commit to finish comes after a complete output (and
             // the demo commits several).
@@ -166,6 +166,115 @@ impl Drop for StagedDir {
     }
 }
 
+/// A temporary sibling file that becomes `target` on [`commit`](Self::commit) and disappears if
+/// dropped: the one-file counterpart of [`StagedDir`]. An existing target is replaced only with
+/// `--force`, and only when `replaceable` recognizes it as an earlier output of the same kind;
+/// never when it is one of the inputs.
+#[derive(Debug)]
+pub struct StagedFile {
+    given: PathBuf,
+    target: PathBuf,
+    temp: PathBuf,
+    force: bool,
+    committed: bool,
+}
+
+impl StagedFile {
+    /// Checks `given` and reserves the temporary file's name beside it.
+    pub fn create(
+        given: &Path,
+        force: bool,
+        inputs: &[&Path],
+        replaceable: fn(&Path) -> bool,
+    ) -> Result<Self> {
+        let target = resolve_links(given)?;
+        if target.exists() {
+            if !force {
+                return Err(Error::OutputExists {
+                    path: given.to_path_buf(),
+                });
+            }
+            let why = if target.is_dir() {
+                Some("is a directory")
+            } else if !replaceable(&target) {
+                Some("is not an earlier output of this command")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::arg(
+                    "--out",
+                    format!(
+                        "`{}` {why}: --force replaces only an earlier loraxfer output",
+                        target.display()
+                    ),
+                ));
+            }
+        }
+        let out = std::fs::canonicalize(&target).ok();
+        if let Some(input) = inputs
+            .iter()
+            .find(|i| out.is_some() && std::fs::canonicalize(i).ok() == out)
+        {
+            return Err(Error::arg(
+                "--out",
+                format!("`{}` is the input `{}`", given.display(), input.display()),
+            ));
+        }
+        let name = dir_name(&target)?;
+        let parent = parent_of(&target);
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
+        remove_stale(&parent, &name);
+        let stamp = crate::timing::epoch_nanos();
+        let temp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
+        live_dirs()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(temp.clone());
+        Ok(StagedFile {
+            given: given.to_path_buf(),
+            target,
+            temp,
+            force,
+            committed: false,
+        })
+    }
+
+    /// Where to write the file.
+    pub fn path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Renames the finished file into place (over an earlier output only under `--force`: one
+    /// made at the target while this run worked is kept without it). Returns the target as given.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
+        if self.target.exists() && !self.force {
+            return Err(Error::OutputExists {
+                path: self.given.clone(),
+            });
+        }
+        std::fs::rename(&self.temp, &self.target)
+            .map_err(|e| Error::io(&self.target, "cannot move the new output into place", e))?;
+        live.retain(|d| d != &self.temp);
+        PUBLISHED.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(live);
+        sync_dir(&parent_of(&self.target));
+        self.committed = true;
+        Ok(self.given.clone())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            remove_any(&self.temp);
+            let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
+            live.retain(|d| d != &self.temp);
+        }
+    }
+}
+
 /// Refuses an existing output without `force`; with it, refuses an output that is a file rather
 /// than a directory, one that is or holds any of `inputs`, and one holding anything a loraxfer
 /// output does not (a subdirectory, a file of another name): `--force` replaces an earlier
@@ -197,6 +306,7 @@ pub fn is_output_file(name: &str) -> bool {
         name,
         "adapter_config.json"
             | "adapter_model.safetensors"
+            | "adapter_model.gguf"
             | "transfer_report.json"
             | "config.json"
             | "model.safetensors"

@@ -41,6 +41,8 @@ pub struct Job {
     /// Basis cache directory (docs/METHOD.md, "Basis cache"), if any.
     pub cache_dir: Option<PathBuf>,
     pub force: bool,
+    /// Also write the adapter as a llama.cpp LoRA GGUF for the target base.
+    pub gguf_adapter: bool,
     /// How progress is shown and the job cancelled.
     pub progress: crate::progress::Progress,
     /// The directory arguments that were hub names, by argument (`source_base`, …).
@@ -115,6 +117,10 @@ pub fn run(job: &Job) -> Result<Report> {
     check_target(&job.out, job.force, &job.inputs())?;
     let (backend, device_note) = backend::select(job.device)?;
     let opened = open_and_plan(job, &timings, backend.as_ref())?;
+    if job.gguf_adapter {
+        // Known before the work: a target llama.cpp has no architecture for is refused now.
+        crate::io::gguf::lora::family_of_base(&opened.target)?;
+    }
 
     let cache = job
         .cache_dir
@@ -206,6 +212,17 @@ pub fn run(job: &Job) -> Result<Report> {
     let write_start = Instant::now();
     let staged = StagedDir::create(&job.out, job.force, &job.inputs())?;
     adapter::write_adapter(staged.path(), &config, &modules)?;
+    drop(modules);
+    if job.gguf_adapter {
+        // From the adapter just written: the GGUF holds what PEFT loads, value for value.
+        let written = Adapter::open(staged.path())?;
+        let path = staged.path().join(crate::io::gguf::lora::LORA_GGUF_FILE);
+        let name = std::path::absolute(&job.out)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path)?;
+    }
     timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
     report.timings_ms = timings_map(&timings, wall.elapsed().as_secs_f64() * 1e3);
     write_json(&staged.path().join(REPORT_FILE), &report)?;

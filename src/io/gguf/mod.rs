@@ -9,9 +9,11 @@
 
 pub mod convert;
 pub mod header;
+pub mod lora;
 pub mod names;
 pub mod quant;
 mod rows;
+pub mod write;
 
 pub use rows::QuantizedRows;
 

@@ -122,6 +122,23 @@ pub fn family_of(arch: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.gguf == arch)
 }
 
+/// The GGUF module name (`attn_q`, `ffn_up`, …) of a layer projection's Hugging Face key below
+/// the layer (`self_attn.q_proj`): the inverse of [`hf_name`] on projections.
+pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
+    Some(match key {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.qkv_proj" if f.fused => "attn_qkv",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" if !f.fused => "ffn_up",
+        "mlp.gate_up_proj" if f.fused => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    })
+}
+
 /// The Hugging Face name of a GGUF tensor, or None for tensors the engine does not read
 /// (rotary tables, …).
 pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
@@ -259,6 +276,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gguf_module_names_invert_hf_names_for_every_table_projection() {
+        for f in FAMILIES {
+            let table = crate::arch::all()
+                .iter()
+                .find(|a| a.model_types.iter().any(|t| t == f.model_type))
+                .unwrap();
+            for spec in &table.modules {
+                let gguf = gguf_module(f, &spec.key)
+                    .unwrap_or_else(|| panic!("{}: no GGUF name for {}", f.gguf, spec.key));
+                assert_eq!(
+                    hf_name(f, &format!("blk.7.{gguf}.weight")).as_deref(),
+                    Some(format!("model.layers.7.{}.weight", spec.key).as_str()),
+                    "{}",
+                    f.gguf
+                );
+            }
+        }
+    }
+
+    #[test]
     fn every_family_has_its_architecture_table() {
         for f in FAMILIES {
             let table = crate::arch::all()
@@ -266,7 +303,12 @@ mod tests {
                 .find(|a| a.model_types.iter().any(|t| t == f.model_type));
             let table = table.unwrap_or_else(|| panic!("no table for {}", f.model_type));
             // The table's name is the transformers module PEFT's auto_mapping names.
-            assert_eq!(table.name, f.model_type.trim_end_matches("_text"), "{}", f.gguf);
+            assert_eq!(
+                table.name,
+                f.model_type.trim_end_matches("_text"),
+                "{}",
+                f.gguf
+            );
         }
     }
 

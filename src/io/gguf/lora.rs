@@ -1,0 +1,197 @@
+//! A PEFT adapter written as llama.cpp loads LoRA adapters (`llama-cli --lora`, `llama-server
+//! --lora`, Ollama's `ADAPTER`): a GGUF with `general.type = adapter`, `adapter.type = lora` and
+//! `adapter.lora.alpha`, and for every adapted base tensor `<its GGUF name>.lora_a` (A, dims
+//! `[in, r]`) and `.lora_b` (B, dims `[r, out]`), as llama.cpp's `convert_lora_to_gguf.py` writes
+//! them: under the base's GGUF tensor names, B's rows of Q and K in the order llama-family
+//! converters store them, in the adapter's stored type.
+//!
+//! llama.cpp scales every tensor by one alpha over the tensor's rank. A module whose PEFT scale is
+//! not `lora_alpha / r` (a `rank_pattern` or `alpha_pattern` entry, or rslora's `alpha / √r`) has
+//! the ratio folded into its B, written in f32 so that the fold adds no rounding; the converter
+//! ignores these scales.
+
+use std::path::Path;
+
+use crate::arch::{self, Part};
+use crate::error::{Error, Result};
+use crate::io::adapter::{Adapter, LoraFactors};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::gguf::names::{self, Family};
+use crate::io::gguf::write::{self, GgufTensor, MetaValue};
+use crate::io::safetensors::{encode_f32, FloatType};
+
+/// The file name a transfer writes it under, beside `adapter_model.safetensors`.
+pub const LORA_GGUF_FILE: &str = "adapter_model.gguf";
+
+/// The llama.cpp family of a base model: a GGUF's own, or the one llama.cpp converts a Hugging
+/// Face `model_type` as.
+pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
+    if let Some(model) = base.gguf() {
+        let arch = model.architecture();
+        return names::family_of(arch)
+            .ok_or_else(|| Error::internal(format!("an opened GGUF of unknown family {arch}")));
+    }
+    let model_type = base.config.model_type.as_str();
+    names::FAMILIES
+        .iter()
+        .find(|f| match model_type {
+            // Mistral checkpoints convert as Llama; a multimodal Gemma 3's text model as gemma3.
+            "mistral" => f.gguf == "llama",
+            "gemma3" => f.gguf == "gemma3",
+            other => f.model_type == other,
+        })
+        .ok_or_else(|| {
+            Error::config(
+                base.config_path(),
+                format!(
+                    "model_type `{model_type}`: no llama.cpp architecture is known for it, so no \
+                     GGUF adapter can be written (known: {})",
+                    names::FAMILIES
+                        .iter()
+                        .map(|f| f.model_type)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+}
+
+/// One adapted module, placed: its GGUF base tensor name, the heads its B rows are stored
+/// permuted by (Q and K of llama-family models), and the factor its B takes.
+struct Placed<'a> {
+    module: &'a str,
+    gguf: String,
+    permuted_heads: Option<usize>,
+    fold: f64,
+    ty: FloatType,
+    r: usize,
+    in_features: usize,
+    out_features: usize,
+}
+
+/// Writes `adapter` as a llama.cpp LoRA GGUF for `base` at `out` (replacing it), named `name`
+/// (`general.name`).
+pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &Path) -> Result<()> {
+    let family = family_of_base(base)?;
+    let table = arch::for_config(&base.config, &base.config_path())?;
+    let base_prefix = table.detect_prefix(base)?;
+    let alpha = adapter.config.lora_alpha;
+    let cfg = &base.config;
+    let mut placed = Vec::with_capacity(adapter.modules.len());
+    for (module, m) in &adapter.modules {
+        let not_for_base = |why: String| Error::UnsupportedAdapter {
+            path: adapter.dir.clone(),
+            reason: format!("`{module}` {why}: no llama.cpp LoRA tensor can hold it"),
+        };
+        let (layer, spec) = table
+            .layer_prefixes
+            .iter()
+            .find_map(|p| table.parse_module(p, module))
+            .ok_or_else(|| {
+                not_for_base(format!(
+                    "is not a layer projection of a {} model",
+                    table.name
+                ))
+            })?;
+        let suffix = names::gguf_module(family, &spec.key)
+            .ok_or_else(|| not_for_base(format!("({}) has no {} tensor", spec.key, family.gguf)))?;
+        let weight = format!("{}.weight", table.module_path(base_prefix, layer, spec));
+        let shape = base.shape(&weight)?;
+        if shape != [m.out_features, m.in_features] {
+            return Err(Error::UnsupportedAdapter {
+                path: adapter.dir.clone(),
+                reason: format!(
+                    "`{module}` is [{}, {}] but the base's `{weight}` is {shape:?}: the adapter is \
+                     not for this base",
+                    m.out_features, m.in_features
+                ),
+            });
+        }
+        let permuted_heads = match spec.parts.as_slice() {
+            [Part::Q] if family.permuted_qk => Some(cfg.num_attention_heads),
+            [Part::K] if family.permuted_qk => Some(cfg.num_key_value_heads),
+            _ => None,
+        };
+        // llama.cpp's scale of this tensor is alpha / r (1 when alpha is 0).
+        let gguf_scale = if alpha != 0.0 {
+            alpha / m.r as f64
+        } else {
+            1.0
+        };
+        let fold = adapter.config.scale(m.r, m.alpha) / gguf_scale;
+        placed.push(Placed {
+            module,
+            gguf: format!("blk.{layer}.{suffix}.weight"),
+            permuted_heads,
+            fold,
+            ty: if fold == 1.0 { m.ty } else { FloatType::F32 },
+            r: m.r,
+            in_features: m.in_features,
+            out_features: m.out_features,
+        });
+    }
+    let mut tensors = Vec::with_capacity(placed.len() * 2);
+    for p in &placed {
+        tensors.push(GgufTensor {
+            name: format!("{}.lora_a", p.gguf),
+            dims: vec![p.in_features as u64, p.r as u64],
+            ty: p.ty,
+            produce: Box::new(move || Ok(encode_f32(&adapter.factors(p.module)?.a, p.ty))),
+        });
+        tensors.push(GgufTensor {
+            name: format!("{}.lora_b", p.gguf),
+            dims: vec![p.r as u64, p.out_features as u64],
+            ty: p.ty,
+            produce: Box::new(move || {
+                Ok(encode_f32(&stored_b(p, &adapter.factors(p.module)?), p.ty))
+            }),
+        });
+    }
+    let metadata = [
+        ("general.architecture", MetaValue::Str(family.gguf)),
+        ("general.type", MetaValue::Str("adapter")),
+        ("adapter.type", MetaValue::Str("lora")),
+        ("general.name", MetaValue::Str(name)),
+        ("adapter.lora.alpha", MetaValue::F32(alpha as f32)),
+        ("general.quantization_version", MetaValue::U32(2)),
+    ];
+    write::write_file(out, &metadata, &tensors)
+}
+
+/// B as the GGUF holds it: its scale folded in, its rows in the base's stored order.
+fn stored_b(p: &Placed<'_>, f: &LoraFactors) -> Vec<f32> {
+    let r = p.r;
+    let mut b = if p.fold == 1.0 {
+        f.b.clone()
+    } else {
+        f.b.iter().map(|&v| (v as f64 * p.fold) as f32).collect()
+    };
+    if let Some(heads) = p.permuted_heads {
+        let rows = p.out_features;
+        let mut stored = vec![0f32; b.len()];
+        for row in 0..rows {
+            let at = names::stored_row(row, rows, heads);
+            stored[at * r..(at + 1) * r].copy_from_slice(&b[row * r..(row + 1) * r]);
+        }
+        b = stored;
+    }
+    b
+}
+
+/// Whether `path` is a llama.cpp LoRA GGUF (`general.type = adapter`, `adapter.type = lora`):
+/// what `--force` may replace.
+pub fn is_lora_gguf(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: read-only map of a file read once, as every reader here maps files.
+    let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return false;
+    };
+    let Ok(header) = super::header::parse(&map) else {
+        return false;
+    };
+    let is =
+        |key: &str, want: &str| header.metadata.get(key).and_then(|v| v.as_str()) == Some(want);
+    is("general.type", "adapter") && is("adapter.type", "lora")
+}
