@@ -203,9 +203,61 @@ fn a_transfer_writes_the_gguf_beside_the_peft_adapter() {
         Some("o"),
         "named after --out, not its staging directory"
     );
-    // --force replaces the whole output, the GGUF with it.
+    // --force replaces the whole output, the GGUF with it: again with it, and gone without it.
     let mut again = args.to_vec();
     again.push("--force");
     ok(&again);
     assert_eq!(std::fs::read(out.join("adapter_model.gguf")).unwrap(), gguf);
+    again.retain(|a| *a != "--gguf-adapter");
+    ok(&again);
+    assert!(!out.join("adapter_model.gguf").exists(), "no stale GGUF");
+}
+
+#[test]
+fn scales_llama_cpp_cannot_express_are_folded_into_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter, out) = (
+        dir.path().join("base"),
+        dir.path().join("adapter"),
+        dir.path().join("a.gguf"),
+    );
+    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
+    synth(
+        "adapter",
+        &adapter,
+        &["--base", s(&base), "--r", "4", "--dtype", "bf16"],
+    );
+    // rslora (alpha / √r) and one module's own alpha: scales other than llama.cpp's alpha / r.
+    let config = adapter.join("adapter_config.json");
+    let mut c: serde_json::Value = read_json(&config);
+    c["use_rslora"] = true.into();
+    c["alpha_pattern"] = serde_json::json!({"model.layers.0.mlp.down_proj": 64});
+    std::fs::write(&config, c.to_string()).unwrap();
+    assert!(export(&adapter, &base, &out, &[]).status.success());
+
+    let peft = Adapter::open(&adapter).unwrap();
+    let data = std::fs::read(&out).unwrap();
+    let header = parse(&data).unwrap();
+    let alpha = header.metadata["adapter.lora.alpha"].as_f64().unwrap();
+    for (gguf, module) in [
+        ("blk.0.ffn_down", "model.layers.0.mlp.down_proj"),
+        ("blk.0.attn_v", "model.layers.0.self_attn.v_proj"),
+    ] {
+        let f = peft.factors(module).unwrap();
+        let m = &peft.modules[module];
+        let ratio = peft.config.scale(m.r, m.alpha) / (alpha / m.r as f64);
+        assert!((ratio - if module.contains("down") { 4.0 } else { 2.0 }).abs() < 1e-12);
+        let read = |suffix: &str| {
+            let t = header
+                .tensors
+                .iter()
+                .find(|t| t.name == format!("{gguf}.weight.{suffix}"))
+                .unwrap();
+            assert_eq!(t.ty, loraxfer::io::gguf::quant::GgmlType::F32, "{module}");
+            decode_f32(&data[t.start..t.end], FloatType::F32)
+        };
+        assert_eq!(read("lora_a"), f.a, "{module}: A as it is");
+        let want: Vec<f32> = f.b.iter().map(|&v| (v as f64 * ratio) as f32).collect();
+        assert_eq!(read("lora_b"), want, "{module}: B times the ratio");
+    }
 }

@@ -6,7 +6,7 @@ use loraxfer::io::adapter::Adapter;
 use loraxfer::io::checkpoint::Checkpoint;
 use loraxfer::io::gguf::lora::{family_of_base, is_lora_gguf, write_lora_gguf};
 use loraxfer::io::hub::{self, Kind};
-use loraxfer::io::output::StagedFile;
+use loraxfer::io::output::{name_of, StagedFile};
 use loraxfer::Result;
 
 #[derive(Debug, clap::Args)]
@@ -27,7 +27,7 @@ pub struct ExportGgufArgs {
 }
 
 pub fn run(args: ExportGgufArgs) -> Result<()> {
-    let (adapter_dir, _) = hub::resolve(&args.adapter, Kind::Adapter)?;
+    let (adapter_dir, hub_name) = hub::resolve(&args.adapter, Kind::Adapter)?;
     let (base_dir, _) = hub::resolve(&args.base, Kind::Model)?;
     let adapter = Adapter::open(&adapter_dir)?;
     let base = Checkpoint::open(&base_dir)?;
@@ -35,7 +35,9 @@ pub fn run(args: ExportGgufArgs) -> Result<()> {
     let weights = adapter_dir.join(loraxfer::io::adapter::WEIGHTS_FILE);
     let inputs = [adapter_dir.as_path(), weights.as_path(), base_dir.as_path()];
     let staged = StagedFile::create(&args.out, args.force, &inputs, is_lora_gguf)?;
-    write_lora_gguf(&adapter, &base, &dir_name(&adapter_dir), staged.path())?;
+    // A hub adapter by its name, not its snapshot's commit.
+    let name = hub_name.map_or_else(|| name_of(&adapter_dir), |h| h.name);
+    write_lora_gguf(&adapter, &base, &name, staged.path())?;
     let out = staged.commit()?;
     println!(
         "wrote {} (a llama.cpp LoRA for {}: {} modules, lora_alpha {})",
@@ -45,12 +47,4 @@ pub fn run(args: ExportGgufArgs) -> Result<()> {
         adapter.config.lora_alpha
     );
     Ok(())
-}
-
-/// The last component of a path, as a model name.
-fn dir_name(path: &std::path::Path) -> String {
-    std::path::absolute(path)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_default()
 }

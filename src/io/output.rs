@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
-/// Temporary directories of this process that a signal must remove.
+/// Temporary directories and files of this process that a signal must remove.
 fn live_dirs() -> &'static Mutex<Vec<PathBuf>> {
     static DIRS: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
     DIRS.get_or_init(|| Mutex::new(Vec::new()))
@@ -176,6 +176,9 @@ pub struct StagedFile {
     target: PathBuf,
     temp: PathBuf,
     force: bool,
+    /// The run's inputs and what `--force` may replace, checked again at the commit.
+    inputs: Vec<PathBuf>,
+    replaceable: fn(&Path) -> bool,
     committed: bool,
 }
 
@@ -188,40 +191,8 @@ impl StagedFile {
         replaceable: fn(&Path) -> bool,
     ) -> Result<Self> {
         let target = resolve_links(given)?;
-        if target.exists() {
-            if !force {
-                return Err(Error::OutputExists {
-                    path: given.to_path_buf(),
-                });
-            }
-            let why = if target.is_dir() {
-                Some("is a directory")
-            } else if !replaceable(&target) {
-                Some("is not an earlier output of this command")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                return Err(Error::arg(
-                    "--out",
-                    format!(
-                        "`{}` {why}: --force replaces only an earlier loraxfer output",
-                        target.display()
-                    ),
-                ));
-            }
-        }
-        let out = std::fs::canonicalize(&target).ok();
-        if let Some(input) = inputs
-            .iter()
-            .find(|i| out.is_some() && std::fs::canonicalize(i).ok() == out)
-        {
-            return Err(Error::arg(
-                "--out",
-                format!("`{}` is the input `{}`", given.display(), input.display()),
-            ));
-        }
-        let name = dir_name(&target)?;
+        check_file_target(given, &target, force, inputs, replaceable)?;
+        let name = file_name(&target)?;
         let parent = parent_of(&target);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
         remove_stale(&parent, &name);
@@ -236,6 +207,8 @@ impl StagedFile {
             target,
             temp,
             force,
+            inputs: inputs.iter().map(|p| p.to_path_buf()).collect(),
+            replaceable,
             committed: false,
         })
     }
@@ -245,15 +218,19 @@ impl StagedFile {
         &self.temp
     }
 
-    /// Renames the finished file into place (over an earlier output only under `--force`: one
-    /// made at the target while this run worked is kept without it). Returns the target as given.
+    /// Renames the finished file into place, replacing a file there only when it still passes
+    /// the checks of [`create`](Self::create) (one made at the target while this run worked is
+    /// judged like one that was there at the start). Returns the target as given.
     pub fn commit(mut self) -> Result<PathBuf> {
         let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
-        if self.target.exists() && !self.force {
-            return Err(Error::OutputExists {
-                path: self.given.clone(),
-            });
-        }
+        let inputs: Vec<&Path> = self.inputs.iter().map(PathBuf::as_path).collect();
+        check_file_target(
+            &self.given,
+            &self.target,
+            self.force,
+            &inputs,
+            self.replaceable,
+        )?;
         std::fs::rename(&self.temp, &self.target)
             .map_err(|e| Error::io(&self.target, "cannot move the new output into place", e))?;
         live.retain(|d| d != &self.temp);
@@ -263,6 +240,59 @@ impl StagedFile {
         self.committed = true;
         Ok(self.given.clone())
     }
+}
+
+/// Refuses an existing file output without `force`; with it, one that is a directory, one that
+/// `replaceable` does not recognize as an earlier output, and one that is an input.
+fn check_file_target(
+    given: &Path,
+    target: &Path,
+    force: bool,
+    inputs: &[&Path],
+    replaceable: fn(&Path) -> bool,
+) -> Result<()> {
+    if target.exists() {
+        if !force {
+            return Err(Error::OutputExists {
+                path: given.to_path_buf(),
+            });
+        }
+        let why = if target.is_dir() {
+            Some("is a directory")
+        } else if !replaceable(target) {
+            Some("is not an earlier output of this command")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::arg(
+                "--out",
+                format!(
+                    "`{}` {why}: --force replaces only an earlier output of its kind",
+                    target.display()
+                ),
+            ));
+        }
+    }
+    let out = std::fs::canonicalize(target).ok();
+    if let Some(input) = inputs
+        .iter()
+        .find(|i| out.is_some() && std::fs::canonicalize(i).ok() == out)
+    {
+        return Err(Error::arg(
+            "--out",
+            format!("`{}` is the input `{}`", given.display(), input.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// The last component of a file output's path.
+fn file_name(target: &Path) -> Result<String> {
+    target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::arg("--out", format!("`{}` has no file name", target.display())))
 }
 
 impl Drop for StagedFile {
@@ -375,8 +405,9 @@ pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
             return Err(refuse(format!(
                 "holds `{name}`, which is not part of a loraxfer output"
             )));
-        } else if name.ends_with(".safetensors")
-            && !crate::io::safetensors::written_by_loraxfer(&entry.path())
+        } else if (name.ends_with(".safetensors")
+            && !crate::io::safetensors::written_by_loraxfer(&entry.path()))
+            || (name.ends_with(".gguf") && !crate::io::gguf::lora::is_lora_gguf(&entry.path()))
         {
             return Err(refuse(format!(
                 "holds `{name}`, which loraxfer did not write"
@@ -496,6 +527,15 @@ fn sync_dir(path: &Path) {
     if let Ok(dir) = std::fs::File::open(path) {
         let _ = dir.sync_all();
     }
+}
+
+/// The name a path ends in, absolute (`.` resolved), as a model or adapter name: the name a
+/// user gave an output, not its staging directory's.
+pub fn name_of(path: &Path) -> String {
+    std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

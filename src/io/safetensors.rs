@@ -491,6 +491,7 @@ impl View for &OutTensor<'_> {
     }
 }
 
+/// Writes `tensors` to `path` as one safetensors file (with `metadata`, e.g. `{"format": "pt"}`).
 pub fn write_file(
     path: &Path,
     tensors: &[(String, OutTensor<'_>)],

@@ -117,10 +117,6 @@ pub fn run(job: &Job) -> Result<Report> {
     check_target(&job.out, job.force, &job.inputs())?;
     let (backend, device_note) = backend::select(job.device)?;
     let opened = open_and_plan(job, &timings, backend.as_ref())?;
-    if job.gguf_adapter {
-        // Known before the work: a target llama.cpp has no architecture for is refused now.
-        crate::io::gguf::lora::family_of_base(&opened.target)?;
-    }
 
     let cache = job
         .cache_dir
@@ -217,10 +213,7 @@ pub fn run(job: &Job) -> Result<Report> {
         // From the adapter just written: the GGUF holds what PEFT loads, value for value.
         let written = Adapter::open(staged.path())?;
         let path = staged.path().join(crate::io::gguf::lora::LORA_GGUF_FILE);
-        let name = std::path::absolute(&job.out)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_default();
+        let name = crate::io::output::name_of(&job.out);
         crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path)?;
     }
     timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
@@ -248,6 +241,10 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     let plan_start = Instant::now();
     let source = Checkpoint::open(&job.source_base)?;
     let target = Checkpoint::open(&job.target_base)?;
+    if job.gguf_adapter {
+        // Before any work: a target llama.cpp has no architecture for is refused now.
+        crate::io::gguf::lora::family_of_base(&target)?;
+    }
     let adapter = Adapter::open(&job.adapter)?;
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;

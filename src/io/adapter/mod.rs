@@ -250,8 +250,8 @@ fn index_modules(
         // One type for both factors of the output: the one that holds both exactly (f32 when
         // they differ), so that neither factor loses precision it came with.
         let ty = if ty_a == ty_b { ty_a } else { FloatType::F32 };
-        // NaN and Inf are refused now, on the bits, rather than after the work before the
-        // module is read.
+        // NaN and Inf are refused now, on the bits, not when a unit reads the module after
+        // the work before it.
         file.rows_raw(&a_key, 0..r)?;
         file.rows_raw(&b_key, 0..m)?;
         let alpha = config.alpha_for(&module);

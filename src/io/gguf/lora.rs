@@ -5,9 +5,10 @@
 //! them: under the base's GGUF tensor names, B's rows of Q and K in the order llama-family
 //! converters store them, in the adapter's stored type.
 //!
-//! llama.cpp scales every tensor by one alpha over the tensor's rank. A module whose PEFT scale is
-//! not `lora_alpha / r` (a `rank_pattern` or `alpha_pattern` entry, or rslora's `alpha / √r`) has
-//! the ratio folded into its B, written in f32 so that the fold adds no rounding; the converter
+//! llama.cpp scales every tensor by one alpha over the tensor's own rank, so a `rank_pattern` needs
+//! nothing; a module whose PEFT scale is not `lora_alpha / r` (an `alpha_pattern` entry, or
+//! rslora's `alpha / √r`) has the ratio folded into its B, and both its factors are written in
+//! f32 (B times the ratio rounded once, to f32, not to the adapter's half type); the converter
 //! ignores these scales.
 
 use std::path::Path;
@@ -112,9 +113,11 @@ pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &P
             [Part::K] if family.permuted_qk => Some(cfg.num_key_value_heads),
             _ => None,
         };
-        // llama.cpp's scale of this tensor is alpha / r (1 when alpha is 0).
-        let gguf_scale = if alpha != 0.0 {
-            alpha / m.r as f64
+        // llama.cpp's scale of this tensor is alpha / r (1 when alpha is 0), with alpha as the
+        // file stores it, in f32.
+        let stored_alpha = alpha as f32 as f64;
+        let gguf_scale = if stored_alpha != 0.0 {
+            stored_alpha / m.r as f64
         } else {
             1.0
         };
