@@ -36,6 +36,7 @@ from ._errors import (
 __all__ = [
     "transfer",
     "inspect",
+    "export_gguf",
     "options",
     "LoraxferError",
     "InvalidArgumentError",
@@ -128,6 +129,17 @@ def inspect(
     values = dict(locals())
     callback = values.pop("progress")
     return json.loads(_native.inspect(_flags(values), callback))
+
+
+def export_gguf(adapter: PathLike, base: PathLike, out: PathLike, *, force: bool = False) -> dict:
+    """Writes the PEFT adapter `adapter` (a directory or a cached hub name) as a llama.cpp LoRA
+    GGUF for `base` (a directory, a GGUF file or a cached hub name) at `out`, atomically (an
+    existing `out` only with `force=True`, and only when it is a LoRA GGUF), as `loraxfer
+    export-gguf` does. Returns what was written: path, architecture, modules, lora_alpha."""
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be a bool, not {type(force).__name__}")
+    paths = [os.path.expanduser(os.fspath(p)) for p in (adapter, base, out)]
+    return json.loads(_native.export_gguf(*paths, force))
 
 
 def options(command: str) -> list:

@@ -177,6 +177,22 @@ fn inspect(py: Python<'_>, flags: Vec<String>, progress: Option<Py<PyAny>>) -> P
     })
 }
 
+/// `loraxfer export-gguf`; what was written, as JSON.
+#[pyfunction]
+#[pyo3(signature = (adapter, base, out, force=false))]
+fn export_gguf(
+    py: Python<'_>,
+    adapter: std::path::PathBuf,
+    base: std::path::PathBuf,
+    out: std::path::PathBuf,
+    force: bool,
+) -> PyResult<String> {
+    run_released(py, None, move |_| {
+        let done = loraxfer::io::gguf::lora::export(&adapter, &base, &out, force)?;
+        Ok(serde_json::to_string(&done).expect("export summaries serialize"))
+    })
+}
+
 /// The options of `transfer` or `inspect` as the command line defines them, as JSON.
 #[pyfunction]
 fn options(py: Python<'_>, command: &str) -> PyResult<String> {
@@ -191,5 +207,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(transfer, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(options, m)?)?;
+    m.add_function(wrap_pyfunction!(export_gguf, m)?)?;
     Ok(())
 }

