@@ -154,6 +154,37 @@ def test_transfer_from_gguf_equals_transfer_from_its_safetensors(binary, model_g
             assert np.array_equal(ta[k], tb[k]), f"{mode}: {k} differs"
 
 
+def test_a_lora_for_a_gguf_base_follows_the_rows_it_stores(binary, model_gguf, tmp_path):
+    """export-gguf onto the GGUF itself equals export-gguf onto its conversion, and the LoRA's B
+    rows of Q and K sit where the base GGUF stores the weight's rows (the converter's permutation,
+    found here from the dequantized rows themselves)."""
+    converted = tmp_path / "converted"
+    iu.loraxfer(binary, "convert", "--gguf", model_gguf, "--out", converted)
+    adapter = tmp_path / "adapter"
+    iu.loraxfer(binary, "synth", "adapter", "--base", converted, "--out", adapter, "--r", "4")
+    for_gguf, for_st = tmp_path / "for-gguf.gguf", tmp_path / "for-st.gguf"
+    iu.loraxfer(binary, "export-gguf", "--adapter", adapter, "--base", model_gguf, "--out", for_gguf)
+    iu.loraxfer(binary, "export-gguf", "--adapter", adapter, "--base", converted, "--out", for_st)
+    assert for_gguf.read_bytes() == for_st.read_bytes()
+
+    base = {t.name: t for t in gguf.GGUFReader(str(model_gguf)).tensors}
+    lora = {t.name: t for t in gguf.GGUFReader(str(for_gguf)).tensors}
+    weights = load_file(str(converted / "model.safetensors"))
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    for layer, kind in [(0, "attn_q"), (1, "attn_q"), (0, "attn_k"), (1, "attn_k"), (1, "attn_v")]:
+        t = base[f"blk.{layer}.{kind}.weight"]
+        stored = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        hf = weights[f"model.layers.{layer}.{HF[kind]}.weight"]
+        rows = {row.astype(np.float32).tobytes(): i for i, row in enumerate(hf)}
+        assert len(rows) == len(hf), "rows are distinct"
+        perm = [rows[row.astype(np.float32).tobytes()] for row in stored]
+        b_hf = peft[f"base_model.model.model.layers.{layer}.{HF[kind]}.lora_B.weight"]
+        b = lora[f"blk.{layer}.{kind}.weight.lora_b"]
+        b_gguf = np.array(b.data).reshape([int(d) for d in reversed(b.shape)])
+        assert np.array_equal(b_gguf, b_hf[perm]), f"blk.{layer}.{kind}"
+        assert (perm != list(range(len(perm)))) == (kind != "attn_v"), kind
+
+
 def test_bad_gguf_names_the_file_and_the_fault(binary, model_gguf, tmp_path):
     data = model_gguf.read_bytes()
     cut = tmp_path / "cut.gguf"
