@@ -65,6 +65,13 @@ impl LoraFactors {
     }
 }
 
+/// Which factor of a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    A,
+    B,
+}
+
 /// An opened adapter: its config, and its modules keyed by name (without the PEFT prefix), every
 /// key, shape and value checked. The factors stay in the (memory-mapped) file until a module is
 /// read with [`factors`](Self::factors): a transfer holds one module's at a time, not the
@@ -120,15 +127,27 @@ impl Adapter {
 
     /// The factors of `module`, read from the file in f32.
     pub fn factors(&self, module: &str) -> Result<LoraFactors> {
-        let m = self
-            .modules
+        let m = self.module(module)?;
+        Ok(m.with(self.file.read_f32(&m.a)?, self.file.read_f32(&m.b)?))
+    }
+
+    /// One factor of `module` (`[r, in]` A or `[out, r]` B), read from the file in f32.
+    pub fn factor(&self, module: &str, which: Factor) -> Result<Vec<f32>> {
+        let m = self.module(module)?;
+        self.file.read_f32(match which {
+            Factor::A => &m.a,
+            Factor::B => &m.b,
+        })
+    }
+
+    fn module(&self, module: &str) -> Result<&LoraTensors> {
+        self.modules
             .get(module)
             .ok_or_else(|| Error::MissingTensor {
                 path: self.file.path().to_path_buf(),
                 tensor: format!("{PEFT_PREFIX}{module}.lora_A.weight"),
                 hint: " (the adapter has no such module)".into(),
-            })?;
-        Ok(m.with(self.file.read_f32(&m.a)?, self.file.read_f32(&m.b)?))
+            })
     }
 
     /// Every module's factors, in f32 (the whole adapter in memory: for tests and small tools).

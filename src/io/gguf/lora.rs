@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::arch::{self, Part};
 use crate::error::{Error, Result};
-use crate::io::adapter::{Adapter, LoraFactors};
+use crate::io::adapter::{Adapter, Factor};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::gguf::names::{self, Family};
 use crate::io::gguf::write::{self, GgufTensor, MetaValue};
@@ -174,14 +174,15 @@ pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &P
             name: format!("{}.lora_a", p.gguf),
             dims: vec![p.in_features as u64, p.r as u64],
             ty: p.ty,
-            produce: Box::new(move || Ok(encode_f32(&adapter.factors(p.module)?.a, p.ty))),
+            produce: Box::new(move || Ok(encode_f32(&adapter.factor(p.module, Factor::A)?, p.ty))),
         });
         tensors.push(GgufTensor {
             name: format!("{}.lora_b", p.gguf),
             dims: vec![p.r as u64, p.out_features as u64],
             ty: p.ty,
             produce: Box::new(move || {
-                Ok(encode_f32(&stored_b(p, &adapter.factors(p.module)?), p.ty))
+                let b = adapter.factor(p.module, Factor::B)?;
+                Ok(encode_f32(&stored_b(p, b), p.ty))
             }),
         });
     }
@@ -197,13 +198,12 @@ pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &P
 }
 
 /// B as the GGUF holds it: its scale folded in, its rows in the base's stored order.
-fn stored_b(p: &Placed<'_>, f: &LoraFactors) -> Vec<f32> {
+fn stored_b(p: &Placed<'_>, b: Vec<f32>) -> Vec<f32> {
     let r = p.r;
-    let mut b = if p.fold == 1.0 {
-        f.b.clone()
-    } else {
-        f.b.iter().map(|&v| (v as f64 * p.fold) as f32).collect()
-    };
+    let mut b = b;
+    if p.fold != 1.0 {
+        b.iter_mut().for_each(|v| *v = (*v as f64 * p.fold) as f32);
+    }
     if let Some(heads) = p.permuted_heads {
         let rows = p.out_features;
         let mut stored = vec![0f32; b.len()];
