@@ -261,3 +261,39 @@ fn scales_llama_cpp_cannot_express_are_folded_into_b() {
         assert_eq!(read("lora_b"), want, "{module}: B times the ratio");
     }
 }
+
+#[test]
+fn a_cancelled_export_writes_nothing() {
+    use loraxfer::progress::Progress;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter) = (dir.path().join("base"), dir.path().join("adapter"));
+    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
+    synth("adapter", &adapter, &["--base", s(&base)]);
+    let export = |out: &Path, progress: &Progress| {
+        loraxfer::io::gguf::lora::export(&adapter, &base, out, false, progress)
+    };
+    // Cancelled before it starts (Ctrl-C in Python), or refused at the commit (a callback).
+    let cancelled = Progress {
+        cancel: Some(Arc::new(AtomicBool::new(true))),
+        ..Progress::hidden()
+    };
+    let refused = Progress {
+        gate: Some(Arc::new(|| false)),
+        ..Progress::hidden()
+    };
+    for (name, progress) in [("c.gguf", cancelled), ("r.gguf", refused)] {
+        let out = dir.path().join(name);
+        let err = export(&out, &progress).unwrap_err();
+        assert!(matches!(err, loraxfer::Error::Cancelled), "{err}");
+        assert!(!out.exists(), "{name} written");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert!(export(&dir.path().join("ok.gguf"), &Progress::hidden()).is_ok());
+}

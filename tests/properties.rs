@@ -78,7 +78,20 @@ proptest! {
         }
         let approx = mm(Mat::from_fn(m, k, |i, j| b.u[(i, j)] * b.s[j]).as_ref(), b.v.transpose());
         let tail: f32 = sigma[k..].iter().map(|s| s * s).sum::<f32>().sqrt();
-        prop_assert!(fro(&(&w - &approx)) <= 2.0 * tail + 1e-3 * sigma[0], "residual above the tail");
+        // Without power iterations the sketch mixes the tail into the range: Halko, Martinsson
+        // & Tropp (2011), Thm 10.7, with t = 6 and u = 5 (fails with probability below 3e-4
+        // for the oversampling p = 5), plus one tail for the rank-k truncation of the sketched
+        // range. With one or more iterations the tail's share shrinks by (σ_k+1/σ_k)^2q, far
+        // below 1e-3 here, and the residual is within twice the tail.
+        let (kf, p) = (k as f32, 5.0f32);
+        let bound = if q == 0 {
+            (2.0 + 6.0 * (3.0 * kf / (p + 1.0)).sqrt()) * tail
+                + 5.0 * 6.0 * std::f32::consts::E * (kf + p).sqrt() / (p + 1.0)
+                    * sigma.get(k).copied().unwrap_or(0.0)
+        } else {
+            2.0 * tail
+        };
+        prop_assert!(fro(&(&w - &approx)) <= bound + 1e-3 * sigma[0], "residual above the tail");
     }
 
     #[test]

@@ -15,6 +15,7 @@ unit of a stage (stages, in map mode: `residual`, counting the residual map's st
 and `map`, counting layers, the modules of `transfer` running a layer at a time as `map` builds
 each; else `transfer` or `inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
 written to `out` (a cache directory keeps the decompositions finished before the stop).
+`export_gguf` is `loraxfer export-gguf`: a PEFT adapter as a llama.cpp LoRA GGUF for its base.
 """
 
 from __future__ import annotations
@@ -138,7 +139,11 @@ def export_gguf(adapter: PathLike, base: PathLike, out: PathLike, *, force: bool
     export-gguf` does. Returns what was written: path, architecture, modules, lora_alpha."""
     if not isinstance(force, bool):
         raise TypeError(f"force must be a bool, not {type(force).__name__}")
-    paths = [os.path.expanduser(os.fspath(p)) for p in (adapter, base, out)]
+    paths = []
+    for name, value in (("adapter", adapter), ("base", base), ("out", out)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a str or os.PathLike, not {type(value).__name__}")
+        paths.append(os.path.expanduser(os.fsdecode(value)))
     return json.loads(_native.export_gguf(*paths, force))
 
 

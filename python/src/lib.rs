@@ -187,8 +187,8 @@ fn export_gguf(
     out: std::path::PathBuf,
     force: bool,
 ) -> PyResult<String> {
-    run_released(py, None, move |_| {
-        let done = loraxfer::io::gguf::lora::export(&adapter, &base, &out, force)?;
+    run_released(py, None, move |progress| {
+        let done = loraxfer::io::gguf::lora::export(&adapter, &base, &out, force, &progress)?;
         Ok(serde_json::to_string(&done).expect("export summaries serialize"))
     })
 }

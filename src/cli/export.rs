@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use loraxfer::io::gguf::lora::export;
+use loraxfer::progress::Progress;
 use loraxfer::Result;
 
 #[derive(Debug, clap::Args)]
@@ -23,13 +24,16 @@ pub struct ExportGgufArgs {
 }
 
 pub fn run(args: ExportGgufArgs) -> Result<()> {
-    let done = export(&args.adapter, &args.base, &args.out, args.force)?;
+    let done = export(
+        &args.adapter,
+        &args.base,
+        &args.out,
+        args.force,
+        &Progress::bar(),
+    )?;
     println!(
         "wrote {} (a llama.cpp LoRA for {}: {} modules, lora_alpha {})",
-        done.path.display(),
-        done.architecture,
-        done.modules,
-        done.lora_alpha
+        done.path, done.architecture, done.modules, done.lora_alpha
     );
     Ok(())
 }

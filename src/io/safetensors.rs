@@ -1,6 +1,8 @@
 //! Memory-mapped safetensors files: header validation (the safetensors crate's own checks: header
 //! size cap, UTF-8 JSON, offsets that tile the data exactly, no overflow) and typed reads of single
 //! tensors. Nothing is read until a tensor is asked for; a whole model is never copied into memory.
+//! Also the float types and their conversions (`decode_f32`, `encode_f32`, NaN/Inf checks);
+//! writing lives in `safetensors_write.rs`.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -1,5 +1,5 @@
 //! Writing safetensors files: tensors whose bytes are borrowed or produced as the writer asks for
-//! them, the header's keys in sorted order (as torch's writer leaves them), the permissions of any
+//! them, the header's keys in sorted order (the same tensors, the same bytes), the permissions of any
 //! file the user creates, and the producer mark that `--force` checks before replacing an output.
 
 use std::borrow::Cow;

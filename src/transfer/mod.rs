@@ -214,7 +214,8 @@ pub fn run(job: &Job) -> Result<Report> {
         let written = Adapter::open(staged.path())?;
         let path = staged.path().join(crate::io::gguf::lora::LORA_GGUF_FILE);
         let name = crate::io::output::name_of(&job.out);
-        crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path)?;
+        let check = || job.progress.check();
+        crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path, &check)?;
     }
     timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
     report.timings_ms = timings_map(&timings, wall.elapsed().as_secs_f64() * 1e3);

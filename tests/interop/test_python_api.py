@@ -359,4 +359,15 @@ def test_export_gguf_from_python_equals_the_cli(zoo, binary, tmp_path):
         loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf")
     with pytest.raises(TypeError):
         loraxfer.export_gguf(adapter, base, tmp_path / "x.gguf", force="yes")
-    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(TypeError, match="out must be"):
+        loraxfer.export_gguf(adapter, base, 42)
+    # force=True replaces an earlier LoRA GGUF, never another file.
+    (tmp_path / "py.gguf").write_bytes(b"x")
+    with pytest.raises(loraxfer.InvalidArgumentError, match="not an earlier output"):
+        loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf", force=True)
+    assert (tmp_path / "py.gguf").read_bytes() == b"x"
+    (tmp_path / "py.gguf").unlink()
+    loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf")
+    loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf", force=True)
+    assert (tmp_path / "py.gguf").read_bytes() == (tmp_path / "cli.gguf").read_bytes()
+

@@ -5,6 +5,9 @@
 //! them: under the base's GGUF tensor names, B's rows of Q and K in the order llama-family
 //! converters store them, in the adapter's stored type.
 //!
+//! [`export`] is the `export-gguf` command; [`write_lora_gguf`] also serves `transfer
+//! --gguf-adapter`.
+//!
 //! llama.cpp scales every tensor by one alpha over the tensor's own rank, so a `rank_pattern` needs
 //! nothing; a module whose PEFT scale is not `lora_alpha / r` (an `alpha_pattern` entry, or
 //! rslora's `alpha / √r`) has the ratio folded into its B, and both its factors are written in
@@ -61,7 +64,8 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
 /// What [`export`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Exported {
-    pub path: std::path::PathBuf,
+    /// `out` as given (lossily as text, for the report).
+    pub path: String,
     /// The llama.cpp architecture (`general.architecture`).
     pub architecture: &'static str,
     pub modules: usize,
@@ -70,8 +74,15 @@ pub struct Exported {
 
 /// `export-gguf`: the adapter at `adapter` written as a llama.cpp LoRA for `base` (each a
 /// directory, a GGUF file for the base, or a cached hub name) at `out`, atomically; an existing
-/// `out` is replaced only with `force`, and only when it is a LoRA GGUF.
-pub fn export(adapter: &Path, base: &Path, out: &Path, force: bool) -> Result<Exported> {
+/// `out` is replaced only with `force`, and only when it is a LoRA GGUF. `progress` is asked
+/// before each tensor and before the commit, so a cancelled export writes nothing.
+pub fn export(
+    adapter: &Path,
+    base: &Path,
+    out: &Path,
+    force: bool,
+    progress: &crate::progress::Progress,
+) -> Result<Exported> {
     use crate::io::hub::{self, Kind};
     let (adapter_dir, hub_name) = hub::resolve(adapter, Kind::Adapter)?;
     let (base_dir, _) = hub::resolve(base, Kind::Model)?;
@@ -83,9 +94,12 @@ pub fn export(adapter: &Path, base: &Path, out: &Path, force: bool) -> Result<Ex
     let staged = StagedFile::create(out, force, &inputs, is_lora_gguf)?;
     // A hub adapter by its name, not its snapshot's commit.
     let name = hub_name.map_or_else(|| name_of(&adapter_dir), |h| h.name);
-    write_lora_gguf(&opened, &checkpoint, &name, staged.path())?;
+    write_lora_gguf(&opened, &checkpoint, &name, staged.path(), &|| {
+        progress.check()
+    })?;
+    progress.confirm()?;
     Ok(Exported {
-        path: staged.commit()?,
+        path: staged.commit()?.to_string_lossy().into_owned(),
         architecture: family.gguf,
         modules: opened.modules.len(),
         lora_alpha: opened.config.lora_alpha,
@@ -106,8 +120,14 @@ struct Placed<'a> {
 }
 
 /// Writes `adapter` as a llama.cpp LoRA GGUF for `base` at `out` (replacing it), named `name`
-/// (`general.name`).
-pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &Path) -> Result<()> {
+/// (`general.name`); `check` is called before each tensor (an error stops the write).
+pub fn write_lora_gguf(
+    adapter: &Adapter,
+    base: &Checkpoint,
+    name: &str,
+    out: &Path,
+    check: &dyn Fn() -> Result<()>,
+) -> Result<()> {
     let family = family_of_base(base)?;
     let table = arch::for_config(&base.config, &base.config_path())?;
     let base_prefix = table.detect_prefix(base)?;
@@ -174,13 +194,17 @@ pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &P
             name: format!("{}.lora_a", p.gguf),
             dims: vec![p.in_features as u64, p.r as u64],
             ty: p.ty,
-            produce: Box::new(move || Ok(encode_f32(&adapter.factor(p.module, Factor::A)?, p.ty))),
+            produce: Box::new(move || {
+                check()?;
+                Ok(encode_f32(&adapter.factor(p.module, Factor::A)?, p.ty))
+            }),
         });
         tensors.push(GgufTensor {
             name: format!("{}.lora_b", p.gguf),
             dims: vec![p.r as u64, p.out_features as u64],
             ty: p.ty,
             produce: Box::new(move || {
+                check()?;
                 let b = adapter.factor(p.module, Factor::B)?;
                 Ok(encode_f32(&stored_b(p, b), p.ty))
             }),
@@ -198,9 +222,8 @@ pub fn write_lora_gguf(adapter: &Adapter, base: &Checkpoint, name: &str, out: &P
 }
 
 /// B as the GGUF holds it: its scale folded in, its rows in the base's stored order.
-fn stored_b(p: &Placed<'_>, b: Vec<f32>) -> Vec<f32> {
+fn stored_b(p: &Placed<'_>, mut b: Vec<f32>) -> Vec<f32> {
     let r = p.r;
-    let mut b = b;
     if p.fold != 1.0 {
         b.iter_mut().for_each(|v| *v = (*v as f64 * p.fold) as f32);
     }
