@@ -60,6 +60,12 @@ fn print_summary(job: &Job, r: &report::Report) {
     if let Some(reason) = &r.auto_reason {
         println!("auto chose {}: {reason}", r.mode);
     }
+    if !job.gguf_adapter && gguf_model(&job.target_base) {
+        println!(
+            "note: the target is a GGUF model; --gguf-adapter also writes the adapter as a \
+             llama.cpp LoRA (adapter_model.gguf) for it"
+        );
+    }
     println!(
         "mode {}, k {}, device {}, {:.2} s -> {}",
         r.mode,
@@ -68,6 +74,16 @@ fn print_summary(job: &Job, r: &report::Report) {
         r.timings_ms.get("total").copied().unwrap_or(0.0) / 1e3,
         job.out.display()
     );
+}
+
+/// Whether a model argument is a GGUF model: a `.gguf` file, or a directory holding one and no
+/// config.json (as `Checkpoint::open` reads them).
+fn gguf_model(path: &std::path::Path) -> bool {
+    use loraxfer::io::gguf::{find_in, is_gguf};
+    is_gguf(path)
+        || (path.is_dir()
+            && !path.join("config.json").exists()
+            && matches!(find_in(path), Ok(Some(_))))
 }
 
 fn timings_table(r: &report::Report) -> String {

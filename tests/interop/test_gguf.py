@@ -144,8 +144,9 @@ def test_transfer_from_gguf_equals_transfer_from_its_safetensors(binary, model_g
     for mode in ("rotate", "map"):
         a, b = tmp_path / f"from-gguf-{mode}", tmp_path / f"from-st-{mode}"
         common = ["--adapter", adapter, "--mode", mode, "--rank", "32"]
-        iu.loraxfer(binary, "transfer", "--source-base", model_gguf, "--target-base",
-                    model_gguf.parent, "--out", a, *common)
+        ran = iu.loraxfer(binary, "transfer", "--source-base", model_gguf, "--target-base",
+                          model_gguf.parent, "--out", a, *common)
+        assert "--gguf-adapter also writes" in ran.stdout, ran.stdout
         iu.loraxfer(binary, "transfer", "--source-base", converted, "--target-base", converted,
                     "--out", b, *common)
         ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
