@@ -4,7 +4,9 @@
 //! when it is an earlier LoRA GGUF; a base it cannot name is refused before anything is written.
 //! (Equality with llama.cpp's own converter: tests/interop/test_gguf_lora.py.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
 
 use loraxfer::io::adapter::Adapter;
 use loraxfer::io::gguf::header::parse;
@@ -13,6 +15,18 @@ use loraxfer::io::safetensors::{decode_f32, FloatType};
 
 mod common;
 use common::cli::*;
+
+/// A temporary directory with a synthetic model `base` (`like`, `layers` layers) and an adapter
+/// `adapter` for it (`synth adapter` with `adapter_args`).
+fn fixture(like: &str, layers: &str, adapter_args: &[&str]) -> (TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter) = (dir.path().join("base"), dir.path().join("adapter"));
+    synth("model", &base, &["--like", like, "--layers", layers]);
+    let mut args = vec!["--base", s(&base)];
+    args.extend_from_slice(adapter_args);
+    synth("adapter", &adapter, &args);
+    (dir, base, adapter)
+}
 
 fn export(adapter: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -30,14 +44,8 @@ fn export(adapter: &Path, base: &Path, out: &Path, extra: &[&str]) -> std::proce
 
 #[test]
 fn the_gguf_holds_the_adapter_with_q_and_k_rows_in_llama_cpp_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        dir.path().join("base"),
-        dir.path().join("adapter"),
-        dir.path().join("a.gguf"),
-    );
-    synth("model", &base, &["--like", "tiny-llama", "--layers", "2"]);
-    synth("adapter", &adapter, &["--base", s(&base), "--r", "4"]);
+    let (dir, base, adapter) = fixture("tiny-llama", "2", &["--r", "4"]);
+    let out = dir.path().join("a.gguf");
     let run = export(&adapter, &base, &out, &[]);
     assert!(
         run.status.success(),
@@ -106,14 +114,8 @@ fn the_gguf_holds_the_adapter_with_q_and_k_rows_in_llama_cpp_order() {
 
 #[test]
 fn an_existing_output_is_replaced_only_when_it_is_an_earlier_lora_gguf() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        dir.path().join("base"),
-        dir.path().join("adapter"),
-        dir.path().join("a.gguf"),
-    );
-    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
-    synth("adapter", &adapter, &["--base", s(&base)]);
+    let (dir, base, adapter) = fixture("tiny-qwen2", "1", &[]);
+    let out = dir.path().join("a.gguf");
     std::fs::write(&out, b"someone's notes").unwrap();
     let refused = export(&adapter, &base, &out, &[]);
     assert!(!refused.status.success());
@@ -142,10 +144,7 @@ fn an_existing_output_is_replaced_only_when_it_is_an_earlier_lora_gguf() {
 
 #[test]
 fn bases_are_named_as_llama_cpp_converts_them_and_others_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, adapter) = (dir.path().join("base"), dir.path().join("adapter"));
-    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
-    synth("adapter", &adapter, &["--base", s(&base)]);
+    let (dir, base, adapter) = fixture("tiny-qwen2", "1", &[]);
     let config = base.join("config.json");
     let original = std::fs::read_to_string(&config).unwrap();
     let retype = |t: &str| {
@@ -173,14 +172,8 @@ fn bases_are_named_as_llama_cpp_converts_them_and_others_refused() {
 
 #[test]
 fn a_transfer_writes_the_gguf_beside_the_peft_adapter() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        dir.path().join("base"),
-        dir.path().join("adapter"),
-        dir.path().join("o"),
-    );
-    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
-    synth("adapter", &adapter, &["--base", s(&base)]);
+    let (dir, base, adapter) = fixture("tiny-qwen2", "1", &[]);
+    let out = dir.path().join("o");
     let args = [
         "transfer",
         "--source-base",
@@ -215,18 +208,8 @@ fn a_transfer_writes_the_gguf_beside_the_peft_adapter() {
 
 #[test]
 fn scales_llama_cpp_cannot_express_are_folded_into_b() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        dir.path().join("base"),
-        dir.path().join("adapter"),
-        dir.path().join("a.gguf"),
-    );
-    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
-    synth(
-        "adapter",
-        &adapter,
-        &["--base", s(&base), "--r", "4", "--dtype", "bf16"],
-    );
+    let (dir, base, adapter) = fixture("tiny-qwen2", "1", &["--r", "4", "--dtype", "bf16"]);
+    let out = dir.path().join("a.gguf");
     // rslora (alpha / √r) and one module's own alpha: scales other than llama.cpp's alpha / r.
     let config = adapter.join("adapter_config.json");
     let mut c: serde_json::Value = read_json(&config);
@@ -267,10 +250,7 @@ fn a_cancelled_export_writes_nothing() {
     use loraxfer::progress::Progress;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    let dir = tempfile::tempdir().unwrap();
-    let (base, adapter) = (dir.path().join("base"), dir.path().join("adapter"));
-    synth("model", &base, &["--like", "tiny-qwen2", "--layers", "1"]);
-    synth("adapter", &adapter, &["--base", s(&base)]);
+    let (dir, base, adapter) = fixture("tiny-qwen2", "1", &[]);
     let export = |out: &Path, progress: &Progress| {
         loraxfer::io::gguf::lora::export(&adapter, &base, out, false, progress)
     };

@@ -65,12 +65,7 @@ impl StagedDir {
     pub fn create(given: &Path, force: bool, inputs: &[&Path]) -> Result<Self> {
         check_target(given, force, inputs)?;
         let target = resolve_links(given)?;
-        let name = dir_name(&target)?;
-        let parent = parent_of(&target);
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
-        remove_stale(&parent, &name);
-        let stamp = crate::timing::epoch_nanos();
-        let temp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
+        let temp = staging_path(&target, &dir_name(&target)?)?;
         {
             let mut live = live_dirs().lock().unwrap_or_else(|e| e.into_inner());
             std::fs::create_dir(&temp).map_err(|e| Error::io(&temp, "cannot create", e))?;
@@ -192,12 +187,7 @@ impl StagedFile {
     ) -> Result<Self> {
         let target = resolve_links(given)?;
         check_file_target(given, &target, force, inputs, replaceable)?;
-        let name = file_name(&target)?;
-        let parent = parent_of(&target);
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
-        remove_stale(&parent, &name);
-        let stamp = crate::timing::epoch_nanos();
-        let temp = parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()));
+        let temp = staging_path(&target, &file_name(&target)?)?;
         live_dirs()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -415,6 +405,16 @@ pub fn check_only_outputs(dir: &Path, subdirs: &[&str]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The staging path `.{name}.tmp-{pid}-{stamp}` beside `target` (named `name`): its parent
+/// made, and stale staging paths of killed runs into the same target removed.
+fn staging_path(target: &Path, name: &str) -> Result<PathBuf> {
+    let parent = parent_of(target);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "cannot create", e))?;
+    remove_stale(&parent, name);
+    let stamp = crate::timing::epoch_nanos();
+    Ok(parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id())))
 }
 
 fn dir_name(target: &Path) -> Result<String> {

@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use crate::arch::{self, Part};
+use crate::arch;
 use crate::error::{Error, Result};
 use crate::io::adapter::{Adapter, Factor};
 use crate::io::checkpoint::Checkpoint;
@@ -163,11 +163,13 @@ pub fn write_lora_gguf(
                 ),
             });
         }
-        let permuted_heads = match spec.parts.as_slice() {
-            [Part::Q] if family.permuted_qk => Some(cfg.num_attention_heads),
-            [Part::K] if family.permuted_qk => Some(cfg.num_key_value_heads),
-            _ => None,
-        };
+        // B's rows are permuted as the converter permutes the base weight's.
+        let permuted_heads = names::permuted_heads(
+            family,
+            &weight,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        );
         // llama.cpp's scale of this tensor is alpha / r (1 when alpha is 0), with alpha as the
         // file stores it, in f32.
         let stored_alpha = alpha as f32 as f64;
