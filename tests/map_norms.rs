@@ -1,10 +1,17 @@
-//! The map mode on a Gemma 3 twin: its embeddings scaled by √d, norm gains stored as g − 1,
-//! per-head query/key norms, and output norms after o and down. The target is the source with
-//! its residual stream in other coordinates (a signed permutation, which the output norms'
-//! gains can follow), heads and neurons permuted, gains permuted with the stream, and o and down
-//! scaled by constants the output norms remove. The adapter `map` writes must be the source's in
-//! those coordinates: readers `ΔW_s Qᵀ`, writers `c·Q ΔW_s`. The embeddings give μ = 1 and o
-//! and down are scaled differently, so only the output norms' κ can give both writers' c.
+//! The map mode through norms other than a plain pre-norm, on two twins:
+//! - Gemma 3: embeddings scaled by √d, norm gains stored as g − 1, per-head query/key norms
+//!   (one gain vector shared by every head), pre-norms, and output norms after o and down;
+//! - OLMo 2: no pre-norms (q, k, v, gate and up read the residual as it is), query/key norms
+//!   across all heads (a gain per row of q and of k, which must follow the heads they belong to),
+//!   and output norms after o and down.
+//!
+//! The target is the source with its residual stream in other coordinates (a signed
+//! permutation, which the output norms' gains can follow), heads and neurons permuted, gains
+//! permuted with the stream and the heads, and o and down scaled by constants the output norms
+//! remove (and, in OLMo 2, q, k, v and up scaled by constants its norms remove). The adapter
+//! `map` writes must be the source's in those coordinates: readers `c·ΔW_s Qᵀ`, writers
+//! `c·Q ΔW_s`. The embeddings give μ = 1 and o and down are scaled
+//! differently, so only the output norms' κ can give both writers' c.
 
 mod common;
 
@@ -35,6 +42,56 @@ fn units(w: &Mat<f32>, map: &[usize], size: usize) -> Mat<f32> {
     })
 }
 
+#[derive(Clone, Copy)]
+enum Family {
+    Gemma3,
+    Olmo2,
+}
+
+impl Family {
+    fn model_type(self) -> &'static str {
+        match self {
+            Family::Gemma3 => "gemma3_text",
+            Family::Olmo2 => "olmo2",
+        }
+    }
+
+    /// The residual-width norms of a layer.
+    fn norms(self) -> &'static [&'static str] {
+        match self {
+            Family::Gemma3 => &[
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ],
+            Family::Olmo2 => &["post_attention_layernorm", "post_feedforward_layernorm"],
+        }
+    }
+
+    /// The scale of a reading projection in the target. OLMo 2 normalizes q and k after their
+    /// projections and each block's output (which v and up reach linearly), so these scales
+    /// leave its function as it is, and the map must find them from the weights (gate's goes
+    /// through the SiLU and stays 1); Gemma 3's pre-norms fix the scale, and it keeps its weights.
+    fn reader_scale(self, p: &str) -> f32 {
+        match (self, p) {
+            (Family::Olmo2, "q_proj") => 2.0,
+            (Family::Olmo2, "k_proj") => 0.5,
+            (Family::Olmo2, "v_proj") => 3.0,
+            (Family::Olmo2, "up_proj") => 0.25,
+            _ => 1.0,
+        }
+    }
+
+    /// What is stored for an effective gain of `1 + x` (Gemma stores g − 1).
+    fn stored(self, x: f32) -> f32 {
+        match self {
+            Family::Gemma3 => x,
+            Family::Olmo2 => 1.0 + x,
+        }
+    }
+}
+
 struct Twin {
     /// `d × d` signed permutation: h_t = Q h_s.
     q: Mat<f32>,
@@ -47,7 +104,7 @@ fn tokenizer(dir: &Path) {
     word_level_tokenizer(dir, VOCAB, &|i| i);
 }
 
-fn write_pair(root: &Path, seed: u64) -> Twin {
+fn write_pair(root: &Path, family: Family, seed: u64) -> Twin {
     let pi = perm(D, seed + 1);
     let signs: Vec<f32> = (0..D)
         .map(|i| {
@@ -78,7 +135,7 @@ fn write_pair(root: &Path, seed: u64) -> Twin {
     // A stored residual-width gain (g − 1) and the target's, permuted with the stream.
     let gain = |stream: u64| {
         let g = gaussian(1, D, seed, stream);
-        let s = Mat::from_fn(1, D, |_, j| 0.3 * g[(0, j)]);
+        let s = Mat::from_fn(1, D, |_, j| family.stored(0.3 * g[(0, j)]));
         let t = Mat::from_fn(1, D, |_, j| {
             s[(0, pi.iter().position(|&p| p == j).unwrap())]
         });
@@ -89,28 +146,36 @@ fn write_pair(root: &Path, seed: u64) -> Twin {
     tgt.insert("model.norm.weight".to_string(), vector(&nt));
     let mut modules = BTreeMap::new();
     for l in 0..LAYERS {
-        for (n, norm) in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (n, norm) in family.norms().iter().enumerate() {
             let (s, t) = gain(100 + 4 * l as u64 + n as u64);
             src.insert(format!("model.layers.{l}.{norm}.weight"), vector(&s));
             tgt.insert(format!("model.layers.{l}.{norm}.weight"), vector(&t));
         }
-        for (n, norm) in ["q_norm", "k_norm"].iter().enumerate() {
-            let g = gaussian(1, HD, seed, 200 + 2 * l as u64 + n as u64);
-            let g = Mat::from_fn(1, HD, |_, j| 0.3 * g[(0, j)]);
-            for m in [&mut src, &mut tgt] {
-                m.insert(
-                    format!("model.layers.{l}.self_attn.{norm}.weight"),
-                    vector(&g),
-                );
-            }
+        for (n, (norm, heads)) in [("q_norm", &q_heads), ("k_norm", &group)]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("model.layers.{l}.self_attn.{norm}.weight");
+            let stream = 200 + 2 * l as u64 + n as u64;
+            let (s, t) = match family {
+                // One gain vector of head_dim, shared by every head on both sides.
+                Family::Gemma3 => {
+                    let g = gaussian(1, HD, seed, stream);
+                    let g = Mat::from_fn(1, HD, |_, j| 0.3 * g[(0, j)]);
+                    (g.clone(), g)
+                }
+                // A gain per row, which moves with its head.
+                Family::Olmo2 => {
+                    let g = gaussian(heads.len() * HD, 1, seed, stream);
+                    let g = Mat::from_fn(heads.len() * HD, 1, |i, _| 1.0 + 0.3 * g[(i, 0)]);
+                    (
+                        g.transpose().to_owned(),
+                        units(&g, heads, HD).transpose().to_owned(),
+                    )
+                }
+            };
+            src.insert(name.clone(), vector(&s));
+            tgt.insert(name, vector(&t));
         }
         for (i, p) in PROJECTIONS.iter().enumerate() {
             let (o, inp) = projection_shape(p, D, (HEADS, KV, HD), INTER);
@@ -120,10 +185,11 @@ fn write_pair(root: &Path, seed: u64) -> Twin {
                     .transpose()
                     .to_owned()
             };
+            let c = faer::Scale(family.reader_scale(p));
             let t = match *p {
-                "q_proj" => units(&w, &q_heads, HD) * q.transpose(),
-                "k_proj" | "v_proj" => units(&w, &group, HD) * q.transpose(),
-                "gate_proj" | "up_proj" => units(&w, &neurons, 1) * q.transpose(),
+                "q_proj" => units(&w, &q_heads, HD) * q.transpose() * c,
+                "k_proj" | "v_proj" => units(&w, &group, HD) * q.transpose() * c,
+                "gate_proj" | "up_proj" => units(&w, &neurons, 1) * q.transpose() * c,
                 "o_proj" => &q * cols(&w, &q_heads, HD) * faer::Scale(C_ATTN),
                 _ => &q * cols(&w, &neurons, 1) * faer::Scale(C_MLP),
             };
@@ -141,7 +207,7 @@ fn write_pair(root: &Path, seed: u64) -> Twin {
         }
     }
     let model = TinyModel {
-        model_type: "gemma3_text",
+        model_type: family.model_type(),
         hidden: D,
         intermediate: INTER,
         layers: LAYERS,
@@ -175,8 +241,17 @@ fn dense(f: &LoraFactors) -> Mat<f32> {
 
 #[test]
 fn map_carries_the_adapter_through_gemma3_norms() {
+    map_carries_the_adapter_through(Family::Gemma3, 12);
+}
+
+#[test]
+fn map_carries_the_adapter_through_olmo2_norms() {
+    map_carries_the_adapter_through(Family::Olmo2, 21);
+}
+
+fn map_carries_the_adapter_through(family: Family, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let twin = write_pair(dir.path(), 12);
+    let twin = write_pair(dir.path(), family, seed);
     let [source, target, adapter, out] =
         ["source", "target", "adapter", "out"].map(|n| dir.path().join(n));
     ok(&[
@@ -204,10 +279,11 @@ fn map_carries_the_adapter_through_gemma3_norms() {
                     .transpose()
                     .to_owned()
             };
+            let c = faer::Scale(family.reader_scale(p));
             let want = match p {
-                "q_proj" => units(&ds, &twin.q_heads, HD) * twin.q.transpose(),
-                "k_proj" | "v_proj" => units(&ds, &twin.kv_heads, HD) * twin.q.transpose(),
-                "gate_proj" | "up_proj" => units(&ds, &twin.neurons, 1) * twin.q.transpose(),
+                "q_proj" => units(&ds, &twin.q_heads, HD) * twin.q.transpose() * c,
+                "k_proj" | "v_proj" => units(&ds, &twin.kv_heads, HD) * twin.q.transpose() * c,
+                "gate_proj" | "up_proj" => units(&ds, &twin.neurons, 1) * twin.q.transpose() * c,
                 "o_proj" => &twin.q * cols(&ds, &twin.q_heads, HD) * faer::Scale(C_ATTN),
                 _ => &twin.q * cols(&ds, &twin.neurons, 1) * faer::Scale(C_MLP),
             };
@@ -224,5 +300,20 @@ fn map_carries_the_adapter_through_gemma3_norms() {
             (a - C_ATTN as f64).abs() < 1e-3 && (m - C_MLP as f64).abs() < 1e-3,
             "{layer}"
         );
+        // The reading parts' κ: OLMo 2's target scales; none where pre-norms fix the scale.
+        match family {
+            Family::Gemma3 => assert!(layer["reader_kappa"].is_null(), "{layer}"),
+            Family::Olmo2 => {
+                let kappa = layer["reader_kappa"].as_array().unwrap();
+                for (k, p) in
+                    kappa
+                        .iter()
+                        .zip(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+                {
+                    let want = family.reader_scale(p) as f64;
+                    assert!((k.as_f64().unwrap() - want).abs() < 1e-4, "{p}: {layer}");
+                }
+            }
+        }
     }
 }

@@ -115,18 +115,23 @@ pub struct Arch {
 pub struct Residual {
     /// The embedding, below the layer prefix's parent (`model.layers` → `model.embed_tokens.weight`).
     pub embed: String,
-    /// The norm whose output the attention projections (q, k, v) read, below the layer.
-    pub attn_norm: String,
-    /// The norm whose output the MLP's gate and up read, below the layer.
-    pub mlp_norm: String,
+    /// The norm whose output the attention projections (q, k, v) read, below the layer; none
+    /// where the blocks read the residual as it is (OLMo 2/3 normalize only their outputs).
+    #[serde(default)]
+    pub attn_norm: Option<String>,
+    /// The norm whose output the MLP's gate and up read, below the layer (none: as above).
+    #[serde(default)]
+    pub mlp_norm: Option<String>,
     /// Added to a stored norm weight to get its gain (Gemma stores g − 1).
     pub gain_offset: f32,
     /// The embedding is multiplied by √hidden_size before the first layer (Gemma).
     pub embed_scale_sqrt_hidden: bool,
-    /// The norms o's and down's outputs pass through before they join the residual (Gemma 2/3).
+    /// The norms o's and down's outputs pass through before they join the residual (Gemma 2/3,
+    /// OLMo 2/3).
     #[serde(default)]
     pub output_norms: Option<OutputNorms>,
-    /// The per-head norms of queries and keys (Qwen3, Gemma 3), below the layer.
+    /// The norms of queries and keys (per head: Qwen3, Gemma 3; across heads: OLMo 2/3), below
+    /// the layer.
     #[serde(default)]
     pub head_norms: Option<HeadNorms>,
     /// The final norm before the output embedding, below the layer prefix's parent.
@@ -145,11 +150,15 @@ pub struct OutputNorms {
     pub mlp: String,
 }
 
-/// Per-head RMSNorms of queries and keys (one gain vector of head_dim), below the layer.
+/// RMSNorms of queries and keys, below the layer: per head (one gain vector of head_dim that
+/// every head shares), or `across_heads` (one norm over all of q's or k's rows, with a gain per
+/// row: OLMo 2/3).
 #[derive(Debug, Clone, Deserialize)]
 pub struct HeadNorms {
     pub q: String,
     pub k: String,
+    #[serde(default)]
+    pub across_heads: bool,
 }
 
 fn modules_in_order<'de, D: serde::Deserializer<'de>>(

@@ -1,7 +1,8 @@
 //! A unit's factors through the map. Modules that read the normalized residual (q, k, v, gate,
 //! up) see `g ⊙ h/rms(h)`, so their A maps as `A_t = A_s diag(g_s) P diag(g_t)⁻¹`, and their B's
 //! rows (heads, neurons) move with the matching — inside heads through the head fit's N where
-//! there is one, with the head norms' gains around it; modules that write into the residual (o,
+//! there is one, with the head norms' gains around it, and rescaled by κ where a side reads the
+//! residual without a norm (`reader_scale`); modules that write into the residual (o,
 //! down) map their B through the block's writer map (`M`, or with output norms
 //! `κ diag(g_t)⁻¹ Q diag(g_s)`), and their A's columns move with the matching (o's inside heads
 //! through U). All maps are the unit's own layer's. Unmatched target units get zero rows (or
@@ -10,6 +11,7 @@
 use faer::Mat;
 
 use super::gains::mapped_gains;
+use super::layer::Gains;
 use super::matching::Assignment;
 use super::LayerMap;
 use crate::arch::Part;
@@ -75,18 +77,21 @@ fn parts_of(
         .collect()
 }
 
+/// How one matched unit's rows move: `(target unit, source unit, the source unit's rows)`.
+type UnitBlock<'f> = dyn Fn(usize, usize, faer::MatRef<'_, f32>) -> Mat<f32> + 'f;
+
 /// Rows of `b` moved unit by unit: target unit u (of `size_t` rows) takes `block(u, src, rows)`
-/// of the rows of its source unit (of `size_s` rows); unmatched units get zeros.
+/// of the rows of its source unit src (of `size_s` rows); unmatched units get zeros.
 fn move_rows(
     b: faer::MatRef<'_, f32>,
     assignment: &Assignment,
     (size_s, size_t): (usize, usize),
-    block: &dyn Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32>,
+    block: &UnitBlock<'_>,
 ) -> Mat<f32> {
     let mut out = Mat::<f32>::zeros(assignment.source_of.len() * size_t, b.ncols());
     for (u, src) in assignment.source_of.iter().enumerate() {
-        if let Some(src) = src {
-            let moved = block(u, b.subrows(src * size_s, size_s));
+        if let Some(&src) = src.as_ref() {
+            let moved = block(u, src, b.subrows(src * size_s, size_s));
             out.subrows_mut(u * size_t, size_t).copy_from(&moved);
         }
     }
@@ -94,8 +99,8 @@ fn move_rows(
 }
 
 /// The rows themselves, as many as fit (a plain gather).
-fn same_rows(size_t: usize) -> impl Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32> {
-    move |_, rows| {
+fn same_rows(size_t: usize) -> impl Fn(faer::MatRef<'_, f32>) -> Mat<f32> {
+    move |rows| {
         Mat::from_fn(size_t, rows.ncols(), |i, j| {
             if i < rows.nrows() {
                 rows[(i, j)]
@@ -138,12 +143,8 @@ impl LayerMap {
             for (part, rs, _) in &parts {
                 let (assignment, sizes) = inner(layer, *part, unit)?;
                 let rows = src.b.subrows(rs.start, rs.len());
-                blocks.push(move_rows(
-                    rows,
-                    assignment,
-                    sizes,
-                    &reader_block(layer, *part, sizes),
-                ));
+                let moved = move_rows(rows, assignment, sizes, &reader_block(layer, *part, sizes));
+                blocks.push(moved * faer::Scale(layer.reader_scale.of(*part)));
                 sims.extend(assignment.mean_similarity());
                 let (matched, all) = assignment.coverage();
                 units = (units.0 + matched, units.1 + all);
@@ -171,9 +172,9 @@ impl LayerMap {
             let b = writer.write(&layer.residual, src.b.as_ref());
             // o's columns inside matched heads: A_t[:, b] = A_s[:, a] U_b.
             let fit = layer.head_fit.as_ref().filter(|_| part == Part::O);
-            let block = |u: usize, rows: faer::MatRef<'_, f32>| match fit {
+            let block = |u: usize, _: usize, rows: faer::MatRef<'_, f32>| match fit {
                 Some(f) => f.o[u].as_ref().expect("matched head").transpose() * rows,
-                None => same_rows(sizes.1)(u, rows),
+                None => same_rows(sizes.1)(rows),
             };
             let a = move_rows(src.a.transpose(), assignment, sizes, &block)
                 .transpose()
@@ -188,12 +189,13 @@ impl LayerMap {
 }
 
 /// How a reading part's rows move inside a matched unit: through the head fit's N (with the
-/// head norms' gains around it for q and k), by the head norms' gain ratio alone, or as they are.
+/// head norms' gains around it for q and k, each unit's own), by the head norms' gain ratio
+/// alone, or as they are.
 fn reader_block<'l>(
     layer: &'l LayerMap,
     part: Part,
-    (_, size_t): (usize, usize),
-) -> impl Fn(usize, faer::MatRef<'_, f32>) -> Mat<f32> + 'l {
+    (size_s, size_t): (usize, usize),
+) -> impl Fn(usize, usize, faer::MatRef<'_, f32>) -> Mat<f32> + 'l {
     let gains = match part {
         Part::Q => Some(&layer.gains.q),
         Part::K => Some(&layer.gains.k),
@@ -205,7 +207,9 @@ fn reader_block<'l>(
         Part::V => Some(&f.v),
         _ => None,
     });
-    move |u, rows| {
+    move |u, src, rows| {
+        let gains =
+            gains.map(|(g_s, g_t)| (Gains::unit(g_s, src, size_s), Gains::unit(g_t, u, size_t)));
         let scaled = match gains {
             Some((g_s, _)) => {
                 Mat::from_fn(rows.nrows(), rows.ncols(), |i, j| rows[(i, j)] * g_s[i])
@@ -215,7 +219,7 @@ fn reader_block<'l>(
         let n = fit.map(|n| n[u].as_ref().expect("matched head"));
         let moved = match n {
             Some(n) => n * &scaled,
-            None => same_rows(size_t)(u, scaled.as_ref()),
+            None => same_rows(size_t)(scaled.as_ref()),
         };
         match gains {
             Some((g_s, g_t)) => {

@@ -70,8 +70,8 @@ fn signature(
     let d = model.ckpt.config.hidden_size;
     let res = &model.arch.residual;
     let (g_attn, g_mlp) = (
-        side.gain(Some(&res.attn_norm), d, fold)?,
-        side.gain(Some(&res.mlp_norm), d, fold)?,
+        side.gain(res.attn_norm.as_deref(), d, fold)?,
+        side.gain(res.mlp_norm.as_deref(), d, fold)?,
     );
     let name_rows = |part: Part| -> Result<(String, std::ops::Range<usize>)> {
         let spec = model.arch.module_with(part);

@@ -2,8 +2,9 @@
 //! (W_oW_v), from head_dim × head_dim Gram products (`⟨A₁ᵀB₁, A₂ᵀB₂⟩ = Σ (A₁A₂ᵀ) ∘ (B₁B₂ᵀ)`),
 //! which do not depend on the coordinates inside a head and work between heads of different
 //! sizes; KV groups first (by the best within-group matching), then query heads inside them.
-//! Per-head query and key norms (Qwen3, Gemma 3) scale the rows they normalize before the
-//! circuits are formed, since their gains sit between the projection and the dot product.
+//! Query and key norms (per head: Qwen3, Gemma 3; across heads: OLMo 2/3) scale the rows they
+//! normalize before the circuits are formed, since their gains sit between the projection and
+//! the dot product.
 //!
 //! Inside matched heads, [`HeadFit`] maps coordinates by a ridge least-squares fit of the mapped
 //! weights, `W_t ≈ N W_s P` for readers and `W_t ≈ W W_s U` for o: the identity when the heads
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 
 use super::layer::{reading, Gains, Sketch, SourceView, Weights};
 use super::matching::{assign, Assignment};
+use super::reader_scale::{size, Sizes};
 use super::sketch::SignSketch;
 use crate::backend::Backend;
 use crate::error::Result;
@@ -38,6 +40,8 @@ pub(crate) struct Heads {
 pub(crate) struct HeadViews {
     source: Heads,
     target: Heads,
+    /// The sizes of q's, k's and v's sketched rows (before the head norms), source then target.
+    pub sizes: Sizes<3>,
 }
 
 /// One side's q, k, v rows and o's columns in sketched target coordinates
@@ -77,7 +81,7 @@ impl Sketched {
 }
 
 impl Heads {
-    /// Split per head, the per-head query and key gains applied.
+    /// Split per head, the query and key gains (one per row) applied.
     fn new(x: Sketched, (q_gain, k_gain): (&[f32], &[f32]), c: &ModelConfig) -> Self {
         let hd = c.head_dim;
         let split = |m: &Mat<f32>, n: usize, g: Option<&[f32]>| -> Vec<Mat<f32>> {
@@ -85,7 +89,7 @@ impl Heads {
                 .map(|h| {
                     let blk = m.subrows(h * hd, hd);
                     Mat::from_fn(hd, blk.ncols(), |i, j| {
-                        blk[(i, j)] * g.map_or(1.0, |g| g[i])
+                        blk[(i, j)] * g.map_or(1.0, |g| g[h * hd + i])
                     })
                 })
                 .collect()
@@ -114,13 +118,12 @@ impl HeadViews {
             (&view.read, &view.write_attn),
             sketch.backend,
         )?;
+        let target = Sketched::target(wt, &gains.attn.1, &sketch.heads);
+        let sizes = |x: &Sketched| [&x.q, &x.k, &x.v].map(|m| size(m.as_ref()));
         Ok(HeadViews {
+            sizes: (sizes(&source), sizes(&target)),
             source: Heads::new(source, (&gains.q.0, &gains.k.0), cs),
-            target: Heads::new(
-                Sketched::target(wt, &gains.attn.1, &sketch.heads),
-                (&gains.q.1, &gains.k.1),
-                ct,
-            ),
+            target: Heads::new(target, (&gains.q.1, &gains.k.1), ct),
         })
     }
 }

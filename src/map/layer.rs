@@ -18,6 +18,7 @@ use faer::Mat;
 use super::gains::{inverse_gains, mapped_gains};
 use super::heads::{self, HeadFit};
 use super::matching::{assign_features, joint_features, Assignment};
+use super::reader_scale::{reads_raw, size, ReaderScale, Sizes};
 use super::refine;
 use super::sketch::{fold, SignSketch};
 pub use super::sketch::{Sketch, NEURON_SKETCH, SKETCH};
@@ -126,7 +127,9 @@ pub struct Gains {
     /// Before attention and before the MLP (`d` each).
     pub attn: (Vec<f32>, Vec<f32>),
     pub mlp: (Vec<f32>, Vec<f32>),
-    /// Per-head query and key norms (`head_dim` each).
+    /// Query and key norms, a gain per row of q and of k (`heads·head_dim`, `kv_heads·head_dim`):
+    /// a per-head norm's gains repeated for every head, so that unit `u`'s rows are always
+    /// `u·head_dim..` (`Gains::unit`).
     pub q: (Vec<f32>, Vec<f32>),
     pub k: (Vec<f32>, Vec<f32>),
     /// The target gains' floor (`MapOptions::gain_floor`).
@@ -154,6 +157,9 @@ pub struct LayerMap {
     /// Least-squares maps inside matched heads (with `--map-inner fit`, or where head_dim
     /// differs); None: heads move as wholes.
     pub head_fit: Option<HeadFit>,
+    /// How much a reading part's update is rescaled where a side reads the residual without a
+    /// norm before the block (`reader_scale`).
+    pub reader_scale: ReaderScale,
     /// Mean cosine of held-out matched MLP weight vectors under the starting map and under
     /// this layer's refined one (None when not refined).
     pub weight_fit: Option<(f64, f64)>,
@@ -243,24 +249,42 @@ impl Gains {
     }
 
     fn read(s: &Side<'_, '_>, t: &Side<'_, '_>, fold: bool, floor: f32) -> Result<Self> {
-        let pair =
-            |pick: &dyn Fn(&crate::arch::Residual) -> Option<String>,
-             width: &dyn Fn(&crate::io::checkpoint::ModelConfig) -> usize| {
-                let one = |side: &Side<'_, '_>| {
-                    let res = &side.model.arch.residual;
-                    side.gain(pick(res).as_deref(), width(&side.model.ckpt.config), fold)
+        let residual = |side: &Side<'_, '_>, norm: Option<&str>| {
+            side.gain(norm, side.model.ckpt.config.hidden_size, fold)
+        };
+        let pair = |pick: &dyn Fn(&crate::arch::Residual) -> Option<String>| {
+            let one =
+                |side: &Side<'_, '_>| residual(side, pick(&side.model.arch.residual).as_deref());
+            Ok::<_, crate::error::Error>((one(s)?, one(t)?))
+        };
+        let heads = |pick: &dyn Fn(&crate::arch::HeadNorms) -> &str, key: bool| {
+            let one = |side: &Side<'_, '_>| {
+                let c = &side.model.ckpt.config;
+                let n = if key {
+                    c.num_key_value_heads
+                } else {
+                    c.num_attention_heads
                 };
-                Ok::<_, crate::error::Error>((one(s)?, one(t)?))
+                let norms = side.model.arch.residual.head_norms.as_ref();
+                match norms {
+                    Some(h) if h.across_heads => side.gain(Some(pick(h)), n * c.head_dim, fold),
+                    _ => Ok(side.gain(norms.map(pick), c.head_dim, fold)?.repeat(n)),
+                }
             };
-        let hidden = |c: &crate::io::checkpoint::ModelConfig| c.hidden_size;
-        let head = |c: &crate::io::checkpoint::ModelConfig| c.head_dim;
+            Ok::<_, crate::error::Error>((one(s)?, one(t)?))
+        };
         Ok(Gains {
-            attn: pair(&|r| Some(r.attn_norm.clone()), &hidden)?,
-            mlp: pair(&|r| Some(r.mlp_norm.clone()), &hidden)?,
-            q: pair(&|r| r.head_norms.as_ref().map(|h| h.q.clone()), &head)?,
-            k: pair(&|r| r.head_norms.as_ref().map(|h| h.k.clone()), &head)?,
+            attn: pair(&|r| r.attn_norm.clone())?,
+            mlp: pair(&|r| r.mlp_norm.clone())?,
+            q: heads(&|h| &h.q, false)?,
+            k: heads(&|h| &h.k, true)?,
             floor,
         })
+    }
+
+    /// Unit `u`'s gains of `size` rows in one of the per-row vectors (`q` or `k`).
+    pub fn unit(gains: &[f32], u: usize, size: usize) -> &[f32] {
+        &gains[u * size..(u + 1) * size]
     }
 }
 
@@ -367,16 +391,18 @@ impl LayerMap {
                 neurons: Assignment::by_index(ct.intermediate_size, cs.intermediate_size),
                 head_dim,
                 head_fit: None,
+                reader_scale: ReaderScale::NONE,
                 weight_fit: None,
                 times,
             });
         };
         let mut view = SourceView::new(sketch, &residual, &writers);
-        let (target_neurons, mut neurons) = timed(&mut times, "neurons", || {
+        let (target_neurons, neurons) = timed(&mut times, "neurons", || {
             let target = NeuronFeatures::target(&wt, &gains.mlp.1, &sketch.neurons);
             let neurons = match_neurons(&ws, &target, &gains.mlp.0, &view, sketch.backend)?;
             Ok::<_, crate::error::Error>((target, neurons))
         })?;
+        let (mut neurons, mut neuron_sizes) = neurons;
         let mut weight_fit = None;
         if options.residual == ResidualFit::Layers {
             for _ in 0..MAX_REFITS {
@@ -402,20 +428,28 @@ impl LayerMap {
                 let again = timed(&mut times, "neurons", || {
                     match_neurons(&ws, &target_neurons, &gains.mlp.0, &view, sketch.backend)
                 })?;
+                let (again, sizes) = again;
                 let settled = again.source_of == neurons.source_of;
-                neurons = again;
+                (neurons, neuron_sizes) = (again, sizes);
                 if settled {
                     break;
                 }
             }
         }
-        let (q_heads, kv_heads, head_fit) = timed(&mut times, "heads", || -> Result<_> {
-            let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct))?;
-            let (q_heads, kv_heads) = heads::match_heads(&views)?;
-            let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
-                .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
-            Ok((q_heads, kv_heads, head_fit))
-        })?;
+        let (q_heads, kv_heads, head_fit, head_sizes) =
+            timed(&mut times, "heads", || -> Result<_> {
+                let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct))?;
+                let (q_heads, kv_heads) = heads::match_heads(&views)?;
+                let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
+                    .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
+                Ok((q_heads, kv_heads, head_fit, views.sizes))
+            })?;
+        let raw = [source, target].map(|side| reads_raw(&side.arch.residual));
+        let reader_scale = ReaderScale::new(
+            (raw[0].0 || raw[1].0, raw[0].1 || raw[1].1),
+            Some(head_sizes).filter(|_| head_fit.is_none()),
+            Some(neuron_sizes),
+        );
         Ok(LayerMap {
             target_layer,
             source_layer,
@@ -427,6 +461,7 @@ impl LayerMap {
             neurons,
             head_dim,
             head_fit,
+            reader_scale,
             weight_fit,
             times,
         })
@@ -439,6 +474,8 @@ impl LayerMap {
 pub(crate) struct NeuronFeatures {
     coarse: Mat<f32>,
     fine: Mat<f32>,
+    /// The sizes of the sketched gate and up rows (`reader_scale`).
+    size: [f64; 2],
 }
 
 impl NeuronFeatures {
@@ -448,6 +485,7 @@ impl NeuronFeatures {
         NeuronFeatures {
             coarse: joint_features(&coarse, COARSE),
             fine: joint_features(&views, views[0].ncols()),
+            size: [size(views[0].as_ref()), size(views[1].as_ref())],
         }
     }
 
@@ -477,20 +515,21 @@ impl NeuronFeatures {
 }
 
 /// Matches the target's neurons (features computed once per layer) with the source's under
-/// the current view.
+/// the current view; also the sizes of the two sides' sketched gate and up rows.
 fn match_neurons(
     ws: &Weights<'_>,
     target: &NeuronFeatures,
     g_s: &[f32],
     view: &SourceView,
     backend: &dyn Backend,
-) -> Result<Assignment> {
+) -> Result<(Assignment, Sizes<2>)> {
     let source = NeuronFeatures::source(ws, g_s, (&view.read_mlp, &view.write_mlp), backend)?;
-    assign_features(
+    let assignment = assign_features(
         (&target.coarse, &source.coarse),
         (&target.fine, &source.fine),
         backend,
-    )
+    )?;
+    Ok((assignment, (source.size, target.size)))
 }
 
 #[cfg(test)]
@@ -535,13 +574,13 @@ mod tests {
         let residual = ResidualMap::from_orientation(q.transpose().to_owned(), 1.0);
         let view = SourceView::new(&sketch, &residual, &(WriterMap::PLAIN, WriterMap::PLAIN));
         let features = NeuronFeatures::target(&target, &gains, &sketch.neurons);
-        let a = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
+        let (a, _) = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
         let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
         assert!(a.agreement(&truth) > 0.99, "{}", a.agreement(&truth));
         // Unrelated targets find nothing like it.
         let unrelated = weights(&g(inter, d, 8), &g(inter, d, 9), &g(d, inter, 10));
         let features = NeuronFeatures::target(&unrelated, &gains, &sketch.neurons);
-        let b = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
+        let (b, _) = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
         assert!(b.agreement(&truth) < 0.01);
         assert!(a.mean_similarity().unwrap() > 0.6 && b.mean_similarity().unwrap() < 0.4);
     }

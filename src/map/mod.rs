@@ -22,6 +22,7 @@ pub mod heads;
 pub mod layer;
 pub mod matching;
 mod polar;
+pub mod reader_scale;
 pub mod refine;
 pub mod residual;
 pub mod sketch;
@@ -242,6 +243,9 @@ pub struct LayerReport {
     pub head_fit: bool,
     /// κ of the output-norm writer maps (attention, MLP), for families with output norms.
     pub writer_kappa: Option<(f64, f64)>,
+    /// κ of the reading parts `[q, k, v, gate, up]` where a side reads the residual without a
+    /// pre-norm (OLMo 2/3; `reader_scale`), None elsewhere.
+    pub reader_kappa: Option<[Option<f64>; 5]>,
     pub q_heads: Vec<Option<usize>>,
     pub kv_heads: Vec<Option<usize>>,
     pub neurons: Vec<Option<usize>>,
@@ -265,6 +269,7 @@ impl LayerMap {
                 .gains
                 .as_ref()
                 .map(|_| (self.writers.0.kappa, self.writers.1.kappa)),
+            reader_kappa: self.reader_scale.report(),
             q_heads: self.q_heads.source_of.clone(),
             kv_heads: self.kv_heads.source_of.clone(),
             neurons: self.neurons.source_of.clone(),

@@ -33,8 +33,8 @@ COMMON = dict(
 )
 
 # Depths differ so that cross-architecture transfers exercise the layer map.
-LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2}
-SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15}
+LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2, "olmo2": 2}
+SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15, "olmo2": 16}
 
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -56,6 +56,9 @@ def _config(arch: str, layers: int):
         return tf.SmolLM3Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
     if arch == "phi3":
         return tf.Phi3Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
+    if arch == "olmo2":
+        # No norm before the blocks, one after each; query/key norms across all heads.
+        return tf.Olmo2Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
     raise ValueError(arch)
 
 
@@ -65,9 +68,12 @@ MODEL_CLASS = {
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
-TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED, "smollm3": SEPARATE}
-MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3", "smollm3": "smollm3"}
+TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED, "smollm3": SEPARATE,
+                  "olmo2": SEPARATE}
+MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3", "smollm3": "smollm3",
+              "olmo2": "olmo2"}
 
 
 def build_model(arch: str, layers: int, seed: int):

@@ -3,6 +3,7 @@ package (llama.cpp's own Python reader and writer), read back bit for bit as `gg
 dequantizes them; a transfer read straight from the GGUF equal to one from its converted
 safetensors; bad files refused with the file and the reason named."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -211,3 +212,39 @@ def test_a_gguf_repository_in_the_hub_cache_resolves_by_name(binary, model_gguf,
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert str(snapshot) in proc.stdout
+
+
+def test_an_olmo2_gguf_reads_as_its_hugging_face_model(binary, zoo, tmp_path):
+    """OLMo 2 stores its norms after the blocks and its query/key norms across heads, under
+    llama.cpp's own names for them (the `gguf` package's tensor map, unpermuted as llama.cpp's
+    converter leaves OLMo 2): converted back, every tensor is the Hugging Face model's."""
+    base = zoo.base("olmo2")
+    weights = load_file(str(base / "model.safetensors"))
+    config = json.loads((base / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.OLMO2, layers)
+    path = tmp_path / "olmo2.gguf"
+    w = gguf.GGUFWriter(str(path), "olmo2")
+    w.add_block_count(layers)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    for name, value in weights.items():
+        stem = name.removesuffix(".weight")
+        w.add_tensor(names.get_name(stem) + ".weight", value.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert any(".post_ffw_norm." in t.name for t in gguf.GGUFReader(str(path)).tensors)
+
+    out = tmp_path / "converted"
+    iu.loraxfer(binary, "convert", "--gguf", path, "--out", out)
+    ours = load_file(str(out / "model.safetensors"))
+    assert sorted(ours) == sorted(weights)
+    for name, want in weights.items():
+        assert np.array_equal(ours[name], want.astype(np.float32)), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "olmo2"

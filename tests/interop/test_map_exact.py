@@ -1,5 +1,5 @@
-"""The map mode, judged by transformers + PEFT: a target that computes what the source computes
-in other coordinates (norm gains folded into the next weights, the residual stream rotated — or
+"""The map mode, judged by transformers + PEFT: a target (Llama, and OLMo 2 with its norms after
+the blocks) that computes what the source computes in other coordinates (norm gains folded into the next weights, the residual stream rotated — or
 embedded in a wider one by a semi-orthogonal map, RMSNorm then averaging over the larger width —,
 heads permuted within their KV groups, MLP neurons permuted, dead neurons added, token ids
 shuffled with the same strings) gets from `loraxfer transfer --mode map` an adapter with which it
@@ -100,6 +100,88 @@ def check_twin(zoo, tmp_path, widen, dead):
     tgt_dir = iu.save_model(target, tmp_path / "target")
     write_vocab(tgt_dir, tau)
 
+    assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau)
+
+
+def test_map_onto_an_olmo2_in_other_coordinates_is_exact(zoo, tmp_path):
+    """OLMo 2 reads the residual as it is (no norm before the blocks), normalizes each block's
+    output before it joins the residual, and normalizes q and k across all heads with a gain per
+    row. Its twin: the residual stream under a signed permutation (which RMSNorm commutes with,
+    the output and final norms' gains permuted with it), heads permuted within their KV groups
+    with their query/key gains, neurons permuted, token ids shuffled, and q, k, v, o, up and down
+    scaled by constants its norms remove."""
+    rng = np.random.default_rng(7)
+    source = olmo2_model(seed=31)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.from_numpy(1.0 + 0.3 * rng.standard_normal(p.shape)).float())
+    src_dir = iu.save_model(source, tmp_path / "source")
+    write_vocab(src_dir, np.arange(VOCAB))
+
+    d = source.config.hidden_size
+    pi, signs = rng.permutation(d), rng.choice([-1.0, 1.0], d)
+    q = np.zeros((d, d))
+    q[pi, np.arange(d)] = signs  # (Q h)[pi[c]] = signs[c]·h[c]
+    perm = np.abs(q)  # the gains move with the coordinates, without the signs
+    tau = np.concatenate([[0, 1, 2], 3 + rng.permutation(VOCAB - 3)])
+    inv = np.argsort(tau)
+    groups = rng.permutation(KV)
+    per = HEADS // KV
+    q_heads = np.concatenate([g * per + rng.permutation(per) for g in groups])
+    neurons = rng.permutation(source.config.intermediate_size)
+
+    def rows(w, order, size):
+        return np.concatenate([w[u * size:(u + 1) * size] for u in order])
+
+    sd = {k: v.double().numpy() for k, v in source.state_dict().items()}
+    out = {
+        "model.embed_tokens.weight": (sd["model.embed_tokens.weight"] @ q.T)[inv],
+        "lm_head.weight": (sd["lm_head.weight"] @ q.T)[inv],
+        "model.norm.weight": perm @ sd["model.norm.weight"],
+    }
+    for j in range(source.config.num_hidden_layers):
+        p = f"model.layers.{j}."
+        for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            out[p + norm + ".weight"] = perm @ sd[p + norm + ".weight"]
+        a, m = p + "self_attn.", p + "mlp."
+        out[a + "q_norm.weight"] = rows(sd[a + "q_norm.weight"], q_heads, HD)
+        out[a + "k_norm.weight"] = rows(sd[a + "k_norm.weight"], groups, HD)
+        # q and k are normalized after their projections, and v and up reach a norm linearly:
+        # their scales leave the function as it is, and the mapped update must follow them.
+        out[a + "q_proj.weight"] = 2.0 * rows(sd[a + "q_proj.weight"], q_heads, HD) @ q.T
+        out[a + "k_proj.weight"] = 0.5 * rows(sd[a + "k_proj.weight"], groups, HD) @ q.T
+        out[a + "v_proj.weight"] = 3.0 * rows(sd[a + "v_proj.weight"], groups, HD) @ q.T
+        out[a + "o_proj.weight"] = 2.5 * q @ rows(sd[a + "o_proj.weight"].T, q_heads, HD).T
+        out[m + "gate_proj.weight"] = sd[m + "gate_proj.weight"][neurons] @ q.T
+        out[m + "up_proj.weight"] = 0.25 * sd[m + "up_proj.weight"][neurons] @ q.T
+        out[m + "down_proj.weight"] = 0.4 * q @ sd[m + "down_proj.weight"][:, neurons]
+    target = olmo2_model(seed=32)
+    target.load_state_dict({k: torch.from_numpy(v).float() for k, v in out.items()}, strict=True)
+    tgt_dir = iu.save_model(target, tmp_path / "target")
+    write_vocab(tgt_dir, tau)
+    ids = iu.INPUT_IDS
+    with torch.no_grad():
+        want = iu.load_model(src_dir)(input_ids=ids).logits.double().numpy()
+        got = iu.load_model(tgt_dir)(input_ids=torch.from_numpy(tau[ids.numpy()])).logits.double().numpy()
+    assert iu.max_rel_diff(got[..., tau], want) < 1e-4, "the twin computes what the source computes"
+    assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau)
+
+
+def olmo2_model(seed):
+    """A tiny OLMo 2 whose RMSNorms' ε is far below its activations' mean squares (the default
+    1e-6 is of their order in a randomly initialized model), so that its norms remove scales."""
+    model = iu.build_model("olmo2", 2, seed=seed)
+    model.config.rms_norm_eps = 1e-12
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 1e-12
+    return model
+
+
+def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau):
+    """A PEFT adapter on the source, mapped onto the target, must change the target's logits (in
+    the shuffled vocabulary `tau`) as it changes the source's."""
     # An adapter on the source, saved by PEFT, with non-zero B.
     from peft import LoraConfig, get_peft_model
 

@@ -40,9 +40,11 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
     names::FAMILIES
         .iter()
         .find(|f| match model_type {
-            // Mistral checkpoints convert as Llama; a multimodal Gemma 3's text model as gemma3.
+            // Mistral checkpoints convert as Llama; a multimodal Gemma 3's text model as gemma3;
+            // OLMo 3 as OLMo 2.
             "mistral" => f.gguf == "llama",
             "gemma3" => f.gguf == "gemma3",
+            "olmo3" => f.gguf == "olmo2",
             other => f.model_type == other,
         })
         .ok_or_else(|| {

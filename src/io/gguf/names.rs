@@ -21,14 +21,16 @@ pub struct Family {
     pub permuted_qk: bool,
     /// Added to every `*norm.weight` by the converter (Gemma stores g − 1; its GGUF stores g).
     pub norm_shift: f32,
-    /// Gemma 2/3: `ffn_norm` is the pre-feed-forward norm and `post_attention_norm` the norm of
-    /// the attention output; elsewhere `ffn_norm` is `post_attention_layernorm`.
+    /// Gemma 2/3: `ffn_norm` is the pre-feed-forward norm; elsewhere it is
+    /// `post_attention_layernorm`, which where it follows the attention (Gemma 2/3, OLMo 2/3)
+    /// GGUF calls `post_attention_norm`.
     pub sandwich_norms: bool,
     /// Phi-3: `attn_qkv` and `ffn_up` hold the fused `qkv_proj` and `gate_up_proj`.
     pub fused: bool,
 }
 
-/// Every architecture a GGUF base model may have here (Mistral models convert to `llama`).
+/// Every architecture a GGUF base model may have here (Mistral models convert to `llama`, OLMo 3
+/// to `olmo2`).
 pub const FAMILIES: &[Family] = &[
     family(
         "llama",
@@ -85,6 +87,17 @@ pub const FAMILIES: &[Family] = &[
         false,
     ),
     family("phi3", "phi3", "Phi3ForCausalLM", false, 0.0, false, true),
+    // OLMo 3 converts as OLMo 2 (its sliding windows change no weight); their norms follow the
+    // blocks (`post_attention_norm`, `post_ffw_norm`), and their query/key norms span all heads.
+    family(
+        "olmo2",
+        "olmo2",
+        "Olmo2ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
     // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
     family(
         "smollm3",
@@ -170,8 +183,9 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "ffn_norm" if f.sandwich_norms => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" if f.sandwich_norms => "post_attention_layernorm",
-        "post_ffw_norm" if f.sandwich_norms => "post_feedforward_layernorm",
+        // The norms of the blocks' outputs (Gemma 2/3, OLMo 2/3).
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
