@@ -213,7 +213,7 @@ fn every_table_loads_and_round_trips_module_names() {
     let names: Vec<&str> = arch::all().iter().map(|a| a.name.as_str()).collect();
     for expected in [
         "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "smollm3",
-        "olmo2", "olmo3",
+        "olmo2", "olmo3", "granite",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }
@@ -288,6 +288,7 @@ fn config_model_types_select_tables() {
         ("smollm3", "smollm3"),
         ("olmo2", "olmo2"),
         ("olmo3", "olmo3"),
+        ("granite", "granite"),
     ] {
         let text = format!(
             r#"{{"model_type": "{mt}", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}}"#
@@ -312,6 +313,44 @@ fn config_model_types_select_tables() {
         (c.num_hidden_layers, c.num_key_value_heads, c.head_dim),
         (3, 1, 4)
     );
+}
+
+/// The forward pass's constant factors, which the map mode carries: Granite's multipliers,
+/// Gemma's query_pre_attn_scalar, 1/√head_dim elsewhere; a value no model can have is refused
+/// naming the field.
+#[test]
+fn config_scales_follow_the_family_fields() {
+    let parse = |extra: &str| {
+        let text = format!(
+            r#"{{"model_type": "granite", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 16, "num_attention_heads": 4{extra}}}"#
+        );
+        ModelConfig::parse(&text, Path::new("g/config.json"))
+    };
+    let plain = parse("").unwrap().scales;
+    assert_eq!(
+        (plain.embedding, plain.residual, plain.attention),
+        (1.0, 1.0, 0.25)
+    );
+    let granite = parse(r#", "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125"#)
+        .unwrap()
+        .scales;
+    assert_eq!(
+        (granite.embedding, granite.residual, granite.attention),
+        (12.0, 0.22, 0.0078125)
+    );
+    let gemma2 = parse(r#", "query_pre_attn_scalar": 144"#).unwrap().scales;
+    assert!((gemma2.attention - 1.0 / 12.0).abs() < 1e-12);
+    for bad in [
+        r#", "residual_multiplier": 0"#,
+        r#", "embedding_multiplier": -1.5"#,
+        r#", "attention_multiplier": "x""#,
+    ] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("g/config.json") && e.contains("multiplier"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

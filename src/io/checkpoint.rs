@@ -22,8 +22,23 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// Constant factors of the forward pass (the map mode carries them).
+    pub scales: Scales,
     /// The whole file, kept so that unknown fields survive a rewrite.
     pub raw: serde_json::Value,
+}
+
+/// Constant factors a family applies in its forward pass, which the weights do not show.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scales {
+    /// The embedding's factor before the first layer (`embedding_multiplier`, Granite; 1).
+    pub embedding: f64,
+    /// The factor of every block's output before it joins the residual
+    /// (`residual_multiplier`, Granite; 1).
+    pub residual: f64,
+    /// The attention scores' factor: `attention_multiplier` (Granite), else
+    /// `query_pre_attn_scalar^-½` (Gemma 2/3), else `head_dim^-½`.
+    pub attention: f64,
 }
 
 impl ModelConfig {
@@ -113,6 +128,30 @@ impl ModelConfig {
                 format!("`head_dim` = {head_dim} must be between 1 and 65536"),
             ));
         }
+        let scale = |key: &str| -> Result<Option<f64>> {
+            let Some(v) = text.get(key).filter(|v| !v.is_null()) else {
+                return Ok(None);
+            };
+            match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                _ => Err(Error::config(
+                    path,
+                    format!("`{key}` = {v} must be a positive number"),
+                )),
+            }
+        };
+        let scales = Scales {
+            embedding: scale("embedding_multiplier")?.unwrap_or(1.0),
+            residual: scale("residual_multiplier")?.unwrap_or(1.0),
+            attention: match scale("attention_multiplier")? {
+                Some(m) => m,
+                None => {
+                    1.0 / scale("query_pre_attn_scalar")?
+                        .unwrap_or(head_dim as f64)
+                        .sqrt()
+                }
+            },
+        };
         Ok(ModelConfig {
             model_type,
             architectures,
@@ -122,6 +161,7 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
+            scales,
             raw,
         })
     }

@@ -55,16 +55,21 @@ pub struct WriterMap {
 }
 
 impl WriterMap {
-    /// The residual map itself: no output norms on either side.
-    const PLAIN: WriterMap = WriterMap {
-        gains: None,
-        kappa: 1.0,
-    };
+    /// The residual map itself (no output norms on either side), times the ratio of the two
+    /// models' residual multipliers (Granite scales every block's output before it joins the
+    /// residual; `ρ_s W_s ↦ ρ_t W_t` gives `B_t = (ρ_s/ρ_t) M B_s`).
+    fn plain(s: &Side<'_, '_>, t: &Side<'_, '_>) -> WriterMap {
+        let rho = |side: &Side<'_, '_>| side.model.ckpt.config.scales.residual;
+        WriterMap {
+            gains: None,
+            kappa: rho(s) / rho(t),
+        }
+    }
 
     /// `W x` for the columns of `x` (`d_s × r` → `d_t × r`).
     pub fn write(&self, residual: &ResidualMap, x: faer::MatRef<'_, f32>) -> Mat<f32> {
         let Some((g_s, inv)) = &self.gains else {
-            return residual.write(x);
+            return residual.write(x) * faer::Scale(self.kappa as f32);
         };
         let scaled = Mat::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] * g_s[i]);
         let y = residual.qt.transpose() * scaled;
@@ -76,7 +81,8 @@ impl WriterMap {
     /// `cᵀ (Wᵀ R)`.
     fn sketch_t(&self, residual: &ResidualMap, r: &SignSketch) -> Mat<f32> {
         let Some((g_s, inv)) = &self.gains else {
-            return r.right_of(&residual.qt, None) * faer::Scale(residual.scale as f32);
+            return r.right_of(&residual.qt, None)
+                * faer::Scale((residual.scale * self.kappa) as f32);
         };
         let y = r.right_of(&residual.qt, Some(inv));
         let k = self.kappa as f32;
@@ -302,7 +308,7 @@ fn writer_maps(
             let norms = |side: &Side<'_, '_>| side.model.arch.residual.output_norms.clone();
             let (ns, nt) = (norms(s), norms(t));
             if ns.is_none() && nt.is_none() {
-                return Ok::<_, crate::error::Error>(WriterMap::PLAIN);
+                return Ok::<_, crate::error::Error>(WriterMap::plain(s, t));
             }
             // A side without output norms writes its output as it is: gains of one, and the
             // norm on the other side still makes the scale a matter of the weights' sizes.
@@ -377,7 +383,7 @@ impl LayerMap {
         };
         let mut writers = match &weights {
             Some((ws, wt)) => writer_maps(&s, &t, (ws, wt), &residual, sketch, fold)?,
-            None => (WriterMap::PLAIN, WriterMap::PLAIN),
+            None => (WriterMap::plain(&s, &t), WriterMap::plain(&s, &t)),
         };
         let Some((ws, wt)) = weights.filter(|_| options.inner != InnerMatch::Index) else {
             return Ok(LayerMap {
@@ -411,8 +417,8 @@ impl LayerMap {
                         (&ws, &wt),
                         &gains.mlp,
                         &neurons,
-                        &residual,
-                        start,
+                        (&residual, start),
+                        ct.scales.residual / cs.scales.residual,
                         sketch.backend,
                     )
                 })?;
@@ -445,10 +451,16 @@ impl LayerMap {
                 Ok((q_heads, kv_heads, head_fit, views.sizes))
             })?;
         let raw = [source, target].map(|side| reads_raw(&side.arch.residual));
+        let head_norms = [source, target]
+            .iter()
+            .any(|side| side.arch.residual.head_norms.is_some());
         let reader_scale = ReaderScale::new(
             (raw[0].0 || raw[1].0, raw[0].1 || raw[1].1),
             Some(head_sizes).filter(|_| head_fit.is_none()),
             Some(neuron_sizes),
+        )
+        .with_score(
+            (head_fit.is_none() && !head_norms).then(|| cs.scales.attention / ct.scales.attention),
         );
         Ok(LayerMap {
             target_layer,
@@ -572,7 +584,11 @@ mod tests {
         let gains = vec![1.0; d];
         let sketch = Sketch::new(d, 3, &CpuBackend);
         let residual = ResidualMap::from_orientation(q.transpose().to_owned(), 1.0);
-        let view = SourceView::new(&sketch, &residual, &(WriterMap::PLAIN, WriterMap::PLAIN));
+        let plain = || WriterMap {
+            gains: None,
+            kappa: 1.0,
+        };
+        let view = SourceView::new(&sketch, &residual, &(plain(), plain()));
         let features = NeuronFeatures::target(&target, &gains, &sketch.neurons);
         let (a, _) = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
         let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();

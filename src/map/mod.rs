@@ -246,6 +246,12 @@ pub struct LayerReport {
     /// κ of the reading parts `[q, k, v, gate, up]` where a side reads the residual without a
     /// pre-norm (OLMo 2/3; `reader_scale`), None elsewhere.
     pub reader_kappa: Option<[Option<f64>; 5]>,
+    /// The ratio of the two models' attention-score factors q's rows carry (`c_s/c_t`), where it
+    /// is not 1 (Granite's `attention_multiplier`; `reader_scale`).
+    pub score_ratio: Option<f64>,
+    /// The ratio of the two models' residual multipliers o's and down's columns carry
+    /// (`ρ_s/ρ_t`, Granite), where it is not 1 and neither side has output norms.
+    pub residual_ratio: Option<f64>,
     pub q_heads: Vec<Option<usize>>,
     pub kv_heads: Vec<Option<usize>>,
     pub neurons: Vec<Option<usize>>,
@@ -270,6 +276,9 @@ impl LayerMap {
                 .as_ref()
                 .map(|_| (self.writers.0.kappa, self.writers.1.kappa)),
             reader_kappa: self.reader_scale.report(),
+            score_ratio: self.reader_scale.score_ratio(),
+            residual_ratio: Some(self.writers.0.kappa)
+                .filter(|k| self.writers.0.gains.is_none() && *k != 1.0),
             q_heads: self.q_heads.source_of.clone(),
             kv_heads: self.kv_heads.source_of.clone(),
             neurons: self.neurons.source_of.clone(),
@@ -357,11 +366,14 @@ fn fit_residual(
                   pick: &dyn Fn(&(usize, usize)) -> usize,
                   gain: Option<&[f32]>| {
         let d = side.ckpt.config.hidden_size;
-        // Embedding rows are scaled as the family scales them; output rows by the final gains.
-        let scale = if gain.is_none() && side.arch.residual.embed_scale_sqrt_hidden {
-            (d as f32).sqrt()
-        } else {
-            1.0
+        // Embedding rows are scaled as the model scales them (√d in Gemma, Granite's
+        // embedding_multiplier); output rows by the final gains.
+        let scale = match gain {
+            Some(_) => 1.0,
+            None if side.arch.residual.embed_scale_sqrt_hidden => {
+                (d as f32).sqrt() * side.ckpt.config.scales.embedding as f32
+            }
+            None => side.ckpt.config.scales.embedding as f32,
         };
         let mut out = Mat::<f32>::zeros(pairs.len(), d);
         for (r, p) in pairs.iter().enumerate() {

@@ -10,19 +10,41 @@
 //! `κ_p = ‖W_t diag(g_t) R‖ / ‖W_s diag(g_s) P R‖` over the layer's sketch R, per reading part p,
 //! applied to that part's rows of B. Where a head fit N moves a head's rows (heads of different
 //! sizes, `--map-inner fit`), N, fitted on the same sketched rows, carries that ratio already.
+//!
+//! The attention scores' factor (`Scales::attention`: Granite's `attention_multiplier`, Gemma's
+//! `query_pre_attn_scalar^-½`, `head_dim^-½` elsewhere) is not in the weights either: where it
+//! differs, q's rows carry the ratio `c_s/c_t` (scores `c q·k` are equal when `q_t = (c_s/c_t) q_s`),
+//! unless a head fit (fitted on the weights, which carry it) or a query/key norm (after which
+//! q's size is its gain's) stands between.
 
 use crate::arch::Part;
 
 /// Frobenius norms of the sketched reading rows of a layer's parts, source then target.
 pub(crate) type Sizes<const N: usize> = ([f64; N], [f64; N]);
 
-/// κ per reading part (q, k, v, gate, up); None where it is not applied.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ReaderScale([Option<f64>; 5]);
+/// κ per reading part (q, k, v, gate, up), None where it is not applied; and the ratio of the
+/// attention scores' factors that q's rows carry (1 where none applies).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReaderScale {
+    kappa: [Option<f64>; 5],
+    score: f64,
+}
 
 impl ReaderScale {
     /// No reading part rescaled (both sides normalize what their blocks read).
-    pub const NONE: ReaderScale = ReaderScale([None; 5]);
+    pub const NONE: ReaderScale = ReaderScale {
+        kappa: [None; 5],
+        score: 1.0,
+    };
+
+    /// With q's rows also carrying `ratio` (`c_s/c_t`; None where a head fit or a head norm
+    /// stands between).
+    pub(crate) fn with_score(self, ratio: Option<f64>) -> Self {
+        ReaderScale {
+            score: ratio.filter(|r| r.is_finite() && *r > 0.0).unwrap_or(1.0),
+            ..self
+        }
+    }
 
     /// The scales of a layer whose attention (`raw.0`) or MLP (`raw.1`) reads an unnormalized
     /// residual on at least one side, from the sketched sizes of q, k, v (None where a head fit
@@ -44,7 +66,10 @@ impl ReaderScale {
                 out[3 + p] = ratio(s[p], t[p]);
             }
         }
-        ReaderScale(out)
+        ReaderScale {
+            kappa: out,
+            score: 1.0,
+        }
     }
 
     fn slot(part: Part) -> Option<usize> {
@@ -60,12 +85,19 @@ impl ReaderScale {
 
     /// The factor of `part`'s rows of B (1 where none applies).
     pub fn of(&self, part: Part) -> f32 {
-        Self::slot(part).and_then(|i| self.0[i]).unwrap_or(1.0) as f32
+        let kappa = Self::slot(part).and_then(|i| self.kappa[i]).unwrap_or(1.0);
+        let score = if part == Part::Q { self.score } else { 1.0 };
+        (kappa * score) as f32
     }
 
-    /// For the report: `[q, k, v, gate, up]`, or None where no part is rescaled.
+    /// For the report: κ of `[q, k, v, gate, up]`, or None where no part is rescaled.
     pub fn report(&self) -> Option<[Option<f64>; 5]> {
-        self.0.iter().any(Option::is_some).then_some(self.0)
+        self.kappa.iter().any(Option::is_some).then_some(self.kappa)
+    }
+
+    /// For the report: the ratio q's rows carry, where it is not 1.
+    pub fn score_ratio(&self) -> Option<f64> {
+        (self.score != 1.0).then_some(self.score)
     }
 }
 
@@ -126,5 +158,11 @@ mod tests {
             ReaderScale::NONE
         );
         assert_eq!(ReaderScale::NONE.report(), None);
+        // The scores' factor rides on q alone, with κ where both apply.
+        let granite = ReaderScale::NONE.with_score(Some(4.0));
+        assert_eq!((granite.of(Part::Q), granite.of(Part::K)), (4.0, 1.0));
+        assert_eq!(granite.score_ratio(), Some(4.0));
+        assert_eq!(both.with_score(Some(0.5)).of(Part::Q), 1.0);
+        assert_eq!(ReaderScale::NONE.with_score(None).score_ratio(), None);
     }
 }

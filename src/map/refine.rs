@@ -158,13 +158,16 @@ fn side_by_side(x: &Mat<f32>, y: &Mat<f32>) -> Mat<f32> {
     })
 }
 
-/// Refits `current` on the neurons matched by `neurons`, with `prior`'s orientation as prior.
+/// Refits `current` on the neurons matched by `neurons`, with `prior`'s orientation as prior;
+/// `residual_ratio` is `ρ_t/ρ_s`, the two models' factors of a block's output before it joins the
+/// residual (Granite's `residual_multiplier`; 1 elsewhere), by which the writes' sizes differ
+/// from the weights'.
 pub(crate) fn refit(
     (ws, wt): (&Weights<'_>, &Weights<'_>),
     (g_s, g_t): &(Vec<f32>, Vec<f32>),
     neurons: &Assignment,
-    current: &ResidualMap,
-    prior: &ResidualMap,
+    (current, prior): (&ResidualMap, &ResidualMap),
+    residual_ratio: f64,
     backend: &dyn Backend,
 ) -> Result<Refit> {
     let mut pairs: Vec<(f32, usize, usize)> = neurons
@@ -184,12 +187,13 @@ pub(crate) fn refit(
         });
     }
     let (d_s, d_t) = (current.qt.nrows(), current.qt.ncols());
-    // The writes' scale: the ratio of the matched down columns' sizes.
+    // The writes' scale: the ratio of the matched down columns' sizes, times the ratio of the
+    // factors the blocks' outputs are multiplied by.
     let source_units: Vec<usize> = pairs.iter().map(|p| p.2).collect();
     let target_units: Vec<usize> = pairs.iter().map(|p| p.1).collect();
     let (size_s, size_t) = (write_size(ws, &source_units), write_size(wt, &target_units));
     let scale = if size_s > 0.0 && size_t > 0.0 {
-        (size_t / size_s).sqrt()
+        (size_t / size_s).sqrt() * residual_ratio
     } else {
         current.scale
     };
@@ -329,8 +333,8 @@ mod tests {
                 (&source, target),
                 &ones,
                 &neurons,
-                &start,
-                &start,
+                (&start, &start),
+                1.0,
                 &CpuBackend,
             )
             .unwrap()
@@ -389,8 +393,8 @@ mod tests {
                     (&source, &target),
                     &gains,
                     &neurons,
-                    start,
-                    start,
+                    (start, start),
+                    1.0,
                     &CpuBackend,
                 )
                 .unwrap()

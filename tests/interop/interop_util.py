@@ -33,8 +33,8 @@ COMMON = dict(
 )
 
 # Depths differ so that cross-architecture transfers exercise the layer map.
-LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2, "olmo2": 2}
-SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15, "olmo2": 16}
+LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2, "olmo2": 2, "granite": 2}
+SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15, "olmo2": 16, "granite": 17}
 
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -59,6 +59,12 @@ def _config(arch: str, layers: int):
     if arch == "olmo2":
         # No norm before the blocks, one after each; query/key norms across all heads.
         return tf.Olmo2Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
+    if arch == "granite":
+        # Multipliers unlike the defaults, so that carrying them matters.
+        return tf.GraniteConfig(
+            num_hidden_layers=layers, tie_word_embeddings=False, embedding_multiplier=12.0,
+            residual_multiplier=0.22, attention_multiplier=1 / 32, logits_scaling=8.0, **COMMON
+        )
     raise ValueError(arch)
 
 
@@ -69,11 +75,12 @@ MODEL_CLASS = {
     "phi3": "Phi3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
 TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED, "smollm3": SEPARATE,
-                  "olmo2": SEPARATE}
+                  "olmo2": SEPARATE, "granite": SEPARATE}
 MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3", "smollm3": "smollm3",
-              "olmo2": "olmo2"}
+              "olmo2": "olmo2", "granite": "granite"}
 
 
 def build_model(arch: str, layers: int, seed: int):

@@ -214,32 +214,52 @@ def test_a_gguf_repository_in_the_hub_cache_resolves_by_name(binary, model_gguf,
     assert str(snapshot) in proc.stdout
 
 
-def test_an_olmo2_gguf_reads_as_its_hugging_face_model(binary, zoo, tmp_path):
-    """OLMo 2 stores its norms after the blocks and its query/key norms across heads, under
-    llama.cpp's own names for them (the `gguf` package's tensor map, unpermuted as llama.cpp's
-    converter leaves OLMo 2): converted back, every tensor is the Hugging Face model's."""
-    base = zoo.base("olmo2")
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Q/K permutation (LlamaModel.permute), the inverse of `unpermute`."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# (zoo architecture, GGUF architecture, Q/K permuted by llama.cpp's converter)
+FAMILIES = [("olmo2", gguf.MODEL_ARCH.OLMO2, False), ("granite", gguf.MODEL_ARCH.GRANITE, True)]
+
+
+@pytest.mark.parametrize("arch,gguf_arch,permuted", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_a_gguf_of_another_family_reads_as_its_hugging_face_model(binary, zoo, tmp_path, arch, gguf_arch,
+                                                                  permuted):
+    """OLMo 2 stores its norms after the blocks and its query/key norms across heads; Granite is a
+    Llama (Q and K permuted) with multipliers in the metadata. Written under llama.cpp's own
+    names (the `gguf` package's tensor map) and conventions, converted back, every tensor is the
+    Hugging Face model's, and the config carries the multipliers."""
+    base = zoo.base(arch)
     weights = load_file(str(base / "model.safetensors"))
     config = json.loads((base / "config.json").read_text())
-    layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.OLMO2, layers)
-    path = tmp_path / "olmo2.gguf"
-    w = gguf.GGUFWriter(str(path), "olmo2")
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    names = gguf.get_tensor_name_map(gguf_arch, layers)
+    path = tmp_path / f"{arch}.gguf"
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch])
     w.add_block_count(layers)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count(heads)
     w.add_head_count_kv(config["num_key_value_heads"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    multipliers = {"attention_multiplier": w.add_attention_scale, "embedding_multiplier": w.add_embedding_scale,
+                   "residual_multiplier": w.add_residual_scale, "logits_scaling": w.add_logit_scale}
+    for field, add in multipliers.items():
+        if field in config:
+            add(config[field])
     for name, value in weights.items():
-        stem = name.removesuffix(".weight")
-        w.add_tensor(names.get_name(stem) + ".weight", value.astype(np.float32))
+        value = value.astype(np.float32)
+        if permuted and name.endswith("q_proj.weight"):
+            value = permute(value, heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            value = permute(value, config["num_key_value_heads"])
+        w.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert any(".post_ffw_norm." in t.name for t in gguf.GGUFReader(str(path)).tensors)
 
     out = tmp_path / "converted"
     iu.loraxfer(binary, "convert", "--gguf", path, "--out", out)
@@ -247,4 +267,10 @@ def test_an_olmo2_gguf_reads_as_its_hugging_face_model(binary, zoo, tmp_path):
     assert sorted(ours) == sorted(weights)
     for name, want in weights.items():
         assert np.array_equal(ours[name], want.astype(np.float32)), name
-    assert json.loads((out / "config.json").read_text())["model_type"] == "olmo2"
+    got = json.loads((out / "config.json").read_text())
+    assert got["model_type"] == arch
+    for field in multipliers:
+        if field in config:
+            assert got[field] == pytest.approx(config[field], rel=1e-6), field
+    if arch == "granite":
+        assert "residual_multiplier" in got

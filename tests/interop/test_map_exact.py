@@ -31,12 +31,26 @@ def test_map_onto_a_wider_twin_with_dead_neurons_is_exact(zoo, tmp_path):
     check_twin(zoo, tmp_path, widen=16, dead=24)
 
 
-def check_twin(zoo, tmp_path, widen, dead):
-    """The source (tiny Llama) and a twin `widen` residual dimensions wider with `dead` dead MLP
-    neurons; the mapped adapter must give the source's logits through transformers + PEFT."""
+def test_map_from_granite_onto_a_llama_twin_is_exact(zoo, tmp_path):
+    """Granite is a Llama with constant factors the weights do not show (the embedding's, every
+    block output's, the attention scores', the logits'): its Llama twin holds them in its
+    weights, and the map must carry them from the config."""
+    check_twin(zoo, tmp_path, widen=0, dead=0, arch="granite")
+
+
+def check_twin(zoo, tmp_path, widen, dead, arch="llama"):
+    """The source (a tiny Llama, or Granite) and a Llama twin `widen` residual dimensions wider
+    with `dead` dead MLP neurons; the mapped adapter must give the source's logits through
+    transformers + PEFT."""
     rng = np.random.default_rng(5)
-    source = iu.load_model(zoo.base("llama"))
+    source = iu.load_model(zoo.base(arch))
     layers = source.config.num_hidden_layers
+    # Granite's multipliers, folded into the twin's weights (ones for a Llama).
+    cfg = source.config
+    em, rho = getattr(cfg, "embedding_multiplier", 1.0), getattr(cfg, "residual_multiplier", 1.0)
+    logit_scale = getattr(cfg, "logits_scaling", 1.0)
+    score = getattr(cfg, "attention_multiplier", None)
+    q_scale = 1.0 if score is None else score * np.sqrt(HD)  # the twin scores with 1/√HD
     with torch.no_grad():
         # Gains that are not ones, so that folding them matters.
         for name, p in source.named_parameters():
@@ -60,8 +74,8 @@ def check_twin(zoo, tmp_path, widen, dead):
     sd = {k: v.double().numpy() for k, v in source.state_dict().items()}
     out = {}
     inv = np.argsort(tau)
-    out["model.embed_tokens.weight"] = (sd["model.embed_tokens.weight"] @ q.T)[inv]
-    out["lm_head.weight"] = (sd["lm_head.weight"] * sd["model.norm.weight"]) @ q.T
+    out["model.embed_tokens.weight"] = (em * sd["model.embed_tokens.weight"] @ q.T)[inv]
+    out["lm_head.weight"] = (sd["lm_head.weight"] * sd["model.norm.weight"]) @ q.T / logit_scale
     out["lm_head.weight"] = out["lm_head.weight"][inv]
     out["model.norm.weight"] = np.full(d_t, c)
 
@@ -74,16 +88,16 @@ def check_twin(zoo, tmp_path, widen, dead):
         out[p + "input_layernorm.weight"] = np.full(d_t, c)
         out[p + "post_attention_layernorm.weight"] = np.full(d_t, c)
         a = p + "self_attn."
-        out[a + "q_proj.weight"] = rows(sd[a + "q_proj.weight"], q_heads, HD) * g_attn @ q.T
+        out[a + "q_proj.weight"] = q_scale * rows(sd[a + "q_proj.weight"], q_heads, HD) * g_attn @ q.T
         out[a + "k_proj.weight"] = rows(sd[a + "k_proj.weight"], groups, HD) * g_attn @ q.T
         out[a + "v_proj.weight"] = rows(sd[a + "v_proj.weight"], groups, HD) * g_attn @ q.T
-        out[a + "o_proj.weight"] = q @ rows(sd[a + "o_proj.weight"].T, q_heads, HD).T
+        out[a + "o_proj.weight"] = rho * q @ rows(sd[a + "o_proj.weight"].T, q_heads, HD).T
         m = p + "mlp."
         # Dead neurons: zero rows of gate and up and zero columns of down, after the live ones.
         zeros_in, zeros_out = np.zeros((dead, d_t)), np.zeros((d_t, dead))
         out[m + "gate_proj.weight"] = np.vstack([sd[m + "gate_proj.weight"][neurons] * g_mlp @ q.T, zeros_in])
         out[m + "up_proj.weight"] = np.vstack([sd[m + "up_proj.weight"][neurons] * g_mlp @ q.T, zeros_in])
-        out[m + "down_proj.weight"] = np.hstack([q @ sd[m + "down_proj.weight"][:, neurons], zeros_out])
+        out[m + "down_proj.weight"] = np.hstack([rho * q @ sd[m + "down_proj.weight"][:, neurons], zeros_out])
     import transformers as tf
 
     # RMSNorm's ε is added to the mean square, which the wider stream shrinks by d/d_t: the twin

@@ -87,6 +87,16 @@ pub const FAMILIES: &[Family] = &[
         false,
     ),
     family("phi3", "phi3", "Phi3ForCausalLM", false, 0.0, false, true),
+    // Granite converts as a Llama with its multipliers in the metadata.
+    family(
+        "granite",
+        "granite",
+        "GraniteForCausalLM",
+        true,
+        0.0,
+        false,
+        false,
+    ),
     // OLMo 3 converts as OLMo 2 (its sliding windows change no weight); their norms follow the
     // blocks (`post_attention_norm`, `post_ffw_norm`), and their query/key norms span all heads.
     family(
@@ -266,6 +276,11 @@ pub fn config_json(
     for (field, k) in [
         ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
         ("rope_theta", "rope.freq_base"),
+        // Granite's multipliers, which llama.cpp calls scales.
+        ("attention_multiplier", "attention.scale"),
+        ("embedding_multiplier", "embedding_scale"),
+        ("residual_multiplier", "residual_scale"),
+        ("logits_scaling", "logit_scale"),
     ] {
         if let Some(v) = metadata.get(&key(k)).and_then(Value::as_f64) {
             obj.insert(field.into(), v.into());
