@@ -126,17 +126,7 @@ mod tests {
         let heads = Some(([1.0, 2.0, 4.0], [2.0, 1.0, 4.0]));
         let neurons = Some(([3.0, 0.0], [6.0, 1.0]));
         let both = ReaderScale::new((true, true), heads, neurons);
-        let got: Vec<f32> = [
-            Part::Q,
-            Part::K,
-            Part::V,
-            Part::O,
-            Part::Gate,
-            Part::Up,
-            Part::Down,
-        ]
-        .map(|p| both.of(p))
-        .to_vec();
+        let got: Vec<f32> = Part::ALL.map(|p| both.of(p)).to_vec();
         // Up's source rows are zero: no ratio, left as it is.
         assert_eq!(got, vec![2.0, 0.5, 1.0, 1.0, 2.0, 1.0, 1.0]);
         assert_eq!(
