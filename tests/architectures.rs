@@ -326,10 +326,11 @@ fn config_scales_follow_the_family_fields() {
         );
         ModelConfig::parse(&text, Path::new("g/config.json"))
     };
+    // Granite's defaults (transformers' GraniteConfig): every multiplier 1.
     let plain = parse("").unwrap().scales;
     assert_eq!(
         (plain.embedding, plain.residual, plain.attention),
-        (1.0, 1.0, 0.25)
+        (1.0, 1.0, 1.0)
     );
     let granite = parse(r#", "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125"#)
         .unwrap()
@@ -338,18 +339,27 @@ fn config_scales_follow_the_family_fields() {
         (granite.embedding, granite.residual, granite.attention),
         (12.0, 0.22, 0.0078125)
     );
-    let gemma2 = parse(r#", "query_pre_attn_scalar": 144"#).unwrap().scales;
+    let other = |model_type: &str, extra: &str| {
+        let text = format!(
+            r#"{{"model_type": "{model_type}", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 16, "num_attention_heads": 4{extra}}}"#
+        );
+        ModelConfig::parse(&text, Path::new("c")).unwrap().scales
+    };
+    let gemma2 = other("gemma2", r#", "query_pre_attn_scalar": 144"#);
     assert!((gemma2.attention - 1.0 / 12.0).abs() < 1e-12);
-    for bad in [
-        r#", "residual_multiplier": 0"#,
-        r#", "embedding_multiplier": -1.5"#,
-        r#", "attention_multiplier": "x""#,
+    assert_eq!(other("llama", "").attention, 0.25); // 1/√head_dim, head_dim 16
+    for (bad, field) in [
+        (r#", "residual_multiplier": 0"#, "residual_multiplier"),
+        (r#", "embedding_multiplier": -1.5"#, "embedding_multiplier"),
+        (r#", "attention_multiplier": "x""#, "attention_multiplier"),
+        (r#", "residual_multiplier": 1e300"#, "residual_multiplier"),
+        (
+            r#", "attention_multiplier": 0.1, "query_pre_attn_scalar": -4"#,
+            "query_pre_attn_scalar",
+        ),
     ] {
         let e = parse(bad).unwrap_err().to_string();
-        assert!(
-            e.contains("g/config.json") && e.contains("multiplier"),
-            "{e}"
-        );
+        assert!(e.contains("g/config.json") && e.contains(field), "{e}");
     }
 }
 

@@ -8,7 +8,8 @@
 //! The target is the source with its residual stream in other coordinates (a signed
 //! permutation, which the output norms' gains can follow), heads and neurons permuted, gains
 //! permuted with the stream and the heads, and o and down scaled by constants the output norms
-//! remove (and, in OLMo 2, q, k, v and up scaled by constants its norms remove). The adapter
+//! remove (and, in OLMo 2, q, k, v and up scaled by constants its norms remove, and neurons
+//! added that write nothing). The adapter
 //! `map` writes must be the source's in those coordinates: readers `c·ΔW_s Qᵀ`, writers
 //! `c·Q ΔW_s`. The embeddings give μ = 1 and o and down are scaled
 //! differently, so only the output norms' κ can give both writers' c.
@@ -83,6 +84,16 @@ impl Family {
         }
     }
 
+    /// Neurons the target has beyond the source's: live gate and up rows whose down columns are
+    /// zero, so the function is the same, and nothing of the source's corresponds to them (the
+    /// reading parts' κ must count the matched rows only).
+    fn extra_neurons(self) -> usize {
+        match self {
+            Family::Gemma3 => 0,
+            Family::Olmo2 => 12,
+        }
+    }
+
     /// What is stored for an effective gain of `1 + x` (Gemma stores g − 1).
     fn stored(self, x: f32) -> f32 {
         match self {
@@ -90,6 +101,24 @@ impl Family {
             Family::Olmo2 => 1.0 + x,
         }
     }
+}
+
+/// `m` with the rows of `below` under it.
+fn stack(m: &Mat<f32>, below: &Mat<f32>) -> Mat<f32> {
+    Mat::from_fn(m.nrows() + below.nrows(), m.ncols(), |i, j| {
+        if i < m.nrows() {
+            m[(i, j)]
+        } else {
+            below[(i - m.nrows(), j)]
+        }
+    })
+}
+
+/// `m` with `n` zero columns after its own.
+fn zero_columns(m: &Mat<f32>, n: usize) -> Mat<f32> {
+    stack(&m.transpose().to_owned(), &Mat::zeros(n, m.nrows()))
+        .transpose()
+        .to_owned()
 }
 
 struct Twin {
@@ -193,6 +222,15 @@ fn write_pair(root: &Path, family: Family, seed: u64) -> Twin {
                 "o_proj" => &q * cols(&w, &q_heads, HD) * faer::Scale(C_ATTN),
                 _ => &q * cols(&w, &neurons, 1) * faer::Scale(C_MLP),
             };
+            let extra = family.extra_neurons();
+            let t = match *p {
+                "gate_proj" | "up_proj" => stack(
+                    &t,
+                    &gaussian(extra, D, seed, 500 + 10 * l as u64 + i as u64),
+                ),
+                "down_proj" => zero_columns(&t, extra),
+                _ => t,
+            };
             src.insert(format!("{}.weight", key(l, p)), matrix(&w));
             tgt.insert(format!("{}.weight", key(l, p)), matrix(&t));
             let f = random_factors(
@@ -215,8 +253,12 @@ fn write_pair(root: &Path, family: Family, seed: u64) -> Twin {
         kv_heads: KV,
         head_dim: HD,
     };
-    for (dir, tensors) in [("source", &src), ("target", &tgt)] {
-        write_checkpoint(&root.join(dir), &model, tensors, FloatType::F32);
+    let wider = TinyModel {
+        intermediate: INTER + family.extra_neurons(),
+        ..model
+    };
+    for (dir, model, tensors) in [("source", &model, &src), ("target", &wider, &tgt)] {
+        write_checkpoint(&root.join(dir), model, tensors, FloatType::F32);
         tokenizer(&root.join(dir));
     }
     write_peft(
@@ -286,6 +328,13 @@ fn map_carries_the_adapter_through(family: Family, seed: u64) {
                 "gate_proj" | "up_proj" => units(&ds, &twin.neurons, 1) * twin.q.transpose() * c,
                 "o_proj" => &twin.q * cols(&ds, &twin.q_heads, HD) * faer::Scale(C_ATTN),
                 _ => &twin.q * cols(&ds, &twin.neurons, 1) * faer::Scale(C_MLP),
+            };
+            // The target's extra neurons are unmatched: they take nothing.
+            let extra = family.extra_neurons();
+            let want = match p {
+                "gate_proj" | "up_proj" => stack(&want, &Mat::zeros(extra, D)),
+                "down_proj" => zero_columns(&want, extra),
+                _ => want,
             };
             let have = dense(&got.factors(&key(l, p)).unwrap());
             let err = fro(&(&have - &want)) / fro(&want);

@@ -36,7 +36,7 @@ pub struct Scales {
     /// The factor of every block's output before it joins the residual
     /// (`residual_multiplier`, Granite; 1).
     pub residual: f64,
-    /// The attention scores' factor: `attention_multiplier` (Granite), else
+    /// The attention scores' factor: `attention_multiplier` (Granite, 1 where absent), else
     /// `query_pre_attn_scalar^-½` (Gemma 2/3), else `head_dim^-½`.
     pub attention: f64,
 }
@@ -128,29 +128,32 @@ impl ModelConfig {
                 format!("`head_dim` = {head_dim} must be between 1 and 65536"),
             ));
         }
+        // Bounded so that every product with them stays a normal f32.
         let scale = |key: &str| -> Result<Option<f64>> {
             let Some(v) = text.get(key).filter(|v| !v.is_null()) else {
                 return Ok(None);
             };
             match v.as_f64() {
-                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                Some(x) if (1e-12..=1e12).contains(&x) => Ok(Some(x)),
                 _ => Err(Error::config(
                     path,
-                    format!("`{key}` = {v} must be a positive number"),
+                    format!("`{key}` = {v} must be a number between 1e-12 and 1e12"),
                 )),
             }
         };
+        let (attention, query_pre_attn_scalar) = (
+            scale("attention_multiplier")?,
+            scale("query_pre_attn_scalar")?,
+        );
         let scales = Scales {
             embedding: scale("embedding_multiplier")?.unwrap_or(1.0),
             residual: scale("residual_multiplier")?.unwrap_or(1.0),
-            attention: match scale("attention_multiplier")? {
-                Some(m) => m,
-                None => {
-                    1.0 / scale("query_pre_attn_scalar")?
-                        .unwrap_or(head_dim as f64)
-                        .sqrt()
-                }
-            },
+            // Granite's default multiplier is 1 (transformers' GraniteConfig).
+            attention: attention.unwrap_or_else(|| match query_pre_attn_scalar {
+                _ if model_type == "granite" => 1.0,
+                Some(q) => 1.0 / q.sqrt(),
+                None => 1.0 / (head_dim as f64).sqrt(),
+            }),
         };
         Ok(ModelConfig {
             model_type,

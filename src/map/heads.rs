@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::layer::{reading, Gains, Sketch, SourceView, Weights};
 use super::matching::{assign, Assignment};
-use super::reader_scale::{size, Sizes};
+use super::reader_scale::unit_sizes;
 use super::sketch::SignSketch;
 use crate::backend::Backend;
 use crate::error::Result;
@@ -40,8 +40,9 @@ pub(crate) struct Heads {
 pub(crate) struct HeadViews {
     source: Heads,
     target: Heads,
-    /// The sizes of q's, k's and v's sketched rows (before the head norms), source then target.
-    pub sizes: Sizes<3>,
+    /// Per head, the squared sizes of its sketched rows of q, k and v (before the head norms),
+    /// source then target (`reader_scale`).
+    pub sizes: [(Vec<f64>, Vec<f64>); 3],
 }
 
 /// One side's q, k, v rows and o's columns in sketched target coordinates
@@ -119,9 +120,12 @@ impl HeadViews {
             sketch.backend,
         )?;
         let target = Sketched::target(wt, &gains.attn.1, &sketch.heads);
-        let sizes = |x: &Sketched| [&x.q, &x.k, &x.v].map(|m| size(m.as_ref()));
+        let sizes =
+            |x: &Sketched, hd: usize| [&x.q, &x.k, &x.v].map(|m| unit_sizes(m.as_ref(), hd));
+        let [qs, ks, vs] = sizes(&source, cs.head_dim);
+        let [qt, kt, vt] = sizes(&target, ct.head_dim);
         Ok(HeadViews {
-            sizes: (sizes(&source), sizes(&target)),
+            sizes: [(qs, qt), (ks, kt), (vs, vt)],
             source: Heads::new(source, (&gains.q.0, &gains.k.0), cs),
             target: Heads::new(target, (&gains.q.1, &gains.k.1), ct),
         })

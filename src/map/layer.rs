@@ -17,10 +17,11 @@ use faer::Mat;
 
 use super::gains::{inverse_gains, mapped_gains};
 use super::heads::{self, HeadFit};
-use super::matching::{assign_features, joint_features, Assignment};
-use super::reader_scale::{reads_raw, size, ReaderScale, Sizes};
+use super::matching::Assignment;
+use super::neurons::{match_neurons, NeuronFeatures};
+use super::reader_scale::{matched_ratio, reads_raw, ReaderScale};
 use super::refine;
-use super::sketch::{fold, SignSketch};
+use super::sketch::SignSketch;
 pub use super::sketch::{Sketch, NEURON_SKETCH, SKETCH};
 use super::{read_gain, InnerMatch, MapOptions, ResidualFit, ResidualMap};
 use crate::arch::{ModuleSpec, Part};
@@ -29,10 +30,7 @@ use crate::error::Result;
 use crate::linalg::stored::Stored;
 use crate::plan::ModelSide;
 
-/// Buckets of the neurons' coarse features, folded from their [`NEURON_SKETCH`] (see
-/// [`super::sketch::fold`]): the candidates are re-scored on all of them, so this only needs to
-/// put a unit's partner among its best [`super::matching::CANDIDATES`].
-pub const COARSE: usize = 32;
+pub use super::neurons::COARSE;
 /// At most this many re-fits of a layer's residual map, each followed by a new matching (the
 /// loop stops as soon as a matching no longer changes, or a refit does not hold out).
 const MAX_REFITS: usize = 2;
@@ -102,7 +100,11 @@ pub(crate) struct SourceView {
 }
 
 impl SourceView {
-    fn new(sketch: &Sketch, residual: &ResidualMap, writers: &(WriterMap, WriterMap)) -> Self {
+    pub(crate) fn new(
+        sketch: &Sketch,
+        residual: &ResidualMap,
+        writers: &(WriterMap, WriterMap),
+    ) -> Self {
         let width = faer::Scale(residual.width as f32);
         SourceView {
             read: sketch.heads.right_of(&residual.qt, None) * width,
@@ -294,6 +296,16 @@ impl Gains {
     }
 }
 
+/// The ratio `c_s/c_t` of the attention scores' factors that q's rows carry, unless a head fit
+/// (`fitted`) or a query/key norm stands between (`reader_scale`).
+fn score_ratio(source: &ModelSide<'_>, target: &ModelSide<'_>, fitted: bool) -> Option<f64> {
+    let head_norms = [source, target]
+        .iter()
+        .any(|side| side.arch.residual.head_norms.is_some());
+    let c = |side: &ModelSide<'_>| side.ckpt.config.scales.attention;
+    (!fitted && !head_norms).then(|| c(source) / c(target))
+}
+
 /// The writer maps of a layer's two blocks under `residual`.
 fn writer_maps(
     s: &Side<'_, '_>,
@@ -397,7 +409,7 @@ impl LayerMap {
                 neurons: Assignment::by_index(ct.intermediate_size, cs.intermediate_size),
                 head_dim,
                 head_fit: None,
-                reader_scale: ReaderScale::NONE,
+                reader_scale: ReaderScale::NONE.with_score(score_ratio(source, target, false)),
                 weight_fit: None,
                 times,
             });
@@ -451,17 +463,17 @@ impl LayerMap {
                 Ok((q_heads, kv_heads, head_fit, views.sizes))
             })?;
         let raw = [source, target].map(|side| reads_raw(&side.arch.residual));
-        let head_norms = [source, target]
-            .iter()
-            .any(|side| side.arch.residual.head_norms.is_some());
+        let [q, k, v] = head_sizes;
+        let heads = [(q, &q_heads), (k, &kv_heads), (v, &kv_heads)]
+            .map(|((s, t), a)| matched_ratio(&s, &t, a));
+        let mlp =
+            [0, 1].map(|p| matched_ratio(&neuron_sizes[p], &target_neurons.sizes[p], &neurons));
         let reader_scale = ReaderScale::new(
             (raw[0].0 || raw[1].0, raw[0].1 || raw[1].1),
-            Some(head_sizes).filter(|_| head_fit.is_none()),
-            Some(neuron_sizes),
+            Some(heads).filter(|_| head_fit.is_none()),
+            Some(mlp),
         )
-        .with_score(
-            (head_fit.is_none() && !head_norms).then(|| cs.scales.attention / ct.scales.attention),
-        );
+        .with_score(score_ratio(source, target, head_fit.is_some()));
         Ok(LayerMap {
             target_layer,
             source_layer,
@@ -477,127 +489,5 @@ impl LayerMap {
             weight_fit,
             times,
         })
-    }
-}
-
-/// Neuron features in sketched target coordinates, coarse ([`COARSE`] buckets) and fine (the
-/// [`NEURON_SKETCH`] of the neurons' SignSketch): rows whose dot products are the mean of the
-/// cosines of the gate rows, up rows and down columns of two neurons.
-pub(crate) struct NeuronFeatures {
-    coarse: Mat<f32>,
-    fine: Mat<f32>,
-    /// The sizes of the sketched gate and up rows (`reader_scale`).
-    size: [f64; 2],
-}
-
-impl NeuronFeatures {
-    /// From the views gate rows, up rows, down columns (units × buckets).
-    fn from_views(views: [Mat<f32>; 3]) -> Self {
-        let coarse = views.each_ref().map(|v| fold(v, COARSE));
-        NeuronFeatures {
-            coarse: joint_features(&coarse, COARSE),
-            fine: joint_features(&views, views[0].ncols()),
-            size: [size(views[0].as_ref()), size(views[1].as_ref())],
-        }
-    }
-
-    /// The target's: its own weights through the SignSketch, one pass over each.
-    fn target(w: &Weights<'_>, g: &[f32], sketch: &SignSketch) -> Self {
-        Self::from_views([
-            sketch.rows(&w.gate, g),
-            sketch.rows(&w.up, g),
-            sketch.columns(&w.down),
-        ])
-    }
-
-    /// The source's: reads are `w diag(g) X_read`, writes `cᵀ X_write` (down's columns), with X
-    /// the map's view of the sketch.
-    fn source(
-        w: &Weights<'_>,
-        g: &[f32],
-        (read, write): (&Mat<f32>, &Mat<f32>),
-        backend: &dyn Backend,
-    ) -> Result<Self> {
-        Ok(Self::from_views([
-            reading(&w.gate, g, read.as_ref(), backend)?,
-            reading(&w.up, g, read.as_ref(), backend)?,
-            backend.stored_product(&w.down, write.as_ref(), true)?,
-        ]))
-    }
-}
-
-/// Matches the target's neurons (features computed once per layer) with the source's under
-/// the current view; also the sizes of the two sides' sketched gate and up rows.
-fn match_neurons(
-    ws: &Weights<'_>,
-    target: &NeuronFeatures,
-    g_s: &[f32],
-    view: &SourceView,
-    backend: &dyn Backend,
-) -> Result<(Assignment, Sizes<2>)> {
-    let source = NeuronFeatures::source(ws, g_s, (&view.read_mlp, &view.write_mlp), backend)?;
-    let assignment = assign_features(
-        (&target.coarse, &source.coarse),
-        (&target.fine, &source.fine),
-        backend,
-    )?;
-    Ok((assignment, (source.size, target.size)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::io::safetensors::FloatType;
-    use crate::linalg::philox::gaussian_matrix;
-
-    /// The neurons' whole path at a width above the dense limit (sign sketch, folded coarse
-    /// candidates, re-scoring): a target whose MLP is the source's with its residual rotated,
-    /// its neurons permuted and noise added (partners' cosines about 0.7).
-    #[test]
-    fn neurons_are_matched_through_the_sign_sketch_in_rotated_coordinates() {
-        let (d, inter) = (96, super::super::matching::DENSE_LIMIT + 300);
-        let g = |rows, cols, stream| gaussian_matrix(21, stream, rows, cols);
-        let (gate, up, down) = (g(inter, d, 1), g(inter, d, 2), g(d, inter, 3));
-        let q = g(d, d, 4).qr().compute_thin_Q(); // h_t = Q h_s
-        let perm: Vec<usize> = (0..inter).map(|i| (i * 7919 + 11) % inter).collect();
-        let noisy = |m: Mat<f32>, stream| &m + g(m.nrows(), m.ncols(), stream);
-        let rows_of = |m: &Mat<f32>| Mat::from_fn(inter, d, |i, j| m[(perm[i], j)]);
-        let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::Bf16);
-        let empty = stored(&Mat::zeros(0, 0));
-        let weights = |gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>| Weights {
-            q: empty.clone(),
-            k: empty.clone(),
-            v: empty.clone(),
-            o: empty.clone(),
-            gate: stored(gate),
-            up: stored(up),
-            down: stored(down),
-        };
-        let source = weights(&gate, &up, &down);
-        let down_t = &q * Mat::from_fn(d, inter, |i, j| down[(i, perm[j])]);
-        let target = weights(
-            &noisy(rows_of(&gate) * q.transpose(), 5),
-            &noisy(rows_of(&up) * q.transpose(), 6),
-            &noisy(down_t, 7),
-        );
-        let gains = vec![1.0; d];
-        let sketch = Sketch::new(d, 3, &CpuBackend);
-        let residual = ResidualMap::from_orientation(q.transpose().to_owned(), 1.0);
-        let plain = || WriterMap {
-            gains: None,
-            kappa: 1.0,
-        };
-        let view = SourceView::new(&sketch, &residual, &(plain(), plain()));
-        let features = NeuronFeatures::target(&target, &gains, &sketch.neurons);
-        let (a, _) = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
-        let truth: Vec<Option<usize>> = perm.iter().map(|&p| Some(p)).collect();
-        assert!(a.agreement(&truth) > 0.99, "{}", a.agreement(&truth));
-        // Unrelated targets find nothing like it.
-        let unrelated = weights(&g(inter, d, 8), &g(inter, d, 9), &g(d, inter, 10));
-        let features = NeuronFeatures::target(&unrelated, &gains, &sketch.neurons);
-        let (b, _) = match_neurons(&source, &features, &gains, &view, &CpuBackend).unwrap();
-        assert!(b.agreement(&truth) < 0.01);
-        assert!(a.mean_similarity().unwrap() > 0.6 && b.mean_similarity().unwrap() < 0.4);
     }
 }

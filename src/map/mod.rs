@@ -21,6 +21,7 @@ pub mod gains;
 pub mod heads;
 pub mod layer;
 pub mod matching;
+pub mod neurons;
 mod polar;
 pub mod reader_scale;
 pub mod refine;

@@ -7,8 +7,9 @@
 //! sized for that scale; OLMo 2 normalizes q and k after their projections and every block's
 //! output before it joins the residual, so it may size q, k, v and up freely. The update then
 //! keeps its size relative to the weight it perturbs, as the output norms' writers do:
-//! `κ_p = ‖W_t diag(g_t) R‖ / ‖W_s diag(g_s) P R‖` over the layer's sketch R, per reading part p,
-//! applied to that part's rows of B. Where a head fit N moves a head's rows (heads of different
+//! `κ_p = ‖W_t diag(g_t) R‖ / ‖W_s diag(g_s) P R‖` over the layer's sketch R and the matched
+//! units' rows only (a target with more heads or neurons than its source has rows no source row
+//! corresponds to), per reading part p, applied to that part's rows of B. Where a head fit N moves a head's rows (heads of different
 //! sizes, `--map-inner fit`), N, fitted on the same sketched rows, carries that ratio already.
 //!
 //! The attention scores' factor (`Scales::attention`: Granite's `attention_multiplier`, Gemma's
@@ -17,10 +18,8 @@
 //! unless a head fit (fitted on the weights, which carry it) or a query/key norm (after which
 //! q's size is its gain's) stands between.
 
+use super::matching::Assignment;
 use crate::arch::Part;
-
-/// Frobenius norms of the sketched reading rows of a layer's parts, source then target.
-pub(crate) type Sizes<const N: usize> = ([f64; N], [f64; N]);
 
 /// κ per reading part (q, k, v, gate, up), None where it is not applied; and the ratio of the
 /// attention scores' factors that q's rows carry (1 where none applies).
@@ -47,29 +46,21 @@ impl ReaderScale {
     }
 
     /// The scales of a layer whose attention (`raw.0`) or MLP (`raw.1`) reads an unnormalized
-    /// residual on at least one side, from the sketched sizes of q, k, v (None where a head fit
-    /// carries the ratio) and of gate, up.
+    /// residual on at least one side: the matched ratios (`matched_ratio`) of q, k, v (None
+    /// where a head fit carries them) and of gate, up.
     pub(crate) fn new(
         raw: (bool, bool),
-        heads: Option<Sizes<3>>,
-        neurons: Option<Sizes<2>>,
+        heads: Option<[Option<f64>; 3]>,
+        neurons: Option<[Option<f64>; 2]>,
     ) -> Self {
-        let ratio = |s: f64, t: f64| (s > 0.0 && t.is_finite()).then(|| t / s);
-        let mut out = [None; 5];
-        if let Some((s, t)) = heads.filter(|_| raw.0) {
-            for p in 0..3 {
-                out[p] = ratio(s[p], t[p]);
-            }
+        let mut kappa = [None; 5];
+        if let Some(h) = heads.filter(|_| raw.0) {
+            kappa[..3].copy_from_slice(&h);
         }
-        if let Some((s, t)) = neurons.filter(|_| raw.1) {
-            for p in 0..2 {
-                out[3 + p] = ratio(s[p], t[p]);
-            }
+        if let Some(n) = neurons.filter(|_| raw.1) {
+            kappa[3..].copy_from_slice(&n);
         }
-        ReaderScale {
-            kappa: out,
-            score: 1.0,
-        }
+        ReaderScale { kappa, score: 1.0 }
     }
 
     fn slot(part: Part) -> Option<usize> {
@@ -106,15 +97,37 @@ pub(crate) fn reads_raw(residual: &crate::arch::Residual) -> (bool, bool) {
     (residual.attn_norm.is_none(), residual.mlp_norm.is_none())
 }
 
-/// The squared Frobenius norm of a matrix, in f64.
-pub(crate) fn size(m: faer::MatRef<'_, f32>) -> f64 {
-    let mut s = 0.0f64;
-    for j in 0..m.ncols() {
-        for i in 0..m.nrows() {
-            s += (m[(i, j)] as f64).powi(2);
+/// The squared sizes of the rows of `m` in blocks of `unit` rows (one per head or neuron).
+pub(crate) fn unit_sizes(m: faer::MatRef<'_, f32>, unit: usize) -> Vec<f64> {
+    (0..m.nrows() / unit.max(1))
+        .map(|u| {
+            let mut s = 0.0f64;
+            for j in 0..m.ncols() {
+                for i in u * unit..(u + 1) * unit {
+                    s += (m[(i, j)] as f64).powi(2);
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// `sqrt(Σ target[u] / Σ source[src(u)])` over the matched units u of `assignment` (squared
+/// sizes per unit, `unit_sizes`); None where nothing is matched or the matched source rows are
+/// zero.
+pub(crate) fn matched_ratio(
+    source: &[f64],
+    target: &[f64],
+    assignment: &Assignment,
+) -> Option<f64> {
+    let (mut s, mut t) = (0.0, 0.0);
+    for (u, src) in assignment.source_of.iter().enumerate() {
+        if let Some(&a) = src.as_ref() {
+            s += source[a];
+            t += target[u];
         }
     }
-    s.sqrt()
+    (s > 0.0 && t.is_finite()).then(|| (t / s).sqrt())
 }
 
 #[cfg(test)]
@@ -123,11 +136,11 @@ mod tests {
 
     #[test]
     fn scales_apply_only_to_the_blocks_that_read_raw() {
-        let heads = Some(([1.0, 2.0, 4.0], [2.0, 1.0, 4.0]));
-        let neurons = Some(([3.0, 0.0], [6.0, 1.0]));
+        let heads = Some([Some(2.0), Some(0.5), Some(1.0)]);
+        let neurons = Some([Some(2.0), None]);
         let both = ReaderScale::new((true, true), heads, neurons);
         let got: Vec<f32> = Part::ALL.map(|p| both.of(p)).to_vec();
-        // Up's source rows are zero: no ratio, left as it is.
+        // No ratio for up (its matched source rows were zero): left as it is.
         assert_eq!(got, vec![2.0, 0.5, 1.0, 1.0, 2.0, 1.0, 1.0]);
         assert_eq!(
             both.report(),
@@ -154,5 +167,27 @@ mod tests {
         assert_eq!(granite.score_ratio(), Some(4.0));
         assert_eq!(both.with_score(Some(0.5)).of(Part::Q), 1.0);
         assert_eq!(ReaderScale::NONE.with_score(None).score_ratio(), None);
+    }
+
+    /// Only matched units count: a target's extra rows (unmatched) and a source's unmatched
+    /// ones change nothing.
+    #[test]
+    fn ratios_count_the_matched_units_only() {
+        let rows = faer::Mat::from_fn(6, 2, |i, j| (i + 1) as f32 * if j == 0 { 1.0 } else { 2.0 });
+        // Two rows per unit: units hold 5·(1+4), 5·(9+16), 5·(25+36).
+        assert_eq!(unit_sizes(rows.as_ref(), 2), vec![25.0, 125.0, 305.0]);
+        let source = [1.0, 4.0, 9.0];
+        let target = [16.0, 4.0, 100.0, 7.0];
+        let assignment = Assignment {
+            source_of: vec![Some(1), Some(0), None, None],
+            similarity: vec![1.0, 1.0, f32::NAN, f32::NAN],
+        };
+        // (16 + 4) / (4 + 1) = 4.
+        assert_eq!(matched_ratio(&source, &target, &assignment), Some(2.0));
+        let none = Assignment {
+            source_of: vec![None; 4],
+            similarity: vec![f32::NAN; 4],
+        };
+        assert_eq!(matched_ratio(&source, &target, &none), None);
     }
 }

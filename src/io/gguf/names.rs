@@ -294,6 +294,17 @@ pub fn config_json(
             obj.insert(field.into(), v.into());
         }
     }
+    // Gemma 2/3 scale the attention scores by `query_pre_attn_scalar^-½`, a config field GGUF
+    // does not hold: llama.cpp takes hidden/heads for the 27B models (known by their depth) and
+    // head_dim for the others, as Google's reference does.
+    let query_pre_attn_scalar = match (f.gguf, layers) {
+        ("gemma2", 46) | ("gemma3", 62) => Some(hidden / heads.max(1)),
+        ("gemma2" | "gemma3", _) => int("attention.key_length").ok(),
+        _ => None,
+    };
+    if let Some(q) = query_pre_attn_scalar {
+        obj.insert("query_pre_attn_scalar".into(), q.into());
+    }
     if let Some(name) = metadata.get("general.name").and_then(Value::as_str) {
         obj.insert("_name_or_path".into(), name.into());
     }
