@@ -8,8 +8,8 @@
 //! 1/√K, which is plenty to tell a matching unit (similarity near 1 on a model in other
 //! coordinates) from the others, at a fraction of the cost.
 //!
-//! Neurons: the mean of the cosines of their gate rows, up rows and down columns. Heads: see
-//! [`super::heads`].
+//! Neurons: see [`super::neurons`]. Heads: see [`super::heads`]. Reading updates where a side
+//! reads the residual without a norm: [`super::reader_scale`].
 
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@
 //! 2. the norm gains the blocks apply to the residual before reading it, folded into the map of
 //!    each reading module's A;
 //! 3. attention heads (within the GQA structure) and MLP neurons matched by the similarity of
-//!    their mapped weights ([`layer`], [`matching`]), so B's rows and A's columns on the inner
+//!    their mapped weights ([`layer`], [`neurons`], [`matching`]), so B's rows and A's columns on the inner
 //!    side move with the units they belong to; inside matched heads, optionally (and always
 //!    between heads of different sizes) a least-squares map ([`heads`]);
 //! 4. when depths differ, the depth map chosen by the similarity of the layers ([`depth`]).

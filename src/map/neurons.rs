@@ -1,6 +1,6 @@
 //! MLP neurons: matched by the mean of the cosines of their gate rows, up rows and down
 //! columns, compared in sketched target coordinates (the source's through the layer's view of
-//! the sketch, [`super::layer::SourceView`]).
+//! the sketch, `SourceView`).
 
 use faer::Mat;
 
@@ -17,7 +17,7 @@ use crate::error::Result;
 pub const COARSE: usize = 32;
 
 /// Neuron features in sketched target coordinates, coarse ([`COARSE`] buckets) and fine (the
-/// [`NEURON_SKETCH`] of the neurons' SignSketch): rows whose dot products are the mean of the
+/// [`super::sketch::NEURON_SKETCH`] of the neurons' SignSketch): rows whose dot products are the mean of the
 /// cosines of the gate rows, up rows and down columns of two neurons.
 pub(crate) struct NeuronFeatures {
     coarse: Mat<f32>,

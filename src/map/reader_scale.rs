@@ -9,8 +9,9 @@
 //! keeps its size relative to the weight it perturbs, as the output norms' writers do:
 //! `κ_p = ‖W_t diag(g_t) R‖ / ‖W_s diag(g_s) P R‖` over the layer's sketch R and the matched
 //! units' rows only (a target with more heads or neurons than its source has rows no source row
-//! corresponds to), per reading part p, applied to that part's rows of B. Where a head fit N moves a head's rows (heads of different
-//! sizes, `--map-inner fit`), N, fitted on the same sketched rows, carries that ratio already.
+//! corresponds to), per reading part p, applied to that part's rows of B. Where a head fit N
+//! moves a head's rows (heads of different sizes, `--map-inner fit`), N, fitted on the same
+//! sketched rows, carries that ratio already.
 //!
 //! The attention scores' factor (`Scales::attention`: Granite's `attention_multiplier`, Gemma's
 //! `query_pre_attn_scalar^-½`, `head_dim^-½` elsewhere) is not in the weights either: where it

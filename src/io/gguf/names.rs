@@ -404,4 +404,60 @@ mod tests {
             assert_eq!(permuted[stored_row(row, rows, heads)], row);
         }
     }
+
+    /// The config rebuilt from the metadata carries what the engine's `Scales` read: Granite's
+    /// multipliers from llama.cpp's scale keys, and Gemma 2/3's query_pre_attn_scalar as
+    /// llama.cpp derives it (hidden/heads for the 27B models, head_dim for the others).
+    #[test]
+    fn config_carries_the_forward_pass_scales() {
+        let config = |arch: &str, layers: u64, extra: &[(&str, Value)]| {
+            let f = family_of(arch).unwrap();
+            let mut m: HashMap<String, Value> = [
+                ("block_count", Value::UInt(layers)),
+                ("embedding_length", Value::UInt(4608)),
+                ("feed_forward_length", Value::UInt(64)),
+                ("attention.head_count", Value::UInt(32)),
+                ("attention.key_length", Value::UInt(128)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (format!("{arch}.{k}"), v))
+            .collect();
+            m.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| (format!("{arch}.{k}"), v.clone())),
+            );
+            let json = config_json(f, &m, &[]).unwrap();
+            crate::io::checkpoint::ModelConfig::parse(
+                &json.to_string(),
+                std::path::Path::new("m.gguf"),
+            )
+            .unwrap()
+            .scales
+        };
+        let big = config("gemma2", 46, &[]);
+        assert!(
+            (big.attention - 1.0 / 144f64.sqrt()).abs() < 1e-12,
+            "{big:?}"
+        );
+        let nine = config("gemma2", 42, &[]);
+        assert!(
+            (nine.attention - 1.0 / 128f64.sqrt()).abs() < 1e-12,
+            "{nine:?}"
+        );
+        assert!((config("gemma3", 62, &[]).attention - 1.0 / 144f64.sqrt()).abs() < 1e-12);
+        let granite = config(
+            "granite",
+            40,
+            &[
+                ("attention.scale", Value::Float(0.0078125)),
+                ("embedding_scale", Value::Float(12.0)),
+                ("residual_scale", Value::Float(0.22)),
+            ],
+        );
+        assert_eq!(
+            (granite.attention, granite.embedding, granite.residual),
+            (0.0078125, 12.0, 0.22)
+        );
+    }
 }
