@@ -213,7 +213,7 @@ fn every_table_loads_and_round_trips_module_names() {
     let names: Vec<&str> = arch::all().iter().map(|a| a.name.as_str()).collect();
     for expected in [
         "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "smollm3",
-        "olmo2", "olmo3", "granite",
+        "olmo2", "olmo3", "granite", "glm", "glm4",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }
@@ -289,6 +289,8 @@ fn config_model_types_select_tables() {
         ("olmo2", "olmo2"),
         ("olmo3", "olmo3"),
         ("granite", "granite"),
+        ("glm", "glm"),
+        ("glm4", "glm4"),
     ] {
         let text = format!(
             r#"{{"model_type": "{mt}", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}}"#

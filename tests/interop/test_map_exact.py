@@ -9,6 +9,7 @@ import json
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 import interop_util as iu
@@ -193,7 +194,7 @@ def olmo2_model(seed):
     return model
 
 
-def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau):
+def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau, target_modules=iu.SEPARATE):
     """A PEFT adapter on the source, mapped onto the target, must change the target's logits (in
     the shuffled vocabulary `tau`) as it changes the source's."""
     # An adapter on the source, saved by PEFT, with non-zero B.
@@ -203,7 +204,7 @@ def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(
-            iu.load_model(src_dir), LoraConfig(r=8, lora_alpha=16, target_modules=iu.SEPARATE)
+            iu.load_model(src_dir), LoraConfig(r=8, lora_alpha=16, target_modules=target_modules)
         )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -226,3 +227,18 @@ def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau):
     # The adapter changes the function, and the mapped adapter changes the target the same way.
     assert iu.max_rel_diff(base, want) > 1e-2
     assert iu.max_rel_diff(got, want) < 1e-4, iu.max_rel_diff(got, want)
+
+
+@pytest.mark.parametrize("arch", ["glm4", "phi3", "gemma3", "olmo2", "granite"])
+def test_map_onto_the_model_itself_is_exact(zoo, tmp_path, arch):
+    """Every family's table through the whole map (fused modules, norms before and after the
+    blocks, head norms, multipliers): a model mapped onto itself takes the adapter as it is."""
+    source = iu.load_model(zoo.base(arch))
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.from_numpy(1.0 + 0.3 * np.random.default_rng(3).standard_normal(p.shape)).float())
+    src_dir = iu.save_model(source, tmp_path / "source")
+    write_vocab(src_dir, np.arange(VOCAB))
+    tgt_dir = iu.copy_dir(src_dir, tmp_path / "target")
+    assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, np.arange(VOCAB), iu.TARGET_MODULES[arch])
