@@ -24,6 +24,18 @@ def write_vocab(directory, id_of):
     (directory / "tokenizer.json").write_text(json.dumps(doc))
 
 
+def save_with_gains(model, directory, rng, suffix="norm.weight"):
+    """`model` with the gains of its norms (names ending in `suffix`) drawn around one, so that
+    folding them matters, saved with the identity vocabulary."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(suffix):
+                p.copy_(torch.from_numpy(1.0 + 0.3 * rng.standard_normal(p.shape)).float())
+    out = iu.save_model(model, directory)
+    write_vocab(out, np.arange(VOCAB))
+    return out
+
+
 def test_map_onto_a_model_in_other_coordinates_is_exact(zoo, tmp_path):
     check_twin(zoo, tmp_path, widen=0, dead=0)
 
@@ -52,13 +64,7 @@ def check_twin(zoo, tmp_path, widen, dead, arch="llama"):
     logit_scale = getattr(cfg, "logits_scaling", 1.0)
     score = getattr(cfg, "attention_multiplier", None)
     q_scale = 1.0 if score is None else score * np.sqrt(HD)  # the twin scores with 1/√HD
-    with torch.no_grad():
-        # Gains that are not ones, so that folding them matters.
-        for name, p in source.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.copy_(torch.from_numpy(1.0 + 0.3 * rng.standard_normal(p.shape)).float())
-    src_dir = iu.save_model(source, tmp_path / "source")
-    write_vocab(src_dir, np.arange(VOCAB))
+    src_dir = save_with_gains(source, tmp_path / "source", rng, "layernorm.weight")
 
     d = source.config.hidden_size
     d_t, inter = d + widen, source.config.intermediate_size
@@ -127,12 +133,7 @@ def test_map_onto_an_olmo2_in_other_coordinates_is_exact(zoo, tmp_path):
     scaled by constants its norms remove."""
     rng = np.random.default_rng(7)
     source = olmo2_model(seed=31)
-    with torch.no_grad():
-        for name, p in source.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.from_numpy(1.0 + 0.3 * rng.standard_normal(p.shape)).float())
-    src_dir = iu.save_model(source, tmp_path / "source")
-    write_vocab(src_dir, np.arange(VOCAB))
+    src_dir = save_with_gains(source, tmp_path / "source", rng)
 
     d = source.config.hidden_size
     pi, signs = rng.permutation(d), rng.choice([-1.0, 1.0], d)
@@ -233,12 +234,7 @@ def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau, target_modules=iu.
 def test_map_onto_the_model_itself_is_exact(zoo, tmp_path, arch):
     """Every family's table through the whole map (fused modules, norms before and after the
     blocks, head norms, multipliers): a model mapped onto itself takes the adapter as it is."""
-    source = iu.load_model(zoo.base(arch))
-    with torch.no_grad():
-        for name, p in source.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.from_numpy(1.0 + 0.3 * np.random.default_rng(3).standard_normal(p.shape)).float())
-    src_dir = iu.save_model(source, tmp_path / "source")
-    write_vocab(src_dir, np.arange(VOCAB))
+    rng = np.random.default_rng(3)
+    src_dir = save_with_gains(iu.load_model(zoo.base(arch)), tmp_path / "source", rng)
     tgt_dir = iu.copy_dir(src_dir, tmp_path / "target")
     assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, np.arange(VOCAB), iu.TARGET_MODULES[arch])
