@@ -8,8 +8,8 @@
 //! The target is the source with its residual stream in other coordinates (a signed
 //! permutation, which the output norms' gains can follow), heads and neurons permuted, gains
 //! permuted with the stream and the heads, and o and down scaled by constants the output norms
-//! remove (and, in OLMo 2, q, k, v and up scaled by constants its norms remove, and neurons
-//! added that write nothing). The adapter
+//! remove (and, in OLMo 2, q, k, v and up scaled by constants its norms remove, and neurons and
+//! a key/value group of heads added that write nothing and take nothing). The adapter
 //! `map` writes must be the source's in those coordinates: readers `c·ΔW_s Qᵀ`, writers
 //! `c·Q ΔW_s`. The embeddings give μ = 1 and o and down are scaled
 //! differently, so only the output norms' κ can give both writers' c.
@@ -92,6 +92,21 @@ impl Family {
             Family::Gemma3 => 0,
             Family::Olmo2 => 12,
         }
+    }
+
+    /// Key/value groups (with their query heads) the target has beyond the source's: live q, k
+    /// and v rows whose o columns are zero, matched to nothing.
+    fn extra_groups(self) -> usize {
+        match self {
+            Family::Gemma3 => 0,
+            Family::Olmo2 => 1,
+        }
+    }
+
+    /// Rows of q, and of k or v, the extra groups add.
+    fn extra_head_rows(self) -> (usize, usize) {
+        let g = self.extra_groups();
+        (g * (HEADS / KV) * HD, g * HD)
     }
 
     /// What is stored for an effective gain of `1 + x` (Gemma stores g − 1).
@@ -193,14 +208,19 @@ fn write_pair(root: &Path, family: Family, seed: u64) -> Twin {
                     let g = Mat::from_fn(1, HD, |_, j| 0.3 * g[(0, j)]);
                     (g.clone(), g)
                 }
-                // A gain per row, which moves with its head.
+                // A gain per row, which moves with its head (the extra heads' own after them).
                 Family::Olmo2 => {
-                    let g = gaussian(heads.len() * HD, 1, seed, stream);
-                    let g = Mat::from_fn(heads.len() * HD, 1, |i, _| 1.0 + 0.3 * g[(i, 0)]);
-                    (
-                        g.transpose().to_owned(),
-                        units(&g, heads, HD).transpose().to_owned(),
-                    )
+                    let (q_extra, kv_extra) = family.extra_head_rows();
+                    let extra = if n == 0 { q_extra } else { kv_extra };
+                    let rows = heads.len() * HD + extra;
+                    let g = gaussian(rows, 1, seed, stream);
+                    let g = Mat::from_fn(rows, 1, |i, _| 1.0 + 0.3 * g[(i, 0)]);
+                    let own = g.subrows(0, heads.len() * HD).to_owned();
+                    let t = stack(
+                        &units(&own, heads, HD),
+                        &g.subrows(heads.len() * HD, extra).to_owned(),
+                    );
+                    (own.transpose().to_owned(), t.transpose().to_owned())
                 }
             };
             src.insert(name.clone(), vector(&s));
@@ -223,13 +243,14 @@ fn write_pair(root: &Path, family: Family, seed: u64) -> Twin {
                 _ => &q * cols(&w, &neurons, 1) * faer::Scale(C_MLP),
             };
             let extra = family.extra_neurons();
+            let (q_extra, kv_extra) = family.extra_head_rows();
+            let live = |rows| gaussian(rows, D, seed, 500 + 10 * l as u64 + i as u64);
             let t = match *p {
-                "gate_proj" | "up_proj" => stack(
-                    &t,
-                    &gaussian(extra, D, seed, 500 + 10 * l as u64 + i as u64),
-                ),
+                "gate_proj" | "up_proj" => stack(&t, &live(extra)),
                 "down_proj" => zero_columns(&t, extra),
-                _ => t,
+                "q_proj" => stack(&t, &live(q_extra)),
+                "k_proj" | "v_proj" => stack(&t, &live(kv_extra)),
+                _ => zero_columns(&t, q_extra),
             };
             src.insert(format!("{}.weight", key(l, p)), matrix(&w));
             tgt.insert(format!("{}.weight", key(l, p)), matrix(&t));
@@ -255,6 +276,8 @@ fn write_pair(root: &Path, family: Family, seed: u64) -> Twin {
     };
     let wider = TinyModel {
         intermediate: INTER + family.extra_neurons(),
+        heads: HEADS + family.extra_groups() * (HEADS / KV),
+        kv_heads: KV + family.extra_groups(),
         ..model
     };
     for (dir, model, tensors) in [("source", &model, &src), ("target", &wider, &tgt)] {
@@ -329,12 +352,15 @@ fn map_carries_the_adapter_through(family: Family, seed: u64) {
                 "o_proj" => &twin.q * cols(&ds, &twin.q_heads, HD) * faer::Scale(C_ATTN),
                 _ => &twin.q * cols(&ds, &twin.neurons, 1) * faer::Scale(C_MLP),
             };
-            // The target's extra neurons are unmatched: they take nothing.
+            // The target's extra neurons and heads are unmatched: they take nothing.
             let extra = family.extra_neurons();
+            let (q_extra, kv_extra) = family.extra_head_rows();
             let want = match p {
                 "gate_proj" | "up_proj" => stack(&want, &Mat::zeros(extra, D)),
                 "down_proj" => zero_columns(&want, extra),
-                _ => want,
+                "q_proj" => stack(&want, &Mat::zeros(q_extra, D)),
+                "k_proj" | "v_proj" => stack(&want, &Mat::zeros(kv_extra, D)),
+                _ => zero_columns(&want, q_extra),
             };
             let have = dense(&got.factors(&key(l, p)).unwrap());
             let err = fro(&(&have - &want)) / fro(&want);
