@@ -33,9 +33,10 @@ COMMON = dict(
 )
 
 # Depths differ so that cross-architecture transfers exercise the layer map.
-LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2, "olmo2": 2, "granite": 2, "glm4": 2}
+LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2, "olmo2": 2, "granite": 2, "glm4": 2,
+          "glm": 2}
 SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15, "olmo2": 16, "granite": 17,
-         "glm4": 18}
+         "glm4": 18, "glm": 19}
 
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -61,6 +62,8 @@ def _config(arch: str, layers: int):
     if arch == "olmo2":
         # No norm before the blocks, one after each; query/key norms across all heads.
         return tf.Olmo2Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
+    if arch == "glm":
+        return tf.GlmConfig(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
     if arch == "glm4":
         # gate_up_proj fused, q/k/v separate (with biases), norms before and after each block.
         return tf.Glm4Config(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
@@ -82,11 +85,13 @@ MODEL_CLASS = {
     "olmo2": "Olmo2ForCausalLM",
     "granite": "GraniteForCausalLM",
     "glm4": "Glm4ForCausalLM",
+    "glm": "GlmForCausalLM",
 }
 TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED, "smollm3": SEPARATE,
-                  "olmo2": SEPARATE, "granite": SEPARATE, "glm4": FUSED_MLP}
+                  "olmo2": SEPARATE, "granite": SEPARATE, "glm4": FUSED_MLP,
+                  "glm": FUSED_MLP}
 MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3", "smollm3": "smollm3",
-              "olmo2": "olmo2", "granite": "granite", "glm4": "glm4"}
+              "olmo2": "olmo2", "granite": "granite", "glm4": "glm4", "glm": "glm"}
 
 
 def build_model(arch: str, layers: int, seed: int):

@@ -230,10 +230,11 @@ def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau, target_modules=iu.
     assert iu.max_rel_diff(got, want) < 1e-4, iu.max_rel_diff(got, want)
 
 
-@pytest.mark.parametrize("arch", ["glm4", "phi3", "gemma3", "olmo2", "granite"])
+@pytest.mark.parametrize("arch", ["glm", "glm4", "phi3", "gemma3", "olmo2", "granite"])
 def test_map_onto_the_model_itself_is_exact(zoo, tmp_path, arch):
-    """Every family's table through the whole map (fused modules, norms before and after the
-    blocks, head norms, multipliers): a model mapped onto itself takes the adapter as it is."""
+    """Tables with fused modules, norms after the blocks (with or without norms before them),
+    head norms or multipliers, through the whole map: a model mapped onto itself takes the
+    adapter as it is."""
     rng = np.random.default_rng(3)
     src_dir = save_with_gains(iu.load_model(zoo.base(arch)), tmp_path / "source", rng)
     tgt_dir = iu.copy_dir(src_dir, tmp_path / "target")

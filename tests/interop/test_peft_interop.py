@@ -101,7 +101,8 @@ def test_numpy_merge_matches_peft_on_peft_adapters(zoo, variant):
 # Same architecture, a 5%-drifted "next release": auto means rotate everywhere.
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3", "phi3", "smollm3", "olmo2", "granite", "glm4"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3", "phi3", "smollm3", "olmo2", "granite", "glm4",
+                                  "glm"])
 def test_same_architecture_derived_target(zoo, arch):
     adapter, target = zoo.adapter(arch), zoo.derived(arch)
     out = same_arch_output(zoo, arch)
