@@ -9,10 +9,15 @@
 //! permutation, which the output norms' gains can follow), heads and neurons permuted, gains
 //! permuted with the stream and the heads, and o and down scaled by constants the output norms
 //! remove (and, in OLMo 2, q, k, v and up scaled by constants its norms remove, and neurons and
-//! a key/value group of heads added that write nothing and take nothing). The adapter
-//! `map` writes must be the source's in those coordinates: readers `c·ΔW_s Qᵀ`, writers
-//! `c·Q ΔW_s`. The embeddings give μ = 1 and o and down are scaled
+//! a key/value group of heads added that no source unit corresponds to). The adapter `map`
+//! writes must be the source's in those coordinates: readers `c·ΔW_s Qᵀ`, writers `c·Q ΔW_s`,
+//! nothing for the added units. The embeddings give μ = 1 and o and down are scaled
 //! differently, so only the output norms' κ can give both writers' c.
+//!
+//! This checks the map's algebra, not the target's function: the added neurons write nothing,
+//! but OLMo 2's query/key norms span all heads, so the added heads' live q and k rows change how
+//! the others are normalized (tests/interop/test_map_exact.py checks an OLMo 2 twin that does
+//! compute the source's function, without added heads).
 
 mod common;
 
@@ -95,7 +100,8 @@ impl Family {
     }
 
     /// Key/value groups (with their query heads) the target has beyond the source's: live q, k
-    /// and v rows whose o columns are zero, matched to nothing.
+    /// and v rows whose o columns are zero, matched to nothing (the reading parts' κ must count
+    /// the matched heads only).
     fn extra_groups(self) -> usize {
         match self {
             Family::Gemma3 => 0,

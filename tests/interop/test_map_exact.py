@@ -3,7 +3,9 @@ the blocks) that computes what the source computes in other coordinates (norm ga
 embedded in a wider one by a semi-orthogonal map, RMSNorm then averaging over the larger width —,
 heads permuted within their KV groups, MLP neurons permuted, dead neurons added, token ids
 shuffled with the same strings) gets from `loraxfer transfer --mode map` an adapter with which it
-computes what source + adapter computes, to float rounding."""
+computes what source + adapter computes, to float rounding. Granite maps onto its Llama twin
+(the twin holds Granite's multipliers in its weights), and every family with fused modules,
+norms after the blocks, head norms or multipliers maps onto itself."""
 
 import json
 import warnings
