@@ -9,8 +9,8 @@ use faer::Mat;
 use loraxfer::backend::cpu::{rsvd, CpuBackend};
 use loraxfer::backend::{SvdParams, Weight};
 use loraxfer::linalg::philox::gaussian4;
-use loraxfer::map::layer::COARSE;
 use loraxfer::map::matching::{assign_features, joint_features};
+use loraxfer::map::neurons::COARSE;
 use loraxfer::map::sketch::{fold, NEURON_SKETCH};
 use loraxfer::timing::Timings;
 

@@ -30,7 +30,6 @@ use crate::error::Result;
 use crate::linalg::stored::Stored;
 use crate::plan::ModelSide;
 
-pub use super::neurons::COARSE;
 /// At most this many re-fits of a layer's residual map, each followed by a new matching (the
 /// loop stops as soon as a matching no longer changes, or a refit does not hold out).
 const MAX_REFITS: usize = 2;
