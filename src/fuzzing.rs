@@ -148,8 +148,13 @@ pub fn arch_table(data: &[u8]) {
     if let Ok(arch) = crate::arch::parse_table(text) {
         let prefix = &arch.layer_prefixes[0];
         for m in &arch.modules {
-            let path = arch.module_path(prefix, 3, m);
-            let _ = arch.parse_module(prefix, &path);
+            let expert = m.expert.then_some(5);
+            let path = arch.module_path(prefix, 3, expert, m);
+            let parsed = arch.parse_module(prefix, &path);
+            assert!(
+                parsed.is_some_and(|(l, e, p)| (l, e) == (3, expert) && p.name == m.name),
+                "{path} does not parse back"
+            );
         }
     }
 }

@@ -212,16 +212,35 @@ fn fixture() -> Fixture {
 fn every_table_loads_and_round_trips_module_names() {
     let names: Vec<&str> = arch::all().iter().map(|a| a.name.as_str()).collect();
     for expected in [
-        "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "smollm3",
-        "olmo2", "olmo3", "granite", "glm", "glm4",
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "smollm3",
+        "olmo2",
+        "olmo3",
+        "granite",
+        "glm",
+        "glm4",
+        "qwen3_moe",
+        "mixtral",
+        "olmoe",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }
     for a in arch::all() {
         for spec in &a.modules {
-            let path = a.module_path(&a.layer_prefixes[0], 5, spec);
-            let (layer, parsed) = a.parse_module(&a.layer_prefixes[0], &path).unwrap();
-            assert_eq!((layer, parsed.name.as_str()), (5, spec.name.as_str()));
+            let expert = spec.expert.then_some(11);
+            let path = a.module_path(&a.layer_prefixes[0], 5, expert, spec);
+            let (layer, e, parsed) = a.parse_module(&a.layer_prefixes[0], &path).unwrap();
+            assert_eq!(
+                (layer, e, parsed.name.as_str()),
+                (5, expert, spec.name.as_str())
+            );
         }
         // Every table covers the seven canonical projections exactly once.
         let mut parts: Vec<_> = a.modules.iter().flat_map(|m| m.parts.clone()).collect();
@@ -291,6 +310,9 @@ fn config_model_types_select_tables() {
         ("granite", "granite"),
         ("glm", "glm"),
         ("glm4", "glm4"),
+        ("qwen3_moe", "qwen3_moe"),
+        ("mixtral", "mixtral"),
+        ("olmoe", "olmoe"),
     ] {
         let text = format!(
             r#"{{"model_type": "{mt}", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}}"#

@@ -70,30 +70,64 @@ impl Part {
 pub struct ModuleSpec {
     #[serde(skip)]
     pub name: String,
-    /// Path below the layer prefix, e.g. `self_attn.q_proj`.
+    /// Path below the layer prefix, e.g. `self_attn.q_proj`; an expert's holds `{expert}` where
+    /// the expert's index goes (`mlp.experts.{expert}.gate_proj`).
     pub key: String,
     /// Canonical parts stacked along the output rows, in order.
     pub parts: Vec<Part>,
+    /// One module per expert of a mixture-of-experts layer (the key holds `{expert}`).
+    #[serde(skip)]
+    pub expert: bool,
 }
 
+/// Where an expert module's key takes the expert's index.
+pub const EXPERT_SLOT: &str = "{expert}";
+
 impl ModuleSpec {
+    /// `(out, in)` of `part` in this module: an expert's MLP parts are an expert wide.
+    pub fn part_shape(&self, part: Part, c: &ModelConfig) -> (usize, usize) {
+        match (self.expert, c.experts) {
+            (true, Some(e)) => match part {
+                Part::Down => (c.hidden_size, e.width),
+                _ => (e.width, c.hidden_size),
+            },
+            _ => part.shape(c),
+        }
+    }
+
     /// `(out, in)` of the whole (possibly fused) module.
     pub fn shape(&self, c: &ModelConfig) -> (usize, usize) {
-        let n = self.parts[0].shape(c).1;
-        (self.parts.iter().map(|p| p.shape(c).0).sum(), n)
+        let n = self.part_shape(self.parts[0], c).1;
+        (self.parts.iter().map(|&p| self.part_shape(p, c).0).sum(), n)
     }
 
     /// The output rows that belong to `part` inside this module.
     pub fn rows_of(&self, part: Part, c: &ModelConfig) -> Option<Range<usize>> {
         let mut start = 0;
         for &p in &self.parts {
-            let len = p.shape(c).0;
+            let len = self.part_shape(p, c).0;
             if p == part {
                 return Some(start..start + len);
             }
             start += len;
         }
         None
+    }
+
+    /// Each instance of this module in a layer: one per expert for an expert's module, else one.
+    pub fn instances(&self, c: &ModelConfig) -> Vec<Option<usize>> {
+        match (self.expert, c.experts) {
+            (true, Some(e)) => (0..e.count).map(Some).collect(),
+            _ => vec![None],
+        }
+    }
+
+    /// The key of this module for one expert (None for a module that is not an expert's).
+    pub fn key_at(&self, expert: Option<usize>) -> String {
+        match expert {
+            Some(e) if self.expert => self.key.replace(EXPERT_SLOT, &e.to_string()),
+            _ => self.key.clone(),
+        }
     }
 }
 
@@ -170,6 +204,7 @@ fn modules_in_order<'de, D: serde::Deserializer<'de>>(
         .map(|(name, v)| {
             let mut spec: ModuleSpec =
                 serde_json::from_value(v).map_err(serde::de::Error::custom)?;
+            spec.expert = spec.key.contains(EXPERT_SLOT);
             spec.name = name;
             Ok(spec)
         })
@@ -222,6 +257,21 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             "table `{}`: every module needs a key and at least one part",
             arch.name
         ));
+    }
+    // An expert's module is one of the MLP's, and its key names the expert once, between dots.
+    for m in arch.modules.iter().filter(|m| m.expert) {
+        let mlp_only = m
+            .parts
+            .iter()
+            .all(|p| matches!(p, Part::Gate | Part::Up | Part::Down));
+        let slot_once = m.key.matches(EXPERT_SLOT).count() == 1
+            && m.key.split('.').any(|segment| segment == EXPERT_SLOT);
+        if !mlp_only || !slot_once {
+            return Err(format!(
+                "table `{}`: expert module `{}` must hold only gate, up or down and name `{EXPERT_SLOT}` once as a whole key segment",
+                arch.name, m.name
+            ));
+        }
     }
     let mut keys: Vec<&str> = arch.modules.iter().map(|m| m.key.as_str()).collect();
     keys.sort();
@@ -278,14 +328,15 @@ impl Arch {
             .find(|p| {
                 self.modules
                     .iter()
-                    .any(|m| ckpt.has(&format!("{p}.0.{}.weight", m.key)))
+                    .any(|m| ckpt.has(&format!("{p}.0.{}.weight", m.key_at(Some(0)))))
             })
             .map(String::as_str)
             .ok_or_else(|| Error::MissingTensor {
                 path: ckpt.dir.clone(),
                 tensor: format!(
                     "{}.0.{}.weight",
-                    self.layer_prefixes[0], self.modules[0].key
+                    self.layer_prefixes[0],
+                    self.modules[0].key_at(Some(0))
                 ),
                 hint: format!(
                     " (the {} table expects layer weights under one of: {})",
@@ -295,9 +346,21 @@ impl Arch {
             })
     }
 
-    /// The PEFT module name of a module at a layer, e.g. `model.layers.3.self_attn.q_proj`.
-    pub fn module_path(&self, prefix: &str, layer: usize, module: &ModuleSpec) -> String {
-        format!("{prefix}.{layer}.{}", module.key)
+    /// The PEFT module name of a module at a layer (and expert, for an expert's module), e.g.
+    /// `model.layers.3.self_attn.q_proj` or `model.layers.3.mlp.experts.5.up_proj`.
+    pub fn module_path(
+        &self,
+        prefix: &str,
+        layer: usize,
+        expert: Option<usize>,
+        module: &ModuleSpec,
+    ) -> String {
+        format!("{prefix}.{layer}.{}", module.key_at(expert))
+    }
+
+    /// Whether this architecture's MLPs are experts (a mixture-of-experts table).
+    pub fn has_experts(&self) -> bool {
+        self.modules.iter().any(|m| m.expert)
     }
 
     /// The embedding tensor's name for a layer prefix.
@@ -315,14 +378,28 @@ impl Arch {
         }
     }
 
-    /// Splits a module name into (layer, module type), if it is one of this table's modules.
-    pub fn parse_module(&self, prefix: &str, name: &str) -> Option<(usize, &ModuleSpec)> {
+    /// Splits a module name into (layer, expert, module type), if it is one of this table's
+    /// modules (the expert's index for an expert's module, else None).
+    pub fn parse_module(
+        &self,
+        prefix: &str,
+        name: &str,
+    ) -> Option<(usize, Option<usize>, &ModuleSpec)> {
         let rest = name.strip_prefix(prefix)?.strip_prefix('.')?;
         let (layer, key) = rest.split_once('.')?;
         let layer = layer.parse().ok()?;
-        self.modules
-            .iter()
-            .find(|m| m.key == key)
-            .map(|m| (layer, m))
+        self.modules.iter().find_map(|m| {
+            if !m.expert {
+                return (m.key == key).then_some((layer, None, m));
+            }
+            let (head, tail) = m.key.split_once(EXPERT_SLOT)?;
+            let index = key.strip_prefix(head)?.strip_suffix(tail)?;
+            // Digits only, as a layer index: `+3` or `03` would name no tensor of the model.
+            let canonical = !index.is_empty()
+                && index.bytes().all(|b| b.is_ascii_digit())
+                && (index == "0" || !index.starts_with('0'));
+            let expert = index.parse().ok().filter(|_| canonical)?;
+            Some((layer, Some(expert), m))
+        })
     }
 }

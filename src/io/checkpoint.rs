@@ -24,6 +24,8 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// Constant factors of the forward pass (the map mode carries them).
     pub scales: Scales,
+    /// The experts of a mixture-of-experts model (Mixtral, Qwen3-MoE, OLMoE); none for a dense one.
+    pub experts: Option<Experts>,
     /// The whole file, kept so that unknown fields survive a rewrite.
     pub raw: serde_json::Value,
 }
@@ -39,6 +41,15 @@ pub struct Scales {
     /// The attention scores' factor: `attention_multiplier` (Granite, 1 where absent), else
     /// `query_pre_attn_scalar^-½` (Gemma 2/3), else `head_dim^-½`.
     pub attention: f64,
+}
+
+/// The expert MLPs of a mixture-of-experts model: how many each layer has and their width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Experts {
+    /// `num_local_experts` (Mixtral) or `num_experts` (Qwen3-MoE, OLMoE).
+    pub count: usize,
+    /// Each expert's hidden width: `moe_intermediate_size` (Qwen3-MoE), else `intermediate_size`.
+    pub width: usize,
 }
 
 impl ModelConfig {
@@ -155,6 +166,7 @@ impl ModelConfig {
                 None => 1.0 / (head_dim as f64).sqrt(),
             }),
         };
+        let experts = parse_experts(text, intermediate_size, path)?;
         Ok(ModelConfig {
             model_type,
             architectures,
@@ -165,9 +177,61 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             scales,
+            experts,
             raw,
         })
     }
+}
+
+/// The expert counts and widths of a mixture-of-experts config; None when it names no experts.
+/// Layers with a dense MLP among expert layers (Qwen's `mlp_only_layers`, `decoder_sparse_step`)
+/// are refused: every table holds one MLP layout for all layers.
+fn parse_experts(
+    text: &serde_json::Map<String, serde_json::Value>,
+    intermediate_size: usize,
+    path: &Path,
+) -> Result<Option<Experts>> {
+    let field = |key: &str| text.get(key).filter(|v| !v.is_null());
+    let Some((key, count)) = ["num_local_experts", "num_experts"]
+        .into_iter()
+        .find_map(|k| field(k).map(|v| (k, v)))
+    else {
+        return Ok(None);
+    };
+    let count = match count.as_u64() {
+        Some(0) => return Ok(None),
+        Some(n) if n <= 1 << 16 => n as usize,
+        _ => {
+            return Err(Error::config(
+                path,
+                format!("`{key}` = {count} must be an integer between 0 and 65536"),
+            ))
+        }
+    };
+    let width = match field("moe_intermediate_size") {
+        None => intermediate_size,
+        Some(v) => match v.as_u64() {
+            Some(w) if w > 0 && w <= 1 << 24 => w as usize,
+            _ => {
+                return Err(Error::config(
+                    path,
+                    format!("`moe_intermediate_size` = {v} must be a positive integer up to 2^24"),
+                ))
+            }
+        },
+    };
+    let dense_layers = field("mlp_only_layers")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| !a.is_empty());
+    let step = field("decoder_sparse_step").and_then(|v| v.as_u64());
+    if dense_layers || step.is_some_and(|s| s > 1) {
+        return Err(Error::config(
+            path,
+            "layers with a dense MLP among the expert layers (`mlp_only_layers`, \
+             `decoder_sparse_step` > 1) are not supported",
+        ));
+    }
+    Ok(Some(Experts { count, width }))
 }
 
 /// A mapped checkpoint: a Hugging Face directory (config plus every shard, with one index from

@@ -75,7 +75,7 @@ fn signature(
     );
     let name_rows = |part: Part| -> Result<(String, std::ops::Range<usize>)> {
         let spec = model.arch.module_with(part);
-        let (name, _) = model.weight(side.layer, spec)?;
+        let (name, _) = model.weight(side.layer, None, spec)?;
         let rows = spec
             .rows_of(part, &model.ckpt.config)
             .expect("the module holds the part");

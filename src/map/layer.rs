@@ -197,7 +197,7 @@ impl<'a> Side<'_, 'a> {
     /// (a backend whose products read bands), else decoded whole once.
     fn weight(&self, part: Part, as_read: bool) -> Result<Stored<'a>> {
         let spec: &ModuleSpec = self.model.arch.module_with(part);
-        let (name, _) = self.model.weight(self.layer, spec)?;
+        let (name, _) = self.model.weight(self.layer, None, spec)?;
         // Only the part's rows of a fused tensor are read.
         let rows = spec
             .rows_of(part, &self.model.ckpt.config)

@@ -2,6 +2,7 @@
 //! source-adapter module (and rows of it) it comes from, maps layers, resolves the mode and the
 //! rank per pair, and checks every shape against the configs and tensor headers.
 
+pub mod experts;
 pub mod layers;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -108,17 +109,23 @@ impl<'a> ModelSide<'a> {
         self.ckpt.config.num_hidden_layers
     }
 
-    /// The weight tensor of a module, checked against the shape the config implies (every
-    /// reader of a base weight goes through it: a tensor of another shape would be read out of
-    /// bounds, or sliced at the wrong rows).
+    /// How many experts each layer has (0 for a dense model).
+    pub fn experts(&self) -> usize {
+        self.ckpt.config.experts.map_or(0, |e| e.count)
+    }
+
+    /// The weight tensor of a module (of one expert, for an expert's module), checked against
+    /// the shape the config implies (every reader of a base weight goes through it: a tensor of
+    /// another shape would be read out of bounds, or sliced at the wrong rows).
     pub(crate) fn weight(
         &self,
         layer: usize,
+        expert: Option<usize>,
         spec: &ModuleSpec,
     ) -> Result<(String, (usize, usize))> {
         let name = format!(
             "{}.weight",
-            self.arch.module_path(&self.prefix, layer, spec)
+            self.arch.module_path(&self.prefix, layer, expert, spec)
         );
         let shape = self.ckpt.shape(&name)?;
         let expected = spec.shape(&self.ckpt.config);
@@ -225,6 +232,7 @@ pub fn build(
     let present = adapter_modules(source, adapter, adapter_path)?;
     let same = same_layout(source.arch, target.arch);
     let target_specs = target_specs(source, target, &present, same);
+    let target_specs = experts::check_pairing(source, target, target_specs, same, &filter)?;
     let layer_map = layer_map(source, target, options);
     let mut modules = Vec::new();
     for (&j, &i) in &layer_map {
@@ -236,7 +244,10 @@ pub fn build(
                 target_layer: j,
                 same_layout: same,
             };
-            modules.push(pair.module(spec, &present, options, &filter)?);
+            // An expert's module once per expert, expert e from the source's expert e.
+            for expert in spec.instances(&target.ckpt.config) {
+                modules.push(pair.module(spec, expert, &present, options, &filter)?);
+            }
         }
     }
     let plan = Plan { modules, layer_map };
@@ -246,7 +257,7 @@ pub fn build(
             .units()
             .any(|u| u.source_module.is_some() && u.skip.is_none())
         {
-            let adapted: BTreeSet<&str> = present.keys().map(|(_, t)| *t).collect();
+            let adapted: BTreeSet<&str> = present.keys().map(|(_, _, t)| *t).collect();
             return Err(Error::arg(
                 "--modules",
                 format!(
@@ -260,8 +271,8 @@ pub fn build(
     Ok(plan)
 }
 
-/// (source layer, module type) → adapter module name, for every module of the adapter.
-type Present<'a> = BTreeMap<(usize, &'a str), &'a str>;
+/// (source layer, expert, module type) → adapter module name, for every module of the adapter.
+type Present<'a> = BTreeMap<(usize, Option<usize>, &'a str), &'a str>;
 
 /// Checks that every adapter module is an adaptable module of the source, in a layer it has, with
 /// the shape of the source's weight; returns where each one sits.
@@ -272,24 +283,25 @@ fn adapter_modules<'a>(
 ) -> Result<Present<'a>> {
     let mut present = Present::new();
     for (name, m) in adapter {
-        let (layer, spec) = source
-            .arch
-            .parse_module(&source.prefix, name)
-            .ok_or_else(|| Error::UnsupportedAdapter {
-                path: adapter_path.to_path_buf(),
-                reason: format!(
-                    "module `{name}` is not an adaptable {} module under `{}` (known: {})",
-                    source.arch.name,
-                    source.prefix,
-                    source
-                        .arch
-                        .modules
-                        .iter()
-                        .map(|m| m.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })?;
+        let (layer, expert, spec) =
+            source
+                .arch
+                .parse_module(&source.prefix, name)
+                .ok_or_else(|| Error::UnsupportedAdapter {
+                    path: adapter_path.to_path_buf(),
+                    reason: format!(
+                        "module `{name}` is not an adaptable {} module under `{}` (known: {})",
+                        source.arch.name,
+                        source.prefix,
+                        source
+                            .arch
+                            .modules
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })?;
         if layer >= source.layers() {
             return Err(Error::UnsupportedAdapter {
                 path: adapter_path.to_path_buf(),
@@ -299,7 +311,16 @@ fn adapter_modules<'a>(
                 ),
             });
         }
-        let (tensor, (out, inp)) = source.weight(layer, spec)?;
+        if let Some(e) = expert.filter(|&e| e >= source.experts()) {
+            return Err(Error::UnsupportedAdapter {
+                path: adapter_path.to_path_buf(),
+                reason: format!(
+                    "module `{name}` is expert {e}, but the source base has {} experts per layer",
+                    source.experts()
+                ),
+            });
+        }
+        let (tensor, (out, inp)) = source.weight(layer, expert, spec)?;
         if (m.out_features, m.in_features) != (out, inp) {
             // lora_B carries the output width, lora_A the input width: name the one that is off.
             let factor = if m.out_features != out { "B" } else { "A" };
@@ -314,7 +335,7 @@ fn adapter_modules<'a>(
         }
         // The spec's name lives in the static table, so the key outlives the adapter map.
         let spec_name: &'static str = spec.name.as_str();
-        present.insert((layer, spec_name), name.as_str());
+        present.insert((layer, expert, spec_name), name.as_str());
     }
     Ok(present)
 }
@@ -327,7 +348,7 @@ fn target_specs(
     present: &Present<'_>,
     same: bool,
 ) -> Vec<&'static ModuleSpec> {
-    let source_types: BTreeSet<&str> = present.keys().map(|(_, t)| *t).collect();
+    let source_types: BTreeSet<&str> = present.keys().map(|(_, _, t)| *t).collect();
     let covered: BTreeSet<Part> = source_types
         .iter()
         .flat_map(|t| {
@@ -379,17 +400,18 @@ struct LayerPair<'p, 'a> {
 }
 
 impl LayerPair<'_, '_> {
-    /// The output module of target type `spec` in this layer, with the units that fill its rows:
-    /// the whole module when the layouts agree, else one unit per canonical part.
+    /// The output module of target type `spec` in this layer (and expert), with the units that
+    /// fill its rows: the whole module when the layouts agree, else one unit per canonical part.
     fn module(
         &self,
         spec: &ModuleSpec,
+        expert: Option<usize>,
         present: &Present<'_>,
         options: &Options,
         filter: &ModuleFilter,
     ) -> Result<TargetModule> {
         let (source, target) = (self.source, self.target);
-        let (target_tensor, shape) = target.weight(self.target_layer, spec)?;
+        let (target_tensor, shape) = target.weight(self.target_layer, expert, spec)?;
         let pieces: Vec<(Option<Part>, &ModuleSpec)> = if self.same_layout {
             vec![(None, source.arch.module(&spec.name).expect("same layout"))]
         } else {
@@ -400,11 +422,12 @@ impl LayerPair<'_, '_> {
         };
         let mut units = Vec::new();
         for (part, src_spec) in pieces {
+            // Pairing checked expert modules against expert modules only.
+            let src_expert = expert.filter(|_| src_spec.expert);
             units.push(self.unit(
                 spec,
                 (&target_tensor, shape),
-                part,
-                src_spec,
+                (part, src_spec, src_expert),
                 present,
                 options,
                 filter,
@@ -413,28 +436,27 @@ impl LayerPair<'_, '_> {
         Ok(TargetModule {
             name: target
                 .arch
-                .module_path(&target.prefix, self.target_layer, spec),
+                .module_path(&target.prefix, self.target_layer, expert, spec),
             module_type: spec.name.clone(),
             shape,
             units,
         })
     }
 
-    /// The unit of `part` (None: the whole module) of target module `spec`.
-    #[allow(clippy::too_many_arguments)]
+    /// The unit of `part` (None: the whole module) of target module `spec`, from source module
+    /// `src_spec` (of expert `src_expert`, for an expert's module).
     fn unit(
         &self,
         spec: &ModuleSpec,
         (target_tensor, shape): (&str, (usize, usize)),
-        part: Option<Part>,
-        src_spec: &ModuleSpec,
+        (part, src_spec, src_expert): (Option<Part>, &ModuleSpec, Option<usize>),
         present: &Present<'_>,
         options: &Options,
         filter: &ModuleFilter,
     ) -> Result<Unit> {
         let (source, target) = (self.source, self.target);
         let (i, j) = (self.source_layer, self.target_layer);
-        let (source_tensor, src_full) = source.weight(i, src_spec)?;
+        let (source_tensor, src_full) = source.weight(i, src_expert, src_spec)?;
         let rows_in = |s: &ModuleSpec, side: &ModelSide<'_>, full: usize| match part {
             Some(p) => s.rows_of(p, &side.ckpt.config).expect("module holds part"),
             None => 0..full,
@@ -450,7 +472,7 @@ impl LayerPair<'_, '_> {
             _ => spec.name.clone(),
         };
         let source_module = present
-            .get(&(i, src_spec.name.as_str()))
+            .get(&(i, src_expert, src_spec.name.as_str()))
             .map(|s| s.to_string());
         let mode = resolve_mode(
             options.mode,
@@ -469,8 +491,9 @@ impl LayerPair<'_, '_> {
         // Capping is only news where bases are computed.
         let decomposes = decomposes(mode, source_shape, target_shape, options.threshold);
         let skip = if source_module.is_none() {
+            let of_expert = src_expert.map_or(String::new(), |e| format!(" of expert {e}"));
             Some(format!(
-                "the adapter has no {} in source layer {i}",
+                "the adapter has no {}{of_expert} in source layer {i}",
                 src_spec.name
             ))
         } else if !filter(&label, &spec.name, &src_spec.name) {

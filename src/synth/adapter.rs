@@ -66,8 +66,11 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
 
     let mut modules = BTreeMap::new();
     for layer in 0..ckpt.config.num_hidden_layers {
-        for module in &targets {
-            let name = table.module_path(prefix, layer, module);
+        for (module, expert) in targets
+            .iter()
+            .flat_map(|m| m.instances(&ckpt.config).into_iter().map(move |e| (m, e)))
+        {
+            let name = table.module_path(prefix, layer, expert, module);
             let weight = format!("{name}.weight");
             let (out_features, in_features) = match *ckpt.shape(&weight)? {
                 [m, n] => (m, n),

@@ -6,11 +6,12 @@
 //!   `copy` item for item (where `copy` is right) and stays meaningful where the target's bases
 //!   have moved, which `copy` does not. `project` and `align` keep only the update's overlap
 //!   with the top-k subspaces and lost most of the gain there.
-//! - otherwise `map`, when both models ship a `tokenizer.json`: the only mode that crosses
-//!   depths, widths, head counts and tokenizers through the weights themselves, and the one that
-//!   came closest to a LoRA trained on a pruned sibling.
+//! - otherwise `map`, when both models ship a `tokenizer.json` and neither has experts: the only
+//!   mode that crosses depths, widths, head counts and tokenizers through the weights themselves,
+//!   and the one that came closest to a LoRA trained on a pruned sibling.
 //! - otherwise `align`, since `map` anchors its residual map on the tokens the two vocabularies
-//!   share and has nothing to anchor on without them.
+//!   share and has nothing to anchor on without them, and reads each layer's dense MLP, which a
+//!   mixture-of-experts layer does not have.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -60,6 +61,17 @@ pub fn choose(
     } else {
         "module shapes differ".to_string()
     };
+    if let Some(side) = [source, target].into_iter().find(|s| s.arch.has_experts()) {
+        return Ok(Choice {
+            mode: Mode::Align,
+            reason: format!(
+                "{what_differs}, and map reads dense MLPs, which {} ({} experts per layer) \
+                 does not have: align",
+                side.ckpt.dir.display(),
+                side.experts()
+            ),
+        });
+    }
     let missing: Vec<String> = [source, target]
         .iter()
         .filter(|side| side.ckpt.vocab_source().is_none())

@@ -7,6 +7,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::arch::Part;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
@@ -56,10 +57,12 @@ pub fn run(
     let wall = Instant::now();
     let s = ModelSide::new(source)?;
     let t = ModelSide::new(target)?;
-    // Pretend the adapter covers every module of the source, so the plan pairs them all.
+    // Pretend the adapter covers every module of the source, so the plan pairs them all (experts
+    // only where the target has as many: no other pairing of experts exists).
     let mut all = BTreeMap::new();
+    let experts_pair = s.experts() == t.experts();
     for layer in 0..s.layers() {
-        for spec in &s.arch.modules {
+        for spec in s.arch.modules.iter().filter(|m| !m.expert || experts_pair) {
             let (out, inp) = spec.shape(&source.config);
             let m = SourceModule {
                 r: 1,
@@ -67,11 +70,18 @@ pub fn run(
                 out_features: out,
                 scale: 1.0,
             };
-            all.insert(s.arch.module_path(&s.prefix, layer, spec), m);
+            for expert in spec.instances(&source.config) {
+                all.insert(s.arch.module_path(&s.prefix, layer, expert, spec), m);
+            }
         }
     }
     let mut opts = options.clone();
     opts.mode = crate::modes::Mode::Auto;
+    if !experts_pair && opts.modules.is_none() {
+        // Experts pair with nothing here: compare the attention alone.
+        let attention = [Part::Q, Part::K, Part::V, Part::O];
+        opts.modules = Some(attention.map(|p| p.module_name().to_string()).to_vec());
+    }
     let plan = plan::build(&s, &t, &all, &source.dir, &opts)?;
     let timings = Timings::default();
     let ctx = execute::Context {

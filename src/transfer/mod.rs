@@ -264,6 +264,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     } else {
         None
     };
+    plan::experts::refuse_map(options.mode, &s, &t)?;
     timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
     let mut map_start = None;
     if options.mode == Mode::Map {

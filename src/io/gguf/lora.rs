@@ -141,7 +141,7 @@ pub fn write_lora_gguf(
             path: adapter.dir.clone(),
             reason: format!("`{module}` {why}: no llama.cpp LoRA tensor can hold it"),
         };
-        let (layer, spec) = table
+        let (layer, expert, spec) = table
             .layer_prefixes
             .iter()
             .find_map(|p| table.parse_module(p, module))
@@ -153,7 +153,10 @@ pub fn write_lora_gguf(
             })?;
         let suffix = names::gguf_module(family, &spec.key)
             .ok_or_else(|| not_for_base(format!("({}) has no {} tensor", spec.key, family.gguf)))?;
-        let weight = format!("{}.weight", table.module_path(base_prefix, layer, spec));
+        let weight = format!(
+            "{}.weight",
+            table.module_path(base_prefix, layer, expert, spec)
+        );
         let shape = base.shape(&weight)?;
         if shape != [m.out_features, m.in_features] {
             return Err(Error::UnsupportedAdapter {

@@ -1,0 +1,536 @@
+//! Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE): the config's expert count and width, one
+//! module per expert, expert e's update from the source's expert e and no other, and clear
+//! refusals where experts have no counterpart (a dense model, another expert count, the map mode).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::refusals::edit_json;
+use common::*;
+use faer::Mat;
+use loraxfer::arch;
+use loraxfer::backend::Device;
+use loraxfer::io::adapter::Adapter;
+use loraxfer::io::checkpoint::ModelConfig;
+use loraxfer::io::safetensors::FloatType;
+use loraxfer::modes::Mode;
+use loraxfer::plan::Options;
+use loraxfer::transfer::{self, Job};
+
+// hidden, dense MLP width, heads, kv heads, head_dim, expert width.
+const DIMS: (usize, usize, usize, usize, usize, usize) = (32, 48, 4, 2, 8, 12);
+const LAYERS: usize = 2;
+
+/// A mixture-of-experts checkpoint: `family` picks the names (`qwen3_moe`: `mlp.experts.E.*_proj`,
+/// `mixtral`: `block_sparse_moe.experts.E.w1|w2|w3`), `experts` the count; `seed` the weights.
+fn moe_model(dir: &Path, family: &'static str, experts: usize, seed: u64) {
+    let (h, inter, heads, kv, d, width) = DIMS;
+    let mut t = BTreeMap::new();
+    for l in 0..LAYERS {
+        for (s, (name, out, inp)) in attention().into_iter().enumerate() {
+            let w = gaussian(out, inp, seed, (l * 100 + s) as u64);
+            t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
+        }
+        for e in 0..experts {
+            for (s, (name, out, inp)) in expert_modules(family, e, width).into_iter().enumerate() {
+                let w = gaussian(out, inp, seed, (l * 100 + 10 + e * 3 + s) as u64);
+                t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
+            }
+        }
+    }
+    let model = TinyModel {
+        model_type: family,
+        hidden: h,
+        intermediate: inter,
+        layers: LAYERS,
+        heads,
+        kv_heads: kv,
+        head_dim: d,
+    };
+    write_checkpoint(dir, &model, &t, FloatType::F32);
+    edit_json(&dir.join("config.json"), |c| match family {
+        "mixtral" => {
+            c.insert("num_local_experts".into(), experts.into());
+            c.insert("intermediate_size".into(), width.into());
+        }
+        _ => {
+            c.insert("num_experts".into(), experts.into());
+            c.insert("moe_intermediate_size".into(), width.into());
+        }
+    });
+}
+
+fn weight(w: &Mat<f32>) -> (Vec<f32>, Vec<usize>) {
+    (row_major(w), vec![w.nrows(), w.ncols()])
+}
+
+/// The attention projections of a layer: (key, out, in).
+fn attention() -> Vec<(String, usize, usize)> {
+    let (h, _, heads, kv, d, _) = DIMS;
+    [
+        ("q", heads * d, h),
+        ("k", kv * d, h),
+        ("v", kv * d, h),
+        ("o", h, heads * d),
+    ]
+    .into_iter()
+    .map(|(p, out, inp)| (format!("self_attn.{p}_proj"), out, inp))
+    .collect()
+}
+
+/// Expert `e`'s gate, up and down under `family`'s names: (key, out, in).
+fn expert_modules(family: &str, e: usize, width: usize) -> Vec<(String, usize, usize)> {
+    let h = DIMS.0;
+    let names = match family {
+        "mixtral" => [
+            ("block_sparse_moe", "w1"),
+            ("block_sparse_moe", "w3"),
+            ("block_sparse_moe", "w2"),
+        ],
+        _ => [
+            ("mlp", "gate_proj"),
+            ("mlp", "up_proj"),
+            ("mlp", "down_proj"),
+        ],
+    };
+    let shapes = [(width, h), (width, h), (h, width)];
+    names
+        .iter()
+        .zip(shapes)
+        .map(|(&(block, n), (out, inp))| (format!("{block}.experts.{e}.{n}"), out, inp))
+        .collect()
+}
+
+/// A PEFT adapter on `family` with every attention module and every expert's modules, each
+/// expert's factors its own.
+fn moe_adapter(dir: &Path, family: &str, experts: usize, with_experts: bool) {
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        let mut all = attention();
+        if with_experts {
+            for e in 0..experts {
+                all.extend(expert_modules(family, e, DIMS.5));
+            }
+        }
+        for (s, (name, out, inp)) in all.into_iter().enumerate() {
+            let seed = (l * 1000 + s) as u64;
+            modules.insert(
+                format!("model.layers.{l}.{name}"),
+                random_factors(out, inp, 4, 8.0, seed, FloatType::F32),
+            );
+        }
+    }
+    write_peft(dir, family, 4, 8.0, serde_json::json!({}), &modules);
+}
+
+/// s·B·A of one module of an adapter.
+fn delta(adapter: &Adapter, module: &str) -> Mat<f32> {
+    let f = adapter.factors(module).unwrap();
+    let s = adapter.config.scale(f.r, f.alpha) as f32;
+    let b = from_row_major(&f.b, f.out_features, f.r);
+    let a = from_row_major(&f.a, f.r, f.in_features);
+    let d = mm(b.as_ref(), a.as_ref());
+    Mat::from_fn(d.nrows(), d.ncols(), |i, j| d[(i, j)] * s)
+}
+
+fn job(source: &Path, target: &Path, adapter: &Path, out: &Path, mode: Mode) -> Job {
+    Job {
+        hub: Default::default(),
+        source_base: source.to_path_buf(),
+        target_base: target.to_path_buf(),
+        adapter: adapter.to_path_buf(),
+        out: out.to_path_buf(),
+        options: Options {
+            mode,
+            rank: 64,
+            oversample: 4,
+            ..Options::default()
+        },
+        layer_map_file: None,
+        device: Device::Cpu,
+        cache_dir: None,
+        force: false,
+        gguf_adapter: false,
+        progress: Default::default(),
+    }
+}
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Dirs {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        Dirs {
+            root: tmp.path().to_path_buf(),
+            _tmp: tmp,
+        }
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+fn err_of(j: &Job) -> String {
+    transfer::run(j).unwrap_err().to_string()
+}
+
+#[test]
+fn config_reads_expert_count_and_width() {
+    let parse = |extra: &str| {
+        let text = format!(
+            r#"{{"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2{extra}}}"#
+        );
+        ModelConfig::parse(&text, Path::new("m/config.json"))
+    };
+    let experts = |extra: &str| parse(extra).unwrap().experts.map(|e| (e.count, e.width));
+    assert_eq!(experts(""), None);
+    assert_eq!(experts(r#", "num_experts": 0"#), None);
+    // Mixtral's experts are intermediate_size wide; Qwen3-MoE names their width apart.
+    assert_eq!(experts(r#", "num_local_experts": 8"#), Some((8, 16)));
+    assert_eq!(
+        experts(
+            r#", "num_experts": 128, "moe_intermediate_size": 6, "mlp_only_layers": [], "decoder_sparse_step": 1"#
+        ),
+        Some((128, 6))
+    );
+    for (extra, field) in [
+        (r#", "num_experts": -1"#, "num_experts"),
+        (r#", "num_local_experts": 2.5"#, "num_local_experts"),
+        (
+            r#", "num_experts": 4, "moe_intermediate_size": 0"#,
+            "moe_intermediate_size",
+        ),
+        (
+            r#", "num_experts": 4, "mlp_only_layers": [1]"#,
+            "mlp_only_layers",
+        ),
+        (
+            r#", "num_experts": 4, "decoder_sparse_step": 2"#,
+            "decoder_sparse_step",
+        ),
+    ] {
+        let e = parse(extra).unwrap_err().to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains(field),
+            "{extra}: {e}"
+        );
+    }
+}
+
+#[test]
+fn expert_tables_name_one_module_per_expert() {
+    let table = arch::all().iter().find(|a| a.name == "mixtral").unwrap();
+    assert!(table.has_experts());
+    let w1 = table.module("w1").unwrap();
+    assert!(w1.expert && w1.parts == [arch::Part::Gate]);
+    let path = table.module_path("model.layers", 3, Some(7), w1);
+    assert_eq!(path, "model.layers.3.block_sparse_moe.experts.7.w1");
+    let parsed = table.parse_module("model.layers", &path).unwrap();
+    assert_eq!(
+        (parsed.0, parsed.1, parsed.2.name.as_str()),
+        (3, Some(7), "w1")
+    );
+    // An index no checkpoint writes is no module.
+    for bad in [
+        "experts.07.w1",
+        "experts.+7.w1",
+        "experts..w1",
+        "experts.x.w1",
+        "experts.7.w1.x",
+    ] {
+        let name = format!("model.layers.3.block_sparse_moe.{bad}");
+        assert!(
+            table.parse_module("model.layers", &name).is_none(),
+            "{name}"
+        );
+    }
+    // The width comes from the config for expert modules only.
+    let text = r#"{"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_experts": 3, "moe_intermediate_size": 6}"#;
+    let c = ModelConfig::parse(text, Path::new("c")).unwrap();
+    let qwen = arch::for_config(&c, Path::new("c")).unwrap();
+    assert_eq!(qwen.module("down_proj").unwrap().shape(&c), (8, 6));
+    assert_eq!(qwen.module("q_proj").unwrap().shape(&c), (8, 8));
+    assert_eq!(
+        qwen.module("up_proj").unwrap().instances(&c),
+        vec![Some(0), Some(1), Some(2)]
+    );
+    // A table may not put attention into experts, nor name the slot twice or inside a word.
+    for (key, parts) in [
+        ("mlp.experts.{expert}.q_proj", r#"["q"]"#),
+        ("mlp.experts.{expert}.{expert}", r#"["gate"]"#),
+        ("mlp.experts{expert}.gate_proj", r#"["gate"]"#),
+    ] {
+        let text = format!(
+            r#"{{"name":"x","model_types":["x"],"layer_prefixes":["model.layers"],
+            "modules":{{"m":{{"key":"{key}","parts":{parts}}}}},
+            "residual":{{"embed":"e","gain_offset":0.0,"embed_scale_sqrt_hidden":false}}}}"#
+        );
+        let e = arch::parse_table(&text).unwrap_err();
+        assert!(e.contains("expert module `m`"), "{key}: {e}");
+    }
+}
+
+/// Onto an identical copy, copy and rotate give every expert its own update back: expert e's
+/// weights and factors are read for expert e and written there, for every expert.
+#[test]
+fn each_expert_takes_its_own_update() {
+    let d = Dirs::new();
+    moe_model(&d.p("src"), "qwen3_moe", 3, 1);
+    moe_model(&d.p("tgt"), "qwen3_moe", 3, 1);
+    moe_adapter(&d.p("ad"), "qwen3_moe", 3, true);
+    let source = Adapter::open(&d.p("ad")).unwrap();
+    for mode in [Mode::Copy, Mode::Rotate] {
+        let out = d.p(&format!("out-{}", mode.name()));
+        let report = transfer::run(&job(&d.p("src"), &d.p("tgt"), &d.p("ad"), &out, mode)).unwrap();
+        assert_eq!(report.modules.len(), LAYERS * (4 + 3 * 3));
+        let written = Adapter::open(&out).unwrap();
+        assert_eq!(written.modules.len(), source.modules.len());
+        for name in source.modules.keys() {
+            let (want, got) = (delta(&source, name), delta(&written, name));
+            let err = fro(&(&got - &want)) / fro(&want);
+            assert!(err < 1e-4, "{}: {name} off by {err}", mode.name());
+        }
+    }
+}
+
+/// Onto a drifted release, rotate pairs expert e with expert e (the report says so for every
+/// module), keeps each expert's update size, and a Mixtral with the same weights under its own
+/// names receives the same updates under its names.
+#[test]
+fn experts_pair_by_index_across_releases_and_layouts() {
+    let d = Dirs::new();
+    moe_model(&d.p("src"), "qwen3_moe", 2, 1);
+    moe_model(&d.p("tgt"), "qwen3_moe", 2, 2);
+    moe_model(&d.p("mix"), "mixtral", 2, 1);
+    moe_adapter(&d.p("ad"), "qwen3_moe", 2, true);
+    let report = transfer::run(&job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Rotate,
+    ))
+    .unwrap();
+    let expert_of = |key: &str| {
+        key.split_once("experts.")
+            .map(|(_, rest)| rest.split('.').next().unwrap().to_string())
+    };
+    let mut experts_seen = std::collections::BTreeSet::new();
+    for row in &report.modules {
+        assert!(row.transferred, "{}", row.target_key);
+        assert_eq!(
+            expert_of(&row.source_key),
+            expert_of(&row.target_key),
+            "{}",
+            row.target_key
+        );
+        experts_seen.extend(expert_of(&row.target_key));
+    }
+    assert_eq!(experts_seen.len(), 2);
+    let (source, written) = (
+        Adapter::open(&d.p("ad")).unwrap(),
+        Adapter::open(&d.p("out")).unwrap(),
+    );
+    for name in source.modules.keys() {
+        let (want, got) = (fro(&delta(&source, name)), fro(&delta(&written, name)));
+        // rotate turns the update, orthogonally, into the target's coordinates.
+        assert!((got / want - 1.0).abs() < 1e-3, "{name}: {got} vs {want}");
+    }
+    // Qwen3-MoE onto Mixtral (same weights, other names): one unit per part, expert for expert.
+    transfer::run(&job(
+        &d.p("src"),
+        &d.p("mix"),
+        &d.p("ad"),
+        &d.p("mixed"),
+        Mode::Copy,
+    ))
+    .unwrap();
+    let mixed = Adapter::open(&d.p("mixed")).unwrap();
+    assert_eq!(mixed.modules.len(), source.modules.len());
+    for (qwen, mixtral) in [("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")] {
+        for (l, e) in [(0, 0), (1, 1), (0, 1)] {
+            let want = delta(&source, &format!("model.layers.{l}.mlp.experts.{e}.{qwen}"));
+            let got = delta(
+                &mixed,
+                &format!("model.layers.{l}.block_sparse_moe.experts.{e}.{mixtral}"),
+            );
+            assert!(
+                fro(&(&got - &want)) / fro(&want) < 1e-5,
+                "{l}.{e}.{mixtral}"
+            );
+        }
+    }
+}
+
+/// Experts have no counterpart in a dense model or in one of another expert count: refused,
+/// naming both models and the attention-only transfer, which then works.
+#[test]
+fn experts_without_a_counterpart_are_refused() {
+    let d = Dirs::new();
+    moe_model(&d.p("moe3"), "qwen3_moe", 3, 1);
+    moe_model(&d.p("moe2"), "qwen3_moe", 2, 1);
+    moe_adapter(&d.p("ad"), "qwen3_moe", 3, true);
+    // A dense Qwen3 with the same attention.
+    let (h, inter, heads, kv, dim, _) = DIMS;
+    let mut dense = BTreeMap::new();
+    for l in 0..LAYERS {
+        for (s, (name, out, inp)) in attention().into_iter().enumerate() {
+            dense.insert(
+                format!("model.layers.{l}.{name}.weight"),
+                weight(&gaussian(out, inp, 1, (l * 100 + s) as u64)),
+            );
+        }
+        for (s, (name, out, inp)) in [
+            ("gate_proj", inter, h),
+            ("up_proj", inter, h),
+            ("down_proj", h, inter),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            dense.insert(
+                format!("model.layers.{l}.mlp.{name}.weight"),
+                weight(&gaussian(out, inp, 3, (l * 10 + s) as u64)),
+            );
+        }
+    }
+    let tiny = TinyModel {
+        model_type: "qwen3",
+        hidden: h,
+        intermediate: inter,
+        layers: LAYERS,
+        heads,
+        kv_heads: kv,
+        head_dim: dim,
+    };
+    write_checkpoint(&d.p("dense"), &tiny, &dense, FloatType::F32);
+
+    for (target, words) in [
+        ("dense", ["3 experts per layer", "one dense MLP per layer"]),
+        ("moe2", ["3 experts per layer", "2 experts per layer"]),
+    ] {
+        let j = job(
+            &d.p("moe3"),
+            &d.p(target),
+            &d.p("ad"),
+            &d.p("out"),
+            Mode::Align,
+        );
+        let e = err_of(&j);
+        assert!(e.contains(&*d.p(target).to_string_lossy()), "{e}");
+        assert!(
+            words.iter().all(|w| e.contains(w))
+                && e.contains("--modules q_proj,k_proj,v_proj,o_proj"),
+            "{e}"
+        );
+        assert!(!d.p("out").exists());
+        // The attention alone carries, and only the attention is written.
+        let mut j = j;
+        j.options.modules = Some(
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+        );
+        transfer::run(&j).unwrap();
+        let written = Adapter::open(&d.p("out")).unwrap();
+        assert_eq!(written.modules.len(), LAYERS * 4);
+        assert!(written.modules.keys().all(|k| k.contains("self_attn")));
+        std::fs::remove_dir_all(d.p("out")).unwrap();
+    }
+    // A dense model's MLP update has no expert to go to either.
+    let mut modules = BTreeMap::new();
+    modules.insert(
+        "model.layers.0.mlp.up_proj".to_string(),
+        random_factors(inter, h, 2, 4.0, 1, FloatType::F32),
+    );
+    write_peft(
+        &d.p("dense-ad"),
+        "qwen3",
+        2,
+        4.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    let e = err_of(&job(
+        &d.p("dense"),
+        &d.p("moe3"),
+        &d.p("dense-ad"),
+        &d.p("out"),
+        Mode::Align,
+    ));
+    assert!(
+        e.contains("one dense MLP per layer") && e.contains("3 experts per layer"),
+        "{e}"
+    );
+    // An expert the source does not have.
+    let mut modules = BTreeMap::new();
+    modules.insert(
+        "model.layers.0.mlp.experts.3.up_proj".to_string(),
+        random_factors(DIMS.5, h, 2, 4.0, 1, FloatType::F32),
+    );
+    write_peft(
+        &d.p("bad-ad"),
+        "qwen3_moe",
+        2,
+        4.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    let e = err_of(&job(
+        &d.p("moe3"),
+        &d.p("moe3"),
+        &d.p("bad-ad"),
+        &d.p("out"),
+        Mode::Copy,
+    ));
+    assert!(
+        e.contains("experts.3.up_proj") && e.contains("expert 3") && e.contains("3 experts"),
+        "{e}"
+    );
+}
+
+/// The map mode reads dense MLPs: named, it is refused; auto picks align instead and says why.
+#[test]
+fn map_is_refused_and_auto_aligns_across_depths() {
+    let d = Dirs::new();
+    moe_model(&d.p("src"), "qwen3_moe", 2, 1);
+    moe_model(&d.p("tgt"), "qwen3_moe", 2, 2);
+    edit_json(&d.p("tgt/config.json"), |c| {
+        c.insert("num_hidden_layers".into(), 1.into());
+    });
+    common::rewrite(&d.p("tgt/model.safetensors"), |t| {
+        t.retain(|t| !t.name.starts_with("model.layers.1."))
+    });
+    moe_adapter(&d.p("ad"), "qwen3_moe", 2, true);
+    let e = err_of(&job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Map,
+    ));
+    assert!(
+        e.contains("--mode") && e.contains("dense MLP") && e.contains("2 experts"),
+        "{e}"
+    );
+    let report = transfer::run(&job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Auto,
+    ))
+    .unwrap();
+    assert_eq!(report.mode, "align");
+    let why = report.auto_reason.unwrap();
+    assert!(
+        why.contains("depths differ") && why.contains("experts"),
+        "{why}"
+    );
+    assert_eq!(report.modules.len(), 4 + 2 * 3);
+}

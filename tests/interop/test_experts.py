@@ -1,0 +1,169 @@
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE) through transformers and PEFT.
+
+The adapters have one module per expert (`mlp.experts.3.up_proj`, `block_sparse_moe.experts.3.w3`):
+the names of the checkpoints on disk, which PEFT loads onto transformers' fused expert parameters
+by converting them. Each test judges PEFT's forward pass against an independent merge: W + s·B·A
+added in numpy to the per-expert tensors of the checkpoint file, the merged file loaded by
+transformers."""
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import interop_util as iu
+
+EXPERTS, WIDTH, LAYERS, R, ALPHA = 4, 32, 2, 4, 8
+FAMILIES = ["qwen3_moe", "mixtral", "olmoe"]
+MIN_CHANGE = 1e-2
+
+
+def build(family: str, seed: int):
+    import transformers as tf
+
+    common = {k: v for k, v in iu.COMMON.items() if k != "intermediate_size"}
+    common.update(num_hidden_layers=LAYERS, num_experts_per_tok=2, tie_word_embeddings=False)
+    if family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(num_experts=EXPERTS, moe_intermediate_size=WIDTH, intermediate_size=96,
+                                   head_dim=16, **common)
+        cls = tf.Qwen3MoeForCausalLM
+    elif family == "mixtral":
+        config = tf.MixtralConfig(num_local_experts=EXPERTS, intermediate_size=WIDTH, head_dim=16, **common)
+        cls = tf.MixtralForCausalLM
+    else:
+        config = tf.OlmoeConfig(num_experts=EXPERTS, intermediate_size=WIDTH, **common)
+        cls = tf.OlmoeForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def expert_names(family: str) -> list:
+    if family == "mixtral":
+        return [("block_sparse_moe", "w1", (WIDTH, 64)), ("block_sparse_moe", "w3", (WIDTH, 64)),
+                ("block_sparse_moe", "w2", (64, WIDTH))]
+    return [("mlp", "gate_proj", (WIDTH, 64)), ("mlp", "up_proj", (WIDTH, 64)), ("mlp", "down_proj", (64, WIDTH))]
+
+
+def write_adapter(family: str, base, out):
+    """Random factors for every attention module and every expert's modules, in PEFT's per-module
+    format, each expert's its own."""
+    rng = np.random.default_rng(5)
+    tensors, types = {}, {"q_proj", "k_proj", "v_proj", "o_proj"}
+    for layer in range(LAYERS):
+        modules = [(f"self_attn.{p}", shape) for p, shape in
+                   [("q_proj", (64, 64)), ("k_proj", (32, 64)), ("v_proj", (32, 64)), ("o_proj", (64, 64))]]
+        for e in range(EXPERTS):
+            for block, name, shape in expert_names(family):
+                modules.append((f"{block}.experts.{e}.{name}", shape))
+                types.add(name)
+        for key, (rows, cols) in modules:
+            prefix = f"{iu.PEFT_PREFIX}model.layers.{layer}.{key}"
+            tensors[prefix + ".lora_A.weight"] = rng.normal(0, 0.3, (R, cols)).astype(np.float32)
+            tensors[prefix + ".lora_B.weight"] = rng.normal(0, 0.1, (rows, R)).astype(np.float32)
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base), r=R,
+                  lora_alpha=ALPHA, target_modules=sorted(types), lora_dropout=0.0, bias="none")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def merged(base, adapter, tmp):
+    """The base with every adapter update added to its per-expert tensors in numpy, loaded."""
+    out = Path(tempfile.mkdtemp(prefix="merged-", dir=tmp))
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    weights = load_file(str(base / "model.safetensors"))
+    updates = iu.module_updates(adapter)
+    for module, delta in updates.items():
+        w = weights[module + ".weight"]
+        assert w.shape == delta.shape, (module, w.shape, delta.shape)
+        weights[module + ".weight"] = (w.astype(np.float64) + delta).astype(np.float32)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return iu.logits(iu.load_model(out))
+
+
+# PEFT's conversion of per-expert modules onto the fused `gate_up_proj` sets a rank and alpha
+# pattern for it and then warns, before converting, that the pattern matches no module yet.
+FUSED_PATTERN = [r".*\.gate_up_proj"]
+CONVERSION_NOTES = tuple(
+    re.escape(f"RuntimeWarning: The following {kind}_pattern keys did not match any targeted module and "
+              f"were ignored: {FUSED_PATTERN}.")
+    for kind in ("rank", "alpha")
+)
+
+
+def peft_logits(base, adapter):
+    from peft import PeftModel
+
+    model = iu.load_model(base)
+    with iu.no_key_complaints(f"PeftModel.from_pretrained(<model>, {adapter})", allow=CONVERSION_NOTES):
+        peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return iu.logits(peft_model)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory, binary):
+    root = tmp_path_factory.mktemp("experts")
+    made = {}
+
+    def get(family):
+        if family not in made:
+            base = iu.save_model(build(family, 21), root / f"{family}-base")
+            derived = root / f"{family}-derived"
+            iu.loraxfer(binary, "synth", "model", "--derive-from", base, "--drift", "0.05", "--seed", "3",
+                        "--out", derived)
+            made[family] = (base, derived, write_adapter(family, base, root / f"{family}-lora"))
+        return made[family]
+
+    return root, get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_per_expert_adapter_is_what_peft_loads(moe, family):
+    """The fixture itself: PEFT converts the per-expert adapter onto the fused experts, and its
+    forward equals the merge into the file's per-expert tensors."""
+    root, get = moe
+    base, _, adapter = get(family)
+    got, want = peft_logits(base, adapter), merged(base, adapter, root)
+    assert iu.max_rel_diff(got, want) < 1e-4
+    assert iu.max_rel_diff(got, iu.logits(iu.load_model(base))) > MIN_CHANGE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotate_onto_a_next_release_loads_in_peft(moe, family, binary, tmp_path):
+    root, get = moe
+    base, derived, adapter = get(family)
+    out = tmp_path / "out"
+    iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", derived, "--adapter", adapter,
+                "--rank", "16", "--out", out)
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["mode"] == "rotate", report.get("auto_reason")
+    rows = report["modules"]
+    assert len(rows) == LAYERS * (4 + 3 * EXPERTS) and all(r["transferred"] for r in rows)
+    for r in rows:
+        expert = [part for part in r["target_key"].split(".experts.")[1:]]
+        assert expert == [part for part in r["source_key"].split(".experts.")[1:]], r["target_key"]
+    got, want = peft_logits(derived, out), merged(derived, out, root)
+    assert iu.max_rel_diff(got, want) < 1e-4
+    assert iu.max_rel_diff(got, iu.logits(iu.load_model(derived))) > MIN_CHANGE
+    # Every expert's module is named in full, so PEFT adapts those and no others.
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(iu.module_updates(out))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_copy_onto_the_same_model_is_exact(moe, family, binary, tmp_path):
+    _, get = moe
+    base, _, adapter = get(family)
+    target = iu.copy_dir(base, tmp_path / "copy")
+    out = tmp_path / "out"
+    iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", adapter,
+                "--mode", "copy", "--out", out)
+    assert iu.max_rel_diff(peft_logits(target, out), peft_logits(base, adapter)) < 1e-5
