@@ -26,15 +26,34 @@ const LAYERS: usize = 2;
 /// A mixture-of-experts checkpoint: `family` picks the names (`qwen3_moe`: `mlp.experts.E.*_proj`,
 /// `mixtral`: `block_sparse_moe.experts.E.w1|w2|w3`), `experts` the count; `seed` the weights.
 fn moe_model(dir: &Path, family: &'static str, experts: usize, seed: u64) {
-    let (h, inter, heads, kv, d, width) = DIMS;
+    moe_model_with(dir, family, &(0..experts).collect::<Vec<_>>(), seed, DIMS.0);
+}
+
+/// The same, with the model of `seed`'s experts `kept` (in this order: an expert-pruned model
+/// when they are fewer) at hidden size `h`.
+fn moe_model_with(dir: &Path, family: &'static str, kept: &[usize], seed: u64, h: usize) {
+    let (_, inter, heads, kv, d, width) = DIMS;
+    let experts = kept.len();
     let mut t = BTreeMap::new();
     for l in 0..LAYERS {
-        for (s, (name, out, inp)) in attention().into_iter().enumerate() {
+        for (s, (name, out, inp)) in attention(h).into_iter().enumerate() {
             let w = gaussian(out, inp, seed, (l * 100 + s) as u64);
             t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
         }
-        for e in 0..experts {
-            for (s, (name, out, inp)) in expert_modules(family, e, width).into_iter().enumerate() {
+        let router = gaussian(16, h, seed, (l * 100 + 99) as u64);
+        let rows = Mat::from_fn(experts, h, |k, c| router[(kept[k], c)]);
+        let block = if family == "mixtral" {
+            "block_sparse_moe"
+        } else {
+            "mlp"
+        };
+        t.insert(
+            format!("model.layers.{l}.{block}.gate.weight"),
+            weight(&rows),
+        );
+        for (k, &e) in kept.iter().enumerate() {
+            for (s, (name, out, inp)) in expert_modules(family, k, width, h).into_iter().enumerate()
+            {
                 let w = gaussian(out, inp, seed, (l * 100 + 10 + e * 3 + s) as u64);
                 t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
             }
@@ -66,9 +85,9 @@ fn weight(w: &Mat<f32>) -> (Vec<f32>, Vec<usize>) {
     (row_major(w), vec![w.nrows(), w.ncols()])
 }
 
-/// The attention projections of a layer: (key, out, in).
-fn attention() -> Vec<(String, usize, usize)> {
-    let (h, _, heads, kv, d, _) = DIMS;
+/// The attention projections of a layer at hidden size `h`: (key, out, in).
+fn attention(h: usize) -> Vec<(String, usize, usize)> {
+    let (_, _, heads, kv, d, _) = DIMS;
     [
         ("q", heads * d, h),
         ("k", kv * d, h),
@@ -81,8 +100,7 @@ fn attention() -> Vec<(String, usize, usize)> {
 }
 
 /// Expert `e`'s gate, up and down under `family`'s names: (key, out, in).
-fn expert_modules(family: &str, e: usize, width: usize) -> Vec<(String, usize, usize)> {
-    let h = DIMS.0;
+fn expert_modules(family: &str, e: usize, width: usize, h: usize) -> Vec<(String, usize, usize)> {
     let names = match family {
         "mixtral" => [
             ("block_sparse_moe", "w1"),
@@ -108,10 +126,10 @@ fn expert_modules(family: &str, e: usize, width: usize) -> Vec<(String, usize, u
 fn moe_adapter(dir: &Path, family: &str, experts: usize, with_experts: bool) {
     let mut modules = BTreeMap::new();
     for l in 0..LAYERS {
-        let mut all = attention();
+        let mut all = attention(DIMS.0);
         if with_experts {
             for e in 0..experts {
-                all.extend(expert_modules(family, e, DIMS.5));
+                all.extend(expert_modules(family, e, DIMS.5, DIMS.0));
             }
         }
         for (s, (name, out, inp)) in all.into_iter().enumerate() {
@@ -273,6 +291,18 @@ fn expert_tables_name_one_module_per_expert() {
         let e = arch::parse_table(&text).unwrap_err();
         assert!(e.contains("expert module `m`"), "{key}: {e}");
     }
+    // Experts are matched by their router, which the table must name.
+    let text = r#"{"name":"x","model_types":["x"],"layer_prefixes":["model.layers"],
+        "modules":{"q":{"key":"q","parts":["q"]},"k":{"key":"k","parts":["k"]},"v":{"key":"v","parts":["v"]},
+        "o":{"key":"o","parts":["o"]},"g":{"key":"e.{expert}.g","parts":["gate","up","down"]}},
+        "residual":{"embed":"e","gain_offset":0.0,"embed_scale_sqrt_hidden":false}}"#;
+    let e = arch::parse_table(text).unwrap_err();
+    assert!(e.contains("router"), "{e}");
+    let with_router = text.replace(
+        r#""layer_prefixes""#,
+        r#""router":"r.weight","layer_prefixes""#,
+    );
+    assert!(arch::parse_table(&with_router).unwrap().has_experts());
 }
 
 /// Onto an identical copy, copy and rotate give every expert its own update back: expert e's
@@ -367,19 +397,69 @@ fn experts_pair_by_index_across_releases_and_layouts() {
     }
 }
 
+/// An expert-pruned model keeps some experts, renumbered, and their router rows: each finds its
+/// original by its router, and takes exactly its original's update; an upcycled model's copies of
+/// an expert share it.
+#[test]
+fn pruned_and_upcycled_experts_find_theirs_by_router() {
+    let d = Dirs::new();
+    moe_model(&d.p("full"), "qwen3_moe", 4, 1);
+    moe_adapter(&d.p("ad"), "qwen3_moe", 4, true);
+    let source = Adapter::open(&d.p("ad")).unwrap();
+    for (name, kept) in [("pruned", vec![2, 0, 3]), ("upcycled", vec![1, 1, 0, 2, 3])] {
+        moe_model_with(&d.p(name), "qwen3_moe", &kept, 1, DIMS.0);
+        for mode in [Mode::Copy, Mode::Rotate] {
+            let out = d.p(&format!("{name}-{}", mode.name()));
+            let report =
+                transfer::run(&job(&d.p("full"), &d.p(name), &d.p("ad"), &out, mode)).unwrap();
+            assert_eq!(report.expert_map.len(), LAYERS);
+            for m in report.expert_map.values() {
+                assert_eq!(m.source_experts, kept);
+                assert!(
+                    m.router_cosine.iter().all(|c| (c - 1.0).abs() < 1e-6),
+                    "{:?}",
+                    m.router_cosine
+                );
+            }
+            let written = Adapter::open(&out).unwrap();
+            assert_eq!(written.modules.len(), LAYERS * (4 + 3 * kept.len()));
+            for l in 0..LAYERS {
+                for (k, &e) in kept.iter().enumerate() {
+                    for p in ["gate_proj", "up_proj", "down_proj"] {
+                        let want = delta(&source, &format!("model.layers.{l}.mlp.experts.{e}.{p}"));
+                        let got = delta(&written, &format!("model.layers.{l}.mlp.experts.{k}.{p}"));
+                        let err = fro(&(&got - &want)) / fro(&want);
+                        assert!(
+                            err < 1e-4,
+                            "{name} {}: layer {l} expert {k} {p}: {err}",
+                            mode.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Written where the report is read: the matching and its cosines.
+    let report = common::cli::read_json(&d.p("pruned-copy").join("transfer_report.json"));
+    assert_eq!(
+        report["expert_map"]["1"]["source_experts"],
+        serde_json::json!([2, 0, 3])
+    );
+}
+
 /// Experts have no counterpart in a dense model or in one of another expert count: refused,
 /// naming both models and the attention-only transfer, which then works.
 #[test]
 fn experts_without_a_counterpart_are_refused() {
     let d = Dirs::new();
     moe_model(&d.p("moe3"), "qwen3_moe", 3, 1);
-    moe_model(&d.p("moe2"), "qwen3_moe", 2, 1);
+    moe_model_with(&d.p("moe2"), "qwen3_moe", &[0, 1], 1, 40);
     moe_adapter(&d.p("ad"), "qwen3_moe", 3, true);
     // A dense Qwen3 with the same attention.
     let (h, inter, heads, kv, dim, _) = DIMS;
     let mut dense = BTreeMap::new();
     for l in 0..LAYERS {
-        for (s, (name, out, inp)) in attention().into_iter().enumerate() {
+        for (s, (name, out, inp)) in attention(h).into_iter().enumerate() {
             dense.insert(
                 format!("model.layers.{l}.{name}.weight"),
                 weight(&gaussian(out, inp, 1, (l * 100 + s) as u64)),
@@ -411,8 +491,19 @@ fn experts_without_a_counterpart_are_refused() {
     write_checkpoint(&d.p("dense"), &tiny, &dense, FloatType::F32);
 
     for (target, words) in [
-        ("dense", ["3 experts per layer", "one dense MLP per layer"]),
-        ("moe2", ["3 experts per layer", "2 experts per layer"]),
+        (
+            "dense",
+            ["3 experts per layer", "one dense MLP per layer", "in "].as_slice(),
+        ),
+        (
+            "moe2",
+            [
+                "3 experts per layer",
+                "2 experts per layer",
+                "hidden sizes 32 and 40",
+            ]
+            .as_slice(),
+        ),
     ] {
         let j = job(
             &d.p("moe3"),

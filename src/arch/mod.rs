@@ -139,6 +139,10 @@ pub struct Arch {
     pub layer_prefixes: Vec<String>,
     #[serde(deserialize_with = "modules_in_order")]
     pub modules: Vec<ModuleSpec>,
+    /// A mixture-of-experts layer's router (one row of logits weights per expert), below the
+    /// layer; every table with expert modules names it.
+    #[serde(default)]
+    pub router: Option<String>,
     /// Where the residual stream's anchors and norm gains live (the `map` mode reads them).
     pub residual: Residual,
 }
@@ -272,6 +276,12 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
                 arch.name, m.name
             ));
         }
+    }
+    if arch.has_experts() && arch.router.is_none() {
+        return Err(format!(
+            "table `{}` has expert modules and must name their `router`",
+            arch.name
+        ));
     }
     let mut keys: Vec<&str> = arch.modules.iter().map(|m| m.key.as_str()).collect();
     keys.sort();

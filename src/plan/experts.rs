@@ -1,8 +1,22 @@
 //! Mixture-of-experts models in the plan: an expert's module (`mlp.experts.5.up_proj`) takes its
-//! update from the same expert of the source, so expert modules pair only with expert modules,
-//! and only when both models have as many experts per layer. Experts of unrelated models share no
-//! index (training assigns them freely), and a dense MLP is not any one expert: those pairs are
-//! refused where the user selects them, with the attention-only transfer that still works.
+//! update from one expert of the source.
+//!
+//! - Equal expert counts: expert e from expert e. A release, a fine-tune or a continued
+//!   pre-training of a model keeps its experts' indices (training assigns them, then keeps them).
+//! - Different counts at the same hidden size (an expert-pruned model, such as REAP's, keeps a
+//!   subset of the experts, renumbered; an upcycled one copies some): expert e from the source
+//!   expert whose router row is closest in direction to e's. A router row is the direction along
+//!   which the residual stream selects its expert, and pruning keeps the kept experts' rows as
+//!   they were, so a pruned model's experts find their originals at cosine 1.
+//! - Otherwise (different counts and widths), and between experts and a dense MLP, no pairing
+//!   holds: refused where the user selects those modules, with the attention-only transfer that
+//!   still works.
+//!
+//! Reading the routers (experts × hidden per layer) is the only weight data the plan touches.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
 
 use crate::arch::{ModuleSpec, Part};
 use crate::error::{Error, Result};
@@ -71,18 +85,148 @@ fn pairing_fault(
         ),
         false => format!("one dense MLP per layer in {}", side.ckpt.dir.display()),
     };
+    let hidden = |side: &ModelSide<'_>| side.ckpt.config.hidden_size;
     let fault = match (src_spec.expert, spec.expert) {
-        (false, false) => false,
-        (true, true) => source.experts() != target.experts(),
-        _ => true,
+        (false, false) => None,
+        (true, true) if source.experts() == target.experts() => None,
+        // Routers of equal width can be compared to match experts.
+        (true, true) if hidden(source) == hidden(target) => None,
+        (true, true) => Some(format!(
+            ", with hidden sizes {} and {} whose routers cannot be compared",
+            hidden(source),
+            hidden(target)
+        )),
+        _ => Some(String::new()),
     };
-    fault.then(|| {
+    fault.map(|tail| {
         format!(
-            "{} against {}",
+            "{} against {}{tail}",
             describe(source, src_spec),
             describe(target, spec)
         )
     })
+}
+
+/// The source expert of every target expert in one target layer, when the counts differ.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertMatch {
+    pub source_layer: usize,
+    /// For target expert e, the source expert its update comes from.
+    pub source_experts: Vec<usize>,
+    /// The cosine of the two experts' router rows.
+    pub router_cosine: Vec<f64>,
+}
+
+/// Target layer → its experts' sources, for the layers in `layer_map` when the expert counts
+/// differ (empty when they agree: expert e from expert e).
+pub(super) fn match_by_router(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    layer_map: &BTreeMap<usize, usize>,
+) -> Result<BTreeMap<usize, ExpertMatch>> {
+    let (es, et) = (source.experts(), target.experts());
+    if es == et || es == 0 || et == 0 {
+        return Ok(BTreeMap::new());
+    }
+    let mut matches = BTreeMap::new();
+    for (&j, &i) in layer_map {
+        let rows_s = unit_rows(source, i)?;
+        let rows_t = unit_rows(target, j)?;
+        let mut m = ExpertMatch {
+            source_layer: i,
+            source_experts: Vec::with_capacity(et),
+            router_cosine: Vec::with_capacity(et),
+        };
+        for t in &rows_t {
+            // Each target expert its closest source expert (a pruned model's are distinct; an
+            // upcycled model's copies share one).
+            let (best, cosine) = rows_s
+                .iter()
+                .map(|s| s.iter().zip(t).map(|(a, b)| a * b).sum::<f64>())
+                .enumerate()
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |acc, (k, c)| {
+                        if c > acc.1 {
+                            (k, c)
+                        } else {
+                            acc
+                        }
+                    },
+                );
+            m.source_experts.push(best);
+            m.router_cosine.push(cosine);
+        }
+        matches.insert(j, m);
+    }
+    Ok(matches)
+}
+
+/// One line on the matching for the terminal: how the experts were paired, and the weakest pair
+/// (a cosine far below 1 says the two models' experts are not the same experts).
+pub fn summary(
+    matches: &BTreeMap<usize, ExpertMatch>,
+    source_experts: usize,
+    target_experts: usize,
+) -> Option<String> {
+    let (layer, expert, cosine) = matches
+        .iter()
+        .flat_map(|(&j, m)| {
+            m.router_cosine
+                .iter()
+                .enumerate()
+                .map(move |(e, &c)| (j, e, c))
+        })
+        .min_by(|a, b| a.2.total_cmp(&b.2))?;
+    let distinct = |m: &ExpertMatch| {
+        let mut s = m.source_experts.clone();
+        s.sort_unstable();
+        s.dedup();
+        s.len()
+    };
+    let shared = matches
+        .values()
+        .any(|m| distinct(m) < m.source_experts.len());
+    Some(format!(
+        "experts matched by their routers ({target_experts} per target layer from \
+         {source_experts}{}): the weakest match is layer {layer}'s expert {expert} at cosine {cosine:.3}",
+        if shared { ", some sharing a source expert" } else { "" }
+    ))
+}
+
+/// A layer's router rows, each scaled to unit length (a zero row stays zero).
+fn unit_rows(side: &ModelSide<'_>, layer: usize) -> Result<Vec<Vec<f64>>> {
+    let below = side
+        .arch
+        .router
+        .as_deref()
+        .expect("expert tables name a router");
+    let name = format!("{}.{layer}.{below}", side.prefix);
+    let (experts, hidden) = (side.experts(), side.ckpt.config.hidden_size);
+    let shape = side.ckpt.shape(&name)?;
+    if shape != [experts, hidden] {
+        return Err(Error::bad_tensor(
+            &side.ckpt.dir,
+            &name,
+            format!("shape {shape:?}, but config.json implies [{experts}, {hidden}]"),
+        ));
+    }
+    let values = side.ckpt.read_rows_f32(&name, 0..experts)?;
+    if let Some(at) = values.iter().position(|x| !x.is_finite()) {
+        return Err(Error::bad_tensor(
+            &side.ckpt.dir,
+            &name,
+            format!("value {} at {at} is not finite", values[at]),
+        ));
+    }
+    Ok(values
+        .chunks(hidden)
+        .map(|row| {
+            let norm = row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+            row.iter().map(|&x| x as f64 * inv).collect()
+        })
+        .collect())
 }
 
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth

@@ -201,6 +201,9 @@ pub struct TargetModule {
 pub struct Plan {
     pub modules: Vec<TargetModule>,
     pub layer_map: BTreeMap<usize, usize>,
+    /// Target layer → the source expert of each of its experts, where the expert counts differ
+    /// (empty otherwise: expert e from expert e).
+    pub experts: BTreeMap<usize, experts::ExpertMatch>,
 }
 
 impl Plan {
@@ -234,6 +237,10 @@ pub fn build(
     let target_specs = target_specs(source, target, &present, same);
     let target_specs = experts::check_pairing(source, target, target_specs, same, &filter)?;
     let layer_map = layer_map(source, target, options);
+    let experts = match target_specs.iter().any(|s| s.expert) {
+        true => experts::match_by_router(source, target, &layer_map)?,
+        false => BTreeMap::new(),
+    };
     let mut modules = Vec::new();
     for (&j, &i) in &layer_map {
         for spec in &target_specs {
@@ -243,6 +250,7 @@ pub fn build(
                 source_layer: i,
                 target_layer: j,
                 same_layout: same,
+                experts: experts.get(&j),
             };
             // An expert's module once per expert, expert e from the source's expert e.
             for expert in spec.instances(&target.ckpt.config) {
@@ -250,7 +258,11 @@ pub fn build(
             }
         }
     }
-    let plan = Plan { modules, layer_map };
+    let plan = Plan {
+        modules,
+        layer_map,
+        experts,
+    };
     if let Some(list) = &options.modules {
         // A list that selects nothing the adapter adapts would write an all-zero adapter.
         if !plan
@@ -397,6 +409,8 @@ struct LayerPair<'p, 'a> {
     source_layer: usize,
     target_layer: usize,
     same_layout: bool,
+    /// The source expert of each target expert in this layer, where the counts differ.
+    experts: Option<&'p experts::ExpertMatch>,
 }
 
 impl LayerPair<'_, '_> {
@@ -423,7 +437,12 @@ impl LayerPair<'_, '_> {
         let mut units = Vec::new();
         for (part, src_spec) in pieces {
             // Pairing checked expert modules against expert modules only.
-            let src_expert = expert.filter(|_| src_spec.expert);
+            let src_expert = expert
+                .filter(|_| src_spec.expert)
+                .map(|e| match self.experts {
+                    Some(m) => m.source_experts[e],
+                    None => e,
+                });
             units.push(self.unit(
                 spec,
                 (&target_tensor, shape),

@@ -189,6 +189,9 @@ pub fn run(job: &Job) -> Result<Report> {
         selected_modules: job.options.modules.clone(),
         device: device_note,
         layer_map: report::layer_map_json(&opened.plan),
+        expert_map: (opened.plan.experts.iter())
+            .map(|(j, m)| (j.to_string(), m.clone()))
+            .collect(),
         hub: job.hub.clone(),
         basis_cache: cache.as_ref().map(|c| report::CacheUse {
             dir: job
@@ -309,6 +312,9 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     let plan_start = Instant::now();
     let plan = plan::build(&s, &t, &adapter_modules, &job.adapter, &options)?;
     timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
+    if let Some(note) = plan::experts::summary(&plan.experts, s.experts(), t.experts()) {
+        job.progress.note(&note);
+    }
     drop((s, t));
     Ok(Opened {
         source,

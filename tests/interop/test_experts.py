@@ -167,3 +167,52 @@ def test_copy_onto_the_same_model_is_exact(moe, family, binary, tmp_path):
     iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", adapter,
                 "--mode", "copy", "--out", out)
     assert iu.max_rel_diff(peft_logits(target, out), peft_logits(base, adapter)) < 1e-5
+
+
+def test_an_expert_pruned_model_takes_each_kept_experts_update(moe, binary, tmp_path):
+    """Experts 3, 0 and 2 of four kept, renumbered, with their router rows (as REAP-style pruning
+    leaves them): each finds its original by its router and takes exactly its update."""
+    import transformers as tf
+
+    _, get = moe
+    base, _, adapter = get("qwen3_moe")
+    kept = [3, 0, 2]
+    weights = load_file(str(base / "model.safetensors"))
+    pruned = {}
+    for name, value in weights.items():
+        if ".mlp.experts." in name:
+            head, rest = name.split(".mlp.experts.")
+            e, tail = rest.split(".", 1)
+            if int(e) in kept:
+                pruned[f"{head}.mlp.experts.{kept.index(int(e))}.{tail}"] = value
+        elif name.endswith(".mlp.gate.weight"):
+            pruned[name] = value[kept]
+        else:
+            pruned[name] = value
+    target = tmp_path / "pruned"
+    target.mkdir()
+    config = json.loads((base / "config.json").read_text())
+    # transformers 5 writes `num_local_experts` for every family; earlier ones `num_experts` here.
+    config["num_local_experts" if "num_local_experts" in config else "num_experts"] = len(kept)
+    (target / "config.json").write_text(json.dumps(config))
+    save_file(pruned, str(target / "model.safetensors"), metadata={"format": "pt"})
+    assert isinstance(iu.load_model(target), tf.Qwen3MoeForCausalLM)
+
+    out = tmp_path / "out"
+    iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", adapter,
+                "--out", out)
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["mode"] == "rotate", report["auto_reason"]  # every module's shape agrees
+    for layer in map(str, range(LAYERS)):
+        assert report["expert_map"][layer]["source_experts"] == kept
+        assert np.allclose(report["expert_map"][layer]["router_cosine"], 1.0)
+    want, got = iu.module_updates(adapter), iu.module_updates(out)
+    for layer in range(LAYERS):
+        for k, e in enumerate(kept):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                a = want[f"model.layers.{layer}.mlp.experts.{e}.{p}"]
+                b = got[f"model.layers.{layer}.mlp.experts.{k}.{p}"]
+                assert np.abs(b - a).max() < 1e-4 * np.abs(a).max(), (layer, k, p)
+    logits = peft_logits(target, out)
+    assert iu.max_rel_diff(logits, merged(target, out, tmp_path)) < 1e-4
+    assert iu.max_rel_diff(logits, iu.logits(iu.load_model(target))) > MIN_CHANGE
