@@ -535,7 +535,7 @@ fn adapter_configs_that_would_change_the_update_are_refused() {
         ),
         (
             "target_parameters",
-            json!(["mlp.experts.down_proj"]),
+            json!(["model.embed_tokens.weight"]),
             "target_parameters",
         ),
     ] {

@@ -625,3 +625,121 @@ fn map_is_refused_and_auto_aligns_across_depths() {
     );
     assert_eq!(report.modules.len(), 4 + 2 * 3);
 }
+
+/// PEFT's LoRA on fused experts (`target_parameters`): per expert, A in rows `e·r..(e+1)·r` of
+/// the stacked A, B in columns `k·E + e` of the stacked B; `gate_up_proj`'s rows the gate's then
+/// the up projection's. Written here from per-expert factors in that layout, it reads back as
+/// them, one module per expert, under the names of the source's table (Mixtral's too), and
+/// transfers as them.
+#[test]
+fn a_lora_on_fused_experts_reads_one_module_per_expert() {
+    let (h, width, r, experts) = (DIMS.0, DIMS.5, 3, 2);
+    let d = Dirs::new();
+    let per_expert: Vec<[Mat<f32>; 4]> = (0..experts)
+        .map(|e| {
+            let s = 10 * e as u64;
+            [
+                gaussian(r, h, 7, s),             // gate_up's A
+                gaussian(2 * width, r, 7, s + 1), // gate_up's B: gate rows, then up rows
+                gaussian(r, width, 7, s + 2),     // down's A
+                gaussian(h, r, 7, s + 3),         // down's B
+            ]
+        })
+        .collect();
+    // PEFT's stacking: A's blocks one after the other, B's columns interleaved by expert.
+    let stack = |which: usize| {
+        let a = &per_expert[0][which];
+        Mat::from_fn(r * experts, a.ncols(), |i, c| {
+            per_expert[i / r][which][(i % r, c)]
+        })
+    };
+    let interleave = |which: usize| {
+        let b = &per_expert[0][which];
+        Mat::from_fn(b.nrows(), r * experts, |o, j| {
+            per_expert[j % experts][which][(o, j / experts)]
+        })
+    };
+    let factors = |a: Mat<f32>, b: Mat<f32>| loraxfer::io::adapter::LoraFactors {
+        r: a.nrows(),
+        in_features: a.ncols(),
+        out_features: b.nrows(),
+        a: row_major(&a),
+        b: row_major(&b),
+        alpha: 6.0,
+        ty: FloatType::F32,
+    };
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        // The second parameter wrapped sits on the first wrapper's `base_layer`.
+        modules.insert(
+            format!("model.layers.{l}.mlp.experts"),
+            factors(stack(2), interleave(3)),
+        );
+        modules.insert(
+            format!("model.layers.{l}.mlp.experts.base_layer"),
+            factors(stack(0), interleave(1)),
+        );
+    }
+    let extra = serde_json::json!({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]});
+    write_peft(&d.p("fused"), "qwen3_moe", r, 6.0, extra, &modules);
+
+    let adapter = Adapter::open(&d.p("fused")).unwrap();
+    assert_eq!(adapter.modules.len(), LAYERS * experts * 3);
+    for e in 0..experts {
+        let [a_gu, b_gu, a_down, b_down] = &per_expert[e];
+        for (part, a, b) in [
+            ("gate_proj", a_gu, b_gu.subrows(0, width).to_owned()),
+            ("up_proj", a_gu, b_gu.subrows(width, width).to_owned()),
+            ("down_proj", a_down, b_down.clone()),
+        ] {
+            let f = adapter
+                .factors(&format!("model.layers.1.mlp.experts.{e}.{part}"))
+                .unwrap();
+            assert_eq!((f.r, f.alpha), (r, 6.0));
+            assert_eq!(
+                (f.a, f.b),
+                (row_major(a), row_major(&b)),
+                "expert {e} {part}"
+            );
+        }
+    }
+    // Transferred from a Mixtral, whose checkpoint names the experts `block_sparse_moe.…w1`.
+    for family in ["qwen3_moe", "mixtral"] {
+        let base = d.p(family);
+        moe_model(&base, family, experts, 1);
+        let out = d.p(&format!("{family}-out"));
+        transfer::run(&job(&base, &base, &d.p("fused"), &out, Mode::Copy)).unwrap();
+        let written = Adapter::open(&out).unwrap();
+        assert_eq!(written.modules.len(), adapter.modules.len());
+        let names = expert_modules(family, 1, width, h);
+        for (k, part) in ["gate_proj", "up_proj", "down_proj"]
+            .into_iter()
+            .enumerate()
+        {
+            let want = delta(&adapter, &format!("model.layers.0.mlp.experts.1.{part}"));
+            let got = delta(&written, &format!("model.layers.0.{}", names[k].0));
+            assert!(fro(&(&got - &want)) / fro(&want) < 1e-5, "{family} {part}");
+        }
+        let config = common::cli::read_json(&out.join("adapter_config.json"));
+        assert!(config["target_parameters"].is_null());
+    }
+    // Shapes that fit no reading are refused, naming the tensor.
+    let mut odd = modules.clone();
+    odd.insert(
+        "model.layers.0.mlp.experts".into(),
+        factors(stack(2), interleave(3).subcols(0, 5).to_owned()),
+    );
+    odd.get_mut("model.layers.0.mlp.experts")
+        .unwrap()
+        .a
+        .truncate(5 * width);
+    odd.get_mut("model.layers.0.mlp.experts").unwrap().r = 5;
+    let extra = serde_json::json!({"target_parameters": ["gate_up_proj", "down_proj"]});
+    write_peft(&d.p("odd"), "qwen3_moe", r, 6.0, extra, &odd);
+    let e = Adapter::open(&d.p("odd")).unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.0.mlp.experts.lora_A.weight")
+            && e.contains("not r = 3 (adapter_config.json) per expert"),
+        "{e}"
+    );
+}

@@ -229,6 +229,47 @@ fn unit_rows(side: &ModelSide<'_>, layer: usize) -> Result<Vec<Vec<f64>>> {
         .collect())
 }
 
+/// Names the per-expert modules of a LoRA on fused experts as the source's table names them:
+/// PEFT calls a Mixtral layer's experts `mlp.experts` where its checkpoint writes
+/// `block_sparse_moe.experts.<e>.w1`.
+pub fn name_fused_experts(adapter: &mut crate::io::adapter::Adapter, source: &ModelSide<'_>) {
+    let fused: Vec<String> = adapter
+        .modules
+        .iter()
+        .filter(|(_, m)| m.a.expert.is_some())
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in fused {
+        if source.arch.parse_module(&source.prefix, &name).is_some() {
+            continue;
+        }
+        // `<prefix>.<layer>.<…>.experts.<e>.<gate_proj | up_proj | down_proj>`
+        let placed = (|| {
+            let rest = name.strip_prefix(&source.prefix)?.strip_prefix('.')?;
+            let (layer, rest) = rest.split_once('.')?;
+            let (rest, part) = rest.rsplit_once('.')?;
+            let (experts, expert) = rest.rsplit_once('.')?;
+            let part = match part {
+                "gate_proj" => Part::Gate,
+                "up_proj" => Part::Up,
+                "down_proj" => Part::Down,
+                _ => return None,
+            };
+            let spec = source.arch.module_with(part);
+            (experts.ends_with("experts") && spec.expert).then_some(())?;
+            let (layer, expert) = (layer.parse().ok()?, expert.parse().ok()?);
+            Some(
+                source
+                    .arch
+                    .module_path(&source.prefix, layer, Some(expert), spec),
+            )
+        })();
+        if let Some(to) = placed {
+            adapter.rename_module(&name, to);
+        }
+    }
+}
+
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth
 /// similarity), which a mixture-of-experts layer does not have.
 pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<()> {

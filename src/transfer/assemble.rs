@@ -209,8 +209,14 @@ pub fn output_config<T>(
     // with random updates.
     let names: Vec<Value> = modules.keys().cloned().map(Value::String).collect();
     raw.insert("target_modules".into(), Value::Array(names));
-    // Every target layer gets its module, so layer restrictions no longer apply.
-    for key in ["layers_to_transform", "layers_pattern", "exclude_modules"] {
+    // Every target layer gets its module, so layer restrictions no longer apply; and a LoRA on
+    // fused experts is written one module per expert, named in `target_modules`.
+    for key in [
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+        "target_parameters",
+    ] {
         if raw.contains_key(key) {
             raw.insert(key.into(), Value::Null);
         }

@@ -249,9 +249,10 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         // Before any work: a target llama.cpp has no architecture for is refused now.
         crate::io::gguf::lora::family_of_base(&target)?;
     }
-    let adapter = Adapter::open(&job.adapter)?;
+    let mut adapter = Adapter::open(&job.adapter)?;
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
+    plan::experts::name_fused_experts(&mut adapter, &s);
     let mut options = job.options.clone();
     if let Some(path) = &job.layer_map_file {
         options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,55 @@ def test_an_expert_pruned_model_takes_each_kept_experts_update(moe, binary, tmp_
     logits = peft_logits(target, out)
     assert iu.max_rel_diff(logits, merged(target, out, tmp_path)) < 1e-4
     assert iu.max_rel_diff(logits, iu.logits(iu.load_model(target))) > MIN_CHANGE
+
+
+def fused_adapter(family: str, base, out):
+    """A LoRA on transformers' fused expert parameters (PEFT's `target_parameters`), made and saved
+    by PEFT, with random B."""
+    from peft import LoraConfig, get_peft_model
+
+    if not out.exists():
+        model = iu.load_model(base)
+        torch.manual_seed(31)
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"],
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        with iu.quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
+            peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_B." in name:
+                    torch.nn.init.normal_(param, std=0.1)
+        peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_on_fused_experts_is_read_one_module_per_expert(moe, family, binary, tmp_path):
+    """PEFT's LoRA over all of a layer's experts at once: copied onto the same model, written one
+    module per expert, it computes what PEFT computes with the fused LoRA; rotated onto a next
+    release, it loads and equals its merge."""
+    root, get = moe
+    base, derived, _ = get(family)
+    adapter = fused_adapter(family, base, root / f"{family}-fused-lora")
+    keys = iu.read_tensors(adapter / "adapter_model.safetensors")
+    assert any(".experts.base_layer.lora_A" in k for k in keys), sorted(keys)[:6]
+
+    target = iu.copy_dir(base, tmp_path / "copy")
+    out = tmp_path / "out"
+    iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", adapter,
+                "--mode", "copy", "--out", out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config.get("target_parameters") is None
+    updates = iu.module_updates(out)
+    assert len(updates) == LAYERS * (2 + 3 * EXPERTS), sorted(updates)[:8]
+    want = peft_logits(base, adapter)
+    assert iu.max_rel_diff(peft_logits(target, out), want) < 1e-5
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(base))) > MIN_CHANGE
+
+    out = tmp_path / "rotated"
+    iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", derived, "--adapter", adapter,
+                "--out", out)
+    assert json.loads((out / "transfer_report.json").read_text())["mode"] == "rotate"
+    got = peft_logits(derived, out)
+    assert iu.max_rel_diff(got, merged(derived, out, tmp_path)) < 1e-4

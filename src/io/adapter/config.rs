@@ -16,8 +16,14 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
+    /// `target_parameters`: the fused expert parameters (`gate_up_proj`, `down_proj`) adapted as
+    /// one LoRA each over all experts (PEFT's LoRA on transformers 5's fused experts).
+    pub target_parameters: Vec<String>,
     pub raw: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The fused expert parameters whose LoRA is read, one module per expert.
+pub const EXPERT_PARAMETERS: [&str; 2] = ["gate_up_proj", "down_proj"];
 
 impl AdapterConfig {
     /// Parses and checks a config; `path` is for messages.
@@ -114,10 +120,6 @@ impl AdapterConfig {
                 "alora_invocation_tokens",
                 "activated LoRA is keyed to the source tokenizer's ids",
             ),
-            (
-                "target_parameters",
-                "LoRA on parameters (not modules) is not transferred",
-            ),
         ] {
             let present = raw
                 .get(key)
@@ -142,12 +144,14 @@ impl AdapterConfig {
             v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
         })?;
         let alpha_pattern = pattern_map(&raw, "alpha_pattern", path, |v| v.as_f64())?;
+        let target_parameters = expert_parameters(&raw, path)?;
         Ok(AdapterConfig {
             r,
             lora_alpha,
             use_rslora,
             rank_pattern,
             alpha_pattern,
+            target_parameters,
             raw,
         })
     }
@@ -179,6 +183,39 @@ impl AdapterConfig {
             s * r as f64
         }
     }
+}
+
+/// The last names of `target_parameters`, which may only be fused experts' (`gate_up_proj`,
+/// `down_proj`, alone or under their module's path): LoRA on any other parameter is refused.
+fn expert_parameters(
+    raw: &serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+) -> Result<Vec<String>> {
+    let Some(list) = raw.get("target_parameters").filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let entries = list
+        .as_array()
+        .ok_or_else(|| Error::config(path, "`target_parameters` is not a list"))?;
+    entries
+        .iter()
+        .map(|v| {
+            let name = v.as_str().unwrap_or_default();
+            let last = name.rsplit('.').next().unwrap_or_default();
+            if EXPERT_PARAMETERS.contains(&last) {
+                Ok(last.to_string())
+            } else {
+                Err(Error::UnsupportedAdapter {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "target_parameters names {v}: LoRA on parameters is read only for the \
+                         fused experts' {}",
+                        EXPERT_PARAMETERS.join(" and ")
+                    ),
+                })
+            }
+        })
+        .collect()
 }
 
 fn pattern_map<T>(

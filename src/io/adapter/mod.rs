@@ -15,7 +15,8 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 mod config;
-pub use config::{exact_pattern, AdapterConfig};
+mod fused;
+pub use config::{exact_pattern, AdapterConfig, EXPERT_PARAMETERS};
 
 /// One adapted module: its factors A `[r, in]` and B `[out, r]` (row-major) as `T` — where they
 /// lie in the adapter file ([`LoraTensors`]), their values ([`LoraFactors`]) or the bytes to be
@@ -32,8 +33,26 @@ pub struct LoraModule<T> {
     pub ty: FloatType,
 }
 
-/// A module as an adapter file holds it: the names of its lora_A and lora_B tensors.
-pub type LoraTensors = LoraModule<String>;
+/// A module as an adapter file holds it: where its lora_A and lora_B lie.
+pub type LoraTensors = LoraModule<FactorRef>;
+
+/// Where one factor lies in the adapter file: a whole tensor, or one expert's block of a LoRA on
+/// fused expert parameters (`fused.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactorRef {
+    pub tensor: String,
+    pub expert: Option<ExpertBlock>,
+}
+
+/// One expert's factor inside a fused LoRA of rank `rank` per expert over `experts` experts: the
+/// fused tensor's `rows` (and, in B, the expert's columns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertBlock {
+    pub expert: usize,
+    pub experts: usize,
+    pub rank: usize,
+    pub rows: std::ops::Range<usize>,
+}
 /// A module's factors in f32.
 pub type LoraFactors = LoraModule<Vec<f32>>;
 /// A module's factors encoded in its type, as the output file will hold them (half the memory of
@@ -128,16 +147,33 @@ impl Adapter {
     /// The factors of `module`, read from the file in f32.
     pub fn factors(&self, module: &str) -> Result<LoraFactors> {
         let m = self.module(module)?;
-        Ok(m.with(self.file.read_f32(&m.a)?, self.file.read_f32(&m.b)?))
+        Ok(m.with(self.read(&m.a, false)?, self.read(&m.b, true)?))
     }
 
     /// One factor of `module` (`[r, in]` A or `[out, r]` B), read from the file in f32.
     pub fn factor(&self, module: &str, which: Factor) -> Result<Vec<f32>> {
         let m = self.module(module)?;
-        self.file.read_f32(match which {
-            Factor::A => &m.a,
-            Factor::B => &m.b,
-        })
+        match which {
+            Factor::A => self.read(&m.a, false),
+            Factor::B => self.read(&m.b, true),
+        }
+    }
+
+    fn read(&self, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
+        match f.expert {
+            None => self.file.read_f32(&f.tensor),
+            Some(_) => {
+                let rows = |name: &str, r| self.file.read_rows_f32(name, r);
+                fused::pick(rows, f, is_b)
+            }
+        }
+    }
+
+    /// Gives a module another name (a fused expert's, as the source's table names it).
+    pub fn rename_module(&mut self, from: &str, to: String) {
+        if let Some(m) = self.modules.remove(from) {
+            self.modules.insert(to, m);
+        }
     }
 
     fn module(&self, module: &str) -> Result<&LoraTensors> {
@@ -218,6 +254,7 @@ fn index_modules(
         *slot = Some(key.to_string());
     }
     let mut out = BTreeMap::new();
+    let mut wrappers: BTreeMap<String, BTreeMap<usize, fused::Wrapper>> = BTreeMap::new();
     for (module, [a_key, b_key]) in pairs {
         let missing = |which: &str| Error::MissingTensor {
             path: path.to_path_buf(),
@@ -245,14 +282,6 @@ fn index_modules(
                 format!("lora_B is [{m}, {rb}] but lora_A is [{r}, {n}]: ranks differ"),
             ));
         }
-        let expected = config.rank_for(&module);
-        if r != expected {
-            return Err(Error::bad_tensor(
-                path,
-                &a_key,
-                format!("rank {r}, but adapter_config.json gives this module r = {expected}"),
-            ));
-        }
         let float_type = |key: &str, dtype| {
             FloatType::from_dtype(dtype).ok_or_else(|| {
                 Error::bad_tensor(
@@ -273,12 +302,41 @@ fn index_modules(
         // the work before it.
         file.rows_raw(&a_key, 0..r)?;
         file.rows_raw(&b_key, 0..m)?;
+        let fused = (!config.target_parameters.is_empty())
+            .then(|| fused::wrapper(&module))
+            .flatten();
+        if let Some((experts_path, depth)) = fused {
+            let w = fused::Wrapper {
+                a: a_key,
+                b: b_key,
+                a_shape: (r, n),
+                b_shape: (m, rb),
+                ty,
+            };
+            wrappers
+                .entry(experts_path.to_string())
+                .or_default()
+                .insert(depth, w);
+            continue;
+        }
+        let expected = config.rank_for(&module);
+        if r != expected {
+            return Err(Error::bad_tensor(
+                path,
+                &a_key,
+                format!("rank {r}, but adapter_config.json gives this module r = {expected}"),
+            ));
+        }
         let alpha = config.alpha_for(&module);
+        let whole = |tensor: String| FactorRef {
+            tensor,
+            expert: None,
+        };
         out.insert(
             module,
             LoraModule {
-                a: a_key,
-                b: b_key,
+                a: whole(a_key),
+                b: whole(b_key),
                 r,
                 in_features: n,
                 out_features: m,
@@ -286,6 +344,16 @@ fn index_modules(
                 ty,
             },
         );
+    }
+    for (name, m) in fused::expand(wrappers, config, path)? {
+        if out.insert(name.clone(), m).is_some() {
+            return Err(Error::UnsupportedAdapter {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`{name}` is adapted both on its own and through the fused experts"
+                ),
+            });
+        }
     }
     Ok(out)
 }

@@ -1,0 +1,176 @@
+//! PEFT's LoRA on fused expert parameters (`target_parameters`: transformers 5 holds a layer's
+//! experts as one `gate_up_proj` `[experts, 2·width, hidden]` and one `down_proj`
+//! `[experts, hidden, width]`), read as one module per expert.
+//!
+//! PEFT wraps the `experts` module once per parameter (the second wrapper's own module is then
+//! `experts.base_layer`) and gives each a LoRA of rank r per expert, stacked:
+//! A `[r·E, in]` holds expert e's A in rows `e·r .. (e+1)·r`, and B `[out, r·E]` holds column k of
+//! expert e's B at column `k·E + e` (`peft.tuners.lora.layer.ParamWrapper.get_delta_weight`).
+//! `gate_up_proj`'s rows are the gate's, then the up projection's; its per-expert B splits into
+//! the two, which share A. The modules are named as a checkpoint on disk names the experts
+//! (`<experts>.<e>.gate_proj`, `up_proj`, `down_proj`), which is what a transfer writes and PEFT
+//! converts back onto the fused parameters when it loads them.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::safetensors::FloatType;
+
+use super::{AdapterConfig, FactorRef, LoraTensors};
+
+/// The wrapper suffix of a fused experts module: `.experts`, or `.experts.base_layer`, … for the
+/// second and later parameters wrapped.
+const EXPERTS: &str = ".experts";
+const WRAPPED: &str = ".base_layer";
+
+/// `(experts path, depth)` of a PEFT module name that is a wrapper of fused expert parameters:
+/// `model.layers.3.mlp.experts.base_layer` → (`model.layers.3.mlp.experts`, 1).
+pub(super) fn wrapper(module: &str) -> Option<(&str, usize)> {
+    let mut rest = module;
+    let mut depth = 0;
+    while let Some(inner) = rest.strip_suffix(WRAPPED) {
+        rest = inner;
+        depth += 1;
+    }
+    rest.ends_with(EXPERTS).then_some((rest, depth))
+}
+
+/// One wrapper's two tensors and their shapes: A `[r·E, in]`, B `[out, r·E]`.
+pub(super) struct Wrapper {
+    pub a: String,
+    pub b: String,
+    pub a_shape: (usize, usize),
+    pub b_shape: (usize, usize),
+    /// The type both factors are written in (see `index_modules`).
+    pub ty: FloatType,
+}
+
+/// Expands every experts module's wrappers into per-expert modules; `path` names the file.
+pub(super) fn expand(
+    wrappers: BTreeMap<String, BTreeMap<usize, Wrapper>>,
+    config: &AdapterConfig,
+    path: &Path,
+) -> Result<BTreeMap<String, LoraTensors>> {
+    let bad = |tensor: &str, reason: String| Error::bad_tensor(path, tensor, reason);
+    let mut out = BTreeMap::new();
+    for (experts_path, by_depth) in wrappers {
+        let list: Vec<&Wrapper> = by_depth.values().collect();
+        let params = assign(&list, &config.target_parameters)
+            .ok_or_else(|| {
+                bad(
+                    &list[0].a,
+                    format!(
+                        "cannot tell which of target_parameters ({}) the {} LoRA(s) of `{experts_path}` adapt from their shapes ({})",
+                        config.target_parameters.join(", "),
+                        list.len(),
+                        list.iter()
+                            .map(|w| format!("A {:?}, B {:?}", w.a_shape, w.b_shape))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                )
+            })?;
+        for (w, param) in list.into_iter().zip(params) {
+            let name = format!("{experts_path}.{param}");
+            let r = config.rank_for(&name);
+            let alpha = config.alpha_for(&name);
+            let ((stacked, n), (m, stacked_b)) = (w.a_shape, w.b_shape);
+            if stacked != stacked_b || stacked % r != 0 || stacked == 0 {
+                return Err(bad(
+                    &w.a,
+                    format!(
+                        "lora_A is [{stacked}, {n}] and lora_B [{m}, {stacked_b}]: not r = {r} \
+                         (adapter_config.json) per expert for the same number of experts"
+                    ),
+                ));
+            }
+            let experts = stacked / r;
+            let parts: Vec<(&str, Range<usize>)> = if param == "gate_up_proj" {
+                if m % 2 != 0 {
+                    return Err(bad(
+                        &w.b,
+                        format!("gate_up_proj's {m} rows do not halve into gate and up"),
+                    ));
+                }
+                vec![("gate_proj", 0..m / 2), ("up_proj", m / 2..m)]
+            } else {
+                vec![("down_proj", 0..m)]
+            };
+            let ty = w.ty;
+            for e in 0..experts {
+                for (part, rows) in &parts {
+                    let block = |tensor: &str, rows: Range<usize>| FactorRef {
+                        tensor: tensor.to_string(),
+                        expert: Some(super::ExpertBlock {
+                            expert: e,
+                            experts,
+                            rank: r,
+                            rows,
+                        }),
+                    };
+                    out.insert(
+                        format!("{experts_path}.{e}.{part}"),
+                        LoraTensors {
+                            a: block(&w.a, e * r..(e + 1) * r),
+                            b: block(&w.b, rows.clone()),
+                            r,
+                            in_features: n,
+                            out_features: rows.len(),
+                            alpha,
+                            ty,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The parameter each wrapper adapts. One wrapper and one parameter named: that one. Otherwise
+/// the shapes decide: `gate_up_proj` reads the hidden state that `down_proj` writes
+/// (`A_gu.in = B_down.out`) and writes twice the width that `down_proj` reads
+/// (`B_gu.out = 2·A_down.in`); None when no assignment, or more than one, fits.
+fn assign(list: &[&Wrapper], params: &[String]) -> Option<Vec<&'static str>> {
+    let named = |p: &str| params.iter().any(|q| q == p);
+    match list {
+        [_] if params.len() == 1 => {
+            let p = ["gate_up_proj", "down_proj"]
+                .into_iter()
+                .find(|p| named(p))?;
+            Some(vec![p])
+        }
+        [x, y] if named("gate_up_proj") && named("down_proj") => {
+            let fits = |gu: &Wrapper, down: &Wrapper| {
+                gu.a_shape.1 == down.b_shape.0 && gu.b_shape.0 == 2 * down.a_shape.1
+            };
+            match (fits(x, y), fits(y, x)) {
+                (true, false) => Some(vec!["gate_up_proj", "down_proj"]),
+                (false, true) => Some(vec!["down_proj", "gate_up_proj"]),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Expert e's factor out of a fused one: A's rows `e·r .. (e+1)·r`, or B's `rows` at the
+/// columns `k·E + e`.
+pub(super) fn pick(
+    read_rows: impl Fn(&str, Range<usize>) -> Result<Vec<f32>>,
+    f: &FactorRef,
+    is_b: bool,
+) -> Result<Vec<f32>> {
+    let block = f.expert.as_ref().expect("a fused factor");
+    let values = read_rows(&f.tensor, block.rows.clone())?;
+    if !is_b {
+        return Ok(values);
+    }
+    let stride = block.rank * block.experts;
+    Ok(values
+        .chunks(stride)
+        .flat_map(|row| (0..block.rank).map(move |k| row[k * block.experts + block.expert]))
+        .collect())
+}
