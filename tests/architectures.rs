@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use common::*;
 use faer::Mat;
 use loraxfer::arch;
-use loraxfer::backend::Device;
 use loraxfer::io::adapter::{Adapter, LoraTensors};
 use loraxfer::io::checkpoint::{Checkpoint, ModelConfig};
 use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
 use loraxfer::plan::Options;
-use loraxfer::transfer::{self, Job};
+use loraxfer::transfer;
 
 const DIMS: (usize, usize, usize, usize, usize) = (32, 48, 4, 2, 8); // hidden, inter, heads, kv, head_dim
 
@@ -123,36 +122,14 @@ fn run_k(
     mode: Mode,
     rank: usize,
 ) -> transfer::report::Report {
-    let job = Job {
-        hub: Default::default(),
-        source_base: source.to_path_buf(),
-        target_base: target.to_path_buf(),
-        adapter: adapter.to_path_buf(),
-        out: out.to_path_buf(),
-        options: Options {
-            mode,
-            rank,
-            oversample: 4,
-            ..Options::default()
-        },
-        layer_map_file: None,
-        device: Device::Cpu,
-        cache_dir: None,
-        force: false,
-        gguf_adapter: false,
-        progress: Default::default(),
+    let options = Options {
+        mode,
+        rank,
+        oversample: 4,
+        ..Options::default()
     };
+    let job = cpu_job(source, target, adapter, out, options);
     transfer::run(&job).unwrap()
-}
-
-/// s·B·A of a module as PEFT would compute it from the written files.
-fn delta(adapter: &Adapter, module: &str) -> Mat<f32> {
-    let f = adapter.factors(module).unwrap();
-    let s = adapter.config.scale(f.r, f.alpha) as f32;
-    let b = from_row_major(&f.b, f.out_features, f.r);
-    let a = from_row_major(&f.a, f.r, f.in_features);
-    let d = mm(b.as_ref(), a.as_ref());
-    Mat::from_fn(d.nrows(), d.ncols(), |i, j| d[(i, j)] * s)
 }
 
 fn rows(m: &Mat<f32>, start: usize, len: usize) -> Mat<f32> {
@@ -409,22 +386,22 @@ fn unfused_to_fused_refuses_parts_into_blocks_with_their_scales() {
             4 + 4 + 8,
             "fused rank is the sum of the parts' ranks"
         );
-        let fused = delta(&out, &qkv);
+        let fused = update_of(&out, &qkv);
         let parts = [
             ("q_proj", 0, heads * d),
             ("k_proj", heads * d, kv * d),
             ("v_proj", (heads + kv) * d, kv * d),
         ];
         for (p, start, len) in parts {
-            let expected = delta(&src, &format!("model.layers.{l}.self_attn.{p}"));
+            let expected = update_of(&src, &format!("model.layers.{l}.self_attn.{p}"));
             let err = max_abs_diff(&rows(&fused, start, len), &expected);
             assert!(
                 err < 1e-5 * fro(&expected).max(1e-3),
                 "layer {l} {p}: fused block differs by {err}"
             );
         }
-        let gate_up = delta(&out, &format!("model.layers.{l}.mlp.gate_up_proj"));
-        let gate = delta(&src, &format!("model.layers.{l}.mlp.gate_proj"));
+        let gate_up = update_of(&out, &format!("model.layers.{l}.mlp.gate_up_proj"));
+        let gate = update_of(&src, &format!("model.layers.{l}.mlp.gate_proj"));
         assert!(max_abs_diff(&rows(&gate_up, 0, DIMS.1), &gate) < 1e-6);
     }
     let cfg: serde_json::Value = serde_json::from_str(
@@ -477,7 +454,7 @@ fn fused_to_unfused_and_back_keeps_every_update() {
         back.modules.keys().collect::<Vec<_>>()
     );
     for name in src.modules.keys() {
-        let (a, b) = (delta(&src, name), delta(&back, name));
+        let (a, b) = (update_of(&src, name), update_of(&back, name));
         assert!(
             max_abs_diff(&a, &b) < 1e-5 * fro(&a).max(1e-3),
             "{name} changed in the round trip"
@@ -536,9 +513,9 @@ fn fused_parts_project_like_their_unfused_twins() {
         Adapter::open(&f.root.join("p")).unwrap(),
         Adapter::open(&f.root.join("l")).unwrap(),
     );
-    let fused = delta(&p, "model.layers.1.self_attn.qkv_proj");
+    let fused = update_of(&p, "model.layers.1.self_attn.qkv_proj");
     let (_, _, heads, kv, d) = DIMS;
-    let k = delta(&l, "model.layers.1.self_attn.k_proj");
+    let k = update_of(&l, "model.layers.1.self_attn.k_proj");
     assert!(max_abs_diff(&rows(&fused, heads * d, kv * d), &k) < 1e-4 * fro(&k));
 }
 

@@ -11,7 +11,6 @@ use common::refusals::edit_json;
 use common::*;
 use faer::Mat;
 use loraxfer::arch;
-use loraxfer::backend::Device;
 use loraxfer::io::adapter::Adapter;
 use loraxfer::io::checkpoint::ModelConfig;
 use loraxfer::io::safetensors::FloatType;
@@ -143,36 +142,22 @@ fn moe_adapter(dir: &Path, family: &str, experts: usize, with_experts: bool) {
     write_peft(dir, family, 4, 8.0, serde_json::json!({}), &modules);
 }
 
-/// s·B·A of one module of an adapter.
-fn delta(adapter: &Adapter, module: &str) -> Mat<f32> {
-    let f = adapter.factors(module).unwrap();
-    let s = adapter.config.scale(f.r, f.alpha) as f32;
-    let b = from_row_major(&f.b, f.out_features, f.r);
-    let a = from_row_major(&f.a, f.r, f.in_features);
-    let d = mm(b.as_ref(), a.as_ref());
-    Mat::from_fn(d.nrows(), d.ncols(), |i, j| d[(i, j)] * s)
+fn job(source: &Path, target: &Path, adapter: &Path, out: &Path, mode: Mode) -> Job {
+    let options = Options {
+        mode,
+        rank: 64,
+        oversample: 4,
+        ..Options::default()
+    };
+    cpu_job(source, target, adapter, out, options)
 }
 
-fn job(source: &Path, target: &Path, adapter: &Path, out: &Path, mode: Mode) -> Job {
-    Job {
-        hub: Default::default(),
-        source_base: source.to_path_buf(),
-        target_base: target.to_path_buf(),
-        adapter: adapter.to_path_buf(),
-        out: out.to_path_buf(),
-        options: Options {
-            mode,
-            rank: 64,
-            oversample: 4,
-            ..Options::default()
-        },
-        layer_map_file: None,
-        device: Device::Cpu,
-        cache_dir: None,
-        force: false,
-        gguf_adapter: false,
-        progress: Default::default(),
-    }
+/// An adapter on `base` (a model type) with one module of shape `out × inp`.
+fn one_module_adapter(dir: &Path, base: &str, module: &str, out: usize, inp: usize) {
+    let mut modules = BTreeMap::new();
+    let f = random_factors(out, inp, 2, 4.0, 1, FloatType::F32);
+    modules.insert(module.to_string(), f);
+    write_peft(dir, base, 2, 4.0, serde_json::json!({}), &modules);
 }
 
 struct Dirs {
@@ -321,7 +306,7 @@ fn each_expert_takes_its_own_update() {
         let written = Adapter::open(&out).unwrap();
         assert_eq!(written.modules.len(), source.modules.len());
         for name in source.modules.keys() {
-            let (want, got) = (delta(&source, name), delta(&written, name));
+            let (want, got) = (update_of(&source, name), update_of(&written, name));
             let err = fro(&(&got - &want)) / fro(&want);
             assert!(err < 1e-4, "{}: {name} off by {err}", mode.name());
         }
@@ -367,7 +352,10 @@ fn experts_pair_by_index_across_releases_and_layouts() {
         Adapter::open(&d.p("out")).unwrap(),
     );
     for name in source.modules.keys() {
-        let (want, got) = (fro(&delta(&source, name)), fro(&delta(&written, name)));
+        let (want, got) = (
+            fro(&update_of(&source, name)),
+            fro(&update_of(&written, name)),
+        );
         // rotate turns the update, orthogonally, into the target's coordinates.
         assert!((got / want - 1.0).abs() < 1e-3, "{name}: {got} vs {want}");
     }
@@ -384,8 +372,8 @@ fn experts_pair_by_index_across_releases_and_layouts() {
     assert_eq!(mixed.modules.len(), source.modules.len());
     for (qwen, mixtral) in [("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")] {
         for (l, e) in [(0, 0), (1, 1), (0, 1)] {
-            let want = delta(&source, &format!("model.layers.{l}.mlp.experts.{e}.{qwen}"));
-            let got = delta(
+            let want = update_of(&source, &format!("model.layers.{l}.mlp.experts.{e}.{qwen}"));
+            let got = update_of(
                 &mixed,
                 &format!("model.layers.{l}.block_sparse_moe.experts.{e}.{mixtral}"),
             );
@@ -426,8 +414,10 @@ fn pruned_and_upcycled_experts_find_theirs_by_router() {
             for l in 0..LAYERS {
                 for (k, &e) in kept.iter().enumerate() {
                     for p in ["gate_proj", "up_proj", "down_proj"] {
-                        let want = delta(&source, &format!("model.layers.{l}.mlp.experts.{e}.{p}"));
-                        let got = delta(&written, &format!("model.layers.{l}.mlp.experts.{k}.{p}"));
+                        let want =
+                            update_of(&source, &format!("model.layers.{l}.mlp.experts.{e}.{p}"));
+                        let got =
+                            update_of(&written, &format!("model.layers.{l}.mlp.experts.{k}.{p}"));
                         let err = fro(&(&got - &want)) / fro(&want);
                         assert!(
                             err < 1e-4,
@@ -534,18 +524,12 @@ fn experts_without_a_counterpart_are_refused() {
         std::fs::remove_dir_all(d.p("out")).unwrap();
     }
     // A dense model's MLP update has no expert to go to either.
-    let mut modules = BTreeMap::new();
-    modules.insert(
-        "model.layers.0.mlp.up_proj".to_string(),
-        random_factors(inter, h, 2, 4.0, 1, FloatType::F32),
-    );
-    write_peft(
+    one_module_adapter(
         &d.p("dense-ad"),
         "qwen3",
-        2,
-        4.0,
-        serde_json::json!({}),
-        &modules,
+        "model.layers.0.mlp.up_proj",
+        inter,
+        h,
     );
     let e = err_of(&job(
         &d.p("dense"),
@@ -559,19 +543,8 @@ fn experts_without_a_counterpart_are_refused() {
         "{e}"
     );
     // An expert the source does not have.
-    let mut modules = BTreeMap::new();
-    modules.insert(
-        "model.layers.0.mlp.experts.3.up_proj".to_string(),
-        random_factors(DIMS.5, h, 2, 4.0, 1, FloatType::F32),
-    );
-    write_peft(
-        &d.p("bad-ad"),
-        "qwen3_moe",
-        2,
-        4.0,
-        serde_json::json!({}),
-        &modules,
-    );
+    let module = "model.layers.0.mlp.experts.3.up_proj";
+    one_module_adapter(&d.p("bad-ad"), "qwen3_moe", module, DIMS.5, h);
     let e = err_of(&job(
         &d.p("moe3"),
         &d.p("moe3"),
@@ -685,8 +658,7 @@ fn a_lora_on_fused_experts_reads_one_module_per_expert() {
 
     let adapter = Adapter::open(&d.p("fused")).unwrap();
     assert_eq!(adapter.modules.len(), LAYERS * experts * 3);
-    for e in 0..experts {
-        let [a_gu, b_gu, a_down, b_down] = &per_expert[e];
+    for (e, [a_gu, b_gu, a_down, b_down]) in per_expert.iter().enumerate() {
         for (part, a, b) in [
             ("gate_proj", a_gu, b_gu.subrows(0, width).to_owned()),
             ("up_proj", a_gu, b_gu.subrows(width, width).to_owned()),
@@ -716,8 +688,8 @@ fn a_lora_on_fused_experts_reads_one_module_per_expert() {
             .into_iter()
             .enumerate()
         {
-            let want = delta(&adapter, &format!("model.layers.0.mlp.experts.1.{part}"));
-            let got = delta(&written, &format!("model.layers.0.{}", names[k].0));
+            let want = update_of(&adapter, &format!("model.layers.0.mlp.experts.1.{part}"));
+            let got = update_of(&written, &format!("model.layers.0.{}", names[k].0));
             assert!(fro(&(&got - &want)) / fro(&want) < 1e-5, "{family} {part}");
         }
         let config = common::cli::read_json(&out.join("adapter_config.json"));

@@ -35,17 +35,9 @@ pub(super) fn check_pairing(
 ) -> Result<Vec<&'static ModuleSpec>> {
     let mut kept = Vec::with_capacity(specs.len());
     for spec in specs {
-        let pieces: Vec<(Option<Part>, &ModuleSpec)> = if same_layout {
-            vec![(None, source.arch.module(&spec.name).expect("same layout"))]
-        } else {
-            spec.parts
-                .iter()
-                .map(|&p| (Some(p), source.arch.module_with(p)))
-                .collect()
-        };
         let mut mismatch = None;
         let mut selected = false;
-        for (part, src_spec) in pieces {
+        for (part, src_spec) in super::pieces(source, spec, same_layout) {
             if let Some(why) = pairing_fault(source, target, src_spec, spec) {
                 let label = part.map_or(spec.name.as_str(), Part::module_name);
                 selected |= filter(label, &spec.name, &src_spec.name);

@@ -426,16 +426,8 @@ impl LayerPair<'_, '_> {
     ) -> Result<TargetModule> {
         let (source, target) = (self.source, self.target);
         let (target_tensor, shape) = target.weight(self.target_layer, expert, spec)?;
-        let pieces: Vec<(Option<Part>, &ModuleSpec)> = if self.same_layout {
-            vec![(None, source.arch.module(&spec.name).expect("same layout"))]
-        } else {
-            spec.parts
-                .iter()
-                .map(|&p| (Some(p), source.arch.module_with(p)))
-                .collect()
-        };
         let mut units = Vec::new();
-        for (part, src_spec) in pieces {
+        for (part, src_spec) in pieces(source, spec, self.same_layout) {
             // Pairing checked expert modules against expert modules only.
             let src_expert = expert
                 .filter(|_| src_spec.expert)
@@ -536,6 +528,23 @@ impl LayerPair<'_, '_> {
             rank_capped: decomposes && cap < options.rank,
             skip,
         })
+    }
+}
+
+/// The source modules that fill target module `spec`, each with the part it gives (None: the
+/// whole module, when the two tables lay their modules out alike).
+fn pieces(
+    source: &ModelSide<'_>,
+    spec: &ModuleSpec,
+    same_layout: bool,
+) -> Vec<(Option<Part>, &'static ModuleSpec)> {
+    if same_layout {
+        vec![(None, source.arch.module(&spec.name).expect("same layout"))]
+    } else {
+        spec.parts
+            .iter()
+            .map(|&p| (Some(p), source.arch.module_with(p)))
+            .collect()
     }
 }
 

@@ -327,3 +327,37 @@ pub fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Tensor>)) {
     write_file(&tmp, &out, pt_metadata()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// A transfer on the CPU with `options`, no cache, no GGUF, no progress.
+pub fn cpu_job(
+    source: &Path,
+    target: &Path,
+    adapter: &Path,
+    out: &Path,
+    options: loraxfer::plan::Options,
+) -> loraxfer::transfer::Job {
+    loraxfer::transfer::Job {
+        hub: Default::default(),
+        source_base: source.to_path_buf(),
+        target_base: target.to_path_buf(),
+        adapter: adapter.to_path_buf(),
+        out: out.to_path_buf(),
+        options,
+        layer_map_file: None,
+        device: loraxfer::backend::Device::Cpu,
+        cache_dir: None,
+        force: false,
+        gguf_adapter: false,
+        progress: Default::default(),
+    }
+}
+
+/// s·B·A of one module of an adapter, as PEFT computes it from the files.
+pub fn update_of(adapter: &loraxfer::io::adapter::Adapter, module: &str) -> Mat<f32> {
+    let f = adapter.factors(module).unwrap();
+    let s = adapter.config.scale(f.r, f.alpha) as f32;
+    let b = from_row_major(&f.b, f.out_features, f.r);
+    let a = from_row_major(&f.a, f.r, f.in_features);
+    let d = mm(b.as_ref(), a.as_ref());
+    Mat::from_fn(d.nrows(), d.ncols(), |i, j| d[(i, j)] * s)
+}
