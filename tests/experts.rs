@@ -1,186 +1,22 @@
 //! Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE): the config's expert count and width, one
-//! module per expert, expert e's update from the source's expert e and no other, and clear
-//! refusals where experts have no counterpart (a dense model, another expert count, the map mode).
+//! module per expert, each target expert's update from the source expert its router matches, and
+//! clear refusals where experts have no counterpart (a dense model, another hidden size, the map
+//! mode). Adapters on fused experts and LoRA GGUFs: tests/experts_adapters.rs.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::moe::*;
 use common::refusals::edit_json;
 use common::*;
-use faer::Mat;
 use loraxfer::arch;
 use loraxfer::io::adapter::Adapter;
 use loraxfer::io::checkpoint::ModelConfig;
 use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
-use loraxfer::plan::Options;
-use loraxfer::transfer::{self, Job};
-
-// hidden, dense MLP width, heads, kv heads, head_dim, expert width.
-const DIMS: (usize, usize, usize, usize, usize, usize) = (32, 48, 4, 2, 8, 12);
-const LAYERS: usize = 2;
-
-/// A mixture-of-experts checkpoint: `family` picks the names (`qwen3_moe`: `mlp.experts.E.*_proj`,
-/// `mixtral`: `block_sparse_moe.experts.E.w1|w2|w3`), `experts` the count; `seed` the weights.
-fn moe_model(dir: &Path, family: &'static str, experts: usize, seed: u64) {
-    moe_model_with(dir, family, &(0..experts).collect::<Vec<_>>(), seed, DIMS.0);
-}
-
-/// The same, with the model of `seed`'s experts `kept` (in this order: an expert-pruned model
-/// when they are fewer) at hidden size `h`.
-fn moe_model_with(dir: &Path, family: &'static str, kept: &[usize], seed: u64, h: usize) {
-    let (_, inter, heads, kv, d, width) = DIMS;
-    let experts = kept.len();
-    let mut t = BTreeMap::new();
-    for l in 0..LAYERS {
-        for (s, (name, out, inp)) in attention(h).into_iter().enumerate() {
-            let w = gaussian(out, inp, seed, (l * 100 + s) as u64);
-            t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
-        }
-        let router = gaussian(16, h, seed, (l * 100 + 99) as u64);
-        let rows = Mat::from_fn(experts, h, |k, c| router[(kept[k], c)]);
-        let block = if family == "mixtral" {
-            "block_sparse_moe"
-        } else {
-            "mlp"
-        };
-        t.insert(
-            format!("model.layers.{l}.{block}.gate.weight"),
-            weight(&rows),
-        );
-        for (k, &e) in kept.iter().enumerate() {
-            for (s, (name, out, inp)) in expert_modules(family, k, width, h).into_iter().enumerate()
-            {
-                let w = gaussian(out, inp, seed, (l * 100 + 10 + e * 3 + s) as u64);
-                t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
-            }
-        }
-    }
-    let model = TinyModel {
-        model_type: family,
-        hidden: h,
-        intermediate: inter,
-        layers: LAYERS,
-        heads,
-        kv_heads: kv,
-        head_dim: d,
-    };
-    write_checkpoint(dir, &model, &t, FloatType::F32);
-    edit_json(&dir.join("config.json"), |c| match family {
-        "mixtral" => {
-            c.insert("num_local_experts".into(), experts.into());
-            c.insert("intermediate_size".into(), width.into());
-        }
-        _ => {
-            c.insert("num_experts".into(), experts.into());
-            c.insert("moe_intermediate_size".into(), width.into());
-        }
-    });
-}
-
-fn weight(w: &Mat<f32>) -> (Vec<f32>, Vec<usize>) {
-    (row_major(w), vec![w.nrows(), w.ncols()])
-}
-
-/// The attention projections of a layer at hidden size `h`: (key, out, in).
-fn attention(h: usize) -> Vec<(String, usize, usize)> {
-    let (_, _, heads, kv, d, _) = DIMS;
-    [
-        ("q", heads * d, h),
-        ("k", kv * d, h),
-        ("v", kv * d, h),
-        ("o", h, heads * d),
-    ]
-    .into_iter()
-    .map(|(p, out, inp)| (format!("self_attn.{p}_proj"), out, inp))
-    .collect()
-}
-
-/// Expert `e`'s gate, up and down under `family`'s names: (key, out, in).
-fn expert_modules(family: &str, e: usize, width: usize, h: usize) -> Vec<(String, usize, usize)> {
-    let names = match family {
-        "mixtral" => [
-            ("block_sparse_moe", "w1"),
-            ("block_sparse_moe", "w3"),
-            ("block_sparse_moe", "w2"),
-        ],
-        _ => [
-            ("mlp", "gate_proj"),
-            ("mlp", "up_proj"),
-            ("mlp", "down_proj"),
-        ],
-    };
-    let shapes = [(width, h), (width, h), (h, width)];
-    names
-        .iter()
-        .zip(shapes)
-        .map(|(&(block, n), (out, inp))| (format!("{block}.experts.{e}.{n}"), out, inp))
-        .collect()
-}
-
-/// A PEFT adapter on `family` with every attention module and every expert's modules, each
-/// expert's factors its own.
-fn moe_adapter(dir: &Path, family: &str, experts: usize, with_experts: bool) {
-    let mut modules = BTreeMap::new();
-    for l in 0..LAYERS {
-        let mut all = attention(DIMS.0);
-        if with_experts {
-            for e in 0..experts {
-                all.extend(expert_modules(family, e, DIMS.5, DIMS.0));
-            }
-        }
-        for (s, (name, out, inp)) in all.into_iter().enumerate() {
-            let seed = (l * 1000 + s) as u64;
-            modules.insert(
-                format!("model.layers.{l}.{name}"),
-                random_factors(out, inp, 4, 8.0, seed, FloatType::F32),
-            );
-        }
-    }
-    write_peft(dir, family, 4, 8.0, serde_json::json!({}), &modules);
-}
-
-fn job(source: &Path, target: &Path, adapter: &Path, out: &Path, mode: Mode) -> Job {
-    let options = Options {
-        mode,
-        rank: 64,
-        oversample: 4,
-        ..Options::default()
-    };
-    cpu_job(source, target, adapter, out, options)
-}
-
-/// An adapter on `base` (a model type) with one module of shape `out × inp`.
-fn one_module_adapter(dir: &Path, base: &str, module: &str, out: usize, inp: usize) {
-    let mut modules = BTreeMap::new();
-    let f = random_factors(out, inp, 2, 4.0, 1, FloatType::F32);
-    modules.insert(module.to_string(), f);
-    write_peft(dir, base, 2, 4.0, serde_json::json!({}), &modules);
-}
-
-struct Dirs {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl Dirs {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        Dirs {
-            root: tmp.path().to_path_buf(),
-            _tmp: tmp,
-        }
-    }
-    fn p(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
-
-fn err_of(j: &Job) -> String {
-    transfer::run(j).unwrap_err().to_string()
-}
+use loraxfer::transfer;
 
 #[test]
 fn config_reads_expert_count_and_width() {
@@ -313,16 +149,25 @@ fn each_expert_takes_its_own_update() {
     }
 }
 
-/// Onto a drifted release, rotate pairs expert e with expert e (the report says so for every
-/// module), keeps each expert's update size, and a Mixtral with the same weights under its own
-/// names receives the same updates under its names.
+/// Onto a release that drifted 5% (routers included), each expert finds itself by its router and
+/// rotate pairs expert e with expert e (the report says so for every module), keeping each
+/// expert's update size; a Mixtral with the same weights under its own names receives the same
+/// updates under its names.
 #[test]
-fn experts_pair_by_index_across_releases_and_layouts() {
+fn experts_find_themselves_across_releases_and_layouts() {
     let d = Dirs::new();
-    moe_model(&d.p("src"), "qwen3_moe", 2, 1);
-    moe_model(&d.p("tgt"), "qwen3_moe", 2, 2);
-    moe_model(&d.p("mix"), "mixtral", 2, 1);
-    moe_adapter(&d.p("ad"), "qwen3_moe", 2, true);
+    moe_model(&d.p("src"), "qwen3_moe", 4, 1);
+    moe_model(&d.p("tgt"), "qwen3_moe", 4, 1);
+    rewrite(&d.p("tgt/model.safetensors"), |tensors| {
+        for (i, t) in tensors.iter_mut().enumerate() {
+            let noise = gaussian(1, t.values.len(), 9, i as u64);
+            for (v, g) in t.values.iter_mut().zip(noise.row(0).iter()) {
+                *v *= 1.0 + 0.05 * g;
+            }
+        }
+    });
+    moe_model(&d.p("mix"), "mixtral", 4, 1);
+    moe_adapter(&d.p("ad"), "qwen3_moe", 4, true);
     let report = transfer::run(&job(
         &d.p("src"),
         &d.p("tgt"),
@@ -346,7 +191,15 @@ fn experts_pair_by_index_across_releases_and_layouts() {
         );
         experts_seen.extend(expert_of(&row.target_key));
     }
-    assert_eq!(experts_seen.len(), 2);
+    assert_eq!(experts_seen.len(), 4);
+    for m in report.expert_map.values() {
+        assert_eq!(m.source_experts, [0, 1, 2, 3]);
+        assert!(
+            m.router_cosine.iter().all(|&c| c > 0.99),
+            "{:?}",
+            m.router_cosine
+        );
+    }
     let (source, written) = (
         Adapter::open(&d.p("ad")).unwrap(),
         Adapter::open(&d.p("out")).unwrap(),
@@ -444,6 +297,7 @@ fn experts_without_a_counterpart_are_refused() {
     let d = Dirs::new();
     moe_model(&d.p("moe3"), "qwen3_moe", 3, 1);
     moe_model_with(&d.p("moe2"), "qwen3_moe", &[0, 1], 1, 40);
+    moe_model_with(&d.p("moe3-wide"), "qwen3_moe", &[0, 1, 2], 1, 40);
     moe_adapter(&d.p("ad"), "qwen3_moe", 3, true);
     // A dense Qwen3 with the same attention.
     let (h, inter, heads, kv, dim, _) = DIMS;
@@ -484,6 +338,10 @@ fn experts_without_a_counterpart_are_refused() {
         (
             "dense",
             ["3 experts per layer", "one dense MLP per layer", "in "].as_slice(),
+        ),
+        (
+            "moe3-wide",
+            ["3 experts per layer in", "hidden sizes 32 and 40"].as_slice(),
         ),
         (
             "moe2",
@@ -556,6 +414,21 @@ fn experts_without_a_counterpart_are_refused() {
         e.contains("experts.3.up_proj") && e.contains("expert 3") && e.contains("3 experts"),
         "{e}"
     );
+    // A mixture-of-experts config that gives no expert count.
+    edit_json(&d.p("moe2/config.json"), |c| {
+        c.remove("num_experts");
+    });
+    let e = err_of(&job(
+        &d.p("moe2"),
+        &d.p("moe2"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Copy,
+    ));
+    assert!(
+        e.contains("moe2/config.json") && e.contains("no expert count"),
+        "{e}"
+    );
 }
 
 /// The map mode reads dense MLPs: named, it is refused; auto picks align instead and says why.
@@ -597,121 +470,4 @@ fn map_is_refused_and_auto_aligns_across_depths() {
         "{why}"
     );
     assert_eq!(report.modules.len(), 4 + 2 * 3);
-}
-
-/// PEFT's LoRA on fused experts (`target_parameters`): per expert, A in rows `e·r..(e+1)·r` of
-/// the stacked A, B in columns `k·E + e` of the stacked B; `gate_up_proj`'s rows the gate's then
-/// the up projection's. Written here from per-expert factors in that layout, it reads back as
-/// them, one module per expert, under the names of the source's table (Mixtral's too), and
-/// transfers as them.
-#[test]
-fn a_lora_on_fused_experts_reads_one_module_per_expert() {
-    let (h, width, r, experts) = (DIMS.0, DIMS.5, 3, 2);
-    let d = Dirs::new();
-    let per_expert: Vec<[Mat<f32>; 4]> = (0..experts)
-        .map(|e| {
-            let s = 10 * e as u64;
-            [
-                gaussian(r, h, 7, s),             // gate_up's A
-                gaussian(2 * width, r, 7, s + 1), // gate_up's B: gate rows, then up rows
-                gaussian(r, width, 7, s + 2),     // down's A
-                gaussian(h, r, 7, s + 3),         // down's B
-            ]
-        })
-        .collect();
-    // PEFT's stacking: A's blocks one after the other, B's columns interleaved by expert.
-    let stack = |which: usize| {
-        let a = &per_expert[0][which];
-        Mat::from_fn(r * experts, a.ncols(), |i, c| {
-            per_expert[i / r][which][(i % r, c)]
-        })
-    };
-    let interleave = |which: usize| {
-        let b = &per_expert[0][which];
-        Mat::from_fn(b.nrows(), r * experts, |o, j| {
-            per_expert[j % experts][which][(o, j / experts)]
-        })
-    };
-    let factors = |a: Mat<f32>, b: Mat<f32>| loraxfer::io::adapter::LoraFactors {
-        r: a.nrows(),
-        in_features: a.ncols(),
-        out_features: b.nrows(),
-        a: row_major(&a),
-        b: row_major(&b),
-        alpha: 6.0,
-        ty: FloatType::F32,
-    };
-    let mut modules = BTreeMap::new();
-    for l in 0..LAYERS {
-        // The second parameter wrapped sits on the first wrapper's `base_layer`.
-        modules.insert(
-            format!("model.layers.{l}.mlp.experts"),
-            factors(stack(2), interleave(3)),
-        );
-        modules.insert(
-            format!("model.layers.{l}.mlp.experts.base_layer"),
-            factors(stack(0), interleave(1)),
-        );
-    }
-    let extra = serde_json::json!({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]});
-    write_peft(&d.p("fused"), "qwen3_moe", r, 6.0, extra, &modules);
-
-    let adapter = Adapter::open(&d.p("fused")).unwrap();
-    assert_eq!(adapter.modules.len(), LAYERS * experts * 3);
-    for (e, [a_gu, b_gu, a_down, b_down]) in per_expert.iter().enumerate() {
-        for (part, a, b) in [
-            ("gate_proj", a_gu, b_gu.subrows(0, width).to_owned()),
-            ("up_proj", a_gu, b_gu.subrows(width, width).to_owned()),
-            ("down_proj", a_down, b_down.clone()),
-        ] {
-            let f = adapter
-                .factors(&format!("model.layers.1.mlp.experts.{e}.{part}"))
-                .unwrap();
-            assert_eq!((f.r, f.alpha), (r, 6.0));
-            assert_eq!(
-                (f.a, f.b),
-                (row_major(a), row_major(&b)),
-                "expert {e} {part}"
-            );
-        }
-    }
-    // Transferred from a Mixtral, whose checkpoint names the experts `block_sparse_moe.…w1`.
-    for family in ["qwen3_moe", "mixtral"] {
-        let base = d.p(family);
-        moe_model(&base, family, experts, 1);
-        let out = d.p(&format!("{family}-out"));
-        transfer::run(&job(&base, &base, &d.p("fused"), &out, Mode::Copy)).unwrap();
-        let written = Adapter::open(&out).unwrap();
-        assert_eq!(written.modules.len(), adapter.modules.len());
-        let names = expert_modules(family, 1, width, h);
-        for (k, part) in ["gate_proj", "up_proj", "down_proj"]
-            .into_iter()
-            .enumerate()
-        {
-            let want = update_of(&adapter, &format!("model.layers.0.mlp.experts.1.{part}"));
-            let got = update_of(&written, &format!("model.layers.0.{}", names[k].0));
-            assert!(fro(&(&got - &want)) / fro(&want) < 1e-5, "{family} {part}");
-        }
-        let config = common::cli::read_json(&out.join("adapter_config.json"));
-        assert!(config["target_parameters"].is_null());
-    }
-    // Shapes that fit no reading are refused, naming the tensor.
-    let mut odd = modules.clone();
-    odd.insert(
-        "model.layers.0.mlp.experts".into(),
-        factors(stack(2), interleave(3).subcols(0, 5).to_owned()),
-    );
-    odd.get_mut("model.layers.0.mlp.experts")
-        .unwrap()
-        .a
-        .truncate(5 * width);
-    odd.get_mut("model.layers.0.mlp.experts").unwrap().r = 5;
-    let extra = serde_json::json!({"target_parameters": ["gate_up_proj", "down_proj"]});
-    write_peft(&d.p("odd"), "qwen3_moe", r, 6.0, extra, &odd);
-    let e = Adapter::open(&d.p("odd")).unwrap_err().to_string();
-    assert!(
-        e.contains("model.layers.0.mlp.experts.lora_A.weight")
-            && e.contains("not r = 3 (adapter_config.json) per expert"),
-        "{e}"
-    );
 }

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod checkpoint;
+pub mod config;
 pub mod gguf;
 pub mod hub;
 pub mod output;

@@ -1,16 +1,15 @@
 //! Mixture-of-experts models in the plan: an expert's module (`mlp.experts.5.up_proj`) takes its
-//! update from one expert of the source.
+//! update from one expert of the source, the one whose router row is closest in direction to its
+//! own. A router row is the direction along which the residual stream selects its expert:
+//! - a release, a fine-tune or a continued pre-training keeps each expert at its index and moves
+//!   its row little, so expert e finds expert e;
+//! - an expert-pruned model (REAP and the like) keeps a subset of the experts, renumbered, with
+//!   their rows as they were, so each finds its original at cosine 1; an upcycled model's copies
+//!   of an expert all find it.
 //!
-//! - Equal expert counts: expert e from expert e. A release, a fine-tune or a continued
-//!   pre-training of a model keeps its experts' indices (training assigns them, then keeps them).
-//! - Different counts at the same hidden size (an expert-pruned model, such as REAP's, keeps a
-//!   subset of the experts, renumbered; an upcycled one copies some): expert e from the source
-//!   expert whose router row is closest in direction to e's. A router row is the direction along
-//!   which the residual stream selects its expert, and pruning keeps the kept experts' rows as
-//!   they were, so a pruned model's experts find their originals at cosine 1.
-//! - Otherwise (different counts and widths), and between experts and a dense MLP, no pairing
-//!   holds: refused where the user selects those modules, with the attention-only transfer that
-//!   still works.
+//! Between models of different hidden sizes the rows cannot be compared (and experts of unrelated
+//! models share no index), and a dense MLP is no one expert: those modules are refused where the
+//! user selects them, with the attention-only transfer that still works.
 //!
 //! Reading the routers (experts × hidden per layer) is the only weight data the plan touches.
 
@@ -50,7 +49,7 @@ pub(super) fn check_pairing(
                 return Err(Error::Config {
                     path: target.ckpt.dir.clone(),
                     reason: format!(
-                        "the adapter's `{}` cannot be carried onto this model: {why}; transfer the \
+                        "this model's `{}` cannot take the adapter's update: {why}; transfer the \
                          attention alone with --modules q_proj,k_proj,v_proj,o_proj",
                         spec.name
                     ),
@@ -80,7 +79,6 @@ fn pairing_fault(
     let hidden = |side: &ModelSide<'_>| side.ckpt.config.hidden_size;
     let fault = match (src_spec.expert, spec.expert) {
         (false, false) => None,
-        (true, true) if source.experts() == target.experts() => None,
         // Routers of equal width can be compared to match experts.
         (true, true) if hidden(source) == hidden(target) => None,
         (true, true) => Some(format!(
@@ -99,7 +97,7 @@ fn pairing_fault(
     })
 }
 
-/// The source expert of every target expert in one target layer, when the counts differ.
+/// The source expert of every target expert in one target layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpertMatch {
     pub source_layer: usize,
@@ -109,15 +107,15 @@ pub struct ExpertMatch {
     pub router_cosine: Vec<f64>,
 }
 
-/// Target layer → its experts' sources, for the layers in `layer_map` when the expert counts
-/// differ (empty when they agree: expert e from expert e).
+/// Target layer → its experts' sources, for the layers in `layer_map` (empty unless both models
+/// have experts).
 pub(super) fn match_by_router(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     layer_map: &BTreeMap<usize, usize>,
 ) -> Result<BTreeMap<usize, ExpertMatch>> {
-    let (es, et) = (source.experts(), target.experts());
-    if es == et || es == 0 || et == 0 {
+    let et = target.experts();
+    if source.experts() == 0 || et == 0 {
         return Ok(BTreeMap::new());
     }
     let mut matches = BTreeMap::new();
@@ -179,9 +177,13 @@ pub fn summary(
     let shared = matches
         .values()
         .any(|m| distinct(m) < m.source_experts.len());
+    let moved = matches
+        .values()
+        .any(|m| m.source_experts.iter().enumerate().any(|(e, &s)| s != e));
     Some(format!(
         "experts matched by their routers ({target_experts} per target layer from \
-         {source_experts}{}): the weakest match is layer {layer}'s expert {expert} at cosine {cosine:.3}",
+         {source_experts}{}{}): the weakest match is layer {layer}'s expert {expert} at cosine {cosine:.3}",
+        if moved { ", not all at their own index" } else { "" },
         if shared { ", some sharing a source expert" } else { "" }
     ))
 }
@@ -224,14 +226,34 @@ fn unit_rows(side: &ModelSide<'_>, layer: usize) -> Result<Vec<Vec<f64>>> {
 /// Names the per-expert modules of a LoRA on fused experts as the source's table names them:
 /// PEFT calls a Mixtral layer's experts `mlp.experts` where its checkpoint writes
 /// `block_sparse_moe.experts.<e>.w1`.
-pub fn name_fused_experts(adapter: &mut crate::io::adapter::Adapter, source: &ModelSide<'_>) {
-    let fused: Vec<String> = adapter
+pub fn name_fused_experts(
+    adapter: &mut crate::io::adapter::Adapter,
+    source: &ModelSide<'_>,
+) -> Result<()> {
+    let fused: Vec<(String, crate::io::adapter::FactorRef)> = adapter
         .modules
         .iter()
         .filter(|(_, m)| m.a.expert.is_some())
-        .map(|(name, _)| name.clone())
+        .map(|(name, m)| (name.clone(), m.a.clone()))
         .collect();
-    for name in fused {
+    for (name, a) in fused {
+        // PEFT stacks as many experts as the model has: another count means another r per expert
+        // than the one trained, and blocks that cut across experts.
+        let block = a.expert.as_ref().expect("filtered");
+        if block.experts != source.experts() {
+            return Err(Error::bad_tensor(
+                adapter.dir.join(crate::io::adapter::WEIGHTS_FILE),
+                &a.tensor,
+                format!(
+                    "at r = {} per expert it stacks {} experts, but {} has {} per layer: is r in \
+                     adapter_config.json the one it was trained with?",
+                    block.rank,
+                    block.experts,
+                    source.ckpt.dir.display(),
+                    source.experts()
+                ),
+            ));
+        }
         if source.arch.parse_module(&source.prefix, &name).is_some() {
             continue;
         }
@@ -257,9 +279,10 @@ pub fn name_fused_experts(adapter: &mut crate::io::adapter::Adapter, source: &Mo
             )
         })();
         if let Some(to) = placed {
-            adapter.rename_module(&name, to);
+            adapter.rename_module(&name, to)?;
         }
     }
+    Ok(())
 }
 
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth

@@ -4,6 +4,9 @@
 
 pub mod experts;
 pub mod layers;
+mod side;
+
+pub use side::ModelSide;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -11,7 +14,6 @@ use std::path::Path;
 
 use crate::arch::{Arch, ModuleSpec, Part};
 use crate::error::{Error, Result};
-use crate::io::checkpoint::Checkpoint;
 use crate::modes::Mode;
 
 /// The user's choices for a transfer.
@@ -91,58 +93,6 @@ impl Options {
     }
 }
 
-/// A model as the plan sees it: its table, layer prefix and checkpoint.
-pub struct ModelSide<'a> {
-    pub arch: &'static Arch,
-    pub prefix: String,
-    pub ckpt: &'a Checkpoint,
-}
-
-impl<'a> ModelSide<'a> {
-    pub fn new(ckpt: &'a Checkpoint) -> Result<Self> {
-        let arch = crate::arch::for_config(&ckpt.config, &ckpt.config_path())?;
-        let prefix = arch.detect_prefix(ckpt)?.to_string();
-        Ok(ModelSide { arch, prefix, ckpt })
-    }
-
-    pub fn layers(&self) -> usize {
-        self.ckpt.config.num_hidden_layers
-    }
-
-    /// How many experts each layer has (0 for a dense model).
-    pub fn experts(&self) -> usize {
-        self.ckpt.config.experts.map_or(0, |e| e.count)
-    }
-
-    /// The weight tensor of a module (of one expert, for an expert's module), checked against
-    /// the shape the config implies (every reader of a base weight goes through it: a tensor of
-    /// another shape would be read out of bounds, or sliced at the wrong rows).
-    pub(crate) fn weight(
-        &self,
-        layer: usize,
-        expert: Option<usize>,
-        spec: &ModuleSpec,
-    ) -> Result<(String, (usize, usize))> {
-        let name = format!(
-            "{}.weight",
-            self.arch.module_path(&self.prefix, layer, expert, spec)
-        );
-        let shape = self.ckpt.shape(&name)?;
-        let expected = spec.shape(&self.ckpt.config);
-        if shape != [expected.0, expected.1] {
-            return Err(Error::bad_tensor(
-                &self.ckpt.dir,
-                &name,
-                format!(
-                    "shape {shape:?}, but config.json implies [{}, {}]",
-                    expected.0, expected.1
-                ),
-            ));
-        }
-        Ok((name, expected))
-    }
-}
-
 /// What the plan needs to know of one source-adapter module.
 #[derive(Debug, Clone, Copy)]
 pub struct SourceModule {
@@ -201,8 +151,8 @@ pub struct TargetModule {
 pub struct Plan {
     pub modules: Vec<TargetModule>,
     pub layer_map: BTreeMap<usize, usize>,
-    /// Target layer → the source expert of each of its experts, where the expert counts differ
-    /// (empty otherwise: expert e from expert e).
+    /// Target layer → the source expert of each of its experts, matched by their routers (empty
+    /// unless both models have experts).
     pub experts: BTreeMap<usize, experts::ExpertMatch>,
 }
 
@@ -327,7 +277,8 @@ fn adapter_modules<'a>(
             return Err(Error::UnsupportedAdapter {
                 path: adapter_path.to_path_buf(),
                 reason: format!(
-                    "module `{name}` is expert {e}, but the source base has {} experts per layer",
+                    "module `{name}` is expert {e}, but the source base {} has {} experts per layer",
+                    source.ckpt.dir.display(),
                     source.experts()
                 ),
             });
@@ -409,7 +360,7 @@ struct LayerPair<'p, 'a> {
     source_layer: usize,
     target_layer: usize,
     same_layout: bool,
-    /// The source expert of each target expert in this layer, where the counts differ.
+    /// The source expert of each target expert in this layer (models with experts).
     experts: Option<&'p experts::ExpertMatch>,
 }
 
@@ -428,13 +379,11 @@ impl LayerPair<'_, '_> {
         let (target_tensor, shape) = target.weight(self.target_layer, expert, spec)?;
         let mut units = Vec::new();
         for (part, src_spec) in pieces(source, spec, self.same_layout) {
-            // Pairing checked expert modules against expert modules only.
+            // Pairing checked expert modules against expert modules only, and matched every
+            // target expert of the layer.
             let src_expert = expert
                 .filter(|_| src_spec.expert)
-                .map(|e| match self.experts {
-                    Some(m) => m.source_experts[e],
-                    None => e,
-                });
+                .map(|e| self.experts.expect("matched").source_experts[e]);
             units.push(self.unit(
                 spec,
                 (&target_tensor, shape),

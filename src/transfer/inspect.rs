@@ -58,9 +58,10 @@ pub fn run(
     let s = ModelSide::new(source)?;
     let t = ModelSide::new(target)?;
     // Pretend the adapter covers every module of the source, so the plan pairs them all (experts
-    // only where the target has as many: no other pairing of experts exists).
+    // only where the target's can take them: experts of the same hidden size).
     let mut all = BTreeMap::new();
-    let experts_pair = s.experts() == t.experts();
+    let experts_pair = s.arch.has_experts() == t.arch.has_experts()
+        && (!s.arch.has_experts() || source.config.hidden_size == target.config.hidden_size);
     for layer in 0..s.layers() {
         for spec in s.arch.modules.iter().filter(|m| !m.expert || experts_pair) {
             let (out, inp) = spec.shape(&source.config);
@@ -136,7 +137,7 @@ pub fn run(
 pub fn table(ins: &Inspection) -> String {
     let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     let mut out = format!(
-        "{} ({}) -> {} ({}), k = {}\n{:<10} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
+        "{} ({}) -> {} ({}), k = {}\n{:<14} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
         ins.source_base,
         ins.source_arch,
         ins.target_base,
@@ -152,9 +153,15 @@ pub fn table(ins: &Inspection) -> String {
         "similarity"
     );
     for p in &ins.pairs {
+        // An expert's module with its index: `up_proj[5]`.
+        let expert = p.target_key.split_once(".experts.");
+        let module = match expert.and_then(|(_, rest)| rest.split('.').next()) {
+            Some(e) => format!("{}[{e}]", p.module),
+            None => p.module.clone(),
+        };
         out += &format!(
-            "{:<10} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
-            p.module,
+            "{:<14} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
+            module,
             p.target_layer,
             p.source_layer,
             format!("{}x{}", p.source_shape[0], p.source_shape[1]),

@@ -252,7 +252,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     let mut adapter = Adapter::open(&job.adapter)?;
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
-    plan::experts::name_fused_experts(&mut adapter, &s);
+    plan::experts::name_fused_experts(&mut adapter, &s)?;
     let mut options = job.options.clone();
     if let Some(path) = &job.layer_map_file {
         options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);

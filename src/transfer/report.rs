@@ -127,7 +127,7 @@ pub struct Report {
     /// The backend and why it was picked (`cpu (auto: no GPU)`, `cuda (requested): …`).
     pub device: String,
     pub layer_map: BTreeMap<String, usize>,
-    /// Where the expert counts differ: for each target layer, the source expert of each of its
+    /// Between mixture-of-experts models: for each target layer, the source expert of each of its
     /// experts and the cosine of their router rows.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub expert_map: BTreeMap<String, crate::plan::experts::ExpertMatch>,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod moe;
 pub mod refusals;
 
 use std::collections::BTreeMap;

@@ -269,3 +269,19 @@ def test_a_lora_on_fused_experts_is_read_one_module_per_expert(moe, family, bina
     assert json.loads((out / "transfer_report.json").read_text())["mode"] == "rotate"
     got = peft_logits(derived, out)
     assert iu.max_rel_diff(got, merged(derived, out, tmp_path)) < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_gguf_for_an_moe_base_equals_llama_cpp_conversion(moe, family, binary, tmp_path):
+    """llama.cpp's `convert_lora_to_gguf.py` stacks each layer's experts into one tensor per
+    projection: loraxfer's export holds the same tensors, names, shapes, types and values."""
+    from test_gguf_lora import assert_same_lora, reference, tensors
+
+    _, get = moe
+    base, _, adapter = get(family)
+    got = tmp_path / "got.gguf"
+    iu.loraxfer(binary, "export-gguf", "--adapter", adapter, "--base", base, "--out", got)
+    assert_same_lora(got, reference(adapter, base, tmp_path / "want.gguf"))
+    shapes = {name: shape for name, (_, shape, _) in tensors(got).items()}
+    assert shapes["blk.0.ffn_up_exps.weight.lora_a"] == [64, R, EXPERTS]
+    assert shapes["blk.1.ffn_down_exps.weight.lora_b"] == [R, 64, EXPERTS]

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::safetensors::FloatType;
+use crate::io::safetensors::{decode_into, FloatType, TensorFile};
 
 use super::{AdapterConfig, FactorRef, LoraTensors};
 
@@ -157,20 +157,20 @@ fn assign(list: &[&Wrapper], params: &[String]) -> Option<Vec<&'static str>> {
 }
 
 /// Expert e's factor out of a fused one: A's rows `e·r .. (e+1)·r`, or B's `rows` at the
-/// columns `k·E + e`.
-pub(super) fn pick(
-    read_rows: impl Fn(&str, Range<usize>) -> Result<Vec<f32>>,
-    f: &FactorRef,
-    is_b: bool,
-) -> Result<Vec<f32>> {
+/// columns `k·E + e` (only those decoded: a layer's B is read once per expert).
+pub(super) fn pick(file: &TensorFile, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
     let block = f.expert.as_ref().expect("a fused factor");
-    let values = read_rows(&f.tensor, block.rows.clone())?;
     if !is_b {
-        return Ok(values);
+        return file.read_rows_f32(&f.tensor, block.rows.clone());
     }
-    let stride = block.rank * block.experts;
-    Ok(values
-        .chunks(stride)
-        .flat_map(|row| (0..block.rank).map(move |k| row[k * block.experts + block.expert]))
-        .collect())
+    // Every value was checked for NaN and Inf when the adapter was opened.
+    let (bytes, ty, cols) = file.rows_raw_unchecked(&f.tensor, block.rows.clone())?;
+    let size = ty.size();
+    let mut out = vec![0f32; block.rows.len() * block.rank];
+    for (i, value) in out.iter_mut().enumerate() {
+        let (row, k) = (i / block.rank, i % block.rank);
+        let at = (row * cols + k * block.experts + block.expert) * size;
+        decode_into(&bytes[at..at + size], ty, std::slice::from_mut(value));
+    }
+    Ok(out)
 }

@@ -162,18 +162,25 @@ impl Adapter {
     fn read(&self, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
         match f.expert {
             None => self.file.read_f32(&f.tensor),
-            Some(_) => {
-                let rows = |name: &str, r| self.file.read_rows_f32(name, r);
-                fused::pick(rows, f, is_b)
-            }
+            Some(_) => fused::pick(&self.file, f, is_b),
         }
     }
 
-    /// Gives a module another name (a fused expert's, as the source's table names it).
-    pub fn rename_module(&mut self, from: &str, to: String) {
+    /// Gives a module another name (a fused expert's, as the source's table names it); a name
+    /// the adapter already has is refused.
+    pub fn rename_module(&mut self, from: &str, to: String) -> Result<()> {
+        if self.modules.contains_key(&to) {
+            return Err(Error::UnsupportedAdapter {
+                path: self.dir.clone(),
+                reason: format!(
+                    "`{to}` is adapted both on its own and as `{from}` of the fused experts"
+                ),
+            });
+        }
         if let Some(m) = self.modules.remove(from) {
             self.modules.insert(to, m);
         }
+        Ok(())
     }
 
     fn module(&self, module: &str) -> Result<&LoraTensors> {

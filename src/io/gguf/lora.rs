@@ -40,9 +40,9 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
     names::FAMILIES
         .iter()
         .find(|f| match model_type {
-            // Mistral checkpoints convert as Llama; a multimodal Gemma 3's text model as gemma3;
-            // OLMo 3 as OLMo 2.
-            "mistral" => f.gguf == "llama",
+            // Mistral and Mixtral checkpoints convert as Llama; a multimodal Gemma 3's text model
+            // as gemma3; OLMo 3 as OLMo 2.
+            "mistral" | "mixtral" => f.gguf == "llama",
             "gemma3" => f.gguf == "gemma3",
             "olmo3" => f.gguf == "olmo2",
             other => f.model_type == other,
@@ -108,17 +108,26 @@ pub fn export(
     })
 }
 
-/// One adapted module, placed: its GGUF base tensor name, the heads its B rows are stored
-/// permuted by (Q and K of llama-family models), and the factor its B takes.
+/// One LoRA tensor pair, placed: its GGUF base tensor name, its modules (one; or, where llama.cpp
+/// stacks a layer's experts in one tensor, one per expert, None for an expert the adapter leaves
+/// alone, written as zeros), the heads its B rows are stored permuted by (Q and K of
+/// llama-family models).
 struct Placed<'a> {
-    module: &'a str,
     gguf: String,
+    members: Vec<Option<Member<'a>>>,
+    stacked: bool,
     permuted_heads: Option<usize>,
-    fold: f64,
     ty: FloatType,
     r: usize,
     in_features: usize,
     out_features: usize,
+}
+
+/// An adapter module in a placed tensor, and the factor its B takes.
+#[derive(Clone, Copy)]
+struct Member<'a> {
+    module: &'a str,
+    fold: f64,
 }
 
 /// Writes `adapter` as a llama.cpp LoRA GGUF for `base` at `out` (replacing it), named `name`
@@ -135,7 +144,9 @@ pub fn write_lora_gguf(
     let base_prefix = table.detect_prefix(base)?;
     let alpha = adapter.config.lora_alpha;
     let cfg = &base.config;
-    let mut placed = Vec::with_capacity(adapter.modules.len());
+    let mut placed: Vec<Placed<'_>> = Vec::with_capacity(adapter.modules.len());
+    // A stacked experts tensor's place in `placed`, by its GGUF name.
+    let mut stacks = std::collections::HashMap::new();
     for (module, m) in &adapter.modules {
         let not_for_base = |why: String| Error::UnsupportedAdapter {
             path: adapter.dir.clone(),
@@ -184,36 +195,77 @@ pub fn write_lora_gguf(
             1.0
         };
         let fold = adapter.config.scale(m.r, m.alpha) / gguf_scale;
-        placed.push(Placed {
-            module,
-            gguf: format!("blk.{layer}.{suffix}.weight"),
+        let member = Member { module, fold };
+        let ty = if fold == 1.0 { m.ty } else { FloatType::F32 };
+        let gguf = format!("blk.{layer}.{suffix}.weight");
+        let new = |members| Placed {
+            gguf: gguf.clone(),
+            members,
+            stacked: expert.is_some(),
             permuted_heads,
-            fold,
-            ty: if fold == 1.0 { m.ty } else { FloatType::F32 },
+            ty,
             r: m.r,
             in_features: m.in_features,
             out_features: m.out_features,
+        };
+        let Some(e) = expert else {
+            placed.push(new(vec![Some(member)]));
+            continue;
+        };
+        // llama.cpp holds a layer's experts in one tensor per projection, one rank for all.
+        let at = *stacks.entry(gguf.clone()).or_insert_with(|| {
+            placed.push(new(vec![None; cfg.experts.map_or(0, |x| x.count)]));
+            placed.len() - 1
         });
+        let stack = &mut placed[at];
+        if let Some(other) = stack.members.iter().flatten().next() {
+            if stack.r != m.r {
+                return Err(not_for_base(format!(
+                    "has rank {}, but `{}` has rank {} and llama.cpp stacks a layer's experts in one tensor of one rank",
+                    m.r, other.module, stack.r
+                )));
+            }
+        }
+        if stack.ty != ty {
+            stack.ty = FloatType::F32;
+        }
+        stack.members[e] = Some(member);
     }
     let mut tensors = Vec::with_capacity(placed.len() * 2);
     for p in &placed {
+        // A stack of experts is a third dimension, slowest: `[in, r, experts]`, `[r, out, experts]`.
+        let experts = p.stacked.then_some(p.members.len() as u64);
+        let (r, n, m) = (p.r as u64, p.in_features as u64, p.out_features as u64);
         tensors.push(GgufTensor {
             name: format!("{}.lora_a", p.gguf),
-            dims: vec![p.in_features as u64, p.r as u64],
+            dims: [n, r].into_iter().chain(experts).collect(),
             ty: p.ty,
             produce: Box::new(move || {
                 check()?;
-                Ok(encode_f32(&adapter.factor(p.module, Factor::A)?, p.ty))
+                let a = p.gather(
+                    |member| adapter.factor(member.module, Factor::A),
+                    p.r * p.in_features,
+                )?;
+                Ok(encode_f32(&a, p.ty))
             }),
         });
         tensors.push(GgufTensor {
             name: format!("{}.lora_b", p.gguf),
-            dims: vec![p.r as u64, p.out_features as u64],
+            dims: [r, m].into_iter().chain(experts).collect(),
             ty: p.ty,
             produce: Box::new(move || {
                 check()?;
-                let b = adapter.factor(p.module, Factor::B)?;
-                Ok(encode_f32(&stored_b(p, b), p.ty))
+                let b = p.gather(
+                    |member| {
+                        Ok(stored_b(
+                            p,
+                            member.fold,
+                            adapter.factor(member.module, Factor::B)?,
+                        ))
+                    },
+                    p.r * p.out_features,
+                )?;
+                Ok(encode_f32(&b, p.ty))
             }),
         });
     }
@@ -228,11 +280,29 @@ pub fn write_lora_gguf(
     write::write_file(out, &metadata, &tensors)
 }
 
-/// B as the GGUF holds it: its scale folded in, its rows in the base's stored order.
-fn stored_b(p: &Placed<'_>, mut b: Vec<f32>) -> Vec<f32> {
+impl Placed<'_> {
+    /// The members' factors one after the other (zeros, `len` of them, for an absent expert).
+    fn gather(
+        &self,
+        factor: impl Fn(&Member<'_>) -> Result<Vec<f32>>,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(len * self.members.len());
+        for member in &self.members {
+            match member {
+                Some(member) => out.extend(factor(member)?),
+                None => out.resize(out.len() + len, 0.0),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// B as the GGUF holds it: its scale (`fold`) folded in, its rows in the base's stored order.
+fn stored_b(p: &Placed<'_>, fold: f64, mut b: Vec<f32>) -> Vec<f32> {
     let r = p.r;
-    if p.fold != 1.0 {
-        b.iter_mut().for_each(|v| *v = (*v as f64 * p.fold) as f32);
+    if fold != 1.0 {
+        b.iter_mut().for_each(|v| *v = (*v as f64 * fold) as f32);
     }
     if let Some(heads) = p.permuted_heads {
         let rows = p.out_features;

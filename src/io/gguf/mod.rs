@@ -108,6 +108,15 @@ impl GgufModel {
                 ),
             )
         })?;
+        // llama.cpp stacks a layer's experts in one tensor per projection (Mixtral as a `llama`).
+        let experts = header.metadata.get(&format!("{arch}.expert_count"));
+        if experts.and_then(Value::as_u64).is_some_and(|n| n > 0) {
+            return Err(Error::config(
+                path,
+                "a mixture-of-experts GGUF (its experts stacked in one tensor per projection) is \
+                 not read as a base: use the model's Hugging Face checkpoint",
+            ));
+        }
         let mut by_name = HashMap::new();
         let mut shapes = HashMap::new();
         for (i, t) in header.tensors.iter().enumerate() {

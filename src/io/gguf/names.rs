@@ -108,6 +108,26 @@ pub const FAMILIES: &[Family] = &[
         false,
         false,
     ),
+    // Mixtures of experts (Mixtral converts as a Llama): for LoRA GGUFs only, as their experts'
+    // stacked tensors are not read as bases.
+    family(
+        "qwen3moe",
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "olmoe",
+        "olmoe",
+        "OlmoeForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
     // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
     family(
         "smollm3",
@@ -158,6 +178,15 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "mlp.up_proj" if !f.fused => "ffn_up",
         "mlp.gate_up_proj" if f.fused => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // A layer's experts, stacked by llama.cpp into one tensor per projection (written as
+        // LoRA tensors; bases with experts are not read).
+        "mlp.experts.{expert}.gate_proj" | "block_sparse_moe.experts.{expert}.w1" => {
+            "ffn_gate_exps"
+        }
+        "mlp.experts.{expert}.up_proj" | "block_sparse_moe.experts.{expert}.w3" => "ffn_up_exps",
+        "mlp.experts.{expert}.down_proj" | "block_sparse_moe.experts.{expert}.w2" => {
+            "ffn_down_exps"
+        }
         _ => return None,
     })
 }
@@ -325,6 +354,11 @@ mod tests {
             for spec in &table.modules {
                 let gguf = gguf_module(f, &spec.key)
                     .unwrap_or_else(|| panic!("{}: no GGUF name for {}", f.gguf, spec.key));
+                if spec.expert {
+                    // Stacked experts are written, never read back as a base's.
+                    assert!(gguf.ends_with("_exps"), "{gguf}");
+                    continue;
+                }
                 assert_eq!(
                     hf_name(f, &format!("blk.7.{gguf}.weight")).as_deref(),
                     Some(format!("model.layers.7.{}.weight", spec.key).as_str()),

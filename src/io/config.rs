@@ -1,0 +1,230 @@
+//! `config.json`: the fields the engine uses (for multimodal configs, those of `text_config`),
+//! each checked against the sizes a model can have: depth, widths, heads, the constant factors
+//! of the forward pass and, for a mixture of experts, the experts' count and width.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The fields of `config.json` the engine uses (for multimodal configs, those of `text_config`).
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub architectures: Vec<String>,
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// Constant factors of the forward pass (the map mode carries them).
+    pub scales: Scales,
+    /// The experts of a mixture-of-experts model (Mixtral, Qwen3-MoE, OLMoE); none for a dense one.
+    pub experts: Option<Experts>,
+    /// The whole file, kept so that unknown fields survive a rewrite.
+    pub raw: serde_json::Value,
+}
+
+/// Constant factors a family applies in its forward pass, which the weights do not show.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scales {
+    /// The embedding's factor before the first layer (`embedding_multiplier`, Granite; 1).
+    pub embedding: f64,
+    /// The factor of every block's output before it joins the residual
+    /// (`residual_multiplier`, Granite; 1).
+    pub residual: f64,
+    /// The attention scores' factor: `attention_multiplier` (Granite, 1 where absent), else
+    /// `query_pre_attn_scalar^-½` (Gemma 2/3), else `head_dim^-½`.
+    pub attention: f64,
+}
+
+/// The expert MLPs of a mixture-of-experts model: how many each layer has and their width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Experts {
+    /// `num_local_experts` (Mixtral) or `num_experts` (Qwen3-MoE, OLMoE).
+    pub count: usize,
+    /// Each expert's hidden width: `moe_intermediate_size` (Qwen3-MoE), else `intermediate_size`.
+    pub width: usize,
+}
+
+impl ModelConfig {
+    /// Parses a `config.json` text; `path` is for messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let raw: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+        let top = raw
+            .as_object()
+            .ok_or_else(|| Error::config(path, "config.json is not a JSON object"))?;
+        // Multimodal wrappers (Gemma 3 and others) keep the language model's fields in text_config.
+        let text = top
+            .get("text_config")
+            .and_then(|v| v.as_object())
+            .unwrap_or(top);
+        let model_type = top
+            .get("model_type")
+            .or_else(|| text.get("model_type"))
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::config(path, "no `model_type` field"))?
+            .to_string();
+        let architectures = top
+            .get("architectures")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let get = |key: &str| -> Result<usize> {
+            text.get(key)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::config(path, format!("missing or non-integer field `{key}`")))
+        };
+        let num_hidden_layers = get("num_hidden_layers")?;
+        let hidden_size = get("hidden_size")?;
+        let intermediate_size = get("intermediate_size")?;
+        let num_attention_heads = get("num_attention_heads")?;
+        let num_key_value_heads = get("num_key_value_heads").unwrap_or(num_attention_heads);
+        // Limits far above any real model keep every product of sizes inside usize.
+        for (key, value, max) in [
+            ("num_hidden_layers", num_hidden_layers, 1 << 16),
+            ("hidden_size", hidden_size, 1 << 24),
+            ("intermediate_size", intermediate_size, 1 << 24),
+            ("num_attention_heads", num_attention_heads, 1 << 16),
+            ("num_key_value_heads", num_key_value_heads, 1 << 16),
+        ] {
+            if value > max {
+                return Err(Error::config(
+                    path,
+                    format!("`{key}` = {value} is beyond any supported model (max {max})"),
+                ));
+            }
+        }
+        if num_attention_heads == 0
+            || num_hidden_layers == 0
+            || hidden_size == 0
+            || intermediate_size == 0
+            || num_key_value_heads == 0
+        {
+            return Err(Error::config(
+                path,
+                "num_hidden_layers, hidden_size, intermediate_size, num_attention_heads and \
+                 num_key_value_heads must be positive",
+            ));
+        }
+        // Grouped-query attention: each key/value head serves a whole group of query heads.
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`num_attention_heads` = {num_attention_heads} is not a multiple of \
+                     `num_key_value_heads` = {num_key_value_heads}"
+                ),
+            ));
+        }
+        let head_dim = text
+            .get("head_dim")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim > 1 << 16 {
+            return Err(Error::config(
+                path,
+                format!("`head_dim` = {head_dim} must be between 1 and 65536"),
+            ));
+        }
+        // Bounded so that every product with them stays a normal f32.
+        let scale = |key: &str| -> Result<Option<f64>> {
+            let Some(v) = text.get(key).filter(|v| !v.is_null()) else {
+                return Ok(None);
+            };
+            match v.as_f64() {
+                Some(x) if (1e-12..=1e12).contains(&x) => Ok(Some(x)),
+                _ => Err(Error::config(
+                    path,
+                    format!("`{key}` = {v} must be a number between 1e-12 and 1e12"),
+                )),
+            }
+        };
+        let (attention, query_pre_attn_scalar) = (
+            scale("attention_multiplier")?,
+            scale("query_pre_attn_scalar")?,
+        );
+        let scales = Scales {
+            embedding: scale("embedding_multiplier")?.unwrap_or(1.0),
+            residual: scale("residual_multiplier")?.unwrap_or(1.0),
+            // Granite's default multiplier is 1 (transformers' GraniteConfig).
+            attention: attention.unwrap_or_else(|| match query_pre_attn_scalar {
+                _ if model_type == "granite" => 1.0,
+                Some(q) => 1.0 / q.sqrt(),
+                None => 1.0 / (head_dim as f64).sqrt(),
+            }),
+        };
+        let experts = parse_experts(text, intermediate_size, path)?;
+        Ok(ModelConfig {
+            model_type,
+            architectures,
+            num_hidden_layers,
+            hidden_size,
+            intermediate_size,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            scales,
+            experts,
+            raw,
+        })
+    }
+}
+
+/// The expert counts and widths of a mixture-of-experts config; None when it names no experts.
+/// Layers with a dense MLP among expert layers (Qwen's `mlp_only_layers`, `decoder_sparse_step`)
+/// are refused: every table holds one MLP layout for all layers.
+fn parse_experts(
+    text: &serde_json::Map<String, serde_json::Value>,
+    intermediate_size: usize,
+    path: &Path,
+) -> Result<Option<Experts>> {
+    let field = |key: &str| text.get(key).filter(|v| !v.is_null());
+    let Some((key, count)) = ["num_local_experts", "num_experts"]
+        .into_iter()
+        .find_map(|k| field(k).map(|v| (k, v)))
+    else {
+        return Ok(None);
+    };
+    let count = match count.as_u64() {
+        Some(0) => return Ok(None),
+        Some(n) if n <= 1 << 16 => n as usize,
+        _ => {
+            return Err(Error::config(
+                path,
+                format!("`{key}` = {count} must be an integer between 0 and 65536"),
+            ))
+        }
+    };
+    let width = match field("moe_intermediate_size") {
+        None => intermediate_size,
+        Some(v) => match v.as_u64() {
+            Some(w) if w > 0 && w <= 1 << 24 => w as usize,
+            _ => {
+                return Err(Error::config(
+                    path,
+                    format!("`moe_intermediate_size` = {v} must be a positive integer up to 2^24"),
+                ))
+            }
+        },
+    };
+    let dense_layers = field("mlp_only_layers")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| !a.is_empty());
+    let step = field("decoder_sparse_step").and_then(|v| v.as_u64());
+    if dense_layers || step.is_some_and(|s| s > 1) {
+        return Err(Error::config(
+            path,
+            "layers with a dense MLP among the expert layers (`mlp_only_layers`, \
+             `decoder_sparse_step` > 1) are not supported",
+        ));
+    }
+    Ok(Some(Experts { count, width }))
+}

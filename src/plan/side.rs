@@ -1,0 +1,68 @@
+//! A model as the plan sees it: its architecture table, the layer prefix its checkpoint uses,
+//! and every base weight read through a check of its shape against the config.
+
+use crate::arch::{Arch, ModuleSpec};
+use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
+
+/// A model as the plan sees it: its table, layer prefix and checkpoint.
+pub struct ModelSide<'a> {
+    pub arch: &'static Arch,
+    pub prefix: String,
+    pub ckpt: &'a Checkpoint,
+}
+
+impl<'a> ModelSide<'a> {
+    pub fn new(ckpt: &'a Checkpoint) -> Result<Self> {
+        let arch = crate::arch::for_config(&ckpt.config, &ckpt.config_path())?;
+        if arch.has_experts() && ckpt.config.experts.is_none() {
+            return Err(Error::config(
+                ckpt.config_path(),
+                format!(
+                    "a {} model's MLPs are experts, but config.json gives no expert count \
+                     (`num_local_experts` or `num_experts`)",
+                    arch.name
+                ),
+            ));
+        }
+        let prefix = arch.detect_prefix(ckpt)?.to_string();
+        Ok(ModelSide { arch, prefix, ckpt })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.ckpt.config.num_hidden_layers
+    }
+
+    /// How many experts each layer has (0 for a dense model).
+    pub fn experts(&self) -> usize {
+        self.ckpt.config.experts.map_or(0, |e| e.count)
+    }
+
+    /// The weight tensor of a module (of one expert, for an expert's module), checked against
+    /// the shape the config implies (every reader of a base weight goes through it: a tensor of
+    /// another shape would be read out of bounds, or sliced at the wrong rows).
+    pub(crate) fn weight(
+        &self,
+        layer: usize,
+        expert: Option<usize>,
+        spec: &ModuleSpec,
+    ) -> Result<(String, (usize, usize))> {
+        let name = format!(
+            "{}.weight",
+            self.arch.module_path(&self.prefix, layer, expert, spec)
+        );
+        let shape = self.ckpt.shape(&name)?;
+        let expected = spec.shape(&self.ckpt.config);
+        if shape != [expected.0, expected.1] {
+            return Err(Error::bad_tensor(
+                &self.ckpt.dir,
+                &name,
+                format!(
+                    "shape {shape:?}, but config.json implies [{}, {}]",
+                    expected.0, expected.1
+                ),
+            ));
+        }
+        Ok((name, expected))
+    }
+}

@@ -1,0 +1,253 @@
+//! Adapters for mixture-of-experts models beyond one module per expert: PEFT's LoRA on fused
+//! experts (`target_parameters`) read one module per expert, and LoRA GGUFs whose experts are
+//! stacked as llama.cpp holds them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::moe::*;
+use common::*;
+use faer::Mat;
+use loraxfer::io::adapter::Adapter;
+use loraxfer::io::safetensors::FloatType;
+use loraxfer::modes::Mode;
+use loraxfer::transfer;
+
+/// PEFT's LoRA on fused experts (`target_parameters`): per expert, A in rows `e·r..(e+1)·r` of
+/// the stacked A, B in columns `k·E + e` of the stacked B; `gate_up_proj`'s rows the gate's then
+/// the up projection's. Written here from per-expert factors in that layout, it reads back as
+/// them, one module per expert, under the names of the source's table (Mixtral's too), and
+/// transfers as them.
+#[test]
+fn a_lora_on_fused_experts_reads_one_module_per_expert() {
+    let (h, width, r, experts) = (DIMS.0, DIMS.5, 3, 2);
+    let d = Dirs::new();
+    let per_expert: Vec<[Mat<f32>; 4]> = (0..experts)
+        .map(|e| {
+            let s = 10 * e as u64;
+            [
+                gaussian(r, h, 7, s),             // gate_up's A
+                gaussian(2 * width, r, 7, s + 1), // gate_up's B: gate rows, then up rows
+                gaussian(r, width, 7, s + 2),     // down's A
+                gaussian(h, r, 7, s + 3),         // down's B
+            ]
+        })
+        .collect();
+    // PEFT's stacking: A's blocks one after the other, B's columns interleaved by expert.
+    let stack = |which: usize| {
+        let a = &per_expert[0][which];
+        Mat::from_fn(r * experts, a.ncols(), |i, c| {
+            per_expert[i / r][which][(i % r, c)]
+        })
+    };
+    let interleave = |which: usize| {
+        let b = &per_expert[0][which];
+        Mat::from_fn(b.nrows(), r * experts, |o, j| {
+            per_expert[j % experts][which][(o, j / experts)]
+        })
+    };
+    let factors = |a: Mat<f32>, b: Mat<f32>| loraxfer::io::adapter::LoraFactors {
+        r: a.nrows(),
+        in_features: a.ncols(),
+        out_features: b.nrows(),
+        a: row_major(&a),
+        b: row_major(&b),
+        alpha: 6.0,
+        ty: FloatType::F32,
+    };
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        // The second parameter wrapped sits on the first wrapper's `base_layer`.
+        modules.insert(
+            format!("model.layers.{l}.mlp.experts"),
+            factors(stack(2), interleave(3)),
+        );
+        modules.insert(
+            format!("model.layers.{l}.mlp.experts.base_layer"),
+            factors(stack(0), interleave(1)),
+        );
+    }
+    let extra = serde_json::json!({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]});
+    write_peft(&d.p("fused"), "qwen3_moe", r, 6.0, extra.clone(), &modules);
+
+    let adapter = Adapter::open(&d.p("fused")).unwrap();
+    assert_eq!(adapter.modules.len(), LAYERS * experts * 3);
+    for (e, [a_gu, b_gu, a_down, b_down]) in per_expert.iter().enumerate() {
+        for (part, a, b) in [
+            ("gate_proj", a_gu, b_gu.subrows(0, width).to_owned()),
+            ("up_proj", a_gu, b_gu.subrows(width, width).to_owned()),
+            ("down_proj", a_down, b_down.clone()),
+        ] {
+            let f = adapter
+                .factors(&format!("model.layers.1.mlp.experts.{e}.{part}"))
+                .unwrap();
+            assert_eq!((f.r, f.alpha), (r, 6.0));
+            assert_eq!(
+                (f.a, f.b),
+                (row_major(a), row_major(&b)),
+                "expert {e} {part}"
+            );
+        }
+    }
+    // Transferred from a Mixtral, whose checkpoint names the experts `block_sparse_moe.…w1`.
+    for family in ["qwen3_moe", "mixtral"] {
+        let base = d.p(family);
+        moe_model(&base, family, experts, 1);
+        let out = d.p(&format!("{family}-out"));
+        transfer::run(&job(&base, &base, &d.p("fused"), &out, Mode::Copy)).unwrap();
+        let written = Adapter::open(&out).unwrap();
+        assert_eq!(written.modules.len(), adapter.modules.len());
+        let names = expert_modules(family, 1, width, h);
+        for (k, part) in ["gate_proj", "up_proj", "down_proj"]
+            .into_iter()
+            .enumerate()
+        {
+            let want = update_of(&adapter, &format!("model.layers.0.mlp.experts.1.{part}"));
+            let got = update_of(&written, &format!("model.layers.0.{}", names[k].0));
+            assert!(fro(&(&got - &want)) / fro(&want) < 1e-5, "{family} {part}");
+        }
+        let config = common::cli::read_json(&out.join("adapter_config.json"));
+        assert!(config["target_parameters"].is_null());
+    }
+    // An r that divides the stacked rows into another number of experts than the model's.
+    write_peft(&d.p("r2"), "qwen3_moe", 2, 6.0, extra.clone(), &modules);
+    let base = d.p("qwen3_moe");
+    let e = transfer::run(&job(&base, &base, &d.p("r2"), &d.p("r2-out"), Mode::Copy))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mlp.experts") && e.contains("stacks 3 experts") && e.contains("2 per layer"),
+        "{e}"
+    );
+    // Shapes that fit no reading are refused, naming the tensor.
+    let mut odd = modules.clone();
+    odd.insert(
+        "model.layers.0.mlp.experts".into(),
+        factors(stack(2), interleave(3).subcols(0, 5).to_owned()),
+    );
+    odd.get_mut("model.layers.0.mlp.experts")
+        .unwrap()
+        .a
+        .truncate(5 * width);
+    odd.get_mut("model.layers.0.mlp.experts").unwrap().r = 5;
+    let extra = serde_json::json!({"target_parameters": ["gate_up_proj", "down_proj"]});
+    write_peft(&d.p("odd"), "qwen3_moe", r, 6.0, extra, &odd);
+    let e = Adapter::open(&d.p("odd")).unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.0.mlp.experts.lora_A.weight")
+            && e.contains("not r = 3 (adapter_config.json) per expert"),
+        "{e}"
+    );
+}
+
+/// A LoRA GGUF for a mixture-of-experts base stacks each layer's experts into one tensor per
+/// projection, as llama.cpp's converter does (`[in, r, experts]` A, `[r, out, experts]` B; expert
+/// e in the e-th slice), zeros for an expert the adapter leaves alone; experts of other ranks
+/// cannot share one tensor and are refused; a GGUF base with stacked experts is not read.
+#[test]
+fn a_lora_gguf_stacks_the_experts_of_a_layer() {
+    use loraxfer::io::gguf::header::parse;
+    use loraxfer::io::safetensors::decode_f32;
+    let (h, width) = (DIMS.0, DIMS.5);
+    let d = Dirs::new();
+    let export = |adapter: &Path, base: &Path, out: &Path| {
+        let progress = loraxfer::progress::Progress::default();
+        loraxfer::io::gguf::lora::export(adapter, base, out, false, &progress)
+    };
+    for (family, arch, gate) in [
+        ("qwen3_moe", "qwen3moe", "mlp.experts.{e}.gate_proj"),
+        ("mixtral", "llama", "block_sparse_moe.experts.{e}.w1"),
+    ] {
+        let base = d.p(family);
+        moe_model(&base, family, 3, 1);
+        // Experts 0 and 2 of layer 1's gate, nothing else.
+        let mut modules = BTreeMap::new();
+        for e in [0, 2] {
+            let name = format!("model.layers.1.{}", gate.replace("{e}", &e.to_string()));
+            modules.insert(
+                name,
+                random_factors(width, h, 2, 4.0, e as u64, FloatType::F32),
+            );
+        }
+        let adapter = d.p(&format!("{family}-ad"));
+        write_peft(&adapter, family, 2, 4.0, serde_json::json!({}), &modules);
+        let out = d.p(&format!("{family}.gguf"));
+        export(&adapter, &base, &out).unwrap();
+        let data = std::fs::read(&out).unwrap();
+        let header = parse(&data).unwrap();
+        assert_eq!(header.metadata["general.architecture"].as_str(), Some(arch));
+        let names: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "blk.1.ffn_gate_exps.weight.lora_a",
+                "blk.1.ffn_gate_exps.weight.lora_b"
+            ]
+        );
+        let (a, b) = (&header.tensors[0], &header.tensors[1]);
+        assert_eq!(
+            (a.dims.as_slice(), b.dims.as_slice()),
+            ([h, 2, 3].as_slice(), [2, width, 3].as_slice())
+        );
+        let (a, b) = (
+            decode_f32(&data[a.start..a.end], FloatType::F32),
+            decode_f32(&data[b.start..b.end], FloatType::F32),
+        );
+        let (len_a, len_b) = (2 * h, 2 * width);
+        for e in 0..3 {
+            let (a_e, b_e) = (
+                &a[e * len_a..(e + 1) * len_a],
+                &b[e * len_b..(e + 1) * len_b],
+            );
+            match modules.get(&format!(
+                "model.layers.1.{}",
+                gate.replace("{e}", &e.to_string())
+            )) {
+                Some(f) => assert_eq!(
+                    (a_e, b_e),
+                    (f.a.as_slice(), f.b.as_slice()),
+                    "{family} expert {e}"
+                ),
+                None => assert!(
+                    a_e.iter().chain(b_e).all(|&x| x == 0.0),
+                    "{family} expert {e}"
+                ),
+            }
+        }
+    }
+    // Experts of other ranks cannot share one tensor.
+    let mut modules = BTreeMap::new();
+    for (e, r) in [(0, 2), (1, 3)] {
+        let name = format!("model.layers.0.mlp.experts.{e}.up_proj");
+        modules.insert(name, random_factors(width, h, r, 4.0, 1, FloatType::F32));
+    }
+    let extra = serde_json::json!({"rank_pattern": {"model.layers.0.mlp.experts.1.up_proj": 3}});
+    write_peft(&d.p("ranks"), "qwen3_moe", 2, 4.0, extra, &modules);
+    let e = export(&d.p("ranks"), &d.p("qwen3_moe"), &d.p("ranks.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("experts.1.up_proj")
+            && e.contains("experts.0.up_proj")
+            && e.contains("one rank"),
+        "{e}"
+    );
+    assert!(!d.p("ranks.gguf").exists());
+    // A GGUF base whose experts are stacked (a Mixtral converts as a `llama`) is not read.
+    let gguf = d.p("mixtral.gguf");
+    use loraxfer::io::gguf::write::{write_file, MetaValue};
+    let meta = [
+        ("general.architecture", MetaValue::Str("llama")),
+        ("llama.expert_count", MetaValue::U32(8)),
+    ];
+    write_file(&gguf, &meta, &[]).unwrap();
+    let e = loraxfer::io::checkpoint::Checkpoint::open(&gguf)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mixtral.gguf") && e.contains("mixture-of-experts"),
+        "{e}"
+    );
+}
