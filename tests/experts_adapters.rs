@@ -145,7 +145,7 @@ fn a_lora_on_fused_experts_reads_one_module_per_expert() {
 /// A LoRA GGUF for a mixture-of-experts base stacks each layer's experts into one tensor per
 /// projection, as llama.cpp's converter does (`[in, r, experts]` A, `[r, out, experts]` B; expert
 /// e in the e-th slice), zeros for an expert the adapter leaves alone; experts of other ranks
-/// cannot share one tensor and are refused; a GGUF base with stacked experts is not read.
+/// cannot share one tensor and are refused.
 #[test]
 fn a_lora_gguf_stacks_the_experts_of_a_layer() {
     use loraxfer::io::gguf::header::parse;
@@ -235,19 +235,21 @@ fn a_lora_gguf_stacks_the_experts_of_a_layer() {
         "{e}"
     );
     assert!(!d.p("ranks.gguf").exists());
-    // A GGUF base whose experts are stacked (a Mixtral converts as a `llama`) is not read.
-    let gguf = d.p("mixtral.gguf");
+    // A GGUF with experts of an architecture without a table is refused, saying which are read.
+    let gguf = d.p("qwen2moe.gguf");
     use loraxfer::io::gguf::write::{write_file, MetaValue};
     let meta = [
-        ("general.architecture", MetaValue::Str("llama")),
-        ("llama.expert_count", MetaValue::U32(8)),
+        ("general.architecture", MetaValue::Str("qwen2moe")),
+        ("qwen2moe.expert_count", MetaValue::U32(8)),
     ];
     write_file(&gguf, &meta, &[]).unwrap();
     let e = loraxfer::io::checkpoint::Checkpoint::open(&gguf)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("mixtral.gguf") && e.contains("mixture-of-experts"),
+        e.contains("qwen2moe.gguf")
+            && e.contains("`qwen2moe` with experts")
+            && e.contains("qwen3moe, olmoe, llama"),
         "{e}"
     );
 }

@@ -285,3 +285,101 @@ def test_a_lora_gguf_for_an_moe_base_equals_llama_cpp_conversion(moe, family, bi
     shapes = {name: shape for name, (_, shape, _) in tensors(got).items()}
     assert shapes["blk.0.ffn_up_exps.weight.lora_a"] == [64, R, EXPERTS]
     assert shapes["blk.1.ffn_down_exps.weight.lora_b"] == [R, 64, EXPERTS]
+
+
+GGUF_ARCH = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA", "olmoe": "OLMOE"}
+
+
+def write_moe_gguf(base, path, qtype_name: str):
+    """The Hugging Face checkpoint in `base` as llama.cpp converts it: each layer's experts stacked
+    into `ffn_{gate,up,down}_exps` ([experts, out, in]), the router as `ffn_gate_inp`, Mixtral as a
+    `llama` with its Q and K rows permuted; the stacks stored as `qtype_name`."""
+    import gguf
+    from gguf.quants import quantize
+    from test_gguf import permute
+
+    config = json.loads((base / "config.json").read_text())
+    mixtral = config["model_type"] == "mixtral"
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[config["model_type"]])
+    layers, heads, kv = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    names = gguf.get_tensor_name_map(arch, layers)
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_block_count(layers)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_expert_count(EXPERTS)
+    w.add_expert_used_count(2)
+    if "moe_intermediate_size" in config:
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    weights = load_file(str(base / "model.safetensors"))
+    block = "block_sparse_moe" if mixtral else "mlp"
+    parts = {"w1": "gate", "w3": "up", "w2": "down"} if mixtral else \
+        {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}.{block}"
+        for hf, kind in parts.items():
+            stack = np.stack([weights.pop(f"{prefix}.experts.{e}.{hf}.weight") for e in range(EXPERTS)])
+            if qtype_name != "F32":
+                stack = quantize(stack.reshape(-1, stack.shape[-1]), qtype).reshape(*stack.shape[:2], -1)
+            w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", stack,
+                         raw_dtype=None if qtype_name == "F32" else qtype)
+        w.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", weights.pop(f"{prefix}.gate.weight"))
+    for name, value in weights.items():
+        value = value.astype(np.float32)
+        if mixtral and name.endswith("q_proj.weight"):
+            value = permute(value, heads)
+        elif mixtral and name.endswith("k_proj.weight"):
+            value = permute(value, kv)
+        w.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_moe_gguf_reads_one_tensor_per_expert(moe, family, binary, tmp_path):
+    """A GGUF whose experts llama.cpp stacked, f32 and Q8_0: converted back, each expert's weight
+    is the checkpoint's (Q8_0: as the `gguf` package dequantizes its slice of the stack), the
+    config names the experts; and a transfer onto the f32 GGUF equals the transfer onto the
+    checkpoint it came from."""
+    import gguf
+    from gguf.quants import dequantize
+
+    _, get = moe
+    base, _, adapter = get(family)
+    weights = load_file(str(base / "model.safetensors"))
+    config = json.loads((base / "config.json").read_text())
+    for qtype in ("F32", "Q8_0"):
+        path = write_moe_gguf(base, tmp_path / f"{family}-{qtype}.gguf", qtype)
+        out = tmp_path / f"converted-{qtype}"
+        iu.loraxfer(binary, "convert", "--gguf", path, "--out", out)
+        ours = load_file(str(out / "model.safetensors"))
+        assert sorted(ours) == sorted(weights)
+        for name, want in weights.items():
+            if qtype == "Q8_0" and ".experts." in name:
+                q = gguf.quants.quantize(want.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+                want = dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+            assert np.array_equal(ours[name], want.astype(np.float32)), (qtype, name)
+        got = json.loads((out / "config.json").read_text())
+        assert got["model_type"] == family
+        count = "num_local_experts" if family == "mixtral" else "num_experts"
+        assert got[count] == EXPERTS
+        if "moe_intermediate_size" in config:
+            assert got["moe_intermediate_size"] == config["moe_intermediate_size"]
+
+    onto = {}
+    for name, target in [("gguf", tmp_path / f"{family}-F32.gguf"), ("hf", base)]:
+        onto[name] = tmp_path / f"onto-{name}"
+        iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", adapter,
+                    "--mode", "rotate", "--rank", "16", "--out", onto[name])
+    got, want = iu.module_updates(onto["gguf"]), iu.module_updates(onto["hf"])
+    assert sorted(got) == sorted(want)
+    for module in want:
+        assert np.abs(got[module] - want[module]).max() <= 1e-6 * np.abs(want[module]).max(), module

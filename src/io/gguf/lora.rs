@@ -32,17 +32,15 @@ pub const LORA_GGUF_FILE: &str = "adapter_model.gguf";
 /// Face `model_type` as.
 pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
     if let Some(model) = base.gguf() {
-        let arch = model.architecture();
-        return names::family_of(arch)
-            .ok_or_else(|| Error::internal(format!("an opened GGUF of unknown family {arch}")));
+        return Ok(model.family());
     }
     let model_type = base.config.model_type.as_str();
     names::FAMILIES
         .iter()
         .find(|f| match model_type {
-            // Mistral and Mixtral checkpoints convert as Llama; a multimodal Gemma 3's text model
-            // as gemma3; OLMo 3 as OLMo 2.
-            "mistral" | "mixtral" => f.gguf == "llama",
+            // Mistral checkpoints convert as Llama (Mixtral as a Llama with experts); a
+            // multimodal Gemma 3's text model as gemma3; OLMo 3 as OLMo 2.
+            "mistral" => f.gguf == "llama" && !f.experts,
             "gemma3" => f.gguf == "gemma3",
             "olmo3" => f.gguf == "olmo2",
             other => f.model_type == other,

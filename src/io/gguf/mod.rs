@@ -53,8 +53,10 @@ pub struct GgufModel {
     map: Bytes,
     header: Header,
     family: &'static Family,
-    /// Hugging Face name → the tensor's index in the header.
+    /// Hugging Face name → the tensor's index in the header, or past its end, in `views`.
     by_name: HashMap<String, usize>,
+    /// One expert's weight in a stacked experts tensor: its rows' bytes, as a tensor of its own.
+    views: Vec<TensorInfo>,
     /// Hugging Face shapes (the GGML dimensions reversed).
     shapes: HashMap<String, Vec<usize>>,
     heads: usize,
@@ -95,34 +97,53 @@ impl GgufModel {
             .get("general.architecture")
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config(path, "no `general.architecture` in the metadata"))?;
-        let family = names::family_of(arch).ok_or_else(|| {
+        // llama.cpp stacks a layer's experts in one tensor per projection (Mixtral as a `llama`).
+        let experts = header.metadata.get(&format!("{arch}.expert_count"));
+        let has_experts = experts.and_then(Value::as_u64).is_some_and(|n| n > 0);
+        let family = names::family_of(arch, has_experts).ok_or_else(|| {
+            let supported = names::FAMILIES.iter().filter(|f| f.experts == has_experts);
             Error::config(
                 path,
                 format!(
-                    "GGUF architecture `{arch}` is not supported (supported: {})",
-                    names::FAMILIES
-                        .iter()
-                        .map(|f| f.gguf)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    "GGUF architecture `{arch}`{} is not supported (supported: {})",
+                    if has_experts { " with experts" } else { "" },
+                    supported.map(|f| f.gguf).collect::<Vec<_>>().join(", ")
                 ),
             )
         })?;
-        // llama.cpp stacks a layer's experts in one tensor per projection (Mixtral as a `llama`).
-        let experts = header.metadata.get(&format!("{arch}.expert_count"));
-        if experts.and_then(Value::as_u64).is_some_and(|n| n > 0) {
-            return Err(Error::config(
-                path,
-                "a mixture-of-experts GGUF (its experts stacked in one tensor per projection) is \
-                 not read as a base: use the model's Hugging Face checkpoint",
-            ));
-        }
         let mut by_name = HashMap::new();
         let mut shapes = HashMap::new();
+        let mut views = Vec::new();
         for (i, t) in header.tensors.iter().enumerate() {
             if let Some(hf) = names::hf_name(family, &t.name) {
                 shapes.insert(hf.clone(), t.dims.iter().rev().copied().collect());
                 by_name.insert(hf, i);
+            } else if let Some((layer, key)) = names::expert_tensor(family, &t.name) {
+                // One expert's weight is a run of whole rows of the stack: a tensor of its own.
+                let &[cols, rows, count] = t.dims.as_slice() else {
+                    return Err(Error::bad_tensor(
+                        path,
+                        &t.name,
+                        format!("dims {:?} are not [in, out, experts]", t.dims),
+                    ));
+                };
+                let bytes = (t.end - t.start) / count.max(1);
+                for e in 0..count {
+                    let hf = format!(
+                        "model.layers.{layer}.{}.weight",
+                        key.replace("{expert}", &e.to_string())
+                    );
+                    let start = t.start + e * bytes;
+                    views.push(TensorInfo {
+                        name: t.name.clone(),
+                        dims: vec![cols, rows],
+                        ty: t.ty,
+                        start,
+                        end: start + bytes,
+                    });
+                    shapes.insert(hf.clone(), vec![rows, cols]);
+                    by_name.insert(hf, header.tensors.len() + views.len() - 1);
+                }
             }
         }
         let config = names::config_json(family, &header.metadata, &header.tensors)
@@ -136,6 +157,7 @@ impl GgufModel {
             header,
             family,
             by_name,
+            views,
             shapes,
             heads,
             kv_heads,
@@ -163,6 +185,11 @@ impl GgufModel {
     /// The GGUF architecture (`general.architecture`).
     pub fn architecture(&self) -> &'static str {
         self.family.gguf
+    }
+
+    /// How llama.cpp converted the model (a Mixtral is a `llama` with experts).
+    pub fn family(&self) -> &'static Family {
+        self.family
     }
 
     /// Every tensor the engine can read, by Hugging Face name.
@@ -357,7 +384,13 @@ impl GgufModel {
     }
 
     fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.by_name.get(name).map(|&i| &self.header.tensors[i])
+        let n = self.header.tensors.len();
+        self.by_name.get(name).map(|&i| {
+            self.header
+                .tensors
+                .get(i)
+                .unwrap_or_else(|| &self.views[i - n])
+        })
     }
 
     fn permuted(&self, name: &str) -> Option<usize> {

@@ -27,6 +27,9 @@ pub struct Family {
     pub sandwich_norms: bool,
     /// Phi-3: `attn_qkv` and `ffn_up` hold the fused `qkv_proj` and `gate_up_proj`.
     pub fused: bool,
+    /// A mixture of experts (`<arch>.expert_count`): each layer's experts stacked in one tensor
+    /// per projection (`ffn_gate_exps`, …), its router `ffn_gate_inp`.
+    pub experts: bool,
 }
 
 /// Every architecture a GGUF base model may have here (Mistral models convert to `llama`, OLMo 3
@@ -108,8 +111,7 @@ pub const FAMILIES: &[Family] = &[
         false,
         false,
     ),
-    // Mixtures of experts (Mixtral converts as a Llama): for LoRA GGUFs only, as their experts'
-    // stacked tensors are not read as bases.
+    // Mixtures of experts; Mixtral converts as a Llama with experts.
     family(
         "qwen3moe",
         "qwen3_moe",
@@ -118,7 +120,8 @@ pub const FAMILIES: &[Family] = &[
         0.0,
         false,
         false,
-    ),
+    )
+    .with_experts(),
     family(
         "olmoe",
         "olmoe",
@@ -127,7 +130,18 @@ pub const FAMILIES: &[Family] = &[
         0.0,
         false,
         false,
-    ),
+    )
+    .with_experts(),
+    family(
+        "llama",
+        "mixtral",
+        "MixtralForCausalLM",
+        true,
+        0.0,
+        false,
+        false,
+    )
+    .with_experts(),
     // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
     family(
         "smollm3",
@@ -157,12 +171,42 @@ const fn family(
         norm_shift,
         sandwich_norms,
         fused,
+        experts: false,
     }
 }
 
-/// The family of a `general.architecture` value.
-pub fn family_of(arch: &str) -> Option<&'static Family> {
-    FAMILIES.iter().find(|f| f.gguf == arch)
+impl Family {
+    const fn with_experts(mut self) -> Family {
+        self.experts = true;
+        self
+    }
+}
+
+/// The family of a `general.architecture` value, for a model with or without experts.
+pub fn family_of(arch: &str, experts: bool) -> Option<&'static Family> {
+    FAMILIES
+        .iter()
+        .find(|f| f.gguf == arch && f.experts == experts)
+}
+
+/// A layer's stacked experts tensor (`blk.3.ffn_up_exps.weight`): its layer and the key of one
+/// expert's module below the layer, `{expert}` where the index goes, as the family's table names
+/// it (`mlp.experts.{expert}.up_proj`; Mixtral's `block_sparse_moe.experts.{expert}.w3`).
+pub fn expert_tensor(f: &Family, gguf: &str) -> Option<(usize, &'static str)> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    let mixtral = f.model_type == "mixtral";
+    let key = match (rest, mixtral) {
+        ("ffn_gate_exps.weight", false) => "mlp.experts.{expert}.gate_proj",
+        ("ffn_up_exps.weight", false) => "mlp.experts.{expert}.up_proj",
+        ("ffn_down_exps.weight", false) => "mlp.experts.{expert}.down_proj",
+        ("ffn_gate_exps.weight", true) => "block_sparse_moe.experts.{expert}.w1",
+        ("ffn_up_exps.weight", true) => "block_sparse_moe.experts.{expert}.w3",
+        ("ffn_down_exps.weight", true) => "block_sparse_moe.experts.{expert}.w2",
+        _ => return None,
+    };
+    f.experts.then_some((layer, key))
 }
 
 /// The GGUF module name (`attn_q`, `ffn_up`, …) of a layer projection's Hugging Face key below
@@ -217,6 +261,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
+        "ffn_gate_inp" if f.model_type == "mixtral" => "block_sparse_moe.gate",
+        "ffn_gate_inp" if f.experts => "mlp.gate",
         "ffn_up" if f.fused => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -334,6 +380,21 @@ pub fn config_json(
     if let Some(q) = query_pre_attn_scalar {
         obj.insert("query_pre_attn_scalar".into(), q.into());
     }
+    if f.experts {
+        // Mixtral's experts are `intermediate_size` wide; Qwen3-MoE's have their own width.
+        let count = if f.model_type == "mixtral" {
+            "num_local_experts"
+        } else {
+            "num_experts"
+        };
+        obj.insert(count.into(), int("expert_count")?.into());
+        if let Ok(width) = int("expert_feed_forward_length") {
+            obj.insert("moe_intermediate_size".into(), width.into());
+        }
+        if let Ok(used) = int("expert_used_count") {
+            obj.insert("num_experts_per_tok".into(), used.into());
+        }
+    }
     if let Some(name) = metadata.get("general.name").and_then(Value::as_str) {
         obj.insert("_name_or_path".into(), name.into());
     }
@@ -370,6 +431,37 @@ mod tests {
     }
 
     #[test]
+    fn stacked_experts_read_as_the_tables_name_them() {
+        let mixtral = family_of("llama", true).unwrap();
+        assert_eq!(mixtral.model_type, "mixtral");
+        assert_eq!(family_of("llama", false).unwrap().model_type, "llama");
+        for f in FAMILIES.iter().filter(|f| f.experts) {
+            let table = crate::arch::all()
+                .iter()
+                .find(|a| a.model_types.iter().any(|t| t == f.model_type))
+                .unwrap();
+            // Every expert module's GGUF stack reads back as that module, one per expert.
+            for spec in table.modules.iter().filter(|m| m.expert) {
+                let gguf = gguf_module(f, &spec.key).unwrap();
+                let name = format!("blk.4.{gguf}.weight");
+                assert_eq!(
+                    expert_tensor(f, &name),
+                    Some((4, spec.key.as_str())),
+                    "{name}"
+                );
+            }
+            let router = hf_name(f, "blk.2.ffn_gate_inp.weight").unwrap();
+            assert_eq!(
+                router,
+                format!("model.layers.2.{}", table.router.as_deref().unwrap())
+            );
+        }
+        let llama = family_of("llama", false).unwrap();
+        assert_eq!(expert_tensor(llama, "blk.0.ffn_down_exps.weight"), None);
+        assert_eq!(hf_name(llama, "blk.0.ffn_gate_inp.weight"), None);
+    }
+
+    #[test]
     fn every_family_has_its_architecture_table() {
         for f in FAMILIES {
             let table = crate::arch::all()
@@ -388,9 +480,9 @@ mod tests {
 
     #[test]
     fn names_map_per_family() {
-        let llama = family_of("llama").unwrap();
-        let gemma3 = family_of("gemma3").unwrap();
-        let phi3 = family_of("phi3").unwrap();
+        let llama = family_of("llama", false).unwrap();
+        let gemma3 = family_of("gemma3", false).unwrap();
+        let phi3 = family_of("phi3", false).unwrap();
         assert_eq!(
             hf_name(llama, "blk.3.attn_q.weight").unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
@@ -445,7 +537,7 @@ mod tests {
     #[test]
     fn config_carries_the_forward_pass_scales() {
         let config = |arch: &str, layers: u64, extra: &[(&str, Value)]| {
-            let f = family_of(arch).unwrap();
+            let f = family_of(arch, false).unwrap();
             let mut m: HashMap<String, Value> = [
                 ("block_count", Value::UInt(layers)),
                 ("embedding_length", Value::UInt(4608)),
