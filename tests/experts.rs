@@ -192,6 +192,7 @@ fn experts_find_themselves_across_releases_and_layouts() {
         experts_seen.extend(expert_of(&row.target_key));
     }
     assert_eq!(experts_seen.len(), 4);
+    assert_eq!(report.expert_map.len(), LAYERS);
     for m in report.expert_map.values() {
         assert_eq!(m.source_experts, [0, 1, 2, 3]);
         assert!(
@@ -240,14 +241,18 @@ fn experts_find_themselves_across_releases_and_layouts() {
 
 /// An expert-pruned model keeps some experts, renumbered, and their router rows: each finds its
 /// original by its router, and takes exactly its original's update; an upcycled model's copies of
-/// an expert share it.
+/// an expert share it; a model with the same experts in another order finds each where it went.
 #[test]
 fn pruned_and_upcycled_experts_find_theirs_by_router() {
     let d = Dirs::new();
     moe_model(&d.p("full"), "qwen3_moe", 4, 1);
     moe_adapter(&d.p("ad"), "qwen3_moe", 4, true);
     let source = Adapter::open(&d.p("ad")).unwrap();
-    for (name, kept) in [("pruned", vec![2, 0, 3]), ("upcycled", vec![1, 1, 0, 2, 3])] {
+    for (name, kept) in [
+        ("pruned", vec![2, 0, 3]),
+        ("upcycled", vec![1, 1, 0, 2, 3]),
+        ("reordered", vec![1, 0, 3, 2]),
+    ] {
         moe_model_with(&d.p(name), "qwen3_moe", &kept, 1, DIMS.0);
         for mode in [Mode::Copy, Mode::Rotate] {
             let out = d.p(&format!("{name}-{}", mode.name()));
@@ -290,7 +295,7 @@ fn pruned_and_upcycled_experts_find_theirs_by_router() {
     );
 }
 
-/// Experts have no counterpart in a dense model or in one of another expert count: refused,
+/// Experts have no counterpart in a dense model or in one of another hidden size: refused,
 /// naming both models and the attention-only transfer, which then works.
 #[test]
 fn experts_without_a_counterpart_are_refused() {

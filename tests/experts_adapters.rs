@@ -253,3 +253,113 @@ fn a_lora_gguf_stacks_the_experts_of_a_layer() {
         "{e}"
     );
 }
+
+/// A mixture-of-experts GGUF base: each layer's experts stacked in one tensor per projection
+/// (`[in, out, experts]` in GGUF order), read one expert at a time under its Hugging Face name,
+/// the router as `mlp.gate`, the experts in the config; a stack of another expert count than the
+/// metadata's is refused, naming it.
+#[test]
+fn a_moe_gguf_base_reads_each_expert_from_its_rows() {
+    use loraxfer::io::checkpoint::Checkpoint;
+    use loraxfer::io::gguf::write::{write_file, GgufTensor, MetaValue};
+    let (hidden, width, experts) = (8usize, 4usize, 3usize);
+    let values = |n: usize, seed: u64| -> Vec<f32> { row_major(&gaussian(1, n, seed, 0)) };
+    let write = |path: &Path, stack_count: usize| {
+        // (GGUF name, dims fastest first, values)
+        let mut tensors: Vec<(String, Vec<u64>, Vec<f32>)> = vec![
+            ("token_embd.weight".into(), vec![8, 16], values(128, 1)),
+            ("output_norm.weight".into(), vec![8], vec![1.0; 8]),
+            ("blk.0.attn_norm.weight".into(), vec![8], vec![1.0; 8]),
+            ("blk.0.ffn_norm.weight".into(), vec![8], vec![1.0; 8]),
+            ("blk.0.attn_q.weight".into(), vec![8, 8], values(64, 2)),
+            ("blk.0.attn_k.weight".into(), vec![8, 4], values(32, 3)),
+            ("blk.0.attn_v.weight".into(), vec![8, 4], values(32, 4)),
+            ("blk.0.attn_output.weight".into(), vec![8, 8], values(64, 5)),
+            ("blk.0.attn_q_norm.weight".into(), vec![4], vec![1.0; 4]),
+            ("blk.0.attn_k_norm.weight".into(), vec![4], vec![1.0; 4]),
+            (
+                "blk.0.ffn_gate_inp.weight".into(),
+                vec![8, experts as u64],
+                values(8 * experts, 6),
+            ),
+        ];
+        for (k, (kind, dims)) in [("gate", [8u64, 4]), ("up", [8, 4]), ("down", [4, 8])]
+            .into_iter()
+            .enumerate()
+        {
+            let n = hidden * width * stack_count;
+            let dims = vec![dims[0], dims[1], stack_count as u64];
+            tensors.push((
+                format!("blk.0.ffn_{kind}_exps.weight"),
+                dims,
+                values(n, 10 + k as u64),
+            ));
+        }
+        let gguf: Vec<GgufTensor<'_>> = tensors
+            .iter()
+            .map(|(name, dims, v)| GgufTensor {
+                name: name.clone(),
+                dims: dims.clone(),
+                ty: FloatType::F32,
+                produce: Box::new(move || Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())),
+            })
+            .collect();
+        let meta = [
+            ("general.architecture", MetaValue::Str("qwen3moe")),
+            ("qwen3moe.block_count", MetaValue::U32(1)),
+            ("qwen3moe.embedding_length", MetaValue::U32(hidden as u32)),
+            ("qwen3moe.feed_forward_length", MetaValue::U32(16)),
+            ("qwen3moe.attention.head_count", MetaValue::U32(2)),
+            ("qwen3moe.attention.head_count_kv", MetaValue::U32(1)),
+            ("qwen3moe.attention.key_length", MetaValue::U32(4)),
+            ("qwen3moe.expert_count", MetaValue::U32(experts as u32)),
+            (
+                "qwen3moe.expert_feed_forward_length",
+                MetaValue::U32(width as u32),
+            ),
+        ];
+        write_file(path, &meta, &gguf).unwrap();
+        drop(gguf);
+        tensors
+    };
+    let d = Dirs::new();
+    let path = d.p("moe.gguf");
+    let tensors = write(&path, experts);
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let e = ckpt.config.experts.unwrap();
+    assert_eq!(
+        (ckpt.config.model_type.as_str(), e.count, e.width),
+        ("qwen3_moe", 3, 4)
+    );
+    let stack = |kind: &str| {
+        &tensors
+            .iter()
+            .find(|t| t.0 == format!("blk.0.ffn_{kind}_exps.weight"))
+            .unwrap()
+            .2
+    };
+    for expert in 0..experts {
+        for (kind, module, shape) in [("gate", "gate_proj", [4, 8]), ("down", "down_proj", [8, 4])]
+        {
+            let name = format!("model.layers.0.mlp.experts.{expert}.{module}.weight");
+            assert_eq!(ckpt.shape(&name).unwrap(), shape, "{name}");
+            let got = ckpt.read_rows_f32(&name, 0..shape[0]).unwrap();
+            let n = hidden * width;
+            assert_eq!(got, stack(kind)[expert * n..(expert + 1) * n], "{name}");
+        }
+    }
+    assert_eq!(
+        ckpt.shape("model.layers.0.mlp.gate.weight").unwrap(),
+        [3, 8]
+    );
+    // A stack of two experts where the metadata says three.
+    let bad = d.p("bad.gguf");
+    write(&bad, 2);
+    let e = Checkpoint::open(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("blk.0.ffn_gate_exps.weight")
+            && e.contains("expert_count = 3"),
+        "{e}"
+    );
+}

@@ -127,25 +127,22 @@ pub(super) fn match_by_router(
             source_experts: Vec::with_capacity(et),
             router_cosine: Vec::with_capacity(et),
         };
-        for t in &rows_t {
+        for (e, t) in rows_t.iter().enumerate() {
             // Each target expert its closest source expert (a pruned model's are distinct; an
-            // upcycled model's copies share one).
-            let (best, cosine) = rows_s
-                .iter()
-                .map(|s| s.iter().zip(t).map(|(a, b)| a * b).sum::<f64>())
-                .enumerate()
-                .fold(
-                    (0, f64::NEG_INFINITY),
-                    |acc, (k, c)| {
-                        if c > acc.1 {
-                            (k, c)
-                        } else {
-                            acc
-                        }
-                    },
-                );
+            // upcycled model's copies share one); a tie keeps the expert's own index first.
+            let own = (e < rows_s.len()).then(|| (e, cosine(&rows_s[e], t)));
+            let (best, best_cosine) = rows_s.iter().map(|s| cosine(s, t)).enumerate().fold(
+                own.unwrap_or((0, f64::NEG_INFINITY)),
+                |acc, (k, c)| {
+                    if c > acc.1 {
+                        (k, c)
+                    } else {
+                        acc
+                    }
+                },
+            );
             m.source_experts.push(best);
-            m.router_cosine.push(cosine);
+            m.router_cosine.push(best_cosine);
         }
         matches.insert(j, m);
     }
@@ -186,6 +183,11 @@ pub fn summary(
         if moved { ", not all at their own index" } else { "" },
         if shared { ", some sharing a source expert" } else { "" }
     ))
+}
+
+/// The cosine of two rows scaled to unit length.
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// A layer's router rows, each scaled to unit length (a zero row stays zero).

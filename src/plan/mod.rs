@@ -202,7 +202,7 @@ pub fn build(
                 same_layout: same,
                 experts: experts.get(&j),
             };
-            // An expert's module once per expert, expert e from the source's expert e.
+            // An expert's module once per expert, each from the source expert its router matches.
             for expert in spec.instances(&target.ckpt.config) {
                 modules.push(pair.module(spec, expert, &present, options, &filter)?);
             }

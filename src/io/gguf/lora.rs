@@ -86,9 +86,12 @@ pub fn export(
     use crate::io::hub::{self, Kind};
     let (adapter_dir, hub_name) = hub::resolve(adapter, Kind::Adapter)?;
     let (base_dir, _) = hub::resolve(base, Kind::Model)?;
-    let opened = Adapter::open(&adapter_dir)?;
+    let mut opened = Adapter::open(&adapter_dir)?;
     let checkpoint = Checkpoint::open(&base_dir)?;
     let family = family_of_base(&checkpoint)?;
+    // A LoRA on fused experts, one module per expert under the base's names.
+    let side = crate::plan::ModelSide::new(&checkpoint)?;
+    crate::plan::experts::name_fused_experts(&mut opened, &side)?;
     let weights = adapter_dir.join(crate::io::adapter::WEIGHTS_FILE);
     let inputs = [adapter_dir.as_path(), weights.as_path(), base_dir.as_path()];
     let staged = StagedFile::create(out, force, &inputs, is_lora_gguf)?;
@@ -210,9 +213,15 @@ pub fn write_lora_gguf(
             placed.push(new(vec![Some(member)]));
             continue;
         };
+        let count = cfg.experts.map_or(0, |x| x.count);
+        if e >= count {
+            return Err(not_for_base(format!(
+                "is expert {e}, but the base's config gives {count} experts per layer"
+            )));
+        }
         // llama.cpp holds a layer's experts in one tensor per projection, one rank for all.
         let at = *stacks.entry(gguf.clone()).or_insert_with(|| {
-            placed.push(new(vec![None; cfg.experts.map_or(0, |x| x.count)]));
+            placed.push(new(vec![None; count]));
             placed.len() - 1
         });
         let stack = &mut placed[at];

@@ -98,18 +98,27 @@ impl GgufModel {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config(path, "no `general.architecture` in the metadata"))?;
         // llama.cpp stacks a layer's experts in one tensor per projection (Mixtral as a `llama`).
-        let experts = header.metadata.get(&format!("{arch}.expert_count"));
-        let has_experts = experts.and_then(Value::as_u64).is_some_and(|n| n > 0);
+        let count_key = format!("{arch}.expert_count");
+        let expert_count = header
+            .metadata
+            .get(&count_key)
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0);
+        let has_experts = expert_count.is_some();
         let family = names::family_of(arch, has_experts).ok_or_else(|| {
             let supported = names::FAMILIES.iter().filter(|f| f.experts == has_experts);
-            Error::config(
-                path,
+            let reason = if !has_experts && names::family_of(arch, true).is_some() {
+                format!(
+                    "GGUF architecture `{arch}` has experts, but metadata `{count_key}` is missing"
+                )
+            } else {
                 format!(
                     "GGUF architecture `{arch}`{} is not supported (supported: {})",
                     if has_experts { " with experts" } else { "" },
                     supported.map(|f| f.gguf).collect::<Vec<_>>().join(", ")
-                ),
-            )
+                )
+            };
+            Error::config(path, reason)
         })?;
         let mut by_name = HashMap::new();
         let mut shapes = HashMap::new();
@@ -120,14 +129,26 @@ impl GgufModel {
                 by_name.insert(hf, i);
             } else if let Some((layer, key)) = names::expert_tensor(family, &t.name) {
                 // One expert's weight is a run of whole rows of the stack: a tensor of its own.
-                let &[cols, rows, count] = t.dims.as_slice() else {
-                    return Err(Error::bad_tensor(
-                        path,
-                        &t.name,
-                        format!("dims {:?} are not [in, out, experts]", t.dims),
-                    ));
+                let stack = match t.dims.as_slice() {
+                    &[cols, rows, count] if Some(count as u64) == expert_count => {
+                        Ok((cols, rows, count))
+                    }
+                    _ => Err(format!(
+                        "dims {:?} are not [in, out, {count_key} = {}]",
+                        t.dims,
+                        expert_count.unwrap_or(0)
+                    )),
                 };
-                let bytes = (t.end - t.start) / count.max(1);
+                let (cols, rows, count) = stack
+                    .and_then(|s| match t.ty.block() {
+                        Some(_) => Ok(s),
+                        None => Err(format!(
+                            "stored as {}, which this reader does not read",
+                            t.ty.name()
+                        )),
+                    })
+                    .map_err(|reason| Error::bad_tensor(path, &t.name, reason))?;
+                let bytes = (t.end - t.start) / count;
                 for e in 0..count {
                     let hf = format!(
                         "model.layers.{layer}.{}.weight",

@@ -1,0 +1,189 @@
+//! Tests of `names.rs`: GGUF names against the tables, the Q/K rows, the config.
+
+use super::*;
+
+#[test]
+fn gguf_module_names_invert_hf_names_for_every_table_projection() {
+    for f in FAMILIES {
+        let table = crate::arch::all()
+            .iter()
+            .find(|a| a.model_types.iter().any(|t| t == f.model_type))
+            .unwrap();
+        for spec in &table.modules {
+            let gguf = gguf_module(f, &spec.key)
+                .unwrap_or_else(|| panic!("{}: no GGUF name for {}", f.gguf, spec.key));
+            if spec.expert {
+                // Stacked experts are written, never read back as a base's.
+                assert!(gguf.ends_with("_exps"), "{gguf}");
+                continue;
+            }
+            assert_eq!(
+                hf_name(f, &format!("blk.7.{gguf}.weight")).as_deref(),
+                Some(format!("model.layers.7.{}.weight", spec.key).as_str()),
+                "{}",
+                f.gguf
+            );
+        }
+    }
+}
+
+#[test]
+fn stacked_experts_read_as_the_tables_name_them() {
+    let mixtral = family_of("llama", true).unwrap();
+    assert_eq!(mixtral.model_type, "mixtral");
+    assert_eq!(family_of("llama", false).unwrap().model_type, "llama");
+    for f in FAMILIES.iter().filter(|f| f.experts) {
+        let table = crate::arch::all()
+            .iter()
+            .find(|a| a.model_types.iter().any(|t| t == f.model_type))
+            .unwrap();
+        // Every expert module's GGUF stack reads back as that module, one per expert.
+        for spec in table.modules.iter().filter(|m| m.expert) {
+            let gguf = gguf_module(f, &spec.key).unwrap();
+            let name = format!("blk.4.{gguf}.weight");
+            assert_eq!(
+                expert_tensor(f, &name),
+                Some((4, spec.key.as_str())),
+                "{name}"
+            );
+        }
+        let router = hf_name(f, "blk.2.ffn_gate_inp.weight").unwrap();
+        assert_eq!(
+            router,
+            format!("model.layers.2.{}", table.router.as_deref().unwrap())
+        );
+    }
+    // Early conversions of Mixtral: one tensor per expert.
+    assert_eq!(
+        hf_name(mixtral, "blk.1.ffn_up.7.weight").as_deref(),
+        Some("model.layers.1.block_sparse_moe.experts.7.w3.weight")
+    );
+    assert_eq!(hf_name(mixtral, "blk.1.ffn_up.x7.weight"), None);
+    let llama = family_of("llama", false).unwrap();
+    assert_eq!(hf_name(llama, "blk.1.ffn_up.7.weight"), None);
+    assert_eq!(expert_tensor(llama, "blk.0.ffn_down_exps.weight"), None);
+    assert_eq!(hf_name(llama, "blk.0.ffn_gate_inp.weight"), None);
+}
+
+#[test]
+fn every_family_has_its_architecture_table() {
+    for f in FAMILIES {
+        let table = crate::arch::all()
+            .iter()
+            .find(|a| a.model_types.iter().any(|t| t == f.model_type));
+        let table = table.unwrap_or_else(|| panic!("no table for {}", f.model_type));
+        // The table's name is the transformers module PEFT's auto_mapping names.
+        assert_eq!(
+            table.name,
+            f.model_type.trim_end_matches("_text"),
+            "{}",
+            f.gguf
+        );
+    }
+}
+
+#[test]
+fn names_map_per_family() {
+    let llama = family_of("llama", false).unwrap();
+    let gemma3 = family_of("gemma3", false).unwrap();
+    let phi3 = family_of("phi3", false).unwrap();
+    assert_eq!(
+        hf_name(llama, "blk.3.attn_q.weight").unwrap(),
+        "model.layers.3.self_attn.q_proj.weight"
+    );
+    assert_eq!(
+        hf_name(llama, "blk.0.ffn_norm.weight").unwrap(),
+        "model.layers.0.post_attention_layernorm.weight"
+    );
+    assert_eq!(
+        hf_name(gemma3, "blk.0.ffn_norm.weight").unwrap(),
+        "model.layers.0.pre_feedforward_layernorm.weight"
+    );
+    assert_eq!(
+        hf_name(gemma3, "blk.1.post_ffw_norm.weight").unwrap(),
+        "model.layers.1.post_feedforward_layernorm.weight"
+    );
+    assert_eq!(
+        hf_name(phi3, "blk.2.ffn_up.weight").unwrap(),
+        "model.layers.2.mlp.gate_up_proj.weight"
+    );
+    assert_eq!(
+        hf_name(llama, "blk.2.attn_q.bias").unwrap(),
+        "model.layers.2.self_attn.q_proj.bias"
+    );
+    assert_eq!(hf_name(llama, "rope_freqs.weight"), None);
+    assert_eq!(hf_name(llama, "blk.x.attn_q.weight"), None);
+}
+
+/// The inverse of llama.cpp's `permute`: reshape(heads, 2, d/2, ·).swapaxes(1, 2).
+#[test]
+fn stored_rows_invert_the_converters_permutation() {
+    let (heads, d) = (3, 8);
+    let rows = heads * d;
+    // The converter's permutation of HF rows 0..rows, written as numpy would.
+    let mut permuted = vec![0; rows];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                // HF (h, j, i) goes to position (h, i, j).
+                permuted[h * d + i * 2 + j] = h * d + j * (d / 2) + i;
+            }
+        }
+    }
+    for row in 0..rows {
+        assert_eq!(permuted[stored_row(row, rows, heads)], row);
+    }
+}
+
+/// The config rebuilt from the metadata carries what the engine's `Scales` read: Granite's
+/// multipliers from llama.cpp's scale keys, and Gemma 2/3's query_pre_attn_scalar as
+/// llama.cpp derives it (hidden/heads for the 27B models, head_dim for the others).
+#[test]
+fn config_carries_the_forward_pass_scales() {
+    let config = |arch: &str, layers: u64, extra: &[(&str, Value)]| {
+        let f = family_of(arch, false).unwrap();
+        let mut m: HashMap<String, Value> = [
+            ("block_count", Value::UInt(layers)),
+            ("embedding_length", Value::UInt(4608)),
+            ("feed_forward_length", Value::UInt(64)),
+            ("attention.head_count", Value::UInt(32)),
+            ("attention.key_length", Value::UInt(128)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{arch}.{k}"), v))
+        .collect();
+        m.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (format!("{arch}.{k}"), v.clone())),
+        );
+        let json = config_json(f, &m, &[]).unwrap();
+        crate::io::checkpoint::ModelConfig::parse(&json.to_string(), std::path::Path::new("m.gguf"))
+            .unwrap()
+            .scales
+    };
+    let big = config("gemma2", 46, &[]);
+    assert!(
+        (big.attention - 1.0 / 144f64.sqrt()).abs() < 1e-12,
+        "{big:?}"
+    );
+    let nine = config("gemma2", 42, &[]);
+    assert!(
+        (nine.attention - 1.0 / 128f64.sqrt()).abs() < 1e-12,
+        "{nine:?}"
+    );
+    assert!((config("gemma3", 62, &[]).attention - 1.0 / 144f64.sqrt()).abs() < 1e-12);
+    let granite = config(
+        "granite",
+        40,
+        &[
+            ("attention.scale", Value::Float(0.0078125)),
+            ("embedding_scale", Value::Float(12.0)),
+            ("residual_scale", Value::Float(0.22)),
+        ],
+    );
+    assert_eq!(
+        (granite.attention, granite.embedding, granite.residual),
+        (0.0078125, 12.0, 0.22)
+    );
+}
