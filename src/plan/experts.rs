@@ -79,8 +79,7 @@ fn pairing_fault(
     let hidden = |side: &ModelSide<'_>| side.ckpt.config.hidden_size;
     let fault = match (src_spec.expert, spec.expert) {
         (false, false) => None,
-        // Routers of equal width can be compared to match experts.
-        (true, true) if hidden(source) == hidden(target) => None,
+        (true, true) if routers_compare(source, target) => None,
         (true, true) => Some(format!(
             ", with hidden sizes {} and {} whose routers cannot be compared",
             hidden(source),
@@ -95,6 +94,29 @@ fn pairing_fault(
             describe(target, spec)
         )
     })
+}
+
+/// Whether two models' routers live in one space, so that their experts can be matched: the
+/// same hidden size.
+fn routers_compare(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
+    source.ckpt.config.hidden_size == target.ckpt.config.hidden_size
+}
+
+/// Whether the two models' MLPs pair: both dense, or both experts whose routers compare.
+pub fn mlps_pair(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
+    match (source.arch.has_experts(), target.arch.has_experts()) {
+        (false, false) => true,
+        (true, true) => routers_compare(source, target),
+        _ => false,
+    }
+}
+
+/// The first of the two models whose MLPs are experts, if either's are.
+pub fn side_with_experts<'s, 'a>(
+    source: &'s ModelSide<'a>,
+    target: &'s ModelSide<'a>,
+) -> Option<&'s ModelSide<'a>> {
+    [source, target].into_iter().find(|s| s.arch.has_experts())
 }
 
 /// The source expert of every target expert in one target layer.
@@ -293,7 +315,7 @@ pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) ->
     if mode != Mode::Map {
         return Ok(());
     }
-    match [source, target].into_iter().find(|s| s.arch.has_experts()) {
+    match side_with_experts(source, target) {
         None => Ok(()),
         Some(side) => Err(Error::arg(
             "--mode",

@@ -61,7 +61,7 @@ pub fn choose(
     } else {
         "module shapes differ".to_string()
     };
-    if let Some(side) = [source, target].into_iter().find(|s| s.arch.has_experts()) {
+    if let Some(side) = plan::experts::side_with_experts(source, target) {
         return Ok(Choice {
             mode: Mode::Align,
             reason: format!(

@@ -60,8 +60,7 @@ pub fn run(
     // Pretend the adapter covers every module of the source, so the plan pairs them all (experts
     // only where the target's can take them: experts of the same hidden size).
     let mut all = BTreeMap::new();
-    let experts_pair = s.arch.has_experts() == t.arch.has_experts()
-        && (!s.arch.has_experts() || source.config.hidden_size == target.config.hidden_size);
+    let experts_pair = plan::experts::mlps_pair(&s, &t);
     for layer in 0..s.layers() {
         for spec in s.arch.modules.iter().filter(|m| !m.expert || experts_pair) {
             let (out, inp) = spec.shape(&source.config);

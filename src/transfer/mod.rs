@@ -189,7 +189,10 @@ pub fn run(job: &Job) -> Result<Report> {
         selected_modules: job.options.modules.clone(),
         device: device_note,
         layer_map: report::layer_map_json(&opened.plan),
-        expert_map: (opened.plan.experts.iter())
+        expert_map: opened
+            .plan
+            .experts
+            .iter()
             .map(|(j, m)| (j.to_string(), m.clone()))
             .collect(),
         hub: job.hub.clone(),

@@ -137,9 +137,7 @@ fn assign(list: &[&Wrapper], params: &[String]) -> Option<Vec<&'static str>> {
     let named = |p: &str| params.iter().any(|q| q == p);
     match list {
         [_] if params.len() == 1 => {
-            let p = ["gate_up_proj", "down_proj"]
-                .into_iter()
-                .find(|p| named(p))?;
+            let p = super::EXPERT_PARAMETERS.into_iter().find(|p| named(p))?;
             Some(vec![p])
         }
         [x, y] if named("gate_up_proj") && named("down_proj") => {

@@ -152,7 +152,7 @@ impl GgufModel {
                 for e in 0..count {
                     let hf = format!(
                         "model.layers.{layer}.{}.weight",
-                        key.replace("{expert}", &e.to_string())
+                        key.replace(crate::arch::EXPERT_SLOT, &e.to_string())
                     );
                     let start = t.start + e * bytes;
                     views.push(TensorInfo {

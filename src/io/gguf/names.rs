@@ -190,24 +190,29 @@ pub fn family_of(arch: &str, experts: bool) -> Option<&'static Family> {
         .find(|f| f.gguf == arch && f.experts == experts)
 }
 
+/// The architecture table of a family (every family has one: a test holds it).
+fn table_of(f: &Family) -> Option<&'static crate::arch::Arch> {
+    crate::arch::all()
+        .iter()
+        .find(|a| a.model_types.iter().any(|t| t == f.model_type))
+}
+
 /// A layer's stacked experts tensor (`blk.3.ffn_up_exps.weight`): its layer and the key of one
 /// expert's module below the layer, `{expert}` where the index goes, as the family's table names
-/// it (`mlp.experts.{expert}.up_proj`; Mixtral's `block_sparse_moe.experts.{expert}.w3`).
+/// it (`mlp.experts.{expert}.up_proj`; Mixtral's `block_sparse_moe.experts.{expert}.w3`): the
+/// table's expert module whose GGUF name ([`gguf_module`]) it is.
 pub fn expert_tensor(f: &Family, gguf: &str) -> Option<(usize, &'static str)> {
+    if !f.experts {
+        return None;
+    }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let layer = layer.parse().ok()?;
-    let mixtral = f.model_type == "mixtral";
-    let key = match (rest, mixtral) {
-        ("ffn_gate_exps.weight", false) => "mlp.experts.{expert}.gate_proj",
-        ("ffn_up_exps.weight", false) => "mlp.experts.{expert}.up_proj",
-        ("ffn_down_exps.weight", false) => "mlp.experts.{expert}.down_proj",
-        ("ffn_gate_exps.weight", true) => "block_sparse_moe.experts.{expert}.w1",
-        ("ffn_up_exps.weight", true) => "block_sparse_moe.experts.{expert}.w3",
-        ("ffn_down_exps.weight", true) => "block_sparse_moe.experts.{expert}.w2",
-        _ => return None,
-    };
-    f.experts.then_some((layer, key))
+    let module = rest.strip_suffix(".weight")?;
+    let spec = table_of(f)?
+        .modules
+        .iter()
+        .find(|m| m.expert && gguf_module(f, &m.key) == Some(module))?;
+    Some((layer.parse().ok()?, spec.key.as_str()))
 }
 
 /// The GGUF module name (`attn_q`, `ffn_up`, …) of a layer projection's Hugging Face key below
@@ -269,8 +274,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
-        "ffn_gate_inp" if f.model_type == "mixtral" => "block_sparse_moe.gate",
-        "ffn_gate_inp" if f.experts => "mlp.gate",
+        // The router, where the family's table names it.
+        "ffn_gate_inp" if f.experts => table_of(f)?.router.as_deref()?.strip_suffix(".weight")?,
         "ffn_up" if f.fused => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
