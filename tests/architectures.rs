@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use faer::Mat;
-use loraxfer::arch;
+use loraxfer::arch::{self, Block, Part};
 use loraxfer::io::adapter::{Adapter, LoraTensors};
 use loraxfer::io::checkpoint::{Checkpoint, ModelConfig};
 use loraxfer::io::safetensors::FloatType;
@@ -204,6 +204,8 @@ fn every_table_loads_and_round_trips_module_names() {
         "glm",
         "glm4",
         "qwen3_moe",
+        "qwen2_moe",
+        "glm4_moe",
         "mixtral",
         "olmoe",
     ] {
@@ -219,12 +221,26 @@ fn every_table_loads_and_round_trips_module_names() {
                 (5, expert, spec.name.as_str())
             );
         }
-        // Every table covers the seven canonical projections exactly once.
-        let mut parts: Vec<_> = a.modules.iter().flat_map(|m| m.parts.clone()).collect();
-        parts.sort();
-        assert_eq!(parts.len(), 7, "{}", a.name);
-        parts.dedup();
-        assert_eq!(parts.len(), 7, "{}", a.name);
+        // Every table covers the seven canonical projections once per block: the attention's
+        // four, and the three of each MLP block it has (a dense MLP, experts, a shared expert).
+        let blocks: std::collections::BTreeSet<Block> =
+            a.modules.iter().map(|m| m.block()).collect();
+        for block in &blocks {
+            let mut parts: Vec<_> = a
+                .modules
+                .iter()
+                .filter(|m| m.block() == *block)
+                .flat_map(|m| m.parts.clone())
+                .collect();
+            parts.sort();
+            let want = match block {
+                Block::Attention => vec![Part::Q, Part::K, Part::V, Part::O],
+                _ => vec![Part::Gate, Part::Up, Part::Down],
+            };
+            assert_eq!(parts, want, "{} {block:?}", a.name);
+        }
+        assert!(blocks.contains(&Block::Mlp) || blocks.contains(&Block::Experts));
+        assert_eq!(a.has_experts(), a.router.is_some(), "{}", a.name);
     }
 }
 

@@ -37,6 +37,37 @@ fn config_reads_expert_count_and_width() {
         ),
         Some((128, 6))
     );
+    // Dense layers among expert layers, and the shared expert beside them, as transformers
+    // builds them: Qwen's `mlp_only_layers` and `decoder_sparse_step`, GLM-4.5's and DeepSeek's
+    // `first_k_dense_replace` and `moe_layer_freq`.
+    let layout = |extra: &str| {
+        let e = parse(extra).unwrap().experts.unwrap();
+        (e.count, e.width, e.shared_width, e.dense_layers)
+    };
+    assert_eq!(
+        layout(r#", "num_experts": 4, "mlp_only_layers": [1]"#),
+        (4, 16, None, vec![1])
+    );
+    assert_eq!(
+        layout(r#", "num_experts": 4, "decoder_sparse_step": 2"#),
+        (4, 16, None, vec![0])
+    );
+    assert_eq!(
+        layout(
+            r#", "num_experts": 4, "moe_intermediate_size": 6, "shared_expert_intermediate_size": 20"#
+        ),
+        (4, 6, Some(20), vec![])
+    );
+    assert_eq!(
+        layout(
+            r#", "n_routed_experts": 8, "moe_intermediate_size": 6, "n_shared_experts": 2, "first_k_dense_replace": 1"#
+        ),
+        (8, 6, Some(12), vec![0])
+    );
+    assert_eq!(
+        layout(r#", "n_routed_experts": 8, "n_shared_experts": null, "moe_layer_freq": 2"#),
+        (8, 16, None, vec![1])
+    );
     for (extra, field) in [
         (r#", "num_experts": -1"#, "num_experts"),
         (r#", "num_local_experts": 2.5"#, "num_local_experts"),
@@ -45,12 +76,24 @@ fn config_reads_expert_count_and_width() {
             "moe_intermediate_size",
         ),
         (
-            r#", "num_experts": 4, "mlp_only_layers": [1]"#,
+            r#", "num_experts": 4, "mlp_only_layers": [2]"#,
             "mlp_only_layers",
         ),
         (
-            r#", "num_experts": 4, "decoder_sparse_step": 2"#,
+            r#", "num_experts": 4, "mlp_only_layers": 1"#,
+            "mlp_only_layers",
+        ),
+        (
+            r#", "num_experts": 4, "decoder_sparse_step": 0"#,
             "decoder_sparse_step",
+        ),
+        (
+            r#", "num_experts": 4, "mlp_only_layers": [0, 1]"#,
+            "every layer's MLP dense",
+        ),
+        (
+            r#", "n_routed_experts": 4, "n_shared_experts": 1000"#,
+            "n_shared_experts",
         ),
     ] {
         let e = parse(extra).unwrap_err().to_string();
@@ -92,11 +135,26 @@ fn expert_tables_name_one_module_per_expert() {
     let text = r#"{"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_experts": 3, "moe_intermediate_size": 6}"#;
     let c = ModelConfig::parse(text, Path::new("c")).unwrap();
     let qwen = arch::for_config(&c, Path::new("c")).unwrap();
-    assert_eq!(qwen.module("down_proj").unwrap().shape(&c), (8, 6));
+    assert_eq!(qwen.module("experts.down_proj").unwrap().shape(&c), (8, 6));
+    assert_eq!(qwen.module("mlp.down_proj").unwrap().shape(&c), (8, 16));
     assert_eq!(qwen.module("q_proj").unwrap().shape(&c), (8, 8));
     assert_eq!(
-        qwen.module("up_proj").unwrap().instances(&c),
+        qwen.module("experts.up_proj").unwrap().instances(&c),
         vec![Some(0), Some(1), Some(2)]
+    );
+    assert_eq!(
+        qwen.module("mlp.up_proj").unwrap().instances(&c),
+        vec![None]
+    );
+    // A shared expert is as wide as the config says, one module per layer.
+    let text = r#"{"model_type": "glm4_moe", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "n_routed_experts": 3, "moe_intermediate_size": 6, "n_shared_experts": 2}"#;
+    let c = ModelConfig::parse(text, Path::new("c")).unwrap();
+    let glm = arch::for_config(&c, Path::new("c")).unwrap();
+    let shared = glm.module("shared_experts.up_proj").unwrap();
+    assert_eq!(shared.block(), arch::Block::SharedExpert);
+    assert_eq!(
+        (shared.shape(&c), shared.instances(&c)),
+        ((12, 8), vec![None])
     );
     // A table may not put attention into experts, nor name the slot twice or inside a word.
     for (key, parts) in [
@@ -110,7 +168,7 @@ fn expert_tables_name_one_module_per_expert() {
             "residual":{{"embed":"e","gain_offset":0.0,"embed_scale_sqrt_hidden":false}}}}"#
         );
         let e = arch::parse_table(&text).unwrap_err();
-        assert!(e.contains("expert module `m`"), "{key}: {e}");
+        assert!(e.contains("module `m`"), "{key}: {e}");
     }
     // Experts are matched by their router, which the table must name.
     let text = r#"{"name":"x","model_types":["x"],"layer_prefixes":["model.layers"],
@@ -124,6 +182,32 @@ fn expert_tables_name_one_module_per_expert() {
         r#""router":"r.weight","layer_prefixes""#,
     );
     assert!(arch::parse_table(&with_router).unwrap().has_experts());
+    // A shared expert stands beside experts, holds the MLP's three parts, and names no expert.
+    let shared = r#","s":{"key":"s","parts":["gate","up","down"],"shared_expert":true}}"#;
+    let table = with_router.replacen("}},", &format!("}}{shared},"), 1);
+    assert!(arch::parse_table(&table).is_ok(), "{table}");
+    for (from, to, words) in [
+        (
+            r#""g":{"key":"e.{expert}.g","parts":["gate","up","down"]}"#,
+            r#""g":{"key":"g","parts":["gate","up","down"]}"#,
+            "beside experts",
+        ),
+        (
+            r#""parts":["gate","up","down"],"shared_expert""#,
+            r#""parts":["gate","up"],"shared_expert""#,
+            "each MLP block",
+        ),
+        (r#""key":"s","#, r#""key":"s.{expert}","#, "shared expert's"),
+        (
+            r#""o":{"key":"o","parts":["o"]}"#,
+            r#""o":{"key":"o","parts":["o","gate"]}"#,
+            "not both",
+        ),
+    ] {
+        assert!(table.contains(from), "{from}");
+        let e = arch::parse_table(&table.replace(from, to)).unwrap_err();
+        assert!(e.contains(words), "{to}: {e}");
+    }
 }
 
 /// Onto an identical copy, copy and rotate give every expert its own update back: expert e's

@@ -326,7 +326,7 @@ fn a_moe_gguf_base_reads_each_expert_from_its_rows() {
     let path = d.p("moe.gguf");
     let tensors = write(&path, experts);
     let ckpt = Checkpoint::open(&path).unwrap();
-    let e = ckpt.config.experts.unwrap();
+    let e = ckpt.config.experts.clone().unwrap();
     assert_eq!(
         (ckpt.config.model_type.as_str(), e.count, e.width),
         ("qwen3_moe", 3, 4)

@@ -2,6 +2,7 @@
 //! a checkpoint, and which canonical parts (q, k, v, o, gate, up, down) a fused projection holds.
 //! Adding an architecture is adding a JSON file here.
 
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -78,20 +79,69 @@ pub struct ModuleSpec {
     /// One module per expert of a mixture-of-experts layer (the key holds `{expert}`).
     #[serde(skip)]
     pub expert: bool,
+    /// A part of the MLP every token passes through beside its experts (Qwen2-MoE's
+    /// `mlp.shared_expert`, GLM-4.5's `mlp.shared_experts`).
+    #[serde(default)]
+    pub shared_expert: bool,
+}
+
+/// The block of a layer a module belongs to, which says in which layers it exists and how wide
+/// its MLP is: attention in every layer; a dense MLP in a dense model's layers and in a
+/// mixture-of-experts model's dense layers; experts, and the shared expert beside them, in the
+/// others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Block {
+    Attention,
+    Mlp,
+    Experts,
+    SharedExpert,
+}
+
+impl Block {
+    /// How the block is named in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Block::Attention => "attention",
+            Block::Mlp => "dense MLP",
+            Block::Experts => "experts",
+            Block::SharedExpert => "shared expert",
+        }
+    }
 }
 
 /// Where an expert module's key takes the expert's index.
 pub const EXPERT_SLOT: &str = "{expert}";
 
 impl ModuleSpec {
-    /// `(out, in)` of `part` in this module: an expert's MLP parts are an expert wide.
+    /// The block of a layer this module belongs to.
+    pub fn block(&self) -> Block {
+        if self.expert {
+            Block::Experts
+        } else if self.shared_expert {
+            Block::SharedExpert
+        } else if self
+            .parts
+            .iter()
+            .all(|p| matches!(p, Part::Gate | Part::Up | Part::Down))
+        {
+            Block::Mlp
+        } else {
+            Block::Attention
+        }
+    }
+
+    /// `(out, in)` of `part` in this module: an expert's MLP parts are an expert wide, the
+    /// shared expert's as wide as the config says.
     pub fn part_shape(&self, part: Part, c: &ModelConfig) -> (usize, usize) {
-        match (self.expert, c.experts) {
-            (true, Some(e)) => match part {
-                Part::Down => (c.hidden_size, e.width),
-                _ => (e.width, c.hidden_size),
-            },
-            _ => part.shape(c),
+        let width = match (self.block(), &c.experts) {
+            (Block::Experts, Some(e)) => Some(e.width),
+            (Block::SharedExpert, Some(e)) => e.shared_width,
+            _ => None,
+        };
+        match width {
+            Some(w) if part == Part::Down => (c.hidden_size, w),
+            Some(w) => (w, c.hidden_size),
+            None => part.shape(c),
         }
     }
 
@@ -116,7 +166,7 @@ impl ModuleSpec {
 
     /// Each instance of this module in a layer: one per expert for an expert's module, else one.
     pub fn instances(&self, c: &ModelConfig) -> Vec<Option<usize>> {
-        match (self.expert, c.experts) {
+        match (self.expert, &c.experts) {
             (true, Some(e)) => (0..e.count).map(Some).collect(),
             _ => vec![None],
         }
@@ -237,8 +287,8 @@ pub fn table_sources() -> &'static [(&'static str, &'static str)] {
     TABLES
 }
 
-/// Parses and checks one table: at least one model type and layer prefix, and the seven
-/// canonical projections each held by exactly one module.
+/// Parses and checks one table: at least one model type and layer prefix, the attention's four
+/// canonical projections each held by exactly one module, and each MLP block's three.
 pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
     let arch: Arch = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if arch.model_types.is_empty() || arch.layer_prefixes.is_empty() {
@@ -247,11 +297,6 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             arch.name
         ));
     }
-    let mut parts: Vec<Part> = arch
-        .modules
-        .iter()
-        .flat_map(|m| m.parts.iter().copied())
-        .collect();
     if arch
         .modules
         .iter()
@@ -262,17 +307,31 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             arch.name
         ));
     }
-    // An expert's module is one of the MLP's, and its key names the expert once, between dots.
-    for m in arch.modules.iter().filter(|m| m.expert) {
-        let mlp_only = m
-            .parts
-            .iter()
-            .all(|p| matches!(p, Part::Gate | Part::Up | Part::Down));
+    let is_mlp = |p: &Part| matches!(p, Part::Gate | Part::Up | Part::Down);
+    for m in &arch.modules {
+        // A module is one block's: attention or MLP parts, never both; an expert's names the
+        // expert once, between dots; a shared expert's is an MLP's and no expert's.
+        let mixed = m.parts.iter().any(is_mlp) && !m.parts.iter().all(is_mlp);
         let slot_once = m.key.matches(EXPERT_SLOT).count() == 1
             && m.key.split('.').any(|segment| segment == EXPERT_SLOT);
-        if !mlp_only || !slot_once {
+        let fault = if mixed {
+            Some("must hold attention parts or MLP parts, not both".to_string())
+        } else if m.expert && !slot_once {
+            Some(format!(
+                "must name `{EXPERT_SLOT}` once as a whole key segment"
+            ))
+        } else if (m.expert || m.shared_expert) && !m.parts.iter().all(is_mlp) {
+            Some("is an expert's and must hold only gate, up or down".to_string())
+        } else if m.expert && m.shared_expert {
+            Some(format!(
+                "is a shared expert's and cannot name `{EXPERT_SLOT}`"
+            ))
+        } else {
+            None
+        };
+        if let Some(fault) = fault {
             return Err(format!(
-                "table `{}`: expert module `{}` must hold only gate, up or down and name `{EXPERT_SLOT}` once as a whole key segment",
+                "table `{}`: module `{}` {fault}",
                 arch.name, m.name
             ));
         }
@@ -288,12 +347,33 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
     if keys.windows(2).any(|w| w[0] == w[1]) {
         return Err(format!("table `{}`: two modules share a key", arch.name));
     }
-    parts.sort();
-    let n = parts.len();
-    parts.dedup();
-    if n != 7 || parts.len() != 7 {
+    // The attention's four parts once each, and each MLP block's three once each: a dense MLP,
+    // experts, or both (a model with dense layers among its expert layers); a shared expert
+    // only beside experts.
+    let blocks: BTreeSet<Block> = arch.modules.iter().map(ModuleSpec::block).collect();
+    let complete = |block: Block, want: &[Part]| {
+        let mut parts: Vec<Part> = arch
+            .modules
+            .iter()
+            .filter(|m| m.block() == block)
+            .flat_map(|m| m.parts.iter().copied())
+            .collect();
+        parts.sort();
+        parts == want
+    };
+    let mlp = [Part::Gate, Part::Up, Part::Down];
+    let complete_mlps = blocks
+        .iter()
+        .filter(|&&b| b != Block::Attention)
+        .all(|&b| complete(b, &mlp));
+    if !complete(Block::Attention, &[Part::Q, Part::K, Part::V, Part::O])
+        || !complete_mlps
+        || !(blocks.contains(&Block::Mlp) || blocks.contains(&Block::Experts))
+        || (blocks.contains(&Block::SharedExpert) && !blocks.contains(&Block::Experts))
+    {
         return Err(format!(
-            "table `{}` must hold each of q, k, v, o, gate, up, down exactly once",
+            "table `{}` must hold each of q, k, v, o exactly once, and gate, up, down exactly \
+             once in each MLP block it has (a dense MLP, experts, a shared expert beside experts)",
             arch.name
         ));
     }
@@ -322,12 +402,28 @@ impl Arch {
         self.modules.iter().find(|m| m.name == name)
     }
 
-    /// The module type holding `part`.
+    /// The module type holding `part` in a dense layer (in an expert layer, for a table whose
+    /// layers all have experts).
     pub fn module_with(&self, part: Part) -> &ModuleSpec {
+        let block = match part {
+            Part::Q | Part::K | Part::V | Part::O => Block::Attention,
+            _ if self.has_block(Block::Mlp) => Block::Mlp,
+            _ => Block::Experts,
+        };
+        self.module_in(block, part)
+            .expect("every table covers all seven parts")
+    }
+
+    /// The module type of `block` holding `part`, if the table has that block.
+    pub fn module_in(&self, block: Block, part: Part) -> Option<&ModuleSpec> {
         self.modules
             .iter()
-            .find(|m| m.parts.contains(&part))
-            .expect("every table covers all seven parts")
+            .find(|m| m.block() == block && m.parts.contains(&part))
+    }
+
+    /// Whether some module of this table belongs to `block`.
+    pub fn has_block(&self, block: Block) -> bool {
+        self.modules.iter().any(|m| m.block() == block)
     }
 
     /// The layer prefix this checkpoint uses: the first whose layer-0 modules (any of them, so a

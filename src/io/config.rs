@@ -38,13 +38,29 @@ pub struct Scales {
     pub attention: f64,
 }
 
-/// The expert MLPs of a mixture-of-experts model: how many each layer has and their width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The expert MLPs of a mixture-of-experts model: how many each layer has, their width, the
+/// shared expert beside them, and which layers keep a dense MLP instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Experts {
-    /// `num_local_experts` (Mixtral) or `num_experts` (Qwen3-MoE, OLMoE).
+    /// `num_local_experts` (Mixtral), `num_experts` (Qwen-MoE, OLMoE) or `n_routed_experts`
+    /// (GLM-4.5).
     pub count: usize,
-    /// Each expert's hidden width: `moe_intermediate_size` (Qwen3-MoE), else `intermediate_size`.
+    /// Each expert's hidden width: `moe_intermediate_size` (Qwen-MoE), else `intermediate_size`.
     pub width: usize,
+    /// The width of the MLP every token passes through beside its experts (Qwen2-MoE's
+    /// `shared_expert_intermediate_size`; GLM-4.5's `n_shared_experts` experts wide, stored as one
+    /// MLP); none where the layers have no shared expert.
+    pub shared_width: Option<usize>,
+    /// The layers whose MLP is dense, `intermediate_size` wide (Qwen's `mlp_only_layers` and
+    /// `decoder_sparse_step`, GLM-4.5's first `first_k_dense_replace`), in ascending order.
+    pub dense_layers: Vec<usize>,
+}
+
+impl Experts {
+    /// Whether `layer`'s MLP is experts (else dense).
+    pub fn sparse(&self, layer: usize) -> bool {
+        self.dense_layers.binary_search(&layer).is_err()
+    }
 }
 
 impl ModelConfig {
@@ -161,7 +177,7 @@ impl ModelConfig {
                 None => 1.0 / (head_dim as f64).sqrt(),
             }),
         };
-        let experts = parse_experts(text, intermediate_size, path)?;
+        let experts = parse_experts(text, intermediate_size, num_hidden_layers, path)?;
         Ok(ModelConfig {
             model_type,
             architectures,
@@ -178,53 +194,99 @@ impl ModelConfig {
     }
 }
 
-/// The expert counts and widths of a mixture-of-experts config; None when it names no experts.
-/// Layers with a dense MLP among expert layers (Qwen's `mlp_only_layers`, `decoder_sparse_step`)
-/// are refused: every table holds one MLP layout for all layers.
+/// The experts of a mixture-of-experts config (None when it names none): their count and width,
+/// the shared expert's width, and the layers that keep a dense MLP.
 fn parse_experts(
     text: &serde_json::Map<String, serde_json::Value>,
     intermediate_size: usize,
+    layers: usize,
     path: &Path,
 ) -> Result<Option<Experts>> {
     let field = |key: &str| text.get(key).filter(|v| !v.is_null());
-    let Some((key, count)) = ["num_local_experts", "num_experts"]
+    // A non-negative integer field up to `max`; `default` where absent.
+    let integer = |key: &str, default: u64, max: u64| -> Result<u64> {
+        match field(key) {
+            None => Ok(default),
+            Some(v) => v.as_u64().filter(|&n| n <= max).ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("`{key}` = {v} must be an integer between 0 and {max}"),
+                )
+            }),
+        }
+    };
+    let Some(key) = ["num_local_experts", "num_experts", "n_routed_experts"]
         .into_iter()
-        .find_map(|k| field(k).map(|v| (k, v)))
+        .find(|k| field(k).is_some())
     else {
         return Ok(None);
     };
-    let count = match count.as_u64() {
-        Some(0) => return Ok(None),
-        Some(n) if n <= 1 << 16 => n as usize,
-        _ => {
+    let count = match integer(key, 0, 1 << 16)? {
+        0 => return Ok(None),
+        n => n as usize,
+    };
+    let width = match integer("moe_intermediate_size", intermediate_size as u64, 1 << 24)? {
+        0 => {
             return Err(Error::config(
                 path,
-                format!("`{key}` = {count} must be an integer between 0 and 65536"),
+                "`moe_intermediate_size` must be a positive integer up to 2^24",
             ))
         }
+        w => w as usize,
     };
-    let width = match field("moe_intermediate_size") {
-        None => intermediate_size,
-        Some(v) => match v.as_u64() {
-            Some(w) if w > 0 && w <= 1 << 24 => w as usize,
-            _ => {
-                return Err(Error::config(
-                    path,
-                    format!("`moe_intermediate_size` = {v} must be a positive integer up to 2^24"),
-                ))
-            }
-        },
+    // Qwen2-MoE names the shared expert's width; GLM-4.5 and DeepSeek count shared experts of
+    // the experts' width, fused into one MLP.
+    let shared_width = match integer("shared_expert_intermediate_size", 0, 1 << 24)? {
+        0 => integer("n_shared_experts", 0, 1 << 8)? as usize * width,
+        w => w as usize,
     };
-    let dense_layers = field("mlp_only_layers")
-        .and_then(|v| v.as_array())
-        .is_some_and(|a| !a.is_empty());
-    let step = field("decoder_sparse_step").and_then(|v| v.as_u64());
-    if dense_layers || step.is_some_and(|s| s > 1) {
+    let shared_width = (shared_width > 0).then_some(shared_width);
+    // transformers' rules: Qwen's layer is sparse unless listed in `mlp_only_layers` or off the
+    // `decoder_sparse_step`; GLM-4.5's and DeepSeek's from `first_k_dense_replace` on, every
+    // `moe_layer_freq`-th.
+    let step = integer("decoder_sparse_step", 1, 1 << 16)?;
+    let first_sparse = integer("first_k_dense_replace", 0, 1 << 16)? as usize;
+    let frequency = integer("moe_layer_freq", 1, 1 << 16)?;
+    if step == 0 || frequency == 0 {
         return Err(Error::config(
             path,
-            "layers with a dense MLP among the expert layers (`mlp_only_layers`, \
-             `decoder_sparse_step` > 1) are not supported",
+            "`decoder_sparse_step` and `moe_layer_freq` must be at least 1",
         ));
     }
-    Ok(Some(Experts { count, width }))
+    let mut listed = Vec::new();
+    if let Some(v) = field("mlp_only_layers") {
+        let bad = || {
+            Error::config(
+                path,
+                format!("`mlp_only_layers` = {v} must be a list of layer indices below {layers}"),
+            )
+        };
+        for x in v.as_array().ok_or_else(bad)? {
+            listed.push(
+                x.as_u64()
+                    .filter(|&l| (l as usize) < layers)
+                    .ok_or_else(bad)? as usize,
+            );
+        }
+    }
+    let dense_layers: Vec<usize> = (0..layers)
+        .filter(|&l| {
+            listed.contains(&l)
+                || (l as u64 + 1) % step != 0
+                || l < first_sparse
+                || l as u64 % frequency != 0
+        })
+        .collect();
+    if dense_layers.len() == layers {
+        return Err(Error::config(
+            path,
+            format!("`{key}` = {count} experts, but the config leaves every layer's MLP dense"),
+        ));
+    }
+    Ok(Some(Experts {
+        count,
+        width,
+        shared_width,
+        dense_layers,
+    }))
 }

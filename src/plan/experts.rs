@@ -17,98 +17,16 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::arch::{ModuleSpec, Part};
+use crate::arch::{Block, Part};
 use crate::error::{Error, Result};
 use crate::modes::Mode;
 
-use super::{ModelSide, ModuleFilter};
-
-/// The target module types whose units can be paired expert for expert; a type whose pairing
-/// does not hold is dropped when `--modules` leaves all of it out, and refused otherwise.
-pub(super) fn check_pairing(
-    source: &ModelSide<'_>,
-    target: &ModelSide<'_>,
-    specs: Vec<&'static ModuleSpec>,
-    same_layout: bool,
-    filter: &ModuleFilter,
-) -> Result<Vec<&'static ModuleSpec>> {
-    let mut kept = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let mut mismatch = None;
-        let mut selected = false;
-        for (part, src_spec) in super::pieces(source, spec, same_layout) {
-            if let Some(why) = pairing_fault(source, target, src_spec, spec) {
-                let label = part.map_or(spec.name.as_str(), Part::module_name);
-                selected |= filter(label, &spec.name, &src_spec.name);
-                mismatch.get_or_insert(why);
-            }
-        }
-        match mismatch {
-            None => kept.push(spec),
-            Some(why) if selected => {
-                return Err(Error::Config {
-                    path: target.ckpt.dir.clone(),
-                    reason: format!(
-                        "this model's `{}` cannot take the adapter's update: {why}; transfer the \
-                         attention alone with --modules q_proj,k_proj,v_proj,o_proj",
-                        spec.name
-                    ),
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(kept)
-}
-
-/// Why a source module cannot fill a target module expert for expert, if it cannot.
-fn pairing_fault(
-    source: &ModelSide<'_>,
-    target: &ModelSide<'_>,
-    src_spec: &ModuleSpec,
-    spec: &ModuleSpec,
-) -> Option<String> {
-    let describe = |side: &ModelSide<'_>, s: &ModuleSpec| match s.expert {
-        true => format!(
-            "{} experts per layer in {}",
-            side.experts(),
-            side.ckpt.dir.display()
-        ),
-        false => format!("one dense MLP per layer in {}", side.ckpt.dir.display()),
-    };
-    let hidden = |side: &ModelSide<'_>| side.ckpt.config.hidden_size;
-    let fault = match (src_spec.expert, spec.expert) {
-        (false, false) => None,
-        (true, true) if routers_compare(source, target) => None,
-        (true, true) => Some(format!(
-            ", with hidden sizes {} and {} whose routers cannot be compared",
-            hidden(source),
-            hidden(target)
-        )),
-        _ => Some(String::new()),
-    };
-    fault.map(|tail| {
-        format!(
-            "{} against {}{tail}",
-            describe(source, src_spec),
-            describe(target, spec)
-        )
-    })
-}
+use super::ModelSide;
 
 /// Whether two models' routers live in one space, so that their experts can be matched: the
 /// same hidden size.
-fn routers_compare(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
+pub(super) fn routers_compare(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
     source.ckpt.config.hidden_size == target.ckpt.config.hidden_size
-}
-
-/// Whether the two models' MLPs pair: both dense, or both experts whose routers compare.
-pub fn mlps_pair(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
-    match (source.arch.has_experts(), target.arch.has_experts()) {
-        (false, false) => true,
-        (true, true) => routers_compare(source, target),
-        _ => false,
-    }
 }
 
 /// The first of the two models whose MLPs are experts, if either's are.
@@ -141,7 +59,11 @@ pub(super) fn match_by_router(
         return Ok(BTreeMap::new());
     }
     let mut matches = BTreeMap::new();
-    for (&j, &i) in layer_map {
+    // Only layers with experts on both sides have routers to match.
+    for (&j, &i) in layer_map
+        .iter()
+        .filter(|&(&j, &i)| source.sparse(i) && target.sparse(j))
+    {
         let rows_s = unit_rows(source, i)?;
         let rows_t = unit_rows(target, j)?;
         let mut m = ExpertMatch {
@@ -293,8 +215,8 @@ pub fn name_fused_experts(
                 "down_proj" => Part::Down,
                 _ => return None,
             };
-            let spec = source.arch.module_with(part);
-            (experts.ends_with("experts") && spec.expert).then_some(())?;
+            let spec = source.arch.module_in(Block::Experts, part)?;
+            experts.ends_with("experts").then_some(())?;
             let (layer, expert) = (layer.parse().ok()?, expert.parse().ok()?);
             Some(
                 source

@@ -4,15 +4,17 @@
 
 pub mod experts;
 pub mod layers;
+mod pairing;
 mod side;
 
+pub use pairing::mlps_pair;
 pub use side::ModelSide;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::Path;
 
-use crate::arch::{Arch, ModuleSpec, Part};
+use crate::arch::{Arch, Block, ModuleSpec, Part};
 use crate::error::{Error, Result};
 use crate::modes::Mode;
 
@@ -184,8 +186,7 @@ pub fn build(
     let filter = module_filter(options, source.arch, target.arch)?;
     let present = adapter_modules(source, adapter, adapter_path)?;
     let same = same_layout(source.arch, target.arch);
-    let target_specs = target_specs(source, target, &present, same);
-    let target_specs = experts::check_pairing(source, target, target_specs, same, &filter)?;
+    let target_specs = target_specs(source, target, &present);
     let layer_map = layer_map(source, target, options);
     let experts = match target_specs.iter().any(|s| s.expert) {
         true => experts::match_by_router(source, target, &layer_map)?,
@@ -193,20 +194,38 @@ pub fn build(
     };
     let mut modules = Vec::new();
     for (&j, &i) in &layer_map {
-        for spec in &target_specs {
-            let pair = LayerPair {
-                source,
-                target,
-                source_layer: i,
-                target_layer: j,
-                same_layout: same,
-                experts: experts.get(&j),
+        let pair = LayerPair {
+            source,
+            target,
+            source_layer: i,
+            target_layer: j,
+            same_layout: same,
+            experts: experts.get(&j),
+        };
+        // The source blocks this layer pair draws on: an update of any other is left over.
+        let mut taken = BTreeSet::new();
+        for spec in target_specs.iter().filter(|s| target.holds(j, s)) {
+            let from = match pairing::source_block(source, target, (i, j), spec) {
+                Ok(Some(from)) => from,
+                Ok(None) => continue,
+                Err(why) => {
+                    let selected = spec
+                        .parts
+                        .iter()
+                        .any(|p| filter(p.module_name(), &spec.name, &spec.name));
+                    if selected {
+                        return Err(pairing::refusal(source, target, spec, &why));
+                    }
+                    continue;
+                }
             };
+            taken.insert(from);
             // An expert's module once per expert, each from the source expert its router matches.
             for expert in spec.instances(&target.ckpt.config) {
-                modules.push(pair.module(spec, expert, &present, options, &filter)?);
+                modules.push(pair.module(spec, from, expert, &present, options, &filter)?);
             }
         }
+        pairing::check_taken(source, target, (i, j), &taken, &present, &filter)?;
     }
     let plan = Plan {
         modules,
@@ -234,7 +253,7 @@ pub fn build(
 }
 
 /// (source layer, expert, module type) → adapter module name, for every module of the adapter.
-type Present<'a> = BTreeMap<(usize, Option<usize>, &'a str), &'a str>;
+pub(super) type Present<'a> = BTreeMap<(usize, Option<usize>, &'a str), &'a str>;
 
 /// Checks that every adapter module is an adaptable module of the source, in a layer it has, with
 /// the shape of the source's weight; returns where each one sits.
@@ -303,25 +322,20 @@ fn adapter_modules<'a>(
     Ok(present)
 }
 
-/// The target module types the output adapter has: those the adapter's module types cover (by
-/// name when the layouts agree, by canonical part otherwise), in the target table's order.
+/// The target module types the output adapter has: those some module type of the adapter can
+/// fill (a module of a block that meets the target's, holding one of its canonical parts), in the
+/// target table's order.
 fn target_specs(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     present: &Present<'_>,
-    same: bool,
 ) -> Vec<&'static ModuleSpec> {
     let source_types: BTreeSet<&str> = present.keys().map(|(_, _, t)| *t).collect();
-    let covered: BTreeSet<Part> = source_types
+    let covered: BTreeSet<(Block, Part)> = source_types
         .iter()
         .flat_map(|t| {
-            source
-                .arch
-                .module(t)
-                .expect("parsed from the table")
-                .parts
-                .iter()
-                .copied()
+            let spec = source.arch.module(t).expect("parsed from the table");
+            spec.parts.iter().map(|&p| (spec.block(), p))
         })
         .collect();
     target
@@ -329,11 +343,9 @@ fn target_specs(
         .modules
         .iter()
         .filter(|m| {
-            if same {
-                source_types.contains(m.name.as_str())
-            } else {
-                m.parts.iter().any(|p| covered.contains(p))
-            }
+            covered
+                .iter()
+                .any(|&(b, p)| pairing::blocks_meet(b, m.block()) && m.parts.contains(&p))
         })
         .collect()
 }
@@ -370,6 +382,7 @@ impl LayerPair<'_, '_> {
     fn module(
         &self,
         spec: &ModuleSpec,
+        from: Block,
         expert: Option<usize>,
         present: &Present<'_>,
         options: &Options,
@@ -378,7 +391,7 @@ impl LayerPair<'_, '_> {
         let (source, target) = (self.source, self.target);
         let (target_tensor, shape) = target.weight(self.target_layer, expert, spec)?;
         let mut units = Vec::new();
-        for (part, src_spec) in pieces(source, spec, self.same_layout) {
+        for (part, src_spec) in pairing::pieces(source, spec, from, self.same_layout) {
             // Pairing checked expert modules against expert modules only, and matched every
             // target expert of the layer.
             let src_expert = expert
@@ -480,23 +493,6 @@ impl LayerPair<'_, '_> {
     }
 }
 
-/// The source modules that fill target module `spec`, each with the part it gives (None: the
-/// whole module, when the two tables lay their modules out alike).
-fn pieces(
-    source: &ModelSide<'_>,
-    spec: &ModuleSpec,
-    same_layout: bool,
-) -> Vec<(Option<Part>, &'static ModuleSpec)> {
-    if same_layout {
-        vec![(None, source.arch.module(&spec.name).expect("same layout"))]
-    } else {
-        spec.parts
-            .iter()
-            .map(|&p| (Some(p), source.arch.module_with(p)))
-            .collect()
-    }
-}
-
 /// Whether a unit of this mode and these shapes decomposes its two weights: always for the
 /// subspace modes, for copy and resample only to filter on similarity (which needs a side of
 /// equal size), never for map (its units gate on their matched similarity).
@@ -540,20 +536,26 @@ fn resolve_mode(
 }
 
 /// Whether a unit (label, target module type, source module type) is selected by `--modules`.
-type ModuleFilter = Box<dyn Fn(&str, &str, &str) -> bool>;
+pub(super) type ModuleFilter = Box<dyn Fn(&str, &str, &str) -> bool>;
 
 /// The `--modules` test: a unit is selected when its label, its target module type or its source
-/// module type is listed. Unknown names are refused so a typo does not silently skip everything.
+/// module type is listed, or the last segment of either type's key (as PEFT's `target_modules`
+/// name modules: `gate_proj` selects `experts.gate_proj` and `shared_expert.gate_proj` too).
+/// Unknown names are refused so a typo does not silently skip everything.
 fn module_filter(options: &Options, source: &Arch, target: &Arch) -> Result<ModuleFilter> {
     let Some(list) = options.modules.clone() else {
         return Ok(Box::new(|_: &str, _: &str, _: &str| true));
     };
-    let mut known: BTreeSet<String> = source
+    let tails: BTreeMap<String, String> = source
         .modules
         .iter()
         .chain(&target.modules)
-        .map(|m| m.name.clone())
+        .map(|m| {
+            let tail = m.key.rsplit('.').next().unwrap_or(&m.key);
+            (m.name.clone(), tail.to_string())
+        })
         .collect();
+    let mut known: BTreeSet<String> = tails.keys().chain(tails.values()).cloned().collect();
     known.extend(Part::ALL.map(|p| p.module_name().to_string()));
     for name in &list {
         if !known.contains(name) {
@@ -568,8 +570,9 @@ fn module_filter(options: &Options, source: &Arch, target: &Arch) -> Result<Modu
     }
     Ok(Box::new(
         move |label: &str, target_type: &str, source_type: &str| {
+            let named = |n: &String, t: &str| n == t || tails.get(t) == Some(n);
             list.iter()
-                .any(|n| n == label || n == target_type || n == source_type)
+                .any(|n| n == label || named(n, target_type) || named(n, source_type))
         },
     ))
 }

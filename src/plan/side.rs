@@ -1,7 +1,7 @@
 //! A model as the plan sees it: its architecture table, the layer prefix its checkpoint uses,
 //! and every base weight read through a check of its shape against the config.
 
-use crate::arch::{Arch, ModuleSpec};
+use crate::arch::{Arch, Block, ModuleSpec};
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 
@@ -25,6 +25,25 @@ impl<'a> ModelSide<'a> {
                 ),
             ));
         }
+        if let Some(e) = ckpt.config.experts.as_ref().filter(|_| arch.has_experts()) {
+            // A layer kind the config names but the table has no modules for would be unreadable.
+            let missing = if !e.dense_layers.is_empty() && !arch.has_block(Block::Mlp) {
+                Some(format!("dense MLPs in layers {:?}", e.dense_layers))
+            } else if e.shared_width.is_some() && !arch.has_block(Block::SharedExpert) {
+                Some("a shared expert beside the experts".to_string())
+            } else {
+                None
+            };
+            if let Some(what) = missing {
+                return Err(Error::config(
+                    ckpt.config_path(),
+                    format!(
+                        "config.json gives {what}, which a {} model does not have",
+                        arch.name
+                    ),
+                ));
+            }
+        }
         let prefix = arch.detect_prefix(ckpt)?.to_string();
         Ok(ModelSide { arch, prefix, ckpt })
     }
@@ -35,7 +54,38 @@ impl<'a> ModelSide<'a> {
 
     /// How many experts each layer has (0 for a dense model).
     pub fn experts(&self) -> usize {
-        self.ckpt.config.experts.map_or(0, |e| e.count)
+        self.ckpt.config.experts.as_ref().map_or(0, |e| e.count)
+    }
+
+    /// Whether `layer`'s MLP is experts (else dense: every layer of a dense model).
+    pub fn sparse(&self, layer: usize) -> bool {
+        self.arch.has_experts()
+            && self
+                .ckpt
+                .config
+                .experts
+                .as_ref()
+                .is_some_and(|e| e.sparse(layer))
+    }
+
+    /// Whether `layer` has modules of type `spec`.
+    pub fn holds(&self, layer: usize, spec: &ModuleSpec) -> bool {
+        self.holds_block(layer, spec.block())
+    }
+
+    /// Whether `layer` has `block`: the attention in every layer, a dense MLP in the dense
+    /// layers, the experts and the shared expert (where the config gives one) in the others.
+    pub fn holds_block(&self, layer: usize, block: Block) -> bool {
+        let shared = || {
+            let e = self.ckpt.config.experts.as_ref();
+            self.arch.has_block(Block::SharedExpert) && e.is_some_and(|e| e.shared_width.is_some())
+        };
+        match block {
+            Block::Attention => true,
+            Block::Mlp => !self.sparse(layer),
+            Block::Experts => self.sparse(layer),
+            Block::SharedExpert => self.sparse(layer) && shared(),
+        }
     }
 
     /// The weight tensor of a module (of one expert, for an expert's module), checked against

@@ -60,9 +60,10 @@ pub fn run(
     // Pretend the adapter covers every module of the source, so the plan pairs them all (experts
     // only where the target's can take them: experts of the same hidden size).
     let mut all = BTreeMap::new();
-    let experts_pair = plan::experts::mlps_pair(&s, &t);
+    let experts_pair = plan::mlps_pair(&s, &t);
     for layer in 0..s.layers() {
-        for spec in s.arch.modules.iter().filter(|m| !m.expert || experts_pair) {
+        let held = s.arch.modules.iter().filter(|m| s.holds(layer, m));
+        for spec in held.filter(|m| !m.expert || experts_pair) {
             let (out, inp) = spec.shape(&source.config);
             let m = SourceModule {
                 r: 1,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod moe;
+pub mod moe_layers;
 pub mod refusals;
 
 use std::collections::BTreeMap;

@@ -213,7 +213,7 @@ pub fn write_lora_gguf(
             placed.push(new(vec![Some(member)]));
             continue;
         };
-        let count = cfg.experts.map_or(0, |x| x.count);
+        let count = cfg.experts.as_ref().map_or(0, |x| x.count);
         if e >= count {
             return Err(not_for_base(format!(
                 "is expert {e}, but the base's config gives {count} experts per layer"

@@ -1,0 +1,234 @@
+//! Mixture-of-experts models whose layers differ (Qwen2-MoE, GLM-4.5, Qwen3-MoE with
+//! `mlp_only_layers`): a dense MLP in some layers, experts and a shared expert in the others.
+//! Each module takes its update from the same block of the source layer mapped to it; a dense
+//! MLP against experts and a shared expert with no counterpart are refused where selected.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::moe::*;
+use common::moe_layers::*;
+use common::refusals::edit_json;
+use common::*;
+use loraxfer::io::adapter::Adapter;
+use loraxfer::modes::Mode;
+use loraxfer::transfer;
+
+fn layout(family: &'static str, dense: &[usize]) -> Layout {
+    Layout {
+        family,
+        experts: 3,
+        dense: dense.to_vec(),
+    }
+}
+
+/// Every module of the source adapter arrives as it was: onto the same model, copy and rotate
+/// (at full rank) give each dense MLP, expert and shared expert its own update back.
+#[test]
+fn each_block_takes_its_own_update_in_layers_of_both_kinds() {
+    for family in ["qwen2_moe", "glm4_moe", "qwen3_moe"] {
+        let d = Dirs::new();
+        let model = layout(family, &[0]);
+        model.write(&d.p("m"), 1);
+        model.adapter(&d.p("ad"));
+        let source = Adapter::open(&d.p("ad")).unwrap();
+        let per_layer = |l| model.modules(l).len();
+        for mode in [Mode::Copy, Mode::Rotate] {
+            let out = d.p(&format!("out-{}", mode.name()));
+            let report = transfer::run(&job(&d.p("m"), &d.p("m"), &d.p("ad"), &out, mode)).unwrap();
+            assert_eq!(
+                report.modules.len(),
+                per_layer(0) + per_layer(1),
+                "{family}"
+            );
+            assert!(report.modules.iter().all(|m| m.transferred));
+            // Only the layer with experts has routers to match.
+            assert_eq!(report.expert_map.keys().collect::<Vec<_>>(), ["1"]);
+            let written = Adapter::open(&out).unwrap();
+            let names = |a: &Adapter| a.modules.keys().cloned().collect::<BTreeSet<_>>();
+            assert_eq!(names(&written), names(&source), "{family}");
+            for name in source.modules.keys() {
+                let (want, got) = (update_of(&source, name), update_of(&written, name));
+                let err = fro(&(&got - &want)) / fro(&want);
+                assert!(err < 1e-4, "{family} {}: {name} off by {err}", mode.name());
+            }
+        }
+    }
+}
+
+/// `--modules gate_proj` names every gate projection, as PEFT's `target_modules` does: the dense
+/// MLP's, each expert's and the shared expert's.
+#[test]
+fn a_projection_name_selects_it_in_every_block() {
+    let d = Dirs::new();
+    let model = layout("qwen2_moe", &[0]);
+    model.write(&d.p("m"), 1);
+    model.adapter(&d.p("ad"));
+    let mut j = job(&d.p("m"), &d.p("m"), &d.p("ad"), &d.p("out"), Mode::Copy);
+    j.options.modules = Some(vec!["gate_proj".into()]);
+    let report = transfer::run(&j).unwrap();
+    let selected: BTreeSet<String> = report
+        .modules
+        .iter()
+        .filter(|m| m.transferred)
+        .map(|m| m.target_key.clone())
+        .collect();
+    let want: BTreeSet<String> = [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.mlp.experts.0.gate_proj.weight",
+        "model.layers.1.mlp.experts.1.gate_proj.weight",
+        "model.layers.1.mlp.experts.2.gate_proj.weight",
+        "model.layers.1.mlp.shared_expert.gate_proj.weight",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(selected, want);
+}
+
+/// A layer whose MLP is dense in one model and experts in the other cannot carry its MLP update:
+/// refused with the transfers that work (the attention alone, or layers of one kind paired).
+#[test]
+fn layers_of_different_kinds_are_refused_with_the_ways_around() {
+    let d = Dirs::new();
+    let source = layout("glm4_moe", &[0]);
+    source.write(&d.p("src"), 1);
+    source.adapter(&d.p("ad"));
+    layout("glm4_moe", &[]).write(&d.p("tgt"), 2);
+    let j = job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Rotate,
+    );
+    let e = err_of(&j);
+    for words in [
+        "a dense MLP in layer 0 of",
+        "3 experts per layer in",
+        "--modules q_proj,k_proj,v_proj,o_proj",
+        "--layer-map",
+    ] {
+        assert!(e.contains(words), "{words}: {e}");
+    }
+    assert!(!d.p("out").exists());
+    // The attention alone.
+    let mut attention = j.clone();
+    attention.options.modules = Some(
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(String::from)
+            .to_vec(),
+    );
+    transfer::run(&attention).unwrap();
+    let written = Adapter::open(&d.p("out")).unwrap();
+    let carried: Vec<&String> = written
+        .modules
+        .keys()
+        .filter(|k| fro(&update_of(&written, k)) > 0.0)
+        .collect();
+    assert_eq!(carried.len(), LAYERS * 4);
+    assert!(
+        carried.iter().all(|k| k.contains("self_attn")),
+        "{carried:?}"
+    );
+    std::fs::remove_dir_all(d.p("out")).unwrap();
+    // Layers of one kind: both target layers from the source's expert layer. Its experts and
+    // shared expert reach both; source layer 0's dense MLP is left out with it.
+    let mut paired = j;
+    paired.options.layer_map = Some([(0, 1), (1, 1)].into());
+    let report = transfer::run(&paired).unwrap();
+    assert!(report.modules.iter().all(|m| m.source_layer == 1));
+    let written = Adapter::open(&d.p("out")).unwrap();
+    assert_eq!(written.modules.len(), 2 * source.modules(1).len());
+}
+
+/// A shared expert goes to a shared expert: where the target has none its update is refused
+/// (`--modules` leaves it out), and where the source has none the target's stays untouched.
+#[test]
+fn a_shared_expert_pairs_only_with_a_shared_expert() {
+    let d = Dirs::new();
+    let with_shared = layout("qwen2_moe", &[0]);
+    with_shared.write(&d.p("qwen2"), 1);
+    with_shared.adapter(&d.p("ad2"));
+    let without = layout("qwen3_moe", &[0]);
+    without.write(&d.p("qwen3"), 1);
+    without.adapter(&d.p("ad3"));
+    let j = job(
+        &d.p("qwen2"),
+        &d.p("qwen3"),
+        &d.p("ad2"),
+        &d.p("out"),
+        Mode::Rotate,
+    );
+    let e = err_of(&j);
+    assert!(
+        e.contains("mlp.shared_expert.")
+            && e.contains("shared expert of source layer 1")
+            && e.contains("--modules ")
+            && !e.contains("shared_expert.gate_proj,"),
+        "{e}"
+    );
+    assert!(!d.p("out").exists());
+    // The hint's list carries everything else.
+    let list = e.rsplit_once("--modules ").unwrap().1.trim().to_string();
+    let mut left_out = j.clone();
+    left_out.options.modules = Some(list.split(',').map(String::from).collect());
+    let report = transfer::run(&left_out).unwrap();
+    assert_eq!(
+        report.modules.len(),
+        with_shared.modules(0).len() + without.modules(1).len()
+    );
+    std::fs::remove_dir_all(d.p("out")).unwrap();
+    // The other way, the target's shared expert takes nothing and is not written.
+    transfer::run(&job(
+        &d.p("qwen3"),
+        &d.p("qwen2"),
+        &d.p("ad3"),
+        &d.p("out"),
+        Mode::Rotate,
+    ))
+    .unwrap();
+    let written = Adapter::open(&d.p("out")).unwrap();
+    assert_eq!(
+        written.modules.len(),
+        without.modules(0).len() + without.modules(1).len()
+    );
+    assert!(written.modules.keys().all(|k| !k.contains("shared")));
+}
+
+/// A config may only name layer kinds the table can read: dense layers need a table with a dense
+/// MLP, a shared expert one with a shared expert.
+#[test]
+fn configs_naming_blocks_the_table_lacks_are_refused() {
+    let d = Dirs::new();
+    moe_model(&d.p("mixtral"), "mixtral", 3, 1);
+    edit_json(&d.p("mixtral/config.json"), |c| {
+        c.insert("mlp_only_layers".into(), vec![0].into());
+    });
+    moe_model(&d.p("qwen3"), "qwen3_moe", 3, 1);
+    moe_model(&d.p("shared"), "qwen3_moe", 3, 1);
+    edit_json(&d.p("shared/config.json"), |c| {
+        c.insert("shared_expert_intermediate_size".into(), 8.into());
+    });
+    moe_adapter(&d.p("ad"), "qwen3_moe", 3, false);
+    for (model, words) in [
+        ("mixtral", "dense MLPs in layers [0], which a mixtral model"),
+        (
+            "shared",
+            "a shared expert beside the experts, which a qwen3_moe model",
+        ),
+    ] {
+        let e = err_of(&job(
+            &d.p("qwen3"),
+            &d.p(model),
+            &d.p("ad"),
+            &d.p("out"),
+            Mode::Rotate,
+        ));
+        let config = d.p(model).join("config.json");
+        assert!(
+            e.contains(words) && e.contains(&*config.to_string_lossy()),
+            "{e}"
+        );
+    }
+}
