@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value as Json};
 
-use crate::arch::EXPERT_SLOT;
+use crate::arch::{Block, Part, EXPERT_SLOT};
 use crate::io::gguf::header::{TensorInfo, Value};
 
 /// How one GGUF architecture was converted.
@@ -133,6 +133,27 @@ pub const FAMILIES: &[Family] = &[
         false,
     )
     .with_experts(),
+    // Qwen2-MoE and GLM-4.5 add a shared expert (`ffn_*_shexp`) and may keep dense layers.
+    family(
+        "qwen2moe",
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    )
+    .with_experts(),
+    family(
+        "glm4moe",
+        "glm4_moe",
+        "Glm4MoeForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    )
+    .with_experts(),
     family(
         "llama",
         "mixtral",
@@ -181,6 +202,13 @@ impl Family {
         self.experts = true;
         self
     }
+
+    /// Whether llama.cpp's architecture has dense MLP tensors (`ffn_gate`, …): every dense
+    /// family, and GLM-4.5 for its leading dense layers; qwen2moe, qwen3moe, olmoe and Mixtral
+    /// have experts in every layer.
+    pub fn dense_mlp(&self) -> bool {
+        !self.experts || self.gguf == "glm4moe"
+    }
 }
 
 /// The family of a `general.architecture` value, for a model with or without experts.
@@ -224,10 +252,10 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "self_attn.v_proj" => "attn_v",
         "self_attn.qkv_proj" if f.fused => "attn_qkv",
         "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" if !f.fused => "ffn_up",
+        "mlp.gate_proj" if f.dense_mlp() => "ffn_gate",
+        "mlp.up_proj" if !f.fused && f.dense_mlp() => "ffn_up",
         "mlp.gate_up_proj" if f.fused => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
+        "mlp.down_proj" if f.dense_mlp() => "ffn_down",
         // A layer's experts, stacked by llama.cpp into one tensor per projection.
         "mlp.experts.{expert}.gate_proj" | "block_sparse_moe.experts.{expert}.w1" => {
             "ffn_gate_exps"
@@ -236,8 +264,19 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "mlp.experts.{expert}.down_proj" | "block_sparse_moe.experts.{expert}.w2" => {
             "ffn_down_exps"
         }
+        // The shared expert beside them (Qwen2-MoE's, GLM-4.5's).
+        "mlp.shared_expert.gate_proj" | "mlp.shared_experts.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" | "mlp.shared_experts.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" | "mlp.shared_experts.down_proj" => "ffn_down_shexp",
         _ => return None,
     })
+}
+
+/// The Hugging Face key of the shared expert's projection of `part`, as the family's table names
+/// it (`mlp.shared_expert.up_proj`; GLM-4.5's `mlp.shared_experts.up_proj`).
+fn shared_expert_key(f: &Family, part: Part) -> Option<&'static str> {
+    let spec = table_of(f)?.module_in(Block::SharedExpert, part)?;
+    Some(spec.key.as_str())
 }
 
 /// The Hugging Face name of a GGUF tensor, or None for tensors the engine does not read
@@ -279,6 +318,9 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ffn_up" if f.fused => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "ffn_gate_shexp" if f.experts => shared_expert_key(f, Part::Gate)?,
+        "ffn_up_shexp" if f.experts => shared_expert_key(f, Part::Up)?,
+        "ffn_down_shexp" if f.experts => shared_expert_key(f, Part::Down)?,
         "ffn_norm" if f.sandwich_norms => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         // The norms of the blocks' outputs (Gemma 2/3, OLMo 2/3).
@@ -395,17 +437,40 @@ pub fn config_json(
     }
     if f.experts {
         // Mixtral's experts are `intermediate_size` wide; Qwen3-MoE's have their own width.
-        let count = if f.model_type == "mixtral" {
-            "num_local_experts"
-        } else {
-            "num_experts"
+        let count = match f.model_type {
+            "mixtral" => "num_local_experts",
+            "glm4_moe" => "n_routed_experts",
+            _ => "num_experts",
         };
         obj.insert(count.into(), int("expert_count")?.into());
-        if let Ok(width) = int("expert_feed_forward_length") {
-            obj.insert("moe_intermediate_size".into(), width.into());
+        for (field, k) in [
+            ("moe_intermediate_size", "expert_feed_forward_length"),
+            ("num_experts_per_tok", "expert_used_count"),
+            // Qwen2-MoE's shared expert has its own width; GLM-4.5 counts shared experts.
+            ("shared_expert_intermediate_size", "expert_shared_feed_forward_length"),
+            ("n_shared_experts", "expert_shared_count"),
+            ("first_k_dense_replace", "leading_dense_block_count"),
+        ] {
+            if let Ok(v) = int(k) {
+                obj.insert(field.into(), v.into());
+            }
         }
-        if let Ok(used) = int("expert_used_count") {
-            obj.insert("num_experts_per_tok".into(), used.into());
+        // GLM-4.5's multi-token-prediction layers follow the model's own in `block_count`.
+        let extra = int("nextn_predict_layers").unwrap_or(0).min(layers);
+        let layers = layers - extra;
+        if extra > 0 {
+            obj.insert("num_hidden_layers".into(), layers.into());
+            obj.insert("num_nextn_predict_layers".into(), extra.into());
+        }
+        // A layer without a router has a dense MLP (Qwen's `mlp_only_layers`, which the
+        // metadata does not hold; GLM-4.5's leading dense layers).
+        let names: std::collections::HashSet<&str> =
+            tensors.iter().map(|t| t.name.as_str()).collect();
+        let dense: Vec<u64> = (0..layers)
+            .filter(|l| !names.contains(format!("blk.{l}.ffn_gate_inp.weight").as_str()))
+            .collect();
+        if !dense.is_empty() {
+            obj.insert("mlp_only_layers".into(), dense.into());
         }
     }
     if let Some(name) = metadata.get("general.name").and_then(Value::as_str) {
