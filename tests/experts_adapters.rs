@@ -236,20 +236,20 @@ fn a_lora_gguf_stacks_the_experts_of_a_layer() {
     );
     assert!(!d.p("ranks.gguf").exists());
     // A GGUF with experts of an architecture without a table is refused, saying which are read.
-    let gguf = d.p("qwen2moe.gguf");
+    let gguf = d.p("deepseek2.gguf");
     use loraxfer::io::gguf::write::{write_file, MetaValue};
     let meta = [
-        ("general.architecture", MetaValue::Str("qwen2moe")),
-        ("qwen2moe.expert_count", MetaValue::U32(8)),
+        ("general.architecture", MetaValue::Str("deepseek2")),
+        ("deepseek2.expert_count", MetaValue::U32(8)),
     ];
     write_file(&gguf, &meta, &[]).unwrap();
     let e = loraxfer::io::checkpoint::Checkpoint::open(&gguf)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("qwen2moe.gguf")
-            && e.contains("`qwen2moe` with experts")
-            && e.contains("qwen3moe, olmoe, llama"),
+        e.contains("deepseek2.gguf")
+            && e.contains("`deepseek2` with experts")
+            && e.contains("qwen3moe, olmoe, qwen2moe, glm4moe, llama"),
         "{e}"
     );
 }

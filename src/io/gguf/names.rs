@@ -447,7 +447,10 @@ pub fn config_json(
             ("moe_intermediate_size", "expert_feed_forward_length"),
             ("num_experts_per_tok", "expert_used_count"),
             // Qwen2-MoE's shared expert has its own width; GLM-4.5 counts shared experts.
-            ("shared_expert_intermediate_size", "expert_shared_feed_forward_length"),
+            (
+                "shared_expert_intermediate_size",
+                "expert_shared_feed_forward_length",
+            ),
             ("n_shared_experts", "expert_shared_count"),
             ("first_k_dense_replace", "leading_dense_block_count"),
         ] {

@@ -10,6 +10,12 @@ fn gguf_module_names_invert_hf_names_for_every_table_projection() {
             .find(|a| a.model_types.iter().any(|t| t == f.model_type))
             .unwrap();
         for spec in &table.modules {
+            // llama.cpp's qwen2moe, qwen3moe, … have no dense MLP tensors.
+            let dense = spec.block() == crate::arch::Block::Mlp;
+            if dense && !f.dense_mlp() {
+                assert_eq!(gguf_module(f, &spec.key), None, "{} {}", f.gguf, spec.key);
+                continue;
+            }
             let gguf = gguf_module(f, &spec.key)
                 .unwrap_or_else(|| panic!("{}: no GGUF name for {}", f.gguf, spec.key));
             if spec.expert {
@@ -186,4 +192,63 @@ fn config_carries_the_forward_pass_scales() {
         (granite.attention, granite.embedding, granite.residual),
         (0.0078125, 12.0, 0.22)
     );
+}
+
+/// A mixture's GGUF config: the experts' count under the family's own field, the shared expert's
+/// width or count, the dense layers (those without a router), and GLM-4.5's multi-token-prediction
+/// layers taken out of `block_count`.
+#[test]
+fn config_carries_dense_layers_and_the_shared_expert() {
+    let config = |arch: &str, extra: &[(&str, u64)], routers: &[usize]| {
+        let f = family_of(arch, true).unwrap();
+        let mut m: HashMap<String, Value> = [
+            ("block_count", 4),
+            ("embedding_length", 64),
+            ("feed_forward_length", 96),
+            ("attention.head_count", 4),
+            ("expert_count", 8),
+            ("expert_feed_forward_length", 16),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (format!("{arch}.{k}"), Value::UInt(*v)))
+        .collect();
+        m.insert("general.architecture".into(), Value::Str(arch.into()));
+        let tensors: Vec<TensorInfo> = routers
+            .iter()
+            .map(|l| TensorInfo {
+                name: format!("blk.{l}.ffn_gate_inp.weight"),
+                dims: vec![64, 8],
+                ty: crate::io::gguf::quant::GgmlType::F32,
+                start: 0,
+                end: 0,
+            })
+            .collect();
+        let json = config_json(f, &m, &tensors).unwrap();
+        let c = crate::io::checkpoint::ModelConfig::parse(&json.to_string(), "m.gguf".as_ref())
+            .unwrap();
+        (c.num_hidden_layers, c.experts.unwrap())
+    };
+    let (layers, e) = config(
+        "qwen2moe",
+        &[("expert_shared_feed_forward_length", 40)],
+        &[0, 1, 2, 3],
+    );
+    assert_eq!(
+        (layers, e.count, e.width, e.shared_width),
+        (4, 8, 16, Some(40))
+    );
+    assert!(e.dense_layers.is_empty());
+    // GLM-4.5: one leading dense layer, one prediction layer after the three of the model.
+    let glm = [
+        ("expert_shared_count", 1),
+        ("leading_dense_block_count", 1),
+        ("nextn_predict_layers", 1),
+    ];
+    let (layers, e) = config("glm4moe", &glm, &[1, 2, 3]);
+    assert_eq!((layers, e.count, e.shared_width), (3, 8, Some(16)));
+    assert_eq!(e.dense_layers, [0]);
+    // A Qwen3-MoE layer without a router is dense, though the metadata cannot say so.
+    let (_, e) = config("qwen3moe", &[], &[0, 2, 3]);
+    assert_eq!(e.dense_layers, [1]);
 }
