@@ -206,6 +206,9 @@ fn every_table_loads_and_round_trips_module_names() {
         "qwen3_moe",
         "qwen2_moe",
         "glm4_moe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "glm4_moe_lite",
         "mixtral",
         "olmoe",
     ] {
@@ -234,6 +237,11 @@ fn every_table_loads_and_round_trips_module_names() {
                 .collect();
             parts.sort();
             let want = match block {
+                // Latent attention (DeepSeek) in place of k and v, its query whole or through
+                // its own latent.
+                Block::Attention if a.latent_attention() => {
+                    vec![Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB]
+                }
                 Block::Attention => vec![Part::Q, Part::K, Part::V, Part::O],
                 _ => vec![Part::Gate, Part::Up, Part::Down],
             };

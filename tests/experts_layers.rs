@@ -27,7 +27,13 @@ fn layout(family: &'static str, dense: &[usize]) -> Layout {
 /// (at full rank) give each dense MLP, expert and shared expert its own update back.
 #[test]
 fn each_block_takes_its_own_update_in_layers_of_both_kinds() {
-    for family in ["qwen2_moe", "glm4_moe", "qwen3_moe"] {
+    for family in [
+        "qwen2_moe",
+        "glm4_moe",
+        "qwen3_moe",
+        "deepseek_v3",
+        "deepseek_v2",
+    ] {
         let d = Dirs::new();
         let model = layout(family, &[0]);
         model.write(&d.p("m"), 1);
@@ -231,4 +237,67 @@ fn configs_naming_blocks_the_table_lacks_are_refused() {
             "{e}"
         );
     }
+}
+
+/// Latent attention (DeepSeek) carries projection for projection. A query through a latent
+/// (`q_a_proj`, `q_b_proj`) has no counterpart in a model whose query is one `q_proj`: refused,
+/// with the list that leaves it out. The map mode, which matches heads of q, k and v, is refused;
+/// and a table with latent attention needs the config's latent sizes.
+#[test]
+fn latent_attention_pairs_projection_for_projection() {
+    let d = Dirs::new();
+    let v3 = layout("deepseek_v3", &[0]);
+    v3.write(&d.p("v3"), 1);
+    v3.adapter(&d.p("ad"));
+    layout("deepseek_v2", &[0]).write(&d.p("v2"), 1);
+    let j = job(
+        &d.p("v3"),
+        &d.p("v2"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Rotate,
+    );
+    let e = err_of(&j);
+    assert!(
+        e.contains("self_attn.q_a_proj`")
+            && e.contains("no `q_a_proj` there")
+            && !e.contains("q_b_proj,"),
+        "{e}"
+    );
+    let list = e.rsplit_once("--modules ").unwrap().1.trim().to_string();
+    let mut left_out = j.clone();
+    left_out.options.modules = Some(list.split(',').map(String::from).collect());
+    let report = transfer::run(&left_out).unwrap();
+    assert!(report
+        .modules
+        .iter()
+        .all(|m| m.transferred && m.source_key == m.target_key));
+    assert!(report.modules.iter().all(|m| !m.target_key.contains("q_")));
+    std::fs::remove_dir_all(d.p("out")).unwrap();
+
+    let e = err_of(&job(
+        &d.p("v3"),
+        &d.p("v3"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Map,
+    ));
+    assert!(
+        e.contains("latent attention") && e.contains("--mode"),
+        "{e}"
+    );
+    edit_json(&d.p("v3/config.json"), |c| {
+        c.remove("kv_lora_rank");
+    });
+    let e = err_of(&job(
+        &d.p("v3"),
+        &d.p("v2"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Rotate,
+    ));
+    assert!(
+        e.contains("kv_lora_rank") && e.contains("config.json"),
+        "{e}"
+    );
 }

@@ -25,10 +25,22 @@ pub enum Part {
     Gate,
     Up,
     Down,
+    /// Latent attention's projections (DeepSeek-V2/V3): the query's down and up projections
+    /// through its latent, and the key-value latent's (`kv_a_proj_with_mqa`, which also carries
+    /// the shared rotary key) and its up projection to every head's keys and values.
+    #[serde(rename = "q_a")]
+    QA,
+    #[serde(rename = "q_b")]
+    QB,
+    #[serde(rename = "kv_a")]
+    KvA,
+    #[serde(rename = "kv_b")]
+    KvB,
 }
 
 impl Part {
-    /// Every part, in the order of a decoder layer.
+    /// The seven canonical parts, in the order of a decoder layer (latent attention's are not
+    /// among them: the map mode, which reads these, does not take latent attention).
     pub const ALL: [Part; 7] = [
         Part::Q,
         Part::K,
@@ -39,17 +51,38 @@ impl Part {
         Part::Down,
     ];
 
-    /// `(out, in)` of this projection for a model config.
+    /// `(out, in)` of this projection for a model config (a latent part without latent sizes in
+    /// the config: no rows).
     pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
-        let q = c.num_attention_heads * c.head_dim;
+        let (heads, h) = (c.num_attention_heads, c.hidden_size);
+        let q = heads * c.head_dim;
         let kv = c.num_key_value_heads * c.head_dim;
-        match self {
-            Part::Q => (q, c.hidden_size),
-            Part::K | Part::V => (kv, c.hidden_size),
-            Part::O => (c.hidden_size, q),
-            Part::Gate | Part::Up => (c.intermediate_size, c.hidden_size),
-            Part::Down => (c.hidden_size, c.intermediate_size),
+        if let Some(l) = c.latent {
+            let qk = heads * (l.qk_nope_head_dim + l.qk_rope_head_dim);
+            let q_in = l.q_lora_rank.unwrap_or(0);
+            match self {
+                Part::Q => return (qk, h),
+                Part::O => return (h, heads * l.v_head_dim),
+                Part::QA => return (q_in, h),
+                Part::QB => return (qk, q_in),
+                Part::KvA => return (l.kv_lora_rank + l.qk_rope_head_dim, h),
+                Part::KvB => return (heads * (l.qk_nope_head_dim + l.v_head_dim), l.kv_lora_rank),
+                _ => {}
+            }
         }
+        match self {
+            Part::Q => (q, h),
+            Part::K | Part::V => (kv, h),
+            Part::O => (h, q),
+            Part::Gate | Part::Up => (c.intermediate_size, h),
+            Part::Down => (h, c.intermediate_size),
+            Part::QA | Part::QB | Part::KvA | Part::KvB => (0, h),
+        }
+    }
+
+    /// Whether this is one of latent attention's own projections.
+    pub fn latent(self) -> bool {
+        matches!(self, Part::QA | Part::QB | Part::KvA | Part::KvB)
     }
 
     /// The unfused module name of this part (`q_proj`, ...), as used by `--modules`.
@@ -62,6 +95,10 @@ impl Part {
             Part::Gate => "gate_proj",
             Part::Up => "up_proj",
             Part::Down => "down_proj",
+            Part::QA => "q_a_proj",
+            Part::QB => "q_b_proj",
+            Part::KvA => "kv_a_proj_with_mqa",
+            Part::KvB => "kv_b_proj",
         }
     }
 }
@@ -162,6 +199,18 @@ impl ModuleSpec {
             start += len;
         }
         None
+    }
+
+    /// Whether a model of this config has this module at all: with latent attention, the query
+    /// goes through `q_a_proj` and `q_b_proj` where the config gives `q_lora_rank`, else through
+    /// `q_proj`.
+    pub fn present_in(&self, c: &ModelConfig) -> bool {
+        let q_latent = c.latent.is_some_and(|l| l.q_lora_rank.is_some());
+        self.parts.iter().all(|&p| match p {
+            Part::QA | Part::QB => q_latent,
+            Part::Q => !q_latent,
+            _ => true,
+        })
     }
 
     /// Each instance of this module in a layer: one per expert for an expert's module, else one.
@@ -366,14 +415,20 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
         .iter()
         .filter(|&&b| b != Block::Attention)
         .all(|&b| complete(b, &mlp));
-    if !complete(Block::Attention, &[Part::Q, Part::K, Part::V, Part::O])
+    // Latent attention (DeepSeek) in place of q, k, v: its query through `q_proj` or, where the
+    // config gives a query latent, through `q_a_proj` and `q_b_proj`.
+    let latent = [Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB];
+    let attention = complete(Block::Attention, &[Part::Q, Part::K, Part::V, Part::O])
+        || complete(Block::Attention, &latent);
+    if !attention
         || !complete_mlps
         || !(blocks.contains(&Block::Mlp) || blocks.contains(&Block::Experts))
         || (blocks.contains(&Block::SharedExpert) && !blocks.contains(&Block::Experts))
     {
         return Err(format!(
-            "table `{}` must hold each of q, k, v, o exactly once, and gate, up, down exactly \
-             once in each MLP block it has (a dense MLP, experts, a shared expert beside experts)",
+            "table `{}` must hold each of q, k, v, o exactly once (or latent attention's q, o, \
+             q_a, q_b, kv_a, kv_b), and gate, up, down exactly once in each MLP block it has \
+             (a dense MLP, experts, a shared expert beside experts)",
             arch.name
         ));
     }
@@ -407,11 +462,12 @@ impl Arch {
     pub fn module_with(&self, part: Part) -> &ModuleSpec {
         let block = match part {
             Part::Q | Part::K | Part::V | Part::O => Block::Attention,
+            p if p.latent() => Block::Attention,
             _ if self.has_block(Block::Mlp) => Block::Mlp,
             _ => Block::Experts,
         };
         self.module_in(block, part)
-            .expect("every table covers all seven parts")
+            .expect("the map mode reads tables that cover all seven parts")
     }
 
     /// The module type of `block` holding `part`, if the table has that block.
@@ -419,6 +475,13 @@ impl Arch {
         self.modules
             .iter()
             .find(|m| m.block() == block && m.parts.contains(&part))
+    }
+
+    /// Whether this table's attention is latent (DeepSeek's).
+    pub fn latent_attention(&self) -> bool {
+        self.modules
+            .iter()
+            .any(|m| m.parts.iter().any(|p| p.latent()))
     }
 
     /// Whether some module of this table belongs to `block`.

@@ -21,6 +21,8 @@ pub struct ModelConfig {
     pub scales: Scales,
     /// The experts of a mixture-of-experts model (Mixtral, Qwen3-MoE, OLMoE); none for a dense one.
     pub experts: Option<Experts>,
+    /// Multi-head latent attention (DeepSeek-V2/V3, Kimi K2, GLM-4.7-Flash); none for the others.
+    pub latent: Option<Latent>,
     /// The whole file, kept so that unknown fields survive a rewrite.
     pub raw: serde_json::Value,
 }
@@ -36,6 +38,18 @@ pub struct Scales {
     /// The attention scores' factor: `attention_multiplier` (Granite, 1 where absent), else
     /// `query_pre_attn_scalar^-½` (Gemma 2/3), else `head_dim^-½`.
     pub attention: f64,
+}
+
+/// Multi-head latent attention's sizes: queries through a rank-`q_lora_rank` latent (or one
+/// `q_proj` where it is null), keys and values through a shared rank-`kv_lora_rank` latent plus a
+/// rotary key of `qk_rope_head_dim` every head shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latent {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
 }
 
 /// The expert MLPs of a mixture-of-experts model: how many each layer has, their width, the
@@ -178,6 +192,7 @@ impl ModelConfig {
             }),
         };
         let experts = parse_experts(text, intermediate_size, num_hidden_layers, path)?;
+        let latent = parse_latent(text, path)?;
         Ok(ModelConfig {
             model_type,
             architectures,
@@ -189,6 +204,7 @@ impl ModelConfig {
             head_dim,
             scales,
             experts,
+            latent,
             raw,
         })
     }
@@ -288,5 +304,39 @@ fn parse_experts(
         width,
         shared_width,
         dense_layers,
+    }))
+}
+
+/// The latent attention's sizes, where the config gives `kv_lora_rank` (None otherwise).
+fn parse_latent(
+    text: &serde_json::Map<String, serde_json::Value>,
+    path: &Path,
+) -> Result<Option<Latent>> {
+    let field = |key: &str| text.get(key).filter(|v| !v.is_null());
+    if field("kv_lora_rank").is_none() {
+        return Ok(None);
+    }
+    let size = |key: &str| -> Result<usize> {
+        let v = field(key)
+            .ok_or_else(|| Error::config(path, format!("latent attention without `{key}`")))?;
+        v.as_u64()
+            .filter(|&n| n > 0 && n <= 1 << 20)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("`{key}` = {v} must be a positive integer up to 2^20"),
+                )
+            })
+    };
+    Ok(Some(Latent {
+        q_lora_rank: match field("q_lora_rank") {
+            None => None,
+            Some(_) => Some(size("q_lora_rank")?),
+        },
+        kv_lora_rank: size("kv_lora_rank")?,
+        qk_nope_head_dim: size("qk_nope_head_dim")?,
+        qk_rope_head_dim: size("qk_rope_head_dim")?,
+        v_head_dim: size("v_head_dim")?,
     }))
 }

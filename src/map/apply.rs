@@ -272,6 +272,10 @@ fn inner<'l>(
         Part::Q | Part::O => heads(&layer.q_heads),
         Part::K | Part::V => heads(&layer.kv_heads),
         Part::Gate | Part::Up | Part::Down => Ok((&layer.neurons, (1, 1))),
+        Part::QA | Part::QB | Part::KvA | Part::KvB => Err(Error::arg(
+            "--mode",
+            format!("map does not take latent attention ({})", unit.label),
+        )),
     }
 }
 

@@ -72,6 +72,8 @@ impl ReaderScale {
             Part::Gate => Some(3),
             Part::Up => Some(4),
             Part::O | Part::Down => None,
+            // The map mode does not take latent attention (`experts::refuse_map`).
+            Part::QA | Part::QB | Part::KvA | Part::KvB => None,
         }
     }
 

@@ -237,6 +237,20 @@ pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) ->
     if mode != Mode::Map {
         return Ok(());
     }
+    if let Some(side) = [source, target]
+        .into_iter()
+        .find(|s| s.arch.latent_attention())
+    {
+        return Err(Error::arg(
+            "--mode",
+            format!(
+                "map matches the heads of q, k and v, and {} ({}) has latent attention instead; \
+                 use rotate where the shapes agree, or align",
+                side.ckpt.dir.display(),
+                side.arch.name
+            ),
+        ));
+    }
     match side_with_experts(source, target) {
         None => Ok(()),
         Some(side) => Err(Error::arg(

@@ -199,7 +199,6 @@ pub fn build(
             target,
             source_layer: i,
             target_layer: j,
-            same_layout: same,
             experts: experts.get(&j),
         };
         // The source blocks this layer pair draws on: an update of any other is left over.
@@ -219,10 +218,14 @@ pub fn build(
                     continue;
                 }
             };
-            taken.insert(from);
+            let pieces = pairing::pieces(source, i, spec, from, same);
+            if pieces.is_empty() {
+                continue;
+            }
+            taken.extend(pieces.iter().map(|(_, s)| s.name.as_str()));
             // An expert's module once per expert, each from the source expert its router matches.
             for expert in spec.instances(&target.ckpt.config) {
-                modules.push(pair.module(spec, from, expert, &present, options, &filter)?);
+                modules.push(pair.module(spec, &pieces, expert, &present, options, &filter)?);
             }
         }
         pairing::check_taken(source, target, (i, j), &taken, &present, &filter)?;
@@ -371,7 +374,6 @@ struct LayerPair<'p, 'a> {
     target: &'p ModelSide<'a>,
     source_layer: usize,
     target_layer: usize,
-    same_layout: bool,
     /// The source expert of each target expert in this layer (models with experts).
     experts: Option<&'p experts::ExpertMatch>,
 }
@@ -382,16 +384,16 @@ impl LayerPair<'_, '_> {
     fn module(
         &self,
         spec: &ModuleSpec,
-        from: Block,
+        pieces: &[(Option<Part>, &'static ModuleSpec)],
         expert: Option<usize>,
         present: &Present<'_>,
         options: &Options,
         filter: &ModuleFilter,
     ) -> Result<TargetModule> {
-        let (source, target) = (self.source, self.target);
+        let target = self.target;
         let (target_tensor, shape) = target.weight(self.target_layer, expert, spec)?;
         let mut units = Vec::new();
-        for (part, src_spec) in pairing::pieces(source, spec, from, self.same_layout) {
+        for &(part, src_spec) in pieces {
             // Pairing checked expert modules against expert modules only, and matched every
             // target expert of the layer.
             let src_expert = expert

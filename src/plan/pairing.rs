@@ -73,28 +73,29 @@ fn describe(side: &ModelSide<'_>, layer: usize) -> String {
     }
 }
 
-/// The source modules that fill target module `spec` from source block `from`, each with the
-/// part it gives (None: the whole module, when the two tables lay their modules out alike).
+/// The source modules of layer `i` that fill target module `spec` from source block `from`, each
+/// with the part it gives (None: the whole module, when the two tables lay their modules out
+/// alike). A part the source layer does not have (a latent attention's k against a q, k, v
+/// attention's) is left out: its rows of the target module stay zero.
 pub(super) fn pieces(
     source: &ModelSide<'_>,
+    i: usize,
     spec: &ModuleSpec,
     from: Block,
     same_layout: bool,
 ) -> Vec<(Option<Part>, &'static ModuleSpec)> {
-    if same_layout && from == spec.block() {
+    let found: Vec<(Option<Part>, &'static ModuleSpec)> = if same_layout && from == spec.block() {
         vec![(None, source.arch.module(&spec.name).expect("same layout"))]
     } else {
         spec.parts
             .iter()
-            .map(|&p| {
-                let m = source.arch.module_in(from, p);
-                (
-                    Some(p),
-                    m.expect("a table holds every part of each block it has"),
-                )
-            })
+            .filter_map(|&p| Some((Some(p), source.arch.module_in(from, p)?)))
             .collect()
-    }
+    };
+    found
+        .into_iter()
+        .filter(|(_, s)| source.holds(i, s))
+        .collect()
 }
 
 /// The refusal of a target module whose source layer cannot fill it, with the transfer that
@@ -130,29 +131,29 @@ fn layer_map_hint(source: &ModelSide<'_>, target: &ModelSide<'_>) -> &'static st
 }
 
 /// Refuses an update of source layer `i` that no module of target layer `j` takes (a shared
-/// expert where the target has none), unless `--modules` leaves it out.
+/// expert where the target has none; a latent query's where the target's query has no latent),
+/// unless `--modules` leaves it out. `taken` holds the source module types layer `j` drew on.
 pub(super) fn check_taken(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     (i, j): (usize, usize),
-    taken: &BTreeSet<Block>,
+    taken: &BTreeSet<&str>,
     present: &Present<'_>,
     filter: &ModuleFilter,
 ) -> Result<()> {
-    let left = present
+    let mut left = present
         .iter()
-        .filter(|((layer, _, _), _)| *layer == i)
-        .map(|(&(_, _, name), &module)| (source.arch.module(name).expect("parsed"), module))
-        .find(|(spec, _)| {
-            !taken.contains(&spec.block()) && filter(&spec.name, &spec.name, &spec.name)
-        });
-    let Some((spec, module)) = left else {
+        .filter(|((layer, _, name), _)| *layer == i && !taken.contains(name))
+        .filter(|((_, _, name), _)| filter(name, name, name))
+        .peekable();
+    let Some((&(_, _, name), &module)) = left.peek().copied() else {
         return Ok(());
     };
+    let left: BTreeSet<&str> = left.map(|(&(_, _, name), _)| name).collect();
     let others: BTreeSet<&str> = present
         .keys()
-        .map(|&(_, _, name)| name)
-        .filter(|&name| source.arch.module(name).map(ModuleSpec::block) != Some(spec.block()))
+        .map(|&(_, _, other)| other)
+        .filter(|other| !left.contains(other))
         .collect();
     let hint = match others.is_empty() {
         true => String::new(),
@@ -161,13 +162,16 @@ pub(super) fn check_taken(
             others.into_iter().collect::<Vec<_>>().join(",")
         ),
     };
+    let spec = source.arch.module(name).expect("parsed");
+    let what = match spec.block() {
+        Block::Attention => format!("`{name}`"),
+        block => block.describe().to_string(),
+    };
     Err(Error::Config {
         path: target.ckpt.dir.clone(),
         reason: format!(
-            "the adapter's `{module}` ({} of source layer {i}) has no counterpart in layer {j} of \
-             this model, which has no {} there{hint}",
-            spec.block().describe(),
-            spec.block().describe()
+            "the adapter's `{module}` ({what} of source layer {i}) has no counterpart in layer \
+             {j} of this model, which has no {what} there{hint}"
         ),
     })
 }

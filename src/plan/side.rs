@@ -44,6 +44,15 @@ impl<'a> ModelSide<'a> {
                 ));
             }
         }
+        if arch.latent_attention() && ckpt.config.latent.is_none() {
+            return Err(Error::config(
+                ckpt.config_path(),
+                format!(
+                    "a {} model's attention is latent, but config.json gives no `kv_lora_rank`",
+                    arch.name
+                ),
+            ));
+        }
         let prefix = arch.detect_prefix(ckpt)?.to_string();
         Ok(ModelSide { arch, prefix, ckpt })
     }
@@ -68,9 +77,10 @@ impl<'a> ModelSide<'a> {
                 .is_some_and(|e| e.sparse(layer))
     }
 
-    /// Whether `layer` has modules of type `spec`.
+    /// Whether `layer` has modules of type `spec` (of a block the layer has, and present in a
+    /// model of this config: latent attention's query projections depend on it).
     pub fn holds(&self, layer: usize, spec: &ModuleSpec) -> bool {
-        self.holds_block(layer, spec.block())
+        self.holds_block(layer, spec.block()) && spec.present_in(&self.ckpt.config)
     }
 
     /// Whether `layer` has `block`: the attention in every layer, a dense MLP in the dense

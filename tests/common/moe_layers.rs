@@ -14,8 +14,35 @@ use super::*;
 /// The shared expert's width (Qwen2-MoE names it; GLM-4.5 has two experts' width, 2 × 12).
 pub const SHARED: usize = 20;
 
+/// Latent attention's sizes (DeepSeek): query latent, key-value latent, the heads' non-rotary
+/// and rotary query/key widths, the value width.
+pub const LATENT: (usize, usize, usize, usize, usize) = (24, 16, 8, 4, 12);
+
+/// The projections of latent attention at hidden size `h` (with or without a query latent):
+/// (key, out, in).
+pub fn latent_attention(h: usize, q_latent: bool) -> Vec<(String, usize, usize)> {
+    let (q_lora, kv_lora, nope, rope, v) = LATENT;
+    let heads = DIMS.2;
+    let mut all = match q_latent {
+        true => vec![
+            ("q_a_proj", q_lora, h),
+            ("q_b_proj", heads * (nope + rope), q_lora),
+        ],
+        false => vec![("q_proj", heads * (nope + rope), h)],
+    };
+    all.extend([
+        ("kv_a_proj_with_mqa", kv_lora + rope, h),
+        ("kv_b_proj", heads * (nope + v), kv_lora),
+        ("o_proj", h, heads * v),
+    ]);
+    all.into_iter()
+        .map(|(n, out, inp)| (format!("self_attn.{n}"), out, inp))
+        .collect()
+}
+
 /// A layered mixture of experts: what `family` names its shared expert (`qwen2_moe`:
-/// `mlp.shared_expert`, `glm4_moe`: `mlp.shared_experts`; `qwen3_moe` has none).
+/// `mlp.shared_expert`, `glm4_moe` and DeepSeek: `mlp.shared_experts`; `qwen3_moe` has none);
+/// `deepseek_v3` has latent attention with a query latent, `deepseek_v2` without one (V2-Lite).
 pub struct Layout {
     pub family: &'static str,
     pub experts: usize,
@@ -27,7 +54,7 @@ impl Layout {
     pub fn shared_width(&self) -> Option<usize> {
         match self.family {
             "qwen2_moe" => Some(SHARED),
-            "glm4_moe" => Some(2 * DIMS.5),
+            "glm4_moe" | "deepseek_v3" | "deepseek_v2" => Some(2 * DIMS.5),
             _ => None,
         }
     }
@@ -39,7 +66,11 @@ impl Layout {
             [("gate_proj", w, h), ("up_proj", w, h), ("down_proj", h, w)]
                 .map(|(n, out, inp)| (format!("{block}.{n}"), out, inp))
         };
-        let mut all = attention(h);
+        let mut all = match self.family {
+            "deepseek_v3" => latent_attention(h, true),
+            "deepseek_v2" => latent_attention(h, false),
+            _ => attention(h),
+        };
         if self.dense.contains(&l) {
             all.extend(mlp("mlp", inter));
             return all;
@@ -83,9 +114,18 @@ impl Layout {
         write_checkpoint(dir, &model, &t, FloatType::F32);
         edit_json(&dir.join("config.json"), |c| {
             c.insert("moe_intermediate_size".into(), width.into());
+            if self.family.starts_with("deepseek") {
+                let (q_lora, kv_lora, nope, rope, v) = LATENT;
+                let q_lora = (self.family == "deepseek_v3").then_some(q_lora);
+                c.insert("q_lora_rank".into(), q_lora.into());
+                c.insert("kv_lora_rank".into(), kv_lora.into());
+                c.insert("qk_nope_head_dim".into(), nope.into());
+                c.insert("qk_rope_head_dim".into(), rope.into());
+                c.insert("v_head_dim".into(), v.into());
+            }
             match self.family {
-                "glm4_moe" => {
-                    // GLM-4.5's dense layers come first.
+                "glm4_moe" | "deepseek_v3" | "deepseek_v2" => {
+                    // GLM-4.5's and DeepSeek's dense layers come first.
                     assert!(self.dense.iter().enumerate().all(|(i, &l)| i == l));
                     c.insert("n_routed_experts".into(), self.experts.into());
                     c.insert("n_shared_experts".into(), 2.into());

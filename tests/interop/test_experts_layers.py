@@ -1,7 +1,8 @@
 """Mixture-of-experts models whose layers differ, through transformers, PEFT and llama.cpp: Qwen2-MoE
 (a dense layer by `mlp_only_layers`, a shared expert beside the experts), GLM-4.5
-(`first_k_dense_replace` dense layers first, `n_shared_experts`) and Qwen3-MoE with
-`mlp_only_layers`.
+(`first_k_dense_replace` dense layers first, `n_shared_experts`), Qwen3-MoE with `mlp_only_layers`,
+and DeepSeek-V3 and -V2 (GLM-4.5's layout with latent attention: a query latent in V3, one
+`q_proj` in V2-Lite's configuration).
 
 The full adapter adapts every projection the model has: the attention, the dense MLP of layer 0,
 and in layer 1 every expert and the shared expert. PEFT 0.21 with transformers 5 cannot load all of
@@ -26,11 +27,15 @@ import interop_util as iu
 from test_experts import ALPHA, MIN_CHANGE, R, merged, peft_logits
 
 EXPERTS, WIDTH, SHARED, DENSE = 4, 32, 48, 96
-FAMILIES = ["qwen2_moe", "glm4_moe", "qwen3_moe"]
+FAMILIES = ["qwen2_moe", "glm4_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2"]
+GGUF_FAMILIES = ["qwen2_moe", "glm4_moe", "qwen3_moe"]
+# DeepSeek's latent attention: q_lora_rank (None: one q_proj, as V2-Lite), kv_lora_rank, the heads'
+# non-rotary and rotary query/key widths, the value width.
+LATENT = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)
 # Below the layer: what an adapter on every projection adapts (routers and the shared expert's
 # gate are not projections of the residual stream's update).
 ADAPTABLE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "gate_proj", "up_proj", "down_proj")
+             "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build(family: str, seed: int, dense: bool):
@@ -46,18 +51,23 @@ def build(family: str, seed: int, dense: bool):
     elif family == "glm4_moe":
         config = tf.Glm4MoeConfig(n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=int(dense),
                                   n_group=1, topk_group=1, head_dim=16, **common)
+    elif family.startswith("deepseek"):
+        cls = tf.DeepseekV3Config if family == "deepseek_v3" else tf.DeepseekV2Config
+        common["num_key_value_heads"] = common["num_attention_heads"]  # every head its own keys
+        config = cls(n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=int(dense), n_group=1,
+                     topk_group=1, q_lora_rank=24 if family == "deepseek_v3" else None, **LATENT, **common)
     else:
         config = tf.Qwen3MoeConfig(num_experts=EXPERTS, mlp_only_layers=[0] if dense else [], head_dim=16,
                                    **common)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
-    if family == "glm4_moe":
-        # A router bias away from zero, so that the experts chosen depend on the weights.
-        with torch.no_grad():
-            for layer in model.model.layers:
-                if hasattr(layer.mlp, "gate"):
-                    layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    # A router bias away from zero (GLM-4.5, DeepSeek-V3), so that the experts chosen depend on it.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+            if bias is not None:
+                bias.normal_(0, 0.1)
     return model
 
 
@@ -184,7 +194,7 @@ def test_copy_onto_the_same_model_is_exact(layered, family, binary, tmp_path):
     assert iu.max_rel_diff(peft_logits(target, out), peft_logits(base, loadable)) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "glm4_moe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "glm4_moe", "deepseek_v3"])
 def test_a_lora_on_fused_experts_copies_exactly(layered, family, binary, tmp_path):
     """PEFT's own LoRA on the fused experts (`target_parameters`), beside the projections PEFT
     adapts by name (Qwen2-MoE: the dense layer's and the shared expert's too), written one module
@@ -194,7 +204,8 @@ def test_a_lora_on_fused_experts_copies_exactly(layered, family, binary, tmp_pat
     root, get = layered
     base, _, _, _ = get(family)
     adapter = tmp_path / "fused-lora"
-    by_name = ["q_proj", "gate_proj", "up_proj", "down_proj"] if family == "qwen2_moe" else ["q_proj", "o_proj"]
+    by_name = {"qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"], "glm4_moe": ["q_proj", "o_proj"],
+               "deepseek_v3": ["q_b_proj", "kv_a_proj_with_mqa", "o_proj"]}[family]
     model = iu.load_model(base)
     torch.manual_seed(31)
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=by_name,
@@ -226,7 +237,7 @@ def test_a_lora_on_fused_experts_copies_exactly(layered, family, binary, tmp_pat
 GGUF_ARCH = {"qwen2_moe": "QWEN2MOE", "glm4_moe": "GLM4_MOE", "qwen3_moe": "QWEN3MOE"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_a_lora_gguf_equals_llama_cpp_conversion(layered, family, binary, tmp_path):
     """Experts stacked (`ffn_gate_exps`, …), the shared expert as `ffn_gate_shexp`, …, and GLM-4.5's
     dense layer as `ffn_gate`, …: the same tensors, names, shapes, types and values as llama.cpp's
@@ -306,7 +317,7 @@ def write_gguf(family: str, base, path):
     return path
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_a_gguf_base_reads_back_its_blocks(layered, family, binary, tmp_path):
     """Converted back, a GGUF holds the checkpoint's tensors under their Hugging Face names, its
     config the dense layers (the layers without a router: GLM-4.5's leading one), the shared
