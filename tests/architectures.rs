@@ -224,21 +224,14 @@ fn every_table_loads_and_round_trips_module_names() {
                 (5, expert, spec.name.as_str())
             );
         }
-        // Every table covers the seven canonical projections once per block: the attention's
-        // four, and the three of each MLP block it has (a dense MLP, experts, a shared expert).
+        // The attention's four parts (latent attention's six), and each MLP block's three.
         let blocks: std::collections::BTreeSet<Block> =
             a.modules.iter().map(|m| m.block()).collect();
         for block in &blocks {
-            let mut parts: Vec<_> = a
-                .modules
-                .iter()
-                .filter(|m| m.block() == *block)
-                .flat_map(|m| m.parts.clone())
-                .collect();
+            let of = a.modules.iter().filter(|m| m.block() == *block);
+            let mut parts: Vec<_> = of.flat_map(|m| m.parts.clone()).collect();
             parts.sort();
             let want = match block {
-                // Latent attention (DeepSeek) in place of k and v, its query whole or through
-                // its own latent.
                 Block::Attention if a.latent_attention() => {
                     vec![Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB]
                 }

@@ -68,6 +68,14 @@ fn config_reads_expert_count_and_width() {
         layout(r#", "n_routed_experts": 8, "n_shared_experts": null, "moe_layer_freq": 2"#),
         (8, 16, None, vec![1])
     );
+    // GLM-4.7-Flash lists each layer's kind, and without the list has layer 0 dense.
+    assert_eq!(
+        layout(r#", "n_routed_experts": 8, "mlp_layer_types": ["sparse", "dense"]"#).3,
+        vec![1]
+    );
+    let lite = r#"{"model_type": "glm4_moe_lite", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "n_routed_experts": 4}"#;
+    let c = ModelConfig::parse(lite, Path::new("m/config.json")).unwrap();
+    assert_eq!(c.experts.unwrap().dense_layers, vec![0]);
     for (extra, field) in [
         (r#", "num_experts": -1"#, "num_experts"),
         (r#", "num_local_experts": 2.5"#, "num_local_experts"),
@@ -94,6 +102,14 @@ fn config_reads_expert_count_and_width() {
         (
             r#", "n_routed_experts": 4, "n_shared_experts": 1000"#,
             "n_shared_experts",
+        ),
+        (
+            r#", "n_routed_experts": 4, "mlp_layer_types": ["sparse"]"#,
+            "mlp_layer_types",
+        ),
+        (
+            r#", "n_routed_experts": 4, "mlp_layer_types": ["sparse", "moe"]"#,
+            "mlp_layer_types",
         ),
     ] {
         let e = parse(extra).unwrap_err().to_string();
@@ -464,7 +480,9 @@ fn experts_without_a_counterpart_are_refused() {
                 .map(String::from)
                 .to_vec(),
         );
-        transfer::run(&j).unwrap();
+        let report = transfer::run(&j).unwrap();
+        // No expert was paired, so no router was matched.
+        assert!(report.expert_map.is_empty(), "{target}");
         let written = Adapter::open(&d.p("out")).unwrap();
         assert_eq!(written.modules.len(), LAYERS * 4);
         assert!(written.modules.keys().all(|k| k.contains("self_attn")));

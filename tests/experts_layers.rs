@@ -5,13 +5,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::moe::*;
 use common::moe_layers::*;
 use common::refusals::edit_json;
 use common::*;
 use loraxfer::io::adapter::Adapter;
+use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
 use loraxfer::transfer;
 
@@ -300,4 +301,141 @@ fn latent_attention_pairs_projection_for_projection() {
         e.contains("kv_lora_rank") && e.contains("config.json"),
         "{e}"
     );
+}
+
+/// A layer pair of different MLP kinds is refused only where the adapter has an MLP update in the
+/// source layer: an adapter on the expert layer alone carries onto a model whose layers all
+/// have experts. The refusal's attention list is the latent one for DeepSeek.
+#[test]
+fn layers_of_different_kinds_are_refused_only_where_an_update_would_be_lost() {
+    let d = Dirs::new();
+    let source = layout("deepseek_v3", &[0]);
+    source.write(&d.p("src"), 1);
+    // The same weights in layer 1 (its experts find themselves), experts in layer 0 too.
+    layout("deepseek_v3", &[]).write(&d.p("tgt"), 1);
+    source.adapter(&d.p("all"));
+    let e = err_of(&job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("all"),
+        &d.p("out"),
+        Mode::Rotate,
+    ));
+    assert!(
+        e.contains("--modules q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"),
+        "{e}"
+    );
+    let module = "model.layers.1.mlp.experts.2.up_proj";
+    one_module_adapter(&d.p("one"), "deepseek_v3", module, DIMS.5, DIMS.0);
+    let report = transfer::run(&job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("one"),
+        &d.p("out"),
+        Mode::Rotate,
+    ))
+    .unwrap();
+    let carried: Vec<&str> = report
+        .modules
+        .iter()
+        .filter(|m| m.transferred)
+        .map(|m| m.target_key.as_str())
+        .collect();
+    assert_eq!(carried, [format!("{module}.weight")]);
+}
+
+/// A fused source module whose parts the target layer cannot all take (Phi-3's `qkv_proj` onto
+/// latent attention, which has a `q_proj` but no k or v) is refused naming the parts, with the
+/// list that carries the rest.
+#[test]
+fn fused_parts_without_a_counterpart_are_refused() {
+    let d = Dirs::new();
+    let (h, inter, heads, kv, dim, _) = DIMS;
+    let mut t = BTreeMap::new();
+    for l in 0..LAYERS {
+        for (s, (name, out, inp)) in [
+            ("self_attn.qkv_proj", (heads + 2 * kv) * dim, h),
+            ("self_attn.o_proj", h, heads * dim),
+            ("mlp.gate_up_proj", 2 * inter, h),
+            ("mlp.down_proj", h, inter),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let w = gaussian(out, inp, 5, (l * 10 + s) as u64);
+            t.insert(format!("model.layers.{l}.{name}.weight"), weight(&w));
+        }
+    }
+    let model = TinyModel {
+        model_type: "phi3",
+        hidden: h,
+        intermediate: inter,
+        layers: LAYERS,
+        heads,
+        kv_heads: kv,
+        head_dim: dim,
+    };
+    write_checkpoint(&d.p("phi3"), &model, &t, FloatType::F32);
+    layout("deepseek_v2", &[0]).write(&d.p("v2"), 1);
+    let module = "model.layers.0.self_attn.qkv_proj";
+    one_module_adapter(&d.p("ad"), "phi3", module, (heads + 2 * kv) * dim, h);
+    let j = job(
+        &d.p("phi3"),
+        &d.p("v2"),
+        &d.p("ad"),
+        &d.p("out"),
+        Mode::Align,
+    );
+    let e = err_of(&j);
+    assert!(
+        e.contains("`k_proj`, `v_proj` of source layer 0") && e.ends_with("--modules q_proj"),
+        "{e}"
+    );
+    let mut q_only = j;
+    q_only.options.modules = Some(vec!["q_proj".into()]);
+    let report = transfer::run(&q_only).unwrap();
+    let carried: Vec<&str> = report
+        .modules
+        .iter()
+        .filter(|m| m.transferred)
+        .map(|m| m.target_key.as_str())
+        .collect();
+    assert_eq!(carried, ["model.layers.0.self_attn.q_proj.weight"]);
+}
+
+/// `synth adapter` on layered mixtures: each layer's own modules (a dense MLP or experts and the
+/// shared expert; the query through its latent), and `--targets gate_proj` every gate projection,
+/// named as PEFT's users name it.
+#[test]
+fn synthetic_adapters_follow_each_layers_blocks() {
+    use loraxfer::synth::{write_adapter, AdapterSpec};
+    let d = Dirs::new();
+    let model = layout("deepseek_v3", &[0]);
+    model.write(&d.p("m"), 1);
+    std::fs::create_dir_all(d.p("all")).unwrap();
+    write_adapter(&d.p("m"), &AdapterSpec::default(), &d.p("all")).unwrap();
+    let all = Adapter::open(&d.p("all")).unwrap();
+    let want: BTreeSet<String> = (0..LAYERS)
+        .flat_map(|l| {
+            model
+                .modules(l)
+                .into_iter()
+                .map(move |m| format!("model.layers.{l}.{}", m.0))
+        })
+        .collect();
+    assert_eq!(all.modules.keys().cloned().collect::<BTreeSet<_>>(), want);
+
+    std::fs::create_dir_all(d.p("gate")).unwrap();
+    let spec = AdapterSpec {
+        targets: vec!["gate_proj".into()],
+        ..AdapterSpec::default()
+    };
+    write_adapter(&d.p("m"), &spec, &d.p("gate")).unwrap();
+    let gate = Adapter::open(&d.p("gate")).unwrap();
+    assert_eq!(gate.modules.len(), 1 + model.experts + 1);
+    assert!(gate.modules.keys().all(|k| k.ends_with("gate_proj")));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.p("gate/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["target_modules"], serde_json::json!(["gate_proj"]));
 }

@@ -370,7 +370,12 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
                 "must name `{EXPERT_SLOT}` once as a whole key segment"
             ))
         } else if (m.expert || m.shared_expert) && !m.parts.iter().all(is_mlp) {
-            Some("is an expert's and must hold only gate, up or down".to_string())
+            let whose = if m.expert {
+                "an expert's"
+            } else {
+                "a shared expert's"
+            };
+            Some(format!("is {whose} and must hold only gate, up or down"))
         } else if m.expert && m.shared_expert {
             Some(format!(
                 "is a shared expert's and cannot name `{EXPERT_SLOT}`"

@@ -11,7 +11,7 @@ use crate::io::gguf::{self, GgufModel};
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::map::vocab::{Vocab, TOKENIZER_FILE};
 
-pub use crate::io::config::{Experts, Latent, ModelConfig, Scales};
+pub use crate::io::config::{Experts, ModelConfig, Scales};
 
 /// A mapped checkpoint: a Hugging Face directory (config plus every shard, with one index from
 /// tensor name to shard) or a GGUF file read under the Hugging Face names.

@@ -191,7 +191,13 @@ impl ModelConfig {
                 None => 1.0 / (head_dim as f64).sqrt(),
             }),
         };
-        let experts = parse_experts(text, intermediate_size, num_hidden_layers, path)?;
+        let experts = parse_experts(
+            text,
+            &model_type,
+            intermediate_size,
+            num_hidden_layers,
+            path,
+        )?;
         let latent = parse_latent(text, path)?;
         Ok(ModelConfig {
             model_type,
@@ -214,6 +220,7 @@ impl ModelConfig {
 /// the shared expert's width, and the layers that keep a dense MLP.
 fn parse_experts(
     text: &serde_json::Map<String, serde_json::Value>,
+    model_type: &str,
     intermediate_size: usize,
     layers: usize,
     path: &Path,
@@ -257,9 +264,10 @@ fn parse_experts(
         w => w as usize,
     };
     let shared_width = (shared_width > 0).then_some(shared_width);
-    // transformers' rules: Qwen's layer is sparse unless listed in `mlp_only_layers` or off the
-    // `decoder_sparse_step`; GLM-4.5's and DeepSeek's from `first_k_dense_replace` on, every
-    // `moe_layer_freq`-th.
+    // transformers' rules: a `mlp_layer_types` list ("dense" or "sparse" per layer: GLM-4.7-Flash,
+    // whose default is layer 0 dense) says it all; otherwise Qwen's layer is sparse unless listed
+    // in `mlp_only_layers` or off the `decoder_sparse_step`, GLM-4.5's and DeepSeek's from
+    // `first_k_dense_replace` on (every `moe_layer_freq`-th, a field of DeepSeek's own code).
     let step = integer("decoder_sparse_step", 1, 1 << 16)?;
     let first_sparse = integer("first_k_dense_replace", 0, 1 << 16)? as usize;
     let frequency = integer("moe_layer_freq", 1, 1 << 16)?;
@@ -269,7 +277,7 @@ fn parse_experts(
             "`decoder_sparse_step` and `moe_layer_freq` must be at least 1",
         ));
     }
-    let mut listed = Vec::new();
+    let mut dense = vec![false; layers];
     if let Some(v) = field("mlp_only_layers") {
         let bad = || {
             Error::config(
@@ -278,21 +286,40 @@ fn parse_experts(
             )
         };
         for x in v.as_array().ok_or_else(bad)? {
-            listed.push(
-                x.as_u64()
-                    .filter(|&l| (l as usize) < layers)
-                    .ok_or_else(bad)? as usize,
-            );
+            dense[x
+                .as_u64()
+                .filter(|&l| (l as usize) < layers)
+                .ok_or_else(bad)? as usize] = true;
         }
     }
-    let dense_layers: Vec<usize> = (0..layers)
-        .filter(|&l| {
-            listed.contains(&l)
-                || (l as u64 + 1) % step != 0
-                || l < first_sparse
-                || l as u64 % frequency != 0
-        })
-        .collect();
+    for (l, d) in dense.iter_mut().enumerate() {
+        *d |= (l as u64 + 1) % step != 0 || l < first_sparse || l as u64 % frequency != 0;
+    }
+    match field("mlp_layer_types") {
+        Some(v) => {
+            let kinds: Option<Vec<bool>> = v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|k| match k.as_str() {
+                        Some("dense") => Some(true),
+                        Some("sparse") => Some(false),
+                        _ => None,
+                    })
+                    .collect()
+            });
+            dense = kinds.filter(|k| k.len() == layers).ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!(
+                        "`mlp_layer_types` = {v} must list \"dense\" or \"sparse\" for each of \
+                         the {layers} layers"
+                    ),
+                )
+            })?;
+        }
+        None if model_type == "glm4_moe_lite" => dense[0] = true,
+        None => {}
+    }
+    let dense_layers: Vec<usize> = (0..layers).filter(|&l| dense[l]).collect();
     if dense_layers.len() == layers {
         return Err(Error::config(
             path,

@@ -55,7 +55,9 @@ pub(super) fn match_by_router(
     layer_map: &BTreeMap<usize, usize>,
 ) -> Result<BTreeMap<usize, ExpertMatch>> {
     let et = target.experts();
-    if source.experts() == 0 || et == 0 {
+    // Routers of different hidden sizes live in different spaces: nothing to match (the expert
+    // modules are refused where selected, `pairing::source_block`).
+    if source.experts() == 0 || et == 0 || !routers_compare(source, target) {
         return Ok(BTreeMap::new());
     }
     let mut matches = BTreeMap::new();

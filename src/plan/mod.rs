@@ -7,7 +7,7 @@ pub mod layers;
 mod pairing;
 mod side;
 
-pub use pairing::mlps_pair;
+pub use pairing::{attention_modules, mlps_pair};
 pub use side::ModelSide;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -201,18 +201,20 @@ pub fn build(
             target_layer: j,
             experts: experts.get(&j),
         };
-        // The source blocks this layer pair draws on: an update of any other is left over.
+        // The source modules (and parts) this layer pair draws on: an update of any other is
+        // left over.
         let mut taken = BTreeSet::new();
         for spec in target_specs.iter().filter(|s| target.holds(j, s)) {
             let from = match pairing::source_block(source, target, (i, j), spec) {
                 Ok(Some(from)) => from,
                 Ok(None) => continue,
                 Err(why) => {
+                    // Refused where it would lose an update the user selected.
                     let selected = spec
                         .parts
                         .iter()
                         .any(|p| filter(p.module_name(), &spec.name, &spec.name));
-                    if selected {
+                    if selected && pairing::adapts_mlp(source, i, &present) {
                         return Err(pairing::refusal(source, target, spec, &why));
                     }
                     continue;
@@ -222,7 +224,10 @@ pub fn build(
             if pieces.is_empty() {
                 continue;
             }
-            taken.extend(pieces.iter().map(|(_, s)| s.name.as_str()));
+            for &(part, s) in &pieces {
+                let parts = part.map_or(s.parts.clone(), |p| vec![p]);
+                taken.extend(parts.into_iter().map(|p| (s.name.as_str(), p)));
+            }
             // An expert's module once per expert, each from the source expert its router matches.
             for expert in spec.instances(&target.ckpt.config) {
                 modules.push(pair.module(spec, &pieces, expert, &present, options, &filter)?);

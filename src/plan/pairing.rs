@@ -84,7 +84,8 @@ pub(super) fn pieces(
     from: Block,
     same_layout: bool,
 ) -> Vec<(Option<Part>, &'static ModuleSpec)> {
-    let found: Vec<(Option<Part>, &'static ModuleSpec)> = if same_layout && from == spec.block() {
+    // Same layout: the module of the same name (pairing gives each block its own block).
+    let found: Vec<(Option<Part>, &'static ModuleSpec)> = if same_layout {
         vec![(None, source.arch.module(&spec.name).expect("same layout"))]
     } else {
         spec.parts
@@ -96,6 +97,34 @@ pub(super) fn pieces(
         .into_iter()
         .filter(|(_, s)| source.holds(i, s))
         .collect()
+}
+
+/// Whether the adapter adapts a dense MLP or experts in source layer `i` (an update a layer pair
+/// of different MLP kinds would lose).
+pub(super) fn adapts_mlp(source: &ModelSide<'_>, i: usize, present: &Present<'_>) -> bool {
+    present.keys().any(|&(layer, _, name)| {
+        let block = source.arch.module(name).map(ModuleSpec::block);
+        layer == i && matches!(block, Some(Block::Mlp | Block::Experts))
+    })
+}
+
+/// The `--modules` list that selects the attention alone: every attention module type either
+/// model has (`q_proj,k_proj,v_proj,o_proj`; DeepSeek's latent projections).
+pub fn attention_modules(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for side in [target, source] {
+        let held = side
+            .arch
+            .modules
+            .iter()
+            .filter(|m| m.block() == Block::Attention && m.present_in(&side.ckpt.config));
+        for m in held {
+            if !names.contains(&m.name) {
+                names.push(m.name.clone());
+            }
+        }
+    }
+    names
 }
 
 /// The refusal of a target module whose source layer cannot fill it, with the transfer that
@@ -110,8 +139,9 @@ pub(super) fn refusal(
         path: target.ckpt.dir.clone(),
         reason: format!(
             "this model's `{}` cannot take the adapter's update: {why}; transfer the attention \
-             alone with --modules q_proj,k_proj,v_proj,o_proj{}",
+             alone with --modules {}{}",
             spec.name,
+            attention_modules(source, target).join(","),
             layer_map_hint(source, target)
         ),
     }
@@ -131,30 +161,47 @@ fn layer_map_hint(source: &ModelSide<'_>, target: &ModelSide<'_>) -> &'static st
 }
 
 /// Refuses an update of source layer `i` that no module of target layer `j` takes (a shared
-/// expert where the target has none; a latent query's where the target's query has no latent),
-/// unless `--modules` leaves it out. `taken` holds the source module types layer `j` drew on.
+/// expert where the target has none; a latent query's where the target's query has no latent; a
+/// fused module's parts the target has no rows for), unless `--modules` leaves it out. `taken`
+/// holds the source module types and parts layer `j` drew on.
 pub(super) fn check_taken(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     (i, j): (usize, usize),
-    taken: &BTreeSet<&str>,
+    taken: &BTreeSet<(&str, Part)>,
     present: &Present<'_>,
     filter: &ModuleFilter,
 ) -> Result<()> {
-    let mut left = present
+    // Each module type of the layer with the parts nothing takes.
+    let left: Vec<(&str, &str, Vec<Part>)> = present
         .iter()
-        .filter(|((layer, _, name), _)| *layer == i && !taken.contains(name))
-        .filter(|((_, _, name), _)| filter(name, name, name))
-        .peekable();
-    let Some((&(_, _, name), &module)) = left.peek().copied() else {
+        .filter(|((layer, _, _), _)| *layer == i)
+        .filter_map(|(&(_, _, name), &module)| {
+            let spec = source.arch.module(name).expect("parsed");
+            let parts: Vec<Part> = spec
+                .parts
+                .iter()
+                .copied()
+                .filter(|&p| !taken.contains(&(name, p)))
+                .collect();
+            (!parts.is_empty()).then_some((name, module, parts))
+        })
+        .collect();
+    let Some((name, module, parts)) = left.iter().find(|(name, _, _)| filter(name, name, name))
+    else {
         return Ok(());
     };
-    let left: BTreeSet<&str> = left.map(|(&(_, _, name), _)| name).collect();
-    let others: BTreeSet<&str> = present
+    // The list that leaves out every module type with something left over, keeping the parts
+    // of fused ones that are taken (`q_proj` of a `qkv_proj` whose k and v have no target).
+    let mut others: BTreeSet<&str> = present
         .keys()
         .map(|&(_, _, other)| other)
-        .filter(|other| !left.contains(other))
+        .filter(|other| !left.iter().any(|(n, _, _)| n == other))
         .collect();
+    for (n, _, _) in &left {
+        let kept = taken.iter().filter(|(t, _)| t == n);
+        others.extend(kept.map(|(_, p)| p.module_name()));
+    }
     let hint = match others.is_empty() {
         true => String::new(),
         false => format!(
@@ -164,6 +211,10 @@ pub(super) fn check_taken(
     };
     let spec = source.arch.module(name).expect("parsed");
     let what = match spec.block() {
+        Block::Attention if parts.len() < spec.parts.len() => {
+            let names: Vec<&str> = parts.iter().map(|p| p.module_name()).collect();
+            format!("`{}`", names.join("`, `"))
+        }
         Block::Attention => format!("`{name}`"),
         block => block.describe().to_string(),
     };
@@ -176,18 +227,18 @@ pub(super) fn check_taken(
     })
 }
 
-/// Whether the two models' MLPs pair layer for layer: both dense, or both with experts whose
-/// routers compare, in layers of the same kinds, shared experts on both sides or neither.
+/// Whether the two models' MLPs pair layer for layer along the depth map: both dense, or both
+/// with experts whose routers compare, each pair of layers of one kind with shared experts on
+/// both sides or neither.
 pub fn mlps_pair(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
+    let kind = |s: &ModelSide<'_>, l: usize| (s.sparse(l), s.holds_block(l, Block::SharedExpert));
     match (source.arch.has_experts(), target.arch.has_experts()) {
         (false, false) => true,
         (true, true) => {
-            let kinds = |s: &ModelSide<'_>| {
-                (0..s.layers())
-                    .map(|l| (s.sparse(l), s.holds_block(l, Block::SharedExpert)))
-                    .collect::<Vec<_>>()
-            };
-            super::experts::routers_compare(source, target) && kinds(source) == kinds(target)
+            super::experts::routers_compare(source, target)
+                && super::layers::default_layer_map(source.layers(), target.layers())
+                    .iter()
+                    .all(|(&j, &i)| kind(source, i) == kind(target, j))
         }
         _ => false,
     }

@@ -20,7 +20,7 @@ impl<'a> ModelSide<'a> {
                 ckpt.config_path(),
                 format!(
                     "a {} model's MLPs are experts, but config.json gives no expert count \
-                     (`num_local_experts` or `num_experts`)",
+                     (`num_local_experts`, `num_experts` or `n_routed_experts`)",
                     arch.name
                 ),
             ));

@@ -5,14 +5,14 @@
 //! has nothing to carry), both factors are non-zero: A is drawn like PEFT's Kaiming-uniform
 //! init, uniform in ±1/√in, and B is small Gaussian, as after some training.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::{json, Value};
 
 use super::presets::sorted;
 use super::{fill_normal, fill_uniform_pm1, stream_id};
-use crate::arch::{self, ModuleSpec};
+use crate::arch::ModuleSpec;
 use crate::error::{Error, Result};
 use crate::io::adapter::{self as peft, LoraFactors};
 use crate::io::checkpoint::Checkpoint;
@@ -60,15 +60,17 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
         ));
     }
     let ckpt = Checkpoint::open(base_dir)?;
-    let table = arch::for_config(&ckpt.config, &base_dir.join("config.json"))?;
-    let prefix = table.detect_prefix(&ckpt)?;
+    let side = crate::plan::ModelSide::new(&ckpt)?;
+    let (table, prefix) = (side.arch, side.prefix.as_str());
     let targets = select_targets(&table.modules, &spec.targets)?;
 
     let mut modules = BTreeMap::new();
     for layer in 0..ckpt.config.num_hidden_layers {
-        for (module, expert) in targets
-            .iter()
-            .flat_map(|m| m.instances(&ckpt.config).into_iter().map(move |e| (m, e)))
+        // The modules this layer has: a dense MLP or experts, the query whole or through its
+        // latent, as the config says.
+        let held = targets.iter().filter(|m| side.holds(layer, m));
+        for (module, expert) in
+            held.flat_map(|m| m.instances(&ckpt.config).into_iter().map(move |e| (m, e)))
         {
             let name = table.module_path(prefix, layer, expert, module);
             let weight = format!("{name}.weight");
@@ -87,8 +89,20 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
         }
     }
 
-    let mut target_names: Vec<&str> = targets.iter().map(|m| m.name.as_str()).collect();
-    target_names.sort_unstable();
+    // As PEFT's users name them, by the last part of the key (`gate_proj` for every block's gate
+    // projection), unless that would name modules left out: then each module in full.
+    let tail = |m: &ModuleSpec| m.key.rsplit('.').next().unwrap_or(&m.key).to_string();
+    let tails: BTreeSet<String> = targets.iter().map(|m| tail(m)).collect();
+    let whole = table
+        .modules
+        .iter()
+        .filter(|m| tails.contains(&tail(m)))
+        .all(|m| targets.iter().any(|t| t.name == m.name));
+    let target_names: Vec<String> = match whole {
+        true => tails.into_iter().collect(),
+        false => modules.keys().cloned().collect(),
+    };
+    let target_names: Vec<&str> = target_names.iter().map(String::as_str).collect();
     let config = adapter_config(base_dir, spec, &target_names);
     let Value::Object(config) = config else {
         unreachable!("adapter_config builds an object")
@@ -104,7 +118,12 @@ fn select_targets<'a>(all: &'a [ModuleSpec], names: &[String]) -> Result<Vec<&'a
     }
     let mut chosen: Vec<&ModuleSpec> = Vec::new();
     for name in names {
-        let Some(m) = all.iter().find(|m| &m.name == name) else {
+        // A module type's name, or the last part of keys (`gate_proj`: every block's).
+        let named: Vec<&ModuleSpec> = all
+            .iter()
+            .filter(|m| &m.name == name || m.key.rsplit('.').next() == Some(name.as_str()))
+            .collect();
+        if named.is_empty() {
             let valid: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
             return Err(Error::arg(
                 "--targets",
@@ -113,9 +132,11 @@ fn select_targets<'a>(all: &'a [ModuleSpec], names: &[String]) -> Result<Vec<&'a
                     valid.join(", ")
                 ),
             ));
-        };
-        if !chosen.iter().any(|c| c.name == m.name) {
-            chosen.push(m);
+        }
+        for m in named {
+            if !chosen.iter().any(|c| c.name == m.name) {
+                chosen.push(m);
+            }
         }
     }
     Ok(chosen)

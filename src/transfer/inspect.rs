@@ -7,7 +7,6 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::arch::Part;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
@@ -57,8 +56,8 @@ pub fn run(
     let wall = Instant::now();
     let s = ModelSide::new(source)?;
     let t = ModelSide::new(target)?;
-    // Pretend the adapter covers every module of the source, so the plan pairs them all (experts
-    // only where the target's can take them: experts of the same hidden size).
+    // Pretend the adapter covers every module the source has, so the plan pairs them all (experts
+    // only where the target's can take them: the same hidden size, layers of the same kinds).
     let mut all = BTreeMap::new();
     let experts_pair = plan::mlps_pair(&s, &t);
     for layer in 0..s.layers() {
@@ -80,8 +79,7 @@ pub fn run(
     opts.mode = crate::modes::Mode::Auto;
     if !experts_pair && opts.modules.is_none() {
         // Experts pair with nothing here: compare the attention alone.
-        let attention = [Part::Q, Part::K, Part::V, Part::O];
-        opts.modules = Some(attention.map(|p| p.module_name().to_string()).to_vec());
+        opts.modules = Some(plan::attention_modules(&s, &t));
     }
     let plan = plan::build(&s, &t, &all, &source.dir, &opts)?;
     let timings = Timings::default();

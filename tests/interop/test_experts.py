@@ -219,15 +219,15 @@ def test_an_expert_pruned_model_takes_each_kept_experts_update(moe, binary, tmp_
     assert iu.max_rel_diff(logits, iu.logits(iu.load_model(target))) > MIN_CHANGE
 
 
-def fused_adapter(family: str, base, out):
-    """A LoRA on transformers' fused expert parameters (PEFT's `target_parameters`), made and saved
-    by PEFT, with random B."""
+def fused_adapter(family: str, base, out, by_name=("q_proj", "o_proj")):
+    """A LoRA on transformers' fused expert parameters (PEFT's `target_parameters`) and on the
+    modules `by_name`, made and saved by PEFT, with random B."""
     from peft import LoraConfig, get_peft_model
 
     if not out.exists():
         model = iu.load_model(base)
         torch.manual_seed(31)
-        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"],
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(by_name),
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
         with iu.quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations

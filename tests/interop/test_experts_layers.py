@@ -16,7 +16,6 @@ merges into the checkpoint's tensors, loaded by transformers."""
 
 import json
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import interop_util as iu
-from test_experts import ALPHA, MIN_CHANGE, R, merged, peft_logits
+from test_experts import ALPHA, MIN_CHANGE, R, fused_adapter, merged, peft_logits
 
 EXPERTS, WIDTH, SHARED, DENSE = 4, 32, 48, 96
 FAMILIES = ["qwen2_moe", "glm4_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2"]
@@ -199,25 +198,11 @@ def test_a_lora_on_fused_experts_copies_exactly(layered, family, binary, tmp_pat
     """PEFT's own LoRA on the fused experts (`target_parameters`), beside the projections PEFT
     adapts by name (Qwen2-MoE: the dense layer's and the shared expert's too), written one module
     per expert: its merge computes what PEFT computes with the fused LoRA."""
-    from peft import LoraConfig, get_peft_model
-
     root, get = layered
     base, _, _, _ = get(family)
-    adapter = tmp_path / "fused-lora"
     by_name = {"qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"], "glm4_moe": ["q_proj", "o_proj"],
                "deepseek_v3": ["q_b_proj", "kv_a_proj_with_mqa", "o_proj"]}[family]
-    model = iu.load_model(base)
-    torch.manual_seed(31)
-    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=by_name,
-                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    with iu.quiet(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
-        peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if ".lora_B." in name:
-                torch.nn.init.normal_(param, std=0.1)
-    peft_model.save_pretrained(str(adapter))
+    adapter = fused_adapter(family, base, tmp_path / "fused-lora", by_name)
     keys = iu.read_tensors(adapter / "adapter_model.safetensors")
     assert any(".experts.base_layer.lora_A" in k for k in keys), sorted(keys)[:6]
 

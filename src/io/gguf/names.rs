@@ -264,10 +264,10 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "mlp.experts.{expert}.down_proj" | "block_sparse_moe.experts.{expert}.w2" => {
             "ffn_down_exps"
         }
-        // The shared expert beside them (Qwen2-MoE's, GLM-4.5's).
-        "mlp.shared_expert.gate_proj" | "mlp.shared_experts.gate_proj" => "ffn_gate_shexp",
-        "mlp.shared_expert.up_proj" | "mlp.shared_experts.up_proj" => "ffn_up_shexp",
-        "mlp.shared_expert.down_proj" | "mlp.shared_experts.down_proj" => "ffn_down_shexp",
+        // The shared expert beside them, where the family's table has one.
+        k if shared_expert_key(f, Part::Gate) == Some(k) => "ffn_gate_shexp",
+        k if shared_expert_key(f, Part::Up) == Some(k) => "ffn_up_shexp",
+        k if shared_expert_key(f, Part::Down) == Some(k) => "ffn_down_shexp",
         _ => return None,
     })
 }
@@ -380,6 +380,13 @@ pub fn config_json(
         }
     };
     let layers = int("block_count")?;
+    // Bounded before anything loops over the layers (config.json's own limit).
+    if layers > 1 << 16 {
+        return Err(format!(
+            "metadata `{}` = {layers} is beyond any supported model (max 65536)",
+            key("block_count")
+        ));
+    }
     let hidden = int("embedding_length")?;
     let heads = int("attention.head_count")?;
     let mut config = json!({
