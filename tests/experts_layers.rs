@@ -439,3 +439,32 @@ fn synthetic_adapters_follow_each_layers_blocks() {
             .unwrap();
     assert_eq!(config["target_modules"], serde_json::json!(["gate_proj"]));
 }
+
+/// `inspect` compares what pairs: DeepSeek-V3 against a V2-Lite layout measures every module
+/// but the query latent's, which has no counterpart, instead of refusing it; the long module
+/// names keep their column.
+#[test]
+fn inspect_compares_the_modules_that_pair() {
+    let d = Dirs::new();
+    layout("deepseek_v3", &[0]).write(&d.p("v3"), 1);
+    let v2 = layout("deepseek_v2", &[0]);
+    v2.write(&d.p("v2"), 1);
+    let (stdout, _) = common::cli::ok(&[
+        "inspect",
+        "--source-base",
+        common::cli::s(&d.p("v3")),
+        "--target-base",
+        common::cli::s(&d.p("v2")),
+        "--rank",
+        "8",
+        "--json",
+    ]);
+    let ins: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let pairs = ins["pairs"].as_array().unwrap();
+    // Every module of the V2-Lite layout but its `q_proj`, in both layers.
+    let per_layer = |l| v2.modules(l).len() - 1;
+    assert_eq!(pairs.len(), per_layer(0) + per_layer(1));
+    assert!(pairs
+        .iter()
+        .all(|p| !p["module"].as_str().unwrap().starts_with("q_")));
+}

@@ -35,6 +35,9 @@ pub struct Options {
     pub layer_map: Option<BTreeMap<usize, usize>>,
     /// The map mode's switches (its ablations).
     pub map: crate::map::MapOptions,
+    /// Leave out, rather than refuse, source modules no target module takes (`inspect`, whose
+    /// adapter is every module of the source, compares what pairs).
+    pub leave_unpaired: bool,
 }
 
 /// The default SVD rank k, oversampling p and power iterations q (the command line's too).
@@ -54,6 +57,7 @@ impl Default for Options {
             modules: None,
             layer_map: None,
             map: crate::map::MapOptions::default(),
+            leave_unpaired: false,
         }
     }
 }
@@ -233,7 +237,9 @@ pub fn build(
                 modules.push(pair.module(spec, &pieces, expert, &present, options, &filter)?);
             }
         }
-        pairing::check_taken(source, target, (i, j), &taken, &present, &filter)?;
+        if !options.leave_unpaired {
+            pairing::check_taken(source, target, (i, j), &taken, &present, &filter)?;
+        }
     }
     let plan = Plan {
         modules,

@@ -77,6 +77,7 @@ pub fn run(
     }
     let mut opts = options.clone();
     opts.mode = crate::modes::Mode::Auto;
+    opts.leave_unpaired = true;
     if !experts_pair && opts.modules.is_none() {
         // Experts pair with nothing here: compare the attention alone.
         opts.modules = Some(plan::attention_modules(&s, &t));
@@ -134,8 +135,18 @@ pub fn run(
 /// A terminal table: one line per module pair.
 pub fn table(ins: &Inspection) -> String {
     let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    // An expert's module with its index: `experts.up_proj[5]`.
+    let label = |p: &PairRow| {
+        let expert = p.target_key.split_once(".experts.");
+        match expert.and_then(|(_, rest)| rest.split('.').next()) {
+            Some(e) => format!("{}[{e}]", p.module),
+            None => p.module.clone(),
+        }
+    };
+    let labels: Vec<String> = ins.pairs.iter().map(label).collect();
+    let w = labels.iter().map(String::len).max().unwrap_or(0).max(14);
     let mut out = format!(
-        "{} ({}) -> {} ({}), k = {}\n{:<14} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
+        "{} ({}) -> {} ({}), k = {}\n{:<w$} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
         ins.source_base,
         ins.source_arch,
         ins.target_base,
@@ -150,15 +161,9 @@ pub fn table(ins: &Inspection) -> String {
         "sim_v",
         "similarity"
     );
-    for p in &ins.pairs {
-        // An expert's module with its index: `up_proj[5]`.
-        let expert = p.target_key.split_once(".experts.");
-        let module = match expert.and_then(|(_, rest)| rest.split('.').next()) {
-            Some(e) => format!("{}[{e}]", p.module),
-            None => p.module.clone(),
-        };
+    for (p, module) in ins.pairs.iter().zip(labels) {
         out += &format!(
-            "{:<14} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
+            "{:<w$} {:>5} {:>5} {:>11} {:>11} {:>8} {:>8} {:>10}\n",
             module,
             p.target_layer,
             p.source_layer,
