@@ -325,6 +325,34 @@ fn layers_of_different_kinds_are_refused_only_where_an_update_would_be_lost() {
         e.contains("--modules q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"),
         "{e}"
     );
+    // Onto a standard attention (Qwen3-MoE's layout), only o_proj pairs with latent attention:
+    // the list the refusal gives carries, with the attention's k and v left alone.
+    let qwen = Layout {
+        family: "qwen3_moe",
+        experts: 3,
+        dense: vec![],
+    };
+    qwen.write(&d.p("qwen"), 1);
+    let j = job(
+        &d.p("src"),
+        &d.p("qwen"),
+        &d.p("all"),
+        &d.p("out"),
+        Mode::Align,
+    );
+    let e = err_of(&j);
+    let list = e
+        .split("--modules ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(list.trim_end_matches(','), "o_proj", "{e}");
+    let mut attention = j;
+    attention.options.modules = Some(vec!["o_proj".into()]);
+    transfer::run(&attention).unwrap();
+    std::fs::remove_dir_all(d.p("out")).unwrap();
     let module = "model.layers.1.mlp.experts.2.up_proj";
     one_module_adapter(&d.p("one"), "deepseek_v3", module, DIMS.5, DIMS.0);
     let report = transfer::run(&job(
@@ -391,6 +419,18 @@ fn fused_parts_without_a_counterpart_are_refused() {
         e.contains("`k_proj`, `v_proj` of source layer 0") && e.ends_with("--modules q_proj"),
         "{e}"
     );
+    // Naming the parts does not hide the left-over ones: k and v are still refused.
+    let mut parts = j.clone();
+    parts.options.modules = Some(
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let e = err_of(&parts);
+    assert!(
+        e.contains("`k_proj`, `v_proj`") && e.ends_with("--modules q_proj"),
+        "{e}"
+    );
     let mut q_only = j;
     q_only.options.modules = Some(vec!["q_proj".into()]);
     let report = transfer::run(&q_only).unwrap();
@@ -438,11 +478,20 @@ fn synthetic_adapters_follow_each_layers_blocks() {
         serde_json::from_str(&std::fs::read_to_string(d.p("gate/adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["target_modules"], serde_json::json!(["gate_proj"]));
+    // A type the config leaves out of every layer is refused, not written as an empty adapter.
+    let spec = AdapterSpec {
+        targets: vec!["q_proj".into()],
+        ..AdapterSpec::default()
+    };
+    std::fs::create_dir_all(d.p("none")).unwrap();
+    let e = write_adapter(&d.p("m"), &spec, &d.p("none"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--targets") && e.contains("q_proj"), "{e}");
 }
 
 /// `inspect` compares what pairs: DeepSeek-V3 against a V2-Lite layout measures every module
-/// but the query latent's, which has no counterpart, instead of refusing it; the long module
-/// names keep their column.
+/// but the query latent's, which has no counterpart, instead of refusing it.
 #[test]
 fn inspect_compares_the_modules_that_pair() {
     let d = Dirs::new();

@@ -56,7 +56,8 @@ pub struct AdapterArgs {
     r: usize,
     #[arg(long, default_value_t = 32.0)]
     alpha: f64,
-    /// Module types to adapt (default: all seven projections).
+    /// Module types to adapt, by type or by the last part of the key (`gate_proj`: every
+    /// block's gate projection; default: every projection the model has).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 0)]

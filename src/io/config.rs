@@ -316,7 +316,8 @@ fn parse_experts(
                 )
             })?;
         }
-        None if model_type == "glm4_moe_lite" => dense[0] = true,
+        // transformers' GLM-4.7-Flash reads no other field: layer 0 dense, the rest experts.
+        None if model_type == "glm4_moe_lite" => dense = (0..layers).map(|l| l == 0).collect(),
         None => {}
     }
     let dense_layers: Vec<usize> = (0..layers).filter(|&l| dense[l]).collect();

@@ -218,7 +218,7 @@ pub fn build(
                         .parts
                         .iter()
                         .any(|p| filter(p.module_name(), &spec.name, &spec.name));
-                    if selected && pairing::adapts_mlp(source, i, &present) {
+                    if selected && pairing::adapts_mlp(source, i, &present, &filter) {
                         return Err(pairing::refusal(source, target, spec, &why));
                     }
                     continue;

@@ -99,29 +99,53 @@ pub(super) fn pieces(
         .collect()
 }
 
-/// Whether the adapter adapts a dense MLP or experts in source layer `i` (an update a layer pair
-/// of different MLP kinds would lose).
-pub(super) fn adapts_mlp(source: &ModelSide<'_>, i: usize, present: &Present<'_>) -> bool {
+/// Whether the adapter adapts a dense MLP or experts in source layer `i`, selected by `--modules`
+/// (an update a layer pair of different MLP kinds would lose).
+pub(super) fn adapts_mlp(
+    source: &ModelSide<'_>,
+    i: usize,
+    present: &Present<'_>,
+    filter: &ModuleFilter,
+) -> bool {
     present.keys().any(|&(layer, _, name)| {
         let block = source.arch.module(name).map(ModuleSpec::block);
-        layer == i && matches!(block, Some(Block::Mlp | Block::Experts))
+        layer == i && matches!(block, Some(Block::Mlp | Block::Experts)) && filter(name, name, name)
     })
 }
 
-/// The `--modules` list that selects the attention alone: every attention module type either
-/// model has (`q_proj,k_proj,v_proj,o_proj`; DeepSeek's latent projections).
+/// The `--modules` list that carries the attention alone: each attention module type of the
+/// target that some source attention module feeds, and each source type all of whose parts
+/// the target has (else the parts it has, by name: `q_proj` of a `qkv_proj` onto latent
+/// attention). Two standard attentions give `q_proj,k_proj,v_proj,o_proj`.
 pub fn attention_modules(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Vec<String> {
+    let attention = |side: &ModelSide<'_>| -> Vec<&'static ModuleSpec> {
+        let held = side.arch.modules.iter();
+        held.filter(|m| m.block() == Block::Attention && m.present_in(&side.ckpt.config))
+            .collect()
+    };
+    let (s, t) = (attention(source), attention(target));
+    let parts = |specs: &[&ModuleSpec]| -> BTreeSet<Part> {
+        specs.iter().flat_map(|m| m.parts.iter().copied()).collect()
+    };
+    let (in_s, in_t) = (parts(&s), parts(&t));
     let mut names: Vec<String> = Vec::new();
-    for side in [target, source] {
-        let held = side
-            .arch
-            .modules
-            .iter()
-            .filter(|m| m.block() == Block::Attention && m.present_in(&side.ckpt.config));
-        for m in held {
-            if !names.contains(&m.name) {
-                names.push(m.name.clone());
-            }
+    let mut add = |name: &str| {
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    };
+    for m in t
+        .iter()
+        .filter(|m| m.parts.iter().any(|p| in_s.contains(p)))
+    {
+        add(&m.name);
+    }
+    for m in &s {
+        if m.parts.iter().all(|p| in_t.contains(p)) {
+            add(&m.name);
+        } else {
+            let shared = m.parts.iter().filter(|p| in_t.contains(p));
+            shared.for_each(|p| add(p.module_name()));
         }
     }
     names
@@ -187,19 +211,32 @@ pub(super) fn check_taken(
             (!parts.is_empty()).then_some((name, module, parts))
         })
         .collect();
-    let Some((name, module, parts)) = left.iter().find(|(name, _, _)| filter(name, name, name))
+    // A left-over part is selected as its unit would be: by the part's name in a fused module
+    // (`k_proj` of `qkv_proj`), else by the module's.
+    let selected = |name: &str, parts: &[Part]| {
+        let fused = source.arch.module(name).is_some_and(|m| m.parts.len() > 1);
+        parts.iter().any(|p| {
+            let label = if fused { p.module_name() } else { name };
+            filter(label, name, name)
+        })
+    };
+    let Some((name, module, parts)) = left.iter().find(|(name, _, parts)| selected(name, parts))
     else {
         return Ok(());
     };
-    // The list that leaves out every module type with something left over, keeping the parts
-    // of fused ones that are taken (`q_proj` of a `qkv_proj` whose k and v have no target).
+    // The list, within the current selection, that leaves out every module type with
+    // something left over, keeping the parts of fused ones that are taken (`q_proj` of a
+    // `qkv_proj` whose k and v have no target).
     let mut others: BTreeSet<&str> = present
         .keys()
         .map(|&(_, _, other)| other)
         .filter(|other| !left.iter().any(|(n, _, _)| n == other))
+        .filter(|other| filter(other, other, other))
         .collect();
     for (n, _, _) in &left {
-        let kept = taken.iter().filter(|(t, _)| t == n);
+        let kept = taken
+            .iter()
+            .filter(|(t, p)| t == n && filter(p.module_name(), n, n));
         others.extend(kept.map(|(_, p)| p.module_name()));
     }
     let hint = match others.is_empty() {
@@ -211,7 +248,7 @@ pub(super) fn check_taken(
     };
     let spec = source.arch.module(name).expect("parsed");
     let what = match spec.block() {
-        Block::Attention if parts.len() < spec.parts.len() => {
+        _ if parts.len() < spec.parts.len() => {
             let names: Vec<&str> = parts.iter().map(|p| p.module_name()).collect();
             format!("`{}`", names.join("`, `"))
         }

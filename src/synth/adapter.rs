@@ -89,6 +89,17 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
         }
     }
 
+    if modules.is_empty() {
+        let names: Vec<&str> = targets.iter().map(|m| m.name.as_str()).collect();
+        return Err(Error::arg(
+            "--targets",
+            format!(
+                "{} name(s) no module of this model (its config leaves them out: a dense MLP \
+                 where every layer has experts, `q_proj` where the query has a latent, …)",
+                names.join(", ")
+            ),
+        ));
+    }
     // As PEFT's users name them, by the last part of the key (`gate_proj` for every block's gate
     // projection), unless that would name modules left out: then each module in full.
     let tail = |m: &ModuleSpec| m.key.rsplit('.').next().unwrap_or(&m.key).to_string();

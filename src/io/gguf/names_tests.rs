@@ -251,4 +251,11 @@ fn config_carries_dense_layers_and_the_shared_expert() {
     // A Qwen3-MoE layer without a router is dense, though the metadata cannot say so.
     let (_, e) = config("qwen3moe", &[], &[0, 2, 3]);
     assert_eq!(e.dense_layers, [1]);
+    // A depth beyond any model is refused before the layers are looked at.
+    let f = family_of("qwen3moe", true).unwrap();
+    let m: HashMap<String, Value> = [("qwen3moe.block_count".to_string(), Value::UInt(1 << 40))]
+        .into_iter()
+        .collect();
+    let e = config_json(f, &m, &[]).unwrap_err();
+    assert!(e.contains("block_count"), "{e}");
 }
