@@ -16,6 +16,12 @@ use loraxfer::io::safetensors::FloatType;
 use loraxfer::modes::Mode;
 use loraxfer::transfer;
 
+/// The target tensors a transfer carried an update to, in report order.
+fn carried(report: &transfer::report::Report) -> Vec<String> {
+    let rows = report.modules.iter().filter(|m| m.transferred);
+    rows.map(|m| m.target_key.clone()).collect()
+}
+
 fn layout(family: &'static str, dense: &[usize]) -> Layout {
     Layout {
         family,
@@ -74,13 +80,7 @@ fn a_projection_name_selects_it_in_every_block() {
     model.adapter(&d.p("ad"));
     let mut j = job(&d.p("m"), &d.p("m"), &d.p("ad"), &d.p("out"), Mode::Copy);
     j.options.modules = Some(vec!["gate_proj".into()]);
-    let report = transfer::run(&j).unwrap();
-    let selected: BTreeSet<String> = report
-        .modules
-        .iter()
-        .filter(|m| m.transferred)
-        .map(|m| m.target_key.clone())
-        .collect();
+    let selected: BTreeSet<String> = carried(&transfer::run(&j).unwrap()).into_iter().collect();
     let want: BTreeSet<String> = [
         "model.layers.0.mlp.gate_proj.weight",
         "model.layers.1.mlp.experts.0.gate_proj.weight",
@@ -363,13 +363,7 @@ fn layers_of_different_kinds_are_refused_only_where_an_update_would_be_lost() {
         Mode::Rotate,
     ))
     .unwrap();
-    let carried: Vec<&str> = report
-        .modules
-        .iter()
-        .filter(|m| m.transferred)
-        .map(|m| m.target_key.as_str())
-        .collect();
-    assert_eq!(carried, [format!("{module}.weight")]);
+    assert_eq!(carried(&report), [format!("{module}.weight")]);
 }
 
 /// A fused source module whose parts the target layer cannot all take (Phi-3's `qkv_proj` onto
@@ -434,13 +428,7 @@ fn fused_parts_without_a_counterpart_are_refused() {
     let mut q_only = j;
     q_only.options.modules = Some(vec!["q_proj".into()]);
     let report = transfer::run(&q_only).unwrap();
-    let carried: Vec<&str> = report
-        .modules
-        .iter()
-        .filter(|m| m.transferred)
-        .map(|m| m.target_key.as_str())
-        .collect();
-    assert_eq!(carried, ["model.layers.0.self_attn.q_proj.weight"]);
+    assert_eq!(carried(&report), ["model.layers.0.self_attn.q_proj.weight"]);
 }
 
 /// `synth adapter` on layered mixtures: each layer's own modules (a dense MLP or experts and the
