@@ -80,6 +80,11 @@ impl Part {
         }
     }
 
+    /// Whether this is one of the MLP's projections (gate, up, down).
+    pub fn mlp(self) -> bool {
+        matches!(self, Part::Gate | Part::Up | Part::Down)
+    }
+
     /// Whether this is one of latent attention's own projections.
     pub fn latent(self) -> bool {
         matches!(self, Part::QA | Part::QB | Part::KvA | Part::KvB)
@@ -156,11 +161,7 @@ impl ModuleSpec {
             Block::Experts
         } else if self.shared_expert {
             Block::SharedExpert
-        } else if self
-            .parts
-            .iter()
-            .all(|p| matches!(p, Part::Gate | Part::Up | Part::Down))
-        {
+        } else if self.parts.iter().all(|p| p.mlp()) {
             Block::Mlp
         } else {
             Block::Attention
@@ -211,6 +212,12 @@ impl ModuleSpec {
             Part::Q => !q_latent,
             _ => true,
         })
+    }
+
+    /// The last part of the key (`gate_proj` of `mlp.experts.{expert}.gate_proj`): the name
+    /// PEFT's `target_modules` select it by.
+    pub fn key_tail(&self) -> &str {
+        self.key.rsplit('.').next().unwrap_or(&self.key)
     }
 
     /// Each instance of this module in a layer: one per expert for an expert's module, else one.
@@ -356,7 +363,7 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             arch.name
         ));
     }
-    let is_mlp = |p: &Part| matches!(p, Part::Gate | Part::Up | Part::Down);
+    let is_mlp = |p: &Part| p.mlp();
     for m in &arch.modules {
         // A module is one block's: attention or MLP parts, never both; an expert's names the
         // expert once, between dots; a shared expert's is an MLP's and no expert's.

@@ -42,7 +42,7 @@ pub struct MatchedUnits {
 impl MatchedUnits {
     fn of(part: Part, (matched, all): (usize, usize)) -> Self {
         MatchedUnits {
-            neurons: matches!(part, Part::Gate | Part::Up | Part::Down),
+            neurons: part.mlp(),
             matched,
             all,
         }

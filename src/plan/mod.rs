@@ -563,10 +563,7 @@ fn module_filter(options: &Options, source: &Arch, target: &Arch) -> Result<Modu
         .modules
         .iter()
         .chain(&target.modules)
-        .map(|m| {
-            let tail = m.key.rsplit('.').next().unwrap_or(&m.key);
-            (m.name.clone(), tail.to_string())
-        })
+        .map(|m| (m.name.clone(), m.key_tail().to_string()))
         .collect();
     let mut known: BTreeSet<String> = tails.keys().chain(tails.values()).cloned().collect();
     known.extend(Part::ALL.map(|p| p.module_name().to_string()));

@@ -63,9 +63,8 @@ pub(super) fn source_block(
 
 /// A layer's MLP in words: per layer where the whole model is alike, else of this layer.
 fn describe(side: &ModelSide<'_>, layer: usize) -> String {
-    let uniform = (0..side.layers()).all(|l| side.sparse(l) == side.sparse(layer));
     let dir = side.ckpt.dir.display();
-    match (side.sparse(layer), uniform) {
+    match (side.sparse(layer), !side.mixes_layer_kinds()) {
         (true, true) => format!("{} experts per layer in {dir}", side.experts()),
         (true, false) => format!("{} experts in layer {layer} of {dir}", side.experts()),
         (false, true) => format!("one dense MLP per layer in {dir}"),
@@ -173,11 +172,7 @@ pub(super) fn refusal(
 
 /// Where either model mixes dense and expert layers, pairing layers of one kind is the other way.
 fn layer_map_hint(source: &ModelSide<'_>, target: &ModelSide<'_>) -> &'static str {
-    let mixed = |s: &ModelSide<'_>| {
-        let sparse = (0..s.layers()).filter(|&l| s.sparse(l)).count();
-        sparse > 0 && sparse < s.layers()
-    };
-    if mixed(source) || mixed(target) {
+    if source.mixes_layer_kinds() || target.mixes_layer_kinds() {
         ", or pair layers of one kind with --layer-map"
     } else {
         ""

@@ -77,6 +77,12 @@ impl<'a> ModelSide<'a> {
                 .is_some_and(|e| e.sparse(layer))
     }
 
+    /// Whether the model has dense layers among its expert layers.
+    pub fn mixes_layer_kinds(&self) -> bool {
+        let sparse = (0..self.layers()).filter(|&l| self.sparse(l)).count();
+        sparse > 0 && sparse < self.layers()
+    }
+
     /// Whether `layer` has modules of type `spec` (of a block the layer has, and present in a
     /// model of this config: latent attention's query projections depend on it).
     pub fn holds(&self, layer: usize, spec: &ModuleSpec) -> bool {
@@ -86,9 +92,10 @@ impl<'a> ModelSide<'a> {
     /// Whether `layer` has `block`: the attention in every layer, a dense MLP in the dense
     /// layers, the experts and the shared expert (where the config gives one) in the others.
     pub fn holds_block(&self, layer: usize, block: Block) -> bool {
+        // `new` refused a shared expert's width for a table without one.
         let shared = || {
             let e = self.ckpt.config.experts.as_ref();
-            self.arch.has_block(Block::SharedExpert) && e.is_some_and(|e| e.shared_width.is_some())
+            e.is_some_and(|e| e.shared_width.is_some())
         };
         match block {
             Block::Attention => true,

@@ -102,12 +102,11 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
     }
     // As PEFT's users name them, by the last part of the key (`gate_proj` for every block's gate
     // projection), unless that would name modules left out: then each module in full.
-    let tail = |m: &ModuleSpec| m.key.rsplit('.').next().unwrap_or(&m.key).to_string();
-    let tails: BTreeSet<String> = targets.iter().map(|m| tail(m)).collect();
+    let tails: BTreeSet<String> = targets.iter().map(|m| m.key_tail().to_string()).collect();
     let whole = table
         .modules
         .iter()
-        .filter(|m| tails.contains(&tail(m)))
+        .filter(|m| tails.contains(m.key_tail()))
         .all(|m| targets.iter().any(|t| t.name == m.name));
     let target_names: Vec<String> = match whole {
         true => tails.into_iter().collect(),
@@ -132,7 +131,7 @@ fn select_targets<'a>(all: &'a [ModuleSpec], names: &[String]) -> Result<Vec<&'a
         // A module type's name, or the last part of keys (`gate_proj`: every block's).
         let named: Vec<&ModuleSpec> = all
             .iter()
-            .filter(|m| &m.name == name || m.key.rsplit('.').next() == Some(name.as_str()))
+            .filter(|m| &m.name == name || m.key_tail() == name)
             .collect();
         if named.is_empty() {
             let valid: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
