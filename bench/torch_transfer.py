@@ -12,8 +12,12 @@ It mirrors docs/METHOD.md and src/{backend/cpu,plan,transfer}/ of loraxfer:
 - similarity ‖X_sᵀX_t‖_F² / k_eff, clamped to [0, 1]: φ_U when the output sizes match, φ_V when
   the input sizes match, `similarity` their mean when both exist, else null; `--threshold` gives
   B = 0 (and transferred = false) to modules whose similarity is below it;
-- the modes project, align, procrustes (polar factors), copy, resample (nearest index
-  round(i·(m−1)/(m'−1))) and auto, all in factored form (the rank stays r);
+- the modes project, align, procrustes (polar factors), rotate (the direct rotation between the
+  source's and the target's top-k subspaces, keeping the whole update), copy, resample (nearest
+  index round(i·(m−1)/(m'−1))) and auto, all in factored form (the rank stays r); auto chooses for
+  the whole pair as loraxfer does: rotate when the depths and every adapted module's shapes are
+  equal, else align (where loraxfer would choose map, which this baseline does not implement, it
+  stops and asks for a --mode);
 - energy_kept = ‖B_tA_t‖_F / ‖B_sA_s‖_F from r × r Gram matrices (the scale s cancels);
 - depth map: target layer j takes source layer round(j·(L_s−1)/(L_t−1)), half away from zero;
 - PEFT conventions: keys base_model.model.<module>.lora_{A,B}.weight, A [r, in], B [out, r];
@@ -53,7 +57,8 @@ MODULES = [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
            ("down_proj", "mlp.down_proj")]
 MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.(" + "|".join(re.escape(k) for _, k in MODULES) + r")$")
 TYPE_OF_KEY = {k: t for t, k in MODULES}
-SAME_SHAPE = {"copy", "project", "procrustes"}
+SAME_SHAPE = {"copy", "project", "procrustes", "rotate"}
+DECOMPOSING = {"project", "align", "procrustes", "rotate"}
 
 
 def die(msg):
@@ -188,6 +193,22 @@ def polar(m):
     return x @ yh
 
 
+def direct_rotation(us, ut, m):
+    """R·m for the direct rotation R taking span(us) onto span(ut) (Davis–Kahan): each source
+    principal vector a_i turns into its target partner b_i inside the plane the two span, and
+    whatever is orthogonal to both subspaces stays. With usᵀut = X·diag(c)·Yᵀ, α = XᵀusᵀM and
+    δ = YᵀutᵀM − cα: R·M = M + us·X·(M₁ − c·M₂) + ut·Y·M₂, M₁ = (c − 1)α − δ, M₂ = α − δ/(1 + c)
+    ((c − 1)/sin²θ = −1/(1 + c) removes every division by sin θ). The k × k steps run in f64."""
+    x, c, yh = torch.linalg.svd((us.T @ ut).double())
+    c = c.clamp(0.0, 1.0)[:, None]
+    y = yh.T
+    alpha = x.T @ (us.T @ m).double()
+    delta = y.T @ (ut.T @ m).double() - c * alpha
+    m2 = alpha - delta / (1.0 + c)
+    m1 = (c - 1.0) * alpha - delta
+    return m + us @ (x @ (m1 - c * m2)).to(m.dtype) + ut @ (y @ m2).to(m.dtype)
+
+
 def update_norm(b, a):
     return math.sqrt(max(((b.T @ b) * (a @ a.T)).double().sum().item(), 0.0))
 
@@ -206,11 +227,30 @@ def transfer(mode, b, a, bs, bt, target_shape):
         (us, vs), (ut, vt) = bs, bt
         o_u, o_v = polar(us.T @ ut), polar(vs.T @ vt)
         return ut @ (o_u.T @ (us.T @ b)), ((a @ vs) @ o_v) @ vt.T
+    if mode == "rotate":
+        (us, vs), (ut, vt) = bs, bt
+        return direct_rotation(us, ut, b), direct_rotation(vs, vt, a.T).T
     if mode == "resample":
         rows = torch.tensor([nearest_index(i, ms, mt) for i in range(mt)], device=b.device)
         cols = torch.tensor([nearest_index(j, ns, nt) for j in range(nt)], device=a.device)
         return b[rows], a[:, cols]
     raise ValueError(mode)
+
+
+def choose_auto(src, tgt, present, types):
+    """(mode, reason) as loraxfer's `--mode auto` chooses for the whole pair
+    (src/transfer/auto.rs): rotate when the depths and every adapted module's shapes are equal;
+    else map when both models ship a tokenizer.json (not implemented here: stop); else align."""
+    ls, lt = src.layers, tgt.layers
+    key_of = dict(types)
+    tensors = [f"model.layers.{i}.{key_of[t]}.weight" for i, t in present]
+    if ls == lt and all(src.shape(name) == tgt.shape(name) for name in tensors):
+        return "rotate", f"equal depths ({ls} layers) and equal module shapes: rotate keeps the whole update"
+    differs = f"depths differ ({ls} and {lt} layers)" if ls != lt else "module shapes differ"
+    if all((d.dir / "tokenizer.json").is_file() for d in (src, tgt)):
+        die(f"{differs}, and both models ship a tokenizer.json, so loraxfer's auto would choose "
+            f"map, which this baseline does not implement: name a --mode (align crosses shapes)")
+    return "align", f"{differs}, and a tokenizer.json is missing: align"
 
 
 def main():
@@ -221,7 +261,7 @@ def main():
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="auto",
-                   choices=["auto", "project", "align", "procrustes", "copy", "resample"])
+                   choices=["auto", "project", "align", "procrustes", "rotate", "copy", "resample"])
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--oversample", type=int, default=16)
     p.add_argument("--power-iters", type=int, default=2)
@@ -258,6 +298,10 @@ def main():
         layer_map = {j: 0 if lt <= 1 or ls <= 1 else round_half_away(j * (ls - 1) / (lt - 1))
                      for j in range(lt)}
         first = factors[sorted(factors)[0]]["A"].dtype
+        auto_reason = None
+        if args.mode == "auto":
+            args.mode, auto_reason = choose_auto(src, tgt, present, types)
+            print(f"auto: {args.mode} ({auto_reason})")
 
     rows, out_tensors, out_r, out_alpha = [], {}, {}, {}
     for j, i in layer_map.items():
@@ -266,9 +310,7 @@ def main():
             t_module = f"model.layers.{j}.{key}"
             (ms, ns), (mt, nt) = src.shape(s_tensor), tgt.shape(t_tensor)
             mode = args.mode
-            if mode == "auto":
-                mode = "project" if (ms, ns) == (mt, nt) else "align"
-            elif mode in SAME_SHAPE and (ms, ns) != (mt, nt):
+            if mode in SAME_SHAPE and (ms, ns) != (mt, nt):
                 die(f"--mode {mode} needs equal shapes, but {mtype} is {ms}x{ns} and {mt}x{nt}")
             k = min(args.rank, ms, ns, mt, nt)
             # As loraxfer reports it: capping counts only where bases are computed (copy and
@@ -301,7 +343,7 @@ def main():
                     a = fa.to(device=device, dtype=torch.float32)
                 comparable = ms == mt or ns == nt
                 bs = bt = None
-                if mode in ("project", "align", "procrustes") or (args.threshold > 0 and comparable):
+                if mode in DECOMPOSING or (args.threshold > 0 and comparable):
                     bases = []
                     for ckpt, name in ((src, s_tensor), (tgt, t_tensor)):
                         with timer("load"):
@@ -351,7 +393,7 @@ def main():
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     report = dict(
         source_base=args.source_base, target_base=args.target_base, adapter=args.adapter,
-        mode=args.mode, rank=args.rank, oversample=args.oversample, power_iters=args.power_iters,
+        mode=args.mode, auto_reason=auto_reason, rank=args.rank, oversample=args.oversample, power_iters=args.power_iters,
         seed=args.seed, threshold=args.threshold,
         device=f"torch {torch.__version__} {device.type} ({dev}), svd {args.svd}",
         layer_map={str(j): i for j, i in layer_map.items()},

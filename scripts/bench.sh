@@ -2,7 +2,7 @@
 # Benchmarks loraxfer against the PyTorch baseline (bench/torch_transfer.py) on synthetic workloads
 # and checks that the two compute the same transfer.
 #
-#   scripts/bench.sh [--quick] [--device cpu|cuda] [--runs N] [--workloads W1,W2,W3]
+#   scripts/bench.sh [--quick] [--device cpu|cuda] [--runs N] [--workloads W1,W2,W3,W4]
 #                    [--layers N] [--tol T] [--full-limit SECONDS]
 #
 # Workloads (inputs synthesized by the loraxfer binary, cached under bench/cache/):
@@ -11,6 +11,7 @@
 #   W2  Qwen2.5-0.5B -> a derivative drifted by 2%, project, k=64
 #   W3  the W2 transfer five times in a row (total time); loraxfer keeps a basis cache (--cache-dir)
 #       that starts empty in each run, so transfers 2-5 reuse the SVDs of transfer 1
+#   W4  the W2 pair with rotate (what --mode auto chooses there: the whole update kept), k=64
 # Engines: loraxfer, torch-lowrank (torch.svd_lowrank), torch-full (torch.linalg.svd; skipped where
 # its estimated time exceeds --full-limit, default 180 s, 45 s with --quick).
 # --quick: one run of W2 reduced to 4 layers (--layers 4), about two minutes on 2 cores.
@@ -25,9 +26,9 @@
 # the workloads' own settings (k=64, p=16, q=2) two randomized SVDs with different test matrices
 # only agree as well as their subspaces are resolved, and the synthetic spectra have no gap at k=64,
 # so that column is informative only. The pass/fail check runs both engines where the subspaces
-# are resolved (k=16, q=12: project on a 1-layer Qwen2.5-0.5B pair, align tiny-qwen2 -> tiny-llama,
-# and align on the W1 inputs when W1 runs) and fails the script when they differ by more than --tol
-# (default 1e-2).
+# are resolved (k=16, q=12: project and rotate on a 1-layer Qwen2.5-0.5B pair, align tiny-qwen2 ->
+# tiny-llama, and align on the W1 inputs when W1 runs) and fails the script when they differ by more
+# than --tol (default 1e-2).
 #
 # Python: torch, safetensors and numpy (pinned in bench/requirements.txt) are installed into
 # .venv-bench/ on first use; BENCH_PYTHON=/path/to/python uses an existing interpreter instead.
@@ -40,7 +41,7 @@ cd "$root"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0 device=cpu runs="" workloads="" layers="" tol=1e-2 full_limit=""
 while [ $# -gt 0 ]; do
@@ -61,14 +62,14 @@ case "$device" in cpu|cuda) ;; *) die "--device must be cpu or cuda, not \`$devi
 if [ "$quick" = 1 ]; then : "${runs:=1}" "${layers:=4}" "${full_limit:=45}" "${workloads:=W2}"; fi
 : "${runs:=3}" "${full_limit:=180}"
 if [ -z "$workloads" ]; then
-  if [ "$device" = cuda ]; then workloads=W1,W2,W3; else workloads=W2,W3; fi
+  if [ "$device" = cuda ]; then workloads=W1,W2,W3,W4; else workloads=W2,W3,W4; fi
 fi
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer, not \`$runs'"
 [ -z "$layers" ] || [[ "$layers" =~ ^[1-9][0-9]*$ ]] || die "--layers must be a positive integer"
 [[ "$full_limit" =~ ^[0-9]+$ ]] || die "--full-limit must be a whole number of seconds"
 IFS=, read -r -a wl <<<"$workloads"
 for w in "${wl[@]}"; do
-  case "$w" in W1|W2|W3) ;; *) die "unknown workload \`$w' (W1, W2, W3)" ;; esac
+  case "$w" in W1|W2|W3|W4) ;; *) die "unknown workload \`$w' (W1, W2, W3, W4)" ;; esac
 done
 
 lx="${LORAXFER:-$root/target/release/loraxfer}"
@@ -122,7 +123,7 @@ synth() {
 
 need_w1=0 need_w2=0
 for w in "${wl[@]}"; do
-  case "$w" in W1) need_w1=1 ;; W2|W3) need_w2=1 ;; esac
+  case "$w" in W1) need_w1=1 ;; W2|W3|W4) need_w2=1 ;; esac
 done
 q05="$cache/qwen2.5-0.5b$sfx"
 if [ "$need_w2" = 1 ]; then
@@ -147,7 +148,8 @@ synth "$cache/tiny-qwen2" model --like tiny-qwen2
 synth "$cache/tiny-llama" model --like tiny-llama
 synth "$cache/tiny-qwen2-lora" adapter --base "$cache/tiny-qwen2"
 
-# loraxfer's device: this version computes on the CPU and refuses --device cuda.
+# loraxfer's device: a build without the CUDA backend (or a machine without a GPU) refuses
+# --device cuda; it then runs on the CPU and says so.
 lx_device="$device"
 if [ "$device" = cuda ]; then
   probe="$cache/runs/probe"
@@ -302,6 +304,8 @@ for w in "${wl[@]}"; do
           "$q05" "$q05-drift0.02" "$q05-lora" project 64 1 ;;
     W3) run_workload W3 "W2 five times (total)" \
           "$q05" "$q05-drift0.02" "$q05-lora" project 64 5 ;;
+    W4) run_workload W4 "qwen2.5-0.5b$sfx -> drift 2%, rotate, k=64" \
+          "$q05" "$q05-drift0.02" "$q05-lora" rotate 64 1 ;;
   esac
 done
 
@@ -328,6 +332,8 @@ check_q=12
 log "agreement check (k=16, q=$check_q)"
 check project "project qwen2.5-0.5b-L1 -> drift" "$cache/qwen2.5-0.5b-L1" \
   "$cache/qwen2.5-0.5b-L1-drift0.02" "$cache/qwen2.5-0.5b-L1-lora" project 16 torch-lowrank
+check rotate "rotate qwen2.5-0.5b-L1 -> drift" "$cache/qwen2.5-0.5b-L1" \
+  "$cache/qwen2.5-0.5b-L1-drift0.02" "$cache/qwen2.5-0.5b-L1-lora" rotate 16 torch-lowrank torch-full
 check align "align tiny-qwen2 -> tiny-llama" "$cache/tiny-qwen2" "$cache/tiny-llama" \
   "$cache/tiny-qwen2-lora" align 8 torch-lowrank torch-full
 if [ "$need_w1" = 1 ]; then
@@ -365,7 +371,7 @@ for w in order:
     isz = {d: ITEM.get(json.loads((Path(d) / "config.json").read_text()).get("torch_dtype"), 2) for d in (src, tgt)}
     nbytes = flops = 0
     for r in rep["modules"]:
-        if r["similarity_u"] is None and r["similarity_v"] is None and r["mode"] not in ("project", "align", "procrustes"):
+        if r["similarity_u"] is None and r["similarity_v"] is None and r["mode"] not in ("project", "align", "procrustes", "rotate"):
             continue
         for (m, n), d in ((r["source_shape"], src), (r["target_shape"], tgt)):
             nbytes += m * n * isz[d]
