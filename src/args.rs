@@ -86,6 +86,12 @@ pub struct TransferArgs {
     /// for `llama-cli --lora` or Ollama's `ADAPTER`).
     #[arg(long)]
     pub gguf_adapter: bool,
+    /// Write the experts' updates as PEFT's LoRA on transformers 5's fused expert parameters
+    /// (`target_parameters`: `mlp.experts.gate_up_proj` and `down_proj`), and the dense MLPs' and
+    /// shared experts' through their weights, which PEFT with transformers 5 loads for every
+    /// MoE family. Default: one module per expert, which transformers 4 loads.
+    #[arg(long)]
+    pub fused_experts: bool,
     /// Print the time spent in each phase (on stderr).
     #[arg(long)]
     pub timings: bool,
@@ -189,6 +195,7 @@ impl TransferArgs {
             cache_dir: self.svd.cache_dir(),
             force: self.force,
             gguf_adapter: self.gguf_adapter,
+            fused_experts: self.fused_experts,
             progress,
         })
     }

@@ -535,7 +535,7 @@ fn adapter_configs_that_would_change_the_update_are_refused() {
         ),
         (
             "target_parameters",
-            json!(["model.embed_tokens.weight"]),
+            json!(["model.layers.0.self_attn.q_proj.bias"]),
             "target_parameters",
         ),
     ] {

@@ -206,6 +206,7 @@ fn map_job(
         cache_dir: None,
         force: false,
         gguf_adapter: false,
+        fused_experts: false,
         progress,
     };
     let report = loraxfer::transfer::run(&job);

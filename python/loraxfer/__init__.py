@@ -69,6 +69,7 @@ def transfer(
     layer_map: Optional[PathLike] = None,
     force: bool = False,
     gguf_adapter: bool = False,
+    fused_experts: bool = False,
     map_residual: str = "layers",
     no_norm_fold: bool = False,
     map_gain_floor: float = 0.1,
@@ -79,7 +80,9 @@ def transfer(
     """Transfers `adapter` (trained on `source_base`) onto `target_base` and writes the new
     adapter and its transfer_report.json to `out` (atomically; an existing `out` only with
     `force=True`). Returns the report as a dict. gguf_adapter=True also writes the adapter as a
-    llama.cpp LoRA, `out/adapter_model.gguf`, for the target base.
+    llama.cpp LoRA, `out/adapter_model.gguf`, for the target base. fused_experts=True writes a
+    mixture-of-experts target's adapter as PEFT's LoRA on transformers 5's fused expert
+    parameters (`target_parameters`) instead of one module per expert.
 
     mode: auto, copy, project, align, procrustes, rotate, map or resample (`loraxfer
     transfer --help` says what each does; auto picks rotate for equal shapes, else map,

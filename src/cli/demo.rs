@@ -125,6 +125,7 @@ fn steps(dir: &std::path::Path) -> Result<()> {
         cache_dir: None,
         force: false,
         gguf_adapter: false,
+        fused_experts: false,
         progress: loraxfer::progress::Progress::bar(),
     };
     let r = transfer::run(&job)?;

@@ -105,7 +105,7 @@ pub fn assemble_module(
 /// the same update, so when a factor's largest value is past the type's largest or below its
 /// smallest normal, both are rescaled to the same largest magnitude; only when that overflows
 /// is it an error. Factors within range are left untouched (the output stays byte-identical).
-fn fit_in_type(module: &str, b: &mut [f32], a: &mut [f32], ty: FloatType) -> Result<()> {
+pub(crate) fn fit_in_type(module: &str, b: &mut [f32], a: &mut [f32], ty: FloatType) -> Result<()> {
     let largest = |x: &[f32]| x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let (max_b, max_a) = (largest(b), largest(a));
     if b.iter().chain(a.iter()).any(|v| !v.is_finite()) {

@@ -6,6 +6,7 @@ pub mod basis;
 pub mod cache;
 mod collect;
 pub mod execute;
+pub mod fused_out;
 pub mod inspect;
 mod layered;
 pub mod report;
@@ -43,6 +44,8 @@ pub struct Job {
     pub force: bool,
     /// Also write the adapter as a llama.cpp LoRA GGUF for the target base.
     pub gguf_adapter: bool,
+    /// Write the experts in PEFT's fused form (`fused_out`) instead of one module per expert.
+    pub fused_experts: bool,
     /// How progress is shown and the job cancelled.
     pub progress: crate::progress::Progress,
     /// The directory arguments that were hub names, by argument (`source_base`, …).
@@ -169,12 +172,8 @@ pub fn run(job: &Job) -> Result<Report> {
             revision: None,
         },
     };
-    let config = assemble::output_config(
-        &opened.adapter,
-        &modules,
-        &base,
-        &ModelSide::new(&opened.target)?,
-    );
+    let target_side = ModelSide::new(&opened.target)?;
+    let config = assemble::output_config(&opened.adapter, &modules, &base, &target_side);
     let mut report = Report {
         source_base: job.source_base.to_string_lossy().into_owned(),
         target_base: target_name,
@@ -214,14 +213,23 @@ pub fn run(job: &Job) -> Result<Report> {
     let write_start = Instant::now();
     let staged = StagedDir::create(&job.out, job.force, &job.inputs())?;
     adapter::write_adapter(staged.path(), &config, &modules)?;
-    drop(modules);
     if job.gguf_adapter {
-        // From the adapter just written: the GGUF holds what PEFT loads, value for value.
+        // From the adapter just written: the GGUF holds what PEFT loads, value for value (one
+        // module per expert, before any fusing pads an expert's ranks).
         let written = Adapter::open(staged.path())?;
         let path = staged.path().join(crate::io::gguf::lora::LORA_GGUF_FILE);
         let name = crate::io::output::name_of(&job.out);
         let check = || job.progress.check();
         crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path, &check)?;
+    }
+    if job.fused_experts {
+        // The same updates, rewritten in the form PEFT with transformers 5 loads whole.
+        let mut config = config;
+        let adapter_config = &opened.adapter.config;
+        let fused = fused_out::fuse_experts(&mut config, modules, adapter_config, &target_side)?;
+        adapter::write_adapter(staged.path(), &config, &fused)?;
+    } else {
+        drop(modules);
     }
     timings.add(Phase::Write, write_start.elapsed().as_nanos() as u64);
     report.timings_ms = timings_map(&timings, wall.elapsed().as_secs_f64() * 1e3);
@@ -255,6 +263,10 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     let mut adapter = Adapter::open(&job.adapter)?;
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
+    if job.fused_experts {
+        // Before any work: a target without experts has nothing to fuse.
+        fused_out::check_target(&t)?;
+    }
     plan::experts::name_fused_experts(&mut adapter, &s)?;
     let mut options = job.options.clone();
     if let Some(path) = &job.layer_map_file {

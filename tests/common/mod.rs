@@ -350,6 +350,7 @@ pub fn cpu_job(
         cache_dir: None,
         force: false,
         gguf_adapter: false,
+        fused_experts: false,
         progress: Default::default(),
     }
 }

@@ -211,13 +211,13 @@ def no_key_complaints(what: str, allow: tuple = ()):
     assert not bad, f"complaints while {what}:\n" + "\n".join(bad)
 
 
-def load_peft_strict(model, adapter_dir: Path):
-    """PeftModel.from_pretrained, failing on any complaint about keys (see no_key_complaints), and
-    unless every adapter tensor landed in the model unchanged and every LoRA parameter came from
-    the file (PEFT itself does not warn about unexpected keys)."""
+def load_peft_strict(model, adapter_dir: Path, allow: tuple = ()):
+    """PeftModel.from_pretrained, failing on any complaint about keys (see no_key_complaints; `allow`
+    as there), and unless every adapter tensor landed in the model unchanged and every LoRA
+    parameter came from the file (PEFT itself does not warn about unexpected keys)."""
     from peft import PeftModel
 
-    with no_key_complaints(f"PeftModel.from_pretrained(<model>, {adapter_dir})"):
+    with no_key_complaints(f"PeftModel.from_pretrained(<model>, {adapter_dir})", allow=allow):
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     check_lora_parameters(peft_model, adapter_dir)
     return peft_model

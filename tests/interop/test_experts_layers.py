@@ -219,6 +219,62 @@ def test_a_lora_on_fused_experts_copies_exactly(layered, family, binary, tmp_pat
     assert iu.max_rel_diff(merged(target, out, root), want) < 1e-4
 
 
+# PEFT 0.21 checks rank and alpha patterns against module names only, so it warns that a pattern
+# for a fused parameter (`<layer>.mlp.experts.gate_up_proj`) matched nothing, and then applies it
+# (the shapes and logits below would differ if it did not).
+_FUSED_KEY = r"'[^']*\.mlp\.experts\.(?:gate_up_proj|down_proj)'"
+FUSED_PATTERN_NOTES = tuple(
+    f"RuntimeWarning: The following {kind}_pattern keys did not match any targeted module and were "
+    f"ignored: \\[{_FUSED_KEY}(?:, {_FUSED_KEY})*\\]\\."
+    for kind in ("rank", "alpha")
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_form_loads_every_block_in_peft(layered, family, binary, tmp_path):
+    """`--fused-experts`: the full adapter rotated onto the release and written on transformers 5's
+    fused expert parameters (`target_parameters`; dense MLPs and shared experts through their
+    weights), which PEFT 0.21 loads whole: every tensor lands unchanged, and the logits equal the
+    merge of the per-expert output, every block of it."""
+    root, get = layered
+    base, derived, full, _ = get(family)
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    transfer(binary, base, derived, full, per, "--rank", "16")
+    transfer(binary, base, derived, full, fused, "--rank", "16", "--fused-experts")
+    config = json.loads((fused / "adapter_config.json").read_text())
+    assert config["target_parameters"][:2] == ["model.layers.1.mlp.experts.gate_up_proj",
+                                                "model.layers.1.mlp.experts.down_proj"]
+    assert all("self_attn" in m for m in config["target_modules"]), config["target_modules"]
+    want = merged(derived, per, root)
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(derived))) > MIN_CHANGE
+    model = iu.load_peft_strict(iu.load_model(derived), fused, allow=FUSED_PATTERN_NOTES)
+    assert iu.max_rel_diff(iu.logits(model), want) < 1e-4
+    # Read back (as a transfer's input), it is the per-expert output.
+    again = tmp_path / "again"
+    transfer(binary, derived, iu.copy_dir(derived, tmp_path / "copy"), fused, again, "--mode", "copy")
+    a, b = iu.module_updates(per), iu.module_updates(again)
+    assert sorted(a) == sorted(b)
+    for module, delta in a.items():
+        assert np.abs(b[module] - delta).max() <= 1e-5 * max(np.abs(delta).max(), 1e-30), module
+
+
+def test_a_lone_fused_parameter_loads_in_peft(layered, binary, tmp_path):
+    """An adapter without down projections: each layer's one fused wrapper (`gate_up_proj`) sits
+    where PEFT puts a layer's only fused parameter, so PEFT loads it whole, and its logits equal
+    the per-expert output's merge."""
+    root, get = layered
+    base, derived, _, _ = get("qwen2_moe")
+    adapter = write_adapter(base, tmp_path / "no-down", lambda m: not m.endswith("down_proj"))
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    transfer(binary, base, derived, adapter, per, "--rank", "16")
+    transfer(binary, base, derived, adapter, fused, "--rank", "16", "--fused-experts")
+    keys = iu.read_tensors(fused / "adapter_model.safetensors")
+    assert f"{iu.PEFT_PREFIX}model.layers.1.mlp.experts.lora_B.weight" in keys
+    assert not any("base_layer" in k for k in keys)
+    model = iu.load_peft_strict(iu.load_model(derived), fused, allow=FUSED_PATTERN_NOTES)
+    assert iu.max_rel_diff(iu.logits(model), merged(derived, per, root)) < 1e-4
+
+
 GGUF_ARCH = {"qwen2_moe": "QWEN2MOE", "glm4_moe": "GLM4_MOE", "qwen3_moe": "QWEN3MOE"}
 
 

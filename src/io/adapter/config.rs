@@ -16,9 +16,14 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
-    /// `target_parameters`: the fused expert parameters (`gate_up_proj`, `down_proj`) adapted as
-    /// one LoRA each over all experts (PEFT's LoRA on transformers 5's fused experts).
+    /// `target_parameters`' entries for fused expert parameters (`gate_up_proj`, `down_proj`,
+    /// alone or under a path), each adapted as one LoRA over all experts (PEFT's LoRA on
+    /// transformers 5's fused experts).
     pub target_parameters: Vec<String>,
+    /// Modules whose `weight` `target_parameters` names (`model.layers.0.mlp.gate_proj.weight`):
+    /// PEFT adapts a 2-D parameter as it adapts its module (the same `lora_A`/`lora_B` keys and
+    /// update), but looks its rank and alpha up under the parameter's name.
+    pub weight_parameters: Vec<String>,
     pub raw: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -144,7 +149,7 @@ impl AdapterConfig {
             v.as_u64().filter(|&r| r > 0).map(|r| r as usize)
         })?;
         let alpha_pattern = pattern_map(&raw, "alpha_pattern", path, |v| v.as_f64())?;
-        let target_parameters = expert_parameters(&raw, path)?;
+        let (target_parameters, weight_parameters) = parameter_targets(&raw, path)?;
         Ok(AdapterConfig {
             r,
             lora_alpha,
@@ -152,18 +157,35 @@ impl AdapterConfig {
             rank_pattern,
             alpha_pattern,
             target_parameters,
+            weight_parameters,
             raw,
         })
     }
 
     /// Rank PEFT gives `module` (a module name such as `model.layers.3.self_attn.q_proj`).
     pub fn rank_for(&self, module: &str) -> usize {
-        find_pattern(&self.rank_pattern, module).unwrap_or(self.r)
+        find_pattern(&self.rank_pattern, &self.pattern_name(module)).unwrap_or(self.r)
     }
 
     /// lora_alpha PEFT gives `module`.
     pub fn alpha_for(&self, module: &str) -> f64 {
-        find_pattern(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+        find_pattern(&self.alpha_pattern, &self.pattern_name(module)).unwrap_or(self.lora_alpha)
+    }
+
+    /// The name PEFT matches the patterns against: the module's, or its weight's where
+    /// `target_parameters` adapts the module through its weight.
+    fn pattern_name(&self, module: &str) -> String {
+        let named = self.weight_parameters.iter().any(|t| {
+            module == t
+                || module
+                    .strip_suffix(t.as_str())
+                    .is_some_and(|head| head.ends_with('.'))
+        });
+        if named {
+            format!("{module}.weight")
+        } else {
+            module.to_string()
+        }
     }
 
     /// The scale s of ΔW = s·B·A for a module of rank `r` and alpha `alpha`.
@@ -185,37 +207,40 @@ impl AdapterConfig {
     }
 }
 
-/// The last names of `target_parameters`, which may only be fused experts' (`gate_up_proj`,
-/// `down_proj`, alone or under their module's path): LoRA on any other parameter is refused.
-fn expert_parameters(
+/// What `target_parameters` names: fused experts' parameters (`gate_up_proj`, `down_proj`, alone
+/// or under their module's path), and the modules whose `weight` it names (a
+/// 2-D weight adapted as a parameter is a LoRA on its module). LoRA on any other parameter is
+/// refused.
+fn parameter_targets(
     raw: &serde_json::Map<String, serde_json::Value>,
     path: &Path,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<String>)> {
     let Some(list) = raw.get("target_parameters").filter(|v| !v.is_null()) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let entries = list
         .as_array()
         .ok_or_else(|| Error::config(path, "`target_parameters` is not a list"))?;
-    entries
-        .iter()
-        .map(|v| {
-            let name = v.as_str().unwrap_or_default();
-            let last = name.rsplit('.').next().unwrap_or_default();
-            if EXPERT_PARAMETERS.contains(&last) {
-                Ok(last.to_string())
-            } else {
-                Err(Error::UnsupportedAdapter {
-                    path: path.to_path_buf(),
-                    reason: format!(
-                        "target_parameters names {v}: LoRA on parameters is read only for the \
-                         fused experts' {}",
-                        EXPERT_PARAMETERS.join(" and ")
-                    ),
-                })
-            }
-        })
-        .collect()
+    let (mut experts, mut weights) = (Vec::new(), Vec::new());
+    for v in entries {
+        let name = v.as_str().unwrap_or_default();
+        let (head, last) = name.rsplit_once('.').unwrap_or(("", name));
+        if EXPERT_PARAMETERS.contains(&last) {
+            experts.push(name.to_string());
+        } else if last == "weight" && !head.is_empty() {
+            weights.push(head.to_string());
+        } else {
+            return Err(Error::UnsupportedAdapter {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "target_parameters names {v}: LoRA on parameters is read only for the fused \
+                     experts' {} and for a module's weight",
+                    EXPERT_PARAMETERS.join(" and ")
+                ),
+            });
+        }
+    }
+    Ok((experts, weights))
 }
 
 fn pattern_map<T>(
@@ -279,6 +304,34 @@ mod tests {
             };
             let a = c.alpha_for_scale(48, c.scale(16, 32.0));
             assert!((c.scale(48, a) - c.scale(16, 32.0)).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn a_weight_in_target_parameters_is_its_module_with_patterns_under_its_name() {
+        let c = parse(
+            r#"{"r": 4, "lora_alpha": 8,
+                "target_parameters": ["model.layers.0.mlp.gate_proj.weight", "mlp.experts.gate_up_proj"],
+                "rank_pattern": {"model.layers.0.mlp.gate_proj.weight": 6, "up_proj": 2},
+                "alpha_pattern": {"model.layers.0.mlp.gate_proj.weight": 12}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.target_parameters, ["mlp.experts.gate_up_proj"]);
+        assert_eq!(c.rank_for("model.layers.0.mlp.gate_proj"), 6);
+        assert_eq!(c.alpha_for("model.layers.0.mlp.gate_proj"), 12.0);
+        assert_eq!(c.rank_for("model.layers.10.mlp.gate_proj"), 4);
+        assert_eq!(c.rank_for("model.layers.0.mlp.up_proj"), 2);
+        // PEFT matches the weight's name only: a module-name key does not reach it.
+        let c = parse(
+            r#"{"r": 4, "target_parameters": ["mlp.gate_proj.weight"],
+                "rank_pattern": {"model.layers.0.mlp.gate_proj": 6}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rank_for("model.layers.0.mlp.gate_proj"), 4);
+        for other in ["model.norm.bias", "weight", "experts.gate_up_proj.bias"] {
+            let json = format!(r#"{{"r": 4, "target_parameters": ["{other}"]}}"#);
+            let e = parse(&json).unwrap_err().to_string();
+            assert!(e.contains(other) && e.contains("a module's weight"), "{e}");
         }
     }
 

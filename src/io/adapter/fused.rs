@@ -57,7 +57,7 @@ pub(super) fn expand(
     let mut out = BTreeMap::new();
     for (experts_path, by_depth) in wrappers {
         let list: Vec<&Wrapper> = by_depth.values().collect();
-        let params = assign(&list, &config.target_parameters)
+        let params = assign(&list, &config.target_parameters, &experts_path)
             .ok_or_else(|| {
                 bad(
                     &list[0].a,
@@ -129,18 +129,28 @@ pub(super) fn expand(
     Ok(out)
 }
 
-/// The parameter each wrapper adapts. One wrapper and one parameter named: that one. Otherwise
-/// the shapes decide: `gate_up_proj` reads the hidden state that `down_proj` writes
-/// (`A_gu.in = B_down.out`) and writes twice the width that `down_proj` reads
-/// (`B_gu.out = 2·A_down.in`); None when no assignment, or more than one, fits.
-fn assign(list: &[&Wrapper], params: &[String]) -> Option<Vec<&'static str>> {
-    let named = |p: &str| params.iter().any(|q| q == p);
-    match list {
-        [_] if params.len() == 1 => {
-            let p = super::EXPERT_PARAMETERS.into_iter().find(|p| named(p))?;
-            Some(vec![p])
-        }
-        [x, y] if named("gate_up_proj") && named("down_proj") => {
+/// The parameter each wrapper adapts, among those `target_parameters` names for this experts
+/// module (an entry names `<experts path>.<parameter>` whole, or a part of it after a dot). One
+/// wrapper and one parameter named: that one. Two: the shapes decide: `gate_up_proj` reads the
+/// hidden state that `down_proj` writes (`A_gu.in = B_down.out`) and writes twice the width that
+/// `down_proj` reads (`B_gu.out = 2·A_down.in`); None when no assignment, or more than one, fits.
+fn assign(list: &[&Wrapper], params: &[String], experts_path: &str) -> Option<Vec<&'static str>> {
+    let applies = |p: &str| {
+        let full = format!("{experts_path}.{p}");
+        params.iter().any(|entry| {
+            full == *entry
+                || full
+                    .strip_suffix(entry.as_str())
+                    .is_some_and(|head| head.ends_with('.'))
+        })
+    };
+    let named: Vec<&'static str> = super::EXPERT_PARAMETERS
+        .into_iter()
+        .filter(|p| applies(p))
+        .collect();
+    match (list, named.as_slice()) {
+        ([_], [p]) => Some(vec![*p]),
+        ([x, y], [_, _]) => {
             let fits = |gu: &Wrapper, down: &Wrapper| {
                 gu.a_shape.1 == down.b_shape.0 && gu.b_shape.0 == 2 * down.a_shape.1
             };

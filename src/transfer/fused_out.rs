@@ -1,0 +1,244 @@
+//! `--fused-experts`: the output written as PEFT's LoRA on transformers 5's fused expert
+//! parameters (`target_parameters`) instead of one module per expert.
+//!
+//! Why: transformers 5 holds a layer's experts as two parameters, `mlp.experts.gate_up_proj`
+//! `[E, 2·width, hidden]` (the gate's rows, then the up projection's) and `mlp.experts.down_proj`
+//! `[E, hidden, width]`, for every MoE family (Mixtral's `block_sparse_moe` included). PEFT 0.21
+//! converts a per-expert adapter onto them only for the families it maps onto Qwen2-MoE's pattern,
+//! so Qwen2-MoE's experts are dropped on load; and where it converts, it moves every `gate_proj`,
+//! `up_proj` and `down_proj` in `target_modules` onto the experts, dropping a dense layer's or a
+//! shared expert's update. Written in the fused form, nothing is converted:
+//! - each layer's experts become two wrappers around `<layer>.mlp.experts`: `down_proj` on the
+//!   module itself and `gate_up_proj` on its `base_layer` (the nesting PEFT builds from
+//!   `target_parameters` listing `gate_up_proj` first; a layer with one of them adapted has its
+//!   wrapper on the module). A wrapper's A `[R·E, in]` holds expert
+//!   e's A in rows `e·R .. (e+1)·R`, its B `[out, R·E]` column k of expert e's B at `k·E + e`
+//!   (`ParamWrapper.get_delta_weight`). R is one rank for all experts of the wrapper: an expert's
+//!   gate and up projection keep their own A (stacked, B block-diagonal, so its gate_up rank is
+//!   the sum of theirs), and ranks below R are padded with zeros, as is an expert the adapter
+//!   leaves alone;
+//! - dense MLPs and shared experts are adapted through their weights (`target_parameters` names
+//!   `<module>.weight`: the same tensors and update as a LoRA on the module, which PEFT leaves
+//!   where it is); attention stays in `target_modules`.
+//!
+//! Ranks and alphas go under the names PEFT matches them against: `<experts>.gate_up_proj`,
+//! `<experts>.down_proj` and `<module>.weight`. The scale of an expert part whose own scale
+//! differs from its wrapper's is folded into its B, so every update is the one transferred.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::arch::{Block, Part};
+use crate::error::{Error, Result};
+use crate::io::adapter::{exact_pattern, AdapterConfig, EncodedFactors};
+use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
+use crate::plan::ModelSide;
+
+/// One expert part of a layer: its expert and the part of the fused parameter it fills.
+struct ExpertPart {
+    expert: usize,
+    part: Part,
+    name: String,
+}
+
+/// Refuses a target without experts, before any work.
+pub fn check_target(target: &ModelSide<'_>) -> Result<()> {
+    if target.experts() == 0 {
+        return Err(Error::arg(
+            "--fused-experts",
+            format!(
+                "{} has no experts: its adapter is written one module per projection as it is",
+                target.ckpt.dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The output in the fused form: the modules as they will be written (fused wrappers under their
+/// PEFT module names) and the config that describes them.
+pub fn fuse_experts(
+    config: &mut Map<String, Value>,
+    modules: BTreeMap<String, EncodedFactors>,
+    adapter_config: &AdapterConfig,
+    target: &ModelSide<'_>,
+) -> Result<BTreeMap<String, EncodedFactors>> {
+    check_target(target)?;
+    let experts = target.experts();
+    let mut by_layer: BTreeMap<usize, Vec<ExpertPart>> = BTreeMap::new();
+    let (mut target_modules, mut weights) = (Vec::new(), Vec::new());
+    for name in modules.keys() {
+        match target.arch.parse_module(&target.prefix, name) {
+            Some((layer, Some(expert), spec)) => {
+                let [part] = spec.parts.as_slice() else {
+                    return Err(Error::arg(
+                        "--fused-experts",
+                        format!("an expert's `{}` holds several projections", spec.key),
+                    ));
+                };
+                by_layer.entry(layer).or_default().push(ExpertPart {
+                    expert,
+                    part: *part,
+                    name: name.clone(),
+                });
+            }
+            Some((_, None, spec)) if matches!(spec.block(), Block::Mlp | Block::SharedExpert) => {
+                weights.push(name.clone())
+            }
+            _ => target_modules.push(name.clone()),
+        }
+    }
+    let mut modules = modules;
+    // (name PEFT matches patterns against, rank, alpha) of everything written.
+    let mut written: Vec<(String, usize, f64)> = target_modules
+        .iter()
+        .map(|m| (exact_pattern(m), m))
+        .chain(weights.iter().map(|m| (format!("{m}.weight"), m)))
+        .map(|(key, m)| (key, modules[m].r, modules[m].alpha))
+        .collect();
+    let (mut gate_up_names, mut down_names) = (Vec::new(), Vec::new());
+    for (layer, parts) in by_layer {
+        let wrapper = format!("{}.{layer}.mlp.experts", target.prefix);
+        // Each expert's factors in the parameter's slots (gate, up; or down), None where absent.
+        let mut take = |slots: &[Part]| -> Result<Vec<Vec<Option<EncodedFactors>>>> {
+            let mut per_expert = vec![vec![None; slots.len()]; experts];
+            for p in &parts {
+                let Some(slot) = slots.iter().position(|s| *s == p.part) else {
+                    continue;
+                };
+                let f = modules.remove(&p.name).expect("listed from the modules");
+                let at = per_expert.get_mut(p.expert).ok_or_else(|| {
+                    Error::internal(format!("{}: expert {} of {experts}", p.name, p.expert))
+                })?;
+                at[slot] = Some(f);
+            }
+            Ok(per_expert)
+        };
+        let gate_up = take(&[Part::Gate, Part::Up])?;
+        let down = take(&[Part::Down])?;
+        let any = |per_expert: &[Vec<Option<EncodedFactors>>]| {
+            per_expert.iter().flatten().any(Option::is_some)
+        };
+        // gate_up_proj's wrapper sits on down_proj's base_layer where both are adapted, else on
+        // the module itself.
+        let gate_up_module = match any(&down) {
+            true => format!("{wrapper}.base_layer"),
+            false => wrapper.clone(),
+        };
+        for (param, per_expert, module, names) in [
+            ("gate_up_proj", gate_up, gate_up_module, &mut gate_up_names),
+            ("down_proj", down, wrapper.clone(), &mut down_names),
+        ] {
+            if !any(&per_expert) {
+                continue;
+            }
+            let key = format!("{wrapper}.{param}");
+            let (fused, rank) = stack(&key, &per_expert, adapter_config)
+                .map_err(|reason| Error::arg("--fused-experts", format!("{wrapper}: {reason}")))?;
+            names.push(Value::String(key.clone()));
+            written.push((key, rank, fused.alpha));
+            modules.insert(module, fused);
+        }
+    }
+    let (r, alpha) = (adapter_config.r, adapter_config.lora_alpha);
+    let (mut rank_pattern, mut alpha_pattern) = (Map::new(), Map::new());
+    for (key, module_r, module_alpha) in written {
+        if module_r != r {
+            rank_pattern.insert(key.clone(), Value::from(module_r));
+        }
+        if module_alpha != alpha {
+            alpha_pattern.insert(key, Value::from(module_alpha));
+        }
+    }
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    config.insert("target_modules".into(), strings(target_modules));
+    let mut parameters = gate_up_names;
+    parameters.extend(down_names);
+    parameters.extend(
+        weights
+            .into_iter()
+            .map(|m| Value::String(format!("{m}.weight"))),
+    );
+    config.insert("target_parameters".into(), Value::Array(parameters));
+    config.insert("rank_pattern".into(), Value::Object(rank_pattern));
+    config.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
+    Ok(modules)
+}
+
+/// One wrapper's factors, and its rank per expert R (the largest expert's summed rank), from
+/// each expert's factors in the parameter's slots; the scale is the first part's.
+fn stack(
+    name: &str,
+    per_expert: &[Vec<Option<EncodedFactors>>],
+    config: &AdapterConfig,
+) -> std::result::Result<(EncodedFactors, usize), String> {
+    let experts = per_expert.len();
+    let present = || per_expert.iter().flat_map(|slots| slots.iter().flatten());
+    let first = present().next().expect("a part");
+    let n = first.in_features;
+    // A slot no expert fills (the gate, with only up projections selected) is as wide as the
+    // others: gate and up projections share their width.
+    let widths: Vec<usize> = (0..per_expert[0].len())
+        .map(|slot| {
+            per_expert
+                .iter()
+                .find_map(|slots| slots[slot].as_ref())
+                .map_or(first.out_features, |f| f.out_features)
+        })
+        .collect();
+    let rank = per_expert
+        .iter()
+        .map(|slots| slots.iter().flatten().map(|f| f.r).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let m: usize = widths.iter().sum();
+    let s = config.scale(first.r, first.alpha);
+    let ty = if present().all(|f| f.ty == first.ty) {
+        first.ty
+    } else {
+        FloatType::F32
+    };
+    let cols = rank * experts;
+    let (mut a, mut b) = (vec![0f32; cols * n], vec![0f32; m * cols]);
+    for (e, slots) in per_expert.iter().enumerate() {
+        let (mut k0, mut row0) = (0, 0);
+        for (slot, f) in slots.iter().enumerate() {
+            let Some(f) = f else {
+                row0 += widths[slot];
+                continue;
+            };
+            if (f.out_features, f.in_features) != (widths[slot], n) {
+                return Err(format!(
+                    "expert {e}'s factors are for a {}×{} weight, another expert's for {}×{n}",
+                    f.out_features, f.in_features, widths[slot]
+                ));
+            }
+            let fa = decode_f32(&f.a, f.ty);
+            let fb = decode_f32(&f.b, f.ty);
+            let ratio = (config.scale(f.r, f.alpha) / s) as f32;
+            for k in 0..f.r {
+                let row = e * rank + k0 + k;
+                a[row * n..(row + 1) * n].copy_from_slice(&fa[k * n..(k + 1) * n]);
+                for i in 0..f.out_features {
+                    b[(row0 + i) * cols + (k0 + k) * experts + e] = fb[i * f.r + k] * ratio;
+                }
+            }
+            k0 += f.r;
+            row0 += widths[slot];
+        }
+    }
+    // A part's scale folded into its B can take a value past an f16's range: rebalanced as any
+    // output module is.
+    super::assemble::fit_in_type(name, &mut b, &mut a, ty).map_err(|e| e.to_string())?;
+    let fused = EncodedFactors {
+        a: encode_f32(&a, ty),
+        b: encode_f32(&b, ty),
+        r: cols,
+        in_features: n,
+        out_features: m,
+        alpha: config.alpha_for_scale(rank, s),
+        ty,
+    };
+    Ok((fused, rank))
+}

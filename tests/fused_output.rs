@@ -1,0 +1,298 @@
+//! `--fused-experts`: a mixture-of-experts target's adapter written as PEFT's LoRA on
+//! transformers 5's fused expert parameters (`target_parameters`). Read back, it is the
+//! per-expert adapter the same transfer writes, module for module; its config names what PEFT
+//! matches (`<layer>.mlp.experts.gate_up_proj` / `down_proj`, `<module>.weight` for dense MLPs
+//! and shared experts, attention in `target_modules`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::moe::*;
+use common::moe_layers::*;
+use common::*;
+use loraxfer::io::adapter::{Adapter, LoraFactors};
+use loraxfer::io::checkpoint::Checkpoint;
+use loraxfer::io::safetensors::{FloatType, TensorFile};
+use loraxfer::modes::Mode;
+use loraxfer::plan::ModelSide;
+use loraxfer::transfer;
+
+fn fused_job(
+    source: &Path,
+    target: &Path,
+    adapter: &Path,
+    out: &Path,
+    mode: Mode,
+) -> transfer::Job {
+    let mut j = job(source, target, adapter, out, mode);
+    j.fused_experts = true;
+    j
+}
+
+/// The adapter at `dir`, its fused experts named as `model`'s table names them.
+fn read_back(dir: &Path, model: &Path) -> Adapter {
+    let mut adapter = Adapter::open(dir).unwrap();
+    let ckpt = Checkpoint::open(model).unwrap();
+    let side = ModelSide::new(&ckpt).unwrap();
+    loraxfer::plan::experts::name_fused_experts(&mut adapter, &side).unwrap();
+    adapter
+}
+
+/// Every module of `want` has the same update in `got` (to f32 rounding: the factors are the
+/// same values, restacked), and `got` has no other.
+fn same_updates(want: &Adapter, got: &Adapter, what: &str) {
+    assert_eq!(
+        want.modules.keys().collect::<Vec<_>>(),
+        got.modules.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for name in want.modules.keys() {
+        let (w, g) = (update_of(want, name), update_of(got, name));
+        let scale = fro(&w).max(1e-30);
+        assert!(fro(&(&g - &w)) / scale < 1e-6, "{what}: {name}");
+    }
+}
+
+/// Onto the same model (rotate: every expert turned into its own singular coordinates, so the
+/// factors are the transfer's, not the source's), the fused output reads back as the per-expert
+/// one for each layered family, and its config lists what PEFT adapts under the names it
+/// matches.
+#[test]
+fn the_fused_form_reads_back_as_the_per_expert_adapter() {
+    for family in ["qwen2_moe", "glm4_moe", "qwen3_moe", "deepseek_v3"] {
+        let d = Dirs::new();
+        let model = Layout {
+            family,
+            experts: 3,
+            dense: vec![0],
+        };
+        model.write(&d.p("m"), 1);
+        model.adapter(&d.p("ad"));
+        let (m, ad) = (d.p("m"), d.p("ad"));
+        transfer::run(&job(&m, &m, &ad, &d.p("per"), Mode::Rotate)).unwrap();
+        let mut fused = fused_job(&m, &m, &ad, &d.p("fused"), Mode::Rotate);
+        // GLM-4.5 is the family whose llama.cpp LoRA holds dense layers.
+        fused.gguf_adapter = family == "glm4_moe";
+        transfer::run(&fused).unwrap();
+        let per = Adapter::open(&d.p("per")).unwrap();
+        same_updates(&per, &read_back(&d.p("fused"), &m), family);
+        if fused.gguf_adapter {
+            // The llama.cpp LoRA is the per-expert adapter's, byte for byte (an output named
+            // alike, since the GGUF carries the name).
+            std::fs::create_dir(d.p("plain")).unwrap();
+            let plain_out = d.p("plain").join("fused");
+            let mut plain = job(&m, &m, &ad, &plain_out, Mode::Rotate);
+            plain.gguf_adapter = true;
+            transfer::run(&plain).unwrap();
+            let gguf = |dir: &Path| std::fs::read(dir.join("adapter_model.gguf")).unwrap();
+            assert!(gguf(&plain_out) == gguf(&d.p("fused")), "{family}");
+        }
+
+        let config = common::cli::read_json(&d.p("fused").join("adapter_config.json"));
+        let strings = |key: &str| -> Vec<String> {
+            let list = config[key].as_array().unwrap();
+            list.iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        let experts = "model.layers.1.mlp.experts";
+        let mut want = vec![
+            format!("{experts}.gate_up_proj"),
+            format!("{experts}.down_proj"),
+        ];
+        // Dense MLPs (layer 0) and shared experts (layer 1), through their weights.
+        for l in 0..LAYERS {
+            for (key, _, _) in model.modules(l) {
+                if key.starts_with("mlp.") && !key.starts_with("mlp.experts.") {
+                    want.push(format!("model.layers.{l}.{key}.weight"));
+                }
+            }
+        }
+        let mut got = strings("target_parameters");
+        got[2..].sort();
+        want[2..].sort();
+        assert_eq!(got, want, "{family}");
+        assert!(
+            strings("target_modules")
+                .iter()
+                .all(|m| m.contains(".self_attn.")),
+            "{family}: {:?}",
+            strings("target_modules")
+        );
+        // Gate and up keep their own A: rank 2r per expert, alpha 2·alpha for the same scale.
+        assert_eq!(config["rank_pattern"][&want[0]], 8, "{family}");
+        assert_eq!(config["alpha_pattern"][&want[0]], 16.0, "{family}");
+        assert!(config["rank_pattern"].get(&want[1]).is_none(), "{family}");
+        // PEFT's shapes: A [R·E, in], B [out, R·E]; gate_up_proj on the wrapper's base_layer.
+        let file = TensorFile::open(&d.p("fused").join("adapter_model.safetensors")).unwrap();
+        let shape = |key: &str| {
+            file.entry(&format!("base_model.model.{key}"))
+                .unwrap()
+                .shape
+                .clone()
+        };
+        let (h, width) = (DIMS.0, DIMS.5);
+        assert_eq!(
+            shape(&format!("{experts}.base_layer.lora_A.weight")),
+            [8 * 3, h]
+        );
+        assert_eq!(
+            shape(&format!("{experts}.base_layer.lora_B.weight")),
+            [2 * width, 8 * 3]
+        );
+        assert_eq!(shape(&format!("{experts}.lora_A.weight")), [4 * 3, width]);
+        assert_eq!(shape(&format!("{experts}.lora_B.weight")), [h, 4 * 3]);
+    }
+}
+
+/// Experts of different ranks and scales, a projection the adapter leaves out, an expert it
+/// leaves alone: the wrapper takes the largest expert's rank, pads the others with zeros, folds
+/// each part's scale into its B, and every update arrives as it was (copy). Mixtral's experts
+/// (`block_sparse_moe.experts.<e>.w1`) are written under transformers 5's `mlp.experts`.
+#[test]
+fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
+    let d = Dirs::new();
+    let experts = 3;
+    for family in ["qwen3_moe", "mixtral"] {
+        let base = d.p(family);
+        moe_model(&base, family, experts, 1);
+        let names = |e| expert_modules(family, e, DIMS.5, DIMS.0);
+        let mut modules: BTreeMap<String, LoraFactors> = BTreeMap::new();
+        let mut rank_pattern = serde_json::Map::new();
+        let mut alpha_pattern = serde_json::Map::new();
+        for l in 0..LAYERS {
+            for (e, (r, alpha)) in [(4, 8.0), (2, 3.0)].into_iter().enumerate() {
+                // Expert 0: gate, up, down at r = 4; expert 1: up and down at r = 2, its own
+                // alpha; expert 2: nothing.
+                for (k, (key, out, inp)) in names(e).into_iter().enumerate() {
+                    if e == 1 && k == 0 {
+                        continue;
+                    }
+                    let name = format!("model.layers.{l}.{key}");
+                    let seed = (100 * l + 10 * e + k) as u64;
+                    modules.insert(
+                        name.clone(),
+                        random_factors(out, inp, r, alpha, seed, FloatType::F32),
+                    );
+                    if r != 4 {
+                        rank_pattern.insert(name.clone(), r.into());
+                        alpha_pattern.insert(name, alpha.into());
+                    }
+                }
+            }
+        }
+        let extra =
+            serde_json::json!({"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern});
+        let ad = d.p(&format!("{family}-ad"));
+        write_peft(&ad, family, 4, 8.0, extra, &modules);
+        let (per, fused) = (
+            d.p(&format!("{family}-per")),
+            d.p(&format!("{family}-fused")),
+        );
+        transfer::run(&job(&base, &base, &ad, &per, Mode::Copy)).unwrap();
+        transfer::run(&fused_job(&base, &base, &ad, &fused, Mode::Copy)).unwrap();
+        let back = read_back(&fused, &base);
+        // The per-expert output writes zeros for the modules left out; so does the fused one.
+        let per = Adapter::open(&per).unwrap();
+        same_updates(&per, &back, family);
+        let source = Adapter::open(&ad).unwrap();
+        for name in source.modules.keys() {
+            let (w, g) = (update_of(&source, name), update_of(&back, name));
+            assert!(fro(&(&g - &w)) / fro(&w) < 1e-6, "{family}: {name}");
+        }
+        let config = common::cli::read_json(&fused.join("adapter_config.json"));
+        let gate_up = "model.layers.0.mlp.experts.gate_up_proj";
+        assert_eq!(config["rank_pattern"][gate_up], 8, "{family}: {config}");
+        assert!(config["target_parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p.as_str().unwrap().contains(".mlp.experts.")));
+    }
+}
+
+/// An adapter without down projections: each layer's one wrapper (`gate_up_proj`) sits on the
+/// experts module itself, as PEFT places a layer's only fused parameter, and reads back as the
+/// per-expert output.
+#[test]
+fn a_lone_gate_up_wrapper_sits_on_the_experts_module() {
+    let d = Dirs::new();
+    let base = d.p("m");
+    moe_model(&base, "qwen3_moe", 3, 1);
+    let mut modules = BTreeMap::new();
+    for l in 0..LAYERS {
+        for e in 0..3 {
+            for (k, (key, out, inp)) in expert_modules("qwen3_moe", e, DIMS.5, DIMS.0)
+                .into_iter()
+                .enumerate()
+                .filter(|(_, (key, _, _))| !key.ends_with("down_proj"))
+            {
+                let seed = (100 * l + 10 * e + k) as u64;
+                let f = random_factors(out, inp, 4, 8.0, seed, FloatType::F32);
+                modules.insert(format!("model.layers.{l}.{key}"), f);
+            }
+        }
+    }
+    write_peft(
+        &d.p("ad"),
+        "qwen3_moe",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    transfer::run(&job(&base, &base, &d.p("ad"), &d.p("per"), Mode::Copy)).unwrap();
+    transfer::run(&fused_job(
+        &base,
+        &base,
+        &d.p("ad"),
+        &d.p("fused"),
+        Mode::Copy,
+    ))
+    .unwrap();
+    let file = TensorFile::open(&d.p("fused").join("adapter_model.safetensors")).unwrap();
+    let key = "base_model.model.model.layers.1.mlp.experts.lora_B.weight";
+    assert_eq!(file.entry(key).unwrap().shape, [2 * DIMS.5, 8 * 3]);
+    assert!(file.names().all(|n| !n.contains("base_layer")));
+    let per = Adapter::open(&d.p("per")).unwrap();
+    same_updates(&per, &read_back(&d.p("fused"), &base), "gate and up only");
+}
+
+/// A target without experts has nothing to fuse: refused before any work, naming the flag and
+/// the model.
+#[test]
+fn a_dense_target_is_refused() {
+    let d = Dirs::new();
+    let model = Layout {
+        family: "qwen3_moe",
+        experts: 3,
+        dense: vec![0],
+    };
+    model.write(&d.p("moe"), 1);
+    model.adapter(&d.p("ad"));
+    let dense = d.p("dense");
+    common::cli::synth("model", &dense, &["--like", "tiny-qwen2"]);
+    let out = common::cli::loraxfer(&[
+        "transfer",
+        "--source-base",
+        common::cli::s(&d.p("moe")),
+        "--target-base",
+        common::cli::s(&dense),
+        "--adapter",
+        common::cli::s(&d.p("ad")),
+        "--out",
+        common::cli::s(&d.p("out")),
+        "--fused-experts",
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("--fused-experts")
+            && e.contains("has no experts")
+            && e.contains(common::cli::s(&dense)),
+        "{e}"
+    );
+    assert!(!d.p("out").exists());
+}
