@@ -248,8 +248,9 @@ def choose_auto(src, tgt, present, types):
         return "rotate", f"equal depths ({ls} layers) and equal module shapes: rotate keeps the whole update"
     differs = f"depths differ ({ls} and {lt} layers)" if ls != lt else "module shapes differ"
     if all((d.dir / "tokenizer.json").is_file() for d in (src, tgt)):
-        die(f"{differs}, and both models ship a tokenizer.json, so loraxfer's auto would choose "
-            f"map, which this baseline does not implement: name a --mode (align crosses shapes)")
+        die(f"{differs}, and both models ship a tokenizer.json, so loraxfer's auto may choose map "
+            f"(where the vocabularies share enough tokens), which this baseline does not implement: "
+            f"name a --mode (align crosses shapes)")
     return "align", f"{differs}, and a tokenizer.json is missing: align"
 
 
@@ -393,7 +394,7 @@ def main():
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     report = dict(
         source_base=args.source_base, target_base=args.target_base, adapter=args.adapter,
-        mode=args.mode, auto_reason=auto_reason, rank=args.rank, oversample=args.oversample, power_iters=args.power_iters,
+        mode=args.mode, rank=args.rank, oversample=args.oversample, power_iters=args.power_iters,
         seed=args.seed, threshold=args.threshold,
         device=f"torch {torch.__version__} {device.type} ({dev}), svd {args.svd}",
         layer_map={str(j): i for j, i in layer_map.items()},
@@ -408,6 +409,8 @@ def main():
             emptied=sum(r["transferred"] and r["energy_kept"] is not None
                         and r["energy_kept"] < 1e-6 for r in rows)),
         modules=rows)
+    if auto_reason is not None:  # as loraxfer's report: only where auto chose
+        report["auto_reason"] = auto_reason
     report["timings_ms"]["total"] = round((time.perf_counter() - wall) * 1e3, 3)
     (staged / "transfer_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if out.exists():

@@ -41,7 +41,7 @@ cd "$root"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0 device=cpu runs="" workloads="" layers="" tol=1e-2 full_limit=""
 while [ $# -gt 0 ]; do

@@ -88,8 +88,9 @@ pub struct TransferArgs {
     pub gguf_adapter: bool,
     /// Write the experts' updates as PEFT's LoRA on transformers 5's fused expert parameters
     /// (`target_parameters`: `mlp.experts.gate_up_proj` and `down_proj`), and the dense MLPs' and
-    /// shared experts' through their weights, which PEFT with transformers 5 loads for every
-    /// MoE family. Default: one module per expert, which transformers 4 loads.
+    /// shared experts' through their weights: the form PEFT with transformers 5 loads whole.
+    /// Default: one module per expert, which transformers 4 loads (--gguf-adapter writes the
+    /// same llama.cpp LoRA either way).
     #[arg(long)]
     pub fused_experts: bool,
     /// Print the time spent in each phase (on stderr).

@@ -114,13 +114,17 @@ fn the_fused_form_reads_back_as_the_per_expert_adapter() {
         got[2..].sort();
         want[2..].sort();
         assert_eq!(got, want, "{family}");
-        assert!(
-            strings("target_modules")
-                .iter()
-                .all(|m| m.contains(".self_attn.")),
-            "{family}: {:?}",
-            strings("target_modules")
-        );
+        let mut attention: Vec<String> = (0..LAYERS)
+            .flat_map(|l| {
+                let keys = model.modules(l).into_iter().map(|(key, _, _)| key);
+                let attention = keys.filter(|key| key.starts_with("self_attn."));
+                attention.map(move |key| format!("model.layers.{l}.{key}"))
+            })
+            .collect();
+        attention.sort();
+        let mut modules = strings("target_modules");
+        modules.sort();
+        assert_eq!(modules, attention, "{family}");
         // Gate and up keep their own A: rank 2r per expert, alpha 2·alpha for the same scale.
         assert_eq!(config["rank_pattern"][&want[0]], 8, "{family}");
         assert_eq!(config["alpha_pattern"][&want[0]], 16.0, "{family}");
@@ -144,6 +148,13 @@ fn the_fused_form_reads_back_as_the_per_expert_adapter() {
         );
         assert_eq!(shape(&format!("{experts}.lora_A.weight")), [4 * 3, width]);
         assert_eq!(shape(&format!("{experts}.lora_B.weight")), [h, 4 * 3]);
+        // Taken as a transfer's input, the fused form gives each expert its own rank back (the
+        // zero columns of the other part dropped): fused again, gate_up is still 2r, not 4r.
+        let again = d.p("again");
+        transfer::run(&fused_job(&m, &m, &d.p("fused"), &again, Mode::Copy)).unwrap();
+        let config = common::cli::read_json(&again.join("adapter_config.json"));
+        assert_eq!(config["rank_pattern"][&want[0]], 8, "{family}");
+        same_updates(&per, &read_back(&again, &m), family);
     }
 }
 
@@ -155,8 +166,13 @@ fn the_fused_form_reads_back_as_the_per_expert_adapter() {
 fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
     let d = Dirs::new();
     let experts = 3;
-    for family in ["qwen3_moe", "mixtral"] {
-        let base = d.p(family);
+    for (family, rslora) in [
+        ("qwen3_moe", false),
+        ("mixtral", false),
+        ("qwen3_moe", true),
+    ] {
+        let tag = format!("{family}-{rslora}");
+        let base = d.p(&tag);
         moe_model(&base, family, experts, 1);
         let names = |e| expert_modules(family, e, DIMS.5, DIMS.0);
         let mut modules: BTreeMap<String, LoraFactors> = BTreeMap::new();
@@ -183,14 +199,12 @@ fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
                 }
             }
         }
-        let extra =
-            serde_json::json!({"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern});
-        let ad = d.p(&format!("{family}-ad"));
+        let extra = serde_json::json!({
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
+        });
+        let ad = d.p(&format!("{tag}-ad"));
         write_peft(&ad, family, 4, 8.0, extra, &modules);
-        let (per, fused) = (
-            d.p(&format!("{family}-per")),
-            d.p(&format!("{family}-fused")),
-        );
+        let (per, fused) = (d.p(&format!("{tag}-per")), d.p(&format!("{tag}-fused")));
         transfer::run(&job(&base, &base, &ad, &per, Mode::Copy)).unwrap();
         transfer::run(&fused_job(&base, &base, &ad, &fused, Mode::Copy)).unwrap();
         let back = read_back(&fused, &base);
@@ -204,7 +218,11 @@ fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
         }
         let config = common::cli::read_json(&fused.join("adapter_config.json"));
         let gate_up = "model.layers.0.mlp.experts.gate_up_proj";
-        assert_eq!(config["rank_pattern"][gate_up], 8, "{family}: {config}");
+        assert_eq!(config["rank_pattern"][gate_up], 8, "{tag}: {config}");
+        // The first part's scale at rank 8: 8/4 = 2, rsLoRA 8/√4 = 4.
+        let alpha = config["alpha_pattern"][gate_up].as_f64().unwrap();
+        let want = if rslora { 4.0 * 8f64.sqrt() } else { 16.0 };
+        assert!((alpha - want).abs() < 1e-9, "{tag}: {alpha}");
         assert!(config["target_parameters"]
             .as_array()
             .unwrap()
@@ -213,51 +231,67 @@ fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
     }
 }
 
-/// An adapter without down projections: each layer's one wrapper (`gate_up_proj`) sits on the
-/// experts module itself, as PEFT places a layer's only fused parameter, and reads back as the
-/// per-expert output.
+/// An adapter with one of the two fused parameters' projections (no down projections, or only
+/// them): each layer's one wrapper sits on the experts module itself, as PEFT places a layer's
+/// only fused parameter, and reads back as the per-expert output. A wrapper whose parameter
+/// target_parameters does not name is refused, naming its module.
 #[test]
-fn a_lone_gate_up_wrapper_sits_on_the_experts_module() {
+fn a_lone_wrapper_sits_on_the_experts_module() {
     let d = Dirs::new();
     let base = d.p("m");
     moe_model(&base, "qwen3_moe", 3, 1);
-    let mut modules = BTreeMap::new();
-    for l in 0..LAYERS {
-        for e in 0..3 {
-            for (k, (key, out, inp)) in expert_modules("qwen3_moe", e, DIMS.5, DIMS.0)
-                .into_iter()
-                .enumerate()
-                .filter(|(_, (key, _, _))| !key.ends_with("down_proj"))
-            {
-                let seed = (100 * l + 10 * e + k) as u64;
-                let f = random_factors(out, inp, 4, 8.0, seed, FloatType::F32);
-                modules.insert(format!("model.layers.{l}.{key}"), f);
+    for (kept, param, rows) in [
+        ("gate-up", "gate_up_proj", 2 * DIMS.5),
+        ("down", "down_proj", DIMS.0),
+    ] {
+        let mut modules = BTreeMap::new();
+        for l in 0..LAYERS {
+            for e in 0..3 {
+                let all = expert_modules("qwen3_moe", e, DIMS.5, DIMS.0);
+                for (k, (key, out, inp)) in all.into_iter().enumerate() {
+                    if key.ends_with("down_proj") != (kept == "down") {
+                        continue;
+                    }
+                    let seed = (100 * l + 10 * e + k) as u64;
+                    let f = random_factors(out, inp, 4, 8.0, seed, FloatType::F32);
+                    modules.insert(format!("model.layers.{l}.{key}"), f);
+                }
             }
         }
+        let (ad, per, fused) = (
+            d.p(&format!("{kept}-ad")),
+            d.p(&format!("{kept}-per")),
+            d.p(&format!("{kept}-fused")),
+        );
+        write_peft(&ad, "qwen3_moe", 4, 8.0, serde_json::json!({}), &modules);
+        transfer::run(&job(&base, &base, &ad, &per, Mode::Copy)).unwrap();
+        transfer::run(&fused_job(&base, &base, &ad, &fused, Mode::Copy)).unwrap();
+        let file = TensorFile::open(&fused.join("adapter_model.safetensors")).unwrap();
+        let key = "base_model.model.model.layers.1.mlp.experts.lora_B.weight";
+        assert_eq!(file.entry(key).unwrap().shape[0], rows, "{kept}");
+        assert!(file.names().all(|n| !n.contains("base_layer")), "{kept}");
+        let config = common::cli::read_json(&fused.join("adapter_config.json"));
+        assert_eq!(
+            config["target_parameters"],
+            serde_json::json!([
+                format!("model.layers.0.mlp.experts.{param}"),
+                format!("model.layers.1.mlp.experts.{param}")
+            ])
+        );
+        let per = Adapter::open(&per).unwrap();
+        same_updates(&per, &read_back(&fused, &base), kept);
+        // Layer 1's wrapper named by no entry.
+        common::refusals::edit_json(&fused.join("adapter_config.json"), |c| {
+            c["target_parameters"] =
+                serde_json::json!([format!("model.layers.0.mlp.experts.{param}")]);
+        });
+        let e = Adapter::open(&fused).unwrap_err().to_string();
+        assert!(
+            e.contains("model.layers.1.mlp.experts.lora_A.weight")
+                && e.contains("target_parameters does not name"),
+            "{e}"
+        );
     }
-    write_peft(
-        &d.p("ad"),
-        "qwen3_moe",
-        4,
-        8.0,
-        serde_json::json!({}),
-        &modules,
-    );
-    transfer::run(&job(&base, &base, &d.p("ad"), &d.p("per"), Mode::Copy)).unwrap();
-    transfer::run(&fused_job(
-        &base,
-        &base,
-        &d.p("ad"),
-        &d.p("fused"),
-        Mode::Copy,
-    ))
-    .unwrap();
-    let file = TensorFile::open(&d.p("fused").join("adapter_model.safetensors")).unwrap();
-    let key = "base_model.model.model.layers.1.mlp.experts.lora_B.weight";
-    assert_eq!(file.entry(key).unwrap().shape, [2 * DIMS.5, 8 * 3]);
-    assert!(file.names().all(|n| !n.contains("base_layer")));
-    let per = Adapter::open(&d.p("per")).unwrap();
-    same_updates(&per, &read_back(&d.p("fused"), &base), "gate and up only");
 }
 
 /// A target without experts has nothing to fuse: refused before any work, naming the flag and

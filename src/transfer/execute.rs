@@ -77,15 +77,18 @@ pub struct Outcome {
 /// The source factors of a unit: rows `unit.source_rows` of B, and A. A unit that takes part of
 /// a fused module's rows drops the columns of B that are zero in those rows, with their rows of
 /// A: they add nothing to its update, and a module this project fused (blockdiag B) would
-/// otherwise carry every other part's rank into each part, and, fused again, sum them.
-pub fn source_factors(unit: &Unit, f: &LoraFactors) -> Factors {
+/// otherwise carry every other part's rank into each part, and, fused again, sum them. So does a
+/// module read out of a LoRA on fused experts (`stacked`), whose rank is its wrapper's: an
+/// expert's gate and up projection written by `--fused-experts` share the wrapper's rank, each
+/// with the other's columns zero, and an expert of a smaller rank is padded with zero columns.
+pub fn source_factors(unit: &Unit, f: &LoraFactors, stacked: bool) -> Factors {
     let r = f.r;
     let rows = unit.source_rows.clone();
     let b_at = |i: usize, j: usize| f.b[(rows.start + i) * r + j];
     let mut kept: Vec<usize> = (0..r)
         .filter(|&j| (0..rows.len()).any(|i| b_at(i, j) != 0.0))
         .collect();
-    if rows.len() == f.out_features || kept.is_empty() {
+    if (rows.len() == f.out_features && !stacked) || kept.is_empty() {
         // A whole module, or a part with no update at all: its factors as they are.
         kept = (0..r).collect();
     }

@@ -9,14 +9,15 @@
 //! `up_proj` and `down_proj` in `target_modules` onto the experts, dropping a dense layer's or a
 //! shared expert's update. Written in the fused form, nothing is converted:
 //! - each layer's experts become two wrappers around `<layer>.mlp.experts`: `down_proj` on the
-//!   module itself and `gate_up_proj` on its `base_layer` (the nesting PEFT builds from
-//!   `target_parameters` listing `gate_up_proj` first; a layer with one of them adapted has its
-//!   wrapper on the module). A wrapper's A `[R·E, in]` holds expert
-//!   e's A in rows `e·R .. (e+1)·R`, its B `[out, R·E]` column k of expert e's B at `k·E + e`
-//!   (`ParamWrapper.get_delta_weight`). R is one rank for all experts of the wrapper: an expert's
-//!   gate and up projection keep their own A (stacked, B block-diagonal, so its gate_up rank is
-//!   the sum of theirs), and ranks below R are padded with zeros, as is an expert the adapter
-//!   leaves alone;
+//!   module itself and `gate_up_proj` on its `base_layer`. PEFT wraps a module's parameters in
+//!   the order the module declares them, each wrapper around the last, and transformers 5's
+//!   experts declare `gate_up_proj` first; a layer with one of them adapted has its wrapper on
+//!   the module. A wrapper's A `[R·E, in]` holds expert e's A in rows `e·R .. (e+1)·R`, its B
+//!   `[out, R·E]` column k of expert e's B at `k·E + e` (`ParamWrapper.get_delta_weight`). R is
+//!   one rank for all experts of the wrapper: an expert's gate and up projection keep their own
+//!   A (stacked, B block-diagonal, so its gate_up rank is the sum of theirs), and ranks below R
+//!   are padded with zeros, as is an expert the adapter leaves alone (read back, those zero
+//!   columns are dropped: `execute::source_factors`);
 //! - dense MLPs and shared experts are adapted through their weights (`target_parameters` names
 //!   `<module>.weight`: the same tensors and update as a LoRA on the module, which PEFT leaves
 //!   where it is); attention stays in `target_modules`.
@@ -48,7 +49,7 @@ pub fn check_target(target: &ModelSide<'_>) -> Result<()> {
         return Err(Error::arg(
             "--fused-experts",
             format!(
-                "{} has no experts: its adapter is written one module per projection as it is",
+                "{} has no experts, so there is nothing to fuse: leave --fused-experts out",
                 target.ckpt.dir.display()
             ),
         ));
@@ -74,7 +75,13 @@ pub fn fuse_experts(
                 let [part] = spec.parts.as_slice() else {
                     return Err(Error::arg(
                         "--fused-experts",
-                        format!("an expert's `{}` holds several projections", spec.key),
+                        format!(
+                            "the fused form takes one projection per expert module, but a {} \
+                             expert's `{}` holds {}: leave --fused-experts out",
+                            target.arch.name,
+                            spec.key,
+                            spec.parts.len()
+                        ),
                     ));
                 };
                 by_layer.entry(layer).or_default().push(ExpertPart {
@@ -134,8 +141,7 @@ pub fn fuse_experts(
                 continue;
             }
             let key = format!("{wrapper}.{param}");
-            let (fused, rank) = stack(&key, &per_expert, adapter_config)
-                .map_err(|reason| Error::arg("--fused-experts", format!("{wrapper}: {reason}")))?;
+            let (fused, rank) = stack(&key, &per_expert, adapter_config)?;
             names.push(Value::String(key.clone()));
             written.push((key, rank, fused.alpha));
             modules.insert(module, fused);
@@ -160,7 +166,12 @@ pub fn fuse_experts(
             .into_iter()
             .map(|m| Value::String(format!("{m}.weight"))),
     );
-    config.insert("target_parameters".into(), Value::Array(parameters));
+    // Nothing adapted through parameters (attention alone): none named, as without the flag.
+    let parameters = match parameters.is_empty() {
+        true => Value::Null,
+        false => Value::Array(parameters),
+    };
+    config.insert("target_parameters".into(), parameters);
     config.insert("rank_pattern".into(), Value::Object(rank_pattern));
     config.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
     Ok(modules)
@@ -172,7 +183,7 @@ fn stack(
     name: &str,
     per_expert: &[Vec<Option<EncodedFactors>>],
     config: &AdapterConfig,
-) -> std::result::Result<(EncodedFactors, usize), String> {
+) -> Result<(EncodedFactors, usize)> {
     let experts = per_expert.len();
     let present = || per_expert.iter().flat_map(|slots| slots.iter().flatten());
     let first = present().next().expect("a part");
@@ -209,10 +220,11 @@ fn stack(
                 continue;
             };
             if (f.out_features, f.in_features) != (widths[slot], n) {
-                return Err(format!(
-                    "expert {e}'s factors are for a {}×{} weight, another expert's for {}×{n}",
+                return Err(Error::internal(format!(
+                    "{name}: expert {e}'s factors are for a {}×{} weight, where the fused \
+                     parameter holds {}×{n}",
                     f.out_features, f.in_features, widths[slot]
-                ));
+                )));
             }
             let fa = decode_f32(&f.a, f.ty);
             let fb = decode_f32(&f.b, f.ty);
@@ -230,7 +242,7 @@ fn stack(
     }
     // A part's scale folded into its B can take a value past an f16's range: rebalanced as any
     // output module is.
-    super::assemble::fit_in_type(name, &mut b, &mut a, ty).map_err(|e| e.to_string())?;
+    super::assemble::fit_in_type(name, &mut b, &mut a, ty)?;
     let fused = EncodedFactors {
         a: encode_f32(&a, ty),
         b: encode_f32(&b, ty),

@@ -98,7 +98,12 @@ impl Opened {
     fn run_unit(&self, ctx: &execute::Context<'_>, unit: &plan::Unit) -> Result<execute::Outcome> {
         let factors = match &unit.source_module {
             Some(m) if unit.skip.is_none() && self.adapter.modules.contains_key(m) => {
-                Some(execute::source_factors(unit, &self.adapter.factors(m)?))
+                let stacked = self.adapter.modules[m].a.expert.is_some();
+                Some(execute::source_factors(
+                    unit,
+                    &self.adapter.factors(m)?,
+                    stacked,
+                ))
             }
             _ => None,
         };
@@ -212,10 +217,13 @@ pub fn run(job: &Job) -> Result<Report> {
     };
     let write_start = Instant::now();
     let staged = StagedDir::create(&job.out, job.force, &job.inputs())?;
-    adapter::write_adapter(staged.path(), &config, &modules)?;
+    // The per-expert form goes to the file unless fused; with --gguf-adapter it is written
+    // first even then, for the GGUF (read back from it: it holds what PEFT loads, value for
+    // value, each expert at its own rank), and the fused form replaces it.
+    if !job.fused_experts || job.gguf_adapter {
+        adapter::write_adapter(staged.path(), &config, &modules)?;
+    }
     if job.gguf_adapter {
-        // From the adapter just written: the GGUF holds what PEFT loads, value for value (one
-        // module per expert, before any fusing pads an expert's ranks).
         let written = Adapter::open(staged.path())?;
         let path = staged.path().join(crate::io::gguf::lora::LORA_GGUF_FILE);
         let name = crate::io::output::name_of(&job.out);
@@ -223,7 +231,6 @@ pub fn run(job: &Job) -> Result<Report> {
         crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path, &check)?;
     }
     if job.fused_experts {
-        // The same updates, rewritten in the form PEFT with transformers 5 loads whole.
         let mut config = config;
         let adapter_config = &opened.adapter.config;
         let fused = fused_out::fuse_experts(&mut config, modules, adapter_config, &target_side)?;

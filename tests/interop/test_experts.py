@@ -100,6 +100,17 @@ CONVERSION_NOTES = tuple(
 )
 
 
+# PEFT 0.21 checks rank and alpha patterns against module names only, so it warns that a pattern
+# for a parameter (`<layer>.mlp.experts.gate_up_proj`, `<module>.weight`) matched nothing, and
+# then applies it (the shapes and logits below would differ if it did not).
+_FUSED_KEY = r"'[^']*\.(?:mlp\.experts\.(?:gate_up_proj|down_proj)|weight)'"
+FUSED_PATTERN_NOTES = tuple(
+    f"RuntimeWarning: The following {kind}_pattern keys did not match any targeted module and were "
+    f"ignored: \\[{_FUSED_KEY}(?:, {_FUSED_KEY})*\\]\\."
+    for kind in ("rank", "alpha")
+)
+
+
 def peft_logits(base, adapter):
     from peft import PeftModel
 
@@ -157,6 +168,26 @@ def test_rotate_onto_a_next_release_loads_in_peft(moe, family, binary, tmp_path)
     # Every expert's module is named in full, so PEFT adapts those and no others.
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(iu.module_updates(out))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_form_loads_in_peft(moe, family, binary, tmp_path):
+    """`--fused-experts` on transformers 5's names for every family (Mixtral's `block_sparse_moe`
+    experts under `mlp.experts`): PEFT loads every tensor unchanged, and its logits equal the
+    per-expert output's merge."""
+    root, get = moe
+    base, derived, adapter = get(family)
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    for out, extra in ((per, ()), (fused, ("--fused-experts",))):
+        iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", derived, "--adapter", adapter,
+                    "--rank", "16", "--out", out, *extra)
+    config = json.loads((fused / "adapter_config.json").read_text())
+    assert config["target_parameters"][:2] == ["model.layers.0.mlp.experts.gate_up_proj",
+                                                "model.layers.1.mlp.experts.gate_up_proj"]
+    model = iu.load_peft_strict(iu.load_model(derived), fused, allow=FUSED_PATTERN_NOTES)
+    want = merged(derived, per, root)
+    assert iu.max_rel_diff(iu.logits(model), want) < 1e-4
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(derived))) > MIN_CHANGE
 
 
 @pytest.mark.parametrize("family", FAMILIES)

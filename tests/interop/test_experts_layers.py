@@ -23,7 +23,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import interop_util as iu
-from test_experts import ALPHA, MIN_CHANGE, R, fused_adapter, merged, peft_logits
+from test_experts import ALPHA, FUSED_PATTERN_NOTES, MIN_CHANGE, R, fused_adapter, merged, peft_logits
 
 EXPERTS, WIDTH, SHARED, DENSE = 4, 32, 48, 96
 FAMILIES = ["qwen2_moe", "glm4_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2"]
@@ -50,6 +50,11 @@ def build(family: str, seed: int, dense: bool):
     elif family == "glm4_moe":
         config = tf.Glm4MoeConfig(n_routed_experts=EXPERTS, n_shared_experts=1, first_k_dense_replace=int(dense),
                                   n_group=1, topk_group=1, head_dim=16, **common)
+    elif family == "glm4_moe_lite":  # GLM-4.7-Flash: DeepSeek-V3's attention, dense layers by type
+        common["num_key_value_heads"] = common["num_attention_heads"]
+        config = tf.Glm4MoeLiteConfig(n_routed_experts=EXPERTS, n_shared_experts=1, n_group=1, topk_group=1,
+                                      q_lora_rank=24, mlp_layer_types=["dense" if dense else "sparse", "sparse"],
+                                      **LATENT, **common)
     elif family.startswith("deepseek"):
         cls = tf.DeepseekV3Config if family == "deepseek_v3" else tf.DeepseekV2Config
         common["num_key_value_heads"] = common["num_attention_heads"]  # every head its own keys
@@ -219,18 +224,7 @@ def test_a_lora_on_fused_experts_copies_exactly(layered, family, binary, tmp_pat
     assert iu.max_rel_diff(merged(target, out, root), want) < 1e-4
 
 
-# PEFT 0.21 checks rank and alpha patterns against module names only, so it warns that a pattern
-# for a fused parameter (`<layer>.mlp.experts.gate_up_proj`) matched nothing, and then applies it
-# (the shapes and logits below would differ if it did not).
-_FUSED_KEY = r"'[^']*\.mlp\.experts\.(?:gate_up_proj|down_proj)'"
-FUSED_PATTERN_NOTES = tuple(
-    f"RuntimeWarning: The following {kind}_pattern keys did not match any targeted module and were "
-    f"ignored: \\[{_FUSED_KEY}(?:, {_FUSED_KEY})*\\]\\."
-    for kind in ("rank", "alpha")
-)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe_lite"])
 def test_the_fused_form_loads_every_block_in_peft(layered, family, binary, tmp_path):
     """`--fused-experts`: the full adapter rotated onto the release and written on transformers 5's
     fused expert parameters (`target_parameters`; dense MLPs and shared experts through their
@@ -244,7 +238,8 @@ def test_the_fused_form_loads_every_block_in_peft(layered, family, binary, tmp_p
     config = json.loads((fused / "adapter_config.json").read_text())
     assert config["target_parameters"][:2] == ["model.layers.1.mlp.experts.gate_up_proj",
                                                 "model.layers.1.mlp.experts.down_proj"]
-    assert all("self_attn" in m for m in config["target_modules"]), config["target_modules"]
+    attention = sorted(m for m in projections(derived) if ".self_attn." in m)
+    assert sorted(config["target_modules"]) == attention, config["target_modules"]
     want = merged(derived, per, root)
     assert iu.max_rel_diff(want, iu.logits(iu.load_model(derived))) > MIN_CHANGE
     model = iu.load_peft_strict(iu.load_model(derived), fused, allow=FUSED_PATTERN_NOTES)
@@ -256,6 +251,31 @@ def test_the_fused_form_loads_every_block_in_peft(layered, family, binary, tmp_p
     assert sorted(a) == sorted(b)
     for module, delta in a.items():
         assert np.abs(b[module] - delta).max() <= 1e-5 * max(np.abs(delta).max(), 1e-30), module
+
+
+def test_fused_patterns_and_rslora_reach_peft(layered, binary, tmp_path):
+    """rsLoRA, and alphas of their own for a dense layer's projection and for one expert's, through
+    `--fused-experts` onto Qwen3-MoE (whose per-expert form PEFT converts, dropping the dense
+    layer): the dense weight's alpha is keyed by `<module>.weight`, the expert's folded into its
+    B, and PEFT's logits equal the per-expert output's merge."""
+    root, get = layered
+    base, derived, full, _ = get("qwen3_moe")
+    adapter = iu.copy_dir(full, tmp_path / "patterned")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(use_rslora=True, alpha_pattern={"model.layers.0.mlp.gate_proj": 2 * ALPHA,
+                                                  "model.layers.1.mlp.experts.2.up_proj": 3 * ALPHA})
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    transfer(binary, base, derived, adapter, per, "--rank", "16")
+    transfer(binary, base, derived, adapter, fused, "--rank", "16", "--fused-experts")
+    written = json.loads((fused / "adapter_config.json").read_text())
+    assert written["alpha_pattern"]["model.layers.0.mlp.gate_proj.weight"] == 2 * ALPHA
+    want = merged(derived, per, root)
+    plain = tmp_path / "plain"
+    transfer(binary, base, derived, full, plain, "--rank", "16")
+    assert iu.max_rel_diff(want, merged(derived, plain, root)) > 1e-3  # the patterns matter
+    model = iu.load_peft_strict(iu.load_model(derived), fused, allow=FUSED_PATTERN_NOTES)
+    assert iu.max_rel_diff(iu.logits(model), want) < 1e-4
 
 
 def test_a_lone_fused_parameter_loads_in_peft(layered, binary, tmp_path):

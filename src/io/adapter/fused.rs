@@ -57,21 +57,32 @@ pub(super) fn expand(
     let mut out = BTreeMap::new();
     for (experts_path, by_depth) in wrappers {
         let list: Vec<&Wrapper> = by_depth.values().collect();
-        let params = assign(&list, &config.target_parameters, &experts_path)
-            .ok_or_else(|| {
-                bad(
-                    &list[0].a,
-                    format!(
-                        "cannot tell which of target_parameters ({}) the {} LoRA(s) of `{experts_path}` adapt from their shapes ({})",
-                        config.target_parameters.join(", "),
-                        list.len(),
-                        list.iter()
-                            .map(|w| format!("A {:?}, B {:?}", w.a_shape, w.b_shape))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ),
-                )
-            })?;
+        let named = named_for(&config.target_parameters, &experts_path);
+        if named.is_empty() {
+            return Err(bad(
+                &list[0].a,
+                format!(
+                    "a LoRA on `{experts_path}`, whose parameters ({}) target_parameters does not \
+                     name",
+                    super::EXPERT_PARAMETERS.join(", ")
+                ),
+            ));
+        }
+        let params = assign(&list, &named).ok_or_else(|| {
+            bad(
+                &list[0].a,
+                format!(
+                    "cannot tell which of the parameters target_parameters names for \
+                     `{experts_path}` ({}) its {} LoRA(s) adapt from their shapes ({})",
+                    named.join(", "),
+                    list.len(),
+                    list.iter()
+                        .map(|w| format!("A {:?}, B {:?}", w.a_shape, w.b_shape))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        })?;
         for (w, param) in list.into_iter().zip(params) {
             let name = format!("{experts_path}.{param}");
             let r = config.rank_for(&name);
@@ -129,12 +140,9 @@ pub(super) fn expand(
     Ok(out)
 }
 
-/// The parameter each wrapper adapts, among those `target_parameters` names for this experts
-/// module (an entry names `<experts path>.<parameter>` whole, or a part of it after a dot). One
-/// wrapper and one parameter named: that one. Two: the shapes decide: `gate_up_proj` reads the
-/// hidden state that `down_proj` writes (`A_gu.in = B_down.out`) and writes twice the width that
-/// `down_proj` reads (`B_gu.out = 2·A_down.in`); None when no assignment, or more than one, fits.
-fn assign(list: &[&Wrapper], params: &[String], experts_path: &str) -> Option<Vec<&'static str>> {
+/// The fused parameters `target_parameters` names for the experts module at `experts_path`: an
+/// entry names `<experts path>.<parameter>` whole, or a part of it after a dot (PEFT's match).
+fn named_for(params: &[String], experts_path: &str) -> Vec<&'static str> {
     let applies = |p: &str| {
         let full = format!("{experts_path}.{p}");
         params.iter().any(|entry| {
@@ -144,11 +152,18 @@ fn assign(list: &[&Wrapper], params: &[String], experts_path: &str) -> Option<Ve
                     .is_some_and(|head| head.ends_with('.'))
         })
     };
-    let named: Vec<&'static str> = super::EXPERT_PARAMETERS
+    super::EXPERT_PARAMETERS
         .into_iter()
         .filter(|p| applies(p))
-        .collect();
-    match (list, named.as_slice()) {
+        .collect()
+}
+
+/// The parameter each wrapper adapts, among those `named` for its module. One wrapper and one
+/// parameter named: that one. Two: the shapes decide: `gate_up_proj` reads the hidden state that
+/// `down_proj` writes (`A_gu.in = B_down.out`) and writes twice the width that `down_proj` reads
+/// (`B_gu.out = 2·A_down.in`); None when no assignment, or more than one, fits.
+fn assign(list: &[&Wrapper], named: &[&'static str]) -> Option<Vec<&'static str>> {
+    match (list, named) {
         ([_], [p]) => Some(vec![*p]),
         ([x, y], [_, _]) => {
             let fits = |gu: &Wrapper, down: &Wrapper| {
