@@ -228,6 +228,18 @@ fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
             .unwrap()
             .iter()
             .all(|p| p.as_str().unwrap().contains(".mlp.experts.")));
+        // Taken as a transfer's input, every expert comes back at its own rank (the other
+        // part's and the padding's zero columns dropped, an expert left alone at one zero rank):
+        // fused again the wrapper's rank stays 8, and the llama.cpp LoRA stacks each layer's
+        // experts at the largest.
+        let again = d.p(&format!("{tag}-again"));
+        let mut j = fused_job(&base, &base, &fused, &again, Mode::Copy);
+        j.gguf_adapter = true;
+        transfer::run(&j).unwrap();
+        let config = common::cli::read_json(&again.join("adapter_config.json"));
+        assert_eq!(config["rank_pattern"][gate_up], 8, "{tag}: {config}");
+        same_updates(&per, &read_back(&again, &base), &tag);
+        assert!(again.join("adapter_model.gguf").is_file());
     }
 }
 
@@ -288,10 +300,31 @@ fn a_lone_wrapper_sits_on_the_experts_module() {
         let e = Adapter::open(&fused).unwrap_err().to_string();
         assert!(
             e.contains("model.layers.1.mlp.experts.lora_A.weight")
-                && e.contains("target_parameters does not name"),
+                && e.contains(&format!("(model.layers.0.mlp.experts.{param})"))
+                && e.contains("names neither `model.layers.1.mlp.experts.gate_up_proj`"),
             "{e}"
         );
     }
+}
+
+/// An adapter on the attention alone: nothing is fused, and `target_parameters` is null as
+/// without the flag.
+#[test]
+fn an_attention_only_adapter_names_no_parameters() {
+    let d = Dirs::new();
+    let base = d.p("m");
+    moe_model(&base, "qwen3_moe", 3, 1);
+    moe_adapter(&d.p("ad"), "qwen3_moe", 3, false);
+    let out = d.p("out");
+    transfer::run(&fused_job(&base, &base, &d.p("ad"), &out, Mode::Copy)).unwrap();
+    let config = common::cli::read_json(&out.join("adapter_config.json"));
+    assert!(config["target_parameters"].is_null(), "{config}");
+    assert_eq!(
+        config["target_modules"].as_array().unwrap().len(),
+        4 * LAYERS
+    );
+    let written = Adapter::open(&out).unwrap();
+    same_updates(&Adapter::open(&d.p("ad")).unwrap(), &written, "attention");
 }
 
 /// A target without experts has nothing to fuse: refused before any work, naming the flag and

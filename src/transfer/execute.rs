@@ -80,7 +80,9 @@ pub struct Outcome {
 /// otherwise carry every other part's rank into each part, and, fused again, sum them. So does a
 /// module read out of a LoRA on fused experts (`stacked`), whose rank is its wrapper's: an
 /// expert's gate and up projection written by `--fused-experts` share the wrapper's rank, each
-/// with the other's columns zero, and an expert of a smaller rank is padded with zero columns.
+/// with the other's columns zero, and an expert of a smaller rank is padded with zero columns;
+/// such a module with no update at all (an expert the adapter left alone) keeps one zero rank,
+/// not the wrapper's.
 pub fn source_factors(unit: &Unit, f: &LoraFactors, stacked: bool) -> Factors {
     let r = f.r;
     let rows = unit.source_rows.clone();
@@ -88,7 +90,9 @@ pub fn source_factors(unit: &Unit, f: &LoraFactors, stacked: bool) -> Factors {
     let mut kept: Vec<usize> = (0..r)
         .filter(|&j| (0..rows.len()).any(|i| b_at(i, j) != 0.0))
         .collect();
-    if (rows.len() == f.out_features && !stacked) || kept.is_empty() {
+    if kept.is_empty() && stacked {
+        kept = vec![0];
+    } else if (rows.len() == f.out_features && !stacked) || kept.is_empty() {
         // A whole module, or a part with no update at all: its factors as they are.
         kept = (0..r).collect();
     }

@@ -177,8 +177,12 @@ pub fn fuse_experts(
     Ok(modules)
 }
 
+/// A part's A and B in f32, and the part.
+type Decoded<'a> = (Vec<f32>, Vec<f32>, &'a EncodedFactors);
+
 /// One wrapper's factors, and its rank per expert R (the largest expert's summed rank), from
-/// each expert's factors in the parameter's slots; the scale is the first part's.
+/// each expert's factors in the parameter's slots; the scale is the first part's. A part with no
+/// update (B all zero: an expert or a projection the adapter leaves alone) takes no rank.
 fn stack(
     name: &str,
     per_expert: &[Vec<Option<EncodedFactors>>],
@@ -198,13 +202,46 @@ fn stack(
                 .map_or(first.out_features, |f| f.out_features)
         })
         .collect();
-    let rank = per_expert
+    for (e, slots) in per_expert.iter().enumerate() {
+        for (f, &width) in slots.iter().zip(&widths) {
+            if let Some(f) = f
+                .as_ref()
+                .filter(|f| (f.out_features, f.in_features) != (width, n))
+            {
+                return Err(Error::internal(format!(
+                    "{name}: expert {e}'s factors are for a {}×{} weight, where the fused \
+                     parameter holds {width}×{n}",
+                    f.out_features, f.in_features
+                )));
+            }
+        }
+    }
+    // Each part's factors (A, B) in f32, None where it adds nothing.
+    let decoded: Vec<Vec<Option<Decoded>>> = per_expert
         .iter()
-        .map(|slots| slots.iter().flatten().map(|f| f.r).sum::<usize>())
+        .map(|slots| {
+            slots
+                .iter()
+                .map(|f| {
+                    let f = f.as_ref()?;
+                    let fb = decode_f32(&f.b, f.ty);
+                    let some = fb.iter().any(|&x| x != 0.0);
+                    some.then(|| (decode_f32(&f.a, f.ty), fb, f))
+                })
+                .collect()
+        })
+        .collect();
+    let updates = || decoded.iter().flatten().flatten().map(|(_, _, f)| *f);
+    // At least one rank, for a wrapper with no update at all.
+    let rank = decoded
+        .iter()
+        .map(|slots| slots.iter().flatten().map(|(_, _, f)| f.r).sum::<usize>())
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max(1);
     let m: usize = widths.iter().sum();
-    let s = config.scale(first.r, first.alpha);
+    let lead = updates().next().unwrap_or(first);
+    let s = config.scale(lead.r, lead.alpha);
     let ty = if present().all(|f| f.ty == first.ty) {
         first.ty
     } else {
@@ -212,31 +249,20 @@ fn stack(
     };
     let cols = rank * experts;
     let (mut a, mut b) = (vec![0f32; cols * n], vec![0f32; m * cols]);
-    for (e, slots) in per_expert.iter().enumerate() {
+    for (e, slots) in decoded.iter().enumerate() {
         let (mut k0, mut row0) = (0, 0);
-        for (slot, f) in slots.iter().enumerate() {
-            let Some(f) = f else {
-                row0 += widths[slot];
-                continue;
-            };
-            if (f.out_features, f.in_features) != (widths[slot], n) {
-                return Err(Error::internal(format!(
-                    "{name}: expert {e}'s factors are for a {}×{} weight, where the fused \
-                     parameter holds {}×{n}",
-                    f.out_features, f.in_features, widths[slot]
-                )));
-            }
-            let fa = decode_f32(&f.a, f.ty);
-            let fb = decode_f32(&f.b, f.ty);
-            let ratio = (config.scale(f.r, f.alpha) / s) as f32;
-            for k in 0..f.r {
-                let row = e * rank + k0 + k;
-                a[row * n..(row + 1) * n].copy_from_slice(&fa[k * n..(k + 1) * n]);
-                for i in 0..f.out_features {
-                    b[(row0 + i) * cols + (k0 + k) * experts + e] = fb[i * f.r + k] * ratio;
+        for (slot, part) in slots.iter().enumerate() {
+            if let Some((fa, fb, f)) = part {
+                let ratio = (config.scale(f.r, f.alpha) / s) as f32;
+                for k in 0..f.r {
+                    let row = e * rank + k0 + k;
+                    a[row * n..(row + 1) * n].copy_from_slice(&fa[k * n..(k + 1) * n]);
+                    for i in 0..f.out_features {
+                        b[(row0 + i) * cols + (k0 + k) * experts + e] = fb[i * f.r + k] * ratio;
+                    }
                 }
+                k0 += f.r;
             }
-            k0 += f.r;
             row0 += widths[slot];
         }
     }

@@ -278,6 +278,23 @@ def test_fused_patterns_and_rslora_reach_peft(layered, binary, tmp_path):
     assert iu.max_rel_diff(iu.logits(model), want) < 1e-4
 
 
+def test_an_experts_only_adapter_loads_in_peft_with_no_target_modules(layered, binary, tmp_path):
+    """Only the experts adapted: the fused form has nothing in `target_modules` (an empty list),
+    which PEFT accepts beside `target_parameters`, loading every tensor."""
+    root, get = layered
+    base, derived, _, _ = get("qwen3_moe")
+    adapter = write_adapter(base, tmp_path / "experts-only", lambda m: ".experts." in m)
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    transfer(binary, base, derived, adapter, per, "--rank", "16")
+    transfer(binary, base, derived, adapter, fused, "--rank", "16", "--fused-experts")
+    config = json.loads((fused / "adapter_config.json").read_text())
+    # (layer 0's dense MLP is written too, with B = 0, as every module of an adapted type is)
+    assert config["target_modules"] == [] and config["target_parameters"][:2] == [
+        "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    model = iu.load_peft_strict(iu.load_model(derived), fused, allow=FUSED_PATTERN_NOTES)
+    assert iu.max_rel_diff(iu.logits(model), merged(derived, per, root)) < 1e-4
+
+
 def test_a_lone_fused_parameter_loads_in_peft(layered, binary, tmp_path):
     """An adapter without down projections: each layer's one fused wrapper (`gate_up_proj`) sits
     where PEFT puts a layer's only fused parameter, so PEFT loads it whole, and its logits equal

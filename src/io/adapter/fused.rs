@@ -2,8 +2,9 @@
 //! experts as one `gate_up_proj` `[experts, 2·width, hidden]` and one `down_proj`
 //! `[experts, hidden, width]`), read as one module per expert.
 //!
-//! PEFT wraps the `experts` module once per parameter (the second wrapper's own module is then
-//! `experts.base_layer`) and gives each a LoRA of rank r per expert, stacked:
+//! PEFT wraps the `experts` module once per parameter, each wrapper around the last (so the first
+//! parameter wrapped sits on the other's `experts.base_layer`), and gives each a LoRA of rank r
+//! per expert, stacked:
 //! A `[r·E, in]` holds expert e's A in rows `e·r .. (e+1)·r`, and B `[out, r·E]` holds column k of
 //! expert e's B at column `k·E + e` (`peft.tuners.lora.layer.ParamWrapper.get_delta_weight`).
 //! `gate_up_proj`'s rows are the gate's, then the up projection's; its per-expert B splits into
@@ -20,8 +21,8 @@ use crate::io::safetensors::{decode_into, FloatType, TensorFile};
 
 use super::{AdapterConfig, FactorRef, LoraTensors};
 
-/// The wrapper suffix of a fused experts module: `.experts`, or `.experts.base_layer`, … for the
-/// second and later parameters wrapped.
+/// The wrapper suffix of a fused experts module: `.experts` for the parameter wrapped last, or
+/// `.experts.base_layer`, … for those wrapped before it.
 const EXPERTS: &str = ".experts";
 const WRAPPED: &str = ".base_layer";
 
@@ -62,9 +63,9 @@ pub(super) fn expand(
             return Err(bad(
                 &list[0].a,
                 format!(
-                    "a LoRA on `{experts_path}`, whose parameters ({}) target_parameters does not \
-                     name",
-                    super::EXPERT_PARAMETERS.join(", ")
+                    "`{experts_path}` holds a LoRA on fused experts, but target_parameters ({}) \
+                     names neither `{experts_path}.gate_up_proj` nor `{experts_path}.down_proj`",
+                    config.target_parameters.join(", ")
                 ),
             ));
         }

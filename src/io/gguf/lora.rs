@@ -112,7 +112,8 @@ pub fn export(
 /// One LoRA tensor pair, placed: its GGUF base tensor name, its modules (one; or, where llama.cpp
 /// stacks a layer's experts in one tensor, one per expert, None for an expert the adapter leaves
 /// alone, written as zeros), the heads its B rows are stored permuted by (Q and K of
-/// llama-family models).
+/// llama-family models). A stack's rank is its largest member's: llama.cpp holds one rank for a
+/// layer's experts, and a member of a smaller rank is padded with zero ranks (which add nothing).
 struct Placed<'a> {
     gguf: String,
     members: Vec<Option<Member<'a>>>,
@@ -124,11 +125,14 @@ struct Placed<'a> {
     out_features: usize,
 }
 
-/// An adapter module in a placed tensor, and the factor its B takes.
+/// An adapter module in a placed tensor: its rank, and its PEFT scale (folded into its B where
+/// llama.cpp's scale of the tensor, `alpha / r` at the tensor's rank, differs).
 #[derive(Clone, Copy)]
 struct Member<'a> {
     module: &'a str,
-    fold: f64,
+    r: usize,
+    scale: f64,
+    ty: FloatType,
 }
 
 /// Writes `adapter` as a llama.cpp LoRA GGUF for `base` at `out` (replacing it), named `name`
@@ -187,24 +191,19 @@ pub fn write_lora_gguf(
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
         );
-        // llama.cpp's scale of this tensor is alpha / r (1 when alpha is 0), with alpha as the
-        // file stores it, in f32.
-        let stored_alpha = alpha as f32 as f64;
-        let gguf_scale = if stored_alpha != 0.0 {
-            stored_alpha / m.r as f64
-        } else {
-            1.0
+        let member = Member {
+            module,
+            r: m.r,
+            scale: adapter.config.scale(m.r, m.alpha),
+            ty: m.ty,
         };
-        let fold = adapter.config.scale(m.r, m.alpha) / gguf_scale;
-        let member = Member { module, fold };
-        let ty = if fold == 1.0 { m.ty } else { FloatType::F32 };
         let gguf = format!("blk.{layer}.{suffix}.weight");
         let new = |members| Placed {
             gguf: gguf.clone(),
             members,
             stacked: expert.is_some(),
             permuted_heads,
-            ty,
+            ty: m.ty,
             r: m.r,
             in_features: m.in_features,
             out_features: m.out_features,
@@ -225,18 +224,20 @@ pub fn write_lora_gguf(
             placed.len() - 1
         });
         let stack = &mut placed[at];
-        if let Some(other) = stack.members.iter().flatten().next() {
-            if stack.r != m.r {
-                return Err(not_for_base(format!(
-                    "has rank {}, but `{}` has rank {} and llama.cpp stacks a layer's experts in one tensor of one rank",
-                    m.r, other.module, stack.r
-                )));
-            }
-        }
-        if stack.ty != ty {
-            stack.ty = FloatType::F32;
-        }
+        stack.r = stack.r.max(m.r);
         stack.members[e] = Some(member);
+    }
+    // llama.cpp's scale of a tensor is alpha / r at its rank (1 when alpha is 0), with alpha as
+    // the file stores it, in f32. Where a member's own scale differs, its B takes the ratio, and
+    // the tensor is written in f32 (as when its members' types differ).
+    let stored_alpha = alpha as f32 as f64;
+    for p in &mut placed {
+        let members: Vec<&Member<'_>> = p.members.iter().flatten().collect();
+        let first = members[0].ty;
+        let exact = members
+            .iter()
+            .all(|m| m.ty == first && m.fold(p.r, stored_alpha) == 1.0);
+        p.ty = if exact { first } else { FloatType::F32 };
     }
     let mut tensors = Vec::with_capacity(placed.len() * 2);
     for p in &placed {
@@ -249,8 +250,13 @@ pub fn write_lora_gguf(
             ty: p.ty,
             produce: Box::new(move || {
                 check()?;
+                // A `[r, in]`: a smaller rank's missing rows are zeros.
                 let a = p.gather(
-                    |member| adapter.factor(member.module, Factor::A),
+                    |member| {
+                        let mut a = adapter.factor(member.module, Factor::A)?;
+                        a.resize(p.r * p.in_features, 0.0);
+                        Ok(a)
+                    },
                     p.r * p.in_features,
                 )?;
                 Ok(encode_f32(&a, p.ty))
@@ -264,11 +270,9 @@ pub fn write_lora_gguf(
                 check()?;
                 let b = p.gather(
                     |member| {
-                        Ok(stored_b(
-                            p,
-                            member.fold,
-                            adapter.factor(member.module, Factor::B)?,
-                        ))
+                        let b = adapter.factor(member.module, Factor::B)?;
+                        let fold = member.fold(p.r, stored_alpha);
+                        Ok(stored_b(p, fold, pad_columns(b, member.r, p.r)))
                     },
                     p.r * p.out_features,
                 )?;
@@ -287,6 +291,15 @@ pub fn write_lora_gguf(
     write::write_file(out, &metadata, &tensors)
 }
 
+impl Member<'_> {
+    /// The factor its B takes in a tensor of rank `r`: its scale over llama.cpp's, `alpha / r`
+    /// (1 when alpha is 0).
+    fn fold(&self, r: usize, alpha: f64) -> f64 {
+        let gguf_scale = if alpha != 0.0 { alpha / r as f64 } else { 1.0 };
+        self.scale / gguf_scale
+    }
+}
+
 impl Placed<'_> {
     /// The members' factors one after the other (zeros, `len` of them, for an absent expert).
     fn gather(
@@ -303,6 +316,18 @@ impl Placed<'_> {
         }
         Ok(out)
     }
+}
+
+/// B `[out, r]` widened to `[out, to]` with zero columns.
+fn pad_columns(b: Vec<f32>, r: usize, to: usize) -> Vec<f32> {
+    if r == to {
+        return b;
+    }
+    let mut out = vec![0f32; b.len() / r * to];
+    for (row, values) in b.chunks(r).enumerate() {
+        out[row * to..row * to + r].copy_from_slice(values);
+    }
+    out
 }
 
 /// B as the GGUF holds it: its scale (`fold`) folded in, its rows in the base's stored order.
