@@ -239,7 +239,17 @@ fn experts_of_other_ranks_and_scales_are_padded_and_keep_their_updates() {
         let config = common::cli::read_json(&again.join("adapter_config.json"));
         assert_eq!(config["rank_pattern"][gate_up], 8, "{tag}: {config}");
         same_updates(&per, &read_back(&again, &base), &tag);
-        assert!(again.join("adapter_model.gguf").is_file());
+        let data = std::fs::read(again.join("adapter_model.gguf")).unwrap();
+        let header = loraxfer::io::gguf::header::parse(&data).unwrap();
+        let dims = |name: &str| {
+            let t = header.tensors.iter().find(|t| t.name == name).unwrap();
+            t.dims.clone()
+        };
+        // Each projection's stack at its largest expert's rank (4; the others padded).
+        for proj in ["gate", "up", "down"] {
+            let a = dims(&format!("blk.0.ffn_{proj}_exps.weight.lora_a"));
+            assert_eq!(a[1..], [4, experts], "{tag} {proj}");
+        }
     }
 }
 

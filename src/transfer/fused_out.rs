@@ -181,8 +181,9 @@ pub fn fuse_experts(
 type Decoded<'a> = (Vec<f32>, Vec<f32>, &'a EncodedFactors);
 
 /// One wrapper's factors, and its rank per expert R (the largest expert's summed rank), from
-/// each expert's factors in the parameter's slots; the scale is the first part's. A part with no
-/// update (B all zero: an expert or a projection the adapter leaves alone) takes no rank.
+/// each expert's factors in the parameter's slots; the scale is that of the first part with an
+/// update. A part with no update (B all zero: an expert or a projection the adapter leaves alone)
+/// takes no rank, and its type does not count.
 fn stack(
     name: &str,
     per_expert: &[Vec<Option<EncodedFactors>>],
@@ -242,8 +243,8 @@ fn stack(
     let m: usize = widths.iter().sum();
     let lead = updates().next().unwrap_or(first);
     let s = config.scale(lead.r, lead.alpha);
-    let ty = if present().all(|f| f.ty == first.ty) {
-        first.ty
+    let ty = if updates().all(|f| f.ty == lead.ty) {
+        lead.ty
     } else {
         FloatType::F32
     };
