@@ -221,19 +221,33 @@ pub fn output_config<T>(
             raw.insert(key.into(), Value::Null);
         }
     }
+    let written = modules
+        .iter()
+        .map(|(name, f)| (exact_pattern(name), f.r, f.alpha));
+    set_patterns(&mut raw, cfg, written);
+    raw
+}
+
+/// Writes `rank_pattern` and `alpha_pattern` into `raw`: an entry for each (pattern key, rank,
+/// alpha) of `written` that differs from the config's `r` / `lora_alpha`.
+pub(crate) fn set_patterns(
+    raw: &mut serde_json::Map<String, serde_json::Value>,
+    cfg: &crate::io::adapter::AdapterConfig,
+    written: impl IntoIterator<Item = (String, usize, f64)>,
+) {
+    use serde_json::Value;
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
-    for (name, f) in modules {
-        if f.r != cfg.r {
-            rank_pattern.insert(exact_pattern(name), Value::from(f.r));
+    for (key, r, alpha) in written {
+        if r != cfg.r {
+            rank_pattern.insert(key.clone(), Value::from(r));
         }
-        if f.alpha != cfg.lora_alpha {
-            alpha_pattern.insert(exact_pattern(name), Value::from(f.alpha));
+        if alpha != cfg.lora_alpha {
+            alpha_pattern.insert(key, Value::from(alpha));
         }
     }
     raw.insert("rank_pattern".into(), Value::Object(rank_pattern));
     raw.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
-    raw
 }
 
 #[cfg(test)]

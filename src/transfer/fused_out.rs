@@ -147,16 +147,6 @@ pub fn fuse_experts(
             modules.insert(module, fused);
         }
     }
-    let (r, alpha) = (adapter_config.r, adapter_config.lora_alpha);
-    let (mut rank_pattern, mut alpha_pattern) = (Map::new(), Map::new());
-    for (key, module_r, module_alpha) in written {
-        if module_r != r {
-            rank_pattern.insert(key.clone(), Value::from(module_r));
-        }
-        if module_alpha != alpha {
-            alpha_pattern.insert(key, Value::from(module_alpha));
-        }
-    }
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     config.insert("target_modules".into(), strings(target_modules));
     let mut parameters = gate_up_names;
@@ -172,8 +162,7 @@ pub fn fuse_experts(
         false => Value::Array(parameters),
     };
     config.insert("target_parameters".into(), parameters);
-    config.insert("rank_pattern".into(), Value::Object(rank_pattern));
-    config.insert("alpha_pattern".into(), Value::Object(alpha_pattern));
+    super::assemble::set_patterns(config, adapter_config, written);
     Ok(modules)
 }
 

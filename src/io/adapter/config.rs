@@ -175,13 +175,7 @@ impl AdapterConfig {
     /// The name PEFT matches the patterns against: the module's, or its weight's where
     /// `target_parameters` adapts the module through its weight.
     fn pattern_name(&self, module: &str) -> String {
-        let named = self.weight_parameters.iter().any(|t| {
-            module == t
-                || module
-                    .strip_suffix(t.as_str())
-                    .is_some_and(|head| head.ends_with('.'))
-        });
-        if named {
+        if self.weight_parameters.iter().any(|t| names(t, module)) {
             format!("{module}.weight")
         } else {
             module.to_string()
@@ -273,6 +267,15 @@ fn find_pattern<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
         let re = Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).ok()?;
         re.is_match(module).then_some(*v)
     })
+}
+
+/// Whether a `target_parameters` entry names `full`: whole, or a part of it after a dot (PEFT's
+/// `key == entry or key.endswith("." + entry)`).
+pub(super) fn names(entry: &str, full: &str) -> bool {
+    full == entry
+        || full
+            .strip_suffix(entry)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 /// A module's full name as its rank/alpha pattern key, unescaped: PEFT since 0.14 reads a key as

@@ -146,12 +146,9 @@ pub(super) fn expand(
 fn named_for(params: &[String], experts_path: &str) -> Vec<&'static str> {
     let applies = |p: &str| {
         let full = format!("{experts_path}.{p}");
-        params.iter().any(|entry| {
-            full == *entry
-                || full
-                    .strip_suffix(entry.as_str())
-                    .is_some_and(|head| head.ends_with('.'))
-        })
+        params
+            .iter()
+            .any(|entry| super::config::names(entry, &full))
     };
     super::EXPERT_PARAMETERS
         .into_iter()
