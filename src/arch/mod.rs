@@ -249,8 +249,29 @@ pub struct Arch {
     /// layer; every table with expert modules names it.
     #[serde(default)]
     pub router: Option<String>,
+    /// Where a checkpoint of this family stores each layer's experts fused, one tensor per
+    /// projection for all experts (GPT-OSS), instead of one module per expert: the reader
+    /// presents them one expert at a time under the expert modules' keys.
+    #[serde(default)]
+    pub stored_experts: Option<StoredExperts>,
     /// Where the residual stream's anchors and norm gains live (the `map` mode reads them).
     pub residual: Residual,
+}
+
+/// A layer's experts fused on disk: `gate_up` `[E, 2·width, hidden]` (the gate's and the up
+/// projection's rows) and `down` `[E, hidden, width]`, each as an `[out, in]` weight per expert,
+/// or `[E, in, out]` where `transposed`; the gate's and the up projection's rows alternate where
+/// `interleaved` (gate j at row 2j, up j at 2j + 1), else the gate's come first. A float tensor
+/// of that name, or MXFP4's `<name>_blocks` and `<name>_scales` (`[E, out, in/32, 16]` and
+/// `[E, out, in/32]`, never transposed).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoredExperts {
+    pub gate_up: String,
+    pub down: String,
+    #[serde(default)]
+    pub transposed: bool,
+    #[serde(default)]
+    pub interleaved: bool,
 }
 
 /// The residual stream's conventions: the embedding, the norm before each block, and how the
@@ -397,6 +418,12 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             ));
         }
     }
+    if arch.stored_experts.is_some() && !arch.has_experts() {
+        return Err(format!(
+            "table `{}` stores experts fused but has no expert modules to present them as",
+            arch.name
+        ));
+    }
     if arch.has_experts() && arch.router.is_none() {
         return Err(format!(
             "table `{}` has expert modules and must name their `router`",
@@ -537,6 +564,14 @@ impl Arch {
         module: &ModuleSpec,
     ) -> String {
         format!("{prefix}.{layer}.{}", module.key_at(expert))
+    }
+
+    /// How a LoRA on this family's fused `gate_up_proj` holds an expert's gate and up rows.
+    pub fn gate_up_rows(&self) -> crate::io::adapter::GateUpRows {
+        match &self.stored_experts {
+            Some(s) if s.interleaved => crate::io::adapter::GateUpRows::Interleaved,
+            _ => crate::io::adapter::GateUpRows::Halves,
+        }
     }
 
     /// Whether this architecture's MLPs are experts (a mixture-of-experts table).

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::io::RawBytes;
 
 use crate::error::{Error, Result};
+use crate::io::expert_views::ExpertViews;
 use crate::io::gguf::{self, GgufModel};
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::map::vocab::{Vocab, TOKENIZER_FILE};
@@ -30,6 +31,8 @@ enum Storage {
     Safetensors {
         shards: Vec<TensorFile>,
         index: HashMap<String, usize>,
+        /// Experts stored fused (GPT-OSS), presented one expert's weight at a time.
+        experts: ExpertViews,
     },
     Gguf(Box<GgufModel>),
 }
@@ -71,10 +74,19 @@ impl Checkpoint {
                 "no model.safetensors or model.safetensors.index.json (safetensors checkpoints and GGUF files are read)",
             ));
         };
+        // A family that stores its experts fused: each expert's weight under its module's name.
+        let experts = match crate::arch::for_config(&config, &config_path) {
+            Ok(arch) => ExpertViews::find(arch, &config, &shards, &index)?,
+            Err(_) => ExpertViews::default(),
+        };
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
-            storage: Storage::Safetensors { shards, index },
+            storage: Storage::Safetensors {
+                shards,
+                index,
+                experts,
+            },
             vocab: Default::default(),
         })
     }
@@ -139,14 +151,22 @@ impl Checkpoint {
     /// The file holding `name`, if any (a shard, or the GGUF file).
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         match &self.storage {
-            Storage::Safetensors { shards, index } => index.get(name).map(|&i| shards[i].path()),
+            Storage::Safetensors {
+                shards,
+                index,
+                experts,
+            } => index
+                .get(name)
+                .copied()
+                .or_else(|| experts.shard(name))
+                .map(|i| shards[i].path()),
             Storage::Gguf(g) => g.has(name).then(|| g.path()),
         }
     }
 
     fn shard_of(&self, name: &str) -> Option<&TensorFile> {
         match &self.storage {
-            Storage::Safetensors { shards, index } => index.get(name).map(|&i| &shards[i]),
+            Storage::Safetensors { shards, index, .. } => index.get(name).map(|&i| &shards[i]),
             Storage::Gguf(_) => None,
         }
     }
@@ -154,7 +174,9 @@ impl Checkpoint {
     /// True when the checkpoint has a tensor of this name.
     pub fn has(&self, name: &str) -> bool {
         match &self.storage {
-            Storage::Safetensors { index, .. } => index.contains_key(name),
+            Storage::Safetensors { index, experts, .. } => {
+                index.contains_key(name) || experts.has(name)
+            }
             Storage::Gguf(g) => g.has(name),
         }
     }
@@ -162,7 +184,9 @@ impl Checkpoint {
     /// All tensor names.
     pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match &self.storage {
-            Storage::Safetensors { index, .. } => Box::new(index.keys().map(String::as_str)),
+            Storage::Safetensors { index, experts, .. } => {
+                Box::new(index.keys().map(String::as_str).chain(experts.names()))
+            }
             Storage::Gguf(g) => Box::new(g.names()),
         }
     }
@@ -170,10 +194,11 @@ impl Checkpoint {
     /// The shape of `name`, or a MissingTensor error naming the directory.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
         let shape = match &self.storage {
-            Storage::Safetensors { .. } => self
+            Storage::Safetensors { experts, .. } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
-                .map(|e| e.shape.as_slice()),
+                .map(|e| e.shape.as_slice())
+                .or_else(|| experts.shape(name)),
             Storage::Gguf(g) => g.shape(name),
         };
         shape.ok_or_else(|| self.missing(name))
@@ -183,6 +208,7 @@ impl Checkpoint {
     /// dequantized reads as f32).
     pub fn float_type(&self, name: &str) -> Option<FloatType> {
         match &self.storage {
+            Storage::Safetensors { experts, .. } if experts.has(name) => Some(FloatType::F32),
             Storage::Safetensors { .. } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
@@ -196,13 +222,16 @@ impl Checkpoint {
     /// time instead of holding a whole batch of copies.
     pub fn borrows(&self, name: &str) -> bool {
         match &self.storage {
-            Storage::Safetensors { .. } => true,
+            Storage::Safetensors { experts, .. } => !experts.has(name),
             Storage::Gguf(g) => g.as_stored(name),
         }
     }
 
     /// Reads rows of a 2-D tensor as f32 (NaN/Inf refused, error names the shard and tensor).
     pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        if let Some(values) = self.expert_rows(name, &rows)? {
+            return Ok(values);
+        }
         match &self.storage {
             Storage::Safetensors { .. } => self
                 .shard_of(name)
@@ -219,6 +248,10 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize)> {
+        if let Some(values) = self.expert_rows(name, &rows)? {
+            let cols = self.shape(name)?[1];
+            return Ok((RawBytes::Decoded(values), FloatType::F32, cols));
+        }
         match &self.storage {
             Storage::Safetensors { .. } => {
                 let (bytes, ty, cols) = self
@@ -252,6 +285,11 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize, &std::path::Path)> {
+        if let Some(values) = self.expert_rows(name, &rows)? {
+            let cols = self.shape(name)?[1];
+            let file = self.file_of(name).expect("a stored expert's shard");
+            return Ok((RawBytes::Decoded(values), FloatType::F32, cols, file));
+        }
         match &self.storage {
             Storage::Safetensors { .. } => {
                 let file = self.shard_of(name).ok_or_else(|| self.missing(name))?;
@@ -262,6 +300,17 @@ impl Checkpoint {
                 let (bytes, ty, cols) = g.rows_raw(name, rows, true)?;
                 Ok((bytes, ty, cols, g.path()))
             }
+        }
+    }
+
+    /// Rows of an expert's weight the checkpoint stores fused, built (and checked) as read; None
+    /// for any other tensor.
+    fn expert_rows(&self, name: &str, rows: &std::ops::Range<usize>) -> Result<Option<Vec<f32>>> {
+        match &self.storage {
+            Storage::Safetensors {
+                shards, experts, ..
+            } => experts.read_rows(name, rows.clone(), shards),
+            Storage::Gguf(_) => Ok(None),
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+pub mod expert_views;
 pub mod gguf;
 pub mod hub;
 pub mod output;

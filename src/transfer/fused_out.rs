@@ -22,6 +22,9 @@
 //!   `<module>.weight`: the same tensors and update as a LoRA on the module, which PEFT leaves
 //!   where it is); attention stays in `target_modules`.
 //!
+//! GPT-OSS stores its experts this way on disk, with gate_up's outputs alternating gate and up:
+//! its output is always in this form, B's gate and up rows alternating as the model's.
+//!
 //! Ranks and alphas go under the names PEFT matches them against: `<experts>.gate_up_proj`,
 //! `<experts>.down_proj` and `<module>.weight`. The scale of an expert part whose own scale
 //! differs from its wrapper's is folded into its B, so every update is the one transferred.
@@ -32,7 +35,7 @@ use serde_json::{Map, Value};
 
 use crate::arch::{Block, Part};
 use crate::error::{Error, Result};
-use crate::io::adapter::{exact_pattern, AdapterConfig, EncodedFactors};
+use crate::io::adapter::{exact_pattern, AdapterConfig, EncodedFactors, GateUpRows};
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::plan::ModelSide;
 
@@ -67,6 +70,7 @@ pub fn fuse_experts(
 ) -> Result<BTreeMap<String, EncodedFactors>> {
     check_target(target)?;
     let experts = target.experts();
+    let rows = target.arch.gate_up_rows();
     let mut by_layer: BTreeMap<usize, Vec<ExpertPart>> = BTreeMap::new();
     let (mut target_modules, mut weights) = (Vec::new(), Vec::new());
     for name in modules.keys() {
@@ -141,7 +145,7 @@ pub fn fuse_experts(
                 continue;
             }
             let key = format!("{wrapper}.{param}");
-            let (fused, rank) = stack(&key, &per_expert, adapter_config)?;
+            let (fused, rank) = stack(&key, &per_expert, adapter_config, rows)?;
             names.push(Value::String(key.clone()));
             written.push((key, rank, fused.alpha));
             modules.insert(module, fused);
@@ -170,13 +174,15 @@ pub fn fuse_experts(
 type Decoded<'a> = (Vec<f32>, Vec<f32>, &'a EncodedFactors);
 
 /// One wrapper's factors, and its rank per expert R (the largest expert's summed rank), from
-/// each expert's factors in the parameter's slots; the scale is that of the first part with an
-/// update. A part with no update (B all zero: an expert or a projection the adapter leaves alone)
-/// takes no rank, and its type does not count.
+/// each expert's factors in the parameter's slots, whose rows follow each other or alternate
+/// (`rows`); the scale is that of the first part with an update. A part with no update (B all
+/// zero: an expert or a projection the adapter leaves alone) takes no rank, and its type does
+/// not count.
 fn stack(
     name: &str,
     per_expert: &[Vec<Option<EncodedFactors>>],
     config: &AdapterConfig,
+    rows: GateUpRows,
 ) -> Result<(EncodedFactors, usize)> {
     let experts = per_expert.len();
     let present = || per_expert.iter().flat_map(|slots| slots.iter().flatten());
@@ -248,7 +254,11 @@ fn stack(
                     let row = e * rank + k0 + k;
                     a[row * n..(row + 1) * n].copy_from_slice(&fa[k * n..(k + 1) * n]);
                     for i in 0..f.out_features {
-                        b[(row0 + i) * cols + (k0 + k) * experts + e] = fb[i * f.r + k] * ratio;
+                        let at = match rows {
+                            GateUpRows::Halves => row0 + i,
+                            GateUpRows::Interleaved => i * slots.len() + slot,
+                        };
+                        b[at * cols + (k0 + k) * experts + e] = fb[i * f.r + k] * ratio;
                     }
                 }
                 k0 += f.r;

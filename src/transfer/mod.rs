@@ -219,8 +219,11 @@ pub fn run(job: &Job) -> Result<Report> {
     let staged = StagedDir::create(&job.out, job.force, &job.inputs())?;
     // The per-expert form goes to the file unless fused; with --gguf-adapter it is written
     // first even then, for the GGUF (read back from it: it holds what PEFT loads, value for
-    // value, each expert at its own rank), and the fused form replaces it.
-    if !job.fused_experts || job.gguf_adapter {
+    // value, each expert at its own rank), and the fused form replaces it. A target that stores
+    // its experts fused (GPT-OSS) has no per-expert modules to load an adapter onto: its output
+    // is always fused.
+    let fused_experts = job.fused_experts || target_side.arch.stored_experts.is_some();
+    if !fused_experts || job.gguf_adapter {
         adapter::write_adapter(staged.path(), &config, &modules)?;
     }
     if job.gguf_adapter {
@@ -230,7 +233,7 @@ pub fn run(job: &Job) -> Result<Report> {
         let check = || job.progress.check();
         crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path, &check)?;
     }
-    if job.fused_experts {
+    if fused_experts {
         let mut config = config;
         let adapter_config = &opened.adapter.config;
         let fused = fused_out::fuse_experts(&mut config, modules, adapter_config, &target_side)?;
@@ -267,9 +270,9 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         // Before any work: a target llama.cpp has no architecture for is refused now.
         crate::io::gguf::lora::family_of_base(&target)?;
     }
-    let mut adapter = Adapter::open(&job.adapter)?;
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
+    let mut adapter = Adapter::open_with(&job.adapter, s.arch.gate_up_rows())?;
     if job.fused_experts {
         // Before any work: a target without experts has nothing to fuse.
         fused_out::check_target(&t)?;

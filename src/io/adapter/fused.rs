@@ -19,7 +19,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{decode_into, FloatType, TensorFile};
 
-use super::{AdapterConfig, FactorRef, LoraTensors};
+use super::{AdapterConfig, FactorRef, GateUpRows, LoraTensors};
 
 /// The wrapper suffix of a fused experts module: `.experts` for the parameter wrapped last, or
 /// `.experts.base_layer`, … for those wrapped before it.
@@ -53,6 +53,7 @@ pub(super) fn expand(
     wrappers: BTreeMap<String, BTreeMap<usize, Wrapper>>,
     config: &AdapterConfig,
     path: &Path,
+    gate_up: GateUpRows,
 ) -> Result<BTreeMap<String, LoraTensors>> {
     let bad = |tensor: &str, reason: String| Error::bad_tensor(path, tensor, reason);
     let mut out = BTreeMap::new();
@@ -99,37 +100,44 @@ pub(super) fn expand(
                 ));
             }
             let experts = stacked / r;
-            let parts: Vec<(&str, Range<usize>)> = if param == "gate_up_proj" {
+            // (part, B's rows that are its own, taken every `step`-th)
+            let parts: Vec<(&str, Range<usize>, usize)> = if param == "gate_up_proj" {
                 if m % 2 != 0 {
                     return Err(bad(
                         &w.b,
                         format!("gate_up_proj's {m} rows do not halve into gate and up"),
                     ));
                 }
-                vec![("gate_proj", 0..m / 2), ("up_proj", m / 2..m)]
+                match gate_up {
+                    GateUpRows::Halves => {
+                        vec![("gate_proj", 0..m / 2, 1), ("up_proj", m / 2..m, 1)]
+                    }
+                    GateUpRows::Interleaved => vec![("gate_proj", 0..m, 2), ("up_proj", 1..m, 2)],
+                }
             } else {
-                vec![("down_proj", 0..m)]
+                vec![("down_proj", 0..m, 1)]
             };
             let ty = w.ty;
             for e in 0..experts {
-                for (part, rows) in &parts {
-                    let block = |tensor: &str, rows: Range<usize>| FactorRef {
+                for (part, rows, step) in &parts {
+                    let block = |tensor: &str, rows: Range<usize>, step: usize| FactorRef {
                         tensor: tensor.to_string(),
                         expert: Some(super::ExpertBlock {
                             expert: e,
                             experts,
                             rank: r,
                             rows,
+                            step,
                         }),
                     };
                     out.insert(
                         format!("{experts_path}.{e}.{part}"),
                         LoraTensors {
-                            a: block(&w.a, e * r..(e + 1) * r),
-                            b: block(&w.b, rows.clone()),
+                            a: block(&w.a, e * r..(e + 1) * r, 1),
+                            b: block(&w.b, rows.clone(), *step),
                             r,
                             in_features: n,
-                            out_features: rows.len(),
+                            out_features: rows.len().div_ceil(*step),
                             alpha,
                             ty,
                         },
@@ -177,8 +185,8 @@ fn assign(list: &[&Wrapper], named: &[&'static str]) -> Option<Vec<&'static str>
     }
 }
 
-/// Expert e's factor out of a fused one: A's rows `e·r .. (e+1)·r`, or B's `rows` at the
-/// columns `k·E + e` (only those decoded: a layer's B is read once per expert).
+/// Expert e's factor out of a fused one: A's rows `e·r .. (e+1)·r`, or B's `rows` (every
+/// `step`-th) at the columns `k·E + e` (only those decoded: a layer's B is read once per expert).
 pub(super) fn pick(file: &TensorFile, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
     let block = f.expert.as_ref().expect("a fused factor");
     if !is_b {
@@ -187,9 +195,10 @@ pub(super) fn pick(file: &TensorFile, f: &FactorRef, is_b: bool) -> Result<Vec<f
     // Every value was checked for NaN and Inf when the adapter was opened.
     let (bytes, ty, cols) = file.rows_raw_unchecked(&f.tensor, block.rows.clone())?;
     let size = ty.size();
-    let mut out = vec![0f32; block.rows.len() * block.rank];
+    let count = block.rows.len().div_ceil(block.step);
+    let mut out = vec![0f32; count * block.rank];
     for (i, value) in out.iter_mut().enumerate() {
-        let (row, k) = (i / block.rank, i % block.rank);
+        let (row, k) = (i / block.rank * block.step, i % block.rank);
         let at = (row * cols + k * block.experts + block.expert) * size;
         decode_into(&bytes[at..at + size], ty, std::slice::from_mut(value));
     }

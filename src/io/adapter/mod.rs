@@ -45,13 +45,25 @@ pub struct FactorRef {
 }
 
 /// One expert's factor inside a fused LoRA of rank `rank` per expert over `experts` experts: the
-/// fused tensor's `rows` (and, in B, the expert's columns).
+/// fused tensor's rows `rows` taken every `step`-th (a gate's or an up projection's among the
+/// alternating rows of GPT-OSS's `gate_up_proj`; else every row), and, in B, the expert's
+/// columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertBlock {
     pub expert: usize,
     pub experts: usize,
     pub rank: usize,
     pub rows: std::ops::Range<usize>,
+    pub step: usize,
+}
+
+/// How a fused `gate_up_proj` holds an expert's gate and up projection: the gate's rows, then
+/// the up projection's (transformers 5's experts), or alternating, gate first (GPT-OSS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GateUpRows {
+    #[default]
+    Halves,
+    Interleaved,
 }
 /// A module's factors in f32.
 pub type LoraFactors = LoraModule<Vec<f32>>;
@@ -106,6 +118,12 @@ pub struct Adapter {
 impl Adapter {
     /// Opens an adapter directory, checking every key, shape and value.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, GateUpRows::Halves)
+    }
+
+    /// [`Adapter::open`] for a base whose fused `gate_up_proj` holds the gate's and the up
+    /// projection's rows as `gate_up` says (the base's table knows; the adapter cannot tell).
+    pub fn open_with(dir: &Path, gate_up: GateUpRows) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
         if !config_path.is_file() {
@@ -129,7 +147,7 @@ impl Adapter {
             .map_err(|e| Error::io(&config_path, "cannot read", e))?;
         let config = AdapterConfig::parse(&text, &config_path)?;
         let file = TensorFile::open(&weights_path)?;
-        let modules = index_modules(&file, &config)?;
+        let modules = index_modules(&file, &config, gate_up)?;
         if modules.is_empty() {
             return Err(Error::UnsupportedAdapter {
                 path: weights_path,
@@ -241,6 +259,7 @@ fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
 fn index_modules(
     file: &TensorFile,
     config: &AdapterConfig,
+    gate_up: GateUpRows,
 ) -> Result<BTreeMap<String, LoraTensors>> {
     let path = file.path();
     let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
@@ -352,7 +371,7 @@ fn index_modules(
             },
         );
     }
-    for (name, m) in fused::expand(wrappers, config, path)? {
+    for (name, m) in fused::expand(wrappers, config, path, gate_up)? {
         if out.insert(name.clone(), m).is_some() {
             return Err(Error::UnsupportedAdapter {
                 path: path.to_path_buf(),

@@ -1,0 +1,397 @@
+//! Experts a checkpoint stores fused, one tensor per projection for all of a layer's experts
+//! (GPT-OSS: `mlp.experts.gate_up_proj` `[E, hidden, 2·width]` with the gate's and the up
+//! projection's outputs alternating, `mlp.experts.down_proj` `[E, width, hidden]`, in bf16 or as
+//! MXFP4 blocks and scales), presented one expert's `[out, in]` weight at a time under the names
+//! the architecture table gives its expert modules (`mlp.experts.5.up_proj.weight`), so that
+//! every part of the engine reads them as it reads a checkpoint that stores each expert alone.
+//! An expert's weight is built when it is read (a strided, possibly transposed, slice of the
+//! fused tensor, or dequantized), as a GGUF's quantized weight is.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::arch::{Arch, Block, Part};
+use crate::error::{Error, Result};
+use crate::io::config::ModelConfig;
+use crate::io::safetensors::{decode_into, FloatType, TensorFile};
+
+/// MXFP4 values per block (one shared scale), and the bytes that hold them (two per byte).
+const BLOCK: usize = 32;
+const BLOCK_BYTES: usize = BLOCK / 2;
+
+/// FP4 (E2M1) values by code, as the OCP Microscaling format defines them.
+const FP4: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Every expert weight a checkpoint stores fused, by the name it is presented under.
+#[derive(Debug, Default)]
+pub struct ExpertViews {
+    views: HashMap<String, View>,
+}
+
+/// One expert's weight inside a fused tensor.
+#[derive(Debug, Clone)]
+struct View {
+    shard: usize,
+    source: Source,
+    expert: usize,
+    /// The fused tensor's output rows (`[E, out, in]` order) for all experts.
+    fused_out: usize,
+    /// Row j of this weight is the fused tensor's output row `first + j·step`.
+    first: usize,
+    step: usize,
+    /// `[out, in]` of this expert's weight.
+    shape: [usize; 2],
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// A float tensor, `[E, in, out]` when transposed, else `[E, out, in]`.
+    Float { tensor: String, transposed: bool },
+    /// MXFP4: `<name>_blocks` `[E, out, in/32, 16]` and `<name>_scales` `[E, out, in/32]`.
+    Mxfp4 { blocks: String, scales: String },
+}
+
+impl Source {
+    /// The stored tensor messages name.
+    fn tensor(&self) -> &str {
+        match self {
+            Source::Float { tensor, .. } => tensor,
+            Source::Mxfp4 { blocks, .. } => blocks,
+        }
+    }
+}
+
+impl ExpertViews {
+    /// The expert weights a checkpoint of this family stores fused (none where the table stores
+    /// experts one module each, or the config has none), each fused tensor's type and shape
+    /// checked against the config. A weight also stored on its own is read as stored.
+    pub fn find(
+        arch: &Arch,
+        config: &ModelConfig,
+        shards: &[TensorFile],
+        index: &HashMap<String, usize>,
+    ) -> Result<Self> {
+        let mut views = HashMap::new();
+        let (Some(spec), Some(experts)) = (&arch.stored_experts, &config.experts) else {
+            return Ok(ExpertViews { views });
+        };
+        let (hidden, width, count) = (config.hidden_size, experts.width, experts.count);
+        let projections = [
+            (&spec.gate_up, vec![Part::Gate, Part::Up], 2 * width, hidden),
+            (&spec.down, vec![Part::Down], hidden, width),
+        ];
+        for prefix in &arch.layer_prefixes {
+            for layer in 0..config.num_hidden_layers {
+                for (param, parts, out, inn) in &projections {
+                    let name = format!("{prefix}.{layer}.{param}");
+                    let Some((shard, source)) = stored(&name, index, spec.transposed) else {
+                        continue;
+                    };
+                    check(&shards[shard], &source, [count, *out, *inn])?;
+                    for expert in 0..count {
+                        for (slot, &part) in parts.iter().enumerate() {
+                            let module = arch
+                                .module_in(Block::Experts, part)
+                                .expect("a table with stored experts has expert modules");
+                            let key =
+                                format!("{prefix}.{layer}.{}.weight", module.key_at(Some(expert)));
+                            if index.contains_key(&key) {
+                                continue;
+                            }
+                            let rows = out / parts.len();
+                            let (first, step) = match spec.interleaved && parts.len() > 1 {
+                                true => (slot, parts.len()),
+                                false => (slot * rows, 1),
+                            };
+                            let view = View {
+                                shard,
+                                source: source.clone(),
+                                expert,
+                                fused_out: *out,
+                                first,
+                                step,
+                                shape: [rows, *inn],
+                            };
+                            views.insert(key, view);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ExpertViews { views })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.views.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.views.keys().map(String::as_str)
+    }
+
+    /// `[out, in]` of an expert's weight.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.views.get(name).map(|v| v.shape.as_slice())
+    }
+
+    /// The shard holding the fused tensor an expert's weight is read from.
+    pub fn shard(&self, name: &str) -> Option<usize> {
+        self.views.get(name).map(|v| v.shard)
+    }
+
+    /// Rows `rows` of an expert's weight as f32, built from the fused tensor (NaN and Inf
+    /// refused, naming the stored tensor and the expert); None where `name` is no such weight.
+    pub fn read_rows(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        shards: &[TensorFile],
+    ) -> Result<Option<Vec<f32>>> {
+        let Some(v) = self.views.get(name) else {
+            return Ok(None);
+        };
+        let file = &shards[v.shard];
+        let [out, cols] = v.shape;
+        if rows.end > out || rows.start > rows.end {
+            return Err(Error::bad_tensor(
+                file.path(),
+                name,
+                format!("rows {rows:?} out of range for shape [{out}, {cols}]"),
+            ));
+        }
+        let values = match &v.source {
+            Source::Float { tensor, transposed } => {
+                let (bytes, ty, _) = file.rows_raw_unchecked(tensor, v.expert..v.expert + 1)?;
+                match transposed {
+                    false => v.float_rows(bytes, ty, rows.clone()),
+                    true => v.float_columns(bytes, ty, rows.clone()),
+                }
+            }
+            Source::Mxfp4 { blocks, scales } => {
+                let blocks = file.bytes(blocks).expect("checked when found");
+                let scales = file.bytes(scales).expect("checked when found");
+                v.mxfp4_rows(blocks, scales, rows.clone())
+            }
+        };
+        if let Some(at) = values.iter().position(|x| !x.is_finite()) {
+            return Err(Error::bad_tensor(
+                file.path(),
+                v.source.tensor(),
+                format!(
+                    "expert {}'s weight (read as `{name}`) has the non-finite value {} at row {}, \
+                     column {}",
+                    v.expert,
+                    values[at],
+                    rows.start + at / cols,
+                    at % cols
+                ),
+            ));
+        }
+        Ok(Some(values))
+    }
+}
+
+impl View {
+    /// The fused tensor's output row of this weight's row j.
+    fn fused_row(&self, j: usize) -> usize {
+        self.first + j * self.step
+    }
+
+    /// `[E, out, in]`: whole stored rows (`slab` is the expert's `[out, in]`).
+    fn float_rows(&self, slab: &[u8], ty: FloatType, rows: Range<usize>) -> Vec<f32> {
+        let cols = self.shape[1];
+        let row_bytes = cols * ty.size();
+        let mut values = vec![0f32; rows.len() * cols];
+        values.par_chunks_mut(cols).zip(rows).for_each(|(row, j)| {
+            let at = self.fused_row(j) * row_bytes;
+            decode_into(&slab[at..at + row_bytes], ty, row);
+        });
+        values
+    }
+
+    /// `[E, in, out]`: the weight's rows are columns of the expert's `[in, out]` slab. Each
+    /// stored row's span of the wanted columns is decoded into the transposed result, then
+    /// turned around.
+    fn float_columns(&self, slab: &[u8], ty: FloatType, rows: Range<usize>) -> Vec<f32> {
+        let (count, inputs) = (rows.len(), self.shape[1]);
+        if count == 0 {
+            return Vec::new();
+        }
+        let (lo, hi) = (self.fused_row(rows.start), self.fused_row(rows.end - 1) + 1);
+        let (size, row_bytes) = (ty.size(), self.fused_out * ty.size());
+        // transposed[i·count + jj] = W[rows.start + jj, i]
+        let mut transposed = vec![0f32; inputs * count];
+        transposed.par_chunks_mut(count).enumerate().for_each_init(
+            || vec![0f32; hi - lo],
+            |span, (i, out)| {
+                let at = i * row_bytes;
+                decode_into(&slab[at + lo * size..at + hi * size], ty, span);
+                for (jj, value) in out.iter_mut().enumerate() {
+                    *value = span[jj * self.step];
+                }
+            },
+        );
+        transpose(&transposed, inputs, count)
+    }
+
+    /// MXFP4: each output row is `in/32` blocks of 16 bytes (low nibble first) and one scale
+    /// byte per block, `2^(scale − 127)`.
+    fn mxfp4_rows(&self, blocks: &[u8], scales: &[u8], rows: Range<usize>) -> Vec<f32> {
+        let cols = self.shape[1];
+        let groups = cols / BLOCK;
+        let mut values = vec![0f32; rows.len() * cols];
+        values.par_chunks_mut(cols).zip(rows).for_each(|(row, j)| {
+            let stored = self.expert * self.fused_out + self.fused_row(j);
+            let bytes = &blocks[stored * groups * BLOCK_BYTES..][..groups * BLOCK_BYTES];
+            let row_scales = &scales[stored * groups..][..groups];
+            for ((out, block), &scale) in row
+                .chunks_mut(BLOCK)
+                .zip(bytes.chunks(BLOCK_BYTES))
+                .zip(row_scales)
+            {
+                let s = e8m0(scale);
+                for (pair, &byte) in out.chunks_mut(2).zip(block) {
+                    pair[0] = FP4[(byte & 0x0f) as usize] * s;
+                    pair[1] = FP4[(byte >> 4) as usize] * s;
+                }
+            }
+        });
+        values
+    }
+}
+
+/// An E8M0 scale: `2^(byte − 127)`, NaN for 255 (the format's NaN).
+fn e8m0(byte: u8) -> f32 {
+    match byte {
+        255 => f32::NAN,
+        b => 2f64.powi(b as i32 - 127) as f32,
+    }
+}
+
+/// `a` (`rows × cols`, row-major) turned around, in tiles that stay in cache.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 64;
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(t, band)| {
+            // This band holds the result's rows TILE·t .. (columns of `a`).
+            let (c0, width) = (t * TILE, band.len() / rows);
+            for r in 0..rows {
+                for (cc, value) in a[r * cols + c0..][..width].iter().enumerate() {
+                    band[cc * rows + r] = *value;
+                }
+            }
+        });
+    out
+}
+
+/// Where a fused tensor named `name` is stored, and how: a float tensor of that name, or MXFP4
+/// blocks and scales (both in one shard).
+fn stored(name: &str, index: &HashMap<String, usize>, transposed: bool) -> Option<(usize, Source)> {
+    if let Some(&shard) = index.get(name) {
+        let source = Source::Float {
+            tensor: name.to_string(),
+            transposed,
+        };
+        return Some((shard, source));
+    }
+    let (blocks, scales) = (format!("{name}_blocks"), format!("{name}_scales"));
+    let shard = *index.get(&blocks)?;
+    Some((shard, Source::Mxfp4 { blocks, scales }))
+}
+
+/// Checks a fused tensor's type and shape against `[experts, out, in]` from the config.
+fn check(file: &TensorFile, source: &Source, [e, out, inn]: [usize; 3]) -> Result<()> {
+    let bad = |tensor: &str, reason: String| Error::bad_tensor(file.path(), tensor, reason);
+    let implied = "config.json implies";
+    match source {
+        Source::Float { tensor, transposed } => {
+            let entry = file.entry(tensor).expect("indexed in this shard");
+            let want = match *transposed {
+                true => vec![e, inn, out],
+                false => vec![e, out, inn],
+            };
+            if FloatType::from_dtype(entry.dtype).is_none() {
+                return Err(bad(
+                    tensor,
+                    format!(
+                        "dtype {:?} is not a float type (bf16, f16, f32)",
+                        entry.dtype
+                    ),
+                ));
+            }
+            if entry.shape != want {
+                return Err(bad(
+                    tensor,
+                    format!(
+                        "shape {:?}, but {implied} {want:?} ({e} experts)",
+                        entry.shape
+                    ),
+                ));
+            }
+        }
+        Source::Mxfp4 { blocks, scales } => {
+            if inn % BLOCK != 0 {
+                return Err(bad(
+                    blocks,
+                    format!("MXFP4 blocks of {BLOCK} cannot cover rows of {inn} inputs"),
+                ));
+            }
+            let groups = inn / BLOCK;
+            for (tensor, want) in [
+                (blocks, vec![e, out, groups, BLOCK_BYTES]),
+                (scales, vec![e, out, groups]),
+            ] {
+                let entry = file.entry(tensor).ok_or_else(|| Error::MissingTensor {
+                    path: file.path().to_path_buf(),
+                    tensor: tensor.clone(),
+                    hint: " (MXFP4 experts need their blocks and scales in one shard)".into(),
+                })?;
+                if entry.dtype != Dtype::U8 || entry.shape != want {
+                    return Err(bad(
+                        tensor,
+                        format!(
+                            "{:?} {:?}, but MXFP4 experts as {implied} are U8 {want:?}",
+                            entry.dtype, entry.shape
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_turns_any_shape_around() {
+        for (rows, cols) in [(1, 1), (3, 130), (130, 3), (65, 64), (200, 129)] {
+            let a: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+            let t = transpose(&a, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], a[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn e8m0_scales_are_powers_of_two() {
+        assert_eq!(e8m0(127), 1.0);
+        assert_eq!(e8m0(128), 2.0);
+        assert_eq!(e8m0(120), 2f32.powi(-7));
+        assert_eq!(e8m0(0), 2f64.powi(-127) as f32);
+        assert!(e8m0(0) > 0.0);
+        assert!(e8m0(255).is_nan());
+    }
+}
