@@ -360,3 +360,41 @@ fn a_transfer_onto_stored_experts_writes_the_alternating_fused_form() {
         assert!(err < 1e-6, "{name}: {err}");
     }
 }
+
+#[test]
+fn a_drifted_copy_copies_the_fused_tensors_as_stored() {
+    let scratch = tempfile::tempdir().unwrap();
+    let base = scratch.path().join("base");
+    let weights = gpt_oss(&base, Stored::Float(FloatType::Bf16));
+    let derived = scratch.path().join("derived");
+    ok(&[
+        "synth",
+        "model",
+        "--derive-from",
+        s(&base),
+        "--drift",
+        "0.05",
+        "--out",
+        s(&derived),
+    ]);
+    let (a, b) = (
+        Checkpoint::open(&base).unwrap(),
+        Checkpoint::open(&derived).unwrap(),
+    );
+    let names = |c: &Checkpoint| {
+        let mut n: Vec<String> = c.names().map(str::to_string).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&a), names(&b));
+    assert!(!names(&a).iter().any(|n| n.contains(".experts.0.")));
+    // The derived experts are read out of the derived fused tensors: near the base's, not equal.
+    let name = "model.layers.1.mlp.experts.2.up_proj.weight";
+    let want = expected(&weights[1].0, 2, "up_proj");
+    let got = b.read_rows_f32(name, 0..WIDTH).unwrap();
+    let (diff, norm) = got.iter().zip(&want).fold((0f64, 0f64), |(d, n), (x, y)| {
+        (d + ((x - y) as f64).powi(2), n + (*y as f64).powi(2))
+    });
+    let rel = (diff / norm).sqrt();
+    assert!(rel > 0.01 && rel < 0.2, "{rel}");
+}

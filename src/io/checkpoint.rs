@@ -181,12 +181,12 @@ impl Checkpoint {
         }
     }
 
-    /// All tensor names.
+    /// Every tensor as stored (a GGUF's under its Hugging Face names, each expert of a stack
+    /// alone); an expert's weight read out of a fused safetensors tensor is not among them, the
+    /// fused tensor is (a copy of the checkpoint copies what is on disk).
     pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match &self.storage {
-            Storage::Safetensors { index, experts, .. } => {
-                Box::new(index.keys().map(String::as_str).chain(experts.names()))
-            }
+            Storage::Safetensors { index, .. } => Box::new(index.keys().map(String::as_str)),
             Storage::Gguf(g) => Box::new(g.names()),
         }
     }

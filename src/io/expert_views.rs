@@ -130,10 +130,6 @@ impl ExpertViews {
         self.views.contains_key(name)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.views.keys().map(String::as_str)
-    }
-
     /// `[out, in]` of an expert's weight.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.views.get(name).map(|v| v.shape.as_slice())

@@ -114,9 +114,17 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
     };
     let target_names: Vec<&str> = target_names.iter().map(String::as_str).collect();
     let config = adapter_config(base_dir, spec, &target_names);
-    let Value::Object(config) = config else {
+    let Value::Object(mut config) = config else {
         unreachable!("adapter_config builds an object")
     };
+    if table.stored_experts.is_some() {
+        // A family whose experts are fused on disk (GPT-OSS) is adapted on the fused parameters,
+        // as PEFT does it: written in that form, as a transfer onto it is.
+        let text = Value::Object(config.clone()).to_string();
+        let read = peft::AdapterConfig::parse(&text, &out_dir.join(peft::CONFIG_FILE))?;
+        let fused = crate::transfer::fused_out::fuse_experts(&mut config, modules, &read, &side)?;
+        return peft::write_adapter(out_dir, &config, &fused);
+    }
     peft::write_adapter(out_dir, &config, &modules)
 }
 

@@ -260,3 +260,25 @@ def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(gpt_oss, binar
     assert sorted(got) == sorted(want)
     for key in want:
         assert np.array_equal(got[key], want[key]), key
+
+
+def test_a_synthetic_adapter_and_a_drifted_release_are_what_peft_and_transformers_load(gpt_oss, binary, tmp_path):
+    """`synth adapter` on GPT-OSS writes PEFT's fused form, which PEFT loads strictly; `synth model
+    --derive-from` copies the checkpoint as stored (the fused tensors, drifted), which transformers
+    loads with no key missing or unexpected."""
+    _, base, release, _ = gpt_oss
+    adapter = tmp_path / "synth-lora"
+    iu.loraxfer(binary, "synth", "adapter", "--base", base, "--out", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(f"model.layers.{l}.{p}" for l in range(2) for p in PARAMS)
+    model = iu.load_peft_strict(iu.load_model(base), adapter, allow=FUSED_PATTERN_NOTES)
+    assert iu.max_rel_diff(iu.logits(model), iu.logits(iu.load_model(base))) > MIN_CHANGE
+    from transformers import AutoModelForCausalLM
+
+    with iu.quiet():
+        _, info = AutoModelForCausalLM.from_pretrained(release, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    stored = set()
+    for shard in release.glob("*.safetensors"):
+        stored |= set(load_file(str(shard)))
+    assert stored == set(load_file(str(base / "model.safetensors"))), sorted(stored)[:8]
