@@ -223,7 +223,13 @@ fn every_experts_weight_reads_as_the_forward_uses_it() {
                         "{stored:?} {name} 3..7"
                     );
                     let (bytes, ty, cols) = ckpt.rows_raw(&name, 5..6).unwrap();
-                    assert_eq!((ty, cols), (FloatType::F32, shape[1]));
+                    // Floats as stored, MXFP4 decoded.
+                    let read_as = match stored {
+                        Stored::Float(t) => t,
+                        Stored::Mxfp4 => FloatType::F32,
+                    };
+                    assert_eq!((ty, cols), (read_as, shape[1]));
+                    assert_eq!(ckpt.float_type(&name), Some(read_as));
                     assert_eq!(decode_f32(&bytes, ty), want[5 * cols..6 * cols]);
                 }
             }
@@ -280,6 +286,39 @@ fn a_broken_fused_tensor_is_named() {
     assert!(ckpt
         .read_rows_f32("model.layers.1.mlp.experts.1.down_proj.weight", 0..HIDDEN)
         .is_ok());
+
+    // An infinity in a bf16 fused tensor: refused where it is read, naming the expert and where
+    // it lies in its weight (stored [E, in, out]: input 5, output 2·3 + 1 is up_proj's row 3).
+    let dir = scratch.path().join("inf");
+    gpt_oss(&dir, Stored::Float(FloatType::Bf16));
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = header["model.layers.0.mlp.experts.gate_up_proj"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    let element = (EXPERTS - 1) * HIDDEN * 2 * WIDTH + 5 * 2 * WIDTH + 7;
+    bytes[8 + n + at + 2 * element..][..2].copy_from_slice(&0x7f80u16.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let up = format!("model.layers.0.mlp.experts.{}.up_proj.weight", EXPERTS - 1);
+    let err = ckpt.read_rows_f32(&up, 0..WIDTH).unwrap_err().to_string();
+    let expert = format!("expert {}", EXPERTS - 1);
+    assert!(
+        err.contains("gate_up_proj") && err.contains(&expert),
+        "{err}"
+    );
+    assert!(err.contains("row 3, column 5"), "{err}");
+    let err = ckpt.rows_raw(&up, 2..4).unwrap_err().to_string();
+    assert!(err.contains("row 3, column 5"), "{err}");
+    // Rows without it, and the gate beside it, read.
+    assert!(ckpt.read_rows_f32(&up, 0..3).is_ok());
+    let gate = format!(
+        "model.layers.0.mlp.experts.{}.gate_proj.weight",
+        EXPERTS - 1
+    );
+    assert!(ckpt.read_rows_f32(&gate, 0..WIDTH).is_ok());
 }
 
 #[test]

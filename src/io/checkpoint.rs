@@ -208,7 +208,9 @@ impl Checkpoint {
     /// dequantized reads as f32).
     pub fn float_type(&self, name: &str) -> Option<FloatType> {
         match &self.storage {
-            Storage::Safetensors { experts, .. } if experts.has(name) => Some(FloatType::F32),
+            Storage::Safetensors {
+                experts, shards, ..
+            } if experts.has(name) => experts.float_type(name, shards),
             Storage::Safetensors { .. } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
@@ -229,8 +231,8 @@ impl Checkpoint {
 
     /// Reads rows of a 2-D tensor as f32 (NaN/Inf refused, error names the shard and tensor).
     pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        if let Some(values) = self.expert_rows(name, &rows)? {
-            return Ok(values);
+        if let Some((bytes, ty, _)) = self.expert_rows(name, &rows, false)? {
+            return Ok(crate::io::safetensors::decode_f32(&bytes, ty));
         }
         match &self.storage {
             Storage::Safetensors { .. } => self
@@ -248,9 +250,8 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize)> {
-        if let Some(values) = self.expert_rows(name, &rows)? {
-            let cols = self.shape(name)?[1];
-            return Ok((RawBytes::Decoded(values), FloatType::F32, cols));
+        if let Some(built) = self.expert_rows(name, &rows, false)? {
+            return Ok(built);
         }
         match &self.storage {
             Storage::Safetensors { .. } => {
@@ -285,10 +286,9 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize, &std::path::Path)> {
-        if let Some(values) = self.expert_rows(name, &rows)? {
-            let cols = self.shape(name)?[1];
+        if let Some((bytes, ty, cols)) = self.expert_rows(name, &rows, true)? {
             let file = self.file_of(name).expect("a stored expert's shard");
-            return Ok((RawBytes::Decoded(values), FloatType::F32, cols, file));
+            return Ok((bytes, ty, cols, file));
         }
         match &self.storage {
             Storage::Safetensors { .. } => {
@@ -303,13 +303,18 @@ impl Checkpoint {
         }
     }
 
-    /// Rows of an expert's weight the checkpoint stores fused, built (and checked) as read; None
-    /// for any other tensor.
-    fn expert_rows(&self, name: &str, rows: &std::ops::Range<usize>) -> Result<Option<Vec<f32>>> {
+    /// Rows of an expert's weight the checkpoint stores fused, built as read (NaN and Inf
+    /// refused unless `unchecked`); None for any other tensor.
+    fn expert_rows(
+        &self,
+        name: &str,
+        rows: &std::ops::Range<usize>,
+        unchecked: bool,
+    ) -> Result<Option<(RawBytes<'_>, FloatType, usize)>> {
         match &self.storage {
             Storage::Safetensors {
                 shards, experts, ..
-            } => experts.read_rows(name, rows.clone(), shards),
+            } => experts.read_rows(name, rows.clone(), shards, unchecked),
             Storage::Gguf(_) => Ok(None),
         }
     }

@@ -4,8 +4,9 @@
 //! MXFP4 blocks and scales), presented one expert's `[out, in]` weight at a time under the names
 //! the architecture table gives its expert modules (`mlp.experts.5.up_proj.weight`), so that
 //! every part of the engine reads them as it reads a checkpoint that stores each expert alone.
-//! An expert's weight is built when it is read (a strided, possibly transposed, slice of the
-//! fused tensor, or dequantized), as a GGUF's quantized weight is.
+//! An expert's weight is built when it is read, as a GGUF's quantized weight is: a float
+//! tensor's wanted rows or columns gathered in its own type (no value changes), MXFP4 decoded to
+//! f32.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -16,7 +17,8 @@ use safetensors::Dtype;
 use crate::arch::{Arch, Block, Part};
 use crate::error::{Error, Result};
 use crate::io::config::ModelConfig;
-use crate::io::safetensors::{decode_into, FloatType, TensorFile};
+use crate::io::safetensors::{decode_f32, first_non_finite, FloatType, TensorFile};
+use crate::io::RawBytes;
 
 /// MXFP4 values per block (one shared scale), and the bytes that hold them (two per byte).
 const BLOCK: usize = 32;
@@ -140,14 +142,27 @@ impl ExpertViews {
         self.views.get(name).map(|v| v.shard)
     }
 
-    /// Rows `rows` of an expert's weight as f32, built from the fused tensor (NaN and Inf
-    /// refused, naming the stored tensor and the expert); None where `name` is no such weight.
+    /// The type an expert's weight is read in: the fused tensor's own, f32 for MXFP4.
+    pub fn float_type(&self, name: &str, shards: &[TensorFile]) -> Option<FloatType> {
+        let v = self.views.get(name)?;
+        match &v.source {
+            Source::Float { tensor, .. } => shards[v.shard]
+                .entry(tensor)
+                .and_then(|e| FloatType::from_dtype(e.dtype)),
+            Source::Mxfp4 { .. } => Some(FloatType::F32),
+        }
+    }
+
+    /// Rows `rows` of an expert's weight, built from the fused tensor: (bytes, their type, row
+    /// length), as [`TensorFile::rows_raw`] hands out rows; NaN and Inf refused (naming the
+    /// stored tensor and the expert) unless `unchecked`. None where `name` is no such weight.
     pub fn read_rows(
         &self,
         name: &str,
         rows: Range<usize>,
         shards: &[TensorFile],
-    ) -> Result<Option<Vec<f32>>> {
+        unchecked: bool,
+    ) -> Result<Option<(RawBytes<'static>, FloatType, usize)>> {
         let Some(v) = self.views.get(name) else {
             return Ok(None);
         };
@@ -160,35 +175,39 @@ impl ExpertViews {
                 format!("rows {rows:?} out of range for shape [{out}, {cols}]"),
             ));
         }
-        let values = match &v.source {
+        let (bytes, ty) = match &v.source {
             Source::Float { tensor, transposed } => {
-                let (bytes, ty, _) = file.rows_raw_unchecked(tensor, v.expert..v.expert + 1)?;
-                match transposed {
-                    false => v.float_rows(bytes, ty, rows.clone()),
-                    true => v.float_columns(bytes, ty, rows.clone()),
-                }
+                let (slab, ty, _) = file.rows_raw_unchecked(tensor, v.expert..v.expert + 1)?;
+                let bytes = match transposed {
+                    false => v.gather_rows(slab, ty.size(), rows.clone()),
+                    true => v.gather_columns(slab, ty.size(), rows.clone()),
+                };
+                (RawBytes::Owned(bytes), ty)
             }
             Source::Mxfp4 { blocks, scales } => {
                 let blocks = file.bytes(blocks).expect("checked when found");
                 let scales = file.bytes(scales).expect("checked when found");
-                v.mxfp4_rows(blocks, scales, rows.clone())
+                let values = v.mxfp4_rows(blocks, scales, rows.clone());
+                (RawBytes::Decoded(values), FloatType::F32)
             }
         };
-        if let Some(at) = values.iter().position(|x| !x.is_finite()) {
-            return Err(Error::bad_tensor(
-                file.path(),
-                v.source.tensor(),
-                format!(
-                    "expert {}'s weight (read as `{name}`) has the non-finite value {} at row {}, \
-                     column {}",
-                    v.expert,
-                    values[at],
-                    rows.start + at / cols,
-                    at % cols
-                ),
-            ));
+        if !unchecked {
+            if let Some(at) = first_non_finite(&bytes, ty) {
+                let value = decode_f32(&bytes[at * ty.size()..][..ty.size()], ty)[0];
+                return Err(Error::bad_tensor(
+                    file.path(),
+                    v.source.tensor(),
+                    format!(
+                        "expert {}'s weight (read as `{name}`) has the non-finite value {value} \
+                         at row {}, column {}",
+                        v.expert,
+                        rows.start + at / cols,
+                        at % cols
+                    ),
+                ));
+            }
         }
-        Ok(Some(values))
+        Ok(Some((bytes, ty, cols)))
     }
 }
 
@@ -198,41 +217,41 @@ impl View {
         self.first + j * self.step
     }
 
-    /// `[E, out, in]`: whole stored rows (`slab` is the expert's `[out, in]`).
-    fn float_rows(&self, slab: &[u8], ty: FloatType, rows: Range<usize>) -> Vec<f32> {
-        let cols = self.shape[1];
-        let row_bytes = cols * ty.size();
-        let mut values = vec![0f32; rows.len() * cols];
-        values.par_chunks_mut(cols).zip(rows).for_each(|(row, j)| {
-            let at = self.fused_row(j) * row_bytes;
-            decode_into(&slab[at..at + row_bytes], ty, row);
-        });
-        values
+    /// `[E, out, in]`: whole stored rows of `size`-byte values (`slab` is the expert's
+    /// `[out, in]`), as stored.
+    fn gather_rows(&self, slab: &[u8], size: usize, rows: Range<usize>) -> Vec<u8> {
+        let row_bytes = self.shape[1] * size;
+        let mut bytes = vec![0u8; rows.len() * row_bytes];
+        for (row, j) in bytes.chunks_mut(row_bytes).zip(rows) {
+            row.copy_from_slice(&slab[self.fused_row(j) * row_bytes..][..row_bytes]);
+        }
+        bytes
     }
 
-    /// `[E, in, out]`: the weight's rows are columns of the expert's `[in, out]` slab. Each
-    /// stored row's span of the wanted columns is decoded into the transposed result, then
-    /// turned around.
-    fn float_columns(&self, slab: &[u8], ty: FloatType, rows: Range<usize>) -> Vec<f32> {
-        let (count, inputs) = (rows.len(), self.shape[1]);
-        if count == 0 {
-            return Vec::new();
-        }
-        let (lo, hi) = (self.fused_row(rows.start), self.fused_row(rows.end - 1) + 1);
-        let (size, row_bytes) = (ty.size(), self.fused_out * ty.size());
-        // transposed[i·count + jj] = W[rows.start + jj, i]
-        let mut transposed = vec![0f32; inputs * count];
-        transposed.par_chunks_mut(count).enumerate().for_each_init(
-            || vec![0f32; hi - lo],
-            |span, (i, out)| {
-                let at = i * row_bytes;
-                decode_into(&slab[at + lo * size..at + hi * size], ty, span);
-                for (jj, value) in out.iter_mut().enumerate() {
-                    *value = span[jj * self.step];
+    /// `[E, in, out]`: the weight's rows are columns of the expert's `[in, out]` slab of
+    /// `size`-byte values, gathered as stored. A band of TILE result rows at a time: each stored
+    /// row gives the band one short run of values, and the band's rows stay in cache.
+    fn gather_columns(&self, slab: &[u8], size: usize, rows: Range<usize>) -> Vec<u8> {
+        const TILE: usize = 64;
+        let inputs = self.shape[1];
+        let (row_bytes, stored_row) = (inputs * size, self.fused_out * size);
+        let mut bytes = vec![0u8; rows.len() * row_bytes];
+        bytes
+            .par_chunks_mut(TILE * row_bytes)
+            .enumerate()
+            .for_each(|(t, band)| {
+                let first = rows.start + t * TILE;
+                let count = band.len() / row_bytes;
+                for i in 0..inputs {
+                    let from = &slab[i * stored_row..][..stored_row];
+                    for jj in 0..count {
+                        let at = self.fused_row(first + jj) * size;
+                        let to = jj * row_bytes + i * size;
+                        band[to..to + size].copy_from_slice(&from[at..at + size]);
+                    }
                 }
-            },
-        );
-        transpose(&transposed, inputs, count)
+            });
+        bytes
     }
 
     /// MXFP4: each output row is `in/32` blocks of 16 bytes (low nibble first) and one scale
@@ -267,24 +286,6 @@ fn e8m0(byte: u8) -> f32 {
         255 => f32::NAN,
         b => 2f64.powi(b as i32 - 127) as f32,
     }
-}
-
-/// `a` (`rows × cols`, row-major) turned around, in tiles that stay in cache.
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 64;
-    let mut out = vec![0f32; rows * cols];
-    out.par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(t, band)| {
-            // This band holds the result's rows TILE·t .. (columns of `a`).
-            let (c0, width) = (t * TILE, band.len() / rows);
-            for r in 0..rows {
-                for (cc, value) in a[r * cols + c0..][..width].iter().enumerate() {
-                    band[cc * rows + r] = *value;
-                }
-            }
-        });
-    out
 }
 
 /// Where a fused tensor named `name` is stored, and how: a float tensor of that name, or MXFP4
@@ -367,19 +368,6 @@ fn check(file: &TensorFile, source: &Source, [e, out, inn]: [usize; 3]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transpose_turns_any_shape_around() {
-        for (rows, cols) in [(1, 1), (3, 130), (130, 3), (65, 64), (200, 129)] {
-            let a: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
-            let t = transpose(&a, rows, cols);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(t[c * rows + r], a[r * cols + c], "{rows}x{cols} at {r},{c}");
-                }
-            }
-        }
-    }
 
     #[test]
     fn e8m0_scales_are_powers_of_two() {
