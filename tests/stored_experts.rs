@@ -80,7 +80,7 @@ enum Stored {
 
 /// A tiny GPT-OSS checkpoint; returns each layer's (gate_up, down) as `[E, out, in]` f32 values
 /// (the weights as the forward uses them: gate_up's rows alternate gate, up).
-fn gpt_oss(dir: &Path, stored: Stored) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn gpt_oss(dir: &Path, stored: Stored, unaligned: bool) -> Vec<(Vec<f32>, Vec<f32>)> {
     std::fs::create_dir_all(dir).unwrap();
     let config = serde_json::json!({
         "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"],
@@ -89,7 +89,12 @@ fn gpt_oss(dir: &Path, stored: Stored) -> Vec<(Vec<f32>, Vec<f32>)> {
         "num_local_experts": EXPERTS, "num_experts_per_tok": 2,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    // With `unaligned`, three bytes first: every tensor after them lies at an odd offset,
+    // unaligned for its type.
     let mut tensors = Vec::new();
+    if unaligned {
+        tensors.push(("model.odd".to_string(), "U8", vec![3], vec![1, 2, 3]));
+    }
     let mut weights = Vec::new();
     for l in 0..LAYERS {
         let layer = format!("model.layers.{l}");
@@ -199,7 +204,7 @@ fn every_experts_weight_reads_as_the_forward_uses_it() {
         Stored::Mxfp4,
     ] {
         let dir = scratch.path().join(format!("{stored:?}"));
-        let weights = gpt_oss(&dir, stored);
+        let weights = gpt_oss(&dir, stored, true);
         let ckpt = Checkpoint::open(&dir).unwrap();
         for (l, (gate_up, down)) in weights.iter().enumerate() {
             for e in 0..EXPERTS {
@@ -245,7 +250,7 @@ fn a_broken_fused_tensor_is_named() {
     let scratch = tempfile::tempdir().unwrap();
     // A shape the config does not imply: refused when the checkpoint is opened.
     let dir = scratch.path().join("shape");
-    gpt_oss(&dir, Stored::Float(FloatType::F32));
+    gpt_oss(&dir, Stored::Float(FloatType::F32), false);
     let path = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -263,7 +268,7 @@ fn a_broken_fused_tensor_is_named() {
 
     // A scale of 255 (E8M0's NaN): refused when the expert is read, naming the tensor.
     let dir = scratch.path().join("nan");
-    gpt_oss(&dir, Stored::Mxfp4);
+    gpt_oss(&dir, Stored::Mxfp4, false);
     let path = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -290,7 +295,7 @@ fn a_broken_fused_tensor_is_named() {
     // An infinity in a bf16 fused tensor: refused where it is read, naming the expert and where
     // it lies in its weight (stored [E, in, out]: input 5, output 2·3 + 1 is up_proj's row 3).
     let dir = scratch.path().join("inf");
-    gpt_oss(&dir, Stored::Float(FloatType::Bf16));
+    gpt_oss(&dir, Stored::Float(FloatType::Bf16), false);
     let path = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -325,7 +330,7 @@ fn a_broken_fused_tensor_is_named() {
 fn a_transfer_onto_stored_experts_writes_the_alternating_fused_form() {
     let scratch = tempfile::tempdir().unwrap();
     let base = scratch.path().join("base");
-    gpt_oss(&base, Stored::Float(FloatType::Bf16));
+    gpt_oss(&base, Stored::Float(FloatType::Bf16), false);
     // A per-expert adapter with only gate projections adapted: in the fused output, every odd
     // row of gate_up_proj's B (the up projection's) is zero.
     let adapter = scratch.path().join("lora");
@@ -404,7 +409,7 @@ fn a_transfer_onto_stored_experts_writes_the_alternating_fused_form() {
 fn a_drifted_copy_copies_the_fused_tensors_as_stored() {
     let scratch = tempfile::tempdir().unwrap();
     let base = scratch.path().join("base");
-    let weights = gpt_oss(&base, Stored::Float(FloatType::Bf16));
+    let weights = gpt_oss(&base, Stored::Float(FloatType::Bf16), false);
     let derived = scratch.path().join("derived");
     ok(&[
         "synth",

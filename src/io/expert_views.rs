@@ -178,9 +178,10 @@ impl ExpertViews {
         let (bytes, ty) = match &v.source {
             Source::Float { tensor, transposed } => {
                 let (slab, ty, _) = file.rows_raw_unchecked(tensor, v.expert..v.expert + 1)?;
-                let bytes = match transposed {
-                    false => v.gather_rows(slab, ty.size(), rows.clone()),
-                    true => v.gather_columns(slab, ty.size(), rows.clone()),
+                let bytes = match (transposed, ty.size()) {
+                    (false, size) => v.gather_rows(slab, size, rows.clone()),
+                    (true, 2) => v.gather_columns::<u16>(slab, rows.clone()),
+                    (true, _) => v.gather_columns::<u32>(slab, rows.clone()),
                 };
                 (RawBytes::Owned(bytes), ty)
             }
@@ -228,30 +229,36 @@ impl View {
         bytes
     }
 
-    /// `[E, in, out]`: the weight's rows are columns of the expert's `[in, out]` slab of
-    /// `size`-byte values, gathered as stored. A band of TILE result rows at a time: each stored
-    /// row gives the band one short run of values, and the band's rows stay in cache.
-    fn gather_columns(&self, slab: &[u8], size: usize, rows: Range<usize>) -> Vec<u8> {
+    /// `[E, in, out]`: the weight's rows are columns of the expert's `[in, out]` slab of `T`
+    /// values (u16 for bf16 and f16, u32 for f32), gathered as stored. A band of TILE result
+    /// rows at a time: each stored row gives the band one short run of values, and the band's
+    /// rows stay in cache.
+    fn gather_columns<T: bytemuck::Pod + Send + Sync>(
+        &self,
+        slab: &[u8],
+        rows: Range<usize>,
+    ) -> Vec<u8> {
         const TILE: usize = 64;
         let inputs = self.shape[1];
-        let (row_bytes, stored_row) = (inputs * size, self.fused_out * size);
-        let mut bytes = vec![0u8; rows.len() * row_bytes];
-        bytes
-            .par_chunks_mut(TILE * row_bytes)
+        // A slab the file does not align for T (a writer's odd offsets) is copied first.
+        let aligned: std::borrow::Cow<[T]> = match bytemuck::try_cast_slice(slab) {
+            Ok(values) => values.into(),
+            Err(_) => bytemuck::pod_collect_to_vec::<u8, T>(slab).into(),
+        };
+        let mut out = vec![T::zeroed(); rows.len() * inputs];
+        out.par_chunks_mut(TILE * inputs)
             .enumerate()
             .for_each(|(t, band)| {
-                let first = rows.start + t * TILE;
-                let count = band.len() / row_bytes;
+                let first = self.fused_row(rows.start + t * TILE);
+                let count = band.len() / inputs;
                 for i in 0..inputs {
-                    let from = &slab[i * stored_row..][..stored_row];
+                    let from = &aligned[i * self.fused_out + first..];
                     for jj in 0..count {
-                        let at = self.fused_row(first + jj) * size;
-                        let to = jj * row_bytes + i * size;
-                        band[to..to + size].copy_from_slice(&from[at..at + size]);
+                        band[jj * inputs + i] = from[jj * self.step];
                     }
                 }
             });
-        bytes
+        bytemuck::cast_slice(&out).to_vec()
     }
 
     /// MXFP4: each output row is `in/32` blocks of 16 bytes (low nibble first) and one scale
