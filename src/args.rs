@@ -90,7 +90,8 @@ pub struct TransferArgs {
     /// (`target_parameters`: `mlp.experts.gate_up_proj` and `down_proj`), and the dense MLPs' and
     /// shared experts' through their weights: the form PEFT with transformers 5 loads whole.
     /// Default: one module per expert, which transformers 4 loads (--gguf-adapter writes the
-    /// same llama.cpp LoRA either way).
+    /// same llama.cpp LoRA either way); always fused for GPT-OSS, whose experts are fused on
+    /// disk.
     #[arg(long)]
     pub fused_experts: bool,
     /// Print the time spent in each phase (on stderr).

@@ -49,6 +49,15 @@ fn write_safetensors(path: &Path, tensors: &[Raw]) {
     std::fs::write(path, file).unwrap();
 }
 
+/// A safetensors file's bytes and where `tensor`'s data starts in them.
+fn data_start(path: &Path, tensor: &str) -> (Vec<u8>, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offset = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    (bytes, 8 + n + offset)
+}
+
 /// Values from a seed, in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -270,14 +279,9 @@ fn a_broken_fused_tensor_is_named() {
     let dir = scratch.path().join("nan");
     gpt_oss(&dir, Stored::Mxfp4, false);
     let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let at = header["model.layers.1.mlp.experts.down_proj_scales"]["data_offsets"][0]
-        .as_u64()
-        .unwrap() as usize;
+    let (mut bytes, at) = data_start(&path, "model.layers.1.mlp.experts.down_proj_scales");
     // Expert 2's first row's scale.
-    bytes[8 + n + at + 2 * HIDDEN] = 255;
+    bytes[at + 2 * HIDDEN] = 255;
     std::fs::write(&path, bytes).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
     let err = ckpt
@@ -297,14 +301,9 @@ fn a_broken_fused_tensor_is_named() {
     let dir = scratch.path().join("inf");
     gpt_oss(&dir, Stored::Float(FloatType::Bf16), false);
     let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let at = header["model.layers.0.mlp.experts.gate_up_proj"]["data_offsets"][0]
-        .as_u64()
-        .unwrap() as usize;
+    let (mut bytes, at) = data_start(&path, "model.layers.0.mlp.experts.gate_up_proj");
     let element = (EXPERTS - 1) * HIDDEN * 2 * WIDTH + 5 * 2 * WIDTH + 7;
-    bytes[8 + n + at + 2 * element..][..2].copy_from_slice(&0x7f80u16.to_le_bytes());
+    bytes[at + 2 * element..][..2].copy_from_slice(&0x7f80u16.to_le_bytes());
     std::fs::write(&path, bytes).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
     let up = format!("model.layers.0.mlp.experts.{}.up_proj.weight", EXPERTS - 1);

@@ -82,7 +82,8 @@ def transfer(
     `force=True`). Returns the report as a dict. gguf_adapter=True also writes the adapter as a
     llama.cpp LoRA, `out/adapter_model.gguf`, for the target base. fused_experts=True writes a
     mixture-of-experts target's adapter as PEFT's LoRA on transformers 5's fused expert
-    parameters (`target_parameters`) instead of one module per expert.
+    parameters (`target_parameters`) instead of one module per expert (always so for a GPT-OSS
+    target, whose experts are fused on disk).
 
     mode: auto, copy, project, align, procrustes, rotate, map or resample (`loraxfer
     transfer --help` says what each does; auto picks rotate for equal shapes, else map,

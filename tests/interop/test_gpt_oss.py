@@ -13,9 +13,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import interop_util as iu
-from test_experts import FUSED_PATTERN_NOTES, MIN_CHANGE
+from test_experts import FUSED_PATTERN_NOTES, MIN_CHANGE, fused_adapter
 
-EXPERTS, WIDTH, R, ALPHA = 4, 32, 4, 8
+EXPERTS, WIDTH = 4, 32
 HIDDEN = iu.COMMON["hidden_size"]
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -40,24 +40,6 @@ def build(seed: int):
     return model
 
 
-def peft_lora(base, out):
-    """PEFT's own LoRA on the attention and on the fused experts, with random B."""
-    from peft import LoraConfig, get_peft_model
-
-    model = iu.load_model(base)
-    torch.manual_seed(31)
-    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        target_parameters=PARAMS)
-    with iu.quiet():
-        peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if ".lora_B." in name:
-                torch.nn.init.normal_(param, std=0.1)
-    peft_model.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory, binary):
     """(base, next release, PEFT's LoRA on the base) and the directory they are in."""
@@ -66,7 +48,8 @@ def gpt_oss(tmp_path_factory, binary):
     release = root / "release"
     iu.loraxfer(binary, "synth", "model", "--derive-from", base, "--drift", "0.05", "--seed", "3",
                 "--out", release)
-    return root, base, release, peft_lora(base, root / "lora")
+    lora = fused_adapter("gpt_oss", base, root / "lora", by_name=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return root, base, release, lora
 
 
 def transfer(binary, base, target, adapter, out, *extra):
