@@ -105,7 +105,7 @@ def main():
     base = model(rng, args.layers, args.experts)
     for name, weights in [("base", base), ("release", None)]:
         if weights is None:
-            # Drifted by 5 % of each tensor's rms, tensor by tensor (bits of the bf16 base).
+            # Drifted by 5 % of each tensor's rms, tensor by tensor, before rounding to bf16.
             weights = {k: v + 0.05 * np.sqrt(np.mean(v * v)) * rng.standard_normal(v.shape, dtype=np.float32)
                        for k, v in base.items()}
         for kind, tensors in [(name, weights), (f"{name}-split", split(weights))]:

@@ -198,6 +198,19 @@ fn expert_tables_name_one_module_per_expert() {
         r#""router":"r.weight","layer_prefixes""#,
     );
     assert!(arch::parse_table(&with_router).unwrap().has_experts());
+    // Experts stored fused are presented as one module per projection per expert.
+    let stored = with_router.replace(
+        r#""layer_prefixes""#,
+        r#""stored_experts":{"gate_up":"e.gu","down":"e.d"},"layer_prefixes""#,
+    );
+    let e = arch::parse_table(&stored).unwrap_err();
+    assert!(e.contains("stores experts fused"), "{e}");
+    let split = stored.replace(
+        r#""g":{"key":"e.{expert}.g","parts":["gate","up","down"]}"#,
+        r#""g":{"key":"e.{expert}.g","parts":["gate"]},"u":{"key":"e.{expert}.u","parts":["up"]},
+        "d":{"key":"e.{expert}.d","parts":["down"]}"#,
+    );
+    assert!(arch::parse_table(&split).unwrap().stored_experts.is_some());
     // A shared expert stands beside experts, holds the MLP's three parts, and names no expert.
     let shared = r#","s":{"key":"s","parts":["gate","up","down"],"shared_expert":true}}"#;
     let table = with_router.replacen("}},", &format!("}}{shared},"), 1);

@@ -16,7 +16,7 @@ use loraxfer::io::checkpoint::Checkpoint;
 use loraxfer::io::safetensors::{decode_f32, encode_f32, FloatType};
 
 const HIDDEN: usize = 64;
-const WIDTH: usize = 32;
+const WIDTH: usize = 96;
 const EXPERTS: usize = 3;
 const LAYERS: usize = 2;
 const FP4: [f32; 16] = [
@@ -85,6 +85,8 @@ fn float(name: String, ty: FloatType, shape: Vec<usize>, v: &[f32]) -> Raw {
 enum Stored {
     Float(FloatType),
     Mxfp4,
+    /// MXFP4 with the scales in a shard of their own.
+    Mxfp4Sharded,
 }
 
 /// A tiny GPT-OSS checkpoint; returns each layer's (gate_up, down) as `[E, out, in]` f32 values
@@ -138,7 +140,7 @@ fn gpt_oss(dir: &Path, stored: Stored, unaligned: bool) -> Vec<(Vec<f32>, Vec<f3
                     tensors.push(float(name, ty, vec![EXPERTS, inp, out], &t));
                     w
                 }
-                Stored::Mxfp4 => {
+                Stored::Mxfp4 | Stored::Mxfp4Sharded => {
                     let groups = inp / 32;
                     let blocks: Vec<u8> = values(EXPERTS * out * inp / 2, seed)
                         .iter()
@@ -168,7 +170,24 @@ fn gpt_oss(dir: &Path, stored: Stored, unaligned: bool) -> Vec<(Vec<f32>, Vec<f3
         vec![32, HIDDEN],
         &embed,
     ));
-    write_safetensors(&dir.join("model.safetensors"), &tensors);
+    if !matches!(stored, Stored::Mxfp4Sharded) {
+        write_safetensors(&dir.join("model.safetensors"), &tensors);
+        return weights;
+    }
+    let (scales, rest): (Vec<Raw>, Vec<Raw>) =
+        tensors.into_iter().partition(|t| t.0.ends_with("_scales"));
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-1.safetensors", rest),
+        ("model-2.safetensors", scales),
+    ] {
+        write_safetensors(&dir.join(file), &part);
+        for t in part {
+            map.insert(t.0, file.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     weights
 }
 
@@ -207,13 +226,15 @@ fn expected(fused: &[f32], e: usize, part: &str) -> Vec<f32> {
 #[test]
 fn every_experts_weight_reads_as_the_forward_uses_it() {
     let scratch = tempfile::tempdir().unwrap();
-    for stored in [
+    let stores = [
         Stored::Float(FloatType::F32),
         Stored::Float(FloatType::Bf16),
         Stored::Mxfp4,
-    ] {
-        let dir = scratch.path().join(format!("{stored:?}"));
-        let weights = gpt_oss(&dir, stored, true);
+        Stored::Mxfp4Sharded,
+    ];
+    for (stored, unaligned) in stores.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        let dir = scratch.path().join(format!("{stored:?}-{unaligned}"));
+        let weights = gpt_oss(&dir, stored, unaligned);
         let ckpt = Checkpoint::open(&dir).unwrap();
         for (l, (gate_up, down)) in weights.iter().enumerate() {
             for e in 0..EXPERTS {
@@ -229,18 +250,18 @@ fn every_experts_weight_reads_as_the_forward_uses_it() {
                     assert!(ckpt.has(&name) && !ckpt.borrows(&name));
                     let got = ckpt.read_rows_f32(&name, 0..shape[0]).unwrap();
                     assert_eq!(got, want, "{stored:?} {name}");
-                    // A band of rows, as the decompositions read them.
-                    let band = ckpt.read_rows_f32(&name, 3..7).unwrap();
-                    assert_eq!(
-                        band,
-                        want[3 * shape[1]..7 * shape[1]],
-                        "{stored:?} {name} 3..7"
-                    );
+                    // Bands of rows, as the decompositions read them (past the first 64, a
+                    // gather's second tile, where the weight has that many rows).
+                    for band in [3..7, 3..shape[0].min(70)] {
+                        let got = ckpt.read_rows_f32(&name, band.clone()).unwrap();
+                        let want = &want[band.start * shape[1]..band.end * shape[1]];
+                        assert_eq!(got, want, "{stored:?} {name} {band:?}");
+                    }
                     let (bytes, ty, cols) = ckpt.rows_raw(&name, 5..6).unwrap();
                     // Floats as stored, MXFP4 decoded.
                     let read_as = match stored {
                         Stored::Float(t) => t,
-                        Stored::Mxfp4 => FloatType::F32,
+                        Stored::Mxfp4 | Stored::Mxfp4Sharded => FloatType::F32,
                     };
                     assert_eq!((ty, cols), (read_as, shape[1]));
                     assert_eq!(ckpt.float_type(&name), Some(read_as));
@@ -249,7 +270,7 @@ fn every_experts_weight_reads_as_the_forward_uses_it() {
             }
         }
         assert!(ckpt
-            .read_rows_f32("model.layers.0.mlp.experts.0.up_proj.weight", 0..33)
+            .read_rows_f32("model.layers.0.mlp.experts.0.up_proj.weight", 0..WIDTH + 1)
             .is_err());
     }
 }
@@ -265,7 +286,7 @@ fn a_broken_fused_tensor_is_named() {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
     // The same number of elements, another shape.
-    let header = header.replace("[3,64,64]", "[6,32,64]");
+    let header = header.replace("[3,64,192]", "[6,32,192]");
     bytes[8..8 + n].copy_from_slice(header.as_bytes());
     std::fs::write(&path, bytes).unwrap();
     let err = Checkpoint::open(&dir).unwrap_err().to_string();
@@ -273,15 +294,36 @@ fn a_broken_fused_tensor_is_named() {
         err.contains("model.layers.0.mlp.experts.gate_up_proj"),
         "{err}"
     );
-    assert!(err.contains("[3, 64, 64]"), "{err}");
+    assert!(err.contains("[3, 64, 192]"), "{err}");
 
-    // A scale of 255 (E8M0's NaN): refused when the expert is read, naming the tensor.
+    // No fused tensor under the names the table gives: an expert's weight is missing, and the
+    // error says which names were looked for.
+    let dir = scratch.path().join("renamed");
+    gpt_oss(&dir, Stored::Float(FloatType::F32), false);
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let header = header.replace("experts.gate_up_proj", "experts.gate_up_pr0j");
+    bytes[8..8 + n].copy_from_slice(header.as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let err = ckpt
+        .shape("model.layers.1.mlp.experts.0.up_proj.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`<layer>.mlp.experts.gate_up_proj`") && err.contains("MXFP4"),
+        "{err}"
+    );
+
+    // A scale of 255 (E8M0's NaN): refused when the expert is read, naming the scales.
     let dir = scratch.path().join("nan");
     gpt_oss(&dir, Stored::Mxfp4, false);
     let path = dir.join("model.safetensors");
     let (mut bytes, at) = data_start(&path, "model.layers.1.mlp.experts.down_proj_scales");
-    // Expert 2's first row's scale.
-    bytes[at + 2 * HIDDEN] = 255;
+    // Expert 2's first row's first scale.
+    bytes[at + 2 * HIDDEN * (WIDTH / 32)] = 255;
     std::fs::write(&path, bytes).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
     let err = ckpt
@@ -289,7 +331,7 @@ fn a_broken_fused_tensor_is_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("down_proj_blocks") && err.contains("expert 2"),
+        err.contains("down_proj_scales") && err.contains("expert 2"),
         "{err}"
     );
     assert!(ckpt
@@ -440,4 +482,66 @@ fn a_drifted_copy_copies_the_fused_tensors_as_stored() {
     });
     let rel = (diff / norm).sqrt();
     assert!(rel > 0.01 && rel < 0.2, "{rel}");
+}
+
+/// A table whose experts are stored `[E, out, in]`, gate rows first (not GPT-OSS's layout; the
+/// reader takes any the table declares): each expert's weight is whole stored rows.
+#[test]
+fn experts_stored_out_by_in_read_as_whole_rows() {
+    let table = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/arch/tables/gpt_oss.json"
+    ))
+    .unwrap()
+    .replace(r#""transposed": true"#, r#""transposed": false"#)
+    .replace(r#""interleaved": true"#, r#""interleaved": false"#);
+    let arch = loraxfer::arch::parse_table(&table).unwrap();
+    let config = loraxfer::io::checkpoint::ModelConfig::parse(
+        &serde_json::json!({
+            "model_type": "gpt_oss", "hidden_size": HIDDEN, "intermediate_size": WIDTH,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "num_local_experts": EXPERTS,
+        })
+        .to_string(),
+        Path::new("config.json"),
+    )
+    .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("model.safetensors");
+    let gate_up = values(EXPERTS * 2 * WIDTH * HIDDEN, 11);
+    let down = values(EXPERTS * HIDDEN * WIDTH, 12);
+    write_safetensors(
+        &path,
+        &[
+            float(
+                "model.layers.0.mlp.experts.gate_up_proj".into(),
+                FloatType::F32,
+                vec![EXPERTS, 2 * WIDTH, HIDDEN],
+                &gate_up,
+            ),
+            float(
+                "model.layers.0.mlp.experts.down_proj".into(),
+                FloatType::F32,
+                vec![EXPERTS, HIDDEN, WIDTH],
+                &down,
+            ),
+        ],
+    );
+    let shards = [loraxfer::io::safetensors::TensorFile::open(&path).unwrap()];
+    let index = shards[0].names().map(|n| (n.to_string(), 0)).collect();
+    let views =
+        loraxfer::io::expert_views::ExpertViews::find(&arch, &config, &shards, &index).unwrap();
+    for e in 0..EXPERTS {
+        let expert_gu = &gate_up[e * 2 * WIDTH * HIDDEN..][..2 * WIDTH * HIDDEN];
+        for (part, want) in [
+            ("gate_proj", &expert_gu[..WIDTH * HIDDEN]),
+            ("up_proj", &expert_gu[WIDTH * HIDDEN..]),
+            ("down_proj", &down[e * HIDDEN * WIDTH..][..HIDDEN * WIDTH]),
+        ] {
+            let name = format!("model.layers.0.mlp.experts.{e}.{part}.weight");
+            let rows = want.len() / views.shape(&name).unwrap()[1];
+            let (bytes, ty, _) = views.read_rows(&name, 0..rows, &shards).unwrap().unwrap();
+            assert_eq!(decode_f32(&bytes, ty), want, "{name}");
+        }
+    }
 }

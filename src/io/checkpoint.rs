@@ -220,8 +220,9 @@ impl Checkpoint {
     }
 
     /// True when [`Checkpoint::rows_raw`] borrows the rows of `name` from the map; false when
-    /// it builds them (a dequantized GGUF tensor), so that batch schedulers read those one at a
-    /// time instead of holding a whole batch of copies.
+    /// it builds them (a dequantized GGUF tensor, an expert's weight gathered out of a fused
+    /// tensor), so that batch schedulers read those one at a time instead of holding a whole
+    /// batch of copies.
     pub fn borrows(&self, name: &str) -> bool {
         match &self.storage {
             Storage::Safetensors { experts, .. } => !experts.has(name),
@@ -231,7 +232,7 @@ impl Checkpoint {
 
     /// Reads rows of a 2-D tensor as f32 (NaN/Inf refused, error names the shard and tensor).
     pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        if let Some((bytes, ty, _)) = self.expert_rows(name, &rows, false)? {
+        if let Some((bytes, ty, _)) = self.expert_rows(name, &rows)? {
             return Ok(crate::io::safetensors::decode_f32(&bytes, ty));
         }
         match &self.storage {
@@ -250,7 +251,7 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize)> {
-        if let Some(built) = self.expert_rows(name, &rows, false)? {
+        if let Some(built) = self.expert_rows(name, &rows)? {
             return Ok(built);
         }
         match &self.storage {
@@ -267,7 +268,8 @@ impl Checkpoint {
 
     /// Rows of a 2-D tensor to be decoded as they are read (a GGUF's quantized or permuted
     /// tensor, NaN/Inf refused first), so that a decomposition never holds it whole in f32; None
-    /// where [`Checkpoint::rows_raw`] borrows them as stored.
+    /// where [`Checkpoint::rows_raw`] hands them out whole (borrowed as stored, or an expert's
+    /// weight gathered out of a fused tensor).
     pub fn row_decoder(
         &self,
         name: &str,
@@ -286,7 +288,8 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize, &std::path::Path)> {
-        if let Some((bytes, ty, cols)) = self.expert_rows(name, &rows, true)? {
+        // Built rows are scanned as they are built, as a GGUF's are.
+        if let Some((bytes, ty, cols)) = self.expert_rows(name, &rows)? {
             let file = self.file_of(name).expect("a stored expert's shard");
             return Ok((bytes, ty, cols, file));
         }
@@ -304,26 +307,40 @@ impl Checkpoint {
     }
 
     /// Rows of an expert's weight the checkpoint stores fused, built as read (NaN and Inf
-    /// refused unless `unchecked`); None for any other tensor.
+    /// refused); None for any other tensor.
     fn expert_rows(
         &self,
         name: &str,
         rows: &std::ops::Range<usize>,
-        unchecked: bool,
     ) -> Result<Option<(RawBytes<'_>, FloatType, usize)>> {
         match &self.storage {
             Storage::Safetensors {
                 shards, experts, ..
-            } => experts.read_rows(name, rows.clone(), shards, unchecked),
+            } => experts.read_rows(name, rows.clone(), shards),
             Storage::Gguf(_) => Ok(None),
         }
     }
 
     fn missing(&self, name: &str) -> Error {
+        // A family that stores experts fused reads an expert's weight out of its layer's fused
+        // tensors: say which names were looked for.
+        let fused = crate::arch::for_config(&self.config, &self.dir)
+            .ok()
+            .and_then(|a| a.stored_experts.as_ref())
+            .filter(|_| name.contains(".experts."));
+        let hint = match fused {
+            Some(f) => format!(
+                " (model_type `{}` stores a layer's experts fused, as `<layer>.{}` and \
+                 `<layer>.{}`, in a float type or as MXFP4 `_blocks` and `_scales`: neither \
+                 those nor this tensor are in the checkpoint)",
+                self.config.model_type, f.gate_up, f.down
+            ),
+            None => format!(" (model_type `{}`)", self.config.model_type),
+        };
         Error::MissingTensor {
             path: self.dir.clone(),
             tensor: name.to_string(),
-            hint: format!(" (model_type `{}`)", self.config.model_type),
+            hint,
         }
     }
 }

@@ -54,16 +54,26 @@ struct View {
 enum Source {
     /// A float tensor, `[E, in, out]` when transposed, else `[E, out, in]`.
     Float { tensor: String, transposed: bool },
-    /// MXFP4: `<name>_blocks` `[E, out, in/32, 16]` and `<name>_scales` `[E, out, in/32]`.
-    Mxfp4 { blocks: String, scales: String },
+    /// MXFP4: `<name>_blocks` `[E, out, in/32, 16]` (in the view's shard) and `<name>_scales`
+    /// `[E, out, in/32]` (in `scales_shard`).
+    Mxfp4 {
+        blocks: String,
+        scales: String,
+        scales_shard: usize,
+    },
 }
 
 impl Source {
-    /// The stored tensor messages name.
-    fn tensor(&self) -> &str {
+    /// The stored tensor (and its shard, given the view's) that can hold a non-finite value:
+    /// the float tensor, or MXFP4's scales (whose byte 255 is NaN).
+    fn finite_source(&self, shard: usize) -> (&str, usize) {
         match self {
-            Source::Float { tensor, .. } => tensor,
-            Source::Mxfp4 { blocks, .. } => blocks,
+            Source::Float { tensor, .. } => (tensor, shard),
+            Source::Mxfp4 {
+                scales,
+                scales_shard,
+                ..
+            } => (scales, *scales_shard),
         }
     }
 }
@@ -94,7 +104,7 @@ impl ExpertViews {
                     let Some((shard, source)) = stored(&name, index, spec.transposed) else {
                         continue;
                     };
-                    check(&shards[shard], &source, [count, *out, *inn])?;
+                    check(shards, shard, &source, [count, *out, *inn])?;
                     for expert in 0..count {
                         for (slot, &part) in parts.iter().enumerate() {
                             let module = arch
@@ -154,14 +164,14 @@ impl ExpertViews {
     }
 
     /// Rows `rows` of an expert's weight, built from the fused tensor: (bytes, their type, row
-    /// length), as [`TensorFile::rows_raw`] hands out rows; NaN and Inf refused (naming the
-    /// stored tensor and the expert) unless `unchecked`. None where `name` is no such weight.
+    /// length), as [`TensorFile::rows_raw`] hands out rows; NaN and Inf refused, naming the
+    /// stored tensor and where the value lies in the expert's weight. None where `name` is no
+    /// such weight.
     pub fn read_rows(
         &self,
         name: &str,
         rows: Range<usize>,
         shards: &[TensorFile],
-        unchecked: bool,
     ) -> Result<Option<(RawBytes<'static>, FloatType, usize)>> {
         let Some(v) = self.views.get(name) else {
             return Ok(None);
@@ -185,28 +195,33 @@ impl ExpertViews {
                 };
                 (RawBytes::Owned(bytes), ty)
             }
-            Source::Mxfp4 { blocks, scales } => {
+            Source::Mxfp4 {
+                blocks,
+                scales,
+                scales_shard,
+            } => {
                 let blocks = file.bytes(blocks).expect("checked when found");
-                let scales = file.bytes(scales).expect("checked when found");
+                let scales = shards[*scales_shard]
+                    .bytes(scales)
+                    .expect("checked when found");
                 let values = v.mxfp4_rows(blocks, scales, rows.clone());
                 (RawBytes::Decoded(values), FloatType::F32)
             }
         };
-        if !unchecked {
-            if let Some(at) = first_non_finite(&bytes, ty) {
-                let value = decode_f32(&bytes[at * ty.size()..][..ty.size()], ty)[0];
-                return Err(Error::bad_tensor(
-                    file.path(),
-                    v.source.tensor(),
-                    format!(
-                        "expert {}'s weight (read as `{name}`) has the non-finite value {value} \
-                         at row {}, column {}",
-                        v.expert,
-                        rows.start + at / cols,
-                        at % cols
-                    ),
-                ));
-            }
+        if let Some(at) = first_non_finite(&bytes, ty) {
+            let value = decode_f32(&bytes[at * ty.size()..][..ty.size()], ty)[0];
+            let (tensor, shard) = v.source.finite_source(v.shard);
+            return Err(Error::bad_tensor(
+                shards[shard].path(),
+                tensor,
+                format!(
+                    "expert {}'s weight (read as `{name}`) has the non-finite value {value} at \
+                     row {}, column {}",
+                    v.expert,
+                    rows.start + at / cols,
+                    at % cols
+                ),
+            ));
         }
         Ok(Some((bytes, ty, cols)))
     }
@@ -296,7 +311,8 @@ fn e8m0(byte: u8) -> f32 {
 }
 
 /// Where a fused tensor named `name` is stored, and how: a float tensor of that name, or MXFP4
-/// blocks and scales (both in one shard).
+/// blocks and scales (the shard of the blocks; the scales' is looked up too, and a missing
+/// scales tensor refused by `check`).
 fn stored(name: &str, index: &HashMap<String, usize>, transposed: bool) -> Option<(usize, Source)> {
     if let Some(&shard) = index.get(name) {
         let source = Source::Float {
@@ -307,11 +323,24 @@ fn stored(name: &str, index: &HashMap<String, usize>, transposed: bool) -> Optio
     }
     let (blocks, scales) = (format!("{name}_blocks"), format!("{name}_scales"));
     let shard = *index.get(&blocks)?;
-    Some((shard, Source::Mxfp4 { blocks, scales }))
+    let scales_shard = index.get(&scales).copied().unwrap_or(usize::MAX);
+    let source = Source::Mxfp4 {
+        blocks,
+        scales,
+        scales_shard,
+    };
+    Some((shard, source))
 }
 
-/// Checks a fused tensor's type and shape against `[experts, out, in]` from the config.
-fn check(file: &TensorFile, source: &Source, [e, out, inn]: [usize; 3]) -> Result<()> {
+/// Checks a fused tensor's type and shape against `[experts, out, in]` from the config (the
+/// tensor in `shards[shard]`, MXFP4's scales where `stored` found them).
+fn check(
+    shards: &[TensorFile],
+    shard: usize,
+    source: &Source,
+    [e, out, inn]: [usize; 3],
+) -> Result<()> {
+    let file = &shards[shard];
     let bad = |tensor: &str, reason: String| Error::bad_tensor(file.path(), tensor, reason);
     let implied = "config.json implies";
     match source {
@@ -340,7 +369,11 @@ fn check(file: &TensorFile, source: &Source, [e, out, inn]: [usize; 3]) -> Resul
                 ));
             }
         }
-        Source::Mxfp4 { blocks, scales } => {
+        Source::Mxfp4 {
+            blocks,
+            scales,
+            scales_shard,
+        } => {
             if inn % BLOCK != 0 {
                 return Err(bad(
                     blocks,
@@ -348,17 +381,21 @@ fn check(file: &TensorFile, source: &Source, [e, out, inn]: [usize; 3]) -> Resul
                 ));
             }
             let groups = inn / BLOCK;
-            for (tensor, want) in [
-                (blocks, vec![e, out, groups, BLOCK_BYTES]),
-                (scales, vec![e, out, groups]),
-            ] {
-                let entry = file.entry(tensor).ok_or_else(|| Error::MissingTensor {
+            let scales_file = shards
+                .get(*scales_shard)
+                .ok_or_else(|| Error::MissingTensor {
                     path: file.path().to_path_buf(),
-                    tensor: tensor.clone(),
-                    hint: " (MXFP4 experts need their blocks and scales in one shard)".into(),
+                    tensor: scales.clone(),
+                    hint: format!(" (MXFP4 experts need scales beside their blocks, `{blocks}`)"),
                 })?;
+            for (tensor, want, file) in [
+                (blocks, vec![e, out, groups, BLOCK_BYTES], file),
+                (scales, vec![e, out, groups], scales_file),
+            ] {
+                let entry = file.entry(tensor).expect("indexed in this shard");
                 if entry.dtype != Dtype::U8 || entry.shape != want {
-                    return Err(bad(
+                    return Err(Error::bad_tensor(
+                        file.path(),
                         tensor,
                         format!(
                             "{:?} {:?}, but MXFP4 experts as {implied} are U8 {want:?}",

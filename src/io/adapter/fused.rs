@@ -7,8 +7,9 @@
 //! per expert, stacked:
 //! A `[r·E, in]` holds expert e's A in rows `e·r .. (e+1)·r`, and B `[out, r·E]` holds column k of
 //! expert e's B at column `k·E + e` (`peft.tuners.lora.layer.ParamWrapper.get_delta_weight`).
-//! `gate_up_proj`'s rows are the gate's, then the up projection's; its per-expert B splits into
-//! the two, which share A. The modules are named as a checkpoint on disk names the experts
+//! `gate_up_proj`'s rows are the gate's, then the up projection's (GPT-OSS: alternating, gate
+//! first, `GateUpRows::Interleaved`, as its base's table says); its per-expert B splits into the
+//! two, which share A. The modules are named as a checkpoint on disk names the experts
 //! (`<experts>.<e>.gate_proj`, `up_proj`, `down_proj`), which is what a transfer writes and PEFT
 //! converts back onto the fused parameters when it loads them.
 

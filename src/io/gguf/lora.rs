@@ -86,11 +86,12 @@ pub fn export(
     use crate::io::hub::{self, Kind};
     let (adapter_dir, hub_name) = hub::resolve(adapter, Kind::Adapter)?;
     let (base_dir, _) = hub::resolve(base, Kind::Model)?;
-    let mut opened = Adapter::open(&adapter_dir)?;
     let checkpoint = Checkpoint::open(&base_dir)?;
     let family = family_of_base(&checkpoint)?;
-    // A LoRA on fused experts, one module per expert under the base's names.
+    // A LoRA on fused experts, one module per expert under the base's names (its gate and up
+    // rows as the base's family lays them out).
     let side = crate::plan::ModelSide::new(&checkpoint)?;
+    let mut opened = Adapter::open_with(&adapter_dir, side.arch.gate_up_rows())?;
     crate::plan::experts::name_fused_experts(&mut opened, &side)?;
     let weights = adapter_dir.join(crate::io::adapter::WEIGHTS_FILE);
     let inputs = [adapter_dir.as_path(), weights.as_path(), base_dir.as_path()];
