@@ -313,14 +313,38 @@ fn a_broken_fused_tensor_is_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("`<layer>.mlp.experts.gate_up_proj`") && err.contains("MXFP4"),
+        err.contains("out of `model.layers.1.mlp.experts.gate_up_proj`") && err.contains("MXFP4"),
+        "{err}"
+    );
+    // The down projections are still there.
+    assert!(ckpt
+        .shape("model.layers.1.mlp.experts.0.down_proj.weight")
+        .is_ok());
+
+    // MXFP4 blocks without their scales: refused when the checkpoint is opened.
+    let dir = scratch.path().join("no-scales");
+    gpt_oss(&dir, Stored::Mxfp4, false);
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let header = header.replace(
+        "layers.1.mlp.experts.down_proj_scales",
+        "layers.1.mlp.experts.down_proj_scalez",
+    );
+    bytes[8..8 + n].copy_from_slice(header.as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let err = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.experts.down_proj_scales") && err.contains("no shard"),
         "{err}"
     );
 
     // A scale of 255 (E8M0's NaN): refused when the expert is read, naming the scales.
+    // The scales in a shard of their own: that shard is named.
     let dir = scratch.path().join("nan");
-    gpt_oss(&dir, Stored::Mxfp4, false);
-    let path = dir.join("model.safetensors");
+    gpt_oss(&dir, Stored::Mxfp4Sharded, false);
+    let path = dir.join("model-2.safetensors");
     let (mut bytes, at) = data_start(&path, "model.layers.1.mlp.experts.down_proj_scales");
     // Expert 2's first row's first scale.
     bytes[at + 2 * HIDDEN * (WIDTH / 32)] = 255;
@@ -331,7 +355,9 @@ fn a_broken_fused_tensor_is_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("down_proj_scales") && err.contains("expert 2"),
+        err.contains("down_proj_scales")
+            && err.contains("expert 2")
+            && err.contains("model-2.safetensors"),
         "{err}"
     );
     assert!(ckpt

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use super::{Arch, Block, ModuleSpec, Part, EXPERT_SLOT};
 
 /// Parses and checks one table: at least one model type and layer prefix, the attention's four
-/// canonical projections each held by exactly one module, and each MLP block's three.
+/// canonical projections each held by exactly one module, and each MLP block's three; a table
+/// whose experts are stored fused gives each of gate, up and down an expert module of its own.
 pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
     let arch: Arch = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if arch.model_types.is_empty() || arch.layer_prefixes.is_empty() {

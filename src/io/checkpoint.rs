@@ -322,26 +322,38 @@ impl Checkpoint {
     }
 
     fn missing(&self, name: &str) -> Error {
-        // A family that stores experts fused reads an expert's weight out of its layer's fused
-        // tensors: say which names were looked for.
-        let fused = crate::arch::for_config(&self.config, &self.dir)
-            .ok()
-            .and_then(|a| a.stored_experts.as_ref())
-            .filter(|_| name.contains(".experts."));
-        let hint = match fused {
-            Some(f) => format!(
-                " (model_type `{}` stores a layer's experts fused, as `<layer>.{}` and \
-                 `<layer>.{}`, in a float type or as MXFP4 `_blocks` and `_scales`: neither \
-                 those nor this tensor are in the checkpoint)",
-                self.config.model_type, f.gate_up, f.down
-            ),
-            None => format!(" (model_type `{}`)", self.config.model_type),
-        };
+        let hint = self
+            .fused_expert_hint(name)
+            .unwrap_or_else(|| format!(" (model_type `{}`)", self.config.model_type));
         Error::MissingTensor {
             path: self.dir.clone(),
             tensor: name.to_string(),
             hint,
         }
+    }
+
+    /// For an expert's weight of a family that stores experts fused: the fused tensor it is
+    /// read out of, which is not there either.
+    fn fused_expert_hint(&self, name: &str) -> Option<String> {
+        if self.gguf().is_some() || !name.contains(".experts.") {
+            return None;
+        }
+        let arch = crate::arch::for_config(&self.config, &self.dir).ok()?;
+        let spec = arch.stored_experts.as_ref()?;
+        let module = name.strip_suffix(".weight")?;
+        let (prefix, (layer, _, m)) = arch
+            .layer_prefixes
+            .iter()
+            .find_map(|p| arch.parse_module(p, module).map(|found| (p, found)))?;
+        let fused = match m.parts.as_slice() {
+            [crate::arch::Part::Down] => &spec.down,
+            _ => &spec.gate_up,
+        };
+        Some(format!(
+            " (model_type `{}` reads it out of `{prefix}.{layer}.{fused}`, in a float type or as \
+             MXFP4 `_blocks` and `_scales`, which is not in the checkpoint either)",
+            self.config.model_type
+        ))
     }
 }
 

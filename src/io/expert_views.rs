@@ -386,7 +386,7 @@ fn check(
                 .ok_or_else(|| Error::MissingTensor {
                     path: file.path().to_path_buf(),
                     tensor: scales.clone(),
-                    hint: format!(" (MXFP4 experts need scales beside their blocks, `{blocks}`)"),
+                    hint: format!(" (no shard holds it; the MXFP4 blocks `{blocks}` need it)"),
                 })?;
             for (tensor, want, file) in [
                 (blocks, vec![e, out, groups, BLOCK_BYTES], file),

@@ -89,7 +89,8 @@ pub fn export(
     let checkpoint = Checkpoint::open(&base_dir)?;
     let family = family_of_base(&checkpoint)?;
     // A LoRA on fused experts, one module per expert under the base's names (its gate and up
-    // rows as the base's family lays them out).
+    // rows as the base's family lays them out: alternating only for GPT-OSS, which
+    // `family_of_base` refuses today).
     let side = crate::plan::ModelSide::new(&checkpoint)?;
     let mut opened = Adapter::open_with(&adapter_dir, side.arch.gate_up_rows())?;
     crate::plan::experts::name_fused_experts(&mut opened, &side)?;
