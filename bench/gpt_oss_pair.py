@@ -1,7 +1,7 @@
 """A GPT-OSS pair at gpt-oss-20b's widths, stored both ways, to time what reading experts out of
 fused tensors costs against reading them one tensor each.
 
-    gpt_oss_pair.py OUT [--layers N] [--experts E] [--r R]
+    gpt_oss_pair.py OUT [--layers N] [--experts E] [--r R] [--mxfp4]
 
 writes into OUT:
     base/            a GPT-OSS checkpoint (bf16) with gpt-oss-20b's shapes: hidden 2880, 64 query
@@ -13,7 +13,9 @@ writes into OUT:
     base-split/      base with each expert's weight stored on its own, [out, in], the same values
     release-split/   (loraxfer reads these as stored, the fused ones gathered one expert at a time);
     lora/            PEFT's LoRA of rank R (16) on the fused experts (`target_parameters`) and the
-                     attention.
+                     attention;
+    base-mxfp4/      with --mxfp4: base and release with their experts in MXFP4 (blocks and
+    release-mxfp4/   scales, as OpenAI released GPT-OSS), the rest as in base/ and release/.
 
 docs/PERFORMANCE.md ("Experts stored fused") gives the commands and the figures.
 """
@@ -72,6 +74,52 @@ def model(rng, layers: int, experts: int) -> dict:
     return t
 
 
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+               np.float32)
+
+
+def mxfp4(linear: np.ndarray):
+    """MXFP4 blocks `[E, out, in/32, 16]` and scales `[E, out, in/32]` of `[E, out, in]` weights:
+    per 32 inputs one E8M0 scale so that the block's largest value fits FP4's 6, each value the
+    nearest FP4 code, two a byte, low nibble first. A band of rows at a time (the search over the
+    16 codes would not fit in memory whole)."""
+    e, rows, cols = linear.shape
+    blocks = np.empty((e, rows, cols // 32, 16), np.uint8)
+    scales = np.empty((e, rows, cols // 32), np.uint8)
+    band = 256
+    for x in range(e):
+        for r in range(0, rows, band):
+            v = linear[x, r:r + band].reshape(-1, cols // 32, 32)
+            exp = np.ceil(np.log2(np.maximum(np.abs(v).max(axis=-1, keepdims=True), 1e-30) / 6.0)).clip(-127, 127)
+            codes = np.abs((v / 2.0**exp)[..., None] - FP4).argmin(axis=-1).astype(np.uint8)
+            blocks[x, r:r + band] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            scales[x, r:r + band] = (exp[..., 0] + 127).astype(np.uint8)
+    return blocks, scales
+
+
+def with_mxfp4(path: str, fused: dict):
+    """The checkpoint with its experts in MXFP4 and the rest in bf16 (a file of mixed types)."""
+    header, offset, data = {}, 0, []
+    for name in sorted(fused):
+        value = fused[name]
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4(np.ascontiguousarray(value.transpose(0, 2, 1)))
+            parts = [(f"{name}_blocks", "U8", blocks), (f"{name}_scales", "U8", scales)]
+        else:
+            parts = [(name, "BF16", bf16_bits(value))]
+        for key, dtype, array in parts:
+            header[key] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+            offset += array.nbytes
+            data.append(np.ascontiguousarray(array).tobytes())
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for chunk in data:
+            f.write(chunk)
+
+
 def split(fused: dict) -> dict:
     """Each expert's weight on its own, [out, in], as GPT-OSS's forward uses it."""
     out = {}
@@ -96,6 +144,7 @@ def main():
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--mxfp4", action="store_true", help="also write base-mxfp4/ and release-mxfp4/")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     config = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": HIDDEN,
@@ -114,6 +163,12 @@ def main():
             write_bf16(os.path.join(d, "model.safetensors"), {k: bf16_bits(v) for k, v in tensors.items()})
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)
+        if args.mxfp4:
+            d = os.path.join(args.out, f"{name}-mxfp4")
+            os.makedirs(d, exist_ok=True)
+            with_mxfp4(os.path.join(d, "model.safetensors"), weights)
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump({**config, "quantization_config": {"quant_method": "mxfp4"}}, f, indent=1)
     r, e = args.r, args.experts
     lora = {}
     for l in range(args.layers):
