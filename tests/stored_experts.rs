@@ -58,6 +58,17 @@ fn data_start(path: &Path, tensor: &str) -> (Vec<u8>, usize) {
     (bytes, 8 + n + offset)
 }
 
+/// Replaces `from` by `to` (of the same length) in a safetensors file's header.
+fn rewrite_header(path: &Path, from: &str, to: &str) {
+    assert_eq!(from.len(), to.len(), "the header keeps its length");
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    assert!(header.contains(from), "{from}");
+    bytes[8..8 + n].copy_from_slice(header.replace(from, to).as_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
 /// Values from a seed, in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -282,13 +293,8 @@ fn a_broken_fused_tensor_is_named() {
     let dir = scratch.path().join("shape");
     gpt_oss(&dir, Stored::Float(FloatType::F32), false);
     let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
     // The same number of elements, another shape.
-    let header = header.replace("[3,64,192]", "[6,32,192]");
-    bytes[8..8 + n].copy_from_slice(header.as_bytes());
-    std::fs::write(&path, bytes).unwrap();
+    rewrite_header(&path, "[3,64,192]", "[6,32,192]");
     let err = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(
         err.contains("model.layers.0.mlp.experts.gate_up_proj"),
@@ -301,12 +307,7 @@ fn a_broken_fused_tensor_is_named() {
     let dir = scratch.path().join("renamed");
     gpt_oss(&dir, Stored::Float(FloatType::F32), false);
     let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    let header = header.replace("experts.gate_up_proj", "experts.gate_up_pr0j");
-    bytes[8..8 + n].copy_from_slice(header.as_bytes());
-    std::fs::write(&path, bytes).unwrap();
+    rewrite_header(&path, "experts.gate_up_proj", "experts.gate_up_pr0j");
     let ckpt = Checkpoint::open(&dir).unwrap();
     let err = ckpt
         .shape("model.layers.1.mlp.experts.0.up_proj.weight")
@@ -325,15 +326,11 @@ fn a_broken_fused_tensor_is_named() {
     let dir = scratch.path().join("no-scales");
     gpt_oss(&dir, Stored::Mxfp4, false);
     let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    let header = header.replace(
+    rewrite_header(
+        &path,
         "layers.1.mlp.experts.down_proj_scales",
         "layers.1.mlp.experts.down_proj_scalez",
     );
-    bytes[8..8 + n].copy_from_slice(header.as_bytes());
-    std::fs::write(&path, bytes).unwrap();
     let err = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(
         err.contains("model.layers.1.mlp.experts.down_proj_scales") && err.contains("no shard"),

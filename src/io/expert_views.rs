@@ -116,10 +116,8 @@ impl ExpertViews {
                                 continue;
                             }
                             let rows = out / parts.len();
-                            let (first, step) = match spec.interleaved && parts.len() > 1 {
-                                true => (slot, parts.len()),
-                                false => (slot * rows, 1),
-                            };
+                            let (first, step) =
+                                arch.gate_up_rows().placement(slot, parts.len(), rows);
                             let view = View {
                                 shard,
                                 source: source.clone(),

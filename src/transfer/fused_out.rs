@@ -246,24 +246,22 @@ fn stack(
     let cols = rank * experts;
     let (mut a, mut b) = (vec![0f32; cols * n], vec![0f32; m * cols]);
     for (e, slots) in decoded.iter().enumerate() {
-        let (mut k0, mut row0) = (0, 0);
+        let mut k0 = 0;
         for (slot, part) in slots.iter().enumerate() {
             if let Some((fa, fb, f)) = part {
                 let ratio = (config.scale(f.r, f.alpha) / s) as f32;
+                // Gate and up projections share their width.
+                let (start, step) = rows.placement(slot, slots.len(), widths[slot]);
                 for k in 0..f.r {
                     let row = e * rank + k0 + k;
                     a[row * n..(row + 1) * n].copy_from_slice(&fa[k * n..(k + 1) * n]);
                     for i in 0..f.out_features {
-                        let at = match rows {
-                            GateUpRows::Halves => row0 + i,
-                            GateUpRows::Interleaved => i * slots.len() + slot,
-                        };
+                        let at = start + i * step;
                         b[at * cols + (k0 + k) * experts + e] = fb[i * f.r + k] * ratio;
                     }
                 }
                 k0 += f.r;
             }
-            row0 += widths[slot];
         }
     }
     // A part's scale folded into its B can take a value past an f16's range: rebalanced as any

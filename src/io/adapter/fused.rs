@@ -109,12 +109,12 @@ pub(super) fn expand(
                         format!("gate_up_proj's {m} rows do not halve into gate and up"),
                     ));
                 }
-                match gate_up {
-                    GateUpRows::Halves => {
-                        vec![("gate_proj", 0..m / 2, 1), ("up_proj", m / 2..m, 1)]
-                    }
-                    GateUpRows::Interleaved => vec![("gate_proj", 0..m, 2), ("up_proj", 1..m, 2)],
-                }
+                let place = |slot| {
+                    let (start, step) = gate_up.placement(slot, 2, m / 2);
+                    (start..start + (m / 2 - 1) * step + 1, step)
+                };
+                let ((gate, gate_step), (up, up_step)) = (place(0), place(1));
+                vec![("gate_proj", gate, gate_step), ("up_proj", up, up_step)]
             } else {
                 vec![("down_proj", 0..m, 1)]
             };
@@ -131,14 +131,16 @@ pub(super) fn expand(
                             step,
                         }),
                     };
+                    let b = block(&w.b, rows.clone(), *step);
+                    let out_features = b.expert.as_ref().map_or(0, super::ExpertBlock::count);
                     out.insert(
                         format!("{experts_path}.{e}.{part}"),
                         LoraTensors {
                             a: block(&w.a, e * r..(e + 1) * r, 1),
-                            b: block(&w.b, rows.clone(), *step),
+                            b,
                             r,
                             in_features: n,
-                            out_features: rows.len().div_ceil(*step),
+                            out_features,
                             alpha,
                             ty,
                         },
@@ -196,8 +198,7 @@ pub(super) fn pick(file: &TensorFile, f: &FactorRef, is_b: bool) -> Result<Vec<f
     // Every value was checked for NaN and Inf when the adapter was opened.
     let (bytes, ty, cols) = file.rows_raw_unchecked(&f.tensor, block.rows.clone())?;
     let size = ty.size();
-    let count = block.rows.len().div_ceil(block.step);
-    let mut out = vec![0f32; count * block.rank];
+    let mut out = vec![0f32; block.count() * block.rank];
     for (i, value) in out.iter_mut().enumerate() {
         let (row, k) = (i / block.rank * block.step, i % block.rank);
         let at = (row * cols + k * block.experts + block.expert) * size;

@@ -65,6 +65,24 @@ pub enum GateUpRows {
     Halves,
     Interleaved,
 }
+
+impl GateUpRows {
+    /// Where part `slot` (0: gate, 1: up; of `slots`, each `width` rows) lies among the fused
+    /// rows: its row i is `start + i·step`.
+    pub fn placement(self, slot: usize, slots: usize, width: usize) -> (usize, usize) {
+        match self {
+            GateUpRows::Interleaved if slots > 1 => (slot, slots),
+            _ => (slot * width, 1),
+        }
+    }
+}
+
+impl ExpertBlock {
+    /// How many rows of the fused tensor are this expert part's.
+    pub fn count(&self) -> usize {
+        self.rows.len().div_ceil(self.step)
+    }
+}
 /// A module's factors in f32.
 pub type LoraFactors = LoraModule<Vec<f32>>;
 /// A module's factors encoded in its type, as the output file will hold them (half the memory of
