@@ -206,13 +206,12 @@ def mxfp4(linear: np.ndarray):
     return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(exp[..., 0] + 127, np.uint8)
 
 
-def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(gpt_oss, binary, tmp_path):
-    """The base with its experts in MXFP4 (blocks and scales, as OpenAI released GPT-OSS) gives the
-    transfer that the same base gives with the experts dequantized by transformers' own
-    `convert_moe_packed_tensors`, to the bit."""
+def quantized_experts(base) -> tuple:
+    """The base's tensors with the experts in MXFP4 (blocks and scales, as OpenAI released
+    GPT-OSS), and with the same MXFP4 experts dequantized by transformers' own
+    `convert_moe_packed_tensors`."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    _, base, _, lora = gpt_oss
     weights = load_file(str(base / "model.safetensors"))
     quantized, dequantized = {}, {}
     for name, value in weights.items():
@@ -225,15 +224,28 @@ def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(gpt_oss, binar
         dequantized[name] = back.numpy()
         assert back.shape == value.shape
         assert 0 < np.abs(back.numpy() - value).max() < 0.2 * np.abs(value).max(), name
-    dirs = {}
-    for kind, tensors in [("mxfp4", quantized), ("dequantized", dequantized)]:
-        d = iu.copy_dir(base, tmp_path / kind)
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-        if kind == "mxfp4":
-            config = json.loads((d / "config.json").read_text())
-            config["quantization_config"] = {"quant_method": "mxfp4"}
-            (d / "config.json").write_text(json.dumps(config))
-        dirs[kind] = d
+    return quantized, dequantized
+
+
+def save_checkpoint(base, tensors: dict, out, mxfp4: bool = False):
+    """`tensors` saved as a copy of `base` at `out`, its config saying MXFP4 where they are."""
+    d = iu.copy_dir(base, out)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    if mxfp4:
+        config = json.loads((d / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "mxfp4"}
+        (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_an_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(gpt_oss, binary, tmp_path):
+    """The base with its experts in MXFP4 (blocks and scales, as OpenAI released GPT-OSS) gives the
+    transfer that the same base gives with the experts dequantized by transformers' own
+    `convert_moe_packed_tensors`, to the bit."""
+    _, base, _, lora = gpt_oss
+    quantized, dequantized = quantized_experts(base)
+    dirs = {"mxfp4": save_checkpoint(base, quantized, tmp_path / "mxfp4", mxfp4=True),
+            "dequantized": save_checkpoint(base, dequantized, tmp_path / "dequantized")}
     outs = {}
     for kind, d in dirs.items():
         outs[kind] = tmp_path / f"out-{kind}"

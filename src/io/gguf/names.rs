@@ -164,6 +164,20 @@ pub const FAMILIES: &[Family] = &[
         false,
     )
     .with_experts(),
+    // GPT-OSS: the converter splits the fused `gate_up_proj` (gate and up outputs alternating,
+    // stored `[E, in, 2·width]`) into `ffn_gate_exps` and `ffn_up_exps`, each `[E, width, in]`
+    // as every family's, so each expert reads as the others' do; its experts are MXFP4 when the
+    // release's were.
+    family(
+        "gpt-oss",
+        "gpt_oss",
+        "GptOssForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    )
+    .with_experts(),
     // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
     family(
         "smollm3",
@@ -410,6 +424,9 @@ pub fn config_json(
     if let Ok(n) = int("context_length") {
         obj.insert("max_position_embeddings".into(), n.into());
     }
+    if let Ok(n) = int("attention.sliding_window") {
+        obj.insert("sliding_window".into(), n.into());
+    }
     for (field, k) in [
         ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
         ("rope_theta", "rope.freq_base"),
@@ -445,7 +462,7 @@ pub fn config_json(
     if f.experts {
         // Mixtral's experts are `intermediate_size` wide; Qwen3-MoE's have their own width.
         let count = match f.model_type {
-            "mixtral" => "num_local_experts",
+            "mixtral" | "gpt_oss" => "num_local_experts",
             "glm4_moe" => "n_routed_experts",
             _ => "num_experts",
         };

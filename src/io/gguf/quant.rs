@@ -25,6 +25,8 @@ pub enum GgmlType {
     Q4K,
     Q5K,
     Q6K,
+    /// OCP Microscaling FP4 (GPT-OSS's experts): 32 E2M1 values sharing a power-of-two scale.
+    Mxfp4,
     /// A type id the format defines but this reader does not dequantize (IQ*, Q8_1, Q8_K, TQ*,
     /// integer tensors, …), kept so the error can name it.
     Other(u32),
@@ -47,6 +49,7 @@ impl GgmlType {
             13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::Bf16,
+            39 => GgmlType::Mxfp4,
             other => GgmlType::Other(other),
         }
     }
@@ -67,6 +70,7 @@ impl GgmlType {
             GgmlType::Q4K => "Q4_K".into(),
             GgmlType::Q5K => "Q5_K".into(),
             GgmlType::Q6K => "Q6_K".into(),
+            GgmlType::Mxfp4 => "MXFP4".into(),
             GgmlType::Other(id) => match OTHER_NAMES.iter().find(|(i, _)| *i == id) {
                 Some((_, n)) => (*n).into(),
                 None => format!("type id {id}"),
@@ -89,6 +93,7 @@ impl GgmlType {
             GgmlType::Q4K => (QK_K, 144),
             GgmlType::Q5K => (QK_K, 176),
             GgmlType::Q6K => (QK_K, 210),
+            GgmlType::Mxfp4 => (32, 17),
             GgmlType::Other(_) => return None,
         })
     }
@@ -119,7 +124,6 @@ const OTHER_NAMES: &[(u32, &str)] = &[
     (29, "IQ1_M"),
     (34, "TQ1_0"),
     (35, "TQ2_0"),
-    (39, "MXFP4"),
 ];
 
 /// Dequantizes whole blocks of `ty` from `bytes` into `out` (`out.len()` elements, a multiple
@@ -155,6 +159,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
         GgmlType::Q4K => blocks.for_each(|(b, o)| q4_k(b, o)),
         GgmlType::Q5K => blocks.for_each(|(b, o)| q5_k(b, o)),
         GgmlType::Q6K => blocks.for_each(|(b, o)| q6_k(b, o)),
+        GgmlType::Mxfp4 => blocks.for_each(|(b, o)| mxfp4(b, o)),
         GgmlType::Other(_) => unreachable!("no block layout"),
     }
 }
@@ -327,6 +332,31 @@ fn q6_k(b: &[u8], o: &mut [f32]) {
     }
 }
 
+/// The FP4 (E2M1) values by code, doubled to integers (ggml's `kvalues_mxfp4`): the scale is
+/// halved to match.
+const MXFP4_DOUBLED: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half of the E8M0 scale `2^(e − 127)`, as ggml forms it (`ggml_e8m0_to_fp32_half`): bits, not
+/// arithmetic, so that e = 0 and 1 give the subnormals 2^-128 and 2^-127, and e = 255 — NaN in
+/// the OCP format — gives 2^127 (the finite check refuses what it then makes infinite).
+fn e8m0_half(e: u8) -> f32 {
+    if e < 2 {
+        f32::from_bits(0x0020_0000 << e)
+    } else {
+        f32::from_bits((e as u32 - 1) << 23)
+    }
+}
+
+/// e (E8M0), 16 bytes of nibbles (low nibbles elements 0..16, high 16..32, as Q4_0; llama.cpp's
+/// converter reorders OpenAI's pairs into this): e8m0_half(e) · kvalue(q).
+fn mxfp4(b: &[u8], o: &mut [f32]) {
+    let d = e8m0_half(b[0]);
+    let qs = &b[1..17];
+    for (j, v) in o.iter_mut().enumerate() {
+        *v = d * MXFP4_DOUBLED[nibble(qs, j) as usize] as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +412,35 @@ mod tests {
         }
     }
 
+    /// MXFP4: a scale byte, then codes; each element's value is its FP4 code's times 2^(e−127),
+    /// element j in the low nibble of byte j and element j + 16 in its high nibble.
+    #[test]
+    fn mxfp4_block_by_hand() {
+        const FP4: [f32; 16] = [
+            0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+        ];
+        for e in [0u8, 1, 2, 100, 127, 130, 254] {
+            let mut b = vec![e; 17];
+            for j in 0..16 {
+                b[1 + j] = (j as u8) | ((15 - j as u8) << 4);
+            }
+            let mut o = vec![0f32; 32];
+            dequantize(GgmlType::Mxfp4, &b, &mut o);
+            // A power of two f32 holds exactly (2^-127 as a subnormal); 6 · 2^127 overflows.
+            let scale = 2f64.powi(e as i32 - 127) as f32;
+            for j in 0..16 {
+                assert_eq!(o[j], FP4[j] * scale, "e {e}, element {j}");
+                assert_eq!(o[16 + j], FP4[15 - j] * scale, "e {e}, element {}", 16 + j);
+            }
+        }
+        // ggml's e = 255 is 2^127, not NaN: code 7 (6.0) overflows to infinity.
+        let mut b = vec![255u8; 17];
+        b[1..].iter_mut().for_each(|q| *q = 0x71);
+        let mut o = vec![0f32; 32];
+        dequantize(GgmlType::Mxfp4, &b, &mut o);
+        assert_eq!((o[0], o[16]), (2f32.powi(127), f32::INFINITY));
+    }
+
     #[test]
     fn type_names_and_sizes() {
         assert_eq!(GgmlType::from_id(12), GgmlType::Q4K);
@@ -390,5 +449,7 @@ mod tests {
         assert_eq!(GgmlType::from_id(999).name(), "type id 999");
         assert_eq!(GgmlType::from_id(20).block(), None);
         assert_eq!(GgmlType::Q6K.block(), Some((256, 210)));
+        assert_eq!(GgmlType::from_id(39).name(), "MXFP4");
+        assert_eq!(GgmlType::from_id(39).block(), Some((32, 17)));
     }
 }
