@@ -161,13 +161,14 @@ pub fn arch_table(data: &[u8]) {
     }
 }
 
-/// `--layer-map` files: a parsed map covers every target layer with existing source layers.
+/// `--layer-map` files: a parsed map names only existing target layers, each with an existing
+/// source layer (the target layers it leaves out keep the default pairing).
 pub fn layer_map(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     if let Ok(map) = crate::plan::layers::parse_layer_map(text, Path::new("map.json"), 28, 24) {
-        assert_eq!(map.len(), 24);
+        assert!(map.len() <= 24);
         assert!(map.iter().all(|(&j, &i)| j < 24 && i < 28));
     }
 }

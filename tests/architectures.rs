@@ -211,6 +211,7 @@ fn every_table_loads_and_round_trips_module_names() {
         "glm4_moe_lite",
         "mixtral",
         "olmoe",
+        "qwen3_5",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }
@@ -224,7 +225,8 @@ fn every_table_loads_and_round_trips_module_names() {
                 (5, expert, spec.name.as_str())
             );
         }
-        // The attention's four parts (latent attention's six), and each MLP block's three.
+        // The attention's four parts (latent attention's six), linear attention's five, and
+        // each MLP block's three.
         let blocks: std::collections::BTreeSet<Block> =
             a.modules.iter().map(|m| m.block()).collect();
         for block in &blocks {
@@ -236,6 +238,15 @@ fn every_table_loads_and_round_trips_module_names() {
                     vec![Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB]
                 }
                 Block::Attention => vec![Part::Q, Part::K, Part::V, Part::O],
+                Block::LinearAttention => {
+                    vec![
+                        Part::LinQkv,
+                        Part::LinZ,
+                        Part::LinB,
+                        Part::LinA,
+                        Part::LinOut,
+                    ]
+                }
                 _ => vec![Part::Gate, Part::Up, Part::Down],
             };
             assert_eq!(parts, want, "{} {block:?}", a.name);

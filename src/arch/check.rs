@@ -105,8 +105,18 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
     let mlp = [Part::Gate, Part::Up, Part::Down];
     let complete_mlps = blocks
         .iter()
-        .filter(|&&b| b != Block::Attention)
+        .filter(|&&b| b != Block::Attention && b != Block::LinearAttention)
         .all(|&b| complete(b, &mlp));
+    // Linear attention (Qwen3.5), where the table has it, in the layers the config names.
+    let linear = [
+        Part::LinQkv,
+        Part::LinZ,
+        Part::LinB,
+        Part::LinA,
+        Part::LinOut,
+    ];
+    let complete_linear =
+        !blocks.contains(&Block::LinearAttention) || complete(Block::LinearAttention, &linear);
     // Latent attention (DeepSeek) in place of q, k, v: its query through `q_proj` or, where the
     // config gives a query latent, through `q_a_proj` and `q_b_proj`.
     let latent = [Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB];
@@ -114,13 +124,15 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
         || complete(Block::Attention, &latent);
     if !attention
         || !complete_mlps
+        || !complete_linear
         || !(blocks.contains(&Block::Mlp) || blocks.contains(&Block::Experts))
         || (blocks.contains(&Block::SharedExpert) && !blocks.contains(&Block::Experts))
     {
         return Err(format!(
             "table `{}` must hold each of q, k, v, o exactly once (or latent attention's q, o, \
-             q_a, q_b, kv_a, kv_b), and gate, up, down exactly once in each MLP block it has \
-             (a dense MLP, experts, a shared expert beside experts)",
+             q_a, q_b, kv_a, kv_b), linear attention's lin_qkv, lin_z, lin_b, lin_a, lin_out \
+             exactly once where it has any, and gate, up, down exactly once in each MLP block \
+             it has (a dense MLP, experts, a shared expert beside experts)",
             arch.name
         ));
     }

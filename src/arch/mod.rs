@@ -38,11 +38,24 @@ pub enum Part {
     KvA,
     #[serde(rename = "kv_b")]
     KvB,
+    /// Linear attention's projections (Qwen3.5's Gated DeltaNet, in the layers the config names):
+    /// `in_proj_qkv` (queries, keys and values), `in_proj_z` (the output gate), `in_proj_b` and
+    /// `in_proj_a` (one value per value head), and `out_proj`, which writes the residual.
+    #[serde(rename = "lin_qkv")]
+    LinQkv,
+    #[serde(rename = "lin_z")]
+    LinZ,
+    #[serde(rename = "lin_b")]
+    LinB,
+    #[serde(rename = "lin_a")]
+    LinA,
+    #[serde(rename = "lin_out")]
+    LinOut,
 }
 
 impl Part {
-    /// The seven canonical parts, in the order of a decoder layer (latent attention's are not
-    /// among them: the map mode, which reads these, does not take latent attention).
+    /// The seven canonical parts, in the order of a decoder layer (latent and linear attention's
+    /// are not among them: the map mode, which reads these, takes neither).
     pub const ALL: [Part; 7] = [
         Part::Q,
         Part::K,
@@ -53,11 +66,22 @@ impl Part {
         Part::Down,
     ];
 
-    /// `(out, in)` of this projection for a model config (a latent part without latent sizes in
-    /// the config: no rows).
+    /// `(out, in)` of this projection for a model config (a latent or linear part without its
+    /// sizes in the config: no rows).
     pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
         let (heads, h) = (c.num_attention_heads, c.hidden_size);
         let q = heads * c.head_dim;
+        if let Some(l) = &c.linear {
+            let keys = l.key_heads * l.key_head_dim;
+            let values = l.value_heads * l.value_head_dim;
+            match self {
+                Part::LinQkv => return (2 * keys + values, h),
+                Part::LinZ => return (values, h),
+                Part::LinB | Part::LinA => return (l.value_heads, h),
+                Part::LinOut => return (h, values),
+                _ => {}
+            }
+        }
         let kv = c.num_key_value_heads * c.head_dim;
         if let Some(l) = c.latent {
             let qk = heads * (l.qk_nope_head_dim + l.qk_rope_head_dim);
@@ -73,12 +97,15 @@ impl Part {
             }
         }
         match self {
+            Part::Q if c.gated_query => (2 * q, h),
             Part::Q => (q, h),
             Part::K | Part::V => (kv, h),
             Part::O => (h, q),
             Part::Gate | Part::Up => (c.intermediate_size, h),
             Part::Down => (h, c.intermediate_size),
             Part::QA | Part::QB | Part::KvA | Part::KvB => (0, h),
+            Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA => (0, h),
+            Part::LinOut => (h, 0),
         }
     }
 
@@ -90,6 +117,14 @@ impl Part {
     /// Whether this is one of latent attention's own projections.
     pub fn latent(self) -> bool {
         matches!(self, Part::QA | Part::QB | Part::KvA | Part::KvB)
+    }
+
+    /// Whether this is one of linear attention's projections.
+    pub fn linear(self) -> bool {
+        matches!(
+            self,
+            Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA | Part::LinOut
+        )
     }
 
     /// The unfused module name of this part (`q_proj`, ...), as used by `--modules`.
@@ -106,6 +141,11 @@ impl Part {
             Part::QB => "q_b_proj",
             Part::KvA => "kv_a_proj_with_mqa",
             Part::KvB => "kv_b_proj",
+            Part::LinQkv => "in_proj_qkv",
+            Part::LinZ => "in_proj_z",
+            Part::LinB => "in_proj_b",
+            Part::LinA => "in_proj_a",
+            Part::LinOut => "out_proj",
         }
     }
 }
@@ -130,12 +170,14 @@ pub struct ModuleSpec {
 }
 
 /// The block of a layer a module belongs to, which says in which layers it exists and how wide
-/// its MLP is: attention in every layer; a dense MLP in a dense model's layers and in a
+/// its MLP is: attention in every layer (softmax or, in the layers a hybrid model's config
+/// names, linear); a dense MLP in a dense model's layers and in a
 /// mixture-of-experts model's dense layers; experts, and the shared expert beside them, in the
 /// others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Block {
     Attention,
+    LinearAttention,
     Mlp,
     Experts,
     SharedExpert,
@@ -146,6 +188,7 @@ impl Block {
     pub fn describe(self) -> &'static str {
         match self {
             Block::Attention => "attention",
+            Block::LinearAttention => "linear attention",
             Block::Mlp => "dense MLP",
             Block::Experts => "experts",
             Block::SharedExpert => "shared expert",
@@ -165,6 +208,8 @@ impl ModuleSpec {
             Block::SharedExpert
         } else if self.parts.iter().all(|p| p.mlp()) {
             Block::Mlp
+        } else if self.parts.iter().all(|p| p.linear()) {
+            Block::LinearAttention
         } else {
             Block::Attention
         }
@@ -245,6 +290,12 @@ pub struct Arch {
     pub name: String,
     pub model_types: Vec<String>,
     pub layer_prefixes: Vec<String>,
+    /// Where transformers' causal-LM class names the layers whatever the checkpoint's layout,
+    /// where that differs: Qwen3.5's releases store `model.language_model.layers` (the
+    /// multimodal model's), which `AutoModelForCausalLM` loads as `model.layers`. Adapters'
+    /// module names are written under it (and read under any of the prefixes).
+    #[serde(default)]
+    pub module_prefix: Option<String>,
     #[serde(deserialize_with = "modules_in_order")]
     pub modules: Vec<ModuleSpec>,
     /// A mixture-of-experts layer's router (one row of logits weights per expert), below the

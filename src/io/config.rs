@@ -23,6 +23,12 @@ pub struct ModelConfig {
     pub experts: Option<Experts>,
     /// Multi-head latent attention (DeepSeek-V2/V3, Kimi K2, GLM-4.7-Flash); none for the others.
     pub latent: Option<Latent>,
+    /// Linear attention in some layers (Qwen3.5's Gated DeltaNet); none where every layer has
+    /// softmax attention.
+    pub linear: Option<LinearAttention>,
+    /// Each head's `q_proj` rows are its query followed by as many of its output gate (Qwen3.5,
+    /// Qwen3-Next), so `q_proj` is twice `heads · head_dim`.
+    pub gated_query: bool,
     /// The whole file, kept so that unknown fields survive a rewrite.
     pub raw: serde_json::Value,
 }
@@ -50,6 +56,26 @@ pub struct Latent {
     pub qk_nope_head_dim: usize,
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
+}
+
+/// Linear attention's sizes (Qwen3.5's Gated DeltaNet: `in_proj_qkv` gives keys, queries and
+/// values, `in_proj_z` the output gate, `in_proj_b` and `in_proj_a` a value per value head,
+/// `out_proj` writes back) and the layers that have it instead of softmax attention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearAttention {
+    pub key_heads: usize,
+    pub value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// The layers with linear attention, in ascending order.
+    pub layers: Vec<usize>,
+}
+
+impl LinearAttention {
+    /// Whether `layer`'s attention is linear (else softmax attention).
+    pub fn holds(&self, layer: usize) -> bool {
+        self.layers.binary_search(&layer).is_ok()
+    }
 }
 
 /// The expert MLPs of a mixture-of-experts model: how many each layer has, their width, the
@@ -199,6 +225,13 @@ impl ModelConfig {
             path,
         )?;
         let latent = parse_latent(text, path)?;
+        let linear = parse_linear(text, num_hidden_layers, path)?;
+        // Qwen3.5 and Qwen3-Next gate each head's attention output by a second half of its
+        // `q_proj` rows; no field says so.
+        let gated_query = matches!(
+            model_type.as_str(),
+            "qwen3_5" | "qwen3_5_text" | "qwen3_next"
+        );
         Ok(ModelConfig {
             model_type,
             architectures,
@@ -211,6 +244,8 @@ impl ModelConfig {
             scales,
             experts,
             latent,
+            linear,
+            gated_query,
             raw,
         })
     }
@@ -366,5 +401,69 @@ fn parse_latent(
         qk_nope_head_dim: size("qk_nope_head_dim")?,
         qk_rope_head_dim: size("qk_rope_head_dim")?,
         v_head_dim: size("v_head_dim")?,
+    }))
+}
+
+/// Linear attention's sizes and layers, where the config gives `linear_num_value_heads` (None
+/// otherwise): `layer_types` names each layer's attention ("linear_attention" or
+/// "full_attention"); without it, as transformers does, every `full_attention_interval`-th layer
+/// (4 by default) has softmax attention and the others linear.
+fn parse_linear(
+    text: &serde_json::Map<String, serde_json::Value>,
+    layers: usize,
+    path: &Path,
+) -> Result<Option<LinearAttention>> {
+    let field = |key: &str| text.get(key).filter(|v| !v.is_null());
+    if field("linear_num_value_heads").is_none() {
+        return Ok(None);
+    }
+    let size = |key: &str, max: u64| -> Result<usize> {
+        let v = field(key)
+            .ok_or_else(|| Error::config(path, format!("linear attention without `{key}`")))?;
+        v.as_u64()
+            .filter(|&n| n > 0 && n <= max)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("`{key}` = {v} must be a positive integer up to {max}"),
+                )
+            })
+    };
+    let linear: Vec<bool> = match field("layer_types") {
+        Some(v) => {
+            let kinds: Option<Vec<bool>> = v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|k| match k.as_str() {
+                        Some("linear_attention") => Some(true),
+                        Some("full_attention") => Some(false),
+                        _ => None,
+                    })
+                    .collect()
+            });
+            kinds.filter(|k| k.len() == layers).ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!(
+                        "`layer_types` = {v} must list \"linear_attention\" or \"full_attention\" \
+                         for each of the {layers} layers"
+                    ),
+                )
+            })?
+        }
+        None => {
+            let interval = match field("full_attention_interval") {
+                None => 4,
+                Some(_) => size("full_attention_interval", 1 << 16)?,
+            };
+            (0..layers).map(|l| (l + 1) % interval != 0).collect()
+        }
+    };
+    Ok(Some(LinearAttention {
+        key_heads: size("linear_num_key_heads", 1 << 16)?,
+        value_heads: size("linear_num_value_heads", 1 << 16)?,
+        key_head_dim: size("linear_key_head_dim", 1 << 16)?,
+        value_head_dim: size("linear_value_head_dim", 1 << 16)?,
+        layers: (0..layers).filter(|&l| linear[l]).collect(),
     }))
 }

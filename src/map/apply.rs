@@ -276,6 +276,10 @@ fn inner<'l>(
             "--mode",
             format!("map does not take latent attention ({})", unit.label),
         )),
+        Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA | Part::LinOut => Err(Error::arg(
+            "--mode",
+            format!("map does not take linear attention ({})", unit.label),
+        )),
     }
 }
 

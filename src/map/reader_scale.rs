@@ -72,8 +72,9 @@ impl ReaderScale {
             Part::Gate => Some(3),
             Part::Up => Some(4),
             Part::O | Part::Down => None,
-            // The map mode does not take latent attention (`experts::refuse_map`).
+            // The map mode takes neither latent nor linear attention (`experts::refuse_map`).
             Part::QA | Part::QB | Part::KvA | Part::KvB => None,
+            Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA | Part::LinOut => None,
         }
     }
 

@@ -202,12 +202,12 @@ pub fn name_fused_experts(
                 ),
             ));
         }
-        if source.arch.parse_module(&source.prefix, &name).is_some() {
+        if source.parse_module_name(&name).is_some() {
             continue;
         }
         // `<prefix>.<layer>.<…>.experts.<e>.<gate_proj | up_proj | down_proj>`
         let placed = (|| {
-            let rest = name.strip_prefix(&source.prefix)?.strip_prefix('.')?;
+            let rest = name.strip_prefix(&source.names)?.strip_prefix('.')?;
             let (layer, rest) = rest.split_once('.')?;
             let (rest, part) = rest.rsplit_once('.')?;
             let (experts, expert) = rest.rsplit_once('.')?;
@@ -223,7 +223,7 @@ pub fn name_fused_experts(
             Some(
                 source
                     .arch
-                    .module_path(&source.prefix, layer, Some(expert), spec),
+                    .module_path(&source.names, layer, Some(expert), spec),
             )
         })();
         if let Some(to) = placed {
@@ -233,11 +233,32 @@ pub fn name_fused_experts(
     Ok(())
 }
 
+/// The side whose layers mix linear and softmax attention (Qwen3.5), if either's do.
+pub fn side_with_linear_attention<'s, 'a>(
+    source: &'s ModelSide<'a>,
+    target: &'s ModelSide<'a>,
+) -> Option<&'s ModelSide<'a>> {
+    [source, target]
+        .into_iter()
+        .find(|s| s.ckpt.config.linear.is_some())
+}
+
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth
 /// similarity), which a mixture-of-experts layer does not have.
 pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<()> {
     if mode != Mode::Map {
         return Ok(());
+    }
+    if let Some(side) = side_with_linear_attention(source, target) {
+        return Err(Error::arg(
+            "--mode",
+            format!(
+                "map matches the heads of q, k and v in every layer, and {} ({}) has linear \
+                 attention in some; use rotate where the shapes agree, or align",
+                side.ckpt.dir.display(),
+                side.arch.name
+            ),
+        ));
     }
     if let Some(side) = [source, target]
         .into_iter()

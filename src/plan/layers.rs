@@ -21,8 +21,32 @@ pub fn default_layer_map(source_layers: usize, target_layers: usize) -> BTreeMap
         .collect()
 }
 
+/// Moves each target layer whose source layer has the other kind (linear attention against
+/// softmax attention, in hybrid models such as Qwen3.5) to the nearest source layer of its own
+/// kind (the shallower of two as near), where the source has one: the depth map pairs like
+/// with like, so every attention update has a module to go to.
+pub fn pair_kinds(
+    map: &mut BTreeMap<usize, usize>,
+    source_layers: usize,
+    source_kind: impl Fn(usize) -> bool,
+    target_kind: impl Fn(usize) -> bool,
+) {
+    for (&j, i) in map.iter_mut() {
+        let want = target_kind(j);
+        if source_kind(*i) == want {
+            continue;
+        }
+        let near = (0..source_layers)
+            .filter(|&l| source_kind(l) == want)
+            .min_by_key(|&l| (l.abs_diff(*i), l));
+        if let Some(l) = near {
+            *i = l;
+        }
+    }
+}
+
 /// Reads a layer-map file: a JSON object `{"<target layer>": <source layer>, ...}` (the format of
-/// the report's `layer_map`). Target layers it leaves out keep the default mapping.
+/// the report's `layer_map`): the target layers it names (the others keep the default mapping).
 pub fn read_layer_map(
     path: &Path,
     source_layers: usize,
@@ -47,7 +71,7 @@ pub fn parse_layer_map(
             "a layer map is a JSON object {\"<target layer>\": <source layer>}",
         )
     })?;
-    let mut map = default_layer_map(source_layers, target_layers);
+    let mut map = BTreeMap::new();
     for (key, v) in obj {
         let j: usize = key
             .trim()
@@ -103,11 +127,32 @@ mod tests {
         assert_eq!(default_layer_map(4, 1)[&0], 0);
     }
 
+    /// Qwen3.5's pattern (every fourth layer softmax attention) at 8 and at 12 layers: each
+    /// target layer takes a source layer of its kind near the depth map's choice.
+    #[test]
+    fn hybrid_layers_pair_like_with_like() {
+        let full = |l: usize| (l + 1) % 4 == 0;
+        let linear = |l: usize| !full(l);
+        let mut m = default_layer_map(8, 12);
+        pair_kinds(&mut m, 8, linear, linear);
+        assert!(m.iter().all(|(&j, &i)| full(j) == full(i)), "{m:?}");
+        // 12 -> 8: layer 3 (full) would take source layer 5 (linear): the nearest full is 3.
+        assert_eq!(default_layer_map(12, 8)[&3], 5);
+        let mut m = default_layer_map(12, 8);
+        pair_kinds(&mut m, 12, linear, linear);
+        assert_eq!((m[&3], m[&7]), (3, 11));
+        assert!(m.iter().all(|(&j, &i)| full(j) == full(i)), "{m:?}");
+        // A source with no layer of the kind keeps the depth map's choice.
+        let mut m = default_layer_map(4, 4);
+        pair_kinds(&mut m, 4, |_| false, linear);
+        assert_eq!(m, default_layer_map(4, 4));
+    }
+
     #[test]
     fn file_overrides_and_validates() {
         let p = Path::new("map.json");
         let m = parse_layer_map(r#"{"0": 3, "2": 1}"#, p, 4, 4).unwrap();
-        assert_eq!((m[&0], m[&1], m[&2], m[&3]), (3, 1, 1, 3));
+        assert_eq!(m, [(0, 3), (2, 1)].into());
         let e = parse_layer_map(r#"{"9": 0}"#, p, 4, 4)
             .unwrap_err()
             .to_string();

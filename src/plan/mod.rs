@@ -280,14 +280,13 @@ fn adapter_modules<'a>(
     for (name, m) in adapter {
         let (layer, expert, spec) =
             source
-                .arch
-                .parse_module(&source.prefix, name)
+                .parse_module_name(name)
                 .ok_or_else(|| Error::UnsupportedAdapter {
                     path: adapter_path.to_path_buf(),
                     reason: format!(
                         "module `{name}` is not an adaptable {} module under `{}` (known: {})",
                         source.arch.name,
-                        source.prefix,
+                        source.names,
                         source
                             .arch
                             .modules
@@ -364,13 +363,21 @@ fn target_specs(
         .collect()
 }
 
-/// Target layer → source layer: the depth map, with the user's overrides.
+/// Target layer → source layer: the depth map (each layer paired with one of its own attention
+/// kind, in hybrid models), with the user's overrides.
 fn layer_map(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     options: &Options,
 ) -> BTreeMap<usize, usize> {
     let mut map = layers::default_layer_map(source.layers(), target.layers());
+    let linear = |side: &ModelSide<'_>, l: usize| side.holds_block(l, Block::LinearAttention);
+    layers::pair_kinds(
+        &mut map,
+        source.layers(),
+        |i| linear(source, i),
+        |j| linear(target, j),
+    );
     if let Some(overrides) = &options.layer_map {
         for (&j, &i) in overrides {
             map.insert(j, i);
@@ -422,7 +429,7 @@ impl LayerPair<'_, '_> {
         Ok(TargetModule {
             name: target
                 .arch
-                .module_path(&target.prefix, self.target_layer, expert, spec),
+                .module_path(&target.names, self.target_layer, expert, spec),
             module_type: spec.name.clone(),
             shape,
             units,

@@ -30,7 +30,11 @@ pub(super) fn source_block(
     spec: &ModuleSpec,
 ) -> std::result::Result<Option<Block>, String> {
     match spec.block() {
-        Block::Attention => Ok(Some(Block::Attention)),
+        // A layer has softmax attention or linear attention (hybrid models): a source layer of
+        // the other kind has nothing for this module, and its own update is left over.
+        b @ (Block::Attention | Block::LinearAttention) => {
+            Ok(source.holds_block(i, b).then_some(b))
+        }
         Block::SharedExpert => Ok(source
             .holds_block(i, Block::SharedExpert)
             .then_some(Block::SharedExpert)),
@@ -241,6 +245,12 @@ pub(super) fn check_taken(
             others.into_iter().collect::<Vec<_>>().join(",")
         ),
     };
+    // Hybrid models: the layer map may be what paired two kinds of attention.
+    let hybrid = |s: &ModelSide<'_>| s.ckpt.config.linear.is_some();
+    let kinds = match hybrid(source) || hybrid(target) {
+        true => " (pair layers of one attention kind with --layer-map)",
+        false => "",
+    };
     let spec = source.arch.module(name).expect("parsed");
     let what = match spec.block() {
         _ if parts.len() < spec.parts.len() => {
@@ -254,7 +264,7 @@ pub(super) fn check_taken(
         path: target.ckpt.dir.clone(),
         reason: format!(
             "the adapter's `{module}` ({what} of source layer {i}) has no counterpart in layer \
-             {j} of this model, which has no {what} there{hint}"
+             {j} of this model, which has no {what} there{kinds}{hint}"
         ),
     })
 }

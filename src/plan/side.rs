@@ -8,7 +8,10 @@ use crate::io::checkpoint::Checkpoint;
 /// A model as the plan sees it: its table, layer prefix and checkpoint.
 pub struct ModelSide<'a> {
     pub arch: &'static Arch,
+    /// Where the checkpoint stores the layers' weights.
     pub prefix: String,
+    /// Where adapters name the layers' modules: the table's `module_prefix`, else `prefix`.
+    pub names: String,
     pub ckpt: &'a Checkpoint,
 }
 
@@ -53,8 +56,36 @@ impl<'a> ModelSide<'a> {
                 ),
             ));
         }
+        if arch.has_block(Block::LinearAttention) && ckpt.config.linear.is_none() {
+            return Err(Error::config(
+                ckpt.config_path(),
+                format!(
+                    "a {} model has linear attention in some layers, but config.json gives no \
+                     `linear_num_value_heads`",
+                    arch.name
+                ),
+            ));
+        }
         let prefix = arch.detect_prefix(ckpt)?.to_string();
-        Ok(ModelSide { arch, prefix, ckpt })
+        let names = arch.module_prefix.clone().unwrap_or_else(|| prefix.clone());
+        Ok(ModelSide {
+            arch,
+            prefix,
+            names,
+            ckpt,
+        })
+    }
+
+    /// The layer, expert and table module of an adapter's module name: under `names`, or under
+    /// any of the table's layer prefixes (an adapter made on the multimodal model of a family
+    /// whose causal-LM class names its layers otherwise).
+    pub fn parse_module_name(
+        &self,
+        name: &str,
+    ) -> Option<(usize, Option<usize>, &'static ModuleSpec)> {
+        std::iter::once(&self.names)
+            .chain(&self.arch.layer_prefixes)
+            .find_map(|p| self.arch.parse_module(p, name))
     }
 
     pub fn layers(&self) -> usize {
@@ -89,16 +120,21 @@ impl<'a> ModelSide<'a> {
         self.holds_block(layer, spec.block()) && spec.present_in(&self.ckpt.config)
     }
 
-    /// Whether `layer` has `block`: the attention in every layer, a dense MLP in the dense
-    /// layers, the experts and the shared expert (where the config gives one) in the others.
+    /// Whether `layer` has `block`: softmax attention in every layer but those the config gives
+    /// linear attention, a dense MLP in the dense layers, the experts and the shared expert (where the config gives one) in the others.
     pub fn holds_block(&self, layer: usize, block: Block) -> bool {
         // `new` refused a shared expert's width for a table without one.
         let shared = || {
             let e = self.ckpt.config.experts.as_ref();
             e.is_some_and(|e| e.shared_width.is_some())
         };
+        let linear = |l: usize| {
+            let linear = self.ckpt.config.linear.as_ref();
+            linear.is_some_and(|a| a.holds(l))
+        };
         match block {
-            Block::Attention => true,
+            Block::Attention => !linear(layer),
+            Block::LinearAttention => linear(layer),
             Block::Mlp => !self.sparse(layer),
             Block::Experts => self.sparse(layer),
             Block::SharedExpert => self.sparse(layer) && shared(),

@@ -61,7 +61,7 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
     }
     let ckpt = Checkpoint::open(base_dir)?;
     let side = crate::plan::ModelSide::new(&ckpt)?;
-    let (table, prefix) = (side.arch, side.prefix.as_str());
+    let table = side.arch;
     let targets = select_targets(&table.modules, &spec.targets)?;
 
     let mut modules = BTreeMap::new();
@@ -72,8 +72,12 @@ pub fn write_adapter(base_dir: &Path, spec: &AdapterSpec, out_dir: &Path) -> Res
         for (module, expert) in
             held.flat_map(|m| m.instances(&ckpt.config).into_iter().map(move |e| (m, e)))
         {
-            let name = table.module_path(prefix, layer, expert, module);
-            let weight = format!("{name}.weight");
+            // Named as an adapter names it; its weight where the checkpoint stores it.
+            let name = table.module_path(&side.names, layer, expert, module);
+            let weight = format!(
+                "{}.weight",
+                table.module_path(&side.prefix, layer, expert, module)
+            );
             let (out_features, in_features) = match *ckpt.shape(&weight)? {
                 [m, n] => (m, n),
                 ref other => {

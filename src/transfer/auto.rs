@@ -10,8 +10,9 @@
 //!   mode that crosses depths, widths, head counts and tokenizers through the weights themselves,
 //!   and the one that came closest to a LoRA trained on a pruned sibling.
 //! - otherwise `align`, since `map` anchors its residual map on the tokens the two vocabularies
-//!   share and has nothing to anchor on without them, and reads each layer's dense MLP, which a
-//!   mixture-of-experts layer does not have.
+//!   share and has nothing to anchor on without them, reads each layer's dense MLP, which a
+//!   mixture-of-experts layer does not have, and matches softmax attention heads, which a
+//!   hybrid model's linear-attention layers (Qwen3.5) do not have.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -61,6 +62,16 @@ pub fn choose(
     } else {
         "module shapes differ".to_string()
     };
+    if let Some(side) = plan::experts::side_with_linear_attention(source, target) {
+        return Ok(Choice {
+            mode: Mode::Align,
+            reason: format!(
+                "{what_differs}, and map matches softmax attention heads in every layer, where \
+                 {} has linear attention in some: align",
+                side.ckpt.dir.display()
+            ),
+        });
+    }
     if let Some(side) = plan::experts::side_with_experts(source, target) {
         return Ok(Choice {
             mode: Mode::Align,

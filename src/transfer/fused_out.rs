@@ -74,7 +74,7 @@ pub fn fuse_experts(
     let mut by_layer: BTreeMap<usize, Vec<ExpertPart>> = BTreeMap::new();
     let (mut target_modules, mut weights) = (Vec::new(), Vec::new());
     for name in modules.keys() {
-        match target.arch.parse_module(&target.prefix, name) {
+        match target.arch.parse_module(&target.names, name) {
             Some((layer, Some(expert), spec)) => {
                 let [part] = spec.parts.as_slice() else {
                     return Err(Error::arg(
@@ -110,7 +110,7 @@ pub fn fuse_experts(
         .collect();
     let (mut gate_up_names, mut down_names) = (Vec::new(), Vec::new());
     for (layer, parts) in by_layer {
-        let wrapper = format!("{}.{layer}.mlp.experts", target.prefix);
+        let wrapper = format!("{}.{layer}.mlp.experts", target.names);
         // Each expert's factors in the parameter's slots (gate, up; or down), None where absent.
         let mut take = |slots: &[Part]| -> Result<Vec<Vec<Option<EncodedFactors>>>> {
             let mut per_expert = vec![vec![None; slots.len()]; experts];

@@ -71,7 +71,7 @@ pub fn run(
                 scale: 1.0,
             };
             for expert in spec.instances(&source.config) {
-                all.insert(s.arch.module_path(&s.prefix, layer, expert, spec), m);
+                all.insert(s.arch.module_path(&s.names, layer, expert, spec), m);
             }
         }
     }

@@ -1,0 +1,267 @@
+//! Hybrid attention (Qwen3.5): linear attention (Gated DeltaNet) in the layers the config names,
+//! softmax attention with a gated query (`q_proj` twice as tall) in the others, in a multimodal
+//! checkpoint (`model.language_model.layers`) whose causal-LM class names its modules
+//! `model.layers`: the config's layer kinds, synthetic adapters and transfers that carry both
+//! kinds, layers paired by kind, and the pairings that cannot be made refused with the reason.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::moe::Dirs;
+use common::*;
+use faer::Mat;
+use loraxfer::io::adapter::Adapter;
+use loraxfer::io::checkpoint::ModelConfig;
+use loraxfer::io::safetensors::{pt_metadata, write_file, FloatType, OutTensor};
+use loraxfer::modes::Mode;
+use loraxfer::plan::Options;
+use loraxfer::synth::{write_adapter, AdapterSpec};
+use loraxfer::transfer;
+
+const HIDDEN: usize = 32;
+const INTER: usize = 48;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 8;
+/// Linear attention: key heads, value heads, key and value head sizes.
+const LINEAR: (usize, usize, usize, usize) = (2, 4, 8, 6);
+
+fn text_config(layers: usize) -> serde_json::Value {
+    let (kh, vh, kd, vd) = LINEAR;
+    serde_json::json!({
+        "model_type": "qwen3_5_text",
+        "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+        "linear_num_key_heads": kh, "linear_num_value_heads": vh,
+        "linear_key_head_dim": kd, "linear_value_head_dim": vd, "vocab_size": 64,
+    })
+}
+
+/// Whether layer `l` has softmax attention (transformers' default: every fourth).
+fn full(l: usize) -> bool {
+    (l + 1) % 4 == 0
+}
+
+/// The projections of layer `l` (key below the layer, out, in).
+fn projections(l: usize) -> Vec<(String, usize, usize)> {
+    let (kh, vh, kd, vd) = LINEAR;
+    let attention: Vec<(&str, usize, usize)> = if full(l) {
+        vec![
+            ("self_attn.q_proj", 2 * HEADS * HEAD_DIM, HIDDEN),
+            ("self_attn.k_proj", KV_HEADS * HEAD_DIM, HIDDEN),
+            ("self_attn.v_proj", KV_HEADS * HEAD_DIM, HIDDEN),
+            ("self_attn.o_proj", HIDDEN, HEADS * HEAD_DIM),
+        ]
+    } else {
+        vec![
+            ("linear_attn.in_proj_qkv", 2 * kh * kd + vh * vd, HIDDEN),
+            ("linear_attn.in_proj_z", vh * vd, HIDDEN),
+            ("linear_attn.in_proj_b", vh, HIDDEN),
+            ("linear_attn.in_proj_a", vh, HIDDEN),
+            ("linear_attn.out_proj", HIDDEN, vh * vd),
+        ]
+    };
+    let mlp = [
+        ("mlp.gate_proj", INTER, HIDDEN),
+        ("mlp.up_proj", INTER, HIDDEN),
+        ("mlp.down_proj", HIDDEN, INTER),
+    ];
+    (attention.into_iter().chain(mlp))
+        .map(|(k, o, i)| (k.to_string(), o, i))
+        .collect()
+}
+
+/// A multimodal Qwen3.5 checkpoint of `layers` layers (its language model's weights only).
+fn write_model(dir: &Path, layers: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "qwen3_5",
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "text_config": text_config(layers),
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let prefix = "model.language_model";
+    let mut tensors = vec![(
+        format!("{prefix}.embed_tokens.weight"),
+        row_major(&gaussian(64, HIDDEN, seed, 0)),
+        vec![64, HIDDEN],
+    )];
+    for l in 0..layers {
+        for (s, (key, out, inp)) in projections(l).into_iter().enumerate() {
+            let w = gaussian(out, inp, seed, (100 * l + s + 1) as u64);
+            let w = row_major(&w).iter().map(|x| x * 0.05).collect();
+            tensors.push((
+                format!("{prefix}.layers.{l}.{key}.weight"),
+                w,
+                vec![out, inp],
+            ));
+        }
+    }
+    let out: Vec<(String, OutTensor)> = tensors
+        .into_iter()
+        .map(|(k, v, s)| (k, OutTensor::from_f32(v, s, FloatType::F32)))
+        .collect();
+    write_file(&dir.join("model.safetensors"), &out, pt_metadata()).unwrap();
+}
+
+/// Every module of an adapter on all projections, under the causal-LM names.
+fn modules(layers: usize) -> BTreeSet<String> {
+    (0..layers)
+        .flat_map(|l| projections(l).into_iter().map(move |p| (l, p.0)))
+        .map(|(l, key)| format!("model.layers.{l}.{key}"))
+        .collect()
+}
+
+fn parse(config: serde_json::Value) -> loraxfer::error::Result<ModelConfig> {
+    ModelConfig::parse(&config.to_string(), Path::new("config.json"))
+}
+
+#[test]
+fn the_config_gives_each_layer_its_attention_kind() {
+    let c = parse(text_config(8)).unwrap();
+    let linear = c.linear.as_ref().unwrap();
+    assert_eq!(linear.layers, [0, 1, 2, 4, 5, 6]);
+    assert!(c.gated_query);
+    let mut listed = text_config(3);
+    listed["layer_types"] =
+        serde_json::json!(["full_attention", "linear_attention", "full_attention"]);
+    assert_eq!(parse(listed).unwrap().linear.unwrap().layers, [1]);
+    let mut every_other = text_config(4);
+    every_other["full_attention_interval"] = 2.into();
+    assert_eq!(parse(every_other).unwrap().linear.unwrap().layers, [0, 2]);
+    // A list of another length, or a kind transformers does not know, names the field.
+    for bad in [
+        serde_json::json!(["full_attention"]),
+        serde_json::json!(["full_attention", "sliding_attention", "full_attention"]),
+    ] {
+        let mut c = text_config(3);
+        c["layer_types"] = bad;
+        let e = parse(c).unwrap_err().to_string();
+        assert!(e.contains("`layer_types`") && e.contains("3 layers"), "{e}");
+    }
+    let mut c = text_config(4);
+    c.as_object_mut().unwrap().remove("linear_key_head_dim");
+    let e = parse(c).unwrap_err().to_string();
+    assert!(e.contains("linear_key_head_dim"), "{e}");
+    // Qwen3 has neither: its q_proj is heads · head_dim.
+    let mut qwen3 = text_config(4);
+    qwen3["model_type"] = "qwen3".into();
+    for k in ["linear_num_key_heads", "linear_num_value_heads"] {
+        qwen3.as_object_mut().unwrap().remove(k);
+    }
+    let c = parse(qwen3).unwrap();
+    assert!(c.linear.is_none() && !c.gated_query);
+}
+
+/// `synth adapter` writes every module of both kinds under the causal-LM names; rotated onto a
+/// drifted release, each module keeps its update's norm and is named the same.
+#[test]
+fn rotate_carries_both_kinds_under_the_causal_lm_names() {
+    let d = Dirs::new();
+    write_model(&d.p("base"), 4, 1);
+    let release = loraxfer::synth::ModelSpec {
+        derive_from: Some(d.p("base")),
+        drift: 0.05,
+        ..loraxfer::synth::ModelSpec::new(loraxfer::synth::Preset::ALL[0])
+    };
+    std::fs::create_dir_all(d.p("release")).unwrap();
+    loraxfer::synth::write_model(&release, &d.p("release"), |_, _| {}).unwrap();
+    std::fs::create_dir_all(d.p("lora")).unwrap();
+    write_adapter(&d.p("base"), &AdapterSpec::default(), &d.p("lora")).unwrap();
+    let lora = Adapter::open(&d.p("lora")).unwrap();
+    assert_eq!(
+        lora.modules.keys().cloned().collect::<BTreeSet<_>>(),
+        modules(4)
+    );
+    // Top-8 subspaces: at a matrix's full rank the two spans are the whole space, and the
+    // direct rotation between them the identity.
+    let options = Options {
+        mode: Mode::Rotate,
+        rank: 8,
+        ..Options::default()
+    };
+    let job = cpu_job(
+        &d.p("base"),
+        &d.p("release"),
+        &d.p("lora"),
+        &d.p("out"),
+        options,
+    );
+    transfer::run(&job).unwrap();
+    let out = Adapter::open(&d.p("out")).unwrap();
+    assert_eq!(
+        out.modules.keys().cloned().collect::<BTreeSet<_>>(),
+        modules(4)
+    );
+    for module in modules(4) {
+        let (want, got) = (update_of(&lora, &module), update_of(&out, &module));
+        let (n, m) = (fro(&want), fro(&got));
+        assert!((n - m).abs() <= 1e-4 * n, "{module}: {m} against {n}");
+        let moved = Mat::from_fn(got.nrows(), got.ncols(), |i, j| got[(i, j)] - want[(i, j)]);
+        assert!(
+            fro(&moved) > 1e-3 * n,
+            "{module} did not move: {} of {n}",
+            fro(&moved)
+        );
+    }
+}
+
+/// Onto a deeper model each target layer takes a source layer of its kind; a layer map that
+/// pairs softmax with linear attention is refused naming the module, the kind and the way out;
+/// map mode is refused.
+#[test]
+fn layers_pair_by_kind_or_are_refused() {
+    let d = Dirs::new();
+    write_model(&d.p("base"), 4, 1);
+    write_model(&d.p("deeper"), 8, 2);
+    std::fs::create_dir_all(d.p("lora")).unwrap();
+    write_adapter(&d.p("base"), &AdapterSpec::default(), &d.p("lora")).unwrap();
+    let options = |mode| Options {
+        mode,
+        rank: 8,
+        ..Options::default()
+    };
+    let job = |out: &str, mode| {
+        cpu_job(
+            &d.p("base"),
+            &d.p("deeper"),
+            &d.p("lora"),
+            &d.p(out),
+            options(mode),
+        )
+    };
+    let report = transfer::run(&job("out", Mode::Auto)).unwrap();
+    assert_eq!(report.mode, "align");
+    let pairs: BTreeMap<usize, usize> = report
+        .layer_map
+        .iter()
+        .map(|(j, &i)| (j.parse().unwrap(), i))
+        .collect();
+    assert_eq!(pairs.len(), 8);
+    assert!(pairs.iter().all(|(&j, &i)| full(j) == full(i)), "{pairs:?}");
+    let out = Adapter::open(&d.p("out")).unwrap();
+    assert_eq!(
+        out.modules.keys().cloned().collect::<BTreeSet<_>>(),
+        modules(8)
+    );
+
+    let mut by_hand = job("bad", Mode::Align);
+    by_hand.options.layer_map = Some([(3, 0)].into());
+    let e = transfer::run(&by_hand).unwrap_err().to_string();
+    assert!(
+        e.contains("`model.layers.0.linear_attn.")
+            && e.contains("linear attention of source layer 0")
+            && e.contains("layer 3 of this model")
+            && e.contains("--layer-map"),
+        "{e}"
+    );
+    let e = transfer::run(&job("map", Mode::Map))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--mode") && e.contains("linear attention"),
+        "{e}"
+    );
+}

@@ -1,0 +1,205 @@
+"""Qwen3.5 through transformers and PEFT: a hybrid whose layers have linear attention (Gated
+DeltaNet: `linear_attn.in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, `out_proj`) in three
+layers of four and softmax attention in the fourth (its `q_proj` twice as tall: each head's query
+and its output gate), released as a multimodal checkpoint (`model.language_model.layers`) that
+`AutoModelForCausalLM` loads as `model.layers`. loraxfer reads and writes every module of both
+kinds, pairs layers of one kind along the depth, and names modules as the causal-LM class does."""
+
+import json
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import interop_util as iu
+
+TEXT = dict(vocab_size=iu.COMMON["vocab_size"], hidden_size=64, intermediate_size=96, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_key_head_dim=16, linear_value_head_dim=8)
+VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
+              num_position_embeddings=16, patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+SOFTMAX = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+MIN_CHANGE = 1e-3
+
+
+def full(layer: int) -> bool:
+    """transformers' default pattern: every fourth layer softmax attention."""
+    return (layer + 1) % 4 == 0
+
+
+def build(layers: int, seed: int, multimodal: bool = False):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if multimodal:
+        model = tf.Qwen3_5ForConditionalGeneration(
+            tf.Qwen3_5Config(text_config=dict(TEXT, num_hidden_layers=layers), vision_config=VISION))
+    else:
+        model = tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**TEXT, num_hidden_layers=layers))
+    with torch.no_grad():
+        # Norms start at zero (the forward multiplies by 1 + w); a trained model's are not.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0, 0.1)
+    return model.eval()
+
+
+def peft_lora(base, out, seed=61):
+    """PEFT's LoRA on every projection of both attention kinds and the MLP, random B."""
+    from peft import LoraConfig, get_peft_model
+
+    model = iu.load_model(base)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP)
+    with iu.quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                torch.nn.init.normal_(param, std=0.1)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen35(tmp_path_factory, binary):
+    """(root, base, its next release, PEFT's LoRA on the base); the base a multimodal release."""
+    root = tmp_path_factory.mktemp("qwen3_5")
+    base = iu.save_model(build(4, 51, multimodal=True), root / "base")
+    release = root / "release"
+    iu.loraxfer(binary, "synth", "model", "--derive-from", base, "--drift", "0.05", "--seed", "3",
+                "--out", release)
+    return root, base, release, peft_lora(base, root / "lora")
+
+
+def transfer(binary, base, target, adapter, out, *extra):
+    iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", adapter,
+                "--out", out, *extra)
+    return json.loads((out / "transfer_report.json").read_text())
+
+
+def peft_logits(base, adapter):
+    return iu.logits(iu.load_peft_strict(iu.load_model(base), adapter))
+
+
+def expected_modules(layers: int) -> list:
+    """Every module of a LoRA on all projections, named as `AutoModelForCausalLM` names them."""
+    names = []
+    for l in range(layers):
+        kind = [f"self_attn.{m}" for m in SOFTMAX] if full(l) else [f"linear_attn.{m}" for m in LINEAR]
+        names += [f"model.layers.{l}.{m}" for m in kind + [f"mlp.{m}" for m in MLP]]
+    return sorted(names)
+
+
+def test_the_causal_lm_names_every_module_of_both_kinds(qwen35):
+    """The release stores `model.language_model.layers`; PEFT's LoRA on the model
+    `AutoModelForCausalLM` loads from it names `model.layers`, softmax attention in layer 3 and
+    linear attention in 0–2 (the fixture's premise)."""
+    _, base, _, lora = qwen35
+    keys = iu.read_tensors(base / "model.safetensors")
+    assert "model.language_model.layers.3.self_attn.q_proj.weight" in keys
+    assert keys["model.language_model.layers.3.self_attn.q_proj.weight"].shape == (2 * 4 * 16, 64)
+    assert sorted(iu.module_updates(lora)) == expected_modules(4)
+
+
+def test_peft_lora_copies_onto_the_same_model_exactly(qwen35, binary, tmp_path):
+    """Copied onto the same model, PEFT's LoRA comes back module for module under the causal-LM
+    names, which PEFT loads strictly, computing PEFT's logits with the source LoRA."""
+    _, base, _, lora = qwen35
+    out = tmp_path / "out"
+    transfer(binary, base, iu.copy_dir(base, tmp_path / "copy"), lora, out, "--mode", "copy")
+    assert sorted(iu.module_updates(out)) == expected_modules(4)
+    want = peft_logits(base, lora)
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(base))) > MIN_CHANGE
+    assert iu.max_rel_diff(peft_logits(base, out), want) < 1e-5
+
+
+def test_rotate_onto_a_release_keeps_each_update(qwen35, binary, tmp_path):
+    """Rotated onto the next release (auto picks rotate), every module of either kind keeps its
+    update's norm and moves it; PEFT loads the output strictly and its logits equal the numpy
+    merge."""
+    _, base, release, lora = qwen35
+    out = tmp_path / "out"
+    report = transfer(binary, base, release, lora, out, "--rank", "16")
+    assert report["mode"] == "rotate", report["auto_reason"]
+    source, carried = iu.module_updates(lora), iu.module_updates(out)
+    assert sorted(carried) == sorted(source) == expected_modules(4)
+    for module, delta in source.items():
+        norm, got = np.linalg.norm(delta), np.linalg.norm(carried[module])
+        assert abs(got - norm) <= 1e-4 * norm, (module, got, norm)
+        assert np.linalg.norm(carried[module] - delta) > 1e-3 * norm, module
+    weights = {k.replace("model.language_model.", "model."): v
+               for k, v in iu.read_tensors(release / "model.safetensors").items()}
+    model = iu.load_model(release)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for module, delta in carried.items():
+            merged = (weights[module + ".weight"].astype(np.float64) + delta).astype(np.float32)
+            params[module + ".weight"].copy_(torch.from_numpy(merged))
+    want = iu.logits(model)
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(release))) > MIN_CHANGE
+    assert iu.max_rel_diff(peft_logits(release, out), want) < 1e-4
+
+
+def test_a_deeper_model_takes_each_layer_from_one_of_its_kind(qwen35, binary, tmp_path):
+    """Onto a deeper Qwen3.5 (8 layers, a text-only checkpoint): each target layer takes a source
+    layer of its own attention kind, so every target layer gets its kind's modules (auto picks
+    align: map does not take linear attention); PEFT loads the output strictly. Pairing a softmax
+    layer with a linear one by hand is refused, naming the linear attention; map is refused."""
+    root, base, _, lora = qwen35
+    deeper = iu.save_model(build(8, 52), root / "deeper")
+    out = tmp_path / "out"
+    report = transfer(binary, base, deeper, lora, out, "--rank", "8")
+    assert report["mode"] == "align" and "linear attention" in report["auto_reason"], report["auto_reason"]
+    pairs = {int(j): i for j, i in report["layer_map"].items()}
+    assert sorted(pairs) == list(range(8)) and all(full(j) == full(i) for j, i in pairs.items()), pairs
+    assert sorted(iu.module_updates(out)) == expected_modules(8)
+    iu.load_peft_strict(iu.load_model(deeper), out)
+
+    layer_map = tmp_path / "map.json"
+    layer_map.write_text(json.dumps({"3": 0}))
+    cmd = [str(binary), "transfer", "--source-base", str(base), "--target-base", str(deeper), "--adapter",
+           str(lora), "--out", str(tmp_path / "bad"), "--layer-map", str(layer_map)]
+    err = subprocess.run(cmd, capture_output=True, text=True)
+    assert err.returncode != 0 and "linear attention of source layer 0" in err.stderr, err.stderr
+    assert "--layer-map" in err.stderr, err.stderr
+    err = subprocess.run(cmd[:-2] + ["--mode", "map"], capture_output=True, text=True)
+    assert err.returncode != 0 and "linear attention" in err.stderr, err.stderr
+
+
+def test_a_lora_on_the_multimodal_model_is_read_too(qwen35, binary, tmp_path):
+    """A LoRA made on the multimodal model (`model.language_model.layers`) carries the same
+    updates as the one on the causal LM: its output, under the causal-LM names, is the same."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    _, base, release, lora = qwen35
+    with iu.quiet():
+        model = tf.Qwen3_5ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    with iu.quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP))
+    # The causal LM's LoRA, moved onto the multimodal model's modules.
+    state = {k.replace("base_model.model.model.layers.", "base_model.model.model.language_model.layers."): v
+             for k, v in iu.read_tensors(lora / "adapter_model.safetensors").items()}
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key.removesuffix(".weight") + ".default.weight"].copy_(torch.from_numpy(value))
+    multimodal = tmp_path / "multimodal-lora"
+    peft_model.save_pretrained(str(multimodal))
+    names = iu.module_updates(multimodal)
+    assert all(n.startswith("model.language_model.layers.") for n in names) and len(names) == len(state) // 2
+    outs = {}
+    for kind, adapter in [("causal", lora), ("multimodal", multimodal)]:
+        outs[kind] = tmp_path / f"out-{kind}"
+        transfer(binary, base, release, adapter, outs[kind], "--rank", "16")
+    got, want = iu.module_updates(outs["multimodal"]), iu.module_updates(outs["causal"])
+    assert sorted(got) == sorted(want) == expected_modules(4)
+    for module in want:
+        assert np.allclose(got[module], want[module], rtol=0, atol=1e-6 * np.abs(want[module]).max()), module
