@@ -331,26 +331,7 @@ fn parse_experts(
         *d |= (l as u64 + 1) % step != 0 || l < first_sparse || l as u64 % frequency != 0;
     }
     match field("mlp_layer_types") {
-        Some(v) => {
-            let kinds: Option<Vec<bool>> = v.as_array().and_then(|a| {
-                a.iter()
-                    .map(|k| match k.as_str() {
-                        Some("dense") => Some(true),
-                        Some("sparse") => Some(false),
-                        _ => None,
-                    })
-                    .collect()
-            });
-            dense = kinds.filter(|k| k.len() == layers).ok_or_else(|| {
-                Error::config(
-                    path,
-                    format!(
-                        "`mlp_layer_types` = {v} must list \"dense\" or \"sparse\" for each of \
-                         the {layers} layers"
-                    ),
-                )
-            })?;
-        }
+        Some(v) => dense = layer_kinds(v, "mlp_layer_types", ("dense", "sparse"), layers, path)?,
         // transformers' GLM-4.7-Flash reads no other field: layer 0 dense, the rest experts.
         None if model_type == "glm4_moe_lite" => dense = (0..layers).map(|l| l == 0).collect(),
         None => {}
@@ -430,27 +411,9 @@ fn parse_linear(
                 )
             })
     };
+    let kinds = ("linear_attention", "full_attention");
     let linear: Vec<bool> = match field("layer_types") {
-        Some(v) => {
-            let kinds: Option<Vec<bool>> = v.as_array().and_then(|a| {
-                a.iter()
-                    .map(|k| match k.as_str() {
-                        Some("linear_attention") => Some(true),
-                        Some("full_attention") => Some(false),
-                        _ => None,
-                    })
-                    .collect()
-            });
-            kinds.filter(|k| k.len() == layers).ok_or_else(|| {
-                Error::config(
-                    path,
-                    format!(
-                        "`layer_types` = {v} must list \"linear_attention\" or \"full_attention\" \
-                         for each of the {layers} layers"
-                    ),
-                )
-            })?
-        }
+        Some(v) => layer_kinds(v, "layer_types", kinds, layers, path)?,
         None => {
             let interval = match field("full_attention_interval") {
                 None => 4,
@@ -466,4 +429,34 @@ fn parse_linear(
         value_head_dim: size("linear_value_head_dim", 1 << 16)?,
         layers: (0..layers).filter(|&l| linear[l]).collect(),
     }))
+}
+
+/// A per-layer list of one of two kinds (`mlp_layer_types`: "dense" or "sparse"; `layer_types`:
+/// "linear_attention" or "full_attention"), true where it names the first; refused, naming the
+/// field, unless it names one of the two for each of the `layers` layers.
+fn layer_kinds(
+    value: &serde_json::Value,
+    key: &str,
+    (first, second): (&str, &str),
+    layers: usize,
+    path: &Path,
+) -> Result<Vec<bool>> {
+    let kinds: Option<Vec<bool>> = value.as_array().and_then(|a| {
+        a.iter()
+            .map(|k| match k.as_str() {
+                Some(k) if k == first => Some(true),
+                Some(k) if k == second => Some(false),
+                _ => None,
+            })
+            .collect()
+    });
+    kinds.filter(|k| k.len() == layers).ok_or_else(|| {
+        Error::config(
+            path,
+            format!(
+                "`{key}` = {value} must list \"{first}\" or \"{second}\" for each of the \
+                 {layers} layers"
+            ),
+        )
+    })
 }

@@ -9,7 +9,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -91,17 +90,10 @@ class Zoo:
         """A LoRA adapter on base(arch), created and saved by PEFT, with non-zero random B."""
 
         def make():
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig
 
-            model = iu.load_model(self.base(arch))
-            torch.manual_seed(SEEDS[arch] + 100)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
-                peft_model = get_peft_model(model, LoraConfig(**adapter_variant(arch, variant)))
-            with torch.no_grad():
-                for name, param in peft_model.named_parameters():
-                    if ".lora_B." in name:
-                        torch.nn.init.normal_(param, std=0.02)
+            config = LoraConfig(**adapter_variant(arch, variant))
+            peft_model = iu.random_peft(iu.load_model(self.base(arch)), config, SEEDS[arch] + 100, 0.02)
             if variant == "bf16":
                 peft_model = peft_model.to(torch.bfloat16)
             out = self.root / f"{arch}-{variant}-lora"

@@ -171,6 +171,22 @@ def quiet():
         tlog.set_verbosity(level)
 
 
+def random_peft(model, config, seed: int, std: float):
+    """PEFT's LoRA `config` on `model`, made by PEFT itself, with B drawn from N(0, std²) (PEFT
+    starts B at zero, which would carry nothing)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    with quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                torch.nn.init.normal_(param, std=std)
+    return peft_model
+
+
 class _Collect(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -253,21 +252,12 @@ def test_an_expert_pruned_model_takes_each_kept_experts_update(moe, binary, tmp_
 def fused_adapter(family: str, base, out, by_name=("q_proj", "o_proj")):
     """A LoRA on transformers' fused expert parameters (PEFT's `target_parameters`) and on the
     modules `by_name`, made and saved by PEFT, with random B."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if not out.exists():
-        model = iu.load_model(base)
-        torch.manual_seed(31)
         config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(by_name),
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        with iu.quiet(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations
-            peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if ".lora_B." in name:
-                    torch.nn.init.normal_(param, std=0.1)
-        peft_model.save_pretrained(str(out))
+        iu.random_peft(iu.load_model(base), config, 31, 0.1).save_pretrained(str(out))
     return out
 
 

@@ -7,7 +7,6 @@ kinds, pairs layers of one kind along the depth, and names modules as the causal
 
 import json
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -48,21 +47,15 @@ def build(layers: int, seed: int, multimodal: bool = False):
     return model.eval()
 
 
-def peft_lora(base, out, seed=61):
-    """PEFT's LoRA on every projection of both attention kinds and the MLP, random B."""
-    from peft import LoraConfig, get_peft_model
+def lora_config():
+    """PEFT's LoRA on every projection of both attention kinds and the MLP."""
+    from peft import LoraConfig
 
-    model = iu.load_model(base)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP)
-    with iu.quiet(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if ".lora_B." in name:
-                torch.nn.init.normal_(param, std=0.1)
-    peft_model.save_pretrained(str(out))
+    return LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP)
+
+
+def peft_lora(base, out):
+    iu.random_peft(iu.load_model(base), lora_config(), 61, 0.1).save_pretrained(str(out))
     return out
 
 
@@ -176,14 +169,11 @@ def test_a_lora_on_the_multimodal_model_is_read_too(qwen35, binary, tmp_path):
     """A LoRA made on the multimodal model (`model.language_model.layers`) carries the same
     updates as the one on the causal LM: its output, under the causal-LM names, is the same."""
     import transformers as tf
-    from peft import LoraConfig, get_peft_model
 
     _, base, release, lora = qwen35
     with iu.quiet():
         model = tf.Qwen3_5ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    with iu.quiet(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP))
+    peft_model = iu.random_peft(model, lora_config(), 62, 0.1)
     # The causal LM's LoRA, moved onto the multimodal model's modules.
     state = {k.replace("base_model.model.model.layers.", "base_model.model.model.language_model.layers."): v
              for k, v in iu.read_tensors(lora / "adapter_model.safetensors").items()}
