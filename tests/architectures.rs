@@ -212,6 +212,7 @@ fn every_table_loads_and_round_trips_module_names() {
         "mixtral",
         "olmoe",
         "qwen3_5",
+        "qwen3_5_moe",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }

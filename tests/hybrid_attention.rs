@@ -145,6 +145,15 @@ fn the_config_gives_each_layer_its_attention_kind() {
     c.as_object_mut().unwrap().remove("linear_key_head_dim");
     let e = parse(c).unwrap_err().to_string();
     assert!(e.contains("linear_key_head_dim"), "{e}");
+    // Qwen3.5-MoE gives no dense width: the experts' stands in.
+    let mut moe = text_config(4);
+    moe["model_type"] = "qwen3_5_moe_text".into();
+    moe.as_object_mut().unwrap().remove("intermediate_size");
+    moe["moe_intermediate_size"] = 24.into();
+    moe["num_experts"] = 8.into();
+    let c = parse(moe).unwrap();
+    assert_eq!((c.intermediate_size, c.experts.unwrap().width), (24, 24));
+    assert!(c.gated_query && c.linear.is_some());
     // Qwen3 has neither: its q_proj is heads · head_dim.
     let mut qwen3 = text_config(4);
     qwen3["model_type"] = "qwen3".into();

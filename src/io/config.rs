@@ -139,7 +139,12 @@ impl ModelConfig {
         };
         let num_hidden_layers = get("num_hidden_layers")?;
         let hidden_size = get("hidden_size")?;
-        let intermediate_size = get("intermediate_size")?;
+        // A mixture of experts without dense MLPs may give none (Qwen3.5-MoE): the experts' width
+        // stands in for it.
+        let intermediate_size = match get("intermediate_size") {
+            Err(_) if text.contains_key("moe_intermediate_size") => get("moe_intermediate_size")?,
+            other => other?,
+        };
         let num_attention_heads = get("num_attention_heads")?;
         let num_key_value_heads = get("num_key_value_heads").unwrap_or(num_attention_heads);
         // Limits far above any real model keep every product of sizes inside usize.
@@ -230,7 +235,7 @@ impl ModelConfig {
         // `q_proj` rows; no field says so.
         let gated_query = matches!(
             model_type.as_str(),
-            "qwen3_5" | "qwen3_5_text" | "qwen3_next"
+            "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" | "qwen3_next"
         );
         Ok(ModelConfig {
             model_type,

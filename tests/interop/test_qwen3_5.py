@@ -193,3 +193,75 @@ def test_a_lora_on_the_multimodal_model_is_read_too(qwen35, binary, tmp_path):
     assert sorted(got) == sorted(want) == expected_modules(4)
     for module in want:
         assert np.allclose(got[module], want[module], rtol=0, atol=1e-6 * np.abs(want[module]).max()), module
+
+
+# Qwen3.5-MoE: the same attention, experts (one tensor per expert on disk, fused by transformers 5
+# when loaded) and a shared expert in every layer, and no dense `intermediate_size`.
+EXPERTS = 4
+MOE = dict({k: v for k, v in TEXT.items() if k != "intermediate_size"}, moe_intermediate_size=32,
+           shared_expert_intermediate_size=48, num_experts=EXPERTS, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def qwen35_moe(tmp_path_factory, binary):
+    """(base, its next release, PEFT's LoRA on the fused experts and every projection by name)."""
+    import transformers as tf
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("qwen3_5_moe")
+    torch.manual_seed(53)
+    model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**MOE, num_hidden_layers=4)).eval()
+    base = iu.save_model(model, root / "base")
+    release = root / "release"
+    iu.loraxfer(binary, "synth", "model", "--derive-from", base, "--drift", "0.05", "--seed", "3",
+                "--out", release)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP,
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    lora = root / "lora"
+    iu.random_peft(iu.load_model(base), config, 63, 0.1).save_pretrained(str(lora))
+    return root, base, release, lora
+
+
+def moe_modules(layers: int) -> list:
+    """Per-expert names of every module of the fixture's LoRA."""
+    names = []
+    for l in range(layers):
+        kind = [f"self_attn.{m}" for m in SOFTMAX] if full(l) else [f"linear_attn.{m}" for m in LINEAR]
+        mlp = [f"mlp.shared_expert.{m}" for m in MLP] + [f"mlp.experts.{e}.{m}" for e in range(EXPERTS) for m in MLP]
+        names += [f"model.layers.{l}.{m}" for m in kind + mlp]
+    return sorted(names)
+
+
+def test_moe_lora_copies_and_rotates_in_both_forms(qwen35_moe, binary, tmp_path):
+    """PEFT's LoRA on Qwen3.5-MoE (both attention kinds by name, the shared expert by name, the
+    experts on their fused parameters) copied onto the same model in the fused form
+    (`--fused-experts`) computes PEFT's logits; rotated onto the next release, each module keeps
+    its update's norm, and the fused form loads in PEFT strictly with the logits of the per-expert
+    output merged in numpy."""
+    from test_experts import FUSED_PATTERN_NOTES, merged
+
+    root, base, release, lora = qwen35_moe
+    copy = tmp_path / "copy"
+    transfer(binary, base, iu.copy_dir(base, tmp_path / "copy-base"), lora, copy, "--mode", "copy",
+             "--fused-experts")
+    want = iu.logits(iu.load_peft_strict(iu.load_model(base), lora, allow=FUSED_PATTERN_NOTES))
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(base))) > MIN_CHANGE
+    got = iu.logits(iu.load_peft_strict(iu.load_model(base), copy, allow=FUSED_PATTERN_NOTES))
+    assert iu.max_rel_diff(got, want) < 1e-5
+
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    report = transfer(binary, base, release, lora, per, "--rank", "8")
+    assert report["mode"] == "rotate", report["auto_reason"]
+    transfer(binary, base, release, lora, fused, "--rank", "8", "--fused-experts")
+    carried = iu.module_updates(per)
+    assert sorted(carried) == moe_modules(4)
+    again = tmp_path / "again"  # the source LoRA one module per expert: the norms to keep
+    transfer(binary, base, iu.copy_dir(base, tmp_path / "again-base"), lora, again, "--mode", "copy")
+    source = iu.module_updates(again)
+    for module, delta in source.items():
+        norm, got_norm = np.linalg.norm(delta), np.linalg.norm(carried[module])
+        assert abs(got_norm - norm) <= 1e-4 * norm, (module, got_norm, norm)
+    want = merged(release, per, root)
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(release))) > MIN_CHANGE
+    got = iu.logits(iu.load_peft_strict(iu.load_model(release), fused, allow=FUSED_PATTERN_NOTES))
+    assert iu.max_rel_diff(got, want) < 1e-4
