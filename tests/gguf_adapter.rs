@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use loraxfer::io::adapter::Adapter;
 use loraxfer::io::gguf::header::parse;
-use loraxfer::io::gguf::names::stored_row;
+use loraxfer::io::gguf::reorder::Reorder;
 use loraxfer::io::safetensors::{decode_f32, FloatType};
 
 mod common;
@@ -99,7 +99,9 @@ fn the_gguf_holds_the_adapter_with_q_and_k_rows_in_llama_cpp_order() {
         assert_eq!(a, f.a, "{module}: A as it is");
         let rows = f.out_features;
         for row in 0..rows {
-            let at = heads.map_or(row, |h| stored_row(row, rows, h));
+            let at = heads.map_or(row, |h| {
+                Reorder::RotaryHalves { heads: h }.stored(row, rows)
+            });
             assert_eq!(
                 b[at * f.r..(at + 1) * f.r],
                 f.b[row * f.r..(row + 1) * f.r],

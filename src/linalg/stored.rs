@@ -241,7 +241,8 @@ mod tests {
             crate::io::gguf::quant::GgmlType::Bf16,
             (rows, cols),
             0..rows,
-            (None, 0.0),
+            (None, None),
+            0.0,
         ));
         let (x, y) = (
             gaussian_matrix(seed, 2, cols, 17),

@@ -25,9 +25,9 @@ CONVERT = Path(__file__).with_name("llama_cpp_convert.py")
 LAYERS = 2
 
 
-def llama_cpp_gguf(model: Path, out: Path) -> Path:
-    """llama.cpp's conversion of the checkpoint at `model` (weights kept in f32)."""
-    subprocess.run([sys.executable, str(CONVERT), str(model), str(out), "--outtype", "f32"],
+def llama_cpp_gguf(model: Path, out: Path, outtype: str = "f32", *flags) -> Path:
+    """llama.cpp's conversion of the checkpoint at `model` (weights kept in f32 by default)."""
+    subprocess.run([sys.executable, str(CONVERT), str(model), str(out), "--outtype", outtype, *flags],
                    check=True, capture_output=True, text=True)
     return out
 

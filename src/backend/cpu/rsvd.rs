@@ -425,7 +425,8 @@ mod tests {
             crate::io::gguf::quant::GgmlType::Bf16,
             (m, n),
             0..m,
-            (None, 0.0),
+            (None, None),
+            0.0,
         )));
         assert!(from_f32.u == decoded.u && from_f32.v == decoded.v);
         assert_eq!(from_f32.s, decoded.s);

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::io::adapter::{Adapter, Factor};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::gguf::names::{self, Family};
+use crate::io::gguf::reorder::{self, Reorder};
 use crate::io::gguf::write::{self, GgufTensor, MetaValue};
 use crate::io::output::{name_of, StagedFile};
 use crate::io::safetensors::{encode_f32, FloatType};
@@ -113,14 +114,16 @@ pub fn export(
 
 /// One LoRA tensor pair, placed: its GGUF base tensor name, its modules (one; or, where llama.cpp
 /// stacks a layer's experts in one tensor, one per expert, None for an expert the adapter leaves
-/// alone, written as zeros), the heads its B rows are stored permuted by (Q and K of
-/// llama-family models). A stack's rank is its largest member's: llama.cpp holds one rank for a
+/// alone, written as zeros), how the converter reordered the base weight's rows (Q and K of
+/// llama-family models, Qwen3.5's value heads: B's rows follow) and columns (Qwen3.5's
+/// `out_proj`: A's columns follow). A stack's rank is its largest member's: llama.cpp holds one rank for a
 /// layer's experts, and a member of a smaller rank is padded with zero ranks (which add nothing).
 struct Placed<'a> {
     gguf: String,
     members: Vec<Option<Member<'a>>>,
     stacked: bool,
-    permuted_heads: Option<usize>,
+    rows: Option<Reorder>,
+    columns: Option<Reorder>,
     ty: FloatType,
     r: usize,
     in_features: usize,
@@ -186,12 +189,11 @@ pub fn write_lora_gguf(
                 ),
             });
         }
-        // B's rows are permuted as the converter permutes the base weight's.
-        let permuted_heads = names::permuted_heads(
-            family,
-            &weight,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
+        // B's rows and A's columns are reordered as the converter reorders the base weight's.
+        let heads = reorder::Heads::from_config(cfg);
+        let (rows, columns) = (
+            reorder::rows(family, &weight, &heads),
+            reorder::columns(family, &weight, &heads),
         );
         let member = Member {
             module,
@@ -204,7 +206,8 @@ pub fn write_lora_gguf(
             gguf: gguf.clone(),
             members,
             stacked: expert.is_some(),
-            permuted_heads,
+            rows,
+            columns,
             ty: m.ty,
             r: m.r,
             in_features: m.in_features,
@@ -255,7 +258,7 @@ pub fn write_lora_gguf(
                 // A `[r, in]`: a smaller rank's missing rows are zeros.
                 let a = p.gather(
                     |member| {
-                        let mut a = adapter.factor(member.module, Factor::A)?;
+                        let mut a = stored_a(p, adapter.factor(member.module, Factor::A)?);
                         a.resize(p.r * p.in_features, 0.0);
                         Ok(a)
                     },
@@ -338,16 +341,31 @@ fn stored_b(p: &Placed<'_>, fold: f64, mut b: Vec<f32>) -> Vec<f32> {
     if fold != 1.0 {
         b.iter_mut().for_each(|v| *v = (*v as f64 * fold) as f32);
     }
-    if let Some(heads) = p.permuted_heads {
+    if let Some(order) = p.rows {
         let rows = p.out_features;
         let mut stored = vec![0f32; b.len()];
         for row in 0..rows {
-            let at = names::stored_row(row, rows, heads);
+            let at = order.stored(row, rows);
             stored[at * r..(at + 1) * r].copy_from_slice(&b[row * r..(row + 1) * r]);
         }
         b = stored;
     }
     b
+}
+
+/// A `[r, in]` as the GGUF holds it: its columns in the base's stored order.
+fn stored_a(p: &Placed<'_>, a: Vec<f32>) -> Vec<f32> {
+    let Some(order) = p.columns else {
+        return a;
+    };
+    let cols = p.in_features;
+    let mut stored = vec![0f32; a.len()];
+    for (row, out) in a.chunks(cols).zip(stored.chunks_mut(cols)) {
+        for (c, &v) in row.iter().enumerate() {
+            out[order.stored(c, cols)] = v;
+        }
+    }
+    stored
 }
 
 /// Whether `path` is a llama.cpp LoRA GGUF (`general.type = adapter`, `adapter.type = lora`):

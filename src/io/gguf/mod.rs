@@ -12,6 +12,7 @@ pub mod header;
 pub mod lora;
 pub mod names;
 pub mod quant;
+pub mod reorder;
 mod rows;
 pub mod write;
 
@@ -59,8 +60,8 @@ pub struct GgufModel {
     views: Vec<TensorInfo>,
     /// Hugging Face shapes (the GGML dimensions reversed).
     shapes: HashMap<String, Vec<usize>>,
-    heads: usize,
-    kv_heads: usize,
+    /// The head layout the converter's reorders follow.
+    heads: reorder::Heads,
     config: serde_json::Value,
 }
 
@@ -169,9 +170,7 @@ impl GgufModel {
         }
         let config = names::config_json(family, &header.metadata, &header.tensors)
             .map_err(|reason| Error::config(path, reason))?;
-        let count = |key: &str| config.get(key).and_then(|v| v.as_u64()).unwrap_or(1) as usize;
-        let heads = count("num_attention_heads").max(1);
-        let kv_heads = count("num_key_value_heads").max(1);
+        let heads = reorder::Heads::from_json(&config);
         let model = GgufModel {
             path: path.to_path_buf(),
             map,
@@ -181,10 +180,9 @@ impl GgufModel {
             views,
             shapes,
             heads,
-            kv_heads,
             config,
         };
-        model.check_permuted_shapes()?;
+        model.check_reordered_shapes()?;
         Ok(model)
     }
 
@@ -250,7 +248,8 @@ impl GgufModel {
     /// and values need no change), so borrowing them costs no copy.
     pub fn as_stored(&self, name: &str) -> bool {
         self.info(name).is_some_and(|t| t.ty.is_float())
-            && self.permuted(name).is_none()
+            && self.row_order(name).is_none()
+            && self.column_order(name).is_none()
             && self.shift(name) == 0.0
     }
 
@@ -327,7 +326,7 @@ impl GgufModel {
                 &self.path,
                 name,
                 format!(
-                    "stored as {}, which this reader does not dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K are read)",
+                    "stored as {}, which this reader does not dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K and MXFP4 are read)",
                     t.ty.name()
                 ),
             )
@@ -336,8 +335,8 @@ impl GgufModel {
     }
 
     /// Rows `rows` of `name` (tensor `t`, rows of `cols` values) of a tensor that is not read as
-    /// stored, to be decoded on request: dequantized, in Hugging Face row order, the converter's
-    /// norm shift undone (nothing is checked yet).
+    /// stored, to be decoded on request: dequantized, in Hugging Face row and column order, the
+    /// converter's norm shift undone (nothing is checked yet).
     fn decoded(
         &self,
         name: &str,
@@ -350,7 +349,8 @@ impl GgufModel {
             t.ty,
             (self.shapes[name][0], cols),
             rows,
-            (self.permuted(name), self.shift(name)),
+            (self.row_order(name), self.column_order(name)),
+            self.shift(name),
         )
     }
 
@@ -414,8 +414,12 @@ impl GgufModel {
         })
     }
 
-    fn permuted(&self, name: &str) -> Option<usize> {
-        names::permuted_heads(self.family, name, self.heads, self.kv_heads)
+    fn row_order(&self, name: &str) -> Option<reorder::Reorder> {
+        reorder::rows(self.family, name, &self.heads)
+    }
+
+    fn column_order(&self, name: &str) -> Option<reorder::Reorder> {
+        reorder::columns(self.family, name, &self.heads)
     }
 
     fn shift(&self, name: &str) -> f32 {
@@ -426,18 +430,18 @@ impl GgufModel {
         }
     }
 
-    /// Permuted tensors must split into heads of an even number of rows.
-    fn check_permuted_shapes(&self) -> Result<()> {
+    /// Reordered rows and columns must hold the heads the metadata gives (Q and K heads of an
+    /// even number of rows; every value head of linear attention): a file may claim any sizes.
+    fn check_reordered_shapes(&self) -> Result<()> {
         for name in self.by_name.keys() {
-            if let Some(heads) = self.permuted(name) {
-                let rows = self.shapes[name][0];
-                // Checked: the head count is the metadata's, and a file may claim any u64.
-                if heads.checked_mul(2).is_none_or(|pair| rows % pair != 0) {
-                    return Err(Error::bad_tensor(
-                        &self.path,
-                        name,
-                        format!("{rows} rows do not split into {heads} heads of an even size"),
-                    ));
+            let shape = &self.shapes[name];
+            let dims = [
+                (self.row_order(name), shape[0]),
+                (self.column_order(name), shape.iter().skip(1).product()),
+            ];
+            for (order, len) in dims {
+                if let Some(why) = order.and_then(|o| o.misfit(len)) {
+                    return Err(Error::bad_tensor(&self.path, name, why));
                 }
             }
         }

@@ -31,6 +31,9 @@ pub struct Family {
     /// A mixture of experts (`<arch>.expert_count`): each layer's experts stacked in one tensor
     /// per projection (`ffn_gate_exps`, …), its router `ffn_gate_inp`.
     pub experts: bool,
+    /// Qwen3.5: linear attention in most layers (`attn_qkv`, `attn_gate`, `ssm_beta`,
+    /// `ssm_alpha`, `ssm_out`), its value heads reordered by the converter ([`super::reorder`]).
+    pub linear_attention: bool,
 }
 
 /// Every architecture a GGUF base model may have here (Mistral models convert to `llama`, OLMo 3
@@ -178,6 +181,28 @@ pub const FAMILIES: &[Family] = &[
         false,
     )
     .with_experts(),
+    // Qwen3.5, with experts or without: norms stored as g (Hugging Face's g − 1, as Gemma's).
+    family(
+        "qwen35",
+        "qwen3_5",
+        "Qwen3_5ForCausalLM",
+        false,
+        1.0,
+        false,
+        false,
+    )
+    .with_linear_attention(),
+    family(
+        "qwen35moe",
+        "qwen3_5_moe",
+        "Qwen3_5MoeForCausalLM",
+        false,
+        1.0,
+        false,
+        false,
+    )
+    .with_experts()
+    .with_linear_attention(),
     // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
     family(
         "smollm3",
@@ -208,12 +233,18 @@ const fn family(
         sandwich_norms,
         fused,
         experts: false,
+        linear_attention: false,
     }
 }
 
 impl Family {
     const fn with_experts(mut self) -> Family {
         self.experts = true;
+        self
+    }
+
+    const fn with_linear_attention(mut self) -> Family {
+        self.linear_attention = true;
         self
     }
 
@@ -266,6 +297,12 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "self_attn.v_proj" => "attn_v",
         "self_attn.qkv_proj" if f.fused => "attn_qkv",
         "self_attn.o_proj" => "attn_output",
+        // Qwen3.5's linear attention.
+        "linear_attn.in_proj_qkv" if f.linear_attention => "attn_qkv",
+        "linear_attn.in_proj_z" if f.linear_attention => "attn_gate",
+        "linear_attn.in_proj_b" if f.linear_attention => "ssm_beta",
+        "linear_attn.in_proj_a" if f.linear_attention => "ssm_alpha",
+        "linear_attn.out_proj" if f.linear_attention => "ssm_out",
         "mlp.gate_proj" if f.dense_mlp() => "ffn_gate",
         "mlp.up_proj" if !f.fused && f.dense_mlp() => "ffn_up",
         "mlp.gate_up_proj" if f.fused => "ffn_up",
@@ -324,6 +361,11 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "attn_v" => "self_attn.v_proj",
         "attn_qkv" if f.fused => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_qkv" if f.linear_attention => "linear_attn.in_proj_qkv",
+        "attn_gate" if f.linear_attention => "linear_attn.in_proj_z",
+        "ssm_beta" if f.linear_attention => "linear_attn.in_proj_b",
+        "ssm_alpha" if f.linear_attention => "linear_attn.in_proj_a",
+        "ssm_out" if f.linear_attention => "linear_attn.out_proj",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
@@ -343,31 +385,6 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
-}
-
-/// Heads whose rows the converter permuted in this tensor (Q: attention heads, K: key-value
-/// heads), or None when its rows are stored in Hugging Face order.
-pub fn permuted_heads(f: &Family, hf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
-    if !f.permuted_qk {
-        return None;
-    }
-    if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
-        Some(heads)
-    } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
-        Some(kv_heads)
-    } else {
-        None
-    }
-}
-
-/// The stored row of Hugging Face row `row` in a tensor of `rows` rows whose `heads` heads were
-/// permuted: each head's rows `[first half; second half]` were interleaved as
-/// `(h, i, j) ← (h, j, i)`, i.e. HF row `h·d + j·d/2 + i` is stored at `h·d + 2i + j`.
-pub fn stored_row(row: usize, rows: usize, heads: usize) -> usize {
-    let d = rows / heads;
-    let (h, r) = (row / d, row % d);
-    let (j, i) = (r / (d / 2), r % (d / 2));
-    h * d + 2 * i + j
 }
 
 /// A `config.json` for the engine, from the metadata and tensor shapes (the fields
@@ -393,7 +410,7 @@ pub fn config_json(
             None => Err(format!("metadata `{name}` is missing")),
         }
     };
-    let layers = int("block_count")?;
+    let mut layers = int("block_count")?;
     // Bounded before anything loops over the layers (config.json's own limit).
     if layers > 1 << 16 {
         return Err(format!(
@@ -401,6 +418,10 @@ pub fn config_json(
             key("block_count")
         ));
     }
+    // Multi-token-prediction layers (GLM-4.5's, Qwen3.5's) follow the model's own in
+    // `block_count`.
+    let extra = int("nextn_predict_layers").unwrap_or(0).min(layers);
+    layers -= extra;
     let hidden = int("embedding_length")?;
     let heads = int("attention.head_count")?;
     let mut config = json!({
@@ -408,7 +429,9 @@ pub fn config_json(
         "architectures": [f.class],
         "num_hidden_layers": layers,
         "hidden_size": hidden,
-        "intermediate_size": int("feed_forward_length")?,
+        // A mixture of experts with no dense MLP may give only the experts' width (Qwen3.5-MoE).
+        "intermediate_size": int("feed_forward_length")
+            .or_else(|e| int("expert_feed_forward_length").map_err(|_| e))?,
         "num_attention_heads": heads,
         "num_key_value_heads": int("attention.head_count_kv").unwrap_or(heads),
         "tie_word_embeddings": !tensors.iter().any(|t| t.name == "output.weight"),
@@ -482,13 +505,6 @@ pub fn config_json(
                 obj.insert(field.into(), v.into());
             }
         }
-        // GLM-4.5's multi-token-prediction layers follow the model's own in `block_count`.
-        let extra = int("nextn_predict_layers").unwrap_or(0).min(layers);
-        let layers = layers - extra;
-        if extra > 0 {
-            obj.insert("num_hidden_layers".into(), layers.into());
-            obj.insert("num_nextn_predict_layers".into(), extra.into());
-        }
         // A layer without a router has a dense MLP (Qwen's `mlp_only_layers`, which the
         // metadata does not hold; GLM-4.5's leading dense layers).
         let names: std::collections::HashSet<&str> =
@@ -498,6 +514,28 @@ pub fn config_json(
             .collect();
         if !dense.is_empty() {
             obj.insert("mlp_only_layers".into(), dense.into());
+        }
+    }
+    if extra > 0 {
+        obj.insert("num_nextn_predict_layers".into(), extra.into());
+    }
+    if f.linear_attention {
+        // Qwen3.5's linear attention, as the converter names its sizes (the SSM's).
+        let value_heads = int("ssm.time_step_rank")?;
+        for (field, value) in [
+            ("linear_num_key_heads", int("ssm.group_count")?),
+            ("linear_num_value_heads", value_heads),
+            ("linear_key_head_dim", int("ssm.state_size")?),
+            (
+                "linear_value_head_dim",
+                int("ssm.inner_size")? / value_heads.max(1),
+            ),
+            (
+                "full_attention_interval",
+                int("full_attention_interval").unwrap_or(4),
+            ),
+        ] {
+            obj.insert(field.into(), value.into());
         }
     }
     if let Some(name) = metadata.get("general.name").and_then(Value::as_str) {

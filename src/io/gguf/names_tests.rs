@@ -121,26 +121,6 @@ fn names_map_per_family() {
     assert_eq!(hf_name(llama, "blk.x.attn_q.weight"), None);
 }
 
-/// The inverse of llama.cpp's `permute`: reshape(heads, 2, d/2, ·).swapaxes(1, 2).
-#[test]
-fn stored_rows_invert_the_converters_permutation() {
-    let (heads, d) = (3, 8);
-    let rows = heads * d;
-    // The converter's permutation of HF rows 0..rows, written as numpy would.
-    let mut permuted = vec![0; rows];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..d / 2 {
-                // HF (h, j, i) goes to position (h, i, j).
-                permuted[h * d + i * 2 + j] = h * d + j * (d / 2) + i;
-            }
-        }
-    }
-    for row in 0..rows {
-        assert_eq!(permuted[stored_row(row, rows, heads)], row);
-    }
-}
-
 /// The config rebuilt from the metadata carries what the engine's `Scales` read: Granite's
 /// multipliers from llama.cpp's scale keys, and Gemma 2/3's query_pre_attn_scalar as
 /// llama.cpp derives it (hidden/heads for the 27B models, head_dim for the others).
@@ -258,4 +238,61 @@ fn config_carries_dense_layers_and_the_shared_expert() {
         .collect();
     let e = config_json(f, &m, &[]).unwrap_err();
     assert!(e.contains("block_count"), "{e}");
+}
+
+/// Qwen3.5's GGUF config: linear attention's sizes from the converter's SSM keys, the interval
+/// of softmax layers, its multi-token-prediction layer taken out of `block_count` (as GLM-4.5's),
+/// and a mixture's width standing in for an absent `feed_forward_length`.
+#[test]
+fn config_carries_linear_attention() {
+    let parse = |arch: &str, experts: bool, extra: &[(&str, u64)]| {
+        let f = family_of(arch, experts).unwrap();
+        let m: HashMap<String, Value> = [
+            ("block_count", 9),
+            ("nextn_predict_layers", 1),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+            ("attention.key_length", 16),
+            ("ssm.group_count", 2),
+            ("ssm.time_step_rank", 4),
+            ("ssm.state_size", 16),
+            ("ssm.inner_size", 32),
+            ("full_attention_interval", 4),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (format!("{arch}.{k}"), Value::UInt(*v)))
+        .collect();
+        // A router in each of the model's layers (none in the prediction layer).
+        let routers: Vec<TensorInfo> = (0..8)
+            .filter(|_| experts)
+            .map(|l| TensorInfo {
+                name: format!("blk.{l}.ffn_gate_inp.weight"),
+                dims: vec![64, 8],
+                ty: crate::io::gguf::quant::GgmlType::F32,
+                start: 0,
+                end: 0,
+            })
+            .collect();
+        let json = config_json(f, &m, &routers).unwrap();
+        crate::io::checkpoint::ModelConfig::parse(&json.to_string(), "m.gguf".as_ref()).unwrap()
+    };
+    let c = parse("qwen35", false, &[("feed_forward_length", 96)]);
+    let linear = c.linear.as_ref().unwrap();
+    assert_eq!((c.model_type.as_str(), c.num_hidden_layers), ("qwen3_5", 8));
+    assert_eq!(
+        (
+            linear.key_heads,
+            linear.value_heads,
+            linear.key_head_dim,
+            linear.value_head_dim
+        ),
+        (2, 4, 16, 8)
+    );
+    assert_eq!(linear.layers, [0, 1, 2, 4, 5, 6]);
+    assert!(c.gated_query);
+    let moe = [("expert_count", 8), ("expert_feed_forward_length", 24)];
+    let c = parse("qwen35moe", true, &moe);
+    assert_eq!((c.intermediate_size, c.experts.unwrap().width), (24, 24));
 }

@@ -1,5 +1,5 @@
-//! The rows of a GGUF tensor that cannot be handed out as stored (quantized, or with permuted
-//! rows or shifted values), decoded on request. The CPU's products read a weight a band of rows
+//! The rows of a GGUF tensor that cannot be handed out as stored (quantized, or with reordered
+//! rows or columns, or shifted values), decoded on request. The CPU's products read a weight a band of rows
 //! at a time, so through [`QuantizedRows`] a quantized weight is never decoded whole: a 70B
 //! model's MLP weight is 940 MB in f32, once per thread decomposing one.
 
@@ -8,8 +8,8 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::names;
 use super::quant::{self, GgmlType};
+use super::reorder::Reorder;
 use crate::error::Result;
 use crate::io::safetensors::{check_finite, FloatType};
 
@@ -22,13 +22,15 @@ pub struct QuantizedRows<'a> {
     /// The tensor's bytes as stored.
     data: &'a [u8],
     ty: GgmlType,
-    /// The whole tensor's rows (the heads' permutation runs over them) and row length.
+    /// The whole tensor's rows (a reorder runs over them) and row length.
     all_rows: usize,
     cols: usize,
     first: usize,
     rows: usize,
-    /// Heads whose rows the file stores permuted (Llama's q and k), if any.
-    heads: Option<usize>,
+    /// How the converter reordered the rows (Llama's q and k; Qwen3.5's value heads), and the
+    /// columns (Qwen3.5's `out_proj`), if it did.
+    row_order: Option<Reorder>,
+    column_order: Option<Reorder>,
     /// Subtracted from every value (norm gains stored as g + shift).
     shift: f32,
 }
@@ -40,7 +42,8 @@ impl<'a> QuantizedRows<'a> {
         ty: GgmlType,
         (all_rows, cols): (usize, usize),
         rows: Range<usize>,
-        (heads, shift): (Option<usize>, f32),
+        (row_order, column_order): (Option<Reorder>, Option<Reorder>),
+        shift: f32,
     ) -> Self {
         QuantizedRows {
             data,
@@ -49,7 +52,8 @@ impl<'a> QuantizedRows<'a> {
             cols,
             first: rows.start,
             rows: rows.len(),
-            heads,
+            row_order,
+            column_order,
             shift,
         }
     }
@@ -71,15 +75,15 @@ impl<'a> QuantizedRows<'a> {
     /// Where row `i` of these rows lies in the file, in rows.
     fn stored_row(&self, i: usize) -> usize {
         let row = self.first + i;
-        self.heads
-            .map_or(row, |heads| names::stored_row(row, self.all_rows, heads))
+        self.row_order
+            .map_or(row, |order| order.stored(row, self.all_rows))
     }
 
     /// Rows `r` of these rows (0 is the first) into `out`, row-major (`r.len() × cols`).
     pub fn decode(&self, r: Range<usize>, out: &mut [f32]) {
         let cols = self.cols;
         assert_eq!(out.len(), r.len() * cols, "a band's values");
-        if self.heads.is_none() {
+        if self.row_order.is_none() {
             // Consecutive rows are consecutive in the file: one span.
             let start = (self.first + r.start) * cols;
             self.decode_span(start..start + r.len() * cols, out);
@@ -89,11 +93,27 @@ impl<'a> QuantizedRows<'a> {
                 self.decode_span(stored * cols..(stored + 1) * cols, o);
             }
         }
+        if let Some(order) = self.column_order {
+            let mut stored = vec![0f32; cols];
+            for row in out.chunks_exact_mut(cols.max(1)) {
+                stored.copy_from_slice(row);
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = stored[order.stored(c, cols)];
+                }
+            }
+        }
         self.unshift(out);
     }
 
     /// Columns `c` of row `i` into `out` (`c.len()` values).
     pub fn decode_part(&self, i: usize, c: Range<usize>, out: &mut [f32]) {
+        if self.column_order.is_some() {
+            // Reordered columns are scattered over the row: the whole row, then the part.
+            let mut row = vec![0f32; self.cols];
+            self.decode(i..i + 1, &mut row);
+            out.copy_from_slice(&row[c]);
+            return;
+        }
         let start = self.stored_row(i) * self.cols;
         self.decode_span(start + c.start..start + c.end, out);
         self.unshift(out);
@@ -211,8 +231,19 @@ mod tests {
     #[test]
     fn bands_decode_as_the_whole_tensor_does() {
         let seed = crate::linalg::fresh_seed();
-        // Rows of 96 values (3 blocks) and of 40 (rows straddle blocks); 8 heads of 6 rows.
-        for (cols, stream) in [(96usize, 0u64), (40, 1)] {
+        // Rows of 96 values (3 blocks) and of 40 (rows straddle blocks); 8 rotary heads of 6
+        // rows, or 6 value heads of 6 rows after 12, tiled by 3 key heads; value heads across
+        // the columns too.
+        let tiled = |start, key_heads, per_key, dim| Reorder::TiledValueHeads {
+            start,
+            key_heads,
+            per_key,
+            dim,
+        };
+        for (cols, stream, across) in [
+            (96usize, 0u64, tiled(0, 2, 3, 16)),
+            (40, 1, tiled(4, 3, 2, 6)),
+        ] {
             let all_rows = 48;
             let m = gaussian_matrix(seed, stream, all_rows, cols);
             let values: Vec<f32> = (0..all_rows)
@@ -222,27 +253,38 @@ mod tests {
             let data = q8_0(&values);
             let mut whole = vec![0f32; values.len()];
             quant::dequantize(GgmlType::Q8_0, &data, &mut whole);
-            for (heads, shift) in [(None, 0.0f32), (Some(8), 0.0), (None, 1.0)] {
+            let rotary = Some(Reorder::RotaryHalves { heads: 8 });
+            let value_heads = Some(tiled(12, 3, 2, 6));
+            for (order, shift) in [
+                ((None, None), 0.0f32),
+                ((rotary, None), 0.0),
+                ((None, None), 1.0),
+                ((value_heads, None), 0.0),
+                ((None, Some(across)), 0.0),
+                ((value_heads, Some(across)), 1.0),
+            ] {
                 let rows = 5..41;
                 let q = QuantizedRows::new(
                     &data,
                     GgmlType::Q8_0,
                     (all_rows, cols),
                     rows.clone(),
-                    (heads, shift),
+                    order,
+                    shift,
                 );
-                // The reference: stored row of each wanted row, from the whole tensor.
+                // The reference: each wanted value at its stored row and column, from the whole
+                // tensor.
                 let want = |i: usize| -> Vec<f32> {
                     let row = rows.start + i;
-                    let stored = heads.map_or(row, |h| names::stored_row(row, all_rows, h));
-                    whole[stored * cols..(stored + 1) * cols]
-                        .iter()
-                        .map(|v| v - shift)
+                    let stored = order.0.map_or(row, |o| o.stored(row, all_rows));
+                    (0..cols)
+                        .map(|c| order.1.map_or(c, |o| o.stored(c, cols)))
+                        .map(|c| whole[stored * cols + c] - shift)
                         .collect()
                 };
                 let all = q.decode_all();
                 for (i, got) in all.chunks(cols).enumerate() {
-                    assert_eq!(got, want(i).as_slice(), "row {i} of {heads:?}, {cols}");
+                    assert_eq!(got, want(i).as_slice(), "row {i} of {order:?}, {cols}");
                 }
                 for band in [0..1, 3..17, 30..36] {
                     let mut out = vec![0f32; band.len() * cols];
@@ -266,7 +308,7 @@ mod tests {
         let block = 7 * 2 + 1;
         data[block * 34..block * 34 + 2]
             .copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
-        let q = QuantizedRows::new(&data, GgmlType::Q8_0, (10, 64), 2..10, (None, 0.0));
+        let q = QuantizedRows::new(&data, GgmlType::Q8_0, (10, 64), 2..10, (None, None), 0.0);
         let err = q
             .check_finite(Path::new("m.gguf"), "blk.0.w")
             .unwrap_err()
