@@ -213,6 +213,7 @@ fn every_table_loads_and_round_trips_module_names() {
         "olmoe",
         "qwen3_5",
         "qwen3_5_moe",
+        "qwen3_next",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
     }
@@ -239,6 +240,10 @@ fn every_table_loads_and_round_trips_module_names() {
                     vec![Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB]
                 }
                 Block::Attention => vec![Part::Q, Part::K, Part::V, Part::O],
+                // Qwen3-Next's fused forms, or Qwen3.5's five.
+                Block::LinearAttention if a.modules.iter().any(|m| m.parts == [Part::LinQkvz]) => {
+                    vec![Part::LinOut, Part::LinQkvz, Part::LinBa]
+                }
                 Block::LinearAttention => {
                     vec![
                         Part::LinQkv,

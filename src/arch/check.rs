@@ -107,7 +107,8 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
         .iter()
         .filter(|&&b| b != Block::Attention && b != Block::LinearAttention)
         .all(|&b| complete(b, &mlp));
-    // Linear attention (Qwen3.5), where the table has it, in the layers the config names.
+    // Linear attention, where the table has it, in the layers the config names: Qwen3.5's five
+    // projections, or Qwen3-Next's three.
     let linear = [
         Part::LinQkv,
         Part::LinZ,
@@ -115,8 +116,10 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
         Part::LinA,
         Part::LinOut,
     ];
-    let complete_linear =
-        !blocks.contains(&Block::LinearAttention) || complete(Block::LinearAttention, &linear);
+    let fused_linear = [Part::LinOut, Part::LinQkvz, Part::LinBa];
+    let complete_linear = !blocks.contains(&Block::LinearAttention)
+        || complete(Block::LinearAttention, &linear)
+        || complete(Block::LinearAttention, &fused_linear);
     // Latent attention (DeepSeek) in place of q, k, v: its query through `q_proj` or, where the
     // config gives a query latent, through `q_a_proj` and `q_b_proj`.
     let latent = [Part::Q, Part::O, Part::QA, Part::QB, Part::KvA, Part::KvB];
@@ -131,7 +134,7 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
         return Err(format!(
             "table `{}` must hold each of q, k, v, o exactly once (or latent attention's q, o, \
              q_a, q_b, kv_a, kv_b), linear attention's lin_qkv, lin_z, lin_b, lin_a, lin_out \
-             exactly once where it has any, and gate, up, down exactly once in each MLP block \
+             (or lin_qkvz, lin_ba, lin_out) exactly once where it has any, and gate, up, down exactly once in each MLP block \
              it has (a dense MLP, experts, a shared expert beside experts)",
             arch.name
         ));

@@ -51,6 +51,13 @@ pub enum Part {
     LinA,
     #[serde(rename = "lin_out")]
     LinOut,
+    /// Qwen3-Next's forms of the same: `in_proj_qkvz` (queries, keys, values and the output
+    /// gate, interleaved per key head) and `in_proj_ba` (b and a, interleaved per key head),
+    /// each taken whole.
+    #[serde(rename = "lin_qkvz")]
+    LinQkvz,
+    #[serde(rename = "lin_ba")]
+    LinBa,
 }
 
 impl Part {
@@ -79,6 +86,8 @@ impl Part {
                 Part::LinZ => return (values, h),
                 Part::LinB | Part::LinA => return (l.value_heads, h),
                 Part::LinOut => return (h, values),
+                Part::LinQkvz => return (2 * keys + 2 * values, h),
+                Part::LinBa => return (2 * l.value_heads, h),
                 _ => {}
             }
         }
@@ -105,6 +114,7 @@ impl Part {
             Part::Down => (h, c.intermediate_size),
             Part::QA | Part::QB | Part::KvA | Part::KvB => (0, h),
             Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA => (0, h),
+            Part::LinQkvz | Part::LinBa => (0, h),
             Part::LinOut => (h, 0),
         }
     }
@@ -123,7 +133,13 @@ impl Part {
     pub fn linear(self) -> bool {
         matches!(
             self,
-            Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA | Part::LinOut
+            Part::LinQkv
+                | Part::LinZ
+                | Part::LinB
+                | Part::LinA
+                | Part::LinOut
+                | Part::LinQkvz
+                | Part::LinBa
         )
     }
 
@@ -146,6 +162,8 @@ impl Part {
             Part::LinB => "in_proj_b",
             Part::LinA => "in_proj_a",
             Part::LinOut => "out_proj",
+            Part::LinQkvz => "in_proj_qkvz",
+            Part::LinBa => "in_proj_ba",
         }
     }
 }

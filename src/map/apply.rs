@@ -276,7 +276,13 @@ fn inner<'l>(
             "--mode",
             format!("map does not take latent attention ({})", unit.label),
         )),
-        Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA | Part::LinOut => Err(Error::arg(
+        Part::LinQkv
+        | Part::LinZ
+        | Part::LinB
+        | Part::LinA
+        | Part::LinOut
+        | Part::LinQkvz
+        | Part::LinBa => Err(Error::arg(
             "--mode",
             format!("map does not take linear attention ({})", unit.label),
         )),

@@ -74,7 +74,13 @@ impl ReaderScale {
             Part::O | Part::Down => None,
             // The map mode takes neither latent nor linear attention (`experts::refuse_map`).
             Part::QA | Part::QB | Part::KvA | Part::KvB => None,
-            Part::LinQkv | Part::LinZ | Part::LinB | Part::LinA | Part::LinOut => None,
+            Part::LinQkv
+            | Part::LinZ
+            | Part::LinB
+            | Part::LinA
+            | Part::LinOut
+            | Part::LinQkvz
+            | Part::LinBa => None,
         }
     }
 

@@ -196,55 +196,90 @@ def test_a_lora_on_the_multimodal_model_is_read_too(qwen35, binary, tmp_path):
 
 
 # Qwen3.5-MoE: the same attention, experts (one tensor per expert on disk, fused by transformers 5
-# when loaded) and a shared expert in every layer, and no dense `intermediate_size`.
+# when loaded) and a shared expert in every layer, and no dense `intermediate_size`. Qwen3-Next:
+# its linear attention in two fused projections (`in_proj_qkvz`, `in_proj_ba`, each interleaved
+# per key head and taken whole), a dense layer among the expert layers.
 EXPERTS = 4
 MOE = dict({k: v for k, v in TEXT.items() if k != "intermediate_size"}, moe_intermediate_size=32,
            shared_expert_intermediate_size=48, num_experts=EXPERTS, num_experts_per_tok=2)
+FUSED_LINEAR = ["in_proj_qkvz", "in_proj_ba", "out_proj"]
+
+
+def build_moe(family: str):
+    import transformers as tf
+
+    torch.manual_seed(53)
+    if family == "qwen3_next":
+        config = tf.Qwen3NextConfig(**MOE, intermediate_size=80, mlp_only_layers=[0], num_hidden_layers=4)
+        return tf.Qwen3NextForCausalLM(config).eval()
+    return tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**MOE, num_hidden_layers=4)).eval()
 
 
 @pytest.fixture(scope="module")
-def qwen35_moe(tmp_path_factory, binary):
-    """(base, its next release, PEFT's LoRA on the fused experts and every projection by name)."""
-    import transformers as tf
+def hybrid_moe(tmp_path_factory, binary):
+    """family → (root, base, its next release, PEFT's LoRA on the fused experts and every
+    projection by name)."""
     from peft import LoraConfig
 
-    root = tmp_path_factory.mktemp("qwen3_5_moe")
-    torch.manual_seed(53)
-    model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**MOE, num_hidden_layers=4)).eval()
-    base = iu.save_model(model, root / "base")
-    release = root / "release"
-    iu.loraxfer(binary, "synth", "model", "--derive-from", base, "--drift", "0.05", "--seed", "3",
-                "--out", release)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + LINEAR + MLP,
-                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    lora = root / "lora"
-    iu.random_peft(iu.load_model(base), config, 63, 0.1).save_pretrained(str(lora))
-    return root, base, release, lora
+    made = {}
+
+    def get(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            base = iu.save_model(build_moe(family), root / "base")
+            release = root / "release"
+            iu.loraxfer(binary, "synth", "model", "--derive-from", base, "--drift", "0.05", "--seed", "3",
+                        "--out", release)
+            linear = FUSED_LINEAR if family == "qwen3_next" else LINEAR
+            config = LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + linear + MLP,
+                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+            lora = root / "lora"
+            iu.random_peft(iu.load_model(base), config, 63, 0.1).save_pretrained(str(lora))
+            made[family] = (root, base, release, lora)
+        return made[family]
+
+    return get
 
 
-def moe_modules(layers: int) -> list:
-    """Per-expert names of every module of the fixture's LoRA."""
+@pytest.fixture(scope="module")
+def qwen35_moe(hybrid_moe):
+    return hybrid_moe("qwen3_5_moe")
+
+
+def moe_modules(layers: int, family: str = "qwen3_5_moe") -> list:
+    """Per-expert names of every module of the output of the fixture's LoRA. PEFT moves
+    Qwen3-Next's by-name MLP targets onto its fused experts, so its LoRA has no shared expert;
+    its dense layer 0 gets modules of the types the LoRA adapts (with no update)."""
     names = []
+    experts = [f"mlp.experts.{e}.{m}" for e in range(EXPERTS) for m in MLP]
     for l in range(layers):
-        kind = [f"self_attn.{m}" for m in SOFTMAX] if full(l) else [f"linear_attn.{m}" for m in LINEAR]
-        mlp = [f"mlp.shared_expert.{m}" for m in MLP] + [f"mlp.experts.{e}.{m}" for e in range(EXPERTS) for m in MLP]
+        linear = FUSED_LINEAR if family == "qwen3_next" else LINEAR
+        kind = [f"self_attn.{m}" for m in SOFTMAX] if full(l) else [f"linear_attn.{m}" for m in linear]
+        if family == "qwen3_next":
+            mlp = [f"mlp.{m}" for m in MLP] if l == 0 else experts
+        else:
+            mlp = [f"mlp.shared_expert.{m}" for m in MLP] + experts
         names += [f"model.layers.{l}.{m}" for m in kind + mlp]
     return sorted(names)
 
 
-def test_moe_lora_copies_and_rotates_in_both_forms(qwen35_moe, binary, tmp_path):
-    """PEFT's LoRA on Qwen3.5-MoE (both attention kinds by name, the shared expert by name, the
-    experts on their fused parameters) copied onto the same model in the fused form
-    (`--fused-experts`) computes PEFT's logits; rotated onto the next release, each module keeps
-    its update's norm, and the fused form loads in PEFT strictly with the logits of the per-expert
-    output merged in numpy."""
-    from test_experts import FUSED_PATTERN_NOTES, merged
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next"])
+def test_moe_lora_copies_and_rotates_in_both_forms(hybrid_moe, family, binary, tmp_path):
+    """PEFT's LoRA on Qwen3.5-MoE and Qwen3-Next (both attention kinds by name, the shared expert
+    and a dense layer by name, the experts on their fused parameters) copied onto the same model
+    in the fused form (`--fused-experts`) computes PEFT's logits; rotated onto the next release,
+    each module keeps its update's norm, and the fused form loads in PEFT strictly with the
+    logits of the per-expert output merged in numpy."""
+    from test_experts import CONVERSION_NOTES, FUSED_PATTERN_NOTES, merged
 
-    root, base, release, lora = qwen35_moe
+    root, base, release, lora = hybrid_moe(family)
     copy = tmp_path / "copy"
     transfer(binary, base, iu.copy_dir(base, tmp_path / "copy-base"), lora, copy, "--mode", "copy",
              "--fused-experts")
-    want = iu.logits(iu.load_peft_strict(iu.load_model(base), lora, allow=FUSED_PATTERN_NOTES))
+    # PEFT's own LoRA: where a dense layer's projections are adapted by name (Qwen3-Next's layer 0),
+    # PEFT also notes the gate_up_proj patterns it set for converting them, and loads it whole.
+    notes = FUSED_PATTERN_NOTES + CONVERSION_NOTES
+    want = iu.logits(iu.load_peft_strict(iu.load_model(base), lora, allow=notes))
     assert iu.max_rel_diff(want, iu.logits(iu.load_model(base))) > MIN_CHANGE
     got = iu.logits(iu.load_peft_strict(iu.load_model(base), copy, allow=FUSED_PATTERN_NOTES))
     assert iu.max_rel_diff(got, want) < 1e-5
@@ -254,11 +289,10 @@ def test_moe_lora_copies_and_rotates_in_both_forms(qwen35_moe, binary, tmp_path)
     assert report["mode"] == "rotate", report["auto_reason"]
     transfer(binary, base, release, lora, fused, "--rank", "8", "--fused-experts")
     carried = iu.module_updates(per)
-    assert sorted(carried) == moe_modules(4)
+    assert sorted(carried) == moe_modules(4, family)
     again = tmp_path / "again"  # the source LoRA one module per expert: the norms to keep
     transfer(binary, base, iu.copy_dir(base, tmp_path / "again-base"), lora, again, "--mode", "copy")
-    source = iu.module_updates(again)
-    for module, delta in source.items():
+    for module, delta in iu.module_updates(again).items():
         norm, got_norm = np.linalg.norm(delta), np.linalg.norm(carried[module])
         assert abs(got_norm - norm) <= 1e-4 * norm, (module, got_norm, norm)
     want = merged(release, per, root)

@@ -17,9 +17,9 @@ from safetensors.numpy import load_file, save_file
 
 import interop_util as iu
 from test_gpt_oss_gguf import gguf_tensors, llama_cpp_gguf
-from test_qwen3_5 import TEXT, moe_modules, qwen35, qwen35_moe, transfer
+from test_qwen3_5 import TEXT, hybrid_moe, moe_modules, qwen35, qwen35_moe, transfer
 
-__all__ = ["qwen35", "qwen35_moe"]  # the fixtures, shared with test_qwen3_5.py
+__all__ = ["hybrid_moe", "qwen35", "qwen35_moe"]  # the fixtures, shared with test_qwen3_5.py
 
 KEY_HEADS, VALUE_HEADS = TEXT["linear_num_key_heads"], TEXT["linear_num_value_heads"]
 KEY_DIM, VALUE_DIM = TEXT["linear_key_head_dim"], TEXT["linear_value_head_dim"]
