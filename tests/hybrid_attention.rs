@@ -44,12 +44,24 @@ fn full(l: usize) -> bool {
     (l + 1) % 4 == 0
 }
 
+/// How a test checkpoint is laid out.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// A multimodal Qwen3.5 release (`model.language_model.layers`).
+    Multimodal,
+    /// Qwen3.5's text model, as `Qwen3_5ForCausalLM` saves it.
+    Text,
+    /// Qwen3: softmax attention in every layer, an ungated query.
+    Qwen3,
+}
+
 /// The projections of layer `l` (key below the layer, out, in).
-fn projections(l: usize) -> Vec<(String, usize, usize)> {
+fn projections(l: usize, layout: Layout) -> Vec<(String, usize, usize)> {
     let (kh, vh, kd, vd) = LINEAR;
-    let attention: Vec<(&str, usize, usize)> = if full(l) {
+    let gate = if layout == Layout::Qwen3 { 1 } else { 2 };
+    let attention: Vec<(&str, usize, usize)> = if full(l) || layout == Layout::Qwen3 {
         vec![
-            ("self_attn.q_proj", 2 * HEADS * HEAD_DIM, HIDDEN),
+            ("self_attn.q_proj", gate * HEADS * HEAD_DIM, HIDDEN),
             ("self_attn.k_proj", KV_HEADS * HEAD_DIM, HIDDEN),
             ("self_attn.v_proj", KV_HEADS * HEAD_DIM, HIDDEN),
             ("self_attn.o_proj", HIDDEN, HEADS * HEAD_DIM),
@@ -75,21 +87,38 @@ fn projections(l: usize) -> Vec<(String, usize, usize)> {
 
 /// A multimodal Qwen3.5 checkpoint of `layers` layers (its language model's weights only).
 fn write_model(dir: &Path, layers: usize, seed: u64) {
+    write_layout(dir, layers, seed, Layout::Multimodal)
+}
+
+fn write_layout(dir: &Path, layers: usize, seed: u64, layout: Layout) {
     std::fs::create_dir_all(dir).unwrap();
-    let config = serde_json::json!({
-        "model_type": "qwen3_5",
-        "architectures": ["Qwen3_5ForConditionalGeneration"],
-        "text_config": text_config(layers),
-    });
+    let mut text = text_config(layers);
+    let (config, prefix) = match layout {
+        Layout::Multimodal => (
+            serde_json::json!({
+                "model_type": "qwen3_5",
+                "architectures": ["Qwen3_5ForConditionalGeneration"],
+                "text_config": text,
+            }),
+            "model.language_model",
+        ),
+        Layout::Text => (text, "model"),
+        Layout::Qwen3 => {
+            text["model_type"] = "qwen3".into();
+            for k in ["linear_num_key_heads", "linear_num_value_heads"] {
+                text.as_object_mut().unwrap().remove(k);
+            }
+            (text, "model")
+        }
+    };
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let prefix = "model.language_model";
     let mut tensors = vec![(
         format!("{prefix}.embed_tokens.weight"),
         row_major(&gaussian(64, HIDDEN, seed, 0)),
         vec![64, HIDDEN],
     )];
     for l in 0..layers {
-        for (s, (key, out, inp)) in projections(l).into_iter().enumerate() {
+        for (s, (key, out, inp)) in projections(l, layout).into_iter().enumerate() {
             let w = gaussian(out, inp, seed, (100 * l + s + 1) as u64);
             let w = row_major(&w).iter().map(|x| x * 0.05).collect();
             tensors.push((
@@ -109,7 +138,11 @@ fn write_model(dir: &Path, layers: usize, seed: u64) {
 /// Every module of an adapter on all projections, under the causal-LM names.
 fn modules(layers: usize) -> BTreeSet<String> {
     (0..layers)
-        .flat_map(|l| projections(l).into_iter().map(move |p| (l, p.0)))
+        .flat_map(|l| {
+            projections(l, Layout::Text)
+                .into_iter()
+                .map(move |p| (l, p.0))
+        })
         .map(|(l, key)| format!("model.layers.{l}.{key}"))
         .collect()
 }
@@ -273,4 +306,121 @@ fn layers_pair_by_kind_or_are_refused() {
         e.contains("--mode") && e.contains("linear attention"),
         "{e}"
     );
+}
+
+/// Between Qwen3.5 and a model without linear attention (Qwen3), in either direction, layers keep
+/// the depth map's pairing (no pairing of kinds can help): the MLP goes layer to layer, and an
+/// attention update with no module of its kind in the target layer is refused, naming it and
+/// the `--modules` that leaves it out (no layer map would find it one).
+#[test]
+fn hybrid_and_softmax_models_pair_their_mlps_layer_to_layer() {
+    let d = Dirs::new();
+    write_layout(&d.p("qwen3_5"), 4, 1, Layout::Text);
+    write_layout(&d.p("qwen3"), 4, 2, Layout::Qwen3);
+    for (source, target, kind) in [
+        ("qwen3_5", "qwen3", "linear attention"),
+        ("qwen3", "qwen3_5", "`k_proj`"),
+    ] {
+        let lora = d.p(&format!("{source}-lora"));
+        std::fs::create_dir_all(&lora).unwrap();
+        write_adapter(&d.p(source), &AdapterSpec::default(), &lora).unwrap();
+        let out = d.p(&format!("{source}-to-{target}"));
+        let options = |modules: Option<Vec<String>>| Options {
+            mode: Mode::Align,
+            rank: 8,
+            modules,
+            ..Options::default()
+        };
+        let job = cpu_job(&d.p(source), &d.p(target), &lora, &out, options(None));
+        let e = transfer::run(&job).unwrap_err().to_string();
+        assert!(
+            e.contains(kind) && e.contains("--modules") && !e.contains("--layer-map"),
+            "{source} -> {target}: {e}"
+        );
+        let mlp = ["gate_proj", "up_proj", "down_proj"]
+            .map(String::from)
+            .to_vec();
+        let job = cpu_job(&d.p(source), &d.p(target), &lora, &out, options(Some(mlp)));
+        let report = transfer::run(&job).unwrap();
+        let pairs: Vec<(String, usize)> = report.layer_map.clone().into_iter().collect();
+        assert!(
+            pairs.iter().all(|(j, i)| j.parse::<usize>().unwrap() == *i),
+            "{pairs:?}"
+        );
+        let written = Adapter::open(&out).unwrap();
+        let mlps = written
+            .modules
+            .keys()
+            .filter(|m| m.contains(".mlp."))
+            .count();
+        assert_eq!(mlps, 4 * 3, "{source} -> {target}");
+    }
+}
+
+/// A llama.cpp LoRA for a text-only Qwen3.5 checkpoint (`qwen3_5_text`): llama.cpp's `qwen35`
+/// names, B's value-head rows and A's value-head columns in the converter's tiled order.
+#[test]
+fn a_lora_gguf_for_qwen3_5_moves_the_value_heads() {
+    use loraxfer::io::gguf::header::parse;
+    use loraxfer::io::gguf::reorder::Reorder;
+    let d = Dirs::new();
+    write_layout(&d.p("base"), 4, 1, Layout::Text);
+    std::fs::create_dir_all(d.p("lora")).unwrap();
+    write_adapter(&d.p("base"), &AdapterSpec::default(), &d.p("lora")).unwrap();
+    let progress = loraxfer::progress::Progress::default();
+    let out = d.p("lora.gguf");
+    let exported =
+        loraxfer::io::gguf::lora::export(&d.p("lora"), &d.p("base"), &out, false, &progress)
+            .unwrap();
+    assert_eq!(exported.architecture, "qwen35");
+    let data = std::fs::read(&out).unwrap();
+    let header = parse(&data).unwrap();
+    let tensor = |name: &str| -> Vec<f32> {
+        let t = header.tensors.iter().find(|t| t.name == name).unwrap();
+        bytemuck::pod_collect_to_vec(&data[t.start..t.end])
+    };
+    let lora = Adapter::open(&d.p("lora")).unwrap();
+    let (kh, vh, kd, vd) = LINEAR;
+    let tiled = |start, dim| Reorder::TiledValueHeads {
+        start,
+        key_heads: kh,
+        per_key: vh / kh,
+        dim,
+    };
+    for (gguf, module, rows, columns) in [
+        (
+            "attn_qkv",
+            "in_proj_qkv",
+            Some(tiled(2 * kh * kd, vd)),
+            None,
+        ),
+        ("attn_gate", "in_proj_z", Some(tiled(0, vd)), None),
+        ("ssm_beta", "in_proj_b", Some(tiled(0, 1)), None),
+        ("ssm_out", "out_proj", None, Some(tiled(0, vd))),
+    ] {
+        let f = lora
+            .factors(&format!("model.layers.0.linear_attn.{module}"))
+            .unwrap();
+        let (a, b) = (
+            tensor(&format!("blk.0.{gguf}.weight.lora_a")),
+            tensor(&format!("blk.0.{gguf}.weight.lora_b")),
+        );
+        let (r, n, m) = (f.r, f.in_features, f.out_features);
+        for row in 0..m {
+            let at = rows.map_or(row, |o| o.stored(row, m));
+            assert_eq!(
+                b[at * r..(at + 1) * r],
+                f.b[row * r..(row + 1) * r],
+                "{module} B row {row}"
+            );
+        }
+        for k in 0..r {
+            for c in 0..n {
+                let at = columns.map_or(c, |o| o.stored(c, n));
+                assert_eq!(a[k * n + at], f.a[k * n + c], "{module} A column {c}");
+            }
+        }
+        assert!(rows.is_none() || b != f.b, "{module}: B's rows moved");
+        assert!(columns.is_none() || a != f.a, "{module}: A's columns moved");
+    }
 }

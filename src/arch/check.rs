@@ -16,6 +16,15 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
             arch.name
         ));
     }
+    // Adapters' names are read under the layer prefixes: the one they are written under too.
+    if let Some(p) = arch.module_prefix.as_ref() {
+        if !arch.layer_prefixes.contains(p) {
+            return Err(format!(
+                "table `{}`: module_prefix `{p}` is not one of its layer_prefixes",
+                arch.name
+            ));
+        }
+    }
     if arch
         .modules
         .iter()

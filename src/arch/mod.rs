@@ -463,6 +463,7 @@ impl Arch {
         let block = match part {
             Part::Q | Part::K | Part::V | Part::O => Block::Attention,
             p if p.latent() => Block::Attention,
+            p if p.linear() => Block::LinearAttention,
             _ if self.has_block(Block::Mlp) => Block::Mlp,
             _ => Block::Experts,
         };

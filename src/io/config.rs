@@ -427,9 +427,23 @@ fn parse_linear(
             (0..layers).map(|l| (l + 1) % interval != 0).collect()
         }
     };
+    let (key_heads, value_heads) = (
+        size("linear_num_key_heads", 1 << 16)?,
+        size("linear_num_value_heads", 1 << 16)?,
+    );
+    // Each key head serves a whole group of value heads.
+    if value_heads % key_heads != 0 {
+        return Err(Error::config(
+            path,
+            format!(
+                "`linear_num_value_heads` = {value_heads} is not a multiple of \
+                 `linear_num_key_heads` = {key_heads}"
+            ),
+        ));
+    }
     Ok(Some(LinearAttention {
-        key_heads: size("linear_num_key_heads", 1 << 16)?,
-        value_heads: size("linear_num_value_heads", 1 << 16)?,
+        key_heads,
+        value_heads,
         key_head_dim: size("linear_key_head_dim", 1 << 16)?,
         value_head_dim: size("linear_value_head_dim", 1 << 16)?,
         layers: (0..layers).filter(|&l| linear[l]).collect(),

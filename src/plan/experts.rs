@@ -238,13 +238,12 @@ pub fn side_with_linear_attention<'s, 'a>(
     source: &'s ModelSide<'a>,
     target: &'s ModelSide<'a>,
 ) -> Option<&'s ModelSide<'a>> {
-    [source, target]
-        .into_iter()
-        .find(|s| s.ckpt.config.linear.is_some())
+    [source, target].into_iter().find(|s| s.hybrid())
 }
 
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth
-/// similarity), which a mixture-of-experts layer does not have.
+/// similarity), which a mixture-of-experts layer does not have, and matches the heads of q, k and
+/// v in every layer, which latent attention and linear attention do not have.
 pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<()> {
     if mode != Mode::Map {
         return Ok(());

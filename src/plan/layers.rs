@@ -45,6 +45,28 @@ pub fn pair_kinds(
     }
 }
 
+/// The default depth map of two models: [`default_layer_map`], with each layer paired with one
+/// of its own attention kind where both models mix linear and softmax attention (where only one
+/// does, no pairing helps: the other's layers all have one kind).
+pub fn default_pairs(
+    source: &super::ModelSide<'_>,
+    target: &super::ModelSide<'_>,
+) -> BTreeMap<usize, usize> {
+    use crate::arch::Block;
+    let mut map = default_layer_map(source.layers(), target.layers());
+    if source.hybrid() && target.hybrid() {
+        let linear =
+            |side: &super::ModelSide<'_>, l: usize| side.holds_block(l, Block::LinearAttention);
+        pair_kinds(
+            &mut map,
+            source.layers(),
+            |i| linear(source, i),
+            |j| linear(target, j),
+        );
+    }
+    map
+}
+
 /// Reads a layer-map file: a JSON object `{"<target layer>": <source layer>, ...}` (the format of
 /// the report's `layer_map`): the target layers it names (the others keep the default mapping).
 pub fn read_layer_map(

@@ -286,7 +286,7 @@ fn adapter_modules<'a>(
                     reason: format!(
                         "module `{name}` is not an adaptable {} module under `{}` (known: {})",
                         source.arch.name,
-                        source.names,
+                        source.arch.layer_prefixes.join("` or `"),
                         source
                             .arch
                             .modules
@@ -370,14 +370,7 @@ fn layer_map(
     target: &ModelSide<'_>,
     options: &Options,
 ) -> BTreeMap<usize, usize> {
-    let mut map = layers::default_layer_map(source.layers(), target.layers());
-    let linear = |side: &ModelSide<'_>, l: usize| side.holds_block(l, Block::LinearAttention);
-    layers::pair_kinds(
-        &mut map,
-        source.layers(),
-        |i| linear(source, i),
-        |j| linear(target, j),
-    );
+    let mut map = layers::default_pairs(source, target);
     if let Some(overrides) = &options.layer_map {
         for (&j, &i) in overrides {
             map.insert(j, i);

@@ -119,12 +119,15 @@ pub(super) fn adapts_mlp(
 /// The `--modules` list that carries the attention alone: each attention module type of the
 /// target that some source attention module feeds, and each source type all of whose parts
 /// the target has (else the parts it has, by name: `q_proj` of a `qkv_proj` onto latent
-/// attention). Two standard attentions give `q_proj,k_proj,v_proj,o_proj`.
+/// attention), linear attention's too. Two standard attentions give `q_proj,k_proj,v_proj,o_proj`.
 pub fn attention_modules(source: &ModelSide<'_>, target: &ModelSide<'_>) -> Vec<String> {
     let attention = |side: &ModelSide<'_>| -> Vec<&'static ModuleSpec> {
         let held = side.arch.modules.iter();
-        held.filter(|m| m.block() == Block::Attention && m.present_in(&side.ckpt.config))
-            .collect()
+        held.filter(|m| {
+            matches!(m.block(), Block::Attention | Block::LinearAttention)
+                && m.present_in(&side.ckpt.config)
+        })
+        .collect()
     };
     let (s, t) = (attention(source), attention(target));
     let parts = |specs: &[&ModuleSpec]| -> BTreeSet<Part> {
@@ -245,13 +248,16 @@ pub(super) fn check_taken(
             others.into_iter().collect::<Vec<_>>().join(",")
         ),
     };
-    // Hybrid models: the layer map may be what paired two kinds of attention.
-    let hybrid = |s: &ModelSide<'_>| s.ckpt.config.linear.is_some();
-    let kinds = match hybrid(source) || hybrid(target) {
+    let spec = source.arch.module(name).expect("parsed");
+    // An attention update against a layer of the other attention kind, where both models mix
+    // the kinds: a layer map (the default one does) pairs layers of one kind. Where only one
+    // model mixes them, no layer map carries every layer's attention.
+    let attention = matches!(spec.block(), Block::Attention | Block::LinearAttention);
+    let both_mix = source.hybrid() && target.hybrid();
+    let kinds = match attention && both_mix && !target.holds_block(j, spec.block()) {
         true => " (pair layers of one attention kind with --layer-map)",
         false => "",
     };
-    let spec = source.arch.module(name).expect("parsed");
     let what = match spec.block() {
         _ if parts.len() < spec.parts.len() => {
             let names: Vec<&str> = parts.iter().map(|p| p.module_name()).collect();
@@ -278,7 +284,7 @@ pub fn mlps_pair(source: &ModelSide<'_>, target: &ModelSide<'_>) -> bool {
         (false, false) => true,
         (true, true) => {
             super::experts::routers_compare(source, target)
-                && super::layers::default_layer_map(source.layers(), target.layers())
+                && super::layers::default_pairs(source, target)
                     .iter()
                     .all(|(&j, &i)| kind(source, i) == kind(target, j))
         }

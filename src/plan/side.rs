@@ -108,6 +108,12 @@ impl<'a> ModelSide<'a> {
                 .is_some_and(|e| e.sparse(layer))
     }
 
+    /// Whether some of the model's layers have linear attention (Qwen3.5, Qwen3-Next), the others
+    /// softmax attention.
+    pub fn hybrid(&self) -> bool {
+        (0..self.layers()).any(|l| self.holds_block(l, Block::LinearAttention))
+    }
+
     /// Whether the model has dense layers among its expert layers.
     pub fn mixes_layer_kinds(&self) -> bool {
         let sparse = (0..self.layers()).filter(|&l| self.sparse(l)).count();
@@ -121,7 +127,8 @@ impl<'a> ModelSide<'a> {
     }
 
     /// Whether `layer` has `block`: softmax attention in every layer but those the config gives
-    /// linear attention, a dense MLP in the dense layers, the experts and the shared expert (where the config gives one) in the others.
+    /// linear attention, a dense MLP in the dense layers, the experts and the shared expert
+    /// (where the config gives one) in the others.
     pub fn holds_block(&self, layer: usize, block: Block) -> bool {
         // `new` refused a shared expert's width for a table without one.
         let shared = || {
@@ -130,7 +137,7 @@ impl<'a> ModelSide<'a> {
         };
         let linear = |l: usize| {
             let linear = self.ckpt.config.linear.as_ref();
-            linear.is_some_and(|a| a.holds(l))
+            self.arch.has_block(Block::LinearAttention) && linear.is_some_and(|a| a.holds(l))
         };
         match block {
             Block::Attention => !linear(layer),

@@ -6,9 +6,9 @@
 //!   `copy` item for item (where `copy` is right) and stays meaningful where the target's bases
 //!   have moved, which `copy` does not. `project` and `align` keep only the update's overlap
 //!   with the top-k subspaces and lost most of the gain there.
-//! - otherwise `map`, when both models ship a `tokenizer.json` and neither has experts: the only
-//!   mode that crosses depths, widths, head counts and tokenizers through the weights themselves,
-//!   and the one that came closest to a LoRA trained on a pruned sibling.
+//! - otherwise `map`, when both models ship a `tokenizer.json` and neither has experts or linear
+//!   attention: the only mode that crosses depths, widths, head counts and tokenizers through the
+//!   weights themselves, and the one that came closest to a LoRA trained on a pruned sibling.
 //! - otherwise `align`, since `map` anchors its residual map on the tokens the two vocabularies
 //!   share and has nothing to anchor on without them, reads each layer's dense MLP, which a
 //!   mixture-of-experts layer does not have, and matches softmax attention heads, which a

@@ -2,8 +2,9 @@
 //! --lora`, Ollama's `ADAPTER`): a GGUF with `general.type = adapter`, `adapter.type = lora` and
 //! `adapter.lora.alpha`, and for every adapted base tensor `<its GGUF name>.lora_a` (A, dims
 //! `[in, r]`) and `.lora_b` (B, dims `[r, out]`), as llama.cpp's `convert_lora_to_gguf.py` writes
-//! them: under the base's GGUF tensor names, B's rows of Q and K in the order llama-family
-//! converters store them, in the adapter's stored type.
+//! them: under the base's GGUF tensor names, B's rows and A's columns in the order the converter
+//! stores the base weight's (Q and K of llama-family models; Qwen3.5's value heads, which its
+//! LoRA converter cannot move), in the adapter's stored type.
 //!
 //! [`export`] is the `export-gguf` command; [`write_lora_gguf`] also serves `transfer
 //! --gguf-adapter`.
@@ -44,6 +45,9 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
             "mistral" => f.gguf == "llama" && !f.experts,
             "gemma3" => f.gguf == "gemma3",
             "olmo3" => f.gguf == "olmo2",
+            // A multimodal Qwen3.5 release as its text model.
+            "qwen3_5" => f.gguf == "qwen35",
+            "qwen3_5_moe" => f.gguf == "qwen35moe",
             other => f.model_type == other,
         })
         .ok_or_else(|| {
@@ -116,8 +120,9 @@ pub fn export(
 /// stacks a layer's experts in one tensor, one per expert, None for an expert the adapter leaves
 /// alone, written as zeros), how the converter reordered the base weight's rows (Q and K of
 /// llama-family models, Qwen3.5's value heads: B's rows follow) and columns (Qwen3.5's
-/// `out_proj`: A's columns follow). A stack's rank is its largest member's: llama.cpp holds one rank for a
-/// layer's experts, and a member of a smaller rank is padded with zero ranks (which add nothing).
+/// `out_proj`: A's columns follow). A stack's rank is its largest member's: llama.cpp holds one
+/// rank for a layer's experts, and a member of a smaller rank is padded with zero ranks (which
+/// add nothing).
 struct Placed<'a> {
     gguf: String,
     members: Vec<Option<Member<'a>>>,

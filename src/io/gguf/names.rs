@@ -181,10 +181,11 @@ pub const FAMILIES: &[Family] = &[
         false,
     )
     .with_experts(),
-    // Qwen3.5, with experts or without: norms stored as g (Hugging Face's g − 1, as Gemma's).
+    // Qwen3.5, with experts or without: norms stored as g (Hugging Face's g − 1, as Gemma's); the
+    // text model of a multimodal release, as its causal-LM class loads it.
     family(
         "qwen35",
-        "qwen3_5",
+        "qwen3_5_text",
         "Qwen3_5ForCausalLM",
         false,
         1.0,
@@ -194,7 +195,7 @@ pub const FAMILIES: &[Family] = &[
     .with_linear_attention(),
     family(
         "qwen35moe",
-        "qwen3_5_moe",
+        "qwen3_5_moe_text",
         "Qwen3_5MoeForCausalLM",
         false,
         1.0,
@@ -249,8 +250,8 @@ impl Family {
     }
 
     /// Whether llama.cpp's architecture has dense MLP tensors (`ffn_gate`, …): every dense
-    /// family, and GLM-4.5 for its leading dense layers; qwen2moe, qwen3moe, olmoe and Mixtral
-    /// have experts in every layer.
+    /// family, and GLM-4.5 for its leading dense layers; qwen2moe, qwen3moe, qwen35moe, olmoe,
+    /// gpt-oss and Mixtral have experts in every layer.
     pub fn dense_mlp(&self) -> bool {
         !self.experts || self.gguf == "glm4moe"
     }

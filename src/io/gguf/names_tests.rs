@@ -280,7 +280,10 @@ fn config_carries_linear_attention() {
     };
     let c = parse("qwen35", false, &[("feed_forward_length", 96)]);
     let linear = c.linear.as_ref().unwrap();
-    assert_eq!((c.model_type.as_str(), c.num_hidden_layers), ("qwen3_5", 8));
+    assert_eq!(
+        (c.model_type.as_str(), c.num_hidden_layers),
+        ("qwen3_5_text", 8)
+    );
     assert_eq!(
         (
             linear.key_heads,

@@ -1,7 +1,7 @@
 //! The rows of a GGUF tensor that cannot be handed out as stored (quantized, or with reordered
-//! rows or columns, or shifted values), decoded on request. The CPU's products read a weight a band of rows
-//! at a time, so through [`QuantizedRows`] a quantized weight is never decoded whole: a 70B
-//! model's MLP weight is 940 MB in f32, once per thread decomposing one.
+//! rows or columns, or shifted values), decoded on request. The CPU's products read a weight a
+//! band of rows at a time, so through [`QuantizedRows`] a quantized weight is never decoded whole:
+//! a 70B model's MLP weight is 940 MB in f32, once per thread decomposing one.
 
 use std::ops::Range;
 use std::path::Path;
