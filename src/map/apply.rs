@@ -272,19 +272,14 @@ fn inner<'l>(
         Part::Q | Part::O => heads(&layer.q_heads),
         Part::K | Part::V => heads(&layer.kv_heads),
         Part::Gate | Part::Up | Part::Down => Ok((&layer.neurons, (1, 1))),
-        Part::QA | Part::QB | Part::KvA | Part::KvB => Err(Error::arg(
+        // Latent and linear attention's own projections (`experts::refuse_map` stops them first).
+        other => Err(Error::arg(
             "--mode",
-            format!("map does not take latent attention ({})", unit.label),
-        )),
-        Part::LinQkv
-        | Part::LinZ
-        | Part::LinB
-        | Part::LinA
-        | Part::LinOut
-        | Part::LinQkvz
-        | Part::LinBa => Err(Error::arg(
-            "--mode",
-            format!("map does not take linear attention ({})", unit.label),
+            format!(
+                "map does not take {} attention ({})",
+                if other.latent() { "latent" } else { "linear" },
+                unit.label
+            ),
         )),
     }
 }

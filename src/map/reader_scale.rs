@@ -71,16 +71,9 @@ impl ReaderScale {
             Part::V => Some(2),
             Part::Gate => Some(3),
             Part::Up => Some(4),
-            Part::O | Part::Down => None,
-            // The map mode takes neither latent nor linear attention (`experts::refuse_map`).
-            Part::QA | Part::QB | Part::KvA | Part::KvB => None,
-            Part::LinQkv
-            | Part::LinZ
-            | Part::LinB
-            | Part::LinA
-            | Part::LinOut
-            | Part::LinQkvz
-            | Part::LinBa => None,
+            // Writers; and latent and linear attention's own projections, which the map mode does
+            // not take (`experts::refuse_map`).
+            _ => None,
         }
     }
 

@@ -80,8 +80,13 @@ def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(ggufs, gpt_oss, bi
         outs[target] = tmp_path / f"out-{target}"
         transfer(binary, base, ckpt if target == "checkpoint" else path, lora, outs[target],
                  "--mode", "rotate", "--rank", "16")
-    got = iu.read_tensors(outs["gguf"] / "adapter_model.safetensors")
-    want = iu.read_tensors(outs["checkpoint"] / "adapter_model.safetensors")
+    assert_same_adapter(outs["gguf"], outs["checkpoint"])
+
+
+def assert_same_adapter(got: Path, want: Path):
+    """Two adapters' files hold the same tensors, bit for bit."""
+    got = iu.read_tensors(got / "adapter_model.safetensors")
+    want = iu.read_tensors(want / "adapter_model.safetensors")
     assert sorted(got) == sorted(want)
     for key in want:
         assert np.array_equal(got[key], want[key]), key

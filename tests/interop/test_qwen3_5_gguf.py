@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import load_file, save_file
 
 import interop_util as iu
-from test_gpt_oss_gguf import gguf_tensors, llama_cpp_gguf
+from test_gpt_oss_gguf import assert_same_adapter, gguf_tensors, llama_cpp_gguf
 from test_qwen3_5 import TEXT, hybrid_moe, moe_modules, qwen35, qwen35_moe, transfer
 
 __all__ = ["hybrid_moe", "qwen35", "qwen35_moe"]  # the fixtures, shared with test_qwen3_5.py
@@ -121,11 +121,7 @@ def test_llama_cpps_gguf_reads_in_hugging_face_order(ggufs, qwen35, binary, tmp_
         outs[target] = tmp_path / f"out-{target}"
         transfer(binary, base, text if target == "checkpoint" else ggufs["f32"], lora, outs[target],
                  "--mode", "rotate", "--rank", "8")
-    got = iu.read_tensors(outs["gguf"] / "adapter_model.safetensors")
-    want = iu.read_tensors(outs["checkpoint"] / "adapter_model.safetensors")
-    assert sorted(got) == sorted(want)
-    for key in want:
-        assert np.array_equal(got[key], want[key]), key
+    assert_same_adapter(outs["gguf"], outs["checkpoint"])
 
 
 def save_file_dir(out, tensors: dict, config: dict):
@@ -204,8 +200,4 @@ def test_a_qwen3_5_moe_gguf_reads_as_its_checkpoint(qwen35_moe, binary, tmp_path
         delta = as_stored(module, want[module])
         assert np.linalg.norm(alpha / a.shape[0] * b @ a - delta) <= 1e-6 * np.linalg.norm(delta), module
     assert sorted(iu.module_updates(outs["gguf"])) == moe_modules(4)
-    got = iu.read_tensors(outs["gguf"] / "adapter_model.safetensors")
-    want = iu.read_tensors(outs["checkpoint"] / "adapter_model.safetensors")
-    assert sorted(got) == sorted(want)
-    for key in want:
-        assert np.array_equal(got[key], want[key]), key
+    assert_same_adapter(outs["gguf"], outs["checkpoint"])

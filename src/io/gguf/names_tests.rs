@@ -194,17 +194,7 @@ fn config_carries_dense_layers_and_the_shared_expert() {
         .map(|(k, v)| (format!("{arch}.{k}"), Value::UInt(*v)))
         .collect();
         m.insert("general.architecture".into(), Value::Str(arch.into()));
-        let tensors: Vec<TensorInfo> = routers
-            .iter()
-            .map(|l| TensorInfo {
-                name: format!("blk.{l}.ffn_gate_inp.weight"),
-                dims: vec![64, 8],
-                ty: crate::io::gguf::quant::GgmlType::F32,
-                start: 0,
-                end: 0,
-            })
-            .collect();
-        let json = config_json(f, &m, &tensors).unwrap();
+        let json = config_json(f, &m, &routers_of(routers.iter().copied())).unwrap();
         let c = crate::io::checkpoint::ModelConfig::parse(&json.to_string(), "m.gguf".as_ref())
             .unwrap();
         (c.num_hidden_layers, c.experts.unwrap())
@@ -265,16 +255,7 @@ fn config_carries_linear_attention() {
         .map(|(k, v)| (format!("{arch}.{k}"), Value::UInt(*v)))
         .collect();
         // A router in each of the model's layers (none in the prediction layer).
-        let routers: Vec<TensorInfo> = (0..8)
-            .filter(|_| experts)
-            .map(|l| TensorInfo {
-                name: format!("blk.{l}.ffn_gate_inp.weight"),
-                dims: vec![64, 8],
-                ty: crate::io::gguf::quant::GgmlType::F32,
-                start: 0,
-                end: 0,
-            })
-            .collect();
+        let routers = routers_of((0..8).filter(|_| experts));
         let json = config_json(f, &m, &routers).unwrap();
         crate::io::checkpoint::ModelConfig::parse(&json.to_string(), "m.gguf".as_ref()).unwrap()
     };
@@ -298,4 +279,17 @@ fn config_carries_linear_attention() {
     let moe = [("expert_count", 8), ("expert_feed_forward_length", 24)];
     let c = parse("qwen35moe", true, &moe);
     assert_eq!((c.intermediate_size, c.experts.unwrap().width), (24, 24));
+}
+
+/// The header entries of routers (`ffn_gate_inp`, 8 experts) in `layers`.
+fn routers_of(layers: impl Iterator<Item = usize>) -> Vec<TensorInfo> {
+    layers
+        .map(|l| TensorInfo {
+            name: format!("blk.{l}.ffn_gate_inp.weight"),
+            dims: vec![64, 8],
+            ty: crate::io::gguf::quant::GgmlType::F32,
+            start: 0,
+            end: 0,
+        })
+        .collect()
 }
