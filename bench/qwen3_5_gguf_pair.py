@@ -49,7 +49,9 @@ def model(rng, layers: int, types: list) -> dict:
     def g(*shape, std=0.02):
         return bf16_bits(rng.standard_normal(shape, dtype=np.float32) * std)
 
-    zeros = lambda n: bf16_bits(np.zeros(n, np.float32))  # noqa: E731 (norms are 1 + w)
+    # RMS norms multiply by 1 + w (linear attention's gated norm by w: its values do not matter
+    # to the timing).
+    zeros = lambda n: bf16_bits(np.zeros(n, np.float32))  # noqa: E731
     t = {"model.embed_tokens.weight": g(VOCAB, HIDDEN), "lm_head.weight": g(VOCAB, HIDDEN),
          "model.norm.weight": zeros(HIDDEN)}
     keys, values = KEY_HEADS * KEY_DIM, VALUE_HEADS * VALUE_DIM

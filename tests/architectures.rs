@@ -303,6 +303,19 @@ fn every_table_file_is_found_and_validated() {
     let bad = r#"{"name":"x","model_types":["x"],"layer_prefixes":["model.layers"],
         "modules":{"q_proj":{"key":"self_attn.q_proj","parts":["q","k","v","o","gate","up"]}}}"#;
     assert!(arch::parse_table(bad).is_err());
+    // Linear attention whole in one of its two forms, not a mix of them; adapters named under a
+    // prefix the table does not read.
+    let qwen3_5 = include_str!("../src/arch/tables/qwen3_5.json");
+    assert!(arch::parse_table(qwen3_5).is_ok());
+    let mixed = qwen3_5.replace(r#"["lin_z"]"#, r#"["lin_qkvz"]"#);
+    let e = arch::parse_table(&mixed).unwrap_err();
+    assert!(e.contains("lin_qkvz, lin_ba, lin_out"), "{e}");
+    let elsewhere = qwen3_5.replace(
+        r#""module_prefix": "model.layers""#,
+        r#""module_prefix": "language_model.layers""#,
+    );
+    let e = arch::parse_table(&elsewhere).unwrap_err();
+    assert!(e.contains("module_prefix `language_model.layers`"), "{e}");
 }
 
 #[test]

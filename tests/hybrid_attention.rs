@@ -174,6 +174,14 @@ fn the_config_gives_each_layer_its_attention_kind() {
         let e = parse(c).unwrap_err().to_string();
         assert!(e.contains("`layer_types`") && e.contains("3 layers"), "{e}");
     }
+    // Each key head serves a whole group of value heads.
+    let mut uneven = text_config(4);
+    uneven["linear_num_value_heads"] = 3.into();
+    let e = parse(uneven).unwrap_err().to_string();
+    assert!(
+        e.contains("`linear_num_value_heads` = 3") && e.contains("`linear_num_key_heads` = 2"),
+        "{e}"
+    );
     let mut c = text_config(4);
     c.as_object_mut().unwrap().remove("linear_key_head_dim");
     let e = parse(c).unwrap_err().to_string();

@@ -46,8 +46,8 @@ pub fn pair_kinds(
 }
 
 /// The default depth map of two models: [`default_layer_map`], with each layer paired with one
-/// of its own attention kind where both models mix linear and softmax attention (where only one
-/// does, no pairing helps: the other's layers all have one kind).
+/// of its own attention kind where both models mix linear and softmax attention. Where only one
+/// does, the depth map is kept, so that the MLPs go layer to layer.
 pub fn default_pairs(
     source: &super::ModelSide<'_>,
     target: &super::ModelSide<'_>,

@@ -165,13 +165,20 @@ pub(super) fn refusal(
     spec: &ModuleSpec,
     why: &str,
 ) -> Error {
+    // Where one model mixes linear attention in and the other does not, their attentions do
+    // not pair layer for layer either: no list carries the attention alone.
+    let alone = match source.hybrid() == target.hybrid() {
+        true => format!(
+            "; transfer the attention alone with --modules {}",
+            attention_modules(source, target).join(",")
+        ),
+        false => String::new(),
+    };
     Error::Config {
         path: target.ckpt.dir.clone(),
         reason: format!(
-            "this model's `{}` cannot take the adapter's update: {why}; transfer the attention \
-             alone with --modules {}{}",
+            "this model's `{}` cannot take the adapter's update: {why}{alone}{}",
             spec.name,
-            attention_modules(source, target).join(","),
             layer_map_hint(source, target)
         ),
     }
@@ -266,11 +273,21 @@ pub(super) fn check_taken(
         Block::Attention => format!("`{name}`"),
         block => block.describe().to_string(),
     };
+    // Linear attention in both layers, in projections fused otherwise (Qwen3.5's five against
+    // Qwen3-Next's three).
+    let there = match spec.block() == Block::LinearAttention
+        && target.holds_block(j, Block::LinearAttention)
+    {
+        true => {
+            format!("whose linear attention has no `{name}` (its projections are fused otherwise)")
+        }
+        false => format!("which has no {what} there"),
+    };
     Err(Error::Config {
         path: target.ckpt.dir.clone(),
         reason: format!(
             "the adapter's `{module}` ({what} of source layer {i}) has no counterpart in layer \
-             {j} of this model, which has no {what} there{kinds}{hint}"
+             {j} of this model, {there}{kinds}{hint}"
         ),
     })
 }

@@ -108,8 +108,8 @@ impl<'a> ModelSide<'a> {
                 .is_some_and(|e| e.sparse(layer))
     }
 
-    /// Whether some of the model's layers have linear attention (Qwen3.5, Qwen3-Next), the others
-    /// softmax attention.
+    /// Whether some of the model's layers have linear attention (Qwen3.5, Qwen3-Next; the others
+    /// have softmax attention).
     pub fn hybrid(&self) -> bool {
         (0..self.layers()).any(|l| self.holds_block(l, Block::LinearAttention))
     }

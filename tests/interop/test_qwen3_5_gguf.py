@@ -106,8 +106,8 @@ def test_llama_cpps_gguf_reads_in_hugging_face_order(ggufs, qwen35, binary, tmp_
     # Every tensor of the language model but linear attention's own state (its convolution, decay
     # and gated norm), which no LoRA adapts and the converter changes.
     unread = ("linear_attn.A_log", "linear_attn.conv1d", "linear_attn.dt_bias", "linear_attn.norm")
-    text = [k for k in weights if not k.startswith("model.visual.") and not any(u in k for u in unread)]
-    assert sorted(ours) == sorted(text)
+    language = [k for k in weights if not k.startswith("model.visual.") and not any(u in k for u in unread)]
+    assert sorted(ours) == sorted(language)
     for name, got in ours.items():
         tol = 1e-6 if name.endswith("norm.weight") else 0
         assert np.allclose(got, weights[name], rtol=0, atol=tol), name
