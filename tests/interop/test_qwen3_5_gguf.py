@@ -201,3 +201,34 @@ def test_a_qwen3_5_moe_gguf_reads_as_its_checkpoint(qwen35_moe, binary, tmp_path
         assert np.linalg.norm(alpha / a.shape[0] * b @ a - delta) <= 1e-6 * np.linalg.norm(delta), module
     assert sorted(iu.module_updates(outs["gguf"])) == moe_modules(4)
     assert_same_adapter(outs["gguf"], outs["checkpoint"])
+
+
+def test_a_gguf_with_its_prediction_layer_reads_as_one_without(ggufs, qwen35, binary, tmp_path):
+    """Qwen3.5's releases carry a multi-token-prediction block (`mtp.*`, a softmax-attention
+    layer and its fusion), which llama.cpp's converter writes as one more block (`block_count`
+    5, `nextn_predict_layers` 1). It is left out of the depth: the file reads as 4 layers, and a
+    transfer onto it is the one onto the file converted without it, bit for bit."""
+    _, base, _, lora = qwen35
+    weights = load_file(str(base / "model.safetensors"))
+    rng = np.random.default_rng(5)
+    layer = "model.language_model.layers.3."
+    mtp = {"mtp.layers.0." + k[len(layer):]: v.copy() for k, v in weights.items() if k.startswith(layer)}
+    mtp["mtp.fc.weight"] = rng.normal(0, 0.02, (TEXT["hidden_size"], 2 * TEXT["hidden_size"])).astype(np.float32)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{norm}.weight"] = np.zeros(TEXT["hidden_size"], np.float32)
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["mtp_num_hidden_layers"] = 1
+    with_mtp = save_file_dir(tmp_path / "with-mtp", {**weights, **mtp}, config)
+    path = llama_cpp_gguf(with_mtp, tmp_path / "with-mtp.gguf", "f32")
+    import gguf
+
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert (fields["qwen35.block_count"], fields["qwen35.nextn_predict_layers"]) == (5, 1)
+    converted = tmp_path / "converted"
+    iu.loraxfer(binary, "convert", "--gguf", path, "--out", converted)
+    assert json.loads((converted / "config.json").read_text())["num_hidden_layers"] == 4
+    outs = {}
+    for name, target in (("with", path), ("without", ggufs["f32"])):
+        outs[name] = tmp_path / f"out-{name}"
+        transfer(binary, base, target, lora, outs[name], "--mode", "rotate", "--rank", "8")
+    assert_same_adapter(outs["with"], outs["without"])
