@@ -143,8 +143,9 @@ pub fn parse_table(text: &str) -> std::result::Result<Arch, String> {
         return Err(format!(
             "table `{}` must hold each of q, k, v, o exactly once (or latent attention's q, o, \
              q_a, q_b, kv_a, kv_b), linear attention's lin_qkv, lin_z, lin_b, lin_a, lin_out \
-             (or lin_qkvz, lin_ba, lin_out) exactly once where it has any, and gate, up, down exactly once in each MLP block \
-             it has (a dense MLP, experts, a shared expert beside experts)",
+             (or lin_qkvz, lin_ba, lin_out) exactly once where it has any, and gate, up, down \
+             exactly once in each MLP block it has (a dense MLP, experts, a shared expert beside \
+             experts)",
             arch.name
         ));
     }

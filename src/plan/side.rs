@@ -111,7 +111,8 @@ impl<'a> ModelSide<'a> {
     /// Whether some of the model's layers have linear attention (Qwen3.5, Qwen3-Next; the others
     /// have softmax attention).
     pub fn hybrid(&self) -> bool {
-        (0..self.layers()).any(|l| self.holds_block(l, Block::LinearAttention))
+        let linear = self.ckpt.config.linear.as_ref();
+        self.arch.has_block(Block::LinearAttention) && linear.is_some_and(|l| !l.layers.is_empty())
     }
 
     /// Whether the model has dense layers among its expert layers.

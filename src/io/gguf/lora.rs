@@ -159,6 +159,8 @@ pub fn write_lora_gguf(
     let base_prefix = table.detect_prefix(base)?;
     let alpha = adapter.config.lora_alpha;
     let cfg = &base.config;
+    // The head layout the converter's row and column reorders follow.
+    let heads = reorder::Heads::from_config(cfg);
     let mut placed: Vec<Placed<'_>> = Vec::with_capacity(adapter.modules.len());
     // A stacked experts tensor's place in `placed`, by its GGUF name.
     let mut stacks = std::collections::HashMap::new();
@@ -195,7 +197,6 @@ pub fn write_lora_gguf(
             });
         }
         // B's rows and A's columns are reordered as the converter reorders the base weight's.
-        let heads = reorder::Heads::from_config(cfg);
         let (rows, columns) = (
             reorder::rows(family, &weight, &heads),
             reorder::columns(family, &weight, &heads),

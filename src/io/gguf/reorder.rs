@@ -35,6 +35,18 @@ impl Heads {
         }
     }
 
+    /// Linear attention's value heads of `dim` from index `start` on, tiled by the converter
+    /// (None without linear attention).
+    fn tiled(&self, start: usize, dim: usize) -> Option<Reorder> {
+        let (key_heads, value_heads, _, _) = self.linear?;
+        Some(Reorder::TiledValueHeads {
+            start,
+            key_heads,
+            per_key: value_heads / key_heads.max(1),
+            dim,
+        })
+    }
+
     /// From a parsed config (a base the LoRA GGUF is written for).
     pub fn from_config(c: &ModelConfig) -> Self {
         Heads {
@@ -111,8 +123,8 @@ impl Reorder {
                     .and_then(|n| n.checked_add(start));
                 (want != Some(len)).then(|| {
                     format!(
-                        "{len} rows or columns, but {} value heads of {dim} after {start} make {}",
-                        key_heads * per_key,
+                        "{len} rows or columns, but {key_heads} key heads of {per_key} value \
+                         heads of {dim} after {start} make {}",
                         want.map_or("more".to_string(), |n| n.to_string())
                     )
                 })
@@ -133,22 +145,16 @@ pub fn rows(f: &Family, hf: &str, h: &Heads) -> Option<Reorder> {
             return Some(Reorder::RotaryHalves { heads: h.kv_heads });
         }
     }
-    let (kh, vh, kd, vd) = h.linear.filter(|_| f.linear_attention)?;
-    let tiled = |start, dim| Reorder::TiledValueHeads {
-        start,
-        key_heads: kh,
-        per_key: vh / kh.max(1),
-        dim,
-    };
+    let (kh, _, kd, vd) = h.linear.filter(|_| f.linear_attention)?;
     if ends(&["linear_attn.in_proj_qkv.weight"]) {
-        Some(tiled(2 * kh * kd, vd))
+        h.tiled(2 * kh * kd, vd)
     } else if ends(&["linear_attn.in_proj_z.weight"]) {
-        Some(tiled(0, vd))
+        h.tiled(0, vd)
     } else if ends(&[
         "linear_attn.in_proj_b.weight",
         "linear_attn.in_proj_a.weight",
     ]) {
-        Some(tiled(0, 1))
+        h.tiled(0, 1)
     } else {
         None
     }
@@ -157,14 +163,9 @@ pub fn rows(f: &Family, hf: &str, h: &Heads) -> Option<Reorder> {
 /// How the converter reordered the columns of `hf`: Qwen3.5's `out_proj`, whose inputs are the
 /// value heads.
 pub fn columns(f: &Family, hf: &str, h: &Heads) -> Option<Reorder> {
-    let (kh, vh, _, vd) = h.linear.filter(|_| f.linear_attention)?;
-    hf.ends_with("linear_attn.out_proj.weight")
-        .then_some(Reorder::TiledValueHeads {
-            start: 0,
-            key_heads: kh,
-            per_key: vh / kh.max(1),
-            dim: vd,
-        })
+    let (_, _, _, vd) = h.linear.filter(|_| f.linear_attention)?;
+    h.tiled(0, vd)
+        .filter(|_| hf.ends_with("linear_attn.out_proj.weight"))
 }
 
 #[cfg(test)]
