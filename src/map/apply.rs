@@ -143,8 +143,21 @@ impl LayerMap {
             for (part, rs, _) in &parts {
                 let (assignment, sizes) = inner(layer, *part, unit)?;
                 let rows = src.b.subrows(rs.start, rs.len());
-                let moved = move_rows(rows, assignment, sizes, &reader_block(layer, *part, sizes));
-                blocks.push(moved * faer::Scale(layer.reader_scale.of(*part)));
+                let gated = [source, target].map(|side| side.ckpt.config.gated_query);
+                let moved = match *part == Part::Q && gated != [false, false] {
+                    true => {
+                        let block = gated_query_block(layer, sizes, gated);
+                        let rows_of = |hd: usize, g: bool| if g { 2 * hd } else { hd };
+                        let units = (rows_of(sizes.0, gated[0]), rows_of(sizes.1, gated[1]));
+                        move_rows(rows, assignment, units, &block)
+                    }
+                    false => {
+                        let block = reader_block(layer, *part, sizes);
+                        move_rows(rows, assignment, sizes, &block)
+                            * faer::Scale(layer.reader_scale.of(*part))
+                    }
+                };
+                blocks.push(moved);
                 sims.extend(assignment.mean_similarity());
                 let (matched, all) = assignment.coverage();
                 units = (units.0 + matched, units.1 + all);
@@ -234,6 +247,37 @@ fn reader_block<'l>(
             }
             None => moved,
         }
+    }
+}
+
+/// How a gated query head's rows move (Qwen3.5: `head_dim` query rows, then as many gate
+/// rows): the query rows as any q rows; the gate rows, which scale the head's output (in its
+/// value coordinates) coordinate by coordinate, as they are, or through the head fit's N of the
+/// head's value rows. A target gate with no gate in the source takes no update; the other way
+/// round is refused before the map is built (`experts::refuse_map`).
+fn gated_query_block<'l>(
+    layer: &'l LayerMap,
+    (hs, ht): (usize, usize),
+    [gated_s, gated_t]: [bool; 2],
+) -> impl Fn(usize, usize, faer::MatRef<'_, f32>) -> Mat<f32> + 'l {
+    let query = reader_block(layer, Part::Q, (hs, ht));
+    let scale = faer::Scale(layer.reader_scale.of(Part::Q));
+    let gate_scale = faer::Scale(layer.reader_scale.of_query_gate());
+    let per_group = layer.q_heads.source_of.len() / layer.kv_heads.source_of.len().max(1);
+    move |u, src, rows| {
+        let mut out = Mat::<f32>::zeros(if gated_t { 2 * ht } else { ht }, rows.ncols());
+        out.subrows_mut(0, ht)
+            .copy_from(&(query(u, src, rows.subrows(0, hs)) * scale));
+        if gated_s && gated_t {
+            let gate = rows.subrows(hs, hs);
+            let n_v = layer.head_fit.as_ref().map(|f| &f.v[u / per_group.max(1)]);
+            let moved = match n_v {
+                Some(n) => n.as_ref().expect("matched head's group") * gate,
+                None => same_rows(ht)(gate),
+            };
+            out.subrows_mut(ht, ht).copy_from(&(moved * gate_scale));
+        }
+        out
     }
 }
 

@@ -5,7 +5,9 @@
 //! A layer's signature is what it reads and writes, in sketched target coordinates (through the
 //! shared-token residual map for the source): four K × K Gram matrices — of its attention
 //! inputs (q, k and v rows), its MLP inputs (gate and up rows, norm gains folded in), and of the
-//! columns o and down write — each with its isotropic part removed and scaled to unit size.
+//! columns o and down write — each with its isotropic part removed and scaled to unit size (a
+//! layer with linear attention instead, Qwen3.5's, has only the MLP's two: layers compare on the
+//! parts both have).
 //! Grams do not depend on the coordinates inside heads or on the order of neurons, so no
 //! matching is needed to compare any two layers. Rows and columns are sampled evenly (at most
 //! [`SAMPLED`] per weight): a Gram of a few hundred of them is already a stable estimate.
@@ -22,7 +24,7 @@ use faer::Mat;
 
 use super::layer::{Side, Sketch};
 use super::ResidualMap;
-use crate::arch::Part;
+use crate::arch::{Block, Part};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::plan::ModelSide;
@@ -36,6 +38,10 @@ pub const SAMPLED: usize = 512;
 /// from where the linear map puts it (linear in the distance).
 pub const LINEAR_PRIOR: f32 = 0.05;
 
+/// The cost of pairing a layer of linear attention with one of softmax attention, where both
+/// models mix them: more than the largest similarity (1).
+const KIND_COST: f32 = 2.0;
+
 /// The chosen depth map and the similarities it was chosen on.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DepthMap {
@@ -48,8 +54,9 @@ pub struct DepthMap {
     pub linear_score: f64,
 }
 
-/// A layer's four normalized Gram matrices.
-struct Signature([Mat<f32>; 4]);
+/// A layer's four normalized Gram matrices: attention reads, MLP reads, o's and down's writes
+/// (the attention's None in a layer with linear attention instead, Qwen3.5's).
+struct Signature([Option<Mat<f32>>; 4]);
 
 /// `n` evenly spaced indices of `0..len`.
 fn spaced(len: usize, n: usize) -> Vec<usize> {
@@ -111,11 +118,19 @@ fn signature(
         let y = backend.product(c.as_ref(), write_x.as_ref())?;
         Ok(y.transpose() * &y)
     };
+    let attention = model.holds_block(side.layer, Block::Attention);
+    let attention_reads = match attention {
+        true => Some(normalized(reads(&[Part::Q, Part::K, Part::V], &g_attn)?)),
+        false => None,
+    };
     Ok(Signature([
-        normalized(reads(&[Part::Q, Part::K, Part::V], &g_attn)?),
-        normalized(reads(&[Part::Gate, Part::Up], &g_mlp)?),
-        normalized(writes(Part::O)?),
-        normalized(writes(Part::Down)?),
+        attention_reads,
+        Some(normalized(reads(&[Part::Gate, Part::Up], &g_mlp)?)),
+        attention
+            .then(|| writes(Part::O))
+            .transpose()?
+            .map(normalized),
+        Some(normalized(writes(Part::Down)?)),
     ]))
 }
 
@@ -167,7 +182,13 @@ fn similarity(a: &Signature, b: &Signature) -> f32 {
         }
         s
     };
-    a.0.iter().zip(&b.0).map(|(x, y)| dot(x, y)).sum::<f32>() / 4.0
+    // Over the parts both layers have: the MLP's alone against a layer with linear attention.
+    let both: Vec<f32> =
+        a.0.iter()
+            .zip(&b.0)
+            .filter_map(|(x, y)| Some(dot(x.as_ref()?, y.as_ref()?)))
+            .collect();
+    both.iter().sum::<f32>() / both.len().max(1) as f32
 }
 
 /// The depth map of target layers onto source layers by the similarity of their weights,
@@ -228,7 +249,11 @@ pub fn by_similarity(
                 .collect()
         })
         .collect();
-    let chosen = monotone(&scored);
+    let linear_at = |side: &ModelSide<'_>, l: usize| side.holds_block(l, Block::LinearAttention);
+    let chosen = match source.hybrid() && target.hybrid() {
+        true => by_kind(scored, &|i| linear_at(source, i), &|j| linear_at(target, j)),
+        false => monotone(&scored),
+    };
     let score = |f: &dyn Fn(usize) -> usize| -> f64 {
         (0..st.len()).map(|j| sim[j][f(j)] as f64).sum::<f64>() / st.len().max(1) as f64
     };
@@ -238,6 +263,31 @@ pub fn by_similarity(
         map: chosen.into_iter().enumerate().collect(),
         similarity: sim,
     })
+}
+
+/// The program's map where both models mix linear and softmax attention (`kind`: whether a
+/// layer has linear attention): a layer of the other kind costs more than any similarity gains,
+/// and where the monotone program cannot avoid one, the kinds are paired as the default map
+/// pairs them (`layers::pair_kinds`).
+fn by_kind(
+    scored: Vec<Vec<f32>>,
+    source_kind: &dyn Fn(usize) -> bool,
+    target_kind: &dyn Fn(usize) -> bool,
+) -> Vec<usize> {
+    let source_layers = scored.first().map_or(0, Vec::len);
+    let scored: Vec<Vec<f32>> = (scored.into_iter().enumerate())
+        .map(|(j, row)| {
+            (row.into_iter().enumerate())
+                .map(|(i, x)| match source_kind(i) == target_kind(j) {
+                    true => x,
+                    false => x - KIND_COST,
+                })
+                .collect()
+        })
+        .collect();
+    let mut map: BTreeMap<usize, usize> = monotone(&scored).into_iter().enumerate().collect();
+    crate::plan::layers::pair_kinds(&mut map, source_layers, source_kind, target_kind);
+    map.into_values().collect()
 }
 
 /// The non-decreasing map j → f(j) with f(0) = 0 and f(last) = last that maximizes
@@ -297,6 +347,36 @@ mod tests {
             let got = sampled_columns(&read, rows.clone(), n, &picked, band).unwrap();
             assert!(got == whole, "band {band}");
         }
+    }
+
+    /// Qwen3.5's pattern (softmax attention in every fourth layer), 8 target layers on 12
+    /// source layers whose similarities favour layers of the other kind: every pair has one kind.
+    #[test]
+    fn layers_of_one_attention_kind_pair_whatever_the_similarity() {
+        let linear = |l: usize| (l + 1) % 4 != 0;
+        let seed = crate::linalg::fresh_seed();
+        let sim: Vec<Vec<f32>> = (0..8)
+            .map(|j| {
+                (0..12)
+                    .map(|i| {
+                        let noise = crate::linalg::philox::gaussian4(seed, 5, j, i)[0] * 0.1;
+                        let kinds = if linear(i as usize) == linear(j as usize) {
+                            0.0
+                        } else {
+                            0.8
+                        };
+                        noise + kinds
+                    })
+                    .collect()
+            })
+            .collect();
+        let map = by_kind(sim, &linear, &linear);
+        assert_eq!(map.len(), 8);
+        assert!(
+            map.iter().enumerate().all(|(j, &i)| linear(i) == linear(j)),
+            "{map:?}"
+        );
+        assert!(map.windows(2).all(|w| w[0] <= w[1]), "{map:?}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use faer::Mat;
 use rayon::prelude::*;
 
-use super::layer::{reading, Gains, Sketch, SourceView, Weights};
+use super::layer::{reading, Attention, Gains, Sketch, SourceView};
 use super::matching::{assign, Assignment};
 use super::reader_scale::unit_sizes;
 use super::sketch::SignSketch;
@@ -57,13 +57,14 @@ struct Sketched {
 impl Sketched {
     /// The source's: through the map's view of the sketch (products).
     fn source(
-        w: &Weights<'_>,
+        w: &Attention<'_>,
         attn: &[f32],
         (read_x, write_x): (&Mat<f32>, &Mat<f32>),
         backend: &dyn Backend,
+        c: &ModelConfig,
     ) -> Result<Self> {
         Ok(Sketched {
-            q: reading(&w.q, attn, read_x.as_ref(), backend)?,
+            q: query_rows(reading(&w.q, attn, read_x.as_ref(), backend)?, c),
             k: reading(&w.k, attn, read_x.as_ref(), backend)?,
             v: reading(&w.v, attn, read_x.as_ref(), backend)?,
             o: backend.stored_product(&w.o, write_x.as_ref(), true)?,
@@ -71,14 +72,28 @@ impl Sketched {
     }
 
     /// The target's: its own weights through the sign sketch (one pass over each).
-    fn target(w: &Weights<'_>, attn: &[f32], sketch: &SignSketch) -> Self {
+    fn target(w: &Attention<'_>, attn: &[f32], sketch: &SignSketch, c: &ModelConfig) -> Self {
         Sketched {
-            q: sketch.rows(&w.q, attn),
+            q: query_rows(sketch.rows(&w.q, attn), c),
             k: sketch.rows(&w.k, attn),
             v: sketch.rows(&w.v, attn),
             o: sketch.columns(&w.o),
         }
     }
+}
+
+/// The query rows of q's (sketched) rows: all of them, or of a gated query (Qwen3.5) the first
+/// `head_dim` of each head's `2·head_dim`. The gate rows scale the head's output coordinate by
+/// coordinate and form no circuit with k: the heads are matched on their query rows, and the
+/// gate rows move with them (`apply`).
+fn query_rows(q: Mat<f32>, c: &ModelConfig) -> Mat<f32> {
+    if !c.gated_query {
+        return q;
+    }
+    let hd = c.head_dim;
+    Mat::from_fn(q.nrows() / 2, q.ncols(), |i, j| {
+        q[((i / hd) * 2 * hd + i % hd, j)]
+    })
 }
 
 impl Heads {
@@ -107,7 +122,7 @@ impl Heads {
 
 impl HeadViews {
     pub(crate) fn new(
-        (ws, wt): (&Weights<'_>, &Weights<'_>),
+        (ws, wt): (&Attention<'_>, &Attention<'_>),
         gains: &Gains,
         view: &SourceView,
         sketch: &Sketch,
@@ -118,8 +133,9 @@ impl HeadViews {
             &gains.attn.0,
             (&view.read, &view.write_attn),
             sketch.backend,
+            cs,
         )?;
-        let target = Sketched::target(wt, &gains.attn.1, &sketch.heads);
+        let target = Sketched::target(wt, &gains.attn.1, &sketch.heads, ct);
         let sizes =
             |x: &Sketched, hd: usize| [&x.q, &x.k, &x.v].map(|m| unit_sizes(m.as_ref(), hd));
         let [qs, ks, vs] = sizes(&source, cs.head_dim);

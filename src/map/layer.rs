@@ -24,7 +24,7 @@ use super::refine;
 use super::sketch::SignSketch;
 pub use super::sketch::{Sketch, NEURON_SKETCH, SKETCH};
 use super::{read_gain, InnerMatch, MapOptions, ResidualFit, ResidualMap};
-use crate::arch::{ModuleSpec, Part};
+use crate::arch::{Block, ModuleSpec, Part};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::linalg::stored::Stored;
@@ -114,17 +114,23 @@ impl SourceView {
     }
 }
 
-/// A layer's seven projection weights, as stored (only a fused tensor's part rows): borrowed
-/// from the memory-mapped checkpoint, never copied to f32 whole (a GGUF's quantized tensors come
-/// dequantized).
+/// A layer's projection weights, as stored (only a fused tensor's part rows): borrowed from the
+/// memory-mapped checkpoint, never copied to f32 whole (a GGUF's quantized tensors come
+/// dequantized). A layer with linear attention instead (Qwen3.5) has no softmax attention.
 pub(crate) struct Weights<'a> {
+    pub attention: Option<Attention<'a>>,
+    pub gate: Stored<'a>,
+    pub up: Stored<'a>,
+    pub down: Stored<'a>,
+}
+
+/// A layer's softmax attention weights; `q` whole, with the gate rows of a gated query
+/// (`ModelConfig::gated_query`: each head's query rows, then as many rows gating its output).
+pub(crate) struct Attention<'a> {
     pub q: Stored<'a>,
     pub k: Stored<'a>,
     pub v: Stored<'a>,
     pub o: Stored<'a>,
-    pub gate: Stored<'a>,
-    pub up: Stored<'a>,
-    pub down: Stored<'a>,
 }
 
 /// The gains a layer applies (effective: offset added), source then target; ones where a side
@@ -214,11 +220,17 @@ impl<'a> Side<'_, 'a> {
 
     fn weights(&self, as_read: bool) -> Result<Weights<'a>> {
         let weight = |part| self.weight(part, as_read);
+        let attention = match self.model.holds_block(self.layer, Block::Attention) {
+            true => Some(Attention {
+                q: weight(Part::Q)?,
+                k: weight(Part::K)?,
+                v: weight(Part::V)?,
+                o: weight(Part::O)?,
+            }),
+            false => None,
+        };
         Ok(Weights {
-            q: weight(Part::Q)?,
-            k: weight(Part::K)?,
-            v: weight(Part::V)?,
-            o: weight(Part::O)?,
+            attention,
             gate: weight(Part::Gate)?,
             up: weight(Part::Up)?,
             down: weight(Part::Down)?,
@@ -272,7 +284,11 @@ impl Gains {
                 } else {
                     c.num_attention_heads
                 };
+                // A layer with linear attention instead has no query or key norms (none of
+                // its q or k rows are read).
+                let softmax = side.model.holds_block(side.layer, Block::Attention);
                 let norms = side.model.arch.residual.head_norms.as_ref();
+                let norms = norms.filter(|_| softmax);
                 match norms {
                     Some(h) if h.across_heads => side.gain(Some(pick(h)), n * c.head_dim, fold),
                     _ => Ok(side.gain(norms.map(pick), c.head_dim, fold)?.repeat(n)),
@@ -344,10 +360,13 @@ fn writer_maps(
                 ..unit
             })
         };
-    Ok((
-        one(&|n| n.attn.clone(), &ws.o, &wt.o)?,
-        one(&|n| n.mlp.clone(), &ws.down, &wt.down)?,
-    ))
+    // Where either layer has no softmax attention, no o update passes through this layer's
+    // attention writer.
+    let attention = match (&ws.attention, &wt.attention) {
+        (Some(a_s), Some(a_t)) => one(&|n| n.attn.clone(), &a_s.o, &a_t.o)?,
+        _ => WriterMap::plain(s, t),
+    };
+    Ok((attention, one(&|n| n.mlp.clone(), &ws.down, &wt.down)?))
 }
 
 impl LayerMap {
@@ -453,23 +472,28 @@ impl LayerMap {
                 }
             }
         }
-        let (q_heads, kv_heads, head_fit, head_sizes) =
-            timed(&mut times, "heads", || -> Result<_> {
-                let views = heads::HeadViews::new((&ws, &wt), &gains, &view, sketch, (cs, ct))?;
+        // Heads are matched where both layers have softmax attention; against a layer with
+        // linear attention (a hybrid model's), the layer's map carries the MLP alone.
+        let (q_heads, kv_heads, head_fit, head_sizes) = match (&ws.attention, &wt.attention) {
+            (Some(a_s), Some(a_t)) => timed(&mut times, "heads", || -> Result<_> {
+                let views = heads::HeadViews::new((a_s, a_t), &gains, &view, sketch, (cs, ct))?;
                 let (q_heads, kv_heads) = heads::match_heads(&views)?;
                 let head_fit = (options.inner == InnerMatch::Fit || head_dim.0 != head_dim.1)
                     .then(|| HeadFit::fit(&views, &q_heads, &kv_heads));
-                Ok((q_heads, kv_heads, head_fit, views.sizes))
-            })?;
+                Ok((q_heads, kv_heads, head_fit, Some(views.sizes)))
+            })?,
+            _ => (Assignment::none(), Assignment::none(), None, None),
+        };
         let raw = [source, target].map(|side| reads_raw(&side.arch.residual));
-        let [q, k, v] = head_sizes;
-        let heads = [(q, &q_heads), (k, &kv_heads), (v, &kv_heads)]
-            .map(|((s, t), a)| matched_ratio(&s, &t, a));
+        let heads = head_sizes.map(|[q, k, v]| {
+            [(q, &q_heads), (k, &kv_heads), (v, &kv_heads)]
+                .map(|((s, t), a)| matched_ratio(&s, &t, a))
+        });
         let mlp =
             [0, 1].map(|p| matched_ratio(&neuron_sizes[p], &target_neurons.sizes[p], &neurons));
         let reader_scale = ReaderScale::new(
             (raw[0].0 || raw[1].0, raw[0].1 || raw[1].1),
-            Some(heads).filter(|_| head_fit.is_none()),
+            heads.filter(|_| head_fit.is_none()),
             Some(mlp),
         )
         .with_score(score_ratio(source, target, head_fit.is_some()));

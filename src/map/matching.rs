@@ -32,6 +32,14 @@ impl Assignment {
         }
     }
 
+    /// No units: a layer without softmax attention's heads.
+    pub fn none() -> Self {
+        Assignment {
+            source_of: Vec::new(),
+            similarity: Vec::new(),
+        }
+    }
+
     /// The mean similarity of the matched units (None when nothing is matched or measured).
     pub fn mean_similarity(&self) -> Option<f64> {
         let v: Vec<f64> = self

@@ -106,12 +106,8 @@ mod tests {
         let noisy = |m: Mat<f32>, stream| &m + g(m.nrows(), m.ncols(), stream);
         let rows_of = |m: &Mat<f32>| Mat::from_fn(inter, d, |i, j| m[(perm[i], j)]);
         let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::Bf16);
-        let empty = stored(&Mat::zeros(0, 0));
         let weights = |gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>| Weights {
-            q: empty.clone(),
-            k: empty.clone(),
-            v: empty.clone(),
-            o: empty.clone(),
+            attention: None,
             gate: stored(gate),
             up: stored(up),
             down: stored(down),

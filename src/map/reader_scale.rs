@@ -84,6 +84,12 @@ impl ReaderScale {
         (kappa * score) as f32
     }
 
+    /// The factor of a gated query's gate rows (Qwen3.5): q's κ, which they read the residual
+    /// under too, without the scores' factor, which is the query rows' alone.
+    pub fn of_query_gate(&self) -> f32 {
+        self.kappa[0].unwrap_or(1.0) as f32
+    }
+
     /// For the report: κ of `[q, k, v, gate, up]`, or None where no part is rescaled.
     pub fn report(&self) -> Option<[Option<f64>; 5]> {
         self.kappa.iter().any(Option::is_some).then_some(self.kappa)

@@ -287,15 +287,11 @@ mod tests {
         gaussian_matrix(5, stream, rows, cols)
     }
 
-    /// MLP weights (gate, up: inter × d; down: d × inter); attention left empty.
+    /// MLP weights (gate, up: inter × d; down: d × inter); no attention.
     fn weights(gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>) -> Weights<'static> {
         let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::F32);
-        let empty = stored(&Mat::zeros(0, 0));
         Weights {
-            q: empty.clone(),
-            k: empty.clone(),
-            v: empty.clone(),
-            o: empty,
+            attention: None,
             gate: stored(gate),
             up: stored(up),
             down: stored(down),

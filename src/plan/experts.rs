@@ -13,15 +13,15 @@
 //!
 //! Reading the routers (experts × hidden per layer) is the only weight data the plan touches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::arch::{Block, Part};
+use crate::arch::{Block, ModuleSpec, Part};
 use crate::error::{Error, Result};
 use crate::modes::Mode;
 
-use super::ModelSide;
+use super::{ModelSide, Options, SourceModule};
 
 /// Whether two models' routers live in one space, so that their experts can be matched: the
 /// same hidden size.
@@ -233,31 +233,20 @@ pub fn name_fused_experts(
     Ok(())
 }
 
-/// The side whose layers mix linear and softmax attention (Qwen3.5), if either's do.
-pub fn side_with_linear_attention<'s, 'a>(
-    source: &'s ModelSide<'a>,
-    target: &'s ModelSide<'a>,
-) -> Option<&'s ModelSide<'a>> {
-    [source, target].into_iter().find(|s| s.hybrid())
-}
-
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth
-/// similarity), which a mixture-of-experts layer does not have, and matches the heads of q, k and
-/// v in every layer, which latent attention and linear attention do not have.
-pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) -> Result<()> {
+/// similarity), which a mixture-of-experts layer does not have, and matches softmax attention
+/// heads, which latent attention does not have. Hybrid models (Qwen3.5) are mapped: their MLPs in
+/// every layer, their softmax attention where both layers have it; linear attention's own
+/// projections are not, nor is a gated query's gate (Qwen3.5's `q_proj`) onto a query without one,
+/// so an adapter with such updates selected is refused here, before any map is built.
+pub fn refuse_map(
+    mode: Mode,
+    (source, target): (&ModelSide<'_>, &ModelSide<'_>),
+    adapter: &BTreeMap<String, SourceModule>,
+    options: &Options,
+) -> Result<()> {
     if mode != Mode::Map {
         return Ok(());
-    }
-    if let Some(side) = side_with_linear_attention(source, target) {
-        return Err(Error::arg(
-            "--mode",
-            format!(
-                "map matches the heads of q, k and v in every layer, and {} ({}) has linear \
-                 attention in some; use rotate where the shapes agree, or align",
-                side.ckpt.dir.display(),
-                side.arch.name
-            ),
-        ));
     }
     if let Some(side) = [source, target]
         .into_iter()
@@ -273,6 +262,9 @@ pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) ->
             ),
         ));
     }
+    if let Some(why) = unmapped_update(source, target, adapter, options)? {
+        return Err(Error::arg("--mode", why));
+    }
     match side_with_experts(source, target) {
         None => Ok(()),
         Some(side) => Err(Error::arg(
@@ -286,4 +278,59 @@ pub fn refuse_map(mode: Mode, source: &ModelSide<'_>, target: &ModelSide<'_>) ->
             ),
         )),
     }
+}
+
+/// Why the map mode cannot take the adapter's updates as `--modules` selects them: linear
+/// attention's projections (Qwen3.5's `linear_attn.*`), or a gated query's (Qwen3.5's `q_proj`,
+/// whose gate rows have no counterpart) onto a query without a gate. None where it can.
+pub fn unmapped_update(
+    source: &ModelSide<'_>,
+    target: &ModelSide<'_>,
+    adapter: &BTreeMap<String, SourceModule>,
+    options: &Options,
+) -> Result<Option<String>> {
+    let filter = super::module_filter(options, source.arch, target.arch)?;
+    let gate_lost = source.ckpt.config.gated_query && !target.ckpt.config.gated_query;
+    let selected: Vec<&ModuleSpec> = adapter
+        .keys()
+        .filter_map(|name| source.parse_module_name(name))
+        .map(|(_, _, spec)| spec)
+        .filter(|spec| filter(&spec.name, &spec.name, &spec.name))
+        .collect();
+    let others = |leave: &dyn Fn(&ModuleSpec) -> bool| -> String {
+        let kept: BTreeSet<&str> = selected
+            .iter()
+            .filter(|spec| !leave(spec))
+            .map(|spec| spec.name.as_str())
+            .collect();
+        match kept.is_empty() {
+            true => String::new(),
+            false => format!(
+                "; leave it out with --modules {}",
+                kept.into_iter().collect::<Vec<_>>().join(",")
+            ),
+        }
+    };
+    let linear = |spec: &ModuleSpec| spec.block() == Block::LinearAttention;
+    if let Some(spec) = selected.iter().find(|spec| linear(spec)) {
+        return Ok(Some(format!(
+            "map matches softmax attention heads and MLP neurons, not linear attention's \
+             (the adapter's `{}` in {}); use align{}",
+            spec.name,
+            source.ckpt.dir.display(),
+            others(&linear)
+        )));
+    }
+    let gated = |spec: &ModuleSpec| gate_lost && spec.parts.contains(&Part::Q);
+    if let Some(spec) = selected.iter().find(|spec| gated(spec)) {
+        return Ok(Some(format!(
+            "the adapter's `{}` also updates the gate of each head's output in {}, which {} \
+             does not have; use align{}",
+            spec.name,
+            source.ckpt.dir.display(),
+            target.ckpt.dir.display(),
+            others(&gated)
+        )));
+    }
+    Ok(None)
 }

@@ -293,7 +293,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     } else {
         None
     };
-    plan::experts::refuse_map(options.mode, &s, &t)?;
+    plan::experts::refuse_map(options.mode, (&s, &t), &adapter_modules, &options)?;
     timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
     let mut map_start = None;
     if options.mode == Mode::Map {

@@ -339,6 +339,20 @@ def logits(model) -> np.ndarray:
     return model(input_ids=INPUT_IDS).logits.float().numpy().astype(np.float64)
 
 
+def assert_mapped_exactly(source: Path, adapter: Path, target: Path, mapped: Path, tau: np.ndarray):
+    """The adapter changes the source's logits, and the mapped adapter changes the target's (its
+    token ids `tau` of the source's) the same way, to 1e-4."""
+    ids = INPUT_IDS
+    with torch.no_grad():
+        want = load_peft_strict(load_model(source), adapter)(input_ids=ids).logits.double().numpy()
+        base = load_model(source)(input_ids=ids).logits.double().numpy()
+        got_model = load_peft_strict(load_model(target), mapped)
+        got = got_model(input_ids=torch.from_numpy(tau[ids.numpy()])).logits.double().numpy()
+    got = got[..., tau]  # back to the source's vocabulary order
+    assert max_rel_diff(base, want) > 1e-2
+    assert max_rel_diff(got, want) < 1e-4, max_rel_diff(got, want)
+
+
 def max_rel_diff(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| over max |want|."""
     return float(np.abs(got - want).max() / np.abs(want).max())

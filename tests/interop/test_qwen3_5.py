@@ -143,7 +143,8 @@ def test_a_deeper_model_takes_each_layer_from_one_of_its_kind(qwen35, binary, tm
     """Onto a deeper Qwen3.5 (8 layers, a text-only checkpoint): each target layer takes a source
     layer of its own attention kind, so every target layer gets its kind's modules (auto picks
     align: map does not take linear attention); PEFT loads the output strictly. Pairing a softmax
-    layer with a linear one by hand is refused, naming the linear attention; map is refused."""
+    layer with a linear one by hand is refused, naming the linear attention; so is map, for the
+    linear attention's updates."""
     root, base, _, lora = qwen35
     deeper = iu.save_model(build(8, 52), root / "deeper")
     out = tmp_path / "out"
@@ -299,3 +300,57 @@ def test_moe_lora_copies_and_rotates_in_both_forms(hybrid_moe, family, binary, t
     assert iu.max_rel_diff(want, iu.logits(iu.load_model(release))) > MIN_CHANGE
     got = iu.logits(iu.load_peft_strict(iu.load_model(release), fused, allow=FUSED_PATTERN_NOTES))
     assert iu.max_rel_diff(got, want) < 1e-4
+
+
+def test_map_onto_a_twin_moves_each_gated_query_head_whole(binary, tmp_path):
+    """The map mode, judged by transformers + PEFT: a Qwen3.5 twin (query heads permuted within
+    their KV groups, the groups permuted, MLP neurons permuted, token ids shuffled) computes with
+    the mapped adapter what the source computes with PEFT's LoRA on its softmax attention and
+    MLPs: each head's query and gate rows move together, as transformers splits them."""
+    from peft import LoraConfig
+
+    vocab, hd, per = TEXT["vocab_size"], TEXT["head_dim"], 2
+    rng = np.random.default_rng(11)
+    groups = rng.permutation(TEXT["num_key_value_heads"])
+    q_heads = [groups[u // per] * per + w for u in range(0, 4, per) for w in rng.permutation(per)]
+    neurons = rng.permutation(TEXT["intermediate_size"])
+    tau = rng.permutation(vocab)
+
+    def write_vocab(directory, id_of):
+        doc = {"model": {"type": "WordLevel", "vocab": {f"w{i}": int(id_of[i]) for i in range(vocab)},
+                         "unk_token": "w0"}}
+        (directory / "tokenizer.json").write_text(json.dumps(doc))
+
+    def units(w, order, size):
+        return torch.cat([w[i * size:(i + 1) * size] for i in order])
+
+    model = build(4, 54)
+    source = iu.save_model(model, tmp_path / "source")
+    write_vocab(source, np.arange(vocab))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for l in range(4):
+        at = f"model.layers.{l}."
+        if full(l):
+            state[at + "self_attn.q_proj.weight"] = units(state[at + "self_attn.q_proj.weight"], q_heads, 2 * hd)
+            for m in ["k_proj", "v_proj"]:
+                state[at + f"self_attn.{m}.weight"] = units(state[at + f"self_attn.{m}.weight"], groups, hd)
+            state[at + "self_attn.o_proj.weight"] = units(state[at + "self_attn.o_proj.weight"].T, q_heads, hd).T
+        for m in ["gate_proj", "up_proj"]:
+            state[at + f"mlp.{m}.weight"] = units(state[at + f"mlp.{m}.weight"], neurons, 1)
+        state[at + "mlp.down_proj.weight"] = units(state[at + "mlp.down_proj.weight"].T, neurons, 1).T
+    for name in ["model.embed_tokens.weight", "lm_head.weight"]:
+        shuffled = torch.empty_like(state[name])
+        shuffled[torch.from_numpy(tau)] = state[name]
+        state[name] = shuffled
+    twin = build(4, 54)
+    twin.load_state_dict(state)
+    target = iu.save_model(twin, tmp_path / "target")
+    write_vocab(target, tau)
+
+    adapter = tmp_path / "adapter"
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=SOFTMAX + MLP)
+    iu.random_peft(iu.load_model(source), config, 23, 0.05).save_pretrained(str(adapter))
+    mapped = tmp_path / "mapped"
+    report = transfer(binary, source, target, adapter, mapped, "--mode", "map", "--device", "cpu")
+    assert [len(layer["q_heads"]) for layer in report["map"]["layers"]] == [0, 0, 0, 4]
+    iu.assert_mapped_exactly(source, adapter, target, mapped, tau)
