@@ -77,12 +77,47 @@ fn parts_of(
         .collect()
 }
 
+impl LayerMap {
+    /// A linear attention module's factors (Qwen3.5's split projections): its reading parts'
+    /// A as any attention reader's, B's rows head by head; `out_proj`'s B through the
+    /// attention's writer map, A's columns head by head.
+    fn apply_linear(
+        &self,
+        part: Part,
+        src: &Factors,
+        source: &ModelSide<'_>,
+        unit: &Unit,
+    ) -> Result<Mapped> {
+        let (Some(linear), Some(config)) = (&self.linear, &source.ckpt.config.linear) else {
+            return Err(Error::internal(format!(
+                "map: {} of target layer {} without both layers' linear attention heads",
+                unit.label, self.target_layer
+            )));
+        };
+        let factors = match part {
+            Part::LinOut => Factors {
+                b: self.writers.0.write(&self.residual, src.b.as_ref()),
+                a: linear.move_columns(src.a.as_ref()),
+            },
+            _ => Factors {
+                b: linear.move_rows(part, src.b.as_ref(), config),
+                a: read_side(self, src, &self.gains.attn),
+            },
+        };
+        Ok(Mapped {
+            factors,
+            matched_similarity: linear.value_heads.mean_similarity(),
+            matched_units: MatchedUnits::of(part, linear.value_heads.coverage()),
+        })
+    }
+}
+
 /// How one matched unit's rows move: `(target unit, source unit, the source unit's rows)`.
 type UnitBlock<'f> = dyn Fn(usize, usize, faer::MatRef<'_, f32>) -> Mat<f32> + 'f;
 
 /// Rows of `b` moved unit by unit: target unit u (of `size_t` rows) takes `block(u, src, rows)`
 /// of the rows of its source unit src (of `size_s` rows); unmatched units get zeros.
-fn move_rows(
+pub(super) fn move_rows(
     b: faer::MatRef<'_, f32>,
     assignment: &Assignment,
     (size_s, size_t): (usize, usize),
@@ -129,6 +164,9 @@ impl LayerMap {
         }
         let layer = self;
         let parts = parts_of(unit, source, target);
+        if parts[0].0.linear() {
+            return self.apply_linear(parts[0].0, src, source, unit);
+        }
         let reads = parts[0].0 != Part::O && parts[0].0 != Part::Down;
         if reads {
             let gains = if matches!(parts[0].0, Part::Gate | Part::Up) {
@@ -144,6 +182,13 @@ impl LayerMap {
                 let (assignment, sizes) = inner(layer, *part, unit)?;
                 let rows = src.b.subrows(rs.start, rs.len());
                 let gated = [source, target].map(|side| side.ckpt.config.gated_query);
+                if *part == Part::Q && gated == [true, false] {
+                    return Err(Error::internal(format!(
+                        "map: {} of target layer {} would drop the source's query gate \
+                         (`experts::unmapped_update` refuses it)",
+                        unit.label, self.target_layer
+                    )));
+                }
                 let moved = match *part == Part::Q && gated != [false, false] {
                     true => {
                         let block = gated_query_block(layer, sizes, gated);
@@ -252,9 +297,10 @@ fn reader_block<'l>(
 
 /// How a gated query head's rows move (Qwen3.5: `head_dim` query rows, then as many gate
 /// rows): the query rows as any q rows; the gate rows, which scale the head's output (in its
-/// value coordinates) coordinate by coordinate, as they are, or through the head fit's N of the
-/// head's value rows. A target gate with no gate in the source takes no update; the other way
-/// round is refused before the map is built (`experts::refuse_map`).
+/// value coordinates) coordinate by coordinate, as they are, or under a head fit through
+/// [`gate_weights`] of the N of the head's value rows. A target gate with no gate in the source
+/// takes no update; the other way round is refused before the map is built
+/// (`experts::refuse_map`).
 fn gated_query_block<'l>(
     layer: &'l LayerMap,
     (hs, ht): (usize, usize),
@@ -272,13 +318,28 @@ fn gated_query_block<'l>(
             let gate = rows.subrows(hs, hs);
             let n_v = layer.head_fit.as_ref().map(|f| &f.v[u / per_group.max(1)]);
             let moved = match n_v {
-                Some(n) => n.as_ref().expect("matched head's group") * gate,
+                Some(n) => gate_weights(n.as_ref().expect("matched head's group")) * gate,
                 None => same_rows(ht)(gate),
             };
             out.subrows_mut(ht, ht).copy_from(&(moved * gate_scale));
         }
         out
     }
+}
+
+/// How a gate's source coordinates blend into each target coordinate under a value map N
+/// (`hd_t × hd_s`): `W[c, i] = N[c, i]² / Σ_i' N[c, i']²`. A gate scales a value coordinate
+/// whatever its sign or size (o's column takes the rest), so a coordinate flipped or rescaled by
+/// N keeps its gate: exact for a signed, scaled permutation, a convex blend otherwise.
+fn gate_weights(n: &Mat<f32>) -> Mat<f32> {
+    Mat::from_fn(n.nrows(), n.ncols(), |c, i| {
+        let row: f32 = (0..n.ncols()).map(|k| n[(c, k)].powi(2)).sum();
+        if row > 0.0 {
+            n[(c, i)].powi(2) / row
+        } else {
+            0.0
+        }
+    })
 }
 
 /// `A_s diag(g_s) P diag(g_t)⁻¹` (the inverse guarded: `gains::inverse_gains`).
@@ -316,14 +377,11 @@ fn inner<'l>(
         Part::Q | Part::O => heads(&layer.q_heads),
         Part::K | Part::V => heads(&layer.kv_heads),
         Part::Gate | Part::Up | Part::Down => Ok((&layer.neurons, (1, 1))),
-        // Latent and linear attention's own projections (`experts::refuse_map` stops them first).
-        other => Err(Error::arg(
+        // Latent attention's projections (`experts::refuse_map` stops them first; linear
+        // attention's go through `apply_linear`).
+        _ => Err(Error::arg(
             "--mode",
-            format!(
-                "map does not take {} attention ({})",
-                if other.latent() { "latent" } else { "linear" },
-                unit.label
-            ),
+            format!("map does not take latent attention ({})", unit.label),
         )),
     }
 }

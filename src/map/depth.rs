@@ -6,8 +6,8 @@
 //! shared-token residual map for the source): four K × K Gram matrices — of its attention
 //! inputs (q, k and v rows), its MLP inputs (gate and up rows, norm gains folded in), and of the
 //! columns o and down write — each with its isotropic part removed and scaled to unit size (a
-//! layer with linear attention instead, Qwen3.5's, has only the MLP's two: layers compare on the
-//! parts both have).
+//! layer with linear attention instead, Qwen3.5's, has its reads and out_proj's writes in their
+//! place: layers compare on the parts both have).
 //! Grams do not depend on the coordinates inside heads or on the order of neurons, so no
 //! matching is needed to compare any two layers. Rows and columns are sampled evenly (at most
 //! [`SAMPLED`] per weight): a Gram of a few hundred of them is already a stable estimate.
@@ -39,8 +39,9 @@ pub const SAMPLED: usize = 512;
 pub const LINEAR_PRIOR: f32 = 0.05;
 
 /// The cost of pairing a layer of linear attention with one of softmax attention, where both
-/// models mix them: more than the largest similarity (1).
-const KIND_COST: f32 = 2.0;
+/// models mix them: more than the range of the scores (similarities in [−1, 1], less the linear
+/// prior's 0.05 at most).
+const KIND_COST: f32 = 4.0;
 
 /// The chosen depth map and the similarities it was chosen on.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,9 +55,12 @@ pub struct DepthMap {
     pub linear_score: f64,
 }
 
-/// A layer's four normalized Gram matrices: attention reads, MLP reads, o's and down's writes
-/// (the attention's None in a layer with linear attention instead, Qwen3.5's).
-struct Signature([Option<Mat<f32>>; 4]);
+/// A layer's normalized Gram matrices: softmax attention's reads, MLP reads, o's and down's
+/// writes, linear attention's reads and out_proj's writes (None: parts the layer does not have).
+struct Signature([Option<Mat<f32>>; 6]);
+
+/// The MLP's parts of a [`Signature`].
+const MLP_PARTS: [usize; 2] = [1, 3];
 
 /// `n` evenly spaced indices of `0..len`.
 fn spaced(len: usize, n: usize) -> Vec<usize> {
@@ -93,7 +97,15 @@ fn signature(
         let mut gram = Mat::<f32>::zeros(read_x.ncols(), read_x.ncols());
         for &part in parts {
             let (name, rows) = name_rows(part)?;
-            let picked = spaced(rows.len(), SAMPLED);
+            // A gated query's gate rows form no circuit with k (`heads::query_rows`): its query
+            // rows alone, as a query without a gate has.
+            let c = &model.ckpt.config;
+            let (gated, hd) = (part == Part::Q && c.gated_query, c.head_dim);
+            let count = if gated { rows.len() / 2 } else { rows.len() };
+            let picked: Vec<usize> = spaced(count, SAMPLED)
+                .into_iter()
+                .map(|i| if gated { (i / hd) * 2 * hd + i % hd } else { i })
+                .collect();
             let mut w = Mat::<f32>::zeros(picked.len(), d);
             for (r, &i) in picked.iter().enumerate() {
                 let row = model
@@ -123,6 +135,15 @@ fn signature(
         true => Some(normalized(reads(&[Part::Q, Part::K, Part::V], &g_attn)?)),
         false => None,
     };
+    // Linear attention in its split form (Qwen3.5's); Qwen3-Next's fused one is compared on
+    // its MLP alone.
+    let split = model.arch.module_in(Block::LinearAttention, Part::LinQkv);
+    let linear = split.is_some() && model.holds_block(side.layer, Block::LinearAttention);
+    let linear_parts = [Part::LinQkv, Part::LinZ, Part::LinB, Part::LinA];
+    let linear_reads = match linear {
+        true => Some(normalized(reads(&linear_parts, &g_attn)?)),
+        false => None,
+    };
     Ok(Signature([
         attention_reads,
         Some(normalized(reads(&[Part::Gate, Part::Up], &g_mlp)?)),
@@ -131,6 +152,11 @@ fn signature(
             .transpose()?
             .map(normalized),
         Some(normalized(writes(Part::Down)?)),
+        linear_reads,
+        linear
+            .then(|| writes(Part::LinOut))
+            .transpose()?
+            .map(normalized),
     ]))
 }
 
@@ -172,7 +198,8 @@ fn normalized(mut g: Mat<f32>) -> Mat<f32> {
     }
 }
 
-fn similarity(a: &Signature, b: &Signature) -> f32 {
+/// The mean of the inner products of the parts both layers have (`mlp_only`: of the MLP's two).
+fn similarity(a: &Signature, b: &Signature, mlp_only: bool) -> f32 {
     let dot = |x: &Mat<f32>, y: &Mat<f32>| -> f32 {
         let mut s = 0.0;
         for j in 0..x.ncols() {
@@ -182,12 +209,11 @@ fn similarity(a: &Signature, b: &Signature) -> f32 {
         }
         s
     };
-    // Over the parts both layers have: the MLP's alone against a layer with linear attention.
-    let both: Vec<f32> =
-        a.0.iter()
-            .zip(&b.0)
-            .filter_map(|(x, y)| Some(dot(x.as_ref()?, y.as_ref()?)))
-            .collect();
+    // Over the parts both layers have: the MLP's alone between layers of two attention kinds.
+    let both: Vec<f32> = (a.0.iter().zip(&b.0).enumerate())
+        .filter(|(part, _)| !mlp_only || MLP_PARTS.contains(part))
+        .filter_map(|(_, (x, y))| Some(dot(x.as_ref()?, y.as_ref()?)))
+        .collect();
     both.iter().sum::<f32>() / both.len().max(1) as f32
 }
 
@@ -233,9 +259,12 @@ pub fn by_similarity(
     let ss = signatures(source, (&source_x.0, &source_x.1))?;
     let st = signatures(target, (&r, &r))?;
     bar.finish();
+    // Where one model mixes linear attention in and the other does not, some pairs would be
+    // scored on their attention and others not: every pair on its MLP alone.
+    let mlp_only = source.hybrid() != target.hybrid();
     let sim: Vec<Vec<f32>> = st
         .iter()
-        .map(|t| ss.iter().map(|s| similarity(s, t)).collect())
+        .map(|t| ss.iter().map(|s| similarity(s, t, mlp_only)).collect())
         .collect();
     let linear = crate::plan::layers::default_layer_map(ss.len(), st.len());
     let span = (ss.len().max(2) - 1) as f32;

@@ -14,7 +14,7 @@ use faer::Mat;
 use rayon::prelude::*;
 
 use super::layer::{reading, Attention, Gains, Sketch, SourceView};
-use super::matching::{assign, Assignment};
+use super::matching::{assign_grouped, Assignment};
 use super::reader_scale::unit_sizes;
 use super::sketch::SignSketch;
 use crate::backend::Backend;
@@ -149,7 +149,7 @@ impl HeadViews {
 }
 
 /// `Σ (A₁A₂ᵀ) ∘ (B₁B₂ᵀ)` = ⟨A₁ᵀB₁, A₂ᵀB₂⟩_F.
-fn circuit_dot(a1: &Mat<f32>, b1: &Mat<f32>, a2: &Mat<f32>, b2: &Mat<f32>) -> f64 {
+pub(super) fn circuit_dot(a1: &Mat<f32>, b1: &Mat<f32>, a2: &Mat<f32>, b2: &Mat<f32>) -> f64 {
     frobenius(&(a1 * a2.transpose()), &(b1 * b2.transpose()))
 }
 
@@ -200,41 +200,8 @@ pub(crate) fn match_heads(views: &HeadViews) -> Result<(Assignment, Assignment)>
         })
         .collect();
     let head_sim = Mat::from_fn(nq_t, nq_s, |b, a| sims[b * nq_s + a]);
-    // Groups: the value of the best matching of their query heads.
-    let (g_s, g_t) = (hs.k.len(), ht.k.len());
-    let within = |gb: usize, ga: usize| -> Result<Assignment> {
-        let sub = Mat::from_fn(ht.per_group, hs.per_group, |b, a| {
-            head_sim[(gb * ht.per_group + b, ga * hs.per_group + a)]
-        });
-        assign(&sub)
-    };
-    let mut group_sim = Mat::<f32>::zeros(g_t, g_s);
-    for gb in 0..g_t {
-        for ga in 0..g_s {
-            let a = within(gb, ga)?;
-            group_sim[(gb, ga)] = a.similarity.iter().sum::<f32>() / ht.per_group.max(1) as f32;
-        }
-    }
-    let kv = assign(&group_sim)?;
-    let mut source_of = vec![None; nq_t];
-    let mut similarity = vec![0.0; nq_t];
-    for (gb, ga) in kv.source_of.iter().enumerate() {
-        let Some(ga) = *ga else { continue };
-        let a = within(gb, ga)?;
-        for (b, src) in a.source_of.iter().enumerate() {
-            if let Some(src) = src {
-                source_of[gb * ht.per_group + b] = Some(ga * hs.per_group + src);
-                similarity[gb * ht.per_group + b] = a.similarity[b];
-            }
-        }
-    }
-    Ok((
-        Assignment {
-            source_of,
-            similarity,
-        },
-        kv,
-    ))
+    // KV groups by the best matching of their query heads, then query heads inside them.
+    assign_grouped(&head_sim, (hs.per_group, ht.per_group), None)
 }
 
 /// Least-squares maps inside matched heads. Readers: per target head b (source a),

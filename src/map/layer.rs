@@ -17,6 +17,7 @@ use faer::Mat;
 
 use super::gains::{inverse_gains, mapped_gains};
 use super::heads::{self, HeadFit};
+use super::linear_heads::{match_linear, LinearHeads, LinearWeights};
 use super::matching::Assignment;
 use super::neurons::{match_neurons, NeuronFeatures};
 use super::reader_scale::{matched_ratio, reads_raw, ReaderScale};
@@ -119,6 +120,9 @@ impl SourceView {
 /// dequantized). A layer with linear attention instead (Qwen3.5) has no softmax attention.
 pub(crate) struct Weights<'a> {
     pub attention: Option<Attention<'a>>,
+    /// Linear attention's, in its split form (Qwen3.5's; Qwen3-Next's fused projections are not
+    /// mapped: `experts::unmapped_update`).
+    pub linear: Option<LinearWeights<'a>>,
     pub gate: Stored<'a>,
     pub up: Stored<'a>,
     pub down: Stored<'a>,
@@ -170,6 +174,8 @@ pub struct LayerMap {
     /// Least-squares maps inside matched heads (with `--map-inner fit`, or where head_dim
     /// differs); None: heads move as wholes.
     pub head_fit: Option<HeadFit>,
+    /// Linear attention's heads, where both layers have it.
+    pub linear: Option<LinearHeads>,
     /// How much a reading part's update is rescaled where a side reads the residual without a
     /// norm before the block (`reader_scale`).
     pub reader_scale: ReaderScale,
@@ -229,8 +235,23 @@ impl<'a> Side<'_, 'a> {
             }),
             false => None,
         };
+        let split = self
+            .model
+            .arch
+            .module_in(Block::LinearAttention, Part::LinQkv);
+        let linear = match self.model.holds_block(self.layer, Block::LinearAttention) {
+            true if split.is_some() => Some(LinearWeights {
+                qkv: weight(Part::LinQkv)?,
+                z: weight(Part::LinZ)?,
+                b: weight(Part::LinB)?,
+                a: weight(Part::LinA)?,
+                out: weight(Part::LinOut)?,
+            }),
+            _ => None,
+        };
         Ok(Weights {
             attention,
+            linear,
             gate: weight(Part::Gate)?,
             up: weight(Part::Up)?,
             down: weight(Part::Down)?,
@@ -360,10 +381,11 @@ fn writer_maps(
                 ..unit
             })
         };
-    // Where either layer has no softmax attention, no o update passes through this layer's
-    // attention writer.
-    let attention = match (&ws.attention, &wt.attention) {
-        (Some(a_s), Some(a_t)) => one(&|n| n.attn.clone(), &a_s.o, &a_t.o)?,
+    // The attention's writer is o's, or linear attention's out_proj's where both layers have
+    // it; where the two layers' attentions differ in kind, no update passes through it.
+    let attention = match (&ws.attention, &wt.attention, &ws.linear, &wt.linear) {
+        (Some(a_s), Some(a_t), _, _) => one(&|n| n.attn.clone(), &a_s.o, &a_t.o)?,
+        (_, _, Some(l_s), Some(l_t)) => one(&|n| n.attn.clone(), &l_s.out, &l_t.out)?,
         _ => WriterMap::plain(s, t),
     };
     Ok((attention, one(&|n| n.mlp.clone(), &ws.down, &wt.down)?))
@@ -416,17 +438,23 @@ impl LayerMap {
             None => (WriterMap::plain(&s, &t), WriterMap::plain(&s, &t)),
         };
         let Some((ws, wt)) = weights.filter(|_| options.inner != InnerMatch::Index) else {
+            let both = [&s, &t].map(|side| side.model.holds_block(side.layer, Block::Attention));
+            let softmax = |n_t, n_s| match both {
+                [true, true] => Assignment::by_index(n_t, n_s),
+                _ => Assignment::none(),
+            };
             return Ok(LayerMap {
                 target_layer,
                 source_layer,
                 residual,
                 gains,
                 writers,
-                q_heads: Assignment::by_index(ct.num_attention_heads, cs.num_attention_heads),
-                kv_heads: Assignment::by_index(ct.num_key_value_heads, cs.num_key_value_heads),
+                q_heads: softmax(ct.num_attention_heads, cs.num_attention_heads),
+                kv_heads: softmax(ct.num_key_value_heads, cs.num_key_value_heads),
                 neurons: Assignment::by_index(ct.intermediate_size, cs.intermediate_size),
                 head_dim,
                 head_fit: None,
+                linear: LinearHeads::by_index((&s, &t)),
                 reader_scale: ReaderScale::NONE.with_score(score_ratio(source, target, false)),
                 weight_fit: None,
                 times,
@@ -484,6 +512,15 @@ impl LayerMap {
             })?,
             _ => (Assignment::none(), Assignment::none(), None, None),
         };
+        let linear = match (&ws.linear, &wt.linear, &cs.linear, &ct.linear) {
+            (Some(l_s), Some(l_t), Some(c_s), Some(c_t)) => {
+                Some(timed(&mut times, "heads", || {
+                    let g = (&gains.attn.0[..], &gains.attn.1[..]);
+                    match_linear((l_s, l_t), g, &view, sketch, (c_s, c_t))
+                })?)
+            }
+            _ => None,
+        };
         let raw = [source, target].map(|side| reads_raw(&side.arch.residual));
         let heads = head_sizes.map(|[q, k, v]| {
             [(q, &q_heads), (k, &kv_heads), (v, &kv_heads)]
@@ -508,6 +545,7 @@ impl LayerMap {
             neurons,
             head_dim,
             head_fit,
+            linear,
             reader_scale,
             weight_fit,
             times,

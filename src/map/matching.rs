@@ -74,6 +74,53 @@ impl Assignment {
 
 /// The assignment maximizing the summed similarity `sim[(target, source)]`. A pair whose
 /// similarity is not above 0 is no better than leaving the target unmatched.
+/// Units in groups (query heads in KV groups; linear attention's value heads under their key
+/// heads), `member_sim` their similarities (target × source, group by group, `per` members per
+/// group on each side): groups are matched on the value of the best matching of their members
+/// (averaged with `group_sim`, where the groups have a similarity of their own), then members
+/// inside matched groups. Returns (members, groups).
+pub fn assign_grouped(
+    member_sim: &Mat<f32>,
+    (per_s, per_t): (usize, usize),
+    group_sim: Option<&Mat<f32>>,
+) -> Result<(Assignment, Assignment)> {
+    let (per_s, per_t) = (per_s.max(1), per_t.max(1));
+    let (g_t, g_s) = (member_sim.nrows() / per_t, member_sim.ncols() / per_s);
+    let within = |gb: usize, ga: usize| -> Result<Assignment> {
+        assign(&Mat::from_fn(per_t, per_s, |b, a| {
+            member_sim[(gb * per_t + b, ga * per_s + a)]
+        }))
+    };
+    let mut groups = Mat::<f32>::zeros(g_t, g_s);
+    for gb in 0..g_t {
+        for ga in 0..g_s {
+            let members = within(gb, ga)?.similarity.iter().sum::<f32>() / per_t as f32;
+            groups[(gb, ga)] = match group_sim {
+                Some(g) => (g[(gb, ga)] + members) / 2.0,
+                None => members,
+            };
+        }
+    }
+    let group_of = assign(&groups)?;
+    let mut source_of = vec![None; member_sim.nrows()];
+    let mut similarity = vec![0.0; member_sim.nrows()];
+    for (gb, ga) in group_of.source_of.iter().enumerate() {
+        let Some(ga) = *ga else { continue };
+        let a = within(gb, ga)?;
+        for (b, src) in a.source_of.iter().enumerate() {
+            if let Some(src) = src {
+                source_of[gb * per_t + b] = Some(ga * per_s + src);
+                similarity[gb * per_t + b] = a.similarity[b];
+            }
+        }
+    }
+    let members = Assignment {
+        source_of,
+        similarity,
+    };
+    Ok((members, group_of))
+}
+
 pub fn assign(sim: &Mat<f32>) -> Result<Assignment> {
     let (t, s) = (sim.nrows(), sim.ncols());
     let n = t.max(s);

@@ -6,10 +6,11 @@
 //!    ([`residual`], [`vocab`]), then refined layer by layer from the weights ([`refine`]);
 //! 2. the norm gains the blocks apply to the residual before reading it, folded into the map of
 //!    each reading module's A;
-//! 3. attention heads (within the GQA structure) and MLP neurons matched by the similarity of
-//!    their mapped weights ([`layer`], [`neurons`], [`matching`]), so B's rows and A's columns on the inner
-//!    side move with the units they belong to; inside matched heads, optionally (and always
-//!    between heads of different sizes) a least-squares map ([`heads`]);
+//! 3. attention heads (within the GQA structure; linear attention's within their key heads,
+//!    [`linear_heads`]) and MLP neurons matched by the similarity of their mapped weights
+//!    ([`layer`], [`neurons`], [`matching`]), so B's rows and A's columns on the inner side move
+//!    with the units they belong to; inside matched heads, optionally (and always between heads
+//!    of different sizes) a least-squares map ([`heads`]);
 //! 4. when depths differ, the depth map chosen by the similarity of the layers ([`depth`]).
 //!
 //! The map is built a target layer at a time ([`LayerByLayer`]); the layer's units then only
@@ -20,6 +21,7 @@ pub mod depth;
 pub mod gains;
 pub mod heads;
 pub mod layer;
+pub mod linear_heads;
 pub mod matching;
 pub mod neurons;
 mod polar;
@@ -255,7 +257,19 @@ pub struct LayerReport {
     pub residual_ratio: Option<f64>,
     pub q_heads: Vec<Option<usize>>,
     pub kv_heads: Vec<Option<usize>>,
+    /// Linear attention's heads, where both layers have it (Qwen3.5): target → source key
+    /// head and value head, and the value heads' mean similarity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linear_heads: Option<LinearHeadsReport>,
     pub neurons: Vec<Option<usize>>,
+}
+
+/// What the report says of a layer's linear attention heads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinearHeadsReport {
+    pub similarity: Option<f64>,
+    pub key_heads: Vec<Option<usize>>,
+    pub value_heads: Vec<Option<usize>>,
 }
 
 impl LayerMap {
@@ -282,6 +296,11 @@ impl LayerMap {
                 .filter(|k| self.writers.0.gains.is_none() && *k != 1.0),
             q_heads: self.q_heads.source_of.clone(),
             kv_heads: self.kv_heads.source_of.clone(),
+            linear_heads: self.linear.as_ref().map(|l| LinearHeadsReport {
+                similarity: l.value_heads.mean_similarity(),
+                key_heads: l.key_heads.source_of.clone(),
+                value_heads: l.value_heads.source_of.clone(),
+            }),
             neurons: self.neurons.source_of.clone(),
         }
     }

@@ -108,6 +108,7 @@ mod tests {
         let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::Bf16);
         let weights = |gate: &Mat<f32>, up: &Mat<f32>, down: &Mat<f32>| Weights {
             attention: None,
+            linear: None,
             gate: stored(gate),
             up: stored(up),
             down: stored(down),

@@ -71,8 +71,9 @@ impl ReaderScale {
             Part::V => Some(2),
             Part::Gate => Some(3),
             Part::Up => Some(4),
-            // Writers; and latent and linear attention's own projections, which the map mode does
-            // not take (`experts::refuse_map`).
+            // Writers; latent attention's projections, which the map mode does not take
+            // (`experts::refuse_map`); linear attention's, read under a pre-norm in every family
+            // that has it (Qwen3.5).
             _ => None,
         }
     }

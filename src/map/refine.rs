@@ -292,6 +292,7 @@ mod tests {
         let stored = |m: &Mat<f32>| Stored::from_mat(m.as_ref(), FloatType::F32);
         Weights {
             attention: None,
+            linear: None,
             gate: stored(gate),
             up: stored(up),
             down: stored(down),

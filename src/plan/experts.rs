@@ -234,11 +234,10 @@ pub fn name_fused_experts(
 }
 
 /// The map mode reads every layer's dense MLP (its neurons anchor the layer's map and its depth
-/// similarity), which a mixture-of-experts layer does not have, and matches softmax attention
-/// heads, which latent attention does not have. Hybrid models (Qwen3.5) are mapped: their MLPs in
-/// every layer, their softmax attention where both layers have it; linear attention's own
-/// projections are not, nor is a gated query's gate (Qwen3.5's `q_proj`) onto a query without one,
-/// so an adapter with such updates selected is refused here, before any map is built.
+/// similarity), which a mixture-of-experts layer does not have, and matches attention heads,
+/// which latent attention does not have. Hybrid models (Qwen3.5) are mapped: their MLPs in every
+/// layer, their softmax and linear attention where both layers have that kind; what has no
+/// mapping (`unmapped_update`) is refused here, before any map is built.
 pub fn refuse_map(
     mode: Mode,
     (source, target): (&ModelSide<'_>, &ModelSide<'_>),
@@ -262,8 +261,11 @@ pub fn refuse_map(
             ),
         ));
     }
-    if let Some(why) = unmapped_update(source, target, adapter, options)? {
-        return Err(Error::arg("--mode", why));
+    if let Some(u) = unmapped_update(source, target, adapter, options)? {
+        return Err(Error::arg(
+            "--mode",
+            format!("{}; use align{}", u.reason, u.hint),
+        ));
     }
     match side_with_experts(source, target) {
         None => Ok(()),
@@ -280,57 +282,92 @@ pub fn refuse_map(
     }
 }
 
+/// An update the map mode cannot take: why, and the `--modules` list that leaves it out.
+pub struct Unmapped {
+    pub reason: String,
+    /// `; leave it out with --modules …`, or empty where nothing else would be left.
+    pub hint: String,
+}
+
 /// Why the map mode cannot take the adapter's updates as `--modules` selects them: linear
-/// attention's projections (Qwen3.5's `linear_attn.*`), or a gated query's (Qwen3.5's `q_proj`,
+/// attention in fused projections (Qwen3-Next's `in_proj_qkvz`, `in_proj_ba`) or with heads of
+/// other sizes than the target's (they move as wholes), or a gated query's (Qwen3.5's `q_proj`,
 /// whose gate rows have no counterpart) onto a query without a gate. None where it can.
 pub fn unmapped_update(
     source: &ModelSide<'_>,
     target: &ModelSide<'_>,
     adapter: &BTreeMap<String, SourceModule>,
     options: &Options,
-) -> Result<Option<String>> {
+) -> Result<Option<Unmapped>> {
     let filter = super::module_filter(options, source.arch, target.arch)?;
-    let gate_lost = source.ckpt.config.gated_query && !target.ckpt.config.gated_query;
+    // Selected as the plan selects its units: by the module's name, a fused module's part's, or
+    // the name of a target module holding one of its parts.
+    let chosen = |spec: &ModuleSpec| {
+        filter(&spec.name, &spec.name, &spec.name)
+            || spec.parts.iter().any(|&p| {
+                let holders = target.arch.modules.iter().filter(|t| t.parts.contains(&p));
+                holders.into_iter().any(|t| {
+                    filter(p.module_name(), &t.name, &spec.name)
+                        || filter(&spec.name, &t.name, &spec.name)
+                })
+            })
+    };
     let selected: Vec<&ModuleSpec> = adapter
         .keys()
         .filter_map(|name| source.parse_module_name(name))
         .map(|(_, _, spec)| spec)
-        .filter(|spec| filter(&spec.name, &spec.name, &spec.name))
+        .filter(|spec| chosen(spec))
         .collect();
-    let others = |leave: &dyn Fn(&ModuleSpec) -> bool| -> String {
-        let kept: BTreeSet<&str> = selected
-            .iter()
-            .filter(|spec| !leave(spec))
-            .map(|spec| spec.name.as_str())
-            .collect();
-        match kept.is_empty() {
-            true => String::new(),
-            false => format!(
-                "; leave it out with --modules {}",
-                kept.into_iter().collect::<Vec<_>>().join(",")
-            ),
-        }
+    // Linear attention's heads move as wholes, in the split projections only.
+    let sizes = |side: &ModelSide<'_>| {
+        let c = side.ckpt.config.linear.as_ref();
+        c.map(|l| (l.key_head_dim, l.value_head_dim))
     };
-    let linear = |spec: &ModuleSpec| spec.block() == Block::LinearAttention;
-    if let Some(spec) = selected.iter().find(|spec| linear(spec)) {
-        return Ok(Some(format!(
-            "map matches softmax attention heads and MLP neurons, not linear attention's \
-             (the adapter's `{}` in {}); use align{}",
-            spec.name,
-            source.ckpt.dir.display(),
-            others(&linear)
-        )));
-    }
+    let fused =
+        |spec: &ModuleSpec| (spec.parts.iter()).any(|p| matches!(p, Part::LinQkvz | Part::LinBa));
+    let linear = |spec: &ModuleSpec| {
+        let (s, t) = (sizes(source), sizes(target));
+        spec.block() == Block::LinearAttention && (fused(spec) || (t.is_some() && s != t))
+    };
+    let gate_lost = source.ckpt.config.gated_query && !target.ckpt.config.gated_query;
     let gated = |spec: &ModuleSpec| gate_lost && spec.parts.contains(&Part::Q);
-    if let Some(spec) = selected.iter().find(|spec| gated(spec)) {
-        return Ok(Some(format!(
-            "the adapter's `{}` also updates the gate of each head's output in {}, which {} \
-             does not have; use align{}",
-            spec.name,
-            source.ckpt.dir.display(),
-            target.ckpt.dir.display(),
-            others(&gated)
-        )));
-    }
-    Ok(None)
+    // The list leaves out every module the map cannot take, so that following it works.
+    let kept: BTreeSet<&str> = (selected.iter())
+        .filter(|spec| !linear(spec) && !gated(spec))
+        .map(|spec| spec.name.as_str())
+        .collect();
+    let hint = match kept.is_empty() {
+        true => String::new(),
+        false => format!(
+            "; leave it out with --modules {}",
+            kept.into_iter().collect::<Vec<_>>().join(",")
+        ),
+    };
+    let (source_dir, target_dir) = (source.ckpt.dir.display(), target.ckpt.dir.display());
+    let reason = if let Some(spec) = selected.iter().find(|spec| linear(spec)) {
+        let why = match fused(spec) {
+            true => "whose rows interleave the heads of several projections; map takes \
+                     Qwen3.5's split ones"
+                .to_string(),
+            false => format!(
+                "whose heads ({:?} key and value head sizes) differ from those of \
+                 {target_dir} ({:?}); map moves linear attention's heads as wholes",
+                sizes(source).unwrap_or_default(),
+                sizes(target).unwrap_or_default()
+            ),
+        };
+        format!(
+            "the adapter's `{}` is linear attention in {source_dir}, {why}",
+            spec.name
+        )
+    } else if let Some(spec) = selected.iter().find(|spec| gated(spec)) {
+        format!(
+            "the adapter's `{}` also updates the gate of each head's output in {source_dir}, \
+             which {target_dir} does not have",
+            spec.name
+        )
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Unmapped { reason, hint }))
 }

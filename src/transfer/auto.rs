@@ -6,14 +6,15 @@
 //!   `copy` item for item (where `copy` is right) and stays meaningful where the target's bases
 //!   have moved, which `copy` does not. `project` and `align` keep only the update's overlap
 //!   with the top-k subspaces and lost most of the gain there.
-//! - otherwise `map`, when both models ship a `tokenizer.json`, neither has experts and the
-//!   adapter updates no linear attention: the only mode that crosses depths, widths, head counts
-//!   and tokenizers through the weights themselves, and the one that came closest to a LoRA
-//!   trained on a pruned sibling.
+//! - otherwise `map`, when both models ship a `tokenizer.json`, neither has experts and the map
+//!   takes every update the adapter has (`experts::unmapped_update`): the only mode that crosses
+//!   depths, widths, head counts and tokenizers through the weights themselves, and the one that
+//!   came closest to a LoRA trained on a pruned sibling.
 //! - otherwise `align`, since `map` anchors its residual map on the tokens the two vocabularies
 //!   share and has nothing to anchor on without them, reads each layer's dense MLP, which a
-//!   mixture-of-experts layer does not have, and matches softmax attention heads and MLP
-//!   neurons, not the heads of a hybrid model's linear attention (Qwen3.5).
+//!   mixture-of-experts layer does not have, moves linear attention's heads as wholes, which
+//!   Qwen3-Next's fused projections and heads of other sizes do not allow, and has nowhere to
+//!   put a gated query's gate (Qwen3.5's) on a query without one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -63,10 +64,10 @@ pub fn choose(
     } else {
         "module shapes differ".to_string()
     };
-    if let Some(why) = plan::experts::unmapped_update(source, target, adapter, options)? {
+    if let Some(u) = plan::experts::unmapped_update(source, target, adapter, options)? {
         return Ok(Choice {
             mode: Mode::Align,
-            reason: format!("{what_differs}, and {why}"),
+            reason: format!("{what_differs}, and map cannot take {}: align", u.reason),
         });
     }
     if let Some(side) = plan::experts::side_with_experts(source, target) {
