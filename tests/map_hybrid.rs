@@ -111,7 +111,6 @@ fn check_twin(family: Family, src_of: &[usize], flip: bool, seed: u64, extra: &[
     // Heads matched where both layers have softmax attention, linear heads where both have
     // linear attention.
     let target = Model::twin(src_of);
-    let (_, vh, _, _) = LINEAR;
     let layers = report["map"]["layers"].as_array().expect("map layers");
     assert_eq!(layers.len(), src_of.len());
     for layer in layers {
@@ -134,8 +133,13 @@ fn check_twin(family: Family, src_of: &[usize], flip: bool, seed: u64, extra: &[
         if !linear.is_null() {
             assert!(linear["similarity"].as_f64().unwrap() > 0.9, "{layer}");
             assert_eq!(
-                linear["value_heads"].as_array().unwrap().len(),
-                vh,
+                linear["key_heads"],
+                serde_json::json!(twin.key_heads),
+                "{layer}"
+            );
+            assert_eq!(
+                linear["value_heads"],
+                serde_json::json!(twin.value_heads),
                 "{layer}"
             );
         }

@@ -100,7 +100,7 @@ impl LayerMap {
                 a: linear.move_columns(src.a.as_ref()),
             },
             _ => Factors {
-                b: linear.move_rows(part, src.b.as_ref(), config),
+                b: linear.move_rows(part, src.b.as_ref(), config)?,
                 a: read_side(self, src, &self.gains.attn),
             },
         };

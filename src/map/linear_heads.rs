@@ -20,7 +20,7 @@ use super::heads::circuit_dot;
 use super::layer::{reading, Side, Sketch, SourceView};
 use super::matching::{assign_grouped, Assignment};
 use crate::arch::{Block, Part};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::config::LinearAttention;
 use crate::linalg::stored::Stored;
 
@@ -185,11 +185,19 @@ impl LinearHeads {
         part: Part,
         b: MatRef<'_, f32>,
         source: &LinearAttention,
-    ) -> Mat<f32> {
+    ) -> Result<Mat<f32>> {
         let (kd, vd) = self.dims;
+        if (source.key_head_dim, source.value_head_dim) != self.dims {
+            return Err(Error::internal(format!(
+                "map: linear attention heads of sizes {:?} moved as heads of {:?} \
+                 (`experts::unmapped_update` refuses them)",
+                (source.key_head_dim, source.value_head_dim),
+                self.dims
+            )));
+        }
         let values =
             |b: MatRef<'_, f32>, size: usize| move_rows(b, &self.value_heads, (size, size), &as_is);
-        match part {
+        Ok(match part {
             Part::LinQkv => {
                 let keys = source.key_heads * kd;
                 let q = move_rows(b.subrows(0, keys), &self.key_heads, (kd, kd), &as_is);
@@ -202,8 +210,13 @@ impl LinearHeads {
                 out
             }
             Part::LinZ => values(b, vd),
-            _ => values(b, 1),
-        }
+            Part::LinB | Part::LinA => values(b, 1),
+            other => {
+                return Err(Error::internal(format!(
+                    "map: {other:?} is no reading part of split linear attention"
+                )))
+            }
+        })
     }
 
     /// A's columns of `out_proj`, value head by value head.
@@ -212,5 +225,94 @@ impl LinearHeads {
         move_rows(a.transpose(), &self.value_heads, (vd, vd), &as_is)
             .transpose()
             .to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(key_heads: usize, value_heads: usize) -> LinearAttention {
+        LinearAttention {
+            key_heads,
+            value_heads,
+            key_head_dim: 3,
+            value_head_dim: 2,
+            layers: Vec::new(),
+        }
+    }
+
+    fn assignment(source_of: Vec<Option<usize>>) -> Assignment {
+        let similarity = vec![1.0; source_of.len()];
+        Assignment {
+            source_of,
+            similarity,
+        }
+    }
+
+    /// From 2 key heads of 2 value heads to 3 of 2 (the third unmatched): every target row of
+    /// `in_proj_qkv`, `in_proj_z`, `in_proj_b` and every column of `out_proj` holds its source
+    /// head's (rows numbered 1.. in the source), zeros where the head is unmatched.
+    #[test]
+    fn heads_move_between_models_of_other_head_counts() {
+        let (source, target) = (config(2, 4), config(3, 6));
+        let (kd, vd) = (3, 2);
+        let key_of = [Some(1), Some(0), None];
+        let value_of = [Some(3), Some(2), Some(0), Some(1), None, None];
+        let heads = LinearHeads {
+            key_heads: assignment(key_of.to_vec()),
+            value_heads: assignment(value_of.to_vec()),
+            dims: (kd, vd),
+        };
+        let numbered = |rows: usize| Mat::from_fn(rows, 2, |i, j| (i + 1) as f32 * (j + 1) as f32);
+        // Where target row t of a part comes from: (source row) within the part.
+        let moved_from =
+            |of: &[Option<usize>], size: usize, t: usize| of[t / size].map(|h| h * size + t % size);
+        let check = |got: &Mat<f32>, want: &dyn Fn(usize) -> Option<usize>| {
+            for t in 0..got.nrows() {
+                let expected = want(t).map_or(0.0, |r| (r + 1) as f32);
+                assert_eq!(
+                    (got[(t, 0)], got[(t, 1)]),
+                    (expected, 2.0 * expected),
+                    "row {t}"
+                );
+            }
+        };
+        let (keys_s, keys_t) = (source.key_heads * kd, target.key_heads * kd);
+        let qkv = heads
+            .move_rows(
+                Part::LinQkv,
+                numbered(2 * keys_s + 4 * vd).as_ref(),
+                &source,
+            )
+            .unwrap();
+        assert_eq!(qkv.nrows(), 2 * keys_t + 6 * vd);
+        check(&qkv, &|t| match t {
+            t if t < keys_t => moved_from(&key_of, kd, t),
+            t if t < 2 * keys_t => moved_from(&key_of, kd, t - keys_t).map(|r| r + keys_s),
+            t => moved_from(&value_of, vd, t - 2 * keys_t).map(|r| r + 2 * keys_s),
+        });
+        let z = heads
+            .move_rows(Part::LinZ, numbered(4 * vd).as_ref(), &source)
+            .unwrap();
+        check(&z, &|t| moved_from(&value_of, vd, t));
+        let b = heads
+            .move_rows(Part::LinB, numbered(4).as_ref(), &source)
+            .unwrap();
+        check(&b, &|t| moved_from(&value_of, 1, t));
+        let a = numbered(4 * vd).transpose().to_owned();
+        let columns = heads.move_columns(a.as_ref()).transpose().to_owned();
+        check(&columns, &|t| moved_from(&value_of, vd, t));
+        // Heads of other sizes, or a part that is no reader, are refused, not misread.
+        let wider = LinearAttention {
+            value_head_dim: 4,
+            ..config(2, 4)
+        };
+        assert!(heads
+            .move_rows(Part::LinZ, numbered(16).as_ref(), &wider)
+            .is_err());
+        assert!(heads
+            .move_rows(Part::LinOut, numbered(8).as_ref(), &source)
+            .is_err());
     }
 }

@@ -72,8 +72,6 @@ impl Assignment {
     }
 }
 
-/// The assignment maximizing the summed similarity `sim[(target, source)]`. A pair whose
-/// similarity is not above 0 is no better than leaving the target unmatched.
 /// Units in groups (query heads in KV groups; linear attention's value heads under their key
 /// heads), `member_sim` their similarities (target × source, group by group, `per` members per
 /// group on each side): groups are matched on the value of the best matching of their members
@@ -121,6 +119,8 @@ pub fn assign_grouped(
     Ok((members, group_of))
 }
 
+/// The assignment maximizing the summed similarity `sim[(target, source)]`. A pair whose
+/// similarity is not above 0 is no better than leaving the target unmatched.
 pub fn assign(sim: &Mat<f32>) -> Result<Assignment> {
     let (t, s) = (sim.nrows(), sim.ncols());
     let n = t.max(s);
@@ -342,6 +342,32 @@ pub fn row_norms(x: &Mat<f32>) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Groups of other sizes (3 members a target group, 2 a source group): each target group
+    /// takes the source group its members match best, members inside it, the extra member
+    /// none; where the members cannot tell two groups apart, the groups' own similarity does.
+    #[test]
+    fn groups_of_other_sizes_are_matched_then_their_members() {
+        let truth = [Some(3), Some(2), None, Some(0), None, Some(1)];
+        let member_sim = Mat::from_fn(6, 4, |b, a| {
+            if truth[b] == Some(a) {
+                0.9
+            } else {
+                0.05 * ((a + 2 * b) % 3) as f32
+            }
+        });
+        let (members, groups) = assign_grouped(&member_sim, (2, 3), None).unwrap();
+        assert_eq!(members.source_of, truth);
+        assert_eq!(groups.source_of, vec![Some(1), Some(0)]);
+        // Members alike in both source groups: the groups' similarity decides.
+        let flat = Mat::from_fn(6, 4, |b, a| if a % 2 == b % 2 { 0.5 } else { 0.1 });
+        let prefer = Mat::from_fn(2, 2, |gb, ga| if gb == ga { 0.0 } else { 0.8 });
+        let (_, groups) = assign_grouped(&flat, (2, 3), Some(&prefer)).unwrap();
+        assert_eq!(groups.source_of, vec![Some(1), Some(0)]);
+        let same = Mat::from_fn(2, 2, |gb, ga| if gb == ga { 0.8 } else { 0.0 });
+        let (_, groups) = assign_grouped(&flat, (2, 3), Some(&same)).unwrap();
+        assert_eq!(groups.source_of, vec![Some(0), Some(1)]);
+    }
 
     #[test]
     fn a_permutation_is_recovered_and_extra_targets_stay_unmatched() {

@@ -323,8 +323,17 @@ pub fn unmapped_update(
         let c = side.ckpt.config.linear.as_ref();
         c.map(|l| (l.key_head_dim, l.value_head_dim))
     };
-    let fused =
-        |spec: &ModuleSpec| (spec.parts.iter()).any(|p| matches!(p, Part::LinQkvz | Part::LinBa));
+    // Fused: the module's own parts, or either side's table (Qwen3-Next's), whose rows
+    // interleave several projections per key head.
+    let split = |side: &ModelSide<'_>| {
+        let spec = side.arch.module_in(Block::LinearAttention, Part::LinQkv);
+        spec.is_some() || !side.arch.has_block(Block::LinearAttention)
+    };
+    let fused = |spec: &ModuleSpec| {
+        (spec.parts.iter()).any(|p| matches!(p, Part::LinQkvz | Part::LinBa))
+            || !split(source)
+            || !split(target)
+    };
     let linear = |spec: &ModuleSpec| {
         let (s, t) = (sizes(source), sizes(target));
         spec.block() == Block::LinearAttention && (fused(spec) || (t.is_some() && s != t))

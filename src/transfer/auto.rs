@@ -67,7 +67,10 @@ pub fn choose(
     if let Some(u) = plan::experts::unmapped_update(source, target, adapter, options)? {
         return Ok(Choice {
             mode: Mode::Align,
-            reason: format!("{what_differs}, and map cannot take {}: align", u.reason),
+            reason: format!(
+                "{what_differs}, and map cannot take the adapter ({}): align",
+                u.reason
+            ),
         });
     }
     if let Some(side) = plan::experts::side_with_experts(source, target) {

@@ -316,7 +316,7 @@ def test_map_onto_a_twin_moves_each_head_whole(binary, tmp_path):
     neurons = rng.permutation(TEXT["intermediate_size"])
     kh, vh = TEXT["linear_num_key_heads"], TEXT["linear_num_value_heads"]
     kd, vd, r = TEXT["linear_key_head_dim"], TEXT["linear_value_head_dim"], vh // kh
-    key_heads = rng.permutation(kh)
+    key_heads = np.arange(kh)[::-1]  # reversed, so that a key group matched to the wrong one shows
     value_heads = [key_heads[u // r] * r + w for u in range(0, vh, r) for w in rng.permutation(r)]
     tau = rng.permutation(vocab)
 
@@ -370,5 +370,5 @@ def test_map_onto_a_twin_moves_each_head_whole(binary, tmp_path):
     report = transfer(binary, source, target, adapter, mapped, "--mode", "map", "--device", "cpu")
     layers = report["map"]["layers"]
     assert [len(layer["q_heads"]) for layer in layers] == [0, 0, 0, 4]
-    assert [len(layer.get("linear_heads", {}).get("value_heads", [])) for layer in layers] == [vh, vh, vh, 0]
+    assert [layer.get("linear_heads", {}).get("value_heads") for layer in layers] == [value_heads] * 3 + [None]
     iu.assert_mapped_exactly(source, adapter, target, mapped, tau)

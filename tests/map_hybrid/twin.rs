@@ -236,7 +236,8 @@ pub fn write_pair(root: &Path, family: Family, src_of: &[usize], flip: bool, see
     let kv_heads = perm(KV, seed + 1);
     let (kh, vh, _, _) = LINEAR;
     let r = vh / kh;
-    let key_heads = perm(kh, seed + 7);
+    // Reversed, so that a key group matched to the wrong one shows.
+    let key_heads: Vec<usize> = (0..kh).rev().collect();
     let tok = perm(VOCAB, seed + 6);
     let mut twin = Twin {
         q: gaussian(D, D, seed, 2).qr().compute_thin_Q(),
