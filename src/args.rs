@@ -109,7 +109,8 @@ pub struct TransferArgs {
     #[arg(long, default_value_t = crate::map::GAIN_FLOOR, allow_negative_numbers = true)]
     pub map_gain_floor: f32,
     /// map mode: how heads and neurons are paired: matched (heads of different sizes fitted
-    /// inside), matched then fitted inside every head (fit), or by index (ablation).
+    /// inside), matched then fitted inside every softmax head (fit; linear attention's heads
+    /// move whole), or by index (ablation).
     #[arg(long, value_enum, default_value_t = crate::map::InnerMatch::Match)]
     pub map_inner: crate::map::InnerMatch,
     /// map mode, depths differ: pair layers by the similarity of their weights (similarity)

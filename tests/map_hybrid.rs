@@ -17,8 +17,7 @@ use std::path::Path;
 
 use common::cli::*;
 use common::*;
-use faer::Mat;
-use loraxfer::io::adapter::{Adapter, LoraFactors};
+use loraxfer::io::adapter::Adapter;
 use loraxfer::io::safetensors::FloatType;
 use twin::*;
 
@@ -36,11 +35,7 @@ fn write_adapter(dir: &Path, model: &Model, pick: &dyn Fn(usize, &str) -> bool, 
     write_peft(dir, "source", 4, 8.0, serde_json::json!({}), &modules);
 }
 
-fn dense(f: &LoraFactors) -> Mat<f32> {
-    from_row_major(&f.b, f.out_features, f.r) * from_row_major(&f.a, f.r, f.in_features)
-}
-
-fn transfer(root: &Path, extra: &[&str]) -> std::process::Output {
+fn transfer(root: &Path, mode: &str, extra: &[&str]) -> std::process::Output {
     let path = |p: &str| root.join(p).to_str().unwrap().to_string();
     let (source, target, adapter, out) =
         (path("source"), path("target"), path("adapter"), path("out"));
@@ -55,7 +50,7 @@ fn transfer(root: &Path, extra: &[&str]) -> std::process::Output {
         "--out",
         &out,
         "--mode",
-        "map",
+        mode,
         "--device",
         "cpu",
     ];
@@ -79,7 +74,7 @@ fn check_twin(family: Family, src_of: &[usize], flip: bool, seed: u64, extra: &[
         &pick,
         seed + 10,
     );
-    let out = transfer(root, extra);
+    let out = transfer(root, "map", extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let src = Adapter::open(&root.join("adapter")).unwrap();
@@ -89,10 +84,10 @@ fn check_twin(family: Family, src_of: &[usize], flip: bool, seed: u64, extra: &[
         let at = format!("model.layers.{l}.");
         for name in src.modules.keys().filter(|n| n.starts_with(&at)) {
             let key = &name[at.len()..];
-            let ds = dense(&src.factors(name).unwrap());
+            let ds = update_of(&src, name);
             let want = twin.moved(key, &ds, l, family.gated(), None);
             let name_t = format!("model.layers.{j}.{key}");
-            let have = dense(&got.factors(&name_t).unwrap());
+            let have = update_of(&got, &name_t);
             let err = fro(&(&have - &want)) / fro(&want);
             assert!(err < 1e-4, "{name_t} (from {name}): relative error {err}");
             checked += 1;
@@ -178,6 +173,66 @@ fn the_depth_program_finds_a_deeper_hybrid_twin_layer_by_layer() {
     check_twin(Family::Qwen3, &DEEPER, false, 27, &[]);
 }
 
+/// `--mode auto` picks map for a deeper hybrid twin (the shapes differ, both models have a
+/// vocabulary, map takes every update), and align, saying why, where map cannot take one.
+#[test]
+fn auto_picks_map_for_a_hybrid_pair_unless_an_update_has_no_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write_pair(root, Family::Qwen3_5, &DEEPER, false, 28);
+    let every = |_: usize, _: &str| true;
+    write_adapter(
+        &root.join("adapter"),
+        &Model::source(Family::Qwen3_5),
+        &every,
+        7,
+    );
+    let auto = |extra: &[&str]| {
+        let out = transfer(root, "auto", extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report = read_json(&root.join("out").join("transfer_report.json"));
+        let reason = report["auto_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        (report["mode"].as_str().unwrap().to_string(), reason)
+    };
+    let (mode, reason) = auto(&[]);
+    assert_eq!(mode, "map", "{reason}");
+    // From the Qwen3.5 twin onto Qwen3: the query's gate has nowhere to go, so align, naming it.
+    let qwen3 = tempfile::tempdir().unwrap();
+    write_pair(qwen3.path(), Family::Qwen3, &SAME_DEPTH, false, 29);
+    std::fs::remove_dir_all(root.join("source")).unwrap();
+    std::fs::rename(root.join("target"), root.join("source")).unwrap();
+    std::fs::rename(qwen3.path().join("source"), root.join("target")).unwrap();
+    std::fs::remove_dir_all(root.join("adapter")).unwrap();
+    let twin = Model::twin(&DEEPER);
+    let mut modules = BTreeMap::new();
+    for (l, &full) in twin.full.iter().enumerate() {
+        for (key, out, inp) in twin.projections(l) {
+            if key == "mlp.up_proj" || (full && key == "self_attn.q_proj") {
+                let f = random_factors(out, inp, 4, 8.0, 30 + l as u64, FloatType::F32);
+                modules.insert(format!("model.layers.{l}.{key}"), f);
+            }
+        }
+    }
+    write_peft(
+        &root.join("adapter"),
+        "twin",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    let (mode, reason) = auto(&["--force"]);
+    assert_eq!(mode, "align", "{reason}");
+    assert!(
+        reason.contains("map cannot take the adapter") && reason.contains("also updates the gate"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn map_refuses_linear_heads_of_other_sizes_and_a_gate_with_nowhere_to_go() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,11 +249,14 @@ fn map_refuses_linear_heads_of_other_sizes_and_a_gate_with_nowhere_to_go() {
         key == "linear_attn.in_proj_qkv" || (full(l) && key == "self_attn.v_proj")
     };
     write_adapter(&root.join("adapter"), &qwen3_5, &pick, 5);
-    let out = transfer(root, &[]);
+    let out = transfer(root, "map", &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("`in_proj_qkv` is linear attention"), "{err}");
-    assert!(err.contains("(8, 6)") && err.contains("(8, 3)"), "{err}");
+    assert!(
+        err.contains("heads of 8 and 6 meet heads of 8 and 3"),
+        "{err}"
+    );
     assert!(err.contains("--modules v_proj"), "{err}");
     assert!(!root.join("out").exists());
     // A gated query onto a query without a gate: the Qwen3.5 twin as the source, a Qwen3 target.
@@ -213,7 +271,7 @@ fn map_refuses_linear_heads_of_other_sizes_and_a_gate_with_nowhere_to_go() {
     std::fs::rename(qwen3.path().join("source"), root.join("target")).unwrap();
     let pick = |l: usize, key: &str| full(l) && key == "self_attn.q_proj" || key == "mlp.up_proj";
     write_adapter(&root.join("adapter"), &qwen3_5, &pick, 6);
-    let out = transfer(root, &[]);
+    let out = transfer(root, "map", &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("`q_proj` also updates the gate"), "{err}");

@@ -478,6 +478,13 @@ impl Arch {
             .find(|m| m.block() == block && m.parts.contains(&part))
     }
 
+    /// Whether this table's linear attention (if any) is in split projections (Qwen3.5's
+    /// `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`), not fused (Qwen3-Next's).
+    pub fn splits_linear_attention(&self) -> bool {
+        self.module_in(Block::LinearAttention, Part::LinQkv)
+            .is_some()
+    }
+
     /// Whether this table's attention is latent (DeepSeek's).
     pub fn latent_attention(&self) -> bool {
         self.modules

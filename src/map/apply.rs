@@ -5,8 +5,9 @@
 //! residual without a norm (`reader_scale`); modules that write into the residual (o,
 //! down) map their B through the block's writer map (`M`, or with output norms
 //! `κ diag(g_t)⁻¹ Q diag(g_s)`), and their A's columns move with the matching (o's inside heads
-//! through U). All maps are the unit's own layer's. Unmatched target units get zero rows (or
-//! columns): they take nothing from the adapter.
+//! through U). Linear attention's projections (Qwen3.5) move head by head the same way, their
+//! heads whole (`linear_heads`). All maps are the unit's own layer's. Unmatched target units get
+//! zero rows (or columns): they take nothing from the adapter.
 
 use faer::Mat;
 
@@ -94,10 +95,11 @@ impl LayerMap {
                 unit.label, self.target_layer
             )));
         };
+
         let factors = match part {
             Part::LinOut => Factors {
                 b: self.writers.0.write(&self.residual, src.b.as_ref()),
-                a: linear.move_columns(src.a.as_ref()),
+                a: linear.move_columns(src.a.as_ref(), config)?,
             },
             _ => Factors {
                 b: linear.move_rows(part, src.b.as_ref(), config)?,
@@ -379,10 +381,10 @@ fn inner<'l>(
         Part::Gate | Part::Up | Part::Down => Ok((&layer.neurons, (1, 1))),
         // Latent attention's projections (`experts::refuse_map` stops them first; linear
         // attention's go through `apply_linear`).
-        _ => Err(Error::arg(
-            "--mode",
-            format!("map does not take latent attention ({})", unit.label),
-        )),
+        _ => Err(Error::internal(format!(
+            "map: latent attention ({}) reached the map (`experts::refuse_map` refuses it)",
+            unit.label
+        ))),
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! A layer's signature is what it reads and writes, in sketched target coordinates (through the
 //! shared-token residual map for the source): four K × K Gram matrices — of its attention
-//! inputs (q, k and v rows), its MLP inputs (gate and up rows, norm gains folded in), and of the
+//! inputs (q, k and v rows; of a gated query its query rows), its MLP inputs (gate and up rows, norm gains folded in), and of the
 //! columns o and down write — each with its isotropic part removed and scaled to unit size (a
 //! layer with linear attention instead, Qwen3.5's, has its reads and out_proj's writes in their
 //! place: layers compare on the parts both have).
@@ -137,8 +137,8 @@ fn signature(
     };
     // Linear attention in its split form (Qwen3.5's); Qwen3-Next's fused one is compared on
     // its MLP alone.
-    let split = model.arch.module_in(Block::LinearAttention, Part::LinQkv);
-    let linear = split.is_some() && model.holds_block(side.layer, Block::LinearAttention);
+    let linear = model.arch.splits_linear_attention()
+        && model.holds_block(side.layer, Block::LinearAttention);
     let linear_parts = [Part::LinQkv, Part::LinZ, Part::LinB, Part::LinA];
     let linear_reads = match linear {
         true => Some(normalized(reads(&linear_parts, &g_attn)?)),
@@ -376,6 +376,33 @@ mod tests {
             let got = sampled_columns(&read, rows.clone(), n, &picked, band).unwrap();
             assert!(got == whole, "band {band}");
         }
+    }
+
+    /// A decoy of the other kind scores above each true layer of the target's kind, and the
+    /// nearest layer of the right kind to the decoy is not the true one: only the kind cost
+    /// keeps the program on the true layers (pairing kinds afterwards would not find them).
+    #[test]
+    fn the_kind_cost_keeps_the_program_on_layers_of_one_kind() {
+        let linear = |l: usize| (l + 1) % 4 != 0;
+        let truth = [0usize, 1, 4, 7, 8, 9, 10, 11];
+        let decoy = [None, Some(3), None, None, None, None, None, None];
+        let sim: Vec<Vec<f32>> = (0..8)
+            .map(|j| {
+                (0..12)
+                    .map(|i| match (truth[j] == i, decoy[j] == Some(i)) {
+                        (true, _) => 0.9,
+                        (_, true) => 0.95,
+                        _ => 0.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(by_kind(sim.clone(), &linear, &linear), truth.to_vec());
+        // Without the cost the program takes the decoys, and pairing kinds after it lands
+        // elsewhere.
+        let mut map: BTreeMap<usize, usize> = monotone(&sim).into_iter().enumerate().collect();
+        crate::plan::layers::pair_kinds(&mut map, 12, linear, linear);
+        assert_ne!(map.into_values().collect::<Vec<_>>(), truth.to_vec());
     }
 
     /// Qwen3.5's pattern (softmax attention in every fourth layer), 8 target layers on 12

@@ -8,8 +8,9 @@
 //! 1/√K, which is plenty to tell a matching unit (similarity near 1 on a model in other
 //! coordinates) from the others, at a fraction of the cost.
 //!
-//! Neurons: see [`super::neurons`]. Heads: see [`super::heads`]. Reading updates where a side
-//! reads the residual without a norm: [`super::reader_scale`].
+//! Neurons: see [`super::neurons`]. Heads: see [`super::heads`], and linear attention's
+//! [`super::linear_heads`]. Reading updates where a side reads the residual without a norm:
+//! [`super::reader_scale`].
 
 use std::sync::Arc;
 
@@ -235,12 +236,9 @@ impl<'a> Side<'_, 'a> {
             }),
             false => None,
         };
-        let split = self
-            .model
-            .arch
-            .module_in(Block::LinearAttention, Part::LinQkv);
+        let split = self.model.arch.splits_linear_attention();
         let linear = match self.model.holds_block(self.layer, Block::LinearAttention) {
-            true if split.is_some() => Some(LinearWeights {
+            true if split => Some(LinearWeights {
                 qkv: weight(Part::LinQkv)?,
                 z: weight(Part::LinZ)?,
                 b: weight(Part::LinB)?,

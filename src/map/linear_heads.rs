@@ -61,8 +61,8 @@ impl LinearHeads {
     }
 }
 
-/// One side's heads in sketched target coordinates (rows × K each).
-struct Heads {
+/// One side's linear attention heads in sketched target coordinates (rows × K each).
+struct Sketched {
     q: Vec<Mat<f32>>,
     k: Vec<Mat<f32>>,
     v: Vec<Mat<f32>>,
@@ -80,11 +80,11 @@ fn blocks(m: &Mat<f32>, start: usize, n: usize, size: usize) -> Vec<Mat<f32>> {
         .collect()
 }
 
-impl Heads {
+impl Sketched {
     /// From the sketched rows of qkv, z, b, a and out's columns.
     fn new([qkv, z, b, a, out]: [Mat<f32>; 5], c: &LinearAttention) -> Self {
         let (kh, vh, kd, vd) = (c.key_heads, c.value_heads, c.key_head_dim, c.value_head_dim);
-        Heads {
+        Sketched {
             q: blocks(&qkv, 0, kh, kd),
             k: blocks(&qkv, kh * kd, kh, kd),
             v: blocks(&qkv, 2 * kh * kd, vh, vd),
@@ -132,7 +132,7 @@ pub(crate) fn match_linear(
 ) -> Result<LinearHeads> {
     let backend = sketch.backend;
     let read = |w: &Stored<'_>| reading(w, g_s, view.read.as_ref(), backend);
-    let source = Heads::new(
+    let source = Sketched::new(
         [
             read(&ws.qkv)?,
             read(&ws.z)?,
@@ -143,7 +143,7 @@ pub(crate) fn match_linear(
         cs,
     );
     let own = |w: &Stored<'_>| sketch.heads.rows(w, g_t);
-    let target = Heads::new(
+    let target = Sketched::new(
         [
             own(&wt.qkv),
             own(&wt.z),
@@ -186,15 +186,8 @@ impl LinearHeads {
         b: MatRef<'_, f32>,
         source: &LinearAttention,
     ) -> Result<Mat<f32>> {
+        self.fits(source)?;
         let (kd, vd) = self.dims;
-        if (source.key_head_dim, source.value_head_dim) != self.dims {
-            return Err(Error::internal(format!(
-                "map: linear attention heads of sizes {:?} moved as heads of {:?} \
-                 (`experts::unmapped_update` refuses them)",
-                (source.key_head_dim, source.value_head_dim),
-                self.dims
-            )));
-        }
         let values =
             |b: MatRef<'_, f32>, size: usize| move_rows(b, &self.value_heads, (size, size), &as_is);
         Ok(match part {
@@ -220,11 +213,31 @@ impl LinearHeads {
     }
 
     /// A's columns of `out_proj`, value head by value head.
-    pub(crate) fn move_columns(&self, a: MatRef<'_, f32>) -> Mat<f32> {
+    pub(crate) fn move_columns(
+        &self,
+        a: MatRef<'_, f32>,
+        source: &LinearAttention,
+    ) -> Result<Mat<f32>> {
+        self.fits(source)?;
         let vd = self.dims.1;
-        move_rows(a.transpose(), &self.value_heads, (vd, vd), &as_is)
-            .transpose()
-            .to_owned()
+        Ok(
+            move_rows(a.transpose(), &self.value_heads, (vd, vd), &as_is)
+                .transpose()
+                .to_owned(),
+        )
+    }
+
+    /// Sketched move as wholes: the source's must have the target's sizes.
+    fn fits(&self, source: &LinearAttention) -> Result<()> {
+        let sizes = (source.key_head_dim, source.value_head_dim);
+        match sizes == self.dims {
+            true => Ok(()),
+            false => Err(Error::internal(format!(
+                "map: linear attention heads of sizes {sizes:?} moved as heads of {:?} \
+                 (`experts::unmapped_update` refuses them)",
+                self.dims
+            ))),
+        }
     }
 }
 
@@ -301,9 +314,13 @@ mod tests {
             .unwrap();
         check(&b, &|t| moved_from(&value_of, 1, t));
         let a = numbered(4 * vd).transpose().to_owned();
-        let columns = heads.move_columns(a.as_ref()).transpose().to_owned();
+        let columns = heads
+            .move_columns(a.as_ref(), &source)
+            .unwrap()
+            .transpose()
+            .to_owned();
         check(&columns, &|t| moved_from(&value_of, vd, t));
-        // Heads of other sizes, or a part that is no reader, are refused, not misread.
+        // Sketched of other sizes, or a part that is no reader, are refused, not misread.
         let wider = LinearAttention {
             value_head_dim: 4,
             ..config(2, 4)
@@ -314,5 +331,7 @@ mod tests {
         assert!(heads
             .move_rows(Part::LinOut, numbered(8).as_ref(), &source)
             .is_err());
+        let a = numbered(16).transpose().to_owned();
+        assert!(heads.move_columns(a.as_ref(), &wider).is_err());
     }
 }

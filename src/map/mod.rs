@@ -61,7 +61,8 @@ pub enum ResidualFit {
 pub enum InnerMatch {
     /// Assignment on the similarity of the mapped weights.
     Match,
-    /// Matching, then a least-squares map inside each matched head.
+    /// Matching, then a least-squares map inside each matched softmax head (linear attention's
+    /// move whole).
     Fit,
     /// Target unit i takes source unit i (ablation).
     Index,

@@ -18,7 +18,8 @@ use crate::linalg::mm;
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// One mode for the pair: rotate for equal shapes, map across shapes, align when a
-    /// vocabulary is missing or the two share too few tokens.
+    /// vocabulary is missing, the two share too few tokens, a model has experts, or map cannot
+    /// take an update of the adapter.
     // Chosen by `transfer::auto`. A plan built with `auto` itself, as `inspect` does, resolves
     // it unit by unit: `project` where shapes match, else `align`.
     Auto,

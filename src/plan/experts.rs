@@ -261,15 +261,9 @@ pub fn refuse_map(
             ),
         ));
     }
-    if let Some(u) = unmapped_update(source, target, adapter, options)? {
+    // Experts first: no `--modules` list gets past them.
+    if let Some(side) = side_with_experts(source, target) {
         return Err(Error::arg(
-            "--mode",
-            format!("{}; use align{}", u.reason, u.hint),
-        ));
-    }
-    match side_with_experts(source, target) {
-        None => Ok(()),
-        Some(side) => Err(Error::arg(
             "--mode",
             format!(
                 "map reads each layer's dense MLP, and {} ({}) has {} experts per layer instead; \
@@ -278,7 +272,14 @@ pub fn refuse_map(
                 side.arch.name,
                 side.experts()
             ),
+        ));
+    }
+    match unmapped_update(source, target, adapter, options)? {
+        Some(u) => Err(Error::arg(
+            "--mode",
+            format!("{}; use align{}", u.reason, u.hint),
         )),
+        None => Ok(()),
     }
 }
 
@@ -323,17 +324,13 @@ pub fn unmapped_update(
         let c = side.ckpt.config.linear.as_ref();
         c.map(|l| (l.key_head_dim, l.value_head_dim))
     };
-    // Fused: the module's own parts, or either side's table (Qwen3-Next's), whose rows
-    // interleave several projections per key head.
-    let split = |side: &ModelSide<'_>| {
-        let spec = side.arch.module_in(Block::LinearAttention, Part::LinQkv);
-        spec.is_some() || !side.arch.has_block(Block::LinearAttention)
-    };
-    let fused = |spec: &ModuleSpec| {
-        (spec.parts.iter()).any(|p| matches!(p, Part::LinQkvz | Part::LinBa))
-            || !split(source)
-            || !split(target)
-    };
+    // Fused: either side's table (Qwen3-Next's), whose rows interleave several projections per
+    // key head. Qwen3-Next also has experts, refused before this; the check stays for a table
+    // that would fuse them without.
+    let fused_side = [source, target].into_iter().find(|side| {
+        side.arch.has_block(Block::LinearAttention) && !side.arch.splits_linear_attention()
+    });
+    let fused = |_: &ModuleSpec| fused_side.is_some();
     let linear = |spec: &ModuleSpec| {
         let (s, t) = (sizes(source), sizes(target));
         spec.block() == Block::LinearAttention && (fused(spec) || (t.is_some() && s != t))
@@ -341,8 +338,12 @@ pub fn unmapped_update(
     let gate_lost = source.ckpt.config.gated_query && !target.ckpt.config.gated_query;
     let gated = |spec: &ModuleSpec| gate_lost && spec.parts.contains(&Part::Q);
     // The list leaves out every module the map cannot take, so that following it works.
+    // Linear attention onto a model without it is refused by the plan's pairing of layers.
+    let no_target = |spec: &ModuleSpec| {
+        spec.block() == Block::LinearAttention && !target.arch.has_block(Block::LinearAttention)
+    };
     let kept: BTreeSet<&str> = (selected.iter())
-        .filter(|spec| !linear(spec) && !gated(spec))
+        .filter(|spec| !linear(spec) && !gated(spec) && !no_target(spec))
         .map(|spec| spec.name.as_str())
         .collect();
     let hint = match kept.is_empty() {
@@ -354,20 +355,27 @@ pub fn unmapped_update(
     };
     let (source_dir, target_dir) = (source.ckpt.dir.display(), target.ckpt.dir.display());
     let reason = if let Some(spec) = selected.iter().find(|spec| linear(spec)) {
-        let why = match fused(spec) {
-            true => "whose rows interleave the heads of several projections; map takes \
-                     Qwen3.5's split ones"
-                .to_string(),
-            false => format!(
-                "whose heads ({:?} key and value head sizes) differ from those of \
-                 {target_dir} ({:?}); map moves linear attention's heads as wholes",
-                sizes(source).unwrap_or_default(),
-                sizes(target).unwrap_or_default()
+        let why = match fused_side {
+            Some(side) => format!(
+                "and {} fuses linear attention's projections, interleaving their heads per key \
+                 head; map takes Qwen3.5's split ones",
+                side.ckpt.dir.display()
             ),
+            None => {
+                let ((ks, vs), (kt, vt)) = (
+                    sizes(source).unwrap_or_default(),
+                    sizes(target).unwrap_or_default(),
+                );
+                format!(
+                    "whose key and value heads of {ks} and {vs} meet heads of {kt} and {vt} in \
+                     {target_dir}; map moves linear attention's heads as wholes"
+                )
+            }
         };
         format!(
-            "the adapter's `{}` is linear attention in {source_dir}, {why}",
-            spec.name
+            "the adapter's `{}` is linear attention in {source_dir}{}{why}",
+            spec.name,
+            if fused_side.is_some() { " " } else { ", " }
         )
     } else if let Some(spec) = selected.iter().find(|spec| gated(spec)) {
         format!(

@@ -64,15 +64,6 @@ pub fn choose(
     } else {
         "module shapes differ".to_string()
     };
-    if let Some(u) = plan::experts::unmapped_update(source, target, adapter, options)? {
-        return Ok(Choice {
-            mode: Mode::Align,
-            reason: format!(
-                "{what_differs}, and map cannot take the adapter ({}): align",
-                u.reason
-            ),
-        });
-    }
     if let Some(side) = plan::experts::side_with_experts(source, target) {
         return Ok(Choice {
             mode: Mode::Align,
@@ -81,6 +72,15 @@ pub fn choose(
                  does not have: align",
                 side.ckpt.dir.display(),
                 side.experts()
+            ),
+        });
+    }
+    if let Some(u) = plan::experts::unmapped_update(source, target, adapter, options)? {
+        return Ok(Choice {
+            mode: Mode::Align,
+            reason: format!(
+                "{what_differs}, and map cannot take the adapter ({}): align",
+                u.reason
             ),
         });
     }

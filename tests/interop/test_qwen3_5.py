@@ -309,10 +309,11 @@ def test_map_onto_a_twin_moves_each_head_whole(binary, tmp_path):
     transformers splits them."""
     from peft import LoraConfig
 
-    vocab, hd, per = TEXT["vocab_size"], TEXT["head_dim"], 2
+    vocab, hd, heads = TEXT["vocab_size"], TEXT["head_dim"], TEXT["num_attention_heads"]
+    per = heads // TEXT["num_key_value_heads"]
     rng = np.random.default_rng(11)
     groups = rng.permutation(TEXT["num_key_value_heads"])
-    q_heads = [groups[u // per] * per + w for u in range(0, 4, per) for w in rng.permutation(per)]
+    q_heads = [groups[u // per] * per + w for u in range(0, heads, per) for w in rng.permutation(per)]
     neurons = rng.permutation(TEXT["intermediate_size"])
     kh, vh = TEXT["linear_num_key_heads"], TEXT["linear_num_value_heads"]
     kd, vd, r = TEXT["linear_key_head_dim"], TEXT["linear_value_head_dim"], vh // kh
