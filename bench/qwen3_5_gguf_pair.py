@@ -32,10 +32,10 @@ HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 12288, 16, 4, 256, 1024
 KEY_HEADS, VALUE_HEADS, KEY_DIM, VALUE_DIM = 16, 32, 128, 128
 
 
-def config(layers: int) -> dict:
+def config(layers: int, vocab: int = VOCAB) -> dict:
     from transformers import Qwen3_5TextConfig
 
-    c = Qwen3_5TextConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers,
+    c = Qwen3_5TextConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers,
                           num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                           linear_num_key_heads=KEY_HEADS, linear_num_value_heads=VALUE_HEADS,
                           linear_key_head_dim=KEY_DIM, linear_value_head_dim=VALUE_DIM)
@@ -44,7 +44,7 @@ def config(layers: int) -> dict:
     return out
 
 
-def model(rng, layers: int, types: list) -> dict:
+def model(rng, layers: int, types: list, vocab: int = VOCAB) -> dict:
     """bf16 bits of every tensor, Qwen3.5's names."""
     def g(*shape, std=0.02):
         return bf16_bits(rng.standard_normal(shape, dtype=np.float32) * std)
@@ -52,7 +52,7 @@ def model(rng, layers: int, types: list) -> dict:
     # RMS norms multiply by 1 + w (linear attention's gated norm by w: its values do not matter
     # to the timing).
     zeros = lambda n: bf16_bits(np.zeros(n, np.float32))  # noqa: E731
-    t = {"model.embed_tokens.weight": g(VOCAB, HIDDEN), "lm_head.weight": g(VOCAB, HIDDEN),
+    t = {"model.embed_tokens.weight": g(vocab, HIDDEN), "lm_head.weight": g(vocab, HIDDEN),
          "model.norm.weight": zeros(HIDDEN)}
     keys, values = KEY_HEADS * KEY_DIM, VALUE_HEADS * VALUE_DIM
     for l in range(layers):
