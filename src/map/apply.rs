@@ -95,7 +95,6 @@ impl LayerMap {
                 unit.label, self.target_layer
             )));
         };
-
         let factors = match part {
             Part::LinOut => Factors {
                 b: self.writers.0.write(&self.residual, src.b.as_ref()),
@@ -180,17 +179,18 @@ impl LayerMap {
             let mut blocks = Vec::new();
             let mut sims = Vec::new();
             let mut units = (0, 0);
+            let gated = [source, target].map(|side| side.ckpt.config.gated_query);
+            let has_q = parts.iter().any(|(part, _, _)| *part == Part::Q);
+            if has_q && gated == [true, false] {
+                return Err(Error::internal(format!(
+                    "map: {} of target layer {} would drop the source's query gate \
+                     (`experts::unmapped_update` refuses it)",
+                    unit.label, self.target_layer
+                )));
+            }
             for (part, rs, _) in &parts {
                 let (assignment, sizes) = inner(layer, *part, unit)?;
                 let rows = src.b.subrows(rs.start, rs.len());
-                let gated = [source, target].map(|side| side.ckpt.config.gated_query);
-                if *part == Part::Q && gated == [true, false] {
-                    return Err(Error::internal(format!(
-                        "map: {} of target layer {} would drop the source's query gate \
-                         (`experts::unmapped_update` refuses it)",
-                        unit.label, self.target_layer
-                    )));
-                }
                 let moved = match *part == Part::Q && gated != [false, false] {
                     true => {
                         let block = gated_query_block(layer, sizes, gated);

@@ -4,8 +4,9 @@
 //!
 //! A layer's signature is what it reads and writes, in sketched target coordinates (through the
 //! shared-token residual map for the source): four K × K Gram matrices — of its attention
-//! inputs (q, k and v rows; of a gated query its query rows), its MLP inputs (gate and up rows, norm gains folded in), and of the
-//! columns o and down write — each with its isotropic part removed and scaled to unit size (a
+//! inputs (q, k and v rows; of a gated query its query rows), its MLP inputs (gate and up rows,
+//! norm gains folded in), and of the columns o and down write — each with its isotropic part
+//! removed and scaled to unit size (a
 //! layer with linear attention instead, Qwen3.5's, has its reads and out_proj's writes in their
 //! place: layers compare on the parts both have).
 //! Grams do not depend on the coordinates inside heads or on the order of neurons, so no
@@ -22,6 +23,7 @@ use std::collections::BTreeMap;
 
 use faer::Mat;
 
+use super::heads::query_row;
 use super::layer::{Side, Sketch};
 use super::ResidualMap;
 use crate::arch::{Block, Part};
@@ -104,7 +106,7 @@ fn signature(
             let count = if gated { rows.len() / 2 } else { rows.len() };
             let picked: Vec<usize> = spaced(count, SAMPLED)
                 .into_iter()
-                .map(|i| if gated { (i / hd) * 2 * hd + i % hd } else { i })
+                .map(|i| if gated { query_row(i, hd) } else { i })
                 .collect();
             let mut w = Mat::<f32>::zeros(picked.len(), d);
             for (r, &i) in picked.iter().enumerate() {

@@ -90,10 +90,15 @@ fn query_rows(q: Mat<f32>, c: &ModelConfig) -> Mat<f32> {
     if !c.gated_query {
         return q;
     }
-    let hd = c.head_dim;
     Mat::from_fn(q.nrows() / 2, q.ncols(), |i, j| {
-        q[((i / hd) * 2 * hd + i % hd, j)]
+        q[(query_row(i, c.head_dim), j)]
     })
+}
+
+/// Where query row `i` (of heads of `hd` query rows) lies among a gated query's rows (each
+/// head's `hd` query rows, then its `hd` gate rows).
+pub(super) fn query_row(i: usize, hd: usize) -> usize {
+    (i / hd) * 2 * hd + i % hd
 }
 
 impl Heads {

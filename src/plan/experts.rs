@@ -324,16 +324,16 @@ pub fn unmapped_update(
         let c = side.ckpt.config.linear.as_ref();
         c.map(|l| (l.key_head_dim, l.value_head_dim))
     };
+    let (sizes_s, sizes_t) = (sizes(source), sizes(target));
     // Fused: either side's table (Qwen3-Next's), whose rows interleave several projections per
     // key head. Qwen3-Next also has experts, refused before this; the check stays for a table
     // that would fuse them without.
     let fused_side = [source, target].into_iter().find(|side| {
         side.arch.has_block(Block::LinearAttention) && !side.arch.splits_linear_attention()
     });
-    let fused = |_: &ModuleSpec| fused_side.is_some();
+    let other_sizes = sizes_t.is_some() && sizes_s != sizes_t;
     let linear = |spec: &ModuleSpec| {
-        let (s, t) = (sizes(source), sizes(target));
-        spec.block() == Block::LinearAttention && (fused(spec) || (t.is_some() && s != t))
+        spec.block() == Block::LinearAttention && (fused_side.is_some() || other_sizes)
     };
     let gate_lost = source.ckpt.config.gated_query && !target.ckpt.config.gated_query;
     let gated = |spec: &ModuleSpec| gate_lost && spec.parts.contains(&Part::Q);
@@ -362,10 +362,8 @@ pub fn unmapped_update(
                 side.ckpt.dir.display()
             ),
             None => {
-                let ((ks, vs), (kt, vt)) = (
-                    sizes(source).unwrap_or_default(),
-                    sizes(target).unwrap_or_default(),
-                );
+                let ((ks, vs), (kt, vt)) =
+                    (sizes_s.unwrap_or_default(), sizes_t.unwrap_or_default());
                 format!(
                     "whose key and value heads of {ks} and {vs} meet heads of {kt} and {vt} in \
                      {target_dir}; map moves linear attention's heads as wholes"
