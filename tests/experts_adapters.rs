@@ -250,19 +250,19 @@ fn a_lora_gguf_stacks_the_experts_of_a_layer() {
         assert!(fro(&(&got - &want)) <= 1e-5 * fro(&want), "expert {e}");
     }
     // A GGUF with experts of an architecture without a table is refused, saying which are read.
-    let gguf = d.p("deepseek2.gguf");
+    let gguf = d.p("dbrx.gguf");
     use loraxfer::io::gguf::write::{write_file, MetaValue};
     let meta = [
-        ("general.architecture", MetaValue::Str("deepseek2")),
-        ("deepseek2.expert_count", MetaValue::U32(8)),
+        ("general.architecture", MetaValue::Str("dbrx")),
+        ("dbrx.expert_count", MetaValue::U32(8)),
     ];
     write_file(&gguf, &meta, &[]).unwrap();
     let e = loraxfer::io::checkpoint::Checkpoint::open(&gguf)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("deepseek2.gguf")
-            && e.contains("`deepseek2` with experts")
+        e.contains("dbrx.gguf")
+            && e.contains("`dbrx` with experts")
             && e.contains("qwen3moe, olmoe, qwen2moe, glm4moe, llama"),
         "{e}"
     );

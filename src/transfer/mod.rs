@@ -231,7 +231,15 @@ pub fn run(job: &Job) -> Result<Report> {
         let path = staged.path().join(crate::io::gguf::lora::LORA_GGUF_FILE);
         let name = crate::io::output::name_of(&job.out);
         let check = || job.progress.check();
-        crate::io::gguf::lora::write_lora_gguf(&written, &opened.target, &name, &path, &check)?;
+        // Modules written with no update (not selected, or nothing in the adapter) are left
+        // out: they add nothing, and llama.cpp may have no tensor for them.
+        let carried: std::collections::BTreeSet<&str> = (opened.plan.modules.iter())
+            .filter(|m| carries_update(m))
+            .map(|m| m.name.as_str())
+            .collect();
+        let keep = |m: &str| carried.contains(m);
+        let base = (&opened.target, &keep as &dyn Fn(&str) -> bool);
+        crate::io::gguf::lora::write_lora_gguf(&written, base, &name, &path, &check)?;
     }
     if fused_experts {
         let mut config = config;
@@ -249,6 +257,11 @@ pub fn run(job: &Job) -> Result<Report> {
     job.progress.confirm()?;
     staged.commit()?;
     Ok(report)
+}
+
+/// Whether a planned module can carry an update: some unit of it is not skipped by the plan.
+fn carries_update(module: &plan::TargetModule) -> bool {
+    module.units.iter().any(|u| u.skip.is_none())
 }
 
 /// The map options with the transfer's seed.
@@ -337,6 +350,11 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     }
     let plan_start = Instant::now();
     let plan = plan::build(&s, &t, &adapter_modules, &job.adapter, &options)?;
+    if job.gguf_adapter {
+        let modules = plan.modules.iter().filter(|m| carries_update(m));
+        let names = modules.map(|m| (m.name.as_str(), m.module_type.as_str()));
+        crate::io::gguf::lora::check_modules(&target, names)?;
+    }
     timings.add(Phase::Plan, plan_start.elapsed().as_nanos() as u64);
     if let Some(note) = plan::experts::summary(&plan.experts, s.experts(), t.experts()) {
         job.progress.note(&note);

@@ -28,6 +28,7 @@ def main():
     from conversion.base import TextModel
 
     TextModel._set_vocab_gpt2 = placeholder_vocab
+    TextModel._set_vocab_glm = placeholder_vocab  # GLM-4.7-Flash's, which also asks the tokenizer
     sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, *flags]
     convert_hf_to_gguf.main()
 

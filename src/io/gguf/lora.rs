@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use crate::arch;
+use crate::arch::{self, Part};
 use crate::error::{Error, Result};
 use crate::io::adapter::{Adapter, Factor};
 use crate::io::checkpoint::Checkpoint;
@@ -48,6 +48,8 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
             // A multimodal Qwen3.5 release as its text model.
             "qwen3_5" => f.gguf == "qwen35",
             "qwen3_5_moe" => f.gguf == "qwen35moe",
+            // DeepSeek-V2, Kimi K2 and GLM-4.7-Flash convert as DeepSeek (`deepseek2`).
+            "deepseek_v2" | "kimi_k2" | "glm4_moe_lite" => f.gguf == "deepseek2",
             other => f.model_type == other,
         })
         .ok_or_else(|| {
@@ -104,9 +106,13 @@ pub fn export(
     let staged = StagedFile::create(out, force, &inputs, is_lora_gguf)?;
     // A hub adapter by its name, not its snapshot's commit.
     let name = hub_name.map_or_else(|| name_of(&adapter_dir), |h| h.name);
-    write_lora_gguf(&opened, &checkpoint, &name, staged.path(), &|| {
-        progress.check()
-    })?;
+    write_lora_gguf(
+        &opened,
+        (&checkpoint, &|_| true),
+        &name,
+        staged.path(),
+        &|| progress.check(),
+    )?;
     progress.confirm()?;
     Ok(Exported {
         path: staged.commit()?.to_string_lossy().into_owned(),
@@ -145,11 +151,69 @@ struct Member<'a> {
     ty: FloatType,
 }
 
+/// Where a module's LoRA goes in llama.cpp's naming: its layer, its expert, its table entry and
+/// the GGUF module of the base tensor (`attn_q`, `ffn_up_exps`); else why it has none.
+fn place<'t>(
+    family: &Family,
+    table: &'t arch::Arch,
+    module: &str,
+) -> std::result::Result<(usize, Option<usize>, &'t arch::ModuleSpec, &'static str), String> {
+    let (layer, expert, spec) = table
+        .layer_prefixes
+        .iter()
+        .find_map(|p| table.parse_module(p, module))
+        .ok_or_else(|| format!("is not a layer projection of a {} model", table.name))?;
+    let suffix = names::gguf_module(family, &spec.key).ok_or_else(|| {
+        match family.latent_attention && spec.parts == [Part::KvB] {
+            // llama.cpp's own LoRA converter cannot transpose a LoRA per head either.
+            true => format!(
+                "({}) is split by llama.cpp into `attn_k_b`, each head's key rows transposed, \
+                 and `attn_v_b`",
+                spec.key
+            ),
+            false => format!("({}) has no {} tensor", spec.key, family.gguf),
+        }
+    })?;
+    Ok((layer, expert, spec, suffix))
+}
+
+/// Refuses, before any work, a transfer with `--gguf-adapter` whose output would carry an update
+/// to a module (of `modules`: the target's, with their types) that no llama.cpp LoRA tensor of
+/// `base` can hold, naming it and the `--modules` list that leaves it out.
+pub fn check_modules<'m>(
+    base: &Checkpoint,
+    modules: impl Iterator<Item = (&'m str, &'m str)>,
+) -> Result<()> {
+    let family = family_of_base(base)?;
+    let table = arch::for_config(&base.config, &base.config_path())?;
+    let (mut refused, mut types) = (None, std::collections::BTreeMap::new());
+    for (module, module_type) in modules {
+        let placed = place(family, table, module);
+        *types.entry(module_type).or_insert(true) &= placed.is_ok();
+        if let Err(why) = placed {
+            refused.get_or_insert((module.to_string(), why));
+        }
+    }
+    let Some((module, why)) = refused else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = types.into_iter().filter(|t| t.1).map(|t| t.0).collect();
+    let hint = match kept.is_empty() {
+        true => String::new(),
+        false => format!(" (leave it out with --modules {})", kept.join(",")),
+    };
+    Err(Error::arg(
+        "--gguf-adapter",
+        format!("the output's `{module}` {why}: no llama.cpp LoRA tensor can hold it{hint}"),
+    ))
+}
+
 /// Writes `adapter` as a llama.cpp LoRA GGUF for `base` at `out` (replacing it), named `name`
-/// (`general.name`); `check` is called before each tensor (an error stops the write).
+/// (`general.name`), its modules that `keep` accepts (a transfer leaves out the ones it wrote
+/// with no update); `check` is called before each tensor (an error stops the write).
 pub fn write_lora_gguf(
     adapter: &Adapter,
-    base: &Checkpoint,
+    (base, keep): (&Checkpoint, &dyn Fn(&str) -> bool),
     name: &str,
     out: &Path,
     check: &dyn Fn() -> Result<()>,
@@ -164,23 +228,12 @@ pub fn write_lora_gguf(
     let mut placed: Vec<Placed<'_>> = Vec::with_capacity(adapter.modules.len());
     // A stacked experts tensor's place in `placed`, by its GGUF name.
     let mut stacks = std::collections::HashMap::new();
-    for (module, m) in &adapter.modules {
+    for (module, m) in adapter.modules.iter().filter(|m| keep(m.0)) {
         let not_for_base = |why: String| Error::UnsupportedAdapter {
             path: adapter.dir.clone(),
             reason: format!("`{module}` {why}: no llama.cpp LoRA tensor can hold it"),
         };
-        let (layer, expert, spec) = table
-            .layer_prefixes
-            .iter()
-            .find_map(|p| table.parse_module(p, module))
-            .ok_or_else(|| {
-                not_for_base(format!(
-                    "is not a layer projection of a {} model",
-                    table.name
-                ))
-            })?;
-        let suffix = names::gguf_module(family, &spec.key)
-            .ok_or_else(|| not_for_base(format!("({}) has no {} tensor", spec.key, family.gguf)))?;
+        let (layer, expert, spec, suffix) = place(family, table, module).map_err(not_for_base)?;
         let weight = format!(
             "{}.weight",
             table.module_path(base_prefix, layer, expert, spec)

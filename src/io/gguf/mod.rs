@@ -9,6 +9,7 @@
 
 pub mod convert;
 pub mod header;
+pub mod latent;
 pub mod lora;
 pub mod names;
 pub mod quant;
@@ -58,6 +59,8 @@ pub struct GgufModel {
     by_name: HashMap<String, usize>,
     /// One expert's weight in a stacked experts tensor: its rows' bytes, as a tensor of its own.
     views: Vec<TensorInfo>,
+    /// Latent attention's `kv_b_proj`, stored as two tensors and joined on read.
+    joined: HashMap<String, latent::JoinedKvB>,
     /// Hugging Face shapes (the GGML dimensions reversed).
     shapes: HashMap<String, Vec<usize>>,
     /// The head layout the converter's reorders follow.
@@ -171,12 +174,20 @@ impl GgufModel {
         let config = names::config_json(family, &header.metadata, &header.tensors)
             .map_err(|reason| Error::config(path, reason))?;
         let heads = reorder::Heads::from_json(&config);
+        let joined = match family.latent_attention {
+            true => latent::joined(&header.tensors, &config, path)?,
+            false => HashMap::new(),
+        };
+        for (name, j) in &joined {
+            shapes.insert(name.clone(), j.shape().to_vec());
+        }
         let model = GgufModel {
             path: path.to_path_buf(),
             map,
             header,
             family,
             by_name,
+            joined,
             views,
             shapes,
             heads,
@@ -213,11 +224,14 @@ impl GgufModel {
 
     /// Every tensor the engine can read, by Hugging Face name.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.by_name.keys().map(String::as_str)
+        self.by_name
+            .keys()
+            .chain(self.joined.keys())
+            .map(String::as_str)
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+        self.by_name.contains_key(name) || self.joined.contains_key(name)
     }
 
     /// The Hugging Face shape of `name`.
@@ -225,14 +239,20 @@ impl GgufModel {
         self.shapes.get(name).map(Vec::as_slice)
     }
 
-    /// The GGML type `name` is stored in.
+    /// The GGML type `name` is stored in (a joined tensor's: its key half's).
     pub fn stored_type(&self, name: &str) -> Option<GgmlType> {
-        self.info(name).map(|t| t.ty)
+        match self.joined.get(name) {
+            Some(j) => Some(self.header.tensors[j.k_b].ty),
+            None => self.info(name).map(|t| t.ty),
+        }
     }
 
     /// The type [`GgufModel::rows_raw`] hands out: the stored one when the bytes are used as
-    /// they are, f32 when they are dequantized or changed.
+    /// they are, f32 when they are dequantized, changed or joined.
     pub fn float_type(&self, name: &str) -> Option<FloatType> {
+        if self.joined.contains_key(name) {
+            return Some(FloatType::F32);
+        }
         let t = self.info(name)?;
         if !self.as_stored(name) {
             return t.ty.block().map(|_| FloatType::F32);
@@ -262,6 +282,14 @@ impl GgufModel {
         rows: std::ops::Range<usize>,
         unchecked: bool,
     ) -> Result<(RawBytes<'_>, FloatType, usize)> {
+        if self.joined.contains_key(name) {
+            let values = self.read_rows_f32(name, rows)?;
+            return Ok((
+                RawBytes::Decoded(values),
+                FloatType::F32,
+                self.shapes[name][1],
+            ));
+        }
         let (t, (elems, size), cols) = self.rows_raw_shape(name, &rows)?;
         let ty = self.float_type(name).expect("a sized type");
         if self.as_stored(name) {
@@ -279,6 +307,10 @@ impl GgufModel {
 
     /// Rows of `name` as f32 (NaN and Inf refused).
     pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        if let Some(j) = self.joined.get(name) {
+            self.check_rows(name, &rows)?;
+            return j.rows((&self.map, &self.path), &self.header.tensors, rows);
+        }
         if self.as_stored(name) {
             let (bytes, ty, _) = self.rows_raw(name, rows, false)?;
             return Ok(crate::io::safetensors::decode_f32(&bytes, ty));
@@ -288,14 +320,14 @@ impl GgufModel {
     }
 
     /// Rows of `name` to be decoded as they are read, when they are not handed out as stored
-    /// (None: [`GgufModel::rows_raw`] borrows them); NaN and Inf refused first, in a pass that
-    /// keeps nothing.
+    /// (None: [`GgufModel::rows_raw`] borrows them, or builds a joined tensor's whole); NaN and
+    /// Inf refused first, in a pass that keeps nothing.
     pub fn row_decoder(
         &self,
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<Option<QuantizedRows<'_>>> {
-        if self.as_stored(name) {
+        if self.as_stored(name) || self.joined.contains_key(name) {
             return Ok(None);
         }
         let (t, _, cols) = self.rows_raw_shape(name, &rows)?;
@@ -312,15 +344,7 @@ impl GgufModel {
         rows: &std::ops::Range<usize>,
     ) -> Result<(&TensorInfo, (usize, usize), usize)> {
         let t = self.info(name).ok_or_else(|| self.missing(name))?;
-        let shape = &self.shapes[name];
-        let cols: usize = shape.iter().skip(1).product();
-        if rows.end > shape[0] || rows.start > rows.end {
-            return Err(Error::bad_tensor(
-                &self.path,
-                name,
-                format!("rows {rows:?} out of range for shape {shape:?}"),
-            ));
-        }
+        let cols = self.check_rows(name, rows)?;
         let block = t.ty.block().ok_or_else(|| {
             Error::bad_tensor(
                 &self.path,
@@ -332,6 +356,19 @@ impl GgufModel {
             )
         })?;
         Ok((t, block, cols))
+    }
+
+    /// The row length of `name`, once `rows` is checked against its shape.
+    fn check_rows(&self, name: &str, rows: &std::ops::Range<usize>) -> Result<usize> {
+        let shape = self.shapes.get(name).ok_or_else(|| self.missing(name))?;
+        if rows.end > shape[0] || rows.start > rows.end {
+            return Err(Error::bad_tensor(
+                &self.path,
+                name,
+                format!("rows {rows:?} out of range for shape {shape:?}"),
+            ));
+        }
+        Ok(shape.iter().skip(1).product())
     }
 
     /// Rows `rows` of `name` (tensor `t`, rows of `cols` values) of a tensor that is not read as

@@ -34,6 +34,10 @@ pub struct Family {
     /// Qwen3.5: linear attention in most layers (`attn_qkv`, `attn_gate`, `ssm_beta`,
     /// `ssm_alpha`, `ssm_out`), its value heads reordered by the converter ([`super::reorder`]).
     pub linear_attention: bool,
+    /// DeepSeek-V2/V3, Kimi K2 and GLM-4.7-Flash (`deepseek2`): latent attention (`attn_q_a`,
+    /// `attn_q_b`, `attn_kv_a_mqa`), its `kv_b_proj` split by the converter into `attn_k_b`
+    /// (each head's key rows transposed) and `attn_v_b`, joined again on read ([`super::latent`]).
+    pub latent_attention: bool,
 }
 
 /// Every architecture a GGUF base model may have here (Mistral models convert to `llama`, OLMo 3
@@ -204,6 +208,20 @@ pub const FAMILIES: &[Family] = &[
     )
     .with_experts()
     .with_linear_attention(),
+    // DeepSeek-V2/V3, Kimi K2 and GLM-4.7-Flash: latent attention, leading dense layers, a
+    // shared expert. The metadata's model is DeepSeek-V3's where the router has its bias
+    // (`exp_probs_b`) or a sigmoid, V2's otherwise (`config_json`); the tables are the same.
+    family(
+        "deepseek2",
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    )
+    .with_experts()
+    .with_latent_attention(),
     // llama.cpp converts SmolLM3 as a Llama (its NoPE layers change no weight).
     family(
         "smollm3",
@@ -235,6 +253,7 @@ const fn family(
         fused,
         experts: false,
         linear_attention: false,
+        latent_attention: false,
     }
 }
 
@@ -249,11 +268,16 @@ impl Family {
         self
     }
 
+    const fn with_latent_attention(mut self) -> Family {
+        self.latent_attention = true;
+        self
+    }
+
     /// Whether llama.cpp's architecture has dense MLP tensors (`ffn_gate`, …): every dense
-    /// family, and GLM-4.5 for its leading dense layers; qwen2moe, qwen3moe, qwen35moe, olmoe,
-    /// gpt-oss and Mixtral have experts in every layer.
+    /// family, and GLM-4.5 and DeepSeek for their leading dense layers; qwen2moe, qwen3moe,
+    /// qwen35moe, olmoe, gpt-oss and Mixtral have experts in every layer.
     pub fn dense_mlp(&self) -> bool {
-        !self.experts || self.gguf == "glm4moe"
+        !self.experts || matches!(self.gguf, "glm4moe" | "deepseek2")
     }
 }
 
@@ -298,6 +322,10 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "self_attn.v_proj" => "attn_v",
         "self_attn.qkv_proj" if f.fused => "attn_qkv",
         "self_attn.o_proj" => "attn_output",
+        // Latent attention's (`self_attn.kv_b_proj` is two tensors: see [`super::latent`]).
+        "self_attn.q_a_proj" if f.latent_attention => "attn_q_a",
+        "self_attn.q_b_proj" if f.latent_attention => "attn_q_b",
+        "self_attn.kv_a_proj_with_mqa" if f.latent_attention => "attn_kv_a_mqa",
         // Qwen3.5's linear attention.
         "linear_attn.in_proj_qkv" if f.linear_attention => "attn_qkv",
         "linear_attn.in_proj_z" if f.linear_attention => "attn_gate",
@@ -347,6 +375,13 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
+    // DeepSeek-V3's router bias, a tensor of its own in Hugging Face's naming.
+    if module == "exp_probs_b" && f.latent_attention {
+        let router = table_of(f)?.router.as_deref()?.strip_suffix(".weight")?;
+        return Some(format!(
+            "model.layers.{layer}.{router}.e_score_correction_bias"
+        ));
+    }
     // Early conversions of Mixtral kept one tensor per expert: `blk.3.ffn_gate.5.weight`.
     if let Some((projection, expert)) = module.rsplit_once('.') {
         let digits = !expert.is_empty() && expert.bytes().all(|b| b.is_ascii_digit());
@@ -362,6 +397,13 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "attn_v" => "self_attn.v_proj",
         "attn_qkv" if f.fused => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_a" if f.latent_attention => "self_attn.q_a_proj",
+        "attn_q_b" if f.latent_attention => "self_attn.q_b_proj",
+        "attn_kv_a_mqa" if f.latent_attention => "self_attn.kv_a_proj_with_mqa",
+        // Conversions before llama.cpp split it kept `kv_b_proj` whole.
+        "attn_kv_b" if f.latent_attention => "self_attn.kv_b_proj",
+        "attn_q_a_norm" if f.latent_attention => "self_attn.q_a_layernorm",
+        "attn_kv_a_norm" if f.latent_attention => "self_attn.kv_a_layernorm",
         "attn_qkv" if f.linear_attention => "linear_attn.in_proj_qkv",
         "attn_gate" if f.linear_attention => "linear_attn.in_proj_z",
         "ssm_beta" if f.linear_attention => "linear_attn.in_proj_b",
@@ -487,7 +529,7 @@ pub fn config_json(
         // Mixtral's experts are `intermediate_size` wide; Qwen3-MoE's have their own width.
         let count = match f.model_type {
             "mixtral" | "gpt_oss" => "num_local_experts",
-            "glm4_moe" => "n_routed_experts",
+            "glm4_moe" | "deepseek_v3" => "n_routed_experts",
             _ => "num_experts",
         };
         obj.insert(count.into(), int("expert_count")?.into());
@@ -519,6 +561,9 @@ pub fn config_json(
     }
     if extra > 0 {
         obj.insert("num_nextn_predict_layers".into(), extra.into());
+    }
+    if f.latent_attention {
+        super::latent::config(f.gguf, metadata, tensors, obj)?;
     }
     if f.linear_attention {
         // Qwen3.5's linear attention, as the converter names its sizes (the SSM's).

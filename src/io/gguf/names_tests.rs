@@ -16,6 +16,11 @@ fn gguf_module_names_invert_hf_names_for_every_table_projection() {
                 assert_eq!(gguf_module(f, &spec.key), None, "{} {}", f.gguf, spec.key);
                 continue;
             }
+            // Latent attention's `kv_b_proj` is two tensors (`latent.rs`).
+            if f.latent_attention && spec.key == "self_attn.kv_b_proj" {
+                assert_eq!(gguf_module(f, &spec.key), None);
+                continue;
+            }
             let gguf = gguf_module(f, &spec.key)
                 .unwrap_or_else(|| panic!("{}: no GGUF name for {}", f.gguf, spec.key));
             if spec.expert {
@@ -279,6 +284,77 @@ fn config_carries_linear_attention() {
     let moe = [("expert_count", 8), ("expert_feed_forward_length", 24)];
     let c = parse("qwen35moe", true, &moe);
     assert_eq!((c.intermediate_size, c.experts.unwrap().width), (24, 24));
+}
+
+/// DeepSeek's GGUF config (`deepseek2`): the heads' sizes from the `*_mla` keys (the plain ones
+/// describe the converter's multi-query form over the latent), every head its own keys, the
+/// leading dense layers from the layers without a router (GLM-4.7-Flash's converter may write
+/// `leading_dense_block_count` 0), and V3's model where the router has a bias, V2's otherwise.
+#[test]
+fn config_carries_latent_attention() {
+    let parse = |q_latent: bool, bias: bool| {
+        let f = family_of("deepseek2", true).unwrap();
+        let mut m: HashMap<String, Value> = [
+            ("block_count", 4),
+            ("embedding_length", 64),
+            ("feed_forward_length", 96),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 1),
+            ("attention.key_length", 20),
+            ("attention.value_length", 16),
+            ("attention.key_length_mla", 12),
+            ("attention.value_length_mla", 10),
+            ("attention.kv_lora_rank", 16),
+            ("rope.dimension_count", 4),
+            ("expert_count", 8),
+            ("expert_feed_forward_length", 16),
+            ("expert_shared_count", 1),
+            ("leading_dense_block_count", 0),
+        ]
+        .iter()
+        .chain(q_latent.then_some(&("attention.q_lora_rank", 24)))
+        .map(|(k, v)| (format!("deepseek2.{k}"), Value::UInt(*v)))
+        .collect();
+        m.insert("deepseek2.expert_weights_scale".into(), Value::Float(2.5));
+        let mut tensors = routers_of(2..4);
+        if bias {
+            tensors[0].name = "blk.2.exp_probs_b.bias".into();
+            tensors.extend(routers_of(2..3));
+        }
+        let json = config_json(f, &m, &tensors).unwrap();
+        let c = crate::io::checkpoint::ModelConfig::parse(&json.to_string(), "m.gguf".as_ref())
+            .unwrap();
+        (json, c)
+    };
+    let (json, c) = parse(true, true);
+    let l = c.latent.unwrap();
+    assert_eq!(
+        (l.q_lora_rank, l.kv_lora_rank, l.qk_nope_head_dim),
+        (Some(24), 16, 8)
+    );
+    assert_eq!((l.qk_rope_head_dim, l.v_head_dim), (4, 10));
+    assert_eq!(
+        (c.model_type.as_str(), c.num_key_value_heads),
+        ("deepseek_v3", 4)
+    );
+    assert_eq!(c.experts.unwrap().dense_layers, [0, 1]);
+    assert_eq!(json["first_k_dense_replace"], 2);
+    assert_eq!(json["routed_scaling_factor"], 2.5);
+    let (json, c) = parse(false, false);
+    assert_eq!(c.latent.unwrap().q_lora_rank, None);
+    assert_eq!(json["architectures"][0], "DeepseekV2ForCausalLM");
+    let f = family_of("deepseek2", true).unwrap();
+    for (gguf, hf) in [
+        (
+            "blk.1.attn_kv_a_norm.weight",
+            "self_attn.kv_a_layernorm.weight",
+        ),
+        ("blk.1.attn_kv_b.weight", "self_attn.kv_b_proj.weight"),
+        ("blk.1.exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+    ] {
+        assert_eq!(hf_name(f, gguf).unwrap(), format!("model.layers.1.{hf}"));
+    }
+    assert_eq!(hf_name(f, "blk.1.attn_k_b.weight"), None);
 }
 
 /// The header entries of routers (`ffn_gate_inp`, 8 experts) in `layers`.
