@@ -8,8 +8,8 @@
 //! - `attn_v_b`, `[heads, v, kv_lora_rank]`: each head's value rows, as they were.
 //!
 //! The engine decomposes and adapts `kv_b_proj` whole (as PEFT adapts it), so [`JoinedKvB`]
-//! builds its rows back from the two on read, dequantizing each as any tensor is
-//! ([`super::QuantizedRows`]); the config gets the heads' sizes back from the `*_mla` keys.
+//! builds its rows back from the two on read ([`super::joined`]); the config gets the heads'
+//! sizes back from the `*_mla` keys.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -18,7 +18,7 @@ use std::path::Path;
 use serde_json::{Map, Value as Json};
 
 use super::header::{TensorInfo, Value};
-use super::QuantizedRows;
+use super::joined::decode;
 use crate::error::{Error, Result};
 
 /// A layer's `kv_b_proj`, joined from the two tensors the converter split it into.
@@ -46,16 +46,13 @@ impl JoinedKvB {
     /// of `attn_v_b`. NaN and Inf are refused, named in the tensor they were read from.
     pub fn rows(
         &self,
-        (map, path): (&[u8], &Path),
+        file: (&[u8], &Path),
         tensors: &[TensorInfo],
         rows: Range<usize>,
     ) -> Result<Vec<f32>> {
         let (k_b, v_b) = (&tensors[self.k_b], &tensors[self.v_b]);
         let per = self.nope + self.v;
-        let read = |t: &TensorInfo, all: (usize, usize), r: Range<usize>| {
-            QuantizedRows::new(&map[t.start..t.end], t.ty, all, r, (None, None), 0.0)
-                .to_vec(path, &t.name)
-        };
+        let read = |t, all, r| decode(file, t, all, r);
         let mut out = Vec::with_capacity(rows.len() * self.rank);
         let mut keys: Option<(usize, Vec<f32>)> = None;
         for row in rows {
@@ -76,28 +73,18 @@ impl JoinedKvB {
     }
 }
 
-/// Every layer's joined `kv_b_proj` (by Hugging Face name), from the header's `attn_k_b` and
-/// `attn_v_b` pairs, their dims checked against the config's sizes.
-pub fn joined(
-    tensors: &[TensorInfo],
-    config: &Json,
-    path: &Path,
-) -> Result<HashMap<String, JoinedKvB>> {
-    let index: HashMap<&str, usize> = tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
-    let size = |key: &str| config.get(key).and_then(Json::as_u64).unwrap_or(0) as usize;
-    let mut out = HashMap::new();
-    for (i, t) in tensors.iter().enumerate() {
-        let Some(layer) = t
-            .name
-            .strip_prefix("blk.")
-            .and_then(|r| r.strip_suffix(".attn_k_b.weight"))
-        else {
-            continue;
-        };
+impl JoinedKvB {
+    /// Layer `layer`'s, from the header's `attn_k_b` (index `i`) and `attn_v_b`, their dims
+    /// checked against the config's sizes.
+    pub fn find(
+        (tensors, index): (&[TensorInfo], &HashMap<&str, usize>),
+        i: usize,
+        config: &Json,
+        path: &Path,
+    ) -> Result<(String, JoinedKvB)> {
+        let t = &tensors[i];
+        let layer = t.name.split('.').nth(1).unwrap_or_default();
+        let size = |key: &str| config.get(key).and_then(Json::as_u64).unwrap_or(0) as usize;
         let v_name = format!("blk.{layer}.attn_v_b.weight");
         let v_b = *index.get(v_name.as_str()).ok_or_else(|| {
             Error::bad_tensor(path, &t.name, format!("is here without `{v_name}`"))
@@ -125,12 +112,9 @@ pub fn joined(
                 ));
             }
         }
-        out.insert(
-            format!("model.layers.{layer}.self_attn.kv_b_proj.weight"),
-            joined,
-        );
+        let name = format!("model.layers.{layer}.self_attn.kv_b_proj.weight");
+        Ok((name, joined))
     }
-    Ok(out)
 }
 
 /// The config fields of latent attention, from the converter's keys (`arch.` prefixed): the
@@ -252,8 +236,10 @@ mod tests {
             "kv_lora_rank": rank,
         });
         let path = Path::new("m.gguf");
-        let all = joined(&header.tensors, &config, path).unwrap();
-        let j = &all["model.layers.0.self_attn.kv_b_proj.weight"];
+        let index = [("blk.0.attn_k_b.weight", 0), ("blk.0.attn_v_b.weight", 1)].into();
+        let tensors = (&header.tensors[..], &index);
+        let (name, j) = JoinedKvB::find(tensors, 0, &config, path).unwrap();
+        assert_eq!(name, "model.layers.0.self_attn.kv_b_proj.weight");
         assert_eq!(j.shape(), [heads * per, rank]);
         for range in [0..heads * per, 2..3, 7..12, 13..heads * per] {
             let got = j
@@ -269,7 +255,7 @@ mod tests {
             "num_attention_heads": heads, "qk_nope_head_dim": nope, "v_head_dim": v + 1,
             "kv_lora_rank": rank,
         });
-        let e = joined(&header.tensors, &wrong, path)
+        let e = JoinedKvB::find(tensors, 0, &wrong, path)
             .unwrap_err()
             .to_string();
         assert!(

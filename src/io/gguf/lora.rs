@@ -164,14 +164,19 @@ fn place<'t>(
         .find_map(|p| table.parse_module(p, module))
         .ok_or_else(|| format!("is not a layer projection of a {} model", table.name))?;
     let suffix = names::gguf_module(family, &spec.key).ok_or_else(|| {
-        match family.latent_attention && spec.parts == [Part::KvB] {
-            // llama.cpp's own LoRA converter cannot transpose a LoRA per head either.
-            true => format!(
+        // llama.cpp's own LoRA converter cannot split these either (a per-head transpose, a
+        // regrouping of rows into two tensors).
+        match spec.parts.as_slice() {
+            [Part::KvB] if family.latent_attention => format!(
                 "({}) is split by llama.cpp into `attn_k_b`, each head's key rows transposed, \
                  and `attn_v_b`",
                 spec.key
             ),
-            false => format!("({}) has no {} tensor", spec.key, family.gguf),
+            [Part::LinQkvz] if family.fused_linear_attention => format!(
+                "({}) is split by llama.cpp into `attn_qkv` and `attn_gate`, its rows regrouped",
+                spec.key
+            ),
+            _ => format!("({}) has no {} tensor", spec.key, family.gguf),
         }
     })?;
     Ok((layer, expert, spec, suffix))

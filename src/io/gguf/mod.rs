@@ -9,6 +9,7 @@
 
 pub mod convert;
 pub mod header;
+pub mod joined;
 pub mod latent;
 pub mod lora;
 pub mod names;
@@ -59,8 +60,8 @@ pub struct GgufModel {
     by_name: HashMap<String, usize>,
     /// One expert's weight in a stacked experts tensor: its rows' bytes, as a tensor of its own.
     views: Vec<TensorInfo>,
-    /// Latent attention's `kv_b_proj`, stored as two tensors and joined on read.
-    joined: HashMap<String, latent::JoinedKvB>,
+    /// Tensors the converter split in two (`kv_b_proj`, `in_proj_qkvz`), joined on read.
+    joined: HashMap<String, joined::Joined>,
     /// Hugging Face shapes (the GGML dimensions reversed).
     shapes: HashMap<String, Vec<usize>>,
     /// The head layout the converter's reorders follow.
@@ -174,10 +175,7 @@ impl GgufModel {
         let config = names::config_json(family, &header.metadata, &header.tensors)
             .map_err(|reason| Error::config(path, reason))?;
         let heads = reorder::Heads::from_json(&config);
-        let joined = match family.latent_attention {
-            true => latent::joined(&header.tensors, &config, path)?,
-            false => HashMap::new(),
-        };
+        let joined = joined::all(family, &header.tensors, &config, path)?;
         for (name, j) in &joined {
             shapes.insert(name.clone(), j.shape().to_vec());
         }
@@ -242,7 +240,7 @@ impl GgufModel {
     /// The GGML type `name` is stored in (a joined tensor's: its key half's).
     pub fn stored_type(&self, name: &str) -> Option<GgmlType> {
         match self.joined.get(name) {
-            Some(j) => Some(self.header.tensors[j.k_b].ty),
+            Some(j) => Some(self.header.tensors[j.first()].ty),
             None => self.info(name).map(|t| t.ty),
         }
     }

@@ -34,6 +34,10 @@ pub struct Family {
     /// Qwen3.5: linear attention in most layers (`attn_qkv`, `attn_gate`, `ssm_beta`,
     /// `ssm_alpha`, `ssm_out`), its value heads reordered by the converter ([`super::reorder`]).
     pub linear_attention: bool,
+    /// Qwen3-Next: linear attention in fused projections, `in_proj_qkvz` regrouped by the
+    /// converter into `attn_qkv` and `attn_gate` and joined again on read ([`super::joined`]),
+    /// `in_proj_ba` as `ssm_ba`.
+    pub fused_linear_attention: bool,
     /// DeepSeek-V2/V3, Kimi K2 and GLM-4.7-Flash (`deepseek2`): latent attention (`attn_q_a`,
     /// `attn_q_b`, `attn_kv_a_mqa`), its `kv_b_proj` split by the converter into `attn_k_b`
     /// (each head's key rows transposed) and `attn_v_b`, joined again on read ([`super::latent`]).
@@ -208,6 +212,19 @@ pub const FAMILIES: &[Family] = &[
     )
     .with_experts()
     .with_linear_attention(),
+    // Qwen3-Next: norms stored as g, as Qwen3.5's (its linear attention's gated norm excepted,
+    // which the engine does not read); experts in every layer.
+    family(
+        "qwen3next",
+        "qwen3_next",
+        "Qwen3NextForCausalLM",
+        false,
+        1.0,
+        false,
+        false,
+    )
+    .with_experts()
+    .with_fused_linear_attention(),
     // DeepSeek-V2/V3, Kimi K2 and GLM-4.7-Flash: latent attention, leading dense layers, a
     // shared expert. The metadata's model is DeepSeek-V3's where the router has its bias
     // (`exp_probs_b`) or a sigmoid, V2's otherwise (`config_json`); the tables are the same.
@@ -253,6 +270,7 @@ const fn family(
         fused,
         experts: false,
         linear_attention: false,
+        fused_linear_attention: false,
         latent_attention: false,
     }
 }
@@ -265,6 +283,11 @@ impl Family {
 
     const fn with_linear_attention(mut self) -> Family {
         self.linear_attention = true;
+        self
+    }
+
+    const fn with_fused_linear_attention(mut self) -> Family {
+        self.fused_linear_attention = true;
         self
     }
 
@@ -331,7 +354,9 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "linear_attn.in_proj_z" if f.linear_attention => "attn_gate",
         "linear_attn.in_proj_b" if f.linear_attention => "ssm_beta",
         "linear_attn.in_proj_a" if f.linear_attention => "ssm_alpha",
-        "linear_attn.out_proj" if f.linear_attention => "ssm_out",
+        "linear_attn.out_proj" if f.linear_attention || f.fused_linear_attention => "ssm_out",
+        // Qwen3-Next's (`in_proj_qkvz` is two tensors: see [`super::joined`]).
+        "linear_attn.in_proj_ba" if f.fused_linear_attention => "ssm_ba",
         "mlp.gate_proj" if f.dense_mlp() => "ffn_gate",
         "mlp.up_proj" if !f.fused && f.dense_mlp() => "ffn_up",
         "mlp.gate_up_proj" if f.fused => "ffn_up",
@@ -408,7 +433,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "attn_gate" if f.linear_attention => "linear_attn.in_proj_z",
         "ssm_beta" if f.linear_attention => "linear_attn.in_proj_b",
         "ssm_alpha" if f.linear_attention => "linear_attn.in_proj_a",
-        "ssm_out" if f.linear_attention => "linear_attn.out_proj",
+        "ssm_out" if f.linear_attention || f.fused_linear_attention => "linear_attn.out_proj",
+        "ssm_ba" if f.fused_linear_attention => "linear_attn.in_proj_ba",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
@@ -420,6 +446,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ffn_gate_shexp" if f.experts => shared_expert_key(f, Part::Gate)?,
         "ffn_up_shexp" if f.experts => shared_expert_key(f, Part::Up)?,
         "ffn_down_shexp" if f.experts => shared_expert_key(f, Part::Down)?,
+        // The shared expert's own gate (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE).
+        "ffn_gate_inp_shexp" if f.experts => "mlp.shared_expert_gate",
         "ffn_norm" if f.sandwich_norms => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         // The norms of the blocks' outputs (Gemma 2/3, OLMo 2/3).
@@ -565,8 +593,9 @@ pub fn config_json(
     if f.latent_attention {
         super::latent::config(f.gguf, metadata, tensors, obj)?;
     }
-    if f.linear_attention {
-        // Qwen3.5's linear attention, as the converter names its sizes (the SSM's).
+    if f.linear_attention || f.fused_linear_attention {
+        // Qwen3.5's and Qwen3-Next's linear attention, as the converter names its sizes (the
+        // SSM's).
         let value_heads = int("ssm.time_step_rank")?;
         for (field, value) in [
             ("linear_num_key_heads", int("ssm.group_count")?),

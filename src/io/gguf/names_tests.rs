@@ -16,8 +16,14 @@ fn gguf_module_names_invert_hf_names_for_every_table_projection() {
                 assert_eq!(gguf_module(f, &spec.key), None, "{} {}", f.gguf, spec.key);
                 continue;
             }
-            // Latent attention's `kv_b_proj` is two tensors (`latent.rs`).
-            if f.latent_attention && spec.key == "self_attn.kv_b_proj" {
+            // Latent attention's `kv_b_proj` and Qwen3-Next's `in_proj_qkvz` are two tensors
+            // each (`joined.rs`).
+            let split = match spec.key.as_str() {
+                "self_attn.kv_b_proj" => f.latent_attention,
+                "linear_attn.in_proj_qkvz" => f.fused_linear_attention,
+                _ => false,
+            };
+            if split {
                 assert_eq!(gguf_module(f, &spec.key), None);
                 continue;
             }
@@ -284,6 +290,20 @@ fn config_carries_linear_attention() {
     let moe = [("expert_count", 8), ("expert_feed_forward_length", 24)];
     let c = parse("qwen35moe", true, &moe);
     assert_eq!((c.intermediate_size, c.experts.unwrap().width), (24, 24));
+    // Qwen3-Next: the same keys, its fused projections' table.
+    let c = parse("qwen3next", true, &moe);
+    let linear = c.linear.as_ref().unwrap();
+    assert_eq!(
+        (c.model_type.as_str(), linear.value_heads),
+        ("qwen3_next", 4)
+    );
+    assert!(c.gated_query);
+    let f = family_of("qwen3next", true).unwrap();
+    assert_eq!(
+        hf_name(f, "blk.2.ssm_ba.weight").as_deref(),
+        Some("model.layers.2.linear_attn.in_proj_ba.weight")
+    );
+    assert_eq!(hf_name(f, "blk.2.attn_qkv.weight"), None); // joined with attn_gate
 }
 
 /// DeepSeek's GGUF config (`deepseek2`): the heads' sizes from the `*_mla` keys (the plain ones
