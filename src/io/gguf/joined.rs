@@ -107,6 +107,32 @@ pub struct FusedQkvz {
 }
 
 impl FusedQkvz {
+    /// The layout of a model's `in_proj_qkvz` (no tensors behind it: `qkv` and `gate` are 0), for
+    /// the LoRA writer.
+    pub fn of_config(c: &crate::io::checkpoint::ModelConfig) -> Option<Self> {
+        let l = c.linear.as_ref()?;
+        Some(FusedQkvz {
+            qkv: 0,
+            gate: 0,
+            key_heads: l.key_heads,
+            key_rows: l.key_head_dim,
+            value_rows: l.value_heads / l.key_heads.max(1) * l.value_head_dim,
+            hidden: c.hidden_size,
+        })
+    }
+
+    /// The Hugging Face rows the file's `attn_qkv` and `attn_gate` hold, in their stored order:
+    /// a LoRA's B rows for each of the two tensors.
+    pub fn split_rows(&self) -> [Vec<usize>; 2] {
+        let (kh, kr, vr) = (self.key_heads, self.key_rows, self.value_rows);
+        let mut out = [vec![0; kh * (2 * kr + vr)], vec![0; kh * vr]];
+        for row in 0..self.shape()[0] {
+            let (gate, at) = self.stored(row);
+            out[gate as usize][at] = row;
+        }
+        out
+    }
+
     pub fn shape(&self) -> [usize; 2] {
         [self.key_heads * self.per_head(), self.hidden]
     }
@@ -228,5 +254,11 @@ mod tests {
         }
         let got: Vec<(bool, usize)> = (0..j.shape()[0]).map(|r| j.stored(r)).collect();
         assert_eq!(got, want);
+        // The LoRA writer's rows: each tensor's stored rows, back to Hugging Face rows.
+        let [qkv, gate] = j.split_rows();
+        assert_eq!(qkv.len() + gate.len(), j.shape()[0]);
+        for (row, &(g, at)) in want.iter().enumerate() {
+            assert_eq!(if g { gate[at] } else { qkv[at] }, row);
+        }
     }
 }

@@ -21,6 +21,7 @@ use crate::arch::{self, Part};
 use crate::error::{Error, Result};
 use crate::io::adapter::{Adapter, Factor};
 use crate::io::checkpoint::Checkpoint;
+use crate::io::gguf::joined::FusedQkvz;
 use crate::io::gguf::names::{self, Family};
 use crate::io::gguf::reorder::{self, Reorder};
 use crate::io::gguf::write::{self, GgufTensor, MetaValue};
@@ -133,6 +134,9 @@ struct Placed<'a> {
     gguf: String,
     members: Vec<Option<Member<'a>>>,
     stacked: bool,
+    /// The rows of B this tensor takes, in its stored order, where the converter split the
+    /// module's weight into several tensors (Qwen3-Next's `in_proj_qkvz`); None: all.
+    picked: Option<Vec<usize>>,
     rows: Option<Reorder>,
     columns: Option<Reorder>,
     ty: FloatType,
@@ -151,35 +155,65 @@ struct Member<'a> {
     ty: FloatType,
 }
 
-/// Where a module's LoRA goes in llama.cpp's naming: its layer, its expert, its table entry and
-/// the GGUF module of the base tensor (`attn_q`, `ffn_up_exps`); else why it has none.
+/// Where a module's LoRA goes in llama.cpp's naming.
+struct Place<'t> {
+    layer: usize,
+    expert: Option<usize>,
+    spec: &'t arch::ModuleSpec,
+    /// The GGUF modules of the base tensors (`attn_q`, `ffn_up_exps`; two for Qwen3-Next's
+    /// `in_proj_qkvz`, which the converter splits into `attn_qkv` and `attn_gate`).
+    suffixes: Vec<&'static str>,
+}
+
+/// Where a module's LoRA goes ([`Place`]); else why it has none.
 fn place<'t>(
-    family: &Family,
+    (family, base): (&Family, &Checkpoint),
     table: &'t arch::Arch,
     module: &str,
-) -> std::result::Result<(usize, Option<usize>, &'t arch::ModuleSpec, &'static str), String> {
+) -> std::result::Result<Place<'t>, String> {
     let (layer, expert, spec) = table
         .layer_prefixes
         .iter()
         .find_map(|p| table.parse_module(p, module))
         .ok_or_else(|| format!("is not a layer projection of a {} model", table.name))?;
+    let at = |suffixes| Place {
+        layer,
+        expert,
+        spec,
+        suffixes,
+    };
+    if family.fused_linear_attention && spec.parts == [Part::LinQkvz] {
+        // A GGUF base from before the split holds it whole, as `ssm_in`.
+        let weight = format!(
+            "{}.weight",
+            table.module_path(
+                table.detect_prefix(base).map_err(|e| e.to_string())?,
+                layer,
+                None,
+                spec
+            )
+        );
+        let whole = base
+            .gguf()
+            .is_some_and(|g| g.has(&weight) && !g.is_joined(&weight));
+        return Ok(at(match whole {
+            true => vec!["ssm_in"],
+            false => vec!["attn_qkv", "attn_gate"],
+        }));
+    }
     let suffix = names::gguf_module(family, &spec.key).ok_or_else(|| {
-        // llama.cpp's own LoRA converter cannot split these either (a per-head transpose, a
-        // regrouping of rows into two tensors).
-        match spec.parts.as_slice() {
-            [Part::KvB] if family.latent_attention => format!(
+        match family.latent_attention && spec.parts == [Part::KvB] {
+            // llama.cpp multiplies by the two halves without a LoRA (and its own LoRA converter
+            // cannot transpose a LoRA per head).
+            true => format!(
                 "({}) is split by llama.cpp into `attn_k_b`, each head's key rows transposed, \
-                 and `attn_v_b`",
+                 and `attn_v_b`, which its graph applies no LoRA to",
                 spec.key
             ),
-            [Part::LinQkvz] if family.fused_linear_attention => format!(
-                "({}) is split by llama.cpp into `attn_qkv` and `attn_gate`, its rows regrouped",
-                spec.key
-            ),
-            _ => format!("({}) has no {} tensor", spec.key, family.gguf),
+            false => format!("({}) has no {} tensor", spec.key, family.gguf),
         }
     })?;
-    Ok((layer, expert, spec, suffix))
+    Ok(at(vec![suffix]))
 }
 
 /// Refuses, before any work, a transfer with `--gguf-adapter` whose output would carry an update
@@ -193,7 +227,7 @@ pub fn check_modules<'m>(
     let table = arch::for_config(&base.config, &base.config_path())?;
     let (mut refused, mut types) = (None, std::collections::BTreeMap::new());
     for (module, module_type) in modules {
-        let placed = place(family, table, module);
+        let placed = place((family, base), table, module);
         *types.entry(module_type).or_insert(true) &= placed.is_ok();
         if let Err(why) = placed {
             refused.get_or_insert((module.to_string(), why));
@@ -238,7 +272,12 @@ pub fn write_lora_gguf(
             path: adapter.dir.clone(),
             reason: format!("`{module}` {why}: no llama.cpp LoRA tensor can hold it"),
         };
-        let (layer, expert, spec, suffix) = place(family, table, module).map_err(not_for_base)?;
+        let Place {
+            layer,
+            expert,
+            spec,
+            suffixes,
+        } = place((family, base), table, module).map_err(not_for_base)?;
         let weight = format!(
             "{}.weight",
             table.module_path(base_prefix, layer, expert, spec)
@@ -265,20 +304,30 @@ pub fn write_lora_gguf(
             scale: adapter.config.scale(m.r, m.alpha),
             ty: m.ty,
         };
-        let gguf = format!("blk.{layer}.{suffix}.weight");
-        let new = |members| Placed {
-            gguf: gguf.clone(),
+        let gguf = format!("blk.{layer}.{}.weight", suffixes[0]);
+        let new = |gguf: String, members, picked: Option<Vec<usize>>| Placed {
+            gguf,
             members,
             stacked: expert.is_some(),
+            out_features: picked.as_ref().map_or(m.out_features, Vec::len),
+            picked,
             rows,
             columns,
             ty: m.ty,
             r: m.r,
             in_features: m.in_features,
-            out_features: m.out_features,
         };
         let Some(e) = expert else {
-            placed.push(new(vec![Some(member)]));
+            if suffixes.len() == 1 {
+                placed.push(new(gguf, vec![Some(member)], None));
+                continue;
+            }
+            // One module, two tensors: each takes its rows of B, and all of A.
+            let layout = FusedQkvz::of_config(cfg).expect("a Qwen3-Next config");
+            for (suffix, rows) in suffixes.iter().zip(layout.split_rows()) {
+                let gguf = format!("blk.{layer}.{suffix}.weight");
+                placed.push(new(gguf, vec![Some(member)], Some(rows)));
+            }
             continue;
         };
         let count = cfg.experts.as_ref().map_or(0, |x| x.count);
@@ -289,7 +338,7 @@ pub fn write_lora_gguf(
         }
         // llama.cpp holds a layer's experts in one tensor per projection, one rank for all.
         let at = *stacks.entry(gguf.clone()).or_insert_with(|| {
-            placed.push(new(vec![None; count]));
+            placed.push(new(gguf.clone(), vec![None; count], None));
             placed.len() - 1
         });
         let stack = &mut placed[at];
@@ -404,6 +453,13 @@ fn stored_b(p: &Placed<'_>, fold: f64, mut b: Vec<f32>) -> Vec<f32> {
     let r = p.r;
     if fold != 1.0 {
         b.iter_mut().for_each(|v| *v = (*v as f64 * fold) as f32);
+    }
+    if let Some(picked) = &p.picked {
+        b = picked
+            .iter()
+            .flat_map(|&row| &b[row * r..(row + 1) * r])
+            .copied()
+            .collect();
     }
     if let Some(order) = p.rows {
         let rows = p.out_features;

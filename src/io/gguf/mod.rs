@@ -232,6 +232,11 @@ impl GgufModel {
         self.by_name.contains_key(name) || self.joined.contains_key(name)
     }
 
+    /// Whether `name` is built from several of the file's tensors ([`joined`]).
+    pub fn is_joined(&self, name: &str) -> bool {
+        self.joined.contains_key(name)
+    }
+
     /// The Hugging Face shape of `name`.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.shapes.get(name).map(Vec::as_slice)

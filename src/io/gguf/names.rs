@@ -435,6 +435,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ssm_alpha" if f.linear_attention => "linear_attn.in_proj_a",
         "ssm_out" if f.linear_attention || f.fused_linear_attention => "linear_attn.out_proj",
         "ssm_ba" if f.fused_linear_attention => "linear_attn.in_proj_ba",
+        // Conversions before llama.cpp regrouped it kept `in_proj_qkvz` whole.
+        "ssm_in" if f.fused_linear_attention => "linear_attn.in_proj_qkvz",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
