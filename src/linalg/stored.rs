@@ -242,7 +242,7 @@ mod tests {
             (rows, cols),
             0..rows,
             (None, None),
-            0.0,
+            crate::io::gguf::Values::AsIs,
         ));
         let (x, y) = (
             gaussian_matrix(seed, 2, cols, 17),

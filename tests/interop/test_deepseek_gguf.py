@@ -115,38 +115,47 @@ def test_a_transfer_onto_the_gguf_is_the_transfer_onto_the_checkpoint(layered, g
             assert err <= (0 if outtype == "f32" else 0.03), (outtype, module, err)
 
 
+LATENT_INPUTS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "self_attn.q_proj")
+UNADAPTED = ("attn_q_a.", "attn_q_b.", "attn_kv_a_mqa.", "attn_k_b.", "attn_v_b.", "attn_q.")
+
+
 def test_a_lora_gguf_for_deepseek_equals_llama_cpp_conversion(layered, ggufs, binary, tmp_path):
     """`export-gguf` for a DeepSeek-V3 GGUF writes what llama.cpp's `convert_lora_to_gguf.py`
-    writes (latent attention as `attn_q_a`, `attn_q_b`, `attn_kv_a_mqa`; stacked experts; the
-    shared expert; the dense layer); a LoRA on `kv_b_proj`, which llama.cpp splits per head and
-    whose own converter cannot transpose, is refused, named, and nothing is written; so is a
-    transfer with `--gguf-adapter` that would carry one, before any work, and the `--modules` list
-    its message gives is taken: a LoRA GGUF without `kv_b_proj` beside the PEFT adapter."""
+    writes for an adapter of the modules llama.cpp's graph adapts (`o_proj`; stacked experts; the
+    shared expert; the dense layer). A LoRA on latent attention's input projections, which the
+    graph multiplies without one, is refused, named, and nothing is written; so is a transfer with
+    `--gguf-adapter` that would carry one, before any work, and the `--modules` list its message
+    gives is taken: a LoRA GGUF of the other modules beside the PEFT adapter."""
     _, get = layered
     base, _, full, _ = get("deepseek_v3")
     _, path = ggufs("deepseek_v3", "f32")
-    adapter = write_adapter(base, tmp_path / "no-kv-b", lambda m: not m.endswith("kv_b_proj"))
+    adapter = write_adapter(base, tmp_path / "taken", lambda m: not m.endswith(LATENT_INPUTS))
     got = tmp_path / "got.gguf"
     iu.loraxfer(binary, "export-gguf", "--adapter", adapter, "--base", path, "--out", got)
     assert_same_lora(got, reference(adapter, base, tmp_path / "want.gguf"))
     names = [t.name for t in gguf.GGUFReader(str(got)).tensors]
-    for name in ["blk.1.attn_q_a.weight.lora_a", "blk.1.attn_kv_a_mqa.weight.lora_b",
-                 "blk.1.ffn_up_exps.weight.lora_a", "blk.1.ffn_down_shexp.weight.lora_b", "blk.0.ffn_gate.weight.lora_a"]:
+    for name in ["blk.1.attn_output.weight.lora_a", "blk.1.ffn_up_exps.weight.lora_a",
+                 "blk.1.ffn_down_shexp.weight.lora_b", "blk.0.ffn_gate.weight.lora_a"]:
         assert name in names, name
-    refused = subprocess.run([str(binary), "export-gguf", "--adapter", str(full), "--base", str(path),
-                              "--out", str(tmp_path / "no.gguf")], capture_output=True, text=True)
-    assert refused.returncode != 0 and "kv_b_proj" in refused.stderr and "attn_k_b" in refused.stderr, refused.stderr
-    assert not (tmp_path / "no.gguf").exists()
-    assert len(projections(base)) > len(iu.module_updates(adapter))
+    assert not any(u in n for n in names for u in UNADAPTED), names
+    assert any(m.endswith("q_a_proj") for m in iu.module_updates(full))
+    for module in ("q_a_proj", "kv_b_proj"):
+        one = write_adapter(base, tmp_path / f"only-{module}", lambda m: m.endswith(module))
+        refused = subprocess.run([str(binary), "export-gguf", "--adapter", str(one), "--base", str(path),
+                                  "--out", str(tmp_path / "no.gguf")], capture_output=True, text=True)
+        assert refused.returncode != 0 and module in refused.stderr and "without a LoRA" in refused.stderr, \
+            refused.stderr
+        assert not (tmp_path / "no.gguf").exists()
 
     args = [str(binary), "transfer", "--source-base", str(base), "--target-base", str(path), "--adapter",
             str(full), "--out", str(tmp_path / "out"), "--gguf-adapter"]
     refused = subprocess.run(args, capture_output=True, text=True)
-    assert refused.returncode != 0 and "kv_b_proj" in refused.stderr and "transfer:" not in refused.stderr, \
+    assert refused.returncode != 0 and "without a LoRA" in refused.stderr and "transfer:" not in refused.stderr, \
         refused.stderr
     assert not (tmp_path / "out").exists()
     modules = refused.stderr.split("--modules ")[1].split(")")[0]
-    assert "kv_b_proj" not in modules and "q_a_proj" in modules, modules
+    assert not any(m in modules.split(",") for m in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))
+    assert "o_proj" in modules.split(","), modules
     subprocess.run(args + ["--modules", modules], check=True, capture_output=True)
     names = [t.name for t in gguf.GGUFReader(str(tmp_path / "out" / "adapter_model.gguf")).tensors]
-    assert "blk.1.attn_q_b.weight.lora_a" in names and not any("attn_k_b" in n or "attn_v_b" in n for n in names)
+    assert "blk.1.attn_output.weight.lora_a" in names and not any(u in n for n in names for u in UNADAPTED)

@@ -103,14 +103,19 @@ def test_llama_cpps_gguf_reads_in_hugging_face_order(ggufs, qwen35, binary, tmp_
         return
     weights = {k.replace("model.language_model.", "model."): v
                for k, v in load_file(str(base / "model.safetensors")).items()}
-    # Every tensor of the language model but linear attention's own state (its convolution, decay
-    # and gated norm), which no LoRA adapts and the converter changes.
-    unread = ("linear_attn.A_log", "linear_attn.conv1d", "linear_attn.dt_bias", "linear_attn.norm")
-    language = [k for k in weights if not k.startswith("model.visual.") and not any(u in k for u in unread)]
+    # Every tensor of the language model, linear attention's own state too (its convolution, decay
+    # and time-step bias, their value heads reordered by the converter; the decay stored as
+    # −exp(A_log); the gated norm without the others' + 1); transformers loads them into the
+    # checkpoint's text model.
+    language = [k for k in weights if not k.startswith("model.visual.")]
     assert sorted(ours) == sorted(language)
+    assert any(k.endswith("linear_attn.conv1d.weight") for k in ours)
     for name, got in ours.items():
-        tol = 1e-6 if name.endswith("norm.weight") else 0
+        tol = 1e-6 if name.endswith(("norm.weight", "A_log")) else 0
+        assert got.shape == weights[name].shape, name
         assert np.allclose(got, weights[name], rtol=0, atol=tol), name
+    got = iu.logits(iu.load_model(converted))
+    assert iu.max_rel_diff(got, iu.logits(iu.load_model(base))) <= 1e-5
     # The checkpoint's text model, named as the GGUF's tensors are read (each weight's sketch is
     # seeded by its name).
     text = save_file_dir(tmp_path / "text", {k: v for k, v in weights.items() if k in ours},
@@ -206,8 +211,9 @@ def test_a_qwen3_5_moe_gguf_reads_as_its_checkpoint(qwen35_moe, binary, tmp_path
 def test_a_gguf_with_its_prediction_layer_reads_as_one_without(ggufs, qwen35, binary, tmp_path):
     """Qwen3.5's releases carry a multi-token-prediction block (`mtp.*`, a softmax-attention
     layer and its fusion), which llama.cpp's converter writes as one more block (`block_count`
-    5, `nextn_predict_layers` 1). It is left out of the depth: the file reads as 4 layers, and a
-    transfer onto it is the one onto the file converted without it, bit for bit."""
+    5, `nextn_predict_layers` 1). It is left out of the depth: the file reads as 4 layers, the
+    block converts back under its own names, and a transfer onto the file is the one onto the file
+    converted without it, bit for bit."""
     _, base, _, lora = qwen35
     weights = load_file(str(base / "model.safetensors"))
     rng = np.random.default_rng(5)
@@ -227,6 +233,13 @@ def test_a_gguf_with_its_prediction_layer_reads_as_one_without(ggufs, qwen35, bi
     converted = tmp_path / "converted"
     iu.loraxfer(binary, "convert", "--gguf", path, "--out", converted)
     assert json.loads((converted / "config.json").read_text())["num_hidden_layers"] == 4
+    # The block converts back as the checkpoint holds it, apart as `mtp.*` (its norms' + 1 taken
+    # off as the others').
+    ours = load_file(str(converted / "model.safetensors"))
+    assert sorted(k for k in ours if not k.startswith("model.") and k != "lm_head.weight") == sorted(mtp)
+    assert not any(k.startswith("model.layers.4.") for k in ours)
+    for name, value in mtp.items():
+        assert np.allclose(ours[name], value, rtol=0, atol=1e-6), name
     outs = {}
     for name, target in (("with", path), ("without", ggufs["f32"])):
         outs[name] = tmp_path / f"out-{name}"

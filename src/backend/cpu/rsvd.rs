@@ -426,7 +426,7 @@ mod tests {
             (m, n),
             0..m,
             (None, None),
-            0.0,
+            crate::io::gguf::Values::AsIs,
         )));
         assert!(from_f32.u == decoded.u && from_f32.v == decoded.v);
         assert_eq!(from_f32.s, decoded.s);

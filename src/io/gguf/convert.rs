@@ -1,8 +1,8 @@
 //! A GGUF model written out as the engine reads it: a safetensors checkpoint under the Hugging
-//! Face names (dequantized, Q/K rows and Gemma norms restored), the `config.json` its metadata
-//! gives, and a `tokenizer.json` holding its vocabulary (tokens, merges, special tokens) — enough
-//! for this engine and for checking the reader against others, not a replacement for the
-//! model's own tokenizer files.
+//! Face names (dequantized, Q/K rows and Gemma norms restored, the tensors beside the projections
+//! as [`super::state`] reads them), the `config.json` its metadata gives, and a `tokenizer.json`
+//! holding its vocabulary (tokens, merges, special tokens) — enough for this engine and for
+//! transformers to load the weights, not a replacement for the model's own tokenizer files.
 
 use std::path::Path;
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use super::header::TensorInfo;
 use super::latent::JoinedKvB;
 use super::names::Family;
-use super::QuantizedRows;
+use super::{QuantizedRows, Values};
 use crate::error::{Error, Result};
 
 /// A tensor built from several of the file's.
@@ -86,8 +86,15 @@ pub(super) fn decode(
     all: (usize, usize),
     rows: Range<usize>,
 ) -> Result<Vec<f32>> {
-    QuantizedRows::new(&map[t.start..t.end], t.ty, all, rows, (None, None), 0.0)
-        .to_vec(path, &t.name)
+    QuantizedRows::new(
+        &map[t.start..t.end],
+        t.ty,
+        all,
+        rows,
+        (None, None),
+        Values::AsIs,
+    )
+    .to_vec(path, &t.name)
 }
 
 /// Qwen3-Next's `linear_attn.in_proj_qkvz` (`[key_heads·(2·hk + 2·G·hv), hidden]`: per key head its

@@ -164,12 +164,12 @@ pub fn config(
             obj.insert(field.into(), v.into());
         }
     }
-    if let Some(v) = get("expert_weights_scale").and_then(Value::as_f64) {
-        obj.insert("routed_scaling_factor".into(), v.into());
-    }
-    if let Some(Value::Bool(b)) = get("expert_weights_norm") {
-        obj.insert("norm_topk_prob".into(), (*b).into());
-    }
+    // The converter writes these two only where they change the routing (a scale, a norm that is
+    // on); absent, llama.cpp neither scales nor normalizes, whatever transformers' defaults say.
+    let scale = get("expert_weights_scale").and_then(Value::as_f64);
+    obj.insert("routed_scaling_factor".into(), scale.unwrap_or(1.0).into());
+    let norm = matches!(get("expert_weights_norm"), Some(Value::Bool(true)));
+    obj.insert("norm_topk_prob".into(), norm.into());
     // transformers' DeepSeek models know dense layers only by `first_k_dense_replace`, which the
     // converter takes from a field GLM-4.7-Flash's config may leave out: the leading layers
     // without a router (`mlp_only_layers`, from the tensors) say it.
@@ -189,6 +189,11 @@ pub fn config(
     if !biased && int("expert_gating_func") != Ok(2) {
         obj.insert("model_type".into(), "deepseek_v2".into());
         obj.insert("architectures".into(), vec!["DeepseekV2ForCausalLM"].into());
+        // DeepSeek-V2 routes within groups of experts (V2-Lite has one group); V3's own
+        // routing always does.
+        if int("expert_group_count").is_ok_and(|n| n > 1) {
+            obj.insert("topk_method".into(), "group_limited_greedy".into());
+        }
     }
     Ok(())
 }

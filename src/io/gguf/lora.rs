@@ -4,7 +4,10 @@
 //! `[in, r]`) and `.lora_b` (B, dims `[r, out]`), as llama.cpp's `convert_lora_to_gguf.py` writes
 //! them: under the base's GGUF tensor names, B's rows and A's columns in the order the converter
 //! stores the base weight's (Q and K of llama-family models; Qwen3.5's value heads, which its
-//! LoRA converter cannot move), in the adapter's stored type.
+//! LoRA converter cannot move), in the adapter's stored type. Qwen3-Next's `in_proj_qkvz`, which
+//! the base converter splits into `attn_qkv` and `attn_gate`, gets a pair for each, B's rows split
+//! as the weight's; latent attention's input projections (DeepSeek's), which llama.cpp multiplies
+//! without a LoRA, are refused.
 //!
 //! [`export`] is the `export-gguf` command; [`write_lora_gguf`] also serves `transfer
 //! --gguf-adapter`.
@@ -31,6 +34,21 @@ use crate::io::safetensors::{encode_f32, FloatType};
 /// The file name a transfer writes it under, beside `adapter_model.safetensors`.
 pub const LORA_GGUF_FILE: &str = "adapter_model.gguf";
 
+/// Hugging Face `model_type`s llama.cpp converts as another family's architecture: Mistral as
+/// Llama (the first `llama` family, without experts), a multimodal Gemma 3 as its text model, OLMo
+/// 3 as OLMo 2, a multimodal Qwen3.5 release as its text model, DeepSeek-V2, Kimi K2 and
+/// GLM-4.7-Flash as DeepSeek.
+const CONVERTED_AS: &[(&str, &str)] = &[
+    ("mistral", "llama"),
+    ("gemma3", "gemma3"),
+    ("olmo3", "olmo2"),
+    ("qwen3_5", "qwen35"),
+    ("qwen3_5_moe", "qwen35moe"),
+    ("deepseek_v2", "deepseek2"),
+    ("kimi_k2", "deepseek2"),
+    ("glm4_moe_lite", "deepseek2"),
+];
+
 /// The llama.cpp family of a base model: a GGUF's own, or the one llama.cpp converts a Hugging
 /// Face `model_type` as.
 pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
@@ -38,20 +56,12 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
         return Ok(model.family());
     }
     let model_type = base.config.model_type.as_str();
+    let alias = CONVERTED_AS.iter().find(|(t, _)| *t == model_type);
     names::FAMILIES
         .iter()
-        .find(|f| match model_type {
-            // Mistral checkpoints convert as Llama (Mixtral as a Llama with experts); a
-            // multimodal Gemma 3's text model as gemma3; OLMo 3 as OLMo 2.
-            "mistral" => f.gguf == "llama" && !f.experts,
-            "gemma3" => f.gguf == "gemma3",
-            "olmo3" => f.gguf == "olmo2",
-            // A multimodal Qwen3.5 release as its text model.
-            "qwen3_5" => f.gguf == "qwen35",
-            "qwen3_5_moe" => f.gguf == "qwen35moe",
-            // DeepSeek-V2, Kimi K2 and GLM-4.7-Flash convert as DeepSeek (`deepseek2`).
-            "deepseek_v2" | "kimi_k2" | "glm4_moe_lite" => f.gguf == "deepseek2",
-            other => f.model_type == other,
+        .find(|f| match alias {
+            Some((_, arch)) => f.gguf == *arch,
+            None => f.model_type == model_type,
         })
         .ok_or_else(|| {
             Error::config(
@@ -59,9 +69,8 @@ pub fn family_of_base(base: &Checkpoint) -> Result<&'static Family> {
                 format!(
                     "model_type `{model_type}`: no llama.cpp architecture is known for it, so no \
                      GGUF adapter can be written (known: {})",
-                    names::FAMILIES
-                        .iter()
-                        .map(|f| f.model_type)
+                    (names::FAMILIES.iter().map(|f| f.model_type))
+                        .chain(CONVERTED_AS.iter().map(|(t, _)| *t))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -201,18 +210,18 @@ fn place<'t>(
             false => vec!["attn_qkv", "attn_gate"],
         }));
     }
-    let suffix = names::gguf_module(family, &spec.key).ok_or_else(|| {
-        match family.latent_attention && spec.parts == [Part::KvB] {
-            // llama.cpp multiplies by the two halves without a LoRA (and its own LoRA converter
-            // cannot transpose a LoRA per head).
-            true => format!(
-                "({}) is split by llama.cpp into `attn_k_b`, each head's key rows transposed, \
-                 and `attn_v_b`, which its graph applies no LoRA to",
-                spec.key
-            ),
-            false => format!("({}) has no {} tensor", spec.key, family.gguf),
-        }
-    })?;
+    // llama.cpp's deepseek2 graph multiplies by latent attention's input projections (and by
+    // `attn_k_b`/`attn_v_b`, the split `kv_b_proj`) without a LoRA: an update written for them
+    // would load and do nothing.
+    if family.latent_attention && spec.key.starts_with("self_attn.") && spec.parts != [Part::O] {
+        return Err(format!(
+            "({}) is one of latent attention's input projections, which llama.cpp's {} graph \
+             multiplies without a LoRA (only `attn_output` and the feed-forward take one)",
+            spec.key, family.gguf
+        ));
+    }
+    let suffix = names::gguf_module(family, &spec.key)
+        .ok_or_else(|| format!("({}) has no {} tensor", spec.key, family.gguf))?;
     Ok(at(vec![suffix]))
 }
 

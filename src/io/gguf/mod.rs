@@ -7,6 +7,7 @@
 //! The format and the dequantization are written here rather than taken from a crate: see
 //! docs/METHOD.md, "GGUF base models", for the comparison.
 
+pub mod config;
 pub mod convert;
 pub mod header;
 pub mod joined;
@@ -16,9 +17,10 @@ pub mod names;
 pub mod quant;
 pub mod reorder;
 mod rows;
+pub mod state;
 pub mod write;
 
-pub use rows::QuantizedRows;
+pub use rows::{QuantizedRows, Values};
 
 use crate::io::RawBytes;
 use std::collections::HashMap;
@@ -125,12 +127,19 @@ impl GgufModel {
             };
             Error::config(path, reason)
         })?;
+        let config = config::config_json(family, &header.metadata, &header.tensors)
+            .map_err(|reason| Error::config(path, reason))?;
+        // The blocks past it are the multi-token-prediction block's ([`state::after_depth`]).
+        let depth = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
         let mut by_name = HashMap::new();
         let mut shapes = HashMap::new();
         let mut views = Vec::new();
         for (i, t) in header.tensors.iter().enumerate() {
-            if let Some(hf) = names::hf_name(family, &t.name) {
-                shapes.insert(hf.clone(), t.dims.iter().rev().copied().collect());
+            let hf = state::hf_name(family, &t.name).or_else(|| names::hf_name(family, &t.name));
+            if let Some(hf) = hf {
+                let hf = state::after_depth(family, hf, depth);
+                let dims = t.dims.iter().rev().copied().collect();
+                shapes.insert(hf.clone(), state::hf_shape(&hf, dims));
                 by_name.insert(hf, i);
             } else if let Some((layer, key)) = names::expert_tensor(family, &t.name) {
                 // One expert's weight is a run of whole rows of the stack: a tensor of its own.
@@ -159,6 +168,7 @@ impl GgufModel {
                         "model.layers.{layer}.{}.weight",
                         key.replace(crate::arch::EXPERT_SLOT, &e.to_string())
                     );
+                    let hf = state::after_depth(family, hf, depth);
                     let start = t.start + e * bytes;
                     views.push(TensorInfo {
                         name: t.name.clone(),
@@ -172,8 +182,6 @@ impl GgufModel {
                 }
             }
         }
-        let config = names::config_json(family, &header.metadata, &header.tensors)
-            .map_err(|reason| Error::config(path, reason))?;
         let heads = reorder::Heads::from_json(&config);
         let joined = joined::all(family, &header.tensors, &config, path)?;
         for (name, j) in &joined {
@@ -273,7 +281,7 @@ impl GgufModel {
         self.info(name).is_some_and(|t| t.ty.is_float())
             && self.row_order(name).is_none()
             && self.column_order(name).is_none()
-            && self.shift(name) == 0.0
+            && self.values(name) == Values::AsIs
     }
 
     /// Rows of `name` as (bytes, type, row length): borrowed from the map when
@@ -376,7 +384,7 @@ impl GgufModel {
 
     /// Rows `rows` of `name` (tensor `t`, rows of `cols` values) of a tensor that is not read as
     /// stored, to be decoded on request: dequantized, in Hugging Face row and column order, the
-    /// converter's norm shift undone (nothing is checked yet).
+    /// converter's change of values undone ([`Values`]; nothing is checked yet).
     fn decoded(
         &self,
         name: &str,
@@ -390,7 +398,7 @@ impl GgufModel {
             (self.shapes[name][0], cols),
             rows,
             (self.row_order(name), self.column_order(name)),
-            self.shift(name),
+            self.values(name),
         )
     }
 
@@ -462,12 +470,8 @@ impl GgufModel {
         reorder::columns(self.family, name, &self.heads)
     }
 
-    fn shift(&self, name: &str) -> f32 {
-        if name.ends_with("norm.weight") {
-            self.family.norm_shift
-        } else {
-            0.0
-        }
+    fn values(&self, name: &str) -> Values {
+        state::values(self.family, name)
     }
 
     /// Reordered rows and columns must hold the heads the metadata gives (Q and K heads of an

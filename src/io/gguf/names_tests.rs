@@ -1,6 +1,9 @@
 //! Tests of `names.rs`: GGUF names against the tables, the Q/K rows, the config.
 
 use super::*;
+use crate::io::gguf::config::config_json;
+use crate::io::gguf::header::{TensorInfo, Value};
+use std::collections::HashMap;
 
 #[test]
 fn gguf_module_names_invert_hf_names_for_every_table_projection() {
@@ -312,7 +315,7 @@ fn config_carries_linear_attention() {
 /// `leading_dense_block_count` 0), and V3's model where the router has a bias, V2's otherwise.
 #[test]
 fn config_carries_latent_attention() {
-    let parse = |q_latent: bool, bias: bool| {
+    let parse = |q_latent: bool, bias: bool, extra: &[(&str, Value)]| {
         let f = family_of("deepseek2", true).unwrap();
         let mut m: HashMap<String, Value> = [
             ("block_count", 4),
@@ -336,6 +339,9 @@ fn config_carries_latent_attention() {
         .map(|(k, v)| (format!("deepseek2.{k}"), Value::UInt(*v)))
         .collect();
         m.insert("deepseek2.expert_weights_scale".into(), Value::Float(2.5));
+        for (k, v) in extra {
+            m.insert(format!("deepseek2.{k}"), v.clone());
+        }
         let mut tensors = routers_of(2..4);
         if bias {
             tensors[0].name = "blk.2.exp_probs_b.bias".into();
@@ -346,7 +352,7 @@ fn config_carries_latent_attention() {
             .unwrap();
         (json, c)
     };
-    let (json, c) = parse(true, true);
+    let (json, c) = parse(true, true, &[]);
     let l = c.latent.unwrap();
     assert_eq!(
         (l.q_lora_rank, l.kv_lora_rank, l.qk_nope_head_dim),
@@ -360,9 +366,21 @@ fn config_carries_latent_attention() {
     assert_eq!(c.experts.unwrap().dense_layers, [0, 1]);
     assert_eq!(json["first_k_dense_replace"], 2);
     assert_eq!(json["routed_scaling_factor"], 2.5);
-    let (json, c) = parse(false, false);
+    // Absent from the metadata, the top-k weights are not normalized (the converter writes the
+    // key only when they are), whatever transformers' default.
+    assert_eq!(json["norm_topk_prob"], false);
+    let (json, c) = parse(false, false, &[]);
     assert_eq!(c.latent.unwrap().q_lora_rank, None);
     assert_eq!(json["architectures"][0], "DeepseekV2ForCausalLM");
+    assert!(json.get("topk_method").is_none());
+    // DeepSeek-V2 routes within groups.
+    let grouped = [
+        ("expert_group_count", Value::UInt(8)),
+        ("expert_weights_norm", Value::Bool(true)),
+    ];
+    let (json, _) = parse(false, false, &grouped);
+    assert_eq!(json["topk_method"], "group_limited_greedy");
+    assert_eq!(json["norm_topk_prob"], true);
     let f = family_of("deepseek2", true).unwrap();
     for (gguf, hf) in [
         (
@@ -375,6 +393,12 @@ fn config_carries_latent_attention() {
         assert_eq!(hf_name(f, gguf).unwrap(), format!("model.layers.1.{hf}"));
     }
     assert_eq!(hf_name(f, "blk.1.attn_k_b.weight"), None);
+    // GLM-4.5 keeps the same router bias.
+    let glm = family_of("glm4moe", true).unwrap();
+    assert_eq!(
+        hf_name(glm, "blk.3.exp_probs_b.bias").unwrap(),
+        "model.layers.3.mlp.gate.e_score_correction_bias"
+    );
 }
 
 /// The header entries of routers (`ffn_gate_inp`, 8 experts) in `layers`.

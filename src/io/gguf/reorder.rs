@@ -146,13 +146,20 @@ pub fn rows(f: &Family, hf: &str, h: &Heads) -> Option<Reorder> {
         }
     }
     let (kh, _, kd, vd) = h.linear.filter(|_| f.linear_attention)?;
-    if ends(&["linear_attn.in_proj_qkv.weight"]) {
+    // The convolution's channels are `in_proj_qkv`'s rows; the decay and time-step bias have one
+    // value per value head, as `in_proj_b` and `in_proj_a` have one row.
+    if ends(&[
+        "linear_attn.in_proj_qkv.weight",
+        "linear_attn.conv1d.weight",
+    ]) {
         h.tiled(2 * kh * kd, vd)
     } else if ends(&["linear_attn.in_proj_z.weight"]) {
         h.tiled(0, vd)
     } else if ends(&[
         "linear_attn.in_proj_b.weight",
         "linear_attn.in_proj_a.weight",
+        "linear_attn.A_log",
+        "linear_attn.dt_bias",
     ]) {
         h.tiled(0, 1)
     } else {

@@ -1,5 +1,5 @@
 //! The rows of a GGUF tensor that cannot be handed out as stored (quantized, or with reordered
-//! rows or columns, or shifted values), decoded on request. The CPU's products read a weight a
+//! rows or columns, or changed values), decoded on request. The CPU's products read a weight a
 //! band of rows at a time, so through [`QuantizedRows`] a quantized weight is never decoded whole:
 //! a 70B model's MLP weight is 940 MB in f32, once per thread decomposing one.
 
@@ -31,8 +31,30 @@ pub struct QuantizedRows<'a> {
     /// columns (Qwen3.5's `out_proj`), if it did.
     row_order: Option<Reorder>,
     column_order: Option<Reorder>,
-    /// Subtracted from every value (norm gains stored as g + shift).
-    shift: f32,
+    /// What the converter did to the values.
+    values: Values,
+}
+
+/// How a tensor's values are stored, and so how they are read back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Values {
+    /// As Hugging Face stores them.
+    AsIs,
+    /// Norm gains stored as g + shift (Gemma's, Qwen3.5's): the shift is taken off.
+    Shifted(f32),
+    /// Linear attention's decay stored as a = −exp(A_log) (Qwen3.5, Qwen3-Next): read as
+    /// ln(−a). A stored value that is not negative reads as NaN, which the readers refuse.
+    NegatedExp,
+}
+
+impl Values {
+    fn undo(self, out: &mut [f32]) {
+        match self {
+            Values::AsIs => {}
+            Values::Shifted(shift) => out.iter_mut().for_each(|v| *v -= shift),
+            Values::NegatedExp => out.iter_mut().for_each(|v| *v = (-*v).ln()),
+        }
+    }
 }
 
 impl<'a> QuantizedRows<'a> {
@@ -43,7 +65,7 @@ impl<'a> QuantizedRows<'a> {
         (all_rows, cols): (usize, usize),
         rows: Range<usize>,
         (row_order, column_order): (Option<Reorder>, Option<Reorder>),
-        shift: f32,
+        values: Values,
     ) -> Self {
         QuantizedRows {
             data,
@@ -54,7 +76,7 @@ impl<'a> QuantizedRows<'a> {
             rows: rows.len(),
             row_order,
             column_order,
-            shift,
+            values,
         }
     }
 
@@ -102,7 +124,7 @@ impl<'a> QuantizedRows<'a> {
                 }
             }
         }
-        self.unshift(out);
+        self.values.undo(out);
     }
 
     /// Columns `c` of row `i` into `out` (`c.len()` values).
@@ -116,13 +138,7 @@ impl<'a> QuantizedRows<'a> {
         }
         let start = self.stored_row(i) * self.cols;
         self.decode_span(start + c.start..start + c.end, out);
-        self.unshift(out);
-    }
-
-    fn unshift(&self, out: &mut [f32]) {
-        if self.shift != 0.0 {
-            out.iter_mut().for_each(|v| *v -= self.shift);
-        }
+        self.values.undo(out);
     }
 
     /// Elements `span` of the tensor into `out`: straight from the bytes when the span starts
@@ -270,7 +286,7 @@ mod tests {
                     (all_rows, cols),
                     rows.clone(),
                     order,
-                    shift,
+                    Values::Shifted(shift),
                 );
                 // The reference: each wanted value at its stored row and column, from the whole
                 // tensor.
@@ -300,6 +316,55 @@ mod tests {
         }
     }
 
+    /// Linear attention's decay, stored as −exp(A_log): read back as A_log, in the rows' order;
+    /// a stored value that is not negative is refused, naming its row.
+    #[test]
+    fn a_decay_stored_as_its_negated_exponential_reads_back() {
+        let a_log = [0.25f32, -1.5, 2.0, 0.0, -0.75, 1.25];
+        let stored: Vec<f32> = a_log.iter().map(|&x| -x.exp()).collect();
+        let data: &[u8] = bytemuck::cast_slice(&stored);
+        let heads = Some(Reorder::TiledValueHeads {
+            start: 0,
+            key_heads: 2,
+            per_key: 3,
+            dim: 1,
+        });
+        for order in [None, heads] {
+            let q = QuantizedRows::new(
+                data,
+                GgmlType::F32,
+                (6, 1),
+                0..6,
+                (order, None),
+                Values::NegatedExp,
+            );
+            let got = q.to_vec(Path::new("m.gguf"), "a").unwrap();
+            for (i, v) in got.iter().enumerate() {
+                let row = order.map_or(i, |o| o.stored(i, 6));
+                assert!(
+                    (v - a_log[row]).abs() <= 1e-6,
+                    "row {i}: {v} vs {}",
+                    a_log[row]
+                );
+            }
+        }
+        let mut bad = stored.clone();
+        bad[4] = 0.5;
+        let q = QuantizedRows::new(
+            bytemuck::cast_slice(&bad),
+            GgmlType::F32,
+            (6, 1),
+            0..6,
+            (None, None),
+            Values::NegatedExp,
+        );
+        let err = q
+            .check_finite(Path::new("m.gguf"), "a")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 4"), "{err}");
+    }
+
     #[test]
     fn a_non_finite_scale_is_refused_naming_its_row() {
         let values = vec![0.5f32; 10 * 64];
@@ -308,7 +373,14 @@ mod tests {
         let block = 7 * 2 + 1;
         data[block * 34..block * 34 + 2]
             .copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
-        let q = QuantizedRows::new(&data, GgmlType::Q8_0, (10, 64), 2..10, (None, None), 0.0);
+        let q = QuantizedRows::new(
+            &data,
+            GgmlType::Q8_0,
+            (10, 64),
+            2..10,
+            (None, None),
+            Values::AsIs,
+        );
         let err = q
             .check_finite(Path::new("m.gguf"), "blk.0.w")
             .unwrap_err()
