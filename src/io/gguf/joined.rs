@@ -79,6 +79,41 @@ pub fn all(
     Ok(out)
 }
 
+/// The layer of header tensor `first` (`blk.<layer>.…`) and the header index of its partner,
+/// `blk.<layer>.<partner>.weight`, refused when the file lacks it.
+pub(super) fn partner<'t>(
+    (tensors, index): (&'t [TensorInfo], &HashMap<&str, usize>),
+    first: usize,
+    partner: &str,
+    path: &Path,
+) -> Result<(&'t str, usize)> {
+    let t = &tensors[first];
+    let layer = t.name.split('.').nth(1).unwrap_or_default();
+    let name = format!("blk.{layer}.{partner}.weight");
+    let at = *index
+        .get(name.as_str())
+        .ok_or_else(|| Error::bad_tensor(path, &t.name, format!("is here without `{name}`")))?;
+    Ok((layer, at))
+}
+
+/// Refuses a part whose GGML dims are not `want` (the config's `what` implies them) or whose type
+/// this reader does not dequantize.
+pub(super) fn check_part(t: &TensorInfo, want: &[usize], what: &str, path: &Path) -> Result<()> {
+    if t.dims == want && t.ty.block().is_some() {
+        return Ok(());
+    }
+    Err(Error::bad_tensor(
+        path,
+        &t.name,
+        format!(
+            "dims {:?} of type {}: the metadata's {what} implies {want:?} of a type this reader \
+             dequantizes",
+            t.dims,
+            t.ty.name()
+        ),
+    ))
+}
+
 /// Rows `rows` of header tensor `t`, seen as `all` = (rows, row length), decoded to f32.
 pub(super) fn decode(
     (map, path): (&[u8], &Path),
@@ -195,12 +230,7 @@ impl FusedQkvz {
         config: &serde_json::Value,
         path: &Path,
     ) -> Result<(String, FusedQkvz)> {
-        let t = &tensors[qkv];
-        let layer = t.name.split('.').nth(1).unwrap_or_default();
-        let gate_name = format!("blk.{layer}.attn_gate.weight");
-        let gate = *index.get(gate_name.as_str()).ok_or_else(|| {
-            Error::bad_tensor(path, &t.name, format!("is here without `{gate_name}`"))
-        })?;
+        let (layer, gate) = partner((tensors, index), qkv, "attn_gate", path)?;
         let size = |key: &str| config.get(key).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
         let (kh, vh) = (size("linear_num_key_heads"), size("linear_num_value_heads"));
         let j = FusedQkvz {
@@ -211,24 +241,9 @@ impl FusedQkvz {
             value_rows: vh / kh.max(1) * size("linear_value_head_dim"),
             hidden: size("hidden_size"),
         };
-        for (i, rows) in [
-            (qkv, kh * (2 * j.key_rows + j.value_rows)),
-            (gate, kh * j.value_rows),
-        ] {
-            let t = &tensors[i];
-            if t.dims != [j.hidden, rows] || t.ty.block().is_none() {
-                return Err(Error::bad_tensor(
-                    path,
-                    &t.name,
-                    format!(
-                        "dims {:?} of type {}: the metadata's linear attention implies {:?} of a \
-                         type this reader dequantizes",
-                        t.dims,
-                        t.ty.name(),
-                        [j.hidden, rows]
-                    ),
-                ));
-            }
+        let qkv_rows = kh * (2 * j.key_rows + j.value_rows);
+        for (i, rows) in [(qkv, qkv_rows), (gate, kh * j.value_rows)] {
+            check_part(&tensors[i], &[j.hidden, rows], "linear attention", path)?;
         }
         let name = format!("model.layers.{layer}.linear_attn.in_proj_qkvz.weight");
         Ok((name, j))

@@ -18,8 +18,8 @@ use std::path::Path;
 use serde_json::{Map, Value as Json};
 
 use super::header::{TensorInfo, Value};
-use super::joined::decode;
-use crate::error::{Error, Result};
+use super::joined::{check_part, decode, partner};
+use crate::error::Result;
 
 /// A layer's `kv_b_proj`, joined from the two tensors the converter split it into.
 #[derive(Debug, Clone)]
@@ -82,13 +82,8 @@ impl JoinedKvB {
         config: &Json,
         path: &Path,
     ) -> Result<(String, JoinedKvB)> {
-        let t = &tensors[i];
-        let layer = t.name.split('.').nth(1).unwrap_or_default();
+        let (layer, v_b) = partner((tensors, index), i, "attn_v_b", path)?;
         let size = |key: &str| config.get(key).and_then(Json::as_u64).unwrap_or(0) as usize;
-        let v_name = format!("blk.{layer}.attn_v_b.weight");
-        let v_b = *index.get(v_name.as_str()).ok_or_else(|| {
-            Error::bad_tensor(path, &t.name, format!("is here without `{v_name}`"))
-        })?;
         let joined = JoinedKvB {
             k_b: i,
             v_b,
@@ -98,19 +93,8 @@ impl JoinedKvB {
             rank: size("kv_lora_rank"),
         };
         let (h, r) = (joined.heads, joined.rank);
-        for (t, want) in [(t, [joined.nope, r, h]), (&tensors[v_b], [r, joined.v, h])] {
-            if t.dims != want || t.ty.block().is_none() {
-                return Err(Error::bad_tensor(
-                    path,
-                    &t.name,
-                    format!(
-                        "dims {:?} of type {}: the metadata's latent attention implies {want:?} \
-                         of a type this reader dequantizes",
-                        t.dims,
-                        t.ty.name()
-                    ),
-                ));
-            }
+        for (at, want) in [(i, [joined.nope, r, h]), (v_b, [r, joined.v, h])] {
+            check_part(&tensors[at], &want, "latent attention", path)?;
         }
         let name = format!("model.layers.{layer}.self_attn.kv_b_proj.weight");
         Ok((name, joined))
