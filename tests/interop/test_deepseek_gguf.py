@@ -139,7 +139,7 @@ def test_a_lora_gguf_for_deepseek_equals_llama_cpp_conversion(layered, ggufs, bi
         assert name in names, name
     assert not any(u in n for n in names for u in UNADAPTED), names
     assert any(m.endswith("q_a_proj") for m in iu.module_updates(full))
-    for module in ("q_a_proj", "kv_b_proj"):
+    for module in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
         one = write_adapter(base, tmp_path / f"only-{module}", lambda m: m.endswith(module))
         refused = subprocess.run([str(binary), "export-gguf", "--adapter", str(one), "--base", str(path),
                                   "--out", str(tmp_path / "no.gguf")], capture_output=True, text=True)

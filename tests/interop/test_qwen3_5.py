@@ -40,10 +40,13 @@ def build(layers: int, seed: int, multimodal: bool = False):
     else:
         model = tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**TEXT, num_hidden_layers=layers))
     with torch.no_grad():
-        # Norms start at zero (the forward multiplies by 1 + w); a trained model's are not.
+        # Norms start at zero (the forward multiplies by 1 + w), time-step biases at one; a
+        # trained model's are neither.
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.normal_(0, 0.1)
+            elif name.endswith("dt_bias"):
+                param.normal_(1, 0.3)
     return model.eval()
 
 

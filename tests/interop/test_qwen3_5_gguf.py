@@ -114,6 +114,9 @@ def test_llama_cpps_gguf_reads_in_hugging_face_order(ggufs, qwen35, binary, tmp_
         tol = 1e-6 if name.endswith(("norm.weight", "A_log")) else 0
         assert got.shape == weights[name].shape, name
         assert np.allclose(got, weights[name], rtol=0, atol=tol), name
+    config = json.loads((converted / "config.json").read_text())
+    # The checkpoint's (transformers' defaults), from the converter's keys.
+    assert (config["linear_conv_kernel_dim"], config["partial_rotary_factor"]) == (4, 0.25)
     got = iu.logits(iu.load_model(converted))
     assert iu.max_rel_diff(got, iu.logits(iu.load_model(base))) <= 1e-5
     # The checkpoint's text model, named as the GGUF's tensors are read (each weight's sketch is

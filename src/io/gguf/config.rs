@@ -139,7 +139,12 @@ pub fn config_json(
         }
     }
     if extra > 0 {
-        obj.insert("num_nextn_predict_layers".into(), extra.into());
+        // Qwen's configs call it by the block's own name.
+        let field = match f.linear_attention || f.fused_linear_attention {
+            true => "mtp_num_hidden_layers",
+            false => "num_nextn_predict_layers",
+        };
+        obj.insert(field.into(), extra.into());
     }
     if f.latent_attention {
         super::latent::config(f.gguf, metadata, tensors, obj)?;

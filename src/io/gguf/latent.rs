@@ -173,8 +173,9 @@ pub fn config(
     if !biased && int("expert_gating_func") != Ok(2) {
         obj.insert("model_type".into(), "deepseek_v2".into());
         obj.insert("architectures".into(), vec!["DeepseekV2ForCausalLM"].into());
-        // DeepSeek-V2 routes within groups of experts (V2-Lite has one group); V3's own
-        // routing always does.
+        // DeepSeek-V2 routes within groups of experts (V2-Lite has one group), as its checkpoint
+        // says (transformers ranks the groups by their best score, as V2's own code does; V3's
+        // routing always works by groups).
         if int("expert_group_count").is_ok_and(|n| n > 1) {
             obj.insert("topk_method".into(), "group_limited_greedy".into());
         }

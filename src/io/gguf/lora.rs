@@ -332,7 +332,14 @@ pub fn write_lora_gguf(
                 continue;
             }
             // One module, two tensors: each takes its rows of B, and all of A.
-            let layout = FusedQkvz::of_config(cfg).expect("a Qwen3-Next config");
+            let layout = FusedQkvz::of_config(cfg)
+                .filter(|l| l.shape() == [m.out_features, m.in_features])
+                .ok_or_else(|| {
+                    not_for_base(format!(
+                        "({}) does not fit the linear attention the base's config gives",
+                        spec.key
+                    ))
+                })?;
             for (suffix, rows) in suffixes.iter().zip(layout.split_rows()) {
                 let gguf = format!("blk.{layer}.{suffix}.weight");
                 placed.push(new(gguf, vec![Some(member)], Some(rows)));

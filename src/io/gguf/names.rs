@@ -209,7 +209,7 @@ pub const FAMILIES: &[Family] = &[
     .with_experts()
     .with_linear_attention(),
     // Qwen3-Next: norms stored as g, as Qwen3.5's (its linear attention's gated norm excepted,
-    // which the engine does not read); experts in every layer.
+    // [`super::state`]); experts in every layer.
     family(
         "qwen3next",
         "qwen3_next",

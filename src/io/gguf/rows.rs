@@ -187,8 +187,31 @@ impl<'a> QuantizedRows<'a> {
             FloatType::F32,
             self.first,
             self.cols,
-        )?;
+        )
+        .map_err(|e| self.explained(e))?;
         Ok(out)
+    }
+
+    /// A refusal of a decay whose stored value is not negative says why it is NaN here.
+    fn explained(&self, e: crate::error::Error) -> crate::error::Error {
+        match (self.values, e) {
+            (
+                Values::NegatedExp,
+                crate::error::Error::BadTensor {
+                    path,
+                    tensor,
+                    reason,
+                },
+            ) => crate::error::Error::BadTensor {
+                path,
+                tensor,
+                reason: format!(
+                    "{reason}: the file stores the decay as −exp(A_log), so a stored value that \
+                     is not negative has no A_log"
+                ),
+            },
+            (_, e) => e,
+        }
     }
 
     /// Refuses NaN and Inf as [`QuantizedRows::to_vec`] does, decoding a task's rows at a time
@@ -214,7 +237,10 @@ impl<'a> QuantizedRows<'a> {
                 )
             })
             .collect();
-        verdicts.into_iter().collect()
+        verdicts
+            .into_iter()
+            .collect::<Result<()>>()
+            .map_err(|e| self.explained(e))
     }
 }
 
@@ -362,7 +388,12 @@ mod tests {
             .check_finite(Path::new("m.gguf"), "a")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("row 4"), "{err}");
+        assert!(
+            err.contains("row 4") && err.contains("−exp(A_log)"),
+            "{err}"
+        );
+        let to_vec = q.to_vec(Path::new("m.gguf"), "a").unwrap_err().to_string();
+        assert_eq!(to_vec, err);
     }
 
     #[test]
