@@ -213,6 +213,49 @@ def test_a_transfer_onto_the_gguf_is_the_transfer_onto_the_checkpoint(qwen3_next
         assert np.array_equal(got[module], delta), module
 
 
+def test_a_gguf_with_its_prediction_block_reads_as_one_without(qwen3_next, binary, tmp_path):
+    """Qwen3-Next's releases carry a multi-token-prediction block (`mtp.*`: a softmax-attention
+    layer with its experts and shared expert, and its fusion), which llama.cpp's converter writes
+    as one more block (`block_count` 5, `nextn_predict_layers` 1). It is left out of the depth,
+    converts back under the checkpoint's names (each expert a tensor of its own, the norms' + 1
+    taken off), and a transfer onto the file is the one onto the file without it, bit for bit."""
+    _, base, ggufs, lora = qwen3_next
+    weights = load_file(str(base / "model.safetensors"))
+    rng = np.random.default_rng(5)
+    layer = "model.layers.3."
+    mtp = {"mtp.layers.0." + k[len(layer):]: v.copy() for k, v in weights.items() if k.startswith(layer)}
+    hidden = MOE["hidden_size"]
+    mtp["mtp.fc.weight"] = rng.normal(0, 0.02, (hidden, 2 * hidden)).astype(np.float32)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{norm}.weight"] = rng.normal(0, 0.1, hidden).astype(np.float32)
+    assert any(".mlp.experts.1." in k for k in mtp) and any("shared_expert." in k for k in mtp)
+    with_mtp = tmp_path / "with-mtp"
+    with_mtp.mkdir()
+    save_file({**weights, **mtp}, str(with_mtp / "model.safetensors"), metadata={"format": "pt"})
+    (with_mtp / "config.json").write_text((base / "config.json").read_text())
+    path = llama_cpp_gguf(with_mtp, tmp_path / "with-mtp.gguf", "f32")
+    fields = metadata(path)
+    assert (fields["qwen3next.block_count"], fields["qwen3next.nextn_predict_layers"]) == (5, 1)
+    converted = tmp_path / "converted"
+    iu.loraxfer(binary, "convert", "--gguf", path, "--out", converted)
+    config = json.loads((converted / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["mtp_num_hidden_layers"]) == (4, 1)
+    ours = load_file(str(converted / "model.safetensors"))
+    assert sorted(k for k in ours if k.startswith("mtp.")) == sorted(mtp)
+    assert not any(k.startswith("model.layers.4.") for k in ours)
+    for name, value in mtp.items():
+        assert np.allclose(ours[name], value, rtol=0, atol=1e-6), name
+    outs = {}
+    for name, target in (("with", path), ("without", ggufs["f32"])):
+        outs[name] = tmp_path / f"out-{name}"
+        iu.loraxfer(binary, "transfer", "--source-base", base, "--target-base", target, "--adapter", lora,
+                    "--out", outs[name], "--mode", "rotate", "--rank", "8")
+    got, want = iu.module_updates(outs["with"]), iu.module_updates(outs["without"])
+    assert sorted(got) == sorted(want)
+    for module, delta in want.items():
+        assert np.array_equal(got[module], delta), module
+
+
 def lora_updates(path) -> dict:
     """{GGUF tensor: (alpha / r)·B·A} of a LoRA GGUF, in the base's stored row order."""
     reader = gguf.GGUFReader(str(path))
