@@ -213,6 +213,10 @@ fn every_table_loads_and_round_trips_module_names() {
         "olmoe",
         "qwen3_5",
         "qwen3_5_moe",
+        "seed_oss",
+        "ernie4_5",
+        "hunyuan_v1_dense",
+        "exaone4",
         "qwen3_next",
     ] {
         assert!(names.contains(&expected), "no table for {expected}");
@@ -337,6 +341,10 @@ fn config_model_types_select_tables() {
         ("qwen3_moe", "qwen3_moe"),
         ("mixtral", "mixtral"),
         ("olmoe", "olmoe"),
+        ("seed_oss", "seed_oss"),
+        ("ernie4_5", "ernie4_5"),
+        ("hunyuan_v1_dense", "hunyuan_v1_dense"),
+        ("exaone4", "exaone4"),
     ] {
         let text = format!(
             r#"{{"model_type": "{mt}", "num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}}"#

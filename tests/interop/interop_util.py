@@ -34,9 +34,9 @@ COMMON = dict(
 
 # Depths differ so that cross-architecture transfers exercise the layer map.
 LAYERS = {"qwen2": 2, "llama": 3, "gemma3": 2, "phi3": 2, "smollm3": 2, "olmo2": 2, "granite": 2, "glm4": 2,
-          "glm": 2}
+          "glm": 2, "seed_oss": 2, "ernie4_5": 2, "hunyuan_v1_dense": 2, "exaone4": 2}
 SEEDS = {"qwen2": 11, "llama": 12, "gemma3": 13, "phi3": 14, "smollm3": 15, "olmo2": 16, "granite": 17,
-         "glm4": 18, "glm": 19}
+         "glm4": 18, "glm": 19, "seed_oss": 20, "ernie4_5": 21, "hunyuan_v1_dense": 22, "exaone4": 23}
 
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -73,6 +73,17 @@ def _config(arch: str, layers: int):
             num_hidden_layers=layers, tie_word_embeddings=False, embedding_multiplier=12.0,
             residual_multiplier=0.22, attention_multiplier=1 / 32, logits_scaling=8.0, **COMMON
         )
+    if arch == "seed_oss":
+        # Biases on q, k and v, as the releases have.
+        return tf.SeedOssConfig(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
+    if arch == "ernie4_5":
+        return tf.Ernie4_5Config(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
+    if arch == "hunyuan_v1_dense":
+        # Per-head query and key norms (`query_layernorm`, `key_layernorm`).
+        return tf.HunYuanDenseV1Config(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
+    if arch == "exaone4":
+        # Norms after each block only, as OLMo 2's; per-head query and key norms.
+        return tf.Exaone4Config(num_hidden_layers=layers, head_dim=16, tie_word_embeddings=False, **COMMON)
     raise ValueError(arch)
 
 
@@ -86,12 +97,18 @@ MODEL_CLASS = {
     "granite": "GraniteForCausalLM",
     "glm4": "Glm4ForCausalLM",
     "glm": "GlmForCausalLM",
+    "seed_oss": "SeedOssForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
+    "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
+    "exaone4": "Exaone4ForCausalLM",
 }
 TARGET_MODULES = {"qwen2": SEPARATE, "llama": SEPARATE, "gemma3": SEPARATE, "phi3": FUSED, "smollm3": SEPARATE,
                   "olmo2": SEPARATE, "granite": SEPARATE, "glm4": FUSED_MLP,
-                  "glm": FUSED_MLP}
+                  "glm": FUSED_MLP, "seed_oss": SEPARATE, "ernie4_5": SEPARATE, "hunyuan_v1_dense": SEPARATE,
+                  "exaone4": SEPARATE}
 MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3_text", "phi3": "phi3", "smollm3": "smollm3",
-              "olmo2": "olmo2", "granite": "granite", "glm4": "glm4", "glm": "glm"}
+              "olmo2": "olmo2", "granite": "granite", "glm4": "glm4", "glm": "glm", "seed_oss": "seed_oss",
+              "ernie4_5": "ernie4_5", "hunyuan_v1_dense": "hunyuan_v1_dense", "exaone4": "exaone4"}
 
 
 def build_model(arch: str, layers: int, seed: int):

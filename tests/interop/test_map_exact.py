@@ -213,7 +213,8 @@ def assert_map_is_exact(zoo, tmp_path, src_dir, tgt_dir, tau, target_modules=iu.
     iu.assert_mapped_exactly(src_dir, adapter, tgt_dir, mapped, tau)
 
 
-@pytest.mark.parametrize("arch", ["glm", "glm4", "phi3", "gemma3", "olmo2", "granite"])
+@pytest.mark.parametrize("arch", ["glm", "glm4", "phi3", "gemma3", "olmo2", "granite", "seed_oss", "ernie4_5",
+                                  "hunyuan_v1_dense", "exaone4"])
 def test_map_onto_the_model_itself_is_exact(zoo, tmp_path, arch):
     """Tables with fused modules, norms after the blocks (with or without norms before them),
     head norms or multipliers, through the whole map: a model mapped onto itself takes the

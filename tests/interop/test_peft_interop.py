@@ -102,7 +102,7 @@ def test_numpy_merge_matches_peft_on_peft_adapters(zoo, variant):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3", "phi3", "smollm3", "olmo2", "granite", "glm4",
-                                  "glm"])
+                                  "glm", "seed_oss", "ernie4_5", "hunyuan_v1_dense", "exaone4"])
 def test_same_architecture_derived_target(zoo, arch):
     adapter, target = zoo.adapter(arch), zoo.derived(arch)
     out = same_arch_output(zoo, arch)
