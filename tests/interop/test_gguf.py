@@ -220,14 +220,17 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 # (zoo architecture, GGUF architecture, Q/K permuted by llama.cpp's converter)
-FAMILIES = [("olmo2", gguf.MODEL_ARCH.OLMO2, False), ("granite", gguf.MODEL_ARCH.GRANITE, True)]
+FAMILIES = [("olmo2", gguf.MODEL_ARCH.OLMO2, False), ("granite", gguf.MODEL_ARCH.GRANITE, True),
+            ("seed_oss", gguf.MODEL_ARCH.SEED_OSS, False), ("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, False),
+            ("hunyuan_v1_dense", gguf.MODEL_ARCH.HUNYUAN_DENSE, False), ("exaone4", gguf.MODEL_ARCH.EXAONE4, False)]
 
 
 @pytest.mark.parametrize("arch,gguf_arch,permuted", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_a_gguf_of_another_family_reads_as_its_hugging_face_model(binary, zoo, tmp_path, arch, gguf_arch,
                                                                   permuted):
     """OLMo 2 stores its norms after the blocks and its query/key norms across heads; Granite is a
-    Llama (Q and K permuted) with multipliers in the metadata. Written under llama.cpp's own
+    Llama (Q and K permuted) with multipliers in the metadata; Seed-OSS has q, k and v biases,
+    Hunyuan query and key norms of its own names, EXAONE 4 norms after the blocks. Written under llama.cpp's own
     names (the `gguf` package's tensor map) and conventions, converted back, every tensor is the
     Hugging Face model's, and the config carries the multipliers."""
     base = zoo.base(arch)
@@ -255,7 +258,8 @@ def test_a_gguf_of_another_family_reads_as_its_hugging_face_model(binary, zoo, t
             value = permute(value, heads)
         elif permuted and name.endswith("k_proj.weight"):
             value = permute(value, config["num_key_value_heads"])
-        w.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", value)
+        stem, kind = name.rsplit(".", 1)  # Seed-OSS has biases on q, k and v
+        w.add_tensor(f"{names.get_name(stem)}.{kind}", value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

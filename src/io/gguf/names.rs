@@ -119,6 +119,44 @@ pub const FAMILIES: &[Family] = &[
         false,
         false,
     ),
+    // Seed-OSS, ERNIE 4.5, Hunyuan (query and key norms named `query_layernorm`, `key_layernorm`)
+    // and EXAONE 4 (norms after the blocks, as OLMo 2's): Llama's tensors, rows as stored.
+    family(
+        "seed_oss",
+        "seed_oss",
+        "SeedOssForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "ernie4_5",
+        "ernie4_5",
+        "Ernie4_5ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "hunyuan-dense",
+        "hunyuan_v1_dense",
+        "HunYuanDenseV1ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
+    family(
+        "exaone4",
+        "exaone4",
+        "Exaone4ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    ),
     // Mixtures of experts; Mixtral converts as a Llama with experts.
     family(
         "qwen3moe",
@@ -433,6 +471,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ssm_ba" if f.fused_linear_attention => "linear_attn.in_proj_ba",
         // Conversions before llama.cpp regrouped it kept `in_proj_qkvz` whole.
         "ssm_in" if f.fused_linear_attention => "linear_attn.in_proj_qkvz",
+        "attn_q_norm" if f.gguf == "hunyuan-dense" => "self_attn.query_layernorm",
+        "attn_k_norm" if f.gguf == "hunyuan-dense" => "self_attn.key_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",

@@ -413,3 +413,27 @@ fn routers_of(layers: impl Iterator<Item = usize>) -> Vec<TensorInfo> {
         })
         .collect()
 }
+
+#[test]
+fn hunyuan_names_its_query_and_key_norms() {
+    let hunyuan = family_of("hunyuan-dense", false).unwrap();
+    let exaone = family_of("exaone4", false).unwrap();
+    for (f, q, k) in [
+        (hunyuan, "query_layernorm", "key_layernorm"),
+        (exaone, "q_norm", "k_norm"),
+    ] {
+        assert_eq!(
+            hf_name(f, "blk.1.attn_q_norm.weight").unwrap(),
+            format!("model.layers.1.self_attn.{q}.weight")
+        );
+        assert_eq!(
+            hf_name(f, "blk.1.attn_k_norm.weight").unwrap(),
+            format!("model.layers.1.self_attn.{k}.weight")
+        );
+    }
+    // EXAONE 4's norms follow the blocks.
+    assert_eq!(
+        hf_name(exaone, "blk.0.post_ffw_norm.weight").unwrap(),
+        "model.layers.0.post_feedforward_layernorm.weight"
+    );
+}
