@@ -222,7 +222,8 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 # (zoo architecture, GGUF architecture, Q/K permuted by llama.cpp's converter)
 FAMILIES = [("olmo2", gguf.MODEL_ARCH.OLMO2, False), ("granite", gguf.MODEL_ARCH.GRANITE, True),
             ("seed_oss", gguf.MODEL_ARCH.SEED_OSS, False), ("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, False),
-            ("hunyuan_v1_dense", gguf.MODEL_ARCH.HUNYUAN_DENSE, False), ("exaone4", gguf.MODEL_ARCH.EXAONE4, False)]
+            ("hunyuan_v1_dense", gguf.MODEL_ARCH.HUNYUAN_DENSE, False), ("exaone4", gguf.MODEL_ARCH.EXAONE4, False),
+            ("glm4", gguf.MODEL_ARCH.GLM4, False)]
 
 
 @pytest.mark.parametrize("arch,gguf_arch,permuted", FAMILIES, ids=[f[0] for f in FAMILIES])
@@ -230,7 +231,8 @@ def test_a_gguf_of_another_family_reads_as_its_hugging_face_model(binary, zoo, t
                                                                   permuted):
     """OLMo 2 stores its norms after the blocks and its query/key norms across heads; Granite is a
     Llama (Q and K permuted) with multipliers in the metadata; Seed-OSS has q, k and v biases,
-    Hunyuan query and key norms of its own names, EXAONE 4 norms after the blocks. Written under llama.cpp's own
+    Hunyuan query and key norms of its own names, EXAONE 4 norms after the blocks, GLM-4 a fused
+    `gate_up_proj` and norms after the blocks of its own names. Written under llama.cpp's own
     names (the `gguf` package's tensor map) and conventions, converted back, every tensor is the
     Hugging Face model's, and the config carries the multipliers."""
     base = zoo.base(arch)

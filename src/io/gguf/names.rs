@@ -119,6 +119,9 @@ pub const FAMILIES: &[Family] = &[
         false,
         false,
     ),
+    // GLM-4 (0414): separate q, k and v but a fused `gate_up_proj` (`ffn_up`), and a norm after
+    // each block besides the ones before (`post_attention_norm`, `post_ffw_norm`).
+    family("glm4", "glm4", "Glm4ForCausalLM", false, 0.0, false, true),
     // Seed-OSS, ERNIE 4.5, Hunyuan (query and key norms named `query_layernorm`, `key_layernorm`)
     // and EXAONE 4 (norms after the blocks, as OLMo 2's): Llama's tensors, rows as stored.
     family(
@@ -489,6 +492,8 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ffn_norm" if f.sandwich_norms => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         // The norms of the blocks' outputs (Gemma 2/3, OLMo 2/3).
+        "post_attention_norm" if f.gguf == "glm4" => "post_self_attn_layernorm",
+        "post_ffw_norm" if f.gguf == "glm4" => "post_mlp_layernorm",
         "post_attention_norm" => "post_attention_layernorm",
         "post_ffw_norm" => "post_feedforward_layernorm",
         _ => return None,

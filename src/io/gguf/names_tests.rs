@@ -415,7 +415,7 @@ fn routers_of(layers: impl Iterator<Item = usize>) -> Vec<TensorInfo> {
 }
 
 #[test]
-fn hunyuan_names_its_query_and_key_norms() {
+fn norms_of_their_own_names_are_read_by_them() {
     let hunyuan = family_of("hunyuan-dense", false).unwrap();
     let exaone = family_of("exaone4", false).unwrap();
     for (f, q, k) in [
@@ -430,6 +430,17 @@ fn hunyuan_names_its_query_and_key_norms() {
             hf_name(f, "blk.1.attn_k_norm.weight").unwrap(),
             format!("model.layers.1.self_attn.{k}.weight")
         );
+    }
+    // GLM-4's norms after the blocks have names of their own.
+    let glm4 = family_of("glm4", false).unwrap();
+    for (gguf, hf) in [
+        ("post_attention_norm", "post_self_attn_layernorm"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("post_ffw_norm", "post_mlp_layernorm"),
+        ("ffn_up", "mlp.gate_up_proj"),
+    ] {
+        let got = hf_name(glm4, &format!("blk.0.{gguf}.weight")).unwrap();
+        assert_eq!(got, format!("model.layers.0.{hf}.weight"));
     }
     // EXAONE 4's norms follow the blocks.
     assert_eq!(
