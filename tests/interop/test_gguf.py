@@ -223,7 +223,7 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 FAMILIES = [("olmo2", gguf.MODEL_ARCH.OLMO2, False), ("granite", gguf.MODEL_ARCH.GRANITE, True),
             ("seed_oss", gguf.MODEL_ARCH.SEED_OSS, False), ("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, False),
             ("hunyuan_v1_dense", gguf.MODEL_ARCH.HUNYUAN_DENSE, False), ("exaone4", gguf.MODEL_ARCH.EXAONE4, False),
-            ("glm4", gguf.MODEL_ARCH.GLM4, False)]
+            ("glm4", gguf.MODEL_ARCH.GLM4, False), ("glm", gguf.MODEL_ARCH.CHATGLM, False)]
 
 
 @pytest.mark.parametrize("arch,gguf_arch,permuted", FAMILIES, ids=[f[0] for f in FAMILIES])

@@ -69,7 +69,7 @@ def assert_same_lora(got: Path, want: Path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3", "smollm3", "olmo2", "granite", "seed_oss",
-                                  "ernie4_5", "hunyuan_v1_dense", "exaone4", "glm4"])
+                                  "ernie4_5", "hunyuan_v1_dense", "exaone4", "glm4", "glm"])
 def test_export_equals_llama_cpp_conversion(zoo, arch):
     adapter, base = zoo.adapter(arch), zoo.base(arch)
     got = export(zoo, adapter, base, f"{arch}-plain")

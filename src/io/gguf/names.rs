@@ -122,6 +122,9 @@ pub const FAMILIES: &[Family] = &[
     // GLM-4 (0414): separate q, k and v but a fused `gate_up_proj` (`ffn_up`), and a norm after
     // each block besides the ones before (`post_attention_norm`, `post_ffw_norm`).
     family("glm4", "glm4", "Glm4ForCausalLM", false, 0.0, false, true),
+    // GLM-4-9B in transformers' form (`GlmForCausalLM`), which llama.cpp converts as ChatGLM:
+    // the same tensors without the norms after the blocks.
+    family("chatglm", "glm", "GlmForCausalLM", false, 0.0, false, true),
     // Seed-OSS, ERNIE 4.5, Hunyuan (query and key norms named `query_layernorm`, `key_layernorm`)
     // and EXAONE 4 (norms after the blocks, as OLMo 2's): Llama's tensors, rows as stored.
     family(
