@@ -140,6 +140,17 @@ def save_file_dir(out, tensors: dict, config: dict):
     return out
 
 
+def prediction_block(weights: dict, layer: str, hidden: int, norm) -> dict:
+    """A multi-token-prediction block as Qwen's releases hold it (`mtp.*`): a copy of the layer
+    whose tensors start with `layer`, and its fusion, `mtp.fc` and three norms of `norm(rng, hidden)`."""
+    rng = np.random.default_rng(5)
+    mtp = {"mtp.layers.0." + k[len(layer):]: v.copy() for k, v in weights.items() if k.startswith(layer)}
+    mtp["mtp.fc.weight"] = rng.normal(0, 0.02, (hidden, 2 * hidden)).astype(np.float32)
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{name}.weight"] = norm(rng, hidden)
+    return mtp
+
+
 def lora_pairs(path, architecture: str = "qwen35") -> dict:
     """{`model.layers.<l>.<module>`: (A, B) as stored, numpy order} of the pairs on projections
     (not stacked experts), and the file's alpha."""
@@ -219,12 +230,8 @@ def test_a_gguf_with_its_prediction_layer_reads_as_one_without(ggufs, qwen35, bi
     converted without it, bit for bit."""
     _, base, _, lora = qwen35
     weights = load_file(str(base / "model.safetensors"))
-    rng = np.random.default_rng(5)
-    layer = "model.language_model.layers.3."
-    mtp = {"mtp.layers.0." + k[len(layer):]: v.copy() for k, v in weights.items() if k.startswith(layer)}
-    mtp["mtp.fc.weight"] = rng.normal(0, 0.02, (TEXT["hidden_size"], 2 * TEXT["hidden_size"])).astype(np.float32)
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        mtp[f"mtp.{norm}.weight"] = np.zeros(TEXT["hidden_size"], np.float32)
+    mtp = prediction_block(weights, "model.language_model.layers.3.", TEXT["hidden_size"],
+                           lambda rng, n: np.zeros(n, np.float32))
     config = json.loads((base / "config.json").read_text())
     config["text_config"]["mtp_num_hidden_layers"] = 1
     with_mtp = save_file_dir(tmp_path / "with-mtp", {**weights, **mtp}, config)

@@ -22,6 +22,7 @@ import interop_util as iu
 from test_gguf_lora import CONVERTER, assert_same_lora
 from test_gpt_oss_gguf import llama_cpp_gguf
 from test_qwen3_5 import MOE
+from test_qwen3_5_gguf import prediction_block, save_file_dir
 
 R, ALPHA = 4, 8
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj",
@@ -221,18 +222,11 @@ def test_a_gguf_with_its_prediction_block_reads_as_one_without(qwen3_next, binar
     taken off), and a transfer onto the file is the one onto the file without it, bit for bit."""
     _, base, ggufs, lora = qwen3_next
     weights = load_file(str(base / "model.safetensors"))
-    rng = np.random.default_rng(5)
-    layer = "model.layers.3."
-    mtp = {"mtp.layers.0." + k[len(layer):]: v.copy() for k, v in weights.items() if k.startswith(layer)}
-    hidden = MOE["hidden_size"]
-    mtp["mtp.fc.weight"] = rng.normal(0, 0.02, (hidden, 2 * hidden)).astype(np.float32)
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        mtp[f"mtp.{norm}.weight"] = rng.normal(0, 0.1, hidden).astype(np.float32)
+    mtp = prediction_block(weights, "model.layers.3.", MOE["hidden_size"],
+                           lambda rng, n: rng.normal(0, 0.1, n).astype(np.float32))
     assert any(".mlp.experts.1." in k for k in mtp) and any("shared_expert." in k for k in mtp)
-    with_mtp = tmp_path / "with-mtp"
-    with_mtp.mkdir()
-    save_file({**weights, **mtp}, str(with_mtp / "model.safetensors"), metadata={"format": "pt"})
-    (with_mtp / "config.json").write_text((base / "config.json").read_text())
+    config = json.loads((base / "config.json").read_text())
+    with_mtp = save_file_dir(tmp_path / "with-mtp", {**weights, **mtp}, config)
     path = llama_cpp_gguf(with_mtp, tmp_path / "with-mtp.gguf", "f32")
     fields = metadata(path)
     assert (fields["qwen3next.block_count"], fields["qwen3next.nextn_predict_layers"]) == (5, 1)
