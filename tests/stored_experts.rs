@@ -11,7 +11,7 @@ use std::path::Path;
 use std::collections::BTreeMap;
 
 use common::cli::{ok, s};
-use loraxfer::io::adapter::{Adapter, GateUpRows, LoraFactors};
+use loraxfer::io::adapter::{Adapter, ExpertsLayout, GateUpRows, LoraFactors};
 use loraxfer::io::checkpoint::Checkpoint;
 use loraxfer::io::safetensors::{decode_f32, encode_f32, FloatType};
 
@@ -459,7 +459,11 @@ fn a_transfer_onto_stored_experts_writes_the_alternating_fused_form() {
         assert_eq!(zero, row % 2 == 1, "row {row} of {key}");
     }
     // Read back as alternating rows, each expert's gate update is the one written.
-    let back = Adapter::open_with(&out, GateUpRows::Interleaved).unwrap();
+    let layout = ExpertsLayout {
+        gate_up: GateUpRows::Interleaved,
+        reversed: false,
+    };
+    let back = Adapter::open_with(&out, layout).unwrap();
     let input = Adapter::open(&adapter).unwrap();
     for name in modules.keys() {
         let want = common::update_of(&input, name);

@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::{Checkpoint, ModelConfig};
 
 mod check;
+mod stored_experts;
 pub use check::parse_table;
+pub use stored_experts::StoredExperts;
 
 /// The canonical projections every decoder layer has, fused or not.
 #[derive(
@@ -329,22 +331,6 @@ pub struct Arch {
     pub residual: Residual,
 }
 
-/// A layer's experts fused on disk: `gate_up` `[E, 2·width, hidden]` (the gate's and the up
-/// projection's rows) and `down` `[E, hidden, width]`, each as an `[out, in]` weight per expert,
-/// or `[E, in, out]` where `transposed`; the gate's and the up projection's rows alternate where
-/// `interleaved` (gate j at row 2j, up j at 2j + 1), else the gate's come first. A float tensor
-/// of that name, or MXFP4's `<name>_blocks` and `<name>_scales` (`[E, out, in/32, 16]` and
-/// `[E, out, in/32]`, never transposed).
-#[derive(Debug, Clone, Deserialize)]
-pub struct StoredExperts {
-    pub gate_up: String,
-    pub down: String,
-    #[serde(default)]
-    pub transposed: bool,
-    #[serde(default)]
-    pub interleaved: bool,
-}
-
 /// The residual stream's conventions: the embedding, the norm before each block, and how the
 /// family scales them.
 #[derive(Debug, Clone, Deserialize)]
@@ -533,14 +519,6 @@ impl Arch {
         module: &ModuleSpec,
     ) -> String {
         format!("{prefix}.{layer}.{}", module.key_at(expert))
-    }
-
-    /// How a LoRA on this family's fused `gate_up_proj` holds an expert's gate and up rows.
-    pub fn gate_up_rows(&self) -> crate::io::adapter::GateUpRows {
-        match &self.stored_experts {
-            Some(s) if s.interleaved => crate::io::adapter::GateUpRows::Interleaved,
-            _ => crate::io::adapter::GateUpRows::Halves,
-        }
     }
 
     /// Whether this architecture's MLPs are experts (a mixture-of-experts table).

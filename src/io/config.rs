@@ -85,14 +85,16 @@ pub struct Experts {
     /// `num_local_experts` (Mixtral), `num_experts` (Qwen-MoE, OLMoE) or `n_routed_experts`
     /// (GLM-4.5).
     pub count: usize,
-    /// Each expert's hidden width: `moe_intermediate_size` (Qwen-MoE), else `intermediate_size`.
+    /// Each expert's hidden width: `moe_intermediate_size` (Qwen-MoE), else `intermediate_size`
+    /// (Llama 4's, whose dense MLP is `intermediate_size_mlp` wide).
     pub width: usize,
     /// The width of the MLP every token passes through beside its experts (Qwen2-MoE's
     /// `shared_expert_intermediate_size`; GLM-4.5's `n_shared_experts` experts wide, stored as one
-    /// MLP); none where the layers have no shared expert.
+    /// MLP; Llama 4's of the experts' width); none where the layers have no shared expert.
     pub shared_width: Option<usize>,
     /// The layers whose MLP is dense, `intermediate_size` wide (Qwen's `mlp_only_layers` and
-    /// `decoder_sparse_step`, GLM-4.5's first `first_k_dense_replace`), in ascending order.
+    /// `decoder_sparse_step`, GLM-4.5's first `first_k_dense_replace`, those Llama 4's
+    /// `moe_layers` leaves out), in ascending order.
     pub dense_layers: Vec<usize>,
 }
 
@@ -145,13 +147,25 @@ impl ModelConfig {
             Err(_) if text.contains_key("moe_intermediate_size") => get("moe_intermediate_size")?,
             other => other?,
         };
+        // Llama 4 names its dense MLP's width `intermediate_size_mlp` and its experts'
+        // `intermediate_size`.
+        let (dense_key, intermediate_size, expert_width) =
+            match text.contains_key("intermediate_size_mlp") {
+                true => (
+                    "intermediate_size_mlp",
+                    get("intermediate_size_mlp")?,
+                    intermediate_size,
+                ),
+                false => ("intermediate_size", intermediate_size, intermediate_size),
+            };
         let num_attention_heads = get("num_attention_heads")?;
         let num_key_value_heads = get("num_key_value_heads").unwrap_or(num_attention_heads);
         // Limits far above any real model keep every product of sizes inside usize.
         for (key, value, max) in [
             ("num_hidden_layers", num_hidden_layers, 1 << 16),
             ("hidden_size", hidden_size, 1 << 24),
-            ("intermediate_size", intermediate_size, 1 << 24),
+            (dense_key, intermediate_size, 1 << 24),
+            ("intermediate_size", expert_width, 1 << 24),
             ("num_attention_heads", num_attention_heads, 1 << 16),
             ("num_key_value_heads", num_key_value_heads, 1 << 16),
         ] {
@@ -166,6 +180,7 @@ impl ModelConfig {
             || num_hidden_layers == 0
             || hidden_size == 0
             || intermediate_size == 0
+            || expert_width == 0
             || num_key_value_heads == 0
         {
             return Err(Error::config(
@@ -222,13 +237,7 @@ impl ModelConfig {
                 None => 1.0 / (head_dim as f64).sqrt(),
             }),
         };
-        let experts = parse_experts(
-            text,
-            &model_type,
-            intermediate_size,
-            num_hidden_layers,
-            path,
-        )?;
+        let experts = parse_experts(text, &model_type, expert_width, num_hidden_layers, path)?;
         let latent = parse_latent(text, path)?;
         let linear = parse_linear(text, num_hidden_layers, path)?;
         // Qwen3.5 and Qwen3-Next gate each head's attention output by a second half of its
@@ -300,6 +309,8 @@ fn parse_experts(
     // Qwen2-MoE names the shared expert's width; GLM-4.5 and DeepSeek count shared experts of
     // the experts' width, fused into one MLP.
     let shared_width = match integer("shared_expert_intermediate_size", 0, 1 << 24)? {
+        // Every Llama 4 MoE layer has one shared expert of the experts' width; no field says so.
+        0 if model_type.starts_with("llama4") => width,
         0 => integer("n_shared_experts", 0, 1 << 8)? as usize * width,
         w => w as usize,
     };
@@ -308,13 +319,19 @@ fn parse_experts(
     // whose default is layer 0 dense) says it all; otherwise Qwen's layer is sparse unless listed
     // in `mlp_only_layers` or off the `decoder_sparse_step`, GLM-4.5's and DeepSeek's from
     // `first_k_dense_replace` on (every `moe_layer_freq`-th, a field of DeepSeek's own code).
-    let step = integer("decoder_sparse_step", 1, 1 << 16)?;
+    // Llama 4's `interleave_moe_layer_step` is Qwen's step, and its `moe_layers` lists the layers
+    // with experts (transformers writes it; it overrides the step).
+    let step = match field("interleave_moe_layer_step") {
+        Some(_) => integer("interleave_moe_layer_step", 1, 1 << 16)?,
+        None => integer("decoder_sparse_step", 1, 1 << 16)?,
+    };
     let first_sparse = integer("first_k_dense_replace", 0, 1 << 16)? as usize;
     let frequency = integer("moe_layer_freq", 1, 1 << 16)?;
     if step == 0 || frequency == 0 {
         return Err(Error::config(
             path,
-            "`decoder_sparse_step` and `moe_layer_freq` must be at least 1",
+            "`decoder_sparse_step`, `interleave_moe_layer_step` and `moe_layer_freq` must be \
+             at least 1",
         ));
     }
     let mut dense = vec![false; layers];
@@ -334,6 +351,21 @@ fn parse_experts(
     }
     for (l, d) in dense.iter_mut().enumerate() {
         *d |= (l as u64 + 1) % step != 0 || l < first_sparse || l as u64 % frequency != 0;
+    }
+    if let Some(v) = field("moe_layers") {
+        let bad = || {
+            Error::config(
+                path,
+                format!("`moe_layers` = {v} must be a list of layer indices below {layers}"),
+            )
+        };
+        dense = vec![true; layers];
+        for x in v.as_array().ok_or_else(bad)? {
+            dense[x
+                .as_u64()
+                .filter(|&l| (l as usize) < layers)
+                .ok_or_else(bad)? as usize] = false;
+        }
     }
     match field("mlp_layer_types") {
         Some(v) => dense = layer_kinds(v, "mlp_layer_types", ("dense", "sparse"), layers, path)?,

@@ -22,8 +22,10 @@
 //!   `<module>.weight`: the same tensors and update as a LoRA on the module, which PEFT leaves
 //!   where it is); attention stays in `target_modules`.
 //!
-//! GPT-OSS stores its experts this way on disk, with gate_up's outputs alternating gate and up:
-//! its output is always in this form, B's gate and up rows alternating as the model's.
+//! GPT-OSS and Llama 4 store their experts this way on disk (GPT-OSS's gate_up outputs
+//! alternating gate and up; Llama 4's under `feed_forward.experts`, which PEFT takes the other
+//! way round: A `[R·E, out]`, B `[in, R·E]`): their output is always in this form, laid out as
+//! PEFT lays out its own LoRA on them.
 //!
 //! Ranks and alphas go under the names PEFT matches them against: `<experts>.gate_up_proj`,
 //! `<experts>.down_proj` and `<module>.weight`. The scale of an expert part whose own scale
@@ -35,7 +37,7 @@ use serde_json::{Map, Value};
 
 use crate::arch::{Block, Part};
 use crate::error::{Error, Result};
-use crate::io::adapter::{exact_pattern, AdapterConfig, EncodedFactors, GateUpRows};
+use crate::io::adapter::{exact_pattern, AdapterConfig, EncodedFactors, ExpertsLayout};
 use crate::io::safetensors::{decode_f32, encode_f32, FloatType};
 use crate::plan::ModelSide;
 
@@ -70,7 +72,7 @@ pub fn fuse_experts(
 ) -> Result<BTreeMap<String, EncodedFactors>> {
     check_target(target)?;
     let experts = target.experts();
-    let rows = target.arch.gate_up_rows();
+    let layout = target.arch.experts_layout();
     let mut by_layer: BTreeMap<usize, Vec<ExpertPart>> = BTreeMap::new();
     let (mut target_modules, mut weights) = (Vec::new(), Vec::new());
     for name in modules.keys() {
@@ -110,7 +112,11 @@ pub fn fuse_experts(
         .collect();
     let (mut gate_up_names, mut down_names) = (Vec::new(), Vec::new());
     for (layer, parts) in by_layer {
-        let wrapper = format!("{}.{layer}.mlp.experts", target.names);
+        let wrapper = format!(
+            "{}.{layer}.{}",
+            target.names,
+            target.arch.fused_experts_module()
+        );
         // Each expert's factors in the parameter's slots (gate, up; or down), None where absent.
         let mut take = |slots: &[Part]| -> Result<Vec<Vec<Option<EncodedFactors>>>> {
             let mut per_expert = vec![vec![None; slots.len()]; experts];
@@ -145,7 +151,7 @@ pub fn fuse_experts(
                 continue;
             }
             let key = format!("{wrapper}.{param}");
-            let (fused, rank) = stack(&key, &per_expert, adapter_config, rows)?;
+            let (fused, rank) = stack(&key, &per_expert, adapter_config, layout)?;
             names.push(Value::String(key.clone()));
             written.push((key, rank, fused.alpha));
             modules.insert(module, fused);
@@ -175,14 +181,14 @@ type Decoded<'a> = (Vec<f32>, Vec<f32>, &'a EncodedFactors);
 
 /// One wrapper's factors, and its rank per expert R (the largest expert's summed rank), from
 /// each expert's factors in the parameter's slots, whose rows follow each other or alternate
-/// (`rows`); the scale is that of the first part with an update. A part with no update (B all
-/// zero: an expert or a projection the adapter leaves alone) takes no rank, and its type does
-/// not count.
+/// (`layout`), turned round where PEFT takes the parameter so; the scale is that of the first
+/// part with an update. A part with no update (B all zero: an expert or a projection the adapter
+/// leaves alone) takes no rank, and its type does not count.
 fn stack(
     name: &str,
     per_expert: &[Vec<Option<EncodedFactors>>],
     config: &AdapterConfig,
-    rows: GateUpRows,
+    layout: ExpertsLayout,
 ) -> Result<(EncodedFactors, usize)> {
     let experts = per_expert.len();
     let present = || per_expert.iter().flat_map(|slots| slots.iter().flatten());
@@ -251,7 +257,7 @@ fn stack(
             if let Some((fa, fb, f)) = part {
                 let ratio = (config.scale(f.r, f.alpha) / s) as f32;
                 // Gate and up projections share their width.
-                let (start, step) = rows.placement(slot, slots.len(), widths[slot]);
+                let (start, step) = layout.gate_up.placement(slot, slots.len(), widths[slot]);
                 for k in 0..f.r {
                     let row = e * rank + k0 + k;
                     a[row * n..(row + 1) * n].copy_from_slice(&fa[k * n..(k + 1) * n]);
@@ -267,6 +273,28 @@ fn stack(
     // A part's scale folded into its B can take a value past an f16's range: rebalanced as any
     // output module is.
     super::assemble::fit_in_type(name, &mut b, &mut a, ty)?;
+    // Reversed, PEFT's A `[R·E, m]` holds each expert's B transposed in its rows, and its B
+    // `[n, R·E]` each expert's A transposed in its columns.
+    let (a, b, n, m) = match layout.reversed {
+        false => (a, b, n, m),
+        true => {
+            let peft_a = (0..cols * m)
+                .map(|i| {
+                    let (row, out) = (i / m, i % m);
+                    let (e, k) = (row / rank, row % rank);
+                    b[out * cols + k * experts + e]
+                })
+                .collect();
+            let peft_b = (0..n * cols)
+                .map(|i| {
+                    let (input, col) = (i / cols, i % cols);
+                    let (k, e) = (col / experts, col % experts);
+                    a[(e * rank + k) * n + input]
+                })
+                .collect();
+            (peft_a, peft_b, m, n)
+        }
+    };
     let fused = EncodedFactors {
         a: encode_f32(&a, ty),
         b: encode_f32(&b, ty),

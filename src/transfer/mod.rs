@@ -285,7 +285,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     }
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
-    let mut adapter = Adapter::open_with(&job.adapter, s.arch.gate_up_rows())?;
+    let mut adapter = Adapter::open_with(&job.adapter, s.arch.experts_layout())?;
     if job.fused_experts {
         // Before any work: a target without experts has nothing to fuse.
         fused_out::check_target(&t)?;

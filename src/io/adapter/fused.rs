@@ -12,6 +12,12 @@
 //! two, which share A. The modules are named as a checkpoint on disk names the experts
 //! (`<experts>.<e>.gate_proj`, `up_proj`, `down_proj`), which is what a transfer writes and PEFT
 //! converts back onto the fused parameters when it loads them.
+//!
+//! Llama 4 stores its experts `[E, in, out]` without saying so to PEFT, which then takes the
+//! last dimension for the input: its A is `[r·E, out]` and its B `[in, r·E]`, and the update it
+//! adds is `(B·A)ᵀ` in `[out, in]` terms (`ExpertsLayout::reversed`). Expert e's A is then read
+//! out of B's columns and its B out of A's rows, each transposed, and the gate and up projection
+//! split A's columns.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -20,7 +26,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{decode_into, FloatType, TensorFile};
 
-use super::{AdapterConfig, FactorRef, GateUpRows, LoraTensors};
+use super::{AdapterConfig, ExpertsLayout, FactorRef, LoraTensors};
 
 /// The wrapper suffix of a fused experts module: `.experts` for the parameter wrapped last, or
 /// `.experts.base_layer`, … for those wrapped before it.
@@ -54,7 +60,7 @@ pub(super) fn expand(
     wrappers: BTreeMap<String, BTreeMap<usize, Wrapper>>,
     config: &AdapterConfig,
     path: &Path,
-    gate_up: GateUpRows,
+    layout: ExpertsLayout,
 ) -> Result<BTreeMap<String, LoraTensors>> {
     let bad = |tensor: &str, reason: String| Error::bad_tensor(path, tensor, reason);
     let mut out = BTreeMap::new();
@@ -71,7 +77,7 @@ pub(super) fn expand(
                 ),
             ));
         }
-        let params = assign(&list, &named).ok_or_else(|| {
+        let params = assign(&list, &named, layout.reversed).ok_or_else(|| {
             bad(
                 &list[0].a,
                 format!(
@@ -101,22 +107,24 @@ pub(super) fn expand(
                 ));
             }
             let experts = stacked / r;
-            // (part, B's rows that are its own, taken every `step`-th)
+            let (inputs, outputs) = w.in_out(layout.reversed);
+            // (part, the update's rows that are its own, taken every `step`-th)
             let parts: Vec<(&str, Range<usize>, usize)> = if param == "gate_up_proj" {
-                if m % 2 != 0 {
+                if outputs % 2 != 0 {
                     return Err(bad(
                         &w.b,
-                        format!("gate_up_proj's {m} rows do not halve into gate and up"),
+                        format!("gate_up_proj's {outputs} outputs do not halve into gate and up"),
                     ));
                 }
+                let half = outputs / 2;
                 let place = |slot| {
-                    let (start, step) = gate_up.placement(slot, 2, m / 2);
-                    (start..start + (m / 2 - 1) * step + 1, step)
+                    let (start, step) = layout.gate_up.placement(slot, 2, half);
+                    (start..start + (half - 1) * step + 1, step)
                 };
                 let ((gate, gate_step), (up, up_step)) = (place(0), place(1));
                 vec![("gate_proj", gate, gate_step), ("up_proj", up, up_step)]
             } else {
-                vec![("down_proj", 0..m, 1)]
+                vec![("down_proj", 0..outputs, 1)]
             };
             let ty = w.ty;
             for e in 0..experts {
@@ -129,17 +137,24 @@ pub(super) fn expand(
                             rank: r,
                             rows,
                             step,
+                            reversed: layout.reversed,
                         }),
                     };
-                    let b = block(&w.b, rows.clone(), *step);
+                    let (a, b) = match layout.reversed {
+                        false => (
+                            block(&w.a, e * r..(e + 1) * r, 1),
+                            block(&w.b, rows.clone(), *step),
+                        ),
+                        true => (block(&w.b, 0..inputs, 1), block(&w.a, rows.clone(), *step)),
+                    };
                     let out_features = b.expert.as_ref().map_or(0, super::ExpertBlock::count);
                     out.insert(
                         format!("{experts_path}.{e}.{part}"),
                         LoraTensors {
-                            a: block(&w.a, e * r..(e + 1) * r, 1),
+                            a,
                             b,
                             r,
-                            in_features: n,
+                            in_features: inputs,
                             out_features,
                             alpha,
                             ty,
@@ -167,16 +182,29 @@ fn named_for(params: &[String], experts_path: &str) -> Vec<&'static str> {
         .collect()
 }
 
+impl Wrapper {
+    /// (inputs, outputs) of the update each expert's factors make: A's columns and B's rows,
+    /// or the other way round where PEFT took the parameter `reversed`.
+    fn in_out(&self, reversed: bool) -> (usize, usize) {
+        match reversed {
+            false => (self.a_shape.1, self.b_shape.0),
+            true => (self.b_shape.0, self.a_shape.1),
+        }
+    }
+}
+
 /// The parameter each wrapper adapts, among those `named` for its module. One wrapper and one
 /// parameter named: that one. Two: the shapes decide: `gate_up_proj` reads the hidden state that
-/// `down_proj` writes (`A_gu.in = B_down.out`) and writes twice the width that `down_proj` reads
-/// (`B_gu.out = 2·A_down.in`); None when no assignment, or more than one, fits.
-fn assign(list: &[&Wrapper], named: &[&'static str]) -> Option<Vec<&'static str>> {
+/// `down_proj` writes and writes twice the width that `down_proj` reads; None when no
+/// assignment, or more than one, fits.
+fn assign(list: &[&Wrapper], named: &[&'static str], reversed: bool) -> Option<Vec<&'static str>> {
     match (list, named) {
         ([_], [p]) => Some(vec![*p]),
         ([x, y], [_, _]) => {
             let fits = |gu: &Wrapper, down: &Wrapper| {
-                gu.a_shape.1 == down.b_shape.0 && gu.b_shape.0 == 2 * down.a_shape.1
+                let ((gu_in, gu_out), (down_in, down_out)) =
+                    (gu.in_out(reversed), down.in_out(reversed));
+                gu_in == down_out && gu_out == 2 * down_in
             };
             match (fits(x, y), fits(y, x)) {
                 (true, false) => Some(vec!["gate_up_proj", "down_proj"]),
@@ -188,15 +216,41 @@ fn assign(list: &[&Wrapper], named: &[&'static str]) -> Option<Vec<&'static str>
     }
 }
 
-/// Expert e's factor out of a fused one: A's rows `e·r .. (e+1)·r`, or B's `rows` (every
-/// `step`-th) at the columns `k·E + e` (only those decoded: a layer's B is read once per expert).
+/// Expert e's factor out of a fused one (`[r, in]` A, `[out, r]` B): A's rows `e·r .. (e+1)·r`,
+/// or B's `rows` (every `step`-th) at the columns `k·E + e`; where `reversed`, A is B's rows at
+/// those columns, transposed, and B is A's rows `e·r .. (e+1)·r` at the columns `rows`,
+/// transposed. Only the expert's values are decoded: a layer's B is read once per expert.
 pub(super) fn pick(file: &TensorFile, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
     let block = f.expert.as_ref().expect("a fused factor");
-    if !is_b {
-        return file.read_rows_f32(&f.tensor, block.rows.clone());
+    let own_rows = block.expert * block.rank..(block.expert + 1) * block.rank;
+    match (is_b, block.reversed) {
+        (false, false) => file.read_rows_f32(&f.tensor, own_rows),
+        (true, false) => expert_columns(file, &f.tensor, block),
+        (false, true) => {
+            let columns = expert_columns(file, &f.tensor, block)?;
+            Ok(transpose(&columns, block.count(), block.rank))
+        }
+        (true, true) => {
+            let rows = file.read_rows_f32(&f.tensor, own_rows)?;
+            let cols = rows.len() / block.rank;
+            let mut out = vec![0f32; block.count() * block.rank];
+            for (i, value) in out.iter_mut().enumerate() {
+                let (k, col) = (
+                    i % block.rank,
+                    block.rows.start + i / block.rank * block.step,
+                );
+                *value = rows[k * cols + col];
+            }
+            Ok(out)
+        }
     }
+}
+
+/// `[count, r]`: the block's `rows` (every `step`-th) of a stacked B at the expert's columns
+/// `k·E + e`.
+fn expert_columns(file: &TensorFile, tensor: &str, block: &super::ExpertBlock) -> Result<Vec<f32>> {
     // Every value was checked for NaN and Inf when the adapter was opened.
-    let (bytes, ty, cols) = file.rows_raw_unchecked(&f.tensor, block.rows.clone())?;
+    let (bytes, ty, cols) = file.rows_raw_unchecked(tensor, block.rows.clone())?;
     let size = ty.size();
     let mut out = vec![0f32; block.count() * block.rank];
     for (i, value) in out.iter_mut().enumerate() {
@@ -205,4 +259,11 @@ pub(super) fn pick(file: &TensorFile, f: &FactorRef, is_b: bool) -> Result<Vec<f
         decode_into(&bytes[at..at + size], ty, std::slice::from_mut(value));
     }
     Ok(out)
+}
+
+/// `[cols, rows]` from `[rows, cols]`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols * rows)
+        .map(|i| values[(i % rows) * cols + i / rows])
+        .collect()
 }

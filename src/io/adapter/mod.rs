@@ -47,7 +47,9 @@ pub struct FactorRef {
 /// One expert's factor inside a fused LoRA of rank `rank` per expert over `experts` experts: the
 /// fused tensor's rows `rows` taken every `step`-th (a gate's or an up projection's among the
 /// alternating rows of GPT-OSS's `gate_up_proj`; else every row), and, in B, the expert's
-/// columns.
+/// columns. Where `reversed` (Llama 4: [`ExpertsLayout::reversed`]) the factor is stored the
+/// other way round: A is read as PEFT's B is (`rows` its input rows, the expert's columns) and
+/// B out of PEFT's A (the expert's rows, `rows` naming its columns), each then transposed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertBlock {
     pub expert: usize,
@@ -55,6 +57,16 @@ pub struct ExpertBlock {
     pub rank: usize,
     pub rows: std::ops::Range<usize>,
     pub step: usize,
+    pub reversed: bool,
+}
+
+/// How a PEFT LoRA on a family's fused expert parameters lays out its factors: where an
+/// expert's gate and up rows lie in `gate_up_proj`, and whether PEFT took the parameter's
+/// dimensions the other way round (A `[r·E, out]`, B `[in, r·E]`; its update `(B·A)ᵀ`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertsLayout {
+    pub gate_up: GateUpRows,
+    pub reversed: bool,
 }
 
 /// How a fused `gate_up_proj` holds an expert's gate and up projection: the gate's rows, then
@@ -136,12 +148,12 @@ pub struct Adapter {
 impl Adapter {
     /// Opens an adapter directory, checking every key, shape and value.
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_with(dir, GateUpRows::Halves)
+        Self::open_with(dir, ExpertsLayout::default())
     }
 
-    /// [`Adapter::open`] for a base whose fused `gate_up_proj` holds the gate's and the up
-    /// projection's rows as `gate_up` says (the base's table knows; the adapter cannot tell).
-    pub fn open_with(dir: &Path, gate_up: GateUpRows) -> Result<Self> {
+    /// [`Adapter::open`] for a base whose fused expert parameters PEFT adapts as `layout` says
+    /// (the base's table knows; the adapter cannot tell).
+    pub fn open_with(dir: &Path, layout: ExpertsLayout) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
         if !config_path.is_file() {
@@ -165,7 +177,7 @@ impl Adapter {
             .map_err(|e| Error::io(&config_path, "cannot read", e))?;
         let config = AdapterConfig::parse(&text, &config_path)?;
         let file = TensorFile::open(&weights_path)?;
-        let modules = index_modules(&file, &config, gate_up)?;
+        let modules = index_modules(&file, &config, layout)?;
         if modules.is_empty() {
             return Err(Error::UnsupportedAdapter {
                 path: weights_path,
@@ -277,7 +289,7 @@ fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
 fn index_modules(
     file: &TensorFile,
     config: &AdapterConfig,
-    gate_up: GateUpRows,
+    layout: ExpertsLayout,
 ) -> Result<BTreeMap<String, LoraTensors>> {
     let path = file.path();
     let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
@@ -389,7 +401,7 @@ fn index_modules(
             },
         );
     }
-    for (name, m) in fused::expand(wrappers, config, path, gate_up)? {
+    for (name, m) in fused::expand(wrappers, config, path, layout)? {
         if out.insert(name.clone(), m).is_some() {
             return Err(Error::UnsupportedAdapter {
                 path: path.to_path_buf(),
