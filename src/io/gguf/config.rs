@@ -107,7 +107,7 @@ pub fn config_json(
     if f.experts {
         // Mixtral's experts are `intermediate_size` wide; Qwen3-MoE's have their own width.
         let count = match f.model_type {
-            "mixtral" | "gpt_oss" => "num_local_experts",
+            "mixtral" | "gpt_oss" | "llama4_text" => "num_local_experts",
             "glm4_moe" | "deepseek_v3" => "n_routed_experts",
             _ => "num_experts",
         };
@@ -134,7 +134,24 @@ pub fn config_json(
         let dense: Vec<u64> = (0..layers)
             .filter(|l| !names.contains(format!("blk.{l}.ffn_gate_inp.weight").as_str()))
             .collect();
-        if !dense.is_empty() {
+        if f.gguf == "llama4" {
+            // Llama 4's experts are `intermediate_size` wide and its dense MLP
+            // `intermediate_size_mlp`; the layers with experts are listed.
+            let dense_width = obj.remove("intermediate_size").expect("set above");
+            obj.insert("intermediate_size_mlp".into(), dense_width);
+            let width = obj.remove("moe_intermediate_size").ok_or_else(|| {
+                format!(
+                    "metadata `{}` is missing",
+                    key("expert_feed_forward_length")
+                )
+            })?;
+            obj.insert("intermediate_size".into(), width);
+            let sparse: Vec<u64> = (0..layers).filter(|l| !dense.contains(l)).collect();
+            obj.insert("moe_layers".into(), sparse.into());
+            if let Ok(step) = int("interleave_moe_layer_step") {
+                obj.insert("interleave_moe_layer_step".into(), step.into());
+            }
+        } else if !dense.is_empty() {
             obj.insert("mlp_only_layers".into(), dense.into());
         }
     }

@@ -229,6 +229,19 @@ pub const FAMILIES: &[Family] = &[
         false,
     )
     .with_experts(),
+    // Llama 4: the checkpoint's fused experts split (gate, up) and turned round to `[E, width,
+    // in]` by the converter, as every family's; a shared expert in each MoE layer, dense layers
+    // (`feed_forward.*`) where `interleave_moe_layer_step` leaves them; Q and K rows as stored.
+    family(
+        "llama4",
+        "llama4_text",
+        "Llama4ForCausalLM",
+        false,
+        0.0,
+        false,
+        false,
+    )
+    .with_experts(),
     // Qwen3.5, with experts or without: norms stored as g (Hugging Face's g − 1, as Gemma's); the
     // text model of a multimodal release, as its causal-LM class loads it.
     family(
@@ -337,10 +350,11 @@ impl Family {
     }
 
     /// Whether llama.cpp's architecture has dense MLP tensors (`ffn_gate`, …): every dense
-    /// family, and GLM-4.5 and DeepSeek for their leading dense layers; qwen2moe, qwen3moe,
-    /// qwen35moe, qwen3next, olmoe, gpt-oss and Mixtral have experts in every layer.
+    /// family, GLM-4.5 and DeepSeek for their leading dense layers, Llama 4 for those between
+    /// its MoE layers; qwen2moe, qwen3moe, qwen35moe, qwen3next, olmoe, gpt-oss and Mixtral have
+    /// experts in every layer.
     pub fn dense_mlp(&self) -> bool {
-        !self.experts || matches!(self.gguf, "glm4moe" | "deepseek2")
+        !self.experts || matches!(self.gguf, "glm4moe" | "deepseek2" | "llama4")
     }
 }
 
@@ -409,6 +423,13 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "mlp.experts.{expert}.down_proj" | "block_sparse_moe.experts.{expert}.w2" => {
             "ffn_down_exps"
         }
+        // Keys of the family's own (Llama 4's `feed_forward.up_proj`, `feed_forward.experts.*`).
+        k if f.dense_mlp() && single_part_key(f, Block::Mlp, Part::Gate) == Some(k) => "ffn_gate",
+        k if f.dense_mlp() && single_part_key(f, Block::Mlp, Part::Up) == Some(k) => "ffn_up",
+        k if f.dense_mlp() && single_part_key(f, Block::Mlp, Part::Down) == Some(k) => "ffn_down",
+        k if single_part_key(f, Block::Experts, Part::Gate) == Some(k) => "ffn_gate_exps",
+        k if single_part_key(f, Block::Experts, Part::Up) == Some(k) => "ffn_up_exps",
+        k if single_part_key(f, Block::Experts, Part::Down) == Some(k) => "ffn_down_exps",
         // The shared expert beside them, where the family's table has one.
         k if shared_expert_key(f, Part::Gate) == Some(k) => "ffn_gate_shexp",
         k if shared_expert_key(f, Part::Up) == Some(k) => "ffn_up_shexp",
@@ -422,6 +443,14 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
 fn shared_expert_key(f: &Family, part: Part) -> Option<&'static str> {
     let spec = table_of(f)?.module_in(Block::SharedExpert, part)?;
     Some(spec.key.as_str())
+}
+
+/// The Hugging Face key of the projection of `part` alone in `block`, as the family's table
+/// names it (`mlp.up_proj`; Llama 4's `feed_forward.up_proj`); None where the table fuses it
+/// with another or has no such block.
+fn single_part_key(f: &Family, block: Block, part: Part) -> Option<&'static str> {
+    let spec = table_of(f)?.module_in(block, part)?;
+    (spec.parts == [part]).then_some(spec.key.as_str())
 }
 
 /// The Hugging Face name of a GGUF tensor, or None for tensors the engine does not read
@@ -481,12 +510,12 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "attn_k_norm" if f.gguf == "hunyuan-dense" => "self_attn.key_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
+        "ffn_gate" => single_part_key(f, Block::Mlp, Part::Gate).unwrap_or("mlp.gate_proj"),
         // The router, where the family's table names it.
         "ffn_gate_inp" if f.experts => table_of(f)?.router.as_deref()?.strip_suffix(".weight")?,
         "ffn_up" if f.fused => "mlp.gate_up_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
+        "ffn_up" => single_part_key(f, Block::Mlp, Part::Up).unwrap_or("mlp.up_proj"),
+        "ffn_down" => single_part_key(f, Block::Mlp, Part::Down).unwrap_or("mlp.down_proj"),
         "ffn_gate_shexp" if f.experts => shared_expert_key(f, Part::Gate)?,
         "ffn_up_shexp" if f.experts => shared_expert_key(f, Part::Up)?,
         "ffn_down_shexp" if f.experts => shared_expert_key(f, Part::Down)?,

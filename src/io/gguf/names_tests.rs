@@ -235,6 +235,11 @@ fn config_carries_dense_layers_and_the_shared_expert() {
     // A Qwen3-MoE layer without a router is dense, though the metadata cannot say so.
     let (_, e) = config("qwen3moe", &[], &[0, 2, 3]);
     assert_eq!(e.dense_layers, [1]);
+    // Llama 4: experts every other layer, a shared expert of their width, and dense layers of
+    // `feed_forward_length` (`intermediate_size_mlp`).
+    let (_, e) = config("llama4", &[("interleave_moe_layer_step", 2)], &[1, 3]);
+    assert_eq!((e.count, e.width, e.shared_width), (8, 16, Some(16)));
+    assert_eq!(e.dense_layers, [0, 2]);
     // A depth beyond any model is refused before the layers are looked at.
     let f = family_of("qwen3moe", true).unwrap();
     let m: HashMap<String, Value> = [("qwen3moe.block_count".to_string(), Value::UInt(1 << 40))]

