@@ -53,8 +53,10 @@ def gguf_tensors(path: Path) -> dict:
 def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(ggufs, gpt_oss, binary, tmp_path, kind):
     """Each expert's gate, up and down weight read from the GGUF is the one the checkpoint's
     forward uses (the MXFP4 ones as transformers dequantizes OpenAI's blocks) and what the `gguf`
-    package dequantizes from the stacked tensor, bit for bit; a transfer onto the GGUF is the
-    transfer onto the checkpoint, bit for bit."""
+    package dequantizes from the stacked tensor, bit for bit; `convert --gguf` writes every tensor
+    of the checkpoint back (the experts fused again, with their biases, and the attention sinks),
+    which transformers loads with no key missing or unexpected into the checkpoint's logits; a
+    transfer onto the GGUF is the transfer onto the checkpoint, bit for bit."""
     _, base, _, lora = gpt_oss
     ckpt, path = ggufs[kind]
     stored = gguf_tensors(path)
@@ -63,18 +65,26 @@ def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(ggufs, gpt_oss, bi
     converted = tmp_path / "converted"
     iu.loraxfer(binary, "convert", "--gguf", path, "--out", converted)
     ours = load_file(str(converted / "model.safetensors"))
-    forward = expert_weights(base) if kind == "f32" else expert_weights(
-        save_checkpoint(base, quantized_experts(base)[1], tmp_path / "dequantized"))
-    assert len(forward) == LAYERS * EXPERTS * 3
+    dequantized = base if kind == "f32" else save_checkpoint(base, quantized_experts(base)[1],
+                                                             tmp_path / "dequantized")
+    forward, read = expert_weights(dequantized), expert_weights(converted)
+    assert sorted(read) == sorted(forward) and len(forward) == LAYERS * EXPERTS * 3
     for module, want in forward.items():
         layer, e, part = int(module.split(".")[2]), int(module.split(".")[-2]), module.split(".")[-1]
-        got = ours.pop(f"{module}.weight")
+        got = np.ascontiguousarray(read[module])
         assert np.array_equal(got, want.astype(np.float32)), module
         reference = stored[f"blk.{layer}.ffn_{part.removesuffix('_proj')}_exps.weight"][1][e]
         assert np.array_equal(got.view(np.uint32), reference.astype(np.float32).view(np.uint32)), module
-    weights = load_file(str(base / "model.safetensors"))
+    weights = load_file(str(dequantized / "model.safetensors"))
+    assert sorted(ours) == sorted(weights)
     for name, got in ours.items():
         assert np.array_equal(got, weights[name]), name
+    from transformers import AutoModelForCausalLM
+
+    with iu.quiet():
+        _, info = AutoModelForCausalLM.from_pretrained(converted, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert iu.max_rel_diff(iu.logits(iu.load_model(converted)), iu.logits(iu.load_model(dequantized))) < 1e-6
     outs = {}
     for target in ("checkpoint", "gguf"):
         outs[target] = tmp_path / f"out-{target}"

@@ -42,7 +42,7 @@ def build(seed: int):
         vocab_size=iu.COMMON["vocab_size"], hidden_size=HIDDEN, intermediate_size=WIDTH,
         intermediate_size_mlp=DENSE_WIDTH, num_hidden_layers=LAYERS, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=EXPERTS, num_experts_per_tok=1,
-        interleave_moe_layer_step=2, max_position_embeddings=128, rms_norm_eps=1e-6, attention_chunk_size=8,
+        interleave_moe_layer_step=2, max_position_embeddings=128, rms_norm_eps=1e-6,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(seed)

@@ -34,8 +34,10 @@ def llama4_gguf(llama4):
 def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(llama4_gguf, llama4, binary, tmp_path):
     """Every weight read from the GGUF is the checkpoint's, each expert's gate, up and down the
     slice the forward uses and what the `gguf` package reads from the stacked tensor, bit for
-    bit; the config gives the experts' and the dense MLP's widths and the layers with experts;
-    a transfer onto the GGUF is the transfer onto the checkpoint, bit for bit."""
+    bit; `convert --gguf` writes the experts fused again, the checkpoint's tensors exactly, and a
+    config with the experts' and the dense MLP's widths and the layers with experts, which
+    transformers loads with no key missing or unexpected into the checkpoint's logits; a
+    transfer onto the GGUF is the transfer onto the checkpoint, bit for bit."""
     _, base, _, lora = llama4
     stored = gguf_tensors(llama4_gguf)
     assert "blk.1.ffn_gate_exps.weight" in stored and "blk.0.ffn_gate.weight" in stored
@@ -47,19 +49,23 @@ def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(llama4_gguf, llama
     assert (config["intermediate_size"], config["intermediate_size_mlp"]) == (WIDTH, DENSE_WIDTH)
     assert config["moe_layers"] == MOE_LAYERS
     ours = load_file(str(converted / "model.safetensors"))
-    forward = expert_weights(base)
-    assert len(forward) == len(MOE_LAYERS) * EXPERTS * 3
+    forward, read = expert_weights(base), expert_weights(converted)
+    assert sorted(read) == sorted(forward) and len(forward) == len(MOE_LAYERS) * EXPERTS * 3
     for module, want in forward.items():
         layer, e, part = int(module.split(".")[2]), int(module.split(".")[-2]), module.split(".")[-1]
-        got = ours.pop(f"{module}.weight")
-        assert np.array_equal(got, want.astype(np.float32)), module
+        assert np.array_equal(read[module], want), module
         reference_value = stored[f"blk.{layer}.ffn_{part.removesuffix('_proj')}_exps.weight"][1][e]
-        assert np.array_equal(got, reference_value.astype(np.float32)), module
+        assert np.array_equal(read[module], reference_value.astype(np.float32)), module
     weights = load_file(str(base / "model.safetensors"))
+    assert sorted(ours) == sorted(weights)
     for name, got in ours.items():
         assert np.array_equal(got, weights[name]), name
-    fused = {n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
-    assert set(ours) == set(weights) - fused, sorted(set(weights) - fused - set(ours))
+    from transformers import AutoModelForCausalLM
+
+    with iu.quiet():
+        _, info = AutoModelForCausalLM.from_pretrained(converted, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert iu.max_rel_diff(iu.logits(iu.load_model(converted)), iu.logits(iu.load_model(base))) < 1e-6
     outs = {}
     for target in ("checkpoint", "gguf"):
         outs[target] = tmp_path / f"out-{target}"

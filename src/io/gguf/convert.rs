@@ -3,6 +3,8 @@
 //! as [`super::state`] reads them), the `config.json` its metadata gives, and a `tokenizer.json`
 //! holding its vocabulary (tokens, merges, special tokens) — enough for this engine and for
 //! transformers to load the weights, not a replacement for the model's own tokenizer files.
+//! Experts of a family that stores them fused go back into its fused tensors
+//! ([`super::fuse_experts`]).
 
 use std::path::Path;
 
@@ -22,7 +24,14 @@ pub fn write_checkpoint(ckpt: &Checkpoint, dir: &Path, ty: FloatType) -> Result<
         .ok_or_else(|| Error::config(&ckpt.dir, "not a GGUF model"))?;
     let mut names: Vec<&str> = ckpt.names().collect();
     names.sort();
-    let tensors: Vec<(String, OutTensor<'_>)> = names
+    // Read each tensor once first, so that a bad block is an error here, not a panic inside
+    // the writer.
+    for &name in &names {
+        let rows = ckpt.shape(name)?[0];
+        ckpt.read_rows_f32(name, 0..rows)?;
+    }
+    let (names, fused) = super::fuse_experts::fuse(ckpt, names, ty)?;
+    let mut tensors: Vec<(String, OutTensor<'_>)> = names
         .iter()
         .map(|&name| {
             let shape = ckpt.shape(name)?.to_vec();
@@ -35,12 +44,8 @@ pub fn write_checkpoint(ckpt: &Checkpoint, dir: &Path, ty: FloatType) -> Result<
             Ok((name.to_string(), out))
         })
         .collect::<Result<_>>()?;
-    // Read each tensor once first, so that a bad block is an error here, not a panic inside
-    // the writer.
-    for &name in &names {
-        let rows = ckpt.shape(name)?[0];
-        ckpt.read_rows_f32(name, 0..rows)?;
-    }
+    tensors.extend(fused);
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     write_file(&dir.join("model.safetensors"), &tensors, pt_metadata())?;
     let mut config = model.config_json().clone();
     config["torch_dtype"] = ty.torch_name().into();

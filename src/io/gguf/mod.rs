@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod convert;
+mod fuse_experts;
 pub mod header;
 pub mod joined;
 pub mod latent;

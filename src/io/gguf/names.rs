@@ -476,6 +476,22 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
             "model.layers.{layer}.{router}.e_score_correction_bias"
         ));
     }
+    // GPT-OSS's attention sinks (a value per head), and its experts' biases, `[E, out]` per
+    // projection, which the converter split as it split the weights: read so that `convert
+    // --gguf` writes them back fused (`super::fuse_experts`); no LoRA touches them.
+    if let Some(spec) = table_of(f)?.stored_experts.as_ref() {
+        let experts = spec.gate_up.strip_suffix(".gate_up_proj")?;
+        let found = match (module, kind) {
+            ("attn_sinks", "weight") => "self_attn.sinks".to_string(),
+            ("ffn_gate_exps", "bias") => format!("{experts}.gate_proj_bias"),
+            ("ffn_up_exps", "bias") => format!("{experts}.up_proj_bias"),
+            ("ffn_down_exps", "bias") => format!("{}_bias", spec.down),
+            _ => String::new(),
+        };
+        if !found.is_empty() {
+            return Some(format!("model.layers.{layer}.{found}"));
+        }
+    }
     // Early conversions of Mixtral kept one tensor per expert: `blk.3.ffn_gate.5.weight`.
     if let Some((projection, expert)) = module.rsplit_once('.') {
         let digits = !expert.is_empty() && expert.bytes().all(|b| b.is_ascii_digit());

@@ -453,3 +453,38 @@ fn norms_of_their_own_names_are_read_by_them() {
         "model.layers.0.post_feedforward_layernorm.weight"
     );
 }
+
+#[test]
+fn fused_expert_families_read_their_own_names() {
+    // Llama 4's dense layers and shared expert live under `feed_forward`.
+    let llama4 = family_of("llama4", true).unwrap();
+    for (gguf, hf) in [
+        ("ffn_gate", "feed_forward.gate_proj.weight"),
+        ("ffn_up", "feed_forward.up_proj.weight"),
+        ("ffn_down", "feed_forward.down_proj.weight"),
+        ("ffn_up_shexp", "feed_forward.shared_expert.up_proj.weight"),
+        ("ffn_gate_inp", "feed_forward.router.weight"),
+    ] {
+        let got = hf_name(llama4, &format!("blk.2.{gguf}.weight")).unwrap();
+        assert_eq!(got, format!("model.layers.2.{hf}"));
+    }
+    assert_eq!(
+        expert_tensor(llama4, "blk.1.ffn_down_exps.weight"),
+        Some((1, "feed_forward.experts.{expert}.down_proj"))
+    );
+    // GPT-OSS's attention sinks and experts' biases, joined again by `convert --gguf`.
+    let gpt_oss = family_of("gpt-oss", true).unwrap();
+    for (gguf, hf) in [
+        ("attn_sinks.weight", "self_attn.sinks"),
+        ("ffn_gate_exps.bias", "mlp.experts.gate_proj_bias"),
+        ("ffn_up_exps.bias", "mlp.experts.up_proj_bias"),
+        ("ffn_down_exps.bias", "mlp.experts.down_proj_bias"),
+        ("ffn_gate_inp.bias", "mlp.router.bias"),
+    ] {
+        let got = hf_name(gpt_oss, &format!("blk.0.{gguf}")).unwrap();
+        assert_eq!(got, format!("model.layers.0.{hf}"));
+    }
+    // A family that stores experts one module each has no such tensors.
+    let qwen = family_of("qwen3moe", true).unwrap();
+    assert_eq!(hf_name(qwen, "blk.0.ffn_down_exps.bias"), None);
+}
