@@ -12,13 +12,12 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{encode_f32, FloatType, OutTensor};
 
+/// Tensor names written as they are, and the fused tensors written instead of others.
+type Fused<'a> = (Vec<&'a str>, Vec<(String, OutTensor<'a>)>);
+
 /// The checkpoint's tensor names with the experts' taken out, and the fused tensors that hold
 /// them instead (none for a family that stores experts one module each).
-pub fn fuse<'a>(
-    ckpt: &'a Checkpoint,
-    names: Vec<&'a str>,
-    ty: FloatType,
-) -> Result<(Vec<&'a str>, Vec<(String, OutTensor<'a>)>)> {
+pub fn fuse<'a>(ckpt: &'a Checkpoint, names: Vec<&'a str>, ty: FloatType) -> Result<Fused<'a>> {
     let arch = crate::arch::for_config(&ckpt.config, &ckpt.config_path())?;
     let (Some(spec), Some(experts)) = (&arch.stored_experts, &ckpt.config.experts) else {
         return Ok((names, Vec::new()));
@@ -114,7 +113,7 @@ fn fuse_biases<'a>(
     spec: &crate::arch::StoredExperts,
     ty: FloatType,
     rows: crate::io::adapter::GateUpRows,
-) -> Result<(Vec<&'a str>, Vec<(String, OutTensor<'a>)>)> {
+) -> Result<Fused<'a>> {
     let Some(experts) = spec.gate_up.strip_suffix(".gate_up_proj") else {
         return Ok((names, Vec::new()));
     };
