@@ -12,7 +12,7 @@ use std::path::Path;
 use common::moe::Dirs;
 use common::*;
 use faer::Mat;
-use loraxfer::io::adapter::Adapter;
+use loraxfer::io::adapter::{Adapter, LoraFactors};
 use loraxfer::io::checkpoint::ModelConfig;
 use loraxfer::io::safetensors::{pt_metadata, write_file, FloatType, OutTensor};
 use loraxfer::modes::Mode;
@@ -255,6 +255,53 @@ fn rotate_carries_both_kinds_under_the_causal_lm_names() {
             "{module} did not move: {} of {n}",
             fro(&moved)
         );
+    }
+    // The same adapter as made on the multimodal model (`model.language_model.layers`): the
+    // output keeps those names, so that it loads on the model the adapter was trained on, and
+    // the same updates.
+    let multimodal = |name: &str| name.replace("model.layers.", "model.language_model.layers.");
+    let renamed: BTreeMap<String, LoraFactors> = lora
+        .read_all()
+        .unwrap()
+        .into_iter()
+        .map(|(name, f)| (multimodal(&name), f))
+        .collect();
+    let first = renamed.values().next().unwrap();
+    assert!(renamed
+        .values()
+        .all(|f| (f.r, f.alpha) == (first.r, first.alpha)));
+    let (r, alpha) = (first.r, first.alpha);
+    common::write_peft(
+        &d.p("lora-mm"),
+        "base",
+        r,
+        alpha,
+        serde_json::json!({}),
+        &renamed,
+    );
+    let job = cpu_job(
+        &d.p("base"),
+        &d.p("release"),
+        &d.p("lora-mm"),
+        &d.p("out-mm"),
+        job.options.clone(),
+    );
+    transfer::run(&job).unwrap();
+    let out_mm = Adapter::open(&d.p("out-mm")).unwrap();
+    let names: BTreeSet<String> = modules(4).iter().map(|m| multimodal(m)).collect();
+    assert_eq!(
+        out_mm.modules.keys().cloned().collect::<BTreeSet<_>>(),
+        names
+    );
+    for module in modules(4) {
+        let (want, got) = (
+            update_of(&out, &module),
+            update_of(&out_mm, &multimodal(&module)),
+        );
+        let err = fro(&Mat::from_fn(got.nrows(), got.ncols(), |i, j| {
+            got[(i, j)] - want[(i, j)]
+        }));
+        assert!(err <= 1e-5 * fro(&want), "{module}: {err}");
     }
 }
 

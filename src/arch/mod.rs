@@ -313,7 +313,8 @@ pub struct Arch {
     /// Where transformers' causal-LM class names the layers whatever the checkpoint's layout,
     /// where that differs: Qwen3.5's releases store `model.language_model.layers` (the
     /// multimodal model's), which `AutoModelForCausalLM` loads as `model.layers`. Adapters'
-    /// module names are written under it (and read under any of the prefixes).
+    /// module names are written under it (and read under any of the prefixes), unless an
+    /// adapter of the same family names them otherwise (`transfer::output_names`).
     #[serde(default)]
     pub module_prefix: Option<String>,
     #[serde(deserialize_with = "modules_in_order")]

@@ -88,6 +88,26 @@ impl<'a> ModelSide<'a> {
             .find_map(|p| self.arch.parse_module(p, name))
     }
 
+    /// The layer prefix all of an adapter's `modules` are named under, among the table's own
+    /// (None where they are under several, or none).
+    pub fn prefix_of<'m>(&self, mut modules: impl Iterator<Item = &'m str>) -> Option<&str> {
+        let prefix_of = |name: &str| {
+            std::iter::once(&self.names)
+                .chain(&self.arch.layer_prefixes)
+                .find(|p| self.arch.parse_module(p, name).is_some())
+        };
+        let first = prefix_of(modules.next()?)?;
+        modules
+            .all(|m| prefix_of(m) == Some(first))
+            .then_some(first.as_str())
+    }
+
+    /// The same model with its adapters' modules named under `names`.
+    pub fn named(mut self, names: &str) -> Self {
+        self.names = names.to_string();
+        self
+    }
+
     pub fn layers(&self) -> usize {
         self.ckpt.config.num_hidden_layers
     }

@@ -37,7 +37,7 @@ pub(super) fn run_units_by_layer(
     collector: &Collector<'_>,
 ) -> Result<MapReport> {
     let source = ModelSide::new(&opened.source)?;
-    let target = ModelSide::new(&opened.target)?;
+    let target = ModelSide::new(&opened.target)?.named(&opened.target_names);
     let mut builder = ctx.timings.time(Phase::Map, || {
         LayerByLayer::new(
             (&source, &target),

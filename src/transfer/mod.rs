@@ -82,6 +82,8 @@ struct Opened {
     /// map mode: the bottom residual map and the depth map by similarity, built before the
     /// plan (the depth map decides the plan's layers).
     map_start: Option<MapStart>,
+    /// Where the output names the target's layers ([`output_names`]).
+    target_names: String,
 }
 
 impl Opened {
@@ -177,7 +179,7 @@ pub fn run(job: &Job) -> Result<Report> {
             revision: None,
         },
     };
-    let target_side = ModelSide::new(&opened.target)?;
+    let target_side = ModelSide::new(&opened.target)?.named(&opened.target_names);
     let config = assemble::output_config(&opened.adapter, &modules, &base, &target_side);
     let mut report = Report {
         source_base: job.source_base.to_string_lossy().into_owned(),
@@ -286,6 +288,18 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
     let mut adapter = Adapter::open_with(&job.adapter, s.arch.experts_layout())?;
+    let t = match output_names(&s, &t, &adapter) {
+        Some(names) => {
+            job.progress.note(&format!(
+                "output modules named under `{names}`, as the adapter names them (the target \
+                 checkpoint stores its layers under `{}`)",
+                t.prefix
+            ));
+            let names = names.to_string();
+            t.named(&names)
+        }
+        None => t,
+    };
     if job.fused_experts {
         // Before any work: a target without experts has nothing to fuse.
         fused_out::check_target(&t)?;
@@ -359,6 +373,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     if let Some(note) = plan::experts::summary(&plan.experts, s.experts(), t.experts()) {
         job.progress.note(&note);
     }
+    let target_names = t.names.clone();
     drop((s, t));
     Ok(Opened {
         source,
@@ -368,7 +383,22 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         mode: options.mode,
         auto,
         map_start,
+        target_names,
     })
+}
+
+/// Where the output names the target's layers, where that is not the target's default (its
+/// table's `module_prefix`, else the layout its checkpoint stores): between models of one
+/// family, the prefix the adapter names its modules under, when the family knows it. A family's
+/// multimodal releases name the layers otherwise than its causal-LM class (Llama 4's
+/// `language_model.model.layers` and `model.layers`, Qwen3.5's `model.language_model.layers`
+/// and `model.layers`), and the adapter's names say which class it was trained on, so loads on.
+fn output_names<'s>(s: &'s ModelSide<'_>, t: &ModelSide<'_>, adapter: &Adapter) -> Option<&'s str> {
+    if s.arch.name != t.arch.name {
+        return None;
+    }
+    let names = s.prefix_of(adapter.modules.keys().map(String::as_str))?;
+    (names != t.names && t.arch.layer_prefixes.iter().any(|p| p == names)).then_some(names)
 }
 
 /// Runs every unit of the plan, handing each outcome to `collector`. A batching backend

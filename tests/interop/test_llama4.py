@@ -265,11 +265,12 @@ def build_multimodal(seed: int):
     return tf.Llama4ForConditionalGeneration(tf.Llama4Config(text_config=text, vision_config=vision)).eval()
 
 
-def test_a_multimodal_release_takes_the_lora_under_its_own_layer_names(binary, tmp_path):
-    """On a multimodal checkpoint, PEFT's LoRA on the language model (the experts fused) copies
-    onto the same model under `language_model.model.layers`, the names the checkpoint and
-    `Llama4ForConditionalGeneration` give the layers; PEFT loads it strictly onto that class and
-    computes its logits with the source LoRA."""
+def test_a_multimodal_release_takes_the_lora_under_the_adapters_layer_names(binary, tmp_path):
+    """On a multimodal checkpoint, PEFT's LoRA on the language model (the experts fused) made on
+    `Llama4ForConditionalGeneration` copies onto the same model under
+    `language_model.model.layers`, and one made on the same checkpoint loaded by
+    `AutoModelForCausalLM` under `model.layers`: each as the class it was trained on names the
+    layers, and PEFT loads each strictly onto that class, to its logits with the source LoRA."""
     import transformers as tf
     from peft import LoraConfig
 
@@ -293,6 +294,19 @@ def test_a_multimodal_release_takes_the_lora_under_its_own_layer_names(binary, t
     assert iu.max_rel_diff(want, text_logits(load(base))) > MIN_CHANGE
     got = text_logits(iu.load_peft_strict(load(base), out, allow=PATTERN_NOTES))
     assert iu.max_rel_diff(got, want) < 1e-5
+
+    # The same checkpoint as its causal-LM class loads it: the layers are `model.layers`.
+    lora = tmp_path / "lora-causal"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj"], target_parameters=PARAMS)
+    iu.random_peft(iu.load_model(base), config, 34, 0.1).save_pretrained(str(lora))
+    out = tmp_path / "out-causal"
+    transfer(binary, base, iu.copy_dir(base, tmp_path / "copy-causal"), lora, out, "--mode", "copy")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(p for p in config["target_parameters"] if ".experts." in p) == sorted(
+        f"model.layers.{l}.{p}" for l in MOE_LAYERS for p in PARAMS)
+    want = peft_logits(base, lora)
+    assert iu.max_rel_diff(want, iu.logits(iu.load_model(base))) > MIN_CHANGE
+    assert iu.max_rel_diff(peft_logits(base, out), want) < 1e-5
 
 
 @torch.no_grad()
