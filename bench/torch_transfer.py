@@ -20,6 +20,9 @@ It mirrors docs/METHOD.md and src/{backend/cpu,plan,transfer}/ of loraxfer:
   stops and asks for a --mode);
 - energy_kept = ‖B_tA_t‖_F / ‖B_sA_s‖_F from r × r Gram matrices (the scale s cancels);
 - depth map: target layer j takes source layer round(j·(L_s−1)/(L_t−1)), half away from zero;
+- mixtures of experts stored one module per expert (Qwen3-MoE, OLMoE, Qwen2-MoE with its shared
+  expert): each target expert takes the source expert whose router row (`mlp.gate`) has the
+  highest cosine with its own (a tie keeps its own index), in the layers the depth map pairs;
 - PEFT conventions: keys base_model.model.<module>.lora_{A,B}.weight, A [r, in], B [out, r];
   each module keeps its rank, alpha and dtype; the output config is the source's with
   base_model_name_or_path = the target, rank/alpha patterns regenerated as exact module names.
@@ -27,8 +30,9 @@ Output: adapter_model.safetensors, adapter_config.json and transfer_report.json 
 names; timings_ms has plan, load, svd, similarity, project, write and total: wall times).
 
 Limits: only architectures whose seven projections are unfused under `model.layers.N.` (the
-llama, qwen2, qwen3, mistral, gemma and gemma2 tables); no fused Phi-3 projections, no Gemma 3
-prefixes, no --modules or --layer-map, and only light adapter checks (loraxfer is the validator).
+llama, qwen2, qwen3, mistral, gemma and gemma2 tables, and the mixtures above); no fused Phi-3
+projections or fused experts, no Gemma 3 prefixes, no --modules or --layer-map, no dense MLP
+against experts, and only light adapter checks (loraxfer is the validator).
 Weights are read one tensor at a time through safetensors.safe_open(framework="pt") (mmap),
 converted to f32 and processed on --device, one module pair at a time.
 """
@@ -49,14 +53,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 PREFIX = "base_model.model."
-MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"}
-# (module type, key under model.layers.N), in the architecture tables' order.
-MODULES = [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
-           ("v_proj", "self_attn.v_proj"), ("o_proj", "self_attn.o_proj"),
-           ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"),
-           ("down_proj", "mlp.down_proj")]
-MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.(" + "|".join(re.escape(k) for _, k in MODULES) + r")$")
-TYPE_OF_KEY = {k: t for t, k in MODULES}
+MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "qwen3_moe", "olmoe", "qwen2_moe"}
+# Keys under model.layers.N, in the architecture tables' order; `{e}` stands for an expert's index.
+KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+         "mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj",
+         "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"]
+MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.(" + "|".join(
+    re.escape(k).replace(re.escape("{e}"), r"\d+") for k in KINDS) + r")$")
+ROUTER = "mlp.gate.weight"
 SAME_SHAPE = {"copy", "project", "procrustes", "rotate"}
 DECOMPOSING = {"project", "align", "procrustes", "rotate"}
 
@@ -237,14 +242,39 @@ def transfer(mode, b, a, bs, bt, target_shape):
     raise ValueError(mode)
 
 
-def choose_auto(src, tgt, present, types):
+def kind_of(key):
+    """The KINDS entry of a key under a layer (`mlp.experts.5.up_proj` -> `mlp.experts.{e}.up_proj`)."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.{e}.", key)
+
+
+def pair_experts(src, tgt, layer_map, device):
+    """{target layer: (source expert of each target expert, its router cosine)}: the source expert
+    whose router row points the closest way (the highest cosine; a tie keeps its own index)."""
+    out = {}
+    for j, i in layer_map.items():
+        names = (f"model.layers.{i}.{ROUTER}", f"model.layers.{j}.{ROUTER}")
+        if not all(n in ckpt.where for n, ckpt in zip(names, (src, tgt))):
+            die(f"source layer {i} or target layer {j} has no router ({ROUTER}): this baseline does "
+                f"not pair a dense MLP with experts")
+        s, t = (torch.nn.functional.normalize(ckpt.read(n, device), dim=1) for n, ckpt in zip(names, (src, tgt)))
+        if s.shape[1] != t.shape[1]:
+            die(f"the routers of layers {i} and {j} read hidden states of other sizes")
+        cos = (t @ s.T).double()
+        best, pick = cos.max(dim=1)
+        experts = []
+        for e, (b, p) in enumerate(zip(best.tolist(), pick.tolist())):
+            experts.append(e if e < s.shape[0] and cos[e, e].item() >= b else p)
+        out[j] = (experts, [cos[e, p].item() for e, p in enumerate(experts)])
+    return out
+
+
+def choose_auto(src, tgt, present):
     """(mode, reason) as loraxfer's `--mode auto` chooses for the whole pair
     (src/transfer/auto.rs): rotate when the depths and every adapted module's shapes are equal;
     else map when both models ship a tokenizer.json (not implemented here: stop); else align."""
     ls, lt = src.layers, tgt.layers
-    key_of = dict(types)
-    tensors = [f"model.layers.{i}.{key_of[t]}.weight" for i, t in present]
-    if ls == lt and all(src.shape(name) == tgt.shape(name) for name in tensors):
+    tensors = [f"model.layers.{i}.{key}.weight" for i, key in present]
+    if ls == lt and all(n in tgt.where and src.shape(n) == tgt.shape(n) for n in tensors):
         return "rotate", f"equal depths ({ls} layers) and equal module shapes: rotate keeps the whole update"
     differs = f"depths differ ({ls} and {lt} layers)" if ls != lt else "module shapes differ"
     if all((d.dir / "tokenizer.json").is_file() for d in (src, tgt)):
@@ -288,95 +318,105 @@ def main():
     with timer("plan"):
         src, tgt = Checkpoint(args.source_base), Checkpoint(args.target_base)
         config, factors = read_adapter(args.adapter)
-        present = {}  # (layer, module type) -> adapter module name
+        present = {}  # (layer, key under the layer) -> adapter module name
         for name in factors:
             m = MODULE_RE.match(name)
             if not m or int(m.group(1)) >= src.layers:
                 die(f"{args.adapter}: module `{name}` is not an adaptable projection of the source")
-            present[(int(m.group(1)), TYPE_OF_KEY[m.group(2)])] = name
-        types = [(t, k) for t, k in MODULES if any(t == pt for _, pt in present)]
+            present[(int(m.group(1)), m.group(2))] = name
+        kinds = [k for k in KINDS if any(kind_of(key) == k for _, key in present)]
         ls, lt = src.layers, tgt.layers
         layer_map = {j: 0 if lt <= 1 or ls <= 1 else round_half_away(j * (ls - 1) / (lt - 1))
                      for j in range(lt)}
+        expert_map = pair_experts(src, tgt, layer_map, device) if any("{e}" in k for k in kinds) else {}
         first = factors[sorted(factors)[0]]["A"].dtype
         auto_reason = None
         if args.mode == "auto":
-            args.mode, auto_reason = choose_auto(src, tgt, present, types)
+            args.mode, auto_reason = choose_auto(src, tgt, present)
             print(f"auto: {args.mode} ({auto_reason})")
 
     rows, out_tensors, out_r, out_alpha = [], {}, {}, {}
+
+    def run_pair(i, j, s_key, t_key):
+        """Source layer i's module `s_key` onto target layer j's `t_key`."""
+        mtype = s_key.rsplit(".", 1)[1]
+        s_tensor, t_tensor = f"model.layers.{i}.{s_key}.weight", f"model.layers.{j}.{t_key}.weight"
+        t_module = f"model.layers.{j}.{t_key}"
+        (ms, ns), (mt, nt) = src.shape(s_tensor), tgt.shape(t_tensor)
+        mode = args.mode
+        if mode in SAME_SHAPE and (ms, ns) != (mt, nt):
+            die(f"--mode {mode} needs equal shapes, but {mtype} is {ms}x{ns} and {mt}x{nt}")
+        k = min(args.rank, ms, ns, mt, nt)
+        # As loraxfer reports it: capping counts only where bases are computed (copy and
+        # resample compute them only to filter on similarity, on a side of equal size).
+        decomposes = mode not in ("copy", "resample") or (
+            args.threshold > 0 and (ms == mt or ns == nt))
+        s_module = present.get((i, s_key))
+        row = dict(source_key=s_tensor, target_key=t_tensor, source_shape=[ms, ns],
+                   target_shape=[mt, nt], mode=mode, similarity_u=None, similarity_v=None,
+                   similarity=None, transferred=False, energy_kept=None, module=mtype,
+                   target_module=t_module, source_module=s_module, source_layer=i,
+                   target_layer=j, rank=k, rank_capped=decomposes and k < args.rank)
+        rows.append(row)
+        if s_module is None:
+            row["reason"] = f"the adapter has no {mtype} in source layer {i}"
+            r, dtype = config["r"], first
+            b_t, a_t = torch.zeros(mt, r), torch.zeros(r, nt)
+            out_r[t_module], out_alpha[t_module] = r, config.get("lora_alpha", 8)
+        else:
+            fa, fb = factors[s_module]["A"], factors[s_module]["B"]
+            if tuple(fb.shape) != (ms, fa.shape[0]) or fa.shape[1] != ns:
+                die(f"{args.adapter}: {s_module} is {fb.shape[0]}x{fa.shape[1]}, "
+                    f"but the source base's {s_tensor} is {ms}x{ns}")
+            dtype = fa.dtype
+            out_r[t_module] = fa.shape[0]
+            out_alpha[t_module] = pattern_value(config.get("alpha_pattern"), s_module,
+                                                config.get("lora_alpha", 8))
+            with timer("load"):
+                b = fb.to(device=device, dtype=torch.float32)
+                a = fa.to(device=device, dtype=torch.float32)
+            comparable = ms == mt or ns == nt
+            bs = bt = None
+            if mode in DECOMPOSING or (args.threshold > 0 and comparable):
+                bases = []
+                for ckpt, name in ((src, s_tensor), (tgt, t_tensor)):
+                    with timer("load"):
+                        w = ckpt.read(name, device)
+                    with timer("svd"):
+                        bases.append(truncated_svd(w, k, args, name))
+                    del w
+                bs, bt = bases
+                with timer("similarity"):
+                    if ms == mt:
+                        row["similarity_u"] = similarity(bs[0], bt[0])
+                    if ns == nt:
+                        row["similarity_v"] = similarity(bs[1], bt[1])
+            with timer("project"):
+                b_t, a_t = transfer(mode, b, a, bs, bt, (mt, nt))
+                su, sv = row["similarity_u"], row["similarity_v"]
+                sim = (su + sv) / 2 if su is not None and sv is not None else None
+                row["similarity"], row["transferred"] = sim, True
+                if sim is not None and args.threshold > 0 and f32(sim) < f32(args.threshold):
+                    b_t = torch.zeros_like(b_t)
+                    row["transferred"] = False
+                    row["reason"] = f"similarity {sim:.4f} below threshold {args.threshold}"
+                elif sim is None and args.threshold > 0:
+                    row["reason"] = "threshold not applied: shapes differ, so similarity is undefined"
+                before = update_norm(b, a)
+                row["energy_kept"] = update_norm(b_t, a_t) / before if before > 0 else None
+        out_tensors[f"{PREFIX}{t_module}.lora_A.weight"] = a_t.to(dtype).cpu().contiguous()
+        out_tensors[f"{PREFIX}{t_module}.lora_B.weight"] = b_t.to(dtype).cpu().contiguous()
+
     for j, i in layer_map.items():
-        for mtype, key in types:
-            s_tensor, t_tensor = f"model.layers.{i}.{key}.weight", f"model.layers.{j}.{key}.weight"
-            t_module = f"model.layers.{j}.{key}"
-            (ms, ns), (mt, nt) = src.shape(s_tensor), tgt.shape(t_tensor)
-            mode = args.mode
-            if mode in SAME_SHAPE and (ms, ns) != (mt, nt):
-                die(f"--mode {mode} needs equal shapes, but {mtype} is {ms}x{ns} and {mt}x{nt}")
-            k = min(args.rank, ms, ns, mt, nt)
-            # As loraxfer reports it: capping counts only where bases are computed (copy and
-            # resample compute them only to filter on similarity, on a side of equal size).
-            decomposes = mode not in ("copy", "resample") or (
-                args.threshold > 0 and (ms == mt or ns == nt))
-            s_module = present.get((i, mtype))
-            row = dict(source_key=s_tensor, target_key=t_tensor, source_shape=[ms, ns],
-                       target_shape=[mt, nt], mode=mode, similarity_u=None, similarity_v=None,
-                       similarity=None, transferred=False, energy_kept=None, module=mtype,
-                       target_module=t_module, source_module=s_module, source_layer=i,
-                       target_layer=j, rank=k, rank_capped=decomposes and k < args.rank)
-            rows.append(row)
-            if s_module is None:
-                row["reason"] = f"the adapter has no {mtype} in source layer {i}"
-                r, dtype = config["r"], first
-                b_t, a_t = torch.zeros(mt, r), torch.zeros(r, nt)
-                out_r[t_module], out_alpha[t_module] = r, config.get("lora_alpha", 8)
-            else:
-                fa, fb = factors[s_module]["A"], factors[s_module]["B"]
-                if tuple(fb.shape) != (ms, fa.shape[0]) or fa.shape[1] != ns:
-                    die(f"{args.adapter}: {s_module} is {fb.shape[0]}x{fa.shape[1]}, "
-                        f"but the source base's {s_tensor} is {ms}x{ns}")
-                dtype = fa.dtype
-                out_r[t_module] = fa.shape[0]
-                out_alpha[t_module] = pattern_value(config.get("alpha_pattern"), s_module,
-                                                    config.get("lora_alpha", 8))
-                with timer("load"):
-                    b = fb.to(device=device, dtype=torch.float32)
-                    a = fa.to(device=device, dtype=torch.float32)
-                comparable = ms == mt or ns == nt
-                bs = bt = None
-                if mode in DECOMPOSING or (args.threshold > 0 and comparable):
-                    bases = []
-                    for ckpt, name in ((src, s_tensor), (tgt, t_tensor)):
-                        with timer("load"):
-                            w = ckpt.read(name, device)
-                        with timer("svd"):
-                            bases.append(truncated_svd(w, k, args, name))
-                        del w
-                    bs, bt = bases
-                    with timer("similarity"):
-                        if ms == mt:
-                            row["similarity_u"] = similarity(bs[0], bt[0])
-                        if ns == nt:
-                            row["similarity_v"] = similarity(bs[1], bt[1])
-                with timer("project"):
-                    b_t, a_t = transfer(mode, b, a, bs, bt, (mt, nt))
-                    su, sv = row["similarity_u"], row["similarity_v"]
-                    sim = (su + sv) / 2 if su is not None and sv is not None else None
-                    row["similarity"], row["transferred"] = sim, True
-                    if sim is not None and args.threshold > 0 and f32(sim) < f32(args.threshold):
-                        b_t = torch.zeros_like(b_t)
-                        row["transferred"] = False
-                        row["reason"] = f"similarity {sim:.4f} below threshold {args.threshold}"
-                    elif sim is None and args.threshold > 0:
-                        row["reason"] = "threshold not applied: shapes differ, so similarity is undefined"
-                    before = update_norm(b, a)
-                    row["energy_kept"] = update_norm(b_t, a_t) / before if before > 0 else None
-            out_tensors[f"{PREFIX}{t_module}.lora_A.weight"] = a_t.to(dtype).cpu().contiguous()
-            out_tensors[f"{PREFIX}{t_module}.lora_B.weight"] = b_t.to(dtype).cpu().contiguous()
+        for kind in kinds:
+            pairs = [(kind, kind)] if "{e}" not in kind else [
+                (kind.format(e=es), kind.format(e=et)) for et, es in enumerate(expert_map[j][0])]
+            for s_key, t_key in pairs:
+                run_pair(i, j, s_key, t_key)
 
     with timer("write"):
         cfg = dict(config, base_model_name_or_path=args.target_base)
-        cfg.setdefault("target_modules", [t for t, _ in types])
+        cfg.setdefault("target_modules", sorted({k.rsplit(".", 1)[1] for k in kinds}))
         for key in ("layers_to_transform", "layers_pattern"):
             if key in cfg:
                 cfg[key] = None
@@ -398,6 +438,8 @@ def main():
         seed=args.seed, threshold=args.threshold,
         device=f"torch {torch.__version__} {device.type} ({dev}), svd {args.svd}",
         layer_map={str(j): i for j, i in layer_map.items()},
+        expert_map={str(j): dict(source_layer=layer_map[j], source_experts=e, router_cosine=c)
+                    for j, (e, c) in expert_map.items()},
         timings_ms={k: round(v, 3) for k, v in timer.ms.items()},
         summary=dict(
             transferred=sum(r["transferred"] for r in rows),

@@ -2,7 +2,7 @@
 # Benchmarks loraxfer against the PyTorch baseline (bench/torch_transfer.py) on synthetic workloads
 # and checks that the two compute the same transfer.
 #
-#   scripts/bench.sh [--quick] [--device cpu|cuda] [--runs N] [--workloads W1,W2,W3,W4]
+#   scripts/bench.sh [--quick] [--device cpu|cuda] [--runs N] [--workloads W1,W2,W3,W4,W5]
 #                    [--layers N] [--tol T] [--full-limit SECONDS]
 #
 # Workloads (inputs synthesized by the loraxfer binary, cached under bench/cache/):
@@ -12,6 +12,8 @@
 #   W3  the W2 transfer five times in a row (total time); loraxfer keeps a basis cache (--cache-dir)
 #       that starts empty in each run, so transfers 2-5 reuse the SVDs of transfer 1
 #   W4  the W2 pair with rotate (what --mode auto chooses there: the whole update kept), k=64
+#   W5  one Qwen3-30B-A3B-shaped MoE layer (128 experts, bench/moe_pair.py) -> its 5% drift,
+#       rotate, k=64: 388 module pairs, each target expert paired with a source expert by router
 # Engines: loraxfer, torch-lowrank (torch.svd_lowrank), torch-full (torch.linalg.svd; skipped where
 # its estimated time exceeds --full-limit, default 180 s, 45 s with --quick).
 # --quick: one run of W2 reduced to 4 layers (--layers 4), about two minutes on 2 cores.
@@ -41,7 +43,7 @@ cd "$root"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0 device=cpu runs="" workloads="" layers="" tol=1e-2 full_limit=""
 while [ $# -gt 0 ]; do
@@ -69,7 +71,7 @@ fi
 [[ "$full_limit" =~ ^[0-9]+$ ]] || die "--full-limit must be a whole number of seconds"
 IFS=, read -r -a wl <<<"$workloads"
 for w in "${wl[@]}"; do
-  case "$w" in W1|W2|W3|W4) ;; *) die "unknown workload \`$w' (W1, W2, W3, W4)" ;; esac
+  case "$w" in W1|W2|W3|W4|W5) ;; *) die "unknown workload \`$w' (W1, W2, W3, W4, W5)" ;; esac
 done
 
 lx="${LORAXFER:-$root/target/release/loraxfer}"
@@ -121,9 +123,9 @@ synth() {
   "$lx" synth "$@" --out "$dir" >/dev/null || die "loraxfer synth $* failed"
 }
 
-need_w1=0 need_w2=0
+need_w1=0 need_w2=0 need_w5=0
 for w in "${wl[@]}"; do
-  case "$w" in W1) need_w1=1 ;; W2|W3|W4) need_w2=1 ;; esac
+  case "$w" in W1) need_w1=1 ;; W2|W3|W4) need_w2=1 ;; W5) need_w5=1 ;; esac
 done
 q05="$cache/qwen2.5-0.5b$sfx"
 if [ "$need_w2" = 1 ]; then
@@ -139,6 +141,12 @@ if [ "$need_w1" = 1 ]; then
   synth "$cache/qwen2.5-1.5b-L1" model --like qwen2.5-1.5b --layers 1  # for the agreement check
   synth "$cache/llama-3.2-3b-L1" model --like llama-3.2-3b --layers 1
   synth "$cache/qwen2.5-1.5b-L1-lora" adapter --base "$cache/qwen2.5-1.5b-L1"
+fi
+moe="$cache/moe30b-L1"
+if [ "$need_w5" = 1 ] && [ ! -d "$moe" ]; then
+  log "synthesizing moe30b-L1 (cached in bench/cache/)"
+  "$py" bench/moe_pair.py "$moe.tmp" --layers 1 >/dev/null && mv "$moe.tmp" "$moe" \
+    || die "bench/moe_pair.py failed"
 fi
 # Agreement-check inputs (small).
 synth "$cache/qwen2.5-0.5b-L1" model --like qwen2.5-0.5b --layers 1
@@ -306,6 +314,8 @@ for w in "${wl[@]}"; do
           "$q05" "$q05-drift0.02" "$q05-lora" project 64 5 ;;
     W4) run_workload W4 "qwen2.5-0.5b$sfx -> drift 2%, rotate, k=64" \
           "$q05" "$q05-drift0.02" "$q05-lora" rotate 64 1 ;;
+    W5) run_workload W5 "qwen3-30b-a3b 1 layer (128 experts) -> drift 5%, rotate, k=64" \
+          "$moe/base" "$moe/release" "$moe/lora" rotate 64 1 ;;
   esac
 done
 
@@ -336,6 +346,10 @@ check rotate "rotate qwen2.5-0.5b-L1 -> drift" "$cache/qwen2.5-0.5b-L1" \
   "$cache/qwen2.5-0.5b-L1-drift0.02" "$cache/qwen2.5-0.5b-L1-lora" rotate 16 torch-lowrank torch-full
 check align "align tiny-qwen2 -> tiny-llama" "$cache/tiny-qwen2" "$cache/tiny-llama" \
   "$cache/tiny-qwen2-lora" align 8 torch-lowrank torch-full
+if [ "$need_w5" = 1 ]; then
+  # The MoE pair's spectra have no gap: copy checks the expert pairing and names, exactly.
+  check moe "copy W5 pair (experts by router)" "$moe/base" "$moe/release" "$moe/lora" copy 16 torch-lowrank
+fi
 if [ "$need_w1" = 1 ]; then
   check w1 "align W1 shapes, 1 layer" "$cache/qwen2.5-1.5b-L1" "$cache/llama-3.2-3b-L1" \
     "$cache/qwen2.5-1.5b-L1-lora" align 16 torch-lowrank

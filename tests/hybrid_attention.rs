@@ -303,6 +303,22 @@ fn rotate_carries_both_kinds_under_the_causal_lm_names() {
         }));
         assert!(err <= 1e-5 * fro(&want), "{module}: {err}");
     }
+    // Onto Qwen3.5's text model, stored (and loaded only) under `model.layers`, the same adapter
+    // is written under those names.
+    write_layout(&d.p("text"), 4, 1, Layout::Text);
+    let job = cpu_job(
+        &d.p("base"),
+        &d.p("text"),
+        &d.p("lora-mm"),
+        &d.p("out-text"),
+        job.options.clone(),
+    );
+    transfer::run(&job).unwrap();
+    let out_text = Adapter::open(&d.p("out-text")).unwrap();
+    assert_eq!(
+        out_text.modules.keys().cloned().collect::<BTreeSet<_>>(),
+        modules(4)
+    );
 }
 
 /// Onto a deeper model each target layer takes a source layer of its kind; a layer map that

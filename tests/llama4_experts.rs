@@ -266,9 +266,6 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
         shape(&format!("{wrapper}.lora_B.weight")),
         [WIDTH, 3 * EXPERTS]
     );
-    // PEFT's delta, expert by expert: B_e·A_e is the update of the stored `[in, out]` slab.
-    let a = file.read_f32(&format!("{wrapper}.lora_A.weight")).unwrap();
-    let b = file.read_f32(&format!("{wrapper}.lora_B.weight")).unwrap();
     let input = Adapter::open(&adapter).unwrap();
     // Read back as PEFT lays it out.
     let layout = ExpertsLayout {
@@ -276,26 +273,47 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
         reversed: true,
     };
     let back = Adapter::open_with(&out, layout).unwrap();
-    let key = "model.layers.1.feed_forward.experts.down_proj";
-    let (rank, cols) = (back.config.rank_for(key), 3 * EXPERTS);
-    assert_eq!(rank, 3);
-    let s_down = back.config.scale(rank, back.config.alpha_for(key));
-    for e in 0..EXPERTS {
-        let want = common::update_of(
-            &input,
-            &format!("model.layers.1.feed_forward.experts.{e}.down_proj"),
+    // PEFT's delta, expert by expert: B_e·A_e (A's rows e·r.., B's columns k·E + e) is the
+    // update of the stored `[in, out]` slab; gate_up's outputs are the gate's, then the up
+    // projection's.
+    let experts = "model.layers.1.feed_forward.experts";
+    for (param, module, inputs, outputs) in [
+        ("down_proj", wrapper.to_string(), WIDTH, HIDDEN),
+        (
+            "gate_up_proj",
+            format!("{wrapper}.base_layer"),
+            HIDDEN,
+            2 * WIDTH,
+        ),
+    ] {
+        let a = file.read_f32(&format!("{module}.lora_A.weight")).unwrap();
+        let b = file.read_f32(&format!("{module}.lora_B.weight")).unwrap();
+        let key = format!("{experts}.{param}");
+        let rank = back.config.rank_for(&key);
+        assert_eq!(rank, if param == "down_proj" { 3 } else { 6 });
+        let (s, cols) = (
+            back.config.scale(rank, back.config.alpha_for(&key)),
+            rank * EXPERTS,
         );
-        for i in 0..WIDTH {
-            for o in 0..HIDDEN {
-                let delta: f32 = (0..rank)
-                    .map(|k| b[i * cols + k * EXPERTS + e] * a[(e * rank + k) * HIDDEN + o])
-                    .sum();
-                let got = delta * s_down as f32;
-                let w = want[(o, i)];
-                assert!(
-                    (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "expert {e} ({o}, {i}): {got} vs {w}"
-                );
+        for e in 0..EXPERTS {
+            let update = |part: &str| common::update_of(&input, &format!("{experts}.{e}.{part}"));
+            let wants = match param {
+                "down_proj" => vec![update("down_proj")],
+                _ => vec![update("gate_proj"), update("up_proj")],
+            };
+            let width = outputs / wants.len();
+            for i in 0..inputs {
+                for o in 0..outputs {
+                    let delta: f32 = (0..rank)
+                        .map(|k| b[i * cols + k * EXPERTS + e] * a[(e * rank + k) * outputs + o])
+                        .sum();
+                    let got = delta * s as f32;
+                    let w = wants[o / width][(o % width, i)];
+                    assert!(
+                        (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{param} expert {e} ({o}, {i}): {got} vs {w}"
+                    );
+                }
             }
         }
     }

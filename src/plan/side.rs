@@ -88,18 +88,17 @@ impl<'a> ModelSide<'a> {
             .find_map(|p| self.arch.parse_module(p, name))
     }
 
-    /// The layer prefix all of an adapter's `modules` are named under, among the table's own
-    /// (None where they are under several, or none).
-    pub fn prefix_of<'m>(&self, mut modules: impl Iterator<Item = &'m str>) -> Option<&str> {
-        let prefix_of = |name: &str| {
+    /// The layer prefix an adapter's `modules` are named under, among the table's own: the one
+    /// every module the table names is under (None where they are under several, or none;
+    /// modules it does not name are not counted).
+    pub fn prefix_of<'m>(&self, modules: impl Iterator<Item = &'m str>) -> Option<&str> {
+        let mut found = modules.filter_map(|name| {
             std::iter::once(&self.names)
                 .chain(&self.arch.layer_prefixes)
                 .find(|p| self.arch.parse_module(p, name).is_some())
-        };
-        let first = prefix_of(modules.next()?)?;
-        modules
-            .all(|m| prefix_of(m) == Some(first))
-            .then_some(first.as_str())
+        });
+        let first = found.next()?;
+        found.all(|p| p == first).then_some(first.as_str())
     }
 
     /// The same model with its adapters' modules named under `names`.

@@ -388,17 +388,19 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
 }
 
 /// Where the output names the target's layers, where that is not the target's default (its
-/// table's `module_prefix`, else the layout its checkpoint stores): between models of one
-/// family, the prefix the adapter names its modules under, when the family knows it. A family's
-/// multimodal releases name the layers otherwise than its causal-LM class (Llama 4's
-/// `language_model.model.layers` and `model.layers`, Qwen3.5's `model.language_model.layers`
-/// and `model.layers`), and the adapter's names say which class it was trained on, so loads on.
+/// table's `module_prefix`, the causal-LM class's name for the layers, else the layout its
+/// checkpoint stores): between models of one family, the prefix the adapter names its modules
+/// under, when the target checkpoint stores its layers there. A family's multimodal releases
+/// name the layers otherwise than its causal-LM class (Qwen3.5's `model.language_model.layers`,
+/// Llama 4's `language_model.model.layers`; `model.layers`), and an adapter made on the release's
+/// own class says so by its names: its output then loads on that class too. A text-only target
+/// (stored under `model.layers`) keeps its own names, which are the only ones it loads under.
 fn output_names<'s>(s: &'s ModelSide<'_>, t: &ModelSide<'_>, adapter: &Adapter) -> Option<&'s str> {
     if s.arch.name != t.arch.name {
         return None;
     }
     let names = s.prefix_of(adapter.modules.keys().map(String::as_str))?;
-    (names != t.names && t.arch.layer_prefixes.iter().any(|p| p == names)).then_some(names)
+    (names != t.names && names == t.prefix).then_some(names)
 }
 
 /// Runs every unit of the plan, handing each outcome to `collector`. A batching backend

@@ -45,7 +45,8 @@ pub(super) fn wrapper(module: &str) -> Option<(&str, usize)> {
     rest.ends_with(EXPERTS).then_some((rest, depth))
 }
 
-/// One wrapper's two tensors and their shapes: A `[r·E, in]`, B `[out, r·E]`.
+/// One wrapper's two tensors and their shapes: A `[r·E, in]`, B `[out, r·E]` (A `[r·E, out]`,
+/// B `[in, r·E]` where PEFT took the parameter the other way round).
 pub(super) struct Wrapper {
     pub a: String,
     pub b: String,
@@ -112,7 +113,7 @@ pub(super) fn expand(
             let parts: Vec<(&str, Range<usize>, usize)> = if param == "gate_up_proj" {
                 if outputs % 2 != 0 {
                     return Err(bad(
-                        &w.b,
+                        if layout.reversed { &w.a } else { &w.b },
                         format!("gate_up_proj's {outputs} outputs do not halve into gate and up"),
                     ));
                 }

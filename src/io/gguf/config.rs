@@ -151,6 +151,10 @@ pub fn config_json(
             if let Ok(step) = int("interleave_moe_layer_step") {
                 obj.insert("interleave_moe_layer_step".into(), step.into());
             }
+            // llama.cpp's graph norms queries and keys except in the 128-expert model (Maverick),
+            // as the releases' configs say; the metadata does not.
+            let qk_norm = int("expert_count")? != 128;
+            obj.insert("use_qk_norm".into(), qk_norm.into());
         } else if !dense.is_empty() {
             obj.insert("mlp_only_layers".into(), dense.into());
         }

@@ -75,26 +75,31 @@ pub fn fuse<'a>(ckpt: &'a Checkpoint, names: Vec<&'a str>, ty: FloatType) -> Res
                 false => vec![count, out, inn],
             };
             let slots = parts.len();
+            // Each expert's slab is contiguous in either layout: built and encoded one expert at a
+            // time, so that only the encoded tensor is whole in memory.
             let tensor = OutTensor::lazy(ty, shape, move || {
-                let mut values = vec![0f32; count * out * inn];
+                let mut bytes = Vec::with_capacity(count * out * inn * ty.size());
                 let part_rows = out / slots;
-                for (k, key) in keys.iter().enumerate() {
-                    let (e, slot) = (k / slots, k % slots);
-                    // Errors were ruled out before writing: every weight is read once first.
-                    let w = ckpt.read_rows_f32(key, 0..part_rows).expect("read before");
-                    let (start, step) = rows.placement(slot, slots, part_rows);
-                    for j in 0..part_rows {
-                        let o = start + j * step;
-                        for (i, &x) in w[j * inn..(j + 1) * inn].iter().enumerate() {
-                            let at = match transposed {
-                                true => (e * inn + i) * out + o,
-                                false => (e * out + o) * inn + i,
-                            };
-                            values[at] = x;
+                let mut slab = vec![0f32; out * inn];
+                for expert_keys in keys.chunks(slots) {
+                    for (slot, key) in expert_keys.iter().enumerate() {
+                        // Errors were ruled out before writing: every weight is read once first.
+                        let w = ckpt.read_rows_f32(key, 0..part_rows).expect("read before");
+                        let (start, step) = rows.placement(slot, slots, part_rows);
+                        for j in 0..part_rows {
+                            let o = start + j * step;
+                            for (i, &x) in w[j * inn..(j + 1) * inn].iter().enumerate() {
+                                let at = match transposed {
+                                    true => i * out + o,
+                                    false => o * inn + i,
+                                };
+                                slab[at] = x;
+                            }
                         }
                     }
+                    bytes.extend_from_slice(&encode_f32(&slab, ty));
                 }
-                encode_f32(&values, ty)
+                bytes
             });
             fused.push((format!("{prefix}.{layer}.{param}"), tensor));
         }

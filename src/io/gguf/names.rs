@@ -479,8 +479,10 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
     // GPT-OSS's attention sinks (a value per head), and its experts' biases, `[E, out]` per
     // projection, which the converter split as it split the weights: read so that `convert
     // --gguf` writes them back fused (`super::fuse_experts`); no LoRA touches them.
-    if let Some(spec) = table_of(f)?.stored_experts.as_ref() {
-        let experts = spec.gate_up.strip_suffix(".gate_up_proj")?;
+    let stored = table_of(f).and_then(|t| t.stored_experts.as_ref());
+    if let Some((spec, experts)) =
+        stored.and_then(|s| Some((s, s.gate_up.strip_suffix(".gate_up_proj")?)))
+    {
         let found = match (module, kind) {
             ("attn_sinks", "weight") => "self_attn.sinks".to_string(),
             ("ffn_gate_exps", "bias") => format!("{experts}.gate_proj_bias"),

@@ -240,6 +240,25 @@ fn config_carries_dense_layers_and_the_shared_expert() {
     let (_, e) = config("llama4", &[("interleave_moe_layer_step", 2)], &[1, 3]);
     assert_eq!((e.count, e.width, e.shared_width), (8, 16, Some(16)));
     assert_eq!(e.dense_layers, [0, 2]);
+    // Its query/key norm, which llama.cpp's graph leaves out of the 128-expert model only.
+    let f = family_of("llama4", true).unwrap();
+    for (experts, qk_norm) in [(16, true), (128, false)] {
+        let m: HashMap<String, Value> = [
+            ("block_count", 2),
+            ("embedding_length", 64),
+            ("feed_forward_length", 96),
+            ("attention.head_count", 4),
+            ("expert_count", experts),
+            ("expert_feed_forward_length", 16),
+        ]
+        .iter()
+        .map(|(k, v)| (format!("llama4.{k}"), Value::UInt(*v)))
+        .collect();
+        let json = config_json(f, &m, &routers_of(0..2)).unwrap();
+        assert_eq!(json["use_qk_norm"], qk_norm, "{experts} experts");
+        assert_eq!(json["intermediate_size_mlp"], 96);
+        assert_eq!(json["intermediate_size"], 16);
+    }
     // A depth beyond any model is refused before the layers are looked at.
     let f = family_of("qwen3moe", true).unwrap();
     let m: HashMap<String, Value> = [("qwen3moe.block_count".to_string(), Value::UInt(1 << 40))]
