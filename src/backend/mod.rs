@@ -297,6 +297,7 @@ pub trait Backend: Sync {
         };
         add(&mut out, x.side(side), g);
         add(&mut out, y.side(side), h);
+        crate::linalg::clear_upper_registers();
         Ok(out)
     }
 

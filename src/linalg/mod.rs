@@ -6,11 +6,40 @@ pub mod stored;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
+/// Clears the upper halves of this thread's vector registers (`vzeroupper`) where the CPU has
+/// AVX. faer's AVX-512 matrix-product kernels return with them dirty, and until something clears
+/// them every SSE-encoded instruction the thread runs next (this crate's loops, built for the
+/// baseline x86-64; libm's `logf` and `sincosf` behind Ω) waits on a merge with them: Ω's
+/// Box–Muller after one product ran at 700 ns per four normals instead of 43, and made up most
+/// of a Qwen3-30B-A3B layer's transfer (docs/PERFORMANCE.md). Called after every product and
+/// decomposition faer runs on this thread, and before Ω is drawn.
+#[inline]
+pub fn clear_upper_registers() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX, checked just above, which is all `vzeroupper` needs.
+        unsafe { zero_upper() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn zero_upper() {
+    std::arch::x86_64::_mm256_zeroupper();
+}
+
+/// [`clear_upper_registers`] on every thread of the pool, after a product faer split across
+/// them.
+pub fn clear_upper_registers_everywhere() {
+    rayon::broadcast(|_| clear_upper_registers());
+}
+
 /// `a · b` on all cores: for the few large products outside the per-matrix work (the map mode's
 /// fits and similarity matrices), which run one at a time.
 pub fn mm_parallel(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0f32, Par::rayon(0));
+    clear_upper_registers_everywhere();
     out
 }
 
@@ -42,6 +71,7 @@ pub fn mm_into(
 ) -> crate::error::Result<()> {
     check_product_into(a, b, &out)?;
     matmul(out, Accum::Replace, a, b, 1.0f32, Par::rayon(0));
+    clear_upper_registers_everywhere();
     Ok(())
 }
 
@@ -54,6 +84,7 @@ pub fn from_row_major(data: &[f32], rows: usize, cols: usize) -> Mat<f32> {
 pub fn mm(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0f32, Par::Seq);
+    clear_upper_registers();
     out
 }
 

@@ -71,6 +71,7 @@ pub fn rotation_coefficients(
         context: "rotate".into(),
         reason: format!("SVD of U_sᵀU_t did not converge: {e:?}"),
     })?;
+    crate::linalg::clear_upper_registers();
     let (x, y) = (svd.U(), svd.V());
     // Cosines of the principal angles; rounding can push one a hair past 1.
     let c: Vec<f64> = (0..k)

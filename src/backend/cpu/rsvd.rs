@@ -19,7 +19,7 @@ use crate::backend::{Basis, RawWeight, SvdParams, Weight};
 use crate::error::{Error, Result};
 use crate::io::gguf::QuantizedRows;
 use crate::io::safetensors::{decode_into, FloatType};
-use crate::linalg::{mm, philox};
+use crate::linalg::{clear_upper_registers, mm, philox};
 use crate::timing::{Phase, Timings};
 
 /// The f32 values of W a band holds (4 MiB), unless a band of [`MIN_BAND_ROWS`] rows is wider.
@@ -128,6 +128,7 @@ impl<'a> Bands<'a> {
             let (start, len) = (r.start, r.len());
             let dst = out.as_mut().subrows_mut(start, len);
             matmul(dst, Accum::Replace, self.band(r), x, 1.0f32, Par::Seq);
+            clear_upper_registers();
         }
         out
     }
@@ -146,6 +147,7 @@ impl<'a> Bands<'a> {
                 1.0f32,
                 Par::Seq,
             );
+            clear_upper_registers();
         }
         out
     }
@@ -159,7 +161,9 @@ pub fn sequential_faer() {
 
 /// An orthonormal basis of the column space of `y` (thin Householder QR; robust to rank deficiency).
 pub fn orthonormalize(y: MatRef<'_, f32>) -> Mat<f32> {
-    y.qr().compute_thin_Q()
+    let q = y.qr().compute_thin_Q();
+    clear_upper_registers();
+    q
 }
 
 /// A basis of the column space of `y` from its partially pivoted LU factorization (`y = PᵀLU`,
@@ -169,6 +173,7 @@ pub fn orthonormalize(y: MatRef<'_, f32>) -> Mat<f32> {
 /// so the caller falls back to QR.
 pub fn lu_basis(y: MatRef<'_, f32>) -> Option<Mat<f32>> {
     let lu = y.partial_piv_lu();
+    clear_upper_registers();
     let (l, u) = (lu.L(), lu.U());
     let diag_max = (0..u.ncols().min(u.nrows()))
         .map(|j| u[(j, j)].abs())
@@ -258,6 +263,7 @@ fn truncated_svd_of(
             return w.mul(Mat::<f32>::identity(n, n).as_ref());
         }
         // One Philox call gives four columns of a row: fill Ω four columns at a time.
+        clear_upper_registers();
         let mut omega = Mat::<f32>::zeros(n, l);
         for g in 0..l.div_ceil(4) {
             for i in 0..n {
@@ -281,7 +287,11 @@ fn truncated_svd_of(
     // Bᵀ = Wᵀ Q (n × l); W ≈ Q B = (Q V_b) Σ U_bᵀ where Bᵀ = U_b Σ V_bᵀ.
     let bt = t.time(Phase::Sketch, || w.mul_t(q.as_ref()));
     let svd = t
-        .time(Phase::Eig, || bt.thin_svd())
+        .time(Phase::Eig, || {
+            let svd = bt.thin_svd();
+            clear_upper_registers();
+            svd
+        })
         .map_err(|e| Error::Numerical {
             context: name.to_string(),
             reason: format!("SVD of the {n}x{l} core did not converge: {e:?}"),
