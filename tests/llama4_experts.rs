@@ -326,9 +326,67 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
         let err = common::fro(&(&got - &want)) / common::fro(&want);
         assert!(err < 1e-6, "{name}: {err}");
     }
-    // Read as if it were not turned round, the shapes do not fit a gate_up and a down.
-    let err = Adapter::open_with(&out, ExpertsLayout::default())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("cannot tell which"), "{err}");
+    // Laid out the other way (A [R·E, in], B [out, R·E]: PEFT's first `target_parameters`
+    // releases), the two wrappers' shapes fit only that way round, and it is read so.
+    let other = scratch.path().join("other-way");
+    turn_round(&out, &other);
+    let turned = Adapter::open_with(&other, layout).unwrap();
+    for name in modules.keys() {
+        let (want, got) = (
+            common::update_of(&input, name),
+            common::update_of(&turned, name),
+        );
+        let err = common::fro(&(&got - &want)) / common::fro(&want);
+        assert!(err < 1e-6, "{name}: {err}");
+    }
+}
+
+/// `from`'s fused wrappers (A `[R·E, out]`, B `[in, R·E]`) written the other way round into
+/// `to`: A `[R·E, in]` with expert e's rank k at row e·R + k, B `[out, R·E]` at column k·E + e.
+fn turn_round(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(
+        from.join("adapter_config.json"),
+        to.join("adapter_config.json"),
+    )
+    .unwrap();
+    let file = TensorFile::open(&from.join("adapter_model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for name in file.names() {
+        let shape = file.entry(name).unwrap().shape.clone();
+        let values = file.read_f32(name).unwrap();
+        let fused = name.contains(".experts.");
+        let Some(module) = name.strip_suffix(".lora_A.weight").filter(|_| fused) else {
+            if !(fused && name.ends_with(".lora_B.weight")) {
+                tensors.push((
+                    name.to_string(),
+                    OutTensor::from_f32(values, shape, FloatType::F32),
+                ));
+            }
+            continue;
+        };
+        let b_name = format!("{module}.lora_B.weight");
+        let b = file.read_f32(&b_name).unwrap();
+        let (cols, out) = (shape[0], shape[1]);
+        let (inputs, rank) = (b.len() / cols, cols / EXPERTS);
+        let mut a2 = vec![0f32; cols * inputs];
+        let mut b2 = vec![0f32; out * cols];
+        for e in 0..EXPERTS {
+            for k in 0..rank {
+                for j in 0..inputs {
+                    a2[(e * rank + k) * inputs + j] = b[j * cols + k * EXPERTS + e];
+                }
+                for p in 0..out {
+                    b2[p * cols + k * EXPERTS + e] = values[(e * rank + k) * out + p];
+                }
+            }
+        }
+        let ty = FloatType::F32;
+        tensors.push((
+            name.to_string(),
+            OutTensor::from_f32(a2, vec![cols, inputs], ty),
+        ));
+        tensors.push((b_name, OutTensor::from_f32(b2, vec![out, cols], ty)));
+    }
+    write_file(&to.join("adapter_model.safetensors"), &tensors, None).unwrap();
 }

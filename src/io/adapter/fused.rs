@@ -78,7 +78,16 @@ pub(super) fn expand(
                 ),
             ));
         }
-        let params = assign(&list, &named, layout.reversed).ok_or_else(|| {
+        // With both parameters adapted the shapes also say which way round the factors lie,
+        // where the family's usual way does not fit: PEFT's first releases with
+        // `target_parameters` took every 3-D parameter for `[E, in, out]`, as Llama 4 stores it,
+        // where PEFT with transformers 5 takes Llama 4's the other way round.
+        let (params, reversed) = match assign(&list, &named, layout.reversed) {
+            None if list.len() == 2 => (assign(&list, &named, !layout.reversed), !layout.reversed),
+            found => (found, layout.reversed),
+        };
+        let layout = ExpertsLayout { reversed, ..layout };
+        let params = params.ok_or_else(|| {
             bad(
                 &list[0].a,
                 format!(
