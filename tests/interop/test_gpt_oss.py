@@ -171,8 +171,16 @@ def test_the_experts_are_read_as_the_forward_uses_them(gpt_oss, binary, tmp_path
     uses) survives a projection onto the model's own top-4 subspaces whole: it would not, were
     the expert's weight read from other rows or columns of the fused tensors."""
     _, base, _, _ = gpt_oss
+    out = assert_top_pairs_survive(binary, base, expert_weights(base), updates, tmp_path)
+    iu.load_peft_strict(iu.load_model(base), out, allow=FUSED_PATTERN_NOTES)
+
+
+def assert_top_pairs_survive(binary, base, weights: dict, read_updates, tmp_path):
+    """An adapter setting each expert's update to the top singular pair of its `[out, in]` weight
+    in `weights` (as the forward uses it), projected onto the model's own top-4 subspaces: every
+    update, as `read_updates` reads the output, is the one set. Returns the output."""
     tensors, modules = {}, {}
-    for module, w in expert_weights(base).items():
+    for module, w in weights.items():
         u, s, vt = np.linalg.svd(w.astype(np.float64))
         modules[module] = s[0] * np.outer(u[:, 0], vt[0])
         tensors[f"{iu.PEFT_PREFIX}{module}.lora_A.weight"] = vt[:1].astype(np.float32)
@@ -185,11 +193,11 @@ def test_the_experts_are_read_as_the_forward_uses_them(gpt_oss, binary, tmp_path
     out = tmp_path / "out"
     transfer(binary, base, iu.copy_dir(base, tmp_path / "copy"), adapter, out, "--mode", "project",
              "--rank", "4", "--power-iters", "6")
-    carried = updates(out)
+    carried = read_updates(out)
     for module, delta in modules.items():
         err = np.linalg.norm(carried[module] - delta) / np.linalg.norm(delta)
         assert err < 1e-3, (module, err)
-    iu.load_peft_strict(iu.load_model(base), out, allow=FUSED_PATTERN_NOTES)
+    return out
 
 
 def mxfp4(linear: np.ndarray):

@@ -102,15 +102,20 @@ def assert_same_adapter(got: Path, want: Path):
         assert np.array_equal(got[key], want[key]), key
 
 
-def lora_gguf_updates(lora: Path, base: Path) -> dict:
+ATTENTION = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj"}
+
+
+def lora_gguf_updates(lora: Path, base: Path, arch: str = "gpt-oss", experts_key: str = "mlp.experts",
+                      modules: dict = ATTENTION) -> dict:
     """{module as `updates` names it: (alpha / r)·B·A}, from a LoRA GGUF, each pair first held to
     the checks llama.cpp's loader makes against the base GGUF (`llama_adapter_lora_init`): the
     same architecture, a base tensor of the pair's name, A's inputs and B's outputs the base's,
-    A's rank B's."""
+    A's rank B's. Stacked experts are named under `experts_key`, other modules by `modules`."""
     reader = gguf.GGUFReader(str(lora))
     fields = {k: f.contents() for k, f in reader.fields.items()}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
-    assert fields["general.architecture"] == "gpt-oss"
+    assert fields["general.architecture"] == arch
     alpha = fields["adapter.lora.alpha"]
     base_dims = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(str(base)).tensors}
     pairs = {}
@@ -129,11 +134,10 @@ def lora_gguf_updates(lora: Path, base: Path) -> dict:
         prefix = f"model.layers.{layer}"
         if module.endswith("_exps"):
             part = module.removeprefix("ffn_").removesuffix("_exps")
-            for e in range(EXPERTS):
-                out[f"{prefix}.mlp.experts.{e}.{part}_proj"] = alpha / a.shape[1] * (b[e] @ a[e])
+            for e in range(b.shape[0]):
+                out[f"{prefix}.{experts_key}.{e}.{part}_proj"] = alpha / a.shape[1] * (b[e] @ a[e])
         else:
-            hf = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}[module]
-            out[f"{prefix}.self_attn.{hf}"] = alpha / a.shape[0] * (b @ a)
+            out[f"{prefix}.{modules[module]}"] = alpha / a.shape[0] * (b @ a)
     return out
 
 

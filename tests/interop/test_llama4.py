@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import interop_util as iu
 from test_experts import MIN_CHANGE
+from test_gpt_oss import assert_top_pairs_survive
 
 EXPERTS, WIDTH, DENSE_WIDTH, LAYERS = 4, 24, 48, 4
 HIDDEN = iu.COMMON["hidden_size"]
@@ -208,24 +209,7 @@ def test_the_experts_are_read_as_the_forward_uses_them(llama4, binary, tmp_path)
     uses) survives a projection onto the model's own top-4 subspaces whole: it would not, were
     the expert's weight read from other rows or columns of the fused tensors."""
     _, base, _, _ = llama4
-    tensors, modules = {}, {}
-    for module, w in expert_weights(base).items():
-        u, s, vt = np.linalg.svd(w.astype(np.float64))
-        modules[module] = s[0] * np.outer(u[:, 0], vt[0])
-        tensors[f"{iu.PEFT_PREFIX}{module}.lora_A.weight"] = vt[:1].astype(np.float32)
-        tensors[f"{iu.PEFT_PREFIX}{module}.lora_B.weight"] = (s[0] * u[:, :1]).astype(np.float32)
-    adapter = tmp_path / "top-pairs"
-    adapter.mkdir()
-    save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    config = dict(peft_type="LORA", r=1, lora_alpha=1, target_modules=["gate_proj", "up_proj", "down_proj"])
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    out = tmp_path / "out"
-    transfer(binary, base, iu.copy_dir(base, tmp_path / "copy"), adapter, out, "--mode", "project",
-             "--rank", "4", "--power-iters", "6")
-    carried = updates(out)
-    for module, delta in modules.items():
-        err = np.linalg.norm(carried[module] - delta) / np.linalg.norm(delta)
-        assert err < 1e-3, (module, err)
+    out = assert_top_pairs_survive(binary, base, expert_weights(base), updates, tmp_path)
     iu.load_peft_strict(iu.load_model(base), out, allow=PATTERN_NOTES)
 
 

@@ -8,16 +8,14 @@ transfers onto the GGUF exactly as onto the checkpoint, and writes the LoRA GGUF
 takes for it."""
 
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-from gguf.quants import dequantize
 from safetensors.numpy import load_file
 
 import interop_util as iu
-from test_gpt_oss_gguf import assert_same_adapter, gguf_tensors, llama_cpp_gguf
+from test_gpt_oss_gguf import ATTENTION, assert_same_adapter, gguf_tensors, lora_gguf_updates, llama_cpp_gguf
 from test_gguf_lora import assert_same_lora, reference
 from test_llama4 import (DENSE_WIDTH, EXPERTS, LAYERS, MOE_LAYERS, WIDTH, expected_modules, expert_weights, llama4,
                          transfer, updates)
@@ -74,44 +72,11 @@ def test_llama_cpps_gguf_reads_as_the_checkpoint_it_came_from(llama4_gguf, llama
     assert_same_adapter(outs["gguf"], outs["checkpoint"])
 
 
-GGUF_MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                "attn_output": "self_attn.o_proj", "ffn_gate": "feed_forward.gate_proj",
+GGUF_MODULES = {**ATTENTION, "ffn_gate": "feed_forward.gate_proj",
                 "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj",
                 "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
                 "ffn_up_shexp": "feed_forward.shared_expert.up_proj",
                 "ffn_down_shexp": "feed_forward.shared_expert.down_proj"}
-
-
-def lora_gguf_updates(lora: Path, base: Path) -> dict:
-    """{module as `updates` names it: (alpha / r)·B·A}, from a LoRA GGUF, each pair first held to
-    the checks llama.cpp's loader makes against the base GGUF: the same architecture, a base
-    tensor of the pair's name, A's inputs and B's outputs the base's, A's rank B's."""
-    reader = gguf.GGUFReader(str(lora))
-    fields = {k: f.contents() for k, f in reader.fields.items()}
-    assert fields["general.architecture"] == "llama4"
-    alpha = fields["adapter.lora.alpha"]
-    base_dims = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(str(base)).tensors}
-    pairs = {}
-    for t in reader.tensors:
-        name, half = t.name.rsplit(".", 1)
-        pairs.setdefault(name, {})[half] = t
-    out = {}
-    for name, pair in pairs.items():
-        a, b = pair["lora_a"], pair["lora_b"]
-        model = base_dims[name]
-        assert int(a.shape[0]) == model[0] and int(b.shape[1]) == model[1], name
-        assert int(a.shape[1]) == int(b.shape[0]) and list(a.shape[2:]) == list(b.shape[2:]) == model[2:], name
-        a, b = (dequantize(t.data, t.tensor_type).astype(np.float64).reshape([int(d) for d in reversed(t.shape)])
-                for t in (a, b))
-        _, layer, module, _ = name.split(".")
-        prefix = f"model.layers.{layer}"
-        if module.endswith("_exps"):
-            part = module.removeprefix("ffn_").removesuffix("_exps")
-            for e in range(EXPERTS):
-                out[f"{prefix}.feed_forward.experts.{e}.{part}_proj"] = alpha / a.shape[1] * (b[e] @ a[e])
-        else:
-            out[f"{prefix}.{GGUF_MODULES[module]}"] = alpha / a.shape[0] * (b @ a)
-    return out
 
 
 def test_a_lora_gguf_for_a_llama4_gguf_holds_every_update(llama4_gguf, llama4, binary, tmp_path):
@@ -125,7 +90,8 @@ def test_a_lora_gguf_for_a_llama4_gguf_holds_every_update(llama4_gguf, llama4, b
     exported = tmp_path / "exported.gguf"
     iu.loraxfer(binary, "export-gguf", "--adapter", lora, "--base", llama4_gguf, "--out", exported)
     for peft, lora_gguf in [(out, out / "adapter_model.gguf"), (lora, exported)]:
-        want, got = updates(peft), lora_gguf_updates(lora_gguf, llama4_gguf)
+        want = updates(peft)
+        got = lora_gguf_updates(lora_gguf, llama4_gguf, "llama4", "feed_forward.experts", GGUF_MODULES)
         assert set(got) == set(want) == expected_modules()
         for module, delta in want.items():
             err = np.linalg.norm(got[module] - delta) / np.linalg.norm(delta)
