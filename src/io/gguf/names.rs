@@ -411,19 +411,11 @@ pub fn gguf_module(f: &Family, key: &str) -> Option<&'static str> {
         "linear_attn.out_proj" if f.linear_attention || f.fused_linear_attention => "ssm_out",
         // Qwen3-Next's (`in_proj_qkvz` is two tensors: see [`super::joined`]).
         "linear_attn.in_proj_ba" if f.fused_linear_attention => "ssm_ba",
-        "mlp.gate_proj" if f.dense_mlp() => "ffn_gate",
-        "mlp.up_proj" if !f.fused && f.dense_mlp() => "ffn_up",
         "mlp.gate_up_proj" if f.fused => "ffn_up",
-        "mlp.down_proj" if f.dense_mlp() => "ffn_down",
-        // A layer's experts, stacked by llama.cpp into one tensor per projection.
-        "mlp.experts.{expert}.gate_proj" | "block_sparse_moe.experts.{expert}.w1" => {
-            "ffn_gate_exps"
-        }
-        "mlp.experts.{expert}.up_proj" | "block_sparse_moe.experts.{expert}.w3" => "ffn_up_exps",
-        "mlp.experts.{expert}.down_proj" | "block_sparse_moe.experts.{expert}.w2" => {
-            "ffn_down_exps"
-        }
-        // Keys of the family's own (Llama 4's `feed_forward.up_proj`, `feed_forward.experts.*`).
+        // The dense MLP's projections and a layer's experts (stacked by llama.cpp into one tensor
+        // per projection), as the family's table names them (`mlp.up_proj`,
+        // `mlp.experts.{expert}.up_proj`; Mixtral's `block_sparse_moe.experts.{expert}.w3`;
+        // Llama 4's `feed_forward.up_proj`, `feed_forward.experts.{expert}.up_proj`).
         k if f.dense_mlp() && single_part_key(f, Block::Mlp, Part::Gate) == Some(k) => "ffn_gate",
         k if f.dense_mlp() && single_part_key(f, Block::Mlp, Part::Up) == Some(k) => "ffn_up",
         k if f.dense_mlp() && single_part_key(f, Block::Mlp, Part::Down) == Some(k) => "ffn_down",
