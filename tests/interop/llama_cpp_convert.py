@@ -19,6 +19,15 @@ def placeholder_vocab(self):
     self.gguf_writer.add_tokenizer_model("gpt2")
     self.gguf_writer.add_token_list([f"t{i}" for i in range(n)])
     self.gguf_writer.add_token_types([1] * n)
+    if (pad := self.hparams.get("pad_token_id")) is not None:
+        self.gguf_writer.add_pad_token_id(pad)  # Phi-3's config has a default beyond a tiny vocabulary
+
+
+def placeholder_vocab_base(self):
+    """(tokens, token types, pre-tokenizer) of the placeholder vocabulary, for the converters
+    that build their own from it (EXAONE 4's)."""
+    n = self.hparams["vocab_size"]
+    return [f"t{i}" for i in range(n)], [1] * n, "default"
 
 
 def main():
@@ -29,6 +38,8 @@ def main():
 
     TextModel._set_vocab_gpt2 = placeholder_vocab
     TextModel._set_vocab_glm = placeholder_vocab  # GLM-4.7-Flash's, which also asks the tokenizer
+    TextModel._set_vocab_sentencepiece = placeholder_vocab  # Llama's first try
+    TextModel.get_vocab_base = placeholder_vocab_base
     sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, *flags]
     convert_hf_to_gguf.main()
 

@@ -69,7 +69,9 @@ pub fn config_json(
     if let Ok(n) = int("context_length") {
         obj.insert("max_position_embeddings".into(), n.into());
     }
-    if let Ok(n) = int("attention.sliding_window") {
+    // Phi-3's converter writes 0 for a model without a window (Phi-4), which is what a
+    // config's null says.
+    if let Some(n) = int("attention.sliding_window").ok().filter(|&n| n > 0) {
         obj.insert("sliding_window".into(), n.into());
     }
     for (field, k) in [
@@ -88,6 +90,7 @@ pub fn config_json(
     for (field, k) in [
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
         ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
     ] {
         if let Some(v) = metadata.get(k).and_then(Value::as_u64) {
             obj.insert(field.into(), v.into());

@@ -22,6 +22,16 @@ pub fn write_checkpoint(ckpt: &Checkpoint, dir: &Path, ty: FloatType) -> Result<
     let model = ckpt
         .gguf()
         .ok_or_else(|| Error::config(&ckpt.dir, "not a GGUF model"))?;
+    if let Some(why) = model.rope_problem() {
+        // The weights would be right and the model wrong: refuse before writing anything.
+        return Err(Error::config(
+            model.path(),
+            format!(
+                "cannot give the model's rotary scaling in a config.json ({why}); transfers onto \
+                 this file read its weights as they are"
+            ),
+        ));
+    }
     let mut names: Vec<&str> = ckpt.names().collect();
     names.sort();
     // Read each tensor once first, so that a bad block is an error here, not a panic inside

@@ -17,6 +17,7 @@ pub mod lora;
 pub mod names;
 pub mod quant;
 pub mod reorder;
+pub mod rope;
 mod rows;
 pub mod state;
 pub mod write;
@@ -70,6 +71,8 @@ pub struct GgufModel {
     /// The head layout the converter's reorders follow.
     heads: reorder::Heads,
     config: serde_json::Value,
+    /// Why the config has no `rope_scaling` that the file's rotary scaling needs.
+    rope_problem: Option<String>,
 }
 
 impl std::fmt::Debug for GgufModel {
@@ -80,6 +83,28 @@ impl std::fmt::Debug for GgufModel {
             .field("tensors", &self.by_name.len())
             .finish()
     }
+}
+
+/// A small tensor of the file (a few rotary factors) by GGUF name, as f32 values; `None` when
+/// the file has none of that name.
+fn small_tensor(
+    map: &[u8],
+    header: &Header,
+    name: &str,
+) -> Option<std::result::Result<Vec<f32>, String>> {
+    let t = header.tensors.iter().find(|t| t.name == name)?;
+    Some(match t.ty.block() {
+        _ if t.numel() > 1 << 20 => Err(format!("`{name}` holds {} values", t.numel())),
+        Some(_) => {
+            let mut out = vec![0.0; t.numel()];
+            quant::dequantize(t.ty, &map[t.start..t.end], &mut out);
+            Ok(out)
+        }
+        None => Err(format!(
+            "`{name}` is stored as {}, which this reader does not read",
+            t.ty.name()
+        )),
+    })
 }
 
 impl GgufModel {
@@ -128,8 +153,22 @@ impl GgufModel {
             };
             Error::config(path, reason)
         })?;
-        let config = config::config_json(family, &header.metadata, &header.tensors)
+        let mut config = config::config_json(family, &header.metadata, &header.tensors)
             .map_err(|reason| Error::config(path, reason))?;
+        // Only a converted model's config needs the rotary scaling: a problem with it stops
+        // `convert --gguf`, not a transfer ([`GgufModel::rope_problem`]).
+        let small_tensor = |name: &str| small_tensor(&map, &header, name);
+        let rope_problem = match rope::scaling(family, &header.metadata, &small_tensor, &config) {
+            Ok(Some(s)) => {
+                config["rope_scaling"] = s.rope_scaling;
+                for (field, value) in s.top_level {
+                    config[field] = value;
+                }
+                None
+            }
+            Ok(None) => None,
+            Err(why) => Some(why),
+        };
         // The blocks past it are the multi-token-prediction block's ([`state::after_depth`]).
         let depth = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
         let mut by_name = HashMap::new();
@@ -199,6 +238,7 @@ impl GgufModel {
             shapes,
             heads,
             config,
+            rope_problem,
         };
         model.check_reordered_shapes()?;
         Ok(model)
@@ -212,6 +252,12 @@ impl GgufModel {
     /// The `config.json` the metadata gives.
     pub fn config_json(&self) -> &serde_json::Value {
         &self.config
+    }
+
+    /// Why [`GgufModel::config_json`] lacks the rotary scaling the file's model uses, if it
+    /// does: a model loaded from that config would turn queries and keys at other frequencies.
+    pub fn rope_problem(&self) -> Option<&str> {
+        self.rope_problem.as_deref()
     }
 
     /// The metadata key–value pairs.
