@@ -25,7 +25,7 @@ pub struct Step<'a> {
     /// factor) and `depth` (units: the layers of both models whose signatures the depth map
     /// compares, when depths differ), then `map` (units: target layers, each counted once its
     /// map is built) together with `transfer`, whose modules run a layer at a time on their
-    /// layer's map.
+    /// layer's map; `convert` (units: tensors written).
     pub stage: &'a str,
     pub done: u64,
     pub total: u64,

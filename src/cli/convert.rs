@@ -7,6 +7,7 @@ use loraxfer::io::gguf::convert::write_checkpoint;
 use loraxfer::io::hub::{self, Kind};
 use loraxfer::io::output::StagedDir;
 use loraxfer::io::safetensors::FloatType;
+use loraxfer::progress::Progress;
 use loraxfer::{Error, Result};
 
 #[derive(Debug, clap::Args)]
@@ -36,7 +37,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     };
     let arch = model.architecture();
     let staged = StagedDir::create(&args.out, args.force, &[&path])?;
-    let n = write_checkpoint(&ckpt, staged.path(), args.dtype)?;
+    let n = write_checkpoint(&ckpt, staged.path(), args.dtype, &Progress::bar())?;
     let out = staged.commit()?;
     println!(
         "wrote {} ({arch} as {}: {n} tensors, {})",

@@ -87,3 +87,115 @@ fn decoding_is_exact_for_every_kind_of_value() {
         }
     }
 }
+
+/// The reference writer's file for the same tensors, its header's keys sorted as ours are.
+fn reference_file(
+    tensors: &[(String, OutTensor<'_>)],
+    metadata: HashMap<String, String>,
+) -> Vec<u8> {
+    struct Plain(safetensors::Dtype, Vec<usize>, Vec<u8>);
+    impl safetensors::View for &Plain {
+        fn dtype(&self) -> safetensors::Dtype {
+            self.0
+        }
+        fn shape(&self) -> &[usize] {
+            &self.1
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(&self.2)
+        }
+        fn data_len(&self) -> usize {
+            self.2.len()
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.safetensors");
+    write_file(&path, tensors, None).unwrap();
+    let ours = TensorFile::open(&path).unwrap();
+    let plain: Vec<(String, Plain)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let bytes = ours.bytes(n).unwrap().to_vec();
+            (n.clone(), Plain(t.ty.dtype(), t.shape.clone(), bytes))
+        })
+        .collect();
+    let bytes =
+        safetensors::serialize(plain.iter().map(|(n, p)| (n.as_str(), p)), Some(metadata)).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let sort = |v: serde_json::Value| {
+        let mut entries: Vec<_> = v.as_object().unwrap().clone().into_iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        serde_json::Value::Object(entries.into_iter().collect())
+    };
+    let mut header = sort(header);
+    header["__metadata__"] = sort(header["__metadata__"].take());
+    let mut sorted = serde_json::to_vec(&header).unwrap();
+    sorted.resize(n, b' ');
+    [&bytes[..8], &sorted, &bytes[8 + n..]].concat()
+}
+
+#[test]
+fn the_writer_lays_out_files_as_the_reference_writer_does() {
+    // Names and dtypes whose orders differ, a streamed tensor given in uneven pieces, a
+    // borrowed and a produced one, metadata in several keys.
+    let values = |n: usize, seed: f32| (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+    let streamed_values: Vec<f32> = values(7 * 5, 0.5);
+    let borrowed = encode_f32(&values(6, 1.5), FloatType::F16);
+    let streamed = OutTensor::streamed(FloatType::Bf16, vec![7, 5], |sink| {
+        let bytes = encode_f32(&streamed_values, FloatType::Bf16);
+        for piece in bytes.chunks(11) {
+            sink(piece)?;
+        }
+        Ok(())
+    });
+    let tensors = vec![
+        (
+            "b.weight".to_string(),
+            OutTensor::from_f32(values(12, 0.1), vec![3, 4], FloatType::F32),
+        ),
+        ("a.weight".to_string(), streamed),
+        (
+            "c.bias".to_string(),
+            OutTensor::borrowed(FloatType::F16, vec![6], &borrowed),
+        ),
+        (
+            "a.bias".to_string(),
+            OutTensor::from_f32(values(3, 2.5), vec![3], FloatType::F32),
+        ),
+    ];
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("producer".to_string(), "loraxfer".to_string()),
+        ("alpha".to_string(), "x".to_string()),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    write_file(&path, &tensors, Some(metadata.clone())).unwrap();
+    let got = std::fs::read(&path).unwrap();
+    assert_eq!(got, reference_file(&tensors, metadata));
+    let back = TensorFile::open(&path).unwrap();
+    let read = decode_f32(back.bytes("a.weight").unwrap(), FloatType::Bf16);
+    let want = decode_f32(
+        &encode_f32(&streamed_values, FloatType::Bf16),
+        FloatType::Bf16,
+    );
+    assert_eq!(read, want);
+}
+
+#[test]
+fn a_stream_that_fails_or_falls_short_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let short = OutTensor::streamed(FloatType::F32, vec![4], |sink| sink(&[0u8; 12]));
+    let e = write_file(&path, &[("w".to_string(), short)], None).unwrap_err();
+    assert!(e.to_string().contains("`w` gave 12 bytes"), "{e}");
+    let failing = OutTensor::streamed(FloatType::F32, vec![4], |sink| {
+        sink(&[0u8; 8])?;
+        Err(Error::internal("the source went away".to_string()))
+    });
+    let e = write_file(&path, &[("w".to_string(), failing)], None).unwrap_err();
+    assert!(e.to_string().contains("the source went away"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1,12 +1,14 @@
-//! Writing safetensors files: tensors whose bytes are borrowed or produced as the writer asks for
-//! them, the header's keys in sorted order (the same tensors, the same bytes), the permissions of any
-//! file the user creates, and the producer mark that `--force` checks before replacing an output.
+//! Writing safetensors files: tensors whose bytes are borrowed, produced whole, or streamed a
+//! piece at a time as the writer asks for them (so that converting a model holds a band of one
+//! tensor, not the tensor: one layer's fused experts in Llama 4 Maverick are 21 GB in bf16), the
+//! header's keys in sorted order (the same tensors, the same bytes), the permissions of any file
+//! the user creates, and the producer mark that `--force` checks before replacing an output.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
-use safetensors::{Dtype, View};
+use serde_json::{json, Map, Value as Json};
 
 use super::{encode_f32, FloatType, TensorFile};
 use crate::error::{Error, Result};
@@ -19,9 +21,15 @@ pub struct OutTensor<'a> {
     data: OutData<'a>,
 }
 
+/// Where a streamed tensor's bytes go, in order.
+pub type Sink<'s> = &'s mut dyn FnMut(&[u8]) -> Result<()>;
+
+type Stream<'a> = Box<dyn Fn(Sink<'_>) -> Result<()> + 'a>;
+
 enum OutData<'a> {
     Borrowed(&'a [u8]),
     Produced(Box<dyn Fn() -> Vec<u8> + 'a>),
+    Streamed(Stream<'a>),
 }
 
 impl<'a> OutTensor<'a> {
@@ -40,6 +48,21 @@ impl<'a> OutTensor<'a> {
         }
     }
 
+    /// A tensor whose bytes `produce` hands to the sink in pieces, in order, when the writer
+    /// reaches it (once per write); its errors stop the write. Handing over other than the
+    /// shape's bytes is an error too.
+    pub fn streamed(
+        ty: FloatType,
+        shape: Vec<usize>,
+        produce: impl Fn(Sink<'_>) -> Result<()> + 'a,
+    ) -> Self {
+        OutTensor {
+            ty,
+            shape,
+            data: OutData::Streamed(Box::new(produce)),
+        }
+    }
+
     /// A tensor of bytes already encoded as `ty`.
     pub fn borrowed(ty: FloatType, shape: Vec<usize>, bytes: &'a [u8]) -> Self {
         OutTensor {
@@ -48,43 +71,117 @@ impl<'a> OutTensor<'a> {
             data: OutData::Borrowed(bytes),
         }
     }
-}
 
-impl View for &OutTensor<'_> {
-    fn dtype(&self) -> Dtype {
-        self.ty.dtype()
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        match &self.data {
-            OutData::Borrowed(bytes) => Cow::Borrowed(bytes),
-            OutData::Produced(produce) => Cow::Owned(produce()),
-        }
-    }
     fn data_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.ty.size()
     }
 }
 
-/// Writes `tensors` to `path` as one safetensors file (with `metadata`, e.g. `{"format": "pt"}`).
+/// The safetensors format's bound on the header (the reference reader refuses larger).
+const MAX_HEADER: usize = 100_000_000;
+
+/// Writes `tensors` to `path` as one safetensors file (with `metadata`, e.g. `{"format": "pt"}`),
+/// laid out as the reference writer lays it out — data ordered by descending dtype, then name;
+/// the header's keys sorted (its `HashMap` would order them differently from run to run),
+/// compact, padded with spaces to 8 bytes — through a temporary file beside `path` that replaces
+/// it only once complete.
 pub fn write_file(
     path: &Path,
     tensors: &[(String, OutTensor<'_>)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => Error::io(path, "cannot write", source),
-        other => Error::Safetensors {
+    write_file_reporting(path, tensors, metadata, &|| Ok(()))
+}
+
+/// [`write_file`], calling `after_each` once each tensor is written (in the file's order); its
+/// error (a cancel) stops the write and leaves no file.
+pub fn write_file_reporting(
+    path: &Path,
+    tensors: &[(String, OutTensor<'_>)],
+    metadata: Option<HashMap<String, String>>,
+    after_each: &dyn Fn() -> Result<()>,
+) -> Result<()> {
+    let mut order: Vec<&(String, OutTensor<'_>)> = tensors.iter().collect();
+    order.sort_by(|(a, x), (b, y)| y.ty.dtype().cmp(&x.ty.dtype()).then(a.cmp(b)));
+    let mut offset = 0;
+    let mut entries: Vec<(&str, Json)> = Vec::with_capacity(order.len() + 1);
+    for (name, t) in &order {
+        if name == "__metadata__" {
+            return Err(Error::internal(format!(
+                "{}: a tensor named `__metadata__`",
+                path.display()
+            )));
+        }
+        let end = offset + t.data_len();
+        let dtype = serde_json::to_value(t.ty.dtype()).expect("dtypes serialize");
+        let entry = json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, end]});
+        entries.push((name.as_str(), entry));
+        offset = end;
+    }
+    if let Some(metadata) = &metadata {
+        let mut pairs: Vec<_> = metadata.iter().collect();
+        pairs.sort();
+        let map: Map<String, Json> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        entries.push(("__metadata__", Json::Object(map)));
+    }
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    let header: Map<String, Json> = entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let mut header = serde_json::to_vec(&header).expect("JSON values serialize");
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() > MAX_HEADER {
+        return Err(Error::Safetensors {
             path: path.to_path_buf(),
-            reason: other.to_string(),
-        },
-    })?;
-    sort_header(path)?;
-    // The writer goes through a private temporary file (mode 0600); give the result the
-    // permissions of any file the user creates: 0666 less the umask, as the JSON files get.
+            reason: format!("a header of {} bytes (at most {MAX_HEADER})", header.len()),
+        });
+    }
+    let io = |e| Error::io(path, "cannot write", e);
+    let parent = path.parent().unwrap_or_else(|| Path::new("."));
+    let temp = tempfile::NamedTempFile::new_in(parent).map_err(io)?;
+    {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, temp.as_file());
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(&header))
+            .map_err(io)?;
+        for (name, t) in order {
+            let written = match &t.data {
+                OutData::Borrowed(bytes) => {
+                    out.write_all(bytes).map(|_| bytes.len()).map_err(io)?
+                }
+                OutData::Produced(produce) => {
+                    let bytes = produce();
+                    out.write_all(&bytes).map(|_| bytes.len()).map_err(io)?
+                }
+                OutData::Streamed(produce) => {
+                    let mut written = 0;
+                    produce(&mut |piece: &[u8]| {
+                        written += piece.len();
+                        out.write_all(piece).map_err(io)
+                    })?;
+                    written
+                }
+            };
+            if written != t.data_len() {
+                return Err(Error::internal(format!(
+                    "{}: `{name}` gave {written} bytes for {:?} {:?} ({})",
+                    path.display(),
+                    t.ty,
+                    t.shape,
+                    t.data_len()
+                )));
+            }
+            after_each()?;
+        }
+        out.flush().map_err(io)?;
+    }
+    temp.persist(path).map_err(|e| io(e.error))?;
+    // The temporary file is private (mode 0600); give the result the permissions of any file
+    // the user creates: 0666 less the umask, as the JSON files get.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -107,56 +204,6 @@ fn umask() -> u32 {
         })
         .unwrap_or(0o022)
         & 0o777
-}
-
-/// Rewrites the header of a file just written with its keys in sorted order. The writer keeps
-/// `__metadata__` in a `HashMap`, whose order changes from run to run once it has two keys, and a
-/// file of the same tensors must be the same bytes. The sorted header has the same length (the
-/// same compact JSON, reordered), so it is written in place over the old one.
-fn sort_header(path: &Path) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, "cannot reopen", e))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|e| Error::io(path, "cannot read back", e))?;
-    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, "cannot read back", e))?;
-    let value: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
-        Error::internal(format!(
-            "{}: header written unreadable: {e}",
-            path.display()
-        ))
-    })?;
-    // This crate's serde_json keeps insertion order: sort the two maps the writer fills (the
-    // tensors' own entries are written in a fixed order).
-    let sort = |v: serde_json::Value| match v {
-        serde_json::Value::Object(m) => {
-            let mut entries: Vec<_> = m.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            serde_json::Value::Object(entries.into_iter().collect())
-        }
-        other => other,
-    };
-    let mut value = sort(value);
-    if let Some(meta) = value.get_mut("__metadata__") {
-        *meta = sort(meta.take());
-    }
-    let mut sorted = serde_json::to_vec(&value).expect("JSON values always serialize");
-    if sorted.len() > header.len() {
-        return Err(Error::internal(format!(
-            "{}: sorted header longer than written",
-            path.display()
-        )));
-    }
-    sorted.resize(header.len(), b' '); // the writer's padding to 8-byte alignment
-    file.seek(SeekFrom::Start(8))
-        .and_then(|_| file.write_all(&sorted))
-        .map_err(|e| Error::io(path, "cannot write", e))
 }
 
 /// The metadata of every file loraxfer writes: `{"format": "pt"}`, which PyTorch-side loaders

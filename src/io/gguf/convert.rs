@@ -14,11 +14,21 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::gguf::header::Value;
 use crate::io::gguf::GgufModel;
-use crate::io::safetensors::{encode_f32, pt_metadata, write_file, FloatType, OutTensor};
+use crate::io::safetensors::{encode_f32, pt_metadata, write_file_reporting, FloatType, OutTensor};
+use crate::progress::Progress;
 
-/// Writes `model` into the (fresh, staged) directory `dir`, weights stored as `ty`; returns the
-/// number of tensors written.
-pub fn write_checkpoint(ckpt: &Checkpoint, dir: &Path, ty: FloatType) -> Result<usize> {
+/// Values of a band the writer reads, dequantizes and encodes at a time (64 MiB in f32), so that
+/// no tensor is ever whole in memory (Llama 4's embedding alone is 4 GB in f32).
+const BAND_VALUES: usize = 16 << 20;
+
+/// Writes `model` into the (fresh, staged) directory `dir`, weights stored as `ty`, reporting
+/// each tensor written to `progress` (stage `convert`); returns the number of tensors written.
+pub fn write_checkpoint(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    ty: FloatType,
+    progress: &Progress,
+) -> Result<usize> {
     let model = ckpt
         .gguf()
         .ok_or_else(|| Error::config(&ckpt.dir, "not a GGUF model"))?;
@@ -34,29 +44,37 @@ pub fn write_checkpoint(ckpt: &Checkpoint, dir: &Path, ty: FloatType) -> Result<
     }
     let mut names: Vec<&str> = ckpt.names().collect();
     names.sort();
-    // Read each tensor once first, so that a bad block is an error here, not a panic inside
-    // the writer.
-    for &name in &names {
-        let rows = ckpt.shape(name)?[0];
-        ckpt.read_rows_f32(name, 0..rows)?;
-    }
     let (names, fused) = super::fuse_experts::fuse(ckpt, names, ty)?;
     let mut tensors: Vec<(String, OutTensor<'_>)> = names
         .iter()
         .map(|&name| {
             let shape = ckpt.shape(name)?.to_vec();
-            let rows = shape[0];
-            let out = OutTensor::lazy(ty, shape, move || {
-                // Errors were ruled out below: every tensor is read once before writing.
-                let values = ckpt.read_rows_f32(name, 0..rows).expect("read before");
-                encode_f32(&values, ty)
+            let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+            let band = (BAND_VALUES / cols.max(1)).max(1);
+            let out = OutTensor::streamed(ty, shape, move |sink| {
+                for start in (0..rows).step_by(band) {
+                    let values = ckpt.read_rows_f32(name, start..rows.min(start + band))?;
+                    sink(&encode_f32(&values, ty))?;
+                }
+                Ok(())
             });
             Ok((name.to_string(), out))
         })
         .collect::<Result<_>>()?;
     tensors.extend(fused);
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    write_file(&dir.join("model.safetensors"), &tensors, pt_metadata())?;
+    let tracker = progress.start("convert", "tensors", tensors.len() as u64);
+    let after_each = || {
+        tracker.step();
+        tracker.check()
+    };
+    write_file_reporting(
+        &dir.join("model.safetensors"),
+        &tensors,
+        pt_metadata(),
+        &after_each,
+    )?;
+    tracker.finish();
     let mut config = model.config_json().clone();
     config["torch_dtype"] = ty.torch_name().into();
     write_json(&dir.join("config.json"), &config)?;

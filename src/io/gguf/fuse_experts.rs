@@ -75,16 +75,15 @@ pub fn fuse<'a>(ckpt: &'a Checkpoint, names: Vec<&'a str>, ty: FloatType) -> Res
                 false => vec![count, out, inn],
             };
             let slots = parts.len();
-            // Each expert's slab is contiguous in either layout: built and encoded one expert at a
-            // time, so that only the encoded tensor is whole in memory.
-            let tensor = OutTensor::lazy(ty, shape, move || {
-                let mut bytes = Vec::with_capacity(count * out * inn * ty.size());
+            // Each expert's slab is contiguous in either layout: built, encoded and written one
+            // expert at a time, so that no more than one expert's slab is in memory (a layer's
+            // fused `gate_up_proj` is 21 GB in bf16 in Llama 4 Maverick).
+            let tensor = OutTensor::streamed(ty, shape, move |sink| {
                 let part_rows = out / slots;
                 let mut slab = vec![0f32; out * inn];
                 for expert_keys in keys.chunks(slots) {
                     for (slot, key) in expert_keys.iter().enumerate() {
-                        // Errors were ruled out before writing: every weight is read once first.
-                        let w = ckpt.read_rows_f32(key, 0..part_rows).expect("read before");
+                        let w = ckpt.read_rows_f32(key, 0..part_rows)?;
                         let (start, step) = rows.placement(slot, slots, part_rows);
                         for j in 0..part_rows {
                             let o = start + j * step;
@@ -97,9 +96,9 @@ pub fn fuse<'a>(ckpt: &'a Checkpoint, names: Vec<&'a str>, ty: FloatType) -> Res
                             }
                         }
                     }
-                    bytes.extend_from_slice(&encode_f32(&slab, ty));
+                    sink(&encode_f32(&slab, ty))?;
                 }
-                bytes
+                Ok(())
             });
             fused.push((format!("{prefix}.{layer}.{param}"), tensor));
         }
@@ -151,11 +150,10 @@ fn fuse_biases<'a>(
                 ))
             }
         };
-        let tensor = OutTensor::lazy(ty, vec![count, 2 * width], move || {
+        let tensor = OutTensor::streamed(ty, vec![count, 2 * width], move |sink| {
             let mut values = vec![0f32; count * 2 * width];
             for (slot, part) in [gate, up].into_iter().enumerate() {
-                // Errors were ruled out before writing: every tensor is read once first.
-                let b = ckpt.read_rows_f32(part, 0..count).expect("read before");
+                let b = ckpt.read_rows_f32(part, 0..count)?;
                 let (start, step) = rows.placement(slot, 2, width);
                 for e in 0..count {
                     for j in 0..width {
@@ -163,7 +161,7 @@ fn fuse_biases<'a>(
                     }
                 }
             }
-            encode_f32(&values, ty)
+            sink(&encode_f32(&values, ty))
         });
         fused.push((format!("{prefix}.{layer}.{}_bias", spec.gate_up), tensor));
     }
