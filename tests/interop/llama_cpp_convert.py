@@ -40,6 +40,17 @@ def main():
     TextModel._set_vocab_glm = placeholder_vocab  # GLM-4.7-Flash's, which also asks the tokenizer
     TextModel._set_vocab_sentencepiece = placeholder_vocab  # Llama's first try
     TextModel.get_vocab_base = placeholder_vocab_base
+    # Converters that read the tokenizer in their own `set_vocab` (GLM-4, Hunyuan): the class
+    # chosen for the checkpoint takes the placeholder too.
+    get_model_class = convert_hf_to_gguf.get_model_class
+
+    def placeholder_model_class(*args, **kwargs):
+        cls = get_model_class(*args, **kwargs)
+        if issubclass(cls, TextModel):
+            cls.set_vocab = placeholder_vocab
+        return cls
+
+    convert_hf_to_gguf.get_model_class = placeholder_model_class
     sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, *flags]
     convert_hf_to_gguf.main()
 

@@ -5,7 +5,6 @@ DeepSeek's YaRN with its softmax scale, EXAONE 4's `llama3`), converted by llama
 `rope_freqs.weight` and Phi-3's as two factor tensors — and back by `convert --gguf`. The
 converted model turns queries and keys at the checkpoint's frequencies and gives its logits."""
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,11 +63,7 @@ def checkpoint(name: str, out: Path) -> Path:
         torch.manual_seed(31)
         model = tf.AutoModelForCausalLM.from_config(config).eval()
     model.config.rope_parameters = dict(rope)
-    iu.save_model(model, out)
-    if cls == "Phi3Config":
-        # llama.cpp's Phi-3 converter asks for a tokenizer; this one takes the placeholder vocabulary.
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
-    return out
+    return iu.save_model(model, out)
 
 
 def rotary(model) -> dict:

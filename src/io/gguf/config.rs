@@ -60,9 +60,10 @@ pub fn config_json(
         "torch_dtype": "float32",
     });
     let obj = config.as_object_mut().expect("an object");
-    if let Ok(d) = int("attention.key_length") {
-        obj.insert("head_dim".into(), d.into());
-    }
+    // Without `key_length` llama.cpp takes a head to be hidden / heads wide; the config says so,
+    // since some families' defaults differ (GLM's 128).
+    let head_dim = int("attention.key_length").unwrap_or(hidden / heads.max(1));
+    obj.insert("head_dim".into(), head_dim.into());
     if let Some(embed) = tensors.iter().find(|t| t.name == "token_embd.weight") {
         obj.insert("vocab_size".into(), (*embed.dims.last().unwrap()).into());
     }
