@@ -196,6 +196,14 @@ fn a_stream_that_fails_or_falls_short_leaves_no_file() {
     });
     let e = write_file(&path, &[("w".to_string(), failing)], None).unwrap_err();
     assert!(e.to_string().contains("the source went away"), "{e}");
+    let twice = ["w", "w"].map(|n| {
+        (
+            n.to_string(),
+            OutTensor::from_f32(vec![1.0], vec![1], FloatType::F32),
+        )
+    });
+    let e = write_file(&path, &twice, None).unwrap_err();
+    assert!(e.to_string().contains("two tensors named `w`"), "{e}");
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }

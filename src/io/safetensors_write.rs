@@ -103,6 +103,15 @@ pub fn write_file_reporting(
 ) -> Result<()> {
     let mut order: Vec<&(String, OutTensor<'_>)> = tensors.iter().collect();
     order.sort_by(|(a, x), (b, y)| y.ty.dtype().cmp(&x.ty.dtype()).then(a.cmp(b)));
+    let mut names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::internal(format!(
+            "{}: two tensors named `{}`",
+            path.display(),
+            twice[0]
+        )));
+    }
     let mut offset = 0;
     let mut entries: Vec<(&str, Json)> = Vec::with_capacity(order.len() + 1);
     for (name, t) in &order {
@@ -158,11 +167,20 @@ pub fn write_file_reporting(
                     out.write_all(&bytes).map(|_| bytes.len()).map_err(io)?
                 }
                 OutData::Streamed(produce) => {
-                    let mut written = 0;
-                    produce(&mut |piece: &[u8]| {
+                    // A failed write is the error, whatever the producer makes of it.
+                    let (mut written, mut failed) = (0, None);
+                    let produced = produce(&mut |piece: &[u8]| {
                         written += piece.len();
-                        out.write_all(piece).map_err(io)
-                    })?;
+                        out.write_all(piece).map_err(|e| {
+                            let message = e.to_string();
+                            failed.get_or_insert(e);
+                            Error::io(path, "cannot write", std::io::Error::other(message))
+                        })
+                    });
+                    if let Some(e) = failed {
+                        return Err(io(e));
+                    }
+                    produced?;
                     written
                 }
             };

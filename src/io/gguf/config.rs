@@ -93,7 +93,17 @@ pub fn config_json(
         ("eos_token_id", "tokenizer.ggml.eos_token_id"),
         ("pad_token_id", "tokenizer.ggml.padding_token_id"),
     ] {
-        if let Some(v) = metadata.get(k).and_then(Value::as_u64) {
+        // An id past the embedding's rows would stop the model's embedding from being built
+        // (`padding_idx` is checked against it).
+        let vocab = obj
+            .get("vocab_size")
+            .and_then(Json::as_u64)
+            .unwrap_or(u64::MAX);
+        if let Some(v) = metadata
+            .get(k)
+            .and_then(Value::as_u64)
+            .filter(|&v| v < vocab)
+        {
             obj.insert(field.into(), v.into());
         }
     }
@@ -173,6 +183,13 @@ pub fn config_json(
     }
     if f.latent_attention {
         super::latent::config(f.gguf, metadata, tensors, obj)?;
+    } else if let Ok(rotary) = int("rope.dimension_count") {
+        // The part of each head the rotation turns, said even where it is all of it: the
+        // families' defaults differ (Qwen3.5's a quarter, GLM's a half; Phi-4-mini turns three
+        // quarters with Phi-3's config, whose default is all). Latent attention's rotary part
+        // is a head of its own.
+        let factor = rotary as f64 / head_dim.max(1) as f64;
+        obj.insert("partial_rotary_factor".into(), factor.into());
     }
     if f.linear_attention || f.fused_linear_attention {
         // Qwen3.5's and Qwen3-Next's linear attention, as the converter names its sizes (the
@@ -195,11 +212,6 @@ pub fn config_json(
         }
         if let Ok(kernel) = int("ssm.conv_kernel") {
             obj.insert("linear_conv_kernel_dim".into(), kernel.into());
-        }
-        // The rotary embedding turns a part of each head (a quarter in the releases).
-        if let (Ok(rotary), Ok(head)) = (int("rope.dimension_count"), int("attention.key_length")) {
-            let factor = rotary as f64 / head.max(1) as f64;
-            obj.insert("partial_rotary_factor".into(), factor.into());
         }
     }
     if let Some(name) = metadata.get("general.name").and_then(Value::as_str) {

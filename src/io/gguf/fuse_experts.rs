@@ -67,6 +67,19 @@ pub fn fuse<'a>(ckpt: &'a Checkpoint, names: Vec<&'a str>, ty: FloatType) -> Res
                             ),
                         });
                     }
+                    // Each expert's weight is a band of the slab: its shape must be the part's.
+                    let want = [out / parts.len(), inn];
+                    let shape = ckpt.shape(&key)?;
+                    if shape != want {
+                        return Err(Error::bad_tensor(
+                            &ckpt.dir,
+                            &key,
+                            format!(
+                                "shape {shape:?}, where `{prefix}.{layer}.{param}` needs {want:?} \
+                                 per expert (hidden_size and the experts' width of the config)"
+                            ),
+                        ));
+                    }
                     keys.push(key);
                 }
             }

@@ -1,7 +1,7 @@
 //! The rotary embedding's scaling, given back as the `rope_scaling` of the family's Hugging Face
 //! config. llama.cpp's converter keeps it in three places: linear and YaRN scaling in the
 //! metadata (`<arch>.rope.scaling.*`); Llama 3's frequency-dependent scaling (`rope_type:
-//! llama3`, Llama 3.1–3.3, Llama 4, EXAONE) only as the per-frequency factors it computes from
+//! llama3`, Llama 3.1–3.3, Llama 4, EXAONE 4) only as the per-frequency factors it computes from
 //! the four parameters, in the tensor `rope_freqs.weight`; Phi-3's LongRoPE as its two factor
 //! lists, in `rope_factors_long.weight` and `rope_factors_short.weight`. Without this,
 //! `convert --gguf` wrote a config whose model turns queries and keys at other frequencies than
@@ -29,7 +29,7 @@ pub const LONG_FACTORS: &str = "rope_factors_long.weight";
 pub const SHORT_FACTORS: &str = "rope_factors_short.weight";
 
 /// The families whose `rope_freqs` holds Llama 3's factors (llama.cpp's Llama, Llama 4 and
-/// EXAONE converters write it from `rope_type: llama3`).
+/// EXAONE 4 converters write it from `rope_type: llama3`).
 const LLAMA3_FAMILIES: &[&str] = &["llama", "llama4", "exaone4"];
 
 /// A small tensor of the file by GGUF name as f32 values (`None`: the file has no such tensor).
@@ -45,7 +45,7 @@ pub fn scaling(
     config: &Json,
 ) -> Result<Option<Scaling>, String> {
     let key = |k: &str| format!("{}.rope.scaling.{k}", f.gguf);
-    let float = |k: &str| metadata.get(&key(k)).and_then(Value::as_f64);
+    let float = |k: &str| metadata.get(&key(k)).and_then(Value::as_f64).map(tidy);
     let need = |k: &str| float(k).ok_or_else(|| format!("metadata `{}` is missing", key(k)));
     let kind = metadata.get(&key("type")).and_then(Value::as_str);
     match kind {
@@ -71,7 +71,7 @@ pub fn scaling(
             if let (Some(mul), "deepseek2") = (float("yarn_log_multiplier"), f.gguf) {
                 // DeepSeek's converter stores 0.1·mscale_all_dim (and its configs give mscale
                 // the same value: the attention factor is then 1, the softmax scale mscale²).
-                let mscale = mul / 0.1;
+                let mscale = tidy(mul / 0.1);
                 s["mscale"] = mscale.into();
                 s["mscale_all_dim"] = mscale.into();
             }
@@ -83,7 +83,10 @@ pub fn scaling(
             Ok(Some(Scaling::new(s)))
         }
         Some("none") | None => match tensor(LONG_FACTORS) {
-            Some(long) => longrope(f, metadata, long?, tensor(SHORT_FACTORS)).map(Some),
+            Some(long) => {
+                let dims = rotary_dims(f, metadata, config)?;
+                longrope(f, metadata, long?, tensor(SHORT_FACTORS), dims).map(Some)
+            }
             None => match tensor(LLAMA3_FACTORS) {
                 Some(_) if !LLAMA3_FAMILIES.contains(&f.gguf) => Err(format!(
                     "`{LLAMA3_FACTORS}` of a `{}` model: its rotary scaling has no Hugging Face \
@@ -99,7 +102,10 @@ pub fn scaling(
             },
         },
         Some("longrope") => match tensor(LONG_FACTORS) {
-            Some(long) => longrope(f, metadata, long?, tensor(SHORT_FACTORS)).map(Some),
+            Some(long) => {
+                let dims = rotary_dims(f, metadata, config)?;
+                longrope(f, metadata, long?, tensor(SHORT_FACTORS), dims).map(Some)
+            }
             None => Err(format!("LongRoPE scaling without `{LONG_FACTORS}`")),
         },
         Some(other) => Err(format!(
@@ -155,13 +161,16 @@ fn longrope(
     metadata: &HashMap<String, Value>,
     long: Vec<f32>,
     short: Option<Result<Vec<f32>, String>>,
+    dims: usize,
 ) -> Result<Scaling, String> {
     let short = short.ok_or_else(|| format!("`{LONG_FACTORS}` without `{SHORT_FACTORS}`"))??;
-    if short.len() != long.len() {
+    if short.len() != long.len() || long.len() != dims / 2 {
         return Err(format!(
-            "`{LONG_FACTORS}` holds {} factors and `{SHORT_FACTORS}` {}",
+            "`{LONG_FACTORS}` holds {} factors and `{SHORT_FACTORS}` {}, for a rotation of \
+             {dims} dimensions ({} frequencies)",
             long.len(),
-            short.len()
+            short.len(),
+            dims / 2
         ));
     }
     let key = format!("{}.rope.scaling.original_context_length", f.gguf);
@@ -169,7 +178,7 @@ fn longrope(
         .get(&key)
         .and_then(Value::as_u64)
         .ok_or_else(|| format!("LongRoPE factors without metadata `{key}`"))?;
-    let list = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let list = |v: &[f32]| v.iter().map(|&x| tidy(x as f64)).collect::<Vec<_>>();
     Ok(Scaling {
         rope_scaling: json!({
             "rope_type": "longrope",
@@ -237,10 +246,12 @@ fn llama3(factors: &[f32], theta: f64, dims: usize) -> Result<Option<Json>, Stri
             _ => {}
         }
     }
-    // Each candidate's round values first (a release's), then as it was solved.
+    // The context is a whole number of tokens; each candidate's round high factor first (a
+    // release's), then as it was solved.
     let round = |(low, high, context): (f64, f64, f64)| {
+        let context = context.round();
         [
-            (low, (high * 1024.0).round() / 1024.0, context.round()),
+            (low, (high * 1024.0).round() / 1024.0, context),
             (low, high, context),
         ]
     };
@@ -248,6 +259,9 @@ fn llama3(factors: &[f32], theta: f64, dims: usize) -> Result<Option<Json>, Stri
         .into_iter()
         .flat_map(round)
         .find(|&(low, high, context)| {
+            if !(context >= 1.0 && high.is_finite()) {
+                return false;
+            }
             let again = llama3_factors(factor, low, high, context, &wavelengths);
             again.iter().zip(&factors).all(|(a, b)| close(*a, *b))
         })
@@ -259,11 +273,17 @@ fn llama3(factors: &[f32], theta: f64, dims: usize) -> Result<Option<Json>, Stri
         })?;
     Ok(Some(json!({
         "rope_type": "llama3",
-        "factor": factor,
+        "factor": tidy(factor),
         "low_freq_factor": low,
         "high_freq_factor": high,
         "original_max_position_embeddings": context as u64,
     })))
+}
+
+/// A value read from an f32 as its shortest decimal (GGUF stores floats in f32: 0.0707 is
+/// 0.07069999724626541 in f64, which the config would otherwise say).
+fn tidy(v: f64) -> f64 {
+    (v as f32).to_string().parse().unwrap_or(v)
 }
 
 /// The factors llama.cpp's converter computes from Llama 3's parameters.

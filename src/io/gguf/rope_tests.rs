@@ -197,6 +197,12 @@ fn tensors_of_factors_are_read_for_the_families_that_write_them() {
         "phi3",
         &[("rope.scaling.original_context_length", Value::UInt(4096))],
     );
+    let e = scaling(phi3, &m, &only(&[LONG_FACTORS, SHORT_FACTORS]), &config).unwrap_err();
+    let want = "3 factors and `rope_factors_short.weight` 3, for a rotation of 128 dimensions";
+    assert!(e.contains(want), "{e}");
+    // Six rotary dimensions of a wider head (Phi-4-mini turns three quarters of each).
+    let mut m = m;
+    m.insert("phi3.rope.dimension_count".into(), Value::UInt(6));
     let s = scaling(phi3, &m, &only(&[LONG_FACTORS, SHORT_FACTORS]), &config)
         .unwrap()
         .unwrap();
