@@ -271,6 +271,7 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
     let layout = ExpertsLayout {
         gate_up: GateUpRows::Halves,
         reversed: true,
+        hidden: None,
     };
     let back = Adapter::open_with(&out, layout).unwrap();
     // PEFT's delta, expert by expert: B_e·A_e (A's rows e·r.., B's columns k·E + e) is the
@@ -339,6 +340,98 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
         let err = common::fro(&(&got - &want)) / common::fro(&want);
         assert!(err < 1e-6, "{name}: {err}");
     }
+}
+
+#[test]
+fn a_lone_parameter_laid_out_the_other_way_is_read_by_its_hidden_side() {
+    // PEFT's first `target_parameters` releases (A [R·E, in], B [out, R·E]) with one parameter
+    // adapted: no second wrapper to match shapes with, so the side that is the hidden state
+    // (gate_up_proj reads it, down_proj writes it) tells which way round the factors lie.
+    let scratch = tempfile::tempdir().unwrap();
+    let base = scratch.path().join("base");
+    llama4(&base, false);
+    let adapter = scratch.path().join("lora");
+    let modules = per_expert_adapter(&adapter, &base);
+    let fused = scratch.path().join("fused");
+    let transfer = |adapter: &Path, out: &Path| {
+        ok(&[
+            "transfer",
+            "--source-base",
+            s(&base),
+            "--target-base",
+            s(&base),
+            "--adapter",
+            s(adapter),
+            "--out",
+            s(out),
+            "--mode",
+            "copy",
+        ])
+    };
+    transfer(&adapter, &fused);
+    let other = scratch.path().join("other-way");
+    turn_round(&fused, &other);
+    let input = Adapter::open(&adapter).unwrap();
+    let wrapper = "base_model.model.model.layers.1.feed_forward.experts";
+    // (the parameter kept, its wrapper's tensors' stem, the expert modules it holds)
+    for (param, stem, parts) in [
+        ("down_proj", wrapper.to_string(), &["down_proj"][..]),
+        (
+            "gate_up_proj",
+            format!("{wrapper}.base_layer"),
+            &["gate_proj", "up_proj"][..],
+        ),
+    ] {
+        let lone = scratch.path().join(format!("lone-{param}"));
+        keep_one_parameter(&other, &lone, param, &stem, wrapper);
+        let out = scratch.path().join(format!("out-{param}"));
+        transfer(&lone, &out);
+        let back = Adapter::open(&out).unwrap();
+        let names: Vec<&String> = modules
+            .keys()
+            .filter(|n| n.contains(".experts.") && parts.iter().any(|p| n.ends_with(p)))
+            .collect();
+        assert_eq!(names.len(), EXPERTS * parts.len(), "{param}");
+        for name in names {
+            let (want, got) = (
+                common::update_of(&input, name),
+                common::update_of(&back, name),
+            );
+            let err = common::fro(&(&got - &want)) / common::fro(&want);
+            assert!(err < 1e-6, "{param}: {name}: {err}");
+        }
+    }
+}
+
+/// `from`'s adapter with only `param`'s wrapper (its tensors under `stem`), moved to the
+/// experts module itself as PEFT names a lone wrapper, and `target_parameters` naming it alone.
+fn keep_one_parameter(from: &Path, to: &Path, param: &str, stem: &str, wrapper: &str) {
+    std::fs::create_dir_all(to).unwrap();
+    let mut config = common::cli::read_json(&from.join("adapter_config.json"));
+    let kept: Vec<serde_json::Value> = config["target_parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            !p.as_str().unwrap().contains(".experts.") || p.as_str().unwrap().ends_with(param)
+        })
+        .cloned()
+        .collect();
+    config["target_parameters"] = kept.into();
+    std::fs::write(to.join("adapter_config.json"), config.to_string()).unwrap();
+    let file = TensorFile::open(&from.join("adapter_model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for name in file.names() {
+        let renamed = match name.strip_prefix(stem) {
+            Some(rest) if rest.starts_with(".lora_") => format!("{wrapper}{rest}"),
+            _ if name.starts_with(wrapper) => continue,
+            _ => name.to_string(),
+        };
+        let shape = file.entry(name).unwrap().shape.clone();
+        let values = file.read_f32(name).unwrap();
+        tensors.push((renamed, OutTensor::from_f32(values, shape, FloatType::F32)));
+    }
+    write_file(&to.join("adapter_model.safetensors"), &tensors, None).unwrap();
 }
 
 /// `from`'s fused wrappers (A `[R·E, out]`, B `[in, R·E]`) written the other way round into

@@ -462,6 +462,7 @@ fn a_transfer_onto_stored_experts_writes_the_alternating_fused_form() {
     let layout = ExpertsLayout {
         gate_up: GateUpRows::Interleaved,
         reversed: false,
+        hidden: None,
     };
     let back = Adapter::open_with(&out, layout).unwrap();
     let input = Adapter::open(&adapter).unwrap();

@@ -45,6 +45,7 @@ impl Arch {
                 .stored_experts
                 .as_ref()
                 .is_some_and(|s| s.peft_reversed),
+            hidden: None,
         }
     }
 

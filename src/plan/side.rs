@@ -16,6 +16,15 @@ pub struct ModelSide<'a> {
 }
 
 impl<'a> ModelSide<'a> {
+    /// How a PEFT LoRA on this model's fused expert parameters lays out its factors, with the
+    /// model's hidden size to tell a lone parameter's orientation by.
+    pub fn experts_layout(&self) -> crate::io::adapter::ExpertsLayout {
+        crate::io::adapter::ExpertsLayout {
+            hidden: Some(self.ckpt.config.hidden_size),
+            ..self.arch.experts_layout()
+        }
+    }
+
     pub fn new(ckpt: &'a Checkpoint) -> Result<Self> {
         let arch = crate::arch::for_config(&ckpt.config, &ckpt.config_path())?;
         if arch.has_experts() && ckpt.config.experts.is_none() {

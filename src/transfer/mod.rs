@@ -287,7 +287,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
     }
     let s = ModelSide::new(&source)?;
     let t = ModelSide::new(&target)?;
-    let mut adapter = Adapter::open_with(&job.adapter, s.arch.experts_layout())?;
+    let mut adapter = Adapter::open_with(&job.adapter, s.experts_layout())?;
     let t = match output_names(&s, &t, &adapter) {
         Some(names) => {
             job.progress.note(&format!(

@@ -82,8 +82,23 @@ pub(super) fn expand(
         // where the family's usual way does not fit: PEFT's first releases with
         // `target_parameters` took every 3-D parameter for `[E, in, out]`, as Llama 4 stores it,
         // where PEFT with transformers 5 takes Llama 4's the other way round.
+        // A lone parameter's LoRA shows it by the side that is the hidden state: gate_up_proj
+        // reads it, down_proj writes it.
         let (params, reversed) = match assign(&list, &named, layout.reversed) {
             None if list.len() == 2 => (assign(&list, &named, !layout.reversed), !layout.reversed),
+            Some(params) if list.len() == 1 => {
+                let fits = |reversed| {
+                    let (inputs, outputs) = list[0].in_out(reversed);
+                    let side = if params[0] == "gate_up_proj" {
+                        inputs
+                    } else {
+                        outputs
+                    };
+                    Some(side) == layout.hidden
+                };
+                let turned = !fits(layout.reversed) && fits(!layout.reversed);
+                (Some(params), layout.reversed != turned)
+            }
             found => (found, layout.reversed),
         };
         let layout = ExpertsLayout { reversed, ..layout };

@@ -67,6 +67,9 @@ pub struct ExpertBlock {
 pub struct ExpertsLayout {
     pub gate_up: GateUpRows,
     pub reversed: bool,
+    /// The base's hidden size, where known: which of its sides a lone parameter's LoRA reads
+    /// or writes tells which way round its factors lie when the family's usual way does not fit.
+    pub hidden: Option<usize>,
 }
 
 /// How a fused `gate_up_proj` holds an expert's gate and up projection: the gate's rows, then

@@ -109,7 +109,7 @@ pub fn export(
     // rows as the base's family lays them out: alternating only for GPT-OSS, which
     // `family_of_base` refuses today).
     let side = crate::plan::ModelSide::new(&checkpoint)?;
-    let mut opened = Adapter::open_with(&adapter_dir, side.arch.experts_layout())?;
+    let mut opened = Adapter::open_with(&adapter_dir, side.experts_layout())?;
     crate::plan::experts::name_fused_experts(&mut opened, &side)?;
     let weights = adapter_dir.join(crate::io::adapter::WEIGHTS_FILE);
     let inputs = [adapter_dir.as_path(), weights.as_path(), base_dir.as_path()];
