@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod hub;
 pub mod output;
 pub mod safetensors;
+pub mod shards;
 
 /// A weight's rows as bytes: borrowed from a mapped file as stored, or values decoded from a
 /// quantized (or rearranged) GGUF tensor, kept as f32 and read as their bytes without a copy

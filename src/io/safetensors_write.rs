@@ -72,7 +72,8 @@ impl<'a> OutTensor<'a> {
         }
     }
 
-    fn data_len(&self) -> usize {
+    /// Bytes of the tensor's data.
+    pub fn data_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.ty.size()
     }
 }
@@ -90,16 +91,16 @@ pub fn write_file(
     tensors: &[(String, OutTensor<'_>)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    write_file_reporting(path, tensors, metadata, &|| Ok(()))
+    write_file_reporting(path, tensors, metadata, &|_| Ok(()))
 }
 
-/// [`write_file`], calling `after_each` once each tensor is written (in the file's order); its
-/// error (a cancel) stops the write and leaves no file.
+/// [`write_file`], calling `after_each` with a tensor's bytes once it is written (in the file's
+/// order); its error (a cancel) stops the write and leaves no file.
 pub fn write_file_reporting(
     path: &Path,
     tensors: &[(String, OutTensor<'_>)],
     metadata: Option<HashMap<String, String>>,
-    after_each: &dyn Fn() -> Result<()>,
+    after_each: &dyn Fn(usize) -> Result<()>,
 ) -> Result<()> {
     let mut order: Vec<&(String, OutTensor<'_>)> = tensors.iter().collect();
     order.sort_by(|(a, x), (b, y)| y.ty.dtype().cmp(&x.ty.dtype()).then(a.cmp(b)));
@@ -193,7 +194,7 @@ pub fn write_file_reporting(
                     t.data_len()
                 )));
             }
-            after_each()?;
+            after_each(written)?;
         }
         out.flush().map_err(io)?;
     }

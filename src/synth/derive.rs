@@ -8,11 +8,11 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::shards::{write_json, write_tensors, PlannedTensor, SHARD_LIMIT};
 use super::{fill_normal, stream_id};
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::encode_f32;
+use crate::io::shards::{write_json, write_tensors, PlannedTensor, SHARD_LIMIT};
 
 /// Elements read per block (whole rows); bounds the f32 copy held besides the output bytes.
 const BLOCK_ELEMS: usize = 1 << 18;
@@ -71,7 +71,7 @@ pub(super) fn write_derived(
         out_dir,
         &tensors,
         SHARD_LIMIT,
-        |t| drifted(&ckpt, t, drift, seed),
+        |t, sink| sink(&drifted(&ckpt, t, drift, seed)?),
         progress,
     )
 }

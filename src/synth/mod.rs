@@ -13,14 +13,13 @@ mod adapter;
 pub(crate) mod derive;
 mod model;
 mod presets;
-mod shards;
 #[cfg(test)]
 mod tests;
 
+pub use crate::io::shards::{assign_shards, PlannedTensor, SHARD_LIMIT};
 pub use adapter::{write_adapter, AdapterSpec};
 pub use model::{model_tensors, write_model, ModelSpec};
 pub use presets::{Family, Preset, Shape};
-pub use shards::{assign_shards, PlannedTensor, SHARD_LIMIT};
 
 use crate::linalg::philox;
 

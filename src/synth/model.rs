@@ -20,10 +20,10 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::presets::{Preset, Shape};
-use super::shards::{write_json, write_tensors, PlannedTensor, SHARD_LIMIT};
 use super::{fill_normal, stream_id};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{encode_f32, FloatType};
+use crate::io::shards::{write_json, write_tensors, PlannedTensor, SHARD_LIMIT};
 
 /// RMS of a synthetic projection or embedding entry.
 const TARGET_RMS: f64 = 0.02;
@@ -99,7 +99,7 @@ pub fn write_model(spec: &ModelSpec, out_dir: &Path, progress: impl Fn(u64, u64)
         out_dir,
         &tensors,
         SHARD_LIMIT,
-        |t| Ok(generate(spec.seed, preset, t)),
+        |t, sink| sink(&generate(spec.seed, preset, t)),
         progress,
     )
 }

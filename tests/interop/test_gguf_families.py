@@ -50,3 +50,33 @@ def test_llama_cpps_gguf_converts_back_to_the_model_it_came_from(binary, tmp_pat
     got, want = iu.load_model(converted), iu.load_model(original)
     assert got.config.model_type == want.config.model_type
     assert iu.max_rel_diff(iu.logits(got), iu.logits(want)) < 1e-6
+
+
+def test_a_large_model_is_written_in_shards_transformers_loads(binary, tmp_path):
+    """Past `--max-shard-size` the weights are shards with `save_pretrained`'s names and index,
+    and the model loads from them as from one file."""
+    import json as json_
+
+    from safetensors.numpy import load_file
+
+    original = checkpoint("llama", tmp_path / "checkpoint")
+    path = llama_cpp_gguf(original, tmp_path / "model.gguf")
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    iu.loraxfer(binary, "convert", "--gguf", path, "--out", one)
+    iu.loraxfer(binary, "convert", "--gguf", path, "--out", sharded, "--max-shard-size", "100KB")
+    index = json_.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors", files
+    assert not (sharded / "model.safetensors").exists()
+    whole = load_file(str(one / "model.safetensors"))
+    parts = {}
+    for f in files:
+        part = load_file(str(sharded / f))
+        assert sum(v.nbytes for v in part.values()) <= 100_000 or len(part) == 1, f
+        assert all(index["weight_map"][k] == f for k in part), f
+        parts.update(part)
+    assert sorted(parts) == sorted(whole) and index["metadata"]["total_size"] == sum(v.nbytes for v in whole.values())
+    for name, value in whole.items():
+        assert (parts[name] == value).all(), name
+    got, want = iu.load_model(sharded), iu.load_model(original)
+    assert iu.max_rel_diff(iu.logits(got), iu.logits(want)) < 1e-6

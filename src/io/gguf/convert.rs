@@ -14,19 +14,22 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::gguf::header::Value;
 use crate::io::gguf::GgufModel;
-use crate::io::safetensors::{encode_f32, pt_metadata, write_file_reporting, FloatType, OutTensor};
+use crate::io::safetensors::{encode_f32, FloatType, OutTensor};
+use crate::io::shards::{write_json, write_sharded};
 use crate::progress::Progress;
 
 /// Values of a band the writer reads, dequantizes and encodes at a time (64 MiB in f32), so that
 /// no tensor is ever whole in memory (Llama 4's embedding alone is 4 GB in f32).
 const BAND_VALUES: usize = 16 << 20;
 
-/// Writes `model` into the (fresh, staged) directory `dir`, weights stored as `ty`, reporting
-/// each tensor written to `progress` (stage `convert`); returns the number of tensors written.
+/// Writes `model` into the (fresh, staged) directory `dir`, weights stored as `ty` in files of at
+/// most `shard_limit` bytes of data ([`crate::io::shards`]), reporting each tensor written to
+/// `progress` (stage `convert`); returns the number of tensors written.
 pub fn write_checkpoint(
     ckpt: &Checkpoint,
     dir: &Path,
     ty: FloatType,
+    shard_limit: u64,
     progress: &Progress,
 ) -> Result<usize> {
     let model = ckpt
@@ -64,16 +67,10 @@ pub fn write_checkpoint(
     tensors.extend(fused);
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let tracker = progress.start("convert", "tensors", tensors.len() as u64);
-    let after_each = || {
+    write_sharded(dir, &tensors, shard_limit, &|_, _| {
         tracker.step();
         tracker.check()
-    };
-    write_file_reporting(
-        &dir.join("model.safetensors"),
-        &tensors,
-        pt_metadata(),
-        &after_each,
-    )?;
+    })?;
     tracker.finish();
     let mut config = model.config_json().clone();
     config["torch_dtype"] = ty.torch_name().into();
@@ -124,9 +121,4 @@ fn tokenizer_json(model: &GgufModel) -> Result<Json> {
         out["decoder"] = json!({"type": "ByteLevel"});
     }
     Ok(out)
-}
-
-fn write_json(path: &Path, value: &Json) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
-    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, "cannot write", e))
 }

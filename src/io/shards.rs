@@ -1,16 +1,17 @@
-//! Writing a list of lazily produced tensors as a Hugging Face checkpoint: one
-//! `model.safetensors`, or `model-0000i-of-0000N.safetensors` shards plus
-//! `model.safetensors.index.json` once the tensors pass the shard limit, as `save_pretrained`
-//! does. Tensors are produced one at a time while the file is written, so memory holds one tensor.
+//! Writing tensors as a Hugging Face checkpoint: one `model.safetensors`, or
+//! `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json` once the tensors
+//! pass the shard limit, as `save_pretrained` does. Each tensor's bytes are produced while the
+//! file is written (streamed where the tensor is), so memory holds a tensor or a piece of one;
+//! synthetic models (`synth`) and converted GGUFs (`convert --gguf`) are written so.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::io::safetensors::{self as st, FloatType, OutTensor};
+use crate::io::safetensors::{self as st, FloatType, OutTensor, Sink};
 
 /// Largest shard, in tensor bytes. Hugging Face's `max_shard_size` default is 5 GB; 2 GB keeps
 /// every shard under the 2 GiB limits of some older loaders and file systems.
@@ -65,82 +66,77 @@ pub fn shard_names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Writes `tensors` into `out_dir` (which must exist), shard by shard, calling `produce` for the
-/// little-endian bytes of each tensor just before it is written, and `progress(done, total)` in
-/// bytes after each one. The first error `produce` returns is returned once the current shard is
-/// closed (that shard's file then holds zeros where the failed tensor was; the caller stages the
-/// output directory and throws it away on error).
+/// Writes `tensors` into `out_dir` (which must exist), shard by shard, calling `produce` with
+/// each tensor and a sink for its little-endian bytes just before it is written, and
+/// `progress(done, total)` in bytes after each one. An error `produce` returns stops the write
+/// (the caller stages the output directory and throws it away on error).
 pub fn write_tensors(
     out_dir: &Path,
     tensors: &[PlannedTensor],
     limit: u64,
-    produce: impl Fn(&PlannedTensor) -> Result<Vec<u8>>,
+    produce: impl Fn(&PlannedTensor, Sink<'_>) -> Result<()>,
     progress: impl Fn(u64, u64),
 ) -> Result<()> {
-    let sizes: Vec<u64> = tensors.iter().map(PlannedTensor::bytes).collect();
+    let produce = &produce;
+    let out: Vec<(String, OutTensor<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            let tensor = OutTensor::streamed(t.ty, t.shape.clone(), move |sink| produce(t, sink));
+            (t.name.clone(), tensor)
+        })
+        .collect();
+    let total = out.iter().map(|(_, t)| t.data_len() as u64).sum();
+    progress(0, total);
+    write_sharded(out_dir, &out, limit, &|done, total| {
+        progress(done, total);
+        Ok(())
+    })
+}
+
+/// Writes `tensors` (in their order) into `out_dir` (which must exist) as one file or shards of
+/// at most `limit` bytes of data (a larger tensor alone in its shard), with the index; calls
+/// `after_each(done, total)` in bytes after each tensor: its error (a cancel) stops the write.
+pub fn write_sharded(
+    out_dir: &Path,
+    tensors: &[(String, OutTensor<'_>)],
+    limit: u64,
+    after_each: &dyn Fn(u64, u64) -> Result<()>,
+) -> Result<()> {
+    let sizes: Vec<u64> = tensors.iter().map(|(_, t)| t.data_len() as u64).collect();
     let total: u64 = sizes.iter().sum();
     let shard_of = assign_shards(&sizes, limit);
     let n_shards = shard_of.last().map_or(1, |s| s + 1);
     let names = shard_names(n_shards);
-
     let done = Cell::new(0u64);
-    let failure: RefCell<Option<Error>> = RefCell::new(None);
-    progress(0, total);
+    let mut first = 0;
     for (shard, file_name) in names.iter().enumerate() {
-        let members = tensors
+        let count = shard_of[first..]
             .iter()
-            .zip(&shard_of)
-            .filter(|(_, &s)| s == shard)
-            .map(|(t, _)| {
-                let bytes = t.bytes();
-                let (produce, progress, done, failure) = (&produce, &progress, &done, &failure);
-                let out = OutTensor::lazy(t.ty, t.shape.clone(), move || {
-                    let data = if failure.borrow().is_some() {
-                        None
-                    } else {
-                        match produce(t) {
-                            Ok(data) if data.len() as u64 == bytes => Some(data),
-                            Ok(data) => {
-                                *failure.borrow_mut() = Some(Error::bad_tensor(
-                                    out_dir,
-                                    &t.name,
-                                    format!("produced {} bytes, expected {bytes}", data.len()),
-                                ));
-                                None
-                            }
-                            Err(e) => {
-                                *failure.borrow_mut() = Some(e);
-                                None
-                            }
-                        }
-                    };
-                    done.set(done.get() + bytes);
-                    progress(done.get(), total);
-                    // The writer cannot be told to stop: keep the file well-formed with zeros.
-                    data.unwrap_or_else(|| vec![0u8; bytes as usize])
-                });
-                (t.name.clone(), out)
-            })
-            .collect::<Vec<_>>();
-        st::write_file(&out_dir.join(file_name), &members, st::pt_metadata())?;
-        if let Some(e) = failure.borrow_mut().take() {
-            return Err(e);
-        }
+            .take_while(|&&s| s == shard)
+            .count();
+        let members = &tensors[first..first + count];
+        st::write_file_reporting(
+            &out_dir.join(file_name),
+            members,
+            st::pt_metadata(),
+            &|bytes| {
+                done.set(done.get() + bytes as u64);
+                after_each(done.get(), total)
+            },
+        )?;
+        first += count;
     }
-
     if n_shards > 1 {
         let weight_map: BTreeMap<&str, &str> = tensors
             .iter()
             .zip(&shard_of)
-            .map(|(t, &s)| (t.name.as_str(), names[s].as_str()))
+            .map(|((name, _), &s)| (name.as_str(), names[s].as_str()))
             .collect();
         let index = json!({
             "metadata": { "total_size": total },
             "weight_map": weight_map,
         });
-        let path = out_dir.join(INDEX_FILE);
-        let text = serde_json::to_string_pretty(&index).expect("JSON values always serialize");
-        std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "cannot write", e))?;
+        write_json(&out_dir.join(INDEX_FILE), &index)?;
     }
     Ok(())
 }
@@ -195,8 +191,8 @@ mod tests {
             dir.path(),
             &tensors,
             300,
-            |t| {
-                Ok(st::encode_f32(
+            |t, sink| {
+                sink(&st::encode_f32(
                     &[t.name[1..].parse::<f32>().unwrap(); 32],
                     t.ty,
                 ))
@@ -226,5 +222,36 @@ mod tests {
             index["weight_map"]["t4"],
             "model-00003-of-00003.safetensors"
         );
+    }
+
+    #[test]
+    fn an_error_stops_the_write_at_its_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: Vec<PlannedTensor> = (0..4)
+            .map(|i| PlannedTensor {
+                name: format!("t{i}"),
+                shape: vec![8],
+                ty: FloatType::F32,
+            })
+            .collect();
+        let produced = Cell::new(0);
+        let e = write_tensors(
+            dir.path(),
+            &tensors,
+            40,
+            |t, sink| {
+                produced.set(produced.get() + 1);
+                match t.name.as_str() {
+                    "t2" => Err(Error::bad_tensor(dir.path(), &t.name, "unreadable")),
+                    _ => sink(&[0u8; 32]),
+                }
+            },
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unreadable"), "{e}");
+        // t3 is never asked for, and the shard holding t2 is not left behind.
+        assert_eq!(produced.get(), 3);
+        assert!(!dir.path().join("model-00003-of-00004.safetensors").exists());
     }
 }
