@@ -38,6 +38,9 @@ pub struct Family {
     /// `attn_q_b`, `attn_kv_a_mqa`), its `kv_b_proj` split by the converter into `attn_k_b`
     /// (each head's key rows transposed) and `attn_v_b`, joined again on read ([`super::latent`]).
     pub latent_attention: bool,
+    /// GGUF modules whose Hugging Face name is the family's own (under the layer): Hunyuan's
+    /// query and key norms, GLM-4's norms after the blocks.
+    pub own_names: &'static [(&'static str, &'static str)],
 }
 
 /// Every architecture a GGUF base model may have here (Mistral models convert to `llama`, OLMo 3
@@ -121,7 +124,10 @@ pub const FAMILIES: &[Family] = &[
     ),
     // GLM-4 (0414): separate q, k and v but a fused `gate_up_proj` (`ffn_up`), and a norm after
     // each block besides the ones before (`post_attention_norm`, `post_ffw_norm`).
-    family("glm4", "glm4", "Glm4ForCausalLM", false, 0.0, false, true),
+    family("glm4", "glm4", "Glm4ForCausalLM", false, 0.0, false, true).with_names(&[
+        ("post_attention_norm", "post_self_attn_layernorm"),
+        ("post_ffw_norm", "post_mlp_layernorm"),
+    ]),
     // GLM-4-9B in transformers' form (`GlmForCausalLM`), which llama.cpp converts as ChatGLM:
     // the same tensors without the norms after the blocks.
     family("chatglm", "glm", "GlmForCausalLM", false, 0.0, false, true),
@@ -153,7 +159,11 @@ pub const FAMILIES: &[Family] = &[
         0.0,
         false,
         false,
-    ),
+    )
+    .with_names(&[
+        ("attn_q_norm", "self_attn.query_layernorm"),
+        ("attn_k_norm", "self_attn.key_layernorm"),
+    ]),
     family(
         "exaone4",
         "exaone4",
@@ -325,6 +335,7 @@ const fn family(
         linear_attention: false,
         fused_linear_attention: false,
         latent_attention: false,
+        own_names: &[],
     }
 }
 
@@ -341,6 +352,11 @@ impl Family {
 
     const fn with_fused_linear_attention(mut self) -> Family {
         self.fused_linear_attention = true;
+        self
+    }
+
+    const fn with_names(mut self, names: &'static [(&'static str, &'static str)]) -> Family {
+        self.own_names = names;
         self
     }
 
@@ -494,6 +510,9 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         let key = key.replace(EXPERT_SLOT, expert);
         return Some(format!("model.layers.{layer}.{key}.{kind}"));
     }
+    if let Some((_, hf)) = f.own_names.iter().find(|(g, _)| *g == module) {
+        return Some(format!("model.layers.{layer}.{hf}.{kind}"));
+    }
     let hf = match module {
         "attn_norm" => "input_layernorm",
         "attn_q" => "self_attn.q_proj",
@@ -516,8 +535,6 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ssm_ba" if f.fused_linear_attention => "linear_attn.in_proj_ba",
         // Conversions before llama.cpp regrouped it kept `in_proj_qkvz` whole.
         "ssm_in" if f.fused_linear_attention => "linear_attn.in_proj_qkvz",
-        "attn_q_norm" if f.gguf == "hunyuan-dense" => "self_attn.query_layernorm",
-        "attn_k_norm" if f.gguf == "hunyuan-dense" => "self_attn.key_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => single_part_key(f, Block::Mlp, Part::Gate).unwrap_or("mlp.gate_proj"),
@@ -534,8 +551,6 @@ pub fn hf_name(f: &Family, gguf: &str) -> Option<String> {
         "ffn_norm" if f.sandwich_norms => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         // The norms of the blocks' outputs (Gemma 2/3, OLMo 2/3).
-        "post_attention_norm" if f.gguf == "glm4" => "post_self_attn_layernorm",
-        "post_ffw_norm" if f.gguf == "glm4" => "post_mlp_layernorm",
         "post_attention_norm" => "post_attention_layernorm",
         "post_ffw_norm" => "post_feedforward_layernorm",
         _ => return None,
