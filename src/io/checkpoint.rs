@@ -8,6 +8,7 @@ use crate::io::RawBytes;
 
 use crate::error::{Error, Result};
 use crate::io::expert_views::ExpertViews;
+use crate::io::fp8::Fp8Weights;
 use crate::io::gguf::{self, GgufModel};
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::map::vocab::{Vocab, TOKENIZER_FILE};
@@ -33,6 +34,8 @@ enum Storage {
         index: HashMap<String, usize>,
         /// Experts stored fused (GPT-OSS), presented one expert's weight at a time.
         experts: ExpertViews,
+        /// Weights stored as FP8 with their scales, presented as f32.
+        fp8: Fp8Weights,
     },
     Gguf(Box<GgufModel>),
 }
@@ -79,6 +82,7 @@ impl Checkpoint {
             Ok(arch) => ExpertViews::find(arch, &config, &shards, &index)?,
             Err(_) => ExpertViews::default(),
         };
+        let fp8 = Fp8Weights::find(&config.raw, &shards, &index)?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -86,6 +90,7 @@ impl Checkpoint {
                 shards,
                 index,
                 experts,
+                fp8,
             },
             vocab: Default::default(),
         })
@@ -155,6 +160,7 @@ impl Checkpoint {
                 shards,
                 index,
                 experts,
+                ..
             } => index
                 .get(name)
                 .copied()
@@ -211,6 +217,7 @@ impl Checkpoint {
             Storage::Safetensors {
                 experts, shards, ..
             } if experts.has(name) => experts.float_type(name, shards),
+            Storage::Safetensors { fp8, .. } if fp8.has(name) => Some(FloatType::F32),
             Storage::Safetensors { .. } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
@@ -220,19 +227,19 @@ impl Checkpoint {
     }
 
     /// True when [`Checkpoint::rows_raw`] borrows the rows of `name` from the map; false when
-    /// it builds them (a dequantized GGUF tensor, an expert's weight gathered out of a fused
-    /// tensor), so that batch schedulers read those one at a time instead of holding a whole
+    /// it builds them (a dequantized GGUF or FP8 tensor, an expert's weight gathered out of a
+    /// fused tensor), so that batch schedulers read those one at a time instead of holding a whole
     /// batch of copies.
     pub fn borrows(&self, name: &str) -> bool {
         match &self.storage {
-            Storage::Safetensors { experts, .. } => !experts.has(name),
+            Storage::Safetensors { experts, fp8, .. } => !experts.has(name) && !fp8.has(name),
             Storage::Gguf(g) => g.as_stored(name),
         }
     }
 
     /// Reads rows of a 2-D tensor as f32 (NaN/Inf refused, error names the shard and tensor).
     pub fn read_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        if let Some((bytes, ty, _)) = self.expert_rows(name, &rows)? {
+        if let Some((bytes, ty, _)) = self.built_rows(name, &rows)? {
             return Ok(crate::io::safetensors::decode_f32(&bytes, ty));
         }
         match &self.storage {
@@ -251,7 +258,7 @@ impl Checkpoint {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize)> {
-        if let Some(built) = self.expert_rows(name, &rows)? {
+        if let Some(built) = self.built_rows(name, &rows)? {
             return Ok(built);
         }
         match &self.storage {
@@ -289,7 +296,7 @@ impl Checkpoint {
         rows: std::ops::Range<usize>,
     ) -> Result<(RawBytes<'_>, FloatType, usize, &std::path::Path)> {
         // Built rows are scanned as they are built, as a GGUF's are.
-        if let Some((bytes, ty, cols)) = self.expert_rows(name, &rows)? {
+        if let Some((bytes, ty, cols)) = self.built_rows(name, &rows)? {
             let file = self.file_of(name).expect("a stored expert's shard");
             return Ok((bytes, ty, cols, file));
         }
@@ -306,17 +313,23 @@ impl Checkpoint {
         }
     }
 
-    /// Rows of an expert's weight the checkpoint stores fused, built as read (NaN and Inf
-    /// refused); None for any other tensor.
-    fn expert_rows(
+    /// Rows of a weight built as read (NaN and Inf refused): an expert's weight the checkpoint
+    /// stores fused, or an FP8 weight; None for any other tensor.
+    fn built_rows(
         &self,
         name: &str,
         rows: &std::ops::Range<usize>,
     ) -> Result<Option<(RawBytes<'_>, FloatType, usize)>> {
         match &self.storage {
             Storage::Safetensors {
-                shards, experts, ..
-            } => experts.read_rows(name, rows.clone(), shards),
+                shards,
+                experts,
+                fp8,
+                ..
+            } => match experts.read_rows(name, rows.clone(), shards)? {
+                Some(built) => Ok(Some(built)),
+                None => fp8.read_rows(name, rows.clone(), shards),
+            },
             Storage::Gguf(_) => Ok(None),
         }
     }

@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod expert_views;
+pub mod fp8;
 pub mod gguf;
 pub mod hub;
 pub mod output;
