@@ -176,13 +176,7 @@ impl ExpertViews {
         };
         let file = &shards[v.shard];
         let [out, cols] = v.shape;
-        if rows.end > out || rows.start > rows.end {
-            return Err(Error::bad_tensor(
-                file.path(),
-                name,
-                format!("rows {rows:?} out of range for shape [{out}, {cols}]"),
-            ));
-        }
+        crate::io::check_rows(file.path(), name, &rows, out, cols)?;
         let (bytes, ty) = match &v.source {
             Source::Float { tensor, transposed } => {
                 let (slab, ty, _) = file.rows_raw_unchecked(tensor, v.expert..v.expert + 1)?;

@@ -159,13 +159,7 @@ impl Fp8Weights {
         };
         let file = &shards[w.shard];
         let [out, cols] = w.shape;
-        if rows.end > out || rows.start > rows.end {
-            return Err(Error::bad_tensor(
-                file.path(),
-                name,
-                format!("rows {rows:?} out of range for shape [{out}, {cols}]"),
-            ));
-        }
+        crate::io::check_rows(file.path(), name, &rows, out, cols)?;
         let codes = file.bytes(name).expect("indexed");
         let scale_file = &shards[w.scale_shard];
         let scale_entry = scale_file.entry(&w.scale).expect("indexed");

@@ -47,3 +47,22 @@ impl std::ops::Deref for RawBytes<'_> {
         }
     }
 }
+
+/// `rows` of a built `[out, cols]` weight (an expert's out of a fused tensor, an FP8 weight's),
+/// or an error naming the file and the tensor.
+pub(crate) fn check_rows(
+    path: &std::path::Path,
+    name: &str,
+    rows: &std::ops::Range<usize>,
+    out: usize,
+    cols: usize,
+) -> crate::error::Result<()> {
+    if rows.end > out || rows.start > rows.end {
+        return Err(crate::error::Error::bad_tensor(
+            path,
+            name,
+            format!("rows {rows:?} out of range for shape [{out}, {cols}]"),
+        ));
+    }
+    Ok(())
+}
