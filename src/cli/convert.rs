@@ -33,14 +33,16 @@ pub struct ConvertArgs {
 }
 
 /// A size such as `5GB`, `500MB`, `4GiB` or `1000000` (bytes), as transformers' `max_shard_size`
-/// is written.
+/// reads it (a unit ending in a lowercase `b`, `5Gb`, counts bits).
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+    let unit = unit.trim();
+    let bits = unit.len() > 1 && unit.ends_with('b');
+    let scale: f64 = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
         "MB" => 1e6,
@@ -56,6 +58,7 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
             ))
         }
     };
+    let scale = if bits { scale / 8.0 } else { scale };
     match number.parse::<f64>() {
         Ok(n) if n * scale >= 1.0 && (n * scale) < 1e18 => Ok((n * scale).round() as u64),
         Ok(_) => Err(format!("`{text}` is not a size of at least one byte")),
@@ -100,7 +103,8 @@ mod tests {
         assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
         assert_eq!(parse_size("500MB"), Ok(500_000_000));
         assert_eq!(parse_size("4GiB"), Ok(4 << 30));
-        assert_eq!(parse_size("1.5 kb"), Ok(1500));
+        assert_eq!(parse_size("1.5 KB"), Ok(1500));
+        assert_eq!(parse_size("8Mb"), Ok(1_000_000)); // bits, as transformers reads it
         assert_eq!(parse_size("123"), Ok(123));
         assert!(parse_size("5XB").unwrap_err().contains("unknown unit `XB`"));
         assert!(parse_size("0GB").unwrap_err().contains("at least one byte"));

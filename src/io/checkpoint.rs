@@ -170,6 +170,39 @@ impl Checkpoint {
         }
     }
 
+    /// The scale tensors of the checkpoint's FP8 weights, which are read with them (a copy that
+    /// writes the weights' values leaves them out).
+    pub fn fp8_scales(&self) -> std::collections::HashSet<&str> {
+        match &self.storage {
+            Storage::Safetensors { fp8, .. } => fp8.scales().collect(),
+            Storage::Gguf(_) => Default::default(),
+        }
+    }
+
+    /// Every file the values of `name` are read from: its own, then the one holding the scales
+    /// it is built with where that is another shard (an FP8 weight's, MXFP4 experts'); empty
+    /// when there is no such tensor.
+    pub fn files_of(&self, name: &str) -> Vec<&Path> {
+        let mut files: Vec<&Path> = self.file_of(name).into_iter().collect();
+        if let Storage::Safetensors {
+            shards,
+            experts,
+            fp8,
+            ..
+        } = &self.storage
+        {
+            let scales = fp8
+                .scales_shard(name)
+                .or_else(|| experts.scales_shard(name));
+            if let Some(path) = scales.map(|i| shards[i].path()) {
+                if !files.contains(&path) {
+                    files.push(path);
+                }
+            }
+        }
+        files
+    }
+
     fn shard_of(&self, name: &str) -> Option<&TensorFile> {
         match &self.storage {
             Storage::Safetensors { shards, index, .. } => index.get(name).map(|&i| &shards[i]),

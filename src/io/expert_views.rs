@@ -145,6 +145,15 @@ impl ExpertViews {
         self.views.get(name).map(|v| v.shape.as_slice())
     }
 
+    /// The shard holding the MXFP4 scales an expert's weight is built with (None for a float
+    /// tensor).
+    pub fn scales_shard(&self, name: &str) -> Option<usize> {
+        match self.views.get(name)?.source {
+            Source::Mxfp4 { scales_shard, .. } => Some(scales_shard),
+            Source::Float { .. } => None,
+        }
+    }
+
     /// The shard holding the fused tensor an expert's weight is read from.
     pub fn shard(&self, name: &str) -> Option<usize> {
         self.views.get(name).map(|v| v.shard)

@@ -3,9 +3,10 @@
 //! and MiniMax "-FP8" checkpoints: `quant_method: fp8` with `weight_block_size` [128, 128] and a
 //! `weight_scale_inv` of one value per block; compressed-tensors' FP8 with a `weight_scale` per
 //! output row or for the whole tensor). The weight is presented under its own name as its f32
-//! values, `w[i, j] · scale[i / bi, j / bj]` (both names are multiplied by: DeepSeek's
-//! `weight_dequant` does so with `weight_scale_inv`), built a band of rows at a time as the
-//! engine reads them, as a GGUF's quantized weight is.
+//! values, `w[i, j] · scale[i / bi, j / bj]` in f32 (both names are multiplied by: DeepSeek's
+//! `weight_dequant` does so with `weight_scale_inv`), built from the rows asked for when they are
+//! read, as a fused expert's weight is: a decomposition takes it whole, four bytes a value where
+//! the file holds one.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -109,8 +110,9 @@ impl Fp8Weights {
                 (Some([br, bc]), &[r, c]) if r == out.div_ceil(br) && c == inn.div_ceil(bc) => {
                     [br, bc]
                 }
-                (None, _) if count == 1 => [out, inn],
-                (None, &[r] | &[r, 1]) if r == out => [1, inn],
+                // (At least one column a block: a weight without columns has nothing to scale.)
+                (None, _) if count == 1 => [out.max(1), inn.max(1)],
+                (None, &[r] | &[r, 1]) if r == out => [1, inn.max(1)],
                 _ => {
                     return Err(Error::bad_tensor(
                         shards[scale_shard].path(),
@@ -144,6 +146,16 @@ impl Fp8Weights {
 
     pub fn has(&self, name: &str) -> bool {
         self.weights.contains_key(name)
+    }
+
+    /// The shard holding an FP8 weight's scale.
+    pub fn scales_shard(&self, name: &str) -> Option<usize> {
+        self.weights.get(name).map(|w| w.scale_shard)
+    }
+
+    /// The scale tensors, by name.
+    pub fn scales(&self) -> impl Iterator<Item = &str> {
+        self.weights.values().map(|w| w.scale.as_str())
     }
 
     /// Rows `rows` of an FP8 weight as f32 (row length too), NaN and Inf refused, naming the

@@ -30,7 +30,8 @@ pub(crate) const COPIED_FILES: &[&str] = &[
 ];
 
 /// Writes the drifted copy of the checkpoint at `source` into `out_dir` (which must exist): the
-/// source's `config.json` unchanged, each tensor in its own dtype, sharded like any synthetic model.
+/// source's `config.json` unchanged (less an FP8 checkpoint's `quantization_config`), each tensor
+/// in the dtype it is read in, sharded like any synthetic model.
 pub(super) fn write_derived(
     source: &Path,
     drift: f32,
@@ -39,7 +40,10 @@ pub(super) fn write_derived(
     progress: impl Fn(u64, u64),
 ) -> Result<()> {
     let ckpt = Checkpoint::open(source)?;
-    let mut names: Vec<&str> = ckpt.names().collect();
+    // An FP8 checkpoint's weights are read (and written) as their values: their scales, and the
+    // config's word that they are FP8, stay behind.
+    let scales = ckpt.fp8_scales();
+    let mut names: Vec<&str> = ckpt.names().filter(|n| !scales.contains(n)).collect();
     names.sort_by_cached_key(|n| natural_key(n));
     let tensors = names
         .iter()
@@ -59,7 +63,13 @@ pub(super) fn write_derived(
         })
         .collect::<Result<Vec<_>>>()?;
 
-    write_json(&out_dir.join("config.json"), &ckpt.config.raw)?;
+    let mut config = ckpt.config.raw.clone();
+    if !scales.is_empty() {
+        if let Some(c) = config.as_object_mut() {
+            c.remove("quantization_config");
+        }
+    }
+    write_json(&out_dir.join("config.json"), &config)?;
     for file in COPIED_FILES {
         let from = source.join(file);
         if from.is_file() {

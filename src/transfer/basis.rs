@@ -89,11 +89,9 @@ impl BasisKey {
 
     /// The disk cache's name for this decomposition.
     pub fn cache_key(&self, ctx: &Context<'_>) -> Result<String> {
-        let file = self
-            .checkpoint(ctx)
-            .file_of(&self.tensor)
-            .expect("planned tensors exist");
-        BasisCache::key(file, &self.tensor, &self.row_range(), &self.params(ctx))
+        let files = self.checkpoint(ctx).files_of(&self.tensor);
+        assert!(!files.is_empty(), "planned tensors exist");
+        BasisCache::key(&files, &self.tensor, &self.row_range(), &self.params(ctx))
     }
 }
 

@@ -38,35 +38,34 @@ impl BasisCache {
         })
     }
 
-    /// The key of a matrix: which bytes of which file, and the SVD parameters. The file is known
-    /// by its canonical path, size and modification time, so a rewritten checkpoint misses.
+    /// The key of a matrix: which bytes of which files (the weight's, then any its values are
+    /// built with: an FP8 weight's or MXFP4 experts' scales in another shard), and the SVD
+    /// parameters. A file is known by its canonical path, size and modification time, so a
+    /// rewritten checkpoint misses.
     pub fn key(
-        file: &Path,
+        files: &[&Path],
         tensor: &str,
         rows: &std::ops::Range<usize>,
         p: &SvdParams,
     ) -> Result<String> {
-        let canon = file
-            .canonicalize()
-            .map_err(|e| Error::io(file, "cannot resolve", e))?;
-        let meta = std::fs::metadata(&canon).map_err(|e| Error::io(&canon, "cannot stat", e))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let mut identity = String::new();
+        for file in files {
+            let canon = file
+                .canonicalize()
+                .map_err(|e| Error::io(file, "cannot resolve", e))?;
+            let meta =
+                std::fs::metadata(&canon).map_err(|e| Error::io(&canon, "cannot stat", e))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            identity += &format!("{}|{}|{}|", canon.display(), meta.len(), mtime);
+        }
         Ok(format!(
-            "{}|{}|{}|{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v3",
-            canon.display(),
-            meta.len(),
-            mtime,
-            rows.start,
-            rows.end,
-            p.rank,
-            p.oversample,
-            p.power_iters,
-            p.seed
+            "{identity}{tensor}|{}:{}|k={}|p={}|q={}|seed={}|v3",
+            rows.start, rows.end, p.rank, p.oversample, p.power_iters, p.seed
         ))
     }
 

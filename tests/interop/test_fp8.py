@@ -125,3 +125,17 @@ def test_an_fp8_weight_without_its_scale_is_refused_by_name(binary, pair, tmp_pa
     assert "model.layers.1.self_attn.k_proj.weight" in proc.stderr and "without its scale" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
     shutil.rmtree(fp8)
+
+
+def test_a_model_derived_from_an_fp8_checkpoint_holds_its_values_without_scales(binary, pair, tmp_path):
+    """`synth model --derive-from` writes an FP8 checkpoint's weights as their values: no scale
+    tensors, no FP8 `quantization_config`, and transformers loads the copy."""
+    _, first, _, _ = pair
+    fp8 = fp8_checkpoint(first, tmp_path / "first", "block")["fp8"]
+    derived = tmp_path / "derived"
+    iu.loraxfer(binary, "synth", "model", "--derive-from", fp8, "--drift", "0.01", "--seed", "2", "--out", derived)
+    tensors = load_file(str(derived / "model.safetensors"))
+    assert not [k for k in tensors if "_scale" in k]
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == np.float32
+    assert "quantization_config" not in json.loads((derived / "config.json").read_text())
+    iu.load_model(derived)
