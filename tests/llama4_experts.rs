@@ -221,19 +221,7 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
     let adapter = scratch.path().join("lora");
     let modules = per_expert_adapter(&adapter, &base);
     let out = scratch.path().join("out");
-    ok(&[
-        "transfer",
-        "--source-base",
-        s(&base),
-        "--target-base",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--out",
-        s(&out),
-        "--mode",
-        "copy",
-    ]);
+    copy(&base, &adapter, &out);
     let config = common::cli::read_json(&out.join("adapter_config.json"));
     assert_eq!(
         config["target_parameters"],
@@ -319,27 +307,13 @@ fn the_output_is_peft_s_fused_form_turned_round_and_keeps_every_update() {
         }
     }
     // Read back, every module's update is the one written.
-    for name in modules.keys() {
-        let (want, got) = (
-            common::update_of(&input, name),
-            common::update_of(&back, name),
-        );
-        let err = common::fro(&(&got - &want)) / common::fro(&want);
-        assert!(err < 1e-6, "{name}: {err}");
-    }
+    common::assert_same_updates(&input, &back, modules.keys());
     // Laid out the other way (A [R·E, in], B [out, R·E]: PEFT's first `target_parameters`
     // releases), the two wrappers' shapes fit only that way round, and it is read so.
     let other = scratch.path().join("other-way");
     turn_round(&out, &other);
     let turned = Adapter::open_with(&other, layout).unwrap();
-    for name in modules.keys() {
-        let (want, got) = (
-            common::update_of(&input, name),
-            common::update_of(&turned, name),
-        );
-        let err = common::fro(&(&got - &want)) / common::fro(&want);
-        assert!(err < 1e-6, "{name}: {err}");
-    }
+    common::assert_same_updates(&input, &turned, modules.keys());
 }
 
 #[test]
@@ -353,22 +327,7 @@ fn a_lone_parameter_laid_out_the_other_way_is_read_by_its_hidden_side() {
     let adapter = scratch.path().join("lora");
     let modules = per_expert_adapter(&adapter, &base);
     let fused = scratch.path().join("fused");
-    let transfer = |adapter: &Path, out: &Path| {
-        ok(&[
-            "transfer",
-            "--source-base",
-            s(&base),
-            "--target-base",
-            s(&base),
-            "--adapter",
-            s(adapter),
-            "--out",
-            s(out),
-            "--mode",
-            "copy",
-        ])
-    };
-    transfer(&adapter, &fused);
+    copy(&base, &adapter, &fused);
     let other = scratch.path().join("other-way");
     turn_round(&fused, &other);
     let input = Adapter::open(&adapter).unwrap();
@@ -385,22 +344,32 @@ fn a_lone_parameter_laid_out_the_other_way_is_read_by_its_hidden_side() {
         let lone = scratch.path().join(format!("lone-{param}"));
         keep_one_parameter(&other, &lone, param, &stem, wrapper);
         let out = scratch.path().join(format!("out-{param}"));
-        transfer(&lone, &out);
+        copy(&base, &lone, &out);
         let back = Adapter::open(&out).unwrap();
         let names: Vec<&String> = modules
             .keys()
             .filter(|n| n.contains(".experts.") && parts.iter().any(|p| n.ends_with(p)))
             .collect();
         assert_eq!(names.len(), EXPERTS * parts.len(), "{param}");
-        for name in names {
-            let (want, got) = (
-                common::update_of(&input, name),
-                common::update_of(&back, name),
-            );
-            let err = common::fro(&(&got - &want)) / common::fro(&want);
-            assert!(err < 1e-6, "{param}: {name}: {err}");
-        }
+        common::assert_same_updates(&input, &back, names);
     }
+}
+
+/// `transfer --mode copy` of `adapter` from `base` onto itself, into `out`.
+fn copy(base: &Path, adapter: &Path, out: &Path) {
+    ok(&[
+        "transfer",
+        "--source-base",
+        s(base),
+        "--target-base",
+        s(base),
+        "--adapter",
+        s(adapter),
+        "--out",
+        s(out),
+        "--mode",
+        "copy",
+    ]);
 }
 
 /// `from`'s adapter with only `param`'s wrapper (its tensors under `stem`), moved to the

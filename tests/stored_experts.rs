@@ -466,12 +466,7 @@ fn a_transfer_onto_stored_experts_writes_the_alternating_fused_form() {
     };
     let back = Adapter::open_with(&out, layout).unwrap();
     let input = Adapter::open(&adapter).unwrap();
-    for name in modules.keys() {
-        let want = common::update_of(&input, name);
-        let got = common::update_of(&back, name);
-        let err = common::fro(&(&got - &want)) / common::fro(&want);
-        assert!(err < 1e-6, "{name}: {err}");
-    }
+    common::assert_same_updates(&input, &back, modules.keys());
 }
 
 #[test]

@@ -364,3 +364,16 @@ pub fn update_of(adapter: &loraxfer::io::adapter::Adapter, module: &str) -> Mat<
     let d = mm(b.as_ref(), a.as_ref());
     Mat::from_fn(d.nrows(), d.ncols(), |i, j| d[(i, j)] * s)
 }
+
+/// Every module of `names` has the same update in `got` as in `want`, to 1e-6 relative.
+pub fn assert_same_updates<'a>(
+    want: &loraxfer::io::adapter::Adapter,
+    got: &loraxfer::io::adapter::Adapter,
+    names: impl IntoIterator<Item = &'a String>,
+) {
+    for name in names {
+        let (w, g) = (update_of(want, name), update_of(got, name));
+        let err = fro(&(&g - &w)) / fro(&w);
+        assert!(err < 1e-6, "{name}: {err}");
+    }
+}
