@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::expert_views::ExpertViews;
 use crate::io::fp8::Fp8Weights;
 use crate::io::gguf::{self, GgufModel};
+use crate::io::packed::PackedWeights;
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::map::vocab::{Vocab, TOKENIZER_FILE};
 
@@ -36,6 +37,9 @@ enum Storage {
         experts: ExpertViews,
         /// Weights stored as FP8 with their scales, presented as f32.
         fp8: Fp8Weights,
+        /// Weights stored as packed integers (GPTQ, AWQ, compressed-tensors), presented as f32
+        /// under `<module>.weight` (boxed: the enum's variants stay of a size).
+        packed: Box<PackedWeights>,
     },
     Gguf(Box<GgufModel>),
 }
@@ -83,6 +87,7 @@ impl Checkpoint {
             Err(_) => ExpertViews::default(),
         };
         let fp8 = Fp8Weights::find(&config.raw, &shards, &index)?;
+        let packed = Box::new(PackedWeights::find(&config.raw, &shards, &index)?);
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -91,6 +96,7 @@ impl Checkpoint {
                 index,
                 experts,
                 fp8,
+                packed,
             },
             vocab: Default::default(),
         })
@@ -160,22 +166,38 @@ impl Checkpoint {
                 shards,
                 index,
                 experts,
+                packed,
                 ..
             } => index
                 .get(name)
                 .copied()
                 .or_else(|| experts.shard(name))
+                .or_else(|| packed.shard(name))
                 .map(|i| shards[i].path()),
             Storage::Gguf(g) => g.has(name).then(|| g.path()),
         }
     }
 
-    /// The scale tensors of the checkpoint's FP8 weights, which are read with them (a copy that
-    /// writes the weights' values leaves them out).
-    pub fn fp8_scales(&self) -> std::collections::HashSet<&str> {
+    /// The stored tensors that quantized weights are built from: FP8 weights' scales, packed
+    /// weights' codes, scales, zero points and group indices (a copy that writes the weights'
+    /// values leaves them out).
+    pub fn quantization_parts(&self) -> std::collections::HashSet<String> {
         match &self.storage {
-            Storage::Safetensors { fp8, .. } => fp8.scales().collect(),
+            Storage::Safetensors { fp8, packed, .. } => fp8
+                .scales()
+                .map(str::to_string)
+                .chain(packed.parts())
+                .collect(),
             Storage::Gguf(_) => Default::default(),
+        }
+    }
+
+    /// The weights presented under a name no stored tensor has (packed weights' `<module>.weight`),
+    /// which a copy writes as their values.
+    pub fn built_weights(&self) -> Vec<&str> {
+        match &self.storage {
+            Storage::Safetensors { packed, .. } => packed.names().collect(),
+            Storage::Gguf(_) => Vec::new(),
         }
     }
 
@@ -188,13 +210,18 @@ impl Checkpoint {
             shards,
             experts,
             fp8,
+            packed,
             ..
         } = &self.storage
         {
             let scales = fp8
                 .scales_shard(name)
                 .or_else(|| experts.scales_shard(name));
-            if let Some(path) = scales.map(|i| shards[i].path()) {
+            for path in scales
+                .into_iter()
+                .chain(packed.part_shards(name))
+                .map(|i| shards[i].path())
+            {
                 if !files.contains(&path) {
                     files.push(path);
                 }
@@ -213,9 +240,12 @@ impl Checkpoint {
     /// True when the checkpoint has a tensor of this name.
     pub fn has(&self, name: &str) -> bool {
         match &self.storage {
-            Storage::Safetensors { index, experts, .. } => {
-                index.contains_key(name) || experts.has(name)
-            }
+            Storage::Safetensors {
+                index,
+                experts,
+                packed,
+                ..
+            } => index.contains_key(name) || experts.has(name) || packed.has(name),
             Storage::Gguf(g) => g.has(name),
         }
     }
@@ -233,11 +263,14 @@ impl Checkpoint {
     /// The shape of `name`, or a MissingTensor error naming the directory.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
         let shape = match &self.storage {
-            Storage::Safetensors { experts, .. } => self
+            Storage::Safetensors {
+                experts, packed, ..
+            } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
                 .map(|e| e.shape.as_slice())
-                .or_else(|| experts.shape(name)),
+                .or_else(|| experts.shape(name))
+                .or_else(|| packed.shape(name)),
             Storage::Gguf(g) => g.shape(name),
         };
         shape.ok_or_else(|| self.missing(name))
@@ -250,7 +283,9 @@ impl Checkpoint {
             Storage::Safetensors {
                 experts, shards, ..
             } if experts.has(name) => experts.float_type(name, shards),
-            Storage::Safetensors { fp8, .. } if fp8.has(name) => Some(FloatType::F32),
+            Storage::Safetensors { fp8, packed, .. } if fp8.has(name) || packed.has(name) => {
+                Some(FloatType::F32)
+            }
             Storage::Safetensors { .. } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
@@ -265,7 +300,12 @@ impl Checkpoint {
     /// batch of copies.
     pub fn borrows(&self, name: &str) -> bool {
         match &self.storage {
-            Storage::Safetensors { experts, fp8, .. } => !experts.has(name) && !fp8.has(name),
+            Storage::Safetensors {
+                experts,
+                fp8,
+                packed,
+                ..
+            } => !experts.has(name) && !fp8.has(name) && !packed.has(name),
             Storage::Gguf(g) => g.as_stored(name),
         }
     }
@@ -358,10 +398,14 @@ impl Checkpoint {
                 shards,
                 experts,
                 fp8,
+                packed,
                 ..
             } => match experts.read_rows(name, rows.clone(), shards)? {
                 Some(built) => Ok(Some(built)),
-                None => fp8.read_rows(name, rows.clone(), shards),
+                None => match fp8.read_rows(name, rows.clone(), shards)? {
+                    Some(built) => Ok(Some(built)),
+                    None => packed.read_rows(name, rows.clone(), shards),
+                },
             },
             Storage::Gguf(_) => Ok(None),
         }

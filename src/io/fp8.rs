@@ -39,6 +39,37 @@ struct Fp8 {
     shape: [usize; 2],
 }
 
+/// `[rows, columns]` of a JSON pair of positive integers.
+fn pair(v: &serde_json::Value) -> Option<[usize; 2]> {
+    let b = match v.as_array()?.as_slice() {
+        [r, c] => [r.as_u64()? as usize, c.as_u64()? as usize],
+        _ => return None,
+    };
+    (b[0] > 0 && b[1] > 0).then_some(b)
+}
+
+/// The block of compressed-tensors' float-quantized weights, where its config groups give one:
+/// `block_structure` of the `block` strategy (`[128, 128]` in its FP8-block schemes), or one row
+/// of `group_size` columns of the `group` strategy. Config groups that disagree give none (the
+/// scales' shapes then must be one value or one per row).
+fn compressed_block(quant: &serde_json::Value) -> Option<[usize; 2]> {
+    let groups = quant["config_groups"].as_object()?;
+    let blocks: Vec<[usize; 2]> = groups
+        .values()
+        .map(|g| &g["weights"])
+        .filter(|w| w["type"].as_str() == Some("float"))
+        .filter_map(|w| match w["strategy"].as_str()? {
+            "block" => pair(&w["block_structure"]),
+            "group" => Some([1, w["group_size"].as_u64().filter(|&g| g > 0)? as usize]),
+            _ => None,
+        })
+        .collect();
+    match blocks.as_slice() {
+        [first, rest @ ..] if rest.iter().all(|b| b == first) => Some(*first),
+        _ => None,
+    }
+}
+
 impl Fp8Weights {
     /// The checkpoint's FP8 weights, each with its scale tensor and block, checked against the
     /// config's `quantization_config.weight_block_size` where it gives one (else the scale's
@@ -48,13 +79,8 @@ impl Fp8Weights {
         shards: &[TensorFile],
         index: &HashMap<String, usize>,
     ) -> Result<Self> {
-        let block_size = config["quantization_config"]["weight_block_size"]
-            .as_array()
-            .and_then(|a| match a.as_slice() {
-                [r, c] => Some([r.as_u64()? as usize, c.as_u64()? as usize]),
-                _ => None,
-            })
-            .filter(|b| b[0] > 0 && b[1] > 0);
+        let quant = &config["quantization_config"];
+        let block_size = pair(&quant["weight_block_size"]).or_else(|| compressed_block(quant));
         let mut weights = HashMap::new();
         for (name, &shard) in index {
             let file = &shards[shard];
@@ -125,7 +151,10 @@ impl Fp8Weights {
                                 None => "row, or one".to_string(),
                             },
                             match block_size {
-                                Some(_) => " (quantization_config.weight_block_size)",
+                                Some(_) => {
+                                    " (quantization_config.weight_block_size, or its config \
+                                     groups' block_structure or group_size)"
+                                }
                                 None => " for the whole tensor",
                             }
                         ),
@@ -226,22 +255,7 @@ pub fn e4m3(code: u8) -> f32 {
 mod tests {
     use super::*;
 
-    /// A tensor of raw bytes in any dtype, for files the writer does not make.
-    struct Raw(Dtype, Vec<usize>, Vec<u8>);
-    impl safetensors::View for &Raw {
-        fn dtype(&self) -> Dtype {
-            self.0
-        }
-        fn shape(&self) -> &[usize] {
-            &self.1
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            (&self.2[..]).into()
-        }
-        fn data_len(&self) -> usize {
-            self.2.len()
-        }
-    }
+    use crate::io::RawTensor as Raw;
 
     /// A file of `w.weight` `[4, 6]` as `dtype` (codes 0x38 = 1.0, one `nan_at` 0x7f) and
     /// `w.weight_scale_inv` of `scale_shape` (all 2.0), opened with `config`.
@@ -287,6 +301,24 @@ mod tests {
         let whole = serde_json::json!({});
         let (_dir, shards, found) = open(Dtype::F8_E4M3, vec![1], None, whole.clone());
         assert!(found.unwrap().read_rows("w.weight", 0..4, &shards).is_ok());
+        // compressed-tensors' block and group strategies, their block in the config groups.
+        let weights = |w: serde_json::Value| {
+            serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors",
+                "config_groups": {"group_0": {"weights": w}}}})
+        };
+        let ct_block = weights(serde_json::json!(
+            {"type": "float", "strategy": "block", "block_structure": [2, 4]}));
+        let ct_group = weights(serde_json::json!(
+            {"type": "float", "strategy": "group", "group_size": 3}));
+        for (config, scales) in [(ct_block, vec![2, 2]), (ct_group, vec![4, 2])] {
+            let (_dir, shards, found) = open(Dtype::F8_E4M3, scales, None, config);
+            let (bytes, ty, _) = found
+                .unwrap()
+                .read_rows("w.weight", 0..4, &shards)
+                .unwrap()
+                .unwrap();
+            assert_eq!(decode_f32(&bytes, ty), vec![2.0; 24]);
+        }
         // A scale of the wrong shape for the block.
         let (_dir, _, found) = open(Dtype::F8_E4M3, vec![2, 1], None, blocks.clone());
         let e = found.unwrap_err().to_string();

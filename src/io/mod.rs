@@ -10,6 +10,7 @@ pub mod fp8;
 pub mod gguf;
 pub mod hub;
 pub mod output;
+pub mod packed;
 pub mod safetensors;
 pub mod shards;
 
@@ -65,4 +66,25 @@ pub(crate) fn check_rows(
         ));
     }
     Ok(())
+}
+
+/// A tensor of raw bytes in any dtype, for test files the writer does not make (FP8 codes,
+/// packed integer words).
+#[cfg(test)]
+pub(crate) struct RawTensor(pub ::safetensors::Dtype, pub Vec<usize>, pub Vec<u8>);
+
+#[cfg(test)]
+impl ::safetensors::View for &RawTensor {
+    fn dtype(&self) -> ::safetensors::Dtype {
+        self.0
+    }
+    fn shape(&self) -> &[usize] {
+        &self.1
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        (&self.2[..]).into()
+    }
+    fn data_len(&self) -> usize {
+        self.2.len()
+    }
 }

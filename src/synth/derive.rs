@@ -30,8 +30,8 @@ pub(crate) const COPIED_FILES: &[&str] = &[
 ];
 
 /// Writes the drifted copy of the checkpoint at `source` into `out_dir` (which must exist): the
-/// source's `config.json` unchanged (less an FP8 checkpoint's `quantization_config`), each tensor
-/// in the dtype it is read in, sharded like any synthetic model.
+/// source's `config.json` unchanged (less a quantized checkpoint's `quantization_config`), each
+/// tensor in the dtype it is read in, sharded like any synthetic model.
 pub(super) fn write_derived(
     source: &Path,
     drift: f32,
@@ -40,10 +40,12 @@ pub(super) fn write_derived(
     progress: impl Fn(u64, u64),
 ) -> Result<()> {
     let ckpt = Checkpoint::open(source)?;
-    // An FP8 checkpoint's weights are read (and written) as their values: their scales, and the
-    // config's word that they are FP8, stay behind.
-    let scales = ckpt.fp8_scales();
-    let mut names: Vec<&str> = ckpt.names().filter(|n| !scales.contains(n)).collect();
+    // A quantized checkpoint's weights (FP8, packed integers) are read (and written) as their
+    // values: their scales, codes and zero points, and the config's word that they are
+    // quantized, stay behind.
+    let parts = ckpt.quantization_parts();
+    let mut names: Vec<&str> = ckpt.names().filter(|n| !parts.contains(*n)).collect();
+    names.extend(ckpt.built_weights());
     names.sort_by_cached_key(|n| natural_key(n));
     let tensors = names
         .iter()
@@ -64,7 +66,7 @@ pub(super) fn write_derived(
         .collect::<Result<Vec<_>>>()?;
 
     let mut config = ckpt.config.raw.clone();
-    if !scales.is_empty() {
+    if !parts.is_empty() {
         if let Some(c) = config.as_object_mut() {
             c.remove("quantization_config");
         }

@@ -393,3 +393,42 @@ def loraxfer(binary: Path, *args) -> subprocess.CompletedProcess:
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def two_releases(root: Path, arch: str, layers: int, seed: int):
+    """(first, second, lora): two releases of a tiny `arch` model under `root` (the second
+    drifted), each with a word-level vocabulary for the map mode to pair tokens through (the same
+    in both), and a PEFT LoRA on the first."""
+    from peft import LoraConfig
+
+    first, second = build_model(arch, layers, seed), build_model(arch, layers, seed)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
+    a, b = save_model(first, root / "first"), save_model(second, root / "second")
+    vocab = {f"w{i}": i for i in range(COMMON["vocab_size"])}
+    for d in (a, b):
+        (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab,
+                                                               "unk_token": "w0"}}))
+    lora = random_peft(first, LoraConfig(r=4, lora_alpha=8, target_modules=TARGET_MODULES[arch]), 5, 0.02)
+    lora.save_pretrained(root / "lora")
+    return a, b, root / "lora"
+
+
+def assert_same_transfers(binary: Path, pairs: dict, lora: Path, out: Path, modules: int):
+    """Transfers `lora` in rotate and in map mode between each (source, target) of `pairs`
+    ({label: (source, target)}, two labels: bases stored two ways) and checks that both labels
+    give the same adapter, bit for bit, of `modules` modules."""
+    for mode in ("rotate", "map"):
+        got = {}
+        for label, (source, target) in pairs.items():
+            dst = out / f"{mode}-{label}"
+            loraxfer(binary, "transfer", "--source-base", source, "--target-base", target, "--adapter", lora,
+                     "--out", dst, "--mode", mode, "--rank", "16")
+            got[label] = np_load_file(str(dst / "adapter_model.safetensors"))
+            config = json.loads((dst / "adapter_config.json").read_text())
+            assert config["base_model_name_or_path"] == str(target)
+        first, second = got.values()
+        assert first.keys() == second.keys() and len(first) == 2 * modules, sorted(first)
+        for k in first:
+            assert np.array_equal(first[k], second[k]), f"{mode}: {k}"

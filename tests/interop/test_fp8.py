@@ -1,7 +1,8 @@
 """FP8 checkpoints, as the releases that ship only in FP8 store them: every projection's weight
 as float8_e4m3fn beside a scale it is multiplied by — one per block of
-`quantization_config.weight_block_size` in `weight_scale_inv` (DeepSeek-V3, Qwen3-FP8), or one per
-output row in `weight_scale` (compressed-tensors) — quantized here by torch. loraxfer reads each
+`quantization_config.weight_block_size` in `weight_scale_inv` (DeepSeek-V3, Qwen3-FP8), one per
+block of its config groups' `block_structure` in `weight_scale` (compressed-tensors' FP8-block), or
+one per output row in `weight_scale` (compressed-tensors) — quantized here by torch. loraxfer reads each
 weight as torch dequantizes it (`w.float() * scale`), so a transfer between FP8 bases is the
 transfer between their f32 dequantizations, bit for bit, in rotate and in map mode."""
 
@@ -19,6 +20,16 @@ from safetensors.torch import save_file
 import interop_util as iu
 
 BLOCK = [16, 32]  # the MLP's 176 columns end in a partial block
+# DeepSeek's form; compressed-tensors' FP8-block scheme (its block in the config groups); and
+# compressed-tensors' FP8 per row.
+QUANTIZATION_CONFIG = {
+    "block": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": BLOCK},
+    "ct-block": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                     "num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+                     "block_structure": BLOCK}}}},
+    "row": {"quant_method": "compressed-tensors"},
+}
 
 
 def quantize(w: torch.Tensor, block, scale_dtype):
@@ -46,6 +57,9 @@ def fp8_checkpoint(base, out, kind: str):
             if kind == "block":
                 codes, scale, values = quantize(w.float(), BLOCK, torch.float32)
                 stored[name + "_scale_inv"] = scale
+            elif kind == "ct-block":
+                codes, scale, values = quantize(w.float(), BLOCK, torch.bfloat16)
+                stored[name + "_scale"] = scale
             else:
                 codes, scale, values = quantize(w.float(), [1, w.shape[1]], torch.bfloat16)
                 stored[name + "_scale"] = scale
@@ -60,9 +74,7 @@ def fp8_checkpoint(base, out, kind: str):
         d.mkdir(parents=True)
         c = dict(config)
         if quant:
-            c["quantization_config"] = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                         "weight_block_size": BLOCK} if kind == "block"
-                                        else {"quant_method": "compressed-tensors"})
+            c["quantization_config"] = QUANTIZATION_CONFIG[kind]
         (d / "config.json").write_text(json.dumps(c))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -74,43 +86,19 @@ def fp8_checkpoint(base, out, kind: str):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Two releases of a tiny Llama (the second drifted) and a PEFT LoRA on the first."""
-    from peft import LoraConfig
-
     root = tmp_path_factory.mktemp("fp8")
-    first = iu.build_model("llama", 3, 61)
-    second = iu.build_model("llama", 3, 61)
-    with torch.no_grad():
-        for p in second.parameters():
-            p.add_(0.05 * p.std() * torch.randn_like(p))
-    a, b = iu.save_model(first, root / "first"), iu.save_model(second, root / "second")
-    # A vocabulary for the map mode to pair the models' tokens through (the same in both).
-    vocab = {f"w{i}": i for i in range(iu.COMMON["vocab_size"])}
-    for d in (a, b):
-        (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab,
-                                                               "unk_token": "w0"}}))
-    lora = iu.random_peft(first, LoraConfig(r=4, lora_alpha=8, target_modules=iu.TARGET_MODULES["llama"]), 5, 0.02)
-    lora.save_pretrained(root / "lora")
-    return root, a, b, root / "lora"
+    return (root, *iu.two_releases(root, "llama", 3, 61))
 
 
-@pytest.mark.parametrize("kind", ["block", "row"])
+@pytest.mark.parametrize("kind", list(QUANTIZATION_CONFIG))
 def test_a_transfer_between_fp8_bases_is_the_transfer_between_their_dequantizations(binary, pair, tmp_path,
                                                                                    kind):
     root, first, second, lora = pair
     source, target = fp8_checkpoint(first, tmp_path / "first", kind), fp8_checkpoint(second, tmp_path / "second", kind)
     stored = load_torch(str(source["fp8"] / "model.safetensors"))
     assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
-    for mode in ("rotate", "map"):
-        outs = {}
-        for label in ("fp8", "dequantized"):
-            outs[label] = tmp_path / f"{mode}-{label}"
-            iu.loraxfer(binary, "transfer", "--source-base", source[label], "--target-base", target[label],
-                        "--adapter", lora, "--out", outs[label], "--mode", mode, "--rank", "16")
-        got = load_file(str(outs["fp8"] / "adapter_model.safetensors"))
-        want = load_file(str(outs["dequantized"] / "adapter_model.safetensors"))
-        assert got.keys() == want.keys() and len(got) == 2 * 3 * 7, sorted(got)
-        for k in got:
-            assert np.array_equal(got[k], want[k]), f"{mode}: {k}"
+    iu.assert_same_transfers(binary, {label: (source[label], target[label]) for label in ("fp8", "dequantized")},
+                             lora, tmp_path, 3 * 7)
 
 
 def test_an_fp8_weight_without_its_scale_is_refused_by_name(binary, pair, tmp_path):
