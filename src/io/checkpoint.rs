@@ -8,9 +8,9 @@ use crate::io::RawBytes;
 
 use crate::error::{Error, Result};
 use crate::io::expert_views::ExpertViews;
-use crate::io::fp8::Fp8Weights;
 use crate::io::gguf::{self, GgufModel};
-use crate::io::packed::PackedWeights;
+use crate::io::quantized::fp8::Fp8Weights;
+use crate::io::quantized::packed::PackedWeights;
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::map::vocab::{Vocab, TOKENIZER_FILE};
 
@@ -265,12 +265,15 @@ impl Checkpoint {
         let shape = match &self.storage {
             Storage::Safetensors {
                 experts, packed, ..
-            } => self
-                .shard_of(name)
-                .and_then(|f| f.entry(name))
-                .map(|e| e.shape.as_slice())
-                .or_else(|| experts.shape(name))
-                .or_else(|| packed.shape(name)),
+            } => packed
+                .shape(name)
+                // (ModelOpt's NVFP4 weights are stored under their own name, two codes a byte.)
+                .or_else(|| {
+                    self.shard_of(name)
+                        .and_then(|f| f.entry(name))
+                        .map(|e| e.shape.as_slice())
+                })
+                .or_else(|| experts.shape(name)),
             Storage::Gguf(g) => g.shape(name),
         };
         shape.ok_or_else(|| self.missing(name))

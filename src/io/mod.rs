@@ -6,11 +6,10 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod expert_views;
-pub mod fp8;
 pub mod gguf;
 pub mod hub;
 pub mod output;
-pub mod packed;
+pub mod quantized;
 pub mod safetensors;
 pub mod shards;
 

@@ -13,7 +13,9 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as save_torch
 
 import interop_util as iu
 from test_gpt_oss_gguf import llama_cpp_gguf
@@ -92,7 +94,39 @@ def packed_tensors(layout: str, module: str, w: np.ndarray, seed: int):
     return {module + k: v for k, v in t.items()}, values
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def nvfp4_tensors(layout: str, module: str, w: np.ndarray):
+    """NVFP4 as compressed-tensors (`nvfp4-ct`) or ModelOpt (`nvfp4-modelopt`) stores it: E2M1
+    codes two a byte, an F8_E4M3 scale per 16 inputs relative to a tensor-wide scale
+    `g = 448·6 / amax`; and the values they hold (compressed-tensors divides the group's scale
+    by `g`, ModelOpt multiplies the product by `1/g`)."""
+    x = torch.from_numpy(w)
+    out, inn = x.shape
+    g = torch.tensor([448.0 * 6.0]) / x.abs().max()
+    groups = x.reshape(out, inn // 16, 16)
+    scale = (groups.abs().amax(dim=2) / 6.0 * g).clamp(min=2.0 ** -6).to(torch.float8_e4m3fn)
+    step = (scale.float() / g).unsqueeze(-1)
+    codes = (groups / step).unsqueeze(-1).sub(E2M1).abs().argmin(dim=-1).reshape(out, inn)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    levels = E2M1[codes]
+    if layout == "nvfp4-ct":
+        values = levels * (scale.float() / g).repeat_interleave(16, dim=1)
+        t = {".weight_packed": packed, ".weight_scale": scale, ".weight_global_scale": g}
+    else:
+        values = (levels * scale.float().repeat_interleave(16, dim=1)) * (1.0 / g)
+        t = {".weight": packed, ".weight_scale": scale, ".weight_scale_2": 1.0 / g, ".input_scale": torch.ones(1)}
+    return {module + k: v for k, v in t.items()}, values.numpy()
+
+
 def quantization_config(layout: str) -> dict:
+    if layout == "nvfp4-ct":
+        weights = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}
+        return {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": "nvfp4-pack-quantized"}}}
+    if layout == "nvfp4-modelopt":
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["lm_head"]}
     bits, symmetric, act_order = LAYOUTS[layout]
     if layout.startswith("gptq"):
         return {"quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": act_order, "sym": symmetric,
@@ -104,14 +138,18 @@ def quantization_config(layout: str) -> dict:
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"]}
 
 
-def packed_checkpoint(base, out, layout: str):
-    """{"packed": `base` with its projections packed in `layout`, "values": the f32 checkpoint of
-    the values they hold}."""
+def packed_checkpoint(base, out, layout: str, keep: str = "-"):
+    """{"packed": `base` with its projections packed in `layout` (but those whose names hold
+    `keep`), "values": the f32 checkpoint of the values they hold}."""
     weights = load_file(str(base / "model.safetensors"))
     stored, values = {}, {}
     for k, (name, w) in enumerate(sorted(weights.items())):
-        if name.endswith("_proj.weight"):
-            parts, v = packed_tensors(layout, name.removesuffix(".weight"), w.astype(np.float32), k)
+        if name.endswith("_proj.weight") and keep not in name:
+            module = name.removesuffix(".weight")
+            if layout.startswith("nvfp4"):
+                parts, v = nvfp4_tensors(layout, module, w.astype(np.float32))
+            else:
+                parts, v = packed_tensors(layout, module, w.astype(np.float32), k)
             stored.update(parts)
             values[name] = v
         else:
@@ -123,8 +161,8 @@ def packed_checkpoint(base, out, layout: str):
         d.mkdir(parents=True)
         c = dict(config, quantization_config=quantization_config(layout)) if label == "packed" else config
         (d / "config.json").write_text(json.dumps(c))
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(d / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_torch({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).contiguous()
+                    for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
         shutil.copy(base / "tokenizer.json", d / "tokenizer.json")
         dirs[label] = d
     return dirs
@@ -135,6 +173,17 @@ def pair(tmp_path_factory):
     """Two releases of a tiny Qwen2 (the second drifted) and a PEFT LoRA on the first."""
     root = tmp_path_factory.mktemp("packed")
     return (root, *iu.two_releases(root, "qwen2", 2, 71))
+
+
+def read_as_values(binary, base, out, layout):
+    """`base` packed in `layout` as loraxfer reads it, checked against the values packed; both."""
+    dirs = packed_checkpoint(base, out, layout)
+    got = read_back(binary, dirs["packed"], out / "read")
+    want = load_file(str(dirs["values"] / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+    return got, want
 
 
 def read_back(binary, model, out):
@@ -149,15 +198,10 @@ def test_packed_weights_read_as_their_levels_times_their_scales(binary, pair, tm
     """Every weight reads as the levels packed times their scales; where llama.cpp's converter
     reads the layout (GPTQ, compressed-tensors), as it dequantizes them too."""
     _, first, _, _ = pair
-    dirs = packed_checkpoint(first, tmp_path, layout)
-    got = read_back(binary, dirs["packed"], tmp_path / "read")
-    want = load_file(str(dirs["values"] / "model.safetensors"))
-    assert got.keys() == want.keys()
-    for k in want:
-        assert np.array_equal(got[k], want[k]), k
+    got, want = read_as_values(binary, first, tmp_path, layout)
     if layout == "awq":
         return
-    gguf = llama_cpp_gguf(dirs["packed"], tmp_path / "model.gguf")
+    gguf = llama_cpp_gguf(tmp_path / f"{layout}-packed", tmp_path / "model.gguf")
     iu.loraxfer(binary, "convert", "--gguf", gguf, "--out", tmp_path / "llama-cpp")
     reference = load_file(str(tmp_path / "llama-cpp" / "model.safetensors"))
     assert reference.keys() == want.keys()
@@ -165,7 +209,7 @@ def test_packed_weights_read_as_their_levels_times_their_scales(binary, pair, tm
         assert np.array_equal(got[k], reference[k]), k
 
 
-@pytest.mark.parametrize("layout", ["gptq", "awq", "ct4"])
+@pytest.mark.parametrize("layout", ["gptq", "awq", "ct4", "nvfp4-ct"])
 def test_a_transfer_between_packed_bases_is_the_transfer_between_their_values(binary, pair, tmp_path, layout):
     _, first, second, lora = pair
     source = packed_checkpoint(first, tmp_path / "first", layout)
@@ -199,3 +243,44 @@ def test_a_model_derived_from_a_packed_checkpoint_loads_in_transformers(binary, 
     assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == np.float32
     assert "quantization_config" not in json.loads((derived / "config.json").read_text())
     iu.load_model(derived)
+
+
+# llama.cpp's names of a Qwen2 layer's projections.
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+@pytest.mark.parametrize("layout", ["nvfp4-ct", "nvfp4-modelopt"])
+def test_nvfp4_weights_read_as_llama_cpp_repacks_them(binary, pair, tmp_path, layout):
+    """NVFP4 weights read as the values their codes and scales hold, and as llama.cpp's
+    converter repacks them into its NVFP4 type with the tensor's scale beside (the `gguf`
+    package's dequantization times that scale; equal for ModelOpt, whose product llama.cpp
+    forms in the same order, within an f32 rounding for compressed-tensors, which divides the
+    group's scale first). The converter's blocks hold 64 inputs, so the MLP's 176-input down
+    projection is left to the first check (and unquantized in the file it converts)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    _, first, _, _ = pair
+    got, want = read_as_values(binary, first, tmp_path, layout)
+    kept = packed_checkpoint(first, tmp_path / "kept", layout, keep="down_proj")
+    path = llama_cpp_gguf(kept["packed"], tmp_path / "model.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    checked = 0
+    for name, values in got.items():
+        parts = name.split(".")
+        if len(parts) != 6 or not name.endswith("_proj.weight") or values.shape[1] % 64:
+            continue
+        blk = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:5])]}"
+        t = tensors[blk + ".weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.NVFP4, blk
+        reference = dequantize(t.data, t.tensor_type).reshape(values.shape)
+        if blk + ".scale" in tensors:
+            reference = reference * np.asarray(tensors[blk + ".scale"].data, np.float32)[0]
+        if layout == "nvfp4-modelopt":
+            assert np.array_equal(values, reference), name
+        else:
+            np.testing.assert_allclose(values, reference, rtol=2e-7, atol=0, err_msg=name)
+        checked += 1
+    assert checked == 2 * 6

@@ -387,3 +387,60 @@ fn packed_weights_that_do_not_fit_are_refused_by_name() {
         "{e}"
     );
 }
+
+#[test]
+fn nvfp4_weights_read_as_e2m1_codes_times_their_group_and_tensor_scales() {
+    let (out, inn, groups) = (6, 32, 2);
+    let codes = draws(40, out * inn, 16);
+    let scale_codes: Vec<u8> = draws(41, out * groups, 0x30)
+        .into_iter()
+        .map(|c| 0x20 + c as u8)
+        .collect();
+    let bytes: Vec<u8> = codes
+        .chunks(2)
+        .map(|p| (p[0] | (p[1] << 4)) as u8)
+        .collect();
+    let global = 7.3f32;
+    for (divides, codes_name, scale_name) in [
+        (true, "w.weight_packed", "w.weight_global_scale"),
+        (false, "w.weight", "w.weight_scale_2"),
+    ] {
+        let tensors = vec![
+            (
+                codes_name,
+                Raw(Dtype::U8, vec![out, inn / 2], bytes.clone()),
+            ),
+            (
+                "w.weight_scale",
+                Raw(Dtype::F8_E4M3, vec![out, groups], scale_codes.clone()),
+            ),
+            (scale_name, Raw(Dtype::F32, vec![1], floats(&[global]))),
+        ];
+        let (_dir, shards, found) = open(serde_json::json!({}), tensors);
+        let found = found.unwrap();
+        assert_eq!(found.shape("w.weight"), Some(&[out, inn][..]));
+        // ModelOpt's weight is stored under its own name: not a name the checkpoint adds.
+        assert_eq!(found.names().count(), divides as usize);
+        let (got, ty, _) = found
+            .read_rows("w.weight", 1..out, &shards)
+            .unwrap()
+            .unwrap();
+        let got = decode_f32(&got, ty);
+        for o in 1..out {
+            for i in 0..inn {
+                let e = e2m1(codes[o * inn + i] as u8);
+                let s = crate::io::quantized::fp8::e4m3(scale_codes[o * groups + i / 16]);
+                let want = if divides {
+                    e * (s / global)
+                } else {
+                    e * s * global
+                };
+                assert_eq!(got[(o - 1) * inn + i], want, "row {o}, input {i}");
+            }
+        }
+    }
+    assert_eq!(
+        (0..16).map(e2m1).collect::<Vec<_>>(),
+        [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    );
+}
