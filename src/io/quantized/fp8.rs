@@ -2,11 +2,11 @@
 //! as the releases that ship only in FP8 store it (DeepSeek-V3/R1, Kimi K2, and the Qwen3, GLM-4.5
 //! and MiniMax "-FP8" checkpoints: `quant_method: fp8` with `weight_block_size` [128, 128] and a
 //! `weight_scale_inv` of one value per block; compressed-tensors' FP8 with a `weight_scale` per
-//! output row or for the whole tensor). The weight is presented under its own name as its f32
-//! values, `w[i, j] · scale[i / bi, j / bj]` in f32 (both names are multiplied by: DeepSeek's
-//! `weight_dequant` does so with `weight_scale_inv`), built from the rows asked for when they are
-//! read, as a fused expert's weight is: a decomposition takes it whole, four bytes a value where
-//! the file holds one.
+//! block or group its config groups give, per output row, or for the whole tensor). The weight
+//! is presented under its own name as its f32 values, `w[i, j] · scale[i / bi, j / bj]` in f32
+//! (both names are multiplied by: DeepSeek's `weight_dequant` does so with `weight_scale_inv`),
+//! built from the rows asked for when they are read, as a fused expert's weight is: a
+//! decomposition takes it whole, four bytes a value where the file holds one.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -54,18 +54,18 @@ fn pair(v: &serde_json::Value) -> Option<[usize; 2]> {
 /// scales' shapes then must be one value or one per row).
 fn compressed_block(quant: &serde_json::Value) -> Option<[usize; 2]> {
     let groups = quant["config_groups"].as_object()?;
-    let blocks: Vec<[usize; 2]> = groups
+    let blocks: Vec<Option<[usize; 2]>> = groups
         .values()
         .map(|g| &g["weights"])
         .filter(|w| w["type"].as_str() == Some("float"))
-        .filter_map(|w| match w["strategy"].as_str()? {
+        .map(|w| match w["strategy"].as_str()? {
             "block" => pair(&w["block_structure"]),
             "group" => Some([1, w["group_size"].as_u64().filter(|&g| g > 0)? as usize]),
             _ => None,
         })
         .collect();
     match blocks.as_slice() {
-        [first, rest @ ..] if rest.iter().all(|b| b == first) => Some(*first),
+        [Some(first), rest @ ..] if rest.iter().all(|b| *b == Some(*first)) => Some(*first),
         _ => None,
     }
 }

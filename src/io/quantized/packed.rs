@@ -14,11 +14,12 @@
 //!   nibble `k` holds output `8w + [0, 2, 4, 6, 1, 3, 5, 7][k]`); `scales` `[groups, out]`.
 //! - `compressed-tensors` with the `pack-quantized` format (llm-compressor's W4A16, W8A16):
 //!   `weight_packed` `[out, ⌈in·bits/32⌉]`, each row's codes a dense little-endian bit stream
-//!   (code `i` at bit `i·bits`, crossing words where it must), stored plus `2^(bits−1)`;
+//!   (code `i` at bit `i·bits`), stored plus `2^(bits−1)`; 1, 2, 4 or 8 bits, the widths its
+//!   versions lay out alike (older ones put whole codes in a word, newer ones cross words);
 //!   `weight_shape` `[out, in]`; `weight_scale` `[out, groups]` (`[out, 1]` per channel, one value
 //!   for the tensor); an asymmetric scheme's `weight_zero_point` `[⌈out·bits/32⌉, groups]` packed
 //!   the same way down the outputs (or unpacked int8 `[out, groups]`, as older versions wrote);
-//!   `weight_g_idx` where present. 1 to 8 bits.
+//!   `weight_g_idx` where present.
 //!
 //! - NVFP4, compressed-tensors' `nvfp4-pack-quantized` (`weight_packed`) and NVIDIA ModelOpt's
 //!   (`weight` itself): U8 `[out, in/2]`, two E2M1 codes a byte, the first in the low nibble;
@@ -28,8 +29,8 @@
 //!   as llama.cpp applies it).
 //!
 //! An integer weight is presented under `<module>.weight`, `[out, in]`, as the f32 values
-//! `(code − zero) · scale`: exact in f32 (a code difference of at most 8 bits times a 16-bit
-//! scale), where the libraries' own dequantization computes in the scale's 16-bit type and
+//! `(code − zero) · scale`: exact in f32 for 16-bit scales (a code difference of at most 8 bits
+//! times an 11-bit significand), where the libraries' own dequantization computes in the scale's 16-bit type and
 //! rounds. It is built from the rows asked for when they are read, as an FP8 weight is
 //! ([`super::fp8`]).
 
@@ -185,6 +186,20 @@ impl Scheme<'_> {
         keys.iter().find_map(|k| self.config[*k].as_str())
     }
 
+    /// The group size the compressed-tensors config groups name, where they agree on one.
+    pub(super) fn group_size(&self) -> Option<usize> {
+        let groups = self.config["config_groups"].as_object()?;
+        let sizes: Vec<u64> = groups
+            .values()
+            .filter_map(|g| g["weights"]["group_size"].as_u64())
+            .filter(|&g| g > 0)
+            .collect();
+        match sizes.as_slice() {
+            [first, rest @ ..] if rest.iter().all(|g| g == first) => Some(*first as usize),
+            _ => None,
+        }
+    }
+
     /// The bit widths the compressed-tensors config groups name.
     pub(super) fn group_bits(&self) -> Vec<usize> {
         let groups = self.config["config_groups"].as_object();
@@ -227,13 +242,22 @@ impl PackedWeights {
                 Some((weight.to_string(), packed))
             } else if name.ends_with(".weight")
                 && stored_dtype(name) == Dtype::U8
-                && index.contains_key(&format!("{name}_scale"))
+                && index
+                    .get(&format!("{name}_scale"))
+                    .is_some_and(|_| stored_dtype(&format!("{name}_scale")) == Dtype::F8_E4M3)
             {
                 Some((name.to_string(), nvfp4(name, name, shards, index)?))
             } else {
                 None
             };
             if let Some((weight, packed)) = found {
+                if let Some(first) = weights.get(&weight).map(|p: &Packed| &p.codes.name) {
+                    return Err(Error::bad_tensor(
+                        shards[packed.codes.shard].path(),
+                        &weight,
+                        format!("packed twice, in `{first}` and `{}`", packed.codes.name),
+                    ));
+                }
                 if packed.codes.name != weight && index.contains_key(&weight) {
                     let file = shards[packed.codes.shard].path();
                     return Err(Error::bad_tensor(

@@ -188,6 +188,14 @@ pub(super) fn gptq_or_awq(
     } else {
         (cols, rows * per)
     };
+    // The zero points pack whole words of outputs.
+    if out % per != 0 {
+        return Err(bad(
+            shards,
+            &codes,
+            format!("{out} outputs: the zero points pack {per} outputs a word"),
+        ));
+    }
     let scales = part(module, ".scales", "scales", &codes, shards, index)?;
     let groups = scale_groups(shards, &scales, out, true)?;
     let zeros = part(module, ".qzeros", "zero points", &codes, shards, index)?;
@@ -273,7 +281,10 @@ pub(super) fn compressed(
         }
     };
     let (out, inn) = match dims.as_slice() {
-        &[o, i] if o >= 0 && i > 0 && o as usize == rows => (o as usize, i as usize),
+        // (In bounded as a config's widths are, so that no size computed from it overflows.)
+        &[o, i] if o >= 0 && i > 0 && i <= 1 << 24 && o as usize == rows => {
+            (o as usize, i as usize)
+        }
         _ => {
             return Err(bad(
                 shards,
@@ -283,29 +294,32 @@ pub(super) fn compressed(
         }
     };
     // The width the words imply (for in ≥ 32 only one does); the config's where several fit.
-    let fits: Vec<usize> = (1..=8)
-        .filter(|b| (inn * b).div_ceil(32) == words)
-        .collect();
+    // 1, 2, 4 and 8 bits only: compressed-tensors' versions lay other widths out differently
+    // (whole codes a word in older ones, a stream crossing words in newer ones), and a width the
+    // config names must be the one the words hold (7-bit codes a whole word each fill as many
+    // words as 8-bit ones).
     let named = scheme.group_bits();
+    let fits: Vec<usize> = [1, 2, 4, 8]
+        .into_iter()
+        .filter(|b| (inn * b).div_ceil(32) == words)
+        .filter(|b| named.is_empty() || named.contains(b))
+        .collect();
     let bits = match fits.as_slice() {
         [b] => *b,
-        _ => match fits.iter().find(|b| named.contains(b)) {
-            Some(b) => *b,
-            None => {
-                return Err(bad(
-                    shards,
-                    &codes,
-                    format!(
-                        "{words} words a row do not hold {inn} codes of 1 to 8 bits{}",
-                        if fits.is_empty() {
-                            ""
-                        } else {
-                            " the config names"
-                        }
-                    ),
-                ))
-            }
-        },
+        _ => {
+            return Err(bad(
+                shards,
+                &codes,
+                format!(
+                    "{words} words a row do not hold {inn} codes of 1, 2, 4 or 8 bits{}",
+                    if named.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (the config names {named:?} bits)")
+                    }
+                ),
+            ))
+        }
     };
     let scales = part(weight, "_scale", "scales", &codes, shards, index)?;
     let (sshape, _) = shape_of(shards, &scales);
@@ -360,14 +374,23 @@ pub(super) fn compressed(
             ))
         }
         Some(_) => inn,
-        None if inn % groups != 0 => {
-            return Err(bad(
-                shards,
-                &scales,
-                format!("{groups} groups of scales do not divide the {inn} inputs"),
-            ))
-        }
-        None => inn / groups,
+        // The config's group size where it names one (the last group may be partial), else
+        // groups of equal size.
+        None => match scheme.group_size() {
+            Some(g) if inn.div_ceil(g) == groups => g,
+            None if inn % groups == 0 => inn / groups,
+            _ => {
+                return Err(bad(
+                    shards,
+                    &scales,
+                    format!(
+                        "{groups} groups of scales for {inn} inputs, in groups of {:?} \
+                         (config_groups' group_size)",
+                        scheme.group_size()
+                    ),
+                ))
+            }
+        },
     };
     Ok(Packed {
         layout: Layout::CompressedTensors,
@@ -385,6 +408,9 @@ pub(super) fn compressed(
         activation: None,
     })
 }
+
+/// Inputs an NVFP4 scale covers.
+const NVFP4_GROUP: usize = 16;
 
 /// An NVFP4 weight `weight`, its codes in `codes` (compressed-tensors' `<weight>_packed`, or
 /// ModelOpt's `<weight>` itself): U8 `[out, in/2]`, an F8_E4M3 `<weight>_scale` `[out, in/group]`,
@@ -415,14 +441,15 @@ pub(super) fn nvfp4(
     let scales = part(weight, "_scale", "scales", &codes, shards, index)?;
     let (sshape, sdtype) = shape_of(shards, &scales);
     let groups = match sshape {
-        &[o, g] if o == out && g > 0 && inn % g == 0 && sdtype == Dtype::F8_E4M3 => g,
+        &[o, g] if o == out && g == inn.div_ceil(NVFP4_GROUP) && sdtype == Dtype::F8_E4M3 => g,
         _ => {
             return Err(bad(
                 shards,
                 &scales,
                 format!(
-                    "{sdtype:?} {sshape:?}: expected F8_E4M3 [{out}, groups] scaling NVFP4 codes \
-                     of {inn} inputs"
+                    "{sdtype:?} {sshape:?}: expected F8_E4M3 [{out}, {}], a scale per \
+                     {NVFP4_GROUP} of the NVFP4 codes' {inn} inputs",
+                    inn.div_ceil(NVFP4_GROUP)
                 ),
             ))
         }
@@ -471,7 +498,7 @@ pub(super) fn nvfp4(
         g_idx: None,
         shape: [out, inn],
         groups,
-        group: inn / groups,
+        group: NVFP4_GROUP,
         one_scale_row: false,
         global: Some(global),
         activation,

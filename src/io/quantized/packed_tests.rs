@@ -225,7 +225,8 @@ fn awq_weights_read_in_autoawqs_order_of_outputs() {
     check(&q, &shards, &found.unwrap(), 0..24);
 }
 
-/// compressed-tensors' dense packing: each row's values as one little-endian bit stream.
+/// compressed-tensors' packing: each row's values as one little-endian bit stream (whole codes
+/// a word at the 1, 2, 4 and 8 bits read).
 fn dense(values: &[u32], rows: usize, cols: usize, bits: usize) -> Vec<u32> {
     let per_row = (cols * bits).div_ceil(32);
     let mut w = vec![0u32; rows * per_row];
@@ -294,8 +295,8 @@ fn compressed_tensors_pack_quantized_weights_read_from_their_bit_streams() {
         "quant_method": "compressed-tensors", "format": "pack-quantized",
         "config_groups": {"group_0": {"weights": {"num_bits": bits}}}}})
     };
-    // 3 and 5 bits cross words; 40 inputs leave the last word of a row part empty.
-    for (bits, symmetric, groups) in [(4, false, 5), (3, false, 2), (5, true, 1), (8, true, 4)] {
+    // 40 inputs leave the last word of a row part empty.
+    for (bits, symmetric, groups) in [(4, false, 5), (2, false, 2), (1, true, 1), (8, true, 4)] {
         let mut q = Quantized::random(9, 40, bits, groups, 20 + bits as u64);
         if symmetric {
             q.zeros.iter_mut().for_each(|z| *z = 1 << (bits - 1));
@@ -367,6 +368,24 @@ fn packed_weights_that_do_not_fit_are_refused_by_name() {
         .to_string();
     assert!(
         e.contains("row 5, column 16") && e.contains("w.scales"),
+        "{e}"
+    );
+    // GPTQ outputs that do not fill the zero points' words.
+    let t = vec![
+        ("w.qweight", Raw(Dtype::I32, vec![2, 12], vec![0; 96])),
+        ("w.qzeros", Raw(Dtype::I32, vec![1, 1], vec![0; 4])),
+        ("w.scales", Raw(Dtype::F32, vec![1, 12], floats(&[1.0; 12]))),
+    ];
+    let gptq_4 = serde_json::json!({"quantization_config": {"quant_method": "gptq", "bits": 4}});
+    let e = err(gptq_4, t);
+    assert!(e.contains("w.qweight") && e.contains("12 outputs"), "{e}");
+    // 7-bit codes a word fill as many words as 8-bit ones: the config's width decides.
+    let seven = serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors",
+        "config_groups": {"group_0": {"weights": {"num_bits": 7}}}}});
+    let q8 = Quantized::random(16, 64, 8, 4, 4);
+    let e = err(seven, compressed_tensors(&q8, true));
+    assert!(
+        e.contains("w.weight_packed") && e.contains("[7] bits"),
         "{e}"
     );
     // A compressed-tensors shape the words cannot hold.
