@@ -9,8 +9,7 @@ use crate::io::RawBytes;
 use crate::error::{Error, Result};
 use crate::io::expert_views::ExpertViews;
 use crate::io::gguf::{self, GgufModel};
-use crate::io::quantized::fp8::Fp8Weights;
-use crate::io::quantized::packed::PackedWeights;
+use crate::io::quantized::QuantizedWeights;
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::map::vocab::{Vocab, TOKENIZER_FILE};
 
@@ -35,11 +34,9 @@ enum Storage {
         index: HashMap<String, usize>,
         /// Experts stored fused (GPT-OSS), presented one expert's weight at a time.
         experts: ExpertViews,
-        /// Weights stored as FP8 with their scales, presented as f32.
-        fp8: Fp8Weights,
-        /// Weights stored as packed integers (GPTQ, AWQ, compressed-tensors), presented as f32
-        /// under `<module>.weight` (boxed: the enum's variants stay of a size).
-        packed: Box<PackedWeights>,
+        /// Quantized weights (FP8, packed integers and NVFP4, bitsandbytes), presented as f32
+        /// (boxed: the enum's variants stay of a size).
+        quantized: Box<QuantizedWeights>,
     },
     Gguf(Box<GgufModel>),
 }
@@ -86,8 +83,7 @@ impl Checkpoint {
             Ok(arch) => ExpertViews::find(arch, &config, &shards, &index)?,
             Err(_) => ExpertViews::default(),
         };
-        let fp8 = Fp8Weights::find(&config.raw, &shards, &index)?;
-        let packed = Box::new(PackedWeights::find(&config.raw, &shards, &index)?);
+        let quantized = Box::new(QuantizedWeights::find(&config.raw, &shards, &index)?);
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -95,8 +91,7 @@ impl Checkpoint {
                 shards,
                 index,
                 experts,
-                fp8,
-                packed,
+                quantized,
             },
             vocab: Default::default(),
         })
@@ -166,60 +161,53 @@ impl Checkpoint {
                 shards,
                 index,
                 experts,
-                packed,
+                quantized,
                 ..
             } => index
                 .get(name)
                 .copied()
                 .or_else(|| experts.shard(name))
-                .or_else(|| packed.shard(name))
+                .or_else(|| quantized.shard(name))
                 .map(|i| shards[i].path()),
             Storage::Gguf(g) => g.has(name).then(|| g.path()),
         }
     }
 
     /// The stored tensors that quantized weights are built from: FP8 weights' scales, packed
-    /// weights' codes, scales, zero points and group indices (a copy that writes the weights'
-    /// values leaves them out).
+    /// weights' codes, scales, zero points and group indices, bitsandbytes' absmax, code maps
+    /// and quant states (a copy that writes the weights' values leaves them out).
     pub fn quantization_parts(&self) -> std::collections::HashSet<String> {
         match &self.storage {
-            Storage::Safetensors { fp8, packed, .. } => fp8
-                .scales()
-                .map(str::to_string)
-                .chain(packed.parts())
-                .collect(),
+            Storage::Safetensors { quantized, .. } => quantized.parts().clone(),
             Storage::Gguf(_) => Default::default(),
         }
     }
 
-    /// The weights presented under a name no stored tensor has (packed weights' `<module>.weight`),
-    /// which a copy writes as their values.
+    /// The weights presented under a name no stored tensor has (packed weights'
+    /// `<module>.weight`), which a copy writes as their values.
     pub fn built_weights(&self) -> Vec<&str> {
         match &self.storage {
-            Storage::Safetensors { packed, .. } => packed.names().collect(),
+            Storage::Safetensors { quantized, .. } => quantized.built_names(),
             Storage::Gguf(_) => Vec::new(),
         }
     }
 
     /// Every file the values of `name` are read from: its own, then the one holding the scales
-    /// it is built with where that is another shard (an FP8 weight's, MXFP4 experts'); empty
-    /// when there is no such tensor.
+    /// it is built with where that is another shard (a quantized weight's scales and other
+    /// parts, MXFP4 experts' scales); empty when there is no such tensor.
     pub fn files_of(&self, name: &str) -> Vec<&Path> {
         let mut files: Vec<&Path> = self.file_of(name).into_iter().collect();
         if let Storage::Safetensors {
             shards,
             experts,
-            fp8,
-            packed,
+            quantized,
             ..
         } = &self.storage
         {
-            let scales = fp8
+            for path in experts
                 .scales_shard(name)
-                .or_else(|| experts.scales_shard(name));
-            for path in scales
                 .into_iter()
-                .chain(packed.part_shards(name))
+                .chain(quantized.part_shards(name))
                 .map(|i| shards[i].path())
             {
                 if !files.contains(&path) {
@@ -243,9 +231,9 @@ impl Checkpoint {
             Storage::Safetensors {
                 index,
                 experts,
-                packed,
+                quantized,
                 ..
-            } => index.contains_key(name) || experts.has(name) || packed.has(name),
+            } => index.contains_key(name) || experts.has(name) || quantized.has(name),
             Storage::Gguf(g) => g.has(name),
         }
     }
@@ -264,10 +252,11 @@ impl Checkpoint {
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
         let shape = match &self.storage {
             Storage::Safetensors {
-                experts, packed, ..
-            } => packed
+                experts, quantized, ..
+            } => quantized
                 .shape(name)
-                // (ModelOpt's NVFP4 weights are stored under their own name, two codes a byte.)
+                // (ModelOpt's NVFP4 and bitsandbytes' weights are stored under their own name,
+                // as codes.)
                 .or_else(|| {
                     self.shard_of(name)
                         .and_then(|f| f.entry(name))
@@ -286,9 +275,7 @@ impl Checkpoint {
             Storage::Safetensors {
                 experts, shards, ..
             } if experts.has(name) => experts.float_type(name, shards),
-            Storage::Safetensors { fp8, packed, .. } if fp8.has(name) || packed.has(name) => {
-                Some(FloatType::F32)
-            }
+            Storage::Safetensors { quantized, .. } if quantized.has(name) => Some(FloatType::F32),
             Storage::Safetensors { .. } => self
                 .shard_of(name)
                 .and_then(|f| f.entry(name))
@@ -304,11 +291,8 @@ impl Checkpoint {
     pub fn borrows(&self, name: &str) -> bool {
         match &self.storage {
             Storage::Safetensors {
-                experts,
-                fp8,
-                packed,
-                ..
-            } => !experts.has(name) && !fp8.has(name) && !packed.has(name),
+                experts, quantized, ..
+            } => !experts.has(name) && !quantized.has(name),
             Storage::Gguf(g) => g.as_stored(name),
         }
     }
@@ -400,15 +384,11 @@ impl Checkpoint {
             Storage::Safetensors {
                 shards,
                 experts,
-                fp8,
-                packed,
+                quantized,
                 ..
             } => match experts.read_rows(name, rows.clone(), shards)? {
                 Some(built) => Ok(Some(built)),
-                None => match fp8.read_rows(name, rows.clone(), shards)? {
-                    Some(built) => Ok(Some(built)),
-                    None => packed.read_rows(name, rows.clone(), shards),
-                },
+                None => quantized.read_rows(name, rows.clone(), shards),
             },
             Storage::Gguf(_) => Ok(None),
         }

@@ -432,3 +432,24 @@ def assert_same_transfers(binary: Path, pairs: dict, lora: Path, out: Path, modu
         assert first.keys() == second.keys() and len(first) == 2 * modules, sorted(first)
         for k in first:
             assert np.array_equal(first[k], second[k]), f"{mode}: {k}"
+
+
+def save_variants(base: Path, out: Path, variants: dict) -> dict:
+    """Writes each variant of `base` ({dir name: (tensors, quantization_config or None)}: torch
+    or numpy tensors) as a model directory under `out` with `base`'s config (plus its
+    `quantization_config`) and tokenizer; {dir name: path}."""
+    from safetensors.torch import save_file
+
+    config = json.loads((base / "config.json").read_text())
+    dirs = {}
+    for name, (tensors, quantization) in variants.items():
+        d = out / name
+        d.mkdir(parents=True)
+        c = dict(config, quantization_config=quantization) if quantization else config
+        (d / "config.json").write_text(json.dumps(c))
+        as_torch = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).contiguous()
+                    for k, v in tensors.items()}
+        save_file(as_torch, str(d / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(base / "tokenizer.json", d / "tokenizer.json")
+        dirs[name] = d
+    return dirs

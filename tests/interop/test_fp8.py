@@ -67,20 +67,9 @@ def fp8_checkpoint(base, out, kind: str):
             dequantized[name] = values
         else:
             stored[name] = dequantized[name] = w
-    config = json.loads((base / "config.json").read_text())
-    dirs = {}
-    for label, tensors, quant in [("fp8", stored, True), ("dequantized", dequantized, False)]:
-        d = out / f"{kind}-{label}"
-        d.mkdir(parents=True)
-        c = dict(config)
-        if quant:
-            c["quantization_config"] = QUANTIZATION_CONFIG[kind]
-        (d / "config.json").write_text(json.dumps(c))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
-                  metadata={"format": "pt"})
-        shutil.copy(base / "tokenizer.json", d / "tokenizer.json")
-        dirs[label] = d
-    return dirs
+    dirs = iu.save_variants(base, out, {f"{kind}-fp8": (stored, QUANTIZATION_CONFIG[kind]),
+                                        f"{kind}-dequantized": (dequantized, None)})
+    return {"fp8": dirs[f"{kind}-fp8"], "dequantized": dirs[f"{kind}-dequantized"]}
 
 
 @pytest.fixture(scope="module")

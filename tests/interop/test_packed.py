@@ -8,14 +8,12 @@ packed), so a transfer between packed bases is the transfer between their dequan
 for bit."""
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from safetensors.torch import save_file as save_torch
 
 import interop_util as iu
 from test_gpt_oss_gguf import llama_cpp_gguf
@@ -154,18 +152,9 @@ def packed_checkpoint(base, out, layout: str, keep: str = "-"):
             values[name] = v
         else:
             stored[name] = values[name] = w
-    config = json.loads((base / "config.json").read_text())
-    dirs = {}
-    for label, tensors in [("packed", stored), ("values", values)]:
-        d = out / f"{layout}-{label}"
-        d.mkdir(parents=True)
-        c = dict(config, quantization_config=quantization_config(layout)) if label == "packed" else config
-        (d / "config.json").write_text(json.dumps(c))
-        save_torch({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).contiguous()
-                    for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy(base / "tokenizer.json", d / "tokenizer.json")
-        dirs[label] = d
-    return dirs
+    dirs = iu.save_variants(base, out, {f"{layout}-packed": (stored, quantization_config(layout)),
+                                        f"{layout}-values": (values, None)})
+    return {"packed": dirs[f"{layout}-packed"], "values": dirs[f"{layout}-values"]}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,102 @@
 //! Quantized checkpoints, each weight presented under its Hugging Face name as the f32 values it
-//! stands for and built from the rows read: FP8 weights times their scales ([`fp8`]), and
-//! integers packed into words beside their scales and zero points ([`packed`]: GPTQ, AWQ,
-//! compressed-tensors).
+//! stands for and built from the rows read: FP8 weights times their scales ([`fp8`]), integers
+//! or 4-bit floats packed beside their scales ([`packed`]: GPTQ, AWQ, compressed-tensors,
+//! NVFP4), and bitsandbytes' 4- and 8-bit weights ([`bnb`]). [`QuantizedWeights`] is what a
+//! checkpoint asks.
 
+pub mod bnb;
 pub mod fp8;
 pub mod packed;
 mod packed_layouts;
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::io::safetensors::{FloatType, TensorFile};
+use crate::io::RawBytes;
+
+/// Every quantized weight of a safetensors checkpoint, whatever its format.
+#[derive(Debug, Default)]
+pub struct QuantizedWeights {
+    fp8: fp8::Fp8Weights,
+    packed: packed::PackedWeights,
+    bnb: bnb::BnbWeights,
+    /// The stored tensors the weights are built from, found once.
+    parts: HashSet<String>,
+}
+
+impl QuantizedWeights {
+    /// The checkpoint's quantized weights, each found beside its parts and checked against them
+    /// and the config's `quantization_config` (only headers and small JSON states are read).
+    pub fn find(
+        config: &serde_json::Value,
+        shards: &[TensorFile],
+        index: &HashMap<String, usize>,
+    ) -> Result<Self> {
+        let fp8 = fp8::Fp8Weights::find(config, shards, index)?;
+        let packed = packed::PackedWeights::find(config, shards, index)?;
+        let bnb = bnb::BnbWeights::find(shards, index)?;
+        let parts = fp8
+            .scales()
+            .map(str::to_string)
+            .chain(packed.parts())
+            .chain(bnb.parts(index))
+            .collect();
+        Ok(QuantizedWeights {
+            fp8,
+            packed,
+            bnb,
+            parts,
+        })
+    }
+
+    /// True when `name` is a quantized weight (stored under its own name or not).
+    pub fn has(&self, name: &str) -> bool {
+        self.fp8.has(name) || self.packed.has(name) || self.bnb.has(name)
+    }
+
+    /// `[out, in]` of a weight whose stored shape is not it (packed codes, bitsandbytes bytes).
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.packed.shape(name).or_else(|| self.bnb.shape(name))
+    }
+
+    /// The shard of a weight presented under a name no stored tensor has.
+    pub fn shard(&self, name: &str) -> Option<usize> {
+        self.packed.shard(name)
+    }
+
+    /// The shards of the parts a weight's values are built from besides its codes.
+    pub fn part_shards(&self, name: &str) -> Vec<usize> {
+        let mut shards: Vec<usize> = self.fp8.scales_shard(name).into_iter().collect();
+        shards.extend(self.packed.part_shards(name));
+        shards.extend(self.bnb.part_shards(name));
+        shards
+    }
+
+    /// The stored tensors the weights are built from (a copy of the values leaves them out).
+    pub fn parts(&self) -> &HashSet<String> {
+        &self.parts
+    }
+
+    /// The weights presented under a name no stored tensor has.
+    pub fn built_names(&self) -> Vec<&str> {
+        self.packed.names().collect()
+    }
+
+    /// Rows `rows` of a quantized weight as f32 (row length too); None for any other tensor.
+    pub fn read_rows(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        shards: &[TensorFile],
+    ) -> Result<Option<(RawBytes<'static>, FloatType, usize)>> {
+        if let Some(built) = self.fp8.read_rows(name, rows.clone(), shards)? {
+            return Ok(Some(built));
+        }
+        if let Some(built) = self.packed.read_rows(name, rows.clone(), shards)? {
+            return Ok(Some(built));
+        }
+        self.bnb.read_rows(name, rows, shards)
+    }
+}

@@ -100,6 +100,11 @@ pub(super) struct Packed {
     /// needs; a copy of the weights' values leaves it out).
     pub global: Option<Part>,
     pub activation: Option<Part>,
+    /// NVFP4's tensor-wide scale's value (1 for the other layouts), read when found.
+    pub after: f32,
+    /// Each input's group where a `g_idx` gives them (read and checked when found, so that a
+    /// row read does not decode it again).
+    pub group_of: Option<std::sync::Arc<[u32]>>,
 }
 
 /// The 32-bit words of an int32 tensor.
@@ -128,12 +133,13 @@ pub(super) fn e2m1(code: u8) -> f32 {
     }
 }
 
-/// A float tensor's values as f32 (its type checked when the weight was found).
-fn read_f32(shards: &[TensorFile], p: &Part) -> Vec<f32> {
+/// Values `range` of a float tensor as f32 (its type checked when the weight was found).
+pub(super) fn read_f32_range(shards: &[TensorFile], p: &Part, range: Range<usize>) -> Vec<f32> {
     let file = &shards[p.shard];
     let ty = FloatType::from_dtype(file.entry(&p.name).expect("indexed").dtype)
         .expect("checked when found");
-    decode_f32(file.bytes(&p.name).expect("indexed"), ty)
+    let bytes = file.bytes(&p.name).expect("indexed");
+    decode_f32(&bytes[range.start * ty.size()..range.end * ty.size()], ty)
 }
 
 /// An integer tensor's values (the `g_idx`, the `weight_shape`).
@@ -347,77 +353,51 @@ impl PackedWeights {
         crate::io::check_rows(file.path(), name, &rows, out, cols)?;
         let bytes = |p: &Part| shards[p.shard].bytes(&p.name).expect("indexed");
         let codes = bytes(&w.codes);
-        let scales = match w.layout {
-            Layout::Nvfp4 { divides } => {
-                // ModelOpt's product (E2M1 · E4M3, exact in f32, then the tensor's scale) is
-                // llama.cpp's; compressed-tensors divides the group's scale first, as its own
-                // dequantization does, so the tensor's scale is folded into the group's.
-                let global = read_f32(shards, w.global.as_ref().expect("NVFP4's scale"))[0];
-                let scales = bytes(&w.scales).iter().map(|&c| super::fp8::e4m3(c));
-                match divides {
-                    true => scales.map(|s| s / global).collect(),
-                    false => scales.collect(),
-                }
-            }
-            _ => read_f32(shards, &w.scales),
-        };
-        let after = match w.layout {
-            Layout::Nvfp4 { divides: false } => {
-                read_f32(shards, w.global.as_ref().expect("NVFP4's scale"))[0]
-            }
-            _ => 1.0,
-        };
+        let scales = w.row_scales(shards, &rows);
         let zeros = w.zeros.as_ref().map(bytes);
-        let group_of: Vec<usize> = match &w.g_idx {
-            Some(p) => {
-                let g = ints(&shards[p.shard], &p.name)?;
-                if let Some((i, bad)) = g
-                    .iter()
-                    .enumerate()
-                    .find(|(_, &g)| g < 0 || g as usize >= w.groups)
-                {
-                    return Err(Error::bad_tensor(
-                        shards[p.shard].path(),
-                        &p.name,
-                        format!(
-                            "input {i} is in group {bad}, but the scales have {} groups",
-                            w.groups
-                        ),
-                    ));
-                }
-                g.into_iter().map(|g| g as usize).collect()
-            }
-            None => (0..cols).map(|i| i / w.group).collect(),
+        let group_of = |i: usize| match &w.group_of {
+            Some(g) => g[i] as usize,
+            None => i / w.group,
         };
+        let groups = w.groups;
         let mut values = vec![0f32; rows.len() * cols];
         values
             .par_chunks_mut(cols.max(1))
             .zip(rows.clone())
-            .for_each(|(row, o)| {
+            .zip(scales.par_chunks(groups))
+            .for_each(|((row, o), scales)| {
                 for (i, v) in row.iter_mut().enumerate() {
-                    let g = group_of[i];
+                    let g = group_of(i);
                     *v = match w.layout {
-                        Layout::Nvfp4 { .. } => {
+                        // The tensor's scale is in the group's, or multiplies the product
+                        // (`row_scales`).
+                        Layout::Nvfp4 { divides } => {
                             let byte = codes[o * cols.div_ceil(2) + i / 2];
-                            e2m1(byte >> (4 * (i % 2))) * scales[w.scale_at(o, g)] * after
+                            let v = e2m1(byte >> (4 * (i % 2))) * scales[g];
+                            if divides {
+                                v
+                            } else {
+                                v * w.after
+                            }
                         }
                         _ => {
                             let (code, zero) = w.code_and_zero(codes, zeros, o, i, g);
-                            (code - zero) as f32 * scales[w.scale_at(o, g)]
+                            (code - zero) as f32 * scales[g]
                         }
                     };
                 }
             });
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
-            let (o, i) = (rows.start + at / cols, at % cols);
+            let (r, i) = (at / cols, at % cols);
             return Err(Error::bad_tensor(
                 file.path(),
                 name,
                 format!(
-                    "the non-finite value {} at row {o}, column {i} (its scale in `{}` is {})",
+                    "the non-finite value {} at row {}, column {i} (its scale in `{}` is {})",
                     values[at],
+                    rows.start + r,
                     w.scales.name,
-                    scales[w.scale_at(o, group_of[i])]
+                    scales[r * groups + group_of(i)]
                 ),
             ));
         }
@@ -426,13 +406,49 @@ impl PackedWeights {
 }
 
 impl Packed {
-    /// Where output `o`'s scale of group `g` lies: GPTQ and AWQ store the scales `[groups, out]`,
-    /// compressed-tensors `[out, groups]` (or one for the tensor).
-    fn scale_at(&self, o: usize, g: usize) -> usize {
+    /// The scales of rows `rows`, `groups` a row, decoded from their type (F8_E4M3 for NVFP4,
+    /// divided by compressed-tensors' tensor-wide scale). Only those rows' are read: GPTQ and
+    /// AWQ store the scales `[groups, out]`, compressed-tensors and NVFP4 `[out, groups]` (or
+    /// one for the tensor), and a model's map reads rows one at a time.
+    fn row_scales(&self, shards: &[TensorFile], rows: &Range<usize>) -> Vec<f32> {
+        let [out, _] = self.shape;
+        let g = self.groups;
         match self.layout {
-            Layout::Gptq { .. } | Layout::Awq => g * self.shape[0] + o,
-            Layout::CompressedTensors if self.one_scale_row => g,
-            Layout::CompressedTensors | Layout::Nvfp4 { .. } => o * self.groups + g,
+            Layout::Gptq { .. } | Layout::Awq => {
+                let by_group: Vec<Vec<f32>> = (0..g)
+                    .map(|k| {
+                        read_f32_range(
+                            shards,
+                            &self.scales,
+                            k * out + rows.start..k * out + rows.end,
+                        )
+                    })
+                    .collect();
+                (0..rows.len() * g)
+                    .map(|x| by_group[x % g][x / g])
+                    .collect()
+            }
+            Layout::CompressedTensors if self.one_scale_row => {
+                read_f32_range(shards, &self.scales, 0..1).repeat(rows.len())
+            }
+            Layout::CompressedTensors => {
+                read_f32_range(shards, &self.scales, rows.start * g..rows.end * g)
+            }
+            Layout::Nvfp4 { divides } => {
+                // ModelOpt's product (E2M1 · E4M3, exact in f32, then the tensor's scale) is
+                // llama.cpp's; compressed-tensors divides the group's scale first, as its own
+                // dequantization does.
+                let codes = shards[self.scales.shard]
+                    .bytes(&self.scales.name)
+                    .expect("indexed");
+                let scales = codes[rows.start * g..rows.end * g]
+                    .iter()
+                    .map(|&c| super::fp8::e4m3(c));
+                match divides {
+                    true => scales.map(|s| s / self.after).collect(),
+                    false => scales.collect(),
+                }
+            }
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use safetensors::Dtype;
 
-use super::packed::{ints, Layout, Packed, Part, Scheme};
+use super::packed::{ints, read_f32_range, Layout, Packed, Part, Scheme};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{FloatType, TensorFile};
 
@@ -235,6 +235,11 @@ pub(super) fn gptq_or_awq(
         scales,
         zeros: Some(zeros),
         zeros_unpacked: false,
+        // (Before `g_idx` moves in.)
+        group_of: g_idx
+            .as_ref()
+            .map(|p| groups_of(shards, p, groups))
+            .transpose()?,
         g_idx,
         shape: [out, inn],
         groups,
@@ -242,6 +247,7 @@ pub(super) fn gptq_or_awq(
         one_scale_row: false,
         global: None,
         activation: None,
+        after: 1.0,
     })
 }
 
@@ -399,6 +405,11 @@ pub(super) fn compressed(
         scales,
         zeros,
         zeros_unpacked,
+        // (Before `g_idx` moves in.)
+        group_of: g_idx
+            .as_ref()
+            .map(|p| groups_of(shards, p, groups))
+            .transpose()?,
         g_idx,
         shape: [out, inn],
         groups,
@@ -406,6 +417,7 @@ pub(super) fn compressed(
         one_scale_row,
         global: None,
         activation: None,
+        after: 1.0,
     })
 }
 
@@ -500,7 +512,26 @@ pub(super) fn nvfp4(
         groups,
         group: NVFP4_GROUP,
         one_scale_row: false,
+        after: read_f32_range(shards, &global, 0..1)[0],
         global: Some(global),
         activation,
+        group_of: None,
     })
+}
+
+/// Each input's group from a `g_idx`, checked against the scales' group count.
+fn groups_of(shards: &[TensorFile], p: &Part, groups: usize) -> Result<std::sync::Arc<[u32]>> {
+    let g = ints(&shards[p.shard], &p.name)?;
+    if let Some((i, bad_group)) = g
+        .iter()
+        .enumerate()
+        .find(|(_, &g)| g < 0 || g as usize >= groups)
+    {
+        return Err(bad(
+            shards,
+            p,
+            format!("input {i} is in group {bad_group}, but the scales have {groups} groups"),
+        ));
+    }
+    Ok(g.into_iter().map(|g| g as u32).collect())
 }
