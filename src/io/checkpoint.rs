@@ -43,7 +43,9 @@ enum Storage {
 
 impl Checkpoint {
     /// Opens a model directory (safetensors, or one `.gguf` file when there is no
-    /// `config.json`) or a `.gguf` file, and validates every header (no tensor data is read).
+    /// `config.json`) or a `.gguf` file, and validates every header (of the tensors' data only
+    /// quantized weights' small companions are read: `g_idx`, JSON quant states, tensor-wide
+    /// scales).
     pub fn open(dir: &Path) -> Result<Self> {
         if gguf::is_gguf(dir) {
             return Self::open_gguf(dir);
@@ -285,8 +287,8 @@ impl Checkpoint {
     }
 
     /// True when [`Checkpoint::rows_raw`] borrows the rows of `name` from the map; false when
-    /// it builds them (a dequantized GGUF or FP8 tensor, an expert's weight gathered out of a
-    /// fused tensor), so that batch schedulers read those one at a time instead of holding a whole
+    /// it builds them (a dequantized GGUF tensor or quantized weight, an expert's weight
+    /// gathered out of a fused tensor), so that batch schedulers read those one at a time instead of holding a whole
     /// batch of copies.
     pub fn borrows(&self, name: &str) -> bool {
         match &self.storage {
@@ -374,7 +376,8 @@ impl Checkpoint {
     }
 
     /// Rows of a weight built as read (NaN and Inf refused): an expert's weight the checkpoint
-    /// stores fused, or an FP8 weight; None for any other tensor.
+    /// stores fused, or a quantized weight (FP8, packed, bitsandbytes); None for any other
+    /// tensor.
     fn built_rows(
         &self,
         name: &str,

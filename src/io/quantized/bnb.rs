@@ -112,13 +112,28 @@ impl BnbWeights {
             let Some(module) = name.strip_suffix(".weight") else {
                 continue;
             };
-            let state = ["nf4", "fp4"]
-                .iter()
-                .find_map(|t| get(index, format!("{name}.quant_state.bitsandbytes__{t}")));
-            let found = match (state, get(index, format!("{module}.SCB"))) {
-                (Some(state), _) => Bnb::FourBit(four_bit(name, state, shards, index)?),
-                (None, Some(scb)) => int8(name, scb, shards, index)?,
-                (None, None) => continue,
+            let states: Vec<(&str, Part)> = ["nf4", "fp4"]
+                .into_iter()
+                .filter_map(|t| {
+                    Some((
+                        t,
+                        get(index, format!("{name}.quant_state.bitsandbytes__{t}"))?,
+                    ))
+                })
+                .collect();
+            let found = match (states.as_slice(), get(index, format!("{module}.SCB"))) {
+                ([(quant_type, state)], _) => {
+                    Bnb::FourBit(four_bit(name, quant_type, state.clone(), shards, index)?)
+                }
+                ([_, (_, second)], _) => {
+                    return Err(bad(
+                        shards,
+                        second,
+                        format!("a second quant state for `{name}`, beside its NF4 one"),
+                    ))
+                }
+                (_, Some(scb)) => int8(name, scb, shards, index)?,
+                (_, None) => continue,
             };
             weights.insert(name.clone(), found);
         }
@@ -127,6 +142,11 @@ impl BnbWeights {
 
     pub fn has(&self, name: &str) -> bool {
         self.weights.contains_key(name)
+    }
+
+    /// The weights, by name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.weights.keys().map(String::as_str)
     }
 
     /// `[out, in]` of a weight.
@@ -278,6 +298,7 @@ fn read_f32(shards: &[TensorFile], p: &Part) -> Vec<f32> {
 /// A 4-bit weight, its parts checked against its quant state.
 fn four_bit(
     name: &str,
+    quant_type: &str,
     state: Part,
     shards: &[TensorFile],
     index: &HashMap<String, usize>,
@@ -288,6 +309,14 @@ fn four_bit(
         .and_then(|t| serde_json::from_str(t).ok())
         .ok_or_else(|| bad(shards, &state, "not the JSON of a quant state".to_string()))?;
     let field = |key: &str| json[key].as_u64().map(|v| v as usize);
+    // The name says which code map the state is for; the state must agree.
+    if json["quant_type"].as_str() != Some(quant_type) {
+        return Err(bad(
+            shards,
+            &state,
+            format!("{json}: the quant state of a `{quant_type}` weight names another quant_type"),
+        ));
+    }
     let shape = match json["shape"].as_array().map(|a| a.as_slice()) {
         Some([o, i]) => [o.as_u64(), i.as_u64()],
         _ => [None, None],
@@ -338,6 +367,13 @@ fn four_bit(
     let nested = match get(index, format!("{name}.nested_absmax")) {
         None => {
             float_part(shards, &absmax, Some(blocks))?;
+            if let Some(stray) = get(index, format!("{name}.nested_quant_map")) {
+                return Err(bad(
+                    shards,
+                    &stray,
+                    format!("a nested code map without `{name}.nested_absmax`"),
+                ));
+            }
             None
         }
         Some(nested_absmax) => {
@@ -405,6 +441,18 @@ fn int8(
         }
     };
     float_part(shards, &scb, Some(shape[0]))?;
+    // Older bitsandbytes could save the weight in a GPU's tiled layout (formats 2 and 3), which
+    // is not its rows: only the row-major format 0 is read.
+    if let Some(format) = get(index, format!("{name}_format")) {
+        let value = super::packed::ints(&shards[format.shard], &format.name)?;
+        if value != [0] {
+            return Err(bad(
+                shards,
+                &format,
+                format!("{value:?}: only weight_format 0 (row-major) is read"),
+            ));
+        }
+    }
     Ok(Bnb::Int8 {
         shard: weight.shard,
         scb,

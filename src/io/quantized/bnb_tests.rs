@@ -87,7 +87,8 @@ fn four_bit_weights_read_as_their_codes_map_times_their_blocks_absmax() {
         let (_dir, shards, found) = open(tensors);
         let found = found.unwrap();
         assert_eq!(found.shape("m.weight"), Some(&[5, 6][..]));
-        for rows in [0..5, 2..4] {
+        // Rows 3..5 start past the first nested block.
+        for rows in [0..5, 2..4, 3..5] {
             let (bytes, ty, cols) = found
                 .read_rows("m.weight", rows.clone(), &shards)
                 .unwrap()
@@ -153,6 +154,65 @@ fn bitsandbytes_weights_without_their_parts_are_refused_by_name() {
     tensors[0].1 = Raw(Dtype::U8, vec![14, 1], vec![0; 14]);
     let e = open(tensors).2.unwrap_err().to_string();
     assert!(e.contains("m.weight") && e.contains("14 bytes"), "{e}");
+    // A block size of zero, and a state for another quant type.
+    for (key, value) in [
+        ("blocksize", serde_json::json!(0)),
+        ("quant_type", serde_json::json!("fp4")),
+    ] {
+        let (mut tensors, _) = four_bit(false);
+        let i = tensors
+            .iter()
+            .position(|(n, _)| n.contains("quant_state"))
+            .unwrap();
+        let mut state: serde_json::Value = serde_json::from_slice(&tensors[i].1 .2).unwrap();
+        state[key] = value;
+        let json = state.to_string().into_bytes();
+        tensors[i].1 = Raw(Dtype::U8, vec![json.len()], json);
+        let e = open(tensors).2.unwrap_err().to_string();
+        assert!(e.contains("quant_state") && e.contains(key), "{e}");
+    }
+    // An int8 weight saved in a tiled GPU layout.
+    let tensors = vec![
+        (
+            "m.weight".to_string(),
+            Raw(Dtype::I8, vec![3, 4], vec![0; 12]),
+        ),
+        (
+            "m.SCB".to_string(),
+            Raw(Dtype::F32, vec![3], floats(&[1.0; 3])),
+        ),
+        (
+            "m.weight_format".to_string(),
+            Raw(Dtype::U8, vec![], vec![2]),
+        ),
+    ];
+    let e = open(tensors).2.unwrap_err().to_string();
+    assert!(e.contains("m.weight_format") && e.contains("[2]"), "{e}");
+    // A weight both NVFP4 (an F8_E4M3 scale beside U8 codes) and bitsandbytes 4-bit.
+    let (mut tensors, _) = four_bit(false);
+    tensors.push((
+        "m.weight_scale".into(),
+        Raw(Dtype::F8_E4M3, vec![5, 1], vec![0x38; 5]),
+    ));
+    tensors.push((
+        "m.weight_scale_2".into(),
+        Raw(Dtype::F32, vec![1], floats(&[1.0])),
+    ));
+    // (The NVFP4 reading of 15 bytes a row needs 30 inputs: rows of 3 bytes, 6 inputs.)
+    tensors[0].1 = Raw(Dtype::U8, vec![5, 3], vec![0; 15]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &path)
+        .unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    let index = file.names().map(|n| (n.to_string(), 0)).collect();
+    let e = crate::io::quantized::QuantizedWeights::find(&serde_json::json!({}), &[file], &index)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("m.weight") && e.contains("two quantized formats"),
+        "{e}"
+    );
     // An SCB of the wrong length.
     let tensors = vec![
         (

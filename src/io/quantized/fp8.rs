@@ -177,6 +177,11 @@ impl Fp8Weights {
         self.weights.contains_key(name)
     }
 
+    /// The FP8 weights, by name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.weights.keys().map(String::as_str)
+    }
+
     /// The shard holding an FP8 weight's scale.
     pub fn scales_shard(&self, name: &str) -> Option<usize> {
         self.weights.get(name).map(|w| w.scale_shard)

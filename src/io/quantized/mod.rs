@@ -28,7 +28,9 @@ pub struct QuantizedWeights {
 
 impl QuantizedWeights {
     /// The checkpoint's quantized weights, each found beside its parts and checked against them
-    /// and the config's `quantization_config` (only headers and small JSON states are read).
+    /// and the config's `quantization_config`. Besides headers, only small tensors are read:
+    /// `g_idx`, NVFP4's tensor-wide scales, bitsandbytes' JSON states and int8 formats. A
+    /// weight two formats claim is refused.
     pub fn find(
         config: &serde_json::Value,
         shards: &[TensorFile],
@@ -37,6 +39,26 @@ impl QuantizedWeights {
         let fp8 = fp8::Fp8Weights::find(config, shards, index)?;
         let packed = packed::PackedWeights::find(config, shards, index)?;
         let bnb = bnb::BnbWeights::find(shards, index)?;
+        let claims = |name: &str| [fp8.has(name), packed.has(name), bnb.has(name)];
+        let mut names: Vec<&str> = fp8
+            .names()
+            .chain(packed.all_names())
+            .chain(bnb.names())
+            .collect();
+        names.sort_unstable();
+        if let Some(name) = names
+            .into_iter()
+            .find(|n| claims(n).iter().filter(|c| **c).count() > 1)
+        {
+            let file = index
+                .get(name)
+                .map_or(shards[0].path(), |&i| shards[i].path());
+            return Err(crate::error::Error::bad_tensor(
+                file,
+                name,
+                "stored in two quantized formats at once (FP8, packed, bitsandbytes)",
+            ));
+        }
         let parts = fp8
             .scales()
             .map(str::to_string)

@@ -282,6 +282,11 @@ impl PackedWeights {
         self.weights.contains_key(name)
     }
 
+    /// Every weight presented, stored under its own name or not.
+    pub fn all_names(&self) -> impl Iterator<Item = &str> {
+        self.weights.keys().map(String::as_str)
+    }
+
     /// `[out, in]` of a packed weight.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.weights.get(name).map(|w| &w.shape[..])
@@ -364,7 +369,7 @@ impl PackedWeights {
         values
             .par_chunks_mut(cols.max(1))
             .zip(rows.clone())
-            .zip(scales.par_chunks(groups))
+            .zip(scales.par_chunks(groups.max(1)))
             .for_each(|((row, o), scales)| {
                 for (i, v) in row.iter_mut().enumerate() {
                     let g = group_of(i);

@@ -441,7 +441,7 @@ pub(super) fn nvfp4(
     };
     let (shape, _) = shape_of(shards, &codes);
     let [out, inn] = match shape {
-        &[o, half] => [o, 2 * half],
+        &[o, half] if half > 0 => [o, 2 * half],
         _ => {
             return Err(bad(
                 shards,
