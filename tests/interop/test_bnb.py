@@ -101,3 +101,24 @@ def test_a_transfer_between_bnb_bases_is_the_transfer_between_their_dequantizati
     target = bnb_checkpoint(second, tmp_path / "second", kind)
     iu.assert_same_transfers(binary, {label: (source[label], target[label]) for label in ("bnb", "values")},
                              lora, tmp_path, 2 * 7)
+
+
+def test_peft_loads_an_adapter_transferred_onto_a_bnb_base_on_that_base(binary, pair, tmp_path):
+    """transformers loads the 4-bit checkpoint into bitsandbytes' `Linear4bit` layers (on its
+    CPU backend), and PEFT puts the transferred adapter on them with no key missing or
+    unexpected and every factor as the file holds it."""
+    from transformers import AutoModelForCausalLM
+
+    _, first, second, lora = pair
+    target = bnb_checkpoint(second, tmp_path / "second", "nf4")["bnb"]
+    out = tmp_path / "out"
+    iu.loraxfer(binary, "transfer", "--source-base", first, "--target-base", target, "--adapter", lora,
+                "--out", out, "--mode", "rotate", "--rank", "16")
+    with iu.quiet():
+        model, info = AutoModelForCausalLM.from_pretrained(target, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    peft_model = iu.load_peft_strict(model, out)
+    q = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    assert type(q.base_layer).__name__ == "Linear4bit"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(target)
