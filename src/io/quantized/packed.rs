@@ -102,6 +102,8 @@ pub(super) struct Packed {
     pub activation: Option<Part>,
     /// NVFP4's tensor-wide scale's value (1 for the other layouts), read when found.
     pub after: f32,
+    /// compressed-tensors' `weight_shape`, which the shape and width are read from.
+    pub shape_part: Option<Part>,
     /// Each input's group where a `g_idx` gives them (read and checked when found, so that a
     /// row read does not decode it again).
     pub group_of: Option<std::sync::Arc<[u32]>>,
@@ -307,6 +309,7 @@ impl PackedWeights {
             w.zeros.as_ref(),
             w.g_idx.as_ref(),
             w.global.as_ref(),
+            w.shape_part.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -329,16 +332,16 @@ impl PackedWeights {
     pub fn parts(&self) -> impl Iterator<Item = String> + '_ {
         self.weights.iter().flat_map(|(name, w)| {
             let codes = Some(&w.codes).filter(|c| c.name != *name);
-            let mut parts: Vec<String> = [codes, Some(&w.scales), w.zeros.as_ref()]
+            [codes, Some(&w.scales), w.zeros.as_ref(), w.g_idx.as_ref()]
                 .into_iter()
-                .chain([w.g_idx.as_ref(), w.global.as_ref(), w.activation.as_ref()])
+                .chain([
+                    w.global.as_ref(),
+                    w.activation.as_ref(),
+                    w.shape_part.as_ref(),
+                ])
                 .flatten()
                 .map(|p| p.name.clone())
-                .collect();
-            if w.layout == Layout::CompressedTensors {
-                parts.push(format!("{name}_shape"));
-            }
-            parts
+                .collect::<Vec<_>>()
         })
     }
 

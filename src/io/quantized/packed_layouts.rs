@@ -1,7 +1,8 @@
 //! Where each packed layout keeps its parts and what their shapes must be: GPTQ's and AWQ's
 //! `qweight` beside `qzeros`, `scales` and `g_idx`, compressed-tensors' `weight_packed` beside
 //! `weight_shape`, `weight_scale` and `weight_zero_point` (the layouts themselves:
-//! [`super::packed`]). Only headers are read, and the two-value `weight_shape`.
+//! [`super::packed`]). Besides headers, only small tensors are read: the two-value
+//! `weight_shape`, `g_idx` (each input's group, checked once) and NVFP4's tensor-wide scale.
 
 use std::collections::HashMap;
 
@@ -248,6 +249,7 @@ pub(super) fn gptq_or_awq(
         global: None,
         activation: None,
         after: 1.0,
+        shape_part: None,
     })
 }
 
@@ -418,6 +420,7 @@ pub(super) fn compressed(
         global: None,
         activation: None,
         after: 1.0,
+        shape_part: Some(stored_shape),
     })
 }
 
@@ -516,6 +519,7 @@ pub(super) fn nvfp4(
         global: Some(global),
         activation,
         group_of: None,
+        shape_part: None,
     })
 }
 
