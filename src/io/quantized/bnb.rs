@@ -20,7 +20,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::packed::{read_f32_range, Part};
+use super::packed::{bad, read_f32_range, Part};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{FloatType, TensorFile};
 use crate::io::RawBytes;
@@ -63,10 +63,6 @@ struct Nested {
     quant_map: Part,
     blocksize: usize,
     offset: f32,
-}
-
-fn bad(shards: &[TensorFile], p: &Part, reason: String) -> Error {
-    Error::bad_tensor(shards[p.shard].path(), &p.name, reason)
 }
 
 /// `name`'s part, if stored.

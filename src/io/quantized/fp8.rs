@@ -210,16 +210,21 @@ impl Fp8Weights {
         let scale_file = &shards[w.scale_shard];
         let scale_entry = scale_file.entry(&w.scale).expect("indexed");
         let ty = FloatType::from_dtype(scale_entry.dtype).expect("checked when found");
-        let scales = decode_f32(scale_file.bytes(&w.scale).expect("indexed"), ty);
         let [br, bc] = w.block;
         let scale_cols = cols.div_ceil(bc);
+        // Only the scale rows of the rows read (a model's map reads rows one at a time).
+        let first = rows.start / br;
+        let bytes = scale_file.bytes(&w.scale).expect("indexed");
+        let scale_bytes =
+            first * scale_cols * ty.size()..rows.end.div_ceil(br) * scale_cols * ty.size();
+        let scales = decode_f32(&bytes[scale_bytes], ty);
         let mut values = vec![0f32; rows.len() * cols];
         values
             .par_chunks_mut(cols.max(1))
             .zip(rows.clone())
             .for_each(|(row, i)| {
                 let stored = &codes[i * cols..(i + 1) * cols];
-                let row_scales = &scales[(i / br) * scale_cols..][..scale_cols];
+                let row_scales = &scales[(i / br - first) * scale_cols..][..scale_cols];
                 for (j, (v, &code)) in row.iter_mut().zip(stored).enumerate() {
                     *v = e4m3(code) * row_scales[j / bc];
                 }
@@ -235,7 +240,7 @@ impl Fp8Weights {
                     values[at],
                     codes[i * cols + j],
                     w.scale,
-                    scales[(i / br) * scale_cols + j / bc]
+                    scales[(i / br - first) * scale_cols + j / bc]
                 ),
             ));
         }

@@ -144,6 +144,11 @@ pub(super) fn read_f32_range(shards: &[TensorFile], p: &Part, range: Range<usize
     decode_f32(&bytes[range.start * ty.size()..range.end * ty.size()], ty)
 }
 
+/// An error naming a part's file and tensor.
+pub(super) fn bad(shards: &[TensorFile], p: &Part, reason: String) -> Error {
+    Error::bad_tensor(shards[p.shard].path(), &p.name, reason)
+}
+
 /// An integer tensor's values (the `g_idx`, the `weight_shape`).
 pub(super) fn ints(file: &TensorFile, name: &str) -> Result<Vec<i64>> {
     let entry = file.entry(name).expect("indexed");

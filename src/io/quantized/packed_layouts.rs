@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use safetensors::Dtype;
 
-use super::packed::{ints, read_f32_range, Layout, Packed, Part, Scheme};
+use super::packed::{bad, ints, read_f32_range, Layout, Packed, Part, Scheme};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{FloatType, TensorFile};
 
@@ -36,10 +36,6 @@ fn part(
 fn shape_of<'s>(shards: &'s [TensorFile], p: &Part) -> (&'s [usize], Dtype) {
     let entry = shards[p.shard].entry(&p.name).expect("indexed");
     (&entry.shape, entry.dtype)
-}
-
-fn bad(shards: &[TensorFile], p: &Part, reason: String) -> Error {
-    Error::bad_tensor(shards[p.shard].path(), &p.name, reason)
 }
 
 /// The scales of a packed weight: a float tensor `[groups, out]` (`transposed`, GPTQ and AWQ) or
