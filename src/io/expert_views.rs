@@ -304,7 +304,7 @@ impl View {
 }
 
 /// An E8M0 scale: `2^(byte − 127)`, NaN for 255 (the format's NaN).
-fn e8m0(byte: u8) -> f32 {
+pub(crate) fn e8m0(byte: u8) -> f32 {
     match byte {
         255 => f32::NAN,
         b => 2f64.powi(b as i32 - 127) as f32,

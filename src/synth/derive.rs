@@ -30,7 +30,7 @@ pub(crate) const COPIED_FILES: &[&str] = &[
 ];
 
 /// Writes the drifted copy of the checkpoint at `source` into `out_dir` (which must exist): the
-/// source's `config.json` unchanged (less a quantized checkpoint's `quantization_config`), each
+/// source's `config.json` unchanged (less a quantized checkpoint's `quantization_config`, or MLX's `quantization`), each
 /// tensor in the dtype it is read in, sharded like any synthetic model.
 pub(super) fn write_derived(
     source: &Path,
@@ -69,6 +69,8 @@ pub(super) fn write_derived(
     if !parts.is_empty() {
         if let Some(c) = config.as_object_mut() {
             c.remove("quantization_config");
+            // (MLX's own key for the same.)
+            c.remove("quantization");
         }
     }
     write_json(&out_dir.join("config.json"), &config)?;

@@ -1,11 +1,12 @@
 //! Quantized checkpoints, each weight presented under its Hugging Face name as the f32 values it
 //! stands for and built from the rows read: FP8 weights times their scales ([`fp8`]), integers
 //! or 4-bit floats packed beside their scales ([`packed`]: GPTQ, AWQ, compressed-tensors,
-//! NVFP4), and bitsandbytes' 4- and 8-bit weights ([`bnb`]). [`QuantizedWeights`] is what a
-//! checkpoint asks.
+//! NVFP4), bitsandbytes' 4- and 8-bit weights ([`bnb`]) and MLX's affine and microscaled ones
+//! ([`mlx`]). [`QuantizedWeights`] is what a checkpoint asks.
 
 pub mod bnb;
 pub mod fp8;
+pub mod mlx;
 pub mod packed;
 mod packed_layouts;
 
@@ -22,6 +23,7 @@ pub struct QuantizedWeights {
     fp8: fp8::Fp8Weights,
     packed: packed::PackedWeights,
     bnb: bnb::BnbWeights,
+    mlx: mlx::MlxWeights,
     /// The stored tensors the weights are built from, found once.
     parts: HashSet<String>,
 }
@@ -39,11 +41,20 @@ impl QuantizedWeights {
         let fp8 = fp8::Fp8Weights::find(config, shards, index)?;
         let packed = packed::PackedWeights::find(config, shards, index)?;
         let bnb = bnb::BnbWeights::find(shards, index)?;
-        let claims = |name: &str| [fp8.has(name), packed.has(name), bnb.has(name)];
+        let mlx = mlx::MlxWeights::find(config, shards, index)?;
+        let claims = |name: &str| {
+            [
+                fp8.has(name),
+                packed.has(name),
+                bnb.has(name),
+                mlx.has(name),
+            ]
+        };
         let mut names: Vec<&str> = fp8
             .names()
             .chain(packed.all_names())
             .chain(bnb.names())
+            .chain(mlx.names())
             .collect();
         names.sort_unstable();
         if let Some(name) = names
@@ -56,7 +67,7 @@ impl QuantizedWeights {
             return Err(crate::error::Error::bad_tensor(
                 file,
                 name,
-                "stored in two quantized formats at once (FP8, packed, bitsandbytes)",
+                "stored in two quantized formats at once (FP8, packed, bitsandbytes, MLX)",
             ));
         }
         let parts = fp8
@@ -64,23 +75,29 @@ impl QuantizedWeights {
             .map(str::to_string)
             .chain(packed.parts())
             .chain(bnb.parts(index))
+            .chain(mlx.parts())
             .collect();
         Ok(QuantizedWeights {
             fp8,
             packed,
             bnb,
+            mlx,
             parts,
         })
     }
 
     /// True when `name` is a quantized weight (stored under its own name or not).
     pub fn has(&self, name: &str) -> bool {
-        self.fp8.has(name) || self.packed.has(name) || self.bnb.has(name)
+        self.fp8.has(name) || self.packed.has(name) || self.bnb.has(name) || self.mlx.has(name)
     }
 
-    /// `[out, in]` of a weight whose stored shape is not it (packed codes, bitsandbytes bytes).
+    /// `[out, in]` of a weight whose stored shape is not it (packed codes, bitsandbytes bytes,
+    /// MLX words).
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.packed.shape(name).or_else(|| self.bnb.shape(name))
+        self.packed
+            .shape(name)
+            .or_else(|| self.bnb.shape(name))
+            .or_else(|| self.mlx.shape(name))
     }
 
     /// The shard of a weight presented under a name no stored tensor has.
@@ -93,6 +110,7 @@ impl QuantizedWeights {
         let mut shards: Vec<usize> = self.fp8.scales_shard(name).into_iter().collect();
         shards.extend(self.packed.part_shards(name));
         shards.extend(self.bnb.part_shards(name));
+        shards.extend(self.mlx.part_shards(name));
         shards
     }
 
@@ -119,6 +137,9 @@ impl QuantizedWeights {
         if let Some(built) = self.packed.read_rows(name, rows.clone(), shards)? {
             return Ok(Some(built));
         }
-        self.bnb.read_rows(name, rows, shards)
+        if let Some(built) = self.bnb.read_rows(name, rows.clone(), shards)? {
+            return Ok(Some(built));
+        }
+        self.mlx.read_rows(name, rows, shards)
     }
 }

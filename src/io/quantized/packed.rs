@@ -110,12 +110,12 @@ pub(super) struct Packed {
 }
 
 /// The 32-bit words of an int32 tensor.
-fn word(bytes: &[u8], k: usize) -> u32 {
+pub(super) fn word(bytes: &[u8], k: usize) -> u32 {
     u32::from_le_bytes(bytes[4 * k..4 * k + 4].try_into().expect("four bytes"))
 }
 
 /// `bits` bits of the little-endian stream of words `at(0), at(1), …` starting at bit `bit`.
-fn stream(at: impl Fn(usize) -> u32, bit: usize, bits: usize) -> u32 {
+pub(super) fn stream(at: impl Fn(usize) -> u32, bit: usize, bits: usize) -> u32 {
     let (w, off) = (bit / 32, bit % 32);
     let mut v = (at(w) as u64) >> off;
     if off + bits > 32 {

@@ -1,0 +1,261 @@
+//! MLX weights read back as the codes, scales and biases they were packed from, laid out as
+//! `mx.quantize` lays them out (each row a little-endian bit stream of codes through U32 words).
+
+use super::*;
+use crate::io::safetensors::decode_f32;
+use crate::io::RawTensor as Raw;
+
+fn floats(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Rows of `bits`-bit codes packed as MLX packs them: bit `b` of code `i` is bit `i·bits + b` of
+/// the row's stream, bit `k` of the stream bit `k mod 32` of word `k / 32`.
+fn pack(codes: &[Vec<u32>], bits: usize) -> (Vec<u8>, usize) {
+    let words = codes[0].len() * bits / 32;
+    let mut out = Vec::new();
+    for row in codes {
+        let mut w = vec![0u32; words];
+        for (i, &c) in row.iter().enumerate() {
+            for b in 0..bits {
+                let k = i * bits + b;
+                w[k / 32] |= ((c >> b) & 1) << (k % 32);
+            }
+        }
+        out.extend(w.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    (out, words)
+}
+
+type Tensors = Vec<(String, Raw)>;
+
+fn open(
+    config: serde_json::Value,
+    tensors: Tensors,
+) -> (tempfile::TempDir, Vec<TensorFile>, Result<MlxWeights>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &path)
+        .unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    let index = file.names().map(|n| (n.to_string(), 0)).collect();
+    let shards = vec![file];
+    let found = MlxWeights::find(&config, &shards, &index);
+    (dir, shards, found)
+}
+
+fn read(found: &MlxWeights, shards: &[TensorFile], name: &str, rows: Range<usize>) -> Vec<f32> {
+    let (bytes, ty, _) = found.read_rows(name, rows, shards).unwrap().unwrap();
+    decode_f32(&bytes, ty)
+}
+
+/// An affine weight `[3, 64]` of `bits`-bit codes in groups of 32: code `(7i + 3o) mod 2^bits`,
+/// scale `(o + 1)/4 + g/8`, bias `−g − o/2`; the tensors and the values they stand for.
+fn affine(module: &str, bits: usize) -> (Tensors, Vec<f32>) {
+    let (out, inn, group) = (3usize, 64usize, 32usize);
+    let codes: Vec<Vec<u32>> = (0..out)
+        .map(|o| {
+            (0..inn)
+                .map(|i| ((7 * i + 3 * o) % (1 << bits)) as u32)
+                .collect()
+        })
+        .collect();
+    let groups = inn / group;
+    let scale = |o: usize, g: usize| (o as f32 + 1.0) / 4.0 + g as f32 / 8.0;
+    let bias = |o: usize, g: usize| -(g as f32) - o as f32 / 2.0;
+    let want = (0..out * inn)
+        .map(|k| {
+            let (o, i) = (k / inn, k % inn);
+            let g = i / group;
+            (codes[o][i] as f64 * scale(o, g) as f64 + bias(o, g) as f64) as f32
+        })
+        .collect();
+    let (bytes, words) = pack(&codes, bits);
+    let per_group = |f: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
+        (0..out * groups)
+            .map(|k| f(k / groups, k % groups))
+            .collect()
+    };
+    let tensors = vec![
+        (
+            format!("{module}.weight"),
+            Raw(Dtype::U32, vec![out, words], bytes),
+        ),
+        (
+            format!("{module}.scales"),
+            Raw(Dtype::F32, vec![out, groups], floats(&per_group(&scale))),
+        ),
+        (
+            format!("{module}.biases"),
+            Raw(Dtype::F32, vec![out, groups], floats(&per_group(&bias))),
+        ),
+    ];
+    (tensors, want)
+}
+
+fn config(bits: usize) -> serde_json::Value {
+    serde_json::json!({"quantization": {"group_size": 32, "bits": bits}})
+}
+
+#[test]
+fn affine_weights_read_as_code_times_scale_plus_bias_at_every_width() {
+    for bits in [2, 3, 4, 5, 6, 8] {
+        let (tensors, want) = affine("m", bits);
+        let (_dir, shards, found) = open(config(bits), tensors);
+        let found = found.unwrap();
+        assert_eq!(found.shape("m.weight"), Some(&[3, 64][..]), "{bits} bits");
+        assert_eq!(read(&found, &shards, "m.weight", 0..3), want, "{bits} bits");
+        // One row alone (3, 5 and 6 bits cross words within it).
+        assert_eq!(
+            read(&found, &shards, "m.weight", 1..2),
+            want[64..128],
+            "{bits} bits"
+        );
+        let mut parts: Vec<String> = found.parts().collect();
+        parts.sort();
+        assert_eq!(parts, ["m.biases", "m.scales"]);
+    }
+}
+
+#[test]
+fn a_modules_own_entry_overrides_the_checkpoints_and_false_refuses_its_codes() {
+    // 8-bit codes in a checkpoint quantized to 4 bits, as mlx-lm's mixed recipes write them.
+    let both = || {
+        let (mut tensors, want) = affine("a", 8);
+        let (four, want4) = affine("b", 4);
+        tensors.extend(four);
+        (tensors, want, want4)
+    };
+    let (tensors, want, want4) = both();
+    let cfg = serde_json::json!({"quantization": {"group_size": 32, "bits": 4,
+        "a": {"group_size": 32, "bits": 8}}});
+    let (_dir, shards, found) = open(cfg, tensors);
+    let found = found.unwrap();
+    assert_eq!(read(&found, &shards, "a.weight", 0..3), want);
+    assert_eq!(read(&found, &shards, "b.weight", 0..3), want4);
+
+    let cfg = serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "a": false}});
+    let err = open(cfg, both().0).2.unwrap_err().to_string();
+    assert!(
+        err.contains("a.weight") && err.contains("is false"),
+        "{err}"
+    );
+}
+
+/// `[2, 32]` microscaled codes: `codes` bytes a row, the scales `scale` bytes, one a group.
+fn microscaled(
+    mode: &str,
+    group: usize,
+    codes: Vec<u8>,
+    scale: &[u8],
+) -> Result<(Vec<f32>, usize)> {
+    let (out, inn) = (2usize, 32usize);
+    let words = codes.len() / 4 / out;
+    let tensors = vec![
+        (
+            "m.weight".to_string(),
+            Raw(Dtype::U32, vec![out, words], codes),
+        ),
+        (
+            "m.scales".to_string(),
+            Raw(Dtype::U8, vec![out, inn / group], scale.to_vec()),
+        ),
+    ];
+    let cfg = serde_json::json!({"quantization": {"group_size": group, "bits": 8 * words * 4 / inn,
+        "mode": mode}});
+    let (_dir, shards, found) = open(cfg, tensors);
+    let found = found?;
+    let (bytes, ty, cols) = found.read_rows("m.weight", 0..out, &shards)?.unwrap();
+    Ok((decode_f32(&bytes, ty), cols))
+}
+
+#[test]
+fn microscaled_weights_read_as_float_codes_times_their_groups_scale() {
+    const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    let fp4 = |c: u8| E2M1[(c & 7) as usize] * if c & 8 != 0 { -1.0 } else { 1.0 };
+    // Code k of a row is k mod 16, two a byte, the first in the low nibble.
+    let nibbles: Vec<u8> = (0..32)
+        .map(|b| ((2 * b % 16) | (((2 * b + 1) % 16) << 4)) as u8)
+        .collect();
+    let fp4_codes = |i: usize| fp4((i % 16) as u8);
+
+    // mxfp4: E8M0 scales 2^(s − 127): 2^1 for row 0, 2^−3 for row 1.
+    let (values, cols) = microscaled("mxfp4", 32, nibbles.clone(), &[128, 124]).unwrap();
+    assert_eq!(cols, 32);
+    let want: Vec<f32> = (0..64)
+        .map(|k| fp4_codes(k % 32) * if k < 32 { 2.0 } else { 0.125 })
+        .collect();
+    assert_eq!(values, want);
+
+    // nvfp4: F8_E4M3 scales, groups of 16: 0x38 = 1.0, 0x40 = 2.0, 0x30 = 0.5, 0x3c = 1.5.
+    let (values, _) = microscaled("nvfp4", 16, nibbles, &[0x38, 0x40, 0x30, 0x3c]).unwrap();
+    let scales = [1.0, 2.0, 0.5, 1.5];
+    let want: Vec<f32> = (0..64)
+        .map(|k| fp4_codes(k % 32) * scales[k / 16])
+        .collect();
+    assert_eq!(values, want);
+
+    // mxfp8: one F8_E4M3 code a byte; 0x38 + k is 1 + k/8 for k < 8.
+    let bytes: Vec<u8> = (0..64).map(|k| 0x38 + (k % 8) as u8).collect();
+    let (values, _) = microscaled("mxfp8", 32, bytes, &[127, 129]).unwrap();
+    let want: Vec<f32> = (0..64)
+        .map(|k| (1.0 + (k % 8) as f32 / 8.0) * if k < 32 { 1.0 } else { 4.0 })
+        .collect();
+    assert_eq!(values, want);
+
+    // E8M0 255 is NaN: refused, naming the value's place and its scale.
+    let err = microscaled("mxfp4", 32, vec![0x11; 32], &[127, 255])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("m.weight") && err.contains("row 1, column 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn parts_that_disagree_with_the_config_or_each_other_are_refused_naming_them() {
+    let refused = |cfg: serde_json::Value, edit: &dyn Fn(&mut Tensors)| {
+        let (mut tensors, _) = affine("m", 4);
+        edit(&mut tensors);
+        open(cfg, tensors).2.unwrap_err().to_string()
+    };
+    let none = |_: &mut Tensors| {};
+    let err = refused(serde_json::json!({}), &none);
+    assert!(
+        err.contains("m.weight") && err.contains("no `quantization`"),
+        "{err}"
+    );
+    // Group size 64 makes [3, 1] scales of these [3, 8] words, not [3, 2].
+    let err = refused(
+        serde_json::json!({"quantization": {"group_size": 64, "bits": 4}}),
+        &none,
+    );
+    assert!(err.contains("m.scales") && err.contains("[3, 1]"), "{err}");
+    let err = refused(config(7), &none);
+    assert!(err.contains("7 bits"), "{err}");
+    let err = refused(
+        serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "mode": "q4k"}}),
+        &none,
+    );
+    assert!(err.contains("\"q4k\""), "{err}");
+    let err = refused(config(4), &|t| t.retain(|(n, _)| n != "m.biases"));
+    assert!(err.contains("without their biases (`m.biases`)"), "{err}");
+    // Words that do not make whole codes: 3 bits over 5 words is 53⅓ codes.
+    let err = refused(config(3), &|t| {
+        t[0].1 = Raw(Dtype::U32, vec![3, 5], vec![0; 60]);
+    });
+    assert!(
+        err.contains("m.weight") && err.contains("not whole groups"),
+        "{err}"
+    );
+    // An mxfp4 config over affine tensors: U8 scales expected, and no biases.
+    let err = refused(
+        serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}),
+        &none,
+    );
+    assert!(
+        err.contains("m.scales") && err.contains("expected U8"),
+        "{err}"
+    );
+}
