@@ -54,7 +54,8 @@ pub struct TransferArgs {
     /// The model to transfer onto (a directory, a GGUF file or a cached hub name).
     #[arg(long)]
     pub target_base: PathBuf,
-    /// PEFT adapter (adapter_config.json + adapter_model.safetensors): a directory or a cached
+    /// PEFT adapter (adapter_config.json + adapter_model.safetensors), or an MLX one
+    /// (adapter_config.json + adapters.safetensors): a directory or a cached
     /// hub name.
     #[arg(long)]
     pub adapter: PathBuf,

@@ -15,7 +15,8 @@ unit of a stage (stages, in map mode: `residual`, counting the residual map's st
 and `map`, counting layers, the modules of `transfer` running a layer at a time as `map` builds
 each; else `transfer` or `inspect`, counting modules), and a callback that raises (or Ctrl-C) stops the job with nothing
 written to `out` (a cache directory keeps the decompositions finished before the stop).
-`export_gguf` is `loraxfer export-gguf`: a PEFT adapter as a llama.cpp LoRA GGUF for its base.
+`export_gguf` is `loraxfer export-gguf`: a PEFT adapter as a llama.cpp LoRA GGUF for its base;
+`export_mlx` is `loraxfer export-mlx`: an adapter as one mlx-lm loads onto the same base.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "transfer",
     "inspect",
     "export_gguf",
+    "export_mlx",
     "options",
     "LoraxferError",
     "InvalidArgumentError",
@@ -141,14 +143,30 @@ def export_gguf(adapter: PathLike, base: PathLike, out: PathLike, *, force: bool
     GGUF for `base` (a directory, a GGUF file or a cached hub name) at `out`, atomically (an
     existing `out` only with `force=True`, and only when it is a LoRA GGUF), as `loraxfer
     export-gguf` does. Returns what was written: path, architecture, modules, lora_alpha."""
+    paths = _export_paths(force, adapter=adapter, base=base, out=out)
+    return json.loads(_native.export_gguf(*paths, force))
+
+
+def export_mlx(adapter: PathLike, out: PathLike, *, force: bool = False) -> dict:
+    """Writes the adapter `adapter` (a PEFT or MLX directory, or a cached hub name) at `out` as
+    an MLX adapter for the same base, atomically (an existing `out` only with `force=True`, and
+    only when it is an earlier output), as `loraxfer export-mlx` does. Returns what was written:
+    path, modules, rank, scale, keys."""
+    paths = _export_paths(force, adapter=adapter, out=out)
+    return json.loads(_native.export_mlx(*paths, force))
+
+
+def _export_paths(force, **paths: PathLike) -> list:
+    """An export's paths, in order, as text with `~` expanded; TypeError for a `force` that is
+    not a bool or a path that is not a str or os.PathLike."""
     if not isinstance(force, bool):
         raise TypeError(f"force must be a bool, not {type(force).__name__}")
-    paths = []
-    for name, value in (("adapter", adapter), ("base", base), ("out", out)):
+    out = []
+    for name, value in paths.items():
         if not isinstance(value, (str, os.PathLike)):
             raise TypeError(f"{name} must be a str or os.PathLike, not {type(value).__name__}")
-        paths.append(os.path.expanduser(os.fsdecode(value)))
-    return json.loads(_native.export_gguf(*paths, force))
+        out.append(os.path.expanduser(os.fsdecode(value)))
+    return out
 
 
 def options(command: str) -> list:

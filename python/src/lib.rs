@@ -193,6 +193,21 @@ fn export_gguf(
     })
 }
 
+/// `loraxfer export-mlx`; what was written, as JSON.
+#[pyfunction]
+#[pyo3(signature = (adapter, out, force=false))]
+fn export_mlx(
+    py: Python<'_>,
+    adapter: std::path::PathBuf,
+    out: std::path::PathBuf,
+    force: bool,
+) -> PyResult<String> {
+    run_released(py, None, move |_| {
+        let done = loraxfer::io::adapter::mlx::export(&adapter, &out, force)?;
+        Ok(serde_json::to_string(&done).expect("export summaries serialize"))
+    })
+}
+
 /// The options of `transfer` or `inspect` as the command line defines them, as JSON.
 #[pyfunction]
 fn options(py: Python<'_>, command: &str) -> PyResult<String> {
@@ -208,5 +223,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(options, m)?)?;
     m.add_function(wrap_pyfunction!(export_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(export_mlx, m)?)?;
     Ok(())
 }

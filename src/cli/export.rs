@@ -1,7 +1,9 @@
-//! `export-gguf`: a PEFT adapter written as a llama.cpp LoRA for its base model.
+//! `export-gguf` and `export-mlx`: a PEFT adapter written as a llama.cpp LoRA for its base
+//! model, or as an MLX adapter.
 
 use std::path::PathBuf;
 
+use loraxfer::io::adapter::mlx;
 use loraxfer::io::gguf::lora::export;
 use loraxfer::progress::Progress;
 use loraxfer::Result;
@@ -34,6 +36,33 @@ pub fn run(args: ExportGgufArgs) -> Result<()> {
     println!(
         "wrote {} (a llama.cpp LoRA for {}: {} modules, lora_alpha {})",
         done.path, done.architecture, done.modules, done.lora_alpha
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportMlxArgs {
+    /// The adapter: a PEFT directory, an MLX one, or a cached hub name.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The MLX adapter directory to write (adapters.safetensors, adapter_config.json), for
+    /// `mlx_lm.load(BASE, adapter_path=OUT)` and `mlx_lm.generate --adapter-path OUT`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace --out if it is an earlier output.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run_mlx(args: ExportMlxArgs) -> Result<()> {
+    let written = mlx::export(&args.adapter, &args.out, args.force)?;
+    println!(
+        "wrote {} (an MLX adapter: {} modules, rank {}, scale {}, keys {})",
+        written.path,
+        written.modules,
+        written.rank,
+        written.scale,
+        written.keys.join(",")
     );
     Ok(())
 }

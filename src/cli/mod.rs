@@ -39,6 +39,10 @@ enum Command {
     /// Write a PEFT adapter as a llama.cpp LoRA (GGUF) for its base model, as llama.cpp's
     /// convert_lora_to_gguf.py does, with per-module and rslora scales folded in.
     ExportGguf(export::ExportGgufArgs),
+    /// Write an adapter as an MLX adapter (mlx-lm's adapters.safetensors and
+    /// adapter_config.json) for the same base: one rank and one scale for all modules, the
+    /// update unchanged.
+    ExportMlx(export::ExportMlxArgs),
     /// Print the version, the kernels, the GPU (if any) and the backend --device auto picks.
     Info,
     /// Check every CUDA kernel against the CPU reference on fresh random inputs; exits non-zero
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Convert(args) => convert::run(args),
         Command::ExportGguf(args) => export::run(args),
+        Command::ExportMlx(args) => export::run_mlx(args),
         Command::Info => {
             info::print();
             Ok(())

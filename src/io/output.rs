@@ -327,6 +327,7 @@ pub fn is_output_file(name: &str) -> bool {
         "adapter_config.json"
             | "adapter_model.safetensors"
             | "adapter_model.gguf"
+            | "adapters.safetensors"
             | "transfer_report.json"
             | "config.json"
             | "model.safetensors"

@@ -96,3 +96,177 @@ def test_a_transfer_between_mlx_bases_is_the_transfer_between_their_dequantizati
     target = mlx_checkpoint(second, tmp_path / "second", kind)
     iu.assert_same_transfers(binary, {label: (source[label], target[label]) for label in ("mlx", "values")},
                              lora, tmp_path, 2 * 7)
+
+
+# MLX adapters: mlx-lm's own LoRA layers read, and written for mlx-lm to load.
+
+def mlx_updates(model_dir, adapter_dir) -> dict:
+    """{module: ΔW in float64} of every LoRA layer mlx-lm puts on the model in `model_dir` when
+    it loads the adapter in `adapter_dir` (`load_adapters`, which refuses a name or shape it does
+    not expect): `scale · lora_bᵀ · lora_aᵀ`, as its `LoRALinear.fuse` adds it."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_dir)
+    load_adapters(model, str(adapter_dir))
+    updates = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            a, b = (np.array(p.astype(mx.float32)).astype(np.float64) for p in (m.lora_a, m.lora_b))
+            updates[name] = m.scale * (b.T @ a.T)
+    return updates
+
+
+def mlx_lora(model_dir, out, rank: int, scale: float, seed: int):
+    """An adapter made by mlx-lm itself on the model in `model_dir`: its LoRA layers on every
+    projection of every layer (`linear_to_lora_layers`), lora_b drawn at random (mlx-lm starts it
+    at zero), saved as its trainer saves the trainable parameters, with the config its
+    `mlx_lm.lora` writes."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_dir)
+    model.freeze()
+    params = {"rank": rank, "scale": scale, "dropout": 0.0}
+    linear_to_lora_layers(model, len(model.layers), params)
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = 0.02 * mx.random.normal(m.lora_b.shape)
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "model": str(model_dir), "fine_tune_type": "lora", "num_layers": len(model.layers),
+        "lora_parameters": params, "batch_size": 4, "iters": 100, "learning_rate": 1e-5}))
+    return out
+
+
+def as_peft(mlx_dir, out):
+    """The PEFT adapter of an MLX adapter's update, written in numpy: A = lora_aᵀ, B = lora_bᵀ,
+    lora_alpha = scale · rank."""
+    from safetensors.numpy import load_file as np_load, save_file
+
+    config = json.loads((mlx_dir / "adapter_config.json").read_text())["lora_parameters"]
+    tensors = {}
+    for key, v in np_load(str(mlx_dir / "adapters.safetensors")).items():
+        module, part = key.rsplit(".", 1)
+        name = {"lora_a": "lora_A", "lora_b": "lora_B"}[part]
+        tensors[f"{iu.PEFT_PREFIX}{module}.{name}.weight"] = np.ascontiguousarray(v.T)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": config["rank"], "lora_alpha": config["scale"] * config["rank"],
+        "target_modules": iu.SEPARATE}))
+    return out
+
+
+def assert_updates_close(got: dict, want: dict):
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert iu.max_rel_diff(got[k], want[k]) < 1e-6, k
+
+
+def test_mlx_lm_loads_an_exported_adapter_with_the_peft_adapters_update(binary, pair, tmp_path):
+    """Per-module ranks and alphas (PEFT's rank_pattern and alpha_pattern) become mlx-lm's one
+    rank and scale: smaller ranks padded with zeros, other scales folded into lora_b."""
+    from peft import LoraConfig
+
+    _, first, _, lora = pair
+    model = iu.load_model(first)
+    patterned = tmp_path / "patterned"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=iu.SEPARATE, rank_pattern={"q_proj": 2},
+                        alpha_pattern={"down_proj": 3})
+    iu.random_peft(model, config, 9, 0.02).save_pretrained(patterned)
+    for adapter in (lora, patterned):
+        out = tmp_path / f"mlx-{adapter.name}"
+        iu.loraxfer(binary, "export-mlx", "--adapter", adapter, "--out", out)
+        written = json.loads((out / "adapter_config.json").read_text())
+        assert written["lora_parameters"]["rank"] == 4 and written["lora_parameters"]["scale"] == 2.0
+        assert written["num_layers"] == -1 and written["fine_tune_type"] == "lora"
+        assert_updates_close(mlx_updates(first, out), iu.module_updates(adapter))
+    # An earlier output is replaced only with --force.
+    proc = subprocess_run(binary, "export-mlx", "--adapter", lora, "--out", tmp_path / "mlx-lora")
+    assert proc.returncode != 0 and "exists" in proc.stderr, proc.stderr
+    iu.loraxfer(binary, "export-mlx", "--adapter", lora, "--out", tmp_path / "mlx-lora", "--force")
+
+
+def subprocess_run(binary, *args):
+    import subprocess
+
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_an_mlx_adapter_transfers_as_the_peft_adapter_of_its_update(binary, pair, tmp_path):
+    """An adapter mlx-lm made transfers as its PEFT form does, bit for bit, in rotate and in map
+    mode; exported back to MLX it is the file mlx-lm saved."""
+    from safetensors.numpy import load_file as np_load
+
+    _, first, second, _ = pair
+    made = mlx_lora(first, tmp_path / "made", rank=4, scale=10.0, seed=3)
+    peft = as_peft(made, tmp_path / "peft")
+    assert_updates_close(iu.module_updates(peft), mlx_updates(first, made))
+    for mode in ("rotate", "map"):
+        outs = {}
+        for label, adapter in (("mlx", made), ("peft", peft)):
+            outs[label] = tmp_path / f"{mode}-{label}"
+            iu.loraxfer(binary, "transfer", "--source-base", first, "--target-base", second, "--adapter", adapter,
+                        "--out", outs[label], "--mode", mode, "--rank", "16")
+        got, want = (np_load(str(outs[k] / "adapter_model.safetensors")) for k in ("mlx", "peft"))
+        assert got.keys() == want.keys() and len(got) == 2 * 2 * 7
+        for k in want:
+            assert np.array_equal(got[k], want[k]), f"{mode}: {k}"
+        assert iu.module_updates(outs["mlx"]).keys() == iu.module_updates(outs["peft"]).keys()
+    back = tmp_path / "back"
+    iu.loraxfer(binary, "export-mlx", "--adapter", made, "--out", back)
+    got, want = (np_load(str(d / "adapters.safetensors")) for d in (back, made))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def test_an_mlx_lora_moves_between_mlx_quantized_releases_and_mlx_lm_loads_the_result(binary, pair, tmp_path):
+    """The whole MLX path: a LoRA mlx-lm made on a 4-bit MLX release, transferred onto the next
+    4-bit release and exported; mlx-lm loads it onto that release with the transferred update."""
+    _, first, second, _ = pair
+    source = mlx_checkpoint(first, tmp_path / "first", "affine4")["mlx"]
+    target = mlx_checkpoint(second, tmp_path / "second", "affine4")["mlx"]
+    made = mlx_lora(source, tmp_path / "made", rank=4, scale=20.0, seed=4)
+    out = tmp_path / "out"
+    iu.loraxfer(binary, "transfer", "--source-base", source, "--target-base", target, "--adapter", made,
+                "--out", out, "--mode", "rotate", "--rank", "16")
+    exported = tmp_path / "exported"
+    iu.loraxfer(binary, "export-mlx", "--adapter", out, "--out", exported)
+    assert_updates_close(mlx_updates(target, exported), iu.module_updates(out))
+
+
+def test_what_mlx_adapters_hold_that_is_not_transferred_is_refused_naming_it(binary, pair, tmp_path):
+    from safetensors.numpy import load_file as np_load, save_file
+
+    _, first, second, _ = pair
+    made = mlx_lora(first, tmp_path / "made", rank=4, scale=10.0, seed=5)
+    tensors = np_load(str(made / "adapters.safetensors"))
+    config = json.loads((made / "adapter_config.json").read_text())
+    cases = {
+        "dora": ({**config, "fine_tune_type": "dora"}, tensors, "DoRA"),
+        "full": ({**config, "fine_tune_type": "full"}, tensors, "fine_tune_type \"full\""),
+        "magnitude": (config, {**tensors, "model.layers.0.self_attn.q_proj.m": np.ones(64, np.float32)},
+                      "DoRA magnitude vector"),
+        "embedding": (config, {**tensors, "model.embed_tokens.lora_a": np.ones((256, 4), np.float32),
+                               "model.embed_tokens.lora_b": np.ones((4, 64), np.float32)}, "embeddings"),
+        "rank": ({**config, "lora_parameters": {**config["lora_parameters"], "rank": 8}}, tensors,
+                 "lora_parameters.rank 8"),
+    }
+    for name, (cfg, ts, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        save_file(ts, str(d / "adapters.safetensors"))
+        proc = subprocess_run(binary, "transfer", "--source-base", first, "--target-base", second, "--adapter", d,
+                              "--out", tmp_path / f"out-{name}")
+        assert proc.returncode != 0 and message in proc.stderr, (name, proc.stderr)
+        assert not (tmp_path / f"out-{name}").exists()

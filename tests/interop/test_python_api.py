@@ -348,6 +348,22 @@ def test_map_mode_reports_its_map_stages_and_stops_in_them(binary, tmp_path):
     assert not any(p.name.startswith((".stopped", "stopped")) for p in tmp_path.iterdir())
 
 
+def test_export_mlx_from_python_equals_the_cli(zoo, binary, tmp_path):
+    adapter = zoo.adapter("qwen2")
+    done = loraxfer.export_mlx(adapter, tmp_path / "py")
+    assert done["modules"] == 7 * iu.LAYERS["qwen2"] and done["path"] == str(tmp_path / "py")
+    assert done["keys"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                            "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    iu.loraxfer(binary, "export-mlx", "--adapter", adapter, "--out", tmp_path / "cli")
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        assert (tmp_path / "py" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+    with pytest.raises(loraxfer.OutputExistsError):
+        loraxfer.export_mlx(adapter, tmp_path / "py")
+    with pytest.raises(TypeError, match="force must be"):
+        loraxfer.export_mlx(adapter, tmp_path / "x", force=1)
+    loraxfer.export_mlx(adapter, tmp_path / "py", force=True)
+
+
 def test_export_gguf_from_python_equals_the_cli(zoo, binary, tmp_path):
     adapter, base = zoo.adapter("qwen2"), zoo.base("qwen2")
     done = loraxfer.export_gguf(adapter, base, tmp_path / "py.gguf")

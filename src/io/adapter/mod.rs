@@ -16,6 +16,7 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 mod config;
 mod fused;
+pub mod mlx;
 pub use config::{exact_pattern, AdapterConfig, EXPERT_PARAMETERS};
 
 /// One adapted module: its factors A `[r, in]` and B `[out, r]` (row-major) as `T` — where they
@@ -146,6 +147,8 @@ pub struct Adapter {
     pub config: AdapterConfig,
     pub modules: BTreeMap<String, LoraTensors>,
     file: TensorFile,
+    /// The file holds each factor transposed (an MLX adapter: [`mlx`]).
+    transposed: bool,
 }
 
 impl Adapter {
@@ -155,8 +158,12 @@ impl Adapter {
     }
 
     /// [`Adapter::open`] for a base whose fused expert parameters PEFT adapts as `layout` says
-    /// (the base's table knows; the adapter cannot tell).
+    /// (the base's table knows; the adapter cannot tell). An MLX adapter directory
+    /// (`adapters.safetensors`) opens as the PEFT adapter of the same update.
     pub fn open_with(dir: &Path, layout: ExpertsLayout) -> Result<Self> {
+        if mlx::is_mlx(dir) {
+            return mlx::open(dir);
+        }
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
         if !config_path.is_file() {
@@ -192,6 +199,7 @@ impl Adapter {
             config,
             modules,
             file,
+            transposed: false,
         })
     }
 
@@ -212,6 +220,11 @@ impl Adapter {
 
     fn read(&self, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
         match f.expert {
+            None if self.transposed => {
+                let values = self.file.read_f32(&f.tensor)?;
+                let shape = &self.file.entry(&f.tensor).expect("indexed").shape;
+                Ok(mlx::transpose(&values, shape[0], shape[1]))
+            }
             None => self.file.read_f32(&f.tensor),
             Some(_) => fused::pick(&self.file, f, is_b),
         }
