@@ -147,13 +147,16 @@ def export_gguf(adapter: PathLike, base: PathLike, out: PathLike, *, force: bool
     return json.loads(_native.export_gguf(*paths, force))
 
 
-def export_mlx(adapter: PathLike, out: PathLike, *, force: bool = False) -> dict:
+def export_mlx(adapter: PathLike, out: PathLike, *, base: Optional[PathLike] = None,
+               force: bool = False) -> dict:
     """Writes the adapter `adapter` (a PEFT or MLX directory, or a cached hub name) at `out` as
     an MLX adapter for the same base, atomically (an existing `out` only with `force=True`, and
-    only when it is an earlier output), as `loraxfer export-mlx` does. Returns what was written:
-    path, modules, rank, scale, keys."""
+    only when it is an earlier output), as `loraxfer export-mlx` does; `base`, the MLX model it
+    is for, has every module checked against its weights. Returns what was written: path,
+    modules, rank, scale, num_layers, keys."""
     paths = _export_paths(force, adapter=adapter, out=out)
-    return json.loads(_native.export_mlx(*paths, force))
+    base_path = None if base is None else _export_paths(force, base=base)[0]
+    return json.loads(_native.export_mlx(*paths, base_path, force))
 
 
 def _export_paths(force, **paths: PathLike) -> list:

@@ -195,15 +195,17 @@ fn export_gguf(
 
 /// `loraxfer export-mlx`; what was written, as JSON.
 #[pyfunction]
-#[pyo3(signature = (adapter, out, force=false))]
+#[pyo3(signature = (adapter, out, base=None, force=false))]
 fn export_mlx(
     py: Python<'_>,
     adapter: std::path::PathBuf,
     out: std::path::PathBuf,
+    base: Option<std::path::PathBuf>,
     force: bool,
 ) -> PyResult<String> {
     run_released(py, None, move |_| {
-        let done = loraxfer::io::adapter::mlx::export(&adapter, &out, force)?;
+        let done =
+            loraxfer::io::adapter::mlx_write::export(&adapter, base.as_deref(), &out, force)?;
         Ok(serde_json::to_string(&done).expect("export summaries serialize"))
     })
 }

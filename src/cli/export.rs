@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use loraxfer::io::adapter::mlx;
+use loraxfer::io::adapter::mlx_write;
 use loraxfer::io::gguf::lora::export;
 use loraxfer::progress::Progress;
 use loraxfer::Result;
@@ -45,6 +45,11 @@ pub struct ExportMlxArgs {
     /// The adapter: a PEFT directory, an MLX one, or a cached hub name.
     #[arg(long)]
     adapter: PathBuf,
+    /// The MLX model it is for (a directory or a cached hub name), optional: every module is
+    /// checked against its weights, and `num_layers` counted so that any mlx-lm reads it
+    /// (without, it is -1: all layers, as mlx-lm 0.22 and later read it).
+    #[arg(long)]
+    base: Option<PathBuf>,
     /// The MLX adapter directory to write (adapters.safetensors, adapter_config.json), for
     /// `mlx_lm.load(BASE, adapter_path=OUT)` and `mlx_lm.generate --adapter-path OUT`.
     #[arg(long)]
@@ -55,13 +60,14 @@ pub struct ExportMlxArgs {
 }
 
 pub fn run_mlx(args: ExportMlxArgs) -> Result<()> {
-    let written = mlx::export(&args.adapter, &args.out, args.force)?;
+    let written = mlx_write::export(&args.adapter, args.base.as_deref(), &args.out, args.force)?;
     println!(
-        "wrote {} (an MLX adapter: {} modules, rank {}, scale {}, keys {})",
+        "wrote {} (an MLX adapter: {} modules, rank {}, scale {}, num_layers {}, keys {})",
         written.path,
         written.modules,
         written.rank,
         written.scale,
+        written.num_layers,
         written.keys.join(",")
     );
     Ok(())

@@ -318,10 +318,16 @@ fn adapter_modules<'a>(
         let (tensor, (out, inp)) = source.weight(layer, expert, spec)?;
         if (m.out_features, m.in_features) != (out, inp) {
             // lora_B carries the output width, lora_A the input width: name the one that is off.
-            let factor = if m.out_features != out { "B" } else { "A" };
+            use crate::io::adapter::{factor_location, Factor};
+            let factor = if m.out_features != out {
+                Factor::B
+            } else {
+                Factor::A
+            };
+            let (file, key) = factor_location(adapter_path, name, factor);
             return Err(Error::bad_tensor(
-                adapter_path.join(crate::io::adapter::WEIGHTS_FILE),
-                format!("{}{name}.lora_{factor}.weight", crate::io::adapter::PEFT_PREFIX),
+                file,
+                key,
                 format!(
                     "adapter update is {}x{} but the source base's `{tensor}` is {out}x{inp}: was the adapter trained on another model?",
                     m.out_features, m.in_features

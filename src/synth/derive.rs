@@ -30,8 +30,9 @@ pub(crate) const COPIED_FILES: &[&str] = &[
 ];
 
 /// Writes the drifted copy of the checkpoint at `source` into `out_dir` (which must exist): the
-/// source's `config.json` unchanged (less a quantized checkpoint's `quantization_config`, or MLX's `quantization`), each
-/// tensor in the dtype it is read in, sharded like any synthetic model.
+/// source's `config.json` unchanged (less a quantized checkpoint's `quantization_config`, or
+/// MLX's `quantization`), each tensor in the dtype it is read in, sharded like any synthetic
+/// model.
 pub(super) fn write_derived(
     source: &Path,
     drift: f32,

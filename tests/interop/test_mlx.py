@@ -103,7 +103,8 @@ def test_a_transfer_between_mlx_bases_is_the_transfer_between_their_dequantizati
 def mlx_updates(model_dir, adapter_dir) -> dict:
     """{module: ΔW in float64} of every LoRA layer mlx-lm puts on the model in `model_dir` when
     it loads the adapter in `adapter_dir` (`load_adapters`, which refuses a name or shape it does
-    not expect): `scale · lora_bᵀ · lora_aᵀ`, as its `LoRALinear.fuse` adds it."""
+    not expect): `scale · lora_bᵀ · lora_aᵀ`, as its `LoRALinear.fuse` adds it; the layers the
+    file leaves at zero (their lora_b as made) left out."""
     import mlx.core as mx
     from mlx_lm.tuner.lora import LoRALinear
     from mlx_lm.tuner.utils import load_adapters
@@ -115,7 +116,8 @@ def mlx_updates(model_dir, adapter_dir) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             a, b = (np.array(p.astype(mx.float32)).astype(np.float64) for p in (m.lora_a, m.lora_b))
-            updates[name] = m.scale * (b.T @ a.T)
+            if np.any(b):
+                updates[name] = m.scale * (b.T @ a.T)
     return updates
 
 
@@ -189,6 +191,23 @@ def test_mlx_lm_loads_an_exported_adapter_with_the_peft_adapters_update(binary, 
         assert written["lora_parameters"]["rank"] == 4 and written["lora_parameters"]["scale"] == 2.0
         assert written["num_layers"] == -1 and written["fine_tune_type"] == "lora"
         assert_updates_close(mlx_updates(first, out), iu.module_updates(adapter))
+    # One layer of two: -1 (all layers) without the base, counted from layer 1 with it; a base
+    # without a module's weight is refused, naming it.
+    one_layer = tmp_path / "one-layer"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=iu.SEPARATE, layers_to_transform=[1])
+    iu.random_peft(iu.load_model(first), config, 10, 0.02).save_pretrained(one_layer)
+    for base, num_layers in ((None, -1), (first, 1)):
+        out = tmp_path / f"one-layer-{num_layers}"
+        iu.loraxfer(binary, "export-mlx", "--adapter", one_layer, "--out", out,
+                    *(["--base", base] if base else []))
+        assert json.loads((out / "adapter_config.json").read_text())["num_layers"] == num_layers
+        assert_updates_close(mlx_updates(first, out), iu.module_updates(one_layer))
+    tensors = {k: v for k, v in load_file(str(first / "model.safetensors")).items()
+               if k != "model.layers.1.self_attn.q_proj.weight"}
+    cut = iu.save_variants(first, tmp_path, {"cut": (tensors, None)})["cut"]
+    proc = subprocess_run(binary, "export-mlx", "--adapter", one_layer, "--base", cut, "--out", tmp_path / "x")
+    assert proc.returncode != 0 and "no `model.layers.1.self_attn.q_proj.weight`" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists()
     # An earlier output is replaced only with --force.
     proc = subprocess_run(binary, "export-mlx", "--adapter", lora, "--out", tmp_path / "mlx-lora")
     assert proc.returncode != 0 and "exists" in proc.stderr, proc.stderr
@@ -240,7 +259,8 @@ def test_an_mlx_lora_moves_between_mlx_quantized_releases_and_mlx_lm_loads_the_r
     iu.loraxfer(binary, "transfer", "--source-base", source, "--target-base", target, "--adapter", made,
                 "--out", out, "--mode", "rotate", "--rank", "16")
     exported = tmp_path / "exported"
-    iu.loraxfer(binary, "export-mlx", "--adapter", out, "--out", exported)
+    iu.loraxfer(binary, "export-mlx", "--adapter", out, "--base", target, "--out", exported)
+    assert json.loads((exported / "adapter_config.json").read_text())["num_layers"] == 2
     assert_updates_close(mlx_updates(target, exported), iu.module_updates(out))
 
 
@@ -260,6 +280,9 @@ def test_what_mlx_adapters_hold_that_is_not_transferred_is_refused_naming_it(bin
                                "model.embed_tokens.lora_b": np.ones((4, 64), np.float32)}, "embeddings"),
         "rank": ({**config, "lora_parameters": {**config["lora_parameters"], "rank": 8}}, tensors,
                  "lora_parameters.rank 8"),
+        # Trained on another model: named as the MLX file has it.
+        "shape": (config, {**tensors, "model.layers.0.self_attn.q_proj.lora_b": np.ones((4, 32), np.float32)},
+                  "adapters.safetensors: tensor `model.layers.0.self_attn.q_proj.lora_b`"),
     }
     for name, (cfg, ts, message) in cases.items():
         d = tmp_path / name

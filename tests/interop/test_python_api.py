@@ -362,6 +362,11 @@ def test_export_mlx_from_python_equals_the_cli(zoo, binary, tmp_path):
     with pytest.raises(TypeError, match="force must be"):
         loraxfer.export_mlx(adapter, tmp_path / "x", force=1)
     loraxfer.export_mlx(adapter, tmp_path / "py", force=True)
+    assert done["num_layers"] == -1
+    based = loraxfer.export_mlx(adapter, tmp_path / "based", base=zoo.base("qwen2"))
+    assert based["num_layers"] == iu.LAYERS["qwen2"]
+    with pytest.raises(TypeError, match="base must be"):
+        loraxfer.export_mlx(adapter, tmp_path / "y", base=3)
 
 
 def test_export_gguf_from_python_equals_the_cli(zoo, binary, tmp_path):

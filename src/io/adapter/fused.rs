@@ -287,7 +287,7 @@ fn expert_columns(file: &TensorFile, tensor: &str, block: &super::ExpertBlock) -
 }
 
 /// `[cols, rows]` from `[rows, cols]`.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(super) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     (0..cols * rows)
         .map(|i| values[(i % rows) * cols + i / rows])
         .collect()

@@ -17,6 +17,7 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 mod config;
 mod fused;
 pub mod mlx;
+pub mod mlx_write;
 pub use config::{exact_pattern, AdapterConfig, EXPERT_PARAMETERS};
 
 /// One adapted module: its factors A `[r, in]` and B `[out, r]` (row-major) as `T` — where they
@@ -169,14 +170,21 @@ impl Adapter {
         if !config_path.is_file() {
             return Err(Error::config(
                 dir,
-                format!("no {CONFIG_FILE} (expected a PEFT adapter directory)"),
+                format!(
+                    "no {CONFIG_FILE} (expected a PEFT adapter directory, or an MLX one with \
+                     {})",
+                    mlx::MLX_WEIGHTS_FILE
+                ),
             ));
         }
         if !weights_path.is_file() {
             let reason = if dir.join("adapter_model.bin").is_file() {
                 "adapter_model.bin (pickle) adapters are not read; re-save the adapter with safetensors (PEFT's default)".to_string()
             } else {
-                format!("no {WEIGHTS_FILE}")
+                format!(
+                    "no {WEIGHTS_FILE} (or {}, an MLX adapter's)",
+                    mlx::MLX_WEIGHTS_FILE
+                )
             };
             return Err(Error::UnsupportedAdapter {
                 path: dir.to_path_buf(),
@@ -223,7 +231,7 @@ impl Adapter {
             None if self.transposed => {
                 let values = self.file.read_f32(&f.tensor)?;
                 let shape = &self.file.entry(&f.tensor).expect("indexed").shape;
-                Ok(mlx::transpose(&values, shape[0], shape[1]))
+                Ok(fused::transpose(&values, shape[0], shape[1]))
             }
             None => self.file.read_f32(&f.tensor),
             Some(_) => fused::pick(&self.file, f, is_b),
@@ -248,13 +256,14 @@ impl Adapter {
     }
 
     fn module(&self, module: &str) -> Result<&LoraTensors> {
-        self.modules
-            .get(module)
-            .ok_or_else(|| Error::MissingTensor {
-                path: self.file.path().to_path_buf(),
-                tensor: format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+        self.modules.get(module).ok_or_else(|| {
+            let (path, tensor) = factor_location(&self.dir, module, Factor::A);
+            Error::MissingTensor {
+                path,
+                tensor,
                 hint: " (the adapter has no such module)".into(),
-            })
+            }
+        })
     }
 
     /// Every module's factors, in f32 (the whole adapter in memory: for tests and small tools).
@@ -264,6 +273,18 @@ impl Adapter {
             .map(|name| Ok((name.clone(), self.factors(name)?)))
             .collect()
     }
+}
+
+/// The file and key of a module's factor in the adapter directory `dir`, for messages: PEFT's
+/// `base_model.model.<module>.lora_A.weight`, or an MLX adapter's `<module>.lora_a`.
+pub fn factor_location(dir: &Path, module: &str, factor: Factor) -> (PathBuf, String) {
+    let which = if factor == Factor::A { "A" } else { "B" };
+    if mlx::is_mlx(dir) {
+        let key = format!("{module}.lora_{}", which.to_lowercase());
+        return (dir.join(mlx::MLX_WEIGHTS_FILE), key);
+    }
+    let key = format!("{PEFT_PREFIX}{module}.lora_{which}.weight");
+    (dir.join(WEIGHTS_FILE), key)
 }
 
 /// Splits a PEFT key into (module name, "A"/"B"), refusing keys this engine cannot transfer.

@@ -13,10 +13,12 @@
 //! - `nvfp4`: the same codes times the group's F8_E4M3 scale (U8, groups of 16).
 //! - `mxfp8`: F8_E4M3 codes, one a byte, times the group's E8M0 scale (groups of 32).
 //!
-//! The weight is presented as its f32 values, built from the rows read. MLX computes them in the
-//! scales' type; here the product is exact in f32 (at most 8 bits of code times a 16-bit float's
-//! significand, or a power of two) and the bias is added once, rounding once. Stacked experts
-//! (3-D weights, mlx-lm's `switch_mlp`) are not read.
+//! The weight is presented as its f32 values, built from the rows read. MLX computes affine
+//! values in the scales' type and the others in the type asked for (bf16 unless told); here they
+//! are computed in f32: the product is exact for 16-bit scales and for the microscaled modes (at
+//! most 8 bits of code times an 11-bit significand, or a power of two; an f32 scale, as an f32
+//! model keeps, rounds it once) and the bias is added once, rounding once. Stacked experts (3-D
+//! weights, mlx-lm's `switch_mlp`) are not read.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -46,6 +48,15 @@ impl Mode {
             "nvfp4" => Some(Mode::Nvfp4),
             "mxfp8" => Some(Mode::Mxfp8),
             _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Affine => "affine",
+            Mode::Mxfp4 => "mxfp4",
+            Mode::Nvfp4 => "nvfp4",
+            Mode::Mxfp8 => "mxfp8",
         }
     }
 
@@ -84,35 +95,43 @@ struct Mlx {
     shape: [usize; 2],
 }
 
-/// A module's parameters: its own entry in `quantization` where there is one (`false`: not
-/// quantized), else the checkpoint's. Like MLX, a module's entry that leaves out a group size or
-/// width takes its mode's default.
+/// A module's parameters: its own entry in `quantization` where there is one (`false` or
+/// `null`: not quantized; `true`: the checkpoint's), else the checkpoint's. As in MLX, a group
+/// size or width left out (or 0) is its mode's default, and a module's own entry without a mode
+/// is affine whatever the checkpoint's.
 fn params_for(
     quant: &serde_json::Value,
     module: &str,
 ) -> std::result::Result<Option<Params>, String> {
-    let entry = match &quant[module] {
-        serde_json::Value::Bool(false) => return Ok(None),
-        serde_json::Value::Object(_) => &quant[module],
-        serde_json::Value::Null | serde_json::Value::Bool(true) => quant,
-        other => {
+    use serde_json::Value;
+    let entry = match quant.get(module) {
+        Some(Value::Bool(false) | Value::Null) => return Ok(None),
+        Some(entry @ Value::Object(_)) => entry,
+        None | Some(Value::Bool(true)) => quant,
+        Some(other) => {
             return Err(format!(
-                "quantization.\"{module}\" is {other}, not an object or false"
+                "quantization.\"{module}\" is {other}, not an object, true or false"
             ))
         }
     };
-    let mode_name = entry["mode"].as_str().unwrap_or("affine");
+    let mode_name = match &entry["mode"] {
+        Value::Null => "affine",
+        Value::String(mode) => mode.as_str(),
+        other => return Err(format!("quantization mode {other} is not a string")),
+    };
     let mode = Mode::parse(mode_name).ok_or_else(|| {
         format!("quantization mode {mode_name:?} is not read (affine, mxfp4, nvfp4, mxfp8 are)")
     })?;
     let (group, bits) = mode.defaults();
     let field = |key: &str, default: usize| match &entry[key] {
-        serde_json::Value::Null => Ok(default),
-        v => v
-            .as_u64()
-            .filter(|&x| x > 0 && x <= 1 << 16)
-            .map(|x| x as usize)
-            .ok_or_else(|| format!("quantization {key} {v} is not a positive integer")),
+        Value::Null => Ok(default),
+        v => match v.as_u64() {
+            Some(0) => Ok(default),
+            Some(x) if x <= 1 << 16 => Ok(x as usize),
+            _ => Err(format!(
+                "quantization {key} {v} is not a width or group size"
+            )),
+        },
     };
     let params = Params {
         mode,
@@ -288,11 +307,15 @@ impl MlxWeights {
                 file.path(),
                 name,
                 format!(
-                    "the non-finite value {} at row {}, column {i} (its scale in `{}` is {})",
+                    "the non-finite value {} at row {}, column {i} (its scale in `{}` is {}{})",
                     values[at],
                     rows.start + r,
                     w.scales.name,
-                    scales[r * groups + i / group]
+                    scales[r * groups + i / group],
+                    match biases.get(r * groups + i / group) {
+                        Some(b) => format!(", its bias {b}"),
+                        None => String::new(),
+                    }
                 ),
             ));
         }
@@ -334,8 +357,15 @@ fn check(
     let Params { mode, group, bits } = params;
     let (shape, _) = shape_of(shards, codes);
     let (out, words) = (shape[0], shape[1]);
+    if words > 1 << 24 || out > 1 << 24 {
+        return Err(bad(
+            shards,
+            codes,
+            format!("U32 {shape:?}: wider or taller than 2^24"),
+        ));
+    }
     let inn = words * 32 / bits;
-    if words * 32 % bits != 0 || inn % group != 0 || inn > 1 << 24 {
+    if words * 32 % bits != 0 || inn % group != 0 {
         return Err(bad(
             shards,
             codes,
@@ -371,18 +401,23 @@ fn check(
     match (mode, &biases) {
         (Mode::Affine, Some(b)) => check_part(b, "biases")?,
         (Mode::Affine, None) => {
+            let biases = scales.name.replace(".scales", ".biases");
             return Err(bad(
                 shards,
                 codes,
-                format!("affine codes without their biases (`{}`)", scales.name.replace(".scales", ".biases")),
-            ))
+                format!("affine codes without their biases (`{biases}`)"),
+            ));
         }
         (_, Some(b)) => {
             return Err(bad(
                 shards,
                 b,
-                format!("biases beside {mode:?} codes, which have none: the config's mode and the tensors disagree"),
-            ))
+                format!(
+                    "biases beside {} codes, which have none: the config's mode and the tensors \
+                     disagree",
+                    mode.name()
+                ),
+            ));
         }
         (_, None) => {}
     }

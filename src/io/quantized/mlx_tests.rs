@@ -259,3 +259,61 @@ fn parts_that_disagree_with_the_config_or_each_other_are_refused_naming_them() {
         "{err}"
     );
 }
+
+#[test]
+fn module_entries_follow_mlx_lm_true_null_and_a_mode_left_out() {
+    // `true` is the checkpoint's settings; an entry without a mode is affine even under an
+    // mxfp4 checkpoint (MLX's default for the module's own parameters), 0 its default width.
+    let (tensors, want) = affine("m", 4);
+    for entry in [
+        serde_json::json!(true),
+        serde_json::json!({"group_size": 32, "bits": 0}),
+    ] {
+        let cfg = serde_json::json!({"quantization": {"group_size": 32, "bits": 4,
+            "mode": if entry.is_boolean() { "affine" } else { "mxfp4" }, "m": entry}});
+        let (tensors, _) = affine("m", 4);
+        let (_dir, shards, found) = open(cfg, tensors);
+        assert_eq!(read(&found.unwrap(), &shards, "m.weight", 0..3), want);
+    }
+    // null, as false: not quantized, so codes there are refused.
+    let cfg = serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "m": null}});
+    let err = open(cfg, tensors).2.unwrap_err().to_string();
+    assert!(err.contains("is false"), "{err}");
+}
+
+#[test]
+fn stacked_experts_are_left_alone_and_huge_or_mismatched_shapes_refused() {
+    let cfg = || config(4);
+    // 3-D codes (mlx-lm's switch_mlp) are not claimed.
+    let stacked = vec![
+        (
+            "e.weight".to_string(),
+            Raw(Dtype::U32, vec![2, 3, 8], vec![0; 192]),
+        ),
+        (
+            "e.scales".to_string(),
+            Raw(Dtype::F32, vec![2, 3, 2], vec![0; 48]),
+        ),
+    ];
+    let (_dir, _shards, found) = open(cfg(), stacked);
+    assert!(!found.unwrap().has("e.weight"));
+    // No rows and 2^59 words a row: refused before any size is multiplied.
+    let huge = vec![
+        (
+            "m.weight".to_string(),
+            Raw(Dtype::U32, vec![0, 1 << 59], vec![]),
+        ),
+        ("m.scales".to_string(), Raw(Dtype::F32, vec![0, 2], vec![])),
+    ];
+    let err = open(cfg(), huge).2.unwrap_err().to_string();
+    assert!(err.contains("m.weight") && err.contains("2^24"), "{err}");
+    // Biases beside mxfp4 codes (U8 scales of the right shape).
+    let (mut tensors, _) = affine("m", 4);
+    tensors[1].1 = Raw(Dtype::U8, vec![3, 2], vec![127; 6]);
+    let cfg = serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}});
+    let err = open(cfg, tensors).2.unwrap_err().to_string();
+    assert!(
+        err.contains("m.biases") && err.contains("beside mxfp4 codes"),
+        "{err}"
+    );
+}
