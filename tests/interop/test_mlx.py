@@ -293,3 +293,112 @@ def test_what_mlx_adapters_hold_that_is_not_transferred_is_refused_naming_it(bin
                               "--out", tmp_path / f"out-{name}")
         assert proc.returncode != 0 and message in proc.stderr, (name, proc.stderr)
         assert not (tmp_path / f"out-{name}").exists()
+
+
+# Mixtures of experts: mlx-lm stacks a layer's experts (`switch_mlp`), quantized or not.
+
+def mlx_moe_checkpoint(hf_dir, out, kind):
+    """{"mlx": the MoE checkpoint in `hf_dir` converted by mlx-lm (its experts stacked by its
+    `sanitize`; `kind` None: left in bf16, unquantized), "values": the f32 checkpoint of what MLX
+    dequantizes (or holds), under the Hugging Face per-expert names}."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    # transformers 5 writes `num_local_experts` and `rope_parameters` where mlx-lm's ports read
+    # the released configs' `num_experts` and `rope_theta`.
+    hf = json.loads((hf_dir / "config.json").read_text())
+    released = {"num_experts": hf["num_local_experts"], "rope_theta": hf["rope_parameters"]["rope_theta"]}
+    model, config = load_model(hf_dir, model_config=released)
+    model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
+    if kind is not None:
+        mode, group, bits = KINDS[kind]
+        model, config = quantize_model(model, config, group, bits, mode=mode)
+    d = out / f"moe-{kind}-mlx"
+    save_model(d, model)
+    save_config(config, d / "config.json")
+    stored = load_file(str(d / "model.safetensors"))
+    assert any(".switch_mlp." in k for k in stored), sorted(stored)[:8]
+    values = {k: v.float() for k, v in stored.items()}
+    stacks = 0
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
+            biases = m.get("biases")
+            scales = m.scales.astype(mx.float32) if biases is not None else m.scales
+            w = mx.dequantize(m.weight, scales, None if biases is None else biases.astype(mx.float32),
+                              group_size=m.group_size, bits=m.bits, mode=m.mode, dtype=mx.float32)
+            for part in ("scales", "biases"):
+                values.pop(f"{path}.{part}", None)
+        elif isinstance(m, SwitchLinear):
+            w = m.weight.astype(mx.float32)
+        else:
+            continue
+        w = np.array(w)
+        if ".switch_mlp." not in path:
+            values[f"{path}.weight"] = torch.from_numpy(w)
+            continue
+        parent, proj = path.split(".switch_mlp.")
+        if parent.endswith("block_sparse_moe"):
+            proj = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[proj]
+        del values[f"{path}.weight"]
+        for e in range(w.shape[0]):
+            values[f"{parent}.experts.{e}.{proj}.weight"] = torch.from_numpy(np.ascontiguousarray(w[e]))
+        stacks += 1
+    assert stacks == 3 * 2, stacks
+    dirs = iu.save_variants(hf_dir, out, {f"moe-{kind}-values": (values, None)})
+    return {"mlx": d, "values": dirs[f"moe-{kind}-values"]}
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+    """{family: (first, second, lora)}: two releases of a tiny MoE model and a PEFT LoRA on the
+    first with every attention module and every expert's projections adapted."""
+    import test_experts as te
+
+    root = tmp_path_factory.mktemp("mlx-moe")
+    made = {}
+    for family in ("qwen3_moe", "mixtral"):
+        first, second = te.build(family, 31), te.build(family, 31)
+        with torch.no_grad():
+            for p in second.parameters():
+                p.add_(0.05 * p.std() * torch.randn_like(p))
+        a, b = iu.save_model(first, root / f"{family}-first"), iu.save_model(second, root / f"{family}-second")
+        for d in (a, b):
+            (d / "tokenizer.json").write_text("{}")
+        made[family] = (a, b, te.write_adapter(family, a, root / f"{family}-lora"))
+    return made
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["affine4", "mxfp4", None])
+def test_mlx_stacked_experts_read_one_weight_an_expert(binary, moe_pair, tmp_path, family, kind):
+    first, _, _ = moe_pair[family]
+    dirs = mlx_moe_checkpoint(first, tmp_path, kind)
+    read = tmp_path / "read"
+    iu.loraxfer(binary, "synth", "model", "--derive-from", dirs["mlx"], "--drift", "0", "--out", read)
+    got = load_file(str(read / "model.safetensors"))
+    want = load_file(str(dirs["values"] / "model.safetensors"))
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for k in want:
+        assert torch.equal(got[k].float(), want[k].float()), k
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_an_expert_lora_moves_between_mlx_moe_releases_as_between_their_values(binary, moe_pair, tmp_path,
+                                                                              family):
+    from safetensors.numpy import load_file as np_load
+
+    first, second, lora = moe_pair[family]
+    source = mlx_moe_checkpoint(first, tmp_path / "first", "affine4")
+    target = mlx_moe_checkpoint(second, tmp_path / "second", "affine4")
+    got = {}
+    for label in ("mlx", "values"):
+        out = tmp_path / f"out-{label}"
+        iu.loraxfer(binary, "transfer", "--source-base", source[label], "--target-base", target[label],
+                    "--adapter", lora, "--out", out, "--mode", "rotate", "--rank", "16")
+        got[label] = np_load(str(out / "adapter_model.safetensors"))
+    assert got["mlx"].keys() == got["values"].keys() and any(".experts.3." in k for k in got["mlx"])
+    for k in got["values"]:
+        assert np.array_equal(got["mlx"][k], got["values"][k]), k

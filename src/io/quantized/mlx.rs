@@ -17,8 +17,14 @@
 //! values in the scales' type and the others in the type asked for (bf16 unless told); here they
 //! are computed in f32: the product is exact for 16-bit scales and for the microscaled modes (at
 //! most 8 bits of code times an 11-bit significand, or a power of two; an f32 scale, as an f32
-//! model keeps, rounds it once) and the bias is added once, rounding once. Stacked experts (3-D
-//! weights, mlx-lm's `switch_mlp`) are not read.
+//! model keeps, rounds it once) and the bias is added once, rounding once.
+//!
+//! A mixture of experts' layer keeps its experts stacked, `<layer>.mlp.switch_mlp.gate_proj.weight`
+//! `[experts, out, in]` (quantized: words `[experts, out, in·bits/32]`, scales and biases
+//! `[experts, out, groups]`; or a float tensor where the experts are left unquantized): each
+//! expert is presented under its Hugging Face name, `<layer>.mlp.experts.<e>.gate_proj.weight`
+//! (Mixtral's `block_sparse_moe.experts.<e>.w1`, `w3` and `w2` for mlx-lm's `gate_proj`,
+//! `up_proj` and `down_proj`), as its rows of the stack.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -26,143 +32,75 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use super::mlx_params::{check, params_for, shape_of, Mode, Params, Quantized};
 use super::packed::{bad, e2m1, read_f32_range, stream, word, Part};
 use crate::error::{Error, Result};
-use crate::io::safetensors::{FloatType, TensorFile};
+use crate::io::safetensors::{decode_f32, FloatType, TensorFile};
 use crate::io::RawBytes;
 
-/// How a group's codes become values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Affine,
-    Mxfp4,
-    Nvfp4,
-    Mxfp8,
-}
-
-impl Mode {
-    fn parse(name: &str) -> Option<Mode> {
-        match name {
-            "affine" => Some(Mode::Affine),
-            "mxfp4" => Some(Mode::Mxfp4),
-            "nvfp4" => Some(Mode::Nvfp4),
-            "mxfp8" => Some(Mode::Mxfp8),
-            _ => None,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Affine => "affine",
-            Mode::Mxfp4 => "mxfp4",
-            Mode::Nvfp4 => "nvfp4",
-            Mode::Mxfp8 => "mxfp8",
-        }
-    }
-
-    /// MLX's group size and bits where the config leaves them out.
-    fn defaults(self) -> (usize, usize) {
-        match self {
-            Mode::Affine => (64, 4),
-            Mode::Mxfp4 => (32, 4),
-            Mode::Nvfp4 => (16, 4),
-            Mode::Mxfp8 => (32, 8),
-        }
-    }
-}
-
-/// One module's quantization, as the config gives it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Params {
-    mode: Mode,
-    group: usize,
-    bits: usize,
-}
-
-/// Every MLX-quantized weight of a checkpoint, by name.
+/// Every MLX weight of a checkpoint presented as values, by the name it is presented under.
 #[derive(Debug, Default)]
 pub struct MlxWeights {
     weights: HashMap<String, Mlx>,
 }
 
+/// One weight: rows `first_row..first_row + out` of the stored codes (all of a 2-D weight's; one
+/// expert's of a stack read as `[experts·out, …]`).
 #[derive(Debug, Clone)]
 struct Mlx {
-    params: Params,
-    shard: usize,
-    scales: Part,
-    biases: Option<Part>,
+    codes: Part,
+    /// How its codes become values; None for a float stack of experts MLX left unquantized.
+    quantized: Option<Quantized>,
     /// `[out, in]`.
     shape: [usize; 2],
+    first_row: usize,
 }
 
-/// A module's parameters: its own entry in `quantization` where there is one (`false` or
-/// `null`: not quantized; `true`: the checkpoint's), else the checkpoint's. As in MLX, a group
-/// size or width left out (or 0) is its mode's default, and a module's own entry without a mode
-/// is affine whatever the checkpoint's.
-fn params_for(
+/// The Hugging Face name of expert `e`'s projection `proj` of the stack under `parent`
+/// (`model.layers.3.mlp` → `model.layers.3.mlp.experts.<e>.<proj>.weight`; Mixtral's
+/// `block_sparse_moe` names them `w1`, `w3`, `w2`).
+fn expert_name(parent: &str, proj: &str, e: usize) -> String {
+    let proj = match (parent.ends_with("block_sparse_moe"), proj) {
+        (true, "gate_proj") => "w1",
+        (true, "up_proj") => "w3",
+        (true, "down_proj") => "w2",
+        _ => proj,
+    };
+    format!("{parent}.experts.{e}.{proj}.weight")
+}
+
+/// A module's quantization parameters, refused where the config has none or says `false`.
+fn params_of(
     quant: &serde_json::Value,
     module: &str,
-) -> std::result::Result<Option<Params>, String> {
-    use serde_json::Value;
-    let entry = match quant.get(module) {
-        Some(Value::Bool(false) | Value::Null) => return Ok(None),
-        Some(entry @ Value::Object(_)) => entry,
-        None | Some(Value::Bool(true)) => quant,
-        Some(other) => {
-            return Err(format!(
-                "quantization.\"{module}\" is {other}, not an object, true or false"
-            ))
-        }
-    };
-    let mode_name = match &entry["mode"] {
-        Value::Null => "affine",
-        Value::String(mode) => mode.as_str(),
-        other => return Err(format!("quantization mode {other} is not a string")),
-    };
-    let mode = Mode::parse(mode_name).ok_or_else(|| {
-        format!("quantization mode {mode_name:?} is not read (affine, mxfp4, nvfp4, mxfp8 are)")
-    })?;
-    let (group, bits) = mode.defaults();
-    let field = |key: &str, default: usize| match &entry[key] {
-        Value::Null => Ok(default),
-        v => match v.as_u64() {
-            Some(0) => Ok(default),
-            Some(x) if x <= 1 << 16 => Ok(x as usize),
-            _ => Err(format!(
-                "quantization {key} {v} is not a width or group size"
-            )),
-        },
-    };
-    let params = Params {
-        mode,
-        group: field("group_size", group)?,
-        bits: field("bits", bits)?,
-    };
-    let fits = match mode {
-        Mode::Affine => matches!(params.bits, 2..=6 | 8),
-        Mode::Mxfp4 => params.bits == 4 && params.group == 32,
-        Mode::Nvfp4 => params.bits == 4 && params.group == 16,
-        Mode::Mxfp8 => params.bits == 8 && params.group == 32,
-    };
-    if !fits {
-        return Err(format!(
-            "{mode_name} with {} bits in groups of {}: MLX quantizes affine to 2, 3, 4, 5, 6 or 8 \
-             bits, mxfp4 and mxfp8 in groups of 32, nvfp4 in groups of 16",
-            params.bits, params.group
+    codes: &Part,
+    shards: &[TensorFile],
+) -> Result<Params> {
+    if !quant.is_object() {
+        return Err(bad(
+            shards,
+            codes,
+            "MLX-quantized codes beside their scales, but config.json has no `quantization` \
+             (their width and group size)"
+                .to_string(),
         ));
     }
-    Ok(Some(params))
-}
-
-fn shape_of<'s>(shards: &'s [TensorFile], p: &Part) -> (&'s [usize], Dtype) {
-    let entry = shards[p.shard].entry(&p.name).expect("indexed");
-    (&entry.shape, entry.dtype)
+    match params_for(quant, module) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(bad(
+            shards,
+            codes,
+            format!("quantized codes, but config.json's quantization.\"{module}\" is false"),
+        )),
+        Err(why) => Err(bad(shards, codes, format!("config.json: {why}"))),
+    }
 }
 
 impl MlxWeights {
-    /// The checkpoint's MLX-quantized weights: every U32 `<module>.weight` beside a
-    /// `<module>.scales`, checked against its parts and the config's `quantization` (no tensor
-    /// data is read).
+    /// The checkpoint's MLX weights: every U32 `<module>.weight` beside a `<module>.scales`,
+    /// checked against its parts and the config's `quantization`, and every stack of experts
+    /// (`….switch_mlp.<proj>.weight`, quantized or not), one weight an expert (no tensor data is
+    /// read).
     pub fn find(
         config: &serde_json::Value,
         shards: &[TensorFile],
@@ -181,45 +119,53 @@ impl MlxWeights {
                 name: name.clone(),
             };
             let (shape, dtype) = shape_of(shards, &codes);
-            let Some(&scale_shard) = index.get(&format!("{module}.scales")) else {
+            let stack = module.split_once(".switch_mlp.");
+            let part = |suffix: &str| {
+                let name = format!("{module}.{suffix}");
+                index.get(&name).map(|&shard| Part { shard, name })
+            };
+            // A 2-D weight, or a stack of experts (other 3-D tensors are not MLX's).
+            let fits = shape.len() == 2 || (shape.len() == 3 && stack.is_some());
+            let (quantized, inn) = match part("scales") {
+                Some(scales) if dtype == Dtype::U32 && fits => {
+                    let params = params_of(quant, module, &codes, shards)?;
+                    let (q, inn) = check(params, &codes, scales, part("biases"), shards)?;
+                    (Some(q), inn)
+                }
+                None if shape.len() == 3 && stack.is_some() => match FloatType::from_dtype(dtype) {
+                    Some(_) => (None, shape[2]),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let Some((parent, proj)) = stack else {
+                let w = Mlx {
+                    codes,
+                    quantized,
+                    shape: [shape[0], inn],
+                    first_row: 0,
+                };
+                weights.insert(name.clone(), w);
                 continue;
             };
-            if dtype != Dtype::U32 || shape.len() != 2 {
-                // (3-D: stacked experts, which are not read.)
-                continue;
-            }
-            if !quant.is_object() {
-                return Err(bad(
-                    shards,
-                    &codes,
-                    "MLX-quantized codes beside their scales, but config.json has no \
-                     `quantization` (their width and group size)"
-                        .to_string(),
-                ));
-            }
-            let params = match params_for(quant, module) {
-                Ok(Some(p)) => p,
-                Ok(None) => {
+            let (experts, out) = (shape[0], shape[1]);
+            for e in 0..experts {
+                let expert = expert_name(parent, proj, e);
+                if index.contains_key(&expert) {
                     return Err(bad(
                         shards,
                         &codes,
-                        format!(
-                            "quantized codes, but config.json's quantization.\"{module}\" is false"
-                        ),
-                    ))
+                        format!("expert {e} is stored both here and alone, as `{expert}`"),
+                    ));
                 }
-                Err(why) => return Err(bad(shards, &codes, format!("config.json: {why}"))),
-            };
-            let scales = Part {
-                shard: scale_shard,
-                name: format!("{module}.scales"),
-            };
-            let biases = index.get(&format!("{module}.biases")).map(|&shard| Part {
-                shard,
-                name: format!("{module}.biases"),
-            });
-            let found = check(params, &codes, scales, biases, shards)?;
-            weights.insert(name.clone(), found);
+                let w = Mlx {
+                    codes: codes.clone(),
+                    quantized: quantized.clone(),
+                    shape: [out, inn],
+                    first_row: e * out,
+                };
+                weights.insert(expert, w);
+            }
         }
         Ok(MlxWeights { weights })
     }
@@ -232,32 +178,45 @@ impl MlxWeights {
         self.weights.keys().map(String::as_str)
     }
 
+    /// The experts presented under a name no stored tensor has.
+    pub fn built_names(&self) -> impl Iterator<Item = &str> {
+        self.weights
+            .iter()
+            .filter(|(name, w)| w.codes.name != **name)
+            .map(|(name, _)| name.as_str())
+    }
+
     /// `[out, in]` of a weight.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.weights.get(name).map(|w| &w.shape[..])
     }
 
-    /// The shards of its scales and biases.
-    pub fn part_shards(&self, name: &str) -> Vec<usize> {
-        self.weights.get(name).map_or(Vec::new(), |w| {
-            std::iter::once(&w.scales)
-                .chain(&w.biases)
-                .map(|p| p.shard)
-                .collect()
-        })
+    /// The shard holding a weight's codes.
+    pub fn shard(&self, name: &str) -> Option<usize> {
+        self.weights.get(name).map(|w| w.codes.shard)
     }
 
-    /// The scales and biases (a copy of the values leaves them out).
+    /// The shards of its scales and biases.
+    pub fn part_shards(&self, name: &str) -> Vec<usize> {
+        self.weights
+            .get(name)
+            .map_or(Vec::new(), |w| w.parts().map(|p| p.shard).collect())
+    }
+
+    /// The stored tensors the weights are built from (a copy of the values leaves them out):
+    /// scales, biases, and the stacks of experts.
     pub fn parts(&self) -> impl Iterator<Item = String> + '_ {
-        self.weights.values().flat_map(|w| {
-            std::iter::once(&w.scales)
-                .chain(&w.biases)
+        self.weights.iter().flat_map(|(name, w)| {
+            let stack = Some(&w.codes).filter(|c| c.name != *name);
+            w.parts()
+                .chain(stack)
                 .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
         })
     }
 
     /// Rows `rows` of a weight as f32 (row length too), NaN and Inf refused, naming the weight
-    /// and where the value lies; None where `name` is no MLX-quantized weight.
+    /// and where the value lies; None where `name` is no MLX weight.
     pub fn read_rows(
         &self,
         name: &str,
@@ -268,15 +227,30 @@ impl MlxWeights {
             return Ok(None);
         };
         let [out, cols] = w.shape;
-        let file = &shards[w.shard];
+        let file = &shards[w.codes.shard];
         crate::io::check_rows(file.path(), name, &rows, out, cols)?;
-        let Params { mode, group, bits } = w.params;
+        let stored = w.first_row + rows.start..w.first_row + rows.end;
+        let codes = file.bytes(&w.codes.name).expect("indexed");
+        let Some(q) = &w.quantized else {
+            let ty = FloatType::from_dtype(shape_of(shards, &w.codes).1).expect("checked");
+            let bytes = &codes[stored.start * cols * ty.size()..stored.end * cols * ty.size()];
+            let values = decode_f32(bytes, ty);
+            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                let (r, i) = (rows.start + at / cols, at % cols);
+                return Err(Error::bad_tensor(
+                    file.path(),
+                    name,
+                    format!("the non-finite value {} at row {r}, column {i}", values[at]),
+                ));
+            }
+            return Ok(Some((RawBytes::Decoded(values), FloatType::F32, cols)));
+        };
+        let Params { mode, group, bits } = q.params;
         let groups = cols / group;
         let row_bytes = cols * bits / 8;
-        let codes = file.bytes(name).expect("indexed");
-        let scales = w.scales_of(shards, &rows);
-        let biases = match &w.biases {
-            Some(b) => read_f32_range(shards, b, rows.start * groups..rows.end * groups),
+        let scales = q.scales_of(shards, &stored, groups);
+        let biases = match &q.biases {
+            Some(b) => read_f32_range(shards, b, stored.start * groups..stored.end * groups),
             None => Vec::new(),
         };
         let mut values = vec![0f32; rows.len() * cols];
@@ -284,7 +258,7 @@ impl MlxWeights {
             .par_chunks_mut(cols.max(1))
             .enumerate()
             .for_each(|(r, row)| {
-                let o = rows.start + r;
+                let o = stored.start + r;
                 let bytes = &codes[o * row_bytes..(o + 1) * row_bytes];
                 let scales = &scales[r * groups..(r + 1) * groups];
                 for (i, v) in row.iter_mut().enumerate() {
@@ -303,6 +277,7 @@ impl MlxWeights {
             });
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             let (r, i) = (at / cols, at % cols);
+            let g = r * groups + i / group;
             return Err(Error::bad_tensor(
                 file.path(),
                 name,
@@ -310,12 +285,11 @@ impl MlxWeights {
                     "the non-finite value {} at row {}, column {i} (its scale in `{}` is {}{})",
                     values[at],
                     rows.start + r,
-                    w.scales.name,
-                    scales[r * groups + i / group],
-                    match biases.get(r * groups + i / group) {
-                        Some(b) => format!(", its bias {b}"),
-                        None => String::new(),
-                    }
+                    q.scales.name,
+                    scales[g],
+                    biases
+                        .get(g)
+                        .map_or(String::new(), |b| format!(", its bias {b}"))
                 ),
             ));
         }
@@ -324,10 +298,17 @@ impl MlxWeights {
 }
 
 impl Mlx {
-    /// The scales of rows `rows` as f32: floats in the affine mode, E8M0 or F8_E4M3 bytes in the
-    /// others.
-    fn scales_of(&self, shards: &[TensorFile], rows: &Range<usize>) -> Vec<f32> {
-        let groups = self.shape[1] / self.params.group;
+    fn parts(&self) -> impl Iterator<Item = &Part> {
+        self.quantized
+            .iter()
+            .flat_map(|q| std::iter::once(&q.scales).chain(&q.biases))
+    }
+}
+
+impl Quantized {
+    /// The scales of stored rows `rows` (`groups` a row) as f32: floats in the affine mode,
+    /// E8M0 or F8_E4M3 bytes in the others.
+    fn scales_of(&self, shards: &[TensorFile], rows: &Range<usize>, groups: usize) -> Vec<f32> {
         let range = rows.start * groups..rows.end * groups;
         let bytes = || {
             &shards[self.scales.shard]
@@ -343,91 +324,6 @@ impl Mlx {
                 .collect(),
         }
     }
-}
-
-/// A weight's parts checked against its parameters: the codes' words make whole groups, the
-/// scales (and, affine, the biases) have one value a group of a row, of the mode's type.
-fn check(
-    params: Params,
-    codes: &Part,
-    scales: Part,
-    biases: Option<Part>,
-    shards: &[TensorFile],
-) -> Result<Mlx> {
-    let Params { mode, group, bits } = params;
-    let (shape, _) = shape_of(shards, codes);
-    let (out, words) = (shape[0], shape[1]);
-    if words > 1 << 24 || out > 1 << 24 {
-        return Err(bad(
-            shards,
-            codes,
-            format!("U32 {shape:?}: wider or taller than 2^24"),
-        ));
-    }
-    let inn = words * 32 / bits;
-    if words * 32 % bits != 0 || inn % group != 0 {
-        return Err(bad(
-            shards,
-            codes,
-            format!(
-                "U32 {shape:?}: {words} words a row are not whole groups of {group} {bits}-bit \
-                 codes"
-            ),
-        ));
-    }
-    let groups = inn / group;
-    let check_part = |p: &Part, what: &str| -> Result<()> {
-        let (shape, dtype) = shape_of(shards, p);
-        let type_fits = match mode {
-            Mode::Affine => FloatType::from_dtype(dtype).is_some(),
-            _ => dtype == Dtype::U8,
-        };
-        if shape != [out, groups] || !type_fits {
-            let ty = if mode == Mode::Affine { "floats" } else { "U8" };
-            return Err(bad(
-                shards,
-                p,
-                format!(
-                    "{what} {dtype:?} {shape:?} beside `{}` {:?}: expected {ty} [{out}, {groups}] \
-                     ({bits}-bit codes in groups of {group})",
-                    codes.name,
-                    [out, words]
-                ),
-            ));
-        }
-        Ok(())
-    };
-    check_part(&scales, "scales")?;
-    match (mode, &biases) {
-        (Mode::Affine, Some(b)) => check_part(b, "biases")?,
-        (Mode::Affine, None) => {
-            let biases = scales.name.replace(".scales", ".biases");
-            return Err(bad(
-                shards,
-                codes,
-                format!("affine codes without their biases (`{biases}`)"),
-            ));
-        }
-        (_, Some(b)) => {
-            return Err(bad(
-                shards,
-                b,
-                format!(
-                    "biases beside {} codes, which have none: the config's mode and the tensors \
-                     disagree",
-                    mode.name()
-                ),
-            ));
-        }
-        (_, None) => {}
-    }
-    Ok(Mlx {
-        params,
-        shard: codes.shard,
-        scales,
-        biases,
-        shape: [out, inn],
-    })
 }
 
 #[cfg(test)]

@@ -317,3 +317,67 @@ fn stacked_experts_are_left_alone_and_huge_or_mismatched_shapes_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_stack_of_experts_reads_as_one_weight_an_expert_under_its_hugging_face_name() {
+    // Two experts, each affine("x")'s [3, 64] 4-bit weight (a stack is read as
+    // [experts·out, in]: the second expert's rows follow the first's).
+    let (one, want) = affine("x", 4);
+    let stacked = |t: &Raw| {
+        let mut shape = vec![2];
+        shape.extend(&t.1);
+        Raw(t.0, shape, [t.2.clone(), t.2.clone()].concat())
+    };
+    for (parent, proj, name) in [
+        (
+            "model.layers.0.mlp",
+            "gate_proj",
+            "model.layers.0.mlp.experts.1.gate_proj.weight",
+        ),
+        (
+            "model.layers.0.block_sparse_moe",
+            "up_proj",
+            "model.layers.0.block_sparse_moe.experts.1.w3.weight",
+        ),
+    ] {
+        let module = format!("{parent}.switch_mlp.{proj}");
+        let tensors = ["weight", "scales", "biases"]
+            .iter()
+            .zip(&one)
+            .map(|(suffix, (_, t))| (format!("{module}.{suffix}"), stacked(t)))
+            .collect();
+        let (_dir, shards, found) = open(config(4), tensors);
+        let found = found.unwrap();
+        assert_eq!(found.shape(name), Some(&[3, 64][..]));
+        assert_eq!(read(&found, &shards, name, 0..3), want, "{name}");
+        assert_eq!(found.built_names().count(), 2);
+        let mut parts: Vec<String> = found.parts().collect();
+        parts.sort();
+        parts.dedup();
+        assert_eq!(parts.len(), 3, "{parts:?}");
+    }
+    // A float stack (experts MLX left unquantized), and one whose expert is also stored alone.
+    let values: Vec<f32> = (0..2 * 3 * 4).map(|k| k as f32 - 5.0).collect();
+    let float = |extra: bool| {
+        let mut t = vec![(
+            "m.switch_mlp.down_proj.weight".to_string(),
+            Raw(Dtype::F32, vec![2, 3, 4], floats(&values)),
+        )];
+        if extra {
+            let alone = Raw(Dtype::F32, vec![3, 4], floats(&values[..12]));
+            t.push(("m.experts.0.down_proj.weight".to_string(), alone));
+        }
+        t
+    };
+    let (_dir, shards, found) = open(serde_json::json!({}), float(false));
+    let found = found.unwrap();
+    assert_eq!(
+        read(&found, &shards, "m.experts.1.down_proj.weight", 1..3),
+        values[16..]
+    );
+    let err = open(serde_json::json!({}), float(true))
+        .2
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stored both here and alone"), "{err}");
+}

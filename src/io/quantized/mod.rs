@@ -7,6 +7,7 @@
 pub mod bnb;
 pub mod fp8;
 pub mod mlx;
+mod mlx_params;
 pub mod packed;
 mod packed_layouts;
 
@@ -102,7 +103,7 @@ impl QuantizedWeights {
 
     /// The shard of a weight presented under a name no stored tensor has.
     pub fn shard(&self, name: &str) -> Option<usize> {
-        self.packed.shard(name)
+        self.packed.shard(name).or_else(|| self.mlx.shard(name))
     }
 
     /// The shards of the parts a weight's values are built from besides its codes.
@@ -121,7 +122,7 @@ impl QuantizedWeights {
 
     /// The weights presented under a name no stored tensor has.
     pub fn built_names(&self) -> Vec<&str> {
-        self.packed.names().collect()
+        self.packed.names().chain(self.mlx.built_names()).collect()
     }
 
     /// Rows `rows` of a quantized weight as f32 (row length too); None for any other tensor.
