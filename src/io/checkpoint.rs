@@ -186,7 +186,7 @@ impl Checkpoint {
     }
 
     /// The weights presented under a name no stored tensor has (packed weights'
-    /// `<module>.weight`), which a copy writes as their values.
+    /// `<module>.weight`, the experts of an MLX stack), which a copy writes as their values.
     pub fn built_weights(&self) -> Vec<&str> {
         match &self.storage {
             Storage::Safetensors { quantized, .. } => quantized.built_names(),
@@ -376,8 +376,8 @@ impl Checkpoint {
     }
 
     /// Rows of a weight built as read (NaN and Inf refused): an expert's weight the checkpoint
-    /// stores fused, or a quantized weight (FP8, packed, bitsandbytes); None for any other
-    /// tensor.
+    /// stores fused, or a quantized weight (FP8, packed, bitsandbytes, MLX, an expert of an MLX
+    /// stack); None for any other tensor.
     fn built_rows(
         &self,
         name: &str,

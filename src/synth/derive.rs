@@ -41,9 +41,9 @@ pub(super) fn write_derived(
     progress: impl Fn(u64, u64),
 ) -> Result<()> {
     let ckpt = Checkpoint::open(source)?;
-    // A quantized checkpoint's weights (FP8, packed, bitsandbytes) are read (and written) as
-    // their values: their scales, codes, zero points and quant states, and the config's word
-    // that they are quantized, stay behind.
+    // A quantized checkpoint's weights (FP8, packed, bitsandbytes, MLX) are read (and written)
+    // as their values, an MLX stack's experts one weight each: their scales, codes, zero points
+    // and quant states, and the config's word that they are quantized, stay behind.
     let parts = ckpt.quantization_parts();
     let mut names: Vec<&str> = ckpt.names().filter(|n| !parts.contains(*n)).collect();
     names.extend(ckpt.built_weights());

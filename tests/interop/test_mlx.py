@@ -208,6 +208,17 @@ def test_mlx_lm_loads_an_exported_adapter_with_the_peft_adapters_update(binary, 
     proc = subprocess_run(binary, "export-mlx", "--adapter", one_layer, "--base", cut, "--out", tmp_path / "x")
     assert proc.returncode != 0 and "no `model.layers.1.self_attn.q_proj.weight`" in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists()
+    # A base that keeps its language model under `language_model`, as mlx-lm's multimodal ports
+    # do: the modules are found there and written under that name.
+    renamed = {k.replace("model.layers.", "language_model.model.layers.", 1): v
+               for k, v in load_file(str(first / "model.safetensors")).items()}
+    multimodal = iu.save_variants(first, tmp_path, {"multimodal": (renamed, None)})["multimodal"]
+    out = tmp_path / "mlx-multimodal"
+    iu.loraxfer(binary, "export-mlx", "--adapter", lora, "--base", multimodal, "--out", out)
+    keys = list(load_file(str(out / "adapters.safetensors")))
+    assert keys and all(k.startswith("language_model.model.layers.") for k in keys), keys[:3]
+    assert json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["keys"] == sorted(
+        {k.split(".", 4)[-1].rsplit(".", 1)[0] for k in keys})
     # An earlier output is replaced only with --force.
     proc = subprocess_run(binary, "export-mlx", "--adapter", lora, "--out", tmp_path / "mlx-lora")
     assert proc.returncode != 0 and "exists" in proc.stderr, proc.stderr
@@ -383,6 +394,14 @@ def test_mlx_stacked_experts_read_one_weight_an_expert(binary, moe_pair, tmp_pat
     assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
     for k in want:
         assert torch.equal(got[k].float(), want[k].float()), k
+    if kind is None:
+        # Left in bf16, each expert is the Hugging Face checkpoint's, rounded: named by the
+        # original, not by the mapping the reference above shares with the reader.
+        original = load_file(str(first / "model.safetensors"))
+        experts = [k for k in original if ".experts." in k]
+        assert len(experts) == 2 * 4 * 3
+        for k in experts:
+            assert torch.equal(got[k].float(), original[k].to(torch.bfloat16).float()), k
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

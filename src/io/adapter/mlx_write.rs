@@ -10,9 +10,10 @@
 //! path; `load_adapters` refuses a tensor no LoRA layer has. Its models name their modules as
 //! Hugging Face's do, under `model.layers` (and `language_model.model.layers` where transformers
 //! 5 says `model.language_model.layers`); a module elsewhere (a vision tower's) is refused.
-//! With the base given, every module's weight is checked there, and `num_layers` counts from the
-//! first adapted layer to the base's last, which every mlx-lm reads alike; without, it is −1,
-//! which mlx-lm reads as all layers since 0.22.
+//! With the base given, every module's weight is looked up there (under `language_model` too,
+//! where mlx-lm's multimodal ports keep the language model) and its shape checked, and
+//! `num_layers` counts from the first adapted layer to the base's last, which every mlx-lm reads
+//! alike; without, it is −1, which mlx-lm reads as all layers since 0.22.
 
 use std::path::Path;
 
@@ -116,8 +117,25 @@ pub fn write_mlx(
     let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
     let (mut keys, mut first_layer) = (Vec::new(), None::<usize>);
     for (module, m) in &adapter.modules {
-        let (path, key, layer) = place(module).map_err(&refuse)?;
+        let (mut path, mut key, layer) = place(module).map_err(&refuse)?;
         if let Some(base) = base {
+            // mlx-lm's multimodal ports keep the language model under `language_model` (its
+            // layers, and its `lm_head`) where a text model's name may not say so.
+            let candidates = [
+                path.clone(),
+                path.replacen("model.layers.", "language_model.model.layers.", 1),
+                format!("language_model.{path}"),
+            ];
+            if let Some(found) = candidates
+                .into_iter()
+                .find(|p| base.has(&format!("{p}.weight")))
+            {
+                // (A module outside the layers is keyed by its whole path.)
+                if layer.is_none() {
+                    key = found.clone();
+                }
+                path = found;
+            }
             let weight = format!("{path}.weight");
             let shape = base.shape(&weight).ok();
             if shape != Some(&[m.out_features, m.in_features][..]) {

@@ -124,15 +124,18 @@ impl MlxWeights {
                 let name = format!("{module}.{suffix}");
                 index.get(&name).map(|&shard| Part { shard, name })
             };
-            // A 2-D weight, or a stack of experts (other 3-D tensors are not MLX's).
-            let fits = shape.len() == 2 || (shape.len() == 3 && stack.is_some());
+            // A 2-D weight, or a 3-D stack of experts (other tensors are not MLX's weights).
+            let fits = match stack {
+                Some(_) => shape.len() == 3,
+                None => shape.len() == 2,
+            };
             let (quantized, inn) = match part("scales") {
                 Some(scales) if dtype == Dtype::U32 && fits => {
                     let params = params_of(quant, module, &codes, shards)?;
                     let (q, inn) = check(params, &codes, scales, part("biases"), shards)?;
                     (Some(q), inn)
                 }
-                None if shape.len() == 3 && stack.is_some() => match FloatType::from_dtype(dtype) {
+                None if fits && stack.is_some() => match FloatType::from_dtype(dtype) {
                     Some(_) => (None, shape[2]),
                     None => continue,
                 },
@@ -149,6 +152,17 @@ impl MlxWeights {
                 continue;
             };
             let (experts, out) = (shape[0], shape[1]);
+            // (Checked before one weight an expert is made: a header can claim any count.)
+            if experts == 0 || experts > 1 << 16 || out == 0 || out > 1 << 24 || inn == 0 {
+                return Err(bad(
+                    shards,
+                    &codes,
+                    format!("a stack of experts {shape:?}: no experts, rows or inputs, or past 2^16 experts or 2^24 rows"),
+                ));
+            }
+            if inn > 1 << 24 {
+                return Err(bad(shards, &codes, format!("{shape:?}: wider than 2^24")));
+            }
             for e in 0..experts {
                 let expert = expert_name(parent, proj, e);
                 if index.contains_key(&expert) {

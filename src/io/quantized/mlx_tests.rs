@@ -282,9 +282,9 @@ fn module_entries_follow_mlx_lm_true_null_and_a_mode_left_out() {
 }
 
 #[test]
-fn stacked_experts_are_left_alone_and_huge_or_mismatched_shapes_refused() {
+fn other_3d_tensors_are_left_alone_and_huge_or_mismatched_shapes_refused() {
     let cfg = || config(4);
-    // 3-D codes (mlx-lm's switch_mlp) are not claimed.
+    // 3-D codes that are not a stack of experts (`switch_mlp`) are not claimed.
     let stacked = vec![
         (
             "e.weight".to_string(),
@@ -297,6 +297,25 @@ fn stacked_experts_are_left_alone_and_huge_or_mismatched_shapes_refused() {
     ];
     let (_dir, _shards, found) = open(cfg(), stacked);
     assert!(!found.unwrap().has("e.weight"));
+    // Nor are 2-D codes under a stack's name; a stack of no experts is refused.
+    let flat = vec![
+        (
+            "a.switch_mlp.up_proj.weight".to_string(),
+            Raw(Dtype::U32, vec![8, 4], vec![0; 128]),
+        ),
+        (
+            "a.switch_mlp.up_proj.scales".to_string(),
+            Raw(Dtype::F32, vec![8, 1], vec![0; 32]),
+        ),
+    ];
+    let (_dir, _shards, found) = open(cfg(), flat);
+    assert_eq!(found.unwrap().names().count(), 0);
+    let empty = vec![(
+        "a.switch_mlp.up_proj.weight".to_string(),
+        Raw(Dtype::BF16, vec![0, 3, 4], vec![]),
+    )];
+    let err = open(cfg(), empty).2.unwrap_err().to_string();
+    assert!(err.contains("no experts"), "{err}");
     // No rows and 2^59 words a row: refused before any size is multiplied.
     let huge = vec![
         (
@@ -320,14 +339,21 @@ fn stacked_experts_are_left_alone_and_huge_or_mismatched_shapes_refused() {
 
 #[test]
 fn a_stack_of_experts_reads_as_one_weight_an_expert_under_its_hugging_face_name() {
-    // Two experts, each affine("x")'s [3, 64] 4-bit weight (a stack is read as
-    // [experts·out, in]: the second expert's rows follow the first's).
-    let (one, want) = affine("x", 4);
+    // Two experts: affine("x", 4)'s [3, 64] weight, then the same with its rows turned (1, 2,
+    // 0), codes, scales and biases alike: a stack is read as [experts·out, in], expert 1's rows
+    // after expert 0's.
+    let (one, want0) = affine("x", 4);
+    let turned = |t: &Raw| {
+        let row = t.2.len() / 3;
+        [&t.2[row..], &t.2[..row]].concat()
+    };
     let stacked = |t: &Raw| {
         let mut shape = vec![2];
         shape.extend(&t.1);
-        Raw(t.0, shape, [t.2.clone(), t.2.clone()].concat())
+        Raw(t.0, shape, [t.2.clone(), turned(t)].concat())
     };
+    // Expert 1's rows 1..3: expert 0's rows 2 and 0.
+    let want: Vec<f32> = [&want0[128..], &want0[..64]].concat();
     for (parent, proj, name) in [
         (
             "model.layers.0.mlp",
@@ -349,7 +375,7 @@ fn a_stack_of_experts_reads_as_one_weight_an_expert_under_its_hugging_face_name(
         let (_dir, shards, found) = open(config(4), tensors);
         let found = found.unwrap();
         assert_eq!(found.shape(name), Some(&[3, 64][..]));
-        assert_eq!(read(&found, &shards, name, 0..3), want, "{name}");
+        assert_eq!(read(&found, &shards, name, 1..3), want, "{name}");
         assert_eq!(found.built_names().count(), 2);
         let mut parts: Vec<String> = found.parts().collect();
         parts.sort();
