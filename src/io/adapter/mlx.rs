@@ -14,7 +14,7 @@ use std::path::Path;
 
 use super::{Adapter, AdapterConfig, FactorRef, LoraModule, LoraTensors, CONFIG_FILE};
 use crate::error::{Error, Result};
-use crate::io::safetensors::{FloatType, TensorFile};
+use crate::io::safetensors::TensorFile;
 
 /// The weights file of an MLX adapter.
 pub const MLX_WEIGHTS_FILE: &str = "adapters.safetensors";
@@ -173,32 +173,17 @@ fn index_modules(
                 ),
             ));
         }
-        let ty = |key: &str, dtype| {
-            FloatType::from_dtype(dtype).ok_or_else(|| {
-                Error::bad_tensor(
-                    path,
-                    key,
-                    format!("dtype {dtype:?} is not bf16, f16 or f32"),
-                )
-            })
-        };
-        let (ty_a, ty_b) = (ty(&a, ea.dtype)?, ty(&b, eb.dtype)?);
-        file.rows_raw(&a, 0..n)?;
-        file.rows_raw(&b, 0..r)?;
-        let whole = |tensor: String| FactorRef {
-            tensor,
-            expert: None,
-        };
+        let ty = super::checked_factors(file, &a, &b)?;
         out.insert(
             module,
             LoraModule {
-                a: whole(a),
-                b: whole(b),
+                a: FactorRef::whole(a),
+                b: FactorRef::whole(b),
                 r,
                 in_features: n,
                 out_features: m,
                 alpha,
-                ty: if ty_a == ty_b { ty_a } else { FloatType::F32 },
+                ty,
             },
         );
     }

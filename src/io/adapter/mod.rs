@@ -94,6 +94,16 @@ impl GateUpRows {
     }
 }
 
+impl FactorRef {
+    /// A factor that is a whole tensor of the file.
+    pub fn whole(tensor: String) -> Self {
+        FactorRef {
+            tensor,
+            expert: None,
+        }
+    }
+}
+
 impl ExpertBlock {
     /// How many rows of the fused tensor are this expert part's.
     pub fn count(&self) -> usize {
@@ -321,6 +331,28 @@ fn parse_key(key: &str, path: &Path) -> Result<(String, char)> {
     )))
 }
 
+/// The type both factors of a module are given (the one that holds both exactly: f32 when they
+/// differ, so that neither loses precision it came with), their stored types checked to be
+/// floats and their values free of NaN and Inf, on the bits (not when a unit reads the module
+/// after the work before it).
+fn checked_factors(file: &TensorFile, a: &str, b: &str) -> Result<FloatType> {
+    let mut types = [a, b].into_iter().map(|key| {
+        let entry = file.entry(key).expect("key listed by the file");
+        let ty = FloatType::from_dtype(entry.dtype).ok_or_else(|| {
+            let dtype = entry.dtype;
+            Error::bad_tensor(
+                file.path(),
+                key,
+                format!("dtype {dtype:?} is not bf16, f16 or f32"),
+            )
+        })?;
+        file.rows_raw(key, 0..entry.shape[0])?;
+        Ok::<_, Error>(ty)
+    });
+    let (ty_a, ty_b) = (types.next().expect("two")?, types.next().expect("two")?);
+    Ok(if ty_a == ty_b { ty_a } else { FloatType::F32 })
+}
+
 /// Pairs every module's lora_A and lora_B and checks their shapes, types and values against
 /// each other and the config (the values on their bits, nothing decoded or kept).
 fn index_modules(
@@ -375,26 +407,7 @@ fn index_modules(
                 format!("lora_B is [{m}, {rb}] but lora_A is [{r}, {n}]: ranks differ"),
             ));
         }
-        let float_type = |key: &str, dtype| {
-            FloatType::from_dtype(dtype).ok_or_else(|| {
-                Error::bad_tensor(
-                    path,
-                    key,
-                    format!("dtype {dtype:?} is not bf16, f16 or f32"),
-                )
-            })
-        };
-        let (ty_a, ty_b) = (
-            float_type(&a_key, a_entry.dtype)?,
-            float_type(&b_key, b_entry.dtype)?,
-        );
-        // One type for both factors of the output: the one that holds both exactly (f32 when
-        // they differ), so that neither factor loses precision it came with.
-        let ty = if ty_a == ty_b { ty_a } else { FloatType::F32 };
-        // NaN and Inf are refused now, on the bits, not when a unit reads the module after
-        // the work before it.
-        file.rows_raw(&a_key, 0..r)?;
-        file.rows_raw(&b_key, 0..m)?;
+        let ty = checked_factors(file, &a_key, &b_key)?;
         let fused = (!config.target_parameters.is_empty())
             .then(|| fused::wrapper(&module))
             .flatten();
@@ -421,15 +434,11 @@ fn index_modules(
             ));
         }
         let alpha = config.alpha_for(&module);
-        let whole = |tensor: String| FactorRef {
-            tensor,
-            expert: None,
-        };
         out.insert(
             module,
             LoraModule {
-                a: whole(a_key),
-                b: whole(b_key),
+                a: FactorRef::whole(a_key),
+                b: FactorRef::whole(b_key),
                 r,
                 in_features: n,
                 out_features: m,

@@ -2,6 +2,7 @@
 //! as transformers saves them (`Params4bit`'s quant state, `Int8Params`' `SCB`).
 
 use super::*;
+use crate::io::quantized::test_file;
 use crate::io::safetensors::decode_f32;
 use crate::io::RawTensor as Raw;
 
@@ -10,13 +11,7 @@ fn floats(v: &[f32]) -> Vec<u8> {
 }
 
 fn open(tensors: Vec<(String, Raw)>) -> (tempfile::TempDir, Vec<TensorFile>, Result<BnbWeights>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &path)
-        .unwrap();
-    let file = TensorFile::open(&path).unwrap();
-    let index = file.names().map(|n| (n.to_string(), 0)).collect();
-    let shards = vec![file];
+    let (dir, shards, index) = test_file(tensors.iter().map(|(n, t)| (n.as_str(), t)));
     let found = BnbWeights::find(&shards, &index);
     (dir, shards, found)
 }
@@ -200,13 +195,8 @@ fn bitsandbytes_weights_without_their_parts_are_refused_by_name() {
     ));
     // (The NVFP4 reading of 15 bytes a row needs 30 inputs: rows of 3 bytes, 6 inputs.)
     tensors[0].1 = Raw(Dtype::U8, vec![5, 3], vec![0; 15]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &path)
-        .unwrap();
-    let file = TensorFile::open(&path).unwrap();
-    let index = file.names().map(|n| (n.to_string(), 0)).collect();
-    let e = crate::io::quantized::QuantizedWeights::find(&serde_json::json!({}), &[file], &index)
+    let (_dir, shards, index) = test_file(tensors.iter().map(|(n, t)| (n.as_str(), t)));
+    let e = crate::io::quantized::QuantizedWeights::find(&serde_json::json!({}), &shards, &index)
         .unwrap_err()
         .to_string();
     assert!(

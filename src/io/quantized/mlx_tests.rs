@@ -2,6 +2,7 @@
 //! `mx.quantize` lays them out (each row a little-endian bit stream of codes through U32 words).
 
 use super::*;
+use crate::io::quantized::test_file;
 use crate::io::safetensors::decode_f32;
 use crate::io::RawTensor as Raw;
 
@@ -33,13 +34,7 @@ fn open(
     config: serde_json::Value,
     tensors: Tensors,
 ) -> (tempfile::TempDir, Vec<TensorFile>, Result<MlxWeights>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &path)
-        .unwrap();
-    let file = TensorFile::open(&path).unwrap();
-    let index = file.names().map(|n| (n.to_string(), 0)).collect();
-    let shards = vec![file];
+    let (dir, shards, index) = test_file(tensors.iter().map(|(n, t)| (n.as_str(), t)));
     let found = MlxWeights::find(&config, &shards, &index);
     (dir, shards, found)
 }

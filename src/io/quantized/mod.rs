@@ -144,3 +144,17 @@ impl QuantizedWeights {
         self.mlx.read_rows(name, rows, shards)
     }
 }
+
+/// One safetensors file of `tensors` in a fresh directory, opened, and its index (every tensor
+/// in shard 0): what the readers' tests find weights in.
+#[cfg(test)]
+pub(crate) fn test_file<'t>(
+    tensors: impl IntoIterator<Item = (&'t str, &'t crate::io::RawTensor)>,
+) -> (tempfile::TempDir, Vec<TensorFile>, HashMap<String, usize>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    let index = file.names().map(|n| (n.to_string(), 0)).collect();
+    (dir, vec![file], index)
+}

@@ -5,6 +5,7 @@
 use super::*;
 use crate::linalg::philox::philox4x32_10;
 
+use crate::io::quantized::test_file;
 use crate::io::RawTensor as Raw;
 
 fn words(w: &[u32]) -> Vec<u8> {
@@ -78,12 +79,7 @@ fn open(
     config: serde_json::Value,
     tensors: Vec<(&str, Raw)>,
 ) -> (tempfile::TempDir, Vec<TensorFile>, Result<PackedWeights>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (*n, t)), None, &path).unwrap();
-    let file = TensorFile::open(&path).unwrap();
-    let index = file.names().map(|n| (n.to_string(), 0)).collect();
-    let shards = vec![file];
+    let (dir, shards, index) = test_file(tensors.iter().map(|(n, t)| (*n, t)));
     let found = PackedWeights::find(&config, &shards, &index);
     (dir, shards, found)
 }
