@@ -95,6 +95,12 @@ pub struct TransferArgs {
     /// disk.
     #[arg(long)]
     pub fused_experts: bool,
+    /// Leave out the adapter's updates to the routing gates of a mixture of experts (the
+    /// router, `mlp.gate`; Qwen2-MoE's `shared_expert_gate`), which are not transferred:
+    /// without it such an adapter is refused. mlx-lm's default LoRA and PEFT's `all-linear`
+    /// with transformers 4 adapt them.
+    #[arg(long)]
+    pub drop_router: bool,
     /// Print the time spent in each phase (on stderr).
     #[arg(long)]
     pub timings: bool,
@@ -168,6 +174,7 @@ impl TransferArgs {
         opts.mode = self.mode;
         opts.threshold = self.threshold;
         opts.modules = self.modules.clone();
+        opts.drop_router = self.drop_router;
         opts.map = crate::map::MapOptions {
             residual: self.map_residual,
             fold_norms: !self.no_norm_fold,

@@ -377,3 +377,83 @@ fn a_moe_gguf_base_reads_each_expert_from_its_rows() {
         "{e}"
     );
 }
+
+/// The routing gates of a mixture of experts (the router, `mlp.gate`; Mixtral's
+/// `block_sparse_moe.gate`; a shared expert's `shared_expert_gate`), which mlx-lm's default
+/// LoRA and PEFT's `all-linear` with transformers 4 adapt, are not transferred: an adapter on
+/// them is refused, naming the first and `--drop-router`; with it, they are left out, the report
+/// names them, and the rest transfers as the same adapter without them.
+#[test]
+fn routing_gate_updates_are_refused_or_left_out_by_name() {
+    let (h, experts) = (DIMS.0, 3);
+    let d = Dirs::new();
+    moe_model(&d.p("src"), "qwen3_moe", experts, 1);
+    moe_model(&d.p("tgt"), "qwen3_moe", experts, 2);
+    moe_adapter(&d.p("plain"), "qwen3_moe", experts, true);
+    let plain = Adapter::open(&d.p("plain")).unwrap();
+    let mut modules = plain.read_all().unwrap();
+    for l in 0..LAYERS {
+        let gate = random_factors(experts, h, 4, 8.0, 90 + l as u64, FloatType::F32);
+        modules.insert(format!("model.layers.{l}.mlp.gate"), gate);
+    }
+    write_peft(
+        &d.p("gated"),
+        "qwen3_moe",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    let options = |drop_router| loraxfer::plan::Options {
+        mode: Mode::Rotate,
+        rank: 64,
+        oversample: 4,
+        drop_router,
+        ..Default::default()
+    };
+    let refused = err_of(&cpu_job(
+        &d.p("src"),
+        &d.p("tgt"),
+        &d.p("gated"),
+        &d.p("refused"),
+        options(false),
+    ));
+    assert!(
+        refused.contains("`model.layers.0.mlp.gate` (and 1 more) adapts a routing gate")
+            && refused.contains("--drop-router"),
+        "{refused}"
+    );
+    assert!(!d.p("refused").exists());
+    let mut outs = Vec::new();
+    for (adapter, dropped) in [("gated", 2), ("plain", 0)] {
+        let out = d.p(&format!("out-{adapter}"));
+        let job = cpu_job(&d.p("src"), &d.p("tgt"), &d.p(adapter), &out, options(true));
+        let report = transfer::run(&job).unwrap();
+        let want: Vec<String> = (0..dropped)
+            .map(|l| format!("model.layers.{l}.mlp.gate"))
+            .collect();
+        assert_eq!(report.dropped_router_modules, want);
+        outs.push(Adapter::open(&out).unwrap().read_all().unwrap());
+    }
+    assert_eq!(
+        outs[0].keys().collect::<Vec<_>>(),
+        outs[1].keys().collect::<Vec<_>>()
+    );
+    for (name, got) in &outs[0] {
+        let want = &outs[1][name];
+        assert!(got.a == want.a && got.b == want.b, "{name}");
+    }
+    // Mixtral's router, and a shared expert's gate, by name; the experts are not gates.
+    moe_model(&d.p("mix"), "mixtral", experts, 1);
+    let mix = loraxfer::io::checkpoint::Checkpoint::open(&d.p("mix")).unwrap();
+    let side = loraxfer::plan::ModelSide::new(&mix).unwrap();
+    for (name, gate) in [
+        ("model.layers.1.block_sparse_moe.gate", true),
+        ("model.layers.0.mlp.shared_expert_gate", true),
+        ("model.layers.1.block_sparse_moe.experts.0.w1", false),
+        ("model.layers.x.block_sparse_moe.gate", false),
+        ("model.layers.1.self_attn.q_proj", false),
+    ] {
+        assert_eq!(side.is_routing_gate(name), gate, "{name}");
+    }
+}

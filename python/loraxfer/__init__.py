@@ -72,6 +72,7 @@ def transfer(
     force: bool = False,
     gguf_adapter: bool = False,
     fused_experts: bool = False,
+    drop_router: bool = False,
     map_residual: str = "layers",
     no_norm_fold: bool = False,
     map_gain_floor: float = 0.1,
@@ -85,7 +86,9 @@ def transfer(
     llama.cpp LoRA, `out/adapter_model.gguf`, for the target base. fused_experts=True writes a
     mixture-of-experts target's adapter as PEFT's LoRA on transformers 5's fused expert
     parameters (`target_parameters`) instead of one module per expert (always so for a GPT-OSS
-    target, whose experts are fused on disk).
+    target, whose experts are fused on disk). drop_router=True leaves out the adapter's updates
+    to a mixture of experts' routing gates (the router, a shared expert's gate), which are not
+    transferred; without it such an adapter is refused.
 
     mode: auto, copy, project, align, procrustes, rotate, map or resample (`loraxfer
     transfer --help` says what each does; auto picks rotate for equal shapes, else map,

@@ -171,6 +171,45 @@ fn unit_rows(side: &ModelSide<'_>, layer: usize) -> Result<Vec<Vec<f64>>> {
         .collect())
 }
 
+/// Takes out of the adapter its updates to the routing gates of a mixture of experts (the
+/// router, Qwen2-MoE's `shared_expert_gate`), where `drop`; refuses them otherwise, naming
+/// `--drop-router`. Returns the names taken out.
+///
+/// A router's rows follow the experts (row e scores expert e), and the plan pairs the target's
+/// experts with the source's by those rows: the router's own update would have to follow that
+/// pairing, and PEFT with transformers 5 has no LoRA layer for its router. mlx-lm's default
+/// `keys`, and PEFT's `all-linear` with transformers 4, adapt it beside the experts.
+pub fn routing_gates(
+    adapter: &mut crate::io::adapter::Adapter,
+    source: &ModelSide<'_>,
+    drop: bool,
+) -> Result<Vec<String>> {
+    let gates: Vec<String> = adapter
+        .modules
+        .keys()
+        .filter(|name| source.is_routing_gate(name))
+        .cloned()
+        .collect();
+    if let (Some(first), false) = (gates.first(), drop) {
+        let more = match gates.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        return Err(Error::UnsupportedAdapter {
+            path: adapter.dir.clone(),
+            reason: format!(
+                "module `{first}`{more} adapts a routing gate of the mixture of experts, whose \
+                 update is not transferred (its rows follow the experts, which are paired by the \
+                 routers' own weights); pass --drop-router to transfer the rest without it"
+            ),
+        });
+    }
+    for name in &gates {
+        adapter.modules.remove(name);
+    }
+    Ok(gates)
+}
+
 /// Names the per-expert modules of a LoRA on fused experts as the source's table names them:
 /// PEFT calls a Mixtral layer's experts `mlp.experts` where its checkpoint writes
 /// `block_sparse_moe.experts.<e>.w1`.

@@ -38,6 +38,9 @@ pub struct Options {
     /// Leave out, rather than refuse, source modules no target module takes (`inspect`, whose
     /// adapter is every module of the source, compares what pairs).
     pub leave_unpaired: bool,
+    /// Leave out, rather than refuse, the adapter's updates to routing gates of a mixture of
+    /// experts (`--drop-router`: [`experts::routing_gates`]).
+    pub drop_router: bool,
 }
 
 /// The default SVD rank k, oversampling p and power iterations q (the command line's too).
@@ -58,6 +61,7 @@ impl Default for Options {
             layer_map: None,
             map: crate::map::MapOptions::default(),
             leave_unpaired: false,
+            drop_router: false,
         }
     }
 }

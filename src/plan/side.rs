@@ -97,6 +97,30 @@ impl<'a> ModelSide<'a> {
             .find_map(|p| self.arch.parse_module(p, name))
     }
 
+    /// Whether an adapter's module is a routing gate of a layer's mixture of experts: the router
+    /// (the table's `router` weight) or a shared expert's gate (Qwen2-MoE's one-row
+    /// `shared_expert_gate`), under `names` or any of the table's layer prefixes.
+    pub fn is_routing_gate(&self, name: &str) -> bool {
+        let Some(router) = self.arch.router.as_deref() else {
+            return false;
+        };
+        let router = router.strip_suffix(".weight").unwrap_or(router);
+        std::iter::once(&self.names)
+            .chain(&self.arch.layer_prefixes)
+            .any(|p| {
+                let Some(rest) = name
+                    .strip_prefix(p.as_str())
+                    .and_then(|r| r.strip_prefix('.'))
+                else {
+                    return false;
+                };
+                rest.split_once('.').is_some_and(|(layer, key)| {
+                    layer.parse::<usize>().is_ok()
+                        && (key == router || key.ends_with(".shared_expert_gate"))
+                })
+            })
+    }
+
     /// The layer prefix an adapter's `modules` are named under, among the table's own: the one
     /// every module the table names is under (None where they are under several, or none;
     /// modules it does not name are not counted).

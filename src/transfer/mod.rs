@@ -84,6 +84,8 @@ struct Opened {
     map_start: Option<MapStart>,
     /// Where the output names the target's layers ([`output_names`]).
     target_names: String,
+    /// The adapter's routing-gate modules left out under `--drop-router`.
+    dropped_gates: Vec<String>,
 }
 
 impl Opened {
@@ -193,6 +195,7 @@ pub fn run(job: &Job) -> Result<Report> {
         seed: job.options.seed,
         threshold: job.options.threshold,
         selected_modules: job.options.modules.clone(),
+        dropped_router_modules: opened.dropped_gates.clone(),
         device: device_note,
         layer_map: report::layer_map_json(&opened.plan),
         expert_map: opened
@@ -305,6 +308,15 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         fused_out::check_target(&t)?;
     }
     plan::experts::name_fused_experts(&mut adapter, &s)?;
+    let dropped_gates = plan::experts::routing_gates(&mut adapter, &s, job.options.drop_router)?;
+    if !dropped_gates.is_empty() {
+        job.progress.note(&format!(
+            "--drop-router: {} routing-gate module(s) left out (`{}`{})",
+            dropped_gates.len(),
+            dropped_gates[0],
+            if dropped_gates.len() > 1 { ", …" } else { "" }
+        ));
+    }
     let mut options = job.options.clone();
     if let Some(path) = &job.layer_map_file {
         options.layer_map = Some(plan::layers::read_layer_map(path, s.layers(), t.layers())?);
@@ -384,6 +396,7 @@ fn open_and_plan(job: &Job, timings: &Timings, backend: &dyn backend::Backend) -
         auto,
         map_start,
         target_names,
+        dropped_gates,
     })
 }
 

@@ -124,6 +124,9 @@ pub struct Report {
     /// `--modules`, when given: the module types transferred (the others are skipped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub selected_modules: Option<Vec<String>>,
+    /// The adapter's routing-gate modules left out under `--drop-router`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped_router_modules: Vec<String>,
     /// The backend and why it was picked (`cpu (auto: no GPU)`, `cuda (requested): …`).
     pub device: String,
     pub layer_map: BTreeMap<String, usize>,

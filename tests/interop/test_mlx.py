@@ -106,7 +106,7 @@ def mlx_updates(model_dir, adapter_dir) -> dict:
     not expect): `scale · lora_bᵀ · lora_aᵀ`, as its `LoRALinear.fuse` adds it; the layers the
     file leaves at zero (their lora_b as made) left out."""
     import mlx.core as mx
-    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
 
@@ -114,11 +114,25 @@ def mlx_updates(model_dir, adapter_dir) -> dict:
     load_adapters(model, str(adapter_dir))
     updates = {}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, LoRASwitchLinear)):
             a, b = (np.array(p.astype(mx.float32)).astype(np.float64) for p in (m.lora_a, m.lora_b))
-            if np.any(b):
-                updates[name] = m.scale * (b.T @ a.T)
+        if isinstance(m, LoRALinear) and np.any(b):
+            updates[name] = m.scale * (b.T @ a.T)
+        elif isinstance(m, LoRASwitchLinear):
+            # Expert e adds scale · lora_b[e] · lora_a[e], as its `fuse` does.
+            for e in range(a.shape[0]):
+                if np.any(b[e]):
+                    updates[hf_expert(name, e)] = m.scale * (b[e] @ a[e])
     return updates
+
+
+def hf_expert(stack: str, e: int) -> str:
+    """The Hugging Face module of expert `e` of mlx-lm's stack `<parent>.switch_mlp.<proj>`
+    (Mixtral's `w1`, `w3`, `w2`)."""
+    parent, proj = stack.split(".switch_mlp.")
+    if parent.endswith("block_sparse_moe"):
+        proj = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[proj]
+    return f"{parent}.experts.{e}.{proj}"
 
 
 def mlx_lora(model_dir, out, rank: int, scale: float, seed: int):
@@ -147,9 +161,10 @@ def mlx_lora(model_dir, out, rank: int, scale: float, seed: int):
     return out
 
 
-def as_peft(mlx_dir, out):
+def as_peft(mlx_dir, out, leave_out=()):
     """The PEFT adapter of an MLX adapter's update, written in numpy: A = lora_aᵀ, B = lora_bᵀ,
-    lora_alpha = scale · rank."""
+    lora_alpha = scale · rank; a stack of experts' (LoRASwitchLinear) expert e's A = lora_a[e]
+    and B = lora_b[e], under its Hugging Face name. Modules ending in `leave_out` are left out."""
     from safetensors.numpy import load_file as np_load, save_file
 
     config = json.loads((mlx_dir / "adapter_config.json").read_text())["lora_parameters"]
@@ -157,6 +172,12 @@ def as_peft(mlx_dir, out):
     for key, v in np_load(str(mlx_dir / "adapters.safetensors")).items():
         module, part = key.rsplit(".", 1)
         name = {"lora_a": "lora_A", "lora_b": "lora_B"}[part]
+        if module.endswith(tuple(leave_out)):
+            continue
+        if v.ndim == 3:
+            for e in range(v.shape[0]):
+                tensors[f"{iu.PEFT_PREFIX}{hf_expert(module, e)}.{name}.weight"] = np.ascontiguousarray(v[e])
+            continue
         tensors[f"{iu.PEFT_PREFIX}{module}.{name}.weight"] = np.ascontiguousarray(v.T)
     out.mkdir(parents=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -291,6 +312,13 @@ def test_what_mlx_adapters_hold_that_is_not_transferred_is_refused_naming_it(bin
                                "model.embed_tokens.lora_b": np.ones((4, 64), np.float32)}, "embeddings"),
         "rank": ({**config, "lora_parameters": {**config["lora_parameters"], "rank": 8}}, tensors,
                  "lora_parameters.rank 8"),
+        # Stacked experts' LoRA: one expert count, under a `switch_mlp`.
+        "stack": (config, {**tensors, "model.layers.0.mlp.switch_mlp.gate_proj.lora_a": np.ones((2, 4, 64), np.float32),
+                           "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": np.ones((3, 32, 4), np.float32)},
+                  "the expert counts must agree"),
+        "stack-elsewhere": (config, {**tensors, "model.layers.0.mlp.experts.lora_a": np.ones((2, 4, 64), np.float32),
+                                     "model.layers.0.mlp.experts.lora_b": np.ones((2, 32, 4), np.float32)},
+                            "outside a `switch_mlp`"),
         # Trained on another model: named as the MLX file has it.
         "shape": (config, {**tensors, "model.layers.0.self_attn.q_proj.lora_b": np.ones((4, 32), np.float32)},
                   "adapters.safetensors: tensor `model.layers.0.self_attn.q_proj.lora_b`"),
@@ -421,3 +449,47 @@ def test_an_expert_lora_moves_between_mlx_moe_releases_as_between_their_values(b
     assert got["mlx"].keys() == got["values"].keys() and any(".experts.3." in k for k in got["mlx"])
     for k in got["values"]:
         assert np.array_equal(got["mlx"][k], got["values"][k]), k
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_an_mlx_lm_moe_lora_moves_between_mlx_moe_releases(binary, moe_pair, tmp_path, family):
+    """mlx-lm's own LoRA on an MLX mixture of experts adapts attention, the stacked experts
+    (LoRASwitchLinear, read one module per expert) and the router. The router's update is refused
+    by name; with --drop-router the rest transfers as its PEFT form does, bit for bit, and
+    export-mlx writes it back as stacks that mlx-lm loads onto the target with the transferred
+    update."""
+    from safetensors.numpy import load_file as np_load
+
+    first, second, _ = moe_pair[family]
+    source = mlx_moe_checkpoint(first, tmp_path / "first", "affine4")["mlx"]
+    target = mlx_moe_checkpoint(second, tmp_path / "second", "affine4")["mlx"]
+    made = mlx_lora(source, tmp_path / "made", rank=4, scale=10.0, seed=6)
+    router = "block_sparse_moe.gate" if family == "mixtral" else "mlp.gate"
+    stored = np_load(str(made / "adapters.safetensors"))
+    assert f"model.layers.1.{router}.lora_a" in stored
+    assert stored[f"model.layers.1.{router.split('.')[0]}.switch_mlp.down_proj.lora_b"].shape == (4, 64, 4)
+    proc = subprocess_run(binary, "transfer", "--source-base", source, "--target-base", target, "--adapter", made,
+                          "--out", tmp_path / "refused", "--mode", "rotate")
+    assert proc.returncode != 0 and f"`model.layers.0.{router}` (and 1 more) adapts a routing gate" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "refused").exists()
+    peft = as_peft(made, tmp_path / "peft", leave_out=[router])
+    updates = mlx_updates(source, made)
+    assert sum(".experts." in k for k in updates) == 2 * 4 * 3
+    assert_updates_close(iu.module_updates(peft), {k: v for k, v in updates.items() if not k.endswith(router)})
+    outs = {}
+    for label, adapter in (("mlx", made), ("peft", peft)):
+        outs[label] = tmp_path / f"out-{label}"
+        iu.loraxfer(binary, "transfer", "--source-base", source, "--target-base", target, "--adapter", adapter,
+                    "--out", outs[label], "--mode", "rotate", "--rank", "16", "--drop-router")
+    got, want = (np_load(str(outs[k] / "adapter_model.safetensors")) for k in ("mlx", "peft"))
+    assert got.keys() == want.keys() and any(".experts.3." in k for k in got)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+    report = json.loads((outs["mlx"] / "transfer_report.json").read_text())
+    assert report["dropped_router_modules"] == [f"model.layers.{l}.{router}" for l in range(2)]
+    exported = tmp_path / "exported"
+    iu.loraxfer(binary, "export-mlx", "--adapter", outs["mlx"], "--base", target, "--out", exported)
+    written = np_load(str(exported / "adapters.safetensors"))
+    assert written[f"model.layers.0.{router.split('.')[0]}.switch_mlp.gate_proj.lora_a"].shape == (4, 4, 64)
+    assert_updates_close(mlx_updates(target, exported), iu.module_updates(outs["mlx"]))

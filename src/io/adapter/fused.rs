@@ -164,6 +164,7 @@ pub(super) fn expand(
                             step,
                             reversed: layout.reversed,
                         }),
+                        stacked: None,
                     };
                     let (a, b) = match layout.reversed {
                         false => (

@@ -6,8 +6,9 @@
 //! is PEFT's `s·B·A` with `A = lora_aᵀ`, `B = lora_bᵀ` and `s = scale`: `lora_alpha = scale · r`.
 //!
 //! Read, an MLX adapter is the PEFT adapter of those factors (its factors transposed as they
-//! are read). DoRA, full fine-tunes, LoRA on embeddings and on stacked experts (mlx-lm's
-//! `LoRASwitchLinear`) are refused. Writing one: [`super::mlx_write`].
+//! are read). mlx-lm's `LoRASwitchLinear` on a layer's stacked experts is read as one module per
+//! expert ([`stacked_experts`]). DoRA, full fine-tunes and LoRA on embeddings are refused.
+//! Writing one: [`super::mlx_write`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -152,15 +153,16 @@ fn index_modules(
             file.entry(&a).expect("listed"),
             file.entry(&b).expect("listed"),
         );
+        if ea.shape.len() == 3 || eb.shape.len() == 3 {
+            let stack = (module.as_str(), a.as_str(), b.as_str());
+            stacked_experts(file, stack, rank, alpha, &mut out)?;
+            continue;
+        }
         let (&[n, r], &[rb, m]) = (ea.shape.as_slice(), eb.shape.as_slice()) else {
-            let why = if ea.shape.len() == 3 {
-                "stacked experts' LoRA (mlx-lm's LoRASwitchLinear) is not read".to_string()
-            } else {
-                format!(
-                    "lora_a {:?} and lora_b {:?} must both be 2-D",
-                    ea.shape, eb.shape
-                )
-            };
+            let why = format!(
+                "lora_a {:?} and lora_b {:?} must both be 2-D (or both 3-D, stacked experts)",
+                ea.shape, eb.shape
+            );
             return Err(Error::bad_tensor(path, &a, why));
         };
         if r != rb || r != rank {
@@ -174,18 +176,99 @@ fn index_modules(
             ));
         }
         let ty = super::checked_factors(file, &a, &b)?;
-        out.insert(
-            module,
-            LoraModule {
-                a: FactorRef::whole(a),
-                b: FactorRef::whole(b),
-                r,
-                in_features: n,
-                out_features: m,
-                alpha,
-                ty,
-            },
-        );
+        let m = LoraModule {
+            a: FactorRef::whole(a),
+            b: FactorRef::whole(b),
+            r,
+            in_features: n,
+            out_features: m,
+            alpha,
+            ty,
+        };
+        insert_new(file, &mut out, module, m)?;
     }
     Ok(out)
+}
+
+/// A module that no other key of the file has given (an expert both stacked and alone would be
+/// adapted twice).
+fn insert_new(
+    file: &TensorFile,
+    out: &mut BTreeMap<String, LoraTensors>,
+    module: String,
+    m: LoraTensors,
+) -> Result<()> {
+    if out.contains_key(&module) {
+        return Err(unsupported(
+            file.path(),
+            format!("`{module}` is adapted both alone and in a stack of experts"),
+        ));
+    }
+    out.insert(module, m);
+    Ok(())
+}
+
+/// mlx-lm's `LoRASwitchLinear` on a layer's stacked experts (`<parent>.switch_mlp.<proj>`):
+/// `lora_a` `[E, r, in]` and `lora_b` `[E, out, r]`, expert e adding `scale · lora_b[e] ·
+/// lora_a[e]`: PEFT's B and A as they lie. Read as one module per expert under the Hugging
+/// Face names the tables use (`<parent>.experts.<e>.<proj>`, Mixtral's `w1`, `w3`, `w2`), as
+/// MLX bases present their stacked weights.
+fn stacked_experts(
+    file: &TensorFile,
+    (module, a, b): (&str, &str, &str),
+    rank: usize,
+    alpha: f64,
+    out: &mut BTreeMap<String, LoraTensors>,
+) -> Result<()> {
+    let path = file.path();
+    let (ea, eb) = (
+        file.entry(a).expect("listed"),
+        file.entry(b).expect("listed"),
+    );
+    let (&[experts, r, n], &[eb_experts, m, rb]) = (ea.shape.as_slice(), eb.shape.as_slice())
+    else {
+        return Err(Error::bad_tensor(
+            path,
+            a,
+            format!(
+                "lora_a {:?} and lora_b {:?}: a stack of experts' LoRA must be [experts, r, in] \
+                 and [experts, out, r]",
+                ea.shape, eb.shape
+            ),
+        ));
+    };
+    if experts != eb_experts || experts == 0 || r != rb || r != rank {
+        return Err(Error::bad_tensor(
+            path,
+            b,
+            format!(
+                "lora_a is [{experts}, {r}, {n}] and lora_b [{eb_experts}, {m}, {rb}]: the \
+                 expert counts must agree and the ranks with lora_parameters.rank {rank}"
+            ),
+        ));
+    }
+    let Some((parent, proj)) = module.split_once(".switch_mlp.") else {
+        return Err(unsupported(
+            path,
+            format!(
+                "`{a}` is a stack of experts' LoRA outside a `switch_mlp` (the stacks of mlx-lm's \
+                 Qwen-MoE, Mixtral, OLMoE, DeepSeek and GLM-MoE ports are read)"
+            ),
+        ));
+    };
+    let ty = super::checked_factors(file, a, b)?;
+    for e in 0..experts {
+        let name = crate::io::quantized::mlx::expert_module(parent, proj, e);
+        let m = LoraModule {
+            a: FactorRef::stacked(a.to_string(), e),
+            b: FactorRef::stacked(b.to_string(), e),
+            r,
+            in_features: n,
+            out_features: m,
+            alpha,
+            ty,
+        };
+        insert_new(file, out, name, m)?;
+    }
+    Ok(())
 }

@@ -21,7 +21,9 @@ use super::mlx::{unsupported, MLX_WEIGHTS_FILE};
 use super::{Adapter, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
+use crate::io::quantized::mlx::{expert_module, stack_of};
 use crate::io::safetensors::{self as st, FloatType, OutTensor};
+use std::collections::BTreeMap;
 
 /// What [`write_mlx`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -92,6 +94,64 @@ fn place(module: &str) -> std::result::Result<(String, String, Option<usize>), S
     Ok((format!("{prefix}.layers.{layer}.{key}"), key, Some(layer)))
 }
 
+/// The name under which `base` holds the weight of the module at `path`: there, or under
+/// `language_model`, where mlx-lm's multimodal ports keep the language model (its layers, and
+/// its `lm_head`) where a text model's name may not say so.
+fn base_weight(base: &Checkpoint, path: &str) -> Option<String> {
+    [
+        path.to_string(),
+        path.replacen("model.layers.", "language_model.model.layers.", 1),
+        format!("language_model.{path}"),
+    ]
+    .into_iter()
+    .find(|p| base.has(&format!("{p}.weight")))
+}
+
+/// A placed module (`(path, key, layer)` from [`place`]) as `base` names it, each of `modules`
+/// (a module, or a stack's experts) checked to have its weight there, of its shape.
+fn in_base(
+    base: &Checkpoint,
+    (path, key, layer): (String, String, Option<usize>),
+    modules: &[(&super::LoraTensors, &str)],
+) -> std::result::Result<(String, String), String> {
+    let stack = path.split_once(".switch_mlp.");
+    for &(m, module) in modules {
+        let weight = match stack {
+            Some((parent, proj)) => {
+                let (_, _, e) = stack_of(module).expect("an expert of the stack");
+                expert_module(parent, proj, e)
+            }
+            None => path.clone(),
+        };
+        let found = base_weight(base, &weight).unwrap_or(weight);
+        let weight = format!("{found}.weight");
+        let shape = base.shape(&weight).ok();
+        if shape != Some(&[m.out_features, m.in_features][..]) {
+            return Err(format!(
+                "`{module}` is [{}, {}], but the base {} has {}",
+                m.out_features,
+                m.in_features,
+                base.dir.display(),
+                shape.map_or(format!("no `{weight}`"), |s| format!("`{weight}` {s:?}"))
+            ));
+        }
+    }
+    Ok(
+        match base_weight(base, &path).or_else(|| {
+            // A stack is found by its first expert's weight.
+            let (parent, proj) = stack?;
+            let (_, _, e) = stack_of(modules[0].1)?;
+            let found = base_weight(base, &expert_module(parent, proj, e))?;
+            Some(found.split_once(".experts.")?.0.to_string() + ".switch_mlp." + proj)
+        }) {
+            // (A module outside the layers is keyed by its whole path.)
+            Some(found) if layer.is_none() => (found.clone(), found),
+            Some(found) => (found, key),
+            None => (path, key),
+        },
+    )
+}
+
 /// Writes `adapter` into `dir` (which must exist) as an MLX adapter; `name` names its base in
 /// the config (`model`), and `base`, where given, is checked to have every module's weight.
 pub fn write_mlx(
@@ -102,63 +162,42 @@ pub fn write_mlx(
 ) -> Result<WrittenMlx> {
     let cfg = &adapter.config;
     let refuse = |why: String| unsupported(&adapter.dir, why);
-    if let Some(expert) = adapter.modules.keys().find(|m| m.contains(".experts.")) {
-        return Err(refuse(format!(
-            "`{expert}` is an expert's: mlx-lm adapts stacked experts (LoRASwitchLinear), which \
-             is not written"
-        )));
-    }
     let rank = adapter.modules.values().map(|m| m.r).max().unwrap_or(0);
     // The config's scale, unless it is zero (lora_alpha 0): then the first module's that is not.
     let scale = std::iter::once(cfg.scale(cfg.r, cfg.lora_alpha))
         .chain(adapter.modules.values().map(|m| cfg.scale(m.r, m.alpha)))
         .find(|s| *s != 0.0 && s.is_finite())
         .unwrap_or(1.0);
+    // A module's own scale over the adapter's one, folded into its lora_b.
+    let ratio = |module: &str, m: &super::LoraTensors| {
+        let ratio = cfg.scale(m.r, m.alpha) / scale;
+        match ratio.is_finite() {
+            true => Ok(ratio),
+            false => Err(refuse(format!(
+                "`{module}`'s scale {} is not finite",
+                cfg.scale(m.r, m.alpha)
+            ))),
+        }
+    };
     let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
     let (mut keys, mut first_layer) = (Vec::new(), None::<usize>);
+    // Experts' modules go into their layer's stacks (mlx-lm's `switch_mlp`), by (parent, proj).
+    let mut stacks: BTreeMap<(&str, &str), BTreeMap<usize, &str>> = BTreeMap::new();
     for (module, m) in &adapter.modules {
-        let (mut path, mut key, layer) = place(module).map_err(&refuse)?;
-        if let Some(base) = base {
-            // mlx-lm's multimodal ports keep the language model under `language_model` (its
-            // layers, and its `lm_head`) where a text model's name may not say so.
-            let candidates = [
-                path.clone(),
-                path.replacen("model.layers.", "language_model.model.layers.", 1),
-                format!("language_model.{path}"),
-            ];
-            if let Some(found) = candidates
-                .into_iter()
-                .find(|p| base.has(&format!("{p}.weight")))
-            {
-                // (A module outside the layers is keyed by its whole path.)
-                if layer.is_none() {
-                    key = found.clone();
-                }
-                path = found;
-            }
-            let weight = format!("{path}.weight");
-            let shape = base.shape(&weight).ok();
-            if shape != Some(&[m.out_features, m.in_features][..]) {
-                return Err(refuse(format!(
-                    "`{module}` is [{}, {}], but the base {} has {}",
-                    m.out_features,
-                    m.in_features,
-                    base.dir.display(),
-                    shape.map_or(format!("no `{weight}`"), |s| format!("`{weight}` {s:?}"))
-                )));
-            }
+        if let Some((parent, proj, e)) = stack_of(module) {
+            stacks.entry((parent, proj)).or_default().insert(e, module);
+            continue;
         }
+        let (path, key, layer) = place(module).map_err(&refuse)?;
+        let (path, key) = match base {
+            Some(base) => in_base(base, (path, key, layer), &[(m, module)]).map_err(&refuse)?,
+            None => (path, key),
+        };
         keys.push(key);
         if let Some(l) = layer {
             first_layer = Some(first_layer.map_or(l, |f| f.min(l)));
         }
-        let ratio = cfg.scale(m.r, m.alpha) / scale;
-        if !ratio.is_finite() {
-            return Err(refuse(format!(
-                "`{module}`'s scale {} is not finite",
-                cfg.scale(m.r, m.alpha)
-            )));
-        }
+        let ratio = ratio(module, m)?;
         let f = adapter.factors(module)?;
         // lora_a = Aᵀ and lora_b = (ratio · B)ᵀ, zero past the module's rank.
         let mut a = vec![0f32; m.in_features * rank];
@@ -179,6 +218,72 @@ pub fn write_mlx(
         tensors.push((
             format!("{path}.lora_b"),
             OutTensor::from_f32(b, vec![rank, m.out_features], ty),
+        ));
+    }
+    for ((parent, proj), members) in &stacks {
+        let modules: Vec<(&super::LoraTensors, &str)> = members
+            .values()
+            .map(|name| (&adapter.modules[*name], *name))
+            .collect();
+        let (first, first_name) = modules[0];
+        let (n, m) = (first.in_features, first.out_features);
+        if let Some((_, other)) = modules
+            .iter()
+            .find(|(x, _)| (x.in_features, x.out_features) != (n, m))
+        {
+            return Err(refuse(format!(
+                "`{other}` and `{first_name}` are experts of one stack of other shapes"
+            )));
+        }
+        let stack = format!("{parent}.switch_mlp.{proj}");
+        let (path, key, layer) = place(&stack).map_err(&refuse)?;
+        // As many experts as the base has (or as the adapter names): one without an update
+        // adds zeros.
+        let (path, key, experts) = match base {
+            Some(base) => {
+                let experts = (0..)
+                    .take_while(|&e| base_weight(base, &expert_module(parent, proj, e)).is_some())
+                    .count();
+                let (path, key) = in_base(base, (path, key, layer), &modules).map_err(&refuse)?;
+                (path, key, experts)
+            }
+            None => (path, key, members.keys().last().map_or(0, |&e| e + 1)),
+        };
+        if let Some((&e, name)) = members.range(experts..).next() {
+            return Err(refuse(format!(
+                "`{name}` is expert {e}, but the base has {experts} in that layer"
+            )));
+        }
+        keys.push(key);
+        if let Some(l) = layer {
+            first_layer = Some(first_layer.map_or(l, |f| f.min(l)));
+        }
+        // Expert e's lora_a[e] = A `[rank, in]` and lora_b[e] = ratio · B `[out, rank]`, as
+        // they lie (LoRASwitchLinear's factors are PEFT's way round), zero past its rank.
+        let mut a = vec![0f32; experts * rank * n];
+        let mut b = vec![0f32; experts * m * rank];
+        let mut ty = first.ty;
+        for (&e, name) in members {
+            let x = &adapter.modules[*name];
+            let ratio = ratio(name, x)?;
+            if ratio != 1.0 || x.ty != first.ty {
+                ty = FloatType::F32;
+            }
+            let f = adapter.factors(name)?;
+            a[e * rank * n..][..x.r * n].copy_from_slice(&f.a);
+            for o in 0..m {
+                for k in 0..x.r {
+                    b[(e * m + o) * rank + k] = (f.b[o * x.r + k] as f64 * ratio) as f32;
+                }
+            }
+        }
+        tensors.push((
+            format!("{path}.lora_a"),
+            OutTensor::from_f32(a, vec![experts, rank, n], ty),
+        ));
+        tensors.push((
+            format!("{path}.lora_b"),
+            OutTensor::from_f32(b, vec![experts, m, rank], ty),
         ));
     }
     let metadata = std::collections::HashMap::from([
@@ -267,6 +372,44 @@ mod tests {
     }
 
     #[test]
+    fn experts_modules_and_stacks_name_each_other() {
+        use crate::io::quantized::mlx::{expert_module, stack_of};
+        for (parent, proj, e, module) in [
+            (
+                "model.layers.3.mlp",
+                "gate_proj",
+                0,
+                "model.layers.3.mlp.experts.0.gate_proj",
+            ),
+            (
+                "model.layers.3.mlp",
+                "down_proj",
+                17,
+                "model.layers.3.mlp.experts.17.down_proj",
+            ),
+            (
+                "model.layers.1.block_sparse_moe",
+                "up_proj",
+                5,
+                "model.layers.1.block_sparse_moe.experts.5.w3",
+            ),
+        ] {
+            assert_eq!(expert_module(parent, proj, e), module);
+            assert_eq!(stack_of(module), Some((parent, proj, e)));
+        }
+        for not_an_expert in [
+            "model.layers.3.mlp.gate_proj",
+            "model.layers.3.mlp.shared_experts.gate_proj",
+            "model.layers.3.mlp.experts.01.gate_proj",
+            "model.layers.3.mlp.experts.x.gate_proj",
+            "model.layers.3.mlp.experts.0.w1",
+            "model.layers.3.block_sparse_moe.experts.0.gate_proj",
+        ] {
+            assert_eq!(stack_of(not_an_expert), None, "{not_an_expert}");
+        }
+    }
+
+    #[test]
     fn a_peft_adapter_written_for_mlx_reads_back_with_every_modules_update() {
         // Two modules: rank 2 (alpha 8, of the config: scale 4) and rank 3 with its own alpha
         // 1.5 (scale 0.5), which the one rank 3 and scale 4 of the MLX adapter must carry.
@@ -323,6 +466,107 @@ mod tests {
                 (want.in_features, want.out_features, 3)
             );
             let (want, got) = (update(&opened.config, &want), update(&back.config, &got));
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{name}: {g} vs {w} (seed {seed})"
+                );
+            }
+        }
+    }
+
+    /// Experts' modules are written as mlx-lm's LoRASwitchLinear stacks (`switch_mlp`, lora_a
+    /// `[E, rank, in]`, lora_b `[E, out, rank]`), an expert without an update as zeros, and read
+    /// back one module per expert with the update each had.
+    #[test]
+    fn experts_are_written_as_stacks_and_read_back_one_module_per_expert() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = crate::linalg::fresh_seed();
+        let draw = |id: u64, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| crate::linalg::philox::gaussian4(seed, id, i as u32, 0)[0])
+                .collect()
+        };
+        let module = |id: u64, r: usize, alpha: f64, n: usize, m: usize| {
+            LoraModule {
+                a: draw(2 * id, r * n),
+                b: draw(2 * id + 1, m * r),
+                r,
+                in_features: n,
+                out_features: m,
+                alpha,
+                ty: FloatType::F32,
+            }
+            .encode()
+        };
+        let modules: BTreeMap<String, EncodedFactors> = [
+            ("model.layers.0.self_attn.q_proj", module(1, 2, 8.0, 5, 5)),
+            (
+                "model.layers.0.mlp.experts.0.gate_proj",
+                module(2, 2, 8.0, 5, 6),
+            ),
+            (
+                "model.layers.0.mlp.experts.2.gate_proj",
+                module(3, 3, 1.5, 5, 6),
+            ),
+            (
+                "model.layers.1.block_sparse_moe.experts.1.w2",
+                module(4, 2, 8.0, 6, 5),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8.0,
+            "rank_pattern": {"mlp.experts.2.gate_proj": 3},
+            "alpha_pattern": {"mlp.experts.2.gate_proj": 1.5},
+            "base_model_name_or_path": "base"});
+        let peft = dir.path().join("peft");
+        std::fs::create_dir(&peft).unwrap();
+        write_adapter(&peft, config.as_object().unwrap(), &modules).unwrap();
+        let opened = Adapter::open(&peft).unwrap();
+        let out = dir.path().join("mlx");
+        std::fs::create_dir(&out).unwrap();
+        let written = write_mlx(&opened, None, &out, "base").unwrap();
+        assert_eq!((written.rank, written.scale), (3, 4.0));
+        assert_eq!(
+            written.keys,
+            [
+                "block_sparse_moe.switch_mlp.down_proj",
+                "mlp.switch_mlp.gate_proj",
+                "self_attn.q_proj"
+            ]
+        );
+        let file = crate::io::safetensors::TensorFile::open(&out.join(MLX_WEIGHTS_FILE)).unwrap();
+        let shape = |k: &str| file.entry(k).unwrap().shape.clone();
+        assert_eq!(
+            shape("model.layers.0.mlp.switch_mlp.gate_proj.lora_a"),
+            [3, 3, 5]
+        );
+        assert_eq!(
+            shape("model.layers.0.mlp.switch_mlp.gate_proj.lora_b"),
+            [3, 6, 3]
+        );
+        assert_eq!(
+            shape("model.layers.1.block_sparse_moe.switch_mlp.down_proj.lora_b"),
+            [2, 5, 3]
+        );
+        let back = Adapter::open(&out).unwrap();
+        let filled = [
+            "model.layers.0.mlp.experts.1.gate_proj",
+            "model.layers.1.block_sparse_moe.experts.0.w2",
+        ];
+        let mut names: Vec<&str> = opened.modules.keys().map(String::as_str).collect();
+        names.extend(filled);
+        names.sort();
+        assert_eq!(back.modules.keys().collect::<Vec<_>>(), names);
+        for name in names {
+            let got = update(&back.config, &back.factors(name).unwrap());
+            if filled.contains(&name) {
+                assert!(got.iter().all(|&v| v == 0.0), "{name}");
+                continue;
+            }
+            let want = update(&opened.config, &opened.factors(name).unwrap());
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= 1e-6 * w.abs().max(1.0),

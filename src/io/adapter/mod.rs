@@ -44,6 +44,10 @@ pub type LoraTensors = LoraModule<FactorRef>;
 pub struct FactorRef {
     pub tensor: String,
     pub expert: Option<ExpertBlock>,
+    /// One expert's matrix of a stack `[experts, rows, cols]`, read as it lies: mlx-lm's
+    /// `LoRASwitchLinear`, whose `lora_a` `[E, r, in]` and `lora_b` `[E, out, r]` hold each
+    /// expert's PEFT A and B.
+    pub stacked: Option<usize>,
 }
 
 /// One expert's factor inside a fused LoRA of rank `rank` per expert over `experts` experts: the
@@ -100,6 +104,16 @@ impl FactorRef {
         FactorRef {
             tensor,
             expert: None,
+            stacked: None,
+        }
+    }
+
+    /// Expert `expert`'s matrix of a stacked factor `[experts, rows, cols]`.
+    pub fn stacked(tensor: String, expert: usize) -> Self {
+        FactorRef {
+            tensor,
+            expert: None,
+            stacked: Some(expert),
         }
     }
 }
@@ -237,6 +251,10 @@ impl Adapter {
     }
 
     fn read(&self, f: &FactorRef, is_b: bool) -> Result<Vec<f32>> {
+        if let Some(e) = f.stacked {
+            // (A stack's first dimension is its rows: one row is one expert's matrix.)
+            return self.file.read_rows_f32(&f.tensor, e..e + 1);
+        }
         match f.expert {
             None if self.transposed => {
                 let values = self.file.read_f32(&f.tensor)?;

@@ -60,13 +60,41 @@ struct Mlx {
 /// (`model.layers.3.mlp` → `model.layers.3.mlp.experts.<e>.<proj>.weight`; Mixtral's
 /// `block_sparse_moe` names them `w1`, `w3`, `w2`).
 fn expert_name(parent: &str, proj: &str, e: usize) -> String {
+    format!("{}.weight", expert_module(parent, proj, e))
+}
+
+/// The Hugging Face module of expert `e`'s projection `proj` of the stack `<parent>.switch_mlp`
+/// (the weight's name without `.weight`; also how an MLX adapter's stacked LoRA is read).
+pub(crate) fn expert_module(parent: &str, proj: &str, e: usize) -> String {
     let proj = match (parent.ends_with("block_sparse_moe"), proj) {
         (true, "gate_proj") => "w1",
         (true, "up_proj") => "w3",
         (true, "down_proj") => "w2",
         _ => proj,
     };
-    format!("{parent}.experts.{e}.{proj}.weight")
+    format!("{parent}.experts.{e}.{proj}")
+}
+
+/// The stack `(<parent>, <proj>)` of mlx-lm's `<parent>.switch_mlp.<proj>` that holds the Hugging
+/// Face expert module `module` (`<parent>.experts.<e>.<proj>`, Mixtral's `w1`, `w3`, `w2`), and
+/// the expert's index: the inverse of [`expert_module`].
+pub(crate) fn stack_of(module: &str) -> Option<(&str, &'static str, usize)> {
+    let (parent, rest) = module.rsplit_once(".experts.")?;
+    let (index, proj) = rest.split_once('.')?;
+    let canonical = !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+        && (index == "0" || !index.starts_with('0'));
+    let e = index.parse().ok().filter(|_| canonical)?;
+    let proj = match (parent.ends_with("block_sparse_moe"), proj) {
+        (true, "w1") => "gate_proj",
+        (true, "w3") => "up_proj",
+        (true, "w2") => "down_proj",
+        (false, "gate_proj") => "gate_proj",
+        (false, "up_proj") => "up_proj",
+        (false, "down_proj") => "down_proj",
+        _ => return None,
+    };
+    Some((parent, proj, e))
 }
 
 /// A module's quantization parameters, refused where the config has none or says `false`.
