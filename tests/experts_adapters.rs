@@ -457,3 +457,104 @@ fn routing_gate_updates_are_refused_or_left_out_by_name() {
         assert_eq!(side.is_routing_gate(name), gate, "{name}");
     }
 }
+
+/// `export-mlx` with the base: each stack holds as many experts as the base's layer has (an
+/// expert without a module as zeros), found under `language_model` where a multimodal port keeps
+/// the language model, for an adapter named as transformers 5 names it there; a base without the
+/// stack refuses it, naming it.
+#[test]
+fn experts_exported_for_mlx_count_the_bases_experts() {
+    use loraxfer::io::adapter::mlx_write::export;
+    let (h, width, experts) = (DIMS.0, DIMS.5, 3);
+    let d = Dirs::new();
+    moe_model(&d.p("base"), "qwen3_moe", experts, 1);
+    let mut modules = BTreeMap::new();
+    let f = random_factors(width, h, 4, 8.0, 3, FloatType::F32);
+    modules.insert("model.layers.1.mlp.experts.1.gate_proj".to_string(), f);
+    write_peft(
+        &d.p("ad"),
+        "qwen3_moe",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    let renamed = d.p("multimodal");
+    moe_model(&renamed, "qwen3_moe", experts, 1);
+    rewrite(&renamed.join("model.safetensors"), |tensors| {
+        for t in tensors.iter_mut() {
+            t.name = t
+                .name
+                .replacen("model.layers.", "language_model.model.layers.", 1);
+        }
+    });
+    let lm_named = d.p("ad-lm");
+    let f = random_factors(width, h, 4, 8.0, 3, FloatType::F32);
+    let modules = BTreeMap::from([(
+        "model.language_model.layers.1.mlp.experts.1.gate_proj".to_string(),
+        f,
+    )]);
+    write_peft(
+        &lm_named,
+        "qwen3_moe",
+        4,
+        8.0,
+        serde_json::json!({}),
+        &modules,
+    );
+    for (adapter, base, stack) in [
+        ("ad", "base", "model.layers.1.mlp.switch_mlp.gate_proj"),
+        (
+            "ad",
+            "multimodal",
+            "language_model.model.layers.1.mlp.switch_mlp.gate_proj",
+        ),
+        (
+            "ad-lm",
+            "multimodal",
+            "language_model.model.layers.1.mlp.switch_mlp.gate_proj",
+        ),
+    ] {
+        let out = d.p(&format!("mlx-{adapter}-{base}"));
+        let written = export(&d.p(adapter), Some(&d.p(base)), &out, false).unwrap();
+        assert_eq!(
+            (written.keys.as_slice(), written.num_layers),
+            (&["mlp.switch_mlp.gate_proj".to_string()][..], 1)
+        );
+        let file =
+            loraxfer::io::safetensors::TensorFile::open(&out.join("adapters.safetensors")).unwrap();
+        assert_eq!(
+            file.entry(&format!("{stack}.lora_a")).unwrap().shape,
+            [experts, 4, h]
+        );
+        let back = Adapter::open(&out).unwrap();
+        let expert =
+            |e: usize| stack.replace("switch_mlp.gate_proj", &format!("experts.{e}.gate_proj"));
+        let source = Adapter::open(&d.p(adapter)).unwrap();
+        let want = update_of(&source, source.modules.keys().next().unwrap());
+        let err = fro(&(&update_of(&back, &expert(1)) - &want)) / fro(&want);
+        assert!(err < 1e-6, "{adapter} onto {base}: off by {err}");
+        for e in [0, 2] {
+            assert_eq!(
+                fro(&update_of(&back, &expert(e))),
+                0.0,
+                "{adapter} onto {base}: expert {e}"
+            );
+        }
+    }
+    // A base without those experts (kept elsewhere): no stack to put them in.
+    moe_model(&d.p("dense"), "qwen3_moe", experts, 1);
+    rewrite(&d.p("dense/model.safetensors"), |tensors| {
+        for t in tensors.iter_mut() {
+            t.name = t.name.replace(".experts.", ".other_experts.");
+        }
+    });
+    let err = export(&d.p("ad"), Some(&d.p("dense")), &d.p("x"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has no stack `model.layers.1.mlp.switch_mlp.gate_proj`"),
+        "{err}"
+    );
+    assert!(!d.p("x").exists());
+}

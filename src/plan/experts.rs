@@ -200,7 +200,8 @@ pub fn routing_gates(
             reason: format!(
                 "module `{first}`{more} adapts a routing gate of the mixture of experts, whose \
                  update is not transferred (its rows follow the experts, which are paired by the \
-                 routers' own weights); pass --drop-router to transfer the rest without it"
+                 routers' own weights); pass --drop-router (from Python, drop_router=True) to \
+                 transfer the rest without it"
             ),
         });
     }

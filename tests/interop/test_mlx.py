@@ -114,11 +114,13 @@ def mlx_updates(model_dir, adapter_dir) -> dict:
     load_adapters(model, str(adapter_dir))
     updates = {}
     for name, m in model.named_modules():
-        if isinstance(m, (LoRALinear, LoRASwitchLinear)):
-            a, b = (np.array(p.astype(mx.float32)).astype(np.float64) for p in (m.lora_a, m.lora_b))
-        if isinstance(m, LoRALinear) and np.any(b):
-            updates[name] = m.scale * (b.T @ a.T)
-        elif isinstance(m, LoRASwitchLinear):
+        if not isinstance(m, (LoRALinear, LoRASwitchLinear)):
+            continue
+        a, b = (np.array(p.astype(mx.float32)).astype(np.float64) for p in (m.lora_a, m.lora_b))
+        if isinstance(m, LoRALinear):
+            if np.any(b):
+                updates[name] = m.scale * (b.T @ a.T)
+        else:
             # Expert e adds scale · lora_b[e] · lora_a[e], as its `fuse` does.
             for e in range(a.shape[0]):
                 if np.any(b[e]):

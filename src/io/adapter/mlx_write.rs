@@ -181,11 +181,29 @@ pub fn write_mlx(
     };
     let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
     let (mut keys, mut first_layer) = (Vec::new(), None::<usize>);
-    // Experts' modules go into their layer's stacks (mlx-lm's `switch_mlp`), by (parent, proj).
-    let mut stacks: BTreeMap<(&str, &str), BTreeMap<usize, &str>> = BTreeMap::new();
+    // Experts' modules go into their layer's stacks (mlx-lm's `switch_mlp`), by the stack's
+    // place in mlx-lm's model: (key, layer, expert → module).
+    type Stack<'a> = (String, Option<usize>, BTreeMap<usize, &'a str>);
+    let mut stacks: BTreeMap<String, Stack<'_>> = BTreeMap::new();
     for (module, m) in &adapter.modules {
         if let Some((parent, proj, e)) = stack_of(module) {
-            stacks.entry((parent, proj)).or_default().insert(e, module);
+            if parent.ends_with("feed_forward") {
+                return Err(refuse(format!(
+                    "`{module}` is a Llama 4 expert's: mlx-lm keeps those in a SwitchGLU named \
+                     `experts`, whose LoRA is not written"
+                )));
+            }
+            let stack = format!("{parent}.switch_mlp.{proj}");
+            let (path, key, layer) = place(&stack).map_err(&refuse)?;
+            let members = &mut stacks
+                .entry(path)
+                .or_insert((key, layer, BTreeMap::new()))
+                .2;
+            if let Some(other) = members.insert(e, module) {
+                return Err(refuse(format!(
+                    "`{module}` and `{other}` are both expert {e} of `{stack}`"
+                )));
+            }
             continue;
         }
         let (path, key, layer) = place(module).map_err(&refuse)?;
@@ -220,7 +238,7 @@ pub fn write_mlx(
             OutTensor::from_f32(b, vec![rank, m.out_features], ty),
         ));
     }
-    for ((parent, proj), members) in &stacks {
+    for (path, (key, layer, members)) in stacks {
         let modules: Vec<(&super::LoraTensors, &str)> = members
             .values()
             .map(|name| (&adapter.modules[*name], *name))
@@ -235,15 +253,22 @@ pub fn write_mlx(
                 "`{other}` and `{first_name}` are experts of one stack of other shapes"
             )));
         }
-        let stack = format!("{parent}.switch_mlp.{proj}");
-        let (path, key, layer) = place(&stack).map_err(&refuse)?;
         // As many experts as the base has (or as the adapter names): one without an update
         // adds zeros.
         let (path, key, experts) = match base {
             Some(base) => {
+                let (parent, proj) = path.split_once(".switch_mlp.").expect("a stack's path");
                 let experts = (0..)
                     .take_while(|&e| base_weight(base, &expert_module(parent, proj, e)).is_some())
                     .count();
+                if experts == 0 {
+                    return Err(refuse(format!(
+                        "`{first_name}` is an expert's, but the base {} has no stack \
+                         `{path}` (mlx-lm's GPT-OSS and Llama 4 keep their experts in a \
+                         SwitchGLU named `experts`, whose LoRA is not written)",
+                        base.dir.display()
+                    )));
+                }
                 let (path, key) = in_base(base, (path, key, layer), &modules).map_err(&refuse)?;
                 (path, key, experts)
             }
@@ -263,7 +288,7 @@ pub fn write_mlx(
         let mut a = vec![0f32; experts * rank * n];
         let mut b = vec![0f32; experts * m * rank];
         let mut ty = first.ty;
-        for (&e, name) in members {
+        for (&e, name) in &members {
             let x = &adapter.modules[*name];
             let ratio = ratio(name, x)?;
             if ratio != 1.0 || x.ty != first.ty {
