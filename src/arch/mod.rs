@@ -347,6 +347,10 @@ pub struct Residual {
     pub mlp_norm: Option<String>,
     /// Added to a stored norm weight to get its gain (Gemma stores g − 1).
     pub gain_offset: f32,
+    /// The same in an MLX conversion, where mlx-lm stores the gains otherwise: it adds 1 to
+    /// Qwen3-Next's and Qwen3.5's norm weights as it converts them (0 there); none: as above.
+    #[serde(default)]
+    pub mlx_gain_offset: Option<f32>,
     /// The embedding is multiplied by √hidden_size before the first layer (Gemma).
     pub embed_scale_sqrt_hidden: bool,
     /// The norms o's and down's outputs pass through before they join the residual (Gemma 2/3,

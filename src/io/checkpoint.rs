@@ -227,6 +227,18 @@ impl Checkpoint {
         }
     }
 
+    /// Whether mlx-lm wrote this checkpoint (`save_model` marks every shard `format: mlx`),
+    /// quantized or not: its ports store some families' tensors otherwise than Hugging Face's
+    /// (Qwen3-Next's and Qwen3.5's norm weights shifted by 1).
+    pub fn is_mlx(&self) -> bool {
+        match &self.storage {
+            Storage::Safetensors { shards, .. } => shards
+                .first()
+                .is_some_and(|f| f.metadata_value("format") == Some("mlx")),
+            Storage::Gguf(_) => false,
+        }
+    }
+
     /// True when the checkpoint has a tensor of this name.
     pub fn has(&self, name: &str) -> bool {
         match &self.storage {

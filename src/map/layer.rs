@@ -262,7 +262,7 @@ impl<'a> Side<'_, 'a> {
             return Ok(vec![1.0; n]);
         };
         let name = format!("{}.{}.{norm}", self.model.prefix, self.layer);
-        let offset = self.model.arch.residual.gain_offset;
+        let offset = self.model.gain_offset();
         read_gain(self.model.ckpt, &name, n, offset)
     }
 }

@@ -410,8 +410,12 @@ fn fit_residual(
     // so its gains are folded in like a block's.
     let lm = |side: &ModelSide<'_>| -> Option<(String, String)> {
         let nested = side.arch.top_level_name(&side.prefix, "lm_head.weight");
-        let name = [nested, "lm_head.weight".to_string()]
+        // Beside the language model's `model` (mlx-lm's `language_model.lm_head`), or on top.
+        let beside =
+            (side.prefix.rsplitn(3, '.').nth(2)).map(|outer| format!("{outer}.lm_head.weight"));
+        let name = [Some(nested), beside, Some("lm_head.weight".to_string())]
             .into_iter()
+            .flatten()
             .find(|n| side.ckpt.has(n))?;
         let norm = side
             .arch
@@ -442,7 +446,7 @@ fn fit_residual(
                 return Ok(None);
             }
             let d = side.ckpt.config.hidden_size;
-            let offset = side.arch.residual.gain_offset;
+            let offset = side.gain_offset();
             Ok(Some(read_gain(side.ckpt, norm, d, offset)?))
         };
         let (gs, gt) = (gain(source, &ns)?, gain(target, &nt)?);

@@ -97,6 +97,16 @@ impl<'a> ModelSide<'a> {
             .find_map(|p| self.arch.parse_module(p, name))
     }
 
+    /// Added to a stored norm weight of this checkpoint to get its gain: the table's offset,
+    /// or its MLX one in a checkpoint mlx-lm converted.
+    pub fn gain_offset(&self) -> f32 {
+        let residual = &self.arch.residual;
+        match residual.mlx_gain_offset {
+            Some(offset) if self.ckpt.is_mlx() => offset,
+            _ => residual.gain_offset,
+        }
+    }
+
     /// Whether an adapter's module is a routing gate of a layer's mixture of experts: the router
     /// (the table's `router` weight) or a shared expert's gate (Qwen2-MoE's one-row
     /// `shared_expert_gate`), under `names` or any of the table's layer prefixes.

@@ -208,7 +208,8 @@ fn insert_new(
     Ok(())
 }
 
-/// mlx-lm's `LoRASwitchLinear` on a layer's stacked experts (`<parent>.switch_mlp.<proj>`):
+/// mlx-lm's `LoRASwitchLinear` on a layer's stacked experts (`<parent>.switch_mlp.<proj>`, or
+/// GPT-OSS's and Llama 4's `<parent>.experts.<proj>`):
 /// `lora_a` `[E, r, in]` and `lora_b` `[E, out, r]`, expert e adding `scale · lora_b[e] ·
 /// lora_a[e]`: PEFT's B and A as they lie. Read as one module per expert under the Hugging
 /// Face names the tables use (`<parent>.experts.<e>.<proj>`, Mixtral's `w1`, `w3`, `w2`), as
@@ -247,12 +248,12 @@ fn stacked_experts(
             ),
         ));
     }
-    let Some((parent, proj)) = module.split_once(".switch_mlp.") else {
+    let Some((parent, proj)) = crate::io::quantized::mlx::stack_parts(module) else {
         return Err(unsupported(
             path,
             format!(
-                "`{a}` is a stack of experts' LoRA outside a `switch_mlp` (the stacks of mlx-lm's \
-                 Qwen-MoE, Mixtral, OLMoE, DeepSeek and GLM-MoE ports are read)"
+                "`{a}` is a stack of experts' LoRA, but not on mlx-lm's `switch_mlp` or \
+                 `experts` gate, up or down projections, which are read"
             ),
         ));
     };

@@ -21,8 +21,9 @@ use super::mlx::{unsupported, MLX_WEIGHTS_FILE};
 use super::{Adapter, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
-use crate::io::quantized::mlx::{expert_module, stack_of};
+use crate::io::quantized::mlx::{expert_module, stack_of, stack_parts};
 use crate::io::safetensors::{self as st, FloatType, OutTensor};
+use crate::plan::ModelSide;
 use std::collections::BTreeMap;
 
 /// What [`write_mlx`] wrote.
@@ -45,11 +46,33 @@ pub struct WrittenMlx {
 pub fn export(adapter: &Path, base: Option<&Path>, out: &Path, force: bool) -> Result<WrittenMlx> {
     use crate::io::hub::{self, Kind};
     let (dir, hub_name) = hub::resolve(adapter, Kind::Adapter)?;
-    let opened = Adapter::open(&dir)?;
     let base = match base {
         Some(b) => Some(Checkpoint::open(&hub::resolve(b, Kind::Model)?.0)?),
         None => None,
     };
+    // A LoRA on fused expert parameters is read as the base's family lays them out (GPT-OSS's
+    // gate and up rows alternate), one module per expert under the base's names.
+    let side = base.as_ref().and_then(|b| ModelSide::new(b).ok());
+    let opened = match &side {
+        Some(side) => {
+            let mut opened = Adapter::open_with(&dir, side.experts_layout())?;
+            crate::plan::experts::name_fused_experts(&mut opened, side)?;
+            opened
+        }
+        None => Adapter::open(&dir)?,
+    };
+    if let (None, Some((module, _))) = (
+        &side,
+        (opened.modules.iter()).find(|(_, m)| m.a.expert.is_some()),
+    ) {
+        return Err(unsupported(
+            &dir,
+            format!(
+                "`{module}` is read out of a LoRA on fused expert parameters, which the base's \
+                 family lays out: give --base (the model it is for)"
+            ),
+        ));
+    }
     let name = match &base {
         Some(b) => b.dir.to_string_lossy().into_owned(),
         None => opened
@@ -114,7 +137,11 @@ fn in_base(
     (path, key, layer): (String, String, Option<usize>),
     modules: &[(&super::LoraTensors, &str)],
 ) -> std::result::Result<(String, String), String> {
-    let stack = path.split_once(".switch_mlp.");
+    let stack = stack_parts(&path);
+    let holder = match path.contains(".switch_mlp.") {
+        true => "switch_mlp",
+        false => "experts",
+    };
     for &(m, module) in modules {
         let weight = match stack {
             Some((parent, proj)) => {
@@ -142,7 +169,8 @@ fn in_base(
             let (parent, proj) = stack?;
             let (_, _, e) = stack_of(modules[0].1)?;
             let found = base_weight(base, &expert_module(parent, proj, e))?;
-            Some(found.split_once(".experts.")?.0.to_string() + ".switch_mlp." + proj)
+            let parent = found.split_once(".experts.")?.0;
+            Some(format!("{parent}.{holder}.{proj}"))
         }) {
             // (A module outside the layers is keyed by its whole path.)
             Some(found) if layer.is_none() => (found.clone(), found),
@@ -181,24 +209,15 @@ pub fn write_mlx(
     };
     let mut tensors = Vec::with_capacity(2 * adapter.modules.len());
     let (mut keys, mut first_layer) = (Vec::new(), None::<usize>);
-    // Experts' modules go into their layer's stacks (mlx-lm's `switch_mlp`), by the stack's
-    // place in mlx-lm's model: (key, layer, expert → module).
-    type Stack<'a> = (String, Option<usize>, BTreeMap<usize, &'a str>);
+    // Experts' modules go into their layer's stacks, by the stack's place in mlx-lm's model
+    // (as a `switch_mlp`; which holder it is in is settled below): (layer, expert → module).
+    type Stack<'a> = (Option<usize>, BTreeMap<usize, &'a str>);
     let mut stacks: BTreeMap<String, Stack<'_>> = BTreeMap::new();
     for (module, m) in &adapter.modules {
         if let Some((parent, proj, e)) = stack_of(module) {
-            if parent.ends_with("feed_forward") {
-                return Err(refuse(format!(
-                    "`{module}` is a Llama 4 expert's: mlx-lm keeps those in a SwitchGLU named \
-                     `experts`, whose LoRA is not written"
-                )));
-            }
             let stack = format!("{parent}.switch_mlp.{proj}");
-            let (path, key, layer) = place(&stack).map_err(&refuse)?;
-            let members = &mut stacks
-                .entry(path)
-                .or_insert((key, layer, BTreeMap::new()))
-                .2;
+            let (path, _, layer) = place(&stack).map_err(&refuse)?;
+            let members = &mut stacks.entry(path).or_insert((layer, BTreeMap::new())).1;
             if let Some(other) = members.insert(e, module) {
                 return Err(refuse(format!(
                     "`{module}` and `{other}` are both expert {e} of `{stack}`"
@@ -238,7 +257,7 @@ pub fn write_mlx(
             OutTensor::from_f32(b, vec![rank, m.out_features], ty),
         ));
     }
-    for (path, (key, layer, members)) in stacks {
+    for (switch_path, (layer, members)) in stacks {
         let modules: Vec<(&super::LoraTensors, &str)> = members
             .values()
             .map(|name| (&adapter.modules[*name], *name))
@@ -253,20 +272,36 @@ pub fn write_mlx(
                 "`{other}` and `{first_name}` are experts of one stack of other shapes"
             )));
         }
+        // mlx-lm's GPT-OSS and Llama 4 keep a layer's experts in a SwitchGLU named `experts`,
+        // the others in `switch_mlp`: the base's family says which (those two store their
+        // experts fused in Hugging Face's checkpoints); without a base, Llama 4's
+        // `feed_forward` does.
+        let (parent, proj) = switch_path
+            .split_once(".switch_mlp.")
+            .expect("a stack's path");
+        let experts_named = match base {
+            Some(b) => crate::arch::for_config(&b.config, &b.dir)
+                .is_ok_and(|arch| arch.stored_experts.is_some()),
+            None => parent.ends_with("feed_forward"),
+        };
+        let holder = if experts_named {
+            "experts"
+        } else {
+            "switch_mlp"
+        };
+        let (path, key, _) = place(&format!("{parent}.{holder}.{proj}")).map_err(&refuse)?;
         // As many experts as the base has (or as the adapter names): one without an update
         // adds zeros.
         let (path, key, experts) = match base {
             Some(base) => {
-                let (parent, proj) = path.split_once(".switch_mlp.").expect("a stack's path");
                 let experts = (0..)
                     .take_while(|&e| base_weight(base, &expert_module(parent, proj, e)).is_some())
                     .count();
                 if experts == 0 {
                     return Err(refuse(format!(
-                        "`{first_name}` is an expert's, but the base {} has no stack \
-                         `{path}` (mlx-lm's GPT-OSS and Llama 4 keep their experts in a \
-                         SwitchGLU named `experts`, whose LoRA is not written)",
-                        base.dir.display()
+                        "`{first_name}` is an expert's, but the base {} has no experts at `{}`",
+                        base.dir.display(),
+                        expert_module(parent, proj, 0)
                     )));
                 }
                 let (path, key) = in_base(base, (path, key, layer), &modules).map_err(&refuse)?;

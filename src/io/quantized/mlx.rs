@@ -75,6 +75,16 @@ pub(crate) fn expert_module(parent: &str, proj: &str, e: usize) -> String {
     format!("{parent}.experts.{e}.{proj}")
 }
 
+/// The `(<parent>, <proj>)` of a module that is a stack of experts in mlx-lm's models: its
+/// `<parent>.switch_mlp.<proj>`, or `<parent>.experts.<proj>` (the SwitchGLU of its GPT-OSS and
+/// Llama 4 ports), for the gate, up and down projections.
+pub(crate) fn stack_parts(module: &str) -> Option<(&str, &str)> {
+    let (parent, proj) = module
+        .split_once(".switch_mlp.")
+        .or_else(|| module.rsplit_once(".experts."))?;
+    matches!(proj, "gate_proj" | "up_proj" | "down_proj").then_some((parent, proj))
+}
+
 /// The stack `(<parent>, <proj>)` of mlx-lm's `<parent>.switch_mlp.<proj>` that holds the Hugging
 /// Face expert module `module` (`<parent>.experts.<e>.<proj>`, Mixtral's `w1`, `w3`, `w2`), and
 /// the expert's index: the inverse of [`expert_module`].
@@ -127,8 +137,8 @@ fn params_of(
 impl MlxWeights {
     /// The checkpoint's MLX weights: every U32 `<module>.weight` beside a `<module>.scales`,
     /// checked against its parts and the config's `quantization`, and every stack of experts
-    /// (`….switch_mlp.<proj>.weight`, quantized or not), one weight an expert (no tensor data is
-    /// read).
+    /// (`….switch_mlp.<proj>.weight`, or GPT-OSS's and Llama 4's `….experts.<proj>.weight`,
+    /// quantized or not), one weight an expert (no tensor data is read).
     pub fn find(
         config: &serde_json::Value,
         shards: &[TensorFile],
@@ -147,7 +157,7 @@ impl MlxWeights {
                 name: name.clone(),
             };
             let (shape, dtype) = shape_of(shards, &codes);
-            let stack = module.split_once(".switch_mlp.");
+            let stack = stack_parts(module);
             let part = |suffix: &str| {
                 let name = format!("{module}.{suffix}");
                 index.get(&name).map(|&shard| Part { shard, name })
