@@ -553,7 +553,7 @@ fn experts_exported_for_mlx_count_the_bases_experts() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("has no stack `model.layers.1.mlp.switch_mlp.gate_proj`"),
+        err.contains("has no experts at `model.layers.1.mlp.experts.0.gate_proj`"),
         "{err}"
     );
     assert!(!d.p("x").exists());

@@ -228,8 +228,14 @@ fn umask() -> u32 {
 /// The metadata of every file loraxfer writes: `{"format": "pt"}`, which PyTorch-side loaders
 /// expect, and `{"producer": "loraxfer"}`, by which `--force` knows an earlier output.
 pub fn pt_metadata() -> Option<HashMap<String, String>> {
+    metadata_with_format("pt")
+}
+
+/// [`pt_metadata`] with another `format`: `mlx` for a checkpoint derived from one mlx-lm wrote,
+/// whose tensors keep its conventions.
+pub fn metadata_with_format(format: &str) -> Option<HashMap<String, String>> {
     Some(HashMap::from([
-        ("format".to_string(), "pt".to_string()),
+        ("format".to_string(), format.to_string()),
         (PRODUCER_KEY.to_string(), PRODUCER.to_string()),
     ]))
 }

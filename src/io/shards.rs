@@ -74,6 +74,7 @@ pub fn write_tensors(
     out_dir: &Path,
     tensors: &[PlannedTensor],
     limit: u64,
+    format: &str,
     produce: impl Fn(&PlannedTensor, Sink<'_>) -> Result<()>,
     progress: impl Fn(u64, u64),
 ) -> Result<()> {
@@ -87,7 +88,7 @@ pub fn write_tensors(
         .collect();
     let total = out.iter().map(|(_, t)| t.data_len() as u64).sum();
     progress(0, total);
-    write_sharded(out_dir, &out, limit, &|done, total| {
+    write_sharded(out_dir, &out, (limit, format), &|done, total| {
         progress(done, total);
         Ok(())
     })
@@ -99,7 +100,7 @@ pub fn write_tensors(
 pub fn write_sharded(
     out_dir: &Path,
     tensors: &[(String, OutTensor<'_>)],
-    limit: u64,
+    (limit, format): (u64, &str),
     after_each: &dyn Fn(u64, u64) -> Result<()>,
 ) -> Result<()> {
     let sizes: Vec<u64> = tensors.iter().map(|(_, t)| t.data_len() as u64).collect();
@@ -118,7 +119,7 @@ pub fn write_sharded(
         st::write_file_reporting(
             &out_dir.join(file_name),
             members,
-            st::pt_metadata(),
+            st::metadata_with_format(format),
             &|bytes| {
                 done.set(done.get() + bytes as u64);
                 after_each(done.get(), total)
@@ -191,6 +192,7 @@ mod tests {
             dir.path(),
             &tensors,
             300,
+            "pt",
             |t, sink| {
                 sink(&st::encode_f32(
                     &[t.name[1..].parse::<f32>().unwrap(); 32],
@@ -239,6 +241,7 @@ mod tests {
             dir.path(),
             &tensors,
             40,
+            "pt",
             |t, sink| {
                 produced.set(produced.get() + 1);
                 match t.name.as_str() {

@@ -86,6 +86,9 @@ pub(super) fn write_derived(
         out_dir,
         &tensors,
         SHARD_LIMIT,
+        // mlx-lm's tensors keep its conventions (Qwen3.5's norms shifted by 1, say), which the
+        // mark tells the readers, this one's included.
+        if ckpt.is_mlx() { "mlx" } else { "pt" },
         |t, sink| sink(&drifted(&ckpt, t, drift, seed)?),
         progress,
     )

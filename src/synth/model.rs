@@ -99,6 +99,7 @@ pub fn write_model(spec: &ModelSpec, out_dir: &Path, progress: impl Fn(u64, u64)
         out_dir,
         &tensors,
         SHARD_LIMIT,
+        "pt",
         |t, sink| sink(&generate(spec.seed, preset, t)),
         progress,
     )

@@ -546,6 +546,16 @@ def test_transfers_between_mlx_qwen3_5_bases_are_those_between_their_values(bina
     found under `language_model.model.layers`, and the map takes mlx-lm's shift off the gains."""
     pairs = {label: (qwen35_mlx["first"][label], qwen35_mlx["second"][label]) for label in ("mlx", "values")}
     iu.assert_same_transfers(binary, pairs, qwen35_mlx["lora"], tmp_path, 4 * 3 + 3 * 5 + 4)
+    # A copy derived from the MLX release keeps mlx-lm's conventions and says so (`format: mlx`):
+    # read as such, it gives the same adapter.
+    derived = tmp_path / "derived"
+    iu.loraxfer(binary, "synth", "model", "--derive-from", qwen35_mlx["first"]["mlx"], "--drift", "0",
+                "--out", derived)
+    from safetensors import safe_open
+    with safe_open(str(derived / "model.safetensors"), "np") as f:
+        assert f.metadata()["format"] == "mlx"
+    pairs = {"derived": (derived, qwen35_mlx["second"]["mlx"]), "mlx": pairs["mlx"]}
+    iu.assert_same_transfers(binary, pairs, qwen35_mlx["lora"], tmp_path / "again", 4 * 3 + 3 * 5 + 4)
 
 
 def test_an_mlx_lm_lora_on_qwen3_5_moves_to_the_next_mlx_release(binary, qwen35_mlx, tmp_path):

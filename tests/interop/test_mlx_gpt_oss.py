@@ -151,6 +151,13 @@ def test_an_mlx_lm_lora_on_gpt_oss_moves_and_loads_as_its_stacks(binary, pair, t
     stored = load_file(str(made / "adapters.safetensors"))
     assert stored["model.layers.1.mlp.experts.down_proj.lora_a"].shape == (g.EXPERTS, 4, g.WIDTH)
     assert "model.layers.1.mlp.router.lora_a" in stored
+    # Exported back without a base, each stack goes where it was read from: the file mlx-lm saved.
+    back = tmp_path / "back"
+    iu.loraxfer(binary, "export-mlx", "--adapter", made, "--out", back)
+    again = load_file(str(back / "adapters.safetensors"))
+    assert again.keys() == stored.keys()
+    for k in stored:
+        assert np.array_equal(again[k], stored[k]), k
     proc = subprocess_run(binary, "transfer", "--source-base", source, "--target-base", target, "--adapter", made,
                           "--out", tmp_path / "refused", "--mode", "rotate")
     assert proc.returncode != 0 and "`model.layers.0.mlp.router` (and 1 more) adapts a routing gate" in proc.stderr, \

@@ -52,26 +52,30 @@ pub fn export(adapter: &Path, base: Option<&Path>, out: &Path, force: bool) -> R
     };
     // A LoRA on fused expert parameters is read as the base's family lays them out (GPT-OSS's
     // gate and up rows alternate), one module per expert under the base's names.
-    let side = base.as_ref().and_then(|b| ModelSide::new(b).ok());
+    // (A base of a family without a table is no error until such a LoRA needs one.)
+    let side = base.as_ref().map(ModelSide::new);
     let opened = match &side {
-        Some(side) => {
+        Some(Ok(side)) => {
             let mut opened = Adapter::open_with(&dir, side.experts_layout())?;
             crate::plan::experts::name_fused_experts(&mut opened, side)?;
             opened
         }
-        None => Adapter::open(&dir)?,
+        _ => Adapter::open(&dir)?,
     };
-    if let (None, Some((module, _))) = (
-        &side,
-        (opened.modules.iter()).find(|(_, m)| m.a.expert.is_some()),
-    ) {
-        return Err(unsupported(
-            &dir,
-            format!(
-                "`{module}` is read out of a LoRA on fused expert parameters, which the base's \
-                 family lays out: give --base (the model it is for)"
-            ),
-        ));
+    if let Some((module, _)) = (opened.modules.iter()).find(|(_, m)| m.a.expert.is_some()) {
+        match side {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(unsupported(
+                    &dir,
+                    format!(
+                        "`{module}` is read out of a LoRA on fused expert parameters, which the \
+                         base's family lays out: give --base (the model it is for)"
+                    ),
+                ))
+            }
+        }
     }
     let name = match &base {
         Some(b) => b.dir.to_string_lossy().into_owned(),
@@ -130,14 +134,57 @@ fn base_weight(base: &Checkpoint, path: &str) -> Option<String> {
     .find(|p| base.has(&format!("{p}.weight")))
 }
 
+/// Where mlx-lm keeps the stack of experts `(parent, proj)`: a SwitchGLU named `experts` (its
+/// GPT-OSS and Llama 4 ports, dots1, …) or `switch_mlp` (the others). An MLX base's stacks say
+/// which; else the stack the adapter's module was read from, where it was read from one; else
+/// the base's family (GPT-OSS and Llama 4, whose Hugging Face checkpoints store their experts
+/// fused); without a base, Llama 4's `feed_forward`.
+fn holder(
+    adapter: &Adapter,
+    base: Option<&Checkpoint>,
+    (parent, proj): (&str, &str),
+    module: &str,
+) -> &'static str {
+    const HOLDERS: [&str; 2] = ["experts", "switch_mlp"];
+    let stored = |b: &Checkpoint| {
+        HOLDERS
+            .into_iter()
+            .find(|h| base_weight(b, &format!("{parent}.{h}.{proj}")).is_some())
+    };
+    let read_from = || {
+        let a = &adapter.modules[module].a;
+        a.stacked.map(|_| match a.tensor.contains(".switch_mlp.") {
+            true => "switch_mlp",
+            false => "experts",
+        })
+    };
+    let family = |b: &Checkpoint| {
+        crate::arch::for_config(&b.config, &b.dir)
+            .ok()
+            .map(|arch| match arch.stored_experts {
+                Some(_) => "experts",
+                None => "switch_mlp",
+            })
+    };
+    base.and_then(stored)
+        .or_else(read_from)
+        .or_else(|| base.and_then(family))
+        .unwrap_or(match parent.ends_with("feed_forward") {
+            true => "experts",
+            false => "switch_mlp",
+        })
+}
+
 /// A placed module (`(path, key, layer)` from [`place`]) as `base` names it, each of `modules`
-/// (a module, or a stack's experts) checked to have its weight there, of its shape.
+/// (a module, or where `stack`, a stack's experts) checked to have its weight there, of its
+/// shape.
 fn in_base(
     base: &Checkpoint,
     (path, key, layer): (String, String, Option<usize>),
     modules: &[(&super::LoraTensors, &str)],
+    stack: bool,
 ) -> std::result::Result<(String, String), String> {
-    let stack = stack_parts(&path);
+    let stack = stack.then(|| stack_parts(&path)).flatten();
     let holder = match path.contains(".switch_mlp.") {
         true => "switch_mlp",
         false => "experts",
@@ -227,7 +274,9 @@ pub fn write_mlx(
         }
         let (path, key, layer) = place(module).map_err(&refuse)?;
         let (path, key) = match base {
-            Some(base) => in_base(base, (path, key, layer), &[(m, module)]).map_err(&refuse)?,
+            Some(base) => {
+                in_base(base, (path, key, layer), &[(m, module)], false).map_err(&refuse)?
+            }
             None => (path, key),
         };
         keys.push(key);
@@ -272,23 +321,10 @@ pub fn write_mlx(
                 "`{other}` and `{first_name}` are experts of one stack of other shapes"
             )));
         }
-        // mlx-lm's GPT-OSS and Llama 4 keep a layer's experts in a SwitchGLU named `experts`,
-        // the others in `switch_mlp`: the base's family says which (those two store their
-        // experts fused in Hugging Face's checkpoints); without a base, Llama 4's
-        // `feed_forward` does.
         let (parent, proj) = switch_path
             .split_once(".switch_mlp.")
             .expect("a stack's path");
-        let experts_named = match base {
-            Some(b) => crate::arch::for_config(&b.config, &b.dir)
-                .is_ok_and(|arch| arch.stored_experts.is_some()),
-            None => parent.ends_with("feed_forward"),
-        };
-        let holder = if experts_named {
-            "experts"
-        } else {
-            "switch_mlp"
-        };
+        let holder = holder(adapter, base, (parent, proj), first_name);
         let (path, key, _) = place(&format!("{parent}.{holder}.{proj}")).map_err(&refuse)?;
         // As many experts as the base has (or as the adapter names): one without an update
         // adds zeros.
@@ -304,7 +340,8 @@ pub fn write_mlx(
                         expert_module(parent, proj, 0)
                     )));
                 }
-                let (path, key) = in_base(base, (path, key, layer), &modules).map_err(&refuse)?;
+                let (path, key) =
+                    in_base(base, (path, key, layer), &modules, true).map_err(&refuse)?;
                 (path, key, experts)
             }
             None => (path, key, members.keys().last().map_or(0, |&e| e + 1)),

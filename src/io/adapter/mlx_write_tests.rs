@@ -249,3 +249,33 @@ fn experts_are_written_as_stacks_and_read_back_one_module_per_expert() {
         }
     }
 }
+
+/// Without a base, Llama 4's experts (under `feed_forward`) go into mlx-lm's `experts` holder,
+/// the others' into `switch_mlp`.
+#[test]
+fn llama_4_experts_are_stacked_as_mlx_lm_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = crate::linalg::fresh_seed();
+    let modules: BTreeMap<String, EncodedFactors> = [
+        "language_model.model.layers.1.feed_forward.experts.0.gate_proj",
+        "model.layers.0.mlp.experts.1.down_proj",
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, k)| (k.to_string(), random_module(seed, i as u64, (2, 4.0), 5, 6)))
+    .collect();
+    let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4.0});
+    let peft = dir.path().join("peft");
+    std::fs::create_dir(&peft).unwrap();
+    write_adapter(&peft, config.as_object().unwrap(), &modules).unwrap();
+    let out = dir.path().join("mlx");
+    std::fs::create_dir(&out).unwrap();
+    let written = write_mlx(&Adapter::open(&peft).unwrap(), None, &out, "base").unwrap();
+    assert_eq!(
+        written.keys,
+        ["feed_forward.experts.gate_proj", "mlp.switch_mlp.down_proj"]
+    );
+    let file = crate::io::safetensors::TensorFile::open(&out.join(MLX_WEIGHTS_FILE)).unwrap();
+    let stack = "language_model.model.layers.1.feed_forward.experts.gate_proj.lora_a";
+    assert_eq!(file.entry(stack).unwrap().shape, [1, 2, 5]);
+}

@@ -67,7 +67,7 @@ pub fn write_checkpoint(
     tensors.extend(fused);
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let tracker = progress.start("convert", "tensors", tensors.len() as u64);
-    write_sharded(dir, &tensors, shard_limit, &|_, _| {
+    write_sharded(dir, &tensors, (shard_limit, "pt"), &|_, _| {
         tracker.step();
         tracker.check()
     })?;
