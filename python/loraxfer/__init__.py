@@ -155,8 +155,9 @@ def export_mlx(adapter: PathLike, out: PathLike, *, base: Optional[PathLike] = N
     """Writes the adapter `adapter` (a PEFT or MLX directory, or a cached hub name) at `out` as
     an MLX adapter for the same base, atomically (an existing `out` only with `force=True`, and
     only when it is an earlier output), as `loraxfer export-mlx` does; `base`, the MLX model it
-    is for, has every module checked against its weights. Returns what was written: path,
-    modules, rank, scale, num_layers, keys."""
+    is for, has every module checked against its weights, says how many experts a stack holds
+    and where mlx-lm keeps it, and is needed for a LoRA on fused expert parameters (whose layout
+    is its family's). Returns what was written: path, modules, rank, scale, num_layers, keys."""
     paths = _export_paths(force, adapter=adapter, out=out)
     base_path = None if base is None else _export_paths(force, base=base)[0]
     return json.loads(_native.export_mlx(*paths, base_path, force))

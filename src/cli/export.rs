@@ -46,8 +46,9 @@ pub struct ExportMlxArgs {
     #[arg(long)]
     adapter: PathBuf,
     /// The MLX model it is for (a directory or a cached hub name), optional: every module is
-    /// checked against its weights, and `num_layers` counted so that any mlx-lm reads it
-    /// (without, it is -1: all layers, as mlx-lm 0.22 and later read it).
+    /// checked against its weights, `num_layers` counted so that any mlx-lm reads it (without,
+    /// it is -1: all layers, as mlx-lm 0.22 and later read it), and experts stacked as it holds
+    /// them. Needed for a LoRA on fused expert parameters, whose layout is its family's.
     #[arg(long)]
     base: Option<PathBuf>,
     /// The MLX adapter directory to write (adapters.safetensors, adapter_config.json), for

@@ -344,10 +344,12 @@ def test_what_mlx_adapters_hold_that_is_not_transferred_is_refused_naming_it(bin
 def mlx_moe_checkpoint(hf_dir, out, kind, stacks: int = 3 * 2):
     """{"mlx": the MoE checkpoint in `hf_dir` converted by mlx-lm (its experts stacked by its
     `sanitize`, `stacks` of them; `kind` None: left in bf16, unquantized), "values": the f32
-    checkpoint of what MLX dequantizes (or holds), under the Hugging Face per-expert names}."""
+    checkpoint of what MLX dequantizes (or holds), under the Hugging Face per-expert names, and
+    latent attention's `kv_b_proj` rebuilt from the halves mlx-lm splits it into}."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
@@ -368,19 +370,25 @@ def mlx_moe_checkpoint(hf_dir, out, kind, stacks: int = 3 * 2):
     assert any(".switch_mlp." in k for k in stored), sorted(stored)[:8]
     values = {k: v.float() for k, v in stored.items()}
     found = 0
+    halves = {}
     for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear, QuantizedMultiLinear)):
             biases = m.get("biases")
             scales = m.scales.astype(mx.float32) if biases is not None else m.scales
             w = mx.dequantize(m.weight, scales, None if biases is None else biases.astype(mx.float32),
                               group_size=m.group_size, bits=m.bits, mode=m.mode, dtype=mx.float32)
             for part in ("scales", "biases"):
                 values.pop(f"{path}.{part}", None)
-        elif isinstance(m, SwitchLinear):
+        elif isinstance(m, (SwitchLinear, MultiLinear)):
             w = m.weight.astype(mx.float32)
         else:
             continue
         w = np.array(w)
+        if path.endswith((".embed_q", ".unembed_out")):
+            # Latent attention's kv_b_proj, split per head: rebuilt below.
+            del values[f"{path}.weight"]
+            halves[path] = w
+            continue
         if ".switch_mlp." not in path:
             values[f"{path}.weight"] = torch.from_numpy(w)
             continue
@@ -392,6 +400,12 @@ def mlx_moe_checkpoint(hf_dir, out, kind, stacks: int = 3 * 2):
             values[f"{parent}.experts.{e}.{proj}.weight"] = torch.from_numpy(np.ascontiguousarray(w[e]))
         found += 1
     assert found == stacks, found
+    for path, keys in halves.items():
+        if path.endswith(".embed_q"):
+            # Each head's key rows ([rank, nope] transposed), then its value rows [v, rank].
+            attention = path.removesuffix(".embed_q")
+            heads = np.concatenate([keys.transpose(0, 2, 1), halves[f"{attention}.unembed_out"]], axis=1)
+            values[f"{attention}.kv_b_proj.weight"] = torch.from_numpy(heads.reshape(-1, heads.shape[-1]).copy())
     dirs = iu.save_variants(hf_dir, out, {f"moe-{kind}-values": (values, None)})
     return {"mlx": d, "values": dirs[f"moe-{kind}-values"]}
 

@@ -275,7 +275,19 @@ pub fn write_mlx(
         let (path, key, layer) = place(module).map_err(&refuse)?;
         let (path, key) = match base {
             Some(base) => {
-                in_base(base, (path, key, layer), &[(m, module)], false).map_err(&refuse)?
+                let (path, key) =
+                    in_base(base, (path, key, layer), &[(m, module)], false).map_err(&refuse)?;
+                // A weight an MLX base builds from other tensors is no Linear of mlx-lm's
+                // (latent attention's `kv_b_proj`, split per head into MultiLinear halves).
+                let weight = format!("{path}.weight");
+                if base.is_mlx() && base.built_weights().contains(&weight.as_str()) {
+                    return Err(refuse(format!(
+                        "`{module}`: mlx-lm holds `{weight}` otherwise (latent attention's \
+                         `kv_b_proj` split per head into `embed_q` and `unembed_out`), and its \
+                         LoRA layers do not adapt it"
+                    )));
+                }
+                (path, key)
             }
             None => (path, key),
         };

@@ -154,12 +154,17 @@ fn a_peft_adapter_written_for_mlx_reads_back_with_every_modules_update() {
             (want.in_features, want.out_features, 3)
         );
         let (want, got) = (update(&opened.config, &want), update(&back.config, &got));
-        for (g, w) in got.iter().zip(&want) {
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                "{name}: {g} vs {w} (seed {seed})"
-            );
-        }
+        assert_close(&got, &want, name, seed);
+    }
+}
+
+/// Two updates equal to f32's precision.
+fn assert_close(got: &[f64], want: &[f64], name: &str, seed: u64) {
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "{name}: {g} vs {w} (seed {seed})"
+        );
     }
 }
 
@@ -241,12 +246,7 @@ fn experts_are_written_as_stacks_and_read_back_one_module_per_expert() {
             continue;
         }
         let want = update(&opened.config, &opened.factors(name).unwrap());
-        for (g, w) in got.iter().zip(&want) {
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                "{name}: {g} vs {w} (seed {seed})"
-            );
-        }
+        assert_close(&got, &want, name, seed);
     }
 }
 

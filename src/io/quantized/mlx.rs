@@ -32,6 +32,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use super::mlx_latent::{Latent, LatentHalf};
 use super::mlx_params::{check, params_for, shape_of, Mode, Params, Quantized};
 use super::packed::{bad, e2m1, read_f32_range, stream, word, Part};
 use crate::error::{Error, Result};
@@ -42,17 +43,19 @@ use crate::io::RawBytes;
 #[derive(Debug, Default)]
 pub struct MlxWeights {
     weights: HashMap<String, Mlx>,
+    /// Latent attention's `kv_b_proj`, which mlx-lm stores split per head.
+    latent: HashMap<String, Latent>,
 }
 
 /// One weight: rows `first_row..first_row + out` of the stored codes (all of a 2-D weight's; one
 /// expert's of a stack read as `[experts·out, …]`).
 #[derive(Debug, Clone)]
-struct Mlx {
-    codes: Part,
+pub(super) struct Mlx {
+    pub(super) codes: Part,
     /// How its codes become values; None for a float stack of experts MLX left unquantized.
     quantized: Option<Quantized>,
     /// `[out, in]`.
-    shape: [usize; 2],
+    pub(super) shape: [usize; 2],
     first_row: usize,
 }
 
@@ -146,6 +149,7 @@ impl MlxWeights {
     ) -> Result<Self> {
         let quant = &config["quantization"];
         let mut weights = HashMap::new();
+        let mut halves = HashMap::new();
         let mut names: Vec<&String> = index.keys().collect();
         names.sort();
         for name in names {
@@ -162,10 +166,13 @@ impl MlxWeights {
                 let name = format!("{module}.{suffix}");
                 index.get(&name).map(|&shard| Part { shard, name })
             };
-            // A 2-D weight, or a 3-D stack of experts (other tensors are not MLX's weights).
-            let fits = match stack {
-                Some(_) => shape.len() == 3,
-                None => shape.len() == 2,
+            // Latent attention's key and value halves of `kv_b_proj`, a matrix per head.
+            let half = LatentHalf::of(module);
+            // A 2-D weight, or a 3-D stack of experts or heads (other tensors are not MLX's
+            // weights).
+            let fits = match stack.is_some() || half.is_some() {
+                true => shape.len() == 3,
+                false => shape.len() == 2,
             };
             let (quantized, inn) = match part("scales") {
                 Some(scales) if dtype == Dtype::U32 && fits => {
@@ -173,12 +180,33 @@ impl MlxWeights {
                     let (q, inn) = check(params, &codes, scales, part("biases"), shards)?;
                     (Some(q), inn)
                 }
-                None if fits && stack.is_some() => match FloatType::from_dtype(dtype) {
-                    Some(_) => (None, shape[2]),
-                    None => continue,
-                },
+                None if fits && (stack.is_some() || half.is_some()) => {
+                    match FloatType::from_dtype(dtype) {
+                        Some(_) => (None, shape[2]),
+                        None => continue,
+                    }
+                }
                 _ => continue,
             };
+            if let Some(half) = half {
+                // (Bounded as a stack's: one weight, its heads' rows one after the other.)
+                let (heads, rows) = (shape[0], shape[1]);
+                if heads == 0 || heads > 1 << 16 || rows == 0 || rows > 1 << 24 || inn > 1 << 24 {
+                    return Err(bad(
+                        shards,
+                        &codes,
+                        format!("{shape:?}: no heads or rows, or past 2^16 heads or 2^24 rows"),
+                    ));
+                }
+                let w = Mlx {
+                    codes,
+                    quantized,
+                    shape: [heads * rows, inn],
+                    first_row: 0,
+                };
+                halves.insert(module.to_string(), (half, w, heads));
+                continue;
+            }
             let Some((parent, proj)) = stack else {
                 let w = Mlx {
                     codes,
@@ -219,52 +247,67 @@ impl MlxWeights {
                 weights.insert(expert, w);
             }
         }
-        Ok(MlxWeights { weights })
+        let latent = Latent::pair(halves, shards)?;
+        Ok(MlxWeights { weights, latent })
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.weights.contains_key(name)
+        self.weights.contains_key(name) || self.latent.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.weights.keys().map(String::as_str)
+        self.weights
+            .keys()
+            .chain(self.latent.keys())
+            .map(String::as_str)
     }
 
-    /// The experts presented under a name no stored tensor has.
+    /// The experts, and latent attention's `kv_b_proj`, presented under a name no stored
+    /// tensor has.
     pub fn built_names(&self) -> impl Iterator<Item = &str> {
         self.weights
             .iter()
             .filter(|(name, w)| w.codes.name != **name)
             .map(|(name, _)| name.as_str())
+            .chain(self.latent.keys().map(String::as_str))
     }
 
     /// `[out, in]` of a weight.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.weights.get(name).map(|w| &w.shape[..])
+        (self.weights.get(name).map(|w| &w.shape[..]))
+            .or_else(|| self.latent.get(name).map(Latent::shape))
     }
 
     /// The shard holding a weight's codes.
     pub fn shard(&self, name: &str) -> Option<usize> {
-        self.weights.get(name).map(|w| w.codes.shard)
+        (self.weights.get(name).map(|w| w.codes.shard))
+            .or_else(|| self.latent.get(name).map(|l| l.halves()[0].codes.shard))
     }
 
-    /// The shards of its scales and biases.
+    /// The shards of its scales and biases (and, for a latent `kv_b_proj`, of its halves).
     pub fn part_shards(&self, name: &str) -> Vec<usize> {
+        if let Some(l) = self.latent.get(name) {
+            return l.stored().map(|p| p.shard).collect();
+        }
         self.weights
             .get(name)
             .map_or(Vec::new(), |w| w.parts().map(|p| p.shard).collect())
     }
 
     /// The stored tensors the weights are built from (a copy of the values leaves them out):
-    /// scales, biases, and the stacks of experts.
+    /// scales, biases, the stacks of experts and latent attention's halves.
     pub fn parts(&self) -> impl Iterator<Item = String> + '_ {
-        self.weights.iter().flat_map(|(name, w)| {
-            let stack = Some(&w.codes).filter(|c| c.name != *name);
-            w.parts()
-                .chain(stack)
-                .map(|p| p.name.clone())
-                .collect::<Vec<_>>()
-        })
+        let latent = (self.latent.values()).flat_map(|l| l.stored().map(|p| p.name.clone()));
+        self.weights
+            .iter()
+            .flat_map(|(name, w)| {
+                let stack = Some(&w.codes).filter(|c| c.name != *name);
+                w.parts()
+                    .chain(stack)
+                    .map(|p| p.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .chain(latent)
     }
 
     /// Rows `rows` of a weight as f32 (row length too), NaN and Inf refused, naming the weight
@@ -275,16 +318,38 @@ impl MlxWeights {
         rows: Range<usize>,
         shards: &[TensorFile],
     ) -> Result<Option<(RawBytes<'static>, FloatType, usize)>> {
-        let Some(w) = self.weights.get(name) else {
+        let (values, cols) = if let Some(l) = self.latent.get(name) {
+            let [out, cols] = l.shape_array();
+            let file = &shards[l.halves()[0].codes.shard];
+            crate::io::check_rows(file.path(), name, &rows, out, cols)?;
+            (l.read(rows, shards)?, cols)
+        } else if let Some(w) = self.weights.get(name) {
+            let [out, cols] = w.shape;
+            let file = &shards[w.codes.shard];
+            crate::io::check_rows(file.path(), name, &rows, out, cols)?;
+            (w.values(name, rows, shards)?, cols)
+        } else {
             return Ok(None);
         };
-        let [out, cols] = w.shape;
-        let file = &shards[w.codes.shard];
-        crate::io::check_rows(file.path(), name, &rows, out, cols)?;
-        let stored = w.first_row + rows.start..w.first_row + rows.end;
-        let codes = file.bytes(&w.codes.name).expect("indexed");
-        let Some(q) = &w.quantized else {
-            let ty = FloatType::from_dtype(shape_of(shards, &w.codes).1).expect("checked");
+        Ok(Some((RawBytes::Decoded(values), FloatType::F32, cols)))
+    }
+}
+
+impl Mlx {
+    /// Rows `rows` of this weight as f32, NaN and Inf refused, naming it `name` and where the
+    /// value lies.
+    pub(super) fn values(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        shards: &[TensorFile],
+    ) -> Result<Vec<f32>> {
+        let [_, cols] = self.shape;
+        let file = &shards[self.codes.shard];
+        let stored = self.first_row + rows.start..self.first_row + rows.end;
+        let codes = file.bytes(&self.codes.name).expect("indexed");
+        let Some(q) = &self.quantized else {
+            let ty = FloatType::from_dtype(shape_of(shards, &self.codes).1).expect("checked");
             let bytes = &codes[stored.start * cols * ty.size()..stored.end * cols * ty.size()];
             let values = decode_f32(bytes, ty);
             if let Some(at) = values.iter().position(|v| !v.is_finite()) {
@@ -295,7 +360,7 @@ impl MlxWeights {
                     format!("the non-finite value {} at row {r}, column {i}", values[at]),
                 ));
             }
-            return Ok(Some((RawBytes::Decoded(values), FloatType::F32, cols)));
+            return Ok(values);
         };
         let Params { mode, group, bits } = q.params;
         let groups = cols / group;
@@ -345,12 +410,10 @@ impl MlxWeights {
                 ),
             ));
         }
-        Ok(Some((RawBytes::Decoded(values), FloatType::F32, cols)))
+        Ok(values)
     }
-}
 
-impl Mlx {
-    fn parts(&self) -> impl Iterator<Item = &Part> {
+    pub(super) fn parts(&self) -> impl Iterator<Item = &Part> {
         self.quantized
             .iter()
             .flat_map(|q| std::iter::once(&q.scales).chain(&q.biases))

@@ -402,3 +402,73 @@ fn a_stack_of_experts_reads_as_one_weight_an_expert_under_its_hugging_face_name(
         .to_string();
     assert!(err.contains("stored both here and alone"), "{err}");
 }
+
+#[test]
+fn latent_attentions_kv_b_proj_is_rebuilt_from_mlx_lm_s_two_halves() {
+    // Two heads; latent rank 3, key width 2, value width 2 (left in f32, as unquantized halves).
+    let (heads, rank, nope, v) = (2usize, 3usize, 2usize, 2usize);
+    let key = |h: usize, c: usize, j: usize| (100 * h + 10 * c + j) as f32;
+    let value = |h: usize, r: usize, c: usize| -((100 * h + 10 * r + c) as f32) - 0.5;
+    let embed_q: Vec<f32> = (0..heads * rank * nope)
+        .map(|i| key(i / (rank * nope), i / nope % rank, i % nope))
+        .collect();
+    let unembed_out: Vec<f32> = (0..heads * v * rank)
+        .map(|i| value(i / (v * rank), i / rank % v, i % rank))
+        .collect();
+    let attention = "model.layers.1.self_attn";
+    let halves = |keys: Vec<usize>, values: Vec<usize>| {
+        let n = |s: &[usize]| s.iter().product::<usize>();
+        vec![
+            (
+                format!("{attention}.embed_q.weight"),
+                Raw(Dtype::F32, keys.clone(), floats(&embed_q[..n(&keys)])),
+            ),
+            (
+                format!("{attention}.unembed_out.weight"),
+                Raw(
+                    Dtype::F32,
+                    values.clone(),
+                    floats(&unembed_out[..n(&values)]),
+                ),
+            ),
+        ]
+    };
+    let tensors = halves(vec![heads, rank, nope], vec![heads, v, rank]);
+    let (_dir, shards, found) = open(config(4), tensors);
+    let found = found.unwrap();
+    let name = format!("{attention}.kv_b_proj.weight");
+    assert_eq!(found.shape(&name), Some(&[heads * (nope + v), rank][..]));
+    assert_eq!(found.built_names().collect::<Vec<_>>(), [name.as_str()]);
+    let mut parts: Vec<String> = found.parts().collect();
+    parts.sort();
+    assert_eq!(
+        parts,
+        [
+            format!("{attention}.embed_q.weight"),
+            format!("{attention}.unembed_out.weight")
+        ]
+    );
+    // Each head's key rows (its embed_q matrix's columns), then its value rows.
+    let mut want = Vec::new();
+    for h in 0..heads {
+        for j in 0..nope {
+            want.extend((0..rank).map(|c| key(h, c, j)));
+        }
+        for r in 0..v {
+            want.extend((0..rank).map(|c| value(h, r, c)));
+        }
+    }
+    assert_eq!(read(&found, &shards, &name, 0..heads * (nope + v)), want);
+    assert_eq!(read(&found, &shards, &name, 3..6), want[3 * rank..6 * rank]);
+    // A half alone, and halves of other head counts, are refused naming the stored tensor.
+    let mut alone = halves(vec![heads, rank, nope], vec![heads, v, rank]);
+    alone.truncate(1);
+    let err = open(config(4), alone).2.unwrap_err().to_string();
+    assert!(err.contains("embed_q") && err.contains("missing"), "{err}");
+    let other = halves(vec![heads, rank, nope], vec![1, v, rank]);
+    let err = open(config(4), other).2.unwrap_err().to_string();
+    assert!(
+        err.contains("unembed_out") && err.contains("must agree"),
+        "{err}"
+    );
+}

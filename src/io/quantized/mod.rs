@@ -7,6 +7,7 @@
 pub mod bnb;
 pub mod fp8;
 pub mod mlx;
+mod mlx_latent;
 mod mlx_params;
 pub mod packed;
 mod packed_layouts;
