@@ -186,7 +186,8 @@ impl Checkpoint {
     }
 
     /// The weights presented under a name no stored tensor has (packed weights'
-    /// `<module>.weight`, the experts of an MLX stack), which a copy writes as their values.
+    /// `<module>.weight`, the experts of an MLX stack, latent attention's `kv_b_proj` that an
+    /// MLX checkpoint stores split), which a copy writes as their values.
     pub fn built_weights(&self) -> Vec<&str> {
         match &self.storage {
             Storage::Safetensors { quantized, .. } => quantized.built_names(),

@@ -260,6 +260,10 @@ pub fn write_mlx(
     // (as a `switch_mlp`; which holder it is in is settled below): (layer, expert → module).
     type Stack<'a> = (Option<usize>, BTreeMap<usize, &'a str>);
     let mut stacks: BTreeMap<String, Stack<'_>> = BTreeMap::new();
+    let built: std::collections::HashSet<&str> = match base {
+        Some(b) if b.is_mlx() => b.built_weights().into_iter().collect(),
+        _ => Default::default(),
+    };
     for (module, m) in &adapter.modules {
         if let Some((parent, proj, e)) = stack_of(module) {
             let stack = format!("{parent}.switch_mlp.{proj}");
@@ -277,10 +281,10 @@ pub fn write_mlx(
             Some(base) => {
                 let (path, key) =
                     in_base(base, (path, key, layer), &[(m, module)], false).map_err(&refuse)?;
-                // A weight an MLX base builds from other tensors is no Linear of mlx-lm's
-                // (latent attention's `kv_b_proj`, split per head into MultiLinear halves).
+                // Latent attention's `kv_b_proj`, which an MLX base builds from the MultiLinear
+                // halves mlx-lm splits it into, is no Linear of mlx-lm's.
                 let weight = format!("{path}.weight");
-                if base.is_mlx() && base.built_weights().contains(&weight.as_str()) {
+                if weight.ends_with(".kv_b_proj.weight") && built.contains(weight.as_str()) {
                     return Err(refuse(format!(
                         "`{module}`: mlx-lm holds `{weight}` otherwise (latent attention's \
                          `kv_b_proj` split per head into `embed_q` and `unembed_out`), and its \

@@ -24,7 +24,10 @@
 //! `[experts, out, groups]`; or a float tensor where the experts are left unquantized): each
 //! expert is presented under its Hugging Face name, `<layer>.mlp.experts.<e>.gate_proj.weight`
 //! (Mixtral's `block_sparse_moe.experts.<e>.w1`, `w3` and `w2` for mlx-lm's `gate_proj`,
-//! `up_proj` and `down_proj`), as its rows of the stack.
+//! `up_proj` and `down_proj`), as its rows of the stack; GPT-OSS's and Llama 4's stacks are
+//! `<layer>.mlp.experts.<proj>.weight` (and `feed_forward.experts`). Latent attention's
+//! `kv_b_proj`, which mlx-lm's DeepSeek-V3 and GLM-4.7-Flash split per head, is rebuilt from its
+//! halves ([`super::mlx_latent`]).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -52,7 +55,8 @@ pub struct MlxWeights {
 #[derive(Debug, Clone)]
 pub(super) struct Mlx {
     pub(super) codes: Part,
-    /// How its codes become values; None for a float stack of experts MLX left unquantized.
+    /// How its codes become values; None for a float stack of experts (or a latent attention's
+    /// half) MLX left unquantized.
     quantized: Option<Quantized>,
     /// `[out, in]`.
     pub(super) shape: [usize; 2],
@@ -141,7 +145,8 @@ impl MlxWeights {
     /// The checkpoint's MLX weights: every U32 `<module>.weight` beside a `<module>.scales`,
     /// checked against its parts and the config's `quantization`, and every stack of experts
     /// (`….switch_mlp.<proj>.weight`, or GPT-OSS's and Llama 4's `….experts.<proj>.weight`,
-    /// quantized or not), one weight an expert (no tensor data is read).
+    /// quantized or not), one weight an expert, and latent attention's halves, one `kv_b_proj`
+    /// an attention (no tensor data is read).
     pub fn find(
         config: &serde_json::Value,
         shards: &[TensorFile],
@@ -191,11 +196,18 @@ impl MlxWeights {
             if let Some(half) = half {
                 // (Bounded as a stack's: one weight, its heads' rows one after the other.)
                 let (heads, rows) = (shape[0], shape[1]);
-                if heads == 0 || heads > 1 << 16 || rows == 0 || rows > 1 << 24 || inn > 1 << 24 {
+                if heads == 0 || heads > 1 << 16 || rows == 0 || rows > 1 << 24 {
                     return Err(bad(
                         shards,
                         &codes,
                         format!("{shape:?}: no heads or rows, or past 2^16 heads or 2^24 rows"),
+                    ));
+                }
+                if inn == 0 || inn > 1 << 24 {
+                    return Err(bad(
+                        shards,
+                        &codes,
+                        format!("{shape:?}: no inputs, or past 2^24"),
                     ));
                 }
                 let w = Mlx {
@@ -247,7 +259,7 @@ impl MlxWeights {
                 weights.insert(expert, w);
             }
         }
-        let latent = Latent::pair(halves, shards)?;
+        let latent = Latent::pair(halves, shards, index)?;
         Ok(MlxWeights { weights, latent })
     }
 

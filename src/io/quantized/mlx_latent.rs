@@ -57,6 +57,7 @@ impl Latent {
     pub(super) fn pair(
         halves: HashMap<String, Half>,
         shards: &[TensorFile],
+        index: &HashMap<String, usize>,
     ) -> Result<HashMap<String, Latent>> {
         let mut by_attention: HashMap<&str, [Option<&Half>; 2]> = HashMap::new();
         for (module, half) in &halves {
@@ -88,6 +89,14 @@ impl Latent {
                     ),
                 ));
             }
+            let name = format!("{attention}.kv_b_proj.weight");
+            if index.contains_key(&name) {
+                return Err(bad(
+                    shards,
+                    &keys.codes,
+                    format!("`{name}` is stored both whole and split into its halves"),
+                ));
+            }
             let shape = [heads * (nope + v), rank];
             let l = Latent {
                 keys: keys.clone(),
@@ -98,7 +107,7 @@ impl Latent {
                 rank,
                 shape,
             };
-            latent.insert(format!("{attention}.kv_b_proj.weight"), l);
+            latent.insert(name, l);
         }
         Ok(latent)
     }

@@ -472,3 +472,27 @@ fn latent_attentions_kv_b_proj_is_rebuilt_from_mlx_lm_s_two_halves() {
         "{err}"
     );
 }
+
+#[test]
+fn a_kv_b_proj_stored_whole_and_split_is_refused() {
+    let f = |n: usize| floats(&vec![0.5; n]);
+    let tensors = vec![
+        (
+            "a.embed_q.weight".to_string(),
+            Raw(Dtype::F32, vec![2, 3, 2], f(12)),
+        ),
+        (
+            "a.unembed_out.weight".to_string(),
+            Raw(Dtype::F32, vec![2, 2, 3], f(12)),
+        ),
+        (
+            "a.kv_b_proj.weight".to_string(),
+            Raw(Dtype::F32, vec![8, 3], f(24)),
+        ),
+    ];
+    let err = open(config(4), tensors).2.unwrap_err().to_string();
+    assert!(
+        err.contains("a.kv_b_proj.weight") && err.contains("both whole and split"),
+        "{err}"
+    );
+}
