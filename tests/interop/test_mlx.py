@@ -455,20 +455,29 @@ def test_mlx_stacked_experts_read_one_weight_an_expert(binary, moe_pair, tmp_pat
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_an_expert_lora_moves_between_mlx_moe_releases_as_between_their_values(binary, moe_pair, tmp_path,
                                                                               family):
-    from safetensors.numpy import load_file as np_load
-
     first, second, lora = moe_pair[family]
     source = mlx_moe_checkpoint(first, tmp_path / "first", "affine4")
     target = mlx_moe_checkpoint(second, tmp_path / "second", "affine4")
+    got = rotated_alike(binary, {"first": source, "second": target}, lora, tmp_path)
+    assert any(".experts.3." in k for k in got)
+
+
+def rotated_alike(binary, pair: dict, lora, out, mode: str = "rotate") -> dict:
+    """Transfers `lora` in `mode` from pair["first"] to pair["second"] stored two ways (each
+    {"mlx": …, "values": …}) and checks that both give the same adapter, bit for bit; returns
+    its tensors."""
+    from safetensors.numpy import load_file as np_load
+
     got = {}
     for label in ("mlx", "values"):
-        out = tmp_path / f"out-{label}"
-        iu.loraxfer(binary, "transfer", "--source-base", source[label], "--target-base", target[label],
-                    "--adapter", lora, "--out", out, "--mode", "rotate", "--rank", "16")
-        got[label] = np_load(str(out / "adapter_model.safetensors"))
-    assert got["mlx"].keys() == got["values"].keys() and any(".experts.3." in k for k in got["mlx"])
+        dst = out / f"{mode}-{label}"
+        iu.loraxfer(binary, "transfer", "--source-base", pair["first"][label], "--target-base",
+                    pair["second"][label], "--adapter", lora, "--out", dst, "--mode", mode, "--rank", "16")
+        got[label] = np_load(str(dst / "adapter_model.safetensors"))
+    assert got["mlx"].keys() == got["values"].keys()
     for k in got["values"]:
-        assert np.array_equal(got["mlx"][k], got["values"][k]), k
+        assert np.array_equal(got["mlx"][k], got["values"][k]), f"{mode}: {k}"
+    return got["mlx"]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -6,10 +6,8 @@ between two MLX releases is the one between their values as transformers stores 
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file as np_load
 from safetensors.torch import load_file
 
 import interop_util as iu
@@ -116,10 +114,9 @@ def test_a_lora_moves_between_mlx_qwen3_5_moe_releases_as_between_their_values(b
     """Qwen3.5-MoE's MLX releases: the layers under `language_model.model.layers`, the experts in
     `switch_mlp` stacks beside the shared expert and its gate. PEFT's LoRA on the fused experts
     and every projection rotates between two of them as between their values, bit for bit."""
-    from test_mlx import mlx_moe_checkpoint
+    from test_mlx import mlx_moe_checkpoint, rotated_alike
 
     _, base, release, lora = hybrid_moe("qwen3_5_moe")
-    got = {}
     pairs = {}
     for label, hf in (("first", base), ("second", release)):
         (hf / "tokenizer.json").exists() or (hf / "tokenizer.json").write_text("{}")
@@ -132,11 +129,4 @@ def test_a_lora_moves_between_mlx_qwen3_5_moe_releases_as_between_their_values(b
         unshifted = {k: (v - 1 if k.endswith(QWEN35_NORMS) else v) for k, v in values.items()}
         dirs["values"] = iu.save_variants(staged, tmp_path / label, {"hf-values": (unshifted, None)})["hf-values"]
         pairs[label] = dirs
-    for label in ("mlx", "values"):
-        out = tmp_path / f"out-{label}"
-        iu.loraxfer(binary, "transfer", "--source-base", pairs["first"][label], "--target-base",
-                    pairs["second"][label], "--adapter", lora, "--out", out, "--mode", "rotate", "--rank", "16")
-        got[label] = np_load(str(out / "adapter_model.safetensors"))
-    assert got["mlx"].keys() == got["values"].keys() and any(".experts.3." in k for k in got["mlx"])
-    for k in got["values"]:
-        assert np.array_equal(got["mlx"][k], got["values"][k]), k
+    assert any(".experts.3." in k for k in rotated_alike(binary, pairs, lora, tmp_path))
