@@ -425,6 +425,15 @@ impl Mlx {
         Ok(values)
     }
 
+    /// The weight of `count` of its rows from row `first` on (a head of a latent half).
+    pub(super) fn rows_of(&self, first: usize, count: usize) -> Mlx {
+        Mlx {
+            shape: [count, self.shape[1]],
+            first_row: self.first_row + first,
+            ..self.clone()
+        }
+    }
+
     pub(super) fn parts(&self) -> impl Iterator<Item = &Part> {
         self.quantized
             .iter()

@@ -132,20 +132,15 @@ impl Latent {
 
     /// Rows `rows` of `kv_b_proj` as f32: each head's key rows (its `embed_q` matrix's columns)
     /// then its value rows, the halves decoded (and checked for NaN and Inf, naming the stored
-    /// tensor) one head at a time.
+    /// tensor, the head and the row and column in it: `….embed_q.weight[3]`) a head at a time.
     pub(super) fn read(&self, rows: Range<usize>, shards: &[TensorFile]) -> Result<Vec<f32>> {
         let (per, rank) = (self.nope + self.v, self.rank);
         let mut out = Vec::with_capacity(rows.len() * rank);
         let heads = rows.start / per..rows.end.div_ceil(per).min(self.heads);
         for h in heads {
-            let keys = self
-                .keys
-                .values(&self.keys.codes.name, h * rank..(h + 1) * rank, shards)?;
-            let values = (self.values).values(
-                &self.values.codes.name,
-                h * self.v..(h + 1) * self.v,
-                shards,
-            )?;
+            let keys = head(&self.keys, h, rank).values(&named(&self.keys, h), 0..rank, shards)?;
+            let values =
+                head(&self.values, h, self.v).values(&named(&self.values, h), 0..self.v, shards)?;
             let own = rows.start.max(h * per) - h * per..rows.end.min((h + 1) * per) - h * per;
             for j in own {
                 if j < self.nope {
@@ -158,4 +153,14 @@ impl Latent {
         }
         Ok(out)
     }
+}
+
+/// Head `h`'s matrix of a half (its `rows` rows), so that a bad value is placed in it.
+fn head(half: &Mlx, h: usize, rows: usize) -> Mlx {
+    half.rows_of(h * rows, rows)
+}
+
+/// How messages name head `h` of a half: the stored tensor indexed by the head.
+fn named(half: &Mlx, h: usize) -> String {
+    format!("{}[{h}]", half.codes.name)
 }

@@ -496,3 +496,44 @@ fn a_kv_b_proj_stored_whole_and_split_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_quantized_latent_half_reads_as_mlx_dequantizes_it_and_places_a_bad_value_in_its_head() {
+    // One head: affine("a.embed_q", 4)'s [3, 64] weight as embed_q [1, rank 3, nope 64], and
+    // float values [1, v 2, rank 3]: the key rows are its columns.
+    let latent = |values: &[f32]| {
+        let (mut tensors, keys) = affine("a.embed_q", 4);
+        for (_, Raw(_, shape, _)) in tensors.iter_mut() {
+            shape.insert(0, 1);
+        }
+        tensors.push((
+            "a.unembed_out.weight".to_string(),
+            Raw(Dtype::F32, vec![1, 2, 3], floats(values)),
+        ));
+        (tensors, keys)
+    };
+    let values: Vec<f32> = (0..6).map(|i| i as f32 - 2.5).collect();
+    let (tensors, keys) = latent(&values);
+    let (_dir, shards, found) = open(config(4), tensors);
+    let found = found.unwrap();
+    let mut want: Vec<f32> = (0..64)
+        .flat_map(|j| (0..3).map(move |c| (c, j)))
+        .map(|(c, j)| keys[c * 64 + j])
+        .collect();
+    want.extend(&values);
+    assert_eq!(read(&found, &shards, "a.kv_b_proj.weight", 0..66), want);
+    // A value row's NaN is named by the half, its head, and its row and column there.
+    let mut bad_values = values.clone();
+    bad_values[4] = f32::NAN;
+    let (tensors, _) = latent(&bad_values);
+    let (_dir, shards, found) = open(config(4), tensors);
+    let err = found
+        .unwrap()
+        .read_rows("a.kv_b_proj.weight", 64..66, &shards)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.unembed_out.weight[0]") && err.contains("row 1, column 1"),
+        "{err}"
+    );
+}
