@@ -399,11 +399,8 @@ pub fn write_mlx(
             OutTensor::from_f32(b, vec![experts, m, rank], ty),
         ));
     }
-    let metadata = std::collections::HashMap::from([
-        ("format".to_string(), "mlx".to_string()),
-        (st::PRODUCER_KEY.to_string(), st::PRODUCER.to_string()),
-    ]);
-    st::write_file(&dir.join(MLX_WEIGHTS_FILE), &tensors, Some(metadata))?;
+    let metadata = st::metadata_with_format("mlx");
+    st::write_file(&dir.join(MLX_WEIGHTS_FILE), &tensors, metadata)?;
     keys.sort();
     keys.dedup();
     let num_layers = match (base, first_layer) {

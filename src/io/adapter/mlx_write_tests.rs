@@ -34,6 +34,23 @@ fn modules_are_placed_and_keyed_as_mlx_lm_names_them() {
     );
 }
 
+/// The PEFT adapter of `modules` under `config`, written in `dir/peft`, opened, and exported
+/// without a base into `dir/mlx`: (the PEFT adapter, the MLX directory, what was written).
+fn exported(
+    dir: &Path,
+    config: &serde_json::Value,
+    modules: &BTreeMap<String, EncodedFactors>,
+) -> (Adapter, std::path::PathBuf, WrittenMlx) {
+    let peft = dir.join("peft");
+    std::fs::create_dir(&peft).unwrap();
+    write_adapter(&peft, config.as_object().unwrap(), modules).unwrap();
+    let opened = Adapter::open(&peft).unwrap();
+    let out = dir.join("mlx");
+    std::fs::create_dir(&out).unwrap();
+    let written = write_mlx(&opened, None, &out, "base").unwrap();
+    (opened, out, written)
+}
+
 /// A module `[m, n]` of rank r with Gaussian factors drawn for (seed, id).
 fn random_module(
     seed: u64,
@@ -134,13 +151,7 @@ fn a_peft_adapter_written_for_mlx_reads_back_with_every_modules_update() {
     let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 8.0,
         "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"down_proj": 1.5},
         "base_model_name_or_path": "base"});
-    let peft = dir.path().join("peft");
-    std::fs::create_dir(&peft).unwrap();
-    write_adapter(&peft, config.as_object().unwrap(), &modules).unwrap();
-    let opened = Adapter::open(&peft).unwrap();
-    let out = dir.path().join("mlx");
-    std::fs::create_dir(&out).unwrap();
-    let written = write_mlx(&opened, None, &out, "base").unwrap();
+    let (opened, out, written) = exported(dir.path(), &config, &modules);
     assert_eq!(written.num_layers, -1);
     assert_eq!((written.rank, written.scale), (3, 4.0));
     assert_eq!(written.keys, ["mlp.down_proj", "self_attn.q_proj"]);
@@ -200,13 +211,7 @@ fn experts_are_written_as_stacks_and_read_back_one_module_per_expert() {
         "rank_pattern": {"mlp.experts.2.gate_proj": 3},
         "alpha_pattern": {"mlp.experts.2.gate_proj": 1.5},
         "base_model_name_or_path": "base"});
-    let peft = dir.path().join("peft");
-    std::fs::create_dir(&peft).unwrap();
-    write_adapter(&peft, config.as_object().unwrap(), &modules).unwrap();
-    let opened = Adapter::open(&peft).unwrap();
-    let out = dir.path().join("mlx");
-    std::fs::create_dir(&out).unwrap();
-    let written = write_mlx(&opened, None, &out, "base").unwrap();
+    let (opened, out, written) = exported(dir.path(), &config, &modules);
     assert_eq!((written.rank, written.scale), (3, 4.0));
     assert_eq!(
         written.keys,
@@ -265,12 +270,7 @@ fn llama_4_experts_are_stacked_as_mlx_lm_names_them() {
     .map(|(i, k)| (k.to_string(), random_module(seed, i as u64, (2, 4.0), 5, 6)))
     .collect();
     let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4.0});
-    let peft = dir.path().join("peft");
-    std::fs::create_dir(&peft).unwrap();
-    write_adapter(&peft, config.as_object().unwrap(), &modules).unwrap();
-    let out = dir.path().join("mlx");
-    std::fs::create_dir(&out).unwrap();
-    let written = write_mlx(&Adapter::open(&peft).unwrap(), None, &out, "base").unwrap();
+    let (_, out, written) = exported(dir.path(), &config, &modules);
     assert_eq!(
         written.keys,
         ["feed_forward.experts.gate_proj", "mlp.switch_mlp.down_proj"]

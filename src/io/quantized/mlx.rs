@@ -193,23 +193,24 @@ impl MlxWeights {
                 }
                 _ => continue,
             };
+            if shape.len() == 3 {
+                // (Checked before anything is sized by them, one weight an expert made or a
+                // latent half's heads laid end to end: a header can claim any count.)
+                let what = if half.is_some() { "heads" } else { "experts" };
+                let (count, rows) = (shape[0], shape[1]);
+                if count == 0 || count > 1 << 16 || rows == 0 || rows > 1 << 24 || inn == 0 {
+                    return Err(bad(
+                        shards,
+                        &codes,
+                        format!("a stack of {what} {shape:?}: no {what}, rows or inputs, or past 2^16 {what} or 2^24 rows"),
+                    ));
+                }
+                if inn > 1 << 24 {
+                    return Err(bad(shards, &codes, format!("{shape:?}: wider than 2^24")));
+                }
+            }
             if let Some(half) = half {
-                // (Bounded as a stack's: one weight, its heads' rows one after the other.)
                 let (heads, rows) = (shape[0], shape[1]);
-                if heads == 0 || heads > 1 << 16 || rows == 0 || rows > 1 << 24 {
-                    return Err(bad(
-                        shards,
-                        &codes,
-                        format!("{shape:?}: no heads or rows, or past 2^16 heads or 2^24 rows"),
-                    ));
-                }
-                if inn == 0 || inn > 1 << 24 {
-                    return Err(bad(
-                        shards,
-                        &codes,
-                        format!("{shape:?}: no inputs, or past 2^24"),
-                    ));
-                }
                 let w = Mlx {
                     codes,
                     quantized,
@@ -230,17 +231,6 @@ impl MlxWeights {
                 continue;
             };
             let (experts, out) = (shape[0], shape[1]);
-            // (Checked before one weight an expert is made: a header can claim any count.)
-            if experts == 0 || experts > 1 << 16 || out == 0 || out > 1 << 24 || inn == 0 {
-                return Err(bad(
-                    shards,
-                    &codes,
-                    format!("a stack of experts {shape:?}: no experts, rows or inputs, or past 2^16 experts or 2^24 rows"),
-                ));
-            }
-            if inn > 1 << 24 {
-                return Err(bad(shards, &codes, format!("{shape:?}: wider than 2^24")));
-            }
             for e in 0..experts {
                 let expert = expert_name(parent, proj, e);
                 if index.contains_key(&expert) {
@@ -287,7 +277,7 @@ impl MlxWeights {
     /// `[out, in]` of a weight.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         (self.weights.get(name).map(|w| &w.shape[..]))
-            .or_else(|| self.latent.get(name).map(Latent::shape))
+            .or_else(|| self.latent.get(name).map(|l| &l.shape[..]))
     }
 
     /// The shard holding a weight's codes.
@@ -331,7 +321,7 @@ impl MlxWeights {
         shards: &[TensorFile],
     ) -> Result<Option<(RawBytes<'static>, FloatType, usize)>> {
         let (values, cols) = if let Some(l) = self.latent.get(name) {
-            let [out, cols] = l.shape_array();
+            let [out, cols] = l.shape;
             let file = &shards[l.halves()[0].codes.shard];
             crate::io::check_rows(file.path(), name, &rows, out, cols)?;
             (l.read(rows, shards)?, cols)

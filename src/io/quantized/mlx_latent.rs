@@ -48,7 +48,7 @@ pub(super) struct Latent {
     v: usize,
     rank: usize,
     /// `[heads·(nope + v), rank]`.
-    shape: [usize; 2],
+    pub(super) shape: [usize; 2],
 }
 
 impl Latent {
@@ -110,14 +110,6 @@ impl Latent {
             latent.insert(name, l);
         }
         Ok(latent)
-    }
-
-    pub(super) fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    pub(super) fn shape_array(&self) -> [usize; 2] {
-        self.shape
     }
 
     /// The two stored halves, keys first.
